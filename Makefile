@@ -1,0 +1,35 @@
+# kjumpd: `make test` runs every tier (unit, sysroot, VM); `make demo` runs the main job.
+PY := .venv/bin/python
+export KJUMPD_CACHE ?= $(HOME)/.cache/kjumpd
+
+.PHONY: setup test test-unit test-sysroot test-vm vm-assets demo bench bench-vm clean
+
+setup:
+	@tools/setup.sh
+
+vm-assets: setup
+	@$(PY) -m tests.vm.assets
+
+test: setup vm-assets
+	$(PY) -m pytest -ra tests
+
+test-unit: setup
+	$(PY) -m pytest -ra tests/unit
+
+test-sysroot: setup
+	$(PY) -m pytest -ra tests/sysroot
+
+test-vm: setup vm-assets
+	$(PY) -m pytest -ra tests/vm
+
+demo: setup vm-assets
+	$(PY) -m tests.vm.demo
+
+bench: setup
+	$(PY) -m bench.pipeline
+
+bench-vm: setup vm-assets
+	$(PY) -m bench.vm
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache
