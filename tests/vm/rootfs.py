@@ -1,0 +1,232 @@
+"""The VM tier's guest root filesystem: Debian 12 (debootstrap --variant=minbase) + the project.
+
+Two cached layers under ``${KJUMPD_CACHE:-~/.cache/kjumpd}/rootfs/``:
+
+1. ``tree-<key>/``: the debootstrap tree. ``<key>`` hashes PACKAGES, SUITE, the mirror and
+   TREE_RECIPE; only a change to those re-runs debootstrap (minutes).
+2. ``image-<key>.raw``: an ext4 filesystem image (no partition table; the guest sees it as
+   /dev/vda) made with ``mkfs.ext4 -d`` from the tree after the project's payload was copied in
+   (the kjumpd package into /usr/lib/python3/dist-packages, entry points, the guest init
+   /sbin/kjump-vm-init, the workload, the kernel and B's initramfs). ``<key>`` hashes the tree
+   key and every payload byte, so a checkout change costs one mkfs (seconds), not a debootstrap.
+
+Scenarios never write this image: each boots a copy-on-write qcow2 overlay on top of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kjumpd.errors import KjumpError
+
+log = logging.getLogger("kjumpd.vm.rootfs")
+
+SUITE = "bookworm"
+PACKAGES = (
+    "python3", "python3-pydbus", "python3-gi", "python3-pyudev", "python3-lz4", "python3-psutil",
+    "dbus", "kexec-tools", "e2fsprogs", "util-linux", "procps", "cpio", "kmod",
+)
+#: Bump when the way the tree is made changes (not for payload changes).
+TREE_RECIPE = "tree-v1"
+#: Bump when the way the image is assembled changes.
+IMAGE_RECIPE = "image-v1"
+IMAGE_SIZE = 4 << 30  # sparse; the guest needs room for the image target and the workload
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+
+
+class RootfsError(KjumpError):
+    """The guest root filesystem could not be built."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KJUMPD_CACHE") or Path.home() / ".cache" / "kjumpd")
+
+
+def debian_mirror(sources: Path = Path("/etc/apt/sources.list.d/debian.sources")) -> str:
+    """The machine's own Debian mirror (first URIs: line), else deb.debian.org."""
+    try:
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                uri = line.split(":", 1)[1].split()[0]
+                if "security" not in uri:
+                    return uri
+    except OSError:
+        pass
+    return "http://deb.debian.org/debian"
+
+
+def tree_key(mirror: str) -> str:
+    h = hashlib.sha256()
+    h.update("\n".join([TREE_RECIPE, SUITE, mirror, *sorted(PACKAGES)]).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Payload:
+    """Files copied into the tree before mkfs: guest path -> host path (file or dir)."""
+    files: dict[str, Path] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, guest: str, host: Path, mode: int | None = None) -> None:
+        self.files[guest] = host
+        if mode is not None:
+            self.modes[guest] = mode
+
+    def digest(self) -> str:
+        h = hashlib.sha256(IMAGE_RECIPE.encode())
+        for guest in sorted(self.files):
+            host = self.files[guest]
+            h.update(guest.encode() + b"\0")
+            paths = sorted(p for p in host.rglob("*") if p.is_file()) if host.is_dir() else [host]
+            for p in paths:
+                if "__pycache__" in p.parts:
+                    continue
+                h.update(str(p.relative_to(host) if host.is_dir() else p.name).encode() + b"\0")
+                h.update(hashlib.sha256(p.read_bytes()).digest())
+            h.update(str(self.modes.get(guest, "")).encode())
+        return h.hexdigest()[:16]
+
+
+def _run(cmd: list[str], what: str, **kw) -> None:
+    log.info("$ %s", " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    except OSError as err:
+        raise RootfsError(what, why=str(err), fix=f"install {cmd[0]} (tools/setup.sh)") from err
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-15:])
+        raise RootfsError(what, why=f"{cmd[0]} exited {proc.returncode}: {tail}",
+                          fix="read the output above; rerun `make vm-assets`")
+
+
+def build_tree(cache: Path | None = None) -> Path:
+    """Run debootstrap once per package list; return the tree's path."""
+    cache = cache or cache_dir()
+    mirror = debian_mirror()
+    tree = cache / "rootfs" / f"tree-{tree_key(mirror)}"
+    if (tree / ".kjumpd-complete").exists():
+        return tree
+    if os.geteuid() != 0:
+        raise RootfsError("cannot build the guest root filesystem", why="debootstrap needs root",
+                          fix="run `make vm-assets` as root")
+    if shutil.which("debootstrap") is None:
+        raise RootfsError("cannot build the guest root filesystem", why="debootstrap is not installed",
+                          fix="apt-get install debootstrap (tools/setup.sh does it)")
+    partial = tree.with_name(tree.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    log.info("debootstrap %s into %s (minutes, once)", SUITE, partial)
+    _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
+          SUITE, str(partial), mirror], "debootstrap failed")
+    # Trim what the guest never uses: apt caches and docs (keeps the image small).
+    for sub in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale"):
+        p = partial / sub
+        if p.is_dir():
+            for child in p.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                elif child.name != "lock":
+                    child.unlink()
+    (partial / "etc/hostname").write_text("kjumpvm\n")
+    (partial / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
+    (partial / ".kjumpd-complete").write_text(mirror + "\n")
+    if tree.exists():
+        shutil.rmtree(tree)
+    partial.rename(tree)
+    return tree
+
+
+def default_payload(kernel: Path | None, save_initramfs: Path | None) -> Payload:
+    """What goes into every guest image: the project as of this checkout, plus the VM tier's
+    init/workload, plus the kernel and B's initramfs when they exist."""
+    p = Payload()
+    p.add("/usr/lib/python3/dist-packages/kjumpd", REPO / "kjumpd")
+    p.add("/usr/lib/python3/dist-packages/kjumpvm", GUEST_DIR)
+    p.add("/sbin/kjump-vm-init", GUEST_DIR / "kjump-vm-init", 0o755)
+    if kernel is not None:
+        p.add("/boot/vmlinuz-kjump", kernel)
+    if save_initramfs is not None:
+        p.add("/usr/lib/kjumpd/save-initramfs.cpio.gz", save_initramfs)
+    return p
+
+
+ENTRY_POINTS = {
+    "kjumpd": "kjumpd.daemon",
+    "kjumpctl": "kjumpd.cli",
+    "kjump-agent": "kjumpd.agent.cli",
+}
+
+
+def _install_payload(tree: Path, payload: Payload) -> None:
+    for guest, host in payload.files.items():
+        dst = tree / guest.lstrip("/")
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if host.is_dir():
+            shutil.copytree(host, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(host, dst)
+        if guest in payload.modes:
+            dst.chmod(payload.modes[guest])
+    bindir = tree / "usr/local/bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    for name, module in ENTRY_POINTS.items():
+        script = bindir / name
+        script.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {module} import main\n"
+                          f"sys.exit(main())\n")
+        script.chmod(0o755)
+
+
+def build_image(payload: Payload, cache: Path | None = None) -> Path:
+    """Return the cached ext4 image for (tree, payload); mkfs it when missing."""
+    cache = cache or cache_dir()
+    tree = build_tree(cache)
+    key = hashlib.sha256((tree.name + payload.digest()).encode()).hexdigest()[:16]
+    image = cache / "rootfs" / f"image-{key}.raw"
+    if image.exists():
+        return image
+    _install_payload(tree, payload)
+    tmp = image.with_suffix(".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    with open(tmp, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    _run(["mkfs.ext4", "-q", "-F", "-L", "kjumpvm-root", "-E", "root_owner=0:0",
+          "-d", str(tree), str(tmp)], "mkfs.ext4 -d failed for the guest image")
+    tmp.rename(image)
+    # Keep the two newest images (the previous one may be in use by a running test).
+    olds = sorted((cache / "rootfs").glob("image-*.raw"), key=lambda p: p.stat().st_mtime)
+    for old in olds[:-2]:
+        old.unlink()
+    return image
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="rootfs: %(message)s", stream=sys.stderr)
+    args = argv if argv is not None else sys.argv[1:]
+    try:
+        if args and args[0] == "tree":
+            print(build_tree())
+        else:
+            print(build_image(default_payload(None, None)))
+    except KjumpError as err:
+        print(f"rootfs: {err.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
