@@ -95,12 +95,20 @@ class StaleImageError(ImageError):
     """A filesystem changed after the image was saved; restoring would corrupt it."""
 
 
+class JobError(KjumpError):
+    """The job handed from the daemon to the save kernel is malformed."""
+
+
 class QuiesceError(KjumpError):
     """A sysfs write of the quiesce plan failed."""
 
 
 class FreezeError(KjumpError):
     """FIFREEZE/FITHAW failed for a filesystem."""
+
+
+class FsStampError(KjumpError):
+    """A filesystem superblock cannot be read or is not a filesystem kjumpd knows."""
 
 
 class KexecError(KjumpError):

@@ -1,0 +1,275 @@
+"""The job: what the daemon (A) tells the save kernel's agent (B) to do.
+
+Format (version 1): one UTF-8 JSON object, written by the daemon *after* the filesystems
+are frozen into a small cpio archive appended to B's initramfs, so B finds it at
+``/kjump/job.json`` (nothing is written to a frozen filesystem: the combined initrd lives
+in /run, a tmpfs). Keys, all required::
+
+    version                  1
+    target_uuid              str, the target's UUID (lower-case, 36 chars) as in its superblock
+    superblock_device_offset int >= 0, byte offset of the target superblock on the whole disk
+    device_hint              {"devno": "MAJ:MIN", "name": "sda"}: a hint only; B finds the
+                             device by magic + UUID at superblock_device_offset
+    blockmap                 [[logical, device_offset, length], ...] bytes; device offsets are
+                             relative to the whole disk; sorted by logical, contiguous from 0,
+                             non-overlapping, lengths > 0
+    ranges                   [[start, end), ...] physical memory ranges to save; sorted,
+                             non-overlapping, start < end, page aligned
+    mode                     one of MODES
+    compression              "lz4" or "none"
+    chunk_size               int, power of two, 4 KiB .. 64 MiB
+    main_kernel              {"release": str, "build_id": str}
+    save_kernel_hash         str, "sha256:<64 hex>"
+    jump_area                [start, size], page aligned, size > 0
+    fs_stamps                [{...}, ...] records from kjumpd.fsstamp (FsStamp.to_dict())
+    created                  int, unix time
+    cancel_key               bool: B offers "press c to cancel" on its console
+
+The cpio is the "newc" format (magic ``070701``, ASCII hex header fields, name and data
+padded to 4 bytes, a ``TRAILER!!!`` entry) the kernel's initramfs unpacker reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kjumpd.errors import JobError
+
+VERSION = 1
+JOB_PATH = "kjump/job.json"
+MODES = ("platform", "shutdown", "reboot", "suspend", "test", "checkpoint")
+COMPRESSIONS = ("lz4", "none")
+PAGE = 4096
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DEVNO_RE = re.compile(r"^\d+:\d+$")
+
+
+@dataclass(frozen=True)
+class Job:
+    target_uuid: str
+    superblock_device_offset: int
+    device_hint: dict[str, str]
+    blockmap: list[tuple[int, int, int]]
+    ranges: list[tuple[int, int]]
+    mode: str
+    compression: str
+    chunk_size: int
+    main_kernel: dict[str, str]
+    save_kernel_hash: str
+    jump_area: tuple[int, int]
+    fs_stamps: list[dict[str, Any]] = field(default_factory=list)
+    created: int = 0
+    cancel_key: bool = True
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["blockmap"] = [list(e) for e in self.blockmap]
+        d["ranges"] = [list(r) for r in self.ranges]
+        d["jump_area"] = list(self.jump_area)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Job":
+        if not isinstance(d, dict):
+            raise JobError("job is not a JSON object", fix="regenerate the job")
+        version = d.get("version")
+        if version != VERSION:
+            raise JobError(f"job version {version!r} is not supported",
+                           why=f"this agent reads version {VERSION}",
+                           fix="use a save kernel built from the same kjumpd release")
+        names = {f for f in cls.__dataclass_fields__}
+        missing = sorted(names - set(d))
+        unknown = sorted(set(d) - names)
+        if missing or unknown:
+            raise JobError("job fields do not match version 1",
+                           why=f"missing {missing}, unknown {unknown}",
+                           fix="use a save kernel built from the same kjumpd release")
+        try:
+            return cls(
+                target_uuid=d["target_uuid"],
+                superblock_device_offset=d["superblock_device_offset"],
+                device_hint=d["device_hint"],
+                blockmap=[tuple(e) for e in _list(d["blockmap"], "blockmap")],  # type: ignore[misc]
+                ranges=[tuple(r) for r in _list(d["ranges"], "ranges")],  # type: ignore[misc]
+                mode=d["mode"],
+                compression=d["compression"],
+                chunk_size=d["chunk_size"],
+                main_kernel=d["main_kernel"],
+                save_kernel_hash=d["save_kernel_hash"],
+                jump_area=tuple(_list(d["jump_area"], "jump_area")),  # type: ignore[arg-type]
+                fs_stamps=d["fs_stamps"],
+                created=d["created"],
+                cancel_key=d["cancel_key"],
+                version=version,
+            )
+        except TypeError as e:
+            raise JobError("job field has the wrong shape", why=str(e),
+                           fix="regenerate the job") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Job":
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise JobError("job is not valid JSON", why=str(e), fix="regenerate the job") from None
+        return cls.from_dict(d)
+
+    # -- cpio -------------------------------------------------------------------------
+    def to_cpio(self, mtime: int | None = None) -> bytes:
+        """A newc cpio holding ``kjump/`` and ``kjump/job.json``, to append to an initramfs."""
+        t = self.created if mtime is None else mtime
+        data = self.to_json().encode()
+        return b"".join([
+            _cpio_entry("kjump", 0o040755, b"", t, ino=1),
+            _cpio_entry(JOB_PATH, 0o100600, data, t, ino=2),
+            _cpio_entry("TRAILER!!!", 0, b"", 0, ino=0),
+        ])
+
+    @property
+    def image_bytes_max(self) -> int:
+        return sum(e - s for s, e in self.ranges)
+
+
+def _list(v: Any, key: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise JobError(f"job field {key} must be a list", fix="regenerate the job")
+    return v
+
+
+def _int(v: Any, key: str, minimum: int = 0) -> int:
+    if type(v) is not int or v < minimum:
+        raise JobError(f"job field {key} must be an integer >= {minimum}", why=f"got {v!r}",
+                       fix="regenerate the job")
+    return v
+
+
+def validate(job: Job) -> None:
+    """Raise JobError when a field is out of its documented domain."""
+    if job.version != VERSION:
+        raise JobError(f"job version {job.version!r} is not supported")
+    if not isinstance(job.target_uuid, str) or not _UUID_RE.match(job.target_uuid):
+        raise JobError("job field target_uuid must be a lower-case UUID",
+                       why=f"got {job.target_uuid!r}", fix="re-run kjumpctl setup")
+    _int(job.superblock_device_offset, "superblock_device_offset")
+    hint = job.device_hint
+    if (not isinstance(hint, dict) or set(hint) != {"devno", "name"}
+            or not isinstance(hint.get("devno"), str) or not _DEVNO_RE.match(hint["devno"])
+            or not isinstance(hint.get("name"), str)):
+        raise JobError("job field device_hint must be {devno: 'MAJ:MIN', name: str}",
+                       why=f"got {hint!r}")
+    expect = 0
+    if not job.blockmap:
+        raise JobError("job field blockmap is empty", fix="re-run kjumpctl setup")
+    for i, ext in enumerate(job.blockmap):
+        if not isinstance(ext, tuple) or len(ext) != 3:
+            raise JobError(f"job blockmap[{i}] must be [logical, device_offset, length]")
+        lo, dev, ln = (_int(x, f"blockmap[{i}]") for x in ext)
+        if lo != expect or ln <= 0:
+            raise JobError(f"job blockmap[{i}] is not contiguous from 0",
+                           why=f"expected logical {expect}, got {lo} (length {ln})")
+        expect = lo + ln
+    last = -1
+    for i, r in enumerate(job.ranges):
+        if not isinstance(r, tuple) or len(r) != 2:
+            raise JobError(f"job ranges[{i}] must be [start, end]")
+        s, e = (_int(x, f"ranges[{i}]") for x in r)
+        if not (s < e) or s < last or s % PAGE or e % PAGE:
+            raise JobError(f"job ranges[{i}] is not sorted, page aligned and non-empty",
+                           why=f"[{s:#x}, {e:#x}) after end {last:#x}")
+        last = e
+    if job.mode not in MODES:
+        raise JobError(f"job field mode must be one of {', '.join(MODES)}", why=f"got {job.mode!r}")
+    if job.compression not in COMPRESSIONS:
+        raise JobError("job field compression must be lz4 or none", why=f"got {job.compression!r}")
+    cs = _int(job.chunk_size, "chunk_size", PAGE)
+    if cs & (cs - 1) or cs > 64 << 20:
+        raise JobError("job field chunk_size must be a power of two in 4 KiB..64 MiB",
+                       why=f"got {cs}")
+    mk = job.main_kernel
+    if (not isinstance(mk, dict) or set(mk) != {"release", "build_id"}
+            or not all(isinstance(v, str) for v in mk.values())):
+        raise JobError("job field main_kernel must be {release: str, build_id: str}",
+                       why=f"got {mk!r}")
+    if not isinstance(job.save_kernel_hash, str) or not _HASH_RE.match(job.save_kernel_hash):
+        raise JobError("job field save_kernel_hash must be sha256:<64 hex>",
+                       why=f"got {job.save_kernel_hash!r}")
+    ja = job.jump_area
+    if not isinstance(ja, tuple) or len(ja) != 2:
+        raise JobError("job field jump_area must be [start, size]")
+    js, jn = _int(ja[0], "jump_area"), _int(ja[1], "jump_area", 1)
+    if js % PAGE or jn % PAGE:
+        raise JobError("job field jump_area must be page aligned", why=f"[{js:#x}, {jn:#x}]")
+    for s, e in job.ranges:
+        if s < js + jn and js < e:
+            raise JobError("job ranges overlap the jump area",
+                           why=f"[{s:#x}, {e:#x}) vs [{js:#x}, +{jn:#x})")
+    if not isinstance(job.fs_stamps, list) or not all(isinstance(x, dict) for x in job.fs_stamps):
+        raise JobError("job field fs_stamps must be a list of objects")
+    _int(job.created, "created")
+    if not isinstance(job.cancel_key, bool):
+        raise JobError("job field cancel_key must be true or false", why=f"got {job.cancel_key!r}")
+
+
+# -- newc cpio ------------------------------------------------------------------------------
+def _pad4(n: int) -> int:
+    return (4 - n % 4) % 4
+
+
+def _cpio_entry(name: str, mode: int, data: bytes, mtime: int, ino: int) -> bytes:
+    nameb = name.encode() + b"\0"
+    fields = [ino, mode, 0, 0, 2 if mode & 0o040000 else 1, mtime & 0xFFFFFFFF, len(data), 0, 0, 0, 0,
+              len(nameb), 0]
+    hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
+    out = hdr + nameb + b"\0" * _pad4(len(hdr) + len(nameb))
+    return out + data + b"\0" * _pad4(len(data))
+
+
+def read_cpio(blob: bytes) -> dict[str, bytes]:
+    """Parse newc archives (concatenated, zero padding between them allowed) into
+    {name: data} for regular files. Used by tests and by ``kjumpctl plan`` to show a job."""
+    files: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(blob):
+        if blob[pos] == 0:
+            pos += 1
+            continue
+        if blob[pos:pos + 6] != b"070701" or pos + 110 > len(blob):
+            raise JobError("job archive is not a newc cpio", why=f"bad header at byte {pos}")
+        try:
+            f = [int(blob[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        except ValueError:
+            raise JobError("job archive header is not hex", why=f"at byte {pos}") from None
+        mode, size, namesize = f[1], f[6], f[11]
+        name_end = pos + 110 + namesize
+        if namesize < 1 or name_end > len(blob) or blob[name_end - 1] != 0:
+            raise JobError("job archive entry name is truncated", why=f"at byte {pos}")
+        name = blob[pos + 110:name_end - 1].decode("utf-8", "replace")
+        data_start = name_end + _pad4(name_end)
+        data_end = data_start + size
+        if data_end > len(blob):
+            raise JobError("job archive entry data is truncated", why=f"{name} at byte {pos}")
+        pos = data_end + _pad4(data_end)
+        if name == "TRAILER!!!":
+            continue
+        if mode & 0o170000 == 0o100000:
+            files[name] = blob[data_start:data_end]
+    return files
+
+
+def job_from_cpio(blob: bytes) -> Job:
+    files = read_cpio(blob)
+    if JOB_PATH not in files:
+        raise JobError(f"{JOB_PATH} is not in the archive", fix="regenerate the job")
+    return Job.from_json(files[JOB_PATH])
