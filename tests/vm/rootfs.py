@@ -40,7 +40,8 @@ IMAGE_RECIPE = "image-v1"
 IMAGE_SIZE = 4 << 30  # sparse; the guest needs room for the image target and the workload
 
 REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = Path(__file__).resolve().parent / "guest"
+#: tests/vm modules that also run inside the guest (as the package kjumpvm)
+GUEST_MODULES = ("__init__.py", "workload.py", "vminit.py", "guest_scenarios.py")
 
 
 class RootfsError(KjumpError):
@@ -108,6 +109,25 @@ def _run(cmd: list[str], what: str, **kw) -> None:
                           fix="read the output above; rerun `make vm-assets`")
 
 
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()).rstrip("/") + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    return sorted((p for p in points if (p + "/").startswith(prefix)), key=len, reverse=True)
+
+
+def _safe_rmtree(path: Path) -> None:
+    """Remove a (possibly half-made) debootstrap tree without ever descending into a mount
+    (debootstrap mounts /proc and /sys inside the tree while it works)."""
+    for point in _mounts_under(path):
+        subprocess.run(["umount", "-l", point], check=False)
+    left = _mounts_under(path)
+    if left:
+        raise RootfsError(f"cannot remove {path}", why=f"still mounted: {', '.join(left)}",
+                          fix="unmount them by hand")
+    shutil.rmtree(path)
+
+
 def build_tree(cache: Path | None = None) -> Path:
     """Run debootstrap once per package list; return the tree's path."""
     cache = cache or cache_dir()
@@ -123,7 +143,7 @@ def build_tree(cache: Path | None = None) -> Path:
                           fix="apt-get install debootstrap (tools/setup.sh does it)")
     partial = tree.with_name(tree.name + ".partial")
     if partial.exists():
-        shutil.rmtree(partial)
+        _safe_rmtree(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
     log.info("debootstrap %s into %s (minutes, once)", SUITE, partial)
     _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
@@ -140,8 +160,11 @@ def build_tree(cache: Path | None = None) -> Path:
     (partial / "etc/hostname").write_text("kjumpvm\n")
     (partial / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
     (partial / ".kjumpd-complete").write_text(mirror + "\n")
+    if _mounts_under(partial):
+        raise RootfsError("debootstrap left mounts in the tree", why=", ".join(_mounts_under(partial)),
+                          fix="unmount them and rerun `make vm-assets`")
     if tree.exists():
-        shutil.rmtree(tree)
+        _safe_rmtree(tree)
     partial.rename(tree)
     return tree
 
@@ -150,9 +173,11 @@ def default_payload(kernel: Path | None, save_initramfs: Path | None) -> Payload
     """What goes into every guest image: the project as of this checkout, plus the VM tier's
     init/workload, plus the kernel and B's initramfs when they exist."""
     p = Payload()
+    here = Path(__file__).resolve().parent
     p.add("/usr/lib/python3/dist-packages/kjumpd", REPO / "kjumpd")
-    p.add("/usr/lib/python3/dist-packages/kjumpvm", GUEST_DIR)
-    p.add("/sbin/kjump-vm-init", GUEST_DIR / "kjump-vm-init", 0o755)
+    for name in GUEST_MODULES:
+        p.add(f"/usr/lib/python3/dist-packages/kjumpvm/{name}", here / name)
+    p.add("/sbin/kjump-vm-init", here / "vminit.py", 0o755)
     if kernel is not None:
         p.add("/boot/vmlinuz-kjump", kernel)
     if save_initramfs is not None:

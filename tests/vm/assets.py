@@ -1,0 +1,164 @@
+"""Everything the VM tier boots, built when missing and cached under ${KJUMPD_CACHE:-~/.cache/kjumpd}.
+
+``python -m tests.vm.assets`` (run by `make vm-assets`, `make test`, `make demo`):
+  - the CONFIG_KEXEC_JUMP kernel (savekernel/build-kernel.sh; one bzImage serves as A, B and R),
+  - B's initramfs (savekernel.initramfs, the save-kernel engineer's builder),
+  - R's initramfs (the restore-first environment's builder in bootloader/, issue 5),
+  - the guest root filesystem image (tests/vm/rootfs.py; the kernel and B's initramfs inside).
+
+It writes a manifest (``vm-assets.json`` in the cache) that the tests, the demo and the bench
+read. A piece that cannot be built is recorded with the reason instead of a path: the build
+goes on with the rest, and every scenario that needs the piece FAILS naming it. Exit status is
+0 even then (so `make test` still runs the other tiers and the VM tests fail with the reasons);
+``--strict`` exits 1 when a piece is missing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kjumpd.errors import KjumpError
+from tests.vm import rootfs
+
+log = logging.getLogger("kjumpd.vm.assets")
+
+REPO = rootfs.REPO
+#: where the guest image carries the save kernel and B's initramfs
+GUEST_SAVE_KERNEL = "/usr/lib/kjumpd/save/bzImage"
+GUEST_SAVE_INITRAMFS = "/usr/lib/kjumpd/save/initramfs.cpio.gz"
+
+
+class AssetError(KjumpError):
+    """A VM-tier asset is missing or could not be built."""
+
+
+@dataclass
+class Assets:
+    kernel: str | None = None
+    save_initramfs: str | None = None
+    restore_initramfs: str | None = None
+    rootfs: str | None = None
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def require(self, *names: str) -> None:
+        """Raise AssetError naming every requested piece that is missing."""
+        gone = [f"{n}: {self.missing.get(n, 'not built')}" for n in names
+                if not getattr(self, n) or not Path(getattr(self, n)).exists()]
+        if gone:
+            raise AssetError("VM assets missing", why="; ".join(gone),
+                             fix="run `make vm-assets` and read its output")
+
+
+def manifest_path() -> Path:
+    return rootfs.cache_dir() / "vm-assets.json"
+
+
+def load() -> Assets:
+    """The manifest written by the last `make vm-assets` (empty when never built)."""
+    try:
+        data = json.loads(manifest_path().read_text())
+        return Assets(**data)
+    except (OSError, ValueError, TypeError):
+        return Assets(missing={"manifest": f"{manifest_path()} not found: run `make vm-assets`"})
+
+
+def build_kernel() -> Path:
+    script = REPO / "savekernel" / "build-kernel.sh"
+    lock = rootfs.cache_dir() / "kernel" / ".assets.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as lf:
+        fcntl.flock(lf, fcntl.LOCK_EX)
+        proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not out or not Path(out[-1]).is_file():
+        raise AssetError("kernel build failed", why=f"{script} exited {proc.returncode}",
+                         fix="read its output above")
+    return Path(out[-1])
+
+
+def build_save_initramfs() -> Path:
+    try:
+        mod = importlib.import_module("savekernel.initramfs")
+    except ImportError as err:
+        raise AssetError("B's initramfs builder is missing", why=str(err),
+                         fix="savekernel/initramfs.py (issue 4, save-kernel part)") from err
+    return Path(mod.build_save_initramfs().path)
+
+
+def build_restore_initramfs() -> Path:
+    """R's initramfs, from bootloader/ (issue 5)."""
+    for name, fn in (("bootloader.initramfs", "build_restore_initramfs"),
+                     ("savekernel.initramfs", "build_restore_initramfs")):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, fn):
+            return Path(getattr(mod, fn)().path)
+    raise AssetError("the restore-first initramfs builder is missing",
+                     why="neither bootloader.initramfs nor savekernel.initramfs has "
+                         "build_restore_initramfs()", fix="issue 5 (bootloader/)")
+
+
+def build_all() -> Assets:
+    a = Assets()
+
+    def attempt(name: str, fn) -> Path | None:
+        try:
+            path = fn()
+        except KjumpError as err:
+            a.missing[name] = err.message
+            log.error("%s: %s", name, err.message)
+            return None
+        log.info("%s: %s", name, path)
+        return path
+
+    kernel = attempt("kernel", build_kernel)
+    save = attempt("save_initramfs", build_save_initramfs)
+    restore = attempt("restore_initramfs", build_restore_initramfs)
+
+    def make_rootfs() -> Path:
+        payload = rootfs.default_payload(None, None)
+        if kernel is not None:
+            payload.add(GUEST_SAVE_KERNEL, kernel)
+        if save is not None:
+            payload.add(GUEST_SAVE_INITRAMFS, save)
+        return rootfs.build_image(payload)
+
+    image = attempt("rootfs", make_rootfs)
+    a.kernel = str(kernel) if kernel else None
+    a.save_initramfs = str(save) if save else None
+    a.restore_initramfs = str(restore) if restore else None
+    a.rootfs = str(image) if image else None
+    path = manifest_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(a), indent=2) + "\n")
+    os.replace(tmp, path)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="vm-assets: %(message)s", stream=sys.stderr)
+    args = argv if argv is not None else sys.argv[1:]
+    a = build_all()
+    for name in ("kernel", "save_initramfs", "restore_initramfs", "rootfs"):
+        value = getattr(a, name)
+        print(f"{name:18} {value or 'MISSING: ' + a.missing.get(name, '?')}")
+    if a.missing:
+        print(f"vm-assets: {len(a.missing)} piece(s) missing; VM scenarios needing them will FAIL",
+              file=sys.stderr)
+        return 1 if "--strict" in args else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

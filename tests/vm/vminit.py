@@ -1,0 +1,135 @@
+#!/usr/bin/python3
+"""The VM guest's init (PID 1), installed as /sbin/kjump-vm-init. No systemd.
+
+Mounts proc, sys, dev, run, cgroup2; starts a system dbus-daemon and kjumpd; runs the guest
+scenario named on the kernel command line (``kjumpvm.scenario=NAME``, see guest_scenarios.py)
+as a child process; reaps orphans; when the scenario ends, syncs and powers the VM off.
+
+Every line it prints starts with ``kjumpvm:`` and goes to the console (ttyS0). Milestones are
+printed as ``KJUMP-EVENT: <name> [k=v ...]`` so the host can build a timeline from the moment
+each line reaches the serial log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import time
+
+EVENT_PREFIX = "KJUMP-EVENT:"
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+
+
+def event(name: str, **fields: object) -> None:
+    extra = "".join(f" {k}={v}" for k, v in fields.items())
+    print(f"{EVENT_PREFIX} {name}{extra}", flush=True)
+
+
+def say(msg: str) -> None:
+    print(f"kjumpvm: {msg}", flush=True)
+
+
+def cmdline_arg(name: str, cmdline: str | None = None) -> str | None:
+    if cmdline is None:
+        with open("/proc/cmdline") as f:
+            cmdline = f.read()
+    for word in cmdline.split():
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _mount(fstype: str, target: str, options: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    cmd = ["mount", "-t", fstype, fstype, target]
+    if options:
+        cmd[1:1] = ["-o", options]
+    rc = subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode
+    if rc != 0 and not os.path.ismount(target):
+        say(f"mount {fstype} on {target} failed (rc {rc})")
+
+
+def mount_all() -> None:
+    _mount("proc", "/proc")
+    _mount("sysfs", "/sys")
+    if not os.path.ismount("/dev"):
+        _mount("devtmpfs", "/dev")
+    _mount("devpts", "/dev/pts", "gid=5,mode=620")
+    _mount("tmpfs", "/dev/shm", "mode=1777")
+    _mount("tmpfs", "/run", "mode=755")
+    _mount("cgroup2", "/sys/fs/cgroup")
+    _mount("tmpfs", "/tmp", "mode=1777")
+    subprocess.run(["mount", "-o", "remount,rw", "/"], check=False)
+    os.makedirs("/run/lock", exist_ok=True)
+
+
+def start_dbus() -> subprocess.Popen | None:
+    os.makedirs("/run/dbus", exist_ok=True)
+    subprocess.run(["dbus-uuidgen", "--ensure"], check=False)
+    try:
+        proc = subprocess.Popen(["dbus-daemon", "--system", "--nofork", "--nopidfile"])
+    except OSError as err:
+        say(f"dbus-daemon did not start: {err}")
+        return None
+    for _ in range(100):
+        if os.path.exists("/run/dbus/system_bus_socket"):
+            break
+        time.sleep(0.1)
+    return proc
+
+
+def start_kjumpd() -> subprocess.Popen | None:
+    if cmdline_arg("kjumpvm.nodaemon") == "1":
+        return None
+    try:
+        return subprocess.Popen(["/usr/local/bin/kjumpd"], stdout=sys.stdout, stderr=sys.stderr)
+    except OSError as err:
+        say(f"kjumpd did not start: {err}")
+        return None
+
+
+def power_off() -> None:
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(LINUX_REBOOT_CMD_POWER_OFF)
+    say(f"reboot(POWER_OFF) returned errno {ctypes.get_errno()}")
+
+
+def main() -> int:
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    os.environ.setdefault("HOME", "/root")
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    mount_all()
+    boot_id = open("/proc/sys/kernel/random/boot_id").read().strip()
+    event("init", boot_id=boot_id)
+    start_dbus()
+    daemon = start_kjumpd()
+    scenario = cmdline_arg("kjumpvm.scenario") or "idle"
+    event("scenario-start", name=scenario, daemon="yes" if daemon else "no")
+    child = subprocess.Popen([sys.executable, "-m", "kjumpvm.guest_scenarios", scenario])
+    while True:
+        try:
+            pid, _status = os.wait()
+        except ChildProcessError:
+            break
+        if pid == child.pid:
+            rc = os.waitstatus_to_exitcode(_status)
+            event("scenario-end", name=scenario, rc=rc)
+            break
+    if daemon is not None and daemon.poll() is None:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+    event("poweroff")
+    subprocess.run(["mount", "-o", "remount,ro", "/"], check=False)
+    power_off()
+    while True:  # PID 1 must never exit
+        time.sleep(60)
+
+
+if __name__ == "__main__":
+    main()
