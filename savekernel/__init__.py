@@ -1,0 +1,1 @@
+"""Save kernel: kernel config fragment and builder, initramfs builders."""

@@ -1,0 +1,451 @@
+"""Initramfs builders: the save kernel's (B) and a generic one other environments reuse (R, tests).
+
+An initramfs here is a gzip'd cpio "newc" archive (format: kjumpd/cpio.py) holding
+- busybox-static (a shell, mount, poweroff) with an applet link for each of its commands,
+- optionally Debian's python3 (the host's /usr/bin/python3) with a *trimmed* standard library:
+  only the modules an import trace of the entry modules loaded, compiled to sourceless .pyc,
+  plus the extension modules they need; whole packages (kjumpd from this checkout, python3-lz4
+  from /usr/lib/python3/dist-packages) are copied as trees into the interpreter's stdlib
+  directory, so ``python3 -S -E`` finds them without site-packages,
+- host binaries with every shared library ``ldd`` names (e.g. kexec-tools' /usr/sbin/kexec),
+- extra files, and an /init script.
+
+Builds are cached under ${KJUMPD_CACHE:-~/.cache/kjumpd}/initramfs/NAME-KEY.cpio.gz where KEY
+hashes RECIPE, the init script and the bytes of every input file, so any change to an input
+(including the kjumpd package) makes a new archive and an unchanged tree costs only hashing.
+
+Command line:  python -m savekernel.initramfs save [--out FILE]   (prints the archive's path)
+               python -m savekernel.initramfs list FILE            (members, for inspection)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python savekernel/initramfs.py` as well as `-m`
+    sys.path.insert(0, str(REPO))
+
+from savekernel import cpio  # noqa: E402
+from kjumpd.errors import KjumpError  # noqa: E402
+
+log = logging.getLogger("kjumpd.savekernel.initramfs")
+
+#: Bump when the way archives are assembled changes (invalidates every cached archive).
+RECIPE = "initramfs-v1"
+HOST_PYTHON = Path("/usr/bin/python3")
+BUSYBOX = Path("/bin/busybox")
+DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
+
+#: Standard-library modules B's agent may import lazily (an import trace cannot see them).
+SAVE_EXTRA_MODULES = (
+    "ctypes", "ctypes.util", "mmap", "json", "json.decoder", "json.encoder", "logging",
+    "argparse", "concurrent.futures", "concurrent.futures.thread", "threading", "queue",
+    "hashlib", "zlib", "struct", "uuid", "select", "termios", "tty", "signal", "dataclasses",
+    "enum", "errno", "fcntl", "binascii", "traceback", "encodings.ascii", "encodings.latin_1",
+    "encodings.utf_8", "encodings.aliases", "lz4.frame", "lz4.block",
+)
+#: The agent's entry module; /init runs it.
+SAVE_ENTRY = "kjumpd.agent.kernel_role"
+
+SAVE_INIT = """#!/bin/sh
+# /init of kjumpd's save kernel (B): mount the kernel filesystems, run the agent.
+export PATH=/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "kjump-init: starting the agent"
+/usr/bin/python3 -S -E -B -u -m kjumpd.agent.kernel_role boot
+rc=$?
+# The agent jumps back to the main kernel itself; reaching this line means it could not.
+echo "kjump-init: the agent exited with status $rc without jumping back; powering off"
+sync
+poweroff -f
+"""
+
+
+class InitramfsError(KjumpError):
+    """An initramfs could not be assembled from the host's files."""
+
+
+@dataclass(frozen=True)
+class InitramfsImage:
+    """A built (or cached) archive and the figures worth reporting."""
+    path: Path
+    key: str
+    compressed_size: int
+    uncompressed_size: int
+    members: int
+    cached: bool
+
+
+@dataclass
+class _Plan:
+    """Archive members before compression: name -> (kind, payload)."""
+    files: dict[str, Path | bytes] = field(default_factory=dict)   # regular files
+    modes: dict[str, int] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)            # symlinks
+    compile: dict[str, Path] = field(default_factory=dict)         # .pyc name -> .py source
+    python: Path = HOST_PYTHON                                     # compiles the .pyc files
+
+    def add_file(self, name: str, src: Path | bytes, mode: int = 0o644) -> None:
+        name = name.lstrip("/")
+        self.files[name] = src
+        self.modes[name] = mode
+
+    def names(self) -> set[str]:
+        return set(self.files) | set(self.links) | set(self.compile)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KJUMPD_CACHE") or Path.home() / ".cache" / "kjumpd") / "initramfs"
+
+
+# ---------------------------------------------------------------------------------------------
+# host files and their shared libraries
+
+_MERGED = ("bin", "sbin", "lib", "lib64")
+
+
+def _host_canonical(path: Path) -> str:
+    """The archive name for a host path: its parent directory resolved (merged /usr)."""
+    return str(Path(os.path.realpath(path.parent)) / path.name).lstrip("/")
+
+
+def _add_host_path(plan: _Plan, path: Path, mode: int | None = None) -> None:
+    """Add a host file, following symlinks (each link is recreated, then its target added)."""
+    for _ in range(40):
+        name = _host_canonical(path)
+        if path.is_symlink():
+            target = os.readlink(path)
+            plan.links[name] = target
+            path = (path.parent / target) if not os.path.isabs(target) else Path(target)
+            continue
+        if not path.is_file():
+            raise InitramfsError(f"{path} is not a regular file on this host",
+                                 fix="install the Debian package that provides it")
+        st = path.stat()
+        plan.add_file(name, path, mode if mode is not None else stat.S_IMODE(st.st_mode))
+        return
+    raise InitramfsError(f"{path}: too many levels of symbolic links")
+
+
+_LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)")
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared objects ``ldd`` resolves for binary (empty for a static binary)."""
+    try:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise InitramfsError("ldd is missing", fix="apt-get install libc-bin") from None
+    if out.returncode != 0:
+        if "not a dynamic executable" in out.stdout + out.stderr:
+            return []
+        raise InitramfsError(f"ldd {binary} failed", why=(out.stderr or out.stdout).strip())
+    libs = []
+    for line in out.stdout.splitlines():
+        if "not found" in line:
+            raise InitramfsError(f"{binary} needs a library that is not installed",
+                                 why=line.strip(), fix="install the missing library package")
+        m = _LDD_LINE.search(line)
+        if m:
+            libs.append(Path(m.group(1)))
+    return libs
+
+
+def add_host_binary(plan: _Plan, binary: Path) -> None:
+    _add_host_path(plan, binary)
+    for lib in shared_libraries(binary):
+        _add_host_path(plan, lib)
+
+
+def _add_busybox(plan: _Plan) -> None:
+    if not BUSYBOX.is_file():
+        raise InitramfsError(f"{BUSYBOX} is missing", fix="apt-get install busybox-static")
+    if shared_libraries(BUSYBOX):
+        raise InitramfsError(f"{BUSYBOX} is not static", fix="apt-get install busybox-static")
+    out = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True)
+    plan.add_file("usr/bin/busybox", BUSYBOX, 0o755)
+    taken = plan.names()
+    for applet in out.stdout.split():
+        name = f"usr/bin/{applet}"
+        if name not in taken and "/" not in applet:
+            plan.links[name] = "busybox"
+
+
+# ---------------------------------------------------------------------------------------------
+# the trimmed python
+
+_RESOLVE = r"""
+import importlib, json, sys, sysconfig
+paths, modules = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+sys.path[:0] = paths
+missing = []
+for m in modules:
+    try:
+        importlib.import_module(m)
+    except ImportError as e:
+        missing.append(f"{m}: {e}")
+files = {}
+for name, mod in sorted(sys.modules.items()):
+    f = getattr(mod, "__file__", None)
+    if f:
+        files[name] = f
+print(json.dumps({"files": files, "missing": missing, "stdlib": sysconfig.get_paths()["stdlib"],
+                  "platstdlib": sysconfig.get_paths()["platstdlib"],
+                  "version": "%d.%d" % sys.version_info[:2]}))
+"""
+
+_COMPILE = r"""
+import json, py_compile, sys
+for src, out, dfile in json.loads(sys.stdin.read()):
+    py_compile.compile(src, cfile=out, dfile=dfile, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
+def _package_dir(name: str, search: Sequence[Path]) -> Path:
+    top = name.split(".")[0]
+    for base in search:
+        if (base / top / "__init__.py").is_file():
+            return base / top
+    raise InitramfsError(f"python package {top} not found", why=f"searched {', '.join(map(str, search))}",
+                         fix="install it (e.g. apt-get install python3-lz4)")
+
+
+def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
+                python: Path) -> None:
+    search = [REPO, DIST_PACKAGES]
+    pkg_dirs = [_package_dir(p, search) for p in packages]
+    proc = subprocess.run([str(python), "-S", "-E", "-B", "-c", _RESOLVE,
+                           json.dumps([str(d.parent) for d in pkg_dirs]), json.dumps(list(modules))],
+                          capture_output=True, text=True, check=False, cwd="/")
+    if proc.returncode != 0:
+        raise InitramfsError(f"{python} could not trace the agent's imports",
+                             why=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
+                             fix="run the command by hand to see the error")
+    info = json.loads(proc.stdout)
+    if info["missing"]:
+        raise InitramfsError("modules for the initramfs cannot be imported",
+                             why="; ".join(info["missing"]), fix="install them or fix the import")
+    stdlib = Path(info["stdlib"])
+    pydir = f"usr/lib/python{info['version']}"
+    add_host_binary(plan, python)
+    pkg_roots = {d.name: d for d in pkg_dirs}
+    for name, f in info["files"].items():
+        path = Path(f)
+        if name.split(".")[0] in pkg_roots:
+            continue  # copied as a whole tree below
+        try:
+            rel = path.relative_to(stdlib)
+        except ValueError:
+            raise InitramfsError(f"module {name} comes from {path}, outside the standard library",
+                                 fix=f"name its package in packages= (e.g. {name.split('.')[0]})")
+        if path.suffix == ".py":
+            plan.compile[f"{pydir}/{rel.with_suffix('.pyc')}"] = path
+        elif path.suffix == ".so":
+            _add_host_path(plan, path)
+            for lib in shared_libraries(path):
+                _add_host_path(plan, lib)
+        else:
+            raise InitramfsError(f"module {name} has an unexpected file {path}")
+    if f"{pydir}/os.pyc" not in plan.compile:
+        raise InitramfsError("the import trace did not load os", why="unexpected interpreter")
+    for top, d in pkg_roots.items():
+        for src in sorted(d.rglob("*")):
+            if "__pycache__" in src.parts or not src.is_file():
+                continue
+            rel = src.relative_to(d.parent)
+            name = f"{pydir}/{rel}"
+            if src.suffix == ".py":
+                plan.add_file(name, src)
+                cache_name = f"{pydir}/{rel.parent}/__pycache__/{src.stem}.cpython-{info['version'].replace('.', '')}.pyc"
+                plan.compile[cache_name] = src
+            elif src.suffix == ".so":
+                plan.add_file(name, src)
+                for lib in shared_libraries(src):
+                    _add_host_path(plan, lib)
+    plan.python = python
+
+
+def _compile_all(plan: _Plan, work: Path) -> dict[str, bytes]:
+    if not plan.compile:
+        return {}
+    jobs = []
+    for i, (name, src) in enumerate(sorted(plan.compile.items())):
+        # the file name tracebacks show: the module's path inside the archive
+        if "__pycache__" in name:
+            dfile = "/" + str(Path(name).parent.parent / (src.stem + ".py"))
+        else:
+            dfile = "/" + name[:-1]
+        jobs.append((str(src), str(work / f"{i}.pyc"), dfile))
+    proc = subprocess.run([str(plan.python), "-S", "-E", "-c", _COMPILE], input=json.dumps(jobs),
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise InitramfsError("compiling the initramfs's python modules failed",
+                             why=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
+    return {name: (work / f"{i}.pyc").read_bytes()
+            for i, (name, _src) in enumerate(sorted(plan.compile.items()))}
+
+
+# ---------------------------------------------------------------------------------------------
+# the archive
+
+def _key(plan: _Plan, init_script: str) -> str:
+    h = hashlib.sha256()
+    h.update(RECIPE.encode() + b"\0" + init_script.encode() + b"\0")
+
+    def content(src: Path | bytes) -> bytes:
+        if isinstance(src, bytes):
+            return hashlib.sha256(src).digest()
+        with open(src, "rb") as f:
+            return hashlib.file_digest(f, "sha256").digest()
+
+    for name in sorted(plan.files):
+        h.update(b"F" + name.encode() + b"\0" + b"%o" % plan.modes[name] + content(plan.files[name]))
+    for name in sorted(plan.links):
+        h.update(b"L" + name.encode() + b"\0" + plan.links[name].encode() + b"\0")
+    for name in sorted(plan.compile):
+        h.update(b"C" + name.encode() + b"\0" + content(plan.compile[name]))
+    return h.hexdigest()[:20]
+
+
+def _entries(plan: _Plan, init_script: str, compiled: Mapping[str, bytes]) -> Iterable[cpio.Entry]:
+    for d in ("dev", "proc", "sys", "tmp", "run", "usr/bin", "usr/sbin", "usr/lib", "usr/lib64"):
+        yield cpio.Entry.directory(d, 0o1777 if d == "tmp" else 0o755)
+    yield cpio.Entry.chardev("dev/console", 5, 1)
+    yield cpio.Entry.chardev("dev/null", 1, 3, 0o666)
+    for top in _MERGED:
+        if f"{top}" not in plan.names():
+            yield cpio.Entry.symlink(top, f"usr/{top}")
+    yield cpio.Entry.file("init", init_script.encode(), 0o755)
+    items: list[tuple[str, cpio.Entry]] = []
+    for name, src in plan.files.items():
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+        items.append((name, cpio.Entry.file(name, data, plan.modes[name])))
+    for name, target in plan.links.items():
+        if name not in plan.files:
+            items.append((name, cpio.Entry.symlink(name, target)))
+    for name, data in compiled.items():
+        items.append((name, cpio.Entry.file(name, data)))
+    for _name, e in sorted(items, key=lambda t: t[0]):
+        yield e
+
+
+def build_initramfs(out: Path | None, init_script: str,
+                    extra_files: Mapping[str, Path | bytes] | None = None, *,
+                    name: str = "custom",
+                    python_modules: Sequence[str] = (),
+                    python_packages: Sequence[str] = (),
+                    host_binaries: Sequence[Path | str] = (),
+                    busybox: bool = True,
+                    python: Path = HOST_PYTHON) -> InitramfsImage:
+    """Build (or reuse from the cache) a gzip'd cpio initramfs; copy it to out when given.
+
+    init_script becomes /init (give it a #! line; /bin/sh is busybox). extra_files maps archive
+    paths ("kjump/job.json", "boot/bzImage") to host files or bytes. python_modules are traced
+    with the host's python3 (nothing python is added when both python lists are empty);
+    python_packages are copied whole (e.g. ("kjumpd", "lz4")). host_binaries are added with
+    the shared libraries ldd lists.
+    """
+    plan = _Plan()
+    if busybox:
+        _add_busybox(plan)
+    for b in host_binaries:
+        add_host_binary(plan, Path(b))
+    if python_modules or python_packages:
+        _add_python(plan, list(python_modules) + list(python_packages), python_packages, python)
+    for arc, src in (extra_files or {}).items():
+        arc = arc.lstrip("/")
+        if isinstance(src, (str, Path)) and not Path(src).is_file():
+            raise InitramfsError(f"extra file {src} for {arc} is missing")
+        mode = 0o755 if isinstance(src, Path) and os.access(src, os.X_OK) else 0o644
+        plan.add_file(arc, src if isinstance(src, bytes) else Path(src), mode)
+    key = _key(plan, init_script)
+    cdir = cache_dir()
+    cached = cdir / f"{name}-{key}.cpio.gz"
+    meta = cdir / f"{name}-{key}.json"
+    hit = cached.is_file() and meta.is_file()
+    if not hit:
+        cdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="kjumpd-initramfs-") as tmp:
+            compiled = _compile_all(plan, Path(tmp))
+            raw = cpio.write(_entries(plan, init_script, compiled))
+        tmp_out = cached.with_suffix(".tmp")
+        with open(tmp_out, "wb") as f:
+            f.write(gzip.compress(raw, compresslevel=9, mtime=0))
+        os.replace(tmp_out, cached)
+        meta.write_text(json.dumps({"uncompressed_size": len(raw),
+                                    "members": len(cpio.read(raw))}))
+        log.info("initramfs %s: %d bytes (%d uncompressed)", cached, cached.stat().st_size, len(raw))
+    info = json.loads(meta.read_text())
+    result = cached
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_copy = out.with_name(out.name + ".tmp")
+        shutil.copyfile(cached, tmp_copy)
+        os.replace(tmp_copy, out)
+        result = out
+    return InitramfsImage(result, key, cached.stat().st_size, info["uncompressed_size"],
+                          info["members"], hit)
+
+
+def build_save_initramfs(out: Path | None = None) -> InitramfsImage:
+    """B's initramfs: busybox, trimmed python3, python3-lz4, kjumpd, /init running the agent."""
+    return build_initramfs(out, SAVE_INIT, name="save",
+                           python_modules=(SAVE_ENTRY, *SAVE_EXTRA_MODULES),
+                           python_packages=("kjumpd", "lz4"))
+
+
+def read_archive(path: Path) -> list[cpio.Entry]:
+    """The members of a (gzip'd or plain) archive built here."""
+    blob = Path(path).read_bytes()
+    if blob[:2] == b"\x1f\x8b":
+        blob = gzip.decompress(blob)
+    return cpio.read(blob)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    p = argparse.ArgumentParser(prog="python -m savekernel.initramfs",
+                                description="Build kjumpd's initramfs archives (cached).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("save", help="the save kernel's initramfs; prints its path")
+    s.add_argument("--out", type=Path, help="copy the archive here")
+    ls = sub.add_parser("list", help="list the members of an archive")
+    ls.add_argument("archive", type=Path)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "save":
+            img = build_save_initramfs(args.out)
+            print(f"{img.path}", flush=True)
+            print(f"save initramfs: {img.compressed_size} bytes gzip, {img.uncompressed_size} "
+                  f"uncompressed, {img.members} members{' (cached)' if img.cached else ''}",
+                  file=sys.stderr)
+        else:
+            for e in read_archive(args.archive):
+                print(f"{e.mode:07o} {len(e.data):>10} {e.name}")
+    except KjumpError as e:
+        print(f"initramfs: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""QEMU harness for the VM tier: boot a kernel under TCG, watch its serial console, drive QMP.
+
+    from tests.vm.harness import VM, VMConfig, require_vm_prereqs, kernel_image
+
+    kernel = kernel_image()                     # cached CONFIG_KEXEC_JUMP bzImage (or skip/fail)
+    cfg = VMConfig(kernel=kernel, initrd=initrd, append="...", disks=[disk])
+    with VM(cfg, artifacts=tmp_path / "vm", name="save") as vm:
+        vm.wait_for(r"KJT-VERDICT: (\\w+)", timeout=300)  # -> re.Match, timeout -> VMTimeout
+        vm.send("c")                            # keys on the serial console
+        vm.qmp("query-status"); vm.qmp("system_wakeup")
+        vm.wait_exit(timeout=120)               # -> QEMU's exit status
+        vm.restart(append="...")                # same disks, new console log (console-2.log)
+
+The command line is the one KJUMP-FACTS.md verified: ``-accel tcg -cpu qemu64,+pdpe1gb -m 1024
+-nographic -no-reboot -kernel -initrd -append`` and virtio disks, with the serial console on a
+pipe (so tests can type on it) and a QMP unix socket. Every console is written, with the host's
+time of each line, to ``<artifacts>/console-<n>.log`` (+ ``qemu-<n>.cmdline``); the artifacts
+directory is tests' ``artifacts/vm/<test>/`` (gitignored) or a pytest tmp dir.
+
+Prerequisites (qemu-system-x86_64, the kernel) are checked by :func:`require_vm_prereqs`: a
+missing one skips the test, or FAILS it when KJUMPD_REQUIRE_VM=1 (CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+QEMU = "qemu-system-x86_64"
+#: where tests keep serial logs (gitignored)
+ARTIFACTS = REPO / "artifacts" / "vm"
+#: the jump area every VM-tier guest reserves
+JUMP_AREA_START = 0x20000000
+JUMP_AREA_SIZE = 128 << 20
+MAIN_APPEND = (f"console=ttyS0 nokaslr panic=1 no_console_suspend "
+               f"crashkernel={JUMP_AREA_SIZE >> 20}M@{JUMP_AREA_START:#x}")
+
+
+class VMError(Exception):
+    """The VM did not do what the test expected (message names the console log)."""
+
+
+class VMTimeout(VMError):
+    pass
+
+
+def require_vm() -> bool:
+    return os.environ.get("KJUMPD_REQUIRE_VM") == "1"
+
+
+def missing_prereq(why: str) -> None:
+    """Skip the calling test, or fail it when KJUMPD_REQUIRE_VM=1."""
+    import pytest
+    if require_vm():
+        pytest.fail(f"VM prerequisite missing (KJUMPD_REQUIRE_VM=1): {why}", pytrace=False)
+    pytest.skip(f"VM prerequisite missing: {why}")
+
+
+def kernel_image(series: str = "6.12", build: bool | None = None) -> Path:
+    """The cached kjump bzImage; KJUMPD_KERNEL overrides. Builds it when ``build`` (default:
+    when KJUMPD_REQUIRE_VM=1); otherwise a missing kernel skips the test."""
+    env = os.environ.get("KJUMPD_KERNEL")
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            missing_prereq(f"KJUMPD_KERNEL={env} is not a file")
+        return p
+    cache = Path(os.environ.get("KJUMPD_CACHE") or Path.home() / ".cache" / "kjumpd") / "kernel"
+    frag = REPO / "savekernel" / "kernel.fragment"
+    import hashlib
+    frag_hash = hashlib.sha256(frag.read_bytes()).hexdigest()[:12]
+    found = sorted(cache.glob(f"{series}*-{frag_hash}/bzImage"))
+    if found:
+        return found[-1]
+    if build is None:
+        build = require_vm()
+    if not build:
+        missing_prereq(f"no kjump kernel for {series} with this fragment in {cache} "
+                       "(run savekernel/build-kernel.sh)")
+    out = subprocess.run([str(REPO / "savekernel" / "build-kernel.sh"), series],
+                         stdout=subprocess.PIPE, text=True, check=False)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines or not Path(lines[-1]).is_file():
+        missing_prereq(f"savekernel/build-kernel.sh {series} failed (status {out.returncode})")
+    return Path(lines[-1])
+
+
+def require_vm_prereqs() -> None:
+    if shutil.which(QEMU) is None:
+        missing_prereq(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    if not Path("/usr/sbin/kexec").exists() and shutil.which("kexec") is None:
+        missing_prereq("kexec-tools is not installed")
+
+
+def artifacts_dir(test_name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)[:120]
+    d = ARTIFACTS / safe
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    kernel: Path
+    initrd: Path | None = None
+    append: str = MAIN_APPEND
+    disks: Sequence[Path] = ()
+    memory_mb: int = 1024
+    smp: int = 2
+    #: extra QEMU arguments, e.g. ("-global", "PIIX4_PM.disable_s4=0")
+    extra: Sequence[str] = ()
+    disk_format: str = "raw"
+
+
+@dataclass
+class ConsoleLine:
+    t: float          # seconds since this QEMU start (host monotonic clock)
+    text: str
+
+
+class VM:
+    """One QEMU machine; ``restart()`` boots it again (new process) on the same disks."""
+
+    def __init__(self, cfg: VMConfig, artifacts: Path, name: str = "vm") -> None:
+        self.cfg = cfg
+        self.artifacts = Path(artifacts)
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.run = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: list[ConsoleLine] = []
+        self._partial = b""
+        self._cursor = 0              # index into self.lines for wait_for
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self._log = None
+        self.started = 0.0
+        self.qmp_path = Path()
+        self._qmp: socket.socket | None = None
+        self._qmp_buf = b""
+        self.last_line: ConsoleLine | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def command(self) -> list[str]:
+        c = self.cfg
+        cmd = [QEMU, "-accel", "tcg", "-cpu", "qemu64,+pdpe1gb", "-m", str(c.memory_mb),
+               "-smp", str(c.smp), "-display", "none", "-vga", "none", "-no-reboot",
+               "-serial", "stdio", "-monitor", "none",
+               "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+               "-kernel", str(c.kernel), "-append", c.append]
+        if c.initrd is not None:
+            cmd += ["-initrd", str(c.initrd)]
+        for d in c.disks:
+            cmd += ["-drive", f"file={d},format={c.disk_format},if=virtio,cache=unsafe"]
+        cmd += list(c.extra)
+        return cmd
+
+    @property
+    def log_path(self) -> Path:
+        return self.artifacts / f"{self.name}-console-{self.run}.log"
+
+    def start(self) -> "VM":
+        if self.proc is not None and self.proc.poll() is None:
+            raise VMError("VM already running")
+        self.run += 1
+        # unix socket paths are limited to ~108 bytes: keep it short
+        self.qmp_path = Path(f"/tmp/kjt-qmp-{os.getpid()}-{id(self) & 0xffff:x}-{self.run}.sock")
+        self.qmp_path.unlink(missing_ok=True)
+        cmd = self.command()
+        (self.artifacts / f"{self.name}-qemu-{self.run}.cmdline").write_text(" ".join(cmd) + "\n")
+        self.lines = []
+        self._cursor = 0
+        self._partial = b""
+        self._log = open(self.log_path, "w", buffering=1)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def restart(self, **changes: Any) -> "VM":
+        """Stop (if running) and boot again on the same disks; VMConfig fields may change."""
+        self.stop()
+        if changes:
+            self.cfg = replace(self.cfg, **changes)
+        return self.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.qmp("quit")
+            except (VMError, OSError):
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._reader is not None:
+            self._reader.join(5)
+            self._reader = None
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self.qmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VM":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ console
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        out = self.proc.stdout
+        while True:
+            chunk = os.read(out.fileno(), 65536)
+            if not chunk:
+                break
+            with self._cond:
+                data = self._partial + chunk
+                *done, self._partial = data.split(b"\n")
+                now = time.monotonic() - self.started
+                for raw in done:
+                    text = raw.decode("utf-8", "replace").rstrip("\r")
+                    self.lines.append(ConsoleLine(now, text))
+                    if self._log is not None:
+                        self._log.write(f"[{now:9.3f}] {text}\n")
+                self._cond.notify_all()
+        with self._cond:
+            if self._partial:
+                text = self._partial.decode("utf-8", "replace").rstrip("\r")
+                self.lines.append(ConsoleLine(time.monotonic() - self.started, text))
+                if self._log is not None:
+                    self._log.write(f"[{self.lines[-1].t:9.3f}] {text}\n")
+                self._partial = b""
+            self._cond.notify_all()
+
+    def send(self, text: str) -> None:
+        """Type on the serial console."""
+        if self.proc is None or self.proc.stdin is None:
+            raise VMError("VM is not running")
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def wait_for(self, pattern: str, timeout: float, *, fail: str | None = None
+                 ) -> re.Match[str]:
+        """The first console line (after the previous match) matching pattern.
+
+        Raises VMTimeout after ``timeout`` seconds, VMError if QEMU exits first or a line
+        matches ``fail`` (e.g. "Kernel panic"). Returns the match; ``self.last_line`` has its
+        ConsoleLine (with the host time).
+        """
+        rx = re.compile(pattern)
+        frx = re.compile(fail) if fail else None
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._cursor < len(self.lines):
+                    line = self.lines[self._cursor]
+                    self._cursor += 1
+                    m = rx.search(line.text)
+                    if m:
+                        self.last_line = line
+                        return m
+                    if frx is not None and frx.search(line.text):
+                        raise VMError(f"console line {line.text!r} (see {self.log_path})")
+                if self.proc is None or (self.proc.poll() is not None and self._reader is not None
+                                         and not self._reader.is_alive()):
+                    raise VMError(f"QEMU exited (status {self.proc.returncode if self.proc else '?'}) "
+                                  f"before a line matched {pattern!r} (see {self.log_path})")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise VMTimeout(f"no console line matched {pattern!r} within {timeout:.0f} s "
+                                    f"(see {self.log_path})")
+                self._cond.wait(min(left, 1.0))
+
+    def find(self, pattern: str) -> list[re.Match[str]]:
+        """Every console line so far (this run) that matches."""
+        rx = re.compile(pattern)
+        with self._cond:
+            return [m for m in (rx.search(ln.text) for ln in self.lines) if m]
+
+    def line_time(self, pattern: str) -> float | None:
+        """Host time (s since start) of the first line matching pattern, this run."""
+        rx = re.compile(pattern)
+        with self._cond:
+            for ln in self.lines:
+                if rx.search(ln.text):
+                    return ln.t
+        return None
+
+    def wait_exit(self, timeout: float) -> int:
+        if self.proc is None:
+            raise VMError("VM is not running")
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise VMTimeout(f"QEMU still running after {timeout:.0f} s (see {self.log_path})") from None
+        self._finish()
+        return rc
+
+    # ------------------------------------------------------------------ QMP
+    def _qmp_connect(self) -> socket.socket:
+        if self._qmp is not None:
+            return self._qmp
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(self.qmp_path))
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                    raise VMError(f"cannot connect to QMP at {self.qmp_path}") from None
+                time.sleep(0.1)
+        s.settimeout(30)
+        self._qmp = s
+        self._qmp_buf = b""
+        self._qmp_recv()                              # greeting
+        self._qmp_send({"execute": "qmp_capabilities"})
+        self._qmp_reply()
+        return s
+
+    def _qmp_send(self, msg: dict[str, Any]) -> None:
+        assert self._qmp is not None
+        self._qmp.sendall(json.dumps(msg).encode() + b"\n")
+
+    def _qmp_recv(self) -> dict[str, Any]:
+        assert self._qmp is not None
+        while b"\n" not in self._qmp_buf:
+            chunk = self._qmp.recv(65536)
+            if not chunk:
+                raise VMError("QMP connection closed")
+            self._qmp_buf += chunk
+        line, self._qmp_buf = self._qmp_buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def _qmp_reply(self) -> Any:
+        while True:
+            msg = self._qmp_recv()
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise VMError(f"QMP error: {msg['error']}")
+            # events are ignored
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command ("query-status", "system_wakeup", "quit", ...); its return value."""
+        self._qmp_connect()
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self._qmp_send(msg)
+        try:
+            return self._qmp_reply()
+        except VMError:
+            if command == "quit":
+                return {}
+            raise
