@@ -1,0 +1,254 @@
+"""The jump area: the crashkernel=SIZE@OFFSET reservation the save kernel runs in.
+
+Sources, cross-checked: ``crashkernel=`` on /proc/cmdline (must have a fixed @OFFSET: the
+area must be at the same place at every boot for restore), the "Crash kernel" line of
+/proc/iomem (addresses need root), /sys/kernel/kexec_crash_size, and
+/sys/kernel/kexec_crash_loaded (a loaded kdump image occupies the area). Sizing reads the
+save kernel's bzImage header (init_size: the memory the kernel needs to decompress and
+run) and the initramfs size. Boot loader editing (GRUB's /etc/default/grub, BLS entries)
+is a pure text transform with a diff the CLI shows before it writes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from kjumpd.config import Config, format_size, parse_size
+from kjumpd.errors import ConfigError, JumpAreaError
+from kjumpd.sysroot import Sysroot
+
+MiB = 1 << 20
+ALIGN = 16 * MiB
+DEFAULT_START = 0x20000000       # 512 MiB: what the VM tier and KJUMP-FACTS use
+_CK_RE = re.compile(r"(?:^|\s)crashkernel=(\S+)")
+
+
+@dataclass(frozen=True)
+class JumpArea:
+    start: int
+    size: int
+
+    @property
+    def end(self) -> int:            # exclusive
+        return self.start + self.size
+
+    @property
+    def kernel_arg(self) -> str:
+        return f"crashkernel={format_size(self.size)}@{format_size(self.start)}"
+
+    def contains(self, start: int, end: int) -> bool:
+        return self.start <= start and end <= self.end
+
+
+@dataclass(frozen=True)
+class Discovery:
+    cmdline_value: str | None      # what follows crashkernel=
+    cmdline_area: JumpArea | None  # parsed SIZE@OFFSET
+    iomem_area: JumpArea | None    # "Crash kernel" in /proc/iomem
+    crash_size: int | None         # /sys/kernel/kexec_crash_size
+    kdump_loaded: bool             # /sys/kernel/kexec_crash_loaded
+
+
+def parse_crashkernel(value: str) -> JumpArea | None:
+    """'128M@512M' -> JumpArea; forms without a fixed offset (ranges, ,high/,low) -> None."""
+    if "@" not in value or ":" in value or "," in value:
+        return None
+    size_s, start_s = value.split("@", 1)
+    try:
+        return JumpArea(start=parse_size(start_s, "crashkernel offset"),
+                        size=parse_size(size_s, "crashkernel size"))
+    except ConfigError:
+        return None
+
+
+def parse_iomem_crash(iomem: str) -> JumpArea | None:
+    for line in iomem.splitlines():
+        rng, _, name = line.strip().partition(" : ")
+        if name.strip() == "Crash kernel":
+            s, _, e = rng.partition("-")
+            start, end = int(s, 16), int(e, 16) + 1
+            if start == 0 and end == 1:
+                return None          # not root: /proc/iomem hides addresses
+            return JumpArea(start, end - start)
+    return None
+
+
+def discover(sysroot: Sysroot) -> Discovery:
+    cmdline = sysroot.read_text("/proc/cmdline", default="")
+    m = None
+    for m in _CK_RE.finditer(cmdline):
+        pass                        # the last crashkernel= wins, as in the kernel
+    value = m.group(1) if m else None
+    size_txt = sysroot.read_text("/sys/kernel/kexec_crash_size", default="").strip()
+    loaded = sysroot.read_text("/sys/kernel/kexec_crash_loaded", default="0").strip()
+    return Discovery(
+        cmdline_value=value,
+        cmdline_area=parse_crashkernel(value) if value else None,
+        iomem_area=parse_iomem_crash(sysroot.read_text("/proc/iomem", default="")),
+        crash_size=int(size_txt) if size_txt.isdigit() else None,
+        kdump_loaded=loaded == "1",
+    )
+
+
+def required_size(sysroot: Sysroot, config: Config) -> int:
+    """Bytes the jump area must hold: kernel init_size + initramfs (compressed copy and
+    unpacked, estimated x4) + the agent's working memory + 16 MiB kernel slack, rounded up
+    to 16 MiB."""
+    kernel = read_init_size(sysroot.path(config.save_kernel))
+    try:
+        initrd = sysroot.path(config.save_initramfs).stat().st_size
+    except OSError as e:
+        raise JumpAreaError(f"save kernel initramfs {config.save_initramfs} is missing",
+                            why=e.strerror or str(e),
+                            fix="build it (savekernel/) or set save_kernel.initramfs") from None
+    need = kernel + 4 * initrd + config.agent_memory + 16 * MiB
+    return -(-need // ALIGN) * ALIGN
+
+
+def read_init_size(path: Path) -> int:
+    """init_size from an x86 bzImage setup header (offset 0x260), checked by the HdrS magic."""
+    try:
+        with open(path, "rb") as f:
+            hdr = f.read(0x270)
+    except OSError as e:
+        raise JumpAreaError(f"save kernel {path} is missing", why=e.strerror or str(e),
+                            fix="build it with savekernel/build-kernel.sh or set "
+                                "save_kernel.kernel") from None
+    if len(hdr) < 0x264 or hdr[0x202:0x206] != b"HdrS":
+        raise JumpAreaError(f"save kernel {path} is not an x86 bzImage",
+                            why="no HdrS setup header", fix="point save_kernel.kernel at a bzImage")
+    (init_size,) = struct.unpack_from("<I", hdr, 0x260)
+    return init_size
+
+
+def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
+    """The reserved area, cross-checked; JumpAreaError naming the kernel command line to add."""
+    d = discover(sysroot)
+    want = JumpArea(config.jump_area_start if config.jump_area_start is not None else DEFAULT_START,
+                    max(need or 0, config.jump_area_size or 0, 128 * MiB))
+    add = f"add {want.kernel_arg} to the kernel command line (kjumpctl setup --jump-area) and reboot"
+    if d.cmdline_value is None:
+        raise JumpAreaError("no jump area is reserved", why="/proc/cmdline has no crashkernel=",
+                            fix=add)
+    if d.cmdline_area is None:
+        raise JumpAreaError(f"crashkernel={d.cmdline_value} has no fixed offset",
+                            why="restore needs the area at the same address at every boot",
+                            fix=f"replace it with {want.kernel_arg} and reboot")
+    area = d.iomem_area
+    if area is None:
+        if d.crash_size == 0:
+            raise JumpAreaError(f"crashkernel={d.cmdline_value} is on the command line but "
+                                "nothing is reserved", why="the kernel could not reserve it "
+                                "(occupied or beyond RAM); see dmesg | grep crashkernel",
+                                fix=f"choose another offset, e.g. {want.kernel_arg}, and reboot")
+        raise JumpAreaError("the jump area is not visible in /proc/iomem",
+                            why="no 'Crash kernel' line (or not running as root)",
+                            fix="run as root; if it persists, " + add)
+    if area != d.cmdline_area:
+        raise JumpAreaError("the reservation differs from the command line",
+                            why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
+                                f"{d.cmdline_area.start:#x}+{format_size(d.cmdline_area.size)}",
+                            fix=f"set {want.kernel_arg} and reboot")
+    if d.crash_size is not None and d.crash_size != area.size:
+        raise JumpAreaError("the jump area was shrunk at run time",
+                            why=f"/sys/kernel/kexec_crash_size is {d.crash_size}, "
+                                f"reserved {area.size}",
+                            fix="reboot to restore the full reservation")
+    if config.jump_area_start is not None and area.start != config.jump_area_start:
+        raise JumpAreaError("the jump area is not where the config expects it",
+                            why=f"reserved at {area.start:#x}, jump_area.start is "
+                                f"{config.jump_area_start:#x}",
+                            fix=f"set {want.kernel_arg} or change jump_area.start")
+    if d.kdump_loaded:
+        raise JumpAreaError("a kdump kernel occupies the jump area",
+                            why="/sys/kernel/kexec_crash_loaded is 1",
+                            fix="disable kdump (systemctl disable --now kdump-tools; kexec -p -u)")
+    if need is not None and area.size < need:
+        raise JumpAreaError("the jump area is too small for the save kernel",
+                            why=f"reserved {format_size(area.size)}, need {format_size(need)}",
+                            fix=f"use crashkernel={format_size(need)}@{format_size(area.start)} "
+                                "and reboot", reserved=area.size, needed=need)
+    return area
+
+
+# -- boot loader command line editing (pure) --------------------------------------------------
+def _set_arg(cmdline: str, arg: str) -> str:
+    words = [w for w in cmdline.split() if not w.startswith("crashkernel=")]
+    return " ".join(words + [arg])
+
+
+def edit_default_grub(text: str, arg: str) -> str:
+    """Put ``arg`` (crashkernel=...) into GRUB_CMDLINE_LINUX, replacing any crashkernel=."""
+    out, done = [], False
+    for line in text.splitlines(keepends=True):
+        m = re.match(r'^(\s*GRUB_CMDLINE_LINUX\s*=\s*)(["\']?)(.*?)\2\s*$', line)
+        if m and not done:
+            line = f'{m.group(1)}"{_set_arg(m.group(3), arg)}"\n'
+            done = True
+        out.append(line)
+    if not done:
+        if out and not out[-1].endswith("\n"):
+            out[-1] += "\n"
+        out.append(f'GRUB_CMDLINE_LINUX="{arg}"\n')
+    return "".join(out)
+
+
+def edit_bls_entry(text: str, arg: str) -> str:
+    out, done = [], False
+    for line in text.splitlines(keepends=True):
+        m = re.match(r"^(options)(\s+)(.*?)\s*$", line)
+        if m:
+            line = f"options{m.group(2)}{_set_arg(m.group(3), arg)}\n"
+            done = True
+        out.append(line)
+    if not done:
+        if out and not out[-1].endswith("\n"):
+            out[-1] += "\n"
+        out.append(f"options {arg}\n")
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class FileEdit:
+    path: str          # system path
+    old: str
+    new: str
+
+    def diff(self) -> str:
+        return "".join(difflib.unified_diff(self.old.splitlines(True), self.new.splitlines(True),
+                                            f"a{self.path}", f"b{self.path}"))
+
+
+def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
+    """Edits that put area.kernel_arg on the boot loader's kernel command line."""
+    edits: list[FileEdit] = []
+    grub = "/etc/default/grub"
+    if sysroot.exists(grub):
+        old = sysroot.read_text(grub)
+        edits.append(FileEdit(grub, old, edit_default_grub(old, area.kernel_arg)))
+    for d in ("/boot/loader/entries", "/efi/loader/entries", "/boot/efi/loader/entries"):
+        for name in sysroot.listdir(d):
+            if name.endswith(".conf"):
+                p = f"{d}/{name}"
+                old = sysroot.read_text(p)
+                edits.append(FileEdit(p, old, edit_bls_entry(old, area.kernel_arg)))
+    if not edits:
+        raise JumpAreaError("no boot loader configuration found",
+                            why="neither /etc/default/grub nor BLS entries exist",
+                            fix=f"add {area.kernel_arg} to your boot loader's kernel command line")
+    return [e for e in edits if e.old != e.new]
+
+
+def apply_edits(sysroot: Sysroot, edits: list[FileEdit]) -> None:
+    for e in edits:
+        p = sysroot.path(e.path)
+        if p.read_text() != e.old:
+            raise JumpAreaError(f"{e.path} changed while planning", fix="run setup again")
+        tmp = p.with_name(p.name + ".kjumpd-new")
+        tmp.write_text(e.new)
+        tmp.chmod(p.stat().st_mode & 0o7777)
+        tmp.replace(p)
