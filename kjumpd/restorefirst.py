@@ -1,0 +1,413 @@
+"""The restore-first decision (R): restore the saved image, or boot the normal kernel.
+
+Pure logic: everything here takes what R has read from the disks and returns a decision; the
+edge that reads devices, writes the header and runs kexec is bootloader/restore_init.py.
+
+Guards (DESIGN.md "Restore", invariant I3), in this order; the first that fails decides:
+
+1. a target with our UUID at ``kjump.offset`` exists (else BootNormal: nothing to restore);
+2. the header is readable (else Invalidate "corrupt");
+3. state: EMPTY/CONSUMED/ABORTED/INVALID → BootNormal (no image); WRITING → Invalidate
+   "incomplete"; SAVED → attempt 0; RESTORING(n) → attempt n;
+4. the header belongs to this target (its UUID), the metadata (extent table) and the chunk
+   table checksums are good (else Invalidate "corrupt");
+5. attempt < max_attempts (else Invalidate "attempts");
+6. the same save kernel (hash) and the same jump area as R is configured to use (else
+   Invalidate "save-kernel" / "jump-area");
+7. every filesystem recorded at save time is found by (fstype, UUID), exactly once, and its
+   superblock stamp is unchanged (else Invalidate "stale").
+
+All pass → Restore(attempt + 1): R writes RESTORING(attempt + 1) durably, then kexecs B.
+A refused image is marked INVALID("<code>: <detail>") and stays on disk; ``explain`` turns a
+header into what ``kjumpctl status`` shows.
+
+boot.json (``BootConfig``, written by ``kjumpctl setup`` into R's initramfs as
+/etc/kjumpd/boot.json), UTF-8 JSON, version 1::
+
+    {"version": 1,
+     "target": {"uuid": "<uuid>", "offset": <bytes>},
+     "normal": {"kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img" | null,
+                "cmdline": "root=... ro quiet"},
+     "save": {"kernel": "/kjump/save/bzImage", "initrd": "/kjump/save/initrd.cpio.gz",
+              "hash": "sha256:<64 hex>", "kernel_sha256": "<hex>", "initrd_sha256": "<hex>",
+              "cmdline": "console=ttyS0 nokaslr panic=1"},
+     "jump_area": [start, size],
+     "max_attempts": 3}
+
+Paths are paths inside R's initramfs. ``save.hash`` is the save kernel hash the daemon records
+in the image header (compared with the header); ``kernel_sha256``/``initrd_sha256`` are the
+SHA-256 of the two files R will load (R checks its own copies against them before trusting
+``save.hash``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from kjumpd.errors import ConfigError, FsStampError
+from kjumpd.fsstamp import FsStamp
+
+BOOT_CONFIG_VERSION = 1
+BOOT_CONFIG_PATH = "/etc/kjumpd/boot.json"
+DEFAULT_MAX_ATTEMPTS = 3
+#: the longest reason written into the header (the header's text fields hold 1024 bytes)
+MAX_REASON = 400
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# header states (kjumpd.image.format.ImageState), by name so this module stays pure
+_NO_IMAGE = ("EMPTY", "CONSUMED", "ABORTED", "INVALID")
+
+#: refusal codes (the part of INVALID(reason) before the colon)
+CODES = {
+    "corrupt": "the image or its header is damaged",
+    "incomplete": "the save did not finish (power lost while saving)",
+    "foreign": "the header belongs to another target",
+    "attempts": "restoring failed too many times",
+    "save-kernel": "the image was saved by another save kernel",
+    "jump-area": "the image was saved for another jump area",
+    "stale": "a filesystem changed after the image was saved",
+    "setup": "the restore-first environment cannot restore (its files are wrong)",
+}
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Write RESTORING(attempt) durably, then kexec the save kernel in restore role."""
+    attempt: int
+
+
+@dataclass(frozen=True)
+class BootNormal:
+    """Leave the image alone (there is none to restore) and boot the normal kernel."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class Invalidate:
+    """Mark the image INVALID(reason) durably, then boot the normal kernel."""
+    code: str
+    detail: str
+
+    @property
+    def reason(self) -> str:
+        text = f"{self.code}: {self.detail}"
+        return text if len(text) <= MAX_REASON else text[:MAX_REASON - 3] + "..."
+
+
+Decision = Union[Restore, BootNormal, Invalidate]
+
+
+@dataclass(frozen=True)
+class HeaderView:
+    """What the guards need from the image header (kjumpd.image.format.Header)."""
+    state: str                 # ImageState name
+    attempt: int
+    uuid: str                  # the header's target UUID
+    save_kernel_hash: str
+    jump_area: tuple[int, int]
+    reason: str = ""
+
+    @classmethod
+    def of(cls, header: Any) -> "HeaderView":
+        import uuid as uuidlib
+        return cls(state=header.state.name, attempt=int(header.attempt),
+                   uuid=str(uuidlib.UUID(bytes=header.uuid)),
+                   save_kernel_hash=header.save_kernel_hash,
+                   jump_area=(int(header.jump_area_start), int(header.jump_area_size)),
+                   reason=header.reason)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What R read. An ``*_error`` string means that read failed (the error's message)."""
+    target_found: bool
+    target_uuid: str = ""
+    header: HeaderView | None = None
+    header_error: str = ""
+    fs_stamps: list[dict[str, Any]] | None = None       # from the metadata's identity
+    metadata_error: str = ""
+    chunks_error: str = ""                              # the chunk table walk / data CRC
+    current: dict[tuple[str, str], list[FsStamp]] = field(default_factory=dict)
+    setup_error: str = ""                               # R's own files failed their check
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What R is set up to restore with (from boot.json)."""
+    save_kernel_hash: str
+    jump_area: tuple[int, int]
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+
+def check_stamps(recorded: list[dict[str, Any]],
+                 current: dict[tuple[str, str], list[FsStamp]]) -> str | None:
+    """None when every recorded filesystem is found once and unchanged; else why not."""
+    for rec in recorded:
+        try:
+            old = FsStamp.from_dict(rec)
+        except FsStampError as e:
+            return f"recorded filesystem stamp unreadable ({e.what})"
+        now = current.get(old.key, [])
+        if not now:
+            return f"{old.fstype} {old.uuid} (was {old.device}) not found"
+        if len(now) > 1:
+            devs = ", ".join(s.device for s in now)
+            return f"{old.fstype} {old.uuid} found {len(now)} times ({devs})"
+        if now[0].changed_since(old):
+            return now[0].describe_changes(old)
+    return None
+
+
+def decide(ev: Evidence, exp: Expected) -> Decision:
+    """The restore-first decision. Pure; see the module docstring for the order of guards."""
+    if not ev.target_found:
+        return BootNormal("no kjumpd target found")
+    if ev.header is None:
+        return Invalidate("corrupt", f"header unreadable ({ev.header_error or 'no header'})")
+    h = ev.header
+    if h.state in _NO_IMAGE:
+        return BootNormal(f"no image to restore (state {h.state})")
+    if h.state == "WRITING":
+        return Invalidate("incomplete", "the header says WRITING: the save never finished")
+    if h.state == "SAVED":
+        attempt = 0
+    elif h.state == "RESTORING":
+        attempt = h.attempt
+    else:
+        return Invalidate("corrupt", f"unknown state {h.state}")
+    if ev.target_uuid and h.uuid != ev.target_uuid:
+        return Invalidate("foreign", f"header UUID {h.uuid} is not the target's {ev.target_uuid}")
+    if ev.metadata_error or ev.fs_stamps is None:
+        return Invalidate("corrupt", f"image metadata: {ev.metadata_error or 'no fs_stamps'}")
+    if ev.chunks_error:
+        return Invalidate("corrupt", f"chunk table: {ev.chunks_error}")
+    if attempt >= exp.max_attempts:
+        return Invalidate("attempts", f"{attempt} restore attempts failed "
+                                      f"(maximum {exp.max_attempts})")
+    if ev.setup_error:
+        return Invalidate("setup", ev.setup_error)
+    if h.save_kernel_hash != exp.save_kernel_hash:
+        return Invalidate("save-kernel", f"image needs {h.save_kernel_hash or 'none'}, "
+                                         f"R has {exp.save_kernel_hash}")
+    if tuple(h.jump_area) != tuple(exp.jump_area):
+        return Invalidate("jump-area", f"image was saved for {_area(h.jump_area)}, "
+                                       f"R loads into {_area(exp.jump_area)}")
+    why = check_stamps(ev.fs_stamps, ev.current)
+    if why is not None:
+        return Invalidate("stale", why)
+    return Restore(attempt + 1)
+
+
+def _area(a: tuple[int, int]) -> str:
+    return f"{a[1] >> 20}M@{a[0]:#x}"
+
+
+def explain(state: str, reason: str, attempt: int = 0) -> dict[str, Any]:
+    """What ``kjumpctl status`` shows about an image header after a boot.
+
+    ``refused`` is true for an image R invalidated; ``code`` is one of CODES then.
+    """
+    out: dict[str, Any] = {"state": state, "refused": False, "code": "", "reason": reason,
+                           "summary": ""}
+    if state == "INVALID":
+        code = reason.split(":", 1)[0].strip() if ":" in reason else ""
+        out.update(refused=code in CODES, code=code,
+                   summary=f"the image was not restored: {CODES.get(code, reason)}")
+    elif state == "RESTORING":
+        out["summary"] = f"restore attempt {attempt} did not complete"
+    elif state == "SAVED":
+        out["summary"] = "an image is saved and will be restored at the next boot"
+    return out
+
+
+# ---------------------------------------------------------------- boot.json
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    kernel: str
+    initrd: str | None
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    target_uuid: str
+    target_offset: int
+    normal: KernelSpec
+    save: KernelSpec
+    save_hash: str
+    save_kernel_sha256: str
+    save_initrd_sha256: str
+    jump_area: tuple[int, int]
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": BOOT_CONFIG_VERSION,
+            "target": {"uuid": self.target_uuid, "offset": self.target_offset},
+            "normal": {"kernel": self.normal.kernel, "initrd": self.normal.initrd,
+                       "cmdline": self.normal.cmdline},
+            "save": {"kernel": self.save.kernel, "initrd": self.save.initrd,
+                     "cmdline": self.save.cmdline, "hash": self.save_hash,
+                     "kernel_sha256": self.save_kernel_sha256,
+                     "initrd_sha256": self.save_initrd_sha256},
+            "jump_area": list(self.jump_area),
+            "max_attempts": self.max_attempts,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+    @property
+    def expected(self) -> Expected:
+        return Expected(self.save_hash, self.jump_area, self.max_attempts)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "BootConfig":
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _cfg("is not JSON", str(e)) from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "BootConfig":
+        if not isinstance(d, dict):
+            raise _cfg("is not a JSON object")
+        if d.get("version") != BOOT_CONFIG_VERSION:
+            raise _cfg(f"has version {d.get('version')!r}",
+                       f"this kjumpd reads version {BOOT_CONFIG_VERSION}")
+        t, n, s = _obj(d, "target"), _obj(d, "normal"), _obj(d, "save")
+        uid = _str(t, "target.uuid")
+        if not _UUID_RE.match(uid):
+            raise _cfg(f"target.uuid {uid!r} is not a lower-case UUID")
+        offset = _int(t, "target.offset")
+        if offset % 4096:
+            raise _cfg(f"target.offset {offset} is not 4096-aligned")
+        save_hash = _str(s, "save.hash")
+        if not _HASH_RE.match(save_hash):
+            raise _cfg("save.hash must be sha256:<64 hex>")
+        ksum, isum = _str(s, "save.kernel_sha256"), _str(s, "save.initrd_sha256")
+        if not (_HEX_RE.match(ksum) and _HEX_RE.match(isum)):
+            raise _cfg("save.kernel_sha256 and save.initrd_sha256 must be 64 hex digits")
+        area = d.get("jump_area")
+        if not (isinstance(area, list) and len(area) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in area)
+                and area[1] > 0 and area[0] % 4096 == 0 and area[1] % 4096 == 0):
+            raise _cfg("jump_area must be [start, size], page aligned, size > 0")
+        attempts = d.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 100:
+            raise _cfg("max_attempts must be an integer 1..100")
+        save_initrd = _str(s, "save.initrd")
+        return cls(target_uuid=uid, target_offset=offset,
+                   normal=KernelSpec(_str(n, "normal.kernel"), _opt_str(n, "normal.initrd"),
+                                     _str(n, "normal.cmdline", empty=True)),
+                   save=KernelSpec(_str(s, "save.kernel"), save_initrd,
+                                   _str(s, "save.cmdline", empty=True)),
+                   save_hash=save_hash, save_kernel_sha256=ksum, save_initrd_sha256=isum,
+                   jump_area=(area[0], area[1]), max_attempts=attempts)
+
+
+def _cfg(what: str, why: str = "") -> ConfigError:
+    return ConfigError(f"{BOOT_CONFIG_PATH} {what}", why=why,
+                       fix="run `kjumpctl setup` again to rewrite the restore-first files",
+                       path=BOOT_CONFIG_PATH)
+
+
+def _obj(d: dict[str, Any], key: str) -> dict[str, Any]:
+    v = d.get(key)
+    if not isinstance(v, dict):
+        raise _cfg(f"lacks the object {key!r}")
+    return v
+
+
+def _str(d: dict[str, Any], dotted: str, empty: bool = False) -> str:
+    v = d.get(dotted.rsplit(".", 1)[-1])
+    if not isinstance(v, str) or (not empty and not v):
+        raise _cfg(f"{dotted} must be a{'' if empty else ' non-empty'} string")
+    return v
+
+
+def _opt_str(d: dict[str, Any], dotted: str) -> str | None:
+    v = d.get(dotted.rsplit(".", 1)[-1])
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        raise _cfg(f"{dotted} must be a non-empty string or null")
+    return v
+
+
+def _int(d: dict[str, Any], dotted: str) -> int:
+    v = d.get(dotted.rsplit(".", 1)[-1])
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise _cfg(f"{dotted} must be a non-negative integer")
+    return v
+
+
+# ---------------------------------------------------------------- kexec command lines
+
+
+def strip_params(cmdline: str, names: tuple[str, ...]) -> str:
+    """cmdline without the parameters ``names`` (and their values)."""
+    keep = []
+    for word in cmdline.split():
+        key = word.split("=", 1)[0]
+        if key not in names:
+            keep.append(word)
+    return " ".join(keep)
+
+
+def restore_cmdline(cfg: BootConfig, attempt: int) -> str:
+    """B's command line in restore role (exactmap: B's memory is the low 512K + the area)."""
+    start, size = cfg.jump_area
+    base = strip_params(cfg.save.cmdline, ("memmap", "kjump.role", "kjump.target",
+                                           "kjump.offset", "kjump.attempt", "crashkernel"))
+    return (f"{base} memmap=exactmap memmap=512K@0K memmap={size >> 10}K@{start >> 10}K "
+            f"kjump.role=restore kjump.target={cfg.target_uuid} kjump.offset={cfg.target_offset} "
+            f"kjump.attempt={attempt}").strip()
+
+
+def restore_kexec_args(cfg: BootConfig, attempt: int) -> list[str]:
+    """kexec-tools arguments that load B into the jump area (a plain load: R is not kept)."""
+    start, size = cfg.jump_area
+    args = ["kexec", "-l", f"--mem-min={start:#x}", f"--mem-max={start + size - 1:#x}",
+            cfg.save.kernel]
+    if cfg.save.initrd:
+        args.append(f"--initrd={cfg.save.initrd}")
+    args.append(f"--append={restore_cmdline(cfg, attempt)}")
+    return args
+
+
+def normal_kexec_args(cfg: BootConfig, note: str = "") -> list[str]:
+    """kexec-tools arguments that load the normal kernel with its own command line.
+
+    ``note`` (e.g. "invalid:stale") is appended as kjump.rf=NOTE so the booted system can tell
+    it came through R and why.
+    """
+    cmdline = strip_params(cfg.normal.cmdline, ("kjump.rf",))
+    if note:
+        cmdline = f"{cmdline} kjump.rf={'-'.join(note.split())}".strip()
+    args = ["kexec", "-l", cfg.normal.kernel]
+    if cfg.normal.initrd:
+        args.append(f"--initrd={cfg.normal.initrd}")
+    args.append(f"--append={cmdline}")
+    return args
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """key=value pairs of a kernel command line (a bare word maps to "")."""
+    out: dict[str, str] = {}
+    for word in text.split():
+        k, _, v = word.partition("=")
+        out[k] = v
+    return out
