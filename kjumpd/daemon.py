@@ -1,0 +1,329 @@
+"""kjumpd: the daemon process serving org.kjump.Manager1 on the system bus.
+
+    kjumpd [--sysroot DIR] [--bus ADDRESS] [--config FILE] [--log-level LEVEL]
+
+Defaults: sysroot "/", the system bus, /etc/kjumpd/kjumpd.toml (read through the sysroot).
+Runs a GLib main loop; the transition runs in a worker thread (kjumpd.service).
+
+- systemd: Type=notify. READY=1 once the name is owned, STATUS= on every state change,
+  WATCHDOG=1 at half of WatchdogSec, STOPPING=1 on SIGTERM (kjumpd.sdnotify; all optional:
+  without NOTIFY_SOCKET nothing is sent, as under the VM tier's plain init).
+- Logs: to stderr. Under journald (JOURNAL_STREAM names our stderr) each line carries an
+  sd-daemon "<N>" priority prefix and no timestamp; otherwise a timestamped line.
+  From PrepareForSleep(true) until the transition ends, log lines are held in memory (bounded)
+  and written afterwards: journald writes to a filesystem that is about to be frozen, and a
+  blocked stderr must never block the thread that thaws it.
+- SIGTERM/SIGINT: with no transition, release the name and exit 0. During one, cancel it (the
+  transaction rolls back) and exit once it has finished (bounded by --stop-timeout).
+- Exit codes: 0 clean stop; 1 failed to start (one line on stderr saying what, why and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+from kjumpd.errors import ConfigError, KjumpError
+
+log = logging.getLogger("kjumpd")
+
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+             logging.DEBUG: 7}
+
+
+def journal_priority(levelno: int) -> int:
+    for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
+        if levelno >= level:
+            return _PRIORITY[level]
+    return 7
+
+
+def stderr_is_journal(stream: TextIO, env: dict[str, str] | os._Environ[str]) -> bool:
+    """JOURNAL_STREAM="dev:ino" names the journald stream when it matches our stderr."""
+    value = env.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+class JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prio = journal_priority(record.levelno)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+class HoldableHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stderr handler that can hold its lines in memory while filesystems are frozen."""
+
+    def __init__(self, stream: TextIO | None = None, limit: int = 10_000) -> None:
+        super().__init__(stream)
+        self._held: collections.deque[str] | None = None
+        self._dropped = 0
+        self._limit = limit
+
+    def hold_lines(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._held is None:
+                self._held = collections.deque(maxlen=self._limit)
+                self._dropped = 0
+
+    def release_lines(self) -> None:
+        # (not release(): logging.Handler.release() unlocks the handler)
+        with self.lock:  # type: ignore[union-attr]
+            held, self._held = self._held, None
+            if held is None:
+                return
+            try:
+                if self._dropped:
+                    self.stream.write(f"kjumpd: {self._dropped} log lines dropped while "
+                                      "filesystems were frozen\n")
+                for line in held:
+                    self.stream.write(line + self.terminator)
+                self.flush()
+            except OSError:
+                pass
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held is not None:
+            try:
+                line = self.format(record)
+            except Exception:  # noqa: BLE001 - logging must never raise
+                self.handleError(record)
+                return
+            with self.lock:  # type: ignore[union-attr]
+                if self._held is not None:
+                    if len(self._held) == self._held.maxlen:
+                        self._dropped += 1
+                    self._held.append(line)
+                    return
+        super().emit(record)
+
+
+def setup_logging(level: str, stream: TextIO | None = None) -> HoldableHandler:
+    stream = stream or sys.stderr
+    handler = HoldableHandler(stream)
+    if stderr_is_journal(stream, os.environ):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s kjumpd[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # pydbus logs every exception a method raises with a traceback; ours are expected
+    # (named D-Bus errors, logged by kjumpd.service in one line).
+    logging.getLogger("pydbus.registration").setLevel(logging.CRITICAL)
+    return handler
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kjumpd",
+                                description="kjumpd: hibernation for Linux built on kexec jump "
+                                            "(serves org.kjump.Manager1 on D-Bus)")
+    p.add_argument("--sysroot", default="/", help="system root (default /; tests use a fake tree)")
+    p.add_argument("--bus", default=None, metavar="ADDRESS",
+                   help="D-Bus address to serve on (default: the system bus)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="configuration file (default /etc/kjumpd/kjumpd.toml under the sysroot)")
+    p.add_argument("--log-level", default=os.environ.get("KJUMPD_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--stop-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="on SIGTERM during a transition, wait this long for its rollback")
+    return p.parse_args(argv)
+
+
+def load_config(sysroot: Any, path: str | None) -> Any:
+    from kjumpd import config as cfgmod
+    if path is None:
+        return cfgmod.load(sysroot)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist",
+                          fix="pass an existing file to --config", path=path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}", why=str(e), fix="check its permissions",
+                          path=path) from None
+    return cfgmod.loads(text, path)
+
+
+def read_image_state(sysroot: Any, cfg: Any) -> str:
+    """The image header's state on the configured target, as text (EMPTY, SAVED, ...)."""
+    from kjumpd.image import store
+    target = sysroot.path(cfg.target)
+    if not target.exists():
+        return f"unknown: target {cfg.target} does not exist (fix: run 'kjumpctl setup')"
+    dev, _sb = store.open_target(target, writable=False)
+    try:
+        return str(store.read_header(dev))
+    finally:
+        dev.close()
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace, handler: HoldableHandler) -> None:
+        from gi.repository import GLib
+        import pydbus
+
+        from kjumpd import authz, sdnotify, service
+        from kjumpd.sysroot import Sysroot
+
+        self.GLib = GLib
+        self.args = args
+        self.exit_code = 0
+        self.sysroot = Sysroot(Path(args.sysroot))
+        self.config = load_config(self.sysroot, args.config)
+        self.notifier = sdnotify.Notifier()
+        self.loop = GLib.MainLoop()
+        try:
+            self.bus = pydbus.connect(args.bus) if args.bus else pydbus.SystemBus()
+        except GLib.Error as e:
+            raise KjumpError(f"cannot connect to the bus {args.bus or '(system)'}",
+                             why=e.message, fix="start dbus-daemon or pass a reachable --bus",
+                             bus=args.bus or "system") from None
+        self.bus.con.set_exit_on_close(False)
+        self.bus.con.connect("closed", self._on_bus_closed)
+        group = getattr(self.config, "authz_group", "") or None
+        authorizer = authz.Authorizer(self.bus.con, group)
+
+        def make_hibernation(events: Any) -> Any:
+            try:
+                from kjumpd.transaction import Hibernation
+            except ImportError as e:
+                raise KjumpError("kjumpd is incomplete", why=f"cannot import {e.name}",
+                                 fix="reinstall kjumpd") from None
+            return Hibernation(self.sysroot, self.config, events)
+
+        try:
+            from kjumpd.config import MODES
+        except ImportError:
+            MODES = service.DEFAULT_MODES
+        self.manager = service.Manager(
+            make_hibernation, authorizer,
+            image_state=lambda: read_image_state(self.sysroot, self.config),
+            modes=MODES, default_mode=getattr(self.config, "mode", "platform"),
+            flush=lambda: self.bus.con.flush_sync(None), log_gate=handler)
+        self.manager.PropertiesChanged.connect(self._on_props)
+        self.registration = service.register(self.bus, self.manager)
+        self._own_name(service.BUS_NAME)
+        self._stopping = False
+
+    def _own_name(self, name: str) -> None:
+        GLib = self.GLib
+        try:
+            (res,) = self.bus.con.call_sync(
+                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                "RequestName", GLib.Variant("(su)", (name, 4)), GLib.VariantType("(u)"),
+                0, 10_000, None).unpack()
+        except GLib.Error as e:
+            raise KjumpError(f"cannot own the bus name {name}", why=e.message,
+                             fix="install contrib/org.kjump.Manager1.conf into "
+                                 "/usr/share/dbus-1/system.d/ and run kjumpd as root") from None
+        if res not in (1, 4):
+            raise KjumpError(f"cannot own the bus name {name}",
+                             why="another process (another kjumpd?) owns it",
+                             fix="stop the other kjumpd (systemctl stop kjumpd)")
+
+    def status_text(self) -> str:
+        m = self.manager
+        if m.get_property("State") == "idle":
+            return f"idle; image {m.get_property('ImageState')}"
+        return (f"{m.get_property('State')} {m.get_property('Mode')}: "
+                f"{m.get_property('Phase')} {m.get_property('Progress'):.0f}%")
+
+    def _on_props(self, iface: str, changed: dict[str, Any], invalidated: list[str]) -> None:
+        if {"State", "Phase"} & set(changed):
+            self.notifier.status(self.status_text())
+
+    def _on_bus_closed(self, con: Any, remote_peer_vanished: bool, error: Any) -> None:
+        log.error("lost the bus connection%s", f": {error.message}" if error else "")
+        self.exit_code = 1
+        self.manager.cancel_all()
+        self._stop_when_idle()
+
+    def _on_signal(self, signum: int) -> bool:
+        name = signal.Signals(signum).name
+        if self.manager.busy:
+            log.warning("%s during a transition: cancelling it and waiting for its rollback", name)
+            self.notifier.stopping("cancelling the running transition")
+            self.manager.cancel_all()
+        else:
+            log.info("%s: stopping", name)
+            self.notifier.stopping("stopping")
+        self._stop_when_idle()
+        return True
+
+    def _stop_when_idle(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        GLib = self.GLib
+        deadline = GLib.get_monotonic_time() + int(self.args.stop_timeout * 1e6)
+
+        def check() -> bool:
+            if not self.manager.busy or GLib.get_monotonic_time() > deadline:
+                if self.manager.busy:
+                    log.error("the transition did not finish within %.0f s; exiting anyway",
+                              self.args.stop_timeout)
+                    self.exit_code = 1
+                self.loop.quit()
+                return False
+            return True
+        if check():
+            GLib.timeout_add(100, check)
+
+    def run(self) -> int:
+        GLib = self.GLib
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            GLib.unix_signal_add(GLib.PRIORITY_HIGH, sig, self._on_signal, sig)
+        if self.notifier.watchdog:
+            GLib.timeout_add(max(1, int(self.notifier.watchdog * 1000)),
+                             lambda: self.notifier.ping() or True)
+        self.notifier.ready(self.status_text())
+        log.info("serving org.kjump.Manager1 on %s (sysroot %s)", self.args.bus or "the system bus",
+                 self.args.sysroot)
+        self.loop.run()
+        try:
+            self.registration.unregister()
+        except Exception as e:  # noqa: BLE001 - shutting down anyway
+            log.debug("unregister: %s", e)
+        self.notifier.close()
+        log.info("stopped")
+        return self.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    handler = setup_logging(args.log_level)
+    try:
+        daemon = Daemon(args, handler)
+        return daemon.run()
+    except KjumpError as e:
+        log.error("%s", e.message)
+        handler.release_lines()
+        return 1
+    except Exception as e:  # a bug: one line for the operator, the traceback at debug level
+        log.error("internal error: %s (fix: report a bug with this log)", e or type(e).__name__)
+        log.debug("traceback", exc_info=True)
+        handler.release_lines()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

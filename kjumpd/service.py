@@ -1,0 +1,529 @@
+"""The D-Bus object: org.kjump.Manager1 at /org/kjump/Manager1 (names are a contract).
+
+Interface ``org.kjump.Manager1``
+
+Methods
+  Hibernate(s mode)            start a hibernation; "" means the configured default mode.
+                               Returns when the transition has started; follow the Progress
+                               signal and the State / LastResult properties for the outcome.
+  SuspendToBoth()              Hibernate("suspend"): save the image, then suspend to RAM.
+  Checkpoint()                 Hibernate("checkpoint"): save the image and keep running.
+  CanHibernate() -> (s, as)    answer yes | no | challenge | na, and one reason per missing
+                               precondition, each saying how to fix it.
+  Check() -> (b, a(sbss))      the full preflight report: ok, then (name, ok, detail, fix) items.
+  Cancel() -> b                ask the running transition to stop and roll back; false when idle.
+
+Properties (PropertiesChanged is emitted for every change)
+  State s        idle | running | cancelling
+  Mode s         the mode of the running (or last) transition
+  Phase s        the phase the running transition reports ("" when idle)
+  Progress d     percent reported with that phase
+  ImageState s   the state of the image header on the target (EMPTY, SAVED, ... or "unknown: why")
+  LastResult a{sv}  the outcome of the last transition: mode, result (ok | failed | cancelled),
+                 error (D-Bus error name), message, started, finished, elapsed, and what the
+                 transaction reports (durations per phase a{sd}, image size, ratio, throughput...)
+
+Signals
+  PrepareForSleep(b)           true before the system sleeps, false after it resumed or the
+                               transition was rolled back (as org.freedesktop.login1).
+  Progress(s phase, d percent)
+  Resumed(a{sv} stats)         after a resume from a saved image, with LastResult's record.
+
+Errors are named D-Bus errors ``org.kjump.Error.<Name>`` (KjumpError.dbus_name) whose message is
+the one-line "what: why (fix: ...)" of the error; e.g. org.kjump.Error.Busy for a request while
+a transition runs, org.kjump.Error.NotAuthorized, org.kjump.Error.InvalidArgs for a bad mode.
+
+The transition runs in a worker thread (the main loop keeps answering); everything it reports
+is marshalled back to the GLib main loop with GLib.idle_add, where signals are emitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+from gi.repository import GLib
+from pydbus.generic import signal
+from pydbus.registration import ObjectRegistration, ObjectWrapper
+
+from kjumpd import authz
+from kjumpd.errors import (BusyError, CancelledError, ConfigError, KjumpError, UnsupportedError)
+
+log = logging.getLogger(__name__)
+translog = logging.getLogger("kjumpd.transition")
+
+BUS_NAME = "org.kjump.Manager1"
+OBJECT_PATH = "/org/kjump/Manager1"
+INTERFACE = "org.kjump.Manager1"
+ERROR_PREFIX = "org.kjump.Error."
+
+#: modes a transition may run in, when the transaction module does not say
+DEFAULT_MODES = ("platform", "shutdown", "reboot", "suspend", "test", "checkpoint")
+
+INTROSPECTION = f"""
+<node>
+  <interface name="{INTERFACE}">
+    <method name="Hibernate"><arg direction="in" type="s" name="mode"/></method>
+    <method name="SuspendToBoth"/>
+    <method name="Checkpoint"/>
+    <method name="CanHibernate">
+      <arg direction="out" type="s" name="answer"/>
+      <arg direction="out" type="as" name="reasons"/>
+    </method>
+    <method name="Check">
+      <arg direction="out" type="b" name="ok"/>
+      <arg direction="out" type="a(sbss)" name="items"/>
+    </method>
+    <method name="Cancel"><arg direction="out" type="b" name="cancelled"/></method>
+    <property name="State" type="s" access="read"/>
+    <property name="Mode" type="s" access="read"/>
+    <property name="Phase" type="s" access="read"/>
+    <property name="Progress" type="d" access="read"/>
+    <property name="ImageState" type="s" access="read"/>
+    <property name="LastResult" type="a{{sv}}" access="read"/>
+    <signal name="PrepareForSleep"><arg type="b" name="start"/></signal>
+    <signal name="Progress"><arg type="s" name="phase"/><arg type="d" name="percent"/></signal>
+    <signal name="Resumed"><arg type="a{{sv}}" name="stats"/></signal>
+  </interface>
+</node>
+"""
+
+
+# --------------------------------------------------------------------------- contracts
+class PreflightItemLike(Protocol):
+    name: str
+    ok: bool
+    detail: str
+    fix: str
+
+
+class HibernationLike(Protocol):
+    """kjumpd.transaction.Hibernation as the service uses it."""
+    def check(self) -> Any: ...                                  # PreflightReport: .ok, .items
+    def run(self, mode: str, cancel: threading.Event) -> Any: ...  # Outcome
+
+
+# --------------------------------------------------------------------------- errors
+_ERROR_TYPES: dict[str, type[Exception]] = {}
+
+
+def dbus_error_name(err: KjumpError) -> str:
+    return ERROR_PREFIX + err.dbus_name
+
+
+def as_dbus_error(err: KjumpError) -> Exception:
+    """An exception pydbus turns into the named D-Bus error org.kjump.Error.<Name>.
+
+    pydbus replies with the exception's class name as the error name when it contains a dot,
+    so each D-Bus error name gets a class of that exact name.
+    """
+    name = dbus_error_name(err)
+    cls = _ERROR_TYPES.get(name)
+    if cls is None:
+        cls = _ERROR_TYPES[name] = type(name, (Exception,), {})
+    return cls(err.message)
+
+
+def dbus_method(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure leaves as a named D-Bus error with a one-line message; never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(self: "Manager", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except KjumpError as e:
+            log.warning("%s: %s", fn.__name__, e.message)
+            raise as_dbus_error(e) from None
+        except Exception as e:  # a bug: log it for us, a clean error for the caller
+            log.exception("internal error in %s", fn.__name__)
+            raise as_dbus_error(KjumpError(f"internal error in {fn.__name__}",
+                                           why=str(e) or type(e).__name__,
+                                           fix="report a bug with the kjumpd log "
+                                               "(journalctl -u kjumpd)")) from None
+    return wrapper
+
+
+# --------------------------------------------------------------------------- records
+def plain(value: Any) -> Any:
+    """Dataclasses, enums and containers reduced to str/int/float/bool/list/dict."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.name if not isinstance(value.value, str) else value.value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def to_variant(value: Any) -> GLib.Variant:
+    """A GLib.Variant for a plain value (see :func:`plain`); dicts become a{sv}."""
+    value = plain(value)
+    if isinstance(value, bool):
+        return GLib.Variant("b", value)
+    if isinstance(value, int):
+        return GLib.Variant("t", value) if value >= 2**63 else GLib.Variant("x", value)
+    if isinstance(value, float):
+        return GLib.Variant("d", value)
+    if isinstance(value, str):
+        return GLib.Variant("s", value)
+    if isinstance(value, dict):
+        if value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                         for v in value.values()):
+            return GLib.Variant("a{sd}", {k: float(v) for k, v in value.items()})
+        return GLib.Variant("a{sv}", {k: to_variant(v) for k, v in value.items() if v is not None})
+    if isinstance(value, list):
+        if all(isinstance(v, str) for v in value):
+            return GLib.Variant("as", value)
+        return GLib.Variant("av", [to_variant(v) for v in value if v is not None])
+    return GLib.Variant("s", "")
+
+
+def to_vardict(record: dict[str, Any]) -> dict[str, GLib.Variant]:
+    return {k: to_variant(v) for k, v in plain(record).items() if v is not None}
+
+
+def outcome_record(outcome: Any) -> dict[str, Any]:
+    """The transaction's Outcome as a flat-ish dict (LastResult / Resumed)."""
+    rec = plain(outcome)
+    if not isinstance(rec, dict):
+        rec = {"result": str(rec)}
+    return rec
+
+
+def is_success(record: dict[str, Any]) -> bool:
+    return str(record.get("result", "")).lower() not in {"failed", "cancelled", "aborted", "error"}
+
+
+def is_resume(record: dict[str, Any]) -> bool:
+    """The system slept (or was powered off) and came back from the saved image."""
+    if record.get("resumed") is True:
+        return True
+    result = str(record.get("result", "")).lower()
+    return result in {"resumed", "restored"}
+
+
+def preflight_reasons(report: Any) -> list[str]:
+    """One line per failed precondition, each with its fix."""
+    out = []
+    for item in getattr(report, "items", []):
+        if not item.ok:
+            line = f"{item.name}: {item.detail}" if item.detail else str(item.name)
+            if item.fix:
+                line += f" (fix: {item.fix})"
+            out.append(line)
+    return out
+
+
+@dataclass
+class Run:
+    mode: str
+    uid: int | None
+    cancel: threading.Event
+    started: float
+    sleeping: bool = False    # PrepareForSleep(true) sent, (false) not yet
+
+
+# --------------------------------------------------------------------------- events
+class Events:
+    """What the transaction calls, from its worker thread (the contract with transaction.py)."""
+
+    def __init__(self, manager: "Manager") -> None:
+        self._m = manager
+
+    def phase(self, name: str, percent: float) -> None:
+        self._m.in_main_loop(self._m.on_phase, str(name), float(percent))
+
+    def prepare_for_sleep(self, active: bool) -> None:
+        self._m.prepare_for_sleep(bool(active))
+
+    def log(self, msg: str) -> None:
+        translog.info("%s", msg)
+
+
+class LogGate(Protocol):
+    """Holds log lines in memory while filesystems may be frozen (kjumpd.daemon)."""
+    def hold_lines(self) -> None: ...
+    def release_lines(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- the object
+class Manager:
+    dbus = INTROSPECTION
+
+    PrepareForSleep = signal()
+    Progress = signal()
+    Resumed = signal()
+    PropertiesChanged = signal()
+
+    def __init__(self, make_hibernation: Callable[[Events], HibernationLike],
+                 authorizer: authz.Authorizer | None,
+                 *, image_state: Callable[[], str] = lambda: "unknown",
+                 modes: Sequence[str] = DEFAULT_MODES, default_mode: str = "platform",
+                 flush: Callable[[], None] = lambda: None,
+                 log_gate: LogGate | None = None,
+                 signal_wait: float = 5.0) -> None:
+        self.events = Events(self)
+        self._hib = make_hibernation(self.events)
+        self._authz = authorizer
+        self._image_state_fn = image_state
+        self._modes = tuple(modes)
+        if default_mode not in self._modes:
+            raise ConfigError(f"default mode {default_mode!r} is not a mode",
+                              fix=f"use one of {', '.join(self._modes)}", key="mode")
+        self._default_mode = default_mode
+        self._flush = flush
+        self._log_gate = log_gate
+        self._signal_wait = signal_wait
+        self._lock = threading.Lock()
+        self._run: Run | None = None
+        self._worker: threading.Thread | None = None
+        self._main_thread = threading.current_thread()
+        self._state = "idle"
+        self._mode = ""
+        self._phase = ""
+        self._progress = 0.0
+        self._image_state = self._read_image_state()
+        self._last: dict[str, Any] = {}
+
+    # -- properties ---------------------------------------------------------------------
+    # "Progress" is both a property and a signal of the interface; in Python the signal owns
+    # the attribute, so properties are served by get_property() through ManagerWrapper.
+    def get_property(self, name: str) -> Any:
+        if name == "LastResult":
+            return to_vardict(self._last)
+        return {"State": self._state, "Mode": self._mode, "Phase": self._phase,
+                "Progress": self._progress, "ImageState": self._image_state}[name]
+
+    @property
+    def busy(self) -> bool:
+        return self._run is not None
+
+    # -- methods ------------------------------------------------------------------------
+    @dbus_method
+    def Hibernate(self, mode: str, dbus_context: Any = None) -> None:
+        mode = mode or self._default_mode
+        action = authz.ACTION_CHECKPOINT if mode == "checkpoint" else authz.ACTION_HIBERNATE
+        self._start(mode, action, dbus_context)
+
+    @dbus_method
+    def SuspendToBoth(self, dbus_context: Any = None) -> None:
+        self._start("suspend", authz.ACTION_HIBERNATE, dbus_context)
+
+    @dbus_method
+    def Checkpoint(self, dbus_context: Any = None) -> None:
+        self._start("checkpoint", authz.ACTION_CHECKPOINT, dbus_context)
+
+    @dbus_method
+    def CanHibernate(self, dbus_context: Any = None) -> tuple[str, list[str]]:
+        try:
+            report = self._hib.check()
+        except UnsupportedError as e:
+            return "na", [e.message]
+        reasons = preflight_reasons(report)
+        if reasons or not getattr(report, "ok", False):
+            return "no", reasons or ["preflight failed (fix: run 'kjumpctl check')"]
+        if dbus_context is not None and self._authz is not None:
+            caller = self._authz.caller(dbus_context.sender)
+            d = self._authz.decide(caller, authz.ACTION_HIBERNATE, interactive=False)
+            if not d.allowed:
+                fix = d.details.get("fix", "")
+                return ("challenge" if d.challenge else "no",
+                        [d.reason + (f" (fix: {fix})" if fix else "")])
+        return "yes", []
+
+    @dbus_method
+    def Check(self) -> tuple[bool, list[tuple[str, bool, str, str]]]:
+        report = self._hib.check()
+        items = [(str(i.name), bool(i.ok), str(i.detail or ""), str(i.fix or ""))
+                 for i in getattr(report, "items", [])]
+        return bool(report.ok), items
+
+    @dbus_method
+    def Cancel(self, dbus_context: Any = None) -> bool:
+        run = self._run
+        if run is None:
+            return False
+        if dbus_context is not None and self._authz is not None:
+            caller = self._authz.caller(dbus_context.sender)
+            if caller.uid != run.uid:
+                self._authz.require(dbus_context.sender, authz.ACTION_MANAGE)
+        log.info("cancel requested for %s", run.mode)
+        run.cancel.set()
+        self._state = "cancelling"
+        self.PropertiesChanged(INTERFACE, {"State": self._state}, [])
+        return True
+
+    # -- running a transition -----------------------------------------------------------
+    def _busy_error(self, run: Run) -> BusyError:
+        return BusyError("another transition is in progress",
+                         why=f"{run.mode} is in phase {self._phase or 'starting'}",
+                         fix="wait for it to finish or run 'kjumpctl cancel'", mode=run.mode)
+
+    def _start(self, mode: str, action: str, ctx: Any) -> None:
+        if mode not in self._modes:
+            raise ConfigError(f"unknown mode {mode!r}", fix=f"use one of {', '.join(self._modes)}",
+                              mode=mode)
+        if self._run is not None:          # cheap refusal before any authorization dialog
+            raise self._busy_error(self._run)
+        uid = None
+        if ctx is not None and self._authz is not None:
+            uid = self._authz.require(ctx.sender, action).uid
+        with self._lock:
+            if self._run is not None:
+                raise self._busy_error(self._run)
+            run = self._run = Run(mode, uid, threading.Event(), time.time())
+        log.info("%s requested by uid %s", mode, uid)
+        self._state, self._mode, self._phase, self._progress = "running", mode, "starting", 0.0
+        self.PropertiesChanged(INTERFACE, {"State": "running", "Mode": mode, "Phase": "starting",
+                                           "Progress": 0.0}, [])
+        self._worker = threading.Thread(target=self._work, args=(run,), name=f"kjump-{mode}",
+                                        daemon=True)
+        self._worker.start()
+
+    def _work(self, run: Run) -> None:
+        t0 = time.monotonic()
+        try:
+            outcome = self._hib.run(run.mode, run.cancel)
+            record = outcome_record(outcome)
+            record.setdefault("result", "ok")
+        except KjumpError as e:
+            record = {"result": "cancelled" if isinstance(e, CancelledError) else "failed",
+                      "error": dbus_error_name(e), "error_class": type(e).__name__,
+                      "message": e.message}
+            translog.error("%s failed: %s", run.mode, e.message)
+        except Exception as e:  # a bug in a step: the caller still gets a clean record
+            translog.exception("%s failed with an internal error", run.mode)
+            record = {"result": "failed", "error": ERROR_PREFIX + "Failed",
+                      "error_class": "KjumpError",
+                      "message": f"internal error: {e or type(e).__name__} "
+                                 "(fix: report a bug with the kjumpd log)"}
+        if run.sleeping:   # never leave listeners believing the system is about to sleep
+            self.prepare_for_sleep(False)
+        record.update(mode=run.mode, started=run.started, finished=time.time(),
+                      elapsed=time.monotonic() - t0)
+        self.in_main_loop(self._finish, run, record)
+
+    def _finish(self, run: Run, record: dict[str, Any]) -> None:
+        with self._lock:
+            if self._run is run:
+                self._run = None
+        self._last = record
+        self._image_state = self._read_image_state()
+        self._state, self._phase = "idle", ""
+        if is_success(record):
+            self._progress = 100.0
+        self.PropertiesChanged(INTERFACE, {"State": "idle", "Phase": "", "Progress": self._progress,
+                                           "ImageState": self._image_state,
+                                           "LastResult": to_vardict(record)}, [])
+        if is_resume(record):
+            self.Resumed(to_vardict(record))
+        log.info("%s finished: %s%s", run.mode, record.get("result"),
+                 f" ({record['message']})" if record.get("message") else "")
+        if self._log_gate is not None:
+            self._log_gate.release_lines()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """For shutdown: wait for the worker (the transaction rolls back on cancel)."""
+        w = self._worker
+        if w is None:
+            return True
+        w.join(timeout)
+        return not w.is_alive()
+
+    def cancel_all(self) -> bool:
+        run = self._run
+        if run is None:
+            return False
+        run.cancel.set()
+        return True
+
+    # -- from the worker ----------------------------------------------------------------
+    def in_main_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        def call() -> bool:
+            fn(*args)
+            return False
+        GLib.idle_add(call)
+
+    def on_phase(self, name: str, percent: float) -> None:
+        self._phase, self._progress = name, percent
+        self.Progress(name, percent)
+        self.PropertiesChanged(INTERFACE, {"Phase": name, "Progress": percent}, [])
+
+    def prepare_for_sleep(self, active: bool) -> None:
+        """Emit PrepareForSleep(active) and return once it has left for the bus."""
+        run = self._run
+        if run is not None:
+            run.sleeping = active
+        if active and self._log_gate is not None:
+            log.info("PrepareForSleep(true): holding logs until the transition ends")
+
+        def emit() -> None:
+            self.PrepareForSleep(active)
+            try:
+                self._flush()
+            except GLib.Error as e:
+                log.warning("cannot flush the bus connection: %s", e.message)
+
+        if threading.current_thread() is self._main_thread:
+            emit()
+        else:
+            done = threading.Event()
+
+            def emit_and_signal() -> None:
+                try:
+                    emit()
+                finally:
+                    done.set()
+            self.in_main_loop(emit_and_signal)
+            if not done.wait(self._signal_wait):
+                log.warning("PrepareForSleep(%s) not confirmed sent within %.0f s",
+                            active, self._signal_wait)
+        # hold logs only once the signal is out: from here on filesystems may freeze
+        if self._log_gate is not None:
+            if active:
+                self._log_gate.hold_lines()
+            else:
+                self._log_gate.release_lines()
+
+    def _read_image_state(self) -> str:
+        try:
+            return str(self._image_state_fn())
+        except KjumpError as e:
+            return f"unknown: {e.message}"
+        except OSError as e:
+            return f"unknown: {e.strerror or e}"
+
+
+# --------------------------------------------------------------------------- publishing
+class ManagerWrapper(ObjectWrapper):
+    """pydbus's wrapper, with properties read through Manager.get_property()."""
+    __slots__ = ()
+
+    def Get(self, interface_name: str, property_name: str) -> GLib.Variant:
+        sig = self.readable_properties[interface_name + "." + property_name]
+        return GLib.Variant(sig, self.object.get_property(property_name))
+
+    def GetAll(self, interface_name: str) -> dict[str, GLib.Variant]:
+        out = {}
+        for name, sig in self.readable_properties.items():
+            ns, local = name.rsplit(".", 1)
+            if ns == interface_name:
+                out[local] = GLib.Variant(sig, self.object.get_property(local))
+        return out
+
+
+def register(bus: Any, manager: Manager) -> ObjectRegistration:
+    """Export the manager at OBJECT_PATH on a pydbus bus (the name is requested separately)."""
+    from gi.repository import Gio
+    node = Gio.DBusNodeInfo.new_for_xml(INTROSPECTION)
+    wrapper = ManagerWrapper(manager, node.interfaces)
+    return ObjectRegistration(bus, OBJECT_PATH, node.interfaces, wrapper, own_wrapper=True)
