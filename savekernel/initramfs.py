@@ -72,9 +72,10 @@ echo "kjump-init: starting the agent"
 /usr/bin/python3 -S -E -B -u -m kjumpd.agent.kernel_role boot
 rc=$?
 # The agent jumps back to the main kernel itself; reaching this line means it could not.
-echo "kjump-init: the agent exited with status $rc without jumping back; powering off"
+# Rebooting lets the restore-first entry boot the normal system (the image is not SAVED).
+echo "kjump-init: the agent exited with status $rc without jumping back; rebooting"
 sync
-poweroff -f
+reboot -f
 """
 
 

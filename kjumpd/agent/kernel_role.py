@@ -1,0 +1,430 @@
+"""``kjump-agent boot``: what the save kernel's /init runs (B's whole userspace).
+
+B's command line says what to do:
+
+- ``kjump.role=save`` (+ ``kexec_jump_back_entry=0x...`` that kexec-tools appends for a
+  preserve-context load): read the job (/kjump/job.json, appended to the initramfs by the
+  daemon), find the target *by content* (magic + target UUID at the job's superblock device
+  offset on every /sys/block disk, never by name), save A's memory ranges from /dev/mem
+  through the image pipeline (header SAVED last), and jump back to A. A key pressed on the
+  console (when the job allows it) cancels: header ABORTED(cancelled), jump back. Any failure:
+  header ABORTED(reason) if the target was found, jump back; A reads the header and rolls back.
+- ``kjump.role=restore`` (started by the restore-first environment R with a plain kexec load,
+  after R wrote RESTORING): find the target (``kjump.target=UUID kjump.offset=BYTES`` on the
+  command line, or the job), check and write every chunk back into A's memory through
+  /dev/mem, holding A's pages that lie in B's own memory back as extra segments of the jump
+  back, then jump to A's saved entry (from the header). A marks the image CONSUMED.
+  A failure before any of A's memory was written leaves the image for R to count the attempt;
+  a failure after that marks it INVALID(reason) and reboots (A cannot be resumed any more).
+
+Every line for the user goes to the console (stdout) prefixed ``kjump-agent:``; logs go to
+stderr (the same console here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from kjumpd.errors import AgentError, CancelledError, KjumpError, TargetError
+from kjumpd.sysroot import Sysroot
+
+log = logging.getLogger("kjumpd.agent.kernel_role")
+
+JOB_FILE = "/kjump/job.json"
+ROLES = ("save", "restore")
+PAGE = 4096
+
+
+def say(text: str) -> None:
+    """A line on the console for whoever watches the save kernel."""
+    print(f"kjump-agent: {text}", flush=True)
+
+
+# ------------------------------------------------------------------------------------ pure
+
+@dataclass(frozen=True)
+class BootParams:
+    role: str
+    jump_back_entry: int | None = None
+    target_uuid: str | None = None
+    target_offset: int | None = None
+
+
+def parse_cmdline(text: str) -> BootParams:
+    """The agent's parameters from /proc/cmdline; AgentError names what is wrong."""
+    kv: dict[str, str] = {}
+    for word in text.split():
+        if "=" in word:
+            k, v = word.split("=", 1)
+            kv[k] = v
+    role = kv.get("kjump.role")
+    if role not in ROLES:
+        raise AgentError("this kernel was not started as kjumpd's save kernel",
+                         why=f"kjump.role={role!r} on its command line",
+                         fix="load it with kjump.role=save or kjump.role=restore")
+
+    def num(key: str) -> int | None:
+        if key not in kv:
+            return None
+        try:
+            value = int(kv[key], 0)
+        except ValueError:
+            raise AgentError(f"{key}={kv[key]!r} on the command line is not a number") from None
+        if value < 0:
+            raise AgentError(f"{key}={kv[key]!r} on the command line is negative")
+        return value
+
+    uuid = kv.get("kjump.target")
+    if uuid is not None:
+        uuid = uuid.lower()
+    return BootParams(role=role, jump_back_entry=num("kexec_jump_back_entry"),
+                      target_uuid=uuid, target_offset=num("kjump.offset"))
+
+
+def parse_iomem_ram(text: str) -> list[tuple[int, int]]:
+    """Top-level "System RAM" ranges of /proc/iomem as [start, end) (end exclusive)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(" ") or ":" not in line:
+            continue
+        span, name = line.split(":", 1)
+        if name.strip() != "System RAM":
+            continue
+        try:
+            a, b = (int(x, 16) for x in span.strip().split("-"))
+        except ValueError:
+            continue
+        out.append((a, b + 1))
+    return out
+
+
+def own_memory(sysroot: Sysroot) -> list[tuple[int, int]]:
+    """B's own RAM, page aligned outward: where A's pages must not be written directly."""
+    ram = parse_iomem_ram(sysroot.read_text("/proc/iomem"))
+    if not ram or all(a == 0 and b == 1 for a, b in ram):
+        raise AgentError("cannot read this kernel's memory map",
+                         why="/proc/iomem shows no System RAM addresses (not root?)")
+    return [(a - a % PAGE, -(-b // PAGE) * PAGE) for a, b in ram]
+
+
+# ------------------------------------------------------------------------------ target
+
+def find_target(sysroot: Sysroot, uuid: str, offset: int) -> str:
+    """The /dev path of the one whole disk whose bytes at ``offset`` are the target with
+    ``uuid`` (magic + UUID); device names are not trusted."""
+    from kjumpd.image.device import ImageDevice
+    from kjumpd.image.format import SUPERBLOCK_MAGIC, SUPERBLOCK_SIZE, TargetSuperblock
+    found: list[str] = []
+    looked: list[str] = []
+    for name in sysroot.listdir("/sys/block"):
+        try:
+            size = int(sysroot.read_text(f"/sys/block/{name}/size", "0").strip() or 0) * 512
+        except ValueError:
+            continue
+        dev = f"/dev/{name}"
+        if size < offset + PAGE or not sysroot.exists(dev):
+            continue
+        looked.append(name)
+        try:
+            with ImageDevice(sysroot.path(dev), writable=False) as d:
+                head = d.read(offset, min(SUPERBLOCK_SIZE, d.size - offset))
+        except (KjumpError, OSError) as e:
+            log.info("%s: not readable (%s)", dev, e)
+            continue
+        if head[:8] != SUPERBLOCK_MAGIC:
+            continue
+        try:
+            sb = TargetSuperblock.unpack(head, base=offset)
+        except KjumpError as e:
+            log.info("%s: target superblock at %d does not parse (%s)", dev, offset, e)
+            continue
+        if sb.uuid_str == uuid:
+            found.append(dev)
+    if not found:
+        raise TargetError(f"the image target {uuid} is on none of this kernel's disks",
+                          why=f"no kjumpd superblock with that UUID at byte {offset} of "
+                              f"{', '.join(looked) or 'any disk'}",
+                          fix="the save kernel needs the driver for the target's disk "
+                              "(kernel.fragment), and the target must be on a whole disk's "
+                              "block map", uuid=uuid, offset=offset)
+    if len(found) > 1:
+        raise TargetError(f"the image target {uuid} is on more than one disk",
+                          why=f"{', '.join(found)} carry the same superblock (a cloned disk?)",
+                          fix="give one of them a new target with `kjumpctl setup`",
+                          uuid=uuid, devices=",".join(found))
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- console
+
+class CancelKey:
+    """Watches the console (stdin) for a key press in a thread; ``pressed`` becomes true."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self.pressed = threading.Event()
+        self._stop = threading.Event()
+        self._saved: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "CancelKey":
+        try:
+            import termios
+            import tty
+            if os.isatty(self.fd):
+                self._saved = termios.tcgetattr(self.fd)
+                tty.setcbreak(self.fd)
+                termios.tcflush(self.fd, termios.TCIFLUSH)
+        except (OSError, ImportError) as e:
+            log.info("console: no cbreak mode (%s)", e)
+        self._thread = threading.Thread(target=self._watch, name="cancel-key", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self.fd], [], [], 0.2)
+                if ready and os.read(self.fd, 64):
+                    self.pressed.set()
+                    return
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1)
+        if self._saved is not None:
+            import termios
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            except OSError:
+                pass
+
+    def check(self) -> None:
+        if self.pressed.is_set():
+            raise CancelledError("the save was cancelled", why="a key was pressed on the console",
+                                 fix="nothing to do: the system resumes as it was")
+
+
+class Progress:
+    """Console progress lines, at most one per ``every`` seconds (and at 100 %)."""
+
+    def __init__(self, verb: str, total: int, every: float = 2.0,
+                 check: Callable[[], None] | None = None) -> None:
+        self.verb, self.total, self.every, self.check = verb, max(total, 1), every, check
+        self.t0 = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int, *_: Any, **__: Any) -> None:
+        if self.check is not None:
+            self.check()
+        now = time.monotonic()
+        if now - self.last >= self.every or done >= self.total:
+            self.last = now
+            dt = max(now - self.t0, 1e-6)
+            say(f"{self.verb} {100 * done // self.total:3d}%  {done >> 20} of {self.total >> 20} MiB"
+                f"  {done / dt / 1e6:.0f} MB/s")
+
+
+# ---------------------------------------------------------------------------- the roles
+
+def jump_back(sysroot: Sysroot, entry: int, held: Sequence[Any] = ()) -> None:
+    """Load the jump back (entry page + held segments) and jump; loops if A jumps to B again."""
+    from kjumpd.agent import jumpback
+    from kjumpd.agent.devmem import MemorySource
+    segs = [jumpback.Segment(h.mem, h.data) for h in held]
+    while True:
+        page = jumpback.entry_page(entry)
+        with MemorySource(sysroot) as src:
+            page_bytes = src.read(page, PAGE)
+        plan = jumpback.plan_segments(entry, page_bytes, segs)
+        jumpback.load(entry, plan)
+        say(f"jumping back to the main kernel at {entry:#x} ({len(plan)} segment(s))")
+        jumpback.execute()
+        # A jumped to B again (a warm save kernel); nothing is prepared for that yet: return.
+        say("the main kernel jumped here again; no job for a warm save kernel, jumping back")
+        segs = []
+
+
+def _open_target(sysroot: Sysroot, uuid: str, offset: int) -> Any:
+    from kjumpd.image import store
+    dev_path = find_target(sysroot, uuid, offset)
+    dev, sb = store.open_target(sysroot.path(dev_path), writable=True, offset=offset)
+    say(f"target {uuid} found on {dev_path} at byte {offset}")
+    return dev, sb
+
+
+def run_save(sysroot: Sysroot, params: BootParams) -> int:
+    if not params.jump_back_entry:
+        raise AgentError("no kexec_jump_back_entry= on the command line",
+                         why="the save kernel was not loaded with kexec --load-preserve-context",
+                         fix="let kjumpd load the save kernel")
+    entry = params.jump_back_entry
+    dev = None
+    cancel: CancelKey | None = None
+    try:
+        from kjumpd.agent.devmem import MemorySource
+        from kjumpd.image import save
+        from kjumpd.job import Job
+        try:
+            job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
+        except OSError as e:
+            raise AgentError(f"cannot read the job {JOB_FILE}", why=e.strerror or str(e),
+                             fix="the daemon appends it to the initramfs at load time") from None
+        dev, sb = _open_target(sysroot, job.target_uuid, job.superblock_device_offset)
+        recorded = [(e.logical, e.device_offset, e.length) for e in sb.blockmap]
+        if recorded != [tuple(e) for e in job.blockmap]:
+            raise TargetError("the target's block map differs from the job's",
+                              why="the superblock was rewritten after the job was made",
+                              fix="hibernate again")
+        if job.cancel_key:
+            cancel = CancelKey().start()
+            say("press any key on this console to cancel the save")
+        total = sum(e - s for s, e in job.ranges)
+        progress = Progress("saving", total, check=cancel.check if cancel else None)
+        say(f"saving {total >> 20} MiB of the main kernel's memory ({len(job.ranges)} ranges, "
+            f"{job.compression}, {os.cpu_count()} CPU(s))")
+        t0 = time.monotonic()
+        with MemorySource(sysroot, job.ranges) as source:
+            header = save.save_image(source, job.ranges, dev, **_save_kwargs(job, entry, progress))
+        dt = time.monotonic() - t0
+        say(f"SAVED: {header.raw_bytes >> 20} MiB of memory, {header.stored_bytes >> 20} MiB "
+            f"written, {header.zero_pages} zero pages skipped, in {dt:.2f} s "
+            f"({header.raw_bytes / max(dt, 1e-6) / 1e6:.0f} MB/s)")
+    except KjumpError as e:
+        reason = "cancelled" if isinstance(e, CancelledError) else e.what[:200]
+        say(f"save failed: {e.message}")
+        _abort(dev, reason)
+    except Exception as e:  # noqa: BLE001 - any bug must still end in the jump back
+        log.exception("save crashed")
+        say(f"save crashed: {type(e).__name__}: {e}")
+        _abort(dev, f"agent crashed: {type(e).__name__}")
+    finally:
+        if cancel is not None:
+            cancel.stop()
+        if dev is not None:
+            dev.close()
+    jump_back(sysroot, entry)
+    return 0
+
+
+def _abort(dev: Any, reason: str) -> None:
+    from kjumpd.image import store
+    from kjumpd.image.format import ImageState
+    if dev is None:
+        say("the target was not found: the main kernel sees no new image and rolls back")
+        return
+    try:
+        store.set_state(dev, ImageState.ABORTED, reason=reason)
+        say(f"image marked ABORTED({reason})")
+    except KjumpError as e:
+        say(f"could not mark the image ABORTED: {e.message}")
+
+
+def _save_kwargs(job: Any, entry: int, progress: Progress) -> dict[str, Any]:
+    """What the pipeline needs beyond source, ranges and device (kjumpd.image.save)."""
+    return dict(compression=job.compression, chunk_size=job.chunk_size, mode=job.mode,
+                jump_back_entry=entry, jump_area=tuple(job.jump_area),
+                main_kernel=f"{job.main_kernel['release']} {job.main_kernel['build_id']}".strip(),
+                save_kernel_hash=job.save_kernel_hash,
+                identity={"fs_stamps": job.fs_stamps, "main_kernel": job.main_kernel,
+                          "created": job.created},
+                progress=progress)
+
+
+def run_restore(sysroot: Sysroot, params: BootParams) -> int:
+    from kjumpd.image import restore, store
+    from kjumpd.image.format import ImageState
+    from kjumpd.agent.devmem import MemorySink
+    uuid, offset = params.target_uuid, params.target_offset
+    if uuid is None or offset is None:
+        try:
+            from kjumpd.job import Job
+            job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
+            uuid, offset = job.target_uuid, job.superblock_device_offset
+        except OSError:
+            raise AgentError("the restore role needs the target",
+                             why="no kjump.target=/kjump.offset= on the command line and no job",
+                             fix="the restore-first environment passes both") from None
+    dev, _sb = _open_target(sysroot, uuid, offset)
+    try:
+        header = store.read_header(dev)
+        store.require_state(header, ImageState.RESTORING, action="restore")
+        try:
+            meta = store.read_metadata(dev, header)
+            ranges = [(e.start, e.end) for e in meta.extents]
+            mine = own_memory(sysroot)
+            say(f"restoring {header.raw_bytes >> 20} MiB (attempt {header.attempt}); this kernel "
+                f"runs in {', '.join(f'[{a:#x}, {b:#x})' for a, b in mine)}")
+            progress = Progress("restoring", header.raw_bytes)
+            t0 = time.monotonic()
+            with MemorySink(sysroot, ranges, hold=mine) as sink:
+                restore.restore_image(dev, sink, progress=progress)
+                held = sink.held_segments()
+            dt = time.monotonic() - t0
+        except KjumpError as e:
+            # A's memory may be partly overwritten: it cannot be resumed from here on
+            say(f"restore failed: {e.message}")
+            try:
+                store.set_state(dev, ImageState.INVALID, reason=f"restore failed: {e.what}"[:200])
+                say("image marked INVALID; rebooting into the normal system")
+            except KjumpError as e2:
+                say(f"could not mark the image INVALID: {e2.message}")
+            raise
+        say(f"RESTORED {header.raw_bytes >> 20} MiB in {dt:.2f} s "
+            f"({header.raw_bytes / max(dt, 1e-6) / 1e6:.0f} MB/s); "
+            f"{sum(len(h.data) for h in held) >> 10} KiB held for the jump back")
+        entry = header.jump_back_entry
+    finally:
+        dev.close()
+    jump_back(sysroot, entry, held)
+    return 0
+
+
+def boot(sysroot: Sysroot = Sysroot()) -> int:
+    params = parse_cmdline(sysroot.read_text("/proc/cmdline"))
+    say(f"save kernel up: role {params.role}"
+        + (f", jump-back entry {params.jump_back_entry:#x}" if params.jump_back_entry else ""))
+    if params.role == "save":
+        return run_save(sysroot, params)
+    return run_restore(sysroot, params)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kjump-agent", description="kjumpd's save-kernel agent")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def register(sub: Any) -> None:
+    """Add ``boot`` to kjump-agent's subcommands."""
+    p = sub.add_parser("boot", help="run as the save kernel's userspace (/init): the role on "
+                                    "/proc/cmdline (kjump.role=save|restore)")
+    p.add_argument("--sysroot", default="/", help=argparse.SUPPRESS)
+    p.set_defaults(func=_boot_cmd)
+
+
+def _boot_cmd(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="kjump-agent[%(levelname)s] %(name)s: %(message)s")
+    try:
+        return boot(Sysroot(args.sysroot))
+    except KjumpError as e:
+        say(f"error: {e.message}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""kjumpd.agent.devmem against a file standing in for /dev/mem (same mmap code path)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kjumpd.agent.devmem import MemorySink, MemorySource, normalize, subtract
+from kjumpd.errors import AgentError
+from kjumpd.sysroot import Sysroot
+
+SIZE = 8 << 20
+WINDOW = 1 << 20
+RANGES = [(0x1000, 0x9f000), (0x100000, 0x7ff000)]
+
+
+@pytest.fixture
+def mem(tmp_path: Path) -> tuple[Sysroot, bytes]:
+    (tmp_path / "dev").mkdir()
+    data = random.Random(7).randbytes(SIZE)
+    (tmp_path / "dev" / "mem").write_bytes(data)
+    return Sysroot(tmp_path), data
+
+
+def test_reads_cross_window_boundaries_byte_exact(mem) -> None:
+    root, data = mem
+    with MemorySource(root, RANGES, window=WINDOW) as src:
+        for start, length in [(0x1000, 0x9e000), (0x100000, 3 * WINDOW + 123),
+                              (WINDOW * 2 - 5, 10), (0x7fe000, 0x1000)]:
+            assert src.read(start, length) == data[start:start + length]
+
+
+def test_a_read_outside_the_ranges_is_refused_not_served(mem) -> None:
+    root, _ = mem
+    with MemorySource(root, RANGES, window=WINDOW) as src:
+        with pytest.raises(AgentError, match="outside the main kernel's memory ranges"):
+            src.read(0x9f000, 0x1000)          # the hole between the ranges
+        with pytest.raises(AgentError, match="outside"):
+            src.read(0x9e000, 0x2000)          # runs off the end of a range
+
+
+def test_writes_land_except_held_pages_which_become_segments(mem) -> None:
+    root, data = mem
+    hold = [(0, 0x80000)]
+    payload = bytes([0xA5]) * 0x10000
+    with MemorySink(root, RANGES, hold=hold, window=WINDOW) as sink:
+        sink.write(0x78000, payload)              # 0x78000-0x80000 held, rest direct
+        sink.write(0x200000, b"\x5a" * (WINDOW + 77))
+        sink.write(0x3000, b"\x11" * 100)           # partial page, held
+        sink.flush()
+        held = sink.held_segments()
+    now = (root.root / "dev" / "mem").read_bytes()
+    assert now[0x80000:0x88000] == payload[0x8000:]
+    assert now[0x78000:0x80000] == data[0x78000:0x80000], "a held page was written directly"
+    assert now[0x200000:0x200000 + WINDOW + 77] == b"\x5a" * (WINDOW + 77)
+    assert now[0x3000:0x3100] == data[0x3000:0x3100]
+    assert [(h.mem, len(h.data)) for h in held] == [(0x3000, 0x1000), (0x78000, 0x8000)]
+    assert held[0].data[:100] == b"\x11" * 100
+    assert held[1].data == payload[:0x8000]
+
+
+def test_missing_device_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match="cannot open /dev/mem"):
+        MemorySource(Sysroot(tmp_path))
+
+
+ranges = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 1 << 16)), max_size=6).map(
+    lambda xs: [(a, a + n) for a, n in xs])
+
+
+@given(ranges, ranges)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_subtract_removes_exactly_the_holes(rs, holes) -> None:
+    got = subtract(rs, holes)
+    def covered(rr, x):
+        return any(a <= x < b for a, b in rr)
+    points = {p for a, b in rs + holes for p in (a, b - 1, b, a - 1) if p >= 0}
+    for p in points:
+        assert covered(got, p) == (covered(rs, p) and not covered(holes, p))
+    assert got == normalize(got)

@@ -1,0 +1,49 @@
+"""kjumpd.agent.kernel_role: what the save kernel reads from its command line and memory map."""
+
+from __future__ import annotations
+
+import pytest
+
+from kjumpd.agent.kernel_role import BootParams, parse_cmdline, parse_iomem_ram
+from kjumpd.errors import AgentError
+
+B_CMDLINE = ("console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K memmap=128M@512M "
+             "kjump.role=save acpi_rsdp=0xf5260 elfcorehdr=0x27ffe000 "
+             "kexec_jump_back_entry=0x3ff5d0d8")
+
+B_IOMEM = """00000000-00000fff : Reserved
+00001000-0007ffff : System RAM
+000a0000-000bffff : PCI Bus 0000:00
+000f0000-000fffff : System ROM
+20000000-27ffffff : System RAM
+  21000000-21e00000 : Kernel code
+fec00000-fec003ff : IOAPIC 0
+"""
+
+
+def test_save_role_and_the_entry_kexec_tools_appended() -> None:
+    p = parse_cmdline(B_CMDLINE)
+    assert p == BootParams(role="save", jump_back_entry=0x3ff5d0d8)
+
+
+def test_restore_role_names_the_target_by_uuid_and_offset() -> None:
+    p = parse_cmdline("console=ttyS0 kjump.role=restore "
+                      "kjump.target=0F1E2D3C-0000-4000-8000-00000000ABCD kjump.offset=1048576")
+    assert p.role == "restore" and p.jump_back_entry is None
+    assert p.target_uuid == "0f1e2d3c-0000-4000-8000-00000000abcd"
+    assert p.target_offset == 1 << 20
+
+
+@pytest.mark.parametrize("line, match", [
+    ("console=ttyS0 root=/dev/sda1", "not started as kjumpd's save kernel"),
+    ("kjump.role=hibernate", "not started"),
+    ("kjump.role=save kexec_jump_back_entry=zz", "not a number"),
+    ("kjump.role=restore kjump.offset=-4096", "negative"),
+])
+def test_bad_command_lines_are_refused_with_a_reason(line: str, match: str) -> None:
+    with pytest.raises(AgentError, match=match):
+        parse_cmdline(line)
+
+
+def test_own_memory_is_the_top_level_system_ram() -> None:
+    assert parse_iomem_ram(B_IOMEM) == [(0x1000, 0x80000), (0x20000000, 0x28000000)]
