@@ -111,6 +111,10 @@ class FsStampError(KjumpError):
     """A filesystem superblock cannot be read or is not a filesystem kjumpd knows."""
 
 
+class BootEntryError(KjumpError):
+    """The restore-first boot loader entry cannot be installed, checked or armed."""
+
+
 class KexecError(KjumpError):
     """kexec-tools or kexec_load(2) failed."""
 
