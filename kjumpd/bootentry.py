@@ -1,0 +1,627 @@
+"""Boot loader cooperation: the restore-first entry in GRUB or a BLS loader, and its one-shot.
+
+Three kinds (``kjumpctl setup --bootloader KIND``):
+
+grub
+    /etc/grub.d/42_kjumpd prints a menu entry ``--id kjumpd-restore`` that boots R (the
+    restore-first kernel + initramfs, copied to /boot/kjumpd/). The daemon sets GRUB's one-shot
+    ``next_entry=kjumpd-restore`` in /boot/grub/grubenv only when an image is about to be
+    saved, and clears it on resume or rollback; Debian's 00_header consumes next_entry at boot.
+bls
+    A Boot Loader Specification type #1 entry ``$ESP/loader/entries/kjumpd-restore.conf`` (R
+    copied to $ESP/kjumpd/); the one-shot is the EFI variable LoaderEntryOneShot (systemd-boot's
+    vendor GUID 4a67b082-0a4c-41cf-b6c7-440b29bb8c4f) = "kjumpd-restore.conf".
+restore-first
+    R boots every time (it kexecs the normal kernel when there is no image): with GRUB the
+    snippet also makes kjumpd-restore the default unless a one-shot entry is being booted;
+    with a BLS loader the EFI variable LoaderEntryDefault names the entry. No one-shot needed.
+
+What was installed is recorded in /etc/kjumpd/bootentry.json (version 1) so that ``check``,
+``set_oneshot`` and ``clear_oneshot`` know what to do.
+
+Byte formats written here (not kjumpd's own, but exact):
+
+grubenv
+    exactly 1024 bytes: "# GRUB Environment Block\\n", then "name=value\\n" lines, padded
+    with "#" (GRUB overwrites the file's blocks in place at boot, so its size never changes).
+EFI variable (efivarfs)
+    4 bytes little-endian attributes (0x7: non-volatile, boot service, runtime access), then
+    the value as UTF-16LE with a terminating NUL character. efivarfs files are created
+    immutable; the immutable flag is cleared before a write or an unlink.
+
+Timing: ``set_oneshot`` writes to /boot (grub) and must therefore run BEFORE the filesystems
+are frozen (a transaction step whose undo is ``clear_oneshot``), never after. GRUB itself
+rewrites the grubenv blocks in place when it consumes next_entry (data only, no metadata: the
+superblock stamps of the stale-image guard do not change).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kjumpd.errors import BootEntryError, ConfigError, FsStampError
+from kjumpd.sysroot import Sysroot
+
+log = logging.getLogger(__name__)
+
+KINDS = ("grub", "bls", "restore-first")
+ENTRY_ID = "kjumpd-restore"
+BLS_ENTRY_ID = ENTRY_ID + ".conf"
+TITLE = "kjumpd: resume from hibernation"
+RECORD_PATH = "/etc/kjumpd/bootentry.json"
+RECORD_VERSION = 1
+GRUB_SNIPPET = "/etc/grub.d/42_kjumpd"
+GRUB_DIR = "/etc/grub.d"
+GRUBENV = "/boot/grub/grubenv"
+GRUB_CFG = "/boot/grub/grub.cfg"
+BOOT_DIR = "/boot/kjumpd"
+DEFAULT_ESP = "/boot/efi"
+EFIVARS = "/sys/firmware/efi/efivars"
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+EFI_ATTRS = 0x7
+GRUBENV_SIZE = 1024
+GRUBENV_HEADER = b"# GRUB Environment Block\n"
+
+#: keys of a BLS type #1 entry (https://uapi-group.org/specifications/specs/boot_loader_specification/)
+BLS_KEYS = ("title", "version", "machine-id", "sort-key", "linux", "initrd", "efi", "options",
+            "devicetree", "devicetree-overlay", "architecture")
+#: GRUB module per filesystem type
+GRUB_MODULES = {"ext2": "ext2", "ext3": "ext2", "ext4": "ext2", "xfs": "xfs", "btrfs": "btrfs",
+                "vfat": "fat"}
+
+_SAFE_CMDLINE = re.compile(r"^[A-Za-z0-9._,:=/@+\-\s]*$")
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+\-]*$")
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x10
+
+
+@dataclass(frozen=True)
+class BootEntry:
+    """What ``install`` put where (the record in /etc/kjumpd/bootentry.json)."""
+    kind: str
+    loader: str                 # "grub" or "bls"
+    kernel: str                 # system paths of R's installed kernel and initramfs
+    initrd: str
+    cmdline: str
+    files: list[str] = field(default_factory=list)   # every file install wrote
+    grubenv: str = GRUBENV
+    esp: str = ""
+    entry_id: str = ENTRY_ID
+    previous_default: str | None = None              # BLS LoaderEntryDefault before install
+
+    def to_json(self) -> str:
+        return json.dumps({"version": RECORD_VERSION, **asdict(self)}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "BootEntry":
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict) or d.pop("version", None) != RECORD_VERSION:
+                raise ValueError("not a version 1 record")
+            rec = cls(**d)
+            if rec.kind not in KINDS or rec.loader not in ("grub", "bls"):
+                raise ValueError(f"kind {rec.kind!r} / loader {rec.loader!r}")
+            return rec
+        except (ValueError, TypeError) as e:
+            raise BootEntryError(f"{RECORD_PATH} is damaged", why=str(e),
+                                 fix="run `kjumpctl setup --bootloader KIND` again") from None
+
+
+# ------------------------------------------------------------------ pure renderers
+
+
+def _template(name: str) -> str:
+    """A template from bootloader/templates (the checkout, or /usr/share/kjumpd)."""
+    candidates = []
+    if os.environ.get("KJUMPD_BOOTLOADER_DIR"):
+        candidates.append(Path(os.environ["KJUMPD_BOOTLOADER_DIR"]) / "templates" / name)
+    candidates.append(Path(__file__).resolve().parents[1] / "bootloader" / "templates" / name)
+    candidates.append(Path("/usr/share/kjumpd/bootloader/templates") / name)
+    for c in candidates:
+        if c.is_file():
+            return c.read_text()
+    raise BootEntryError(f"template {name} is missing", why=f"looked in {candidates[0].parent}",
+                         fix="reinstall kjumpd or set KJUMPD_BOOTLOADER_DIR")
+
+
+def _check_cmdline(cmdline: str) -> None:
+    if not _SAFE_CMDLINE.match(cmdline) or "\n" in cmdline:
+        raise ConfigError(f"restore-first command line {cmdline!r} has characters a boot "
+                          "loader entry cannot carry safely",
+                          fix="use letters, digits and . _ , : = / @ + - only")
+    words = dict(w.partition("=")[::2] for w in cmdline.split())
+    if "kjump.target" not in words or "kjump.offset" not in words:
+        raise ConfigError("the restore-first command line lacks kjump.target= or kjump.offset=",
+                          fix="let `kjumpctl setup` build it from the prepared target")
+
+
+def _check_path(p: str) -> None:
+    if not _SAFE_PATH.match(p):
+        raise ConfigError(f"boot path {p!r} is not a plain absolute path",
+                          fix="use a path of letters, digits and . _ / + - only")
+
+
+def render_grub_snippet(*, kind: str, fs_uuid: str, fstype: str, kernel: str, initrd: str,
+                        cmdline: str) -> str:
+    """The /etc/grub.d/42_kjumpd script; ``kernel``/``initrd`` are paths as GRUB sees them."""
+    _check_cmdline(cmdline)
+    for p in (kernel, initrd):
+        _check_path(p)
+    if fstype not in GRUB_MODULES:
+        raise BootEntryError(f"GRUB cannot read {fstype} here",
+                             fix="put /boot on ext4, xfs, btrfs or vfat")
+    if not re.match(r"^[0-9A-Fa-f-]+$", fs_uuid):
+        raise BootEntryError(f"filesystem UUID {fs_uuid!r} is not usable by GRUB's search")
+    default = ('if [ -z "${boot_once}" ]; then set default="%s"; fi' % ENTRY_ID
+               if kind == "restore-first" else "")
+    out = _template("42_kjumpd.in")
+    for k, v in {"@KIND@": kind, "@ID@": ENTRY_ID, "@TITLE@": TITLE,
+                 "@GRUBMOD@": GRUB_MODULES[fstype], "@FSUUID@": fs_uuid, "@KERNEL@": kernel,
+                 "@INITRD@": initrd, "@CMDLINE@": cmdline, "@DEFAULT@": default}.items():
+        out = out.replace(k, v)
+    return out
+
+
+def render_bls_entry(*, kernel: str, initrd: str, cmdline: str, machine_id: str = "",
+                     version: str = "") -> str:
+    """The BLS type #1 entry; ``kernel``/``initrd`` are paths from the ESP's root."""
+    _check_cmdline(cmdline)
+    for p in (kernel, initrd):
+        _check_path(p)
+    out = []
+    for line in _template("kjumpd-restore.conf.in").splitlines():
+        line = (line.replace("@TITLE@", TITLE).replace("@VERSION@", version)
+                .replace("@MACHINE_ID@", machine_id).replace("@KERNEL@", kernel)
+                .replace("@INITRD@", initrd).replace("@CMDLINE@", cmdline))
+        if line.split(None, 1)[0:1] and len(line.split(None, 1)) == 1 and not line.startswith("#"):
+            continue  # an optional key left empty
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def parse_bls_entry(text: str) -> dict[str, list[str]]:
+    """key -> values (a key may repeat, e.g. initrd) of a BLS type #1 entry."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        out.setdefault(key, []).append(value.strip())
+    return out
+
+
+def bls_problems(text: str) -> list[str]:
+    """What is wrong with a BLS type #1 entry, by the specification's rules."""
+    problems = []
+    entry = parse_bls_entry(text)
+    for key in entry:
+        if key not in BLS_KEYS:
+            problems.append(f"unknown key {key!r}")
+    for key in ("title", "version", "machine-id", "sort-key", "linux", "efi", "options",
+                "architecture"):
+        if len(entry.get(key, [])) > 1 and key != "options":
+            problems.append(f"key {key!r} given {len(entry[key])} times")
+    if "linux" not in entry and "efi" not in entry:
+        problems.append("neither 'linux' nor 'efi' is set")
+    for key in ("linux", "initrd", "efi", "devicetree"):
+        for v in entry.get(key, []):
+            if not v.startswith("/"):
+                problems.append(f"{key} path {v!r} is not absolute (from the partition root)")
+    for v in entry.get("machine-id", []):
+        if not re.fullmatch(r"[0-9a-f]{32}", v):
+            problems.append(f"machine-id {v!r} is not 32 lower-case hex digits")
+    for v in entry.get("sort-key", []):
+        if not re.fullmatch(r"[a-z0-9._-]+", v):
+            problems.append(f"sort-key {v!r} has characters outside [a-z0-9._-]")
+    return problems
+
+
+def grubenv_parse(data: bytes) -> dict[str, str]:
+    """Variables of a grubenv block (raises BootEntryError when it is not one)."""
+    if len(data) != GRUBENV_SIZE or not data.startswith(GRUBENV_HEADER):
+        raise BootEntryError("grubenv is not a 1024-byte GRUB environment block",
+                             fix="recreate it with `grub-editenv FILE create`")
+    out: dict[str, str] = {}
+    for line in data[len(GRUBENV_HEADER):].split(b"\n"):
+        if not line or line.startswith(b"#"):
+            continue
+        key, sep, value = line.partition(b"=")
+        if not sep:
+            continue
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    return out
+
+
+def grubenv_format(env: dict[str, str]) -> bytes:
+    body = GRUBENV_HEADER
+    for k, v in env.items():
+        if "\n" in k or "\n" in v or "=" in k or "\\" in k + v:
+            raise BootEntryError(f"grubenv variable {k!r} cannot be written safely")
+        body += f"{k}={v}\n".encode()
+    if len(body) > GRUBENV_SIZE:
+        raise BootEntryError("grubenv is full", fix="remove unused variables with grub-editenv")
+    return body + b"#" * (GRUBENV_SIZE - len(body))
+
+
+def efivar_encode(value: str) -> bytes:
+    return struct.pack("<I", EFI_ATTRS) + (value + "\0").encode("utf-16-le")
+
+
+def efivar_decode(data: bytes) -> str:
+    if len(data) < 4 or (len(data) - 4) % 2:
+        raise BootEntryError("EFI variable has an odd size", fix="delete it (efivar/efibootmgr)")
+    return data[4:].decode("utf-16-le", "replace").rstrip("\0")
+
+
+# ------------------------------------------------------------------ system edge
+
+
+def _mountinfo(sysroot: Sysroot) -> list[tuple[str, str, str, str]]:
+    """(mount point, root inside the fs, fstype, source) of every mount, in order."""
+    out = []
+    for line in sysroot.read_text("/proc/self/mountinfo", default="").splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        lf, rf = left.split(), right.split()
+        if len(lf) < 5 or len(rf) < 2:
+            continue
+        unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+        out.append((unesc(lf[4]), unesc(lf[3]), rf[0], unesc(rf[1])))
+    return out
+
+
+def locate(sysroot: Sysroot, path: str) -> tuple[str, str, str]:
+    """(fstype, fs UUID, path as the boot loader sees it) of a system path under /boot."""
+    from kjumpd.fsstamp import read_stamp
+    best = None
+    for mnt, root, fstype, source in _mountinfo(sysroot):
+        if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
+            if best is None or len(mnt) >= len(best[0]):
+                best = (mnt, root, fstype, source)
+    if best is None:
+        raise BootEntryError(f"cannot tell which filesystem holds {path}",
+                             why="/proc/self/mountinfo lists no mount for it",
+                             fix="mount /boot before running setup")
+    mnt, root, _fstype, source = best
+    try:
+        st = read_stamp(source, sysroot=sysroot)
+    except FsStampError as e:
+        raise BootEntryError(f"cannot identify the filesystem of {path} on {source}",
+                             why=e.what, fix="put /boot on ext4, xfs, btrfs or vfat") from None
+    rel = path[len(mnt.rstrip("/")):] or "/"
+    prefix = root.rstrip("/") if root not in ("/", "") else ""
+    return st.fstype, st.uuid, prefix + rel
+
+
+def _write_file(sysroot: Sysroot, path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write a whole file durably (temp file, fsync, rename, fsync of the directory)."""
+    real = sysroot.path(path)
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        tmp = real.with_name(f".{real.name}.kjumpd-tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, real)
+        dfd = os.open(real.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise BootEntryError(f"cannot write {path}", why=e.strerror or str(e),
+                             fix="check that the filesystem is mounted read-write and has room",
+                             path=path) from e
+
+
+def _copy(sysroot: Sysroot, src: Path, dest: str) -> None:
+    try:
+        data = Path(src).read_bytes()
+    except OSError as e:
+        raise BootEntryError(f"cannot read {src}", why=e.strerror or str(e),
+                             fix="build the restore-first kernel and initramfs first") from e
+    _write_file(sysroot, dest, data)
+
+
+def _efivar_path(sysroot: Sysroot, name: str) -> Path:
+    return sysroot.path(f"{EFIVARS}/{name}-{LOADER_GUID}")
+
+
+def _clear_immutable(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        buf = bytearray(fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 4))
+        flags = struct.unpack("<I", buf)[0]
+        if flags & FS_IMMUTABLE_FL:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("<I", flags & ~FS_IMMUTABLE_FL))
+    except OSError as e:
+        if e.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def efivar_read(sysroot: Sysroot, name: str) -> str | None:
+    try:
+        return efivar_decode(_efivar_path(sysroot, name).read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BootEntryError(f"cannot read EFI variable {name}", why=e.strerror or str(e),
+                             fix="check that efivarfs is mounted") from e
+
+
+def efivar_write(sysroot: Sysroot, name: str, value: str | None) -> None:
+    """Set (or with None delete) a systemd-boot loader variable."""
+    if not sysroot.exists(EFIVARS):
+        raise BootEntryError("EFI variables are not available",
+                             why=f"{EFIVARS} does not exist (not booted with UEFI, or efivarfs "
+                                 "not mounted)",
+                             fix="mount efivarfs, or use --bootloader grub or restore-first")
+    p = _efivar_path(sysroot, name)
+    try:
+        _clear_immutable(p)
+        if value is None:
+            p.unlink(missing_ok=True)
+            return
+        # efivarfs wants the attributes and data in a single write
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, efivar_encode(value))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise BootEntryError(f"cannot {'delete' if value is None else 'set'} EFI variable "
+                             f"{name}", why=e.strerror or str(e),
+                             fix="check that efivarfs is mounted read-write") from e
+
+
+def grubenv_read(sysroot: Sysroot, path: str = GRUBENV) -> dict[str, str]:
+    try:
+        return grubenv_parse(sysroot.path(path).read_bytes())
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise BootEntryError(f"cannot read {path}", why=e.strerror or str(e),
+                             fix="check that /boot is mounted") from e
+
+
+def grubenv_write(sysroot: Sysroot, env: dict[str, str], path: str = GRUBENV) -> None:
+    """Rewrite grubenv in place (GRUB finds it by its blocks; it stays 1024 bytes)."""
+    data = grubenv_format(env)
+    real = sysroot.path(path)
+    try:
+        if not real.exists():
+            _write_file(sysroot, path, data)
+            return
+        fd = os.open(real, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, GRUBENV_SIZE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise BootEntryError(f"cannot write {path}", why=e.strerror or str(e),
+                             fix="check that /boot is mounted read-write") from e
+
+
+def read_record(sysroot: Sysroot) -> BootEntry | None:
+    text = sysroot.read_text(RECORD_PATH, default="")
+    return BootEntry.from_json(text) if text else None
+
+
+def detect_loader(sysroot: Sysroot, esp: str = DEFAULT_ESP) -> str:
+    """"grub" when /etc/grub.d exists, else "bls" when the ESP has loader/, else an error."""
+    if sysroot.exists(GRUB_DIR):
+        return "grub"
+    if sysroot.exists(f"{esp}/loader"):
+        return "bls"
+    raise BootEntryError("no supported boot loader found",
+                         why=f"neither {GRUB_DIR} nor {esp}/loader exists",
+                         fix="install GRUB or systemd-boot, or pass --esp")
+
+
+def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline: str,
+            loader: str | None = None, esp: str = DEFAULT_ESP, machine_id: str | None = None,
+            version: str = "") -> BootEntry:
+    """Install R (``kernel``, ``initrd``: host files) as a boot entry of ``kind``.
+
+    ``cmdline`` is R's command line (it names the target: kjump.target= kjump.offset=).
+    GRUB users must run update-grub afterwards (``check`` says so until grub.cfg has the
+    entry).
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown boot loader kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
+    _check_cmdline(cmdline)
+    if kind == "grub" or kind == "bls":
+        loader = kind
+    elif loader is None:
+        loader = detect_loader(sysroot, esp)
+    if loader not in ("grub", "bls"):
+        raise ConfigError(f"unknown boot loader {loader!r}", fix="use grub or bls")
+    files: list[str] = []
+    previous_default = None
+    if loader == "grub":
+        k_dest, i_dest = f"{BOOT_DIR}/vmlinuz-restore", f"{BOOT_DIR}/initrd-restore.img"
+        _copy(sysroot, kernel, k_dest)
+        _copy(sysroot, initrd, i_dest)
+        fstype, uuid, k_rel = locate(sysroot, k_dest)
+        _fs2, _u2, i_rel = locate(sysroot, i_dest)
+        snippet = render_grub_snippet(kind=kind, fs_uuid=uuid, fstype=fstype, kernel=k_rel,
+                                      initrd=i_rel, cmdline=cmdline)
+        _write_file(sysroot, GRUB_SNIPPET, snippet.encode(), 0o755)
+        files = [k_dest, i_dest, GRUB_SNIPPET]
+        esp_used = ""
+    else:
+        if not sysroot.exists(esp):
+            raise BootEntryError(f"the EFI system partition {esp} is not there",
+                                 fix="mount it or pass --esp")
+        k_dest, i_dest = f"{esp}/kjumpd/vmlinuz-restore", f"{esp}/kjumpd/initrd-restore.img"
+        _copy(sysroot, kernel, k_dest)
+        _copy(sysroot, initrd, i_dest)
+        if machine_id is None:
+            machine_id = sysroot.read_text("/etc/machine-id", default="").strip()
+        entry = render_bls_entry(kernel="/kjumpd/vmlinuz-restore",
+                                 initrd="/kjumpd/initrd-restore.img", cmdline=cmdline,
+                                 machine_id=machine_id if re.fullmatch(r"[0-9a-f]{32}",
+                                                                       machine_id or "") else "",
+                                 version=version)
+        entry_path = f"{esp}/loader/entries/{BLS_ENTRY_ID}"
+        _write_file(sysroot, entry_path, entry.encode())
+        files = [k_dest, i_dest, entry_path]
+        esp_used = esp
+        if kind == "restore-first":
+            previous_default = efivar_read(sysroot, "LoaderEntryDefault") \
+                if sysroot.exists(EFIVARS) else None
+            efivar_write(sysroot, "LoaderEntryDefault", BLS_ENTRY_ID)
+    rec = BootEntry(kind=kind, loader=loader, kernel=k_dest, initrd=i_dest, cmdline=cmdline,
+                    files=files, esp=esp_used, previous_default=previous_default)
+    _write_file(sysroot, RECORD_PATH, rec.to_json().encode())
+    log.info("installed the %s restore-first entry (%s)", kind, ", ".join(files))
+    return rec
+
+
+def uninstall(sysroot: Sysroot) -> list[str]:
+    """Remove what ``install`` wrote; returns the removed paths."""
+    rec = read_record(sysroot)
+    if rec is None:
+        return []
+    clear_oneshot(sysroot)
+    removed = []
+    for f in rec.files + [RECORD_PATH]:
+        p = sysroot.path(f)
+        if p.exists():
+            p.unlink()
+            removed.append(f)
+    if rec.loader == "bls" and rec.kind == "restore-first" and sysroot.exists(EFIVARS):
+        if efivar_read(sysroot, "LoaderEntryDefault") == BLS_ENTRY_ID:
+            efivar_write(sysroot, "LoaderEntryDefault", rec.previous_default)
+    return removed
+
+
+def set_oneshot(sysroot: Sysroot) -> bool:
+    """Make the next boot (only) start R. Call BEFORE freezing filesystems (it writes /boot).
+
+    Returns False when there is nothing to do (restore-first boots R anyway). Idempotent.
+    """
+    rec = _require_record(sysroot)
+    if rec.kind == "restore-first":
+        return False
+    if rec.loader == "grub":
+        env = grubenv_read(sysroot, rec.grubenv)
+        env["next_entry"] = rec.entry_id
+        grubenv_write(sysroot, env, rec.grubenv)
+    else:
+        efivar_write(sysroot, "LoaderEntryOneShot", BLS_ENTRY_ID)
+    return True
+
+
+def clear_oneshot(sysroot: Sysroot) -> bool:
+    """Undo ``set_oneshot`` (on resume, on rollback, at daemon start with no saved image).
+
+    Only kjumpd's own one-shot is removed; returns True when one was.
+    """
+    rec = read_record(sysroot)
+    if rec is None or rec.kind == "restore-first":
+        return False
+    if rec.loader == "grub":
+        env = grubenv_read(sysroot, rec.grubenv)
+        if env.get("next_entry") != rec.entry_id:
+            return False
+        env.pop("next_entry")
+        grubenv_write(sysroot, env, rec.grubenv)
+        return True
+    if not sysroot.exists(EFIVARS) or efivar_read(sysroot, "LoaderEntryOneShot") != BLS_ENTRY_ID:
+        return False
+    efivar_write(sysroot, "LoaderEntryOneShot", None)
+    return True
+
+
+def oneshot_pending(sysroot: Sysroot) -> bool:
+    """True when the next boot is armed to start R (what ``kjumpctl status`` shows)."""
+    rec = read_record(sysroot)
+    if rec is None:
+        return False
+    if rec.kind == "restore-first":
+        return True
+    try:
+        if rec.loader == "grub":
+            return grubenv_read(sysroot, rec.grubenv).get("next_entry") == rec.entry_id
+        return sysroot.exists(EFIVARS) and \
+            efivar_read(sysroot, "LoaderEntryOneShot") == BLS_ENTRY_ID
+    except BootEntryError:
+        return False
+
+
+def _require_record(sysroot: Sysroot) -> BootEntry:
+    rec = read_record(sysroot)
+    if rec is None:
+        raise BootEntryError("no restore-first boot entry is installed",
+                             fix="run `kjumpctl setup --bootloader grub|bls|restore-first`")
+    return rec
+
+
+def check(sysroot: Sysroot) -> list[str]:
+    """Problems with the installed boot entry, one line each (empty: all good)."""
+    try:
+        rec = read_record(sysroot)
+    except BootEntryError as e:
+        return [e.message]
+    if rec is None:
+        return ["no restore-first boot entry is installed "
+                "(fix: run `kjumpctl setup --bootloader grub|bls|restore-first`)"]
+    problems = []
+    for f in (rec.kernel, rec.initrd):
+        p = sysroot.path(f)
+        if not p.is_file() or p.stat().st_size == 0:
+            problems.append(f"{f} is missing or empty (fix: run `kjumpctl setup` again)")
+    if rec.loader == "grub":
+        snip = sysroot.path(GRUB_SNIPPET)
+        if not snip.is_file():
+            problems.append(f"{GRUB_SNIPPET} is missing (fix: run `kjumpctl setup` again)")
+        elif not os.access(snip, os.X_OK):
+            problems.append(f"{GRUB_SNIPPET} is not executable: grub-mkconfig skips it "
+                            f"(fix: chmod +x {GRUB_SNIPPET})")
+        cfg = sysroot.read_text(GRUB_CFG, default="")
+        if f"--id {rec.entry_id}" not in cfg:
+            problems.append(f"{GRUB_CFG} has no {rec.entry_id} entry (fix: run update-grub)")
+        try:
+            grubenv_read(sysroot, rec.grubenv)
+        except BootEntryError as e:
+            problems.append(e.message)
+    else:
+        entry_path = f"{rec.esp}/loader/entries/{BLS_ENTRY_ID}"
+        text = sysroot.read_text(entry_path, default="")
+        if not text:
+            problems.append(f"{entry_path} is missing (fix: run `kjumpctl setup` again)")
+        else:
+            problems += [f"{entry_path}: {p}" for p in bls_problems(text)]
+        if not sysroot.exists(EFIVARS):
+            problems.append(f"{EFIVARS} is missing: the one-shot EFI variable cannot be set "
+                            "(fix: boot with UEFI and mount efivarfs)")
+        elif rec.kind == "restore-first" and \
+                efivar_read(sysroot, "LoaderEntryDefault") != BLS_ENTRY_ID:
+            problems.append("LoaderEntryDefault does not name the restore-first entry "
+                            "(fix: run `kjumpctl setup --bootloader restore-first` again)")
+    return problems

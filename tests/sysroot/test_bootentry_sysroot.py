@@ -1,0 +1,217 @@
+"""Installing the restore-first entry into fake system trees; GRUB's own tools check the output.
+
+The /boot filesystem is a real ext4 image made with mkfs (its UUID is read from its superblock);
+grub-script-check parses the generated GRUB config and grub-editenv reads the grubenv we write.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kjumpd import bootentry
+from kjumpd.bootentry import (BLS_ENTRY_ID, ENTRY_ID, GRUB_SNIPPET, LOADER_GUID, bls_problems,
+                              check, clear_oneshot, install, oneshot_pending, set_oneshot,
+                              uninstall)
+from kjumpd.errors import BootEntryError
+from kjumpd.fsstamp import read_stamp
+from kjumpd.sysroot import Sysroot
+
+CMD = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576 console=ttyS0"
+
+
+def need(ok: bool, why: str) -> None:
+    if not ok:
+        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
+            pytest.fail(f"prerequisite missing: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture
+def r_files(tmp_path: Path) -> tuple[Path, Path]:
+    k, i = tmp_path / "bzImage", tmp_path / "restore.cpio.gz"
+    k.write_bytes(b"MZ kernel" * 100)
+    i.write_bytes(b"\x1f\x8b initrd" * 100)
+    return k, i
+
+
+@pytest.fixture
+def grub_root(tmp_path: Path) -> Sysroot:
+    need(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 is not installed")
+    root = tmp_path / "root"
+    for d in ("etc/grub.d", "boot/grub", "proc/self", "dev", "etc/kjumpd"):
+        (root / d).mkdir(parents=True)
+    disk = root / "dev" / "vda2"
+    with open(disk, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
+    # / on vda1 (not readable here: only /boot matters), /boot on vda2
+    (root / "proc/self/mountinfo").write_text(
+        "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "23 22 254:2 / /boot rw,relatime shared:2 - ext4 /dev/vda2 rw\n")
+    return Sysroot(root)
+
+
+def snippet_output(sysroot: Sysroot) -> str:
+    return subprocess.run(["sh", str(sysroot.path(GRUB_SNIPPET))], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def grub_script_check(text: str, tmp: Path) -> None:
+    need(shutil.which("grub-script-check") is not None, "grub-script-check (grub-common) missing")
+    f = tmp / "grub.cfg"
+    f.write_text(text)
+    r = subprocess.run(["grub-script-check", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("kind", ["grub", "restore-first"])
+def test_grub_entry_is_valid_grub_script_and_finds_boot_by_uuid(
+        grub_root: Sysroot, r_files, tmp_path: Path, kind: str) -> None:
+    rec = install(grub_root, kind, kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    assert rec.loader == "grub"
+    out = snippet_output(grub_root)
+    grub_script_check(out, tmp_path)
+    boot_uuid = read_stamp(grub_root.path("/dev/vda2")).uuid
+    assert f"search --no-floppy --fs-uuid --set=root {boot_uuid}" in out
+    # /boot is its own filesystem: GRUB sees the files at /kjumpd/...
+    assert f"linux /kjumpd/vmlinuz-restore {CMD}" in out
+    assert "initrd /kjumpd/initrd-restore.img" in out
+    assert grub_root.path("/boot/kjumpd/vmlinuz-restore").read_bytes() == r_files[0].read_bytes()
+    assert os.access(grub_root.path(GRUB_SNIPPET), os.X_OK)
+    assert ('set default="kjumpd-restore"' in out) == (kind == "restore-first")
+
+
+def test_grub_entry_with_a_header_still_parses(grub_root: Sysroot, r_files, tmp_path: Path) -> None:
+    """Debian's next_entry logic from 00_header followed by our entry: one valid script."""
+    install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    header = ('if [ -s $prefix/grubenv ]; then\n  load_env\nfi\n'
+              'if [ "${next_entry}" ] ; then\n   set default="${next_entry}"\n   set next_entry=\n'
+              '   save_env next_entry\n   set boot_once=true\nelse\n   set default="0"\nfi\n')
+    grub_script_check(header + snippet_output(grub_root), tmp_path)
+
+
+def test_grub_one_shot_is_what_grub_editenv_reads(grub_root: Sysroot, r_files) -> None:
+    need(shutil.which("grub-editenv") is not None, "grub-editenv (grub-common) missing")
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    env = grub_root.path("/boot/grub/grubenv")
+    subprocess.run(["grub-editenv", str(env), "create"], check=True)
+    subprocess.run(["grub-editenv", str(env), "set", "saved_entry=gnulinux-simple"], check=True)
+    assert not oneshot_pending(grub_root)
+    assert set_oneshot(grub_root) is True
+    listed = subprocess.run(["grub-editenv", str(env), "list"], check=True, capture_output=True,
+                            text=True).stdout.split()
+    assert f"next_entry={ENTRY_ID}" in listed and "saved_entry=gnulinux-simple" in listed
+    assert env.stat().st_size == 1024
+    assert oneshot_pending(grub_root)
+    assert clear_oneshot(grub_root) is True
+    listed = subprocess.run(["grub-editenv", str(env), "list"], check=True, capture_output=True,
+                            text=True).stdout.split()
+    assert listed == ["saved_entry=gnulinux-simple"]
+    assert clear_oneshot(grub_root) is False  # nothing of ours left
+
+
+def test_someone_elses_one_shot_is_left_alone(grub_root: Sysroot, r_files) -> None:
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    bootentry.grubenv_write(grub_root, {"next_entry": "memtest"})
+    assert clear_oneshot(grub_root) is False
+    assert bootentry.grubenv_read(grub_root)["next_entry"] == "memtest"
+
+
+def test_grub_set_oneshot_creates_a_missing_grubenv(grub_root: Sysroot, r_files) -> None:
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    set_oneshot(grub_root)
+    data = grub_root.path("/boot/grub/grubenv").read_bytes()
+    assert len(data) == 1024 and f"next_entry={ENTRY_ID}\n".encode() in data
+
+
+def test_check_reports_what_is_missing_until_it_is_fixed(grub_root: Sysroot, r_files) -> None:
+    assert "no restore-first boot entry" in check(grub_root)[0]
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    problems = check(grub_root)
+    assert len(problems) == 1 and "update-grub" in problems[0]
+    # what update-grub would produce: the snippet's output inside grub.cfg
+    grub_root.path("/boot/grub/grub.cfg").write_text(snippet_output(grub_root))
+    assert check(grub_root) == []
+    grub_root.path(GRUB_SNIPPET).chmod(0o644)
+    assert any("not executable" in p for p in check(grub_root))
+    grub_root.path("/boot/kjumpd/initrd-restore.img").unlink()
+    assert any("initrd-restore.img is missing" in p for p in check(grub_root))
+
+
+def test_uninstall_removes_every_file(grub_root: Sysroot, r_files) -> None:
+    rec = install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    set_oneshot(grub_root)
+    removed = uninstall(grub_root)
+    assert set(removed) == set(rec.files) | {"/etc/kjumpd/bootentry.json"}
+    assert not oneshot_pending(grub_root)
+    assert "next_entry" not in bootentry.grubenv_read(grub_root)
+
+
+def test_set_oneshot_without_install_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BootEntryError) as e:
+        set_oneshot(Sysroot(tmp_path))
+    assert "kjumpctl setup" in e.value.fix
+
+
+# ------------------------------------------------------------------ BLS / systemd-boot
+
+
+@pytest.fixture
+def bls_root(tmp_path: Path) -> Sysroot:
+    root = tmp_path / "root"
+    for d in ("boot/efi/loader/entries", "sys/firmware/efi/efivars", "etc"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    return Sysroot(root)
+
+
+def efivar(sysroot: Sysroot, name: str) -> bytes | None:
+    p = sysroot.path(f"/sys/firmware/efi/efivars/{name}-{LOADER_GUID}")
+    return p.read_bytes() if p.exists() else None
+
+
+def test_bls_entry_follows_the_specification(bls_root: Sysroot, r_files) -> None:
+    rec = install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD,
+                  version="6.12.117")
+    text = bls_root.path(f"/boot/efi/loader/entries/{BLS_ENTRY_ID}").read_text()
+    assert bls_problems(text) == []
+    assert "linux      /kjumpd/vmlinuz-restore" in text
+    assert "machine-id 0123456789abcdef0123456789abcdef" in text
+    assert bls_root.path("/boot/efi/kjumpd/initrd-restore.img").read_bytes() == r_files[1].read_bytes()
+    assert rec.loader == "bls" and check(bls_root) == []
+
+
+def test_bls_one_shot_is_the_loader_variable(bls_root: Sysroot, r_files) -> None:
+    install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    assert efivar(bls_root, "LoaderEntryOneShot") is None
+    set_oneshot(bls_root)
+    assert efivar(bls_root, "LoaderEntryOneShot") == \
+        b"\x07\x00\x00\x00" + "kjumpd-restore.conf\0".encode("utf-16-le")
+    assert oneshot_pending(bls_root)
+    assert clear_oneshot(bls_root)
+    assert efivar(bls_root, "LoaderEntryOneShot") is None
+
+
+def test_restore_first_with_systemd_boot_makes_r_the_default(bls_root: Sysroot, r_files) -> None:
+    bootentry.efivar_write(bls_root, "LoaderEntryDefault", "debian.conf")
+    rec = install(bls_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    assert rec.loader == "bls" and rec.previous_default == "debian.conf"
+    assert bootentry.efivar_read(bls_root, "LoaderEntryDefault") == BLS_ENTRY_ID
+    assert set_oneshot(bls_root) is False and oneshot_pending(bls_root)
+    assert check(bls_root) == []
+    uninstall(bls_root)
+    assert bootentry.efivar_read(bls_root, "LoaderEntryDefault") == "debian.conf"
+
+
+def test_bls_without_efi_variables_says_so(bls_root: Sysroot, r_files) -> None:
+    install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    shutil.rmtree(bls_root.path("/sys/firmware/efi/efivars"))
+    assert any("efivars is missing" in p for p in check(bls_root))
+    with pytest.raises(BootEntryError) as e:
+        set_oneshot(bls_root)
+    assert "efivarfs" in e.value.fix
