@@ -1,0 +1,219 @@
+"""``kjump-agent``: save and restore memory images on files, and (``boot``) the save kernel's
+roles from kjumpd.agent.kernel_role.
+
+    kjump-agent save --memory FILE --ranges START-END[,START-END...] --target FILE
+    kjump-agent restore --target FILE --memory FILE
+
+START and END are byte offsets (hex with 0x, or decimal); END is exclusive. ``save`` creates
+the target file when it does not exist (fully allocated, sized for the worst case) or reuses
+an existing kjumpd target. ``restore`` writes every saved range back into the memory file at
+its offset; bytes outside the ranges are left alone. Exit 0 on success, 1 with a one-line
+reason on failure, 2 on a usage error.
+
+Standard library + lz4 only: this runs in the save kernel's initramfs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from kjumpd.errors import ConfigError, KjumpError, TargetError
+
+log = logging.getLogger("kjump-agent")
+
+#: modules that add subcommands with register(subparsers) when present
+EXTRA_COMMAND_MODULES = ["kjumpd.agent.kernel_role"]
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """"0x1000-0x9f000,1048576-2097152" -> [(start, end)], END exclusive."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, sep, b = part.partition("-")
+        if not sep:
+            raise ConfigError(f"memory range {part!r} is not START-END",
+                              fix="write ranges as START-END[,START-END...], END exclusive")
+        try:
+            start, end = _num(a), _num(b)
+        except ValueError:
+            raise ConfigError(f"memory range {part!r} has a bad number",
+                              fix="use decimal or 0x-prefixed hex") from None
+        if end <= start:
+            raise ConfigError(f"memory range {part!r} is empty",
+                              fix="END must be greater than START (END is exclusive)")
+        out.append((start, end))
+    if not out:
+        raise ConfigError("no memory ranges given", fix="pass --ranges START-END")
+    out.sort()
+    for (a0, b0), (a1, b1) in zip(out, out[1:]):
+        if a1 < b0:
+            raise ConfigError(f"memory ranges {a0:#x}-{b0:#x} and {a1:#x}-{b1:#x} overlap",
+                              fix="give ranges that do not overlap")
+    return out
+
+
+def _num(s: str) -> int:
+    s = s.strip().lower()
+    return int(s, 16) if s.startswith("0x") else int(s, 10)
+
+
+def target_size_for(ranges: list[tuple[int, int]], chunk_size: int) -> int:
+    """A target size that holds the worst case (nothing compresses, no zero page)."""
+    from kjumpd.image.format import CHUNK_HEADER_SIZE, chunk_count, data_offset_for
+    from kjumpd.image.save import normalize_ranges
+    ext = normalize_ranges(ranges)
+    raw = sum(e.length for e in ext)
+    n = chunk_count(ext, chunk_size)
+    per_chunk = CHUNK_HEADER_SIZE + (chunk_size // 4096 + 7) // 8
+    meta = 64 + 16 * len(ext) + 64 * 1024   # extents + a generous identity
+    size = data_offset_for(meta) + raw + n * per_chunk + 1024 * 1024
+    return -(-size // (1024 * 1024)) * (1024 * 1024)
+
+
+class _Console:
+    """Progress on stderr, at most every few seconds."""
+
+    def __init__(self, verb: str, enabled: bool) -> None:
+        self.verb = verb
+        self.enabled = enabled
+        self.last = -1.0
+
+    def __call__(self, done: int, total: int, mb_s: float, eta: float) -> None:
+        if not self.enabled:
+            return
+        pct = 100.0 * done / total if total else 100.0
+        print(f"kjump-agent: {self.verb} {pct:5.1f}% {done >> 20}/{total >> 20} MiB "
+              f"{mb_s:.0f} MB/s ETA {eta:.0f}s", file=sys.stderr)
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from kjumpd.image import save, store
+    from kjumpd.image.device import ImageDevice
+    from kjumpd.image.memfile import FileMemorySource
+    ranges = parse_ranges(args.ranges)
+    chunk = args.chunk_size or save.DEFAULT_CHUNK_SIZE
+    if not os.path.exists(args.target):
+        size = args.target_size or target_size_for(ranges, chunk)
+        store.create_target(args.target, size)
+        log.info("created target %s (%d bytes)", args.target, size)
+    with FileMemorySource(args.memory) as source:
+        if ranges[-1][1] > source.size:
+            raise ConfigError(f"range end {ranges[-1][1]:#x} is past the end of {args.memory}",
+                              why=f"the memory file holds {source.size} bytes",
+                              fix="give ranges inside the memory file")
+        with ImageDevice(args.target, writable=True, direct=not args.buffered) as dev:
+            try:
+                store.read_superblock(dev)
+            except KjumpError as e:
+                raise TargetError(f"{args.target} is not a kjumpd target", why=e.why or e.what,
+                                  fix="give a new path (it is created) or a target made by "
+                                      "`kjumpctl setup`") from None
+            stats = save.save_image(source, ranges, dev, identity={"source": args.memory},
+                                    mode=args.mode, chunk_size=chunk, workers=args.workers,
+                                    compression=args.compression, verify=not args.no_verify,
+                                    progress=_Console("saving", args.progress))
+    print(f"kjump-agent: SAVED {stats.raw_bytes} bytes in {stats.chunk_count} chunks "
+          f"({stats.zero_pages} zero pages) as {stats.stored_bytes} bytes in "
+          f"{stats.seconds:.2f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from kjumpd.image import restore, store
+    from kjumpd.image.device import ImageDevice
+    from kjumpd.image.memfile import FileMemorySink
+    with ImageDevice(args.target, writable=False, direct=not args.buffered) as dev:
+        if args.verify_first:
+            restore.restore_image(dev, None, verify_only=True, workers=args.workers)
+        store.read_superblock(dev)
+        restore.check_image(dev)         # refuse before the memory file is even opened
+        with FileMemorySink(args.memory) as sink:
+            stats = restore.restore_image(dev, sink, workers=args.workers,
+                                          progress=_Console("restoring", args.progress))
+            sink.flush()
+    print(f"kjump-agent: restored {stats.raw_bytes} bytes in {stats.chunk_count} chunks in "
+          f"{stats.seconds:.2f}s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kjump-agent",
+        description="kjumpd's agent: save/restore memory images on files; `boot` is the save "
+                    "kernel's userspace.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workers", type=int, default=None,
+                       help="compression threads (default: every CPU)")
+        p.add_argument("--progress", action="store_true", help="print progress to stderr")
+        p.add_argument("--buffered", action="store_true",
+                       help="do not use O_DIRECT on the target")
+
+    p = sub.add_parser("save", help="save memory ranges of a file into a target file")
+    p.add_argument("--memory", required=True, metavar="FILE", help="memory image to read")
+    p.add_argument("--ranges", required=True, metavar="START-END[,START-END...]",
+                   help="byte ranges to save (END exclusive; hex with 0x or decimal)")
+    p.add_argument("--target", required=True, metavar="FILE",
+                   help="target file (created fully allocated when missing)")
+    p.add_argument("--target-size", type=int, default=None, metavar="BYTES",
+                   help="size of a new target (default: the worst case for the ranges)")
+    p.add_argument("--mode", default="test", help="mode recorded in the header (default test)")
+    p.add_argument("--compression", default="lz4", choices=["lz4", "none"])
+    p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
+                   help="chunk size (multiple of 4096; default 1 MiB)")
+    p.add_argument("--no-verify", action="store_true", help="skip the read-back verify pass")
+    common(p)
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("restore", help="write a saved image back into a memory file")
+    p.add_argument("--target", required=True, metavar="FILE", help="target file with the image")
+    p.add_argument("--memory", required=True, metavar="FILE",
+                   help="memory file to write (created when missing; other bytes kept)")
+    p.add_argument("--verify-first", action="store_true",
+                   help="check the whole image before writing anything")
+    common(p)
+    p.set_defaults(func=cmd_restore)
+
+    for name in EXTRA_COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        stream=sys.stderr, format="kjump-agent: %(name)s: %(message)s")
+    func: Any = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args))
+    except KjumpError as err:
+        print(f"kjump-agent: {err.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kjump-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Chunk codec: zero-page elision + lz4 block compression + CRC (record layout in format.py).
+
+``encode_chunk`` and ``decode_chunk`` are pure functions called on worker threads;
+lz4.block and zlib.crc32 release the GIL on large buffers, so a thread pool uses every core.
+
+Standard library + lz4 only: this runs in the save kernel's initramfs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lz4.block
+
+from kjumpd.errors import ImageCorruptError, ImageFormatError
+from kjumpd.image.format import (ENC_LZ4, ENC_RAW, ENC_ZERO, PAGE_SIZE, ChunkHeader, crc32)
+
+ZERO_PAGE = bytes(PAGE_SIZE)
+COMPRESSIONS = ("lz4", "none")
+
+
+@dataclass
+class EncodedChunk:
+    index: int
+    phys: int
+    raw_length: int
+    head: bytes          # record header + zero-page bitmap
+    payload: bytes       # stored bytes
+    crc: int             # CRC of bitmap + payload (also in the record header)
+    zero_pages: int
+
+    @property
+    def record_length(self) -> int:
+        return len(self.head) + len(self.payload)
+
+
+def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
+                 compression: str = "lz4") -> EncodedChunk:
+    """Encode ``data`` (the memory at ``phys``) as one chunk record."""
+    if not isinstance(data, bytes):
+        data = bytes(data)               # slicing bytes is the fast zero test
+    n = len(data)
+    pages = (n + PAGE_SIZE - 1) // PAGE_SIZE
+    bitmap = bytearray((pages + 7) // 8)
+    zero = 0
+    if data[:PAGE_SIZE] == ZERO_PAGE[:min(n, PAGE_SIZE)] and data == bytes(n):
+        zero = pages
+        for i in range(pages):
+            bitmap[i >> 3] |= 1 << (i & 7)
+        payload_raw = b""
+    else:
+        keep = []
+        for i in range(pages):
+            o = i * PAGE_SIZE
+            page = data[o:o + PAGE_SIZE]
+            if page == ZERO_PAGE or (len(page) < PAGE_SIZE and page == ZERO_PAGE[:len(page)]):
+                bitmap[i >> 3] |= 1 << (i & 7)
+                zero += 1
+            else:
+                keep.append(page)
+        payload_raw = data if zero == 0 else b"".join(keep)
+    if zero == pages:
+        enc, payload = ENC_ZERO, b""
+    elif compression == "lz4":
+        payload = lz4.block.compress(payload_raw, store_size=False)
+        enc = ENC_LZ4
+        if len(payload) >= len(payload_raw):
+            enc, payload = ENC_RAW, payload_raw
+    else:
+        enc, payload = ENC_RAW, payload_raw
+    bm = bytes(bitmap)
+    body_crc = crc32(payload, crc32(bm))
+    head = ChunkHeader(encoding=enc, pages=pages, index=index, phys=phys, raw_length=n,
+                       payload_length=len(payload), crc=body_crc).pack() + bm
+    return EncodedChunk(index=index, phys=phys, raw_length=n, head=head, payload=payload,
+                        crc=body_crc, zero_pages=zero)
+
+
+def zero_bits(bitmap: bytes, pages: int) -> list[bool]:
+    return [bool(bitmap[i >> 3] & (1 << (i & 7))) for i in range(pages)]
+
+
+def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> None:
+    """Raise ImageCorruptError when the bitmap + payload do not match the record's CRC."""
+    if crc32(payload, crc32(bitmap)) != ch.crc:
+        raise ImageCorruptError(f"chunk {ch.index} at byte offset {offset} is corrupt",
+                                why="payload checksum mismatch",
+                                fix="the image cannot be used; boot normally and hibernate again",
+                                structure="chunk", offset=offset, chunk=ch.index)
+
+
+def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> bytes:
+    """Check and decode a record into its ``raw_length`` bytes (zero pages as zeros)."""
+    check_chunk(ch, bitmap, payload, offset)
+    zeros = zero_bits(bitmap, ch.pages)
+    nz = zeros.count(False)
+    last = ch.raw_length - (ch.pages - 1) * PAGE_SIZE
+    expect = nz * PAGE_SIZE - (PAGE_SIZE - last if not zeros[-1] else 0)
+
+    def bad(why: str) -> ImageCorruptError:
+        return ImageCorruptError(f"chunk {ch.index} at byte offset {offset} is corrupt", why=why,
+                                 fix="the image cannot be used; boot normally and hibernate again",
+                                 structure="chunk", offset=offset, chunk=ch.index)
+
+    if ch.encoding == ENC_ZERO:
+        if nz:
+            raise bad("an all-zero chunk has non-zero pages in its bitmap")
+        return bytes(ch.raw_length)
+    if ch.encoding == ENC_RAW:
+        raw = payload
+    elif ch.encoding == ENC_LZ4:
+        try:
+            raw = lz4.block.decompress(payload, uncompressed_size=expect)
+        except lz4.block.LZ4BlockError:
+            raise bad("lz4 payload does not decompress") from None
+    else:  # pragma: no cover - ChunkHeader.unpack refuses unknown encodings
+        raise ImageFormatError(f"chunk {ch.index}: unknown encoding {ch.encoding}")
+    if len(raw) != expect:
+        raise bad(f"payload holds {len(raw)} bytes, the bitmap says {expect}")
+    if nz == ch.pages:
+        return raw
+    out = bytearray(ch.raw_length)
+    src = 0
+    for i, z in enumerate(zeros):
+        if not z:
+            o = i * PAGE_SIZE
+            n = min(PAGE_SIZE, ch.raw_length - o)
+            out[o:o + n] = raw[src:src + n]
+            src += n
+    return bytes(out)

@@ -1,0 +1,163 @@
+"""Streaming restore: read records through the block map, check each one, decode it on a
+thread pool, hand its bytes to a sink at their physical offset (zero pages as zeros).
+
+Before any byte reaches the sink the header (state, version, compression), the metadata and
+the data-area bounds are checked. Each chunk is checked (record CRC, payload CRC, place in
+the plan, lz4 length) before it is written; chunks are written in order, so nothing past a
+bad chunk is ever written. ``divert`` ranges are never written to the sink: their bytes go
+to ``on_divert`` instead (the save kernel keeps A's pages that lie in its own low memory
+for the jump-back kexec_load).
+
+Standard library + lz4 only: this runs in the save kernel's initramfs.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol
+
+from kjumpd.errors import ImageCorruptError, ImageFormatError
+from kjumpd.image import store
+from kjumpd.image.chunk import COMPRESSIONS, decode_chunk
+from kjumpd.image.device import ImageDevice
+from kjumpd.image.format import (ChunkHeader, Header, ImageState, Metadata, chunk_count,
+                                 chunk_plan, crc32)
+from kjumpd.image.save import Progress, _check_place, _Meter, default_workers
+from kjumpd.image.stream import RecordReader
+
+log = logging.getLogger(__name__)
+
+RESTORABLE = (ImageState.SAVED, ImageState.RESTORING)
+
+
+class MemorySink(Protocol):
+    def write(self, phys: int, data: bytes | memoryview) -> None: ...
+
+
+@dataclass
+class RestoreStats:
+    raw_bytes: int = 0
+    zero_pages: int = 0
+    chunk_count: int = 0
+    seconds: float = 0.0
+    diverted_bytes: int = 0
+    diverted: list[tuple[int, bytes]] = field(default_factory=list)
+    header: Header | None = None
+    metadata: Metadata | None = None
+
+
+def check_image(dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE
+                ) -> tuple[Header, Metadata]:
+    """Header + metadata of a restorable image, or a clear error naming what is wrong."""
+    header = store.read_header(dev)
+    store.require_state(header, *states, action="restore")
+    if header.compression not in COMPRESSIONS:
+        raise ImageFormatError(f"image compression {header.compression!r} is not supported",
+                               fix="restore with the kjumpd release that saved it",
+                               structure="header", offset=0)
+    meta = store.read_metadata(dev, header)
+    want = chunk_count(meta.extents, header.chunk_size) if header.chunk_size else -1
+    if (header.chunk_count != want or header.raw_bytes != meta.raw_bytes
+            or header.data_offset < header.metadata_offset + header.metadata_length
+            or header.data_offset + header.data_length > dev.size):
+        raise ImageFormatError("image header does not agree with its metadata or the target",
+                               why=f"{header.chunk_count} chunks for {want} planned, data "
+                                   f"[{header.data_offset}, +{header.data_length}) in a "
+                                   f"{dev.size}-byte target",
+                               fix="the image cannot be used; boot normally and hibernate again",
+                               structure="header", offset=0)
+    return header, meta
+
+
+def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
+               workers: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(phys, bytes) of every chunk, in order, each checked before it is yielded."""
+    workers = workers or default_workers()
+    reader = RecordReader(dev, header.data_offset, header.data_length)
+    plan = chunk_plan(meta.extents, header.chunk_size)
+    pending: deque[tuple[ChunkHeader, Future[bytes], int]] = deque()
+    crc = 0
+    count = 0
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-unlz4") as pool:
+            try:
+                for ch, bitmap, payload, off in reader:
+                    _check_place(ch, next(plan, None), off)
+                    crc = crc32(struct.pack("<I", ch.crc), crc)
+                    pending.append((ch, pool.submit(decode_chunk, ch, bitmap, payload, off), off))
+                    count += 1
+                    if len(pending) > 2 * workers:
+                        ch0, fut, _ = pending.popleft()
+                        yield ch0.phys, fut.result()
+                if count != header.chunk_count:
+                    raise ImageCorruptError(
+                        f"image data ends after {count} of {header.chunk_count} chunks",
+                        why="the image is truncated", fix="the image cannot be used",
+                        structure="data", offset=header.data_offset + header.data_length)
+                while pending:
+                    ch0, fut, _ = pending.popleft()
+                    yield ch0.phys, fut.result()
+                if crc != header.data_crc:
+                    raise ImageCorruptError("image chunk list does not match the header",
+                                            why="data checksum mismatch",
+                                            fix="the image cannot be used", structure="data",
+                                            offset=header.data_offset)
+            finally:
+                for _, fut, _ in pending:
+                    fut.cancel()
+    finally:
+        reader.close()
+
+
+def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progress | None = None,
+                  verify_only: bool = False,
+                  divert: Iterable[tuple[int, int]] = (),
+                  on_divert: Callable[[int, bytes], None] | None = None,
+                  workers: int | None = None,
+                  states: Iterable[ImageState] = RESTORABLE) -> RestoreStats:
+    """Write the image's memory into ``sink`` (nothing when ``verify_only``)."""
+    header, meta = check_image(dev, states)
+    stats = RestoreStats(header=header, metadata=meta)
+    held = sorted((int(a), int(b)) for a, b in divert)
+    meter = _Meter(progress, meta.raw_bytes)
+    t0 = time.monotonic()
+    for phys, data in iter_image(dev, header, meta, workers=workers):
+        if not verify_only:
+            _deliver(sink, phys, data, held, on_divert, stats)
+        stats.raw_bytes += len(data)
+        stats.chunk_count += 1
+        meter(stats.raw_bytes)
+    stats.zero_pages = header.zero_pages
+    stats.seconds = time.monotonic() - t0
+    meter(stats.raw_bytes, final=True)
+    log.info("%s %d bytes in %d chunks in %.2fs", "verified" if verify_only else "restored",
+             stats.raw_bytes, stats.chunk_count, stats.seconds)
+    return stats
+
+
+def _deliver(sink: MemorySink | None, phys: int, data: bytes, held: list[tuple[int, int]],
+             on_divert: Callable[[int, bytes], None] | None, stats: RestoreStats) -> None:
+    end = phys + len(data)
+    pos = phys
+    mv = memoryview(data)
+    for a, b in held:
+        if b <= pos or a >= end:
+            continue
+        if a > pos:
+            sink.write(pos, mv[pos - phys:a - phys])  # type: ignore[union-attr]
+            pos = a
+        stop = min(b, end)
+        piece = bytes(mv[pos - phys:stop - phys])
+        stats.diverted_bytes += len(piece)
+        if on_divert is not None:
+            on_divert(pos, piece)
+        else:
+            stats.diverted.append((pos, piece))
+        pos = stop
+    if pos < end:
+        sink.write(pos, data if pos == phys else mv[pos - phys:])  # type: ignore[union-attr]

@@ -1,0 +1,318 @@
+"""Streaming save: memory source -> zero-page elision -> lz4 on a thread pool -> block-mapped
+writer -> flush -> verify (re-read, checksums) -> SAVED header, written last after a flush.
+
+Threads: the caller's thread reads the source and submits chunks to the pool; a writer
+thread takes finished chunks *in order* and packs them into aligned windows. The number of
+chunks in flight is bounded, so memory use does not depend on the size of the input.
+On a cancel or an error the header becomes ABORTED(reason) and a KjumpError is raised.
+
+Standard library + lz4 only: this runs in the save kernel's initramfs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+from kjumpd.errors import CancelledError, ImageError, ImageCorruptError, KjumpError, TargetError
+from kjumpd.image import store
+from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk
+from kjumpd.image.device import ImageDevice
+from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
+                                 ImageState, MemoryExtent, Metadata, chunk_count, chunk_plan,
+                                 crc32, data_offset_for, validate_extents)
+from kjumpd.image.stream import RecordReader, RecordWriter
+
+log = logging.getLogger(__name__)
+
+#: chosen by measurement (bench/pipeline.py, docs in the report): 256 KiB..4 MiB are within
+#: a few % for lz4 speed; 1 MiB keeps the per-chunk overhead low and memory small
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+
+Progress = Callable[[int, int, float, float], None]
+
+
+class MemorySource(Protocol):
+    def read(self, phys: int, length: int) -> bytes | bytearray | memoryview: ...
+
+
+@dataclass
+class SaveStats:
+    raw_bytes: int
+    zero_pages: int
+    stored_bytes: int
+    chunk_count: int
+    data_length: int
+    seconds: float
+    verify_seconds: float
+    header: Header
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.raw_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def normalize_ranges(ranges: Iterable[Any]) -> tuple[MemoryExtent, ...]:
+    """MemoryExtent or (start, end) pairs (end exclusive) -> sorted, checked MemoryExtents."""
+    out = []
+    for r in ranges:
+        if isinstance(r, MemoryExtent):
+            out.append(r)
+        else:
+            start, end = r
+            if end <= start:
+                raise ImageError(f"memory range {start:#x}-{end:#x} is empty",
+                                 fix="give START-END with END > START (END exclusive)")
+            out.append(MemoryExtent(int(start), int(end) - int(start)))
+    out.sort(key=lambda e: e.start)
+    if not out:
+        raise ImageError("no memory ranges to save", fix="give at least one START-END range")
+    try:
+        validate_extents(out)
+    except ImageError as e:
+        raise ImageError("memory ranges are not valid", why=e.why,
+                         fix="give ranges that do not overlap") from None
+    return tuple(out)
+
+
+class _Cancel:
+    def __init__(self, cancel: Any) -> None:
+        self.cancel = cancel
+
+    def __call__(self) -> bool:
+        if self.cancel is None:
+            return False
+        if hasattr(self.cancel, "is_set"):
+            return bool(self.cancel.is_set())
+        return bool(self.cancel())
+
+
+class _Meter:
+    """Calls progress(done, total, MB/s, ETA s) at most every ``interval`` seconds."""
+
+    def __init__(self, progress: Progress | None, total: int, interval: float = 0.25) -> None:
+        self.progress = progress
+        self.total = total
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.interval = interval
+
+    def __call__(self, done: int, final: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        rate = done / dt
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        self.progress(done, self.total, rate / 1e6, eta)
+
+
+class _Writer(threading.Thread):
+    """Takes futures of EncodedChunk in order; writes records; remembers their CRCs."""
+
+    def __init__(self, writer: RecordWriter, depth: int) -> None:
+        super().__init__(name="kjump-writer", daemon=True)
+        self.writer = writer
+        self.q: queue.Queue[Future[EncodedChunk] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.crcs: list[int] = []
+        self.zero_pages = 0
+        self.stored = 0
+        self.raw_done = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while True:
+                fut = self.q.get()
+                if fut is None or self.stop.is_set():
+                    break
+                ch = fut.result()
+                self.writer.append(ch.head)
+                self.writer.append(ch.payload)
+                self.crcs.append(ch.crc)
+                self.zero_pages += ch.zero_pages
+                self.stored += ch.record_length
+                self.raw_done += ch.raw_length
+        except BaseException as e:  # noqa: B902 - handed to the main thread, re-raised there
+            self.error = e
+            self.stop.set()
+            while True:            # unblock the producer
+                try:
+                    self.q.get_nowait()
+                except queue.Empty:
+                    break
+
+
+def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
+               identity: dict[str, Any], mode: str, chunk_size: int | None = None,
+               workers: int | None = None, progress: Progress | None = None,
+               cancel: Any = None, compression: str = "lz4", verify: bool = True) -> SaveStats:
+    """Save ``ranges`` of ``source`` into the target ``dev``; SAVED is written last."""
+    extents = normalize_ranges(ranges)
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    workers = workers or default_workers()
+    if compression not in COMPRESSIONS:
+        raise ImageError(f"compression {compression!r} is not supported",
+                         fix=f"use one of {', '.join(COMPRESSIONS)}")
+    plan = list(chunk_plan(extents, chunk_size))   # validates chunk_size
+    sb = store.read_superblock(dev)
+    meta = Metadata(extents=extents, identity=identity)
+    meta_raw = meta.pack()
+    data_off = data_offset_for(len(meta_raw))
+    if data_off >= dev.size:
+        raise TargetError("the target is too small for the image metadata",
+                          fix="make the target larger", path=dev.path)
+    now = time.time()
+    ja = identity.get("jump_area") or (0, 0)
+    header = Header(state=ImageState.WRITING, uuid=sb.uuid, created=now, updated=now,
+                    jump_area_start=int(ja[0]), jump_area_size=int(ja[1]),
+                    jump_back_entry=int(identity.get("jump_back_entry") or 0),
+                    flags=FLAG_ZERO_ELISION, chunk_size=chunk_size,
+                    metadata_offset=METADATA_OFFSET, metadata_length=len(meta_raw),
+                    metadata_crc=crc32(meta_raw), data_offset=data_off, mode=mode,
+                    compression=compression, main_kernel=str(identity.get("main_kernel") or ""),
+                    save_kernel_hash=str(identity.get("save_kernel_hash") or ""))
+    header = store.write_header(dev, header)
+    is_cancelled = _Cancel(cancel)
+    total = meta.raw_bytes
+    meter = _Meter(progress, total)
+    t0 = time.monotonic()
+    rw = RecordWriter(dev, data_off)
+    depth = 2 * workers + 2
+    wt = _Writer(rw, depth)
+    try:
+        dev.write(METADATA_OFFSET, meta_raw)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-lz4") as pool:
+            wt.start()
+            try:
+                for index, phys, n in plan:
+                    if wt.error is not None:
+                        break
+                    if is_cancelled():
+                        raise CancelledError("save cancelled", why="cancel requested",
+                                             fix="nothing was lost; the system keeps running")
+                    data = source.read(phys, n)
+                    if len(data) != n:
+                        raise ImageError(f"memory source returned {len(data)} bytes at "
+                                         f"{phys:#x}, expected {n}",
+                                         why="the range lies beyond the end of the memory",
+                                         fix="check the ranges", phys=phys)
+                    fut = pool.submit(encode_chunk, index, phys, data, compression)
+                    del data
+                    while wt.error is None:
+                        try:
+                            wt.q.put(fut, timeout=0.1)
+                            break
+                        except queue.Full:
+                            meter(wt.raw_done)
+                    meter(wt.raw_done)
+            except BaseException:
+                wt.stop.set()           # drop what is queued; the image is aborted anyway
+                raise
+            finally:
+                while wt.is_alive():
+                    try:
+                        wt.q.put(None, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                wt.join()
+        if wt.error is not None:
+            raise wt.error
+        data_len = rw.finish()
+        dev.flush()
+        seconds_write = time.monotonic() - t0
+        meter(total, final=True)
+        tv = time.monotonic()
+        if verify:
+            verify_records(dev, data_off, data_len, extents, chunk_size, wt.crcs)
+        verify_seconds = time.monotonic() - tv
+        crcs = wt.crcs
+        saved = header.evolve(state=ImageState.SAVED, saved=time.time(), updated=time.time(),
+                              data_length=data_len, raw_bytes=total, zero_pages=wt.zero_pages,
+                              stored_bytes=wt.stored, chunk_count=len(crcs),
+                              data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)),
+                              flags=header.flags | (FLAG_VERIFIED if verify else 0))
+        saved = store.write_header(dev, saved)      # flushes: SAVED is the last write
+    except KjumpError as e:
+        _abort(dev, e.what if isinstance(e, CancelledError) else e.message)
+        raise
+    except OSError as e:
+        _abort(dev, f"I/O error: {e.strerror or e}")
+        raise ImageError("save failed", why=e.strerror or str(e), fix="check the disk") from None
+    finally:
+        rw.close()
+    stats = SaveStats(raw_bytes=total, zero_pages=wt.zero_pages, stored_bytes=wt.stored,
+                      chunk_count=len(crcs), data_length=data_len,
+                      seconds=seconds_write + verify_seconds, verify_seconds=verify_seconds,
+                      header=saved)
+    log.info("saved %d bytes in %d chunks (%d zero pages) as %d bytes in %.2fs (verify %.2fs)",
+             total, stats.chunk_count, stats.zero_pages, stats.stored_bytes, stats.seconds,
+             verify_seconds)
+    return stats
+
+
+def _abort(dev: ImageDevice, reason: str) -> None:
+    try:
+        store.set_state(dev, ImageState.ABORTED, reason=reason[:500])
+    except KjumpError as e:
+        log.error("could not mark the image ABORTED: %s", e.message)
+
+
+def verify_records(dev: ImageDevice, data_off: int, data_len: int,
+                   extents: tuple[MemoryExtent, ...], chunk_size: int,
+                   crcs: list[int] | None = None) -> None:
+    """Re-read every record: header CRC, payload CRC, place in the plan, CRC as written."""
+    from kjumpd.image.chunk import check_chunk
+    reader = RecordReader(dev, data_off, data_len)
+    try:
+        plan = chunk_plan(extents, chunk_size)
+        count = 0
+        for ch, bitmap, payload, off in reader:
+            expect = next(plan, None)
+            _check_place(ch, expect, off)
+            check_chunk(ch, bitmap, payload, off)
+            if crcs is not None and (count >= len(crcs) or crcs[count] != ch.crc):
+                raise ImageCorruptError(f"chunk {ch.index} at byte offset {off} differs from "
+                                        "what was written", why="read-back mismatch",
+                                        fix="the disk returned other data; check it",
+                                        structure="chunk", offset=off)
+            count += 1
+        want = chunk_count(extents, chunk_size)
+        if count != want:
+            raise ImageCorruptError(f"image data holds {count} chunks, expected {want}",
+                                    why="the image is truncated",
+                                    fix="the image cannot be used", structure="data",
+                                    offset=data_off + data_len)
+    finally:
+        reader.close()
+
+
+def _check_place(ch: Any, expect: tuple[int, int, int] | None, off: int) -> None:
+    if expect is None or (ch.index, ch.phys, ch.raw_length) != expect:
+        want = "no more chunks" if expect is None else \
+            f"chunk {expect[0]} at {expect[1]:#x}+{expect[2]}"
+        raise ImageCorruptError(f"chunk record at byte offset {off} is out of place",
+                                why=f"found chunk {ch.index} at {ch.phys:#x}+{ch.raw_length}, "
+                                    f"expected {want}",
+                                fix="the image cannot be used; boot normally and hibernate again",
+                                structure="chunk", offset=off)

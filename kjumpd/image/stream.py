@@ -1,0 +1,134 @@
+"""Sequential record I/O on the data area of a target, in aligned windows.
+
+RecordWriter packs chunk records back to back into a page-aligned buffer and writes whole
+windows (O_DIRECT-friendly); RecordReader reads the same area window by window and yields
+parsed records. Memory use is one window plus one record.
+
+Standard library only: this runs in the save kernel's initramfs.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Iterator
+
+from kjumpd.errors import ImageCorruptError, TargetError
+from kjumpd.image.device import ALIGN, ImageDevice
+from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader
+
+WINDOW = 4 * 1024 * 1024
+
+
+class RecordWriter:
+    def __init__(self, dev: ImageDevice, start: int, window: int = WINDOW) -> None:
+        if start % ALIGN:
+            raise ValueError("data area must be aligned")
+        self.dev = dev
+        self.start = start
+        self.buf = mmap.mmap(-1, window)
+        self.fill = 0
+        self.flushed = 0          # bytes of the data area already on the device
+        self.length = 0           # bytes appended
+
+    @property
+    def capacity(self) -> int:
+        return self.dev.size - self.start
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if self.start + self.length + n > self.dev.size:
+            raise TargetError("the target is full",
+                              why=f"the image needs more than the {self.capacity} bytes of "
+                                  f"data area (target {self.dev.size} bytes)",
+                              fix="make the target larger (or shrink memory first)",
+                              path=self.dev.path, offset=self.start + self.length)
+        mv = memoryview(data)
+        done = 0
+        while done < n:
+            take = min(n - done, len(self.buf) - self.fill)
+            self.buf[self.fill:self.fill + take] = mv[done:done + take]
+            self.fill += take
+            done += take
+            if self.fill == len(self.buf):
+                self._write(self.fill)
+        self.length += n
+
+    def _write(self, n: int) -> None:
+        padded = -(-n // ALIGN) * ALIGN
+        if padded > n:
+            self.buf[n:padded] = bytes(padded - n)
+        self.dev.write_aligned(self.start + self.flushed, memoryview(self.buf)[:padded])
+        self.flushed += n
+        self.fill = 0
+
+    def finish(self) -> int:
+        """Write the last partial window (zero-padded to the block size); the data length."""
+        if self.fill:
+            if self.start + self.flushed + -(-self.fill // ALIGN) * ALIGN > self.dev.size:
+                raise TargetError("the target is full", fix="make the target larger",
+                                  path=self.dev.path)
+            self._write(self.fill)
+        return self.length
+
+    def close(self) -> None:
+        self.buf.close()
+
+
+class RecordReader:
+    """Yield (ChunkHeader, bitmap, payload, logical_offset) from [start, start+length)."""
+
+    def __init__(self, dev: ImageDevice, start: int, length: int, window: int = WINDOW) -> None:
+        self.dev = dev
+        self.start = start
+        self.end = start + length
+        self.window = window
+        self.next_read = start      # next logical offset to read (aligned)
+        self.buf = bytearray()
+        self.pos = 0                # position in buf
+        self.base = start           # logical offset of buf[0]
+        self._win = mmap.mmap(-1, window)
+
+    def _need(self, n: int, what: str, offset: int) -> None:
+        while len(self.buf) - self.pos < n:
+            if self.next_read >= self.end:
+                raise ImageCorruptError(f"image data ends inside {what} at byte offset {offset}",
+                                        why="the image is truncated",
+                                        fix="the image cannot be used; boot normally and "
+                                            "hibernate again",
+                                        structure=what, offset=offset)
+            if self.pos:
+                del self.buf[:self.pos]
+                self.base += self.pos
+                self.pos = 0
+            want = min(self.window, -(-(self.end - self.next_read) // ALIGN) * ALIGN,
+                       self.dev.size - self.next_read)
+            mv = memoryview(self._win)[:want]
+            try:
+                self.dev.readinto(self.next_read, mv)
+                keep = min(want, self.end - self.next_read)
+                self.buf += mv[:keep]
+            finally:
+                mv.release()
+            self.next_read += want
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return out
+
+    def __iter__(self) -> Iterator[tuple[ChunkHeader, bytes, bytes, int]]:
+        return self
+
+    def __next__(self) -> tuple[ChunkHeader, bytes, bytes, int]:
+        off = self.base + self.pos
+        if off >= self.end:
+            raise StopIteration
+        self._need(CHUNK_HEADER_SIZE, "chunk record header", off)
+        ch = ChunkHeader.unpack(self._take(CHUNK_HEADER_SIZE), base=off)
+        self._need(ch.bitmap_length + ch.payload_length, f"chunk {ch.index}", off)
+        bitmap = self._take(ch.bitmap_length)
+        payload = self._take(ch.payload_length)
+        return ch, bitmap, payload, off
+
+    def close(self) -> None:
+        self._win.close()
