@@ -2,7 +2,8 @@
 
     kjumpd [--sysroot DIR] [--bus ADDRESS] [--config FILE] [--log-level LEVEL]
 
-Defaults: sysroot "/", the system bus, /etc/kjumpd/kjumpd.toml (read through the sysroot).
+Defaults: sysroot "/", the system bus (or the bus that activated it: DBUS_STARTER_ADDRESS),
+/etc/kjumpd/kjumpd.toml (read through the sysroot).
 Runs a GLib main loop; the transition runs in a worker thread (kjumpd.service).
 
 - systemd: Type=notify. READY=1 once the name is owned, STATUS= on every state change,
@@ -191,6 +192,8 @@ class Daemon:
         self.config = load_config(self.sysroot, args.config)
         self.notifier = sdnotify.Notifier()
         self.loop = GLib.MainLoop()
+        if not args.bus and os.environ.get("DBUS_STARTER_ADDRESS"):
+            args.bus = os.environ["DBUS_STARTER_ADDRESS"]   # started by bus activation
         try:
             self.bus = pydbus.connect(args.bus) if args.bus else pydbus.SystemBus()
         except GLib.Error as e:
