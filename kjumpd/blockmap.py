@@ -391,9 +391,9 @@ def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
     return target, sb.uuid_str
 
 
-def current(sysroot: Sysroot, path: str) -> tuple[Target, str]:
+def current(sysroot: Sysroot, path: str, restamp: bool = True) -> tuple[Target, str]:
     """Translate the target again and make sure its superblock matches; re-stamp a file
-    target whose extents moved (before anything is frozen). (Target, UUID)."""
+    target whose extents moved (only with ``restamp``: before anything is frozen)."""
     from kjumpd.image import store
     from kjumpd.image.device import ImageDevice
     target = translate(sysroot, path)
@@ -414,7 +414,7 @@ def current(sysroot: Sysroot, path: str) -> tuple[Target, str]:
                               fix="run `kjumpctl setup`") from None
     recorded = [(e.logical, e.device_offset, e.length) for e in sb.blockmap]
     if recorded != target.blockmap:
-        if target.kind != "file":
+        if target.kind != "file" or not restamp:
             raise TargetError(f"the superblock of {path} records another block map",
                               fix="run `kjumpctl setup` again")
         log.info("target %s moved on disk; stamping its new block map", path)

@@ -1,0 +1,178 @@
+"""kjumpctl commands that run locally (no daemon needed): check, plan, setup.
+
+  check [--mode MODE] [--json]   the preflight kjumpd runs before every hibernation
+  plan  [--mode MODE] [--json]   what a hibernation would do: quiesce writes, filesystems
+                                 to freeze, memory ranges, the save kernel's command line
+  setup --target PATH --size SIZE   create (file) or claim (partition) the image target
+        --jump-area [--yes]      put crashkernel=SIZE@OFFSET on the boot loader's command
+                                 line (shows the diff; writes only with --yes or after "y")
+        --bootloader grub|bls|restore-first   install the restore-first boot entry
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kjumpd import config as cfgmod
+from kjumpd.errors import ConfigError, KjumpError, UnsupportedError
+from kjumpd.sysroot import Sysroot
+
+
+def _load(args: argparse.Namespace) -> tuple[Sysroot, cfgmod.Config]:
+    sr = Sysroot(Path(args.sysroot))
+    if getattr(args, "config", None):
+        try:
+            text = Path(args.config).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read {args.config}", why=e.strerror or str(e),
+                              fix="pass an existing file to --config") from None
+        return sr, cfgmod.loads(text, args.config)
+    return sr, cfgmod.load(sr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from kjumpd import preflight
+    sr, cfg = _load(args)
+    rep = preflight.run(sr, cfg, args.mode)
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=1))
+    else:
+        print(rep.text())
+        print("hibernation is possible" if rep.ok else "hibernation is NOT possible")
+    return 0 if rep.ok else 3
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kjumpd import fsfreeze, kexec, preflight, quiesce
+    sr, cfg = _load(args)
+    mode = args.mode or cfg.mode
+    rep = preflight.run(sr, cfg, mode)
+    q = quiesce.plan(sr, cfg, mode)
+    mounts = fsfreeze.freezable(fsfreeze.parse_mountinfo(
+        sr.read_text("/proc/self/mountinfo", default="")))
+    plan: dict[str, Any] = {
+        "mode": mode,
+        "preflight_ok": rep.ok,
+        "quiesce": [vars(w) for w in q.writes],
+        "quiesce_notes": q.notes,
+        "freeze": [m.mountpoint for m in mounts],
+    }
+    area = rep.context.get("area")
+    if area is not None:
+        plan["jump_area"] = [area.start, area.size]
+        plan["save_cmdline"] = kexec.save_cmdline(cfg, area)
+    mem = rep.context.get("memory")
+    if mem is not None:
+        plan["memory_ranges"] = [[s, e] for s, e in mem.ranges]
+        plan["memory_excluded"] = [vars(x) for x in mem.excluded]
+    t = rep.context.get("target")
+    if t is not None:
+        plan["target"] = {"path": t.path, "disk": t.disk, "blockmap": t.blockmap}
+    if args.json:
+        print(json.dumps(plan, indent=1))
+        return 0
+    print(f"mode: {mode}" + ("" if rep.ok else "   (preflight fails: see kjumpctl check)"))
+    print("quiesce (in order; undone in reverse):")
+    print("  " + q.describe().replace("\n", "\n  "))
+    print("freeze (leaves first): " + (", ".join(plan["freeze"]) or "nothing"))
+    if "memory_ranges" in plan:
+        print("memory to save:")
+        for s, e in plan["memory_ranges"]:
+            print(f"  [{s:#x}, {e:#x})  {(e - s) >> 20} MiB")
+        for x in plan["memory_excluded"]:
+            print(f"  excluded [{x['start']:#x}, {x['end']:#x}): {x['reason']}")
+    if "save_cmdline" in plan:
+        print(f"save kernel command line: {plan['save_cmdline']}")
+    if t is not None:
+        print(f"target: {t.path} -> {t.disk}, {len(t.blockmap)} extents")
+    return 0
+
+
+def _confirm(args: argparse.Namespace, question: str) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        print("(not written: pass --yes to write)")
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from kjumpd import blockmap, jumparea
+    sr, cfg = _load(args)
+    did = False
+    if args.target or args.size:
+        path = args.target or cfg.target
+        size = cfgmod.parse_size(args.size, "--size") if args.size else cfg.target_size
+        target, uuid = blockmap.setup(sr, path, size)
+        print(f"target {target.path}: {target.size >> 20} MiB, UUID {uuid}, on {target.disk} "
+              f"at byte {target.superblock_offset} ({len(target.blockmap)} extents)")
+        if path != cfg.target:
+            print(f'set target.path = "{path}" in {cfgmod.CONFIG_PATH}')
+        did = True
+    if args.jump_area:
+        need = jumparea.required_size(sr, cfg)
+        start = cfg.jump_area_start if cfg.jump_area_start is not None else jumparea.DEFAULT_START
+        area = jumparea.JumpArea(start, max(need, cfg.jump_area_size or 0))
+        print(f"the save kernel needs {need >> 20} MiB: {area.kernel_arg}")
+        edits = jumparea.plan_bootloader_edits(sr, area)
+        if not edits:
+            print("the boot loader configuration already has it")
+        for e in edits:
+            print(e.diff(), end="")
+        if edits and _confirm(args, "write these changes?"):
+            jumparea.apply_edits(sr, edits)
+            print("written; run update-grub if you use GRUB, then reboot")
+        did = True
+    if args.bootloader:
+        try:
+            from kjumpd import bootentry
+        except ImportError:
+            raise UnsupportedError("boot entry installation is not available",
+                                   why="kjumpd.bootentry is missing from this installation",
+                                   fix="install the complete kjumpd package") from None
+        target, uuid = blockmap.current(sr, cfg.target, restamp=False)
+        rec = bootentry.install(sr, args.bootloader, kernel=Path(args.restore_kernel),
+                                initrd=Path(args.restore_initrd),
+                                cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}",
+                                esp=args.esp)
+        print(f"installed the {rec.kind} entry ({rec.loader}): {', '.join(rec.files)}")
+        did = True
+    if not did:
+        raise ConfigError("setup needs something to do",
+                          fix="pass --target/--size, --jump-area or --bootloader")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("check", help="check that this machine can hibernate (preflight)")
+    p.add_argument("--mode", choices=cfgmod.MODES, default=None)
+    p.add_argument("--config", default=None, help="configuration file to use")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", help="show what a hibernation would do, without doing it")
+    p.add_argument("--mode", choices=cfgmod.MODES, default=None)
+    p.add_argument("--config", default=None, help="configuration file to use")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("setup", help="prepare the target, the jump area and the boot entry")
+    p.add_argument("--config", default=None, help="configuration file to use")
+    p.add_argument("--target", default=None, help="image file or partition (default: config)")
+    p.add_argument("--size", default=None, help="image file size, e.g. 8G")
+    p.add_argument("--jump-area", action="store_true",
+                   help="add crashkernel=SIZE@OFFSET to the boot loader's kernel command line")
+    p.add_argument("--bootloader", choices=("grub", "bls", "restore-first"), default=None,
+                   help="install the restore-first boot entry")
+    p.add_argument("--restore-kernel", default="/usr/lib/kjumpd/restore/vmlinuz",
+                   help="restore-first kernel to install (with --bootloader)")
+    p.add_argument("--restore-initrd", default="/usr/lib/kjumpd/restore/initrd.img",
+                   help="restore-first initramfs to install (with --bootloader)")
+    p.add_argument("--esp", default="/boot/efi", help="EFI system partition (bls)")
+    p.add_argument("--yes", action="store_true", help="write without asking")
+    p.set_defaults(func=cmd_setup)

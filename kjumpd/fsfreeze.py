@@ -1,0 +1,178 @@
+"""Filesystem freeze and thaw (FIFREEZE/FITHAW), and holding the daemon's logs meanwhile.
+
+Which filesystems: every mount in /proc/self/mountinfo whose filesystem type is a local
+disk filesystem, mounted read-write, one mount per superblock (bind mounts share one),
+frozen leaves first (deepest mount point first) and thawed in reverse. Before each
+FIFREEZE the mount point's st_dev is compared with mountinfo's MAJ:MIN, so a stale table
+(or a fake tree) never freezes the wrong filesystem.
+
+While anything is frozen nothing may write to a filesystem: :class:`HeldLogs` buffers
+every record of the root logger in memory and releases them after the thaw.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import logging.handlers
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from kjumpd.errors import FreezeError
+from kjumpd.sysroot import Sysroot
+
+log = logging.getLogger(__name__)
+
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "msdos", "exfat", "f2fs",
+                      "jfs", "reiserfs", "ntfs3", "hfsplus", "nilfs2", "bcachefs"})
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    devno: str              # "MAJ:MIN"
+    mountpoint: str         # system path
+    fstype: str
+    source: str
+    options: str
+
+    @property
+    def depth(self) -> int:
+        return 0 if self.mountpoint == "/" else self.mountpoint.rstrip("/").count("/")
+
+
+def _unescape(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        lf, rf = left.split(), right.split()
+        if len(lf) < 6 or len(rf) < 3:
+            continue
+        mounts.append(Mount(int(lf[0]), lf[2], _unescape(lf[4]), rf[0], _unescape(rf[1]),
+                            lf[5] + "," + rf[2]))
+    return mounts
+
+
+def freezable(mounts: list[Mount]) -> list[Mount]:
+    """Local read-write filesystems, one mount per superblock, leaves first."""
+    seen: set[str] = set()
+    out = []
+    for m in mounts:
+        opts = m.options.split(",")
+        if m.fstype not in LOCAL_FS or "ro" in opts or m.devno in seen:
+            continue
+        seen.add(m.devno)
+        out.append(m)
+    return sorted(out, key=lambda m: (-m.depth, m.mountpoint))
+
+
+def device_of(sysroot: Sysroot, m: Mount) -> str:
+    """The block device path of a mount, for the superblock stamp."""
+    if m.source.startswith("/dev/") and m.source != "/dev/root":
+        return m.source
+    link = sysroot.path(f"/sys/dev/block/{m.devno}")
+    if link.exists():
+        return "/dev/" + os.path.basename(os.path.realpath(link))
+    raise FreezeError(f"cannot find the block device of {m.mountpoint}",
+                      why=f"source {m.source!r}, {m.devno} not in /sys/dev/block",
+                      fix="report this mount table")
+
+
+def _ioctl_dir(sysroot: Sysroot, m: Mount, request: int) -> None:
+    real = sysroot.path(m.mountpoint)
+    fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" != m.devno:
+            raise FreezeError(f"{m.mountpoint} is not the filesystem mountinfo names",
+                              why=f"mountinfo says {m.devno}, the directory is on "
+                                  f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
+                              fix="the mount table changed; try again",
+                              mountpoint=m.mountpoint)
+        fcntl.ioctl(fd, request, 0)
+    finally:
+        os.close(fd)
+
+
+def freeze(sysroot: Sysroot, mounts: list[Mount],
+           on_frozen: Callable[[Mount], None] | None = None) -> list[Mount]:
+    """sync, then FIFREEZE each mount in order; on failure thaw what was frozen and raise.
+
+    ``on_frozen`` is called after each successful freeze (for the undo journal)."""
+    os.sync()
+    done: list[Mount] = []
+    for m in mounts:
+        try:
+            _ioctl_dir(sysroot, m, FIFREEZE)
+        except FreezeError:
+            thaw(sysroot, done)
+            raise
+        except OSError as e:
+            thaw(sysroot, done)
+            raise FreezeError(f"cannot freeze {m.mountpoint} ({m.fstype})",
+                              why=e.strerror or str(e),
+                              fix="check that it is not frozen already (fsfreeze -u) and that "
+                                  "the filesystem supports freezing",
+                              mountpoint=m.mountpoint) from None
+        done.append(m)
+        if on_frozen:
+            on_frozen(m)
+    return done
+
+
+def thaw(sysroot: Sysroot, frozen: list[Mount]) -> list[str]:
+    """FITHAW in reverse order; returns the errors (the caller reports them)."""
+    errors = []
+    for m in reversed(frozen):
+        try:
+            _ioctl_dir(sysroot, m, FITHAW)
+        except (OSError, FreezeError) as e:
+            errors.append(f"{m.mountpoint}: {getattr(e, 'strerror', None) or e}")
+    return errors
+
+
+class HeldLogs:
+    """Buffer every log record of the root logger in memory until :meth:`release`."""
+
+    def __init__(self) -> None:
+        self._swapped: list[tuple[logging.Handler, logging.handlers.MemoryHandler]] = []
+
+    def hold(self) -> None:
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            mem = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 10,
+                                                 target=h, flushOnClose=True)
+            mem.setLevel(h.level)
+            root.removeHandler(h)
+            root.addHandler(mem)
+            self._swapped.append((h, mem))
+
+    @property
+    def held(self) -> int:
+        return sum(len(m.buffer) for _, m in self._swapped)
+
+    def release(self) -> None:
+        root = logging.getLogger()
+        for h, mem in reversed(self._swapped):
+            root.removeHandler(mem)
+            root.addHandler(h)
+            mem.flush()
+            mem.close()
+        self._swapped.clear()

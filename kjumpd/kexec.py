@@ -1,0 +1,155 @@
+"""Driving kexec-tools for the jump to the save kernel, and the identities the job carries.
+
+* load:   ``kexec -c --load-preserve-context --mem-min=START --mem-max=END --no-checks
+           BZIMAGE --initrd=INITRD --append=CMDLINE`` (``-c``: kexec_load(2); the file-based
+           syscall has no preserve-context. ``--no-checks``: the daemon verifies the kernel's
+           hash itself.)
+* jump:   ``kexec -e``. After a jump back it returns rc 255 "Bad file descriptor" on real
+           kernels: its status says nothing; the caller reads the image header.
+* unload: ``kexec -u``.
+
+The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), written to
+/run/kjumpd (tmpfs) after the filesystems are frozen. The save kernel's command line is
+``<save_kernel.append> memmap=exactmap memmap=512K@0K memmap=SIZE@START kjump.role=save``:
+B's memory is exactly the low 512K and the jump area.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+
+from kjumpd.config import Config, format_size
+from kjumpd.errors import KexecError
+from kjumpd.job import Job
+from kjumpd.jumparea import JumpArea
+from kjumpd.sysroot import Sysroot
+
+log = logging.getLogger(__name__)
+
+INITRD = "/run/kjumpd/save-initrd.img"
+
+
+def sha256_file(path: os.PathLike[str] | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_id_from_notes(data: bytes) -> str:
+    """The GNU build id from /sys/kernel/notes (ELF note records), or ""."""
+    pos = 0
+    while pos + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+        pos += 12
+        name = data[pos:pos + namesz]
+        pos += (namesz + 3) & ~3
+        desc = data[pos:pos + descsz]
+        pos += (descsz + 3) & ~3
+        if ntype == 3 and name.rstrip(b"\0") == b"GNU":
+            return desc.hex()
+    return ""
+
+
+def main_kernel_identity(sysroot: Sysroot) -> dict[str, str]:
+    release = sysroot.read_text("/proc/sys/kernel/osrelease", default="").strip()
+    try:
+        notes = sysroot.path("/sys/kernel/notes").read_bytes()
+    except OSError:
+        notes = b""
+    return {"release": release, "build_id": build_id_from_notes(notes)}
+
+
+def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
+    return (f"{config.save_append} memmap=exactmap memmap=512K@0K "
+            f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}").strip()
+
+
+def write_initrd(sysroot: Sysroot, base: str, job: Job) -> str:
+    """B's initramfs + zero padding to 512 bytes + the job cpio, at /run/kjumpd; returns its
+    system path. Only /run (tmpfs) is written."""
+    out = sysroot.path(INITRD)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".new")
+    try:
+        with open(sysroot.path(base), "rb") as src, open(tmp, "wb") as dst:
+            os.fchmod(dst.fileno(), 0o600)
+            shutil.copyfileobj(src, dst, 1 << 20)
+            pad = -dst.tell() % 512
+            dst.write(b"\0" * pad + job.to_cpio())
+        os.replace(tmp, out)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise KexecError("cannot write the save kernel's initrd with the job",
+                         why=f"{e.filename}: {e.strerror or e}",
+                         fix="check /run (tmpfs) has room and the initramfs exists") from None
+    return INITRD
+
+
+def remove_initrd(sysroot: Sysroot) -> None:
+    try:
+        sysroot.path(INITRD).unlink()
+    except FileNotFoundError:
+        pass
+
+
+@dataclass
+class Kexec:
+    binary: str
+    timeout: float = 120.0
+
+    @classmethod
+    def find(cls, config: Config) -> "Kexec":
+        path = shutil.which(config.kexec)
+        if path is None:
+            raise KexecError(f"{config.kexec} is not installed", why="not found on PATH",
+                             fix="apt-get install kexec-tools")
+        return cls(path, config.timeout_kexec)
+
+    def _run(self, args: list[str], what: str, timeout: float | None) -> subprocess.CompletedProcess[str]:
+        argv = [self.binary, *args]
+        log.info("running %s", " ".join(argv))
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired:
+            raise KexecError(f"kexec {what} timed out", why=f"no answer in {timeout:g} s",
+                             fix="check dmesg") from None
+        except OSError as e:
+            raise KexecError(f"cannot run {self.binary}", why=e.strerror or str(e),
+                             fix="reinstall kexec-tools") from None
+
+    def load(self, sysroot: Sysroot, kernel: str, initrd: str, cmdline: str,
+             area: JumpArea) -> None:
+        r = self._run(["-c", "--load-preserve-context", f"--mem-min={area.start:#x}",
+                       f"--mem-max={area.end - 1:#x}", "--no-checks", str(sysroot.path(kernel)),
+                       f"--initrd={sysroot.path(initrd)}", f"--append={cmdline}"],
+                      "load", self.timeout)
+        if r.returncode != 0:
+            raise KexecError("loading the save kernel failed",
+                             why=(r.stderr or r.stdout).strip()[-400:] or f"rc {r.returncode}",
+                             fix="check that the jump area is free (kexec -p -u) and lockdown "
+                                 "is off", returncode=r.returncode)
+
+    def jump(self) -> int:
+        """Jump to B; returns when B jumps back (or at once if the jump did not happen).
+        The status is logged only: the image header says what happened."""
+        r = self._run(["-e"], "jump", None)
+        log.info("kexec -e returned %d: %s", r.returncode, (r.stderr or r.stdout).strip()[-200:])
+        return r.returncode
+
+    def unload(self) -> None:
+        r = self._run(["-u"], "unload", self.timeout)
+        if r.returncode != 0:
+            raise KexecError("unloading the save kernel failed",
+                             why=(r.stderr or r.stdout).strip()[-400:], fix="run kexec -u")

@@ -1,0 +1,201 @@
+"""Preflight: exactly what ``kjumpctl check`` runs, and the first step of every hibernation.
+
+Each item has a name, ok, a detail and a fix. ``fatal`` items must be ok for a hibernation
+to start (``report.ok``); the others are advice. The report also carries what the checks
+computed (jump area, target, memory plan, identities), so the transaction does not
+compute it twice.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kjumpd import blockmap, jumparea, memory
+from kjumpd.config import Config
+from kjumpd.errors import KjumpError
+from kjumpd.kexec import sha256_file
+from kjumpd.sysroot import Sysroot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreflightItem:
+    name: str
+    ok: bool
+    detail: str = ""
+    fix: str = ""
+    fatal: bool = True
+
+
+@dataclass
+class PreflightReport:
+    items: list[PreflightItem] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(i.ok for i in self.items if i.fatal)
+
+    def failed(self) -> list[PreflightItem]:
+        return [i for i in self.items if not i.ok and i.fatal]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "items": [vars(i) for i in self.items]}
+
+    def text(self) -> str:
+        lines = []
+        for i in self.items:
+            mark = "ok  " if i.ok else ("FAIL" if i.fatal else "warn")
+            line = f"[{mark}] {i.name}: {i.detail}"
+            if not i.ok and i.fix:
+                line += f"\n       fix: {i.fix}"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def kexec_jump_config(sysroot: Sysroot) -> tuple[bool | None, str]:
+    """(True/False/None unknown, where it was read)."""
+    release = sysroot.read_text("/proc/sys/kernel/osrelease", default="").strip()
+    try:
+        text = gzip.decompress(sysroot.path("/proc/config.gz").read_bytes()).decode(errors="replace")
+        src = "/proc/config.gz"
+    except (OSError, EOFError, gzip.BadGzipFile):
+        text = sysroot.read_text(f"/boot/config-{release}", default="")
+        src = f"/boot/config-{release}"
+    if text:
+        return ("CONFIG_KEXEC_JUMP=y" in text.splitlines()), src
+    return None, "no kernel config found"
+
+
+def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightReport:
+    mode = mode or config.mode
+    rep = PreflightReport()
+    add = rep.items.append
+
+    def step(name: str, fn: Callable[[], str], fatal: bool = True) -> bool:
+        try:
+            add(PreflightItem(name, True, fn(), fatal=fatal))
+            return True
+        except KjumpError as e:
+            add(PreflightItem(name, False, e.what + (f": {e.why}" if e.why else ""), e.fix,
+                              fatal=fatal))
+            return False
+
+    # kernel support
+    jump, src = kexec_jump_config(sysroot)
+    has_kexec = sysroot.exists("/sys/kernel/kexec_loaded")
+    if jump is True:
+        add(PreflightItem("kernel", True, f"CONFIG_KEXEC_JUMP=y ({src})"))
+    elif jump is False:
+        add(PreflightItem("kernel", False, f"CONFIG_KEXEC_JUMP is not set ({src})",
+                          "boot a kernel built with CONFIG_KEXEC_JUMP=y (savekernel/build-kernel.sh)"))
+    else:
+        add(PreflightItem("kernel", has_kexec,
+                          "kexec present (/sys/kernel/kexec_loaded); CONFIG_KEXEC_JUMP "
+                          "cannot be confirmed: " + src if has_kexec else "no kexec support",
+                          "boot a kernel built with CONFIG_KEXEC_JUMP=y"))
+    lockdown = sysroot.read_text("/sys/kernel/security/lockdown", default="").strip()
+    locked = bool(lockdown) and "[none]" not in lockdown
+    add(PreflightItem("lockdown", not locked, f"lockdown: {lockdown or 'not present'}",
+                      "disable Secure Boot lockdown (kexec_load is refused under lockdown)"))
+    disabled = sysroot.read_text("/proc/sys/kernel/kexec_load_disabled", default="0").strip()
+    add(PreflightItem("kexec_load", disabled != "1", f"kexec_load_disabled = {disabled}",
+                      "it cannot be re-enabled without a reboot; remove whatever sets "
+                      "kernel.kexec_load_disabled=1"))
+
+    # save kernel files and their hashes
+    files_ok = True
+    for what, path, want in (("save kernel", config.save_kernel, config.save_kernel_sha256),
+                             ("save initramfs", config.save_initramfs,
+                              config.save_initramfs_sha256)):
+        p = sysroot.path(path)
+        if not p.is_file():
+            files_ok = False
+            add(PreflightItem(what, False, f"{path} is missing",
+                              "build it (make -C savekernel) and install it, or set [save_kernel]"))
+            continue
+        got = sha256_file(p)
+        key = "kernel_sha256" if what == "save kernel" else "initramfs_sha256"
+        if want and got != want:
+            files_ok = False
+            add(PreflightItem(what, False, f"{path} has sha256 {got}, config says {want}",
+                              f"reinstall the save kernel, or set save_kernel.{key} = \"{got}\""))
+        elif not want:
+            files_ok = False
+            add(PreflightItem(what, False, f"{path}: no recorded hash in the config",
+                              f"set save_kernel.{key} = \"{got}\" in /etc/kjumpd/kjumpd.toml"))
+        else:
+            add(PreflightItem(what, True, f"{path} sha256 matches"))
+        rep.context[f"{key}"] = got
+    kex = shutil.which(config.kexec)
+    add(PreflightItem("kexec-tools", kex is not None, kex or f"{config.kexec} not on PATH",
+                      "apt-get install kexec-tools"))
+
+    # jump area, sized for the save kernel
+    need = None
+    if files_ok:
+        try:
+            need = jumparea.required_size(sysroot, config)
+        except KjumpError:
+            need = None
+    rep.context["need"] = need
+
+    def area() -> str:
+        a = jumparea.find(sysroot, config, need)
+        rep.context["area"] = a
+        return (f"{a.kernel_arg} reserved" +
+                (f", save kernel needs {need >> 20} MiB" if need else ""))
+    area_ok = step("jump area", area)
+
+    if area_ok:
+        def mem() -> str:
+            mp = memory.build(sysroot, rep.context["area"])
+            rep.context["memory"] = mp
+            return (f"{mp.total >> 20} MiB of RAM in {len(mp.ranges)} ranges to save"
+                    + ("" if mp.firmware_checked else " (no /sys/firmware/memmap to cross-check)"))
+        step("memory map", mem)
+
+    def target() -> str:
+        t, uuid = blockmap.current(sysroot, config.target, restamp=False)
+        rep.context["target"], rep.context["uuid"] = t, uuid
+        return (f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
+                f"{t.disk} from {t.superblock_offset}), UUID {uuid}")
+    step("target", target)
+
+    # boot entry for restore (owned by kjumpd.bootentry)
+    try:
+        from kjumpd import bootentry
+        problems = bootentry.check(sysroot)
+        add(PreflightItem("boot entry", not problems,
+                          "; ".join(problems) if problems else "restore-first entry installed",
+                          "kjumpctl setup --bootloader grub|bls|restore-first"))
+    except ImportError:
+        add(PreflightItem("boot entry", False, "kjumpd.bootentry is not available",
+                          "install the complete kjumpd package"))
+
+    # the mode's way out
+    if mode == "platform":
+        disk = sysroot.read_text("/sys/power/disk", default="")
+        ok = sysroot.exists("/dev/snapshot") and "platform" in disk
+        add(PreflightItem("mode platform", ok, f"/dev/snapshot, /sys/power/disk: {disk.strip() or 'missing'}",
+                          "enable CONFIG_HIBERNATION (ACPI S4), or use mode shutdown"))
+    elif mode in ("shutdown", "reboot"):
+        add(PreflightItem(f"mode {mode}", sysroot.exists("/proc/sysrq-trigger"),
+                          "/proc/sysrq-trigger", "enable CONFIG_MAGIC_SYSRQ"))
+    elif mode == "suspend":
+        st = sysroot.read_text("/sys/power/state", default="")
+        add(PreflightItem("mode suspend", "mem" in st.split(), f"/sys/power/state: {st.strip()}",
+                          "this machine cannot suspend to RAM; use mode platform"))
+    if config.image_size_limit:
+        cmd = sysroot.read_text("/proc/cmdline", default="")
+        add(PreflightItem("image size limit", "init_on_free=1" in cmd.split(),
+                          "freed pages are zeroed" if "init_on_free=1" in cmd.split() else
+                          "without init_on_free=1 pages freed by the shrink keep their contents "
+                          "and are saved anyway", "add init_on_free=1 to the kernel command line",
+                          fatal=False))
+    return rep

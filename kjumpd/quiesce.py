@@ -1,0 +1,187 @@
+"""Quiesce devices through sysfs: plan (pure), apply (journaled), undo (reverse).
+
+Policy (from [quiesce] in the config):
+* runtime PM: every device whose power/control is "auto" is set to "on", so no device
+  runtime-suspends around the jump and the save kernel finds it powered;
+* wake-up sources (``disable_wakeup``): power/wakeup "enabled" -> "disabled", except the
+  devices named in ``keep_wakeup`` (sysfs name or path suffix) and, in suspend mode, the
+  RTC that must wake the machine for the battery check;
+* network links (``network_down``): interfaces with IFF_UP in /sys/class/net/X/flags get it
+  cleared (links down), restored afterwards; loopback is left alone;
+* quirks (``[[quiesce.unbind]]``): a device bound to the named driver is unbound through
+  /sys/bus/BUS/drivers/DRIVER/unbind and bound again through .../bind.
+
+Devices come from pyudev on the real system root and from a walk of /sys/devices in any
+other root; their attributes are read through the Sysroot either way. Every write is
+recorded (with the value it replaced) before the next one, in memory and in
+/run/kjumpd/quiesce.journal, and undone in reverse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+from kjumpd.config import Config
+from kjumpd.errors import KjumpError, QuiesceError
+from kjumpd.sysroot import Sysroot
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "/run/kjumpd/quiesce.journal"
+IFF_UP = 0x1
+
+
+@dataclass(frozen=True)
+class Write:
+    path: str                 # sysfs path written
+    value: str
+    undo_path: str            # where the undo writes (same path, or .../bind)
+    undo_value: str
+    why: str
+
+    def describe(self) -> str:
+        return f"{self.path} <- {self.value!r}  (undo: {self.undo_path} <- {self.undo_value!r}; {self.why})"
+
+
+@dataclass
+class Plan:
+    writes: list[Write] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [w.describe() for w in self.writes]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines) if lines else "(nothing to do)"
+
+
+def device_dirs(sysroot: Sysroot) -> list[str]:
+    """System paths of every device directory under /sys/devices."""
+    if sysroot.is_real:
+        try:
+            import pyudev
+            return sorted({d.sys_path for d in pyudev.Context().list_devices()
+                           if d.sys_path.startswith("/sys/devices/")})
+        except ImportError:
+            log.warning("pyudev is not installed; walking /sys/devices")
+    base = sysroot.path("/sys/devices")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if d != "power"]
+        if "uevent" in filenames:
+            out.append(sysroot.unmap(dirpath))
+    return sorted(out)
+
+
+def _rtc_device(sysroot: Sysroot) -> str | None:
+    link = sysroot.path("/sys/class/rtc/rtc0/device")
+    if not link.exists():
+        return None
+    return sysroot.unmap(os.path.realpath(link))
+
+
+def _kept(dev: str, keep: tuple[str, ...]) -> bool:
+    return any(dev == k or dev.endswith("/" + k.strip("/")) or os.path.basename(dev) == k
+               for k in keep)
+
+
+def plan(sysroot: Sysroot, config: Config, mode: str) -> Plan:
+    """What quiesce would write, read from the current sysfs state (no writes)."""
+    p = Plan()
+    rtc = _rtc_device(sysroot) if mode == "suspend" else None
+    for dev in device_dirs(sysroot):
+        if config.runtime_pm_on:
+            ctl = sysroot.read_text(f"{dev}/power/control", default="").strip()
+            if ctl == "auto":
+                p.writes.append(Write(f"{dev}/power/control", "on", f"{dev}/power/control",
+                                      "auto", "runtime PM off around the jump"))
+        if config.disable_wakeup:
+            wk = sysroot.read_text(f"{dev}/power/wakeup", default="").strip()
+            if wk == "enabled":
+                if _kept(dev, config.keep_wakeup):
+                    p.notes.append(f"{dev} keeps wake-up (keep_wakeup)")
+                elif rtc and (dev == rtc or rtc.startswith(dev + "/")):
+                    p.notes.append(f"{dev} keeps wake-up (RTC alarm for the battery check)")
+                else:
+                    p.writes.append(Write(f"{dev}/power/wakeup", "disabled",
+                                          f"{dev}/power/wakeup", "enabled", "wake-up source"))
+    if config.network_down:
+        for ifname in sysroot.listdir("/sys/class/net"):
+            if ifname == "lo":
+                continue
+            raw = sysroot.read_text(f"/sys/class/net/{ifname}/flags", default="").strip()
+            try:
+                flags = int(raw, 16)
+            except ValueError:
+                continue
+            if flags & IFF_UP:
+                path = f"/sys/class/net/{ifname}/flags"
+                p.writes.append(Write(path, hex(flags & ~IFF_UP), path, hex(flags),
+                                      f"link {ifname} down"))
+    for q in config.unbind:
+        drv = f"/sys/bus/{q.bus}/devices/{q.device}/driver"
+        link = sysroot.path(drv)
+        if not link.exists():
+            p.notes.append(f"quirk {q.bus}/{q.device}: no driver bound, nothing to unbind")
+            continue
+        bound = os.path.basename(os.path.realpath(link))
+        if bound != q.driver:
+            p.notes.append(f"quirk {q.bus}/{q.device}: bound to {bound}, not {q.driver}; left alone")
+            continue
+        base = f"/sys/bus/{q.bus}/drivers/{q.driver}"
+        p.writes.append(Write(f"{base}/unbind", q.device, f"{base}/bind", q.device,
+                              f"quirk: unbind {q.driver}"))
+    return p
+
+
+class Journal:
+    """Applied writes, newest last; mirrored to /run/kjumpd/quiesce.journal."""
+
+    def __init__(self, sysroot: Sysroot) -> None:
+        self.sysroot = sysroot
+        self.done: list[Write] = []
+        self._file = sysroot.path(JOURNAL)
+
+    def record(self, w: Write) -> None:
+        self.done.append(w)
+        self._file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._file, "a") as f:
+            f.write(json.dumps(asdict(w)) + "\n")
+
+    def clear(self) -> None:
+        self.done.clear()
+        try:
+            self._file.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def apply(sysroot: Sysroot, p: Plan, journal: Journal) -> None:
+    """Write each step in order, journaling it; on failure undo what was done and raise."""
+    for w in p.writes:
+        try:
+            sysroot.write_text(w.path, w.value)
+        except KjumpError as e:
+            errors = undo(sysroot, journal)
+            raise QuiesceError(f"quiesce step failed: {w.path}", why=e.why or e.message,
+                               fix="add the device to keep_wakeup or fix the quirk list; "
+                                   "undo " + ("failed for: " + "; ".join(errors) if errors
+                                              else "completed"),
+                               path=w.path) from None
+        journal.record(w)
+
+
+def undo(sysroot: Sysroot, journal: Journal) -> list[str]:
+    """Undo every journaled write in reverse; returns the failures (all are attempted)."""
+    errors = []
+    for w in reversed(journal.done):
+        try:
+            sysroot.write_text(w.undo_path, w.undo_value)
+        except KjumpError as e:
+            errors.append(f"{w.undo_path}: {e.why or e.message}")
+    journal.clear()
+    for e in errors:
+        log.error("quiesce undo failed: %s", e)
+    return errors

@@ -1,0 +1,342 @@
+"""The hibernate transaction in the main kernel (A): every step records its undo.
+
+Steps (../shared/docs/DESIGN.md, "Hibernate"):
+  preflight -> announce (PrepareForSleep(true), hooks "pre") -> shrink -> quiesce ->
+  boot one-shot -> [hold logs, sync, FIFREEZE, stamps, job + initrd in /run, kexec load] ->
+  jump (kexec -e) -> return point: read the header with O_DIRECT on the whole disk.
+
+At the return point:
+  SAVED     -> the mode: platform (S4), shutdown, reboot (never return on success), suspend
+               (S3 with the battery policy; a user wake invalidates the image), test
+               (invalidate, continue), checkpoint (keep the image, continue). A way out that
+               fails invalidates the image first, then rolls back.
+  RESTORING -> resumed: mark CONSUMED (raw disk, before any filesystem write), then undo.
+  anything else -> full rollback; the system keeps running.
+
+Undo runs in reverse (unload, remove initrd, thaw + release logs, boot one-shot off,
+quiesce undone, hooks "post", PrepareForSleep(false)); every undo is attempted and its
+failures are reported. ``run`` returns an Outcome when the system continues normally
+(resumed / continued / woke-from-ram) and raises the KjumpError that stopped it after a
+full rollback otherwise (``err.outcome`` holds the rolled-back Outcome).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from kjumpd import (blockmap, fsfreeze, hooks, kexec, memory, platform, preflight, quiesce,
+                    shrink)
+from kjumpd.config import MODES, Config
+from kjumpd.errors import (BusyError, CancelledError, ConfigError, ImageStateError, KjumpError,
+                           UnsupportedError)
+from kjumpd.job import Job
+from kjumpd.sysroot import Sysroot
+
+log = logging.getLogger(__name__)
+RUN_DIR = "/run/kjumpd"
+
+
+class Events(Protocol):
+    def phase(self, name: str, percent: float) -> None: ...
+    def prepare_for_sleep(self, active: bool) -> None: ...
+    def log(self, msg: str) -> None: ...
+
+
+class NullEvents:
+    def phase(self, name: str, percent: float) -> None:
+        pass
+
+    def prepare_for_sleep(self, active: bool) -> None:
+        pass
+
+    def log(self, msg: str) -> None:
+        pass
+
+
+@dataclass
+class Outcome:
+    result: str                       # resumed | continued | woke-from-ram | rolled-back
+    mode: str
+    image_state: str = "unknown"
+    resumed: bool = False
+    durations: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    undo_errors: list[str] = field(default_factory=list)
+    hook_failures: list[str] = field(default_factory=list)
+
+
+class _Undo:
+    def __init__(self) -> None:
+        self.stack: list[tuple[str, Callable[[], Any]]] = []
+
+    def push(self, name: str, fn: Callable[[], Any]) -> None:
+        self.stack.append((name, fn))
+
+    def run(self) -> list[str]:
+        errors: list[str] = []
+        while self.stack:
+            name, fn = self.stack.pop()
+            try:
+                res = fn()
+                if isinstance(res, list) and res and all(isinstance(x, str) for x in res):
+                    errors += [f"{name}: {x}" for x in res]
+            except KjumpError as e:
+                errors.append(f"{name}: {e.message}")
+            except OSError as e:
+                errors.append(f"{name}: {e.strerror or e}")
+        for e in errors:
+            log.error("undo: %s", e)
+        return errors
+
+
+class Hibernation:
+    def __init__(self, sysroot: Sysroot, config: Config, events: Events | None = None) -> None:
+        self.sysroot = sysroot
+        self.config = config
+        self.events: Events = events if events is not None else NullEvents()
+        self._lock = threading.Lock()
+        #: seconds the machine may stay up after a power-off/reboot/S4 request
+        self.settle = 20.0
+
+    # -- preflight --------------------------------------------------------------------------
+    def check(self, mode: str | None = None) -> preflight.PreflightReport:
+        return preflight.run(self.sysroot, self.config, mode)
+
+    # -- the transaction ------------------------------------------------------------------------
+    def run(self, mode: str | None = None, cancel: threading.Event | None = None) -> Outcome:
+        mode = mode or self.config.mode
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}", fix=f"use one of {', '.join(MODES)}",
+                              key="mode")
+        if not self._lock.acquire(blocking=False):
+            raise BusyError("a hibernation is already running", fix="wait for it or cancel it")
+        try:
+            return self._run(mode, cancel or threading.Event())
+        finally:
+            self._lock.release()
+
+    def _run(self, mode: str, cancel: threading.Event) -> Outcome:
+        sr, cfg, ev = self.sysroot, self.config, self.events
+        out = Outcome(result="rolled-back", mode=mode)
+        undo = _Undo()
+        t_phase = [time.monotonic(), ""]
+
+        def phase(name: str, pct: float) -> None:
+            now = time.monotonic()
+            if t_phase[1]:
+                out.durations[str(t_phase[1])] = now - float(t_phase[0])
+            t_phase[0], t_phase[1] = now, name
+            if name:
+                log.info("phase %s (%.0f%%)", name, pct)
+                ev.phase(name, pct)
+
+        def check_cancel() -> None:
+            if cancel.is_set():
+                raise CancelledError("the hibernation was cancelled", fix="")
+
+        held = fsfreeze.HeldLogs()
+        try:
+            phase("preflight", 0)
+            if not sr.path(RUN_DIR).exists():
+                sr.path(RUN_DIR).mkdir(mode=0o700, parents=True)
+                undo.push("run dir", lambda: _rmdir_if_empty(sr, RUN_DIR))
+            rep = preflight.run(sr, cfg, mode)
+            if not rep.ok:
+                bad = rep.failed()
+                raise UnsupportedError("hibernation is not possible: " + bad[0].name,
+                                       why="; ".join(f"{i.name}: {i.detail}" for i in bad),
+                                       fix=bad[0].fix)
+            area = rep.context["area"]
+            mem: memory.MemoryPlan = rep.context["memory"]
+            target, uuid = blockmap.current(sr, cfg.target, restamp=True)
+            kx = kexec.Kexec.find(cfg)
+            check_cancel()
+
+            phase("announce", 5)
+            ev.prepare_for_sleep(True)
+            undo.push("PrepareForSleep(false)", lambda: ev.prepare_for_sleep(False))
+            ran: list[str] = []
+
+            def post_hooks() -> list[str]:
+                res = hooks.run(sr, cfg.hook_dirs, "post", mode, cfg.timeout_hooks, only=ran)
+                out.hook_failures += [f"post {r.name}: rc {r.returncode}" for r in res if not r.ok]
+                return []
+            undo.push("hooks post", post_hooks)
+            res = hooks.run(sr, cfg.hook_dirs, "pre", mode, cfg.timeout_hooks)
+            ran += [r.name for r in res]
+            failed = hooks.check_policy(res, cfg.hook_policy)
+            out.hook_failures += [f"pre {r.name}: rc {r.returncode}" for r in failed]
+            check_cancel()
+
+            phase("shrink", 10)
+            if cfg.image_size_limit:
+                s = shrink.shrink(sr, cfg.image_size_limit, cfg.timeout_shrink)
+                out.stats.update(shrink_before=s.before, shrink_after=s.after)
+            check_cancel()
+
+            phase("quiesce", 20)
+            journal = quiesce.Journal(sr)
+            undo.push("quiesce", lambda: quiesce.undo(sr, journal))
+            qplan = quiesce.plan(sr, cfg, mode)
+            quiesce.apply(sr, qplan, journal)
+            out.stats["quiesce_writes"] = len(qplan.writes)
+            check_cancel()
+
+            phase("boot entry", 25)
+            self._arm_oneshot(undo)
+
+            phase("freeze", 30)
+            mounts = fsfreeze.freezable(fsfreeze.parse_mountinfo(
+                sr.read_text("/proc/self/mountinfo")))
+            held.hold()
+            undo.push("logs", held.release)
+            frozen: list[fsfreeze.Mount] = []
+            undo.push("thaw", lambda: fsfreeze.thaw(sr, frozen))
+            fsfreeze.freeze(sr, mounts, on_frozen=frozen.append)
+            out.stats["frozen"] = [m.mountpoint for m in frozen]
+            stamps = [self._stamp(m) for m in frozen]
+
+            phase("load", 40)
+            job = Job(
+                target_uuid=uuid, superblock_device_offset=target.superblock_offset,
+                device_hint={"devno": target.disk_devno, "name": target.disk.rsplit("/", 1)[-1]},
+                blockmap=[tuple(e) for e in target.blockmap],  # type: ignore[misc]
+                ranges=list(mem.ranges), mode=mode, compression=cfg.compression,
+                chunk_size=cfg.chunk_size, main_kernel=kexec.main_kernel_identity(sr),
+                save_kernel_hash="sha256:" + rep.context["kernel_sha256"],
+                jump_area=(area.start, area.size), fs_stamps=stamps, created=int(time.time()),
+                cancel_key=cfg.cancel_key)
+            undo.push("initrd", lambda: kexec.remove_initrd(sr))
+            initrd = kexec.write_initrd(sr, cfg.save_initramfs, job)
+            kx.load(sr, cfg.save_kernel, initrd, kexec.save_cmdline(cfg, area), area)
+            undo.push("kexec unload", kx.unload)
+            check_cancel()
+
+            phase("jump", 50)
+            rc = kx.jump()
+            out.stats["kexec_rc"] = rc
+            phase("return", 90)
+            header = self._read_header(target)
+            out.image_state = header.state.name
+            out.stats.update(raw_bytes=header.raw_bytes, stored_bytes=header.stored_bytes,
+                             zero_pages=header.zero_pages, chunks=header.chunk_count)
+            name = header.state.name
+            if name == "RESTORING":
+                self._set_state(target, "CONSUMED", "")
+                out.image_state = "CONSUMED"
+                out.result, out.resumed = "resumed", True
+            elif name == "SAVED":
+                self._leave(mode, target, out, undo, held)
+            else:
+                raise ImageStateError("the save kernel did not save an image",
+                                      why=f"image state {header.state_text}",
+                                      fix="see the save kernel's console; the system was "
+                                          "rolled back and keeps running",
+                                      state=name)
+            phase("undo", 95)
+            out.undo_errors = undo.run()
+            phase("", 100)
+            log.info("hibernation %s: %s (image %s)", mode, out.result, out.image_state)
+            return out
+        except KjumpError as e:
+            out.undo_errors = undo.run()
+            phase("", 100)
+            out.error = e.to_dict()
+            out.result = "rolled-back"
+            e.context.setdefault("rolled_back", True)
+            if out.undo_errors:
+                e.context["undo_errors"] = "; ".join(out.undo_errors)
+            e.outcome = out  # type: ignore[attr-defined]
+            log.error("hibernation %s rolled back: %s", mode, e.message)
+            raise
+        except BaseException:
+            undo.run()
+            raise
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _arm_oneshot(self, undo: _Undo) -> None:
+        try:
+            from kjumpd import bootentry
+        except ImportError:
+            return
+        if bootentry.read_record(self.sysroot) is None:
+            return
+        if bootentry.set_oneshot(self.sysroot):
+            undo.push("boot one-shot", lambda: bootentry.clear_oneshot(self.sysroot))
+
+    def _stamp(self, m: fsfreeze.Mount) -> dict[str, Any]:
+        from kjumpd import fsstamp
+        return fsstamp.read_stamp(fsfreeze.device_of(self.sysroot, m),
+                                  sysroot=self.sysroot).to_dict()
+
+    def _open(self, target: blockmap.Target, writable: bool) -> Any:
+        from kjumpd.image import store
+        dev, _ = store.open_target(self.sysroot.path(target.disk), writable=writable,
+                                   offset=target.superblock_offset, direct=True)
+        return dev
+
+    def _read_header(self, target: blockmap.Target) -> Any:
+        from kjumpd.image import store
+        dev = self._open(target, writable=False)
+        try:
+            return store.read_header(dev)
+        finally:
+            dev.close()
+
+    def _set_state(self, target: blockmap.Target, state: str, reason: str) -> None:
+        from kjumpd.image import store
+        from kjumpd.image.format import ImageState
+        dev = self._open(target, writable=True)
+        try:
+            store.set_state(dev, ImageState[state], reason)
+        finally:
+            dev.close()
+
+    def _invalidate(self, target: blockmap.Target, out: Outcome, reason: str) -> None:
+        try:
+            self._set_state(target, "INVALID", reason)
+            out.image_state = "INVALID"
+        except KjumpError as e:
+            # the stale-image guard (filesystem stamps) still refuses this image once the
+            # filesystems change; say loudly that it is still SAVED
+            log.error("cannot invalidate the image after %s: %s", reason, e.message)
+            out.undo_errors.append(f"invalidate: {e.message}")
+
+    def _leave(self, mode: str, target: blockmap.Target, out: Outcome, undo: _Undo,
+               held: fsfreeze.HeldLogs) -> None:
+        sr, cfg = self.sysroot, self.config
+        if mode == "test":
+            self._invalidate(target, out, "test mode")
+            out.result = "continued"
+            return
+        if mode == "checkpoint":
+            out.result = "continued"
+            return
+        try:
+            if mode == "platform":
+                platform.enter_s4(sr, self.settle)
+            elif mode == "shutdown":
+                platform.power_off(sr, self.settle)
+            elif mode == "reboot":
+                platform.reboot(sr, self.settle)
+            elif mode == "suspend":
+                platform.suspend_to_both(sr, cfg.battery_floor_percent,
+                                         cfg.battery_rearm_min_seconds, self.settle)
+                self._invalidate(target, out, "woke from RAM")
+                out.result = "woke-from-ram"
+                return
+        except KjumpError:
+            self._invalidate(target, out, f"mode {mode} failed")
+            raise
+
+
+def _rmdir_if_empty(sr: Sysroot, p: str) -> None:
+    try:
+        sr.path(p).rmdir()
+    except OSError:
+        pass
