@@ -11,9 +11,9 @@ Runs a GLib main loop; the transition runs in a worker thread (kjumpd.service).
   without NOTIFY_SOCKET nothing is sent, as under the VM tier's plain init).
 - Logs: to stderr. Under journald (JOURNAL_STREAM names our stderr) each line carries an
   sd-daemon "<N>" priority prefix and no timestamp; otherwise a timestamped line.
-  From PrepareForSleep(true) until the transition ends, log lines are held in memory (bounded)
-  and written afterwards: journald writes to a filesystem that is about to be frozen, and a
-  blocked stderr must never block the thread that thaws it.
+  While filesystems are frozen the transaction holds every record in memory
+  (kjumpd.fsfreeze.HeldLogs swaps the root logger's handlers): journald writes to a frozen
+  filesystem, and a blocked stderr must never block the thread that thaws it.
 - SIGTERM/SIGINT: with no transition, release the name and exit 0. During one, cancel it (the
   transaction rolls back) and exit once it has finished (bounded by --stop-timeout).
 - Exit codes: 0 clean stop; 1 failed to start (one line on stderr saying what, why and the fix).
@@ -22,7 +22,6 @@ Runs a GLib main loop; the transition runs in a worker thread (kjumpd.service).
 from __future__ import annotations
 
 import argparse
-import collections
 import logging
 import os
 import signal
@@ -63,60 +62,9 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
 
 
-class HoldableHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stderr handler that can hold its lines in memory while filesystems are frozen."""
-
-    def __init__(self, stream: TextIO | None = None, limit: int = 10_000) -> None:
-        super().__init__(stream)
-        self._held: collections.deque[str] | None = None
-        self._dropped = 0
-        self._limit = limit
-
-    def hold_lines(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            if self._held is None:
-                self._held = collections.deque(maxlen=self._limit)
-                self._dropped = 0
-
-    def release_lines(self) -> None:
-        # (not release(): logging.Handler.release() unlocks the handler)
-        with self.lock:  # type: ignore[union-attr]
-            held, self._held = self._held, None
-            if held is None:
-                return
-            try:
-                if self._dropped:
-                    self.stream.write(f"kjumpd: {self._dropped} log lines dropped while "
-                                      "filesystems were frozen\n")
-                for line in held:
-                    self.stream.write(line + self.terminator)
-                self.flush()
-            except OSError:
-                pass
-
-    @property
-    def holding(self) -> bool:
-        return self._held is not None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self._held is not None:
-            try:
-                line = self.format(record)
-            except Exception:  # noqa: BLE001 - logging must never raise
-                self.handleError(record)
-                return
-            with self.lock:  # type: ignore[union-attr]
-                if self._held is not None:
-                    if len(self._held) == self._held.maxlen:
-                        self._dropped += 1
-                    self._held.append(line)
-                    return
-        super().emit(record)
-
-
-def setup_logging(level: str, stream: TextIO | None = None) -> HoldableHandler:
+def setup_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
     stream = stream or sys.stderr
-    handler = HoldableHandler(stream)
+    handler = logging.StreamHandler(stream)
     if stderr_is_journal(stream, os.environ):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
@@ -178,7 +126,7 @@ def read_image_state(sysroot: Any, cfg: Any) -> str:
 
 
 class Daemon:
-    def __init__(self, args: argparse.Namespace, handler: HoldableHandler) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         from gi.repository import GLib
         import pydbus
 
@@ -221,7 +169,7 @@ class Daemon:
             make_hibernation, authorizer,
             image_state=lambda: read_image_state(self.sysroot, self.config),
             modes=MODES, default_mode=getattr(self.config, "mode", "platform"),
-            flush=lambda: self.bus.con.flush_sync(None), log_gate=handler)
+            flush=lambda: self.bus.con.flush_sync(None))
         self.manager.PropertiesChanged.connect(self._on_props)
         self.registration = service.register(self.bus, self.manager)
         self._own_name(service.BUS_NAME)
@@ -313,18 +261,16 @@ class Daemon:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    handler = setup_logging(args.log_level)
+    setup_logging(args.log_level)
     try:
-        daemon = Daemon(args, handler)
+        daemon = Daemon(args)
         return daemon.run()
     except KjumpError as e:
         log.error("%s", e.message)
-        handler.release_lines()
         return 1
     except Exception as e:  # a bug: one line for the operator, the traceback at debug level
         log.error("internal error: %s (fix: report a bug with this log)", e or type(e).__name__)
         log.debug("traceback", exc_info=True)
-        handler.release_lines()
         return 1
 
 

@@ -10,7 +10,8 @@ Methods
   Checkpoint()                 Hibernate("checkpoint"): save the image and keep running.
   CanHibernate() -> (s, as)    answer yes | no | challenge | na, and one reason per missing
                                precondition, each saying how to fix it.
-  Check() -> (b, a(sbss))      the full preflight report: ok, then (name, ok, detail, fix) items.
+  Check() -> (b, a(sbbss))     the full preflight report: ok, then (name, ok, fatal, detail, fix)
+                               items (a failed item that is not fatal is a warning).
   Cancel() -> b                ask the running transition to stop and roll back; false when idle.
 
 Properties (PropertiesChanged is emitted for every change)
@@ -78,7 +79,7 @@ INTROSPECTION = f"""
     </method>
     <method name="Check">
       <arg direction="out" type="b" name="ok"/>
-      <arg direction="out" type="a(sbss)" name="items"/>
+      <arg direction="out" type="a(sbbss)" name="items"/>
     </method>
     <method name="Cancel"><arg direction="out" type="b" name="cancelled"/></method>
     <property name="State" type="s" access="read"/>
@@ -199,8 +200,11 @@ def outcome_record(outcome: Any) -> dict[str, Any]:
     return rec
 
 
+FAILED_RESULTS = {"failed", "cancelled", "aborted", "error", "rolled-back"}
+
+
 def is_success(record: dict[str, Any]) -> bool:
-    return str(record.get("result", "")).lower() not in {"failed", "cancelled", "aborted", "error"}
+    return str(record.get("result", "")).lower() not in FAILED_RESULTS
 
 
 def is_resume(record: dict[str, Any]) -> bool:
@@ -215,7 +219,7 @@ def preflight_reasons(report: Any) -> list[str]:
     """One line per failed precondition, each with its fix."""
     out = []
     for item in getattr(report, "items", []):
-        if not item.ok:
+        if not item.ok and getattr(item, "fatal", True):
             line = f"{item.name}: {item.detail}" if item.detail else str(item.name)
             if item.fix:
                 line += f" (fix: {item.fix})"
@@ -249,12 +253,6 @@ class Events:
         translog.info("%s", msg)
 
 
-class LogGate(Protocol):
-    """Holds log lines in memory while filesystems may be frozen (kjumpd.daemon)."""
-    def hold_lines(self) -> None: ...
-    def release_lines(self) -> None: ...
-
-
 # --------------------------------------------------------------------------- the object
 class Manager:
     dbus = INTROSPECTION
@@ -269,7 +267,6 @@ class Manager:
                  *, image_state: Callable[[], str] = lambda: "unknown",
                  modes: Sequence[str] = DEFAULT_MODES, default_mode: str = "platform",
                  flush: Callable[[], None] = lambda: None,
-                 log_gate: LogGate | None = None,
                  signal_wait: float = 5.0) -> None:
         self.events = Events(self)
         self._hib = make_hibernation(self.events)
@@ -281,7 +278,6 @@ class Manager:
                               fix=f"use one of {', '.join(self._modes)}", key="mode")
         self._default_mode = default_mode
         self._flush = flush
-        self._log_gate = log_gate
         self._signal_wait = signal_wait
         self._lock = threading.Lock()
         self._run: Run | None = None
@@ -341,10 +337,10 @@ class Manager:
         return "yes", []
 
     @dbus_method
-    def Check(self) -> tuple[bool, list[tuple[str, bool, str, str]]]:
+    def Check(self) -> tuple[bool, list[tuple[str, bool, bool, str, str]]]:
         report = self._hib.check()
-        items = [(str(i.name), bool(i.ok), str(i.detail or ""), str(i.fix or ""))
-                 for i in getattr(report, "items", [])]
+        items = [(str(i.name), bool(i.ok), bool(getattr(i, "fatal", True)), str(i.detail or ""),
+                  str(i.fix or "")) for i in getattr(report, "items", [])]
         return bool(report.ok), items
 
     @dbus_method
@@ -396,10 +392,11 @@ class Manager:
             record = outcome_record(outcome)
             record.setdefault("result", "ok")
         except KjumpError as e:
-            record = {"result": "cancelled" if isinstance(e, CancelledError) else "failed",
-                      "error": dbus_error_name(e), "error_class": type(e).__name__,
-                      "message": e.message}
-            translog.error("%s failed: %s", run.mode, e.message)
+            # the transaction attaches what it rolled back (durations, undo errors) as .outcome
+            record = outcome_record(getattr(e, "outcome", None) or {})
+            record.update(result="cancelled" if isinstance(e, CancelledError) else "failed",
+                          error=dbus_error_name(e), error_class=type(e).__name__,
+                          message=e.message)
         except Exception as e:  # a bug in a step: the caller still gets a clean record
             translog.exception("%s failed with an internal error", run.mode)
             record = {"result": "failed", "error": ERROR_PREFIX + "Failed",
@@ -428,8 +425,6 @@ class Manager:
             self.Resumed(to_vardict(record))
         log.info("%s finished: %s%s", run.mode, record.get("result"),
                  f" ({record['message']})" if record.get("message") else "")
-        if self._log_gate is not None:
-            self._log_gate.release_lines()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """For shutdown: wait for the worker (the transaction rolls back on cancel)."""
@@ -463,8 +458,6 @@ class Manager:
         run = self._run
         if run is not None:
             run.sleeping = active
-        if active and self._log_gate is not None:
-            log.info("PrepareForSleep(true): holding logs until the transition ends")
 
         def emit() -> None:
             self.PrepareForSleep(active)
@@ -487,12 +480,6 @@ class Manager:
             if not done.wait(self._signal_wait):
                 log.warning("PrepareForSleep(%s) not confirmed sent within %.0f s",
                             active, self._signal_wait)
-        # hold logs only once the signal is out: from here on filesystems may freeze
-        if self._log_gate is not None:
-            if active:
-                self._log_gate.hold_lines()
-            else:
-                self._log_gate.release_lines()
 
     def _read_image_state(self) -> str:
         try:

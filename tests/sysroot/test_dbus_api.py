@@ -59,14 +59,14 @@ def test_can_hibernate_on_an_empty_sysroot_says_no_with_a_fix_per_reason(bus, da
 
 def test_check_returns_the_full_report_and_each_failure_has_a_fix(bus, daemon) -> None:
     out = busctl_json(bus.address, "call", BUS_NAME, OBJECT_PATH, IFACE, "Check")
-    assert out["type"] == "ba(sbss)"
+    assert out["type"] == "ba(sbbss)"
     ok, items = out["data"]
     assert ok is False
     names = [i[0] for i in items]
     assert len(names) == len(set(names)) and len(items) >= 3
-    failed = [i for i in items if not i[1]]
+    failed = [i for i in items if not i[1] and i[2]]     # failed and fatal
     assert failed
-    for name, _ok, detail, fix in failed:
+    for name, _ok, _fatal, detail, fix in failed:
         assert detail and fix, f"{name}: a failed check needs a detail and a fix"
     # CanHibernate's reasons are exactly the failed checks
     answer, reasons = busctl_json(bus.address, "call", BUS_NAME, OBJECT_PATH, IFACE,
