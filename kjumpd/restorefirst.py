@@ -354,6 +354,13 @@ def _int(d: dict[str, Any], dotted: str) -> int:
     return v
 
 
+def save_kernel_hash(kernel_sha256: str, initrd_sha256: str) -> str:
+    """The save kernel's identity recorded in a job and an image header: "sha256:<hex>" over
+    the two files' SHA-256 digests (hex, each followed by a newline), kernel first."""
+    import hashlib
+    return "sha256:" + hashlib.sha256(f"{kernel_sha256}\n{initrd_sha256}\n".encode()).hexdigest()
+
+
 # ---------------------------------------------------------------- kexec command lines
 
 

@@ -1,0 +1,291 @@
+#!/usr/bin/python3 -SEBu
+"""R's /init: the restore-first environment (kboot style) that a boot loader starts first.
+
+It mounts the kernel filesystems, reads /etc/kjumpd/boot.json (written by ``kjumpctl setup``
+into this initramfs), finds the image target *by content* (magic + UUID at ``kjump.offset=``
+on this kernel's command line, scanning every /sys/block disk; device names are not trusted),
+gathers the evidence the guards need (header, metadata, chunk table, the stamps of every
+filesystem on every block device, its own copies of the save kernel) and lets
+:func:`kjumpd.restorefirst.decide` choose:
+
+- Restore(n): write RESTORING(n) durably, ``kexec -l`` the save kernel B into the jump area
+  in restore role (a plain load), ``kexec -e``;
+- Invalidate(reason): write INVALID(reason) durably, then boot the normal kernel;
+- BootNormal: boot the normal kernel (``kexec -l`` with its own command line and initrd from
+  boot.json, ``kexec -e``).
+
+R never mounts a disk: every read is of raw block devices (O_DIRECT), every write is one
+header slot of the target. Lines on the console start with ``kjumpd-rf:``. If even the normal
+kernel cannot be started, a shell is offered on the console (nothing else can be done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from kjumpd.errors import KjumpError
+from kjumpd.sysroot import Sysroot
+
+TAG = "kjumpd-rf:"
+
+
+def say(text: str) -> None:
+    print(f"{TAG} {text}", flush=True)
+
+
+def uptime(sysroot: Sysroot) -> float:
+    try:
+        return float(sysroot.read_text("/proc/uptime", default="0").split()[0])
+    except (ValueError, IndexError):
+        return 0.0
+
+
+def mount_kernel_filesystems() -> None:
+    for fstype, where in (("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev")):
+        os.makedirs(where, exist_ok=True)
+        if os.path.ismount(where):
+            continue
+        subprocess.run(["mount", "-t", fstype, fstype, where], check=False)
+
+
+# ------------------------------------------------------------------ evidence
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def chunk_table_error(dev: Any, header: Any, meta: Any) -> str:
+    """"" when the chunk records (headers only) match the plan, the data length and the data
+    CRC of the header; else what is wrong. Payloads are checked by B before each write."""
+    from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader, chunk_count, chunk_plan, crc32
+    want = chunk_count(meta.extents, header.chunk_size) if header.chunk_size else -1
+    if header.chunk_count != want or header.raw_bytes != meta.raw_bytes:
+        return (f"header says {header.chunk_count} chunks / {header.raw_bytes} bytes, the "
+                f"extent table {want} chunks / {meta.raw_bytes} bytes")
+    pos, end = header.data_offset, header.data_offset + header.data_length
+    if header.data_offset < header.metadata_offset + header.metadata_length or end > dev.size:
+        return f"data area [{pos}, {end}) is outside the target"
+    plan = chunk_plan(meta.extents, header.chunk_size)
+    crc = 0
+    for i in range(header.chunk_count):
+        if pos + CHUNK_HEADER_SIZE > end:
+            return f"truncated after {i} of {header.chunk_count} chunks"
+        ch = ChunkHeader.unpack(dev.read(pos, CHUNK_HEADER_SIZE), base=pos)
+        expect = next(plan, None)
+        if expect is None or (ch.index, ch.phys, ch.raw_length) != expect:
+            return f"record at byte {pos} is chunk {ch.index}, expected {expect}"
+        crc = crc32(struct.pack("<I", ch.crc), crc)
+        pos += ch.record_length
+    if pos != end:
+        return f"records end at byte {pos}, the header says {end}"
+    if crc != header.data_crc:
+        return "data checksum (over the chunk CRCs) does not match the header"
+    return ""
+
+
+def _short(e: KjumpError) -> str:
+    """An error for a header reason: what and why, without the fix."""
+    return f"{e.what}: {e.why}" if e.why else e.what
+
+
+@dataclass
+class Gathered:
+    evidence: Any                  # restorefirst.Evidence
+    dev: Any = None                # the open target (writable) or None
+    device: str = ""
+
+
+def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
+    """Read everything the guards need. Never raises for what it reads: errors become
+    evidence (``*_error``)."""
+    from kjumpd import fsstamp
+    from kjumpd.agent.kernel_role import find_target
+    from kjumpd.image import store
+    from kjumpd.restorefirst import Evidence, HeaderView
+
+    try:
+        device = find_target(sysroot, uuid, offset)
+    except KjumpError as e:
+        say(f"no target: {e.message}")
+        return Gathered(Evidence(target_found=False))
+    try:
+        dev, _sb = store.open_target(sysroot.path(device), writable=True, offset=offset)
+    except (KjumpError, OSError) as e:
+        say(f"target on {device} cannot be opened: {e}")
+        return Gathered(Evidence(target_found=False))
+    say(f"target {uuid} found on {device} at byte {offset}")
+    try:
+        header = store.read_header(dev)
+    except KjumpError as e:
+        return Gathered(Evidence(target_found=True, target_uuid=uuid, header_error=_short(e)),
+                        dev, device)
+    hv = HeaderView.of(header)
+    say(f"image state {header.state_text}")
+    if hv.state not in ("SAVED", "RESTORING"):
+        return Gathered(Evidence(target_found=True, target_uuid=uuid, header=hv), dev, device)
+    stamps, meta_error, chunks_error = None, "", ""
+    meta = None
+    try:
+        meta = store.read_metadata(dev, header)
+        raw = meta.identity.get("fs_stamps")
+        if not isinstance(raw, list):
+            meta_error = "the identity has no fs_stamps list"
+        else:
+            stamps = raw
+    except KjumpError as e:
+        meta_error = _short(e)
+    if meta is not None:
+        try:
+            chunks_error = chunk_table_error(dev, header, meta)
+        except KjumpError as e:
+            chunks_error = _short(e)
+    setup_error = ""
+    try:
+        for what, path, want in (("save kernel", cfg.save.kernel, cfg.save_kernel_sha256),
+                                 ("save initramfs", cfg.save.initrd, cfg.save_initrd_sha256)):
+            if path and sha256_file(str(sysroot.path(path))) != want:
+                setup_error = f"{what} {path} does not match its sha256 in boot.json"
+                break
+    except OSError as e:
+        setup_error = f"cannot read the save kernel files: {e.strerror or e}"
+    current = fsstamp.scan(sysroot) if stamps else {}
+    ev = Evidence(target_found=True, target_uuid=uuid, header=hv, fs_stamps=stamps,
+                  metadata_error=meta_error, chunks_error=chunks_error, current=current,
+                  setup_error=setup_error)
+    return Gathered(ev, dev, device)
+
+
+# ------------------------------------------------------------------ acting
+
+
+Runner = Callable[[Sequence[str]], int]
+
+
+def run_cmd(argv: Sequence[str]) -> int:
+    say("$ " + " ".join(argv))
+    try:
+        return subprocess.run(list(argv)).returncode
+    except OSError as e:
+        say(f"cannot run {argv[0]}: {e.strerror or e}")
+        return 127
+
+
+def kexec_into(args: list[str], run: Runner, kexec: str) -> bool:
+    """Load and execute; returns only when the kernel could not be started."""
+    args = [kexec] + args[1:]
+    if run(args) != 0:
+        say("kexec load failed")
+        return False
+    run([kexec, "-e"])
+    say("kexec -e returned")
+    return False
+
+
+def localize(cfg: Any, sysroot: Sysroot) -> Any:
+    """boot.json with its file paths mapped through the sysroot (identity on a real R)."""
+    from dataclasses import replace
+
+    def m(p: str | None) -> str | None:
+        return str(sysroot.path(p)) if p else p
+    return replace(cfg, normal=replace(cfg.normal, kernel=m(cfg.normal.kernel),
+                                       initrd=m(cfg.normal.initrd)),
+                   save=replace(cfg.save, kernel=m(cfg.save.kernel), initrd=m(cfg.save.initrd)))
+
+
+def boot_normal(cfg: Any, note: str, run: Runner, kexec: str, sysroot: Sysroot) -> None:
+    from kjumpd.restorefirst import normal_kexec_args
+    args = normal_kexec_args(localize(cfg, sysroot), note)
+    say(f"booting the normal kernel{f' ({note})' if note else ''} at uptime "
+        f"{uptime(sysroot):.2f} s")
+    kexec_into(args, run, kexec)
+
+
+def restore_first(sysroot: Sysroot, cfg_path: str = "/etc/kjumpd/boot.json", *,
+                  run: Runner = run_cmd, kexec: str = "kexec") -> str:
+    """One pass of R; returns what it did ("restore", "normal", "invalid:<code>") when the
+    kexec did not take over (always in tests with a fake kexec)."""
+    from kjumpd.image import store
+    from kjumpd.image.format import ImageState
+    from kjumpd.restorefirst import (BootConfig, BootNormal, Invalidate, Restore, decide,
+                                     parse_cmdline, restore_kexec_args)
+    t0 = time.monotonic()
+    cfg = BootConfig.from_json(sysroot.path(cfg_path).read_bytes())
+    params = parse_cmdline(sysroot.read_text("/proc/cmdline", default=""))
+    uuid = params.get("kjump.target") or cfg.target_uuid
+    try:
+        offset = int(params.get("kjump.offset") or cfg.target_offset, 0)
+    except ValueError:
+        offset = cfg.target_offset
+    g = gather(sysroot, cfg, uuid, offset)
+    decision = decide(g.evidence, cfg.expected)
+    say(f"decision: {decision} ({time.monotonic() - t0:.2f} s)")
+    try:
+        if isinstance(decision, Restore):
+            store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
+            say(f"image marked RESTORING({decision.attempt}); loading the save kernel")
+            g.dev.close()
+            g.dev = None
+            args = restore_kexec_args(localize(cfg, sysroot), decision.attempt)
+            kexec_into(args, run, kexec)
+            # B could not be started: the attempt is counted; boot normally
+            boot_normal(cfg, "restore-failed", run, kexec, sysroot)
+            return "restore"
+        if isinstance(decision, Invalidate):
+            store.set_state(g.dev, ImageState.INVALID, reason=decision.reason)
+            say(f"image refused and marked INVALID({decision.reason})")
+            g.dev.close()
+            g.dev = None
+            boot_normal(cfg, f"invalid:{decision.code}", run, kexec, sysroot)
+            return f"invalid:{decision.code}"
+        assert isinstance(decision, BootNormal)
+        if g.dev is not None:
+            g.dev.close()
+            g.dev = None
+        boot_normal(cfg, "", run, kexec, sysroot)
+        return "normal"
+    finally:
+        if g.dev is not None:
+            g.dev.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if os.getpid() == 1:
+        os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        mount_kernel_filesystems()
+    sysroot = Sysroot()
+    say(f"restore-first environment up at uptime {uptime(sysroot):.2f} s")
+    try:
+        restore_first(sysroot)
+    except KjumpError as e:
+        say(f"error: {e.message}")
+        try:
+            from kjumpd.restorefirst import BootConfig
+            cfg = BootConfig.from_json(sysroot.path("/etc/kjumpd/boot.json").read_bytes())
+            boot_normal(cfg, "rf-error", run_cmd, "kexec", sysroot)
+        except (KjumpError, OSError) as e2:
+            say(f"cannot boot the normal kernel either: {e2}")
+    except Exception as e:  # noqa: BLE001 - PID 1 must not die with a traceback
+        say(f"internal error: {type(e).__name__}: {e}")
+    if os.getpid() != 1:
+        return 1
+    say("nothing could be started; a shell follows (exit powers off)")
+    subprocess.run(["sh"])
+    subprocess.run(["poweroff", "-f"])
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""R's /init logic (bootloader/restore_init.py) against a fake system tree.
+
+The target is a real kjumpd target file holding a real saved image (kjumpd.image.save), the
+recorded filesystem is a real ext4 image made with mkfs; the only fake is the `kexec`
+executable on PATH (it logs its arguments). R must find both by content, decide, write the
+header, and call kexec with the right arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid as uuidlib
+from pathlib import Path
+
+import pytest
+
+import sys
+if str(Path(__file__).resolve().parents[2]) not in sys.path:  # bootloader/ is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bootloader.initramfs import restore_config
+from bootloader.restore_init import restore_first
+from kjumpd.fsstamp import read_stamp
+from kjumpd.image import store
+from kjumpd.image.format import ImageState
+from kjumpd.image.save import save_image
+from kjumpd.sysroot import Sysroot
+
+AREA = (0x20000000, 128 << 20)
+MIB = 1 << 20
+
+
+def need(ok: bool, why: str) -> None:
+    if not ok:
+        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
+            pytest.fail(f"prerequisite missing: {why}")
+        pytest.skip(why)
+
+
+class Memory:
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(os.urandom(size // 2)) + bytearray(size - size // 2)
+
+    def read(self, phys: int, length: int) -> bytes:
+        return bytes(self.data[phys - 0x100000: phys - 0x100000 + length])
+
+
+class World:
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        need(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 is not installed")
+        self.root = tmp / "root"
+        for d in ("proc", "dev", "sys/block/vda", "sys/class/block/vda", "sys/class/block/vdb",
+                  "etc/kjumpd", "kjump/normal", "kjump/save", "bin"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self.sysroot = Sysroot(self.root)
+        # the target: a whole "disk" with the superblock at 0
+        self.target = self.root / "dev/vda"
+        self.sb = store.create_target(self.target, 8 * MIB)
+        sectors = str(8 * MIB // 512)
+        for d in ("sys/block/vda", "sys/class/block/vda"):
+            (self.root / d / "size").write_text(sectors + "\n")
+        # a filesystem A had mounted
+        self.fs = self.root / "dev/vdb"
+        with open(self.fs, "wb") as f:
+            f.truncate(32 * MIB)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(self.fs)], check=True)
+        (self.root / "sys/class/block/vdb/size").write_text(str(32 * MIB // 512) + "\n")
+        # R's files and boot.json
+        host = tmp / "host"
+        host.mkdir()
+        for name in ("vmlinuz", "initrd.img", "bzImage", "save.cpio.gz"):
+            (host / name).write_bytes(name.encode() * 1000)
+        self.cfg, files = restore_config(
+            target_uuid=self.sb.uuid_str, target_offset=0, normal_kernel=host / "vmlinuz",
+            normal_initrd=host / "initrd.img", normal_cmdline="root=/dev/vda2 ro quiet",
+            save_kernel=host / "bzImage", save_initrd=host / "save.cpio.gz",
+            save_cmdline="console=ttyS0 nokaslr panic=1", jump_area=AREA, max_attempts=3)
+        for arc, src in files.items():
+            shutil.copyfile(src, self.sysroot.path(arc))
+        self.write_config()
+        (self.root / "proc/cmdline").write_text(
+            f"console=ttyS0 kjump.target={self.sb.uuid_str} kjump.offset=0\n")
+        # the one fake: kexec logs its arguments
+        self.log = tmp / "kexec.log"
+        fake = self.root / "bin/kexec"
+        fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$*\" >> {self.log}\nexit 0\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{self.root / 'bin'}:{os.environ['PATH']}")
+
+    def write_config(self) -> None:
+        (self.root / "etc/kjumpd/boot.json").write_text(self.cfg.to_json())
+
+    def save(self, stamps: list | None = None, **identity) -> None:
+        if stamps is None:
+            stamps = [read_stamp(self.fs).to_dict()]
+        mem = Memory(2 * MIB)
+        ident = {"jump_area": list(AREA), "jump_back_entry": 0x1000000,
+                 "save_kernel_hash": self.cfg.save_hash, "fs_stamps": stamps, **identity}
+        dev, _ = store.open_target(self.target, writable=True)
+        with dev:
+            save_image(mem, [(0x100000, 0x100000 + 2 * MIB)], dev, identity=ident,
+                       mode="shutdown", chunk_size=256 * 1024, workers=1)
+
+    def header(self):
+        dev, _ = store.open_target(self.target, writable=False)
+        with dev:
+            return store.read_header(dev)
+
+    def set_state(self, state, **kw) -> None:
+        dev, _ = store.open_target(self.target, writable=True)
+        with dev:
+            store.set_state(dev, state, **kw)
+
+    def kexec_calls(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def run(self) -> str:
+        return restore_first(self.sysroot)
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    return World(tmp_path, monkeypatch)
+
+
+def test_a_clean_image_is_restored_through_the_save_kernel(world: World) -> None:
+    world.save()
+    assert world.run() == "restore"
+    h = world.header()
+    assert h.state == ImageState.RESTORING and h.attempt == 1
+    calls = world.kexec_calls()
+    load = calls[0]
+    assert load.startswith("-l --mem-min=0x20000000 --mem-max=0x27ffffff ")
+    assert f"{world.root}/kjump/save/bzImage" in load
+    assert f"--initrd={world.root}/kjump/save/initramfs.cpio.gz" in load
+    assert "kjump.role=restore" in load and f"kjump.target={world.sb.uuid_str}" in load
+    assert "kjump.attempt=1" in load and "memmap=exactmap memmap=512K@0K" in load
+    assert calls[1] == "-e"
+    # here kexec -e "returned" (fake): R falls back to the normal kernel and says why
+    assert "kjump.rf=restore-failed" in calls[2]
+
+
+def test_no_image_boots_the_normal_kernel_and_touches_nothing(world: World) -> None:
+    before = world.target.read_bytes()
+    assert world.run() == "normal"
+    assert world.target.read_bytes() == before
+    assert world.kexec_calls() == [
+        f"-l {world.root}/kjump/normal/vmlinuz --initrd={world.root}/kjump/normal/initrd.img "
+        "--append=root=/dev/vda2 ro quiet", "-e"]
+
+
+def test_no_target_on_any_disk_boots_normally(world: World) -> None:
+    world.save()
+    (world.root / "proc/cmdline").write_text(f"kjump.target={uuidlib.uuid4()} kjump.offset=0\n")
+    assert world.run() == "normal"
+    assert world.header().state == ImageState.SAVED
+
+
+def test_a_filesystem_changed_since_the_save_is_refused(world: World) -> None:
+    need(shutil.which("tune2fs") is not None, "tune2fs is not installed")
+    world.save()
+    # what a read-write mount does to the superblock: the mount count goes up
+    subprocess.run(["tune2fs", "-C", "7", str(world.fs)], check=True, capture_output=True)
+    assert world.run() == "invalid:stale"
+    h = world.header()
+    assert h.state == ImageState.INVALID and h.reason.startswith("stale: ")
+    assert "mount_count 0 -> 7" in h.reason
+    assert world.kexec_calls()[0].endswith("--append=root=/dev/vda2 ro quiet kjump.rf=invalid:stale")
+
+
+def test_a_filesystem_that_vanished_is_refused(world: World) -> None:
+    ghost = read_stamp(world.fs).to_dict()
+    ghost["uuid"] = str(uuidlib.uuid4())
+    world.save(stamps=[ghost])
+    assert world.run() == "invalid:stale"
+    assert "not found" in world.header().reason
+
+
+def test_corrupt_metadata_is_refused(world: World) -> None:
+    world.save()
+    with open(world.target, "r+b") as f:
+        f.seek(72 * 1024 + 30)
+        b = f.read(1)
+        f.seek(72 * 1024 + 30)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert world.run() == "invalid:corrupt"
+    assert world.header().reason.startswith("corrupt: image metadata")
+
+
+def test_a_damaged_chunk_record_is_refused_before_b_runs(world: World) -> None:
+    world.save()
+    h = world.header()
+    with open(world.target, "r+b") as f:
+        f.seek(h.data_offset + 12)            # the first record's physical address
+        f.write(b"\xff\xff\xff\xff")
+    assert world.run() == "invalid:corrupt"
+    assert world.header().reason.startswith("corrupt: chunk table")
+    assert not any("kjump.role=restore" in c for c in world.kexec_calls())
+
+
+def test_attempts_stop_at_the_maximum(world: World) -> None:
+    world.save()
+    world.set_state(ImageState.RESTORING, attempt=2)
+    assert world.run() == "restore"
+    assert world.header().attempt == 3
+    world.log.unlink()
+    assert world.run() == "invalid:attempts"
+    assert world.header().state == ImageState.INVALID
+    assert not any("kjump.role=restore" in c for c in world.kexec_calls())
+
+
+def test_another_save_kernel_is_refused(world: World) -> None:
+    world.save(save_kernel_hash="sha256:" + "0" * 64)
+    assert world.run() == "invalid:save-kernel"
+
+
+def test_a_tampered_save_kernel_copy_in_r_is_refused(world: World) -> None:
+    world.save()
+    (world.root / "kjump/save/bzImage").write_bytes(b"tampered")
+    assert world.run() == "invalid:setup"
+
+
+def test_another_jump_area_is_refused(world: World) -> None:
+    world.save(jump_area=[0x30000000, 128 << 20])
+    assert world.run() == "invalid:jump-area"
+
+
+def test_an_interrupted_save_is_refused(world: World) -> None:
+    world.save()
+    world.set_state(ImageState.WRITING)
+    assert world.run() == "invalid:incomplete"
+
+
+def test_boot_json_is_what_setup_wrote(world: World) -> None:
+    d = json.loads((world.root / "etc/kjumpd/boot.json").read_text())
+    assert d["version"] == 1 and d["target"] == {"uuid": world.sb.uuid_str, "offset": 0}
+    assert d["save"]["hash"].startswith("sha256:") and d["jump_area"] == list(AREA)
