@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
 
-from kjumpd.errors import ImageCorruptError, ImageFormatError
+from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError
 from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, decode_chunk
 from kjumpd.image.device import ImageDevice
@@ -86,8 +86,20 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-unlz4") as pool:
             try:
-                for ch, bitmap, payload, off in reader:
-                    _check_place(ch, next(plan, None), off)
+                records = iter(reader)
+                while True:
+                    try:
+                        ch, bitmap, payload, off = next(records)
+                        _check_place(ch, next(plan, None), off)
+                    except StopIteration:
+                        break
+                    except ImageError:
+                        # the chunks before the bad record may be good: deliver them in order
+                        # (a bad one among them raises first), then stop at the bad record
+                        while pending:
+                            ch0, fut, _ = pending.popleft()
+                            yield ch0.phys, fut.result()
+                        raise
                     crc = crc32(struct.pack("<I", ch.crc), crc)
                     pending.append((ch, pool.submit(decode_chunk, ch, bitmap, payload, off), off))
                     count += 1

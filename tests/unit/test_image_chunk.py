@@ -1,0 +1,90 @@
+"""Chunk codec: zero-page elision, lz4/raw payloads and their checks (hypothesis)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kjumpd.errors import ImageCorruptError
+from kjumpd.image.chunk import decode_chunk, encode_chunk
+from kjumpd.image.format import (CHUNK_HEADER_SIZE, ENC_LZ4, ENC_RAW, ENC_ZERO, PAGE_SIZE,
+                                 ChunkHeader)
+
+PAGE_KINDS = st.sampled_from(["zero", "text", "random", "ones"])
+
+
+def page(kind: str, seed: int) -> bytes:
+    if kind == "zero":
+        return bytes(PAGE_SIZE)
+    if kind == "text":
+        return (f"page {seed} of struct task_struct at 0x{seed:016x}\n" * 200).encode()[:PAGE_SIZE]
+    if kind == "ones":
+        return b"\xff" * PAGE_SIZE
+    return random.Random(seed).randbytes(PAGE_SIZE)
+
+
+@st.composite
+def chunks(draw):
+    kinds = draw(st.lists(PAGE_KINDS, min_size=1, max_size=40))
+    data = b"".join(page(k, i) for i, k in enumerate(kinds))
+    cut = draw(st.integers(0, PAGE_SIZE - 1))      # the last page may be partial
+    return data[:len(data) - cut] if cut < len(data) else data
+
+
+def parse(enc):
+    raw = enc.head + enc.payload
+    ch = ChunkHeader.unpack(raw)
+    bl = ch.bitmap_length
+    return ch, raw[CHUNK_HEADER_SIZE:CHUNK_HEADER_SIZE + bl], raw[CHUNK_HEADER_SIZE + bl:]
+
+
+@settings(deadline=None)
+@given(chunks(), st.sampled_from(["lz4", "none"]), st.integers(0, 2**40))
+def test_round_trip_is_byte_exact_and_elides_zero_pages(data, compression, phys):
+    enc = encode_chunk(3, phys, data, compression)
+    ch, bitmap, payload = parse(enc)
+    assert (ch.index, ch.phys, ch.raw_length) == (3, phys, len(data))
+    assert decode_chunk(ch, bitmap, payload, 0) == data
+    pages = [data[o:o + PAGE_SIZE] for o in range(0, len(data), PAGE_SIZE)]
+    assert enc.zero_pages == sum(1 for p in pages if not any(p))
+    nonzero_bytes = sum(len(p) for p in pages if any(p))
+    # zero pages are never stored: a raw payload is exactly the non-zero pages
+    assert ch.encoding == ENC_LZ4 or len(payload) == nonzero_bytes
+    assert nonzero_bytes or payload == b""
+
+
+def test_encodings_chosen_by_content():
+    assert parse(encode_chunk(0, 0, bytes(1 << 20)))[0].encoding == ENC_ZERO
+    assert parse(encode_chunk(0, 0, bytes(1 << 20)))[2] == b""
+    assert parse(encode_chunk(0, 0, os.urandom(1 << 16)))[0].encoding == ENC_RAW
+    text = page("text", 1) * 16
+    ch, _, payload = parse(encode_chunk(0, 0, text))
+    assert ch.encoding == ENC_LZ4 and len(payload) < len(text) // 4
+
+
+@settings(deadline=None, max_examples=50)
+@given(chunks(), st.data())
+def test_any_flipped_body_byte_is_refused(data, d):
+    enc = encode_chunk(1, 4096, data)
+    ch, bitmap, payload = parse(enc)
+    body = bytearray(bitmap + payload)
+    pos = d.draw(st.integers(0, len(body) - 1))
+    body[pos] ^= 0x10
+    with pytest.raises(ImageCorruptError, match="chunk 1 at byte offset 777"):
+        decode_chunk(ch, bytes(body[:len(bitmap)]), bytes(body[len(bitmap):]), 777)
+
+
+def test_self_consistent_but_wrong_payload_is_refused():
+    """A record whose CRC matches but whose lz4 stream lies about its length."""
+    from kjumpd.image.format import crc32
+    enc = encode_chunk(0, 0, page("text", 2) * 4)
+    ch, bitmap, payload = parse(enc)
+    bad = payload[:-3]
+    ch2 = ChunkHeader(encoding=ch.encoding, pages=ch.pages, index=0, phys=0,
+                      raw_length=ch.raw_length, payload_length=len(bad),
+                      crc=crc32(bad, crc32(bitmap)))
+    with pytest.raises(ImageCorruptError, match="chunk 0"):
+        decode_chunk(ch2, bitmap, bad, 0)
