@@ -165,6 +165,11 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+def _dbus_str(s: str) -> str:
+    """D-Bus strings cannot hold NUL (GLib would cut the string there): escape it."""
+    return s.replace("\0", "\\x00")
+
+
 def to_variant(value: Any) -> GLib.Variant:
     """A GLib.Variant for a plain value (see :func:`plain`); dicts become a{sv}."""
     value = plain(value)
@@ -175,15 +180,16 @@ def to_variant(value: Any) -> GLib.Variant:
     if isinstance(value, float):
         return GLib.Variant("d", value)
     if isinstance(value, str):
-        return GLib.Variant("s", value)
+        return GLib.Variant("s", _dbus_str(value))
     if isinstance(value, dict):
         if value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                          for v in value.values()):
-            return GLib.Variant("a{sd}", {k: float(v) for k, v in value.items()})
-        return GLib.Variant("a{sv}", {k: to_variant(v) for k, v in value.items() if v is not None})
+            return GLib.Variant("a{sd}", {_dbus_str(k): float(v) for k, v in value.items()})
+        return GLib.Variant("a{sv}", {_dbus_str(k): to_variant(v) for k, v in value.items()
+                                      if v is not None})
     if isinstance(value, list):
         if all(isinstance(v, str) for v in value):
-            return GLib.Variant("as", value)
+            return GLib.Variant("as", [_dbus_str(v) for v in value])
         return GLib.Variant("av", [to_variant(v) for v in value if v is not None])
     return GLib.Variant("s", "")
 
