@@ -182,8 +182,7 @@ def to_variant(value: Any) -> GLib.Variant:
     if isinstance(value, str):
         return GLib.Variant("s", _dbus_str(value))
     if isinstance(value, dict):
-        if value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                         for v in value.values()):
+        if value and all(isinstance(v, float) for v in value.values()):   # durations
             return GLib.Variant("a{sd}", {_dbus_str(k): float(v) for k, v in value.items()})
         return GLib.Variant("a{sv}", {_dbus_str(k): to_variant(v) for k, v in value.items()
                                       if v is not None})
