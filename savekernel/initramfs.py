@@ -46,21 +46,26 @@ from kjumpd.errors import KjumpError  # noqa: E402
 log = logging.getLogger("kjumpd.savekernel.initramfs")
 
 #: Bump when the way archives are assembled changes (invalidates every cached archive).
-RECIPE = "initramfs-v1"
+RECIPE = "initramfs-v2"
 HOST_PYTHON = Path("/usr/bin/python3")
 BUSYBOX = Path("/bin/busybox")
 DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 
 #: Standard-library modules B's agent may import lazily (an import trace cannot see them).
 SAVE_EXTRA_MODULES = (
-    "ctypes", "ctypes.util", "mmap", "json", "json.decoder", "json.encoder", "logging",
+    "runpy", "ctypes", "ctypes.util", "mmap", "json", "json.decoder", "json.encoder", "logging",
     "argparse", "concurrent.futures", "concurrent.futures.thread", "threading", "queue",
     "hashlib", "zlib", "struct", "uuid", "select", "termios", "tty", "signal", "dataclasses",
     "enum", "errno", "fcntl", "binascii", "traceback", "encodings.ascii", "encodings.latin_1",
     "encodings.utf_8", "encodings.aliases", "lz4.frame", "lz4.block",
 )
-#: The agent's entry module; /init runs it.
-SAVE_ENTRY = "kjumpd.agent.kernel_role"
+#: Modules left out although an import trace loads them: each has a fallback in the stdlib
+#: (hashlib uses its builtin _sha256/_blake2 without OpenSSL's 4.7 MB libcrypto; shutil and
+#: tarfile treat bz2/lzma as optional).
+DEFAULT_EXCLUDE = ("_hashlib", "_ssl", "ssl", "_bz2", "bz2", "_lzma", "lzma")
+#: The agent's entry module (/init runs it) and the modules it imports lazily.
+SAVE_ENTRY = ("kjumpd.agent.kernel_role", "kjumpd.agent.devmem", "kjumpd.agent.jumpback",
+              "kjumpd.image.save", "kjumpd.image.restore", "kjumpd.image.store", "kjumpd.job")
 
 SAVE_INIT = """#!/bin/sh
 # /init of kjumpd's save kernel (B): mount the kernel filesystems, run the agent.
@@ -71,9 +76,12 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "kjump-init: starting the agent"
 /usr/bin/python3 -S -E -B -u -m kjumpd.agent.kernel_role boot
 rc=$?
-# The agent jumps back to the main kernel itself; reaching this line means it could not.
-# Rebooting lets the restore-first entry boot the normal system (the image is not SAVED).
-echo "kjump-init: the agent exited with status $rc without jumping back; rebooting"
+# The agent jumps back to the main kernel itself; reaching this line means it could not
+# (e.g. it was OOM-killed). Try once more with a minimal agent: image ABORTED, jump back.
+echo "kjump-init: the agent exited with status $rc without jumping back"
+/usr/bin/python3 -S -E -B -u -m kjumpd.agent.kernel_role boot --rescue
+# Still here: reboot; the restore-first entry boots the normal system (the image is not SAVED).
+echo "kjump-init: no way back to the main kernel; rebooting"
 sync
 reboot -f
 """
@@ -230,7 +238,7 @@ def _package_dir(name: str, search: Sequence[Path]) -> Path:
 
 
 def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
-                python: Path) -> None:
+                python: Path, exclude: Sequence[str]) -> None:
     search = [REPO, DIST_PACKAGES]
     pkg_dirs = [_package_dir(p, search) for p in packages]
     proc = subprocess.run([str(python), "-S", "-E", "-B", "-c", _RESOLVE,
@@ -252,6 +260,8 @@ def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
         path = Path(f)
         if name.split(".")[0] in pkg_roots:
             continue  # copied as a whole tree below
+        if name in exclude or name.split(".")[0] in exclude:
+            continue
         try:
             rel = path.relative_to(stdlib)
         except ValueError:
@@ -309,7 +319,8 @@ def _compile_all(plan: _Plan, work: Path) -> dict[str, bytes]:
 
 def _key(plan: _Plan, init_script: str) -> str:
     h = hashlib.sha256()
-    h.update(RECIPE.encode() + b"\0" + init_script.encode() + b"\0")
+    h.update(RECIPE.encode() + b"\0" + init_script.encode() + b"\0"
+             + str(plan.python).encode() + b"\0")
 
     def content(src: Path | bytes) -> bytes:
         if isinstance(src, bytes):
@@ -355,14 +366,16 @@ def build_initramfs(out: Path | None, init_script: str,
                     python_packages: Sequence[str] = (),
                     host_binaries: Sequence[Path | str] = (),
                     busybox: bool = True,
-                    python: Path = HOST_PYTHON) -> InitramfsImage:
+                    python: Path = HOST_PYTHON,
+                    exclude_modules: Sequence[str] = DEFAULT_EXCLUDE) -> InitramfsImage:
     """Build (or reuse from the cache) a gzip'd cpio initramfs; copy it to out when given.
 
     init_script becomes /init (give it a #! line; /bin/sh is busybox). extra_files maps archive
     paths ("kjump/job.json", "boot/bzImage") to host files or bytes. python_modules are traced
     with the host's python3 (nothing python is added when both python lists are empty);
-    python_packages are copied whole (e.g. ("kjumpd", "lz4")). host_binaries are added with
-    the shared libraries ldd lists.
+    python_packages are copied whole (e.g. ("kjumpd", "lz4")); exclude_modules are left out
+    even when traced (their importers must cope). host_binaries are added with the shared
+    libraries ldd lists.
     """
     plan = _Plan()
     if busybox:
@@ -370,7 +383,8 @@ def build_initramfs(out: Path | None, init_script: str,
     for b in host_binaries:
         add_host_binary(plan, Path(b))
     if python_modules or python_packages:
-        _add_python(plan, list(python_modules) + list(python_packages), python_packages, python)
+        _add_python(plan, list(python_modules) + list(python_packages), python_packages, python,
+                    exclude_modules)
     for arc, src in (extra_files or {}).items():
         arc = arc.lstrip("/")
         if isinstance(src, (str, Path)) and not Path(src).is_file():
@@ -388,8 +402,13 @@ def build_initramfs(out: Path | None, init_script: str,
             compiled = _compile_all(plan, Path(tmp))
             raw = cpio.write(_entries(plan, init_script, compiled))
         tmp_out = cached.with_suffix(".tmp")
+        packed = gzip.compress(raw, compresslevel=9, mtime=0)
+        # Zero padding to a multiple of 4: the kernel only takes an archive appended after
+        # this one (the job) when it starts 4-byte aligned (init/initramfs.c, unpack_to_rootfs)
+        # and skips zeros between archives; gzip readers ignore trailing zeros too.
+        packed += bytes(-len(packed) % 4)
         with open(tmp_out, "wb") as f:
-            f.write(gzip.compress(raw, compresslevel=9, mtime=0))
+            f.write(packed)
         os.replace(tmp_out, cached)
         meta.write_text(json.dumps({"uncompressed_size": len(raw),
                                     "members": len(cpio.read(raw))}))
@@ -410,7 +429,7 @@ def build_initramfs(out: Path | None, init_script: str,
 def build_save_initramfs(out: Path | None = None) -> InitramfsImage:
     """B's initramfs: busybox, trimmed python3, python3-lz4, kjumpd, /init running the agent."""
     return build_initramfs(out, SAVE_INIT, name="save",
-                           python_modules=(SAVE_ENTRY, *SAVE_EXTRA_MODULES),
+                           python_modules=(*SAVE_ENTRY, *SAVE_EXTRA_MODULES),
                            python_packages=("kjumpd", "lz4"))
 
 

@@ -115,6 +115,25 @@ def own_memory(sysroot: Sysroot) -> list[tuple[int, int]]:
     return [(a - a % PAGE, -(-b // PAGE) * PAGE) for a, b in ram]
 
 
+def bounded_chunk_size(requested: int, mem_available: int, workers: int) -> int:
+    """The job's chunk size, halved until the save pipeline's chunks in flight fit in half
+    of the memory B has left (B lives in a 128 MiB jump area; 4 MiB chunks were OOM-killed
+    there). About 2 * (2 * workers + 4) chunk-sized buffers are alive at once."""
+    per_chunk = 2 * (2 * max(workers, 1) + 4)
+    size = requested
+    while size > 64 * 1024 and per_chunk * size > mem_available // 2:
+        size //= 2
+    return size
+
+
+def mem_available(sysroot: Sysroot) -> int:
+    """MemAvailable from /proc/meminfo, in bytes (0 when unknown)."""
+    for line in sysroot.read_text("/proc/meminfo", "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 # ------------------------------------------------------------------------------ target
 
 def find_target(sysroot: Sysroot, uuid: str, offset: int) -> str:
@@ -219,15 +238,12 @@ class CancelKey:
 class Progress:
     """Console progress lines, at most one per ``every`` seconds (and at 100 %)."""
 
-    def __init__(self, verb: str, total: int, every: float = 2.0,
-                 check: Callable[[], None] | None = None) -> None:
-        self.verb, self.total, self.every, self.check = verb, max(total, 1), every, check
+    def __init__(self, verb: str, total: int, every: float = 2.0) -> None:
+        self.verb, self.total, self.every = verb, max(total, 1), every
         self.t0 = time.monotonic()
         self.last = 0.0
 
     def __call__(self, done: int, *_: Any, **__: Any) -> None:
-        if self.check is not None:
-            self.check()
         now = time.monotonic()
         if now - self.last >= self.every or done >= self.total:
             self.last = now
@@ -271,6 +287,7 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
                          fix="let kjumpd load the save kernel")
     entry = params.jump_back_entry
     dev = None
+    started = False
     cancel: CancelKey | None = None
     try:
         from kjumpd.agent.devmem import MemorySource
@@ -291,20 +308,26 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
             cancel = CancelKey().start()
             say("press any key on this console to cancel the save")
         total = sum(e - s for s, e in job.ranges)
-        progress = Progress("saving", total, check=cancel.check if cancel else None)
+        workers = save.default_workers()
+        avail = mem_available(sysroot)
+        chunk = bounded_chunk_size(job.chunk_size, avail, workers) if avail else job.chunk_size
         say(f"saving {total >> 20} MiB of the main kernel's memory ({len(job.ranges)} ranges, "
-            f"{job.compression}, {os.cpu_count()} CPU(s))")
-        t0 = time.monotonic()
+            f"{job.compression}, {chunk >> 10} KiB chunks, {workers} CPU(s), "
+            f"{avail >> 20} MiB free here)")
         with MemorySource(sysroot, job.ranges) as source:
-            header = save.save_image(source, job.ranges, dev, **_save_kwargs(job, entry, progress))
-        dt = time.monotonic() - t0
-        say(f"SAVED: {header.raw_bytes >> 20} MiB of memory, {header.stored_bytes >> 20} MiB "
-            f"written, {header.zero_pages} zero pages skipped, in {dt:.2f} s "
-            f"({header.raw_bytes / max(dt, 1e-6) / 1e6:.0f} MB/s)")
+            started = True   # from here the pipeline marks the image ABORTED itself on errors
+            stats = save.save_image(
+                source, job.ranges, dev, identity=_identity(job, entry), mode=job.mode,
+                chunk_size=chunk, workers=workers, compression=job.compression,
+                progress=Progress("saving", total),
+                cancel=cancel.pressed if cancel is not None else None)
+        say(f"SAVED: {stats.raw_bytes >> 20} MiB of memory, {stats.stored_bytes >> 20} MiB "
+            f"written, {stats.zero_pages} zero pages skipped, in {stats.seconds:.2f} s "
+            f"({stats.mb_per_s:.0f} MB/s, verify {stats.verify_seconds:.2f} s)")
     except KjumpError as e:
-        reason = "cancelled" if isinstance(e, CancelledError) else e.what[:200]
-        say(f"save failed: {e.message}")
-        _abort(dev, reason)
+        say(f"save {'cancelled' if isinstance(e, CancelledError) else 'failed'}: {e.message}")
+        if not started:
+            _abort(dev, e.what[:200])
     except Exception as e:  # noqa: BLE001 - any bug must still end in the jump back
         log.exception("save crashed")
         say(f"save crashed: {type(e).__name__}: {e}")
@@ -331,15 +354,14 @@ def _abort(dev: Any, reason: str) -> None:
         say(f"could not mark the image ABORTED: {e.message}")
 
 
-def _save_kwargs(job: Any, entry: int, progress: Progress) -> dict[str, Any]:
-    """What the pipeline needs beyond source, ranges and device (kjumpd.image.save)."""
-    return dict(compression=job.compression, chunk_size=job.chunk_size, mode=job.mode,
-                jump_back_entry=entry, jump_area=tuple(job.jump_area),
-                main_kernel=f"{job.main_kernel['release']} {job.main_kernel['build_id']}".strip(),
-                save_kernel_hash=job.save_kernel_hash,
-                identity={"fs_stamps": job.fs_stamps, "main_kernel": job.main_kernel,
-                          "created": job.created},
-                progress=progress)
+def _identity(job: Any, entry: int) -> dict[str, Any]:
+    """What the image records about this save (kjumpd.image.save reads jump_area,
+    jump_back_entry, main_kernel and save_kernel_hash into the header)."""
+    return {"jump_area": list(job.jump_area), "jump_back_entry": entry,
+            "main_kernel": f"{job.main_kernel['release']} {job.main_kernel['build_id']}".strip(),
+            "save_kernel_hash": job.save_kernel_hash, "fs_stamps": job.fs_stamps,
+            "main_kernel_ids": job.main_kernel, "created": job.created,
+            "target_uuid": job.target_uuid}
 
 
 def run_restore(sysroot: Sysroot, params: BootParams) -> int:
@@ -369,7 +391,10 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
             progress = Progress("restoring", header.raw_bytes)
             t0 = time.monotonic()
             with MemorySink(sysroot, ranges, hold=mine) as sink:
-                restore.restore_image(dev, sink, progress=progress)
+                # the sink itself holds back writes into this kernel's own memory
+                restore.restore_image(dev, sink, progress=progress,
+                                      states=(ImageState.RESTORING,))
+                sink.flush()
                 held = sink.held_segments()
             dt = time.monotonic() - t0
         except KjumpError as e:
@@ -388,6 +413,33 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
     finally:
         dev.close()
     jump_back(sysroot, entry, held)
+    return 0
+
+
+def rescue(sysroot: Sysroot = Sysroot()) -> int:
+    """/init's fallback when the agent died (e.g. OOM-killed) in the save role: mark the image
+    ABORTED if the target can be found, and jump back so the main kernel rolls back."""
+    params = parse_cmdline(sysroot.read_text("/proc/cmdline"))
+    if params.role != "save" or not params.jump_back_entry:
+        say("rescue: nothing to jump back to")
+        return 1
+    say("rescue: the agent died; aborting the save and jumping back")
+    dev = None
+    try:
+        from kjumpd.image import store
+        from kjumpd.job import Job
+        job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
+        dev, _sb = store.open_target(sysroot.path(find_target(sysroot, job.target_uuid,
+                                                              job.superblock_device_offset)),
+                                     writable=True, offset=job.superblock_device_offset)
+    except (KjumpError, OSError) as e:
+        say(f"rescue: target not opened ({e})")
+    try:
+        _abort(dev, "save agent died")
+    finally:
+        if dev is not None:
+            dev.close()
+    jump_back(sysroot, params.jump_back_entry)
     return 0
 
 
@@ -413,6 +465,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("boot", help="run as the save kernel's userspace (/init): the role on "
                                     "/proc/cmdline (kjump.role=save|restore)")
     p.add_argument("--sysroot", default="/", help=argparse.SUPPRESS)
+    p.add_argument("--rescue", action="store_true",
+                   help="only mark the image ABORTED and jump back (/init runs this if the "
+                        "agent died)")
     p.set_defaults(func=_boot_cmd)
 
 
@@ -420,7 +475,8 @@ def _boot_cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="kjump-agent[%(levelname)s] %(name)s: %(message)s")
     try:
-        return boot(Sysroot(args.sysroot))
+        root = Sysroot(args.sysroot)
+        return rescue(root) if args.rescue else boot(root)
     except KjumpError as e:
         say(f"error: {e.message}")
         return 1

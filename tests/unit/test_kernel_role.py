@@ -47,3 +47,12 @@ def test_bad_command_lines_are_refused_with_a_reason(line: str, match: str) -> N
 
 def test_own_memory_is_the_top_level_system_ram() -> None:
     assert parse_iomem_ram(B_IOMEM) == [(0x1000, 0x80000), (0x20000000, 0x28000000)]
+
+
+def test_chunk_size_shrinks_to_fit_the_save_kernels_memory() -> None:
+    from kjumpd.agent.kernel_role import bounded_chunk_size
+    # 128 MiB jump area with ~90 MiB free and 2 CPUs: 4 MiB chunks would need ~100 MiB
+    size = bounded_chunk_size(4 << 20, 90 << 20, 2)
+    assert size < 4 << 20 and 16 * size <= 45 << 20
+    assert bounded_chunk_size(1 << 20, 2 << 30, 8) == 1 << 20      # plenty: unchanged
+    assert bounded_chunk_size(4 << 20, 1 << 20, 2) == 64 * 1024    # never below 64 KiB
