@@ -133,7 +133,7 @@ def test_a_clean_image_is_restored_through_the_save_kernel(world: World) -> None
     assert h.state == ImageState.RESTORING and h.attempt == 1
     calls = world.kexec_calls()
     load = calls[0]
-    assert load.startswith("-l --mem-min=0x20000000 --mem-max=0x27ffffff ")
+    assert load.startswith("-l --no-checks --mem-min=0x20000000 --mem-max=0x27ffffff ")
     assert f"{world.root}/kjump/save/bzImage" in load
     assert f"--initrd={world.root}/kjump/save/initramfs.cpio.gz" in load
     assert "kjump.role=restore" in load and f"kjump.target={world.sb.uuid_str}" in load
@@ -148,7 +148,7 @@ def test_no_image_boots_the_normal_kernel_and_touches_nothing(world: World) -> N
     assert world.run() == "normal"
     assert world.target.read_bytes() == before
     assert world.kexec_calls() == [
-        f"-l {world.root}/kjump/normal/vmlinuz --initrd={world.root}/kjump/normal/initrd.img "
+        f"-l --no-checks {world.root}/kjump/normal/vmlinuz --initrd={world.root}/kjump/normal/initrd.img "
         "--append=root=/dev/vda2 ro quiet", "-e"]
 
 

@@ -259,8 +259,8 @@ def test_garbage_boot_config_never_crashes(blob: bytes) -> None:
 
 def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
     args = restore_kexec_args(config(), 2)
-    assert args[:5] == ["kexec", "-l", "--mem-min=0x20000000", "--mem-max=0x27ffffff",
-                        "/kjump/save/bzImage"]
+    assert args[:6] == ["kexec", "-l", "--no-checks", "--mem-min=0x20000000",
+                        "--mem-max=0x27ffffff", "/kjump/save/bzImage"]
     assert "--initrd=/kjump/save/initrd.cpio.gz" in args
     kv = parse_cmdline(args[-1].split("=", 1)[1])
     assert kv["kjump.role"] == "restore" and kv["kjump.target"] == TARGET
@@ -272,7 +272,8 @@ def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
 
 def test_the_normal_kernel_gets_its_own_command_line() -> None:
     args = normal_kexec_args(config(), "invalid:stale")
-    assert args == ["kexec", "-l", "/boot/vmlinuz", "--initrd=/boot/initrd.img",
+    assert args == ["kexec", "-l", "--no-checks", "/boot/vmlinuz", "--initrd=/boot/initrd.img",
                     "--append=root=/dev/vda ro quiet kjump.rf=invalid:stale"]
     no_initrd = config(normal=KernelSpec("/boot/vmlinuz", None, "root=/dev/vda"))
-    assert normal_kexec_args(no_initrd) == ["kexec", "-l", "/boot/vmlinuz", "--append=root=/dev/vda"]
+    assert normal_kexec_args(no_initrd) == ["kexec", "-l", "--no-checks", "/boot/vmlinuz",
+                                            "--append=root=/dev/vda"]
