@@ -27,7 +27,8 @@ from kjumpd.image.chunk import COMPRESSIONS, decode_chunk
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (ChunkHeader, Header, ImageState, Metadata, chunk_count,
                                  chunk_plan, crc32)
-from kjumpd.image.save import Progress, _check_place, _Meter, default_workers
+from kjumpd.image.save import (Progress, _check_place, _Meter, default_workers,
+                               inflight_chunks)
 from kjumpd.image.stream import RecordReader
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
     reader = RecordReader(dev, header.data_offset, header.data_length)
     plan = chunk_plan(meta.extents, header.chunk_size)
     pending: deque[tuple[ChunkHeader, Future[bytes], int]] = deque()
+    depth = inflight_chunks(workers, header.chunk_size)
     crc = 0
     count = 0
     try:
@@ -103,7 +105,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                     crc = crc32(struct.pack("<I", ch.crc), crc)
                     pending.append((ch, pool.submit(decode_chunk, ch, bitmap, payload, off), off))
                     count += 1
-                    if len(pending) > 2 * workers:
+                    if len(pending) >= depth:
                         ch0, fut, _ = pending.popleft()
                         yield ch0.phys, fut.result()
                 if count != header.chunk_count:

@@ -67,6 +67,15 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: memory budget for chunks in flight (raw + encoded), independent of the input size
+INFLIGHT_BUDGET = 24 * 1024 * 1024
+
+
+def inflight_chunks(workers: int, chunk_size: int) -> int:
+    """How many chunks may be queued: enough to keep every worker busy, within the budget."""
+    return max(2, min(2 * workers + 2, INFLIGHT_BUDGET // (2 * chunk_size)))
+
+
 def normalize_ranges(ranges: Iterable[Any]) -> tuple[MemoryExtent, ...]:
     """MemoryExtent or (start, end) pairs (end exclusive) -> sorted, checked MemoryExtents."""
     out = []
@@ -197,7 +206,7 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     meter = _Meter(progress, total)
     t0 = time.monotonic()
     rw = RecordWriter(dev, data_off)
-    depth = 2 * workers + 2
+    depth = inflight_chunks(workers, chunk_size)
     wt = _Writer(rw, depth)
     try:
         dev.write(METADATA_OFFSET, meta_raw)

@@ -1,0 +1,55 @@
+"""Bounded memory: the agent's peak RSS stays <= 64 MiB on an input far larger than that.
+
+The input is a 768 MiB memory file, sparse-ish (holes read as zero pages) with random and
+text-like regions spread over all of it; peak RSS is the child's ru_maxrss from wait4().
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+LIMIT = 64 * MiB
+SIZE = 768 * MiB
+
+
+def peak_rss(args: list[str]) -> tuple[int, int, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-m", "kjumpd.agent.cli", *args], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    err = p.stderr.read().decode() if p.stderr else ""
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, ru.ru_maxrss * 1024, err
+
+
+def test_save_and_restore_peak_rss_is_bounded(tmp_path):
+    mem = tmp_path / "mem"
+    rnd = random.Random(5)
+    with open(mem, "wb") as f:
+        f.truncate(SIZE)
+        for off in range(0, SIZE, 8 * MiB):        # 1 MiB random + 1 MiB text every 8 MiB
+            f.seek(off)
+            f.write(rnd.randbytes(MiB))
+            f.write((b"struct page %d " % off * 70000)[:MiB])
+    img = tmp_path / "img"
+    rc, rss, err = peak_rss(["save", "--memory", str(mem), "--ranges", f"0-{SIZE}",
+                             "--target", str(img), "--target-size", str(400 * MiB)])
+    assert rc == 0, err
+    assert rss <= LIMIT, f"save peak RSS {rss / MiB:.1f} MiB > 64 MiB"
+    out = tmp_path / "out"
+    rc, rss_r, err = peak_rss(["restore", "--target", str(img), "--memory", str(out)])
+    assert rc == 0, err
+    assert rss_r <= LIMIT, f"restore peak RSS {rss_r / MiB:.1f} MiB > 64 MiB"
+    # and the data really went through: compare a sample of regions
+    with open(mem, "rb") as a, open(out, "rb") as b:
+        for off in (0, 8 * MiB + 123 * 4096, SIZE - 9 * MiB, SIZE - 4096):
+            a.seek(off)
+            b.seek(off)
+            assert a.read(2 * MiB) == b.read(2 * MiB)
+    print(f"peak RSS: save {rss / MiB:.1f} MiB, restore {rss_r / MiB:.1f} MiB")
