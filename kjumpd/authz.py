@@ -68,9 +68,10 @@ def resolve_group(name: str | None) -> int | None:
     except KeyError:
         if name.isdigit():
             return int(name)
-        raise ConfigError(f"group {name!r} does not exist", why="named by the 'group' setting",
-                          fix=f"create it (groupadd {name}) or remove the setting",
-                          key="group") from None
+        raise ConfigError(f"group {name!r} does not exist",
+                          why="named by authz.group in the configuration",
+                          fix=f"create it (groupadd {name}) or remove authz.group",
+                          key="authz.group") from None
 
 
 def local_decision(caller: Caller, action: str, allowed_gid: int | None) -> Decision:
@@ -81,7 +82,8 @@ def local_decision(caller: Caller, action: str, allowed_gid: int | None) -> Deci
         return Decision(True, reason=f"caller is in group {allowed_gid}")
     who = _user_name(caller.uid)
     if allowed_gid is None:
-        fix = "run it as root, or set 'group' in the kjumpd configuration, or install polkit"
+        fix = ("run it as root, or set [authz] group in /etc/kjumpd/kjumpd.toml, or "
+               "install polkit")
     else:
         fix = f"run it as root or add {who} to group {_group_name(allowed_gid)}"
     return Decision(False, reason=f"{who} (uid {caller.uid}) may not perform {action}", details={"fix": fix})

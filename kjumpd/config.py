@@ -95,6 +95,8 @@ class Config:
     # [battery]
     battery_floor_percent: float = 10.0
     battery_rearm_min_seconds: int = 300
+    # [authz] without polkit: members of this group may use the D-Bus API (root always may)
+    authz_group: str = ""
 
     def sha(self) -> dict[str, str]:
         return {"kernel": self.save_kernel_sha256, "initramfs": self.save_initramfs_sha256}
@@ -123,6 +125,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
                  "shrink": ("timeout_shrink", "seconds"), "kexec": ("timeout_kexec", "seconds")},
     "battery": {"floor_percent": ("battery_floor_percent", "percent"),
                 "rearm_min_seconds": ("battery_rearm_min_seconds", "seconds_int")},
+    "authz": {"group": ("authz_group", "str")},
 }
 
 

@@ -373,9 +373,7 @@ class Manager:
         if mode not in self._modes:
             raise ConfigError(f"unknown mode {mode!r}", fix=f"use one of {', '.join(self._modes)}",
                               mode=mode)
-        if self._run is not None:          # cheap refusal before any authorization dialog
-            raise self._busy_error(self._run)
-        uid = None
+        uid = None    # authorize first: callers who may not act learn nothing about the state
         if ctx is not None and self._authz is not None:
             uid = self._authz.require(ctx.sender, action).uid
         with self._lock:

@@ -176,3 +176,22 @@ def test_kjumpctl_without_a_daemon_exits_4(bus) -> None:
     assert err["error"] == "DaemonNotRunningError" and err["fix"]
     r = kjumpctl("unix:path=/nonexistent/bus.sock", "status")
     assert r.returncode == 4 and "fix:" in r.stderr
+
+
+def test_without_polkit_members_of_the_configured_group_may_hibernate(bus, empty_sysroot,
+                                                                      tmp_path) -> None:
+    cfg = tmp_path / "group.toml"
+    cfg.write_text('[authz]\ngroup = "users"\n')
+    d = Kjumpd(bus, empty_sysroot, cfg)
+    try:
+        d.wait_ready()
+        member = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=users"]
+        call = ["gdbus", "call", "--address", bus.address, "--dest", BUS_NAME, "--object-path",
+                OBJECT_PATH, "--method", f"{IFACE}.Hibernate", "test"]
+        r = run(member + call)
+        assert r.returncode == 0, r.stderr          # accepted: the transition starts
+        r = run(call, user="nobody")                # not in the group
+        assert "org.kjump.Error.NotAuthorized" in r.stderr and "users" in r.stderr, r.stderr
+    finally:
+        d.stop()
+    assert "allowed org.kjump.hibernate to uid 65534" in d.log
