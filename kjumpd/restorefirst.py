@@ -35,7 +35,8 @@ boot.json (``BootConfig``, written by ``kjumpctl setup`` into R's initramfs as
      "max_attempts": 3}
 
 Paths are paths inside R's initramfs. ``save.hash`` is the save kernel hash the daemon records
-in the image header (compared with the header); ``kernel_sha256``/``initrd_sha256`` are the
+in the image header ("sha256:" + SHA-256 of the save kernel file, see ``save_kernel_hash``;
+compared with the header); ``kernel_sha256``/``initrd_sha256`` are the
 SHA-256 of the two files R will load (R checks its own copies against them before trusting
 ``save.hash``).
 """
@@ -354,11 +355,11 @@ def _int(d: dict[str, Any], dotted: str) -> int:
     return v
 
 
-def save_kernel_hash(kernel_sha256: str, initrd_sha256: str) -> str:
-    """The save kernel's identity recorded in a job and an image header: "sha256:<hex>" over
-    the two files' SHA-256 digests (hex, each followed by a newline), kernel first."""
-    import hashlib
-    return "sha256:" + hashlib.sha256(f"{kernel_sha256}\n{initrd_sha256}\n".encode()).hexdigest()
+def save_kernel_hash(kernel_sha256: str, initrd_sha256: str = "") -> str:
+    """The save kernel's identity as the daemon records it in a job and the image header:
+    "sha256:" + the SHA-256 of the save kernel file (kjumpd/transaction.py). The initramfs is
+    not part of it; R checks its own copy of the initramfs against boot.json instead."""
+    return "sha256:" + kernel_sha256
 
 
 # ---------------------------------------------------------------- kexec command lines
