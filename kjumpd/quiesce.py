@@ -93,32 +93,32 @@ def plan(sysroot: Sysroot, config: Config, mode: str) -> Plan:
     rtc = _rtc_device(sysroot) if mode == "suspend" else None
     for dev in device_dirs(sysroot):
         if config.runtime_pm_on:
-            ctl = sysroot.read_text(f"{dev}/power/control", default="").strip()
-            if ctl == "auto":
+            raw = sysroot.read_text(f"{dev}/power/control", default="")
+            if raw.strip() == "auto":
                 p.writes.append(Write(f"{dev}/power/control", "on", f"{dev}/power/control",
-                                      "auto", "runtime PM off around the jump"))
+                                      raw, "runtime PM off around the jump"))
         if config.disable_wakeup:
-            wk = sysroot.read_text(f"{dev}/power/wakeup", default="").strip()
-            if wk == "enabled":
+            raw = sysroot.read_text(f"{dev}/power/wakeup", default="")
+            if raw.strip() == "enabled":
                 if _kept(dev, config.keep_wakeup):
                     p.notes.append(f"{dev} keeps wake-up (keep_wakeup)")
                 elif rtc and (dev == rtc or rtc.startswith(dev + "/")):
                     p.notes.append(f"{dev} keeps wake-up (RTC alarm for the battery check)")
                 else:
                     p.writes.append(Write(f"{dev}/power/wakeup", "disabled",
-                                          f"{dev}/power/wakeup", "enabled", "wake-up source"))
+                                          f"{dev}/power/wakeup", raw, "wake-up source"))
     if config.network_down:
         for ifname in sysroot.listdir("/sys/class/net"):
             if ifname == "lo":
                 continue
-            raw = sysroot.read_text(f"/sys/class/net/{ifname}/flags", default="").strip()
+            raw = sysroot.read_text(f"/sys/class/net/{ifname}/flags", default="")
             try:
-                flags = int(raw, 16)
+                flags = int(raw.strip(), 16)
             except ValueError:
                 continue
             if flags & IFF_UP:
                 path = f"/sys/class/net/{ifname}/flags"
-                p.writes.append(Write(path, hex(flags & ~IFF_UP), path, hex(flags),
+                p.writes.append(Write(path, hex(flags & ~IFF_UP), path, raw,
                                       f"link {ifname} down"))
     for q in config.unbind:
         drv = f"/sys/bus/{q.bus}/devices/{q.device}/driver"

@@ -1,0 +1,288 @@
+"""A fake system root for the daemon's transaction, and the fake `kexec` on PATH.
+
+The tree has what a machine booted with crashkernel=128M@512M shows in /proc and /sys, a
+"disk" /dev/vda (a sparse file) with partition vda1 at 1 MiB as the image target, a save
+kernel and initramfs, sleep hooks, a quirk driver, a network link, an RTC, and a
+restore-first boot entry (BLS). The only fake of the kernel boundary is the `kexec`
+executable written by :func:`install_fake_kexec`: it records its argv and, on `-e`,
+simulates the save kernel by writing the image header with kjumpd.image.store.
+
+Write-only kernel "trigger" files (bind, unbind, memory.reclaim, drop_caches,
+sysrq-trigger, /sys/power/state) keep what was written to them in a fake tree; tree_hash
+leaves them out and the tests assert their content explicitly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import stat
+import struct
+import sys
+import textwrap
+from pathlib import Path
+
+TRIGGERS = {"bind", "unbind", "memory.reclaim", "drop_caches", "sysrq-trigger"}
+TRIGGER_PATHS = {"sys/power/state"}
+MiB = 1 << 20
+
+
+def w(root: Path, path: str, text: str | bytes, mode: int | None = None) -> Path:
+    p = root / path.lstrip("/")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
+    if mode is not None:
+        os.chmod(p, mode)
+    return p
+
+
+def link(root: Path, path: str, target: str) -> None:
+    p = root / path.lstrip("/")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, p)
+
+
+def fake_bzimage(init_size: int = 24 * MiB) -> bytes:
+    b = bytearray(8192)
+    b[0x202:0x206] = b"HdrS"
+    struct.pack_into("<I", b, 0x260, init_size)
+    b[0x1000:0x1010] = b"fake save kernel"
+    return bytes(b)
+
+
+def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]] = (),
+          config_extra: str = "") -> None:
+    """Populate ``root``. ``mounts``: (mountpoint, devno, fstype, source) added to mountinfo
+    after the root (a tmpfs, never frozen)."""
+    w(root, "/proc/cmdline", "BOOT_IMAGE=/vmlinuz console=ttyS0 crashkernel=128M@512M quiet\n")
+    w(root, "/proc/iomem", textwrap.dedent("""\
+        00000000-00000fff : Reserved
+        00001000-0009fbff : System RAM
+        0009fc00-0009ffff : Reserved
+        000f0000-000fffff : System ROM
+        00100000-3ffdffff : System RAM
+          01000000-01ffffff : Kernel code
+          20000000-27ffffff : Crash kernel
+        3ffe0000-3fffffff : Reserved
+        """))
+    w(root, "/sys/kernel/kexec_crash_size", "134217728\n")
+    w(root, "/sys/kernel/kexec_crash_loaded", "0\n")
+    w(root, "/sys/kernel/kexec_loaded", "0\n")
+    w(root, "/proc/config.gz", gzip.compress(b"CONFIG_KEXEC=y\nCONFIG_KEXEC_JUMP=y\n"))
+    w(root, "/proc/sys/kernel/osrelease", "6.12.117-kjump\n")
+    w(root, "/proc/sys/kernel/kexec_load_disabled", "0\n")
+    notes = struct.pack("<III", 4, 20, 3) + b"GNU\0" + bytes(range(20))
+    w(root, "/sys/kernel/notes", notes)
+    w(root, "/sys/kernel/security/lockdown", "[none] integrity confidentiality\n")
+    w(root, "/proc/meminfo", "MemTotal:        1048064 kB\nMemFree:          524288 kB\n"
+                              "MemAvailable:     700000 kB\n")
+    w(root, "/proc/swaps", "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
+    info = ["22 1 0:21 / / rw,relatime shared:1 - tmpfs rootfs rw"]
+    for i, (mp, devno, fstype, source) in enumerate(mounts):
+        info.append(f"{30 + i} 22 {devno} / {mp} rw,relatime shared:{2 + i} - {fstype} {source} rw")
+    w(root, "/proc/self/mountinfo", "\n".join(info) + "\n")
+    # devices
+    pci = "/sys/devices/pci0000:00"
+    for dev, ctl, wake in (("0000:00:02.0", "auto", "enabled"), ("0000:00:03.0", "on", "disabled"),
+                           ("0000:00:1f.3", "auto", None), ("0000:00:04.0/usb1/1-1", "auto", "enabled")):
+        w(root, f"{pci}/{dev}/uevent", "")
+        w(root, f"{pci}/{dev}/power/control", ctl + "\n")
+        if wake:
+            w(root, f"{pci}/{dev}/power/wakeup", wake + "\n")
+    w(root, "/sys/devices/pnp0/00:01/uevent", "")
+    w(root, "/sys/devices/pnp0/00:01/power/wakeup", "enabled\n")
+    link(root, "/sys/class/rtc/rtc0/device", "../../../devices/pnp0/00:01")
+    w(root, "/sys/class/rtc/rtc0/since_epoch", "1764000000\n")
+    w(root, "/sys/class/rtc/rtc0/wakealarm", "\n")
+    w(root, "/sys/class/net/eth0/flags", "0x1003\n")
+    w(root, "/sys/class/net/lo/flags", "0x9\n")
+    w(root, "/sys/bus/pci/drivers/snd_hda_intel/bind", "")
+    w(root, "/sys/bus/pci/drivers/snd_hda_intel/unbind", "")
+    link(root, "/sys/bus/pci/devices/0000:00:1f.3", "../../../devices/pci0000:00/0000:00:1f.3")
+    link(root, "/sys/devices/pci0000:00/0000:00:1f.3/driver",
+         "../../../bus/pci/drivers/snd_hda_intel")
+    w(root, "/sys/fs/cgroup/memory.reclaim", "")
+    w(root, "/proc/sys/vm/drop_caches", "")
+    w(root, "/proc/sysrq-trigger", "")
+    w(root, "/sys/power/state", "freeze mem disk\n")
+    w(root, "/sys/power/disk", "[platform] shutdown reboot suspend test_resume\n")
+    w(root, "/dev/snapshot", "")
+    # the disk and its partition
+    vda = "/sys/devices/virtual/block/vda"
+    w(root, f"{vda}/dev", "254:0\n")
+    w(root, f"{vda}/size", str(48 * MiB // 512) + "\n")
+    w(root, f"{vda}/vda1/dev", "254:1\n")
+    w(root, f"{vda}/vda1/size", str(32 * MiB // 512) + "\n")
+    w(root, f"{vda}/vda1/start", "2048\n")
+    w(root, f"{vda}/vda1/partition", "1\n")
+    link(root, "/sys/class/block/vda", "../../devices/virtual/block/vda")
+    link(root, "/sys/class/block/vda1", "../../devices/virtual/block/vda/vda1")
+    link(root, "/sys/dev/block/254:0", "../../devices/virtual/block/vda")
+    link(root, "/sys/dev/block/254:1", "../../devices/virtual/block/vda/vda1")
+    disk = root / "dev/vda"
+    with open(disk, "wb") as f:
+        f.truncate(48 * MiB)
+    (root / "dev/vda1").write_bytes(b"")
+    # save kernel
+    kernel = w(root, "/usr/lib/kjumpd/save/bzImage", fake_bzimage())
+    initrd = w(root, "/usr/lib/kjumpd/save/initramfs.cpio.gz", gzip.compress(b"initramfs" * 1000))
+    # hooks: a recorder (logs outside the tree, through $KJUMP_HOOK_LOG)
+    w(root, "/usr/lib/systemd/system-sleep/50-record",
+      '#!/bin/sh\necho "$1 $2 $SYSTEMD_SLEEP_ACTION" >> "$KJUMP_HOOK_LOG"\n', 0o755)
+    (root / "etc/kjumpd/sleep.d").mkdir(parents=True)
+    (root / "run").mkdir()
+    # boot entry (restore engineer's module), BLS with an ESP and efivars
+    (root / "boot/efi/loader/entries").mkdir(parents=True)
+    (root / "sys/firmware/efi/efivars").mkdir(parents=True)
+    w(root, "/etc/machine-id", "0123456789abcdef0123456789abcdef\n")
+    hostfiles.mkdir(parents=True, exist_ok=True)
+    (hostfiles / "vmlinuz").write_bytes(b"restore kernel")
+    (hostfiles / "initrd.img").write_bytes(b"restore initrd")
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    w(root, "/etc/kjumpd/kjumpd.toml", textwrap.dedent(f"""\
+        [target]
+        path = "/dev/vda1"
+        [jump_area]
+        start = "0x20000000"
+        [hibernate]
+        mode = "test"
+        [save_kernel]
+        kernel_sha256 = "{sha(kernel)}"
+        initramfs_sha256 = "{sha(initrd)}"
+        [quiesce]
+        disable_wakeup = true
+        keep_wakeup = ["1-1"]
+        unbind = [{{bus = "pci", device = "0000:00:1f.3", driver = "snd_hda_intel"}}]
+        [timeouts]
+        hooks = 10
+        """) + config_extra)
+
+
+def setup_target_and_bootentry(root: Path, hostfiles: Path) -> str:
+    """kjumpctl setup --target /dev/vda1 --bootloader bls, through the real code."""
+    from kjumpd import blockmap, bootentry
+    from kjumpd.sysroot import Sysroot
+    sr = Sysroot(root)
+    target, uuid = blockmap.setup(sr, "/dev/vda1", 0)
+    bootentry.install(sr, "bls", kernel=hostfiles / "vmlinuz", initrd=hostfiles / "initrd.img",
+                      cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}")
+    return uuid
+
+
+def tree_hash(root: Path, exclude: set[str] = frozenset()) -> dict[str, str]:
+    """path -> digest of type, mode and content (or link target), trigger files left out."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if name in TRIGGERS or rel in TRIGGER_PATHS or rel in exclude:
+                continue
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = "link:" + os.readlink(p)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = f"dir:{st.st_mode:o}"
+            else:
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                out[rel] = f"file:{st.st_mode:o}:{h.hexdigest()}"
+    return out
+
+
+FAKE_KEXEC = r'''#!{python}
+"""Fake kexec-tools: records argv; on -e simulates the save kernel through kjumpd.image.store."""
+import fcntl, json, os, sys
+sys.path.insert(0, {repo!r})
+log, state_file = os.environ["FAKE_KEXEC_LOG"], os.environ["FAKE_KEXEC_STATE"]
+root = os.environ["FAKE_SYSROOT"]
+fail = os.environ.get("FAKE_KEXEC_FAIL", "")
+with open(log, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+args = sys.argv[1:]
+if "--load-preserve-context" in args:
+    if fail == "load":
+        print("kexec_load failed: Cannot assign requested address", file=sys.stderr)
+        sys.exit(1)
+    initrd = next(a.split("=", 1)[1] for a in args if a.startswith("--initrd="))
+    with open(state_file, "w") as f:
+        json.dump({{"initrd": initrd}}, f)
+    sys.exit(0)
+if args == ["-u"]:
+    if os.path.exists(state_file):
+        os.unlink(state_file)
+    if fail == "unload":
+        print("kexec: unload failed", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
+if args == ["-e"]:
+    if not os.path.exists(state_file):
+        print("Nothing has been loaded!", file=sys.stderr)
+        sys.exit(1)
+    with open(state_file) as f:
+        st = json.load(f)
+    from kjumpd.job import job_from_cpio
+    from kjumpd.image import store
+    from kjumpd.image.format import ImageState
+    with open(st["initrd"], "rb") as f:
+        blob = f.read()
+    # what B's kernel does: unpack the archives after the (gzip) base initramfs; the job
+    # archive starts on a 512-byte boundary after it
+    job = None
+    for pos in range(0, len(blob), 512):
+        if blob[pos:pos + 6] == b"070701":
+            job = job_from_cpio(blob[pos:])
+            break
+    assert job is not None, "no job archive appended to the initrd"
+    with open(os.environ["FAKE_KEXEC_JOB"], "w") as f:
+        f.write(job.to_json())
+    # I1: every filesystem in the job must be frozen now: FIFREEZE again answers EBUSY
+    for mp in json.loads(os.environ.get("FAKE_KEXEC_EXPECT_FROZEN", "[]")):
+        fd = os.open(mp, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, 0xC0045877, 0)
+        except OSError as e:
+            if e.errno != 16:
+                raise
+        else:
+            fcntl.ioctl(fd, 0xC0045878, 0)
+            print(f"{{mp}} was not frozen during the jump", file=sys.stderr)
+            sys.exit(3)
+        finally:
+            os.close(fd)
+    result = os.environ.get("FAKE_KEXEC_RESULT", "saved")
+    if result != "nojump":
+        disk = os.path.join(root, "dev", job.device_hint["name"])
+        dev, sb = store.open_target(disk, writable=True, offset=job.superblock_device_offset)
+        assert sb.uuid_str == job.target_uuid, "target UUID differs from the job"
+        if result == "saved":
+            store.set_state(dev, ImageState.WRITING)
+            store.update_header(dev, state=ImageState.SAVED, mode=job.mode, raw_bytes=12345,
+                                stored_bytes=678, chunk_count=3)
+        elif result == "restoring":
+            store.set_state(dev, ImageState.SAVED)
+            store.set_state(dev, ImageState.RESTORING, attempt=1)
+        elif result == "aborted":
+            store.set_state(dev, ImageState.ABORTED, reason="cancel key pressed")
+        dev.close()
+    print("kexec failed: Bad file descriptor", file=sys.stderr)
+    sys.exit(255)
+print("fake kexec: unexpected arguments", args, file=sys.stderr)
+sys.exit(2)
+'''
+
+
+def install_fake_kexec(bindir: Path) -> Path:
+    bindir.mkdir(parents=True, exist_ok=True)
+    repo = str(Path(__file__).resolve().parents[2])
+    p = bindir / "kexec"
+    p.write_text(FAKE_KEXEC.format(python=sys.executable, repo=repo))
+    p.chmod(0o755)
+    return p

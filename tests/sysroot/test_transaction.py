@@ -1,0 +1,481 @@
+"""The whole hibernate transaction on a fake system root, a failure injected at every step.
+
+The only fake is the `kexec` executable on PATH (kjump_faketree.FAKE_KEXEC). Every failure
+must leave the tree byte-for-byte as it was (trigger files aside, asserted separately;
+the image target only changes when the save kernel "ran") and the next request must
+succeed. As root, real ext4 and xfs filesystems on loop devices are mounted inside the
+tree and really frozen (the fake kexec checks they are frozen during the jump).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from kjump_faketree import (build, install_fake_kexec, setup_target_and_bootentry, tree_hash, w)
+from kjumpd import config as cfgmod
+from kjumpd.errors import (CancelledError, FreezeError, FsStampError, HookError, ImageStateError,
+                           KexecError, PlatformError, QuiesceError, ShrinkError,
+                           UnsupportedError)
+from kjumpd.image import store
+from kjumpd.job import Job
+from kjumpd.sysroot import Sysroot
+from kjumpd.transaction import Hibernation
+
+REQUIRE = os.environ.get("KJUMPD_REQUIRE_VM") == "1"
+IS_ROOT = os.geteuid() == 0
+MiB = 1 << 20
+
+
+class Rec:
+    def __init__(self, cancel: threading.Event | None = None, cancel_at: str = "") -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.cancel, self.cancel_at = cancel, cancel_at
+
+    def phase(self, name: str, percent: float) -> None:
+        self.calls.append(("phase", name))
+        if self.cancel is not None and name == self.cancel_at:
+            self.cancel.set()
+
+    def prepare_for_sleep(self, active: bool) -> None:
+        self.calls.append(("pfs", active))
+
+    def log(self, msg: str) -> None:
+        self.calls.append(("log", msg))
+
+
+@dataclasses.dataclass
+class Fx:
+    root: Path
+    host: Path
+    uuid: str
+    frozen_expect: list[str]
+
+    @property
+    def sr(self) -> Sysroot:
+        return Sysroot(self.root)
+
+    def config(self, **over) -> cfgmod.Config:
+        return dataclasses.replace(cfgmod.load(self.sr), **over)
+
+    def hib(self, events=None, **over) -> Hibernation:
+        h = Hibernation(self.sr, self.config(**over), events or Rec())
+        h.settle = 0.2
+        return h
+
+    def kexec_calls(self) -> list[list[str]]:
+        p = self.host / "kexec.log"
+        return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+    def hook_log(self) -> list[str]:
+        p = self.host / "hooks.log"
+        return p.read_text().splitlines() if p.exists() else []
+
+    def header(self):
+        dev, _ = store.open_target(self.root / "dev/vda", writable=False, offset=MiB)
+        try:
+            return store.read_header(dev)
+        finally:
+            dev.close()
+
+    def job(self) -> Job:
+        return Job.from_json((self.host / "job.json").read_text())
+
+    def trigger(self, path: str) -> str:
+        return (self.root / path.lstrip("/")).read_text()
+
+
+# -- real filesystems on loop devices (root) --------------------------------------------------
+def _run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def loopfs(tmp_path_factory):
+    """ext4 and xfs on loop devices (root); None when not root (and not required)."""
+    if not IS_ROOT or not shutil.which("mkfs.xfs"):
+        if REQUIRE:
+            pytest.fail("KJUMPD_REQUIRE_VM=1: root and mkfs.xfs are needed for real FIFREEZE")
+        yield None
+        return
+    base = tmp_path_factory.mktemp("loopfs")
+    mounted = []
+    try:
+        out = {}
+        for fstype, size in (("ext4", 64 * MiB), ("xfs", 320 * MiB)):
+            img = base / f"{fstype}.img"
+            with open(img, "wb") as f:
+                f.truncate(size)
+            _run(*(["mkfs.ext4", "-q", "-b", "4096"] if fstype == "ext4" else ["mkfs.xfs", "-q"]),
+                 str(img))
+            mp = base / fstype
+            mp.mkdir()
+            _run("mount", "-o", "loop", str(img), str(mp))
+            mounted.append(mp)
+            src = next(line.split()[0] for line in open("/proc/mounts")
+                       if line.split()[1] == str(mp))
+            st = os.stat(mp)
+            out[fstype] = (mp, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", src)
+        (out["ext4"][0] / "xfs").mkdir()
+        (out["ext4"][0] / "data.txt").write_text("user data\n")
+        (out["xfs"][0] / "more.txt").write_text("more user data\n")
+        os.sync()
+        yield out
+    finally:
+        for mp in reversed(mounted):
+            subprocess.run(["umount", str(mp)], capture_output=True, timeout=60)
+
+
+def _thaw_quietly(mp: Path) -> None:
+    try:
+        fd = os.open(mp, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, 0xC0045878, 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def fx(tmp_path, monkeypatch, loopfs):
+    root, host = tmp_path / "root", tmp_path / "host"
+    root.mkdir()
+    mounts, binds = [], []
+    if loopfs:
+        ext_mp, ext_dev, ext_src = loopfs["ext4"]
+        xfs_mp, xfs_dev, xfs_src = loopfs["xfs"]
+        mounts = [("/mnt/data", ext_dev, "ext4", ext_src), ("/mnt/data/xfs", xfs_dev, "xfs", xfs_src)]
+    build(root, host / "files", mounts=mounts)
+    if loopfs:
+        (root / "mnt/data").mkdir(parents=True)
+        _run("mount", "--bind", str(loopfs["ext4"][0]), str(root / "mnt/data"))
+        binds.append(root / "mnt/data")
+        _run("mount", "--bind", str(loopfs["xfs"][0]), str(root / "mnt/data/xfs"))
+        binds.append(root / "mnt/data/xfs")
+        for _, _, _, src in mounts:
+            os.symlink(src, root / src.lstrip("/"))
+    uuid = setup_target_and_bootentry(root, host / "files")
+    fake = install_fake_kexec(host / "bin")
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    # never let a test reach the real kexec-tools of this machine
+    assert shutil.which("kexec") == str(fake)
+    monkeypatch.setenv("FAKE_KEXEC_LOG", str(host / "kexec.log"))
+    monkeypatch.setenv("FAKE_KEXEC_STATE", str(host / "kexec.state"))
+    monkeypatch.setenv("FAKE_KEXEC_JOB", str(host / "job.json"))
+    monkeypatch.setenv("FAKE_SYSROOT", str(root))
+    monkeypatch.setenv("KJUMP_HOOK_LOG", str(host / "hooks.log"))
+    expect = [str(b) for b in reversed(binds)]
+    monkeypatch.setenv("FAKE_KEXEC_EXPECT_FROZEN", json.dumps(expect))
+    try:
+        yield Fx(root, host, uuid, expect)
+    finally:
+        for b in reversed(binds):
+            _thaw_quietly(b)
+            subprocess.run(["umount", str(b)], capture_output=True, timeout=60)
+
+
+def assert_next_request_works(fx: Fx) -> None:
+    """After a failure the daemon runs the next request: mode test, continued."""
+    before = tree_hash(fx.root, exclude={"dev/vda"})
+    out = fx.hib().run("test")
+    assert out.result == "continued" and out.image_state == "INVALID"
+    assert fx.header().state.name == "INVALID"
+    assert tree_hash(fx.root, exclude={"dev/vda"}) == before
+
+
+# -- success paths ----------------------------------------------------------------------------
+def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
+    before = tree_hash(fx.root, exclude={"dev/vda"})
+    ev = Rec()
+    out = fx.hib(ev).run("test")
+    assert out.result == "continued" and not out.resumed
+    assert fx.header().state.name == "INVALID"
+    assert tree_hash(fx.root, exclude={"dev/vda"}) == before
+    # the jump: load with preserve-context inside the jump area, then -e, then unload
+    calls = fx.kexec_calls()
+    assert [c[0] for c in calls] == ["-c", "-e", "-u"]
+    load = calls[0]
+    assert load[:5] == ["-c", "--load-preserve-context", "--mem-min=0x20000000",
+                        "--mem-max=0x27ffffff", "--no-checks"]
+    append = next(a for a in load if a.startswith("--append="))
+    assert "memmap=exactmap memmap=512K@0K memmap=128M@512M kjump.role=save" in append
+    # the job B received
+    job = fx.job()
+    assert job.target_uuid == fx.uuid and job.superblock_device_offset == MiB
+    assert job.blockmap == [(0, MiB, 32 * MiB)]
+    assert job.device_hint == {"devno": "254:0", "name": "vda"}
+    assert job.jump_area == (0x20000000, 128 * MiB)
+    assert (0x100000, 0x20000000) in job.ranges and (0x28000000, 0x3ffe0000) in job.ranges
+    assert all(not (s < 0x28000000 and e > 0x20000000) for s, e in job.ranges)
+    assert job.main_kernel["release"] == "6.12.117-kjump" and job.main_kernel["build_id"]
+    assert len(job.fs_stamps) == len(fx.frozen_expect)
+    # hooks pre then post, PrepareForSleep true then false
+    assert fx.hook_log() == ["pre hibernate hibernate", "post hibernate hibernate"]
+    pfs = [c for c in ev.calls if c[0] == "pfs"]
+    assert pfs == [("pfs", True), ("pfs", False)]
+    # the quirk driver was unbound and bound again; nothing left in /run
+    assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/unbind") == "0000:00:1f.3"
+    assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == "0000:00:1f.3"
+    assert not (fx.root / "run/kjumpd").exists()
+    assert set(out.durations) >= {"preflight", "freeze", "load", "jump", "return"}
+
+
+def test_checkpoint_keeps_the_saved_image(fx):
+    out = fx.hib().run("checkpoint")
+    assert out.result == "continued" and fx.header().state.name == "SAVED"
+    assert out.stats["raw_bytes"] == 12345
+
+
+def test_resume_marks_consumed_and_undoes(fx, monkeypatch):
+    before = tree_hash(fx.root, exclude={"dev/vda"})
+    monkeypatch.setenv("FAKE_KEXEC_RESULT", "restoring")
+    ev = Rec()
+    out = fx.hib(ev).run("platform")
+    assert out.result == "resumed" and out.resumed and out.image_state == "CONSUMED"
+    assert fx.header().state.name == "CONSUMED"
+    assert tree_hash(fx.root, exclude={"dev/vda"}) == before
+    assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == "0000:00:1f.3"
+    assert [c for c in ev.calls if c[0] == "pfs"][-1] == ("pfs", False)
+
+
+def test_suspend_on_ac_sleeps_in_ram_then_drops_the_image_on_wake(fx):
+    before = tree_hash(fx.root, exclude={"dev/vda"})
+    out = fx.hib().run("suspend")
+    assert out.result == "woke-from-ram"
+    assert fx.trigger("/sys/power/state") == "mem"
+    assert fx.header().state.name == "INVALID"
+    assert fx.hook_log() == ["pre hybrid-sleep hybrid-sleep", "post hybrid-sleep hybrid-sleep"]
+    assert tree_hash(fx.root, exclude={"dev/vda"}) == before
+
+
+def test_logs_are_held_while_frozen(fx):
+    seen: list[str] = []
+
+    class H(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    h = H(level=logging.INFO)
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(h)
+    at_jump: list[int] = []
+
+    class Ev(Rec):
+        def phase(self, name, pct):
+            if name == "jump":
+                at_jump.append(len([m for m in seen if m.startswith("phase load")]))
+            super().phase(name, pct)
+    try:
+        fx.hib(Ev()).run("test")
+    finally:
+        root.removeHandler(h)
+        root.setLevel(old)
+    assert at_jump == [0], "a log record reached the handler while filesystems were frozen"
+    assert any(m.startswith("phase load") for m in seen), "held records were not released"
+
+
+# -- failures, one per step ---------------------------------------------------------------------
+def _mkdir_trigger(fx: Fx, path: str):
+    p = fx.root / path.lstrip("/")
+    p.unlink()
+    p.mkdir()
+
+    def undo():
+        p.rmdir()
+        p.write_text("")
+    return undo
+
+
+CASES = {
+    # name: (inject(fx, monkeypatch) -> cleanup, mode, error, target touched by "B")
+    "preflight: kdump loaded": (
+        lambda fx, mp: (w(fx.root, "/sys/kernel/kexec_crash_loaded", "1\n"),
+                        lambda: w(fx.root, "/sys/kernel/kexec_crash_loaded", "0\n"))[1],
+        "test", UnsupportedError, False),
+    "hook pre fails (policy abort)": (
+        lambda fx, mp: (w(fx.root, "/etc/kjumpd/sleep.d/90-fail",
+                          '#!/bin/sh\necho "$1 $2" >> "$KJUMP_HOOK_LOG"; [ "$1" = post ]\n', 0o755),
+                        lambda: (fx.root / "etc/kjumpd/sleep.d/90-fail").unlink())[1],
+        "test", HookError, False),
+    "shrink cannot reach the limit": (
+        lambda fx, mp: None, "test", ShrinkError, False),
+    "quiesce write fails (unbind)": (
+        lambda fx, mp: _mkdir_trigger(fx, "/sys/bus/pci/drivers/snd_hda_intel/unbind"),
+        "test", QuiesceError, False),
+    "freeze: mount table names another fs": (
+        lambda fx, mp: _add_bad_mount(fx), "test", FreezeError, False),
+    "initrd cannot be written": (
+        lambda fx, mp: _block_initrd(fx), "test", KexecError, False),
+    "kexec load fails": (
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_FAIL", "load"), "test", KexecError, False),
+    "kexec -e does not jump": (
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "nojump"), "test", ImageStateError, False),
+    "save kernel aborts": (
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "aborted"), "test", ImageStateError, True),
+    "platform S4 refused": (lambda fx, mp: None, "platform", PlatformError, True),
+    "shutdown does not happen": (lambda fx, mp: None, "shutdown", PlatformError, True),
+    "reboot does not happen": (lambda fx, mp: None, "reboot", PlatformError, True),
+}
+
+
+def _add_bad_mount(fx: Fx):
+    p = fx.root / "proc/self/mountinfo"
+    old = p.read_text()
+    (fx.root / "srv").mkdir()
+    p.write_text(old + "99 22 7:250 / /srv rw,relatime - ext4 /dev/loop250 rw\n")
+
+    def undo():
+        p.write_text(old)
+        (fx.root / "srv").rmdir()
+    return undo
+
+
+def _block_initrd(fx: Fx):
+    d = fx.root / "run/kjumpd/save-initrd.img.new"
+    d.mkdir(parents=True)
+
+    def undo():
+        d.rmdir()
+        (fx.root / "run/kjumpd").rmdir()
+    return undo
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_failure_rolls_back_byte_for_byte(fx, monkeypatch, case):
+    inject, mode, err, touched = CASES[case]
+    cleanup = inject(fx, monkeypatch)
+    over = {"image_size_limit": 100 * MiB} if case.startswith("shrink") else {}
+    header_before = fx.header()
+    before = tree_hash(fx.root, exclude={"dev/vda"} if touched else set())
+    ev = Rec()
+    with pytest.raises(err) as ei:
+        fx.hib(ev, **over).run(mode)
+    e = ei.value
+    assert e.fix or isinstance(e, CancelledError), "every error says how to fix it"
+    assert e.outcome.result == "rolled-back" and e.context["rolled_back"]
+    assert tree_hash(fx.root, exclude={"dev/vda"} if touched else set()) == before, case
+    assert not (fx.root / "run/kjumpd/quiesce.journal").exists()
+    calls = fx.kexec_calls()
+    if any(c[0] == "-c" for c in calls) and not case.startswith("kexec load"):
+        assert calls[-1] == ["-u"], "a loaded save kernel is unloaded on rollback"
+    pfs = [c for c in ev.calls if c[0] == "pfs"]
+    assert pfs in ([], [("pfs", True), ("pfs", False)])
+    state = fx.header().state.name
+    if case == "save kernel aborts":
+        assert state == "ABORTED"
+    elif touched:
+        assert state == "INVALID", "a saved image is invalidated before the thaw"
+    else:
+        assert fx.header() == header_before
+    if case.startswith("shrink"):
+        assert fx.trigger("/sys/fs/cgroup/memory.reclaim") != ""
+        assert fx.trigger("/proc/sys/vm/drop_caches") == "3"
+        assert "limit 100 MiB" in e.why
+    if case.startswith("hook"):
+        assert "post hibernate" in fx.hook_log(), "hooks that ran get their post call"
+    if case.startswith("quiesce"):
+        assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == ""
+    if mode == "shutdown":
+        assert fx.trigger("/proc/sysrq-trigger") == "o"
+    if mode == "reboot":
+        assert fx.trigger("/proc/sysrq-trigger") == "b"
+    if cleanup:
+        cleanup()
+    for k in ("FAKE_KEXEC_FAIL", "FAKE_KEXEC_RESULT"):
+        monkeypatch.delenv(k, raising=False)
+    assert_next_request_works(fx)
+
+
+def test_stamp_failure_after_freeze_thaws(fx, loopfs):
+    if not loopfs:
+        pytest.skip("needs root for real frozen filesystems")
+    link = fx.root / "dev" / os.path.basename(loopfs["xfs"][2])
+    target = os.readlink(link)
+    link.unlink()
+    before = tree_hash(fx.root)
+    with pytest.raises(FsStampError):
+        fx.hib().run("test")
+    assert tree_hash(fx.root) == before
+    assert fx.kexec_calls() == []
+    os.symlink(target, link)
+    assert_next_request_works(fx)
+
+
+@pytest.mark.parametrize("cancel_at", ["", "quiesce", "load"])
+def test_cancel_rolls_back(fx, cancel_at):
+    before = tree_hash(fx.root)
+    cancel = threading.Event()
+    if not cancel_at:
+        cancel.set()
+    ev = Rec(cancel, cancel_at)
+    with pytest.raises(CancelledError) as ei:
+        fx.hib(ev).run("test", cancel)
+    assert ei.value.outcome.result == "rolled-back"
+    assert tree_hash(fx.root) == before
+    calls = fx.kexec_calls()
+    assert ["-e"] not in calls
+    if cancel_at == "load":
+        assert calls[-1] == ["-u"]
+    assert_next_request_works(fx)
+
+
+def test_undo_failure_is_reported_and_the_rest_undone(fx, monkeypatch):
+    monkeypatch.setenv("FAKE_KEXEC_RESULT", "aborted")
+    monkeypatch.setenv("FAKE_KEXEC_FAIL", "unload")
+    before = tree_hash(fx.root, exclude={"dev/vda"})
+    with pytest.raises(ImageStateError) as ei:
+        fx.hib().run("test")
+    assert "kexec unload" in ei.value.context["undo_errors"]
+    assert tree_hash(fx.root, exclude={"dev/vda"}) == before
+
+
+def test_a_second_request_while_running_is_busy(fx):
+    from kjumpd.errors import BusyError
+    h = fx.hib()
+    started, release = threading.Event(), threading.Event()
+
+    class Ev(Rec):
+        def phase(self, name, pct):
+            if name == "quiesce":
+                started.set()
+                release.wait(30)
+    h.events = Ev()
+    t = threading.Thread(target=lambda: h.run("test"))
+    t.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(BusyError):
+            h.run("test")
+    finally:
+        release.set()
+        t.join(60)
+    assert fx.header().state.name == "INVALID"
+
+
+def test_real_filesystems_are_frozen_during_the_jump_and_writable_after(fx, loopfs):
+    if not loopfs:
+        pytest.skip("needs root for real frozen filesystems")
+    out = fx.hib().run("test")
+    assert out.result == "continued"
+    assert out.stats["frozen"] == ["/mnt/data/xfs", "/mnt/data"], "leaves first"
+    job = fx.job()
+    assert sorted(s["fstype"] for s in job.fs_stamps) == ["ext4", "xfs"]
+    # thawed: writing works again (a frozen fs would block here)
+    for mp in fx.frozen_expect:
+        probe = Path(mp) / ".kjumpd-probe"
+        probe.write_text("x")
+        probe.unlink()
