@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -94,6 +95,28 @@ class _Console:
               f"{mb_s:.0f} MB/s ETA {eta:.0f}s", file=sys.stderr)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM of its own address space; 0 when unknown).
+
+    Not getrusage(): its ru_maxrss also counts the parent's memory that a fork()ed child
+    held before exec().
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _print_stats(enabled: bool, **fields: Any) -> None:
+    if enabled:
+        fields["peak_rss"] = peak_rss_bytes()
+        print(json.dumps(fields, sort_keys=True))
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     from kjumpd.image import save, store
     from kjumpd.image.device import ImageDevice
@@ -122,7 +145,10 @@ def cmd_save(args: argparse.Namespace) -> int:
                                     progress=_Console("saving", args.progress))
     print(f"kjump-agent: SAVED {stats.raw_bytes} bytes in {stats.chunk_count} chunks "
           f"({stats.zero_pages} zero pages) as {stats.stored_bytes} bytes in "
-          f"{stats.seconds:.2f}s", file=sys.stderr)
+          f"{stats.seconds:.2f}s (verify {stats.verify_seconds:.2f}s)", file=sys.stderr)
+    _print_stats(args.stats, raw_bytes=stats.raw_bytes, stored_bytes=stats.stored_bytes,
+                 zero_pages=stats.zero_pages, chunks=stats.chunk_count, seconds=stats.seconds,
+                 verify_seconds=stats.verify_seconds)
     return 0
 
 
@@ -141,6 +167,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             sink.flush()
     print(f"kjump-agent: restored {stats.raw_bytes} bytes in {stats.chunk_count} chunks in "
           f"{stats.seconds:.2f}s", file=sys.stderr)
+    _print_stats(args.stats, raw_bytes=stats.raw_bytes, chunks=stats.chunk_count,
+                 seconds=stats.seconds)
     return 0
 
 
@@ -159,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--progress", action="store_true", help="print progress to stderr")
         p.add_argument("--buffered", action="store_true",
                        help="do not use O_DIRECT on the target")
+        p.add_argument("--stats", action="store_true",
+                       help="print a JSON line of figures (bytes, seconds, peak RSS) on stdout")
 
     p = sub.add_parser("save", help="save memory ranges of a file into a target file")
     p.add_argument("--memory", required=True, metavar="FILE", help="memory image to read")

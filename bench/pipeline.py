@@ -1,0 +1,189 @@
+"""`make bench`: the save/restore pipeline against `lz4 -1`, `lz4 -d` and a raw copy.
+
+Generates (once, cached in $KJUMPD_CACHE/bench, default ~/.cache/kjumpd/bench) a 2 GiB
+memory file of mixed pages: ~40 % zero pages, ~35 % text-like pages, ~25 % random pages.
+Then, in one run, on the same disk, with the input in the page cache:
+
+  save     kjump-agent save (O_DIRECT writer, verify pass, SAVED header, fsync)
+           vs `lz4 -1` of the same bytes and vs a raw `cat` copy, each followed by fsync
+  restore  kjump-agent restore into a memory file (+ fsync) vs `lz4 -d` (+ fsync)
+  RSS      peak RSS of the agent (its own VmHWM, printed with --stats)
+
+and prints the ratios against the targets: save <= 0.5x lz4 -1 and <= 1.0x raw copy,
+restore <= 0.67x lz4 -d, RSS <= 64 MiB. The machine may be shared: the load average is
+printed with the figures. Nothing here asserts a time; it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MiB = 1024 * 1024
+PAGE = 4096
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("KJUMPD_CACHE") or os.path.expanduser("~/.cache/kjumpd")
+    d = Path(base) / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def generate(path: Path, size: int, seed: int = 2026) -> None:
+    """Mixed memory: zero, text-like and random pages, deterministic."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    rnd = random.Random(seed)
+    words = (b"the of and to in is for task_struct page mm vma inode dentry kmalloc slab "
+             b"0x00000000 0xffffffff81000000 /usr/lib/x86_64-linux-gnu/libc.so.6 GLIBC_2.34 "
+             b"return NULL; static int __init void *ptr = NULL; if (err) goto out; "
+             b"LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin HOME=/root").split()
+    corpus = b" ".join(rnd.choice(words) for _ in range(400_000))   # ~4 MB of "text"
+    tmp = path.with_suffix(".tmp")
+    print(f"bench: generating {size >> 20} MiB of mixed memory in {path} ...", file=sys.stderr)
+    zero = bytes(PAGE)
+    with open(tmp, "wb") as f:
+        batch = bytearray()
+        for _ in range(size // PAGE):
+            r = rnd.random()
+            if r < 0.40:
+                batch += zero
+            elif r < 0.75:
+                o = rnd.randrange(len(corpus) - PAGE)
+                batch += corpus[o:o + PAGE]
+            else:
+                batch += rnd.randbytes(PAGE)
+            if len(batch) >= 8 * MiB:
+                f.write(batch)
+                batch = bytearray()
+        f.write(batch)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+
+
+def fsync_path(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(cmd: list[str], out: Path | None = None, stdout_to: Path | None = None
+          ) -> tuple[float, int, str]:
+    """Wall time (including fsync of ``out``), ru_maxrss, stderr of a command."""
+    t0 = time.monotonic()
+    fout = open(stdout_to, "wb") if stdout_to else subprocess.DEVNULL
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        p = subprocess.Popen(cmd, stdout=fout, stderr=subprocess.PIPE, env=env)
+        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+        _, status, ru = os.wait4(p.pid, 0)
+    finally:
+        if stdout_to:
+            fout.close()  # type: ignore[union-attr]
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed (rc {rc}): {err.strip()}")
+    if out is not None:
+        fsync_path(out)
+    return time.monotonic() - t0, ru.ru_maxrss * 1024, err
+
+
+def drop(p: Path) -> None:
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.pipeline", description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=2048, help="memory size in MiB (default 2048)")
+    ap.add_argument("--chunk-sweep", action="store_true",
+                    help="also time saves with 256 KiB, 1 MiB and 4 MiB chunks")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs")
+    args = ap.parse_args(argv)
+    if not shutil.which("lz4"):
+        raise SystemExit("bench: the lz4 command is missing (apt install lz4)")
+    d = cache_dir()
+    size = args.size * MiB
+    mem = d / f"mem-{args.size}M.bin"
+    generate(mem, size)
+    py = sys.executable
+    agent = [py, "-m", "kjumpd.agent.cli"]
+    img, lz, cp, back, back_lz = (d / "image.kjump", d / "mem.lz4", d / "mem.copy",
+                                  d / "restored.bin", d / "restored-lz4.bin")
+    for p in (img, lz, cp, back, back_lz):
+        drop(p)
+    load0 = os.getloadavg()
+    # warm the input into the page cache (all contenders read it from memory)
+    timed(["cat", str(mem)])
+    # the target exists before a hibernation (kjumpctl setup): create it outside the timing
+    timed(agent[:1] + ["-c", "import sys; from kjumpd.image import store; "
+                       f"store.create_target({str(img)!r}, {size + 64 * MiB})"])
+    t_lz4, _, _ = timed(["lz4", "-1", "-f", "-q", str(mem), str(lz)], out=lz)
+    t_cat, _, _ = timed(["cat", str(mem)], out=cp, stdout_to=cp)
+    st = d / "stats.json"
+    t_save, _, _ = timed(agent + ["save", "--memory", str(mem), "--ranges", f"0-{size}",
+                                  "--target", str(img), "--stats"], out=img, stdout_to=st)
+    save_stats = json.loads(st.read_text().splitlines()[-1])
+    stored, verify_s, rss_save = (save_stats["stored_bytes"], save_stats["verify_seconds"],
+                                  save_stats["peak_rss"])
+    drop(cp)
+    t_lz4d, _, _ = timed(["lz4", "-d", "-f", "-q", str(lz), str(back_lz)], out=back_lz)
+    drop(back_lz)
+    t_rest, _, _ = timed(agent + ["restore", "--target", str(img), "--memory", str(back),
+                                  "--stats"], out=back, stdout_to=st)
+    rss_rest = json.loads(st.read_text().splitlines()[-1])["peak_rss"]
+    same = subprocess.run(["cmp", "-s", str(mem), str(back)]).returncode == 0
+    sweep = []
+    if args.chunk_sweep:
+        for cs in (256 * 1024, 1024 * 1024, 4 * 1024 * 1024):
+            t, _, _ = timed(agent + ["save", "--memory", str(mem), "--ranges", f"0-{size}",
+                                     "--target", str(img), "--chunk-size", str(cs), "--stats"],
+                            out=img, stdout_to=st)
+            sweep.append((cs, t, json.loads(st.read_text().splitlines()[-1])["peak_rss"]))
+    load1 = os.getloadavg()
+    lz_size = lz.stat().st_size
+    if not args.keep:
+        for p in (lz, back, img):
+            drop(p)
+
+    def row(name: str, ours: float, base: float, target: float) -> str:
+        ratio = ours / base if base else float("inf")
+        ok = "MET" if ratio <= target else "MISSED"
+        return (f"{name:<26} {ours:8.2f} s  vs {base:8.2f} s   ratio {ratio:5.2f}  "
+                f"(target <= {target:.2f})  {ok}")
+
+    cpus = len(os.sched_getaffinity(0))
+    print(f"kjumpd pipeline bench: {size >> 20} MiB mixed memory (~40% zero, ~35% text, "
+          f"~25% random pages), {cpus} CPU(s)")
+    print(f"load average before {load0[0]:.2f} {load0[1]:.2f}, after {load1[0]:.2f} "
+          f"{load1[1]:.2f} (a shared machine skews every figure)")
+    print(f"save: {size / MiB / t_save:.0f} MiB/s, stored {stored >> 20} MiB "
+          f"(lz4 -1: {lz_size >> 20} MiB), verify pass {verify_s:.2f} s")
+    print(row("save vs lz4 -1", t_save, t_lz4, 0.5))
+    print(row("save vs raw copy (cat)", t_save, t_cat, 1.0))
+    print(row("restore vs lz4 -d", t_rest, t_lz4d, 0.67))
+    print(f"{'agent peak RSS':<26} save {rss_save / MiB:.1f} MiB, restore "
+          f"{rss_rest / MiB:.1f} MiB (target <= 64)  "
+          f"{'MET' if max(rss_save, rss_rest) <= 64 * MiB else 'MISSED'}")
+    print(f"{'restore byte-exact':<26} {'yes' if same else 'NO'}")
+    for cs, t, r in sweep:
+        print(f"chunk {cs >> 10:5d} KiB: save {t:6.2f} s, peak RSS {r / MiB:.1f} MiB")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
