@@ -10,6 +10,8 @@ Standard library only: this runs in the save kernel's initramfs.
 from __future__ import annotations
 
 import mmap
+import queue
+import threading
 from typing import Iterator
 
 from kjumpd.errors import ImageCorruptError, TargetError
@@ -74,6 +76,48 @@ class RecordWriter:
         self.buf.close()
 
 
+class _Prefetch(threading.Thread):
+    """Reads aligned windows of [start, end) ahead of the consumer (a ring of mmap buffers)."""
+
+    def __init__(self, dev: ImageDevice, start: int, end: int, window: int, depth: int = 2
+                 ) -> None:
+        super().__init__(name="kjump-prefetch", daemon=True)
+        self.dev, self.first, self.end, self.window = dev, start, end, window
+        self.bufs = [mmap.mmap(-1, window) for _ in range(depth + 1)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(len(self.bufs)):
+            self.free.put(i)
+        self.ready: queue.Queue[tuple[int, int, int] | BaseException | None] = queue.Queue()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        pos = self.first
+        try:
+            while pos < self.end and not self.stop.is_set():
+                i = self.free.get()
+                if i < 0:
+                    break
+                want = min(self.window, -(-(self.end - pos) // ALIGN) * ALIGN,
+                           self.dev.size - pos)
+                mv = memoryview(self.bufs[i])[:want]
+                try:
+                    self.dev.readinto(pos, mv)
+                finally:
+                    mv.release()
+                self.ready.put((i, pos, min(want, self.end - pos)))
+                pos += want
+            self.ready.put(None)
+        except BaseException as e:  # noqa: B902 - handed to the consumer, raised there
+            self.ready.put(e)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.free.put(-1)
+        self.join()
+        for b in self.bufs:
+            b.close()
+
+
 class RecordReader:
     """Yield (ChunkHeader, bitmap, payload, logical_offset) from [start, start+length)."""
 
@@ -81,35 +125,33 @@ class RecordReader:
         self.dev = dev
         self.start = start
         self.end = start + length
-        self.window = window
-        self.next_read = start      # next logical offset to read (aligned)
         self.buf = bytearray()
         self.pos = 0                # position in buf
         self.base = start           # logical offset of buf[0]
-        self._win = mmap.mmap(-1, window)
+        self.done = False
+        self._pf = _Prefetch(dev, start, self.end, window)
+        self._pf.start()
 
     def _need(self, n: int, what: str, offset: int) -> None:
         while len(self.buf) - self.pos < n:
-            if self.next_read >= self.end:
+            item = None if self.done else self._pf.ready.get()
+            if isinstance(item, BaseException):
+                self.done = True
+                raise item
+            if item is None:
+                self.done = True
                 raise ImageCorruptError(f"image data ends inside {what} at byte offset {offset}",
                                         why="the image is truncated",
                                         fix="the image cannot be used; boot normally and "
                                             "hibernate again",
                                         structure=what, offset=offset)
+            i, _pos, keep = item
             if self.pos:
                 del self.buf[:self.pos]
                 self.base += self.pos
                 self.pos = 0
-            want = min(self.window, -(-(self.end - self.next_read) // ALIGN) * ALIGN,
-                       self.dev.size - self.next_read)
-            mv = memoryview(self._win)[:want]
-            try:
-                self.dev.readinto(self.next_read, mv)
-                keep = min(want, self.end - self.next_read)
-                self.buf += mv[:keep]
-            finally:
-                mv.release()
-            self.next_read += want
+            self.buf += memoryview(self._pf.bufs[i])[:keep]
+            self._pf.free.put(i)
 
     def _take(self, n: int) -> bytes:
         out = bytes(self.buf[self.pos:self.pos + n])
@@ -131,4 +173,4 @@ class RecordReader:
         return ch, bitmap, payload, off
 
     def close(self) -> None:
-        self._win.close()
+        self._pf.close()
