@@ -113,14 +113,17 @@ def load_config(sysroot: Any, path: str | None) -> Any:
 
 
 def read_image_state(sysroot: Any, cfg: Any) -> str:
-    """The image header's state on the configured target, as text (EMPTY, SAVED, ...)."""
+    """The image header's state on the configured target, as text (EMPTY, SAVED, ...),
+    read as the transaction reads it: through the block map, on the whole disk."""
+    from kjumpd import blockmap
     from kjumpd.image import store
-    target = sysroot.path(cfg.target)
-    if not target.exists():
+    if not sysroot.path(cfg.target).exists():
         return f"unknown: target {cfg.target} does not exist (fix: run 'kjumpctl setup')"
-    dev, _sb = store.open_target(target, writable=False)
+    target, _uuid = blockmap.current(sysroot, cfg.target, restamp=False)
+    dev, _sb = store.open_target(sysroot.path(target.disk), writable=False,
+                                 offset=target.superblock_offset)
     try:
-        return str(store.read_header(dev))
+        return store.read_header(dev).state_text
     finally:
         dev.close()
 

@@ -4,7 +4,8 @@ The protocol is newline-separated ``KEY=VALUE`` assignments in one datagram sent
 AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace).
 kjumpd sends READY=1, STATUS=..., WATCHDOG=1 (every half of ``$WATCHDOG_USEC``, when
 ``$WATCHDOG_PID`` is unset or names this process) and STOPPING=1. Without NOTIFY_SOCKET
-(no systemd, e.g. the VM tier's plain init) every call is a no-op.
+(no systemd, e.g. the VM tier's plain init) every call is a no-op. Sends never block: a
+message the receiver has no room for is dropped (logged at debug level).
 """
 
 from __future__ import annotations
@@ -64,9 +65,14 @@ class Notifier:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # never block the main loop on a receiver that does not read
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
             self._sock.sendto(format_message(fields), socket_address(self.address))
             return True
+        except BlockingIOError:
+            log.debug("sd_notify to %s dropped: the receiver's queue is full", self.address)
+            return False
         except OSError as e:
             log.warning("sd_notify to %s failed: %s", self.address, e.strerror or e)
             return False

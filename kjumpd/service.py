@@ -447,7 +447,10 @@ class Manager:
     # -- from the worker ----------------------------------------------------------------
     def in_main_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         def call() -> bool:
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception:  # a bug: keep the main loop (and the service) alive
+                log.exception("internal error in %s", getattr(fn, "__name__", fn))
             return False
         GLib.idle_add(call)
 
@@ -491,6 +494,9 @@ class Manager:
             return f"unknown: {e.message}"
         except OSError as e:
             return f"unknown: {e.strerror or e}"
+        except Exception as e:  # a bug in a reader must not stop the service
+            log.exception("cannot read the image state")
+            return f"unknown: internal error: {e or type(e).__name__}"
 
 
 # --------------------------------------------------------------------------- publishing

@@ -93,3 +93,14 @@ def test_an_unknown_group_is_a_config_error_naming_the_key() -> None:
     with pytest.raises(ConfigError) as e:
         authz.resolve_group("no-such-group-kjumpd")
     assert "no-such-group-kjumpd" in e.value.message and e.value.fix
+
+
+def test_a_receiver_that_does_not_read_never_blocks_the_daemon(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(path))
+    n = sdnotify.Notifier({"NOTIFY_SOCKET": str(path)})
+    sent = [n.status(f"state {i}") for i in range(2000)]   # far beyond the queue length
+    assert sent[0] is True and sent[-1] is False
+    n.close()
+    rx.close()
