@@ -30,6 +30,18 @@ from kjumpd.restorefirst import (BOOT_CONFIG_PATH, BootConfig, KernelSpec,  # no
 log = logging.getLogger("kjumpd.bootloader.initramfs")
 
 INIT = REPO / "bootloader" / "restore_init.py"
+#: /init: python cannot be PID 1 before /dev exists (it needs random numbers at start-up)
+R_INIT = """#!/bin/sh
+# /init of kjumpd's restore-first environment (R)
+export PATH=/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+KJUMPD_RF_INIT=1 /usr/bin/python3 -S -E -B -u /kjumpd-rf/restore_init.py
+echo "kjumpd-rf: nothing could be started; a shell follows (exit powers off)"
+sh
+poweroff -f
+"""
 KEXEC = Path("/usr/sbin/kexec")
 #: modules R imports (some lazily, inside functions: a trace of the entry cannot see them)
 R_MODULES = (
@@ -49,8 +61,9 @@ SAVE_INITRD = "/kjump/save/initramfs.cpio.gz"
 def build_restore_initramfs(out: Path | None = None):  # -> savekernel.initramfs.InitramfsImage
     """The generic part of R's initramfs (no boot.json): cached by its inputs."""
     from savekernel.initramfs import build_initramfs
-    return build_initramfs(out, INIT.read_text(), name="restore", python_modules=R_MODULES,
-                           python_packages=("kjumpd",), host_binaries=(KEXEC,))
+    return build_initramfs(out, R_INIT, {"kjumpd-rf/restore_init.py": INIT}, name="restore",
+                           python_modules=R_MODULES, python_packages=("kjumpd",),
+                           host_binaries=(KEXEC,))
 
 
 def _sha256(path: Path) -> str:

@@ -1,5 +1,6 @@
 #!/usr/bin/python3 -SEBu
-"""R's /init: the restore-first environment (kboot style) that a boot loader starts first.
+"""The restore-first environment R (kboot style) that a boot loader starts first; run by the
+/init shell script of bootloader/initramfs.py once /proc, /sys and /dev are mounted.
 
 It mounts the kernel filesystems, reads /etc/kjumpd/boot.json (written by ``kjumpctl setup``
 into this initramfs), finds the image target *by content* (magic + UUID at ``kjump.offset=``
@@ -261,7 +262,8 @@ def restore_first(sysroot: Sysroot, cfg_path: str = "/etc/kjumpd/boot.json", *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if os.getpid() == 1:
+    as_init = os.environ.get("KJUMPD_RF_INIT") == "1" or os.getpid() == 1
+    if as_init:
         os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         mount_kernel_filesystems()
     sysroot = Sysroot()
@@ -279,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - PID 1 must not die with a traceback
         say(f"internal error: {type(e).__name__}: {e}")
     if os.getpid() != 1:
-        return 1
+        return 1            # R's /init (a shell script) offers the rescue shell
     say("nothing could be started; a shell follows (exit powers off)")
     subprocess.run(["sh"])
     subprocess.run(["poweroff", "-f"])
