@@ -219,8 +219,11 @@ class MemorySink(_DevMem):
         self.bytes_written += len(data)
 
     def flush(self) -> None:
+        """Drop the current window. (msync(2) on /dev/mem fails with EINVAL and is not
+        needed: the mapping is the physical memory itself, cache-coherent on x86.)"""
         if self._map is not None:
-            self._map.flush()
+            self._map.close()
+            self._map = None
 
     def held_segments(self) -> list[HeldSegment]:
         """Held pages coalesced into runs of consecutive pages, by address."""

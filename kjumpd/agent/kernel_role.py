@@ -112,7 +112,8 @@ def own_memory(sysroot: Sysroot) -> list[tuple[int, int]]:
     if not ram or all(a == 0 and b == 1 for a, b in ram):
         raise AgentError("cannot read this kernel's memory map",
                          why="/proc/iomem shows no System RAM addresses (not root?)")
-    return [(a - a % PAGE, -(-b // PAGE) * PAGE) for a, b in ram]
+    from kjumpd.agent.devmem import normalize
+    return normalize([(a - a % PAGE, -(-b // PAGE) * PAGE) for a, b in ram])
 
 
 def bounded_chunk_size(requested: int, mem_available: int, workers: int) -> int:
@@ -397,15 +398,19 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
                 sink.flush()
                 held = sink.held_segments()
             dt = time.monotonic() - t0
-        except KjumpError as e:
+        except (KjumpError, OSError) as e:
             # A's memory may be partly overwritten: it cannot be resumed from here on
-            say(f"restore failed: {e.message}")
+            what = e.what if isinstance(e, KjumpError) else f"{type(e).__name__}: {e}"
+            say(f"restore failed: {e.message if isinstance(e, KjumpError) else what}")
             try:
-                store.set_state(dev, ImageState.INVALID, reason=f"restore failed: {e.what}"[:200])
+                store.set_state(dev, ImageState.INVALID, reason=f"restore failed: {what}"[:200])
                 say("image marked INVALID; rebooting into the normal system")
             except KjumpError as e2:
                 say(f"could not mark the image INVALID: {e2.message}")
-            raise
+            if isinstance(e, KjumpError):
+                raise
+            raise AgentError("restore failed", why=what,
+                             fix="the image is marked INVALID; the normal system boots") from None
         say(f"RESTORED {header.raw_bytes >> 20} MiB in {dt:.2f} s "
             f"({header.raw_bytes / max(dt, 1e-6) / 1e6:.0f} MB/s); "
             f"{sum(len(h.data) for h in held) >> 10} KiB held for the jump back")
@@ -479,6 +484,10 @@ def _boot_cmd(args: argparse.Namespace) -> int:
         return rescue(root) if args.rescue else boot(root)
     except KjumpError as e:
         say(f"error: {e.message}")
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line for the console; details in the log
+        log.debug("agent crashed", exc_info=True)
+        say(f"error: the agent crashed: {type(e).__name__}: {e}")
         return 1
 
 

@@ -56,3 +56,13 @@ def test_chunk_size_shrinks_to_fit_the_save_kernels_memory() -> None:
     assert size < 4 << 20 and 16 * size <= 45 << 20
     assert bounded_chunk_size(1 << 20, 2 << 30, 8) == 1 << 20      # plenty: unchanged
     assert bounded_chunk_size(4 << 20, 1 << 20, 2) == 64 * 1024    # never below 64 KiB
+
+
+def test_own_memory_merges_split_entries(tmp_path) -> None:
+    from kjumpd.agent.kernel_role import own_memory
+    from kjumpd.sysroot import Sysroot
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "iomem").write_text(
+        "00001000-0007ffff : System RAM\n20000000-20000fff : System RAM\n"
+        "20001000-27ffffff : System RAM\n")
+    assert own_memory(Sysroot(tmp_path)) == [(0x1000, 0x80000), (0x20000000, 0x28000000)]
