@@ -50,14 +50,16 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
         payload_raw = b""
     else:
         keep = []
+        mv = memoryview(data)
         for i in range(pages):
             o = i * PAGE_SIZE
-            page = data[o:o + PAGE_SIZE]
-            if page == ZERO_PAGE or (len(page) < PAGE_SIZE and page == ZERO_PAGE[:len(page)]):
+            # startswith(): a memcmp at the offset, no copy of the page
+            if data.startswith(ZERO_PAGE, o) or (n - o < PAGE_SIZE
+                                                 and data.startswith(ZERO_PAGE[:n - o], o)):
                 bitmap[i >> 3] |= 1 << (i & 7)
                 zero += 1
             else:
-                keep.append(page)
+                keep.append(mv[o:o + PAGE_SIZE])
         payload_raw = data if zero == 0 else b"".join(keep)
     if zero == pages:
         enc, payload = ENC_ZERO, b""
