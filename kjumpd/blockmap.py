@@ -31,6 +31,7 @@ import stat
 import struct
 import subprocess
 from dataclasses import dataclass, field
+from typing import Callable
 
 from kjumpd.errors import BlockMapError, KjumpError, TargetError
 from kjumpd.sysroot import Sysroot
@@ -210,8 +211,10 @@ def _dm_table(sysroot: Sysroot, dev: BlockDev) -> str:
 
 
 def to_disk(sysroot: Sysroot, dev: BlockDev, extents: list[tuple[int, int, int]],
-            depth: int = 0) -> tuple[BlockDev, list[tuple[int, int, int]]]:
-    """(logical, offset on ``dev``, length) -> (whole disk, offsets on it)."""
+            depth: int = 0, dm_table: Callable[[Sysroot, BlockDev], str] | None = None
+            ) -> tuple[BlockDev, list[tuple[int, int, int]]]:
+    """(logical, offset on ``dev``, length) -> (whole disk, offsets on it).
+    ``dm_table`` returns a device-mapper table's text (default: ``dmsetup table``)."""
     if depth > 8:
         raise BlockMapError("device stack is too deep", fix="use a plain partition")
     base = f"/sys/class/block/{dev.name}"
@@ -228,7 +231,7 @@ def to_disk(sysroot: Sysroot, dev: BlockDev, extents: list[tuple[int, int, int]]
                                     "blocks as plaintext",
                                 fix="put the target on an unencrypted partition (the image is "
                                     "not encrypted by kjumpd)")
-        table = parse_dm_table(_dm_table(sysroot, dev))
+        table = parse_dm_table((dm_table or _dm_table)(sysroot, dev))
         out: list[tuple[int, int, int]] = []
         lower: BlockDev | None = None
         for lo, off, ln in extents:
@@ -245,7 +248,7 @@ def to_disk(sysroot: Sysroot, dev: BlockDev, extents: list[tuple[int, int, int]]
                 out.append((lo, s_off + off - s_start, n))
                 lo, off, ln = lo + n, off + n, ln - n
         assert lower is not None
-        return to_disk(sysroot, lower, out, depth + 1)
+        return to_disk(sysroot, lower, out, depth + 1, dm_table)
     if sysroot.exists(f"{base}/partition"):
         start = int(sysroot.read_text(f"{base}/start").strip()) * SECTOR
         disk_name = os.path.basename(os.path.dirname(os.path.realpath(sysroot.path(base))))
