@@ -8,6 +8,7 @@ normal kernel and initrd, the save kernel and its initramfs).
     make_restore_initrd(out, cfg, files)                  # base + payload: what the entry boots
 
 Command line: python -m bootloader.initramfs base [--out FILE]
+              python -m bootloader.initramfs machine [--out FILE]   (reads kjumpd's config)
 """
 
 from __future__ import annotations
@@ -117,6 +118,42 @@ def make_restore_initrd(out: Path, cfg: BootConfig, files: Mapping[str, Path | b
     return out
 
 
+def normal_cmdline(proc_cmdline: str) -> str:
+    """The running kernel's command line as the normal kernel should get it again: without
+    what the boot loader adds per boot (BOOT_IMAGE=, initrd=) or what kjumpd adds (kjump.*)."""
+    drop = ("BOOT_IMAGE", "initrd", "kjump.rf", "kjump.role", "kjump.target", "kjump.offset")
+    return " ".join(w for w in proc_cmdline.split() if w.split("=", 1)[0] not in drop)
+
+
+def build_for_machine(sysroot_dir: str = "/", config_path: str | None = None, *,
+                      out: Path, normal_kernel: str | None = None,
+                      normal_initrd: str | None = None, cmdline: str | None = None,
+                      max_attempts: int = 3) -> tuple[Path, str]:
+    """R's complete initrd for this machine (the target, jump area and save kernel from
+    kjumpd's config); returns it and the command line R must boot with."""
+    import os
+    from kjumpd import blockmap, config as cfgmod, jumparea
+    from kjumpd.sysroot import Sysroot
+    sr = Sysroot(Path(sysroot_dir))
+    cfg = cfgmod.load(sr, config_path or cfgmod.CONFIG_PATH)
+    target, uuid = blockmap.current(sr, cfg.target, restamp=False)
+    area = jumparea.find(sr, cfg)
+    release = os.uname().release
+    nk = normal_kernel or f"/boot/vmlinuz-{release}"
+    ni = normal_initrd if normal_initrd is not None else f"/boot/initrd.img-{release}"
+    if ni and not sr.path(ni).exists():
+        ni = ""
+    line = cmdline if cmdline is not None else normal_cmdline(sr.read_text("/proc/cmdline"))
+    bcfg, files = restore_config(
+        target_uuid=uuid, target_offset=target.superblock_offset,
+        normal_kernel=sr.path(nk), normal_initrd=sr.path(ni) if ni else None,
+        normal_cmdline=line, save_kernel=sr.path(cfg.save_kernel),
+        save_initrd=sr.path(cfg.save_initramfs), save_cmdline=cfg.save_append,
+        jump_area=(area.start, area.size), max_attempts=max_attempts)
+    make_restore_initrd(out, bcfg, files)
+    return out, f"kjump.target={uuid} kjump.offset={target.superblock_offset}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     p = argparse.ArgumentParser(prog="python -m bootloader.initramfs",
@@ -124,11 +161,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("base", help="the generic base archive; prints its path")
     b.add_argument("--out", type=Path)
+    m = sub.add_parser("machine", help="R's complete initrd for this machine (base + "
+                                       "boot.json + kernels); prints R's command line")
+    m.add_argument("--sysroot", default="/")
+    m.add_argument("--config", default=None, help="kjumpd configuration file")
+    m.add_argument("--out", type=Path, default=Path("/usr/lib/kjumpd/restore/initrd.img"))
+    m.add_argument("--normal-kernel", default=None, help="default /boot/vmlinuz-$(uname -r)")
+    m.add_argument("--normal-initrd", default=None, help="default /boot/initrd.img-$(uname -r)")
+    m.add_argument("--cmdline", default=None, help="default: this boot's /proc/cmdline")
+    m.add_argument("--max-attempts", type=int, default=3)
     args = p.parse_args(argv)
     try:
+        if args.cmd == "machine":
+            out, rline = build_for_machine(args.sysroot, args.config, out=args.out,
+                                           normal_kernel=args.normal_kernel,
+                                           normal_initrd=args.normal_initrd, cmdline=args.cmdline,
+                                           max_attempts=args.max_attempts)
+            print(out)
+            print(f"R's command line: {rline} (kjumpctl setup --bootloader KIND "
+                  f"--restore-initrd {out} adds it)", file=sys.stderr)
+            return 0
         img = build_restore_initramfs(args.out)
     except KjumpError as e:
         print(f"initramfs: {e.message}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"initramfs: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(img.path)
     print(f"restore-first initramfs: {img.compressed_size} bytes gzip, {img.uncompressed_size} "

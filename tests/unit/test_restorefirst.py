@@ -277,3 +277,13 @@ def test_the_normal_kernel_gets_its_own_command_line() -> None:
     no_initrd = config(normal=KernelSpec("/boot/vmlinuz", None, "root=/dev/vda"))
     assert normal_kexec_args(no_initrd) == ["kexec", "-l", "--no-checks", "/boot/vmlinuz",
                                             "--append=root=/dev/vda"]
+
+
+def test_the_normal_command_line_drops_per_boot_words() -> None:
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bootloader.initramfs import normal_cmdline
+    assert normal_cmdline("BOOT_IMAGE=/vmlinuz-6.1 root=UUID=ab ro quiet kjump.rf=invalid:stale "
+                          "crashkernel=128M@0x20000000 initrd=/x") == \
+        "root=UUID=ab ro quiet crashkernel=128M@0x20000000"
