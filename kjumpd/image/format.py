@@ -407,7 +407,12 @@ class Metadata:
 
     def pack(self) -> bytes:
         validate_extents(self.extents)
-        ident = json.dumps(self.identity, sort_keys=True, separators=(",", ":")).encode()
+        try:
+            ident = json.dumps(self.identity, sort_keys=True, separators=(",", ":"),
+                               allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise _bad("image metadata", METADATA_OFFSET, f"identity is not JSON: {e}",
+                       fix="internal: pass plain JSON values in identity") from None
         body = _META_FIXED.pack(METADATA_MAGIC, self.version, 0, len(self.extents),
                                 self.page_size, len(ident))
         body += b"".join(_EXTENT2.pack(e.start, e.length) for e in self.extents) + ident

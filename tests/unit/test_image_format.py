@@ -221,3 +221,8 @@ def test_chunk_plan_covers_every_byte_once(lengths, cs):
 def test_state_text():
     assert Header(state=ImageState.RESTORING, attempt=2).state_text == "RESTORING(2)"
     assert Header(state=ImageState.ABORTED, reason="cancelled").state_text == "ABORTED(cancelled)"
+
+
+def test_identity_that_is_not_json_is_refused_cleanly():
+    with pytest.raises(ImageFormatError, match="identity is not JSON"):
+        Metadata(extents=(MemoryExtent(0, 4096),), identity={"x": object()}).pack()

@@ -135,3 +135,17 @@ def test_read_only_device_refuses_writes(tmp_path):
     with ImageDevice(path, writable=False) as dev:
         with pytest.raises(TargetError, match="read-only"):
             dev.write_aligned(0, bytes(4096))
+
+
+def test_buffered_device_round_trip(tmp_path):
+    """direct=False (kjump-agent --buffered, and the fallback where O_DIRECT is refused)."""
+    path = tmp_path / "target"
+    store.create_target(path, 2 * MiB)
+    with ImageDevice(path, writable=True, direct=False) as dev:
+        assert dev.direct is False
+        h = store.set_state(dev, ImageState.SAVED)
+        dev.write(1 * MiB + 3, b"hello")
+        dev.flush()
+    with ImageDevice(path, writable=False) as dev:
+        assert store.read_header(dev) == h
+        assert dev.read(1 * MiB + 3, 5) == b"hello"
