@@ -34,6 +34,10 @@ REPO = rootfs.REPO
 #: where the guest image carries the save kernel and B's initramfs
 GUEST_SAVE_KERNEL = "/usr/lib/kjumpd/save/bzImage"
 GUEST_SAVE_INITRAMFS = "/usr/lib/kjumpd/save/initramfs.cpio.gz"
+#: the normal kernel (A) and R's generic initramfs, where `kjumpctl setup` takes them from
+GUEST_NORMAL_KERNEL = "/boot/vmlinuz-kjump"
+GUEST_RESTORE_KERNEL = "/usr/lib/kjumpd/restore/vmlinuz"
+GUEST_RESTORE_INITRAMFS = "/usr/lib/kjumpd/restore/initrd.img"
 
 
 class AssetError(KjumpError):
@@ -46,6 +50,8 @@ class Assets:
     save_initramfs: str | None = None
     restore_initramfs: str | None = None
     rootfs: str | None = None
+    #: rootfs + `kjumpctl setup` done in the guest (qcow2 on top of rootfs): every scenario's base
+    prepared: str | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
     def require(self, *names: str) -> None:
@@ -108,6 +114,39 @@ def build_restore_initramfs() -> Path:
                          "build_restore_initramfs()", fix="issue 5 (bootloader/)")
 
 
+PREPARE_TIMEOUT = 900.0
+
+
+def prepare_disk(image: Path, kernel: Path) -> Path:
+    """Boot the guest once on a qcow2 layer over the image and let it run `kjumpctl setup`
+    (target file + restore-first entry), as an administrator would once. Cached next to the
+    image (its key covers every payload byte, the guest scenarios included)."""
+    from tests.vm import harness, scenarios
+    out = image.with_suffix(".prepared.qcow2")
+    if out.exists():
+        return out
+    logs = image.with_suffix(".prepare")
+    logs.mkdir(exist_ok=True)
+    tmp = scenarios.make_overlay(image, logs, "prepared.qcow2")
+    cfg = harness.VMConfig(kernel=kernel, disks=[tmp], disk_format="qcow2",
+                           append=f"{scenarios.A_APPEND} kjumpvm.scenario=prepare",
+                           memory_mb=scenarios.MEM_MIB, smp=scenarios.SMP)
+    log.info("preparing the shared disk: `kjumpctl setup` in the guest (console: %s)", logs)
+    with harness.VM(cfg, artifacts=logs, name="prepare") as vm:
+        try:
+            vm.wait_exit(PREPARE_TIMEOUT)
+        except harness.VMError as err:
+            raise AssetError("the disk preparation boot did not finish", why=str(err)) from err
+        done = vm.find(r"KJUMP-EVENT: prepared")
+        verdict = vm.find(r"KJUMP-VERDICT: .*")
+    if not done:
+        why = verdict[0].group(0) if verdict else f"no 'prepared' event (see {logs})"
+        raise AssetError("`kjumpctl setup` did not complete in the guest", why=why,
+                         fix=f"read {logs}/prepare-console-1.log")
+    os.replace(tmp, out)
+    return out
+
+
 def build_all() -> Assets:
     a = Assets()
 
@@ -126,18 +165,25 @@ def build_all() -> Assets:
     restore = attempt("restore_initramfs", build_restore_initramfs)
 
     def make_rootfs() -> Path:
-        payload = rootfs.default_payload(None, None)
+        payload = rootfs.default_payload()
         if kernel is not None:
             payload.add(GUEST_SAVE_KERNEL, kernel)
+            payload.add(GUEST_NORMAL_KERNEL, kernel)
+            payload.add(GUEST_RESTORE_KERNEL, kernel)
         if save is not None:
             payload.add(GUEST_SAVE_INITRAMFS, save)
+        if restore is not None:
+            payload.add(GUEST_RESTORE_INITRAMFS, restore)
         return rootfs.build_image(payload)
 
     image = attempt("rootfs", make_rootfs)
+    prepared = attempt("prepared", lambda: prepare_disk(image, kernel)) \
+        if image is not None and kernel is not None else None
     a.kernel = str(kernel) if kernel else None
     a.save_initramfs = str(save) if save else None
     a.restore_initramfs = str(restore) if restore else None
     a.rootfs = str(image) if image else None
+    a.prepared = str(prepared) if prepared else None
     path = manifest_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -150,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="vm-assets: %(message)s", stream=sys.stderr)
     args = argv if argv is not None else sys.argv[1:]
     a = build_all()
-    for name in ("kernel", "save_initramfs", "restore_initramfs", "rootfs"):
+    for name in ("kernel", "save_initramfs", "restore_initramfs", "rootfs", "prepared"):
         value = getattr(a, name)
         print(f"{name:18} {value or 'MISSING: ' + a.missing.get(name, '?')}")
     if a.missing:

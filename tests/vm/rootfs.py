@@ -36,7 +36,7 @@ PACKAGES = (
 #: Bump when the way the tree is made changes (not for payload changes).
 TREE_RECIPE = "tree-v1"
 #: Bump when the way the image is assembled changes.
-IMAGE_RECIPE = "image-v1"
+IMAGE_RECIPE = "image-v2"
 IMAGE_SIZE = 4 << 30  # sparse; the guest needs room for the image target and the workload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,19 +169,21 @@ def build_tree(cache: Path | None = None) -> Path:
     return tree
 
 
-def default_payload(kernel: Path | None, save_initramfs: Path | None) -> Payload:
-    """What goes into every guest image: the project as of this checkout, plus the VM tier's
-    init/workload, plus the kernel and B's initramfs when they exist."""
+def default_payload() -> Payload:
+    """What goes into every guest image: the project as of this checkout, the VM tier's
+    init/workload/config (tests/vm/assets.py adds the kernels and initramfs archives)."""
     p = Payload()
     here = Path(__file__).resolve().parent
     p.add("/usr/lib/python3/dist-packages/kjumpd", REPO / "kjumpd")
+    if (REPO / "bootloader").is_dir():  # restore-first init, templates, R's initramfs builder
+        p.add("/usr/lib/python3/dist-packages/bootloader", REPO / "bootloader")
     for name in GUEST_MODULES:
         p.add(f"/usr/lib/python3/dist-packages/kjumpvm/{name}", here / name)
     p.add("/sbin/kjump-vm-init", here / "vminit.py", 0o755)
-    if kernel is not None:
-        p.add("/boot/vmlinuz-kjump", kernel)
-    if save_initramfs is not None:
-        p.add("/usr/lib/kjumpd/save-initramfs.cpio.gz", save_initramfs)
+    p.add("/etc/kjumpd/kjumpd.toml", here / "guest-kjumpd.toml")
+    policy = REPO / "contrib" / "org.kjump.Manager1.conf"
+    if policy.exists():
+        p.add("/usr/share/dbus-1/system.d/org.kjump.Manager1.conf", policy)
     return p
 
 
@@ -206,6 +208,10 @@ def _install_payload(tree: Path, payload: Payload) -> None:
             shutil.copy2(host, dst)
         if guest in payload.modes:
             dst.chmod(payload.modes[guest])
+    # The host plays the boot loader (it boots what the restore-first entry names); GRUB's
+    # configuration directories are where `kjumpctl setup --bootloader` installs that entry.
+    for d in ("etc/grub.d", "boot/grub"):
+        (tree / d).mkdir(parents=True, exist_ok=True)
     bindir = tree / "usr/local/bin"
     bindir.mkdir(parents=True, exist_ok=True)
     for name, module in ENTRY_POINTS.items():
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] == "tree":
             print(build_tree())
         else:
-            print(build_image(default_payload(None, None)))
+            print(build_image(default_payload()))
     except KjumpError as err:
         print(f"rootfs: {err.message}", file=sys.stderr)
         return 1

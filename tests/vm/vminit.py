@@ -22,9 +22,9 @@ EVENT_PREFIX = "KJUMP-EVENT:"
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 
-def event(name: str, **fields: object) -> None:
+def event(_event: str, **fields: object) -> None:
     extra = "".join(f" {k}={v}" for k, v in fields.items())
-    print(f"{EVENT_PREFIX} {name}{extra}", flush=True)
+    print(f"{EVENT_PREFIX} {_event}{extra}", flush=True)
 
 
 def say(msg: str) -> None:
@@ -63,6 +63,24 @@ def mount_all() -> None:
     _mount("tmpfs", "/tmp", "mode=1777")
     subprocess.run(["mount", "-o", "remount,rw", "/"], check=False)
     os.makedirs("/run/lock", exist_ok=True)
+    link_dev_root()
+
+
+def link_dev_root() -> None:
+    """Without an initramfs the kernel names the root device "/dev/root" in /proc/mounts, a
+    node devtmpfs does not have. Link it to the real node (what many initramfs-less setups
+    do), so tools that open a mount's source by name work. NOTE: this hides that a tool
+    should resolve a mount by major:minor (reported to the owners)."""
+    if os.path.exists("/dev/root"):
+        return
+    st = os.stat("/")
+    devno = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open(f"/sys/dev/block/{devno}/uevent") as f:
+            name = next(line.split("=", 1)[1].strip() for line in f if line.startswith("DEVNAME="))
+        os.symlink(name, "/dev/root")
+    except (OSError, StopIteration) as err:
+        say(f"cannot link /dev/root to {devno}: {err}")
 
 
 def start_dbus() -> subprocess.Popen | None:
@@ -132,4 +150,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001 - PID 1 must not die: say why, then power off
+        say(f"init failed: {type(err).__name__}: {err}")
+        power_off()
+        while True:
+            time.sleep(60)

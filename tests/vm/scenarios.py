@@ -1,0 +1,361 @@
+"""Host side of the VM scenarios: which QEMU boots a scenario needs, in which order, and what
+the guest said. Used by test_scenarios.py, demo.py and bench/vm.py.
+
+One guest image (assets.rootfs) is shared by every scenario; each run boots a copy-on-write
+qcow2 overlay of it, so scenarios never touch the shared image and cost no copy. QEMU itself
+is run by tests/vm/harness.py (the save-kernel engineer's runner); every serial log is kept
+in the run's directory (artifacts).
+
+The verdict is the guest's ``KJUMP-VERDICT:`` line (workload.py), never a timing. The host
+reads ``KJUMP-EVENT:`` lines with the time each reached the serial log to build a timeline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kjumpd.errors import KjumpError
+from tests.vm import assets as vm_assets
+from tests.vm.workload import parse_verdict
+
+VERDICT_RE = re.compile(r"KJUMP-VERDICT:.*")
+#: console lines after which a QEMU run will never end by itself
+STUCK_RE = r"kjumpd-rf: nothing could be started|Kernel panic - not syncing"
+EVENT_RE = re.compile(r"KJUMP-EVENT: (\S+)(.*)")
+
+#: main kernel (A) command line; the jump area is reserved at a fixed offset (KJUMP-FACTS.md)
+A_APPEND = ("console=ttyS0 nokaslr panic=1 no_console_suspend crashkernel=128M@0x20000000 "
+            "root=/dev/vda rw rootfstype=ext4 init=/sbin/kjump-vm-init")
+MEM_MIB = 1024
+SMP = 2
+#: QEMU options that make ACPI S3/S4 available to the guest (QEMU's pc machine disables them)
+ACPI_SLEEP = ["-global", "PIIX4_PM.disable_s3=0", "-global", "PIIX4_PM.disable_s4=0"]
+
+
+class ScenarioError(KjumpError):
+    """A VM scenario could not be run to a verdict."""
+
+
+@dataclass
+class Event:
+    t: float          # host monotonic time the line reached the serial log
+    name: str
+    fields: dict[str, str]
+    boot: int         # which QEMU run (0, 1, ...) printed it
+
+
+@dataclass
+class Outcome:
+    name: str
+    run_dir: Path
+    passed: bool = False
+    verdict: dict[str, str] = field(default_factory=dict)
+    verdict_line: str = ""
+    events: list[Event] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+    boots: list[dict] = field(default_factory=list)    # per QEMU run: start, end, how it ended
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = self.verdict_line or "no verdict line"
+        if self.problems:
+            text += " | host: " + "; ".join(self.problems)
+        return f"{text} (serial logs: {', '.join(str(p) for p in self.logs)})"
+
+    def event(self, name: str) -> Event | None:
+        return next((e for e in self.events if e.name == name), None)
+
+
+def _parse_fields(text: str) -> dict[str, str]:
+    out = {}
+    for word in text.split():
+        k, eq, v = word.partition("=")
+        if eq:
+            out[k] = v
+    return out
+
+
+def make_overlay(base: Path, run_dir: Path, name: str = "disk.qcow2") -> Path:
+    """A copy-on-write qcow2 layer over base (raw or qcow2): scenarios never write base."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overlay = run_dir / name
+    if overlay.exists():
+        overlay.unlink()
+    fmt = "qcow2" if base.suffix == ".qcow2" else "raw"
+    proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt,
+                           str(overlay)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if proc.returncode != 0:
+        raise ScenarioError("cannot create the disk overlay", why=proc.stdout.strip(),
+                            fix="install qemu-utils (tools/setup.sh)")
+    return overlay
+
+
+def fsck_overlay(overlay: Path, run_dir: Path) -> tuple[bool, str]:
+    """e2fsck -fn on the guest's root filesystem as the overlay now holds it."""
+    raw = run_dir / "fsck.raw"
+    conv = subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if conv.returncode != 0:
+        return False, f"qemu-img convert failed: {conv.stdout.strip()}"
+    try:
+        proc = subprocess.run(["e2fsck", "-fn", str(raw)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        (run_dir / "fsck.log").write_text(proc.stdout)
+        return proc.returncode == 0, proc.stdout.strip().splitlines()[-1] if proc.stdout else ""
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def read_guest_files(overlay: Path, paths: list[str], run_dir: Path) -> dict[str, Path]:
+    """Copy files out of the guest's root filesystem (as a boot loader reads /boot)."""
+    raw = run_dir / "extract.raw"
+    conv = subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if conv.returncode != 0:
+        raise ScenarioError("cannot read the guest disk", why=conv.stdout.strip())
+    out: dict[str, Path] = {}
+    try:
+        for path in paths:
+            dst = run_dir / ("guest" + path.replace("/", "_"))
+            dst.unlink(missing_ok=True)
+            proc = subprocess.run(["debugfs", "-R", f"dump -p {path} {dst}", str(raw)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if proc.returncode != 0 or not dst.exists() or (dst.stat().st_size == 0
+                                                             and "not found" in proc.stdout):
+                raise ScenarioError(f"{path} is not on the guest disk",
+                                    why=proc.stdout.strip().splitlines()[-1:] and
+                                    proc.stdout.strip().splitlines()[-1] or "debugfs failed",
+                                    fix="did `kjumpctl setup` run in the guest?")
+            out[path] = dst
+    finally:
+        raw.unlink(missing_ok=True)
+    return out
+
+
+@dataclass
+class RestoreEntry:
+    """The restore-first boot entry as the guest's `kjumpctl setup` installed it."""
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+def restore_entry(overlay: Path, run_dir: Path) -> RestoreEntry:
+    """Read /etc/kjumpd/bootentry.json from the guest disk, then R's kernel and initramfs it
+    names: exactly what GRUB would load for the kjumpd-restore entry."""
+    rec_path = "/etc/kjumpd/bootentry.json"
+    files = read_guest_files(overlay, [rec_path], run_dir)
+    try:
+        rec = json.loads(files[rec_path].read_text())
+        kernel, initrd, cmdline = rec["kernel"], rec["initrd"], rec["cmdline"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ScenarioError("the guest's restore-first entry record is unreadable",
+                            why=f"{rec_path}: {err}", fix="issue 5 (kjumpctl setup)") from err
+    got = read_guest_files(overlay, [kernel, initrd], run_dir)
+    return RestoreEntry(got[kernel], got[initrd], " ".join(str(cmdline).split()))
+
+
+def _harness():
+    try:
+        from tests.vm import harness
+    except ImportError as err:  # pragma: no cover - the harness is part of the tier
+        raise ScenarioError("tests/vm/harness.py is missing", why=str(err)) from err
+    return harness
+
+
+class Runner:
+    """Boots one scenario's QEMU runs on one overlay and gathers what the guest printed."""
+
+    def __init__(self, name: str, guest_scenario: str, assets: vm_assets.Assets, run_dir: Path,
+                 extra_qemu: tuple[str, ...] = (), extra_disks: tuple[Path, ...] = (),
+                 append_extra: str = "") -> None:
+        assets.require("kernel", "save_initramfs", "restore_initramfs", "rootfs", "prepared")
+        self.h = _harness()
+        self.assets = assets
+        self.guest_scenario = guest_scenario
+        self.outcome = Outcome(name=name, run_dir=run_dir)
+        self.overlay = make_overlay(Path(assets.prepared), run_dir)
+        self.append = f"{A_APPEND} kjumpvm.scenario={guest_scenario} {append_extra}".strip()
+        self.cfg = self.h.VMConfig(kernel=Path(assets.kernel), append=self.append,
+                                   disks=[self.overlay, *extra_disks], disk_format="qcow2",
+                                   memory_mb=MEM_MIB, smp=SMP,
+                                   extra=tuple(ACPI_SLEEP) + tuple(extra_qemu))
+        self.vm = self.h.VM(self.cfg, artifacts=run_dir, name=name)
+        self.t0 = time.monotonic()
+        self._collected = 0
+
+    # -- console -----------------------------------------------------------------------
+    def collect(self) -> None:
+        """Take the events and verdict of the current QEMU run into the outcome."""
+        vm = self.vm
+        boot = vm.run
+        for line in vm.lines:
+            t = vm.started - self.t0 + line.t
+            m = EVENT_RE.search(line.text)
+            if m:
+                self.outcome.events.append(Event(t, m.group(1), _parse_fields(m.group(2)), boot))
+            m = VERDICT_RE.search(line.text)
+            if m and not self.outcome.verdict_line:
+                parsed = parse_verdict(m.group(0))
+                if parsed:
+                    self.outcome.passed, self.outcome.verdict = parsed
+                    self.outcome.verdict_line = m.group(0)
+            if line.text.startswith("KJUMP-RESULT:"):
+                try:
+                    rec = json.loads(line.text.split(":", 1)[1])
+                    self.outcome.boots.append({"boot": boot, "result": rec})
+                except ValueError:
+                    pass
+        if vm.log_path not in self.outcome.logs:
+            self.outcome.logs.append(vm.log_path)
+
+    def has_verdict(self) -> bool:
+        return any(VERDICT_RE.search(ln.text) for ln in self.vm.lines)
+
+    def boot(self, **changes) -> None:
+        if self.vm.proc is None:
+            if changes:
+                from dataclasses import replace
+                self.vm.cfg = replace(self.vm.cfg, **changes)
+            self.vm.start()
+        else:
+            self.vm.restart(**changes)
+        self.outcome.boots.append({"boot": self.vm.run, "kernel": str(self.vm.cfg.kernel),
+                                   "initrd": str(self.vm.cfg.initrd or ""),
+                                   "append": self.vm.cfg.append,
+                                   "start": self.vm.started - self.t0})
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for this QEMU run to end (the guest powers off after its verdict). A console
+        line saying the guest is stuck (R's rescue shell) ends the run at once."""
+        rc = -1
+        try:
+            self.vm.wait_for(STUCK_RE, timeout)
+            self.outcome.problems.append(f"stuck: {self.vm.last_line.text.strip()} "
+                                         f"(see {self.vm.log_path})")
+            self.vm.stop()
+        except self.h.VMTimeout as err:
+            self.outcome.problems.append(str(err))
+            self.vm.stop()
+        except self.h.VMError:
+            rc = self.vm.wait_exit(30)      # it exited: the normal end
+        self.outcome.boots.append({"boot": self.vm.run, "end": time.monotonic() - self.t0,
+                                   "rc": rc})
+        self.collect()
+        return rc
+
+    def wait_suspended(self, timeout: float) -> bool:
+        """Poll QMP until the guest is in S3 (or it printed a verdict / exited)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.vm.proc is None or self.vm.proc.poll() is not None or self.has_verdict():
+                return False
+            try:
+                status = self.vm.qmp("query-status")
+            except self.h.VMError:
+                return False
+            if status.get("status") == "suspended":
+                self.outcome.events.append(Event(time.monotonic() - self.t0, "host-saw-s3", {},
+                                                 self.vm.run))
+                return True
+            time.sleep(1)
+        self.outcome.problems.append(f"the guest did not reach S3 within {timeout:.0f} s")
+        return False
+
+    def boot_restore_first(self, timeout: float) -> None:
+        """Power on again the way a boot loader would: R's kernel + initramfs + command line."""
+        try:
+            entry = restore_entry(self.overlay, self.outcome.run_dir)
+        except ScenarioError as err:
+            self.outcome.problems.append(f"missing: restore-first entry: {err.message}")
+            return
+        self.outcome.events.append(Event(time.monotonic() - self.t0, "host-boots-R", {},
+                                         self.vm.run))
+        self.boot(kernel=entry.kernel, initrd=entry.initrd, append=entry.cmdline)
+        self.wait_exit(timeout)
+
+    def stop(self) -> None:
+        self.vm.stop()
+        self.collect()
+
+    def finish(self) -> Outcome:
+        if self.vm.proc is not None and self.vm.proc.poll() is None:
+            self.stop()
+        if not self.outcome.verdict_line and not self.outcome.problems:
+            self.outcome.problems.append("the guest printed no verdict")
+        said = self.outcome.verdict.get("scenario")
+        if self.outcome.verdict_line and said != self.outcome.name:
+            self.outcome.problems.append(f"the verdict is scenario {said}'s, not {self.outcome.name}'s "
+                                         "(the normal kernel booted instead?)")
+        if self.outcome.problems:
+            self.outcome.passed = False
+        return self.outcome
+
+
+#: how long one QEMU run may take (TCG, 2 vCPUs shared with other work)
+BOOT_TIMEOUT = 900.0
+
+
+def run(name: str, assets: vm_assets.Assets, run_dir: Path,
+        timeout: float = BOOT_TIMEOUT) -> Outcome:
+    """Run scenario ``name`` (a..f, see test_scenarios.py) to a verdict."""
+    flows = {
+        "test": ("test", "single"),
+        "shutdown": ("shutdown", "power-cycle"),
+        "platform": ("platform", "power-cycle"),
+        "suspend-wake": ("suspend-wake", "suspend-wake"),
+        "suspend-lost": ("suspend-lost", "suspend-lost"),
+        "noimage": ("noimage", "noimage"),
+        "rollback": ("rollback", "single"),
+    }
+    if name not in flows:
+        raise ScenarioError(f"unknown scenario {name!r}", fix=f"one of {', '.join(flows)}")
+    guest, flow = flows[name]
+    try:
+        r = Runner(name, guest, assets, run_dir)
+    except KjumpError as err:
+        out = Outcome(name=name, run_dir=run_dir)
+        out.problems.append(f"missing: {err.message}")
+        return out
+    try:
+        if flow != "noimage":
+            r.boot()
+        if flow == "single":
+            r.wait_exit(timeout)
+        elif flow == "power-cycle":
+            r.wait_exit(timeout)
+            if not r.has_verdict():          # it powered off with an image: boot R
+                r.boot_restore_first(timeout)
+        elif flow in ("suspend-wake", "suspend-lost"):
+            if r.wait_suspended(timeout):
+                if flow == "suspend-wake":
+                    time.sleep(2)
+                    r.vm.qmp("system_wakeup")
+                    r.outcome.events.append(Event(time.monotonic() - r.t0, "host-wakeup", {},
+                                                  r.vm.run))
+                    r.wait_exit(timeout)
+                else:
+                    r.stop()                 # power lost while in S3
+                    r.outcome.events.append(Event(time.monotonic() - r.t0, "host-power-lost",
+                                                  {}, r.vm.run))
+                    r.boot_restore_first(timeout)
+            else:
+                r.wait_exit(timeout)
+        elif flow == "noimage":
+            r.boot_restore_first(timeout)       # the prepared disk: a target, no image
+    except (KjumpError, r.h.VMError, OSError) as err:
+        r.outcome.problems.append(f"{type(err).__name__}: {err}")
+    outcome = r.finish()
+    if name == "rollback":
+        ok, msg = fsck_overlay(r.overlay, run_dir)
+        outcome.verdict["fsck"] = "clean" if ok else msg
+        if not ok:
+            outcome.problems.append(f"e2fsck -fn after the rollback: {msg}")
+            outcome.passed = False
+    return outcome
