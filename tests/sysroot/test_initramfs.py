@@ -1,0 +1,102 @@
+"""savekernel.initramfs: archives that boot (busybox, trimmed python, host binaries), cached by
+the hash of their inputs. The chroot tests run the archive's own interpreter and binaries."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from savekernel import initramfs
+from savekernel.cpio import Entry
+
+INIT = "#!/bin/sh\necho hello\n"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KJUMPD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
+            pytest.fail("needs root for chroot (KJUMPD_REQUIRE_VM=1)", pytrace=False)
+        pytest.skip("needs root for chroot")
+
+
+def extract(entries: list[Entry], root: Path) -> None:
+    for e in entries:
+        p = root / e.name
+        if stat.S_ISDIR(e.mode):
+            p.mkdir(parents=True, exist_ok=True)
+        elif stat.S_ISLNK(e.mode):
+            os.symlink(e.data.decode(), p)
+        elif stat.S_ISREG(e.mode):
+            p.write_bytes(e.data)
+            os.chmod(p, stat.S_IMODE(e.mode))
+
+
+def test_cached_by_inputs_and_rebuilt_when_one_changes(tmp_path: Path, cache: Path) -> None:
+    a = initramfs.build_initramfs(None, INIT, {"etc/motd": b"one"}, name="t")
+    b = initramfs.build_initramfs(tmp_path / "copy.gz", INIT, {"etc/motd": b"one"}, name="t")
+    c = initramfs.build_initramfs(None, INIT, {"etc/motd": b"two"}, name="t")
+    d = initramfs.build_initramfs(None, INIT + "\n", {"etc/motd": b"one"}, name="t")
+    assert not a.cached and b.cached and a.key == b.key
+    assert (tmp_path / "copy.gz").read_bytes() == a.path.read_bytes()
+    assert len({a.key, c.key, d.key}) == 3
+    assert a.path.parent == cache / "initramfs"
+    assert a.compressed_size % 4 == 0, "an appended job archive must start 4-byte aligned"
+    names = {e.name: e for e in initramfs.read_archive(a.path)}
+    assert names["init"].data == INIT.encode() and names["init"].mode & 0o111
+    assert names["etc/motd"].data == b"one"
+    assert stat.S_ISCHR(names["dev/console"].mode)
+    assert names["usr/bin/sh"].data == b"busybox"       # applet link
+    assert names["bin"].data == b"usr/bin"               # merged /usr like the host
+
+
+def test_a_missing_extra_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(initramfs.InitramfsError, match="missing"):
+        initramfs.build_initramfs(None, INIT, {"boot/bzImage": tmp_path / "nope"}, name="t")
+
+
+def test_host_binary_runs_with_only_the_archives_libraries(tmp_path: Path) -> None:
+    need_root()
+    img = initramfs.build_initramfs(None, INIT, name="kexec", host_binaries=("/usr/sbin/kexec",))
+    root = tmp_path / "root"
+    extract(initramfs.read_archive(img.path), root)
+    out = subprocess.run(["chroot", str(root), "/usr/sbin/kexec", "--version"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "kexec-tools" in out.stdout + out.stderr
+    out = subprocess.run(["chroot", str(root), "/bin/sh", "/init"], capture_output=True, text=True)
+    assert out.stdout == "hello\n"
+
+
+def test_save_initramfs_runs_the_agent_on_its_trimmed_python(tmp_path: Path) -> None:
+    need_root()
+    img = initramfs.build_save_initramfs()
+    assert img.compressed_size < 10 << 20, "B's initramfs grew past 10 MB"
+    entries = initramfs.read_archive(img.path)
+    names = {e.name for e in entries}
+    assert "usr/lib/python3.11/os.pyc" in names and "usr/lib/python3.11/os.py" not in names
+    assert not any("test/" in n or "tkinter" in n or "libcrypto" in n for n in names)
+    root = tmp_path / "root"
+    extract(entries, root)
+    code = ("import " + ", ".join(initramfs.SAVE_ENTRY) + ", lz4.block, hashlib, ctypes\n"
+            "print(lz4.block.decompress(lz4.block.compress(b'kjump' * 99)) == b'kjump' * 99,"
+            " hashlib.sha256(b'').hexdigest()[:8])")
+    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-c", code],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "e3b0c442"]
+    # the agent as /init runs it: no /proc here, so it must stop with a one-line error
+    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-m",
+                          "kjumpd.agent.kernel_role", "boot"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stdout.startswith("kjump-agent: error: /proc/cmdline is missing")
+    assert "Traceback" not in out.stdout + out.stderr
