@@ -11,8 +11,9 @@ Policy (from [quiesce] in the config):
 * quirks (``[[quiesce.unbind]]``): a device bound to the named driver is unbound through
   /sys/bus/BUS/drivers/DRIVER/unbind and bound again through .../bind.
 
-Devices come from pyudev on the real system root and from a walk of /sys/devices in any
-other root; their attributes are read through the Sysroot either way. Every write is
+Devices come from pyudev on the real system root and, in any other root, from a walk of
+/sys/devices that keeps what udev enumerates (a uevent file and a subsystem link; on this
+machine both give the same set, see tests/sysroot/test_steps.py); their attributes are read through the Sysroot either way. Every write is
 recorded (with the value it replaced) before the next one, in memory and in
 /run/kjumpd/quiesce.journal, and undone in reverse.
 """
@@ -66,11 +67,12 @@ def device_dirs(sysroot: Sysroot) -> list[str]:
                            if d.sys_path.startswith("/sys/devices/")})
         except ImportError:
             log.warning("pyudev is not installed; walking /sys/devices")
+    # what udev enumerates: device directories with a uevent file and a subsystem link
     base = sysroot.path("/sys/devices")
     out = []
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames[:] = [d for d in dirnames if d != "power"]
-        if "uevent" in filenames:
+        if "uevent" in filenames and os.path.islink(os.path.join(dirpath, "subsystem")):
             out.append(sysroot.unmap(dirpath))
     return sorted(out)
 

@@ -79,7 +79,7 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
     notes = struct.pack("<III", 4, 20, 3) + b"GNU\0" + bytes(range(20))
     w(root, "/sys/kernel/notes", notes)
     w(root, "/sys/kernel/security/lockdown", "[none] integrity confidentiality\n")
-    w(root, "/proc/meminfo", "MemTotal:        1048064 kB\nMemFree:          524288 kB\n"
+    w(root, "/proc/meminfo", "MemTotal:        1048576 kB\nMemFree:          524288 kB\n"
                               "MemAvailable:     700000 kB\n")
     w(root, "/proc/swaps", "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
     info = ["22 1 0:21 / / rw,relatime shared:1 - tmpfs rootfs rw"]
@@ -91,10 +91,12 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
     for dev, ctl, wake in (("0000:00:02.0", "auto", "enabled"), ("0000:00:03.0", "on", "disabled"),
                            ("0000:00:1f.3", "auto", None), ("0000:00:04.0/usb1/1-1", "auto", "enabled")):
         w(root, f"{pci}/{dev}/uevent", "")
+        link(root, f"{pci}/{dev}/subsystem", "../../../bus/" + ("usb" if "usb" in dev else "pci"))
         w(root, f"{pci}/{dev}/power/control", ctl + "\n")
         if wake:
             w(root, f"{pci}/{dev}/power/wakeup", wake + "\n")
     w(root, "/sys/devices/pnp0/00:01/uevent", "")
+    link(root, "/sys/devices/pnp0/00:01/subsystem", "../../../bus/pnp")
     w(root, "/sys/devices/pnp0/00:01/power/wakeup", "enabled\n")
     link(root, "/sys/class/rtc/rtc0/device", "../../../devices/pnp0/00:01")
     w(root, "/sys/class/rtc/rtc0/since_epoch", "1764000000\n")

@@ -1,0 +1,383 @@
+"""The daemon's steps one by one on fake trees (and, read-only, on this machine's /sys)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kjump_faketree import MiB, build, setup_target_and_bootentry, tree_hash, w
+from kjumpd import (battery, config as cfgmod, hooks, jumparea, kexec, memory, platform,
+                    preflight, quiesce, shrink)
+from kjumpd.errors import (HookError, JumpAreaError, MemoryMapError, PlatformError,
+                           QuiesceError, ShrinkError)
+from kjumpd.job import job_from_cpio
+from kjumpd.sysroot import Sysroot
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    build(root, tmp_path / "files")
+    return root
+
+
+@pytest.fixture
+def full(tree, tmp_path):
+    setup_target_and_bootentry(tree, tmp_path / "files")
+    return tree
+
+
+def cfg(root: Path, **over) -> cfgmod.Config:
+    return dataclasses.replace(cfgmod.load(Sysroot(root)), **over)
+
+
+# -- jump area ------------------------------------------------------------------------------
+def test_jump_area_found_and_sized(tree):
+    sr = Sysroot(tree)
+    need = jumparea.required_size(sr, cfg(tree))
+    assert need == 112 * MiB     # 24M init_size + 4 x initramfs + 64M agent + 16M, to 16M
+    a = jumparea.find(sr, cfg(tree), need)
+    assert (a.start, a.size) == (0x20000000, 128 * MiB)
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"/proc/cmdline": "quiet\n"}, "add crashkernel=128M@512M"),
+    ({"/proc/cmdline": "crashkernel=128M\n"}, "replace it with crashkernel=128M@512M"),
+    ({"/sys/kernel/kexec_crash_loaded": "1\n"}, "kdump"),
+    ({"/sys/kernel/kexec_crash_size": "67108864\n"}, "shrunk"),
+    ({"/proc/iomem": "00100000-3ffdffff : System RAM\n",
+      "/sys/kernel/kexec_crash_size": "0\n"}, "nothing is reserved"),
+])
+def test_jump_area_errors_say_which_command_line_to_add(tree, change, expect):
+    for p, text in change.items():
+        w(tree, p, text)
+    with pytest.raises(JumpAreaError) as ei:
+        jumparea.find(Sysroot(tree), cfg(tree), 112 * MiB)
+    assert expect in str(ei.value)
+
+
+def test_jump_area_too_small_names_the_size_needed(tree):
+    c = cfg(tree, agent_memory=200 * MiB)
+    need = jumparea.required_size(Sysroot(tree), c)
+    with pytest.raises(JumpAreaError) as ei:
+        jumparea.find(Sysroot(tree), c, need)
+    assert f"crashkernel={need >> 20}M@512M" in ei.value.fix
+
+
+def test_bootloader_edits_show_a_diff_and_write_only_when_applied(tree):
+    w(tree, "/etc/default/grub", 'GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX="ro quiet"\n')
+    w(tree, "/boot/loader/entries/debian.conf", "title Debian\noptions root=/dev/vda2 ro\n")
+    sr = Sysroot(tree)
+    edits = jumparea.plan_bootloader_edits(sr, jumparea.JumpArea(0x20000000, 128 * MiB))
+    assert [e.path for e in edits] == ["/etc/default/grub", "/boot/loader/entries/debian.conf"]
+    assert '+GRUB_CMDLINE_LINUX="ro quiet crashkernel=128M@512M"' in edits[0].diff()
+    assert (tree / "etc/default/grub").read_text().count("crashkernel") == 0
+    jumparea.apply_edits(sr, edits)
+    assert "crashkernel=128M@512M" in (tree / "boot/loader/entries/debian.conf").read_text()
+    assert jumparea.plan_bootloader_edits(sr, jumparea.JumpArea(0x20000000, 128 * MiB)) == []
+
+
+# -- memory -------------------------------------------------------------------------------------
+def test_memory_plan_from_the_tree_with_firmware_memmap(tree):
+    for i, (s, e, t) in enumerate([(0, 0x9fbff, "System RAM"), (0x9fc00, 0x9ffff, "Reserved"),
+                                   (0x100000, 0x3ffdffff, "System RAM")]):
+        w(tree, f"/sys/firmware/memmap/{i}/start", f"{s:#x}\n")
+        w(tree, f"/sys/firmware/memmap/{i}/end", f"{e:#x}\n")
+        w(tree, f"/sys/firmware/memmap/{i}/type", t + "\n")
+    p = memory.build(Sysroot(tree), jumparea.JumpArea(0x20000000, 128 * MiB))
+    assert p.firmware_checked
+    assert p.ranges == [(0x1000, 0x9f000), (0x100000, 0x20000000), (0x28000000, 0x3ffe0000)]
+
+
+def test_memory_plan_needs_root_addresses(tree):
+    w(tree, "/proc/iomem", "00000000-00000000 : System RAM\n")
+    with pytest.raises(MemoryMapError, match="not running as root"):
+        memory.build(Sysroot(tree), jumparea.JumpArea(0x20000000, 128 * MiB))
+
+
+# -- quiesce ------------------------------------------------------------------------------------
+def test_quiesce_plan_apply_undo(tree):
+    sr = Sysroot(tree)
+    before = tree_hash(tree)
+    p = quiesce.plan(sr, cfg(tree), "platform")
+    paths = [x.path for x in p.writes]
+    pci = "/sys/devices/pci0000:00"
+    assert f"{pci}/0000:00:02.0/power/control" in paths
+    assert f"{pci}/0000:00:03.0/power/control" not in paths              # already "on"
+    assert f"{pci}/0000:00:02.0/power/wakeup" in paths
+    assert f"{pci}/0000:00:04.0/usb1/1-1/power/wakeup" not in paths      # keep_wakeup
+    assert "/sys/devices/pnp0/00:01/power/wakeup" in paths               # RTC: not suspend
+    assert ("/sys/class/net/eth0/flags", "0x1002") in [(x.path, x.value) for x in p.writes]
+    assert not any("/net/lo/" in x for x in paths)
+    assert paths[-1] == "/sys/bus/pci/drivers/snd_hda_intel/unbind"
+    j = quiesce.Journal(sr)
+    quiesce.apply(sr, p, j)
+    assert (tree / f"{pci.lstrip('/')}/0000:00:02.0/power/control").read_text() == "on"
+    assert len((tree / "run/kjumpd/quiesce.journal").read_text().splitlines()) == len(p.writes)
+    assert quiesce.undo(sr, j) == []
+    (tree / "run/kjumpd").rmdir()
+    assert tree_hash(tree) == before
+
+
+def test_quiesce_keeps_the_rtc_awake_in_suspend_mode(tree):
+    p = quiesce.plan(Sysroot(tree), cfg(tree), "suspend")
+    assert "/sys/devices/pnp0/00:01/power/wakeup" not in [x.path for x in p.writes]
+    assert any("RTC" in n for n in p.notes)
+
+
+def test_quiesce_failure_midway_undoes_what_was_written(tree):
+    sr = Sysroot(tree)
+    before = tree_hash(tree)
+    p = quiesce.plan(sr, cfg(tree), "platform")
+    bad = tree / "sys/class/net/eth0/flags"
+    bad.unlink()
+    bad.mkdir()            # the kernel refuses this write
+    with pytest.raises(QuiesceError, match="eth0") as ei:
+        quiesce.apply(sr, p, quiesce.Journal(sr))
+    assert "undo completed" in ei.value.fix
+    bad.rmdir()
+    bad.write_text("0x1003\n")
+    (tree / "run/kjumpd").rmdir()
+    assert tree_hash(tree) == before
+
+
+def test_pyudev_enumeration_matches_sysfs_on_this_machine():
+    pyudev = pytest.importorskip("pyudev")
+    del pyudev
+    got = set(quiesce.device_dirs(Sysroot(Path("/"))))
+    walked = set()
+    for dirpath, dirnames, filenames in os.walk("/sys/devices"):
+        dirnames[:] = [d for d in dirnames if d != "power"]
+        if "uevent" in filenames and os.path.islink(f"{dirpath}/subsystem"):
+            walked.add(dirpath)
+    assert got, "no devices enumerated"
+    # the walk used in other roots enumerates exactly what pyudev does here
+    assert got == walked
+
+
+# -- hooks --------------------------------------------------------------------------------------
+def test_hooks_run_like_systemd_sleep(tree, tmp_path, monkeypatch):
+    log = tmp_path / "hooks.log"
+    monkeypatch.setenv("KJUMP_HOOK_LOG", str(log))
+    w(tree, "/etc/kjumpd/sleep.d/50-record",
+      '#!/bin/sh\necho "etc $1 $2" >> "$KJUMP_HOOK_LOG"\n', 0o755)     # overrides /usr/lib
+    w(tree, "/etc/kjumpd/sleep.d/10-not-executable", "#!/bin/sh\nexit 1\n", 0o644)
+    w(tree, "/etc/kjumpd/sleep.d/20-slow", "#!/bin/sh\nsleep 5\n", 0o755)
+    c = cfg(tree)
+    res = hooks.run(Sysroot(tree), c.hook_dirs, "pre", "suspend", timeout=0.5)
+    assert [r.name for r in res] == ["20-slow", "50-record"]
+    assert log.read_text() == "etc pre hybrid-sleep\n"
+    assert res[0].returncode == -1 and "timed out" in res[0].output
+    with pytest.raises(HookError, match="20-slow"):
+        hooks.check_policy(res, "abort")
+    assert [r.name for r in hooks.check_policy(res, "continue")] == ["20-slow"]
+
+
+# -- shrink -------------------------------------------------------------------------------------
+def test_shrink_not_needed_writes_nothing(tree):
+    r = shrink.shrink(Sysroot(tree), 600 * MiB, 5)
+    assert r.before == 512 * MiB and r.steps == []
+    assert (tree / "sys/fs/cgroup/memory.reclaim").read_text() == ""
+
+
+def test_shrink_refuses_with_figures_and_never_more(tree):
+    with pytest.raises(ShrinkError) as ei:
+        shrink.shrink(Sysroot(tree), 256 * MiB, 5)
+    assert ei.value.context["before"] == 512 * MiB and ei.value.context["limit"] == 256 * MiB
+    assert (tree / "sys/fs/cgroup/memory.reclaim").read_text() == str(256 * MiB)
+    assert (tree / "proc/sys/vm/drop_caches").read_text() == "3"
+
+
+# -- battery ----------------------------------------------------------------------------------
+def test_battery_from_sysfs(tree):
+    ps = "/sys/class/power_supply"
+    w(tree, f"{ps}/AC/type", "Mains\n")
+    w(tree, f"{ps}/AC/online", "0\n")
+    w(tree, f"{ps}/hidpp_battery_0/type", "Battery\n")
+    w(tree, f"{ps}/hidpp_battery_0/scope", "Device\n")
+    w(tree, f"{ps}/BAT0/type", "Battery\n")
+    w(tree, f"{ps}/BAT0/present", "1\n")
+    w(tree, f"{ps}/BAT0/status", "Discharging\n")
+    w(tree, f"{ps}/BAT0/energy_now", "25000000\n")
+    w(tree, f"{ps}/BAT0/energy_full", "50000000\n")
+    w(tree, f"{ps}/BAT0/power_now", "10000000\n")
+    b = battery.read(Sysroot(tree))
+    assert b.present and not b.on_ac and b.percent == 50.0 and b.seconds_left == 9000.0
+    assert b.seconds_to_floor(10) == pytest.approx(7200.0)
+    w(tree, f"{ps}/AC/online", "1\n")
+    assert battery.read(Sysroot(tree)).seconds_to_floor(10) is None
+
+
+def test_battery_agrees_with_psutil_on_this_machine():
+    psutil = pytest.importorskip("psutil")
+    ours = battery.read(Sysroot(Path("/")))
+    theirs = psutil.sensors_battery()
+    assert (theirs is not None) == ours.present
+    if theirs is not None:
+        assert abs(theirs.percent - ours.percent) < 1.0
+        assert bool(theirs.power_plugged) == ours.on_ac
+
+
+# -- platform -----------------------------------------------------------------------------------
+def test_s4_on_a_file_that_is_not_dev_snapshot_fails_cleanly(tree):
+    with pytest.raises(PlatformError, match="refused to enter ACPI S4"):
+        platform.enter_s4(Sysroot(tree), 0)
+
+
+def test_suspend_to_both_arms_the_rtc_and_a_user_wake_returns(tree):
+    ps = "/sys/class/power_supply/BAT0"
+    for k, v in (("type", "Battery"), ("status", "Discharging"), ("energy_now", "25000000"),
+                 ("energy_full", "50000000"), ("power_now", "10000000")):
+        w(tree, f"{ps}/{k}", v + "\n")
+    seen = []
+    got = platform.suspend_to_both(Sysroot(tree), 10, 300, 0, on_decision=seen.append)
+    assert got == "woke"
+    assert [d.action for d in seen] == ["sleep", "woke"]
+    assert seen[0].alarm == 1764000000 + 7200
+    assert (tree / "sys/power/state").read_text() == "mem"
+    assert (tree / "sys/class/rtc/rtc0/wakealarm").read_text() == "0"     # cleared on wake
+
+
+def test_power_off_and_reboot_go_through_sysrq(tree):
+    with pytest.raises(PlatformError, match="still running"):
+        platform.power_off(Sysroot(tree), 0)
+    assert (tree / "proc/sysrq-trigger").read_text() == "o"
+    with pytest.raises(PlatformError, match="still running"):
+        platform.reboot(Sysroot(tree), 0)
+    assert (tree / "proc/sysrq-trigger").read_text() == "b"
+
+
+# -- kexec helpers ------------------------------------------------------------------------------
+def test_initrd_is_the_initramfs_then_the_job(tree):
+    from kjumpd.job import Job
+    job = Job(target_uuid="0b5e7c1a-6f6e-4c1e-9a77-3d2f1e0c9b8a", superblock_device_offset=MiB,
+              device_hint={"devno": "254:0", "name": "vda"}, blockmap=[(0, MiB, 32 * MiB)],
+              ranges=[(0x1000, 0x9f000)], mode="test", compression="lz4", chunk_size=MiB,
+              main_kernel={"release": "x", "build_id": ""}, save_kernel_hash="sha256:" + "0" * 64,
+              jump_area=(0x20000000, 128 * MiB), created=1)
+    sr = Sysroot(tree)
+    path = kexec.write_initrd(sr, "/usr/lib/kjumpd/save/initramfs.cpio.gz", job)
+    blob = sr.path(path).read_bytes()
+    base = (tree / "usr/lib/kjumpd/save/initramfs.cpio.gz").read_bytes()
+    assert blob.startswith(base) and sr.path(path).stat().st_mode & 0o777 == 0o600
+    tail = -(-len(base) // 512) * 512
+    assert blob[len(base):tail] == bytes(tail - len(base))
+    assert job_from_cpio(blob[tail:]) == job
+    kexec.remove_initrd(sr)
+    assert not sr.path(path).exists()
+
+
+def test_save_kernel_command_line(tree):
+    line = kexec.save_cmdline(cfg(tree), jumparea.JumpArea(0x20000000, 128 * MiB))
+    assert line == ("console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K "
+                    "memmap=128M@512M kjump.role=save")
+
+
+def test_identity_of_this_kernel():
+    ident = kexec.main_kernel_identity(Sysroot(Path("/")))
+    assert ident["release"] == os.uname().release
+    if Path("/sys/kernel/notes").exists():
+        assert len(ident["build_id"]) in (0, 40)
+
+
+# -- preflight -----------------------------------------------------------------------------------
+def test_preflight_all_ok_on_a_prepared_tree(full):
+    rep = preflight.run(Sysroot(full), cfg(full), "test")
+    assert rep.ok, rep.text()
+    assert {i.name for i in rep.items} >= {"kernel", "lockdown", "kexec_load", "save kernel",
+                                          "save initramfs", "jump area", "memory map",
+                                          "target", "boot entry"}
+
+
+@pytest.mark.parametrize("path,text,item", [
+    ("/sys/kernel/security/lockdown", "none [integrity] confidentiality\n", "lockdown"),
+    ("/proc/sys/kernel/kexec_load_disabled", "1\n", "kexec_load"),
+    ("/usr/lib/kjumpd/save/bzImage", "another kernel", "save kernel"),
+    ("/sys/kernel/kexec_crash_loaded", "1\n", "jump area"),
+])
+def test_preflight_names_what_fails(full, path, text, item):
+    w(full, path, text)
+    rep = preflight.run(Sysroot(full), cfg(full), "test")
+    assert not rep.ok
+    assert [i.name for i in rep.failed()] == [item] and rep.failed()[0].fix
+
+
+def test_preflight_kernel_without_kexec_jump(full):
+    import gzip
+    w(full, "/proc/config.gz", gzip.compress(b"CONFIG_KEXEC=y\n# CONFIG_KEXEC_JUMP is not set\n"))
+    rep = preflight.run(Sysroot(full), cfg(full), "test")
+    assert [i.name for i in rep.failed()] == ["kernel"]
+
+
+def test_preflight_missing_hash_suggests_the_line(full):
+    c = cfg(full, save_kernel_sha256="")
+    rep = preflight.run(Sysroot(full), c, "test")
+    item = next(i for i in rep.items if i.name == "save kernel")
+    assert not item.ok and 'kernel_sha256 = "' in item.fix
+
+
+# -- kjumpctl check / plan / setup ------------------------------------------------------------------
+def kjumpctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "import sys; from kjumpd.cli import main; "
+                           "sys.exit(main())", "--sysroot", str(root), *args],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+def test_kjumpctl_check_ok_and_failing(full):
+    r = kjumpctl(full, "check")
+    assert r.returncode == 0 and "hibernation is possible" in r.stdout, r.stdout + r.stderr
+    w(full, "/proc/cmdline", "quiet\n")
+    r = kjumpctl(full, "check", "--json")
+    assert r.returncode == 3
+    d = json.loads(r.stdout)
+    bad = [i for i in d["items"] if not i["ok"]]
+    assert bad[0]["name"] == "jump area" and "crashkernel=" in bad[0]["fix"]
+
+
+def test_kjumpctl_plan_changes_nothing(full):
+    before = tree_hash(full)
+    r = kjumpctl(full, "plan", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["save_cmdline"].endswith("memmap=128M@512M kjump.role=save")
+    assert any(q["path"].endswith("/unbind") for q in plan["quiesce"])
+    assert plan["target"]["disk"] == "/dev/vda"
+    r = kjumpctl(full, "plan")
+    assert "quiesce (in order; undone in reverse)" in r.stdout
+    assert tree_hash(full) == before
+
+
+def test_kjumpctl_setup_jump_area_diff_then_yes(tree):
+    w(tree, "/etc/default/grub", 'GRUB_CMDLINE_LINUX="ro"\n')
+    r = kjumpctl(tree, "setup", "--jump-area")
+    assert r.returncode == 0 and "+GRUB_CMDLINE_LINUX=\"ro crashkernel=112M@512M\"" in r.stdout
+    assert "not written" in r.stdout and "crashkernel" not in (tree / "etc/default/grub").read_text()
+    r = kjumpctl(tree, "setup", "--jump-area", "--yes")
+    assert r.returncode == 0 and "crashkernel=112M@512M" in (tree / "etc/default/grub").read_text()
+
+
+def test_kjumpctl_setup_errors_are_one_line(tree):
+    r = kjumpctl(tree, "setup", "--target", "/var/lib/kjumpd/image", "--size", "4M")
+    # the file lands on this machine's filesystem, whose device the fake /sys does not list
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("kjumpctl: ") and "fix:" in r.stderr
+    r = kjumpctl(tree, "setup")
+    assert r.returncode == 1 and "needs something to do" in r.stderr
+
+
+def test_kjumpctl_setup_bootloader_installs_the_entry(tree, tmp_path):
+    from kjumpd import blockmap
+    blockmap.setup(Sysroot(tree), "/dev/vda1", 0)
+    r = kjumpctl(tree, "setup", "--bootloader", "bls", "--restore-kernel",
+                 str(tmp_path / "files/vmlinuz"), "--restore-initrd", str(tmp_path / "files/initrd.img"))
+    assert r.returncode == 0, r.stderr
+    entry = (tree / "boot/efi/loader/entries").iterdir().__next__().read_text()
+    assert f"kjump.offset={MiB}" in entry and "kjump.target=" in entry
