@@ -91,7 +91,8 @@ def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> 
                                 structure="chunk", offset=offset, chunk=ch.index)
 
 
-def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> bytes:
+def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
+                 ) -> bytes | bytearray:
     """Check and decode a record into its ``raw_length`` bytes (zero pages as zeros)."""
     check_chunk(ch, bitmap, payload, offset)
     zeros = zero_bits(bitmap, ch.pages)
@@ -129,4 +130,4 @@ def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) ->
             n = min(PAGE_SIZE, ch.raw_length - o)
             out[o:o + n] = raw[src:src + n]
             src += n
-    return bytes(out)
+    return out

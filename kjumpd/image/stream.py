@@ -18,7 +18,7 @@ from kjumpd.errors import ImageCorruptError, TargetError
 from kjumpd.image.device import ALIGN, ImageDevice
 from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader
 
-WINDOW = 4 * 1024 * 1024
+WINDOW = 2 * 1024 * 1024
 
 
 class RecordWriter:
