@@ -135,6 +135,35 @@ def mem_available(sysroot: Sysroot) -> int:
     return 0
 
 
+def check_restore_fits(ranges: Sequence[tuple[int, int]], own: Sequence[tuple[int, int]],
+                       jump_area: tuple[int, int]) -> list[tuple[int, int]]:
+    """Refuse (AgentError) a restore this kernel cannot finish, before any byte is written:
+    it must run in the image's jump area, no saved range may lie in that area, and A's pages
+    in this kernel's other memory must fit the jump-back segments. Returns those pages' runs."""
+    from kjumpd.agent.devmem import normalize, subtract
+    from kjumpd.agent.jumpback import KEXEC_SEGMENT_MAX
+    start, size = jump_area
+    area = (start, start + size)
+    if size and area not in [tuple(r) for r in own]:
+        raise AgentError("this restore kernel does not run in the image's jump area",
+                         why=f"the image was saved with the jump area [{area[0]:#x}, "
+                             f"{area[1]:#x}); this kernel runs in "
+                             + ", ".join(f"[{a:#x}, {b:#x})" for a, b in own),
+                         fix="load the restore kernel with the memmap= of the saved jump area")
+    low = subtract(own, [area]) if size else list(own)
+    inside_area = subtract(ranges, subtract(ranges, [area])) if size else []
+    if inside_area:
+        raise AgentError("the image holds memory inside the jump area",
+                         why=f"{len(inside_area)} saved range(s) overlap [{area[0]:#x}, "
+                             f"{area[1]:#x})", fix="the image cannot be restored; boot normally")
+    held = normalize(subtract(ranges, subtract(ranges, low)))
+    if len(held) > KEXEC_SEGMENT_MAX - 1:
+        raise AgentError("too many pieces of the main kernel's memory lie in this kernel's own "
+                         "low memory", why=f"{len(held)} runs, at most {KEXEC_SEGMENT_MAX - 1}",
+                         fix="the image cannot be restored; boot normally")
+    return held
+
+
 # ------------------------------------------------------------------------------ target
 
 def find_target(sysroot: Sysroot, uuid: str, offset: int) -> str:
@@ -387,6 +416,7 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
             meta = store.read_metadata(dev, header)
             ranges = [(e.start, e.end) for e in meta.extents]
             mine = own_memory(sysroot)
+            check_restore_fits(ranges, mine, (header.jump_area_start, header.jump_area_size))
             say(f"restoring {header.raw_bytes >> 20} MiB (attempt {header.attempt}); this kernel "
                 f"runs in {', '.join(f'[{a:#x}, {b:#x})' for a, b in mine)}")
             progress = Progress("restoring", header.raw_bytes)
