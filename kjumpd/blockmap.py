@@ -419,7 +419,11 @@ def current(sysroot: Sysroot, path: str, restamp: bool = True) -> tuple[Target, 
     if recorded != target.blockmap:
         if target.kind != "file" or not restamp:
             raise TargetError(f"the superblock of {path} records another block map",
-                              fix="run `kjumpctl setup` again")
+                              why="the file's extents moved since it was stamped"
+                              if target.kind == "file" else "the partition changed",
+                              fix="a hibernation stamps the new map before it freezes anything"
+                              if target.kind == "file" else "run `kjumpctl setup` again",
+                              moved=target.kind == "file")
         log.info("target %s moved on disk; stamping its new block map", path)
         return target, stamp(sysroot, target, sb.uuid_str)
     verify_on_disk(sysroot, target, sb.uuid_str)

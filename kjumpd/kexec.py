@@ -4,8 +4,10 @@
            BZIMAGE --initrd=INITRD --append=CMDLINE`` (``-c``: kexec_load(2); the file-based
            syscall has no preserve-context. ``--no-checks``: the daemon verifies the kernel's
            hash itself.)
-* jump:   ``kexec -e``. After a jump back it returns rc 255 "Bad file descriptor" on real
-           kernels: its status says nothing; the caller reads the image header.
+* jump:   ``kexec -e -x -y``: no ifdown (kexec-tools would leave the links down after the
+           jump back; quiesce handles links with an undo) and no sync (the daemon synced
+           and froze the filesystems already). After a jump back it returns rc 255 "Bad file
+           descriptor" on real kernels: its status says nothing; the caller reads the header.
 * unload: ``kexec -u``.
 
 The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), written to
@@ -144,7 +146,7 @@ class Kexec:
     def jump(self) -> int:
         """Jump to B; returns when B jumps back (or at once if the jump did not happen).
         The status is logged only: the image header says what happened."""
-        r = self._run(["-e"], "jump", None)
+        r = self._run(["-e", "-x", "-y"], "jump", None)
         log.info("kexec -e returned %d: %s", r.returncode, (r.stderr or r.stdout).strip()[-200:])
         return r.returncode
 

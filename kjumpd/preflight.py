@@ -161,7 +161,12 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
         step("memory map", mem)
 
     def target() -> str:
-        t, uuid = blockmap.current(sysroot, config.target, restamp=False)
+        try:
+            t, uuid = blockmap.current(sysroot, config.target, restamp=False)
+        except KjumpError as e:
+            if not e.context.get("moved"):
+                raise
+            return f"{config.target}: {e.why}; {e.fix}"
         rep.context["target"], rep.context["uuid"] = t, uuid
         return (f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
                 f"{t.disk} from {t.superblock_offset}), UUID {uuid}")

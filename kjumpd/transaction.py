@@ -23,13 +23,18 @@ full rollback otherwise (``err.outcome`` holds the rolled-back Outcome).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from kjumpd import (blockmap, fsfreeze, hooks, kexec, memory, platform, preflight, quiesce,
-                    shrink)
+# Everything the frozen window needs is imported here, up front: an import while the root
+# filesystem is frozen would block writing its __pycache__ entry.
+from kjumpd import (blockmap, fsfreeze, fsstamp, hooks, kexec, memory, platform, preflight,
+                    quiesce, shrink)
+from kjumpd.image import store
+from kjumpd.image.format import ImageState
 from kjumpd.config import MODES, Config
 from kjumpd.errors import (BusyError, CancelledError, ConfigError, ImageStateError, KjumpError,
                            UnsupportedError)
@@ -195,6 +200,9 @@ class Hibernation:
                 sr.read_text("/proc/self/mountinfo")))
             held.hold()
             undo.push("logs", held.release)
+            pyc = sys.dont_write_bytecode
+            sys.dont_write_bytecode = True
+            undo.push("bytecode", lambda: setattr(sys, "dont_write_bytecode", pyc))
             frozen: list[fsfreeze.Mount] = []
             undo.push("thaw", lambda: fsfreeze.thaw(sr, frozen))
             fsfreeze.freeze(sr, mounts, on_frozen=frozen.append)
@@ -270,18 +278,15 @@ class Hibernation:
             undo.push("boot one-shot", lambda: bootentry.clear_oneshot(self.sysroot))
 
     def _stamp(self, m: fsfreeze.Mount) -> dict[str, Any]:
-        from kjumpd import fsstamp
         return fsstamp.read_stamp(fsfreeze.device_of(self.sysroot, m),
                                   sysroot=self.sysroot).to_dict()
 
     def _open(self, target: blockmap.Target, writable: bool) -> Any:
-        from kjumpd.image import store
         dev, _ = store.open_target(self.sysroot.path(target.disk), writable=writable,
                                    offset=target.superblock_offset, direct=True)
         return dev
 
     def _read_header(self, target: blockmap.Target) -> Any:
-        from kjumpd.image import store
         dev = self._open(target, writable=False)
         try:
             return store.read_header(dev)
@@ -289,8 +294,6 @@ class Hibernation:
             dev.close()
 
     def _set_state(self, target: blockmap.Target, state: str, reason: str) -> None:
-        from kjumpd.image import store
-        from kjumpd.image.format import ImageState
         dev = self._open(target, writable=True)
         try:
             store.set_state(dev, ImageState[state], reason)

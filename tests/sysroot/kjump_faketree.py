@@ -224,7 +224,8 @@ if args == ["-u"]:
         print("kexec: unload failed", file=sys.stderr)
         sys.exit(1)
     sys.exit(0)
-if args == ["-e"]:
+if args and args[0] == "-e":
+    assert args == ["-e", "-x", "-y"], args
     if not os.path.exists(state_file):
         print("Nothing has been loaded!", file=sys.stderr)
         sys.exit(1)

@@ -243,3 +243,23 @@ def test_btrfs_is_refused_with_the_reason(tmp_path):
         with pytest.raises(BlockMapError, match="btrfs") as ei:
             blockmap.translate(Sysroot(Path("/")), str(f))
         assert "chunk" in ei.value.why and ei.value.fix
+
+
+def test_a_moved_file_is_restamped_before_use(tmp_path):
+    need("mkfs.ext4", "losetup")
+    img = sparse(tmp_path / "disk.img", 64 * MiB)
+    sr = Sysroot(Path("/"))
+    with loop(img) as dev, mounted(dev, tmp_path / "mnt", "ext4") as mp:
+        path = mp / "image"
+        target, uuid = blockmap.setup(sr, str(path), 4 * MiB)
+        shutil.copyfile(path, mp / "copy")            # same bytes, other blocks
+        os.chmod(mp / "copy", 0o600)
+        os.replace(mp / "copy", path)
+        os.sync()
+        with pytest.raises(TargetError) as ei:
+            blockmap.current(sr, str(path), restamp=False)
+        assert ei.value.context["moved"]
+        moved, uuid2 = blockmap.current(sr, str(path), restamp=True)
+        assert uuid2 == uuid and moved.blockmap != target.blockmap
+        assert check_against_raw(dev, moved, path) >= 1
+        assert blockmap.current(sr, str(path), restamp=False) == (moved, uuid)

@@ -427,7 +427,7 @@ def test_cancel_rolls_back(fx, cancel_at):
     assert ei.value.outcome.result == "rolled-back"
     assert tree_hash(fx.root) == before
     calls = fx.kexec_calls()
-    assert ["-e"] not in calls
+    assert not any(c[0] == "-e" for c in calls)
     if cancel_at == "load":
         assert calls[-1] == ["-u"]
     assert_next_request_works(fx)
