@@ -23,7 +23,7 @@ import logging
 import os
 import pwd
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 from kjumpd.errors import ConfigError, NotAuthorizedError
 
@@ -112,11 +112,35 @@ class Authorizer:
         self._gid = resolve_group(group)
         self._use_polkit = use_polkit   # None: whenever polkit is on the bus
 
+    # -- bus calls that keep the main loop turning -----------------------------------------
+    def _call(self, name: str, path: str, iface: str, method: str, params: Any,
+              reply_type: Any, flags: int, timeout_ms: int, cancellable: Any) -> Any:
+        """Like call_sync, but runs a nested main loop while waiting: an interactive polkit
+        check can take minutes (a password dialog) and the watchdog pings, the progress
+        signals and other callers must not stall meanwhile. Callers re-check state after."""
+        from gi.repository import GLib
+        loop = GLib.MainLoop()
+        box: dict[str, Any] = {}
+
+        def done(con: Any, res: Any) -> None:
+            try:
+                box["reply"] = con.call_finish(res)
+            except GLib.Error as e:
+                box["error"] = e
+            loop.quit()
+
+        self._con.call(name, path, iface, method, params, reply_type, flags, timeout_ms,
+                       cancellable, done)
+        loop.run()
+        if "error" in box:
+            raise box["error"]
+        return box["reply"]
+
     # -- identity -----------------------------------------------------------------------
     def caller(self, bus_name: str) -> Caller:
         from gi.repository import GLib
         try:
-            (creds,) = self._con.call_sync(
+            (creds,) = self._call(
                 "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                 "GetConnectionCredentials", GLib.Variant("(s)", (bus_name,)),
                 GLib.VariantType("(a{sv})"), 0, 5000, None).unpack()
@@ -144,13 +168,13 @@ class Authorizer:
             return self._use_polkit
         from gi.repository import GLib
         try:
-            (has,) = self._con.call_sync(
+            (has,) = self._call(
                 "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                 "NameHasOwner", GLib.Variant("(s)", (POLKIT_NAME,)), GLib.VariantType("(b)"),
                 0, 5000, None).unpack()
             if has:
                 return True
-            (names,) = self._con.call_sync(
+            (names,) = self._call(
                 "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                 "ListActivatableNames", None, GLib.VariantType("(as)"), 0, 5000, None).unpack()
             return POLKIT_NAME in names
@@ -162,9 +186,10 @@ class Authorizer:
         from gi.repository import GLib
         subject = ("system-bus-name", {"name": GLib.Variant("s", caller.bus_name)})
         try:
-            result = self._con.call_sync(
+            result = self._call(
                 POLKIT_NAME, POLKIT_PATH, POLKIT_IFACE, "CheckAuthorization",
-                GLib.Variant("((sa{sv})sa{ss}us)", (subject, action, {}, 1 if interactive else 0, "")),
+                GLib.Variant("((sa{sv})sa{ss}us)",
+                             (subject, action, {}, 1 if interactive else 0, "")),
                 GLib.VariantType("((bba{ss}))"), 0, POLKIT_TIMEOUT_MS if interactive else 25_000,
                 None).unpack()
         except GLib.Error as e:
@@ -186,10 +211,12 @@ class Authorizer:
             return self._polkit(caller, action, interactive)
         return local_decision(caller, action, self._gid)
 
-    def require(self, bus_name: str, action: str) -> Caller:
-        """The caller, if it may perform ``action``; NotAuthorizedError otherwise."""
+    def require(self, bus_name: str, action: str, interactive: bool = True) -> Caller:
+        """The caller, if it may perform ``action``; NotAuthorizedError otherwise.
+        ``interactive``: the caller allows an authentication dialog (the message carries
+        ALLOW_INTERACTIVE_AUTHORIZATION)."""
         caller = self.caller(bus_name)
-        d = self.decide(caller, action, interactive=True)
+        d = self.decide(caller, action, interactive=interactive)
         if not d.allowed:
             log.warning("denied %s to uid %d (%s): %s", action, caller.uid, bus_name, d.reason)
             raise NotAuthorizedError("not authorized", why=d.reason,

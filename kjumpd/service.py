@@ -232,6 +232,16 @@ def preflight_reasons(report: Any) -> list[str]:
     return out
 
 
+def allows_interaction(ctx: Any) -> bool:
+    """The D-Bus message carries ALLOW_INTERACTIVE_AUTHORIZATION (kjumpctl sets it)."""
+    from gi.repository import Gio
+    try:
+        flags = ctx._mi.get_message().get_flags()   # pydbus's MethodCallContext
+    except AttributeError:
+        return False
+    return bool(flags & Gio.DBusMessageFlags.ALLOW_INTERACTIVE_AUTHORIZATION)
+
+
 @dataclass
 class Run:
     mode: str
@@ -375,7 +385,7 @@ class Manager:
                               mode=mode)
         uid = None    # authorize first: callers who may not act learn nothing about the state
         if ctx is not None and self._authz is not None:
-            uid = self._authz.require(ctx.sender, action).uid
+            uid = self._authz.require(ctx.sender, action, allows_interaction(ctx)).uid
         with self._lock:
             if self._run is not None:
                 raise self._busy_error(self._run)

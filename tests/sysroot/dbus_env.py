@@ -53,6 +53,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
            send_interface="org.freedesktop.DBus.Introspectable"/>
   </policy>
   <include>{policy}</include>
+  {includes}
 </busconfig>
 """
 
@@ -76,7 +77,7 @@ def as_nobody(cmd: Sequence[str]) -> list[str]:
 
 
 class PrivateBus:
-    def __init__(self, servicedir: Path | None = None) -> None:
+    def __init__(self, servicedir: Path | None = None, includes: Sequence[Path] = ()) -> None:
         require_tools("dbus-daemon")
         self.dir = Path(tempfile.mkdtemp(prefix="kjumpd-bus-"))
         os.chmod(self.dir, 0o755)   # `nobody` must reach the socket
@@ -85,7 +86,8 @@ class PrivateBus:
         conf = self.dir / "bus.conf"
         conf.write_text(BUS_CONFIG.format(
             socket=self.socket, policy=CONTRIB / "org.kjump.Manager1.conf",
-            servicedir=f"<servicedir>{servicedir}</servicedir>" if servicedir else ""))
+            servicedir=f"<servicedir>{servicedir}</servicedir>" if servicedir else "",
+            includes="".join(f"<include>{p}</include>" for p in includes)))
         self.log = open(self.dir / "dbus-daemon.log", "wb")
         self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork",
                                       "--print-address=1"], stdout=subprocess.PIPE,
