@@ -340,7 +340,8 @@ def register(sub: Any) -> None:
     p.add_argument("--mode", choices=modes, default=None,
                    help="what to do once the image is saved (default: the configured mode): "
                         "platform = ACPI S4, shutdown, reboot, suspend = S3 (suspend to both), "
-                        "test = jump back at once, checkpoint = keep running")
+                        "test = save then continue (image invalidated), checkpoint = save, "
+                        "keep the image and continue")
     transition("suspend-to-both", "save an image, then suspend to RAM", cmd_suspend_to_both)
     transition("checkpoint", "save an image of the running system and keep running",
                cmd_checkpoint)
