@@ -1,5 +1,7 @@
 """Streaming save: memory source -> zero-page elision -> lz4 on a thread pool -> block-mapped
-writer -> flush -> verify (re-read, checksums) -> SAVED header, written last after a flush.
+writer -> flush -> verify (re-read every written window, compare CRCs) -> SAVED header,
+written last after a flush.
+(The record-level check, with decompression, is restore_image(verify_only=True).)
 
 Threads: the caller's thread reads the source and submits chunks to the pool; a writer
 thread takes finished chunks *in order* and packs them into aligned windows. The number of
@@ -29,7 +31,7 @@ from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
                                  ImageState, MemoryExtent, Metadata, chunk_count, chunk_plan,
                                  crc32, data_offset_for, validate_extents)
-from kjumpd.image.stream import RecordReader, RecordWriter
+from kjumpd.image.stream import RecordWriter, verify_written
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +255,8 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
         meter(total, final=True)
         tv = time.monotonic()
         if verify:
-            verify_records(dev, data_off, data_len, extents, chunk_size, wt.crcs)
+            # every byte written is read back (O_DIRECT: from the device) and its CRC compared
+            verify_written(dev, rw.written, rw.window)
         verify_seconds = time.monotonic() - tv
         crcs = wt.crcs
         saved = header.evolve(state=ImageState.SAVED, saved=time.time(), updated=time.time(),
@@ -285,35 +288,6 @@ def _abort(dev: ImageDevice, reason: str) -> None:
         store.set_state(dev, ImageState.ABORTED, reason=reason[:500])
     except KjumpError as e:
         log.error("could not mark the image ABORTED: %s", e.message)
-
-
-def verify_records(dev: ImageDevice, data_off: int, data_len: int,
-                   extents: tuple[MemoryExtent, ...], chunk_size: int,
-                   crcs: list[int] | None = None) -> None:
-    """Re-read every record: header CRC, payload CRC, place in the plan, CRC as written."""
-    from kjumpd.image.chunk import check_chunk
-    reader = RecordReader(dev, data_off, data_len)
-    try:
-        plan = chunk_plan(extents, chunk_size)
-        count = 0
-        for ch, bitmap, payload, off in reader:
-            expect = next(plan, None)
-            _check_place(ch, expect, off)
-            check_chunk(ch, bitmap, payload, off)
-            if crcs is not None and (count >= len(crcs) or crcs[count] != ch.crc):
-                raise ImageCorruptError(f"chunk {ch.index} at byte offset {off} differs from "
-                                        "what was written", why="read-back mismatch",
-                                        fix="the disk returned other data; check it",
-                                        structure="chunk", offset=off)
-            count += 1
-        want = chunk_count(extents, chunk_size)
-        if count != want:
-            raise ImageCorruptError(f"image data holds {count} chunks, expected {want}",
-                                    why="the image is truncated",
-                                    fix="the image cannot be used", structure="data",
-                                    offset=data_off + data_len)
-    finally:
-        reader.close()
 
 
 def _check_place(ch: Any, expect: tuple[int, int, int] | None, off: int) -> None:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from kjumpd.errors import ImageCorruptError, TargetError
 from kjumpd.image.device import ALIGN, ImageDevice
-from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader
+from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader, crc32
 
 WINDOW = 2 * 1024 * 1024
 
@@ -31,6 +31,8 @@ class RecordWriter:
         self.fill = 0
         self.flushed = 0          # bytes of the data area already on the device
         self.length = 0           # bytes appended
+        self.window = window
+        self.written: list[tuple[int, int, int]] = []   # (logical, length, CRC) per write
 
     @property
     def capacity(self) -> int:
@@ -59,7 +61,12 @@ class RecordWriter:
         padded = -(-n // ALIGN) * ALIGN
         if padded > n:
             self.buf[n:padded] = bytes(padded - n)
-        self.dev.write_aligned(self.start + self.flushed, memoryview(self.buf)[:padded])
+        mv = memoryview(self.buf)[:padded]
+        try:
+            self.written.append((self.start + self.flushed, padded, crc32(mv)))
+            self.dev.write_aligned(self.start + self.flushed, mv)
+        finally:
+            mv.release()
         self.flushed += n
         self.fill = 0
 
@@ -74,6 +81,42 @@ class RecordWriter:
 
     def close(self) -> None:
         self.buf.close()
+
+
+def verify_written(dev: ImageDevice, written: list[tuple[int, int, int]], window: int
+                   ) -> None:
+    """Re-read every window a RecordWriter wrote and compare its CRC with what was sent."""
+    if not written:
+        return
+    first = written[0][0]
+    last_off, last_len, _ = written[-1]
+    pf = _Prefetch(dev, first, last_off + last_len, window)
+    pf.start()
+    try:
+        for off, length, crc in written:
+            item = pf.ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                raise ImageCorruptError(f"image data ends before byte offset {off}",
+                                        why="read-back came up short", structure="data",
+                                        offset=off)
+            i, pos, keep = item
+            try:
+                mv = memoryview(pf.bufs[i])[:keep]
+                got = crc32(mv)
+                mv.release()
+            finally:
+                pf.free.put(i)
+            if pos != off or keep != length or got != crc:
+                raise ImageCorruptError(f"image data at byte offset {off} reads back "
+                                        "differently from what was written",
+                                        why="read-back checksum mismatch",
+                                        fix="the disk or its block map is not reliable; check "
+                                            "it and run `kjumpctl setup` again",
+                                        structure="data", offset=off)
+    finally:
+        pf.close()
 
 
 class _Prefetch(threading.Thread):

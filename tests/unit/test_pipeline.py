@@ -322,3 +322,30 @@ def test_uncompressed_mode_round_trips(tmp_path):
     assert st.header.compression == "none"
     _, out = restore_into(tmp_path, tmp_path / "t", size=1 * MiB)
     assert out.read_bytes() == mem
+
+
+class LossyDevice(ImageDevice):
+    """A disk that silently loses one write of the data area (the verify pass must see it)."""
+
+    def __init__(self, *a, lose_at, **kw):
+        super().__init__(*a, **kw)
+        self.lose_at = lose_at
+
+    def write_aligned(self, logical, buf):
+        if logical == self.lose_at:
+            return
+        super().write_aligned(logical, buf)
+
+
+def test_verify_pass_catches_a_lost_write(tmp_path):
+    from kjumpd.image.format import Metadata, data_offset_for
+    make_memory(tmp_path / "mem", 4 * MiB)
+    store.create_target(tmp_path / "t", 8 * MiB)
+    ranges = save.normalize_ranges([(0, 4 * MiB)])
+    data_off = data_offset_for(len(Metadata(extents=ranges, identity={}).pack()))
+    with FileMemorySource(tmp_path / "mem") as src, \
+            LossyDevice(tmp_path / "t", writable=True, lose_at=data_off) as dev:
+        with pytest.raises(ImageCorruptError, match="reads back differently"):
+            save.save_image(src, ranges, dev, identity={}, mode="test")
+        h = store.read_header(dev)
+    assert h.state == ImageState.ABORTED and "reads back" in h.reason
