@@ -126,9 +126,12 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
             add(PreflightItem(what, False, f"{path} has sha256 {got}, config says {want}",
                               f"reinstall the save kernel, or set save_kernel.{key} = \"{got}\""))
         elif not want:
-            files_ok = False
-            add(PreflightItem(what, False, f"{path}: no recorded hash in the config",
-                              f"set save_kernel.{key} = \"{got}\" in /etc/kjumpd/kjumpd.toml"))
+            # advice, not a refusal: the job and the image still carry this file's hash,
+            # which R checks; only a replaced file goes unnoticed until then
+            add(PreflightItem(what, False, f"{path}: no recorded hash in the config "
+                              f"(sha256 {got})",
+                              f"set save_kernel.{key} = \"{got}\" in /etc/kjumpd/kjumpd.toml",
+                              fatal=False))
         else:
             add(PreflightItem(what, True, f"{path} sha256 matches"))
         rep.context[f"{key}"] = got
