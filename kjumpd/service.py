@@ -198,11 +198,30 @@ def to_vardict(record: dict[str, Any]) -> dict[str, GLib.Variant]:
 
 
 def outcome_record(outcome: Any) -> dict[str, Any]:
-    """The transaction's Outcome as a flat-ish dict (LastResult / Resumed)."""
+    """The transaction's Outcome as a flat-ish dict (LastResult / Resumed), with the
+    figures users ask for derived from its stats: image_size (bytes stored), ratio
+    (memory saved / bytes stored) and throughput (MB of memory per second of the jump
+    phase, which covers the save kernel's boot, the save and the jump back)."""
     rec = plain(outcome)
     if not isinstance(rec, dict):
         rec = {"result": str(rec)}
+    rec.update(derived_figures(rec))
     return rec
+
+
+def derived_figures(rec: dict[str, Any]) -> dict[str, Any]:
+    stats = rec.get("stats") if isinstance(rec.get("stats"), dict) else {}
+    durations = rec.get("durations") if isinstance(rec.get("durations"), dict) else {}
+    out: dict[str, Any] = {}
+    raw, stored = stats.get("raw_bytes"), stats.get("stored_bytes")
+    if isinstance(stored, int) and stored > 0:
+        out["image_size"] = stored
+        if isinstance(raw, int) and raw > 0:
+            out["ratio"] = raw / stored
+    jump = durations.get("jump")
+    if isinstance(raw, int) and raw > 0 and isinstance(jump, (int, float)) and jump > 0:
+        out["throughput"] = raw / 1e6 / float(jump)
+    return out
 
 
 FAILED_RESULTS = {"failed", "cancelled", "aborted", "error", "rolled-back"}
