@@ -16,6 +16,7 @@ goes on with the rest, and every scenario that needs the piece FAILS naming it. 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib
 import json
 import logging
@@ -117,6 +118,30 @@ def build_restore_initramfs() -> Path:
 PREPARE_TIMEOUT = 900.0
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def guest_config(kernel: Path | None, save: Path | None) -> Path:
+    """tests/vm/guest-kjumpd.toml plus the save kernel's and initramfs' sha256, as an
+    administrator records them after installing the save kernel (preflight checks them)."""
+    text = (Path(__file__).resolve().parent / "guest-kjumpd.toml").read_text()
+    lines = []
+    if kernel is not None:
+        lines.append(f'kernel_sha256 = "{_sha256(kernel)}"')
+    if save is not None:
+        lines.append(f'initramfs_sha256 = "{_sha256(save)}"')
+    text = text.replace("[save_kernel]\n", "[save_kernel]\n" + "".join(l + "\n" for l in lines), 1)
+    out = rootfs.cache_dir() / "rootfs" / "guest-kjumpd.toml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
 def prepare_disk(image: Path, kernel: Path) -> Path:
     """Boot the guest once on a qcow2 layer over the image and let it run `kjumpctl setup`
     (target file + restore-first entry), as an administrator would once. Cached next to the
@@ -174,6 +199,7 @@ def build_all() -> Assets:
             payload.add(GUEST_SAVE_INITRAMFS, save)
         if restore is not None:
             payload.add(GUEST_RESTORE_INITRAMFS, restore)
+        payload.add("/etc/kjumpd/kjumpd.toml", guest_config(kernel, save))
         return rootfs.build_image(payload)
 
     image = attempt("rootfs", make_rootfs)

@@ -130,8 +130,29 @@ def setup_target() -> None:
     if proc.returncode != 0:
         raise Missing(f"`kjumpctl setup --bootloader restore-first` failed (rc "
                       f"{proc.returncode}): " + (proc.stdout.strip().splitlines() or [""])[-1])
+    update_grub()
     os.sync()
     event("setup-done")
+
+
+GRUB_CFG = Path("/boot/grub/grub.cfg")
+
+
+def update_grub() -> None:
+    """What update-grub does for the restore-first entry: run /etc/grub.d/* into grub.cfg.
+    The host (the VM's boot loader) boots the kjumpd-restore entry it finds there."""
+    parts = sorted(p for p in Path("/etc/grub.d").iterdir() if os.access(p, os.X_OK))
+    if not parts:
+        raise Missing("`kjumpctl setup --bootloader` installed no /etc/grub.d snippet")
+    text = ""
+    for part in parts:
+        proc = subprocess.run([str(part)], stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise Missing(f"{part} exited {proc.returncode} (as update-grub runs it)")
+        text += proc.stdout
+    GRUB_CFG.parent.mkdir(parents=True, exist_ok=True)
+    GRUB_CFG.write_text(text)
+    say(f"update-grub: {GRUB_CFG} written from {', '.join(p.name for p in parts)}")
 
 
 def start_workload(size_mib: int = 200) -> tuple[subprocess.Popen, wl.Status]:

@@ -180,7 +180,6 @@ def default_payload() -> Payload:
     for name in GUEST_MODULES:
         p.add(f"/usr/lib/python3/dist-packages/kjumpvm/{name}", here / name)
     p.add("/sbin/kjump-vm-init", here / "vminit.py", 0o755)
-    p.add("/etc/kjumpd/kjumpd.toml", here / "guest-kjumpd.toml")
     policy = REPO / "contrib" / "org.kjump.Manager1.conf"
     if policy.exists():
         p.add("/usr/share/dbus-1/system.d/org.kjump.Manager1.conf", policy)

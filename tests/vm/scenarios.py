@@ -37,6 +37,21 @@ SMP = 2
 ACPI_SLEEP = ["-global", "PIIX4_PM.disable_s3=0", "-global", "PIIX4_PM.disable_s4=0"]
 
 
+#: console lines that mark a phase boundary (first match per QEMU run), for timelines
+MARKS = {
+    "kernel-up": r"Run /sbin/kjump-vm-init as init process|kjumpd-rf: restore-first environment up",
+    "B-save-up": r"kjump-agent: save kernel up: role save",
+    "B-saving": r"kjump-agent: saving \d+ MiB",
+    "B-saved": r"kjump-agent: SAVED:",
+    "R-up": r"kjumpd-rf: restore-first environment up",
+    "R-decision": r"kjumpd-rf: decision",
+    "B-restore-up": r"kjump-agent: save kernel up: role restore",
+    "B-restored": r"kjump-agent: RESTORED",
+    "swsusp-snapshot": r"PM: hibernation: Creating image|PM: Creating hibernation image",
+    "swsusp-restore": r"PM: hibernation: Loading|PM: Loading hibernation image|PM: Image loading",
+}
+
+
 class ScenarioError(KjumpError):
     """A VM scenario could not be run to a verdict."""
 
@@ -60,6 +75,8 @@ class Outcome:
     logs: list[Path] = field(default_factory=list)
     boots: list[dict] = field(default_factory=list)    # per QEMU run: start, end, how it ended
     problems: list[str] = field(default_factory=list)
+    marks: list[Event] = field(default_factory=list)   # MARKS seen, with their console line
+    results: list[dict] = field(default_factory=list)  # kjumpctl's result records (KJUMP-RESULT)
 
     def summary(self) -> str:
         text = self.verdict_line or "no verdict line"
@@ -69,6 +86,16 @@ class Outcome:
 
     def event(self, name: str) -> Event | None:
         return next((e for e in self.events if e.name == name), None)
+
+    def mark(self, name: str) -> Event | None:
+        return next((e for e in self.marks if e.name == name), None)
+
+    def boot_span(self, boot: int) -> tuple[float | None, float | None]:
+        """(start, end) host times of QEMU run ``boot``."""
+        start = next((b["start"] for b in self.boots if b.get("boot") == boot and "start" in b),
+                     None)
+        end = next((b["end"] for b in self.boots if b.get("boot") == boot and "end" in b), None)
+        return start, end
 
 
 def _parse_fields(text: str) -> dict[str, str]:
@@ -146,19 +173,44 @@ class RestoreEntry:
     cmdline: str
 
 
+GRUB_CFG = "/boot/grub/grub.cfg"
+RESTORE_ENTRY_ID = "kjumpd-restore"
+
+
+def parse_grub_entry(cfg: str, entry_id: str = RESTORE_ENTRY_ID) -> tuple[str, str, str] | None:
+    """(kernel, initrd, cmdline) of the menuentry ``--id entry_id`` in a grub.cfg text."""
+    inside = False
+    kernel = initrd = cmdline = None
+    for raw in cfg.splitlines():
+        line = raw.strip()
+        if line.startswith("menuentry "):
+            inside = f"--id {entry_id}" in line or f"--id '{entry_id}'" in line
+            continue
+        if not inside:
+            continue
+        if line.startswith("}"):
+            break
+        words = line.split()
+        if words and words[0] in ("linux", "linux16", "linuxefi") and len(words) > 1:
+            kernel, cmdline = words[1], " ".join(words[2:])
+        elif words and words[0] in ("initrd", "initrd16", "initrdefi") and len(words) > 1:
+            initrd = words[1]
+    if kernel is None or initrd is None:
+        return None
+    return kernel, initrd, cmdline or ""
+
+
 def restore_entry(overlay: Path, run_dir: Path) -> RestoreEntry:
-    """Read /etc/kjumpd/bootentry.json from the guest disk, then R's kernel and initramfs it
-    names: exactly what GRUB would load for the kjumpd-restore entry."""
-    rec_path = "/etc/kjumpd/bootentry.json"
-    files = read_guest_files(overlay, [rec_path], run_dir)
-    try:
-        rec = json.loads(files[rec_path].read_text())
-        kernel, initrd, cmdline = rec["kernel"], rec["initrd"], rec["cmdline"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ScenarioError("the guest's restore-first entry record is unreadable",
-                            why=f"{rec_path}: {err}", fix="issue 5 (kjumpctl setup)") from err
+    """What GRUB boots for the kjumpd-restore entry: read /boot/grub/grub.cfg from the guest
+    disk, then the kernel and initramfs its linux/initrd lines name (all on the root fs)."""
+    files = read_guest_files(overlay, [GRUB_CFG], run_dir)
+    entry = parse_grub_entry(files[GRUB_CFG].read_text(errors="replace"))
+    if entry is None:
+        raise ScenarioError(f"{GRUB_CFG} in the guest has no '{RESTORE_ENTRY_ID}' menu entry",
+                            fix="kjumpctl setup --bootloader restore-first, then update-grub")
+    kernel, initrd, cmdline = entry
     got = read_guest_files(overlay, [kernel, initrd], run_dir)
-    return RestoreEntry(got[kernel], got[initrd], " ".join(str(cmdline).split()))
+    return RestoreEntry(got[kernel], got[initrd], " ".join(cmdline.split()))
 
 
 def _harness():
@@ -195,6 +247,7 @@ class Runner:
         """Take the events and verdict of the current QEMU run into the outcome."""
         vm = self.vm
         boot = vm.run
+        seen = {(m.name, m.boot) for m in self.outcome.marks}
         for line in vm.lines:
             t = vm.started - self.t0 + line.t
             m = EVENT_RE.search(line.text)
@@ -208,10 +261,13 @@ class Runner:
                     self.outcome.verdict_line = m.group(0)
             if line.text.startswith("KJUMP-RESULT:"):
                 try:
-                    rec = json.loads(line.text.split(":", 1)[1])
-                    self.outcome.boots.append({"boot": boot, "result": rec})
+                    self.outcome.results.append(json.loads(line.text.split(":", 1)[1]))
                 except ValueError:
                     pass
+            for mark, rx in MARKS.items():
+                if (mark, boot) not in seen and re.search(rx, line.text):
+                    seen.add((mark, boot))
+                    self.outcome.marks.append(Event(t, mark, {"line": line.text.strip()}, boot))
         if vm.log_path not in self.outcome.logs:
             self.outcome.logs.append(vm.log_path)
 
@@ -281,7 +337,11 @@ class Runner:
         self.wait_exit(timeout)
 
     def stop(self) -> None:
+        running = self.vm.proc is not None and self.vm.proc.poll() is None
         self.vm.stop()
+        if running:
+            self.outcome.boots.append({"boot": self.vm.run, "end": time.monotonic() - self.t0,
+                                       "rc": "stopped by the host"})
         self.collect()
 
     def finish(self) -> Outcome:
@@ -313,13 +373,22 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
         "suspend-lost": ("suspend-lost", "suspend-lost"),
         "noimage": ("noimage", "noimage"),
         "rollback": ("rollback", "single"),
+        "swsusp": ("swsusp", "swsusp"),   # bench/vm.py: the kernel's own hibernation
     }
     if name not in flows:
         raise ScenarioError(f"unknown scenario {name!r}", fix=f"one of {', '.join(flows)}")
     guest, flow = flows[name]
     try:
-        r = Runner(name, guest, assets, run_dir)
-    except KjumpError as err:
+        if flow == "swsusp":
+            swap = run_dir / "swap.qcow2"
+            swap.unlink(missing_ok=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(swap), "2G"],
+                           check=True)
+            r = Runner(name, guest, assets, run_dir, extra_disks=(swap,),
+                       append_extra="resume=/dev/vdb")
+        else:
+            r = Runner(name, guest, assets, run_dir)
+    except (KjumpError, OSError, subprocess.CalledProcessError) as err:
         out = Outcome(name=name, run_dir=run_dir)
         out.problems.append(f"missing: {err.message}")
         return out
@@ -349,7 +418,12 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
                 r.wait_exit(timeout)
         elif flow == "noimage":
             r.boot_restore_first(timeout)       # the prepared disk: a target, no image
-    except (KjumpError, r.h.VMError, OSError) as err:
+        elif flow == "swsusp":
+            r.wait_exit(timeout)
+            if not r.has_verdict():             # hibernated to swap: power on, same kernel
+                r.boot()
+                r.wait_exit(timeout)
+    except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:
         r.outcome.problems.append(f"{type(err).__name__}: {err}")
     outcome = r.finish()
     if name == "rollback":

@@ -1,0 +1,114 @@
+"""`make bench-vm`: kjumpd against the kernel's own hibernation (swsusp), same VM, same workload.
+
+Both runs boot the same guest disk (a qcow2 overlay of the shared prepared image), 1 GiB RAM,
+2 vCPUs, TCG, with the same ~200 MiB seeded workload (mlock'd) and kjumpd's daemon running:
+
+- swsusp: a blank 2 GiB swap disk (/dev/vdb, mkswap + swapon in the guest), ``resume=/dev/vdb``
+  on the kernel command line, ``echo disk > /sys/power/state``; QEMU is started again with the
+  same kernel and command line and the kernel resumes from swap.
+- kjumpd: ``kjumpctl hibernate --mode shutdown``; QEMU is started again on the restore-first
+  entry (scenario b of the VM tier).
+
+Measured on the host clock from the serial console (never asserted in tests):
+  hibernate latency  request in the guest -> QEMU exits (powered off)
+  resume latency     QEMU starts again -> the guest's workload answers again
+  image size         swsusp: "PM: ... Wrote N kbytes"; kjumpd: the agent's "SAVED: ... MiB written"
+Both runs must end with the guest's checker verdict PASS (data byte-exact) for the figures to
+count. Goal (issue 4): kjumpd <= 0.7x swsusp's latencies and an image no larger. Exit status: 0
+when both runs passed their verdicts (the goal is reported, not enforced), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from tests.vm import assets as vm_assets
+from tests.vm import scenarios
+
+REPO = Path(__file__).resolve().parents[1]
+GOAL = 0.7
+
+
+def figures(out: scenarios.Outcome) -> dict[str, float | None]:
+    """hibernate/resume latency (s) and image size (bytes) of one run."""
+    start = out.event("hibernate-start")
+    back = out.event("hibernate-returned")
+    _, off = out.boot_span(1)
+    on, _ = out.boot_span(2)
+    hib = off - start.t if start and off is not None else None
+    res = back.t - on if back and on is not None else None
+    size = None
+    for mark in out.marks:
+        text = mark.fields.get("line", "")
+        m = re.search(r"SAVED: \d+ MiB of memory, (\d+) MiB written", text)
+        if m:
+            size = int(m.group(1)) << 20
+    for log in out.logs:
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        m = re.search(r"PM: (?:hibernation: )?Wrote (\d+) kbytes in", text)
+        if m:
+            size = int(m.group(1)) << 10
+    return {"hibernate_s": hib, "resume_s": res, "image_bytes": size}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    if unit == "MiB":
+        return f"{v / (1 << 20):.0f} MiB"
+    return f"{v:.2f} {unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="bench-vm: %(message)s", stream=sys.stderr)
+    a = vm_assets.load()
+    if a.missing:
+        a = vm_assets.build_all()
+    base = Path(os.environ.get("KJUMPD_ARTIFACTS") or REPO / "artifacts") / "bench-vm"
+    runs = {}
+    for name in ("swsusp", "shutdown"):
+        run_dir = base / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"bench-vm: running {'swsusp' if name == 'swsusp' else 'kjumpd'} "
+              f"(logs in {run_dir})", flush=True)
+        runs[name] = scenarios.run(name, a, run_dir)
+        for d in run_dir.glob("*.qcow2"):
+            d.unlink()
+    sw, kj = figures(runs["swsusp"]), figures(runs["shutdown"])
+    rows = [("hibernate latency", "hibernate_s", "s"), ("resume latency", "resume_s", "s"),
+            ("image size", "image_bytes", "MiB")]
+    print("")
+    print(f"{'':20} {'swsusp':>12} {'kjumpd':>12} {'kjumpd/swsusp':>14}  goal")
+    report = {}
+    for label, key, unit in rows:
+        r = ratio(kj[key], sw[key])
+        goal = (r is not None and r <= (GOAL if unit == "s" else 1.0))
+        report[key] = {"swsusp": sw[key], "kjumpd": kj[key], "ratio": r}
+        print(f"{label:20} {fmt(sw[key], unit):>12} {fmt(kj[key], unit):>12} "
+              f"{(f'{r:.2f}x' if r is not None else 'n/a'):>14}  "
+              f"{'<= ' + (str(GOAL) if unit == 's' else '1.0') + 'x: ' + ('met' if goal else 'NOT met')}")
+    ok = True
+    for name, out in runs.items():
+        who = "swsusp" if name == "swsusp" else "kjumpd"
+        print(f"{who} verdict: {out.verdict_line or 'none'}"
+              + (f" | host: {'; '.join(out.problems)}" if out.problems else ""))
+        ok = ok and out.passed
+    (base / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {base / 'results.json'} (TCG figures: compare ratios, not absolutes)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
