@@ -1,0 +1,111 @@
+"""Pure pieces of the VM tier (no QEMU): the workload's data and verdict line, the grub.cfg
+reader the host uses as the VM's boot loader, the guest image cache key."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from hypothesis import given, strategies as st
+
+from tests.vm import rootfs, scenarios, workload
+
+
+def test_workload_data_is_deterministic_distinct_and_sized():
+    a = b"".join(workload.expected_chunks(7, (3 << 20) + 4096))
+    b = b"".join(workload.expected_chunks(7, (3 << 20) + 4096))
+    c = b"".join(workload.expected_chunks(8, (3 << 20) + 4096))
+    assert a == b and a != c
+    assert len(a) == (3 << 20) + 4096
+    pages = {a[i:i + 4096] for i in range(0, len(a), 4096)}
+    assert len(pages) == len(a) // 4096           # no two pages alike: zero elision/dedup can't cheat
+    assert workload.expected_digest(7, len(a)) == hashlib.sha256(a).hexdigest()
+
+
+def _status(counter: int, digest: str, pid: int = 10, start: float = 1.0) -> workload.Status:
+    return workload.Status(pid=pid, start_time=start, counter=counter, size=4096, seed=1,
+                           mlocked=True, sha256=digest)
+
+
+def test_verdict_passes_only_for_same_process_same_data_counter_moving():
+    good = "ab" * 32
+    ok, line = workload.verdict("b", _status(5, good), _status(9, good), good)
+    assert ok and line.startswith("KJUMP-VERDICT: PASS")
+    ok, line = workload.verdict("b", _status(5, good), _status(9, "cd" * 32), good)
+    assert not ok and "data differs" in line
+    ok, line = workload.verdict("b", _status(5, good), _status(5, good), good)
+    assert not ok and "counter did not continue" in line
+    ok, line = workload.verdict("b", _status(5, good), _status(9, good, pid=11), good)
+    assert not ok and "different process" in line
+    ok, line = workload.verdict("b", _status(5, good), None, good)
+    assert not ok and "not reachable" in line
+
+
+_word = st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters='"='),
+                min_size=1, max_size=20)
+
+
+@given(extra=st.dictionaries(st.from_regex(r"[a-z_]{1,10}", fullmatch=True), _word, max_size=5),
+       problems=st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=126,
+                                               blacklist_characters='"'), min_size=1,
+                                 max_size=30), max_size=3))
+def test_verdict_line_round_trips(extra, problems):
+    extra.pop("scenario", None)
+    extra.pop("reason", None)
+    ok, line = workload.verdict("x", None, _status(1, "00"), "00", dict(extra), problems)
+    parsed = workload.parse_verdict("noise before " + line)
+    assert parsed is not None
+    passed, fields = parsed
+    assert passed == ok == (not problems)
+    assert fields["scenario"] == "x"
+    for k, v in extra.items():
+        assert fields[k] == v
+    if problems:
+        assert fields["reason"] == "; ".join(problems).replace('"', "'")
+
+
+def test_parse_verdict_ignores_other_lines():
+    assert workload.parse_verdict("kjump-agent: SAVED: 10 MiB") is None
+
+
+GRUB_CFG = """\
+menuentry 'Debian' --id debian {
+\tlinux /boot/vmlinuz root=/dev/vda ro
+\tinitrd /boot/initrd.img
+}
+menuentry 'kjumpd: resume from hibernation' --class kjumpd --id kjumpd-restore {
+\tinsmod ext2
+\tsearch --no-floppy --fs-uuid --set=root 1234
+\tlinux /boot/kjumpd/vmlinuz-restore kjump.target=0b7c kjump.offset=276824064
+\tinitrd /boot/kjumpd/initrd-restore.img
+}
+"""
+
+
+def test_grub_entry_reader_takes_the_restore_entry_not_the_first():
+    assert scenarios.parse_grub_entry(GRUB_CFG) == (
+        "/boot/kjumpd/vmlinuz-restore", "/boot/kjumpd/initrd-restore.img",
+        "kjump.target=0b7c kjump.offset=276824064")
+    assert scenarios.parse_grub_entry(GRUB_CFG, "nope") is None
+    assert scenarios.parse_grub_entry("menuentry 'x' --id kjumpd-restore {\n linux /k\n}\n") is None
+
+
+def test_guest_image_key_follows_every_payload_byte(tmp_path: Path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("x = 1\n")
+    p = rootfs.Payload()
+    p.add("/usr/lib/python3/dist-packages/pkg", pkg)
+    first = p.digest()
+    assert p.digest() == first
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    assert p.digest() == first                      # caches do not rebuild the image
+    (pkg / "a.py").write_text("x = 2\n")
+    assert p.digest() != first
+
+
+def test_tree_key_changes_with_the_package_list(monkeypatch):
+    key = rootfs.tree_key("http://m/debian")
+    monkeypatch.setattr(rootfs, "PACKAGES", rootfs.PACKAGES + ("strace",))
+    assert rootfs.tree_key("http://m/debian") != key
