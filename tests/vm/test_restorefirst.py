@@ -204,12 +204,17 @@ def test_no_image_boots_the_normal_kernel_and_costs_one_short_boot(
     with VM(direct, art, name="direct") as vm:
         vm.wait_for(NORMAL, timeout=T, fail=PANIC)
         t_direct = vm.last_line.t
+        d_unpack = [ln.t for ln in vm.lines if "Unpacking initramfs" in ln.text or
+                    "Freeing initrd memory" in ln.text]
     rimg = r_initrd(tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, uuid)
     with VM(r_config(kernel, rimg, uuid, (target, data)), art, name="r") as vm:
         m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
         t_via_r = vm.last_line.t
         r_up = vm.line_time(r"kjumpd-rf: restore-first environment up")
         r_kexec = vm.line_time(r"kjumpd-rf: booting the normal kernel")
+        up = vm.find(r"kjumpd-rf: booting the normal kernel at uptime ([\d.]+) s")
+        unpack = [ln.t for ln in vm.lines if "Unpacking initramfs" in ln.text or
+                  "Freeing initrd memory" in ln.text]
         assert vm.find(r"kjumpd-rf: image state EMPTY")
         assert not vm.find(r"kjump-agent"), "B must not run without an image"
     assert m.group(1) == "" and m.group(2) == "EMPTY", m.group(0)
@@ -218,6 +223,11 @@ def test_no_image_boots_the_normal_kernel_and_costs_one_short_boot(
             extra_cost_of_r_s=round(t_via_r - t_direct, 2),
             r_userspace_up_s=r_up and round(r_up, 2),
             r_up_to_normal_kexec_s=(round(r_kexec - r_up, 2) if r_up and r_kexec else None),
+            r_kernel_uptime_at_normal_kexec_s=float(up[0].group(1)) if up else None,
+            initramfs_unpack_s_direct=[round(b - a, 2) for a, b in
+                                       zip(d_unpack[0::2], d_unpack[1::2])],
+            initramfs_unpack_s_r_then_normal=[round(b - a, 2) for a, b in
+                                              zip(unpack[0::2], unpack[1::2])],
             r_initrd_bytes=rimg.stat().st_size, r_base_gzip_bytes=r_base.compressed_size)
 
 
