@@ -14,7 +14,6 @@ Command line: python -m bootloader.initramfs base [--out FILE]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -25,8 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from kjumpd.errors import KjumpError  # noqa: E402
-from kjumpd.restorefirst import (BOOT_CONFIG_PATH, BootConfig, KernelSpec,  # noqa: E402
-                                 save_kernel_hash)
+from kjumpd.restorefirst import BootConfig  # noqa: E402
 
 log = logging.getLogger("kjumpd.bootloader.initramfs")
 
@@ -52,11 +50,11 @@ R_MODULES = (
     "mmap", "dataclasses", "enum", "errno", "logging", "encodings.ascii", "encodings.latin_1",
     "encodings.utf_8", "encodings.aliases",
 )
-#: archive paths of the payload files
-NORMAL_KERNEL = "/kjump/normal/vmlinuz"
-NORMAL_INITRD = "/kjump/normal/initrd.img"
-SAVE_KERNEL = "/kjump/save/bzImage"
-SAVE_INITRD = "/kjump/save/initramfs.cpio.gz"
+#: archive paths of the payload files (kjumpd.bootentry owns the payload format)
+from kjumpd.bootentry import (R_NORMAL_INITRD as NORMAL_INITRD,  # noqa: E402
+                              R_NORMAL_KERNEL as NORMAL_KERNEL, R_SAVE_INITRD as SAVE_INITRD,
+                              R_SAVE_KERNEL as SAVE_KERNEL, boot_config_for, normal_cmdline,
+                              restore_payload)
 
 
 def build_restore_initramfs(out: Path | None = None):  # -> savekernel.initramfs.InitramfsImage
@@ -67,41 +65,9 @@ def build_restore_initramfs(out: Path | None = None):  # -> savekernel.initramfs
                            host_binaries=(KEXEC,))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def restore_config(*, target_uuid: str, target_offset: int, normal_kernel: Path,
-                   normal_initrd: Path | None, normal_cmdline: str, save_kernel: Path,
-                   save_initrd: Path, save_cmdline: str, jump_area: tuple[int, int],
-                   max_attempts: int = 3) -> tuple[BootConfig, dict[str, Path]]:
-    """boot.json for these host files, and the payload (archive path -> host file)."""
-    ks, is_ = _sha256(Path(save_kernel)), _sha256(Path(save_initrd))
-    cfg = BootConfig(target_uuid=target_uuid, target_offset=target_offset,
-                     normal=KernelSpec(NORMAL_KERNEL, NORMAL_INITRD if normal_initrd else None,
-                                       normal_cmdline),
-                     save=KernelSpec(SAVE_KERNEL, SAVE_INITRD, save_cmdline),
-                     save_hash=save_kernel_hash(ks, is_), save_kernel_sha256=ks,
-                     save_initrd_sha256=is_, jump_area=tuple(jump_area), max_attempts=max_attempts)
-    files = {NORMAL_KERNEL: Path(normal_kernel), SAVE_KERNEL: Path(save_kernel),
-             SAVE_INITRD: Path(save_initrd)}
-    if normal_initrd:
-        files[NORMAL_INITRD] = Path(normal_initrd)
-    BootConfig.from_dict(cfg.to_dict())   # validates
-    return cfg, files
-
-
-def restore_payload(cfg: BootConfig, files: Mapping[str, Path | bytes]) -> bytes:
-    """An uncompressed newc archive with boot.json and the files, to append to the base."""
-    from savekernel import cpio
-    entries = {BOOT_CONFIG_PATH.lstrip("/"): cfg.to_json().encode()}
-    for arc, src in files.items():
-        entries[arc.lstrip("/")] = src if isinstance(src, bytes) else Path(src).read_bytes()
-    return cpio.write(cpio.Entry.file(name, data, 0o644) for name, data in sorted(entries.items()))
+def restore_config(**kw) -> tuple[BootConfig, dict[str, Path]]:
+    """boot.json for host files, and the payload: see kjumpd.bootentry.boot_config_for."""
+    return boot_config_for(**kw)
 
 
 def make_restore_initrd(out: Path, cfg: BootConfig, files: Mapping[str, Path | bytes],
@@ -118,38 +84,19 @@ def make_restore_initrd(out: Path, cfg: BootConfig, files: Mapping[str, Path | b
     return out
 
 
-def normal_cmdline(proc_cmdline: str) -> str:
-    """The running kernel's command line as the normal kernel should get it again: without
-    what the boot loader adds per boot (BOOT_IMAGE=, initrd=) or what kjumpd adds (kjump.*)."""
-    drop = ("BOOT_IMAGE", "initrd", "kjump.rf", "kjump.role", "kjump.target", "kjump.offset")
-    return " ".join(w for w in proc_cmdline.split() if w.split("=", 1)[0] not in drop)
-
-
-def build_for_machine(sysroot_dir: str = "/", config_path: str | None = None, *,
-                      out: Path, normal_kernel: str | None = None,
+def build_for_machine(sysroot_dir: str = "/", *, out: Path, normal_kernel: str | None = None,
                       normal_initrd: str | None = None, cmdline: str | None = None,
                       max_attempts: int = 3) -> tuple[Path, str]:
     """R's complete initrd for this machine (the target, jump area and save kernel from
     kjumpd's config); returns it and the command line R must boot with."""
-    import os
-    from kjumpd import blockmap, config as cfgmod, jumparea
+    from kjumpd import blockmap, config as cfgmod
+    from kjumpd.bootentry import machine_boot_config
     from kjumpd.sysroot import Sysroot
     sr = Sysroot(Path(sysroot_dir))
-    cfg = cfgmod.load(sr, config_path or cfgmod.CONFIG_PATH)
-    target, uuid = blockmap.current(sr, cfg.target, restamp=False)
-    area = jumparea.find(sr, cfg)
-    release = os.uname().release
-    nk = normal_kernel or f"/boot/vmlinuz-{release}"
-    ni = normal_initrd if normal_initrd is not None else f"/boot/initrd.img-{release}"
-    if ni and not sr.path(ni).exists():
-        ni = ""
-    line = cmdline if cmdline is not None else normal_cmdline(sr.read_text("/proc/cmdline"))
-    bcfg, files = restore_config(
-        target_uuid=uuid, target_offset=target.superblock_offset,
-        normal_kernel=sr.path(nk), normal_initrd=sr.path(ni) if ni else None,
-        normal_cmdline=line, save_kernel=sr.path(cfg.save_kernel),
-        save_initrd=sr.path(cfg.save_initramfs), save_cmdline=cfg.save_append,
-        jump_area=(area.start, area.size), max_attempts=max_attempts)
+    target, uuid = blockmap.current(sr, cfgmod.load(sr).target, restamp=False)
+    bcfg, files = machine_boot_config(sr, uuid, target.superblock_offset,
+                                      normal_kernel=normal_kernel, normal_initrd=normal_initrd,
+                                      cmdline=cmdline, max_attempts=max_attempts)
     make_restore_initrd(out, bcfg, files)
     return out, f"kjump.target={uuid} kjump.offset={target.superblock_offset}"
 
@@ -164,7 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = sub.add_parser("machine", help="R's complete initrd for this machine (base + "
                                        "boot.json + kernels); prints R's command line")
     m.add_argument("--sysroot", default="/")
-    m.add_argument("--config", default=None, help="kjumpd configuration file")
     m.add_argument("--out", type=Path, default=Path("/usr/lib/kjumpd/restore/initrd.img"))
     m.add_argument("--normal-kernel", default=None, help="default /boot/vmlinuz-$(uname -r)")
     m.add_argument("--normal-initrd", default=None, help="default /boot/initrd.img-$(uname -r)")
@@ -173,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "machine":
-            out, rline = build_for_machine(args.sysroot, args.config, out=args.out,
+            out, rline = build_for_machine(args.sysroot, out=args.out,
                                            normal_kernel=args.normal_kernel,
                                            normal_initrd=args.normal_initrd, cmdline=args.cmdline,
                                            max_attempts=args.max_attempts)

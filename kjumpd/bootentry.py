@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ import shutil
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from kjumpd.errors import BootEntryError, ConfigError, FsStampError
 from kjumpd.sysroot import Sysroot
@@ -265,6 +266,156 @@ def efivar_decode(data: bytes) -> str:
     return data[4:].decode("utf-16-le", "replace").rstrip("\0")
 
 
+# ------------------------------------------------------------------ R's machine payload
+
+#: where R's initramfs holds the files boot.json names
+R_NORMAL_KERNEL = "/kjump/normal/vmlinuz"
+R_NORMAL_INITRD = "/kjump/normal/initrd.img"
+R_SAVE_KERNEL = "/kjump/save/bzImage"
+R_SAVE_INITRD = "/kjump/save/initramfs.cpio.gz"
+
+
+def newc(files: Mapping[str, bytes]) -> bytes:
+    """An uncompressed cpio "newc" archive (the kernel's initramfs format) of regular files,
+    with their parent directories first and a TRAILER!!! entry. Fields: "070701" then 13
+    eight-digit hex numbers (ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor
+    rdevminor namesize check); name NUL-terminated; name and data padded to 4 bytes."""
+    out = bytearray()
+    ino = 0
+
+    def entry(name: str, mode: int, data: bytes) -> None:
+        nonlocal ino
+        ino += 1
+        raw = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0, len(data), 0, 0, 0, 0,
+                  len(raw), 0)
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    dirs: set[str] = set()
+    for name in sorted(files):
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in dirs:
+                dirs.add(d)
+                entry(d, 0o040755, b"")
+        entry(name.strip("/"), 0o100644, files[name])
+    ino = -1
+    entry("TRAILER!!!", 0, b"")
+    return bytes(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def boot_config_for(*, target_uuid: str, target_offset: int, normal_kernel: Path,
+                    normal_initrd: Path | None, normal_cmdline: str, save_kernel: Path,
+                    save_initrd: Path, save_cmdline: str, jump_area: tuple[int, int],
+                    max_attempts: int = 3) -> tuple[Any, dict[str, Path]]:
+    """boot.json for these host files, and R's payload (archive path -> host file)."""
+    from kjumpd.restorefirst import BootConfig, KernelSpec, save_kernel_hash
+    try:
+        ks, is_ = _sha256(Path(save_kernel)), _sha256(Path(save_initrd))
+    except OSError as e:
+        raise BootEntryError(f"cannot read the save kernel files ({e.filename})",
+                             why=e.strerror or str(e),
+                             fix="install them where [save_kernel] in kjumpd.toml says") from None
+    cfg = BootConfig(target_uuid=target_uuid, target_offset=target_offset,
+                     normal=KernelSpec(R_NORMAL_KERNEL, R_NORMAL_INITRD if normal_initrd else None,
+                                       normal_cmdline),
+                     save=KernelSpec(R_SAVE_KERNEL, R_SAVE_INITRD, save_cmdline),
+                     save_hash=save_kernel_hash(ks, is_), save_kernel_sha256=ks,
+                     save_initrd_sha256=is_, jump_area=(int(jump_area[0]), int(jump_area[1])),
+                     max_attempts=max_attempts)
+    files = {R_NORMAL_KERNEL: Path(normal_kernel), R_SAVE_KERNEL: Path(save_kernel),
+             R_SAVE_INITRD: Path(save_initrd)}
+    if normal_initrd:
+        files[R_NORMAL_INITRD] = Path(normal_initrd)
+    BootConfig.from_dict(cfg.to_dict())   # validates
+    return cfg, files
+
+
+def restore_payload(cfg: Any, files: Mapping[str, Path | bytes]) -> bytes:
+    """The archive appended to R's generic initramfs: boot.json and the files it names."""
+    from kjumpd.restorefirst import BOOT_CONFIG_PATH
+    entries = {BOOT_CONFIG_PATH: cfg.to_json().encode()}
+    try:
+        for arc, src in files.items():
+            entries[arc] = src if isinstance(src, bytes) else Path(src).read_bytes()
+    except OSError as e:
+        raise BootEntryError(f"cannot read {e.filename} for the restore-first initramfs",
+                             why=e.strerror or str(e), fix="check the path") from None
+    return newc(entries)
+
+
+def normal_cmdline(proc_cmdline: str) -> str:
+    """The running kernel's command line as the normal kernel should get it again: without
+    what the boot loader adds per boot (BOOT_IMAGE=, initrd=) or kjumpd's own words."""
+    drop = ("BOOT_IMAGE", "initrd", "kjump.rf", "kjump.role", "kjump.target", "kjump.offset")
+    return " ".join(w for w in proc_cmdline.split() if w.split("=", 1)[0] not in drop)
+
+
+def find_normal_kernel(sysroot: Sysroot) -> tuple[str, str | None]:
+    """(kernel, initrd or None) of the running system, as system paths: BOOT_IMAGE= from the
+    command line, else /boot/vmlinuz-$(uname -r), /boot/vmlinuz, or the only /boot/vmlinuz-*."""
+    release = os.uname().release if sysroot.is_real else ""
+    words = dict(w.partition("=")[::2] for w in
+                 sysroot.read_text("/proc/cmdline", default="").split())
+    candidates = []
+    if words.get("BOOT_IMAGE", "").startswith("/"):
+        bi = words["BOOT_IMAGE"]
+        candidates += [bi, f"/boot{bi}"]
+    if release:
+        candidates.append(f"/boot/vmlinuz-{release}")
+    candidates.append("/boot/vmlinuz")
+    found = [f"/boot/{n}" for n in sysroot.listdir("/boot") if n.startswith("vmlinuz-")]
+    if len(found) == 1:
+        candidates.append(found[0])
+    for k in candidates:
+        if sysroot.path(k).is_file():
+            base = k.rsplit("/", 1)[-1]
+            ver = base[len("vmlinuz-"):] if base.startswith("vmlinuz-") else ""
+            for i in ([f"/boot/initrd.img-{ver}"] if ver else []) + ["/boot/initrd.img"]:
+                if sysroot.path(i).is_file() and (ver or k == "/boot/vmlinuz"):
+                    return k, i
+            return k, None
+    raise BootEntryError("cannot find the normal kernel for the restore-first environment",
+                         why=f"none of {', '.join(candidates)} exists",
+                         fix="pass the normal kernel explicitly")
+
+
+def machine_boot_config(sysroot: Sysroot, target_uuid: str, target_offset: int, *,
+                        normal_kernel: str | None = None, normal_initrd: str | None = None,
+                        cmdline: str | None = None, max_attempts: int = 3
+                        ) -> tuple[Any, dict[str, Path]]:
+    """boot.json + payload for this machine: the save kernel and jump area from kjumpd's
+    config and the reserved area, the normal kernel and this boot's command line."""
+    from kjumpd import config as cfgmod, jumparea
+    cfg = cfgmod.load(sysroot)
+    area = jumparea.find(sysroot, cfg)
+    if normal_kernel is None:
+        normal_kernel, found_initrd = find_normal_kernel(sysroot)
+        if normal_initrd is None:
+            normal_initrd = found_initrd
+    line = cmdline if cmdline is not None else \
+        normal_cmdline(sysroot.read_text("/proc/cmdline", default=""))
+    return boot_config_for(
+        target_uuid=target_uuid, target_offset=target_offset,
+        normal_kernel=sysroot.path(normal_kernel),
+        normal_initrd=sysroot.path(normal_initrd) if normal_initrd else None,
+        normal_cmdline=line, save_kernel=sysroot.path(cfg.save_kernel),
+        save_initrd=sysroot.path(cfg.save_initramfs), save_cmdline=cfg.save_append,
+        jump_area=(area.start, area.size), max_attempts=max_attempts)
+
+
 # ------------------------------------------------------------------ system edge
 
 
@@ -444,8 +595,16 @@ def detect_loader(sysroot: Sysroot, esp: str = DEFAULT_ESP) -> str:
 
 def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline: str,
             loader: str | None = None, esp: str = DEFAULT_ESP, machine_id: str | None = None,
-            version: str = "") -> BootEntry:
+            version: str = "", boot: tuple[Any, Mapping[str, Path | bytes]] | None = None,
+            machine: bool = True, normal_kernel: str | None = None,
+            normal_initrd: str | None = None, normal_cmdline: str | None = None) -> BootEntry:
     """Install R (``kernel``, ``initrd``: host files) as a boot entry of ``kind``.
+
+    ``initrd`` is R's generic initramfs (bootloader/initramfs.py); the installed initrd is it
+    followed by the machine payload: /etc/kjumpd/boot.json and the files it names. ``boot``
+    gives that payload as (BootConfig, files); by default (``machine``) it is made for this
+    machine (``machine_boot_config``: kjumpd's config, the reserved jump area, the normal
+    kernel and this boot's command line). ``machine=False`` installs ``initrd`` as it is.
 
     ``cmdline`` is R's command line (it names the target: kjump.target= kjump.offset=).
     GRUB users must run update-grub afterwards (``check`` says so until grub.cfg has the
@@ -454,6 +613,24 @@ def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline:
     if kind not in KINDS:
         raise ConfigError(f"unknown boot loader kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
     _check_cmdline(cmdline)
+    words = dict(w.partition("=")[::2] for w in cmdline.split())
+    if boot is None and machine:
+        try:
+            offset = int(words["kjump.offset"], 0)
+        except ValueError:
+            raise ConfigError(f"kjump.offset={words['kjump.offset']!r} is not a number",
+                              fix="let `kjumpctl setup` build the command line") from None
+        boot = machine_boot_config(sysroot, words["kjump.target"], offset,
+                                   normal_kernel=normal_kernel, normal_initrd=normal_initrd,
+                                   cmdline=normal_cmdline)
+    try:
+        r_initrd = Path(initrd).read_bytes()
+    except OSError as e:
+        raise BootEntryError(f"cannot read {initrd}", why=e.strerror or str(e),
+                             fix="build R's initramfs first (python -m bootloader.initramfs "
+                                 "base)") from None
+    if boot is not None:
+        r_initrd += restore_payload(*boot)
     if kind == "grub" or kind == "bls":
         loader = kind
     elif loader is None:
@@ -465,7 +642,7 @@ def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline:
     if loader == "grub":
         k_dest, i_dest = f"{BOOT_DIR}/vmlinuz-restore", f"{BOOT_DIR}/initrd-restore.img"
         _copy(sysroot, kernel, k_dest)
-        _copy(sysroot, initrd, i_dest)
+        _write_file(sysroot, i_dest, r_initrd)
         fstype, uuid, k_rel = locate(sysroot, k_dest)
         _fs2, _u2, i_rel = locate(sysroot, i_dest)
         snippet = render_grub_snippet(kind=kind, fs_uuid=uuid, fstype=fstype, kernel=k_rel,
@@ -479,7 +656,7 @@ def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline:
                                  fix="mount it or pass --esp")
         k_dest, i_dest = f"{esp}/kjumpd/vmlinuz-restore", f"{esp}/kjumpd/initrd-restore.img"
         _copy(sysroot, kernel, k_dest)
-        _copy(sysroot, initrd, i_dest)
+        _write_file(sysroot, i_dest, r_initrd)
         if machine_id is None:
             machine_id = sysroot.read_text("/etc/machine-id", default="").strip()
         entry = render_bls_entry(kernel="/kjumpd/vmlinuz-restore",

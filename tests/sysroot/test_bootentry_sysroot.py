@@ -72,7 +72,7 @@ def grub_script_check(text: str, tmp: Path) -> None:
 @pytest.mark.parametrize("kind", ["grub", "restore-first"])
 def test_grub_entry_is_valid_grub_script_and_finds_boot_by_uuid(
         grub_root: Sysroot, r_files, tmp_path: Path, kind: str) -> None:
-    rec = install(grub_root, kind, kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    rec = install(grub_root, kind, kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     assert rec.loader == "grub"
     out = snippet_output(grub_root)
     grub_script_check(out, tmp_path)
@@ -88,7 +88,7 @@ def test_grub_entry_is_valid_grub_script_and_finds_boot_by_uuid(
 
 def test_grub_entry_with_a_header_still_parses(grub_root: Sysroot, r_files, tmp_path: Path) -> None:
     """Debian's next_entry logic from 00_header followed by our entry: one valid script."""
-    install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     header = ('if [ -s $prefix/grubenv ]; then\n  load_env\nfi\n'
               'if [ "${next_entry}" ] ; then\n   set default="${next_entry}"\n   set next_entry=\n'
               '   save_env next_entry\n   set boot_once=true\nelse\n   set default="0"\nfi\n')
@@ -97,7 +97,7 @@ def test_grub_entry_with_a_header_still_parses(grub_root: Sysroot, r_files, tmp_
 
 def test_grub_one_shot_is_what_grub_editenv_reads(grub_root: Sysroot, r_files) -> None:
     need(shutil.which("grub-editenv") is not None, "grub-editenv (grub-common) missing")
-    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     env = grub_root.path("/boot/grub/grubenv")
     subprocess.run(["grub-editenv", str(env), "create"], check=True)
     subprocess.run(["grub-editenv", str(env), "set", "saved_entry=gnulinux-simple"], check=True)
@@ -116,14 +116,14 @@ def test_grub_one_shot_is_what_grub_editenv_reads(grub_root: Sysroot, r_files) -
 
 
 def test_someone_elses_one_shot_is_left_alone(grub_root: Sysroot, r_files) -> None:
-    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     bootentry.grubenv_write(grub_root, {"next_entry": "memtest"})
     assert clear_oneshot(grub_root) is False
     assert bootentry.grubenv_read(grub_root)["next_entry"] == "memtest"
 
 
 def test_grub_set_oneshot_creates_a_missing_grubenv(grub_root: Sysroot, r_files) -> None:
-    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     set_oneshot(grub_root)
     data = grub_root.path("/boot/grub/grubenv").read_bytes()
     assert len(data) == 1024 and f"next_entry={ENTRY_ID}\n".encode() in data
@@ -131,7 +131,7 @@ def test_grub_set_oneshot_creates_a_missing_grubenv(grub_root: Sysroot, r_files)
 
 def test_check_reports_what_is_missing_until_it_is_fixed(grub_root: Sysroot, r_files) -> None:
     assert "no restore-first boot entry" in check(grub_root)[0]
-    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     problems = check(grub_root)
     assert len(problems) == 1 and "update-grub" in problems[0]
     # what update-grub would produce: the snippet's output inside grub.cfg
@@ -144,7 +144,7 @@ def test_check_reports_what_is_missing_until_it_is_fixed(grub_root: Sysroot, r_f
 
 
 def test_uninstall_removes_every_file(grub_root: Sysroot, r_files) -> None:
-    rec = install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    rec = install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     set_oneshot(grub_root)
     removed = uninstall(grub_root)
     assert set(removed) == set(rec.files) | {"/etc/kjumpd/bootentry.json"}
@@ -177,7 +177,7 @@ def efivar(sysroot: Sysroot, name: str) -> bytes | None:
 
 def test_bls_entry_follows_the_specification(bls_root: Sysroot, r_files) -> None:
     rec = install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD,
-                  version="6.12.117")
+                  version="6.12.117", machine=False)
     text = bls_root.path(f"/boot/efi/loader/entries/{BLS_ENTRY_ID}").read_text()
     assert bls_problems(text) == []
     assert "linux      /kjumpd/vmlinuz-restore" in text
@@ -187,7 +187,7 @@ def test_bls_entry_follows_the_specification(bls_root: Sysroot, r_files) -> None
 
 
 def test_bls_one_shot_is_the_loader_variable(bls_root: Sysroot, r_files) -> None:
-    install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     assert efivar(bls_root, "LoaderEntryOneShot") is None
     set_oneshot(bls_root)
     assert efivar(bls_root, "LoaderEntryOneShot") == \
@@ -199,7 +199,7 @@ def test_bls_one_shot_is_the_loader_variable(bls_root: Sysroot, r_files) -> None
 
 def test_restore_first_with_systemd_boot_makes_r_the_default(bls_root: Sysroot, r_files) -> None:
     bootentry.efivar_write(bls_root, "LoaderEntryDefault", "debian.conf")
-    rec = install(bls_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    rec = install(bls_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     assert rec.loader == "bls" and rec.previous_default == "debian.conf"
     assert bootentry.efivar_read(bls_root, "LoaderEntryDefault") == BLS_ENTRY_ID
     assert set_oneshot(bls_root) is False and oneshot_pending(bls_root)
@@ -209,9 +209,59 @@ def test_restore_first_with_systemd_boot_makes_r_the_default(bls_root: Sysroot, 
 
 
 def test_bls_without_efi_variables_says_so(bls_root: Sysroot, r_files) -> None:
-    install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     shutil.rmtree(bls_root.path("/sys/firmware/efi/efivars"))
     assert any("efivars is missing" in p for p in check(bls_root))
     with pytest.raises(BootEntryError) as e:
         set_oneshot(bls_root)
     assert "efivarfs" in e.value.fix
+
+
+# ------------------------------------------------------------------ R's machine payload
+
+
+def test_install_appends_this_machines_boot_json_and_files(grub_root: Sysroot, r_files,
+                                                           tmp_path: Path) -> None:
+    """`kjumpctl setup --bootloader` on a machine: R's initrd = generic base + boot.json with
+    the reserved jump area, the save kernel from the config, the normal kernel and this boot's
+    command line; the payload is a newc archive the project's other cpio reader agrees with."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from savekernel import cpio
+    from kjumpd.restorefirst import BootConfig
+    root = grub_root.root
+    (root / "proc/cmdline").write_text(
+        "BOOT_IMAGE=/boot/vmlinuz-6.12-kjump root=/dev/vda1 ro quiet "
+        "crashkernel=128M@0x20000000\n")
+    (root / "proc/iomem").write_text("00100000-3ffdffff : System RAM\n"
+                                     "  20000000-27ffffff : Crash kernel\n")
+    (root / "boot/vmlinuz-6.12-kjump").write_bytes(b"normal kernel")
+    (root / "boot/initrd.img-6.12-kjump").write_bytes(b"normal initrd")
+    (root / "usr/lib/kjumpd/save").mkdir(parents=True)
+    (root / "usr/lib/kjumpd/save/bzImage").write_bytes(b"save kernel")
+    (root / "usr/lib/kjumpd/save/initramfs.cpio.gz").write_bytes(b"save initramfs")
+    base = r_files[1].read_bytes()
+    install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    installed = grub_root.path("/boot/kjumpd/initrd-restore.img").read_bytes()
+    assert installed.startswith(base)
+    members = {e.name: e.data for e in cpio.read(installed[len(base):])}
+    cfg = BootConfig.from_json(members["etc/kjumpd/boot.json"])
+    assert cfg.target_uuid == "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e" and cfg.target_offset == 1 << 20
+    assert cfg.jump_area == (0x20000000, 128 << 20)
+    assert cfg.normal.cmdline == "root=/dev/vda1 ro quiet crashkernel=128M@0x20000000"
+    assert members[cfg.normal.kernel.lstrip("/")] == b"normal kernel"
+    assert members[cfg.normal.initrd.lstrip("/")] == b"normal initrd"
+    assert members[cfg.save.kernel.lstrip("/")] == b"save kernel"
+    assert members[cfg.save.initrd.lstrip("/")] == b"save initramfs"
+    import hashlib
+    assert cfg.save_hash == "sha256:" + hashlib.sha256(b"save kernel").hexdigest()
+    assert cfg.save.cmdline == "console=ttyS0 nokaslr panic=1"
+
+
+def test_install_without_a_jump_area_says_what_to_do(grub_root: Sysroot, r_files) -> None:
+    from kjumpd.errors import JumpAreaError
+    (grub_root.root / "proc/cmdline").write_text("root=/dev/vda1 ro\n")
+    with pytest.raises(JumpAreaError) as e:
+        install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    assert "crashkernel=" in e.value.fix
+    assert not grub_root.path(GRUB_SNIPPET).exists()

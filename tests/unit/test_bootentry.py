@@ -115,3 +115,23 @@ def test_boot_entry_record_round_trips_and_damage_is_clear() -> None:
         with pytest.raises(BootEntryError) as e:
             BootEntry.from_json(bad)
         assert "setup" in e.value.fix
+
+
+@given(st.dictionaries(st.lists(st.text(alphabet="abcdefgh_.-0123456789", min_size=1, max_size=8)
+                                .filter(lambda n: n not in (".", "..")),
+                                min_size=1, max_size=3).map("/".join),
+                       st.binary(max_size=300), min_size=1, max_size=6))
+def test_r_payload_archive_is_newc_the_other_reader_understands(files: dict) -> None:
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from savekernel import cpio
+    from kjumpd.bootentry import newc
+    # a name cannot be both a file and a directory
+    names = sorted(files)
+    if any(b.startswith(a + "/") for a in names for b in names):
+        return
+    blob = newc(files)
+    assert len(blob) % 4 == 0
+    got = {e.name: e.data for e in cpio.read(blob) if e.mode & 0o100000}
+    assert got == files
