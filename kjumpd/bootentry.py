@@ -383,10 +383,9 @@ def find_normal_kernel(sysroot: Sysroot) -> tuple[str, str | None]:
         if sysroot.path(k).is_file():
             base = k.rsplit("/", 1)[-1]
             ver = base[len("vmlinuz-"):] if base.startswith("vmlinuz-") else ""
-            for i in ([f"/boot/initrd.img-{ver}"] if ver else []) + ["/boot/initrd.img"]:
-                if sysroot.path(i).is_file() and (ver or k == "/boot/vmlinuz"):
-                    return k, i
-            return k, None
+            initrd = f"/boot/initrd.img-{ver}" if ver else \
+                "/boot/initrd.img" if k == "/boot/vmlinuz" else ""
+            return k, (initrd if initrd and sysroot.path(initrd).is_file() else None)
     raise BootEntryError("cannot find the normal kernel for the restore-first environment",
                          why=f"none of {', '.join(candidates)} exists",
                          fix="pass the normal kernel explicitly")

@@ -265,3 +265,29 @@ def test_install_without_a_jump_area_says_what_to_do(grub_root: Sysroot, r_files
         install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
     assert "crashkernel=" in e.value.fix
     assert not grub_root.path(GRUB_SNIPPET).exists()
+
+
+@pytest.mark.parametrize("files,cmdline,want", [
+    (["vmlinuz-kjump"], "root=/dev/vda", ("/boot/vmlinuz-kjump", None)),
+    (["vmlinuz-6.1", "initrd.img-6.1", "vmlinuz-6.2", "initrd.img-6.2"],
+     "BOOT_IMAGE=/boot/vmlinuz-6.2 ro", ("/boot/vmlinuz-6.2", "/boot/initrd.img-6.2")),
+    (["vmlinuz-6.1", "initrd.img"], "ro", ("/boot/vmlinuz-6.1", None)),
+    (["vmlinuz", "initrd.img", "vmlinuz-6.1", "vmlinuz-6.2"], "ro",
+     ("/boot/vmlinuz", "/boot/initrd.img")),
+])
+def test_the_normal_kernel_is_the_one_this_system_booted(tmp_path: Path, files, cmdline, want) -> None:
+    from kjumpd.bootentry import find_normal_kernel
+    for d in ("boot", "proc"):
+        (tmp_path / d).mkdir()
+    for f in files:
+        (tmp_path / "boot" / f).write_bytes(b"x")
+    (tmp_path / "proc/cmdline").write_text(cmdline + "\n")
+    assert find_normal_kernel(Sysroot(tmp_path)) == want
+
+
+def test_no_normal_kernel_is_a_clear_error(tmp_path: Path) -> None:
+    from kjumpd.bootentry import find_normal_kernel
+    (tmp_path / "boot").mkdir()
+    with pytest.raises(BootEntryError) as e:
+        find_normal_kernel(Sysroot(tmp_path))
+    assert e.value.fix
