@@ -25,22 +25,17 @@ from tests.vm import assets as vm_assets
 REPO = Path(__file__).resolve().parents[2]
 
 
-def require_vm() -> bool:
-    return os.environ.get("KJUMPD_REQUIRE_VM") == "1"
-
-
 def unavailable(reason: str) -> None:
-    """Skip, or fail when the VM tier is required (CI)."""
-    if require_vm():
-        pytest.fail(f"VM prerequisite missing (KJUMPD_REQUIRE_VM=1): {reason}", pytrace=False)
-    pytest.skip(f"VM prerequisite missing: {reason}")
+    """Skip, or fail when the VM tier is required (CI): the harness' rule."""
+    from tests.vm.harness import missing_prereq
+    missing_prereq(reason)
 
 
 def environment_problems() -> list[str]:
     problems = []
     if os.geteuid() != 0:
         problems.append("not root (debootstrap, mkfs -d with ownership)")
-    for tool in ("qemu-system-x86_64", "qemu-img", "e2fsck"):
+    for tool in ("qemu-system-x86_64", "qemu-img", "e2fsck", "debugfs", "debootstrap"):
         if shutil.which(tool) is None:
             problems.append(f"{tool} not on PATH (tools/setup.sh installs it)")
     return problems
@@ -62,11 +57,9 @@ def vm_env() -> None:
 
 @pytest.fixture(scope="session")
 def vm_assets_built(vm_env: None) -> vm_assets.Assets:
-    """The manifest of `make vm-assets`; built here when it was never built."""
-    a = vm_assets.load()
-    if "manifest" in a.missing:
-        a = vm_assets.build_all()
-    return a
+    """Every asset for this checkout (cached: seconds when nothing changed, so a scenario
+    never boots a guest image older than the code under test)."""
+    return vm_assets.build_all()
 
 
 @pytest.fixture
