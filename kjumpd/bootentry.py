@@ -418,8 +418,8 @@ def machine_boot_config(sysroot: Sysroot, target_uuid: str, target_offset: int, 
 # ------------------------------------------------------------------ system edge
 
 
-def _mountinfo(sysroot: Sysroot) -> list[tuple[str, str, str, str]]:
-    """(mount point, root inside the fs, fstype, source) of every mount, in order."""
+def _mountinfo(sysroot: Sysroot) -> list[tuple[str, str, str, str, str]]:
+    """(mount point, root inside the fs, fstype, source, MAJ:MIN) of every mount, in order."""
     out = []
     for line in sysroot.read_text("/proc/self/mountinfo", default="").splitlines():
         left, sep, right = line.partition(" - ")
@@ -429,7 +429,7 @@ def _mountinfo(sysroot: Sysroot) -> list[tuple[str, str, str, str]]:
         if len(lf) < 5 or len(rf) < 2:
             continue
         unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-        out.append((unesc(lf[4]), unesc(lf[3]), rf[0], unesc(rf[1])))
+        out.append((unesc(lf[4]), unesc(lf[3]), rf[0], unesc(rf[1]), lf[2]))
     return out
 
 
@@ -437,15 +437,21 @@ def locate(sysroot: Sysroot, path: str) -> tuple[str, str, str]:
     """(fstype, fs UUID, path as the boot loader sees it) of a system path under /boot."""
     from kjumpd.fsstamp import read_stamp
     best = None
-    for mnt, root, fstype, source in _mountinfo(sysroot):
+    for mnt, root, fstype, source, devno in _mountinfo(sysroot):
         if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
             if best is None or len(mnt) >= len(best[0]):
-                best = (mnt, root, fstype, source)
+                best = (mnt, root, fstype, source, devno)
     if best is None:
         raise BootEntryError(f"cannot tell which filesystem holds {path}",
                              why="/proc/self/mountinfo lists no mount for it",
                              fix="mount /boot before running setup")
-    mnt, root, _fstype, source = best
+    mnt, root, _fstype, source, devno = best
+    if not sysroot.exists(source):
+        # e.g. "/dev/root" when the kernel mounted root= itself: find the node by its number
+        uevent = sysroot.read_text(f"/sys/dev/block/{devno}/uevent", default="")
+        name = dict(ln.partition("=")[::2] for ln in uevent.splitlines()).get("DEVNAME")
+        if name:
+            source = f"/dev/{name}"
     try:
         st = read_stamp(source, sysroot=sysroot)
     except FsStampError as e:

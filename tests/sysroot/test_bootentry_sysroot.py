@@ -291,3 +291,19 @@ def test_no_normal_kernel_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BootEntryError) as e:
         find_normal_kernel(Sysroot(tmp_path))
     assert e.value.fix
+
+
+def test_boot_on_dev_root_is_found_by_its_device_number(grub_root: Sysroot, r_files,
+                                                        tmp_path: Path) -> None:
+    """A kernel that mounted root= itself shows "/dev/root" in mountinfo: no such node."""
+    root = grub_root.root
+    (root / "proc/self/mountinfo").write_text(
+        "22 1 254:2 / / rw,relatime shared:1 - ext4 /dev/root rw\n")
+    (root / "sys/dev/block/254:2").mkdir(parents=True)
+    (root / "sys/dev/block/254:2/uevent").write_text("MAJOR=254\nMINOR=2\nDEVNAME=vda2\n")
+    install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
+    out = snippet_output(grub_root)
+    assert f"--set=root {read_stamp(grub_root.path('/dev/vda2')).uuid}" in out
+    # /boot is not its own filesystem here: GRUB sees the files under /boot
+    assert "linux /boot/kjumpd/vmlinuz-restore" in out
+    grub_script_check(out, tmp_path)
