@@ -334,6 +334,8 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
             raise TargetError("the target's block map differs from the job's",
                               why="the superblock was rewritten after the job was made",
                               fix="hibernate again")
+        # an image this kernel could not restore later is not worth writing
+        check_restore_fits(job.ranges, own_memory(sysroot), tuple(job.jump_area))
         if job.cancel_key:
             cancel = CancelKey().start()
             say("press any key on this console to cancel the save")
@@ -359,7 +361,7 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
         if not started:
             _abort(dev, e.what[:200])
     except Exception as e:  # noqa: BLE001 - any bug must still end in the jump back
-        log.exception("save crashed")
+        log.debug("save crashed", exc_info=True)
         say(f"save crashed: {type(e).__name__}: {e}")
         _abort(dev, f"agent crashed: {type(e).__name__}")
     finally:
@@ -375,7 +377,7 @@ def _abort(dev: Any, reason: str) -> None:
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
     if dev is None:
-        say("the target was not found: the main kernel sees no new image and rolls back")
+        say("no target opened: the main kernel sees no new image and rolls back")
         return
     try:
         store.set_state(dev, ImageState.ABORTED, reason=reason)
