@@ -256,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kjump-agent: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug: one line for the user, details with -v
+        log.debug("internal error", exc_info=True)
+        print(f"kjump-agent: internal error: {type(err).__name__}: {err} "
+              "(run with -v for details and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

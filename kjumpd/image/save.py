@@ -271,6 +271,10 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     except OSError as e:
         _abort(dev, f"I/O error: {e.strerror or e}")
         raise ImageError("save failed", why=e.strerror or str(e), fix="check the disk") from None
+    except BaseException as e:
+        # a bug or an interrupt: the image must not stay WRITING
+        _abort(dev, f"save interrupted: {type(e).__name__}")
+        raise
     finally:
         rw.close()
     stats = SaveStats(raw_bytes=total, zero_pages=wt.zero_pages, stored_bytes=wt.stored,

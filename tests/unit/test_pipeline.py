@@ -349,3 +349,17 @@ def test_verify_pass_catches_a_lost_write(tmp_path):
             save.save_image(src, ranges, dev, identity={}, mode="test")
         h = store.read_header(dev)
     assert h.state == ImageState.ABORTED and "reads back" in h.reason
+
+
+class BuggySource:
+    def read(self, phys, n):
+        raise ZeroDivisionError("a bug")
+
+
+def test_unexpected_exception_never_leaves_the_image_writing(tmp_path):
+    store.create_target(tmp_path / "t", 4 * MiB)
+    with ImageDevice(tmp_path / "t", writable=True) as dev:
+        with pytest.raises(ZeroDivisionError):
+            save.save_image(BuggySource(), [(0, MiB)], dev, identity={}, mode="test")
+        h = store.read_header(dev)
+    assert h.state_text == "ABORTED(save interrupted: ZeroDivisionError)"
