@@ -82,12 +82,14 @@ def flip(data: bytes, pos: int) -> bytes:
 
 # ------------------------------------------------------------------ round trips
 
+@settings(deadline=None)
 @given(superblocks())
 def test_superblock_round_trip(sb):
     raw = sb.pack()
     assert TargetSuperblock.unpack(raw) == sb
 
 
+@settings(deadline=None)
 @given(headers())
 def test_header_round_trip_fills_exactly_one_slot(h):
     raw = h.pack()
@@ -95,11 +97,13 @@ def test_header_round_trip_fills_exactly_one_slot(h):
     assert Header.unpack(raw) == h
 
 
+@settings(deadline=None)
 @given(metadatas())
 def test_metadata_round_trip(m):
     assert Metadata.unpack(m.pack()) == m
 
 
+@settings(deadline=None)
 @given(st.sampled_from([0, 1, 2]), st.integers(1, 16384), u32, u64, u32, u32)
 def test_chunk_header_round_trip(enc, pages, index, phys, plen, crc):
     raw_len = min(pages * 4096, 64 * 1024 * 1024)
@@ -113,7 +117,7 @@ def test_chunk_header_round_trip(enc, pages, index, phys, plen, crc):
 
 # ------------------------------------------------------------------ corruption
 
-@settings(max_examples=60)
+@settings(deadline=None, max_examples=60)
 @given(superblocks(), st.data())
 def test_superblock_any_flipped_byte_is_refused(sb, data):
     raw = sb.pack()
@@ -124,7 +128,7 @@ def test_superblock_any_flipped_byte_is_refused(sb, data):
     assert ei.value.context["offset"] >= 8192
 
 
-@settings(max_examples=60)
+@settings(deadline=None, max_examples=60)
 @given(headers(), st.data())
 def test_header_any_flipped_byte_is_refused(h, data):
     raw = h.pack()
@@ -135,7 +139,7 @@ def test_header_any_flipped_byte_is_refused(h, data):
     assert "header slot" in str(ei.value)
 
 
-@settings(max_examples=60)
+@settings(deadline=None, max_examples=60)
 @given(metadatas(), st.data())
 def test_metadata_any_flipped_byte_is_refused(m, data):
     raw = m.pack()
@@ -144,6 +148,7 @@ def test_metadata_any_flipped_byte_is_refused(m, data):
         Metadata.unpack(flip(raw, pos))
 
 
+@settings(deadline=None)
 @given(metadatas(), st.data())
 def test_metadata_truncated_is_refused(m, data):
     raw = m.pack()
@@ -153,6 +158,7 @@ def test_metadata_truncated_is_refused(m, data):
     assert "metadata" in str(ei.value)
 
 
+@settings(deadline=None)
 @given(st.integers(0, CHUNK_HEADER_SIZE - 1))
 def test_chunk_header_flipped_byte_is_refused(pos):
     raw = ChunkHeader(encoding=0, pages=256, index=7, phys=1 << 20, raw_length=1 << 20,
