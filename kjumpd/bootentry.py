@@ -618,6 +618,11 @@ def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline:
     if kind not in KINDS:
         raise ConfigError(f"unknown boot loader kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
     _check_cmdline(cmdline)
+    if "console=" not in cmdline:
+        # R speaks where this system's console is (its decisions are worth seeing)
+        consoles = [w for w in sysroot.read_text("/proc/cmdline", default="").split()
+                    if w.startswith("console=") and _SAFE_CMDLINE.match(w)]
+        cmdline = " ".join([cmdline, *consoles])
     words = dict(w.partition("=")[::2] for w in cmdline.split())
     if boot is None and machine:
         try:

@@ -241,14 +241,22 @@ def test_install_appends_this_machines_boot_json_and_files(grub_root: Sysroot, r
     (root / "usr/lib/kjumpd/save/bzImage").write_bytes(b"save kernel")
     (root / "usr/lib/kjumpd/save/initramfs.cpio.gz").write_bytes(b"save initramfs")
     base = r_files[1].read_bytes()
-    install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
+    (root / "proc/cmdline").write_text(
+        "BOOT_IMAGE=/boot/vmlinuz-6.12-kjump root=/dev/vda1 ro quiet console=tty0 "
+        "console=ttyS0,115200 crashkernel=128M@0x20000000\n")
+    bare = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576"
+    rec = install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=bare)
+    # R's messages go where this system's console is
+    assert rec.cmdline == bare + " console=tty0 console=ttyS0,115200"
+    assert f"linux /kjumpd/vmlinuz-restore {rec.cmdline}" in snippet_output(grub_root)
     installed = grub_root.path("/boot/kjumpd/initrd-restore.img").read_bytes()
     assert installed.startswith(base)
     members = {e.name: e.data for e in cpio.read(installed[len(base):])}
     cfg = BootConfig.from_json(members["etc/kjumpd/boot.json"])
     assert cfg.target_uuid == "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e" and cfg.target_offset == 1 << 20
     assert cfg.jump_area == (0x20000000, 128 << 20)
-    assert cfg.normal.cmdline == "root=/dev/vda1 ro quiet crashkernel=128M@0x20000000"
+    assert cfg.normal.cmdline == ("root=/dev/vda1 ro quiet console=tty0 console=ttyS0,115200 "
+                                  "crashkernel=128M@0x20000000")
     assert members[cfg.normal.kernel.lstrip("/")] == b"normal kernel"
     assert members[cfg.normal.initrd.lstrip("/")] == b"normal initrd"
     assert members[cfg.save.kernel.lstrip("/")] == b"save kernel"
