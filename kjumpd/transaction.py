@@ -250,8 +250,13 @@ class Hibernation:
             out.undo_errors = undo.run()
             phase("", 100)
             log.info("hibernation %s: %s (image %s)", mode, out.result, out.image_state)
+            ev.log(f"hibernation {mode}: {out.result} (image {out.image_state})"
+                   + (f"; undo problems: {'; '.join(out.undo_errors)}" if out.undo_errors else ""))
             return out
-        except KjumpError as e:
+        except (KjumpError, OSError) as exc:
+            e = exc if isinstance(exc, KjumpError) else KjumpError(
+                "hibernation failed", why=f"{getattr(exc, 'filename', '') or ''} "
+                f"{exc.strerror or exc}".strip(), fix="see the kjumpd log")
             out.undo_errors = undo.run()
             phase("", 100)
             out.error = e.to_dict()
@@ -261,7 +266,10 @@ class Hibernation:
                 e.context["undo_errors"] = "; ".join(out.undo_errors)
             e.outcome = out  # type: ignore[attr-defined]
             log.error("hibernation %s rolled back: %s", mode, e.message)
-            raise
+            ev.log(f"hibernation {mode} rolled back: {e.message}")
+            if e is exc:
+                raise
+            raise e from None
         except BaseException:
             undo.run()
             raise

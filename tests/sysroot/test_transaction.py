@@ -24,7 +24,7 @@ import pytest
 from kjump_faketree import (build, install_fake_kexec, setup_target_and_bootentry, tree_hash, w)
 from kjumpd import config as cfgmod
 from kjumpd.errors import (CancelledError, FreezeError, FsStampError, HookError, ImageStateError,
-                           KexecError, PlatformError, QuiesceError, ShrinkError,
+                           KexecError, KjumpError, PlatformError, QuiesceError, ShrinkError,
                            UnsupportedError)
 from kjumpd.image import store
 from kjumpd.job import Job
@@ -302,6 +302,8 @@ def _mkdir_trigger(fx: Fx, path: str):
 
 CASES = {
     # name: (inject(fx, monkeypatch) -> cleanup, mode, error, target touched by "B")
+    "an OSError (no /run directory) becomes a clean error": (
+        lambda fx, mp: _run_is_a_file(fx), "test", KjumpError, False),
     "preflight: kdump loaded": (
         lambda fx, mp: (w(fx.root, "/sys/kernel/kexec_crash_loaded", "1\n"),
                         lambda: w(fx.root, "/sys/kernel/kexec_crash_loaded", "0\n"))[1],
@@ -330,6 +332,16 @@ CASES = {
     "shutdown does not happen": (lambda fx, mp: None, "shutdown", PlatformError, True),
     "reboot does not happen": (lambda fx, mp: None, "reboot", PlatformError, True),
 }
+
+
+def _run_is_a_file(fx: Fx):
+    (fx.root / "run").rmdir()
+    (fx.root / "run").write_text("")
+
+    def undo():
+        (fx.root / "run").unlink()
+        (fx.root / "run").mkdir()
+    return undo
 
 
 def _add_bad_mount(fx: Fx):
