@@ -153,10 +153,19 @@ class HeldLogs:
 
     def __init__(self) -> None:
         self._swapped: list[tuple[logging.Handler, logging.handlers.MemoryHandler]] = []
+        self._added: logging.handlers.MemoryHandler | None = None
 
     def hold(self) -> None:
         root = logging.getLogger()
-        for h in list(root.handlers):
+        handlers = list(root.handlers)
+        if not handlers and logging.lastResort is not None:
+            # no configuration: records would go straight to stderr through lastResort
+            mem = logging.handlers.MemoryHandler(capacity=1 << 30,
+                                                 flushLevel=logging.CRITICAL + 10,
+                                                 target=logging.lastResort, flushOnClose=True)
+            root.addHandler(mem)
+            self._added = mem
+        for h in handlers:
             mem = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 10,
                                                  target=h, flushOnClose=True)
             mem.setLevel(h.level)
@@ -170,6 +179,12 @@ class HeldLogs:
 
     def release(self) -> None:
         root = logging.getLogger()
+        added = self._added
+        if added is not None:
+            root.removeHandler(added)
+            added.flush()
+            added.close()
+            self._added = None
         for h, mem in reversed(self._swapped):
             root.removeHandler(mem)
             root.addHandler(h)

@@ -382,3 +382,24 @@ def test_kjumpctl_setup_bootloader_installs_the_entry(tree, tmp_path):
     assert r.returncode == 0, r.stderr
     entry = (tree / "boot/efi/loader/entries").iterdir().__next__().read_text()
     assert f"kjump.offset={MiB}" in entry and "kjump.target=" in entry
+
+
+# -- held logs ----------------------------------------------------------------------------------
+def test_held_logs_without_any_handler_do_not_reach_stderr_until_released(capsys):
+    import logging
+    from kjumpd.fsfreeze import HeldLogs
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    for h in saved:
+        root.removeHandler(h)
+    try:
+        held = HeldLogs()
+        held.hold()
+        logging.getLogger("kjumpd.test").warning("while frozen")
+        assert "while frozen" not in capsys.readouterr().err
+        held.release()
+        assert "while frozen" in capsys.readouterr().err
+        assert root.handlers == []
+    finally:
+        for h in saved:
+            root.addHandler(h)
