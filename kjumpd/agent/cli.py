@@ -123,15 +123,15 @@ def cmd_save(args: argparse.Namespace) -> int:
     from kjumpd.image.memfile import FileMemorySource
     ranges = parse_ranges(args.ranges)
     chunk = args.chunk_size or save.DEFAULT_CHUNK_SIZE
-    if not os.path.exists(args.target):
-        size = args.target_size or target_size_for(ranges, chunk)
-        store.create_target(args.target, size)
-        log.info("created target %s (%d bytes)", args.target, size)
     with FileMemorySource(args.memory) as source:
         if ranges[-1][1] > source.size:
             raise ConfigError(f"range end {ranges[-1][1]:#x} is past the end of {args.memory}",
                               why=f"the memory file holds {source.size} bytes",
                               fix="give ranges inside the memory file")
+        if not os.path.exists(args.target):
+            size = args.target_size or target_size_for(ranges, chunk)
+            store.create_target(args.target, size)
+            log.info("created target %s (%d bytes)", args.target, size)
         with ImageDevice(args.target, writable=True, direct=not args.buffered) as dev:
             try:
                 store.read_superblock(dev)

@@ -87,6 +87,7 @@ def test_bad_ranges_fail_with_one_line(tmp_path, mem, ranges, words):
     assert r.returncode == 1
     assert words in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "img").exists()      # refused before a target is created
 
 
 def test_restore_refuses_a_non_image_and_a_missing_file(tmp_path, mem):
