@@ -285,21 +285,24 @@ class Progress:
 # ---------------------------------------------------------------------------- the roles
 
 def jump_back(sysroot: Sysroot, entry: int, held: Sequence[Any] = ()) -> None:
-    """Load the jump back (entry page + held segments) and jump; loops if A jumps to B again."""
+    """Load the jump back (entry page + held segments) and jump. If A jumps to B again, B
+    resumes here and jumps back with the *same* loaded image: a preserve-context jump swaps
+    each segment's source page with its destination, and B's return path swapped A's entry
+    page with our copy; executing the same image again swaps them back (reloading from
+    /dev/mem would hand A a stale entry page: proven by a triple fault in the VM)."""
     from kjumpd.agent import jumpback
     from kjumpd.agent.devmem import MemorySource
     segs = [jumpback.Segment(h.mem, h.data) for h in held]
+    page = jumpback.entry_page(entry)
+    with MemorySource(sysroot) as src:
+        page_bytes = src.read(page, PAGE)
+    plan = jumpback.plan_segments(entry, page_bytes, segs)
+    jumpback.load(entry, plan)
     while True:
-        page = jumpback.entry_page(entry)
-        with MemorySource(sysroot) as src:
-            page_bytes = src.read(page, PAGE)
-        plan = jumpback.plan_segments(entry, page_bytes, segs)
-        jumpback.load(entry, plan)
         say(f"jumping back to the main kernel at {entry:#x} ({len(plan)} segment(s))")
         jumpback.execute()
         # A jumped to B again (a warm save kernel); nothing is prepared for that yet: return.
         say("the main kernel jumped here again; no job for a warm save kernel, jumping back")
-        segs = []
 
 
 def _open_target(sysroot: Sysroot, uuid: str, offset: int) -> Any:

@@ -141,6 +141,11 @@ def step_jump(args: dict[str, str]) -> None:
     say("jumping to the save kernel")
     run(["kexec", "-e"])   # returns 255 "Bad file descriptor" after a jump back: harmless
     say("back in the main kernel")
+    if args.get("kjt.again") == "1":
+        # B is still loaded and resumes inside its own jump back: it must come straight back
+        say("jumping to the save kernel again")
+        run(["kexec", "-e"])
+        say("back in the main kernel again")
     h = header()
     after = digest(data)
     intact = after == before

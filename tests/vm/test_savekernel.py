@@ -84,12 +84,23 @@ def _figures(request: pytest.FixtureRequest, vm: VM, b: InitramfsImage, **more: 
     fig: dict[str, object] = {"b_initramfs_gzip_bytes": b.compressed_size,
                               "b_initramfs_uncompressed_bytes": b.uncompressed_size}
     jump = t(r"KJT: jumping to the save kernel")
-    first = t(r"kjump-agent: save kernel up")
+    up = t(r"kjump-agent: save kernel up")
     back = t(r"KJT: back in the main kernel")
-    if jump is not None and first is not None:
-        fig["jump_to_agent_first_line_s"] = round(first - jump, 2)
-    if first is not None and back is not None:
-        fig["agent_first_line_to_back_in_A_s"] = round(back - first, 2)
+    if jump is not None and up is not None:
+        fig["jump_to_agent_first_line_s"] = round(up - jump, 2)
+    if up is not None and back is not None:
+        fig["agent_first_line_to_back_in_A_s"] = round(back - up, 2)
+    if jump is not None:  # where the time from the jump to the agent's first line goes
+        after = [ln for ln in vm.lines if ln.t >= jump]
+        def first(rx: str) -> float | None:
+            return next((ln.t for ln in after if re.search(rx, ln.text)), None)
+        banner, init = first(r"\] Linux version"), first(r"\] Run /init as init process")
+        if banner is not None and init is not None:
+            fig["jump_to_B_banner_s"] = round(banner - jump, 2)
+            fig["B_banner_to_init_s"] = round(init - banner, 2)
+            agent = first(r"kjump-agent: save kernel up")
+            if agent is not None:
+                fig["B_init_to_agent_first_line_s"] = round(agent - init, 2)
     for m in vm.find(r"kjump-agent: (SAVED|RESTORED).*"):
         fig.setdefault("agent_lines", []).append(m.group(0))  # type: ignore[union-attr]
     fig.update(more)
@@ -138,3 +149,21 @@ def test_power_cycle_restore_continues_the_same_process(request, kernel, a_initr
                  qemu_start_to_A_verdict_s=restored_at)
         assert m.group(1) == "PASS", m.group(0)
         assert re.search(r"restored state=RESTORING\(1\) data=intact .* consumed=yes", m.group(2))
+
+
+def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(request, kernel, a_initramfs,
+                                                                      b_initramfs, disk) -> None:
+    """B stays loaded after its jump back; A's next kexec -e resumes B inside its reboot(2),
+    and B (no job for a warm save kernel yet) jumps straight back; the image stays SAVED."""
+    with _vm(request, kernel, a_initramfs, disk,
+             "kjt.step=jump kjt.mib=32 kjt.cancel=0 kjt.again=1") as vm:
+        m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=1200, fail=PANIC)
+        again = vm.line_time(r"KJT: jumping to the save kernel again")
+        resumed = vm.line_time(r"kjump-agent: the main kernel jumped here again")
+        back = vm.line_time(r"KJT: back in the main kernel again")
+        _figures(request, vm, b_initramfs,
+                 second_jump_round_trip_s=round(back - again, 2) if back and again else None)
+        assert resumed is not None, "B did not resume after the second jump"
+        assert back is not None
+        assert m.group(1) == "PASS", m.group(0)
+        assert "state=SAVED" in m.group(2) and "data=intact" in m.group(2)
