@@ -236,17 +236,31 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
     return 0 if ok else 1
 
 
-def inject_kexec_refusal() -> None:
-    """Make the kernel refuse every further kexec_load (one-way switch; the VM is disposable).
+KEXEC_REFUSER = Path("/usr/local/sbin/kexec")
+REFUSER_SCRIPT = """#!/bin/sh
+# kjumpvm fault injection (scenario f): the kernel refuses this kexec_load for real.
+# kjumpd's preflight has passed by now (it checks kexec_load_disabled), the filesystems are
+# frozen; flipping the one-way sysctl here makes the real kexec_load(2) fail with EPERM.
+for a in "$@"; do
+    case "$a" in -l|-c|-p|--load*) echo 1 > /proc/sys/kernel/kexec_load_disabled ;; esac
+done
+exec /usr/sbin/kexec "$@"
+"""
 
-    The daemon sees a real EPERM from kexec_load(2) at the jump step, after it froze the
-    filesystems, and must roll every step back."""
-    path = "/proc/sys/kernel/kexec_load_disabled"
-    if not os.path.exists(path):
-        raise Missing(f"{path} is not in this kernel")
-    with open(path, "w") as f:
-        f.write("1\n")
-    event("inject", what="kexec_load_disabled=1")
+
+def inject_kexec_refusal() -> None:
+    """Make the kernel refuse kjumpd's load of the save kernel, after preflight and freeze.
+
+    A kexec on PATH before /usr/sbin's sets kernel.kexec_load_disabled=1 (a one-way switch; the
+    VM is disposable), then runs the real kexec-tools: the daemon sees a real EPERM from
+    kexec_load(2) at its load step and must roll every step back."""
+    if not os.path.exists("/proc/sys/kernel/kexec_load_disabled"):
+        raise Missing("/proc/sys/kernel/kexec_load_disabled is not in this kernel")
+    KEXEC_REFUSER.parent.mkdir(parents=True, exist_ok=True)
+    KEXEC_REFUSER.write_text(REFUSER_SCRIPT)
+    KEXEC_REFUSER.chmod(0o755)
+    os.sync()
+    event("inject", what="kexec_load_refused_at_load")
 
 
 def check_writable_filesystems() -> list[str]:

@@ -241,6 +241,11 @@ def build_image(payload: Payload, cache: Path | None = None) -> Path:
     olds = sorted((cache / "rootfs").glob("image-*.raw"), key=lambda p: p.stat().st_mtime)
     for old in olds[:-2]:
         old.unlink()
+        # and what tests/vm/assets.py derived from it (the prepared layer, its logs)
+        old.with_suffix(".prepared.qcow2").unlink(missing_ok=True)
+        logs = old.with_suffix(".prepare")
+        if logs.is_dir():
+            shutil.rmtree(logs)
     return image
 
 
