@@ -1,8 +1,9 @@
 """Quiesce devices through sysfs: plan (pure), apply (journaled), undo (reverse).
 
 Policy (from [quiesce] in the config):
-* runtime PM: every device whose power/control is "auto" is set to "on", so no device
-  runtime-suspends around the jump and the save kernel finds it powered;
+* runtime PM: every device whose power/control is "auto" (and whose runtime_status is not
+  "unsupported") is set to "on", so no device runtime-suspends around the jump and the
+  save kernel finds it powered;
 * wake-up sources (``disable_wakeup``): power/wakeup "enabled" -> "disabled", except the
   devices named in ``keep_wakeup`` (sysfs name or path suffix) and, in suspend mode, the
   RTC that must wake the machine for the battery check;
@@ -96,7 +97,8 @@ def plan(sysroot: Sysroot, config: Config, mode: str) -> Plan:
     for dev in device_dirs(sysroot):
         if config.runtime_pm_on:
             raw = sysroot.read_text(f"{dev}/power/control", default="")
-            if raw.strip() == "auto":
+            status = sysroot.read_text(f"{dev}/power/runtime_status", default="").strip()
+            if raw.strip() == "auto" and status != "unsupported":
                 p.writes.append(Write(f"{dev}/power/control", "on", f"{dev}/power/control",
                                       raw, "runtime PM off around the jump"))
         if config.disable_wakeup:

@@ -97,6 +97,8 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
             w(root, f"{pci}/{dev}/power/wakeup", wake + "\n")
     w(root, "/sys/devices/pnp0/00:01/uevent", "")
     link(root, "/sys/devices/pnp0/00:01/subsystem", "../../../bus/pnp")
+    w(root, "/sys/devices/pnp0/00:01/power/control", "auto\n")
+    w(root, "/sys/devices/pnp0/00:01/power/runtime_status", "unsupported\n")
     w(root, "/sys/devices/pnp0/00:01/power/wakeup", "enabled\n")
     link(root, "/sys/class/rtc/rtc0/device", "../../../devices/pnp0/00:01")
     w(root, "/sys/class/rtc/rtc0/since_epoch", "1764000000\n")

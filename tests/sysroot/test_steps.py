@@ -111,6 +111,7 @@ def test_quiesce_plan_apply_undo(tree):
     pci = "/sys/devices/pci0000:00"
     assert f"{pci}/0000:00:02.0/power/control" in paths
     assert f"{pci}/0000:00:03.0/power/control" not in paths              # already "on"
+    assert "/sys/devices/pnp0/00:01/power/control" not in paths          # no runtime PM
     assert f"{pci}/0000:00:02.0/power/wakeup" in paths
     assert f"{pci}/0000:00:04.0/usb1/1-1/power/wakeup" not in paths      # keep_wakeup
     assert "/sys/devices/pnp0/00:01/power/wakeup" in paths               # RTC: not suspend
