@@ -200,8 +200,9 @@ def to_vardict(record: dict[str, Any]) -> dict[str, GLib.Variant]:
 def outcome_record(outcome: Any) -> dict[str, Any]:
     """The transaction's Outcome as a flat-ish dict (LastResult / Resumed), with the
     figures users ask for derived from its stats: image_size (bytes stored), ratio
-    (memory saved / bytes stored) and throughput (MB of memory per second of the jump
-    phase, which covers the save kernel's boot, the save and the jump back)."""
+    (memory saved / bytes stored) and throughput (MB of memory per second of the save, timed
+    by the save kernel: stats.save_seconds, from the image header's WRITING and SAVED times;
+    A's monotonic clock stops during the jump, so durations["jump"] cannot time it)."""
     rec = plain(outcome)
     if not isinstance(rec, dict):
         rec = {"result": str(rec)}
@@ -218,9 +219,9 @@ def derived_figures(rec: dict[str, Any]) -> dict[str, Any]:
         out["image_size"] = stored
         if isinstance(raw, int) and raw > 0:
             out["ratio"] = raw / stored
-    jump = durations.get("jump")
-    if isinstance(raw, int) and raw > 0 and isinstance(jump, (int, float)) and jump > 0:
-        out["throughput"] = raw / 1e6 / float(jump)
+    took = stats.get("save_seconds")
+    if isinstance(raw, int) and raw > 0 and isinstance(took, (int, float)) and took > 0:
+        out["throughput"] = raw / 1e6 / float(took)
     return out
 
 

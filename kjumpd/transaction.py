@@ -232,7 +232,10 @@ class Hibernation:
             header = self._read_header(target)
             out.image_state = header.state.name
             out.stats.update(raw_bytes=header.raw_bytes, stored_bytes=header.stored_bytes,
-                             zero_pages=header.zero_pages, chunks=header.chunk_count)
+                             zero_pages=header.zero_pages, chunks=header.chunk_count,
+                             # B's own clock (WRITING -> SAVED): A's monotonic clock stops
+                             # during the jump, so durations["jump"] does not include B's time
+                             save_seconds=max(0.0, header.saved - header.created))
             name = header.state.name
             if name == "RESTORING":
                 self._set_state(target, "CONSUMED", "")
