@@ -20,9 +20,12 @@ Properties (PropertiesChanged is emitted for every change)
   Phase s        the phase the running transition reports ("" when idle)
   Progress d     percent reported with that phase
   ImageState s   the state of the image header on the target (EMPTY, SAVED, ... or "unknown: why")
-  LastResult a{sv}  the outcome of the last transition: mode, result (ok | failed | cancelled),
-                 error (D-Bus error name), message, started, finished, elapsed, and what the
-                 transaction reports (durations per phase a{sd}, image size, ratio, throughput...)
+  LastResult a{sv}  the outcome of the last transition: mode, result (resumed | continued |
+                 woke-from-ram on success; failed | cancelled), error (D-Bus error name),
+                 error_class, message, started, finished (unix time), elapsed (seconds,
+                 CLOCK_BOOTTIME: includes the time in the save kernel and powered off), what the
+                 transaction reports (durations per phase a{sd}, stats, image_state, ...) and
+                 image_size (bytes), ratio (memory / image), throughput (MB/s of the save).
 
 Signals
   PrepareForSleep(b)           true before the system sleeps, false after it resumed or the
@@ -419,7 +422,9 @@ class Manager:
         self._worker.start()
 
     def _work(self, run: Run) -> None:
-        t0 = time.monotonic()
+        # CLOCK_BOOTTIME goes on while the main kernel is away (in the save kernel, powered
+        # off): elapsed is what the user waited; CLOCK_MONOTONIC stops during the jump
+        t0 = time.clock_gettime(time.CLOCK_BOOTTIME)
         try:
             outcome = self._hib.run(run.mode, run.cancel)
             record = outcome_record(outcome)
@@ -439,7 +444,7 @@ class Manager:
         if run.sleeping:   # never leave listeners believing the system is about to sleep
             self.prepare_for_sleep(False)
         record.update(mode=run.mode, started=run.started, finished=time.time(),
-                      elapsed=time.monotonic() - t0)
+                      elapsed=time.clock_gettime(time.CLOCK_BOOTTIME) - t0)
         self.in_main_loop(self._finish, run, record)
 
     def _finish(self, run: Run, record: dict[str, Any]) -> None:
