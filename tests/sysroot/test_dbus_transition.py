@@ -29,7 +29,7 @@ HOOK = """#!/bin/sh
 [ -n "$KJUMP_HOLD_RELEASE" ] || exit 0
 touch "$KJUMP_HOLD_RELEASE.waiting"
 i=0
-while [ ! -e "$KJUMP_HOLD_RELEASE" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+while [ ! -e "$KJUMP_HOLD_RELEASE" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
 exit 0
 """
 
@@ -42,6 +42,11 @@ class Machine:
         faketree.build(self.root, host)
         self.uuid = faketree.setup_target_and_bootentry(self.root, host)
         faketree.w(self.root, "/etc/kjumpd/sleep.d/60-hold", HOOK, 0o755)
+        # room for a loaded machine: the hold hook may wait up to a minute
+        cfg = self.root / "etc/kjumpd/kjumpd.toml"
+        text = cfg.read_text()
+        assert "\nhooks = 10\n" in text
+        cfg.write_text(text.replace("\nhooks = 10\n", "\nhooks = 90\n"))
         bindir = tmp / "bin"
         faketree.install_fake_kexec(bindir)
         self.kexec_log = tmp / "kexec.log"
