@@ -57,10 +57,12 @@ def test_watchdog_pings_at_half_the_interval(bus, sysroot) -> None:
     d = Kjumpd(bus, sysroot, env={"WATCHDOG_USEC": "400000"})
     try:
         d.wait_for_notification("READY=1")
-        pings = sum("WATCHDOG=1" in m for m in d.notifications(1.5))
+        pings = sum("WATCHDOG=1" in m for m in d.notifications(3.0))
     finally:
         d.stop()
-    assert 4 <= pings <= 12, pings   # every 0.2 s over 1.5 s
+    # every 0.2 s: 15 in 3 s; loose bounds for a loaded machine, but neither silent nor
+    # pinging at a rate that ignores WATCHDOG_USEC
+    assert 5 <= pings <= 20, pings
 
 
 def test_no_watchdog_pings_for_another_pid(bus, sysroot) -> None:
