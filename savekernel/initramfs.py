@@ -367,8 +367,10 @@ def build_initramfs(out: Path | None, init_script: str,
                     host_binaries: Sequence[Path | str] = (),
                     busybox: bool = True,
                     python: Path = HOST_PYTHON,
-                    exclude_modules: Sequence[str] = DEFAULT_EXCLUDE) -> InitramfsImage:
+                    exclude_modules: Sequence[str] = DEFAULT_EXCLUDE,
+                    compress: bool = True) -> InitramfsImage:
     """Build (or reuse from the cache) a gzip'd cpio initramfs; copy it to out when given.
+    With compress=False the archive is plain cpio (larger to load, nothing to inflate).
 
     init_script becomes /init (give it a #! line; /bin/sh is busybox). extra_files maps archive
     paths ("kjump/job.json", "boot/bzImage") to host files or bytes. python_modules are traced
@@ -391,9 +393,9 @@ def build_initramfs(out: Path | None, init_script: str,
             raise InitramfsError(f"extra file {src} for {arc} is missing")
         mode = 0o755 if isinstance(src, Path) and os.access(src, os.X_OK) else 0o644
         plan.add_file(arc, src if isinstance(src, bytes) else Path(src), mode)
-    key = _key(plan, init_script)
+    key = _key(plan, init_script + ("" if compress else "\0plain"))
     cdir = cache_dir()
-    cached = cdir / f"{name}-{key}.cpio.gz"
+    cached = cdir / f"{name}-{key}.cpio{'.gz' if compress else ''}"
     meta = cdir / f"{name}-{key}.json"
     hit = cached.is_file() and meta.is_file()
     if not hit:
@@ -402,7 +404,7 @@ def build_initramfs(out: Path | None, init_script: str,
             compiled = _compile_all(plan, Path(tmp))
             raw = cpio.write(_entries(plan, init_script, compiled))
         tmp_out = cached.with_suffix(".tmp")
-        packed = gzip.compress(raw, compresslevel=9, mtime=0)
+        packed = gzip.compress(raw, compresslevel=9, mtime=0) if compress else raw
         # Zero padding to a multiple of 4: the kernel only takes an archive appended after
         # this one (the job) when it starts 4-byte aligned (init/initramfs.c, unpack_to_rootfs)
         # and skips zeros between archives; gzip readers ignore trailing zeros too.
@@ -426,15 +428,15 @@ def build_initramfs(out: Path | None, init_script: str,
                           info["members"], hit)
 
 
-def build_save_initramfs(out: Path | None = None) -> InitramfsImage:
+def build_save_initramfs(out: Path | None = None, compress: bool = True) -> InitramfsImage:
     """B's initramfs: busybox, trimmed python3, python3-lz4, kjumpd, /init running the agent."""
     return build_initramfs(out, SAVE_INIT, name="save",
                            python_modules=(*SAVE_ENTRY, *SAVE_EXTRA_MODULES),
-                           python_packages=("kjumpd", "lz4"))
+                           python_packages=("kjumpd", "lz4"), compress=compress)
 
 
 def read_archive(path: Path) -> list[cpio.Entry]:
-    """The members of a (gzip'd or plain) archive built here."""
+    """The members of a (gzip'd or plain) archive built here (the first archive only)."""
     blob = Path(path).read_bytes()
     if blob[:2] == b"\x1f\x8b":
         blob = gzip.decompress(blob)
@@ -448,12 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("save", help="the save kernel's initramfs; prints its path")
     s.add_argument("--out", type=Path, help="copy the archive here")
+    s.add_argument("--plain", action="store_true", help="no gzip (faster to unpack, larger)")
     ls = sub.add_parser("list", help="list the members of an archive")
     ls.add_argument("archive", type=Path)
     args = p.parse_args(argv)
     try:
         if args.cmd == "save":
-            img = build_save_initramfs(args.out)
+            img = build_save_initramfs(args.out, compress=not args.plain)
             print(f"{img.path}", flush=True)
             print(f"save initramfs: {img.compressed_size} bytes gzip, {img.uncompressed_size} "
                   f"uncompressed, {img.members} members{' (cached)' if img.cached else ''}",

@@ -59,6 +59,16 @@ def test_cached_by_inputs_and_rebuilt_when_one_changes(tmp_path: Path, cache: Pa
     assert names["bin"].data == b"usr/bin"               # merged /usr like the host
 
 
+def test_plain_archive_is_uncompressed_cpio_with_its_own_key() -> None:
+    gz = initramfs.build_initramfs(None, INIT, name="t")
+    plain = initramfs.build_initramfs(None, INIT, name="t", compress=False)
+    assert plain.key != gz.key and plain.path != gz.path
+    assert plain.path.read_bytes()[:6] == b"070701"
+    assert plain.compressed_size == plain.uncompressed_size + (-plain.uncompressed_size % 4)
+    assert [e.name for e in initramfs.read_archive(plain.path)] == \
+        [e.name for e in initramfs.read_archive(gz.path)]
+
+
 def test_a_missing_extra_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(initramfs.InitramfsError, match="missing"):
         initramfs.build_initramfs(None, INIT, {"boot/bzImage": tmp_path / "nope"}, name="t")

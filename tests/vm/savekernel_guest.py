@@ -8,6 +8,8 @@ restore-first stand-in (R), inside a busybox + python initramfs (savekernel.init
               the jump area, ``kexec -e``. Back in A: read the header, check the data, print
               ``KJT-VERDICT: PASS|FAIL ...``. With mode shutdown and a SAVED header: power off
               (the restore continues this very process, after ``kexec -e`` returns again).
+- ``bootrounds`` B without a job (gzip'd and plain initramfs, ``kjt.rounds`` times each): B
+              jumps straight back; A checks its data and that no image appeared.
 - ``restore`` (R) check the header is SAVED, write RESTORING(attempt+1), kexec -l B in restore
               role naming the target by UUID and offset, ``kexec -e``.
 
@@ -34,6 +36,7 @@ from kjumpd.job import Job
 DISK = "/dev/vda"
 B_KERNEL = "/boot/bzImage"
 B_INITRD = "/boot/b.cpio.gz"
+B_INITRD_PLAIN = "/boot/b.cpio"
 JUMP_START, JUMP_SIZE = 0x20000000, 128 << 20
 B_APPEND = ("console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K "
             f"memmap={JUMP_SIZE >> 20}M@{JUMP_START >> 20}M")
@@ -120,7 +123,7 @@ def step_jump(args: dict[str, str]) -> None:
     uuid, bm = make_target()
     ranges = ram_ranges()
     say(f"target {uuid} on {DISK}; ranges {[(hex(a), hex(b)) for a, b in ranges]}")
-    with open(B_INITRD, "rb") as f:
+    with open(B_INITRD if args.get("kjt.plain") != "1" else B_INITRD_PLAIN, "rb") as f:
         b_initrd = f.read()
     job = Job(target_uuid=uuid, superblock_device_offset=0,
               device_hint={"devno": "253:0", "name": "vda"}, blockmap=bm, ranges=ranges,
@@ -131,7 +134,7 @@ def step_jump(args: dict[str, str]) -> None:
               jump_area=(JUMP_START, JUMP_SIZE), fs_stamps=[], created=int(time.time()),
               cancel_key=args.get("kjt.cancel", "1") == "1")
     with open("/run/b-initrd", "wb") as f:
-        f.write(b_initrd + job.to_cpio())
+        f.write(b_initrd + (job.to_cpio() if args.get("kjt.nojob") != "1" else b""))
     rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",
               f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
               "--initrd=/run/b-initrd", f"--append={B_APPEND} kjump.role=save"])
@@ -171,6 +174,29 @@ def step_jump(args: dict[str, str]) -> None:
                 f"mib={mib} raw={h.raw_bytes} stored={h.stored_bytes} zero_pages={h.zero_pages}")
 
 
+def step_bootrounds(args: dict[str, str]) -> None:
+    """B without a job, gzip'd and plain initramfs alternately: B cannot save, jumps back at
+    once, and A finds no new image (header EMPTY) and its data intact, every round."""
+    rounds = int(args.get("kjt.rounds", "2"))
+    data = fill(int(args.get("kjt.mib", "16")), 99)
+    before = digest(data)
+    make_target()
+    ok = True
+    for r in range(1, rounds + 1):
+        for variant, path in (("gz", B_INITRD), ("plain", B_INITRD_PLAIN)):
+            rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",
+                      f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
+                      f"--initrd={path}", f"--append={B_APPEND} kjump.role=save"])
+            say(f"jumping to the save kernel ({variant}, round {r})")
+            run(["kexec", "-e"])
+            h = header()
+            intact = digest(data) == before
+            say(f"back in the main kernel ({variant}, round {r}): load rc {rc}, header "
+                f"{h.state_text}, data {'intact' if intact else 'CHANGED'}")
+            ok = ok and rc == 0 and intact and h.state == ImageState.EMPTY
+    verdict(ok, f"bootrounds rounds={rounds} state={header().state_text}")
+
+
 def step_restore(args: dict[str, str]) -> None:
     dev, sb = store.open_target(DISK, writable=True, offset=0)
     with dev:
@@ -201,6 +227,8 @@ def main() -> None:
             step_jump(args)
         elif step == "restore":
             step_restore(args)
+        elif step == "bootrounds":
+            step_bootrounds(args)
         else:
             verdict(False, f"unknown kjt.step={step}")
     except Exception as e:  # noqa: BLE001 - the test reads the verdict, not a traceback

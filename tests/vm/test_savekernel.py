@@ -53,9 +53,16 @@ def b_initramfs() -> InitramfsImage:
 
 
 @pytest.fixture(scope="module")
-def a_initramfs(kernel: Path, b_initramfs: InitramfsImage) -> InitramfsImage:
+def b_plain() -> InitramfsImage:
+    return build_save_initramfs(compress=False)
+
+
+@pytest.fixture(scope="module")
+def a_initramfs(kernel: Path, b_initramfs: InitramfsImage, b_plain: InitramfsImage
+                ) -> InitramfsImage:
     return build_initramfs(None, A_INIT, {"boot/bzImage": kernel,
                                           "boot/b.cpio.gz": b_initramfs.path,
+                                          "boot/b.cpio": b_plain.path,
                                           "kjt/guest.py": GUEST},
                            name="kjt-guest", python_modules=GUEST_MODULES,
                            python_packages=("kjumpd", "lz4"), host_binaries=("/usr/sbin/kexec",))
@@ -167,3 +174,26 @@ def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(request, ke
         assert back is not None
         assert m.group(1) == "PASS", m.group(0)
         assert "state=SAVED" in m.group(2) and "data=intact" in m.group(2)
+
+
+def test_without_a_job_the_save_kernel_jumps_back_and_no_image_appears(request, kernel, a_initramfs,
+                                                                        b_initramfs, b_plain,
+                                                                        disk) -> None:
+    """Also measures B's boot, gzip'd against plain initramfs, side by side in one VM."""
+    rounds = 2
+    with _vm(request, kernel, a_initramfs, disk, f"kjt.step=bootrounds kjt.rounds={rounds}") as vm:
+        m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=1500, fail=PANIC)
+        lines = list(vm.lines)
+        times: dict[str, list[float]] = {"gz": [], "plain": []}
+        for i, ln in enumerate(lines):
+            j = re.search(r"KJT: jumping to the save kernel \((\w+), round", ln.text)
+            if j:
+                up = next((x.t for x in lines[i:] if "kjump-agent: save kernel up" in x.text), None)
+                if up is not None:
+                    times[j.group(1)].append(round(up - ln.t, 2))
+        _figures(request, vm, b_initramfs, b_plain_bytes=b_plain.compressed_size,
+                 jump_to_agent_first_line_gz_s=times["gz"],
+                 jump_to_agent_first_line_plain_s=times["plain"])
+        assert len(vm.find(r"kjump-agent: save kernel up")) == 2 * rounds
+        assert m.group(1) == "PASS", m.group(0)
+        assert "state=EMPTY" in m.group(2)
