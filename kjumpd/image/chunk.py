@@ -78,8 +78,17 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
                         crc=body_crc, zero_pages=zero)
 
 
-def zero_bits(bitmap: bytes, pages: int) -> list[bool]:
-    return [bool(bitmap[i >> 3] & (1 << (i & 7))) for i in range(pages)]
+#: for every bitmap byte value: the bit positions of its stored (non-zero) pages
+_STORED = [tuple(b for b in range(8) if not v & (1 << b)) for v in range(256)]
+
+
+def stored_pages(bitmap: bytes, pages: int) -> list[int]:
+    """Indices of the pages that are stored (not zero), in order."""
+    out = [base + b for base, v in zip(range(0, 8 * len(bitmap), 8), bitmap)
+           for b in _STORED[v]]
+    while out and out[-1] >= pages:      # padding bits of the last bitmap byte
+        out.pop()
+    return out
 
 
 def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> None:
@@ -95,10 +104,12 @@ def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
                  ) -> bytes | bytearray:
     """Check and decode a record into its ``raw_length`` bytes (zero pages as zeros)."""
     check_chunk(ch, bitmap, payload, offset)
-    zeros = zero_bits(bitmap, ch.pages)
-    nz = zeros.count(False)
-    last = ch.raw_length - (ch.pages - 1) * PAGE_SIZE
-    expect = nz * PAGE_SIZE - (PAGE_SIZE - last if not zeros[-1] else 0)
+    stored = stored_pages(bitmap, ch.pages)
+    nz = len(stored)
+    # the last page may be partial; it is stored short when it is not a zero page
+    tail_short = ch.pages * PAGE_SIZE - ch.raw_length
+    last_stored = bool(stored) and stored[-1] == ch.pages - 1
+    expect = nz * PAGE_SIZE - (tail_short if last_stored else 0)
 
     def bad(why: str) -> ImageCorruptError:
         return ImageCorruptError(f"chunk {ch.index} at byte offset {offset} is corrupt", why=why,
@@ -123,11 +134,14 @@ def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
     if nz == ch.pages:
         return raw
     out = bytearray(ch.raw_length)
-    src = 0
-    for i, z in enumerate(zeros):
-        if not z:
-            o = i * PAGE_SIZE
-            n = min(PAGE_SIZE, ch.raw_length - o)
-            out[o:o + n] = raw[src:src + n]
-            src += n
+    src = memoryview(raw)
+    if last_stored and tail_short:
+        stored.pop()
+        o = (ch.pages - 1) * PAGE_SIZE
+        out[o:] = src[expect - (ch.raw_length - o):]
+    sp = 0
+    for i in stored:
+        o = i * PAGE_SIZE
+        out[o:o + PAGE_SIZE] = src[sp:sp + PAGE_SIZE]
+        sp += PAGE_SIZE
     return out
