@@ -9,7 +9,10 @@ Methods
   SuspendToBoth()              Hibernate("suspend"): save the image, then suspend to RAM.
   Checkpoint()                 Hibernate("checkpoint"): save the image and keep running.
   CanHibernate() -> (s, as)    answer yes | no | challenge | na, and one reason per missing
-                               precondition, each saying how to fix it.
+                               precondition, each saying how to fix it ("challenge": polkit
+                               would allow it after authentication; "na": the preflight says
+                               this machine cannot at all). Preconditions first, then the
+                               caller's authorization.
   Check() -> (b, a(sbbss))     the full preflight report: ok, then (name, ok, fatal, detail, fix)
                                items (a failed item that is not fatal is a warning).
   Cancel() -> b                ask the running transition to stop and roll back; false when idle.
@@ -36,6 +39,11 @@ Signals
 Errors are named D-Bus errors ``org.kjump.Error.<Name>`` (KjumpError.dbus_name) whose message is
 the one-line "what: why (fix: ...)" of the error; e.g. org.kjump.Error.Busy for a request while
 a transition runs, org.kjump.Error.NotAuthorized, org.kjump.Error.InvalidArgs for a bad mode.
+
+Authorization (kjumpd.authz): Hibernate/SuspendToBoth need org.kjump.hibernate, Checkpoint
+(and Hibernate("checkpoint")) org.kjump.checkpoint, Cancel of another user's transition
+org.kjump.manage; reading properties, Check and CanHibernate need nothing. Callers are checked
+before the Busy test, so a caller who may not act learns nothing about the state.
 
 The transition runs in a worker thread (the main loop keeps answering); everything it reports
 is marshalled back to the GLib main loop with GLib.idle_add, where signals are emitted.
@@ -100,13 +108,6 @@ INTROSPECTION = f"""
 
 
 # --------------------------------------------------------------------------- contracts
-class PreflightItemLike(Protocol):
-    name: str
-    ok: bool
-    detail: str
-    fix: str
-
-
 class HibernationLike(Protocol):
     """kjumpd.transaction.Hibernation as the service uses it."""
     def check(self) -> Any: ...                                  # PreflightReport: .ok, .items
