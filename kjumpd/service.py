@@ -10,8 +10,9 @@ Methods
   Checkpoint()                 Hibernate("checkpoint"): save the image and keep running.
   CanHibernate() -> (s, as)    answer yes | no | challenge | na, and one reason per missing
                                precondition, each saying how to fix it ("challenge": polkit
-                               would allow it after authentication; "na": the preflight says
-                               this machine cannot at all). Preconditions first, then the
+                               would allow it after authentication; "na": the preflight itself
+                               refused with UnsupportedError; missing kernel support is a
+                               "no" with its reason and fix, like every other precondition). Preconditions first, then the
                                caller's authorization.
   Check() -> (b, a(sbbss))     the full preflight report: ok, then (name, ok, fatal, detail, fix)
                                items (a failed item that is not fatal is a warning).
