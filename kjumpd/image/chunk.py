@@ -34,6 +34,34 @@ class EncodedChunk:
         return len(self.head) + len(self.payload)
 
 
+_ZERO_PROBE = bytes(32)
+
+
+def find_zero_pages(data: bytes) -> list[int]:
+    """Indices of the all-zero pages of ``data`` (the last page may be partial).
+
+    bytes.find() looks for a run of 32 zero bytes in C; Python only looks at the pages where
+    such a run starts (each zero page, and pages that merely contain one), not at every page.
+    """
+    n = len(data)
+    full = n // PAGE_SIZE
+    end = full * PAGE_SIZE
+    out = []
+    pos = 0
+    while pos < end:
+        i = data.find(_ZERO_PROBE, pos, end)
+        if i < 0:
+            break
+        page = i // PAGE_SIZE
+        o = page * PAGE_SIZE
+        if data.startswith(ZERO_PAGE, o):
+            out.append(page)
+        pos = o + PAGE_SIZE
+    if n > end and data.startswith(ZERO_PAGE[:n - end], end):
+        out.append(full)
+    return out
+
+
 def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
                  compression: str = "lz4") -> EncodedChunk:
     """Encode ``data`` (the memory at ``phys``) as one chunk record."""
@@ -49,18 +77,25 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
             bitmap[i >> 3] |= 1 << (i & 7)
         payload_raw = b""
     else:
-        keep = []
-        mv = memoryview(data)
-        for i in range(pages):
-            o = i * PAGE_SIZE
-            # startswith(): a memcmp at the offset, no copy of the page
-            if data.startswith(ZERO_PAGE, o) or (n - o < PAGE_SIZE
-                                                 and data.startswith(ZERO_PAGE[:n - o], o)):
-                bitmap[i >> 3] |= 1 << (i & 7)
-                zero += 1
-            else:
-                keep.append(mv[o:o + PAGE_SIZE])
-        payload_raw = data if zero == 0 else b"".join(keep)
+        zero_at = find_zero_pages(data)
+        zero = len(zero_at)
+        for i in zero_at:
+            bitmap[i >> 3] |= 1 << (i & 7)
+        if zero == 0:
+            payload_raw = data
+        else:
+            # the stored pages are the runs between zero pages: one slice per run
+            mv = memoryview(data)
+            keep = []
+            pos = 0
+            for i in zero_at:
+                o = i * PAGE_SIZE
+                if o > pos:
+                    keep.append(mv[pos:o])
+                pos = o + PAGE_SIZE
+            if pos < n:
+                keep.append(mv[pos:])
+            payload_raw = b"".join(keep)
     if zero == pages:
         enc, payload = ENC_ZERO, b""
     elif compression == "lz4":
