@@ -13,7 +13,7 @@ from kjumpd.image.chunk import decode_chunk, encode_chunk
 from kjumpd.image.format import (CHUNK_HEADER_SIZE, ENC_LZ4, ENC_RAW, ENC_ZERO, PAGE_SIZE,
                                  ChunkHeader)
 
-PAGE_KINDS = st.sampled_from(["zero", "text", "random", "ones"])
+PAGE_KINDS = st.sampled_from(["zero", "text", "random", "ones", "headzero", "tailzero"])
 
 
 def page(kind: str, seed: int) -> bytes:
@@ -23,6 +23,11 @@ def page(kind: str, seed: int) -> bytes:
         return (f"page {seed} of struct task_struct at 0x{seed:016x}\n" * 200).encode()[:PAGE_SIZE]
     if kind == "ones":
         return b"\xff" * PAGE_SIZE
+    if kind == "headzero":        # zeros, then one non-zero byte at a seed-chosen place
+        k = 1 + seed * 997 % (PAGE_SIZE - 1)
+        return bytes(k) + b"\x01" + bytes(PAGE_SIZE - k - 1)
+    if kind == "tailzero":        # data, then zeros running into the next page
+        return b"\x07" * (seed % 100 + 1) + bytes(PAGE_SIZE - seed % 100 - 1)
     return random.Random(seed).randbytes(PAGE_SIZE)
 
 
