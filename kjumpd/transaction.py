@@ -187,7 +187,9 @@ class Hibernation:
             phase("quiesce", 20)
             journal = quiesce.Journal(sr)
             undo.push("quiesce", lambda: quiesce.undo(sr, journal))
+            t_plan = time.monotonic()
             qplan = quiesce.plan(sr, cfg, mode)
+            out.stats["quiesce_plan_seconds"] = time.monotonic() - t_plan
             quiesce.apply(sr, qplan, journal)
             out.stats["quiesce_writes"] = len(qplan.writes)
             check_cancel()
