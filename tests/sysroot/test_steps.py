@@ -404,3 +404,56 @@ def test_held_logs_without_any_handler_do_not_reach_stderr_until_released(capsys
     finally:
         for h in saved:
             root.addHandler(h)
+
+
+# -- device stacks (sysfs topology of a fake tree; the dm table text is given) ---------------------
+def _blockdev(tree: Path, name: str, devno: str, parent: str = "", **attrs: str) -> None:
+    base = f"/sys/devices/virtual/block/{parent + '/' if parent else ''}{name}"
+    w(tree, f"{base}/dev", devno + "\n")
+    for k, v in attrs.items():
+        w(tree, f"{base}/{k.replace('__', '/')}", v + "\n")
+    rel = "../../devices/virtual/block/" + (f"{parent}/" if parent else "") + name
+    for d in ("/sys/class/block", "/sys/dev/block"):
+        (tree / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    os.symlink(rel, tree / f"sys/class/block/{name}")
+    if not (tree / f"sys/dev/block/{devno}").exists():
+        os.symlink(rel, tree / f"sys/dev/block/{devno}")
+
+
+def test_lvm_linear_is_translated_through_its_table(tree):
+    from kjumpd import blockmap
+    _blockdev(tree, "sdb", "8:16", size="4194304")
+    _blockdev(tree, "sdb2", "8:18", parent="sdb", partition="2", start="4096", size="2097152")
+    _blockdev(tree, "dm-0", "253:0", dm__uuid="LVM-abcdef", dm__name="vg-swap")
+    table = "0 2048 linear 8:18 10240\n2048 4096 linear 8:18 409600\n"
+    sr = Sysroot(tree)
+    disk, ext = blockmap.to_disk(sr, blockmap.device_by_devno(sr, "253:0"),
+                                 [(0, 512 * 1024, 2 * MiB)], dm_table=lambda s, d: table)
+    assert disk.name == "sdb"
+    # LV bytes [512K, 1M) -> first segment, [1M, 2.5M) -> second segment; + partition start
+    part = 4096 * 512
+    assert ext == [(0, part + 10240 * 512 + 512 * 1024, 512 * 1024),
+                   (512 * 1024, part + 409600 * 512, 3 * 512 * 1024)]
+
+
+@pytest.mark.parametrize("attrs,word", [
+    ({"dm__uuid": "CRYPT-LUKS2-1234-root"}, "dm-crypt"),
+    ({"md__level": "raid1"}, "md RAID"),
+])
+def test_encrypted_and_raid_devices_are_refused(tree, attrs, word):
+    from kjumpd import blockmap
+    from kjumpd.errors import BlockMapError
+    _blockdev(tree, "dm-1", "253:1", **attrs)
+    sr = Sysroot(tree)
+    with pytest.raises(BlockMapError, match=word) as ei:
+        blockmap.to_disk(sr, blockmap.device_by_devno(sr, "253:1"), [(0, 0, MiB)],
+                         dm_table=lambda s, d: "0 2048 linear 8:18 0\n")
+    assert ei.value.why and ei.value.fix
+
+
+def test_an_active_swap_partition_is_refused(tree):
+    from kjumpd import blockmap
+    from kjumpd.errors import BlockMapError
+    w(tree, "/proc/swaps", "Filename Type Size Used Priority\n/dev/vda1 partition 32764 0 -2\n")
+    with pytest.raises(BlockMapError, match="active swap"):
+        blockmap.translate(Sysroot(tree), "/dev/vda1")
