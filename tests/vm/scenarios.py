@@ -47,6 +47,9 @@ MARKS = {
     "R-decision": r"kjumpd-rf: decision",
     "B-restore-up": r"kjump-agent: save kernel up: role restore",
     "B-restored": r"kjump-agent: RESTORED",
+    "acpi-s3": r"ACPI: PM: Preparing to enter system sleep state S3",
+    "acpi-s4": r"ACPI: PM: Preparing to enter system sleep state S4",
+    "power-down": r"reboot: Power down",
     "swsusp-snapshot": r"PM: hibernation: Creating image|PM: Creating hibernation image",
     "swsusp-restore": r"PM: hibernation: Loading|PM: Loading hibernation image|PM: Image loading",
 }
@@ -87,8 +90,10 @@ class Outcome:
     def event(self, name: str) -> Event | None:
         return next((e for e in self.events if e.name == name), None)
 
-    def mark(self, name: str) -> Event | None:
-        return next((e for e in self.marks if e.name == name), None)
+    def mark(self, name: str, boot: int | None = None) -> Event | None:
+        """The first console line of MARKS[name] (in QEMU run ``boot`` when given)."""
+        return next((e for e in self.marks if e.name == name
+                     and (boot is None or e.boot == boot)), None)
 
     def boot_span(self, boot: int) -> tuple[float | None, float | None]:
         """(start, end) host times of QEMU run ``boot``."""
@@ -333,7 +338,12 @@ class Runner:
             return
         self.outcome.events.append(Event(time.monotonic() - self.t0, "host-boots-R", {},
                                          self.vm.run))
-        self.boot(kernel=entry.kernel, initrd=entry.initrd, append=entry.cmdline)
+        # The entry's own line (kjump.target=, kjump.offset=) plus the VM's serial console,
+        # as GRUB_CMDLINE_LINUX would add it; without it R's lines never reach the log.
+        # NOTE (reported): `kjumpctl setup` writes the entry without the system's console=.
+        append = entry.cmdline if "console=" in entry.cmdline else \
+            f"console=ttyS0 {entry.cmdline}"
+        self.boot(kernel=entry.kernel, initrd=entry.initrd, append=append)
         self.wait_exit(timeout)
 
     def stop(self) -> None:

@@ -43,6 +43,8 @@ def test_a_test_mode_jumps_back_with_workload_intact(vm_assets_built, run_dir):
 def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, run_dir):
     out = _run("shutdown", vm_assets_built, run_dir)
     assert _booted_restore_first(out), out.summary()         # the VM really powered off
+    # the first run ended in a plain power-off (mode shutdown), not in ACPI S4
+    assert out.mark("power-down", boot=1) and not out.mark("acpi-s4", boot=1), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
     before, after = (int(x) for x in out.verdict["counter"].split("->"))
@@ -51,6 +53,7 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
 
 def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
     out = _run("platform", vm_assets_built, run_dir)
+    assert out.mark("acpi-s4", boot=1), out.summary()        # entered ACPI S4, not a plain off
     assert _booted_restore_first(out), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
@@ -58,7 +61,7 @@ def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
 
 def test_d1_suspend_to_both_woken_from_ram_invalidates_image(vm_assets_built, run_dir):
     out = _run("suspend-wake", vm_assets_built, run_dir)
-    assert out.event("host-saw-s3") is not None, out.summary()
+    assert out.event("host-saw-s3") is not None, out.summary()   # QEMU reported "suspended"
     assert not _booted_restore_first(out), out.summary()
     assert out.verdict.get("image", "").startswith("INVALID"), out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
@@ -82,4 +85,9 @@ def test_f_failure_before_jump_rolls_back_everything(vm_assets_built, run_dir):
     out = _run("rollback", vm_assets_built, run_dir)
     assert out.verdict.get("data") == "byte-exact", out.summary()
     assert out.event("inject") is not None, out.summary()
+    # the refusal hit the load step, with the filesystems already frozen: a full rollback
+    rec = out.results[0] if out.results else {}
+    assert rec.get("result") == "failed" and rec.get("error_class") == "KexecError", out.summary()
+    assert {"freeze", "load"} <= set(rec.get("durations", {})), out.summary()
+    assert not rec.get("undo_errors"), rec.get("undo_errors")
     assert "clean" in out.verdict.get("fsck", ""), out.summary()
