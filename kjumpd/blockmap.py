@@ -205,7 +205,8 @@ def _dm_table(sysroot: Sysroot, dev: BlockDev) -> str:
     r = subprocess.run([tool, "table", "--major", maj, "--minor", mnr], capture_output=True,
                        text=True, timeout=30, check=False)
     if r.returncode != 0:
-        raise BlockMapError(f"dmsetup table failed for {dev.name}", why=r.stderr.strip(),
+        raise BlockMapError(f"dmsetup table failed for {dev.name}",
+                            why=" | ".join(r.stderr.strip().splitlines()[-2:]),
                             fix="check device-mapper (dmsetup ls)")
     return r.stdout
 

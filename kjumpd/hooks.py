@@ -80,8 +80,9 @@ def check_policy(results: list[HookResult], policy: str) -> list[HookResult]:
     failed = [r for r in results if not r.ok]
     if failed and policy == "abort":
         r = failed[0]
+        tail = " | ".join(x.strip() for x in r.output.strip().splitlines()[-3:] if x.strip())
         raise HookError(f"sleep hook {r.path} failed", why=f"exit status {r.returncode}: "
-                        f"{r.output.strip()[-300:] or 'no output'}",
+                        f"{tail[-300:] or 'no output'}",
                         fix='fix the hook, remove it, or set hooks.policy = "continue"',
                         hook=r.path, returncode=r.returncode)
     return failed

@@ -105,6 +105,16 @@ def remove_initrd(sysroot: Sysroot) -> None:
         pass
 
 
+def _why(r: "subprocess.CompletedProcess[str]") -> str:
+    """The line of kexec-tools' output that says what failed (it prints the segment list
+    after "kexec_load failed: ..."), else its last line."""
+    lines = [x.strip() for x in (r.stderr + "\n" + r.stdout).splitlines() if x.strip()]
+    for x in lines:
+        if "failed" in x.lower() or "error" in x.lower() or "cannot" in x.lower():
+            return x[:300]
+    return lines[-1][:300] if lines else f"rc {r.returncode}"
+
+
 @dataclass
 class Kexec:
     binary: str
@@ -138,8 +148,7 @@ class Kexec:
                        f"--initrd={sysroot.path(initrd)}", f"--append={cmdline}"],
                       "load", self.timeout)
         if r.returncode != 0:
-            raise KexecError("loading the save kernel failed",
-                             why=(r.stderr or r.stdout).strip()[-400:] or f"rc {r.returncode}",
+            raise KexecError("loading the save kernel failed", why=_why(r),
                              fix="check that the jump area is free (kexec -p -u) and lockdown "
                                  "is off", returncode=r.returncode)
 
@@ -153,5 +162,5 @@ class Kexec:
     def unload(self) -> None:
         r = self._run(["-u"], "unload", self.timeout)
         if r.returncode != 0:
-            raise KexecError("unloading the save kernel failed",
-                             why=(r.stderr or r.stdout).strip()[-400:], fix="run kexec -u")
+            raise KexecError("unloading the save kernel failed", why=_why(r),
+                             fix="run kexec -u")

@@ -215,7 +215,12 @@ with open(log, "a") as f:
 args = sys.argv[1:]
 if "--load-preserve-context" in args:
     if fail == "load":
-        print("kexec_load failed: Cannot assign requested address", file=sys.stderr)
+        # what kexec-tools 2.0.25 prints: the reason, then the segment list
+        print("kexec_load failed: Operation not permitted", file=sys.stderr)
+        print("entry       = 0x27e5b000 flags = 0x3e0002\nnr_segments = 2", file=sys.stderr)
+        for i in range(2):
+            print(f"segment[{{i}}].buf   = 0x5573955{{i}}\nsegment[{{i}}].mem   = 0x27e5b000",
+                  file=sys.stderr)
         sys.exit(1)
     initrd = next(a.split("=", 1)[1] for a in args if a.startswith("--initrd="))
     with open(state_file, "w") as f:

@@ -178,6 +178,10 @@ def test_hooks_run_like_systemd_sleep(tree, tmp_path, monkeypatch):
     assert res[0].returncode == -1 and "timed out" in res[0].output
     with pytest.raises(HookError, match="20-slow"):
         hooks.check_policy(res, "abort")
+    chatty = hooks.HookResult("90-chatty", "/etc/kjumpd/sleep.d/90-chatty", 3, "a\nb\nwhy it failed\n")
+    with pytest.raises(HookError) as ei:
+        hooks.check_policy([chatty], "abort")
+    assert "\n" not in ei.value.message and ei.value.why.endswith("why it failed")
     assert [r.name for r in hooks.check_policy(res, "continue")] == ["20-slow"]
 
 

@@ -378,6 +378,9 @@ def test_failure_rolls_back_byte_for_byte(fx, monkeypatch, case):
         fx.hib(ev, **over).run(mode)
     e = ei.value
     assert e.fix or isinstance(e, CancelledError), "every error says how to fix it"
+    assert "\n" not in e.message, "errors are one line"
+    if case.startswith("kexec load"):
+        assert e.why == "kexec_load failed: Operation not permitted"
     assert e.outcome.result == "rolled-back" and e.context["rolled_back"]
     assert tree_hash(fx.root, exclude={"dev/vda"} if touched else set()) == before, case
     assert not (fx.root / "run/kjumpd/quiesce.journal").exists()
