@@ -36,6 +36,14 @@ def peak_rss(args: list[str]) -> tuple[int, int, str]:
 
 
 def test_save_and_restore_peak_rss_is_bounded(tmp_path):
+    try:
+        _save_and_restore(tmp_path)
+    finally:            # ~2 GB of files: do not leave them in pytest's kept temp dirs
+        for p in tmp_path.iterdir():
+            p.unlink()
+
+
+def _save_and_restore(tmp_path):
     mem = tmp_path / "mem"
     rnd = random.Random(5)
     with open(mem, "wb") as f:
