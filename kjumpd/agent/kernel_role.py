@@ -284,7 +284,8 @@ class Progress:
 
 # ---------------------------------------------------------------------------- the roles
 
-def jump_back(sysroot: Sysroot, entry: int, held: Sequence[Any] = ()) -> None:
+def jump_back(sysroot: Sysroot, entry: int, held: Sequence[Any] = (),
+              on_resume: Callable[[], None] | None = None) -> None:
     """Load the jump back (entry page + held segments) and jump. If A jumps to B again, B
     resumes here and jumps back with the *same* loaded image: a preserve-context jump swaps
     each segment's source page with its destination, and B's return path swapped A's entry
@@ -303,6 +304,11 @@ def jump_back(sysroot: Sysroot, entry: int, held: Sequence[Any] = ()) -> None:
         jumpback.execute()
         # A jumped to B again (a warm save kernel); nothing is prepared for that yet: return.
         say("the main kernel jumped here again; no job for a warm save kernel, jumping back")
+        if on_resume is not None:
+            try:
+                on_resume()
+            except (KjumpError, OSError) as e:
+                say(f"after the resume: {e}")
 
 
 def _open_target(sysroot: Sysroot, uuid: str, offset: int) -> Any:
@@ -372,8 +378,21 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
             cancel.stop()
         if dev is not None:
             dev.close()
-    jump_back(sysroot, entry)
+    jump_back(sysroot, entry, on_resume=lambda: _probe_target(sysroot))
     return 0
+
+
+def _probe_target(sysroot: Sysroot) -> None:
+    """After A resumed B: prove B's disk I/O still works (its drivers got PMSG_RESTORE) by
+    finding the target again and reading its header, without writing anything."""
+    from kjumpd.image import store
+    from kjumpd.job import Job
+    job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
+    path = find_target(sysroot, job.target_uuid, job.superblock_device_offset)
+    dev, _sb = store.open_target(sysroot.path(path), writable=False,
+                                 offset=job.superblock_device_offset)
+    with dev:
+        say(f"after the resume: {path} readable, image {store.read_header(dev).state_text}")
 
 
 def _abort(dev: Any, reason: str) -> None:

@@ -160,8 +160,9 @@ def test_power_cycle_restore_continues_the_same_process(request, kernel, a_initr
 
 def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(request, kernel, a_initramfs,
                                                                       b_initramfs, disk) -> None:
-    """B stays loaded after its jump back; A's next kexec -e resumes B inside its reboot(2),
-    and B (no job for a warm save kernel yet) jumps straight back; the image stays SAVED."""
+    """B stays loaded after its jump back; A's next kexec -e resumes B inside its reboot(2);
+    B reads the target's header (its disk works after the resume) and, having no job for a
+    warm save kernel yet, jumps straight back; the image stays SAVED."""
     with _vm(request, kernel, a_initramfs, disk,
              "kjt.step=jump kjt.mib=32 kjt.cancel=0 kjt.again=1") as vm:
         m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=1200, fail=PANIC)
@@ -171,6 +172,8 @@ def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(request, ke
         _figures(request, vm, b_initramfs,
                  second_jump_round_trip_s=round(back - again, 2) if back and again else None)
         assert resumed is not None, "B did not resume after the second jump"
+        # B's virtio disk works after A resumed it (the warm save kernel's precondition)
+        assert vm.find(r"kjump-agent: after the resume: /dev/vd\w+ readable, image SAVED")
         assert back is not None
         assert m.group(1) == "PASS", m.group(0)
         assert "state=SAVED" in m.group(2) and "data=intact" in m.group(2)
