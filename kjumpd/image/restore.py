@@ -52,11 +52,11 @@ class RestoreStats:
     metadata: Metadata | None = None
 
 
-def check_image(dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE
-                ) -> tuple[Header, Metadata]:
+def check_image(dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE,
+                action: str = "restore") -> tuple[Header, Metadata]:
     """Header + metadata of a restorable image, or a clear error naming what is wrong."""
     header = store.read_header(dev)
-    store.require_state(header, *states, action="restore")
+    store.require_state(header, *states, action=action)
     if header.compression not in COMPRESSIONS:
         raise ImageFormatError(f"image compression {header.compression!r} is not supported",
                                fix="restore with the kjumpd release that saved it",
@@ -135,7 +135,7 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
                   workers: int | None = None,
                   states: Iterable[ImageState] = RESTORABLE) -> RestoreStats:
     """Write the image's memory into ``sink`` (nothing when ``verify_only``)."""
-    header, meta = check_image(dev, states)
+    header, meta = check_image(dev, states, action="verify" if verify_only else "restore")
     stats = RestoreStats(header=header, metadata=meta)
     held = sorted((int(a), int(b)) for a, b in divert)
     meter = _Meter(progress, meta.raw_bytes)

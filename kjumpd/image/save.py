@@ -268,7 +268,8 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                               flags=header.flags | (FLAG_VERIFIED if verify else 0))
         saved = store.write_header(dev, saved)      # flushes: SAVED is the last write
     except KjumpError as e:
-        _abort(dev, e.what if isinstance(e, CancelledError) else e.message)
+        _abort(dev, e.what if isinstance(e, CancelledError) or not e.why
+               else f"{e.what}: {e.why}")
         raise
     except OSError as e:
         _abort(dev, f"I/O error: {e.strerror or e}")
