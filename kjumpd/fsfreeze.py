@@ -3,8 +3,9 @@
 Which filesystems: every mount in /proc/self/mountinfo whose filesystem type is a local
 disk filesystem, mounted read-write, one mount per superblock (bind mounts share one),
 frozen leaves first (deepest mount point first) and thawed in reverse. Before each
-FIFREEZE the mount point's st_dev is compared with mountinfo's MAJ:MIN, so a stale table
-(or a fake tree) never freezes the wrong filesystem.
+FIFREEZE the mount point's st_dev is compared with mountinfo's MAJ:MIN (btrfs: the
+directory must be a mount point, its st_dev names the subvolume), so a stale table (or a
+fake tree) never freezes the wrong filesystem.
 
 While anything is frozen nothing may write to a filesystem: :class:`HeldLogs` buffers
 every record of the root logger in memory and releases them after the thaw.
@@ -100,7 +101,12 @@ def _ioctl_dir(sysroot: Sysroot, m: Mount, request: int) -> None:
     fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" != m.devno:
+        same = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" == m.devno
+        if not same and m.fstype == "btrfs":
+            # btrfs reports each subvolume's anonymous device in st_dev, the filesystem's in
+            # mountinfo: accept it when the directory is a mount point
+            same = os.path.ismount(real)
+        if not same:
             raise FreezeError(f"{m.mountpoint} is not the filesystem mountinfo names",
                               why=f"mountinfo says {m.devno}, the directory is on "
                                   f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",

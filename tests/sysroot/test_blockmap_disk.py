@@ -263,3 +263,45 @@ def test_a_moved_file_is_restamped_before_use(tmp_path):
         assert uuid2 == uuid and moved.blockmap != target.blockmap
         assert check_against_raw(dev, moved, path) >= 1
         assert blockmap.current(sr, str(path), restamp=False) == (moved, uuid)
+
+
+def test_btrfs_subvolume_mounts_are_frozen_and_thawed(tmp_path):
+    """btrfs shows the filesystem's device in mountinfo and the subvolume's in st_dev:
+    freezing must still find it, and a fake btrfs entry on a plain directory is refused."""
+    need("mkfs.btrfs", "losetup", "btrfs")
+    from kjumpd import fsfreeze
+    from kjumpd.errors import FreezeError
+    img = sparse(tmp_path / "disk.img", 256 * MiB)
+    root = tmp_path / "root"
+    (root / "mnt/sv").mkdir(parents=True)
+    (root / "plain").mkdir()
+    with loop(img) as dev, mounted(dev, tmp_path / "top", "btrfs") as top:
+        run("btrfs", "subvolume", "create", str(top / "sv"))
+        run("mount", "-o", "subvol=sv", dev, str(root / "mnt/sv"))
+        try:
+            line = next(x for x in open("/proc/self/mountinfo")
+                        if x.split()[4] == str(root / "mnt/sv"))
+            devno = line.split()[2]
+            st = os.stat(root / "mnt/sv")
+            assert f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" != devno
+            sr = Sysroot(root)
+            m = fsfreeze.Mount(44, devno, "/mnt/sv", "btrfs", dev, "rw")
+            done = fsfreeze.freeze(sr, [m])
+            try:
+                assert done == [m]
+                fd = os.open(root / "mnt/sv", os.O_RDONLY)
+                try:                       # frozen: a second FIFREEZE says EBUSY
+                    with pytest.raises(OSError) as ei:
+                        import fcntl
+                        fcntl.ioctl(fd, fsfreeze.FIFREEZE, 0)
+                    assert ei.value.errno == 16
+                finally:
+                    os.close(fd)
+            finally:
+                assert fsfreeze.thaw(sr, done) == []
+            (root / "mnt/sv/after-thaw").write_text("writable again")
+            fake = fsfreeze.Mount(45, devno, "/plain", "btrfs", dev, "rw")
+            with pytest.raises(FreezeError, match="not the filesystem"):
+                fsfreeze.freeze(sr, [fake])
+        finally:
+            subprocess.run(["umount", str(root / "mnt/sv")], capture_output=True, timeout=60)
