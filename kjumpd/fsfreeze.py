@@ -72,7 +72,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
 
 
 def freezable(mounts: list[Mount]) -> list[Mount]:
-    """Local read-write filesystems, one mount per superblock, leaves first."""
+    """Local read-write filesystems, one mount per superblock, loop-backed ones first, then
+    leaves first."""
     seen: set[str] = set()
     out = []
     for m in mounts:
@@ -81,7 +82,10 @@ def freezable(mounts: list[Mount]) -> list[Mount]:
             continue
         seen.add(m.devno)
         out.append(m)
-    return sorted(out, key=lambda m: (-m.depth, m.mountpoint))
+    # filesystems on loop devices first: their backing file may live on another filesystem
+    # of the list, which must still accept their flush
+    return sorted(out, key=lambda m: (not m.source.startswith("/dev/loop"), -m.depth,
+                                      m.mountpoint))
 
 
 def device_of(sysroot: Sysroot, m: Mount) -> str:
