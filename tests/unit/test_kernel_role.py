@@ -76,12 +76,17 @@ A_RANGES = [(0x1000, 0x9f000), (0x100000, 0x20000000), (0x28000000, 0x3ffdd000)]
 def test_restore_fits_when_run_in_the_saved_jump_area() -> None:
     from kjumpd.agent.kernel_role import check_restore_fits
     assert check_restore_fits(A_RANGES, OWN, JA) == [(0x1000, 0x80000)]
+    # a reserved page at the start of the area in this kernel's own map is fine
+    split = [(0x1000, 0x80000), (0x20001000, 0x28000000)]
+    assert check_restore_fits(A_RANGES, split, JA) == [(0x1000, 0x80000)]
 
 
 def test_restore_is_refused_in_another_jump_area_or_with_memory_inside_it() -> None:
     from kjumpd.agent.kernel_role import check_restore_fits
     with pytest.raises(AgentError, match="does not run in the image's jump area"):
         check_restore_fits(A_RANGES, [(0x1000, 0x80000), (0x30000000, 0x38000000)], JA)
+    with pytest.raises(AgentError, match="does not run in the image's jump area"):
+        check_restore_fits(A_RANGES, [(0x1000, 0x80000), (0x20000000, 0x28001000)], JA)
     with pytest.raises(AgentError, match="inside the jump area"):
         check_restore_fits(A_RANGES + [(0x27fff000, 0x28000000)], OWN, JA)
     scattered = [(0x1000 + i * 0x2000, 0x2000 + i * 0x2000) for i in range(20)]
