@@ -9,8 +9,7 @@ import pytest
 from kjumpd.errors import ImageCorruptError, ImageFormatError, ImageStateError, TargetError
 from kjumpd.image import store
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import (HEADER_SLOT_OFFSETS, BlockExtent, Header, ImageState,
-                                 TargetSuperblock)
+from kjumpd.image.format import HEADER_SLOT_OFFSETS, BlockExtent, Header, ImageState
 
 MiB = 1024 * 1024
 
