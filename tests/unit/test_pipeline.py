@@ -214,29 +214,36 @@ def test_restoring_state_is_accepted(saved):
     assert out.read_bytes()[0x100000:0x2f0000] == mem[0x100000:0x2f0000]
 
 
-def test_cancel_marks_aborted(tmp_path):
+def test_cancel_midway_marks_aborted(tmp_path):
     make_memory(tmp_path / "mem", 4 * MiB)
     store.create_target(tmp_path / "t", 8 * MiB)
-    ev = threading.Event()
-    calls = []
+    asked = {"n": 0}
 
-    def progress(done, total, rate, eta):
-        calls.append(done)
-        if done > 0:
-            ev.set()
+    def cancel():                      # the user presses the key after 5 chunks
+        asked["n"] += 1
+        return asked["n"] > 5
 
     with ImageDevice(tmp_path / "t", writable=True) as dev, \
             FileMemorySource(tmp_path / "mem") as src:
-        n = {"c": 0}
-
-        def cancel():
-            n["c"] += 1
-            return n["c"] > 5
         with pytest.raises(CancelledError):
             save.save_image(src, [(0, 4 * MiB)], dev, identity={}, mode="test",
                             chunk_size=CHUNK, cancel=cancel)
         h = store.read_header(dev)
     assert h.state == ImageState.ABORTED and "cancel" in h.reason
+    assert asked["n"] == 6
+
+
+def test_cancel_event_marks_aborted(tmp_path):
+    """The save kernel's cancel key sets a threading.Event."""
+    make_memory(tmp_path / "mem", 1 * MiB)
+    store.create_target(tmp_path / "t", 4 * MiB)
+    ev = threading.Event()
+    ev.set()
+    with ImageDevice(tmp_path / "t", writable=True) as dev, \
+            FileMemorySource(tmp_path / "mem") as src:
+        with pytest.raises(CancelledError):
+            save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test", cancel=ev)
+        assert store.read_header(dev).state_text == "ABORTED(save cancelled)"
 
 
 class FailingSource:
