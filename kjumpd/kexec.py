@@ -74,18 +74,27 @@ def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
             f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}").strip()
 
 
-def write_initrd(sysroot: Sysroot, base: str, job: Job) -> str:
+def write_initrd(sysroot: Sysroot, base: str, job: Job, expect_sha256: str = "") -> str:
     """B's initramfs + zero padding to 512 bytes + the job cpio, at /run/kjumpd; returns its
-    system path. Only /run (tmpfs) is written."""
+    system path. Only /run (tmpfs) is written. With ``expect_sha256`` the initramfs copied
+    must still have the hash preflight checked."""
     out = sysroot.path(INITRD)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".new")
     try:
+        h = hashlib.sha256()
         with open(sysroot.path(base), "rb") as src, open(tmp, "wb") as dst:
             os.fchmod(dst.fileno(), 0o600)
-            shutil.copyfileobj(src, dst, 1 << 20)
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                dst.write(chunk)
             pad = -dst.tell() % 512
             dst.write(b"\0" * pad + job.to_cpio())
+        if expect_sha256 and h.hexdigest() != expect_sha256:
+            tmp.unlink()
+            raise KexecError(f"{base} changed since the preflight",
+                             why=f"sha256 {h.hexdigest()}, expected {expect_sha256}",
+                             fix="let the save kernel's installation finish, then try again")
         os.replace(tmp, out)
     except OSError as e:
         try:

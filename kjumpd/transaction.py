@@ -222,7 +222,8 @@ class Hibernation:
                 jump_area=(area.start, area.size), fs_stamps=stamps, created=int(time.time()),
                 cancel_key=cfg.cancel_key)
             undo.push("initrd", lambda: kexec.remove_initrd(sr))
-            initrd = kexec.write_initrd(sr, cfg.save_initramfs, job)
+            initrd = kexec.write_initrd(sr, cfg.save_initramfs, job,
+                                        rep.context.get("initramfs_sha256", ""))
             kx.load(sr, cfg.save_kernel, initrd, kexec.save_cmdline(cfg, area), area)
             undo.push("kexec unload", kx.unload)
             check_cancel()

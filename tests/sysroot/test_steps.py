@@ -277,6 +277,10 @@ def test_initrd_is_the_initramfs_then_the_job(tree):
     assert job_from_cpio(blob[tail:]) == job
     kexec.remove_initrd(sr)
     assert not sr.path(path).exists()
+    from kjumpd.errors import KexecError
+    with pytest.raises(KexecError, match="changed since the preflight"):
+        kexec.write_initrd(sr, "/usr/lib/kjumpd/save/initramfs.cpio.gz", job, "0" * 64)
+    assert not sr.path(path).exists() and not sr.path(path + ".new").exists()
 
 
 def test_save_kernel_command_line(tree):
