@@ -8,7 +8,8 @@ restore-first stand-in (R), inside a busybox + python initramfs (savekernel.init
               the jump area, ``kexec -e``. Back in A: read the header, check the data, print
               ``KJT-VERDICT: PASS|FAIL ...``. With mode shutdown and a SAVED header: power off
               (the restore continues this very process, after ``kexec -e`` returns again).
-- ``bootrounds`` B without a job (gzip'd and plain initramfs, ``kjt.rounds`` times each): B
+- ``bootrounds`` B without a job (``kjt.variants``: gz, plain initramfs, quiet = gz with
+              ``quiet`` on B's command line; ``kjt.rounds`` times each): B
               jumps straight back; A checks its data and that no image appeared.
 - ``restore`` (R) check the header is SAVED, write RESTORING(attempt+1), kexec -l B in restore
               role naming the target by UUID and offset, ``kexec -e``.
@@ -182,11 +183,13 @@ def step_bootrounds(args: dict[str, str]) -> None:
     before = digest(data)
     make_target()
     ok = True
+    variants = {"gz": (B_INITRD, ""), "plain": (B_INITRD_PLAIN, ""), "quiet": (B_INITRD, " quiet")}
     for r in range(1, rounds + 1):
-        for variant, path in (("gz", B_INITRD), ("plain", B_INITRD_PLAIN)):
+        for variant in args.get("kjt.variants", "gz,plain,quiet").split(","):
+            path, extra = variants[variant]
             rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",
                       f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
-                      f"--initrd={path}", f"--append={B_APPEND} kjump.role=save"])
+                      f"--initrd={path}", f"--append={B_APPEND}{extra} kjump.role=save"])
             say(f"jumping to the save kernel ({variant}, round {r})")
             run(["kexec", "-e"])
             h = header()

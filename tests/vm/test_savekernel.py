@@ -182,12 +182,13 @@ def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(request, ke
 def test_without_a_job_the_save_kernel_jumps_back_and_no_image_appears(request, kernel, a_initramfs,
                                                                         b_initramfs, b_plain,
                                                                         disk) -> None:
-    """Also measures B's boot, gzip'd against plain initramfs, side by side in one VM."""
+    """Also measures B's boot side by side in one VM: gzip'd initramfs, plain initramfs, and
+    gzip'd with ``quiet`` on B's command line (less console output)."""
     rounds = 2
     with _vm(request, kernel, a_initramfs, disk, f"kjt.step=bootrounds kjt.rounds={rounds}") as vm:
         m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=1500, fail=PANIC)
         lines = list(vm.lines)
-        times: dict[str, list[float]] = {"gz": [], "plain": []}
+        times: dict[str, list[float]] = {"gz": [], "plain": [], "quiet": []}
         for i, ln in enumerate(lines):
             j = re.search(r"KJT: jumping to the save kernel \((\w+), round", ln.text)
             if j:
@@ -196,7 +197,8 @@ def test_without_a_job_the_save_kernel_jumps_back_and_no_image_appears(request, 
                     times[j.group(1)].append(round(up - ln.t, 2))
         _figures(request, vm, b_initramfs, b_plain_bytes=b_plain.compressed_size,
                  jump_to_agent_first_line_gz_s=times["gz"],
-                 jump_to_agent_first_line_plain_s=times["plain"])
-        assert len(vm.find(r"kjump-agent: save kernel up")) == 2 * rounds
+                 jump_to_agent_first_line_plain_s=times["plain"],
+                 jump_to_agent_first_line_quiet_s=times["quiet"])
+        assert len(vm.find(r"kjump-agent: save kernel up")) == 3 * rounds
         assert m.group(1) == "PASS", m.group(0)
         assert "state=EMPTY" in m.group(2)
