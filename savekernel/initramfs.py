@@ -74,6 +74,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "kjump-init: starting the agent"
+# one glibc heap arena per worker thread would keep freed chunk buffers around: B has ~80 MiB
+export MALLOC_ARENA_MAX=2
 /usr/bin/python3 -S -E -B -u -m kjumpd.agent.kernel_role boot
 rc=$?
 # The agent jumps back to the main kernel itself; reaching this line means it could not
