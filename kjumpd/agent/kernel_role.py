@@ -14,8 +14,11 @@ B's command line says what to do:
   command line, or the job), check and write every chunk back into A's memory through
   /dev/mem, holding A's pages that lie in B's own memory back as extra segments of the jump
   back, then jump to A's saved entry (from the header). A marks the image CONSUMED.
-  A failure before any of A's memory was written leaves the image for R to count the attempt;
-  a failure after that marks it INVALID(reason) and reboots (A cannot be resumed any more).
+  An image not in state RESTORING is left alone; any failure after that check (metadata, a
+  jump area or segment plan this kernel cannot honour, a bad chunk, an I/O error) marks it
+  INVALID(reason), and /init reboots: R then boots the normal system.
+- If A jumps to B again after a jump back, B resumes, re-reads the target's header (its
+  disk works after the resume) and jumps back with the same loaded image.
 
 Every line for the user goes to the console (stdout) prefixed ``kjump-agent:``; logs go to
 stderr (the same console here).
