@@ -1,7 +1,7 @@
 """A memory image in a plain file: the source and sink used by `kjump-agent save/restore`
 on files (the save kernel uses /dev/mem classes with the same read/write methods).
 
-Standard library + lz4 (through kjumpd.image.chunk) only.
+Standard library only: this runs in the save kernel's initramfs.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 
 from kjumpd.errors import AgentError
-from kjumpd.image.chunk import find_zero_pages
-from kjumpd.image.format import PAGE_SIZE
 
 
 class FileMemorySource:
@@ -58,47 +56,18 @@ class FileMemorySource:
 
 
 class FileMemorySink:
-    """write(phys, data): the bytes at offset ``phys`` of a file (created when missing).
+    """write(phys, data): the bytes at offset ``phys`` of a file (created when missing)."""
 
-    Bytes that lie before the file's end when it was opened are always written (the file may
-    hold other data). Beyond that end the file reads as zeros already, so all-zero pages are
-    skipped there (left as holes, like ``lz4 -d``'s sparse output) and the file is extended
-    to its full length on flush/close.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], sparse: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self.fresh_from = os.fstat(self.fd).st_size if sparse else -1
         except OSError as e:
             raise AgentError(f"cannot open memory file {self.path}", why=e.strerror or str(e),
                              fix="check the --memory path", path=self.path) from None
-        self.end = 0
 
-    def write(self, phys: int, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
-        self.end = max(self.end, phys + n)
-        if self.fresh_from < 0 or phys + n <= self.fresh_from:
-            self._pwrite(phys, memoryview(data))
-            return
-        if phys < self.fresh_from:          # the part over old data is written as is
-            cut = self.fresh_from - phys
-            self._pwrite(phys, memoryview(data)[:cut])
-            data, phys = memoryview(data)[cut:], self.fresh_from
-        if isinstance(data, memoryview):
-            data = bytes(data)
+    def write(self, phys: int, data: bytes | memoryview) -> None:
         mv = memoryview(data)
-        pos = 0
-        for i in find_zero_pages(data):     # pages relative to ``phys``
-            o = i * PAGE_SIZE
-            if o > pos:
-                self._pwrite(phys + pos, mv[pos:o])
-            pos = o + PAGE_SIZE
-        if pos < len(mv):
-            self._pwrite(phys + pos, mv[pos:])
-
-    def _pwrite(self, phys: int, mv: memoryview) -> None:
         done = 0
         while done < len(mv):
             try:
@@ -108,29 +77,13 @@ class FileMemorySink:
                                  fix="check free space", path=self.path,
                                  offset=phys + done) from None
 
-    def _extend(self) -> None:
-        try:
-            if os.fstat(self.fd).st_size < self.end:
-                os.ftruncate(self.fd, self.end)      # trailing zero pages were skipped
-        except OSError as e:
-            raise AgentError(f"cannot extend {self.path}", why=e.strerror or str(e),
-                             path=self.path) from None
-
     def flush(self) -> None:
-        self._extend()
-        try:
-            os.fsync(self.fd)
-        except OSError as e:
-            raise AgentError(f"cannot flush {self.path}", why=e.strerror or str(e),
-                             path=self.path) from None
+        os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
-            try:
-                self._extend()
-            finally:
-                os.close(self.fd)
-                self.fd = -1
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> "FileMemorySink":
         return self
