@@ -63,7 +63,7 @@ def find_zero_pages(data: bytes) -> list[int]:
 
 
 def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
-                 compression: str = "lz4") -> EncodedChunk:
+                 compression: str = "lz4", tag: int = 0) -> EncodedChunk:
     """Encode ``data`` (the memory at ``phys``) as one chunk record."""
     if not isinstance(data, bytes):
         data = bytes(data)               # slicing bytes is the fast zero test
@@ -108,7 +108,7 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
     bm = bytes(bitmap)
     body_crc = crc32(payload, crc32(bm))
     head = ChunkHeader(encoding=enc, pages=pages, index=index, phys=phys, raw_length=n,
-                       payload_length=len(payload), crc=body_crc).pack() + bm
+                       payload_length=len(payload), crc=body_crc, tag=tag).pack() + bm
     return EncodedChunk(index=index, phys=phys, raw_length=n, head=head, payload=payload,
                         crc=body_crc, zero_pages=zero)
 

@@ -70,8 +70,10 @@ Chunk record (records follow each other from Header.data_offset, unaligned)::
     20  4  raw length (bytes covered, zero pages included)
     24  4  payload length (stored bytes)
     28  4  CRC-32 of bitmap + payload
-    32  4  CRC-32 of bytes [0, 32) of this record header
-    36  ceil(P/8)  zero-page bitmap (bit i set = page i is all zero and not stored)
+    32  4  image tag: CRC-32 of (target UUID + created time as float64) of the image's header,
+           so a record left over from an earlier image is refused before it is written
+    36  4  CRC-32 of bytes [0, 36) of this record header
+    40  ceil(P/8)  zero-page bitmap (bit i set = page i is all zero and not stored)
     .   payload: the non-zero pages, concatenated, lz4-compressed (or raw)
 
 The memory covered by chunk i is fixed by the extent table and the chunk size: each extent
@@ -117,7 +119,7 @@ _MAX_STR = 1024
 _META_FIXED = struct.Struct("<8sHHIII")            # 24 bytes
 _EXTENT2 = struct.Struct("<QQ")
 
-_CHUNK_HDR = struct.Struct("<4sBBHIQIII")          # 32 bytes, + CRC u32
+_CHUNK_HDR = struct.Struct("<4sBBHIQIIII")         # 36 bytes, + CRC u32
 CHUNK_HEADER_SIZE = _CHUNK_HDR.size + 4
 
 _CRC = struct.Struct("<I")
@@ -474,6 +476,7 @@ class ChunkHeader:
     raw_length: int
     payload_length: int
     crc: int          # CRC-32 of bitmap + payload
+    tag: int = 0      # image_tag() of the image the record belongs to
 
     @property
     def bitmap_length(self) -> int:
@@ -485,7 +488,7 @@ class ChunkHeader:
 
     def pack(self) -> bytes:
         body = _CHUNK_HDR.pack(CHUNK_MAGIC, self.encoding, 0, self.pages, self.index, self.phys,
-                               self.raw_length, self.payload_length, self.crc)
+                               self.raw_length, self.payload_length, self.crc, self.tag)
         return body + _CRC.pack(crc32(body))
 
     @classmethod
@@ -494,7 +497,7 @@ class ChunkHeader:
         if len(data) < CHUNK_HEADER_SIZE:
             raise _corrupt(name, base, f"only {len(data)} bytes (truncated image)")
         head = bytes(data[:CHUNK_HEADER_SIZE])
-        magic, enc, _, pages, index, phys, raw, plen, crc = _CHUNK_HDR.unpack_from(head)
+        magic, enc, _, pages, index, phys, raw, plen, crc, tag = _CHUNK_HDR.unpack_from(head)
         (stored,) = _CRC.unpack_from(head, _CHUNK_HDR.size)
         if magic != CHUNK_MAGIC:
             raise _corrupt(name, base, f"magic is {magic!r}, not {CHUNK_MAGIC!r}")
@@ -506,7 +509,12 @@ class ChunkHeader:
             raise _corrupt(name, base + 6, f"lengths do not agree (pages {pages}, raw {raw}, "
                            f"payload {plen})")
         return cls(encoding=enc, pages=pages, index=index, phys=phys, raw_length=raw,
-                   payload_length=plen, crc=crc)
+                   payload_length=plen, crc=crc, tag=tag)
+
+
+def image_tag(uuid: bytes, created: float) -> int:
+    """The tag every chunk record of the image with this header carries."""
+    return crc32(struct.pack("<16sd", uuid, created))
 
 
 def chunk_plan(extents: tuple[MemoryExtent, ...] | list[MemoryExtent], chunk_size: int

@@ -26,7 +26,7 @@ from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, decode_chunk
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (ChunkHeader, Header, ImageState, Metadata, chunk_count,
-                                 chunk_plan, crc32)
+                                 chunk_plan, crc32, image_tag)
 from kjumpd.image.save import (Progress, _check_place, _Meter, default_workers,
                                inflight_chunks)
 from kjumpd.image.stream import RecordReader
@@ -83,6 +83,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
     plan = chunk_plan(meta.extents, header.chunk_size)
     pending: deque[tuple[ChunkHeader, Future[bytes], int]] = deque()
     depth = inflight_chunks(workers, header.chunk_size)
+    tag = image_tag(header.uuid, header.created)
     crc = 0
     count = 0
     try:
@@ -92,7 +93,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                 while True:
                     try:
                         ch, bitmap, payload, off = next(records)
-                        _check_place(ch, next(plan, None), off)
+                        _check_place(ch, next(plan, None), off, tag)
                     except StopIteration:
                         break
                     except ImageError:

@@ -29,7 +29,7 @@ from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
                                  ImageState, MemoryExtent, Metadata, chunk_count, chunk_plan,
-                                 crc32, data_offset_for, validate_extents)
+                                 crc32, data_offset_for, image_tag, validate_extents)
 from kjumpd.image.stream import RecordWriter, verify_written
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                     compression=compression, main_kernel=str(identity.get("main_kernel") or ""),
                     save_kernel_hash=str(identity.get("save_kernel_hash") or ""))
     header = store.write_header(dev, header)
+    tag = image_tag(header.uuid, header.created)
     is_cancelled = _Cancel(cancel)
     total = meta.raw_bytes
     meter = _Meter(progress, total)
@@ -228,7 +229,7 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                                          f"{phys:#x}, expected {n}",
                                          why="the range lies beyond the end of the memory",
                                          fix="check the ranges", phys=phys)
-                    fut = pool.submit(encode_chunk, index, phys, data, compression)
+                    fut = pool.submit(encode_chunk, index, phys, data, compression, tag)
                     del data
                     while wt.error is None:
                         try:
@@ -296,7 +297,14 @@ def _abort(dev: ImageDevice, reason: str) -> None:
         log.error("could not mark the image ABORTED: %s", e.message)
 
 
-def _check_place(ch: Any, expect: tuple[int, int, int] | None, off: int) -> None:
+def _check_place(ch: Any, expect: tuple[int, int, int] | None, off: int, tag: int) -> None:
+    if ch.tag != tag:
+        raise ImageCorruptError(f"chunk record at byte offset {off} belongs to another image",
+                                why=f"its image tag is {ch.tag:#010x}, this image's is "
+                                    f"{tag:#010x} (a write of this image never reached the "
+                                    "disk)",
+                                fix="the image cannot be used; boot normally and hibernate again",
+                                structure="chunk", offset=off)
     if expect is None or (ch.index, ch.phys, ch.raw_length) != expect:
         want = "no more chunks" if expect is None else \
             f"chunk {expect[0]} at {expect[1]:#x}+{expect[2]}"

@@ -104,12 +104,12 @@ def test_metadata_round_trip(m):
 
 
 @settings(deadline=None)
-@given(st.sampled_from([0, 1, 2]), st.integers(1, 16384), u32, u64, u32, u32)
-def test_chunk_header_round_trip(enc, pages, index, phys, plen, crc):
+@given(st.sampled_from([0, 1, 2]), st.integers(1, 16384), u32, u64, u32, u32, u32)
+def test_chunk_header_round_trip(enc, pages, index, phys, plen, crc, tag):
     raw_len = min(pages * 4096, 64 * 1024 * 1024)
     pages = (raw_len + 4095) // 4096
     ch = ChunkHeader(encoding=enc, pages=pages, index=index, phys=phys, raw_length=raw_len,
-                     payload_length=plen % (64 * 1024 * 1024), crc=crc)
+                     payload_length=plen % (64 * 1024 * 1024), crc=crc, tag=tag)
     raw = ch.pack()
     assert len(raw) == CHUNK_HEADER_SIZE
     assert ChunkHeader.unpack(raw) == ch

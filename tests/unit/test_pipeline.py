@@ -13,7 +13,7 @@ from kjumpd.errors import (AgentError, CancelledError, ImageCorruptError, ImageF
                            ImageStateError, TargetError)
 from kjumpd.image import restore, save, store
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import (HEADER_SLOT_OFFSETS, PAGE_SIZE, ImageState)
+from kjumpd.image.format import CHUNK_HEADER_SIZE, HEADER_SLOT_OFFSETS, PAGE_SIZE, ImageState
 from kjumpd.image.memfile import FileMemorySink, FileMemorySource
 
 MiB = 1024 * 1024
@@ -135,7 +135,7 @@ def test_corrupt_chunk_is_refused_and_nothing_past_it_is_written(saved, where):
     with pytest.raises(ImageCorruptError) as ei:
         restore_into(tmp_path, tgt)
     assert f"at byte offset {off}" in str(ei.value) or f"at byte offset {pos}" in str(ei.value) \
-        or f"at byte offset {off + 32}" in str(ei.value)
+        or f"at byte offset {off + CHUNK_HEADER_SIZE - 4}" in str(ei.value)
     got = (tmp_path / "restored").read_bytes()
     # chunks before k are restored, chunk k and everything after it untouched
     for c, _ in recs[:k]:
@@ -451,3 +451,30 @@ def test_restore_over_a_file_shorter_than_the_ranges(tmp_path, saved):
         assert got[a:b] == mem[a:b]
     assert got[0x9f000:0x100000] == b"\xaa" * (0x100000 - 0x9f000)
     assert got[0x2f0000:0x300000] == bytes(0x10000)            # never written: a hole
+
+
+def test_record_left_from_an_earlier_image_is_refused_before_it_is_written(tmp_path):
+    """Two saves with the same layout; one record of the second never reached the disk, so
+    the first image's record is still there: same index, place and length, valid CRCs."""
+    rnd = random.Random(4)
+    mem1 = rnd.randbytes(1 * MiB)                 # incompressible: records keep their length
+    mem2 = rnd.randbytes(1 * MiB)
+    (tmp_path / "m1").write_bytes(mem1)
+    (tmp_path / "m2").write_bytes(mem2)
+    tgt = tmp_path / "t"
+    store.create_target(tgt, 4 * MiB)
+    with ImageDevice(tgt, writable=True) as dev, FileMemorySource(tmp_path / "m1") as src:
+        save.save_image(src, [(0, MiB)], dev, identity={}, mode="test", chunk_size=CHUNK)
+    _, recs1 = _chunk_offsets(tgt)
+    ch, off = recs1[5]
+    old = tgt.read_bytes()[off:off + ch.record_length]
+    with ImageDevice(tgt, writable=True) as dev, FileMemorySource(tmp_path / "m2") as src:
+        save.save_image(src, [(0, MiB)], dev, identity={}, mode="test", chunk_size=CHUNK)
+    _, recs2 = _chunk_offsets(tgt)
+    assert recs2[5][1] == off and recs2[5][0].record_length == ch.record_length
+    _poke(tgt, off, old)
+    with pytest.raises(ImageCorruptError, match="belongs to another image"):
+        restore_into(tmp_path, tgt, size=MiB)
+    got = (tmp_path / "restored").read_bytes()
+    assert got[:5 * CHUNK] == mem2[:5 * CHUNK]              # chunks before it: restored
+    assert got[5 * CHUNK:] == b"\xaa" * (MiB - 5 * CHUNK)     # it and after: untouched
