@@ -128,6 +128,45 @@ def read_image_state(sysroot: Any, cfg: Any) -> str:
         dev.close()
 
 
+RESTORABLE_STATES = ("SAVED", "RESTORING")
+
+
+def oneshot_is_stale(image_state: str) -> bool:
+    """True when the image in ``image_state`` (as read_image_state words it) cannot be restored,
+    so a one-shot boot into the restore environment would only cost the user a boot.
+    A missing target counts as no image; a state that could not be read does not."""
+    if image_state.startswith("unknown: target "):
+        return True
+    if image_state.startswith(("unknown", "unreadable")):
+        return False
+    return image_state.split("(", 1)[0] not in RESTORABLE_STATES
+
+
+def clear_stale_oneshot(sysroot: Any, image_state: str) -> bool:
+    """At start-up: remove kjumpd's one-shot boot entry when the image is not restorable
+    (e.g. the restore environment invalidated it). True when one was removed; never raises."""
+    if not oneshot_is_stale(image_state):
+        return False
+    from kjumpd import bootentry
+    try:
+        removed = bootentry.clear_oneshot(sysroot)
+    except (KjumpError, OSError) as e:
+        log.warning("cannot clear the restore one-shot boot entry: %s",
+                    e.message if isinstance(e, KjumpError) else e)
+        return False
+    if removed:
+        log.info("image is %s: cleared the one-shot boot into the restore environment",
+                 image_state)
+    return removed
+
+
+def _startup_image_state(sysroot: Any, cfg: Any) -> str:
+    try:
+        return read_image_state(sysroot, cfg)
+    except (KjumpError, OSError) as e:
+        return f"unreadable: {e.message if isinstance(e, KjumpError) else e}"
+
+
 class Daemon:
     def __init__(self, args: argparse.Namespace) -> None:
         from gi.repository import GLib
@@ -141,6 +180,7 @@ class Daemon:
         self.exit_code = 0
         self.sysroot = Sysroot(Path(args.sysroot))
         self.config = load_config(self.sysroot, args.config)
+        clear_stale_oneshot(self.sysroot, _startup_image_state(self.sysroot, self.config))
         self.notifier = sdnotify.Notifier()
         self.loop = GLib.MainLoop()
         if not args.bus and os.environ.get("DBUS_STARTER_ADDRESS"):
