@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kjumpd.errors import ConfigError
+from kjumpd.job import MAX_CHUNK_SIZE
 from kjumpd.sysroot import Sysroot
 
 CONFIG_PATH = "/etc/kjumpd/kjumpd.toml"
@@ -139,8 +140,10 @@ def _convert(kind: str, key: str, v: Any) -> Any:
         return parse_size(v, key)
     if kind == "chunk":
         n = parse_size(v, key)
-        if n < 4096 or n & (n - 1) or n > 64 << 20:
-            raise _bad(key, "a power of two between 4K and 64M", v, '"1M"')
+        if n < 4096 or n & (n - 1) or n > MAX_CHUNK_SIZE:
+            raise ConfigError(f"{key} must be a power of two between 4K and 1M", why=(
+                f"got {v!r}; larger chunks push the save agent past its 64 MiB memory bound"),
+                fix=f'in {CONFIG_PATH} write {key} = "1M"', key=key)
         return n
     if kind == "bool":
         if not isinstance(v, bool):

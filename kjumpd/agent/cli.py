@@ -24,6 +24,7 @@ import sys
 from typing import Any, Sequence
 
 from kjumpd.errors import ConfigError, KjumpError, TargetError
+from kjumpd.job import MAX_CHUNK_SIZE
 
 log = logging.getLogger("kjump-agent")
 
@@ -123,6 +124,10 @@ def cmd_save(args: argparse.Namespace) -> int:
     from kjumpd.image.memfile import FileMemorySource
     ranges = parse_ranges(args.ranges)
     chunk = args.chunk_size or save.DEFAULT_CHUNK_SIZE
+    if chunk > MAX_CHUNK_SIZE:
+        raise ConfigError(f"--chunk-size {chunk} is larger than 1 MiB ({MAX_CHUNK_SIZE})",
+                          why="larger chunks push the agent past its 64 MiB memory bound",
+                          fix=f"pass --chunk-size {MAX_CHUNK_SIZE} or less")
     with FileMemorySource(args.memory) as source:
         if ranges[-1][1] > source.size:
             raise ConfigError(f"range end {ranges[-1][1]:#x} is past the end of {args.memory}",
@@ -201,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="test", help="mode recorded in the header (default test)")
     p.add_argument("--compression", default="lz4", choices=["lz4", "none"])
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
-                   help="chunk size (multiple of 4096; default 1 MiB)")
+                   help="chunk size (multiple of 4096, at most 1 MiB; default 1 MiB)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verify pass")
     common(p)
     p.set_defaults(func=cmd_save)

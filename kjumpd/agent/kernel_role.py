@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from kjumpd.errors import AgentError, CancelledError, KjumpError, TargetError
+from kjumpd.job import MAX_CHUNK_SIZE
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger("kjumpd.agent.kernel_role")
@@ -124,7 +125,7 @@ def bounded_chunk_size(requested: int, mem_available: int, workers: int) -> int:
     of the memory B has left (B lives in a 128 MiB jump area; 4 MiB chunks were OOM-killed
     there). About 2 * (2 * workers + 4) chunk-sized buffers are alive at once."""
     per_chunk = 2 * (2 * max(workers, 1) + 4)
-    size = requested
+    size = min(requested, MAX_CHUNK_SIZE)    # a job may ask for more (format allows 64 MiB)
     while size > 64 * 1024 and per_chunk * size > mem_available // 2:
         size //= 2
     return size

@@ -19,7 +19,7 @@ agent_memory = "48M"
 mode = "suspend"
 image_size_limit = "2G"
 compression = "none"
-chunk_size = "4M"
+chunk_size = "512K"
 cancel_key = false
 [save_kernel]
 kernel = "/boot/kjump/bzImage"
@@ -49,7 +49,7 @@ def test_every_key_is_read():
     assert c.target_size == 8 << 30 and c.jump_area_start == 0x20000000
     assert c.jump_area_size == 192 << 20 and c.agent_memory == 48 << 20
     assert c.mode == "suspend" and c.image_size_limit == 2 << 30 and c.compression == "none"
-    assert c.chunk_size == 4 << 20 and c.cancel_key is False
+    assert c.chunk_size == 512 << 10 and c.cancel_key is False
     assert c.save_kernel == "/boot/kjump/bzImage" and c.save_kernel_sha256 == "ab" * 32
     assert c.keep_wakeup == ("PNP0C0C:00",) and not c.runtime_pm_on and not c.network_down
     assert c.unbind[0].driver == "snd_hda_intel" and c.hook_policy == "continue"
