@@ -7,6 +7,9 @@
         --jump-area [--yes]      put crashkernel=SIZE@OFFSET on the boot loader's command
                                  line (shows the diff; writes only with --yes or after "y")
         --bootloader grub|bls|restore-first   install the restore-first boot entry
+        --save-kernel            print the [save_kernel] kernel_sha256/initramfs_sha256 lines
+                                 for the installed save kernel (also after any other setup
+                                 step when the config lacks them or they differ)
 """
 
 from __future__ import annotations
@@ -101,6 +104,32 @@ def _confirm(args: argparse.Namespace, question: str) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
+def save_kernel_hash_advice(sr: Sysroot, cfg: cfgmod.Config) -> tuple[bool, list[str]]:
+    """(all recorded and matching, lines for the user). The lines name the exact config keys
+    and values preflight compares the installed save kernel and initramfs with."""
+    from kjumpd.kexec import sha256_file
+    lines: list[str] = []
+    todo: list[str] = []
+    for key, path, want in (("kernel_sha256", cfg.save_kernel, cfg.save_kernel_sha256),
+                            ("initramfs_sha256", cfg.save_initramfs,
+                             cfg.save_initramfs_sha256)):
+        p = sr.path(path)
+        if not p.is_file():
+            lines.append(f"save kernel file {path} is not installed "
+                         "(build it with make -C savekernel and install it, or set [save_kernel])")
+            continue
+        got = sha256_file(p)
+        if got == want:
+            lines.append(f"save_kernel.{key} matches {path}")
+        else:
+            todo.append(f'{key} = "{got}"')
+    if todo:
+        lines.append(f"set in the [save_kernel] table of {cfgmod.CONFIG_PATH}:")
+        lines += [f"  {t}" for t in todo]
+    ok = not todo and all(" matches " in line for line in lines)
+    return ok, lines
+
+
 def cmd_setup(args: argparse.Namespace) -> int:
     from kjumpd import blockmap, jumparea
     sr, cfg = _load(args)
@@ -142,9 +171,16 @@ def cmd_setup(args: argparse.Namespace) -> int:
                                 esp=args.esp)
         print(f"installed the {rec.kind} entry ({rec.loader}): {', '.join(rec.files)}")
         did = True
+    if args.save_kernel:
+        ok, lines = save_kernel_hash_advice(sr, cfg)
+        print("\n".join(lines))
+        return 1 if any(" is not installed " in line for line in lines) else 0
     if not did:
         raise ConfigError("setup needs something to do",
-                          fix="pass --target/--size, --jump-area or --bootloader")
+                          fix="pass --target/--size, --jump-area, --bootloader or --save-kernel")
+    ok, lines = save_kernel_hash_advice(sr, cfg)
+    if not ok:
+        print("\n".join(lines))
     return 0
 
 
@@ -174,5 +210,7 @@ def register(sub: Any) -> None:
     p.add_argument("--restore-initrd", default="/usr/lib/kjumpd/restore/initrd.img",
                    help="restore-first initramfs to install (with --bootloader)")
     p.add_argument("--esp", default="/boot/efi", help="EFI system partition (bls)")
+    p.add_argument("--save-kernel", action="store_true",
+                   help="print the save kernel's and initramfs's sha256 config lines")
     p.add_argument("--yes", action="store_true", help="write without asking")
     p.set_defaults(func=cmd_setup)
