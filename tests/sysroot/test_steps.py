@@ -159,6 +159,24 @@ def test_sysfs_walk_enumerates_what_pyudev_does_on_this_machine():
     assert got == udev
 
 
+
+def test_quiesce_plan_on_this_machine_matches_every_attribute_read():
+    # plan() reads only the power/ attributes the directory lists; reading all of them for
+    # every device (the slow way) must give the same writes
+    sr = Sysroot(Path("/"))
+    c = cfg(Path("/"))
+    expected = []
+    for dev in quiesce.device_dirs(sr):
+        raw = sr.read_text(f"{dev}/power/control", default="")
+        status = sr.read_text(f"{dev}/power/runtime_status", default="").strip()
+        if c.runtime_pm_on and raw.strip() == "auto" and status != "unsupported":
+            expected.append(f"{dev}/power/control")
+        if c.disable_wakeup and sr.read_text(f"{dev}/power/wakeup", default="").strip() == "enabled" \
+                and not quiesce._kept(dev, c.keep_wakeup):
+            expected.append(f"{dev}/power/wakeup")
+    got = [w.path for w in quiesce.plan(sr, c, "platform").writes if w.path.startswith("/sys/devices/")]
+    assert got == expected
+
 # -- hooks --------------------------------------------------------------------------------------
 def test_hooks_run_like_systemd_sleep(tree, tmp_path, monkeypatch):
     log = tmp_path / "hooks.log"
