@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ TREE_RECIPE = "tree-v1"
 #: Bump when the way the image is assembled changes.
 IMAGE_RECIPE = "image-v2"
 IMAGE_SIZE = 4 << 30  # sparse; the guest needs room for the image target and the workload
+PRUNE_AGE = 6 * 3600  # seconds an image stays safe from pruning after its last use
 
 REPO = Path(__file__).resolve().parents[2]
 #: tests/vm modules that also run inside the guest (as the package kjumpvm)
@@ -227,6 +229,7 @@ def build_image(payload: Payload, cache: Path | None = None) -> Path:
     key = hashlib.sha256((tree.name + payload.digest()).encode()).hexdigest()[:16]
     image = cache / "rootfs" / f"image-{key}.raw"
     if image.exists():
+        os.utime(image)  # marks it in use: pruning spares recently used images
         return image
     _install_payload(tree, payload)
     tmp = image.with_suffix(".tmp")
@@ -237,9 +240,12 @@ def build_image(payload: Payload, cache: Path | None = None) -> Path:
     _run(["mkfs.ext4", "-q", "-F", "-L", "kjumpvm-root", "-E", "root_owner=0:0",
           "-d", str(tree), str(tmp)], "mkfs.ext4 -d failed for the guest image")
     tmp.rename(image)
-    # Keep the two newest images (the previous one may be in use by a running test).
+    # Keep the two newest images, and any used in the last PRUNE_AGE seconds: another
+    # checkout's test run (or a CI run beside a session) may still be booting from it.
     olds = sorted((cache / "rootfs").glob("image-*.raw"), key=lambda p: p.stat().st_mtime)
     for old in olds[:-2]:
+        if time.time() - old.stat().st_mtime < PRUNE_AGE:
+            continue
         old.unlink()
         # and what tests/vm/assets.py derived from it (the prepared layer, its logs)
         old.with_suffix(".prepared.qcow2").unlink(missing_ok=True)
