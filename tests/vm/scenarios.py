@@ -30,6 +30,8 @@ EVENT_RE = re.compile(r"KJUMP-EVENT: (\S+)(.*)")
 
 #: main kernel (A) command line; the jump area is reserved at a fixed offset (KJUMP-FACTS.md)
 A_APPEND = ("console=ttyS0 nokaslr panic=1 no_console_suspend crashkernel=128M@0x20000000 "
+            # freed pages are zeroed, so the save kernel elides them (recommended for kjumpd)
+            "init_on_free=1 "
             "root=/dev/vda rw rootfstype=ext4 init=/sbin/kjump-vm-init")
 MEM_MIB = 1024
 SMP = 2
