@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                             ("lz4", "cat", "save", "lz4d", "restore"))
     sweep = []
     if args.chunk_sweep:
-        for cs in (256 * 1024, 1024 * 1024, 4 * 1024 * 1024):
+        for cs in (128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024):  # the agent caps at 1 MiB
             t, c, _ = timed(agent + ["save", "--memory", str(mem), "--ranges", f"0-{size}",
                                      "--target", str(img), "--chunk-size", str(cs), "--stats"],
                             out=img, stdout_to=st)
