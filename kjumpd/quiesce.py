@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 from kjumpd.config import Config
@@ -55,6 +56,8 @@ class Write:
 class Plan:
     writes: list[Write] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    devices: int = 0              # device directories enumerated
+    scan_seconds: float = 0.0     # time spent enumerating them (the rest of plan() is reads)
 
     def describe(self) -> str:
         lines = [w.describe() for w in self.writes]
@@ -128,7 +131,10 @@ def plan(sysroot: Sysroot, config: Config, mode: str) -> Plan:
     """What quiesce would write, read from the current sysfs state (no writes)."""
     p = Plan()
     rtc = _rtc_device(sysroot) if mode == "suspend" else None
-    for dev, attrs in devices(sysroot):
+    t0 = time.monotonic()
+    found = devices(sysroot)
+    p.devices, p.scan_seconds = len(found), time.monotonic() - t0
+    for dev, attrs in found:
         if config.runtime_pm_on and "control" in attrs:
             raw = _attr(sysroot, f"{dev}/power/control")
             if raw.strip() == "auto" and _attr(

@@ -190,6 +190,7 @@ class Hibernation:
             t_plan = time.monotonic()
             qplan = quiesce.plan(sr, cfg, mode)
             out.stats["quiesce_plan_seconds"] = time.monotonic() - t_plan
+            out.stats.update(quiesce_devices=qplan.devices, quiesce_scan_seconds=qplan.scan_seconds)
             quiesce.apply(sr, qplan, journal)
             out.stats["quiesce_writes"] = len(qplan.writes)
             check_cancel()
