@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import pytest
+from tests import prereq
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRIB = REPO / "contrib"
@@ -60,11 +60,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 
 def require(cond: bool, why: str) -> None:
     """Skip when a prerequisite is missing; fail instead under KJUMPD_REQUIRE_VM=1 (CI)."""
-    if cond:
-        return
-    if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-        pytest.fail(f"prerequisite missing (KJUMPD_REQUIRE_VM=1): {why}")
-    pytest.skip(why)
+    prereq.need(cond, why)
 
 
 def require_tools(*tools: str) -> None:

@@ -20,18 +20,14 @@ from kjumpd.errors import BlockMapError, TargetError
 from kjumpd.image import store
 from kjumpd.image.device import ImageDevice
 from kjumpd.sysroot import Sysroot
+from tests import prereq
 
 MiB = 1 << 20
-REQUIRE = os.environ.get("KJUMPD_REQUIRE_VM") == "1"
 
 
 def need(*tools: str) -> None:
     missing = [t for t in tools if not shutil.which(t)]
-    if os.geteuid() != 0 or missing:
-        why = f"needs root and {', '.join(tools)}"
-        if REQUIRE:
-            pytest.fail(f"KJUMPD_REQUIRE_VM=1: {why}")
-        pytest.skip(why)
+    prereq.need(os.geteuid() == 0 and not missing, f"needs root and {', '.join(tools)}")
 
 
 def run(*cmd: str) -> str:

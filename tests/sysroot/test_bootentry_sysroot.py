@@ -20,15 +20,9 @@ from kjumpd.bootentry import (BLS_ENTRY_ID, ENTRY_ID, GRUB_SNIPPET, LOADER_GUID,
 from kjumpd.errors import BootEntryError
 from kjumpd.fsstamp import read_stamp
 from kjumpd.sysroot import Sysroot
+from tests.prereq import need
 
 CMD = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576 console=ttyS0"
-
-
-def need(ok: bool, why: str) -> None:
-    if not ok:
-        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-            pytest.fail(f"prerequisite missing: {why}")
-        pytest.skip(why)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ longer be restored (a real kjumpd process on a private bus, a fake tree with a r
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,13 +13,7 @@ from dbus_env import Kjumpd, PrivateBus, require_tools
 from kjumpd import bootentry
 from kjumpd.bootentry import ENTRY_ID
 from kjumpd.sysroot import Sysroot
-
-
-def need(ok: bool, why: str) -> None:
-    if not ok:
-        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-            pytest.fail(f"prerequisite missing: {why}")
-        pytest.skip(why)
+from tests.prereq import need
 
 
 @pytest.fixture

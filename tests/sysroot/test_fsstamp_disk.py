@@ -17,13 +17,7 @@ import pytest
 from kjumpd.errors import FsStampError
 from kjumpd.fsstamp import read_stamp, scan
 from kjumpd.sysroot import Sysroot
-
-
-def need(ok: bool, why: str) -> None:
-    if not ok:
-        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-            pytest.fail(f"prerequisite missing: {why}")
-        pytest.skip(why)
+from tests.prereq import need
 
 
 def run(*cmd: str) -> str:

@@ -12,6 +12,7 @@ import pytest
 
 from savekernel import initramfs
 from savekernel.cpio import Entry
+from tests import prereq
 
 INIT = "#!/bin/sh\necho hello\n"
 
@@ -23,10 +24,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def need_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-            pytest.fail("needs root for chroot (KJUMPD_REQUIRE_VM=1)", pytrace=False)
-        pytest.skip("needs root for chroot")
+    prereq.need(os.geteuid() == 0, "needs root for chroot")
 
 
 def extract(entries: list[Entry], root: Path) -> None:

@@ -28,16 +28,10 @@ from kjumpd.image import store
 from kjumpd.image.format import ImageState
 from kjumpd.image.save import save_image
 from kjumpd.sysroot import Sysroot
+from tests.prereq import need
 
 AREA = (0x20000000, 128 << 20)
 MIB = 1 << 20
-
-
-def need(ok: bool, why: str) -> None:
-    if not ok:
-        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-            pytest.fail(f"prerequisite missing: {why}")
-        pytest.skip(why)
 
 
 class Memory:

@@ -30,6 +30,7 @@ from kjumpd.image import store
 from kjumpd.job import Job
 from kjumpd.sysroot import Sysroot
 from kjumpd.transaction import Hibernation
+from tests import prereq
 
 REQUIRE = os.environ.get("KJUMPD_REQUIRE_VM") == "1"
 IS_ROOT = os.geteuid() == 0
@@ -416,8 +417,7 @@ def test_failure_rolls_back_byte_for_byte(fx, monkeypatch, case):
 
 
 def test_stamp_failure_after_freeze_thaws(fx, loopfs):
-    if not loopfs:
-        pytest.skip("needs root for real frozen filesystems")
+    prereq.need(bool(loopfs), "needs root for real frozen filesystems")
     link = fx.root / "dev" / os.path.basename(loopfs["xfs"][2])
     target = os.readlink(link)
     link.unlink()
@@ -482,8 +482,7 @@ def test_a_second_request_while_running_is_busy(fx):
 
 
 def test_real_filesystems_are_frozen_during_the_jump_and_writable_after(fx, loopfs):
-    if not loopfs:
-        pytest.skip("needs root for real frozen filesystems")
+    prereq.need(bool(loopfs), "needs root for real frozen filesystems")
     out = fx.hib().run("test")
     assert out.result == "continued"
     assert out.stats["frozen"] == ["/mnt/data/xfs", "/mnt/data"], "leaves first"

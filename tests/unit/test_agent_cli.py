@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests import prereq
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -146,10 +147,8 @@ def test_kjumpctl_image_on_a_non_image(tmp_path):
 def test_pipeline_runs_on_debian_python_with_stdlib_and_lz4_only(tmp_path, mem):
     """The save kernel runs /usr/bin/python3 with python3-lz4 and nothing else."""
     py = "/usr/bin/python3"
-    if not os.path.exists(py) or run(["-c", "import lz4.block"], python=py).returncode:
-        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-            pytest.fail("/usr/bin/python3 with python3-lz4 is required (apt install python3-lz4)")
-        pytest.skip("no /usr/bin/python3 with python3-lz4")
+    prereq.need(os.path.exists(py) and not run(["-c", "import lz4.block"], python=py).returncode,
+                "/usr/bin/python3 with python3-lz4 (apt install python3-lz4)")
     p, data = mem
     code = (
         "import sys\n"

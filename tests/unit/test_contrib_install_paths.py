@@ -3,15 +3,14 @@ puts on this system (Debian: /usr/local/bin), and the example config documents e
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from kjumpd import config
+from tests import prereq
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 # systemd.service(5): a bare command name is looked up in this fixed search path
@@ -22,10 +21,7 @@ SYSTEMD_SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/b
 def system_pip_scripts_dir() -> str:
     """Where `pip install .` as root with the system python puts console scripts."""
     py = shutil.which("python3", path="/usr/bin")
-    if py is None:
-        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-            pytest.fail("prerequisite missing: no system python3 in /usr/bin")
-        pytest.skip("no system python3 in /usr/bin")
+    prereq.need(py is not None, "no system python3 in /usr/bin")
     return subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('scripts'))"],
                           capture_output=True, text=True, check=True).stdout.strip()
 

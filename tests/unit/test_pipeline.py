@@ -305,10 +305,7 @@ def test_progress_reports_done_total_rate_eta(tmp_path):
 
 def test_save_over_tmpfs_falls_back_to_buffered_io(tmp_path):
     shm = "/dev/shm"
-    if not os.path.isdir(shm):
-        if os.environ.get("KJUMPD_REQUIRE_VM") == "1":
-            pytest.fail("/dev/shm (tmpfs) is required for this test")
-        pytest.skip("no /dev/shm on this machine")
+    prereq.need(os.path.isdir(shm), "no /dev/shm (tmpfs) on this machine")
     import tempfile
     with tempfile.TemporaryDirectory(dir=shm) as d:
         mem = make_memory(tmp_path / "mem", 1 * MiB)
@@ -375,6 +372,7 @@ def test_unexpected_exception_never_leaves_the_image_writing(tmp_path):
 
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from tests import prereq
 
 
 @st.composite

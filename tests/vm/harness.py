@@ -59,11 +59,9 @@ def require_vm() -> bool:
 
 
 def missing_prereq(why: str) -> None:
-    """Skip the calling test, or fail it when KJUMPD_REQUIRE_VM=1."""
-    import pytest
-    if require_vm():
-        pytest.fail(f"VM prerequisite missing (KJUMPD_REQUIRE_VM=1): {why}", pytrace=False)
-    pytest.skip(f"VM prerequisite missing: {why}")
+    """Skip the calling test, or fail it when KJUMPD_REQUIRE_VM=1 (tests/prereq.py's rule)."""
+    from tests import prereq
+    prereq.need(False, f"VM: {why}")
 
 
 def kernel_image(series: str = "6.12", build: bool | None = None) -> Path:
