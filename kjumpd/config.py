@@ -72,6 +72,8 @@ class Config:
     compression: str = "lz4"
     chunk_size: int = 1 << 20
     cancel_key: bool = True
+    free_page_exclusion: bool = True           # B leaves A's free pages out of the image
+    free_page_check: bool = False              # debug (A with init_on_free=1): B verifies them
     # [save_kernel]
     save_kernel: str = "/usr/lib/kjumpd/save/bzImage"
     save_initramfs: str = "/usr/lib/kjumpd/save/initramfs.cpio.gz"
@@ -110,7 +112,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
                   "agent_memory": ("agent_memory", "size")},
     "hibernate": {"mode": ("mode", "mode"), "image_size_limit": ("image_size_limit", "size"),
                   "compression": ("compression", "compression"),
-                  "chunk_size": ("chunk_size", "chunk"), "cancel_key": ("cancel_key", "bool")},
+                  "chunk_size": ("chunk_size", "chunk"), "cancel_key": ("cancel_key", "bool"),
+                  "free_page_exclusion": ("free_page_exclusion", "bool"),
+                  "free_page_check": ("free_page_check", "bool")},
     "save_kernel": {"kernel": ("save_kernel", "abspath"),
                     "initramfs": ("save_initramfs", "abspath"),
                     "kernel_sha256": ("save_kernel_sha256", "sha256"),

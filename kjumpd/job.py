@@ -26,6 +26,18 @@ in /run, a tmpfs). Keys, all required::
     created                  int, unix time
     cancel_key               bool: B offers "press c to cancel" on its console
 
+Optional keys (added within version 1; an absent key takes its default, so an older job
+still reads)::
+
+    vmcoreinfo               [phys, size] of A's VMCOREINFO ELF note (from A's
+                             /sys/kernel/vmcoreinfo), or null: B reads A's allocator state
+                             through it (kjumpd.agent.freepages). Default null.
+    free_page_exclusion      bool: B leaves A's free (buddy) pages out of the image (they
+                             restore as zeros). Default true; needs vmcoreinfo.
+    free_page_check          bool, a debug check for A booted with init_on_free=1: B reads
+                             every page it calls free and verifies it is all zero (prints the
+                             verdict; saves every page when it fails). Default false.
+
 The cpio is the "newc" format (magic ``070701``, ASCII hex header fields, name and data
 padded to 4 bytes, a ``TRAILER!!!`` entry) the kernel's initramfs unpacker reads.
 """
@@ -69,6 +81,9 @@ class Job:
     fs_stamps: list[dict[str, Any]] = field(default_factory=list)
     created: int = 0
     cancel_key: bool = True
+    vmcoreinfo: tuple[int, int] | None = None
+    free_page_exclusion: bool = True
+    free_page_check: bool = False
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -80,6 +95,7 @@ class Job:
         d["blockmap"] = [list(e) for e in self.blockmap]
         d["ranges"] = [list(r) for r in self.ranges]
         d["jump_area"] = list(self.jump_area)
+        d["vmcoreinfo"] = list(self.vmcoreinfo) if self.vmcoreinfo is not None else None
         return d
 
     def to_json(self) -> str:
@@ -95,7 +111,7 @@ class Job:
                            why=f"this agent reads version {VERSION}",
                            fix="use a save kernel built from the same kjumpd release")
         names = {f for f in cls.__dataclass_fields__}
-        missing = sorted(names - set(d))
+        missing = sorted(names - set(d) - set(_OPTIONAL))
         unknown = sorted(set(d) - names)
         if missing or unknown:
             raise JobError("job fields do not match version 1",
@@ -117,6 +133,10 @@ class Job:
                 fs_stamps=d["fs_stamps"],
                 created=d["created"],
                 cancel_key=d["cancel_key"],
+                vmcoreinfo=(None if d.get("vmcoreinfo") is None else
+                            tuple(_list(d["vmcoreinfo"], "vmcoreinfo"))),  # type: ignore[arg-type]
+                free_page_exclusion=d.get("free_page_exclusion", _OPTIONAL["free_page_exclusion"]),
+                free_page_check=d.get("free_page_check", _OPTIONAL["free_page_check"]),
                 version=version,
             )
         except TypeError as e:
@@ -145,6 +165,11 @@ class Job:
     @property
     def image_bytes_max(self) -> int:
         return sum(e - s for s, e in self.ranges)
+
+
+# keys a version-1 job may leave out, with the value they then take
+_OPTIONAL: dict[str, Any] = {"vmcoreinfo": None, "free_page_exclusion": True,
+                             "free_page_check": False}
 
 
 def _list(v: Any, key: str) -> list[Any]:
@@ -225,6 +250,16 @@ def validate(job: Job) -> None:
     _int(job.created, "created")
     if not isinstance(job.cancel_key, bool):
         raise JobError("job field cancel_key must be true or false", why=f"got {job.cancel_key!r}")
+    if job.vmcoreinfo is not None:
+        vc = job.vmcoreinfo
+        if not isinstance(vc, tuple) or len(vc) != 2:
+            raise JobError("job field vmcoreinfo must be [phys, size] or null", why=f"got {vc!r}")
+        _int(vc[0], "vmcoreinfo")
+        _int(vc[1], "vmcoreinfo", 1)
+    for key in ("free_page_exclusion", "free_page_check"):
+        if not isinstance(getattr(job, key), bool):
+            raise JobError(f"job field {key} must be true or false",
+                           why=f"got {getattr(job, key)!r}")
 
 
 # -- newc cpio ------------------------------------------------------------------------------

@@ -69,6 +69,18 @@ def main_kernel_identity(sysroot: Sysroot) -> dict[str, str]:
     return {"release": release, "build_id": build_id_from_notes(notes)}
 
 
+def vmcoreinfo_location(sysroot: Sysroot) -> tuple[int, int] | None:
+    """(physical address, size) of this kernel's VMCOREINFO note from /sys/kernel/vmcoreinfo
+    ("%pa %x": both hex), for the job: B reads A's allocator state through it. None when the
+    file is missing (no CONFIG_VMCORE_INFO) or unreadable; B then saves every page."""
+    words = sysroot.read_text("/sys/kernel/vmcoreinfo", default="").split()
+    try:
+        addr, size = int(words[0], 16), int(words[1], 16)
+    except (IndexError, ValueError):
+        return None
+    return (addr, size) if addr > 0 and size > 0 else None
+
+
 def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
     return (f"{config.save_append} memmap=exactmap memmap=512K@0K "
             f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}").strip()

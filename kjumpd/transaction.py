@@ -221,7 +221,9 @@ class Hibernation:
                 chunk_size=cfg.chunk_size, main_kernel=kexec.main_kernel_identity(sr),
                 save_kernel_hash="sha256:" + rep.context["kernel_sha256"],
                 jump_area=(area.start, area.size), fs_stamps=stamps, created=int(time.time()),
-                cancel_key=cfg.cancel_key)
+                cancel_key=cfg.cancel_key, vmcoreinfo=kexec.vmcoreinfo_location(sr),
+                free_page_exclusion=cfg.free_page_exclusion,
+                free_page_check=cfg.free_page_check)
             undo.push("initrd", lambda: kexec.remove_initrd(sr))
             initrd = kexec.write_initrd(sr, cfg.save_initramfs, job,
                                         rep.context.get("initramfs_sha256", ""))

@@ -1,0 +1,495 @@
+"""The main kernel's free pages, read from its own page allocator (makedumpfile ``-d 16`` style).
+
+At save time A is stopped at the jump, so its buddy allocator's state in A's memory says
+exactly which pages are free. The save kernel (B) reads it through a ``read(phys, length)``
+callable (``/dev/mem`` in B, a bytes image in the tests) and leaves those pages out: the save
+pipeline gets zeros for them (:class:`FreeMaskedSource`), elides them as zero pages, and the
+restore writes zeros back, which is also what A's allocator expects with ``init_on_free=1``.
+
+Inputs, as Linux 6.12 x86_64 emits them in its VMCOREINFO ELF note (kernel/vmcore_info.c,
+arch/x86/kernel/vmcore_info_64.c; the note's physical address and size are in A's
+/sys/kernel/vmcoreinfo, which the daemon copies into the job)::
+
+    OSRELEASE=6.12.117            PAGESIZE=4096
+    SYMBOL(init_top_pgt)=ffffffff82a0a000      (hex, no 0x; kernel-image virtual address)
+    NUMBER(phys_base)=0            NUMBER(pgtable_l5_enabled)=0|1   NUMBER(sme_mask)=0
+    SYMBOL(vmemmap)=ffffea0000000000           (the struct page array: page of pfn N at
+                                               vmemmap + N * SIZE(page))
+    SIZE(page)=64   OFFSET(page._mapcount)=48  OFFSET(page.private)=40
+    LENGTH(zone.free_area)=11                  (NR_PAGE_ORDERS: orders 0..10)
+    NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=4026531840  (PGTY_buddy << 24)
+
+A free block in 6.12: its first page's ``page_type`` (a union with ``_mapcount``) has
+``PGTY_buddy`` (0xf0) in its top byte (include/linux/page-flags.h, PageBuddy) and its order in
+``page->private`` (set_buddy_order). This module is stricter than PageBuddy: the whole 32-bit
+word must equal PAGE_BUDDY_MAPCOUNT_VALUE (6.12 sets exactly that), the order must be below
+LENGTH(zone.free_area), the block naturally aligned and inside the scanned memory. Pages on the
+per-CPU lists, pages whose struct page cannot be read, and anything else count as NOT free.
+
+The virtual addresses of the struct page array are translated by walking A's page tables from
+init_top_pgt (4 or 5 levels; 1 GiB, 2 MiB and 4 KiB leaves). A table outside the memory the
+caller allows, a reserved large-page bit, a buddy head inside another free block, a free page
+that the scan itself read (a page table, a struct page, the note), or an absurd total raise
+:class:`FreePageError`; the caller then saves every page. Stdlib only: this runs in B.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from kjumpd.errors import KjumpError
+
+log = logging.getLogger("kjumpd.agent.freepages")
+
+PAGE = 4096
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000      # x86_64 __START_KERNEL_map
+PTE_PRESENT = 1 << 0
+PTE_PSE = 1 << 7
+PTE_ADDR = 0x000F_FFFF_FFFF_F000              # physical address bits 12..51
+MAX_FREE_FRACTION = 0.98                      # more free than this is not believed
+BATCH_PAGES = 16384                           # struct pages read per batch (1 MiB at 64 B)
+VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
+VMCOREINFO_MAX = 1 << 16
+
+Reader = Callable[[int, int], bytes]
+Range = tuple[int, int]
+
+
+class FreePageError(KjumpError):
+    """A's free pages cannot be determined safely; every page is saved instead."""
+
+
+# --------------------------------------------------------------------------- VMCOREINFO
+
+@dataclass(frozen=True)
+class VmcoreInfo:
+    """What the scan needs from A's VMCOREINFO (see the module docstring)."""
+    osrelease: str
+    page_size: int
+    init_top_pgt: int          # virtual
+    phys_base: int
+    l5: bool
+    vmemmap: int               # virtual address of the struct page of pfn 0
+    page_struct_size: int      # SIZE(page)
+    off_mapcount: int          # OFFSET(page._mapcount) (= page_type)
+    off_private: int           # OFFSET(page.private) (= buddy order)
+    buddy_value: int           # NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE) as an unsigned 32-bit word
+    nr_orders: int             # LENGTH(zone.free_area)
+    sme_mask: int = 0
+
+    @property
+    def top_table_phys(self) -> int:
+        return self.init_top_pgt - START_KERNEL_MAP + self.phys_base
+
+
+def parse_note(blob: bytes) -> str:
+    """The text of the VMCOREINFO ELF note at the start of ``blob`` (Elf64_Nhdr: namesz,
+    descsz, type, then the 4-byte padded name and descriptor)."""
+    if len(blob) < 12:
+        raise FreePageError("A's VMCOREINFO note is truncated", why=f"{len(blob)} bytes")
+    namesz, descsz, _type = struct.unpack_from("<III", blob, 0)
+    name_end = 12 + namesz
+    desc_at = 12 + -(-namesz // 4) * 4
+    if (namesz == 0 or descsz == 0 or descsz > VMCOREINFO_MAX
+            or desc_at + descsz > len(blob)):
+        raise FreePageError("A's VMCOREINFO note header is not valid",
+                            why=f"namesz {namesz}, descsz {descsz}, {len(blob)} bytes",
+                            fix="the job's vmcoreinfo address must be A's "
+                                "/sys/kernel/vmcoreinfo")
+    if blob[12:name_end].rstrip(b"\0") != VMCOREINFO_NOTE_NAME:
+        raise FreePageError("the note at A's vmcoreinfo address is not VMCOREINFO",
+                            why=f"its name is {blob[12:name_end][:16]!r}")
+    return blob[desc_at:desc_at + descsz].decode("ascii", "replace")
+
+
+def _number(text: str) -> int:
+    t = text.strip()
+    return int(t, 16) if t.lower().startswith(("0x", "-0x")) else int(t, 10)
+
+
+def parse_vmcoreinfo(text: str) -> VmcoreInfo:
+    """Parse the note text; FreePageError names a missing or malformed key."""
+    kv: dict[str, str] = {}
+    for line in text.splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            kv[k.strip()] = v.strip()
+
+    def get(key: str, conv: Callable[[str], int]) -> int:
+        if key not in kv:
+            raise FreePageError(f"A's VMCOREINFO has no {key}",
+                                why="the main kernel is not the one this scan knows (6.12 x86_64)",
+                                fix="set free_page_exclusion = false")
+        try:
+            return conv(kv[key])
+        except ValueError:
+            raise FreePageError(f"A's VMCOREINFO {key}={kv[key]!r} is not a number") from None
+
+    hexa = lambda v: int(v, 16)  # noqa: E731 - SYMBOL() and KERNELOFFSET are %lx
+    info = VmcoreInfo(
+        osrelease=kv.get("OSRELEASE", ""),
+        page_size=get("PAGESIZE", _number),
+        init_top_pgt=get("SYMBOL(init_top_pgt)", hexa),
+        phys_base=get("NUMBER(phys_base)", _number),
+        l5=bool(get("NUMBER(pgtable_l5_enabled)", _number)),
+        vmemmap=get("SYMBOL(vmemmap)", hexa),
+        page_struct_size=get("SIZE(page)", _number),
+        off_mapcount=get("OFFSET(page._mapcount)", _number),
+        off_private=get("OFFSET(page.private)", _number),
+        buddy_value=get("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)", _number) & 0xFFFF_FFFF,
+        nr_orders=get("LENGTH(zone.free_area)", _number),
+        sme_mask=_number(kv["NUMBER(sme_mask)"]) if "NUMBER(sme_mask)" in kv else 0,
+    )
+    check_info(info)
+    return info
+
+
+def check_info(info: VmcoreInfo) -> None:
+    """Refuse what this scan does not understand (never guess)."""
+    if info.page_size != PAGE:
+        raise FreePageError(f"A's page size is {info.page_size}, not {PAGE}")
+    sz = info.page_struct_size
+    if not (32 <= sz <= 256 and sz % 8 == 0):
+        raise FreePageError(f"A's struct page is {sz} bytes: not plausible")
+    if not (0 <= info.off_mapcount <= sz - 4 and info.off_mapcount % 4 == 0
+            and 0 <= info.off_private <= sz - 8 and info.off_private % 8 == 0):
+        raise FreePageError("A's struct page offsets are not plausible",
+                            why=f"_mapcount at {info.off_mapcount}, private at "
+                                f"{info.off_private}, size {sz}")
+    if info.buddy_value & 0x00FF_FFFF or info.buddy_value >> 24 < 0x80:
+        # 6.12 encodes page types as PGTY_* << 24; older kernels (~PG_buddy) are not handled
+        raise FreePageError("A's PAGE_BUDDY_MAPCOUNT_VALUE is not the 6.12 page-type encoding",
+                            why=f"{info.buddy_value:#x}", fix="set free_page_exclusion = false")
+    if not 1 <= info.nr_orders <= 16:
+        raise FreePageError(f"A's LENGTH(zone.free_area)={info.nr_orders} is not plausible")
+    if info.init_top_pgt < START_KERNEL_MAP or info.vmemmap < (1 << 63):
+        raise FreePageError("A's init_top_pgt or vmemmap is not a kernel address",
+                            why=f"{info.init_top_pgt:#x}, {info.vmemmap:#x}")
+
+
+def read_vmcoreinfo(read: Reader, phys: int, size: int) -> VmcoreInfo:
+    if size <= 12 or size > VMCOREINFO_MAX:
+        raise FreePageError(f"A's vmcoreinfo size {size} is not plausible")
+    return parse_vmcoreinfo(parse_note(read(phys, size)))
+
+
+# ---------------------------------------------------------------------------- ranges
+
+def _merge(ranges: Iterable[Range]) -> list[Range]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if a >= b:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _subtract(ranges: Sequence[Range], holes: Sequence[Range]) -> list[Range]:
+    out: list[Range] = []
+    holes = _merge(holes)
+    for start, end in _merge(ranges):
+        cur = start
+        for hs, he in holes:
+            if he <= cur or hs >= end:
+                continue
+            if hs > cur:
+                out.append((cur, hs))
+            cur = max(cur, he)
+        if cur < end:
+            out.append((cur, end))
+    return out
+
+
+class _RangeSet:
+    """Sorted, merged [start, end) ranges with a containment test."""
+
+    def __init__(self, ranges: Iterable[Range]) -> None:
+        self.ranges = _merge(ranges)
+        self._starts = [a for a, _ in self.ranges]
+
+    def contains(self, phys: int, length: int) -> bool:
+        i = bisect.bisect_right(self._starts, phys) - 1
+        return i >= 0 and phys + length <= self.ranges[i][1]
+
+    def overlaps(self, phys: int, length: int) -> bool:
+        i = bisect.bisect_right(self._starts, phys + length - 1) - 1
+        return i >= 0 and self.ranges[i][1] > phys
+
+
+@dataclass(frozen=True)
+class FreePageMap:
+    """A's free memory: sorted, merged, page-aligned [start, end) ranges."""
+    ranges: tuple[Range, ...] = ()
+    scanned_bytes: int = 0        # memory whose struct pages were examined
+    seconds: float = 0.0
+    blocks: int = 0               # buddy heads accepted
+    _starts: tuple[int, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        merged = tuple(_merge(self.ranges))
+        object.__setattr__(self, "ranges", merged)
+        object.__setattr__(self, "_starts", tuple(a for a, _ in merged))
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+    @property
+    def free_pages(self) -> int:
+        return self.free_bytes // PAGE
+
+    def free_in(self, phys: int, length: int) -> list[Range]:
+        """The free parts of [phys, phys + length), clipped, in order."""
+        end = phys + length
+        out: list[Range] = []
+        i = max(bisect.bisect_right(self._starts, phys) - 1, 0)
+        while i < len(self.ranges):
+            a, b = self.ranges[i]
+            if a >= end:
+                break
+            if b > phys:
+                out.append((max(a, phys), min(b, end)))
+            i += 1
+        return out
+
+    def is_free(self, phys: int) -> bool:
+        return bool(self.free_in(phys, 1))
+
+
+# ------------------------------------------------------------------------- page tables
+
+class PageTables:
+    """A's kernel page tables, walked from init_top_pgt through ``read``."""
+
+    def __init__(self, info: VmcoreInfo, read: Reader, allowed: _RangeSet) -> None:
+        self.read = read
+        self.allowed = allowed
+        self.shifts = (48, 39, 30, 21, 12) if info.l5 else (39, 30, 21, 12)
+        self.addr_mask = PTE_ADDR & ~info.sme_mask
+        self.top = info.top_table_phys
+        self._tables: dict[int, bytes] = {}
+        self.touched: set[int] = set()     # physical pages read while walking
+        self._table(self.top)
+
+    def _table(self, phys: int) -> bytes:
+        t = self._tables.get(phys)
+        if t is None:
+            if phys % PAGE or not self.allowed.contains(phys, PAGE):
+                raise FreePageError("A's page tables point outside A's memory",
+                                    why=f"a table at {phys:#x}")
+            t = bytes(self.read(phys, PAGE))
+            if len(t) != PAGE:
+                raise FreePageError(f"short read of A's page table at {phys:#x}")
+            self._tables[phys] = t
+            self.touched.add(phys)
+        return t
+
+    def translate(self, va: int) -> tuple[int, int] | None:
+        """(physical address, bytes left in the same leaf) for ``va``; None if unmapped."""
+        table = self.top
+        last = len(self.shifts) - 1
+        for level, shift in enumerate(self.shifts):
+            entry = struct.unpack_from("<Q", self._table(table), ((va >> shift) & 511) * 8)[0]
+            if not entry & PTE_PRESENT:
+                return None
+            addr = entry & self.addr_mask
+            size = 1 << shift
+            if level == last or entry & PTE_PSE:
+                if level < last and shift not in (30, 21):
+                    raise FreePageError("A's page tables have a large page at a level that "
+                                        "cannot hold one", why=f"entry {entry:#x} for {va:#x}")
+                if level < last and addr & (size - 1) & ~0x1000:   # bit 12 is PAT there
+                    raise FreePageError("A's page tables have a misaligned large page",
+                                        why=f"entry {entry:#x} for {va:#x}")
+                base = addr & ~(size - 1)
+                off = va & (size - 1)
+                return base + off, size - off
+            table = addr
+        return None   # not reached
+
+
+# ------------------------------------------------------------------------------ scan
+
+def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
+         exclude: Sequence[Range] = (), trusted: Sequence[Range] | None = None,
+         note: Range | None = None) -> FreePageMap:
+    """A's free pages within ``ranges`` minus ``exclude`` (e.g. B's own memory).
+
+    ``trusted`` is where A's page tables and struct pages may lie (default: ``ranges`` minus
+    ``exclude``). Raises FreePageError when anything is inconsistent."""
+    t0 = time.monotonic()
+    scanned = _subtract([(a - a % PAGE, b - b % PAGE) for a, b in ranges], exclude)
+    allowed = _RangeSet(trusted if trusted is not None else scanned)
+    inside = _RangeSet(scanned)
+    tables = PageTables(info, read, allowed)
+    sz = info.page_struct_size
+    top_at = info.off_mapcount + 3                # little-endian top byte of page_type
+    top_byte = bytes([info.buddy_value >> 24])
+    want = struct.pack("<I", info.buddy_value)
+    free: list[Range] = []
+    read_pages: set[int] = set(tables.touched)
+    blocks = 0
+    for start, end in scanned:
+        pfn = start // PAGE
+        last_pfn = end // PAGE
+        while pfn < last_pfn:
+            n = min(BATCH_PAGES, last_pfn - pfn)
+            buf = _read_struct_pages(tables, read, info.vmemmap + pfn * sz, n * sz, allowed,
+                                     read_pages)
+            tops = buf[top_at::sz]
+            i = tops.find(top_byte)
+            while i >= 0:
+                o = i * sz
+                if buf[o + info.off_mapcount:o + info.off_mapcount + 4] == want:
+                    order = struct.unpack_from("<Q", buf, o + info.off_private)[0]
+                    head = pfn + i
+                    if order < info.nr_orders and head % (1 << order) == 0:
+                        a, b = head * PAGE, (head + (1 << order)) * PAGE
+                        if inside.contains(a, b - a):
+                            if free and a < free[-1][1]:
+                                raise FreePageError(
+                                    "a free block of A starts inside another one",
+                                    why=f"pfn {head:#x} (order {order}) within "
+                                        f"[{free[-1][0]:#x}, {free[-1][1]:#x})")
+                            free.append((a, b))
+                            blocks += 1
+                i = tops.find(top_byte, i + 1)
+            pfn += n
+    tables_touched = tables.touched | read_pages
+    fmap = FreePageMap(tuple(free), scanned_bytes=sum(b - a for a, b in scanned),
+                       seconds=time.monotonic() - t0, blocks=blocks)
+    used = sorted(tables_touched)
+    if note is not None:
+        used += list(range(note[0] - note[0] % PAGE, note[0] + note[1], PAGE))
+    claimed = [p for p in used if fmap.is_free(p)]
+    if claimed:
+        raise FreePageError("A's allocator calls pages free that the scan just read as in use",
+                            why=f"{len(claimed)} page(s), first {claimed[0]:#x} (a page "
+                                "table, a struct page or the VMCOREINFO note)")
+    if fmap.scanned_bytes and fmap.free_bytes > MAX_FREE_FRACTION * fmap.scanned_bytes:
+        raise FreePageError("A's allocator claims an absurd amount of free memory",
+                            why=f"{fmap.free_bytes >> 20} of {fmap.scanned_bytes >> 20} MiB")
+    return fmap
+
+
+def _read_struct_pages(tables: PageTables, read: Reader, va: int, length: int,
+                       allowed: _RangeSet, read_pages: set[int]) -> bytes:
+    """The struct pages at [va, va + length); unmapped parts read as zeros (no page type)."""
+    buf = bytearray(length)
+    pos = 0
+    while pos < length:
+        t = tables.translate(va + pos)
+        if t is None:
+            pos += PAGE - (va + pos) % PAGE      # an unmapped 4 KiB: zeros = not free
+            continue
+        phys, left = t
+        n = min(left, length - pos)
+        if not allowed.contains(phys, n):
+            raise FreePageError("A's struct pages map outside A's memory",
+                                why=f"{va + pos:#x} -> {phys:#x}")
+        data = read(phys, n)
+        if len(data) != n:
+            raise FreePageError(f"short read of A's struct pages at {phys:#x}")
+        buf[pos:pos + n] = data
+        for p in range(phys - phys % PAGE, phys + n, PAGE):
+            read_pages.add(p)
+        pos += n
+    return bytes(buf)
+
+
+# --------------------------------------------------------------------------- sources
+
+class FreeMaskedSource:
+    """A MemorySource that hands zeros for A's free pages without reading them."""
+
+    def __init__(self, source: object, freemap: FreePageMap) -> None:
+        self.source = source
+        self.freemap = freemap
+        self.skipped_bytes = 0
+
+    def _pieces(self, phys: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, free) pieces covering the request."""
+        out: list[tuple[int, int, bool]] = []
+        cur = phys
+        for a, b in self.freemap.free_in(phys, length):
+            if a > cur:
+                out.append((cur - phys, a - cur, False))
+            out.append((a - phys, b - a, True))
+            cur = b
+        if cur < phys + length:
+            out.append((cur - phys, phys + length - cur, False))
+        return out
+
+    def read(self, phys: int, length: int) -> bytes:
+        pieces = self._pieces(phys, length)
+        if len(pieces) == 1 and not pieces[0][2]:
+            return self.source.read(phys, length)  # type: ignore[attr-defined]
+        buf = bytearray(length)
+        self.readinto(phys, memoryview(buf))
+        return bytes(buf)
+
+    def readinto(self, phys: int, buf: memoryview | bytearray) -> None:
+        view = memoryview(buf).cast("B")
+        sub_readinto = getattr(self.source, "readinto", None)
+        for off, n, is_free in self._pieces(phys, len(view)):
+            part = view[off:off + n]
+            if is_free:
+                part[:] = bytes(n)
+                self.skipped_bytes += n
+            elif sub_readinto is not None:
+                sub_readinto(phys + off, part)
+            else:
+                part[:] = self.source.read(phys + off, n)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "FreeMaskedSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ZeroCheck:
+    pages: int                 # free pages checked
+    nonzero_pages: int
+    first_nonzero: int | None  # physical address
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.nonzero_pages == 0
+
+
+def check_free_pages_zero(read: Reader, freemap: FreePageMap, step: int = 1 << 20) -> ZeroCheck:
+    """Debug check (init_on_free=1 in A): every page called free must read as all zero."""
+    t0 = time.monotonic()
+    zeros = bytes(step)
+    zpage = bytes(PAGE)
+    bad = 0
+    first: int | None = None
+    for a, b in freemap.ranges:
+        at = a
+        while at < b:
+            n = min(step, b - at)
+            data = read(at, n)
+            if data != zeros[:n]:
+                for off in range(0, n, PAGE):
+                    if data[off:off + PAGE] != zpage:
+                        bad += 1
+                        if first is None:
+                            first = at + off
+            at += n
+    return ZeroCheck(freemap.free_pages, bad, first, time.monotonic() - t0)

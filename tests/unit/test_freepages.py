@@ -1,0 +1,470 @@
+"""kjumpd.agent.freepages against a synthetic main-kernel memory image: page tables built here
+(4 and 5 levels; 4 KiB, 2 MiB and 1 GiB leaves), a vmemmap of fake struct pages, buddy heads
+of several orders, pages that only look free, and corruptions that must make the scan refuse."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kjumpd.agent import freepages as fp
+from kjumpd.errors import KjumpError
+
+PAGE = 4096
+KMAP = fp.START_KERNEL_MAP
+VMEMMAP_BASE = 0xFFFF_EA00_0000_0000
+RAM = [(0x100000, 0x4000000)]          # A's RAM: 1 MiB .. 64 MiB
+TABLES = 0x1000000                     # page-table pool
+STRUCTS = 0x2000000                    # struct pages (1 MiB for 16384 pfns)
+NOTE = 0x1800000
+SZ, OFF_PRIVATE, OFF_MAPCOUNT = 64, 40, 48
+BUDDY = 0xF0 << 24
+NR_ORDERS = 11
+ALLOCATED = 0xFFFF_FFFF                # page_type/_mapcount of an ordinary page (-1)
+
+
+class FakeA:
+    """A's physical memory (sparse pages) with kernel page tables mapping the vmemmap."""
+
+    def __init__(self, l5: bool = False, leaf: int = PAGE, phys_base: int = 0) -> None:
+        self.mem: dict[int, bytearray] = {}
+        self.reads: list[tuple[int, int]] = []
+        self.l5 = l5
+        self.phys_base = phys_base
+        self.shifts = (48, 39, 30, 21, 12) if l5 else (39, 30, 21, 12)
+        self.next_table = TABLES
+        self.top = self.alloc_table()
+        self.maps: list[tuple[int, int, int]] = []
+        npfn = RAM[-1][1] // PAGE
+        if leaf == 1 << 30:      # one 1 GiB page at phys 0; vmemmap sits STRUCTS into it
+            self.vmemmap = VMEMMAP_BASE + STRUCTS
+            self.map(VMEMMAP_BASE, 0, 1 << 30)
+        elif leaf == 2 << 20:
+            self.vmemmap = VMEMMAP_BASE
+            self.map(VMEMMAP_BASE, STRUCTS, 2 << 20)
+        else:                    # 4 KiB pages, in reverse physical order (not contiguous)
+            self.vmemmap = VMEMMAP_BASE
+            n = npfn * SZ // PAGE
+            for i in range(n):
+                self.map(VMEMMAP_BASE + i * PAGE, STRUCTS + (n - 1 - i) * PAGE, PAGE)
+        for pfn in range(npfn):
+            self.set_page(pfn, ALLOCATED, 0)
+        self.write(NOTE, note_bytes(vmcoreinfo_text(self)))
+
+    # -- memory
+    def write(self, phys: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            p = phys + i
+            self.mem.setdefault(p - p % PAGE, bytearray(PAGE))[p % PAGE] = b
+
+    def read(self, phys: int, length: int) -> bytes:
+        self.reads.append((phys, length))
+        out = bytearray()
+        p = phys
+        while p < phys + length:
+            page = p - p % PAGE
+            n = min(PAGE - p % PAGE, phys + length - p)
+            src = self.mem.get(page)
+            out += src[p % PAGE:p % PAGE + n] if src is not None else bytes(n)
+            p += n
+        return bytes(out)
+
+    def u64(self, phys: int, value: int) -> None:
+        self.mem.setdefault(phys - phys % PAGE, bytearray(PAGE))
+        struct.pack_into("<Q", self.mem[phys - phys % PAGE], phys % PAGE, value)
+
+    # -- page tables
+    def alloc_table(self) -> int:
+        p = self.next_table
+        self.next_table += PAGE
+        self.mem[p] = bytearray(PAGE)
+        return p
+
+    def entry_addr(self, va: int, level: int) -> int:
+        """Physical address of the entry for ``va`` at ``level`` (0 = top)."""
+        table = self.top
+        for lv, shift in enumerate(self.shifts):
+            at = table + ((va >> shift) & 511) * 8
+            if lv == level:
+                return at
+            table = struct.unpack_from("<Q", self.mem[table], at % PAGE)[0] & fp.PTE_ADDR
+        raise AssertionError("no such level")
+
+    def map(self, va: int, phys: int, size: int) -> None:
+        table = self.top
+        for shift in self.shifts:
+            idx = (va >> shift) & 511
+            at = table + idx * 8
+            if 1 << shift == size:
+                flags = 0x63 | (fp.PTE_PSE if size > PAGE else 0)
+                self.u64(at, phys | flags)
+                self.maps.append((va, phys, size))
+                return
+            entry = struct.unpack_from("<Q", self.mem[table], idx * 8)[0]
+            if not entry & 1:
+                nxt = self.alloc_table()
+                self.u64(at, nxt | 0x63)
+                table = nxt
+            else:
+                table = entry & fp.PTE_ADDR
+
+    def v2p(self, va: int) -> int:
+        for v, p, size in self.maps:
+            if v <= va < v + size:
+                return p + va - v
+        raise AssertionError(f"{va:#x} unmapped")
+
+    # -- struct pages
+    def set_page(self, pfn: int, page_type: int, private: int) -> None:
+        phys = self.v2p(self.vmemmap + pfn * SZ)
+        page = self.mem.setdefault(phys - phys % PAGE, bytearray(PAGE))
+        o = phys % PAGE
+        struct.pack_into("<Q", page, o + OFF_PRIVATE, private)
+        struct.pack_into("<I", page, o + OFF_MAPCOUNT, page_type)
+
+    def free_block(self, pfn: int, order: int) -> None:
+        self.set_page(pfn, BUDDY, order)
+
+    @property
+    def info(self) -> fp.VmcoreInfo:
+        return fp.read_vmcoreinfo(self.read, NOTE, 2048)
+
+
+def vmcoreinfo_text(a: FakeA, **override: str) -> str:
+    keys = {
+        "OSRELEASE": "6.12.117", "PAGESIZE": "4096",
+        "SYMBOL(init_top_pgt)": f"{a.top - a.phys_base + KMAP:x}",
+        "NUMBER(phys_base)": str(a.phys_base), "NUMBER(pgtable_l5_enabled)": str(int(a.l5)),
+        "SYMBOL(vmemmap)": f"{a.vmemmap:x}", "SIZE(page)": str(SZ),
+        "OFFSET(page.flags)": "0", "OFFSET(page._mapcount)": str(OFF_MAPCOUNT),
+        "OFFSET(page.private)": str(OFF_PRIVATE), "LENGTH(zone.free_area)": str(NR_ORDERS),
+        "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": str(BUDDY), "NUMBER(sme_mask)": "0",
+        "KERNELOFFSET": "0", "NUMBER(VMALLOC_START)": "0xffffc90000000000",
+    }
+    keys.update(override)
+    return "".join(f"{k}={v}\n" for k, v in keys.items() if v != "")
+
+
+def note_bytes(text: str, name: bytes = b"VMCOREINFO") -> bytes:
+    desc = text.encode()
+    nm = name + b"\0"
+    pad = lambda b: b + b"\0" * (-len(b) % 4)  # noqa: E731
+    return struct.pack("<III", len(nm), len(desc), 0) + pad(nm) + pad(desc) + bytes(12)
+
+
+def build(l5: bool = False, leaf: int = PAGE, phys_base: int = 0) -> FakeA:
+    a = FakeA(l5=l5, leaf=leaf, phys_base=phys_base)
+    a.free_block(0x800, 0)          # 4 KiB
+    a.free_block(0x808, 3)          # 32 KiB
+    a.free_block(0x2C00, 10)        # 4 MiB, the largest order
+    a.set_page(0x900, 0xF5 << 24, 0)          # slab: not free
+    a.set_page(0x901, BUDDY | 1, 0)           # buddy's top byte but other low bits: not trusted
+    a.free_block(0x902, NR_ORDERS)            # order out of range: not free
+    a.free_block(0x903, 1)                    # misaligned for its order: not free
+    a.set_page(0x904, 0x0000_0001, 0)         # mapped once: not free
+    return a
+
+
+EXPECTED = [(0x800000, 0x801000), (0x808000, 0x810000), (0x2C00000, 0x3000000)]
+LAYOUTS = [(False, PAGE), (False, 2 << 20), (False, 1 << 30), (True, PAGE), (True, 2 << 20),
+           (True, 1 << 30)]
+
+
+# ------------------------------------------------------------------------------ parsing
+
+def test_vmcoreinfo_note_is_parsed_as_linux_6_12_emits_it() -> None:
+    a = FakeA()
+    info = a.info
+    assert info.osrelease == "6.12.117" and info.page_size == PAGE
+    assert info.top_table_phys == a.top and info.vmemmap == a.vmemmap
+    assert (info.page_struct_size, info.off_mapcount, info.off_private) == (64, 48, 40)
+    assert info.buddy_value == 0xF0000000 and info.nr_orders == 11 and not info.l5
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"PAGESIZE": "16384"}, "page size"),
+    ({"SYMBOL(init_top_pgt)": ""}, "init_top_pgt"),
+    ({"LENGTH(zone.free_area)": ""}, "LENGTH(zone.free_area)"),
+    ({"NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": "-129"}, "encoding"),   # pre-6.9 ~PG_buddy
+    ({"SIZE(page)": "12"}, "struct page"),
+    ({"OFFSET(page.private)": "x"}, "not a number"),
+])
+def test_vmcoreinfo_this_scan_does_not_understand_is_refused(override: dict, words: str) -> None:
+    a = FakeA()
+    with pytest.raises(fp.FreePageError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        fp.parse_vmcoreinfo(vmcoreinfo_text(a, **override))
+
+
+def test_a_note_that_is_not_vmcoreinfo_is_refused() -> None:
+    with pytest.raises(fp.FreePageError, match="not VMCOREINFO"):
+        fp.parse_note(note_bytes("PAGESIZE=4096\n", name=b"CORE"))
+    with pytest.raises(fp.FreePageError, match="not valid"):
+        fp.parse_note(bytes(64))
+    assert isinstance(fp.FreePageError("x"), KjumpError)
+
+
+# --------------------------------------------------------------------------------- scan
+
+@pytest.mark.parametrize("l5, leaf", LAYOUTS)
+def test_buddy_heads_of_several_orders_are_the_only_free_pages(l5: bool, leaf: int) -> None:
+    a = build(l5=l5, leaf=leaf)
+    fmap = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048))
+    assert list(fmap.ranges) == EXPECTED
+    assert fmap.free_pages == 1 + 8 + 1024 and fmap.blocks == 3
+    assert fmap.scanned_bytes == RAM[0][1] - RAM[0][0]
+
+
+def test_phys_base_moves_the_kernel_image_mapping() -> None:
+    a = build(phys_base=0x200000)
+    assert list(fp.scan(a.info, a.read, RAM).ranges) == EXPECTED
+
+
+def test_excluded_memory_and_blocks_crossing_out_of_the_ranges_are_not_free() -> None:
+    a = build()
+    # B's own memory is never called free; a block that runs past the scanned memory neither
+    fmap = fp.scan(a.info, a.read, [(0x100000, 0x2E00000)], exclude=[(0x800000, 0x801000)])
+    assert list(fmap.ranges) == [(0x808000, 0x810000)]
+
+
+def test_unmapped_struct_pages_count_as_not_free() -> None:
+    a = build(leaf=PAGE)
+    # unmap the vmemmap page that holds the struct pages of pfns 0x800..0x83f
+    va = a.vmemmap + 0x808 * SZ
+    a.u64(a.entry_addr(va, len(a.shifts) - 1), 0)
+    assert list(fp.scan(a.info, a.read, RAM).ranges) == [EXPECTED[2]]
+
+
+def test_free_pages_are_never_read_by_the_scan() -> None:
+    a = build()
+    fp.scan(a.info, a.read, RAM)
+    fmap = fp.FreePageMap(tuple(EXPECTED))
+    assert not any(fmap.free_in(p, n) for p, n in a.reads)
+
+
+# --------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("l5", [False, True])
+def test_a_table_pointing_outside_a_s_memory_is_refused(l5: bool) -> None:
+    a = build(l5=l5, leaf=PAGE)
+    at = a.entry_addr(a.vmemmap, len(a.shifts) - 2)       # the PMD entry above the vmemmap
+    a.u64(at, 0x7000000 | 0x63)
+    with pytest.raises(fp.FreePageError, match="outside A's memory"):
+        fp.scan(a.info, a.read, RAM)
+
+
+def test_a_large_page_at_the_top_level_is_refused() -> None:
+    a = build()
+    at = a.entry_addr(a.vmemmap, 0)
+    a.u64(at, 0x63 | fp.PTE_PSE)
+    with pytest.raises(fp.FreePageError, match="cannot hold one"):
+        fp.scan(a.info, a.read, RAM)
+
+
+def test_a_misaligned_large_page_is_refused() -> None:
+    a = build(leaf=2 << 20)
+    at = a.entry_addr(a.vmemmap, len(a.shifts) - 2)
+    a.u64(at, (STRUCTS + 0x5000) | 0x63 | fp.PTE_PSE)
+    with pytest.raises(fp.FreePageError, match="misaligned"):
+        fp.scan(a.info, a.read, RAM)
+
+
+def test_a_free_block_over_the_struct_pages_is_refused() -> None:
+    a = build(leaf=2 << 20)
+    a.free_block(STRUCTS // PAGE, 8)
+    with pytest.raises(fp.FreePageError, match="read as in use"):
+        fp.scan(a.info, a.read, RAM)
+
+
+def test_a_free_block_over_the_note_is_refused() -> None:
+    a = build()
+    a.free_block(NOTE // PAGE, 0)
+    with pytest.raises(fp.FreePageError, match="read as in use"):
+        fp.scan(a.info, a.read, RAM, note=(NOTE, 2048))
+
+
+def test_a_buddy_head_inside_another_free_block_is_refused() -> None:
+    a = build()
+    a.free_block(0x2C01, 0)
+    with pytest.raises(fp.FreePageError, match="inside another"):
+        fp.scan(a.info, a.read, RAM)
+
+
+def test_an_absurd_amount_of_free_memory_is_refused() -> None:
+    a = FakeA(leaf=2 << 20)
+    used = {p // PAGE for p in a.mem}
+    for pfn in range(RAM[0][0] // PAGE, RAM[0][1] // PAGE):
+        if pfn not in used:
+            a.free_block(pfn, 0)
+    with pytest.raises(fp.FreePageError, match="absurd"):
+        fp.scan(a.info, a.read, RAM)
+
+
+# ------------------------------------------------------------------------- hypothesis
+
+blocks = st.lists(st.tuples(st.integers(0x2100, 0x2BFF), st.integers(0, 6)), max_size=12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(blocks=blocks)
+def test_any_set_of_aligned_disjoint_blocks_is_found_exactly(blocks: list) -> None:
+    a = FakeA(leaf=2 << 20)
+    want: list[tuple[int, int]] = []
+    for pfn, order in blocks:
+        pfn -= pfn % (1 << order)
+        a0, b0 = pfn, pfn + (1 << order)
+        if b0 > 0x2C00 or any(a0 < e and s < b0 for s, e in want):
+            continue
+        want.append((a0, b0))
+        a.free_block(pfn, order)
+    fmap = fp.scan(a.info, a.read, RAM)
+    assert fmap.free_pages == sum(e - s for s, e in want)
+    assert list(fmap.ranges) == list(fp.FreePageMap(
+        tuple((s * PAGE, e * PAGE) for s, e in want)).ranges)
+
+
+# ---------------------------------------------------------------------- masked source
+
+class ReadOnly:
+    """A source without readinto (the pipeline then uses read)."""
+
+    def __init__(self, a: FakeA) -> None:
+        self.a = a
+
+    def read(self, phys: int, length: int) -> bytes:
+        return self.a.read(phys, length)
+
+
+class WithReadinto(ReadOnly):
+    def readinto(self, phys: int, buf: memoryview) -> None:
+        buf[:] = self.a.read(phys, len(buf))
+
+
+def _filled() -> FakeA:
+    a = FakeA(leaf=2 << 20)
+    for base in (0x800000, 0x80C000, 0x2C00000):       # garbage in pages that will be free
+        a.write(base, b"\xAA" * 64)
+    a.write(0x801000, b"in use")
+    return a
+
+
+@settings(max_examples=60, deadline=None)
+@given(phys=st.integers(0x7F0000, 0x812000), length=st.integers(1, 0x30000),
+       readinto=st.booleans())
+def test_masked_source_hands_zeros_for_free_pages_and_never_reads_them(
+        phys: int, length: int, readinto: bool) -> None:
+    a = _filled()
+    fmap = fp.FreePageMap(tuple(EXPECTED))
+    src = fp.FreeMaskedSource(WithReadinto(a) if readinto else ReadOnly(a), fmap)
+    want = bytearray(a.read(phys, length))
+    for s, e in fmap.free_in(phys, length):
+        want[s - phys:e - phys] = bytes(e - s)
+    a.reads.clear()
+    assert src.read(phys, length) == want
+    buf = bytearray(length)
+    src.readinto(phys, memoryview(buf))
+    assert buf == want
+    assert not any(fmap.free_in(p, n) for p, n in a.reads)
+
+
+def test_free_map_records_are_sorted_merged_and_clipped() -> None:
+    fmap = fp.FreePageMap(((0x3000, 0x4000), (0x1000, 0x2000), (0x2000, 0x3000)))
+    assert fmap.ranges == ((0x1000, 0x4000),)
+    assert fmap.free_pages == 3 and fmap.free_bytes == 0x3000
+    assert fmap.free_in(0x1800, 0x1000) == [(0x1800, 0x2800)]
+    assert fmap.free_in(0x4000, 0x1000) == []
+    assert fmap.is_free(0x3FFF) and not fmap.is_free(0x4000)
+
+
+def test_zero_check_finds_a_free_page_holding_data() -> None:
+    a = _filled()
+    fmap = fp.FreePageMap(tuple(EXPECTED))
+    chk = fp.check_free_pages_zero(a.read, fmap)
+    assert not chk.passed and chk.pages == 1033 and chk.first_nonzero == 0x800000
+    assert chk.nonzero_pages == 3
+    clean = FakeA(leaf=2 << 20)
+    assert fp.check_free_pages_zero(clean.read, fmap).passed
+
+
+# ------------------------------------------------- the job, the daemon side, B's save role
+
+def _job(**kw):
+    from tests.unit.test_job import make_job
+    base = dict(ranges=RAM, jump_area=(0x20000000, 128 << 20), vmcoreinfo=(NOTE, 2048))
+    base.update(kw)
+    return make_job(**base)
+
+
+def test_job_carries_vmcoreinfo_and_the_switches_and_older_jobs_still_read() -> None:
+    import json
+
+    from kjumpd.errors import JobError
+    from kjumpd.job import Job
+    job = _job(free_page_check=True)
+    back = Job.from_json(job.to_json())
+    assert back == job and back.vmcoreinfo == (NOTE, 2048) and back.free_page_check
+    old = json.loads(job.to_json())
+    for key in ("vmcoreinfo", "free_page_exclusion", "free_page_check"):
+        del old[key]
+    older = Job.from_dict(old)
+    assert older.vmcoreinfo is None and older.free_page_exclusion and not older.free_page_check
+    with pytest.raises(JobError, match="vmcoreinfo"):
+        _job(vmcoreinfo=(NOTE, 0))
+    with pytest.raises(JobError, match="free_page_exclusion"):
+        _job(free_page_exclusion="yes")
+
+
+def test_daemon_reads_the_note_location_from_sysfs(tmp_path) -> None:
+    from kjumpd.kexec import vmcoreinfo_location
+    from kjumpd.sysroot import Sysroot
+    sr = Sysroot(str(tmp_path))
+    assert vmcoreinfo_location(sr) is None                       # no CONFIG_VMCORE_INFO
+    (tmp_path / "sys/kernel").mkdir(parents=True)
+    (tmp_path / "sys/kernel/vmcoreinfo").write_text("0x000000001e7f5000 1024\n")
+    assert vmcoreinfo_location(sr) == (0x1E7F5000, 0x1024)
+    (tmp_path / "sys/kernel/vmcoreinfo").write_text("garbage\n")
+    assert vmcoreinfo_location(sr) is None
+
+
+def test_config_switches_default_to_exclusion_without_the_check(tmp_path) -> None:
+    from kjumpd import config
+    from kjumpd.sysroot import Sysroot
+    assert config.Config().free_page_exclusion and not config.Config().free_page_check
+    (tmp_path / "etc/kjumpd").mkdir(parents=True)
+    (tmp_path / "etc/kjumpd/kjumpd.toml").write_text(
+        "[hibernate]\nfree_page_exclusion = false\nfree_page_check = true\n")
+    cfg = config.load(Sysroot(str(tmp_path)))
+    assert not cfg.free_page_exclusion and cfg.free_page_check
+
+
+def test_save_role_skips_free_pages_or_says_why_it_saves_everything(capsys) -> None:
+    from kjumpd.agent.kernel_role import free_pages
+    a = build()
+    src = ReadOnly(a)
+    fmap = free_pages(_job(), src, own=[(0, 0x80000), (0x20000000, 0x28000000)])
+    assert fmap is not None and list(fmap.ranges) == EXPECTED
+    out = capsys.readouterr().out
+    assert "kjump-agent: free pages: 1033 (4 MiB) of A's memory skipped" in out
+
+    assert free_pages(_job(free_page_exclusion=False), src, own=[]) is None
+    assert "exclusion switched off" in capsys.readouterr().out
+    assert free_pages(_job(vmcoreinfo=None), src, own=[]) is None
+    assert "no vmcoreinfo" in capsys.readouterr().out
+    assert free_pages(_job(main_kernel={"release": "7.2.1", "build_id": ""}), src, own=[]) is None
+    assert "not the main kernel's" in capsys.readouterr().out
+    assert free_pages(_job(vmcoreinfo=(NOTE + PAGE, 2048)), src, own=[]) is None
+    assert "not excluded" in capsys.readouterr().out
+
+
+def test_save_role_debug_check_passes_on_zeroed_free_pages_and_falls_back_otherwise(
+        capsys) -> None:
+    from kjumpd.agent.kernel_role import free_pages
+    a = build()
+    assert free_pages(_job(free_page_check=True), ReadOnly(a), own=[]) is not None
+    assert "free-page check: PASS: all 1033 free pages read as zero" in capsys.readouterr().out
+    a.write(0x2C00000 + 5 * PAGE, b"garbage")
+    assert free_pages(_job(free_page_check=True), ReadOnly(a), own=[]) is None
+    assert "free-page check: FAIL: 1 of 1033 free pages hold data (first at 0x2c05000)" \
+        in capsys.readouterr().out
