@@ -24,6 +24,7 @@ import sys
 from typing import Any, Sequence
 
 from kjumpd.errors import ConfigError, KjumpError, TargetError
+from kjumpd.image.heap import tune_heap
 from kjumpd.job import MAX_CHUNK_SIZE
 
 log = logging.getLogger("kjump-agent")
@@ -231,20 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def limit_malloc_arenas(n: int = 2) -> None:
-    """Keep glibc from giving every worker thread its own heap arena (each keeps the
-    chunk buffers it freed: peak RSS grows with the thread count). Best effort: ctypes may
-    be absent from the save kernel's initramfs, and the libc may not be glibc."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-8, n)          # M_ARENA_MAX
-    except (ImportError, OSError, AttributeError):
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    limit_malloc_arenas()
+    tune_heap()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

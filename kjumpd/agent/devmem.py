@@ -155,6 +155,20 @@ class MemorySource(_DevMem):
             length -= n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def readinto(self, phys: int, buf: bytearray | memoryview) -> None:
+        """Copy ``len(buf)`` bytes at ``phys`` into ``buf`` (a reused buffer: no fresh memory,
+        whose page faults cost more than the copy itself)."""
+        out = memoryview(buf)
+        length = len(out)
+        self._bounds(phys, length)
+        done = 0
+        while done < length:
+            m, off = self._view(phys + done, length - done)
+            n = min(length - done, len(m) - off)
+            with memoryview(m) as src:
+                out[done:done + n] = src[off:off + n]
+            done += n
+
 
 @dataclass(frozen=True)
 class HeldSegment:

@@ -8,6 +8,7 @@ Standard library + lz4 only: this runs in the save kernel's initramfs.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import lz4.block
@@ -37,13 +38,14 @@ class EncodedChunk:
 _ZERO_PROBE = bytes(32)
 
 
-def find_zero_pages(data: bytes) -> list[int]:
-    """Indices of the all-zero pages of ``data`` (the last page may be partial).
+def find_zero_pages(data: bytes | bytearray, length: int | None = None) -> list[int]:
+    """Indices of the all-zero pages of the first ``length`` bytes of ``data`` (default: all
+    of it; the last page may be partial).
 
     bytes.find() looks for a run of 32 zero bytes in C; Python only looks at the pages where
     such a run starts (each zero page, and pages that merely contain one), not at every page.
     """
-    n = len(data)
+    n = len(data) if length is None else length
     full = n // PAGE_SIZE
     end = full * PAGE_SIZE
     out = []
@@ -54,57 +56,91 @@ def find_zero_pages(data: bytes) -> list[int]:
             break
         page = i // PAGE_SIZE
         o = page * PAGE_SIZE
-        if data.startswith(ZERO_PAGE, o):
+        if data.startswith(ZERO_PAGE, o, o + PAGE_SIZE):
             out.append(page)
         pos = o + PAGE_SIZE
-    if n > end and data.startswith(ZERO_PAGE[:n - end], end):
+    if n > end and data.startswith(ZERO_PAGE[:n - end], end, n):
         out.append(full)
     return out
 
 
+#: all-zero buffers by length (a chunk size and the odd tail): compared against, never copied
+_ZEROS: dict[int, bytes] = {}
+_scratch = threading.local()
+
+
+def zeros(n: int) -> bytes:
+    """A shared all-zero bytes object of length ``n`` (cached for the few sizes in use)."""
+    z = _ZEROS.get(n)
+    if z is None:
+        z = bytes(n)
+        if len(_ZEROS) < 16:
+            _ZEROS[n] = z
+    return z
+
+
+def _scratch_buffer(n: int) -> bytearray:
+    """This thread's reusable buffer of at least ``n`` bytes (fresh memory costs page faults)."""
+    buf: bytearray | None = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _scratch.buf = bytearray(n)
+    return buf
+
+
 def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
-                 compression: str = "lz4", tag: int = 0) -> EncodedChunk:
-    """Encode ``data`` (the memory at ``phys``) as one chunk record."""
-    if not isinstance(data, bytes):
-        data = bytes(data)               # slicing bytes is the fast zero test
-    n = len(data)
+                 compression: str = "lz4", tag: int = 0,
+                 length: int | None = None) -> EncodedChunk:
+    """Encode the first ``length`` bytes of ``data`` (the memory at ``phys``) as one record.
+
+    ``data`` is not kept: the record holds its own copies, so the caller may reuse a
+    bytes/bytearray/mmap buffer for the next chunk at once (a memoryview is copied first).
+    """
+    if isinstance(data, memoryview):
+        data = bytes(data)               # find()/startswith() need bytes-like methods
+    n = len(data) if length is None else length
+    if n > len(data):
+        raise ValueError(f"chunk length {n} exceeds the buffer ({len(data)} bytes)")
     pages = (n + PAGE_SIZE - 1) // PAGE_SIZE
     bitmap = bytearray((pages + 7) // 8)
-    zero = 0
-    if data[:PAGE_SIZE] == ZERO_PAGE[:min(n, PAGE_SIZE)] and data == bytes(n):
+    payload_raw: bytes | memoryview
+    if data.startswith(ZERO_PAGE[:min(n, PAGE_SIZE)]) and data.startswith(zeros(n)):
         zero = pages
         for i in range(pages):
             bitmap[i >> 3] |= 1 << (i & 7)
         payload_raw = b""
     else:
-        zero_at = find_zero_pages(data)
+        zero_at = find_zero_pages(data, n)
         zero = len(zero_at)
         for i in zero_at:
             bitmap[i >> 3] |= 1 << (i & 7)
         if zero == 0:
-            payload_raw = data
+            payload_raw = memoryview(data)[:n]
         else:
-            # the stored pages are the runs between zero pages: one slice per run
-            mv = memoryview(data)
-            keep = []
-            pos = 0
+            # the stored pages are the runs between zero pages, packed into a scratch buffer
+            src = memoryview(data)
+            scratch = _scratch_buffer(n)
+            dst = memoryview(scratch)
+            fill = pos = 0
             for i in zero_at:
                 o = i * PAGE_SIZE
                 if o > pos:
-                    keep.append(mv[pos:o])
+                    dst[fill:fill + o - pos] = src[pos:o]
+                    fill += o - pos
                 pos = o + PAGE_SIZE
             if pos < n:
-                keep.append(mv[pos:])
-            payload_raw = b"".join(keep)
+                dst[fill:fill + n - pos] = src[pos:n]
+                fill += n - pos
+            payload_raw = dst[:fill]
+    payload: bytes
     if zero == pages:
         enc, payload = ENC_ZERO, b""
     elif compression == "lz4":
         payload = lz4.block.compress(payload_raw, store_size=False)
         enc = ENC_LZ4
         if len(payload) >= len(payload_raw):
-            enc, payload = ENC_RAW, payload_raw
+            enc, payload = ENC_RAW, bytes(payload_raw)
     else:
-        enc, payload = ENC_RAW, payload_raw
+        enc, payload = ENC_RAW, bytes(payload_raw)
     bm = bytes(bitmap)
     body_crc = crc32(payload, crc32(bm))
     head = ChunkHeader(encoding=enc, pages=pages, index=index, phys=phys, raw_length=n,
@@ -138,6 +174,20 @@ def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> 
 def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
                  ) -> bytes | bytearray:
     """Check and decode a record into its ``raw_length`` bytes (zero pages as zeros)."""
+    if ch.encoding == ENC_ZERO:
+        decode_into(ch, bitmap, payload, offset, None)
+        return zeros(ch.raw_length)
+    out = bytearray(ch.raw_length)
+    decode_into(ch, bitmap, payload, offset, memoryview(out))
+    return out
+
+
+def decode_into(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int,
+                out: memoryview | None) -> None:
+    """Check a record and decode its ``raw_length`` bytes into ``out`` (zero pages written as
+    zeros). ``out`` may be a reused buffer: every byte of ``out[:raw_length]`` is written.
+    ``out`` may be None only for an all-zero record (ENC_ZERO), which is checked, not written.
+    """
     check_chunk(ch, bitmap, payload, offset)
     stored = stored_pages(bitmap, ch.pages)
     nz = len(stored)
@@ -151,10 +201,16 @@ def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
                                  fix="the image cannot be used; boot normally and hibernate again",
                                  structure="chunk", offset=offset, chunk=ch.index)
 
+    n = ch.raw_length
     if ch.encoding == ENC_ZERO:
         if nz:
             raise bad("an all-zero chunk has non-zero pages in its bitmap")
-        return bytes(ch.raw_length)
+        if out is not None:
+            out[:n] = zeros(n)
+        return
+    if out is None:
+        raise ValueError("decode_into needs an output buffer for a stored chunk")
+    raw: bytes | memoryview
     if ch.encoding == ENC_RAW:
         raw = payload
     elif ch.encoding == ENC_LZ4:
@@ -166,17 +222,27 @@ def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
         raise ImageFormatError(f"chunk {ch.index}: unknown encoding {ch.encoding}")
     if len(raw) != expect:
         raise bad(f"payload holds {len(raw)} bytes, the bitmap says {expect}")
-    if nz == ch.pages:
-        return raw
-    out = bytearray(ch.raw_length)
     src = memoryview(raw)
-    if last_stored and tail_short:
-        stored.pop()
-        o = (ch.pages - 1) * PAGE_SIZE
-        out[o:] = src[expect - (ch.raw_length - o):]
-    sp = 0
-    for i in stored:
-        o = i * PAGE_SIZE
-        out[o:o + PAGE_SIZE] = src[sp:sp + PAGE_SIZE]
-        sp += PAGE_SIZE
-    return out
+    if nz == ch.pages:
+        out[:n] = src
+        return
+    # runs of consecutive stored pages are contiguous in the payload: one copy per run,
+    # one zero fill per run of zero pages
+    sp = 0            # position in the payload
+    pos = 0           # page index written up to
+    i = 0
+    while i < nz:
+        first = stored[i]
+        j = i
+        while j + 1 < nz and stored[j + 1] == stored[j] + 1:
+            j += 1
+        if first > pos:
+            out[pos * PAGE_SIZE:first * PAGE_SIZE] = zeros((first - pos) * PAGE_SIZE)
+        o = first * PAGE_SIZE
+        end = min((stored[j] + 1) * PAGE_SIZE, n)
+        out[o:end] = src[sp:sp + end - o]
+        sp += end - o
+        pos = stored[j] + 1
+        i = j + 1
+    if pos < ch.pages:
+        out[pos * PAGE_SIZE:n] = zeros(n - pos * PAGE_SIZE)

@@ -14,6 +14,8 @@ Standard library + lz4 only: this runs in the save kernel's initramfs.
 from __future__ import annotations
 
 import logging
+import mmap
+import queue
 import struct
 import time
 from collections import deque
@@ -23,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError
 from kjumpd.image import store
-from kjumpd.image.chunk import COMPRESSIONS, decode_chunk
+from kjumpd.image.chunk import COMPRESSIONS, decode_into
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (ChunkHeader, Header, ImageState, Metadata, chunk_count,
                                  chunk_plan, crc32, image_tag)
@@ -76,16 +78,38 @@ def check_image(dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE,
 
 
 def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
-               workers: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """(phys, bytes) of every chunk, in order, each checked before it is yielded."""
+               workers: int | None = None) -> Iterator[tuple[int, memoryview]]:
+    """(phys, bytes) of every chunk, in order, each checked before it is yielded.
+
+    The bytes are a view of a reused, page-aligned buffer (chunks are decoded into a small
+    ring of them on the worker threads): it is valid until the next item is requested.
+    """
     workers = workers or default_workers()
     reader = RecordReader(dev, header.data_offset, header.data_length)
     plan = chunk_plan(meta.extents, header.chunk_size)
-    pending: deque[tuple[ChunkHeader, Future[bytes], int]] = deque()
+    pending: deque[tuple[ChunkHeader, Future[tuple[mmap.mmap, int]], int]] = deque()
     depth = inflight_chunks(workers, header.chunk_size)
+    free: queue.Queue[mmap.mmap] = queue.Queue()
+    ring = [mmap.mmap(-1, header.chunk_size) for _ in range(depth + 1)]
+    for m in ring:
+        free.put(m)
     tag = image_tag(header.uuid, header.created)
     crc = 0
     count = 0
+
+    def hand_out(ch0: ChunkHeader, fut: Future[tuple[mmap.mmap, int]]
+                 ) -> Iterator[tuple[int, memoryview]]:
+        buf, n = fut.result()
+        mv = memoryview(buf)[:n]
+        try:
+            yield ch0.phys, mv
+        finally:
+            try:
+                mv.release()
+                free.put(buf)
+            except BufferError:          # the consumer kept a view: never reuse this one
+                free.put(mmap.mmap(-1, header.chunk_size))
+
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-unlz4") as pool:
             try:
@@ -101,14 +125,15 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                         # (a bad one among them raises first), then stop at the bad record
                         while pending:
                             ch0, fut, _ = pending.popleft()
-                            yield ch0.phys, fut.result()
+                            yield from hand_out(ch0, fut)
                         raise
                     crc = crc32(struct.pack("<I", ch.crc), crc)
-                    pending.append((ch, pool.submit(decode_chunk, ch, bitmap, payload, off), off))
+                    pending.append((ch, pool.submit(_decode, ch, bitmap, payload, off,
+                                                    free.get()), off))
                     count += 1
                     if len(pending) >= depth:
                         ch0, fut, _ = pending.popleft()
-                        yield ch0.phys, fut.result()
+                        yield from hand_out(ch0, fut)
                 if count != header.chunk_count:
                     raise ImageCorruptError(
                         f"image data ends after {count} of {header.chunk_count} chunks",
@@ -116,7 +141,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                         structure="data", offset=header.data_offset + header.data_length)
                 while pending:
                     ch0, fut, _ = pending.popleft()
-                    yield ch0.phys, fut.result()
+                    yield from hand_out(ch0, fut)
                 if crc != header.data_crc:
                     raise ImageCorruptError("image chunk list does not match the header",
                                             why="data checksum mismatch",
@@ -127,6 +152,13 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                     fut.cancel()
     finally:
         reader.close()
+
+
+def _decode(ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap
+            ) -> tuple[mmap.mmap, int]:
+    with memoryview(buf) as out:
+        decode_into(ch, bitmap, payload, off, out)
+    return buf, ch.raw_length
 
 
 def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progress | None = None,
@@ -155,7 +187,8 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
     return stats
 
 
-def _deliver(sink: MemorySink | None, phys: int, data: bytes, held: list[tuple[int, int]],
+def _deliver(sink: MemorySink | None, phys: int, data: bytes | memoryview,
+             held: list[tuple[int, int]],
              on_divert: Callable[[int, bytes], None] | None, stats: RestoreStats) -> None:
     end = phys + len(data)
     pos = phys

@@ -1,11 +1,14 @@
 """Streaming save: memory source -> zero-page elision -> lz4 on a thread pool -> block-mapped
-writer -> flush -> verify (re-read every written window, compare CRCs) -> SAVED header,
-written last after a flush.
+writer -> verify (every written window re-read from the device and compared byte for byte) ->
+flush -> SAVED header, written last after a flush.
 (The record-level check, with decompression, is restore_image(verify_only=True).)
 
-Threads: the caller's thread reads the source and submits chunks to the pool; a writer
-thread takes finished chunks *in order* and packs them into aligned windows. The number of
-chunks in flight is bounded, so memory use does not depend on the size of the input.
+Threads: the caller's thread reads the source into reused buffers and submits chunks to the
+pool; a writer thread takes finished chunks *in order* and packs them into aligned windows;
+a verifier thread reads each window back as soon as its write returned, so the verify pass
+overlaps the save instead of following it (SAVED still waits for its last window). The
+number of chunks in flight is bounded, so memory use does not depend on the size of the
+input.
 On a cancel or an error the header becomes ABORTED(reason) and a KjumpError is raised.
 
 Standard library + lz4 only: this runs in the save kernel's initramfs.
@@ -30,7 +33,7 @@ from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
                                  ImageState, MemoryExtent, Metadata, chunk_count, chunk_plan,
                                  crc32, data_offset_for, image_tag, validate_extents)
-from kjumpd.image.stream import RecordWriter, verify_written
+from kjumpd.image.stream import ReadBackVerifier, RecordWriter
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +212,20 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     total = meta.raw_bytes
     meter = _Meter(progress, total)
     t0 = time.monotonic()
-    rw = RecordWriter(dev, data_off)
+    verifier = ReadBackVerifier(dev) if verify else None
+    rw = RecordWriter(dev, data_off, verifier=verifier)
     depth = inflight_chunks(workers, chunk_size)
     wt = _Writer(rw, depth)
+    # reused read buffers (fresh memory for every chunk costs more in page faults than the
+    # copy itself): a buffer goes back to ``free`` as soon as its chunk is encoded
+    readinto = getattr(source, "readinto", None)
+    free: queue.Queue[bytearray] = queue.Queue()
+    if readinto is not None:
+        for _ in range(depth):
+            free.put(bytearray(chunk_size))
     try:
+        if verifier is not None:
+            verifier.start()
         dev.write(METADATA_OFFSET, meta_raw)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-lz4") as pool:
             wt.start()
@@ -223,14 +236,23 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                     if is_cancelled():
                         raise CancelledError("save cancelled", why="cancel requested",
                                              fix="nothing was lost; the system keeps running")
-                    data = source.read(phys, n)
-                    if len(data) != n:
-                        raise ImageError(f"memory source returned {len(data)} bytes at "
-                                         f"{phys:#x}, expected {n}",
-                                         why="the range lies beyond the end of the memory",
-                                         fix="check the ranges", phys=phys)
-                    fut = pool.submit(encode_chunk, index, phys, data, compression, tag)
-                    del data
+                    if readinto is not None:
+                        buf = _take(free, wt, meter)
+                        if buf is None:
+                            break
+                        with memoryview(buf) as whole:
+                            readinto(phys, whole[:n])
+                        fut = pool.submit(_encode_and_free, free, index, phys, buf, n,
+                                          compression, tag)
+                    else:
+                        data = source.read(phys, n)
+                        if len(data) != n:
+                            raise ImageError(f"memory source returned {len(data)} bytes at "
+                                             f"{phys:#x}, expected {n}",
+                                             why="the range lies beyond the end of the memory",
+                                             fix="check the ranges", phys=phys)
+                        fut = pool.submit(encode_chunk, index, phys, data, compression, tag)
+                        del data
                     while wt.error is None:
                         try:
                             wt.q.put(fut, timeout=0.1)
@@ -256,9 +278,11 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
         seconds_write = time.monotonic() - t0
         meter(total, final=True)
         tv = time.monotonic()
-        if verify:
-            # every byte written is read back (O_DIRECT: from the device) and its CRC compared
-            verify_written(dev, rw.written, rw.window)
+        if verifier is not None:
+            # every window was read back (O_DIRECT: from the device) as soon as it was
+            # written; this waits for the last ones and raises the first mismatch
+            v, verifier = verifier, None
+            v.finish()
         verify_seconds = time.monotonic() - tv
         crcs = wt.crcs
         saved = header.evolve(state=ImageState.SAVED, saved=time.time(), updated=time.time(),
@@ -279,6 +303,8 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
         _abort(dev, f"save interrupted: {type(e).__name__}")
         raise
     finally:
+        if verifier is not None:
+            verifier.abandon()
         rw.close()
     stats = SaveStats(raw_bytes=total, zero_pages=wt.zero_pages, stored_bytes=wt.stored,
                       chunk_count=len(crcs), data_length=data_len,
@@ -288,6 +314,24 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
              total, stats.chunk_count, stats.zero_pages, stats.stored_bytes, stats.seconds,
              verify_seconds)
     return stats
+
+
+def _take(free: "queue.Queue[bytearray]", wt: _Writer, meter: _Meter) -> bytearray | None:
+    """A free read buffer, or None when the writer failed (its error is raised later)."""
+    while wt.error is None:
+        try:
+            return free.get(timeout=0.1)
+        except queue.Empty:
+            meter(wt.raw_done)
+    return None
+
+
+def _encode_and_free(free: "queue.Queue[bytearray]", index: int, phys: int, buf: bytearray,
+                     n: int, compression: str, tag: int) -> EncodedChunk:
+    try:
+        return encode_chunk(index, phys, buf, compression, tag, length=n)
+    finally:
+        free.put(buf)
 
 
 def _abort(dev: ImageDevice, reason: str) -> None:

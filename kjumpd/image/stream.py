@@ -12,17 +12,24 @@ from __future__ import annotations
 import mmap
 import queue
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from kjumpd.errors import ImageCorruptError, TargetError
 from kjumpd.image.device import ALIGN, ImageDevice
-from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader, crc32
+from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader
 
 WINDOW = 2 * 1024 * 1024
 
 
 class RecordWriter:
-    def __init__(self, dev: ImageDevice, start: int, window: int = WINDOW) -> None:
+    """Packs records into page-aligned windows and writes each full window once.
+
+    With a ``verifier`` the written window is handed over for read-back and the writer goes
+    on with a spare one (a few windows rotate; the writer waits when all are being checked).
+    """
+
+    def __init__(self, dev: ImageDevice, start: int, window: int = WINDOW,
+                 verifier: "ReadBackVerifier | None" = None, spares: int = 2) -> None:
         if start % ALIGN:
             raise ValueError("data area must be aligned")
         self.dev = dev
@@ -32,7 +39,15 @@ class RecordWriter:
         self.flushed = 0          # bytes of the data area already on the device
         self.length = 0           # bytes appended
         self.window = window
-        self.written: list[tuple[int, int, int]] = []   # (logical, length, CRC) per write
+        self.writes = 0
+        self.verifier = verifier
+        self.spare: queue.Queue[mmap.mmap] = queue.Queue()
+        self._all = [self.buf]
+        if verifier is not None:
+            for _ in range(spares):
+                m = mmap.mmap(-1, window)
+                self._all.append(m)
+                self.spare.put(m)
 
     @property
     def capacity(self) -> int:
@@ -61,14 +76,23 @@ class RecordWriter:
         padded = -(-n // ALIGN) * ALIGN
         if padded > n:
             self.buf[n:padded] = bytes(padded - n)
-        mv = memoryview(self.buf)[:padded]
-        try:
-            self.written.append((self.start + self.flushed, padded, crc32(mv)))
-            self.dev.write_aligned(self.start + self.flushed, mv)
-        finally:
-            mv.release()
+        at = self.start + self.flushed
+        with memoryview(self.buf) as whole:
+            self.dev.write_aligned(at, whole[:padded])
+        self.writes += 1
+        if self.verifier is not None:
+            self.verifier.submit(at, padded, self.buf, self.spare)
+            self.buf = self._next_spare()
         self.flushed += n
         self.fill = 0
+
+    def _next_spare(self) -> mmap.mmap:
+        while True:
+            try:
+                return self.spare.get(timeout=0.5)
+            except queue.Empty:
+                if self.verifier is not None and not self.verifier.is_alive():
+                    raise self.verifier.error or RuntimeError("the verifier stopped")
 
     def finish(self) -> int:
         """Write the last partial window (zero-padded to the block size); the data length."""
@@ -80,43 +104,109 @@ class RecordWriter:
         return self.length
 
     def close(self) -> None:
-        self.buf.close()
-
-
-def verify_written(dev: ImageDevice, written: list[tuple[int, int, int]], window: int
-                   ) -> None:
-    """Re-read every window a RecordWriter wrote and compare its CRC with what was sent."""
-    if not written:
-        return
-    first = written[0][0]
-    last_off, last_len, _ = written[-1]
-    pf = _Prefetch(dev, first, last_off + last_len, window)
-    pf.start()
-    try:
-        for off, length, crc in written:
-            item = pf.ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is None:
-                raise ImageCorruptError(f"image data ends before byte offset {off}",
-                                        why="read-back came up short", structure="data",
-                                        offset=off)
-            i, pos, keep = item
+        for m in self._all:
             try:
-                mv = memoryview(pf.bufs[i])[:keep]
-                got = crc32(mv)
-                mv.release()
+                m.close()
+            except BufferError:      # pragma: no cover - a view still held by a failed read
+                pass
+
+
+def _memeq(a: mmap.mmap, b: mmap.mmap, n: int) -> bool:
+    """``a[:n] == b[:n]`` without copying either (memcmp through ctypes, GIL released)."""
+    if _MEMCMP is not None:
+        import ctypes
+        pa = ctypes.c_char.from_buffer(a)
+        pb = ctypes.c_char.from_buffer(b)
+        try:
+            return _MEMCMP(ctypes.addressof(pa), ctypes.addressof(pb), n) == 0
+        finally:
+            del pa, pb
+    return a[:n] == b[:n]
+
+
+def _load_memcmp() -> "Callable[[int, int, int], int] | None":
+    try:
+        import ctypes
+        f = ctypes.CDLL(None).memcmp
+        f.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+        f.restype = ctypes.c_int
+        return f  # type: ignore[no-any-return]
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_MEMCMP = _load_memcmp()
+
+
+class ReadBackVerifier(threading.Thread):
+    """The verify pass, overlapped with the save: each window a RecordWriter wrote is read
+    back from the device (O_DIRECT when the device has it) as soon as its write returned and
+    compared byte for byte with the window that was sent, which then goes back to the
+    writer. ``finish()`` waits for the last window and raises the first mismatch or read
+    error.
+    """
+
+    def __init__(self, dev: ImageDevice, window: int = WINDOW) -> None:
+        super().__init__(name="kjump-verify", daemon=True)
+        self.dev = dev
+        self.q: queue.Queue[tuple[int, int, mmap.mmap, queue.Queue[mmap.mmap]] | None] = \
+            queue.Queue()
+        self.buf = mmap.mmap(-1, window)
+        self.error: BaseException | None = None
+        self.checked = 0          # bytes read back and found equal
+        self.windows = 0
+
+    def submit(self, logical: int, length: int, sent: mmap.mmap,
+               give_back: "queue.Queue[mmap.mmap]") -> None:
+        self.q.put((logical, length, sent, give_back))
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            off, length, sent, give_back = item
+            try:
+                if self.error is None:
+                    self._check(off, length, sent)
+            except BaseException as e:  # noqa: B902 - handed to finish(), raised there
+                self.error = e
             finally:
-                pf.free.put(i)
-            if pos != off or keep != length or got != crc:
-                raise ImageCorruptError(f"image data at byte offset {off} reads back "
-                                        "differently from what was written",
-                                        why="read-back checksum mismatch",
-                                        fix="the disk or its block map is not reliable; check "
-                                            "it and run `kjumpctl setup` again",
-                                        structure="data", offset=off)
-    finally:
-        pf.close()
+                give_back.put(sent)
+
+    def _check(self, off: int, length: int, sent: mmap.mmap) -> None:
+        if length > len(self.buf):
+            self.buf.close()
+            self.buf = mmap.mmap(-1, length)
+        with memoryview(self.buf) as whole:
+            self.dev.readinto(off, whole[:length])
+        if not _memeq(self.buf, sent, length):
+            raise ImageCorruptError(f"image data at byte offset {off} reads back "
+                                    "differently from what was written",
+                                    why="read-back mismatch",
+                                    fix="the disk or its block map is not reliable; check "
+                                        "it and run `kjumpctl setup` again",
+                                    structure="data", offset=off)
+        self.checked += length
+        self.windows += 1
+
+    def finish(self) -> None:
+        """Wait until every submitted window was checked; raise the first failure."""
+        self.q.put(None)
+        self.join()
+        self.buf.close()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        """Stop without raising (the save failed for another reason)."""
+        if self.is_alive():
+            self.q.put(None)
+            self.join()
+        try:
+            self.buf.close()
+        except BufferError:          # pragma: no cover
+            pass
 
 
 class _Prefetch(threading.Thread):

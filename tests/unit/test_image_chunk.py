@@ -93,3 +93,34 @@ def test_self_consistent_but_wrong_payload_is_refused():
                       crc=crc32(bad, crc32(bitmap)))
     with pytest.raises(ImageCorruptError, match="chunk 0"):
         decode_chunk(ch2, bitmap, bad, 0)
+
+
+@settings(deadline=None)
+@given(chunks(), st.sampled_from(["lz4", "none"]), st.integers(0, 3 * PAGE_SIZE))
+def test_a_record_owns_its_bytes_when_the_read_buffer_is_reused(data, compression, slack):
+    """The save pipeline reads every chunk into one of a few reused buffers: a record made
+    from the first ``length`` bytes of a buffer must not change when the buffer is refilled."""
+    buf = bytearray(data + b"\x5a" * slack)          # longer than the chunk
+    enc = encode_chunk(1, 0, buf, compression, length=len(data))
+    buf[:] = b"\xee" * len(buf)                      # the next chunk lands in the buffer
+    ch, bitmap, payload = parse(enc)
+    assert ch.raw_length == len(data)
+    assert decode_chunk(ch, bitmap, payload, 0) == data
+
+
+@settings(deadline=None)
+@given(chunks(), st.sampled_from(["lz4", "none"]))
+def test_decode_into_a_dirty_buffer_writes_every_byte(data, compression):
+    """Restore decodes into reused buffers: zero pages must come out as zeros over whatever
+    the previous chunk left there."""
+    from kjumpd.image.chunk import decode_into
+    ch, bitmap, payload = parse(encode_chunk(0, 0, data, compression))
+    out = bytearray(b"\xaa" * (len(data) + PAGE_SIZE))
+    decode_into(ch, bitmap, payload, 0, memoryview(out))
+    assert out[:len(data)] == data
+    assert out[len(data):] == b"\xaa" * PAGE_SIZE     # nothing past the chunk
+
+
+def test_encode_refuses_a_length_past_its_buffer():
+    with pytest.raises(ValueError):
+        encode_chunk(0, 0, bytearray(PAGE_SIZE), length=2 * PAGE_SIZE)

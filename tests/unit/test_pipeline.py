@@ -476,3 +476,43 @@ def test_record_left_from_an_earlier_image_is_refused_before_it_is_written(tmp_p
     got = (tmp_path / "restored").read_bytes()
     assert got[:5 * CHUNK] == mem2[:5 * CHUNK]              # chunks before it: restored
     assert got[5 * CHUNK:] == b"\xaa" * (MiB - 5 * CHUNK)     # it and after: untouched
+
+
+def test_restore_into_a_memory_file_that_does_not_exist_yet(saved):
+    """`kjump-agent restore --memory NEW`: the file is created; the ranges hold the memory,
+    the gaps between them read as zeros."""
+    tmp_path, mem, tgt, _ = saved
+    out = tmp_path / "fresh"
+    with ImageDevice(tgt, writable=False) as dev, FileMemorySink(out) as sink:
+        restore.restore_image(dev, sink)
+        sink.flush()
+    got = out.read_bytes()
+    assert len(got) == RANGES[-1][1]
+    for a, b in RANGES:
+        assert got[a:b] == mem[a:b]
+    assert got[:RANGES[0][0]] == bytes(RANGES[0][0])
+
+
+def test_file_sink_takes_aligned_and_unaligned_writes(tmp_path):
+    """Page-aligned writes from page-aligned buffers go around the page cache; any other
+    write (odd offset or length, a bytes object, a slice that is not page-aligned) is still
+    written, exactly."""
+    import mmap as _mmap
+    path = tmp_path / "mem"
+    path.write_bytes(b"\x11" * (64 * 1024))
+    m = _mmap.mmap(-1, 16 * 1024)
+    m[:] = b"\x22" * len(m)
+    with FileMemorySink(path) as sink:
+        sink.write(8192, memoryview(m))                  # aligned: direct when possible
+        sink.write(100, b"\x33" * 50)                    # unaligned bytes
+        sink.write(40960, memoryview(m)[4096:12288])     # aligned slice of an aligned buffer
+        sink.write(53248 + 10, memoryview(m)[10:4106])   # odd slice at an odd offset
+        sink.flush()
+    got = path.read_bytes()
+    want = bytearray(b"\x11" * (64 * 1024))
+    want[8192:8192 + 16384] = b"\x22" * 16384
+    want[100:150] = b"\x33" * 50
+    want[40960:40960 + 8192] = b"\x22" * 8192
+    want[53258:53258 + 4096] = b"\x22" * 4096
+    assert got == bytes(want)
+    m.close()
