@@ -595,6 +595,8 @@ def register(sub: Any) -> None:
 def _boot_cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="kjump-agent[%(levelname)s] %(name)s: %(message)s")
+    from kjumpd.image.heap import tune_heap
+    tune_heap()                  # reused chunk buffers: no page faults per chunk
     try:
         root = Sysroot(args.sysroot)
         return rescue(root) if args.rescue else boot(root)
