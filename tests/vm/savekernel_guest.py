@@ -4,7 +4,9 @@ restore-first stand-in (R), inside a busybox + python initramfs (savekernel.init
 ``kjt.step=`` on the kernel command line says what to do:
 
 - ``jump``    fill ``kjt.mib`` MiB with known data, make /dev/vda a kjumpd target, write a job
-              (mode ``kjt.mode``, default test), load B with kexec -c --load-preserve-context into
+              (mode ``kjt.mode``, default test; A's /sys/kernel/vmcoreinfo in it so B skips
+              A's free pages; ``kjt.freecheck=1``: B also checks each free page reads as zero,
+              for an A booted with init_on_free=1), load B with kexec -c --load-preserve-context into
               the jump area, ``kexec -e``. Back in A: read the header, check the data, print
               ``KJT-VERDICT: PASS|FAIL ...``. With mode shutdown and a SAVED header: power off
               (the restore continues this very process, after ``kexec -e`` returns again).
@@ -113,6 +115,17 @@ def run(cmd: list[str]) -> int:
     return subprocess.run(cmd).returncode
 
 
+def vmcoreinfo() -> tuple[int, int] | None:
+    """A's VMCOREINFO note (address, size), as the daemon puts it in the job."""
+    try:
+        with open("/sys/kernel/vmcoreinfo") as f:
+            addr, size = (int(w, 16) for w in f.read().split()[:2])
+    except (OSError, ValueError):
+        return None
+    say(f"vmcoreinfo note at {addr:#x}, {size} bytes")
+    return addr, size
+
+
 def step_jump(args: dict[str, str]) -> None:
     mib = int(args.get("kjt.mib", "128"))
     mode = args.get("kjt.mode", "test")
@@ -133,7 +146,8 @@ def step_jump(args: dict[str, str]) -> None:
               main_kernel={"release": os.uname().release, "build_id": ""},
               save_kernel_hash="sha256:" + hashlib.sha256(b_initrd).hexdigest(),
               jump_area=(JUMP_START, JUMP_SIZE), fs_stamps=[], created=int(time.time()),
-              cancel_key=args.get("kjt.cancel", "1") == "1")
+              cancel_key=args.get("kjt.cancel", "1") == "1", vmcoreinfo=vmcoreinfo(),
+              free_page_check=args.get("kjt.freecheck") == "1")
     with open("/run/b-initrd", "wb") as f:
         f.write(b_initrd + (job.to_cpio() if args.get("kjt.nojob") != "1" else b""))
     rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",

@@ -118,12 +118,21 @@ def _figures(request: pytest.FixtureRequest, vm: VM, b: InitramfsImage, **more: 
 
 def test_save_then_jump_back_keeps_memory_and_writes_saved(request, kernel, a_initramfs,
                                                            b_initramfs, disk) -> None:
-    with _vm(request, kernel, a_initramfs, disk, f"kjt.step=jump kjt.mib={MIB} kjt.cancel=0") as vm:
+    # init_on_free=1: A zeroes every page it frees, so every page B calls free (A's buddy
+    # allocator, read through A's VMCOREINFO) must read as zero; B checks each one
+    with _vm(request, kernel, a_initramfs, disk,
+             f"init_on_free=1 kjt.step=jump kjt.mib={MIB} kjt.cancel=0 kjt.freecheck=1") as vm:
         m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=1200, fail=PANIC)
         _figures(request, vm, b_initramfs)
         assert vm.find(r"kjump-agent: save kernel up: role save"), "B's agent never ran"
         assert m.group(1) == "PASS", m.group(0)
         assert "state=SAVED" in m.group(2) and "data=intact" in m.group(2)
+        free = vm.find(r"kjump-agent: free pages: (\d+) \((\d+) MiB\) of A's memory skipped")
+        assert free, "B did not find A's free pages"
+        # A filled MIB of its ~1 GiB; most of the rest is free
+        assert int(free[0].group(2)) > 256, free[0].group(0)
+        check = vm.find(r"kjump-agent: free-page check: (PASS|FAIL).*")
+        assert check and check[0].group(1) == "PASS", check[0].group(0) if check else "no check"
 
 
 def test_a_key_on_the_save_kernel_console_cancels_and_jumps_back(request, kernel, a_initramfs,

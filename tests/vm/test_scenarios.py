@@ -29,6 +29,15 @@ def _run(name: str, assets: vm_assets.Assets, run_dir: Path) -> scenarios.Outcom
     return out
 
 
+def _console_matches(out: scenarios.Outcome, pattern: str) -> list:
+    """Every line of the scenario's serial logs that matches ``pattern``."""
+    import re
+    rx = re.compile(pattern)
+    lines = [ln for p in out.logs if p.exists()
+             for ln in p.read_text(errors="replace").splitlines()]
+    return [m for m in (rx.search(ln) for ln in lines) if m]
+
+
 def _booted_restore_first(out: scenarios.Outcome) -> bool:
     return out.event("host-boots-R") is not None
 
@@ -49,6 +58,10 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
     assert out.verdict.get("data") == "byte-exact", out.summary()
     before, after = (int(x) for x in out.verdict["counter"].split("->"))
     assert after > before, out.summary()
+    # the save left A's free pages out (they came back as zeros) and the workload is intact
+    free = _console_matches(out, r"kjump-agent: free pages: (\d+) \(\d+ MiB\) of A's memory "
+                                 r"skipped")
+    assert free and int(free[0].group(1)) > 0, out.summary()
 
 
 def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
