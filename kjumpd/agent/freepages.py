@@ -414,6 +414,7 @@ class FreeMaskedSource:
         self.source = source
         self.freemap = freemap
         self.skipped_bytes = 0
+        self._zeros = bytes(1 << 20)
 
     def _pieces(self, phys: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, free) pieces covering the request."""
@@ -442,7 +443,9 @@ class FreeMaskedSource:
         for off, n, is_free in self._pieces(phys, len(view)):
             part = view[off:off + n]
             if is_free:
-                part[:] = bytes(n)
+                if len(self._zeros) < n:
+                    self._zeros = bytes(n)
+                part[:] = memoryview(self._zeros)[:n]
                 self.skipped_bytes += n
             elif sub_readinto is not None:
                 sub_readinto(phys + off, part)
