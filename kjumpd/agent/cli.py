@@ -154,7 +154,8 @@ def cmd_save(args: argparse.Namespace) -> int:
           f"{stats.seconds:.2f}s (verify {stats.verify_seconds:.2f}s)", file=sys.stderr)
     _print_stats(args.stats, raw_bytes=stats.raw_bytes, stored_bytes=stats.stored_bytes,
                  zero_pages=stats.zero_pages, chunks=stats.chunk_count, seconds=stats.seconds,
-                 verify_seconds=stats.verify_seconds)
+                 verify_seconds=stats.verify_seconds,
+                 stages={k: round(v, 3) for k, v in stats.stages.items()})
     return 0
 
 

@@ -9,6 +9,7 @@ Standard library + lz4 only: this runs in the save kernel's initramfs.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import lz4.block
@@ -29,6 +30,7 @@ class EncodedChunk:
     payload: bytes       # stored bytes
     crc: int             # CRC of bitmap + payload (also in the record header)
     zero_pages: int
+    cpu: float = 0.0     # CPU seconds this thread spent encoding it
 
     @property
     def record_length(self) -> int:
@@ -95,6 +97,7 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
     ``data`` is not kept: the record holds its own copies, so the caller may reuse a
     bytes/bytearray/mmap buffer for the next chunk at once (a memoryview is copied first).
     """
+    cpu0 = time.thread_time()
     if isinstance(data, memoryview):
         data = bytes(data)               # find()/startswith() need bytes-like methods
     n = len(data) if length is None else length
@@ -146,7 +149,7 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
     head = ChunkHeader(encoding=enc, pages=pages, index=index, phys=phys, raw_length=n,
                        payload_length=len(payload), crc=body_crc, tag=tag).pack() + bm
     return EncodedChunk(index=index, phys=phys, raw_length=n, head=head, payload=payload,
-                        crc=body_crc, zero_pages=zero)
+                        crc=body_crc, zero_pages=zero, cpu=time.thread_time() - cpu0)
 
 
 #: for every bitmap byte value: the bit positions of its stored (non-zero) pages

@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 from kjumpd.errors import CancelledError, ImageError, ImageCorruptError, KjumpError, TargetError
@@ -60,6 +60,10 @@ class SaveStats:
     seconds: float
     verify_seconds: float
     header: Header
+    #: where the time went: read (wall, reading the source), encode_cpu (CPU seconds of the
+    #: workers, all together), write (wall, device writes), readback (wall, the verifier),
+    #: stalled (wall, the reader waiting for a free buffer or a queue slot)
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def mb_per_s(self) -> float:
@@ -152,6 +156,7 @@ class _Writer(threading.Thread):
         self.zero_pages = 0
         self.stored = 0
         self.raw_done = 0
+        self.encode_cpu = 0.0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -167,6 +172,7 @@ class _Writer(threading.Thread):
                 self.zero_pages += ch.zero_pages
                 self.stored += ch.record_length
                 self.raw_done += ch.raw_length
+                self.encode_cpu += ch.cpu
         except BaseException as e:  # noqa: B902 - handed to the main thread, re-raised there
             self.error = e
             self.stop.set()
@@ -219,6 +225,8 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     # reused read buffers (fresh memory for every chunk costs more in page faults than the
     # copy itself): a buffer goes back to ``free`` as soon as its chunk is encoded
     readinto = getattr(source, "readinto", None)
+    read_s = stalled = 0.0
+    readback_s = 0.0
     free: queue.Queue[bytearray] = queue.Queue()
     if readinto is not None:
         for _ in range(depth):
@@ -237,15 +245,21 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                         raise CancelledError("save cancelled", why="cancel requested",
                                              fix="nothing was lost; the system keeps running")
                     if readinto is not None:
+                        ts = time.monotonic()
                         buf = _take(free, wt, meter)
+                        tr = time.monotonic()
+                        stalled += tr - ts
                         if buf is None:
                             break
                         with memoryview(buf) as whole:
                             readinto(phys, whole[:n])
+                        read_s += time.monotonic() - tr
                         fut = pool.submit(_encode_and_free, free, index, phys, buf, n,
                                           compression, tag)
                     else:
+                        tr = time.monotonic()
                         data = source.read(phys, n)
+                        read_s += time.monotonic() - tr
                         if len(data) != n:
                             raise ImageError(f"memory source returned {len(data)} bytes at "
                                              f"{phys:#x}, expected {n}",
@@ -253,12 +267,14 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                                              fix="check the ranges", phys=phys)
                         fut = pool.submit(encode_chunk, index, phys, data, compression, tag)
                         del data
+                    ts = time.monotonic()
                     while wt.error is None:
                         try:
                             wt.q.put(fut, timeout=0.1)
                             break
                         except queue.Full:
                             meter(wt.raw_done)
+                    stalled += time.monotonic() - ts
                     meter(wt.raw_done)
             except BaseException:
                 wt.stop.set()           # drop what is queued; the image is aborted anyway
@@ -283,6 +299,7 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
             # written; this waits for the last ones and raises the first mismatch
             v, verifier = verifier, None
             v.finish()
+            readback_s = v.busy_seconds
         verify_seconds = time.monotonic() - tv
         crcs = wt.crcs
         saved = header.evolve(state=ImageState.SAVED, saved=time.time(), updated=time.time(),
@@ -309,10 +326,16 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     stats = SaveStats(raw_bytes=total, zero_pages=wt.zero_pages, stored_bytes=wt.stored,
                       chunk_count=len(crcs), data_length=data_len,
                       seconds=seconds_write + verify_seconds, verify_seconds=verify_seconds,
-                      header=saved)
+                      header=saved,
+                      stages={"read": read_s, "encode_cpu": wt.encode_cpu,
+                              "write": rw.write_seconds, "readback": readback_s,
+                              "stalled": stalled})
     log.info("saved %d bytes in %d chunks (%d zero pages) as %d bytes in %.2fs (verify %.2fs)",
              total, stats.chunk_count, stats.zero_pages, stats.stored_bytes, stats.seconds,
              verify_seconds)
+    log.info("save stages: read %.2fs, encode %.2fs CPU on %d worker(s), write %.2fs, "
+             "read-back %.2fs (overlapped), reader stalled %.2fs", read_s, wt.encode_cpu,
+             workers, rw.write_seconds, readback_s, stalled)
     return stats
 
 

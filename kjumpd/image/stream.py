@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import queue
 import threading
+import time
 from typing import Callable, Iterator
 
 from kjumpd.errors import ImageCorruptError, TargetError
@@ -40,6 +41,7 @@ class RecordWriter:
         self.length = 0           # bytes appended
         self.window = window
         self.writes = 0
+        self.write_seconds = 0.0  # wall time in the device writes
         self.verifier = verifier
         self.spare: queue.Queue[mmap.mmap] = queue.Queue()
         self._all = [self.buf]
@@ -77,8 +79,10 @@ class RecordWriter:
         if padded > n:
             self.buf[n:padded] = bytes(padded - n)
         at = self.start + self.flushed
+        t0 = time.monotonic()
         with memoryview(self.buf) as whole:
             self.dev.write_aligned(at, whole[:padded])
+        self.write_seconds += time.monotonic() - t0
         self.writes += 1
         if self.verifier is not None:
             self.verifier.submit(at, padded, self.buf, self.spare)
@@ -155,6 +159,7 @@ class ReadBackVerifier(threading.Thread):
         self.error: BaseException | None = None
         self.checked = 0          # bytes read back and found equal
         self.windows = 0
+        self.busy_seconds = 0.0   # wall time reading back and comparing
 
     def submit(self, logical: int, length: int, sent: mmap.mmap,
                give_back: "queue.Queue[mmap.mmap]") -> None:
@@ -166,12 +171,14 @@ class ReadBackVerifier(threading.Thread):
             if item is None:
                 return
             off, length, sent, give_back = item
+            t0 = time.monotonic()
             try:
                 if self.error is None:
                     self._check(off, length, sent)
             except BaseException as e:  # noqa: B902 - handed to finish(), raised there
                 self.error = e
             finally:
+                self.busy_seconds += time.monotonic() - t0
                 give_back.put(sent)
 
     def _check(self, off: int, length: int, sent: mmap.mmap) -> None:
