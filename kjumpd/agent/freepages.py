@@ -429,6 +429,15 @@ class FreeMaskedSource:
             out.append((cur - phys, phys + length - cur, False))
         return out
 
+    def known_zero(self, phys: int, length: int) -> bool:
+        """True when all of [phys, phys+length) is free: the pipeline then stores an all-zero
+        chunk without reading (or zero-filling and scanning) anything."""
+        pieces = self._pieces(phys, length)
+        if len(pieces) == 1 and pieces[0][2]:
+            self.skipped_bytes += length
+            return True
+        return False
+
     def read(self, phys: int, length: int) -> bytes:
         pieces = self._pieces(phys, length)
         if len(pieces) == 1 and not pieces[0][2]:

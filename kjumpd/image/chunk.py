@@ -152,6 +152,20 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
                         crc=body_crc, zero_pages=zero, cpu=time.thread_time() - cpu0)
 
 
+def zero_chunk(index: int, phys: int, n: int, tag: int = 0) -> EncodedChunk:
+    """The record of ``n`` bytes the source knows are zero (never read): an all-zero chunk."""
+    pages = (n + PAGE_SIZE - 1) // PAGE_SIZE
+    bitmap = bytearray(b"\xff" * (pages // 8))
+    if pages % 8:
+        bitmap.append((1 << (pages % 8)) - 1)
+    bm = bytes(bitmap)
+    body_crc = crc32(b"", crc32(bm))
+    head = ChunkHeader(encoding=ENC_ZERO, pages=pages, index=index, phys=phys, raw_length=n,
+                       payload_length=0, crc=body_crc, tag=tag).pack() + bm
+    return EncodedChunk(index=index, phys=phys, raw_length=n, head=head, payload=b"",
+                        crc=body_crc, zero_pages=pages)
+
+
 #: for every bitmap byte value: the bit positions of its stored (non-zero) pages
 _STORED = [tuple(b for b in range(8) if not v & (1 << b)) for v in range(256)]
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from kjumpd.errors import CancelledError, ImageError, ImageCorruptError, KjumpError, TargetError
 from kjumpd.image import store
-from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk
+from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk, zero_chunk
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
                                  ImageState, MemoryExtent, Metadata, chunk_count, chunk_plan,
@@ -47,6 +47,10 @@ Progress = Callable[[int, int, float, float], None]
 
 
 class MemorySource(Protocol):
+    """``read(phys, length)``; optionally ``readinto(phys, buf)`` (preferred: no new memory
+    per chunk) and ``known_zero(phys, length) -> bool`` (True: the range is zero by the
+    source's own account, e.g. free pages of the main kernel, and is not read at all)."""
+
     def read(self, phys: int, length: int) -> bytes | bytearray | memoryview: ...
 
 
@@ -225,6 +229,7 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     # reused read buffers (fresh memory for every chunk costs more in page faults than the
     # copy itself): a buffer goes back to ``free`` as soon as its chunk is encoded
     readinto = getattr(source, "readinto", None)
+    known_zero = getattr(source, "known_zero", None)
     read_s = stalled = 0.0
     readback_s = 0.0
     free: queue.Queue[bytearray] = queue.Queue()
@@ -244,7 +249,10 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                     if is_cancelled():
                         raise CancelledError("save cancelled", why="cancel requested",
                                              fix="nothing was lost; the system keeps running")
-                    if readinto is not None:
+                    if known_zero is not None and known_zero(phys, n):
+                        fut = Future()          # zero by the source's own account: not read
+                        fut.set_result(zero_chunk(index, phys, n, tag))
+                    elif readinto is not None:
                         ts = time.monotonic()
                         buf = _take(free, wt, meter)
                         tr = time.monotonic()

@@ -468,3 +468,14 @@ def test_save_role_debug_check_passes_on_zeroed_free_pages_and_falls_back_otherw
     assert free_pages(_job(free_page_check=True), ReadOnly(a), own=[]) is None
     assert "free-page check: FAIL: 1 of 1033 free pages hold data (first at 0x2c05000)" \
         in capsys.readouterr().out
+
+
+def test_masked_source_says_which_ranges_are_wholly_free() -> None:
+    """The save pipeline stores a wholly free chunk as an all-zero record without reading
+    or zero-filling it; a range with one page in use is not wholly free."""
+    fmap = fp.FreePageMap(((0x1000, 0x5000),))
+    src = fp.FreeMaskedSource(ReadOnly(_filled()), fmap)
+    assert src.known_zero(0x1000, 0x4000) and src.known_zero(0x2000, 0x1000)
+    assert not src.known_zero(0x0, 0x2000)          # page 0 is in use
+    assert not src.known_zero(0x4000, 0x2000)       # page 0x5000 is in use
+    assert src.skipped_bytes == 0x5000

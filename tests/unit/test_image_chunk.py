@@ -124,3 +124,12 @@ def test_decode_into_a_dirty_buffer_writes_every_byte(data, compression):
 def test_encode_refuses_a_length_past_its_buffer():
     with pytest.raises(ValueError):
         encode_chunk(0, 0, bytearray(PAGE_SIZE), length=2 * PAGE_SIZE)
+
+
+@pytest.mark.parametrize("n", [PAGE_SIZE, 3 * PAGE_SIZE, 8 * PAGE_SIZE, 9 * PAGE_SIZE + 100,
+                               1 << 20])
+def test_a_zero_chunk_made_without_reading_equals_an_encoded_zero_chunk(n):
+    from kjumpd.image.chunk import zero_chunk
+    made, encoded = zero_chunk(5, 0x1000, n, tag=7), encode_chunk(5, 0x1000, bytes(n), tag=7)
+    assert (made.head, made.payload, made.crc, made.zero_pages) == \
+        (encoded.head, encoded.payload, encoded.crc, encoded.zero_pages)

@@ -516,3 +516,37 @@ def test_file_sink_takes_aligned_and_unaligned_writes(tmp_path):
     want[53258:53258 + 4096] = b"\x22" * 4096
     assert got == bytes(want)
     m.close()
+
+
+class _KnowsItsZeros(FileMemorySource):
+    """A source that declares some ranges zero (as the save kernel does for the main kernel's
+    free pages) and must never be read there."""
+
+    def __init__(self, path, zero_ranges):
+        super().__init__(path)
+        self.zero_ranges = zero_ranges
+        self.read_at: list[tuple[int, int]] = []
+
+    def known_zero(self, phys, length):
+        return any(a <= phys and phys + length <= b for a, b in self.zero_ranges)
+
+    def readinto(self, phys, buf):
+        self.read_at.append((phys, len(buf)))
+        super().readinto(phys, buf)
+
+
+def test_ranges_the_source_knows_are_zero_are_not_read_and_restore_as_zeros(tmp_path):
+    mem = bytearray(make_memory(tmp_path / "mem", 1 * MiB))
+    free = [(0x40000, 0x80000)]                  # "free": garbage in the file, zero in the image
+    tgt = tmp_path / "target"
+    store.create_target(tgt, 4 * MiB)
+    with ImageDevice(tgt, writable=True) as dev, \
+            _KnowsItsZeros(tmp_path / "mem", free) as src:
+        stats = save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test",
+                                chunk_size=CHUNK, workers=2)
+    assert not [r for r in src.read_at if r[0] < 0x80000 and r[0] + r[1] > 0x40000]
+    assert stats.zero_pages >= (0x80000 - 0x40000) // PAGE_SIZE
+    rs, out = restore_into(tmp_path, tgt, size=1 * MiB)
+    got = out.read_bytes()
+    assert got[0x40000:0x80000] == bytes(0x40000)
+    assert got[:0x40000] == bytes(mem[:0x40000]) and got[0x80000:] == bytes(mem[0x80000:])
