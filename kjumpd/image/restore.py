@@ -27,8 +27,8 @@ from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError
 from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, decode_into
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import (ChunkHeader, Header, ImageState, Metadata, chunk_count,
-                                 chunk_plan, crc32, image_tag)
+from kjumpd.image.format import (ENC_ZERO, ChunkHeader, Header, ImageState, Metadata,
+                                 chunk_count, chunk_plan, crc32, image_tag)
 from kjumpd.image.save import (Progress, _check_place, _Meter, default_workers,
                                inflight_chunks)
 from kjumpd.image.stream import RecordReader
@@ -87,19 +87,25 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
     workers = workers or default_workers()
     reader = RecordReader(dev, header.data_offset, header.data_length)
     plan = chunk_plan(meta.extents, header.chunk_size)
-    pending: deque[tuple[ChunkHeader, Future[tuple[mmap.mmap, int]], int]] = deque()
+    pending: deque[tuple[ChunkHeader, Future[tuple[mmap.mmap | None, int]], int]] = deque()
     depth = inflight_chunks(workers, header.chunk_size)
     free: queue.Queue[mmap.mmap] = queue.Queue()
     ring = [mmap.mmap(-1, header.chunk_size) for _ in range(depth + 1)]
     for m in ring:
         free.put(m)
+    # all-zero records are handed out from one page-aligned zero buffer (never written)
+    zero_page_run = mmap.mmap(-1, header.chunk_size)
     tag = image_tag(header.uuid, header.created)
     crc = 0
     count = 0
 
-    def hand_out(ch0: ChunkHeader, fut: Future[tuple[mmap.mmap, int]]
+    def hand_out(ch0: ChunkHeader, fut: Future[tuple[mmap.mmap | None, int]]
                  ) -> Iterator[tuple[int, memoryview]]:
         buf, n = fut.result()
+        if buf is None:
+            with memoryview(zero_page_run) as z:
+                yield ch0.phys, z[:n]
+            return
         mv = memoryview(buf)[:n]
         try:
             yield ch0.phys, mv
@@ -128,8 +134,11 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                             yield from hand_out(ch0, fut)
                         raise
                     crc = crc32(struct.pack("<I", ch.crc), crc)
-                    pending.append((ch, pool.submit(_decode, ch, bitmap, payload, off,
-                                                    free.get()), off))
+                    if ch.encoding == ENC_ZERO:      # checked; handed out as shared zeros
+                        fut = pool.submit(_decode, ch, bitmap, payload, off, None)
+                    else:
+                        fut = pool.submit(_decode, ch, bitmap, payload, off, free.get())
+                    pending.append((ch, fut, off))
                     count += 1
                     if len(pending) >= depth:
                         ch0, fut, _ = pending.popleft()
@@ -154,8 +163,11 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
         reader.close()
 
 
-def _decode(ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap
-            ) -> tuple[mmap.mmap, int]:
+def _decode(ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap | None
+            ) -> tuple[mmap.mmap | None, int]:
+    if buf is None:                      # an all-zero record: checked, nothing to decode
+        decode_into(ch, bitmap, payload, off, None)
+        return None, ch.raw_length
     with memoryview(buf) as out:
         decode_into(ch, bitmap, payload, off, out)
     return buf, ch.raw_length
