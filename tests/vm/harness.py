@@ -143,6 +143,8 @@ class VM:
         self._reader: threading.Thread | None = None
         self._log = None
         self.started = 0.0
+        #: host monotonic time QEMU closed the console (it exited); None while it runs
+        self.ended: float | None = None
         self.qmp_path = Path()
         self._qmp: socket.socket | None = None
         self._qmp_buf = b""
@@ -180,6 +182,7 @@ class VM:
         self._cursor = 0
         self._partial = b""
         self._log = open(self.log_path, "w", buffering=1)
+        self.ended = None
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
@@ -247,7 +250,11 @@ class VM:
                     if self._log is not None:
                         self._log.write(f"[{now:9.3f}] {text}\n")
                 self._cond.notify_all()
+        # EOF: QEMU closed its stdout, i.e. it exited. Record when (latencies end here, not
+        # when a waiter next polls) and wake the waiters.
+        self.proc.wait()
         with self._cond:
+            self.ended = time.monotonic()
             if self._partial:
                 text = self._partial.decode("utf-8", "replace").rstrip("\r")
                 self.lines.append(ConsoleLine(time.monotonic() - self.started, text))
@@ -285,8 +292,7 @@ class VM:
                         return m
                     if frx is not None and frx.search(line.text):
                         raise VMError(f"console line {line.text!r} (see {self.log_path})")
-                if self.proc is None or (self.proc.poll() is not None and self._reader is not None
-                                         and not self._reader.is_alive()):
+                if self.proc is None or self.ended is not None:
                     raise VMError(f"QEMU exited (status {self.proc.returncode if self.proc else '?'}) "
                                   f"before a line matched {pattern!r} (see {self.log_path})")
                 left = deadline - time.monotonic()

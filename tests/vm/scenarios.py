@@ -308,8 +308,9 @@ class Runner:
             self.vm.stop()
         except self.h.VMError:
             rc = self.vm.wait_exit(30)      # it exited: the normal end
-        self.outcome.boots.append({"boot": self.vm.run, "end": time.monotonic() - self.t0,
-                                   "rc": rc})
+        # the moment QEMU exited (the console reader saw it), not when this thread woke up
+        end = self.vm.ended if self.vm.ended is not None else time.monotonic()
+        self.outcome.boots.append({"boot": self.vm.run, "end": end - self.t0, "rc": rc})
         self.collect()
         return rc
 
