@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kjumpd.config import Config, format_size, parse_size
-from kjumpd.errors import ConfigError, JumpAreaError
+from kjumpd import zstdframe
+from kjumpd.errors import ConfigError, JumpAreaError, KjumpError
 from kjumpd.sysroot import Sysroot
 
 MiB = 1 << 20
@@ -96,13 +97,13 @@ def discover(sysroot: Sysroot) -> Discovery:
 
 def required_size(sysroot: Sysroot, config: Config) -> int:
     """Bytes the jump area must hold: the kernel's init_size + the initramfs as loaded +
-    its unpacked size (gzip's ISIZE trailer, else x3) + the agent's
+    its unpacked size (gzip's ISIZE trailer, zstd's frame content size, else x3) + the agent's
     working memory + 16 MiB for the kernel's own allocations, rounded up to 16 MiB.
     (VM tier: 14.4 MiB + 6.6 + 3 x 6.6 + 64 + 16 -> 128 MiB.)"""
     kernel = read_init_size(sysroot.path(config.save_kernel))
     try:
         with open(sysroot.path(config.save_initramfs), "rb") as f:
-            head = f.read(6)
+            head = f.read(32)
             initrd = f.seek(0, 2)
             f.seek(max(0, initrd - 4))
             tail = f.read(4)
@@ -115,10 +116,20 @@ def required_size(sysroot: Sysroot, config: Config) -> int:
     elif (head.startswith(b"\x1f\x8b") and len(tail) == 4
           and struct.unpack("<I", tail)[0] > initrd):
         unpacked = struct.unpack("<I", tail)[0]
+    elif (head.startswith(zstdframe.MAGIC)
+          and (size := _zstd_content_size(head)) is not None and size > initrd):
+        unpacked = size
     else:                       # other compressions, or a padded gzip: ISIZE is not last
         unpacked = 3 * initrd
     need = kernel + initrd + unpacked + config.agent_memory + 16 * MiB
     return -(-need // ALIGN) * ALIGN
+
+
+def _zstd_content_size(head: bytes) -> int | None:
+    try:
+        return zstdframe.frame(head, scan=False).content_size
+    except KjumpError:
+        return None
 
 
 def read_init_size(path: Path) -> int:

@@ -1,6 +1,6 @@
 """Initramfs builders: the save kernel's (B) and a generic one other environments reuse (R, tests).
 
-An initramfs here is a gzip'd cpio "newc" archive (format: kjumpd/cpio.py) holding
+An initramfs here is a compressed cpio "newc" archive (format: kjumpd/cpio.py) holding
 - busybox-static (a shell, mount, poweroff) with an applet link for each of its commands,
 - optionally Debian's python3 (the host's /usr/bin/python3) with a *trimmed* standard library:
   only the modules an import trace of the entry modules loaded, compiled to sourceless .pyc,
@@ -10,9 +10,16 @@ An initramfs here is a gzip'd cpio "newc" archive (format: kjumpd/cpio.py) holdi
 - host binaries with every shared library ``ldd`` names (e.g. kexec-tools' /usr/sbin/kexec),
 - extra files, and an /init script.
 
-Builds are cached under ${KJUMPD_CACHE:-~/.cache/kjumpd}/initramfs/NAME-KEY.cpio.gz where KEY
-hashes RECIPE, the init script and the bytes of every input file, so any change to an input
-(including the kjumpd package) makes a new archive and an unchanged tree costs only hashing.
+Compression: zstd -19 when the host has the ``zstd`` tool, else gzip -9. The kernel inflates
+zstd about 3x faster than gzip (B's 16.8 MB archive: 0.83 s of gzip inflation on B's boot path
+under TCG) and the archive is smaller (5.7 MB vs 7.0 MB: less to hash, load and copy). Kernels
+read it with CONFIG_RD_ZSTD, which defaults to y wherever CONFIG_BLK_DEV_INITRD is (Debian's,
+Fedora's and savekernel/'s kernels have it).
+
+Builds are cached under ${KJUMPD_CACHE:-~/.cache/kjumpd}/initramfs/NAME-KEY.cpio.{zst,gz} where
+KEY hashes RECIPE, the compression, the init script and the bytes of every input file, so any
+change to an input (including the kjumpd package) makes a new archive and an unchanged tree
+costs only hashing.
 
 Command line:  python -m savekernel.initramfs save [--out FILE]   (prints the archive's path)
                python -m savekernel.initramfs list FILE            (members, for inspection)
@@ -41,6 +48,7 @@ if str(REPO) not in sys.path:  # `python savekernel/initramfs.py` as well as `-m
     sys.path.insert(0, str(REPO))
 
 from savekernel import cpio  # noqa: E402
+from kjumpd import zstdframe  # noqa: E402
 from kjumpd.errors import KjumpError  # noqa: E402
 
 log = logging.getLogger("kjumpd.savekernel.initramfs")
@@ -120,6 +128,54 @@ class _Plan:
 
     def names(self) -> set[str]:
         return set(self.files) | set(self.links) | set(self.compile)
+
+
+#: the kernel's initramfs decompressors recognise these magics (lib/decompress.c)
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def codec() -> str:
+    """"zstd" when the host can write it, else "gzip" (always available)."""
+    return "zstd" if shutil.which("zstd") else "gzip"
+
+
+def _compress(raw: bytes, how: str) -> bytes:
+    if how == "gzip":
+        return gzip.compress(raw, compresslevel=9, mtime=0)
+    if how == "zstd":
+        # a single frame with its content size in the header (jumparea reads it): zstd
+        # writes it for a file, not for a pipe
+        with tempfile.NamedTemporaryFile(prefix="kjumpd-initramfs-", suffix=".cpio") as tmp:
+            tmp.write(raw)
+            tmp.flush()
+            proc = subprocess.run(["zstd", "-19", "-q", "-c", "--content-size", tmp.name],
+                                  capture_output=True, check=False)
+        if proc.returncode != 0 or not proc.stdout.startswith(ZSTD_MAGIC):
+            raise InitramfsError("zstd could not compress the initramfs",
+                                 why=proc.stderr.decode(errors="replace").strip(),
+                                 fix="reinstall zstd, or remove it to build gzip archives")
+        return proc.stdout
+    return raw
+
+
+def decompress(blob: bytes) -> bytes:
+    """The first archive of a gzip'd, zstd'd or plain initramfs, uncompressed."""
+    if blob[:2] == GZIP_MAGIC:
+        return gzip.decompress(blob)
+    if blob[:4] == ZSTD_MAGIC:
+        end = zstdframe.frame(blob).length          # the padding / next archive stay out
+        try:
+            proc = subprocess.run(["zstd", "-d", "-q", "-c", "-"], input=blob[:end],
+                                  capture_output=True, check=False)
+        except FileNotFoundError:
+            raise InitramfsError("a zstd archive needs the zstd tool to be read",
+                                 fix="apt-get install zstd") from None
+        if proc.returncode != 0:
+            raise InitramfsError("the zstd archive cannot be read",
+                                 why=proc.stderr.decode(errors="replace").strip())
+        return proc.stdout
+    return blob
 
 
 def cache_dir() -> Path:
@@ -371,8 +427,9 @@ def build_initramfs(out: Path | None, init_script: str,
                     python: Path = HOST_PYTHON,
                     exclude_modules: Sequence[str] = DEFAULT_EXCLUDE,
                     compress: bool = True) -> InitramfsImage:
-    """Build (or reuse from the cache) a gzip'd cpio initramfs; copy it to out when given.
-    With compress=False the archive is plain cpio (larger to load, nothing to inflate).
+    """Build (or reuse from the cache) a compressed (zstd, else gzip: see codec()) cpio
+    initramfs; copy it to out when given. With compress=False the archive is plain cpio
+    (larger to load, nothing to inflate).
 
     init_script becomes /init (give it a #! line; /bin/sh is busybox). extra_files maps archive
     paths ("kjump/job.json", "boot/bzImage") to host files or bytes. python_modules are traced
@@ -395,9 +452,10 @@ def build_initramfs(out: Path | None, init_script: str,
             raise InitramfsError(f"extra file {src} for {arc} is missing")
         mode = 0o755 if isinstance(src, Path) and os.access(src, os.X_OK) else 0o644
         plan.add_file(arc, src if isinstance(src, bytes) else Path(src), mode)
-    key = _key(plan, init_script + ("" if compress else "\0plain"))
+    how = codec() if compress else "none"
+    key = _key(plan, init_script + {"gzip": "", "none": "\0plain"}.get(how, f"\0{how}"))
     cdir = cache_dir()
-    cached = cdir / f"{name}-{key}.cpio{'.gz' if compress else ''}"
+    cached = cdir / f"{name}-{key}.cpio{ {'gzip': '.gz', 'zstd': '.zst'}.get(how, '') }"
     meta = cdir / f"{name}-{key}.json"
     hit = cached.is_file() and meta.is_file()
     if not hit:
@@ -406,10 +464,11 @@ def build_initramfs(out: Path | None, init_script: str,
             compiled = _compile_all(plan, Path(tmp))
             raw = cpio.write(_entries(plan, init_script, compiled))
         tmp_out = cached.with_suffix(".tmp")
-        packed = gzip.compress(raw, compresslevel=9, mtime=0) if compress else raw
+        packed = _compress(raw, how)
         # Zero padding to a multiple of 4: the kernel only takes an archive appended after
         # this one (the job) when it starts 4-byte aligned (init/initramfs.c, unpack_to_rootfs)
-        # and skips zeros between archives; gzip readers ignore trailing zeros too.
+        # and skips zeros between archives (its gzip and zstd readers stop at the end of
+        # their stream).
         packed += bytes(-len(packed) % 4)
         with open(tmp_out, "wb") as f:
             f.write(packed)
@@ -438,11 +497,8 @@ def build_save_initramfs(out: Path | None = None, compress: bool = True) -> Init
 
 
 def read_archive(path: Path) -> list[cpio.Entry]:
-    """The members of a (gzip'd or plain) archive built here (the first archive only)."""
-    blob = Path(path).read_bytes()
-    if blob[:2] == b"\x1f\x8b":
-        blob = gzip.decompress(blob)
-    return cpio.read(blob)
+    """The members of a (gzip'd, zstd'd or plain) archive built here (the first archive only)."""
+    return cpio.read(decompress(Path(path).read_bytes()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("save", help="the save kernel's initramfs; prints its path")
     s.add_argument("--out", type=Path, help="copy the archive here")
-    s.add_argument("--plain", action="store_true", help="no gzip (faster to unpack, larger)")
+    s.add_argument("--plain", action="store_true", help="no compression (nothing to inflate, larger)")
     ls = sub.add_parser("list", help="list the members of an archive")
     ls.add_argument("archive", type=Path)
     args = p.parse_args(argv)
@@ -460,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "save":
             img = build_save_initramfs(args.out, compress=not args.plain)
             print(f"{img.path}", flush=True)
-            print(f"save initramfs: {img.compressed_size} bytes gzip, {img.uncompressed_size} "
+            print(f"save initramfs: {img.compressed_size} bytes {codec() if not args.plain else 'plain'}, {img.uncompressed_size} "
                   f"uncompressed, {img.members} members{' (cached)' if img.cached else ''}",
                   file=sys.stderr)
         else:

@@ -67,6 +67,23 @@ def test_plain_archive_is_uncompressed_cpio_with_its_own_key() -> None:
         [e.name for e in initramfs.read_archive(gz.path)]
 
 
+def test_compressed_with_zstd_when_the_host_has_it_else_gzip() -> None:
+    import shutil
+    from kjumpd import zstdframe
+    a = initramfs.build_initramfs(None, INIT, {"etc/motd": b"one" * 1000}, name="t")
+    blob = a.path.read_bytes()
+    if shutil.which("zstd"):
+        # what the kernel's unzstd reads: one frame, its content size declared (jumparea
+        # sizes the jump area from it), then zero padding only
+        assert a.path.suffix == ".zst"
+        f = zstdframe.frame(blob)
+        assert f.content_size == a.uncompressed_size
+        assert blob[f.length:] == bytes(len(blob) - f.length) and len(blob) - f.length < 4
+    else:
+        assert a.path.suffix == ".gz" and blob[:2] == b"\x1f\x8b"
+    assert {e.name for e in initramfs.read_archive(a.path)} >= {"init", "etc/motd"}
+
+
 def test_a_missing_extra_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(initramfs.InitramfsError, match="missing"):
         initramfs.build_initramfs(None, INIT, {"boot/bzImage": tmp_path / "nope"}, name="t")

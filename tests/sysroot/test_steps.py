@@ -47,6 +47,16 @@ def test_jump_area_found_and_sized(tree):
     assert (a.start, a.size) == (0x20000000, 128 * MiB)
 
 
+def test_jump_area_sized_from_a_zstd_initramfs_declared_size(tree):
+    # a zstd frame header (single segment off, window byte, 4-byte content size) then one
+    # raw block: the kernel unpacks 39 MiB from it, so the area must hold them
+    frame = (b"\x28\xb5\x2f\xfd\x80\x48" + (39 * MiB).to_bytes(4, "little")
+             + (1 | (5 << 3)).to_bytes(3, "little") + b"hello")
+    w(tree, "/usr/lib/kjumpd/save/initramfs.cpio.gz", frame)
+    need = jumparea.required_size(Sysroot(tree), cfg(tree))
+    assert need == 144 * MiB     # 24M init_size + 18 bytes + 39M unpacked + 64M + 16M, to 16M
+
+
 @pytest.mark.parametrize("change,expect", [
     ({"/proc/cmdline": "quiet\n"}, "add crashkernel=128M@512M"),
     ({"/proc/cmdline": "crashkernel=128M\n"}, "replace it with crashkernel=128M@512M"),
