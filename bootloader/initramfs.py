@@ -29,14 +29,19 @@ from kjumpd.restorefirst import BootConfig  # noqa: E402
 log = logging.getLogger("kjumpd.bootloader.initramfs")
 
 INIT = REPO / "bootloader" / "restore_init.py"
-#: /init: python cannot be PID 1 before /dev exists (it needs random numbers at start-up)
+#: /init: python cannot be PID 1 before /dev exists. PYTHONHASHSEED=0: a fixed str hash
+#: seed, so python reads no random bytes at start-up. R is booted by the boot loader, often
+#: without an RNG seed; the first read of /dev/urandom then makes the kernel generate jitter
+#: entropy until its pool is ready (1.2 s of R's start under TCG: "random: crng init done"
+#: right before python's first line). R hashes only its own strings (boot.json, the header).
+#: python runs without -E (it would ignore PYTHONHASHSEED) in an environment env -i built.
 R_INIT = """#!/bin/sh
 # /init of kjumpd's restore-first environment (R)
 export PATH=/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-KJUMPD_RF_INIT=1 /usr/bin/python3 -S -E -B -u /kjumpd-rf/restore_init.py
+env -i PATH=$PATH PYTHONHASHSEED=0 KJUMPD_RF_INIT=1 /usr/bin/python3 -S -B -u /kjumpd-rf/restore_init.py
 echo "kjumpd-rf: nothing could be started; a shell follows (exit powers off)"
 sh
 poweroff -f

@@ -84,12 +84,17 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "kjump-init: starting the agent"
 # one glibc heap arena per worker thread would keep freed chunk buffers around: B has ~80 MiB
 export MALLOC_ARENA_MAX=2
-/usr/bin/python3 -S -E -B -u -m kjumpd.agent.kernel_role boot
+# PYTHONHASHSEED=0: python reads no random bytes at start-up. Started by R (which boots
+# without an RNG seed), this kernel has none either, and python's first /dev/urandom read
+# would wait for the kernel's jitter entropy (1-2 s under TCG). The agent uses no randomness.
+# env -i instead of python's -E (which would ignore PYTHONHASHSEED): nothing else is passed.
+PY="env -i PATH=$PATH MALLOC_ARENA_MAX=2 PYTHONHASHSEED=0 /usr/bin/python3 -S -B -u"
+$PY -m kjumpd.agent.kernel_role boot
 rc=$?
 # The agent jumps back to the main kernel itself; reaching this line means it could not
 # (e.g. it was OOM-killed). Try once more with a minimal agent: image ABORTED, jump back.
 echo "kjump-init: the agent exited with status $rc without jumping back"
-/usr/bin/python3 -S -E -B -u -m kjumpd.agent.kernel_role boot --rescue
+$PY -m kjumpd.agent.kernel_role boot --rescue
 # Still here: reboot; the restore-first entry boots the normal system (the image is not SAVED).
 echo "kjump-init: no way back to the main kernel; rebooting"
 sync
