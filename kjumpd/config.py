@@ -15,10 +15,10 @@ from typing import Any
 
 from kjumpd.errors import ConfigError
 from kjumpd.job import MAX_CHUNK_SIZE
+from kjumpd.modes import MODES
 from kjumpd.sysroot import Sysroot
 
 CONFIG_PATH = "/etc/kjumpd/kjumpd.toml"
-MODES = ("platform", "shutdown", "reboot", "suspend", "test", "checkpoint")
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
 

@@ -17,15 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kjumpd import config as cfgmod
 from kjumpd.errors import ConfigError, KjumpError, UnsupportedError
-from kjumpd.sysroot import Sysroot
+from kjumpd.modes import MODES
+
+if TYPE_CHECKING:   # imported where used: kjumpctl's start-up (every command) stays light
+    from kjumpd import config as cfgmod
+    from kjumpd.sysroot import Sysroot
 
 
 def _load(args: argparse.Namespace) -> tuple[Sysroot, cfgmod.Config]:
+    from pathlib import Path
+
+    from kjumpd import config as cfgmod
+    from kjumpd.sysroot import Sysroot
     sr = Sysroot(Path(args.sysroot))
     if getattr(args, "config", None):
         try:
@@ -107,6 +113,7 @@ def _confirm(args: argparse.Namespace, question: str) -> bool:
 def save_kernel_hash_advice(sr: Sysroot, cfg: cfgmod.Config) -> tuple[bool, list[str]]:
     """(all recorded and matching, lines for the user). The lines name the exact config keys
     and values preflight compares the installed save kernel and initramfs with."""
+    from kjumpd import config as cfgmod
     from kjumpd.kexec import sha256_file
     lines: list[str] = []
     todo: list[str] = []
@@ -131,7 +138,10 @@ def save_kernel_hash_advice(sr: Sysroot, cfg: cfgmod.Config) -> tuple[bool, list
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from kjumpd import blockmap, jumparea
+    from kjumpd import config as cfgmod
     sr, cfg = _load(args)
     did = False
     if args.target or args.size:
@@ -186,13 +196,13 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("check", help="check that this machine can hibernate (preflight)")
-    p.add_argument("--mode", choices=cfgmod.MODES, default=None)
+    p.add_argument("--mode", choices=MODES, default=None)
     p.add_argument("--config", default=None, help="configuration file to use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("plan", help="show what a hibernation would do, without doing it")
-    p.add_argument("--mode", choices=cfgmod.MODES, default=None)
+    p.add_argument("--mode", choices=MODES, default=None)
     p.add_argument("--config", default=None, help="configuration file to use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)

@@ -322,10 +322,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    try:
-        from kjumpd.config import MODES as modes
-    except ImportError:
-        modes = ("platform", "shutdown", "reboot", "suspend", "test", "checkpoint")
+    from kjumpd.modes import MODES as modes
 
     def transition(name: str, help_: str, func: Callable[[argparse.Namespace], int]) -> Any:
         p = sub.add_parser(name, help=help_, description=help_)

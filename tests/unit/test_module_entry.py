@@ -32,3 +32,19 @@ def test_python_m_kjumpd_is_the_daemon() -> None:
     r = py_m("kjumpd", "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: kjumpd") and "--sysroot" in r.stdout
+
+
+def test_kjumpctl_starts_without_the_config_module() -> None:
+    # kjumpctl hibernate is on the hibernate latency path: building the parser (every
+    # command) must not pull kjumpd.config (tomllib, dataclasses, inspect): ~0.5 s in a TCG
+    # guest. The modes it offers are still the config's.
+    code = ("import sys, kjumpd.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('kjumpd.config', 'dataclasses', 'tomllib', 'pathlib') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), cwd="/", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    from kjumpd.config import MODES
+    r = py_m("kjumpd.cli", "hibernate", "--help")
+    assert "{" + ",".join(MODES) + "}" in r.stdout.replace("\n", "").replace(" ", "")
