@@ -81,6 +81,17 @@ def vmcoreinfo_location(sysroot: Sysroot) -> tuple[int, int] | None:
     return (addr, size) if addr > 0 and size > 0 else None
 
 
+def free_pages_restore_as_zeros(sysroot: Sysroot) -> bool:
+    """False when this kernel checks its free pages for a poison pattern (page_poison=1 on its
+    command line, CONFIG_PAGE_POISONING): B's free-page exclusion restores free pages as zeros,
+    which such a kernel would report as memory corruption. Then the job saves every page."""
+    for word in sysroot.read_text("/proc/cmdline", default="").split():
+        if word.startswith("page_poison=") and word.split("=", 1)[1].lower() in (
+                "1", "y", "yes", "on", "true"):
+            return False
+    return True
+
+
 def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
     return (f"{config.save_append} memmap=exactmap memmap=512K@0K "
             f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}").strip()

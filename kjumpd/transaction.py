@@ -222,7 +222,8 @@ class Hibernation:
                 save_kernel_hash="sha256:" + rep.context["kernel_sha256"],
                 jump_area=(area.start, area.size), fs_stamps=stamps, created=int(time.time()),
                 cancel_key=cfg.cancel_key, vmcoreinfo=kexec.vmcoreinfo_location(sr),
-                free_page_exclusion=cfg.free_page_exclusion,
+                free_page_exclusion=(cfg.free_page_exclusion
+                                     and kexec.free_pages_restore_as_zeros(sr)),
                 free_page_check=cfg.free_page_check)
             undo.push("initrd", lambda: kexec.remove_initrd(sr))
             initrd = kexec.write_initrd(sr, cfg.save_initramfs, job,

@@ -479,3 +479,14 @@ def test_masked_source_says_which_ranges_are_wholly_free() -> None:
     assert not src.known_zero(0x0, 0x2000)          # page 0 is in use
     assert not src.known_zero(0x4000, 0x2000)       # page 0x5000 is in use
     assert src.skipped_bytes == 0x5000
+
+
+def test_a_kernel_that_poisons_free_pages_keeps_them_in_the_image(tmp_path) -> None:
+    from kjumpd.kexec import free_pages_restore_as_zeros
+    from kjumpd.sysroot import Sysroot
+    sr = Sysroot(str(tmp_path))
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cmdline").write_text("root=/dev/vda1 init_on_free=1 quiet\n")
+    assert free_pages_restore_as_zeros(sr)
+    (tmp_path / "proc/cmdline").write_text("root=/dev/vda1 page_poison=1\n")
+    assert not free_pages_restore_as_zeros(sr)
