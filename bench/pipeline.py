@@ -113,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-sweep", action="store_true",
                     help="also time saves with 256 KiB, 1 MiB and 4 MiB chunks")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
-    ap.add_argument("--encoder", choices=["threads", "processes"], default="threads",
-                    help="the agent's --encoder (default threads)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds; the best time of each contender is reported (default 3)")
     args = ap.parse_args(argv)
@@ -158,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         drop(cp)
         keep_best("cat", t, c)
         t, c, _ = timed(agent + ["save", "--memory", str(mem), "--ranges", f"0-{size}",
-                                 "--target", str(img), "--stats", "--encoder", args.encoder],
-                        out=img, stdout_to=st)
+                                 "--target", str(img), "--stats"], out=img, stdout_to=st)
         keep_best("save", t, c)
         s_st = json.loads(st.read_text().splitlines()[-1])
         stored, rss_save = s_st["stored_bytes"], max(rss_save, s_st["peak_rss"])
@@ -201,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kjumpd pipeline bench: {size >> 20} MiB mixed memory (~40% zero, ~35% text, "
           f"~25% random pages), {cpus} CPU(s)")
     print(f"best of {args.repeat} round(s) per contender, each timing includes fsync of its "
-          f"output; input in the page cache; agent encoder: {args.encoder}")
+          f"output; input in the page cache")
     print(f"load average before {load0[0]:.2f} {load0[1]:.2f}, after {load1[0]:.2f} "
           f"{load1[1]:.2f} (a shared machine skews every figure)")
     print(f"save: {size / MiB / t_save:.0f} MiB/s, stored {stored >> 20} MiB "

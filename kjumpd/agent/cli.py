@@ -115,9 +115,7 @@ def peak_rss_bytes() -> int:
 
 def _print_stats(enabled: bool, **fields: Any) -> None:
     if enabled:
-        # the agent's own peak plus its encoder processes' (memory they share with the
-        # agent is counted twice: an upper bound)
-        fields["peak_rss"] = peak_rss_bytes() + int(fields.pop("worker_peak_rss", 0))
+        fields["peak_rss"] = peak_rss_bytes()
         print(json.dumps(fields, sort_keys=True))
 
 
@@ -150,7 +148,6 @@ def cmd_save(args: argparse.Namespace) -> int:
             stats = save.save_image(source, ranges, dev, identity={"source": args.memory},
                                     mode=args.mode, chunk_size=chunk, workers=args.workers,
                                     compression=args.compression, verify=not args.no_verify,
-                                    processes=args.encoder == "processes",
                                     progress=_Console("saving", args.progress))
     print(f"kjump-agent: SAVED {stats.raw_bytes} bytes in {stats.chunk_count} chunks "
           f"({stats.zero_pages} zero pages) as {stats.stored_bytes} bytes in "
@@ -158,8 +155,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     _print_stats(args.stats, raw_bytes=stats.raw_bytes, stored_bytes=stats.stored_bytes,
                  zero_pages=stats.zero_pages, chunks=stats.chunk_count, seconds=stats.seconds,
                  verify_seconds=stats.verify_seconds,
-                 stages={k: round(v, 3) for k, v in stats.stages.items()},
-                 worker_peak_rss=stats.worker_peak_rss)
+                 stages={k: round(v, 3) for k, v in stats.stages.items()})
     return 0
 
 
@@ -214,9 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
                    help="chunk size (multiple of 4096, at most 1 MiB; default 1 MiB)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verify pass")
-    p.add_argument("--encoder", choices=["threads", "processes"], default="threads",
-                   help="encode chunks on worker threads (default) or in forked worker "
-                        "processes over shared memory (no shared interpreter lock)")
     common(p)
     p.set_defaults(func=cmd_save)
 

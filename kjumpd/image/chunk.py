@@ -27,11 +27,10 @@ class EncodedChunk:
     phys: int
     raw_length: int
     head: bytes          # record header + zero-page bitmap
-    payload: bytes | memoryview   # stored bytes
+    payload: bytes       # stored bytes
     crc: int             # CRC of bitmap + payload (also in the record header)
     zero_pages: int
     cpu: float = 0.0     # CPU seconds this thread spent encoding it
-    slot: int = -1       # the shared-memory slot holding the payload (encoder processes)
 
     @property
     def record_length(self) -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 from kjumpd.errors import CancelledError, ImageError, ImageCorruptError, KjumpError, TargetError
-from kjumpd.image import procpool, store
+from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk, zero_chunk
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
@@ -68,8 +68,6 @@ class SaveStats:
     #: workers, all together), write (wall, device writes), readback (wall, the verifier),
     #: stalled (wall, the reader waiting for a free buffer or a queue slot)
     stages: dict[str, float] = field(default_factory=dict)
-    #: peak RSS of the encoder processes, summed (0 with threads)
-    worker_peak_rss: int = 0
 
     @property
     def mb_per_s(self) -> float:
@@ -153,11 +151,9 @@ class _Meter:
 class _Writer(threading.Thread):
     """Takes futures of EncodedChunk in order; writes records; remembers their CRCs."""
 
-    def __init__(self, writer: RecordWriter, depth: int,
-                 release: Callable[[int], None] | None = None) -> None:
+    def __init__(self, writer: RecordWriter, depth: int) -> None:
         super().__init__(name="kjump-writer", daemon=True)
         self.writer = writer
-        self.release = release      # gives a shared slot back once its payload is written
         self.q: queue.Queue[Future[EncodedChunk] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.crcs: list[int] = []
@@ -176,12 +172,9 @@ class _Writer(threading.Thread):
                 ch = fut.result()
                 self.writer.append(ch.head)
                 self.writer.append(ch.payload)
-                self.stored += ch.record_length
-                if ch.slot >= 0 and self.release is not None:
-                    ch.payload = b""         # the slot is reused from here on
-                    self.release(ch.slot)
                 self.crcs.append(ch.crc)
                 self.zero_pages += ch.zero_pages
+                self.stored += ch.record_length
                 self.raw_done += ch.raw_length
                 self.encode_cpu += ch.cpu
         except BaseException as e:  # noqa: B902 - handed to the main thread, re-raised there
@@ -197,13 +190,8 @@ class _Writer(threading.Thread):
 def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                identity: dict[str, Any], mode: str, chunk_size: int | None = None,
                workers: int | None = None, progress: Progress | None = None,
-               cancel: Any = None, compression: str = "lz4", verify: bool = True,
-               processes: bool | None = None) -> SaveStats:
-    """Save ``ranges`` of ``source`` into the target ``dev``; SAVED is written last.
-
-    ``processes``: encode in forked worker processes (kjumpd.image.procpool) instead of
-    threads; None means: when there is more than one worker and fork() is available.
-    """
+               cancel: Any = None, compression: str = "lz4", verify: bool = True) -> SaveStats:
+    """Save ``ranges`` of ``source`` into the target ``dev``; SAVED is written last."""
     extents = normalize_ranges(ranges)
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     workers = workers or default_workers()
@@ -234,35 +222,20 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     total = meta.raw_bytes
     meter = _Meter(progress, total)
     t0 = time.monotonic()
-    depth = inflight_chunks(workers, chunk_size)
-    if processes is None:
-        # threads: measured here (2 shared cores), processes used ~30 % more CPU in all
-        # for the same work (copies into and out of shared slots, pipes); see bench/
-        processes = False
-    # forked first, before this function starts any thread of its own
-    procs = None
-    if processes:
-        try:
-            procs = procpool.EncoderProcesses(workers, chunk_size, depth, compression, tag)
-        except OSError as e:         # no fork here (memory?): threads do the same work
-            log.warning("encoder processes unavailable (%s); encoding on threads", e)
     verifier = ReadBackVerifier(dev) if verify else None
     rw = RecordWriter(dev, data_off, verifier=verifier)
+    depth = inflight_chunks(workers, chunk_size)
+    wt = _Writer(rw, depth)
     # reused read buffers (fresh memory for every chunk costs more in page faults than the
-    # copy itself): a buffer (or a shared slot) goes back to ``free`` as soon as it is done
+    # copy itself): a buffer goes back to ``free`` as soon as its chunk is encoded
     readinto = getattr(source, "readinto", None)
     known_zero = getattr(source, "known_zero", None)
     read_s = stalled = 0.0
     readback_s = 0.0
-    worker_rss = 0
-    free: queue.Queue[Any] = queue.Queue()
-    if procs is not None:
-        for slot in range(depth):
-            free.put(slot)
-    elif readinto is not None:
+    free: queue.Queue[bytearray] = queue.Queue()
+    if readinto is not None:
         for _ in range(depth):
             free.put(bytearray(chunk_size))
-    wt = _Writer(rw, depth, release=free.put if procs is not None else None)
     try:
         if verifier is not None:
             verifier.start()
@@ -279,17 +252,6 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                     if known_zero is not None and known_zero(phys, n):
                         fut = Future()          # zero by the source's own account: not read
                         fut.set_result(zero_chunk(index, phys, n, tag))
-                    elif procs is not None:
-                        ts = time.monotonic()
-                        slot = _take(free, wt, meter)
-                        tr = time.monotonic()
-                        stalled += tr - ts
-                        if slot is None:
-                            break
-                        with procs.in_slot(slot, n) as view:
-                            _fill(source, readinto, phys, view)
-                        read_s += time.monotonic() - tr
-                        fut = procs.submit(slot, index, phys, n)
                     elif readinto is not None:
                         ts = time.monotonic()
                         buf = _take(free, wt, meter)
@@ -368,9 +330,6 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     finally:
         if verifier is not None:
             verifier.abandon()
-        if procs is not None:
-            procs.close()
-            worker_rss = procs.peak_rss
         rw.close()
     stats = SaveStats(raw_bytes=total, zero_pages=wt.zero_pages, stored_bytes=wt.stored,
                       chunk_count=len(crcs), data_length=data_len,
@@ -378,8 +337,7 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                       header=saved,
                       stages={"read": read_s, "encode_cpu": wt.encode_cpu,
                               "write": rw.write_seconds, "readback": readback_s,
-                              "stalled": stalled},
-                      worker_peak_rss=worker_rss)
+                              "stalled": stalled})
     log.info("saved %d bytes in %d chunks (%d zero pages) as %d bytes in %.2fs (verify %.2fs)",
              total, stats.chunk_count, stats.zero_pages, stats.stored_bytes, stats.seconds,
              verify_seconds)
@@ -389,22 +347,8 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     return stats
 
 
-def _fill(source: Any, readinto: Any, phys: int, view: memoryview) -> None:
-    """Read the memory at ``phys`` into ``view`` (a shared slot)."""
-    if readinto is not None:
-        readinto(phys, view)
-        return
-    data = source.read(phys, len(view))
-    if len(data) != len(view):
-        raise ImageError(f"memory source returned {len(data)} bytes at {phys:#x}, expected "
-                         f"{len(view)}", why="the range lies beyond the end of the memory",
-                         fix="check the ranges", phys=phys)
-    view[:] = data
-
-
-def _take(free: "queue.Queue[Any]", wt: _Writer, meter: _Meter) -> Any:
-    """A free read buffer or slot, or None when the writer failed (its error is raised
-    later)."""
+def _take(free: "queue.Queue[bytearray]", wt: _Writer, meter: _Meter) -> bytearray | None:
+    """A free read buffer, or None when the writer failed (its error is raised later)."""
     while wt.error is None:
         try:
             return free.get(timeout=0.1)

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from kjumpd.errors import (AgentError, CancelledError, ImageCorruptError, ImageFormatError,
-                           ImageStateError, KjumpError, TargetError)
+                           ImageStateError, TargetError)
 from kjumpd.image import restore, save, store
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import CHUNK_HEADER_SIZE, HEADER_SLOT_OFFSETS, PAGE_SIZE, ImageState
@@ -550,66 +550,3 @@ def test_ranges_the_source_knows_are_zero_are_not_read_and_restore_as_zeros(tmp_
     got = out.read_bytes()
     assert got[0x40000:0x80000] == bytes(0x40000)
     assert got[:0x40000] == bytes(mem[:0x40000]) and got[0x80000:] == bytes(mem[0x80000:])
-
-
-def test_encoder_processes_give_the_same_image_as_threads(tmp_path):
-    """`kjump-agent save --encoder processes`: chunks encoded in forked workers over shared
-    memory restore byte-exact, and the records are the same bytes as the threads'."""
-    mem = make_memory(tmp_path / "mem", 4 * MiB)
-    images = {}
-    for procs in (False, True):
-        tgt = tmp_path / f"target-{procs}"
-        store.create_target(tgt, 8 * MiB)
-        with ImageDevice(tgt, writable=True) as dev, FileMemorySource(tmp_path / "mem") as src:
-            stats = save.save_image(src, RANGES, dev, identity={}, mode="test",
-                                    chunk_size=CHUNK, workers=2, processes=procs)
-        assert stats.header.state == ImageState.SAVED
-        assert (stats.worker_peak_rss > 0) == procs
-        images[procs] = (tgt, stats)
-        _, out = restore_into(tmp_path, tgt)
-        got = out.read_bytes()
-        for a, b in RANGES:
-            assert got[a:b] == mem[a:b]
-    (t0, s0), (t1, s1) = images[False], images[True]
-    assert (s0.stored_bytes, s0.zero_pages, s0.chunk_count) == \
-        (s1.stored_bytes, s1.zero_pages, s1.chunk_count)
-
-
-class _KillsAnEncoder(FileMemorySource):
-    """Kills one encoder process (as the OOM killer would) once a few chunks are read."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.reads = 0
-
-    def readinto(self, phys, buf):
-        self.reads += 1
-        if self.reads == 6:
-            import signal as _signal
-            me = os.getpid()
-            for pid in _children(me):
-                os.kill(pid, _signal.SIGKILL)
-                break
-        super().readinto(phys, buf)
-
-
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def test_a_dead_encoder_process_aborts_the_save_instead_of_hanging(tmp_path):
-    make_memory(tmp_path / "mem", 4 * MiB)
-    tgt = tmp_path / "target"
-    store.create_target(tgt, 8 * MiB)
-    with ImageDevice(tgt, writable=True) as dev, _KillsAnEncoder(tmp_path / "mem") as src:
-        with pytest.raises(KjumpError) as ei:
-            save.save_image(src, RANGES, dev, identity={}, mode="test", chunk_size=CHUNK,
-                            workers=2, processes=True)
-    assert "encoder process" in str(ei.value.message)
-    with ImageDevice(tgt, writable=False) as dev:
-        h = store.read_header(dev)
-    assert h.state == ImageState.ABORTED
