@@ -103,7 +103,8 @@ def build_for_machine(sysroot_dir: str = "/", *, out: Path, normal_kernel: str |
                                       normal_kernel=normal_kernel, normal_initrd=normal_initrd,
                                       cmdline=cmdline, max_attempts=max_attempts)
     make_restore_initrd(out, bcfg, files)
-    return out, f"kjump.target={uuid} kjump.offset={target.superblock_offset}"
+    from kjumpd.restorefirst import QUICK_BOOT_PARAMS
+    return out, f"kjump.target={uuid} kjump.offset={target.superblock_offset} {QUICK_BOOT_PARAMS}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

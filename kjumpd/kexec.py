@@ -12,8 +12,9 @@
 
 The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), written to
 /run/kjumpd (tmpfs) after the filesystems are frozen. The save kernel's command line is
-``<save_kernel.append> memmap=exactmap memmap=512K@0K memmap=SIZE@START kjump.role=save``:
-B's memory is exactly the low 512K and the jump area.
+``<save_kernel.append> pty.legacy_count=0 memmap=exactmap memmap=512K@0K memmap=SIZE@START
+kjump.role=save``: B's memory is exactly the low 512K and the jump area; no legacy ptys
+(kjumpd.restorefirst.QUICK_BOOT_PARAMS).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kjumpd.config import Config, format_size
 from kjumpd.errors import KexecError
 from kjumpd.job import Job
 from kjumpd.jumparea import JumpArea
+from kjumpd.restorefirst import QUICK_BOOT_PARAMS
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ def free_pages_restore_as_zeros(sysroot: Sysroot) -> bool:
 
 
 def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
-    return (f"{config.save_append} memmap=exactmap memmap=512K@0K "
+    return (f"{config.save_append} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
             f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}").strip()
 
 

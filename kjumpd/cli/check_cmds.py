@@ -170,6 +170,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if args.bootloader:
         try:
             from kjumpd import bootentry
+            from kjumpd.restorefirst import QUICK_BOOT_PARAMS
         except ImportError:
             raise UnsupportedError("boot entry installation is not available",
                                    why="kjumpd.bootentry is missing from this installation",
@@ -177,7 +178,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
         target, uuid = blockmap.current(sr, cfg.target, restamp=False)
         rec = bootentry.install(sr, args.bootloader, kernel=Path(args.restore_kernel),
                                 initrd=Path(args.restore_initrd),
-                                cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}",
+                                cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}"
+                                        f" {QUICK_BOOT_PARAMS}",
                                 esp=args.esp)
         print(f"installed the {rec.kind} entry ({rec.loader}): {', '.join(rec.files)}")
         did = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid as uuidlib
 
@@ -267,6 +268,10 @@ def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
     assert kv["kjump.offset"] == str(1 << 20) and kv["kjump.attempt"] == "2"
     line = restore_cmdline(config(), 2)
     assert "memmap=exactmap memmap=512K@0K memmap=131072K@524288K" in line
+    # B restores without legacy ptys (0.8 s of pty_init under TCG), exactly once
+    assert line.split().count("pty.legacy_count=0") == 1
+    assert restore_cmdline(dataclasses.replace(config(), save=dataclasses.replace(
+        config().save, cmdline=config().save.cmdline + " pty.legacy_count=0")), 2) == line
     assert "memmap=1G@0" not in line and "-c" not in args and "--load-preserve-context" not in args
 
 
