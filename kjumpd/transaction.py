@@ -23,6 +23,7 @@ full rollback otherwise (``err.outcome`` holds the rolled-back Outcome).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -230,6 +231,11 @@ class Hibernation:
                                         rep.context.get("initramfs_sha256", ""))
             kx.load(sr, cfg.save_kernel, initrd, kexec.save_cmdline(cfg, area), area)
             undo.push("kexec unload", kx.unload)
+            # the kernel holds its own copy now: what stays in A's memory is saved in the
+            # image, so drop the tmpfs initrd and the page cache of the files just read
+            kexec.remove_initrd(sr)
+            for path in (cfg.save_kernel, cfg.save_initramfs):
+                _drop_page_cache(sr, path)
             check_cancel()
 
             phase("jump", 50)
@@ -361,3 +367,18 @@ def _rmdir_if_empty(sr: Sysroot, p: str) -> None:
         sr.path(p).rmdir()
     except OSError:
         pass
+
+
+def _drop_page_cache(sr: Sysroot, path: str) -> None:
+    """Forget the clean page cache of a file (nothing is written: the filesystems are
+    frozen, and these files were only read). Best effort."""
+    try:
+        fd = os.open(sr.path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as e:
+        log.debug("fadvise(DONTNEED) of %s: %s", path, e)
+    finally:
+        os.close(fd)

@@ -223,8 +223,13 @@ if "--load-preserve-context" in args:
                   file=sys.stderr)
         sys.exit(1)
     initrd = next(a.split("=", 1)[1] for a in args if a.startswith("--initrd="))
+    # like kexec_load(2): the kernel keeps its own copy of the segments from here on
+    with open(initrd, "rb") as f:
+        copy = state_file + ".initrd"
+        with open(copy, "wb") as out:
+            out.write(f.read())
     with open(state_file, "w") as f:
-        json.dump({{"initrd": initrd}}, f)
+        json.dump({{"initrd": initrd, "copy": copy}}, f)
     sys.exit(0)
 if args == ["-u"]:
     if os.path.exists(state_file):
@@ -243,8 +248,10 @@ if args and args[0] == "-e":
     from kjumpd.job import job_from_cpio
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
-    with open(st["initrd"], "rb") as f:
+    with open(st["copy"], "rb") as f:
         blob = f.read()
+    with open(os.environ["FAKE_KEXEC_JOB"] + ".initrd-at-jump", "w") as f:
+        f.write("present" if os.path.exists(st["initrd"]) else "gone")
     # what B's kernel does: unpack the archives after the (gzip) base initramfs; the job
     # archive starts on a 512-byte boundary after it
     job = None
