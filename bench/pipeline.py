@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     rss_save = rss_rest = stored = 0
     verify_s = 0.0
     stages: dict[str, float] = {}
+    r_stages: dict[str, float] = {}
     same = True
 
     cpu: dict[str, float] = {}
@@ -169,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         t, c, _ = timed(agent + ["restore", "--target", str(img), "--memory", str(back),
                                  "--stats"], out=back, stdout_to=st)
         keep_best("restore", t, c)
-        rss_rest = max(rss_rest, json.loads(st.read_text().splitlines()[-1])["peak_rss"])
+        r_st = json.loads(st.read_text().splitlines()[-1])
+        rss_rest = max(rss_rest, r_st["peak_rss"])
+        if best["restore"] == t:
+            r_stages = r_st.get("stages", {})
         same = same and subprocess.run(["cmp", "-s", str(mem), str(back)]).returncode == 0
         print(f"bench: round {rnd + 1}/{args.repeat} done (load {os.getloadavg()[0]:.2f})",
               file=sys.stderr)
@@ -209,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
               + " (encode is CPU of all workers; read-back overlaps the save)")
     print(row("save vs lz4 -1", t_save, t_lz4, 0.5))
     print(row("save vs raw copy (cat)", t_save, t_cat, 1.0))
+    if r_stages:
+        print("restore stages (best run): " + ", ".join(f"{k} {v:.2f} s"
+                                                        for k, v in r_stages.items()))
     print(row("restore vs lz4 -d", t_rest, t_lz4d, 0.67))
     print(f"{'CPU s (user+sys, best)':<26} save {cpu['save']:.2f} vs lz4 -1 {cpu['lz4']:.2f}, "
           f"cat {cpu['cat']:.2f}; restore {cpu['restore']:.2f} vs lz4 -d {cpu['lz4d']:.2f} "

@@ -175,7 +175,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     print(f"kjump-agent: restored {stats.raw_bytes} bytes in {stats.chunk_count} chunks in "
           f"{stats.seconds:.2f}s", file=sys.stderr)
     _print_stats(args.stats, raw_bytes=stats.raw_bytes, chunks=stats.chunk_count,
-                 seconds=stats.seconds)
+                 seconds=stats.seconds,
+                 stages={k: round(v, 3) for k, v in stats.stages.items()})
     return 0
 
 

@@ -52,6 +52,10 @@ class RestoreStats:
     diverted: list[tuple[int, bytes]] = field(default_factory=list)
     header: Header | None = None
     metadata: Metadata | None = None
+    #: where the time went: records (wall, the caller waiting for the next record to be read
+    #: and parsed), decode_cpu (CPU seconds of the workers: CRC, lz4, copies), waiting (wall,
+    #: waiting for a decode), write (wall, handing bytes to the sink)
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 def check_image(dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE,
@@ -78,7 +82,8 @@ def check_image(dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE,
 
 
 def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
-               workers: int | None = None) -> Iterator[tuple[int, memoryview]]:
+               workers: int | None = None, stages: dict[str, float] | None = None
+               ) -> Iterator[tuple[int, memoryview]]:
     """(phys, bytes) of every chunk, in order, each checked before it is yielded.
 
     The bytes are a view of a reused, page-aligned buffer (chunks are decoded into a small
@@ -87,7 +92,8 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
     workers = workers or default_workers()
     reader = RecordReader(dev, header.data_offset, header.data_length)
     plan = chunk_plan(meta.extents, header.chunk_size)
-    pending: deque[tuple[ChunkHeader, Future[tuple[mmap.mmap | None, int]], int]] = deque()
+    Decoded = tuple[mmap.mmap | None, int, float]
+    pending: deque[tuple[ChunkHeader, Future[Decoded], int]] = deque()
     depth = inflight_chunks(workers, header.chunk_size)
     free: queue.Queue[mmap.mmap] = queue.Queue()
     ring = [mmap.mmap(-1, header.chunk_size) for _ in range(depth + 1)]
@@ -98,10 +104,15 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
     tag = image_tag(header.uuid, header.created)
     crc = 0
     count = 0
+    acc = stages if stages is not None else {}
+    for key in ("records", "decode_cpu", "waiting"):
+        acc.setdefault(key, 0.0)
 
-    def hand_out(ch0: ChunkHeader, fut: Future[tuple[mmap.mmap | None, int]]
-                 ) -> Iterator[tuple[int, memoryview]]:
-        buf, n = fut.result()
+    def hand_out(ch0: ChunkHeader, fut: Future[Decoded]) -> Iterator[tuple[int, memoryview]]:
+        tw = time.monotonic()
+        buf, n, cpu = fut.result()
+        acc["waiting"] += time.monotonic() - tw
+        acc["decode_cpu"] += cpu
         if buf is None:
             with memoryview(zero_page_run) as z:
                 yield ch0.phys, z[:n]
@@ -122,7 +133,9 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                 records = iter(reader)
                 while True:
                     try:
+                        tr = time.monotonic()
                         ch, bitmap, payload, off = next(records)
+                        acc["records"] += time.monotonic() - tr
                         _check_place(ch, next(plan, None), off, tag)
                     except StopIteration:
                         break
@@ -164,13 +177,14 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
 
 
 def _decode(ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap | None
-            ) -> tuple[mmap.mmap | None, int]:
+            ) -> tuple[mmap.mmap | None, int, float]:
+    c0 = time.thread_time()
     if buf is None:                      # an all-zero record: checked, nothing to decode
         decode_into(ch, bitmap, payload, off, None)
-        return None, ch.raw_length
+        return None, ch.raw_length, time.thread_time() - c0
     with memoryview(buf) as out:
         decode_into(ch, bitmap, payload, off, out)
-    return buf, ch.raw_length
+    return buf, ch.raw_length, time.thread_time() - c0
 
 
 def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progress | None = None,
@@ -185,17 +199,24 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
     held = sorted((int(a), int(b)) for a, b in divert)
     meter = _Meter(progress, meta.raw_bytes)
     t0 = time.monotonic()
-    for phys, data in iter_image(dev, header, meta, workers=workers):
+    write_s = 0.0
+    for phys, data in iter_image(dev, header, meta, workers=workers, stages=stats.stages):
         if not verify_only:
+            tw = time.monotonic()
             _deliver(sink, phys, data, held, on_divert, stats)
+            write_s += time.monotonic() - tw
         stats.raw_bytes += len(data)
         stats.chunk_count += 1
         meter(stats.raw_bytes)
     stats.zero_pages = header.zero_pages
     stats.seconds = time.monotonic() - t0
     meter(stats.raw_bytes, final=True)
+    stats.stages["write"] = write_s
     log.info("%s %d bytes in %d chunks in %.2fs", "verified" if verify_only else "restored",
              stats.raw_bytes, stats.chunk_count, stats.seconds)
+    log.info("restore stages: reading records %.2fs, decode %.2fs CPU on the workers, "
+             "waiting for decodes %.2fs, writing memory %.2fs", stats.stages["records"],
+             stats.stages["decode_cpu"], stats.stages["waiting"], write_s)
     return stats
 
 
