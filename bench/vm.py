@@ -15,7 +15,8 @@ Measured on the host clock from the serial console (never asserted in tests):
   image size         swsusp: "PM: Image size after compression: N kbytes" (else "Wrote N kbytes");
                      kjumpd: the agent's "SAVED: ... MiB written"
   memory saved       swsusp: "Wrote N kbytes" (pages after its own reclaim); kjumpd: "SAVED: N MiB of
-                     memory" (every page of RAM outside the jump area, zero pages elided)
+                     memory" (the RAM outside the jump area that the save kernel read: the main
+                     kernel's free pages are left out, zero pages among the rest are elided)
 Both runs must end with the guest's checker verdict PASS (data byte-exact) for the figures to
 count. Goal (issue 4): kjumpd <= 0.7x swsusp's latencies and an image no larger. Exit status: 0
 when both runs passed their verdicts (the goal is reported, not enforced), 1 otherwise.
