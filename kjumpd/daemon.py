@@ -25,6 +25,7 @@ import argparse
 import logging
 import os
 import signal
+import threading
 import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -181,6 +182,11 @@ class Daemon:
         self.sysroot = Sysroot(Path(args.sysroot))
         self.config = load_config(self.sysroot, args.config)
         clear_stale_oneshot(self.sysroot, _startup_image_state(self.sysroot, self.config))
+        # hash the save kernel's files now, not in the first hibernation's preflight (which
+        # then only compares their stat)
+        from kjumpd import preflight
+        threading.Thread(target=preflight.warm_hashes, args=(self.sysroot, self.config),
+                         name="warm-hashes", daemon=True).start()
         self.notifier = sdnotify.Notifier()
         self.loop = GLib.MainLoop()
         if not args.bus and os.environ.get("DBUS_STARTER_ADDRESS"):

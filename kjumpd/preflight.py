@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -56,6 +59,48 @@ class PreflightReport:
                 line += f"\n       fix: {i.fix}"
             lines.append(line)
         return "\n".join(lines)
+
+
+#: sha256 of the save kernel's files hashed earlier in this process, with the stat fields
+#: any change to a file alters (device, inode, size, mtime, ctime). The daemon hashes them at
+#: start (warm_hashes) and at a hibernation only re-checks the stat (the hashing cost ~0.3 s
+#: of each hibernation under TCG); ``kjumpctl check`` (a new process) always hashes.
+_HASHED: dict[str, tuple[tuple[int, ...], str]] = {}
+_HASHED_LOCK = threading.Lock()
+#: a file changed less than this long ago is hashed every time: a write in the same clock
+#: tick as the hashing could leave its ctime unchanged ("racily clean", as git calls it)
+SETTLED_SECONDS = 2.0
+
+
+def _stat_key(path: os.PathLike[str] | str) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_sha256(path: os.PathLike[str] | str) -> str:
+    """sha256 of a file; from the cache when its stat is what it was when hashed."""
+    name = os.fspath(path)
+    key = _stat_key(name)
+    with _HASHED_LOCK:
+        hit = _HASHED.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    got = sha256_file(name)
+    after = _stat_key(name)
+    if after == key and time.time() - key[4] / 1e9 > SETTLED_SECONDS:
+        with _HASHED_LOCK:
+            _HASHED[name] = (key, got)
+    return got
+
+
+def warm_hashes(sysroot: Sysroot, config: Config) -> None:
+    """Hash the save kernel's files into the cache (the daemon runs this at start, in a
+    thread); a file that is missing or unreadable is left for preflight to report."""
+    for path in (config.save_kernel, config.save_initramfs):
+        try:
+            file_sha256(sysroot.path(path))
+        except OSError:
+            pass
 
 
 def kexec_jump_config(sysroot: Sysroot) -> tuple[bool | None, str]:
@@ -119,7 +164,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
             add(PreflightItem(what, False, f"{path} is missing",
                               "build it (make -C savekernel) and install it, or set [save_kernel]"))
             continue
-        got = sha256_file(p)
+        got = file_sha256(p)
         key = "kernel_sha256" if what == "save kernel" else "initramfs_sha256"
         if want and got != want:
             files_ok = False

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -341,6 +342,28 @@ def test_preflight_names_what_fails(full, path, text, item):
     rep = preflight.run(Sysroot(full), cfg(full), "test")
     assert not rep.ok
     assert [i.name for i in rep.failed()] == [item] and rep.failed()[0].fix
+
+
+@pytest.mark.parametrize("how", ["in place", "replaced"])
+def test_preflight_sees_a_save_kernel_changed_after_its_hash_was_cached(full, monkeypatch, how):
+    # the daemon keeps the hashes of unchanged files (stat compared); a changed file is
+    # hashed again, also when it keeps its size (same-size rewrite, or a new inode)
+    monkeypatch.setattr(preflight, "SETTLED_SECONDS", -1.0)     # cache even fresh files
+    sr = Sysroot(full)
+    assert preflight.run(sr, cfg(full), "test").ok
+    path = sr.path("/usr/lib/kjumpd/save/bzImage")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    time.sleep(0.05)        # past the clock tick of the first stat: a ctime that can change
+    if how == "in place":
+        with open(path, "r+b") as f:
+            f.seek(len(data) - 1)
+            f.write(data[-1:])
+    else:
+        path.with_name("new").write_bytes(bytes(data))
+        os.replace(path.with_name("new"), path)
+    rep = preflight.run(sr, cfg(full), "test")
+    assert [i.name for i in rep.failed()] == ["save kernel"]
 
 
 def test_preflight_kernel_without_kexec_jump(full):
