@@ -152,12 +152,16 @@ def prepare_disk(image: Path, kernel: Path) -> Path:
         return out
     logs = image.with_suffix(".prepare")
     logs.mkdir(exist_ok=True)
-    tmp = scenarios.make_overlay(image, logs, "prepared.qcow2")
+    # per process: two test runs (engineers sharing the cache) may prepare the same image at
+    # once; the first to finish publishes it, the other uses that one (overlays made on it
+    # name it by path, so a published image is never replaced)
+    me = f"prepare-{os.getpid()}"
+    tmp = scenarios.make_overlay(image, logs, f"{me}.qcow2")
     cfg = harness.VMConfig(kernel=kernel, disks=[tmp], disk_format="qcow2",
                            append=f"{scenarios.A_APPEND} kjumpvm.scenario=prepare",
                            memory_mb=scenarios.MEM_MIB, smp=scenarios.SMP)
     log.info("preparing the shared disk: `kjumpctl setup` in the guest (console: %s)", logs)
-    with harness.VM(cfg, artifacts=logs, name="prepare") as vm:
+    with harness.VM(cfg, artifacts=logs, name=me) as vm:
         try:
             vm.wait_exit(PREPARE_TIMEOUT)
         except harness.VMError as err:
@@ -167,8 +171,12 @@ def prepare_disk(image: Path, kernel: Path) -> Path:
     if not done:
         why = verdict[0].group(0) if verdict else f"no 'prepared' event (see {logs})"
         raise AssetError("`kjumpctl setup` did not complete in the guest", why=why,
-                         fix=f"read {logs}/prepare-console-1.log")
-    os.replace(tmp, out)
+                         fix=f"read {logs}/{me}-console-1.log")
+    try:
+        os.link(tmp, out)               # fails when another run published it first
+    except FileExistsError:
+        log.info("another run prepared %s first; using it", out)
+    tmp.unlink()
     return out
 
 
