@@ -3,12 +3,12 @@ writer -> verify (every written window re-read from the device and compared byte
 flush -> SAVED header, written last after a flush.
 (The record-level check, with decompression, is restore_image(verify_only=True).)
 
-Threads: the caller's thread reads the source into reused buffers and submits chunks to the
-pool; a writer thread takes finished chunks *in order* and packs them into aligned windows;
-a verifier thread reads each window back as soon as its write returned, so the verify pass
-overlaps the save instead of following it (SAVED still waits for its last window). The
-number of chunks in flight is bounded, so memory use does not depend on the size of the
-input.
+Threads: each worker claims the next chunk of the plan, reads it into its own reused buffer
+and encodes it; the caller's thread is the writer, taking encoded chunks *in order* and
+packing them into aligned windows; a verifier thread reads each window back as soon as its
+write returned, so the verify pass overlaps the save instead of following it (SAVED still
+waits for its last window). Workers stay at most a few chunks ahead of the writer, so memory
+use does not depend on the size of the input.
 On a cancel or an error the header becomes ABORTED(reason) and a KjumpError is raised.
 
 Standard library + lz4 only: this runs in the save kernel's initramfs.
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import struct
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
@@ -66,7 +64,7 @@ class SaveStats:
     header: Header
     #: where the time went: read (wall, reading the source), encode_cpu (CPU seconds of the
     #: workers, all together), write (wall, device writes), readback (wall, the verifier),
-    #: stalled (wall, the reader waiting for a free buffer or a queue slot)
+    #: waiting (wall, the writer waiting for the next chunk to be encoded)
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -148,43 +146,94 @@ class _Meter:
         self.progress(done, self.total, rate / 1e6, eta)
 
 
-class _Writer(threading.Thread):
-    """Takes futures of EncodedChunk in order; writes records; remembers their CRCs."""
+class _Encoders:
+    """Worker threads that each claim the next chunk of the plan, read it into their own
+    reused buffer and encode it; results are handed to the writer (the caller's thread) in
+    plan order. A worker never runs more than ``depth`` chunks ahead of the writer, so the
+    memory in use does not depend on the size of the input. Reads from the source are
+    serialised (a /dev/mem source maps one window at a time).
+    """
 
-    def __init__(self, writer: RecordWriter, depth: int) -> None:
-        super().__init__(name="kjump-writer", daemon=True)
-        self.writer = writer
-        self.q: queue.Queue[Future[EncodedChunk] | None] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.crcs: list[int] = []
-        self.zero_pages = 0
-        self.stored = 0
-        self.raw_done = 0
-        self.encode_cpu = 0.0
-        self.stop = threading.Event()
+    def __init__(self, source: Any, plan: list[tuple[int, int, int]], workers: int,
+                 depth: int, chunk_size: int, compression: str, tag: int) -> None:
+        self.source, self.plan, self.depth = source, plan, depth
+        self.compression, self.tag, self.chunk_size = compression, tag, chunk_size
+        self.readinto = getattr(source, "readinto", None)
+        self.known_zero = getattr(source, "known_zero", None)
+        self.cond = threading.Condition()
+        self.read_lock = threading.Lock()
+        self.results: dict[int, EncodedChunk | BaseException] = {}
+        self.claimed = 0          # next plan position to hand out
+        self.taken = 0            # plan positions the writer has taken
+        self.stopped = False
+        self.read_seconds = 0.0   # wall time in source reads, all workers
+        self.threads = [threading.Thread(target=self._work, name=f"kjump-lz4-{i}", daemon=True)
+                        for i in range(workers)]
 
-    def run(self) -> None:
-        try:
-            while True:
-                fut = self.q.get()
-                if fut is None or self.stop.is_set():
-                    break
-                ch = fut.result()
-                self.writer.append(ch.head)
-                self.writer.append(ch.payload)
-                self.crcs.append(ch.crc)
-                self.zero_pages += ch.zero_pages
-                self.stored += ch.record_length
-                self.raw_done += ch.raw_length
-                self.encode_cpu += ch.cpu
-        except BaseException as e:  # noqa: B902 - handed to the main thread, re-raised there
-            self.error = e
-            self.stop.set()
-            while True:            # unblock the producer
-                try:
-                    self.q.get_nowait()
-                except queue.Empty:
-                    break
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join()
+
+    def _work(self) -> None:
+        buf = bytearray(self.chunk_size) if self.readinto is not None else None
+        while True:
+            with self.cond:
+                while (not self.stopped and self.claimed < len(self.plan)
+                       and self.claimed >= self.taken + self.depth):
+                    self.cond.wait()
+                if self.stopped or self.claimed >= len(self.plan):
+                    return
+                pos = self.claimed
+                self.claimed += 1
+            index, phys, n = self.plan[pos]
+            item: EncodedChunk | BaseException
+            try:
+                item = self._encode(index, phys, n, buf)
+            except BaseException as e:  # noqa: B902 - raised by the writer, in plan order
+                item = e
+            with self.cond:
+                self.results[pos] = item
+                self.cond.notify_all()
+
+    def _encode(self, index: int, phys: int, n: int, buf: bytearray | None) -> EncodedChunk:
+        if self.known_zero is not None:
+            with self.read_lock:                 # sources keep counters: one caller at a time
+                zero = self.known_zero(phys, n)
+            if zero:
+                return zero_chunk(index, phys, n, self.tag)  # zero by the source's account
+        data: Any
+        with self.read_lock:
+            t0 = time.monotonic()
+            if buf is not None:
+                with memoryview(buf) as whole:
+                    self.readinto(phys, whole[:n])  # type: ignore[misc]
+                data = buf
+            else:
+                data = self.source.read(phys, n)
+            self.read_seconds += time.monotonic() - t0
+        if buf is None and len(data) != n:
+                raise ImageError(f"memory source returned {len(data)} bytes at {phys:#x}, "
+                                 f"expected {n}", why="the range lies beyond the end of the "
+                                 "memory", fix="check the ranges", phys=phys)
+        return encode_chunk(index, phys, data, self.compression, self.tag, length=n)
+
+    def take(self, pos: int, timeout: float) -> EncodedChunk | BaseException | None:
+        """The result for plan position ``pos`` (None on timeout); lets workers go on."""
+        with self.cond:
+            if pos not in self.results:
+                self.cond.wait(timeout)
+                if pos not in self.results:
+                    return None
+            self.taken = pos + 1
+            self.cond.notify_all()
+            return self.results.pop(pos)
 
 
 def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
@@ -225,78 +274,43 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
     verifier = ReadBackVerifier(dev) if verify else None
     rw = RecordWriter(dev, data_off, verifier=verifier)
     depth = inflight_chunks(workers, chunk_size)
-    wt = _Writer(rw, depth)
-    # reused read buffers (fresh memory for every chunk costs more in page faults than the
-    # copy itself): a buffer goes back to ``free`` as soon as its chunk is encoded
-    readinto = getattr(source, "readinto", None)
-    known_zero = getattr(source, "known_zero", None)
-    read_s = stalled = 0.0
-    readback_s = 0.0
-    free: queue.Queue[bytearray] = queue.Queue()
-    if readinto is not None:
-        for _ in range(depth):
-            free.put(bytearray(chunk_size))
+    encoders = _Encoders(source, plan, workers, depth, chunk_size, compression, tag)
+    crcs: list[int] = []
+    zero_pages = stored = raw_done = 0
+    encode_cpu = stalled = readback_s = 0.0
     try:
         if verifier is not None:
             verifier.start()
         dev.write(METADATA_OFFSET, meta_raw)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-lz4") as pool:
-            wt.start()
-            try:
-                for index, phys, n in plan:
-                    if wt.error is not None:
+        encoders.start()
+        try:
+            # the writer: records in plan order, each as soon as it is encoded
+            for pos in range(len(plan)):
+                ts = time.monotonic()
+                while True:
+                    item = encoders.take(pos, 0.1)
+                    if item is not None:
                         break
                     if is_cancelled():
                         raise CancelledError("save cancelled", why="cancel requested",
                                              fix="nothing was lost; the system keeps running")
-                    if known_zero is not None and known_zero(phys, n):
-                        fut = Future()          # zero by the source's own account: not read
-                        fut.set_result(zero_chunk(index, phys, n, tag))
-                    elif readinto is not None:
-                        ts = time.monotonic()
-                        buf = _take(free, wt, meter)
-                        tr = time.monotonic()
-                        stalled += tr - ts
-                        if buf is None:
-                            break
-                        with memoryview(buf) as whole:
-                            readinto(phys, whole[:n])
-                        read_s += time.monotonic() - tr
-                        fut = pool.submit(_encode_and_free, free, index, phys, buf, n,
-                                          compression, tag)
-                    else:
-                        tr = time.monotonic()
-                        data = source.read(phys, n)
-                        read_s += time.monotonic() - tr
-                        if len(data) != n:
-                            raise ImageError(f"memory source returned {len(data)} bytes at "
-                                             f"{phys:#x}, expected {n}",
-                                             why="the range lies beyond the end of the memory",
-                                             fix="check the ranges", phys=phys)
-                        fut = pool.submit(encode_chunk, index, phys, data, compression, tag)
-                        del data
-                    ts = time.monotonic()
-                    while wt.error is None:
-                        try:
-                            wt.q.put(fut, timeout=0.1)
-                            break
-                        except queue.Full:
-                            meter(wt.raw_done)
-                    stalled += time.monotonic() - ts
-                    meter(wt.raw_done)
-            except BaseException:
-                wt.stop.set()           # drop what is queued; the image is aborted anyway
-                raise
-            finally:
-                while wt.is_alive():
-                    try:
-                        wt.q.put(None, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                wt.join()
-        if wt.error is not None:
-            raise wt.error
+                    meter(raw_done)
+                stalled += time.monotonic() - ts
+                if isinstance(item, BaseException):
+                    raise item
+                if is_cancelled():
+                    raise CancelledError("save cancelled", why="cancel requested",
+                                         fix="nothing was lost; the system keeps running")
+                rw.append(item.head)
+                rw.append(item.payload)
+                crcs.append(item.crc)
+                zero_pages += item.zero_pages
+                stored += item.record_length
+                raw_done += item.raw_length
+                encode_cpu += item.cpu
+                meter(raw_done)
+        finally:
+            encoders.stop()
         data_len = rw.finish()
         dev.flush()
         seconds_write = time.monotonic() - t0
@@ -309,10 +323,9 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
             v.finish()
             readback_s = v.busy_seconds
         verify_seconds = time.monotonic() - tv
-        crcs = wt.crcs
         saved = header.evolve(state=ImageState.SAVED, saved=time.time(), updated=time.time(),
-                              data_length=data_len, raw_bytes=total, zero_pages=wt.zero_pages,
-                              stored_bytes=wt.stored, chunk_count=len(crcs),
+                              data_length=data_len, raw_bytes=total, zero_pages=zero_pages,
+                              stored_bytes=stored, chunk_count=len(crcs),
                               data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)),
                               flags=header.flags | (FLAG_VERIFIED if verify else 0))
         saved = store.write_header(dev, saved)      # flushes: SAVED is the last write
@@ -331,38 +344,20 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
         if verifier is not None:
             verifier.abandon()
         rw.close()
-    stats = SaveStats(raw_bytes=total, zero_pages=wt.zero_pages, stored_bytes=wt.stored,
+    stats = SaveStats(raw_bytes=total, zero_pages=zero_pages, stored_bytes=stored,
                       chunk_count=len(crcs), data_length=data_len,
                       seconds=seconds_write + verify_seconds, verify_seconds=verify_seconds,
                       header=saved,
-                      stages={"read": read_s, "encode_cpu": wt.encode_cpu,
+                      stages={"read": encoders.read_seconds, "encode_cpu": encode_cpu,
                               "write": rw.write_seconds, "readback": readback_s,
-                              "stalled": stalled})
+                              "waiting": stalled})
     log.info("saved %d bytes in %d chunks (%d zero pages) as %d bytes in %.2fs (verify %.2fs)",
              total, stats.chunk_count, stats.zero_pages, stats.stored_bytes, stats.seconds,
              verify_seconds)
     log.info("save stages: read %.2fs, encode %.2fs CPU on %d worker(s), write %.2fs, "
-             "read-back %.2fs (overlapped), reader stalled %.2fs", read_s, wt.encode_cpu,
-             workers, rw.write_seconds, readback_s, stalled)
+             "read-back %.2fs (overlapped), writer waiting for chunks %.2fs",
+             encoders.read_seconds, encode_cpu, workers, rw.write_seconds, readback_s, stalled)
     return stats
-
-
-def _take(free: "queue.Queue[bytearray]", wt: _Writer, meter: _Meter) -> bytearray | None:
-    """A free read buffer, or None when the writer failed (its error is raised later)."""
-    while wt.error is None:
-        try:
-            return free.get(timeout=0.1)
-        except queue.Empty:
-            meter(wt.raw_done)
-    return None
-
-
-def _encode_and_free(free: "queue.Queue[bytearray]", index: int, phys: int, buf: bytearray,
-                     n: int, compression: str, tag: int) -> EncodedChunk:
-    try:
-        return encode_chunk(index, phys, buf, compression, tag, length=n)
-    finally:
-        free.put(buf)
 
 
 def _abort(dev: ImageDevice, reason: str) -> None:

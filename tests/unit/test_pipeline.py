@@ -550,3 +550,103 @@ def test_ranges_the_source_knows_are_zero_are_not_read_and_restore_as_zeros(tmp_
     got = out.read_bytes()
     assert got[0x40000:0x80000] == bytes(0x40000)
     assert got[:0x40000] == bytes(mem[:0x40000]) and got[0x80000:] == bytes(mem[0x80000:])
+
+
+def _devmem_restore(tmp_path, tgt, workers):
+    from kjumpd.agent.devmem import MemorySink
+    from kjumpd.sysroot import Sysroot
+    (tmp_path / "dev").mkdir(exist_ok=True)
+    out = tmp_path / "dev" / "mem"
+    out.write_bytes(b"\xaa" * (4 * MiB))
+    with ImageDevice(tgt, writable=False) as dev, \
+            MemorySink(Sysroot(tmp_path), RANGES, hold=[(0, 0x80000)], window=MiB) as sink:
+        try:
+            return restore.restore_image(dev, sink, workers=workers), out, sink
+        finally:
+            sink.flush()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_devmem_sink_restore_is_byte_exact_and_zero_chunks_come_back_as_zeros(saved, workers):
+    tmp_path, mem, tgt, _ = saved
+    rs, out, sink = _devmem_restore(tmp_path, tgt, workers)
+    got = out.read_bytes()
+    held = {h.mem: h.data for h in sink.held_segments()}
+    for a, b in RANGES:
+        for p in range(a, b, PAGE_SIZE):
+            want = mem[p:p + PAGE_SIZE]
+            if p < 0x80000:                            # the sink held it back, untouched
+                assert got[p:p + PAGE_SIZE] == b"\xaa" * PAGE_SIZE
+                seg = max(m for m in held if m <= p)
+                assert held[seg][p - seg:p - seg + PAGE_SIZE] == want
+            else:
+                assert got[p:p + PAGE_SIZE] == want, hex(p)
+    assert rs.stages["write"] > 0 and rs.chunk_count == len(_chunk_offsets(tgt)[1])
+
+
+@pytest.mark.parametrize("workers", [2, 5])
+def test_devmem_sink_writes_nothing_past_a_bad_chunk_whatever_the_workers(saved, workers):
+    tmp_path, mem, tgt, _ = saved
+    h, recs = _chunk_offsets(tgt)
+    k = len(recs) // 3
+    ch, off = recs[k]
+    _poke(tgt, off + ch.record_length - 5, b"\x5a")
+    with pytest.raises(ImageCorruptError, match=f"at byte offset {off}"):
+        _devmem_restore(tmp_path, tgt, workers)
+    got = (tmp_path / "dev" / "mem").read_bytes()
+    for c, _ in recs[:k]:
+        if c.phys >= 0x80000:
+            assert got[c.phys:c.phys + c.raw_length] == mem[c.phys:c.phys + c.raw_length]
+    for c, _ in recs[k:]:
+        assert got[c.phys:c.phys + c.raw_length] == b"\xaa" * c.raw_length
+
+
+class _OneReaderAtATime:
+    """A source like /dev/mem (one mapped window): two reads at once would corrupt it."""
+
+    def __init__(self, path, with_readinto):
+        self.inner = FileMemorySource(path)
+        self.busy = threading.Lock()
+        self.overlaps = 0
+        if with_readinto:
+            self.readinto = self._readinto
+
+    def _enter(self):
+        if not self.busy.acquire(blocking=False):
+            self.overlaps += 1
+            self.busy.acquire()
+
+    def read(self, phys, length):
+        self._enter()
+        try:
+            import time as _t
+            _t.sleep(0.0005)                 # widen the window a second reader would hit
+            return self.inner.read(phys, length)
+        finally:
+            self.busy.release()
+
+    def _readinto(self, phys, buf):
+        self._enter()
+        try:
+            import time as _t
+            _t.sleep(0.0005)
+            self.inner.readinto(phys, buf)
+        finally:
+            self.busy.release()
+
+
+@pytest.mark.parametrize("with_readinto", [True, False])
+def test_workers_never_read_the_source_at_the_same_time(tmp_path, with_readinto):
+    mem = make_memory(tmp_path / "mem", 4 * MiB)
+    tgt = tmp_path / "target"
+    store.create_target(tgt, 8 * MiB)
+    src = _OneReaderAtATime(tmp_path / "mem", with_readinto)
+    with ImageDevice(tgt, writable=True) as dev:
+        save.save_image(src, RANGES, dev, identity={}, mode="test", chunk_size=CHUNK,
+                        workers=4)
+    src.inner.close()
+    assert src.overlaps == 0
+    _, out = restore_into(tmp_path, tgt)
+    got = out.read_bytes()
+    for a, b in RANGES:
+        assert got[a:b] == mem[a:b]
