@@ -121,7 +121,8 @@ def step_save(args: dict[str, str]) -> None:
               save_kernel_hash=b_hash, jump_area=(JUMP_START, JUMP_SIZE),
               fs_stamps=[stamp.to_dict()], created=int(time.time()), cancel_key=False)
     with open("/run/b-initrd", "wb") as f:
-        f.write(b_initrd + job.to_cpio())
+        # as the daemon does (kjumpd.kexec.write_initrd): the job archive on a 512-byte boundary
+        f.write(b_initrd + b"\0" * (-len(b_initrd) % 512) + job.to_cpio())
     rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",
               f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
               "--initrd=/run/b-initrd", f"--append={B_APPEND} kjump.role=save"])

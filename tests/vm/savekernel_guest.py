@@ -149,7 +149,10 @@ def step_jump(args: dict[str, str]) -> None:
               cancel_key=args.get("kjt.cancel", "1") == "1", vmcoreinfo=vmcoreinfo(),
               free_page_check=args.get("kjt.freecheck") == "1")
     with open("/run/b-initrd", "wb") as f:
-        f.write(b_initrd + (job.to_cpio() if args.get("kjt.nojob") != "1" else b""))
+        # as the daemon does (kjumpd.kexec.write_initrd): the job archive starts on a
+        # 512-byte boundary after B's compressed initramfs (zstd leaves no padding of its own)
+        pad = b"\0" * (-len(b_initrd) % 512)
+        f.write(b_initrd + (pad + job.to_cpio() if args.get("kjt.nojob") != "1" else b""))
     rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",
               f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
               "--initrd=/run/b-initrd", f"--append={B_APPEND} kjump.role=save"])
