@@ -259,58 +259,88 @@ class _Prefetch(threading.Thread):
 
 
 class RecordReader:
-    """Yield (ChunkHeader, bitmap, payload, logical_offset) from [start, start+length)."""
+    """Yield (ChunkHeader, bitmap, payload, logical_offset) from [start, start+length).
+
+    Records are cut straight out of the prefetched windows (one copy: the bytes handed out);
+    only a record that spans two windows is pieced together from both.
+    """
 
     def __init__(self, dev: ImageDevice, start: int, length: int, window: int = WINDOW) -> None:
         self.dev = dev
         self.start = start
         self.end = start + length
-        self.buf = bytearray()
-        self.pos = 0                # position in buf
-        self.base = start           # logical offset of buf[0]
         self.done = False
+        self._win: memoryview | None = None   # the current window (first `keep` bytes)
+        self._win_i = -1
+        self._pos = 0                          # position in the current window
+        self.offset = start                    # logical offset of the next byte handed out
         self._pf = _Prefetch(dev, start, self.end, window)
         self._pf.start()
 
-    def _need(self, n: int, what: str, offset: int) -> None:
-        while len(self.buf) - self.pos < n:
-            item = None if self.done else self._pf.ready.get()
-            if isinstance(item, BaseException):
-                self.done = True
-                raise item
-            if item is None:
-                self.done = True
-                raise ImageCorruptError(f"image data ends inside {what} at byte offset {offset}",
-                                        why="the image is truncated",
-                                        fix="the image cannot be used; boot normally and "
-                                            "hibernate again",
-                                        structure=what, offset=offset)
-            i, _pos, keep = item
-            if self.pos:
-                del self.buf[:self.pos]
-                self.base += self.pos
-                self.pos = 0
-            self.buf += memoryview(self._pf.bufs[i])[:keep]
-            self._pf.free.put(i)
+    def _next_window(self, what: str, offset: int) -> None:
+        self._drop_window()
+        item = None if self.done else self._pf.ready.get()
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        if item is None:
+            self.done = True
+            raise ImageCorruptError(f"image data ends inside {what} at byte offset {offset}",
+                                    why="the image is truncated",
+                                    fix="the image cannot be used; boot normally and "
+                                        "hibernate again",
+                                    structure=what, offset=offset)
+        i, _pos, keep = item
+        self._win_i, self._pos = i, 0
+        self._win = memoryview(self._pf.bufs[i])[:keep]
 
-    def _take(self, n: int) -> bytes:
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return out
+    def _drop_window(self) -> None:
+        if self._win is not None:
+            self._win.release()
+            self._win = None
+            self._pf.free.put(self._win_i)
+
+    def _take(self, n: int, what: str, offset: int) -> bytes:
+        """The next ``n`` bytes of the data area (copied out of the window(s))."""
+        self.offset += n
+        if n == 0:
+            return b""
+        if self._win is None or self._pos == len(self._win):
+            self._next_window(what, offset)
+        win = self._win
+        assert win is not None
+        if self._pos + n <= len(win):
+            out = bytes(win[self._pos:self._pos + n])
+            self._pos += n
+            return out
+        parts = []
+        need = n
+        while need:
+            win = self._win
+            if win is None or self._pos == len(win):
+                self._next_window(what, offset)
+                continue
+            k = min(need, len(win) - self._pos)
+            parts.append(bytes(win[self._pos:self._pos + k]))
+            self._pos += k
+            need -= k
+        return b"".join(parts)
 
     def __iter__(self) -> Iterator[tuple[ChunkHeader, bytes, bytes, int]]:
         return self
 
     def __next__(self) -> tuple[ChunkHeader, bytes, bytes, int]:
-        off = self.base + self.pos
+        off = self.offset
         if off >= self.end:
             raise StopIteration
-        self._need(CHUNK_HEADER_SIZE, "chunk record header", off)
-        ch = ChunkHeader.unpack(self._take(CHUNK_HEADER_SIZE), base=off)
-        self._need(ch.bitmap_length + ch.payload_length, f"chunk {ch.index}", off)
-        bitmap = self._take(ch.bitmap_length)
-        payload = self._take(ch.payload_length)
+        ch = ChunkHeader.unpack(self._take(CHUNK_HEADER_SIZE, "chunk record header", off),
+                                base=off)
+        bitmap = self._take(ch.bitmap_length, f"chunk {ch.index}", off)
+        payload = self._take(ch.payload_length, f"chunk {ch.index}", off)
         return ch, bitmap, payload, off
 
     def close(self) -> None:
+        if self._win is not None:
+            self._win.release()
+            self._win = None
         self._pf.close()

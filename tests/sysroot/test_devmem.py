@@ -82,3 +82,57 @@ def test_subtract_removes_exactly_the_holes(rs, holes) -> None:
     for p in points:
         assert covered(got, p) == (covered(rs, p) and not covered(holes, p))
     assert got == normalize(got)
+
+
+def test_zero_fills_direct_and_held_pages_across_windows(mem) -> None:
+    root, data = mem
+    hold = [(0, 0x80000)]
+    with MemorySink(root, RANGES, hold=hold, window=WINDOW) as sink:
+        sink.zero(0x70000, 0x20000)                    # 0x70000-0x80000 held, rest direct
+        sink.zero(0x100000 + WINDOW - 0x3000, 2 * WINDOW + 0x5000)   # two window boundaries
+        sink.zero(0x500123, 10)                        # small and unaligned
+        sink.flush()
+        held = sink.held_segments()
+        assert sink.bytes_written == 0x10000 + 2 * WINDOW + 0x5000 + 10
+    now = (root.root / "dev" / "mem").read_bytes()
+    assert now[0x70000:0x80000] == data[0x70000:0x80000], "a held page was written directly"
+    assert [(h.mem, h.data) for h in held] == [(0x70000, bytes(0x10000))]
+    assert now[0x80000:0x90000] == bytes(0x10000)
+    a = 0x100000 + WINDOW - 0x3000
+    assert now[a:a + 2 * WINDOW + 0x5000] == bytes(2 * WINDOW + 0x5000)
+    assert now[a - 1] == data[a - 1] and now[a + 2 * WINDOW + 0x5000] == data[a + 2 * WINDOW + 0x5000]
+    assert now[0x500123:0x50012d] == bytes(10)
+    assert now[0x500122] == data[0x500122] and now[0x50012d] == data[0x50012d]
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, "mmap"])
+def test_large_writes_from_any_buffer_land_byte_exact(mem, kind) -> None:
+    import mmap as _mmap
+    root, _ = mem
+    src = random.Random(3).randbytes(3 * WINDOW + 4096)
+    if kind == "mmap":
+        buf = _mmap.mmap(-1, len(src))
+        buf[:] = src
+    else:
+        buf = kind(src)
+    at = 0x100000 + WINDOW // 2 + 512                 # unaligned, crosses 3 windows
+    with MemorySink(root, RANGES, window=WINDOW) as sink:
+        with memoryview(buf) as mv:
+            sink.write(at, mv[7:])
+        sink.flush()
+    now = (root.root / "dev" / "mem").read_bytes()
+    assert now[at:at + len(src) - 7] == src[7:]
+
+
+def test_zero_leaves_zero_memory_alone_and_clears_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "dev").mkdir()
+    data = bytearray(SIZE)
+    data[0x300000 + 0x12345] = 7                       # one stray byte in the second MiB
+    data[0x500000:0x501000] = b"\x99" * 0x1000
+    (tmp_path / "dev" / "mem").write_bytes(data)
+    with MemorySink(Sysroot(tmp_path), RANGES, window=WINDOW) as sink:
+        for at in range(0x200000, 0x600000, 1 << 20):
+            sink.zero(at, 1 << 20)
+        sink.flush()
+        assert sink.zero_already == 2 << 20            # 0x200000 and 0x400000 were zero
+    assert (tmp_path / "dev" / "mem").read_bytes() == bytes(SIZE)
