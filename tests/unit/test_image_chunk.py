@@ -133,3 +133,29 @@ def test_a_zero_chunk_made_without_reading_equals_an_encoded_zero_chunk(n):
     made, encoded = zero_chunk(5, 0x1000, n, tag=7), encode_chunk(5, 0x1000, bytes(n), tag=7)
     assert (made.head, made.payload, made.crc, made.zero_pages) == \
         (encoded.head, encoded.payload, encoded.crc, encoded.zero_pages)
+
+
+@pytest.mark.parametrize("lib", ["liblz4", "lz4.block"])
+@pytest.mark.parametrize("zero_pages", [False, True])
+def test_both_lz4_decoders_give_the_same_bytes_and_refuse_the_same_lies(monkeypatch, lib,
+                                                                        zero_pages):
+    """decode_into uses liblz4 through ctypes when it is there, lz4.block otherwise."""
+    import kjumpd.image.chunk as chunk
+    from kjumpd.image.format import crc32
+    if lib == "lz4.block":
+        monkeypatch.setattr(chunk, "_LZ4_SAFE", None)
+    elif chunk._LZ4_SAFE is None:
+        pytest.fail("liblz4.so.1 is not installed: the save kernel's decoder is not tested")
+    data = b"".join(page("zero" if zero_pages and i % 3 == 1 else "text", i) for i in range(9))
+    data = data[:-100]                                 # a partial last page
+    ch, bitmap, payload = parse(encode_chunk(0, 0, data))
+    assert ch.encoding == ENC_LZ4
+    out = bytearray(b"\xaa" * (len(data) + 7))
+    chunk.decode_into(ch, bitmap, payload, 0, memoryview(out))
+    assert out[:len(data)] == data and out[len(data):] == b"\xaa" * 7
+    for bad in (payload[:-3], payload[:len(payload) // 2] + b"\xff" * 8):
+        ch2 = ChunkHeader(encoding=ch.encoding, pages=ch.pages, index=0, phys=0,
+                          raw_length=ch.raw_length, payload_length=len(bad),
+                          crc=crc32(bad, crc32(bitmap)))
+        with pytest.raises(ImageCorruptError, match="chunk 0"):
+            chunk.decode_into(ch2, bitmap, bad, 0, memoryview(bytearray(len(data))))
