@@ -97,9 +97,9 @@ def discover(sysroot: Sysroot) -> Discovery:
 
 def required_size(sysroot: Sysroot, config: Config) -> int:
     """Bytes the jump area must hold: the kernel's init_size + the initramfs as loaded +
-    its unpacked size (gzip's ISIZE trailer, zstd's frame content size, else x3) + the agent's
-    working memory + 16 MiB for the kernel's own allocations, rounded up to 16 MiB.
-    (VM tier: 14.4 MiB + 6.6 + 3 x 6.6 + 64 + 16 -> 128 MiB.)"""
+    its unpacked size (gzip's ISIZE trailer, zstd's frame content size, lz4 legacy blocks, else
+    x3) + the agent's working memory + 16 MiB for the kernel's own allocations, rounded up to
+    16 MiB."""
     kernel = read_init_size(sysroot.path(config.save_kernel))
     try:
         with open(sysroot.path(config.save_initramfs), "rb") as f:
@@ -119,10 +119,45 @@ def required_size(sysroot: Sysroot, config: Config) -> int:
     elif (head.startswith(zstdframe.MAGIC)
           and (size := _zstd_content_size(head)) is not None and size > initrd):
         unpacked = size
+    elif (head.startswith(LZ4_LEGACY_MAGIC)
+          and (size := _lz4_legacy_size(sysroot.path(config.save_initramfs))) is not None):
+        unpacked = size
     else:                       # other compressions, or a padded gzip: ISIZE is not last
         unpacked = 3 * initrd
     need = kernel + initrd + unpacked + config.agent_memory + 16 * MiB
     return -(-need // ALIGN) * ALIGN
+
+
+#: the lz4 "legacy" stream the kernel's initramfs unpacker reads (lz4 -l): magic, then blocks
+#: of (u32 little-endian compressed size, lz4 block) of 8 MiB unpacked each but the last
+LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+LZ4_LEGACY_BLOCK = 8 * MiB
+
+
+def _lz4_legacy_size(path: Path) -> int | None:
+    """The unpacked size of an lz4 legacy stream: 8 MiB per block but the last, whose size
+    comes from unpacking it (None when the stream does not parse)."""
+    try:
+        import lz4.block
+        with open(path, "rb") as f:
+            blob = f.read()
+    except (ImportError, OSError):
+        return None
+    pos, blocks, last = 4, 0, b""
+    while pos + 4 <= len(blob):
+        size = int.from_bytes(blob[pos:pos + 4], "little")
+        if size == 0 or blob[pos:pos + 4] == LZ4_LEGACY_MAGIC or pos + 4 + size > len(blob):
+            break
+        blocks += 1
+        last = blob[pos + 4:pos + 4 + size]
+        pos += 4 + size
+    if not blocks:
+        return None
+    try:
+        tail = len(lz4.block.decompress(last, uncompressed_size=LZ4_LEGACY_BLOCK))
+    except lz4.block.LZ4BlockError:
+        return None
+    return (blocks - 1) * LZ4_LEGACY_BLOCK + tail
 
 
 def _zstd_content_size(head: bytes) -> int | None:
