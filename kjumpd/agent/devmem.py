@@ -29,6 +29,7 @@ import ctypes
 import logging
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -166,14 +167,13 @@ class _DevMem:
             raise AgentError(f"cannot open {device}", why=e.strerror or str(e),
                              fix="the save kernel needs CONFIG_DEVMEM=y and STRICT_DEVMEM off",
                              path=device) from e
-        self._map: mmap.mmap | None = None
-        self._map_start = 0
-        self._map_end = 0
+        # one cached window per thread (the restore's workers write at the same time)
+        self._local = threading.local()
+        self._windows: dict[int, mmap.mmap] = {}     # thread id -> its window
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        self._drop_windows()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -200,22 +200,36 @@ class _DevMem:
 
     def _view(self, phys: int, length: int) -> tuple[mmap.mmap, int]:
         """A window covering phys (and as much of the request as the window holds)."""
-        if self._map is not None and self._map_start <= phys < self._map_end:
-            return self._map, phys - self._map_start
+        loc = self._local
+        m = getattr(loc, "map", None)
+        if m is not None and loc.start <= phys < loc.end:
+            return m, phys - loc.start
         lo, hi = self._bounds(phys, length)
         start = max(lo - lo % PAGE, phys - phys % self.window)
         end = min(-(-hi // PAGE) * PAGE, start + self.window)
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        if m is not None:
+            loc.map = None
+            with self._lock:
+                self._windows.pop(threading.get_ident(), None)
+            m.close()
         try:
-            self._map = mmap.mmap(self._fd, end - start, mmap.MAP_SHARED, self._prot, offset=start)
+            m = mmap.mmap(self._fd, end - start, mmap.MAP_SHARED, self._prot, offset=start)
         except (OSError, ValueError) as e:
             raise AgentError(f"cannot map {self.device} at {start:#x}+{end - start:#x}",
                              why=str(e), fix="check STRICT_DEVMEM is off in the save kernel",
                              phys=start) from e
-        self._map_start, self._map_end = start, end
-        return self._map, phys - start
+        loc.map, loc.start, loc.end = m, start, end
+        with self._lock:
+            self._windows[threading.get_ident()] = m
+        return m, phys - start
+
+    def _drop_windows(self) -> None:
+        """Unmap every thread's window (no thread may be using one)."""
+        with self._lock:
+            maps, self._windows = list(self._windows.values()), {}
+        for m in maps:
+            m.close()
+        self._local = threading.local()
 
 
 class MemorySource(_DevMem):
@@ -269,6 +283,9 @@ class MemorySink(_DevMem):
         for s, e in self.hold:
             if s % PAGE or e % PAGE:
                 raise AgentError(f"held range [{s:#x}, {e:#x}) is not page aligned")
+        #: writes from several threads at once are fine (each has its own window; held pages
+        #: and counters are locked): the restore lets its workers write concurrently
+        self.concurrent_writes = True
         self._held: dict[int, bytearray] = {}   # page address -> A's bytes for it
         self.bytes_written = 0
         self.zero_already = 0     # bytes zero() found zero already (read, not written)
@@ -309,8 +326,9 @@ class MemorySink(_DevMem):
             page = (at + pos) - (at + pos) % PAGE
             off = (at + pos) - page
             n = min(len(data) - pos, PAGE - off)
-            buf = self._held.setdefault(page, bytearray(PAGE))
-            buf[off:off + n] = data[pos:pos + n]
+            with self._lock:
+                buf = self._held.setdefault(page, bytearray(PAGE))
+                buf[off:off + n] = data[pos:pos + n]
             pos += n
 
     def _direct(self, at: int, length: int, data: memoryview | None) -> None:
@@ -321,20 +339,20 @@ class MemorySink(_DevMem):
             with memoryview(m) as whole, whole[off:off + n] as dst:
                 if data is None:
                     if is_zero(dst):
-                        self.zero_already += n
+                        with self._lock:
+                            self.zero_already += n
                     else:
                         zero_fill(dst)
                 else:
                     copy_into(dst, data[pos:pos + n])
             pos += n
-        self.bytes_written += length
+        with self._lock:
+            self.bytes_written += length
 
     def flush(self) -> None:
         """Drop the current window. (msync(2) on /dev/mem fails with EINVAL and is not
         needed: the mapping is the physical memory itself, cache-coherent on x86.)"""
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        self._drop_windows()
 
     def held_segments(self) -> list[HeldSegment]:
         """Held pages coalesced into runs of consecutive pages, by address."""

@@ -8,9 +8,10 @@ bad chunk is ever written. ``divert`` ranges are never written to the sink: thei
 to ``on_divert`` instead (the save kernel keeps A's pages that lie in its own low memory
 for the jump-back kexec_load).
 
-Writing: the worker that decoded a chunk also writes it, in chunk order (a turnstile: chunk
-i is written only after chunks 0..i-1 were written, and never once an earlier chunk failed),
-so the reader thread only parses records. All-zero chunks go to ``sink.zero`` when the sink
+Writing: the worker that decoded a chunk also writes it (a turnstile: chunk i is written
+only once chunks 0..i-1 passed their checks, and never once an earlier chunk failed), so the
+reader thread only parses records. A sink with ``concurrent_writes`` (the /dev/mem sink) is
+written by several workers at once; any other sink one chunk at a time, in chunk order. All-zero chunks go to ``sink.zero`` when the sink
 has it (a memset into the target, no zero buffer read), else ``sink.write`` of zeros.
 
 Standard library + lz4 only: this runs in the save kernel's initramfs.
@@ -95,21 +96,39 @@ class _Skipped(ImageError):
 
 
 class _Turns:
-    """Chunk i may write once chunks 0..i-1 have; nobody after a failed chunk ever writes."""
+    """When chunk i may write: serially, once chunks 0..i-1 were written; overlapped, once
+    chunks 0..i were checked (their writes may still be going on). Nobody after a failed
+    chunk (check or write) ever starts writing."""
 
-    def __init__(self) -> None:
+    def __init__(self, overlap: bool = False) -> None:
         self.cv = threading.Condition()
-        self.next = 0
+        self.overlap = overlap
+        self.next = 0             # serial: first chunk not written; overlap: not checked
+        self.checked: set[int] = set()
         self.failed_at: int | None = None
 
-    def wait(self, seq: int) -> bool:
-        """Block until it is ``seq``'s turn (True) or an earlier chunk failed (False)."""
+    def check_passed(self, seq: int) -> None:
+        if not self.overlap:
+            return
         with self.cv:
-            while self.next != seq and (self.failed_at is None or self.failed_at > seq):
+            self.checked.add(seq)
+            while self.next in self.checked:
+                self.checked.discard(self.next)
+                self.next += 1
+            self.cv.notify_all()
+
+    def wait(self, seq: int) -> bool:
+        """Block until ``seq`` may write (True) or an earlier chunk failed (False)."""
+        def ready() -> bool:
+            return self.next > seq if self.overlap else self.next == seq
+        with self.cv:
+            while not ready() and (self.failed_at is None or self.failed_at > seq):
                 self.cv.wait()
-            return self.next == seq and (self.failed_at is None or self.failed_at > seq)
+            return self.failed_at is None or self.failed_at > seq
 
     def done(self, seq: int) -> None:
+        if self.overlap:
+            return
         with self.cv:
             self.next = seq + 1
             self.cv.notify_all()
@@ -128,19 +147,22 @@ Deliver = Callable[[int, "memoryview | None", int], None]
 
 def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                workers: int | None = None, stages: dict[str, float] | None = None,
-               deliver: Deliver | None = None) -> Iterator[tuple[int, memoryview]]:
+               deliver: Deliver | None = None, overlap: bool = False
+               ) -> Iterator[tuple[int, memoryview]]:
     """(phys, bytes) of every chunk, in order, each checked before it is yielded.
 
     The bytes are a view of a reused, page-aligned buffer (chunks are decoded into a small
     ring of them on the worker threads): it is valid until the next item is requested.
     With ``deliver``, each chunk is also handed to it on the worker that decoded it, in chunk
-    order, before it is yielded; a chunk after a bad one is neither delivered nor yielded.
+    order (``overlap``: once every earlier chunk passed its checks, so deliveries may run at
+    the same time), before it is yielded; a chunk after a bad one is neither delivered nor
+    yielded.
     """
     workers = workers or default_workers()
     reader = RecordReader(dev, header.data_offset, header.data_length)
     plan = chunk_plan(meta.extents, header.chunk_size)
     Decoded = tuple[mmap.mmap | None, int, float, float, float, float]
-    turns = _Turns()
+    turns = _Turns(overlap)
     pending: deque[tuple[ChunkHeader, Future[Decoded], int]] = deque()
     depth = inflight_chunks(workers, header.chunk_size)
     free: queue.Queue[mmap.mmap] = queue.Queue()
@@ -165,6 +187,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
             raise
         if deliver is None:
             return out, n, cpu, 0.0, 0.0, 0.0
+        turns.check_passed(seq)
         t0 = time.monotonic()
         if not turns.wait(seq):
             raise _Skipped(f"chunk {ch.index} not written: an earlier chunk failed")
@@ -305,17 +328,24 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
     meter = _Meter(progress, meta.raw_bytes)
     t0 = time.monotonic()
 
+    divert_lock = threading.Lock()
+
     def deliver(phys: int, data: memoryview | None, n: int) -> None:
-        if data is not None:
-            _deliver(sink, phys, data, held, on_divert, stats)
-        elif hasattr(sink, "zero") and not any(a < phys + n and b > phys for a, b in held):
+        if any(a < phys + n and b > phys for a, b in held):
+            with divert_lock:       # stats.diverted* are shared
+                _deliver(sink, phys, data if data is not None else memoryview(zeros(n)),
+                         held, on_divert, stats)
+        elif data is not None:
+            sink.write(phys, data)  # type: ignore[union-attr]
+        elif hasattr(sink, "zero"):
             sink.zero(phys, n)  # type: ignore[union-attr]
         else:
-            _deliver(sink, phys, memoryview(zeros(n)), held, on_divert, stats)
+            sink.write(phys, memoryview(zeros(n)))  # type: ignore[union-attr]
 
     writing = not verify_only and sink is not None
     for phys, data in iter_image(dev, header, meta, workers=workers, stages=stats.stages,
-                                 deliver=deliver if writing else None):
+                                 deliver=deliver if writing else None,
+                                 overlap=bool(getattr(sink, "concurrent_writes", False))):
         stats.raw_bytes += len(data)
         stats.chunk_count += 1
         meter(stats.raw_bytes)
@@ -326,10 +356,11 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
     log.info("%s %d bytes in %d chunks in %.2fs", "verified" if verify_only else "restored",
              stats.raw_bytes, stats.chunk_count, stats.seconds)
     log.info("restore stages: reading records %.2fs, decode %.2fs CPU on the workers, "
-             "waiting for decodes %.2fs, writing memory %.2fs (%.2fs CPU, on the workers), "
+             "waiting for decodes %.2fs, writing memory %.2fs (%.2fs CPU, on the workers%s), "
              "chunks waiting for their turn to write %.2fs; %d MiB of zero chunks were zero "
              "already (read, not written)", st["records"], st["decode_cpu"],
-             st["waiting"], st["write"], st["write_cpu"], st["turn"],
+             st["waiting"], st["write"], st["write_cpu"],
+             ", overlapped" if getattr(sink, "concurrent_writes", False) else "", st["turn"],
              getattr(sink, "zero_already", 0) >> 20)
     return stats
 

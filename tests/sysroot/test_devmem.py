@@ -136,3 +136,41 @@ def test_zero_leaves_zero_memory_alone_and_clears_the_rest(tmp_path: Path) -> No
         sink.flush()
         assert sink.zero_already == 2 << 20            # 0x200000 and 0x400000 were zero
     assert (tmp_path / "dev" / "mem").read_bytes() == bytes(SIZE)
+
+
+def test_threads_writing_at_once_each_land_byte_exact(mem) -> None:
+    """The restore's workers write through one sink at the same time (own window each)."""
+    import threading
+    root, data = mem
+    hold = [(0, 0x80000)]
+    pieces = [(a, random.Random(a).randbytes(0x30000)) for a in range(0x50000, 0x7f0000, 0x30000)
+              if a + 0x30000 <= 0x7ff000 and not (a < 0x100000 and a + 0x30000 > 0x9f000)]
+    errors: list[BaseException] = []
+    with MemorySink(root, RANGES, hold=hold, window=WINDOW) as sink:
+        assert sink.concurrent_writes
+
+        def run(k: int) -> None:
+            try:
+                for a, b in pieces[k::4]:
+                    if a % 0x60000:
+                        sink.write(a, b)
+                    else:
+                        sink.zero(a, len(b))
+            except BaseException as e:  # noqa: B902 - reported below
+                errors.append(e)
+        ts = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        sink.flush()
+        held = {h.mem: h.data for h in sink.held_segments()}
+    assert not errors
+    now = (root.root / "dev" / "mem").read_bytes()
+    for a, b in pieces:
+        want = b if a % 0x60000 else bytes(len(b))
+        if a >= 0x80000:
+            assert now[a:a + len(b)] == want, hex(a)
+        else:
+            assert now[a:0x80000] == data[a:0x80000]
+            assert held[a][:0x80000 - a] == want[:0x80000 - a]
