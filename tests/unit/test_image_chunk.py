@@ -159,3 +159,21 @@ def test_both_lz4_decoders_give_the_same_bytes_and_refuse_the_same_lies(monkeypa
                           crc=crc32(bad, crc32(bitmap)))
         with pytest.raises(ImageCorruptError, match="chunk 0"):
             chunk.decode_into(ch2, bitmap, bad, 0, memoryview(bytearray(len(data))))
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.lists(st.tuples(st.integers(0, 15), st.integers(0, PAGE_SIZE - 1),
+                          st.integers(1, 255)), max_size=12),
+       st.integers(0, PAGE_SIZE - 1))
+def test_zero_pages_are_found_whatever_single_bytes_spoil_them(spoilers, cut):
+    """A page is zero only if every byte is: a lone non-zero byte anywhere (also where the
+    scan does not look first) keeps its page out, and nothing else."""
+    from kjumpd.image.chunk import find_zero_pages
+    data = bytearray(16 * PAGE_SIZE)
+    for page, off, val in spoilers:
+        data[page * PAGE_SIZE + off] = val
+    data = data[:len(data) - cut] if cut else data
+    want = [i for i in range((len(data) + PAGE_SIZE - 1) // PAGE_SIZE)
+            if not any(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])]
+    assert find_zero_pages(bytes(data)) == want
+    assert find_zero_pages(data + b"\x01" * 100, len(data)) == want
