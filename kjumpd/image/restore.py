@@ -292,28 +292,6 @@ def _decode(ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.
     return buf, ch.raw_length, time.thread_time() - c0
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # mallopt(3) parameters (glibc)
-
-
-def keep_freed_heap() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
-
-    Every chunk allocates ~1 MiB blocks (payloads, lz4 output). With glibc's defaults a free
-    at the top of a heap beyond ~2 MiB is trimmed (MADV_DONTNEED) and the next block faults
-    its pages in again: under TCG a fresh page costs ~50 us (64 MiB of first-touch memset ran
-    at 76 MB/s in the save kernel, against 2.9 GB/s for the same pages again). Returns whether
-    the setting took (False off glibc).
-    """
-    try:
-        import ctypes
-        mallopt = ctypes.CDLL(None).mallopt
-    except (ImportError, OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, 8 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 64 << 20))
-
-
 def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progress | None = None,
                   verify_only: bool = False,
                   divert: Iterable[tuple[int, int]] = (),
@@ -322,7 +300,6 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
                   states: Iterable[ImageState] = RESTORABLE) -> RestoreStats:
     """Write the image's memory into ``sink`` (nothing when ``verify_only``)."""
     header, meta = check_image(dev, states, action="verify" if verify_only else "restore")
-    keep_freed_heap()
     stats = RestoreStats(header=header, metadata=meta)
     held = sorted((int(a), int(b)) for a, b in divert)
     meter = _Meter(progress, meta.raw_bytes)
