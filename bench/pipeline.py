@@ -2,7 +2,8 @@
 
 Generates (once, cached in $KJUMPD_CACHE/bench, default ~/.cache/kjumpd/bench) a 2 GiB
 memory file of mixed pages: ~40 % zero pages, ~35 % text-like pages, ~25 % random pages.
-Then, in one run, on the same disk, with the input in the page cache:
+Then, in one run, on the same disk, with the input in the page cache, each contender timed
+in every round (the order rotated from round to round) and its best time kept:
 
   save     kjump-agent save (O_DIRECT writer, verify pass, SAVED header, fsync)
            vs `lz4 -1` of the same bytes and vs a raw `cat` copy, each followed by fsync
@@ -150,12 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         cpu[name] = min(c, cpu.get(name, float("inf")))
         os.sync()              # let writeback of this step finish outside the next timing
 
-    for rnd in range(args.repeat):
+    def step_lz4() -> None:
         t, c, _ = timed(["lz4", "-1", "-f", "-q", str(mem), str(lz)], out=lz)
         keep_best("lz4", t, c)
+
+    def step_cat() -> None:
         t, c, _ = timed(["cat", str(mem)], out=cp, stdout_to=cp)
         drop(cp)
         keep_best("cat", t, c)
+
+    def step_save() -> None:
+        nonlocal stored, rss_save, verify_s, stages
         t, c, _ = timed(agent + ["save", "--memory", str(mem), "--ranges", f"0-{size}",
                                  "--target", str(img), "--stats"], out=img, stdout_to=st)
         keep_best("save", t, c)
@@ -163,9 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         stored, rss_save = s_st["stored_bytes"], max(rss_save, s_st["peak_rss"])
         if best["save"] == t:
             verify_s, stages = s_st["verify_seconds"], s_st.get("stages", {})
+
+    def step_lz4d() -> None:
         t, c, _ = timed(["lz4", "-d", "-f", "-q", str(lz), str(back_lz)], out=back_lz)
         drop(back_lz)
         keep_best("lz4d", t, c)
+
+    def step_restore() -> None:
+        nonlocal rss_rest, r_stages
         drop(back)
         t, c, _ = timed(agent + ["restore", "--target", str(img), "--memory", str(back),
                                  "--stats"], out=back, stdout_to=st)
@@ -174,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         rss_rest = max(rss_rest, r_st["peak_rss"])
         if best["restore"] == t:
             r_stages = r_st.get("stages", {})
+
+    # each round runs the contenders in a rotated order, so that none of them always follows
+    # the same heavy writer (the disk's and the page cache's state differ after each)
+    saving = [step_lz4, step_cat, step_save]
+    restoring = [step_lz4d, step_restore]
+    for rnd in range(args.repeat):
+        for step in saving[rnd % 3:] + saving[:rnd % 3]:
+            step()
+        for step in restoring[rnd % 2:] + restoring[:rnd % 2]:
+            step()
         same = same and subprocess.run(["cmp", "-s", str(mem), str(back)]).returncode == 0
         print(f"bench: round {rnd + 1}/{args.repeat} done (load {os.getloadavg()[0]:.2f})",
               file=sys.stderr)
@@ -201,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     cpus = len(os.sched_getaffinity(0))
     print(f"kjumpd pipeline bench: {size >> 20} MiB mixed memory (~40% zero, ~35% text, "
           f"~25% random pages), {cpus} CPU(s)")
-    print(f"best of {args.repeat} round(s) per contender, each timing includes fsync of its "
-          f"output; input in the page cache")
+    print(f"best of {args.repeat} round(s) per contender (order rotated each round), each "
+          f"timing includes fsync of its output; input in the page cache")
     print(f"load average before {load0[0]:.2f} {load0[1]:.2f}, after {load1[0]:.2f} "
           f"{load1[1]:.2f} (a shared machine skews every figure)")
     print(f"save: {size / MiB / t_save:.0f} MiB/s, stored {stored >> 20} MiB "
