@@ -301,6 +301,9 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
     """Write the image's memory into ``sink`` (nothing when ``verify_only``)."""
     header, meta = check_image(dev, states, action="verify" if verify_only else "restore")
     stats = RestoreStats(header=header, metadata=meta)
+    prepare = getattr(sink, "prepare", None)
+    if prepare is not None and not verify_only:   # a file sink allocates the ranges up front
+        prepare([(e.start, e.end) for e in meta.extents])
     held = sorted((int(a), int(b)) for a, b in divert)
     meter = _Meter(progress, meta.raw_bytes)
     t0 = time.monotonic()
