@@ -180,29 +180,24 @@ def decompress(blob: bytes) -> bytes:
     if blob[:2] == GZIP_MAGIC:
         return gzip.decompress(blob)
     if blob[:4] == LZ4_LEGACY_MAGIC:
-        try:
-            proc = subprocess.run(["lz4", "-d", "-q", "-c"], input=blob[:lz4_legacy_length(blob)],
-                                  capture_output=True, check=False)
-        except FileNotFoundError:
-            raise InitramfsError("an lz4 archive needs the lz4 tool to be read",
-                                 fix="apt-get install lz4") from None
-        if proc.returncode != 0:
-            raise InitramfsError("the lz4 archive cannot be read",
-                                 why=proc.stderr.decode(errors="replace").strip())
-        return proc.stdout
+        return _unpack_with("lz4", ["-d", "-q", "-c"], blob[:lz4_legacy_length(blob)])
     if blob[:4] == ZSTD_MAGIC:
         end = zstdframe.frame(blob).length          # the padding / next archive stay out
-        try:
-            proc = subprocess.run(["zstd", "-d", "-q", "-c", "-"], input=blob[:end],
-                                  capture_output=True, check=False)
-        except FileNotFoundError:
-            raise InitramfsError("a zstd archive needs the zstd tool to be read",
-                                 fix="apt-get install zstd") from None
-        if proc.returncode != 0:
-            raise InitramfsError("the zstd archive cannot be read",
-                                 why=proc.stderr.decode(errors="replace").strip())
-        return proc.stdout
+        return _unpack_with("zstd", ["-d", "-q", "-c", "-"], blob[:end])
     return blob
+
+
+def _unpack_with(tool: str, args: list[str], data: bytes) -> bytes:
+    """``data`` decompressed by the host's ``tool`` (lz4, zstd)."""
+    try:
+        proc = subprocess.run([tool, *args], input=data, capture_output=True, check=False)
+    except FileNotFoundError:
+        raise InitramfsError(f"a {tool} archive needs the {tool} tool to be read",
+                             fix=f"apt-get install {tool}") from None
+    if proc.returncode != 0:
+        raise InitramfsError(f"the {tool} archive cannot be read",
+                             why=proc.stderr.decode(errors="replace").strip())
+    return proc.stdout
 
 
 def cache_dir() -> Path:

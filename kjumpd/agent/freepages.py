@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from kjumpd.agent.devmem import subtract
 from kjumpd.errors import KjumpError
 
 log = logging.getLogger("kjumpd.agent.freepages")
@@ -192,22 +193,6 @@ def _merge(ranges: Iterable[Range]) -> list[Range]:
     return [(a, b) for a, b in out]
 
 
-def _subtract(ranges: Sequence[Range], holes: Sequence[Range]) -> list[Range]:
-    out: list[Range] = []
-    holes = _merge(holes)
-    for start, end in _merge(ranges):
-        cur = start
-        for hs, he in holes:
-            if he <= cur or hs >= end:
-                continue
-            if hs > cur:
-                out.append((cur, hs))
-            cur = max(cur, he)
-        if cur < end:
-            out.append((cur, end))
-    return out
-
-
 class _RangeSet:
     """Sorted, merged [start, end) ranges with a containment test."""
 
@@ -326,7 +311,7 @@ def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
     ``trusted`` is where A's page tables and struct pages may lie (default: ``ranges`` minus
     ``exclude``). Raises FreePageError when anything is inconsistent."""
     t0 = time.monotonic()
-    scanned = _subtract([(a - a % PAGE, b - b % PAGE) for a, b in ranges], exclude)
+    scanned = subtract([(a - a % PAGE, b - b % PAGE) for a, b in ranges], exclude)
     allowed = _RangeSet(trusted if trusted is not None else scanned)
     inside = _RangeSet(scanned)
     tables = PageTables(info, read, allowed)
