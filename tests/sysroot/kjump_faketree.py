@@ -169,6 +169,23 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
         """) + config_extra)
 
 
+def grub_machine(root: Path) -> Path:
+    """A GRUB machine's tree under ``root``: / on vda1 (not readable here: only /boot
+    matters), /boot on vda2, a real 32 MiB ext4 image standing in for vda2 (mkfs.ext4 must be
+    installed: callers check with tests.prereq.need)."""
+    import subprocess
+    for d in ("etc/grub.d", "boot/grub", "proc/self", "dev", "etc/kjumpd"):
+        (root / d).mkdir(parents=True)
+    disk = root / "dev" / "vda2"
+    with open(disk, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
+    (root / "proc/self/mountinfo").write_text(
+        "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "23 22 254:2 / /boot rw,relatime shared:2 - ext4 /dev/vda2 rw\n")
+    return root
+
+
 def setup_target_and_bootentry(root: Path, hostfiles: Path) -> str:
     """kjumpctl setup --target /dev/vda1 --bootloader bls, through the real code."""
     from kjumpd import blockmap, bootentry

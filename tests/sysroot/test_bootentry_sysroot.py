@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kjump_faketree import grub_machine
 from kjumpd import bootentry
 from kjumpd.bootentry import (BLS_ENTRY_ID, ENTRY_ID, GRUB_SNIPPET, LOADER_GUID, bls_problems,
                               check, clear_oneshot, install, oneshot_pending, set_oneshot,
@@ -36,18 +37,7 @@ def r_files(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def grub_root(tmp_path: Path) -> Sysroot:
     need(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 is not installed")
-    root = tmp_path / "root"
-    for d in ("etc/grub.d", "boot/grub", "proc/self", "dev", "etc/kjumpd"):
-        (root / d).mkdir(parents=True)
-    disk = root / "dev" / "vda2"
-    with open(disk, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
-    # / on vda1 (not readable here: only /boot matters), /boot on vda2
-    (root / "proc/self/mountinfo").write_text(
-        "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
-        "23 22 254:2 / /boot rw,relatime shared:2 - ext4 /dev/vda2 rw\n")
-    return Sysroot(root)
+    return Sysroot(grub_machine(tmp_path / "root"))
 
 
 def snippet_output(sysroot: Sysroot) -> str:

@@ -4,12 +4,12 @@ longer be restored (a real kjumpd process on a private bus, a fake tree with a r
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from dbus_env import Kjumpd, PrivateBus, require_tools
+from kjump_faketree import grub_machine
 from kjumpd import bootentry
 from kjumpd.bootentry import ENTRY_ID
 from kjumpd.sysroot import Sysroot
@@ -20,16 +20,7 @@ from tests.prereq import need
 def armed_root(tmp_path: Path) -> Path:
     """A GRUB machine with kjumpd's entry installed and the next boot armed to start it."""
     need(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 is not installed")
-    root = tmp_path / "root"
-    for d in ("etc/grub.d", "boot/grub", "proc/self", "dev", "etc/kjumpd"):
-        (root / d).mkdir(parents=True)
-    disk = root / "dev" / "vda2"
-    with open(disk, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
-    (root / "proc/self/mountinfo").write_text(
-        "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
-        "23 22 254:2 / /boot rw,relatime shared:2 - ext4 /dev/vda2 rw\n")
+    root = grub_machine(tmp_path / "root")
     k, i = tmp_path / "bzImage", tmp_path / "restore.img"
     k.write_bytes(b"MZ kernel" * 100)
     i.write_bytes(b"\x1f\x8b initrd" * 100)
