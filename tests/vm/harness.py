@@ -15,7 +15,8 @@ The command line is the one KJUMP-FACTS.md verified: ``-accel tcg -cpu qemu64,+p
 -nographic -no-reboot -kernel -initrd -append`` and virtio disks, with the serial console on a
 pipe (so tests can type on it) and a QMP unix socket. Every console is written, with the host's
 time of each line, to ``<artifacts>/console-<n>.log`` (+ ``qemu-<n>.cmdline``); the artifacts
-directory is tests' ``artifacts/vm/<test>/`` (gitignored) or a pytest tmp dir.
+directory is tests' ``artifacts/vm/<test>/`` (gitignored; ``$KJUMPD_ARTIFACTS/vm/<test>/`` when set)
+or a pytest tmp dir.
 
 Prerequisites (qemu-system-x86_64, the kernel) are checked by :func:`require_vm_prereqs`: a
 missing one skips the test, or FAILS it when KJUMPD_REQUIRE_VM=1 (CI).
@@ -37,8 +38,8 @@ from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = "qemu-system-x86_64"
-#: where tests keep serial logs (gitignored)
-ARTIFACTS = REPO / "artifacts" / "vm"
+#: where tests keep serial logs (gitignored); $KJUMPD_ARTIFACTS/vm when set, as tests/vm/conftest.py
+ARTIFACTS = Path(os.environ.get("KJUMPD_ARTIFACTS") or REPO / "artifacts") / "vm"
 #: the jump area every VM-tier guest reserves
 JUMP_AREA_START = 0x20000000
 JUMP_AREA_SIZE = 128 << 20
