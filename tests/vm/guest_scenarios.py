@@ -155,6 +155,17 @@ def update_grub() -> None:
     say(f"update-grub: {GRUB_CFG} written from {', '.join(p.name for p in parts)}")
 
 
+def log_meminfo(label: str) -> None:
+    """/proc/meminfo on one console line (kB), to compare what each hibernation had to save."""
+    try:
+        fields = [ln.split()[:2] for ln in Path("/proc/meminfo").read_text().splitlines()]
+    except OSError as err:
+        say(f"meminfo {label}: {err}")
+        return
+    print(f"KJUMP-MEMINFO: {label} " + " ".join(f"{f[0].rstrip(':')}={f[1]}" for f in fields
+                                                if len(f) == 2), flush=True)
+
+
 def start_workload(size_mib: int = 200) -> tuple[subprocess.Popen, wl.Status]:
     proc = subprocess.Popen([sys.executable, "-m", "kjumpvm.workload", "serve", str(size_mib)])
     status = wl.wait_ready()
@@ -204,6 +215,7 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
         expected = wl.expected_digest(before.seed, before.size)
         if inject == "kexec-refused":
             inject_kexec_refusal()
+        log_meminfo(mode)
         event("hibernate-start", mode=mode)
         proc = kjumpctl("hibernate", "--mode", mode, "--json")
         event("hibernate-returned", rc=proc.returncode)
@@ -350,6 +362,7 @@ def scenario_swsusp() -> int:
         _proc, before = start_workload()
         expected = wl.expected_digest(before.seed, before.size)
         os.sync()
+        log_meminfo("swsusp")
         event("hibernate-start", mode="swsusp")
         with open("/sys/power/state", "w") as f:
             f.write("disk\n")
