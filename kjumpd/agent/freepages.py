@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from kjumpd.agent.devmem import subtract
+from kjumpd.agent.pageclass import Layout, PageClasses
 from kjumpd.errors import KjumpError
 
 log = logging.getLogger("kjumpd.agent.freepages")
@@ -82,6 +83,12 @@ class VmcoreInfo:
     buddy_value: int           # NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE) as an unsigned 32-bit word
     nr_orders: int             # LENGTH(zone.free_area)
     sme_mask: int = 0
+    # for the page-class histogram only (pageclass.py); -1 when the note lacks them
+    off_flags: int = -1
+    off_refcount: int = -1
+    off_mapping: int = -1
+    off_compound_head: int = -1
+    head_mask: int = -1
 
     @property
     def top_table_phys(self) -> int:
@@ -111,6 +118,28 @@ def parse_note(blob: bytes) -> str:
 def _number(text: str) -> int:
     t = text.strip()
     return int(t, 16) if t.lower().startswith(("0x", "-0x")) else int(t, 10)
+
+
+def _optional(kv: dict[str, str], key: str) -> int:
+    try:
+        return _number(kv[key]) if key in kv else -1
+    except ValueError:
+        return -1
+
+
+def page_layout(info: VmcoreInfo) -> Layout | None:
+    """The struct page fields the page-class histogram reads, or None when A's note lacks
+    one or one is not plausible (the histogram is then left out, nothing else changes)."""
+    sz = info.page_struct_size
+    offs = (info.off_flags, info.off_refcount, info.off_mapping, info.off_compound_head)
+    if (min(offs) < 0 or info.off_flags > sz - 8 or info.off_refcount > sz - 4
+            or info.off_mapping > sz - 8 or info.off_compound_head > sz - 8
+            or info.head_mask <= 0 or info.head_mask & (info.head_mask - 1)
+            or info.head_mask >= 1 << 64):
+        return None
+    return Layout(size=sz, flags=info.off_flags, refcount=info.off_refcount,
+                  mapping=info.off_mapping, compound_head=info.off_compound_head,
+                  mapcount=info.off_mapcount, head_mask=info.head_mask)
 
 
 def parse_vmcoreinfo(text: str) -> VmcoreInfo:
@@ -145,6 +174,11 @@ def parse_vmcoreinfo(text: str) -> VmcoreInfo:
         buddy_value=get("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)", _number) & 0xFFFF_FFFF,
         nr_orders=get("LENGTH(zone.free_area)", _number),
         sme_mask=_number(kv["NUMBER(sme_mask)"]) if "NUMBER(sme_mask)" in kv else 0,
+        off_flags=_optional(kv, "OFFSET(page.flags)"),
+        off_refcount=_optional(kv, "OFFSET(page._refcount)"),
+        off_mapping=_optional(kv, "OFFSET(page.mapping)"),
+        off_compound_head=_optional(kv, "OFFSET(page.compound_head)"),
+        head_mask=_optional(kv, "NUMBER(PG_head_mask)"),
     )
     check_info(info)
     return info
@@ -216,6 +250,7 @@ class FreePageMap:
     scanned_bytes: int = 0        # memory whose struct pages were examined
     seconds: float = 0.0
     blocks: int = 0               # buddy heads accepted
+    classes: PageClasses | None = field(default=None, repr=False, compare=False)
     _starts: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -322,6 +357,9 @@ def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
     free: list[Range] = []
     read_pages: set[int] = set(tables.touched)
     blocks = 0
+    layout = page_layout(info)
+    classes = (PageClasses(layout, scanned[0][0] // PAGE, scanned[-1][1] // PAGE)
+               if layout is not None and scanned else None)
     for start, end in scanned:
         pfn = start // PAGE
         last_pfn = end // PAGE
@@ -329,6 +367,8 @@ def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
             n = min(BATCH_PAGES, last_pfn - pfn)
             buf = _read_struct_pages(tables, read, info.vmemmap + pfn * sz, n * sz, allowed,
                                      read_pages)
+            if classes is not None:
+                classes = _classify(classes, pfn, buf, n)
             tops = buf[top_at::sz]
             i = tops.find(top_byte)
             while i >= 0:
@@ -350,7 +390,7 @@ def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
             pfn += n
     tables_touched = tables.touched | read_pages
     fmap = FreePageMap(tuple(free), scanned_bytes=sum(b - a for a, b in scanned),
-                       seconds=time.monotonic() - t0, blocks=blocks)
+                       seconds=time.monotonic() - t0, blocks=blocks, classes=classes)
     used = sorted(tables_touched)
     if note is not None:
         used += list(range(note[0] - note[0] % PAGE, note[0] + note[1], PAGE))
@@ -362,7 +402,19 @@ def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
     if fmap.scanned_bytes and fmap.free_bytes > MAX_FREE_FRACTION * fmap.scanned_bytes:
         raise FreePageError("A's allocator claims an absurd amount of free memory",
                             why=f"{fmap.free_bytes >> 20} of {fmap.scanned_bytes >> 20} MiB")
+    if classes is not None:
+        classes.mark_free(fmap.ranges)
     return fmap
+
+
+def _classify(classes: PageClasses, pfn: int, buf: bytes, n: int) -> PageClasses | None:
+    """Feed a batch to the histogram; a failure there costs the histogram, not the scan."""
+    try:
+        classes.add_batch(pfn, buf, n)
+        return classes
+    except Exception as e:  # noqa: BLE001 - a diagnostic must never stop the exclusion
+        log.warning("page classes left out: %s: %s", type(e).__name__, e)
+        return None
 
 
 def _read_struct_pages(tables: PageTables, read: Reader, va: int, length: int,
@@ -398,6 +450,7 @@ class FreeMaskedSource:
     def __init__(self, source: object, freemap: FreePageMap) -> None:
         self.source = source
         self.freemap = freemap
+        self.classes = freemap.classes      # counts what is read, by class (a diagnostic)
         self.skipped_bytes = 0
         self._zeros = bytes(1 << 20)
 
@@ -426,7 +479,9 @@ class FreeMaskedSource:
     def read(self, phys: int, length: int) -> bytes:
         pieces = self._pieces(phys, length)
         if len(pieces) == 1 and not pieces[0][2]:
-            return self.source.read(phys, length)  # type: ignore[attr-defined]
+            data = self.source.read(phys, length)  # type: ignore[attr-defined]
+            self._note(phys, data)
+            return data
         buf = bytearray(length)
         self.readinto(phys, memoryview(buf))
         return bytes(buf)
@@ -441,10 +496,21 @@ class FreeMaskedSource:
                     self._zeros = bytes(n)
                 part[:] = memoryview(self._zeros)[:n]
                 self.skipped_bytes += n
-            elif sub_readinto is not None:
-                sub_readinto(phys + off, part)
             else:
-                part[:] = self.source.read(phys + off, n)  # type: ignore[attr-defined]
+                if sub_readinto is not None:
+                    sub_readinto(phys + off, part)
+                else:
+                    part[:] = self.source.read(phys + off, n)  # type: ignore[attr-defined]
+                self._note(phys + off, part)
+
+    def _note(self, phys: int, data: object) -> None:
+        if self.classes is None:
+            return
+        try:
+            self.classes.note_read(phys, data)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - a diagnostic must never stop the save
+            log.warning("page classes left out: %s: %s", type(e).__name__, e)
+            self.classes = None
 
     def close(self) -> None:
         close = getattr(self.source, "close", None)

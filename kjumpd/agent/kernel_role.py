@@ -382,6 +382,10 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
             f"MiB written, {stats.zero_pages} zero pages skipped ({free // PAGE} of them free "
             f"in the main kernel, not read), in {stats.seconds:.2f} s "
             f"({stats.mb_per_s:.0f} MB/s, verify {stats.verify_seconds:.2f} s)")
+        classes = getattr(source, "classes", None)   # kjumpd.agent.pageclass (a diagnostic)
+        if classes is not None:
+            say(classes.summary())
+            say(classes.largest_zero_runs())
     except KjumpError as e:
         say(f"save {'cancelled' if isinstance(e, CancelledError) else 'failed'}: {e.message}")
         if not started:

@@ -143,6 +143,8 @@ def vmcoreinfo_text(a: FakeA, **override: str) -> str:
         "OFFSET(page.private)": str(OFF_PRIVATE), "LENGTH(zone.free_area)": str(NR_ORDERS),
         "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": str(BUDDY), "NUMBER(sme_mask)": "0",
         "KERNELOFFSET": "0", "NUMBER(VMALLOC_START)": "0xffffc90000000000",
+        "OFFSET(page._refcount)": "52", "OFFSET(page.mapping)": "24",
+        "OFFSET(page.compound_head)": "8", "NUMBER(PG_head_mask)": "64",
     }
     keys.update(override)
     return "".join(f"{k}={v}\n" for k, v in keys.items() if v != "")
@@ -490,3 +492,71 @@ def test_a_kernel_that_poisons_free_pages_keeps_them_in_the_image(tmp_path) -> N
     assert free_pages_restore_as_zeros(sr)
     (tmp_path / "proc/cmdline").write_text("root=/dev/vda1 page_poison=1\n")
     assert not free_pages_restore_as_zeros(sr)
+
+
+# ------------------------------------------------------------------------ page classes
+
+def _set_fields(a: FakeA, pfn: int, *, flags: int = 0, mapping: int = 0, refcount: int = 1,
+                compound_head: int = 0, page_type: int = ALLOCATED) -> None:
+    phys = a.v2p(a.vmemmap + pfn * SZ)
+    page = a.mem.setdefault(phys - phys % PAGE, bytearray(PAGE))
+    o = phys % PAGE
+    struct.pack_into("<Q", page, o, flags)
+    struct.pack_into("<Q", page, o + 8, compound_head)
+    struct.pack_into("<Q", page, o + 24, mapping)
+    struct.pack_into("<I", page, o + OFF_MAPCOUNT, page_type)
+    struct.pack_into("<I", page, o + 52, refcount)
+
+
+def test_pages_read_are_counted_by_class_zero_and_non_zero() -> None:
+    a = build()
+    anon, file_, res, kern, table = 0x3100, 0x3101, 0x3102, 0x3103, 0x3104
+    _set_fields(a, anon, mapping=0xFFFF_8880_0000_1001)
+    _set_fields(a, file_, mapping=0xFFFF_8880_0000_2000)
+    _set_fields(a, res, flags=1 << 13)
+    _set_fields(a, kern)
+    _set_fields(a, table, page_type=0xF2 << 24)
+    head = 0x3200                                  # an anon folio of order 2
+    _set_fields(a, head, flags=1 << 6, mapping=0xFFFF_8880_0000_3001)
+    for t in range(1, 4):
+        _set_fields(a, head + t, flags=2 if t == 1 else 0, refcount=0,
+                    compound_head=(a.vmemmap + head * SZ) | 1)
+    for pfn in (anon, file_, res, head + 2):
+        a.write(pfn * PAGE + 100, b"data")
+    fmap = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048))
+    classes = fmap.classes
+    assert classes is not None
+    src = fp.FreeMaskedSource(ReadOnly(a), fmap)
+    for start, end in RAM:
+        for at in range(start, end, 1 << 20):
+            src.read(at, min(1 << 20, end - at))
+    rows = {r.name: (r.pages, r.zero_pages) for r in classes.rows()}
+    assert rows["free"] == (fmap.free_pages, fmap.free_pages)
+    assert rows["anon"] == (5, 3)                  # one page + a 4-page folio, 2 with data
+    assert rows["file"] == (1, 0)
+    assert rows["reserved"] == (1, 0)
+    assert rows["page table"] == (1, 1)
+    assert rows["slab"] == (1, 1)
+    assert rows["kernel"] == (1, 1)
+    total = (RAM[0][1] - RAM[0][0]) // PAGE
+    assert sum(p for p, _ in rows.values()) == total
+    assert "anon 0/0" in classes.summary() and "free " in classes.summary()
+
+
+def test_a_note_without_the_class_fields_leaves_the_histogram_out_not_the_scan() -> None:
+    a = build()
+    a.write(NOTE, note_bytes(vmcoreinfo_text(a, **{"OFFSET(page.mapping)": ""})))
+    fmap = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048))
+    assert fmap.classes is None and fmap.ranges == tuple(EXPECTED)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pages=st.integers(1, 12), spoiled=st.lists(st.integers(0, 12 * PAGE - 1), max_size=4))
+def test_page_class_zero_count_sees_any_single_non_zero_byte(pages: int, spoiled: list) -> None:
+    from kjumpd.agent.pageclass import zero_pages
+    data = bytearray(pages * PAGE)
+    for at in spoiled:
+        if at < len(data):
+            data[at] = 1
+    want = [i for i in range(pages) if not any(data[i * PAGE:(i + 1) * PAGE])]
+    assert zero_pages(memoryview(data)) == want
