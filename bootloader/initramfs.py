@@ -35,13 +35,17 @@ INIT = REPO / "bootloader" / "restore_init.py"
 #: entropy until its pool is ready (1.2 s of R's start under TCG: "random: crng init done"
 #: right before python's first line). R hashes only its own strings (boot.json, the header).
 #: python runs without -E (it would ignore PYTHONHASHSEED) in an environment env -i built.
-R_INIT = """#!/bin/sh
+#: restore_init.py is in the archive compiled (module RF_MODULE), not as a script python
+#: would compile at every boot.
+RF_MODULE = "kjumpd_restore_init"
+R_INIT = f"""#!/bin/sh
 # /init of kjumpd's restore-first environment (R)
 export PATH=/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-env -i PATH=$PATH PYTHONHASHSEED=0 KJUMPD_RF_INIT=1 /usr/bin/python3 -S -B -u /kjumpd-rf/restore_init.py
+env -i PATH=$PATH PYTHONHASHSEED=0 KJUMPD_RF_INIT=1 /usr/bin/python3 -S -B -u \\
+    -c "import sys, {RF_MODULE}; sys.exit({RF_MODULE}.main())"
 echo "kjumpd-rf: nothing could be started; a shell follows (exit powers off)"
 sh
 poweroff -f
@@ -65,9 +69,9 @@ from kjumpd.bootentry import (R_NORMAL_INITRD as NORMAL_INITRD,  # noqa: E402
 def build_restore_initramfs(out: Path | None = None):  # -> savekernel.initramfs.InitramfsImage
     """The generic part of R's initramfs (no boot.json): cached by its inputs."""
     from savekernel.initramfs import build_initramfs
-    return build_initramfs(out, R_INIT, {"kjumpd-rf/restore_init.py": INIT}, name="restore",
-                           python_modules=R_MODULES, python_packages=("kjumpd",),
-                           host_binaries=(KEXEC,))
+    return build_initramfs(out, R_INIT, name="restore", python_modules=R_MODULES,
+                           python_packages=("kjumpd",), host_binaries=(KEXEC,),
+                           python_scripts={RF_MODULE: INIT})
 
 
 def restore_config(**kw) -> tuple[BootConfig, dict[str, Path]]:

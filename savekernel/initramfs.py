@@ -77,6 +77,10 @@ DEFAULT_EXCLUDE = ("_hashlib", "_ssl", "ssl", "_bz2", "bz2", "_lzma", "lzma")
 SAVE_ENTRY = ("kjumpd.agent.kernel_role", "kjumpd.agent.devmem", "kjumpd.agent.jumpback",
               "kjumpd.image.save", "kjumpd.image.restore", "kjumpd.image.store", "kjumpd.job")
 
+#: what B's /init runs with python3 -c (and the arguments "boot" or "boot --rescue")
+AGENT_CODE = ("import sys; from kjumpd.agent.kernel_role import main; "
+              "sys.exit(main(sys.argv[1:]))")
+
 SAVE_INIT = """#!/bin/sh
 # /init of kjumpd's save kernel (B): mount the kernel filesystems, run the agent.
 export PATH=/usr/bin:/usr/sbin
@@ -90,18 +94,20 @@ export MALLOC_ARENA_MAX=2
 # without an RNG seed), this kernel has none either, and python's first /dev/urandom read
 # would wait for the kernel's jitter entropy (1-2 s under TCG). The agent uses no randomness.
 # env -i instead of python's -E (which would ignore PYTHONHASHSEED): nothing else is passed.
+# -c, not -m: runpy and what it imports are not needed (every module costs under TCG)
 PY="env -i PATH=$PATH MALLOC_ARENA_MAX=2 PYTHONHASHSEED=0 /usr/bin/python3 -S -B -u"
-$PY -m kjumpd.agent.kernel_role boot
+AGENT="{agent}"
+$PY -c "$AGENT" boot
 rc=$?
 # The agent jumps back to the main kernel itself; reaching this line means it could not
 # (e.g. it was OOM-killed). Try once more with a minimal agent: image ABORTED, jump back.
 echo "kjump-init: the agent exited with status $rc without jumping back"
-$PY -m kjumpd.agent.kernel_role boot --rescue
+$PY -c "$AGENT" boot --rescue
 # Still here: reboot; the restore-first entry boots the normal system (the image is not SAVED).
 echo "kjump-init: no way back to the main kernel; rebooting"
 sync
 reboot -f
-"""
+""".replace("{agent}", AGENT_CODE)
 
 
 class InitramfsError(KjumpError):
@@ -318,7 +324,8 @@ def _package_dir(name: str, search: Sequence[Path]) -> Path:
 
 
 def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
-                python: Path, exclude: Sequence[str]) -> None:
+                python: Path, exclude: Sequence[str],
+                scripts: Mapping[str, Path] | None = None) -> None:
     search = [REPO, DIST_PACKAGES]
     pkg_dirs = [_package_dir(p, search) for p in packages]
     proc = subprocess.run([str(python), "-S", "-E", "-B", "-c", _RESOLVE,
@@ -357,6 +364,10 @@ def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
             raise InitramfsError(f"module {name} has an unexpected file {path}")
     if f"{pydir}/os.pyc" not in plan.compile:
         raise InitramfsError("the import trace did not load os", why="unexpected interpreter")
+    for mod, src in (scripts or {}).items():
+        # a script run at every boot is compiled here, not by python at each start (under
+        # TCG compiling R's ~300-line /init cost as much as importing a dozen modules)
+        plan.compile[f"{pydir}/{mod}.pyc"] = Path(src)
     for top, d in pkg_roots.items():
         for src in sorted(d.rglob("*")):
             if "__pycache__" in src.parts or not src.is_file():
@@ -448,7 +459,8 @@ def build_initramfs(out: Path | None, init_script: str,
                     busybox: bool = True,
                     python: Path = HOST_PYTHON,
                     exclude_modules: Sequence[str] = DEFAULT_EXCLUDE,
-                    compress: bool = True) -> InitramfsImage:
+                    compress: bool = True,
+                    python_scripts: Mapping[str, Path] | None = None) -> InitramfsImage:
     """Build (or reuse from the cache) a compressed (lz4, else gzip: see codec()) cpio
     initramfs; copy it to out when given. With compress=False the archive is plain cpio
     (larger to load, nothing to inflate).
@@ -458,7 +470,9 @@ def build_initramfs(out: Path | None, init_script: str,
     with the host's python3 (nothing python is added when both python lists are empty);
     python_packages are copied whole (e.g. ("kjumpd", "lz4")); exclude_modules are left out
     even when traced (their importers must cope). host_binaries are added with the shared
-    libraries ldd lists.
+    libraries ldd lists. python_scripts maps module names to source files compiled into
+    the archive as sourceless modules (``python3 -c "import NAME"`` runs one without
+    compiling it at start-up); the modules they import must be in python_modules.
     """
     plan = _Plan()
     if busybox:
@@ -467,7 +481,7 @@ def build_initramfs(out: Path | None, init_script: str,
         add_host_binary(plan, Path(b))
     if python_modules or python_packages:
         _add_python(plan, list(python_modules) + list(python_packages), python_packages, python,
-                    exclude_modules)
+                    exclude_modules, python_scripts)
     for arc, src in (extra_files or {}).items():
         arc = arc.lstrip("/")
         if isinstance(src, (str, Path)) and not Path(src).is_file():

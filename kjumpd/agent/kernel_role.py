@@ -26,18 +26,18 @@ stderr (the same console here).
 
 from __future__ import annotations
 
-import argparse
+# Start-up cost: this module is what B's /init runs and what R imports (find_target), under
+# TCG where every imported module costs tens of milliseconds. Modules only some paths need
+# are imported where they are used (argparse only for a command line other than /init's,
+# threading/select for the cancel key, the job for the save role).
 import logging
 import os
-import select
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from kjumpd.errors import AgentError, CancelledError, KjumpError, TargetError
-from kjumpd.job import MAX_CHUNK_SIZE
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger("kjumpd.agent.kernel_role")
@@ -124,6 +124,7 @@ def bounded_chunk_size(requested: int, mem_available: int, workers: int) -> int:
     """The job's chunk size, halved until the save pipeline's chunks in flight fit in half
     of the memory B has left (B lives in a 128 MiB jump area; 4 MiB chunks were OOM-killed
     there). About 2 * (2 * workers + 4) chunk-sized buffers are alive at once."""
+    from kjumpd.job import MAX_CHUNK_SIZE
     per_chunk = 2 * (2 * max(workers, 1) + 4)
     size = min(requested, MAX_CHUNK_SIZE)    # a job may ask for more (format allows 64 MiB)
     while size > 64 * 1024 and per_chunk * size > mem_available // 2:
@@ -226,11 +227,12 @@ class CancelKey:
     """Watches the console (stdin) for a key press in a thread; ``pressed`` becomes true."""
 
     def __init__(self, fd: int = 0) -> None:
+        import threading
         self.fd = fd
         self.pressed = threading.Event()
         self._stop = threading.Event()
         self._saved: Any = None
-        self._thread: threading.Thread | None = None
+        self._thread: Any = None                 # threading.Thread
 
     def start(self) -> "CancelKey":
         try:
@@ -242,11 +244,13 @@ class CancelKey:
                 termios.tcflush(self.fd, termios.TCIFLUSH)
         except (OSError, ImportError) as e:
             log.info("console: no cbreak mode (%s)", e)
+        import threading
         self._thread = threading.Thread(target=self._watch, name="cancel-key", daemon=True)
         self._thread.start()
         return self
 
     def _watch(self) -> None:
+        import select
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([self.fd], [], [], 0.2)
@@ -577,7 +581,15 @@ def boot(sysroot: Sysroot = Sysroot()) -> int:
     return run_restore(sysroot, params)
 
 
+#: the command lines B's /init runs (savekernel/initramfs.py), parsed without argparse
+INIT_COMMANDS = {("boot",): False, ("boot", "--rescue"): True}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args = tuple(sys.argv[1:] if argv is None else argv)
+    if args in INIT_COMMANDS:          # /init's own lines: skip importing argparse
+        return _boot(INIT_COMMANDS[args], "/")
+    import argparse
     parser = argparse.ArgumentParser(prog="kjump-agent", description="kjumpd's save-kernel agent")
     sub = parser.add_subparsers(dest="cmd", required=True)
     register(sub)
@@ -587,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def register(sub: Any) -> None:
     """Add ``boot`` to kjump-agent's subcommands."""
+    import argparse
     p = sub.add_parser("boot", help="run as the save kernel's userspace (/init): the role on "
                                     "/proc/cmdline (kjump.role=save|restore)")
     p.add_argument("--sysroot", default="/", help=argparse.SUPPRESS)
@@ -596,14 +609,18 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_boot_cmd)
 
 
-def _boot_cmd(args: argparse.Namespace) -> int:
+def _boot_cmd(args: Any) -> int:
+    return _boot(args.rescue, args.sysroot)
+
+
+def _boot(rescue_only: bool, sysroot: str) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="kjump-agent[%(levelname)s] %(name)s: %(message)s")
     from kjumpd.image.heap import tune_heap
     tune_heap()                  # reused chunk buffers: no page faults per chunk
     try:
-        root = Sysroot(args.sysroot)
-        return rescue(root) if args.rescue else boot(root)
+        root = Sysroot(sysroot)
+        return rescue(root) if rescue_only else boot(root)
     except KjumpError as e:
         say(f"error: {e.message}")
         return 1

@@ -121,8 +121,55 @@ def test_save_initramfs_runs_the_agent_on_its_trimmed_python(tmp_path: Path) -> 
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "e3b0c442"]
     # the agent as /init runs it: no /proc here, so it must stop with a one-line error
-    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-m",
-                          "kjumpd.agent.kernel_role", "boot"], capture_output=True, text=True)
+    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-c",
+                          initramfs.AGENT_CODE, "boot"], capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stdout.startswith("kjump-agent: error: /proc/cmdline is missing")
     assert "Traceback" not in out.stdout + out.stderr
+
+
+#: modules neither boot environment may load: the daemon's D-Bus and process libraries, and
+#: argparse (what B's /init and R's python start with is parsed without it)
+NOT_AT_BOOT = ("gi", "pydbus", "psutil", "argparse")
+
+
+def loaded_modules(root: Path, code: str) -> set[str]:
+    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-c",
+                          code + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def test_save_agent_starts_without_the_daemons_libraries(tmp_path: Path) -> None:
+    need_root()
+    root = tmp_path / "root"
+    extract(initramfs.read_archive(initramfs.build_save_initramfs().path), root)
+    mods = loaded_modules(root, "import " + ", ".join(initramfs.SAVE_ENTRY)
+                          + ", kjumpd.agent.freepages, kjumpd.image.heap")
+    assert "kjumpd.image.save" in mods
+    assert not mods & set(NOT_AT_BOOT)
+
+
+def test_restore_first_init_is_compiled_and_starts_without_the_daemons_libraries(
+        tmp_path: Path) -> None:
+    need_root()
+    from bootloader.initramfs import RF_MODULE, build_restore_initramfs
+    entries = initramfs.read_archive(build_restore_initramfs().path)
+    names = {e.name for e in entries}
+    assert f"usr/lib/python3.11/{RF_MODULE}.pyc" in names
+    assert not any(n.endswith("restore_init.py") for n in names)
+    root = tmp_path / "root"
+    extract(entries, root)
+    # what R's /init runs: not PID 1 and no boot.json here, so it must say so and stop
+    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-B", "-c",
+                          f"import sys, {RF_MODULE}; sys.exit({RF_MODULE}.main())"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stdout.startswith("kjumpd-rf: restore-first environment up")
+    assert "Traceback" not in out.stdout + out.stderr
+    mods = loaded_modules(root, f"import {RF_MODULE}\n"
+                          "from kjumpd import fsstamp, restorefirst\n"
+                          "from kjumpd.agent.kernel_role import find_target\n"
+                          "from kjumpd.image import store")
+    assert not mods & set(NOT_AT_BOOT)
