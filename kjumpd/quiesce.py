@@ -16,8 +16,11 @@ Devices come from a walk of /sys/devices that keeps what udev enumerates (a ueve
 and a subsystem link; tests/sysroot/test_steps.py checks it gives pyudev's set on the real
 root). pyudev is not used here and the walk is one scandir per directory: planning is a
 few hundred sysfs reads, which cost ~3 s in the TCG VM through pyudev/pathlib. Attributes
-(paths mapped by the Sysroot) are read only when their power/ directory lists them, and
-runtime_status only where power/control is "auto". Every write is
+(paths mapped by the Sysroot) are read only when their power/ directory lists them,
+power/control only where runtime_status is not "unsupported" (one read for most devices),
+by real path (no Path per read). The
+enumeration (scan) depends only on which devices exist: the transaction runs it in a thread
+during the preflight and plan() reads the attributes at the quiesce step. Every write is
 recorded (with the value it replaced) before the next one, in memory and in
 /run/kjumpd/quiesce.journal, and undone in reverse.
 """
@@ -29,6 +32,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from kjumpd.config import Config
 from kjumpd.errors import KjumpError, QuiesceError
@@ -87,12 +91,29 @@ def _scan(real: str, out: list[tuple[str, frozenset[str]]]) -> None:
             _scan(e.path, out)
 
 
+def scan(sysroot: Sysroot) -> list[tuple[str, frozenset[str]]]:
+    """(real path, power/ attribute names) of every device directory under /sys/devices,
+    unsorted: the enumeration plan() needs, which the transaction runs in a thread while the
+    preflight runs (it depends on which devices exist, not on their state)."""
+    out: list[tuple[str, frozenset[str]]] = []
+    _scan(str(sysroot.path("/sys/devices")), out)
+    return out
+
+
+def _unmapper(sysroot: Sysroot) -> Callable[[str], str]:
+    """real path -> system path, by string (Sysroot.unmap builds two Paths a call)."""
+    root = str(sysroot.path("/"))
+    if root == "/":
+        return lambda real: real
+    n = len(root.rstrip("/"))
+    return lambda real: real[n:] or "/"
+
+
 def devices(sysroot: Sysroot) -> list[tuple[str, frozenset[str]]]:
     """(system path, power/ attribute names) of every device directory under /sys/devices
     (what udev enumerates: directories with a uevent file and a subsystem link), sorted."""
-    out: list[tuple[str, frozenset[str]]] = []
-    _scan(str(sysroot.path("/sys/devices")), out)
-    return sorted((sysroot.unmap(real), attrs) for real, attrs in out)
+    unmap = _unmapper(sysroot)
+    return sorted((unmap(real), attrs) for real, attrs in scan(sysroot))
 
 
 def device_dirs(sysroot: Sysroot) -> list[str]:
@@ -100,11 +121,11 @@ def device_dirs(sysroot: Sysroot) -> list[str]:
     return [dev for dev, _ in devices(sysroot)]
 
 
-def _attr(sysroot: Sysroot, path: str) -> str:
-    """A sysfs attribute's text, "" when it cannot be read (a plain read: ~4x cheaper than
-    a pathlib one, which counts for ~1000 reads under TCG)."""
+def _read(real: str) -> str:
+    """A sysfs attribute's text by real path, "" when it cannot be read (a plain read: ~4x
+    cheaper than a pathlib one, which counts for ~1000 reads under TCG)."""
     try:
-        fd = os.open(sysroot.path(path), os.O_RDONLY)
+        fd = os.open(real, os.O_RDONLY)
     except OSError:
         return ""
     try:
@@ -113,6 +134,11 @@ def _attr(sysroot: Sysroot, path: str) -> str:
         return ""
     finally:
         os.close(fd)
+
+
+def _attr(sysroot: Sysroot, path: str) -> str:
+    """A sysfs attribute's text by system path, "" when it cannot be read."""
+    return _read(str(sysroot.path(path)))
 
 
 def _rtc_device(sysroot: Sysroot) -> str | None:
@@ -127,22 +153,33 @@ def _kept(dev: str, keep: tuple[str, ...]) -> bool:
                for k in keep)
 
 
-def plan(sysroot: Sysroot, config: Config, mode: str) -> Plan:
-    """What quiesce would write, read from the current sysfs state (no writes)."""
+def plan(sysroot: Sysroot, config: Config, mode: str,
+         found: list[tuple[str, frozenset[str]]] | None = None) -> Plan:
+    """What quiesce would write, read from the current sysfs state (no writes). ``found``:
+    a scan() made moments earlier (the attributes are read here, now, either way)."""
     p = Plan()
     rtc = _rtc_device(sysroot) if mode == "suspend" else None
     t0 = time.monotonic()
-    found = devices(sysroot)
+    if found is None:
+        found = scan(sysroot)
     p.devices, p.scan_seconds = len(found), time.monotonic() - t0
-    for dev, attrs in found:
-        if config.runtime_pm_on and "control" in attrs:
-            raw = _attr(sysroot, f"{dev}/power/control")
-            if raw.strip() == "auto" and _attr(
-                    sysroot, f"{dev}/power/runtime_status").strip() != "unsupported":
+    unmap = _unmapper(sysroot)
+    for real, attrs in sorted(found):
+        dev = ""
+        # runtime_status first: most devices (all virtual ones) have no runtime PM and say
+        # "unsupported", which settles them in one read instead of two (control is "auto"
+        # by default everywhere)
+        if config.runtime_pm_on and "control" in attrs and (
+                "runtime_status" not in attrs
+                or _read(real + "/power/runtime_status").strip() != "unsupported"):
+            raw = _read(real + "/power/control")
+            if raw.strip() == "auto":
+                dev = unmap(real)
                 p.writes.append(Write(f"{dev}/power/control", "on", f"{dev}/power/control",
                                       raw, "runtime PM off around the jump"))
         if config.disable_wakeup and "wakeup" in attrs:
-            raw = _attr(sysroot, f"{dev}/power/wakeup")
+            raw = _read(real + "/power/wakeup")
+            dev = dev or unmap(real)
             if raw.strip() == "enabled":
                 if _kept(dev, config.keep_wakeup):
                     p.notes.append(f"{dev} keeps wake-up (keep_wakeup)")
