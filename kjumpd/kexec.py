@@ -10,8 +10,9 @@
            descriptor" on real kernels: its status says nothing; the caller reads the header.
 * unload: ``kexec -u``.
 
-The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), written to
-/run/kjumpd (tmpfs) after the filesystems are frozen. The save kernel's command line is
+The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), in /run/kjumpd
+(tmpfs): the initramfs is copied there (stage_initrd) while the daemon quiesces, the job is
+appended (finish_initrd) after the filesystems are frozen. The save kernel's command line is
 ``<save_kernel.append> pty.legacy_count=0 memmap=exactmap memmap=512K@0K memmap=SIZE@START
 kjump.role=save``: B's memory is exactly the low 512K and the jump area; no legacy ptys
 (kjumpd.restorefirst.QUICK_BOOT_PARAMS).
@@ -99,10 +100,10 @@ def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
             f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}").strip()
 
 
-def write_initrd(sysroot: Sysroot, base: str, job: Job, expect_sha256: str = "") -> str:
-    """B's initramfs + zero padding to 512 bytes + the job cpio, at /run/kjumpd; returns its
-    system path. Only /run (tmpfs) is written. With ``expect_sha256`` the initramfs copied
-    must still have the hash preflight checked."""
+def stage_initrd(sysroot: Sysroot, base: str, expect_sha256: str = "") -> str:
+    """Copy B's initramfs and its zero padding to 512 bytes to ``INITRD + ".new"`` (tmpfs),
+    ahead of the freeze; returns that system path. With ``expect_sha256`` the copy must
+    still have the hash preflight checked. finish_initrd appends the job once it is known."""
     out = sysroot.path(INITRD)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".new")
@@ -113,30 +114,63 @@ def write_initrd(sysroot: Sysroot, base: str, job: Job, expect_sha256: str = "")
             while chunk := src.read(1 << 20):
                 h.update(chunk)
                 dst.write(chunk)
-            pad = -dst.tell() % 512
-            dst.write(b"\0" * pad + job.to_cpio())
+            dst.write(b"\0" * (-dst.tell() % 512))
         if expect_sha256 and h.hexdigest() != expect_sha256:
             tmp.unlink()
             raise KexecError(f"{base} changed since the preflight",
                              why=f"sha256 {h.hexdigest()}, expected {expect_sha256}",
                              fix="let the save kernel's installation finish, then try again")
+    except OSError as e:
+        _unlink(tmp)
+        raise KexecError("cannot write the save kernel's initrd",
+                         why=f"{e.filename}: {e.strerror or e}",
+                         fix="check /run (tmpfs) has room and the initramfs exists") from None
+    return INITRD + ".new"
+
+
+def finish_initrd(sysroot: Sysroot, job: Job) -> str:
+    """Append the job cpio to the initrd stage_initrd prepared and move it to INITRD;
+    returns its system path. Only /run (tmpfs) is written."""
+    out = sysroot.path(INITRD)
+    tmp = out.with_name(out.name + ".new")
+    try:
+        with open(tmp, "r+b") as dst:
+            dst.seek(0, os.SEEK_END)
+            if dst.tell() % 512:
+                raise KexecError("the staged save kernel initrd is not padded",
+                                 why=f"{tmp}: {dst.tell()} bytes",
+                                 fix="a bug: report it with the kjumpd log")
+            dst.write(job.to_cpio())
         os.replace(tmp, out)
     except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        _unlink(tmp)
         raise KexecError("cannot write the save kernel's initrd with the job",
                          why=f"{e.filename}: {e.strerror or e}",
                          fix="check /run (tmpfs) has room and the initramfs exists") from None
     return INITRD
 
 
-def remove_initrd(sysroot: Sysroot) -> None:
+def write_initrd(sysroot: Sysroot, base: str, job: Job, expect_sha256: str = "") -> str:
+    """B's initramfs + zero padding to 512 bytes + the job cpio, at /run/kjumpd; returns its
+    system path (stage_initrd, then finish_initrd)."""
+    stage_initrd(sysroot, base, expect_sha256)
+    return finish_initrd(sysroot, job)
+
+
+def _unlink(p: os.PathLike[str]) -> None:
     try:
-        sysroot.path(INITRD).unlink()
-    except FileNotFoundError:
+        os.unlink(p)
+    except OSError:
         pass
+
+
+def remove_initrd(sysroot: Sysroot) -> None:
+    """Remove the initrd and a staged one (stage_initrd)."""
+    for p in (INITRD, INITRD + ".new"):
+        try:
+            sysroot.path(p).unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _why(r: "subprocess.CompletedProcess[str]") -> str:
