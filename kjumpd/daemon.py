@@ -299,6 +299,9 @@ class Daemon:
         log.info("serving org.kjump.Manager1 on %s (sysroot %s)", self.args.bus or "the system bus",
                  self.args.sysroot)
         self.loop.run()
+        if not self.manager.wait_housekeeping(self.args.stop_timeout):
+            log.error("the last transition's housekeeping did not finish within %.0f s",
+                      self.args.stop_timeout)
         try:
             self.registration.unregister()
         except Exception as e:  # noqa: BLE001 - shutting down anyway

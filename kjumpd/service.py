@@ -443,18 +443,25 @@ class Manager:
                       "error_class": "KjumpError",
                       "message": f"internal error: {e or type(e).__name__} "
                                  "(fix: report a bug with the kjumpd log)"}
+        t_end = time.monotonic()
         if run.sleeping:   # never leave listeners believing the system is about to sleep
             self.prepare_for_sleep(False)
         record.update(mode=run.mode, started=run.started, finished=time.time(),
                       elapsed=time.clock_gettime(time.CLOCK_BOOTTIME) - t0)
-        self.in_main_loop(self._finish, run, record)
+        self.in_main_loop(self._finish, run, record, t_end)
 
-    def _finish(self, run: Run, record: dict[str, Any]) -> None:
+    def _finish(self, run: Run, record: dict[str, Any], queued: float | None = None) -> None:
+        t_start = time.monotonic()
         with self._lock:
             if self._run is run:
                 self._run = None
         self._last = record
-        self._image_state = self._read_image_state()
+        if is_resume(record) and record.get("image_state") == "CONSUMED":
+            # the transaction has just written CONSUMED (it has no reason text to show):
+            # answering the waiting client does not wait for another read of the header
+            self._image_state = "CONSUMED"
+        else:
+            self._image_state = self._read_image_state()
         self._state, self._phase = "idle", ""
         if is_success(record):
             self._progress = 100.0
@@ -463,8 +470,11 @@ class Manager:
                                            "LastResult": to_vardict(record)}, [])
         if is_resume(record):
             self.Resumed(to_vardict(record))
-        log.info("%s finished: %s%s", run.mode, record.get("result"),
-                 f" ({record['message']})" if record.get("message") else "")
+        now = time.monotonic()
+        log.info("%s finished: %s%s (answered %.2f s after the transition ended, %.2f s of it "
+                 "sending)", run.mode, record.get("result"),
+                 f" ({record['message']})" if record.get("message") else "",
+                 now - (queued if queued is not None else t_start), now - t_start)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """For shutdown: wait for the worker (the transaction rolls back on cancel)."""
@@ -473,6 +483,12 @@ class Manager:
             return True
         w.join(timeout)
         return not w.is_alive()
+
+    def wait_housekeeping(self, timeout: float | None = None) -> bool:
+        """For shutdown: wait for what the last transition left to tidy up after it
+        answered (the transaction's housekeeping: unloading the save kernel...)."""
+        wait = getattr(self._hib, "wait_housekeeping", None)
+        return True if wait is None else bool(wait(timeout))
 
     def cancel_all(self) -> bool:
         run = self._run

@@ -4,6 +4,9 @@ Steps (../shared/docs/DESIGN.md, "Hibernate"):
   preflight -> announce (PrepareForSleep(true), hooks "pre") -> shrink -> quiesce ->
   boot one-shot -> [hold logs, sync, FIFREEZE, stamps, job + initrd in /run, kexec load] ->
   jump (kexec -e) -> return point: read the header with O_DIRECT on the whole disk.
+Two read-mostly steps run in threads alongside: the device enumeration for quiesce (during
+the preflight) and the copy of B's initramfs to /run (from the preflight to the load; the job
+is appended after the freeze). stats["steps"] has the seconds of the steps inside phases.
 
 At the return point:
   SAVED     -> the mode: platform (S4), shutdown, reboot (never return on success), suspend
@@ -17,7 +20,10 @@ Undo runs in reverse (unload, remove initrd, thaw + release logs, boot one-shot 
 quiesce undone, hooks "post", PrepareForSleep(false)); every undo is attempted and its
 failures are reported. ``run`` returns an Outcome when the system continues normally
 (resumed / continued / woke-from-ram) and raises the KjumpError that stopped it after a
-full rollback otherwise (``err.outcome`` holds the rolled-back Outcome).
+full rollback otherwise (``err.outcome`` holds the rolled-back Outcome). When the system
+continues, the HOUSEKEEPING undo steps (unload B, boot one-shot off, initrd, run dir) run in
+a thread after ``run`` returns, so the waiting client is answered first; their failures are
+logged; the next ``run`` waits for them.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
 RUN_DIR = "/run/kjumpd"
+#: undo steps that nothing the user gets back depends on: when the system continues (resumed,
+#: continued, woke from RAM) they run after the result is returned, in a thread; the next
+#: transaction waits for them before it starts (Hibernation.wait_housekeeping)
+HOUSEKEEPING = frozenset({"kexec unload", "boot one-shot", "initrd", "run dir"})
 
 
 class Events(Protocol):
@@ -79,14 +89,24 @@ class Outcome:
 class _Undo:
     def __init__(self) -> None:
         self.stack: list[tuple[str, Callable[[], Any]]] = []
+        #: seconds each undo step took, in the order they ran
+        self.seconds: dict[str, float] = {}
 
     def push(self, name: str, fn: Callable[[], Any]) -> None:
         self.stack.append((name, fn))
+
+    def take(self, names: frozenset[str]) -> "_Undo":
+        """Move the steps called ``names`` (in their order) to a new _Undo."""
+        taken = _Undo()
+        taken.stack = [(n, f) for n, f in self.stack if n in names]
+        self.stack = [(n, f) for n, f in self.stack if n not in names]
+        return taken
 
     def run(self) -> list[str]:
         errors: list[str] = []
         while self.stack:
             name, fn = self.stack.pop()
+            t0 = time.monotonic()
             try:
                 res = fn()
                 if isinstance(res, list) and res and all(isinstance(x, str) for x in res):
@@ -95,9 +115,48 @@ class _Undo:
                 errors.append(f"{name}: {e.message}")
             except OSError as e:
                 errors.append(f"{name}: {e.strerror or e}")
+            self.seconds[name] = time.monotonic() - t0
         for e in errors:
             log.error("undo: %s", e)
+        if self.seconds:
+            log.info("undo steps: %s", ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()))
         return errors
+
+
+class _Background:
+    """A function run in a thread from now on; ``result()`` waits for it and returns its
+    value or raises what it raised. For work whose input is fixed early and that overlaps
+    the steps before it is needed (the device scan, the initrd copy)."""
+
+    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._main, args=(fn,), name=f"kjump-{name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _main(self, fn: Callable[[], Any]) -> None:
+        t0 = time.monotonic()
+        try:
+            self._value = fn()
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+        self.seconds = time.monotonic() - t0
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds; True when the function has returned."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class Hibernation:
@@ -106,8 +165,15 @@ class Hibernation:
         self.config = config
         self.events: Events = events if events is not None else NullEvents()
         self._lock = threading.Lock()
+        self._housekeeping: _Background | None = None
         #: seconds the machine may stay up after a power-off/reboot/S4 request
         self.settle = 20.0
+
+    def wait_housekeeping(self, timeout: float | None = None) -> bool:
+        """Wait for the undo steps a successful transaction left running (HOUSEKEEPING);
+        False when they are still running after ``timeout`` seconds."""
+        hk = self._housekeeping
+        return hk is None or hk.join(timeout)
 
     # -- preflight --------------------------------------------------------------------------
     def check(self, mode: str | None = None) -> preflight.PreflightReport:
@@ -122,6 +188,7 @@ class Hibernation:
         if not self._lock.acquire(blocking=False):
             raise BusyError("a hibernation is already running", fix="wait for it or cancel it")
         try:
+            self.wait_housekeeping()
             return self._run(mode, cancel or threading.Event())
         finally:
             self._lock.release()
@@ -146,11 +213,24 @@ class Hibernation:
                 raise CancelledError("the hibernation was cancelled", fix="")
 
         held = fsfreeze.HeldLogs()
+        steps: dict[str, float] = {}
+        out.stats["steps"] = steps        # seconds of the steps inside the phases
+
+        def timed(name: str, fn: Callable[[], Any]) -> Any:
+            t0 = time.monotonic()
+            try:
+                return fn()
+            finally:
+                steps[name] = time.monotonic() - t0
+
         try:
             phase("preflight", 0)
             if not sr.path(RUN_DIR).exists():
                 sr.path(RUN_DIR).mkdir(mode=0o700, parents=True)
                 undo.push("run dir", lambda: _rmdir_if_empty(sr, RUN_DIR))
+            # which devices exist does not change with what the preflight reads: enumerate
+            # them meanwhile; their attributes are read at the quiesce step
+            scanner = _Background("scan", lambda: quiesce.scan(sr))
             rep = preflight.run(sr, cfg, mode)
             if not rep.ok:
                 bad = rep.failed()
@@ -161,6 +241,11 @@ class Hibernation:
             mem: memory.MemoryPlan = rep.context["memory"]
             target, uuid = blockmap.current(sr, cfg.target, restamp=True)
             kx = kexec.Kexec.find(cfg)
+            # B's initramfs is copied to /run while the daemon announces and quiesces; the
+            # job is appended after the freeze. The undo waits for the copy, then removes it.
+            stager = _Background("initrd", lambda: kexec.stage_initrd(
+                sr, cfg.save_initramfs, rep.context.get("initramfs_sha256", "")))
+            undo.push("initrd", lambda: (stager.wait(), kexec.remove_initrd(sr)))
             check_cancel()
 
             phase("announce", 5)
@@ -180,6 +265,10 @@ class Hibernation:
             check_cancel()
 
             phase("shrink", 10)
+            if cfg.image_size:
+                s = shrink.toward_target(sr, cfg.image_size)
+                out.stats.update(image_target=s.limit, image_estimate_before=s.before,
+                                 image_estimate_after=s.after)
             if cfg.image_size_limit:
                 s = shrink.shrink(sr, cfg.image_size_limit, cfg.timeout_shrink)
                 out.stats.update(shrink_before=s.before, shrink_after=s.after)
@@ -189,10 +278,12 @@ class Hibernation:
             journal = quiesce.Journal(sr)
             undo.push("quiesce", lambda: quiesce.undo(sr, journal))
             t_plan = time.monotonic()
-            qplan = quiesce.plan(sr, cfg, mode)
+            found = timed("quiesce scan wait", scanner.result)
+            steps["quiesce scan (thread)"] = scanner.seconds
+            qplan = quiesce.plan(sr, cfg, mode, found)
             out.stats["quiesce_plan_seconds"] = time.monotonic() - t_plan
             out.stats.update(quiesce_devices=qplan.devices, quiesce_scan_seconds=qplan.scan_seconds)
-            quiesce.apply(sr, qplan, journal)
+            timed("quiesce apply", lambda: quiesce.apply(sr, qplan, journal))
             out.stats["quiesce_writes"] = len(qplan.writes)
             check_cancel()
 
@@ -209,9 +300,9 @@ class Hibernation:
             undo.push("bytecode", lambda: setattr(sys, "dont_write_bytecode", pyc))
             frozen: list[fsfreeze.Mount] = []
             undo.push("thaw", lambda: fsfreeze.thaw(sr, frozen))
-            fsfreeze.freeze(sr, mounts, on_frozen=frozen.append)
+            timed("sync + FIFREEZE", lambda: fsfreeze.freeze(sr, mounts, on_frozen=frozen.append))
             out.stats["frozen"] = [m.mountpoint for m in frozen]
-            stamps = [self._stamp(m) for m in frozen]
+            stamps = timed("stamps", lambda: [self._stamp(m) for m in frozen])
 
             phase("load", 40)
             job = Job(
@@ -226,10 +317,11 @@ class Hibernation:
                 free_page_exclusion=(cfg.free_page_exclusion
                                      and kexec.free_pages_restore_as_zeros(sr)),
                 free_page_check=cfg.free_page_check)
-            undo.push("initrd", lambda: kexec.remove_initrd(sr))
-            initrd = kexec.write_initrd(sr, cfg.save_initramfs, job,
-                                        rep.context.get("initramfs_sha256", ""))
-            kx.load(sr, cfg.save_kernel, initrd, kexec.save_cmdline(cfg, area), area)
+            timed("initrd copy wait", stager.result)
+            steps["initrd copy (thread)"] = stager.seconds
+            initrd = timed("initrd job", lambda: kexec.finish_initrd(sr, job))
+            timed("kexec load", lambda: kx.load(sr, cfg.save_kernel, initrd,
+                                                kexec.save_cmdline(cfg, area), area))
             undo.push("kexec unload", kx.unload)
             # the kernel holds its own copy now: what stays in A's memory is saved in the
             # image, so drop the tmpfs initrd and the page cache of the files just read
@@ -242,7 +334,7 @@ class Hibernation:
             rc = kx.jump()
             out.stats["kexec_rc"] = rc
             phase("return", 90)
-            header = self._read_header(target)
+            header = timed("header read", lambda: self._read_header(target))
             out.image_state = header.state.name
             out.stats.update(raw_bytes=header.raw_bytes, stored_bytes=header.stored_bytes,
                              zero_pages=header.zero_pages, chunks=header.chunk_count,
@@ -251,7 +343,7 @@ class Hibernation:
                              save_seconds=max(0.0, header.saved - header.created))
             name = header.state.name
             if name == "RESTORING":
-                self._set_state(target, "CONSUMED", "")
+                timed("mark CONSUMED", lambda: self._set_state(target, "CONSUMED", ""))
                 out.image_state = "CONSUMED"
                 out.result, out.resumed = "resumed", True
             elif name == "SAVED":
@@ -263,7 +355,12 @@ class Hibernation:
                                           "rolled back and keeps running",
                                       state=name)
             phase("undo", 95)
+            later = undo.take(HOUSEKEEPING)
             out.undo_errors = undo.run()
+            steps.update({f"undo {k}": v for k, v in undo.seconds.items()})
+            # unloading B and clearing the one-shot boot entry wait until the caller has
+            # its answer; their failures are logged (kjumpd's log), not in this Outcome
+            self._housekeeping = _Background("housekeeping", later.run)
             phase("", 100)
             log.info("hibernation %s: %s (image %s)", mode, out.result, out.image_state)
             ev.log(f"hibernation {mode}: {out.result} (image {out.image_state})"

@@ -249,6 +249,16 @@ if "--load-preserve-context" in args:
         json.dump({{"initrd": initrd, "copy": copy}}, f)
     sys.exit(0)
 if args == ["-u"]:
+    gate = os.environ.get("FAKE_KEXEC_UNLOAD_GATE", "")
+    if gate:   # a test holds the unload until it has seen what happens meanwhile
+        import time
+        for _ in range(1200):
+            if os.path.exists(gate):
+                break
+            time.sleep(0.05)
+        else:
+            print("kexec: the test never opened the unload gate", file=sys.stderr)
+            sys.exit(1)
     if os.path.exists(state_file):
         os.unlink(state_file)
     if fail == "unload":

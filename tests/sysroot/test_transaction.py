@@ -29,7 +29,7 @@ from kjumpd.errors import (CancelledError, FreezeError, FsStampError, HookError,
 from kjumpd.image import store
 from kjumpd.job import Job
 from kjumpd.sysroot import Sysroot
-from kjumpd.transaction import Hibernation
+from kjumpd.transaction import Hibernation, Outcome
 from tests import prereq
 
 REQUIRE = os.environ.get("KJUMPD_REQUIRE_VM") == "1"
@@ -187,10 +187,18 @@ def fx(tmp_path, monkeypatch, loopfs):
             subprocess.run(["umount", str(b)], capture_output=True, timeout=60)
 
 
+def settled(h: Hibernation, *args: str) -> Outcome:
+    """h.run(*args), then wait for the housekeeping it leaves running once it has answered
+    (unloading B, the one-shot entry, /run): the state a user finds a moment later."""
+    out = h.run(*args)
+    assert h.wait_housekeeping(60), "the housekeeping did not finish"
+    return out
+
+
 def assert_next_request_works(fx: Fx) -> None:
     """After a failure the daemon runs the next request: mode test, continued."""
     before = tree_hash(fx.root, exclude={"dev/vda"})
-    out = fx.hib().run("test")
+    out = settled(fx.hib(), "test")
     assert out.result == "continued" and out.image_state == "INVALID"
     assert fx.header().state.name == "INVALID"
     assert tree_hash(fx.root, exclude={"dev/vda"}) == before
@@ -200,7 +208,7 @@ def assert_next_request_works(fx: Fx) -> None:
 def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     before = tree_hash(fx.root, exclude={"dev/vda"})
     ev = Rec()
-    out = fx.hib(ev).run("test")
+    out = settled(fx.hib(ev), "test")
     assert out.result == "continued" and not out.resumed
     assert fx.header().state.name == "INVALID"
     assert tree_hash(fx.root, exclude={"dev/vda"}) == before
@@ -234,10 +242,12 @@ def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == "0000:00:1f.3"
     assert not (fx.root / "run/kjumpd").exists()
     assert set(out.durations) >= {"preflight", "freeze", "load", "jump", "return"}
+    assert set(out.stats["steps"]) >= {"quiesce scan (thread)", "initrd copy (thread)",
+                                       "initrd job", "kexec load", "header read", "undo thaw"}
 
 
 def test_checkpoint_keeps_the_saved_image(fx):
-    out = fx.hib().run("checkpoint")
+    out = settled(fx.hib(), "checkpoint")
     assert out.result == "continued" and fx.header().state.name == "SAVED"
     assert out.stats["raw_bytes"] == 12345
 
@@ -246,7 +256,7 @@ def test_resume_marks_consumed_and_undoes(fx, monkeypatch):
     before = tree_hash(fx.root, exclude={"dev/vda"})
     monkeypatch.setenv("FAKE_KEXEC_RESULT", "restoring")
     ev = Rec()
-    out = fx.hib(ev).run("platform")
+    out = settled(fx.hib(ev), "platform")
     assert out.result == "resumed" and out.resumed and out.image_state == "CONSUMED"
     assert fx.header().state.name == "CONSUMED"
     assert tree_hash(fx.root, exclude={"dev/vda"}) == before
@@ -254,9 +264,31 @@ def test_resume_marks_consumed_and_undoes(fx, monkeypatch):
     assert [c for c in ev.calls if c[0] == "pfs"][-1] == ("pfs", False)
 
 
+def test_resume_answers_before_the_save_kernel_is_unloaded(fx, monkeypatch, tmp_path):
+    # the client waiting on a resume gets its answer once the image is CONSUMED and the
+    # system is thawed and back; unloading B (kexec -u) and the rest of the housekeeping
+    # follow, and the next transaction waits for them
+    monkeypatch.setenv("FAKE_KEXEC_RESULT", "restoring")
+    gate = tmp_path / "unload-gate"
+    monkeypatch.setenv("FAKE_KEXEC_UNLOAD_GATE", str(gate))
+    h = fx.hib()
+    out = h.run("platform")
+    assert out.result == "resumed" and out.undo_errors == []
+    assert fx.header().state.name == "CONSUMED"
+    assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == "0000:00:1f.3"
+    assert "undo thaw" in out.stats["steps"] and "undo kexec unload" not in out.stats["steps"]
+    assert not h.wait_housekeeping(0), "kexec -u is held at the gate: still running"
+    gate.touch()
+    assert h.wait_housekeeping(60)
+    assert [c[0] for c in fx.kexec_calls()] == ["-c", "-e", "-u"]
+    assert not (fx.root / "run/kjumpd").exists()
+    monkeypatch.setenv("FAKE_KEXEC_RESULT", "saved")
+    assert settled(h, "test").result == "continued"
+
+
 def test_suspend_on_ac_sleeps_in_ram_then_drops_the_image_on_wake(fx):
     before = tree_hash(fx.root, exclude={"dev/vda"})
-    out = fx.hib().run("suspend")
+    out = settled(fx.hib(), "suspend")
     assert out.result == "woke-from-ram"
     assert fx.trigger("/sys/power/state") == "mem"
     assert fx.header().state.name == "INVALID"
@@ -486,7 +518,7 @@ def test_a_second_request_while_running_is_busy(fx):
 
 def test_real_filesystems_are_frozen_during_the_jump_and_writable_after(fx, loopfs):
     prereq.need(bool(loopfs), "needs root for real frozen filesystems")
-    out = fx.hib().run("test")
+    out = settled(fx.hib(), "test")
     assert out.result == "continued"
     assert out.stats["frozen"] == ["/mnt/data/xfs", "/mnt/data"], "leaves first"
     job = fx.job()
