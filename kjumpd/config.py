@@ -68,7 +68,8 @@ class Config:
     agent_memory: int = 64 << 20               # working memory the agent needs in the area
     # [hibernate]
     mode: str = "platform"
-    image_size_limit: int = 0                  # 0: no limit
+    image_size_limit: int = 0                  # 0: no limit (a hard limit: refuses above it)
+    image_size: int = -1                       # target, best effort (shrink.py); -1 "auto": 2/5 of RAM
     compression: str = "lz4"
     chunk_size: int = 1 << 20
     cancel_key: bool = True
@@ -111,6 +112,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "jump_area": {"start": ("jump_area_start", "size"), "size": ("jump_area_size", "size"),
                   "agent_memory": ("agent_memory", "size")},
     "hibernate": {"mode": ("mode", "mode"), "image_size_limit": ("image_size_limit", "size"),
+                  "image_size": ("image_size", "image_size"),
                   "compression": ("compression", "compression"),
                   "chunk_size": ("chunk_size", "chunk"), "cancel_key": ("cancel_key", "bool"),
                   "free_page_exclusion": ("free_page_exclusion", "bool"),
@@ -141,6 +143,10 @@ def _bad(key: str, expected: str, value: Any, example: str) -> ConfigError:
 
 def _convert(kind: str, key: str, v: Any) -> Any:
     if kind == "size":
+        return parse_size(v, key)
+    if kind == "image_size":
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return -1
         return parse_size(v, key)
     if kind == "chunk":
         n = parse_size(v, key)

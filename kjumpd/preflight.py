@@ -244,7 +244,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
         st = sysroot.read_text("/sys/power/state", default="")
         add(PreflightItem("mode suspend", "mem" in st.split(), f"/sys/power/state: {st.strip()}",
                           "this machine cannot suspend to RAM; use mode platform"))
-    if config.image_size_limit:
+    if config.image_size_limit and not config.free_page_exclusion:
         cmd = sysroot.read_text("/proc/cmdline", default="")
         add(PreflightItem("image size limit", "init_on_free=1" in cmd.split(),
                           "freed pages are zeroed" if "init_on_free=1" in cmd.split() else

@@ -1,16 +1,31 @@
-"""Bring the memory in use under the image size limit before the jump, never with the OOM killer.
+"""Make the image smaller before the jump by reclaiming memory, never with the OOM killer.
 
-"In use" is MemTotal - MemFree from /proc/meminfo: what the save kernel would have to
-store (free pages are only left out when they are zero, so the kernel should run with
-init_on_free=1 for a limit to pay off; preflight says so). Steps, bounded by
-``timeouts.shrink``: proactive reclaim of the excess through the root cgroup's
-memory.reclaim (cgroup v2; it returns EAGAIN instead of killing anything), then
-``sync`` + drop_caches=3. If memory is still above the limit, refuse with the figures.
-Nothing here needs an undo: reclaimed memory is simply free.
+Two settings, both in ``[hibernate]``:
+
+* ``image_size`` (default ``"auto"``): a target, best effort, as the kernel's own
+  /sys/power/image_size (whose default is 2/5 of RAM): when the pages the save kernel will
+  read exceed it, the excess is reclaimed once through the root cgroup's memory.reclaim
+  (cgroup v2: clean page cache, and anonymous memory only where there is swap; it returns
+  EAGAIN instead of killing anything). Never refuses. ``"auto"`` is 2/5 of MemTotal, ``0``
+  switches it off. The pages B reads are counted as swsusp counts the pages it saves: the
+  memory in use (MemTotal - MemFree), the RAM the kernel reserved for itself outside the jump
+  area (System RAM in /proc/iomem - jump area - MemTotal: kernel image, struct pages), and
+  the copy kexec-tools keeps of the jump area in A's memory for a preserve-context load (it
+  backs up [mem-min, mem-max]: a page of A per page of the area, zero on a first jump).
+  The daemon's own freed heap is also handed back to the kernel (gc + malloc_trim), so
+  that it is free, not saved.
+* ``image_size_limit`` (default 0: none): a hard limit on MemTotal - MemFree. Steps, bounded
+  by ``timeouts.shrink``: memory.reclaim of the excess, then ``sync`` + drop_caches=3; if
+  memory is still above the limit, refuse with the figures.
+
+Free pages are left out of the image by the save kernel (kjumpd/agent/freepages.py), so
+what is reclaimed here is not saved. Nothing here needs an undo: reclaimed memory is free.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import time
@@ -24,6 +39,8 @@ log = logging.getLogger(__name__)
 
 RECLAIM = "/sys/fs/cgroup/memory.reclaim"
 DROP_CACHES = "/proc/sys/vm/drop_caches"
+AUTO = -1                       # image_size = "auto": 2/5 of MemTotal, as the kernel's default
+AUTO_FRACTION = (2, 5)
 
 
 @dataclass(frozen=True)
@@ -35,7 +52,8 @@ class ShrinkResult:
     seconds: float
 
 
-def used_bytes(sysroot: Sysroot) -> int:
+def meminfo(sysroot: Sysroot) -> dict[str, int]:
+    """/proc/meminfo in bytes; SysrootError without MemTotal/MemFree."""
     info: dict[str, int] = {}
     for line in sysroot.read_text("/proc/meminfo").splitlines():
         k, _, v = line.partition(":")
@@ -45,7 +63,121 @@ def used_bytes(sysroot: Sysroot) -> int:
     if "MemTotal" not in info or "MemFree" not in info:
         raise SysrootError("/proc/meminfo has no MemTotal/MemFree",
                            fix="report this kernel's /proc/meminfo")
+    return info
+
+
+def used_bytes(sysroot: Sysroot) -> int:
+    info = meminfo(sysroot)
     return info["MemTotal"] - info["MemFree"]
+
+
+@dataclass(frozen=True)
+class SaveEstimate:
+    """What the save kernel will read of A (bytes), counted as swsusp counts its pages."""
+    used: int             # MemTotal - MemFree
+    reserved: int         # System RAM outside the jump area that MemTotal does not count
+    kexec_backup: int     # kexec-tools' copy of the jump area in A's memory
+
+    @property
+    def total(self) -> int:
+        return self.used + self.reserved + self.kexec_backup
+
+
+def _iomem_sizes(iomem: str) -> tuple[int, int]:
+    """(System RAM, Crash kernel) bytes from /proc/iomem (0, 0 when addresses are hidden)."""
+    ram = crash = 0
+    for line in iomem.splitlines():
+        rng, _, name = line.partition(" : ")
+        s, _, e = rng.strip().partition("-")
+        try:
+            size = int(e, 16) + 1 - int(s, 16)
+        except ValueError:
+            continue
+        if name.strip() == "System RAM" and not line.startswith(" "):
+            ram += size
+        elif name.strip() == "Crash kernel":
+            crash += size
+    return ram, crash
+
+
+def estimate(sysroot: Sysroot) -> SaveEstimate:
+    info = meminfo(sysroot)
+    ram, area = _iomem_sizes(sysroot.read_text("/proc/iomem", default=""))
+    reserved = max(ram - area - info["MemTotal"], 0) if ram else 0
+    return SaveEstimate(info["MemTotal"] - info["MemFree"], reserved, area)
+
+
+def target_bytes(sysroot: Sysroot, image_size: int) -> int:
+    """The image size target in bytes (0: none)."""
+    if image_size == AUTO:
+        num, den = AUTO_FRACTION
+        return meminfo(sysroot)["MemTotal"] * num // den
+    return max(image_size, 0)
+
+
+PAGE_SIZE = 4096
+
+
+def reclaimable(info: dict[str, int]) -> int:
+    """What reclaim can take without the OOM killer: page cache not mapped by a process, and
+    anonymous memory that is not locked where swap has room for it. Asking memory.reclaim for
+    more than this makes it retry its scans until it gives up (13 s in the TCG VM)."""
+    file = info.get("Active(file)", 0) + info.get("Inactive(file)", 0)
+    cache = max(file - info.get("Mapped", 0), 0)
+    anon = max(info.get("AnonPages", 0) - info.get("Mlocked", 0), 0)
+    return cache + min(anon, info.get("SwapFree", 0))
+
+
+def trim_own_heap() -> str:
+    """Hand this process's freed memory back to the kernel: Python's garbage, then glibc's
+    free heap pages (malloc_trim). Freed pages are free in A, so B leaves them out."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return "gc"                      # not glibc
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return "gc + malloc_trim" if trim(0) else "gc"
+
+
+def toward_target(sysroot: Sysroot, image_size: int) -> ShrinkResult:
+    """Best effort (image_size): reclaim what the save kernel would read beyond the target,
+    once; never refuses. Memory figures in the result are the estimate's totals."""
+    start = time.monotonic()
+    steps = [trim_own_heap()]
+    try:
+        target = target_bytes(sysroot, image_size)
+        est = estimate(sysroot)
+    except KjumpError as e:                 # a target is a wish: never a reason to refuse
+        log.warning("image size target skipped: %s", e.message)
+        return ShrinkResult(0, 0, 0, steps + [f"no estimate: {e.what}"], time.monotonic() - start)
+    before = est.total
+    if target <= 0 or before <= target:
+        return ShrinkResult(before, before, target, steps, time.monotonic() - start)
+    excess = before - target
+    ask = min(excess, reclaimable(meminfo(sysroot)))
+    if ask < PAGE_SIZE:
+        steps.append("nothing reclaimable")
+    elif sysroot.exists(RECLAIM):
+        try:
+            sysroot.write_text(RECLAIM, str(ask))
+            steps.append(f"memory.reclaim {ask >> 20} MiB")
+        except KjumpError as e:            # EAGAIN: reclaimed less than asked
+            steps.append(f"memory.reclaim {ask >> 20} MiB: {e.why}")
+    else:
+        steps.append("no cgroup v2 memory.reclaim")
+    try:
+        after = estimate(sysroot).total
+    except KjumpError:
+        after = before
+    took = time.monotonic() - start
+    log.info("image size target %s: the save kernel would read %s (in use %s, kernel-reserved "
+             "%s, kexec's copy of the jump area %s) -> %s in %.2f s: %s", format_size(target),
+             format_size(before), format_size(est.used), format_size(est.reserved),
+             format_size(est.kexec_backup), format_size(after), took, "; ".join(steps))
+    return ShrinkResult(before, after, target, steps, took)
 
 
 def shrink(sysroot: Sysroot, limit: int, timeout: float) -> ShrinkResult:

@@ -535,3 +535,42 @@ def test_jump_area_sized_from_an_lz4_legacy_initramfs(tree):
     assert need == 128 * MiB
     w(tree, "/usr/lib/kjumpd/save/initramfs.cpio.gz", b"\x02\x21\x4c\x18" + b"\xff" * 64)
     assert jumparea.required_size(Sysroot(tree), cfg(tree)) == 112 * MiB   # x3 fallback
+
+
+def _meminfo(tree, swap_free_mib: int) -> None:
+    kb = 1024
+    (tree / "proc/meminfo").write_text(
+        f"MemTotal: {1024 * kb} kB\nMemFree: {512 * kb} kB\nActive(file): {60 * kb} kB\n"
+        f"Inactive(file): {40 * kb} kB\nMapped: {20 * kb} kB\nAnonPages: {300 * kb} kB\n"
+        f"Mlocked: {200 * kb} kB\nSwapFree: {swap_free_mib * kb} kB\n")
+
+
+@pytest.mark.parametrize("swap_free, asked", [(0, 80), (1024, 180), (10, 90)])
+def test_image_size_auto_reclaims_what_the_save_kernel_would_read_beyond_two_fifths(
+        tree, swap_free, asked):
+    # the fake machine: MemTotal 1 GiB, MemFree 512 MiB, a 128 MiB jump area ("Crash kernel");
+    # reclaimable: 80 MiB of unmapped page cache, 100 MiB of unlocked anon if swap has room
+    _meminfo(tree, swap_free)
+    r = shrink.toward_target(Sysroot(tree), shrink.AUTO)
+    est = shrink.estimate(Sysroot(tree))
+    assert est.used == 512 * MiB and est.kexec_backup == 128 * MiB
+    assert r.limit == 1024 * MiB * 2 // 5 and r.before == est.total
+    assert est.total - r.limit > asked * MiB, "never more than reclaim can take"
+    assert (tree / "sys/fs/cgroup/memory.reclaim").read_text() == str(asked * MiB)
+    assert (tree / "proc/sys/vm/drop_caches").read_text() == "", "a target never drops caches"
+
+
+def test_image_size_target_is_best_effort_and_never_refuses(tree):
+    _meminfo(tree, 0)
+    (tree / "sys/fs/cgroup/memory.reclaim").unlink()
+    r = shrink.toward_target(Sysroot(tree), 64 * MiB)      # far below what is in use
+    assert r.after > r.limit and "no cgroup v2 memory.reclaim" in r.steps
+    (tree / "proc/meminfo").write_text("nothing useful\n")
+    assert shrink.toward_target(Sysroot(tree), shrink.AUTO).limit == 0
+
+
+def test_image_size_above_the_estimate_or_off_writes_nothing(tree):
+    for size in (0, 4096 * MiB):
+        r = shrink.toward_target(Sysroot(tree), size)
+        assert r.after == r.before
+    assert (tree / "sys/fs/cgroup/memory.reclaim").read_text() == ""

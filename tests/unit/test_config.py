@@ -101,3 +101,11 @@ def test_sizes_round_trip(n, suffix):
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[suffix]
     assert cfgmod.parse_size(f"{n}{suffix}", "k") == n * mult
     assert cfgmod.parse_size(cfgmod.format_size(n * mult), "k") == n * mult
+
+
+@pytest.mark.parametrize("value, want", [('"auto"', -1), ('"300M"', 300 << 20), ("0", 0)])
+def test_image_size_is_auto_by_default_a_size_or_off(value, want):
+    assert cfgmod.Config().image_size == -1
+    assert cfgmod.loads(f"[hibernate]\nimage_size = {value}\n").image_size == want
+    with pytest.raises(ConfigError, match="image_size"):
+        cfgmod.loads('[hibernate]\nimage_size = "half"\n')
