@@ -8,7 +8,9 @@
 
 The transition commands show a live progress bar (from the Progress signal) on a terminal, a
 line per phase otherwise, and wait for the outcome (LastResult); ``--no-wait`` returns once
-kjumpd has accepted the request. Ctrl-C while waiting asks kjumpd to cancel.
+kjumpd has accepted the request. Ctrl-C while waiting asks kjumpd to cancel. They talk to the
+bus through kjumpd.cli.busclient (a plain socket: no gi import on the way to the request);
+status and cancel use GDBus.
 When kjumpd is not on the bus: a one-line message and exit code 4.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -222,58 +225,94 @@ def describe_status(props: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- commands
+class TransitionClient:
+    """org.kjump.Manager1 for the transition commands, through kjumpd.cli.busclient (a plain
+    socket: no gi import and no GDBus set-up on the way to the request)."""
+
+    def __init__(self, address: str | None) -> None:
+        from kjumpd.cli import busclient
+        self.bc = busclient
+        addr = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or busclient.SYSTEM_BUS
+        try:
+            self.con = busclient.Connection(addr)
+        except (busclient.BusError, OSError) as e:
+            raise DaemonNotRunningError("kjumpd is not reachable",
+                                        why=f"cannot connect to the bus {address or '(system)'}: "
+                                            f"{e}",
+                                        fix="start the system bus (systemctl start dbus)") from None
+        except busclient.RemoteError as e:
+            raise error_from_dbus(e.name, e.message) from None
+
+    def _errors(self, fn: Callable[[], Any]) -> Any:
+        bc = self.bc
+        try:
+            return fn()
+        except bc.RemoteError as e:
+            raise error_from_dbus(e.name, e.message) from None
+        except TimeoutError:
+            raise DaemonNotRunningError("kjumpd did not answer", why="no reply in time",
+                                        fix="check it: systemctl status kjumpd") from None
+        except (bc.BusError, OSError) as e:
+            raise DaemonNotRunningError("kjumpd did not answer", why=str(e),
+                                        fix="check it: systemctl status kjumpd") from None
+
+    def subscribe(self) -> None:
+        own = f"sender='{BUS_NAME}',path='{OBJECT_PATH}'"
+        self._errors(lambda: self.con.add_matches([
+            f"type='signal',{own},interface='{PROPS}',member='PropertiesChanged',"
+            f"arg0='{INTERFACE}'",
+            f"type='signal',{own},interface='{INTERFACE}',member='Progress'",
+            f"type='signal',{own},interface='{INTERFACE}',member='PrepareForSleep'",
+            "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
+            f"interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"]))
+
+    def call(self, method: str, args: tuple[Any, ...] = (), in_sig: str = "",
+             timeout_ms: int = CALL_TIMEOUT_MS) -> tuple[Any, ...]:
+        return tuple(self._errors(lambda: self.con.call(
+            BUS_NAME, OBJECT_PATH, INTERFACE, method, in_sig, args,
+            self.bc.ALLOW_INTERACTIVE_AUTHORIZATION, timeout_ms / 1000)))
+
+    def next_signal(self) -> Any:
+        return self._errors(lambda: self.con.next(None))
+
+
 def run_transition(args: argparse.Namespace, method: str, call_args: tuple[Any, ...] = (),
                    in_sig: str = "") -> int:
-    from gi.repository import GLib
-    client = ManagerClient(args.bus)
+    client = TransitionClient(args.bus)
     view = ProgressView()
-    loop = GLib.MainLoop()
-    state: dict[str, Any] = {"result": None, "vanished": False}
-
-    def on_props(_name: str, params: tuple[Any, ...]) -> None:
-        iface, changed, _inv = params
-        if iface == INTERFACE and changed.get("State") == "idle":
-            state["result"] = dict(changed.get("LastResult") or {})
-            loop.quit()
-
-    def on_progress(_name: str, params: tuple[Any, ...]) -> None:
-        view.update(str(params[0]), float(params[1]))
-
-    def on_sleep(_name: str, params: tuple[Any, ...]) -> None:
-        if params[0]:
-            view.note("the system is going to sleep")
-        else:
-            view.note("back")
-
-    def on_owner(_name: str, params: tuple[Any, ...]) -> None:
-        if params[0] == BUS_NAME and not params[2]:
-            state["vanished"] = True
-            loop.quit()
-
     wait = not getattr(args, "no_wait", False)
     if wait:
-        client.subscribe("PropertiesChanged", on_props, interface=PROPS, arg0=INTERFACE)
-        client.subscribe("Progress", on_progress)
-        client.subscribe("PrepareForSleep", on_sleep)
-        client.subscribe("NameOwnerChanged", on_owner, interface="org.freedesktop.DBus",
-                         sender="org.freedesktop.DBus", path="/org/freedesktop/DBus", arg0=BUS_NAME)
+        client.subscribe()
     client.call(method, call_args, in_sig, timeout_ms=START_TIMEOUT_MS)
     if not wait:
         print("kjumpctl: started; follow it with 'kjumpctl status'", file=sys.stderr)
         return 0
+    rec: dict[str, Any] | None = None
     try:
-        loop.run()
+        while rec is None:
+            m = client.next_signal()
+            body = m.body
+            if m.member == "PropertiesChanged" and m.interface == PROPS \
+                    and m.path == OBJECT_PATH and len(body) == 3 and body[0] == INTERFACE:
+                changed = body[1]
+                if changed.get("State") == "idle":
+                    rec = dict(changed.get("LastResult") or {})
+            elif m.member == "Progress" and m.interface == INTERFACE and len(body) == 2:
+                view.update(str(body[0]), float(body[1]))
+            elif m.member == "PrepareForSleep" and m.interface == INTERFACE and body:
+                view.note("the system is going to sleep" if body[0] else "back")
+            elif m.member == "NameOwnerChanged" and len(body) == 3 and body[0] == BUS_NAME \
+                    and not body[2]:
+                view.end()
+                raise KjumpError("kjumpd exited during the transition",
+                                 fix="see its log: journalctl -u kjumpd")
     except KeyboardInterrupt:
         view.end()
-        client.call("Cancel", out_sig="(b)")
+        client.call("Cancel")
         print("kjumpctl: interrupted: kjumpd is cancelling the transition and rolling back",
               file=sys.stderr)
         return 130
     view.end()
-    if state["vanished"]:
-        raise KjumpError("kjumpd exited during the transition",
-                         fix="see its log: journalctl -u kjumpd")
-    rec = state["result"] or {}
     if getattr(args, "json", False):
         print(json.dumps(plain_json(rec), indent=2, sort_keys=True))
     err = result_error(rec)
