@@ -38,6 +38,7 @@ INIT = REPO / "bootloader" / "restore_init.py"
 #: restore_init.py is in the archive compiled (module RF_MODULE), not as a script python
 #: would compile at every boot.
 RF_MODULE = "kjumpd_restore_init"
+from savekernel.initramfs import BOOTCACHE_INSTALL  # noqa: E402
 R_INIT = f"""#!/bin/sh
 # /init of kjumpd's restore-first environment (R)
 export PATH=/usr/sbin:/usr/bin
@@ -45,7 +46,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 env -i PATH=$PATH PYTHONHASHSEED=0 KJUMPD_RF_INIT=1 /usr/bin/python3 -S -B -u \\
-    -c "import sys, {RF_MODULE}; sys.exit({RF_MODULE}.main())"
+    -c "import sys; {BOOTCACHE_INSTALL}; import {RF_MODULE}; sys.exit({RF_MODULE}.main())"
 echo "kjumpd-rf: nothing could be started; a shell follows (exit powers off)"
 sh
 poweroff -f

@@ -75,11 +75,12 @@ SAVE_EXTRA_MODULES = (
 DEFAULT_EXCLUDE = ("_hashlib", "_ssl", "ssl", "_bz2", "bz2", "_lzma", "lzma")
 #: The agent's entry module (/init runs it) and the modules it imports lazily.
 SAVE_ENTRY = ("kjumpd.agent.kernel_role", "kjumpd.agent.devmem", "kjumpd.agent.jumpback",
-              "kjumpd.image.save", "kjumpd.image.restore", "kjumpd.image.store", "kjumpd.job")
+              "kjumpd.image.save", "kjumpd.image.restore", "kjumpd.image.store", "kjumpd.job",
+              "kjumpd.agent.freepages", "kjumpd.agent.pageclass", "kjumpd.image.heap")
 
 #: what B's /init runs with python3 -c (and the arguments "boot" or "boot --rescue")
-AGENT_CODE = ("import sys; from kjumpd.agent.kernel_role import main; "
-              "sys.exit(main(sys.argv[1:]))")
+AGENT_CODE = ("import sys, kjumpd_bootcache; kjumpd_bootcache.install(); "
+              "from kjumpd.agent.kernel_role import main; sys.exit(main(sys.argv[1:]))")
 
 SAVE_INIT = """#!/bin/sh
 # /init of kjumpd's save kernel (B): mount the kernel filesystems, run the agent.
@@ -132,6 +133,10 @@ class _Plan:
     modes: dict[str, int] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)            # symlinks
     compile: dict[str, Path] = field(default_factory=dict)         # .pyc name -> .py source
+    #: files made by the build from the inputs (not hashed into the key: derived from
+    #: what is, and their bytes need not be reproducible)
+    generated: dict[str, bytes] = field(default_factory=dict)
+    trace: tuple[str, ...] = ()            # the modules traced (what ``generated`` came from)
     python: Path = HOST_PYTHON                                     # compiles the .pyc files
 
     def add_file(self, name: str, src: Path | bytes, mode: int = 0o644) -> None:
@@ -140,7 +145,7 @@ class _Plan:
         self.modes[name] = mode
 
     def names(self) -> set[str]:
-        return set(self.files) | set(self.links) | set(self.compile)
+        return set(self.files) | set(self.links) | set(self.compile) | set(self.generated)
 
 
 #: the kernel's initramfs decompressors recognise these magics (lib/decompress.c)
@@ -289,13 +294,31 @@ def _add_busybox(plan: _Plan) -> None:
 _RESOLVE = r"""
 import importlib, json, sys, sysconfig
 paths, modules = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+dc_out = sys.argv[3]
 sys.path[:0] = paths
+texts = []
+if dc_out:
+    import builtins, dataclasses
+    def _record(source, globals=None, locals=None, /):
+        if isinstance(source, str):
+            texts.append(source)
+        return builtins.exec(source, globals, locals)
+    dataclasses.exec = _record
 missing = []
 for m in modules:
     try:
         importlib.import_module(m)
     except ImportError as e:
         missing.append(f"{m}: {e}")
+if dc_out:
+    import importlib.util, marshal
+    codes = {t: compile(t, "<string>", "exec", dont_inherit=True) for t in dict.fromkeys(texts)}
+    src = BOOTCACHE_SOURCE.replace("CODES", repr(marshal.dumps(codes)))
+    code = compile(src, "/" + BOOTCACHE_NAME, "exec", dont_inherit=True)
+    pyc = importlib._bootstrap_external._code_to_hash_pyc(
+        code, importlib.util.source_hash(src.encode()), checked=False)
+    with open(dc_out, "wb") as f:
+        f.write(pyc)
 files = {}
 for name, mod in sorted(sys.modules.items()):
     f = getattr(mod, "__file__", None)
@@ -305,6 +328,39 @@ print(json.dumps({"files": files, "missing": missing, "stdlib": sysconfig.get_pa
                   "platstdlib": sysconfig.get_paths()["platstdlib"],
                   "version": "%d.%d" % sys.version_info[:2]}))
 """
+
+#: The module B's and R's python import first (``install()``): the code of the methods
+#: @dataclass generates, compiled when the archive is built. dataclasses writes each
+#: __init__/__repr__/__eq__/... as source text and compiles it when the class is created;
+#: under TCG that was ~0.6 ms a method natively, ~100 methods for B's modules: about a tenth
+#: of B's python start-up. install() makes dataclasses' exec() take the precompiled code
+#: for a text it knows (the same text compiled the same way) and compile any other.
+BOOTCACHE = "kjumpd_bootcache"
+BOOTCACHE_SOURCE = '''"""Precompiled code of the methods @dataclass generates (savekernel/initramfs.py)."""
+import builtins
+import marshal
+
+#: texts that had no precompiled code (compiled at run time, as without this module)
+misses = []
+
+
+def install():
+    import dataclasses
+    codes = marshal.loads(CODES)
+
+    def exec(source, globals=None, locals=None, /):
+        if isinstance(source, str):
+            code = codes.get(source)
+            if code is None:
+                misses.append(source)
+            else:
+                source = code
+        return builtins.exec(source, globals, locals)
+
+    dataclasses.exec = exec
+'''
+#: what python -c runs first in B and R
+BOOTCACHE_INSTALL = f"import {BOOTCACHE}; {BOOTCACHE}.install()"
 
 _COMPILE = r"""
 import json, py_compile, sys
@@ -328,9 +384,15 @@ def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
                 scripts: Mapping[str, Path] | None = None) -> None:
     search = [REPO, DIST_PACKAGES]
     pkg_dirs = [_package_dir(p, search) for p in packages]
-    proc = subprocess.run([str(python), "-S", "-E", "-B", "-c", _RESOLVE,
-                           json.dumps([str(d.parent) for d in pkg_dirs]), json.dumps(list(modules))],
-                          capture_output=True, text=True, check=False, cwd="/")
+    resolve = (f"BOOTCACHE_SOURCE = {BOOTCACHE_SOURCE!r}\n"
+               f"BOOTCACHE_NAME = {BOOTCACHE + '.py'!r}\n" + _RESOLVE)
+    with tempfile.TemporaryDirectory(prefix="kjumpd-trace-") as tmp:
+        dc_out = str(Path(tmp) / "bootcache.pyc") if packages else ""
+        proc = subprocess.run([str(python), "-S", "-E", "-B", "-c", resolve,
+                               json.dumps([str(d.parent) for d in pkg_dirs]),
+                               json.dumps(list(modules)), dc_out],
+                              capture_output=True, text=True, check=False, cwd="/")
+        bootcache = Path(dc_out).read_bytes() if dc_out and proc.returncode == 0 else None
     if proc.returncode != 0:
         raise InitramfsError(f"{python} could not trace the agent's imports",
                              why=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
@@ -364,6 +426,8 @@ def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
             raise InitramfsError(f"module {name} has an unexpected file {path}")
     if f"{pydir}/os.pyc" not in plan.compile:
         raise InitramfsError("the import trace did not load os", why="unexpected interpreter")
+    if bootcache is not None:
+        plan.generated[f"{pydir}/{BOOTCACHE}.pyc"] = bootcache
     for mod, src in (scripts or {}).items():
         # a script run at every boot is compiled here, not by python at each start (under
         # TCG compiling R's ~300-line /init cost as much as importing a dozen modules)
@@ -383,6 +447,7 @@ def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
                 for lib in shared_libraries(src):
                     _add_host_path(plan, lib)
     plan.python = python
+    plan.trace = tuple(modules)
 
 
 def _compile_all(plan: _Plan, work: Path) -> dict[str, bytes]:
@@ -425,6 +490,9 @@ def _key(plan: _Plan, init_script: str) -> str:
         h.update(b"L" + name.encode() + b"\0" + plan.links[name].encode() + b"\0")
     for name in sorted(plan.compile):
         h.update(b"C" + name.encode() + b"\0" + content(plan.compile[name]))
+    for name in sorted(plan.generated):
+        h.update(b"G" + name.encode() + b"\0")
+    h.update(b"T" + "\0".join(plan.trace).encode())
     return h.hexdigest()[:20]
 
 
@@ -444,7 +512,7 @@ def _entries(plan: _Plan, init_script: str, compiled: Mapping[str, bytes]) -> It
     for name, target in plan.links.items():
         if name not in plan.files:
             items.append((name, cpio.Entry.symlink(name, target)))
-    for name, data in compiled.items():
+    for name, data in (*compiled.items(), *plan.generated.items()):
         items.append((name, cpio.Entry.file(name, data)))
     for _name, e in sorted(items, key=lambda t: t[0]):
         yield e

@@ -128,6 +128,27 @@ def test_save_initramfs_runs_the_agent_on_its_trimmed_python(tmp_path: Path) -> 
     assert "Traceback" not in out.stdout + out.stderr
 
 
+def test_save_agent_creates_its_dataclasses_from_precompiled_code(tmp_path: Path) -> None:
+    need_root()
+    root = tmp_path / "root"
+    extract(initramfs.read_archive(initramfs.build_save_initramfs().path), root)
+    code = (initramfs.BOOTCACHE_INSTALL + "\nimport " + ", ".join(initramfs.SAVE_ENTRY) + "\n"
+            "from kjumpd.job import Job\n"
+            "from kjumpd.image.format import BlockExtent\n"
+            "import dataclasses, kjumpd_bootcache as c\n"
+            "e = BlockExtent(0, 4096, 8192)\n"
+            "ok = e == BlockExtent(0, 4096, 8192) and e != BlockExtent(0, 0, 1) and "
+            "hash(e) == hash(BlockExtent(0, 4096, 8192)) and repr(e).startswith('BlockExtent(')\n"
+            "try:\n    e.length = 1\nexcept dataclasses.FrozenInstanceError:\n    pass\n"
+            "else:\n    ok = False\n"
+            "print(ok, len(c.misses))")
+    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-c", code],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # the classes behave as dataclasses; none of their methods was compiled at start-up
+    assert out.stdout.split() == ["True", "0"]
+
+
 #: modules neither boot environment may load: the daemon's D-Bus and process libraries, and
 #: argparse (what B's /init and R's python start with is parsed without it)
 NOT_AT_BOOT = ("gi", "pydbus", "psutil", "argparse")
