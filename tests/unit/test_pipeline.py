@@ -650,3 +650,35 @@ def test_workers_never_read_the_source_at_the_same_time(tmp_path, with_readinto)
     got = out.read_bytes()
     for a, b in RANGES:
         assert got[a:b] == mem[a:b]
+
+
+def test_zero_chunks_are_left_alone_where_the_memory_file_reads_as_zero(tmp_path):
+    """Restoring into a sparse memory file that ends inside the ranges: all-zero chunks that
+    fall in a hole or past the old end are not written (they read as zero already), an
+    all-zero chunk over old data is made zero, every data byte comes back exactly."""
+    mem = bytearray(make_memory(tmp_path / "m0", 1 * MiB))
+    zero_chunks = (2, 3, 7, 12, 15)            # 64 KiB chunks that are all zero
+    for i in zero_chunks:
+        mem[i * CHUNK:(i + 1) * CHUNK] = bytes(CHUNK)
+    (tmp_path / "mem").write_bytes(mem)
+    tgt = tmp_path / "target"
+    store.create_target(tgt, 4 * MiB)
+    with ImageDevice(tgt, writable=True) as dev, FileMemorySource(tmp_path / "mem") as src:
+        save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test", chunk_size=CHUNK)
+    out = tmp_path / "sparse"
+    with open(out, "wb") as f:                 # old data, a hole at chunks 2-3, end at chunk 12
+        f.write(b"\xaa" * (2 * CHUNK))
+        f.seek(4 * CHUNK)
+        f.write(b"\xbb" * (8 * CHUNK))
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 2 * CHUNK, os.SEEK_DATA) == 4 * CHUNK, "no hole: test set-up"
+    finally:
+        os.close(fd)
+    with ImageDevice(tgt, writable=False) as dev, FileMemorySink(out) as sink:
+        restore.restore_image(dev, sink, workers=3)
+        sink.flush()
+        # chunks 2 and 3 (the hole), 12 (at the old end) and 15 (past it) need no write;
+        # chunk 7 lay over 0xbb and had to be zeroed
+        assert sink.zero_already == 4 * CHUNK
+    assert out.read_bytes() == bytes(mem)
