@@ -3,7 +3,13 @@
 * load:   ``kexec -c --load-preserve-context --mem-min=START --mem-max=END --no-checks
            BZIMAGE --initrd=INITRD --append=CMDLINE`` (``-c``: kexec_load(2); the file-based
            syscall has no preserve-context. ``--no-checks``: the daemon verifies the kernel's
-           hash itself.)
+           hash itself.) START..END is the top of the jump area, just large enough for the
+           segments (segment_window): for a preserve-context load kexec-tools adds a backup
+           segment for every page of that range no segment covers, which A allocates and
+           zeroes at the load, the jump swaps in and out, and B reads; the rest of the area
+           is reserved and unused by A, so there is nothing there to keep. B still gets the
+           whole area as RAM (memmap=). A load refused in the window is retried on the whole
+           area.
 * jump:   ``kexec -e -x -y``: no ifdown (kexec-tools would leave the links down after the
            jump back; quiesce handles links with an undo) and no sync (the daemon synced
            and froze the filesystems already). After a jump back it returns rc 255 "Bad file
@@ -93,6 +99,43 @@ def free_pages_restore_as_zeros(sysroot: Sysroot) -> bool:
                 "1", "y", "yes", "on", "true"):
             return False
     return True
+
+
+#: room in the load window beyond the kernel's init_size and the initrd: the real-mode setup,
+#: the command line, purgatory and the ELF core header kexec-tools adds (a few hundred KiB)
+WINDOW_SLACK = 8 << 20
+BZIMAGE_MAGIC_OFFSET, BZIMAGE_MAGIC = 0x202, b"HdrS"
+
+
+def _round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def segment_window(kernel: os.PathLike[str] | str, initrd_size: int,
+                   area: JumpArea) -> tuple[int, int]:
+    """[start, end) at the top of the jump area where a load of ``kernel`` (a bzImage) with
+    an initrd of ``initrd_size`` bytes fits: its init_size (the room it decompresses and runs
+    in) and the initrd, each rounded up to the kernel's alignment, plus WINDOW_SLACK. The
+    whole area when the header cannot say (not a bzImage, boot protocol before 2.10)."""
+    whole = (area.start, area.end)
+    try:
+        with open(kernel, "rb") as f:
+            head = f.read(0x270)
+    except OSError:
+        return whole
+    if len(head) < 0x270 or head[BZIMAGE_MAGIC_OFFSET:BZIMAGE_MAGIC_OFFSET + 4] != BZIMAGE_MAGIC:
+        return whole
+    (protocol,) = struct.unpack_from("<H", head, 0x206)
+    (align,) = struct.unpack_from("<I", head, 0x230)
+    (init_size,) = struct.unpack_from("<I", head, 0x260)
+    if protocol < 0x20a or not init_size:
+        return whole
+    align = max(align, 4096)
+    need = _round_up(init_size, align) + _round_up(initrd_size, align) + WINDOW_SLACK
+    start = (area.end - need) // align * align
+    if start <= area.start:
+        return whole
+    return (start, area.end)
 
 
 def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
@@ -210,15 +253,29 @@ class Kexec:
                              fix="reinstall kexec-tools") from None
 
     def load(self, sysroot: Sysroot, kernel: str, initrd: str, cmdline: str,
-             area: JumpArea) -> None:
-        r = self._run(["-c", "--load-preserve-context", f"--mem-min={area.start:#x}",
-                       f"--mem-max={area.end - 1:#x}", "--no-checks", str(sysroot.path(kernel)),
-                       f"--initrd={sysroot.path(initrd)}", f"--append={cmdline}"],
-                      "load", self.timeout)
-        if r.returncode != 0:
-            raise KexecError("loading the save kernel failed", why=_why(r),
-                             fix="check that the jump area is free (kexec -p -u) and lockdown "
-                                 "is off", returncode=r.returncode)
+             area: JumpArea) -> tuple[int, int]:
+        """Load B for a preserve-context jump; returns the [start, end) its segments were
+        placed in (segment_window, or the whole area when the window was refused)."""
+        try:
+            initrd_size = os.stat(sysroot.path(initrd)).st_size
+        except OSError:
+            initrd_size = area.size
+        window = segment_window(sysroot.path(kernel), initrd_size, area)
+        while True:
+            start, end = window
+            r = self._run(["-c", "--load-preserve-context", f"--mem-min={start:#x}",
+                           f"--mem-max={end - 1:#x}", "--no-checks", str(sysroot.path(kernel)),
+                           f"--initrd={sysroot.path(initrd)}", f"--append={cmdline}"],
+                          "load", self.timeout)
+            if r.returncode == 0:
+                return window
+            if window == (area.start, area.end):
+                raise KexecError("loading the save kernel failed", why=_why(r),
+                                 fix="check that the jump area is free (kexec -p -u) and lockdown "
+                                     "is off", returncode=r.returncode)
+            log.warning("kexec refused the load in %#x-%#x (%s); loading into the whole jump "
+                        "area", start, end - 1, _why(r))
+            window = (area.start, area.end)
 
     def jump(self) -> int:
         """Jump to B; returns when B jumps back (or at once if the jump did not happen).

@@ -475,6 +475,11 @@ class Manager:
                  "sending)", run.mode, record.get("result"),
                  f" ({record['message']})" if record.get("message") else "",
                  now - (queued if queued is not None else t_start), now - t_start)
+        # what the transition left to tidy up (unloading the save kernel...) runs now that
+        # the waiting clients have their answer
+        start = getattr(self._hib, "start_housekeeping", None)
+        if start is not None:
+            start()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """For shutdown: wait for the worker (the transaction rolls back on cancel)."""

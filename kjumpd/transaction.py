@@ -21,9 +21,9 @@ quiesce undone, hooks "post", PrepareForSleep(false)); every undo is attempted a
 failures are reported. ``run`` returns an Outcome when the system continues normally
 (resumed / continued / woke-from-ram) and raises the KjumpError that stopped it after a
 full rollback otherwise (``err.outcome`` holds the rolled-back Outcome). When the system
-continues, the HOUSEKEEPING undo steps (unload B, boot one-shot off, initrd, run dir) run in
-a thread after ``run`` returns, so the waiting client is answered first; their failures are
-logged; the next ``run`` waits for them.
+continues, the HOUSEKEEPING undo steps (unload B, boot one-shot off, initrd, run dir) are left
+for a thread that the service starts once it has answered the waiting client
+(start_housekeeping); their failures are logged; the next ``run`` waits for them.
 """
 
 from __future__ import annotations
@@ -166,12 +166,24 @@ class Hibernation:
         self.events: Events = events if events is not None else NullEvents()
         self._lock = threading.Lock()
         self._housekeeping: _Background | None = None
+        self._later: _Undo | None = None          # housekeeping not started yet
+        self._hk_lock = threading.Lock()
         #: seconds the machine may stay up after a power-off/reboot/S4 request
         self.settle = 20.0
 
+    def start_housekeeping(self) -> None:
+        """Start the undo steps a successful transaction left (HOUSEKEEPING) in a thread.
+        The service calls this once it has answered; wait_housekeeping and the next run
+        start them when nobody did."""
+        with self._hk_lock:
+            later, self._later = self._later, None
+            if later is not None:
+                self._housekeeping = _Background("housekeeping", later.run)
+
     def wait_housekeeping(self, timeout: float | None = None) -> bool:
-        """Wait for the undo steps a successful transaction left running (HOUSEKEEPING);
-        False when they are still running after ``timeout`` seconds."""
+        """Start (if needed) and wait for the housekeeping; False when it is still running
+        after ``timeout`` seconds."""
+        self.start_housekeeping()
         hk = self._housekeeping
         return hk is None or hk.join(timeout)
 
@@ -320,8 +332,9 @@ class Hibernation:
             timed("initrd copy wait", stager.result)
             steps["initrd copy (thread)"] = stager.seconds
             initrd = timed("initrd job", lambda: kexec.finish_initrd(sr, job))
-            timed("kexec load", lambda: kx.load(sr, cfg.save_kernel, initrd,
-                                                kexec.save_cmdline(cfg, area), area))
+            window = timed("kexec load", lambda: kx.load(sr, cfg.save_kernel, initrd,
+                                                         kexec.save_cmdline(cfg, area), area))
+            out.stats["load_window"] = [window[0], window[1]]
             undo.push("kexec unload", kx.unload)
             # the kernel holds its own copy now: what stays in A's memory is saved in the
             # image, so drop the tmpfs initrd and the page cache of the files just read
@@ -359,8 +372,8 @@ class Hibernation:
             out.undo_errors = undo.run()
             steps.update({f"undo {k}": v for k, v in undo.seconds.items()})
             # unloading B and clearing the one-shot boot entry wait until the caller has
-            # its answer; their failures are logged (kjumpd's log), not in this Outcome
-            self._housekeeping = _Background("housekeeping", later.run)
+            # its answer (start_housekeeping); their failures are logged, not in this Outcome
+            self._later = later
             phase("", 100)
             log.info("hibernation %s: %s (image %s)", mode, out.result, out.image_state)
             ev.log(f"hibernation {mode}: {out.result} (image {out.image_state})"

@@ -239,6 +239,9 @@ if "--load-preserve-context" in args:
             print(f"segment[{{i}}].buf   = 0x5573955{{i}}\nsegment[{{i}}].mem   = 0x27e5b000",
                   file=sys.stderr)
         sys.exit(1)
+    if fail == "window" and "--mem-min=0x20000000" not in args:
+        print("Could not find a free area of memory of 0x9000 bytes...", file=sys.stderr)
+        sys.exit(1)
     initrd = next(a.split("=", 1)[1] for a in args if a.startswith("--initrd="))
     # like kexec_load(2): the kernel keeps its own copy of the segments from here on
     with open(initrd, "rb") as f:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -244,6 +246,29 @@ def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     assert set(out.durations) >= {"preflight", "freeze", "load", "jump", "return"}
     assert set(out.stats["steps"]) >= {"quiesce scan (thread)", "initrd copy (thread)",
                                        "initrd job", "kexec load", "header read", "undo thaw"}
+
+
+def test_the_save_kernel_is_loaded_into_the_top_of_the_area_or_else_all_of_it(fx, monkeypatch):
+    # a bzImage that states its init_size (boot protocol 2.10+): its segments go into a window
+    # (24 MiB init_size + the small initrd rounded to 2 MiB + 8 MiB slack)
+    # at the top of the jump area (kexec-tools backs up every uncovered page of the range)
+    kernel = fx.root / "usr/lib/kjumpd/save/bzImage"
+    head = bytearray(kernel.read_bytes())
+    struct.pack_into("<H", head, 0x206, 0x20f)
+    struct.pack_into("<I", head, 0x230, 2 * MiB)
+    kernel.write_bytes(bytes(head))
+    sha = hashlib.sha256(head).hexdigest()
+    out = settled(fx.hib(save_kernel_sha256=sha), "test")
+    load = fx.kexec_calls()[0]
+    assert out.stats["load_window"] == [0x28000000 - 34 * MiB, 0x28000000]
+    assert load[2:4] == [f"--mem-min={0x28000000 - 34 * MiB:#x}", "--mem-max=0x27ffffff"]
+    # a kexec that refuses the window gets the whole area, and the hibernation goes on
+    monkeypatch.setenv("FAKE_KEXEC_FAIL", "window")
+    out = settled(fx.hib(save_kernel_sha256=sha), "test")
+    assert out.result == "continued" and out.stats["load_window"] == [0x20000000, 0x28000000]
+    loads = [c for c in fx.kexec_calls() if c[0] == "-c"]
+    assert [c[2] for c in loads[1:]] == [f"--mem-min={0x28000000 - 34 * MiB:#x}",
+                                         "--mem-min=0x20000000"]
 
 
 def test_checkpoint_keeps_the_saved_image(fx):
