@@ -10,8 +10,9 @@ Two settings, both in ``[hibernate]``:
   switches it off. The pages B reads are counted as swsusp counts the pages it saves: the
   memory in use (MemTotal - MemFree), the RAM the kernel reserved for itself outside the jump
   area (System RAM in /proc/iomem - jump area - MemTotal: kernel image, struct pages), and
-  the copy kexec-tools keeps of the jump area in A's memory for a preserve-context load (it
-  backs up [mem-min, mem-max]: a page of A per page of the area, zero on a first jump).
+  what A allocates for the save kernel's preserve-context load (kexec-tools fills every page
+  of [mem-min, mem-max] with a segment or a backup of it: a page of A per page of the load
+  window, kexec.segment_window).
   The daemon's own freed heap is also handed back to the kernel (gc + malloc_trim), so
   that it is free, not saved.
 * ``image_size_limit`` (default 0: none): a hard limit on MemTotal - MemFree. Steps, bounded
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 from kjumpd.config import format_size
 from kjumpd.errors import KjumpError, ShrinkError, SysrootError
+from kjumpd.jumparea import JumpArea
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -100,11 +102,27 @@ def _iomem_sizes(iomem: str) -> tuple[int, int]:
     return ram, crash
 
 
-def estimate(sysroot: Sysroot) -> SaveEstimate:
+def estimate(sysroot: Sysroot, kexec_copy: int | None = None) -> SaveEstimate:
+    """``kexec_copy``: the bytes A will hold for the save kernel's load (kexec_copy_bytes);
+    None: the whole jump area, the most a preserve-context load into it can take."""
     info = meminfo(sysroot)
     ram, area = _iomem_sizes(sysroot.read_text("/proc/iomem", default=""))
     reserved = max(ram - area - info["MemTotal"], 0) if ram else 0
-    return SaveEstimate(info["MemTotal"] - info["MemFree"], reserved, area)
+    return SaveEstimate(info["MemTotal"] - info["MemFree"], reserved,
+                        area if kexec_copy is None else kexec_copy)
+
+
+def kexec_copy_bytes(sysroot: Sysroot, kernel: str, initramfs: str, area: JumpArea) -> int:
+    """What A allocates for the save kernel's preserve-context load: kexec-tools fills every
+    page of --mem-min..--mem-max with a segment or a backup of it, and kjumpd loads into
+    kexec.segment_window (the top of the jump area, sized from init_size and the initrd)."""
+    from kjumpd import kexec
+    try:
+        initrd = os.stat(sysroot.path(initramfs)).st_size
+    except OSError:
+        return area.size
+    start, end = kexec.segment_window(sysroot.path(kernel), initrd, area)
+    return end - start
 
 
 def target_bytes(sysroot: Sysroot, image_size: int) -> int:
@@ -142,14 +160,15 @@ def trim_own_heap() -> str:
     return "gc + malloc_trim" if trim(0) else "gc"
 
 
-def toward_target(sysroot: Sysroot, image_size: int) -> ShrinkResult:
+def toward_target(sysroot: Sysroot, image_size: int,
+                  kexec_copy: int | None = None) -> ShrinkResult:
     """Best effort (image_size): reclaim what the save kernel would read beyond the target,
     once; never refuses. Memory figures in the result are the estimate's totals."""
     start = time.monotonic()
     steps = [trim_own_heap()]
     try:
         target = target_bytes(sysroot, image_size)
-        est = estimate(sysroot)
+        est = estimate(sysroot, kexec_copy)
     except KjumpError as e:                 # a target is a wish: never a reason to refuse
         log.warning("image size target skipped: %s", e.message)
         return ShrinkResult(0, 0, 0, steps + [f"no estimate: {e.what}"], time.monotonic() - start)
@@ -169,7 +188,7 @@ def toward_target(sysroot: Sysroot, image_size: int) -> ShrinkResult:
     else:
         steps.append("no cgroup v2 memory.reclaim")
     try:
-        after = estimate(sysroot).total
+        after = estimate(sysroot, kexec_copy).total
     except KjumpError:
         after = before
     took = time.monotonic() - start

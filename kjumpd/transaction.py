@@ -278,7 +278,8 @@ class Hibernation:
 
             phase("shrink", 10)
             if cfg.image_size:
-                s = shrink.toward_target(sr, cfg.image_size)
+                s = shrink.toward_target(sr, cfg.image_size, shrink.kexec_copy_bytes(
+                    sr, cfg.save_kernel, cfg.save_initramfs, area))
                 out.stats.update(image_target=s.limit, image_estimate_before=s.before,
                                  image_estimate_after=s.after)
             if cfg.image_size_limit:

@@ -574,3 +574,31 @@ def test_image_size_above_the_estimate_or_off_writes_nothing(tree):
         r = shrink.toward_target(Sysroot(tree), size)
         assert r.after == r.before
     assert (tree / "sys/fs/cgroup/memory.reclaim").read_text() == ""
+
+
+def test_image_size_counts_the_kexec_load_window_not_the_whole_jump_area(tree):
+    import struct as _struct
+    from kjumpd.jumparea import JumpArea
+    head = bytearray(0x270)
+    head[0x202:0x206] = b"HdrS"
+    _struct.pack_into("<H", head, 0x206, 0x20F)
+    _struct.pack_into("<I", head, 0x230, 2 * MiB)            # kernel_alignment
+    _struct.pack_into("<I", head, 0x260, 14 * MiB)           # init_size
+    w(tree, "/boot/kjump/bzImage", "")
+    (tree / "boot/kjump/bzImage").write_bytes(bytes(head))
+    (tree / "boot/kjump/initrd").write_bytes(bytes(8 * MiB))
+    area = JumpArea(0x20000000, 128 * MiB)
+    copy = shrink.kexec_copy_bytes(Sysroot(tree), "/boot/kjump/bzImage", "/boot/kjump/initrd", area)
+    assert copy == (14 + 8) * MiB + kexec_window_slack()
+    _meminfo(tree, 0)
+    r = shrink.toward_target(Sysroot(tree), shrink.AUTO, copy)
+    assert r.before == 512 * MiB + copy
+    assert shrink.kexec_copy_bytes(Sysroot(tree), "/boot/kjump/none", "/boot/kjump/initrd",
+                                   area) == 128 * MiB, "not a bzImage: the whole area"
+    assert shrink.kexec_copy_bytes(Sysroot(tree), "/boot/kjump/bzImage", "/boot/kjump/none",
+                                   area) == 128 * MiB, "no initrd: the whole area, at most"
+
+
+def kexec_window_slack() -> int:
+    from kjumpd import kexec
+    return kexec.WINDOW_SLACK
