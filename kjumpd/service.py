@@ -465,11 +465,12 @@ class Manager:
         self._state, self._phase = "idle", ""
         if is_success(record):
             self._progress = 100.0
+        last = to_vardict(record)     # built once for both signals
         self.PropertiesChanged(INTERFACE, {"State": "idle", "Phase": "", "Progress": self._progress,
                                            "ImageState": self._image_state,
-                                           "LastResult": to_vardict(record)}, [])
+                                           "LastResult": last}, [])
         if is_resume(record):
-            self.Resumed(to_vardict(record))
+            self.Resumed(last)
         now = time.monotonic()
         log.info("%s finished: %s%s (answered %.2f s after the transition ended, %.2f s of it "
                  "sending)", run.mode, record.get("result"),
