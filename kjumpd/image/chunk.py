@@ -1,14 +1,7 @@
 """Chunk codec: zero-page elision + lz4 block compression + CRC (record layout in format.py).
 
 ``encode_chunk`` and ``decode_chunk`` are pure functions called on worker threads;
-lz4 and zlib.crc32 release the GIL on large buffers, so a thread pool uses every core.
-
-``encode_chunk(..., out=buf)`` compresses with liblz4's LZ4_compress_fast_extState through
-ctypes (GIL released; a per-thread state, acceleration 1 as ``lz4 -1``) straight into the
-caller's reused buffer ``buf`` (at least ``compress_bound(n)`` bytes), and the payload is a
-view of it: no fresh bytes object per chunk, no copy out of a temporary. The payload is the
-same lz4 block the python-lz4 path writes (both are liblz4's block format, no size prefix),
-so any decoder reads it. Without ``out`` or without liblz4, lz4.block is used.
+lz4.block and zlib.crc32 release the GIL on large buffers, so a thread pool uses every core.
 
 ``decode_into`` decompresses with liblz4's LZ4_decompress_safe through ctypes when the
 library is there (the save kernel has liblz4.so.1): straight into the caller's buffer, or a
@@ -22,11 +15,10 @@ Standard library + lz4 only: this runs in the save kernel's initramfs.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import lz4.block
 
@@ -43,13 +35,10 @@ class EncodedChunk:
     phys: int
     raw_length: int
     head: bytes          # record header + zero-page bitmap
-    payload: bytes | memoryview   # stored bytes (a view of ``out`` when one was given)
+    payload: bytes       # stored bytes
     crc: int             # CRC of bitmap + payload (also in the record header)
     zero_pages: int
     cpu: float = 0.0     # CPU seconds this thread spent encoding it
-    #: the caller's ``out`` buffer when ``payload`` is a view of it (reuse it only once the
-    #: payload was consumed), else None
-    buffer: "bytearray | None" = None
 
     @property
     def record_length(self) -> int:
@@ -60,16 +49,7 @@ class EncodedChunk:
 _SAMPLES = (0, 8, 1032, 2056, 3080, 4088)
 
 
-def _zero_at(data: Any, o: int, k: int) -> bool:
-    """``data[o:o+k]`` is all zero (bytes/bytearray: compared in place; an mmap has no
-    startswith, so the slice is copied first: only ever a page)."""
-    if isinstance(data, (bytes, bytearray)):
-        return data.startswith(zeros(k), o, o + k)
-    return bool(data[o:o + k] == zeros(k))
-
-
-def find_zero_pages(data: "bytes | bytearray | mmap.mmap", length: int | None = None
-                    ) -> list[int]:
+def find_zero_pages(data: bytes | bytearray, length: int | None = None) -> list[int]:
     """Indices of the all-zero pages of the first ``length`` bytes of ``data`` (default: all
     of it; the last page may be partial).
 
@@ -87,10 +67,11 @@ def find_zero_pages(data: "bytes | bytearray | mmap.mmap", length: int | None = 
         candidates = acc.to_bytes(full, "little")     # byte i is 0: page i may be zero
         i = candidates.find(0)
         while i >= 0:
-            if _zero_at(data, i * PAGE_SIZE, PAGE_SIZE):
+            o = i * PAGE_SIZE
+            if data.startswith(ZERO_PAGE, o, o + PAGE_SIZE):
                 out.append(i)
             i = candidates.find(0, i + 1)
-    if n > end and _zero_at(data, end, n - end):
+    if n > end and data.startswith(ZERO_PAGE[:n - end], end, n):
         out.append(full)
     return out
 
@@ -120,14 +101,11 @@ def _scratch_buffer(n: int) -> bytearray:
 
 def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
                  compression: str = "lz4", tag: int = 0,
-                 length: int | None = None, out: bytearray | None = None) -> EncodedChunk:
+                 length: int | None = None) -> EncodedChunk:
     """Encode the first ``length`` bytes of ``data`` (the memory at ``phys``) as one record.
 
-    ``data`` is not kept, so the caller may reuse a bytes/bytearray/mmap buffer for the next
-    chunk at once, or close an mmap (a memoryview is copied first). With ``out`` (a bytearray of at least
-    ``compress_bound(length)`` bytes) a stored payload is written into ``out`` and the
-    record's payload is a view of it (``EncodedChunk.buffer`` is ``out``); otherwise the
-    record holds its own bytes.
+    ``data`` is not kept: the record holds its own copies, so the caller may reuse a
+    bytes/bytearray/mmap buffer for the next chunk at once (a memoryview is copied first).
     """
     cpu0 = time.thread_time()
     if isinstance(data, memoryview):
@@ -138,19 +116,13 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
     pages = (n + PAGE_SIZE - 1) // PAGE_SIZE
     bitmap = bytearray((pages + 7) // 8)
     payload_raw: bytes | memoryview
-    if isinstance(data, (bytes, bytearray)):
-        all_zero = (data.startswith(ZERO_PAGE[:min(n, PAGE_SIZE)])
-                    and data.startswith(zeros(n)))
-        zero_at = [] if all_zero else find_zero_pages(data, n)
-    else:                                # an mmap: no startswith; the page scan decides
-        zero_at = find_zero_pages(data, n)
-        all_zero = len(zero_at) == pages
-    if all_zero:
+    if data.startswith(ZERO_PAGE[:min(n, PAGE_SIZE)]) and data.startswith(zeros(n)):
         zero = pages
         for i in range(pages):
             bitmap[i >> 3] |= 1 << (i & 7)
         payload_raw = b""
     else:
+        zero_at = find_zero_pages(data, n)
         zero = len(zero_at)
         for i in zero_at:
             bitmap[i >> 3] |= 1 << (i & 7)
@@ -172,19 +144,9 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
                 dst[fill:fill + n - pos] = src[pos:n]
                 fill += n - pos
             payload_raw = dst[:fill]
-    payload: bytes | memoryview
-    used: bytearray | None = None
+    payload: bytes
     if zero == pages:
         enc, payload = ENC_ZERO, b""
-    elif out is not None and _LZ4_FAST is not None:
-        used = out
-        got = _lz4_compress_into(payload_raw, out) if compression == "lz4" else 0
-        if 0 < got < len(payload_raw):
-            enc, payload = ENC_LZ4, memoryview(out)[:got]
-        else:                            # incompressible (or not compressed): stored raw
-            k = len(payload_raw)
-            _copy_into(out, payload_raw, k)
-            enc, payload = ENC_RAW, memoryview(out)[:k]
     elif compression == "lz4":
         payload = lz4.block.compress(payload_raw, store_size=False)
         enc = ENC_LZ4
@@ -197,8 +159,7 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
     head = ChunkHeader(encoding=enc, pages=pages, index=index, phys=phys, raw_length=n,
                        payload_length=len(payload), crc=body_crc, tag=tag).pack() + bm
     return EncodedChunk(index=index, phys=phys, raw_length=n, head=head, payload=payload,
-                        crc=body_crc, zero_pages=zero, cpu=time.thread_time() - cpu0,
-                        buffer=used)
+                        crc=body_crc, zero_pages=zero, cpu=time.thread_time() - cpu0)
 
 
 def zero_chunk(index: int, phys: int, n: int, tag: int = 0) -> EncodedChunk:
@@ -228,89 +189,6 @@ def _load_lz4() -> "Callable[..., int] | None":
 
 
 _LZ4_SAFE = _load_lz4()
-
-
-class _Lz4Compress:
-    """liblz4's LZ4_compress_fast_extState (+ the size of its state), or None."""
-
-    def __init__(self, fn: "Callable[..., int]", state_size: int, bound: "Callable[[int], int]"
-                 ) -> None:
-        self.fn, self.state_size, self.bound = fn, state_size, bound
-
-
-def _load_lz4_compress() -> "_Lz4Compress | None":
-    for name in ("liblz4.so.1", "liblz4.so"):
-        try:
-            lib = ctypes.CDLL(name)
-            fn, sizeof_state, bound = (lib.LZ4_compress_fast_extState, lib.LZ4_sizeofState,
-                                       lib.LZ4_compressBound)
-        except (OSError, AttributeError):
-            continue
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_int)
-        fn.restype = ctypes.c_int
-        sizeof_state.argtypes = ()
-        sizeof_state.restype = ctypes.c_int
-        bound.argtypes = (ctypes.c_int,)
-        bound.restype = ctypes.c_int
-        return _Lz4Compress(fn, int(sizeof_state()), bound)
-    return None
-
-
-_LZ4_FAST = _load_lz4_compress()
-
-
-def compress_bound(n: int) -> int:
-    """The size of an ``out`` buffer that any ``n`` input bytes fit in, compressed or raw."""
-    if _LZ4_FAST is not None:
-        return max(n, int(_LZ4_FAST.bound(n)))
-    return n + n // 255 + 16             # LZ4_COMPRESSBOUND
-
-
-def _lz4_state() -> "ctypes.Array[ctypes.c_char]":
-    """This thread's LZ4 compression state (reset by every call that uses it)."""
-    st = getattr(_scratch, "lz4_state", None)
-    if st is None:
-        assert _LZ4_FAST is not None
-        st = _scratch.lz4_state = ctypes.create_string_buffer(_LZ4_FAST.state_size)
-    return st
-
-
-def _lz4_compress_into(src: bytes | bytearray | memoryview, out: bytearray) -> int:
-    """lz4-compress ``src`` into ``out`` with the GIL released; the byte count (0: it did not
-    fit in ``out``, or ``src`` is not a buffer ctypes can address)."""
-    assert _LZ4_FAST is not None
-    n = len(src)
-    if n == 0 or n >= 1 << 31:
-        return 0
-    with memoryview(src) as sv:
-        s_ref: object
-        if sv.readonly:                  # bytes (a copy of any other read-only view)
-            s_ref = src if isinstance(src, bytes) else sv.tobytes()
-            s_addr = ctypes.cast(ctypes.c_char_p(s_ref), ctypes.c_void_p).value  # type: ignore[arg-type]
-        else:
-            s_ref = ctypes.c_char.from_buffer(sv)
-            s_addr = ctypes.addressof(s_ref)
-        d = ctypes.c_char.from_buffer(out)
-        try:
-            return max(0, int(_LZ4_FAST.fn(_lz4_state(), s_addr, ctypes.addressof(d), n,
-                                            min(len(out), (1 << 31) - 1), 1)))
-        finally:
-            del d, s_ref
-
-
-def _copy_into(out: bytearray, src: bytes | bytearray | memoryview, n: int) -> None:
-    """``out[:n] = src[:n]`` (memmove through ctypes: the GIL is released for the copy)."""
-    with memoryview(src) as sv:
-        if sv.readonly:
-            out[:n] = sv[:n]
-            return
-        s = ctypes.c_char.from_buffer(sv)
-        d = ctypes.c_char.from_buffer(out)
-        try:
-            ctypes.memmove(ctypes.addressof(d), ctypes.addressof(s), n)
-        finally:
-            del d, s
 
 
 def _lz4_into(payload: bytes, out: memoryview, expect: int) -> int:

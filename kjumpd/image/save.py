@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import struct
 import threading
 import time
@@ -27,8 +26,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from kjumpd.errors import CancelledError, ImageError, ImageCorruptError, KjumpError, TargetError
 from kjumpd.image import store
-from kjumpd.image.chunk import (COMPRESSIONS, EncodedChunk, compress_bound, encode_chunk,
-                                zero_chunk)
+from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk, zero_chunk
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
                                  ImageState, MemoryExtent, Metadata, chunk_count, chunk_plan,
@@ -48,8 +46,8 @@ Progress = Callable[[int, int, float, float], None]
 
 class MemorySource(Protocol):
     """``read(phys, length)``; optionally ``readinto(phys, buf)`` (preferred: no new memory
-    per chunk) and ``known_zero(phys, length) -> bool`` (True: the range is zero by the source's own
-    account, e.g. free pages of the main kernel, and is not read at all)."""
+    per chunk) and ``known_zero(phys, length) -> bool`` (True: the range is zero by the
+    source's own account, e.g. free pages of the main kernel, and is not read at all)."""
 
     def read(self, phys: int, length: int) -> bytes | bytearray | memoryview: ...
 
@@ -153,10 +151,7 @@ class _Encoders:
     reused buffer and encode it; results are handed to the writer (the caller's thread) in
     plan order. A worker never runs more than ``depth`` chunks ahead of the writer, so the
     memory in use does not depend on the size of the input. Reads from the source are
-    serialised (a /dev/mem source maps one window at a time). Payloads are compressed into
-    a pool of ``depth + 2`` reused output buffers (at most ``depth`` results wait for the
-    writer, one is being written, one is being filled): the writer gives each back with
-    ``give_back`` once it copied the payload.
+    serialised (a /dev/mem source maps one window at a time).
     """
 
     def __init__(self, source: Any, plan: list[tuple[int, int, int]], workers: int,
@@ -172,9 +167,6 @@ class _Encoders:
         self.taken = 0            # plan positions the writer has taken
         self.stopped = False
         self.read_seconds = 0.0   # wall time in source reads, all workers
-        self.outs: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(depth + 2):
-            self.outs.put(bytearray(compress_bound(chunk_size)))
         self.threads = [threading.Thread(target=self._work, name=f"kjump-lz4-{i}", daemon=True)
                         for i in range(workers)]
 
@@ -202,19 +194,15 @@ class _Encoders:
                 self.claimed += 1
             index, phys, n = self.plan[pos]
             item: EncodedChunk | BaseException
-            out = self.outs.get()
             try:
-                item = self._encode(index, phys, n, buf, out)
+                item = self._encode(index, phys, n, buf)
             except BaseException as e:  # noqa: B902 - raised by the writer, in plan order
                 item = e
-            if not isinstance(item, EncodedChunk) or item.buffer is None:
-                self.outs.put(out)       # not used: back into the pool at once
             with self.cond:
                 self.results[pos] = item
                 self.cond.notify_all()
 
-    def _encode(self, index: int, phys: int, n: int, buf: bytearray | None, out: bytearray
-                ) -> EncodedChunk:
+    def _encode(self, index: int, phys: int, n: int, buf: bytearray | None) -> EncodedChunk:
         if self.known_zero is not None:
             with self.read_lock:                 # sources keep counters: one caller at a time
                 zero = self.known_zero(phys, n)
@@ -234,15 +222,7 @@ class _Encoders:
                 raise ImageError(f"memory source returned {len(data)} bytes at {phys:#x}, "
                                  f"expected {n}", why="the range lies beyond the end of the "
                                  "memory", fix="check the ranges", phys=phys)
-        return encode_chunk(index, phys, data, self.compression, self.tag, length=n, out=out)
-
-    def give_back(self, item: EncodedChunk) -> None:
-        """The writer is done with ``item``'s payload: its buffer goes back into the pool."""
-        if item.buffer is not None:
-            if isinstance(item.payload, memoryview):
-                item.payload.release()
-            self.outs.put(item.buffer)
-            item.buffer = None
+        return encode_chunk(index, phys, data, self.compression, self.tag, length=n)
 
     def take(self, pos: int, timeout: float) -> EncodedChunk | BaseException | None:
         """The result for plan position ``pos`` (None on timeout); lets workers go on."""
@@ -326,7 +306,6 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                 crcs.append(item.crc)
                 zero_pages += item.zero_pages
                 stored += item.record_length
-                encoders.give_back(item)
                 raw_done += item.raw_length
                 encode_cpu += item.cpu
                 meter(raw_done)

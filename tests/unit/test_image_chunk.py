@@ -177,29 +177,3 @@ def test_zero_pages_are_found_whatever_single_bytes_spoil_them(spoilers, cut):
             if not any(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])]
     assert find_zero_pages(bytes(data)) == want
     assert find_zero_pages(data + b"\x01" * 100, len(data)) == want
-
-
-@settings(deadline=None, max_examples=60)
-@given(chunks(), st.sampled_from(["lz4", "none"]))
-def test_encoding_into_a_reused_buffer_writes_the_same_record(data, compression):
-    """The liblz4 path (a reused output buffer, the payload a view of it) writes the record
-    the python-lz4 path writes (the lz4 bytes may differ: both are valid lz4 blocks), its
-    lz4 payload is a plain lz4 block that python-lz4 decompresses on its own, and the
-    buffer is reused from chunk to chunk."""
-    import lz4.block
-    from kjumpd.image.chunk import compress_bound
-    out = bytearray(compress_bound(len(data)))
-    encode_chunk(0, 0, os.urandom(len(data)), compression, out=out)   # a chunk before
-    enc = encode_chunk(3, 0x5000, bytearray(data), compression, out=out)
-    ref = encode_chunk(3, 0x5000, data, compression)
-    ch, bitmap, payload = parse(enc)
-    want, want_bitmap, _ = parse(ref)
-    assert (ch.encoding, ch.pages, ch.index, ch.phys, ch.raw_length, bitmap) == \
-        (want.encoding, want.pages, want.index, want.phys, want.raw_length, want_bitmap)
-    assert enc.zero_pages == ref.zero_pages
-    assert enc.buffer is (out if ref.payload else None)
-    assert decode_chunk(ch, bitmap, payload, 0) == data
-    if ch.encoding == ENC_LZ4:
-        stored = sum(len(data[o:o + PAGE_SIZE]) for o in range(0, len(data), PAGE_SIZE)
-                     if any(data[o:o + PAGE_SIZE]))
-        assert len(lz4.block.decompress(payload, uncompressed_size=stored)) == stored
