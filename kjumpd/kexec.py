@@ -239,8 +239,9 @@ class Kexec:
                              fix="apt-get install kexec-tools")
         return cls(path, config.timeout_kexec)
 
-    def _run(self, args: list[str], what: str, timeout: float | None) -> subprocess.CompletedProcess[str]:
-        argv = [self.binary, *args]
+    def _run(self, args: list[str], what: str, timeout: float | None,
+             prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        argv = [*prefix, self.binary, *args]
         log.info("running %s", " ".join(argv))
         try:
             return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
@@ -284,8 +285,11 @@ class Kexec:
         log.info("kexec -e returned %d: %s", r.returncode, (r.stderr or r.stdout).strip()[-200:])
         return r.returncode
 
-    def unload(self) -> None:
-        r = self._run(["-u"], "unload", self.timeout)
+    def unload(self, nice: bool = False) -> None:
+        """``kexec -u``; ``nice``: at the lowest CPU priority (through nice(1) when it is
+        installed), for an unload that runs while the user's programs carry on."""
+        tool = shutil.which("nice") if nice else None
+        r = self._run(["-u"], "unload", self.timeout, (tool, "-n", "19") if tool else ())
         if r.returncode != 0:
             raise KexecError("unloading the save kernel failed", why=_why(r),
                              fix="run kexec -u")
