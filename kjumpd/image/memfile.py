@@ -10,24 +10,11 @@ import errno
 import logging
 import mmap
 import os
-import threading
 
 from kjumpd.errors import AgentError
 
 _ALIGN = 4096
-_ZERO_STEP = 1 << 20
 log = logging.getLogger(__name__)
-
-
-def _merge(ranges: "list[tuple[int, int]]") -> "list[tuple[int, int]]":
-    """Sorted, non-empty, non-overlapping (start, end) ranges covering the same bytes."""
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(r for r in ranges if r[1] > r[0]):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 class FileMemorySource:
@@ -101,16 +88,6 @@ class FileMemorySink:
     writes from page-aligned buffers (the restore pipeline's mmap buffers) go through O_DIRECT,
     which costs a fraction of the CPU of a buffered write; anything else, or a filesystem
     that refuses O_DIRECT (tmpfs), goes through an ordinary buffered descriptor.
-
-    All-zero chunks (``zero``) are not written where the file already reads as zero: the
-    parts of the ranges that ``prepare`` found past the file's old end (allocated there as
-    unwritten extents, which read as zeros) or in a hole of it (SEEK_DATA/SEEK_HOLE). Any
-    other zero range is written as zeros with O_DIRECT. (FALLOC_FL_PUNCH_HOLE was measured
-    here: 256 x 1 MiB in 0.40-0.46 s against 0.38-0.49 s for the writes, half their CPU, but
-    it leaves holes that a later restore's O_DIRECT writes must allocate one by one, under
-    ext4's exclusive inode lock: not taken.) Scattered zero pages inside a chunk are written
-    with the chunk: one write per run of data pages cost 4-5x the time of writing whole
-    chunks here (2 GiB of bench memory: 9.2 s for 126k writes against 2.0-2.5 s for 2048).
     """
 
     def __init__(self, path: str | os.PathLike[str], direct: bool = True) -> None:
@@ -123,10 +100,6 @@ class FileMemorySink:
                              fix="check the --memory path", path=self.path) from None
         self.concurrent_writes = True
         self.direct_fd = -1
-        self.known_zero: list[tuple[int, int]] = []   # (start, end): reads as zero already
-        self.zero_already = 0     # bytes zero() found zero already (not written)
-        self._zeros: mmap.mmap | None = None
-        self._lock = threading.Lock()
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.direct_fd = os.open(self.path, flags | os.O_DIRECT)
@@ -137,86 +110,21 @@ class FileMemorySink:
         """Before a restore of ``ranges`` ((start, end) pairs): a file shorter than the last
         end is extended, and the new part allocated in one go (unwritten extents), so that
         the restore's writes neither extend the file nor allocate blocks one by one (on ext4
-        both serialise concurrent O_DIRECT writes). Existing bytes are not touched. The
-        parts of the ranges that read as zero already (past the old end, holes) are noted
-        for ``zero``."""
+        both serialise concurrent O_DIRECT writes). Existing bytes are not touched."""
         if not ranges:
             return
         end = max(e for _, e in ranges)
         size = os.fstat(self.fd).st_size
-        known: list[tuple[int, int]] = []
-        for s, e in ranges:
-            known += self._holes(s, min(e, size))
-        if end > size:
-            try:
-                os.ftruncate(self.fd, end)
-            except OSError as e:
-                log.debug("extending %s: %s", self.path, e)   # writes extend it instead
-            else:
-                # past the old end the file reads as zeros (a hole, or the unwritten extents
-                # allocated below)
-                known += [(max(s, size), e) for s, e in ranges if e > size]
-                try:
-                    for s, e in ranges:
-                        s = max(s, size)
-                        if e > s:
-                            os.posix_fallocate(self.fd, s, e - s)
-                except OSError as e:
-                    log.debug("preallocating %s: %s", self.path, e)  # writes allocate instead
-        self.known_zero = _merge(known)
-
-    def _holes(self, start: int, end: int) -> "list[tuple[int, int]]":
-        """The holes of [start, end) (end <= the file's size), by SEEK_DATA/SEEK_HOLE; none
-        when the filesystem cannot tell (then everything counts as data)."""
-        out = []
-        pos = start
+        if end <= size:
+            return
         try:
-            while pos < end:
-                try:
-                    data = os.lseek(self.fd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:       # no data after pos
-                        out.append((pos, end))
-                        break
-                    raise
-                if data > pos:
-                    out.append((pos, min(data, end)))
-                if data >= end:
-                    break
-                pos = os.lseek(self.fd, data, os.SEEK_HOLE)
-        except (OSError, AttributeError) as e:       # no SEEK_DATA here: all of it is data
-            log.debug("looking for holes in %s: %s", self.path, e)
-            return []
-        return out
-
-    def zero(self, phys: int, length: int) -> None:
-        """Make [phys, phys + length) read as zeros, writing as little as possible."""
-        pos, end = phys, phys + length
-        already = 0
-        for a, b in self.known_zero:
-            if b <= pos:
-                continue
-            if a >= end:
-                break
-            if a > pos:
-                self._zero_out(pos, a)
-            already += min(b, end) - max(a, pos)
-            pos = min(b, end)
-        if pos < end:
-            self._zero_out(pos, end)
-        if already:
-            with self._lock:
-                self.zero_already += already
-
-    def _zero_out(self, start: int, end: int) -> None:
-        """Write zeros over [start, end) (O_DIRECT from a shared, never written zero map)."""
-        with self._lock:
-            if self._zeros is None:
-                self._zeros = mmap.mmap(-1, _ZERO_STEP)
-        step = _ZERO_STEP
-        with memoryview(self._zeros) as z:
-            for o in range(start, end, step):
-                self.write(o, z[:min(step, end - o)])
+            os.ftruncate(self.fd, end)
+            for s, e in ranges:
+                s = max(s, size)
+                if e > s:
+                    os.posix_fallocate(self.fd, s, e - s)
+        except OSError as e:
+            log.debug("preallocating %s: %s", self.path, e)   # writes allocate instead
 
     def write(self, phys: int, data: bytes | memoryview) -> None:
         mv = memoryview(data)
@@ -245,9 +153,6 @@ class FileMemorySink:
         os.fsync(self.fd)
 
     def close(self) -> None:
-        if self._zeros is not None:
-            self._zeros.close()
-            self._zeros = None
         for attr in ("fd", "direct_fd"):
             fd = getattr(self, attr)
             if fd >= 0:

@@ -338,7 +338,7 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
     log.info("restore stages: reading records %.2fs, decode %.2fs CPU on the workers, "
              "waiting for decodes %.2fs, writing memory %.2fs (%.2fs CPU, on the workers%s), "
              "chunks waiting for their turn to write %.2fs; %d MiB of zero chunks were zero "
-             "already (not written)", st["records"], st["decode_cpu"],
+             "already (read, not written)", st["records"], st["decode_cpu"],
              st["waiting"], st["write"], st["write_cpu"],
              ", overlapped" if getattr(sink, "concurrent_writes", False) else "", st["turn"],
              getattr(sink, "zero_already", 0) >> 20)

@@ -652,13 +652,11 @@ def test_workers_never_read_the_source_at_the_same_time(tmp_path, with_readinto)
         assert got[a:b] == mem[a:b]
 
 
-def test_zero_chunks_are_left_alone_where_the_memory_file_reads_as_zero(tmp_path):
-    """Restoring into a sparse memory file that ends inside the ranges: all-zero chunks that
-    fall in a hole or past the old end are not written (they read as zero already), an
-    all-zero chunk over old data is made zero, every data byte comes back exactly."""
+def test_restore_into_a_sparse_memory_file_that_ends_inside_the_ranges(tmp_path):
+    """All-zero chunks over a hole, over old data, at the old end and past it all read back
+    as zeros; every data byte comes back exactly."""
     mem = bytearray(make_memory(tmp_path / "m0", 1 * MiB))
-    zero_chunks = (2, 3, 7, 12, 15)            # 64 KiB chunks that are all zero
-    for i in zero_chunks:
+    for i in (2, 3, 7, 12, 15):                # 64 KiB chunks that are all zero
         mem[i * CHUNK:(i + 1) * CHUNK] = bytes(CHUNK)
     (tmp_path / "mem").write_bytes(mem)
     tgt = tmp_path / "target"
@@ -670,15 +668,7 @@ def test_zero_chunks_are_left_alone_where_the_memory_file_reads_as_zero(tmp_path
         f.write(b"\xaa" * (2 * CHUNK))
         f.seek(4 * CHUNK)
         f.write(b"\xbb" * (8 * CHUNK))
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        assert os.lseek(fd, 2 * CHUNK, os.SEEK_DATA) == 4 * CHUNK, "no hole: test set-up"
-    finally:
-        os.close(fd)
     with ImageDevice(tgt, writable=False) as dev, FileMemorySink(out) as sink:
         restore.restore_image(dev, sink, workers=3)
         sink.flush()
-        # chunks 2 and 3 (the hole), 12 (at the old end) and 15 (past it) need no write;
-        # chunk 7 lay over 0xbb and had to be zeroed
-        assert sink.zero_already == 4 * CHUNK
     assert out.read_bytes() == bytes(mem)
