@@ -3,6 +3,10 @@
 In CI (.ci/run sets KJUMPD_REQUIRE_VM=1) no test may skip: a skipped test there would be a
 missing prerequisite passed off as green, so every skip is turned into a failure that says
 what was missing.
+
+Hypothesis runs without its per-example deadline and its too-slow health check: the machines
+this runs on are shared (2 cores, QEMU guests beside the tests), and a slow example is a
+scheduling fact, not a finding. Speed is measured by bench/, never asserted here.
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("kjumpd", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("kjumpd")
 
 
 @pytest.hookimpl(hookwrapper=True)
