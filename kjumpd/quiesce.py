@@ -18,9 +18,7 @@ root). pyudev is not used here and the walk is one scandir per directory: planni
 few hundred sysfs reads, which cost ~3 s in the TCG VM through pyudev/pathlib. Attributes
 (paths mapped by the Sysroot) are read only when their power/ directory lists them,
 power/control only where runtime_status is not "unsupported" (one read for most devices),
-by real path (no Path per read). The
-enumeration (scan) depends only on which devices exist: the transaction runs it in a thread
-during the preflight and plan() reads the attributes at the quiesce step. Every write is
+by real path (no Path per read). Every write is
 recorded (with the value it replaced) before the next one, in memory and in
 /run/kjumpd/quiesce.journal, and undone in reverse.
 """
@@ -93,8 +91,8 @@ def _scan(real: str, out: list[tuple[str, frozenset[str]]]) -> None:
 
 def scan(sysroot: Sysroot) -> list[tuple[str, frozenset[str]]]:
     """(real path, power/ attribute names) of every device directory under /sys/devices,
-    unsorted: the enumeration plan() needs, which the transaction runs in a thread while the
-    preflight runs (it depends on which devices exist, not on their state)."""
+    unsorted: the enumeration plan() needs (it depends on which devices exist, not on their
+    state: a caller may make it a moment earlier)."""
     out: list[tuple[str, frozenset[str]]] = []
     _scan(str(sysroot.path("/sys/devices")), out)
     return out

@@ -4,9 +4,9 @@ Steps (../shared/docs/DESIGN.md, "Hibernate"):
   preflight -> announce (PrepareForSleep(true), hooks "pre") -> shrink -> quiesce ->
   boot one-shot -> [hold logs, sync, FIFREEZE, stamps, job + initrd in /run, kexec load] ->
   jump (kexec -e) -> return point: read the header with O_DIRECT on the whole disk.
-Two read-mostly steps run in threads alongside: the device enumeration for quiesce (during
-the preflight) and the copy of B's initramfs to /run (from the preflight to the load; the job
-is appended after the freeze). stats["steps"] has the seconds of the steps inside phases.
+The copy of B's initramfs to /run runs in a thread from the preflight to the load (file I/O
+and hashing, which release the GIL); the job is appended after the freeze.
+stats["steps"] has the seconds of the steps inside phases.
 
 At the return point:
   SAVED     -> the mode: platform (S4), shutdown, reboot (never return on success), suspend
@@ -126,7 +126,7 @@ class _Undo:
 class _Background:
     """A function run in a thread from now on; ``result()`` waits for it and returns its
     value or raises what it raised. For work whose input is fixed early and that overlaps
-    the steps before it is needed (the device scan, the initrd copy)."""
+    the steps before it is needed (the initrd copy, the housekeeping)."""
 
     def __init__(self, name: str, fn: Callable[[], Any]) -> None:
         self._value: Any = None
@@ -240,9 +240,6 @@ class Hibernation:
             if not sr.path(RUN_DIR).exists():
                 sr.path(RUN_DIR).mkdir(mode=0o700, parents=True)
                 undo.push("run dir", lambda: _rmdir_if_empty(sr, RUN_DIR))
-            # which devices exist does not change with what the preflight reads: enumerate
-            # them meanwhile; their attributes are read at the quiesce step
-            scanner = _Background("scan", lambda: quiesce.scan(sr))
             rep = preflight.run(sr, cfg, mode)
             if not rep.ok:
                 bad = rep.failed()
@@ -291,9 +288,9 @@ class Hibernation:
             journal = quiesce.Journal(sr)
             undo.push("quiesce", lambda: quiesce.undo(sr, journal))
             t_plan = time.monotonic()
-            found = timed("quiesce scan wait", scanner.result)
-            steps["quiesce scan (thread)"] = scanner.seconds
-            qplan = quiesce.plan(sr, cfg, mode, found)
+            # not in a thread during the preflight: the walk holds the GIL most of the time,
+            # and in the VM it stretched preflight and announce by more than it saved
+            qplan = quiesce.plan(sr, cfg, mode)
             out.stats["quiesce_plan_seconds"] = time.monotonic() - t_plan
             out.stats.update(quiesce_devices=qplan.devices, quiesce_scan_seconds=qplan.scan_seconds)
             timed("quiesce apply", lambda: quiesce.apply(sr, qplan, journal))

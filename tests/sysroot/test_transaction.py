@@ -244,7 +244,7 @@ def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == "0000:00:1f.3"
     assert not (fx.root / "run/kjumpd").exists()
     assert set(out.durations) >= {"preflight", "freeze", "load", "jump", "return"}
-    assert set(out.stats["steps"]) >= {"quiesce scan (thread)", "initrd copy (thread)",
+    assert set(out.stats["steps"]) >= {"quiesce apply", "initrd copy (thread)",
                                        "initrd job", "kexec load", "header read", "undo thaw"}
 
 
