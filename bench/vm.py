@@ -1,13 +1,17 @@
 """`make bench-vm`: kjumpd against the kernel's own hibernation (swsusp), same VM, same workload.
 
 Both runs boot the same guest disk (a qcow2 overlay of the shared prepared image), 1 GiB RAM,
-2 vCPUs, TCG, with the same ~200 MiB seeded workload (mlock'd) and kjumpd's daemon running:
+2 vCPUs, TCG, with the same ~200 MiB seeded workload (mlock'd), kjumpd's daemon running, and
+the same blank 2 GiB swap disk (/dev/vdb, mkswap + swapon in the guest before the workload;
+``--no-swap`` leaves it out of kjumpd's run):
 
-- swsusp: a blank 2 GiB swap disk (/dev/vdb, mkswap + swapon in the guest), ``resume=/dev/vdb``
-  on the kernel command line, ``echo disk > /sys/power/state``; QEMU is started again with the
-  same kernel and command line and the kernel resumes from swap.
+- swsusp: ``resume=/dev/vdb`` on the kernel command line, ``echo disk > /sys/power/state``;
+  QEMU is started again with the same kernel and command line and the kernel resumes from swap.
+  Before its snapshot the kernel reclaims towards /sys/power/image_size (2/5 of RAM), which
+  swaps out unlocked anonymous memory.
 - kjumpd: ``kjumpctl hibernate --mode shutdown``; QEMU is started again on the restore-first
-  entry (scenario b of the VM tier).
+  entry (scenario b of the VM tier), the swap disk still attached. kjumpd's own image-size
+  target (hibernate.image_size, 2/5 of RAM by default) reclaims the same way.
 
 Measured on the host clock from the serial console (never asserted in tests):
   hibernate latency  request in the guest -> QEMU exits (powered off)
@@ -86,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.missing:
         a = vm_assets.build_all()
     base = Path(os.environ.get("KJUMPD_ARTIFACTS") or REPO / "artifacts") / "bench-vm"
+    # the same VM for both: kjumpd's run gets swsusp's swap disk too, unless --no-swap
+    swap = "--no-swap" not in (argv if argv is not None else sys.argv[1:])
     runs = {}
     for name in ("swsusp", "shutdown"):
         run_dir = base / name
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"bench-vm: running {'swsusp' if name == 'swsusp' else 'kjumpd'} "
               f"(logs in {run_dir})", flush=True)
-        runs[name] = scenarios.run(name, a, run_dir)
+        runs[name] = scenarios.run(name, a, run_dir, swap=swap)
         for d in run_dir.glob("*.qcow2"):
             d.unlink()
     sw, kj = figures(runs["swsusp"]), figures(runs["shutdown"])

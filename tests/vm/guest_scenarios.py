@@ -211,6 +211,7 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
         os.sync()
         require_command("hibernate", "issue 6")
         require_prepared()
+        swapon_from_cmdline()
         _proc, before = start_workload()
         expected = wl.expected_digest(before.seed, before.size)
         if inject == "kexec-refused":
@@ -346,6 +347,19 @@ def scenario_noimage() -> int:
           + ("" if not problems else ' reason="' + "; ".join(problems).replace('"', "'") + '"'),
           flush=True)
     return 0 if not problems else 1
+
+
+def swapon_from_cmdline() -> None:
+    """bench: ``kjumpvm.swap=DEV`` on the command line makes DEV swap before the workload
+    starts, as in swsusp's run (the same VM: a swap disk the kernel may reclaim to)."""
+    dev = [w.split("=", 1)[1] for w in open("/proc/cmdline").read().split()
+           if w.startswith("kjumpvm.swap=")]
+    if not dev:
+        return
+    if subprocess.run(["mkswap", dev[0]], stdout=subprocess.DEVNULL).returncode != 0:
+        raise Missing(f"mkswap {dev[0]} failed (the bench attaches a swap disk)")
+    if subprocess.run(["swapon", dev[0]]).returncode != 0:
+        raise Missing(f"swapon {dev[0]} failed")
 
 
 def scenario_swsusp() -> int:

@@ -375,9 +375,21 @@ class Runner:
 BOOT_TIMEOUT = 900.0
 
 
+def _swap_disk(run_dir: Path) -> Path:
+    swap = run_dir / "swap.qcow2"
+    swap.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(swap), "2G"], check=True)
+    return swap
+
+
 def run(name: str, assets: vm_assets.Assets, run_dir: Path,
-        timeout: float = BOOT_TIMEOUT) -> Outcome:
-    """Run scenario ``name`` (a..f, see test_scenarios.py) to a verdict."""
+        timeout: float = BOOT_TIMEOUT, swap: bool = False) -> Outcome:
+    """Run scenario ``name`` (a..f, see test_scenarios.py) to a verdict.
+
+    ``swap``: attach a blank 2 GiB swap disk as /dev/vdb and have the guest swapon it before
+    the scenario (bench/vm.py: the same VM as swsusp's run, which needs that disk); it stays
+    attached across the power cycle. The swsusp scenario always has it.
+    """
     flows = {
         "test": ("test", "single"),
         "shutdown": ("shutdown", "power-cycle"),
@@ -393,12 +405,11 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
     guest, flow = flows[name]
     try:
         if flow == "swsusp":
-            swap = run_dir / "swap.qcow2"
-            swap.unlink(missing_ok=True)
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(swap), "2G"],
-                           check=True)
-            r = Runner(name, guest, assets, run_dir, extra_disks=(swap,),
+            r = Runner(name, guest, assets, run_dir, extra_disks=(_swap_disk(run_dir),),
                        append_extra="resume=/dev/vdb")
+        elif swap:
+            r = Runner(name, guest, assets, run_dir, extra_disks=(_swap_disk(run_dir),),
+                       append_extra="kjumpvm.swap=/dev/vdb")
         else:
             r = Runner(name, guest, assets, run_dir)
     except (KjumpError, OSError, subprocess.CalledProcessError) as err:
