@@ -164,3 +164,11 @@ def test_pipeline_runs_on_debian_python_with_stdlib_and_lz4_only(tmp_path, mem):
     r = run(["-c", code], python=py)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out").read_bytes() == data
+
+
+@pytest.mark.parametrize("cpus,workers", [(1, 4), (2, 8), (3, 8), (64, 8)])
+def test_file_restore_workers_grow_with_cpus_but_stay_bounded(cpus, workers):
+    """More writers than CPUs keep O_DIRECT writes in flight, but a big machine does not start
+    a worker per core: each adds its buffers to the agent's peak RSS (bounded at 64 MiB)."""
+    from kjumpd.agent.cli import restore_file_workers
+    assert restore_file_workers(cpus) == workers
