@@ -23,7 +23,7 @@ import logging
 import os
 import pwd
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from kjumpd.errors import ConfigError, NotAuthorizedError
 

@@ -22,7 +22,6 @@ save kernel finds the target by that content, never by device name.
 
 from __future__ import annotations
 
-import array
 import fcntl
 import logging
 import os
@@ -356,7 +355,7 @@ def verify_on_disk(sysroot: Sysroot, target: Target, uuid: str) -> None:
         dev, sb = store.open_target(sysroot.path(target.disk), writable=False,
                                     offset=target.superblock_offset)
     except KjumpError as e:
-        raise BlockMapError(f"the target superblock is not where the block map says",
+        raise BlockMapError("the target superblock is not where the block map says",
                             why=f"{target.disk} at {target.superblock_offset}: {e.message}",
                             fix="run `kjumpctl setup` again") from None
     dev.close()

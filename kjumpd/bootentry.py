@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -349,7 +349,7 @@ def parse_stamp(read: Callable[[int, int], bytes], device: str) -> FsStamp:
                                why=str(e), fix="check the filesystem (fsck)", device=device) from e
         return FsStamp(device=device, fstype=fstype, uuid=uid, fields=fields)
     raise FsStampError(f"{device} holds no filesystem kjumpd can stamp",
-                       why=f"no ext2/3/4, xfs, btrfs or vfat superblock found",
+                       why="no ext2/3/4, xfs, btrfs or vfat superblock found",
                        fix="exclude it from the hibernation or use a supported filesystem",
                        device=device)
 

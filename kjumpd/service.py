@@ -217,7 +217,6 @@ def outcome_record(outcome: Any) -> dict[str, Any]:
 
 def derived_figures(rec: dict[str, Any]) -> dict[str, Any]:
     stats = rec.get("stats") if isinstance(rec.get("stats"), dict) else {}
-    durations = rec.get("durations") if isinstance(rec.get("durations"), dict) else {}
     out: dict[str, Any] = {}
     raw, stored = stats.get("raw_bytes"), stats.get("stored_bytes")
     if isinstance(stored, int) and stored > 0:

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kjumpd.errors import KjumpError
+
 CALL, RETURN, ERROR, SIGNAL = 1, 2, 3, 4
 NO_REPLY_EXPECTED, ALLOW_INTERACTIVE_AUTHORIZATION = 0x1, 0x4
 SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
@@ -37,16 +39,18 @@ _FIXED = {"y": "B", "b": "I", "n": "h", "q": "H", "i": "i", "u": "I", "x": "q", 
           "d": "d", "h": "I"}
 
 
-class BusError(Exception):
-    """A transport or protocol failure (no connection, authentication refused, bad data)."""
+class BusError(KjumpError):
+    """A transport or protocol failure (no connection, authentication refused, bad data);
+    kjumpctl turns it into a DaemonNotRunningError with a remedy."""
 
 
-class RemoteError(Exception):
-    """An error reply: ``name`` (e.g. org.kjump.Error.Busy) and its message."""
+class RemoteError(KjumpError):
+    """An error reply: ``name`` (e.g. org.kjump.Error.Busy) and its message; kjumpctl maps
+    it back to kjumpd's own error class (kjumpd.cli.daemon_cmds.error_from_dbus)."""
 
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.name, self.message = name, message
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}", error_name=name)
+        self.name, self.text = name, text
 
 
 @dataclass

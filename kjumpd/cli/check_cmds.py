@@ -19,7 +19,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from kjumpd.errors import ConfigError, KjumpError, UnsupportedError
+from kjumpd.errors import ConfigError, UnsupportedError
 from kjumpd.modes import MODES
 
 if TYPE_CHECKING:   # imported where used: kjumpctl's start-up (every command) stays light

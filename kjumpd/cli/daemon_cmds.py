@@ -241,14 +241,14 @@ class TransitionClient:
                                             f"{e}",
                                         fix="start the system bus (systemctl start dbus)") from None
         except busclient.RemoteError as e:
-            raise error_from_dbus(e.name, e.message) from None
+            raise error_from_dbus(e.name, e.text) from None
 
     def _errors(self, fn: Callable[[], Any]) -> Any:
         bc = self.bc
         try:
             return fn()
         except bc.RemoteError as e:
-            raise error_from_dbus(e.name, e.message) from None
+            raise error_from_dbus(e.name, e.text) from None
         except TimeoutError:
             raise DaemonNotRunningError("kjumpd did not answer", why="no reply in time",
                                         fix="check it: systemctl status kjumpd") from None

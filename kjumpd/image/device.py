@@ -90,7 +90,7 @@ class ImageDevice:
     def map(self, logical: int, length: int) -> list[tuple[int, int, int]]:
         """[(device_offset, length, buffer_offset)] for logical [logical, logical+length)."""
         if logical < 0 or length < 0 or logical + length > self.size:
-            raise TargetError(f"I/O outside the target's block map refused",
+            raise TargetError("I/O outside the target's block map refused",
                               why=f"logical bytes [{logical}, {logical + length}) are outside "
                                   f"[0, {self.size})",
                               fix="the image does not fit the target; make the target larger",

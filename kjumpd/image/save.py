@@ -29,7 +29,7 @@ from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk, zero_chunk
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
-                                 ImageState, MemoryExtent, Metadata, chunk_count, chunk_plan,
+                                 ImageState, MemoryExtent, Metadata, chunk_plan,
                                  crc32, data_offset_for, image_tag, validate_extents)
 from kjumpd.image.stream import ReadBackVerifier, RecordWriter
 
