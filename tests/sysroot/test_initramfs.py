@@ -39,6 +39,14 @@ def extract(entries: list[Entry], root: Path) -> None:
             os.chmod(p, stat.S_IMODE(e.mode))
 
 
+def chroot_python(root: Path, *args: str, env: bool = False) -> "subprocess.CompletedProcess[str]":
+    """The archive's python3 in a chroot of ``root``, as the boot environments start it (-S -B;
+    -E unless ``env``)."""
+    flags = ["-S", "-B"] if env else ["-S", "-E", "-B"]
+    return subprocess.run(["chroot", str(root), "/usr/bin/python3", *flags, *args],
+                          capture_output=True, text=True)
+
+
 def test_cached_by_inputs_and_rebuilt_when_one_changes(tmp_path: Path, cache: Path) -> None:
     a = initramfs.build_initramfs(None, INIT, {"etc/motd": b"one"}, name="t")
     b = initramfs.build_initramfs(tmp_path / "copy.gz", INIT, {"etc/motd": b"one"}, name="t")
@@ -116,13 +124,11 @@ def test_save_initramfs_runs_the_agent_on_its_trimmed_python(tmp_path: Path) -> 
     code = ("import " + ", ".join(initramfs.SAVE_ENTRY) + ", lz4.block, hashlib, ctypes\n"
             "print(lz4.block.decompress(lz4.block.compress(b'kjump' * 99)) == b'kjump' * 99,"
             " hashlib.sha256(b'').hexdigest()[:8])")
-    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-c", code],
-                         capture_output=True, text=True)
+    out = chroot_python(root, "-c", code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "e3b0c442"]
     # the agent as /init runs it: no /proc here, so it must stop with a one-line error
-    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-c",
-                          initramfs.AGENT_CODE, "boot"], capture_output=True, text=True)
+    out = chroot_python(root, "-c", initramfs.AGENT_CODE, "boot")
     assert out.returncode == 1
     assert out.stdout.startswith("kjump-agent: error: /proc/cmdline is missing")
     assert "Traceback" not in out.stdout + out.stderr
@@ -142,8 +148,7 @@ def test_save_agent_creates_its_dataclasses_from_precompiled_code(tmp_path: Path
             "try:\n    e.length = 1\nexcept dataclasses.FrozenInstanceError:\n    pass\n"
             "else:\n    ok = False\n"
             "print(ok, len(c.misses))")
-    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-c", code],
-                         capture_output=True, text=True)
+    out = chroot_python(root, "-c", code)
     assert out.returncode == 0, out.stderr
     # the classes behave as dataclasses; none of their methods was compiled at start-up
     assert out.stdout.split() == ["True", "0"]
@@ -155,9 +160,7 @@ NOT_AT_BOOT = ("gi", "pydbus", "psutil", "argparse")
 
 
 def loaded_modules(root: Path, code: str) -> set[str]:
-    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-E", "-B", "-c",
-                          code + "\nimport sys; print(' '.join(sys.modules))"],
-                         capture_output=True, text=True)
+    out = chroot_python(root, "-c", code + "\nimport sys; print(' '.join(sys.modules))")
     assert out.returncode == 0, out.stderr
     return set(out.stdout.split())
 
@@ -183,9 +186,8 @@ def test_restore_first_init_is_compiled_and_starts_without_the_daemons_libraries
     root = tmp_path / "root"
     extract(entries, root)
     # what R's /init runs: not PID 1 and no boot.json here, so it must say so and stop
-    out = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-S", "-B", "-c",
-                          f"import sys, {RF_MODULE}; sys.exit({RF_MODULE}.main())"],
-                         capture_output=True, text=True)
+    out = chroot_python(root, "-c", f"import sys, {RF_MODULE}; sys.exit({RF_MODULE}.main())",
+                        env=True)
     assert out.returncode == 1
     assert out.stdout.startswith("kjumpd-rf: restore-first environment up")
     assert "Traceback" not in out.stdout + out.stderr
