@@ -37,6 +37,10 @@ still reads)::
     free_page_check          bool, a debug check for A booted with init_on_free=1: B reads
                              every page it calls free and verifies it is all zero (prints the
                              verdict; saves every page when it fails). Default false.
+    free_pages_zeroed        bool: A expects its free pages to hold zeros (init_on_free), so
+                             a wholly free chunk is an all-zero record that the restore writes
+                             back as zeros. False: it is a free record (format.ENC_FREE) and
+                             the restore leaves that memory as it finds it. Default true.
 
 The cpio is the "newc" format (magic ``070701``, ASCII hex header fields, name and data
 padded to 4 bytes, a ``TRAILER!!!`` entry) the kernel's initramfs unpacker reads.
@@ -84,6 +88,7 @@ class Job:
     vmcoreinfo: tuple[int, int] | None = None
     free_page_exclusion: bool = True
     free_page_check: bool = False
+    free_pages_zeroed: bool = True
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -137,6 +142,7 @@ class Job:
                             tuple(_list(d["vmcoreinfo"], "vmcoreinfo"))),  # type: ignore[arg-type]
                 free_page_exclusion=d.get("free_page_exclusion", _OPTIONAL["free_page_exclusion"]),
                 free_page_check=d.get("free_page_check", _OPTIONAL["free_page_check"]),
+                free_pages_zeroed=d.get("free_pages_zeroed", _OPTIONAL["free_pages_zeroed"]),
                 version=version,
             )
         except TypeError as e:
@@ -169,7 +175,7 @@ class Job:
 
 # keys a version-1 job may leave out, with the value they then take
 _OPTIONAL: dict[str, Any] = {"vmcoreinfo": None, "free_page_exclusion": True,
-                             "free_page_check": False}
+                             "free_page_check": False, "free_pages_zeroed": True}
 
 
 def _list(v: Any, key: str) -> list[Any]:
@@ -256,7 +262,7 @@ def validate(job: Job) -> None:
             raise JobError("job field vmcoreinfo must be [phys, size] or null", why=f"got {vc!r}")
         _int(vc[0], "vmcoreinfo")
         _int(vc[1], "vmcoreinfo", 1)
-    for key in ("free_page_exclusion", "free_page_check"):
+    for key in ("free_page_exclusion", "free_page_check", "free_pages_zeroed"):
         if not isinstance(getattr(job, key), bool):
             raise JobError(f"job field {key} must be true or false",
                            why=f"got {getattr(job, key)!r}")

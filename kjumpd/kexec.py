@@ -101,6 +101,54 @@ def free_pages_restore_as_zeros(sysroot: Sysroot) -> bool:
     return True
 
 
+_TRUE = ("1", "y", "yes", "on", "true")
+_FALSE = ("0", "n", "no", "off", "false")
+
+
+def _kernel_config(sysroot: Sysroot) -> str | None:
+    """This kernel's build configuration: /proc/config.gz (CONFIG_IKCONFIG_PROC), else
+    /boot/config-<release> (what Debian's kernel packages install); None when neither is
+    there."""
+    import gzip
+    try:
+        return gzip.decompress(sysroot.path("/proc/config.gz").read_bytes()).decode(
+            errors="replace")
+    except (OSError, EOFError, gzip.BadGzipFile):
+        pass
+    release = sysroot.read_text("/proc/sys/kernel/osrelease", default="").strip()
+    if release:
+        text = sysroot.read_text(f"/boot/config-{release}", default="")
+        if text:
+            return text
+    return None
+
+
+def free_pages_zeroed(sysroot: Sysroot) -> tuple[bool, str]:
+    """Whether this kernel expects its free pages to hold zeros (init_on_free), and why.
+
+    With init_on_free the page allocator zeroes every page it frees and then skips zeroing
+    ``__GFP_ZERO`` allocations, so a free page must come back from a restore as zeros. Without
+    it a free page's contents are never looked at, and a restore may leave A's free memory as
+    it finds it. The last ``init_on_free=`` on /proc/cmdline decides; without one the build's
+    CONFIG_INIT_ON_FREE_DEFAULT_ON does; when neither can be read the answer is True (zeros:
+    slower, never wrong).
+    """
+    said: str | None = None
+    for word in sysroot.read_text("/proc/cmdline", default="").split():
+        if word.startswith("init_on_free="):
+            said = word.split("=", 1)[1].lower()
+    if said in _TRUE:
+        return True, "init_on_free=1 on the command line"
+    if said in _FALSE:
+        return False, "init_on_free=0 on the command line"
+    config = _kernel_config(sysroot)
+    if config is None:
+        return True, "the kernel's configuration is unreadable (no /proc/config.gz or /boot/config-*)"
+    if "\nCONFIG_INIT_ON_FREE_DEFAULT_ON=y" in "\n" + config:
+        return True, "CONFIG_INIT_ON_FREE_DEFAULT_ON=y"
+    return False, "init_on_free is off"
+
+
 #: room in the load window beyond the kernel's init_size and the initrd: the real-mode setup,
 #: the command line, purgatory and the ELF core header kexec-tools adds (a few hundred KiB)
 WINDOW_SLACK = 8 << 20

@@ -315,6 +315,9 @@ class Hibernation:
             stamps = timed("stamps", lambda: [self._stamp(m) for m in frozen])
 
             phase("load", 40)
+            zeroed, why_zeroed = kexec.free_pages_zeroed(sr)
+            log.info("free pages %s on restore: %s", "come back as zeros" if zeroed else
+                     "are left as they are found", why_zeroed)
             job = Job(
                 target_uuid=uuid, superblock_device_offset=target.superblock_offset,
                 device_hint={"devno": target.disk_devno, "name": target.disk.rsplit("/", 1)[-1]},
@@ -326,7 +329,7 @@ class Hibernation:
                 cancel_key=cfg.cancel_key, vmcoreinfo=kexec.vmcoreinfo_location(sr),
                 free_page_exclusion=(cfg.free_page_exclusion
                                      and kexec.free_pages_restore_as_zeros(sr)),
-                free_page_check=cfg.free_page_check)
+                free_page_check=cfg.free_page_check, free_pages_zeroed=zeroed)
             timed("initrd copy wait", stager.result)
             steps["initrd copy (thread)"] = stager.seconds
             initrd = timed("initrd job", lambda: kexec.finish_initrd(sr, job))

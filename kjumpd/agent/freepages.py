@@ -4,7 +4,9 @@ At save time A is stopped at the jump, so its buddy allocator's state in A's mem
 exactly which pages are free. The save kernel (B) reads it through a ``read(phys, length)``
 callable (``/dev/mem`` in B, a bytes image in the tests) and leaves those pages out: the save
 pipeline gets zeros for them (:class:`FreeMaskedSource`), elides them as zero pages, and the
-restore writes zeros back, which is also what A's allocator expects with ``init_on_free=1``.
+restore writes zeros back, which is what A's allocator expects with ``init_on_free=1``.
+Without init_on_free (the job's ``free_pages_zeroed`` is false) a wholly free chunk becomes a
+free record instead, which the restore does not write at all.
 
 Inputs, as Linux 6.12 x86_64 emits them in its VMCOREINFO ELF note (kernel/vmcore_info.c,
 arch/x86/kernel/vmcore_info_64.c; the note's physical address and size are in A's
@@ -445,11 +447,16 @@ def _read_struct_pages(tables: PageTables, read: Reader, va: int, length: int,
 # --------------------------------------------------------------------------- sources
 
 class FreeMaskedSource:
-    """A MemorySource that hands zeros for A's free pages without reading them."""
+    """A MemorySource that hands zeros for A's free pages without reading them.
 
-    def __init__(self, source: object, freemap: FreePageMap) -> None:
+    ``restore_zeros`` (save.MemorySource): True when A expects its free pages to hold zeros
+    (init_on_free), so a wholly free chunk is an all-zero record; False: a free record, which
+    the restore leaves as it finds it."""
+
+    def __init__(self, source: object, freemap: FreePageMap, restore_zeros: bool = True) -> None:
         self.source = source
         self.freemap = freemap
+        self.restore_zeros = restore_zeros
         self.classes = freemap.classes      # counts what is read, by class (a diagnostic)
         self.skipped_bytes = 0
         self._zeros = bytes(1 << 20)

@@ -372,7 +372,8 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
             source: Any = raw_source
             if freemap is not None:
                 from kjumpd.agent.freepages import FreeMaskedSource
-                source = FreeMaskedSource(raw_source, freemap)
+                source = FreeMaskedSource(raw_source, freemap,
+                                          restore_zeros=job.free_pages_zeroed)
             started = True   # from here the pipeline marks the image ABORTED itself on errors
             stats = save.save_image(
                 source, job.ranges, dev, identity=_identity(job, entry), mode=job.mode,
@@ -386,6 +387,10 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
             f"MiB written, {stats.zero_pages} zero pages skipped ({free // PAGE} of them free "
             f"in the main kernel, not read), in {stats.seconds:.2f} s "
             f"({stats.mb_per_s:.0f} MB/s, verify {stats.verify_seconds:.2f} s)")
+        if freemap is not None:
+            say("free chunks: " + ("all-zero records, restored as zeros (A has init_on_free)"
+                                   if job.free_pages_zeroed else
+                                   "free records, left as they are found on restore"))
         classes = getattr(source, "classes", None)   # kjumpd.agent.pageclass (a diagnostic)
         if classes is not None:
             say(classes.summary())
@@ -517,8 +522,8 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
             t0 = time.monotonic()
             with MemorySink(sysroot, ranges, hold=mine) as sink:
                 # the sink itself holds back writes into this kernel's own memory
-                restore.restore_image(dev, sink, progress=progress,
-                                      states=(ImageState.RESTORING,))
+                rstats = restore.restore_image(dev, sink, progress=progress,
+                                               states=(ImageState.RESTORING,))
                 sink.flush()
                 held = sink.held_segments()
             dt = time.monotonic() - t0
@@ -537,6 +542,7 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
                              fix="the image is marked INVALID; the normal system boots") from None
         say(f"RESTORED {header.raw_bytes >> 20} MiB in {dt:.2f} s "
             f"({header.raw_bytes / max(dt, 1e-6) / 1e6:.0f} MB/s); "
+            f"{int(rstats.stages.get('free_left', 0)) >> 20} MiB of free memory left as it was; "
             f"{sum(len(h.data) for h in held) >> 10} KiB held for the jump back")
         entry = header.jump_back_entry
     finally:

@@ -23,7 +23,8 @@ from typing import Callable
 import lz4.block
 
 from kjumpd.errors import ImageCorruptError, ImageFormatError
-from kjumpd.image.format import (ENC_LZ4, ENC_RAW, ENC_ZERO, PAGE_SIZE, ChunkHeader, crc32)
+from kjumpd.image.format import (EMPTY_ENCODINGS, ENC_FREE, ENC_LZ4, ENC_RAW, ENC_ZERO,
+                                 PAGE_SIZE, ChunkHeader, crc32)
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 COMPRESSIONS = ("lz4", "none")
@@ -162,16 +163,19 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
                         crc=body_crc, zero_pages=zero, cpu=time.thread_time() - cpu0)
 
 
-def zero_chunk(index: int, phys: int, n: int, tag: int = 0) -> EncodedChunk:
-    """The record of ``n`` bytes the source knows are zero (never read): an all-zero chunk."""
+def zero_chunk(index: int, phys: int, n: int, tag: int = 0, free: bool = False
+               ) -> EncodedChunk:
+    """The record of ``n`` bytes the source knows are zero (never read): an all-zero chunk,
+    or with ``free`` a free one (ENC_FREE: the restore leaves that memory as it finds it)."""
     pages = (n + PAGE_SIZE - 1) // PAGE_SIZE
     bitmap = bytearray(b"\xff" * (pages // 8))
     if pages % 8:
         bitmap.append((1 << (pages % 8)) - 1)
     bm = bytes(bitmap)
     body_crc = crc32(b"", crc32(bm))
-    head = ChunkHeader(encoding=ENC_ZERO, pages=pages, index=index, phys=phys, raw_length=n,
-                       payload_length=0, crc=body_crc, tag=tag).pack() + bm
+    head = ChunkHeader(encoding=ENC_FREE if free else ENC_ZERO, pages=pages, index=index,
+                       phys=phys, raw_length=n, payload_length=0, crc=body_crc,
+                       tag=tag).pack() + bm
     return EncodedChunk(index=index, phys=phys, raw_length=n, head=head, payload=b"",
                         crc=body_crc, zero_pages=pages)
 
@@ -226,8 +230,9 @@ def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> 
 
 def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
                  ) -> bytes | bytearray:
-    """Check and decode a record into its ``raw_length`` bytes (zero pages as zeros)."""
-    if ch.encoding == ENC_ZERO:
+    """Check and decode a record into its ``raw_length`` bytes (zero pages as zeros; a free
+    record reads as zeros too)."""
+    if ch.encoding in EMPTY_ENCODINGS:
         decode_into(ch, bitmap, payload, offset, None)
         return zeros(ch.raw_length)
     out = bytearray(ch.raw_length)
@@ -239,7 +244,8 @@ def decode_into(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int,
                 out: memoryview | None) -> None:
     """Check a record and decode its ``raw_length`` bytes into ``out`` (zero pages written as
     zeros). ``out`` may be a reused buffer: every byte of ``out[:raw_length]`` is written.
-    ``out`` may be None only for an all-zero record (ENC_ZERO), which is checked, not written.
+    ``out`` may be None only for an all-zero or free record (ENC_ZERO, ENC_FREE), which is
+    checked, not written.
     """
     check_chunk(ch, bitmap, payload, offset)
     stored = stored_pages(bitmap, ch.pages)
@@ -255,9 +261,13 @@ def decode_into(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int,
                                  structure="chunk", offset=offset, chunk=ch.index)
 
     n = ch.raw_length
-    if ch.encoding == ENC_ZERO:
+    if ch.encoding in EMPTY_ENCODINGS:
         if nz:
-            raise bad("an all-zero chunk has non-zero pages in its bitmap")
+            raise bad(f"an {'all-zero' if ch.encoding == ENC_ZERO else 'all-free'} chunk has "
+                      "non-zero pages in its bitmap")
+        if ch.payload_length:
+            raise bad(f"a chunk without payload (encoding {ch.encoding}) holds "
+                      f"{ch.payload_length} payload bytes")
         if out is not None:
             out[:n] = zeros(n)
         return

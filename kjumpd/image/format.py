@@ -62,7 +62,12 @@ Metadata (at Header.metadata_offset; its CRC is also in the header)::
 Chunk record (records follow each other from Header.data_offset, unaligned)::
 
     0   4  magic b"KJCH"
-    4   1  encoding: 0 = lz4 block, 1 = raw (incompressible), 2 = all zero (no payload)
+    4   1  encoding: 0 = lz4 block, 1 = raw (incompressible), 2 = all zero (no payload),
+           3 = free (no payload): every page was free in the main kernel, whose allocator
+           does not look at a free page's contents (no init_on_free), so a restore leaves
+           that memory as it finds it; checked like an all-zero record, read back as zeros
+           (added within version 1: a reader without it refuses the record as an unknown
+           encoding, so no image is misread)
     5   1  reserved
     6   2  page count P (pages of the chunk, the last one may be partial)
     8   4  chunk index
@@ -130,7 +135,10 @@ FLAG_VERIFIED = 2
 ENC_LZ4 = 0
 ENC_RAW = 1
 ENC_ZERO = 2
-_ENCODINGS = (ENC_LZ4, ENC_RAW, ENC_ZERO)
+ENC_FREE = 3
+_ENCODINGS = (ENC_LZ4, ENC_RAW, ENC_ZERO, ENC_FREE)
+#: encodings without a payload: every page is a zero page in the bitmap
+EMPTY_ENCODINGS = (ENC_ZERO, ENC_FREE)
 
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 

@@ -11,8 +11,11 @@ for the jump-back kexec_load).
 Writing: the worker that decoded a chunk also writes it (a turnstile: chunk i is written
 only once chunks 0..i-1 passed their checks, and never once an earlier chunk failed), so the
 reader thread only parses records. A sink with ``concurrent_writes`` (the /dev/mem sink) is
-written by several workers at once; any other sink one chunk at a time, in chunk order. All-zero chunks go to ``sink.zero`` when the sink
-has it (a memset into the target, no zero buffer read), else ``sink.write`` of zeros.
+written by several workers at once; any other sink one chunk at a time, in chunk order.
+All-zero chunks go to ``sink.zero`` when the sink has it (a memset into the target, no zero
+buffer read), else ``sink.write`` of zeros. Free chunks (format.ENC_FREE: free in the main
+kernel, which never looks at a free page's contents) are checked and not written at all: the
+memory is left as it is found.
 
 Standard library + lz4 only: this runs in the save kernel's initramfs.
 """
@@ -34,7 +37,7 @@ from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError
 from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, decode_into, zeros
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import (ENC_ZERO, ChunkHeader, Header, ImageState, Metadata,
+from kjumpd.image.format import (EMPTY_ENCODINGS, ENC_FREE, ChunkHeader, Header, ImageState, Metadata,
                                  chunk_count, chunk_plan, crc32, image_tag)
 from kjumpd.image.save import (Progress, _check_place, _Meter, default_workers,
                                inflight_chunks)
@@ -175,7 +178,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
     crc = 0
     count = 0
     acc = stages if stages is not None else {}
-    for key in ("records", "decode_cpu", "waiting", "write", "write_cpu", "turn"):
+    for key in ("records", "decode_cpu", "waiting", "write", "write_cpu", "turn", "free_left"):
         acc.setdefault(key, 0.0)
 
     def work(seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int,
@@ -193,7 +196,9 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
             raise _Skipped(f"chunk {ch.index} not written: an earlier chunk failed")
         t1, c1 = time.monotonic(), time.thread_time()
         try:
-            if out is None:
+            if ch.encoding == ENC_FREE:  # free in A, contents never looked at: left as found
+                pass
+            elif out is None:
                 deliver(ch.phys, None, n)
             else:
                 with memoryview(out) as whole, whole[:n] as mv:
@@ -216,6 +221,8 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
         acc["turn"] += turn_s
         acc["write"] += write_s
         acc["write_cpu"] += write_cpu
+        if deliver is not None and ch0.encoding == ENC_FREE:
+            acc["free_left"] += n
         if buf is None:
             with memoryview(zero_page_run) as z:
                 yield ch0.phys, z[:n]
@@ -250,7 +257,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                             yield from hand_out(ch0, fut)
                         raise
                     crc = crc32(struct.pack("<I", ch.crc), crc)
-                    if ch.encoding == ENC_ZERO:      # checked; handed out as shared zeros
+                    if ch.encoding in EMPTY_ENCODINGS:  # checked; handed out as shared zeros
                         fut = pool.submit(work, count, ch, bitmap, payload, off, None)
                     else:
                         fut = pool.submit(work, count, ch, bitmap, payload, off, free.get())
@@ -338,10 +345,10 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
     log.info("restore stages: reading records %.2fs, decode %.2fs CPU on the workers, "
              "waiting for decodes %.2fs, writing memory %.2fs (%.2fs CPU, on the workers%s), "
              "chunks waiting for their turn to write %.2fs; %d MiB of zero chunks were zero "
-             "already (read, not written)", st["records"], st["decode_cpu"],
-             st["waiting"], st["write"], st["write_cpu"],
+             "already (read, not written); %d MiB of free memory left as it was",
+             st["records"], st["decode_cpu"], st["waiting"], st["write"], st["write_cpu"],
              ", overlapped" if getattr(sink, "concurrent_writes", False) else "", st["turn"],
-             getattr(sink, "zero_already", 0) >> 20)
+             getattr(sink, "zero_already", 0) >> 20, int(st["free_left"]) >> 20)
     return stats
 
 

@@ -47,7 +47,9 @@ Progress = Callable[[int, int, float, float], None]
 class MemorySource(Protocol):
     """``read(phys, length)``; optionally ``readinto(phys, buf)`` (preferred: no new memory
     per chunk) and ``known_zero(phys, length) -> bool`` (True: the range is zero by the
-    source's own account, e.g. free pages of the main kernel, and is not read at all)."""
+    source's own account, e.g. free pages of the main kernel, and is not read at all), and
+    ``restore_zeros`` (default True; False: such ranges are free memory whose contents nobody
+    looks at, stored as free records that a restore leaves as it finds them)."""
 
     def read(self, phys: int, length: int) -> bytes | bytearray | memoryview: ...
 
@@ -160,6 +162,8 @@ class _Encoders:
         self.compression, self.tag, self.chunk_size = compression, tag, chunk_size
         self.readinto = getattr(source, "readinto", None)
         self.known_zero = getattr(source, "known_zero", None)
+        # a source whose known-zero ranges are free memory that need not come back as zeros
+        self.free_records = not getattr(source, "restore_zeros", True)
         self.cond = threading.Condition()
         self.read_lock = threading.Lock()
         self.results: dict[int, EncodedChunk | BaseException] = {}
@@ -207,7 +211,8 @@ class _Encoders:
             with self.read_lock:                 # sources keep counters: one caller at a time
                 zero = self.known_zero(phys, n)
             if zero:
-                return zero_chunk(index, phys, n, self.tag)  # zero by the source's account
+                # zero by the source's account (free: left as found on restore)
+                return zero_chunk(index, phys, n, self.tag, free=self.free_records)
         data: Any
         with self.read_lock:
             t0 = time.monotonic()

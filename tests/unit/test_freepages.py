@@ -494,6 +494,35 @@ def test_a_kernel_that_poisons_free_pages_keeps_them_in_the_image(tmp_path) -> N
     assert not free_pages_restore_as_zeros(sr)
 
 
+@pytest.mark.parametrize("cmdline, config, boot_config, zeroed, why", [
+    ("root=/dev/vda init_on_free=1", None, None, True, "command line"),
+    ("init_on_free=1 init_on_free=0", "CONFIG_INIT_ON_FREE_DEFAULT_ON=y", None, False,
+     "init_on_free=0 on the command line"),                    # the last one wins
+    ("init_on_free=off", None, None, False, "command line"),
+    ("quiet", "CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n", None, True, "DEFAULT_ON=y"),
+    ("quiet", "# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set\n", None, False, "is off"),
+    ("quiet", None, "CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n", True, "DEFAULT_ON=y"),
+    ("quiet", None, "CONFIG_X=y\n", False, "is off"),
+    ("quiet", None, None, True, "unreadable"),                # unknown: zeros, never wrong
+    ("init_on_free=maybe", None, None, True, "unreadable"),   # the kernel ignores it too
+])
+def test_whether_free_pages_must_come_back_as_zeros(tmp_path, cmdline, config, boot_config,
+                                                     zeroed, why) -> None:
+    import gzip
+    from kjumpd.kexec import free_pages_zeroed
+    from kjumpd.sysroot import Sysroot
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
+    (tmp_path / "proc/cmdline").write_text(cmdline + "\n")
+    (tmp_path / "proc/sys/kernel/osrelease").write_text("6.12.117\n")
+    if config is not None:
+        (tmp_path / "proc/config.gz").write_bytes(gzip.compress(("CONFIG_A=y\n" + config).encode()))
+    if boot_config is not None:
+        (tmp_path / "boot").mkdir()
+        (tmp_path / "boot/config-6.12.117").write_text(boot_config)
+    got, reason = free_pages_zeroed(Sysroot(str(tmp_path)))
+    assert got is zeroed and why in reason
+
+
 # ------------------------------------------------------------------------ page classes
 
 def _set_fields(a: FakeA, pfn: int, *, flags: int = 0, mapping: int = 0, refcount: int = 1,

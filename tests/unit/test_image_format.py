@@ -104,7 +104,7 @@ def test_metadata_round_trip(m):
 
 
 @settings(deadline=None)
-@given(st.sampled_from([0, 1, 2]), st.integers(1, 16384), u32, u64, u32, u32, u32)
+@given(st.sampled_from([0, 1, 2, 3]), st.integers(1, 16384), u32, u64, u32, u32, u32)
 def test_chunk_header_round_trip(enc, pages, index, phys, plen, crc, tag):
     raw_len = min(pages * 4096, 64 * 1024 * 1024)
     pages = (raw_len + 4095) // 4096
@@ -166,6 +166,17 @@ def test_chunk_header_flipped_byte_is_refused(pos):
     with pytest.raises(ImageCorruptError) as ei:
         ChunkHeader.unpack(flip(raw, pos), base=1000)
     assert ei.value.context["offset"] >= 1000
+
+
+def test_an_unknown_chunk_encoding_is_refused_by_name():
+    import struct as _struct
+    from kjumpd.image.format import crc32
+    raw = bytearray(ChunkHeader(encoding=3, pages=1, index=0, phys=0, raw_length=4096,
+                                payload_length=0, crc=0).pack())
+    raw[4] = 4                                   # after free (3): nothing is defined yet
+    raw[36:40] = _struct.pack("<I", crc32(bytes(raw[:36])))
+    with pytest.raises(ImageCorruptError, match="unknown encoding 4"):
+        ChunkHeader.unpack(bytes(raw))
 
 
 def test_wrong_version_is_named():

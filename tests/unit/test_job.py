@@ -56,6 +56,7 @@ def jobs(draw):
         mode=draw(st.sampled_from(MODES)), compression=draw(st.sampled_from(["lz4", "none"])),
         chunk_size=1 << draw(st.integers(12, 26)),
         created=draw(st.integers(0, 1 << 40)), cancel_key=draw(st.booleans()),
+        free_pages_zeroed=draw(st.booleans()),
         superblock_device_offset=draw(st.integers(0, 1 << 50)),
         fs_stamps=draw(st.lists(st.fixed_dictionaries({"device": st.text(max_size=20),
                                                         "wtime": st.integers(0, 1 << 40)}),
@@ -130,12 +131,21 @@ def test_version_mismatch_is_refused_with_a_fix():
     ("jump_area", (0x1001, 4096), "aligned"),
     ("cancel_key", "yes", "cancel_key"),
     ("created", -1, "created"),
+    ("free_pages_zeroed", 0, "free_pages_zeroed"),
 ])
 def test_invalid_fields_are_named(field, value, word):
     with pytest.raises(JobError) as ei:
         make_job(**{field: value})
     assert word in str(ei.value)
     assert isinstance(ei.value, KjumpError)
+
+
+def test_a_job_without_free_pages_zeroed_restores_free_pages_as_zeros():
+    """An older daemon's job (no key) keeps the old, safe behaviour."""
+    d = json.loads(make_job(free_pages_zeroed=False).to_json())
+    assert d["free_pages_zeroed"] is False
+    del d["free_pages_zeroed"]
+    assert Job.from_json(json.dumps(d)).free_pages_zeroed is True
 
 
 def test_missing_and_unknown_fields_are_refused():

@@ -13,7 +13,8 @@ from kjumpd.errors import (AgentError, CancelledError, ImageCorruptError, ImageF
                            ImageStateError, TargetError)
 from kjumpd.image import restore, save, store
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import CHUNK_HEADER_SIZE, HEADER_SLOT_OFFSETS, PAGE_SIZE, ImageState
+from kjumpd.image.format import (CHUNK_HEADER_SIZE, ENC_FREE, HEADER_SLOT_OFFSETS, PAGE_SIZE,
+                                 ChunkHeader, ImageState)
 from kjumpd.image.memfile import FileMemorySink, FileMemorySource
 
 MiB = 1024 * 1024
@@ -550,6 +551,86 @@ def test_ranges_the_source_knows_are_zero_are_not_read_and_restore_as_zeros(tmp_
     got = out.read_bytes()
     assert got[0x40000:0x80000] == bytes(0x40000)
     assert got[:0x40000] == bytes(mem[:0x40000]) and got[0x80000:] == bytes(mem[0x80000:])
+
+
+class _KnowsItsFreeMemory(_KnowsItsZeros):
+    """As the save kernel's source for a main kernel without init_on_free: the ranges it
+    knows are free need not come back as zeros."""
+    restore_zeros = False
+
+
+def test_free_records_are_left_as_found_and_everything_else_is_byte_exact(tmp_path):
+    mem = bytearray(make_memory(tmp_path / "mem", 1 * MiB))
+    free = [(0x40000, 0x80000), (0xc0000, 0xd0000)]      # whole chunks: free records
+    tgt = tmp_path / "target"
+    store.create_target(tgt, 4 * MiB)
+    with ImageDevice(tgt, writable=True) as dev, \
+            _KnowsItsFreeMemory(tmp_path / "mem", free) as src:
+        save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test",
+                        chunk_size=CHUNK, workers=2)
+    h, recs = _chunk_offsets(tgt)
+    free_recs = [c for c, _ in recs if c.encoding == ENC_FREE]
+    assert sorted((c.phys, c.phys + c.raw_length) for c in free_recs) == [
+        (p, p + CHUNK) for a, b in free for p in range(a, b, CHUNK)]
+    for workers in (1, 3):                 # a file sink: one chunk at a time, in order
+        rs, out = restore_into(tmp_path, tgt, size=1 * MiB, workers=workers)
+        got = out.read_bytes()
+        for a, b in free:                  # never written: the sink's old bytes are still there
+            assert got[a:b] == b"\xaa" * (b - a)
+        keep = bytearray(mem)
+        for a, b in free:
+            keep[a:b] = b"\xaa" * (b - a)
+        assert got == bytes(keep), "everything else restored byte-exact"
+        assert rs.stages["free_left"] == sum(b - a for a, b in free)
+    # verify-only reads a free record back as zeros and still checks it
+    with ImageDevice(tgt, writable=False) as dev:
+        assert restore.restore_image(dev, None, verify_only=True).raw_bytes == 1 * MiB
+
+
+def test_a_free_record_with_a_stored_page_or_a_payload_is_refused_before_any_write(tmp_path):
+    from kjumpd.image.chunk import decode_chunk, zero_chunk
+    from kjumpd.image.format import crc32
+    enc = zero_chunk(0, 0, 8 * PAGE_SIZE, free=True)
+    ch = ChunkHeader.unpack(enc.head)
+    bm = bytes([0x7f])                                   # page 7 "stored"
+    lying = ChunkHeader(encoding=ENC_FREE, pages=8, index=0, phys=0, raw_length=8 * PAGE_SIZE,
+                        payload_length=0, crc=crc32(b"", crc32(bm)))
+    with pytest.raises(ImageCorruptError, match="all-free chunk has non-zero pages"):
+        decode_chunk(lying, bm, b"", 0)
+    full = b"\xff"
+    padded = ChunkHeader(encoding=ENC_FREE, pages=8, index=0, phys=0, raw_length=8 * PAGE_SIZE,
+                         payload_length=3, crc=crc32(b"abc", crc32(full)))
+    with pytest.raises(ImageCorruptError, match="holds 3 payload bytes"):
+        decode_chunk(padded, full, b"abc", 0)
+    assert decode_chunk(ch, enc.head[CHUNK_HEADER_SIZE:], b"", 0) == bytes(8 * PAGE_SIZE)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_devmem_sink_leaves_free_records_untouched(tmp_path, workers):
+    from kjumpd.agent.devmem import MemorySink
+    from kjumpd.sysroot import Sysroot
+    mem = make_memory(tmp_path / "mem", 4 * MiB)
+    free = [(0x100000, 0x180000)]
+    tgt = tmp_path / "target"
+    store.create_target(tgt, 8 * MiB)
+    with ImageDevice(tgt, writable=True) as dev, \
+            _KnowsItsFreeMemory(tmp_path / "mem", free) as src:
+        save.save_image(src, RANGES, dev, identity={}, mode="test", chunk_size=CHUNK,
+                        workers=2)
+    (tmp_path / "dev").mkdir()
+    out = tmp_path / "dev" / "mem"
+    out.write_bytes(b"\xaa" * (4 * MiB))
+    with ImageDevice(tgt, writable=False) as dev, \
+            MemorySink(Sysroot(tmp_path), RANGES, window=MiB) as sink:
+        rs = restore.restore_image(dev, sink, workers=workers)
+        sink.flush()
+    got = out.read_bytes()
+    assert got[0x100000:0x180000] == b"\xaa" * 0x80000
+    for a, b in RANGES:
+        for p in range(a, b, PAGE_SIZE):
+            if not 0x100000 <= p < 0x180000:
+                assert got[p:p + PAGE_SIZE] == mem[p:p + PAGE_SIZE], hex(p)
+    assert rs.stages["free_left"] == 0x80000
 
 
 def _devmem_restore(tmp_path, tgt, workers):

@@ -62,6 +62,11 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
     free = _console_matches(out, r"kjump-agent: free pages: (\d+) \(\d+ MiB\) of A's memory "
                                  r"skipped")
     assert free and int(free[0].group(1)) > 0, out.summary()
+    # A runs without init_on_free: B's restore left the free memory alone (not even read)
+    assert _console_matches(out, r"kjump-agent: free chunks: free records, left as they are "
+                                 r"found"), out.summary()
+    left = _console_matches(out, r"kjump-agent: RESTORED .* (\d+) MiB of free memory left")
+    assert left and int(left[0].group(1)) > 0, out.summary()
 
 
 def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
@@ -70,6 +75,11 @@ def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
     assert _booted_restore_first(out), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
+    # A runs with init_on_free=1 here: its free pages came back as zeros, none left as found
+    assert _console_matches(out, r"kjump-agent: free chunks: all-zero records, restored as "
+                                 r"zeros"), out.summary()
+    left = _console_matches(out, r"kjump-agent: RESTORED .* (\d+) MiB of free memory left")
+    assert left and int(left[0].group(1)) == 0, out.summary()
 
 
 def test_d1_suspend_to_both_woken_from_ram_invalidates_image(vm_assets_built, run_dir):
