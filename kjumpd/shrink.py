@@ -7,17 +7,12 @@ Two settings, both in ``[hibernate]``:
   read exceed it, the excess is reclaimed once through the root cgroup's memory.reclaim
   (cgroup v2: clean page cache, and anonymous memory only where there is swap; it returns
   EAGAIN instead of killing anything). Never refuses. ``"auto"`` is 2/5 of MemTotal, ``0``
-  switches it off. What is compared with the target is counted as the kernel's hibernation
-  counts the pages it saves (so that kjumpd, with the same default, reclaims what swsusp
-  reclaims and its image is no larger): the memory in use (MemTotal - MemFree), the RAM the
-  kernel reserved for itself (System RAM in /proc/iomem - MemTotal: kernel image, struct
-  pages, and the jump area, which swsusp saves as reserved pages though B never reads it),
-  and what A allocates for the save kernel's preserve-context load (kexec-tools fills every
-  page of [mem-min, mem-max] with a segment or a backup of it: a page of A per page of the
-  load window, kexec.segment_window). Counting the jump area reclaims more than B's reads
-  alone would ask for on a small machine (a 128 MiB area in a 1 GiB VM: the unlocked
-  anonymous memory goes to swap and the unmapped page cache is dropped, as with swsusp); on
-  a large one it changes nothing.
+  switches it off. The pages B reads are counted as swsusp counts the pages it saves: the
+  memory in use (MemTotal - MemFree), the RAM the kernel reserved for itself outside the jump
+  area (System RAM in /proc/iomem - jump area - MemTotal: kernel image, struct pages), and
+  what A allocates for the save kernel's preserve-context load (kexec-tools fills every page
+  of [mem-min, mem-max] with a segment or a backup of it: a page of A per page of the load
+  window, kexec.segment_window).
   The daemon's own freed heap is also handed back to the kernel (gc + malloc_trim), so
   that it is free, not saved.
 * ``image_size_limit`` (default 0: none): a hard limit on MemTotal - MemFree. Steps, bounded
@@ -84,17 +79,10 @@ class SaveEstimate:
     used: int             # MemTotal - MemFree
     reserved: int         # System RAM outside the jump area that MemTotal does not count
     kexec_backup: int     # kexec-tools' copy of the jump area in A's memory
-    jump_area: int = 0    # the jump area: not read by B, counted by swsusp (reserved pages)
 
     @property
     def total(self) -> int:
-        """What the save kernel reads of A."""
         return self.used + self.reserved + self.kexec_backup
-
-    @property
-    def counted(self) -> int:
-        """What is compared with image_size: ``total`` plus the jump area, as swsusp counts."""
-        return self.total + self.jump_area
 
 
 def _iomem_sizes(iomem: str) -> tuple[int, int]:
@@ -121,7 +109,7 @@ def estimate(sysroot: Sysroot, kexec_copy: int | None = None) -> SaveEstimate:
     ram, area = _iomem_sizes(sysroot.read_text("/proc/iomem", default=""))
     reserved = max(ram - area - info["MemTotal"], 0) if ram else 0
     return SaveEstimate(info["MemTotal"] - info["MemFree"], reserved,
-                        area if kexec_copy is None else kexec_copy, area)
+                        area if kexec_copy is None else kexec_copy)
 
 
 def kexec_copy_bytes(sysroot: Sysroot, kernel: str, initramfs: str, area: JumpArea) -> int:
@@ -174,8 +162,8 @@ def trim_own_heap() -> str:
 
 def toward_target(sysroot: Sysroot, image_size: int,
                   kexec_copy: int | None = None) -> ShrinkResult:
-    """Best effort (image_size): reclaim what is counted beyond the target, once; never
-    refuses. Memory figures in the result are the estimate's counts (SaveEstimate.counted)."""
+    """Best effort (image_size): reclaim what the save kernel would read beyond the target,
+    once; never refuses. Memory figures in the result are the estimate's totals."""
     start = time.monotonic()
     steps = [trim_own_heap()]
     try:
@@ -184,7 +172,7 @@ def toward_target(sysroot: Sysroot, image_size: int,
     except KjumpError as e:                 # a target is a wish: never a reason to refuse
         log.warning("image size target skipped: %s", e.message)
         return ShrinkResult(0, 0, 0, steps + [f"no estimate: {e.what}"], time.monotonic() - start)
-    before = est.counted
+    before = est.total
     if target <= 0 or before <= target:
         return ShrinkResult(before, before, target, steps, time.monotonic() - start)
     excess = before - target
@@ -200,15 +188,14 @@ def toward_target(sysroot: Sysroot, image_size: int,
     else:
         steps.append("no cgroup v2 memory.reclaim")
     try:
-        after = estimate(sysroot, kexec_copy).counted
+        after = estimate(sysroot, kexec_copy).total
     except KjumpError:
         after = before
     took = time.monotonic() - start
-    log.info("image size target %s: counted as swsusp counts %s (in use %s, kernel-reserved "
-             "%s, kexec's copy of the jump area %s, the jump area %s) -> %s in %.2f s: %s",
-             format_size(target), format_size(before), format_size(est.used),
-             format_size(est.reserved), format_size(est.kexec_backup),
-             format_size(est.jump_area), format_size(after), took, "; ".join(steps))
+    log.info("image size target %s: the save kernel would read %s (in use %s, kernel-reserved "
+             "%s, kexec's copy of the jump area %s) -> %s in %.2f s: %s", format_size(target),
+             format_size(before), format_size(est.used), format_size(est.reserved),
+             format_size(est.kexec_backup), format_size(after), took, "; ".join(steps))
     return ShrinkResult(before, after, target, steps, took)
 
 
