@@ -20,7 +20,14 @@ Two settings, both in ``[hibernate]``:
   memory is still above the limit, refuse with the figures.
 
 Free pages are left out of the image by the save kernel (kjumpd/agent/freepages.py), so
-what is reclaimed here is not saved. Nothing here needs an undo: reclaimed memory is free.
+what is reclaimed here is not saved. But B only knows the free pages of the buddy allocator:
+a page freed onto a per-CPU list is read and saved, junk and all without init_on_free (in the
+VM, 17-27 MiB freed by kexec-tools' exit after the load). swsusp drains those lists when it
+snapshots; from user space ``drain_pcp`` (called by the transaction right before the jump)
+writes /proc/sys/vm/stat_refresh, which runs the vmstat refresh on every CPU (Linux 6.7 and
+later: decay_pcp_high lowers each list's high mark by an eighth, toward its minimum, and
+frees what lies above it), while the lists keep shrinking.
+Nothing here needs an undo: reclaimed memory is free, and the lists grow back by themselves.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ from kjumpd.sysroot import Sysroot
 log = logging.getLogger(__name__)
 
 RECLAIM = "/sys/fs/cgroup/memory.reclaim"
+STAT_REFRESH = "/proc/sys/vm/stat_refresh"
+ZONEINFO = "/proc/zoneinfo"
+#: stat_refresh rounds at most (each lowers a list's high mark by at most an eighth)
+PCP_ROUNDS = 32
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 AUTO = -1                       # image_size = "auto": 2/5 of MemTotal, as the kernel's default
 AUTO_FRACTION = (2, 5)
@@ -197,6 +208,46 @@ def toward_target(sysroot: Sysroot, image_size: int,
              format_size(before), format_size(est.used), format_size(est.reserved),
              format_size(est.kexec_backup), format_size(after), took, "; ".join(steps))
     return ShrinkResult(before, after, target, steps, took)
+
+
+def pcp_pages(sysroot: Sysroot) -> tuple[int, int] | None:
+    """(pages on the per-CPU free lists, the sum of their high marks): the pagesets' ``count:``
+    and ``high:`` in /proc/zoneinfo (None when it shows none)."""
+    count = high = 0
+    seen = False
+    for line in sysroot.read_text(ZONEINFO, default="").splitlines():
+        words = line.split()
+        if len(words) == 2 and words[1].isdigit():
+            if words[0] == "count:":
+                count += int(words[1])
+                seen = True
+            elif words[0] == "high:":
+                high += int(words[1])
+    return (count, high) if seen else None
+
+
+def drain_pcp(sysroot: Sysroot, rounds: int = PCP_ROUNDS) -> str:
+    """Free what the per-CPU free lists hold above their minimum (see the module's text): a
+    stat_refresh write per round while the lists or their high marks still go down (a list
+    auto-tuned high gives nothing back until its mark has decayed below its count). Best
+    effort; says what it did."""
+    first = cur = pcp_pages(sysroot)
+    if first is None or not sysroot.exists(STAT_REFRESH):
+        return "per-CPU free lists: not drained (no pagesets in /proc/zoneinfo or no stat_refresh)"
+    done = 0
+    while done < rounds:
+        try:
+            sysroot.write_text(STAT_REFRESH, "1")
+        except KjumpError as e:
+            return f"per-CPU free lists: stat_refresh refused ({e.why})"
+        done += 1
+        new = pcp_pages(sysroot)
+        if new is None or (new[0] >= cur[0] and new[1] >= cur[1]):
+            break
+        cur = new
+    return (f"per-CPU free lists {first[0] * PAGE_SIZE >> 20} -> {cur[0] * PAGE_SIZE >> 20} MiB "
+            f"({first[0] - cur[0]} pages to the buddy allocator; high marks "
+            f"{first[1] * PAGE_SIZE >> 20} -> {cur[1] * PAGE_SIZE >> 20} MiB; {done} stat_refresh)")
 
 
 def shrink(sysroot: Sysroot, limit: int, timeout: float) -> ShrinkResult:

@@ -342,6 +342,11 @@ class Hibernation:
             kexec.remove_initrd(sr)
             for path in (cfg.save_kernel, cfg.save_initramfs):
                 _drop_page_cache(sr, path)
+            # kexec's exit just freed its copies of the kernel and the initramfs, onto the
+            # per-CPU free lists, which B cannot tell from memory in use: hand them back to
+            # the buddy allocator, so that B leaves them out (shrink.drain_pcp)
+            drained = timed("per-CPU lists", lambda: shrink.drain_pcp(sr))
+            log.info("%s", drained)
             check_cancel()
 
             phase("jump", 50)

@@ -560,6 +560,53 @@ def test_image_size_auto_reclaims_what_the_save_kernel_would_read_beyond_two_fif
     assert (tree / "proc/sys/vm/drop_caches").read_text() == "", "a target never drops caches"
 
 
+class _PcpKernel(Sysroot):
+    """A fake kernel's per-CPU free lists (Linux 6.7+, decay_pcp_high): each stat_refresh
+    write lowers a list's high mark by an eighth, not below its minimum, and frees what the
+    list holds above the mark."""
+
+    def __init__(self, root, counts, highs, minimum):
+        super().__init__(root)
+        self.counts, self.highs, self.minimum = list(counts), list(highs), minimum
+        self.refreshes = 0
+        self._zoneinfo()
+
+    def _zoneinfo(self):
+        body = "".join(f"    cpu: {i}\n              count:    {c}\n              high:     "
+                       f"{h}\n              batch:    63\n              high_min: "
+                       f"{self.minimum}\n" for i, (c, h) in enumerate(zip(self.counts, self.highs)))
+        (self.root / "proc/zoneinfo").write_text(
+            "Node 0, zone    DMA32\n  pages free     1000\n  pagesets\n" + body)
+
+    def write_text(self, p, value):
+        super().write_text(p, value)
+        if p == shrink.STAT_REFRESH:
+            self.refreshes += 1
+            self.highs = [max(h - h // 8, self.minimum) for h in self.highs]
+            self.counts = [min(c, h) for c, h in zip(self.counts, self.highs)]
+            self._zoneinfo()
+
+
+def test_per_cpu_free_lists_are_drained_toward_their_minimum(tree):
+    """Pages freed onto the per-CPU lists are not buddy-free: B would save them. The daemon
+    drains them with stat_refresh writes while they shrink, and stops when they do not."""
+    from pathlib import Path
+    (tree / "proc/sys/vm").mkdir(parents=True, exist_ok=True)
+    (tree / "proc/sys/vm/stat_refresh").write_text("")
+    # auto-tuned high marks far above the counts: nothing is freed in the first rounds
+    sr = _PcpKernel(Path(tree), [2400, 2000], [16000, 9000], minimum=256)
+    said = shrink.drain_pcp(sr)
+    assert sr.counts == [256, 256], f"drained to the minimum: {said}"
+    assert f"{2400 + 2000 - 512} pages to the buddy allocator" in said, said
+    assert sr.refreshes <= shrink.PCP_ROUNDS
+    # nothing above the minimum: one refresh, then it stops
+    sr2 = _PcpKernel(Path(tree), [256, 256], [256, 256], minimum=256)
+    assert "(0 pages" in shrink.drain_pcp(sr2) and sr2.refreshes == 1
+    # no stat_refresh (an old kernel or a container): says so, writes nothing
+    (tree / "proc/sys/vm/stat_refresh").unlink()
+    assert "not drained" in shrink.drain_pcp(Sysroot(tree))
+
+
 def test_image_size_target_is_best_effort_and_never_refuses(tree):
     _meminfo(tree, 0)
     (tree / "sys/fs/cgroup/memory.reclaim").unlink()
