@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-sweep", action="store_true",
                     help="also time saves with 256 KiB, 1 MiB and 4 MiB chunks")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="rounds; the best time of each contender is reported (default 3)")
+    ap.add_argument("--repeat", type=int, default=6,
+                    help="rounds; the best time of each contender is reported (default 6)")
     args = ap.parse_args(argv)
     if not shutil.which("lz4"):
         raise SystemExit("bench: the lz4 command is missing (apt install lz4)")
