@@ -41,6 +41,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -584,6 +585,9 @@ def build_initramfs(out: Path | None, init_script: str,
         meta.write_text(json.dumps({"uncompressed_size": len(raw),
                                     "members": len(cpio.read(raw))}))
         log.info("initramfs %s: %d bytes (%d uncompressed)", cached, cached.stat().st_size, len(raw))
+        prune_cache(cdir, name)
+    else:
+        os.utime(cached)                 # in use: pruning spares recently used archives
     info = json.loads(meta.read_text())
     result = cached
     if out is not None:
@@ -595,6 +599,28 @@ def build_initramfs(out: Path | None, init_script: str,
         result = out
     return InitramfsImage(result, key, cached.stat().st_size, info["uncompressed_size"],
                           info["members"], hit)
+
+
+#: archives of one name kept whatever their age (the newest first), and how long one stays
+#: safe from pruning after its last use (a VM test run may still pass it to QEMU)
+MAX_ARCHIVES = 4
+PRUNE_AGE = 2 * 3600
+
+
+def prune_cache(cdir: Path, name: str, now: float | None = None) -> list[Path]:
+    """Remove old cached archives called ``name`` (with their .json); return them. Keeps the
+    two newest and any used in the last PRUNE_AGE seconds, but never more than MAX_ARCHIVES:
+    each change to kjumpd/ makes a new one (2.8 GiB of them after a day of work)."""
+    now = time.time() if now is None else now
+    archives = sorted((p for p in cdir.glob(f"{name}-*.cpio*") if not p.name.endswith(".tmp")
+                       and p.name[len(name) + 1:].split(".", 1)[0].isalnum()),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    gone = [p for i, p in enumerate(archives)
+            if i >= MAX_ARCHIVES or (i >= 2 and now - p.stat().st_mtime >= PRUNE_AGE)]
+    for p in gone:
+        p.unlink(missing_ok=True)
+        p.with_name(p.name.split(".cpio", 1)[0] + ".json").unlink(missing_ok=True)
+    return gone
 
 
 def build_save_initramfs(out: Path | None = None, compress: bool = True) -> InitramfsImage:

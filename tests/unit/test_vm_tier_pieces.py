@@ -109,3 +109,54 @@ def test_tree_key_changes_with_the_package_list(monkeypatch):
     key = rootfs.tree_key("http://m/debian")
     monkeypatch.setattr(rootfs, "PACKAGES", rootfs.PACKAGES + ("strace",))
     assert rootfs.tree_key("http://m/debian") != key
+
+
+def _aged(path: Path, hours_ago: float, now: float, size: int = 1) -> Path:
+    import os
+    path.write_bytes(b"x" * size)
+    os.utime(path, (now - hours_ago * 3600, now - hours_ago * 3600))
+    return path
+
+
+def test_old_guest_images_are_pruned_with_their_prepared_layers(tmp_path: Path):
+    """A day of changes under kjumpd/ made dozens of 2.5 GiB images and filled the disk."""
+    from tests.vm import rootfs
+    now = 1_000_000.0
+    ages = {"a": 0.1, "b": 0.2, "c": 0.5, "d": 1.0, "e": 3.0, "f": 5.0}  # hours since last use
+    for key, h in ages.items():
+        _aged(tmp_path / f"image-{key}.raw", h, now)
+        _aged(tmp_path / f"image-{key}.prepared.qcow2", h, now)
+        (tmp_path / f"image-{key}.prepare").mkdir()
+    gone = rootfs.prune_images(tmp_path, now=now)
+    # the four newest stay (all used within PRUNE_AGE); the two old ones go, with their layers
+    assert sorted(p.name for p in gone) == ["image-e.raw", "image-f.raw"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(f"image-{k}{ext}" for k in "abcd"
+                          for ext in (".raw", ".prepared.qcow2", ".prepare"))
+    # never more than MAX_IMAGES, even when all are in use: the oldest go first
+    for key in "ghi":
+        _aged(tmp_path / f"image-{key}.raw", 0.01, now)
+    gone = rootfs.prune_images(tmp_path, now=now)
+    assert sorted(p.name for p in gone) == ["image-b.raw", "image-c.raw", "image-d.raw"]
+    assert len(list(tmp_path.glob("image-*.raw"))) == rootfs.MAX_IMAGES
+    # two images, however old, are kept: a session that comes back the next day boots at once
+    for p in tmp_path.glob("image-*.raw"):
+        _aged(p, 48, now)
+    rootfs.prune_images(tmp_path, now=now)
+    assert len(list(tmp_path.glob("image-*.raw"))) == 2
+
+
+def test_old_initramfs_archives_are_pruned_per_name(tmp_path: Path):
+    from savekernel import initramfs
+    now = 1_000_000.0
+    for i, h in enumerate([0.1, 0.5, 3, 4, 5]):
+        _aged(tmp_path / f"save-{i:04x}abcd.cpio.lz4", h, now)
+        _aged(tmp_path / f"save-{i:04x}abcd.json", h, now)
+    _aged(tmp_path / "save-extra-0000aaaa.cpio.lz4", 9, now)     # another name: not touched
+    _aged(tmp_path / "restore-0000bbbb.cpio.lz4", 9, now)
+    gone = initramfs.prune_cache(tmp_path, "save", now=now)
+    assert sorted(p.name for p in gone) == ["save-0002abcd.cpio.lz4", "save-0003abcd.cpio.lz4",
+                                            "save-0004abcd.cpio.lz4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "restore-0000bbbb.cpio.lz4", "save-0000abcd.cpio.lz4", "save-0000abcd.json",
+        "save-0001abcd.cpio.lz4", "save-0001abcd.json", "save-extra-0000aaaa.cpio.lz4"]

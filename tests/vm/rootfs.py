@@ -39,7 +39,11 @@ TREE_RECIPE = "tree-v1"
 #: Bump when the way the image is assembled changes.
 IMAGE_RECIPE = "image-v2"
 IMAGE_SIZE = 4 << 30  # sparse; the guest needs room for the image target and the workload
-PRUNE_AGE = 6 * 3600  # seconds an image stays safe from pruning after its last use
+PRUNE_AGE = 2 * 3600  # seconds an image stays safe from pruning after its last use (a CI run
+#                       takes at most 90 minutes)
+#: images kept whatever their age: each is up to ~2.5 GiB with its prepared layer, and a day of
+#: changes under kjumpd/ made dozens of them (47 GiB, a full disk)
+MAX_IMAGES = 4
 
 REPO = Path(__file__).resolve().parents[2]
 #: tests/vm modules that also run inside the guest (as the package kjumpvm)
@@ -240,19 +244,28 @@ def build_image(payload: Payload, cache: Path | None = None) -> Path:
     _run(["mkfs.ext4", "-q", "-F", "-L", "kjumpvm-root", "-E", "root_owner=0:0",
           "-d", str(tree), str(tmp)], "mkfs.ext4 -d failed for the guest image")
     tmp.rename(image)
-    # Keep the two newest images, and any used in the last PRUNE_AGE seconds: another
-    # checkout's test run (or a CI run beside a session) may still be booting from it.
-    olds = sorted((cache / "rootfs").glob("image-*.raw"), key=lambda p: p.stat().st_mtime)
-    for old in olds[:-2]:
-        if time.time() - old.stat().st_mtime < PRUNE_AGE:
-            continue
+    prune_images(cache / "rootfs")
+    return image
+
+
+def prune_images(rootfs: Path, now: float | None = None) -> list[Path]:
+    """Remove old guest images (and what tests/vm/assets.py derived from them); return them.
+
+    Keeps the two newest images and any used in the last PRUNE_AGE seconds (another
+    checkout's test run, or a CI run beside a session, may still be booting from it), but
+    never more than MAX_IMAGES in all: the oldest go first."""
+    now = time.time() if now is None else now
+    olds = sorted(rootfs.glob("image-*.raw"), key=lambda p: p.stat().st_mtime, reverse=True)
+    gone = [old for i, old in enumerate(olds)
+            if i >= MAX_IMAGES or (i >= 2 and now - old.stat().st_mtime >= PRUNE_AGE)]
+    for old in gone:
         old.unlink()
         # and what tests/vm/assets.py derived from it (the prepared layer, its logs)
         old.with_suffix(".prepared.qcow2").unlink(missing_ok=True)
         logs = old.with_suffix(".prepare")
         if logs.is_dir():
             shutil.rmtree(logs)
-    return image
+    return gone
 
 
 def main(argv: list[str] | None = None) -> int:
