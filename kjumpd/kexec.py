@@ -90,19 +90,25 @@ def vmcoreinfo_location(sysroot: Sysroot) -> tuple[int, int] | None:
     return (addr, size) if addr > 0 and size > 0 else None
 
 
+_TRUE = ("1", "y", "yes", "on", "true")
+_FALSE = ("0", "n", "no", "off", "false")
+
+
+def _cmdline_flag(sysroot: Sysroot, name: str) -> bool | None:
+    """The boolean kernel parameter ``name`` on /proc/cmdline (the last one wins, as in the
+    kernel); None when it is absent or not a boolean the kernel would take."""
+    said: str | None = None
+    for word in sysroot.read_text("/proc/cmdline", default="").split():
+        if word.startswith(name + "="):
+            said = word.split("=", 1)[1].lower()
+    return True if said in _TRUE else False if said in _FALSE else None
+
+
 def free_pages_restore_as_zeros(sysroot: Sysroot) -> bool:
     """False when this kernel checks its free pages for a poison pattern (page_poison=1 on its
     command line, CONFIG_PAGE_POISONING): B's free-page exclusion restores free pages as zeros,
     which such a kernel would report as memory corruption. Then the job saves every page."""
-    for word in sysroot.read_text("/proc/cmdline", default="").split():
-        if word.startswith("page_poison=") and word.split("=", 1)[1].lower() in (
-                "1", "y", "yes", "on", "true"):
-            return False
-    return True
-
-
-_TRUE = ("1", "y", "yes", "on", "true")
-_FALSE = ("0", "n", "no", "off", "false")
+    return _cmdline_flag(sysroot, "page_poison") is not True
 
 
 def _kernel_config(sysroot: Sysroot) -> str | None:
@@ -133,17 +139,13 @@ def free_pages_zeroed(sysroot: Sysroot) -> tuple[bool, str]:
     CONFIG_INIT_ON_FREE_DEFAULT_ON does; when neither can be read the answer is True (zeros:
     slower, never wrong).
     """
-    said: str | None = None
-    for word in sysroot.read_text("/proc/cmdline", default="").split():
-        if word.startswith("init_on_free="):
-            said = word.split("=", 1)[1].lower()
-    if said in _TRUE:
-        return True, "init_on_free=1 on the command line"
-    if said in _FALSE:
-        return False, "init_on_free=0 on the command line"
+    said = _cmdline_flag(sysroot, "init_on_free")
+    if said is not None:
+        return said, f"init_on_free={int(said)} on the command line"
     config = _kernel_config(sysroot)
     if config is None:
-        return True, "the kernel's configuration is unreadable (no /proc/config.gz or /boot/config-*)"
+        return True, ("the kernel's configuration is unreadable (no /proc/config.gz or "
+                      "/boot/config-*)")
     if "\nCONFIG_INIT_ON_FREE_DEFAULT_ON=y" in "\n" + config:
         return True, "CONFIG_INIT_ON_FREE_DEFAULT_ON=y"
     return False, "init_on_free is off"

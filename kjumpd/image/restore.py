@@ -37,8 +37,8 @@ from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError
 from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, decode_into, zeros
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import (EMPTY_ENCODINGS, ENC_FREE, ChunkHeader, Header, ImageState, Metadata,
-                                 chunk_count, chunk_plan, crc32, image_tag)
+from kjumpd.image.format import (EMPTY_ENCODINGS, ENC_FREE, ChunkHeader, Header, ImageState,
+                                 Metadata, chunk_count, chunk_plan, crc32, image_tag)
 from kjumpd.image.save import (Progress, _check_place, _Meter, default_workers,
                                inflight_chunks)
 from kjumpd.image.stream import RecordReader
@@ -196,8 +196,8 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
             raise _Skipped(f"chunk {ch.index} not written: an earlier chunk failed")
         t1, c1 = time.monotonic(), time.thread_time()
         try:
-            if ch.encoding == ENC_FREE:  # free in A, contents never looked at: left as found
-                pass
+            if ch.encoding == ENC_FREE:
+                pass                     # free in A, its contents never looked at: left as found
             elif out is None:
                 deliver(ch.phys, None, n)
             else:
