@@ -8,6 +8,7 @@ is missing).
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, fields
@@ -96,6 +97,7 @@ class Config:
     timeout_inhibitors: float = 5.0
     timeout_shrink: float = 30.0
     timeout_kexec: float = 120.0
+    timeout_freeze: float = 20.0               # user space must stop within this (cgroup freezer)
     # [battery]
     battery_floor_percent: float = 10.0
     battery_rearm_min_seconds: int = 300
@@ -129,7 +131,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "hooks": {"dirs": ("hook_dirs", "pathlist"), "policy": ("hook_policy", "policy")},
     "timeouts": {"hooks": ("timeout_hooks", "seconds"),
                  "inhibitors": ("timeout_inhibitors", "seconds"),
-                 "shrink": ("timeout_shrink", "seconds"), "kexec": ("timeout_kexec", "seconds")},
+                 "shrink": ("timeout_shrink", "seconds"), "kexec": ("timeout_kexec", "seconds"),
+                 "freeze": ("timeout_freeze", "seconds")},
     "battery": {"floor_percent": ("battery_floor_percent", "percent"),
                 "rearm_min_seconds": ("battery_rearm_min_seconds", "seconds_int")},
     "authz": {"group": ("authz_group", "str")},
@@ -190,7 +193,8 @@ def _convert(kind: str, key: str, v: Any) -> Any:
             raise _bad(key, "a list of absolute paths", v, '["/etc/kjumpd/sleep.d"]')
         return tuple(v)
     if kind in ("seconds", "seconds_int"):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or v > 86400:
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or v <= 0 or v > 86400):
             raise _bad(key, "a number of seconds in (0, 86400]", v, "30")
         return int(v) if kind == "seconds_int" else float(v)
     if kind == "percent":

@@ -16,6 +16,8 @@ Runs a GLib main loop; the transition runs in a worker thread (kjumpd.service).
   filesystem, and a blocked stderr must never block the thread that thaws it.
 - SIGTERM/SIGINT: with no transition, release the name and exit 0. During one, cancel it (the
   transaction rolls back) and exit once it has finished (bounded by --stop-timeout).
+- ``--recover``: thaw what a kjumpd that died inside the frozen window left frozen
+  (kjumpd.freezeguard; systemd's ExecStopPost). The daemon does the same at start.
 - Exit codes: 0 clean stop; 1 failed to start (one line on stderr saying what, why and the fix).
 """
 
@@ -95,6 +97,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--stop-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="on SIGTERM during a transition, wait this long for its rollback")
+    p.add_argument("--recover", action="store_true",
+                   help="thaw the filesystems and processes a stopped kjumpd left frozen, then "
+                        "exit (systemd runs this as ExecStopPost; nothing to do exits 0)")
     return p.parse_args(argv)
 
 
@@ -181,6 +186,12 @@ class Daemon:
         self.exit_code = 0
         self.sysroot = Sysroot(Path(args.sysroot))
         self.config = load_config(self.sysroot, args.config)
+        # a kjumpd that died inside the frozen window, with nothing else to thaw after it
+        from kjumpd import taskfreeze
+        try:
+            taskfreeze.recover(self.sysroot, "an earlier kjumpd stopped inside the frozen window")
+        except KjumpError as e:
+            log.error("%s", e.message)
         clear_stale_oneshot(self.sysroot, _startup_image_state(self.sysroot, self.config))
         # hash the save kernel's files now, not in the first hibernation's preflight (which
         # then only compares their stat)
@@ -314,6 +325,9 @@ class Daemon:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    if args.recover:
+        from kjumpd.freezeguard import recover_main
+        return recover_main(args.sysroot)
     try:
         daemon = Daemon(args)
         return daemon.run()

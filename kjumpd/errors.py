@@ -105,6 +105,13 @@ class QuiesceError(KjumpError):
 
 class FreezeError(KjumpError):
     """FIFREEZE/FITHAW failed for a filesystem."""
+    dbus_name = "FreezeFailed"
+
+
+class TaskFreezeError(KjumpError):
+    """User space could not be stopped before the jump (the cgroup freezer within its bound,
+    or the kernel's own freezer at ``kexec -e``); names the tasks that did not stop."""
+    dbus_name = "TasksNotFrozen"
 
 
 class FsStampError(KjumpError):
@@ -117,6 +124,12 @@ class BootEntryError(KjumpError):
 
 class KexecError(KjumpError):
     """kexec-tools or kexec_load(2) failed."""
+
+
+class JumpError(KexecError):
+    """``kexec -e`` came back without the save kernel having written to the image: the
+    jump did not happen, or the save kernel stopped before its first write."""
+    dbus_name = "JumpFailed"
 
 
 class PlatformError(KjumpError):

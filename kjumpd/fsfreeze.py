@@ -122,13 +122,18 @@ def _ioctl_dir(sysroot: Sysroot, m: Mount, request: int) -> None:
 
 
 def freeze(sysroot: Sysroot, mounts: list[Mount],
-           on_frozen: Callable[[Mount], None] | None = None) -> list[Mount]:
+           on_frozen: Callable[[Mount], None] | None = None,
+           before_freeze: Callable[[Mount], None] | None = None) -> list[Mount]:
     """sync, then FIFREEZE each mount in order; on failure thaw what was frozen and raise.
 
-    ``on_frozen`` is called after each successful freeze (for the undo journal)."""
+    ``before_freeze`` is called before each FIFREEZE (a write-ahead record for a thaw path
+    that does not depend on this process), ``on_frozen`` after each successful one (for the
+    undo journal)."""
     os.sync()
     done: list[Mount] = []
     for m in mounts:
+        if before_freeze:
+            before_freeze(m)
         try:
             _ioctl_dir(sysroot, m, FIFREEZE)
         except FreezeError:

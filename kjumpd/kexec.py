@@ -328,12 +328,14 @@ class Kexec:
                         "area", start, end - 1, _why(r))
             window = (area.start, area.end)
 
-    def jump(self) -> int:
-        """Jump to B; returns when B jumps back (or at once if the jump did not happen).
-        The status is logged only: the image header says what happened."""
+    def jump(self) -> tuple[int, str]:
+        """Jump to B; returns (exit status, what kexec printed) when B jumps back, or at once
+        if the jump did not happen. kexec-tools prints "kexec failed: <errno text>" in both
+        cases (after a round trip the errno is stale): the image header says what happened."""
         r = self._run(["-e", "-x", "-y"], "jump", None)
-        log.info("kexec -e returned %d: %s", r.returncode, (r.stderr or r.stdout).strip()[-200:])
-        return r.returncode
+        said = (r.stderr or r.stdout).strip()[-400:]
+        log.info("kexec -e returned %d: %s", r.returncode, said)
+        return r.returncode, said
 
     def unload(self, nice: bool = False) -> None:
         """``kexec -u``; ``nice``: at the lowest CPU priority (through nice(1) when it is

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kjumpd import blockmap, jumparea, memory
+from kjumpd import blockmap, jumparea, memory, taskfreeze
 from kjumpd.config import Config
 from kjumpd.errors import KjumpError
 from kjumpd.kexec import sha256_file
@@ -230,6 +230,12 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
     except ImportError:
         add(PreflightItem("boot entry", False, "kjumpd.bootentry is not available",
                           "install the complete kjumpd package"))
+
+    # user space is stopped before the filesystems are frozen (kjumpd.taskfreeze)
+    usable, said = taskfreeze.support(sysroot)
+    add(PreflightItem("user-space freeze", usable, said,
+                      "mount cgroup v2 (systemd does: systemd.unified_cgroup_hierarchy=1 on "
+                      "older systems) on a Linux 5.2 or later kernel", fatal=False))
 
     # the mode's way out
     if mode == "platform":

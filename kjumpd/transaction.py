@@ -1,9 +1,16 @@
 """The hibernate transaction in the main kernel (A): every step records its undo.
 
-Steps (../shared/docs/DESIGN.md, "Hibernate"):
+Steps:
   preflight -> announce (PrepareForSleep(true), hooks "pre") -> shrink -> quiesce ->
-  boot one-shot -> [hold logs, sync, FIFREEZE, stamps, job + initrd in /run, kexec load] ->
+  boot one-shot -> freeze tasks [hold logs, fork the freeze guard, cgroup v2 freezer] ->
+  freeze filesystems [sync, FIFREEZE, stamps] -> load [job + initrd in /run, kexec load] ->
   jump (kexec -e) -> return point: read the header with O_DIRECT on the whole disk.
+User space is stopped before the filesystems (kjumpd.taskfreeze says why), and everything
+frozen is recorded first in /run/kjumpd/frozen.json, which the freeze guard
+(kjumpd.freezeguard) thaws from if this process dies inside the frozen window.
+A header whose sequence number did not change across ``kexec -e`` means the save kernel
+never wrote: the error is the jump's (JumpError), or the kernel freezer's
+(TaskFreezeError, naming the tasks it logged), never the image's.
 The copy of B's initramfs to /run runs in a thread from the preflight to the load (file I/O
 and hashing, which release the GIL); the job is appended after the freeze.
 stats["steps"] has the seconds of the steps inside phases.
@@ -16,8 +23,9 @@ At the return point:
   RESTORING -> resumed: mark CONSUMED (raw disk, before any filesystem write), then undo.
   anything else -> full rollback; the system keeps running.
 
-Undo runs in reverse (unload, remove initrd, thaw + release logs, boot one-shot off,
-quiesce undone, hooks "post", PrepareForSleep(false)); every undo is attempted and its
+Undo runs in reverse (unload, remove initrd, thaw filesystems, thaw tasks, end the guard,
+release logs, boot one-shot off, quiesce undone, hooks "post", PrepareForSleep(false));
+every undo is attempted and its
 failures are reported. ``run`` returns an Outcome when the system continues normally
 (resumed / continued / woke-from-ram) and raises the KjumpError that stopped it after a
 full rollback otherwise (``err.outcome`` holds the rolled-back Outcome). When the system
@@ -38,13 +46,13 @@ from typing import Any, Callable, Protocol
 
 # Everything the frozen window needs is imported here, up front: an import while the root
 # filesystem is frozen would block writing its __pycache__ entry.
-from kjumpd import (blockmap, fsfreeze, fsstamp, hooks, kexec, memory, platform, preflight,
-                    quiesce, shrink)
+from kjumpd import (blockmap, freezeguard, fsfreeze, fsstamp, hooks, kexec, kmsg, memory,
+                    platform, preflight, quiesce, shrink, taskfreeze)
 from kjumpd.image import store
 from kjumpd.image.format import ImageState
 from kjumpd.config import MODES, Config
-from kjumpd.errors import (BusyError, CancelledError, ConfigError, ImageStateError, KjumpError,
-                           UnsupportedError)
+from kjumpd.errors import (BusyError, CancelledError, ConfigError, ImageStateError, JumpError,
+                           KjumpError, TaskFreezeError, UnsupportedError)
 from kjumpd.job import Job
 from kjumpd.sysroot import Sysroot
 
@@ -187,6 +195,13 @@ class Hibernation:
         hk = self._housekeeping
         return hk is None or hk.join(timeout)
 
+    def frozen_bound(self) -> float:
+        """How long (CLOCK_MONOTONIC: the save kernel's time and sleep do not count) the
+        machine may stay frozen before the freeze guard thaws it: every bounded step of the
+        frozen window, with room to spare."""
+        cfg = self.config
+        return cfg.timeout_freeze + cfg.timeout_kexec + 2 * self.settle + 120.0
+
     # -- preflight --------------------------------------------------------------------------
     def check(self, mode: str | None = None) -> preflight.PreflightReport:
         return preflight.run(self.sysroot, self.config, mode)
@@ -300,7 +315,11 @@ class Hibernation:
             phase("boot entry", 25)
             self._arm_oneshot(undo)
 
-            phase("freeze", 30)
+            # Stop user space first, at a clean point, then the filesystems: a task that
+            # writes to a frozen filesystem sleeps where no freezer can stop it, and the
+            # kernel's freezer at the jump would give up. Logs are held from here on
+            # (journald is stopped too), bytecode is not written (an import would block).
+            phase("freeze tasks", 28)
             mounts = fsfreeze.freezable(fsfreeze.parse_mountinfo(
                 sr.read_text("/proc/self/mountinfo")))
             held.hold()
@@ -308,9 +327,36 @@ class Hibernation:
             pyc = sys.dont_write_bytecode
             sys.dont_write_bytecode = True
             undo.push("bytecode", lambda: setattr(sys, "dont_write_bytecode", pyc))
+            record = taskfreeze.FrozenState(pid=os.getpid())
+            # thaws on its own if this process dies or stays frozen past the bound
+            guard = freezeguard.start(sr, self.frozen_bound())
+            undo.push("freeze guard", lambda: (guard.stop(), taskfreeze.clear_state(sr)))
+            tasks = taskfreeze.TaskFreezer(sr, record)
+            undo.push("thaw tasks", tasks.thaw)
+            frep = timed("cgroup freeze", lambda: tasks.freeze(cfg.timeout_freeze))
+            out.stats.update(tasks_frozen_cgroups=len(frep.frozen), tasks_parked=frep.parked)
+            if frep.left_running:
+                out.stats["tasks_left_running"] = frep.left_running
+            if frep.note:
+                log.warning("%s", frep.note)
+            log.info("user space stopped: %d cgroup(s) frozen, %d process(es) parked in %s",
+                     len(frep.frozen), frep.parked, frep.cgroup_root or "-")
+
+            phase("freeze filesystems", 30)
             frozen: list[fsfreeze.Mount] = []
-            undo.push("thaw", lambda: fsfreeze.thaw(sr, frozen))
-            timed("sync + FIFREEZE", lambda: fsfreeze.freeze(sr, mounts, on_frozen=frozen.append))
+
+            def thaw_filesystems() -> list[str]:
+                errors = fsfreeze.thaw(sr, frozen)
+                record.mounts.clear()
+                tasks.record()
+                return errors
+
+            def before_fifreeze(m: fsfreeze.Mount) -> None:
+                record.mounts.append((m.mountpoint, m.devno, m.fstype))
+                tasks.record()
+            undo.push("thaw", thaw_filesystems)
+            timed("sync + FIFREEZE", lambda: fsfreeze.freeze(
+                sr, mounts, on_frozen=frozen.append, before_freeze=before_fifreeze))
             out.stats["frozen"] = [m.mountpoint for m in frozen]
             stamps = timed("stamps", lambda: [self._stamp(m) for m in frozen])
 
@@ -350,10 +396,18 @@ class Hibernation:
             check_cancel()
 
             phase("jump", 50)
-            rc = kx.jump()
+            before = self._header_seq(target)
+            klog = kmsg.KernelLog(sr).open()
+            try:
+                rc, said = kx.jump()
+                logged = klog.read()
+            finally:
+                klog.close()
             out.stats["kexec_rc"] = rc
             phase("return", 90)
             header = timed("header read", lambda: self._read_header(target))
+            if before is not None and header.seq == before:
+                raise _jump_failure(rc, said, logged, klog.error)
             out.image_state = header.state.name
             out.stats.update(raw_bytes=header.raw_bytes, stored_bytes=header.stored_bytes,
                              zero_pages=header.zero_pages, chunks=header.chunk_count,
@@ -369,7 +423,7 @@ class Hibernation:
                 self._leave(mode, target, out, undo, held)
             else:
                 raise ImageStateError("the save kernel did not save an image",
-                                      why=f"image state {header.state_text}",
+                                      why=f"it left the image {header.state_text}",
                                       fix="see the save kernel's console; the system was "
                                           "rolled back and keeps running",
                                       state=name)
@@ -437,6 +491,14 @@ class Hibernation:
         finally:
             dev.close()
 
+    def _header_seq(self, target: blockmap.Target) -> int | None:
+        """The header's sequence number before the jump (None when unreadable: B writes a
+        new header anyway). Unchanged after the jump: B never wrote."""
+        try:
+            return int(self._read_header(target).seq)
+        except KjumpError:
+            return None
+
     def _set_state(self, target: blockmap.Target, state: str, reason: str) -> None:
         dev = self._open(target, writable=True)
         try:
@@ -480,6 +542,28 @@ class Hibernation:
         except KjumpError:
             self._invalidate(target, out, f"mode {mode} failed")
             raise
+
+
+def _jump_failure(rc: int, said: str, logged: list[str], log_error: str) -> KjumpError:
+    """The error for a ``kexec -e`` after which the image header is unchanged: the save
+    kernel never wrote. The kernel's log says why when its freezer gave up."""
+    failure = kmsg.freezer_failure(logged)
+    kexec_said = said.strip().splitlines()[-1] if said.strip() else f"exit status {rc}"
+    if failure is not None:
+        return TaskFreezeError(
+            "the kernel could not freeze user space for the jump", why=failure.summary(),
+            fix="these tasks were not stopped by kjumpd's user-space freeze (kjumpctl check "
+                "says whether it is available) or sleep uninterruptibly in the kernel; stop "
+                "them or what they wait on, then retry. The system was rolled back and keeps "
+                "running", kexec=kexec_said, tasks=", ".join(str(t) for t in failure.tasks))
+    tail = [kmsg.text_of(x).strip() for x in logged if "kexec" in x.lower()
+            or "PM:" in x or "freez" in x.lower()][-3:]
+    return JumpError(
+        "the jump to the save kernel did not happen",
+        why=f"kexec -e: {kexec_said}" + (f"; kernel: {' | '.join(tail)}" if tail else "")
+            + (f" ({log_error})" if log_error else ""),
+        fix="see the kernel log (dmesg) around the jump; the image was not touched, the "
+            "system was rolled back and keeps running", kexec_rc=rc)
 
 
 def _rmdir_if_empty(sr: Sysroot, p: str) -> None:

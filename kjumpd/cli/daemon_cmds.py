@@ -44,6 +44,8 @@ _NOT_RUNNING = {"org.freedesktop.DBus.Error.ServiceUnknown",
 _BY_DBUS_NAME: dict[str, type[KjumpError]] = {
     "Busy": BusyError, "Cancelled": CancelledError, "NotAuthorized": NotAuthorizedError,
     "InvalidArgs": ConfigError, "NotSupported": UnsupportedError, "Failed": KjumpError,
+    "FreezeFailed": errors.FreezeError, "TasksNotFrozen": errors.TaskFreezeError,
+    "JumpFailed": errors.JumpError,
 }
 
 

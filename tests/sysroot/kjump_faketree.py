@@ -24,7 +24,7 @@ import textwrap
 from pathlib import Path
 
 TRIGGERS = {"bind", "unbind", "memory.reclaim", "drop_caches", "sysrq-trigger"}
-TRIGGER_PATHS = {"sys/power/state"}
+TRIGGER_PATHS = {"sys/power/state", "dev/kmsg"}
 MiB = 1 << 20
 
 
@@ -127,6 +127,7 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
     link(root, "/sys/class/block/vda1", "../../devices/virtual/block/vda/vda1")
     link(root, "/sys/dev/block/254:0", "../../devices/virtual/block/vda")
     link(root, "/sys/dev/block/254:1", "../../devices/virtual/block/vda/vda1")
+    w(root, "/dev/kmsg", "6,1,1000,-;Linux version 6.12.117-kjump\n")
     disk = root / "dev/vda"
     with open(disk, "wb") as f:
         f.truncate(48 * MiB)
@@ -306,6 +307,19 @@ if args and args[0] == "-e":
         finally:
             os.close(fd)
     result = os.environ.get("FAKE_KEXEC_RESULT", "saved")
+    if result == "freezer":
+        # what Linux logs when its freezer gives up on a task stuck in a frozen filesystem
+        with open(os.path.join(root, "dev", "kmsg"), "a") as f:
+            f.write("3,900,20000000,-;Freezing user space processes failed after 20.005 "
+                    "seconds (1 tasks refusing to freeze, wq_busy=0):\n"
+                    "6,901,20000001,-;task:appender        state:D stack:0     pid:4242  "
+                    "tgid:4242  ppid:1      flags:0x00004002\n"
+                    "6,902,20000002,-;Call Trace:\n6,903,20000003,-; __schedule+0x3a4/0xb10\n"
+                    "6,904,20000004,-; percpu_rwsem_wait+0x10d/0x130\n"
+                    "6,905,20000005,-; vfs_write+0x3c1/0x4b0\n"
+                    "6,906,20000006,-;Restarting tasks ... done.\n")
+        print("kexec failed: Device or resource busy", file=sys.stderr)
+        sys.exit(255)
     if result != "nojump":
         disk = os.path.join(root, "dev", job.device_hint["name"])
         dev, sb = store.open_target(disk, writable=True, offset=job.superblock_device_offset)

@@ -175,10 +175,12 @@ def test_the_shipped_unit_passes_systemd_analyze(tmp_path) -> None:
     for line in ("Type=notify", "BusName=org.kjump.Manager1", "NotifyAccess=main"):
         assert re.search(rf"^{re.escape(line)}$", unit, re.M), line
     assert re.search(r"^WatchdogSec=\d+", unit, re.M)
+    # however the service stops, what it left frozen is thawed by systemd itself
+    assert re.search(r"^ExecStopPost=kjumpd --recover$", unit, re.M)
     kjumpd_bin = Path(sys.executable).parent / "kjumpd"
     require(kjumpd_bin.exists(), "the kjumpd entry point is not installed in the venv")
     copy = tmp_path / "kjumpd.service"
-    copy.write_text(re.sub(r"^ExecStart=\S*kjumpd$", f"ExecStart={kjumpd_bin}", unit,
+    copy.write_text(re.sub(r"^(ExecStart|ExecStopPost)=\S*kjumpd\b", rf"\1={kjumpd_bin}", unit,
                            flags=re.M))
     r = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True,
                        timeout=60)

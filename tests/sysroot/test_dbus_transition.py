@@ -156,7 +156,7 @@ def test_a_concurrent_request_is_busy_and_the_signals_tell_the_story(bus, machin
     lines = mon.lines
     idx = lambda pat: next(i for i, l in enumerate(lines) if re.search(pat, l))  # noqa: E731
     assert idx(r"'State': <'running'>") < idx(r"PrepareForSleep \(true,\)") \
-        < idx(r"Progress \('freeze'") < idx(r"Progress \('jump'") \
+        < idx(r"Progress \('freeze tasks'") < idx(r"Progress \('jump'") \
         < idx(r"PrepareForSleep \(false,\)") < idx(r"'State': <'idle'>")
     assert sum("PrepareForSleep (true" in l for l in lines) == 1
     assert sum("PrepareForSleep (false" in l for l in lines) == 1
@@ -182,7 +182,7 @@ def test_a_resume_emits_resumed_with_the_stats(bus, machine) -> None:
         last = prop(bus, "LastResult")
         assert last["result"]["data"] == "resumed"
         assert last["stats"]["data"]["kexec_rc"]["data"] == 255   # what the (fake) kexec -e said
-        assert {"freeze", "load", "jump"} <= set(last["durations"]["data"])
+        assert {"freeze tasks", "freeze filesystems", "load", "jump"} <= set(last["durations"]["data"])
         r = kjumpctl(bus.address, "status", "--json")
         assert json.loads(r.stdout)["LastResult"]["result"] == "resumed"
     finally:

@@ -26,8 +26,8 @@ import pytest
 from kjump_faketree import (build, install_fake_kexec, setup_target_and_bootentry, tree_hash, w)
 from kjumpd import config as cfgmod
 from kjumpd.errors import (CancelledError, FreezeError, FsStampError, HookError, ImageStateError,
-                           KexecError, KjumpError, PlatformError, QuiesceError, ShrinkError,
-                           UnsupportedError)
+                           JumpError, KexecError, KjumpError, PlatformError, QuiesceError,
+                           ShrinkError, TaskFreezeError, UnsupportedError)
 from kjumpd.image import store
 from kjumpd.job import Job
 from kjumpd.sysroot import Sysroot
@@ -243,7 +243,8 @@ def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/unbind") == "0000:00:1f.3"
     assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == "0000:00:1f.3"
     assert not (fx.root / "run/kjumpd").exists()
-    assert set(out.durations) >= {"preflight", "freeze", "load", "jump", "return"}
+    assert set(out.durations) >= {"preflight", "freeze tasks", "freeze filesystems", "load", "jump",
+                                    "return"}
     assert set(out.stats["steps"]) >= {"quiesce apply", "initrd copy (thread)",
                                        "initrd job", "kexec load", "header read", "undo thaw"}
 
@@ -386,7 +387,9 @@ CASES = {
     "kexec load fails": (
         lambda fx, mp: mp.setenv("FAKE_KEXEC_FAIL", "load"), "test", KexecError, False),
     "kexec -e does not jump": (
-        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "nojump"), "test", ImageStateError, False),
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "nojump"), "test", JumpError, False),
+    "kernel freezer refuses the jump": (
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "freezer"), "test", TaskFreezeError, False),
     "save kernel aborts": (
         lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "aborted"), "test", ImageStateError, True),
     "platform S4 refused": (lambda fx, mp: None, "platform", PlatformError, True),
@@ -442,6 +445,12 @@ def test_failure_rolls_back_byte_for_byte(fx, monkeypatch, case):
     assert "\n" not in e.message, "errors are one line"
     if case.startswith("kexec load"):
         assert e.why == "kexec_load failed: Operation not permitted"
+    if case in ("kexec -e does not jump", "kernel freezer refuses the jump"):
+        # the real cause, never "the image is invalid"
+        assert "image" not in e.what and "image state" not in e.why, e.message
+    if case == "kernel freezer refuses the jump":
+        assert "pid 4242 (appender) state D in vfs_write" in e.why, e.message
+        assert e.outcome.durations.get("jump") is not None
     assert e.outcome.result == "rolled-back" and e.context["rolled_back"]
     assert tree_hash(fx.root, exclude={"dev/vda"} if touched else set()) == before, case
     assert not (fx.root / "run/kjumpd/quiesce.journal").exists()

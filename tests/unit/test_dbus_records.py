@@ -147,9 +147,9 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_per_phase_otherwise() -> Non
     assert t.getvalue().endswith("\n")
     p = io.StringIO()
     view = dc.ProgressView(p)
-    for ph, pct in (("preflight", 0), ("freeze", 30), ("freeze", 31), ("jump", 50)):
+    for ph, pct in (("preflight", 0), ("freeze tasks", 28), ("freeze tasks", 29), ("jump", 50)):
         view.update(ph, pct)
-    assert p.getvalue().splitlines() == ["kjumpctl: preflight (0%)", "kjumpctl: freeze (30%)",
+    assert p.getvalue().splitlines() == ["kjumpctl: preflight (0%)", "kjumpctl: freeze tasks (28%)",
                                          "kjumpctl: jump (50%)"]
 
 

@@ -17,6 +17,10 @@ Scenarios (the host side, test_scenarios.py, boots QEMU accordingly):
                       same command line (R booting the normal kernel) runs noimage
   noimage         e.  R found no image and booted the normal kernel: no restore happened
   rollback        f.  a kexec load refused (injected) → hibernate fails, full rollback
+  checkpoint      g.  hibernate --mode checkpoint: the image stays SAVED, the system goes on
+  killed          h.  kjumpd SIGKILLed inside the frozen window (by PID 1): the freeze guard
+                      thaws; the writers go on and nothing committed is lost
+  The kjumpd scenarios a-c, f-h run two disk writers beside the workload (writers.py).
   swsusp          bench: the kernel's own hibernation (echo disk > /sys/power/state)
 """
 
@@ -31,10 +35,12 @@ from pathlib import Path
 
 try:  # in the guest the package is kjumpvm; on the host tests.vm
     from kjumpvm import workload as wl
-    from kjumpvm.vminit import event, say
+    from kjumpvm import writers
+    from kjumpvm.vminit import KILLED_MARK, event, say
 except ImportError:  # pragma: no cover - host-side import for linting/tests
     from tests.vm import workload as wl  # type: ignore[no-redef]
-    from tests.vm.vminit import event, say  # type: ignore[no-redef]
+    from tests.vm import writers  # type: ignore[no-redef]
+    from tests.vm.vminit import KILLED_MARK, event, say  # type: ignore[no-redef]
 
 KJUMPCTL = "/usr/local/bin/kjumpctl"
 RESULT_PREFIX = "KJUMP-RESULT:"
@@ -191,8 +197,9 @@ def image_fields(record: dict) -> dict[str, str]:
 
 def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
                         inject: str | None = None, want_rc_ok: bool = True,
-                        want_written: bool = False) -> int:
+                        want_written: bool = False, disk_writers: bool = False) -> int:
     problems: list[str] = []
+    wbefore: dict = {}
     before = after = None
     expected = ""
     extra: dict[str, str] = {}
@@ -213,9 +220,14 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
         swapon_from_cmdline()
         _proc, before = start_workload()
         expected = wl.expected_digest(before.seed, before.size)
+        if disk_writers:
+            writers.start()
+            event("writers-ready")
         if inject == "kexec-refused":
             inject_kexec_refusal()
         log_meminfo(mode)
+        if disk_writers:
+            wbefore = writers.snapshot()     # what was committed when the user asked
         event("hibernate-start", mode=mode)
         proc = kjumpctl("hibernate", "--mode", mode, "--json")
         event("hibernate-returned", rc=proc.returncode)
@@ -237,13 +249,69 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
             problems.append(f"image is {state}, expected {'/'.join(want_states)}")
         if inject:
             problems += check_writable_filesystems()
+        if disk_writers:
+            wproblems, wfields = writers.check(wbefore)
+            problems += wproblems
+            extra.update(wfields)
     except Missing as err:
         problems.append(f"missing: {err}")
     except Failure as err:
         problems.append(str(err))
-    except (OSError, ValueError, subprocess.TimeoutExpired) as err:
+    except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
         problems.append(f"{type(err).__name__}: {err}")
     ok, line = wl.verdict(name, before, after, expected, extra, problems)
+    print(line, flush=True)
+    return 0 if ok else 1
+
+
+def scenario_killed() -> int:
+    """h. kjumpd is SIGKILLed inside its frozen window (user space and filesystems frozen,
+    the save kernel being loaded) by PID 1, which the freeze never stops. Nothing of kjumpd
+    is left to thaw but its freeze guard: the machine must become writable again, the
+    writers go on, every committed record is on the disk."""
+    problems: list[str] = []
+    before = after = None
+    expected = ""
+    extra: dict[str, str] = {}
+    try:
+        wait_daemon()
+        require_prepared()
+        _proc, before = start_workload()
+        expected = wl.expected_digest(before.seed, before.size)
+        writers.start()
+        event("writers-ready")
+        wbefore = writers.snapshot()
+        event("hibernate-start", mode="test")
+        proc = kjumpctl("hibernate", "--mode", "test", "--json")
+        event("hibernate-returned", rc=proc.returncode)
+        extra["rc"] = str(proc.returncode)
+        killed = KILLED_MARK.read_text().strip() if KILLED_MARK.exists() else ""
+        extra["killed"] = killed.split()[0] if killed else "no"
+        if not killed.startswith("frozen"):
+            problems.append(f"PID 1 did not kill kjumpd inside the frozen window ({killed or 'no'})")
+        if proc.returncode not in (1, 4):
+            problems.append(f"kjumpctl hibernate: rc {proc.returncode}, expected the daemon's "
+                            "death to be reported (4)")
+        problems += check_writable_filesystems(timeout=60)
+        for path in (Path("/run/kjumpd/frozen.json"),):
+            if path.exists():
+                problems.append(f"{path} is still there after the guard's thaw")
+        left = [str(p) for p in Path("/sys/fs/cgroup").rglob("kjumpd.freeze")]
+        if left:
+            problems.append(f"parking cgroups left behind: {left}")
+        frozen = [str(p.parent) for p in Path("/sys/fs/cgroup").rglob("cgroup.freeze")
+                  if p.read_text().strip() == "1"]
+        if frozen:
+            problems.append(f"cgroups still frozen: {frozen}")
+        after = wl.query()
+        wproblems, wfields = writers.check(wbefore)
+        problems += wproblems
+        extra.update(wfields)
+    except Missing as err:
+        problems.append(f"missing: {err}")
+    except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
+        problems.append(f"{type(err).__name__}: {err}")
+    ok, line = wl.verdict("killed", before, after, expected, extra, problems)
     print(line, flush=True)
     return 0 if ok else 1
 
@@ -275,20 +343,22 @@ def inject_kexec_refusal() -> None:
     event("inject", what="kexec_load_refused_at_load")
 
 
-def check_writable_filesystems() -> list[str]:
-    """After a rollback every filesystem must accept writes again (thawed)."""
-    problems = []
-    probe = Path("/var/lib/kjumpvm/writable-probe")
+def check_writable_filesystems(timeout: float = 60.0) -> list[str]:
+    """After a rollback every filesystem must accept writes again (thawed): a write and an
+    fsync in a child process, which a frozen filesystem would block until ``timeout``."""
+    probe = "/var/lib/kjumpvm/writable-probe"
+    code = (f"import os; os.makedirs(os.path.dirname({probe!r}), exist_ok=True); "
+            f"fd = os.open({probe!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC); "
+            "os.write(fd, b'probe'); os.fsync(fd); os.close(fd); "
+            f"os.unlink({probe!r})")
     try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text(str(time.time()))
-        fd = os.open(probe, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        probe.unlink()
-    except OSError as err:
-        problems.append(f"root filesystem not writable after rollback: {err}")
-    return problems
+        r = subprocess.run([sys.executable, "-c", code], timeout=timeout,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except subprocess.TimeoutExpired:
+        return [f"root filesystem still frozen {timeout:g} s later (a write did not return)"]
+    if r.returncode != 0:
+        return [f"root filesystem not writable: {r.stdout.strip()[-200:]}"]
+    return []
 
 
 def require_prepared() -> None:
@@ -374,6 +444,7 @@ def scenario_swsusp() -> int:
             raise Missing("swapon /dev/vdb failed")
         _proc, before = start_workload()
         expected = wl.expected_digest(before.seed, before.size)
+        writers.start()              # the same busy machine as kjumpd's runs
         os.sync()
         log_meminfo("swsusp")
         event("hibernate-start", mode="swsusp")
@@ -391,14 +462,21 @@ def scenario_swsusp() -> int:
 
 
 SCENARIOS = {
-    "test": lambda: hibernate_and_check("test", "test", ("INVALID",), want_written=True),
-    "shutdown": lambda: hibernate_and_check("shutdown", "shutdown", ("CONSUMED",)),
-    "platform": lambda: hibernate_and_check("platform", "platform", ("CONSUMED",)),
+    "test": lambda: hibernate_and_check("test", "test", ("INVALID",), want_written=True,
+                                        disk_writers=True),
+    "shutdown": lambda: hibernate_and_check("shutdown", "shutdown", ("CONSUMED",),
+                                            disk_writers=True),
+    "platform": lambda: hibernate_and_check("platform", "platform", ("CONSUMED",),
+                                            disk_writers=True),
+    "checkpoint": lambda: hibernate_and_check("checkpoint", "checkpoint", ("SAVED",),
+                                              want_written=True, disk_writers=True),
+    "killed": scenario_killed,
     "suspend-wake": lambda: hibernate_and_check("suspend-wake", "suspend", ("INVALID",)),
     "suspend-lost": lambda: hibernate_and_check("suspend-lost", "suspend", ("CONSUMED",)),
     "rollback": lambda: hibernate_and_check("rollback", "test",
                                             ("EMPTY", "ABORTED", "INVALID"),
-                                            inject="kexec-refused", want_rc_ok=False),
+                                            inject="kexec-refused", want_rc_ok=False,
+                                            disk_writers=True),
     "prepare": scenario_prepare,
     "noimage": scenario_noimage,
     "swsusp": scenario_swsusp,

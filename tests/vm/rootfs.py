@@ -47,7 +47,7 @@ MAX_IMAGES = 4
 
 REPO = Path(__file__).resolve().parents[2]
 #: tests/vm modules that also run inside the guest (as the package kjumpvm)
-GUEST_MODULES = ("__init__.py", "workload.py", "vminit.py", "guest_scenarios.py")
+GUEST_MODULES = ("__init__.py", "workload.py", "writers.py", "vminit.py", "guest_scenarios.py")
 
 
 class RootfsError(KjumpError):

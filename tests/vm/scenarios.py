@@ -373,6 +373,9 @@ class Runner:
         return self.outcome
 
 
+#: scenarios whose guest disk is checked with e2fsck once the guest is off: the ones with
+#: disk writers running through the hibernation
+FSCK_AFTER = frozenset({"test", "shutdown", "platform", "rollback", "checkpoint", "killed"})
 #: how long one QEMU run may take (TCG, 2 vCPUs shared with other work)
 BOOT_TIMEOUT = 900.0
 
@@ -386,7 +389,7 @@ def _swap_disk(run_dir: Path) -> Path:
 
 def run(name: str, assets: vm_assets.Assets, run_dir: Path,
         timeout: float = BOOT_TIMEOUT, swap: bool = False) -> Outcome:
-    """Run scenario ``name`` (a..f, see test_scenarios.py) to a verdict.
+    """Run scenario ``name`` (a..h, see test_scenarios.py) to a verdict.
 
     ``swap``: attach a blank 2 GiB swap disk as /dev/vdb and have the guest swapon it before
     the scenario (bench/vm.py: the same VM as swsusp's run, which needs that disk); it stays
@@ -400,8 +403,11 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
         "suspend-lost": ("suspend-lost", "suspend-lost"),
         "noimage": ("noimage", "noimage"),
         "rollback": ("rollback", "single"),
+        "checkpoint": ("checkpoint", "single"),
+        "killed": ("killed", "single"),
         "swsusp": ("swsusp", "swsusp"),   # bench/vm.py: the kernel's own hibernation
     }
+    extra = {"killed": "kjumpvm.kill_daemon=frozen"}.get(name, "")
     if name not in flows:
         raise ScenarioError(f"unknown scenario {name!r}", fix=f"one of {', '.join(flows)}")
     guest, flow = flows[name]
@@ -413,7 +419,8 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
             r = Runner(name, guest, assets, run_dir, extra_disks=(_swap_disk(run_dir),),
                        append_extra=f"kjumpvm.swap=/dev/vdb {A_APPEND_EXTRA.get(name, '')}")
         else:
-            r = Runner(name, guest, assets, run_dir, append_extra=A_APPEND_EXTRA.get(name, ""))
+            r = Runner(name, guest, assets, run_dir,
+                       append_extra=f"{A_APPEND_EXTRA.get(name, '')} {extra}".strip())
     except (KjumpError, OSError, subprocess.CalledProcessError) as err:
         out = Outcome(name=name, run_dir=run_dir)
         out.problems.append(f"missing: {err.message}")
@@ -452,10 +459,10 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:
         r.outcome.problems.append(f"{type(err).__name__}: {err}")
     outcome = r.finish()
-    if name == "rollback":
+    if name in FSCK_AFTER:
         ok, msg = fsck_overlay(r.overlay, run_dir)
         outcome.verdict["fsck"] = "clean" if ok else msg
         if not ok:
-            outcome.problems.append(f"e2fsck -fn after the rollback: {msg}")
+            outcome.problems.append(f"e2fsck -fn after the scenario: {msg}")
             outcome.passed = False
     return outcome

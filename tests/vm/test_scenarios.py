@@ -42,11 +42,23 @@ def _booted_restore_first(out: scenarios.Outcome) -> bool:
     return out.event("host-boots-R") is not None
 
 
+def _writers_intact(out: scenarios.Outcome) -> None:
+    """The SQLite database and the fsync'd log written all along are whole, with every
+    record committed before the request and after it, by the same processes that go on
+    (the guest's checks, writers.py), and the guest's filesystem is clean (host e2fsck)."""
+    assert out.verdict.get("writers") == "intact", out.summary()
+    for kind in ("sqlite", "append"):
+        before, after = (int(x) for x in out.verdict[kind].split("->"))
+        assert after > before > 0, out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
+
+
 def test_a_test_mode_jumps_back_with_workload_intact(vm_assets_built, run_dir):
     out = _run("test", vm_assets_built, run_dir)
     assert out.verdict.get("data") == "byte-exact", out.summary()
     assert out.verdict.get("image", "").startswith("INVALID"), out.summary()  # test: invalidated
     assert int(out.verdict.get("stored_bytes", "0")) > 0, out.summary()      # written first
+    _writers_intact(out)
 
 
 def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, run_dir):
@@ -58,6 +70,12 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
     assert out.verdict.get("data") == "byte-exact", out.summary()
     before, after = (int(x) for x in out.verdict["counter"].split("->"))
     assert after > before, out.summary()
+    _writers_intact(out)
+    # user space was stopped by the cgroup freezer before the filesystems (everything in
+    # this guest's root cgroup is parked: it has no service manager)
+    parked = _console_matches(out, r"user space stopped: \d+ cgroup\(s\) frozen, (\d+) "
+                                   r"process\(es\) parked")
+    assert parked and int(parked[0].group(1)) >= 4, out.summary()
     # the save left A's free pages out (they came back as zeros) and the workload is intact
     free = _console_matches(out, r"kjump-agent: free pages: (\d+) \(\d+ MiB\) of A's memory "
                                  r"skipped")
@@ -81,6 +99,7 @@ def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
     assert _booted_restore_first(out), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
+    _writers_intact(out)
     # A runs with init_on_free=1 here: its free pages came back as zeros, none left as found
     assert _console_matches(out, r"kjump-agent: free chunks: all-zero records, restored as "
                                  r"zeros"), out.summary()
@@ -117,6 +136,29 @@ def test_f_failure_before_jump_rolls_back_everything(vm_assets_built, run_dir):
     # the refusal hit the load step, with the filesystems already frozen: a full rollback
     rec = out.results[0] if out.results else {}
     assert rec.get("result") == "failed" and rec.get("error_class") == "KexecError", out.summary()
-    assert {"freeze", "load"} <= set(rec.get("durations", {})), out.summary()
+    assert {"freeze tasks", "freeze filesystems", "load"} <= set(rec.get("durations", {})), out.summary()
     assert not rec.get("undo_errors"), rec.get("undo_errors")
-    assert "clean" in out.verdict.get("fsck", ""), out.summary()
+    # the writers kept going through the rollback and lost nothing; the disk is clean
+    _writers_intact(out)
+
+
+def test_g_checkpoint_keeps_the_image_and_the_writers_go_on(vm_assets_built, run_dir):
+    out = _run("checkpoint", vm_assets_built, run_dir)
+    assert not _booted_restore_first(out), out.summary()
+    assert out.verdict.get("image") == "SAVED", out.summary()
+    assert int(out.verdict.get("stored_bytes", "0")) > 0, out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    _writers_intact(out)
+
+
+def test_h_daemon_killed_inside_the_frozen_window_leaves_nothing_frozen(vm_assets_built,
+                                                                        run_dir):
+    out = _run("killed", vm_assets_built, run_dir)
+    # PID 1 killed kjumpd with user space and the root filesystem frozen, while it loaded
+    # the save kernel; its freeze guard thawed everything
+    assert out.verdict.get("killed") == "frozen", out.summary()
+    assert out.event("daemon-killed") is not None, out.summary()
+    assert _console_matches(out, r"freeze guard: thawed after the death of kjumpd"), \
+        out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    _writers_intact(out)

@@ -13,12 +13,19 @@ each line reaches the serial log.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 EVENT_PREFIX = "KJUMP-EVENT:"
+#: written by PID 1's daemon killer (kjumpvm.kill_daemon=frozen): what it killed, and when
+KILLED_MARK = Path("/run/kjumpvm/daemon-killed")
+FROZEN_RECORD = Path("/run/kjumpd/frozen.json")
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 
@@ -108,6 +115,50 @@ def start_kjumpd() -> subprocess.Popen | None:
         return None
 
 
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = open(f"/proc/{name}/stat").read()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            if stat.rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append((int(name), comm))
+    return out
+
+
+def kill_daemon_when_frozen(daemon: subprocess.Popen) -> None:
+    """Scenario h: SIGKILL kjumpd inside its frozen window, from PID 1 (never frozen).
+
+    The window is recognised without timing: kjumpd's record says user space and the root
+    filesystem are frozen, and kjumpd runs `kexec` to load the save kernel, which it does
+    only after both. Writes KILLED_MARK ("frozen ..." or "missed ...")."""
+    def watch() -> None:
+        while daemon.poll() is None:
+            try:
+                rec = json.loads(FROZEN_RECORD.read_text())
+            except (OSError, ValueError):
+                rec = {}
+            if rec.get("mounts") and (rec.get("cgroups") or rec.get("parks")):
+                kexec = [p for p, comm in _children(daemon.pid) if comm == "kexec"]
+                if kexec:
+                    os.kill(daemon.pid, signal.SIGKILL)
+                    note = (f"frozen pid={daemon.pid} mounts={len(rec['mounts'])} "
+                            f"parks={sum(len(p) for _, p in rec.get('parks', []))} "
+                            f"during=kexec-load")
+                    KILLED_MARK.parent.mkdir(parents=True, exist_ok=True)
+                    KILLED_MARK.write_text(note + "\n")
+                    event("daemon-killed", window="frozen")
+                    say(f"killed kjumpd inside its frozen window: {note}")
+                    return
+            time.sleep(0.003)
+        KILLED_MARK.parent.mkdir(parents=True, exist_ok=True)
+        KILLED_MARK.write_text("missed: kjumpd exited by itself\n")
+    threading.Thread(target=watch, name="daemon-killer", daemon=True).start()
+
+
 def power_off() -> None:
     os.sync()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -124,6 +175,8 @@ def main() -> int:
     event("init", boot_id=boot_id)
     start_dbus()
     daemon = start_kjumpd()
+    if daemon is not None and cmdline_arg("kjumpvm.kill_daemon") == "frozen":
+        kill_daemon_when_frozen(daemon)
     scenario = cmdline_arg("kjumpvm.scenario") or "idle"
     event("scenario-start", name=scenario, daemon="yes" if daemon else "no")
     child = subprocess.Popen([sys.executable, "-m", "kjumpvm.guest_scenarios", scenario])
