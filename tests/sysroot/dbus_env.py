@@ -249,7 +249,47 @@ def busctl_json(address: str, *args: str, user: str | None = None) -> Any:
     return docs[0] if len(docs) == 1 else docs
 
 
+_FOREIGN: tuple[str, str] | None = None
+
+
+def foreign_python() -> tuple[str, str]:
+    """(interpreter, PYTHONPATH) with which another user runs this checkout's kjumpd.
+
+    The checkout and its venv may sit under a home directory that user cannot enter (0700
+    /root, a mktemp -d folder): the package is copied into a world-readable temporary
+    prefix, run by the first interpreter that user can start (the venv's base interpreter,
+    else the system's python3), each checked by starting it as that user."""
+    global _FOREIGN
+    if _FOREIGN is not None:
+        return _FOREIGN
+    prefix = Path(tempfile.mkdtemp(prefix="kjumpd-foreign-"))
+    shutil.copytree(REPO / "kjumpd", prefix / "kjumpd",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for d in (prefix, *(p for p in prefix.rglob("*") if p.is_dir())):
+        os.chmod(d, 0o755)
+    for f in (p for p in prefix.rglob("*") if p.is_file()):
+        os.chmod(f, 0o644)
+    candidates = [getattr(sys, "_base_executable", ""), os.path.realpath(sys.executable),
+                  "/usr/bin/python3"]
+    probe = "import sys, kjumpd.cli; assert sys.version_info >= (3, 11)"
+    tried = []
+    for py in dict.fromkeys(c for c in candidates if c):
+        r = subprocess.run(as_nobody([py, "-c", probe]), capture_output=True, text=True,
+                           cwd="/", env={**os.environ, "PYTHONPATH": str(prefix)}, timeout=60)
+        if r.returncode == 0:
+            _FOREIGN = (py, str(prefix))
+            return _FOREIGN
+        tried.append(f"{py}: {(r.stderr.strip().splitlines() or ['rc %d' % r.returncode])[-1]}")
+    raise AssertionError("no interpreter that `nobody` can run kjumpd with: " + "; ".join(tried))
+
+
 def kjumpctl(address: str, *args: str, user: str | None = None,
              timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return run([PYTHON, "-c", "import sys; from kjumpd.cli import main; sys.exit(main())",
-                "--bus", address, *args], user=user, timeout=timeout)
+    cmd = ["-c", "import sys; from kjumpd.cli import main; sys.exit(main())", "--bus", address,
+           *args]
+    if user is None:
+        return run([PYTHON, *cmd], timeout=timeout)
+    py, path = foreign_python()
+    return subprocess.run(as_nobody([py, *cmd]) if user == "nobody" else [py, *cmd],
+                          capture_output=True, text=True, timeout=timeout, cwd="/",
+                          env={**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"})

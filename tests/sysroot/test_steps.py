@@ -331,6 +331,25 @@ def test_preflight_all_ok_on_a_prepared_tree(full):
                                           "target", "boot entry"}
 
 
+def test_check_says_what_happens_without_the_cgroup_v2_freezer(full):
+    sr = Sysroot(full)
+    item = next(i for i in preflight.run(sr, cfg(full), "test").items
+                if i.name == "user-space freeze")
+    # no cgroup2 in this tree's mount table: a warning that says what it means, not a failure
+    assert not item.ok and not item.fatal and item.fix
+    assert "not stopped before the filesystems are frozen" in item.detail
+    mi = full / "proc/self/mountinfo"
+    mi.write_text(mi.read_text() + "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    w(full, "/sys/fs/cgroup/system.slice/cgroup.procs", "")
+    item = next(i for i in preflight.run(sr, cfg(full), "test").items
+                if i.name == "user-space freeze")
+    assert not item.ok and "Linux 5.2 or later" in item.detail        # no cgroup.freeze
+    w(full, "/sys/fs/cgroup/system.slice/cgroup.freeze", "0\n")
+    item = next(i for i in preflight.run(sr, cfg(full), "test").items
+                if i.name == "user-space freeze")
+    assert item.ok and item.detail == "cgroup v2 freezer at /sys/fs/cgroup"
+
+
 @pytest.mark.parametrize("path,text,item", [
     ("/sys/kernel/security/lockdown", "none [integrity] confidentiality\n", "lockdown"),
     ("/proc/sys/kernel/kexec_load_disabled", "1\n", "kexec_load"),

@@ -109,6 +109,9 @@ def test_can_hibernate_reasons_are_fatal_failures_with_their_fix() -> None:
     ("org.freedesktop.DBus.Error.NameHasNoOwner", 4),
     ("org.freedesktop.DBus.Error.AccessDenied", 6),
     ("org.freedesktop.DBus.Error.Timeout", 1),
+    # a freeze or a jump that did not happen is a failure, never "image invalid" (7)
+    ("org.kjump.Error.TasksNotFrozen", 1), ("org.kjump.Error.JumpFailed", 1),
+    ("org.kjump.Error.FreezeFailed", 1),
 ])
 def test_kjumpctl_maps_dbus_errors_to_documented_exit_codes(name, code) -> None:
     err = dc.error_from_dbus(name, "what: why (fix: do this)")
@@ -131,6 +134,20 @@ def test_a_failed_last_result_becomes_the_error_that_stopped_it() -> None:
     assert dc.result_error({"result": "resumed"}) is None
     assert dc.result_error({"result": "continued"}) is None
     assert isinstance(dc.error_from_dbus("org.kjump.Error.NotAuthorized", "m"), NotAuthorizedError)
+
+
+def test_a_freezer_failure_is_reported_as_itself() -> None:
+    from kjumpd.errors import JumpError, TaskFreezeError
+    rec = {"result": "failed", "error": "org.kjump.Error.TasksNotFrozen",
+           "error_class": "TaskFreezeError",
+           "message": "user space did not stop within 20 s: /sys/fs/cgroup/user.slice: pid 412 "
+                      "(sqlite3) state D wchan percpu_rwsem_wait (fix: ...)"}
+    err = dc.result_error(rec)
+    assert isinstance(err, TaskFreezeError) and exit_code_for(err) == 1
+    assert "pid 412 (sqlite3)" in err.message
+    err = dc.result_error({"result": "failed", "error": "org.kjump.Error.JumpFailed",
+                           "error_class": "JumpError", "message": "m"})
+    assert isinstance(err, JumpError) and exit_code_for(err) == 1
 
 
 def test_progress_is_a_bar_on_a_terminal_and_a_line_per_phase_otherwise() -> None:

@@ -110,7 +110,7 @@ def start(directory: Path = DATA_DIR, timeout: float = 120.0) -> dict[str, Write
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         snap = snapshot()
-        if all(s is not None and s.committed >= 3 for s in snap.values()):
+        if all(s is not None and s.committed >= 10 for s in snap.values()):
             return snap  # type: ignore[return-value]
         time.sleep(0.1)
     raise RuntimeError(f"the disk writers did not start within {timeout:g} s: {snapshot()}")
