@@ -266,6 +266,16 @@ class Cgroups:
     def set_freeze(self, cg: str, on: bool) -> None:
         self.sr.write_text(self.p(cg, "cgroup.freeze"), "1" if on else "0")
 
+    def unfreeze(self, cg: str) -> str | None:
+        """cgroup.freeze = 0 where ``cg`` still exists; None, or what went wrong."""
+        if not self.sr.path(self.p(cg)).exists():
+            return None
+        try:
+            self.set_freeze(cg, False)
+        except KjumpError as e:
+            return f"thaw {self.p(cg)}: {e.why}"
+        return None
+
     def frozen(self, cg: str) -> bool:
         for line in self.sr.read_text(self.p(cg, "cgroup.events"), "").splitlines():
             k, _, v = line.partition(" ")
@@ -463,28 +473,17 @@ def thaw_cgroups(sr: Sysroot, state: FrozenState) -> list[str]:
         return []
     cg = Cgroups(sr, state.cgroup_root)
     errors: list[str] = []
-    for parent, pids in reversed(state.parks):
+    for parent, _ in reversed(state.parks):
         park = join(parent, PARK)
         if not sr.path(cg.p(park)).exists():
             continue
-        try:
-            cg.set_freeze(park, False)
-        except KjumpError as e:
-            errors.append(f"thaw {cg.p(park)}: {e.why}")
+        errors += [e for e in (cg.unfreeze(park),) if e]
         for pid in cg.procs(park):
             why = cg.move(pid, parent)
             if why is not None and pid in cg.procs(park):
                 errors.append(f"move pid {pid} back to {cg.p(parent)}: {why}")
-        err = cg.rmdir(park)
-        if err:
-            errors.append(err)
-    for c in reversed(state.cgroups):
-        if not sr.path(cg.p(c)).exists():
-            continue
-        try:
-            cg.set_freeze(c, False)
-        except KjumpError as e:
-            errors.append(f"thaw {cg.p(c)}: {e.why}")
+        errors += [e for e in (cg.rmdir(park),) if e]
+    errors += [e for e in (cg.unfreeze(c) for c in reversed(state.cgroups)) if e]
     return errors
 
 
