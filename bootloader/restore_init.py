@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from kjumpd.errors import KjumpError
+from kjumpd.linux import cmdline
 from kjumpd.sysroot import Sysroot
 
 TAG = "kjumpd-rf:"
@@ -56,15 +57,6 @@ def mount_kernel_filesystems() -> None:
 
 
 # ------------------------------------------------------------------ evidence
-
-
-def sha256_file(path: str) -> str:
-    import hashlib               # only when sha256sum did not answer (see FileHashes)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FileHashes:
@@ -98,9 +90,10 @@ class FileHashes:
                     digest, _, name = line.partition("  ")
                     if len(digest) == 64 and name in self.paths:
                         got[name] = digest.lower()
-        for p in self.paths:
-            if p not in got:
-                got[p] = sha256_file(p)
+        missing = [p for p in self.paths if p not in got]
+        if missing:
+            from kjumpd.hashing import sha256_file   # hashlib only when sha256sum did not answer
+            got.update((p, sha256_file(p)) for p in missing)
         return got
 
 
@@ -296,10 +289,10 @@ def restore_first(sysroot: Sysroot, cfg_path: str = "/etc/kjumpd/boot.json", *,
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
     from kjumpd.restorefirst import (BootConfig, BootNormal, Invalidate, Restore, decide,
-                                     parse_cmdline, restore_kexec_args)
+                                     restore_kexec_args)
     t0 = time.monotonic()
     cfg = BootConfig.from_json(sysroot.path(cfg_path).read_bytes())
-    params = parse_cmdline(sysroot.read_text("/proc/cmdline", default=""))
+    params = cmdline.params(sysroot.read_text("/proc/cmdline", default=""))
     uuid = params.get("kjump.target") or cfg.target_uuid
     try:
         offset = int(params.get("kjump.offset") or cfg.target_offset, 0)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kjumpd.errors import BootEntryError, ConfigError, FsStampError
+from kjumpd.hashing import sha256_file
+from kjumpd.linux import cmdline as kernel_cmdline
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _check_cmdline(cmdline: str) -> None:
         raise ConfigError(f"restore-first command line {cmdline!r} has characters a boot "
                           "loader entry cannot carry safely",
                           fix="use letters, digits and . _ , : = / @ + - only")
-    words = dict(w.partition("=")[::2] for w in cmdline.split())
+    words = kernel_cmdline.params(cmdline)
     if "kjump.target" not in words or "kjump.offset" not in words:
         raise ConfigError("the restore-first command line lacks kjump.target= or kjump.offset=",
                           fix="let `kjumpctl setup` build it from the prepared target")
@@ -307,14 +308,6 @@ def newc(files: Mapping[str, bytes]) -> bytes:
     return bytes(out)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def boot_config_for(*, target_uuid: str, target_offset: int, normal_kernel: Path,
                     normal_initrd: Path | None, normal_cmdline: str, save_kernel: Path,
                     save_initrd: Path, save_cmdline: str, jump_area: tuple[int, int],
@@ -322,7 +315,7 @@ def boot_config_for(*, target_uuid: str, target_offset: int, normal_kernel: Path
     """boot.json for these host files, and R's payload (archive path -> host file)."""
     from kjumpd.restorefirst import BootConfig, KernelSpec, save_kernel_hash
     try:
-        ks, is_ = _sha256(Path(save_kernel)), _sha256(Path(save_initrd))
+        ks, is_ = sha256_file(save_kernel), sha256_file(save_initrd)
     except OSError as e:
         raise BootEntryError(f"cannot read the save kernel files ({e.filename})",
                              why=e.strerror or str(e),
@@ -358,16 +351,15 @@ def restore_payload(cfg: Any, files: Mapping[str, Path | bytes]) -> bytes:
 def normal_cmdline(proc_cmdline: str) -> str:
     """The running kernel's command line as the normal kernel should get it again: without
     what the boot loader adds per boot (BOOT_IMAGE=, initrd=) or kjumpd's own words."""
-    drop = ("BOOT_IMAGE", "initrd", "kjump.rf", "kjump.role", "kjump.target", "kjump.offset")
-    return " ".join(w for w in proc_cmdline.split() if w.split("=", 1)[0] not in drop)
+    return kernel_cmdline.without(proc_cmdline, ("BOOT_IMAGE", "initrd", "kjump.rf", "kjump.role",
+                                          "kjump.target", "kjump.offset"))
 
 
 def find_normal_kernel(sysroot: Sysroot) -> tuple[str, str | None]:
     """(kernel, initrd or None) of the running system, as system paths: BOOT_IMAGE= from the
     command line, else /boot/vmlinuz-$(uname -r), /boot/vmlinuz, or the only /boot/vmlinuz-*."""
     release = os.uname().release if sysroot.is_real else ""
-    words = dict(w.partition("=")[::2] for w in
-                 sysroot.read_text("/proc/cmdline", default="").split())
+    words = kernel_cmdline.params(sysroot.read_text("/proc/cmdline", default=""))
     candidates = []
     if words.get("BOOT_IMAGE", "").startswith("/"):
         bi = words["BOOT_IMAGE"]
@@ -619,10 +611,11 @@ def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline:
     _check_cmdline(cmdline)
     if "console=" not in cmdline:
         # R speaks where this system's console is (its decisions are worth seeing)
-        consoles = [w for w in sysroot.read_text("/proc/cmdline", default="").split()
+        consoles = [w for w in kernel_cmdline.words(sysroot.read_text("/proc/cmdline",
+                                                                       default=""))
                     if w.startswith("console=") and _SAFE_CMDLINE.match(w)]
         cmdline = " ".join([cmdline, *consoles])
-    words = dict(w.partition("=")[::2] for w in cmdline.split())
+    words = kernel_cmdline.params(cmdline)
     if boot is None and machine:
         try:
             offset = int(words["kjump.offset"], 0)

@@ -214,17 +214,10 @@ class Daemon:
         authorizer = authz.Authorizer(self.bus.con, group)
 
         def make_hibernation(events: Any) -> Any:
-            try:
-                from kjumpd.transaction import Hibernation
-            except ImportError as e:
-                raise KjumpError("kjumpd is incomplete", why=f"cannot import {e.name}",
-                                 fix="reinstall kjumpd") from None
+            from kjumpd.transaction import Hibernation
             return Hibernation(self.sysroot, self.config, events)
 
-        try:
-            from kjumpd.config import MODES
-        except ImportError:
-            MODES = service.DEFAULT_MODES
+        from kjumpd.modes import MODES
         self.manager = service.Manager(
             make_hibernation, authorizer,
             image_state=lambda: read_image_state(self.sysroot, self.config),

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kjumpd.errors import JobError
+from kjumpd.modes import MODES
 
 # Largest chunk a save uses (config, kjump-agent --chunk-size, B's kernel role): 4 MiB chunks
 # measured 64-67 MiB RSS in the agent, past its 64 MiB bound.
@@ -61,7 +62,6 @@ MAX_CHUNK_SIZE = 1 << 20
 
 VERSION = 1
 JOB_PATH = "kjump/job.json"
-MODES = ("platform", "shutdown", "reboot", "suspend", "test", "checkpoint")
 COMPRESSIONS = ("lz4", "none")
 PAGE = 4096
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -37,21 +37,15 @@ from dataclasses import dataclass
 from kjumpd.config import Config, format_size
 from kjumpd.errors import KexecError
 from kjumpd.job import Job
+from kjumpd.hashing import sha256_file
 from kjumpd.jumparea import JumpArea
+from kjumpd.linux import cmdline, kconfig
 from kjumpd.restorefirst import QUICK_BOOT_PARAMS
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
 
 INITRD = "/run/kjumpd/save-initrd.img"
-
-
-def sha256_file(path: os.PathLike[str] | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_id_from_notes(data: bytes) -> str:
@@ -90,18 +84,8 @@ def vmcoreinfo_location(sysroot: Sysroot) -> tuple[int, int] | None:
     return (addr, size) if addr > 0 and size > 0 else None
 
 
-_TRUE = ("1", "y", "yes", "on", "true")
-_FALSE = ("0", "n", "no", "off", "false")
-
-
 def _cmdline_flag(sysroot: Sysroot, name: str) -> bool | None:
-    """The boolean kernel parameter ``name`` on /proc/cmdline (the last one wins, as in the
-    kernel); None when it is absent or not a boolean the kernel would take."""
-    said: str | None = None
-    for word in sysroot.read_text("/proc/cmdline", default="").split():
-        if word.startswith(name + "="):
-            said = word.split("=", 1)[1].lower()
-    return True if said in _TRUE else False if said in _FALSE else None
+    return cmdline.flag(sysroot.read_text("/proc/cmdline", default=""), name)
 
 
 def free_pages_restore_as_zeros(sysroot: Sysroot) -> bool:
@@ -109,24 +93,6 @@ def free_pages_restore_as_zeros(sysroot: Sysroot) -> bool:
     command line, CONFIG_PAGE_POISONING): B's free-page exclusion restores free pages as zeros,
     which such a kernel would report as memory corruption. Then the job saves every page."""
     return _cmdline_flag(sysroot, "page_poison") is not True
-
-
-def _kernel_config(sysroot: Sysroot) -> str | None:
-    """This kernel's build configuration: /proc/config.gz (CONFIG_IKCONFIG_PROC), else
-    /boot/config-<release> (what Debian's kernel packages install); None when neither is
-    there."""
-    import gzip
-    try:
-        return gzip.decompress(sysroot.path("/proc/config.gz").read_bytes()).decode(
-            errors="replace")
-    except (OSError, EOFError, gzip.BadGzipFile):
-        pass
-    release = sysroot.read_text("/proc/sys/kernel/osrelease", default="").strip()
-    if release:
-        text = sysroot.read_text(f"/boot/config-{release}", default="")
-        if text:
-            return text
-    return None
 
 
 def free_pages_zeroed(sysroot: Sysroot) -> tuple[bool, str]:
@@ -142,11 +108,11 @@ def free_pages_zeroed(sysroot: Sysroot) -> tuple[bool, str]:
     said = _cmdline_flag(sysroot, "init_on_free")
     if said is not None:
         return said, f"init_on_free={int(said)} on the command line"
-    config = _kernel_config(sysroot)
+    config = kconfig.read(sysroot)
     if config is None:
         return True, ("the kernel's configuration is unreadable (no /proc/config.gz or "
                       "/boot/config-*)")
-    if "\nCONFIG_INIT_ON_FREE_DEFAULT_ON=y" in "\n" + config:
+    if config.get("INIT_ON_FREE_DEFAULT_ON") == "y":
         return True, "CONFIG_INIT_ON_FREE_DEFAULT_ON=y"
     return False, "init_on_free is off"
 

@@ -8,7 +8,6 @@ compute it twice.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import shutil
@@ -17,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kjumpd import blockmap, jumparea, memory, taskfreeze
+from kjumpd import blockmap, bootentry, jumparea, memory, taskfreeze
 from kjumpd.config import Config
 from kjumpd.errors import KjumpError
-from kjumpd.kexec import sha256_file
+from kjumpd.hashing import sha256_file
+from kjumpd.linux import cmdline, kconfig
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -105,16 +105,10 @@ def warm_hashes(sysroot: Sysroot, config: Config) -> None:
 
 def kexec_jump_config(sysroot: Sysroot) -> tuple[bool | None, str]:
     """(True/False/None unknown, where it was read)."""
-    release = sysroot.read_text("/proc/sys/kernel/osrelease", default="").strip()
-    try:
-        text = gzip.decompress(sysroot.path("/proc/config.gz").read_bytes()).decode(errors="replace")
-        src = "/proc/config.gz"
-    except (OSError, EOFError, gzip.BadGzipFile):
-        text = sysroot.read_text(f"/boot/config-{release}", default="")
-        src = f"/boot/config-{release}"
-    if text:
-        return ("CONFIG_KEXEC_JUMP=y" in text.splitlines()), src
-    return None, "no kernel config found"
+    config = kconfig.read(sysroot)
+    if config is None:
+        return None, "no kernel config found"
+    return config.get("KEXEC_JUMP") == "y", config.source
 
 
 def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightReport:
@@ -221,15 +215,10 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
     step("target", target)
 
     # boot entry for restore (owned by kjumpd.bootentry)
-    try:
-        from kjumpd import bootentry
-        problems = bootentry.check(sysroot)
-        add(PreflightItem("boot entry", not problems,
-                          "; ".join(problems) if problems else "restore-first entry installed",
-                          "kjumpctl setup --bootloader grub|bls|restore-first"))
-    except ImportError:
-        add(PreflightItem("boot entry", False, "kjumpd.bootentry is not available",
-                          "install the complete kjumpd package"))
+    problems = bootentry.check(sysroot)
+    add(PreflightItem("boot entry", not problems,
+                      "; ".join(problems) if problems else "restore-first entry installed",
+                      "kjumpctl setup --bootloader grub|bls|restore-first"))
 
     # user space is stopped before the filesystems are frozen (kjumpd.taskfreeze)
     usable, said = taskfreeze.support(sysroot)
@@ -251,9 +240,10 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
         add(PreflightItem("mode suspend", "mem" in st.split(), f"/sys/power/state: {st.strip()}",
                           "this machine cannot suspend to RAM; use mode platform"))
     if config.image_size_limit and not config.free_page_exclusion:
-        cmd = sysroot.read_text("/proc/cmdline", default="")
-        add(PreflightItem("image size limit", "init_on_free=1" in cmd.split(),
-                          "freed pages are zeroed" if "init_on_free=1" in cmd.split() else
+        zeroed = cmdline.flag(sysroot.read_text("/proc/cmdline", default=""),
+                              "init_on_free") is True
+        add(PreflightItem("image size limit", zeroed,
+                          "freed pages are zeroed" if zeroed else
                           "without init_on_free=1 pages freed by the shrink keep their contents "
                           "and are saved anyway", "add init_on_free=1 to the kernel command line",
                           fatal=False))

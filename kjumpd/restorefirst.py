@@ -50,6 +50,7 @@ from typing import Any, Union
 
 from kjumpd.errors import ConfigError, FsStampError
 from kjumpd.fsstamp import FsStamp
+from kjumpd.linux import cmdline
 
 BOOT_CONFIG_VERSION = 1
 BOOT_CONFIG_PATH = "/etc/kjumpd/boot.json"
@@ -365,16 +366,6 @@ def save_kernel_hash(kernel_sha256: str, initrd_sha256: str = "") -> str:
 # ---------------------------------------------------------------- kexec command lines
 
 
-def strip_params(cmdline: str, names: tuple[str, ...]) -> str:
-    """cmdline without the parameters ``names`` (and their values)."""
-    keep = []
-    for word in cmdline.split():
-        key = word.split("=", 1)[0]
-        if key not in names:
-            keep.append(word)
-    return " ".join(keep)
-
-
 #: Kernel parameters kjumpd adds for its own short-lived kernels (B in both roles, and R's
 #: boot entry): no legacy BSD ptys. CONFIG_LEGACY_PTYS (Debian's kernels and savekernel/'s
 #: have it, 256 pairs) makes pty_init register 512 devices at every boot: 0.79 s of a 3.7 s
@@ -385,7 +376,7 @@ QUICK_BOOT_PARAMS = "pty.legacy_count=0"
 def restore_cmdline(cfg: BootConfig, attempt: int) -> str:
     """B's command line in restore role (exactmap: B's memory is the low 512K + the area)."""
     start, size = cfg.jump_area
-    base = strip_params(cfg.save.cmdline, ("memmap", "kjump.role", "kjump.target",
+    base = cmdline.without(cfg.save.cmdline, ("memmap", "kjump.role", "kjump.target",
                                            "kjump.offset", "kjump.attempt", "crashkernel",
                                            "pty.legacy_count"))
     return (f"{base} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
@@ -415,20 +406,11 @@ def normal_kexec_args(cfg: BootConfig, note: str = "") -> list[str]:
     ``note`` (e.g. "invalid:stale") is appended as kjump.rf=NOTE so the booted system can tell
     it came through R and why.
     """
-    cmdline = strip_params(cfg.normal.cmdline, ("kjump.rf",))
+    line = cmdline.without(cfg.normal.cmdline, ("kjump.rf",))
     if note:
-        cmdline = f"{cmdline} kjump.rf={'-'.join(note.split())}".strip()
+        line = f"{line} kjump.rf={'-'.join(note.split())}".strip()
     args = ["kexec", "-l", "--no-checks", cfg.normal.kernel]
     if cfg.normal.initrd:
         args.append(f"--initrd={cfg.normal.initrd}")
-    args.append(f"--append={cmdline}")
+    args.append(f"--append={line}")
     return args
-
-
-def parse_cmdline(text: str) -> dict[str, str]:
-    """key=value pairs of a kernel command line (a bare word maps to "")."""
-    out: dict[str, str] = {}
-    for word in text.split():
-        k, _, v = word.partition("=")
-        out[k] = v
-    return out

@@ -67,6 +67,7 @@ from pydbus.registration import ObjectRegistration, ObjectWrapper
 
 from kjumpd import authz
 from kjumpd.errors import (BusyError, CancelledError, ConfigError, KjumpError, UnsupportedError)
+from kjumpd.modes import MODES
 
 log = logging.getLogger(__name__)
 translog = logging.getLogger("kjumpd.transition")
@@ -76,8 +77,6 @@ OBJECT_PATH = "/org/kjump/Manager1"
 INTERFACE = "org.kjump.Manager1"
 ERROR_PREFIX = "org.kjump.Error."
 
-#: modes a transition may run in, when the transaction module does not say
-DEFAULT_MODES = ("platform", "shutdown", "reboot", "suspend", "test", "checkpoint")
 
 INTROSPECTION = f"""
 <node>
@@ -304,7 +303,7 @@ class Manager:
     def __init__(self, make_hibernation: Callable[[Events], HibernationLike],
                  authorizer: authz.Authorizer | None,
                  *, image_state: Callable[[], str] = lambda: "unknown",
-                 modes: Sequence[str] = DEFAULT_MODES, default_mode: str = "platform",
+                 modes: Sequence[str] = MODES, default_mode: str = "platform",
                  flush: Callable[[], None] = lambda: None,
                  signal_wait: float = 5.0) -> None:
         self.events = Events(self)

@@ -46,11 +46,12 @@ from typing import Any, Callable, Protocol
 
 # Everything the frozen window needs is imported here, up front: an import while the root
 # filesystem is frozen would block writing its __pycache__ entry.
-from kjumpd import (blockmap, freezeguard, fsfreeze, fsstamp, hooks, kexec, kmsg, memory,
+from kjumpd import (blockmap, bootentry, freezeguard, fsfreeze, fsstamp, hooks, kexec, kmsg, memory,
                     platform, preflight, quiesce, shrink, taskfreeze)
 from kjumpd.image import store
 from kjumpd.image.format import ImageState
-from kjumpd.config import MODES, Config
+from kjumpd.config import Config
+from kjumpd.modes import MODES
 from kjumpd.errors import (BusyError, CancelledError, ConfigError, ImageStateError, JumpError,
                            KjumpError, TaskFreezeError, UnsupportedError)
 from kjumpd.job import Job
@@ -466,10 +467,6 @@ class Hibernation:
 
     # -- helpers ----------------------------------------------------------------------------
     def _arm_oneshot(self, undo: _Undo) -> None:
-        try:
-            from kjumpd import bootentry
-        except ImportError:
-            return
         if bootentry.read_record(self.sysroot) is None:
             return
         if bootentry.set_oneshot(self.sysroot):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from kjumpd.errors import AgentError, CancelledError, KjumpError, TargetError
+from kjumpd.linux import cmdline
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger("kjumpd.agent.kernel_role")
@@ -64,11 +65,7 @@ class BootParams:
 
 def parse_cmdline(text: str) -> BootParams:
     """The agent's parameters from /proc/cmdline; AgentError names what is wrong."""
-    kv: dict[str, str] = {}
-    for word in text.split():
-        if "=" in word:
-            k, v = word.split("=", 1)
-            kv[k] = v
+    kv = cmdline.params(text)
     role = kv.get("kjump.role")
     if role not in ROLES:
         raise AgentError("this kernel was not started as kjumpd's save kernel",

@@ -114,7 +114,7 @@ def save_kernel_hash_advice(sr: Sysroot, cfg: cfgmod.Config) -> tuple[bool, list
     """(all recorded and matching, lines for the user). The lines name the exact config keys
     and values preflight compares the installed save kernel and initramfs with."""
     from kjumpd import config as cfgmod
-    from kjumpd.kexec import sha256_file
+    from kjumpd.hashing import sha256_file
     lines: list[str] = []
     todo: list[str] = []
     for key, path, want in (("kernel_sha256", cfg.save_kernel, cfg.save_kernel_sha256),
@@ -168,13 +168,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
             print("written; run update-grub if you use GRUB, then reboot")
         did = True
     if args.bootloader:
-        try:
-            from kjumpd import bootentry
-            from kjumpd.restorefirst import QUICK_BOOT_PARAMS
-        except ImportError:
-            raise UnsupportedError("boot entry installation is not available",
-                                   why="kjumpd.bootentry is missing from this installation",
-                                   fix="install the complete kjumpd package") from None
+        from kjumpd import bootentry
+        from kjumpd.restorefirst import QUICK_BOOT_PARAMS
         target, uuid = blockmap.current(sr, cfg.target, restamp=False)
         rec = bootentry.install(sr, args.bootloader, kernel=Path(args.restore_kernel),
                                 initrd=Path(args.restore_initrd),

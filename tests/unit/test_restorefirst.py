@@ -11,9 +11,10 @@ from hypothesis import assume, given, settings, strategies as st
 
 from kjumpd.errors import ConfigError
 from kjumpd.fsstamp import FsStamp
+from kjumpd.linux import cmdline
 from kjumpd.restorefirst import (BootConfig, BootNormal, CODES, Evidence, Expected, HeaderView,
                                  Invalidate, KernelSpec, Restore, check_stamps, decide, explain,
-                                 normal_kexec_args, parse_cmdline, restore_cmdline,
+                                 normal_kexec_args, restore_cmdline,
                                  restore_kexec_args)
 
 TARGET = "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e"
@@ -263,7 +264,7 @@ def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
     assert args[:6] == ["kexec", "-l", "--no-checks", "--mem-min=0x20000000",
                         "--mem-max=0x27ffffff", "/kjump/save/bzImage"]
     assert "--initrd=/kjump/save/initrd.cpio.gz" in args
-    kv = parse_cmdline(args[-1].split("=", 1)[1])
+    kv = cmdline.params(args[-1].split("=", 1)[1])
     assert kv["kjump.role"] == "restore" and kv["kjump.target"] == TARGET
     assert kv["kjump.offset"] == str(1 << 20) and kv["kjump.attempt"] == "2"
     line = restore_cmdline(config(), 2)
