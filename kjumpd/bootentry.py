@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from kjumpd import cpio
 from kjumpd.errors import BootEntryError, ConfigError, FsStampError
 from kjumpd.hashing import sha256_file
 from kjumpd.linux import cmdline as kernel_cmdline
@@ -276,36 +277,8 @@ R_SAVE_INITRD = "/kjump/save/initramfs.cpio.gz"
 
 
 def newc(files: Mapping[str, bytes]) -> bytes:
-    """An uncompressed cpio "newc" archive (the kernel's initramfs format) of regular files,
-    with their parent directories first and a TRAILER!!! entry. Fields: "070701" then 13
-    eight-digit hex numbers (ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor
-    rdevminor namesize check); name NUL-terminated; name and data padded to 4 bytes."""
-    out = bytearray()
-    ino = 0
-
-    def entry(name: str, mode: int, data: bytes) -> None:
-        nonlocal ino
-        ino += 1
-        raw = name.encode() + b"\0"
-        fields = (ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0, len(data), 0, 0, 0, 0,
-                  len(raw), 0)
-        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
-        out.extend(b"\0" * (-len(out) % 4))
-        out.extend(data)
-        out.extend(b"\0" * (-len(out) % 4))
-
-    dirs: set[str] = set()
-    for name in sorted(files):
-        parts = name.strip("/").split("/")
-        for i in range(1, len(parts)):
-            d = "/".join(parts[:i])
-            if d not in dirs:
-                dirs.add(d)
-                entry(d, 0o040755, b"")
-        entry(name.strip("/"), 0o100644, files[name])
-    ino = -1
-    entry("TRAILER!!!", 0, b"")
-    return bytes(out)
+    """An uncompressed cpio archive (kjumpd.cpio) of regular files, parents first."""
+    return cpio.write(cpio.Entry.file(name, files[name]) for name in sorted(files))
 
 
 def boot_config_for(*, target_uuid: str, target_offset: int, normal_kernel: Path,

@@ -42,18 +42,19 @@ still reads)::
                              back as zeros. False: it is a free record (format.ENC_FREE) and
                              the restore leaves that memory as it finds it. Default true.
 
-The cpio is the "newc" format (magic ``070701``, ASCII hex header fields, name and data
-padded to 4 bytes, a ``TRAILER!!!`` entry) the kernel's initramfs unpacker reads.
+The archive is the kernel's cpio "newc" format, written and read by kjumpd/cpio.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kjumpd.errors import JobError
+from kjumpd import cpio
+from kjumpd.errors import ImageFormatError, JobError
 from kjumpd.modes import MODES
 
 # Largest chunk a save uses (config, kjump-agent --chunk-size, B's kernel role): 4 MiB chunks
@@ -161,12 +162,9 @@ class Job:
     def to_cpio(self, mtime: int | None = None) -> bytes:
         """A newc cpio holding ``kjump/`` and ``kjump/job.json``, to append to an initramfs."""
         t = self.created if mtime is None else mtime
-        data = self.to_json().encode()
-        return b"".join([
-            _cpio_entry("kjump", 0o040755, b"", t, ino=1),
-            _cpio_entry(JOB_PATH, 0o100600, data, t, ino=2),
-            _cpio_entry("TRAILER!!!", 0, b"", 0, ino=0),
-        ])
+        return cpio.write([cpio.Entry.directory("kjump"),
+                           cpio.Entry(JOB_PATH, stat.S_IFREG | 0o600, self.to_json().encode(),
+                                      mtime=t & 0xFFFFFFFF)])
 
     @property
     def image_bytes_max(self) -> int:
@@ -268,50 +266,13 @@ def validate(job: Job) -> None:
                            why=f"got {getattr(job, key)!r}")
 
 
-# -- newc cpio ------------------------------------------------------------------------------
-def _pad4(n: int) -> int:
-    return (4 - n % 4) % 4
-
-
-def _cpio_entry(name: str, mode: int, data: bytes, mtime: int, ino: int) -> bytes:
-    nameb = name.encode() + b"\0"
-    fields = [ino, mode, 0, 0, 2 if mode & 0o040000 else 1, mtime & 0xFFFFFFFF, len(data), 0, 0, 0, 0,
-              len(nameb), 0]
-    hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
-    out = hdr + nameb + b"\0" * _pad4(len(hdr) + len(nameb))
-    return out + data + b"\0" * _pad4(len(data))
-
-
 def read_cpio(blob: bytes) -> dict[str, bytes]:
-    """Parse newc archives (concatenated, zero padding between them allowed) into
-    {name: data} for regular files. Used by tests and by ``kjumpctl plan`` to show a job."""
-    files: dict[str, bytes] = {}
-    pos = 0
-    while pos < len(blob):
-        if blob[pos] == 0:
-            pos += 1
-            continue
-        if blob[pos:pos + 6] != b"070701" or pos + 110 > len(blob):
-            raise JobError("job archive is not a newc cpio", why=f"bad header at byte {pos}")
-        try:
-            f = [int(blob[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
-        except ValueError:
-            raise JobError("job archive header is not hex", why=f"at byte {pos}") from None
-        mode, size, namesize = f[1], f[6], f[11]
-        name_end = pos + 110 + namesize
-        if namesize < 1 or name_end > len(blob) or blob[name_end - 1] != 0:
-            raise JobError("job archive entry name is truncated", why=f"at byte {pos}")
-        name = blob[pos + 110:name_end - 1].decode("utf-8", "replace")
-        data_start = name_end + _pad4(name_end)
-        data_end = data_start + size
-        if data_end > len(blob):
-            raise JobError("job archive entry data is truncated", why=f"{name} at byte {pos}")
-        pos = data_end + _pad4(data_end)
-        if name == "TRAILER!!!":
-            continue
-        if mode & 0o170000 == 0o100000:
-            files[name] = blob[data_start:data_end]
-    return files
+    """{name: data} of the regular files in concatenated newc archives (NUL padding between
+    them allowed). Used by tests and by ``kjumpctl plan`` to show a job."""
+    try:
+        return cpio.regular_files(cpio.read_concatenated(blob))
+    except ImageFormatError as e:
+        raise JobError("the job archive is not a whole newc cpio", why=e.message) from None
 
 
 def job_from_cpio(blob: bytes) -> Job:

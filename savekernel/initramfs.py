@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python savekernel/initramfs.py` as well as `-m`
     sys.path.insert(0, str(REPO))
 
-from savekernel import cpio  # noqa: E402
+from kjumpd import cpio  # noqa: E402
 from kjumpd import zstdframe  # noqa: E402
 from kjumpd.errors import KjumpError  # noqa: E402
 

@@ -211,7 +211,7 @@ def test_install_appends_this_machines_boot_json_and_files(grub_root: Sysroot, r
     command line; the payload is a newc archive the project's other cpio reader agrees with."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from savekernel import cpio
+    from kjumpd import cpio
     from kjumpd.restorefirst import BootConfig
     root = grub_root.root
     (root / "proc/cmdline").write_text(

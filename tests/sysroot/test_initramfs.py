@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from savekernel import initramfs
-from savekernel.cpio import Entry
+from kjumpd.cpio import Entry
 from tests import prereq
 
 INIT = "#!/bin/sh\necho hello\n"

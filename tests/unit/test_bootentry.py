@@ -125,7 +125,7 @@ def test_r_payload_archive_is_newc_the_other_reader_understands(files: dict) -> 
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from savekernel import cpio
+    from kjumpd import cpio
     from kjumpd.bootentry import newc
     # a name cannot be both a file and a directory
     names = sorted(files)

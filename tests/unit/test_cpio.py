@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kjumpd.errors import ImageFormatError
-from savekernel import cpio
+from kjumpd import cpio
 
 names = st.lists(st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=12)
                  .filter(lambda s: s not in (".", "..")), min_size=1, max_size=3).map("/".join)

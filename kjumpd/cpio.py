@@ -10,9 +10,11 @@ its version is the magic: only ``070701`` (newc, no checksum) is written or read
     pad4    := NULs up to the next multiple of 4 from the start of the archive
     archive := entry* trailer      trailer := an entry named "TRAILER!!!", all fields 0
 
-The kernel accepts several archives concatenated (each may be gzip'd or not): that is how
-the job travels to the save kernel (``job_archive`` appended to B's initramfs). Directories
-must come before their contents; this writer emits missing parent directories itself.
+The kernel accepts several archives concatenated (each may be gzip'd or not, with NUL
+padding between them): that is how the job travels to the save kernel (``Job.to_cpio``
+appended to B's initramfs, read back by ``read_concatenated``). Directories must come before
+their contents; this writer emits missing parent directories itself. The one writer and
+reader of the format: B's and R's initramfs builders, the job, R's per-machine archive.
 """
 
 from __future__ import annotations
@@ -116,8 +118,26 @@ def write(entries: Iterable[Entry]) -> bytes:
 
 def read(blob: bytes) -> list[Entry]:
     """Parse one uncompressed newc archive (up to its trailer); raise ImageFormatError if bad."""
+    return _read_one(blob, 0)[0]
+
+
+def read_concatenated(blob: bytes) -> list[Entry]:
+    """Every member of concatenated uncompressed archives (NUL padding between them allowed,
+    as the kernel allows it); ImageFormatError when one is bad or cut short."""
     entries: list[Entry] = []
     pos = 0
+    while pos < len(blob):
+        if blob[pos] == 0:
+            pos += 1
+            continue
+        part, pos = _read_one(blob, pos)
+        entries += part
+    return entries
+
+
+def _read_one(blob: bytes, pos: int) -> tuple[list[Entry], int]:
+    """The members of the archive starting at ``pos``, and the offset just past it."""
+    entries: list[Entry] = []
     while True:
         if pos + HEADER_SIZE > len(blob):
             raise ImageFormatError("cpio archive truncated", why="no trailer before the end",
@@ -141,13 +161,14 @@ def read(blob: bytes) -> list[Entry]:
         data_end = data_start + f["filesize"]
         if data_end > len(blob):
             raise ImageFormatError("cpio member data truncated", offset=pos, name=name)
+        next_pos = data_end + (-data_end % 4)
         if name == TRAILER:
-            return entries
+            return entries, next_pos
         entries.append(Entry(name, f["mode"], bytes(blob[data_start:data_end]), f["mtime"],
                              f["uid"], f["gid"], f["rdevmajor"], f["rdevminor"]))
-        pos = data_end + (-data_end % 4)
+        pos = next_pos
 
 
-def job_archive(files: dict[str, bytes]) -> bytes:
-    """A small uncompressed archive (e.g. {"kjump/job.json": ...}) to append to an initramfs."""
-    return write(Entry.file(name, data, 0o600) for name, data in sorted(files.items()))
+def regular_files(entries: Iterable[Entry]) -> dict[str, bytes]:
+    """name -> data of the regular files among ``entries`` (a later one wins)."""
+    return {e.name: e.data for e in entries if stat.S_ISREG(e.mode)}
