@@ -16,13 +16,13 @@ Standard library + lz4 only: this runs in the save kernel's initramfs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
 from typing import Any, Sequence
 
+from kjumpd import subcommands
 from kjumpd.errors import ConfigError, KjumpError, TargetError
 from kjumpd.image.heap import tune_heap
 from kjumpd.job import MAX_CHUNK_SIZE
@@ -239,14 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_restore)
 
-    for name in EXTRA_COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        mod.register(sub)
+    subcommands.register(sub, EXTRA_COMMAND_MODULES)
     return parser
 
 

@@ -12,11 +12,11 @@ preflight failed; 4 the daemon is not running; 5 busy; 6 not authorized; 7 image
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from typing import Callable, Sequence
 
+from kjumpd import subcommands
 from kjumpd.errors import (BusyError, DaemonNotRunningError, ImageError, JumpAreaError,
                            KjumpError, NotAuthorizedError, UnsupportedError)
 
@@ -56,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bus", default=None,
                         help="D-Bus address of kjumpd (default: the system bus)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    subcommands.register(sub, COMMAND_MODULES)
     return parser
 
 
