@@ -22,7 +22,7 @@ Measured on the host clock from the serial console (never asserted in tests):
                      memory" (the RAM outside the jump area that the save kernel read: the main
                      kernel's free pages are left out, zero pages among the rest are elided)
 Both runs must end with the guest's checker verdict PASS (data byte-exact) for the figures to
-count. Goal (issue 4): kjumpd <= 0.7x swsusp's latencies and an image no larger. Exit status: 0
+count. Goal: kjumpd <= 0.7x swsusp's latencies and an image no larger. Exit status: 0
 when both runs passed their verdicts (the goal is reported, not enforced), 1 otherwise.
 """
 

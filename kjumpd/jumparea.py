@@ -24,7 +24,7 @@ from kjumpd.sysroot import Sysroot
 
 MiB = 1 << 20
 ALIGN = 16 * MiB
-DEFAULT_START = 0x20000000       # 512 MiB: what the VM tier and KJUMP-FACTS use
+DEFAULT_START = 0x20000000       # 512 MiB: what the VM tier reserves
 _CK_RE = re.compile(r"(?:^|\s)crashkernel=(\S+)")
 
 

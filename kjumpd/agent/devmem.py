@@ -1,7 +1,7 @@
 """The main kernel's physical memory as the save kernel sees it: /dev/mem through mmap windows.
 
 In B, A's RAM is not B's RAM (B runs in the jump area + the low 512K), so /dev/mem reaches it
-without copies or /proc/vmcore (which does not work there; see KJUMP-FACTS.md). Reads and
+without copies or /proc/vmcore (which does not work there: docs/KERNEL-NOTES.md). Reads and
 writes go through mmap windows of up to ``window`` bytes (16 MiB: 590-730 MB/s under TCG,
 against 300-456 MB/s for pread), clipped to the range that holds the request so a window never
 spans a hole (PCI, BIOS) between A's RAM ranges.

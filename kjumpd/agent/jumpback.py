@@ -1,6 +1,6 @@
 """The jump back from the save kernel (B) to the main kernel (A): kexec_load(2) + reboot(2).
 
-kexec-tools' ``--load-jump-back-helper`` fails on current kernels (KJUMP-FACTS.md): it
+kexec-tools' ``--load-jump-back-helper`` fails on current kernels (docs/KERNEL-NOTES.md): it
 passes one zero-size segment at 0 and the control-page allocation eats all RAM. What works
 is our own kexec_load(2) (x86_64 syscall 246) with
 

@@ -3,7 +3,7 @@
 ``python -m tests.vm.assets`` (run by `make vm-assets`, `make test`, `make demo`):
   - the CONFIG_KEXEC_JUMP kernel (savekernel/build-kernel.sh; one bzImage serves as A, B and R),
   - B's initramfs (savekernel.initramfs, the save-kernel engineer's builder),
-  - R's initramfs (the restore-first environment's builder in bootloader/, issue 5),
+  - R's initramfs (the restore-first environment's builder in bootloader/),
   - the guest root filesystem image (tests/vm/rootfs.py; the kernel and B's initramfs inside).
 
 It writes a manifest (``vm-assets.json`` in the cache) that the tests, the demo and the bench
@@ -96,12 +96,12 @@ def build_save_initramfs() -> Path:
         mod = importlib.import_module("savekernel.initramfs")
     except ImportError as err:
         raise AssetError("B's initramfs builder is missing", why=str(err),
-                         fix="savekernel/initramfs.py (issue 4, save-kernel part)") from err
+                         fix="see savekernel/initramfs.py") from err
     return Path(mod.build_save_initramfs().path)
 
 
 def build_restore_initramfs() -> Path:
-    """R's initramfs, from bootloader/ (issue 5)."""
+    """R's initramfs, from bootloader/."""
     for name, fn in (("bootloader.initramfs", "build_restore_initramfs"),
                      ("savekernel.initramfs", "build_restore_initramfs")):
         try:
@@ -112,7 +112,7 @@ def build_restore_initramfs() -> Path:
             return Path(getattr(mod, fn)().path)
     raise AssetError("the restore-first initramfs builder is missing",
                      why="neither bootloader.initramfs nor savekernel.initramfs has "
-                         "build_restore_initramfs()", fix="issue 5 (bootloader/)")
+                         "build_restore_initramfs()", fix="see bootloader/initramfs.py")
 
 
 PREPARE_TIMEOUT = 900.0

@@ -68,11 +68,11 @@ def kjumpctl(*args: str, timeout: float = 900.0) -> subprocess.CompletedProcess:
     return proc
 
 
-def require_command(name: str, issue: str) -> None:
-    """FAIL (not skip) when kjumpctl does not offer `name` yet."""
+def require_command(name: str) -> None:
+    """FAIL (not skip) when kjumpctl does not offer `name`."""
     proc = kjumpctl(name, "--help", timeout=120)
     if proc.returncode != 0:
-        raise Missing(f"`kjumpctl {name}` is missing or broken ({issue}): rc {proc.returncode}")
+        raise Missing(f"`kjumpctl {name}` is missing or broken: rc {proc.returncode}")
 
 
 def wait_daemon(timeout: float = 180.0) -> None:
@@ -84,10 +84,10 @@ def wait_daemon(timeout: float = 180.0) -> None:
         if last.returncode == 0:
             return
         if not daemon_alive():
-            raise Missing("kjumpd exited at start (issue 6; its log is on the console above)")
+            raise Missing("kjumpd exited at start (its log is on the console above)")
         time.sleep(2)
     tail = (last.stdout.strip().splitlines() or ["no output"])[-1] if last else "no output"
-    raise Missing(f"kjumpd does not answer on the system bus (issue 6): {tail}")
+    raise Missing(f"kjumpd does not answer on the system bus: {tail}")
 
 
 def daemon_status() -> dict:
@@ -125,7 +125,7 @@ RESTORE_INITRD = "/usr/lib/kjumpd/restore/initrd.img"
 def setup_target() -> None:
     """`kjumpctl setup` as an administrator runs it once: the image target, then the
     restore-first boot entry (the host boots every time what that entry names)."""
-    require_command("setup", "issue 6")
+    require_command("setup")
     proc = kjumpctl("setup", "--size", TARGET_SIZE, "--yes", timeout=900)
     if proc.returncode != 0:
         raise Missing(f"`kjumpctl setup --size {TARGET_SIZE}` failed (rc {proc.returncode}): "
@@ -215,7 +215,7 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(time.time()))
         os.sync()
-        require_command("hibernate", "issue 6")
+        require_command("hibernate")
         require_prepared()
         swapon_from_cmdline()
         _proc, before = start_workload()

@@ -1,4 +1,4 @@
-"""The VM tier's end-to-end scenarios (issue 4): a real CONFIG_KEXEC_JUMP kernel in QEMU (TCG),
+"""The VM tier's end-to-end scenarios: a real CONFIG_KEXEC_JUMP kernel in QEMU (TCG),
 the real daemon, CLI, save kernel and restore-first environment, one shared guest image with a
 qcow2 overlay per scenario.
 
