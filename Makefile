@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export KJUMPD_CACHE ?= $(HOME)/.cache/kjumpd
 
-.PHONY: setup test test-unit test-sysroot test-vm vm-assets demo bench bench-vm clean
+.PHONY: setup lint test test-unit test-sysroot test-vm vm-assets demo bench bench-vm clean
 
 setup:
 	@tools/setup.sh
@@ -10,7 +10,11 @@ setup:
 vm-assets: setup
 	@$(PY) -m tests.vm.assets
 
-test: setup vm-assets
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint vm-assets
 	$(PY) -m pytest -ra tests
 
 test-unit: setup

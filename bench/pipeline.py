@@ -18,9 +18,9 @@ printed with the figures. Nothing here asserts a time; it reports.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
-import json
 import shutil
 import subprocess
 import sys
@@ -44,11 +44,13 @@ def generate(path: Path, size: int, seed: int = 2026) -> None:
     if path.exists() and path.stat().st_size == size:
         return
     rnd = random.Random(seed)
-    words = (b"the of and to in is for task_struct page mm vma inode dentry kmalloc slab "
-             b"0x00000000 0xffffffff81000000 /usr/lib/x86_64-linux-gnu/libc.so.6 GLIBC_2.34 "
-             b"return NULL; static int __init void *ptr = NULL; if (err) goto out; "
-             b"LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin HOME=/root").split()
-    corpus = b" ".join(rnd.choice(words) for _ in range(400_000))   # ~4 MB of "text"
+    words = (
+        b"the of and to in is for task_struct page mm vma inode dentry kmalloc slab "
+        b"0x00000000 0xffffffff81000000 /usr/lib/x86_64-linux-gnu/libc.so.6 GLIBC_2.34 "
+        b"return NULL; static int __init void *ptr = NULL; if (err) goto out; "
+        b"LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin HOME=/root"
+    ).split()
+    corpus = b" ".join(rnd.choice(words) for _ in range(400_000))  # ~4 MB of "text"
     tmp = path.with_suffix(".tmp")
     print(f"bench: generating {size >> 20} MiB of mixed memory in {path} ...", file=sys.stderr)
     zero = bytes(PAGE)
@@ -60,7 +62,7 @@ def generate(path: Path, size: int, seed: int = 2026) -> None:
                 batch += zero
             elif r < 0.75:
                 o = rnd.randrange(len(corpus) - PAGE)
-                batch += corpus[o:o + PAGE]
+                batch += corpus[o : o + PAGE]
             else:
                 batch += rnd.randbytes(PAGE)
             if len(batch) >= 8 * MiB:
@@ -80,8 +82,9 @@ def fsync_path(p: Path) -> None:
         os.close(fd)
 
 
-def timed(cmd: list[str], out: Path | None = None, stdout_to: Path | None = None
-          ) -> tuple[float, int, str]:
+def timed(
+    cmd: list[str], out: Path | None = None, stdout_to: Path | None = None
+) -> tuple[float, int, str]:
     """Wall time (including fsync of ``out``), CPU seconds (user + system), stderr."""
     t0 = time.monotonic()
     fout = open(stdout_to, "wb") if stdout_to else subprocess.DEVNULL
@@ -111,11 +114,18 @@ def drop(p: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=2048, help="memory size in MiB (default 2048)")
-    ap.add_argument("--chunk-sweep", action="store_true",
-                    help="also time saves with 256 KiB, 1 MiB and 4 MiB chunks")
+    ap.add_argument(
+        "--chunk-sweep",
+        action="store_true",
+        help="also time saves with 256 KiB, 1 MiB and 4 MiB chunks",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
-    ap.add_argument("--repeat", type=int, default=6,
-                    help="rounds; the best time of each contender is reported (default 6)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=6,
+        help="rounds; the best time of each contender is reported (default 6)",
+    )
     args = ap.parse_args(argv)
     if not shutil.which("lz4"):
         raise SystemExit("bench: the lz4 command is missing (apt install lz4)")
@@ -125,8 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     generate(mem, size)
     py = sys.executable
     agent = [py, "-m", "kjumpd.agent.cli"]
-    img, lz, cp, back, back_lz = (d / "image.kjump", d / "mem.lz4", d / "mem.copy",
-                                  d / "restored.bin", d / "restored-lz4.bin")
+    img, lz, cp, back, back_lz = (
+        d / "image.kjump",
+        d / "mem.lz4",
+        d / "mem.copy",
+        d / "restored.bin",
+        d / "restored-lz4.bin",
+    )
     for p in (img, lz, cp, back, back_lz):
         drop(p)
     os.sync()
@@ -134,8 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     # warm the input into the page cache (all contenders read it from memory)
     timed(["cat", str(mem)])
     # the target exists before a hibernation (kjumpctl setup): create it outside the timing
-    timed(agent[:1] + ["-c", "import sys; from kjumpd.image import store; "
-                       f"store.create_target({str(img)!r}, {size + 64 * MiB})"])
+    timed(
+        agent[:1]
+        + [
+            "-c",
+            "import sys; from kjumpd.image import store; "
+            f"store.create_target({str(img)!r}, {size + 64 * MiB})",
+        ]
+    )
     st = d / "stats.json"
     best: dict[str, float] = {}
     rss_save = rss_rest = stored = 0
@@ -149,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     def keep_best(name: str, t: float, c: float) -> None:
         best[name] = min(t, best.get(name, float("inf")))
         cpu[name] = min(c, cpu.get(name, float("inf")))
-        os.sync()              # let writeback of this step finish outside the next timing
+        os.sync()  # let writeback of this step finish outside the next timing
 
     def step_lz4() -> None:
         t, c, _ = timed(["lz4", "-1", "-f", "-q", str(mem), str(lz)], out=lz)
@@ -162,8 +183,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def step_save() -> None:
         nonlocal stored, rss_save, verify_s, stages
-        t, c, _ = timed(agent + ["save", "--memory", str(mem), "--ranges", f"0-{size}",
-                                 "--target", str(img), "--stats"], out=img, stdout_to=st)
+        t, c, _ = timed(
+            agent
+            + [
+                "save",
+                "--memory",
+                str(mem),
+                "--ranges",
+                f"0-{size}",
+                "--target",
+                str(img),
+                "--stats",
+            ],
+            out=img,
+            stdout_to=st,
+        )
         keep_best("save", t, c)
         s_st = json.loads(st.read_text().splitlines()[-1])
         stored, rss_save = s_st["stored_bytes"], max(rss_save, s_st["peak_rss"])
@@ -178,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     def step_restore() -> None:
         nonlocal rss_rest, r_stages
         drop(back)
-        t, c, _ = timed(agent + ["restore", "--target", str(img), "--memory", str(back),
-                                 "--stats"], out=back, stdout_to=st)
+        t, c, _ = timed(
+            agent + ["restore", "--target", str(img), "--memory", str(back), "--stats"],
+            out=back,
+            stdout_to=st,
+        )
         keep_best("restore", t, c)
         r_st = json.loads(st.read_text().splitlines()[-1])
         rss_rest = max(rss_rest, r_st["peak_rss"])
@@ -191,21 +228,38 @@ def main(argv: list[str] | None = None) -> int:
     saving = [step_lz4, step_cat, step_save]
     restoring = [step_lz4d, step_restore]
     for rnd in range(args.repeat):
-        for step in saving[rnd % 3:] + saving[:rnd % 3]:
+        for step in saving[rnd % 3 :] + saving[: rnd % 3]:
             step()
-        for step in restoring[rnd % 2:] + restoring[:rnd % 2]:
+        for step in restoring[rnd % 2 :] + restoring[: rnd % 2]:
             step()
         same = same and subprocess.run(["cmp", "-s", str(mem), str(back)]).returncode == 0
-        print(f"bench: round {rnd + 1}/{args.repeat} done (load {os.getloadavg()[0]:.2f})",
-              file=sys.stderr)
-    t_lz4, t_cat, t_save, t_lz4d, t_rest = (best[k] for k in
-                                            ("lz4", "cat", "save", "lz4d", "restore"))
+        print(
+            f"bench: round {rnd + 1}/{args.repeat} done (load {os.getloadavg()[0]:.2f})",
+            file=sys.stderr,
+        )
+    t_lz4, t_cat, t_save, t_lz4d, t_rest = (
+        best[k] for k in ("lz4", "cat", "save", "lz4d", "restore")
+    )
     sweep = []
     if args.chunk_sweep:
         for cs in (128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024):  # the agent caps at 1 MiB
-            t, c, _ = timed(agent + ["save", "--memory", str(mem), "--ranges", f"0-{size}",
-                                     "--target", str(img), "--chunk-size", str(cs), "--stats"],
-                            out=img, stdout_to=st)
+            t, c, _ = timed(
+                agent
+                + [
+                    "save",
+                    "--memory",
+                    str(mem),
+                    "--ranges",
+                    f"0-{size}",
+                    "--target",
+                    str(img),
+                    "--chunk-size",
+                    str(cs),
+                    "--stats",
+                ],
+                out=img,
+                stdout_to=st,
+            )
             sweep.append((cs, t, json.loads(st.read_text().splitlines()[-1])["peak_rss"]))
     load1 = os.getloadavg()
     lz_size = lz.stat().st_size
@@ -216,34 +270,52 @@ def main(argv: list[str] | None = None) -> int:
     def row(name: str, ours: float, base: float, target: float) -> str:
         ratio = ours / base if base else float("inf")
         ok = "MET" if ratio <= target else "MISSED"
-        return (f"{name:<26} {ours:8.2f} s  vs {base:8.2f} s   ratio {ratio:5.2f}  "
-                f"(target <= {target:.2f})  {ok}")
+        return (
+            f"{name:<26} {ours:8.2f} s  vs {base:8.2f} s   ratio {ratio:5.2f}  "
+            f"(target <= {target:.2f})  {ok}"
+        )
 
     cpus = len(os.sched_getaffinity(0))
-    print(f"kjumpd pipeline bench: {size >> 20} MiB mixed memory (~40% zero, ~35% text, "
-          f"~25% random pages), {cpus} CPU(s)")
-    print(f"best of {args.repeat} round(s) per contender (order rotated each round), each "
-          f"timing includes fsync of its output; input in the page cache")
-    print(f"load average before {load0[0]:.2f} {load0[1]:.2f}, after {load1[0]:.2f} "
-          f"{load1[1]:.2f} (a shared machine skews every figure)")
-    print(f"save: {size / MiB / t_save:.0f} MiB/s, stored {stored >> 20} MiB "
-          f"(lz4 -1: {lz_size >> 20} MiB), waiting for the verify pass after the last write "
-          f"{verify_s:.2f} s")
+    print(
+        f"kjumpd pipeline bench: {size >> 20} MiB mixed memory (~40% zero, ~35% text, "
+        f"~25% random pages), {cpus} CPU(s)"
+    )
+    print(
+        f"best of {args.repeat} round(s) per contender (order rotated each round), each "
+        f"timing includes fsync of its output; input in the page cache"
+    )
+    print(
+        f"load average before {load0[0]:.2f} {load0[1]:.2f}, after {load1[0]:.2f} "
+        f"{load1[1]:.2f} (a shared machine skews every figure)"
+    )
+    print(
+        f"save: {size / MiB / t_save:.0f} MiB/s, stored {stored >> 20} MiB "
+        f"(lz4 -1: {lz_size >> 20} MiB), waiting for the verify pass after the last write "
+        f"{verify_s:.2f} s"
+    )
     if stages:
-        print("save stages (best run): " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
-              + " (encode is CPU of all workers; read-back overlaps the save)")
+        print(
+            "save stages (best run): "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
+            + " (encode is CPU of all workers; read-back overlaps the save)"
+        )
     print(row("save vs lz4 -1", t_save, t_lz4, 0.5))
     print(row("save vs raw copy (cat)", t_save, t_cat, 1.0))
     if r_stages:
-        print("restore stages (best run): " + ", ".join(f"{k} {v:.2f} s"
-                                                        for k, v in r_stages.items()))
+        print(
+            "restore stages (best run): " + ", ".join(f"{k} {v:.2f} s" for k, v in r_stages.items())
+        )
     print(row("restore vs lz4 -d", t_rest, t_lz4d, 0.67))
-    print(f"{'CPU s (user+sys, best)':<26} save {cpu['save']:.2f} vs lz4 -1 {cpu['lz4']:.2f}, "
-          f"cat {cpu['cat']:.2f}; restore {cpu['restore']:.2f} vs lz4 -d {cpu['lz4d']:.2f} "
-          f"(load-independent work; wall = CPU / parallelism on an idle machine)")
-    print(f"{'agent peak RSS':<26} save {rss_save / MiB:.1f} MiB, restore "
-          f"{rss_rest / MiB:.1f} MiB (target <= 64)  "
-          f"{'MET' if max(rss_save, rss_rest) <= 64 * MiB else 'MISSED'}")
+    print(
+        f"{'CPU s (user+sys, best)':<26} save {cpu['save']:.2f} vs lz4 -1 {cpu['lz4']:.2f}, "
+        f"cat {cpu['cat']:.2f}; restore {cpu['restore']:.2f} vs lz4 -d {cpu['lz4d']:.2f} "
+        f"(load-independent work; wall = CPU / parallelism on an idle machine)"
+    )
+    print(
+        f"{'agent peak RSS':<26} save {rss_save / MiB:.1f} MiB, restore "
+        f"{rss_rest / MiB:.1f} MiB (target <= 64)  "
+        f"{'MET' if max(rss_save, rss_rest) <= 64 * MiB else 'MISSED'}"
+    )
     print(f"{'restore byte-exact':<26} {'yes' if same else 'NO'}")
     for cs, t, r in sweep:
         print(f"chunk {cs >> 10:5d} KiB: save {t:6.2f} s, peak RSS {r / MiB:.1f} MiB")

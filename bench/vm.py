@@ -18,9 +18,10 @@ Measured on the host clock from the serial console (never asserted in tests):
   resume latency     QEMU starts again -> the guest's workload answers again
   image size         swsusp: "PM: Image size after compression: N kbytes" (else "Wrote N kbytes");
                      kjumpd: the agent's "SAVED: ... MiB written"
-  memory saved       swsusp: "Wrote N kbytes" (pages after its own reclaim); kjumpd: "SAVED: N MiB of
-                     memory" (the RAM outside the jump area that the save kernel read: the main
-                     kernel's free pages are left out, zero pages among the rest are elided)
+  memory saved       swsusp: "Wrote N kbytes" (pages after its own reclaim);
+                     kjumpd: "SAVED: N MiB of memory" (the RAM outside the jump area that
+                     the save kernel read: the main kernel's free pages are left out, zero
+                     pages among the rest are elided)
 Both runs must end with the guest's checker verdict PASS (data byte-exact) for the figures to
 count. Goal: kjumpd <= 0.7x swsusp's latencies and an image no larger. Exit status: 0
 when both runs passed their verdicts (the goal is reported, not enforced), 1 otherwise.
@@ -62,8 +63,9 @@ def figures(out: scenarios.Outcome) -> dict[str, float | None]:
         except OSError:
             continue
         # swsusp with compression prints the pages it wrote, then the compressed size
-        m = re.search(r"PM: Image size after compression: (\d+) kbytes", text) or \
-            re.search(r"PM: (?:hibernation: )?Wrote (\d+) kbytes in", text)
+        m = re.search(r"PM: Image size after compression: (\d+) kbytes", text) or re.search(
+            r"PM: (?:hibernation: )?Wrote (\d+) kbytes in", text
+        )
         if m:
             size = int(m.group(1)) << 10
         m = re.search(r"PM: (?:hibernation: )?Wrote (\d+) kbytes in", text)
@@ -96,30 +98,43 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("swsusp", "shutdown"):
         run_dir = base / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"bench-vm: running {'swsusp' if name == 'swsusp' else 'kjumpd'} "
-              f"(logs in {run_dir})", flush=True)
+        print(
+            f"bench-vm: running {'swsusp' if name == 'swsusp' else 'kjumpd'} (logs in {run_dir})",
+            flush=True,
+        )
         runs[name] = scenarios.run(name, a, run_dir, swap=swap)
         for d in run_dir.glob("*.qcow2"):
             d.unlink()
     sw, kj = figures(runs["swsusp"]), figures(runs["shutdown"])
-    rows = [("hibernate latency", "hibernate_s", "s"), ("resume latency", "resume_s", "s"),
-            ("image size", "image_bytes", "MiB"), ("memory saved", "memory_bytes", "MiB")]
+    rows = [
+        ("hibernate latency", "hibernate_s", "s"),
+        ("resume latency", "resume_s", "s"),
+        ("image size", "image_bytes", "MiB"),
+        ("memory saved", "memory_bytes", "MiB"),
+    ]
     print("")
     print(f"{'':20} {'swsusp':>12} {'kjumpd':>12} {'kjumpd/swsusp':>14}  goal")
     report = {}
     for label, key, unit in rows:
         r = ratio(kj[key], sw[key])
         limit = GOAL if unit == "s" else 1.0
-        goal = "-" if key == "memory_bytes" else \
-            f"<= {limit}x: {'met' if r is not None and r <= limit else 'NOT met'}"
+        goal = (
+            "-"
+            if key == "memory_bytes"
+            else f"<= {limit}x: {'met' if r is not None and r <= limit else 'NOT met'}"
+        )
         report[key] = {"swsusp": sw[key], "kjumpd": kj[key], "ratio": r}
-        print(f"{label:20} {fmt(sw[key], unit):>12} {fmt(kj[key], unit):>12} "
-              f"{(f'{r:.2f}x' if r is not None else 'n/a'):>14}  {goal}")
+        print(
+            f"{label:20} {fmt(sw[key], unit):>12} {fmt(kj[key], unit):>12} "
+            f"{(f'{r:.2f}x' if r is not None else 'n/a'):>14}  {goal}"
+        )
     ok = True
     for name, out in runs.items():
         who = "swsusp" if name == "swsusp" else "kjumpd"
-        print(f"{who} verdict: {out.verdict_line or 'none'}"
-              + (f" | host: {'; '.join(out.problems)}" if out.problems else ""))
+        print(
+            f"{who} verdict: {out.verdict_line or 'none'}"
+            + (f" | host: {'; '.join(out.problems)}" if out.problems else "")
+        )
         ok = ok and out.passed
     (base / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {base / 'results.json'} (TCG figures: compare ratios, not absolutes)")

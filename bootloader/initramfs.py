@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kjumpd.errors import KjumpError  # noqa: E402
-from kjumpd.restorefirst import BootConfig  # noqa: E402
+from kjumpd.errors import KjumpError
+from kjumpd.restorefirst import BootConfig
 
 log = logging.getLogger("kjumpd.bootloader.initramfs")
 
@@ -38,7 +38,8 @@ INIT = REPO / "bootloader" / "restore_init.py"
 #: restore_init.py is in the archive compiled (module RF_MODULE), not as a script python
 #: would compile at every boot.
 RF_MODULE = "kjumpd_restore_init"
-from savekernel.initramfs import BOOTCACHE_INSTALL  # noqa: E402
+from savekernel.initramfs import BOOTCACHE_INSTALL
+
 R_INIT = f"""#!/bin/sh
 # /init of kjumpd's restore-first environment (R)
 export PATH=/usr/sbin:/usr/bin
@@ -54,25 +55,53 @@ poweroff -f
 KEXEC = Path("/usr/sbin/kexec")
 #: modules R imports (some lazily, inside functions: a trace of the entry cannot see them)
 R_MODULES = (
-    "kjumpd.restorefirst", "kjumpd.fsstamp", "kjumpd.image.store",
-    "kjumpd.image.device", "kjumpd.image.format", "kjumpd.agent.kernel_role", "kjumpd.sysroot",
-    "json", "json.decoder", "json.encoder", "hashlib", "subprocess", "uuid", "zlib", "struct",
-    "mmap", "dataclasses", "enum", "errno", "logging", "encodings.ascii", "encodings.latin_1",
-    "encodings.utf_8", "encodings.aliases",
+    "kjumpd.restorefirst",
+    "kjumpd.fsstamp",
+    "kjumpd.image.store",
+    "kjumpd.image.device",
+    "kjumpd.image.format",
+    "kjumpd.agent.kernel_role",
+    "kjumpd.sysroot",
+    "kjumpd.linux.cmdline",
+    "kjumpd.hashing",
+    "json",
+    "json.decoder",
+    "json.encoder",
+    "hashlib",
+    "subprocess",
+    "uuid",
+    "zlib",
+    "struct",
+    "mmap",
+    "dataclasses",
+    "enum",
+    "errno",
+    "logging",
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.utf_8",
+    "encodings.aliases",
 )
 #: archive paths of the payload files (kjumpd.bootentry owns the payload format)
-from kjumpd.bootentry import (R_NORMAL_INITRD as NORMAL_INITRD,  # noqa: E402
-                              R_NORMAL_KERNEL as NORMAL_KERNEL, R_SAVE_INITRD as SAVE_INITRD,
-                              R_SAVE_KERNEL as SAVE_KERNEL, boot_config_for, normal_cmdline,
-                              restore_payload)
+from kjumpd.bootentry import (
+    boot_config_for,
+    restore_payload,
+)
 
 
 def build_restore_initramfs(out: Path | None = None):  # -> savekernel.initramfs.InitramfsImage
     """The generic part of R's initramfs (no boot.json): cached by its inputs."""
     from savekernel.initramfs import build_initramfs
-    return build_initramfs(out, R_INIT, name="restore", python_modules=R_MODULES,
-                           python_packages=("kjumpd",), host_binaries=(KEXEC,),
-                           python_scripts={RF_MODULE: INIT})
+
+    return build_initramfs(
+        out,
+        R_INIT,
+        name="restore",
+        python_modules=R_MODULES,
+        python_packages=("kjumpd",),
+        host_binaries=(KEXEC,),
+        python_scripts={RF_MODULE: INIT},
+    )
 
 
 def restore_config(**kw) -> tuple[BootConfig, dict[str, Path]]:
@@ -80,8 +109,9 @@ def restore_config(**kw) -> tuple[BootConfig, dict[str, Path]]:
     return boot_config_for(**kw)
 
 
-def make_restore_initrd(out: Path, cfg: BootConfig, files: Mapping[str, Path | bytes],
-                        base: Path | None = None) -> Path:
+def make_restore_initrd(
+    out: Path, cfg: BootConfig, files: Mapping[str, Path | bytes], base: Path | None = None
+) -> Path:
     """Write base + payload to ``out`` (what the boot entry's initrd line loads)."""
     base = Path(base) if base else build_restore_initramfs().path
     out = Path(out)
@@ -94,33 +124,53 @@ def make_restore_initrd(out: Path, cfg: BootConfig, files: Mapping[str, Path | b
     return out
 
 
-def build_for_machine(sysroot_dir: str = "/", *, out: Path, normal_kernel: str | None = None,
-                      normal_initrd: str | None = None, cmdline: str | None = None,
-                      max_attempts: int = 3) -> tuple[Path, str]:
+def build_for_machine(
+    sysroot_dir: str = "/",
+    *,
+    out: Path,
+    normal_kernel: str | None = None,
+    normal_initrd: str | None = None,
+    cmdline: str | None = None,
+    max_attempts: int = 3,
+) -> tuple[Path, str]:
     """R's complete initrd for this machine (the target, jump area and save kernel from
     kjumpd's config); returns it and the command line R must boot with."""
-    from kjumpd import blockmap, config as cfgmod
+    from kjumpd import blockmap
+    from kjumpd import config as cfgmod
     from kjumpd.bootentry import machine_boot_config
     from kjumpd.sysroot import Sysroot
+
     sr = Sysroot(Path(sysroot_dir))
     target, uuid = blockmap.current(sr, cfgmod.load(sr).target, restamp=False)
-    bcfg, files = machine_boot_config(sr, uuid, target.superblock_offset,
-                                      normal_kernel=normal_kernel, normal_initrd=normal_initrd,
-                                      cmdline=cmdline, max_attempts=max_attempts)
+    bcfg, files = machine_boot_config(
+        sr,
+        uuid,
+        target.superblock_offset,
+        normal_kernel=normal_kernel,
+        normal_initrd=normal_initrd,
+        cmdline=cmdline,
+        max_attempts=max_attempts,
+    )
     make_restore_initrd(out, bcfg, files)
     from kjumpd.restorefirst import QUICK_BOOT_PARAMS
+
     return out, f"kjump.target={uuid} kjump.offset={target.superblock_offset} {QUICK_BOOT_PARAMS}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    p = argparse.ArgumentParser(prog="python -m bootloader.initramfs",
-                                description="Build the restore-first environment's initramfs.")
+    p = argparse.ArgumentParser(
+        prog="python -m bootloader.initramfs",
+        description="Build the restore-first environment's initramfs.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("base", help="the generic base archive; prints its path")
     b.add_argument("--out", type=Path)
-    m = sub.add_parser("machine", help="R's complete initrd for this machine (base + "
-                                       "boot.json + kernels); prints R's command line")
+    m = sub.add_parser(
+        "machine",
+        help="R's complete initrd for this machine (base + "
+        "boot.json + kernels); prints R's command line",
+    )
     m.add_argument("--sysroot", default="/")
     m.add_argument("--out", type=Path, default=Path("/usr/lib/kjumpd/restore/initrd.img"))
     m.add_argument("--normal-kernel", default=None, help="default /boot/vmlinuz-$(uname -r)")
@@ -130,13 +180,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "machine":
-            out, rline = build_for_machine(args.sysroot, out=args.out,
-                                           normal_kernel=args.normal_kernel,
-                                           normal_initrd=args.normal_initrd, cmdline=args.cmdline,
-                                           max_attempts=args.max_attempts)
+            out, rline = build_for_machine(
+                args.sysroot,
+                out=args.out,
+                normal_kernel=args.normal_kernel,
+                normal_initrd=args.normal_initrd,
+                cmdline=args.cmdline,
+                max_attempts=args.max_attempts,
+            )
             print(out)
-            print(f"R's command line: {rline} (kjumpctl setup --bootloader KIND "
-                  f"--restore-initrd {out} adds it)", file=sys.stderr)
+            print(
+                f"R's command line: {rline} (kjumpctl setup --bootloader KIND "
+                f"--restore-initrd {out} adds it)",
+                file=sys.stderr,
+            )
             return 0
         img = build_restore_initramfs(args.out)
     except KjumpError as e:
@@ -146,9 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"initramfs: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(img.path)
-    print(f"restore-first initramfs: {img.compressed_size} bytes gzip, {img.uncompressed_size} "
-          f"uncompressed, {img.members} members{' (cached)' if img.cached else ''}",
-          file=sys.stderr)
+    print(
+        f"restore-first initramfs: {img.compressed_size} bytes gzip, {img.uncompressed_size} "
+        f"uncompressed, {img.members} members{' (cached)' if img.cached else ''}",
+        file=sys.stderr,
+    )
     return 0
 
 

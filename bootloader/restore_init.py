@@ -27,8 +27,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from kjumpd.errors import KjumpError
 from kjumpd.linux import cmdline
@@ -75,8 +76,12 @@ class FileHashes:
         if not self.paths:
             return
         try:
-            self.proc = subprocess.Popen(["sha256sum", *self.paths], stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                ["sha256sum", *self.paths],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+            )
         except OSError:
             self.proc = None
 
@@ -92,7 +97,8 @@ class FileHashes:
                         got[name] = digest.lower()
         missing = [p for p in self.paths if p not in got]
         if missing:
-            from kjumpd.hashing import sha256_file   # hashlib only when sha256sum did not answer
+            from kjumpd.hashing import sha256_file  # hashlib only when sha256sum did not answer
+
             got.update((p, sha256_file(p)) for p in missing)
         return got
 
@@ -102,13 +108,16 @@ WALK_WINDOW = 64 * 1024
 
 
 def chunk_table_error(dev: Any, header: Any, meta: Any) -> str:
-    """"" when the chunk records (headers only) match the plan, the data length and the data
+    """ "" when the chunk records (headers only) match the plan, the data length and the data
     CRC of the header; else what is wrong. Payloads are checked by B before each write."""
     from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader, chunk_count, chunk_plan, crc32
+
     want = chunk_count(meta.extents, header.chunk_size) if header.chunk_size else -1
     if header.chunk_count != want or header.raw_bytes != meta.raw_bytes:
-        return (f"header says {header.chunk_count} chunks / {header.raw_bytes} bytes, the "
-                f"extent table {want} chunks / {meta.raw_bytes} bytes")
+        return (
+            f"header says {header.chunk_count} chunks / {header.raw_bytes} bytes, the "
+            f"extent table {want} chunks / {meta.raw_bytes} bytes"
+        )
     pos, end = header.data_offset, header.data_offset + header.data_length
     if header.data_offset < header.metadata_offset + header.metadata_length or end > dev.size:
         return f"data area [{pos}, {end}) is outside the target"
@@ -124,8 +133,9 @@ def chunk_table_error(dev: Any, header: Any, meta: Any) -> str:
         if pos + CHUNK_HEADER_SIZE > win_start + len(win):
             win_start = pos
             win = dev.read(pos, min(WALK_WINDOW, end - pos))
-        ch = ChunkHeader.unpack(win[pos - win_start:pos - win_start + CHUNK_HEADER_SIZE],
-                                base=pos)
+        ch = ChunkHeader.unpack(
+            win[pos - win_start : pos - win_start + CHUNK_HEADER_SIZE], base=pos
+        )
         expect = next(plan, None)
         if expect is None or (ch.index, ch.phys, ch.raw_length) != expect:
             return f"record at byte {pos} is chunk {ch.index}, expected {expect}"
@@ -145,8 +155,8 @@ def _short(e: KjumpError) -> str:
 
 @dataclass
 class Gathered:
-    evidence: Any                  # restorefirst.Evidence
-    dev: Any = None                # the open target (writable) or None
+    evidence: Any  # restorefirst.Evidence
+    dev: Any = None  # the open target (writable) or None
     device: str = ""
 
 
@@ -173,16 +183,19 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
     try:
         header = store.read_header(dev)
     except KjumpError as e:
-        return Gathered(Evidence(target_found=True, target_uuid=uuid, header_error=_short(e)),
-                        dev, device)
+        return Gathered(
+            Evidence(target_found=True, target_uuid=uuid, header_error=_short(e)), dev, device
+        )
     hv = HeaderView.of(header)
     say(f"image state {header.state_text}")
     if hv.state not in ("SAVED", "RESTORING"):
         return Gathered(Evidence(target_found=True, target_uuid=uuid, header=hv), dev, device)
-    checks = (("save kernel", cfg.save.kernel, cfg.save_kernel_sha256),
-              ("save initramfs", cfg.save.initrd, cfg.save_initrd_sha256))
+    checks = (
+        ("save kernel", cfg.save.kernel, cfg.save_kernel_sha256),
+        ("save initramfs", cfg.save.initrd, cfg.save_initrd_sha256),
+    )
     local = {path: str(sysroot.path(path)) for _w, path, _h in checks if path}
-    hashes = FileHashes(list(local.values()))      # runs while the image is read
+    hashes = FileHashes(list(local.values()))  # runs while the image is read
     clock = Steps()
     stamps, meta_error, chunks_error = None, "", ""
     meta = None
@@ -215,9 +228,16 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
         setup_error = f"cannot read the save kernel files: {e.strerror or e}"
     clock.step("save kernel files (waited for)")
     say(f"evidence read: {clock}")
-    ev = Evidence(target_found=True, target_uuid=uuid, header=hv, fs_stamps=stamps,
-                  metadata_error=meta_error, chunks_error=chunks_error, current=current,
-                  setup_error=setup_error)
+    ev = Evidence(
+        target_found=True,
+        target_uuid=uuid,
+        header=hv,
+        fs_stamps=stamps,
+        metadata_error=meta_error,
+        chunks_error=chunks_error,
+        current=current,
+        setup_error=setup_error,
+    )
     return Gathered(ev, dev, device)
 
 
@@ -269,27 +289,44 @@ def localize(cfg: Any, sysroot: Sysroot) -> Any:
 
     def m(p: str | None) -> str | None:
         return str(sysroot.path(p)) if p else p
-    return replace(cfg, normal=replace(cfg.normal, kernel=m(cfg.normal.kernel),
-                                       initrd=m(cfg.normal.initrd)),
-                   save=replace(cfg.save, kernel=m(cfg.save.kernel), initrd=m(cfg.save.initrd)))
+
+    return replace(
+        cfg,
+        normal=replace(cfg.normal, kernel=m(cfg.normal.kernel), initrd=m(cfg.normal.initrd)),
+        save=replace(cfg.save, kernel=m(cfg.save.kernel), initrd=m(cfg.save.initrd)),
+    )
 
 
 def boot_normal(cfg: Any, note: str, run: Runner, kexec: str, sysroot: Sysroot) -> None:
     from kjumpd.restorefirst import normal_kexec_args
+
     args = normal_kexec_args(localize(cfg, sysroot), note)
-    say(f"booting the normal kernel{f' ({note})' if note else ''} at uptime "
-        f"{uptime(sysroot):.2f} s")
+    say(
+        f"booting the normal kernel{f' ({note})' if note else ''} at uptime {uptime(sysroot):.2f} s"
+    )
     kexec_into(args, run, kexec)
 
 
-def restore_first(sysroot: Sysroot, cfg_path: str = "/etc/kjumpd/boot.json", *,
-                  run: Runner = run_cmd, kexec: str = "kexec") -> str:
+def restore_first(
+    sysroot: Sysroot,
+    cfg_path: str = "/etc/kjumpd/boot.json",
+    *,
+    run: Runner = run_cmd,
+    kexec: str = "kexec",
+) -> str:
     """One pass of R; returns what it did ("restore", "normal", "invalid:<code>") when the
     kexec did not take over (always in tests with a fake kexec)."""
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
-    from kjumpd.restorefirst import (BootConfig, BootNormal, Invalidate, Restore, decide,
-                                     restore_kexec_args)
+    from kjumpd.restorefirst import (
+        BootConfig,
+        BootNormal,
+        Invalidate,
+        Restore,
+        decide,
+        restore_kexec_args,
+    )
+
     t0 = time.monotonic()
     cfg = BootConfig.from_json(sysroot.path(cfg_path).read_bytes())
     params = cmdline.params(sysroot.read_text("/proc/cmdline", default=""))
@@ -343,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"error: {e.message}")
         try:
             from kjumpd.restorefirst import BootConfig
+
             cfg = BootConfig.from_json(sysroot.path("/etc/kjumpd/boot.json").read_bytes())
             boot_normal(cfg, "rf-error", run_cmd, "kexec", sysroot)
         except (KjumpError, OSError) as e2:
@@ -350,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - PID 1 must not die with a traceback
         say(f"internal error: {type(e).__name__}: {e}")
     if os.getpid() != 1:
-        return 1            # R's /init (a shell script) offers the rescue shell
+        return 1  # R's /init (a shell script) offers the rescue shell
     say("nothing could be started; a shell follows (exit powers off)")
     subprocess.run(["sh"])
     subprocess.run(["poweroff", "-f"])

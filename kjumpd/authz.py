@@ -45,6 +45,7 @@ POLKIT_TIMEOUT_MS = 120_000
 @dataclass(frozen=True)
 class Caller:
     """A D-Bus peer as the bus daemon vouches for it."""
+
     bus_name: str
     uid: int
     gids: tuple[int, ...] = ()
@@ -54,7 +55,7 @@ class Caller:
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    challenge: bool = False          # polkit would allow after authentication
+    challenge: bool = False  # polkit would allow after authentication
     reason: str = ""
     details: dict[str, str] = field(default_factory=dict)
 
@@ -68,10 +69,12 @@ def resolve_group(name: str | None) -> int | None:
     except KeyError:
         if name.isdigit():
             return int(name)
-        raise ConfigError(f"group {name!r} does not exist",
-                          why="named by authz.group in the configuration",
-                          fix=f"create it (groupadd {name}) or remove authz.group",
-                          key="authz.group") from None
+        raise ConfigError(
+            f"group {name!r} does not exist",
+            why="named by authz.group in the configuration",
+            fix=f"create it (groupadd {name}) or remove authz.group",
+            key="authz.group",
+        ) from None
 
 
 def local_decision(caller: Caller, action: str, allowed_gid: int | None) -> Decision:
@@ -82,11 +85,12 @@ def local_decision(caller: Caller, action: str, allowed_gid: int | None) -> Deci
         return Decision(True, reason=f"caller is in group {allowed_gid}")
     who = _user_name(caller.uid)
     if allowed_gid is None:
-        fix = ("run it as root, or set [authz] group in /etc/kjumpd/kjumpd.toml, or "
-               "install polkit")
+        fix = "run it as root, or set [authz] group in /etc/kjumpd/kjumpd.toml, or install polkit"
     else:
         fix = f"run it as root or add {who} to group {_group_name(allowed_gid)}"
-    return Decision(False, reason=f"{who} (uid {caller.uid}) may not perform {action}", details={"fix": fix})
+    return Decision(
+        False, reason=f"{who} (uid {caller.uid}) may not perform {action}", details={"fix": fix}
+    )
 
 
 def _user_name(uid: int) -> str:
@@ -106,19 +110,34 @@ def _group_name(gid: int) -> str:
 class Authorizer:
     """Asks the bus who a caller is and whether it may perform an action."""
 
-    def __init__(self, connection: "Gio.DBusConnection", group: str | None = None,  # noqa: F821
-                 use_polkit: bool | None = None) -> None:
+    def __init__(
+        self,
+        connection: Gio.DBusConnection,  # noqa: F821 - gi is imported where a bus is used
+        group: str | None = None,
+        use_polkit: bool | None = None,
+    ) -> None:
         self._con = connection
         self._gid = resolve_group(group)
-        self._use_polkit = use_polkit   # None: whenever polkit is on the bus
+        self._use_polkit = use_polkit  # None: whenever polkit is on the bus
 
     # -- bus calls that keep the main loop turning -----------------------------------------
-    def _call(self, name: str, path: str, iface: str, method: str, params: Any,
-              reply_type: Any, flags: int, timeout_ms: int, cancellable: Any) -> Any:
+    def _call(
+        self,
+        name: str,
+        path: str,
+        iface: str,
+        method: str,
+        params: Any,
+        reply_type: Any,
+        flags: int,
+        timeout_ms: int,
+        cancellable: Any,
+    ) -> Any:
         """Like call_sync, but runs a nested main loop while waiting: an interactive polkit
         check can take minutes (a password dialog) and the watchdog pings, the progress
         signals and other callers must not stall meanwhile. Callers re-check state after."""
         from gi.repository import GLib
+
         loop = GLib.MainLoop()
         box: dict[str, Any] = {}
 
@@ -129,8 +148,9 @@ class Authorizer:
                 box["error"] = e
             loop.quit()
 
-        self._con.call(name, path, iface, method, params, reply_type, flags, timeout_ms,
-                       cancellable, done)
+        self._con.call(
+            name, path, iface, method, params, reply_type, flags, timeout_ms, cancellable, done
+        )
         loop.run()
         if "error" in box:
             raise box["error"]
@@ -139,44 +159,77 @@ class Authorizer:
     # -- identity -----------------------------------------------------------------------
     def caller(self, bus_name: str) -> Caller:
         from gi.repository import GLib
+
         try:
             (creds,) = self._call(
-                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                "GetConnectionCredentials", GLib.Variant("(s)", (bus_name,)),
-                GLib.VariantType("(a{sv})"), 0, 5000, None).unpack()
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "GetConnectionCredentials",
+                GLib.Variant("(s)", (bus_name,)),
+                GLib.VariantType("(a{sv})"),
+                0,
+                5000,
+                None,
+            ).unpack()
         except GLib.Error as e:
-            raise NotAuthorizedError("cannot identify the caller", why=e.message,
-                                     fix="call kjumpd over the system bus", sender=bus_name) from None
+            raise NotAuthorizedError(
+                "cannot identify the caller",
+                why=e.message,
+                fix="call kjumpd over the system bus",
+                sender=bus_name,
+            ) from None
         if "UnixUserID" not in creds:
-            raise NotAuthorizedError("cannot identify the caller",
-                                     why="the bus daemon reports no uid for it",
-                                     fix="call kjumpd over a local (unix socket) bus", sender=bus_name)
+            raise NotAuthorizedError(
+                "cannot identify the caller",
+                why="the bus daemon reports no uid for it",
+                fix="call kjumpd over a local (unix socket) bus",
+                sender=bus_name,
+            )
         uid = int(creds["UnixUserID"])
         gids = creds.get("UnixGroupIDs")
-        if gids is None:    # old bus daemons: fall back to the group database
+        if gids is None:  # old bus daemons: fall back to the group database
             try:
                 pw = pwd.getpwuid(uid)
                 gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
             except KeyError:
                 gids = []
         pid = creds.get("ProcessID")
-        return Caller(bus_name, uid, tuple(int(g) for g in gids), int(pid) if pid is not None else None)
+        return Caller(
+            bus_name, uid, tuple(int(g) for g in gids), int(pid) if pid is not None else None
+        )
 
     # -- polkit -------------------------------------------------------------------------
     def polkit_available(self) -> bool:
         if self._use_polkit is not None:
             return self._use_polkit
         from gi.repository import GLib
+
         try:
             (has,) = self._call(
-                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                "NameHasOwner", GLib.Variant("(s)", (POLKIT_NAME,)), GLib.VariantType("(b)"),
-                0, 5000, None).unpack()
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "NameHasOwner",
+                GLib.Variant("(s)", (POLKIT_NAME,)),
+                GLib.VariantType("(b)"),
+                0,
+                5000,
+                None,
+            ).unpack()
             if has:
                 return True
             (names,) = self._call(
-                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                "ListActivatableNames", None, GLib.VariantType("(as)"), 0, 5000, None).unpack()
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "ListActivatableNames",
+                None,
+                GLib.VariantType("(as)"),
+                0,
+                5000,
+                None,
+            ).unpack()
             return POLKIT_NAME in names
         except GLib.Error as e:
             log.warning("cannot ask the bus about polkit: %s", e.message)
@@ -184,24 +237,40 @@ class Authorizer:
 
     def _polkit(self, caller: Caller, action: str, interactive: bool) -> Decision:
         from gi.repository import GLib
+
         subject = ("system-bus-name", {"name": GLib.Variant("s", caller.bus_name)})
         try:
             result = self._call(
-                POLKIT_NAME, POLKIT_PATH, POLKIT_IFACE, "CheckAuthorization",
-                GLib.Variant("((sa{sv})sa{ss}us)",
-                             (subject, action, {}, 1 if interactive else 0, "")),
-                GLib.VariantType("((bba{ss}))"), 0, POLKIT_TIMEOUT_MS if interactive else 25_000,
-                None).unpack()
+                POLKIT_NAME,
+                POLKIT_PATH,
+                POLKIT_IFACE,
+                "CheckAuthorization",
+                GLib.Variant(
+                    "((sa{sv})sa{ss}us)", (subject, action, {}, 1 if interactive else 0, "")
+                ),
+                GLib.VariantType("((bba{ss}))"),
+                0,
+                POLKIT_TIMEOUT_MS if interactive else 25_000,
+                None,
+            ).unpack()
         except GLib.Error as e:
-            return Decision(False, reason=f"polkit could not decide {action}: {e.message}",
-                            details={"fix": "check that polkitd is running (systemctl status polkit)"})
+            return Decision(
+                False,
+                reason=f"polkit could not decide {action}: {e.message}",
+                details={"fix": "check that polkitd is running (systemctl status polkit)"},
+            )
         allowed, challenge, details = result[0]
         if allowed:
             return Decision(True, reason="polkit", details=dict(details))
-        return Decision(False, challenge=bool(challenge),
-                        reason=f"polkit refused {action} to {_user_name(caller.uid)} (uid {caller.uid})",
-                        details={"fix": f"ask an administrator to allow {action} (polkit rules)",
-                                 **dict(details)})
+        return Decision(
+            False,
+            challenge=bool(challenge),
+            reason=f"polkit refused {action} to {_user_name(caller.uid)} (uid {caller.uid})",
+            details={
+                "fix": f"ask an administrator to allow {action} (polkit rules)",
+                **dict(details),
+            },
+        )
 
     # -- the decision -------------------------------------------------------------------
     def decide(self, caller: Caller, action: str, interactive: bool = True) -> Decision:
@@ -219,8 +288,12 @@ class Authorizer:
         d = self.decide(caller, action, interactive=interactive)
         if not d.allowed:
             log.warning("denied %s to uid %d (%s): %s", action, caller.uid, bus_name, d.reason)
-            raise NotAuthorizedError("not authorized", why=d.reason,
-                                     fix=d.details.get("fix", "run it as root"),
-                                     action=action, uid=caller.uid)
+            raise NotAuthorizedError(
+                "not authorized",
+                why=d.reason,
+                fix=d.details.get("fix", "run it as root"),
+                action=action,
+                uid=caller.uid,
+            )
         log.info("allowed %s to uid %d (%s)", action, caller.uid, d.reason)
         return caller

@@ -20,7 +20,7 @@ class Battery:
     on_ac: bool
     percent: float | None
     discharging: bool
-    seconds_left: float | None       # until empty, at the present drain
+    seconds_left: float | None  # until empty, at the present drain
 
     def seconds_to_floor(self, floor_percent: float) -> float | None:
         """Seconds until ``floor_percent``; None when not discharging or unknown;
@@ -52,7 +52,7 @@ def read(sysroot: Sysroot) -> Battery:
             on_ac = True
         elif kind == "Battery" and _num(sysroot, f"{base}/present") != 0:
             if sysroot.read_text(f"{base}/scope", default="").strip() == "Device":
-                continue              # a mouse's battery, not the machine's
+                continue  # a mouse's battery, not the machine's
             bats.append(base)
     if not bats:
         return Battery(False, on_ac, None, False, None)

@@ -29,8 +29,8 @@ import shutil
 import stat
 import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kjumpd.errors import BlockMapError, KjumpError, TargetError
 from kjumpd.sysroot import Sysroot
@@ -41,13 +41,18 @@ BLOCK = 4096
 SECTOR = 512
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 0x1
-_FIEMAP_HDR = struct.Struct("=QQIIII")                 # 32 bytes
-_FIEMAP_EXT = struct.Struct("=QQQQQIIII")              # 56 bytes
+_FIEMAP_HDR = struct.Struct("=QQIIII")  # 32 bytes
+_FIEMAP_EXT = struct.Struct("=QQQQQIIII")  # 56 bytes
 FE_LAST = 0x1
 BAD_FLAGS = {
-    0x2: "unknown location", 0x4: "delayed allocation", 0x8: "encoded (compressed)",
-    0x80: "encrypted", 0x100: "not block aligned", 0x200: "inline in metadata",
-    0x400: "packed tail", 0x800: "unwritten (preallocated, never written)",
+    0x2: "unknown location",
+    0x4: "delayed allocation",
+    0x8: "encoded (compressed)",
+    0x80: "encrypted",
+    0x100: "not block aligned",
+    0x200: "inline in metadata",
+    0x400: "packed tail",
+    0x800: "unwritten (preallocated, never written)",
     0x2000: "shared (reflinked or snapshotted)",
 }
 BTRFS_SUPER_MAGIC = 0x9123683E
@@ -64,19 +69,21 @@ class Extent:
 @dataclass(frozen=True)
 class Target:
     """A target translated to the whole disk."""
-    path: str                       # as configured (system path)
-    kind: str                       # "file" | "partition" | "disk"
-    disk: str                       # "/dev/vda": the whole disk B writes
-    disk_devno: str                 # "254:0"
+
+    path: str  # as configured (system path)
+    kind: str  # "file" | "partition" | "disk"
+    disk: str  # "/dev/vda": the whole disk B writes
+    disk_devno: str  # "254:0"
     size: int
-    blockmap: list[tuple[int, int, int]] = field(default_factory=list)   # whole-disk offsets
+    blockmap: list[tuple[int, int, int]] = field(default_factory=list)  # whole-disk offsets
 
     @property
     def superblock_offset(self) -> int:
         return self.blockmap[0][1]
 
-    def block_extents(self) -> list:     # -> list[kjumpd.image.format.BlockExtent]
+    def block_extents(self) -> list:  # -> list[kjumpd.image.format.BlockExtent]
         from kjumpd.image.format import BlockExtent
+
         return [BlockExtent(lo, dev, ln) for lo, dev, ln in self.blockmap]
 
 
@@ -91,15 +98,19 @@ def fiemap(fd: int, size: int, batch: int = 256) -> list[Extent]:
         try:
             fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
         except OSError as e:
-            raise BlockMapError("FIEMAP is not supported for the target",
-                                why=e.strerror or str(e),
-                                fix="put the target on ext4 or xfs, or use a raw partition") from None
+            raise BlockMapError(
+                "FIEMAP is not supported for the target",
+                why=e.strerror or str(e),
+                fix="put the target on ext4 or xfs, or use a raw partition",
+            ) from None
         mapped = _FIEMAP_HDR.unpack_from(buf, 0)[3]
         if mapped == 0:
             break
         last = False
         for i in range(mapped):
-            lo, ph, ln, _, _, flags, *_ = _FIEMAP_EXT.unpack_from(buf, _FIEMAP_HDR.size + i * _FIEMAP_EXT.size)
+            lo, ph, ln, _, _, flags, *_ = _FIEMAP_EXT.unpack_from(
+                buf, _FIEMAP_HDR.size + i * _FIEMAP_EXT.size
+            )
             out.append(Extent(lo, ph, ln, flags))
             last = bool(flags & FE_LAST)
         start = out[-1].logical + out[-1].length
@@ -115,19 +126,30 @@ def validate_extents(extents: list[Extent], size: int, path: str = "target") -> 
     for e in extents:
         bad = [why for bit, why in BAD_FLAGS.items() if e.flags & bit]
         if bad:
-            raise BlockMapError(f"{path} has an extent that cannot be written raw",
-                                why=f"extent at {e.logical} is {', '.join(bad)}",
-                                fix="recreate it with `kjumpctl setup` (a fully written file on "
-                                    "ext4/xfs without reflinks or compression)",
-                                logical=e.logical, flags=e.flags)
+            raise BlockMapError(
+                f"{path} has an extent that cannot be written raw",
+                why=f"extent at {e.logical} is {', '.join(bad)}",
+                fix="recreate it with `kjumpctl setup` (a fully written file on "
+                "ext4/xfs without reflinks or compression)",
+                logical=e.logical,
+                flags=e.flags,
+            )
         if e.logical != pos:
-            raise BlockMapError(f"{path} is sparse", why=f"hole at byte {pos}",
-                                fix="recreate it with `kjumpctl setup` (it writes every byte)")
-        if e.logical % BLOCK or e.physical % BLOCK or (e.length % BLOCK and
-                                                         e.logical + e.length < size):
-            raise BlockMapError(f"{path} has an extent not aligned to {BLOCK} bytes",
-                                why=f"logical {e.logical}, physical {e.physical}, length {e.length}",
-                                fix="use a filesystem with 4 KiB blocks")
+            raise BlockMapError(
+                f"{path} is sparse",
+                why=f"hole at byte {pos}",
+                fix="recreate it with `kjumpctl setup` (it writes every byte)",
+            )
+        if (
+            e.logical % BLOCK
+            or e.physical % BLOCK
+            or (e.length % BLOCK and e.logical + e.length < size)
+        ):
+            raise BlockMapError(
+                f"{path} has an extent not aligned to {BLOCK} bytes",
+                why=f"logical {e.logical}, physical {e.physical}, length {e.length}",
+                fix="use a filesystem with 4 KiB blocks",
+            )
         pos = e.logical + e.length
         if merged and merged[-1].physical + merged[-1].length == e.physical:
             p = merged[-1]
@@ -135,10 +157,13 @@ def validate_extents(extents: list[Extent], size: int, path: str = "target") -> 
         else:
             merged.append(Extent(e.logical, e.physical, e.length))
     if pos < size:
-        raise BlockMapError(f"{path} is sparse", why=f"extents end at {pos}, size is {size}",
-                            fix="recreate it with `kjumpctl setup`")
+        raise BlockMapError(
+            f"{path} is sparse",
+            why=f"extents end at {pos}, size is {size}",
+            fix="recreate it with `kjumpctl setup`",
+        )
     last = merged[-1]
-    if last.logical + last.length > size:           # the tail block of the last extent
+    if last.logical + last.length > size:  # the tail block of the last extent
         merged[-1] = Extent(last.logical, last.physical, size - last.logical)
     return merged
 
@@ -146,17 +171,19 @@ def validate_extents(extents: list[Extent], size: int, path: str = "target") -> 
 # -- device translation ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class BlockDev:
-    name: str          # sysfs name ("vda1", "dm-0", "loop3")
-    devno: str         # "MAJ:MIN"
+    name: str  # sysfs name ("vda1", "dm-0", "loop3")
+    devno: str  # "MAJ:MIN"
 
 
 def _sys_block_dir(sysroot: Sysroot, devno: str) -> str:
     """/sys/class/block/<name> of a device number, as a system path."""
     link = sysroot.path(f"/sys/dev/block/{devno}")
     if not link.exists():
-        raise BlockMapError(f"block device {devno} is not in sysfs",
-                            why=f"/sys/dev/block/{devno} is missing",
-                            fix="the target must be on a local block device")
+        raise BlockMapError(
+            f"block device {devno} is not in sysfs",
+            why=f"/sys/dev/block/{devno} is missing",
+            fix="the target must be on a local block device",
+        )
     name = os.path.basename(os.path.realpath(link))
     return f"/sys/class/block/{name}"
 
@@ -168,9 +195,11 @@ def device_by_devno(sysroot: Sysroot, devno: str) -> BlockDev:
 def device_by_name(sysroot: Sysroot, name: str) -> BlockDev:
     devno = sysroot.read_text(f"/sys/class/block/{name}/dev", default="").strip()
     if not devno:
-        raise BlockMapError(f"/dev/{name} is not a block device the kernel lists",
-                            why=f"/sys/class/block/{name}/dev is missing",
-                            fix="give a partition or disk path, or a file on a local filesystem")
+        raise BlockMapError(
+            f"/dev/{name} is not a block device the kernel lists",
+            why=f"/sys/class/block/{name}/dev is missing",
+            fix="give a partition or disk path, or a file on a local filesystem",
+        )
     return BlockDev(name, devno)
 
 
@@ -183,14 +212,16 @@ def parse_dm_table(text: str) -> list[tuple[int, int, str, int]]:
             continue
         if len(parts) < 5 or parts[2] != "linear":
             kind = parts[2] if len(parts) > 2 else "?"
-            raise BlockMapError(f"device-mapper target {kind!r} is not supported",
-                                why="only linear mappings (plain LVM) can be written raw by "
-                                    "the save kernel",
-                                fix="put the target on a plain partition or a linear LV")
+            raise BlockMapError(
+                f"device-mapper target {kind!r} is not supported",
+                why="only linear mappings (plain LVM) can be written raw by the save kernel",
+                fix="put the target on a plain partition or a linear LV",
+            )
         dev = parts[3]
         if ":" not in dev:
-            raise BlockMapError("device-mapper table names a device by path",
-                                why=line, fix="report this table")
+            raise BlockMapError(
+                "device-mapper table names a device by path", why=line, fix="report this table"
+            )
         out.append((int(parts[0]) * SECTOR, int(parts[1]) * SECTOR, dev, int(parts[4]) * SECTOR))
     return out
 
@@ -198,21 +229,35 @@ def parse_dm_table(text: str) -> list[tuple[int, int, str, int]]:
 def _dm_table(sysroot: Sysroot, dev: BlockDev) -> str:
     tool = shutil.which("dmsetup")
     if tool is None:
-        raise BlockMapError(f"cannot read the device-mapper table of {dev.name}",
-                            why="dmsetup is not installed", fix="apt-get install dmsetup")
+        raise BlockMapError(
+            f"cannot read the device-mapper table of {dev.name}",
+            why="dmsetup is not installed",
+            fix="apt-get install dmsetup",
+        )
     maj, mnr = dev.devno.split(":")
-    r = subprocess.run([tool, "table", "--major", maj, "--minor", mnr], capture_output=True,
-                       text=True, timeout=30, check=False)
+    r = subprocess.run(
+        [tool, "table", "--major", maj, "--minor", mnr],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     if r.returncode != 0:
-        raise BlockMapError(f"dmsetup table failed for {dev.name}",
-                            why=" | ".join(r.stderr.strip().splitlines()[-2:]),
-                            fix="check device-mapper (dmsetup ls)")
+        raise BlockMapError(
+            f"dmsetup table failed for {dev.name}",
+            why=" | ".join(r.stderr.strip().splitlines()[-2:]),
+            fix="check device-mapper (dmsetup ls)",
+        )
     return r.stdout
 
 
-def to_disk(sysroot: Sysroot, dev: BlockDev, extents: list[tuple[int, int, int]],
-            depth: int = 0, dm_table: Callable[[Sysroot, BlockDev], str] | None = None
-            ) -> tuple[BlockDev, list[tuple[int, int, int]]]:
+def to_disk(
+    sysroot: Sysroot,
+    dev: BlockDev,
+    extents: list[tuple[int, int, int]],
+    depth: int = 0,
+    dm_table: Callable[[Sysroot, BlockDev], str] | None = None,
+) -> tuple[BlockDev, list[tuple[int, int, int]]]:
     """(logical, offset on ``dev``, length) -> (whole disk, offsets on it).
     ``dm_table`` returns a device-mapper table's text (default: ``dmsetup table``)."""
     if depth > 8:
@@ -220,17 +265,20 @@ def to_disk(sysroot: Sysroot, dev: BlockDev, extents: list[tuple[int, int, int]]
     base = f"/sys/class/block/{dev.name}"
     if sysroot.exists(f"{base}/md"):
         level = sysroot.read_text(f"{base}/md/level", default="?").strip()
-        raise BlockMapError(f"the target is on md RAID ({dev.name}, {level})",
-                            why="the save kernel writes one disk; RAID members would diverge",
-                            fix="put the target on a plain partition outside the array")
+        raise BlockMapError(
+            f"the target is on md RAID ({dev.name}, {level})",
+            why="the save kernel writes one disk; RAID members would diverge",
+            fix="put the target on a plain partition outside the array",
+        )
     if sysroot.exists(f"{base}/dm"):
         uuid = sysroot.read_text(f"{base}/dm/uuid", default="").strip()
         if uuid.startswith("CRYPT-"):
-            raise BlockMapError(f"the target is on dm-crypt ({dev.name})",
-                                why="the save kernel has no key and would write ciphertext "
-                                    "blocks as plaintext",
-                                fix="put the target on an unencrypted partition (the image is "
-                                    "not encrypted by kjumpd)")
+            raise BlockMapError(
+                f"the target is on dm-crypt ({dev.name})",
+                why="the save kernel has no key and would write ciphertext blocks as plaintext",
+                fix="put the target on an unencrypted partition (the image is "
+                "not encrypted by kjumpd)",
+            )
         table = parse_dm_table((dm_table or _dm_table)(sysroot, dev))
         out: list[tuple[int, int, int]] = []
         lower: BlockDev | None = None
@@ -241,8 +289,10 @@ def to_disk(sysroot: Sysroot, dev: BlockDev, extents: list[tuple[int, int, int]]
                     raise BlockMapError(f"offset {off} of {dev.name} is outside its dm table")
                 s_start, s_len, s_dev, s_off = seg
                 if lower is not None and lower.devno != s_dev:
-                    raise BlockMapError(f"{dev.name} spans several devices",
-                                        fix="use a linear LV on one physical volume")
+                    raise BlockMapError(
+                        f"{dev.name} spans several devices",
+                        fix="use a linear LV on one physical volume",
+                    )
                 lower = lower or device_by_devno(sysroot, s_dev)
                 n = min(ln, s_start + s_len - off)
                 out.append((lo, s_off + off - s_start, n))
@@ -261,9 +311,11 @@ def check_not_swap(sysroot: Sysroot, path: str, devname: str | None) -> None:
     for line in sysroot.read_text("/proc/swaps", default="").splitlines()[1:]:
         name = line.split()[0] if line.split() else ""
         if name and (name == path or (devname and name == f"/dev/{devname}")):
-            raise BlockMapError(f"{path} is an active swap area",
-                                why=f"listed in /proc/swaps as {name}",
-                                fix=f"swapoff {name} and remove it from /etc/fstab first")
+            raise BlockMapError(
+                f"{path} is an active swap area",
+                why=f"listed in /proc/swaps as {name}",
+                fix=f"swapoff {name} and remove it from /etc/fstab first",
+            )
 
 
 def _merge(ext: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -282,12 +334,15 @@ def translate(sysroot: Sysroot, path: str) -> Target:
     try:
         st = os.stat(real)
     except OSError as e:
-        raise TargetError(f"target {path} does not exist", why=e.strerror or str(e),
-                          fix="create it with `kjumpctl setup --target PATH --size SIZE`") from None
+        raise TargetError(
+            f"target {path} does not exist",
+            why=e.strerror or str(e),
+            fix="create it with `kjumpctl setup --target PATH --size SIZE`",
+        ) from None
     if stat.S_ISBLK(st.st_mode) or (not sysroot.is_real and path.startswith("/dev/")):
         if stat.S_ISBLK(st.st_mode):
             dev = device_by_devno(sysroot, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-        else:       # a fake tree: /dev/NAME is a plain file standing in for the device
+        else:  # a fake tree: /dev/NAME is a plain file standing in for the device
             dev = device_by_name(sysroot, os.path.basename(os.path.realpath(real)))
         check_not_swap(sysroot, path, dev.name)
         sectors = int(sysroot.read_text(f"/sys/class/block/{dev.name}/size").strip())
@@ -296,34 +351,47 @@ def translate(sysroot: Sysroot, path: str) -> Target:
         disk, ext = to_disk(sysroot, dev, [(0, 0, size)])
         return Target(path, kind, f"/dev/{disk.name}", disk.devno, size, _merge(ext))
     if not stat.S_ISREG(st.st_mode):
-        raise TargetError(f"target {path} is neither a file nor a block device",
-                          fix="give a file path or a partition")
+        raise TargetError(
+            f"target {path} is neither a file nor a block device",
+            fix="give a file path or a partition",
+        )
     check_not_swap(sysroot, path, None)
     if st.st_mode & 0o077 or st.st_uid != 0:
-        raise TargetError(f"target {path} is readable by others or not owned by root",
-                          why=f"mode {st.st_mode & 0o777:o}, uid {st.st_uid}: it will hold "
-                              "all of memory", fix=f"chown root:root {path}; chmod 600 {path}")
+        raise TargetError(
+            f"target {path} is readable by others or not owned by root",
+            why=f"mode {st.st_mode & 0o777:o}, uid {st.st_uid}: it will hold all of memory",
+            fix=f"chown root:root {path}; chmod 600 {path}",
+        )
     fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if os.fstatvfs(fd).f_fsid and _fstype_magic(fd) == BTRFS_SUPER_MAGIC:
-            raise BlockMapError(f"target {path} is on btrfs",
-                                why="btrfs FIEMAP returns btrfs logical addresses; kjumpd does "
-                                    "not translate btrfs chunk maps (a nodatacow file on one "
-                                    "device would be required, and is not enough)",
-                                fix="use a file on ext4/xfs or a raw partition")
+            raise BlockMapError(
+                f"target {path} is on btrfs",
+                why="btrfs FIEMAP returns btrfs logical addresses; kjumpd does "
+                "not translate btrfs chunk maps (a nodatacow file on one "
+                "device would be required, and is not enough)",
+                fix="use a file on ext4/xfs or a raw partition",
+            )
         extents = validate_extents(fiemap(fd, st.st_size), st.st_size, path)
     finally:
         os.close(fd)
     dev = device_by_devno(sysroot, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     disk, ext = to_disk(sysroot, dev, [(e.logical, e.physical, e.length) for e in extents])
-    return Target(path, "file", f"/dev/{disk.name}", disk.devno, st.st_size // BLOCK * BLOCK,
-                  _merge([(lo, d, ln) for lo, d, ln in ext if lo < st.st_size // BLOCK * BLOCK]))
+    return Target(
+        path,
+        "file",
+        f"/dev/{disk.name}",
+        disk.devno,
+        st.st_size // BLOCK * BLOCK,
+        _merge([(lo, d, ln) for lo, d, ln in ext if lo < st.st_size // BLOCK * BLOCK]),
+    )
 
 
 def _fstype_magic(fd: int) -> int:
     """f_type of statfs(2) (os.fstatvfs does not expose it)."""
     import ctypes
     import ctypes.util
+
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     buf = (ctypes.c_long * 16)()
     if libc.fstatfs(fd, buf) != 0:
@@ -337,6 +405,7 @@ def stamp(sysroot: Sysroot, target: Target, uuid: str | None = None) -> str:
     read it back from the whole disk with O_DIRECT; returns the target UUID."""
     from kjumpd.image import store
     from kjumpd.image.device import ImageDevice
+
     real = sysroot.path(target.path)
     if target.kind == "file":
         dev = ImageDevice(real, writable=True)
@@ -351,25 +420,33 @@ def stamp(sysroot: Sysroot, target: Target, uuid: str | None = None) -> str:
 def verify_on_disk(sysroot: Sysroot, target: Target, uuid: str) -> None:
     """Read the superblock from the whole disk at the translated offset: magic, UUID, map."""
     from kjumpd.image import store
+
     try:
-        dev, sb = store.open_target(sysroot.path(target.disk), writable=False,
-                                    offset=target.superblock_offset)
+        dev, sb = store.open_target(
+            sysroot.path(target.disk), writable=False, offset=target.superblock_offset
+        )
     except KjumpError as e:
-        raise BlockMapError("the target superblock is not where the block map says",
-                            why=f"{target.disk} at {target.superblock_offset}: {e.message}",
-                            fix="run `kjumpctl setup` again") from None
+        raise BlockMapError(
+            "the target superblock is not where the block map says",
+            why=f"{target.disk} at {target.superblock_offset}: {e.message}",
+            fix="run `kjumpctl setup` again",
+        ) from None
     dev.close()
-    if sb.uuid_str != uuid or [tuple(vars(e).values()) for e in sb.blockmap] != \
-            [tuple(x) for x in target.blockmap]:
-        raise BlockMapError("the superblock on disk does not match the target",
-                            why=f"UUID {sb.uuid_str} vs {uuid}, or another block map",
-                            fix="run `kjumpctl setup` again")
+    if sb.uuid_str != uuid or [tuple(vars(e).values()) for e in sb.blockmap] != [
+        tuple(x) for x in target.blockmap
+    ]:
+        raise BlockMapError(
+            "the superblock on disk does not match the target",
+            why=f"UUID {sb.uuid_str} vs {uuid}, or another block map",
+            fix="run `kjumpctl setup` again",
+        )
 
 
 def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
     """Create (file) or claim (partition) a target, stamp and verify it; (Target, UUID)."""
     from kjumpd.image import store
     from kjumpd.image.device import ImageDevice
+
     real = sysroot.path(path)
     is_dev = path.startswith("/dev/")
     if not is_dev:
@@ -377,8 +454,10 @@ def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
         if not parent.is_dir():
             parent.mkdir(mode=0o700, parents=True)
         if size <= 0:
-            raise TargetError("setup needs --size for a file target",
-                              fix="pass --size, e.g. --size 8G (about your RAM in use)")
+            raise TargetError(
+                "setup needs --size for a file target",
+                fix="pass --size, e.g. --size 8G (about your RAM in use)",
+            )
         sb = store.create_target(real, size)
         os.chmod(real, 0o600)
         uuid = sb.uuid_str
@@ -387,6 +466,7 @@ def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
     target = translate(sysroot, path)
     with ImageDevice(sysroot.path(target.disk), target.block_extents(), writable=True) as dev:
         import uuid as uuidlib
+
         new_uuid = str(uuidlib.uuid4())
         sb = store.stamp_superblock(dev, target.block_extents(), uuid=new_uuid)
         store.init_header(dev, sb.uuid)
@@ -399,31 +479,39 @@ def current(sysroot: Sysroot, path: str, restamp: bool = True) -> tuple[Target, 
     target whose extents moved (only with ``restamp``: before anything is frozen)."""
     from kjumpd.image import store
     from kjumpd.image.device import ImageDevice
+
     target = translate(sysroot, path)
     if target.kind == "file":
         with ImageDevice(sysroot.path(path), writable=False) as dev:
             try:
                 sb = store.read_superblock(dev)
             except KjumpError as e:
-                raise TargetError(f"{path} is not a kjumpd target", why=e.message,
-                                  fix="run `kjumpctl setup`") from None
+                raise TargetError(
+                    f"{path} is not a kjumpd target", why=e.message, fix="run `kjumpctl setup`"
+                ) from None
     else:
         try:
-            dev, sb = store.open_target(sysroot.path(target.disk), writable=False,
-                                        offset=target.superblock_offset)
+            dev, sb = store.open_target(
+                sysroot.path(target.disk), writable=False, offset=target.superblock_offset
+            )
             dev.close()
         except KjumpError as e:
-            raise TargetError(f"{path} is not a kjumpd target", why=e.message,
-                              fix="run `kjumpctl setup`") from None
+            raise TargetError(
+                f"{path} is not a kjumpd target", why=e.message, fix="run `kjumpctl setup`"
+            ) from None
     recorded = [(e.logical, e.device_offset, e.length) for e in sb.blockmap]
     if recorded != target.blockmap:
         if target.kind != "file" or not restamp:
-            raise TargetError(f"the superblock of {path} records another block map",
-                              why="the file's extents moved since it was stamped"
-                              if target.kind == "file" else "the partition changed",
-                              fix="a hibernation stamps the new map before it freezes anything"
-                              if target.kind == "file" else "run `kjumpctl setup` again",
-                              moved=target.kind == "file")
+            raise TargetError(
+                f"the superblock of {path} records another block map",
+                why="the file's extents moved since it was stamped"
+                if target.kind == "file"
+                else "the partition changed",
+                fix="a hibernation stamps the new map before it freezes anything"
+                if target.kind == "file"
+                else "run `kjumpctl setup` again",
+                moved=target.kind == "file",
+            )
         log.info("target %s moved on disk; stamping its new block map", path)
         return target, stamp(sysroot, target, sb.uuid_str)
     verify_on_disk(sysroot, target, sb.uuid_str)

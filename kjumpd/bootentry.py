@@ -44,9 +44,10 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from kjumpd import cpio
 from kjumpd.errors import BootEntryError, ConfigError, FsStampError
@@ -75,11 +76,28 @@ GRUBENV_SIZE = 1024
 GRUBENV_HEADER = b"# GRUB Environment Block\n"
 
 #: keys of a BLS type #1 entry (https://uapi-group.org/specifications/specs/boot_loader_specification/)
-BLS_KEYS = ("title", "version", "machine-id", "sort-key", "linux", "initrd", "efi", "options",
-            "devicetree", "devicetree-overlay", "architecture")
+BLS_KEYS = (
+    "title",
+    "version",
+    "machine-id",
+    "sort-key",
+    "linux",
+    "initrd",
+    "efi",
+    "options",
+    "devicetree",
+    "devicetree-overlay",
+    "architecture",
+)
 #: GRUB module per filesystem type
-GRUB_MODULES = {"ext2": "ext2", "ext3": "ext2", "ext4": "ext2", "xfs": "xfs", "btrfs": "btrfs",
-                "vfat": "fat"}
+GRUB_MODULES = {
+    "ext2": "ext2",
+    "ext3": "ext2",
+    "ext4": "ext2",
+    "xfs": "xfs",
+    "btrfs": "btrfs",
+    "vfat": "fat",
+}
 
 _SAFE_CMDLINE = re.compile(r"^[A-Za-z0-9._,:=/@+\-\s]*$")
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+\-]*$")
@@ -91,22 +109,23 @@ FS_IMMUTABLE_FL = 0x10
 @dataclass(frozen=True)
 class BootEntry:
     """What ``install`` put where (the record in /etc/kjumpd/bootentry.json)."""
+
     kind: str
-    loader: str                 # "grub" or "bls"
-    kernel: str                 # system paths of R's installed kernel and initramfs
+    loader: str  # "grub" or "bls"
+    kernel: str  # system paths of R's installed kernel and initramfs
     initrd: str
     cmdline: str
-    files: list[str] = field(default_factory=list)   # every file install wrote
+    files: list[str] = field(default_factory=list)  # every file install wrote
     grubenv: str = GRUBENV
     esp: str = ""
     entry_id: str = ENTRY_ID
-    previous_default: str | None = None              # BLS LoaderEntryDefault before install
+    previous_default: str | None = None  # BLS LoaderEntryDefault before install
 
     def to_json(self) -> str:
         return json.dumps({"version": RECORD_VERSION, **asdict(self)}, indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "BootEntry":
+    def from_json(cls, text: str) -> BootEntry:
         try:
             d = json.loads(text)
             if not isinstance(d, dict) or d.pop("version", None) != RECORD_VERSION:
@@ -116,8 +135,11 @@ class BootEntry:
                 raise ValueError(f"kind {rec.kind!r} / loader {rec.loader!r}")
             return rec
         except (ValueError, TypeError) as e:
-            raise BootEntryError(f"{RECORD_PATH} is damaged", why=str(e),
-                                 fix="run `kjumpctl setup --bootloader KIND` again") from None
+            raise BootEntryError(
+                f"{RECORD_PATH} is damaged",
+                why=str(e),
+                fix="run `kjumpctl setup --bootloader KIND` again",
+            ) from None
 
 
 # ------------------------------------------------------------------ pure renderers
@@ -133,59 +155,87 @@ def _template(name: str) -> str:
     for c in candidates:
         if c.is_file():
             return c.read_text()
-    raise BootEntryError(f"template {name} is missing", why=f"looked in {candidates[0].parent}",
-                         fix="reinstall kjumpd or set KJUMPD_BOOTLOADER_DIR")
+    raise BootEntryError(
+        f"template {name} is missing",
+        why=f"looked in {candidates[0].parent}",
+        fix="reinstall kjumpd or set KJUMPD_BOOTLOADER_DIR",
+    )
 
 
 def _check_cmdline(cmdline: str) -> None:
     if not _SAFE_CMDLINE.match(cmdline) or "\n" in cmdline:
-        raise ConfigError(f"restore-first command line {cmdline!r} has characters a boot "
-                          "loader entry cannot carry safely",
-                          fix="use letters, digits and . _ , : = / @ + - only")
+        raise ConfigError(
+            f"restore-first command line {cmdline!r} has characters a boot "
+            "loader entry cannot carry safely",
+            fix="use letters, digits and . _ , : = / @ + - only",
+        )
     words = kernel_cmdline.params(cmdline)
     if "kjump.target" not in words or "kjump.offset" not in words:
-        raise ConfigError("the restore-first command line lacks kjump.target= or kjump.offset=",
-                          fix="let `kjumpctl setup` build it from the prepared target")
+        raise ConfigError(
+            "the restore-first command line lacks kjump.target= or kjump.offset=",
+            fix="let `kjumpctl setup` build it from the prepared target",
+        )
 
 
 def _check_path(p: str) -> None:
     if not _SAFE_PATH.match(p):
-        raise ConfigError(f"boot path {p!r} is not a plain absolute path",
-                          fix="use a path of letters, digits and . _ / + - only")
+        raise ConfigError(
+            f"boot path {p!r} is not a plain absolute path",
+            fix="use a path of letters, digits and . _ / + - only",
+        )
 
 
-def render_grub_snippet(*, kind: str, fs_uuid: str, fstype: str, kernel: str, initrd: str,
-                        cmdline: str) -> str:
+def render_grub_snippet(
+    *, kind: str, fs_uuid: str, fstype: str, kernel: str, initrd: str, cmdline: str
+) -> str:
     """The /etc/grub.d/42_kjumpd script; ``kernel``/``initrd`` are paths as GRUB sees them."""
     _check_cmdline(cmdline)
     for p in (kernel, initrd):
         _check_path(p)
     if fstype not in GRUB_MODULES:
-        raise BootEntryError(f"GRUB cannot read {fstype} here",
-                             fix="put /boot on ext4, xfs, btrfs or vfat")
+        raise BootEntryError(
+            f"GRUB cannot read {fstype} here", fix="put /boot on ext4, xfs, btrfs or vfat"
+        )
     if not re.match(r"^[0-9A-Fa-f-]+$", fs_uuid):
         raise BootEntryError(f"filesystem UUID {fs_uuid!r} is not usable by GRUB's search")
-    default = ('if [ -z "${boot_once}" ]; then set default="%s"; fi' % ENTRY_ID
-               if kind == "restore-first" else "")
+    default = (
+        f'if [ -z "${{boot_once}}" ]; then set default="{ENTRY_ID}"; fi'
+        if kind == "restore-first"
+        else ""
+    )
     out = _template("42_kjumpd.in")
-    for k, v in {"@KIND@": kind, "@ID@": ENTRY_ID, "@TITLE@": TITLE,
-                 "@GRUBMOD@": GRUB_MODULES[fstype], "@FSUUID@": fs_uuid, "@KERNEL@": kernel,
-                 "@INITRD@": initrd, "@CMDLINE@": cmdline, "@DEFAULT@": default}.items():
+    for k, v in {
+        "@KIND@": kind,
+        "@ID@": ENTRY_ID,
+        "@TITLE@": TITLE,
+        "@GRUBMOD@": GRUB_MODULES[fstype],
+        "@FSUUID@": fs_uuid,
+        "@KERNEL@": kernel,
+        "@INITRD@": initrd,
+        "@CMDLINE@": cmdline,
+        "@DEFAULT@": default,
+    }.items():
         out = out.replace(k, v)
     return out
 
 
-def render_bls_entry(*, kernel: str, initrd: str, cmdline: str, machine_id: str = "",
-                     version: str = "") -> str:
+def render_bls_entry(
+    *, kernel: str, initrd: str, cmdline: str, machine_id: str = "", version: str = ""
+) -> str:
     """The BLS type #1 entry; ``kernel``/``initrd`` are paths from the ESP's root."""
     _check_cmdline(cmdline)
     for p in (kernel, initrd):
         _check_path(p)
     out = []
     for line in _template("kjumpd-restore.conf.in").splitlines():
-        line = (line.replace("@TITLE@", TITLE).replace("@VERSION@", version)
-                .replace("@MACHINE_ID@", machine_id).replace("@KERNEL@", kernel)
-                .replace("@INITRD@", initrd).replace("@CMDLINE@", cmdline))
+        line = (
+            line.replace("@TITLE@", TITLE)
+            .replace("@VERSION@", version)
+            .replace("@MACHINE_ID@", machine_id)
+            .replace("@KERNEL@", kernel)
+            .replace("@INITRD@", initrd)
+            .replace("@CMDLINE@", cmdline)
+        )
         if line.split(None, 1)[0:1] and len(line.split(None, 1)) == 1 and not line.startswith("#"):
             continue  # an optional key left empty
         out.append(line)
@@ -211,8 +261,16 @@ def bls_problems(text: str) -> list[str]:
     for key in entry:
         if key not in BLS_KEYS:
             problems.append(f"unknown key {key!r}")
-    for key in ("title", "version", "machine-id", "sort-key", "linux", "efi", "options",
-                "architecture"):
+    for key in (
+        "title",
+        "version",
+        "machine-id",
+        "sort-key",
+        "linux",
+        "efi",
+        "options",
+        "architecture",
+    ):
         if len(entry.get(key, [])) > 1 and key != "options":
             problems.append(f"key {key!r} given {len(entry[key])} times")
     if "linux" not in entry and "efi" not in entry:
@@ -233,10 +291,12 @@ def bls_problems(text: str) -> list[str]:
 def grubenv_parse(data: bytes) -> dict[str, str]:
     """Variables of a grubenv block (raises BootEntryError when it is not one)."""
     if len(data) != GRUBENV_SIZE or not data.startswith(GRUBENV_HEADER):
-        raise BootEntryError("grubenv is not a 1024-byte GRUB environment block",
-                             fix="recreate it with `grub-editenv FILE create`")
+        raise BootEntryError(
+            "grubenv is not a 1024-byte GRUB environment block",
+            fix="recreate it with `grub-editenv FILE create`",
+        )
     out: dict[str, str] = {}
-    for line in data[len(GRUBENV_HEADER):].split(b"\n"):
+    for line in data[len(GRUBENV_HEADER) :].split(b"\n"):
         if not line or line.startswith(b"#"):
             continue
         key, sep, value = line.partition(b"=")
@@ -281,51 +341,78 @@ def newc(files: Mapping[str, bytes]) -> bytes:
     return cpio.write(cpio.Entry.file(name, files[name]) for name in sorted(files))
 
 
-def boot_config_for(*, target_uuid: str, target_offset: int, normal_kernel: Path,
-                    normal_initrd: Path | None, normal_cmdline: str, save_kernel: Path,
-                    save_initrd: Path, save_cmdline: str, jump_area: tuple[int, int],
-                    max_attempts: int = 3) -> tuple[Any, dict[str, Path]]:
+def boot_config_for(
+    *,
+    target_uuid: str,
+    target_offset: int,
+    normal_kernel: Path,
+    normal_initrd: Path | None,
+    normal_cmdline: str,
+    save_kernel: Path,
+    save_initrd: Path,
+    save_cmdline: str,
+    jump_area: tuple[int, int],
+    max_attempts: int = 3,
+) -> tuple[Any, dict[str, Path]]:
     """boot.json for these host files, and R's payload (archive path -> host file)."""
     from kjumpd.restorefirst import BootConfig, KernelSpec, save_kernel_hash
+
     try:
         ks, is_ = sha256_file(save_kernel), sha256_file(save_initrd)
     except OSError as e:
-        raise BootEntryError(f"cannot read the save kernel files ({e.filename})",
-                             why=e.strerror or str(e),
-                             fix="install them where [save_kernel] in kjumpd.toml says") from None
-    cfg = BootConfig(target_uuid=target_uuid, target_offset=target_offset,
-                     normal=KernelSpec(R_NORMAL_KERNEL, R_NORMAL_INITRD if normal_initrd else None,
-                                       normal_cmdline),
-                     save=KernelSpec(R_SAVE_KERNEL, R_SAVE_INITRD, save_cmdline),
-                     save_hash=save_kernel_hash(ks, is_), save_kernel_sha256=ks,
-                     save_initrd_sha256=is_, jump_area=(int(jump_area[0]), int(jump_area[1])),
-                     max_attempts=max_attempts)
-    files = {R_NORMAL_KERNEL: Path(normal_kernel), R_SAVE_KERNEL: Path(save_kernel),
-             R_SAVE_INITRD: Path(save_initrd)}
+        raise BootEntryError(
+            f"cannot read the save kernel files ({e.filename})",
+            why=e.strerror or str(e),
+            fix="install them where [save_kernel] in kjumpd.toml says",
+        ) from None
+    cfg = BootConfig(
+        target_uuid=target_uuid,
+        target_offset=target_offset,
+        normal=KernelSpec(
+            R_NORMAL_KERNEL, R_NORMAL_INITRD if normal_initrd else None, normal_cmdline
+        ),
+        save=KernelSpec(R_SAVE_KERNEL, R_SAVE_INITRD, save_cmdline),
+        save_hash=save_kernel_hash(ks, is_),
+        save_kernel_sha256=ks,
+        save_initrd_sha256=is_,
+        jump_area=(int(jump_area[0]), int(jump_area[1])),
+        max_attempts=max_attempts,
+    )
+    files = {
+        R_NORMAL_KERNEL: Path(normal_kernel),
+        R_SAVE_KERNEL: Path(save_kernel),
+        R_SAVE_INITRD: Path(save_initrd),
+    }
     if normal_initrd:
         files[R_NORMAL_INITRD] = Path(normal_initrd)
-    BootConfig.from_dict(cfg.to_dict())   # validates
+    BootConfig.from_dict(cfg.to_dict())  # validates
     return cfg, files
 
 
 def restore_payload(cfg: Any, files: Mapping[str, Path | bytes]) -> bytes:
     """The archive appended to R's generic initramfs: boot.json and the files it names."""
     from kjumpd.restorefirst import BOOT_CONFIG_PATH
+
     entries = {BOOT_CONFIG_PATH: cfg.to_json().encode()}
     try:
         for arc, src in files.items():
             entries[arc] = src if isinstance(src, bytes) else Path(src).read_bytes()
     except OSError as e:
-        raise BootEntryError(f"cannot read {e.filename} for the restore-first initramfs",
-                             why=e.strerror or str(e), fix="check the path") from None
+        raise BootEntryError(
+            f"cannot read {e.filename} for the restore-first initramfs",
+            why=e.strerror or str(e),
+            fix="check the path",
+        ) from None
     return newc(entries)
 
 
 def normal_cmdline(proc_cmdline: str) -> str:
     """The running kernel's command line as the normal kernel should get it again: without
     what the boot loader adds per boot (BOOT_IMAGE=, initrd=) or kjumpd's own words."""
-    return kernel_cmdline.without(proc_cmdline, ("BOOT_IMAGE", "initrd", "kjump.rf", "kjump.role",
-                                          "kjump.target", "kjump.offset"))
+    return kernel_cmdline.without(
+        proc_cmdline,
+        ("BOOT_IMAGE", "initrd", "kjump.rf", "kjump.role", "kjump.target", "kjump.offset"),
+    )
 
 
 def find_normal_kernel(sysroot: Sysroot) -> tuple[str, str | None]:
@@ -346,37 +433,60 @@ def find_normal_kernel(sysroot: Sysroot) -> tuple[str, str | None]:
     for k in candidates:
         if sysroot.path(k).is_file():
             base = k.rsplit("/", 1)[-1]
-            ver = base[len("vmlinuz-"):] if base.startswith("vmlinuz-") else ""
-            initrd = f"/boot/initrd.img-{ver}" if ver else \
-                "/boot/initrd.img" if k == "/boot/vmlinuz" else ""
+            ver = base[len("vmlinuz-") :] if base.startswith("vmlinuz-") else ""
+            initrd = (
+                f"/boot/initrd.img-{ver}"
+                if ver
+                else "/boot/initrd.img"
+                if k == "/boot/vmlinuz"
+                else ""
+            )
             return k, (initrd if initrd and sysroot.path(initrd).is_file() else None)
-    raise BootEntryError("cannot find the normal kernel for the restore-first environment",
-                         why=f"none of {', '.join(candidates)} exists",
-                         fix="pass the normal kernel explicitly")
+    raise BootEntryError(
+        "cannot find the normal kernel for the restore-first environment",
+        why=f"none of {', '.join(candidates)} exists",
+        fix="pass the normal kernel explicitly",
+    )
 
 
-def machine_boot_config(sysroot: Sysroot, target_uuid: str, target_offset: int, *,
-                        normal_kernel: str | None = None, normal_initrd: str | None = None,
-                        cmdline: str | None = None, max_attempts: int = 3
-                        ) -> tuple[Any, dict[str, Path]]:
+def machine_boot_config(
+    sysroot: Sysroot,
+    target_uuid: str,
+    target_offset: int,
+    *,
+    normal_kernel: str | None = None,
+    normal_initrd: str | None = None,
+    cmdline: str | None = None,
+    max_attempts: int = 3,
+) -> tuple[Any, dict[str, Path]]:
     """boot.json + payload for this machine: the save kernel and jump area from kjumpd's
     config and the reserved area, the normal kernel and this boot's command line."""
-    from kjumpd import config as cfgmod, jumparea
+    from kjumpd import config as cfgmod
+    from kjumpd import jumparea
+
     cfg = cfgmod.load(sysroot)
     area = jumparea.find(sysroot, cfg)
     if normal_kernel is None:
         normal_kernel, found_initrd = find_normal_kernel(sysroot)
         if normal_initrd is None:
             normal_initrd = found_initrd
-    line = cmdline if cmdline is not None else \
-        normal_cmdline(sysroot.read_text("/proc/cmdline", default=""))
+    line = (
+        cmdline
+        if cmdline is not None
+        else normal_cmdline(sysroot.read_text("/proc/cmdline", default=""))
+    )
     return boot_config_for(
-        target_uuid=target_uuid, target_offset=target_offset,
+        target_uuid=target_uuid,
+        target_offset=target_offset,
         normal_kernel=sysroot.path(normal_kernel),
         normal_initrd=sysroot.path(normal_initrd) if normal_initrd else None,
-        normal_cmdline=line, save_kernel=sysroot.path(cfg.save_kernel),
-        save_initrd=sysroot.path(cfg.save_initramfs), save_cmdline=cfg.save_append,
-        jump_area=(area.start, area.size), max_attempts=max_attempts)
+        normal_cmdline=line,
+        save_kernel=sysroot.path(cfg.save_kernel),
+        save_initrd=sysroot.path(cfg.save_initramfs),
+        save_cmdline=cfg.save_append,
+        jump_area=(area.start, area.size),
+        max_attempts=max_attempts,
+    )
 
 
 # ------------------------------------------------------------------ system edge
@@ -392,7 +502,10 @@ def _mountinfo(sysroot: Sysroot) -> list[tuple[str, str, str, str, str]]:
         lf, rf = left.split(), right.split()
         if len(lf) < 5 or len(rf) < 2:
             continue
-        unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+        def unesc(s: str) -> str:
+            return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
         out.append((unesc(lf[4]), unesc(lf[3]), rf[0], unesc(rf[1]), lf[2]))
     return out
 
@@ -400,15 +513,18 @@ def _mountinfo(sysroot: Sysroot) -> list[tuple[str, str, str, str, str]]:
 def locate(sysroot: Sysroot, path: str) -> tuple[str, str, str]:
     """(fstype, fs UUID, path as the boot loader sees it) of a system path under /boot."""
     from kjumpd.fsstamp import read_stamp
+
     best = None
     for mnt, root, fstype, source, devno in _mountinfo(sysroot):
         if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
             if best is None or len(mnt) >= len(best[0]):
                 best = (mnt, root, fstype, source, devno)
     if best is None:
-        raise BootEntryError(f"cannot tell which filesystem holds {path}",
-                             why="/proc/self/mountinfo lists no mount for it",
-                             fix="mount /boot before running setup")
+        raise BootEntryError(
+            f"cannot tell which filesystem holds {path}",
+            why="/proc/self/mountinfo lists no mount for it",
+            fix="mount /boot before running setup",
+        )
     mnt, root, _fstype, source, devno = best
     if not sysroot.exists(source):
         # e.g. "/dev/root" when the kernel mounted root= itself: find the node by its number
@@ -419,9 +535,12 @@ def locate(sysroot: Sysroot, path: str) -> tuple[str, str, str]:
     try:
         st = read_stamp(source, sysroot=sysroot)
     except FsStampError as e:
-        raise BootEntryError(f"cannot identify the filesystem of {path} on {source}",
-                             why=e.what, fix="put /boot on ext4, xfs, btrfs or vfat") from None
-    rel = path[len(mnt.rstrip("/")):] or "/"
+        raise BootEntryError(
+            f"cannot identify the filesystem of {path} on {source}",
+            why=e.what,
+            fix="put /boot on ext4, xfs, btrfs or vfat",
+        ) from None
+    rel = path[len(mnt.rstrip("/")) :] or "/"
     prefix = root.rstrip("/") if root not in ("/", "") else ""
     return st.fstype, st.uuid, prefix + rel
 
@@ -446,17 +565,23 @@ def _write_file(sysroot: Sysroot, path: str, data: bytes, mode: int = 0o644) -> 
         finally:
             os.close(dfd)
     except OSError as e:
-        raise BootEntryError(f"cannot write {path}", why=e.strerror or str(e),
-                             fix="check that the filesystem is mounted read-write and has room",
-                             path=path) from e
+        raise BootEntryError(
+            f"cannot write {path}",
+            why=e.strerror or str(e),
+            fix="check that the filesystem is mounted read-write and has room",
+            path=path,
+        ) from e
 
 
 def _copy(sysroot: Sysroot, src: Path, dest: str) -> None:
     try:
         data = Path(src).read_bytes()
     except OSError as e:
-        raise BootEntryError(f"cannot read {src}", why=e.strerror or str(e),
-                             fix="build the restore-first kernel and initramfs first") from e
+        raise BootEntryError(
+            f"cannot read {src}",
+            why=e.strerror or str(e),
+            fix="build the restore-first kernel and initramfs first",
+        ) from e
     _write_file(sysroot, dest, data)
 
 
@@ -487,17 +612,21 @@ def efivar_read(sysroot: Sysroot, name: str) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise BootEntryError(f"cannot read EFI variable {name}", why=e.strerror or str(e),
-                             fix="check that efivarfs is mounted") from e
+        raise BootEntryError(
+            f"cannot read EFI variable {name}",
+            why=e.strerror or str(e),
+            fix="check that efivarfs is mounted",
+        ) from e
 
 
 def efivar_write(sysroot: Sysroot, name: str, value: str | None) -> None:
     """Set (or with None delete) a systemd-boot loader variable."""
     if not sysroot.exists(EFIVARS):
-        raise BootEntryError("EFI variables are not available",
-                             why=f"{EFIVARS} does not exist (not booted with UEFI, or efivarfs "
-                                 "not mounted)",
-                             fix="mount efivarfs, or use --bootloader grub or restore-first")
+        raise BootEntryError(
+            "EFI variables are not available",
+            why=f"{EFIVARS} does not exist (not booted with UEFI, or efivarfs not mounted)",
+            fix="mount efivarfs, or use --bootloader grub or restore-first",
+        )
     p = _efivar_path(sysroot, name)
     try:
         _clear_immutable(p)
@@ -511,9 +640,11 @@ def efivar_write(sysroot: Sysroot, name: str, value: str | None) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        raise BootEntryError(f"cannot {'delete' if value is None else 'set'} EFI variable "
-                             f"{name}", why=e.strerror or str(e),
-                             fix="check that efivarfs is mounted read-write") from e
+        raise BootEntryError(
+            f"cannot {'delete' if value is None else 'set'} EFI variable {name}",
+            why=e.strerror or str(e),
+            fix="check that efivarfs is mounted read-write",
+        ) from e
 
 
 def grubenv_read(sysroot: Sysroot, path: str = GRUBENV) -> dict[str, str]:
@@ -522,8 +653,9 @@ def grubenv_read(sysroot: Sysroot, path: str = GRUBENV) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except OSError as e:
-        raise BootEntryError(f"cannot read {path}", why=e.strerror or str(e),
-                             fix="check that /boot is mounted") from e
+        raise BootEntryError(
+            f"cannot read {path}", why=e.strerror or str(e), fix="check that /boot is mounted"
+        ) from e
 
 
 def grubenv_write(sysroot: Sysroot, env: dict[str, str], path: str = GRUBENV) -> None:
@@ -542,8 +674,11 @@ def grubenv_write(sysroot: Sysroot, env: dict[str, str], path: str = GRUBENV) ->
         finally:
             os.close(fd)
     except OSError as e:
-        raise BootEntryError(f"cannot write {path}", why=e.strerror or str(e),
-                             fix="check that /boot is mounted read-write") from e
+        raise BootEntryError(
+            f"cannot write {path}",
+            why=e.strerror or str(e),
+            fix="check that /boot is mounted read-write",
+        ) from e
 
 
 def read_record(sysroot: Sysroot) -> BootEntry | None:
@@ -552,21 +687,35 @@ def read_record(sysroot: Sysroot) -> BootEntry | None:
 
 
 def detect_loader(sysroot: Sysroot, esp: str = DEFAULT_ESP) -> str:
-    """"grub" when /etc/grub.d exists, else "bls" when the ESP has loader/, else an error."""
+    """ "grub" when /etc/grub.d exists, else "bls" when the ESP has loader/, else an error."""
     if sysroot.exists(GRUB_DIR):
         return "grub"
     if sysroot.exists(f"{esp}/loader"):
         return "bls"
-    raise BootEntryError("no supported boot loader found",
-                         why=f"neither {GRUB_DIR} nor {esp}/loader exists",
-                         fix="install GRUB or systemd-boot, or pass --esp")
+    raise BootEntryError(
+        "no supported boot loader found",
+        why=f"neither {GRUB_DIR} nor {esp}/loader exists",
+        fix="install GRUB or systemd-boot, or pass --esp",
+    )
 
 
-def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline: str,
-            loader: str | None = None, esp: str = DEFAULT_ESP, machine_id: str | None = None,
-            version: str = "", boot: tuple[Any, Mapping[str, Path | bytes]] | None = None,
-            machine: bool = True, normal_kernel: str | None = None,
-            normal_initrd: str | None = None, normal_cmdline: str | None = None) -> BootEntry:
+def install(
+    sysroot: Sysroot,
+    kind: str,
+    *,
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    loader: str | None = None,
+    esp: str = DEFAULT_ESP,
+    machine_id: str | None = None,
+    version: str = "",
+    boot: tuple[Any, Mapping[str, Path | bytes]] | None = None,
+    machine: bool = True,
+    normal_kernel: str | None = None,
+    normal_initrd: str | None = None,
+    normal_cmdline: str | None = None,
+) -> BootEntry:
     """Install R (``kernel``, ``initrd``: host files) as a boot entry of ``kind``.
 
     ``initrd`` is R's generic initramfs (bootloader/initramfs.py); the installed initrd is it
@@ -580,30 +729,43 @@ def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline:
     entry).
     """
     if kind not in KINDS:
-        raise ConfigError(f"unknown boot loader kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
+        raise ConfigError(
+            f"unknown boot loader kind {kind!r}", fix=f"use one of {', '.join(KINDS)}"
+        )
     _check_cmdline(cmdline)
     if "console=" not in cmdline:
         # R speaks where this system's console is (its decisions are worth seeing)
-        consoles = [w for w in kernel_cmdline.words(sysroot.read_text("/proc/cmdline",
-                                                                       default=""))
-                    if w.startswith("console=") and _SAFE_CMDLINE.match(w)]
+        consoles = [
+            w
+            for w in kernel_cmdline.words(sysroot.read_text("/proc/cmdline", default=""))
+            if w.startswith("console=") and _SAFE_CMDLINE.match(w)
+        ]
         cmdline = " ".join([cmdline, *consoles])
     words = kernel_cmdline.params(cmdline)
     if boot is None and machine:
         try:
             offset = int(words["kjump.offset"], 0)
         except ValueError:
-            raise ConfigError(f"kjump.offset={words['kjump.offset']!r} is not a number",
-                              fix="let `kjumpctl setup` build the command line") from None
-        boot = machine_boot_config(sysroot, words["kjump.target"], offset,
-                                   normal_kernel=normal_kernel, normal_initrd=normal_initrd,
-                                   cmdline=normal_cmdline)
+            raise ConfigError(
+                f"kjump.offset={words['kjump.offset']!r} is not a number",
+                fix="let `kjumpctl setup` build the command line",
+            ) from None
+        boot = machine_boot_config(
+            sysroot,
+            words["kjump.target"],
+            offset,
+            normal_kernel=normal_kernel,
+            normal_initrd=normal_initrd,
+            cmdline=normal_cmdline,
+        )
     try:
         r_initrd = Path(initrd).read_bytes()
     except OSError as e:
-        raise BootEntryError(f"cannot read {initrd}", why=e.strerror or str(e),
-                             fix="build R's initramfs first (python -m bootloader.initramfs "
-                                 "base)") from None
+        raise BootEntryError(
+            f"cannot read {initrd}",
+            why=e.strerror or str(e),
+            fix="build R's initramfs first (python -m bootloader.initramfs base)",
+        ) from None
     if boot is not None:
         r_initrd += restore_payload(*boot)
     if kind == "grub" or kind == "bls":
@@ -620,35 +782,48 @@ def install(sysroot: Sysroot, kind: str, *, kernel: Path, initrd: Path, cmdline:
         _write_file(sysroot, i_dest, r_initrd)
         fstype, uuid, k_rel = locate(sysroot, k_dest)
         _fs2, _u2, i_rel = locate(sysroot, i_dest)
-        snippet = render_grub_snippet(kind=kind, fs_uuid=uuid, fstype=fstype, kernel=k_rel,
-                                      initrd=i_rel, cmdline=cmdline)
+        snippet = render_grub_snippet(
+            kind=kind, fs_uuid=uuid, fstype=fstype, kernel=k_rel, initrd=i_rel, cmdline=cmdline
+        )
         _write_file(sysroot, GRUB_SNIPPET, snippet.encode(), 0o755)
         files = [k_dest, i_dest, GRUB_SNIPPET]
         esp_used = ""
     else:
         if not sysroot.exists(esp):
-            raise BootEntryError(f"the EFI system partition {esp} is not there",
-                                 fix="mount it or pass --esp")
+            raise BootEntryError(
+                f"the EFI system partition {esp} is not there", fix="mount it or pass --esp"
+            )
         k_dest, i_dest = f"{esp}/kjumpd/vmlinuz-restore", f"{esp}/kjumpd/initrd-restore.img"
         _copy(sysroot, kernel, k_dest)
         _write_file(sysroot, i_dest, r_initrd)
         if machine_id is None:
             machine_id = sysroot.read_text("/etc/machine-id", default="").strip()
-        entry = render_bls_entry(kernel="/kjumpd/vmlinuz-restore",
-                                 initrd="/kjumpd/initrd-restore.img", cmdline=cmdline,
-                                 machine_id=machine_id if re.fullmatch(r"[0-9a-f]{32}",
-                                                                       machine_id or "") else "",
-                                 version=version)
+        entry = render_bls_entry(
+            kernel="/kjumpd/vmlinuz-restore",
+            initrd="/kjumpd/initrd-restore.img",
+            cmdline=cmdline,
+            machine_id=machine_id if re.fullmatch(r"[0-9a-f]{32}", machine_id or "") else "",
+            version=version,
+        )
         entry_path = f"{esp}/loader/entries/{BLS_ENTRY_ID}"
         _write_file(sysroot, entry_path, entry.encode())
         files = [k_dest, i_dest, entry_path]
         esp_used = esp
         if kind == "restore-first":
-            previous_default = efivar_read(sysroot, "LoaderEntryDefault") \
-                if sysroot.exists(EFIVARS) else None
+            previous_default = (
+                efivar_read(sysroot, "LoaderEntryDefault") if sysroot.exists(EFIVARS) else None
+            )
             efivar_write(sysroot, "LoaderEntryDefault", BLS_ENTRY_ID)
-    rec = BootEntry(kind=kind, loader=loader, kernel=k_dest, initrd=i_dest, cmdline=cmdline,
-                    files=files, esp=esp_used, previous_default=previous_default)
+    rec = BootEntry(
+        kind=kind,
+        loader=loader,
+        kernel=k_dest,
+        initrd=i_dest,
+        cmdline=cmdline,
+        files=files,
+        esp=esp_used,
+        previous_default=previous_default,
+    )
     _write_file(sysroot, RECORD_PATH, rec.to_json().encode())
     log.info("installed the %s restore-first entry (%s)", kind, ", ".join(files))
     return rec
@@ -720,8 +895,9 @@ def oneshot_pending(sysroot: Sysroot) -> bool:
     try:
         if rec.loader == "grub":
             return grubenv_read(sysroot, rec.grubenv).get("next_entry") == rec.entry_id
-        return sysroot.exists(EFIVARS) and \
-            efivar_read(sysroot, "LoaderEntryOneShot") == BLS_ENTRY_ID
+        return (
+            sysroot.exists(EFIVARS) and efivar_read(sysroot, "LoaderEntryOneShot") == BLS_ENTRY_ID
+        )
     except BootEntryError:
         return False
 
@@ -729,8 +905,10 @@ def oneshot_pending(sysroot: Sysroot) -> bool:
 def _require_record(sysroot: Sysroot) -> BootEntry:
     rec = read_record(sysroot)
     if rec is None:
-        raise BootEntryError("no restore-first boot entry is installed",
-                             fix="run `kjumpctl setup --bootloader grub|bls|restore-first`")
+        raise BootEntryError(
+            "no restore-first boot entry is installed",
+            fix="run `kjumpctl setup --bootloader grub|bls|restore-first`",
+        )
     return rec
 
 
@@ -741,8 +919,10 @@ def check(sysroot: Sysroot) -> list[str]:
     except BootEntryError as e:
         return [e.message]
     if rec is None:
-        return ["no restore-first boot entry is installed "
-                "(fix: run `kjumpctl setup --bootloader grub|bls|restore-first`)"]
+        return [
+            "no restore-first boot entry is installed "
+            "(fix: run `kjumpctl setup --bootloader grub|bls|restore-first`)"
+        ]
     problems = []
     for f in (rec.kernel, rec.initrd):
         p = sysroot.path(f)
@@ -753,8 +933,10 @@ def check(sysroot: Sysroot) -> list[str]:
         if not snip.is_file():
             problems.append(f"{GRUB_SNIPPET} is missing (fix: run `kjumpctl setup` again)")
         elif not os.access(snip, os.X_OK):
-            problems.append(f"{GRUB_SNIPPET} is not executable: grub-mkconfig skips it "
-                            f"(fix: chmod +x {GRUB_SNIPPET})")
+            problems.append(
+                f"{GRUB_SNIPPET} is not executable: grub-mkconfig skips it "
+                f"(fix: chmod +x {GRUB_SNIPPET})"
+            )
         cfg = sysroot.read_text(GRUB_CFG, default="")
         if f"--id {rec.entry_id}" not in cfg:
             problems.append(f"{GRUB_CFG} has no {rec.entry_id} entry (fix: run update-grub)")
@@ -770,10 +952,16 @@ def check(sysroot: Sysroot) -> list[str]:
         else:
             problems += [f"{entry_path}: {p}" for p in bls_problems(text)]
         if not sysroot.exists(EFIVARS):
-            problems.append(f"{EFIVARS} is missing: the one-shot EFI variable cannot be set "
-                            "(fix: boot with UEFI and mount efivarfs)")
-        elif rec.kind == "restore-first" and \
-                efivar_read(sysroot, "LoaderEntryDefault") != BLS_ENTRY_ID:
-            problems.append("LoaderEntryDefault does not name the restore-first entry "
-                            "(fix: run `kjumpctl setup --bootloader restore-first` again)")
+            problems.append(
+                f"{EFIVARS} is missing: the one-shot EFI variable cannot be set "
+                "(fix: boot with UEFI and mount efivarfs)"
+            )
+        elif (
+            rec.kind == "restore-first"
+            and efivar_read(sysroot, "LoaderEntryDefault") != BLS_ENTRY_ID
+        ):
+            problems.append(
+                "LoaderEntryDefault does not name the restore-first entry "
+                "(fix: run `kjumpctl setup --bootloader restore-first` again)"
+            )
     return problems

@@ -40,8 +40,12 @@ def parse_size(value: Any, key: str) -> int:
         m = _SIZE_RE.match(v)
         if m:
             return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
-    raise ConfigError(f"{key} must be a size", why=f"got {value!r}",
-                      fix=f'write {key} = "128M" (bytes, or K/M/G/T suffix, or 0x hex)', key=key)
+    raise ConfigError(
+        f"{key} must be a size",
+        why=f"got {value!r}",
+        fix=f'write {key} = "128M" (bytes, or K/M/G/T suffix, or 0x hex)',
+        key=key,
+    )
 
 
 def format_size(n: int) -> str:
@@ -53,51 +57,51 @@ def format_size(n: int) -> str:
 
 @dataclass(frozen=True)
 class UnbindQuirk:
-    bus: str            # "pci", "usb", "platform", ...
-    device: str         # "0000:00:1f.3"
-    driver: str         # "snd_hda_intel"
+    bus: str  # "pci", "usb", "platform", ...
+    device: str  # "0000:00:1f.3"
+    driver: str  # "snd_hda_intel"
 
 
 @dataclass(frozen=True)
 class Config:
     # [target]
     target: str = "/var/lib/kjumpd/image"
-    target_size: int = 0                       # 0: setup sizes it from RAM
+    target_size: int = 0  # 0: setup sizes it from RAM
     # [jump_area]
-    jump_area_start: int | None = None         # expected crashkernel offset (None: any)
-    jump_area_size: int | None = None          # expected crashkernel size (None: computed)
-    agent_memory: int = 64 << 20               # working memory the agent needs in the area
+    jump_area_start: int | None = None  # expected crashkernel offset (None: any)
+    jump_area_size: int | None = None  # expected crashkernel size (None: computed)
+    agent_memory: int = 64 << 20  # working memory the agent needs in the area
     # [hibernate]
     mode: str = "platform"
-    image_size_limit: int = 0                  # 0: no limit (a hard limit: refuses above it)
-    image_size: int = -1                       # target, best effort (shrink.py); -1 "auto": 2/5 of RAM
+    image_size_limit: int = 0  # 0: no limit (a hard limit: refuses above it)
+    image_size: int = -1  # target, best effort (shrink.py); -1 "auto": 2/5 of RAM
     compression: str = "lz4"
     chunk_size: int = 1 << 20
     cancel_key: bool = True
-    free_page_exclusion: bool = True           # B leaves A's free pages out of the image
-    free_page_check: bool = False              # debug (A with init_on_free=1): B verifies them
+    free_page_exclusion: bool = True  # B leaves A's free pages out of the image
+    free_page_check: bool = False  # debug (A with init_on_free=1): B verifies them
     # [save_kernel]
     save_kernel: str = "/usr/lib/kjumpd/save/bzImage"
     save_initramfs: str = "/usr/lib/kjumpd/save/initramfs.cpio.gz"
     save_kernel_sha256: str = ""
     save_initramfs_sha256: str = ""
     save_append: str = "console=ttyS0 nokaslr panic=1"
-    kexec: str = "kexec"                       # kexec-tools binary (PATH lookup)
+    kexec: str = "kexec"  # kexec-tools binary (PATH lookup)
     # [quiesce]
     disable_wakeup: bool = True
-    keep_wakeup: tuple[str, ...] = ()          # device names/paths keeping power/wakeup
+    keep_wakeup: tuple[str, ...] = ()  # device names/paths keeping power/wakeup
     runtime_pm_on: bool = True
     network_down: bool = True
     unbind: tuple[UnbindQuirk, ...] = ()
     # [hooks]
     hook_dirs: tuple[str, ...] = ("/usr/lib/systemd/system-sleep", "/etc/kjumpd/sleep.d")
-    hook_policy: str = "abort"                 # abort | continue
+    hook_policy: str = "abort"  # abort | continue
     # [timeouts] seconds
     timeout_hooks: float = 30.0
     timeout_inhibitors: float = 5.0
     timeout_shrink: float = 30.0
     timeout_kexec: float = 120.0
-    timeout_freeze: float = 20.0               # user space must stop within this (cgroup freezer)
+    timeout_freeze: float = 20.0  # user space must stop within this (cgroup freezer)
     # [battery]
     battery_floor_percent: float = 10.0
     battery_rearm_min_seconds: int = 300
@@ -111,37 +115,59 @@ class Config:
 # TOML key -> (Config field, kind)
 _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "target": {"path": ("target", "abspath"), "size": ("target_size", "size")},
-    "jump_area": {"start": ("jump_area_start", "size"), "size": ("jump_area_size", "size"),
-                  "agent_memory": ("agent_memory", "size")},
-    "hibernate": {"mode": ("mode", "mode"), "image_size_limit": ("image_size_limit", "size"),
-                  "image_size": ("image_size", "image_size"),
-                  "compression": ("compression", "compression"),
-                  "chunk_size": ("chunk_size", "chunk"), "cancel_key": ("cancel_key", "bool"),
-                  "free_page_exclusion": ("free_page_exclusion", "bool"),
-                  "free_page_check": ("free_page_check", "bool")},
-    "save_kernel": {"kernel": ("save_kernel", "abspath"),
-                    "initramfs": ("save_initramfs", "abspath"),
-                    "kernel_sha256": ("save_kernel_sha256", "sha256"),
-                    "initramfs_sha256": ("save_initramfs_sha256", "sha256"),
-                    "append": ("save_append", "str"), "kexec": ("kexec", "str")},
-    "quiesce": {"disable_wakeup": ("disable_wakeup", "bool"),
-                "keep_wakeup": ("keep_wakeup", "strlist"),
-                "runtime_pm_on": ("runtime_pm_on", "bool"),
-                "network_down": ("network_down", "bool"), "unbind": ("unbind", "unbind")},
+    "jump_area": {
+        "start": ("jump_area_start", "size"),
+        "size": ("jump_area_size", "size"),
+        "agent_memory": ("agent_memory", "size"),
+    },
+    "hibernate": {
+        "mode": ("mode", "mode"),
+        "image_size_limit": ("image_size_limit", "size"),
+        "image_size": ("image_size", "image_size"),
+        "compression": ("compression", "compression"),
+        "chunk_size": ("chunk_size", "chunk"),
+        "cancel_key": ("cancel_key", "bool"),
+        "free_page_exclusion": ("free_page_exclusion", "bool"),
+        "free_page_check": ("free_page_check", "bool"),
+    },
+    "save_kernel": {
+        "kernel": ("save_kernel", "abspath"),
+        "initramfs": ("save_initramfs", "abspath"),
+        "kernel_sha256": ("save_kernel_sha256", "sha256"),
+        "initramfs_sha256": ("save_initramfs_sha256", "sha256"),
+        "append": ("save_append", "str"),
+        "kexec": ("kexec", "str"),
+    },
+    "quiesce": {
+        "disable_wakeup": ("disable_wakeup", "bool"),
+        "keep_wakeup": ("keep_wakeup", "strlist"),
+        "runtime_pm_on": ("runtime_pm_on", "bool"),
+        "network_down": ("network_down", "bool"),
+        "unbind": ("unbind", "unbind"),
+    },
     "hooks": {"dirs": ("hook_dirs", "pathlist"), "policy": ("hook_policy", "policy")},
-    "timeouts": {"hooks": ("timeout_hooks", "seconds"),
-                 "inhibitors": ("timeout_inhibitors", "seconds"),
-                 "shrink": ("timeout_shrink", "seconds"), "kexec": ("timeout_kexec", "seconds"),
-                 "freeze": ("timeout_freeze", "seconds")},
-    "battery": {"floor_percent": ("battery_floor_percent", "percent"),
-                "rearm_min_seconds": ("battery_rearm_min_seconds", "seconds_int")},
+    "timeouts": {
+        "hooks": ("timeout_hooks", "seconds"),
+        "inhibitors": ("timeout_inhibitors", "seconds"),
+        "shrink": ("timeout_shrink", "seconds"),
+        "kexec": ("timeout_kexec", "seconds"),
+        "freeze": ("timeout_freeze", "seconds"),
+    },
+    "battery": {
+        "floor_percent": ("battery_floor_percent", "percent"),
+        "rearm_min_seconds": ("battery_rearm_min_seconds", "seconds_int"),
+    },
     "authz": {"group": ("authz_group", "str")},
 }
 
 
 def _bad(key: str, expected: str, value: Any, example: str) -> ConfigError:
-    return ConfigError(f"{key} must be {expected}", why=f"got {value!r}",
-                       fix=f"in {CONFIG_PATH} write {key} = {example}", key=key)
+    return ConfigError(
+        f"{key} must be {expected}",
+        why=f"got {value!r}",
+        fix=f"in {CONFIG_PATH} write {key} = {example}",
+        key=key,
+    )
 
 
 def _convert(kind: str, key: str, v: Any) -> Any:
@@ -154,9 +180,12 @@ def _convert(kind: str, key: str, v: Any) -> Any:
     if kind == "chunk":
         n = parse_size(v, key)
         if n < 4096 or n & (n - 1) or n > MAX_CHUNK_SIZE:
-            raise ConfigError(f"{key} must be a power of two between 4K and 1M", why=(
-                f"got {v!r}; larger chunks push the save agent past its 64 MiB memory bound"),
-                fix=f'in {CONFIG_PATH} write {key} = "1M"', key=key)
+            raise ConfigError(
+                f"{key} must be a power of two between 4K and 1M",
+                why=(f"got {v!r}; larger chunks push the save agent past its 64 MiB memory bound"),
+                fix=f'in {CONFIG_PATH} write {key} = "1M"',
+                key=key,
+            )
         return n
     if kind == "bool":
         if not isinstance(v, bool):
@@ -193,8 +222,13 @@ def _convert(kind: str, key: str, v: Any) -> Any:
             raise _bad(key, "a list of absolute paths", v, '["/etc/kjumpd/sleep.d"]')
         return tuple(v)
     if kind in ("seconds", "seconds_int"):
-        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                or v <= 0 or v > 86400):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not math.isfinite(v)
+            or v <= 0
+            or v > 86400
+        ):
             raise _bad(key, "a number of seconds in (0, 86400]", v, "30")
         return int(v) if kind == "seconds_int" else float(v)
     if kind == "percent":
@@ -203,14 +237,25 @@ def _convert(kind: str, key: str, v: Any) -> Any:
         return float(v)
     if kind == "unbind":
         if not isinstance(v, list):
-            raise _bad(key, "a list of tables {bus, device, driver}", v,
-                       '[{bus = "pci", device = "0000:00:1f.3", driver = "snd_hda_intel"}]')
+            raise _bad(
+                key,
+                "a list of tables {bus, device, driver}",
+                v,
+                '[{bus = "pci", device = "0000:00:1f.3", driver = "snd_hda_intel"}]',
+            )
         out = []
         for i, q in enumerate(v):
-            if (not isinstance(q, dict) or set(q) != {"bus", "device", "driver"}
-                    or not all(isinstance(x, str) and x and "/" not in x for x in q.values())):
-                raise _bad(f"{key}[{i}]", "a table {bus, device, driver} of plain names", q,
-                           '{bus = "pci", device = "0000:00:1f.3", driver = "snd_hda_intel"}')
+            if (
+                not isinstance(q, dict)
+                or set(q) != {"bus", "device", "driver"}
+                or not all(isinstance(x, str) and x and "/" not in x for x in q.values())
+            ):
+                raise _bad(
+                    f"{key}[{i}]",
+                    "a table {bus, device, driver} of plain names",
+                    q,
+                    '{bus = "pci", device = "0000:00:1f.3", driver = "snd_hda_intel"}',
+                )
             out.append(UnbindQuirk(q["bus"], q["device"], q["driver"]))
         return tuple(out)
     raise AssertionError(kind)
@@ -220,17 +265,23 @@ def from_dict(data: dict[str, Any]) -> Config:
     values: dict[str, Any] = {}
     for section, body in data.items():
         if section not in _SCHEMA:
-            raise ConfigError(f"unknown section [{section}]",
-                              why="known: " + ", ".join(sorted(_SCHEMA)),
-                              fix=f"remove or rename [{section}] in {CONFIG_PATH}", key=section)
+            raise ConfigError(
+                f"unknown section [{section}]",
+                why="known: " + ", ".join(sorted(_SCHEMA)),
+                fix=f"remove or rename [{section}] in {CONFIG_PATH}",
+                key=section,
+            )
         if not isinstance(body, dict):
             raise ConfigError(f"{section} must be a table", fix=f"write [{section}]", key=section)
         for k, v in body.items():
             key = f"{section}.{k}"
             if k not in _SCHEMA[section]:
-                raise ConfigError(f"unknown key {key}",
-                                  why="known: " + ", ".join(sorted(_SCHEMA[section])),
-                                  fix=f"remove or rename {key} in {CONFIG_PATH}", key=key)
+                raise ConfigError(
+                    f"unknown key {key}",
+                    why="known: " + ", ".join(sorted(_SCHEMA[section])),
+                    fix=f"remove or rename {key} in {CONFIG_PATH}",
+                    key=key,
+                )
             name, kind = _SCHEMA[section][k]
             values[name] = _convert(kind, key, v)
     cfg = Config(**values)
@@ -243,8 +294,12 @@ def loads(text: str, source: str = CONFIG_PATH) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source} is not valid TOML", why=str(e),
-                          fix="fix the syntax (see contrib/kjumpd.toml)", path=source) from None
+        raise ConfigError(
+            f"{source} is not valid TOML",
+            why=str(e),
+            fix="fix the syntax (see contrib/kjumpd.toml)",
+            path=source,
+        ) from None
     return from_dict(data)
 
 
@@ -256,8 +311,9 @@ def load(sysroot: Sysroot, path: str = CONFIG_PATH) -> Config:
     except FileNotFoundError:
         return Config()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}", why=str(e), fix="check its permissions",
-                          path=path) from None
+        raise ConfigError(
+            f"cannot read {path}", why=str(e), fix="check its permissions", path=path
+        ) from None
     return loads(text, path)
 
 

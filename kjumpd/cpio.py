@@ -20,21 +20,35 @@ reader of the format: B's and R's initramfs builders, the job, R's per-machine a
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from kjumpd.errors import ImageFormatError
 
 MAGIC = b"070701"
 HEADER_SIZE = 110
 TRAILER = "TRAILER!!!"
-_FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
-           "rdevmajor", "rdevminor", "namesize", "check")
+_FIELDS = (
+    "ino",
+    "mode",
+    "uid",
+    "gid",
+    "nlink",
+    "mtime",
+    "filesize",
+    "devmajor",
+    "devminor",
+    "rdevmajor",
+    "rdevminor",
+    "namesize",
+    "check",
+)
 
 
 @dataclass(frozen=True)
 class Entry:
     """One archive member: a regular file, a directory, a symlink (data = target) or a node."""
+
     name: str
     mode: int
     data: bytes = b""
@@ -45,19 +59,19 @@ class Entry:
     rdevminor: int = 0
 
     @staticmethod
-    def file(name: str, data: bytes, perm: int = 0o644) -> "Entry":
+    def file(name: str, data: bytes, perm: int = 0o644) -> Entry:
         return Entry(name, stat.S_IFREG | perm, data)
 
     @staticmethod
-    def directory(name: str, perm: int = 0o755) -> "Entry":
+    def directory(name: str, perm: int = 0o755) -> Entry:
         return Entry(name, stat.S_IFDIR | perm)
 
     @staticmethod
-    def symlink(name: str, target: str) -> "Entry":
+    def symlink(name: str, target: str) -> Entry:
         return Entry(name, stat.S_IFLNK | 0o777, target.encode())
 
     @staticmethod
-    def chardev(name: str, major: int, minor: int, perm: int = 0o600) -> "Entry":
+    def chardev(name: str, major: int, minor: int, perm: int = 0o600) -> Entry:
         return Entry(name, stat.S_IFCHR | perm, rdevmajor=major, rdevminor=minor)
 
 
@@ -68,14 +82,29 @@ def _pad(n: int) -> bytes:
 def _clean(name: str) -> str:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
-        raise ImageFormatError(f"cpio member name {name!r} is not a relative path inside the archive",
-                               fix="use names like 'usr/bin/python3'")
+        raise ImageFormatError(
+            f"cpio member name {name!r} is not a relative path inside the archive",
+            fix="use names like 'usr/bin/python3'",
+        )
     return "/".join(parts)
 
 
 def _header(ino: int, e: Entry, namesize: int) -> bytes:
-    values = (ino, e.mode, e.uid, e.gid, 2 if stat.S_ISDIR(e.mode) else 1, e.mtime, len(e.data),
-              0, 0, e.rdevmajor, e.rdevminor, namesize, 0)
+    values = (
+        ino,
+        e.mode,
+        e.uid,
+        e.gid,
+        2 if stat.S_ISDIR(e.mode) else 1,
+        e.mtime,
+        len(e.data),
+        0,
+        0,
+        e.rdevmajor,
+        e.rdevminor,
+        namesize,
+        0,
+    )
     for field, v in zip(_FIELDS, values):
         if not 0 <= v <= 0xFFFFFFFF:
             raise ImageFormatError(f"cpio field {field} of {e.name!r} out of range", value=v)
@@ -140,13 +169,20 @@ def _read_one(blob: bytes, pos: int) -> tuple[list[Entry], int]:
     entries: list[Entry] = []
     while True:
         if pos + HEADER_SIZE > len(blob):
-            raise ImageFormatError("cpio archive truncated", why="no trailer before the end",
-                                   offset=pos)
-        if blob[pos:pos + 6] != MAGIC:
-            raise ImageFormatError("not a cpio newc archive", why=f"bad magic at offset {pos}",
-                                   offset=pos, magic=blob[pos:pos + 6].hex())
+            raise ImageFormatError(
+                "cpio archive truncated", why="no trailer before the end", offset=pos
+            )
+        if blob[pos : pos + 6] != MAGIC:
+            raise ImageFormatError(
+                "not a cpio newc archive",
+                why=f"bad magic at offset {pos}",
+                offset=pos,
+                magic=blob[pos : pos + 6].hex(),
+            )
         try:
-            f = {k: int(blob[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i, k in enumerate(_FIELDS)}
+            f = {
+                k: int(blob[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i, k in enumerate(_FIELDS)
+            }
         except ValueError:
             raise ImageFormatError("cpio header has a non-hex field", offset=pos) from None
         name_start = pos + HEADER_SIZE
@@ -154,7 +190,7 @@ def _read_one(blob: bytes, pos: int) -> tuple[list[Entry], int]:
         if f["namesize"] < 1 or name_end > len(blob) or blob[name_end - 1] != 0:
             raise ImageFormatError("cpio member name is malformed", offset=pos)
         try:
-            name = blob[name_start:name_end - 1].decode()
+            name = blob[name_start : name_end - 1].decode()
         except UnicodeDecodeError:
             raise ImageFormatError("cpio member name is not UTF-8", offset=pos) from None
         data_start = name_end + (-name_end % 4)
@@ -164,8 +200,18 @@ def _read_one(blob: bytes, pos: int) -> tuple[list[Entry], int]:
         next_pos = data_end + (-data_end % 4)
         if name == TRAILER:
             return entries, next_pos
-        entries.append(Entry(name, f["mode"], bytes(blob[data_start:data_end]), f["mtime"],
-                             f["uid"], f["gid"], f["rdevmajor"], f["rdevminor"]))
+        entries.append(
+            Entry(
+                name,
+                f["mode"],
+                bytes(blob[data_start:data_end]),
+                f["mtime"],
+                f["uid"],
+                f["gid"],
+                f["rdevmajor"],
+                f["rdevminor"],
+            )
+        )
         pos = next_pos
 
 

@@ -27,17 +27,23 @@ import argparse
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 from kjumpd.errors import ConfigError, KjumpError
 
 log = logging.getLogger("kjumpd")
 
-_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
-             logging.DEBUG: 7}
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
 
 
 def journal_priority(levelno: int) -> int:
@@ -71,8 +77,9 @@ def setup_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
     if stderr_is_journal(stream, os.environ):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s kjumpd[%(process)d] %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s kjumpd[%(process)d] %(levelname)s %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -85,36 +92,62 @@ def setup_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kjumpd",
-                                description="kjumpd: hibernation for Linux built on kexec jump "
-                                            "(serves org.kjump.Manager1 on D-Bus)")
+    p = argparse.ArgumentParser(
+        prog="kjumpd",
+        description="kjumpd: hibernation for Linux built on kexec jump "
+        "(serves org.kjump.Manager1 on D-Bus)",
+    )
     p.add_argument("--sysroot", default="/", help="system root (default /; tests use a fake tree)")
-    p.add_argument("--bus", default=None, metavar="ADDRESS",
-                   help="D-Bus address to serve on (default: the system bus)")
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="configuration file (default /etc/kjumpd/kjumpd.toml under the sysroot)")
-    p.add_argument("--log-level", default=os.environ.get("KJUMPD_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
-    p.add_argument("--stop-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="on SIGTERM during a transition, wait this long for its rollback")
-    p.add_argument("--recover", action="store_true",
-                   help="thaw the filesystems and processes a stopped kjumpd left frozen, then "
-                        "exit (systemd runs this as ExecStopPost; nothing to do exits 0)")
+    p.add_argument(
+        "--bus",
+        default=None,
+        metavar="ADDRESS",
+        help="D-Bus address to serve on (default: the system bus)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="configuration file (default /etc/kjumpd/kjumpd.toml under the sysroot)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("KJUMPD_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    p.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="on SIGTERM during a transition, wait this long for its rollback",
+    )
+    p.add_argument(
+        "--recover",
+        action="store_true",
+        help="thaw the filesystems and processes a stopped kjumpd left frozen, then "
+        "exit (systemd runs this as ExecStopPost; nothing to do exits 0)",
+    )
     return p.parse_args(argv)
 
 
 def load_config(sysroot: Any, path: str | None) -> Any:
     from kjumpd import config as cfgmod
+
     if path is None:
         return cfgmod.load(sysroot)
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} does not exist",
-                          fix="pass an existing file to --config", path=path) from None
+        raise ConfigError(
+            f"configuration file {path} does not exist",
+            fix="pass an existing file to --config",
+            path=path,
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}", why=str(e), fix="check its permissions",
-                          path=path) from None
+        raise ConfigError(
+            f"cannot read {path}", why=str(e), fix="check its permissions", path=path
+        ) from None
     return cfgmod.loads(text, path)
 
 
@@ -123,11 +156,13 @@ def read_image_state(sysroot: Any, cfg: Any) -> str:
     read as the transaction reads it: through the block map, on the whole disk."""
     from kjumpd import blockmap
     from kjumpd.image import store
+
     if not sysroot.path(cfg.target).exists():
         return f"unknown: target {cfg.target} does not exist (fix: run 'kjumpctl setup')"
     target, _uuid = blockmap.current(sysroot, cfg.target, restamp=False)
-    dev, _sb = store.open_target(sysroot.path(target.disk), writable=False,
-                                 offset=target.superblock_offset)
+    dev, _sb = store.open_target(
+        sysroot.path(target.disk), writable=False, offset=target.superblock_offset
+    )
     try:
         return store.read_header(dev).state_text
     finally:
@@ -154,15 +189,17 @@ def clear_stale_oneshot(sysroot: Any, image_state: str) -> bool:
     if not oneshot_is_stale(image_state):
         return False
     from kjumpd import bootentry
+
     try:
         removed = bootentry.clear_oneshot(sysroot)
     except (KjumpError, OSError) as e:
-        log.warning("cannot clear the restore one-shot boot entry: %s",
-                    e.message if isinstance(e, KjumpError) else e)
+        log.warning(
+            "cannot clear the restore one-shot boot entry: %s",
+            e.message if isinstance(e, KjumpError) else e,
+        )
         return False
     if removed:
-        log.info("image is %s: cleared the one-shot boot into the restore environment",
-                 image_state)
+        log.info("image is %s: cleared the one-shot boot into the restore environment", image_state)
     return removed
 
 
@@ -175,8 +212,8 @@ def _startup_image_state(sysroot: Any, cfg: Any) -> str:
 
 class Daemon:
     def __init__(self, args: argparse.Namespace) -> None:
-        from gi.repository import GLib
         import pydbus
+        from gi.repository import GLib
 
         from kjumpd import authz, sdnotify, service
         from kjumpd.sysroot import Sysroot
@@ -188,6 +225,7 @@ class Daemon:
         self.config = load_config(self.sysroot, args.config)
         # a kjumpd that died inside the frozen window, with nothing else to thaw after it
         from kjumpd import taskfreeze
+
         try:
             taskfreeze.recover(self.sysroot, "an earlier kjumpd stopped inside the frozen window")
         except KjumpError as e:
@@ -196,18 +234,26 @@ class Daemon:
         # hash the save kernel's files now, not in the first hibernation's preflight (which
         # then only compares their stat)
         from kjumpd import preflight
-        threading.Thread(target=preflight.warm_hashes, args=(self.sysroot, self.config),
-                         name="warm-hashes", daemon=True).start()
+
+        threading.Thread(
+            target=preflight.warm_hashes,
+            args=(self.sysroot, self.config),
+            name="warm-hashes",
+            daemon=True,
+        ).start()
         self.notifier = sdnotify.Notifier()
         self.loop = GLib.MainLoop()
         if not args.bus and os.environ.get("DBUS_STARTER_ADDRESS"):
-            args.bus = os.environ["DBUS_STARTER_ADDRESS"]   # started by bus activation
+            args.bus = os.environ["DBUS_STARTER_ADDRESS"]  # started by bus activation
         try:
             self.bus = pydbus.connect(args.bus) if args.bus else pydbus.SystemBus()
         except GLib.Error as e:
-            raise KjumpError(f"cannot connect to the bus {args.bus or '(system)'}",
-                             why=e.message, fix="start dbus-daemon or pass a reachable --bus",
-                             bus=args.bus or "system") from None
+            raise KjumpError(
+                f"cannot connect to the bus {args.bus or '(system)'}",
+                why=e.message,
+                fix="start dbus-daemon or pass a reachable --bus",
+                bus=args.bus or "system",
+            ) from None
         self.bus.con.set_exit_on_close(False)
         self.bus.con.connect("closed", self._on_bus_closed)
         group = getattr(self.config, "authz_group", "") or None
@@ -215,14 +261,19 @@ class Daemon:
 
         def make_hibernation(events: Any) -> Any:
             from kjumpd.transaction import Hibernation
+
             return Hibernation(self.sysroot, self.config, events)
 
         from kjumpd.modes import MODES
+
         self.manager = service.Manager(
-            make_hibernation, authorizer,
+            make_hibernation,
+            authorizer,
             image_state=lambda: read_image_state(self.sysroot, self.config),
-            modes=MODES, default_mode=getattr(self.config, "mode", "platform"),
-            flush=lambda: self.bus.con.flush_sync(None))
+            modes=MODES,
+            default_mode=getattr(self.config, "mode", "platform"),
+            flush=lambda: self.bus.con.flush_sync(None),
+        )
         self.manager.PropertiesChanged.connect(self._on_props)
         self.registration = service.register(self.bus, self.manager)
         self._own_name(service.BUS_NAME)
@@ -232,24 +283,38 @@ class Daemon:
         GLib = self.GLib
         try:
             (res,) = self.bus.con.call_sync(
-                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                "RequestName", GLib.Variant("(su)", (name, 4)), GLib.VariantType("(u)"),
-                0, 10_000, None).unpack()
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "RequestName",
+                GLib.Variant("(su)", (name, 4)),
+                GLib.VariantType("(u)"),
+                0,
+                10_000,
+                None,
+            ).unpack()
         except GLib.Error as e:
-            raise KjumpError(f"cannot own the bus name {name}", why=e.message,
-                             fix="install contrib/org.kjump.Manager1.conf into "
-                                 "/usr/share/dbus-1/system.d/ and run kjumpd as root") from None
+            raise KjumpError(
+                f"cannot own the bus name {name}",
+                why=e.message,
+                fix="install contrib/org.kjump.Manager1.conf into "
+                "/usr/share/dbus-1/system.d/ and run kjumpd as root",
+            ) from None
         if res not in (1, 4):
-            raise KjumpError(f"cannot own the bus name {name}",
-                             why="another process (another kjumpd?) owns it",
-                             fix="stop the other kjumpd (systemctl stop kjumpd)")
+            raise KjumpError(
+                f"cannot own the bus name {name}",
+                why="another process (another kjumpd?) owns it",
+                fix="stop the other kjumpd (systemctl stop kjumpd)",
+            )
 
     def status_text(self) -> str:
         m = self.manager
         if m.get_property("State") == "idle":
             return f"idle; image {m.get_property('ImageState')}"
-        return (f"{m.get_property('State')} {m.get_property('Mode')}: "
-                f"{m.get_property('Phase')} {m.get_property('Progress'):.0f}%")
+        return (
+            f"{m.get_property('State')} {m.get_property('Mode')}: "
+            f"{m.get_property('Phase')} {m.get_property('Progress'):.0f}%"
+        )
 
     def _on_props(self, iface: str, changed: dict[str, Any], invalidated: list[str]) -> None:
         if {"State", "Phase"} & set(changed):
@@ -283,12 +348,15 @@ class Daemon:
         def check() -> bool:
             if not self.manager.busy or GLib.get_monotonic_time() > deadline:
                 if self.manager.busy:
-                    log.error("the transition did not finish within %.0f s; exiting anyway",
-                              self.args.stop_timeout)
+                    log.error(
+                        "the transition did not finish within %.0f s; exiting anyway",
+                        self.args.stop_timeout,
+                    )
                     self.exit_code = 1
                 self.loop.quit()
                 return False
             return True
+
         if check():
             GLib.timeout_add(100, check)
 
@@ -297,15 +365,21 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             GLib.unix_signal_add(GLib.PRIORITY_HIGH, sig, self._on_signal, sig)
         if self.notifier.watchdog:
-            GLib.timeout_add(max(1, int(self.notifier.watchdog * 1000)),
-                             lambda: self.notifier.ping() or True)
+            GLib.timeout_add(
+                max(1, int(self.notifier.watchdog * 1000)), lambda: self.notifier.ping() or True
+            )
         self.notifier.ready(self.status_text())
-        log.info("serving org.kjump.Manager1 on %s (sysroot %s)", self.args.bus or "the system bus",
-                 self.args.sysroot)
+        log.info(
+            "serving org.kjump.Manager1 on %s (sysroot %s)",
+            self.args.bus or "the system bus",
+            self.args.sysroot,
+        )
         self.loop.run()
         if not self.manager.wait_housekeeping(self.args.stop_timeout):
-            log.error("the last transition's housekeeping did not finish within %.0f s",
-                      self.args.stop_timeout)
+            log.error(
+                "the last transition's housekeeping did not finish within %.0f s",
+                self.args.stop_timeout,
+            )
         try:
             self.registration.unregister()
         except Exception as e:  # noqa: BLE001 - shutting down anyway
@@ -320,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.recover:
         from kjumpd.freezeguard import recover_main
+
         return recover_main(args.sysroot)
     try:
         daemon = Daemon(args)

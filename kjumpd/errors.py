@@ -39,13 +39,16 @@ class KjumpError(Exception):
             "what": self.what,
             "why": self.why,
             "fix": self.fix,
-            "context": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                        for k, v in self.context.items()},
+            "context": {
+                k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                for k, v in self.context.items()
+            },
         }
 
 
 class ConfigError(KjumpError):
     """The configuration file or an argument is not what it must be (names the key)."""
+
     dbus_name = "InvalidArgs"
 
 
@@ -55,11 +58,13 @@ class SysrootError(KjumpError):
 
 class UnsupportedError(KjumpError):
     """The running kernel or machine cannot do kexec-jump hibernation."""
+
     dbus_name = "NotSupported"
 
 
 class JumpAreaError(KjumpError):
     """The crashkernel= reservation is missing, too small or occupied."""
+
     dbus_name = "NotSupported"
 
 
@@ -105,12 +110,14 @@ class QuiesceError(KjumpError):
 
 class FreezeError(KjumpError):
     """FIFREEZE/FITHAW failed for a filesystem."""
+
     dbus_name = "FreezeFailed"
 
 
 class TaskFreezeError(KjumpError):
     """User space could not be stopped before the jump (the cgroup freezer within its bound,
     or the kernel's own freezer at ``kexec -e``); names the tasks that did not stop."""
+
     dbus_name = "TasksNotFrozen"
 
 
@@ -129,6 +136,7 @@ class KexecError(KjumpError):
 class JumpError(KexecError):
     """``kexec -e`` came back without the save kernel having written to the image: the
     jump did not happen, or the save kernel stopped before its first write."""
+
     dbus_name = "JumpFailed"
 
 
@@ -146,16 +154,19 @@ class ShrinkError(KjumpError):
 
 class BusyError(KjumpError):
     """Another transition is in progress."""
+
     dbus_name = "Busy"
 
 
 class CancelledError(KjumpError):
     """The user cancelled the operation."""
+
     dbus_name = "Cancelled"
 
 
 class NotAuthorizedError(KjumpError):
     """The caller may not do this."""
+
     dbus_name = "NotAuthorized"
 
 

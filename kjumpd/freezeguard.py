@@ -99,7 +99,7 @@ def _main(sr: Sysroot, rfd: int, bound: float) -> int:
     os.closerange(3, rfd)
     os.closerange(rfd + 1, max(maxfd, rfd + 1))
     try:
-        os.setsid()          # a terminal's hang-up or ^C for the daemon's group is not ours
+        os.setsid()  # a terminal's hang-up or ^C for the daemon's group is not ours
     except OSError:
         pass
     deadline = time.monotonic() + bound
@@ -126,14 +126,17 @@ def _thaw(sr: Sysroot, reason: str) -> int:
     except Exception as e:  # noqa: BLE001 - say it on stderr, the only channel left
         _say(f"freeze guard: thaw after {reason} failed: {e}")
         return 1
-    _say(f"freeze guard: thawed after {reason}"
-         + (f"; not thawed: {'; '.join(errors)}" if errors else ""))
+    _say(
+        f"freeze guard: thawed after {reason}"
+        + (f"; not thawed: {'; '.join(errors)}" if errors else "")
+    )
     return 1 if errors else 0
 
 
 def recover_main(sysroot: str) -> int:
     """``kjumpd --recover``: thaw what a dead kjumpd left frozen (0 also when nothing was)."""
     from kjumpd.errors import KjumpError
+
     try:
         sr = Sysroot(sysroot)
         errors = taskfreeze.recover(sr, "kjumpd stopped inside the frozen window")
@@ -141,4 +144,3 @@ def recover_main(sysroot: str) -> int:
         print(f"kjumpd --recover: {e.message}", file=sys.stderr)
         return 1
     return 1 if errors else 0
-

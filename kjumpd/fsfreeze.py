@@ -17,8 +17,8 @@ import fcntl
 import logging
 import logging.handlers
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from kjumpd.errors import FreezeError
 from kjumpd.sysroot import Sysroot
@@ -27,15 +27,32 @@ log = logging.getLogger(__name__)
 
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
-LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "msdos", "exfat", "f2fs",
-                      "jfs", "reiserfs", "ntfs3", "hfsplus", "nilfs2", "bcachefs"})
+LOCAL_FS = frozenset(
+    {
+        "ext2",
+        "ext3",
+        "ext4",
+        "xfs",
+        "btrfs",
+        "vfat",
+        "msdos",
+        "exfat",
+        "f2fs",
+        "jfs",
+        "reiserfs",
+        "ntfs3",
+        "hfsplus",
+        "nilfs2",
+        "bcachefs",
+    }
+)
 
 
 @dataclass(frozen=True)
 class Mount:
     mount_id: int
-    devno: str              # "MAJ:MIN"
-    mountpoint: str         # system path
+    devno: str  # "MAJ:MIN"
+    mountpoint: str  # system path
     fstype: str
     source: str
     options: str
@@ -48,8 +65,8 @@ class Mount:
 def _unescape(s: str) -> str:
     out, i = [], 0
     while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
+        if s[i] == "\\" and i + 3 < len(s) and s[i + 1 : i + 4].isdigit():
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(s[i])
@@ -66,8 +83,9 @@ def parse_mountinfo(text: str) -> list[Mount]:
         lf, rf = left.split(), right.split()
         if len(lf) < 6 or len(rf) < 3:
             continue
-        mounts.append(Mount(int(lf[0]), lf[2], _unescape(lf[4]), rf[0], _unescape(rf[1]),
-                            lf[5] + "," + rf[2]))
+        mounts.append(
+            Mount(int(lf[0]), lf[2], _unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5] + "," + rf[2])
+        )
     return mounts
 
 
@@ -84,8 +102,7 @@ def freezable(mounts: list[Mount]) -> list[Mount]:
         out.append(m)
     # filesystems on loop devices first: their backing file may live on another filesystem
     # of the list, which must still accept their flush
-    return sorted(out, key=lambda m: (not m.source.startswith("/dev/loop"), -m.depth,
-                                      m.mountpoint))
+    return sorted(out, key=lambda m: (not m.source.startswith("/dev/loop"), -m.depth, m.mountpoint))
 
 
 def device_of(sysroot: Sysroot, m: Mount) -> str:
@@ -95,9 +112,11 @@ def device_of(sysroot: Sysroot, m: Mount) -> str:
     link = sysroot.path(f"/sys/dev/block/{m.devno}")
     if link.exists():
         return "/dev/" + os.path.basename(os.path.realpath(link))
-    raise FreezeError(f"cannot find the block device of {m.mountpoint}",
-                      why=f"source {m.source!r}, {m.devno} not in /sys/dev/block",
-                      fix="report this mount table")
+    raise FreezeError(
+        f"cannot find the block device of {m.mountpoint}",
+        why=f"source {m.source!r}, {m.devno} not in /sys/dev/block",
+        fix="report this mount table",
+    )
 
 
 def _ioctl_dir(sysroot: Sysroot, m: Mount, request: int) -> None:
@@ -111,19 +130,24 @@ def _ioctl_dir(sysroot: Sysroot, m: Mount, request: int) -> None:
             # mountinfo: accept it when the directory is a mount point
             same = os.path.ismount(real)
         if not same:
-            raise FreezeError(f"{m.mountpoint} is not the filesystem mountinfo names",
-                              why=f"mountinfo says {m.devno}, the directory is on "
-                                  f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
-                              fix="the mount table changed; try again",
-                              mountpoint=m.mountpoint)
+            raise FreezeError(
+                f"{m.mountpoint} is not the filesystem mountinfo names",
+                why=f"mountinfo says {m.devno}, the directory is on "
+                f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
+                fix="the mount table changed; try again",
+                mountpoint=m.mountpoint,
+            )
         fcntl.ioctl(fd, request, 0)
     finally:
         os.close(fd)
 
 
-def freeze(sysroot: Sysroot, mounts: list[Mount],
-           on_frozen: Callable[[Mount], None] | None = None,
-           before_freeze: Callable[[Mount], None] | None = None) -> list[Mount]:
+def freeze(
+    sysroot: Sysroot,
+    mounts: list[Mount],
+    on_frozen: Callable[[Mount], None] | None = None,
+    before_freeze: Callable[[Mount], None] | None = None,
+) -> list[Mount]:
     """sync, then FIFREEZE each mount in order; on failure thaw what was frozen and raise.
 
     ``before_freeze`` is called before each FIFREEZE (a write-ahead record for a thaw path
@@ -141,11 +165,13 @@ def freeze(sysroot: Sysroot, mounts: list[Mount],
             raise
         except OSError as e:
             thaw(sysroot, done)
-            raise FreezeError(f"cannot freeze {m.mountpoint} ({m.fstype})",
-                              why=e.strerror or str(e),
-                              fix="check that it is not frozen already (fsfreeze -u) and that "
-                                  "the filesystem supports freezing",
-                              mountpoint=m.mountpoint) from None
+            raise FreezeError(
+                f"cannot freeze {m.mountpoint} ({m.fstype})",
+                why=e.strerror or str(e),
+                fix="check that it is not frozen already (fsfreeze -u) and that "
+                "the filesystem supports freezing",
+                mountpoint=m.mountpoint,
+            ) from None
         done.append(m)
         if on_frozen:
             on_frozen(m)
@@ -175,14 +201,18 @@ class HeldLogs:
         handlers = list(root.handlers)
         if not handlers and logging.lastResort is not None:
             # no configuration: records would go straight to stderr through lastResort
-            mem = logging.handlers.MemoryHandler(capacity=1 << 30,
-                                                 flushLevel=logging.CRITICAL + 10,
-                                                 target=logging.lastResort, flushOnClose=True)
+            mem = logging.handlers.MemoryHandler(
+                capacity=1 << 30,
+                flushLevel=logging.CRITICAL + 10,
+                target=logging.lastResort,
+                flushOnClose=True,
+            )
             root.addHandler(mem)
             self._added = mem
         for h in handlers:
-            mem = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 10,
-                                                 target=h, flushOnClose=True)
+            mem = logging.handlers.MemoryHandler(
+                capacity=1 << 30, flushLevel=logging.CRITICAL + 10, target=h, flushOnClose=True
+            )
             mem.setLevel(h.level)
             root.removeHandler(h)
             root.addHandler(mem)

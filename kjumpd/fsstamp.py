@@ -43,8 +43,9 @@ import os
 import struct
 import uuid as uuidlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kjumpd.errors import FsStampError
 from kjumpd.sysroot import Sysroot
@@ -66,31 +67,48 @@ class FsStamp:
     fields: dict[str, FieldValue] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": STAMP_VERSION, "device": self.device, "fstype": self.fstype,
-                "uuid": self.uuid, "fields": dict(sorted(self.fields.items()))}
+        return {
+            "version": STAMP_VERSION,
+            "device": self.device,
+            "fstype": self.fstype,
+            "uuid": self.uuid,
+            "fields": dict(sorted(self.fields.items())),
+        }
 
     @classmethod
-    def from_dict(cls, d: Any) -> "FsStamp":
+    def from_dict(cls, d: Any) -> FsStamp:
         if not isinstance(d, dict):
-            raise FsStampError("filesystem stamp record is not an object",
-                               fix="re-run the hibernation; the job or image metadata is damaged")
+            raise FsStampError(
+                "filesystem stamp record is not an object",
+                fix="re-run the hibernation; the job or image metadata is damaged",
+            )
         version = d.get("version")
         if version != STAMP_VERSION:
-            raise FsStampError(f"filesystem stamp record has version {version!r}",
-                               why=f"this kjumpd reads version {STAMP_VERSION}",
-                               fix="restore with the kjumpd version that saved the image")
+            raise FsStampError(
+                f"filesystem stamp record has version {version!r}",
+                why=f"this kjumpd reads version {STAMP_VERSION}",
+                fix="restore with the kjumpd version that saved the image",
+            )
         try:
             device, fstype, uid, fields = d["device"], d["fstype"], d["uuid"], d["fields"]
         except KeyError as e:
-            raise FsStampError(f"filesystem stamp record lacks {e.args[0]!r}",
-                               fix="re-run the hibernation; the record is damaged") from None
-        if not all(isinstance(x, str) for x in (device, fstype, uid)) or not isinstance(fields, dict):
-            raise FsStampError("filesystem stamp record has fields of the wrong type",
-                               fix="re-run the hibernation; the record is damaged")
+            raise FsStampError(
+                f"filesystem stamp record lacks {e.args[0]!r}",
+                fix="re-run the hibernation; the record is damaged",
+            ) from None
+        if not all(isinstance(x, str) for x in (device, fstype, uid)) or not isinstance(
+            fields, dict
+        ):
+            raise FsStampError(
+                "filesystem stamp record has fields of the wrong type",
+                fix="re-run the hibernation; the record is damaged",
+            )
         for k, v in fields.items():
             if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, str)):
-                raise FsStampError(f"filesystem stamp field {k!r} is not an integer or string",
-                                   fix="re-run the hibernation; the record is damaged")
+                raise FsStampError(
+                    f"filesystem stamp field {k!r} is not an integer or string",
+                    fix="re-run the hibernation; the record is damaged",
+                )
         return cls(device=device, fstype=fstype, uuid=uid, fields=dict(fields))
 
     @property
@@ -98,7 +116,7 @@ class FsStamp:
         """(fstype, uuid): how R finds this filesystem again, whatever its device name."""
         return (self.fstype, self.uuid)
 
-    def changed_since(self, other: "FsStamp") -> list[str]:
+    def changed_since(self, other: FsStamp) -> list[str]:
         """Names of what differs between ``other`` (the older stamp) and this one.
 
         Empty when the filesystem is unchanged. The device name is not compared (it is a hint).
@@ -113,7 +131,7 @@ class FsStamp:
                 changed.append(name)
         return changed
 
-    def describe_changes(self, other: "FsStamp") -> str:
+    def describe_changes(self, other: FsStamp) -> str:
         """One line for a user: "ext4 UUID on /dev/vda1: mount_count 3 -> 4, ..."."""
         parts = []
         for name in self.changed_since(other):
@@ -166,7 +184,7 @@ class _Reader:
             data = bytes(buf[:n])
         finally:
             buf.close()
-        return data[offset - start: offset - start + length]
+        return data[offset - start : offset - start + length]
 
 
 def _u(fmt: str, data: bytes, off: int) -> int:
@@ -184,11 +202,11 @@ def _parse_ext(read: Callable[[int, int], bytes]) -> tuple[str, str, dict[str, F
         raise _NotThis()
     compat, incompat = _u("<I", sb, 0x5C), _u("<I", sb, 0x60)
     if incompat & 0x8:
-        raise _NotThis()         # an external journal device, not a filesystem
+        raise _NotThis()  # an external journal device, not a filesystem
     if incompat & (0x40 | 0x80 | 0x200):
-        fstype = "ext4"          # extents, 64bit or flex_bg
+        fstype = "ext4"  # extents, 64bit or flex_bg
     elif compat & 0x4:
-        fstype = "ext3"          # has_journal
+        fstype = "ext3"  # has_journal
     else:
         fstype = "ext2"
     fields: dict[str, FieldValue] = {
@@ -219,8 +237,10 @@ def _xfs_log_head(read: Callable[[int, int], bytes], start: int, nblocks: int) -
     def cycle(blk: int) -> int:
         b = read(start + blk * _BB, 8)
         if len(b) < 8:
-            raise FsStampError("xfs log is beyond the end of the device",
-                               fix="check the filesystem with xfs_repair -n")
+            raise FsStampError(
+                "xfs log is beyond the end of the device",
+                fix="check the filesystem with xfs_repair -n",
+            )
         first = _u(">I", b, 0)
         return _u(">I", b, 4) if first == _XLOG_HEADER_MAGIC else first
 
@@ -299,8 +319,13 @@ def _parse_vfat(read: Callable[[int, int], bytes]) -> tuple[str, str, dict[str, 
     reserved = _u("<H", bs, 14)
     nfats = bs[16]
     fatsz16 = _u("<H", bs, 22)
-    if bytes_per_sector not in (512, 1024, 2048, 4096) or sectors_per_cluster == 0 or \
-            sectors_per_cluster & (sectors_per_cluster - 1) or reserved == 0 or nfats == 0:
+    if (
+        bytes_per_sector not in (512, 1024, 2048, 4096)
+        or sectors_per_cluster == 0
+        or sectors_per_cluster & (sectors_per_cluster - 1)
+        or reserved == 0
+        or nfats == 0
+    ):
         raise _NotThis()
     fat32 = fatsz16 == 0
     if fat32:
@@ -345,13 +370,19 @@ def parse_stamp(read: Callable[[int, int], bytes], device: str) -> FsStamp:
         except _NotThis:
             continue
         except (struct.error, IndexError, ValueError) as e:
-            raise FsStampError(f"the superblock on {device} does not parse",
-                               why=str(e), fix="check the filesystem (fsck)", device=device) from e
+            raise FsStampError(
+                f"the superblock on {device} does not parse",
+                why=str(e),
+                fix="check the filesystem (fsck)",
+                device=device,
+            ) from e
         return FsStamp(device=device, fstype=fstype, uuid=uid, fields=fields)
-    raise FsStampError(f"{device} holds no filesystem kjumpd can stamp",
-                       why="no ext2/3/4, xfs, btrfs or vfat superblock found",
-                       fix="exclude it from the hibernation or use a supported filesystem",
-                       device=device)
+    raise FsStampError(
+        f"{device} holds no filesystem kjumpd can stamp",
+        why="no ext2/3/4, xfs, btrfs or vfat superblock found",
+        fix="exclude it from the hibernation or use a supported filesystem",
+        device=device,
+    )
 
 
 def read_stamp(device_path: str | os.PathLike[str], *, sysroot: Sysroot | None = None) -> FsStamp:
@@ -365,14 +396,21 @@ def read_stamp(device_path: str | os.PathLike[str], *, sysroot: Sysroot | None =
     try:
         reader = _Reader(real)
     except OSError as e:
-        raise FsStampError(f"cannot open {name} to read its superblock",
-                           why=e.strerror or str(e), fix="check that the device exists and you are root",
-                           device=name) from e
+        raise FsStampError(
+            f"cannot open {name} to read its superblock",
+            why=e.strerror or str(e),
+            fix="check that the device exists and you are root",
+            device=name,
+        ) from e
     try:
         return parse_stamp(reader.read, name)
     except OSError as e:
-        raise FsStampError(f"cannot read the superblock of {name}", why=e.strerror or str(e),
-                           fix="check the device (dmesg)", device=name) from e
+        raise FsStampError(
+            f"cannot read the superblock of {name}",
+            why=e.strerror or str(e),
+            fix="check the device (dmesg)",
+            device=name,
+        ) from e
     finally:
         reader.close()
 

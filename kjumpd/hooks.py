@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class HookResult:
     name: str
     path: str
-    returncode: int          # -1: timed out or could not start
+    returncode: int  # -1: timed out or could not start
     output: str
 
     @property
@@ -51,8 +51,14 @@ def discover(sysroot: Sysroot, dirs: tuple[str, ...]) -> list[tuple[str, str]]:
     return sorted(found.items())
 
 
-def run(sysroot: Sysroot, dirs: tuple[str, ...], phase: str, mode: str, timeout: float,
-        only: list[str] | None = None) -> list[HookResult]:
+def run(
+    sysroot: Sysroot,
+    dirs: tuple[str, ...],
+    phase: str,
+    mode: str,
+    timeout: float,
+    only: list[str] | None = None,
+) -> list[HookResult]:
     """Run every hook with (phase, verb); ``only`` restricts to these names (post calls
     for the hooks whose pre ran)."""
     v = verb(mode)
@@ -62,15 +68,23 @@ def run(sysroot: Sysroot, dirs: tuple[str, ...], phase: str, mode: str, timeout:
         if only is not None and name not in only:
             continue
         try:
-            r = subprocess.run([str(sysroot.path(p)), phase, v], capture_output=True, text=True,
-                               timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False)
+            r = subprocess.run(
+                [str(sysroot.path(p)), phase, v],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
             res = HookResult(name, p, r.returncode, (r.stdout + r.stderr)[-2000:])
         except subprocess.TimeoutExpired:
             res = HookResult(name, p, -1, f"timed out after {timeout:g} s")
         except OSError as e:
             res = HookResult(name, p, -1, f"cannot run: {e.strerror or e}")
-        (log.info if res.ok else log.warning)("sleep hook %s %s %s: rc %d %s", p, phase, v,
-                                              res.returncode, res.output.strip()[-200:])
+        (log.info if res.ok else log.warning)(
+            "sleep hook %s %s %s: rc %d %s", p, phase, v, res.returncode, res.output.strip()[-200:]
+        )
         results.append(res)
     return results
 
@@ -81,8 +95,11 @@ def check_policy(results: list[HookResult], policy: str) -> list[HookResult]:
     if failed and policy == "abort":
         r = failed[0]
         tail = " | ".join(x.strip() for x in r.output.strip().splitlines()[-3:] if x.strip())
-        raise HookError(f"sleep hook {r.path} failed", why=f"exit status {r.returncode}: "
-                        f"{tail[-300:] or 'no output'}",
-                        fix='fix the hook, remove it, or set hooks.policy = "continue"',
-                        hook=r.path, returncode=r.returncode)
+        raise HookError(
+            f"sleep hook {r.path} failed",
+            why=f"exit status {r.returncode}: {tail[-300:] or 'no output'}",
+            fix='fix the hook, remove it, or set hooks.policy = "continue"',
+            hook=r.path,
+            returncode=r.returncode,
+        )
     return failed

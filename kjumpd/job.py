@@ -108,21 +108,25 @@ class Job:
         return json.dumps(self.to_dict(), sort_keys=True, indent=1)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Job":
+    def from_dict(cls, d: Any) -> Job:
         if not isinstance(d, dict):
             raise JobError("job is not a JSON object", fix="regenerate the job")
         version = d.get("version")
         if version != VERSION:
-            raise JobError(f"job version {version!r} is not supported",
-                           why=f"this agent reads version {VERSION}",
-                           fix="use a save kernel built from the same kjumpd release")
+            raise JobError(
+                f"job version {version!r} is not supported",
+                why=f"this agent reads version {VERSION}",
+                fix="use a save kernel built from the same kjumpd release",
+            )
         names = {f for f in cls.__dataclass_fields__}
         missing = sorted(names - set(d) - set(_OPTIONAL))
         unknown = sorted(set(d) - names)
         if missing or unknown:
-            raise JobError("job fields do not match version 1",
-                           why=f"missing {missing}, unknown {unknown}",
-                           fix="use a save kernel built from the same kjumpd release")
+            raise JobError(
+                "job fields do not match version 1",
+                why=f"missing {missing}, unknown {unknown}",
+                fix="use a save kernel built from the same kjumpd release",
+            )
         try:
             return cls(
                 target_uuid=d["target_uuid"],
@@ -139,19 +143,23 @@ class Job:
                 fs_stamps=d["fs_stamps"],
                 created=d["created"],
                 cancel_key=d["cancel_key"],
-                vmcoreinfo=(None if d.get("vmcoreinfo") is None else
-                            tuple(_list(d["vmcoreinfo"], "vmcoreinfo"))),  # type: ignore[arg-type]
+                vmcoreinfo=(
+                    None
+                    if d.get("vmcoreinfo") is None
+                    else tuple(_list(d["vmcoreinfo"], "vmcoreinfo"))
+                ),  # type: ignore[arg-type]
                 free_page_exclusion=d.get("free_page_exclusion", _OPTIONAL["free_page_exclusion"]),
                 free_page_check=d.get("free_page_check", _OPTIONAL["free_page_check"]),
                 free_pages_zeroed=d.get("free_pages_zeroed", _OPTIONAL["free_pages_zeroed"]),
                 version=version,
             )
         except TypeError as e:
-            raise JobError("job field has the wrong shape", why=str(e),
-                           fix="regenerate the job") from None
+            raise JobError(
+                "job field has the wrong shape", why=str(e), fix="regenerate the job"
+            ) from None
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Job":
+    def from_json(cls, text: str | bytes) -> Job:
         try:
             d = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
@@ -162,9 +170,14 @@ class Job:
     def to_cpio(self, mtime: int | None = None) -> bytes:
         """A newc cpio holding ``kjump/`` and ``kjump/job.json``, to append to an initramfs."""
         t = self.created if mtime is None else mtime
-        return cpio.write([cpio.Entry.directory("kjump"),
-                           cpio.Entry(JOB_PATH, stat.S_IFREG | 0o600, self.to_json().encode(),
-                                      mtime=t & 0xFFFFFFFF)])
+        return cpio.write(
+            [
+                cpio.Entry.directory("kjump"),
+                cpio.Entry(
+                    JOB_PATH, stat.S_IFREG | 0o600, self.to_json().encode(), mtime=t & 0xFFFFFFFF
+                ),
+            ]
+        )
 
     @property
     def image_bytes_max(self) -> int:
@@ -172,8 +185,12 @@ class Job:
 
 
 # keys a version-1 job may leave out, with the value they then take
-_OPTIONAL: dict[str, Any] = {"vmcoreinfo": None, "free_page_exclusion": True,
-                             "free_page_check": False, "free_pages_zeroed": True}
+_OPTIONAL: dict[str, Any] = {
+    "vmcoreinfo": None,
+    "free_page_exclusion": True,
+    "free_page_check": False,
+    "free_pages_zeroed": True,
+}
 
 
 def _list(v: Any, key: str) -> list[Any]:
@@ -184,8 +201,11 @@ def _list(v: Any, key: str) -> list[Any]:
 
 def _int(v: Any, key: str, minimum: int = 0) -> int:
     if type(v) is not int or v < minimum:
-        raise JobError(f"job field {key} must be an integer >= {minimum}", why=f"got {v!r}",
-                       fix="regenerate the job")
+        raise JobError(
+            f"job field {key} must be an integer >= {minimum}",
+            why=f"got {v!r}",
+            fix="regenerate the job",
+        )
     return v
 
 
@@ -194,15 +214,23 @@ def validate(job: Job) -> None:
     if job.version != VERSION:
         raise JobError(f"job version {job.version!r} is not supported")
     if not isinstance(job.target_uuid, str) or not _UUID_RE.match(job.target_uuid):
-        raise JobError("job field target_uuid must be a lower-case UUID",
-                       why=f"got {job.target_uuid!r}", fix="re-run kjumpctl setup")
+        raise JobError(
+            "job field target_uuid must be a lower-case UUID",
+            why=f"got {job.target_uuid!r}",
+            fix="re-run kjumpctl setup",
+        )
     _int(job.superblock_device_offset, "superblock_device_offset")
     hint = job.device_hint
-    if (not isinstance(hint, dict) or set(hint) != {"devno", "name"}
-            or not isinstance(hint.get("devno"), str) or not _DEVNO_RE.match(hint["devno"])
-            or not isinstance(hint.get("name"), str)):
-        raise JobError("job field device_hint must be {devno: 'MAJ:MIN', name: str}",
-                       why=f"got {hint!r}")
+    if (
+        not isinstance(hint, dict)
+        or set(hint) != {"devno", "name"}
+        or not isinstance(hint.get("devno"), str)
+        or not _DEVNO_RE.match(hint["devno"])
+        or not isinstance(hint.get("name"), str)
+    ):
+        raise JobError(
+            "job field device_hint must be {devno: 'MAJ:MIN', name: str}", why=f"got {hint!r}"
+        )
     expect = 0
     if not job.blockmap:
         raise JobError("job field blockmap is empty", fix="re-run kjumpctl setup")
@@ -211,8 +239,10 @@ def validate(job: Job) -> None:
             raise JobError(f"job blockmap[{i}] must be [logical, device_offset, length]")
         lo, dev, ln = (_int(x, f"blockmap[{i}]") for x in ext)
         if lo != expect or ln <= 0:
-            raise JobError(f"job blockmap[{i}] is not contiguous from 0",
-                           why=f"expected logical {expect}, got {lo} (length {ln})")
+            raise JobError(
+                f"job blockmap[{i}] is not contiguous from 0",
+                why=f"expected logical {expect}, got {lo} (length {ln})",
+            )
         expect = lo + ln
     last = -1
     for i, r in enumerate(job.ranges):
@@ -220,8 +250,10 @@ def validate(job: Job) -> None:
             raise JobError(f"job ranges[{i}] must be [start, end]")
         s, e = (_int(x, f"ranges[{i}]") for x in r)
         if not (s < e) or s < last or s % PAGE or e % PAGE:
-            raise JobError(f"job ranges[{i}] is not sorted, page aligned and non-empty",
-                           why=f"[{s:#x}, {e:#x}) after end {last:#x}")
+            raise JobError(
+                f"job ranges[{i}] is not sorted, page aligned and non-empty",
+                why=f"[{s:#x}, {e:#x}) after end {last:#x}",
+            )
         last = e
     if job.mode not in MODES:
         raise JobError(f"job field mode must be one of {', '.join(MODES)}", why=f"got {job.mode!r}")
@@ -229,16 +261,23 @@ def validate(job: Job) -> None:
         raise JobError("job field compression must be lz4 or none", why=f"got {job.compression!r}")
     cs = _int(job.chunk_size, "chunk_size", PAGE)
     if cs & (cs - 1) or cs > 64 << 20:
-        raise JobError("job field chunk_size must be a power of two in 4 KiB..64 MiB",
-                       why=f"got {cs}")
+        raise JobError(
+            "job field chunk_size must be a power of two in 4 KiB..64 MiB", why=f"got {cs}"
+        )
     mk = job.main_kernel
-    if (not isinstance(mk, dict) or set(mk) != {"release", "build_id"}
-            or not all(isinstance(v, str) for v in mk.values())):
-        raise JobError("job field main_kernel must be {release: str, build_id: str}",
-                       why=f"got {mk!r}")
+    if (
+        not isinstance(mk, dict)
+        or set(mk) != {"release", "build_id"}
+        or not all(isinstance(v, str) for v in mk.values())
+    ):
+        raise JobError(
+            "job field main_kernel must be {release: str, build_id: str}", why=f"got {mk!r}"
+        )
     if not isinstance(job.save_kernel_hash, str) or not _HASH_RE.match(job.save_kernel_hash):
-        raise JobError("job field save_kernel_hash must be sha256:<64 hex>",
-                       why=f"got {job.save_kernel_hash!r}")
+        raise JobError(
+            "job field save_kernel_hash must be sha256:<64 hex>",
+            why=f"got {job.save_kernel_hash!r}",
+        )
     ja = job.jump_area
     if not isinstance(ja, tuple) or len(ja) != 2:
         raise JobError("job field jump_area must be [start, size]")
@@ -247,8 +286,9 @@ def validate(job: Job) -> None:
         raise JobError("job field jump_area must be page aligned", why=f"[{js:#x}, {jn:#x}]")
     for s, e in job.ranges:
         if s < js + jn and js < e:
-            raise JobError("job ranges overlap the jump area",
-                           why=f"[{s:#x}, {e:#x}) vs [{js:#x}, +{jn:#x})")
+            raise JobError(
+                "job ranges overlap the jump area", why=f"[{s:#x}, {e:#x}) vs [{js:#x}, +{jn:#x})"
+            )
     if not isinstance(job.fs_stamps, list) or not all(isinstance(x, dict) for x in job.fs_stamps):
         raise JobError("job field fs_stamps must be a list of objects")
     _int(job.created, "created")
@@ -262,8 +302,9 @@ def validate(job: Job) -> None:
         _int(vc[1], "vmcoreinfo", 1)
     for key in ("free_page_exclusion", "free_page_check", "free_pages_zeroed"):
         if not isinstance(getattr(job, key), bool):
-            raise JobError(f"job field {key} must be true or false",
-                           why=f"got {getattr(job, key)!r}")
+            raise JobError(
+                f"job field {key} must be true or false", why=f"got {getattr(job, key)!r}"
+            )
 
 
 def read_cpio(blob: bytes) -> dict[str, bytes]:

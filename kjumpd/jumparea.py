@@ -17,14 +17,14 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from kjumpd.config import Config, format_size, parse_size
 from kjumpd import zstdframe
+from kjumpd.config import Config, format_size, parse_size
 from kjumpd.errors import ConfigError, JumpAreaError, KjumpError
 from kjumpd.sysroot import Sysroot
 
 MiB = 1 << 20
 ALIGN = 16 * MiB
-DEFAULT_START = 0x20000000       # 512 MiB: what the VM tier reserves
+DEFAULT_START = 0x20000000  # 512 MiB: what the VM tier reserves
 _CK_RE = re.compile(r"(?:^|\s)crashkernel=(\S+)")
 
 
@@ -34,7 +34,7 @@ class JumpArea:
     size: int
 
     @property
-    def end(self) -> int:            # exclusive
+    def end(self) -> int:  # exclusive
         return self.start + self.size
 
     @property
@@ -47,11 +47,11 @@ class JumpArea:
 
 @dataclass(frozen=True)
 class Discovery:
-    cmdline_value: str | None      # what follows crashkernel=
+    cmdline_value: str | None  # what follows crashkernel=
     cmdline_area: JumpArea | None  # parsed SIZE@OFFSET
-    iomem_area: JumpArea | None    # "Crash kernel" in /proc/iomem
-    crash_size: int | None         # /sys/kernel/kexec_crash_size
-    kdump_loaded: bool             # /sys/kernel/kexec_crash_loaded
+    iomem_area: JumpArea | None  # "Crash kernel" in /proc/iomem
+    crash_size: int | None  # /sys/kernel/kexec_crash_size
+    kdump_loaded: bool  # /sys/kernel/kexec_crash_loaded
 
 
 def parse_crashkernel(value: str) -> JumpArea | None:
@@ -60,8 +60,10 @@ def parse_crashkernel(value: str) -> JumpArea | None:
         return None
     size_s, start_s = value.split("@", 1)
     try:
-        return JumpArea(start=parse_size(start_s, "crashkernel offset"),
-                        size=parse_size(size_s, "crashkernel size"))
+        return JumpArea(
+            start=parse_size(start_s, "crashkernel offset"),
+            size=parse_size(size_s, "crashkernel size"),
+        )
     except ConfigError:
         return None
 
@@ -73,17 +75,15 @@ def parse_iomem_crash(iomem: str) -> JumpArea | None:
             s, _, e = rng.partition("-")
             start, end = int(s, 16), int(e, 16) + 1
             if start == 0 and end == 1:
-                return None          # not root: /proc/iomem hides addresses
+                return None  # not root: /proc/iomem hides addresses
             return JumpArea(start, end - start)
     return None
 
 
 def discover(sysroot: Sysroot) -> Discovery:
     cmdline = sysroot.read_text("/proc/cmdline", default="")
-    m = None
-    for m in _CK_RE.finditer(cmdline):
-        pass                        # the last crashkernel= wins, as in the kernel
-    value = m.group(1) if m else None
+    found = list(_CK_RE.finditer(cmdline))
+    value = found[-1].group(1) if found else None  # the last crashkernel= wins, as in the kernel
     size_txt = sysroot.read_text("/sys/kernel/kexec_crash_size", default="").strip()
     loaded = sysroot.read_text("/sys/kernel/kexec_crash_loaded", default="0").strip()
     return Discovery(
@@ -108,21 +108,27 @@ def required_size(sysroot: Sysroot, config: Config) -> int:
             f.seek(max(0, initrd - 4))
             tail = f.read(4)
     except OSError as e:
-        raise JumpAreaError(f"save kernel initramfs {config.save_initramfs} is missing",
-                            why=e.strerror or str(e),
-                            fix="build it (savekernel/) or set save_kernel.initramfs") from None
+        raise JumpAreaError(
+            f"save kernel initramfs {config.save_initramfs} is missing",
+            why=e.strerror or str(e),
+            fix="build it (savekernel/) or set save_kernel.initramfs",
+        ) from None
     if head.startswith(b"070701"):
         unpacked = initrd
-    elif (head.startswith(b"\x1f\x8b") and len(tail) == 4
-          and struct.unpack("<I", tail)[0] > initrd):
+    elif head.startswith(b"\x1f\x8b") and len(tail) == 4 and struct.unpack("<I", tail)[0] > initrd:
         unpacked = struct.unpack("<I", tail)[0]
-    elif (head.startswith(zstdframe.MAGIC)
-          and (size := _zstd_content_size(head)) is not None and size > initrd):
+    elif (
+        head.startswith(zstdframe.MAGIC)
+        and (size := _zstd_content_size(head)) is not None
+        and size > initrd
+    ):
         unpacked = size
-    elif (head.startswith(LZ4_LEGACY_MAGIC)
-          and (size := _lz4_legacy_size(sysroot.path(config.save_initramfs))) is not None):
+    elif (
+        head.startswith(LZ4_LEGACY_MAGIC)
+        and (size := _lz4_legacy_size(sysroot.path(config.save_initramfs))) is not None
+    ):
         unpacked = size
-    else:                       # other compressions, or a padded gzip: ISIZE is not last
+    else:  # other compressions, or a padded gzip: ISIZE is not last
         unpacked = 3 * initrd
     need = kernel + initrd + unpacked + config.agent_memory + 16 * MiB
     return -(-need // ALIGN) * ALIGN
@@ -139,17 +145,18 @@ def _lz4_legacy_size(path: Path) -> int | None:
     comes from unpacking it (None when the stream does not parse)."""
     try:
         import lz4.block
+
         with open(path, "rb") as f:
             blob = f.read()
     except (ImportError, OSError):
         return None
     pos, blocks, last = 4, 0, b""
     while pos + 4 <= len(blob):
-        size = int.from_bytes(blob[pos:pos + 4], "little")
-        if size == 0 or blob[pos:pos + 4] == LZ4_LEGACY_MAGIC or pos + 4 + size > len(blob):
+        size = int.from_bytes(blob[pos : pos + 4], "little")
+        if size == 0 or blob[pos : pos + 4] == LZ4_LEGACY_MAGIC or pos + 4 + size > len(blob):
             break
         blocks += 1
-        last = blob[pos + 4:pos + 4 + size]
+        last = blob[pos + 4 : pos + 4 + size]
         pos += 4 + size
     if not blocks:
         return None
@@ -173,12 +180,17 @@ def read_init_size(path: Path) -> int:
         with open(path, "rb") as f:
             hdr = f.read(0x270)
     except OSError as e:
-        raise JumpAreaError(f"save kernel {path} is missing", why=e.strerror or str(e),
-                            fix="build it with savekernel/build-kernel.sh or set "
-                                "save_kernel.kernel") from None
+        raise JumpAreaError(
+            f"save kernel {path} is missing",
+            why=e.strerror or str(e),
+            fix="build it with savekernel/build-kernel.sh or set save_kernel.kernel",
+        ) from None
     if len(hdr) < 0x264 or hdr[0x202:0x206] != b"HdrS":
-        raise JumpAreaError(f"save kernel {path} is not an x86 bzImage",
-                            why="no HdrS setup header", fix="point save_kernel.kernel at a bzImage")
+        raise JumpAreaError(
+            f"save kernel {path} is not an x86 bzImage",
+            why="no HdrS setup header",
+            fix="point save_kernel.kernel at a bzImage",
+        )
     (init_size,) = struct.unpack_from("<I", hdr, 0x260)
     return init_size
 
@@ -186,50 +198,70 @@ def read_init_size(path: Path) -> int:
 def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
     """The reserved area, cross-checked; JumpAreaError naming the kernel command line to add."""
     d = discover(sysroot)
-    want = JumpArea(config.jump_area_start if config.jump_area_start is not None else DEFAULT_START,
-                    max(need or 0, config.jump_area_size or 0, 128 * MiB))
-    add = f"add {want.kernel_arg} to the kernel command line (kjumpctl setup --jump-area) and reboot"
+    want = JumpArea(
+        config.jump_area_start if config.jump_area_start is not None else DEFAULT_START,
+        max(need or 0, config.jump_area_size or 0, 128 * MiB),
+    )
+    add = (
+        f"add {want.kernel_arg} to the kernel command line (kjumpctl setup --jump-area) and reboot"
+    )
     if d.cmdline_value is None:
-        raise JumpAreaError("no jump area is reserved", why="/proc/cmdline has no crashkernel=",
-                            fix=add)
+        raise JumpAreaError(
+            "no jump area is reserved", why="/proc/cmdline has no crashkernel=", fix=add
+        )
     if d.cmdline_area is None:
-        raise JumpAreaError(f"crashkernel={d.cmdline_value} has no fixed offset",
-                            why="restore needs the area at the same address at every boot",
-                            fix=f"replace it with {want.kernel_arg} and reboot")
+        raise JumpAreaError(
+            f"crashkernel={d.cmdline_value} has no fixed offset",
+            why="restore needs the area at the same address at every boot",
+            fix=f"replace it with {want.kernel_arg} and reboot",
+        )
     area = d.iomem_area
     if area is None:
         if d.crash_size == 0:
-            raise JumpAreaError(f"crashkernel={d.cmdline_value} is on the command line but "
-                                "nothing is reserved", why="the kernel could not reserve it "
-                                "(occupied or beyond RAM); see dmesg | grep crashkernel",
-                                fix=f"choose another offset, e.g. {want.kernel_arg}, and reboot")
-        raise JumpAreaError("the jump area is not visible in /proc/iomem",
-                            why="no 'Crash kernel' line (or not running as root)",
-                            fix="run as root; if it persists, " + add)
+            raise JumpAreaError(
+                f"crashkernel={d.cmdline_value} is on the command line but nothing is reserved",
+                why="the kernel could not reserve it "
+                "(occupied or beyond RAM); see dmesg | grep crashkernel",
+                fix=f"choose another offset, e.g. {want.kernel_arg}, and reboot",
+            )
+        raise JumpAreaError(
+            "the jump area is not visible in /proc/iomem",
+            why="no 'Crash kernel' line (or not running as root)",
+            fix="run as root; if it persists, " + add,
+        )
     if area != d.cmdline_area:
-        raise JumpAreaError("the reservation differs from the command line",
-                            why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
-                                f"{d.cmdline_area.start:#x}+{format_size(d.cmdline_area.size)}",
-                            fix=f"set {want.kernel_arg} and reboot")
+        raise JumpAreaError(
+            "the reservation differs from the command line",
+            why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
+            f"{d.cmdline_area.start:#x}+{format_size(d.cmdline_area.size)}",
+            fix=f"set {want.kernel_arg} and reboot",
+        )
     if d.crash_size is not None and d.crash_size != area.size:
-        raise JumpAreaError("the jump area was shrunk at run time",
-                            why=f"/sys/kernel/kexec_crash_size is {d.crash_size}, "
-                                f"reserved {area.size}",
-                            fix="reboot to restore the full reservation")
+        raise JumpAreaError(
+            "the jump area was shrunk at run time",
+            why=f"/sys/kernel/kexec_crash_size is {d.crash_size}, reserved {area.size}",
+            fix="reboot to restore the full reservation",
+        )
     if config.jump_area_start is not None and area.start != config.jump_area_start:
-        raise JumpAreaError("the jump area is not where the config expects it",
-                            why=f"reserved at {area.start:#x}, jump_area.start is "
-                                f"{config.jump_area_start:#x}",
-                            fix=f"set {want.kernel_arg} or change jump_area.start")
+        raise JumpAreaError(
+            "the jump area is not where the config expects it",
+            why=f"reserved at {area.start:#x}, jump_area.start is {config.jump_area_start:#x}",
+            fix=f"set {want.kernel_arg} or change jump_area.start",
+        )
     if d.kdump_loaded:
-        raise JumpAreaError("a kdump kernel occupies the jump area",
-                            why="/sys/kernel/kexec_crash_loaded is 1",
-                            fix="disable kdump (systemctl disable --now kdump-tools; kexec -p -u)")
+        raise JumpAreaError(
+            "a kdump kernel occupies the jump area",
+            why="/sys/kernel/kexec_crash_loaded is 1",
+            fix="disable kdump (systemctl disable --now kdump-tools; kexec -p -u)",
+        )
     if need is not None and area.size < need:
-        raise JumpAreaError("the jump area is too small for the save kernel",
-                            why=f"reserved {format_size(area.size)}, need {format_size(need)}",
-                            fix=f"use crashkernel={format_size(need)}@{format_size(area.start)} "
-                                "and reboot", reserved=area.size, needed=need)
+        raise JumpAreaError(
+            "the jump area is too small for the save kernel",
+            why=f"reserved {format_size(area.size)}, need {format_size(need)}",
+            fix=f"use crashkernel={format_size(need)}@{format_size(area.start)} and reboot",
+            reserved=area.size,
+            needed=need,
+        )
     return area
 
 
@@ -272,13 +304,19 @@ def edit_bls_entry(text: str, arg: str) -> str:
 
 @dataclass(frozen=True)
 class FileEdit:
-    path: str          # system path
+    path: str  # system path
     old: str
     new: str
 
     def diff(self) -> str:
-        return "".join(difflib.unified_diff(self.old.splitlines(True), self.new.splitlines(True),
-                                            f"a{self.path}", f"b{self.path}"))
+        return "".join(
+            difflib.unified_diff(
+                self.old.splitlines(True),
+                self.new.splitlines(True),
+                f"a{self.path}",
+                f"b{self.path}",
+            )
+        )
 
 
 def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
@@ -295,9 +333,11 @@ def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
                 old = sysroot.read_text(p)
                 edits.append(FileEdit(p, old, edit_bls_entry(old, area.kernel_arg)))
     if not edits:
-        raise JumpAreaError("no boot loader configuration found",
-                            why="neither /etc/default/grub nor BLS entries exist",
-                            fix=f"add {area.kernel_arg} to your boot loader's kernel command line")
+        raise JumpAreaError(
+            "no boot loader configuration found",
+            why="neither /etc/default/grub nor BLS entries exist",
+            fix=f"add {area.kernel_arg} to your boot loader's kernel command line",
+        )
     return [e for e in edits if e.old != e.new]
 
 

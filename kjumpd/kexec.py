@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from kjumpd.config import Config, format_size
 from kjumpd.errors import KexecError
 from kjumpd.job import Job
-from kjumpd.hashing import sha256_file
 from kjumpd.jumparea import JumpArea
 from kjumpd.linux import cmdline, kconfig
 from kjumpd.restorefirst import QUICK_BOOT_PARAMS
@@ -54,9 +53,9 @@ def build_id_from_notes(data: bytes) -> str:
     while pos + 12 <= len(data):
         namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
         pos += 12
-        name = data[pos:pos + namesz]
+        name = data[pos : pos + namesz]
         pos += (namesz + 3) & ~3
-        desc = data[pos:pos + descsz]
+        desc = data[pos : pos + descsz]
         pos += (descsz + 3) & ~3
         if ntype == 3 and name.rstrip(b"\0") == b"GNU":
             return desc.hex()
@@ -110,8 +109,9 @@ def free_pages_zeroed(sysroot: Sysroot) -> tuple[bool, str]:
         return said, f"init_on_free={int(said)} on the command line"
     config = kconfig.read(sysroot)
     if config is None:
-        return True, ("the kernel's configuration is unreadable (no /proc/config.gz or "
-                      "/boot/config-*)")
+        return True, (
+            "the kernel's configuration is unreadable (no /proc/config.gz or /boot/config-*)"
+        )
     if config.get("INIT_ON_FREE_DEFAULT_ON") == "y":
         return True, "CONFIG_INIT_ON_FREE_DEFAULT_ON=y"
     return False, "init_on_free is off"
@@ -127,8 +127,9 @@ def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
-def segment_window(kernel: os.PathLike[str] | str, initrd_size: int,
-                   area: JumpArea) -> tuple[int, int]:
+def segment_window(
+    kernel: os.PathLike[str] | str, initrd_size: int, area: JumpArea
+) -> tuple[int, int]:
     """[start, end) at the top of the jump area where a load of ``kernel`` (a bzImage) with
     an initrd of ``initrd_size`` bytes fits: its init_size (the room it decompresses and runs
     in) and the initrd, each rounded up to the kernel's alignment, plus WINDOW_SLACK. The
@@ -139,12 +140,12 @@ def segment_window(kernel: os.PathLike[str] | str, initrd_size: int,
             head = f.read(0x270)
     except OSError:
         return whole
-    if len(head) < 0x270 or head[BZIMAGE_MAGIC_OFFSET:BZIMAGE_MAGIC_OFFSET + 4] != BZIMAGE_MAGIC:
+    if len(head) < 0x270 or head[BZIMAGE_MAGIC_OFFSET : BZIMAGE_MAGIC_OFFSET + 4] != BZIMAGE_MAGIC:
         return whole
     (protocol,) = struct.unpack_from("<H", head, 0x206)
     (align,) = struct.unpack_from("<I", head, 0x230)
     (init_size,) = struct.unpack_from("<I", head, 0x260)
-    if protocol < 0x20a or not init_size:
+    if protocol < 0x20A or not init_size:
         return whole
     align = max(align, 4096)
     need = _round_up(init_size, align) + _round_up(initrd_size, align) + WINDOW_SLACK
@@ -155,8 +156,10 @@ def segment_window(kernel: os.PathLike[str] | str, initrd_size: int,
 
 
 def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
-    return (f"{config.save_append} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
-            f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}").strip()
+    return (
+        f"{config.save_append} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
+        f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}"
+    ).strip()
 
 
 def stage_initrd(sysroot: Sysroot, base: str, expect_sha256: str = "") -> str:
@@ -176,14 +179,18 @@ def stage_initrd(sysroot: Sysroot, base: str, expect_sha256: str = "") -> str:
             dst.write(b"\0" * (-dst.tell() % 512))
         if expect_sha256 and h.hexdigest() != expect_sha256:
             tmp.unlink()
-            raise KexecError(f"{base} changed since the preflight",
-                             why=f"sha256 {h.hexdigest()}, expected {expect_sha256}",
-                             fix="let the save kernel's installation finish, then try again")
+            raise KexecError(
+                f"{base} changed since the preflight",
+                why=f"sha256 {h.hexdigest()}, expected {expect_sha256}",
+                fix="let the save kernel's installation finish, then try again",
+            )
     except OSError as e:
         _unlink(tmp)
-        raise KexecError("cannot write the save kernel's initrd",
-                         why=f"{e.filename}: {e.strerror or e}",
-                         fix="check /run (tmpfs) has room and the initramfs exists") from None
+        raise KexecError(
+            "cannot write the save kernel's initrd",
+            why=f"{e.filename}: {e.strerror or e}",
+            fix="check /run (tmpfs) has room and the initramfs exists",
+        ) from None
     return INITRD + ".new"
 
 
@@ -196,16 +203,20 @@ def finish_initrd(sysroot: Sysroot, job: Job) -> str:
         with open(tmp, "r+b") as dst:
             dst.seek(0, os.SEEK_END)
             if dst.tell() % 512:
-                raise KexecError("the staged save kernel initrd is not padded",
-                                 why=f"{tmp}: {dst.tell()} bytes",
-                                 fix="a bug: report it with the kjumpd log")
+                raise KexecError(
+                    "the staged save kernel initrd is not padded",
+                    why=f"{tmp}: {dst.tell()} bytes",
+                    fix="a bug: report it with the kjumpd log",
+                )
             dst.write(job.to_cpio())
         os.replace(tmp, out)
     except OSError as e:
         _unlink(tmp)
-        raise KexecError("cannot write the save kernel's initrd with the job",
-                         why=f"{e.filename}: {e.strerror or e}",
-                         fix="check /run (tmpfs) has room and the initramfs exists") from None
+        raise KexecError(
+            "cannot write the save kernel's initrd with the job",
+            why=f"{e.filename}: {e.strerror or e}",
+            fix="check /run (tmpfs) has room and the initramfs exists",
+        ) from None
     return INITRD
 
 
@@ -232,7 +243,7 @@ def remove_initrd(sysroot: Sysroot) -> None:
             pass
 
 
-def _why(r: "subprocess.CompletedProcess[str]") -> str:
+def _why(r: subprocess.CompletedProcess[str]) -> str:
     """The line of kexec-tools' output that says what failed (it prints the segment list
     after "kexec_load failed: ..."), else its last line."""
     lines = [x.strip() for x in (r.stderr + "\n" + r.stdout).splitlines() if x.strip()]
@@ -248,29 +259,42 @@ class Kexec:
     timeout: float = 120.0
 
     @classmethod
-    def find(cls, config: Config) -> "Kexec":
+    def find(cls, config: Config) -> Kexec:
         path = shutil.which(config.kexec)
         if path is None:
-            raise KexecError(f"{config.kexec} is not installed", why="not found on PATH",
-                             fix="apt-get install kexec-tools")
+            raise KexecError(
+                f"{config.kexec} is not installed",
+                why="not found on PATH",
+                fix="apt-get install kexec-tools",
+            )
         return cls(path, config.timeout_kexec)
 
-    def _run(self, args: list[str], what: str, timeout: float | None,
-             prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, args: list[str], what: str, timeout: float | None, prefix: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
         argv = [*prefix, self.binary, *args]
         log.info("running %s", " ".join(argv))
         try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, check=False)
+            return subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
-            raise KexecError(f"kexec {what} timed out", why=f"no answer in {timeout:g} s",
-                             fix="check dmesg") from None
+            raise KexecError(
+                f"kexec {what} timed out", why=f"no answer in {timeout:g} s", fix="check dmesg"
+            ) from None
         except OSError as e:
-            raise KexecError(f"cannot run {self.binary}", why=e.strerror or str(e),
-                             fix="reinstall kexec-tools") from None
+            raise KexecError(
+                f"cannot run {self.binary}", why=e.strerror or str(e), fix="reinstall kexec-tools"
+            ) from None
 
-    def load(self, sysroot: Sysroot, kernel: str, initrd: str, cmdline: str,
-             area: JumpArea) -> tuple[int, int]:
+    def load(
+        self, sysroot: Sysroot, kernel: str, initrd: str, cmdline: str, area: JumpArea
+    ) -> tuple[int, int]:
         """Load B for a preserve-context jump; returns the [start, end) its segments were
         placed in (segment_window, or the whole area when the window was refused)."""
         try:
@@ -280,18 +304,35 @@ class Kexec:
         window = segment_window(sysroot.path(kernel), initrd_size, area)
         while True:
             start, end = window
-            r = self._run(["-c", "--load-preserve-context", f"--mem-min={start:#x}",
-                           f"--mem-max={end - 1:#x}", "--no-checks", str(sysroot.path(kernel)),
-                           f"--initrd={sysroot.path(initrd)}", f"--append={cmdline}"],
-                          "load", self.timeout)
+            r = self._run(
+                [
+                    "-c",
+                    "--load-preserve-context",
+                    f"--mem-min={start:#x}",
+                    f"--mem-max={end - 1:#x}",
+                    "--no-checks",
+                    str(sysroot.path(kernel)),
+                    f"--initrd={sysroot.path(initrd)}",
+                    f"--append={cmdline}",
+                ],
+                "load",
+                self.timeout,
+            )
             if r.returncode == 0:
                 return window
             if window == (area.start, area.end):
-                raise KexecError("loading the save kernel failed", why=_why(r),
-                                 fix="check that the jump area is free (kexec -p -u) and lockdown "
-                                     "is off", returncode=r.returncode)
-            log.warning("kexec refused the load in %#x-%#x (%s); loading into the whole jump "
-                        "area", start, end - 1, _why(r))
+                raise KexecError(
+                    "loading the save kernel failed",
+                    why=_why(r),
+                    fix="check that the jump area is free (kexec -p -u) and lockdown is off",
+                    returncode=r.returncode,
+                )
+            log.warning(
+                "kexec refused the load in %#x-%#x (%s); loading into the whole jump area",
+                start,
+                end - 1,
+                _why(r),
+            )
             window = (area.start, area.end)
 
     def jump(self) -> tuple[int, str]:
@@ -309,5 +350,4 @@ class Kexec:
         tool = shutil.which("nice") if nice else None
         r = self._run(["-u"], "unload", self.timeout, (tool, "-n", "19") if tool else ())
         if r.returncode != 0:
-            raise KexecError("unloading the save kernel failed", why=_why(r),
-                             fix="run kexec -u")
+            raise KexecError("unloading the save kernel failed", why=_why(r), fix="run kexec -u")

@@ -23,14 +23,18 @@ from dataclasses import dataclass, field
 from kjumpd.sysroot import Sysroot
 
 KMSG = "/dev/kmsg"
-_FAILED = re.compile(r"Freezing (?:of )?(?P<what>[\w ]+?) (?:failed|aborted) after "
-                     r"(?P<secs>[\d.]+) seconds"
-                     r"(?: \((?P<n>\d+) tasks? refusing to freeze)?")
+_FAILED = re.compile(
+    r"Freezing (?:of )?(?P<what>[\w ]+?) (?:failed|aborted) after "
+    r"(?P<secs>[\d.]+) seconds"
+    r"(?: \((?P<n>\d+) tasks? refusing to freeze)?"
+)
 _TASK = re.compile(r"task:(?P<comm>.+?)\s+state:(?P<state>\S)")
 _PID = re.compile(r"\bpid:\s*(?P<pid>\d+)")
 _FRAME = re.compile(r"^\s*(?:\? )?(?P<fn>[A-Za-z_][\w.]*)\+0x")
-_SCHED = re.compile(r"^(?:__)?schedule|^context_switch|^__switch_to|^io_schedule|"
-                    r"^rwsem_down|^percpu_rwsem_wait$|^__percpu_down_read|^schedule_")
+_SCHED = re.compile(
+    r"^(?:__)?schedule|^context_switch|^__switch_to|^io_schedule|"
+    r"^rwsem_down|^percpu_rwsem_wait$|^__percpu_down_read|^schedule_"
+)
 #: frames that only say *how* a task sleeps: skipped to find *where* it waits, unless nothing
 #: else is left
 _HOW = re.compile(r"^(?:__)?schedule|^context_switch|^__switch_to|^io_schedule")
@@ -50,7 +54,7 @@ class RefusedTask:
 
 @dataclass
 class FreezerFailure:
-    what: str                     # "user space processes", "remaining freezable tasks"
+    what: str  # "user space processes", "remaining freezable tasks"
     seconds: float
     count: int
     tasks: list[RefusedTask] = field(default_factory=list)
@@ -58,8 +62,10 @@ class FreezerFailure:
     def summary(self) -> str:
         names = "; ".join(str(t) for t in self.tasks[:8]) or "the kernel named none"
         more = f" and {len(self.tasks) - 8} more" if len(self.tasks) > 8 else ""
-        return (f"the kernel's freezer gave up on {self.what} after {self.seconds:g} s "
-                f"({self.count} refusing to freeze): {names}{more}")
+        return (
+            f"the kernel's freezer gave up on {self.what} after {self.seconds:g} s "
+            f"({self.count} refusing to freeze): {names}{more}"
+        )
 
 
 def text_of(record: str) -> str:
@@ -90,8 +96,9 @@ def freezer_failure(lines: list[str]) -> FreezerFailure | None:
         m = _FAILED.search(line)
         if m:
             close()
-            found = FreezerFailure(m.group("what").strip(), float(m.group("secs")),
-                                   int(m.group("n") or 0))
+            found = FreezerFailure(
+                m.group("what").strip(), float(m.group("secs")), int(m.group("n") or 0)
+            )
             continue
         if found is None:
             continue
@@ -99,11 +106,12 @@ def freezer_failure(lines: list[str]) -> FreezerFailure | None:
         if m:
             close()
             pid = _PID.search(line, m.end())
-            current = RefusedTask(int(pid.group("pid")) if pid else 0, m.group("comm").strip(),
-                                  m.group("state"))
+            current = RefusedTask(
+                int(pid.group("pid")) if pid else 0, m.group("comm").strip(), m.group("state")
+            )
             continue
         if current is not None and not current.pid:
-            pid = _PID.search(line)       # "pid:" printed as a continuation record
+            pid = _PID.search(line)  # "pid:" printed as a continuation record
             if pid:
                 current = RefusedTask(int(pid.group("pid")), current.comm, current.state)
                 continue
@@ -124,7 +132,7 @@ class KernelLog:
         self.fd: int | None = None
         self.error = ""
 
-    def open(self) -> "KernelLog":
+    def open(self) -> KernelLog:
         try:
             self.fd = os.open(self.sr.path(KMSG), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             os.lseek(self.fd, 0, os.SEEK_END)
@@ -144,7 +152,7 @@ class KernelLog:
             except BlockingIOError:
                 break
             except OSError as e:
-                if e.errno == errno.EPIPE:      # records were overwritten: go on with the rest
+                if e.errno == errno.EPIPE:  # records were overwritten: go on with the rest
                     continue
                 self.error = f"{KMSG}: {e.strerror or e}"
                 break

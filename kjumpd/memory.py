@@ -27,7 +27,7 @@ class Excluded:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    ranges: list[tuple[int, int]]                      # [start, end) to save, sorted
+    ranges: list[tuple[int, int]]  # [start, end) to save, sorted
     excluded: list[Excluded] = field(default_factory=list)
     firmware_checked: bool = False
 
@@ -41,7 +41,7 @@ def parse_system_ram(iomem: str) -> list[tuple[int, int]]:
     out = []
     for line in iomem.splitlines():
         if line.startswith(" "):
-            continue                       # a child resource (kernel code, Crash kernel, ...)
+            continue  # a child resource (kernel code, Crash kernel, ...)
         rng, _, name = line.partition(" : ")
         if name.strip() != "System RAM":
             continue
@@ -49,8 +49,11 @@ def parse_system_ram(iomem: str) -> list[tuple[int, int]]:
         try:
             out.append((int(s, 16), int(e, 16) + 1))
         except ValueError:
-            raise MemoryMapError("/proc/iomem has a line that does not parse",
-                                 why=repr(line), fix="report this kernel's /proc/iomem") from None
+            raise MemoryMapError(
+                "/proc/iomem has a line that does not parse",
+                why=repr(line),
+                fix="report this kernel's /proc/iomem",
+            ) from None
     return sorted(out)
 
 
@@ -83,13 +86,16 @@ def subtract(ranges: list[tuple[int, int]], cut: tuple[int, int]) -> list[tuple[
     return out
 
 
-def plan(ram: list[tuple[int, int]], area: JumpArea,
-         firmware: list[tuple[int, int]] | None) -> MemoryPlan:
+def plan(
+    ram: list[tuple[int, int]], area: JumpArea, firmware: list[tuple[int, int]] | None
+) -> MemoryPlan:
     """Pure: RAM ranges -> what to save and what is excluded, with reasons."""
     if not ram:
-        raise MemoryMapError("no System RAM found in /proc/iomem",
-                             why="the file is empty or hides addresses (not root)",
-                             fix="run kjumpd as root")
+        raise MemoryMapError(
+            "no System RAM found in /proc/iomem",
+            why="the file is empty or hides addresses (not root)",
+            fix="run kjumpd as root",
+        )
     excluded: list[Excluded] = []
     aligned = []
     for s, e in ram:
@@ -101,27 +107,39 @@ def plan(ram: list[tuple[int, int]], area: JumpArea,
         if a < b:
             aligned.append((a, b))
     if not any(s <= area.start and area.end <= e for s, e in aligned):
-        raise MemoryMapError("the jump area is not inside System RAM",
-                             why=f"[{area.start:#x}, {area.end:#x}) is not in any RAM range",
-                             fix="check the crashkernel= reservation")
+        raise MemoryMapError(
+            "the jump area is not inside System RAM",
+            why=f"[{area.start:#x}, {area.end:#x}) is not in any RAM range",
+            fix="check the crashkernel= reservation",
+        )
     ranges = subtract(aligned, (area.start, area.end))
-    excluded.append(Excluded(area.start, area.end,
-                             "jump area: the save kernel's own memory, never saved or written back"))
+    excluded.append(
+        Excluded(
+            area.start,
+            area.end,
+            "jump area: the save kernel's own memory, never saved or written back",
+        )
+    )
     if firmware is not None:
         for s, e in ranges:
             if not any(fs <= s and e <= fe for fs, fe in firmware):
-                raise MemoryMapError("/proc/iomem and /sys/firmware/memmap disagree",
-                                     why=f"System RAM [{s:#x}, {e:#x}) is not firmware RAM",
-                                     fix="report this machine's memory maps; hibernation is "
-                                         "not safe on it")
-    return MemoryPlan(ranges=ranges, excluded=sorted(excluded, key=lambda x: x.start),
-                      firmware_checked=firmware is not None)
+                raise MemoryMapError(
+                    "/proc/iomem and /sys/firmware/memmap disagree",
+                    why=f"System RAM [{s:#x}, {e:#x}) is not firmware RAM",
+                    fix="report this machine's memory maps; hibernation is not safe on it",
+                )
+    return MemoryPlan(
+        ranges=ranges,
+        excluded=sorted(excluded, key=lambda x: x.start),
+        firmware_checked=firmware is not None,
+    )
 
 
 def build(sysroot: Sysroot, area: JumpArea) -> MemoryPlan:
     iomem = sysroot.read_text("/proc/iomem")
     ram = parse_system_ram(iomem)
     if ram and all(s == 0 and e == 1 for s, e in ram):
-        raise MemoryMapError("/proc/iomem hides its addresses", why="not running as root",
-                             fix="run kjumpd as root")
+        raise MemoryMapError(
+            "/proc/iomem hides its addresses", why="not running as root", fix="run kjumpd as root"
+        )
     return plan(ram, area, parse_firmware_memmap(sysroot))

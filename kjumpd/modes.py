@@ -8,12 +8,12 @@ from enum import StrEnum
 
 
 class Mode(StrEnum):
-    PLATFORM = "platform"        # ACPI S4 through /dev/snapshot
-    SHUTDOWN = "shutdown"        # power off
+    PLATFORM = "platform"  # ACPI S4 through /dev/snapshot
+    SHUTDOWN = "shutdown"  # power off
     REBOOT = "reboot"
-    SUSPEND = "suspend"          # S3 with the image as a safety net (suspend-to-both)
-    TEST = "test"                # drop the image, continue
-    CHECKPOINT = "checkpoint"    # keep the image, continue
+    SUSPEND = "suspend"  # S3 with the image as a safety net (suspend-to-both)
+    TEST = "test"  # drop the image, continue
+    CHECKPOINT = "checkpoint"  # keep the image, continue
 
 
 #: the mode names, in the order the documentation lists them

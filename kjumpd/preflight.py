@@ -13,8 +13,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kjumpd import blockmap, bootentry, jumparea, memory, taskfreeze
 from kjumpd.config import Config
@@ -121,8 +122,11 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
             add(PreflightItem(name, True, fn(), fatal=fatal))
             return True
         except KjumpError as e:
-            add(PreflightItem(name, False, e.what + (f": {e.why}" if e.why else ""), e.fix,
-                              fatal=fatal))
+            add(
+                PreflightItem(
+                    name, False, e.what + (f": {e.why}" if e.why else ""), e.fix, fatal=fatal
+                )
+            )
             return False
 
     # kernel support
@@ -131,52 +135,101 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
     if jump is True:
         add(PreflightItem("kernel", True, f"CONFIG_KEXEC_JUMP=y ({src})"))
     elif jump is False:
-        add(PreflightItem("kernel", False, f"CONFIG_KEXEC_JUMP is not set ({src})",
-                          "boot a kernel built with CONFIG_KEXEC_JUMP=y (savekernel/build-kernel.sh)"))
+        add(
+            PreflightItem(
+                "kernel",
+                False,
+                f"CONFIG_KEXEC_JUMP is not set ({src})",
+                "boot a kernel built with CONFIG_KEXEC_JUMP=y (savekernel/build-kernel.sh)",
+            )
+        )
     else:
-        add(PreflightItem("kernel", has_kexec,
-                          "kexec present (/sys/kernel/kexec_loaded); CONFIG_KEXEC_JUMP "
-                          "cannot be confirmed: " + src if has_kexec else "no kexec support",
-                          "boot a kernel built with CONFIG_KEXEC_JUMP=y"))
+        add(
+            PreflightItem(
+                "kernel",
+                has_kexec,
+                "kexec present (/sys/kernel/kexec_loaded); CONFIG_KEXEC_JUMP "
+                "cannot be confirmed: " + src
+                if has_kexec
+                else "no kexec support",
+                "boot a kernel built with CONFIG_KEXEC_JUMP=y",
+            )
+        )
     lockdown = sysroot.read_text("/sys/kernel/security/lockdown", default="").strip()
     locked = bool(lockdown) and "[none]" not in lockdown
-    add(PreflightItem("lockdown", not locked, f"lockdown: {lockdown or 'not present'}",
-                      "disable Secure Boot lockdown (kexec_load is refused under lockdown)"))
+    add(
+        PreflightItem(
+            "lockdown",
+            not locked,
+            f"lockdown: {lockdown or 'not present'}",
+            "disable Secure Boot lockdown (kexec_load is refused under lockdown)",
+        )
+    )
     disabled = sysroot.read_text("/proc/sys/kernel/kexec_load_disabled", default="0").strip()
-    add(PreflightItem("kexec_load", disabled != "1", f"kexec_load_disabled = {disabled}",
-                      "it cannot be re-enabled without a reboot; remove whatever sets "
-                      "kernel.kexec_load_disabled=1"))
+    add(
+        PreflightItem(
+            "kexec_load",
+            disabled != "1",
+            f"kexec_load_disabled = {disabled}",
+            "it cannot be re-enabled without a reboot; remove whatever sets "
+            "kernel.kexec_load_disabled=1",
+        )
+    )
 
     # save kernel files and their hashes
     files_ok = True
-    for what, path, want in (("save kernel", config.save_kernel, config.save_kernel_sha256),
-                             ("save initramfs", config.save_initramfs,
-                              config.save_initramfs_sha256)):
+    for what, path, want in (
+        ("save kernel", config.save_kernel, config.save_kernel_sha256),
+        ("save initramfs", config.save_initramfs, config.save_initramfs_sha256),
+    ):
         p = sysroot.path(path)
         if not p.is_file():
             files_ok = False
-            add(PreflightItem(what, False, f"{path} is missing",
-                              "build it (make -C savekernel) and install it, or set [save_kernel]"))
+            add(
+                PreflightItem(
+                    what,
+                    False,
+                    f"{path} is missing",
+                    "build it (make -C savekernel) and install it, or set [save_kernel]",
+                )
+            )
             continue
         got = file_sha256(p)
         key = "kernel_sha256" if what == "save kernel" else "initramfs_sha256"
         if want and got != want:
             files_ok = False
-            add(PreflightItem(what, False, f"{path} has sha256 {got}, config says {want}",
-                              f"reinstall the save kernel, or set save_kernel.{key} = \"{got}\""))
+            add(
+                PreflightItem(
+                    what,
+                    False,
+                    f"{path} has sha256 {got}, config says {want}",
+                    f'reinstall the save kernel, or set save_kernel.{key} = "{got}"',
+                )
+            )
         elif not want:
             # advice, not a refusal: the job and the image still carry this file's hash,
             # which R checks; only a replaced file goes unnoticed until then
-            add(PreflightItem(what, False, f"{path}: no recorded hash in the config "
-                              f"(sha256 {got})",
-                              f"set save_kernel.{key} = \"{got}\" in /etc/kjumpd/kjumpd.toml",
-                              fatal=False))
+            add(
+                PreflightItem(
+                    what,
+                    False,
+                    f"{path}: no recorded hash in the config (sha256 {got})",
+                    f'set save_kernel.{key} = "{got}" in /etc/kjumpd/kjumpd.toml',
+                    fatal=False,
+                )
+            )
         else:
             add(PreflightItem(what, True, f"{path} sha256 matches"))
         rep.context[f"{key}"] = got
     kex = shutil.which(config.kexec)
-    add(PreflightItem("kexec-tools", kex is not None, kex or f"{config.kexec} not on PATH",
-                      "apt-get install kexec-tools"))
+    add(
+        PreflightItem(
+            "kexec-tools",
+            kex is not None,
+            kex or f"{config.kexec} not on PATH",
+            "apt-get install kexec-tools",
+        )
+    )
 
     # jump area, sized for the save kernel
     need = None
@@ -190,16 +243,21 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
     def area() -> str:
         a = jumparea.find(sysroot, config, need)
         rep.context["area"] = a
-        return (f"{a.kernel_arg} reserved" +
-                (f", save kernel needs {need >> 20} MiB" if need else ""))
+        return f"{a.kernel_arg} reserved" + (
+            f", save kernel needs {need >> 20} MiB" if need else ""
+        )
+
     area_ok = step("jump area", area)
 
     if area_ok:
+
         def mem() -> str:
             mp = memory.build(sysroot, rep.context["area"])
             rep.context["memory"] = mp
-            return (f"{mp.total >> 20} MiB of RAM in {len(mp.ranges)} ranges to save"
-                    + ("" if mp.firmware_checked else " (no /sys/firmware/memmap to cross-check)"))
+            return f"{mp.total >> 20} MiB of RAM in {len(mp.ranges)} ranges to save" + (
+                "" if mp.firmware_checked else " (no /sys/firmware/memmap to cross-check)"
+            )
+
         step("memory map", mem)
 
     def target() -> str:
@@ -210,41 +268,82 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
                 raise
             return f"{config.target}: {e.why}; {e.fix}"
         rep.context["target"], rep.context["uuid"] = t, uuid
-        return (f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
-                f"{t.disk} from {t.superblock_offset}), UUID {uuid}")
+        return (
+            f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
+            f"{t.disk} from {t.superblock_offset}), UUID {uuid}"
+        )
+
     step("target", target)
 
     # boot entry for restore (owned by kjumpd.bootentry)
     problems = bootentry.check(sysroot)
-    add(PreflightItem("boot entry", not problems,
-                      "; ".join(problems) if problems else "restore-first entry installed",
-                      "kjumpctl setup --bootloader grub|bls|restore-first"))
+    add(
+        PreflightItem(
+            "boot entry",
+            not problems,
+            "; ".join(problems) if problems else "restore-first entry installed",
+            "kjumpctl setup --bootloader grub|bls|restore-first",
+        )
+    )
 
     # user space is stopped before the filesystems are frozen (kjumpd.taskfreeze)
     usable, said = taskfreeze.support(sysroot)
-    add(PreflightItem("user-space freeze", usable, said,
-                      "mount cgroup v2 (systemd does: systemd.unified_cgroup_hierarchy=1 on "
-                      "older systems) on a Linux 5.2 or later kernel", fatal=False))
+    add(
+        PreflightItem(
+            "user-space freeze",
+            usable,
+            said,
+            "mount cgroup v2 (systemd does: systemd.unified_cgroup_hierarchy=1 on "
+            "older systems) on a Linux 5.2 or later kernel",
+            fatal=False,
+        )
+    )
 
     # the mode's way out
     if mode == "platform":
         disk = sysroot.read_text("/sys/power/disk", default="")
         ok = sysroot.exists("/dev/snapshot") and "platform" in disk
-        add(PreflightItem("mode platform", ok, f"/dev/snapshot, /sys/power/disk: {disk.strip() or 'missing'}",
-                          "enable CONFIG_HIBERNATION (ACPI S4), or use mode shutdown"))
+        add(
+            PreflightItem(
+                "mode platform",
+                ok,
+                f"/dev/snapshot, /sys/power/disk: {disk.strip() or 'missing'}",
+                "enable CONFIG_HIBERNATION (ACPI S4), or use mode shutdown",
+            )
+        )
     elif mode in ("shutdown", "reboot"):
-        add(PreflightItem(f"mode {mode}", sysroot.exists("/proc/sysrq-trigger"),
-                          "/proc/sysrq-trigger", "enable CONFIG_MAGIC_SYSRQ"))
+        add(
+            PreflightItem(
+                f"mode {mode}",
+                sysroot.exists("/proc/sysrq-trigger"),
+                "/proc/sysrq-trigger",
+                "enable CONFIG_MAGIC_SYSRQ",
+            )
+        )
     elif mode == "suspend":
         st = sysroot.read_text("/sys/power/state", default="")
-        add(PreflightItem("mode suspend", "mem" in st.split(), f"/sys/power/state: {st.strip()}",
-                          "this machine cannot suspend to RAM; use mode platform"))
+        add(
+            PreflightItem(
+                "mode suspend",
+                "mem" in st.split(),
+                f"/sys/power/state: {st.strip()}",
+                "this machine cannot suspend to RAM; use mode platform",
+            )
+        )
     if config.image_size_limit and not config.free_page_exclusion:
-        zeroed = cmdline.flag(sysroot.read_text("/proc/cmdline", default=""),
-                              "init_on_free") is True
-        add(PreflightItem("image size limit", zeroed,
-                          "freed pages are zeroed" if zeroed else
-                          "without init_on_free=1 pages freed by the shrink keep their contents "
-                          "and are saved anyway", "add init_on_free=1 to the kernel command line",
-                          fatal=False))
+        zeroed = (
+            cmdline.flag(sysroot.read_text("/proc/cmdline", default=""), "init_on_free") is True
+        )
+        add(
+            PreflightItem(
+                "image size limit",
+                zeroed,
+                "freed pages are zeroed"
+                if zeroed
+                else "without init_on_free=1 pages freed by the shrink keep their contents "
+                "and are saved anyway",
+                "add init_on_free=1 to the kernel command line",
+                fatal=False,
+            )
+        )
     return rep

@@ -29,8 +29,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from kjumpd.config import Config
 from kjumpd.errors import KjumpError, QuiesceError
@@ -44,22 +44,25 @@ IFF_UP = 0x1
 
 @dataclass(frozen=True)
 class Write:
-    path: str                 # sysfs path written
+    path: str  # sysfs path written
     value: str
-    undo_path: str            # where the undo writes (same path, or .../bind)
+    undo_path: str  # where the undo writes (same path, or .../bind)
     undo_value: str
     why: str
 
     def describe(self) -> str:
-        return f"{self.path} <- {self.value!r}  (undo: {self.undo_path} <- {self.undo_value!r}; {self.why})"
+        return (
+            f"{self.path} <- {self.value!r}  "
+            f"(undo: {self.undo_path} <- {self.undo_value!r}; {self.why})"
+        )
 
 
 @dataclass
 class Plan:
     writes: list[Write] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    devices: int = 0              # device directories enumerated
-    scan_seconds: float = 0.0     # time spent enumerating them (the rest of plan() is reads)
+    devices: int = 0  # device directories enumerated
+    scan_seconds: float = 0.0  # time spent enumerating them (the rest of plan() is reads)
 
     def describe(self) -> str:
         lines = [w.describe() for w in self.writes]
@@ -147,12 +150,17 @@ def _rtc_device(sysroot: Sysroot) -> str | None:
 
 
 def _kept(dev: str, keep: tuple[str, ...]) -> bool:
-    return any(dev == k or dev.endswith("/" + k.strip("/")) or os.path.basename(dev) == k
-               for k in keep)
+    return any(
+        dev == k or dev.endswith("/" + k.strip("/")) or os.path.basename(dev) == k for k in keep
+    )
 
 
-def plan(sysroot: Sysroot, config: Config, mode: str,
-         found: list[tuple[str, frozenset[str]]] | None = None) -> Plan:
+def plan(
+    sysroot: Sysroot,
+    config: Config,
+    mode: str,
+    found: list[tuple[str, frozenset[str]]] | None = None,
+) -> Plan:
     """What quiesce would write, read from the current sysfs state (no writes). ``found``:
     a scan() made moments earlier (the attributes are read here, now, either way)."""
     p = Plan()
@@ -167,14 +175,26 @@ def plan(sysroot: Sysroot, config: Config, mode: str,
         # runtime_status first: most devices (all virtual ones) have no runtime PM and say
         # "unsupported", which settles them in one read instead of two (control is "auto"
         # by default everywhere)
-        if config.runtime_pm_on and "control" in attrs and (
+        if (
+            config.runtime_pm_on
+            and "control" in attrs
+            and (
                 "runtime_status" not in attrs
-                or _read(real + "/power/runtime_status").strip() != "unsupported"):
+                or _read(real + "/power/runtime_status").strip() != "unsupported"
+            )
+        ):
             raw = _read(real + "/power/control")
             if raw.strip() == "auto":
                 dev = unmap(real)
-                p.writes.append(Write(f"{dev}/power/control", "on", f"{dev}/power/control",
-                                      raw, "runtime PM off around the jump"))
+                p.writes.append(
+                    Write(
+                        f"{dev}/power/control",
+                        "on",
+                        f"{dev}/power/control",
+                        raw,
+                        "runtime PM off around the jump",
+                    )
+                )
         if config.disable_wakeup and "wakeup" in attrs:
             raw = _read(real + "/power/wakeup")
             dev = dev or unmap(real)
@@ -184,8 +204,15 @@ def plan(sysroot: Sysroot, config: Config, mode: str,
                 elif rtc and (dev == rtc or rtc.startswith(dev + "/")):
                     p.notes.append(f"{dev} keeps wake-up (RTC alarm for the battery check)")
                 else:
-                    p.writes.append(Write(f"{dev}/power/wakeup", "disabled",
-                                          f"{dev}/power/wakeup", raw, "wake-up source"))
+                    p.writes.append(
+                        Write(
+                            f"{dev}/power/wakeup",
+                            "disabled",
+                            f"{dev}/power/wakeup",
+                            raw,
+                            "wake-up source",
+                        )
+                    )
     if config.network_down:
         for ifname in sysroot.listdir("/sys/class/net"):
             if ifname == "lo":
@@ -197,8 +224,7 @@ def plan(sysroot: Sysroot, config: Config, mode: str,
                 continue
             if flags & IFF_UP:
                 path = f"/sys/class/net/{ifname}/flags"
-                p.writes.append(Write(path, hex(flags & ~IFF_UP), path, raw,
-                                      f"link {ifname} down"))
+                p.writes.append(Write(path, hex(flags & ~IFF_UP), path, raw, f"link {ifname} down"))
     for q in config.unbind:
         drv = f"/sys/bus/{q.bus}/devices/{q.device}/driver"
         link = sysroot.path(drv)
@@ -207,11 +233,14 @@ def plan(sysroot: Sysroot, config: Config, mode: str,
             continue
         bound = os.path.basename(os.path.realpath(link))
         if bound != q.driver:
-            p.notes.append(f"quirk {q.bus}/{q.device}: bound to {bound}, not {q.driver}; left alone")
+            p.notes.append(
+                f"quirk {q.bus}/{q.device}: bound to {bound}, not {q.driver}; left alone"
+            )
             continue
         base = f"/sys/bus/{q.bus}/drivers/{q.driver}"
-        p.writes.append(Write(f"{base}/unbind", q.device, f"{base}/bind", q.device,
-                              f"quirk: unbind {q.driver}"))
+        p.writes.append(
+            Write(f"{base}/unbind", q.device, f"{base}/bind", q.device, f"quirk: unbind {q.driver}")
+        )
     return p
 
 
@@ -244,11 +273,13 @@ def apply(sysroot: Sysroot, p: Plan, journal: Journal) -> None:
             sysroot.write_text(w.path, w.value)
         except KjumpError as e:
             errors = undo(sysroot, journal)
-            raise QuiesceError(f"quiesce step failed: {w.path}", why=e.why or e.message,
-                               fix="add the device to keep_wakeup or fix the quirk list; "
-                                   "undo " + ("failed for: " + "; ".join(errors) if errors
-                                              else "completed"),
-                               path=w.path) from None
+            raise QuiesceError(
+                f"quiesce step failed: {w.path}",
+                why=e.why or e.message,
+                fix="add the device to keep_wakeup or fix the quirk list; "
+                "undo " + ("failed for: " + "; ".join(errors) if errors else "completed"),
+                path=w.path,
+            ) from None
         journal.record(w)
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from kjumpd.errors import ConfigError, FsStampError
 from kjumpd.fsstamp import FsStamp
@@ -84,74 +84,85 @@ CODES = {
 @dataclass(frozen=True)
 class Restore:
     """Write RESTORING(attempt) durably, then kexec the save kernel in restore role."""
+
     attempt: int
 
 
 @dataclass(frozen=True)
 class BootNormal:
     """Leave the image alone (there is none to restore) and boot the normal kernel."""
+
     reason: str
 
 
 @dataclass(frozen=True)
 class Invalidate:
     """Mark the image INVALID(reason) durably, then boot the normal kernel."""
+
     code: str
     detail: str
 
     @property
     def reason(self) -> str:
         text = f"{self.code}: {self.detail}"
-        return text if len(text) <= MAX_REASON else text[:MAX_REASON - 3] + "..."
+        return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
-Decision = Union[Restore, BootNormal, Invalidate]
+Decision = Restore | BootNormal | Invalidate
 
 
 @dataclass(frozen=True)
 class HeaderView:
     """What the guards need from the image header (kjumpd.image.format.Header)."""
-    state: str                 # ImageState name
+
+    state: str  # ImageState name
     attempt: int
-    uuid: str                  # the header's target UUID
+    uuid: str  # the header's target UUID
     save_kernel_hash: str
     jump_area: tuple[int, int]
     reason: str = ""
 
     @classmethod
-    def of(cls, header: Any) -> "HeaderView":
+    def of(cls, header: Any) -> HeaderView:
         import uuid as uuidlib
-        return cls(state=header.state.name, attempt=int(header.attempt),
-                   uuid=str(uuidlib.UUID(bytes=header.uuid)),
-                   save_kernel_hash=header.save_kernel_hash,
-                   jump_area=(int(header.jump_area_start), int(header.jump_area_size)),
-                   reason=header.reason)
+
+        return cls(
+            state=header.state.name,
+            attempt=int(header.attempt),
+            uuid=str(uuidlib.UUID(bytes=header.uuid)),
+            save_kernel_hash=header.save_kernel_hash,
+            jump_area=(int(header.jump_area_start), int(header.jump_area_size)),
+            reason=header.reason,
+        )
 
 
 @dataclass(frozen=True)
 class Evidence:
     """What R read. An ``*_error`` string means that read failed (the error's message)."""
+
     target_found: bool
     target_uuid: str = ""
     header: HeaderView | None = None
     header_error: str = ""
-    fs_stamps: list[dict[str, Any]] | None = None       # from the metadata's identity
+    fs_stamps: list[dict[str, Any]] | None = None  # from the metadata's identity
     metadata_error: str = ""
-    chunks_error: str = ""                              # the chunk table walk / data CRC
+    chunks_error: str = ""  # the chunk table walk / data CRC
     current: dict[tuple[str, str], list[FsStamp]] = field(default_factory=dict)
-    setup_error: str = ""                               # R's own files failed their check
+    setup_error: str = ""  # R's own files failed their check
 
 
 @dataclass(frozen=True)
 class Expected:
     """What R is set up to restore with (from boot.json)."""
+
     save_kernel_hash: str
     jump_area: tuple[int, int]
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
 
-def check_stamps(recorded: list[dict[str, Any]],
-                 current: dict[tuple[str, str], list[FsStamp]]) -> str | None:
+def check_stamps(
+    recorded: list[dict[str, Any]], current: dict[tuple[str, str], list[FsStamp]]
+) -> str | None:
     """None when every recorded filesystem is found once and unchanged; else why not."""
     for rec in recorded:
         try:
@@ -193,16 +204,21 @@ def decide(ev: Evidence, exp: Expected) -> Decision:
     if ev.chunks_error:
         return Invalidate("corrupt", f"chunk table: {ev.chunks_error}")
     if attempt >= exp.max_attempts:
-        return Invalidate("attempts", f"{attempt} restore attempts failed "
-                                      f"(maximum {exp.max_attempts})")
+        return Invalidate(
+            "attempts", f"{attempt} restore attempts failed (maximum {exp.max_attempts})"
+        )
     if ev.setup_error:
         return Invalidate("setup", ev.setup_error)
     if h.save_kernel_hash != exp.save_kernel_hash:
-        return Invalidate("save-kernel", f"image needs {h.save_kernel_hash or 'none'}, "
-                                         f"R has {exp.save_kernel_hash}")
+        return Invalidate(
+            "save-kernel",
+            f"image needs {h.save_kernel_hash or 'none'}, R has {exp.save_kernel_hash}",
+        )
     if tuple(h.jump_area) != tuple(exp.jump_area):
-        return Invalidate("jump-area", f"image was saved for {_area(h.jump_area)}, "
-                                       f"R loads into {_area(exp.jump_area)}")
+        return Invalidate(
+            "jump-area",
+            f"image was saved for {_area(h.jump_area)}, R loads into {_area(exp.jump_area)}",
+        )
     why = check_stamps(ev.fs_stamps, ev.current)
     if why is not None:
         return Invalidate("stale", why)
@@ -218,12 +234,20 @@ def explain(state: str, reason: str, attempt: int = 0) -> dict[str, Any]:
 
     ``refused`` is true for an image R invalidated; ``code`` is one of CODES then.
     """
-    out: dict[str, Any] = {"state": state, "refused": False, "code": "", "reason": reason,
-                           "summary": ""}
+    out: dict[str, Any] = {
+        "state": state,
+        "refused": False,
+        "code": "",
+        "reason": reason,
+        "summary": "",
+    }
     if state == "INVALID":
         code = reason.split(":", 1)[0].strip() if ":" in reason else ""
-        out.update(refused=code in CODES, code=code,
-                   summary=f"the image was not restored: {CODES.get(code, reason)}")
+        out.update(
+            refused=code in CODES,
+            code=code,
+            summary=f"the image was not restored: {CODES.get(code, reason)}",
+        )
     elif state == "RESTORING":
         out["summary"] = f"restore attempt {attempt} did not complete"
     elif state == "SAVED":
@@ -257,12 +281,19 @@ class BootConfig:
         return {
             "version": BOOT_CONFIG_VERSION,
             "target": {"uuid": self.target_uuid, "offset": self.target_offset},
-            "normal": {"kernel": self.normal.kernel, "initrd": self.normal.initrd,
-                       "cmdline": self.normal.cmdline},
-            "save": {"kernel": self.save.kernel, "initrd": self.save.initrd,
-                     "cmdline": self.save.cmdline, "hash": self.save_hash,
-                     "kernel_sha256": self.save_kernel_sha256,
-                     "initrd_sha256": self.save_initrd_sha256},
+            "normal": {
+                "kernel": self.normal.kernel,
+                "initrd": self.normal.initrd,
+                "cmdline": self.normal.cmdline,
+            },
+            "save": {
+                "kernel": self.save.kernel,
+                "initrd": self.save.initrd,
+                "cmdline": self.save.cmdline,
+                "hash": self.save_hash,
+                "kernel_sha256": self.save_kernel_sha256,
+                "initrd_sha256": self.save_initrd_sha256,
+            },
             "jump_area": list(self.jump_area),
             "max_attempts": self.max_attempts,
         }
@@ -275,7 +306,7 @@ class BootConfig:
         return Expected(self.save_hash, self.jump_area, self.max_attempts)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "BootConfig":
+    def from_json(cls, text: str | bytes) -> BootConfig:
         try:
             d = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
@@ -283,12 +314,14 @@ class BootConfig:
         return cls.from_dict(d)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "BootConfig":
+    def from_dict(cls, d: Any) -> BootConfig:
         if not isinstance(d, dict):
             raise _cfg("is not a JSON object")
         if d.get("version") != BOOT_CONFIG_VERSION:
-            raise _cfg(f"has version {d.get('version')!r}",
-                       f"this kjumpd reads version {BOOT_CONFIG_VERSION}")
+            raise _cfg(
+                f"has version {d.get('version')!r}",
+                f"this kjumpd reads version {BOOT_CONFIG_VERSION}",
+            )
         t, n, s = _obj(d, "target"), _obj(d, "normal"), _obj(d, "save")
         uid = _str(t, "target.uuid")
         if not _UUID_RE.match(uid):
@@ -303,27 +336,45 @@ class BootConfig:
         if not (_HEX_RE.match(ksum) and _HEX_RE.match(isum)):
             raise _cfg("save.kernel_sha256 and save.initrd_sha256 must be 64 hex digits")
         area = d.get("jump_area")
-        if not (isinstance(area, list) and len(area) == 2
-                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in area)
-                and area[1] > 0 and area[0] % 4096 == 0 and area[1] % 4096 == 0):
+        if not (
+            isinstance(area, list)
+            and len(area) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in area)
+            and area[1] > 0
+            and area[0] % 4096 == 0
+            and area[1] % 4096 == 0
+        ):
             raise _cfg("jump_area must be [start, size], page aligned, size > 0")
         attempts = d.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
         if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 100:
             raise _cfg("max_attempts must be an integer 1..100")
         save_initrd = _str(s, "save.initrd")
-        return cls(target_uuid=uid, target_offset=offset,
-                   normal=KernelSpec(_str(n, "normal.kernel"), _opt_str(n, "normal.initrd"),
-                                     _str(n, "normal.cmdline", empty=True)),
-                   save=KernelSpec(_str(s, "save.kernel"), save_initrd,
-                                   _str(s, "save.cmdline", empty=True)),
-                   save_hash=save_hash, save_kernel_sha256=ksum, save_initrd_sha256=isum,
-                   jump_area=(area[0], area[1]), max_attempts=attempts)
+        return cls(
+            target_uuid=uid,
+            target_offset=offset,
+            normal=KernelSpec(
+                _str(n, "normal.kernel"),
+                _opt_str(n, "normal.initrd"),
+                _str(n, "normal.cmdline", empty=True),
+            ),
+            save=KernelSpec(
+                _str(s, "save.kernel"), save_initrd, _str(s, "save.cmdline", empty=True)
+            ),
+            save_hash=save_hash,
+            save_kernel_sha256=ksum,
+            save_initrd_sha256=isum,
+            jump_area=(area[0], area[1]),
+            max_attempts=attempts,
+        )
 
 
 def _cfg(what: str, why: str = "") -> ConfigError:
-    return ConfigError(f"{BOOT_CONFIG_PATH} {what}", why=why,
-                       fix="run `kjumpctl setup` again to rewrite the restore-first files",
-                       path=BOOT_CONFIG_PATH)
+    return ConfigError(
+        f"{BOOT_CONFIG_PATH} {what}",
+        why=why,
+        fix="run `kjumpctl setup` again to rewrite the restore-first files",
+        path=BOOT_CONFIG_PATH,
+    )
 
 
 def _obj(d: dict[str, Any], key: str) -> dict[str, Any]:
@@ -376,13 +427,24 @@ QUICK_BOOT_PARAMS = "pty.legacy_count=0"
 def restore_cmdline(cfg: BootConfig, attempt: int) -> str:
     """B's command line in restore role (exactmap: B's memory is the low 512K + the area)."""
     start, size = cfg.jump_area
-    base = cmdline.without(cfg.save.cmdline, ("memmap", "kjump.role", "kjump.target",
-                                           "kjump.offset", "kjump.attempt", "crashkernel",
-                                           "pty.legacy_count"))
-    return (f"{base} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
-            f"memmap={size >> 10}K@{start >> 10}K "
-            f"kjump.role=restore kjump.target={cfg.target_uuid} kjump.offset={cfg.target_offset} "
-            f"kjump.attempt={attempt}").strip()
+    base = cmdline.without(
+        cfg.save.cmdline,
+        (
+            "memmap",
+            "kjump.role",
+            "kjump.target",
+            "kjump.offset",
+            "kjump.attempt",
+            "crashkernel",
+            "pty.legacy_count",
+        ),
+    )
+    return (
+        f"{base} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
+        f"memmap={size >> 10}K@{start >> 10}K "
+        f"kjump.role=restore kjump.target={cfg.target_uuid} kjump.offset={cfg.target_offset} "
+        f"kjump.attempt={attempt}"
+    ).strip()
 
 
 def restore_kexec_args(cfg: BootConfig, attempt: int) -> list[str]:
@@ -392,8 +454,14 @@ def restore_kexec_args(cfg: BootConfig, attempt: int) -> list[str]:
     after loading; B checks every chunk of the image itself): it saves about a second.
     """
     start, size = cfg.jump_area
-    args = ["kexec", "-l", "--no-checks", f"--mem-min={start:#x}",
-            f"--mem-max={start + size - 1:#x}", cfg.save.kernel]
+    args = [
+        "kexec",
+        "-l",
+        "--no-checks",
+        f"--mem-min={start:#x}",
+        f"--mem-max={start + size - 1:#x}",
+        cfg.save.kernel,
+    ]
     if cfg.save.initrd:
         args.append(f"--initrd={cfg.save.initrd}")
     args.append(f"--append={restore_cmdline(cfg, attempt)}")

@@ -12,8 +12,9 @@ Methods
                                precondition, each saying how to fix it ("challenge": polkit
                                would allow it after authentication; "na": the preflight itself
                                refused with UnsupportedError; missing kernel support is a
-                               "no" with its reason and fix, like every other precondition). Preconditions first, then the
-                               caller's authorization.
+                               "no" with its reason and fix, like every other
+                               precondition). Preconditions first, then the caller's
+                               authorization.
   Check() -> (b, a(sbbss))     the full preflight report: ok, then (name, ok, fatal, detail, fix)
                                items (a failed item that is not fatal is a warning).
   Cancel() -> b                ask the running transition to stop and roll back; false when idle.
@@ -58,15 +59,16 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from gi.repository import GLib
 from pydbus.generic import signal
 from pydbus.registration import ObjectRegistration, ObjectWrapper
 
 from kjumpd import authz
-from kjumpd.errors import (BusyError, CancelledError, ConfigError, KjumpError, UnsupportedError)
+from kjumpd.errors import BusyError, CancelledError, ConfigError, KjumpError, UnsupportedError
 from kjumpd.modes import MODES
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,8 @@ INTROSPECTION = f"""
 # --------------------------------------------------------------------------- contracts
 class HibernationLike(Protocol):
     """kjumpd.transaction.Hibernation as the service uses it."""
-    def check(self) -> Any: ...                                  # PreflightReport: .ok, .items
+
+    def check(self) -> Any: ...  # PreflightReport: .ok, .items
     def run(self, mode: str, cancel: threading.Event) -> Any: ...  # Outcome
 
 
@@ -137,8 +140,9 @@ def as_dbus_error(err: KjumpError) -> Exception:
 
 def dbus_method(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Every failure leaves as a named D-Bus error with a one-line message; never a traceback."""
+
     @functools.wraps(fn)
-    def wrapper(self: "Manager", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Manager, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self, *args, **kwargs)
         except KjumpError as e:
@@ -146,10 +150,14 @@ def dbus_method(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise as_dbus_error(e) from None
         except Exception as e:  # a bug: log it for us, a clean error for the caller
             log.exception("internal error in %s", fn.__name__)
-            raise as_dbus_error(KjumpError(f"internal error in {fn.__name__}",
-                                           why=str(e) or type(e).__name__,
-                                           fix="report a bug with the kjumpd log "
-                                               "(journalctl -u kjumpd)")) from None
+            raise as_dbus_error(
+                KjumpError(
+                    f"internal error in {fn.__name__}",
+                    why=str(e) or type(e).__name__,
+                    fix="report a bug with the kjumpd log (journalctl -u kjumpd)",
+                )
+            ) from None
+
     return wrapper
 
 
@@ -186,10 +194,11 @@ def to_variant(value: Any) -> GLib.Variant:
     if isinstance(value, str):
         return GLib.Variant("s", _dbus_str(value))
     if isinstance(value, dict):
-        if value and all(isinstance(v, float) for v in value.values()):   # durations
+        if value and all(isinstance(v, float) for v in value.values()):  # durations
             return GLib.Variant("a{sd}", {_dbus_str(k): float(v) for k, v in value.items()})
-        return GLib.Variant("a{sv}", {_dbus_str(k): to_variant(v) for k, v in value.items()
-                                      if v is not None})
+        return GLib.Variant(
+            "a{sv}", {_dbus_str(k): to_variant(v) for k, v in value.items() if v is not None}
+        )
     if isinstance(value, list):
         if all(isinstance(v, str) for v in value):
             return GLib.Variant("as", [_dbus_str(v) for v in value])
@@ -258,8 +267,9 @@ def preflight_reasons(report: Any) -> list[str]:
 def allows_interaction(ctx: Any) -> bool:
     """The D-Bus message carries ALLOW_INTERACTIVE_AUTHORIZATION (kjumpctl sets it)."""
     from gi.repository import Gio
+
     try:
-        flags = ctx._mi.get_message().get_flags()   # pydbus's MethodCallContext
+        flags = ctx._mi.get_message().get_flags()  # pydbus's MethodCallContext
     except AttributeError:
         return False
     return bool(flags & Gio.DBusMessageFlags.ALLOW_INTERACTIVE_AUTHORIZATION)
@@ -271,14 +281,14 @@ class Run:
     uid: int | None
     cancel: threading.Event
     started: float
-    sleeping: bool = False    # PrepareForSleep(true) sent, (false) not yet
+    sleeping: bool = False  # PrepareForSleep(true) sent, (false) not yet
 
 
 # --------------------------------------------------------------------------- events
 class Events:
     """What the transaction calls, from its worker thread (the contract with transaction.py)."""
 
-    def __init__(self, manager: "Manager") -> None:
+    def __init__(self, manager: Manager) -> None:
         self._m = manager
 
     def phase(self, name: str, percent: float) -> None:
@@ -300,20 +310,28 @@ class Manager:
     Resumed = signal()
     PropertiesChanged = signal()
 
-    def __init__(self, make_hibernation: Callable[[Events], HibernationLike],
-                 authorizer: authz.Authorizer | None,
-                 *, image_state: Callable[[], str] = lambda: "unknown",
-                 modes: Sequence[str] = MODES, default_mode: str = "platform",
-                 flush: Callable[[], None] = lambda: None,
-                 signal_wait: float = 5.0) -> None:
+    def __init__(
+        self,
+        make_hibernation: Callable[[Events], HibernationLike],
+        authorizer: authz.Authorizer | None,
+        *,
+        image_state: Callable[[], str] = lambda: "unknown",
+        modes: Sequence[str] = MODES,
+        default_mode: str = "platform",
+        flush: Callable[[], None] = lambda: None,
+        signal_wait: float = 5.0,
+    ) -> None:
         self.events = Events(self)
         self._hib = make_hibernation(self.events)
         self._authz = authorizer
         self._image_state_fn = image_state
         self._modes = tuple(modes)
         if default_mode not in self._modes:
-            raise ConfigError(f"default mode {default_mode!r} is not a mode",
-                              fix=f"use one of {', '.join(self._modes)}", key="mode")
+            raise ConfigError(
+                f"default mode {default_mode!r} is not a mode",
+                fix=f"use one of {', '.join(self._modes)}",
+                key="mode",
+            )
         self._default_mode = default_mode
         self._flush = flush
         self._signal_wait = signal_wait
@@ -334,8 +352,13 @@ class Manager:
     def get_property(self, name: str) -> Any:
         if name == "LastResult":
             return to_vardict(self._last)
-        return {"State": self._state, "Mode": self._mode, "Phase": self._phase,
-                "Progress": self._progress, "ImageState": self._image_state}[name]
+        return {
+            "State": self._state,
+            "Mode": self._mode,
+            "Phase": self._phase,
+            "Progress": self._progress,
+            "ImageState": self._image_state,
+        }[name]
 
     @property
     def busy(self) -> bool:
@@ -370,15 +393,25 @@ class Manager:
             d = self._authz.decide(caller, authz.ACTION_HIBERNATE, interactive=False)
             if not d.allowed:
                 fix = d.details.get("fix", "")
-                return ("challenge" if d.challenge else "no",
-                        [d.reason + (f" (fix: {fix})" if fix else "")])
+                return (
+                    "challenge" if d.challenge else "no",
+                    [d.reason + (f" (fix: {fix})" if fix else "")],
+                )
         return "yes", []
 
     @dbus_method
     def Check(self) -> tuple[bool, list[tuple[str, bool, bool, str, str]]]:
         report = self._hib.check()
-        items = [(str(i.name), bool(i.ok), bool(getattr(i, "fatal", True)), str(i.detail or ""),
-                  str(i.fix or "")) for i in getattr(report, "items", [])]
+        items = [
+            (
+                str(i.name),
+                bool(i.ok),
+                bool(getattr(i, "fatal", True)),
+                str(i.detail or ""),
+                str(i.fix or ""),
+            )
+            for i in getattr(report, "items", [])
+        ]
         return bool(report.ok), items
 
     @dbus_method
@@ -398,15 +431,19 @@ class Manager:
 
     # -- running a transition -----------------------------------------------------------
     def _busy_error(self, run: Run) -> BusyError:
-        return BusyError("another transition is in progress",
-                         why=f"{run.mode} is in phase {self._phase or 'starting'}",
-                         fix="wait for it to finish or run 'kjumpctl cancel'", mode=run.mode)
+        return BusyError(
+            "another transition is in progress",
+            why=f"{run.mode} is in phase {self._phase or 'starting'}",
+            fix="wait for it to finish or run 'kjumpctl cancel'",
+            mode=run.mode,
+        )
 
     def _start(self, mode: str, action: str, ctx: Any) -> None:
         if mode not in self._modes:
-            raise ConfigError(f"unknown mode {mode!r}", fix=f"use one of {', '.join(self._modes)}",
-                              mode=mode)
-        uid = None    # authorize first: callers who may not act learn nothing about the state
+            raise ConfigError(
+                f"unknown mode {mode!r}", fix=f"use one of {', '.join(self._modes)}", mode=mode
+            )
+        uid = None  # authorize first: callers who may not act learn nothing about the state
         if ctx is not None and self._authz is not None:
             uid = self._authz.require(ctx.sender, action, allows_interaction(ctx)).uid
         with self._lock:
@@ -415,10 +452,12 @@ class Manager:
             run = self._run = Run(mode, uid, threading.Event(), time.time())
         log.info("%s requested by uid %s", mode, uid)
         self._state, self._mode, self._phase, self._progress = "running", mode, "starting", 0.0
-        self.PropertiesChanged(INTERFACE, {"State": "running", "Mode": mode, "Phase": "starting",
-                                           "Progress": 0.0}, [])
-        self._worker = threading.Thread(target=self._work, args=(run,), name=f"kjump-{mode}",
-                                        daemon=True)
+        self.PropertiesChanged(
+            INTERFACE, {"State": "running", "Mode": mode, "Phase": "starting", "Progress": 0.0}, []
+        )
+        self._worker = threading.Thread(
+            target=self._work, args=(run,), name=f"kjump-{mode}", daemon=True
+        )
         self._worker.start()
 
     def _work(self, run: Run) -> None:
@@ -432,20 +471,30 @@ class Manager:
         except KjumpError as e:
             # the transaction attaches what it rolled back (durations, undo errors) as .outcome
             record = outcome_record(getattr(e, "outcome", None) or {})
-            record.update(result="cancelled" if isinstance(e, CancelledError) else "failed",
-                          error=dbus_error_name(e), error_class=type(e).__name__,
-                          message=e.message)
+            record.update(
+                result="cancelled" if isinstance(e, CancelledError) else "failed",
+                error=dbus_error_name(e),
+                error_class=type(e).__name__,
+                message=e.message,
+            )
         except Exception as e:  # a bug in a step: the caller still gets a clean record
             translog.exception("%s failed with an internal error", run.mode)
-            record = {"result": "failed", "error": ERROR_PREFIX + "Failed",
-                      "error_class": "KjumpError",
-                      "message": f"internal error: {e or type(e).__name__} "
-                                 "(fix: report a bug with the kjumpd log)"}
+            record = {
+                "result": "failed",
+                "error": ERROR_PREFIX + "Failed",
+                "error_class": "KjumpError",
+                "message": f"internal error: {e or type(e).__name__} "
+                "(fix: report a bug with the kjumpd log)",
+            }
         t_end = time.monotonic()
-        if run.sleeping:   # never leave listeners believing the system is about to sleep
+        if run.sleeping:  # never leave listeners believing the system is about to sleep
             self.prepare_for_sleep(False)
-        record.update(mode=run.mode, started=run.started, finished=time.time(),
-                      elapsed=time.clock_gettime(time.CLOCK_BOOTTIME) - t0)
+        record.update(
+            mode=run.mode,
+            started=run.started,
+            finished=time.time(),
+            elapsed=time.clock_gettime(time.CLOCK_BOOTTIME) - t0,
+        )
         self.in_main_loop(self._finish, run, record, t_end)
 
     def _finish(self, run: Run, record: dict[str, Any], queued: float | None = None) -> None:
@@ -463,17 +512,29 @@ class Manager:
         self._state, self._phase = "idle", ""
         if is_success(record):
             self._progress = 100.0
-        last = to_vardict(record)     # built once for both signals
-        self.PropertiesChanged(INTERFACE, {"State": "idle", "Phase": "", "Progress": self._progress,
-                                           "ImageState": self._image_state,
-                                           "LastResult": last}, [])
+        last = to_vardict(record)  # built once for both signals
+        self.PropertiesChanged(
+            INTERFACE,
+            {
+                "State": "idle",
+                "Phase": "",
+                "Progress": self._progress,
+                "ImageState": self._image_state,
+                "LastResult": last,
+            },
+            [],
+        )
         if is_resume(record):
             self.Resumed(last)
         now = time.monotonic()
-        log.info("%s finished: %s%s (answered %.2f s after the transition ended, %.2f s of it "
-                 "sending)", run.mode, record.get("result"),
-                 f" ({record['message']})" if record.get("message") else "",
-                 now - (queued if queued is not None else t_start), now - t_start)
+        log.info(
+            "%s finished: %s%s (answered %.2f s after the transition ended, %.2f s of it sending)",
+            run.mode,
+            record.get("result"),
+            f" ({record['message']})" if record.get("message") else "",
+            now - (queued if queued is not None else t_start),
+            now - t_start,
+        )
         # what the transition left to tidy up (unloading the save kernel...) runs now that
         # the waiting clients have their answer
         start = getattr(self._hib, "start_housekeeping", None)
@@ -509,6 +570,7 @@ class Manager:
             except Exception:  # a bug: keep the main loop (and the service) alive
                 log.exception("internal error in %s", getattr(fn, "__name__", fn))
             return False
+
         GLib.idle_add(call)
 
     def on_phase(self, name: str, percent: float) -> None:
@@ -539,10 +601,14 @@ class Manager:
                     emit()
                 finally:
                     done.set()
+
             self.in_main_loop(emit_and_signal)
             if not done.wait(self._signal_wait):
-                log.warning("PrepareForSleep(%s) not confirmed sent within %.0f s",
-                            active, self._signal_wait)
+                log.warning(
+                    "PrepareForSleep(%s) not confirmed sent within %.0f s",
+                    active,
+                    self._signal_wait,
+                )
 
     def _read_image_state(self) -> str:
         try:
@@ -559,6 +625,7 @@ class Manager:
 # --------------------------------------------------------------------------- publishing
 class ManagerWrapper(ObjectWrapper):
     """pydbus's wrapper, with properties read through Manager.get_property()."""
+
     __slots__ = ()
 
     def Get(self, interface_name: str, property_name: str) -> GLib.Variant:
@@ -577,6 +644,7 @@ class ManagerWrapper(ObjectWrapper):
 def register(bus: Any, manager: Manager) -> ObjectRegistration:
     """Export the manager at OBJECT_PATH on a pydbus bus (the name is requested separately)."""
     from gi.repository import Gio
+
     node = Gio.DBusNodeInfo.new_for_xml(INTROSPECTION)
     wrapper = ManagerWrapper(manager, node.interfaces)
     return ObjectRegistration(bus, OBJECT_PATH, node.interfaces, wrapper, own_wrapper=True)

@@ -52,7 +52,7 @@ ZONEINFO = "/proc/zoneinfo"
 #: stat_refresh rounds at most (each lowers a list's high mark by at most an eighth)
 PCP_ROUNDS = 32
 DROP_CACHES = "/proc/sys/vm/drop_caches"
-AUTO = -1                       # image_size = "auto": 2/5 of MemTotal, as the kernel's default
+AUTO = -1  # image_size = "auto": 2/5 of MemTotal, as the kernel's default
 AUTO_FRACTION = (2, 5)
 
 
@@ -74,8 +74,9 @@ def meminfo(sysroot: Sysroot) -> dict[str, int]:
         if parts and parts[0].isdigit():
             info[k.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
     if "MemTotal" not in info or "MemFree" not in info:
-        raise SysrootError("/proc/meminfo has no MemTotal/MemFree",
-                           fix="report this kernel's /proc/meminfo")
+        raise SysrootError(
+            "/proc/meminfo has no MemTotal/MemFree", fix="report this kernel's /proc/meminfo"
+        )
     return info
 
 
@@ -87,9 +88,10 @@ def used_bytes(sysroot: Sysroot) -> int:
 @dataclass(frozen=True)
 class SaveEstimate:
     """What the save kernel will read of A (bytes), counted as swsusp counts its pages."""
-    used: int             # MemTotal - MemFree
-    reserved: int         # System RAM outside the jump area that MemTotal does not count
-    kexec_backup: int     # kexec-tools' copy of the jump area in A's memory
+
+    used: int  # MemTotal - MemFree
+    reserved: int  # System RAM outside the jump area that MemTotal does not count
+    kexec_backup: int  # kexec-tools' copy of the jump area in A's memory
 
     @property
     def total(self) -> int:
@@ -119,8 +121,9 @@ def estimate(sysroot: Sysroot, kexec_copy: int | None = None) -> SaveEstimate:
     info = meminfo(sysroot)
     ram, area = _iomem_sizes(sysroot.read_text("/proc/iomem", default=""))
     reserved = max(ram - area - info["MemTotal"], 0) if ram else 0
-    return SaveEstimate(info["MemTotal"] - info["MemFree"], reserved,
-                        area if kexec_copy is None else kexec_copy)
+    return SaveEstimate(
+        info["MemTotal"] - info["MemFree"], reserved, area if kexec_copy is None else kexec_copy
+    )
 
 
 def kexec_copy_bytes(sysroot: Sysroot, kernel: str, initramfs: str, area: JumpArea) -> int:
@@ -128,6 +131,7 @@ def kexec_copy_bytes(sysroot: Sysroot, kernel: str, initramfs: str, area: JumpAr
     page of --mem-min..--mem-max with a segment or a backup of it, and kjumpd loads into
     kexec.segment_window (the top of the jump area, sized from init_size and the initrd)."""
     from kjumpd import kexec
+
     try:
         initrd = os.stat(sysroot.path(initramfs)).st_size
     except OSError:
@@ -165,14 +169,13 @@ def trim_own_heap() -> str:
         libc = ctypes.CDLL(None)
         trim = libc.malloc_trim
     except (OSError, AttributeError):
-        return "gc"                      # not glibc
+        return "gc"  # not glibc
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return "gc + malloc_trim" if trim(0) else "gc"
 
 
-def toward_target(sysroot: Sysroot, image_size: int,
-                  kexec_copy: int | None = None) -> ShrinkResult:
+def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = None) -> ShrinkResult:
     """Best effort (image_size): reclaim what the save kernel would read beyond the target,
     once; never refuses. Memory figures in the result are the estimate's totals."""
     start = time.monotonic()
@@ -180,7 +183,7 @@ def toward_target(sysroot: Sysroot, image_size: int,
     try:
         target = target_bytes(sysroot, image_size)
         est = estimate(sysroot, kexec_copy)
-    except KjumpError as e:                 # a target is a wish: never a reason to refuse
+    except KjumpError as e:  # a target is a wish: never a reason to refuse
         log.warning("image size target skipped: %s", e.message)
         return ShrinkResult(0, 0, 0, steps + [f"no estimate: {e.what}"], time.monotonic() - start)
     before = est.total
@@ -194,7 +197,7 @@ def toward_target(sysroot: Sysroot, image_size: int,
         try:
             sysroot.write_text(RECLAIM, str(ask))
             steps.append(f"memory.reclaim {ask >> 20} MiB")
-        except KjumpError as e:            # EAGAIN: reclaimed less than asked
+        except KjumpError as e:  # EAGAIN: reclaimed less than asked
             steps.append(f"memory.reclaim {ask >> 20} MiB: {e.why}")
     else:
         steps.append("no cgroup v2 memory.reclaim")
@@ -203,10 +206,18 @@ def toward_target(sysroot: Sysroot, image_size: int,
     except KjumpError:
         after = before
     took = time.monotonic() - start
-    log.info("image size target %s: the save kernel would read %s (in use %s, kernel-reserved "
-             "%s, kexec's copy of the jump area %s) -> %s in %.2f s: %s", format_size(target),
-             format_size(before), format_size(est.used), format_size(est.reserved),
-             format_size(est.kexec_backup), format_size(after), took, "; ".join(steps))
+    log.info(
+        "image size target %s: the save kernel would read %s (in use %s, kernel-reserved "
+        "%s, kexec's copy of the jump area %s) -> %s in %.2f s: %s",
+        format_size(target),
+        format_size(before),
+        format_size(est.used),
+        format_size(est.reserved),
+        format_size(est.kexec_backup),
+        format_size(after),
+        took,
+        "; ".join(steps),
+    )
     return ShrinkResult(before, after, target, steps, took)
 
 
@@ -245,9 +256,11 @@ def drain_pcp(sysroot: Sysroot, rounds: int = PCP_ROUNDS) -> str:
         if new is None or (new[0] >= cur[0] and new[1] >= cur[1]):
             break
         cur = new
-    return (f"per-CPU free lists {first[0] * PAGE_SIZE >> 20} -> {cur[0] * PAGE_SIZE >> 20} MiB "
-            f"({first[0] - cur[0]} pages to the buddy allocator; high marks "
-            f"{first[1] * PAGE_SIZE >> 20} -> {cur[1] * PAGE_SIZE >> 20} MiB; {done} stat_refresh)")
+    return (
+        f"per-CPU free lists {first[0] * PAGE_SIZE >> 20} -> {cur[0] * PAGE_SIZE >> 20} MiB "
+        f"({first[0] - cur[0]} pages to the buddy allocator; high marks "
+        f"{first[1] * PAGE_SIZE >> 20} -> {cur[1] * PAGE_SIZE >> 20} MiB; {done} stat_refresh)"
+    )
 
 
 def shrink(sysroot: Sysroot, limit: int, timeout: float) -> ShrinkResult:
@@ -286,12 +299,22 @@ def shrink(sysroot: Sysroot, limit: int, timeout: float) -> ShrinkResult:
             steps.append(f"drop_caches: {e.why}")
         cur = used_bytes(sysroot)
     took = time.monotonic() - start
-    log.info("shrink: %s -> %s (limit %s) in %.1f s: %s", format_size(before), format_size(cur),
-             format_size(limit), took, "; ".join(steps))
+    log.info(
+        "shrink: %s -> %s (limit %s) in %.1f s: %s",
+        format_size(before),
+        format_size(cur),
+        format_size(limit),
+        took,
+        "; ".join(steps),
+    )
     if cur > limit:
-        raise ShrinkError("memory in use stays above the image size limit",
-                          why=f"{cur >> 20} MiB in use after reclaim and drop_caches "
-                              f"({before >> 20} MiB before), limit {limit >> 20} MiB",
-                          fix="close programs, add swap, or raise hibernate.image_size_limit",
-                          before=before, after=cur, limit=limit)
+        raise ShrinkError(
+            "memory in use stays above the image size limit",
+            why=f"{cur >> 20} MiB in use after reclaim and drop_caches "
+            f"({before >> 20} MiB before), limit {limit >> 20} MiB",
+            fix="close programs, add swap, or raise hibernate.image_size_limit",
+            before=before,
+            after=cur,
+            limit=limit,
+        )
     return ShrinkResult(before, cur, limit, steps, took)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
-def register(sub: "argparse._SubParsersAction[Any]", modules: Sequence[str]) -> None:
+def register(sub: argparse._SubParsersAction[Any], modules: Sequence[str]) -> None:
     for name in modules:
         importlib.import_module(name).register(sub)

@@ -20,8 +20,10 @@ class Sysroot:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
         if not self.root.is_dir():
-            raise SysrootError(f"sysroot {self.root} is not a directory",
-                               fix="pass --sysroot with an existing directory")
+            raise SysrootError(
+                f"sysroot {self.root} is not a directory",
+                fix="pass --sysroot with an existing directory",
+            )
 
     @property
     def is_real(self) -> bool:
@@ -48,8 +50,9 @@ class Sysroot:
         except FileNotFoundError:
             if default is not None:
                 return default
-            raise SysrootError(f"{p} is missing", why="the kernel does not provide it",
-                               path=p) from None
+            raise SysrootError(
+                f"{p} is missing", why="the kernel does not provide it", path=p
+            ) from None
         except OSError as e:
             if default is not None:
                 return default
@@ -61,8 +64,9 @@ class Sysroot:
             with open(self.path(p), "w") as f:
                 f.write(value)
         except OSError as e:
-            raise SysrootError(f"cannot write {value!r} to {p}", why=e.strerror or str(e),
-                               path=p) from e
+            raise SysrootError(
+                f"cannot write {value!r} to {p}", why=e.strerror or str(e), path=p
+            ) from e
 
     def listdir(self, p: str) -> list[str]:
         try:

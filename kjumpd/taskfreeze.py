@@ -42,8 +42,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from kjumpd.errors import KjumpError, TaskFreezeError
 from kjumpd.sysroot import Sysroot
@@ -63,30 +63,32 @@ STOPPED_WCHAN = frozenset({"do_freezer_trap", "get_signal", "do_signal_stop", "d
 @dataclass(frozen=True)
 class Level:
     """What the plan needs to know of one cgroup on the way to a kept process."""
-    children: Mapping[str, bool]          # child name -> its cgroup.freeze is 1 already
-    procs: tuple[int, ...]                # cgroup.procs
+
+    children: Mapping[str, bool]  # child name -> its cgroup.freeze is 1 already
+    procs: tuple[int, ...]  # cgroup.procs
 
 
 @dataclass(frozen=True)
 class FreezePlan:
-    freeze: tuple[str, ...]                          # cgroups to freeze (with their subtrees)
-    park: tuple[tuple[str, tuple[int, ...]], ...]    # (cgroup, pids to move into cgroup/PARK)
-    already_frozen: tuple[str, ...]                  # frozen by someone else: left as they are
-    kept_cgroups: tuple[str, ...]                    # where the kept processes run
+    freeze: tuple[str, ...]  # cgroups to freeze (with their subtrees)
+    park: tuple[tuple[str, tuple[int, ...]], ...]  # (cgroup, pids to move into cgroup/PARK)
+    already_frozen: tuple[str, ...]  # frozen by someone else: left as they are
+    kept_cgroups: tuple[str, ...]  # where the kept processes run
 
 
 def ancestors(path: str) -> list[str]:
-    """"a/b/c" -> ["", "a", "a/b", "a/b/c"] (the root is "")."""
+    """ "a/b/c" -> ["", "a", "a/b", "a/b/c"] (the root is "")."""
     parts = [p for p in path.strip("/").split("/") if p]
-    return [""] + ["/".join(parts[:i + 1]) for i in range(len(parts))]
+    return [""] + ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def join(parent: str, child: str) -> str:
     return f"{parent}/{child}" if parent else child
 
 
-def plan(kept_cgroups: Iterable[str], levels: Mapping[str, Level], keep: set[int],
-         kthreads: set[int]) -> FreezePlan:
+def plan(
+    kept_cgroups: Iterable[str], levels: Mapping[str, Level], keep: set[int], kthreads: set[int]
+) -> FreezePlan:
     """Which cgroups to freeze and which processes to park, given the cgroups of the kept
     processes and a Level for every cgroup on the way to them (KeyError when one is
     missing: the caller reads them all)."""
@@ -112,6 +114,7 @@ def plan(kept_cgroups: Iterable[str], levels: Mapping[str, Level], keep: set[int
 @dataclass
 class FrozenState:
     """What kjumpd froze, as recorded for any thaw path (format at the top of the module)."""
+
     cgroup_root: str = ""
     cgroups: list[str] = field(default_factory=list)
     parks: list[tuple[str, list[int]]] = field(default_factory=list)
@@ -119,13 +122,19 @@ class FrozenState:
     pid: int = 0
 
     def to_json(self) -> str:
-        return json.dumps({"version": STATE_VERSION, "cgroup_root": self.cgroup_root,
-                           "cgroups": self.cgroups,
-                           "parks": [[c, list(p)] for c, p in self.parks],
-                           "mounts": [list(m) for m in self.mounts], "pid": self.pid})
+        return json.dumps(
+            {
+                "version": STATE_VERSION,
+                "cgroup_root": self.cgroup_root,
+                "cgroups": self.cgroups,
+                "parks": [[c, list(p)] for c, p in self.parks],
+                "mounts": [list(m) for m in self.mounts],
+                "pid": self.pid,
+            }
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "FrozenState":
+    def from_json(cls, text: str) -> FrozenState:
         try:
             d = json.loads(text)
             if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
@@ -136,16 +145,25 @@ class FrozenState:
             mounts = [(str(m[0]), str(m[1]), str(m[2])) for m in d.get("mounts", [])]
             pid = int(d.get("pid", 0))
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            raise KjumpError("the record of frozen cgroups and filesystems is unreadable",
-                             why=str(e), fix=f"thaw by hand (fsfreeze -u MOUNTPOINT; echo 0 > "
-                                             f"CGROUP/cgroup.freeze) and remove {STATE_FILE}")
+            raise KjumpError(
+                "the record of frozen cgroups and filesystems is unreadable",
+                why=str(e),
+                fix=f"thaw by hand (fsfreeze -u MOUNTPOINT; echo 0 > "
+                f"CGROUP/cgroup.freeze) and remove {STATE_FILE}",
+            ) from None
         if not isinstance(root, str) or (root and not root.startswith("/")):
-            raise KjumpError("the record of frozen cgroups names no cgroup root",
-                             why=f"cgroup_root {root!r}", fix=f"remove {STATE_FILE}")
+            raise KjumpError(
+                "the record of frozen cgroups names no cgroup root",
+                why=f"cgroup_root {root!r}",
+                fix=f"remove {STATE_FILE}",
+            )
         for c in cgroups + [c for c, _ in parks if c]:
             if any(part in ("", ".", "..") for part in c.split("/")):
-                raise KjumpError("the record of frozen cgroups leaves the cgroup tree",
-                                 why=f"cgroup {c!r}", fix=f"remove {STATE_FILE}")
+                raise KjumpError(
+                    "the record of frozen cgroups leaves the cgroup tree",
+                    why=f"cgroup {c!r}",
+                    fix=f"remove {STATE_FILE}",
+                )
         return cls(root, cgroups, parks, mounts, pid)
 
 
@@ -154,8 +172,12 @@ def cgroup2_root(sr: Sysroot) -> str | None:
     """The system path of the cgroup2 mount (unified: /sys/fs/cgroup; hybrid:
     /sys/fs/cgroup/unified), or None without cgroup v2."""
     from kjumpd.fsfreeze import parse_mountinfo
-    found = [m.mountpoint for m in parse_mountinfo(sr.read_text("/proc/self/mountinfo", ""))
-             if m.fstype == "cgroup2"]
+
+    found = [
+        m.mountpoint
+        for m in parse_mountinfo(sr.read_text("/proc/self/mountinfo", ""))
+        if m.fstype == "cgroup2"
+    ]
     if not found:
         return None
     return "/sys/fs/cgroup" if "/sys/fs/cgroup" in found else sorted(found, key=len)[0]
@@ -165,15 +187,19 @@ def support(sr: Sysroot) -> tuple[bool, str]:
     """(usable, what kjumpctl check says) for the cgroup v2 freezer."""
     root = cgroup2_root(sr)
     if root is None:
-        return False, ("no cgroup v2 hierarchy is mounted: user space is not stopped before "
-                       "the filesystems are frozen, and a process writing at that moment makes "
-                       "the jump fail (rolled back, naming it)")
+        return False, (
+            "no cgroup v2 hierarchy is mounted: user space is not stopped before "
+            "the filesystems are frozen, and a process writing at that moment makes "
+            "the jump fail (rolled back, naming it)"
+        )
     for name in sr.listdir(root):
         if sr.path(f"{root}/{name}").is_dir() and sr.exists(f"{root}/{name}/cgroup.procs"):
             if sr.exists(f"{root}/{name}/cgroup.freeze"):
                 return True, f"cgroup v2 freezer at {root}"
-            return False, (f"cgroup v2 at {root} has no cgroup.freeze (Linux 5.2 or later "
-                           "needed): user space is not stopped before the filesystems are frozen")
+            return False, (
+                f"cgroup v2 at {root} has no cgroup.freeze (Linux 5.2 or later "
+                "needed): user space is not stopped before the filesystems are frozen"
+            )
     return True, f"cgroup v2 at {root} (freezer checked at the first hibernation)"
 
 
@@ -191,7 +217,7 @@ def _stat_fields(sr: Sysroot, pid: int) -> list[str] | None:
     if rp < 0:
         return None
     # fields after "pid (comm)": state ppid pgrp session tty tpgid flags ...
-    return text[rp + 2:].split()
+    return text[rp + 2 :].split()
 
 
 def process_tree(sr: Sysroot, root_pid: int) -> set[int]:
@@ -221,7 +247,7 @@ def is_kthread(sr: Sysroot, pid: int) -> bool:
 
 
 def task_line(sr: Sysroot, tid: int) -> str:
-    """"pid 123 (sqlite3) state D wchan percpu_rwsem_wait" for an error message."""
+    """ "pid 123 (sqlite3) state D wchan percpu_rwsem_wait" for an error message."""
     comm = sr.read_text(f"/proc/{tid}/comm", "?").strip()
     f = _stat_fields(sr, tid)
     state = f[0] if f else "?"
@@ -243,8 +269,9 @@ class Cgroups:
         children = {}
         for name in self.sr.listdir(self.p(cg)):
             if self.sr.path(self.p(join(cg, name))).is_dir():
-                children[name] = self.sr.read_text(self.p(join(cg, name), "cgroup.freeze"),
-                                                   "0").strip() == "1"
+                children[name] = (
+                    self.sr.read_text(self.p(join(cg, name), "cgroup.freeze"), "0").strip() == "1"
+                )
         return Level(children, self.procs(cg))
 
     def procs(self, cg: str) -> tuple[int, ...]:
@@ -259,8 +286,11 @@ class Cgroups:
             c = todo.pop()
             text = self.sr.read_text(self.p(c, "cgroup.threads"), "")
             out += [int(x) for x in text.split() if x.isdigit()]
-            todo += [join(c, n) for n in self.sr.listdir(self.p(c))
-                     if self.sr.path(self.p(join(c, n))).is_dir()]
+            todo += [
+                join(c, n)
+                for n in self.sr.listdir(self.p(c))
+                if self.sr.path(self.p(join(c, n))).is_dir()
+            ]
         return out
 
     def set_freeze(self, cg: str, on: bool) -> None:
@@ -326,8 +356,9 @@ def read_state(sr: Sysroot) -> FrozenState | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise KjumpError(f"cannot read {STATE_FILE}", why=e.strerror or str(e),
-                         fix=f"check {STATE_FILE}") from None
+        raise KjumpError(
+            f"cannot read {STATE_FILE}", why=e.strerror or str(e), fix=f"check {STATE_FILE}"
+        ) from None
     return FrozenState.from_json(text)
 
 
@@ -341,9 +372,9 @@ def clear_state(sr: Sysroot) -> None:
 @dataclass
 class FreezeReport:
     cgroup_root: str | None
-    frozen: list[str] = field(default_factory=list)          # cgroups kjumpd froze
-    parked: int = 0                                          # processes moved and frozen
-    left_running: list[str] = field(default_factory=list)    # processes that could not be moved
+    frozen: list[str] = field(default_factory=list)  # cgroups kjumpd froze
+    parked: int = 0  # processes moved and frozen
+    left_running: list[str] = field(default_factory=list)  # processes that could not be moved
     already_frozen: list[str] = field(default_factory=list)
     note: str = ""
 
@@ -375,8 +406,12 @@ class TaskFreezer:
             log.warning("user space not frozen: %s", report.note)
             return report
         levels = {a: cg.level(a) for c in kept for a in ancestors(c)}
-        kthreads = {p for lv in levels.values() for p in lv.procs
-                    if p not in keep and is_kthread(self.sr, p)}
+        kthreads = {
+            p
+            for lv in levels.values()
+            for p in lv.procs
+            if p not in keep and is_kthread(self.sr, p)
+        }
         fp = plan(kept, levels, keep, kthreads)
         report.already_frozen = list(fp.already_frozen)
         try:
@@ -386,12 +421,15 @@ class TaskFreezer:
                 try:
                     cg.set_freeze(c, True)
                 except KjumpError as e:
-                    if not self.sr.path(cg.p(c)).exists():   # it went away meanwhile
+                    if not self.sr.path(cg.p(c)).exists():  # it went away meanwhile
                         self.state.cgroups.remove(c)
                         continue
-                    raise TaskFreezeError(f"cannot freeze cgroup {c}", why=e.why,
-                                          fix="check that cgroup.freeze is writable (cgroup v2, "
-                                              "Linux 5.2 or later)", cgroup=c) from None
+                    raise TaskFreezeError(
+                        f"cannot freeze cgroup {c}",
+                        why=e.why,
+                        fix="check that cgroup.freeze is writable (cgroup v2, Linux 5.2 or later)",
+                        cgroup=c,
+                    ) from None
             report.frozen = list(self.state.cgroups)
             for parent, pids in fp.park:
                 report.left_running += self._park(cg, parent, pids, keep, kthreads)
@@ -402,14 +440,15 @@ class TaskFreezer:
             raise
         return report
 
-    def _park(self, cg: Cgroups, parent: str, pids: tuple[int, ...], keep: set[int],
-              kthreads: set[int]) -> list[str]:
+    def _park(
+        self, cg: Cgroups, parent: str, pids: tuple[int, ...], keep: set[int], kthreads: set[int]
+    ) -> list[str]:
         park = join(parent, PARK)
         moved: list[int] = []
         self.state.parks.append((parent, moved))
         self.record()
         cg.mkdir(park)
-        cg.set_freeze(park, True)      # frozen while empty: each process stops as it arrives
+        cg.set_freeze(park, True)  # frozen while empty: each process stops as it arrives
         refused: dict[int, str] = {}
         todo = list(pids)
         # processes forked meanwhile by those not moved yet show up in a second read
@@ -422,8 +461,11 @@ class TaskFreezer:
                     moved.remove(pid)
                     refused[pid] = why
             self.record()
-            todo = [p for p in cg.procs(parent)
-                    if p not in keep and p not in kthreads and p not in refused]
+            todo = [
+                p
+                for p in cg.procs(parent)
+                if p not in keep and p not in kthreads and p not in refused
+            ]
             if not todo:
                 break
         left = [f"{task_line(self.sr, p)}: {why}" for p, why in refused.items()]
@@ -445,8 +487,11 @@ class TaskFreezer:
             delay = min(delay * 2, 0.05)
         lines = []
         for c in pending:
-            busy = [t for t in cg.threads(c)
-                    if self.sr.read_text(f"/proc/{t}/wchan", "").strip() not in STOPPED_WCHAN]
+            busy = [
+                t
+                for t in cg.threads(c)
+                if self.sr.read_text(f"/proc/{t}/wchan", "").strip() not in STOPPED_WCHAN
+            ]
             tasks = "; ".join(task_line(self.sr, t) for t in busy[:8]) or "no task named"
             more = f" and {len(busy) - 8} more" if len(busy) > 8 else ""
             lines.append(f"{cg.p(c)}: {tasks}{more}")
@@ -454,9 +499,10 @@ class TaskFreezer:
             f"user space did not stop within {timeout:g} s",
             why="; ".join(lines),
             fix="a task sleeping uninterruptibly (state D: a hung NFS or FUSE mount, a device "
-                "in error) cannot be frozen; see where it waits (wchan), then retry or stop it. "
-                "Nothing was frozen or changed: the system keeps running",
-            cgroups=", ".join(pending))
+            "in error) cannot be frozen; see where it waits (wchan), then retry or stop it. "
+            "Nothing was frozen or changed: the system keeps running",
+            cgroups=", ".join(pending),
+        )
 
     def thaw(self) -> list[str]:
         """Thaw what ``state`` records (reverse order); returns the errors."""
@@ -499,6 +545,7 @@ def recover(sr: Sysroot, reason: str, force: bool = False) -> list[str]:
     which leave a record alone while the kjumpd that wrote it still runs. Returns what could
     not be thawed."""
     from kjumpd import fsfreeze
+
     state = read_state(sr)
     if state is None:
         return []
@@ -509,8 +556,10 @@ def recover(sr: Sysroot, reason: str, force: bool = False) -> list[str]:
     errors = [e for e in fsfreeze.thaw(sr, mounts) if "Invalid argument" not in e]
     errors += thaw_cgroups(sr, state)
     clear_state(sr)
-    what = (f"{len(state.mounts)} filesystem(s), {len(state.cgroups)} cgroup(s), "
-            f"{sum(len(p) for _, p in state.parks)} parked process(es)")
+    what = (
+        f"{len(state.mounts)} filesystem(s), {len(state.cgroups)} cgroup(s), "
+        f"{sum(len(p) for _, p in state.parks)} parked process(es)"
+    )
     if errors:
         log.error("thawed after %s (%s), with errors: %s", reason, what, "; ".join(errors))
     else:

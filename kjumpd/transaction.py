@@ -41,20 +41,43 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 # Everything the frozen window needs is imported here, up front: an import while the root
 # filesystem is frozen would block writing its __pycache__ entry.
-from kjumpd import (blockmap, bootentry, freezeguard, fsfreeze, fsstamp, hooks, kexec, kmsg, memory,
-                    platform, preflight, quiesce, shrink, taskfreeze)
+from kjumpd import (
+    blockmap,
+    bootentry,
+    freezeguard,
+    fsfreeze,
+    fsstamp,
+    hooks,
+    kexec,
+    kmsg,
+    memory,
+    platform,
+    preflight,
+    quiesce,
+    shrink,
+    taskfreeze,
+)
+from kjumpd.config import Config
+from kjumpd.errors import (
+    BusyError,
+    CancelledError,
+    ConfigError,
+    ImageStateError,
+    JumpError,
+    KjumpError,
+    TaskFreezeError,
+    UnsupportedError,
+)
 from kjumpd.image import store
 from kjumpd.image.format import ImageState
-from kjumpd.config import Config
-from kjumpd.modes import MODES
-from kjumpd.errors import (BusyError, CancelledError, ConfigError, ImageStateError, JumpError,
-                           KjumpError, TaskFreezeError, UnsupportedError)
 from kjumpd.job import Job
+from kjumpd.modes import MODES
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -84,7 +107,7 @@ class NullEvents:
 
 @dataclass
 class Outcome:
-    result: str                       # resumed | continued | woke-from-ram | rolled-back
+    result: str  # resumed | continued | woke-from-ram | rolled-back
     mode: str
     image_state: str = "unknown"
     resumed: bool = False
@@ -104,7 +127,7 @@ class _Undo:
     def push(self, name: str, fn: Callable[[], Any]) -> None:
         self.stack.append((name, fn))
 
-    def take(self, names: frozenset[str]) -> "_Undo":
+    def take(self, names: frozenset[str]) -> _Undo:
         """Move the steps called ``names`` (in their order) to a new _Undo."""
         taken = _Undo()
         taken.stack = [(n, f) for n, f in self.stack if n in names]
@@ -141,8 +164,9 @@ class _Background:
         self._value: Any = None
         self._error: BaseException | None = None
         self.seconds = 0.0
-        self._thread = threading.Thread(target=self._main, args=(fn,), name=f"kjump-{name}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._main, args=(fn,), name=f"kjump-{name}", daemon=True
+        )
         self._thread.start()
 
     def _main(self, fn: Callable[[], Any]) -> None:
@@ -175,7 +199,7 @@ class Hibernation:
         self.events: Events = events if events is not None else NullEvents()
         self._lock = threading.Lock()
         self._housekeeping: _Background | None = None
-        self._later: _Undo | None = None          # housekeeping not started yet
+        self._later: _Undo | None = None  # housekeeping not started yet
         self._hk_lock = threading.Lock()
         #: seconds the machine may stay up after a power-off/reboot/S4 request
         self.settle = 20.0
@@ -211,8 +235,9 @@ class Hibernation:
     def run(self, mode: str | None = None, cancel: threading.Event | None = None) -> Outcome:
         mode = mode or self.config.mode
         if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}", fix=f"use one of {', '.join(MODES)}",
-                              key="mode")
+            raise ConfigError(
+                f"unknown mode {mode!r}", fix=f"use one of {', '.join(MODES)}", key="mode"
+            )
         if not self._lock.acquire(blocking=False):
             raise BusyError("a hibernation is already running", fix="wait for it or cancel it")
         try:
@@ -242,7 +267,7 @@ class Hibernation:
 
         held = fsfreeze.HeldLogs()
         steps: dict[str, float] = {}
-        out.stats["steps"] = steps        # seconds of the steps inside the phases
+        out.stats["steps"] = steps  # seconds of the steps inside the phases
 
         def timed(name: str, fn: Callable[[], Any]) -> Any:
             t0 = time.monotonic()
@@ -259,17 +284,23 @@ class Hibernation:
             rep = preflight.run(sr, cfg, mode)
             if not rep.ok:
                 bad = rep.failed()
-                raise UnsupportedError("hibernation is not possible: " + bad[0].name,
-                                       why="; ".join(f"{i.name}: {i.detail}" for i in bad),
-                                       fix=bad[0].fix)
+                raise UnsupportedError(
+                    "hibernation is not possible: " + bad[0].name,
+                    why="; ".join(f"{i.name}: {i.detail}" for i in bad),
+                    fix=bad[0].fix,
+                )
             area = rep.context["area"]
             mem: memory.MemoryPlan = rep.context["memory"]
             target, uuid = blockmap.current(sr, cfg.target, restamp=True)
             kx = kexec.Kexec.find(cfg)
             # B's initramfs is copied to /run while the daemon announces and quiesces; the
             # job is appended after the freeze. The undo waits for the copy, then removes it.
-            stager = _Background("initrd", lambda: kexec.stage_initrd(
-                sr, cfg.save_initramfs, rep.context.get("initramfs_sha256", "")))
+            stager = _Background(
+                "initrd",
+                lambda: kexec.stage_initrd(
+                    sr, cfg.save_initramfs, rep.context.get("initramfs_sha256", "")
+                ),
+            )
             undo.push("initrd", lambda: (stager.wait(), kexec.remove_initrd(sr)))
             check_cancel()
 
@@ -282,6 +313,7 @@ class Hibernation:
                 res = hooks.run(sr, cfg.hook_dirs, "post", mode, cfg.timeout_hooks, only=ran)
                 out.hook_failures += [f"post {r.name}: rc {r.returncode}" for r in res if not r.ok]
                 return []
+
             undo.push("hooks post", post_hooks)
             res = hooks.run(sr, cfg.hook_dirs, "pre", mode, cfg.timeout_hooks)
             ran += [r.name for r in res]
@@ -291,10 +323,16 @@ class Hibernation:
 
             phase("shrink", 10)
             if cfg.image_size:
-                s = shrink.toward_target(sr, cfg.image_size, shrink.kexec_copy_bytes(
-                    sr, cfg.save_kernel, cfg.save_initramfs, area))
-                out.stats.update(image_target=s.limit, image_estimate_before=s.before,
-                                 image_estimate_after=s.after)
+                s = shrink.toward_target(
+                    sr,
+                    cfg.image_size,
+                    shrink.kexec_copy_bytes(sr, cfg.save_kernel, cfg.save_initramfs, area),
+                )
+                out.stats.update(
+                    image_target=s.limit,
+                    image_estimate_before=s.before,
+                    image_estimate_after=s.after,
+                )
             if cfg.image_size_limit:
                 s = shrink.shrink(sr, cfg.image_size_limit, cfg.timeout_shrink)
                 out.stats.update(shrink_before=s.before, shrink_after=s.after)
@@ -321,8 +359,9 @@ class Hibernation:
             # kernel's freezer at the jump would give up. Logs are held from here on
             # (journald is stopped too), bytecode is not written (an import would block).
             phase("freeze tasks", 28)
-            mounts = fsfreeze.freezable(fsfreeze.parse_mountinfo(
-                sr.read_text("/proc/self/mountinfo")))
+            mounts = fsfreeze.freezable(
+                fsfreeze.parse_mountinfo(sr.read_text("/proc/self/mountinfo"))
+            )
             held.hold()
             undo.push("logs", held.release)
             pyc = sys.dont_write_bytecode
@@ -340,8 +379,12 @@ class Hibernation:
                 out.stats["tasks_left_running"] = frep.left_running
             if frep.note:
                 log.warning("%s", frep.note)
-            log.info("user space stopped: %d cgroup(s) frozen, %d process(es) parked in %s",
-                     len(frep.frozen), frep.parked, frep.cgroup_root or "-")
+            log.info(
+                "user space stopped: %d cgroup(s) frozen, %d process(es) parked in %s",
+                len(frep.frozen),
+                frep.parked,
+                frep.cgroup_root or "-",
+            )
 
             phase("freeze filesystems", 30)
             frozen: list[fsfreeze.Mount] = []
@@ -355,33 +398,53 @@ class Hibernation:
             def before_fifreeze(m: fsfreeze.Mount) -> None:
                 record.mounts.append((m.mountpoint, m.devno, m.fstype))
                 tasks.record()
+
             undo.push("thaw", thaw_filesystems)
-            timed("sync + FIFREEZE", lambda: fsfreeze.freeze(
-                sr, mounts, on_frozen=frozen.append, before_freeze=before_fifreeze))
+            timed(
+                "sync + FIFREEZE",
+                lambda: fsfreeze.freeze(
+                    sr, mounts, on_frozen=frozen.append, before_freeze=before_fifreeze
+                ),
+            )
             out.stats["frozen"] = [m.mountpoint for m in frozen]
             stamps = timed("stamps", lambda: [self._stamp(m) for m in frozen])
 
             phase("load", 40)
             zeroed, why_zeroed = kexec.free_pages_zeroed(sr)
-            log.info("free pages %s on restore: %s", "come back as zeros" if zeroed else
-                     "are left as they are found", why_zeroed)
+            log.info(
+                "free pages %s on restore: %s",
+                "come back as zeros" if zeroed else "are left as they are found",
+                why_zeroed,
+            )
             job = Job(
-                target_uuid=uuid, superblock_device_offset=target.superblock_offset,
+                target_uuid=uuid,
+                superblock_device_offset=target.superblock_offset,
                 device_hint={"devno": target.disk_devno, "name": target.disk.rsplit("/", 1)[-1]},
                 blockmap=[tuple(e) for e in target.blockmap],  # type: ignore[misc]
-                ranges=list(mem.ranges), mode=mode, compression=cfg.compression,
-                chunk_size=cfg.chunk_size, main_kernel=kexec.main_kernel_identity(sr),
+                ranges=list(mem.ranges),
+                mode=mode,
+                compression=cfg.compression,
+                chunk_size=cfg.chunk_size,
+                main_kernel=kexec.main_kernel_identity(sr),
                 save_kernel_hash="sha256:" + rep.context["kernel_sha256"],
-                jump_area=(area.start, area.size), fs_stamps=stamps, created=int(time.time()),
-                cancel_key=cfg.cancel_key, vmcoreinfo=kexec.vmcoreinfo_location(sr),
-                free_page_exclusion=(cfg.free_page_exclusion
-                                     and kexec.free_pages_restore_as_zeros(sr)),
-                free_page_check=cfg.free_page_check, free_pages_zeroed=zeroed)
+                jump_area=(area.start, area.size),
+                fs_stamps=stamps,
+                created=int(time.time()),
+                cancel_key=cfg.cancel_key,
+                vmcoreinfo=kexec.vmcoreinfo_location(sr),
+                free_page_exclusion=(
+                    cfg.free_page_exclusion and kexec.free_pages_restore_as_zeros(sr)
+                ),
+                free_page_check=cfg.free_page_check,
+                free_pages_zeroed=zeroed,
+            )
             timed("initrd copy wait", stager.result)
             steps["initrd copy (thread)"] = stager.seconds
             initrd = timed("initrd job", lambda: kexec.finish_initrd(sr, job))
-            window = timed("kexec load", lambda: kx.load(sr, cfg.save_kernel, initrd,
-                                                         kexec.save_cmdline(cfg, area), area))
+            window = timed(
+                "kexec load",
+                lambda: kx.load(sr, cfg.save_kernel, initrd, kexec.save_cmdline(cfg, area), area),
+            )
             out.stats["load_window"] = [window[0], window[1]]
             undo.push("kexec unload", kx.unload)
             # the kernel holds its own copy now: what stays in A's memory is saved in the
@@ -410,11 +473,15 @@ class Hibernation:
             if before is not None and header.seq == before:
                 raise _jump_failure(rc, said, logged, klog.error)
             out.image_state = header.state.name
-            out.stats.update(raw_bytes=header.raw_bytes, stored_bytes=header.stored_bytes,
-                             zero_pages=header.zero_pages, chunks=header.chunk_count,
-                             # B's own clock (WRITING -> SAVED): A's monotonic clock stops
-                             # during the jump, so durations["jump"] does not include B's time
-                             save_seconds=max(0.0, header.saved - header.created))
+            out.stats.update(
+                raw_bytes=header.raw_bytes,
+                stored_bytes=header.stored_bytes,
+                zero_pages=header.zero_pages,
+                chunks=header.chunk_count,
+                # B's own clock (WRITING -> SAVED): A's monotonic clock stops
+                # during the jump, so durations["jump"] does not include B's time
+                save_seconds=max(0.0, header.saved - header.created),
+            )
             name = header.state.name
             if name == "RESTORING":
                 timed("mark CONSUMED", lambda: self._set_state(target, "CONSUMED", ""))
@@ -423,17 +490,21 @@ class Hibernation:
             elif name == "SAVED":
                 self._leave(mode, target, out, undo, held)
             else:
-                raise ImageStateError("the save kernel did not save an image",
-                                      why=f"it left the image {header.state_text}",
-                                      fix="see the save kernel's console; the system was "
-                                          "rolled back and keeps running",
-                                      state=name)
+                raise ImageStateError(
+                    "the save kernel did not save an image",
+                    why=f"it left the image {header.state_text}",
+                    fix="see the save kernel's console; the system was "
+                    "rolled back and keeps running",
+                    state=name,
+                )
             phase("undo", 95)
             later = undo.take(HOUSEKEEPING)
             # in the background, B's unload must not take the CPU from the programs the
             # user got back (TCG VM: kexec -u ran 0.5-2.6 s next to the waiting kjumpctl)
-            later.stack = [(n, (lambda: kx.unload(nice=True)) if n == "kexec unload" else f)
-                           for n, f in later.stack]
+            later.stack = [
+                (n, (lambda: kx.unload(nice=True)) if n == "kexec unload" else f)
+                for n, f in later.stack
+            ]
             out.undo_errors = undo.run()
             steps.update({f"undo {k}": v for k, v in undo.seconds.items()})
             # unloading B and clearing the one-shot boot entry wait until the caller has
@@ -441,13 +512,21 @@ class Hibernation:
             self._later = later
             phase("", 100)
             log.info("hibernation %s: %s (image %s)", mode, out.result, out.image_state)
-            ev.log(f"hibernation {mode}: {out.result} (image {out.image_state})"
-                   + (f"; undo problems: {'; '.join(out.undo_errors)}" if out.undo_errors else ""))
+            ev.log(
+                f"hibernation {mode}: {out.result} (image {out.image_state})"
+                + (f"; undo problems: {'; '.join(out.undo_errors)}" if out.undo_errors else "")
+            )
             return out
         except (KjumpError, OSError) as exc:
-            e = exc if isinstance(exc, KjumpError) else KjumpError(
-                "hibernation failed", why=f"{getattr(exc, 'filename', '') or ''} "
-                f"{exc.strerror or exc}".strip(), fix="see the kjumpd log")
+            e = (
+                exc
+                if isinstance(exc, KjumpError)
+                else KjumpError(
+                    "hibernation failed",
+                    why=f"{getattr(exc, 'filename', '') or ''} {exc.strerror or exc}".strip(),
+                    fix="see the kjumpd log",
+                )
+            )
             out.undo_errors = undo.run()
             phase("", 100)
             out.error = e.to_dict()
@@ -473,12 +552,17 @@ class Hibernation:
             undo.push("boot one-shot", lambda: bootentry.clear_oneshot(self.sysroot))
 
     def _stamp(self, m: fsfreeze.Mount) -> dict[str, Any]:
-        return fsstamp.read_stamp(fsfreeze.device_of(self.sysroot, m),
-                                  sysroot=self.sysroot).to_dict()
+        return fsstamp.read_stamp(
+            fsfreeze.device_of(self.sysroot, m), sysroot=self.sysroot
+        ).to_dict()
 
     def _open(self, target: blockmap.Target, writable: bool) -> Any:
-        dev, _ = store.open_target(self.sysroot.path(target.disk), writable=writable,
-                                   offset=target.superblock_offset, direct=True)
+        dev, _ = store.open_target(
+            self.sysroot.path(target.disk),
+            writable=writable,
+            offset=target.superblock_offset,
+            direct=True,
+        )
         return dev
 
     def _read_header(self, target: blockmap.Target) -> Any:
@@ -513,8 +597,9 @@ class Hibernation:
             log.error("cannot invalidate the image after %s: %s", reason, e.message)
             out.undo_errors.append(f"invalidate: {e.message}")
 
-    def _leave(self, mode: str, target: blockmap.Target, out: Outcome, undo: _Undo,
-               held: fsfreeze.HeldLogs) -> None:
+    def _leave(
+        self, mode: str, target: blockmap.Target, out: Outcome, undo: _Undo, held: fsfreeze.HeldLogs
+    ) -> None:
         sr, cfg = self.sysroot, self.config
         if mode == "test":
             self._invalidate(target, out, "test mode")
@@ -531,8 +616,9 @@ class Hibernation:
             elif mode == "reboot":
                 platform.reboot(sr, self.settle)
             elif mode == "suspend":
-                platform.suspend_to_both(sr, cfg.battery_floor_percent,
-                                         cfg.battery_rearm_min_seconds, self.settle)
+                platform.suspend_to_both(
+                    sr, cfg.battery_floor_percent, cfg.battery_rearm_min_seconds, self.settle
+                )
                 self._invalidate(target, out, "woke from RAM")
                 out.result = "woke-from-ram"
                 return
@@ -548,19 +634,29 @@ def _jump_failure(rc: int, said: str, logged: list[str], log_error: str) -> Kjum
     kexec_said = said.strip().splitlines()[-1] if said.strip() else f"exit status {rc}"
     if failure is not None:
         return TaskFreezeError(
-            "the kernel could not freeze user space for the jump", why=failure.summary(),
+            "the kernel could not freeze user space for the jump",
+            why=failure.summary(),
             fix="these tasks were not stopped by kjumpd's user-space freeze (kjumpctl check "
-                "says whether it is available) or sleep uninterruptibly in the kernel; stop "
-                "them or what they wait on, then retry. The system was rolled back and keeps "
-                "running", kexec=kexec_said, tasks=", ".join(str(t) for t in failure.tasks))
-    tail = [kmsg.text_of(x).strip() for x in logged if "kexec" in x.lower()
-            or "PM:" in x or "freez" in x.lower()][-3:]
+            "says whether it is available) or sleep uninterruptibly in the kernel; stop "
+            "them or what they wait on, then retry. The system was rolled back and keeps "
+            "running",
+            kexec=kexec_said,
+            tasks=", ".join(str(t) for t in failure.tasks),
+        )
+    tail = [
+        kmsg.text_of(x).strip()
+        for x in logged
+        if "kexec" in x.lower() or "PM:" in x or "freez" in x.lower()
+    ][-3:]
     return JumpError(
         "the jump to the save kernel did not happen",
-        why=f"kexec -e: {kexec_said}" + (f"; kernel: {' | '.join(tail)}" if tail else "")
-            + (f" ({log_error})" if log_error else ""),
+        why=f"kexec -e: {kexec_said}"
+        + (f"; kernel: {' | '.join(tail)}" if tail else "")
+        + (f" ({log_error})" if log_error else ""),
         fix="see the kernel log (dmesg) around the jump; the image was not touched, the "
-            "system was rolled back and keeps running", kexec_rc=rc)
+        "system was rolled back and keeps running",
+        kexec_rc=rc,
+    )
 
 
 def _rmdir_if_empty(sr: Sysroot, p: str) -> None:

@@ -25,7 +25,7 @@ MAGIC = b"\x28\xb5\x2f\xfd"
 
 @dataclass(frozen=True)
 class Frame:
-    length: int              # bytes of the frame, magic to checksum
+    length: int  # bytes of the frame, magic to checksum
     content_size: int | None  # declared uncompressed size, None when the header omits it
 
 
@@ -41,7 +41,7 @@ def frame(blob: bytes, *, scan: bool = True) -> Frame:
     fcs_len = (1 if single else 0, 2, 4, 8)[fcs_code]
     if pos + fcs_len > len(blob):
         raise ImageFormatError("truncated zstd frame header")
-    size = int.from_bytes(blob[pos:pos + fcs_len], "little") if fcs_len else None
+    size = int.from_bytes(blob[pos : pos + fcs_len], "little") if fcs_len else None
     if size is not None and fcs_len == 2:
         size += 256
     pos += fcs_len
@@ -50,7 +50,7 @@ def frame(blob: bytes, *, scan: bool = True) -> Frame:
     while True:
         if pos + 3 > len(blob):
             raise ImageFormatError("truncated zstd frame", why=f"no block header at byte {pos}")
-        hdr = int.from_bytes(blob[pos:pos + 3], "little")
+        hdr = int.from_bytes(blob[pos : pos + 3], "little")
         last, kind, bsize = hdr & 1, (hdr >> 1) & 3, hdr >> 3
         if kind == 3:
             raise ImageFormatError("corrupt zstd frame", why=f"reserved block type at byte {pos}")

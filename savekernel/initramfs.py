@@ -42,17 +42,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python savekernel/initramfs.py` as well as `-m`
     sys.path.insert(0, str(REPO))
 
-from kjumpd import cpio  # noqa: E402
-from kjumpd import zstdframe  # noqa: E402
-from kjumpd.errors import KjumpError  # noqa: E402
+from kjumpd import (
+    cpio,
+    zstdframe,
+)
+from kjumpd.errors import KjumpError
 
 log = logging.getLogger("kjumpd.savekernel.initramfs")
 
@@ -64,24 +66,63 @@ DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 
 #: Standard-library modules B's agent may import lazily (an import trace cannot see them).
 SAVE_EXTRA_MODULES = (
-    "runpy", "ctypes", "ctypes.util", "mmap", "json", "json.decoder", "json.encoder", "logging",
-    "argparse", "concurrent.futures", "concurrent.futures.thread", "threading", "queue",
-    "hashlib", "zlib", "struct", "uuid", "select", "termios", "tty", "signal", "dataclasses",
-    "enum", "errno", "fcntl", "binascii", "traceback", "encodings.ascii", "encodings.latin_1",
-    "encodings.utf_8", "encodings.aliases", "lz4.frame", "lz4.block",
+    "runpy",
+    "ctypes",
+    "ctypes.util",
+    "mmap",
+    "json",
+    "json.decoder",
+    "json.encoder",
+    "logging",
+    "argparse",
+    "concurrent.futures",
+    "concurrent.futures.thread",
+    "threading",
+    "queue",
+    "hashlib",
+    "zlib",
+    "struct",
+    "uuid",
+    "select",
+    "termios",
+    "tty",
+    "signal",
+    "dataclasses",
+    "enum",
+    "errno",
+    "fcntl",
+    "binascii",
+    "traceback",
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.utf_8",
+    "encodings.aliases",
+    "lz4.frame",
+    "lz4.block",
 )
 #: Modules left out although an import trace loads them: each has a fallback in the stdlib
 #: (hashlib uses its builtin _sha256/_blake2 without OpenSSL's 4.7 MB libcrypto; shutil and
 #: tarfile treat bz2/lzma as optional).
 DEFAULT_EXCLUDE = ("_hashlib", "_ssl", "ssl", "_bz2", "bz2", "_lzma", "lzma")
 #: The agent's entry module (/init runs it) and the modules it imports lazily.
-SAVE_ENTRY = ("kjumpd.agent.kernel_role", "kjumpd.agent.devmem", "kjumpd.agent.jumpback",
-              "kjumpd.image.save", "kjumpd.image.restore", "kjumpd.image.store", "kjumpd.job",
-              "kjumpd.agent.freepages", "kjumpd.agent.pageclass", "kjumpd.image.heap")
+SAVE_ENTRY = (
+    "kjumpd.agent.kernel_role",
+    "kjumpd.agent.devmem",
+    "kjumpd.agent.jumpback",
+    "kjumpd.image.save",
+    "kjumpd.image.restore",
+    "kjumpd.image.store",
+    "kjumpd.job",
+    "kjumpd.agent.freepages",
+    "kjumpd.agent.pageclass",
+    "kjumpd.image.heap",
+)
 
 #: what B's /init runs with python3 -c (and the arguments "boot" or "boot --rescue")
-AGENT_CODE = ("import sys, kjumpd_bootcache; kjumpd_bootcache.install(); "
-              "from kjumpd.agent.kernel_role import main; sys.exit(main(sys.argv[1:]))")
+AGENT_CODE = (
+    "import sys, kjumpd_bootcache; kjumpd_bootcache.install(); "
+    "from kjumpd.agent.kernel_role import main; sys.exit(main(sys.argv[1:]))"
+)
 
 SAVE_INIT = """#!/bin/sh
 # /init of kjumpd's save kernel (B): mount the kernel filesystems, run the agent.
@@ -119,6 +160,7 @@ class InitramfsError(KjumpError):
 @dataclass(frozen=True)
 class InitramfsImage:
     """A built (or cached) archive and the figures worth reporting."""
+
     path: Path
     key: str
     compressed_size: int
@@ -130,15 +172,16 @@ class InitramfsImage:
 @dataclass
 class _Plan:
     """Archive members before compression: name -> (kind, payload)."""
-    files: dict[str, Path | bytes] = field(default_factory=dict)   # regular files
+
+    files: dict[str, Path | bytes] = field(default_factory=dict)  # regular files
     modes: dict[str, int] = field(default_factory=dict)
-    links: dict[str, str] = field(default_factory=dict)            # symlinks
-    compile: dict[str, Path] = field(default_factory=dict)         # .pyc name -> .py source
+    links: dict[str, str] = field(default_factory=dict)  # symlinks
+    compile: dict[str, Path] = field(default_factory=dict)  # .pyc name -> .py source
     #: files made by the build from the inputs (not hashed into the key: derived from
     #: what is, and their bytes need not be reproducible)
     generated: dict[str, bytes] = field(default_factory=dict)
-    trace: tuple[str, ...] = ()            # the modules traced (what ``generated`` came from)
-    python: Path = HOST_PYTHON                                     # compiles the .pyc files
+    trace: tuple[str, ...] = ()  # the modules traced (what ``generated`` came from)
+    python: Path = HOST_PYTHON  # compiles the .pyc files
 
     def add_file(self, name: str, src: Path | bytes, mode: int = 0o644) -> None:
         name = name.lstrip("/")
@@ -156,7 +199,7 @@ LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 
 
 def codec() -> str:
-    """"lz4" when the host can write it, else "gzip" (always available)."""
+    """ "lz4" when the host can write it, else "gzip" (always available)."""
     return "lz4" if shutil.which("lz4") else "gzip"
 
 
@@ -166,8 +209,8 @@ def lz4_legacy_length(blob: bytes) -> int:
     zero padding or the next archive)."""
     pos = 4
     while pos + 4 <= len(blob):
-        size = int.from_bytes(blob[pos:pos + 4], "little")
-        if size == 0 or blob[pos:pos + 4] == LZ4_LEGACY_MAGIC or pos + 4 + size > len(blob):
+        size = int.from_bytes(blob[pos : pos + 4], "little")
+        if size == 0 or blob[pos : pos + 4] == LZ4_LEGACY_MAGIC or pos + 4 + size > len(blob):
             break
         pos += 4 + size
     return pos
@@ -177,12 +220,15 @@ def _compress(raw: bytes, how: str) -> bytes:
     if how == "gzip":
         return gzip.compress(raw, compresslevel=9, mtime=0)
     if how == "lz4":
-        proc = subprocess.run(["lz4", "-l", "-9", "-q", "-c"], input=raw, capture_output=True,
-                              check=False)
+        proc = subprocess.run(
+            ["lz4", "-l", "-9", "-q", "-c"], input=raw, capture_output=True, check=False
+        )
         if proc.returncode != 0 or not proc.stdout.startswith(LZ4_LEGACY_MAGIC):
-            raise InitramfsError("lz4 could not compress the initramfs",
-                                 why=proc.stderr.decode(errors="replace").strip(),
-                                 fix="reinstall lz4, or remove it to build gzip archives")
+            raise InitramfsError(
+                "lz4 could not compress the initramfs",
+                why=proc.stderr.decode(errors="replace").strip(),
+                fix="reinstall lz4, or remove it to build gzip archives",
+            )
         return proc.stdout
     return raw
 
@@ -192,9 +238,9 @@ def decompress(blob: bytes) -> bytes:
     if blob[:2] == GZIP_MAGIC:
         return gzip.decompress(blob)
     if blob[:4] == LZ4_LEGACY_MAGIC:
-        return _unpack_with("lz4", ["-d", "-q", "-c"], blob[:lz4_legacy_length(blob)])
+        return _unpack_with("lz4", ["-d", "-q", "-c"], blob[: lz4_legacy_length(blob)])
     if blob[:4] == ZSTD_MAGIC:
-        end = zstdframe.frame(blob).length          # the padding / next archive stay out
+        end = zstdframe.frame(blob).length  # the padding / next archive stay out
         return _unpack_with("zstd", ["-d", "-q", "-c", "-"], blob[:end])
     return blob
 
@@ -204,11 +250,13 @@ def _unpack_with(tool: str, args: list[str], data: bytes) -> bytes:
     try:
         proc = subprocess.run([tool, *args], input=data, capture_output=True, check=False)
     except FileNotFoundError:
-        raise InitramfsError(f"a {tool} archive needs the {tool} tool to be read",
-                             fix=f"apt-get install {tool}") from None
+        raise InitramfsError(
+            f"a {tool} archive needs the {tool} tool to be read", fix=f"apt-get install {tool}"
+        ) from None
     if proc.returncode != 0:
-        raise InitramfsError(f"the {tool} archive cannot be read",
-                             why=proc.stderr.decode(errors="replace").strip())
+        raise InitramfsError(
+            f"the {tool} archive cannot be read", why=proc.stderr.decode(errors="replace").strip()
+        )
     return proc.stdout
 
 
@@ -237,8 +285,10 @@ def _add_host_path(plan: _Plan, path: Path, mode: int | None = None) -> None:
             path = (path.parent / target) if not os.path.isabs(target) else Path(target)
             continue
         if not path.is_file():
-            raise InitramfsError(f"{path} is not a regular file on this host",
-                                 fix="install the Debian package that provides it")
+            raise InitramfsError(
+                f"{path} is not a regular file on this host",
+                fix="install the Debian package that provides it",
+            )
         st = path.stat()
         plan.add_file(name, path, mode if mode is not None else stat.S_IMODE(st.st_mode))
         return
@@ -261,8 +311,11 @@ def shared_libraries(binary: Path) -> list[Path]:
     libs = []
     for line in out.stdout.splitlines():
         if "not found" in line:
-            raise InitramfsError(f"{binary} needs a library that is not installed",
-                                 why=line.strip(), fix="install the missing library package")
+            raise InitramfsError(
+                f"{binary} needs a library that is not installed",
+                why=line.strip(),
+                fix="install the missing library package",
+            )
         m = _LDD_LINE.search(line)
         if m:
             libs.append(Path(m.group(1)))
@@ -337,7 +390,8 @@ print(json.dumps({"files": files, "missing": missing, "stdlib": sysconfig.get_pa
 #: of B's python start-up. install() makes dataclasses' exec() take the precompiled code
 #: for a text it knows (the same text compiled the same way) and compile any other.
 BOOTCACHE = "kjumpd_bootcache"
-BOOTCACHE_SOURCE = '''"""Precompiled code of the methods @dataclass generates (savekernel/initramfs.py)."""
+BOOTCACHE_SOURCE = '''"""Precompiled code of the methods @dataclass generates
+(savekernel/initramfs.py)."""
 import builtins
 import marshal
 
@@ -376,32 +430,60 @@ def _package_dir(name: str, search: Sequence[Path]) -> Path:
     for base in search:
         if (base / top / "__init__.py").is_file():
             return base / top
-    raise InitramfsError(f"python package {top} not found", why=f"searched {', '.join(map(str, search))}",
-                         fix="install it (e.g. apt-get install python3-lz4)")
+    raise InitramfsError(
+        f"python package {top} not found",
+        why=f"searched {', '.join(map(str, search))}",
+        fix="install it (e.g. apt-get install python3-lz4)",
+    )
 
 
-def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
-                python: Path, exclude: Sequence[str],
-                scripts: Mapping[str, Path] | None = None) -> None:
+def _add_python(
+    plan: _Plan,
+    modules: Sequence[str],
+    packages: Sequence[str],
+    python: Path,
+    exclude: Sequence[str],
+    scripts: Mapping[str, Path] | None = None,
+) -> None:
     search = [REPO, DIST_PACKAGES]
     pkg_dirs = [_package_dir(p, search) for p in packages]
-    resolve = (f"BOOTCACHE_SOURCE = {BOOTCACHE_SOURCE!r}\n"
-               f"BOOTCACHE_NAME = {BOOTCACHE + '.py'!r}\n" + _RESOLVE)
+    resolve = (
+        f"BOOTCACHE_SOURCE = {BOOTCACHE_SOURCE!r}\n"
+        f"BOOTCACHE_NAME = {BOOTCACHE + '.py'!r}\n" + _RESOLVE
+    )
     with tempfile.TemporaryDirectory(prefix="kjumpd-trace-") as tmp:
         dc_out = str(Path(tmp) / "bootcache.pyc") if packages else ""
-        proc = subprocess.run([str(python), "-S", "-E", "-B", "-c", resolve,
-                               json.dumps([str(d.parent) for d in pkg_dirs]),
-                               json.dumps(list(modules)), dc_out],
-                              capture_output=True, text=True, check=False, cwd="/")
+        proc = subprocess.run(
+            [
+                str(python),
+                "-S",
+                "-E",
+                "-B",
+                "-c",
+                resolve,
+                json.dumps([str(d.parent) for d in pkg_dirs]),
+                json.dumps(list(modules)),
+                dc_out,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
         bootcache = Path(dc_out).read_bytes() if dc_out and proc.returncode == 0 else None
     if proc.returncode != 0:
-        raise InitramfsError(f"{python} could not trace the agent's imports",
-                             why=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
-                             fix="run the command by hand to see the error")
+        raise InitramfsError(
+            f"{python} could not trace the agent's imports",
+            why=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
+            fix="run the command by hand to see the error",
+        )
     info = json.loads(proc.stdout)
     if info["missing"]:
-        raise InitramfsError("modules for the initramfs cannot be imported",
-                             why="; ".join(info["missing"]), fix="install them or fix the import")
+        raise InitramfsError(
+            "modules for the initramfs cannot be imported",
+            why="; ".join(info["missing"]),
+            fix="install them or fix the import",
+        )
     stdlib = Path(info["stdlib"])
     pydir = f"usr/lib/python{info['version']}"
     add_host_binary(plan, python)
@@ -415,8 +497,10 @@ def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
         try:
             rel = path.relative_to(stdlib)
         except ValueError:
-            raise InitramfsError(f"module {name} comes from {path}, outside the standard library",
-                                 fix=f"name its package in packages= (e.g. {name.split('.')[0]})")
+            raise InitramfsError(
+                f"module {name} comes from {path}, outside the standard library",
+                fix=f"name its package in packages= (e.g. {name.split('.')[0]})",
+            ) from None
         if path.suffix == ".py":
             plan.compile[f"{pydir}/{rel.with_suffix('.pyc')}"] = path
         elif path.suffix == ".so":
@@ -433,7 +517,7 @@ def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
         # a script run at every boot is compiled here, not by python at each start (under
         # TCG compiling R's ~300-line /init cost as much as importing a dozen modules)
         plan.compile[f"{pydir}/{mod}.pyc"] = Path(src)
-    for top, d in pkg_roots.items():
+    for d in pkg_roots.values():
         for src in sorted(d.rglob("*")):
             if "__pycache__" in src.parts or not src.is_file():
                 continue
@@ -441,7 +525,8 @@ def _add_python(plan: _Plan, modules: Sequence[str], packages: Sequence[str],
             name = f"{pydir}/{rel}"
             if src.suffix == ".py":
                 plan.add_file(name, src)
-                cache_name = f"{pydir}/{rel.parent}/__pycache__/{src.stem}.cpython-{info['version'].replace('.', '')}.pyc"
+                tag = "cpython-" + info["version"].replace(".", "")
+                cache_name = f"{pydir}/{rel.parent}/__pycache__/{src.stem}.{tag}.pyc"
                 plan.compile[cache_name] = src
             elif src.suffix == ".so":
                 plan.add_file(name, src)
@@ -462,22 +547,33 @@ def _compile_all(plan: _Plan, work: Path) -> dict[str, bytes]:
         else:
             dfile = "/" + name[:-1]
         jobs.append((str(src), str(work / f"{i}.pyc"), dfile))
-    proc = subprocess.run([str(plan.python), "-S", "-E", "-c", _COMPILE], input=json.dumps(jobs),
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [str(plan.python), "-S", "-E", "-c", _COMPILE],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
-        raise InitramfsError("compiling the initramfs's python modules failed",
-                             why=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
-    return {name: (work / f"{i}.pyc").read_bytes()
-            for i, (name, _src) in enumerate(sorted(plan.compile.items()))}
+        raise InitramfsError(
+            "compiling the initramfs's python modules failed",
+            why=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
+        )
+    return {
+        name: (work / f"{i}.pyc").read_bytes()
+        for i, (name, _src) in enumerate(sorted(plan.compile.items()))
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # the archive
 
+
 def _key(plan: _Plan, init_script: str) -> str:
     h = hashlib.sha256()
-    h.update(RECIPE.encode() + b"\0" + init_script.encode() + b"\0"
-             + str(plan.python).encode() + b"\0")
+    h.update(
+        RECIPE.encode() + b"\0" + init_script.encode() + b"\0" + str(plan.python).encode() + b"\0"
+    )
 
     def content(src: Path | bytes) -> bytes:
         if isinstance(src, bytes):
@@ -486,7 +582,9 @@ def _key(plan: _Plan, init_script: str) -> str:
             return hashlib.file_digest(f, "sha256").digest()
 
     for name in sorted(plan.files):
-        h.update(b"F" + name.encode() + b"\0" + b"%o" % plan.modes[name] + content(plan.files[name]))
+        h.update(
+            b"F" + name.encode() + b"\0" + b"%o" % plan.modes[name] + content(plan.files[name])
+        )
     for name in sorted(plan.links):
         h.update(b"L" + name.encode() + b"\0" + plan.links[name].encode() + b"\0")
     for name in sorted(plan.compile):
@@ -519,17 +617,21 @@ def _entries(plan: _Plan, init_script: str, compiled: Mapping[str, bytes]) -> It
         yield e
 
 
-def build_initramfs(out: Path | None, init_script: str,
-                    extra_files: Mapping[str, Path | bytes] | None = None, *,
-                    name: str = "custom",
-                    python_modules: Sequence[str] = (),
-                    python_packages: Sequence[str] = (),
-                    host_binaries: Sequence[Path | str] = (),
-                    busybox: bool = True,
-                    python: Path = HOST_PYTHON,
-                    exclude_modules: Sequence[str] = DEFAULT_EXCLUDE,
-                    compress: bool = True,
-                    python_scripts: Mapping[str, Path] | None = None) -> InitramfsImage:
+def build_initramfs(
+    out: Path | None,
+    init_script: str,
+    extra_files: Mapping[str, Path | bytes] | None = None,
+    *,
+    name: str = "custom",
+    python_modules: Sequence[str] = (),
+    python_packages: Sequence[str] = (),
+    host_binaries: Sequence[Path | str] = (),
+    busybox: bool = True,
+    python: Path = HOST_PYTHON,
+    exclude_modules: Sequence[str] = DEFAULT_EXCLUDE,
+    compress: bool = True,
+    python_scripts: Mapping[str, Path] | None = None,
+) -> InitramfsImage:
     """Build (or reuse from the cache) a compressed (lz4, else gzip: see codec()) cpio
     initramfs; copy it to out when given. With compress=False the archive is plain cpio
     (larger to load, nothing to inflate).
@@ -549,8 +651,14 @@ def build_initramfs(out: Path | None, init_script: str,
     for b in host_binaries:
         add_host_binary(plan, Path(b))
     if python_modules or python_packages:
-        _add_python(plan, list(python_modules) + list(python_packages), python_packages, python,
-                    exclude_modules, python_scripts)
+        _add_python(
+            plan,
+            list(python_modules) + list(python_packages),
+            python_packages,
+            python,
+            exclude_modules,
+            python_scripts,
+        )
     for arc, src in (extra_files or {}).items():
         arc = arc.lstrip("/")
         if isinstance(src, (str, Path)) and not Path(src).is_file():
@@ -560,7 +668,9 @@ def build_initramfs(out: Path | None, init_script: str,
     how = codec() if compress else "none"
     key = _key(plan, init_script + {"gzip": "", "none": "\0plain"}.get(how, f"\0{how}"))
     cdir = cache_dir()
-    cached = cdir / f"{name}-{key}.cpio{ {'gzip': '.gz', 'zstd': '.zst', 'lz4': '.lz4'}.get(how, '') }"
+    cached = (
+        cdir / f"{name}-{key}.cpio{ {'gzip': '.gz', 'zstd': '.zst', 'lz4': '.lz4'}.get(how, '') }"
+    )
     meta = cdir / f"{name}-{key}.json"
     hit = cached.is_file() and meta.is_file()
     if not hit:
@@ -582,12 +692,13 @@ def build_initramfs(out: Path | None, init_script: str,
         with open(tmp_out, "wb") as f:
             f.write(packed)
         os.replace(tmp_out, cached)
-        meta.write_text(json.dumps({"uncompressed_size": len(raw),
-                                    "members": len(cpio.read(raw))}))
-        log.info("initramfs %s: %d bytes (%d uncompressed)", cached, cached.stat().st_size, len(raw))
+        meta.write_text(json.dumps({"uncompressed_size": len(raw), "members": len(cpio.read(raw))}))
+        log.info(
+            "initramfs %s: %d bytes (%d uncompressed)", cached, cached.stat().st_size, len(raw)
+        )
         prune_cache(cdir, name)
     else:
-        os.utime(cached)                 # in use: pruning spares recently used archives
+        os.utime(cached)  # in use: pruning spares recently used archives
     info = json.loads(meta.read_text())
     result = cached
     if out is not None:
@@ -597,8 +708,9 @@ def build_initramfs(out: Path | None, init_script: str,
         shutil.copyfile(cached, tmp_copy)
         os.replace(tmp_copy, out)
         result = out
-    return InitramfsImage(result, key, cached.stat().st_size, info["uncompressed_size"],
-                          info["members"], hit)
+    return InitramfsImage(
+        result, key, cached.stat().st_size, info["uncompressed_size"], info["members"], hit
+    )
 
 
 #: archives of one name kept whatever their age (the newest first), and how long one stays
@@ -612,11 +724,20 @@ def prune_cache(cdir: Path, name: str, now: float | None = None) -> list[Path]:
     two newest and any used in the last PRUNE_AGE seconds, but never more than MAX_ARCHIVES:
     each change to kjumpd/ makes a new one (2.8 GiB of them after a day of work)."""
     now = time.time() if now is None else now
-    archives = sorted((p for p in cdir.glob(f"{name}-*.cpio*") if not p.name.endswith(".tmp")
-                       and p.name[len(name) + 1:].split(".", 1)[0].isalnum()),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
-    gone = [p for i, p in enumerate(archives)
-            if i >= MAX_ARCHIVES or (i >= 2 and now - p.stat().st_mtime >= PRUNE_AGE)]
+    archives = sorted(
+        (
+            p
+            for p in cdir.glob(f"{name}-*.cpio*")
+            if not p.name.endswith(".tmp") and p.name[len(name) + 1 :].split(".", 1)[0].isalnum()
+        ),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    gone = [
+        p
+        for i, p in enumerate(archives)
+        if i >= MAX_ARCHIVES or (i >= 2 and now - p.stat().st_mtime >= PRUNE_AGE)
+    ]
     for p in gone:
         p.unlink(missing_ok=True)
         p.with_name(p.name.split(".cpio", 1)[0] + ".json").unlink(missing_ok=True)
@@ -625,9 +746,14 @@ def prune_cache(cdir: Path, name: str, now: float | None = None) -> list[Path]:
 
 def build_save_initramfs(out: Path | None = None, compress: bool = True) -> InitramfsImage:
     """B's initramfs: busybox, trimmed python3, python3-lz4, kjumpd, /init running the agent."""
-    return build_initramfs(out, SAVE_INIT, name="save",
-                           python_modules=(*SAVE_ENTRY, *SAVE_EXTRA_MODULES),
-                           python_packages=("kjumpd", "lz4"), compress=compress)
+    return build_initramfs(
+        out,
+        SAVE_INIT,
+        name="save",
+        python_modules=(*SAVE_ENTRY, *SAVE_EXTRA_MODULES),
+        python_packages=("kjumpd", "lz4"),
+        compress=compress,
+    )
 
 
 def read_archive(path: Path) -> list[cpio.Entry]:
@@ -637,12 +763,16 @@ def read_archive(path: Path) -> list[cpio.Entry]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    p = argparse.ArgumentParser(prog="python -m savekernel.initramfs",
-                                description="Build kjumpd's initramfs archives (cached).")
+    p = argparse.ArgumentParser(
+        prog="python -m savekernel.initramfs",
+        description="Build kjumpd's initramfs archives (cached).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("save", help="the save kernel's initramfs; prints its path")
     s.add_argument("--out", type=Path, help="copy the archive here")
-    s.add_argument("--plain", action="store_true", help="no compression (nothing to inflate, larger)")
+    s.add_argument(
+        "--plain", action="store_true", help="no compression (nothing to inflate, larger)"
+    )
     ls = sub.add_parser("list", help="list the members of an archive")
     ls.add_argument("archive", type=Path)
     args = p.parse_args(argv)
@@ -650,9 +780,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "save":
             img = build_save_initramfs(args.out, compress=not args.plain)
             print(f"{img.path}", flush=True)
-            print(f"save initramfs: {img.compressed_size} bytes {codec() if not args.plain else 'plain'}, {img.uncompressed_size} "
-                  f"uncompressed, {img.members} members{' (cached)' if img.cached else ''}",
-                  file=sys.stderr)
+            print(
+                f"save initramfs: {img.compressed_size} bytes "
+                f"{codec() if not args.plain else 'plain'}, {img.uncompressed_size} uncompressed, "
+                f"{img.members} members{' (cached)' if img.cached else ''}",
+                file=sys.stderr,
+            )
         else:
             for e in read_archive(args.archive):
                 print(f"{e.mode:07o} {len(e.data):>10} {e.name}")

@@ -16,8 +16,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("kjumpd", deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("kjumpd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("kjumpd")
 
 
@@ -25,7 +24,11 @@ settings.load_profile("kjumpd")
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
     outcome = yield
     report = outcome.get_result()
-    if os.environ.get("KJUMPD_REQUIRE_VM") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+    if (
+        os.environ.get("KJUMPD_REQUIRE_VM") == "1"
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+    ):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under KJUMPD_REQUIRE_VM=1 (CI must run every test): {reason}"

@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from kjumpd import subcommands
 from kjumpd.errors import ConfigError, KjumpError, TargetError
@@ -34,7 +35,7 @@ EXTRA_COMMAND_MODULES = ["kjumpd.agent.kernel_role"]
 
 
 def parse_ranges(text: str) -> list[tuple[int, int]]:
-    """"0x1000-0x9f000,1048576-2097152" -> [(start, end)], END exclusive."""
+    """ "0x1000-0x9f000,1048576-2097152" -> [(start, end)], END exclusive."""
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -42,24 +43,31 @@ def parse_ranges(text: str) -> list[tuple[int, int]]:
             continue
         a, sep, b = part.partition("-")
         if not sep:
-            raise ConfigError(f"memory range {part!r} is not START-END",
-                              fix="write ranges as START-END[,START-END...], END exclusive")
+            raise ConfigError(
+                f"memory range {part!r} is not START-END",
+                fix="write ranges as START-END[,START-END...], END exclusive",
+            )
         try:
             start, end = _num(a), _num(b)
         except ValueError:
-            raise ConfigError(f"memory range {part!r} has a bad number",
-                              fix="use decimal or 0x-prefixed hex") from None
+            raise ConfigError(
+                f"memory range {part!r} has a bad number", fix="use decimal or 0x-prefixed hex"
+            ) from None
         if end <= start:
-            raise ConfigError(f"memory range {part!r} is empty",
-                              fix="END must be greater than START (END is exclusive)")
+            raise ConfigError(
+                f"memory range {part!r} is empty",
+                fix="END must be greater than START (END is exclusive)",
+            )
         out.append((start, end))
     if not out:
         raise ConfigError("no memory ranges given", fix="pass --ranges START-END")
     out.sort()
     for (a0, b0), (a1, b1) in zip(out, out[1:]):
         if a1 < b0:
-            raise ConfigError(f"memory ranges {a0:#x}-{b0:#x} and {a1:#x}-{b1:#x} overlap",
-                              fix="give ranges that do not overlap")
+            raise ConfigError(
+                f"memory ranges {a0:#x}-{b0:#x} and {a1:#x}-{b1:#x} overlap",
+                fix="give ranges that do not overlap",
+            )
     return out
 
 
@@ -72,11 +80,12 @@ def target_size_for(ranges: list[tuple[int, int]], chunk_size: int) -> int:
     """A target size that holds the worst case (nothing compresses, no zero page)."""
     from kjumpd.image.format import CHUNK_HEADER_SIZE, chunk_count, data_offset_for
     from kjumpd.image.save import normalize_ranges
+
     ext = normalize_ranges(ranges)
     raw = sum(e.length for e in ext)
     n = chunk_count(ext, chunk_size)
     per_chunk = CHUNK_HEADER_SIZE + (chunk_size // 4096 + 7) // 8
-    meta = 64 + 16 * len(ext) + 64 * 1024   # extents + a generous identity
+    meta = 64 + 16 * len(ext) + 64 * 1024  # extents + a generous identity
     size = data_offset_for(meta) + raw + n * per_chunk + 1024 * 1024
     return -(-size // (1024 * 1024)) * (1024 * 1024)
 
@@ -93,8 +102,11 @@ class _Console:
         if not self.enabled:
             return
         pct = 100.0 * done / total if total else 100.0
-        print(f"kjump-agent: {self.verb} {pct:5.1f}% {done >> 20}/{total >> 20} MiB "
-              f"{mb_s:.0f} MB/s ETA {eta:.0f}s", file=sys.stderr)
+        print(
+            f"kjump-agent: {self.verb} {pct:5.1f}% {done >> 20}/{total >> 20} MiB "
+            f"{mb_s:.0f} MB/s ETA {eta:.0f}s",
+            file=sys.stderr,
+        )
 
 
 def peak_rss_bytes() -> int:
@@ -123,17 +135,22 @@ def cmd_save(args: argparse.Namespace) -> int:
     from kjumpd.image import save, store
     from kjumpd.image.device import ImageDevice
     from kjumpd.image.memfile import FileMemorySource
+
     ranges = parse_ranges(args.ranges)
     chunk = args.chunk_size or save.DEFAULT_CHUNK_SIZE
     if chunk > MAX_CHUNK_SIZE:
-        raise ConfigError(f"--chunk-size {chunk} is larger than 1 MiB ({MAX_CHUNK_SIZE})",
-                          why="larger chunks push the agent past its 64 MiB memory bound",
-                          fix=f"pass --chunk-size {MAX_CHUNK_SIZE} or less")
+        raise ConfigError(
+            f"--chunk-size {chunk} is larger than 1 MiB ({MAX_CHUNK_SIZE})",
+            why="larger chunks push the agent past its 64 MiB memory bound",
+            fix=f"pass --chunk-size {MAX_CHUNK_SIZE} or less",
+        )
     with FileMemorySource(args.memory) as source:
         if ranges[-1][1] > source.size:
-            raise ConfigError(f"range end {ranges[-1][1]:#x} is past the end of {args.memory}",
-                              why=f"the memory file holds {source.size} bytes",
-                              fix="give ranges inside the memory file")
+            raise ConfigError(
+                f"range end {ranges[-1][1]:#x} is past the end of {args.memory}",
+                why=f"the memory file holds {source.size} bytes",
+                fix="give ranges inside the memory file",
+            )
         if not os.path.exists(args.target):
             size = args.target_size or target_size_for(ranges, chunk)
             store.create_target(args.target, size)
@@ -142,20 +159,39 @@ def cmd_save(args: argparse.Namespace) -> int:
             try:
                 store.read_superblock(dev)
             except KjumpError as e:
-                raise TargetError(f"{args.target} is not a kjumpd target", why=e.why or e.what,
-                                  fix="give a new path (it is created) or a target made by "
-                                      "`kjumpctl setup`") from None
-            stats = save.save_image(source, ranges, dev, identity={"source": args.memory},
-                                    mode=args.mode, chunk_size=chunk, workers=args.workers,
-                                    compression=args.compression, verify=not args.no_verify,
-                                    progress=_Console("saving", args.progress))
-    print(f"kjump-agent: SAVED {stats.raw_bytes} bytes in {stats.chunk_count} chunks "
-          f"({stats.zero_pages} zero pages) as {stats.stored_bytes} bytes in "
-          f"{stats.seconds:.2f}s (verify {stats.verify_seconds:.2f}s)", file=sys.stderr)
-    _print_stats(args.stats, raw_bytes=stats.raw_bytes, stored_bytes=stats.stored_bytes,
-                 zero_pages=stats.zero_pages, chunks=stats.chunk_count, seconds=stats.seconds,
-                 verify_seconds=stats.verify_seconds,
-                 stages={k: round(v, 3) for k, v in stats.stages.items()})
+                raise TargetError(
+                    f"{args.target} is not a kjumpd target",
+                    why=e.why or e.what,
+                    fix="give a new path (it is created) or a target made by `kjumpctl setup`",
+                ) from None
+            stats = save.save_image(
+                source,
+                ranges,
+                dev,
+                identity={"source": args.memory},
+                mode=args.mode,
+                chunk_size=chunk,
+                workers=args.workers,
+                compression=args.compression,
+                verify=not args.no_verify,
+                progress=_Console("saving", args.progress),
+            )
+    print(
+        f"kjump-agent: SAVED {stats.raw_bytes} bytes in {stats.chunk_count} chunks "
+        f"({stats.zero_pages} zero pages) as {stats.stored_bytes} bytes in "
+        f"{stats.seconds:.2f}s (verify {stats.verify_seconds:.2f}s)",
+        file=sys.stderr,
+    )
+    _print_stats(
+        args.stats,
+        raw_bytes=stats.raw_bytes,
+        stored_bytes=stats.stored_bytes,
+        zero_pages=stats.zero_pages,
+        chunks=stats.chunk_count,
+        seconds=stats.seconds,
+        verify_seconds=stats.verify_seconds,
+        stages={k: round(v, 3) for k, v in stats.stages.items()},
+    )
     return 0
 
 
@@ -172,11 +208,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from kjumpd.image import restore, store
     from kjumpd.image.device import ImageDevice
     from kjumpd.image.memfile import FileMemorySink
+
     with ImageDevice(args.target, writable=False, direct=not args.buffered) as dev:
         if args.verify_first:
             restore.restore_image(dev, None, verify_only=True, workers=args.workers)
         store.read_superblock(dev)
-        restore.check_image(dev)         # refuse before the memory file is even opened
+        restore.check_image(dev)  # refuse before the memory file is even opened
         with FileMemorySink(args.memory) as sink:
             # writing the memory file is I/O-bound: more workers than CPUs keep more O_DIRECT
             # writes in flight (2 GiB on 2 CPUs, quiet, interleaved: 2.63-2.89 s with 8
@@ -184,14 +221,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
             # most 8: chunks in flight are capped by the save's budget anyway, and each
             # worker adds its own buffers to the peak RSS
             workers = args.workers or restore_file_workers(restore.default_workers())
-            stats = restore.restore_image(dev, sink, workers=workers,
-                                          progress=_Console("restoring", args.progress))
+            stats = restore.restore_image(
+                dev, sink, workers=workers, progress=_Console("restoring", args.progress)
+            )
             sink.flush()
-    print(f"kjump-agent: restored {stats.raw_bytes} bytes in {stats.chunk_count} chunks in "
-          f"{stats.seconds:.2f}s", file=sys.stderr)
-    _print_stats(args.stats, raw_bytes=stats.raw_bytes, chunks=stats.chunk_count,
-                 seconds=stats.seconds,
-                 stages={k: round(v, 3) for k, v in stats.stages.items()})
+    print(
+        f"kjump-agent: restored {stats.raw_bytes} bytes in {stats.chunk_count} chunks in "
+        f"{stats.seconds:.2f}s",
+        file=sys.stderr,
+    )
+    _print_stats(
+        args.stats,
+        raw_bytes=stats.raw_bytes,
+        chunks=stats.chunk_count,
+        seconds=stats.seconds,
+        stages={k: round(v, 3) for k, v in stats.stages.items()},
+    )
     return 0
 
 
@@ -199,43 +244,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kjump-agent",
         description="kjumpd's agent: save/restore memory images on files; `boot` is the save "
-                    "kernel's userspace.",
-        epilog="exit codes: 0 ok, 1 failed, 2 usage")
+        "kernel's userspace.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--workers", type=int, default=None,
-                       help="worker threads (default: one per CPU to save, four per CPU "
-                            "and at most 8 to restore)")
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="worker threads (default: one per CPU to save, four per CPU "
+            "and at most 8 to restore)",
+        )
         p.add_argument("--progress", action="store_true", help="print progress to stderr")
-        p.add_argument("--buffered", action="store_true",
-                       help="do not use O_DIRECT on the target")
-        p.add_argument("--stats", action="store_true",
-                       help="print a JSON line of figures (bytes, seconds, peak RSS) on stdout")
+        p.add_argument("--buffered", action="store_true", help="do not use O_DIRECT on the target")
+        p.add_argument(
+            "--stats",
+            action="store_true",
+            help="print a JSON line of figures (bytes, seconds, peak RSS) on stdout",
+        )
 
     p = sub.add_parser("save", help="save memory ranges of a file into a target file")
     p.add_argument("--memory", required=True, metavar="FILE", help="memory image to read")
-    p.add_argument("--ranges", required=True, metavar="START-END[,START-END...]",
-                   help="byte ranges to save (END exclusive; hex with 0x or decimal)")
-    p.add_argument("--target", required=True, metavar="FILE",
-                   help="target file (created fully allocated when missing)")
-    p.add_argument("--target-size", type=int, default=None, metavar="BYTES",
-                   help="size of a new target (default: the worst case for the ranges)")
+    p.add_argument(
+        "--ranges",
+        required=True,
+        metavar="START-END[,START-END...]",
+        help="byte ranges to save (END exclusive; hex with 0x or decimal)",
+    )
+    p.add_argument(
+        "--target",
+        required=True,
+        metavar="FILE",
+        help="target file (created fully allocated when missing)",
+    )
+    p.add_argument(
+        "--target-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="size of a new target (default: the worst case for the ranges)",
+    )
     p.add_argument("--mode", default="test", help="mode recorded in the header (default test)")
     p.add_argument("--compression", default="lz4", choices=["lz4", "none"])
-    p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
-                   help="chunk size (multiple of 4096, at most 1 MiB; default 1 MiB)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="chunk size (multiple of 4096, at most 1 MiB; default 1 MiB)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verify pass")
     common(p)
     p.set_defaults(func=cmd_save)
 
     p = sub.add_parser("restore", help="write a saved image back into a memory file")
     p.add_argument("--target", required=True, metavar="FILE", help="target file with the image")
-    p.add_argument("--memory", required=True, metavar="FILE",
-                   help="memory file to write (created when missing; other bytes kept)")
-    p.add_argument("--verify-first", action="store_true",
-                   help="check the whole image before writing anything")
+    p.add_argument(
+        "--memory",
+        required=True,
+        metavar="FILE",
+        help="memory file to write (created when missing; other bytes kept)",
+    )
+    p.add_argument(
+        "--verify-first", action="store_true", help="check the whole image before writing anything"
+    )
     common(p)
     p.set_defaults(func=cmd_restore)
 
@@ -247,8 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_heap()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        stream=sys.stderr, format="kjump-agent: %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="kjump-agent: %(name)s: %(message)s",
+    )
     func: Any = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
@@ -263,8 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - a bug: one line for the user, details with -v
         log.debug("internal error", exc_info=True)
-        print(f"kjump-agent: internal error: {type(err).__name__}: {err} "
-              "(run with -v for details and report it)", file=sys.stderr)
+        print(
+            f"kjump-agent: internal error: {type(err).__name__}: {err} "
+            "(run with -v for details and report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -30,8 +30,8 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from kjumpd.errors import AgentError
 from kjumpd.sysroot import Sysroot
@@ -40,12 +40,12 @@ log = logging.getLogger("kjumpd.agent.devmem")
 
 PAGE = 4096
 DEFAULT_WINDOW = 16 << 20
-Range = tuple[int, int]   # [start, end) physical byte addresses
+Range = tuple[int, int]  # [start, end) physical byte addresses
 #: below this many bytes a slice assignment is cheaper than a ctypes call
 _LIBC_MIN = 64 << 10
 
 
-def _load_libc() -> "tuple[Callable[..., int], Callable[..., int], Callable[..., int]] | None":
+def _load_libc() -> tuple[Callable[..., int], Callable[..., int], Callable[..., int]] | None:
     try:
         libc = ctypes.CDLL(None)
         memmove, memset, memcmp = libc.memmove, libc.memset, libc.memcmp
@@ -90,7 +90,7 @@ def zero_fill(dst: memoryview) -> None:
 
 
 _ZERO_STEP = 1 << 20
-_zero_src: mmap.mmap | None = None     # never written: reads as zeros
+_zero_src: mmap.mmap | None = None  # never written: reads as zeros
 
 
 def is_zero(buf: memoryview) -> bool:
@@ -119,8 +119,10 @@ def normalize(ranges: Sequence[Sequence[int]]) -> list[Range]:
     for r in sorted((int(a), int(b)) for a, b in ranges):
         start, end = r
         if start < 0 or end < start:
-            raise AgentError(f"bad physical range [{start:#x}, {end:#x})",
-                             fix="ranges are [start, end) with 0 <= start <= end")
+            raise AgentError(
+                f"bad physical range [{start:#x}, {end:#x})",
+                fix="ranges are [start, end) with 0 <= start <= end",
+            )
         if start == end:
             continue
         if out and start <= out[-1][1]:
@@ -150,8 +152,14 @@ def subtract(ranges: Sequence[Range], holes: Sequence[Range]) -> list[Range]:
 class _DevMem:
     """An open /dev/mem (or a file standing in for it) with one cached mmap window."""
 
-    def __init__(self, sysroot: Sysroot, ranges: Sequence[Sequence[int]] | None, writable: bool,
-                 window: int = DEFAULT_WINDOW, device: str = "/dev/mem") -> None:
+    def __init__(
+        self,
+        sysroot: Sysroot,
+        ranges: Sequence[Sequence[int]] | None,
+        writable: bool,
+        window: int = DEFAULT_WINDOW,
+        device: str = "/dev/mem",
+    ) -> None:
         if window <= 0 or window % mmap.ALLOCATIONGRANULARITY:
             raise AgentError(f"mmap window {window} is not a multiple of the page size")
         self.device = device
@@ -164,12 +172,15 @@ class _DevMem:
             # no O_SYNC: with it x86 maps /dev/mem uncached (drivers/char/mem.c), far slower
             self._fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as e:
-            raise AgentError(f"cannot open {device}", why=e.strerror or str(e),
-                             fix="the save kernel needs CONFIG_DEVMEM=y and STRICT_DEVMEM off",
-                             path=device) from e
+            raise AgentError(
+                f"cannot open {device}",
+                why=e.strerror or str(e),
+                fix="the save kernel needs CONFIG_DEVMEM=y and STRICT_DEVMEM off",
+                path=device,
+            ) from e
         # one cached window per thread (the restore's workers write at the same time)
         self._local = threading.local()
-        self._windows: dict[int, mmap.mmap] = {}     # thread id -> its window
+        self._windows: dict[int, mmap.mmap] = {}  # thread id -> its window
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -192,10 +203,12 @@ class _DevMem:
             return (phys - phys % PAGE, -(-(phys + length) // PAGE) * PAGE)
         i = bisect.bisect_right(self._starts, phys) - 1
         if i < 0 or phys + length > self.ranges[i][1]:
-            raise AgentError(f"physical access [{phys:#x}, {phys + length:#x}) is outside the "
-                             "main kernel's memory ranges",
-                             why="the job's range list does not cover it",
-                             fix="this is a bug in the job or the image; nothing was written")
+            raise AgentError(
+                f"physical access [{phys:#x}, {phys + length:#x}) is outside the "
+                "main kernel's memory ranges",
+                why="the job's range list does not cover it",
+                fix="this is a bug in the job or the image; nothing was written",
+            )
         return self.ranges[i]
 
     def _view(self, phys: int, length: int) -> tuple[mmap.mmap, int]:
@@ -215,9 +228,12 @@ class _DevMem:
         try:
             m = mmap.mmap(self._fd, end - start, mmap.MAP_SHARED, self._prot, offset=start)
         except (OSError, ValueError) as e:
-            raise AgentError(f"cannot map {self.device} at {start:#x}+{end - start:#x}",
-                             why=str(e), fix="check STRICT_DEVMEM is off in the save kernel",
-                             phys=start) from e
+            raise AgentError(
+                f"cannot map {self.device} at {start:#x}+{end - start:#x}",
+                why=str(e),
+                fix="check STRICT_DEVMEM is off in the save kernel",
+                phys=start,
+            ) from e
         loc.map, loc.start, loc.end = m, start, end
         with self._lock:
             self._windows[threading.get_ident()] = m
@@ -235,8 +251,13 @@ class _DevMem:
 class MemorySource(_DevMem):
     """Reads A's physical memory: ``read(phys, length) -> bytes``."""
 
-    def __init__(self, sysroot: Sysroot = Sysroot(), ranges: Sequence[Sequence[int]] | None = None,
-                 window: int = DEFAULT_WINDOW, device: str = "/dev/mem") -> None:
+    def __init__(
+        self,
+        sysroot: Sysroot = Sysroot(),
+        ranges: Sequence[Sequence[int]] | None = None,
+        window: int = DEFAULT_WINDOW,
+        device: str = "/dev/mem",
+    ) -> None:
         super().__init__(sysroot, ranges, False, window, device)
 
     def read(self, phys: int, length: int) -> bytes:
@@ -245,7 +266,7 @@ class MemorySource(_DevMem):
         while length > 0:
             m, off = self._view(phys, length)
             n = min(length, len(m) - off)
-            parts.append(m[off:off + n])
+            parts.append(m[off : off + n])
             phys += n
             length -= n
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -261,13 +282,14 @@ class MemorySource(_DevMem):
             m, off = self._view(phys + done, length - done)
             n = min(length - done, len(m) - off)
             with memoryview(m) as src:
-                out[done:done + n] = src[off:off + n]
+                out[done : done + n] = src[off : off + n]
             done += n
 
 
 @dataclass(frozen=True)
 class HeldSegment:
     """A's bytes for memory B is running in: handed to the jump-back kexec_load."""
+
     mem: int
     data: bytes
 
@@ -275,9 +297,14 @@ class HeldSegment:
 class MemorySink(_DevMem):
     """Writes A's physical memory: ``write(phys, data)``; writes inside ``hold`` are kept back."""
 
-    def __init__(self, sysroot: Sysroot = Sysroot(), ranges: Sequence[Sequence[int]] | None = None,
-                 hold: Sequence[Sequence[int]] = (), window: int = DEFAULT_WINDOW,
-                 device: str = "/dev/mem") -> None:
+    def __init__(
+        self,
+        sysroot: Sysroot = Sysroot(),
+        ranges: Sequence[Sequence[int]] | None = None,
+        hold: Sequence[Sequence[int]] = (),
+        window: int = DEFAULT_WINDOW,
+        device: str = "/dev/mem",
+    ) -> None:
         super().__init__(sysroot, ranges, True, window, device)
         self.hold = normalize(hold)
         for s, e in self.hold:
@@ -286,9 +313,9 @@ class MemorySink(_DevMem):
         #: writes from several threads at once are fine (each has its own window; held pages
         #: and counters are locked): the restore lets its workers write concurrently
         self.concurrent_writes = True
-        self._held: dict[int, bytearray] = {}   # page address -> A's bytes for it
+        self._held: dict[int, bytearray] = {}  # page address -> A's bytes for it
         self.bytes_written = 0
-        self.zero_already = 0     # bytes zero() found zero already (read, not written)
+        self.zero_already = 0  # bytes zero() found zero already (read, not written)
 
     def write(self, phys: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
@@ -307,11 +334,11 @@ class MemorySink(_DevMem):
             held = self._held_range(at)
             if held is not None:
                 n = min(length - pos, held[1] - at)
-                self._hold(at, data[pos:pos + n] if data is not None else memoryview(bytes(n)))
+                self._hold(at, data[pos : pos + n] if data is not None else memoryview(bytes(n)))
             else:
                 nxt = next((s for s, _ in self.hold if s > at), None)
                 n = length - pos if nxt is None else min(length - pos, nxt - at)
-                self._direct(at, n, data[pos:pos + n] if data is not None else None)
+                self._direct(at, n, data[pos : pos + n] if data is not None else None)
             pos += n
 
     def _held_range(self, at: int) -> Range | None:
@@ -328,7 +355,7 @@ class MemorySink(_DevMem):
             n = min(len(data) - pos, PAGE - off)
             with self._lock:
                 buf = self._held.setdefault(page, bytearray(PAGE))
-                buf[off:off + n] = data[pos:pos + n]
+                buf[off : off + n] = data[pos : pos + n]
             pos += n
 
     def _direct(self, at: int, length: int, data: memoryview | None) -> None:
@@ -336,7 +363,7 @@ class MemorySink(_DevMem):
         while pos < length:
             m, off = self._view(at + pos, length - pos)
             n = min(length - pos, len(m) - off)
-            with memoryview(m) as whole, whole[off:off + n] as dst:
+            with memoryview(m) as whole, whole[off : off + n] as dst:
                 if data is None:
                     if is_zero(dst):
                         with self._lock:
@@ -344,7 +371,7 @@ class MemorySink(_DevMem):
                     else:
                         zero_fill(dst)
                 else:
-                    copy_into(dst, data[pos:pos + n])
+                    copy_into(dst, data[pos : pos + n])
             pos += n
         with self._lock:
             self.bytes_written += length

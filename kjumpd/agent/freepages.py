@@ -41,8 +41,8 @@ import bisect
 import logging
 import struct
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from kjumpd.agent.devmem import subtract
 from kjumpd.agent.pageclass import Layout, PageClasses
@@ -51,12 +51,12 @@ from kjumpd.errors import KjumpError
 log = logging.getLogger("kjumpd.agent.freepages")
 
 PAGE = 4096
-START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000      # x86_64 __START_KERNEL_map
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # x86_64 __START_KERNEL_map
 PTE_PRESENT = 1 << 0
 PTE_PSE = 1 << 7
-PTE_ADDR = 0x000F_FFFF_FFFF_F000              # physical address bits 12..51
-MAX_FREE_FRACTION = 0.98                      # more free than this is not believed
-BATCH_PAGES = 16384                           # struct pages read per batch (1 MiB at 64 B)
+PTE_ADDR = 0x000F_FFFF_FFFF_F000  # physical address bits 12..51
+MAX_FREE_FRACTION = 0.98  # more free than this is not believed
+BATCH_PAGES = 16384  # struct pages read per batch (1 MiB at 64 B)
 VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
 VMCOREINFO_MAX = 1 << 16
 
@@ -70,20 +70,22 @@ class FreePageError(KjumpError):
 
 # --------------------------------------------------------------------------- VMCOREINFO
 
+
 @dataclass(frozen=True)
 class VmcoreInfo:
     """What the scan needs from A's VMCOREINFO (see the module docstring)."""
+
     osrelease: str
     page_size: int
-    init_top_pgt: int          # virtual
+    init_top_pgt: int  # virtual
     phys_base: int
     l5: bool
-    vmemmap: int               # virtual address of the struct page of pfn 0
-    page_struct_size: int      # SIZE(page)
-    off_mapcount: int          # OFFSET(page._mapcount) (= page_type)
-    off_private: int           # OFFSET(page.private) (= buddy order)
-    buddy_value: int           # NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE) as an unsigned 32-bit word
-    nr_orders: int             # LENGTH(zone.free_area)
+    vmemmap: int  # virtual address of the struct page of pfn 0
+    page_struct_size: int  # SIZE(page)
+    off_mapcount: int  # OFFSET(page._mapcount) (= page_type)
+    off_private: int  # OFFSET(page.private) (= buddy order)
+    buddy_value: int  # NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE) as an unsigned 32-bit word
+    nr_orders: int  # LENGTH(zone.free_area)
     sme_mask: int = 0
     # for the page-class histogram only (pageclass.py); -1 when the note lacks them
     off_flags: int = -1
@@ -105,16 +107,18 @@ def parse_note(blob: bytes) -> str:
     namesz, descsz, _type = struct.unpack_from("<III", blob, 0)
     name_end = 12 + namesz
     desc_at = 12 + -(-namesz // 4) * 4
-    if (namesz == 0 or descsz == 0 or descsz > VMCOREINFO_MAX
-            or desc_at + descsz > len(blob)):
-        raise FreePageError("A's VMCOREINFO note header is not valid",
-                            why=f"namesz {namesz}, descsz {descsz}, {len(blob)} bytes",
-                            fix="the job's vmcoreinfo address must be A's "
-                                "/sys/kernel/vmcoreinfo")
+    if namesz == 0 or descsz == 0 or descsz > VMCOREINFO_MAX or desc_at + descsz > len(blob):
+        raise FreePageError(
+            "A's VMCOREINFO note header is not valid",
+            why=f"namesz {namesz}, descsz {descsz}, {len(blob)} bytes",
+            fix="the job's vmcoreinfo address must be A's /sys/kernel/vmcoreinfo",
+        )
     if blob[12:name_end].rstrip(b"\0") != VMCOREINFO_NOTE_NAME:
-        raise FreePageError("the note at A's vmcoreinfo address is not VMCOREINFO",
-                            why=f"its name is {blob[12:name_end][:16]!r}")
-    return blob[desc_at:desc_at + descsz].decode("ascii", "replace")
+        raise FreePageError(
+            "the note at A's vmcoreinfo address is not VMCOREINFO",
+            why=f"its name is {blob[12:name_end][:16]!r}",
+        )
+    return blob[desc_at : desc_at + descsz].decode("ascii", "replace")
 
 
 def _number(text: str) -> int:
@@ -134,14 +138,26 @@ def page_layout(info: VmcoreInfo) -> Layout | None:
     one or one is not plausible (the histogram is then left out, nothing else changes)."""
     sz = info.page_struct_size
     offs = (info.off_flags, info.off_refcount, info.off_mapping, info.off_compound_head)
-    if (min(offs) < 0 or info.off_flags > sz - 8 or info.off_refcount > sz - 4
-            or info.off_mapping > sz - 8 or info.off_compound_head > sz - 8
-            or info.head_mask <= 0 or info.head_mask & (info.head_mask - 1)
-            or info.head_mask >= 1 << 64):
+    if (
+        min(offs) < 0
+        or info.off_flags > sz - 8
+        or info.off_refcount > sz - 4
+        or info.off_mapping > sz - 8
+        or info.off_compound_head > sz - 8
+        or info.head_mask <= 0
+        or info.head_mask & (info.head_mask - 1)
+        or info.head_mask >= 1 << 64
+    ):
         return None
-    return Layout(size=sz, flags=info.off_flags, refcount=info.off_refcount,
-                  mapping=info.off_mapping, compound_head=info.off_compound_head,
-                  mapcount=info.off_mapcount, head_mask=info.head_mask)
+    return Layout(
+        size=sz,
+        flags=info.off_flags,
+        refcount=info.off_refcount,
+        mapping=info.off_mapping,
+        compound_head=info.off_compound_head,
+        mapcount=info.off_mapcount,
+        head_mask=info.head_mask,
+    )
 
 
 def parse_vmcoreinfo(text: str) -> VmcoreInfo:
@@ -154,9 +170,11 @@ def parse_vmcoreinfo(text: str) -> VmcoreInfo:
 
     def get(key: str, conv: Callable[[str], int]) -> int:
         if key not in kv:
-            raise FreePageError(f"A's VMCOREINFO has no {key}",
-                                why="the main kernel is not the one this scan knows (6.12 x86_64)",
-                                fix="set free_page_exclusion = false")
+            raise FreePageError(
+                f"A's VMCOREINFO has no {key}",
+                why="the main kernel is not the one this scan knows (6.12 x86_64)",
+                fix="set free_page_exclusion = false",
+            )
         try:
             return conv(kv[key])
         except ValueError:
@@ -193,20 +211,30 @@ def check_info(info: VmcoreInfo) -> None:
     sz = info.page_struct_size
     if not (32 <= sz <= 256 and sz % 8 == 0):
         raise FreePageError(f"A's struct page is {sz} bytes: not plausible")
-    if not (0 <= info.off_mapcount <= sz - 4 and info.off_mapcount % 4 == 0
-            and 0 <= info.off_private <= sz - 8 and info.off_private % 8 == 0):
-        raise FreePageError("A's struct page offsets are not plausible",
-                            why=f"_mapcount at {info.off_mapcount}, private at "
-                                f"{info.off_private}, size {sz}")
+    if not (
+        0 <= info.off_mapcount <= sz - 4
+        and info.off_mapcount % 4 == 0
+        and 0 <= info.off_private <= sz - 8
+        and info.off_private % 8 == 0
+    ):
+        raise FreePageError(
+            "A's struct page offsets are not plausible",
+            why=f"_mapcount at {info.off_mapcount}, private at {info.off_private}, size {sz}",
+        )
     if info.buddy_value & 0x00FF_FFFF or info.buddy_value >> 24 < 0x80:
         # 6.12 encodes page types as PGTY_* << 24; older kernels (~PG_buddy) are not handled
-        raise FreePageError("A's PAGE_BUDDY_MAPCOUNT_VALUE is not the 6.12 page-type encoding",
-                            why=f"{info.buddy_value:#x}", fix="set free_page_exclusion = false")
+        raise FreePageError(
+            "A's PAGE_BUDDY_MAPCOUNT_VALUE is not the 6.12 page-type encoding",
+            why=f"{info.buddy_value:#x}",
+            fix="set free_page_exclusion = false",
+        )
     if not 1 <= info.nr_orders <= 16:
         raise FreePageError(f"A's LENGTH(zone.free_area)={info.nr_orders} is not plausible")
     if info.init_top_pgt < START_KERNEL_MAP or info.vmemmap < (1 << 63):
-        raise FreePageError("A's init_top_pgt or vmemmap is not a kernel address",
-                            why=f"{info.init_top_pgt:#x}, {info.vmemmap:#x}")
+        raise FreePageError(
+            "A's init_top_pgt or vmemmap is not a kernel address",
+            why=f"{info.init_top_pgt:#x}, {info.vmemmap:#x}",
+        )
 
 
 def read_vmcoreinfo(read: Reader, phys: int, size: int) -> VmcoreInfo:
@@ -216,6 +244,7 @@ def read_vmcoreinfo(read: Reader, phys: int, size: int) -> VmcoreInfo:
 
 
 # ---------------------------------------------------------------------------- ranges
+
 
 def _merge(ranges: Iterable[Range]) -> list[Range]:
     out: list[list[int]] = []
@@ -248,10 +277,11 @@ class _RangeSet:
 @dataclass(frozen=True)
 class FreePageMap:
     """A's free memory: sorted, merged, page-aligned [start, end) ranges."""
+
     ranges: tuple[Range, ...] = ()
-    scanned_bytes: int = 0        # memory whose struct pages were examined
+    scanned_bytes: int = 0  # memory whose struct pages were examined
     seconds: float = 0.0
-    blocks: int = 0               # buddy heads accepted
+    blocks: int = 0  # buddy heads accepted
     classes: PageClasses | None = field(default=None, repr=False, compare=False)
     _starts: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
@@ -288,6 +318,7 @@ class FreePageMap:
 
 # ------------------------------------------------------------------------- page tables
 
+
 class PageTables:
     """A's kernel page tables, walked from init_top_pgt through ``read``."""
 
@@ -298,15 +329,16 @@ class PageTables:
         self.addr_mask = PTE_ADDR & ~info.sme_mask
         self.top = info.top_table_phys
         self._tables: dict[int, bytes] = {}
-        self.touched: set[int] = set()     # physical pages read while walking
+        self.touched: set[int] = set()  # physical pages read while walking
         self._table(self.top)
 
     def _table(self, phys: int) -> bytes:
         t = self._tables.get(phys)
         if t is None:
             if phys % PAGE or not self.allowed.contains(phys, PAGE):
-                raise FreePageError("A's page tables point outside A's memory",
-                                    why=f"a table at {phys:#x}")
+                raise FreePageError(
+                    "A's page tables point outside A's memory", why=f"a table at {phys:#x}"
+                )
             t = bytes(self.read(phys, PAGE))
             if len(t) != PAGE:
                 raise FreePageError(f"short read of A's page table at {phys:#x}")
@@ -326,23 +358,33 @@ class PageTables:
             size = 1 << shift
             if level == last or entry & PTE_PSE:
                 if level < last and shift not in (30, 21):
-                    raise FreePageError("A's page tables have a large page at a level that "
-                                        "cannot hold one", why=f"entry {entry:#x} for {va:#x}")
-                if level < last and addr & (size - 1) & ~0x1000:   # bit 12 is PAT there
-                    raise FreePageError("A's page tables have a misaligned large page",
-                                        why=f"entry {entry:#x} for {va:#x}")
+                    raise FreePageError(
+                        "A's page tables have a large page at a level that cannot hold one",
+                        why=f"entry {entry:#x} for {va:#x}",
+                    )
+                if level < last and addr & (size - 1) & ~0x1000:  # bit 12 is PAT there
+                    raise FreePageError(
+                        "A's page tables have a misaligned large page",
+                        why=f"entry {entry:#x} for {va:#x}",
+                    )
                 base = addr & ~(size - 1)
                 off = va & (size - 1)
                 return base + off, size - off
             table = addr
-        return None   # not reached
+        return None  # not reached
 
 
 # ------------------------------------------------------------------------------ scan
 
-def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
-         exclude: Sequence[Range] = (), trusted: Sequence[Range] | None = None,
-         note: Range | None = None) -> FreePageMap:
+
+def scan(
+    info: VmcoreInfo,
+    read: Reader,
+    ranges: Sequence[Range],
+    exclude: Sequence[Range] = (),
+    trusted: Sequence[Range] | None = None,
+    note: Range | None = None,
+) -> FreePageMap:
     """A's free pages within ``ranges`` minus ``exclude`` (e.g. B's own memory).
 
     ``trusted`` is where A's page tables and struct pages may lie (default: ``ranges`` minus
@@ -353,29 +395,33 @@ def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
     inside = _RangeSet(scanned)
     tables = PageTables(info, read, allowed)
     sz = info.page_struct_size
-    top_at = info.off_mapcount + 3                # little-endian top byte of page_type
+    top_at = info.off_mapcount + 3  # little-endian top byte of page_type
     top_byte = bytes([info.buddy_value >> 24])
     want = struct.pack("<I", info.buddy_value)
     free: list[Range] = []
     read_pages: set[int] = set(tables.touched)
     blocks = 0
     layout = page_layout(info)
-    classes = (PageClasses(layout, scanned[0][0] // PAGE, scanned[-1][1] // PAGE)
-               if layout is not None and scanned else None)
+    classes = (
+        PageClasses(layout, scanned[0][0] // PAGE, scanned[-1][1] // PAGE)
+        if layout is not None and scanned
+        else None
+    )
     for start, end in scanned:
         pfn = start // PAGE
         last_pfn = end // PAGE
         while pfn < last_pfn:
             n = min(BATCH_PAGES, last_pfn - pfn)
-            buf = _read_struct_pages(tables, read, info.vmemmap + pfn * sz, n * sz, allowed,
-                                     read_pages)
+            buf = _read_struct_pages(
+                tables, read, info.vmemmap + pfn * sz, n * sz, allowed, read_pages
+            )
             if classes is not None:
                 classes = _classify(classes, pfn, buf, n)
             tops = buf[top_at::sz]
             i = tops.find(top_byte)
             while i >= 0:
                 o = i * sz
-                if buf[o + info.off_mapcount:o + info.off_mapcount + 4] == want:
+                if buf[o + info.off_mapcount : o + info.off_mapcount + 4] == want:
                     order = struct.unpack_from("<Q", buf, o + info.off_private)[0]
                     head = pfn + i
                     if order < info.nr_orders and head % (1 << order) == 0:
@@ -385,25 +431,35 @@ def scan(info: VmcoreInfo, read: Reader, ranges: Sequence[Range],
                                 raise FreePageError(
                                     "a free block of A starts inside another one",
                                     why=f"pfn {head:#x} (order {order}) within "
-                                        f"[{free[-1][0]:#x}, {free[-1][1]:#x})")
+                                    f"[{free[-1][0]:#x}, {free[-1][1]:#x})",
+                                )
                             free.append((a, b))
                             blocks += 1
                 i = tops.find(top_byte, i + 1)
             pfn += n
     tables_touched = tables.touched | read_pages
-    fmap = FreePageMap(tuple(free), scanned_bytes=sum(b - a for a, b in scanned),
-                       seconds=time.monotonic() - t0, blocks=blocks, classes=classes)
+    fmap = FreePageMap(
+        tuple(free),
+        scanned_bytes=sum(b - a for a, b in scanned),
+        seconds=time.monotonic() - t0,
+        blocks=blocks,
+        classes=classes,
+    )
     used = sorted(tables_touched)
     if note is not None:
         used += list(range(note[0] - note[0] % PAGE, note[0] + note[1], PAGE))
     claimed = [p for p in used if fmap.is_free(p)]
     if claimed:
-        raise FreePageError("A's allocator calls pages free that the scan just read as in use",
-                            why=f"{len(claimed)} page(s), first {claimed[0]:#x} (a page "
-                                "table, a struct page or the VMCOREINFO note)")
+        raise FreePageError(
+            "A's allocator calls pages free that the scan just read as in use",
+            why=f"{len(claimed)} page(s), first {claimed[0]:#x} (a page "
+            "table, a struct page or the VMCOREINFO note)",
+        )
     if fmap.scanned_bytes and fmap.free_bytes > MAX_FREE_FRACTION * fmap.scanned_bytes:
-        raise FreePageError("A's allocator claims an absurd amount of free memory",
-                            why=f"{fmap.free_bytes >> 20} of {fmap.scanned_bytes >> 20} MiB")
+        raise FreePageError(
+            "A's allocator claims an absurd amount of free memory",
+            why=f"{fmap.free_bytes >> 20} of {fmap.scanned_bytes >> 20} MiB",
+        )
     if classes is not None:
         classes.mark_free(fmap.ranges)
     return fmap
@@ -419,25 +475,27 @@ def _classify(classes: PageClasses, pfn: int, buf: bytes, n: int) -> PageClasses
         return None
 
 
-def _read_struct_pages(tables: PageTables, read: Reader, va: int, length: int,
-                       allowed: _RangeSet, read_pages: set[int]) -> bytes:
+def _read_struct_pages(
+    tables: PageTables, read: Reader, va: int, length: int, allowed: _RangeSet, read_pages: set[int]
+) -> bytes:
     """The struct pages at [va, va + length); unmapped parts read as zeros (no page type)."""
     buf = bytearray(length)
     pos = 0
     while pos < length:
         t = tables.translate(va + pos)
         if t is None:
-            pos += PAGE - (va + pos) % PAGE      # an unmapped 4 KiB: zeros = not free
+            pos += PAGE - (va + pos) % PAGE  # an unmapped 4 KiB: zeros = not free
             continue
         phys, left = t
         n = min(left, length - pos)
         if not allowed.contains(phys, n):
-            raise FreePageError("A's struct pages map outside A's memory",
-                                why=f"{va + pos:#x} -> {phys:#x}")
+            raise FreePageError(
+                "A's struct pages map outside A's memory", why=f"{va + pos:#x} -> {phys:#x}"
+            )
         data = read(phys, n)
         if len(data) != n:
             raise FreePageError(f"short read of A's struct pages at {phys:#x}")
-        buf[pos:pos + n] = data
+        buf[pos : pos + n] = data
         for p in range(phys - phys % PAGE, phys + n, PAGE):
             read_pages.add(p)
         pos += n
@@ -445,6 +503,7 @@ def _read_struct_pages(tables: PageTables, read: Reader, va: int, length: int,
 
 
 # --------------------------------------------------------------------------- sources
+
 
 class FreeMaskedSource:
     """A MemorySource that hands zeros for A's free pages without reading them.
@@ -457,7 +516,7 @@ class FreeMaskedSource:
         self.source = source
         self.freemap = freemap
         self.restore_zeros = restore_zeros
-        self.classes = freemap.classes      # counts what is read, by class (a diagnostic)
+        self.classes = freemap.classes  # counts what is read, by class (a diagnostic)
         self.skipped_bytes = 0
         self._zeros = bytes(1 << 20)
 
@@ -497,7 +556,7 @@ class FreeMaskedSource:
         view = memoryview(buf).cast("B")
         sub_readinto = getattr(self.source, "readinto", None)
         for off, n, is_free in self._pieces(phys, len(view)):
-            part = view[off:off + n]
+            part = view[off : off + n]
             if is_free:
                 if len(self._zeros) < n:
                     self._zeros = bytes(n)
@@ -524,7 +583,7 @@ class FreeMaskedSource:
         if close is not None:
             close()
 
-    def __enter__(self) -> "FreeMaskedSource":
+    def __enter__(self) -> FreeMaskedSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -533,7 +592,7 @@ class FreeMaskedSource:
 
 @dataclass(frozen=True)
 class ZeroCheck:
-    pages: int                 # free pages checked
+    pages: int  # free pages checked
     nonzero_pages: int
     first_nonzero: int | None  # physical address
     seconds: float
@@ -557,7 +616,7 @@ def check_free_pages_zero(read: Reader, freemap: FreePageMap, step: int = 1 << 2
             data = read(at, n)
             if data != zeros[:n]:
                 for off in range(0, n, PAGE):
-                    if data[off:off + PAGE] != zpage:
+                    if data[off : off + PAGE] != zpage:
                         bad += 1
                         if first is None:
                             first = at + off

@@ -24,15 +24,15 @@ import ctypes
 import errno
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from kjumpd.errors import KexecError
 
 log = logging.getLogger("kjumpd.agent.jumpback")
 
 PAGE = 4096
-SYS_KEXEC_LOAD = 246          # x86_64
+SYS_KEXEC_LOAD = 246  # x86_64
 KEXEC_PRESERVE_CONTEXT = 0x2
 KEXEC_ARCH_DEFAULT = 0
 KEXEC_SEGMENT_MAX = 16
@@ -42,6 +42,7 @@ LINUX_REBOOT_CMD_KEXEC = 0x45584543
 @dataclass(frozen=True)
 class Segment:
     """Bytes the kernel copies to physical address ``mem`` when it executes the image."""
+
     mem: int
     data: bytes
 
@@ -51,46 +52,61 @@ class Segment:
 
 
 class _KexecSegment(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("bufsz", ctypes.c_size_t),
-                ("mem", ctypes.c_void_p), ("memsz", ctypes.c_size_t)]
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("bufsz", ctypes.c_size_t),
+        ("mem", ctypes.c_void_p),
+        ("memsz", ctypes.c_size_t),
+    ]
 
 
 def entry_page(entry: int) -> int:
     return entry & ~(PAGE - 1)
 
 
-def plan_segments(entry: int, entry_page_bytes: bytes | None,
-                  held: Sequence[Segment] = ()) -> list[Segment]:
+def plan_segments(
+    entry: int, entry_page_bytes: bytes | None, held: Sequence[Segment] = ()
+) -> list[Segment]:
     """The segments of the jump-back load: held pages, plus the entry page unless they hold it.
 
     Raises KexecError when a segment is not page aligned, segments overlap, the entry page is
     missing, or there are more than KEXEC_SEGMENT_MAX of them.
     """
     if entry <= 0:
-        raise KexecError("no jump-back entry", why="the main kernel's entry address is 0",
-                         fix="B must be started by `kexec -e` from a preserve-context load, or "
-                             "the image must record the entry")
+        raise KexecError(
+            "no jump-back entry",
+            why="the main kernel's entry address is 0",
+            fix="B must be started by `kexec -e` from a preserve-context load, or "
+            "the image must record the entry",
+        )
     segs = sorted((s for s in held if s.data), key=lambda s: s.mem)
     for s in segs:
         if s.mem % PAGE or len(s.data) % PAGE:
-            raise KexecError(f"jump-back segment at {s.mem:#x} ({len(s.data)} bytes) is not "
-                             "page aligned", fix="this is a bug in the agent")
+            raise KexecError(
+                f"jump-back segment at {s.mem:#x} ({len(s.data)} bytes) is not page aligned",
+                fix="this is a bug in the agent",
+            )
     for a, b in zip(segs, segs[1:]):
         if b.mem < a.end:
-            raise KexecError(f"jump-back segments at {a.mem:#x} and {b.mem:#x} overlap",
-                             fix="this is a bug in the agent")
+            raise KexecError(
+                f"jump-back segments at {a.mem:#x} and {b.mem:#x} overlap",
+                fix="this is a bug in the agent",
+            )
     page = entry_page(entry)
     if not any(s.mem <= page < s.end for s in segs):
         if entry_page_bytes is None or len(entry_page_bytes) != PAGE:
-            raise KexecError("the jump-back entry page was not read",
-                             why=f"need {PAGE} bytes of page {page:#x}")
+            raise KexecError(
+                "the jump-back entry page was not read", why=f"need {PAGE} bytes of page {page:#x}"
+            )
         segs.append(Segment(page, bytes(entry_page_bytes)))
         segs.sort(key=lambda s: s.mem)
     if len(segs) > KEXEC_SEGMENT_MAX:
-        raise KexecError(f"the jump back needs {len(segs)} segments, the kernel takes at most "
-                         f"{KEXEC_SEGMENT_MAX}",
-                         why="the main kernel's pages in the save kernel's low memory are too "
-                             "scattered", fix="report this; the image itself is intact")
+        raise KexecError(
+            f"the jump back needs {len(segs)} segments, the kernel takes at most "
+            f"{KEXEC_SEGMENT_MAX}",
+            why="the main kernel's pages in the save kernel's low memory are too scattered",
+            fix="report this; the image itself is intact",
+        )
     return segs
 
 
@@ -109,22 +125,36 @@ def load(entry: int, segments: Sequence[Segment]) -> None:
         arr[i].bufsz = len(s.data)
         arr[i].mem = s.mem
         arr[i].memsz = len(s.data)
-    rc = libc.syscall(ctypes.c_long(SYS_KEXEC_LOAD), ctypes.c_ulong(entry),
-                      ctypes.c_ulong(len(segments)), arr,
-                      ctypes.c_ulong(KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_DEFAULT))
+    rc = libc.syscall(
+        ctypes.c_long(SYS_KEXEC_LOAD),
+        ctypes.c_ulong(entry),
+        ctypes.c_ulong(len(segments)),
+        arr,
+        ctypes.c_ulong(KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_DEFAULT),
+    )
     if rc != 0:
         err = ctypes.get_errno()
-        hint = {errno.EPERM: "kexec_load is not allowed (root? lockdown? kexec_load_disabled?)",
-                errno.EBUSY: "another kexec image is being loaded",
-                errno.ENOMEM: "the kernel could not allocate the control pages",
-                errno.EINVAL: "the kernel refused the segments or the flags "
-                              "(CONFIG_KEXEC_JUMP missing?)"}.get(err, "")
-        raise KexecError("kexec_load of the jump back failed", why=f"{os.strerror(err)}"
-                         + (f"; {hint}" if hint else ""),
-                         fix="the main kernel cannot be resumed from here; power off",
-                         errno=err, entry=hex(entry), segments=len(segments))
-    log.info("jump back loaded: entry %#x, %d segment(s), %d bytes", entry, len(segments),
-             sum(len(s.data) for s in segments))
+        hint = {
+            errno.EPERM: "kexec_load is not allowed (root? lockdown? kexec_load_disabled?)",
+            errno.EBUSY: "another kexec image is being loaded",
+            errno.ENOMEM: "the kernel could not allocate the control pages",
+            errno.EINVAL: "the kernel refused the segments or the flags "
+            "(CONFIG_KEXEC_JUMP missing?)",
+        }.get(err, "")
+        raise KexecError(
+            "kexec_load of the jump back failed",
+            why=f"{os.strerror(err)}" + (f"; {hint}" if hint else ""),
+            fix="the main kernel cannot be resumed from here; power off",
+            errno=err,
+            entry=hex(entry),
+            segments=len(segments),
+        )
+    log.info(
+        "jump back loaded: entry %#x, %d segment(s), %d bytes",
+        entry,
+        len(segments),
+        sum(len(s.data) for s in segments),
+    )
 
 
 def execute() -> None:
@@ -134,5 +164,9 @@ def execute() -> None:
     rc = libc.reboot(ctypes.c_int(LINUX_REBOOT_CMD_KEXEC))
     if rc != 0:
         err = ctypes.get_errno()
-        raise KexecError("the jump back failed", why=os.strerror(err),
-                         fix="the main kernel cannot be resumed from here; power off", errno=err)
+        raise KexecError(
+            "the jump back failed",
+            why=os.strerror(err),
+            fix="the main kernel cannot be resumed from here; power off",
+            errno=err,
+        )

@@ -34,8 +34,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from kjumpd.errors import AgentError, CancelledError, KjumpError, TargetError
 from kjumpd.linux import cmdline
@@ -55,6 +56,7 @@ def say(text: str) -> None:
 
 # ------------------------------------------------------------------------------------ pure
 
+
 @dataclass(frozen=True)
 class BootParams:
     role: str
@@ -68,9 +70,11 @@ def parse_cmdline(text: str) -> BootParams:
     kv = cmdline.params(text)
     role = kv.get("kjump.role")
     if role not in ROLES:
-        raise AgentError("this kernel was not started as kjumpd's save kernel",
-                         why=f"kjump.role={role!r} on its command line",
-                         fix="load it with kjump.role=save or kjump.role=restore")
+        raise AgentError(
+            "this kernel was not started as kjumpd's save kernel",
+            why=f"kjump.role={role!r} on its command line",
+            fix="load it with kjump.role=save or kjump.role=restore",
+        )
 
     def num(key: str) -> int | None:
         if key not in kv:
@@ -86,8 +90,12 @@ def parse_cmdline(text: str) -> BootParams:
     uuid = kv.get("kjump.target")
     if uuid is not None:
         uuid = uuid.lower()
-    return BootParams(role=role, jump_back_entry=num("kexec_jump_back_entry"),
-                      target_uuid=uuid, target_offset=num("kjump.offset"))
+    return BootParams(
+        role=role,
+        jump_back_entry=num("kexec_jump_back_entry"),
+        target_uuid=uuid,
+        target_offset=num("kjump.offset"),
+    )
 
 
 def parse_iomem_ram(text: str) -> list[tuple[int, int]]:
@@ -111,9 +119,12 @@ def own_memory(sysroot: Sysroot) -> list[tuple[int, int]]:
     """B's own RAM, page aligned outward: where A's pages must not be written directly."""
     ram = parse_iomem_ram(sysroot.read_text("/proc/iomem"))
     if not ram or all(a == 0 and b == 1 for a, b in ram):
-        raise AgentError("cannot read this kernel's memory map",
-                         why="/proc/iomem shows no System RAM addresses (not root?)")
+        raise AgentError(
+            "cannot read this kernel's memory map",
+            why="/proc/iomem shows no System RAM addresses (not root?)",
+        )
     from kjumpd.agent.devmem import normalize
+
     return normalize([(a - a % PAGE, -(-b // PAGE) * PAGE) for a, b in ram])
 
 
@@ -122,8 +133,9 @@ def bounded_chunk_size(requested: int, mem_available: int, workers: int) -> int:
     of the memory B has left (B lives in a 128 MiB jump area; 4 MiB chunks were OOM-killed
     there). About 2 * (2 * workers + 4) chunk-sized buffers are alive at once."""
     from kjumpd.job import MAX_CHUNK_SIZE
+
     per_chunk = 2 * (2 * max(workers, 1) + 4)
-    size = min(requested, MAX_CHUNK_SIZE)    # a job may ask for more (format allows 64 MiB)
+    size = min(requested, MAX_CHUNK_SIZE)  # a job may ask for more (format allows 64 MiB)
     while size > 64 * 1024 and per_chunk * size > mem_available // 2:
         size //= 2
     return size
@@ -137,13 +149,15 @@ def mem_available(sysroot: Sysroot) -> int:
     return 0
 
 
-def check_restore_fits(ranges: Sequence[tuple[int, int]], own: Sequence[tuple[int, int]],
-                       jump_area: tuple[int, int]) -> list[tuple[int, int]]:
+def check_restore_fits(
+    ranges: Sequence[tuple[int, int]], own: Sequence[tuple[int, int]], jump_area: tuple[int, int]
+) -> list[tuple[int, int]]:
     """Refuse (AgentError) a restore this kernel cannot finish, before any byte is written:
     it must run in the image's jump area, no saved range may lie in that area, and A's pages
     in this kernel's other memory must fit the jump-back segments. Returns those pages' runs."""
     from kjumpd.agent.devmem import normalize, subtract
     from kjumpd.agent.jumpback import KEXEC_SEGMENT_MAX
+
     start, size = jump_area
     area = (start, start + size)
     # this kernel's RAM is the low memory (< 1 MiB) plus pieces of the jump area (its own
@@ -151,32 +165,39 @@ def check_restore_fits(ranges: Sequence[tuple[int, int]], own: Sequence[tuple[in
     inside = [r for r in own if area[0] <= r[0] and r[1] <= area[1]]
     stray = [r for r in own if r[1] > 1 << 20 and r not in inside]
     if size and (not inside or stray):
-        raise AgentError("this restore kernel does not run in the image's jump area",
-                         why=f"the image was saved with the jump area [{area[0]:#x}, "
-                             f"{area[1]:#x}); this kernel runs in "
-                             + ", ".join(f"[{a:#x}, {b:#x})" for a, b in own),
-                         fix="load the restore kernel with the memmap= of the saved jump area")
+        raise AgentError(
+            "this restore kernel does not run in the image's jump area",
+            why=f"the image was saved with the jump area [{area[0]:#x}, "
+            f"{area[1]:#x}); this kernel runs in " + ", ".join(f"[{a:#x}, {b:#x})" for a, b in own),
+            fix="load the restore kernel with the memmap= of the saved jump area",
+        )
     low = subtract(own, [area]) if size else list(own)
     inside_area = subtract(ranges, subtract(ranges, [area])) if size else []
     if inside_area:
-        raise AgentError("the image holds memory inside the jump area",
-                         why=f"{len(inside_area)} saved range(s) overlap [{area[0]:#x}, "
-                             f"{area[1]:#x})", fix="the image cannot be restored; boot normally")
+        raise AgentError(
+            "the image holds memory inside the jump area",
+            why=f"{len(inside_area)} saved range(s) overlap [{area[0]:#x}, {area[1]:#x})",
+            fix="the image cannot be restored; boot normally",
+        )
     held = normalize(subtract(ranges, subtract(ranges, low)))
     if len(held) > KEXEC_SEGMENT_MAX - 1:
-        raise AgentError("too many pieces of the main kernel's memory lie in this kernel's own "
-                         "low memory", why=f"{len(held)} runs, at most {KEXEC_SEGMENT_MAX - 1}",
-                         fix="the image cannot be restored; boot normally")
+        raise AgentError(
+            "too many pieces of the main kernel's memory lie in this kernel's own low memory",
+            why=f"{len(held)} runs, at most {KEXEC_SEGMENT_MAX - 1}",
+            fix="the image cannot be restored; boot normally",
+        )
     return held
 
 
 # ------------------------------------------------------------------------------ target
+
 
 def find_target(sysroot: Sysroot, uuid: str, offset: int) -> str:
     """The /dev path of the one whole disk whose bytes at ``offset`` are the target with
     ``uuid`` (magic + UUID); device names are not trusted."""
     from kjumpd.image.device import ImageDevice
     from kjumpd.image.format import SUPERBLOCK_MAGIC, SUPERBLOCK_SIZE, TargetSuperblock
+
     found: list[str] = []
     looked: list[str] = []
     for name in sysroot.listdir("/sys/block"):
@@ -204,37 +225,47 @@ def find_target(sysroot: Sysroot, uuid: str, offset: int) -> str:
         if sb.uuid_str == uuid:
             found.append(dev)
     if not found:
-        raise TargetError(f"the image target {uuid} is on none of this kernel's disks",
-                          why=f"no kjumpd superblock with that UUID at byte {offset} of "
-                              f"{', '.join(looked) or 'any disk'}",
-                          fix="the save kernel needs the driver for the target's disk "
-                              "(kernel.fragment), and the target must be on a whole disk's "
-                              "block map", uuid=uuid, offset=offset)
+        raise TargetError(
+            f"the image target {uuid} is on none of this kernel's disks",
+            why=f"no kjumpd superblock with that UUID at byte {offset} of "
+            f"{', '.join(looked) or 'any disk'}",
+            fix="the save kernel needs the driver for the target's disk "
+            "(kernel.fragment), and the target must be on a whole disk's "
+            "block map",
+            uuid=uuid,
+            offset=offset,
+        )
     if len(found) > 1:
-        raise TargetError(f"the image target {uuid} is on more than one disk",
-                          why=f"{', '.join(found)} carry the same superblock (a cloned disk?)",
-                          fix="give one of them a new target with `kjumpctl setup`",
-                          uuid=uuid, devices=",".join(found))
+        raise TargetError(
+            f"the image target {uuid} is on more than one disk",
+            why=f"{', '.join(found)} carry the same superblock (a cloned disk?)",
+            fix="give one of them a new target with `kjumpctl setup`",
+            uuid=uuid,
+            devices=",".join(found),
+        )
     return found[0]
 
 
 # ----------------------------------------------------------------------------- console
+
 
 class CancelKey:
     """Watches the console (stdin) for a key press in a thread; ``pressed`` becomes true."""
 
     def __init__(self, fd: int = 0) -> None:
         import threading
+
         self.fd = fd
         self.pressed = threading.Event()
         self._stop = threading.Event()
         self._saved: Any = None
-        self._thread: Any = None                 # threading.Thread
+        self._thread: Any = None  # threading.Thread
 
-    def start(self) -> "CancelKey":
+    def start(self) -> CancelKey:
         try:
             import termios
             import tty
+
             if os.isatty(self.fd):
                 self._saved = termios.tcgetattr(self.fd)
                 tty.setcbreak(self.fd)
@@ -242,12 +273,14 @@ class CancelKey:
         except (OSError, ImportError) as e:
             log.info("console: no cbreak mode (%s)", e)
         import threading
+
         self._thread = threading.Thread(target=self._watch, name="cancel-key", daemon=True)
         self._thread.start()
         return self
 
     def _watch(self) -> None:
         import select
+
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([self.fd], [], [], 0.2)
@@ -263,6 +296,7 @@ class CancelKey:
             self._thread.join(1)
         if self._saved is not None:
             import termios
+
             try:
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
             except OSError:
@@ -270,8 +304,11 @@ class CancelKey:
 
     def check(self) -> None:
         if self.pressed.is_set():
-            raise CancelledError("the save was cancelled", why="a key was pressed on the console",
-                                 fix="nothing to do: the system resumes as it was")
+            raise CancelledError(
+                "the save was cancelled",
+                why="a key was pressed on the console",
+                fix="nothing to do: the system resumes as it was",
+            )
 
 
 class Progress:
@@ -287,14 +324,22 @@ class Progress:
         if now - self.last >= self.every or done >= self.total:
             self.last = now
             dt = max(now - self.t0, 1e-6)
-            say(f"{self.verb} {100 * done // self.total:3d}%  {done >> 20} of {self.total >> 20} MiB"
-                f"  {done / dt / 1e6:.0f} MB/s")
+            say(
+                f"{self.verb} {100 * done // self.total:3d}%  "
+                f"{done >> 20} of {self.total >> 20} MiB"
+                f"  {done / dt / 1e6:.0f} MB/s"
+            )
 
 
 # ---------------------------------------------------------------------------- the roles
 
-def jump_back(sysroot: Sysroot, entry: int, held: Sequence[Any] = (),
-              on_resume: Callable[[], None] | None = None) -> None:
+
+def jump_back(
+    sysroot: Sysroot,
+    entry: int,
+    held: Sequence[Any] = (),
+    on_resume: Callable[[], None] | None = None,
+) -> None:
     """Load the jump back (entry page + held segments) and jump. If A jumps to B again, B
     resumes here and jumps back with the *same* loaded image: a preserve-context jump swaps
     each segment's source page with its destination, and B's return path swapped A's entry
@@ -302,6 +347,7 @@ def jump_back(sysroot: Sysroot, entry: int, held: Sequence[Any] = (),
     /dev/mem would hand A a stale entry page: proven by a triple fault in the VM)."""
     from kjumpd.agent import jumpback
     from kjumpd.agent.devmem import MemorySource
+
     segs = [jumpback.Segment(h.mem, h.data) for h in held]
     page = jumpback.entry_page(entry)
     with MemorySource(sysroot) as src:
@@ -322,6 +368,7 @@ def jump_back(sysroot: Sysroot, entry: int, held: Sequence[Any] = (),
 
 def _open_target(sysroot: Sysroot, uuid: str, offset: int) -> Any:
     from kjumpd.image import store
+
     dev_path = find_target(sysroot, uuid, offset)
     dev, sb = store.open_target(sysroot.path(dev_path), writable=True, offset=offset)
     say(f"target {uuid} found on {dev_path} at byte {offset}")
@@ -330,9 +377,11 @@ def _open_target(sysroot: Sysroot, uuid: str, offset: int) -> Any:
 
 def run_save(sysroot: Sysroot, params: BootParams) -> int:
     if not params.jump_back_entry:
-        raise AgentError("no kexec_jump_back_entry= on the command line",
-                         why="the save kernel was not loaded with kexec --load-preserve-context",
-                         fix="let kjumpd load the save kernel")
+        raise AgentError(
+            "no kexec_jump_back_entry= on the command line",
+            why="the save kernel was not loaded with kexec --load-preserve-context",
+            fix="let kjumpd load the save kernel",
+        )
     entry = params.jump_back_entry
     dev = None
     started = False
@@ -341,17 +390,23 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
         from kjumpd.agent.devmem import MemorySource
         from kjumpd.image import save
         from kjumpd.job import Job
+
         try:
             job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
         except OSError as e:
-            raise AgentError(f"cannot read the job {JOB_FILE}", why=e.strerror or str(e),
-                             fix="the daemon appends it to the initramfs at load time") from None
+            raise AgentError(
+                f"cannot read the job {JOB_FILE}",
+                why=e.strerror or str(e),
+                fix="the daemon appends it to the initramfs at load time",
+            ) from None
         dev, sb = _open_target(sysroot, job.target_uuid, job.superblock_device_offset)
         recorded = [(e.logical, e.device_offset, e.length) for e in sb.blockmap]
         if recorded != [tuple(e) for e in job.blockmap]:
-            raise TargetError("the target's block map differs from the job's",
-                              why="the superblock was rewritten after the job was made",
-                              fix="hibernate again")
+            raise TargetError(
+                "the target's block map differs from the job's",
+                why="the superblock was rewritten after the job was made",
+                fix="hibernate again",
+            )
         # an image this kernel could not restore later is not worth writing
         check_restore_fits(job.ranges, own_memory(sysroot), tuple(job.jump_area))
         if job.cancel_key:
@@ -361,34 +416,50 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
         workers = save.default_workers()
         avail = mem_available(sysroot)
         chunk = bounded_chunk_size(job.chunk_size, avail, workers) if avail else job.chunk_size
-        say(f"saving {total >> 20} MiB of the main kernel's memory ({len(job.ranges)} ranges, "
+        say(
+            f"saving {total >> 20} MiB of the main kernel's memory ({len(job.ranges)} ranges, "
             f"{job.compression}, {chunk >> 10} KiB chunks, {workers} CPU(s), "
-            f"{avail >> 20} MiB free here)")
+            f"{avail >> 20} MiB free here)"
+        )
         with MemorySource(sysroot, job.ranges) as raw_source:
             freemap = free_pages(job, raw_source, own_memory(sysroot))
             source: Any = raw_source
             if freemap is not None:
                 from kjumpd.agent.freepages import FreeMaskedSource
-                source = FreeMaskedSource(raw_source, freemap,
-                                          restore_zeros=job.free_pages_zeroed)
-            started = True   # from here the pipeline marks the image ABORTED itself on errors
+
+                source = FreeMaskedSource(raw_source, freemap, restore_zeros=job.free_pages_zeroed)
+            started = True  # from here the pipeline marks the image ABORTED itself on errors
             stats = save.save_image(
-                source, job.ranges, dev, identity=_identity(job, entry), mode=job.mode,
-                chunk_size=chunk, workers=workers, compression=job.compression,
+                source,
+                job.ranges,
+                dev,
+                identity=_identity(job, entry),
+                mode=job.mode,
+                chunk_size=chunk,
+                workers=workers,
+                compression=job.compression,
                 progress=Progress("saving", total),
-                cancel=cancel.pressed if cancel is not None else None)
+                cancel=cancel.pressed if cancel is not None else None,
+            )
         free = freemap.free_bytes if freemap is not None else 0
         # "N MiB of memory" is what was read from A (free pages are not read); bench/vm.py
         # parses "SAVED: N MiB of memory, M MiB written"
-        say(f"SAVED: {(stats.raw_bytes - free) >> 20} MiB of memory, {stats.stored_bytes >> 20} "
+        say(
+            f"SAVED: {(stats.raw_bytes - free) >> 20} MiB of memory, {stats.stored_bytes >> 20} "
             f"MiB written, {stats.zero_pages} zero pages skipped ({free // PAGE} of them free "
             f"in the main kernel, not read), in {stats.seconds:.2f} s "
-            f"({stats.mb_per_s:.0f} MB/s, verify {stats.verify_seconds:.2f} s)")
+            f"({stats.mb_per_s:.0f} MB/s, verify {stats.verify_seconds:.2f} s)"
+        )
         if freemap is not None:
-            say("free chunks: " + ("all-zero records, restored as zeros (A has init_on_free)"
-                                   if job.free_pages_zeroed else
-                                   "free records, left as they are found on restore"))
-        classes = getattr(source, "classes", None)   # kjumpd.agent.pageclass (a diagnostic)
+            say(
+                "free chunks: "
+                + (
+                    "all-zero records, restored as zeros (A has init_on_free)"
+                    if job.free_pages_zeroed
+                    else "free records, left as they are found on restore"
+                )
+            )
+        classes = getattr(source, "classes", None)  # kjumpd.agent.pageclass (a diagnostic)
         if classes is not None:
             say(classes.summary())
             say(classes.largest_zero_runs())
@@ -415,6 +486,7 @@ def free_pages(job: Any, source: Any, own: Sequence[tuple[int, int]]) -> Any:
     does not trust, or (when the job asks for the debug check) a free page that is not zero.
     B's own memory (``own``) is never called free: /dev/mem shows B's bytes there, not A's."""
     from kjumpd.agent import freepages
+
     if not job.free_page_exclusion:
         say("free pages: exclusion switched off in the job; saving every page")
         return None
@@ -429,28 +501,30 @@ def free_pages(job: Any, source: Any, own: Sequence[tuple[int, int]]) -> Any:
         if release and info.osrelease != release:
             raise freepages.FreePageError(
                 "A's VMCOREINFO is not the main kernel's",
-                why=f"OSRELEASE {info.osrelease!r}, the job says {release!r}")
-        fmap = freepages.scan(info, source.read, job.ranges, exclude=own,
-                              note=(phys, size))
+                why=f"OSRELEASE {info.osrelease!r}, the job says {release!r}",
+            )
+        fmap = freepages.scan(info, source.read, job.ranges, exclude=own, note=(phys, size))
     except KjumpError as e:
         say(f"free pages: not excluded ({e.message}); saving every page")
         return None
     except Exception as e:  # noqa: BLE001 - a scan bug must fall back to saving every page
         log.debug("free-page scan crashed", exc_info=True)
-        say(f"free pages: not excluded (scan crashed: {type(e).__name__}: {e}); "
-            "saving every page")
+        say(f"free pages: not excluded (scan crashed: {type(e).__name__}: {e}); saving every page")
         return None
     dt = time.monotonic() - t0
-    say(f"free pages: {fmap.free_pages} ({fmap.free_bytes >> 20} MiB) of A's memory skipped "
-        f"({fmap.blocks} free blocks, scan {dt:.2f} s)")
+    say(
+        f"free pages: {fmap.free_pages} ({fmap.free_bytes >> 20} MiB) of A's memory skipped "
+        f"({fmap.blocks} free blocks, scan {dt:.2f} s)"
+    )
     if job.free_page_check:
         chk = freepages.check_free_pages_zero(source.read, fmap)
         if not chk.passed:
-            say(f"free-page check: FAIL: {chk.nonzero_pages} of {chk.pages} free pages hold "
-                f"data (first at {chk.first_nonzero:#x}); saving every page")
+            say(
+                f"free-page check: FAIL: {chk.nonzero_pages} of {chk.pages} free pages hold "
+                f"data (first at {chk.first_nonzero:#x}); saving every page"
+            )
             return None
-        say(f"free-page check: PASS: all {chk.pages} free pages read as zero "
-            f"({chk.seconds:.2f} s)")
+        say(f"free-page check: PASS: all {chk.pages} free pages read as zero ({chk.seconds:.2f} s)")
     return fmap
 
 
@@ -459,10 +533,12 @@ def _probe_target(sysroot: Sysroot) -> None:
     finding the target again and reading its header, without writing anything."""
     from kjumpd.image import store
     from kjumpd.job import Job
+
     job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
     path = find_target(sysroot, job.target_uuid, job.superblock_device_offset)
-    dev, _sb = store.open_target(sysroot.path(path), writable=False,
-                                 offset=job.superblock_device_offset)
+    dev, _sb = store.open_target(
+        sysroot.path(path), writable=False, offset=job.superblock_device_offset
+    )
     with dev:
         say(f"after the resume: {path} readable, image {store.read_header(dev).state_text}")
 
@@ -470,6 +546,7 @@ def _probe_target(sysroot: Sysroot) -> None:
 def _abort(dev: Any, reason: str) -> None:
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
+
     if dev is None:
         say("no target opened: the main kernel sees no new image and rolls back")
         return
@@ -483,27 +560,36 @@ def _abort(dev: Any, reason: str) -> None:
 def _identity(job: Any, entry: int) -> dict[str, Any]:
     """What the image records about this save (kjumpd.image.save reads jump_area,
     jump_back_entry, main_kernel and save_kernel_hash into the header)."""
-    return {"jump_area": list(job.jump_area), "jump_back_entry": entry,
-            "main_kernel": f"{job.main_kernel['release']} {job.main_kernel['build_id']}".strip(),
-            "save_kernel_hash": job.save_kernel_hash, "fs_stamps": job.fs_stamps,
-            "main_kernel_ids": job.main_kernel, "created": job.created,
-            "target_uuid": job.target_uuid}
+    return {
+        "jump_area": list(job.jump_area),
+        "jump_back_entry": entry,
+        "main_kernel": f"{job.main_kernel['release']} {job.main_kernel['build_id']}".strip(),
+        "save_kernel_hash": job.save_kernel_hash,
+        "fs_stamps": job.fs_stamps,
+        "main_kernel_ids": job.main_kernel,
+        "created": job.created,
+        "target_uuid": job.target_uuid,
+    }
 
 
 def run_restore(sysroot: Sysroot, params: BootParams) -> int:
+    from kjumpd.agent.devmem import MemorySink
     from kjumpd.image import restore, store
     from kjumpd.image.format import ImageState
-    from kjumpd.agent.devmem import MemorySink
+
     uuid, offset = params.target_uuid, params.target_offset
     if uuid is None or offset is None:
         try:
             from kjumpd.job import Job
+
             job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
             uuid, offset = job.target_uuid, job.superblock_device_offset
         except OSError:
-            raise AgentError("the restore role needs the target",
-                             why="no kjump.target=/kjump.offset= on the command line and no job",
-                             fix="the restore-first environment passes both") from None
+            raise AgentError(
+                "the restore role needs the target",
+                why="no kjump.target=/kjump.offset= on the command line and no job",
+                fix="the restore-first environment passes both",
+            ) from None
     dev, _sb = _open_target(sysroot, uuid, offset)
     try:
         header = store.read_header(dev)
@@ -513,14 +599,17 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
             ranges = [(e.start, e.end) for e in meta.extents]
             mine = own_memory(sysroot)
             check_restore_fits(ranges, mine, (header.jump_area_start, header.jump_area_size))
-            say(f"restoring {header.raw_bytes >> 20} MiB (attempt {header.attempt}); this kernel "
-                f"runs in {', '.join(f'[{a:#x}, {b:#x})' for a, b in mine)}")
+            say(
+                f"restoring {header.raw_bytes >> 20} MiB (attempt {header.attempt}); this kernel "
+                f"runs in {', '.join(f'[{a:#x}, {b:#x})' for a, b in mine)}"
+            )
             progress = Progress("restoring", header.raw_bytes)
             t0 = time.monotonic()
             with MemorySink(sysroot, ranges, hold=mine) as sink:
                 # the sink itself holds back writes into this kernel's own memory
-                rstats = restore.restore_image(dev, sink, progress=progress,
-                                               states=(ImageState.RESTORING,))
+                rstats = restore.restore_image(
+                    dev, sink, progress=progress, states=(ImageState.RESTORING,)
+                )
                 sink.flush()
                 held = sink.held_segments()
             dt = time.monotonic() - t0
@@ -535,12 +624,17 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
                 say(f"could not mark the image INVALID: {e2.message}")
             if isinstance(e, KjumpError):
                 raise
-            raise AgentError("restore failed", why=what,
-                             fix="the image is marked INVALID; the normal system boots") from None
-        say(f"RESTORED {header.raw_bytes >> 20} MiB in {dt:.2f} s "
+            raise AgentError(
+                "restore failed",
+                why=what,
+                fix="the image is marked INVALID; the normal system boots",
+            ) from None
+        say(
+            f"RESTORED {header.raw_bytes >> 20} MiB in {dt:.2f} s "
             f"({header.raw_bytes / max(dt, 1e-6) / 1e6:.0f} MB/s); "
             f"{int(rstats.stages.get('free_left', 0)) >> 20} MiB of free memory left as it was; "
-            f"{sum(len(h.data) for h in held) >> 10} KiB held for the jump back")
+            f"{sum(len(h.data) for h in held) >> 10} KiB held for the jump back"
+        )
         entry = header.jump_back_entry
     finally:
         dev.close()
@@ -560,10 +654,13 @@ def rescue(sysroot: Sysroot = Sysroot()) -> int:
     try:
         from kjumpd.image import store
         from kjumpd.job import Job
+
         job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
-        dev, _sb = store.open_target(sysroot.path(find_target(sysroot, job.target_uuid,
-                                                              job.superblock_device_offset)),
-                                     writable=True, offset=job.superblock_device_offset)
+        dev, _sb = store.open_target(
+            sysroot.path(find_target(sysroot, job.target_uuid, job.superblock_device_offset)),
+            writable=True,
+            offset=job.superblock_device_offset,
+        )
     except (KjumpError, OSError) as e:
         say(f"rescue: target not opened ({e})")
     try:
@@ -577,8 +674,10 @@ def rescue(sysroot: Sysroot = Sysroot()) -> int:
 
 def boot(sysroot: Sysroot = Sysroot()) -> int:
     params = parse_cmdline(sysroot.read_text("/proc/cmdline"))
-    say(f"save kernel up: role {params.role}"
-        + (f", jump-back entry {params.jump_back_entry:#x}" if params.jump_back_entry else ""))
+    say(
+        f"save kernel up: role {params.role}"
+        + (f", jump-back entry {params.jump_back_entry:#x}" if params.jump_back_entry else "")
+    )
     if params.role == "save":
         return run_save(sysroot, params)
     return run_restore(sysroot, params)
@@ -590,9 +689,10 @@ INIT_COMMANDS = {("boot",): False, ("boot", "--rescue"): True}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = tuple(sys.argv[1:] if argv is None else argv)
-    if args in INIT_COMMANDS:          # /init's own lines: skip importing argparse
+    if args in INIT_COMMANDS:  # /init's own lines: skip importing argparse
         return _boot(INIT_COMMANDS[args], "/")
     import argparse
+
     parser = argparse.ArgumentParser(prog="kjump-agent", description="kjumpd's save-kernel agent")
     sub = parser.add_subparsers(dest="cmd", required=True)
     register(sub)
@@ -603,12 +703,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def register(sub: Any) -> None:
     """Add ``boot`` to kjump-agent's subcommands."""
     import argparse
-    p = sub.add_parser("boot", help="run as the save kernel's userspace (/init): the role on "
-                                    "/proc/cmdline (kjump.role=save|restore)")
+
+    p = sub.add_parser(
+        "boot",
+        help="run as the save kernel's userspace (/init): the role on "
+        "/proc/cmdline (kjump.role=save|restore)",
+    )
     p.add_argument("--sysroot", default="/", help=argparse.SUPPRESS)
-    p.add_argument("--rescue", action="store_true",
-                   help="only mark the image ABORTED and jump back (/init runs this if the "
-                        "agent died)")
+    p.add_argument(
+        "--rescue",
+        action="store_true",
+        help="only mark the image ABORTED and jump back (/init runs this if the agent died)",
+    )
     p.set_defaults(func=_boot_cmd)
 
 
@@ -617,10 +723,14 @@ def _boot_cmd(args: Any) -> int:
 
 
 def _boot(rescue_only: bool, sysroot: str) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="kjump-agent[%(levelname)s] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="kjump-agent[%(levelname)s] %(name)s: %(message)s",
+    )
     from kjumpd.image.heap import tune_heap
-    tune_heap()                  # reused chunk buffers: no page faults per chunk
+
+    tune_heap()  # reused chunk buffers: no page faults per chunk
     try:
         root = Sysroot(sysroot)
         return rescue(root) if rescue_only else boot(root)

@@ -33,21 +33,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PAGE = 4096
-PG_RESERVED = 13                      # 6.12 enum pageflags (not exported in VMCOREINFO)
+PG_RESERVED = 13  # 6.12 enum pageflags (not exported in VMCOREINFO)
 
 FREE, ANON, FILE, SLAB, TABLE, TYPED, RESERVED, REF0, KERNEL, TAIL = range(10)
 UNSCANNED = 255
-NAMES = {FREE: "free", ANON: "anon", FILE: "file", SLAB: "slab", TABLE: "page table",
-         TYPED: "typed", RESERVED: "reserved", REF0: "refcount 0", KERNEL: "kernel",
-         UNSCANNED: "unscanned"}
+NAMES = {
+    FREE: "free",
+    ANON: "anon",
+    FILE: "file",
+    SLAB: "slab",
+    TABLE: "page table",
+    TYPED: "typed",
+    RESERVED: "reserved",
+    REF0: "refcount 0",
+    KERNEL: "kernel",
+    UNSCANNED: "unscanned",
+}
 ORDER = (ANON, FILE, SLAB, TABLE, TYPED, RESERVED, REF0, KERNEL, UNSCANNED)
 
 # bits of the per-page key built from the struct page columns
-_K_SLAB, _K_TABLE, _K_TYPED = 1, 2, 3          # two bits: the page type
+_K_SLAB, _K_TABLE, _K_TYPED = 1, 2, 3  # two bits: the page type
 _K_RES, _K_ANON, _K_MAPPED, _K_REF0, _K_TAIL = 4, 8, 16, 32, 64
 
 
-def _table(fn: "object") -> bytes:
+def _table(fn: object) -> bytes:
     return bytes(fn(v) for v in range(256))  # type: ignore[operator]
 
 
@@ -87,20 +96,21 @@ _T_CLASS = _table(_class_of)
 @dataclass(frozen=True)
 class Layout:
     """Where the fields are in A's struct page (bytes), from VMCOREINFO."""
+
     size: int
     flags: int
     refcount: int
     mapping: int
     compound_head: int
     mapcount: int
-    head_mask: int          # NUMBER(PG_head_mask)
+    head_mask: int  # NUMBER(PG_head_mask)
 
 
 @dataclass(frozen=True)
 class ClassRow:
     name: str
-    pages: int              # pages of this class read by the save (free: left out)
-    zero_pages: int         # of them, all zero
+    pages: int  # pages of this class read by the save (free: left out)
+    zero_pages: int  # of them, all zero
 
 
 _SAMPLES = (0, 8, 1032, 2056, 3080, 4088)
@@ -119,7 +129,7 @@ def _zeros(n: int) -> bytes:
     return z
 
 
-def zero_pages(data: "memoryview | bytes | bytearray") -> list[int]:
+def zero_pages(data: memoryview | bytes | bytearray) -> list[int]:
     """Indices of the all-zero whole pages of ``data`` (a few bytes of every page are picked
     out by strided slices first; only candidates are compared in full)."""
     mv = memoryview(data).cast("B")
@@ -130,13 +140,13 @@ def zero_pages(data: "memoryview | bytes | bytearray") -> list[int]:
     acc = 0
     for k in _SAMPLES:
         acc |= int.from_bytes(mv[k:end:PAGE].tobytes(), "little")
-    if acc == 0 and mv[:end].tobytes() == _zeros(end):   # wholly zero: one comparison
+    if acc == 0 and mv[:end].tobytes() == _zeros(end):  # wholly zero: one comparison
         return list(range(full))
     cand = acc.to_bytes(full, "little")
     out = []
     i = cand.find(0)
     while i >= 0:
-        if mv[i * PAGE:(i + 1) * PAGE].tobytes() == _ZERO_PAGE:
+        if mv[i * PAGE : (i + 1) * PAGE].tobytes() == _ZERO_PAGE:
             out.append(i)
         i = cand.find(0, i + 1)
     return out
@@ -152,8 +162,8 @@ class PageClasses:
         self.read = [0] * 256
         self.zero = [0] * 256
         self.free_pages = 0
-        self.zero_runs: list[list[int]] = []          # [class, first pfn, end pfn) of zeros
-        self._carry: tuple[int, int] | None = None   # (class, end pfn) of a folio going on
+        self.zero_runs: list[list[int]] = []  # [class, first pfn, end pfn) of zeros
+        self._carry: tuple[int, int] | None = None  # (class, end pfn) of a folio going on
 
     # ---------------------------------------------------------------- struct pages
     def add_batch(self, pfn: int, buf: bytes, n: int) -> None:
@@ -162,15 +172,16 @@ class PageClasses:
         sz = lo.size
 
         def col(off: int) -> bytes:
-            return buf[off:off + n * sz:sz]
+            return buf[off : off + n * sz : sz]
 
         def as_int(b: bytes) -> int:
             return int.from_bytes(b, "little")
 
         key = as_int(col(lo.mapcount + 3).translate(_T_TYPE))
         res_byte, res_bit = divmod(PG_RESERVED, 8)
-        key |= as_int(col(lo.flags + res_byte).translate(
-            _table(lambda v: _K_RES if v >> res_bit & 1 else 0)))
+        key |= as_int(
+            col(lo.flags + res_byte).translate(_table(lambda v: _K_RES if v >> res_bit & 1 else 0))
+        )
         mapping = 0
         for k in range(8):
             mapping |= as_int(col(lo.mapping + k))
@@ -201,28 +212,28 @@ class PageClasses:
                 c = cls[i]
                 stop = min(end, n)
                 if stop > i + 1:
-                    seg = cls[i + 1:stop]
-                    cls[i + 1:stop] = seg.replace(bytes([TAIL]), bytes([c]))
+                    seg = cls[i + 1 : stop]
+                    cls[i + 1 : stop] = seg.replace(bytes([TAIL]), bytes([c]))
                 if end > n:
                     self._carry = (c, pfn + end)
             i = heads.find(1, i + 1)
-        cls = cls.replace(bytes([TAIL]), bytes([KERNEL]))   # tails whose head was not seen
+        cls = cls.replace(bytes([TAIL]), bytes([KERNEL]))  # tails whose head was not seen
         at = pfn - self.base
-        self.cls[at:at + n] = cls
+        self.cls[at : at + n] = cls
 
-    def mark_free(self, ranges: "tuple[tuple[int, int], ...]") -> None:
+    def mark_free(self, ranges: tuple[tuple[int, int], ...]) -> None:
         for a, b in ranges:
             s, e = a // PAGE - self.base, b // PAGE - self.base
             self.cls[s:e] = bytes([FREE]) * (e - s)
             self.free_pages += e - s
 
     # ---------------------------------------------------------------- pages read
-    def note_read(self, phys: int, data: "memoryview | bytes | bytearray") -> None:
+    def note_read(self, phys: int, data: memoryview | bytes | bytearray) -> None:
         """The save read ``data`` at ``phys``: count its pages and zero pages by class."""
         first = phys // PAGE - self.base
         npages = -(-len(data) // PAGE)
-        view = self.cls[first:first + npages] if first >= 0 else b""
-        if len(view) < npages:   # outside the classified span
+        view = self.cls[first : first + npages] if first >= 0 else b""
+        if len(view) < npages:  # outside the classified span
             view = bytes(view) + bytes([UNSCANNED]) * (npages - len(view))
         for c in set(view):
             self.read[c] += view.count(c)
@@ -258,9 +269,14 @@ class PageClasses:
     def largest_zero_runs(self, count: int = 3) -> str:
         """The longest runs of zero pages read (where the zeros are), on one line."""
         runs = sorted(self.zero_runs, key=lambda r: r[1] - r[2])[:count]
-        return "largest zero runs read: " + (", ".join(
-            f"{NAMES.get(c, c)} [{a * PAGE:#x}, {b * PAGE:#x}) {(b - a) * PAGE / (1 << 20):.1f} MiB"
-            for c, a, b in runs) or "none")
+        return "largest zero runs read: " + (
+            ", ".join(
+                f"{NAMES.get(c, c)} [{a * PAGE:#x}, {b * PAGE:#x}) "
+                f"{(b - a) * PAGE / (1 << 20):.1f} MiB"
+                for c, a, b in runs
+            )
+            or "none"
+        )
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {r.name: {"pages": r.pages, "zero_pages": r.zero_pages} for r in self.rows()}

@@ -14,17 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from kjumpd import subcommands
-from kjumpd.errors import (BusyError, DaemonNotRunningError, ImageError, JumpAreaError,
-                           KjumpError, NotAuthorizedError, UnsupportedError)
+from kjumpd.errors import (
+    BusyError,
+    DaemonNotRunningError,
+    ImageError,
+    JumpAreaError,
+    KjumpError,
+    NotAuthorizedError,
+    UnsupportedError,
+)
 
 #: modules that contribute commands, in --help order
 COMMAND_MODULES = [
-    "kjumpd.cli.daemon_cmds",   # hibernate, suspend-to-both, checkpoint, status, cancel
-    "kjumpd.cli.check_cmds",    # check, plan, setup
-    "kjumpd.cli.image_cmds",    # image info/verify/invalidate
+    "kjumpd.cli.daemon_cmds",  # hibernate, suspend-to-both, checkpoint, status, cancel
+    "kjumpd.cli.check_cmds",  # check, plan, setup
+    "kjumpd.cli.image_cmds",  # image info/verify/invalidate
 ]
 
 EXIT_CODES: list[tuple[type[KjumpError], int]] = [
@@ -50,11 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kjumpctl",
         description="Control kjumpd: hibernation for Linux built on kexec jump.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 not supported, 4 daemon not running, "
-               "5 busy, 6 not authorized, 7 image invalid",
+        "5 busy, 6 not authorized, 7 image invalid",
     )
     parser.add_argument("--sysroot", default="/", help="system root for local commands (tests)")
-    parser.add_argument("--bus", default=None,
-                        help="D-Bus address of kjumpd (default: the system bus)")
+    parser.add_argument(
+        "--bus", default=None, help="D-Bus address of kjumpd (default: the system bus)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subcommands.register(sub, COMMAND_MODULES)
     return parser

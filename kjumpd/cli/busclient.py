@@ -30,13 +30,43 @@ from kjumpd.errors import KjumpError
 CALL, RETURN, ERROR, SIGNAL = 1, 2, 3, 4
 NO_REPLY_EXPECTED, ALLOW_INTERACTIVE_AUTHORIZATION = 0x1, 0x4
 SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
-DBUS_NAME, DBUS_PATH, DBUS_IFACE = ("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                    "org.freedesktop.DBus")
+DBUS_NAME, DBUS_PATH, DBUS_IFACE = (
+    "org.freedesktop.DBus",
+    "/org/freedesktop/DBus",
+    "org.freedesktop.DBus",
+)
 
-_ALIGN = {"y": 1, "b": 4, "n": 2, "q": 2, "i": 4, "u": 4, "x": 8, "t": 8, "d": 8, "h": 4,
-          "s": 4, "o": 4, "g": 1, "v": 1, "a": 4, "(": 8, "{": 8}
-_FIXED = {"y": "B", "b": "I", "n": "h", "q": "H", "i": "i", "u": "I", "x": "q", "t": "Q",
-          "d": "d", "h": "I"}
+_ALIGN = {
+    "y": 1,
+    "b": 4,
+    "n": 2,
+    "q": 2,
+    "i": 4,
+    "u": 4,
+    "x": 8,
+    "t": 8,
+    "d": 8,
+    "h": 4,
+    "s": 4,
+    "o": 4,
+    "g": 1,
+    "v": 1,
+    "a": 4,
+    "(": 8,
+    "{": 8,
+}
+_FIXED = {
+    "y": "B",
+    "b": "I",
+    "n": "h",
+    "q": "H",
+    "i": "i",
+    "u": "I",
+    "x": "q",
+    "t": "Q",
+    "d": "d",
+    "h": "I",
+}
 
 
 class BusError(KjumpError):
@@ -159,7 +189,7 @@ class _Reader:
     def _take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
             raise BusError("truncated D-Bus message")
-        b = self.data[self.pos:self.pos + n]
+        b = self.data[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -196,8 +226,14 @@ class _Reader:
         raise BusError(f"cannot read D-Bus type {t!r}")
 
 
-def encode(type_: int, serial: int, fields: list[tuple[int, str, Any]], sig: str = "",
-           args: tuple[Any, ...] = (), flags: int = 0) -> bytes:
+def encode(
+    type_: int,
+    serial: int,
+    fields: list[tuple[int, str, Any]],
+    sig: str = "",
+    args: tuple[Any, ...] = (),
+    flags: int = 0,
+) -> bytes:
     """One message: ``fields`` as (code, type, value); the body from ``sig`` and ``args``."""
     body = _Writer()
     for t, v in zip(split_types(sig), args):
@@ -236,8 +272,8 @@ def _unescape(value: str) -> str:
     out, i = bytearray(), 0
     raw = value.encode()
     while i < len(raw):
-        if raw[i:i + 1] == b"%" and i + 2 < len(raw):
-            out.append(int(raw[i + 1:i + 3], 16))
+        if raw[i : i + 1] == b"%" and i + 2 < len(raw):
+            out.append(int(raw[i + 1 : i + 3], 16))
             i += 3
         else:
             out.append(raw[i])
@@ -264,6 +300,7 @@ def socket_addresses(address: str) -> list[str]:
 @dataclass
 class Connection:
     """A connection to a message bus (blocking; one thread)."""
+
     address: str
     sock: socket.socket | None = None
     serial: int = 0
@@ -329,17 +366,33 @@ class Connection:
                     return decode(data)
             self._recv(None if deadline is None else deadline - time.monotonic())
 
-    def send(self, dest: str, path: str, iface: str, member: str, sig: str = "",
-             args: tuple[Any, ...] = (), flags: int = 0) -> int:
+    def send(
+        self,
+        dest: str,
+        path: str,
+        iface: str,
+        member: str,
+        sig: str = "",
+        args: tuple[Any, ...] = (),
+        flags: int = 0,
+    ) -> int:
         assert self.sock is not None
         self.serial += 1
         fields = [(1, "o", path), (2, "s", iface), (3, "s", member), (6, "s", dest)]
         self.sock.sendall(encode(CALL, self.serial, fields, sig, args, flags))
         return self.serial
 
-    def call(self, dest: str, path: str, iface: str, member: str, sig: str = "",
-             args: tuple[Any, ...] = (), flags: int = 0,
-             timeout: float | None = 60.0) -> tuple[Any, ...]:
+    def call(
+        self,
+        dest: str,
+        path: str,
+        iface: str,
+        member: str,
+        sig: str = "",
+        args: tuple[Any, ...] = (),
+        flags: int = 0,
+        timeout: float | None = 60.0,
+    ) -> tuple[Any, ...]:
         """A method call; returns the reply's body, raises RemoteError for an error reply
         and TimeoutError when none came in ``timeout`` seconds. Messages that arrive
         meanwhile are kept for next()."""
@@ -356,8 +409,9 @@ class Connection:
 
     def add_matches(self, rules: list[str], timeout: float = 60.0) -> None:
         """AddMatch for each rule, sent at once (one round trip), each reply checked."""
-        waiting = {self.send(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "AddMatch", "s", (r,))
-                   for r in rules}
+        waiting = {
+            self.send(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "AddMatch", "s", (r,)) for r in rules
+        }
         deadline = time.monotonic() + timeout
         while waiting:
             m = self._read(deadline - time.monotonic())

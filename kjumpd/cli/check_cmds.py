@@ -1,15 +1,15 @@
 """kjumpctl commands that run locally (no daemon needed): check, plan, setup.
 
-  check [--mode MODE] [--json]   the preflight kjumpd runs before every hibernation
-  plan  [--mode MODE] [--json]   what a hibernation would do: quiesce writes, filesystems
-                                 to freeze, memory ranges, the save kernel's command line
-  setup --target PATH --size SIZE   create (file) or claim (partition) the image target
-        --jump-area [--yes]      put crashkernel=SIZE@OFFSET on the boot loader's command
-                                 line (shows the diff; writes only with --yes or after "y")
-        --bootloader grub|bls|restore-first   install the restore-first boot entry
-        --save-kernel            print the [save_kernel] kernel_sha256/initramfs_sha256 lines
-                                 for the installed save kernel (also after any other setup
-                                 step when the config lacks them or they differ)
+check [--mode MODE] [--json]   the preflight kjumpd runs before every hibernation
+plan  [--mode MODE] [--json]   what a hibernation would do: quiesce writes, filesystems
+                               to freeze, memory ranges, the save kernel's command line
+setup --target PATH --size SIZE   create (file) or claim (partition) the image target
+      --jump-area [--yes]      put crashkernel=SIZE@OFFSET on the boot loader's command
+                               line (shows the diff; writes only with --yes or after "y")
+      --bootloader grub|bls|restore-first   install the restore-first boot entry
+      --save-kernel            print the [save_kernel] kernel_sha256/initramfs_sha256 lines
+                               for the installed save kernel (also after any other setup
+                               step when the config lacks them or they differ)
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from kjumpd.errors import ConfigError, UnsupportedError
+from kjumpd.errors import ConfigError
 from kjumpd.modes import MODES
 
-if TYPE_CHECKING:   # imported where used: kjumpctl's start-up (every command) stays light
+if TYPE_CHECKING:  # imported where used: kjumpctl's start-up (every command) stays light
     from kjumpd import config as cfgmod
     from kjumpd.sysroot import Sysroot
 
@@ -32,19 +32,24 @@ def _load(args: argparse.Namespace) -> tuple[Sysroot, cfgmod.Config]:
 
     from kjumpd import config as cfgmod
     from kjumpd.sysroot import Sysroot
+
     sr = Sysroot(Path(args.sysroot))
     if getattr(args, "config", None):
         try:
             text = Path(args.config).read_text()
         except OSError as e:
-            raise ConfigError(f"cannot read {args.config}", why=e.strerror or str(e),
-                              fix="pass an existing file to --config") from None
+            raise ConfigError(
+                f"cannot read {args.config}",
+                why=e.strerror or str(e),
+                fix="pass an existing file to --config",
+            ) from None
         return sr, cfgmod.loads(text, args.config)
     return sr, cfgmod.load(sr)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from kjumpd import preflight
+
     sr, cfg = _load(args)
     rep = preflight.run(sr, cfg, args.mode)
     if args.json:
@@ -57,12 +62,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from kjumpd import fsfreeze, kexec, preflight, quiesce
+
     sr, cfg = _load(args)
     mode = args.mode or cfg.mode
     rep = preflight.run(sr, cfg, mode)
     q = quiesce.plan(sr, cfg, mode)
-    mounts = fsfreeze.freezable(fsfreeze.parse_mountinfo(
-        sr.read_text("/proc/self/mountinfo", default="")))
+    mounts = fsfreeze.freezable(
+        fsfreeze.parse_mountinfo(sr.read_text("/proc/self/mountinfo", default=""))
+    )
     plan: dict[str, Any] = {
         "mode": mode,
         "preflight_ok": rep.ok,
@@ -115,15 +122,19 @@ def save_kernel_hash_advice(sr: Sysroot, cfg: cfgmod.Config) -> tuple[bool, list
     and values preflight compares the installed save kernel and initramfs with."""
     from kjumpd import config as cfgmod
     from kjumpd.hashing import sha256_file
+
     lines: list[str] = []
     todo: list[str] = []
-    for key, path, want in (("kernel_sha256", cfg.save_kernel, cfg.save_kernel_sha256),
-                            ("initramfs_sha256", cfg.save_initramfs,
-                             cfg.save_initramfs_sha256)):
+    for key, path, want in (
+        ("kernel_sha256", cfg.save_kernel, cfg.save_kernel_sha256),
+        ("initramfs_sha256", cfg.save_initramfs, cfg.save_initramfs_sha256),
+    ):
         p = sr.path(path)
         if not p.is_file():
-            lines.append(f"save kernel file {path} is not installed "
-                         "(build it with make -C savekernel and install it, or set [save_kernel])")
+            lines.append(
+                f"save kernel file {path} is not installed "
+                "(build it with make -C savekernel and install it, or set [save_kernel])"
+            )
             continue
         got = sha256_file(p)
         if got == want:
@@ -142,14 +153,17 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
     from kjumpd import blockmap, jumparea
     from kjumpd import config as cfgmod
+
     sr, cfg = _load(args)
     did = False
     if args.target or args.size:
         path = args.target or cfg.target
         size = cfgmod.parse_size(args.size, "--size") if args.size else cfg.target_size
         target, uuid = blockmap.setup(sr, path, size)
-        print(f"target {target.path}: {target.size >> 20} MiB, UUID {uuid}, on {target.disk} "
-              f"at byte {target.superblock_offset} ({len(target.blockmap)} extents)")
+        print(
+            f"target {target.path}: {target.size >> 20} MiB, UUID {uuid}, on {target.disk} "
+            f"at byte {target.superblock_offset} ({len(target.blockmap)} extents)"
+        )
         if path != cfg.target:
             print(f'set target.path = "{path}" in {cfgmod.CONFIG_PATH}')
         did = True
@@ -170,12 +184,17 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if args.bootloader:
         from kjumpd import bootentry
         from kjumpd.restorefirst import QUICK_BOOT_PARAMS
+
         target, uuid = blockmap.current(sr, cfg.target, restamp=False)
-        rec = bootentry.install(sr, args.bootloader, kernel=Path(args.restore_kernel),
-                                initrd=Path(args.restore_initrd),
-                                cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}"
-                                        f" {QUICK_BOOT_PARAMS}",
-                                esp=args.esp)
+        rec = bootentry.install(
+            sr,
+            args.bootloader,
+            kernel=Path(args.restore_kernel),
+            initrd=Path(args.restore_initrd),
+            cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}"
+            f" {QUICK_BOOT_PARAMS}",
+            esp=args.esp,
+        )
         print(f"installed the {rec.kind} entry ({rec.loader}): {', '.join(rec.files)}")
         did = True
     if args.save_kernel:
@@ -183,8 +202,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
         print("\n".join(lines))
         return 1 if any(" is not installed " in line for line in lines) else 0
     if not did:
-        raise ConfigError("setup needs something to do",
-                          fix="pass --target/--size, --jump-area, --bootloader or --save-kernel")
+        raise ConfigError(
+            "setup needs something to do",
+            fix="pass --target/--size, --jump-area, --bootloader or --save-kernel",
+        )
     ok, lines = save_kernel_hash_advice(sr, cfg)
     if not ok:
         print("\n".join(lines))
@@ -208,16 +229,32 @@ def register(sub: Any) -> None:
     p.add_argument("--config", default=None, help="configuration file to use")
     p.add_argument("--target", default=None, help="image file or partition (default: config)")
     p.add_argument("--size", default=None, help="image file size, e.g. 8G")
-    p.add_argument("--jump-area", action="store_true",
-                   help="add crashkernel=SIZE@OFFSET to the boot loader's kernel command line")
-    p.add_argument("--bootloader", choices=("grub", "bls", "restore-first"), default=None,
-                   help="install the restore-first boot entry")
-    p.add_argument("--restore-kernel", default="/usr/lib/kjumpd/restore/vmlinuz",
-                   help="restore-first kernel to install (with --bootloader)")
-    p.add_argument("--restore-initrd", default="/usr/lib/kjumpd/restore/initrd.img",
-                   help="restore-first initramfs to install (with --bootloader)")
+    p.add_argument(
+        "--jump-area",
+        action="store_true",
+        help="add crashkernel=SIZE@OFFSET to the boot loader's kernel command line",
+    )
+    p.add_argument(
+        "--bootloader",
+        choices=("grub", "bls", "restore-first"),
+        default=None,
+        help="install the restore-first boot entry",
+    )
+    p.add_argument(
+        "--restore-kernel",
+        default="/usr/lib/kjumpd/restore/vmlinuz",
+        help="restore-first kernel to install (with --bootloader)",
+    )
+    p.add_argument(
+        "--restore-initrd",
+        default="/usr/lib/kjumpd/restore/initrd.img",
+        help="restore-first initramfs to install (with --bootloader)",
+    )
     p.add_argument("--esp", default="/boot/efi", help="EFI system partition (bls)")
-    p.add_argument("--save-kernel", action="store_true",
-                   help="print the save kernel's and initramfs's sha256 config lines")
+    p.add_argument(
+        "--save-kernel",
+        action="store_true",
+        help="print the save kernel's and initramfs's sha256 config lines",
+    )
     p.add_argument("--yes", action="store_true", help="write without asking")
     p.set_defaults(func=cmd_setup)

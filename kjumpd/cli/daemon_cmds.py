@@ -21,11 +21,19 @@ import datetime as dt
 import json
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kjumpd import errors
-from kjumpd.errors import (BusyError, CancelledError, ConfigError, DaemonNotRunningError,
-                           KjumpError, NotAuthorizedError, UnsupportedError)
+from kjumpd.errors import (
+    BusyError,
+    CancelledError,
+    ConfigError,
+    DaemonNotRunningError,
+    KjumpError,
+    NotAuthorizedError,
+    UnsupportedError,
+)
 
 BUS_NAME = "org.kjump.Manager1"
 OBJECT_PATH = "/org/kjump/Manager1"
@@ -36,15 +44,22 @@ PROPS = "org.freedesktop.DBus.Properties"
 START_TIMEOUT_MS = 130_000
 CALL_TIMEOUT_MS = 60_000
 
-_NOT_RUNNING = {"org.freedesktop.DBus.Error.ServiceUnknown",
-                "org.freedesktop.DBus.Error.NameHasNoOwner",
-                "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
-                "org.freedesktop.DBus.Error.Spawn.ChildExited",
-                "org.freedesktop.DBus.Error.NoReply"}
+_NOT_RUNNING = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
+    "org.freedesktop.DBus.Error.Spawn.ChildExited",
+    "org.freedesktop.DBus.Error.NoReply",
+}
 _BY_DBUS_NAME: dict[str, type[KjumpError]] = {
-    "Busy": BusyError, "Cancelled": CancelledError, "NotAuthorized": NotAuthorizedError,
-    "InvalidArgs": ConfigError, "NotSupported": UnsupportedError, "Failed": KjumpError,
-    "FreezeFailed": errors.FreezeError, "TasksNotFrozen": errors.TaskFreezeError,
+    "Busy": BusyError,
+    "Cancelled": CancelledError,
+    "NotAuthorized": NotAuthorizedError,
+    "InvalidArgs": ConfigError,
+    "NotSupported": UnsupportedError,
+    "Failed": KjumpError,
+    "FreezeFailed": errors.FreezeError,
+    "TasksNotFrozen": errors.TaskFreezeError,
     "JumpFailed": errors.JumpError,
 }
 
@@ -52,11 +67,17 @@ _BY_DBUS_NAME: dict[str, type[KjumpError]] = {
 def error_from_dbus(name: str, message: str) -> KjumpError:
     """The KjumpError a D-Bus error stands for (the message already says what, why and fix)."""
     if name in _NOT_RUNNING:
-        return DaemonNotRunningError("kjumpd is not running", why=message,
-                                     fix="start it: systemctl start kjumpd (or run kjumpd as root)")
+        return DaemonNotRunningError(
+            "kjumpd is not running",
+            why=message,
+            fix="start it: systemctl start kjumpd (or run kjumpd as root)",
+        )
     if name == "org.freedesktop.DBus.Error.AccessDenied":
-        return NotAuthorizedError("the bus refused the call", why=message,
-                                  fix="install contrib/org.kjump.Manager1.conf, or run as root")
+        return NotAuthorizedError(
+            "the bus refused the call",
+            why=message,
+            fix="install contrib/org.kjump.Manager1.conf, or run as root",
+        )
     if name.startswith("org.kjump.Error."):
         cls = _BY_DBUS_NAME.get(name.rsplit(".", 1)[1], KjumpError)
         return cls(message)
@@ -78,8 +99,9 @@ def result_error(record: dict[str, Any]) -> KjumpError | None:
     cls = error_class(str(record.get("error_class", "")))
     if cls is KjumpError and record.get("error"):
         cls = _BY_DBUS_NAME.get(str(record["error"]).rsplit(".", 1)[-1], KjumpError)
-    return cls(str(record.get("message") or f"{record.get('mode', 'transition')} "
-                                              f"{record.get('result')}"))
+    return cls(
+        str(record.get("message") or f"{record.get('mode', 'transition')} {record.get('result')}")
+    )
 
 
 class ManagerClient:
@@ -87,19 +109,25 @@ class ManagerClient:
 
     def __init__(self, address: str | None) -> None:
         from gi.repository import Gio, GLib
+
         self.Gio, self.GLib = Gio, GLib
         try:
             if address:
                 self.con = Gio.DBusConnection.new_for_address_sync(
-                    address, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
-                    | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
+                    address,
+                    Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+                    | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION,
+                    None,
+                    None,
+                )
             else:
                 self.con = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
         except GLib.Error as e:
-            raise DaemonNotRunningError("kjumpd is not reachable",
-                                        why=f"cannot connect to the bus {address or '(system)'}: "
-                                            f"{e.message}",
-                                        fix="start the system bus (systemctl start dbus)") from None
+            raise DaemonNotRunningError(
+                "kjumpd is not reachable",
+                why=f"cannot connect to the bus {address or '(system)'}: {e.message}",
+                fix="start the system bus (systemctl start dbus)",
+            ) from None
 
     def _error(self, e: Any) -> KjumpError:
         Gio = self.Gio
@@ -108,21 +136,35 @@ class ManagerClient:
             message = e.message
             prefix = f"GDBus.Error:{name}: "
             if message.startswith(prefix):
-                message = message[len(prefix):]
+                message = message[len(prefix) :]
             return error_from_dbus(name, message)
-        return DaemonNotRunningError("kjumpd did not answer", why=e.message,
-                                     fix="check it: systemctl status kjumpd")
+        return DaemonNotRunningError(
+            "kjumpd did not answer", why=e.message, fix="check it: systemctl status kjumpd"
+        )
 
-    def call(self, method: str, args: tuple[Any, ...] = (), in_sig: str = "",
-             out_sig: str = "()", timeout_ms: int = CALL_TIMEOUT_MS,
-             interface: str = INTERFACE) -> tuple[Any, ...]:
+    def call(
+        self,
+        method: str,
+        args: tuple[Any, ...] = (),
+        in_sig: str = "",
+        out_sig: str = "()",
+        timeout_ms: int = CALL_TIMEOUT_MS,
+        interface: str = INTERFACE,
+    ) -> tuple[Any, ...]:
         GLib = self.GLib
         params = GLib.Variant(f"({in_sig})", args) if in_sig else None
         try:
-            reply = self.con.call_sync(BUS_NAME, OBJECT_PATH, interface, method, params,
-                                       GLib.VariantType(out_sig),
-                                       self.Gio.DBusCallFlags.ALLOW_INTERACTIVE_AUTHORIZATION,
-                                       timeout_ms, None)
+            reply = self.con.call_sync(
+                BUS_NAME,
+                OBJECT_PATH,
+                interface,
+                method,
+                params,
+                GLib.VariantType(out_sig),
+                self.Gio.DBusCallFlags.ALLOW_INTERACTIVE_AUTHORIZATION,
+                timeout_ms,
+                None,
+            )
         except GLib.Error as e:
             raise self._error(e) from None
         return tuple(reply.unpack())
@@ -131,14 +173,23 @@ class ManagerClient:
         (props,) = self.call("GetAll", (INTERFACE,), "s", "(a{sv})", interface=PROPS)
         return dict(props)
 
-    def subscribe(self, member: str | None, callback: Callable[[str, tuple[Any, ...]], None],
-                  interface: str = INTERFACE, arg0: str | None = None,
-                  sender: str = BUS_NAME, path: str | None = OBJECT_PATH) -> int:
-        def on_signal(con: Any, sender_: str, path_: str, iface: str, name: str,
-                      params: Any) -> None:
+    def subscribe(
+        self,
+        member: str | None,
+        callback: Callable[[str, tuple[Any, ...]], None],
+        interface: str = INTERFACE,
+        arg0: str | None = None,
+        sender: str = BUS_NAME,
+        path: str | None = OBJECT_PATH,
+    ) -> int:
+        def on_signal(
+            con: Any, sender_: str, path_: str, iface: str, name: str, params: Any
+        ) -> None:
             callback(name, tuple(params.unpack()))
-        return self.con.signal_subscribe(sender, interface, member, path, arg0,
-                                         self.Gio.DBusSignalFlags.NONE, on_signal)
+
+        return self.con.signal_subscribe(
+            sender, interface, member, path, arg0, self.Gio.DBusSignalFlags.NONE, on_signal
+        )
 
 
 # --------------------------------------------------------------------------- progress
@@ -191,7 +242,7 @@ def plain_json(value: Any) -> Any:
 
 def _when(ts: Any) -> str:
     try:
-        return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (TypeError, ValueError, OverflowError):
         return "?"
 
@@ -199,15 +250,22 @@ def _when(ts: Any) -> str:
 def describe_result(rec: dict[str, Any]) -> list[str]:
     if not rec:
         return ["last:      (none since kjumpd started)"]
-    lines = [f"last:      {rec.get('mode', '?')}: {rec.get('result', '?')} "
-             f"(finished {_when(rec.get('finished'))}, {float(rec.get('elapsed', 0.0)):.1f} s)"]
+    lines = [
+        f"last:      {rec.get('mode', '?')}: {rec.get('result', '?')} "
+        f"(finished {_when(rec.get('finished'))}, {float(rec.get('elapsed', 0.0)):.1f} s)"
+    ]
     if rec.get("message"):
         lines.append(f"  error:   {rec['message']}")
     durations = rec.get("durations")
     if isinstance(durations, dict) and durations:
-        lines.append("  phases:  " + ", ".join(f"{k} {float(v):.2f} s" for k, v in durations.items()))
-    for key, label, fmt in (("image_size", "image", "{:,} bytes"), ("ratio", "ratio", "{:.2f}"),
-                            ("throughput", "speed", "{:.1f} MB/s")):
+        lines.append(
+            "  phases:  " + ", ".join(f"{k} {float(v):.2f} s" for k, v in durations.items())
+        )
+    for key, label, fmt in (
+        ("image_size", "image", "{:,} bytes"),
+        ("ratio", "ratio", "{:.2f}"),
+        ("throughput", "speed", "{:.1f} MB/s"),
+    ):
         if key in rec:
             try:
                 lines.append(f"  {label + ':':<8} " + fmt.format(rec[key]))
@@ -220,7 +278,9 @@ def describe_status(props: dict[str, Any]) -> list[str]:
     lines = [f"state:     {props.get('State', '?')}"]
     if props.get("State") != "idle":
         lines.append(f"mode:      {props.get('Mode', '')}")
-        lines.append(f"phase:     {props.get('Phase', '')} ({float(props.get('Progress', 0.0)):.0f}%)")
+        lines.append(
+            f"phase:     {props.get('Phase', '')} ({float(props.get('Progress', 0.0)):.0f}%)"
+        )
     lines.append(f"image:     {props.get('ImageState', '?')}")
     lines.extend(describe_result(props.get("LastResult") or {}))
     return lines
@@ -233,15 +293,17 @@ class TransitionClient:
 
     def __init__(self, address: str | None) -> None:
         from kjumpd.cli import busclient
+
         self.bc = busclient
         addr = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or busclient.SYSTEM_BUS
         try:
             self.con = busclient.Connection(addr)
         except (busclient.BusError, OSError) as e:
-            raise DaemonNotRunningError("kjumpd is not reachable",
-                                        why=f"cannot connect to the bus {address or '(system)'}: "
-                                            f"{e}",
-                                        fix="start the system bus (systemctl start dbus)") from None
+            raise DaemonNotRunningError(
+                "kjumpd is not reachable",
+                why=f"cannot connect to the bus {address or '(system)'}: {e}",
+                fix="start the system bus (systemctl start dbus)",
+            ) from None
         except busclient.RemoteError as e:
             raise error_from_dbus(e.name, e.text) from None
 
@@ -252,34 +314,60 @@ class TransitionClient:
         except bc.RemoteError as e:
             raise error_from_dbus(e.name, e.text) from None
         except TimeoutError:
-            raise DaemonNotRunningError("kjumpd did not answer", why="no reply in time",
-                                        fix="check it: systemctl status kjumpd") from None
+            raise DaemonNotRunningError(
+                "kjumpd did not answer",
+                why="no reply in time",
+                fix="check it: systemctl status kjumpd",
+            ) from None
         except (bc.BusError, OSError) as e:
-            raise DaemonNotRunningError("kjumpd did not answer", why=str(e),
-                                        fix="check it: systemctl status kjumpd") from None
+            raise DaemonNotRunningError(
+                "kjumpd did not answer", why=str(e), fix="check it: systemctl status kjumpd"
+            ) from None
 
     def subscribe(self) -> None:
         own = f"sender='{BUS_NAME}',path='{OBJECT_PATH}'"
-        self._errors(lambda: self.con.add_matches([
-            f"type='signal',{own},interface='{PROPS}',member='PropertiesChanged',"
-            f"arg0='{INTERFACE}'",
-            f"type='signal',{own},interface='{INTERFACE}',member='Progress'",
-            f"type='signal',{own},interface='{INTERFACE}',member='PrepareForSleep'",
-            "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
-            f"interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"]))
+        self._errors(
+            lambda: self.con.add_matches(
+                [
+                    f"type='signal',{own},interface='{PROPS}',member='PropertiesChanged',"
+                    f"arg0='{INTERFACE}'",
+                    f"type='signal',{own},interface='{INTERFACE}',member='Progress'",
+                    f"type='signal',{own},interface='{INTERFACE}',member='PrepareForSleep'",
+                    "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
+                    f"interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'",
+                ]
+            )
+        )
 
-    def call(self, method: str, args: tuple[Any, ...] = (), in_sig: str = "",
-             timeout_ms: int = CALL_TIMEOUT_MS) -> tuple[Any, ...]:
-        return tuple(self._errors(lambda: self.con.call(
-            BUS_NAME, OBJECT_PATH, INTERFACE, method, in_sig, args,
-            self.bc.ALLOW_INTERACTIVE_AUTHORIZATION, timeout_ms / 1000)))
+    def call(
+        self,
+        method: str,
+        args: tuple[Any, ...] = (),
+        in_sig: str = "",
+        timeout_ms: int = CALL_TIMEOUT_MS,
+    ) -> tuple[Any, ...]:
+        return tuple(
+            self._errors(
+                lambda: self.con.call(
+                    BUS_NAME,
+                    OBJECT_PATH,
+                    INTERFACE,
+                    method,
+                    in_sig,
+                    args,
+                    self.bc.ALLOW_INTERACTIVE_AUTHORIZATION,
+                    timeout_ms / 1000,
+                )
+            )
+        )
 
     def next_signal(self) -> Any:
         return self._errors(lambda: self.con.next(None))
 
 
-def run_transition(args: argparse.Namespace, method: str, call_args: tuple[Any, ...] = (),
-                   in_sig: str = "") -> int:
+def run_transition(
+    args: argparse.Namespace, method: str, call_args: tuple[Any, ...] = (), in_sig: str = ""
+) -> int:
     client = TransitionClient(args.bus)
     view = ProgressView()
     wait = not getattr(args, "no_wait", False)
@@ -294,8 +382,13 @@ def run_transition(args: argparse.Namespace, method: str, call_args: tuple[Any, 
         while rec is None:
             m = client.next_signal()
             body = m.body
-            if m.member == "PropertiesChanged" and m.interface == PROPS \
-                    and m.path == OBJECT_PATH and len(body) == 3 and body[0] == INTERFACE:
+            if (
+                m.member == "PropertiesChanged"
+                and m.interface == PROPS
+                and m.path == OBJECT_PATH
+                and len(body) == 3
+                and body[0] == INTERFACE
+            ):
                 changed = body[1]
                 if changed.get("State") == "idle":
                     rec = dict(changed.get("LastResult") or {})
@@ -303,16 +396,23 @@ def run_transition(args: argparse.Namespace, method: str, call_args: tuple[Any, 
                 view.update(str(body[0]), float(body[1]))
             elif m.member == "PrepareForSleep" and m.interface == INTERFACE and body:
                 view.note("the system is going to sleep" if body[0] else "back")
-            elif m.member == "NameOwnerChanged" and len(body) == 3 and body[0] == BUS_NAME \
-                    and not body[2]:
+            elif (
+                m.member == "NameOwnerChanged"
+                and len(body) == 3
+                and body[0] == BUS_NAME
+                and not body[2]
+            ):
                 view.end()
-                raise KjumpError("kjumpd exited during the transition",
-                                 fix="see its log: journalctl -u kjumpd")
+                raise KjumpError(
+                    "kjumpd exited during the transition", fix="see its log: journalctl -u kjumpd"
+                )
     except KeyboardInterrupt:
         view.end()
         client.call("Cancel")
-        print("kjumpctl: interrupted: kjumpd is cancelling the transition and rolling back",
-              file=sys.stderr)
+        print(
+            "kjumpctl: interrupted: kjumpd is cancelling the transition and rolling back",
+            file=sys.stderr,
+        )
         return 130
     view.end()
     if getattr(args, "json", False):
@@ -330,6 +430,7 @@ def run_transition(args: argparse.Namespace, method: str, call_args: tuple[Any, 
 
 def _exit_code(err: KjumpError) -> int:
     from kjumpd.cli import exit_code_for
+
     return exit_code_for(err)
 
 
@@ -357,8 +458,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     (cancelled,) = ManagerClient(args.bus).call("Cancel", out_sig="(b)")
-    print("kjumpctl: cancelling the running transition" if cancelled
-          else "kjumpctl: nothing to cancel (kjumpd is idle)", file=sys.stderr)
+    print(
+        "kjumpctl: cancelling the running transition"
+        if cancelled
+        else "kjumpctl: nothing to cancel (kjumpd is idle)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -367,22 +472,27 @@ def register(sub: Any) -> None:
 
     def transition(name: str, help_: str, func: Callable[[argparse.Namespace], int]) -> Any:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--no-wait", action="store_true",
-                       help="return once kjumpd accepted the request")
+        p.add_argument(
+            "--no-wait", action="store_true", help="return once kjumpd accepted the request"
+        )
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.set_defaults(func=func)
         return p
 
-    p = transition("hibernate", "hibernate through kjumpd (live progress; waits for the result)",
-                   cmd_hibernate)
-    p.add_argument("--mode", choices=modes, default=None,
-                   help="what to do once the image is saved (default: the configured mode): "
-                        "platform = ACPI S4, shutdown, reboot, suspend = S3 (suspend to both), "
-                        "test = save then continue (image invalidated), checkpoint = save, "
-                        "keep the image and continue")
+    p = transition(
+        "hibernate", "hibernate through kjumpd (live progress; waits for the result)", cmd_hibernate
+    )
+    p.add_argument(
+        "--mode",
+        choices=modes,
+        default=None,
+        help="what to do once the image is saved (default: the configured mode): "
+        "platform = ACPI S4, shutdown, reboot, suspend = S3 (suspend to both), "
+        "test = save then continue (image invalidated), checkpoint = save, "
+        "keep the image and continue",
+    )
     transition("suspend-to-both", "save an image, then suspend to RAM", cmd_suspend_to_both)
-    transition("checkpoint", "save an image of the running system and keep running",
-               cmd_checkpoint)
+    transition("checkpoint", "save an image of the running system and keep running", cmd_checkpoint)
     p = sub.add_parser("status", help="kjumpd's state, the image state and the last result")
     p.add_argument("--json", action="store_true", help="print the D-Bus properties as JSON")
     p.set_defaults(func=cmd_status)

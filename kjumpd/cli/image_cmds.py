@@ -27,8 +27,13 @@ def register(sub: Any) -> None:
 
     def target_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("file", metavar="FILE", help="target file, disk or partition")
-        q.add_argument("--offset", type=int, default=0, metavar="BYTES",
-                       help="device offset of the target superblock (default 0)")
+        q.add_argument(
+            "--offset",
+            type=int,
+            default=0,
+            metavar="BYTES",
+            help="device offset of the target superblock (default 0)",
+        )
 
     q = isub.add_parser("info", help="print the superblock, header and extent table")
     target_args(q)
@@ -49,19 +54,25 @@ def register(sub: Any) -> None:
 def _when(t: float) -> str:
     if not t:
         return "-"
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def info(path: str, offset: int = 0) -> dict[str, Any]:
     """Everything readable about the target; metadata errors are reported, not raised."""
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
+
     dev, sb = store.open_target(path, writable=False, offset=offset)
     with dev:
         out: dict[str, Any] = {
-            "target": {"path": path, "uuid": sb.uuid_str, "size": sb.size,
-                       "block_size": sb.block_size, "version": sb.version,
-                       "blockmap": [[e.logical, e.device_offset, e.length] for e in sb.blockmap]},
+            "target": {
+                "path": path,
+                "uuid": sb.uuid_str,
+                "size": sb.size,
+                "block_size": sb.block_size,
+                "version": sb.version,
+                "blockmap": [[e.logical, e.device_offset, e.length] for e in sb.blockmap],
+            },
         }
         header = store.read_header(dev)
         out["header"] = header.to_dict()
@@ -111,23 +122,36 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from kjumpd.image import restore, store
+
     dev, _sb = store.open_target(args.file, writable=False, offset=args.offset)
     with dev:
         stats = restore.restore_image(dev, None, verify_only=True)
     h = stats.header
     assert h is not None
     if args.json:
-        print(json.dumps({"ok": True, "state": h.state_text, "raw_bytes": stats.raw_bytes,
-                          "chunks": stats.chunk_count, "seconds": round(stats.seconds, 3)}))
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "state": h.state_text,
+                    "raw_bytes": stats.raw_bytes,
+                    "chunks": stats.chunk_count,
+                    "seconds": round(stats.seconds, 3),
+                }
+            )
+        )
     else:
-        print(f"image OK: {h.state_text}, {stats.raw_bytes} bytes in {stats.chunk_count} chunks "
-              f"checked in {stats.seconds:.2f}s")
+        print(
+            f"image OK: {h.state_text}, {stats.raw_bytes} bytes in {stats.chunk_count} chunks "
+            f"checked in {stats.seconds:.2f}s"
+        )
     return 0
 
 
 def cmd_invalidate(args: argparse.Namespace) -> int:
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
+
     dev, _sb = store.open_target(args.file, writable=True, offset=args.offset)
     with dev:
         before = store.read_header(dev)

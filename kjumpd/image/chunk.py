@@ -17,14 +17,22 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import lz4.block
 
 from kjumpd.errors import ImageCorruptError, ImageFormatError
-from kjumpd.image.format import (EMPTY_ENCODINGS, ENC_FREE, ENC_LZ4, ENC_RAW, ENC_ZERO,
-                                 PAGE_SIZE, ChunkHeader, crc32)
+from kjumpd.image.format import (
+    EMPTY_ENCODINGS,
+    ENC_FREE,
+    ENC_LZ4,
+    ENC_RAW,
+    ENC_ZERO,
+    PAGE_SIZE,
+    ChunkHeader,
+    crc32,
+)
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 COMPRESSIONS = ("lz4", "none")
@@ -35,11 +43,11 @@ class EncodedChunk:
     index: int
     phys: int
     raw_length: int
-    head: bytes          # record header + zero-page bitmap
-    payload: bytes       # stored bytes
-    crc: int             # CRC of bitmap + payload (also in the record header)
+    head: bytes  # record header + zero-page bitmap
+    payload: bytes  # stored bytes
+    crc: int  # CRC of bitmap + payload (also in the record header)
     zero_pages: int
-    cpu: float = 0.0     # CPU seconds this thread spent encoding it
+    cpu: float = 0.0  # CPU seconds this thread spent encoding it
 
     @property
     def record_length(self) -> int:
@@ -65,14 +73,14 @@ def find_zero_pages(data: bytes | bytearray, length: int | None = None) -> list[
         acc = 0
         for k in _SAMPLES:
             acc |= int.from_bytes(data[k:end:PAGE_SIZE], "little")
-        candidates = acc.to_bytes(full, "little")     # byte i is 0: page i may be zero
+        candidates = acc.to_bytes(full, "little")  # byte i is 0: page i may be zero
         i = candidates.find(0)
         while i >= 0:
             o = i * PAGE_SIZE
             if data.startswith(ZERO_PAGE, o, o + PAGE_SIZE):
                 out.append(i)
             i = candidates.find(0, i + 1)
-    if n > end and data.startswith(ZERO_PAGE[:n - end], end, n):
+    if n > end and data.startswith(ZERO_PAGE[: n - end], end, n):
         out.append(full)
     return out
 
@@ -100,9 +108,14 @@ def _scratch_buffer(n: int) -> bytearray:
     return buf
 
 
-def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
-                 compression: str = "lz4", tag: int = 0,
-                 length: int | None = None) -> EncodedChunk:
+def encode_chunk(
+    index: int,
+    phys: int,
+    data: bytes | bytearray | memoryview,
+    compression: str = "lz4",
+    tag: int = 0,
+    length: int | None = None,
+) -> EncodedChunk:
     """Encode the first ``length`` bytes of ``data`` (the memory at ``phys``) as one record.
 
     ``data`` is not kept: the record holds its own copies, so the caller may reuse a
@@ -110,14 +123,14 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
     """
     cpu0 = time.thread_time()
     if isinstance(data, memoryview):
-        data = bytes(data)               # find()/startswith() need bytes-like methods
+        data = bytes(data)  # find()/startswith() need bytes-like methods
     n = len(data) if length is None else length
     if n > len(data):
         raise ValueError(f"chunk length {n} exceeds the buffer ({len(data)} bytes)")
     pages = (n + PAGE_SIZE - 1) // PAGE_SIZE
     bitmap = bytearray((pages + 7) // 8)
     payload_raw: bytes | memoryview
-    if data.startswith(ZERO_PAGE[:min(n, PAGE_SIZE)]) and data.startswith(zeros(n)):
+    if data.startswith(ZERO_PAGE[: min(n, PAGE_SIZE)]) and data.startswith(zeros(n)):
         zero = pages
         for i in range(pages):
             bitmap[i >> 3] |= 1 << (i & 7)
@@ -138,11 +151,11 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
             for i in zero_at:
                 o = i * PAGE_SIZE
                 if o > pos:
-                    dst[fill:fill + o - pos] = src[pos:o]
+                    dst[fill : fill + o - pos] = src[pos:o]
                     fill += o - pos
                 pos = o + PAGE_SIZE
             if pos < n:
-                dst[fill:fill + n - pos] = src[pos:n]
+                dst[fill : fill + n - pos] = src[pos:n]
                 fill += n - pos
             payload_raw = dst[:fill]
     payload: bytes
@@ -157,14 +170,32 @@ def encode_chunk(index: int, phys: int, data: bytes | bytearray | memoryview,
         enc, payload = ENC_RAW, bytes(payload_raw)
     bm = bytes(bitmap)
     body_crc = crc32(payload, crc32(bm))
-    head = ChunkHeader(encoding=enc, pages=pages, index=index, phys=phys, raw_length=n,
-                       payload_length=len(payload), crc=body_crc, tag=tag).pack() + bm
-    return EncodedChunk(index=index, phys=phys, raw_length=n, head=head, payload=payload,
-                        crc=body_crc, zero_pages=zero, cpu=time.thread_time() - cpu0)
+    head = (
+        ChunkHeader(
+            encoding=enc,
+            pages=pages,
+            index=index,
+            phys=phys,
+            raw_length=n,
+            payload_length=len(payload),
+            crc=body_crc,
+            tag=tag,
+        ).pack()
+        + bm
+    )
+    return EncodedChunk(
+        index=index,
+        phys=phys,
+        raw_length=n,
+        head=head,
+        payload=payload,
+        crc=body_crc,
+        zero_pages=zero,
+        cpu=time.thread_time() - cpu0,
+    )
 
 
-def zero_chunk(index: int, phys: int, n: int, tag: int = 0, free: bool = False
-               ) -> EncodedChunk:
+def zero_chunk(index: int, phys: int, n: int, tag: int = 0, free: bool = False) -> EncodedChunk:
     """The record of ``n`` bytes the source knows are zero (never read): an all-zero chunk,
     or with ``free`` a free one (ENC_FREE: the restore leaves that memory as it finds it)."""
     pages = (n + PAGE_SIZE - 1) // PAGE_SIZE
@@ -173,14 +204,25 @@ def zero_chunk(index: int, phys: int, n: int, tag: int = 0, free: bool = False
         bitmap.append((1 << (pages % 8)) - 1)
     bm = bytes(bitmap)
     body_crc = crc32(b"", crc32(bm))
-    head = ChunkHeader(encoding=ENC_FREE if free else ENC_ZERO, pages=pages, index=index,
-                       phys=phys, raw_length=n, payload_length=0, crc=body_crc,
-                       tag=tag).pack() + bm
-    return EncodedChunk(index=index, phys=phys, raw_length=n, head=head, payload=b"",
-                        crc=body_crc, zero_pages=pages)
+    head = (
+        ChunkHeader(
+            encoding=ENC_FREE if free else ENC_ZERO,
+            pages=pages,
+            index=index,
+            phys=phys,
+            raw_length=n,
+            payload_length=0,
+            crc=body_crc,
+            tag=tag,
+        ).pack()
+        + bm
+    )
+    return EncodedChunk(
+        index=index, phys=phys, raw_length=n, head=head, payload=b"", crc=body_crc, zero_pages=pages
+    )
 
 
-def _load_lz4() -> "Callable[..., int] | None":
+def _load_lz4() -> Callable[..., int] | None:
     for name in ("liblz4.so.1", "liblz4.so"):
         try:
             f = ctypes.CDLL(name).LZ4_decompress_safe
@@ -212,9 +254,8 @@ _STORED = [tuple(b for b in range(8) if not v & (1 << b)) for v in range(256)]
 
 def stored_pages(bitmap: bytes, pages: int) -> list[int]:
     """Indices of the pages that are stored (not zero), in order."""
-    out = [base + b for base, v in zip(range(0, 8 * len(bitmap), 8), bitmap)
-           for b in _STORED[v]]
-    while out and out[-1] >= pages:      # padding bits of the last bitmap byte
+    out = [base + b for base, v in zip(range(0, 8 * len(bitmap), 8), bitmap) for b in _STORED[v]]
+    while out and out[-1] >= pages:  # padding bits of the last bitmap byte
         out.pop()
     return out
 
@@ -222,14 +263,17 @@ def stored_pages(bitmap: bytes, pages: int) -> list[int]:
 def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> None:
     """Raise ImageCorruptError when the bitmap + payload do not match the record's CRC."""
     if crc32(payload, crc32(bitmap)) != ch.crc:
-        raise ImageCorruptError(f"chunk {ch.index} at byte offset {offset} is corrupt",
-                                why="payload checksum mismatch",
-                                fix="the image cannot be used; boot normally and hibernate again",
-                                structure="chunk", offset=offset, chunk=ch.index)
+        raise ImageCorruptError(
+            f"chunk {ch.index} at byte offset {offset} is corrupt",
+            why="payload checksum mismatch",
+            fix="the image cannot be used; boot normally and hibernate again",
+            structure="chunk",
+            offset=offset,
+            chunk=ch.index,
+        )
 
 
-def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
-                 ) -> bytes | bytearray:
+def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> bytes | bytearray:
     """Check and decode a record into its ``raw_length`` bytes (zero pages as zeros; a free
     record reads as zeros too)."""
     if ch.encoding in EMPTY_ENCODINGS:
@@ -240,8 +284,9 @@ def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
     return out
 
 
-def decode_into(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int,
-                out: memoryview | None) -> None:
+def decode_into(
+    ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int, out: memoryview | None
+) -> None:
     """Check a record and decode its ``raw_length`` bytes into ``out`` (zero pages written as
     zeros). ``out`` may be a reused buffer: every byte of ``out[:raw_length]`` is written.
     ``out`` may be None only for an all-zero or free record (ENC_ZERO, ENC_FREE), which is
@@ -256,18 +301,27 @@ def decode_into(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int,
     expect = nz * PAGE_SIZE - (tail_short if last_stored else 0)
 
     def bad(why: str) -> ImageCorruptError:
-        return ImageCorruptError(f"chunk {ch.index} at byte offset {offset} is corrupt", why=why,
-                                 fix="the image cannot be used; boot normally and hibernate again",
-                                 structure="chunk", offset=offset, chunk=ch.index)
+        return ImageCorruptError(
+            f"chunk {ch.index} at byte offset {offset} is corrupt",
+            why=why,
+            fix="the image cannot be used; boot normally and hibernate again",
+            structure="chunk",
+            offset=offset,
+            chunk=ch.index,
+        )
 
     n = ch.raw_length
     if ch.encoding in EMPTY_ENCODINGS:
         if nz:
-            raise bad(f"an {'all-zero' if ch.encoding == ENC_ZERO else 'all-free'} chunk has "
-                      "non-zero pages in its bitmap")
+            raise bad(
+                f"an {'all-zero' if ch.encoding == ENC_ZERO else 'all-free'} chunk has "
+                "non-zero pages in its bitmap"
+            )
         if ch.payload_length:
-            raise bad(f"a chunk without payload (encoding {ch.encoding}) holds "
-                      f"{ch.payload_length} payload bytes")
+            raise bad(
+                f"a chunk without payload (encoding {ch.encoding}) holds "
+                f"{ch.payload_length} payload bytes"
+            )
         if out is not None:
             out[:n] = zeros(n)
         return
@@ -276,22 +330,34 @@ def decode_into(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int,
     raw: bytes | memoryview
     if ch.encoding == ENC_RAW:
         raw = payload
-    elif (ch.encoding == ENC_LZ4 and _LZ4_SAFE is not None and 0 < expect < (1 << 31)
-          and isinstance(payload, bytes) and not out.readonly and out.c_contiguous
-          and len(out) >= n):
-        if nz == ch.pages:               # no zero pages: straight into the output
+    elif (
+        ch.encoding == ENC_LZ4
+        and _LZ4_SAFE is not None
+        and 0 < expect < (1 << 31)
+        and isinstance(payload, bytes)
+        and not out.readonly
+        and out.c_contiguous
+        and len(out) >= n
+    ):
+        if nz == ch.pages:  # no zero pages: straight into the output
             with out[:expect] as dst:
                 got = _lz4_into(payload, dst, expect)
             if got != expect:
-                raise bad("lz4 payload does not decompress" if got < 0 else
-                          f"payload holds {got} bytes, the bitmap says {expect}")
+                raise bad(
+                    "lz4 payload does not decompress"
+                    if got < 0
+                    else f"payload holds {got} bytes, the bitmap says {expect}"
+                )
             return
         scratch = _scratch_buffer(expect)
         with memoryview(scratch) as whole, whole[:expect] as dst:
             got = _lz4_into(payload, dst, expect)
         if got != expect:
-            raise bad("lz4 payload does not decompress" if got < 0 else
-                      f"payload holds {got} bytes, the bitmap says {expect}")
+            raise bad(
+                "lz4 payload does not decompress"
+                if got < 0
+                else f"payload holds {got} bytes, the bitmap says {expect}"
+            )
         raw = memoryview(scratch)[:expect]
     elif ch.encoding == ENC_LZ4:
         try:
@@ -308,8 +374,8 @@ def decode_into(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int,
         return
     # runs of consecutive stored pages are contiguous in the payload: one copy per run,
     # one zero fill per run of zero pages
-    sp = 0            # position in the payload
-    pos = 0           # page index written up to
+    sp = 0  # position in the payload
+    pos = 0  # page index written up to
     i = 0
     while i < nz:
         first = stored[i]
@@ -317,12 +383,12 @@ def decode_into(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int,
         while j + 1 < nz and stored[j + 1] == stored[j] + 1:
             j += 1
         if first > pos:
-            out[pos * PAGE_SIZE:first * PAGE_SIZE] = zeros((first - pos) * PAGE_SIZE)
+            out[pos * PAGE_SIZE : first * PAGE_SIZE] = zeros((first - pos) * PAGE_SIZE)
         o = first * PAGE_SIZE
         end = min((stored[j] + 1) * PAGE_SIZE, n)
-        out[o:end] = src[sp:sp + end - o]
+        out[o:end] = src[sp : sp + end - o]
         sp += end - o
         pos = stored[j] + 1
         i = j + 1
     if pos < ch.pages:
-        out[pos * PAGE_SIZE:n] = zeros(n - pos * PAGE_SIZE)
+        out[pos * PAGE_SIZE : n] = zeros(n - pos * PAGE_SIZE)

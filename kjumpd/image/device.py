@@ -19,7 +19,7 @@ import logging
 import mmap
 import os
 import stat
-from typing import Iterable
+from collections.abc import Iterable
 
 from kjumpd.errors import ImageError, TargetError
 from kjumpd.image.format import BlockExtent
@@ -30,9 +30,14 @@ ALIGN = 4096
 
 
 class ImageDevice:
-    def __init__(self, path: str | os.PathLike[str],
-                 blockmap: Iterable[BlockExtent] | None = None, *,
-                 writable: bool, direct: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        blockmap: Iterable[BlockExtent] | None = None,
+        *,
+        writable: bool,
+        direct: bool = True,
+    ) -> None:
         self.path = os.fspath(path)
         self.writable = writable
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
@@ -59,22 +64,30 @@ class ImageDevice:
                 self.device_size = st.st_size
             if blockmap is None:
                 if self.device_size < ALIGN:
-                    raise TargetError(f"target {self.path} is too small ({self.device_size} bytes)",
-                                      fix="create it with `kjumpctl setup` or kjump-agent save",
-                                      path=self.path)
+                    raise TargetError(
+                        f"target {self.path} is too small ({self.device_size} bytes)",
+                        fix="create it with `kjumpctl setup` or kjump-agent save",
+                        path=self.path,
+                    )
                 usable = self.device_size // ALIGN * ALIGN
                 blockmap = [BlockExtent(0, 0, usable)]
             self.blockmap = sorted(blockmap, key=lambda e: e.logical)
             self.size = 0
             for e in self.blockmap:
                 if e.logical != self.size:
-                    raise TargetError(f"block map of {self.path} has a hole at logical {self.size}",
-                                      fix="run `kjumpctl setup` again", path=self.path)
+                    raise TargetError(
+                        f"block map of {self.path} has a hole at logical {self.size}",
+                        fix="run `kjumpctl setup` again",
+                        path=self.path,
+                    )
                 if e.device_offset + e.length > self.device_size:
-                    raise TargetError(f"block map of {self.path} points past the device end",
-                                      why=f"extent at device offset {e.device_offset} + "
-                                          f"{e.length} > {self.device_size}",
-                                      fix="run `kjumpctl setup` again", path=self.path)
+                    raise TargetError(
+                        f"block map of {self.path} points past the device end",
+                        why=f"extent at device offset {e.device_offset} + "
+                        f"{e.length} > {self.device_size}",
+                        fix="run `kjumpctl setup` again",
+                        path=self.path,
+                    )
                 self.size += e.length
         except BaseException:
             os.close(self.fd)
@@ -82,19 +95,26 @@ class ImageDevice:
         self._bounce: mmap.mmap | None = None
 
     def _open_error(self, e: OSError) -> TargetError:
-        return TargetError(f"cannot open target {self.path}", why=e.strerror or str(e),
-                           fix="check the path and that you are root", path=self.path)
+        return TargetError(
+            f"cannot open target {self.path}",
+            why=e.strerror or str(e),
+            fix="check the path and that you are root",
+            path=self.path,
+        )
 
     # -------------------------------------------------------------------- mapping
 
     def map(self, logical: int, length: int) -> list[tuple[int, int, int]]:
         """[(device_offset, length, buffer_offset)] for logical [logical, logical+length)."""
         if logical < 0 or length < 0 or logical + length > self.size:
-            raise TargetError("I/O outside the target's block map refused",
-                              why=f"logical bytes [{logical}, {logical + length}) are outside "
-                                  f"[0, {self.size})",
-                              fix="the image does not fit the target; make the target larger",
-                              path=self.path, offset=logical, length=length)
+            raise TargetError(
+                "I/O outside the target's block map refused",
+                why=f"logical bytes [{logical}, {logical + length}) are outside [0, {self.size})",
+                fix="the image does not fit the target; make the target larger",
+                path=self.path,
+                offset=logical,
+                length=length,
+            )
         out = []
         pos, done = logical, 0
         for e in self.blockmap:
@@ -122,7 +142,7 @@ class ImageDevice:
         """Fill ``buf`` (page-aligned memory, aligned size when direct) from logical offset."""
         mv = memoryview(buf)
         for dev_off, n, boff in self.map(logical, len(mv)):
-            self._preadv_full(mv[boff:boff + n], dev_off, logical + boff)
+            self._preadv_full(mv[boff : boff + n], dev_off, logical + boff)
 
     def _preadv_full(self, mv: memoryview, dev_off: int, logical: int) -> None:
         got = 0
@@ -130,12 +150,20 @@ class ImageDevice:
             try:
                 n = os.preadv(self.fd, [mv[got:]], dev_off + got)
             except OSError as e:
-                raise ImageError(f"read error on {self.path}", why=e.strerror or str(e),
-                                 fix="check the disk", path=self.path,
-                                 offset=logical + got) from None
+                raise ImageError(
+                    f"read error on {self.path}",
+                    why=e.strerror or str(e),
+                    fix="check the disk",
+                    path=self.path,
+                    offset=logical + got,
+                ) from None
             if n == 0:
-                raise ImageError(f"unexpected end of {self.path}", why="short read",
-                                 path=self.path, offset=logical + got)
+                raise ImageError(
+                    f"unexpected end of {self.path}",
+                    why="short read",
+                    path=self.path,
+                    offset=logical + got,
+                )
             got += n
 
     def read(self, logical: int, length: int) -> bytes:
@@ -145,10 +173,10 @@ class ImageDevice:
         if logical + length <= self.size:
             end = min(end, self.size)
         buf = self._buffer(end - start)
-        mv = memoryview(buf)[:end - start]
+        mv = memoryview(buf)[: end - start]
         try:
             self.readinto(start, mv)
-            return bytes(mv[logical - start:logical - start + length])
+            return bytes(mv[logical - start : logical - start + length])
         finally:
             mv.release()
 
@@ -161,14 +189,22 @@ class ImageDevice:
             done = 0
             while done < n:
                 try:
-                    w = os.pwritev(self.fd, [mv[boff + done:boff + n]], dev_off + done)
+                    w = os.pwritev(self.fd, [mv[boff + done : boff + n]], dev_off + done)
                 except OSError as e:
-                    raise ImageError(f"write error on {self.path}", why=e.strerror or str(e),
-                                     fix="check the disk and that the target is not full",
-                                     path=self.path, offset=logical + boff + done) from None
+                    raise ImageError(
+                        f"write error on {self.path}",
+                        why=e.strerror or str(e),
+                        fix="check the disk and that the target is not full",
+                        path=self.path,
+                        offset=logical + boff + done,
+                    ) from None
                 if w <= 0:
-                    raise ImageError(f"write error on {self.path}", why="short write",
-                                     path=self.path, offset=logical + boff + done)
+                    raise ImageError(
+                        f"write error on {self.path}",
+                        why="short write",
+                        path=self.path,
+                        offset=logical + boff + done,
+                    )
                 done += w
 
     def write(self, logical: int, data: bytes | bytearray | memoryview) -> None:
@@ -181,11 +217,11 @@ class ImageDevice:
         self.map(logical, length)  # refuses anything outside the block map
         end = min(end, self.size)
         buf = self._buffer(end - start)
-        mv = memoryview(buf)[:end - start]
+        mv = memoryview(buf)[: end - start]
         try:
             if start != logical or end != logical + length:
                 self.readinto(start, mv)
-            mv[logical - start:logical - start + length] = data
+            mv[logical - start : logical - start + length] = data
             self.write_aligned(start, mv)
         finally:
             mv.release()
@@ -195,8 +231,12 @@ class ImageDevice:
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise ImageError(f"flush of {self.path} failed", why=e.strerror or str(e),
-                             fix="check the disk", path=self.path) from None
+            raise ImageError(
+                f"flush of {self.path} failed",
+                why=e.strerror or str(e),
+                fix="check the disk",
+                path=self.path,
+            ) from None
 
     def close(self) -> None:
         if self._bounce is not None:
@@ -206,7 +246,7 @@ class ImageDevice:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "ImageDevice":
+    def __enter__(self) -> ImageDevice:
         return self
 
     def __exit__(self, *exc: object) -> None:

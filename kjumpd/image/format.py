@@ -93,8 +93,9 @@ import json
 import struct
 import uuid as uuidlib
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 from kjumpd.errors import ImageCorruptError, ImageFormatError
 
@@ -113,7 +114,7 @@ HEADER_MAGIC = b"KJUMPHDR"
 METADATA_MAGIC = b"KJUMPMET"
 CHUNK_MAGIC = b"KJCH"
 
-_SB_FIXED = struct.Struct("<8sHHI16sQII")           # 48 bytes
+_SB_FIXED = struct.Struct("<8sHHI16sQII")  # 48 bytes
 _EXTENT3 = struct.Struct("<QQQ")
 MAX_EXTENTS = (SUPERBLOCK_SIZE - _SB_FIXED.size - 4) // _EXTENT3.size
 
@@ -121,10 +122,10 @@ _HDR_FIXED = struct.Struct("<8sHBBIQ16sdddQQQIIQQIIQQQQQQ")  # 168 bytes
 _STR_LEN = struct.Struct("<H")
 _MAX_STR = 1024
 
-_META_FIXED = struct.Struct("<8sHHIII")            # 24 bytes
+_META_FIXED = struct.Struct("<8sHHIII")  # 24 bytes
 _EXTENT2 = struct.Struct("<QQ")
 
-_CHUNK_HDR = struct.Struct("<4sBBHIQIIII")         # 36 bytes, + CRC u32
+_CHUNK_HDR = struct.Struct("<4sBBHIQIIII")  # 36 bytes, + CRC u32
 CHUNK_HEADER_SIZE = _CHUNK_HDR.size + 4
 
 _CRC = struct.Struct("<I")
@@ -158,22 +159,32 @@ class ImageState(enum.IntEnum):
 
 
 def _bad(structure: str, offset: int, what: str, fix: str = "") -> ImageFormatError:
-    return ImageFormatError(f"{structure} at byte offset {offset} is not valid", why=what,
-                            fix=fix or "the target holds no usable image; save a new one",
-                            structure=structure, offset=offset)
+    return ImageFormatError(
+        f"{structure} at byte offset {offset} is not valid",
+        why=what,
+        fix=fix or "the target holds no usable image; save a new one",
+        structure=structure,
+        offset=offset,
+    )
 
 
 def _corrupt(structure: str, offset: int, what: str) -> ImageCorruptError:
-    return ImageCorruptError(f"{structure} at byte offset {offset} is corrupt", why=what,
-                             fix="the image cannot be used; boot normally and hibernate again",
-                             structure=structure, offset=offset)
+    return ImageCorruptError(
+        f"{structure} at byte offset {offset} is corrupt",
+        why=what,
+        fix="the image cannot be used; boot normally and hibernate again",
+        structure=structure,
+        offset=offset,
+    )
 
 
 # ---------------------------------------------------------------------------- superblock
 
+
 @dataclass(frozen=True)
 class BlockExtent:
     """A piece of the target: logical bytes [logical, logical+length) live at device_offset."""
+
     logical: int
     device_offset: int
     length: int
@@ -196,14 +207,21 @@ class TargetSuperblock:
         validate_blockmap(self.blockmap, self.size, self.block_size)
         if len(self.uuid) != 16:
             raise _bad("target superblock", 16, "the UUID must be 16 bytes")
-        body = _SB_FIXED.pack(SUPERBLOCK_MAGIC, self.version, self.flags, self.block_size,
-                              self.uuid, self.size, len(self.blockmap), 0)
-        body += b"".join(_EXTENT3.pack(e.logical, e.device_offset, e.length)
-                         for e in self.blockmap)
+        body = _SB_FIXED.pack(
+            SUPERBLOCK_MAGIC,
+            self.version,
+            self.flags,
+            self.block_size,
+            self.uuid,
+            self.size,
+            len(self.blockmap),
+            0,
+        )
+        body += b"".join(_EXTENT3.pack(e.logical, e.device_offset, e.length) for e in self.blockmap)
         return body + _CRC.pack(crc32(body))
 
     @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview, base: int = 0) -> "TargetSuperblock":
+    def unpack(cls, data: bytes | bytearray | memoryview, base: int = 0) -> TargetSuperblock:
         """Parse a superblock; ``base`` is its offset on the device, for error messages."""
         name = "target superblock"
         data = bytes(data[:SUPERBLOCK_SIZE])
@@ -211,12 +229,20 @@ class TargetSuperblock:
             raise _bad(name, base, f"only {len(data)} bytes (truncated)")
         magic, version, flags, bsize, uid, size, n, _ = _SB_FIXED.unpack_from(data)
         if magic != SUPERBLOCK_MAGIC:
-            raise _bad(name, base, f"magic is {magic!r}, not {SUPERBLOCK_MAGIC!r}",
-                       fix="run `kjumpctl setup` to prepare a target")
+            raise _bad(
+                name,
+                base,
+                f"magic is {magic!r}, not {SUPERBLOCK_MAGIC!r}",
+                fix="run `kjumpctl setup` to prepare a target",
+            )
         if version != FORMAT_VERSION:
-            raise _bad(name, base + 8, f"format version {version} is not supported "
-                       f"(this kjumpd reads version {FORMAT_VERSION})",
-                       fix="use the kjumpd release that wrote it, or run `kjumpctl setup` again")
+            raise _bad(
+                name,
+                base + 8,
+                f"format version {version} is not supported "
+                f"(this kjumpd reads version {FORMAT_VERSION})",
+                fix="use the kjumpd release that wrote it, or run `kjumpctl setup` again",
+            )
         if not 1 <= n <= MAX_EXTENTS:
             raise _bad(name, base + 40, f"extent count {n} is out of range 1..{MAX_EXTENTS}")
         end = _SB_FIXED.size + n * _EXTENT3.size
@@ -225,8 +251,10 @@ class TargetSuperblock:
         (stored,) = _CRC.unpack_from(data, end)
         if crc32(data[:end]) != stored:
             raise _corrupt(name, base + end, "checksum mismatch")
-        bm = tuple(BlockExtent(*_EXTENT3.unpack_from(data, _SB_FIXED.size + i * _EXTENT3.size))
-                   for i in range(n))
+        bm = tuple(
+            BlockExtent(*_EXTENT3.unpack_from(data, _SB_FIXED.size + i * _EXTENT3.size))
+            for i in range(n)
+        )
         sb = cls(uuid=uid, size=size, block_size=bsize, blockmap=bm, version=version, flags=flags)
         try:
             validate_blockmap(bm, size, bsize)
@@ -235,8 +263,9 @@ class TargetSuperblock:
         return sb
 
 
-def validate_blockmap(blockmap: tuple[BlockExtent, ...] | list[BlockExtent], size: int,
-                      block_size: int) -> None:
+def validate_blockmap(
+    blockmap: tuple[BlockExtent, ...] | list[BlockExtent], size: int, block_size: int
+) -> None:
     """Extents must cover logical [0, size) in order, without overlap, block-aligned."""
     if block_size not in (512, 1024, 2048, 4096):
         raise _bad("block map", 0, f"block size {block_size} is not 512..4096")
@@ -264,6 +293,7 @@ def validate_blockmap(blockmap: tuple[BlockExtent, ...] | list[BlockExtent], siz
 
 
 # ---------------------------------------------------------------------------- header
+
 
 @dataclass(frozen=True)
 class Header:
@@ -296,19 +326,44 @@ class Header:
     reason: str = ""
     version: int = FORMAT_VERSION
 
-    def evolve(self, **changes: Any) -> "Header":
+    def evolve(self, **changes: Any) -> Header:
         return replace(self, **changes)
 
     def pack(self) -> bytes:
         body = _HDR_FIXED.pack(
-            HEADER_MAGIC, self.version, int(self.state), 0, self.attempt, self.seq, self.uuid,
-            self.created, self.saved, self.updated, self.jump_area_start, self.jump_area_size,
-            self.jump_back_entry, self.flags, self.chunk_size, self.metadata_offset,
-            self.metadata_length, self.metadata_crc, self.data_crc, self.data_offset,
-            self.data_length, self.raw_bytes, self.zero_pages, self.stored_bytes,
-            self.chunk_count)
-        for s in (self.mode, self.compression, self.main_kernel, self.save_kernel_hash,
-                  self.reason):
+            HEADER_MAGIC,
+            self.version,
+            int(self.state),
+            0,
+            self.attempt,
+            self.seq,
+            self.uuid,
+            self.created,
+            self.saved,
+            self.updated,
+            self.jump_area_start,
+            self.jump_area_size,
+            self.jump_back_entry,
+            self.flags,
+            self.chunk_size,
+            self.metadata_offset,
+            self.metadata_length,
+            self.metadata_crc,
+            self.data_crc,
+            self.data_offset,
+            self.data_length,
+            self.raw_bytes,
+            self.zero_pages,
+            self.stored_bytes,
+            self.chunk_count,
+        )
+        for s in (
+            self.mode,
+            self.compression,
+            self.main_kernel,
+            self.save_kernel_hash,
+            self.reason,
+        ):
             raw = s.encode("utf-8")
             if len(raw) > _MAX_STR:
                 raise _bad("header", 0, f"text field of {len(raw)} bytes is longer than {_MAX_STR}")
@@ -319,7 +374,7 @@ class Header:
         return body + bytes(HEADER_SLOT_SIZE - len(body))
 
     @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview, base: int = 0) -> "Header":
+    def unpack(cls, data: bytes | bytearray | memoryview, base: int = 0) -> Header:
         name = "header slot"
         data = bytes(data[:HEADER_SLOT_SIZE])
         if len(data) < _HDR_FIXED.size + 4:
@@ -328,9 +383,13 @@ class Header:
         if f[0] != HEADER_MAGIC:
             raise _bad(name, base, f"magic is {f[0][:8]!r}, not {HEADER_MAGIC!r}")
         if f[1] != FORMAT_VERSION:
-            raise _bad(name, base + 8, f"format version {f[1]} is not supported (this kjumpd "
-                       f"reads version {FORMAT_VERSION})",
-                       fix="restore with the kjumpd release that saved it, or boot normally")
+            raise _bad(
+                name,
+                base + 8,
+                f"format version {f[1]} is not supported (this kjumpd "
+                f"reads version {FORMAT_VERSION})",
+                fix="restore with the kjumpd release that saved it, or boot normally",
+            )
         pos = _HDR_FIXED.size
         strings = []
         for _ in range(5):
@@ -340,7 +399,7 @@ class Header:
             pos += 2
             if n > _MAX_STR or pos + n > len(data) - 4:
                 raise _bad(name, base + pos, f"text field length {n} runs past the slot")
-            strings.append(data[pos:pos + n])
+            strings.append(data[pos : pos + n])
             pos += n
         (stored,) = _CRC.unpack_from(data, pos)
         if crc32(data[:pos]) != stored:
@@ -353,13 +412,36 @@ class Header:
             text = [s.decode("utf-8") for s in strings]
         except UnicodeDecodeError:
             raise _bad(name, base + _HDR_FIXED.size, "a text field is not UTF-8") from None
-        return cls(state=state, attempt=f[4], seq=f[5], uuid=f[6], created=f[7], saved=f[8],
-                   updated=f[9], jump_area_start=f[10], jump_area_size=f[11],
-                   jump_back_entry=f[12], flags=f[13], chunk_size=f[14], metadata_offset=f[15],
-                   metadata_length=f[16], metadata_crc=f[17], data_crc=f[18], data_offset=f[19],
-                   data_length=f[20], raw_bytes=f[21], zero_pages=f[22], stored_bytes=f[23],
-                   chunk_count=f[24], mode=text[0], compression=text[1], main_kernel=text[2],
-                   save_kernel_hash=text[3], reason=text[4], version=f[1])
+        return cls(
+            state=state,
+            attempt=f[4],
+            seq=f[5],
+            uuid=f[6],
+            created=f[7],
+            saved=f[8],
+            updated=f[9],
+            jump_area_start=f[10],
+            jump_area_size=f[11],
+            jump_back_entry=f[12],
+            flags=f[13],
+            chunk_size=f[14],
+            metadata_offset=f[15],
+            metadata_length=f[16],
+            metadata_crc=f[17],
+            data_crc=f[18],
+            data_offset=f[19],
+            data_length=f[20],
+            raw_bytes=f[21],
+            zero_pages=f[22],
+            stored_bytes=f[23],
+            chunk_count=f[24],
+            mode=text[0],
+            compression=text[1],
+            main_kernel=text[2],
+            save_kernel_hash=text[3],
+            reason=text[4],
+            version=f[1],
+        )
 
     @property
     def state_text(self) -> str:
@@ -385,17 +467,23 @@ def pick_header(slots: list[Header | None]) -> tuple[int, Header]:
         if h is not None and (best is None or h.seq > best[1].seq):
             best = (i, h)
     if best is None:
-        raise ImageFormatError("no valid image header", why="both header slots are unreadable",
-                               fix="run `kjumpctl setup` to prepare the target again",
-                               structure="header slot", offset=HEADER_SLOT_OFFSETS[0])
+        raise ImageFormatError(
+            "no valid image header",
+            why="both header slots are unreadable",
+            fix="run `kjumpctl setup` to prepare the target again",
+            structure="header slot",
+            offset=HEADER_SLOT_OFFSETS[0],
+        )
     return best
 
 
 # ---------------------------------------------------------------------------- metadata
 
+
 @dataclass(frozen=True)
 class MemoryExtent:
     """Physical memory [start, start+length) saved in the image."""
+
     start: int
     length: int
 
@@ -418,19 +506,24 @@ class Metadata:
     def pack(self) -> bytes:
         validate_extents(self.extents)
         try:
-            ident = json.dumps(self.identity, sort_keys=True, separators=(",", ":"),
-                               allow_nan=False).encode()
+            ident = json.dumps(
+                self.identity, sort_keys=True, separators=(",", ":"), allow_nan=False
+            ).encode()
         except (TypeError, ValueError) as e:
-            raise _bad("image metadata", METADATA_OFFSET, f"identity is not JSON: {e}",
-                       fix="internal: pass plain JSON values in identity") from None
-        body = _META_FIXED.pack(METADATA_MAGIC, self.version, 0, len(self.extents),
-                                self.page_size, len(ident))
+            raise _bad(
+                "image metadata",
+                METADATA_OFFSET,
+                f"identity is not JSON: {e}",
+                fix="internal: pass plain JSON values in identity",
+            ) from None
+        body = _META_FIXED.pack(
+            METADATA_MAGIC, self.version, 0, len(self.extents), self.page_size, len(ident)
+        )
         body += b"".join(_EXTENT2.pack(e.start, e.length) for e in self.extents) + ident
         return body + _CRC.pack(crc32(body))
 
     @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview, base: int = METADATA_OFFSET
-               ) -> "Metadata":
+    def unpack(cls, data: bytes | bytearray | memoryview, base: int = METADATA_OFFSET) -> Metadata:
         name = "image metadata"
         data = bytes(data)
         if len(data) < _META_FIXED.size + 4:
@@ -448,10 +541,11 @@ class Metadata:
             raise _corrupt(name, base + end, "checksum mismatch")
         if page != PAGE_SIZE:
             raise _bad(name, base + 16, f"page size {page} is not {PAGE_SIZE}")
-        ext = tuple(MemoryExtent(*_EXTENT2.unpack_from(data, _META_FIXED.size + i * 16))
-                    for i in range(n))
+        ext = tuple(
+            MemoryExtent(*_EXTENT2.unpack_from(data, _META_FIXED.size + i * 16)) for i in range(n)
+        )
         try:
-            ident = json.loads(data[end - jlen:end].decode("utf-8"))
+            ident = json.loads(data[end - jlen : end].decode("utf-8"))
         except ValueError:
             raise _bad(name, base + end - jlen, "identity is not UTF-8 JSON") from None
         if not isinstance(ident, dict):
@@ -475,6 +569,7 @@ def validate_extents(extents: tuple[MemoryExtent, ...] | list[MemoryExtent]) -> 
 
 # ---------------------------------------------------------------------------- chunks
 
+
 @dataclass(frozen=True)
 class ChunkHeader:
     encoding: int
@@ -483,8 +578,8 @@ class ChunkHeader:
     phys: int
     raw_length: int
     payload_length: int
-    crc: int          # CRC-32 of bitmap + payload
-    tag: int = 0      # image_tag() of the image the record belongs to
+    crc: int  # CRC-32 of bitmap + payload
+    tag: int = 0  # image_tag() of the image the record belongs to
 
     @property
     def bitmap_length(self) -> int:
@@ -495,12 +590,22 @@ class ChunkHeader:
         return CHUNK_HEADER_SIZE + self.bitmap_length + self.payload_length
 
     def pack(self) -> bytes:
-        body = _CHUNK_HDR.pack(CHUNK_MAGIC, self.encoding, 0, self.pages, self.index, self.phys,
-                               self.raw_length, self.payload_length, self.crc, self.tag)
+        body = _CHUNK_HDR.pack(
+            CHUNK_MAGIC,
+            self.encoding,
+            0,
+            self.pages,
+            self.index,
+            self.phys,
+            self.raw_length,
+            self.payload_length,
+            self.crc,
+            self.tag,
+        )
         return body + _CRC.pack(crc32(body))
 
     @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview, base: int = 0) -> "ChunkHeader":
+    def unpack(cls, data: bytes | bytearray | memoryview, base: int = 0) -> ChunkHeader:
         name = "chunk record header"
         if len(data) < CHUNK_HEADER_SIZE:
             raise _corrupt(name, base, f"only {len(data)} bytes (truncated image)")
@@ -509,15 +614,28 @@ class ChunkHeader:
         (stored,) = _CRC.unpack_from(head, _CHUNK_HDR.size)
         if magic != CHUNK_MAGIC:
             raise _corrupt(name, base, f"magic is {magic!r}, not {CHUNK_MAGIC!r}")
-        if crc32(head[:_CHUNK_HDR.size]) != stored:
+        if crc32(head[: _CHUNK_HDR.size]) != stored:
             raise _corrupt(name, base + _CHUNK_HDR.size, "checksum mismatch")
         if enc not in _ENCODINGS:
             raise _corrupt(name, base + 4, f"unknown encoding {enc}")
-        if raw > MAX_CHUNK_SIZE or plen > MAX_CHUNK_SIZE or pages != (raw + PAGE_SIZE - 1) // PAGE_SIZE:
-            raise _corrupt(name, base + 6, f"lengths do not agree (pages {pages}, raw {raw}, "
-                           f"payload {plen})")
-        return cls(encoding=enc, pages=pages, index=index, phys=phys, raw_length=raw,
-                   payload_length=plen, crc=crc, tag=tag)
+        if (
+            raw > MAX_CHUNK_SIZE
+            or plen > MAX_CHUNK_SIZE
+            or pages != (raw + PAGE_SIZE - 1) // PAGE_SIZE
+        ):
+            raise _corrupt(
+                name, base + 6, f"lengths do not agree (pages {pages}, raw {raw}, payload {plen})"
+            )
+        return cls(
+            encoding=enc,
+            pages=pages,
+            index=index,
+            phys=phys,
+            raw_length=raw,
+            payload_length=plen,
+            crc=crc,
+            tag=tag,
+        )
 
 
 def image_tag(uuid: bytes, created: float) -> int:
@@ -525,13 +643,16 @@ def image_tag(uuid: bytes, created: float) -> int:
     return crc32(struct.pack("<16sd", uuid, created))
 
 
-def chunk_plan(extents: tuple[MemoryExtent, ...] | list[MemoryExtent], chunk_size: int
-               ) -> Iterator[tuple[int, int, int]]:
+def chunk_plan(
+    extents: tuple[MemoryExtent, ...] | list[MemoryExtent], chunk_size: int
+) -> Iterator[tuple[int, int, int]]:
     """(index, phys, length) of every chunk, in image order."""
     if chunk_size <= 0 or chunk_size % PAGE_SIZE or chunk_size > MAX_CHUNK_SIZE:
-        raise ImageFormatError(f"chunk size {chunk_size} is not valid",
-                               why=f"it must be a multiple of {PAGE_SIZE} up to {MAX_CHUNK_SIZE}",
-                               fix="use the default chunk size")
+        raise ImageFormatError(
+            f"chunk size {chunk_size} is not valid",
+            why=f"it must be a multiple of {PAGE_SIZE} up to {MAX_CHUNK_SIZE}",
+            fix="use the default chunk size",
+        )
     i = 0
     for e in extents:
         pos = e.start

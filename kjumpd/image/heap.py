@@ -21,17 +21,22 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
 
-def tune_heap(arenas: int = 2, mmap_threshold: int = 8 << 20,
-              trim_threshold: int = 64 << 20) -> bool:
+def tune_heap(
+    arenas: int = 2, mmap_threshold: int = 8 << 20, trim_threshold: int = 64 << 20
+) -> bool:
     """Apply the settings above to this process; False when they could not be applied."""
     try:
         import ctypes
+
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (ImportError, OSError, AttributeError):
         return False
     ok = True
-    for param, value in ((M_ARENA_MAX, arenas), (M_MMAP_THRESHOLD, mmap_threshold),
-                         (M_TRIM_THRESHOLD, trim_threshold)):
+    for param, value in (
+        (M_ARENA_MAX, arenas),
+        (M_MMAP_THRESHOLD, mmap_threshold),
+        (M_TRIM_THRESHOLD, trim_threshold),
+    ):
         ok = bool(mallopt(param, value)) and ok
     return ok

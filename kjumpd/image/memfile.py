@@ -25,26 +25,36 @@ class FileMemorySource:
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise AgentError(f"cannot open memory file {self.path}", why=e.strerror or str(e),
-                             fix="check the --memory path", path=self.path) from None
+            raise AgentError(
+                f"cannot open memory file {self.path}",
+                why=e.strerror or str(e),
+                fix="check the --memory path",
+                path=self.path,
+            ) from None
         self.size = os.fstat(self.fd).st_size
 
     def read(self, phys: int, length: int) -> bytes:
         if phys + length > self.size:
-            raise AgentError(f"memory range {phys:#x}-{phys + length:#x} is past the end of "
-                             f"{self.path}", why=f"the file holds {self.size} bytes",
-                             fix="give ranges inside the memory file", path=self.path)
+            raise AgentError(
+                f"memory range {phys:#x}-{phys + length:#x} is past the end of {self.path}",
+                why=f"the file holds {self.size} bytes",
+                fix="give ranges inside the memory file",
+                path=self.path,
+            )
         out = []
         got = 0
         while got < length:
             try:
                 b = os.pread(self.fd, length - got, phys + got)
             except OSError as e:
-                raise AgentError(f"cannot read {self.path}", why=e.strerror or str(e),
-                                 path=self.path, offset=phys + got) from None
+                raise AgentError(
+                    f"cannot read {self.path}",
+                    why=e.strerror or str(e),
+                    path=self.path,
+                    offset=phys + got,
+                ) from None
             if not b:
-                raise AgentError(f"short read from {self.path} at {phys + got:#x}",
-                                 path=self.path)
+                raise AgentError(f"short read from {self.path} at {phys + got:#x}", path=self.path)
             out.append(b)
             got += len(b)
         return out[0] if len(out) == 1 else b"".join(out)
@@ -54,19 +64,25 @@ class FileMemorySource:
         mv = memoryview(buf)
         length = len(mv)
         if phys + length > self.size:
-            raise AgentError(f"memory range {phys:#x}-{phys + length:#x} is past the end of "
-                             f"{self.path}", why=f"the file holds {self.size} bytes",
-                             fix="give ranges inside the memory file", path=self.path)
+            raise AgentError(
+                f"memory range {phys:#x}-{phys + length:#x} is past the end of {self.path}",
+                why=f"the file holds {self.size} bytes",
+                fix="give ranges inside the memory file",
+                path=self.path,
+            )
         got = 0
         while got < length:
             try:
                 n = os.preadv(self.fd, [mv[got:]], phys + got)
             except OSError as e:
-                raise AgentError(f"cannot read {self.path}", why=e.strerror or str(e),
-                                 path=self.path, offset=phys + got) from None
+                raise AgentError(
+                    f"cannot read {self.path}",
+                    why=e.strerror or str(e),
+                    path=self.path,
+                    offset=phys + got,
+                ) from None
             if n <= 0:
-                raise AgentError(f"short read from {self.path} at {phys + got:#x}",
-                                 path=self.path)
+                raise AgentError(f"short read from {self.path} at {phys + got:#x}", path=self.path)
             got += n
 
     def close(self) -> None:
@@ -74,7 +90,7 @@ class FileMemorySource:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "FileMemorySource":
+    def __enter__(self) -> FileMemorySource:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,17 +112,21 @@ class FileMemorySink:
         try:
             self.fd = os.open(self.path, flags, 0o600)
         except OSError as e:
-            raise AgentError(f"cannot open memory file {self.path}", why=e.strerror or str(e),
-                             fix="check the --memory path", path=self.path) from None
+            raise AgentError(
+                f"cannot open memory file {self.path}",
+                why=e.strerror or str(e),
+                fix="check the --memory path",
+                path=self.path,
+            ) from None
         self.concurrent_writes = True
         self.direct_fd = -1
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.direct_fd = os.open(self.path, flags | os.O_DIRECT)
             except OSError:
-                self.direct_fd = -1          # buffered writes only
+                self.direct_fd = -1  # buffered writes only
 
-    def prepare(self, ranges: "list[tuple[int, int]]") -> None:
+    def prepare(self, ranges: list[tuple[int, int]]) -> None:
         """Before a restore of ``ranges`` ((start, end) pairs): a file shorter than the last
         end is extended, and the new part allocated in one go (unwritten extents), so that
         the restore's writes neither extend the file nor allocate blocks one by one (on ext4
@@ -124,17 +144,21 @@ class FileMemorySink:
                 if e > s:
                     os.posix_fallocate(self.fd, s, e - s)
         except OSError as e:
-            log.debug("preallocating %s: %s", self.path, e)   # writes allocate instead
+            log.debug("preallocating %s: %s", self.path, e)  # writes allocate instead
 
     def write(self, phys: int, data: bytes | memoryview) -> None:
         mv = memoryview(data)
-        if (self.direct_fd >= 0 and phys % _ALIGN == 0 and len(mv) % _ALIGN == 0
-                and isinstance(mv.obj, mmap.mmap)):
+        if (
+            self.direct_fd >= 0
+            and phys % _ALIGN == 0
+            and len(mv) % _ALIGN == 0
+            and isinstance(mv.obj, mmap.mmap)
+        ):
             try:
                 self._write(self.direct_fd, phys, mv)
                 return
             except _Unaligned:
-                pass                     # a buffer slice that is not page-aligned
+                pass  # a buffer slice that is not page-aligned
         self._write(self.fd, phys, mv)
 
     def _write(self, fd: int, phys: int, mv: memoryview) -> None:
@@ -145,9 +169,13 @@ class FileMemorySink:
             except OSError as e:
                 if e.errno == errno.EINVAL and fd == self.direct_fd and done == 0:
                     raise _Unaligned() from None
-                raise AgentError(f"cannot write {self.path}", why=e.strerror or str(e),
-                                 fix="check free space", path=self.path,
-                                 offset=phys + done) from None
+                raise AgentError(
+                    f"cannot write {self.path}",
+                    why=e.strerror or str(e),
+                    fix="check free space",
+                    path=self.path,
+                    offset=phys + done,
+                ) from None
 
     def flush(self) -> None:
         os.fsync(self.fd)
@@ -159,7 +187,7 @@ class FileMemorySink:
                 os.close(fd)
                 setattr(self, attr, -1)
 
-    def __enter__(self) -> "FileMemorySink":
+    def __enter__(self) -> FileMemorySink:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,18 +29,28 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError
 from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, decode_into, zeros
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import (EMPTY_ENCODINGS, ENC_FREE, ChunkHeader, Header, ImageState,
-                                 Metadata, chunk_count, chunk_plan, crc32, image_tag)
-from kjumpd.image.save import (Progress, _check_place, _Meter, default_workers,
-                               inflight_chunks)
+from kjumpd.image.format import (
+    EMPTY_ENCODINGS,
+    ENC_FREE,
+    ChunkHeader,
+    Header,
+    ImageState,
+    Metadata,
+    chunk_count,
+    chunk_plan,
+    crc32,
+    image_tag,
+)
+from kjumpd.image.save import Progress, _check_place, _Meter, default_workers, inflight_chunks
 from kjumpd.image.stream import RecordReader
 
 log = logging.getLogger(__name__)
@@ -70,26 +80,36 @@ class RestoreStats:
     stages: dict[str, float] = field(default_factory=dict)
 
 
-def check_image(dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE,
-                action: str = "restore") -> tuple[Header, Metadata]:
+def check_image(
+    dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE, action: str = "restore"
+) -> tuple[Header, Metadata]:
     """Header + metadata of a restorable image, or a clear error naming what is wrong."""
     header = store.read_header(dev)
     store.require_state(header, *states, action=action)
     if header.compression not in COMPRESSIONS:
-        raise ImageFormatError(f"image compression {header.compression!r} is not supported",
-                               fix="restore with the kjumpd release that saved it",
-                               structure="header", offset=0)
+        raise ImageFormatError(
+            f"image compression {header.compression!r} is not supported",
+            fix="restore with the kjumpd release that saved it",
+            structure="header",
+            offset=0,
+        )
     meta = store.read_metadata(dev, header)
     want = chunk_count(meta.extents, header.chunk_size) if header.chunk_size else -1
-    if (header.chunk_count != want or header.raw_bytes != meta.raw_bytes
-            or header.data_offset < header.metadata_offset + header.metadata_length
-            or header.data_offset + header.data_length > dev.size):
-        raise ImageFormatError("image header does not agree with its metadata or the target",
-                               why=f"{header.chunk_count} chunks for {want} planned, data "
-                                   f"[{header.data_offset}, +{header.data_length}) in a "
-                                   f"{dev.size}-byte target",
-                               fix="the image cannot be used; boot normally and hibernate again",
-                               structure="header", offset=0)
+    if (
+        header.chunk_count != want
+        or header.raw_bytes != meta.raw_bytes
+        or header.data_offset < header.metadata_offset + header.metadata_length
+        or header.data_offset + header.data_length > dev.size
+    ):
+        raise ImageFormatError(
+            "image header does not agree with its metadata or the target",
+            why=f"{header.chunk_count} chunks for {want} planned, data "
+            f"[{header.data_offset}, +{header.data_length}) in a "
+            f"{dev.size}-byte target",
+            fix="the image cannot be used; boot normally and hibernate again",
+            structure="header",
+            offset=0,
+        )
     return header, meta
 
 
@@ -106,7 +126,7 @@ class _Turns:
     def __init__(self, overlap: bool = False) -> None:
         self.cv = threading.Condition()
         self.overlap = overlap
-        self.next = 0             # serial: first chunk not written; overlap: not checked
+        self.next = 0  # serial: first chunk not written; overlap: not checked
         self.checked: set[int] = set()
         self.failed_at: int | None = None
 
@@ -122,8 +142,10 @@ class _Turns:
 
     def wait(self, seq: int) -> bool:
         """Block until ``seq`` may write (True) or an earlier chunk failed (False)."""
+
         def ready() -> bool:
             return self.next > seq if self.overlap else self.next == seq
+
         with self.cv:
             while not ready() and (self.failed_at is None or self.failed_at > seq):
                 self.cv.wait()
@@ -148,10 +170,16 @@ class _Turns:
 Deliver = Callable[[int, "memoryview | None", int], None]
 
 
-def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
-               workers: int | None = None, stages: dict[str, float] | None = None,
-               deliver: Deliver | None = None, overlap: bool = False
-               ) -> Iterator[tuple[int, memoryview]]:
+def iter_image(
+    dev: ImageDevice,
+    header: Header,
+    meta: Metadata,
+    *,
+    workers: int | None = None,
+    stages: dict[str, float] | None = None,
+    deliver: Deliver | None = None,
+    overlap: bool = False,
+) -> Iterator[tuple[int, memoryview]]:
     """(phys, bytes) of every chunk, in order, each checked before it is yielded.
 
     The bytes are a view of a reused, page-aligned buffer (chunks are decoded into a small
@@ -181,8 +209,9 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
     for key in ("records", "decode_cpu", "waiting", "write", "write_cpu", "turn", "free_left"):
         acc.setdefault(key, 0.0)
 
-    def work(seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int,
-             buf: mmap.mmap | None) -> Decoded:
+    def work(
+        seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap | None
+    ) -> Decoded:
         try:
             out, n, cpu = _decode(ch, bitmap, payload, off, buf)
         except BaseException:
@@ -197,7 +226,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
         t1, c1 = time.monotonic(), time.thread_time()
         try:
             if ch.encoding == ENC_FREE:
-                pass                     # free in A, its contents never looked at: left as found
+                pass  # free in A, its contents never looked at: left as found
             elif out is None:
                 deliver(ch.phys, None, n)
             else:
@@ -234,7 +263,7 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
             try:
                 mv.release()
                 free.put(buf)
-            except BufferError:          # the consumer kept a view: never reuse this one
+            except BufferError:  # the consumer kept a view: never reuse this one
                 free.put(mmap.mmap(-1, header.chunk_size))
 
     try:
@@ -269,18 +298,24 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
                 if count != header.chunk_count:
                     raise ImageCorruptError(
                         f"image data ends after {count} of {header.chunk_count} chunks",
-                        why="the image is truncated", fix="the image cannot be used",
-                        structure="data", offset=header.data_offset + header.data_length)
+                        why="the image is truncated",
+                        fix="the image cannot be used",
+                        structure="data",
+                        offset=header.data_offset + header.data_length,
+                    )
                 while pending:
                     ch0, fut, _ = pending.popleft()
                     yield from hand_out(ch0, fut)
                 if crc != header.data_crc:
-                    raise ImageCorruptError("image chunk list does not match the header",
-                                            why="data checksum mismatch",
-                                            fix="the image cannot be used", structure="data",
-                                            offset=header.data_offset)
+                    raise ImageCorruptError(
+                        "image chunk list does not match the header",
+                        why="data checksum mismatch",
+                        fix="the image cannot be used",
+                        structure="data",
+                        offset=header.data_offset,
+                    )
             finally:
-                if pending:                  # stopped early: nothing more is written
+                if pending:  # stopped early: nothing more is written
                     turns.fail(count - len(pending))
                 for _, fut, _ in pending:
                     fut.cancel()
@@ -288,10 +323,11 @@ def iter_image(dev: ImageDevice, header: Header, meta: Metadata, *,
         reader.close()
 
 
-def _decode(ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap | None
-            ) -> tuple[mmap.mmap | None, int, float]:
+def _decode(
+    ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap | None
+) -> tuple[mmap.mmap | None, int, float]:
     c0 = time.thread_time()
-    if buf is None:                      # an all-zero record: checked, nothing to decode
+    if buf is None:  # an all-zero record: checked, nothing to decode
         decode_into(ch, bitmap, payload, off, None)
         return None, ch.raw_length, time.thread_time() - c0
     with memoryview(buf) as out:
@@ -299,17 +335,22 @@ def _decode(ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.
     return buf, ch.raw_length, time.thread_time() - c0
 
 
-def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progress | None = None,
-                  verify_only: bool = False,
-                  divert: Iterable[tuple[int, int]] = (),
-                  on_divert: Callable[[int, bytes], None] | None = None,
-                  workers: int | None = None,
-                  states: Iterable[ImageState] = RESTORABLE) -> RestoreStats:
+def restore_image(
+    dev: ImageDevice,
+    sink: MemorySink | None,
+    *,
+    progress: Progress | None = None,
+    verify_only: bool = False,
+    divert: Iterable[tuple[int, int]] = (),
+    on_divert: Callable[[int, bytes], None] | None = None,
+    workers: int | None = None,
+    states: Iterable[ImageState] = RESTORABLE,
+) -> RestoreStats:
     """Write the image's memory into ``sink`` (nothing when ``verify_only``)."""
     header, meta = check_image(dev, states, action="verify" if verify_only else "restore")
     stats = RestoreStats(header=header, metadata=meta)
     prepare = getattr(sink, "prepare", None)
-    if prepare is not None and not verify_only:   # a file sink allocates the ranges up front
+    if prepare is not None and not verify_only:  # a file sink allocates the ranges up front
         prepare([(e.start, e.end) for e in meta.extents])
     held = sorted((int(a), int(b)) for a, b in divert)
     meter = _Meter(progress, meta.raw_bytes)
@@ -319,9 +360,15 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
 
     def deliver(phys: int, data: memoryview | None, n: int) -> None:
         if any(a < phys + n and b > phys for a, b in held):
-            with divert_lock:       # stats.diverted* are shared
-                _deliver(sink, phys, data if data is not None else memoryview(zeros(n)),
-                         held, on_divert, stats)
+            with divert_lock:  # stats.diverted* are shared
+                _deliver(
+                    sink,
+                    phys,
+                    data if data is not None else memoryview(zeros(n)),
+                    held,
+                    on_divert,
+                    stats,
+                )
         elif data is not None:
             sink.write(phys, data)  # type: ignore[union-attr]
         elif hasattr(sink, "zero"):
@@ -330,9 +377,15 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
             sink.write(phys, memoryview(zeros(n)))  # type: ignore[union-attr]
 
     writing = not verify_only and sink is not None
-    for phys, data in iter_image(dev, header, meta, workers=workers, stages=stats.stages,
-                                 deliver=deliver if writing else None,
-                                 overlap=bool(getattr(sink, "concurrent_writes", False))):
+    for _phys, data in iter_image(
+        dev,
+        header,
+        meta,
+        workers=workers,
+        stages=stats.stages,
+        deliver=deliver if writing else None,
+        overlap=bool(getattr(sink, "concurrent_writes", False)),
+    ):
         stats.raw_bytes += len(data)
         stats.chunk_count += 1
         meter(stats.raw_bytes)
@@ -340,21 +393,39 @@ def restore_image(dev: ImageDevice, sink: MemorySink | None, *, progress: Progre
     stats.seconds = time.monotonic() - t0
     meter(stats.raw_bytes, final=True)
     st = stats.stages
-    log.info("%s %d bytes in %d chunks in %.2fs", "verified" if verify_only else "restored",
-             stats.raw_bytes, stats.chunk_count, stats.seconds)
-    log.info("restore stages: reading records %.2fs, decode %.2fs CPU on the workers, "
-             "waiting for decodes %.2fs, writing memory %.2fs (%.2fs CPU, on the workers%s), "
-             "chunks waiting for their turn to write %.2fs; %d MiB of zero chunks were zero "
-             "already (read, not written); %d MiB of free memory left as it was",
-             st["records"], st["decode_cpu"], st["waiting"], st["write"], st["write_cpu"],
-             ", overlapped" if getattr(sink, "concurrent_writes", False) else "", st["turn"],
-             getattr(sink, "zero_already", 0) >> 20, int(st["free_left"]) >> 20)
+    log.info(
+        "%s %d bytes in %d chunks in %.2fs",
+        "verified" if verify_only else "restored",
+        stats.raw_bytes,
+        stats.chunk_count,
+        stats.seconds,
+    )
+    log.info(
+        "restore stages: reading records %.2fs, decode %.2fs CPU on the workers, "
+        "waiting for decodes %.2fs, writing memory %.2fs (%.2fs CPU, on the workers%s), "
+        "chunks waiting for their turn to write %.2fs; %d MiB of zero chunks were zero "
+        "already (read, not written); %d MiB of free memory left as it was",
+        st["records"],
+        st["decode_cpu"],
+        st["waiting"],
+        st["write"],
+        st["write_cpu"],
+        ", overlapped" if getattr(sink, "concurrent_writes", False) else "",
+        st["turn"],
+        getattr(sink, "zero_already", 0) >> 20,
+        int(st["free_left"]) >> 20,
+    )
     return stats
 
 
-def _deliver(sink: MemorySink | None, phys: int, data: bytes | memoryview,
-             held: list[tuple[int, int]],
-             on_divert: Callable[[int, bytes], None] | None, stats: RestoreStats) -> None:
+def _deliver(
+    sink: MemorySink | None,
+    phys: int,
+    data: bytes | memoryview,
+    held: list[tuple[int, int]],
+    on_divert: Callable[[int, bytes], None] | None,
+    stats: RestoreStats,
+) -> None:
     end = phys + len(data)
     pos = phys
     mv = memoryview(data)
@@ -362,10 +433,10 @@ def _deliver(sink: MemorySink | None, phys: int, data: bytes | memoryview,
         if b <= pos or a >= end:
             continue
         if a > pos:
-            sink.write(pos, mv[pos - phys:a - phys])  # type: ignore[union-attr]
+            sink.write(pos, mv[pos - phys : a - phys])  # type: ignore[union-attr]
             pos = a
         stop = min(b, end)
-        piece = bytes(mv[pos - phys:stop - phys])
+        piece = bytes(mv[pos - phys : stop - phys])
         stats.diverted_bytes += len(piece)
         if on_divert is not None:
             on_divert(pos, piece)
@@ -373,4 +444,4 @@ def _deliver(sink: MemorySink | None, phys: int, data: bytes | memoryview,
             stats.diverted.append((pos, piece))
         pos = stop
     if pos < end:
-        sink.write(pos, data if pos == phys else mv[pos - phys:])  # type: ignore[union-attr]
+        sink.write(pos, data if pos == phys else mv[pos - phys :])  # type: ignore[union-attr]

@@ -21,16 +21,28 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
-from kjumpd.errors import CancelledError, ImageError, ImageCorruptError, KjumpError, TargetError
+from kjumpd.errors import CancelledError, ImageCorruptError, ImageError, KjumpError, TargetError
 from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk, zero_chunk
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import (FLAG_VERIFIED, FLAG_ZERO_ELISION, METADATA_OFFSET, Header,
-                                 ImageState, MemoryExtent, Metadata, chunk_plan,
-                                 crc32, data_offset_for, image_tag, validate_extents)
+from kjumpd.image.format import (
+    FLAG_VERIFIED,
+    FLAG_ZERO_ELISION,
+    METADATA_OFFSET,
+    Header,
+    ImageState,
+    MemoryExtent,
+    Metadata,
+    chunk_plan,
+    crc32,
+    data_offset_for,
+    image_tag,
+    validate_extents,
+)
 from kjumpd.image.stream import ReadBackVerifier, RecordWriter
 
 log = logging.getLogger(__name__)
@@ -99,8 +111,10 @@ def normalize_ranges(ranges: Iterable[Any]) -> tuple[MemoryExtent, ...]:
         else:
             start, end = r
             if end <= start:
-                raise ImageError(f"memory range {start:#x}-{end:#x} is empty",
-                                 fix="give START-END with END > START (END exclusive)")
+                raise ImageError(
+                    f"memory range {start:#x}-{end:#x} is empty",
+                    fix="give START-END with END > START (END exclusive)",
+                )
             out.append(MemoryExtent(int(start), int(end) - int(start)))
     out.sort(key=lambda e: e.start)
     if not out:
@@ -108,8 +122,9 @@ def normalize_ranges(ranges: Iterable[Any]) -> tuple[MemoryExtent, ...]:
     try:
         validate_extents(out)
     except ImageError as e:
-        raise ImageError("memory ranges are not valid", why=e.why,
-                         fix="give ranges that do not overlap") from None
+        raise ImageError(
+            "memory ranges are not valid", why=e.why, fix="give ranges that do not overlap"
+        ) from None
     return tuple(out)
 
 
@@ -156,8 +171,16 @@ class _Encoders:
     serialised (a /dev/mem source maps one window at a time).
     """
 
-    def __init__(self, source: Any, plan: list[tuple[int, int, int]], workers: int,
-                 depth: int, chunk_size: int, compression: str, tag: int) -> None:
+    def __init__(
+        self,
+        source: Any,
+        plan: list[tuple[int, int, int]],
+        workers: int,
+        depth: int,
+        chunk_size: int,
+        compression: str,
+        tag: int,
+    ) -> None:
         self.source, self.plan, self.depth = source, plan, depth
         self.compression, self.tag, self.chunk_size = compression, tag, chunk_size
         self.readinto = getattr(source, "readinto", None)
@@ -167,12 +190,14 @@ class _Encoders:
         self.cond = threading.Condition()
         self.read_lock = threading.Lock()
         self.results: dict[int, EncodedChunk | BaseException] = {}
-        self.claimed = 0          # next plan position to hand out
-        self.taken = 0            # plan positions the writer has taken
+        self.claimed = 0  # next plan position to hand out
+        self.taken = 0  # plan positions the writer has taken
         self.stopped = False
-        self.read_seconds = 0.0   # wall time in source reads, all workers
-        self.threads = [threading.Thread(target=self._work, name=f"kjump-lz4-{i}", daemon=True)
-                        for i in range(workers)]
+        self.read_seconds = 0.0  # wall time in source reads, all workers
+        self.threads = [
+            threading.Thread(target=self._work, name=f"kjump-lz4-{i}", daemon=True)
+            for i in range(workers)
+        ]
 
     def start(self) -> None:
         for t in self.threads:
@@ -189,8 +214,11 @@ class _Encoders:
         buf = bytearray(self.chunk_size) if self.readinto is not None else None
         while True:
             with self.cond:
-                while (not self.stopped and self.claimed < len(self.plan)
-                       and self.claimed >= self.taken + self.depth):
+                while (
+                    not self.stopped
+                    and self.claimed < len(self.plan)
+                    and self.claimed >= self.taken + self.depth
+                ):
                     self.cond.wait()
                 if self.stopped or self.claimed >= len(self.plan):
                     return
@@ -208,7 +236,7 @@ class _Encoders:
 
     def _encode(self, index: int, phys: int, n: int, buf: bytearray | None) -> EncodedChunk:
         if self.known_zero is not None:
-            with self.read_lock:                 # sources keep counters: one caller at a time
+            with self.read_lock:  # sources keep counters: one caller at a time
                 zero = self.known_zero(phys, n)
             if zero:
                 # zero by the source's account (free: left as found on restore)
@@ -224,9 +252,12 @@ class _Encoders:
                 data = self.source.read(phys, n)
             self.read_seconds += time.monotonic() - t0
         if buf is None and len(data) != n:
-                raise ImageError(f"memory source returned {len(data)} bytes at {phys:#x}, "
-                                 f"expected {n}", why="the range lies beyond the end of the "
-                                 "memory", fix="check the ranges", phys=phys)
+            raise ImageError(
+                f"memory source returned {len(data)} bytes at {phys:#x}, expected {n}",
+                why="the range lies beyond the end of the memory",
+                fix="check the ranges",
+                phys=phys,
+            )
         return encode_chunk(index, phys, data, self.compression, self.tag, length=n)
 
     def take(self, pos: int, timeout: float) -> EncodedChunk | BaseException | None:
@@ -241,35 +272,61 @@ class _Encoders:
             return self.results.pop(pos)
 
 
-def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
-               identity: dict[str, Any], mode: str, chunk_size: int | None = None,
-               workers: int | None = None, progress: Progress | None = None,
-               cancel: Any = None, compression: str = "lz4", verify: bool = True) -> SaveStats:
+def save_image(
+    source: MemorySource,
+    ranges: Iterable[Any],
+    dev: ImageDevice,
+    *,
+    identity: dict[str, Any],
+    mode: str,
+    chunk_size: int | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    cancel: Any = None,
+    compression: str = "lz4",
+    verify: bool = True,
+) -> SaveStats:
     """Save ``ranges`` of ``source`` into the target ``dev``; SAVED is written last."""
     extents = normalize_ranges(ranges)
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     workers = workers or default_workers()
     if compression not in COMPRESSIONS:
-        raise ImageError(f"compression {compression!r} is not supported",
-                         fix=f"use one of {', '.join(COMPRESSIONS)}")
-    plan = list(chunk_plan(extents, chunk_size))   # validates chunk_size
+        raise ImageError(
+            f"compression {compression!r} is not supported",
+            fix=f"use one of {', '.join(COMPRESSIONS)}",
+        )
+    plan = list(chunk_plan(extents, chunk_size))  # validates chunk_size
     sb = store.read_superblock(dev)
     meta = Metadata(extents=extents, identity=identity)
     meta_raw = meta.pack()
     data_off = data_offset_for(len(meta_raw))
     if data_off >= dev.size:
-        raise TargetError("the target is too small for the image metadata",
-                          fix="make the target larger", path=dev.path)
+        raise TargetError(
+            "the target is too small for the image metadata",
+            fix="make the target larger",
+            path=dev.path,
+        )
     now = time.time()
     ja = identity.get("jump_area") or (0, 0)
-    header = Header(state=ImageState.WRITING, uuid=sb.uuid, created=now, updated=now,
-                    jump_area_start=int(ja[0]), jump_area_size=int(ja[1]),
-                    jump_back_entry=int(identity.get("jump_back_entry") or 0),
-                    flags=FLAG_ZERO_ELISION, chunk_size=chunk_size,
-                    metadata_offset=METADATA_OFFSET, metadata_length=len(meta_raw),
-                    metadata_crc=crc32(meta_raw), data_offset=data_off, mode=mode,
-                    compression=compression, main_kernel=str(identity.get("main_kernel") or ""),
-                    save_kernel_hash=str(identity.get("save_kernel_hash") or ""))
+    header = Header(
+        state=ImageState.WRITING,
+        uuid=sb.uuid,
+        created=now,
+        updated=now,
+        jump_area_start=int(ja[0]),
+        jump_area_size=int(ja[1]),
+        jump_back_entry=int(identity.get("jump_back_entry") or 0),
+        flags=FLAG_ZERO_ELISION,
+        chunk_size=chunk_size,
+        metadata_offset=METADATA_OFFSET,
+        metadata_length=len(meta_raw),
+        metadata_crc=crc32(meta_raw),
+        data_offset=data_off,
+        mode=mode,
+        compression=compression,
+        main_kernel=str(identity.get("main_kernel") or ""),
+        save_kernel_hash=str(identity.get("save_kernel_hash") or ""),
+    )
     header = store.write_header(dev, header)
     tag = image_tag(header.uuid, header.created)
     is_cancelled = _Cancel(cancel)
@@ -297,15 +354,21 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
                     if item is not None:
                         break
                     if is_cancelled():
-                        raise CancelledError("save cancelled", why="cancel requested",
-                                             fix="nothing was lost; the system keeps running")
+                        raise CancelledError(
+                            "save cancelled",
+                            why="cancel requested",
+                            fix="nothing was lost; the system keeps running",
+                        )
                     meter(raw_done)
                 stalled += time.monotonic() - ts
                 if isinstance(item, BaseException):
                     raise item
                 if is_cancelled():
-                    raise CancelledError("save cancelled", why="cancel requested",
-                                         fix="nothing was lost; the system keeps running")
+                    raise CancelledError(
+                        "save cancelled",
+                        why="cancel requested",
+                        fix="nothing was lost; the system keeps running",
+                    )
                 rw.append(item.head)
                 rw.append(item.payload)
                 crcs.append(item.crc)
@@ -328,15 +391,21 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
             v.finish()
             readback_s = v.busy_seconds
         verify_seconds = time.monotonic() - tv
-        saved = header.evolve(state=ImageState.SAVED, saved=time.time(), updated=time.time(),
-                              data_length=data_len, raw_bytes=total, zero_pages=zero_pages,
-                              stored_bytes=stored, chunk_count=len(crcs),
-                              data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)),
-                              flags=header.flags | (FLAG_VERIFIED if verify else 0))
-        saved = store.write_header(dev, saved)      # flushes: SAVED is the last write
+        saved = header.evolve(
+            state=ImageState.SAVED,
+            saved=time.time(),
+            updated=time.time(),
+            data_length=data_len,
+            raw_bytes=total,
+            zero_pages=zero_pages,
+            stored_bytes=stored,
+            chunk_count=len(crcs),
+            data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)),
+            flags=header.flags | (FLAG_VERIFIED if verify else 0),
+        )
+        saved = store.write_header(dev, saved)  # flushes: SAVED is the last write
     except KjumpError as e:
-        _abort(dev, e.what if isinstance(e, CancelledError) or not e.why
-               else f"{e.what}: {e.why}")
+        _abort(dev, e.what if isinstance(e, CancelledError) or not e.why else f"{e.what}: {e.why}")
         raise
     except OSError as e:
         _abort(dev, f"I/O error: {e.strerror or e}")
@@ -349,19 +418,42 @@ def save_image(source: MemorySource, ranges: Iterable[Any], dev: ImageDevice, *,
         if verifier is not None:
             verifier.abandon()
         rw.close()
-    stats = SaveStats(raw_bytes=total, zero_pages=zero_pages, stored_bytes=stored,
-                      chunk_count=len(crcs), data_length=data_len,
-                      seconds=seconds_write + verify_seconds, verify_seconds=verify_seconds,
-                      header=saved,
-                      stages={"read": encoders.read_seconds, "encode_cpu": encode_cpu,
-                              "write": rw.write_seconds, "readback": readback_s,
-                              "waiting": stalled})
-    log.info("saved %d bytes in %d chunks (%d zero pages) as %d bytes in %.2fs (verify %.2fs)",
-             total, stats.chunk_count, stats.zero_pages, stats.stored_bytes, stats.seconds,
-             verify_seconds)
-    log.info("save stages: read %.2fs, encode %.2fs CPU on %d worker(s), write %.2fs, "
-             "read-back %.2fs (overlapped), writer waiting for chunks %.2fs",
-             encoders.read_seconds, encode_cpu, workers, rw.write_seconds, readback_s, stalled)
+    stats = SaveStats(
+        raw_bytes=total,
+        zero_pages=zero_pages,
+        stored_bytes=stored,
+        chunk_count=len(crcs),
+        data_length=data_len,
+        seconds=seconds_write + verify_seconds,
+        verify_seconds=verify_seconds,
+        header=saved,
+        stages={
+            "read": encoders.read_seconds,
+            "encode_cpu": encode_cpu,
+            "write": rw.write_seconds,
+            "readback": readback_s,
+            "waiting": stalled,
+        },
+    )
+    log.info(
+        "saved %d bytes in %d chunks (%d zero pages) as %d bytes in %.2fs (verify %.2fs)",
+        total,
+        stats.chunk_count,
+        stats.zero_pages,
+        stats.stored_bytes,
+        stats.seconds,
+        verify_seconds,
+    )
+    log.info(
+        "save stages: read %.2fs, encode %.2fs CPU on %d worker(s), write %.2fs, "
+        "read-back %.2fs (overlapped), writer waiting for chunks %.2fs",
+        encoders.read_seconds,
+        encode_cpu,
+        workers,
+        rw.write_seconds,
+        readback_s,
+        stalled,
+    )
     return stats
 
 
@@ -374,17 +466,25 @@ def _abort(dev: ImageDevice, reason: str) -> None:
 
 def _check_place(ch: Any, expect: tuple[int, int, int] | None, off: int, tag: int) -> None:
     if ch.tag != tag:
-        raise ImageCorruptError(f"chunk record at byte offset {off} belongs to another image",
-                                why=f"its image tag is {ch.tag:#010x}, this image's is "
-                                    f"{tag:#010x} (a write of this image never reached the "
-                                    "disk)",
-                                fix="the image cannot be used; boot normally and hibernate again",
-                                structure="chunk", offset=off)
+        raise ImageCorruptError(
+            f"chunk record at byte offset {off} belongs to another image",
+            why=f"its image tag is {ch.tag:#010x}, this image's is "
+            f"{tag:#010x} (a write of this image never reached the "
+            "disk)",
+            fix="the image cannot be used; boot normally and hibernate again",
+            structure="chunk",
+            offset=off,
+        )
     if expect is None or (ch.index, ch.phys, ch.raw_length) != expect:
-        want = "no more chunks" if expect is None else \
-            f"chunk {expect[0]} at {expect[1]:#x}+{expect[2]}"
-        raise ImageCorruptError(f"chunk record at byte offset {off} is out of place",
-                                why=f"found chunk {ch.index} at {ch.phys:#x}+{ch.raw_length}, "
-                                    f"expected {want}",
-                                fix="the image cannot be used; boot normally and hibernate again",
-                                structure="chunk", offset=off)
+        want = (
+            "no more chunks"
+            if expect is None
+            else f"chunk {expect[0]} at {expect[1]:#x}+{expect[2]}"
+        )
+        raise ImageCorruptError(
+            f"chunk record at byte offset {off} is out of place",
+            why=f"found chunk {ch.index} at {ch.phys:#x}+{ch.raw_length}, expected {want}",
+            fix="the image cannot be used; boot normally and hibernate again",
+            structure="chunk",
+            offset=off,
+        )

@@ -17,11 +17,22 @@ import time
 import uuid as uuidlib
 from typing import Any
 
-from kjumpd.errors import ImageFormatError, ImageStateError, ImageCorruptError, TargetError
+from kjumpd.errors import ImageCorruptError, ImageFormatError, ImageStateError, TargetError
 from kjumpd.image.device import ALIGN, ImageDevice
-from kjumpd.image.format import (DATA_ALIGN, HEADER_SLOT_OFFSETS, HEADER_SLOT_SIZE,
-                                 METADATA_OFFSET, SUPERBLOCK_SIZE, BlockExtent, Header,
-                                 ImageState, Metadata, TargetSuperblock, crc32, pick_header)
+from kjumpd.image.format import (
+    DATA_ALIGN,
+    HEADER_SLOT_OFFSETS,
+    HEADER_SLOT_SIZE,
+    METADATA_OFFSET,
+    SUPERBLOCK_SIZE,
+    BlockExtent,
+    Header,
+    ImageState,
+    Metadata,
+    TargetSuperblock,
+    crc32,
+    pick_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +40,9 @@ log = logging.getLogger(__name__)
 MIN_TARGET_SIZE = 1024 * 1024
 
 
-def create_target(path: str | os.PathLike[str], size: int,
-                  uuid: bytes | str | None = None) -> TargetSuperblock:
+def create_target(
+    path: str | os.PathLike[str], size: int, uuid: bytes | str | None = None
+) -> TargetSuperblock:
     """Create (or overwrite) a fully allocated target file of ``size`` bytes.
 
     Every byte is written once (zeros), so the file is never sparse and its block map
@@ -38,14 +50,21 @@ def create_target(path: str | os.PathLike[str], size: int,
     """
     size = -(-int(size) // ALIGN) * ALIGN
     if size < MIN_TARGET_SIZE:
-        raise TargetError(f"target size {size} is too small",
-                          why=f"a target needs at least {MIN_TARGET_SIZE} bytes",
-                          fix="choose a larger size", path=os.fspath(path))
+        raise TargetError(
+            f"target size {size} is too small",
+            why=f"a target needs at least {MIN_TARGET_SIZE} bytes",
+            fix="choose a larger size",
+            path=os.fspath(path),
+        )
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise TargetError(f"cannot create target {os.fspath(path)}", why=e.strerror or str(e),
-                          fix="check the directory and permissions", path=os.fspath(path)) from None
+        raise TargetError(
+            f"cannot create target {os.fspath(path)}",
+            why=e.strerror or str(e),
+            fix="check the directory and permissions",
+            path=os.fspath(path),
+        ) from None
     try:
         block = mmap.mmap(-1, 4 * 1024 * 1024)
         try:
@@ -57,9 +76,12 @@ def create_target(path: str | os.PathLike[str], size: int,
             block.close()
         os.fsync(fd)
     except OSError as e:
-        raise TargetError(f"cannot write target {os.fspath(path)}", why=e.strerror or str(e),
-                          fix="free disk space or choose a smaller size",
-                          path=os.fspath(path)) from None
+        raise TargetError(
+            f"cannot write target {os.fspath(path)}",
+            why=e.strerror or str(e),
+            fix="free disk space or choose a smaller size",
+            path=os.fspath(path),
+        ) from None
     finally:
         os.close(fd)
     with ImageDevice(path, writable=True) as dev:
@@ -81,9 +103,12 @@ def _uuid_bytes(uuid: bytes | str | None) -> bytes:
         raise TargetError(f"{uuid!r} is not a UUID") from None
 
 
-def stamp_superblock(dev: ImageDevice, blockmap: list[BlockExtent],
-                     uuid: bytes | str | None = None, block_size: int = ALIGN
-                     ) -> TargetSuperblock:
+def stamp_superblock(
+    dev: ImageDevice,
+    blockmap: list[BlockExtent],
+    uuid: bytes | str | None = None,
+    block_size: int = ALIGN,
+) -> TargetSuperblock:
     """Write the superblock with ``blockmap`` at logical 0 and flush.
 
     The UUID is kept from an existing valid superblock unless ``uuid`` is given.
@@ -94,8 +119,9 @@ def stamp_superblock(dev: ImageDevice, blockmap: list[BlockExtent],
         except (ImageFormatError, ImageCorruptError):
             uuid = None
     size = sum(e.length for e in blockmap)
-    sb = TargetSuperblock(uuid=_uuid_bytes(uuid), size=size, block_size=block_size,
-                          blockmap=tuple(blockmap))
+    sb = TargetSuperblock(
+        uuid=_uuid_bytes(uuid), size=size, block_size=block_size, blockmap=tuple(blockmap)
+    )
     raw = sb.pack()
     dev.write(0, raw + bytes(-len(raw) % ALIGN))
     dev.flush()
@@ -107,8 +133,9 @@ def read_superblock(dev: ImageDevice) -> TargetSuperblock:
     return TargetSuperblock.unpack(data, base=0)
 
 
-def open_target(path: str | os.PathLike[str], *, writable: bool, offset: int = 0,
-                direct: bool = True) -> tuple[ImageDevice, TargetSuperblock]:
+def open_target(
+    path: str | os.PathLike[str], *, writable: bool, offset: int = 0, direct: bool = True
+) -> tuple[ImageDevice, TargetSuperblock]:
     """Open a target by its superblock at device ``offset``, through the block map it records.
 
     For a plain target file the offset is 0 and the map is the whole file; for a partition
@@ -117,16 +144,20 @@ def open_target(path: str | os.PathLike[str], *, writable: bool, offset: int = 0
     probe = ImageDevice(path, writable=False, direct=direct)
     try:
         if offset % ALIGN or offset >= probe.size:
-            raise TargetError(f"superblock offset {offset} is not valid for {os.fspath(path)}",
-                              fix="pass the offset recorded by `kjumpctl setup`")
+            raise TargetError(
+                f"superblock offset {offset} is not valid for {os.fspath(path)}",
+                fix="pass the offset recorded by `kjumpctl setup`",
+            )
         data = probe.read(offset, min(SUPERBLOCK_SIZE, probe.size - offset))
     finally:
         probe.close()
     sb = TargetSuperblock.unpack(data, base=offset)
     if sb.blockmap[0].device_offset != offset:
-        raise TargetError(f"superblock at {offset} of {os.fspath(path)} maps logical 0 elsewhere",
-                          why=f"block map starts at device offset {sb.blockmap[0].device_offset}",
-                          fix="run `kjumpctl setup` again")
+        raise TargetError(
+            f"superblock at {offset} of {os.fspath(path)} maps logical 0 elsewhere",
+            why=f"block map starts at device offset {sb.blockmap[0].device_offset}",
+            fix="run `kjumpctl setup` again",
+        )
     dev = ImageDevice(path, sb.blockmap, writable=writable, direct=direct)
     return dev, sb
 
@@ -146,8 +177,9 @@ def read_header_slots(dev: ImageDevice) -> list[Header | None]:
     slots: list[Header | None] = []
     for i, off in enumerate(HEADER_SLOT_OFFSETS):
         try:
-            slots.append(Header.unpack(data[i * HEADER_SLOT_SIZE:(i + 1) * HEADER_SLOT_SIZE],
-                                       base=off))
+            slots.append(
+                Header.unpack(data[i * HEADER_SLOT_SIZE : (i + 1) * HEADER_SLOT_SIZE], base=off)
+            )
         except (ImageFormatError, ImageCorruptError) as e:
             log.debug("header slot %d: %s", i, e)
             slots.append(None)
@@ -159,8 +191,9 @@ def read_header(dev: ImageDevice) -> Header:
     slots = read_header_slots(dev)
     if all(s is None for s in slots):
         # say precisely why slot 0 failed (version, magic or checksum)
-        Header.unpack(dev.read(HEADER_SLOT_OFFSETS[0], HEADER_SLOT_SIZE),
-                      base=HEADER_SLOT_OFFSETS[0])
+        Header.unpack(
+            dev.read(HEADER_SLOT_OFFSETS[0], HEADER_SLOT_SIZE), base=HEADER_SLOT_OFFSETS[0]
+        )
     return pick_header(slots)[1]
 
 
@@ -186,8 +219,9 @@ def update_header(dev: ImageDevice, **changes: Any) -> Header:
     return write_header(dev, cur.evolve(**changes))
 
 
-def set_state(dev: ImageDevice, state: ImageState, reason: str = "",
-              attempt: int | None = None) -> Header:
+def set_state(
+    dev: ImageDevice, state: ImageState, reason: str = "", attempt: int | None = None
+) -> Header:
     """Record a new state (reason for ABORTED/INVALID, attempt for RESTORING)."""
     changes: dict[str, Any] = {"state": ImageState(state), "reason": reason}
     if attempt is not None:
@@ -198,30 +232,50 @@ def set_state(dev: ImageDevice, state: ImageState, reason: str = "",
 def require_state(header: Header, *states: ImageState, action: str = "use") -> None:
     if header.state not in states:
         allowed = ", ".join(s.name for s in states)
-        raise ImageStateError(f"cannot {action} the image: it is {header.state_text}",
-                              why=f"this needs state {allowed}",
-                              fix="save a new image" if header.state != ImageState.SAVED
-                              else "", state=header.state.name)
+        raise ImageStateError(
+            f"cannot {action} the image: it is {header.state_text}",
+            why=f"this needs state {allowed}",
+            fix="save a new image" if header.state != ImageState.SAVED else "",
+            state=header.state.name,
+        )
 
 
 def read_metadata(dev: ImageDevice, header: Header) -> Metadata:
     """The metadata the header points at, checked against the header's CRC."""
     off, n = header.metadata_offset, header.metadata_length
     if off != METADATA_OFFSET or n <= 0 or off + n > dev.size or n > 64 * 1024 * 1024:
-        raise ImageFormatError("image metadata location is not valid",
-                               why=f"header says offset {off}, length {n} (target is "
-                                   f"{dev.size} bytes)",
-                               fix="the image cannot be used; save a new one",
-                               structure="header", offset=HEADER_SLOT_OFFSETS[0] + 96)
+        raise ImageFormatError(
+            "image metadata location is not valid",
+            why=f"header says offset {off}, length {n} (target is {dev.size} bytes)",
+            fix="the image cannot be used; save a new one",
+            structure="header",
+            offset=HEADER_SLOT_OFFSETS[0] + 96,
+        )
     data = dev.read(off, n)
     if crc32(data) != header.metadata_crc:
-        raise ImageCorruptError(f"image metadata at byte offset {off} is corrupt",
-                                why="checksum does not match the header",
-                                fix="the image cannot be used; boot normally and hibernate again",
-                                structure="image metadata", offset=off)
+        raise ImageCorruptError(
+            f"image metadata at byte offset {off} is corrupt",
+            why="checksum does not match the header",
+            fix="the image cannot be used; boot normally and hibernate again",
+            structure="image metadata",
+            offset=off,
+        )
     return Metadata.unpack(data, base=off)
 
 
-__all__ = ["create_target", "stamp_superblock", "read_superblock", "open_target", "init_header",
-           "read_header", "read_header_slots", "write_header", "update_header", "set_state",
-           "require_state", "read_metadata", "DATA_ALIGN", "MIN_TARGET_SIZE"]
+__all__ = [
+    "create_target",
+    "stamp_superblock",
+    "read_superblock",
+    "open_target",
+    "init_header",
+    "read_header",
+    "read_header_slots",
+    "write_header",
+    "update_header",
+    "set_state",
+    "require_state",
+    "read_metadata",
+    "DATA_ALIGN",
+    "MIN_TARGET_SIZE",
+]

@@ -13,7 +13,7 @@ import mmap
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from kjumpd.errors import ImageCorruptError, TargetError
 from kjumpd.image.device import ALIGN, ImageDevice
@@ -29,16 +29,22 @@ class RecordWriter:
     on with a spare one (a few windows rotate; the writer waits when all are being checked).
     """
 
-    def __init__(self, dev: ImageDevice, start: int, window: int = WINDOW,
-                 verifier: "ReadBackVerifier | None" = None, spares: int = 2) -> None:
+    def __init__(
+        self,
+        dev: ImageDevice,
+        start: int,
+        window: int = WINDOW,
+        verifier: ReadBackVerifier | None = None,
+        spares: int = 2,
+    ) -> None:
         if start % ALIGN:
             raise ValueError("data area must be aligned")
         self.dev = dev
         self.start = start
         self.buf = mmap.mmap(-1, window)
         self.fill = 0
-        self.flushed = 0          # bytes of the data area already on the device
-        self.length = 0           # bytes appended
+        self.flushed = 0  # bytes of the data area already on the device
+        self.length = 0  # bytes appended
         self.window = window
         self.writes = 0
         self.write_seconds = 0.0  # wall time in the device writes
@@ -58,16 +64,19 @@ class RecordWriter:
     def append(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
         if self.start + self.length + n > self.dev.size:
-            raise TargetError("the target is full",
-                              why=f"the image needs more than the {self.capacity} bytes of "
-                                  f"data area (target {self.dev.size} bytes)",
-                              fix="make the target larger (or shrink memory first)",
-                              path=self.dev.path, offset=self.start + self.length)
+            raise TargetError(
+                "the target is full",
+                why=f"the image needs more than the {self.capacity} bytes of "
+                f"data area (target {self.dev.size} bytes)",
+                fix="make the target larger (or shrink memory first)",
+                path=self.dev.path,
+                offset=self.start + self.length,
+            )
         mv = memoryview(data)
         done = 0
         while done < n:
             take = min(n - done, len(self.buf) - self.fill)
-            self.buf[self.fill:self.fill + take] = mv[done:done + take]
+            self.buf[self.fill : self.fill + take] = mv[done : done + take]
             self.fill += take
             done += take
             if self.fill == len(self.buf):
@@ -96,14 +105,15 @@ class RecordWriter:
                 return self.spare.get(timeout=0.5)
             except queue.Empty:
                 if self.verifier is not None and not self.verifier.is_alive():
-                    raise self.verifier.error or RuntimeError("the verifier stopped")
+                    raise self.verifier.error or RuntimeError("the verifier stopped") from None
 
     def finish(self) -> int:
         """Write the last partial window (zero-padded to the block size); the data length."""
         if self.fill:
             if self.start + self.flushed + -(-self.fill // ALIGN) * ALIGN > self.dev.size:
-                raise TargetError("the target is full", fix="make the target larger",
-                                  path=self.dev.path)
+                raise TargetError(
+                    "the target is full", fix="make the target larger", path=self.dev.path
+                )
             self._write(self.fill)
         return self.length
 
@@ -111,7 +121,7 @@ class RecordWriter:
         for m in self._all:
             try:
                 m.close()
-            except BufferError:      # pragma: no cover - a view still held by a failed read
+            except BufferError:  # pragma: no cover - a view still held by a failed read
                 pass
 
 
@@ -119,6 +129,7 @@ def _memeq(a: mmap.mmap, b: mmap.mmap, n: int) -> bool:
     """``a[:n] == b[:n]`` without copying either (memcmp through ctypes, GIL released)."""
     if _MEMCMP is not None:
         import ctypes
+
         pa = ctypes.c_char.from_buffer(a)
         pb = ctypes.c_char.from_buffer(b)
         try:
@@ -128,9 +139,10 @@ def _memeq(a: mmap.mmap, b: mmap.mmap, n: int) -> bool:
     return a[:n] == b[:n]
 
 
-def _load_memcmp() -> "Callable[[int, int, int], int] | None":
+def _load_memcmp() -> Callable[[int, int, int], int] | None:
     try:
         import ctypes
+
         f = ctypes.CDLL(None).memcmp
         f.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
         f.restype = ctypes.c_int
@@ -153,16 +165,18 @@ class ReadBackVerifier(threading.Thread):
     def __init__(self, dev: ImageDevice, window: int = WINDOW) -> None:
         super().__init__(name="kjump-verify", daemon=True)
         self.dev = dev
-        self.q: queue.Queue[tuple[int, int, mmap.mmap, queue.Queue[mmap.mmap]] | None] = \
+        self.q: queue.Queue[tuple[int, int, mmap.mmap, queue.Queue[mmap.mmap]] | None] = (
             queue.Queue()
+        )
         self.buf = mmap.mmap(-1, window)
         self.error: BaseException | None = None
-        self.checked = 0          # bytes read back and found equal
+        self.checked = 0  # bytes read back and found equal
         self.windows = 0
-        self.busy_seconds = 0.0   # wall time reading back and comparing
+        self.busy_seconds = 0.0  # wall time reading back and comparing
 
-    def submit(self, logical: int, length: int, sent: mmap.mmap,
-               give_back: "queue.Queue[mmap.mmap]") -> None:
+    def submit(
+        self, logical: int, length: int, sent: mmap.mmap, give_back: queue.Queue[mmap.mmap]
+    ) -> None:
         self.q.put((logical, length, sent, give_back))
 
     def run(self) -> None:
@@ -188,12 +202,14 @@ class ReadBackVerifier(threading.Thread):
         with memoryview(self.buf) as whole:
             self.dev.readinto(off, whole[:length])
         if not _memeq(self.buf, sent, length):
-            raise ImageCorruptError(f"image data at byte offset {off} reads back "
-                                    "differently from what was written",
-                                    why="read-back mismatch",
-                                    fix="the disk or its block map is not reliable; check "
-                                        "it and run `kjumpctl setup` again",
-                                    structure="data", offset=off)
+            raise ImageCorruptError(
+                f"image data at byte offset {off} reads back differently from what was written",
+                why="read-back mismatch",
+                fix="the disk or its block map is not reliable; check "
+                "it and run `kjumpctl setup` again",
+                structure="data",
+                offset=off,
+            )
         self.checked += length
         self.windows += 1
 
@@ -212,15 +228,14 @@ class ReadBackVerifier(threading.Thread):
             self.join()
         try:
             self.buf.close()
-        except BufferError:          # pragma: no cover
+        except BufferError:  # pragma: no cover
             pass
 
 
 class _Prefetch(threading.Thread):
     """Reads aligned windows of [start, end) ahead of the consumer (a ring of mmap buffers)."""
 
-    def __init__(self, dev: ImageDevice, start: int, end: int, window: int, depth: int = 2
-                 ) -> None:
+    def __init__(self, dev: ImageDevice, start: int, end: int, window: int, depth: int = 2) -> None:
         super().__init__(name="kjump-prefetch", daemon=True)
         self.dev, self.first, self.end, self.window = dev, start, end, window
         self.bufs = [mmap.mmap(-1, window) for _ in range(depth + 1)]
@@ -237,8 +252,7 @@ class _Prefetch(threading.Thread):
                 i = self.free.get()
                 if i < 0:
                     break
-                want = min(self.window, -(-(self.end - pos) // ALIGN) * ALIGN,
-                           self.dev.size - pos)
+                want = min(self.window, -(-(self.end - pos) // ALIGN) * ALIGN, self.dev.size - pos)
                 mv = memoryview(self.bufs[i])[:want]
                 try:
                     self.dev.readinto(pos, mv)
@@ -270,10 +284,10 @@ class RecordReader:
         self.start = start
         self.end = start + length
         self.done = False
-        self._win: memoryview | None = None   # the current window (first `keep` bytes)
+        self._win: memoryview | None = None  # the current window (first `keep` bytes)
         self._win_i = -1
-        self._pos = 0                          # position in the current window
-        self.offset = start                    # logical offset of the next byte handed out
+        self._pos = 0  # position in the current window
+        self.offset = start  # logical offset of the next byte handed out
         self._pf = _Prefetch(dev, start, self.end, window)
         self._pf.start()
 
@@ -285,11 +299,13 @@ class RecordReader:
             raise item
         if item is None:
             self.done = True
-            raise ImageCorruptError(f"image data ends inside {what} at byte offset {offset}",
-                                    why="the image is truncated",
-                                    fix="the image cannot be used; boot normally and "
-                                        "hibernate again",
-                                    structure=what, offset=offset)
+            raise ImageCorruptError(
+                f"image data ends inside {what} at byte offset {offset}",
+                why="the image is truncated",
+                fix="the image cannot be used; boot normally and hibernate again",
+                structure=what,
+                offset=offset,
+            )
         i, _pos, keep = item
         self._win_i, self._pos = i, 0
         self._win = memoryview(self._pf.bufs[i])[:keep]
@@ -310,7 +326,7 @@ class RecordReader:
         win = self._win
         assert win is not None
         if self._pos + n <= len(win):
-            out = bytes(win[self._pos:self._pos + n])
+            out = bytes(win[self._pos : self._pos + n])
             self._pos += n
             return out
         parts = []
@@ -321,7 +337,7 @@ class RecordReader:
                 self._next_window(what, offset)
                 continue
             k = min(need, len(win) - self._pos)
-            parts.append(bytes(win[self._pos:self._pos + k]))
+            parts.append(bytes(win[self._pos : self._pos + k]))
             self._pos += k
             need -= k
         return b"".join(parts)
@@ -333,8 +349,7 @@ class RecordReader:
         off = self.offset
         if off >= self.end:
             raise StopIteration
-        ch = ChunkHeader.unpack(self._take(CHUNK_HEADER_SIZE, "chunk record header", off),
-                                base=off)
+        ch = ChunkHeader.unpack(self._take(CHUNK_HEADER_SIZE, "chunk record header", off), base=off)
         bitmap = self._take(ch.bitmap_length, f"chunk {ch.index}", off)
         payload = self._take(ch.payload_length, f"chunk {ch.index}", off)
         return ch, bitmap, payload, off

@@ -10,7 +10,7 @@ occurrence in order, so the last call leaves its value. Boolean values read as t
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 #: the kernel's isspace() for the command line (ASCII blanks; not Python's wider notion)
 BLANKS = frozenset(" \t\n\v\f\r")

@@ -15,7 +15,7 @@ from kjumpd.sysroot import Sysroot
 
 @dataclass(frozen=True)
 class KernelConfig:
-    source: str                                   # where it was read
+    source: str  # where it was read
     values: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> str | None:
@@ -39,7 +39,8 @@ def read(sysroot: Sysroot) -> KernelConfig | None:
     """This kernel's configuration, or None when neither place has it."""
     try:
         text = gzip.decompress(sysroot.path("/proc/config.gz").read_bytes()).decode(
-            errors="replace")
+            errors="replace"
+        )
         return parse(text, "/proc/config.gz")
     except (OSError, EOFError, gzip.BadGzipFile):
         pass

@@ -18,8 +18,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from tests import prereq
 
@@ -76,22 +77,30 @@ class PrivateBus:
     def __init__(self, servicedir: Path | None = None, includes: Sequence[Path] = ()) -> None:
         require_tools("dbus-daemon")
         self.dir = Path(tempfile.mkdtemp(prefix="kjumpd-bus-"))
-        os.chmod(self.dir, 0o755)   # `nobody` must reach the socket
+        os.chmod(self.dir, 0o755)  # `nobody` must reach the socket
         self.socket = self.dir / "bus.sock"
         self.address = f"unix:path={self.socket}"
         conf = self.dir / "bus.conf"
-        conf.write_text(BUS_CONFIG.format(
-            socket=self.socket, policy=CONTRIB / "org.kjump.Manager1.conf",
-            servicedir=f"<servicedir>{servicedir}</servicedir>" if servicedir else "",
-            includes="".join(f"<include>{p}</include>" for p in includes)))
+        conf.write_text(
+            BUS_CONFIG.format(
+                socket=self.socket,
+                policy=CONTRIB / "org.kjump.Manager1.conf",
+                servicedir=f"<servicedir>{servicedir}</servicedir>" if servicedir else "",
+                includes="".join(f"<include>{p}</include>" for p in includes),
+            )
+        )
         self.log = open(self.dir / "dbus-daemon.log", "wb")
-        self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork",
-                                      "--print-address=1"], stdout=subprocess.PIPE,
-                                     stderr=self.log)
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address=1"],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
         line = self.proc.stdout.readline().decode()  # type: ignore[union-attr]
         if not line.startswith("unix:"):
             self.stop()
-            raise RuntimeError(f"dbus-daemon did not start: {(self.dir / 'dbus-daemon.log').read_text()}")
+            raise RuntimeError(
+                f"dbus-daemon did not start: {(self.dir / 'dbus-daemon.log').read_text()}"
+            )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -108,9 +117,15 @@ class PrivateBus:
 class Kjumpd:
     """kjumpd as a real process on the private bus; readiness from its sd_notify READY=1."""
 
-    def __init__(self, bus: PrivateBus, sysroot: Path, config: Path | None = None,
-                 env: dict[str, str] | None = None, notify: bool = True,
-                 journal: bool = False) -> None:
+    def __init__(
+        self,
+        bus: PrivateBus,
+        sysroot: Path,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        notify: bool = True,
+        journal: bool = False,
+    ) -> None:
         self.bus = bus
         self.messages: list[str] = []
         self.stderr_path = bus.dir / f"kjumpd-{time.monotonic_ns()}.log"
@@ -129,11 +144,12 @@ class Kjumpd:
         if config is not None:
             cmd += ["--config", str(config)]
         self.stderr = open(self.stderr_path, "wb")
-        if journal:   # as systemd does: JOURNAL_STREAM names the stream that is our stderr
+        if journal:  # as systemd does: JOURNAL_STREAM names the stream that is our stderr
             st = os.fstat(self.stderr.fileno())
             full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stderr=self.stderr,
-                                     stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stderr=self.stderr, stdout=subprocess.DEVNULL
+        )
 
     @property
     def log(self) -> str:
@@ -148,7 +164,7 @@ class Kjumpd:
             self.sock.settimeout(max(0.01, min(0.2, deadline - time.monotonic())))
             try:
                 data = self.sock.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 if self.proc.poll() is not None:
                     return
                 continue
@@ -159,8 +175,9 @@ class Kjumpd:
         for msg in self.notifications(timeout):
             if any(line.startswith(key) for line in msg.splitlines()):
                 return msg
-        raise AssertionError(f"no {key} from kjumpd within {timeout}s (exit {self.proc.poll()}); "
-                             f"log:\n{self.log}")
+        raise AssertionError(
+            f"no {key} from kjumpd within {timeout}s (exit {self.proc.poll()}); log:\n{self.log}"
+        )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         if self.sock is not None:
@@ -170,8 +187,9 @@ class Kjumpd:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            r = subprocess.run(["busctl", f"--address={self.bus.address}", "status", BUS_NAME],
-                               capture_output=True)
+            r = subprocess.run(
+                ["busctl", f"--address={self.bus.address}", "status", BUS_NAME], capture_output=True
+            )
             if r.returncode == 0:
                 return
             time.sleep(0.1)
@@ -203,8 +221,12 @@ class Monitor:
     def __init__(self, address: str) -> None:
         require_tools("gdbus")
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(["gdbus", "monitor", "--address", address, "--dest", BUS_NAME],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            ["gdbus", "monitor", "--address", address, "--dest", BUS_NAME],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
         self.wait_for(r"owned by|Monitoring", 10)
@@ -228,18 +250,35 @@ class Monitor:
         self.proc.wait(5)
 
 
-def run(cmd: Sequence[str], user: str | None = None, timeout: float = 60.0,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str], user: str | None = None, timeout: float = 60.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     if user == "nobody":
         cmd = as_nobody(cmd)
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          input=input)
+    return subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=timeout, cwd=REPO, input=input
+    )
 
 
-def gdbus_call(address: str, method: str, *args: str, user: str | None = None,
-               interface: str = IFACE) -> subprocess.CompletedProcess[str]:
-    return run(["gdbus", "call", "--address", address, "--dest", BUS_NAME, "--object-path",
-                OBJECT_PATH, "--method", f"{interface}.{method}", *args], user=user)
+def gdbus_call(
+    address: str, method: str, *args: str, user: str | None = None, interface: str = IFACE
+) -> subprocess.CompletedProcess[str]:
+    return run(
+        [
+            "gdbus",
+            "call",
+            "--address",
+            address,
+            "--dest",
+            BUS_NAME,
+            "--object-path",
+            OBJECT_PATH,
+            "--method",
+            f"{interface}.{method}",
+            *args,
+        ],
+        user=user,
+    )
 
 
 def busctl_json(address: str, *args: str, user: str | None = None) -> Any:
@@ -263,33 +302,54 @@ def foreign_python() -> tuple[str, str]:
     if _FOREIGN is not None:
         return _FOREIGN
     prefix = Path(tempfile.mkdtemp(prefix="kjumpd-foreign-"))
-    shutil.copytree(REPO / "kjumpd", prefix / "kjumpd",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        REPO / "kjumpd", prefix / "kjumpd", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     for d in (prefix, *(p for p in prefix.rglob("*") if p.is_dir())):
         os.chmod(d, 0o755)
     for f in (p for p in prefix.rglob("*") if p.is_file()):
         os.chmod(f, 0o644)
-    candidates = [getattr(sys, "_base_executable", ""), os.path.realpath(sys.executable),
-                  "/usr/bin/python3"]
+    candidates = [
+        getattr(sys, "_base_executable", ""),
+        os.path.realpath(sys.executable),
+        "/usr/bin/python3",
+    ]
     probe = "import sys, kjumpd.cli; assert sys.version_info >= (3, 11)"
     tried = []
     for py in dict.fromkeys(c for c in candidates if c):
-        r = subprocess.run(as_nobody([py, "-c", probe]), capture_output=True, text=True,
-                           cwd="/", env={**os.environ, "PYTHONPATH": str(prefix)}, timeout=60)
+        r = subprocess.run(
+            as_nobody([py, "-c", probe]),
+            capture_output=True,
+            text=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": str(prefix)},
+            timeout=60,
+        )
         if r.returncode == 0:
             _FOREIGN = (py, str(prefix))
             return _FOREIGN
-        tried.append(f"{py}: {(r.stderr.strip().splitlines() or ['rc %d' % r.returncode])[-1]}")
+        tried.append(f"{py}: {(r.stderr.strip().splitlines() or [f'rc {r.returncode}'])[-1]}")
     raise AssertionError("no interpreter that `nobody` can run kjumpd with: " + "; ".join(tried))
 
 
-def kjumpctl(address: str, *args: str, user: str | None = None,
-             timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    cmd = ["-c", "import sys; from kjumpd.cli import main; sys.exit(main())", "--bus", address,
-           *args]
+def kjumpctl(
+    address: str, *args: str, user: str | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        "-c",
+        "import sys; from kjumpd.cli import main; sys.exit(main())",
+        "--bus",
+        address,
+        *args,
+    ]
     if user is None:
         return run([PYTHON, *cmd], timeout=timeout)
     py, path = foreign_python()
-    return subprocess.run(as_nobody([py, *cmd]) if user == "nobody" else [py, *cmd],
-                          capture_output=True, text=True, timeout=timeout, cwd="/",
-                          env={**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"})
+    return subprocess.run(
+        as_nobody([py, *cmd]) if user == "nobody" else [py, *cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"},
+    )

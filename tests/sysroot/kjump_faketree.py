@@ -54,12 +54,20 @@ def fake_bzimage(init_size: int = 24 * MiB) -> bytes:
     return bytes(b)
 
 
-def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]] = (),
-          config_extra: str = "") -> None:
+def build(
+    root: Path,
+    hostfiles: Path,
+    *,
+    mounts: list[tuple[str, str, str, str]] = (),
+    config_extra: str = "",
+) -> None:
     """Populate ``root``. ``mounts``: (mountpoint, devno, fstype, source) added to mountinfo
     after the root (a tmpfs, never frozen)."""
     w(root, "/proc/cmdline", "BOOT_IMAGE=/vmlinuz console=ttyS0 crashkernel=128M@512M quiet\n")
-    w(root, "/proc/iomem", textwrap.dedent("""\
+    w(
+        root,
+        "/proc/iomem",
+        textwrap.dedent("""\
         00000000-00000fff : Reserved
         00001000-0009fbff : System RAM
         0009fc00-0009ffff : Reserved
@@ -68,7 +76,8 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
           01000000-01ffffff : Kernel code
           20000000-27ffffff : Crash kernel
         3ffe0000-3fffffff : Reserved
-        """))
+        """),
+    )
     w(root, "/sys/kernel/kexec_crash_size", "134217728\n")
     w(root, "/sys/kernel/kexec_crash_loaded", "0\n")
     w(root, "/sys/kernel/kexec_loaded", "0\n")
@@ -78,8 +87,11 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
     notes = struct.pack("<III", 4, 20, 3) + b"GNU\0" + bytes(range(20))
     w(root, "/sys/kernel/notes", notes)
     w(root, "/sys/kernel/security/lockdown", "[none] integrity confidentiality\n")
-    w(root, "/proc/meminfo", "MemTotal:        1048576 kB\nMemFree:          524288 kB\n"
-                              "MemAvailable:     700000 kB\n")
+    w(
+        root,
+        "/proc/meminfo",
+        "MemTotal:        1048576 kB\nMemFree:          524288 kB\nMemAvailable:     700000 kB\n",
+    )
     w(root, "/proc/swaps", "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
     info = ["22 1 0:21 / / rw,relatime shared:1 - tmpfs rootfs rw"]
     for i, (mp, devno, fstype, source) in enumerate(mounts):
@@ -87,8 +99,12 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
     w(root, "/proc/self/mountinfo", "\n".join(info) + "\n")
     # devices
     pci = "/sys/devices/pci0000:00"
-    for dev, ctl, wake in (("0000:00:02.0", "auto", "enabled"), ("0000:00:03.0", "on", "disabled"),
-                           ("0000:00:1f.3", "auto", None), ("0000:00:04.0/usb1/1-1", "auto", "enabled")):
+    for dev, ctl, wake in (
+        ("0000:00:02.0", "auto", "enabled"),
+        ("0000:00:03.0", "on", "disabled"),
+        ("0000:00:1f.3", "auto", None),
+        ("0000:00:04.0/usb1/1-1", "auto", "enabled"),
+    ):
         w(root, f"{pci}/{dev}/uevent", "")
         link(root, f"{pci}/{dev}/subsystem", "../../../bus/" + ("usb" if "usb" in dev else "pci"))
         w(root, f"{pci}/{dev}/power/control", ctl + "\n")
@@ -107,8 +123,11 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
     w(root, "/sys/bus/pci/drivers/snd_hda_intel/bind", "")
     w(root, "/sys/bus/pci/drivers/snd_hda_intel/unbind", "")
     link(root, "/sys/bus/pci/devices/0000:00:1f.3", "../../../devices/pci0000:00/0000:00:1f.3")
-    link(root, "/sys/devices/pci0000:00/0000:00:1f.3/driver",
-         "../../../bus/pci/drivers/snd_hda_intel")
+    link(
+        root,
+        "/sys/devices/pci0000:00/0000:00:1f.3/driver",
+        "../../../bus/pci/drivers/snd_hda_intel",
+    )
     w(root, "/sys/fs/cgroup/memory.reclaim", "")
     w(root, "/proc/sys/vm/drop_caches", "")
     w(root, "/proc/sysrq-trigger", "")
@@ -136,13 +155,17 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
     kernel = w(root, "/usr/lib/kjumpd/save/bzImage", fake_bzimage())
     initrd = w(root, "/usr/lib/kjumpd/save/initramfs.cpio.gz", gzip.compress(b"initramfs" * 1000))
     # hooks: a recorder (logs outside the tree, through $KJUMP_HOOK_LOG)
-    w(root, "/usr/lib/systemd/system-sleep/50-record",
-      '#!/bin/sh\necho "$1 $2 $SYSTEMD_SLEEP_ACTION" >> "$KJUMP_HOOK_LOG"\n', 0o755)
+    w(
+        root,
+        "/usr/lib/systemd/system-sleep/50-record",
+        '#!/bin/sh\necho "$1 $2 $SYSTEMD_SLEEP_ACTION" >> "$KJUMP_HOOK_LOG"\n',
+        0o755,
+    )
     (root / "etc/kjumpd/sleep.d").mkdir(parents=True)
     (root / "run").mkdir()
     # boot entry (restore engineer's module), BLS with an ESP and efivars
     (root / "boot/efi/loader/entries").mkdir(parents=True)
-    w(root, "/boot/vmlinuz", fake_bzimage(20 * MiB))          # the normal kernel R boots
+    w(root, "/boot/vmlinuz", fake_bzimage(20 * MiB))  # the normal kernel R boots
     w(root, "/boot/initrd.img", gzip.compress(b"normal initramfs"))
     (root / "sys/firmware/efi/efivars").mkdir(parents=True)
     w(root, "/etc/machine-id", "0123456789abcdef0123456789abcdef\n")
@@ -150,7 +173,10 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
     (hostfiles / "vmlinuz").write_bytes(b"restore kernel")
     (hostfiles / "initrd.img").write_bytes(b"restore initrd")
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    w(root, "/etc/kjumpd/kjumpd.toml", textwrap.dedent(f"""\
+    w(
+        root,
+        "/etc/kjumpd/kjumpd.toml",
+        textwrap.dedent(f"""\
         [target]
         path = "/dev/vda1"
         [jump_area]
@@ -166,7 +192,9 @@ def build(root: Path, hostfiles: Path, *, mounts: list[tuple[str, str, str, str]
         unbind = [{{bus = "pci", device = "0000:00:1f.3", driver = "snd_hda_intel"}}]
         [timeouts]
         hooks = 10
-        """) + config_extra)
+        """)
+        + config_extra,
+    )
 
 
 def grub_machine(root: Path) -> Path:
@@ -174,6 +202,7 @@ def grub_machine(root: Path) -> Path:
     matters), /boot on vda2, a real 32 MiB ext4 image standing in for vda2 (mkfs.ext4 must be
     installed: callers check with tests.prereq.need)."""
     import subprocess
+
     for d in ("etc/grub.d", "boot/grub", "proc/self", "dev", "etc/kjumpd"):
         (root / d).mkdir(parents=True)
     disk = root / "dev" / "vda2"
@@ -182,7 +211,8 @@ def grub_machine(root: Path) -> Path:
     subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
     (root / "proc/self/mountinfo").write_text(
         "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
-        "23 22 254:2 / /boot rw,relatime shared:2 - ext4 /dev/vda2 rw\n")
+        "23 22 254:2 / /boot rw,relatime shared:2 - ext4 /dev/vda2 rw\n"
+    )
     return root
 
 
@@ -190,10 +220,16 @@ def setup_target_and_bootentry(root: Path, hostfiles: Path) -> str:
     """kjumpctl setup --target /dev/vda1 --bootloader bls, through the real code."""
     from kjumpd import blockmap, bootentry
     from kjumpd.sysroot import Sysroot
+
     sr = Sysroot(root)
     target, uuid = blockmap.setup(sr, "/dev/vda1", 0)
-    bootentry.install(sr, "bls", kernel=hostfiles / "vmlinuz", initrd=hostfiles / "initrd.img",
-                      cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}")
+    bootentry.install(
+        sr,
+        "bls",
+        kernel=hostfiles / "vmlinuz",
+        initrd=hostfiles / "initrd.img",
+        cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}",
+    )
     return uuid
 
 

@@ -50,8 +50,11 @@ def loop(img: Path, offset: int = 0, size: int | None = None):
 
 @contextlib.contextmanager
 def mounted(dev: str, mp: Path, fstype: str):
-    mkfs = {"ext4": ["mkfs.ext4", "-q", "-b", "4096"], "xfs": ["mkfs.xfs", "-q", "-f"],
-            "btrfs": ["mkfs.btrfs", "-q", "-f"]}[fstype]
+    mkfs = {
+        "ext4": ["mkfs.ext4", "-q", "-b", "4096"],
+        "xfs": ["mkfs.xfs", "-q", "-f"],
+        "btrfs": ["mkfs.btrfs", "-q", "-f"],
+    }[fstype]
     run(*mkfs, dev)
     mp.mkdir(parents=True, exist_ok=True)
     run("mount", dev, str(mp))
@@ -69,6 +72,7 @@ def sparse(path: Path, size: int) -> Path:
 
 def _fill(mp: Path, prefix: str, size: int, cap: int) -> int:
     import errno
+
     block = os.urandom(size)
     n = 0
     while n < cap:
@@ -91,7 +95,7 @@ def fragment_free_space(mp: Path, size: int = 256 << 10) -> None:
     n = _fill(mp, "fill", size, 4096)
     _fill(mp, "small", 16 << 10, 20000)
     where = []
-    for i in range(n):               # by position on the device: xfs spreads files over AGs
+    for i in range(n):  # by position on the device: xfs spreads files over AGs
         fd = os.open(mp / f"fill{i}", os.O_RDONLY)
         try:
             where.append((blockmap.fiemap(fd, size)[0].physical, i))
@@ -136,7 +140,7 @@ def test_file_target_extents_match_the_raw_device(tmp_path, fstype):
         st = os.stat(path)
         assert st.st_mode & 0o777 == 0o600 and st.st_uid == 0
         assert target.kind == "file" and target.disk == dev and target.size == 8 * MiB
-        if fstype == "ext4":    # xfs found contiguous room despite the holes (see report)
+        if fstype == "ext4":  # xfs found contiguous room despite the holes (see report)
             assert len(target.blockmap) > 1, "fragmented free space must give several extents"
         assert check_against_raw(dev, target, path) == len(target.blockmap)
         # a second look finds the same map and the same UUID (nothing to re-stamp)
@@ -213,7 +217,7 @@ def test_unsafe_files_are_refused(tmp_path, fstype):
         with pytest.raises(BlockMapError, match="unwritten"):
             blockmap.translate(root, str(pre))
         fresh = mp / "fresh"
-        with open(fresh, "wb") as f:          # no fsync: delalloc until FIEMAP_FLAG_SYNC
+        with open(fresh, "wb") as f:  # no fsync: delalloc until FIEMAP_FLAG_SYNC
             f.write(b"x" * (1 * MiB))
         fresh.chmod(0o600)
         t = blockmap.translate(root, str(fresh))
@@ -248,7 +252,7 @@ def test_a_moved_file_is_restamped_before_use(tmp_path):
     with loop(img) as dev, mounted(dev, tmp_path / "mnt", "ext4") as mp:
         path = mp / "image"
         target, uuid = blockmap.setup(sr, str(path), 4 * MiB)
-        shutil.copyfile(path, mp / "copy")            # same bytes, other blocks
+        shutil.copyfile(path, mp / "copy")  # same bytes, other blocks
         os.chmod(mp / "copy", 0o600)
         os.replace(mp / "copy", path)
         os.sync()
@@ -267,6 +271,7 @@ def test_btrfs_subvolume_mounts_are_frozen_and_thawed(tmp_path):
     need("mkfs.btrfs", "losetup", "btrfs")
     from kjumpd import fsfreeze
     from kjumpd.errors import FreezeError
+
     img = sparse(tmp_path / "disk.img", 256 * MiB)
     root = tmp_path / "root"
     (root / "mnt/sv").mkdir(parents=True)
@@ -275,8 +280,9 @@ def test_btrfs_subvolume_mounts_are_frozen_and_thawed(tmp_path):
         run("btrfs", "subvolume", "create", str(top / "sv"))
         run("mount", "-o", "subvol=sv", dev, str(root / "mnt/sv"))
         try:
-            line = next(x for x in open("/proc/self/mountinfo")
-                        if x.split()[4] == str(root / "mnt/sv"))
+            line = next(
+                x for x in open("/proc/self/mountinfo") if x.split()[4] == str(root / "mnt/sv")
+            )
             devno = line.split()[2]
             st = os.stat(root / "mnt/sv")
             assert f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" != devno
@@ -286,9 +292,10 @@ def test_btrfs_subvolume_mounts_are_frozen_and_thawed(tmp_path):
             try:
                 assert done == [m]
                 fd = os.open(root / "mnt/sv", os.O_RDONLY)
-                try:                       # frozen: a second FIFREEZE says EBUSY
+                try:  # frozen: a second FIFREEZE says EBUSY
                     with pytest.raises(OSError) as ei:
                         import fcntl
+
                         fcntl.ioctl(fd, fsfreeze.FIFREEZE, 0)
                     assert ei.value.errno == 16
                 finally:

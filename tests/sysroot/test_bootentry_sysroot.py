@@ -12,12 +12,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from kjump_faketree import grub_machine
+
 from kjumpd import bootentry
-from kjumpd.bootentry import (BLS_ENTRY_ID, ENTRY_ID, GRUB_SNIPPET, LOADER_GUID, bls_problems,
-                              check, clear_oneshot, install, oneshot_pending, set_oneshot,
-                              uninstall)
+from kjumpd.bootentry import (
+    BLS_ENTRY_ID,
+    ENTRY_ID,
+    GRUB_SNIPPET,
+    LOADER_GUID,
+    bls_problems,
+    check,
+    clear_oneshot,
+    install,
+    oneshot_pending,
+    set_oneshot,
+    uninstall,
+)
 from kjumpd.errors import BootEntryError
 from kjumpd.fsstamp import read_stamp
 from kjumpd.sysroot import Sysroot
@@ -41,8 +51,9 @@ def grub_root(tmp_path: Path) -> Sysroot:
 
 
 def snippet_output(sysroot: Sysroot) -> str:
-    return subprocess.run(["sh", str(sysroot.path(GRUB_SNIPPET))], check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["sh", str(sysroot.path(GRUB_SNIPPET))], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def grub_script_check(text: str, tmp: Path) -> None:
@@ -55,7 +66,8 @@ def grub_script_check(text: str, tmp: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["grub", "restore-first"])
 def test_grub_entry_is_valid_grub_script_and_finds_boot_by_uuid(
-        grub_root: Sysroot, r_files, tmp_path: Path, kind: str) -> None:
+    grub_root: Sysroot, r_files, tmp_path: Path, kind: str
+) -> None:
     rec = install(grub_root, kind, kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     assert rec.loader == "grub"
     out = snippet_output(grub_root)
@@ -72,10 +84,14 @@ def test_grub_entry_is_valid_grub_script_and_finds_boot_by_uuid(
 
 def test_grub_entry_with_a_header_still_parses(grub_root: Sysroot, r_files, tmp_path: Path) -> None:
     """Debian's next_entry logic from 00_header followed by our entry: one valid script."""
-    install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
-    header = ('if [ -s $prefix/grubenv ]; then\n  load_env\nfi\n'
-              'if [ "${next_entry}" ] ; then\n   set default="${next_entry}"\n   set next_entry=\n'
-              '   save_env next_entry\n   set boot_once=true\nelse\n   set default="0"\nfi\n')
+    install(
+        grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False
+    )
+    header = (
+        "if [ -s $prefix/grubenv ]; then\n  load_env\nfi\n"
+        'if [ "${next_entry}" ] ; then\n   set default="${next_entry}"\n   set next_entry=\n'
+        '   save_env next_entry\n   set boot_once=true\nelse\n   set default="0"\nfi\n'
+    )
     grub_script_check(header + snippet_output(grub_root), tmp_path)
 
 
@@ -87,14 +103,16 @@ def test_grub_one_shot_is_what_grub_editenv_reads(grub_root: Sysroot, r_files) -
     subprocess.run(["grub-editenv", str(env), "set", "saved_entry=gnulinux-simple"], check=True)
     assert not oneshot_pending(grub_root)
     assert set_oneshot(grub_root) is True
-    listed = subprocess.run(["grub-editenv", str(env), "list"], check=True, capture_output=True,
-                            text=True).stdout.split()
+    listed = subprocess.run(
+        ["grub-editenv", str(env), "list"], check=True, capture_output=True, text=True
+    ).stdout.split()
     assert f"next_entry={ENTRY_ID}" in listed and "saved_entry=gnulinux-simple" in listed
     assert env.stat().st_size == 1024
     assert oneshot_pending(grub_root)
     assert clear_oneshot(grub_root) is True
-    listed = subprocess.run(["grub-editenv", str(env), "list"], check=True, capture_output=True,
-                            text=True).stdout.split()
+    listed = subprocess.run(
+        ["grub-editenv", str(env), "list"], check=True, capture_output=True, text=True
+    ).stdout.split()
     assert listed == ["saved_entry=gnulinux-simple"]
     assert clear_oneshot(grub_root) is False  # nothing of ours left
 
@@ -128,7 +146,9 @@ def test_check_reports_what_is_missing_until_it_is_fixed(grub_root: Sysroot, r_f
 
 
 def test_uninstall_removes_every_file(grub_root: Sysroot, r_files) -> None:
-    rec = install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
+    rec = install(
+        grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False
+    )
     set_oneshot(grub_root)
     removed = uninstall(grub_root)
     assert set(removed) == set(rec.files) | {"/etc/kjumpd/bootentry.json"}
@@ -160,13 +180,22 @@ def efivar(sysroot: Sysroot, name: str) -> bytes | None:
 
 
 def test_bls_entry_follows_the_specification(bls_root: Sysroot, r_files) -> None:
-    rec = install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD,
-                  version="6.12.117", machine=False)
+    rec = install(
+        bls_root,
+        "bls",
+        kernel=r_files[0],
+        initrd=r_files[1],
+        cmdline=CMD,
+        version="6.12.117",
+        machine=False,
+    )
     text = bls_root.path(f"/boot/efi/loader/entries/{BLS_ENTRY_ID}").read_text()
     assert bls_problems(text) == []
     assert "linux      /kjumpd/vmlinuz-restore" in text
     assert "machine-id 0123456789abcdef0123456789abcdef" in text
-    assert bls_root.path("/boot/efi/kjumpd/initrd-restore.img").read_bytes() == r_files[1].read_bytes()
+    assert (
+        bls_root.path("/boot/efi/kjumpd/initrd-restore.img").read_bytes() == r_files[1].read_bytes()
+    )
     assert rec.loader == "bls" and check(bls_root) == []
 
 
@@ -174,8 +203,9 @@ def test_bls_one_shot_is_the_loader_variable(bls_root: Sysroot, r_files) -> None
     install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
     assert efivar(bls_root, "LoaderEntryOneShot") is None
     set_oneshot(bls_root)
-    assert efivar(bls_root, "LoaderEntryOneShot") == \
-        b"\x07\x00\x00\x00" + "kjumpd-restore.conf\0".encode("utf-16-le")
+    assert efivar(
+        bls_root, "LoaderEntryOneShot"
+    ) == b"\x07\x00\x00\x00" + "kjumpd-restore.conf\0".encode("utf-16-le")
     assert oneshot_pending(bls_root)
     assert clear_oneshot(bls_root)
     assert efivar(bls_root, "LoaderEntryOneShot") is None
@@ -183,7 +213,9 @@ def test_bls_one_shot_is_the_loader_variable(bls_root: Sysroot, r_files) -> None
 
 def test_restore_first_with_systemd_boot_makes_r_the_default(bls_root: Sysroot, r_files) -> None:
     bootentry.efivar_write(bls_root, "LoaderEntryDefault", "debian.conf")
-    rec = install(bls_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)
+    rec = install(
+        bls_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False
+    )
     assert rec.loader == "bls" and rec.previous_default == "debian.conf"
     assert bootentry.efivar_read(bls_root, "LoaderEntryDefault") == BLS_ENTRY_ID
     assert set_oneshot(bls_root) is False and oneshot_pending(bls_root)
@@ -204,21 +236,25 @@ def test_bls_without_efi_variables_says_so(bls_root: Sysroot, r_files) -> None:
 # ------------------------------------------------------------------ R's machine payload
 
 
-def test_install_appends_this_machines_boot_json_and_files(grub_root: Sysroot, r_files,
-                                                           tmp_path: Path) -> None:
+def test_install_appends_this_machines_boot_json_and_files(
+    grub_root: Sysroot, r_files, tmp_path: Path
+) -> None:
     """`kjumpctl setup --bootloader` on a machine: R's initrd = generic base + boot.json with
     the reserved jump area, the save kernel from the config, the normal kernel and this boot's
     command line; the payload is a newc archive the project's other cpio reader agrees with."""
     import sys
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from kjumpd import cpio
     from kjumpd.restorefirst import BootConfig
+
     root = grub_root.root
     (root / "proc/cmdline").write_text(
-        "BOOT_IMAGE=/boot/vmlinuz-6.12-kjump root=/dev/vda1 ro quiet "
-        "crashkernel=128M@0x20000000\n")
-    (root / "proc/iomem").write_text("00100000-3ffdffff : System RAM\n"
-                                     "  20000000-27ffffff : Crash kernel\n")
+        "BOOT_IMAGE=/boot/vmlinuz-6.12-kjump root=/dev/vda1 ro quiet crashkernel=128M@0x20000000\n"
+    )
+    (root / "proc/iomem").write_text(
+        "00100000-3ffdffff : System RAM\n  20000000-27ffffff : Crash kernel\n"
+    )
     (root / "boot/vmlinuz-6.12-kjump").write_bytes(b"normal kernel")
     (root / "boot/initrd.img-6.12-kjump").write_bytes(b"normal initrd")
     (root / "usr/lib/kjumpd/save").mkdir(parents=True)
@@ -227,7 +263,8 @@ def test_install_appends_this_machines_boot_json_and_files(grub_root: Sysroot, r
     base = r_files[1].read_bytes()
     (root / "proc/cmdline").write_text(
         "BOOT_IMAGE=/boot/vmlinuz-6.12-kjump root=/dev/vda1 ro quiet console=tty0 "
-        "console=ttyS0,115200 crashkernel=128M@0x20000000\n")
+        "console=ttyS0,115200 crashkernel=128M@0x20000000\n"
+    )
     bare = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576"
     rec = install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=bare)
     # R's messages go where this system's console is
@@ -235,23 +272,28 @@ def test_install_appends_this_machines_boot_json_and_files(grub_root: Sysroot, r
     assert f"linux /kjumpd/vmlinuz-restore {rec.cmdline}" in snippet_output(grub_root)
     installed = grub_root.path("/boot/kjumpd/initrd-restore.img").read_bytes()
     assert installed.startswith(base)
-    members = {e.name: e.data for e in cpio.read(installed[len(base):])}
+    members = {e.name: e.data for e in cpio.read(installed[len(base) :])}
     cfg = BootConfig.from_json(members["etc/kjumpd/boot.json"])
-    assert cfg.target_uuid == "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e" and cfg.target_offset == 1 << 20
+    assert (
+        cfg.target_uuid == "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e" and cfg.target_offset == 1 << 20
+    )
     assert cfg.jump_area == (0x20000000, 128 << 20)
-    assert cfg.normal.cmdline == ("root=/dev/vda1 ro quiet console=tty0 console=ttyS0,115200 "
-                                  "crashkernel=128M@0x20000000")
+    assert cfg.normal.cmdline == (
+        "root=/dev/vda1 ro quiet console=tty0 console=ttyS0,115200 crashkernel=128M@0x20000000"
+    )
     assert members[cfg.normal.kernel.lstrip("/")] == b"normal kernel"
     assert members[cfg.normal.initrd.lstrip("/")] == b"normal initrd"
     assert members[cfg.save.kernel.lstrip("/")] == b"save kernel"
     assert members[cfg.save.initrd.lstrip("/")] == b"save initramfs"
     import hashlib
+
     assert cfg.save_hash == "sha256:" + hashlib.sha256(b"save kernel").hexdigest()
     assert cfg.save.cmdline == "console=ttyS0 nokaslr panic=1"
 
 
 def test_install_without_a_jump_area_says_what_to_do(grub_root: Sysroot, r_files) -> None:
     from kjumpd.errors import JumpAreaError
+
     (grub_root.root / "proc/cmdline").write_text("root=/dev/vda1 ro\n")
     with pytest.raises(JumpAreaError) as e:
         install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD)
@@ -259,16 +301,28 @@ def test_install_without_a_jump_area_says_what_to_do(grub_root: Sysroot, r_files
     assert not grub_root.path(GRUB_SNIPPET).exists()
 
 
-@pytest.mark.parametrize("files,cmdline,want", [
-    (["vmlinuz-kjump"], "root=/dev/vda", ("/boot/vmlinuz-kjump", None)),
-    (["vmlinuz-6.1", "initrd.img-6.1", "vmlinuz-6.2", "initrd.img-6.2"],
-     "BOOT_IMAGE=/boot/vmlinuz-6.2 ro", ("/boot/vmlinuz-6.2", "/boot/initrd.img-6.2")),
-    (["vmlinuz-6.1", "initrd.img"], "ro", ("/boot/vmlinuz-6.1", None)),
-    (["vmlinuz", "initrd.img", "vmlinuz-6.1", "vmlinuz-6.2"], "ro",
-     ("/boot/vmlinuz", "/boot/initrd.img")),
-])
-def test_the_normal_kernel_is_the_one_this_system_booted(tmp_path: Path, files, cmdline, want) -> None:
+@pytest.mark.parametrize(
+    "files,cmdline,want",
+    [
+        (["vmlinuz-kjump"], "root=/dev/vda", ("/boot/vmlinuz-kjump", None)),
+        (
+            ["vmlinuz-6.1", "initrd.img-6.1", "vmlinuz-6.2", "initrd.img-6.2"],
+            "BOOT_IMAGE=/boot/vmlinuz-6.2 ro",
+            ("/boot/vmlinuz-6.2", "/boot/initrd.img-6.2"),
+        ),
+        (["vmlinuz-6.1", "initrd.img"], "ro", ("/boot/vmlinuz-6.1", None)),
+        (
+            ["vmlinuz", "initrd.img", "vmlinuz-6.1", "vmlinuz-6.2"],
+            "ro",
+            ("/boot/vmlinuz", "/boot/initrd.img"),
+        ),
+    ],
+)
+def test_the_normal_kernel_is_the_one_this_system_booted(
+    tmp_path: Path, files, cmdline, want
+) -> None:
     from kjumpd.bootentry import find_normal_kernel
+
     for d in ("boot", "proc"):
         (tmp_path / d).mkdir()
     for f in files:
@@ -279,18 +333,21 @@ def test_the_normal_kernel_is_the_one_this_system_booted(tmp_path: Path, files, 
 
 def test_no_normal_kernel_is_a_clear_error(tmp_path: Path) -> None:
     from kjumpd.bootentry import find_normal_kernel
+
     (tmp_path / "boot").mkdir()
     with pytest.raises(BootEntryError) as e:
         find_normal_kernel(Sysroot(tmp_path))
     assert e.value.fix
 
 
-def test_boot_on_dev_root_is_found_by_its_device_number(grub_root: Sysroot, r_files,
-                                                        tmp_path: Path) -> None:
+def test_boot_on_dev_root_is_found_by_its_device_number(
+    grub_root: Sysroot, r_files, tmp_path: Path
+) -> None:
     """A kernel that mounted root= itself shows "/dev/root" in mountinfo: no such node."""
     root = grub_root.root
     (root / "proc/self/mountinfo").write_text(
-        "22 1 254:2 / / rw,relatime shared:1 - ext4 /dev/root rw\n")
+        "22 1 254:2 / / rw,relatime shared:1 - ext4 /dev/root rw\n"
+    )
     (root / "sys/dev/block/254:2").mkdir(parents=True)
     (root / "sys/dev/block/254:2/uevent").write_text("MAJOR=254\nMINOR=2\nDEVNAME=vda2\n")
     install(grub_root, "grub", kernel=r_files[0], initrd=r_files[1], cmdline=CMD, machine=False)

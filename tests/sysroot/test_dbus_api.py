@@ -10,13 +10,24 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from dbus_env import (BUS_NAME, IFACE, OBJECT_PATH, Kjumpd, Monitor, PrivateBus, busctl_json,
-                      gdbus_call, kjumpctl, require, require_tools, run)
+from dbus_env import (
+    BUS_NAME,
+    IFACE,
+    OBJECT_PATH,
+    Kjumpd,
+    Monitor,
+    PrivateBus,
+    busctl_json,
+    gdbus_call,
+    kjumpctl,
+    require,
+    require_tools,
+    run,
+)
 
 
 @pytest.fixture
@@ -38,7 +49,7 @@ def empty_sysroot(tmp_path: Path) -> Path:
 @pytest.fixture
 def daemon(bus: PrivateBus, empty_sysroot: Path, tmp_path: Path) -> Iterator[Kjumpd]:
     cfg = tmp_path / "kjumpd.toml"
-    cfg.write_text("")   # all defaults
+    cfg.write_text("")  # all defaults
     d = Kjumpd(bus, empty_sysroot, cfg)
     d.wait_ready()
     yield d
@@ -50,11 +61,11 @@ def test_can_hibernate_on_an_empty_sysroot_says_no_with_a_fix_per_reason(bus, da
     assert out["type"] == "sas"
     answer, reasons = out["data"]
     assert answer == "no"
-    assert len(reasons) >= 3, reasons          # kernel config, jump area, target, save kernel...
+    assert len(reasons) >= 3, reasons  # kernel config, jump area, target, save kernel...
     for r in reasons:
         assert "(fix: " in r and not r.endswith("(fix: )"), f"reason without a fix: {r!r}"
     text = " ".join(reasons).lower()
-    assert "kexec" in text or "jump" in text   # the missing kernel support is among them
+    assert "kexec" in text or "jump" in text  # the missing kernel support is among them
 
 
 def test_check_returns_the_full_report_and_each_failure_has_a_fix(bus, daemon) -> None:
@@ -64,24 +75,35 @@ def test_check_returns_the_full_report_and_each_failure_has_a_fix(bus, daemon) -
     assert ok is False
     names = [i[0] for i in items]
     assert len(names) == len(set(names)) and len(items) >= 3
-    failed = [i for i in items if not i[1] and i[2]]     # failed and fatal
+    failed = [i for i in items if not i[1] and i[2]]  # failed and fatal
     assert failed
     for name, _ok, _fatal, detail, fix in failed:
         assert detail and fix, f"{name}: a failed check needs a detail and a fix"
     # CanHibernate's reasons are exactly the failed checks
-    answer, reasons = busctl_json(bus.address, "call", BUS_NAME, OBJECT_PATH, IFACE,
-                                  "CanHibernate")["data"]
+    answer, reasons = busctl_json(
+        bus.address, "call", BUS_NAME, OBJECT_PATH, IFACE, "CanHibernate"
+    )["data"]
     assert len(reasons) == len(failed)
 
 
 def test_properties_are_readable_by_anyone(bus, daemon) -> None:
     for user in (None, "nobody"):
-        props = busctl_json(bus.address, "get-property", BUS_NAME, OBJECT_PATH, IFACE,
-                            "State", "Progress", "ImageState", "LastResult", user=user)
+        props = busctl_json(
+            bus.address,
+            "get-property",
+            BUS_NAME,
+            OBJECT_PATH,
+            IFACE,
+            "State",
+            "Progress",
+            "ImageState",
+            "LastResult",
+            user=user,
+        )
         state, progress, image, last = props
         assert state == {"type": "s", "data": "idle"}
         assert progress["type"] == "d"
-        assert image["type"] == "s" and image["data"]     # e.g. "unknown: target ... missing"
+        assert image["type"] == "s" and image["data"]  # e.g. "unknown: target ... missing"
         assert last == {"type": "a{sv}", "data": {}}
 
 
@@ -95,9 +117,19 @@ def test_an_unprivileged_caller_is_denied_with_a_named_error(bus, daemon) -> Non
     state = busctl_json(bus.address, "get-property", BUS_NAME, OBJECT_PATH, IFACE, "State")
     assert state["data"] == "idle"
     # and the bus policy keeps it from taking the service's name
-    r = run(["dbus-send", f"--bus={bus.address}", "--print-reply",
-             "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
-             "org.freedesktop.DBus.RequestName", f"string:{BUS_NAME}", "uint32:4"], user="nobody")
+    r = run(
+        [
+            "dbus-send",
+            f"--bus={bus.address}",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.RequestName",
+            f"string:{BUS_NAME}",
+            "uint32:4",
+        ],
+        user="nobody",
+    )
     assert r.returncode != 0 and "AccessDenied" in r.stderr, r.stdout + r.stderr
 
 
@@ -110,8 +142,17 @@ def test_kjumpctl_as_nobody_exits_6_with_one_line(bus, daemon) -> None:
 
 
 def test_a_bad_mode_is_a_named_invalid_args_error(bus, daemon) -> None:
-    r = run(["dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={BUS_NAME}",
-             OBJECT_PATH, f"{IFACE}.Hibernate", "string:warp-drive"])
+    r = run(
+        [
+            "dbus-send",
+            f"--bus={bus.address}",
+            "--print-reply",
+            f"--dest={BUS_NAME}",
+            OBJECT_PATH,
+            f"{IFACE}.Hibernate",
+            "string:warp-drive",
+        ]
+    )
     assert r.returncode != 0
     assert "org.kjump.Error.InvalidArgs" in r.stderr and "warp-drive" in r.stderr, r.stderr
     assert "fix:" in r.stderr
@@ -129,15 +170,16 @@ def test_a_failed_hibernation_is_reported_and_the_system_keeps_running(bus, daem
         mon.wait_for(r"PropertiesChanged.*'State': <'idle'>.*'LastResult'")
     finally:
         mon.stop()
-    last = busctl_json(bus.address, "get-property", BUS_NAME, OBJECT_PATH, IFACE,
-                       "LastResult")["data"]
+    last = busctl_json(bus.address, "get-property", BUS_NAME, OBJECT_PATH, IFACE, "LastResult")[
+        "data"
+    ]
     assert last["result"]["data"] == "failed"
     assert last["mode"]["data"] == "test"
     assert last["error"]["data"].startswith("org.kjump.Error.")
     assert "fix:" in last["message"]["data"]
     # no PrepareForSleep(true) without a matching (false): the preflight stopped it early
-    starts = [l for l in mon.lines if "PrepareForSleep (true" in l]
-    ends = [l for l in mon.lines if "PrepareForSleep (false" in l]
+    starts = [ln for ln in mon.lines if "PrepareForSleep (true" in ln]
+    ends = [ln for ln in mon.lines if "PrepareForSleep (false" in ln]
     assert len(starts) == len(ends)
     # kjumpctl shows the same failure with its exit code and no traceback
     r = kjumpctl(bus.address, "hibernate", "--mode", "test")
@@ -178,19 +220,31 @@ def test_kjumpctl_without_a_daemon_exits_4(bus) -> None:
     assert r.returncode == 4 and "fix:" in r.stderr
 
 
-def test_without_polkit_members_of_the_configured_group_may_hibernate(bus, empty_sysroot,
-                                                                      tmp_path) -> None:
+def test_without_polkit_members_of_the_configured_group_may_hibernate(
+    bus, empty_sysroot, tmp_path
+) -> None:
     cfg = tmp_path / "group.toml"
     cfg.write_text('[authz]\ngroup = "users"\n')
     d = Kjumpd(bus, empty_sysroot, cfg)
     try:
         d.wait_ready()
         member = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=users"]
-        call = ["gdbus", "call", "--address", bus.address, "--dest", BUS_NAME, "--object-path",
-                OBJECT_PATH, "--method", f"{IFACE}.Hibernate", "test"]
+        call = [
+            "gdbus",
+            "call",
+            "--address",
+            bus.address,
+            "--dest",
+            BUS_NAME,
+            "--object-path",
+            OBJECT_PATH,
+            "--method",
+            f"{IFACE}.Hibernate",
+            "test",
+        ]
         r = run(member + call)
-        assert r.returncode == 0, r.stderr          # accepted: the transition starts
-        r = run(call, user="nobody")                # not in the group
+        assert r.returncode == 0, r.stderr  # accepted: the transition starts
+        r = run(call, user="nobody")  # not in the group
         assert "org.kjump.Error.NotAuthorized" in r.stderr and "users" in r.stderr, r.stderr
     finally:
         d.stop()

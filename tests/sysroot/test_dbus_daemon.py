@@ -10,13 +10,24 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from dbus_env import (BUS_NAME, CONTRIB, IFACE, OBJECT_PATH, PYTHON, REPO, Kjumpd, PrivateBus,
-                      busctl_json, require, require_tools, run)
+from dbus_env import (
+    BUS_NAME,
+    CONTRIB,
+    IFACE,
+    OBJECT_PATH,
+    PYTHON,
+    REPO,
+    Kjumpd,
+    PrivateBus,
+    busctl_json,
+    require,
+    require_tools,
+    run,
+)
 
 
 @pytest.fixture
@@ -94,18 +105,22 @@ def test_a_second_daemon_refuses_to_start_with_one_line(bus, sysroot) -> None:
         lines = second.log.strip().splitlines()
         assert len(lines) == 1, second.log
         assert "cannot own the bus name org.kjump.Manager1" in lines[0] and "fix:" in lines[0]
-        assert name_owned(bus)    # the first one still serves
+        assert name_owned(bus)  # the first one still serves
     finally:
         first.stop()
 
 
-@pytest.mark.parametrize("text, key", [
-    ("[hibernate]\nmode = \"warp\"\n", "hibernate.mode"),
-    ("[nonsense]\n", "nonsense"),
-    ("not toml at all ===\n", "not valid TOML"),
-])
-def test_a_bad_config_stops_it_with_a_line_naming_the_key(bus, sysroot, tmp_path, text,
-                                                          key) -> None:
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[hibernate]\nmode = "warp"\n', "hibernate.mode"),
+        ("[nonsense]\n", "nonsense"),
+        ("not toml at all ===\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_stops_it_with_a_line_naming_the_key(
+    bus, sysroot, tmp_path, text, key
+) -> None:
     cfg = tmp_path / "kjumpd.toml"
     cfg.write_text(text)
     d = Kjumpd(bus, sysroot, cfg, notify=False)
@@ -117,9 +132,21 @@ def test_a_bad_config_stops_it_with_a_line_naming_the_key(bus, sysroot, tmp_path
 
 
 def test_an_unreachable_bus_is_one_line(sysroot, tmp_path) -> None:
-    r = subprocess.run([PYTHON, "-m", "kjumpd.daemon", "--sysroot", str(sysroot), "--bus",
-                        f"unix:path={tmp_path}/no-bus.sock"], capture_output=True, text=True,
-                       timeout=30, cwd=REPO)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "kjumpd.daemon",
+            "--sysroot",
+            str(sysroot),
+            "--bus",
+            f"unix:path={tmp_path}/no-bus.sock",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot connect to the bus" in lines[0] and "fix:" in lines[0]
@@ -129,15 +156,24 @@ def test_journald_lines_carry_priorities(bus, sysroot) -> None:
     d = Kjumpd(bus, sysroot, journal=True)
     try:
         d.wait_ready()
-        r = run(["dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={BUS_NAME}",
-                 OBJECT_PATH, f"{IFACE}.Hibernate", "string:warp-drive"])
+        r = run(
+            [
+                "dbus-send",
+                f"--bus={bus.address}",
+                "--print-reply",
+                f"--dest={BUS_NAME}",
+                OBJECT_PATH,
+                f"{IFACE}.Hibernate",
+                "string:warp-drive",
+            ]
+        )
         assert r.returncode != 0
     finally:
         d.stop()
     lines = d.log.strip().splitlines()
-    assert lines and all(re.match(r"^<[0-7]>", l) for l in lines), d.log
-    assert any(l.startswith("<6>kjumpd: serving") for l in lines)
-    assert any(l.startswith("<4>") and "warp-drive" in l for l in lines)   # warning
+    assert lines and all(re.match(r"^<[0-7]>", ln) for ln in lines), d.log
+    assert any(ln.startswith("<6>kjumpd: serving") for ln in lines)
+    assert any(ln.startswith("<4>") and "warp-drive" in ln for ln in lines)  # warning
 
 
 def test_bus_activation_with_the_shipped_service_file(tmp_path, sysroot) -> None:
@@ -150,16 +186,24 @@ def test_bus_activation_with_the_shipped_service_file(tmp_path, sysroot) -> None
     services = tmp_path / "services"
     services.mkdir()
     # the shipped file, with Exec pointing at this checkout and the test sysroot
-    (services / "org.kjump.Manager1.service").write_text(re.sub(
-        r"^Exec=.*$", f"Exec={kjumpd_bin} --sysroot {sysroot}", shipped, flags=re.M))
+    (services / "org.kjump.Manager1.service").write_text(
+        re.sub(r"^Exec=.*$", f"Exec={kjumpd_bin} --sysroot {sysroot}", shipped, flags=re.M)
+    )
     bus = PrivateBus(servicedir=services)
     try:
         assert not name_owned(bus)
         out = busctl_json(bus.address, "get-property", BUS_NAME, OBJECT_PATH, IFACE, "State")
-        assert out["data"] == "idle"      # the bus started kjumpd on DBUS_STARTER_ADDRESS
-        pid = busctl_json(bus.address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                          "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s",
-                          BUS_NAME)["data"][0]
+        assert out["data"] == "idle"  # the bus started kjumpd on DBUS_STARTER_ADDRESS
+        pid = busctl_json(
+            bus.address,
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "GetConnectionUnixProcessID",
+            "s",
+            BUS_NAME,
+        )["data"][0]
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
         while name_owned(bus) and time.monotonic() < deadline:
@@ -180,22 +224,30 @@ def test_the_shipped_unit_passes_systemd_analyze(tmp_path) -> None:
     kjumpd_bin = Path(sys.executable).parent / "kjumpd"
     require(kjumpd_bin.exists(), "the kjumpd entry point is not installed in the venv")
     copy = tmp_path / "kjumpd.service"
-    copy.write_text(re.sub(r"^(ExecStart|ExecStopPost)=\S*kjumpd\b", rf"\1={kjumpd_bin}", unit,
-                           flags=re.M))
-    r = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True,
-                       timeout=60)
-    problems = [l for l in (r.stdout + r.stderr).splitlines() if "kjumpd.service" in l]
+    copy.write_text(
+        re.sub(r"^(ExecStart|ExecStopPost)=\S*kjumpd\b", rf"\1={kjumpd_bin}", unit, flags=re.M)
+    )
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "kjumpd.service" in ln]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
 
 
 def test_the_shipped_policy_files_are_well_formed() -> None:
     import xml.etree.ElementTree as ET
+
     conf = ET.parse(CONTRIB / "org.kjump.Manager1.conf").getroot()
-    owners = [p for p in conf.iter("policy") for a in p.iter("allow")
-              if a.get("own") == "org.kjump.Manager1"]
+    owners = [
+        p
+        for p in conf.iter("policy")
+        for a in p.iter("allow")
+        if a.get("own") == "org.kjump.Manager1"
+    ]
     assert [p.get("user") for p in owners] == ["root"]
     actions = ET.parse(CONTRIB / "org.kjump.policy").getroot()
     ids = {a.get("id") for a in actions.iter("action")}
     assert ids == {"org.kjump.hibernate", "org.kjump.checkpoint", "org.kjump.manage"}
     from kjumpd import authz
+
     assert ids == set(authz.ACTIONS)

@@ -13,13 +13,11 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from dbus_env import (BUS_NAME, CONTRIB, Kjumpd, PrivateBus, gdbus_call, require, require_tools,
-                      run)
+from dbus_env import BUS_NAME, CONTRIB, Kjumpd, PrivateBus, gdbus_call, require, require_tools, run
 
 POLKITD = Path("/usr/lib/polkit-1/polkitd")
 POLKIT_BUS_CONF = Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")
@@ -43,13 +41,17 @@ class Polkitd:
         (rules / "10-kjump-test.rules").write_text(RULE)
         for d in (tmp, actions, rules):
             os.chmod(d, 0o755)
-        script = (f"mount --bind {actions} /usr/share/polkit-1/actions && "
-                  f"mount --bind {rules} /etc/polkit-1/rules.d && exec {POLKITD} --no-debug")
+        script = (
+            f"mount --bind {actions} /usr/share/polkit-1/actions && "
+            f"mount --bind {rules} /etc/polkit-1/rules.d && exec {POLKITD} --no-debug"
+        )
         self.log = open(tmp / "polkitd.log", "wb")
-        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                      script], env={**os.environ,
-                                                    "DBUS_SYSTEM_BUS_ADDRESS": bus.address},
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             r = run(["busctl", f"--address={bus.address}", "status", "org.freedesktop.PolicyKit1"])
@@ -113,9 +115,11 @@ def test_polkit_decides_for_unprivileged_callers(polkit_bus, daemon) -> None:
     assert "org.kjump.checkpoint" in r.stderr
 
 
-def test_can_hibernate_says_challenge_when_polkit_wants_authentication(polkit_bus,
-                                                                       tmp_path) -> None:
+def test_can_hibernate_says_challenge_when_polkit_wants_authentication(
+    polkit_bus, tmp_path
+) -> None:
     from test_dbus_transition import Machine
+
     (tmp_path / "machine").mkdir()
     m = Machine(tmp_path / "machine")
     d = Kjumpd(polkit_bus, m.root, env=m.env)
@@ -124,16 +128,32 @@ def test_can_hibernate_says_challenge_when_polkit_wants_authentication(polkit_bu
 
         def can(user: str) -> str:
             import pwd
+
             gid = pwd.getpwnam(user).pw_gid
-            r = run(["setpriv", f"--reuid={user}", f"--regid={gid}", "--clear-groups", "gdbus",
-                     "call", "--address", polkit_bus.address, "--dest", BUS_NAME,
-                     "--object-path", "/org/kjump/Manager1", "--method",
-                     "org.kjump.Manager1.CanHibernate"])
+            r = run(
+                [
+                    "setpriv",
+                    f"--reuid={user}",
+                    f"--regid={gid}",
+                    "--clear-groups",
+                    "gdbus",
+                    "call",
+                    "--address",
+                    polkit_bus.address,
+                    "--dest",
+                    BUS_NAME,
+                    "--object-path",
+                    "/org/kjump/Manager1",
+                    "--method",
+                    "org.kjump.Manager1.CanHibernate",
+                ]
+            )
             assert r.returncode == 0, r.stderr
             return r.stdout
+
         assert can("root") == "('yes', @as [])\n"
-        assert can("nobody") == "('yes', @as [])\n"            # the rule
-        out = can("daemon")                                      # auth_admin_keep, no session
+        assert can("nobody") == "('yes', @as [])\n"  # the rule
+        out = can("daemon")  # auth_admin_keep, no session
         assert out.startswith("('challenge', ['polkit refused org.kjump.hibernate to daemon"), out
     finally:
         d.stop()

@@ -14,14 +14,24 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-import pytest
-
-from dbus_env import (BUS_NAME, IFACE, OBJECT_PATH, Kjumpd, Monitor, PrivateBus, busctl_json,
-                      gdbus_call, kjumpctl, require, require_tools)
 import kjump_faketree as faketree
+import pytest
+from dbus_env import (
+    BUS_NAME,
+    IFACE,
+    OBJECT_PATH,
+    Kjumpd,
+    Monitor,
+    PrivateBus,
+    busctl_json,
+    gdbus_call,
+    kjumpctl,
+    require,
+    require_tools,
+)
 
 HOOK = """#!/bin/sh
 # holds the transition in its "pre" hooks until the test creates $KJUMP_HOLD_RELEASE
@@ -53,8 +63,10 @@ class Machine:
         self.release = tmp / "release"
         self.env = {
             "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "FAKE_KEXEC_LOG": str(self.kexec_log), "FAKE_KEXEC_STATE": str(tmp / "kexec.state"),
-            "FAKE_SYSROOT": str(self.root), "FAKE_KEXEC_JOB": str(tmp / "job.json"),
+            "FAKE_KEXEC_LOG": str(self.kexec_log),
+            "FAKE_KEXEC_STATE": str(tmp / "kexec.state"),
+            "FAKE_SYSROOT": str(self.root),
+            "FAKE_KEXEC_JOB": str(tmp / "job.json"),
             "KJUMP_HOOK_LOG": str(tmp / "hooks.log"),
         }
 
@@ -73,7 +85,7 @@ class Machine:
     def kexec_calls(self) -> list[list[str]]:
         if not self.kexec_log.exists():
             return []
-        return [json.loads(l) for l in self.kexec_log.read_text().splitlines()]
+        return [json.loads(ln) for ln in self.kexec_log.read_text().splitlines()]
 
     def jumps(self) -> int:
         """How many times `kexec -e` (the jump to the save kernel) ran."""
@@ -114,8 +126,9 @@ def wait_idle(bus: PrivateBus, timeout: float = 60.0) -> None:
 def test_a_ready_machine_can_hibernate_and_says_so(bus, machine) -> None:
     d = start(bus, machine)
     try:
-        answer, reasons = busctl_json(bus.address, "call", BUS_NAME, OBJECT_PATH, IFACE,
-                                      "CanHibernate")["data"]
+        answer, reasons = busctl_json(
+            bus.address, "call", BUS_NAME, OBJECT_PATH, IFACE, "CanHibernate"
+        )["data"]
         assert (answer, reasons) == ("yes", [])
         ok, items = busctl_json(bus.address, "call", BUS_NAME, OBJECT_PATH, IFACE, "Check")["data"]
         assert ok is True and all(i[1] or not i[2] for i in items)
@@ -154,15 +167,20 @@ def test_a_concurrent_request_is_busy_and_the_signals_tell_the_story(bus, machin
         mon.stop()
         d.stop()
     lines = mon.lines
-    idx = lambda pat: next(i for i, l in enumerate(lines) if re.search(pat, l))  # noqa: E731
-    assert idx(r"'State': <'running'>") < idx(r"PrepareForSleep \(true,\)") \
-        < idx(r"Progress \('freeze tasks'") < idx(r"Progress \('jump'") \
-        < idx(r"PrepareForSleep \(false,\)") < idx(r"'State': <'idle'>")
-    assert sum("PrepareForSleep (true" in l for l in lines) == 1
-    assert sum("PrepareForSleep (false" in l for l in lines) == 1
+    idx = lambda pat: next(i for i, ln in enumerate(lines) if re.search(pat, ln))  # noqa: E731
+    assert (
+        idx(r"'State': <'running'>")
+        < idx(r"PrepareForSleep \(true,\)")
+        < idx(r"Progress \('freeze tasks'")
+        < idx(r"Progress \('jump'")
+        < idx(r"PrepareForSleep \(false,\)")
+        < idx(r"'State': <'idle'>")
+    )
+    assert sum("PrepareForSleep (true" in ln for ln in lines) == 1
+    assert sum("PrepareForSleep (false" in ln for ln in lines) == 1
     # the one transition that ran went all the way through the (fake) jump
     assert machine.jumps() == 1
-    final = next(l for l in lines if "'State': <'idle'>" in l)
+    final = next(ln for ln in lines if "'State': <'idle'>" in ln)
     assert "'result': <'continued'>" in final and "'mode': <'test'>" in final
     assert "'ImageState': <'INVALID(test mode)'>" in final
 
@@ -175,14 +193,16 @@ def test_a_resume_emits_resumed_with_the_stats(bus, machine) -> None:
         assert r.returncode == 0, r.stderr
         assert "test: resumed" in r.stdout
         assert "kjumpctl: the system is going to sleep" in r.stderr
-        assert "kjumpctl: jump (50%)" in r.stderr          # progress, a line per phase
+        assert "kjumpctl: jump (50%)" in r.stderr  # progress, a line per phase
         line = mon.wait_for(r"org\.kjump\.Manager1\.Resumed")
         assert "'resumed': <true>" in line and "'durations': <{" in line
         assert prop(bus, "ImageState") == "CONSUMED"
         last = prop(bus, "LastResult")
         assert last["result"]["data"] == "resumed"
-        assert last["stats"]["data"]["kexec_rc"]["data"] == 255   # what the (fake) kexec -e said
-        assert {"freeze tasks", "freeze filesystems", "load", "jump"} <= set(last["durations"]["data"])
+        assert last["stats"]["data"]["kexec_rc"]["data"] == 255  # what the (fake) kexec -e said
+        assert {"freeze tasks", "freeze filesystems", "load", "jump"} <= set(
+            last["durations"]["data"]
+        )
         r = kjumpctl(bus.address, "status", "--json")
         assert json.loads(r.stdout)["LastResult"]["result"] == "resumed"
     finally:
@@ -209,14 +229,16 @@ def test_cancel_rolls_back_and_reports_cancelled(bus, machine) -> None:
     finally:
         mon.stop()
         d.stop()
-    assert machine.jumps() == 0 and machine.kexec_calls() == []   # it never got to kexec
+    assert machine.jumps() == 0 and machine.kexec_calls() == []  # it never got to kexec
     assert prop_free(machine)
 
 
 def prop_free(machine: Machine) -> bool:
     """Nothing left behind by a rolled-back transition: no initrd, nothing loaded."""
-    return not (machine.root / "run/kjumpd/initrd").exists() and \
-        not Path(machine.env["FAKE_KEXEC_STATE"]).exists()
+    return (
+        not (machine.root / "run/kjumpd/initrd").exists()
+        and not Path(machine.env["FAKE_KEXEC_STATE"]).exists()
+    )
 
 
 def test_sigterm_during_a_transition_cancels_it_then_exits_cleanly(bus, machine) -> None:
@@ -227,7 +249,7 @@ def test_sigterm_during_a_transition_cancels_it_then_exits_cleanly(bus, machine)
         machine.wait_held()
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        assert d.proc.poll() is None          # it waits for the rollback
+        assert d.proc.poll() is None  # it waits for the rollback
         machine.let_go()
         assert d.proc.wait(60) == 0, d.log
     finally:

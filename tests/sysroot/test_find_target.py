@@ -33,10 +33,10 @@ def disk(root: Path, name: str, uuid: str | None, size: int = 8 << 20) -> None:
 
 
 def test_the_disk_with_the_uuid_wins_whatever_its_name(tmp_path: Path) -> None:
-    disk(tmp_path, "vda", U2)       # another target: same magic, other UUID
-    disk(tmp_path, "vdb", None)     # no target
+    disk(tmp_path, "vda", U2)  # another target: same magic, other UUID
+    disk(tmp_path, "vdb", None)  # no target
     disk(tmp_path, "vdc", U1)
-    disk(tmp_path, "loop0", None, size=512 * 1024)   # smaller than the offset: not read
+    disk(tmp_path, "loop0", None, size=512 * 1024)  # smaller than the offset: not read
     assert find_target(Sysroot(tmp_path), U1, OFFSET) == "/dev/vdc"
     assert find_target(Sysroot(tmp_path), U2, OFFSET) == "/dev/vda"
 
@@ -60,6 +60,6 @@ def test_a_corrupt_superblock_with_the_magic_is_skipped(tmp_path: Path) -> None:
     disk(tmp_path, "vda", U1)
     with open(tmp_path / "dev" / "vda", "r+b") as f:
         f.seek(OFFSET + 20)
-        f.write(b"\xff\xff")    # inside the UUID: the CRC no longer matches
+        f.write(b"\xff\xff")  # inside the UUID: the CRC no longer matches
     with pytest.raises(TargetError, match="on none"):
         find_target(Sysroot(tmp_path), U1, OFFSET)

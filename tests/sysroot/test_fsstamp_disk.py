@@ -58,10 +58,12 @@ def test_ext4_fields_agree_with_dumpe2fs(tmp_path: Path) -> None:
     img = make(tmp_path, "ext4")
     need(shutil.which("dumpe2fs") is not None, "dumpe2fs is not installed")
     out = run("dumpe2fs", "-h", str(img))
+
     def val(key: str) -> str:
         m = re.search(rf"^{key}:\s+(.*)$", out, re.M)
         assert m, key
         return m.group(1).strip()
+
     s = read_stamp(img)
     assert s.fields["mount_count"] == int(val("Mount count"))
     assert s.fields["free_blocks"] == int(val("Free blocks"))
@@ -120,6 +122,7 @@ def loop_of(tmp_path: Path):
         lp = Loop(make(tmp_path, fstype), tmp_path)
         loops.append(lp)
         return lp
+
     yield make_loop
     for lp in loops:
         lp.close()
@@ -159,7 +162,8 @@ def test_ext4_read_only_mount_keeps_the_stamp(loop_of) -> None:
 @pytest.mark.root
 @pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
 def test_stamp_taken_while_frozen_is_what_the_disk_says_after_power_loss(
-        loop_of, tmp_path: Path, fstype: str) -> None:
+    loop_of, tmp_path: Path, fstype: str
+) -> None:
     """What the daemon records after FIFREEZE equals what R reads after a power cut."""
     need(shutil.which("fsfreeze") is not None, "fsfreeze is not installed")
     lp = loop_of(fstype)

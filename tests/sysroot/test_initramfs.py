@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from savekernel import initramfs
 from kjumpd.cpio import Entry
+from savekernel import initramfs
 from tests import prereq
 
 INIT = "#!/bin/sh\necho hello\n"
@@ -39,12 +39,13 @@ def extract(entries: list[Entry], root: Path) -> None:
             os.chmod(p, stat.S_IMODE(e.mode))
 
 
-def chroot_python(root: Path, *args: str, env: bool = False) -> "subprocess.CompletedProcess[str]":
+def chroot_python(root: Path, *args: str, env: bool = False) -> subprocess.CompletedProcess[str]:
     """The archive's python3 in a chroot of ``root``, as the boot environments start it (-S -B;
     -E unless ``env``)."""
     flags = ["-S", "-B"] if env else ["-S", "-E", "-B"]
-    return subprocess.run(["chroot", str(root), "/usr/bin/python3", *flags, *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["chroot", str(root), "/usr/bin/python3", *flags, *args], capture_output=True, text=True
+    )
 
 
 def test_cached_by_inputs_and_rebuilt_when_one_changes(tmp_path: Path, cache: Path) -> None:
@@ -61,8 +62,8 @@ def test_cached_by_inputs_and_rebuilt_when_one_changes(tmp_path: Path, cache: Pa
     assert names["init"].data == INIT.encode() and names["init"].mode & 0o111
     assert names["etc/motd"].data == b"one"
     assert stat.S_ISCHR(names["dev/console"].mode)
-    assert names["usr/bin/sh"].data == b"busybox"       # applet link
-    assert names["bin"].data == b"usr/bin"               # merged /usr like the host
+    assert names["usr/bin/sh"].data == b"busybox"  # applet link
+    assert names["bin"].data == b"usr/bin"  # merged /usr like the host
 
 
 def test_plain_archive_is_uncompressed_cpio_with_its_own_key() -> None:
@@ -71,12 +72,14 @@ def test_plain_archive_is_uncompressed_cpio_with_its_own_key() -> None:
     assert plain.key != gz.key and plain.path != gz.path
     assert plain.path.read_bytes()[:6] == b"070701"
     assert plain.compressed_size == plain.uncompressed_size + (-plain.uncompressed_size % 4)
-    assert [e.name for e in initramfs.read_archive(plain.path)] == \
-        [e.name for e in initramfs.read_archive(gz.path)]
+    assert [e.name for e in initramfs.read_archive(plain.path)] == [
+        e.name for e in initramfs.read_archive(gz.path)
+    ]
 
 
 def test_compressed_with_lz4_when_the_host_has_it_else_gzip() -> None:
     import shutil
+
     a = initramfs.build_initramfs(None, INIT, {"etc/motd": b"one" * 1000}, name="t")
     blob = a.path.read_bytes()
     if shutil.which("lz4"):
@@ -103,8 +106,9 @@ def test_host_binary_runs_with_only_the_archives_libraries(tmp_path: Path) -> No
     img = initramfs.build_initramfs(None, INIT, name="kexec", host_binaries=("/usr/sbin/kexec",))
     root = tmp_path / "root"
     extract(initramfs.read_archive(img.path), root)
-    out = subprocess.run(["chroot", str(root), "/usr/sbin/kexec", "--version"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["chroot", str(root), "/usr/sbin/kexec", "--version"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "kexec-tools" in out.stdout + out.stderr
     out = subprocess.run(["chroot", str(root), "/bin/sh", "/init"], capture_output=True, text=True)
@@ -121,9 +125,11 @@ def test_save_initramfs_runs_the_agent_on_its_trimmed_python(tmp_path: Path) -> 
     assert not any("test/" in n or "tkinter" in n or "libcrypto" in n for n in names)
     root = tmp_path / "root"
     extract(entries, root)
-    code = ("import " + ", ".join(initramfs.SAVE_ENTRY) + ", lz4.block, hashlib, ctypes\n"
-            "print(lz4.block.decompress(lz4.block.compress(b'kjump' * 99)) == b'kjump' * 99,"
-            " hashlib.sha256(b'').hexdigest()[:8])")
+    code = (
+        "import " + ", ".join(initramfs.SAVE_ENTRY) + ", lz4.block, hashlib, ctypes\n"
+        "print(lz4.block.decompress(lz4.block.compress(b'kjump' * 99)) == b'kjump' * 99,"
+        " hashlib.sha256(b'').hexdigest()[:8])"
+    )
     out = chroot_python(root, "-c", code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "e3b0c442"]
@@ -138,16 +144,18 @@ def test_save_agent_creates_its_dataclasses_from_precompiled_code(tmp_path: Path
     need_root()
     root = tmp_path / "root"
     extract(initramfs.read_archive(initramfs.build_save_initramfs().path), root)
-    code = (initramfs.BOOTCACHE_INSTALL + "\nimport " + ", ".join(initramfs.SAVE_ENTRY) + "\n"
-            "from kjumpd.job import Job\n"
-            "from kjumpd.image.format import BlockExtent\n"
-            "import dataclasses, kjumpd_bootcache as c\n"
-            "e = BlockExtent(0, 4096, 8192)\n"
-            "ok = e == BlockExtent(0, 4096, 8192) and e != BlockExtent(0, 0, 1) and "
-            "hash(e) == hash(BlockExtent(0, 4096, 8192)) and repr(e).startswith('BlockExtent(')\n"
-            "try:\n    e.length = 1\nexcept dataclasses.FrozenInstanceError:\n    pass\n"
-            "else:\n    ok = False\n"
-            "print(ok, len(c.misses))")
+    code = (
+        initramfs.BOOTCACHE_INSTALL + "\nimport " + ", ".join(initramfs.SAVE_ENTRY) + "\n"
+        "from kjumpd.job import Job\n"
+        "from kjumpd.image.format import BlockExtent\n"
+        "import dataclasses, kjumpd_bootcache as c\n"
+        "e = BlockExtent(0, 4096, 8192)\n"
+        "ok = e == BlockExtent(0, 4096, 8192) and e != BlockExtent(0, 0, 1) and "
+        "hash(e) == hash(BlockExtent(0, 4096, 8192)) and repr(e).startswith('BlockExtent(')\n"
+        "try:\n    e.length = 1\nexcept dataclasses.FrozenInstanceError:\n    pass\n"
+        "else:\n    ok = False\n"
+        "print(ok, len(c.misses))"
+    )
     out = chroot_python(root, "-c", code)
     assert out.returncode == 0, out.stderr
     # the classes behave as dataclasses; none of their methods was compiled at start-up
@@ -169,16 +177,20 @@ def test_save_agent_starts_without_the_daemons_libraries(tmp_path: Path) -> None
     need_root()
     root = tmp_path / "root"
     extract(initramfs.read_archive(initramfs.build_save_initramfs().path), root)
-    mods = loaded_modules(root, "import " + ", ".join(initramfs.SAVE_ENTRY)
-                          + ", kjumpd.agent.freepages, kjumpd.image.heap")
+    mods = loaded_modules(
+        root,
+        "import " + ", ".join(initramfs.SAVE_ENTRY) + ", kjumpd.agent.freepages, kjumpd.image.heap",
+    )
     assert "kjumpd.image.save" in mods
     assert not mods & set(NOT_AT_BOOT)
 
 
 def test_restore_first_init_is_compiled_and_starts_without_the_daemons_libraries(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     need_root()
     from bootloader.initramfs import RF_MODULE, build_restore_initramfs
+
     entries = initramfs.read_archive(build_restore_initramfs().path)
     names = {e.name for e in entries}
     assert f"usr/lib/python3.11/{RF_MODULE}.pyc" in names
@@ -186,13 +198,17 @@ def test_restore_first_init_is_compiled_and_starts_without_the_daemons_libraries
     root = tmp_path / "root"
     extract(entries, root)
     # what R's /init runs: not PID 1 and no boot.json here, so it must say so and stop
-    out = chroot_python(root, "-c", f"import sys, {RF_MODULE}; sys.exit({RF_MODULE}.main())",
-                        env=True)
+    out = chroot_python(
+        root, "-c", f"import sys, {RF_MODULE}; sys.exit({RF_MODULE}.main())", env=True
+    )
     assert out.returncode == 1
     assert out.stdout.startswith("kjumpd-rf: restore-first environment up")
     assert "Traceback" not in out.stdout + out.stderr
-    mods = loaded_modules(root, f"import {RF_MODULE}\n"
-                          "from kjumpd import fsstamp, restorefirst\n"
-                          "from kjumpd.agent.kernel_role import find_target\n"
-                          "from kjumpd.image import store")
+    mods = loaded_modules(
+        root,
+        f"import {RF_MODULE}\n"
+        "from kjumpd import fsstamp, restorefirst\n"
+        "from kjumpd.agent.kernel_role import find_target\n"
+        "from kjumpd.image import store",
+    )
     assert not mods & set(NOT_AT_BOOT)

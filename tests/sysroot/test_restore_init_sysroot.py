@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid as uuidlib
 from pathlib import Path
 
 import pytest
 
-import sys
 if str(Path(__file__).resolve().parents[2]) not in sys.path:  # bootloader/ is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -39,15 +39,24 @@ class Memory:
         self.data = bytearray(os.urandom(size // 2)) + bytearray(size - size // 2)
 
     def read(self, phys: int, length: int) -> bytes:
-        return bytes(self.data[phys - 0x100000: phys - 0x100000 + length])
+        return bytes(self.data[phys - 0x100000 : phys - 0x100000 + length])
 
 
 class World:
     def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         need(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 is not installed")
         self.root = tmp / "root"
-        for d in ("proc", "dev", "sys/block/vda", "sys/class/block/vda", "sys/class/block/vdb",
-                  "etc/kjumpd", "kjump/normal", "kjump/save", "bin"):
+        for d in (
+            "proc",
+            "dev",
+            "sys/block/vda",
+            "sys/class/block/vda",
+            "sys/class/block/vdb",
+            "etc/kjumpd",
+            "kjump/normal",
+            "kjump/save",
+            "bin",
+        ):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self.sysroot = Sysroot(self.root)
         # the target: a whole "disk" with the superblock at 0
@@ -68,15 +77,23 @@ class World:
         for name in ("vmlinuz", "initrd.img", "bzImage", "save.cpio.gz"):
             (host / name).write_bytes(name.encode() * 1000)
         self.cfg, files = restore_config(
-            target_uuid=self.sb.uuid_str, target_offset=0, normal_kernel=host / "vmlinuz",
-            normal_initrd=host / "initrd.img", normal_cmdline="root=/dev/vda2 ro quiet",
-            save_kernel=host / "bzImage", save_initrd=host / "save.cpio.gz",
-            save_cmdline="console=ttyS0 nokaslr panic=1", jump_area=AREA, max_attempts=3)
+            target_uuid=self.sb.uuid_str,
+            target_offset=0,
+            normal_kernel=host / "vmlinuz",
+            normal_initrd=host / "initrd.img",
+            normal_cmdline="root=/dev/vda2 ro quiet",
+            save_kernel=host / "bzImage",
+            save_initrd=host / "save.cpio.gz",
+            save_cmdline="console=ttyS0 nokaslr panic=1",
+            jump_area=AREA,
+            max_attempts=3,
+        )
         for arc, src in files.items():
             shutil.copyfile(src, self.sysroot.path(arc))
         self.write_config()
         (self.root / "proc/cmdline").write_text(
-            f"console=ttyS0 kjump.target={self.sb.uuid_str} kjump.offset=0\n")
+            f"console=ttyS0 kjump.target={self.sb.uuid_str} kjump.offset=0\n"
+        )
         # the one fake: kexec logs its arguments
         self.log = tmp / "kexec.log"
         fake = self.root / "bin/kexec"
@@ -91,12 +108,24 @@ class World:
         if stamps is None:
             stamps = [read_stamp(self.fs).to_dict()]
         mem = Memory(2 * MIB)
-        ident = {"jump_area": list(AREA), "jump_back_entry": 0x1000000,
-                 "save_kernel_hash": self.cfg.save_hash, "fs_stamps": stamps, **identity}
+        ident = {
+            "jump_area": list(AREA),
+            "jump_back_entry": 0x1000000,
+            "save_kernel_hash": self.cfg.save_hash,
+            "fs_stamps": stamps,
+            **identity,
+        }
         dev, _ = store.open_target(self.target, writable=True)
         with dev:
-            save_image(mem, [(0x100000, 0x100000 + 2 * MIB)], dev, identity=ident,
-                       mode="shutdown", chunk_size=256 * 1024, workers=1)
+            save_image(
+                mem,
+                [(0x100000, 0x100000 + 2 * MIB)],
+                dev,
+                identity=ident,
+                mode="shutdown",
+                chunk_size=256 * 1024,
+                workers=1,
+            )
 
     def header(self):
         dev, _ = store.open_target(self.target, writable=False)
@@ -142,8 +171,11 @@ def test_no_image_boots_the_normal_kernel_and_touches_nothing(world: World) -> N
     assert world.run() == "normal"
     assert world.target.read_bytes() == before
     assert world.kexec_calls() == [
-        f"-l --no-checks {world.root}/kjump/normal/vmlinuz --initrd={world.root}/kjump/normal/initrd.img "
-        "--append=root=/dev/vda2 ro quiet", "-e"]
+        f"-l --no-checks {world.root}/kjump/normal/vmlinuz "
+        f"--initrd={world.root}/kjump/normal/initrd.img "
+        "--append=root=/dev/vda2 ro quiet",
+        "-e",
+    ]
 
 
 def test_no_target_on_any_disk_boots_normally(world: World) -> None:
@@ -162,7 +194,9 @@ def test_a_filesystem_changed_since_the_save_is_refused(world: World) -> None:
     h = world.header()
     assert h.state == ImageState.INVALID and h.reason.startswith("stale: ")
     assert "mount_count 0 -> 7" in h.reason
-    assert world.kexec_calls()[0].endswith("--append=root=/dev/vda2 ro quiet kjump.rf=invalid:stale")
+    assert world.kexec_calls()[0].endswith(
+        "--append=root=/dev/vda2 ro quiet kjump.rf=invalid:stale"
+    )
 
 
 def test_a_filesystem_that_vanished_is_refused(world: World) -> None:
@@ -188,7 +222,7 @@ def test_a_damaged_chunk_record_is_refused_before_b_runs(world: World) -> None:
     world.save()
     h = world.header()
     with open(world.target, "r+b") as f:
-        f.seek(h.data_offset + 12)            # the first record's physical address
+        f.seek(h.data_offset + 12)  # the first record's physical address
         f.write(b"\xff\xff\xff\xff")
     assert world.run() == "invalid:corrupt"
     assert world.header().reason.startswith("corrupt: chunk table")

@@ -11,12 +11,30 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kjump_faketree import MiB, build, setup_target_and_bootentry, tree_hash, w
-from kjumpd import (battery, config as cfgmod, hooks, jumparea, kexec, memory, platform,
-                    preflight, quiesce, shrink)
-from kjumpd.errors import (HookError, JumpAreaError, MemoryMapError, PlatformError,
-                           QuiesceError, ShrinkError)
+
+from kjumpd import (
+    battery,
+    hooks,
+    jumparea,
+    kexec,
+    memory,
+    platform,
+    preflight,
+    quiesce,
+    shrink,
+)
+from kjumpd import (
+    config as cfgmod,
+)
+from kjumpd.errors import (
+    HookError,
+    JumpAreaError,
+    MemoryMapError,
+    PlatformError,
+    QuiesceError,
+    ShrinkError,
+)
 from kjumpd.job import job_from_cpio
 from kjumpd.sysroot import Sysroot
 
@@ -43,7 +61,7 @@ def cfg(root: Path, **over) -> cfgmod.Config:
 def test_jump_area_found_and_sized(tree):
     sr = Sysroot(tree)
     need = jumparea.required_size(sr, cfg(tree))
-    assert need == 112 * MiB     # 24M init_size + 4 x initramfs + 64M agent + 16M, to 16M
+    assert need == 112 * MiB  # 24M init_size + 4 x initramfs + 64M agent + 16M, to 16M
     a = jumparea.find(sr, cfg(tree), need)
     assert (a.start, a.size) == (0x20000000, 128 * MiB)
 
@@ -51,21 +69,33 @@ def test_jump_area_found_and_sized(tree):
 def test_jump_area_sized_from_a_zstd_initramfs_declared_size(tree):
     # a zstd frame header (single segment off, window byte, 4-byte content size) then one
     # raw block: the kernel unpacks 39 MiB from it, so the area must hold them
-    frame = (b"\x28\xb5\x2f\xfd\x80\x48" + (39 * MiB).to_bytes(4, "little")
-             + (1 | (5 << 3)).to_bytes(3, "little") + b"hello")
+    frame = (
+        b"\x28\xb5\x2f\xfd\x80\x48"
+        + (39 * MiB).to_bytes(4, "little")
+        + (1 | (5 << 3)).to_bytes(3, "little")
+        + b"hello"
+    )
     w(tree, "/usr/lib/kjumpd/save/initramfs.cpio.gz", frame)
     need = jumparea.required_size(Sysroot(tree), cfg(tree))
-    assert need == 144 * MiB     # 24M init_size + 18 bytes + 39M unpacked + 64M + 16M, to 16M
+    assert need == 144 * MiB  # 24M init_size + 18 bytes + 39M unpacked + 64M + 16M, to 16M
 
 
-@pytest.mark.parametrize("change,expect", [
-    ({"/proc/cmdline": "quiet\n"}, "add crashkernel=128M@512M"),
-    ({"/proc/cmdline": "crashkernel=128M\n"}, "replace it with crashkernel=128M@512M"),
-    ({"/sys/kernel/kexec_crash_loaded": "1\n"}, "kdump"),
-    ({"/sys/kernel/kexec_crash_size": "67108864\n"}, "shrunk"),
-    ({"/proc/iomem": "00100000-3ffdffff : System RAM\n",
-      "/sys/kernel/kexec_crash_size": "0\n"}, "nothing is reserved"),
-])
+@pytest.mark.parametrize(
+    "change,expect",
+    [
+        ({"/proc/cmdline": "quiet\n"}, "add crashkernel=128M@512M"),
+        ({"/proc/cmdline": "crashkernel=128M\n"}, "replace it with crashkernel=128M@512M"),
+        ({"/sys/kernel/kexec_crash_loaded": "1\n"}, "kdump"),
+        ({"/sys/kernel/kexec_crash_size": "67108864\n"}, "shrunk"),
+        (
+            {
+                "/proc/iomem": "00100000-3ffdffff : System RAM\n",
+                "/sys/kernel/kexec_crash_size": "0\n",
+            },
+            "nothing is reserved",
+        ),
+    ],
+)
 def test_jump_area_errors_say_which_command_line_to_add(tree, change, expect):
     for p, text in change.items():
         w(tree, p, text)
@@ -97,14 +127,19 @@ def test_bootloader_edits_show_a_diff_and_write_only_when_applied(tree):
 
 # -- memory -------------------------------------------------------------------------------------
 def test_memory_plan_from_the_tree_with_firmware_memmap(tree):
-    for i, (s, e, t) in enumerate([(0, 0x9fbff, "System RAM"), (0x9fc00, 0x9ffff, "Reserved"),
-                                   (0x100000, 0x3ffdffff, "System RAM")]):
+    for i, (s, e, t) in enumerate(
+        [
+            (0, 0x9FBFF, "System RAM"),
+            (0x9FC00, 0x9FFFF, "Reserved"),
+            (0x100000, 0x3FFDFFFF, "System RAM"),
+        ]
+    ):
         w(tree, f"/sys/firmware/memmap/{i}/start", f"{s:#x}\n")
         w(tree, f"/sys/firmware/memmap/{i}/end", f"{e:#x}\n")
         w(tree, f"/sys/firmware/memmap/{i}/type", t + "\n")
     p = memory.build(Sysroot(tree), jumparea.JumpArea(0x20000000, 128 * MiB))
     assert p.firmware_checked
-    assert p.ranges == [(0x1000, 0x9f000), (0x100000, 0x20000000), (0x28000000, 0x3ffe0000)]
+    assert p.ranges == [(0x1000, 0x9F000), (0x100000, 0x20000000), (0x28000000, 0x3FFE0000)]
 
 
 def test_memory_plan_needs_root_addresses(tree):
@@ -121,11 +156,11 @@ def test_quiesce_plan_apply_undo(tree):
     paths = [x.path for x in p.writes]
     pci = "/sys/devices/pci0000:00"
     assert f"{pci}/0000:00:02.0/power/control" in paths
-    assert f"{pci}/0000:00:03.0/power/control" not in paths              # already "on"
-    assert "/sys/devices/pnp0/00:01/power/control" not in paths          # no runtime PM
+    assert f"{pci}/0000:00:03.0/power/control" not in paths  # already "on"
+    assert "/sys/devices/pnp0/00:01/power/control" not in paths  # no runtime PM
     assert f"{pci}/0000:00:02.0/power/wakeup" in paths
-    assert f"{pci}/0000:00:04.0/usb1/1-1/power/wakeup" not in paths      # keep_wakeup
-    assert "/sys/devices/pnp0/00:01/power/wakeup" in paths               # RTC: not suspend
+    assert f"{pci}/0000:00:04.0/usb1/1-1/power/wakeup" not in paths  # keep_wakeup
+    assert "/sys/devices/pnp0/00:01/power/wakeup" in paths  # RTC: not suspend
     assert ("/sys/class/net/eth0/flags", "0x1002") in [(x.path, x.value) for x in p.writes]
     assert not any("/net/lo/" in x for x in paths)
     assert paths[-1] == "/sys/bus/pci/drivers/snd_hda_intel/unbind"
@@ -150,7 +185,7 @@ def test_quiesce_failure_midway_undoes_what_was_written(tree):
     p = quiesce.plan(sr, cfg(tree), "platform")
     bad = tree / "sys/class/net/eth0/flags"
     bad.unlink()
-    bad.mkdir()            # the kernel refuses this write
+    bad.mkdir()  # the kernel refuses this write
     with pytest.raises(QuiesceError, match="eth0") as ei:
         quiesce.apply(sr, p, quiesce.Journal(sr))
     assert "undo completed" in ei.value.fix
@@ -163,12 +198,14 @@ def test_quiesce_failure_midway_undoes_what_was_written(tree):
 def test_sysfs_walk_enumerates_what_pyudev_does_on_this_machine():
     pyudev = pytest.importorskip("pyudev")
     got = set(quiesce.device_dirs(Sysroot(Path("/"))))
-    udev = {d.sys_path for d in pyudev.Context().list_devices()
-            if d.sys_path.startswith("/sys/devices/")}
+    udev = {
+        d.sys_path
+        for d in pyudev.Context().list_devices()
+        if d.sys_path.startswith("/sys/devices/")
+    }
     assert got, "no devices enumerated"
     # quiesce walks /sys/devices instead of importing pyudev: same devices, none missed
     assert got == udev
-
 
 
 def test_quiesce_plan_on_this_machine_matches_every_attribute_read():
@@ -182,18 +219,28 @@ def test_quiesce_plan_on_this_machine_matches_every_attribute_read():
         status = sr.read_text(f"{dev}/power/runtime_status", default="").strip()
         if c.runtime_pm_on and raw.strip() == "auto" and status != "unsupported":
             expected.append(f"{dev}/power/control")
-        if c.disable_wakeup and sr.read_text(f"{dev}/power/wakeup", default="").strip() == "enabled" \
-                and not quiesce._kept(dev, c.keep_wakeup):
+        if (
+            c.disable_wakeup
+            and sr.read_text(f"{dev}/power/wakeup", default="").strip() == "enabled"
+            and not quiesce._kept(dev, c.keep_wakeup)
+        ):
             expected.append(f"{dev}/power/wakeup")
-    got = [w.path for w in quiesce.plan(sr, c, "platform").writes if w.path.startswith("/sys/devices/")]
+    got = [
+        w.path for w in quiesce.plan(sr, c, "platform").writes if w.path.startswith("/sys/devices/")
+    ]
     assert got == expected
+
 
 # -- hooks --------------------------------------------------------------------------------------
 def test_hooks_run_like_systemd_sleep(tree, tmp_path, monkeypatch):
     log = tmp_path / "hooks.log"
     monkeypatch.setenv("KJUMP_HOOK_LOG", str(log))
-    w(tree, "/etc/kjumpd/sleep.d/50-record",
-      '#!/bin/sh\necho "etc $1 $2" >> "$KJUMP_HOOK_LOG"\n', 0o755)     # overrides /usr/lib
+    w(
+        tree,
+        "/etc/kjumpd/sleep.d/50-record",
+        '#!/bin/sh\necho "etc $1 $2" >> "$KJUMP_HOOK_LOG"\n',
+        0o755,
+    )  # overrides /usr/lib
     w(tree, "/etc/kjumpd/sleep.d/10-not-executable", "#!/bin/sh\nexit 1\n", 0o644)
     w(tree, "/etc/kjumpd/sleep.d/20-slow", "#!/bin/sh\nsleep 5\n", 0o755)
     c = cfg(tree)
@@ -203,7 +250,9 @@ def test_hooks_run_like_systemd_sleep(tree, tmp_path, monkeypatch):
     assert res[0].returncode == -1 and "timed out" in res[0].output
     with pytest.raises(HookError, match="20-slow"):
         hooks.check_policy(res, "abort")
-    chatty = hooks.HookResult("90-chatty", "/etc/kjumpd/sleep.d/90-chatty", 3, "a\nb\nwhy it failed\n")
+    chatty = hooks.HookResult(
+        "90-chatty", "/etc/kjumpd/sleep.d/90-chatty", 3, "a\nb\nwhy it failed\n"
+    )
     with pytest.raises(HookError) as ei:
         hooks.check_policy([chatty], "abort")
     assert "\n" not in ei.value.message and ei.value.why.endswith("why it failed")
@@ -263,8 +312,13 @@ def test_s4_on_a_file_that_is_not_dev_snapshot_fails_cleanly(tree):
 
 def test_suspend_to_both_arms_the_rtc_and_a_user_wake_returns(tree):
     ps = "/sys/class/power_supply/BAT0"
-    for k, v in (("type", "Battery"), ("status", "Discharging"), ("energy_now", "25000000"),
-                 ("energy_full", "50000000"), ("power_now", "10000000")):
+    for k, v in (
+        ("type", "Battery"),
+        ("status", "Discharging"),
+        ("energy_now", "25000000"),
+        ("energy_full", "50000000"),
+        ("power_now", "10000000"),
+    ):
         w(tree, f"{ps}/{k}", v + "\n")
     seen = []
     got = platform.suspend_to_both(Sysroot(tree), 10, 300, 0, on_decision=seen.append)
@@ -272,7 +326,7 @@ def test_suspend_to_both_arms_the_rtc_and_a_user_wake_returns(tree):
     assert [d.action for d in seen] == ["sleep", "woke"]
     assert seen[0].alarm == 1764000000 + 7200
     assert (tree / "sys/power/state").read_text() == "mem"
-    assert (tree / "sys/class/rtc/rtc0/wakealarm").read_text() == "0"     # cleared on wake
+    assert (tree / "sys/class/rtc/rtc0/wakealarm").read_text() == "0"  # cleared on wake
 
 
 def test_power_off_and_reboot_go_through_sysrq(tree):
@@ -287,22 +341,33 @@ def test_power_off_and_reboot_go_through_sysrq(tree):
 # -- kexec helpers ------------------------------------------------------------------------------
 def test_initrd_is_the_initramfs_then_the_job(tree):
     from kjumpd.job import Job
-    job = Job(target_uuid="0b5e7c1a-6f6e-4c1e-9a77-3d2f1e0c9b8a", superblock_device_offset=MiB,
-              device_hint={"devno": "254:0", "name": "vda"}, blockmap=[(0, MiB, 32 * MiB)],
-              ranges=[(0x1000, 0x9f000)], mode="test", compression="lz4", chunk_size=MiB,
-              main_kernel={"release": "x", "build_id": ""}, save_kernel_hash="sha256:" + "0" * 64,
-              jump_area=(0x20000000, 128 * MiB), created=1)
+
+    job = Job(
+        target_uuid="0b5e7c1a-6f6e-4c1e-9a77-3d2f1e0c9b8a",
+        superblock_device_offset=MiB,
+        device_hint={"devno": "254:0", "name": "vda"},
+        blockmap=[(0, MiB, 32 * MiB)],
+        ranges=[(0x1000, 0x9F000)],
+        mode="test",
+        compression="lz4",
+        chunk_size=MiB,
+        main_kernel={"release": "x", "build_id": ""},
+        save_kernel_hash="sha256:" + "0" * 64,
+        jump_area=(0x20000000, 128 * MiB),
+        created=1,
+    )
     sr = Sysroot(tree)
     path = kexec.write_initrd(sr, "/usr/lib/kjumpd/save/initramfs.cpio.gz", job)
     blob = sr.path(path).read_bytes()
     base = (tree / "usr/lib/kjumpd/save/initramfs.cpio.gz").read_bytes()
     assert blob.startswith(base) and sr.path(path).stat().st_mode & 0o777 == 0o600
     tail = -(-len(base) // 512) * 512
-    assert blob[len(base):tail] == bytes(tail - len(base))
+    assert blob[len(base) : tail] == bytes(tail - len(base))
     assert job_from_cpio(blob[tail:]) == job
     kexec.remove_initrd(sr)
     assert not sr.path(path).exists()
     from kjumpd.errors import KexecError
+
     with pytest.raises(KexecError, match="changed since the preflight"):
         kexec.write_initrd(sr, "/usr/lib/kjumpd/save/initramfs.cpio.gz", job, "0" * 64)
     assert not sr.path(path).exists() and not sr.path(path + ".new").exists()
@@ -311,8 +376,10 @@ def test_initrd_is_the_initramfs_then_the_job(tree):
 def test_save_kernel_command_line(tree):
     line = kexec.save_cmdline(cfg(tree), jumparea.JumpArea(0x20000000, 128 * MiB))
     # no legacy ptys in B: their 512 devices cost ~0.8 s of a TCG boot (pty_init)
-    assert line == ("console=ttyS0 nokaslr panic=1 pty.legacy_count=0 memmap=exactmap "
-                    "memmap=512K@0K memmap=128M@512M kjump.role=save")
+    assert line == (
+        "console=ttyS0 nokaslr panic=1 pty.legacy_count=0 memmap=exactmap "
+        "memmap=512K@0K memmap=128M@512M kjump.role=save"
+    )
 
 
 def test_identity_of_this_kernel():
@@ -326,36 +393,50 @@ def test_identity_of_this_kernel():
 def test_preflight_all_ok_on_a_prepared_tree(full):
     rep = preflight.run(Sysroot(full), cfg(full), "test")
     assert rep.ok, rep.text()
-    assert {i.name for i in rep.items} >= {"kernel", "lockdown", "kexec_load", "save kernel",
-                                          "save initramfs", "jump area", "memory map",
-                                          "target", "boot entry"}
+    assert {i.name for i in rep.items} >= {
+        "kernel",
+        "lockdown",
+        "kexec_load",
+        "save kernel",
+        "save initramfs",
+        "jump area",
+        "memory map",
+        "target",
+        "boot entry",
+    }
 
 
 def test_check_says_what_happens_without_the_cgroup_v2_freezer(full):
     sr = Sysroot(full)
-    item = next(i for i in preflight.run(sr, cfg(full), "test").items
-                if i.name == "user-space freeze")
+    item = next(
+        i for i in preflight.run(sr, cfg(full), "test").items if i.name == "user-space freeze"
+    )
     # no cgroup2 in this tree's mount table: a warning that says what it means, not a failure
     assert not item.ok and not item.fatal and item.fix
     assert "not stopped before the filesystems are frozen" in item.detail
     mi = full / "proc/self/mountinfo"
     mi.write_text(mi.read_text() + "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
     w(full, "/sys/fs/cgroup/system.slice/cgroup.procs", "")
-    item = next(i for i in preflight.run(sr, cfg(full), "test").items
-                if i.name == "user-space freeze")
-    assert not item.ok and "Linux 5.2 or later" in item.detail        # no cgroup.freeze
+    item = next(
+        i for i in preflight.run(sr, cfg(full), "test").items if i.name == "user-space freeze"
+    )
+    assert not item.ok and "Linux 5.2 or later" in item.detail  # no cgroup.freeze
     w(full, "/sys/fs/cgroup/system.slice/cgroup.freeze", "0\n")
-    item = next(i for i in preflight.run(sr, cfg(full), "test").items
-                if i.name == "user-space freeze")
+    item = next(
+        i for i in preflight.run(sr, cfg(full), "test").items if i.name == "user-space freeze"
+    )
     assert item.ok and item.detail == "cgroup v2 freezer at /sys/fs/cgroup"
 
 
-@pytest.mark.parametrize("path,text,item", [
-    ("/sys/kernel/security/lockdown", "none [integrity] confidentiality\n", "lockdown"),
-    ("/proc/sys/kernel/kexec_load_disabled", "1\n", "kexec_load"),
-    ("/usr/lib/kjumpd/save/bzImage", "another kernel", "save kernel"),
-    ("/sys/kernel/kexec_crash_loaded", "1\n", "jump area"),
-])
+@pytest.mark.parametrize(
+    "path,text,item",
+    [
+        ("/sys/kernel/security/lockdown", "none [integrity] confidentiality\n", "lockdown"),
+        ("/proc/sys/kernel/kexec_load_disabled", "1\n", "kexec_load"),
+        ("/usr/lib/kjumpd/save/bzImage", "another kernel", "save kernel"),
+        ("/sys/kernel/kexec_crash_loaded", "1\n", "jump area"),
+    ],
+)
 def test_preflight_names_what_fails(full, path, text, item):
     w(full, path, text)
     rep = preflight.run(Sysroot(full), cfg(full), "test")
@@ -367,13 +448,13 @@ def test_preflight_names_what_fails(full, path, text, item):
 def test_preflight_sees_a_save_kernel_changed_after_its_hash_was_cached(full, monkeypatch, how):
     # the daemon keeps the hashes of unchanged files (stat compared); a changed file is
     # hashed again, also when it keeps its size (same-size rewrite, or a new inode)
-    monkeypatch.setattr(preflight, "SETTLED_SECONDS", -1.0)     # cache even fresh files
+    monkeypatch.setattr(preflight, "SETTLED_SECONDS", -1.0)  # cache even fresh files
     sr = Sysroot(full)
     assert preflight.run(sr, cfg(full), "test").ok
     path = sr.path("/usr/lib/kjumpd/save/bzImage")
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
-    time.sleep(0.05)        # past the clock tick of the first stat: a ctime that can change
+    time.sleep(0.05)  # past the clock tick of the first stat: a ctime that can change
     if how == "in place":
         with open(path, "r+b") as f:
             f.seek(len(data) - 1)
@@ -387,6 +468,7 @@ def test_preflight_sees_a_save_kernel_changed_after_its_hash_was_cached(full, mo
 
 def test_preflight_kernel_without_kexec_jump(full):
     import gzip
+
     w(full, "/proc/config.gz", gzip.compress(b"CONFIG_KEXEC=y\n# CONFIG_KEXEC_JUMP is not set\n"))
     rep = preflight.run(Sysroot(full), cfg(full), "test")
     assert [i.name for i in rep.failed()] == ["kernel"]
@@ -400,12 +482,22 @@ def test_preflight_missing_hash_suggests_the_line(full):
     assert rep.ok, "a missing hash is advice, a wrong one is a refusal"
 
 
-# -- kjumpctl check / plan / setup ------------------------------------------------------------------
+# -- kjumpctl check / plan / setup ----------------------------------------------------------
 def kjumpctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "import sys; from kjumpd.cli import main; "
-                           "sys.exit(main())", "--sysroot", str(root), *args],
-                          capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[2])
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from kjumpd.cli import main; sys.exit(main())",
+            "--sysroot",
+            str(root),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
 
 
 def test_kjumpctl_check_ok_and_failing(full):
@@ -435,8 +527,10 @@ def test_kjumpctl_plan_changes_nothing(full):
 def test_kjumpctl_setup_jump_area_diff_then_yes(tree):
     w(tree, "/etc/default/grub", 'GRUB_CMDLINE_LINUX="ro"\n')
     r = kjumpctl(tree, "setup", "--jump-area")
-    assert r.returncode == 0 and "+GRUB_CMDLINE_LINUX=\"ro crashkernel=112M@512M\"" in r.stdout
-    assert "not written" in r.stdout and "crashkernel" not in (tree / "etc/default/grub").read_text()
+    assert r.returncode == 0 and '+GRUB_CMDLINE_LINUX="ro crashkernel=112M@512M"' in r.stdout
+    assert (
+        "not written" in r.stdout and "crashkernel" not in (tree / "etc/default/grub").read_text()
+    )
     r = kjumpctl(tree, "setup", "--jump-area", "--yes")
     assert r.returncode == 0 and "crashkernel=112M@512M" in (tree / "etc/default/grub").read_text()
 
@@ -452,9 +546,18 @@ def test_kjumpctl_setup_errors_are_one_line(tree):
 
 def test_kjumpctl_setup_bootloader_installs_the_entry(tree, tmp_path):
     from kjumpd import blockmap
+
     blockmap.setup(Sysroot(tree), "/dev/vda1", 0)
-    r = kjumpctl(tree, "setup", "--bootloader", "bls", "--restore-kernel",
-                 str(tmp_path / "files/vmlinuz"), "--restore-initrd", str(tmp_path / "files/initrd.img"))
+    r = kjumpctl(
+        tree,
+        "setup",
+        "--bootloader",
+        "bls",
+        "--restore-kernel",
+        str(tmp_path / "files/vmlinuz"),
+        "--restore-initrd",
+        str(tmp_path / "files/initrd.img"),
+    )
     assert r.returncode == 0, r.stderr
     entry = (tree / "boot/efi/loader/entries").iterdir().__next__().read_text()
     assert f"kjump.offset={MiB}" in entry and "kjump.target=" in entry
@@ -463,7 +566,9 @@ def test_kjumpctl_setup_bootloader_installs_the_entry(tree, tmp_path):
 # -- held logs ----------------------------------------------------------------------------------
 def test_held_logs_without_any_handler_do_not_reach_stderr_until_released(capsys):
     import logging
+
     from kjumpd.fsfreeze import HeldLogs
+
     root = logging.getLogger()
     saved = root.handlers[:]
     for h in saved:
@@ -497,38 +602,54 @@ def _blockdev(tree: Path, name: str, devno: str, parent: str = "", **attrs: str)
 
 def test_lvm_linear_is_translated_through_its_table(tree):
     from kjumpd import blockmap
+
     _blockdev(tree, "sdb", "8:16", size="4194304")
     _blockdev(tree, "sdb2", "8:18", parent="sdb", partition="2", start="4096", size="2097152")
     _blockdev(tree, "dm-0", "253:0", dm__uuid="LVM-abcdef", dm__name="vg-swap")
     table = "0 2048 linear 8:18 10240\n2048 4096 linear 8:18 409600\n"
     sr = Sysroot(tree)
-    disk, ext = blockmap.to_disk(sr, blockmap.device_by_devno(sr, "253:0"),
-                                 [(0, 512 * 1024, 2 * MiB)], dm_table=lambda s, d: table)
+    disk, ext = blockmap.to_disk(
+        sr,
+        blockmap.device_by_devno(sr, "253:0"),
+        [(0, 512 * 1024, 2 * MiB)],
+        dm_table=lambda s, d: table,
+    )
     assert disk.name == "sdb"
     # LV bytes [512K, 1M) -> first segment, [1M, 2.5M) -> second segment; + partition start
     part = 4096 * 512
-    assert ext == [(0, part + 10240 * 512 + 512 * 1024, 512 * 1024),
-                   (512 * 1024, part + 409600 * 512, 3 * 512 * 1024)]
+    assert ext == [
+        (0, part + 10240 * 512 + 512 * 1024, 512 * 1024),
+        (512 * 1024, part + 409600 * 512, 3 * 512 * 1024),
+    ]
 
 
-@pytest.mark.parametrize("attrs,word", [
-    ({"dm__uuid": "CRYPT-LUKS2-1234-root"}, "dm-crypt"),
-    ({"md__level": "raid1"}, "md RAID"),
-])
+@pytest.mark.parametrize(
+    "attrs,word",
+    [
+        ({"dm__uuid": "CRYPT-LUKS2-1234-root"}, "dm-crypt"),
+        ({"md__level": "raid1"}, "md RAID"),
+    ],
+)
 def test_encrypted_and_raid_devices_are_refused(tree, attrs, word):
     from kjumpd import blockmap
     from kjumpd.errors import BlockMapError
+
     _blockdev(tree, "dm-1", "253:1", **attrs)
     sr = Sysroot(tree)
     with pytest.raises(BlockMapError, match=word) as ei:
-        blockmap.to_disk(sr, blockmap.device_by_devno(sr, "253:1"), [(0, 0, MiB)],
-                         dm_table=lambda s, d: "0 2048 linear 8:18 0\n")
+        blockmap.to_disk(
+            sr,
+            blockmap.device_by_devno(sr, "253:1"),
+            [(0, 0, MiB)],
+            dm_table=lambda s, d: "0 2048 linear 8:18 0\n",
+        )
     assert ei.value.why and ei.value.fix
 
 
 def test_an_active_swap_partition_is_refused(tree):
     from kjumpd import blockmap
     from kjumpd.errors import BlockMapError
+
     w(tree, "/proc/swaps", "Filename Type Size Used Priority\n/dev/vda1 partition 32764 0 -2\n")
     with pytest.raises(BlockMapError, match="active swap"):
         blockmap.translate(Sysroot(tree), "/dev/vda1")
@@ -539,21 +660,23 @@ def test_jump_area_sized_from_an_lz4_legacy_initramfs(tree):
     sized from its blocks, 8 MiB unpacked each but the last, which is unpacked to measure it
     (not from a 3x guess that overshoots by megabytes)."""
     import lz4.block
-    raw = bytes(range(256)) * (17 * MiB // 256 + 1000)          # 17 MiB + 250 KiB
+
+    raw = bytes(range(256)) * (17 * MiB // 256 + 1000)  # 17 MiB + 250 KiB
     blob = bytearray(b"\x02\x21\x4c\x18")
     for o in range(0, len(raw), 8 * MiB):
-        block = lz4.block.compress(raw[o:o + 8 * MiB], store_size=False)
+        block = lz4.block.compress(raw[o : o + 8 * MiB], store_size=False)
         blob += len(block).to_bytes(4, "little") + block
-    blob += bytes(4) + b"070701" + bytes(100)          # end marker, then another archive
+    blob += bytes(4) + b"070701" + bytes(100)  # end marker, then another archive
     w(tree, "/usr/lib/kjumpd/save/initramfs.cpio.gz", bytes(blob))
     from kjumpd.jumparea import _lz4_legacy_size
+
     assert _lz4_legacy_size(tree / "usr/lib/kjumpd/save/initramfs.cpio.gz") == len(raw)
     need = jumparea.required_size(Sysroot(tree), cfg(tree))
     # 24M init_size + the small archive + 17.25M unpacked + 64M + 16M -> 128M (x3 would be
     # the same here only because the archive compresses so well)
     assert need == 128 * MiB
     w(tree, "/usr/lib/kjumpd/save/initramfs.cpio.gz", b"\x02\x21\x4c\x18" + b"\xff" * 64)
-    assert jumparea.required_size(Sysroot(tree), cfg(tree)) == 112 * MiB   # x3 fallback
+    assert jumparea.required_size(Sysroot(tree), cfg(tree)) == 112 * MiB  # x3 fallback
 
 
 def _meminfo(tree, swap_free_mib: int) -> None:
@@ -561,12 +684,14 @@ def _meminfo(tree, swap_free_mib: int) -> None:
     (tree / "proc/meminfo").write_text(
         f"MemTotal: {1024 * kb} kB\nMemFree: {512 * kb} kB\nActive(file): {60 * kb} kB\n"
         f"Inactive(file): {40 * kb} kB\nMapped: {20 * kb} kB\nAnonPages: {300 * kb} kB\n"
-        f"Mlocked: {200 * kb} kB\nSwapFree: {swap_free_mib * kb} kB\n")
+        f"Mlocked: {200 * kb} kB\nSwapFree: {swap_free_mib * kb} kB\n"
+    )
 
 
 @pytest.mark.parametrize("swap_free, asked", [(0, 80), (1024, 180), (10, 90)])
 def test_image_size_auto_reclaims_what_the_save_kernel_would_read_beyond_two_fifths(
-        tree, swap_free, asked):
+    tree, swap_free, asked
+):
     # the fake machine: MemTotal 1 GiB, MemFree 512 MiB, a 128 MiB jump area ("Crash kernel");
     # reclaimable: 80 MiB of unmapped page cache, 100 MiB of unlocked anon if swap has room
     _meminfo(tree, swap_free)
@@ -591,11 +716,15 @@ class _PcpKernel(Sysroot):
         self._zoneinfo()
 
     def _zoneinfo(self):
-        body = "".join(f"    cpu: {i}\n              count:    {c}\n              high:     "
-                       f"{h}\n              batch:    63\n              high_min: "
-                       f"{self.minimum}\n" for i, (c, h) in enumerate(zip(self.counts, self.highs)))
+        body = "".join(
+            f"    cpu: {i}\n              count:    {c}\n              high:     "
+            f"{h}\n              batch:    63\n              high_min: "
+            f"{self.minimum}\n"
+            for i, (c, h) in enumerate(zip(self.counts, self.highs))
+        )
         (self.root / "proc/zoneinfo").write_text(
-            "Node 0, zone    DMA32\n  pages free     1000\n  pagesets\n" + body)
+            "Node 0, zone    DMA32\n  pages free     1000\n  pagesets\n" + body
+        )
 
     def write_text(self, p, value):
         super().write_text(p, value)
@@ -610,6 +739,7 @@ def test_per_cpu_free_lists_are_drained_toward_their_minimum(tree):
     """Pages freed onto the per-CPU lists are not buddy-free: B would save them. The daemon
     drains them with stat_refresh writes while they shrink, and stops when they do not."""
     from pathlib import Path
+
     (tree / "proc/sys/vm").mkdir(parents=True, exist_ok=True)
     (tree / "proc/sys/vm/stat_refresh").write_text("")
     # auto-tuned high marks far above the counts: nothing is freed in the first rounds
@@ -629,7 +759,7 @@ def test_per_cpu_free_lists_are_drained_toward_their_minimum(tree):
 def test_image_size_target_is_best_effort_and_never_refuses(tree):
     _meminfo(tree, 0)
     (tree / "sys/fs/cgroup/memory.reclaim").unlink()
-    r = shrink.toward_target(Sysroot(tree), 64 * MiB)      # far below what is in use
+    r = shrink.toward_target(Sysroot(tree), 64 * MiB)  # far below what is in use
     assert r.after > r.limit and "no cgroup v2 memory.reclaim" in r.steps
     (tree / "proc/meminfo").write_text("nothing useful\n")
     assert shrink.toward_target(Sysroot(tree), shrink.AUTO).limit == 0
@@ -644,12 +774,14 @@ def test_image_size_above_the_estimate_or_off_writes_nothing(tree):
 
 def test_image_size_counts_the_kexec_load_window_not_the_whole_jump_area(tree):
     import struct as _struct
+
     from kjumpd.jumparea import JumpArea
+
     head = bytearray(0x270)
     head[0x202:0x206] = b"HdrS"
     _struct.pack_into("<H", head, 0x206, 0x20F)
-    _struct.pack_into("<I", head, 0x230, 2 * MiB)            # kernel_alignment
-    _struct.pack_into("<I", head, 0x260, 14 * MiB)           # init_size
+    _struct.pack_into("<I", head, 0x230, 2 * MiB)  # kernel_alignment
+    _struct.pack_into("<I", head, 0x260, 14 * MiB)  # init_size
     w(tree, "/boot/kjump/bzImage", "")
     (tree / "boot/kjump/bzImage").write_bytes(bytes(head))
     (tree / "boot/kjump/initrd").write_bytes(bytes(8 * MiB))
@@ -659,12 +791,17 @@ def test_image_size_counts_the_kexec_load_window_not_the_whole_jump_area(tree):
     _meminfo(tree, 0)
     r = shrink.toward_target(Sysroot(tree), shrink.AUTO, copy)
     assert r.before == 512 * MiB + copy
-    assert shrink.kexec_copy_bytes(Sysroot(tree), "/boot/kjump/none", "/boot/kjump/initrd",
-                                   area) == 128 * MiB, "not a bzImage: the whole area"
-    assert shrink.kexec_copy_bytes(Sysroot(tree), "/boot/kjump/bzImage", "/boot/kjump/none",
-                                   area) == 128 * MiB, "no initrd: the whole area, at most"
+    assert (
+        shrink.kexec_copy_bytes(Sysroot(tree), "/boot/kjump/none", "/boot/kjump/initrd", area)
+        == 128 * MiB
+    ), "not a bzImage: the whole area"
+    assert (
+        shrink.kexec_copy_bytes(Sysroot(tree), "/boot/kjump/bzImage", "/boot/kjump/none", area)
+        == 128 * MiB
+    ), "no initrd: the whole area, at most"
 
 
 def kexec_window_slack() -> int:
     from kjumpd import kexec
+
     return kexec.WINDOW_SLACK

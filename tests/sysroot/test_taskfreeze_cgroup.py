@@ -53,7 +53,8 @@ def cg(tmp_path):
     (root / "proc/self").mkdir(parents=True)
     (root / "proc/self/mountinfo").write_text(
         "1 0 254:1 / / rw - ext4 /dev/vda rw\n"
-        "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n")
+        "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
+    )
     (root / "sys/fs").mkdir(parents=True)
     os.symlink(real, root / "sys/fs/cgroup")
     procs: list[subprocess.Popen] = []
@@ -86,8 +87,9 @@ class Fx:
     def spawn(self, rel: str, script: str, ppid: int = 1) -> subprocess.Popen:
         """A python process in cgroup ``rel`` ("" = the subtree's top), shown in the fake
         /proc with parent ``ppid``."""
-        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
-                             start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script)], start_new_session=True
+        )
         self.procs.append(p)
         (self.real / rel / "cgroup.procs").write_text(str(p.pid))
         self.show(p.pid, rel, ppid)
@@ -142,16 +144,24 @@ def wait_for(path: Path, timeout: float = 30) -> None:
 def test_everything_but_the_daemon_stops_and_comes_back_where_it_was(cg, tmp_path):
     for rel in ("svc/daemon", "svc/db", "user/app/inner", "admin"):
         cg.mkcg(rel)
-    (cg.real / "admin/cgroup.freeze").write_text("1")      # someone else's freeze
+    (cg.real / "admin/cgroup.freeze").write_text("1")  # someone else's freeze
     daemon = counter(cg, "svc/daemon", tmp_path / "daemon")
-    helper = counter(cg, "svc/daemon", tmp_path / "helper", ppid=daemon.pid)   # its child
-    shell = counter(cg, "svc/daemon", tmp_path / "shell")                      # not its child
+    helper = counter(cg, "svc/daemon", tmp_path / "helper", ppid=daemon.pid)  # its child
+    shell = counter(cg, "svc/daemon", tmp_path / "shell")  # not its child
     db = counter(cg, "svc/db", tmp_path / "db")
     inner = counter(cg, "user/app/inner", tmp_path / "inner")
-    loose = counter(cg, "", tmp_path / "loose")                     # straight in the top
-    files = {p: tmp_path / n for p, n in ((daemon, "daemon"), (helper, "helper"),
-                                          (shell, "shell"), (db, "db"), (inner, "inner"),
-                                          (loose, "loose"))}
+    loose = counter(cg, "", tmp_path / "loose")  # straight in the top
+    files = {
+        p: tmp_path / n
+        for p, n in (
+            (daemon, "daemon"),
+            (helper, "helper"),
+            (shell, "shell"),
+            (db, "db"),
+            (inner, "inner"),
+            (loose, "loose"),
+        )
+    }
     for f in files.values():
         wait_for(f)
     where = {p.pid: cg.real_cgroup(p.pid) for p in files}
@@ -160,7 +170,7 @@ def test_everything_but_the_daemon_stops_and_comes_back_where_it_was(cg, tmp_pat
     tf = taskfreeze.TaskFreezer(cg.sr, state, pid=daemon.pid)
     rep = tf.freeze(timeout=10)
     assert set(rep.frozen) == {"svc/db", "user"} and rep.already_frozen == ["admin"]
-    assert rep.parked == 2 and not rep.left_running             # shell and loose
+    assert rep.parked == 2 and not rep.left_running  # shell and loose
     assert moving(files[daemon]) and moving(files[helper])
     for p in (shell, db, inner, loose):
         assert not moving(files[p]), f"pid {p.pid} still runs"
@@ -174,7 +184,7 @@ def test_everything_but_the_daemon_stops_and_comes_back_where_it_was(cg, tmp_pat
         assert moving(files[p]), f"pid {p.pid} did not come back"
         assert cg.real_cgroup(p.pid) == where[p.pid]
     assert not any(p.name == taskfreeze.PARK for p in cg.real.rglob("*"))
-    assert (cg.real / "admin/cgroup.freeze").read_text().strip() == "1"   # still theirs
+    assert (cg.real / "admin/cgroup.freeze").read_text().strip() == "1"  # still theirs
 
 
 @pytest.fixture
@@ -198,6 +208,7 @@ def frozen_fs(tmp_path):
         if state["frozen"]:
             fcntl.ioctl(fd, FITHAW, 0)
             state["frozen"] = False
+
     try:
         yield mp, freeze, thaw
     finally:
@@ -211,15 +222,18 @@ def test_a_task_stuck_in_the_kernel_is_named_and_nothing_stays_frozen(cg, tmp_pa
     for rel in ("svc/daemon", "user/editor", "user/other"):
         cg.mkcg(rel)
     daemon = counter(cg, "svc/daemon", tmp_path / "daemon")
-    other = counter(cg, "user/other", tmp_path / "other")
+    counter(cg, "user/other", tmp_path / "other")
     wait_for(tmp_path / "other")
     freeze()
     # a writer that blocks in the frozen filesystem: uninterruptible, no freezer can stop it
-    stuck = cg.spawn("user/editor", f"""
+    stuck = cg.spawn(
+        "user/editor",
+        f"""
         import os
-        fd = os.open({str(mp / 'file')!r}, os.O_WRONLY | os.O_CREAT)
+        fd = os.open({str(mp / "file")!r}, os.O_WRONLY | os.O_CREAT)
         os.write(fd, b"x" * 4096)
-    """)
+    """,
+    )
     deadline = time.monotonic() + 20
     while open(f"/proc/{stuck.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "D":
         assert time.monotonic() < deadline, "the writer never blocked"
@@ -262,7 +276,8 @@ time.sleep(600)
 
 @pytest.mark.parametrize("how", ["sigkill", "bound"])
 def test_a_daemon_that_dies_or_hangs_in_the_frozen_window_leaves_nothing_frozen(
-        cg, tmp_path, frozen_fs, how):
+    cg, tmp_path, frozen_fs, how
+):
     mp, _, _ = frozen_fs
     for rel in ("svc/daemon", "user/writer"):
         cg.mkcg(rel)
@@ -270,21 +285,28 @@ def test_a_daemon_that_dies_or_hangs_in_the_frozen_window_leaves_nothing_frozen(
     wait_for(tmp_path / "writer")
     st = os.stat(mp)
     with open(cg.root / "proc/self/mountinfo", "a") as f:
-        f.write(f"40 1 {os.major(st.st_dev)}:{os.minor(st.st_dev)} / /mnt/data rw - ext4 "
-                f"/dev/loop9 rw\n")
+        f.write(
+            f"40 1 {os.major(st.st_dev)}:{os.minor(st.st_dev)} / /mnt/data rw - ext4 "
+            f"/dev/loop9 rw\n"
+        )
     (cg.root / "mnt").mkdir()
     os.symlink(mp, cg.root / "mnt/data")
     repo = Path(__file__).resolve().parents[2]
     daemon = subprocess.Popen(
         [sys.executable, "-c", DAEMON_SCRIPT, str(cg.root), "600" if how == "sigkill" else "3"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=repo,
-        start_new_session=True, env={**os.environ, "PYTHONPATH": str(repo)})
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=repo,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
     cg.procs.append(daemon)
     (cg.real / "svc/daemon/cgroup.procs").write_text(str(daemon.pid))
     cg.show(daemon.pid, "svc/daemon", 1)
     word, guard_pid = daemon.stdout.readline().split()
     assert word == "guard"
-    cg.show(int(guard_pid), "svc/daemon", daemon.pid)     # the daemon's child, as in /proc
+    cg.show(int(guard_pid), "svc/daemon", daemon.pid)  # the daemon's child, as in /proc
     daemon.stdin.write("go\n")
     daemon.stdin.flush()
     assert daemon.stdout.readline().strip() == "frozen"
@@ -294,8 +316,9 @@ def test_a_daemon_that_dies_or_hangs_in_the_frozen_window_leaves_nothing_frozen(
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
     # within a bounded time the filesystem takes writes and the writer runs again
-    t = subprocess.run(["timeout", "20", "sh", "-c", f"echo ok > {probe} && sync {probe}"],
-                       capture_output=True)
+    t = subprocess.run(
+        ["timeout", "20", "sh", "-c", f"echo ok > {probe} && sync {probe}"], capture_output=True
+    )
     assert t.returncode == 0 and probe.read_text() == "ok\n"
     assert moving(tmp_path / "writer")
     assert cg.real_cgroup(writer.pid).endswith("/user/writer")

@@ -22,12 +22,24 @@ import threading
 from pathlib import Path
 
 import pytest
+from kjump_faketree import build, install_fake_kexec, setup_target_and_bootentry, tree_hash, w
 
-from kjump_faketree import (build, install_fake_kexec, setup_target_and_bootentry, tree_hash, w)
 from kjumpd import config as cfgmod
-from kjumpd.errors import (CancelledError, FreezeError, FsStampError, HookError, ImageStateError,
-                           JumpError, KexecError, KjumpError, PlatformError, QuiesceError,
-                           ShrinkError, TaskFreezeError, UnsupportedError)
+from kjumpd.errors import (
+    CancelledError,
+    FreezeError,
+    FsStampError,
+    HookError,
+    ImageStateError,
+    JumpError,
+    KexecError,
+    KjumpError,
+    PlatformError,
+    QuiesceError,
+    ShrinkError,
+    TaskFreezeError,
+    UnsupportedError,
+)
 from kjumpd.image import store
 from kjumpd.job import Job
 from kjumpd.sysroot import Sysroot
@@ -118,14 +130,17 @@ def loopfs(tmp_path_factory):
             img = base / f"{fstype}.img"
             with open(img, "wb") as f:
                 f.truncate(size)
-            _run(*(["mkfs.ext4", "-q", "-b", "4096"] if fstype == "ext4" else ["mkfs.xfs", "-q"]),
-                 str(img))
+            _run(
+                *(["mkfs.ext4", "-q", "-b", "4096"] if fstype == "ext4" else ["mkfs.xfs", "-q"]),
+                str(img),
+            )
             mp = base / fstype
             mp.mkdir()
             _run("mount", "-o", "loop", str(img), str(mp))
             mounted.append(mp)
-            src = next(line.split()[0] for line in open("/proc/mounts")
-                       if line.split()[1] == str(mp))
+            src = next(
+                line.split()[0] for line in open("/proc/mounts") if line.split()[1] == str(mp)
+            )
             st = os.stat(mp)
             out[fstype] = (mp, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", src)
         (out["ext4"][0] / "xfs").mkdir()
@@ -159,7 +174,10 @@ def fx(tmp_path, monkeypatch, loopfs):
     if loopfs:
         ext_mp, ext_dev, ext_src = loopfs["ext4"]
         xfs_mp, xfs_dev, xfs_src = loopfs["xfs"]
-        mounts = [("/mnt/data", ext_dev, "ext4", ext_src), ("/mnt/data/xfs", xfs_dev, "xfs", xfs_src)]
+        mounts = [
+            ("/mnt/data", ext_dev, "ext4", ext_src),
+            ("/mnt/data/xfs", xfs_dev, "xfs", xfs_src),
+        ]
     build(root, host / "files", mounts=mounts)
     if loopfs:
         (root / "mnt/data").mkdir(parents=True)
@@ -218,8 +236,13 @@ def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     calls = fx.kexec_calls()
     assert [c[0] for c in calls] == ["-c", "-e", "-u"]
     load = calls[0]
-    assert load[:5] == ["-c", "--load-preserve-context", "--mem-min=0x20000000",
-                        "--mem-max=0x27ffffff", "--no-checks"]
+    assert load[:5] == [
+        "-c",
+        "--load-preserve-context",
+        "--mem-min=0x20000000",
+        "--mem-max=0x27ffffff",
+        "--no-checks",
+    ]
     append = next(a for a in load if a.startswith("--append="))
     assert "memmap=exactmap memmap=512K@0K memmap=128M@512M kjump.role=save" in append
     # the job B received
@@ -228,7 +251,7 @@ def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     assert job.blockmap == [(0, MiB, 32 * MiB)]
     assert job.device_hint == {"devno": "254:0", "name": "vda"}
     assert job.jump_area == (0x20000000, 128 * MiB)
-    assert (0x100000, 0x20000000) in job.ranges and (0x28000000, 0x3ffe0000) in job.ranges
+    assert (0x100000, 0x20000000) in job.ranges and (0x28000000, 0x3FFE0000) in job.ranges
     assert all(not (s < 0x28000000 and e > 0x20000000) for s, e in job.ranges)
     assert job.main_kernel["release"] == "6.12.117-kjump" and job.main_kernel["build_id"]
     assert len(job.fs_stamps) == len(fx.frozen_expect)
@@ -243,10 +266,22 @@ def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/unbind") == "0000:00:1f.3"
     assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == "0000:00:1f.3"
     assert not (fx.root / "run/kjumpd").exists()
-    assert set(out.durations) >= {"preflight", "freeze tasks", "freeze filesystems", "load", "jump",
-                                    "return"}
-    assert set(out.stats["steps"]) >= {"quiesce apply", "initrd copy (thread)",
-                                       "initrd job", "kexec load", "header read", "undo thaw"}
+    assert set(out.durations) >= {
+        "preflight",
+        "freeze tasks",
+        "freeze filesystems",
+        "load",
+        "jump",
+        "return",
+    }
+    assert set(out.stats["steps"]) >= {
+        "quiesce apply",
+        "initrd copy (thread)",
+        "initrd job",
+        "kexec load",
+        "header read",
+        "undo thaw",
+    }
 
 
 def test_the_save_kernel_is_loaded_into_the_top_of_the_area_or_else_all_of_it(fx, monkeypatch):
@@ -255,7 +290,7 @@ def test_the_save_kernel_is_loaded_into_the_top_of_the_area_or_else_all_of_it(fx
     # at the top of the jump area (kexec-tools backs up every uncovered page of the range)
     kernel = fx.root / "usr/lib/kjumpd/save/bzImage"
     head = bytearray(kernel.read_bytes())
-    struct.pack_into("<H", head, 0x206, 0x20f)
+    struct.pack_into("<H", head, 0x206, 0x20F)
     struct.pack_into("<I", head, 0x230, 2 * MiB)
     kernel.write_bytes(bytes(head))
     sha = hashlib.sha256(head).hexdigest()
@@ -268,8 +303,10 @@ def test_the_save_kernel_is_loaded_into_the_top_of_the_area_or_else_all_of_it(fx
     out = settled(fx.hib(save_kernel_sha256=sha), "test")
     assert out.result == "continued" and out.stats["load_window"] == [0x20000000, 0x28000000]
     loads = [c for c in fx.kexec_calls() if c[0] == "-c"]
-    assert [c[2] for c in loads[1:]] == [f"--mem-min={0x28000000 - 34 * MiB:#x}",
-                                         "--mem-min=0x20000000"]
+    assert [c[2] for c in loads[1:]] == [
+        f"--mem-min={0x28000000 - 34 * MiB:#x}",
+        "--mem-min=0x20000000",
+    ]
 
 
 def test_checkpoint_keeps_the_saved_image(fx):
@@ -341,6 +378,7 @@ def test_logs_are_held_while_frozen(fx):
             if name == "jump":
                 at_jump.append(len([m for m in seen if m.startswith("phase load")]))
             super().phase(name, pct)
+
     try:
         fx.hib(Ev()).run("test")
     finally:
@@ -359,39 +397,79 @@ def _mkdir_trigger(fx: Fx, path: str):
     def undo():
         p.rmdir()
         p.write_text("")
+
     return undo
 
 
 CASES = {
     # name: (inject(fx, monkeypatch) -> cleanup, mode, error, target touched by "B")
     "an OSError (no /run directory) becomes a clean error": (
-        lambda fx, mp: _run_is_a_file(fx), "test", KjumpError, False),
+        lambda fx, mp: _run_is_a_file(fx),
+        "test",
+        KjumpError,
+        False,
+    ),
     "preflight: kdump loaded": (
-        lambda fx, mp: (w(fx.root, "/sys/kernel/kexec_crash_loaded", "1\n"),
-                        lambda: w(fx.root, "/sys/kernel/kexec_crash_loaded", "0\n"))[1],
-        "test", UnsupportedError, False),
+        lambda fx, mp: (
+            w(fx.root, "/sys/kernel/kexec_crash_loaded", "1\n"),
+            lambda: w(fx.root, "/sys/kernel/kexec_crash_loaded", "0\n"),
+        )[1],
+        "test",
+        UnsupportedError,
+        False,
+    ),
     "hook pre fails (policy abort)": (
-        lambda fx, mp: (w(fx.root, "/etc/kjumpd/sleep.d/90-fail",
-                          '#!/bin/sh\necho "$1 $2" >> "$KJUMP_HOOK_LOG"; [ "$1" = post ]\n', 0o755),
-                        lambda: (fx.root / "etc/kjumpd/sleep.d/90-fail").unlink())[1],
-        "test", HookError, False),
-    "shrink cannot reach the limit": (
-        lambda fx, mp: None, "test", ShrinkError, False),
+        lambda fx, mp: (
+            w(
+                fx.root,
+                "/etc/kjumpd/sleep.d/90-fail",
+                '#!/bin/sh\necho "$1 $2" >> "$KJUMP_HOOK_LOG"; [ "$1" = post ]\n',
+                0o755,
+            ),
+            lambda: (fx.root / "etc/kjumpd/sleep.d/90-fail").unlink(),
+        )[1],
+        "test",
+        HookError,
+        False,
+    ),
+    "shrink cannot reach the limit": (lambda fx, mp: None, "test", ShrinkError, False),
     "quiesce write fails (unbind)": (
         lambda fx, mp: _mkdir_trigger(fx, "/sys/bus/pci/drivers/snd_hda_intel/unbind"),
-        "test", QuiesceError, False),
+        "test",
+        QuiesceError,
+        False,
+    ),
     "freeze: mount table names another fs": (
-        lambda fx, mp: _add_bad_mount(fx), "test", FreezeError, False),
-    "initrd cannot be written": (
-        lambda fx, mp: _block_initrd(fx), "test", KexecError, False),
+        lambda fx, mp: _add_bad_mount(fx),
+        "test",
+        FreezeError,
+        False,
+    ),
+    "initrd cannot be written": (lambda fx, mp: _block_initrd(fx), "test", KexecError, False),
     "kexec load fails": (
-        lambda fx, mp: mp.setenv("FAKE_KEXEC_FAIL", "load"), "test", KexecError, False),
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_FAIL", "load"),
+        "test",
+        KexecError,
+        False,
+    ),
     "kexec -e does not jump": (
-        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "nojump"), "test", JumpError, False),
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "nojump"),
+        "test",
+        JumpError,
+        False,
+    ),
     "kernel freezer refuses the jump": (
-        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "freezer"), "test", TaskFreezeError, False),
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "freezer"),
+        "test",
+        TaskFreezeError,
+        False,
+    ),
     "save kernel aborts": (
-        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "aborted"), "test", ImageStateError, True),
+        lambda fx, mp: mp.setenv("FAKE_KEXEC_RESULT", "aborted"),
+        "test",
+        ImageStateError,
+        True,
+    ),
     "platform S4 refused": (lambda fx, mp: None, "platform", PlatformError, True),
     "shutdown does not happen": (lambda fx, mp: None, "shutdown", PlatformError, True),
     "reboot does not happen": (lambda fx, mp: None, "reboot", PlatformError, True),
@@ -405,6 +483,7 @@ def _run_is_a_file(fx: Fx):
     def undo():
         (fx.root / "run").unlink()
         (fx.root / "run").mkdir()
+
     return undo
 
 
@@ -417,6 +496,7 @@ def _add_bad_mount(fx: Fx):
     def undo():
         p.write_text(old)
         (fx.root / "srv").rmdir()
+
     return undo
 
 
@@ -427,6 +507,7 @@ def _block_initrd(fx: Fx):
     def undo():
         d.rmdir()
         (fx.root / "run/kjumpd").rmdir()
+
     return undo
 
 
@@ -529,6 +610,7 @@ def test_undo_failure_is_reported_and_the_rest_undone(fx, monkeypatch):
 
 def test_a_second_request_while_running_is_busy(fx):
     from kjumpd.errors import BusyError
+
     h = fx.hib()
     started, release = threading.Event(), threading.Event()
 
@@ -537,6 +619,7 @@ def test_a_second_request_while_running_is_busy(fx):
             if name == "quiesce":
                 started.set()
                 release.wait(30)
+
     h.events = Ev()
     t = threading.Thread(target=lambda: h.run("test"))
     t.start()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests import prereq
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,8 +19,9 @@ MiB = 1024 * 1024
 
 def run(args, python=sys.executable, **kw):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([python, *args], capture_output=True, text=True, env=env, timeout=300,
-                          **kw)
+    return subprocess.run(
+        [python, *args], capture_output=True, text=True, env=env, timeout=300, **kw
+    )
 
 
 def agent(*args, **kw):
@@ -35,8 +37,13 @@ def mixed(size, seed=3):
     out = bytearray()
     for i in range(size // 4096):
         r = rnd.random()
-        out += bytes(4096) if r < 0.4 else rnd.randbytes(4096) if r < 0.7 else \
-            (b"kernel text %d " % i * 400)[:4096]
+        out += (
+            bytes(4096)
+            if r < 0.4
+            else rnd.randbytes(4096)
+            if r < 0.7
+            else (b"kernel text %d " % i * 400)[:4096]
+        )
     return bytes(out)
 
 
@@ -50,44 +57,63 @@ def mem(tmp_path):
 
 def test_save_restore_round_trip_keeps_other_bytes(tmp_path, mem):
     p, data = mem
-    r = agent("save", "--memory", str(p), "--ranges", "0x1000-0x9f000,1048576-0x2c0000",
-              "--target", str(tmp_path / "img"))
+    r = agent(
+        "save",
+        "--memory",
+        str(p),
+        "--ranges",
+        "0x1000-0x9f000,1048576-0x2c0000",
+        "--target",
+        str(tmp_path / "img"),
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     out.write_bytes(b"\x55" * (3 * MiB))
     r = agent("restore", "--target", str(tmp_path / "img"), "--memory", str(out))
     assert r.returncode == 0, r.stderr
     got = out.read_bytes()
-    assert got[0x1000:0x9f000] == data[0x1000:0x9f000]
-    assert got[0x100000:0x2c0000] == data[0x100000:0x2c0000]
+    assert got[0x1000:0x9F000] == data[0x1000:0x9F000]
+    assert got[0x100000:0x2C0000] == data[0x100000:0x2C0000]
     assert got[:0x1000] == b"\x55" * 0x1000
-    assert got[0x9f000:0x100000] == b"\x55" * (0x100000 - 0x9f000)
-    assert got[0x2c0000:] == b"\x55" * (3 * MiB - 0x2c0000)
+    assert got[0x9F000:0x100000] == b"\x55" * (0x100000 - 0x9F000)
+    assert got[0x2C0000:] == b"\x55" * (3 * MiB - 0x2C0000)
 
 
 def test_restore_into_a_new_file(tmp_path, mem):
     p, data = mem
-    assert agent("save", "--memory", str(p), "--ranges", "4096-8192", "--target",
-                 str(tmp_path / "img")).returncode == 0
-    assert agent("restore", "--target", str(tmp_path / "img"), "--memory",
-                 str(tmp_path / "new")).returncode == 0
+    assert (
+        agent(
+            "save", "--memory", str(p), "--ranges", "4096-8192", "--target", str(tmp_path / "img")
+        ).returncode
+        == 0
+    )
+    assert (
+        agent(
+            "restore", "--target", str(tmp_path / "img"), "--memory", str(tmp_path / "new")
+        ).returncode
+        == 0
+    )
     assert (tmp_path / "new").read_bytes()[4096:8192] == data[4096:8192]
 
 
-@pytest.mark.parametrize("ranges,words", [
-    ("0x2000-0x1000", "empty"),
-    ("0-0x1000,0x800-0x3000", "overlap"),
-    ("zz-0x1000", "bad number"),
-    ("0x1000", "not START-END"),
-    ("0-0x400000", "past the end"),
-])
+@pytest.mark.parametrize(
+    "ranges,words",
+    [
+        ("0x2000-0x1000", "empty"),
+        ("0-0x1000,0x800-0x3000", "overlap"),
+        ("zz-0x1000", "bad number"),
+        ("0x1000", "not START-END"),
+        ("0-0x400000", "past the end"),
+    ],
+)
 def test_bad_ranges_fail_with_one_line(tmp_path, mem, ranges, words):
-    r = agent("save", "--memory", str(mem[0]), "--ranges", ranges, "--target",
-              str(tmp_path / "img"))
+    r = agent(
+        "save", "--memory", str(mem[0]), "--ranges", ranges, "--target", str(tmp_path / "img")
+    )
     assert r.returncode == 1
     assert words in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert not (tmp_path / "img").exists()      # refused before a target is created
+    assert not (tmp_path / "img").exists()  # refused before a target is created
 
 
 def test_restore_refuses_a_non_image_and_a_missing_file(tmp_path, mem):
@@ -108,8 +134,12 @@ def test_save_refuses_to_overwrite_a_non_target(tmp_path, mem):
 
 def test_kjumpctl_image_info_verify_invalidate(tmp_path, mem):
     img = tmp_path / "img"
-    assert agent("save", "--memory", str(mem[0]), "--ranges", "0-0x200000",
-                 "--target", str(img)).returncode == 0
+    assert (
+        agent(
+            "save", "--memory", str(mem[0]), "--ranges", "0-0x200000", "--target", str(img)
+        ).returncode
+        == 0
+    )
     r = ctl("image", "info", str(img))
     assert r.returncode == 0 and "SAVED" in r.stdout and "0x000000200000" in r.stdout
     r = ctl("image", "info", str(img), "--json")
@@ -147,8 +177,10 @@ def test_kjumpctl_image_on_a_non_image(tmp_path):
 def test_pipeline_runs_on_debian_python_with_stdlib_and_lz4_only(tmp_path, mem):
     """The save kernel runs /usr/bin/python3 with python3-lz4 and nothing else."""
     py = "/usr/bin/python3"
-    prereq.need(os.path.exists(py) and not run(["-c", "import lz4.block"], python=py).returncode,
-                "/usr/bin/python3 with python3-lz4 (apt install python3-lz4)")
+    prereq.need(
+        os.path.exists(py) and not run(["-c", "import lz4.block"], python=py).returncode,
+        "/usr/bin/python3 with python3-lz4 (apt install python3-lz4)",
+    )
     p, data = mem
     code = (
         "import sys\n"
@@ -160,7 +192,8 @@ def test_pipeline_runs_on_debian_python_with_stdlib_and_lz4_only(tmp_path, mem):
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('psutil', 'pydbus', 'pyudev', 'gi', 'hypothesis'))\n"
         "assert not bad, bad\n"
-        "import lz4; print(lz4.__version__)\n")
+        "import lz4; print(lz4.__version__)\n"
+    )
     r = run(["-c", code], python=py)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out").read_bytes() == data
@@ -171,4 +204,5 @@ def test_file_restore_workers_grow_with_cpus_but_stay_bounded(cpus, workers):
     """More writers than CPUs keep O_DIRECT writes in flight, but a big machine does not start
     a worker per core: each adds its buffers to the agent's peak RSS (bounded at 64 MiB)."""
     from kjumpd.agent.cli import restore_file_workers
+
     assert restore_file_workers(cpus) == workers

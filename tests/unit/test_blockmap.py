@@ -10,10 +10,18 @@ from kjumpd.errors import BlockMapError
 K4 = 4096
 
 
-@pytest.mark.parametrize("flag,word", [(0x4, "delayed allocation"), (0x2, "unknown location"),
-                                       (0x8, "encoded"), (0x200, "inline"),
-                                       (0x800, "unwritten"), (0x2000, "shared"),
-                                       (0x80, "encrypted")])
+@pytest.mark.parametrize(
+    "flag,word",
+    [
+        (0x4, "delayed allocation"),
+        (0x2, "unknown location"),
+        (0x8, "encoded"),
+        (0x200, "inline"),
+        (0x800, "unwritten"),
+        (0x2000, "shared"),
+        (0x80, "encrypted"),
+    ],
+)
 def test_unsafe_flags_are_refused(flag, word):
     ext = [Extent(0, 1 << 20, 8 * K4), Extent(8 * K4, 4 << 20, 8 * K4, flag | 0x1)]
     with pytest.raises(BlockMapError) as ei:
@@ -31,14 +39,22 @@ def test_holes_and_misalignment_are_refused():
 
 
 def test_adjacent_extents_merge_and_the_tail_is_clipped():
-    ext = [Extent(0, 10 * K4, 2 * K4), Extent(2 * K4, 12 * K4, 2 * K4, 0x1000),
-           Extent(4 * K4, 40 * K4, 2 * K4, 0x1)]
+    ext = [
+        Extent(0, 10 * K4, 2 * K4),
+        Extent(2 * K4, 12 * K4, 2 * K4, 0x1000),
+        Extent(4 * K4, 40 * K4, 2 * K4, 0x1),
+    ]
     got = validate_extents(ext, 5 * K4)
     assert got == [Extent(0, 10 * K4, 4 * K4), Extent(4 * K4, 40 * K4, K4)]
 
 
-@given(st.lists(st.tuples(st.integers(1, 64), st.integers(0, 1 << 20), st.booleans()),
-                min_size=1, max_size=20))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 64), st.integers(0, 1 << 20), st.booleans()),
+        min_size=1,
+        max_size=20,
+    )
+)
 def test_validated_extents_cover_the_file_exactly(parts):
     ext, lo = [], 0
     for n, phys, adjacent in parts:
@@ -50,7 +66,7 @@ def test_validated_extents_cover_the_file_exactly(parts):
     assert got[0].logical == 0
     for a, b in zip(got, got[1:]):
         assert a.logical + a.length == b.logical
-        assert a.physical + a.length != b.physical       # merged when contiguous
+        assert a.physical + a.length != b.physical  # merged when contiguous
     # every byte maps to the same physical byte as before merging
     for e in ext:
         g = next(x for x in got if x.logical <= e.logical < x.logical + x.length)
@@ -59,13 +75,20 @@ def test_validated_extents_cover_the_file_exactly(parts):
 
 def test_dm_linear_table():
     t = parse_dm_table("0 204800 linear 8:2 2048\n204800 409600 linear 8:2 411648\n")
-    assert t == [(0, 204800 * 512, "8:2", 2048 * 512),
-                 (204800 * 512, 409600 * 512, "8:2", 411648 * 512)]
+    assert t == [
+        (0, 204800 * 512, "8:2", 2048 * 512),
+        (204800 * 512, 409600 * 512, "8:2", 411648 * 512),
+    ]
 
 
-@pytest.mark.parametrize("line,word", [("0 100 crypt aes-xts 0 8:2 0", "crypt"),
-                                       ("0 100 striped 2 128 8:2 0 8:3 0", "striped"),
-                                       ("0 100 thin 253:2 1", "thin")])
+@pytest.mark.parametrize(
+    "line,word",
+    [
+        ("0 100 crypt aes-xts 0 8:2 0", "crypt"),
+        ("0 100 striped 2 128 8:2 0 8:3 0", "striped"),
+        ("0 100 thin 253:2 1", "thin"),
+    ],
+)
 def test_other_dm_targets_are_refused(line, word):
     with pytest.raises(BlockMapError, match=word):
         parse_dm_table(line)

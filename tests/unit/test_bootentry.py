@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from kjumpd.bootentry import (BLS_KEYS, ENTRY_ID, GRUBENV_SIZE, BootEntry, bls_problems,
-                              efivar_decode, efivar_encode, grubenv_format, grubenv_parse,
-                              parse_bls_entry, render_bls_entry, render_grub_snippet)
+from kjumpd.bootentry import (
+    BLS_KEYS,
+    ENTRY_ID,
+    GRUBENV_SIZE,
+    BootEntry,
+    bls_problems,
+    efivar_decode,
+    efivar_encode,
+    grubenv_format,
+    grubenv_parse,
+    parse_bls_entry,
+    render_bls_entry,
+    render_grub_snippet,
+)
 from kjumpd.errors import BootEntryError, ConfigError
 
 CMD = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576 console=ttyS0 quiet"
 
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=12)
-vals = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126,
-                                      blacklist_characters="\\"), max_size=40)
+vals = st.text(
+    alphabet=st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters="\\"),
+    max_size=40,
+)
 
 
 @given(st.dictionaries(names, vals, max_size=8))
@@ -55,38 +69,61 @@ def test_efi_variable_matches_systemd_boot_layout() -> None:
 
 
 def test_grub_snippet_carries_the_entry() -> None:
-    s = render_grub_snippet(kind="grub", fs_uuid="1234-ABCD", fstype="vfat",
-                            kernel="/kjumpd/vmlinuz-restore", initrd="/kjumpd/initrd-restore.img",
-                            cmdline=CMD)
+    s = render_grub_snippet(
+        kind="grub",
+        fs_uuid="1234-ABCD",
+        fstype="vfat",
+        kernel="/kjumpd/vmlinuz-restore",
+        initrd="/kjumpd/initrd-restore.img",
+        cmdline=CMD,
+    )
     assert s.startswith("#!/bin/sh")
     assert f"--id {ENTRY_ID}" in s and "insmod fat" in s
     assert "search --no-floppy --fs-uuid --set=root 1234-ABCD" in s
     assert f"linux /kjumpd/vmlinuz-restore {CMD}" in s
     assert "set default" not in s
-    rf = render_grub_snippet(kind="restore-first", fs_uuid="1234-ABCD", fstype="ext4",
-                             kernel="/k", initrd="/i", cmdline=CMD)
+    rf = render_grub_snippet(
+        kind="restore-first",
+        fs_uuid="1234-ABCD",
+        fstype="ext4",
+        kernel="/k",
+        initrd="/i",
+        cmdline=CMD,
+    )
     assert f'set default="{ENTRY_ID}"' in rf and "boot_once" in rf
 
 
-@pytest.mark.parametrize("cmd", ["console=ttyS0", "kjump.target=x kjump.offset=0 $(reboot)",
-                                 "kjump.target=x kjump.offset=0 'quoted'",
-                                 "kjump.target=x kjump.offset=0 a;b"])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "console=ttyS0",
+        "kjump.target=x kjump.offset=0 $(reboot)",
+        "kjump.target=x kjump.offset=0 'quoted'",
+        "kjump.target=x kjump.offset=0 a;b",
+    ],
+)
 def test_unsafe_or_incomplete_command_lines_are_refused(cmd: str) -> None:
     with pytest.raises(ConfigError):
-        render_grub_snippet(kind="grub", fs_uuid="1234-ABCD", fstype="ext4", kernel="/k",
-                            initrd="/i", cmdline=cmd)
+        render_grub_snippet(
+            kind="grub", fs_uuid="1234-ABCD", fstype="ext4", kernel="/k", initrd="/i", cmdline=cmd
+        )
 
 
 def test_grub_refuses_what_it_cannot_read() -> None:
     with pytest.raises(BootEntryError):
-        render_grub_snippet(kind="grub", fs_uuid="u", fstype="ntfs", kernel="/k", initrd="/i",
-                            cmdline=CMD)
+        render_grub_snippet(
+            kind="grub", fs_uuid="u", fstype="ntfs", kernel="/k", initrd="/i", cmdline=CMD
+        )
 
 
 def test_bls_entry_uses_only_the_specifications_keys() -> None:
-    text = render_bls_entry(kernel="/kjumpd/vmlinuz-restore", initrd="/kjumpd/initrd-restore.img",
-                            cmdline=CMD, machine_id="0123456789abcdef0123456789abcdef",
-                            version="6.12.117")
+    text = render_bls_entry(
+        kernel="/kjumpd/vmlinuz-restore",
+        initrd="/kjumpd/initrd-restore.img",
+        cmdline=CMD,
+        machine_id="0123456789abcdef0123456789abcdef",
+        version="6.12.117",
+    )
     entry = parse_bls_entry(text)
     assert set(entry) <= set(BLS_KEYS)
     assert entry["linux"] == ["/kjumpd/vmlinuz-restore"]
@@ -99,34 +136,59 @@ def test_bls_entry_uses_only_the_specifications_keys() -> None:
 
 
 def test_bls_checker_catches_what_the_spec_forbids() -> None:
-    assert bls_problems("title x\nkernel /k\n") == ["unknown key 'kernel'",
-                                                    "neither 'linux' nor 'efi' is set"]
+    assert bls_problems("title x\nkernel /k\n") == [
+        "unknown key 'kernel'",
+        "neither 'linux' nor 'efi' is set",
+    ]
     assert "is not absolute" in bls_problems("linux k\n")[0]
     assert "machine-id" in bls_problems("linux /k\nmachine-id XYZ\n")[0]
     assert "given 2 times" in bls_problems("linux /k\nlinux /j\n")[0]
 
 
 def test_boot_entry_record_round_trips_and_damage_is_clear() -> None:
-    rec = BootEntry(kind="grub", loader="grub", kernel="/boot/kjumpd/v", initrd="/boot/kjumpd/i",
-                    cmdline=CMD, files=["/a"])
+    rec = BootEntry(
+        kind="grub",
+        loader="grub",
+        kernel="/boot/kjumpd/v",
+        initrd="/boot/kjumpd/i",
+        cmdline=CMD,
+        files=["/a"],
+    )
     assert BootEntry.from_json(rec.to_json()) == rec
-    for bad in ["{}", "[]", '{"version": 1, "kind": "lilo", "loader": "grub", "kernel": "k", '
-                '"initrd": "i", "cmdline": "c"}', "not json"]:
+    for bad in [
+        "{}",
+        "[]",
+        '{"version": 1, "kind": "lilo", "loader": "grub", "kernel": "k", '
+        '"initrd": "i", "cmdline": "c"}',
+        "not json",
+    ]:
         with pytest.raises(BootEntryError) as e:
             BootEntry.from_json(bad)
         assert "setup" in e.value.fix
 
 
-@given(st.dictionaries(st.lists(st.text(alphabet="abcdefgh_.-0123456789", min_size=1, max_size=8)
-                                .filter(lambda n: n not in (".", "..")),
-                                min_size=1, max_size=3).map("/".join),
-                       st.binary(max_size=300), min_size=1, max_size=6))
+@given(
+    st.dictionaries(
+        st.lists(
+            st.text(alphabet="abcdefgh_.-0123456789", min_size=1, max_size=8).filter(
+                lambda n: n not in (".", "..")
+            ),
+            min_size=1,
+            max_size=3,
+        ).map("/".join),
+        st.binary(max_size=300),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_r_payload_archive_is_newc_the_other_reader_understands(files: dict) -> None:
     import sys
     from pathlib import Path
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from kjumpd import cpio
     from kjumpd.bootentry import newc
+
     # a name cannot be both a file and a directory
     names = sorted(files)
     if any(b.startswith(a + "/") for a in names for b in names):

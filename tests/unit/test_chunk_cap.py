@@ -36,20 +36,36 @@ def test_config_accepts_chunks_up_to_1m(value: str, size: int) -> None:
 def test_the_save_agent_never_uses_chunks_above_1m() -> None:
     """A job from an older daemon may ask for 4 MiB: B saves with 1 MiB chunks instead."""
     from kjumpd.agent.kernel_role import bounded_chunk_size
+
     assert bounded_chunk_size(4 << 20, 2 << 30, 8) == 1 << 20
     assert bounded_chunk_size(64 << 20, 2 << 30, 1) == 1 << 20
-    assert bounded_chunk_size(256 << 10, 2 << 30, 8) == 256 << 10   # smaller: unchanged
+    assert bounded_chunk_size(256 << 10, 2 << 30, 8) == 256 << 10  # smaller: unchanged
 
 
 def test_agent_cli_refuses_chunk_size_above_1m(tmp_path: Path) -> None:
     mem = tmp_path / "mem"
     mem.write_bytes(bytes(1 << 20))
     target = tmp_path / "img"
-    r = subprocess.run([sys.executable, "-m", "kjumpd.agent.cli", "save", "--memory", str(mem),
-                        "--ranges", "0-0x100000", "--target", str(target),
-                        "--chunk-size", str(4 << 20)],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                       timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kjumpd.agent.cli",
+            "save",
+            "--memory",
+            str(mem),
+            "--ranges",
+            "0-0x100000",
+            "--target",
+            str(target),
+            "--chunk-size",
+            str(4 << 20),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
     assert r.returncode == 1, r.stderr
     assert "--chunk-size" in r.stderr and "Traceback" not in r.stderr
-    assert not target.exists()          # refused before anything was written
+    assert not target.exists()  # refused before anything was written

@@ -59,6 +59,7 @@ def test_every_key_is_read():
 
 def test_the_shipped_example_is_valid():
     from pathlib import Path
+
     text = (Path(__file__).resolve().parents[2] / "contrib/kjumpd.toml").read_text()
     c = cfgmod.loads(text)
     assert c.mode in cfgmod.MODES
@@ -68,21 +69,24 @@ def test_empty_file_gives_defaults():
     assert cfgmod.loads("") == cfgmod.Config()
 
 
-@pytest.mark.parametrize("text,key,form", [
-    ('[hibernate]\nmode = "deep"', "hibernate.mode", "one of"),
-    ('[target]\nsize = "eight gigs"', "target.size", "a size"),
-    ('[target]\npath = "relative/path"', "target.path", "absolute path"),
-    ('[hibernate]\nchunk_size = "3K"', "hibernate.chunk_size", "power of two"),
-    ('[hibernate]\ncancel_key = "yes"', "hibernate.cancel_key", "true or false"),
-    ('[save_kernel]\nkernel_sha256 = "xyz"', "save_kernel.kernel_sha256", "hex"),
-    ('[hooks]\npolicy = "ignore"', "hooks.policy", '"abort" or "continue"'),
-    ('[timeouts]\nhooks = -1', "timeouts.hooks", "seconds"),
-    ('[battery]\nfloor_percent = 120', "battery.floor_percent", "percentage"),
-    ('[quiesce]\nunbind = [{bus = "pci"}]', "quiesce.unbind[0]", "bus, device, driver"),
-    ('[jump_area]\nstart = "0x1001"', "jump_area.start", "page aligned"),
-    ('[hibernate]\nmood = "x"', "hibernate.mood", "unknown key"),
-    ('[sleep]\nx = 1', "sleep", "unknown section"),
-])
+@pytest.mark.parametrize(
+    "text,key,form",
+    [
+        ('[hibernate]\nmode = "deep"', "hibernate.mode", "one of"),
+        ('[target]\nsize = "eight gigs"', "target.size", "a size"),
+        ('[target]\npath = "relative/path"', "target.path", "absolute path"),
+        ('[hibernate]\nchunk_size = "3K"', "hibernate.chunk_size", "power of two"),
+        ('[hibernate]\ncancel_key = "yes"', "hibernate.cancel_key", "true or false"),
+        ('[save_kernel]\nkernel_sha256 = "xyz"', "save_kernel.kernel_sha256", "hex"),
+        ('[hooks]\npolicy = "ignore"', "hooks.policy", '"abort" or "continue"'),
+        ("[timeouts]\nhooks = -1", "timeouts.hooks", "seconds"),
+        ("[battery]\nfloor_percent = 120", "battery.floor_percent", "percentage"),
+        ('[quiesce]\nunbind = [{bus = "pci"}]', "quiesce.unbind[0]", "bus, device, driver"),
+        ('[jump_area]\nstart = "0x1001"', "jump_area.start", "page aligned"),
+        ('[hibernate]\nmood = "x"', "hibernate.mood", "unknown key"),
+        ("[sleep]\nx = 1", "sleep", "unknown section"),
+    ],
+)
 def test_errors_name_the_key_and_the_form(text, key, form):
     with pytest.raises(ConfigError) as ei:
         cfgmod.loads(text)

@@ -8,22 +8,31 @@ import shutil
 import subprocess
 from pathlib import Path
 
-
 from kjumpd import config
 from tests import prereq
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 # systemd.service(5): a bare command name is looked up in this fixed search path
-SYSTEMD_SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
-                       "/sbin", "/bin")
+SYSTEMD_SEARCH_PATH = (
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+)
 
 
 def system_pip_scripts_dir() -> str:
     """Where `pip install .` as root with the system python puts console scripts."""
     py = shutil.which("python3", path="/usr/bin")
     prereq.need(py is not None, "no system python3 in /usr/bin")
-    return subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('scripts'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_path('scripts'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def test_the_unit_finds_kjumpd_where_pip_or_a_package_installs_it() -> None:
@@ -37,7 +46,7 @@ def test_the_unit_finds_kjumpd_where_pip_or_a_package_installs_it() -> None:
 
 def test_the_dbus_activation_file_execs_the_pip_installed_kjumpd() -> None:
     (exe,) = re.findall(r"^Exec=(\S+)", (CONTRIB / "org.kjump.Manager1.service").read_text(), re.M)
-    assert exe.startswith("/")          # dbus-daemon needs an absolute path
+    assert exe.startswith("/")  # dbus-daemon needs an absolute path
     assert str(Path(exe).parent) == system_pip_scripts_dir() and Path(exe).name == "kjumpd"
 
 

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
 import stat
 import subprocess
-import shutil
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kjumpd.errors import ImageFormatError
 from kjumpd import cpio
+from kjumpd.errors import ImageFormatError
 
-names = st.lists(st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=12)
-                 .filter(lambda s: s not in (".", "..")), min_size=1, max_size=3).map("/".join)
+names = st.lists(
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=12).filter(
+        lambda s: s not in (".", "..")
+    ),
+    min_size=1,
+    max_size=3,
+).map("/".join)
 files = st.dictionaries(names, st.binary(max_size=300), min_size=1, max_size=8)
 
 
@@ -73,11 +79,16 @@ def test_names_must_stay_inside_the_archive() -> None:
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
 def test_gnu_cpio_reads_what_we_write(tmp_path) -> None:
-    blob = cpio.write([cpio.Entry.file("dir/f", b"hello\n", 0o755),
-                       cpio.Entry.symlink("dir/link", "f"),
-                       cpio.Entry.directory("empty")])
-    subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=blob,
-                   cwd=tmp_path, check=True)
+    blob = cpio.write(
+        [
+            cpio.Entry.file("dir/f", b"hello\n", 0o755),
+            cpio.Entry.symlink("dir/link", "f"),
+            cpio.Entry.directory("empty"),
+        ]
+    )
+    subprocess.run(
+        ["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=blob, cwd=tmp_path, check=True
+    )
     assert (tmp_path / "dir" / "f").read_bytes() == b"hello\n"
     assert (tmp_path / "dir" / "f").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "dir" / "link").readlink().as_posix() == "f"

@@ -16,14 +16,14 @@ from kjumpd.errors import KjumpError
 PAGE = 4096
 KMAP = fp.START_KERNEL_MAP
 VMEMMAP_BASE = 0xFFFF_EA00_0000_0000
-RAM = [(0x100000, 0x4000000)]          # A's RAM: 1 MiB .. 64 MiB
-TABLES = 0x1000000                     # page-table pool
-STRUCTS = 0x2000000                    # struct pages (1 MiB for 16384 pfns)
+RAM = [(0x100000, 0x4000000)]  # A's RAM: 1 MiB .. 64 MiB
+TABLES = 0x1000000  # page-table pool
+STRUCTS = 0x2000000  # struct pages (1 MiB for 16384 pfns)
 NOTE = 0x1800000
 SZ, OFF_PRIVATE, OFF_MAPCOUNT = 64, 40, 48
 BUDDY = 0xF0 << 24
 NR_ORDERS = 11
-ALLOCATED = 0xFFFF_FFFF                # page_type/_mapcount of an ordinary page (-1)
+ALLOCATED = 0xFFFF_FFFF  # page_type/_mapcount of an ordinary page (-1)
 
 
 class FakeA:
@@ -39,13 +39,13 @@ class FakeA:
         self.top = self.alloc_table()
         self.maps: list[tuple[int, int, int]] = []
         npfn = RAM[-1][1] // PAGE
-        if leaf == 1 << 30:      # one 1 GiB page at phys 0; vmemmap sits STRUCTS into it
+        if leaf == 1 << 30:  # one 1 GiB page at phys 0; vmemmap sits STRUCTS into it
             self.vmemmap = VMEMMAP_BASE + STRUCTS
             self.map(VMEMMAP_BASE, 0, 1 << 30)
         elif leaf == 2 << 20:
             self.vmemmap = VMEMMAP_BASE
             self.map(VMEMMAP_BASE, STRUCTS, 2 << 20)
-        else:                    # 4 KiB pages, in reverse physical order (not contiguous)
+        else:  # 4 KiB pages, in reverse physical order (not contiguous)
             self.vmemmap = VMEMMAP_BASE
             n = npfn * SZ // PAGE
             for i in range(n):
@@ -68,7 +68,7 @@ class FakeA:
             page = p - p % PAGE
             n = min(PAGE - p % PAGE, phys + length - p)
             src = self.mem.get(page)
-            out += src[p % PAGE:p % PAGE + n] if src is not None else bytes(n)
+            out += src[p % PAGE : p % PAGE + n] if src is not None else bytes(n)
             p += n
         return bytes(out)
 
@@ -135,16 +135,25 @@ class FakeA:
 
 def vmcoreinfo_text(a: FakeA, **override: str) -> str:
     keys = {
-        "OSRELEASE": "6.12.117", "PAGESIZE": "4096",
+        "OSRELEASE": "6.12.117",
+        "PAGESIZE": "4096",
         "SYMBOL(init_top_pgt)": f"{a.top - a.phys_base + KMAP:x}",
-        "NUMBER(phys_base)": str(a.phys_base), "NUMBER(pgtable_l5_enabled)": str(int(a.l5)),
-        "SYMBOL(vmemmap)": f"{a.vmemmap:x}", "SIZE(page)": str(SZ),
-        "OFFSET(page.flags)": "0", "OFFSET(page._mapcount)": str(OFF_MAPCOUNT),
-        "OFFSET(page.private)": str(OFF_PRIVATE), "LENGTH(zone.free_area)": str(NR_ORDERS),
-        "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": str(BUDDY), "NUMBER(sme_mask)": "0",
-        "KERNELOFFSET": "0", "NUMBER(VMALLOC_START)": "0xffffc90000000000",
-        "OFFSET(page._refcount)": "52", "OFFSET(page.mapping)": "24",
-        "OFFSET(page.compound_head)": "8", "NUMBER(PG_head_mask)": "64",
+        "NUMBER(phys_base)": str(a.phys_base),
+        "NUMBER(pgtable_l5_enabled)": str(int(a.l5)),
+        "SYMBOL(vmemmap)": f"{a.vmemmap:x}",
+        "SIZE(page)": str(SZ),
+        "OFFSET(page.flags)": "0",
+        "OFFSET(page._mapcount)": str(OFF_MAPCOUNT),
+        "OFFSET(page.private)": str(OFF_PRIVATE),
+        "LENGTH(zone.free_area)": str(NR_ORDERS),
+        "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": str(BUDDY),
+        "NUMBER(sme_mask)": "0",
+        "KERNELOFFSET": "0",
+        "NUMBER(VMALLOC_START)": "0xffffc90000000000",
+        "OFFSET(page._refcount)": "52",
+        "OFFSET(page.mapping)": "24",
+        "OFFSET(page.compound_head)": "8",
+        "NUMBER(PG_head_mask)": "64",
     }
     keys.update(override)
     return "".join(f"{k}={v}\n" for k, v in keys.items() if v != "")
@@ -159,23 +168,30 @@ def note_bytes(text: str, name: bytes = b"VMCOREINFO") -> bytes:
 
 def build(l5: bool = False, leaf: int = PAGE, phys_base: int = 0) -> FakeA:
     a = FakeA(l5=l5, leaf=leaf, phys_base=phys_base)
-    a.free_block(0x800, 0)          # 4 KiB
-    a.free_block(0x808, 3)          # 32 KiB
-    a.free_block(0x2C00, 10)        # 4 MiB, the largest order
-    a.set_page(0x900, 0xF5 << 24, 0)          # slab: not free
-    a.set_page(0x901, BUDDY | 1, 0)           # buddy's top byte but other low bits: not trusted
-    a.free_block(0x902, NR_ORDERS)            # order out of range: not free
-    a.free_block(0x903, 1)                    # misaligned for its order: not free
-    a.set_page(0x904, 0x0000_0001, 0)         # mapped once: not free
+    a.free_block(0x800, 0)  # 4 KiB
+    a.free_block(0x808, 3)  # 32 KiB
+    a.free_block(0x2C00, 10)  # 4 MiB, the largest order
+    a.set_page(0x900, 0xF5 << 24, 0)  # slab: not free
+    a.set_page(0x901, BUDDY | 1, 0)  # buddy's top byte but other low bits: not trusted
+    a.free_block(0x902, NR_ORDERS)  # order out of range: not free
+    a.free_block(0x903, 1)  # misaligned for its order: not free
+    a.set_page(0x904, 0x0000_0001, 0)  # mapped once: not free
     return a
 
 
 EXPECTED = [(0x800000, 0x801000), (0x808000, 0x810000), (0x2C00000, 0x3000000)]
-LAYOUTS = [(False, PAGE), (False, 2 << 20), (False, 1 << 30), (True, PAGE), (True, 2 << 20),
-           (True, 1 << 30)]
+LAYOUTS = [
+    (False, PAGE),
+    (False, 2 << 20),
+    (False, 1 << 30),
+    (True, PAGE),
+    (True, 2 << 20),
+    (True, 1 << 30),
+]
 
 
 # ------------------------------------------------------------------------------ parsing
+
 
 def test_vmcoreinfo_note_is_parsed_as_linux_6_12_emits_it() -> None:
     a = FakeA()
@@ -186,14 +202,17 @@ def test_vmcoreinfo_note_is_parsed_as_linux_6_12_emits_it() -> None:
     assert info.buddy_value == 0xF0000000 and info.nr_orders == 11 and not info.l5
 
 
-@pytest.mark.parametrize("override, words", [
-    ({"PAGESIZE": "16384"}, "page size"),
-    ({"SYMBOL(init_top_pgt)": ""}, "init_top_pgt"),
-    ({"LENGTH(zone.free_area)": ""}, "LENGTH(zone.free_area)"),
-    ({"NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": "-129"}, "encoding"),   # pre-6.9 ~PG_buddy
-    ({"SIZE(page)": "12"}, "struct page"),
-    ({"OFFSET(page.private)": "x"}, "not a number"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"PAGESIZE": "16384"}, "page size"),
+        ({"SYMBOL(init_top_pgt)": ""}, "init_top_pgt"),
+        ({"LENGTH(zone.free_area)": ""}, "LENGTH(zone.free_area)"),
+        ({"NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": "-129"}, "encoding"),  # pre-6.9 ~PG_buddy
+        ({"SIZE(page)": "12"}, "struct page"),
+        ({"OFFSET(page.private)": "x"}, "not a number"),
+    ],
+)
 def test_vmcoreinfo_this_scan_does_not_understand_is_refused(override: dict, words: str) -> None:
     a = FakeA()
     with pytest.raises(fp.FreePageError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -209,6 +228,7 @@ def test_a_note_that_is_not_vmcoreinfo_is_refused() -> None:
 
 
 # --------------------------------------------------------------------------------- scan
+
 
 @pytest.mark.parametrize("l5, leaf", LAYOUTS)
 def test_buddy_heads_of_several_orders_are_the_only_free_pages(l5: bool, leaf: int) -> None:
@@ -248,10 +268,11 @@ def test_free_pages_are_never_read_by_the_scan() -> None:
 
 # --------------------------------------------------------------------------- refusals
 
+
 @pytest.mark.parametrize("l5", [False, True])
 def test_a_table_pointing_outside_a_s_memory_is_refused(l5: bool) -> None:
     a = build(l5=l5, leaf=PAGE)
-    at = a.entry_addr(a.vmemmap, len(a.shifts) - 2)       # the PMD entry above the vmemmap
+    at = a.entry_addr(a.vmemmap, len(a.shifts) - 2)  # the PMD entry above the vmemmap
     a.u64(at, 0x7000000 | 0x63)
     with pytest.raises(fp.FreePageError, match="outside A's memory"):
         fp.scan(a.info, a.read, RAM)
@@ -323,11 +344,13 @@ def test_any_set_of_aligned_disjoint_blocks_is_found_exactly(blocks: list) -> No
         a.free_block(pfn, order)
     fmap = fp.scan(a.info, a.read, RAM)
     assert fmap.free_pages == sum(e - s for s, e in want)
-    assert list(fmap.ranges) == list(fp.FreePageMap(
-        tuple((s * PAGE, e * PAGE) for s, e in want)).ranges)
+    assert list(fmap.ranges) == list(
+        fp.FreePageMap(tuple((s * PAGE, e * PAGE) for s, e in want)).ranges
+    )
 
 
 # ---------------------------------------------------------------------- masked source
+
 
 class ReadOnly:
     """A source without readinto (the pipeline then uses read)."""
@@ -346,23 +369,23 @@ class WithReadinto(ReadOnly):
 
 def _filled() -> FakeA:
     a = FakeA(leaf=2 << 20)
-    for base in (0x800000, 0x80C000, 0x2C00000):       # garbage in pages that will be free
-        a.write(base, b"\xAA" * 64)
+    for base in (0x800000, 0x80C000, 0x2C00000):  # garbage in pages that will be free
+        a.write(base, b"\xaa" * 64)
     a.write(0x801000, b"in use")
     return a
 
 
 @settings(max_examples=60, deadline=None)
-@given(phys=st.integers(0x7F0000, 0x812000), length=st.integers(1, 0x30000),
-       readinto=st.booleans())
+@given(phys=st.integers(0x7F0000, 0x812000), length=st.integers(1, 0x30000), readinto=st.booleans())
 def test_masked_source_hands_zeros_for_free_pages_and_never_reads_them(
-        phys: int, length: int, readinto: bool) -> None:
+    phys: int, length: int, readinto: bool
+) -> None:
     a = _filled()
     fmap = fp.FreePageMap(tuple(EXPECTED))
     src = fp.FreeMaskedSource(WithReadinto(a) if readinto else ReadOnly(a), fmap)
     want = bytearray(a.read(phys, length))
     for s, e in fmap.free_in(phys, length):
-        want[s - phys:e - phys] = bytes(e - s)
+        want[s - phys : e - phys] = bytes(e - s)
     a.reads.clear()
     assert src.read(phys, length) == want
     buf = bytearray(length)
@@ -392,8 +415,10 @@ def test_zero_check_finds_a_free_page_holding_data() -> None:
 
 # ------------------------------------------------- the job, the daemon side, B's save role
 
+
 def _job(**kw):
     from tests.unit.test_job import make_job
+
     base = dict(ranges=RAM, jump_area=(0x20000000, 128 << 20), vmcoreinfo=(NOTE, 2048))
     base.update(kw)
     return make_job(**base)
@@ -404,6 +429,7 @@ def test_job_carries_vmcoreinfo_and_the_switches_and_older_jobs_still_read() -> 
 
     from kjumpd.errors import JobError
     from kjumpd.job import Job
+
     job = _job(free_page_check=True)
     back = Job.from_json(job.to_json())
     assert back == job and back.vmcoreinfo == (NOTE, 2048) and back.free_page_check
@@ -421,8 +447,9 @@ def test_job_carries_vmcoreinfo_and_the_switches_and_older_jobs_still_read() -> 
 def test_daemon_reads_the_note_location_from_sysfs(tmp_path) -> None:
     from kjumpd.kexec import vmcoreinfo_location
     from kjumpd.sysroot import Sysroot
+
     sr = Sysroot(str(tmp_path))
-    assert vmcoreinfo_location(sr) is None                       # no CONFIG_VMCORE_INFO
+    assert vmcoreinfo_location(sr) is None  # no CONFIG_VMCORE_INFO
     (tmp_path / "sys/kernel").mkdir(parents=True)
     (tmp_path / "sys/kernel/vmcoreinfo").write_text("0x000000001e7f5000 1024\n")
     assert vmcoreinfo_location(sr) == (0x1E7F5000, 0x1024)
@@ -433,16 +460,19 @@ def test_daemon_reads_the_note_location_from_sysfs(tmp_path) -> None:
 def test_config_switches_default_to_exclusion_without_the_check(tmp_path) -> None:
     from kjumpd import config
     from kjumpd.sysroot import Sysroot
+
     assert config.Config().free_page_exclusion and not config.Config().free_page_check
     (tmp_path / "etc/kjumpd").mkdir(parents=True)
     (tmp_path / "etc/kjumpd/kjumpd.toml").write_text(
-        "[hibernate]\nfree_page_exclusion = false\nfree_page_check = true\n")
+        "[hibernate]\nfree_page_exclusion = false\nfree_page_check = true\n"
+    )
     cfg = config.load(Sysroot(str(tmp_path)))
     assert not cfg.free_page_exclusion and cfg.free_page_check
 
 
 def test_save_role_skips_free_pages_or_says_why_it_saves_everything(capsys) -> None:
     from kjumpd.agent.kernel_role import free_pages
+
     a = build()
     src = ReadOnly(a)
     fmap = free_pages(_job(), src, own=[(0, 0x80000), (0x20000000, 0x28000000)])
@@ -460,16 +490,18 @@ def test_save_role_skips_free_pages_or_says_why_it_saves_everything(capsys) -> N
     assert "not excluded" in capsys.readouterr().out
 
 
-def test_save_role_debug_check_passes_on_zeroed_free_pages_and_falls_back_otherwise(
-        capsys) -> None:
+def test_save_role_debug_check_passes_on_zeroed_free_pages_and_falls_back_otherwise(capsys) -> None:
     from kjumpd.agent.kernel_role import free_pages
+
     a = build()
     assert free_pages(_job(free_page_check=True), ReadOnly(a), own=[]) is not None
     assert "free-page check: PASS: all 1033 free pages read as zero" in capsys.readouterr().out
     a.write(0x2C00000 + 5 * PAGE, b"garbage")
     assert free_pages(_job(free_page_check=True), ReadOnly(a), own=[]) is None
-    assert "free-page check: FAIL: 1 of 1033 free pages hold data (first at 0x2c05000)" \
+    assert (
+        "free-page check: FAIL: 1 of 1033 free pages hold data (first at 0x2c05000)"
         in capsys.readouterr().out
+    )
 
 
 def test_masked_source_says_which_ranges_are_wholly_free() -> None:
@@ -478,14 +510,15 @@ def test_masked_source_says_which_ranges_are_wholly_free() -> None:
     fmap = fp.FreePageMap(((0x1000, 0x5000),))
     src = fp.FreeMaskedSource(ReadOnly(_filled()), fmap)
     assert src.known_zero(0x1000, 0x4000) and src.known_zero(0x2000, 0x1000)
-    assert not src.known_zero(0x0, 0x2000)          # page 0 is in use
-    assert not src.known_zero(0x4000, 0x2000)       # page 0x5000 is in use
+    assert not src.known_zero(0x0, 0x2000)  # page 0 is in use
+    assert not src.known_zero(0x4000, 0x2000)  # page 0x5000 is in use
     assert src.skipped_bytes == 0x5000
 
 
 def test_a_kernel_that_poisons_free_pages_keeps_them_in_the_image(tmp_path) -> None:
     from kjumpd.kexec import free_pages_restore_as_zeros
     from kjumpd.sysroot import Sysroot
+
     sr = Sysroot(str(tmp_path))
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/cmdline").write_text("root=/dev/vda1 init_on_free=1 quiet\n")
@@ -494,23 +527,34 @@ def test_a_kernel_that_poisons_free_pages_keeps_them_in_the_image(tmp_path) -> N
     assert not free_pages_restore_as_zeros(sr)
 
 
-@pytest.mark.parametrize("cmdline, config, boot_config, zeroed, why", [
-    ("root=/dev/vda init_on_free=1", None, None, True, "command line"),
-    ("init_on_free=1 init_on_free=0", "CONFIG_INIT_ON_FREE_DEFAULT_ON=y", None, False,
-     "init_on_free=0 on the command line"),                    # the last one wins
-    ("init_on_free=off", None, None, False, "command line"),
-    ("quiet", "CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n", None, True, "DEFAULT_ON=y"),
-    ("quiet", "# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set\n", None, False, "is off"),
-    ("quiet", None, "CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n", True, "DEFAULT_ON=y"),
-    ("quiet", None, "CONFIG_X=y\n", False, "is off"),
-    ("quiet", None, None, True, "unreadable"),                # unknown: zeros, never wrong
-    ("init_on_free=maybe", None, None, True, "unreadable"),   # the kernel ignores it too
-])
-def test_whether_free_pages_must_come_back_as_zeros(tmp_path, cmdline, config, boot_config,
-                                                     zeroed, why) -> None:
+@pytest.mark.parametrize(
+    "cmdline, config, boot_config, zeroed, why",
+    [
+        ("root=/dev/vda init_on_free=1", None, None, True, "command line"),
+        (
+            "init_on_free=1 init_on_free=0",
+            "CONFIG_INIT_ON_FREE_DEFAULT_ON=y",
+            None,
+            False,
+            "init_on_free=0 on the command line",
+        ),  # the last one wins
+        ("init_on_free=off", None, None, False, "command line"),
+        ("quiet", "CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n", None, True, "DEFAULT_ON=y"),
+        ("quiet", "# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set\n", None, False, "is off"),
+        ("quiet", None, "CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n", True, "DEFAULT_ON=y"),
+        ("quiet", None, "CONFIG_X=y\n", False, "is off"),
+        ("quiet", None, None, True, "unreadable"),  # unknown: zeros, never wrong
+        ("init_on_free=maybe", None, None, True, "unreadable"),  # the kernel ignores it too
+    ],
+)
+def test_whether_free_pages_must_come_back_as_zeros(
+    tmp_path, cmdline, config, boot_config, zeroed, why
+) -> None:
     import gzip
+
     from kjumpd.kexec import free_pages_zeroed
     from kjumpd.sysroot import Sysroot
+
     (tmp_path / "proc/sys/kernel").mkdir(parents=True)
     (tmp_path / "proc/cmdline").write_text(cmdline + "\n")
     (tmp_path / "proc/sys/kernel/osrelease").write_text("6.12.117\n")
@@ -525,8 +569,17 @@ def test_whether_free_pages_must_come_back_as_zeros(tmp_path, cmdline, config, b
 
 # ------------------------------------------------------------------------ page classes
 
-def _set_fields(a: FakeA, pfn: int, *, flags: int = 0, mapping: int = 0, refcount: int = 1,
-                compound_head: int = 0, page_type: int = ALLOCATED) -> None:
+
+def _set_fields(
+    a: FakeA,
+    pfn: int,
+    *,
+    flags: int = 0,
+    mapping: int = 0,
+    refcount: int = 1,
+    compound_head: int = 0,
+    page_type: int = ALLOCATED,
+) -> None:
     phys = a.v2p(a.vmemmap + pfn * SZ)
     page = a.mem.setdefault(phys - phys % PAGE, bytearray(PAGE))
     o = phys % PAGE
@@ -545,11 +598,16 @@ def test_pages_read_are_counted_by_class_zero_and_non_zero() -> None:
     _set_fields(a, res, flags=1 << 13)
     _set_fields(a, kern)
     _set_fields(a, table, page_type=0xF2 << 24)
-    head = 0x3200                                  # an anon folio of order 2
+    head = 0x3200  # an anon folio of order 2
     _set_fields(a, head, flags=1 << 6, mapping=0xFFFF_8880_0000_3001)
     for t in range(1, 4):
-        _set_fields(a, head + t, flags=2 if t == 1 else 0, refcount=0,
-                    compound_head=(a.vmemmap + head * SZ) | 1)
+        _set_fields(
+            a,
+            head + t,
+            flags=2 if t == 1 else 0,
+            refcount=0,
+            compound_head=(a.vmemmap + head * SZ) | 1,
+        )
     for pfn in (anon, file_, res, head + 2):
         a.write(pfn * PAGE + 100, b"data")
     fmap = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048))
@@ -561,7 +619,7 @@ def test_pages_read_are_counted_by_class_zero_and_non_zero() -> None:
             src.read(at, min(1 << 20, end - at))
     rows = {r.name: (r.pages, r.zero_pages) for r in classes.rows()}
     assert rows["free"] == (fmap.free_pages, fmap.free_pages)
-    assert rows["anon"] == (5, 3)                  # one page + a 4-page folio, 2 with data
+    assert rows["anon"] == (5, 3)  # one page + a 4-page folio, 2 with data
     assert rows["file"] == (1, 0)
     assert rows["reserved"] == (1, 0)
     assert rows["page table"] == (1, 1)
@@ -583,9 +641,10 @@ def test_a_note_without_the_class_fields_leaves_the_histogram_out_not_the_scan()
 @given(pages=st.integers(1, 12), spoiled=st.lists(st.integers(0, 12 * PAGE - 1), max_size=4))
 def test_page_class_zero_count_sees_any_single_non_zero_byte(pages: int, spoiled: list) -> None:
     from kjumpd.agent.pageclass import zero_pages
+
     data = bytearray(pages * PAGE)
     for at in spoiled:
         if at < len(data):
             data[at] = 1
-    want = [i for i in range(pages) if not any(data[i * PAGE:(i + 1) * PAGE])]
+    want = [i for i in range(pages) if not any(data[i * PAGE : (i + 1) * PAGE])]
     assert zero_pages(memoryview(data)) == want

@@ -17,13 +17,12 @@ MOUNTINFO = r"""21 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
 
 def test_only_local_writable_filesystems_once_each():
     got = freezable(parse_mountinfo(MOUNTINFO))
-    assert [m.mountpoint for m in got] == ["/home/u/My Images", "/boot/efi", "/data", "/home",
-                                           "/"]
+    assert [m.mountpoint for m in got] == ["/home/u/My Images", "/boot/efi", "/data", "/home", "/"]
 
 
 def test_loop_backed_filesystems_go_first_then_leaves():
     got = [m.mountpoint for m in freezable(parse_mountinfo(MOUNTINFO))]
-    assert got[0] == "/home/u/My Images"          # its backing file may be on /home
+    assert got[0] == "/home/u/My Images"  # its backing file may be on /home
     assert got.index("/home") < got.index("/")
     assert got[-1] == "/"
 

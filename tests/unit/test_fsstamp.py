@@ -8,7 +8,8 @@ import uuid as uuidlib
 import zlib
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kjumpd.errors import FsStampError, KjumpError
 from kjumpd.fsstamp import FsStamp, parse_stamp
@@ -52,23 +53,33 @@ def test_other_filesystem_is_a_change() -> None:
     assert b.changed_since(a) == ["fstype", "uuid"]
 
 
-@pytest.mark.parametrize("bad", [
-    None, [], "x", {}, {"version": 2, "device": "d", "fstype": "ext4", "uuid": "u", "fields": {}},
-    {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u"},
-    {"version": 1, "device": 3, "fstype": "ext4", "uuid": "u", "fields": {}},
-    {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u", "fields": []},
-    {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u", "fields": {"a": 1.5}},
-    {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u", "fields": {"a": True}},
-    {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u", "fields": {"a": None}},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        [],
+        "x",
+        {},
+        {"version": 2, "device": "d", "fstype": "ext4", "uuid": "u", "fields": {}},
+        {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u"},
+        {"version": 1, "device": 3, "fstype": "ext4", "uuid": "u", "fields": {}},
+        {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u", "fields": []},
+        {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u", "fields": {"a": 1.5}},
+        {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u", "fields": {"a": True}},
+        {"version": 1, "device": "d", "fstype": "ext4", "uuid": "u", "fields": {"a": None}},
+    ],
+)
 def test_damaged_records_are_refused_with_a_fix(bad: object) -> None:
     with pytest.raises(FsStampError) as e:
         FsStamp.from_dict(bad)
     assert e.value.fix
 
 
-@given(stamps, st.sampled_from(["version", "device", "fstype", "uuid", "fields"]),
-       st.one_of(st.none(), st.integers(), st.lists(st.integers(), max_size=2), st.floats()))
+@given(
+    stamps,
+    st.sampled_from(["version", "device", "fstype", "uuid", "fields"]),
+    st.one_of(st.none(), st.integers(), st.lists(st.integers(), max_size=2), st.floats()),
+)
 def test_corrupted_record_fails_cleanly(s: FsStamp, key: str, junk: object) -> None:
     d = s.to_dict()
     d[key] = junk
@@ -85,7 +96,8 @@ def test_corrupted_record_fails_cleanly(s: FsStamp, key: str, junk: object) -> N
 
 def _reader(img: bytes):
     def read(off: int, n: int) -> bytes:
-        return img[off:off + n]
+        return img[off : off + n]
+
     return read
 
 
@@ -96,7 +108,8 @@ u64 = st.integers(0, 2**64 - 1)
 
 @given(st.uuids(), u16, u32, u32, u64, u16, u32, u32, st.integers(0, 255), st.integers(0, 255))
 def test_ext4_fields_are_read_where_the_kernel_writes_them(
-        uid, mnt, mtime, wtime, kbw, state, free_lo, free_hi, mtime_hi, wtime_hi) -> None:
+    uid, mnt, mtime, wtime, kbw, state, free_lo, free_hi, mtime_hi, wtime_hi
+) -> None:
     sb = bytearray(1024)
     struct.pack_into("<I", sb, 0x0C, free_lo)
     struct.pack_into("<II", sb, 0x2C, mtime, wtime)
@@ -120,6 +133,7 @@ def test_ext_family_names() -> None:
         struct.pack_into("<H", sb, 1024 + 0x38, 0xEF53)
         struct.pack_into("<II", sb, 1024 + 0x5C, compat, incompat)
         return parse_stamp(_reader(bytes(sb)), "d").fstype
+
     assert ext(0, 0x2) == "ext2"
     assert ext(0x4, 0x2) == "ext3"
     assert ext(0x4, 0x2C2) == "ext4"
@@ -131,13 +145,17 @@ def test_ext_family_names() -> None:
 def test_btrfs_generation_is_read(uid, gen, root, log_root, used) -> None:
     img = bytearray(68 << 10)
     sb = 64 << 10
-    img[sb + 32: sb + 48] = uid.bytes
-    img[sb + 64: sb + 72] = b"_BHRfS_M"
+    img[sb + 32 : sb + 48] = uid.bytes
+    img[sb + 64 : sb + 72] = b"_BHRfS_M"
     struct.pack_into("<QQQQ", img, sb + 72, gen, root, 0, log_root)
     struct.pack_into("<Q", img, sb + 120, used)
     s = parse_stamp(_reader(bytes(img)), "d")
     assert (s.fstype, s.uuid) == ("btrfs", str(uid))
-    assert (s.fields["generation"], s.fields["log_root"], s.fields["bytes_used"]) == (gen, log_root, used)
+    assert (s.fields["generation"], s.fields["log_root"], s.fields["bytes_used"]) == (
+        gen,
+        log_root,
+        used,
+    )
 
 
 def _xfs(uid: bytes, lsn: int, icount: int, cycles: list[int]) -> bytes:
@@ -150,10 +168,10 @@ def _xfs(uid: bytes, lsn: int, icount: int, cycles: list[int]) -> bytes:
     struct.pack_into(">I", img, 4, blocksize)
     img[32:48] = uid
     struct.pack_into(">Q", img, 48, logstart)
-    struct.pack_into(">I", img, 84, 1 << 12)       # agblocks
+    struct.pack_into(">I", img, 84, 1 << 12)  # agblocks
     struct.pack_into(">I", img, 96, nlogblocks)
-    struct.pack_into(">H", img, 100, 0xB4A5)       # version 5
-    img[124] = 12                                   # agblklog
+    struct.pack_into(">H", img, 100, 0xB4A5)  # version 5
+    img[124] = 12  # agblklog
     struct.pack_into(">Q", img, 128, icount)
     struct.pack_into(">Q", img, 240, lsn)
     for i, c in enumerate(cycles):
@@ -175,7 +193,7 @@ def test_xfs_log_head_is_where_the_cycle_drops(uid, lsn, icount, cyc, head8) -> 
     assert s.fields["lsn"] == lsn and s.fields["icount"] == icount
     assert (s.fields["log_cycle"], s.fields["log_head"]) == (cyc, head)
     # one more log record moves the head: the stamp changes
-    more = cycles[:head] + [cyc] * 8 + cycles[head + 8:]
+    more = cycles[:head] + [cyc] * 8 + cycles[head + 8 :]
     s2 = parse_stamp(_reader(_xfs(uid.bytes, lsn, icount, more)), "d")
     assert s2.changed_since(s) == ["log_head"]
 
@@ -219,8 +237,8 @@ def test_corrupted_superblocks_never_crash(noise: bytes, kind: str) -> None:
         img[0:1024] = noise
         img[0:4] = b"XFSB"
     elif kind == "btrfs":
-        img[65536:65536 + 1024] = noise
-        img[65536 + 64: 65536 + 72] = b"_BHRfS_M"
+        img[65536 : 65536 + 1024] = noise
+        img[65536 + 64 : 65536 + 72] = b"_BHRfS_M"
     else:
         img[0:512] = noise[:512]
         img[510:512] = b"\x55\xaa"

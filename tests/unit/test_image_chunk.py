@@ -6,12 +6,19 @@ import os
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kjumpd.errors import ImageCorruptError
 from kjumpd.image.chunk import decode_chunk, encode_chunk
-from kjumpd.image.format import (CHUNK_HEADER_SIZE, ENC_LZ4, ENC_RAW, ENC_ZERO, PAGE_SIZE,
-                                 ChunkHeader)
+from kjumpd.image.format import (
+    CHUNK_HEADER_SIZE,
+    ENC_LZ4,
+    ENC_RAW,
+    ENC_ZERO,
+    PAGE_SIZE,
+    ChunkHeader,
+)
 
 PAGE_KINDS = st.sampled_from(["zero", "text", "random", "ones", "headzero", "tailzero"])
 
@@ -23,10 +30,10 @@ def page(kind: str, seed: int) -> bytes:
         return (f"page {seed} of struct task_struct at 0x{seed:016x}\n" * 200).encode()[:PAGE_SIZE]
     if kind == "ones":
         return b"\xff" * PAGE_SIZE
-    if kind == "headzero":        # zeros, then one non-zero byte at a seed-chosen place
+    if kind == "headzero":  # zeros, then one non-zero byte at a seed-chosen place
         k = 1 + seed * 997 % (PAGE_SIZE - 1)
         return bytes(k) + b"\x01" + bytes(PAGE_SIZE - k - 1)
-    if kind == "tailzero":        # data, then zeros running into the next page
+    if kind == "tailzero":  # data, then zeros running into the next page
         return b"\x07" * (seed % 100 + 1) + bytes(PAGE_SIZE - seed % 100 - 1)
     return random.Random(seed).randbytes(PAGE_SIZE)
 
@@ -35,15 +42,15 @@ def page(kind: str, seed: int) -> bytes:
 def chunks(draw):
     kinds = draw(st.lists(PAGE_KINDS, min_size=1, max_size=40))
     data = b"".join(page(k, i) for i, k in enumerate(kinds))
-    cut = draw(st.integers(0, PAGE_SIZE - 1))      # the last page may be partial
-    return data[:len(data) - cut] if cut < len(data) else data
+    cut = draw(st.integers(0, PAGE_SIZE - 1))  # the last page may be partial
+    return data[: len(data) - cut] if cut < len(data) else data
 
 
 def parse(enc):
     raw = enc.head + enc.payload
     ch = ChunkHeader.unpack(raw)
     bl = ch.bitmap_length
-    return ch, raw[CHUNK_HEADER_SIZE:CHUNK_HEADER_SIZE + bl], raw[CHUNK_HEADER_SIZE + bl:]
+    return ch, raw[CHUNK_HEADER_SIZE : CHUNK_HEADER_SIZE + bl], raw[CHUNK_HEADER_SIZE + bl :]
 
 
 @settings(deadline=None)
@@ -53,7 +60,7 @@ def test_round_trip_is_byte_exact_and_elides_zero_pages(data, compression, phys)
     ch, bitmap, payload = parse(enc)
     assert (ch.index, ch.phys, ch.raw_length) == (3, phys, len(data))
     assert decode_chunk(ch, bitmap, payload, 0) == data
-    pages = [data[o:o + PAGE_SIZE] for o in range(0, len(data), PAGE_SIZE)]
+    pages = [data[o : o + PAGE_SIZE] for o in range(0, len(data), PAGE_SIZE)]
     assert enc.zero_pages == sum(1 for p in pages if not any(p))
     nonzero_bytes = sum(len(p) for p in pages if any(p))
     # zero pages are never stored: a raw payload is exactly the non-zero pages
@@ -79,18 +86,25 @@ def test_any_flipped_body_byte_is_refused(data, d):
     pos = d.draw(st.integers(0, len(body) - 1))
     body[pos] ^= 0x10
     with pytest.raises(ImageCorruptError, match="chunk 1 at byte offset 777"):
-        decode_chunk(ch, bytes(body[:len(bitmap)]), bytes(body[len(bitmap):]), 777)
+        decode_chunk(ch, bytes(body[: len(bitmap)]), bytes(body[len(bitmap) :]), 777)
 
 
 def test_self_consistent_but_wrong_payload_is_refused():
     """A record whose CRC matches but whose lz4 stream lies about its length."""
     from kjumpd.image.format import crc32
+
     enc = encode_chunk(0, 0, page("text", 2) * 4)
     ch, bitmap, payload = parse(enc)
     bad = payload[:-3]
-    ch2 = ChunkHeader(encoding=ch.encoding, pages=ch.pages, index=0, phys=0,
-                      raw_length=ch.raw_length, payload_length=len(bad),
-                      crc=crc32(bad, crc32(bitmap)))
+    ch2 = ChunkHeader(
+        encoding=ch.encoding,
+        pages=ch.pages,
+        index=0,
+        phys=0,
+        raw_length=ch.raw_length,
+        payload_length=len(bad),
+        crc=crc32(bad, crc32(bitmap)),
+    )
     with pytest.raises(ImageCorruptError, match="chunk 0"):
         decode_chunk(ch2, bitmap, bad, 0)
 
@@ -100,9 +114,9 @@ def test_self_consistent_but_wrong_payload_is_refused():
 def test_a_record_owns_its_bytes_when_the_read_buffer_is_reused(data, compression, slack):
     """The save pipeline reads every chunk into one of a few reused buffers: a record made
     from the first ``length`` bytes of a buffer must not change when the buffer is refilled."""
-    buf = bytearray(data + b"\x5a" * slack)          # longer than the chunk
+    buf = bytearray(data + b"\x5a" * slack)  # longer than the chunk
     enc = encode_chunk(1, 0, buf, compression, length=len(data))
-    buf[:] = b"\xee" * len(buf)                      # the next chunk lands in the buffer
+    buf[:] = b"\xee" * len(buf)  # the next chunk lands in the buffer
     ch, bitmap, payload = parse(enc)
     assert ch.raw_length == len(data)
     assert decode_chunk(ch, bitmap, payload, 0) == data
@@ -114,11 +128,12 @@ def test_decode_into_a_dirty_buffer_writes_every_byte(data, compression):
     """Restore decodes into reused buffers: zero pages must come out as zeros over whatever
     the previous chunk left there."""
     from kjumpd.image.chunk import decode_into
+
     ch, bitmap, payload = parse(encode_chunk(0, 0, data, compression))
     out = bytearray(b"\xaa" * (len(data) + PAGE_SIZE))
     decode_into(ch, bitmap, payload, 0, memoryview(out))
-    assert out[:len(data)] == data
-    assert out[len(data):] == b"\xaa" * PAGE_SIZE     # nothing past the chunk
+    assert out[: len(data)] == data
+    assert out[len(data) :] == b"\xaa" * PAGE_SIZE  # nothing past the chunk
 
 
 def test_encode_refuses_a_length_past_its_buffer():
@@ -126,54 +141,76 @@ def test_encode_refuses_a_length_past_its_buffer():
         encode_chunk(0, 0, bytearray(PAGE_SIZE), length=2 * PAGE_SIZE)
 
 
-@pytest.mark.parametrize("n", [PAGE_SIZE, 3 * PAGE_SIZE, 8 * PAGE_SIZE, 9 * PAGE_SIZE + 100,
-                               1 << 20])
+@pytest.mark.parametrize(
+    "n", [PAGE_SIZE, 3 * PAGE_SIZE, 8 * PAGE_SIZE, 9 * PAGE_SIZE + 100, 1 << 20]
+)
 def test_a_zero_chunk_made_without_reading_equals_an_encoded_zero_chunk(n):
     from kjumpd.image.chunk import zero_chunk
+
     made, encoded = zero_chunk(5, 0x1000, n, tag=7), encode_chunk(5, 0x1000, bytes(n), tag=7)
-    assert (made.head, made.payload, made.crc, made.zero_pages) == \
-        (encoded.head, encoded.payload, encoded.crc, encoded.zero_pages)
+    assert (made.head, made.payload, made.crc, made.zero_pages) == (
+        encoded.head,
+        encoded.payload,
+        encoded.crc,
+        encoded.zero_pages,
+    )
 
 
 @pytest.mark.parametrize("lib", ["liblz4", "lz4.block"])
 @pytest.mark.parametrize("zero_pages", [False, True])
-def test_both_lz4_decoders_give_the_same_bytes_and_refuse_the_same_lies(monkeypatch, lib,
-                                                                        zero_pages):
+def test_both_lz4_decoders_give_the_same_bytes_and_refuse_the_same_lies(
+    monkeypatch, lib, zero_pages
+):
     """decode_into uses liblz4 through ctypes when it is there, lz4.block otherwise."""
     import kjumpd.image.chunk as chunk
     from kjumpd.image.format import crc32
+
     if lib == "lz4.block":
         monkeypatch.setattr(chunk, "_LZ4_SAFE", None)
     elif chunk._LZ4_SAFE is None:
         pytest.fail("liblz4.so.1 is not installed: the save kernel's decoder is not tested")
     data = b"".join(page("zero" if zero_pages and i % 3 == 1 else "text", i) for i in range(9))
-    data = data[:-100]                                 # a partial last page
+    data = data[:-100]  # a partial last page
     ch, bitmap, payload = parse(encode_chunk(0, 0, data))
     assert ch.encoding == ENC_LZ4
     out = bytearray(b"\xaa" * (len(data) + 7))
     chunk.decode_into(ch, bitmap, payload, 0, memoryview(out))
-    assert out[:len(data)] == data and out[len(data):] == b"\xaa" * 7
-    for bad in (payload[:-3], payload[:len(payload) // 2] + b"\xff" * 8):
-        ch2 = ChunkHeader(encoding=ch.encoding, pages=ch.pages, index=0, phys=0,
-                          raw_length=ch.raw_length, payload_length=len(bad),
-                          crc=crc32(bad, crc32(bitmap)))
+    assert out[: len(data)] == data and out[len(data) :] == b"\xaa" * 7
+    for bad in (payload[:-3], payload[: len(payload) // 2] + b"\xff" * 8):
+        ch2 = ChunkHeader(
+            encoding=ch.encoding,
+            pages=ch.pages,
+            index=0,
+            phys=0,
+            raw_length=ch.raw_length,
+            payload_length=len(bad),
+            crc=crc32(bad, crc32(bitmap)),
+        )
         with pytest.raises(ImageCorruptError, match="chunk 0"):
             chunk.decode_into(ch2, bitmap, bad, 0, memoryview(bytearray(len(data))))
 
 
 @settings(deadline=None, max_examples=200)
-@given(st.lists(st.tuples(st.integers(0, 15), st.integers(0, PAGE_SIZE - 1),
-                          st.integers(1, 255)), max_size=12),
-       st.integers(0, PAGE_SIZE - 1))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 15), st.integers(0, PAGE_SIZE - 1), st.integers(1, 255)),
+        max_size=12,
+    ),
+    st.integers(0, PAGE_SIZE - 1),
+)
 def test_zero_pages_are_found_whatever_single_bytes_spoil_them(spoilers, cut):
     """A page is zero only if every byte is: a lone non-zero byte anywhere (also where the
     scan does not look first) keeps its page out, and nothing else."""
     from kjumpd.image.chunk import find_zero_pages
+
     data = bytearray(16 * PAGE_SIZE)
     for page, off, val in spoilers:
         data[page * PAGE_SIZE + off] = val
-    data = data[:len(data) - cut] if cut else data
-    want = [i for i in range((len(data) + PAGE_SIZE - 1) // PAGE_SIZE)
-            if not any(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])]
+    data = data[: len(data) - cut] if cut else data
+    want = [
+        i
+        for i in range((len(data) + PAGE_SIZE - 1) // PAGE_SIZE)
+        if not any(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+    ]
     assert find_zero_pages(bytes(data)) == want
     assert find_zero_pages(data + b"\x01" * 100, len(data)) == want

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kjumpd.errors import ImageCorruptError, ImageFormatError
-from kjumpd.image.format import (CHUNK_HEADER_SIZE, HEADER_SLOT_SIZE, MAX_EXTENTS, BlockExtent,
-                                 ChunkHeader, Header, ImageState, MemoryExtent, Metadata,
-                                 TargetSuperblock, chunk_count, chunk_plan, pick_header)
+from kjumpd.image.format import (
+    CHUNK_HEADER_SIZE,
+    HEADER_SLOT_SIZE,
+    MAX_EXTENTS,
+    BlockExtent,
+    ChunkHeader,
+    Header,
+    ImageState,
+    MemoryExtent,
+    Metadata,
+    TargetSuperblock,
+    chunk_count,
+    chunk_plan,
+    pick_header,
+)
 
 u64 = st.integers(0, 2**64 - 1)
 u32 = st.integers(0, 2**32 - 1)
@@ -33,22 +46,42 @@ def blockmaps(draw, block=4096):
 @st.composite
 def superblocks(draw):
     bm, size = draw(blockmaps())
-    return TargetSuperblock(uuid=draw(st.binary(min_size=16, max_size=16)), size=size,
-                            block_size=4096, blockmap=bm)
+    return TargetSuperblock(
+        uuid=draw(st.binary(min_size=16, max_size=16)), size=size, block_size=4096, blockmap=bm
+    )
 
 
 @st.composite
 def headers(draw):
-    return Header(state=draw(st.sampled_from(ImageState)), seq=draw(u64),
-                  uuid=draw(st.binary(min_size=16, max_size=16)), attempt=draw(u32),
-                  created=draw(times), saved=draw(times), updated=draw(times),
-                  jump_area_start=draw(u64), jump_area_size=draw(u64),
-                  jump_back_entry=draw(u64), flags=draw(u32), chunk_size=draw(u32),
-                  metadata_offset=draw(u64), metadata_length=draw(u64), metadata_crc=draw(u32),
-                  data_crc=draw(u32), data_offset=draw(u64), data_length=draw(u64),
-                  raw_bytes=draw(u64), zero_pages=draw(u64), stored_bytes=draw(u64),
-                  chunk_count=draw(u64), mode=draw(text), compression=draw(text),
-                  main_kernel=draw(text), save_kernel_hash=draw(text), reason=draw(text))
+    return Header(
+        state=draw(st.sampled_from(ImageState)),
+        seq=draw(u64),
+        uuid=draw(st.binary(min_size=16, max_size=16)),
+        attempt=draw(u32),
+        created=draw(times),
+        saved=draw(times),
+        updated=draw(times),
+        jump_area_start=draw(u64),
+        jump_area_size=draw(u64),
+        jump_back_entry=draw(u64),
+        flags=draw(u32),
+        chunk_size=draw(u32),
+        metadata_offset=draw(u64),
+        metadata_length=draw(u64),
+        metadata_crc=draw(u32),
+        data_crc=draw(u32),
+        data_offset=draw(u64),
+        data_length=draw(u64),
+        raw_bytes=draw(u64),
+        zero_pages=draw(u64),
+        stored_bytes=draw(u64),
+        chunk_count=draw(u64),
+        mode=draw(text),
+        compression=draw(text),
+        main_kernel=draw(text),
+        save_kernel_hash=draw(text),
+        reason=draw(text),
+    )
 
 
 @st.composite
@@ -63,15 +96,18 @@ def extent_tables(draw):
     return tuple(out)
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**53, 2**53) | text,
-                           lambda c: st.lists(c, max_size=4) | st.dictionaries(text, c, max_size=4),
-                           max_leaves=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | text,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(text, c, max_size=4),
+    max_leaves=12,
+)
 
 
 @st.composite
 def metadatas(draw):
-    return Metadata(extents=draw(extent_tables()),
-                    identity=draw(st.dictionaries(text, json_values, max_size=6)))
+    return Metadata(
+        extents=draw(extent_tables()), identity=draw(st.dictionaries(text, json_values, max_size=6))
+    )
 
 
 def flip(data: bytes, pos: int) -> bytes:
@@ -81,6 +117,7 @@ def flip(data: bytes, pos: int) -> bytes:
 
 
 # ------------------------------------------------------------------ round trips
+
 
 @settings(deadline=None)
 @given(superblocks())
@@ -108,14 +145,23 @@ def test_metadata_round_trip(m):
 def test_chunk_header_round_trip(enc, pages, index, phys, plen, crc, tag):
     raw_len = min(pages * 4096, 64 * 1024 * 1024)
     pages = (raw_len + 4095) // 4096
-    ch = ChunkHeader(encoding=enc, pages=pages, index=index, phys=phys, raw_length=raw_len,
-                     payload_length=plen % (64 * 1024 * 1024), crc=crc, tag=tag)
+    ch = ChunkHeader(
+        encoding=enc,
+        pages=pages,
+        index=index,
+        phys=phys,
+        raw_length=raw_len,
+        payload_length=plen % (64 * 1024 * 1024),
+        crc=crc,
+        tag=tag,
+    )
     raw = ch.pack()
     assert len(raw) == CHUNK_HEADER_SIZE
     assert ChunkHeader.unpack(raw) == ch
 
 
 # ------------------------------------------------------------------ corruption
+
 
 @settings(deadline=None, max_examples=60)
 @given(superblocks(), st.data())
@@ -161,8 +207,15 @@ def test_metadata_truncated_is_refused(m, data):
 @settings(deadline=None)
 @given(st.integers(0, CHUNK_HEADER_SIZE - 1))
 def test_chunk_header_flipped_byte_is_refused(pos):
-    raw = ChunkHeader(encoding=0, pages=256, index=7, phys=1 << 20, raw_length=1 << 20,
-                      payload_length=1234, crc=99).pack()
+    raw = ChunkHeader(
+        encoding=0,
+        pages=256,
+        index=7,
+        phys=1 << 20,
+        raw_length=1 << 20,
+        payload_length=1234,
+        crc=99,
+    ).pack()
     with pytest.raises(ImageCorruptError) as ei:
         ChunkHeader.unpack(flip(raw, pos), base=1000)
     assert ei.value.context["offset"] >= 1000
@@ -170,10 +223,15 @@ def test_chunk_header_flipped_byte_is_refused(pos):
 
 def test_an_unknown_chunk_encoding_is_refused_by_name():
     import struct as _struct
+
     from kjumpd.image.format import crc32
-    raw = bytearray(ChunkHeader(encoding=3, pages=1, index=0, phys=0, raw_length=4096,
-                                payload_length=0, crc=0).pack())
-    raw[4] = 4                                   # after free (3): nothing is defined yet
+
+    raw = bytearray(
+        ChunkHeader(
+            encoding=3, pages=1, index=0, phys=0, raw_length=4096, payload_length=0, crc=0
+        ).pack()
+    )
+    raw[4] = 4  # after free (3): nothing is defined yet
     raw[36:40] = _struct.pack("<I", crc32(bytes(raw[:36])))
     with pytest.raises(ImageCorruptError, match="unknown encoding 4"):
         ChunkHeader.unpack(bytes(raw))
@@ -186,8 +244,9 @@ def test_wrong_version_is_named():
     with pytest.raises(ImageFormatError) as ei:
         Header.unpack(bytes(raw), base=65536)
     assert "version 9" in str(ei.value)
-    sb = TargetSuperblock(uuid=bytes(16), size=4096, block_size=4096,
-                          blockmap=(BlockExtent(0, 0, 4096),))
+    sb = TargetSuperblock(
+        uuid=bytes(16), size=4096, block_size=4096, blockmap=(BlockExtent(0, 0, 4096),)
+    )
     raw = bytearray(sb.pack())
     raw[8] = 2
     with pytest.raises(ImageFormatError, match="version 2"):
@@ -198,9 +257,9 @@ def test_blockmap_rules():
     ok = (BlockExtent(0, 8192, 4096), BlockExtent(4096, 0, 4096))
     TargetSuperblock(uuid=bytes(16), size=8192, block_size=4096, blockmap=ok).pack()
     bad = [
-        (BlockExtent(0, 0, 4096), BlockExtent(8192, 8192, 4096)),   # logical hole
-        (BlockExtent(0, 0, 8192), BlockExtent(8192, 4096, 4096)),   # device overlap
-        (BlockExtent(0, 100, 4096),),                              # unaligned
+        (BlockExtent(0, 0, 4096), BlockExtent(8192, 8192, 4096)),  # logical hole
+        (BlockExtent(0, 0, 8192), BlockExtent(8192, 4096, 4096)),  # device overlap
+        (BlockExtent(0, 100, 4096),),  # unaligned
     ]
     for bm in bad:
         size = sum(e.length for e in bm)
@@ -208,8 +267,9 @@ def test_blockmap_rules():
             TargetSuperblock(uuid=bytes(16), size=size, block_size=4096, blockmap=bm).pack()
     too_many = tuple(BlockExtent(i * 4096, i * 8192, 4096) for i in range(MAX_EXTENTS + 1))
     with pytest.raises(ImageFormatError, match="at most"):
-        TargetSuperblock(uuid=bytes(16), size=len(too_many) * 4096, block_size=4096,
-                         blockmap=too_many).pack()
+        TargetSuperblock(
+            uuid=bytes(16), size=len(too_many) * 4096, block_size=4096, blockmap=too_many
+        ).pack()
 
 
 def test_pick_header_takes_highest_valid_sequence():
@@ -221,8 +281,10 @@ def test_pick_header_takes_highest_valid_sequence():
 
 
 @settings(deadline=None)
-@given(st.lists(st.integers(1, 5 << 20), min_size=1, max_size=8),
-       st.sampled_from([4096, 65536, 1 << 20]))
+@given(
+    st.lists(st.integers(1, 5 << 20), min_size=1, max_size=8),
+    st.sampled_from([4096, 65536, 1 << 20]),
+)
 def test_chunk_plan_covers_every_byte_once(lengths, cs):
     extents, pos = [], 0
     for ln in lengths:

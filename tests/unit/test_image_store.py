@@ -19,7 +19,7 @@ def test_create_target_is_fully_allocated_and_empty(tmp_path):
     sb = store.create_target(path, 3 * MiB)
     st = os.stat(path)
     assert st.st_size == 3 * MiB
-    assert st.st_blocks * 512 >= 3 * MiB          # not sparse
+    assert st.st_blocks * 512 >= 3 * MiB  # not sparse
     with ImageDevice(path, writable=False) as dev:
         assert store.read_superblock(dev) == sb
         h = store.read_header(dev)
@@ -78,7 +78,7 @@ def test_device_maps_logical_offsets_through_extents(tmp_path):
     bm = [BlockExtent(0, 40 * 4096, 8 * 4096), BlockExtent(8 * 4096, 4 * 4096, 8 * 4096)]
     with ImageDevice(path, bm, writable=True) as dev:
         assert dev.size == 16 * 4096
-        payload = bytes(range(256)) * 48          # 12 KiB across the extent boundary
+        payload = bytes(range(256)) * 48  # 12 KiB across the extent boundary
         dev.write(6 * 4096 + 100, payload)
         dev.flush()
         assert dev.read(6 * 4096 + 100, len(payload)) == payload
@@ -90,8 +90,8 @@ def test_device_maps_logical_offsets_through_extents(tmp_path):
     # bytes landed at device offsets 46*4096+100.. and 4*4096.., nowhere else
     expect = bytearray(b"\xee" * (64 * 4096))
     first = 2 * 4096 - 100
-    expect[46 * 4096 + 100:48 * 4096] = payload[:first]
-    expect[4 * 4096:4 * 4096 + len(payload) - first] = payload[first:]
+    expect[46 * 4096 + 100 : 48 * 4096] = payload[:first]
+    expect[4 * 4096 : 4 * 4096 + len(payload) - first] = payload[first:]
     assert raw == bytes(expect)
 
 
@@ -124,8 +124,9 @@ def test_corrupt_superblock_checksum(tmp_path):
 def test_require_state():
     store.require_state(Header(state=ImageState.SAVED), ImageState.SAVED)
     with pytest.raises(ImageStateError, match="it is ABORTED\\(x\\)"):
-        store.require_state(Header(state=ImageState.ABORTED, reason="x"), ImageState.SAVED,
-                            action="restore")
+        store.require_state(
+            Header(state=ImageState.ABORTED, reason="x"), ImageState.SAVED, action="restore"
+        )
 
 
 def test_read_only_device_refuses_writes(tmp_path):

@@ -20,7 +20,7 @@ def make_job(**kw) -> Job:
         superblock_device_offset=1 << 20,
         device_hint={"devno": "254:0", "name": "vda"},
         blockmap=[(0, 1 << 20, 64 << 20), (64 << 20, 512 << 20, 16 << 20)],
-        ranges=[(0x1000, 0x9f000), (0x100000, 0x20000000), (0x28000000, 0x3ffdd000)],
+        ranges=[(0x1000, 0x9F000), (0x100000, 0x20000000), (0x28000000, 0x3FFDD000)],
         mode="platform",
         compression="lz4",
         chunk_size=1 << 20,
@@ -52,15 +52,24 @@ def jobs(draw):
         if s < e and not (s < ja_start + ja_size and ja_start < e):
             ranges.append((s, e))
     return make_job(
-        blockmap=blockmap, jump_area=(ja_start, ja_size), ranges=ranges,
-        mode=draw(st.sampled_from(MODES)), compression=draw(st.sampled_from(["lz4", "none"])),
+        blockmap=blockmap,
+        jump_area=(ja_start, ja_size),
+        ranges=ranges,
+        mode=draw(st.sampled_from(MODES)),
+        compression=draw(st.sampled_from(["lz4", "none"])),
         chunk_size=1 << draw(st.integers(12, 26)),
-        created=draw(st.integers(0, 1 << 40)), cancel_key=draw(st.booleans()),
+        created=draw(st.integers(0, 1 << 40)),
+        cancel_key=draw(st.booleans()),
         free_pages_zeroed=draw(st.booleans()),
         superblock_device_offset=draw(st.integers(0, 1 << 50)),
-        fs_stamps=draw(st.lists(st.fixed_dictionaries({"device": st.text(max_size=20),
-                                                        "wtime": st.integers(0, 1 << 40)}),
-                                max_size=4)),
+        fs_stamps=draw(
+            st.lists(
+                st.fixed_dictionaries(
+                    {"device": st.text(max_size=20), "wtime": st.integers(0, 1 << 40)}
+                ),
+                max_size=4,
+            )
+        ),
     )
 
 
@@ -118,21 +127,24 @@ def test_version_mismatch_is_refused_with_a_fix():
     assert "version 2" in str(ei.value) and ei.value.fix
 
 
-@pytest.mark.parametrize("field,value,word", [
-    ("target_uuid", "not-a-uuid", "target_uuid"),
-    ("mode", "hibernate-now", "mode"),
-    ("compression", "zstd", "compression"),
-    ("chunk_size", 3000, "chunk_size"),
-    ("blockmap", [(0, 0, 10), (11, 0, 10)], "contiguous"),
-    ("blockmap", [], "empty"),
-    ("ranges", [(0x2000, 0x1000)], "ranges"),
-    ("ranges", [(0x20000000, 0x20001000)], "jump area"),
-    ("save_kernel_hash", "md5:00", "save_kernel_hash"),
-    ("jump_area", (0x1001, 4096), "aligned"),
-    ("cancel_key", "yes", "cancel_key"),
-    ("created", -1, "created"),
-    ("free_pages_zeroed", 0, "free_pages_zeroed"),
-])
+@pytest.mark.parametrize(
+    "field,value,word",
+    [
+        ("target_uuid", "not-a-uuid", "target_uuid"),
+        ("mode", "hibernate-now", "mode"),
+        ("compression", "zstd", "compression"),
+        ("chunk_size", 3000, "chunk_size"),
+        ("blockmap", [(0, 0, 10), (11, 0, 10)], "contiguous"),
+        ("blockmap", [], "empty"),
+        ("ranges", [(0x2000, 0x1000)], "ranges"),
+        ("ranges", [(0x20000000, 0x20001000)], "jump area"),
+        ("save_kernel_hash", "md5:00", "save_kernel_hash"),
+        ("jump_area", (0x1001, 4096), "aligned"),
+        ("cancel_key", "yes", "cancel_key"),
+        ("created", -1, "created"),
+        ("free_pages_zeroed", 0, "free_pages_zeroed"),
+    ],
+)
 def test_invalid_fields_are_named(field, value, word):
     with pytest.raises(JobError) as ei:
         make_job(**{field: value})

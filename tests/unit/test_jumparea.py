@@ -4,20 +4,28 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kjumpd.jumparea import (JumpArea, edit_bls_entry, edit_default_grub, parse_crashkernel,
-                             parse_iomem_crash)
+from kjumpd.jumparea import (
+    JumpArea,
+    edit_bls_entry,
+    edit_default_grub,
+    parse_crashkernel,
+    parse_iomem_crash,
+)
 
 MiB = 1 << 20
 
 
-@pytest.mark.parametrize("value,area", [
-    ("128M@512M", JumpArea(512 * MiB, 128 * MiB)),
-    ("128M@0x20000000", JumpArea(0x20000000, 128 * MiB)),
-    ("192M@16M", JumpArea(16 * MiB, 192 * MiB)),
-    ("256M", None),                              # no fixed offset
-    ("512M-2G:64M,2G-:128M", None),              # ranges
-    ("128M,high", None),
-])
+@pytest.mark.parametrize(
+    "value,area",
+    [
+        ("128M@512M", JumpArea(512 * MiB, 128 * MiB)),
+        ("128M@0x20000000", JumpArea(0x20000000, 128 * MiB)),
+        ("192M@16M", JumpArea(16 * MiB, 192 * MiB)),
+        ("256M", None),  # no fixed offset
+        ("512M-2G:64M,2G-:128M", None),  # ranges
+        ("128M,high", None),
+    ],
+)
 def test_parse_crashkernel(value, area):
     assert parse_crashkernel(value) == area
 
@@ -36,12 +44,14 @@ def test_kernel_arg_round_trips():
 
 
 def test_grub_edit_replaces_an_old_crashkernel_and_keeps_the_rest():
-    text = ('GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT="quiet"\n'
-            'GRUB_CMDLINE_LINUX="root=/dev/sda1 crashkernel=256M ro"\n')
+    text = (
+        'GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT="quiet"\n'
+        'GRUB_CMDLINE_LINUX="root=/dev/sda1 crashkernel=256M ro"\n'
+    )
     new = edit_default_grub(text, "crashkernel=128M@512M")
     assert 'GRUB_CMDLINE_LINUX="root=/dev/sda1 ro crashkernel=128M@512M"\n' in new
     assert 'GRUB_CMDLINE_LINUX_DEFAULT="quiet"' in new and new.startswith("GRUB_DEFAULT=0\n")
-    assert edit_default_grub(new, "crashkernel=128M@512M") == new      # idempotent
+    assert edit_default_grub(new, "crashkernel=128M@512M") == new  # idempotent
 
 
 def test_grub_edit_adds_the_line_when_missing():

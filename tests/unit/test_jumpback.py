@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kjumpd.agent.jumpback import KEXEC_SEGMENT_MAX, PAGE, Segment, plan_segments
 from kjumpd.errors import KexecError
 
 
 def test_save_jump_back_is_one_page_on_the_entry_page() -> None:
-    entry = 0x3ff5c0d8
+    entry = 0x3FF5C0D8
     page = bytes(range(256)) * 16
     segs = plan_segments(entry, page)
-    assert segs == [Segment(0x3ff5c000, page)]
+    assert segs == [Segment(0x3FF5C000, page)]
 
 
 def test_held_pages_come_first_and_entry_page_is_added() -> None:
@@ -36,8 +37,9 @@ def test_refusals_name_the_problem() -> None:
     with pytest.raises(KexecError, match="page aligned"):
         plan_segments(0x5000, b"x" * PAGE, [Segment(0x1001, b"y" * PAGE)])
     with pytest.raises(KexecError, match="overlap"):
-        plan_segments(0x50000, b"x" * PAGE, [Segment(0x1000, b"y" * 2 * PAGE),
-                                             Segment(0x2000, b"z" * PAGE)])
+        plan_segments(
+            0x50000, b"x" * PAGE, [Segment(0x1000, b"y" * 2 * PAGE), Segment(0x2000, b"z" * PAGE)]
+        )
     many = [Segment(0x1000 + 2 * PAGE * i, b"m" * PAGE) for i in range(KEXEC_SEGMENT_MAX)]
     with pytest.raises(KexecError, match="at most 16"):
         plan_segments(0x4000_0000, b"x" * PAGE, many)

@@ -43,7 +43,8 @@ def test_the_freezer_report_names_each_task_and_where_it_waits():
     assert f.what == "user space processes" and f.seconds == 20.004 and f.count == 2
     assert [(t.pid, t.comm, t.state, t.waits_in) for t in f.tasks] == [
         (412, "sqlite-writer", "D", "ext4_page_mkwrite"),
-        (413, "appender", "D", "vfs_write")]
+        (413, "appender", "D", "vfs_write"),
+    ]
     s = f.summary()
     assert "pid 412 (sqlite-writer) state D in ext4_page_mkwrite" in s
     assert "gave up on user space processes after 20.004 s (2 refusing to freeze)" in s

@@ -15,14 +15,24 @@ from kjumpd.linux import cmdline, kconfig
 from kjumpd.sysroot import Sysroot
 
 
-@pytest.mark.parametrize("line, want", [
-    ("init_on_free=1", True), ("init_on_free=0", False),
-    ("init_on_free=1 init_on_free=0", False),          # the last one counts
-    ("init_on_free=0 quiet init_on_free=1", True),
-    ("init_on_free=on", True), ("init_on_free=off", False), ("init_on_free=Y", True),
-    ("init_on_free=true", True), ("init_on_free=no", False),
-    ("init_on_free=maybe", None), ("init_on_free=", None), ("init_on_free", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "line, want",
+    [
+        ("init_on_free=1", True),
+        ("init_on_free=0", False),
+        ("init_on_free=1 init_on_free=0", False),  # the last one counts
+        ("init_on_free=0 quiet init_on_free=1", True),
+        ("init_on_free=on", True),
+        ("init_on_free=off", False),
+        ("init_on_free=Y", True),
+        ("init_on_free=true", True),
+        ("init_on_free=no", False),
+        ("init_on_free=maybe", None),
+        ("init_on_free=", None),
+        ("init_on_free", None),
+        ("", None),
+    ],
+)
 def test_boolean_parameters_read_as_the_kernel_reads_them(line, want):
     assert cmdline.flag(line, "init_on_free") is want
 
@@ -33,8 +43,9 @@ def write(root, path, text):
     p.write_text(text) if isinstance(text, str) else p.write_bytes(text)
 
 
-@pytest.mark.parametrize("line", ["init_on_free=1 init_on_free=0", "init_on_free=on",
-                                  "init_on_free=off init_on_free=y"])
+@pytest.mark.parametrize(
+    "line", ["init_on_free=1 init_on_free=0", "init_on_free=on", "init_on_free=off init_on_free=y"]
+)
 def test_the_check_and_the_job_agree_on_init_on_free(tmp_path, line):
     write(tmp_path, "/proc/cmdline", line + "\n")
     sr = Sysroot(tmp_path)
@@ -46,10 +57,18 @@ def test_the_check_and_the_job_agree_on_init_on_free(tmp_path, line):
 
 def test_quoted_values_keep_their_blanks_and_lose_their_quotes():
     line = 'root=/dev/vda1 dyndbg="file foo.c +p" quiet kjump.rf=x'
-    assert cmdline.words(line) == ["root=/dev/vda1", 'dyndbg="file foo.c +p"', "quiet",
-                                   "kjump.rf=x"]
-    assert cmdline.params(line) == {"root": "/dev/vda1", "dyndbg": "file foo.c +p",
-                                    "quiet": "", "kjump.rf": "x"}
+    assert cmdline.words(line) == [
+        "root=/dev/vda1",
+        'dyndbg="file foo.c +p"',
+        "quiet",
+        "kjump.rf=x",
+    ]
+    assert cmdline.params(line) == {
+        "root": "/dev/vda1",
+        "dyndbg": "file foo.c +p",
+        "quiet": "",
+        "kjump.rf": "x",
+    }
     assert cmdline.without(line, ["kjump.rf", "quiet"]) == 'root=/dev/vda1 dyndbg="file foo.c +p"'
     assert cmdline.value("a=1 b a=2", "a") == "2" and cmdline.value("b", "b") is None
 
@@ -58,11 +77,15 @@ values = st.text(st.characters(codec="ascii", exclude_characters='" \t\n\r\v\f')
 names = st.text("abcdefgh._-", min_size=1, max_size=6)
 
 
-@given(st.lists(st.tuples(names, st.one_of(st.none(), values, values.map(lambda v: v + " x"))),
-                max_size=8))
+@given(
+    st.lists(
+        st.tuples(names, st.one_of(st.none(), values, values.map(lambda v: v + " x"))), max_size=8
+    )
+)
 def test_a_command_line_written_from_parameters_reads_back_the_same(pairs):
-    line = " ".join(k if v is None else (f'{k}="{v}"' if " " in v else f"{k}={v}")
-                    for k, v in pairs)
+    line = " ".join(
+        k if v is None else (f'{k}="{v}"' if " " in v else f"{k}={v}") for k, v in pairs
+    )
     want: dict[str, str] = {}
     for k, v in pairs:
         want[k] = "" if v is None else v
@@ -77,8 +100,11 @@ def test_the_kernel_config_is_read_from_proc_then_boot(tmp_path):
     sr = Sysroot(tmp_path)
     assert kconfig.read(sr) is None
     write(tmp_path, "/proc/sys/kernel/osrelease", "6.12.1-test\n")
-    write(tmp_path, "/boot/config-6.12.1-test",
-          "CONFIG_KEXEC_JUMP=y\n# CONFIG_HIBERNATION is not set\nCONFIG_NR_CPUS=8\n")
+    write(
+        tmp_path,
+        "/boot/config-6.12.1-test",
+        "CONFIG_KEXEC_JUMP=y\n# CONFIG_HIBERNATION is not set\nCONFIG_NR_CPUS=8\n",
+    )
     c = kconfig.read(sr)
     assert c is not None and c.source == "/boot/config-6.12.1-test"
     assert c.get("KEXEC_JUMP") == "y" and c.enabled("CONFIG_KEXEC_JUMP")

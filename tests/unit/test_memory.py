@@ -24,17 +24,21 @@ AREA = JumpArea(0x20000000, 0x8000000)
 def test_ranges_are_ram_minus_the_jump_area_page_aligned():
     ram = parse_system_ram(IOMEM)
     p = plan(ram, AREA, None)
-    assert p.ranges == [(0x1000, 0x9f000), (0x100000, 0x20000000), (0x28000000, 0x3ffe0000),
-                        (0x100000000, 0x140000000)]
+    assert p.ranges == [
+        (0x1000, 0x9F000),
+        (0x100000, 0x20000000),
+        (0x28000000, 0x3FFE0000),
+        (0x100000000, 0x140000000),
+    ]
     reasons = {(x.start, x.end): x.reason for x in p.excluded}
     assert "jump area" in reasons[(0x20000000, 0x28000000)]
-    assert (0x9f000, 0x9fc00) in reasons           # partial page, not saved
+    assert (0x9F000, 0x9FC00) in reasons  # partial page, not saved
     assert not p.firmware_checked
 
 
 def test_firmware_memmap_disagreement_is_refused():
     ram = parse_system_ram(IOMEM)
-    firmware = [(0x0, 0xa0000), (0x100000, 0x3ffe0000)]      # no RAM above 4G
+    firmware = [(0x0, 0xA0000), (0x100000, 0x3FFE0000)]  # no RAM above 4G
     with pytest.raises(MemoryMapError, match="disagree"):
         plan(ram, AREA, firmware)
     ok = plan(ram, AREA, firmware + [(0x100000000, 0x140000000)])
@@ -43,11 +47,13 @@ def test_firmware_memmap_disagreement_is_refused():
 
 def test_jump_area_outside_ram_is_refused():
     with pytest.raises(MemoryMapError, match="not inside System RAM"):
-        plan(parse_system_ram(IOMEM), JumpArea(0x3ffe0000, 0x8000000), None)
+        plan(parse_system_ram(IOMEM), JumpArea(0x3FFE0000, 0x8000000), None)
 
 
-@given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 1 << 16)), min_size=1,
-                max_size=8), st.data())
+@given(
+    st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 1 << 16)), min_size=1, max_size=8),
+    st.data(),
+)
 def test_plan_never_saves_the_jump_area_and_stays_in_ram(spans, data):
     ram, pos = [], 0
     for gap, ln in spans:

@@ -8,17 +8,32 @@ import random
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from kjumpd.errors import (AgentError, CancelledError, ImageCorruptError, ImageFormatError,
-                           ImageStateError, TargetError)
+from kjumpd.errors import (
+    AgentError,
+    CancelledError,
+    ImageCorruptError,
+    ImageFormatError,
+    ImageStateError,
+    TargetError,
+)
 from kjumpd.image import restore, save, store
 from kjumpd.image.device import ImageDevice
-from kjumpd.image.format import (CHUNK_HEADER_SIZE, ENC_FREE, HEADER_SLOT_OFFSETS, PAGE_SIZE,
-                                 ChunkHeader, ImageState)
+from kjumpd.image.format import (
+    CHUNK_HEADER_SIZE,
+    ENC_FREE,
+    HEADER_SLOT_OFFSETS,
+    PAGE_SIZE,
+    ChunkHeader,
+    ImageState,
+)
 from kjumpd.image.memfile import FileMemorySink, FileMemorySource
+from tests import prereq
 
 MiB = 1024 * 1024
-CHUNK = 64 * 1024          # small chunks: many records in a small test file
+CHUNK = 64 * 1024  # small chunks: many records in a small test file
 
 
 def make_memory(path, size, seed=7):
@@ -40,7 +55,7 @@ def make_memory(path, size, seed=7):
     return bytes(out)
 
 
-RANGES = [(0x1000, 0x9f000), (0x100000, 0x2f0000), (0x300000, 0x3c5000)]
+RANGES = [(0x1000, 0x9F000), (0x100000, 0x2F0000), (0x300000, 0x3C5000)]
 
 
 @pytest.fixture
@@ -49,11 +64,20 @@ def saved(tmp_path):
     tgt = tmp_path / "target"
     store.create_target(tgt, 8 * MiB)
     with ImageDevice(tgt, writable=True) as dev, FileMemorySource(tmp_path / "mem") as src:
-        stats = save.save_image(src, RANGES, dev, identity={"main_kernel": "6.12 abc",
-                                                            "jump_area": [0x20000000, 1 << 27],
-                                                            "jump_back_entry": 0x1234000,
-                                                            "save_kernel_hash": "sha256:x"},
-                                mode="test", chunk_size=CHUNK, workers=2)
+        stats = save.save_image(
+            src,
+            RANGES,
+            dev,
+            identity={
+                "main_kernel": "6.12 abc",
+                "jump_area": [0x20000000, 1 << 27],
+                "jump_back_entry": 0x1234000,
+                "save_kernel_hash": "sha256:x",
+            },
+            mode="test",
+            chunk_size=CHUNK,
+            workers=2,
+        )
     return tmp_path, mem, tgt, stats
 
 
@@ -71,14 +95,14 @@ def test_multi_range_round_trip_is_byte_exact_over_dirty_memory(saved):
     tmp_path, mem, tgt, stats = saved
     assert stats.zero_pages > 0 and stats.stored_bytes < stats.raw_bytes
     assert stats.header.state == ImageState.SAVED
-    rs, out = restore_into(tmp_path, tgt)        # memory full of 0xaa: zero pages must come back
+    rs, out = restore_into(tmp_path, tgt)  # memory full of 0xaa: zero pages must come back
     got = out.read_bytes()
     for a, b in RANGES:
         assert got[a:b] == mem[a:b]
     # outside the ranges nothing was touched
     assert got[:0x1000] == b"\xaa" * 0x1000
-    assert got[0x9f000:0x100000] == b"\xaa" * (0x100000 - 0x9f000)
-    assert got[0x3c5000:] == b"\xaa" * (4 * MiB - 0x3c5000)
+    assert got[0x9F000:0x100000] == b"\xaa" * (0x100000 - 0x9F000)
+    assert got[0x3C5000:] == b"\xaa" * (4 * MiB - 0x3C5000)
     assert rs.raw_bytes == sum(b - a for a, b in RANGES)
 
 
@@ -88,10 +112,17 @@ def test_header_records_identities_and_stats(saved):
         h = store.read_header(dev)
         meta = store.read_metadata(dev, h)
     assert h.state == ImageState.SAVED and h.saved >= h.created
-    assert (h.main_kernel, h.save_kernel_hash, h.mode, h.compression) == \
-        ("6.12 abc", "sha256:x", "test", "lz4")
-    assert (h.jump_area_start, h.jump_area_size, h.jump_back_entry) == \
-        (0x20000000, 1 << 27, 0x1234000)
+    assert (h.main_kernel, h.save_kernel_hash, h.mode, h.compression) == (
+        "6.12 abc",
+        "sha256:x",
+        "test",
+        "lz4",
+    )
+    assert (h.jump_area_start, h.jump_area_size, h.jump_back_entry) == (
+        0x20000000,
+        1 << 27,
+        0x1234000,
+    )
     assert [(e.start, e.end) for e in meta.extents] == RANGES
     assert meta.identity["main_kernel"] == "6.12 abc"
     assert h.chunk_count == stats.chunk_count and h.zero_pages == stats.zero_pages
@@ -100,17 +131,22 @@ def test_header_records_identities_and_stats(saved):
 def test_divert_holds_back_pages_instead_of_writing_them(saved):
     tmp_path, mem, tgt, _ = saved
     held = []
-    rs, out = restore_into(tmp_path, tgt, divert=[(0x0, 0x80000)],
-                           on_divert=lambda phys, data: held.append((phys, bytes(data))))
+    rs, out = restore_into(
+        tmp_path,
+        tgt,
+        divert=[(0x0, 0x80000)],
+        on_divert=lambda phys, data: held.append((phys, bytes(data))),
+    )
     got = out.read_bytes()
-    assert got[0x1000:0x80000] == b"\xaa" * (0x80000 - 0x1000)   # never written
-    assert got[0x80000:0x9f000] == mem[0x80000:0x9f000]
+    assert got[0x1000:0x80000] == b"\xaa" * (0x80000 - 0x1000)  # never written
+    assert got[0x80000:0x9F000] == mem[0x80000:0x9F000]
     assert b"".join(d for _, d in sorted(held)) == mem[0x1000:0x80000]
     assert rs.diverted_bytes == 0x80000 - 0x1000
 
 
 def _chunk_offsets(tgt):
     from kjumpd.image.stream import RecordReader
+
     with ImageDevice(tgt, writable=False) as dev:
         h = store.read_header(dev)
         r = RecordReader(dev, h.data_offset, h.data_length)
@@ -135,14 +171,17 @@ def test_corrupt_chunk_is_refused_and_nothing_past_it_is_written(saved, where):
     _poke(tgt, pos, b"\x5a")
     with pytest.raises(ImageCorruptError) as ei:
         restore_into(tmp_path, tgt)
-    assert f"at byte offset {off}" in str(ei.value) or f"at byte offset {pos}" in str(ei.value) \
+    assert (
+        f"at byte offset {off}" in str(ei.value)
+        or f"at byte offset {pos}" in str(ei.value)
         or f"at byte offset {off + CHUNK_HEADER_SIZE - 4}" in str(ei.value)
+    )
     got = (tmp_path / "restored").read_bytes()
     # chunks before k are restored, chunk k and everything after it untouched
     for c, _ in recs[:k]:
-        assert got[c.phys:c.phys + c.raw_length] == mem[c.phys:c.phys + c.raw_length]
+        assert got[c.phys : c.phys + c.raw_length] == mem[c.phys : c.phys + c.raw_length]
     for c, _ in recs[k:]:
-        assert got[c.phys:c.phys + c.raw_length] == b"\xaa" * c.raw_length
+        assert got[c.phys : c.phys + c.raw_length] == b"\xaa" * c.raw_length
     # kjumpctl image verify refuses it too, naming the chunk
     with ImageDevice(tgt, writable=False) as dev:
         with pytest.raises(ImageCorruptError):
@@ -167,7 +206,7 @@ def test_missing_tail_is_refused_as_truncated(saved):
     with pytest.raises(ImageCorruptError, match=f"byte offset {off}"):
         restore_into(tmp_path, tgt)
     got = (tmp_path / "restored").read_bytes()
-    assert got[ch.phys:ch.phys + ch.raw_length] == b"\xaa" * ch.raw_length
+    assert got[ch.phys : ch.phys + ch.raw_length] == b"\xaa" * ch.raw_length
 
 
 def test_swapped_chunks_are_refused(saved):
@@ -175,7 +214,7 @@ def test_swapped_chunks_are_refused(saved):
     h, recs = _chunk_offsets(tgt)
     (a, oa), (b, ob) = recs[3], recs[4]
     raw = tgt.read_bytes()
-    ra, rb = raw[oa:oa + a.record_length], raw[ob:ob + b.record_length]
+    ra, rb = raw[oa : oa + a.record_length], raw[ob : ob + b.record_length]
     _poke(tgt, oa, rb + ra)
     with pytest.raises(ImageCorruptError, match="out of place"):
         restore_into(tmp_path, tgt)
@@ -196,8 +235,16 @@ def test_corrupt_metadata_is_refused(saved):
         restore_into(tmp_path, tgt)
 
 
-@pytest.mark.parametrize("state", [ImageState.EMPTY, ImageState.WRITING, ImageState.CONSUMED,
-                                   ImageState.ABORTED, ImageState.INVALID])
+@pytest.mark.parametrize(
+    "state",
+    [
+        ImageState.EMPTY,
+        ImageState.WRITING,
+        ImageState.CONSUMED,
+        ImageState.ABORTED,
+        ImageState.INVALID,
+    ],
+)
 def test_wrong_state_is_refused(saved, state):
     tmp_path, _, tgt, _ = saved
     with ImageDevice(tgt, writable=True) as dev:
@@ -212,7 +259,7 @@ def test_restoring_state_is_accepted(saved):
     with ImageDevice(tgt, writable=True) as dev:
         store.set_state(dev, ImageState.RESTORING, attempt=1)
     _, out = restore_into(tmp_path, tgt)
-    assert out.read_bytes()[0x100000:0x2f0000] == mem[0x100000:0x2f0000]
+    assert out.read_bytes()[0x100000:0x2F0000] == mem[0x100000:0x2F0000]
 
 
 def test_cancel_midway_marks_aborted(tmp_path):
@@ -220,15 +267,18 @@ def test_cancel_midway_marks_aborted(tmp_path):
     store.create_target(tmp_path / "t", 8 * MiB)
     asked = {"n": 0}
 
-    def cancel():                      # the user presses the key after 5 chunks
+    def cancel():  # the user presses the key after 5 chunks
         asked["n"] += 1
         return asked["n"] > 5
 
-    with ImageDevice(tmp_path / "t", writable=True) as dev, \
-            FileMemorySource(tmp_path / "mem") as src:
+    with (
+        ImageDevice(tmp_path / "t", writable=True) as dev,
+        FileMemorySource(tmp_path / "mem") as src,
+    ):
         with pytest.raises(CancelledError):
-            save.save_image(src, [(0, 4 * MiB)], dev, identity={}, mode="test",
-                            chunk_size=CHUNK, cancel=cancel)
+            save.save_image(
+                src, [(0, 4 * MiB)], dev, identity={}, mode="test", chunk_size=CHUNK, cancel=cancel
+            )
         h = store.read_header(dev)
     assert h.state == ImageState.ABORTED and "cancel" in h.reason
     assert asked["n"] == 6
@@ -240,8 +290,10 @@ def test_cancel_event_marks_aborted(tmp_path):
     store.create_target(tmp_path / "t", 4 * MiB)
     ev = threading.Event()
     ev.set()
-    with ImageDevice(tmp_path / "t", writable=True) as dev, \
-            FileMemorySource(tmp_path / "mem") as src:
+    with (
+        ImageDevice(tmp_path / "t", writable=True) as dev,
+        FileMemorySource(tmp_path / "mem") as src,
+    ):
         with pytest.raises(CancelledError):
             save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test", cancel=ev)
         assert store.read_header(dev).state_text == "ABORTED(save cancelled)"
@@ -260,11 +312,19 @@ class FailingSource:
 def test_source_error_marks_aborted_with_reason(tmp_path):
     make_memory(tmp_path / "mem", 4 * MiB)
     store.create_target(tmp_path / "t", 8 * MiB)
-    with ImageDevice(tmp_path / "t", writable=True) as dev, \
-            FileMemorySource(tmp_path / "mem") as src:
+    with (
+        ImageDevice(tmp_path / "t", writable=True) as dev,
+        FileMemorySource(tmp_path / "mem") as src,
+    ):
         with pytest.raises(AgentError, match="read error"):
-            save.save_image(FailingSource(src, 2 * MiB), [(0, 4 * MiB)], dev, identity={},
-                            mode="test", chunk_size=CHUNK)
+            save.save_image(
+                FailingSource(src, 2 * MiB),
+                [(0, 4 * MiB)],
+                dev,
+                identity={},
+                mode="test",
+                chunk_size=CHUNK,
+            )
         h = store.read_header(dev)
     assert h.state == ImageState.ABORTED and "read error on /dev/mem" in h.reason
 
@@ -272,8 +332,10 @@ def test_source_error_marks_aborted_with_reason(tmp_path):
 def test_target_full_marks_aborted(tmp_path):
     (tmp_path / "mem").write_bytes(random.Random(1).randbytes(4 * MiB))
     store.create_target(tmp_path / "t", 2 * MiB)
-    with ImageDevice(tmp_path / "t", writable=True) as dev, \
-            FileMemorySource(tmp_path / "mem") as src:
+    with (
+        ImageDevice(tmp_path / "t", writable=True) as dev,
+        FileMemorySource(tmp_path / "mem") as src,
+    ):
         with pytest.raises(TargetError, match="target is full"):
             save.save_image(src, [(0, 4 * MiB)], dev, identity={}, mode="test")
         h = store.read_header(dev)
@@ -285,8 +347,10 @@ def test_target_full_marks_aborted(tmp_path):
 def test_range_past_memory_end_is_refused(tmp_path):
     make_memory(tmp_path / "mem", 1 * MiB)
     store.create_target(tmp_path / "t", 4 * MiB)
-    with ImageDevice(tmp_path / "t", writable=True) as dev, \
-            FileMemorySource(tmp_path / "mem") as src:
+    with (
+        ImageDevice(tmp_path / "t", writable=True) as dev,
+        FileMemorySource(tmp_path / "mem") as src,
+    ):
         with pytest.raises(AgentError, match="past the end"):
             save.save_image(src, [(0, 2 * MiB)], dev, identity={}, mode="test")
         assert store.read_header(dev).state == ImageState.ABORTED
@@ -296,10 +360,19 @@ def test_progress_reports_done_total_rate_eta(tmp_path):
     make_memory(tmp_path / "mem", 2 * MiB)
     store.create_target(tmp_path / "t", 4 * MiB)
     seen = []
-    with ImageDevice(tmp_path / "t", writable=True) as dev, \
-            FileMemorySource(tmp_path / "mem") as src:
-        save.save_image(src, [(0, 2 * MiB)], dev, identity={}, mode="test", chunk_size=CHUNK,
-                        progress=lambda *a: seen.append(a))
+    with (
+        ImageDevice(tmp_path / "t", writable=True) as dev,
+        FileMemorySource(tmp_path / "mem") as src,
+    ):
+        save.save_image(
+            src,
+            [(0, 2 * MiB)],
+            dev,
+            identity={},
+            mode="test",
+            chunk_size=CHUNK,
+            progress=lambda *a: seen.append(a),
+        )
     assert seen[-1][0] == seen[-1][1] == 2 * MiB
     assert all(len(a) == 4 and a[2] >= 0 and a[3] >= 0 for a in seen)
 
@@ -308,6 +381,7 @@ def test_save_over_tmpfs_falls_back_to_buffered_io(tmp_path):
     shm = "/dev/shm"
     prereq.need(os.path.isdir(shm), "no /dev/shm (tmpfs) on this machine")
     import tempfile
+
     with tempfile.TemporaryDirectory(dir=shm) as d:
         mem = make_memory(tmp_path / "mem", 1 * MiB)
         tgt = os.path.join(d, "t")
@@ -322,10 +396,11 @@ def test_save_over_tmpfs_falls_back_to_buffered_io(tmp_path):
 def test_uncompressed_mode_round_trips(tmp_path):
     mem = make_memory(tmp_path / "mem", 1 * MiB)
     store.create_target(tmp_path / "t", 4 * MiB)
-    with ImageDevice(tmp_path / "t", writable=True) as dev, \
-            FileMemorySource(tmp_path / "mem") as src:
-        st = save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test",
-                             compression="none")
+    with (
+        ImageDevice(tmp_path / "t", writable=True) as dev,
+        FileMemorySource(tmp_path / "mem") as src,
+    ):
+        st = save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test", compression="none")
     assert st.header.compression == "none"
     _, out = restore_into(tmp_path, tmp_path / "t", size=1 * MiB)
     assert out.read_bytes() == mem
@@ -346,12 +421,15 @@ class LossyDevice(ImageDevice):
 
 def test_verify_pass_catches_a_lost_write(tmp_path):
     from kjumpd.image.format import Metadata, data_offset_for
+
     make_memory(tmp_path / "mem", 4 * MiB)
     store.create_target(tmp_path / "t", 8 * MiB)
     ranges = save.normalize_ranges([(0, 4 * MiB)])
     data_off = data_offset_for(len(Metadata(extents=ranges, identity={}).pack()))
-    with FileMemorySource(tmp_path / "mem") as src, \
-            LossyDevice(tmp_path / "t", writable=True, lose_at=data_off) as dev:
+    with (
+        FileMemorySource(tmp_path / "mem") as src,
+        LossyDevice(tmp_path / "t", writable=True, lose_at=data_off) as dev,
+    ):
         with pytest.raises(ImageCorruptError, match="reads back differently"):
             save.save_image(src, ranges, dev, identity={}, mode="test")
         h = store.read_header(dev)
@@ -372,10 +450,6 @@ def test_unexpected_exception_never_leaves_the_image_writing(tmp_path):
     assert h.state_text == "ABORTED(save interrupted: ZeroDivisionError)"
 
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-from tests import prereq
-
-
 @st.composite
 def range_sets(draw, size=256 * 1024):
     cuts = sorted(draw(st.sets(st.integers(0, size), min_size=2, max_size=8)))
@@ -383,8 +457,9 @@ def range_sets(draw, size=256 * 1024):
     return [(a, b) for a, b in pairs if b > a] or [(0, size)]
 
 
-@settings(deadline=None, max_examples=25,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(range_sets(), st.sampled_from([4096, 12288, 65536]), st.sampled_from(["lz4", "none"]))
 def test_any_ranges_round_trip_byte_exact(tmp_path, ranges, chunk, compression):
     """Unaligned starts/ends, tiny and odd chunks: every saved byte comes back, nothing else
@@ -394,8 +469,16 @@ def test_any_ranges_round_trip_byte_exact(tmp_path, ranges, chunk, compression):
     tgt = tmp_path / "t"
     store.create_target(tgt, 2 * MiB)
     with ImageDevice(tgt, writable=True) as dev, FileMemorySource(mem_path) as src:
-        save.save_image(src, ranges, dev, identity={}, mode="test", chunk_size=chunk,
-                        compression=compression, workers=2)
+        save.save_image(
+            src,
+            ranges,
+            dev,
+            identity={},
+            mode="test",
+            chunk_size=chunk,
+            compression=compression,
+            workers=2,
+        )
     rs, out = restore_into(tmp_path, tgt, size=256 * 1024)
     got = out.read_bytes()
     expect = bytearray(b"\xaa" * (256 * 1024))
@@ -409,25 +492,30 @@ def test_save_through_a_scattered_block_map_writes_only_inside_it(tmp_path):
     """A partition-like target: three extents out of device order on a 'disk' full of 0xee;
     the image goes through the map and no byte outside the extents changes."""
     from kjumpd.image.format import BlockExtent
+
     disk = tmp_path / "disk"
     disk.write_bytes(b"\xee" * (16 * MiB))
-    bm = [BlockExtent(0, 9 * MiB, 1 * MiB), BlockExtent(1 * MiB, 2 * MiB, 3 * MiB),
-          BlockExtent(4 * MiB, 12 * MiB + 4096 * 3, 2 * MiB)]
+    bm = [
+        BlockExtent(0, 9 * MiB, 1 * MiB),
+        BlockExtent(1 * MiB, 2 * MiB, 3 * MiB),
+        BlockExtent(4 * MiB, 12 * MiB + 4096 * 3, 2 * MiB),
+    ]
     with ImageDevice(disk, bm, writable=True) as dev:
         sb = store.stamp_superblock(dev, bm)
         store.init_header(dev, sb.uuid)
-    mem = random.Random(9).randbytes(5 * MiB)       # incompressible: ~5 MiB of data
+    mem = random.Random(9).randbytes(5 * MiB)  # incompressible: ~5 MiB of data
     (tmp_path / "mem").write_bytes(mem)
     dev, sb2 = store.open_target(disk, writable=True, offset=9 * MiB)
     with dev, FileMemorySource(tmp_path / "mem") as src:
-        stats = save.save_image(src, [(0, 5 * MiB)], dev, identity={}, mode="test",
-                                chunk_size=CHUNK)
+        stats = save.save_image(
+            src, [(0, 5 * MiB)], dev, identity={}, mode="test", chunk_size=CHUNK
+        )
     h = stats.header
-    assert h.data_offset + h.data_length > 4 * MiB     # the data reached the third extent
+    assert h.data_offset + h.data_length > 4 * MiB  # the data reached the third extent
     raw = disk.read_bytes()
     pos = 0
     for e in sorted(bm, key=lambda e: e.device_offset):
-        assert raw[pos:e.device_offset] == b"\xee" * (e.device_offset - pos)
+        assert raw[pos : e.device_offset] == b"\xee" * (e.device_offset - pos)
         pos = e.device_offset + e.length
     assert raw[pos:] == b"\xee" * (len(raw) - pos)
     dev, _ = store.open_target(disk, writable=False, offset=9 * MiB)
@@ -442,21 +530,21 @@ def test_restore_over_a_file_shorter_than_the_ranges(tmp_path, saved):
     """The file grows as needed; what lies outside the ranges is never written."""
     tmp_path, mem, tgt, _ = saved
     out = tmp_path / "short"
-    out.write_bytes(b"\xaa" * 0x200000 + b"\xbb" * 1000)     # ends inside the 2nd range
+    out.write_bytes(b"\xaa" * 0x200000 + b"\xbb" * 1000)  # ends inside the 2nd range
     with ImageDevice(tgt, writable=False) as dev, FileMemorySink(out) as sink:
         restore.restore_image(dev, sink)
     got = out.read_bytes()
     for a, b in RANGES:
         assert got[a:b] == mem[a:b]
-    assert got[0x9f000:0x100000] == b"\xaa" * (0x100000 - 0x9f000)
-    assert got[0x2f0000:0x300000] == bytes(0x10000)            # never written: a hole
+    assert got[0x9F000:0x100000] == b"\xaa" * (0x100000 - 0x9F000)
+    assert got[0x2F0000:0x300000] == bytes(0x10000)  # never written: a hole
 
 
 def test_record_left_from_an_earlier_image_is_refused_before_it_is_written(tmp_path):
     """Two saves with the same layout; one record of the second never reached the disk, so
     the first image's record is still there: same index, place and length, valid CRCs."""
     rnd = random.Random(4)
-    mem1 = rnd.randbytes(1 * MiB)                 # incompressible: records keep their length
+    mem1 = rnd.randbytes(1 * MiB)  # incompressible: records keep their length
     mem2 = rnd.randbytes(1 * MiB)
     (tmp_path / "m1").write_bytes(mem1)
     (tmp_path / "m2").write_bytes(mem2)
@@ -466,7 +554,7 @@ def test_record_left_from_an_earlier_image_is_refused_before_it_is_written(tmp_p
         save.save_image(src, [(0, MiB)], dev, identity={}, mode="test", chunk_size=CHUNK)
     _, recs1 = _chunk_offsets(tgt)
     ch, off = recs1[5]
-    old = tgt.read_bytes()[off:off + ch.record_length]
+    old = tgt.read_bytes()[off : off + ch.record_length]
     with ImageDevice(tgt, writable=True) as dev, FileMemorySource(tmp_path / "m2") as src:
         save.save_image(src, [(0, MiB)], dev, identity={}, mode="test", chunk_size=CHUNK)
     _, recs2 = _chunk_offsets(tgt)
@@ -475,8 +563,8 @@ def test_record_left_from_an_earlier_image_is_refused_before_it_is_written(tmp_p
     with pytest.raises(ImageCorruptError, match="belongs to another image"):
         restore_into(tmp_path, tgt, size=MiB)
     got = (tmp_path / "restored").read_bytes()
-    assert got[:5 * CHUNK] == mem2[:5 * CHUNK]              # chunks before it: restored
-    assert got[5 * CHUNK:] == b"\xaa" * (MiB - 5 * CHUNK)     # it and after: untouched
+    assert got[: 5 * CHUNK] == mem2[: 5 * CHUNK]  # chunks before it: restored
+    assert got[5 * CHUNK :] == b"\xaa" * (MiB - 5 * CHUNK)  # it and after: untouched
 
 
 def test_restore_into_a_memory_file_that_does_not_exist_yet(saved):
@@ -491,7 +579,7 @@ def test_restore_into_a_memory_file_that_does_not_exist_yet(saved):
     assert len(got) == RANGES[-1][1]
     for a, b in RANGES:
         assert got[a:b] == mem[a:b]
-    assert got[:RANGES[0][0]] == bytes(RANGES[0][0])
+    assert got[: RANGES[0][0]] == bytes(RANGES[0][0])
 
 
 def test_file_sink_takes_aligned_and_unaligned_writes(tmp_path):
@@ -499,22 +587,23 @@ def test_file_sink_takes_aligned_and_unaligned_writes(tmp_path):
     write (odd offset or length, a bytes object, a slice that is not page-aligned) is still
     written, exactly."""
     import mmap as _mmap
+
     path = tmp_path / "mem"
     path.write_bytes(b"\x11" * (64 * 1024))
     m = _mmap.mmap(-1, 16 * 1024)
     m[:] = b"\x22" * len(m)
     with FileMemorySink(path) as sink:
-        sink.write(8192, memoryview(m))                  # aligned: direct when possible
-        sink.write(100, b"\x33" * 50)                    # unaligned bytes
-        sink.write(40960, memoryview(m)[4096:12288])     # aligned slice of an aligned buffer
-        sink.write(53248 + 10, memoryview(m)[10:4106])   # odd slice at an odd offset
+        sink.write(8192, memoryview(m))  # aligned: direct when possible
+        sink.write(100, b"\x33" * 50)  # unaligned bytes
+        sink.write(40960, memoryview(m)[4096:12288])  # aligned slice of an aligned buffer
+        sink.write(53248 + 10, memoryview(m)[10:4106])  # odd slice at an odd offset
         sink.flush()
     got = path.read_bytes()
     want = bytearray(b"\x11" * (64 * 1024))
-    want[8192:8192 + 16384] = b"\x22" * 16384
+    want[8192 : 8192 + 16384] = b"\x22" * 16384
     want[100:150] = b"\x33" * 50
-    want[40960:40960 + 8192] = b"\x22" * 8192
-    want[53258:53258 + 4096] = b"\x22" * 4096
+    want[40960 : 40960 + 8192] = b"\x22" * 8192
+    want[53258 : 53258 + 4096] = b"\x22" * 4096
     assert got == bytes(want)
     m.close()
 
@@ -538,13 +627,13 @@ class _KnowsItsZeros(FileMemorySource):
 
 def test_ranges_the_source_knows_are_zero_are_not_read_and_restore_as_zeros(tmp_path):
     mem = bytearray(make_memory(tmp_path / "mem", 1 * MiB))
-    free = [(0x40000, 0x80000)]                  # "free": garbage in the file, zero in the image
+    free = [(0x40000, 0x80000)]  # "free": garbage in the file, zero in the image
     tgt = tmp_path / "target"
     store.create_target(tgt, 4 * MiB)
-    with ImageDevice(tgt, writable=True) as dev, \
-            _KnowsItsZeros(tmp_path / "mem", free) as src:
-        stats = save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test",
-                                chunk_size=CHUNK, workers=2)
+    with ImageDevice(tgt, writable=True) as dev, _KnowsItsZeros(tmp_path / "mem", free) as src:
+        stats = save.save_image(
+            src, [(0, 1 * MiB)], dev, identity={}, mode="test", chunk_size=CHUNK, workers=2
+        )
     assert not [r for r in src.read_at if r[0] < 0x80000 and r[0] + r[1] > 0x40000]
     assert stats.zero_pages >= (0x80000 - 0x40000) // PAGE_SIZE
     rs, out = restore_into(tmp_path, tgt, size=1 * MiB)
@@ -556,26 +645,28 @@ def test_ranges_the_source_knows_are_zero_are_not_read_and_restore_as_zeros(tmp_
 class _KnowsItsFreeMemory(_KnowsItsZeros):
     """As the save kernel's source for a main kernel without init_on_free: the ranges it
     knows are free need not come back as zeros."""
+
     restore_zeros = False
 
 
 def test_free_records_are_left_as_found_and_everything_else_is_byte_exact(tmp_path):
     mem = bytearray(make_memory(tmp_path / "mem", 1 * MiB))
-    free = [(0x40000, 0x80000), (0xc0000, 0xd0000)]      # whole chunks: free records
+    free = [(0x40000, 0x80000), (0xC0000, 0xD0000)]  # whole chunks: free records
     tgt = tmp_path / "target"
     store.create_target(tgt, 4 * MiB)
-    with ImageDevice(tgt, writable=True) as dev, \
-            _KnowsItsFreeMemory(tmp_path / "mem", free) as src:
-        save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test",
-                        chunk_size=CHUNK, workers=2)
+    with ImageDevice(tgt, writable=True) as dev, _KnowsItsFreeMemory(tmp_path / "mem", free) as src:
+        save.save_image(
+            src, [(0, 1 * MiB)], dev, identity={}, mode="test", chunk_size=CHUNK, workers=2
+        )
     h, recs = _chunk_offsets(tgt)
     free_recs = [c for c, _ in recs if c.encoding == ENC_FREE]
     assert sorted((c.phys, c.phys + c.raw_length) for c in free_recs) == [
-        (p, p + CHUNK) for a, b in free for p in range(a, b, CHUNK)]
-    for workers in (1, 3):                 # a file sink: one chunk at a time, in order
+        (p, p + CHUNK) for a, b in free for p in range(a, b, CHUNK)
+    ]
+    for workers in (1, 3):  # a file sink: one chunk at a time, in order
         rs, out = restore_into(tmp_path, tgt, size=1 * MiB, workers=workers)
         got = out.read_bytes()
-        for a, b in free:                  # never written: the sink's old bytes are still there
+        for a, b in free:  # never written: the sink's old bytes are still there
             assert got[a:b] == b"\xaa" * (b - a)
         keep = bytearray(mem)
         for a, b in free:
@@ -590,16 +681,31 @@ def test_free_records_are_left_as_found_and_everything_else_is_byte_exact(tmp_pa
 def test_a_free_record_with_a_stored_page_or_a_payload_is_refused_before_any_write(tmp_path):
     from kjumpd.image.chunk import decode_chunk, zero_chunk
     from kjumpd.image.format import crc32
+
     enc = zero_chunk(0, 0, 8 * PAGE_SIZE, free=True)
     ch = ChunkHeader.unpack(enc.head)
-    bm = bytes([0x7f])                                   # page 7 "stored"
-    lying = ChunkHeader(encoding=ENC_FREE, pages=8, index=0, phys=0, raw_length=8 * PAGE_SIZE,
-                        payload_length=0, crc=crc32(b"", crc32(bm)))
+    bm = bytes([0x7F])  # page 7 "stored"
+    lying = ChunkHeader(
+        encoding=ENC_FREE,
+        pages=8,
+        index=0,
+        phys=0,
+        raw_length=8 * PAGE_SIZE,
+        payload_length=0,
+        crc=crc32(b"", crc32(bm)),
+    )
     with pytest.raises(ImageCorruptError, match="all-free chunk has non-zero pages"):
         decode_chunk(lying, bm, b"", 0)
     full = b"\xff"
-    padded = ChunkHeader(encoding=ENC_FREE, pages=8, index=0, phys=0, raw_length=8 * PAGE_SIZE,
-                         payload_length=3, crc=crc32(b"abc", crc32(full)))
+    padded = ChunkHeader(
+        encoding=ENC_FREE,
+        pages=8,
+        index=0,
+        phys=0,
+        raw_length=8 * PAGE_SIZE,
+        payload_length=3,
+        crc=crc32(b"abc", crc32(full)),
+    )
     with pytest.raises(ImageCorruptError, match="holds 3 payload bytes"):
         decode_chunk(padded, full, b"abc", 0)
     assert decode_chunk(ch, enc.head[CHUNK_HEADER_SIZE:], b"", 0) == bytes(8 * PAGE_SIZE)
@@ -609,19 +715,20 @@ def test_a_free_record_with_a_stored_page_or_a_payload_is_refused_before_any_wri
 def test_devmem_sink_leaves_free_records_untouched(tmp_path, workers):
     from kjumpd.agent.devmem import MemorySink
     from kjumpd.sysroot import Sysroot
+
     mem = make_memory(tmp_path / "mem", 4 * MiB)
     free = [(0x100000, 0x180000)]
     tgt = tmp_path / "target"
     store.create_target(tgt, 8 * MiB)
-    with ImageDevice(tgt, writable=True) as dev, \
-            _KnowsItsFreeMemory(tmp_path / "mem", free) as src:
-        save.save_image(src, RANGES, dev, identity={}, mode="test", chunk_size=CHUNK,
-                        workers=2)
+    with ImageDevice(tgt, writable=True) as dev, _KnowsItsFreeMemory(tmp_path / "mem", free) as src:
+        save.save_image(src, RANGES, dev, identity={}, mode="test", chunk_size=CHUNK, workers=2)
     (tmp_path / "dev").mkdir()
     out = tmp_path / "dev" / "mem"
     out.write_bytes(b"\xaa" * (4 * MiB))
-    with ImageDevice(tgt, writable=False) as dev, \
-            MemorySink(Sysroot(tmp_path), RANGES, window=MiB) as sink:
+    with (
+        ImageDevice(tgt, writable=False) as dev,
+        MemorySink(Sysroot(tmp_path), RANGES, window=MiB) as sink,
+    ):
         rs = restore.restore_image(dev, sink, workers=workers)
         sink.flush()
     got = out.read_bytes()
@@ -629,18 +736,21 @@ def test_devmem_sink_leaves_free_records_untouched(tmp_path, workers):
     for a, b in RANGES:
         for p in range(a, b, PAGE_SIZE):
             if not 0x100000 <= p < 0x180000:
-                assert got[p:p + PAGE_SIZE] == mem[p:p + PAGE_SIZE], hex(p)
+                assert got[p : p + PAGE_SIZE] == mem[p : p + PAGE_SIZE], hex(p)
     assert rs.stages["free_left"] == 0x80000
 
 
 def _devmem_restore(tmp_path, tgt, workers):
     from kjumpd.agent.devmem import MemorySink
     from kjumpd.sysroot import Sysroot
+
     (tmp_path / "dev").mkdir(exist_ok=True)
     out = tmp_path / "dev" / "mem"
     out.write_bytes(b"\xaa" * (4 * MiB))
-    with ImageDevice(tgt, writable=False) as dev, \
-            MemorySink(Sysroot(tmp_path), RANGES, hold=[(0, 0x80000)], window=MiB) as sink:
+    with (
+        ImageDevice(tgt, writable=False) as dev,
+        MemorySink(Sysroot(tmp_path), RANGES, hold=[(0, 0x80000)], window=MiB) as sink,
+    ):
         try:
             return restore.restore_image(dev, sink, workers=workers), out, sink
         finally:
@@ -655,13 +765,13 @@ def test_devmem_sink_restore_is_byte_exact_and_zero_chunks_come_back_as_zeros(sa
     held = {h.mem: h.data for h in sink.held_segments()}
     for a, b in RANGES:
         for p in range(a, b, PAGE_SIZE):
-            want = mem[p:p + PAGE_SIZE]
-            if p < 0x80000:                            # the sink held it back, untouched
-                assert got[p:p + PAGE_SIZE] == b"\xaa" * PAGE_SIZE
+            want = mem[p : p + PAGE_SIZE]
+            if p < 0x80000:  # the sink held it back, untouched
+                assert got[p : p + PAGE_SIZE] == b"\xaa" * PAGE_SIZE
                 seg = max(m for m in held if m <= p)
-                assert held[seg][p - seg:p - seg + PAGE_SIZE] == want
+                assert held[seg][p - seg : p - seg + PAGE_SIZE] == want
             else:
-                assert got[p:p + PAGE_SIZE] == want, hex(p)
+                assert got[p : p + PAGE_SIZE] == want, hex(p)
     assert rs.stages["write"] > 0 and rs.chunk_count == len(_chunk_offsets(tgt)[1])
 
 
@@ -677,9 +787,9 @@ def test_devmem_sink_writes_nothing_past_a_bad_chunk_whatever_the_workers(saved,
     got = (tmp_path / "dev" / "mem").read_bytes()
     for c, _ in recs[:k]:
         if c.phys >= 0x80000:
-            assert got[c.phys:c.phys + c.raw_length] == mem[c.phys:c.phys + c.raw_length]
+            assert got[c.phys : c.phys + c.raw_length] == mem[c.phys : c.phys + c.raw_length]
     for c, _ in recs[k:]:
-        assert got[c.phys:c.phys + c.raw_length] == b"\xaa" * c.raw_length
+        assert got[c.phys : c.phys + c.raw_length] == b"\xaa" * c.raw_length
 
 
 class _OneReaderAtATime:
@@ -701,7 +811,8 @@ class _OneReaderAtATime:
         self._enter()
         try:
             import time as _t
-            _t.sleep(0.0005)                 # widen the window a second reader would hit
+
+            _t.sleep(0.0005)  # widen the window a second reader would hit
             return self.inner.read(phys, length)
         finally:
             self.busy.release()
@@ -710,6 +821,7 @@ class _OneReaderAtATime:
         self._enter()
         try:
             import time as _t
+
             _t.sleep(0.0005)
             self.inner.readinto(phys, buf)
         finally:
@@ -723,8 +835,7 @@ def test_workers_never_read_the_source_at_the_same_time(tmp_path, with_readinto)
     store.create_target(tgt, 8 * MiB)
     src = _OneReaderAtATime(tmp_path / "mem", with_readinto)
     with ImageDevice(tgt, writable=True) as dev:
-        save.save_image(src, RANGES, dev, identity={}, mode="test", chunk_size=CHUNK,
-                        workers=4)
+        save.save_image(src, RANGES, dev, identity={}, mode="test", chunk_size=CHUNK, workers=4)
     src.inner.close()
     assert src.overlaps == 0
     _, out = restore_into(tmp_path, tgt)
@@ -737,15 +848,15 @@ def test_restore_into_a_sparse_memory_file_that_ends_inside_the_ranges(tmp_path)
     """All-zero chunks over a hole, over old data, at the old end and past it all read back
     as zeros; every data byte comes back exactly."""
     mem = bytearray(make_memory(tmp_path / "m0", 1 * MiB))
-    for i in (2, 3, 7, 12, 15):                # 64 KiB chunks that are all zero
-        mem[i * CHUNK:(i + 1) * CHUNK] = bytes(CHUNK)
+    for i in (2, 3, 7, 12, 15):  # 64 KiB chunks that are all zero
+        mem[i * CHUNK : (i + 1) * CHUNK] = bytes(CHUNK)
     (tmp_path / "mem").write_bytes(mem)
     tgt = tmp_path / "target"
     store.create_target(tgt, 4 * MiB)
     with ImageDevice(tgt, writable=True) as dev, FileMemorySource(tmp_path / "mem") as src:
         save.save_image(src, [(0, 1 * MiB)], dev, identity={}, mode="test", chunk_size=CHUNK)
     out = tmp_path / "sparse"
-    with open(out, "wb") as f:                 # old data, a hole at chunks 2-3, end at chunk 12
+    with open(out, "wb") as f:  # old data, a hole at chunks 2-3, end at chunk 12
         f.write(b"\xaa" * (2 * CHUNK))
         f.seek(4 * CHUNK)
         f.write(b"\xbb" * (8 * CHUNK))

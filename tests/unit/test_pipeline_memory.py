@@ -1,7 +1,8 @@
 """Bounded memory: the agent's peak RSS stays <= 64 MiB on an input far larger than that.
 
 The input is a 768 MiB memory file, sparse-ish (holes read as zero pages) with random and
-text-like regions spread over all of it; peak RSS is the agent's VmHWM (/proc/self/status) at its end.
+text-like regions spread over all of it; peak RSS is the agent's VmHWM (/proc/self/status) at its
+end.
 """
 
 from __future__ import annotations
@@ -26,19 +27,24 @@ def peak_rss(args: list[str]) -> tuple[int, int, str]:
     fork()ed child held until exec().
     """
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "kjumpd.agent.cli", *args, "--stats"], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "kjumpd.agent.cli", *args, "--stats"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if r.returncode:
         return r.returncode, 0, r.stderr
     stats = json.loads(r.stdout.strip().splitlines()[-1])
-    assert stats["peak_rss"] > 4 * MiB      # a real figure was read (Python alone is more)
+    assert stats["peak_rss"] > 4 * MiB  # a real figure was read (Python alone is more)
     return 0, stats["peak_rss"], r.stderr
 
 
 def test_save_and_restore_peak_rss_is_bounded(tmp_path):
     try:
         _save_and_restore(tmp_path)
-    finally:            # ~2 GB of files: do not leave them in pytest's kept temp dirs
+    finally:  # ~2 GB of files: do not leave them in pytest's kept temp dirs
         for p in tmp_path.iterdir():
             p.unlink()
 
@@ -48,13 +54,24 @@ def _save_and_restore(tmp_path):
     rnd = random.Random(5)
     with open(mem, "wb") as f:
         f.truncate(SIZE)
-        for off in range(0, SIZE, 8 * MiB):        # 1 MiB random + 1 MiB text every 8 MiB
+        for off in range(0, SIZE, 8 * MiB):  # 1 MiB random + 1 MiB text every 8 MiB
             f.seek(off)
             f.write(rnd.randbytes(MiB))
             f.write((b"struct page %d " % off * 70000)[:MiB])
     img = tmp_path / "img"
-    rc, rss, err = peak_rss(["save", "--memory", str(mem), "--ranges", f"0-{SIZE}",
-                             "--target", str(img), "--target-size", str(400 * MiB)])
+    rc, rss, err = peak_rss(
+        [
+            "save",
+            "--memory",
+            str(mem),
+            "--ranges",
+            f"0-{SIZE}",
+            "--target",
+            str(img),
+            "--target-size",
+            str(400 * MiB),
+        ]
+    )
     assert rc == 0, err
     assert rss <= LIMIT, f"save peak RSS {rss / MiB:.1f} MiB > 64 MiB"
     out = tmp_path / "out"

@@ -21,11 +21,11 @@ def test_on_ac_or_without_battery_stay_in_ram_without_alarm():
 
 def test_alarm_at_the_time_the_battery_reaches_the_floor():
     d = decide(bat(50, 3600), NOW, 10, 300, None)
-    assert d.action == "sleep" and d.alarm == NOW + 2880     # 40% of 50% of an hour
+    assert d.action == "sleep" and d.alarm == NOW + 2880  # 40% of 50% of an hour
 
 
 def test_alarm_is_never_sooner_than_the_rearm_minimum():
-    d = decide(bat(10.5, 3600), NOW, 10, 300, None)     # floor in 171 s
+    d = decide(bat(10.5, 3600), NOW, 10, 300, None)  # floor in 171 s
     assert d.alarm == NOW + 300
 
 

@@ -7,15 +7,29 @@ import json
 import uuid as uuidlib
 
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from kjumpd.errors import ConfigError
 from kjumpd.fsstamp import FsStamp
 from kjumpd.linux import cmdline
-from kjumpd.restorefirst import (BootConfig, BootNormal, CODES, Evidence, Expected, HeaderView,
-                                 Invalidate, KernelSpec, Restore, check_stamps, decide, explain,
-                                 normal_kexec_args, restore_cmdline,
-                                 restore_kexec_args)
+from kjumpd.restorefirst import (
+    CODES,
+    BootConfig,
+    BootNormal,
+    Evidence,
+    Expected,
+    HeaderView,
+    Invalidate,
+    KernelSpec,
+    Restore,
+    check_stamps,
+    decide,
+    explain,
+    normal_kexec_args,
+    restore_cmdline,
+    restore_kexec_args,
+)
 
 TARGET = "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e"
 HASH = "sha256:" + "ab" * 32
@@ -39,8 +53,13 @@ def current(*stamps: FsStamp) -> dict:
 
 
 def evidence(**kw) -> Evidence:
-    d = dict(target_found=True, target_uuid=TARGET, header=header(),
-             fs_stamps=[ROOT.to_dict(), DATA.to_dict()], current=current(ROOT, DATA))
+    d = dict(
+        target_found=True,
+        target_uuid=TARGET,
+        header=header(),
+        fs_stamps=[ROOT.to_dict(), DATA.to_dict()],
+        current=current(ROOT, DATA),
+    )
     d.update(kw)
     return Evidence(**d)
 
@@ -85,7 +104,9 @@ def test_an_interrupted_save_is_invalidated() -> None:
 
 
 def test_metadata_and_chunk_table_damage_is_refused() -> None:
-    assert code(decide(evidence(metadata_error="checksum mismatch", fs_stamps=None), EXP)) == "corrupt"
+    assert (
+        code(decide(evidence(metadata_error="checksum mismatch", fs_stamps=None), EXP)) == "corrupt"
+    )
     assert code(decide(evidence(chunks_error="record 3: magic"), EXP)) == "corrupt"
 
 
@@ -139,8 +160,9 @@ def test_reason_fits_the_header() -> None:
 
 # ------------------------------------------------ property: only a clean image restores
 
-states = st.sampled_from(["EMPTY", "WRITING", "SAVED", "RESTORING", "CONSUMED", "ABORTED",
-                          "INVALID", "BOGUS"])
+states = st.sampled_from(
+    ["EMPTY", "WRITING", "SAVED", "RESTORING", "CONSUMED", "ABORTED", "INVALID", "BOGUS"]
+)
 hashes = st.sampled_from([HASH, "sha256:" + "cd" * 32, ""])
 areas = st.sampled_from([AREA, (0x30000000, 128 << 20), (0x20000000, 64 << 20)])
 field_vals = st.integers(0, 3)
@@ -152,22 +174,35 @@ def any_evidence(draw) -> Evidence:
         return Evidence(target_found=False)
     hv = None
     if draw(st.integers(0, 9)):
-        hv = header(draw(states), draw(st.integers(0, 5)),
-                    uuid=draw(st.sampled_from([TARGET, str(uuidlib.UUID(int=3))])),
-                    save_kernel_hash=draw(hashes), jump_area=draw(areas))
-    recorded = [FsStamp(f"/dev/vd{i}", "ext4", str(uuidlib.UUID(int=i + 10)),
-                        {"mount_count": draw(field_vals)}) for i in range(draw(st.integers(0, 3)))]
+        hv = header(
+            draw(states),
+            draw(st.integers(0, 5)),
+            uuid=draw(st.sampled_from([TARGET, str(uuidlib.UUID(int=3))])),
+            save_kernel_hash=draw(hashes),
+            jump_area=draw(areas),
+        )
+    recorded = [
+        FsStamp(
+            f"/dev/vd{i}", "ext4", str(uuidlib.UUID(int=i + 10)), {"mount_count": draw(field_vals)}
+        )
+        for i in range(draw(st.integers(0, 3)))
+    ]
     cur: dict = {}
     for r in recorded:
         for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
             cur.setdefault(r.key, []).append(
-                FsStamp("/dev/x", r.fstype, r.uuid, {"mount_count": draw(field_vals)}))
-    return Evidence(target_found=True, target_uuid=TARGET, header=hv,
-                    fs_stamps=[r.to_dict() for r in recorded] if draw(st.integers(0, 9)) else None,
-                    metadata_error=draw(st.sampled_from(["", "", "", "bad crc"])),
-                    chunks_error=draw(st.sampled_from(["", "", "", "torn"])),
-                    setup_error=draw(st.sampled_from(["", "", "", "bad hash"])),
-                    current=cur)
+                FsStamp("/dev/x", r.fstype, r.uuid, {"mount_count": draw(field_vals)})
+            )
+    return Evidence(
+        target_found=True,
+        target_uuid=TARGET,
+        header=hv,
+        fs_stamps=[r.to_dict() for r in recorded] if draw(st.integers(0, 9)) else None,
+        metadata_error=draw(st.sampled_from(["", "", "", "bad crc"])),
+        chunks_error=draw(st.sampled_from(["", "", "", "torn"])),
+        setup_error=draw(st.sampled_from(["", "", "", "bad hash"])),
+        current=cur,
+    )
 
 
 @settings(max_examples=600)
@@ -176,13 +211,20 @@ def test_restore_happens_only_when_every_guard_holds(ev: Evidence, max_attempts:
     exp = Expected(HASH, AREA, max_attempts)
     d = decide(ev, exp)
     assert isinstance(d, (Restore, BootNormal, Invalidate))
-    clean = (ev.target_found and ev.header is not None
-             and ev.header.state in ("SAVED", "RESTORING") and ev.header.uuid == TARGET
-             and ev.fs_stamps is not None and not ev.metadata_error and not ev.chunks_error
-             and not ev.setup_error
-             and (ev.header.attempt if ev.header.state == "RESTORING" else 0) < max_attempts
-             and ev.header.save_kernel_hash == HASH and ev.header.jump_area == AREA
-             and check_stamps(ev.fs_stamps, ev.current) is None)
+    clean = (
+        ev.target_found
+        and ev.header is not None
+        and ev.header.state in ("SAVED", "RESTORING")
+        and ev.header.uuid == TARGET
+        and ev.fs_stamps is not None
+        and not ev.metadata_error
+        and not ev.chunks_error
+        and not ev.setup_error
+        and (ev.header.attempt if ev.header.state == "RESTORING" else 0) < max_attempts
+        and ev.header.save_kernel_hash == HASH
+        and ev.header.jump_area == AREA
+        and check_stamps(ev.fs_stamps, ev.current) is None
+    )
     assert isinstance(d, Restore) == clean
     if isinstance(d, Restore):
         prev = ev.header.attempt if ev.header.state == "RESTORING" else 0
@@ -194,9 +236,11 @@ def test_restore_happens_only_when_every_guard_holds(ev: Evidence, max_attempts:
 @given(any_evidence())
 def test_a_restore_never_follows_a_changed_filesystem(ev: Evidence) -> None:
     assume(ev.fs_stamps)
-    changed = any(len(ev.current.get((r["fstype"], r["uuid"]), [])) != 1 or
-                  ev.current[(r["fstype"], r["uuid"])][0].fields != r["fields"]
-                  for r in ev.fs_stamps)
+    changed = any(
+        len(ev.current.get((r["fstype"], r["uuid"]), [])) != 1
+        or ev.current[(r["fstype"], r["uuid"])][0].fields != r["fields"]
+        for r in ev.fs_stamps
+    )
     if changed:
         assert not isinstance(decide(ev, EXP), Restore)
 
@@ -216,30 +260,60 @@ def test_explain_names_the_refusal() -> None:
 
 
 def config(**kw) -> BootConfig:
-    d = dict(target_uuid=TARGET, target_offset=1 << 20,
-             normal=KernelSpec("/boot/vmlinuz", "/boot/initrd.img", "root=/dev/vda ro quiet kjump.rf=old"),
-             save=KernelSpec("/kjump/save/bzImage", "/kjump/save/initrd.cpio.gz",
-                             "console=ttyS0 nokaslr panic=1 memmap=1G@0"),
-             save_hash=HASH, save_kernel_sha256="1" * 64, save_initrd_sha256="2" * 64,
-             jump_area=AREA, max_attempts=3)
+    d = dict(
+        target_uuid=TARGET,
+        target_offset=1 << 20,
+        normal=KernelSpec(
+            "/boot/vmlinuz", "/boot/initrd.img", "root=/dev/vda ro quiet kjump.rf=old"
+        ),
+        save=KernelSpec(
+            "/kjump/save/bzImage",
+            "/kjump/save/initrd.cpio.gz",
+            "console=ttyS0 nokaslr panic=1 memmap=1G@0",
+        ),
+        save_hash=HASH,
+        save_kernel_sha256="1" * 64,
+        save_initrd_sha256="2" * 64,
+        jump_area=AREA,
+        max_attempts=3,
+    )
     d.update(kw)
     return BootConfig(**d)
 
 
-@given(st.integers(0, 2**40).map(lambda x: x * 4096), st.integers(1, 100),
-       st.one_of(st.none(), st.text(min_size=1, max_size=20)), st.text(max_size=60))
+@given(
+    st.integers(0, 2**40).map(lambda x: x * 4096),
+    st.integers(1, 100),
+    st.one_of(st.none(), st.text(min_size=1, max_size=20)),
+    st.text(max_size=60),
+)
 def test_boot_config_round_trips(offset: int, attempts: int, initrd, cmdline: str) -> None:
-    c = config(target_offset=offset, max_attempts=attempts,
-               normal=KernelSpec("/boot/vmlinuz", initrd, cmdline))
+    c = config(
+        target_offset=offset,
+        max_attempts=attempts,
+        normal=KernelSpec("/boot/vmlinuz", initrd, cmdline),
+    )
     assert BootConfig.from_json(c.to_json()) == c
 
 
-@pytest.mark.parametrize("path,value", [
-    (("version",), 2), (("target", "uuid"), "NOT-A-UUID"), (("target", "offset"), 100),
-    (("target", "offset"), -4096), (("save", "hash"), "md5:00"), (("save", "kernel_sha256"), "x"),
-    (("jump_area",), [0x20000000]), (("jump_area",), [1, 4096]), (("max_attempts",), 0),
-    (("normal", "kernel"), ""), (("normal", "initrd"), 5), (("normal",), None), (("save", "kernel"), None),
-])
+@pytest.mark.parametrize(
+    "path,value",
+    [
+        (("version",), 2),
+        (("target", "uuid"), "NOT-A-UUID"),
+        (("target", "offset"), 100),
+        (("target", "offset"), -4096),
+        (("save", "hash"), "md5:00"),
+        (("save", "kernel_sha256"), "x"),
+        (("jump_area",), [0x20000000]),
+        (("jump_area",), [1, 4096]),
+        (("max_attempts",), 0),
+        (("normal", "kernel"), ""),
+        (("normal", "initrd"), 5),
+        (("normal",), None),
+        (("save", "kernel"), None),
+    ],
+)
 def test_a_damaged_boot_config_is_a_clear_error(path, value) -> None:
     d = json.loads(config().to_json())
     node = d
@@ -261,8 +335,14 @@ def test_garbage_boot_config_never_crashes(blob: bytes) -> None:
 
 def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
     args = restore_kexec_args(config(), 2)
-    assert args[:6] == ["kexec", "-l", "--no-checks", "--mem-min=0x20000000",
-                        "--mem-max=0x27ffffff", "/kjump/save/bzImage"]
+    assert args[:6] == [
+        "kexec",
+        "-l",
+        "--no-checks",
+        "--mem-min=0x20000000",
+        "--mem-max=0x27ffffff",
+        "/kjump/save/bzImage",
+    ]
     assert "--initrd=/kjump/save/initrd.cpio.gz" in args
     kv = cmdline.params(args[-1].split("=", 1)[1])
     assert kv["kjump.role"] == "restore" and kv["kjump.target"] == TARGET
@@ -271,25 +351,52 @@ def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
     assert "memmap=exactmap memmap=512K@0K memmap=131072K@524288K" in line
     # B restores without legacy ptys (0.8 s of pty_init under TCG), exactly once
     assert line.split().count("pty.legacy_count=0") == 1
-    assert restore_cmdline(dataclasses.replace(config(), save=dataclasses.replace(
-        config().save, cmdline=config().save.cmdline + " pty.legacy_count=0")), 2) == line
+    assert (
+        restore_cmdline(
+            dataclasses.replace(
+                config(),
+                save=dataclasses.replace(
+                    config().save, cmdline=config().save.cmdline + " pty.legacy_count=0"
+                ),
+            ),
+            2,
+        )
+        == line
+    )
     assert "memmap=1G@0" not in line and "-c" not in args and "--load-preserve-context" not in args
 
 
 def test_the_normal_kernel_gets_its_own_command_line() -> None:
     args = normal_kexec_args(config(), "invalid:stale")
-    assert args == ["kexec", "-l", "--no-checks", "/boot/vmlinuz", "--initrd=/boot/initrd.img",
-                    "--append=root=/dev/vda ro quiet kjump.rf=invalid:stale"]
+    assert args == [
+        "kexec",
+        "-l",
+        "--no-checks",
+        "/boot/vmlinuz",
+        "--initrd=/boot/initrd.img",
+        "--append=root=/dev/vda ro quiet kjump.rf=invalid:stale",
+    ]
     no_initrd = config(normal=KernelSpec("/boot/vmlinuz", None, "root=/dev/vda"))
-    assert normal_kexec_args(no_initrd) == ["kexec", "-l", "--no-checks", "/boot/vmlinuz",
-                                            "--append=root=/dev/vda"]
+    assert normal_kexec_args(no_initrd) == [
+        "kexec",
+        "-l",
+        "--no-checks",
+        "/boot/vmlinuz",
+        "--append=root=/dev/vda",
+    ]
 
 
 def test_the_normal_command_line_drops_per_boot_words() -> None:
     import sys
     from pathlib import Path
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from bootloader.initramfs import normal_cmdline
-    assert normal_cmdline("BOOT_IMAGE=/vmlinuz-6.1 root=UUID=ab ro quiet kjump.rf=invalid:stale "
-                          "crashkernel=128M@0x20000000 initrd=/x") == \
-        "root=UUID=ab ro quiet crashkernel=128M@0x20000000"
+    from kjumpd.bootentry import normal_cmdline
+
+    assert (
+        normal_cmdline(
+            "BOOT_IMAGE=/vmlinuz-6.1 root=UUID=ab ro quiet kjump.rf=invalid:stale "
+            "crashkernel=128M@0x20000000 initrd=/x"
+        )
+        == "root=UUID=ab ro quiet crashkernel=128M@0x20000000"
+    )

@@ -8,19 +8,25 @@ import socket
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kjumpd import authz, daemon, sdnotify
 from kjumpd.errors import ConfigError
 
 
-@given(st.dictionaries(st.from_regex(r"[A-Z_]{1,12}", fullmatch=True),
-                       st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
-                       min_size=1, max_size=5))
+@given(
+    st.dictionaries(
+        st.from_regex(r"[A-Z_]{1,12}", fullmatch=True),
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+        min_size=1,
+        max_size=5,
+    )
+)
 def test_a_message_is_one_assignment_per_line(fields) -> None:
     msg = sdnotify.format_message(fields).decode()
     assert msg.endswith("\n")
-    lines = msg[:-1].split("\n")          # the receiver splits on newlines only
+    lines = msg[:-1].split("\n")  # the receiver splits on newlines only
     assert lines == [f"{k}={v.replace(chr(10), ' ')}" for k, v in fields.items()]
 
 
@@ -29,12 +35,17 @@ def test_abstract_socket_names() -> None:
     assert sdnotify.socket_address("/run/systemd/notify") == "/run/systemd/notify"
 
 
-@pytest.mark.parametrize("env, interval", [
-    ({}, None), ({"WATCHDOG_USEC": "60000000"}, 30.0),
-    ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": str(os.getpid())}, 30.0),
-    ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}, None),
-    ({"WATCHDOG_USEC": "junk"}, None), ({"WATCHDOG_USEC": "0"}, None),
-])
+@pytest.mark.parametrize(
+    "env, interval",
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "60000000"}, 30.0),
+        ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": str(os.getpid())}, 30.0),
+        ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}, None),
+        ({"WATCHDOG_USEC": "junk"}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+    ],
+)
 def test_watchdog_interval_is_half_the_timeout_for_this_pid(env, interval) -> None:
     assert sdnotify.watchdog_interval(env, os.getpid()) == interval
 
@@ -54,15 +65,17 @@ def test_notifier_sends_datagrams_and_is_a_no_op_without_a_socket(tmp_path: Path
     off = sdnotify.Notifier({})
     assert not off.enabled and not off.ready("x") and not off.ping()
     gone = sdnotify.Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
-    assert gone.ready() is False       # a warning in the log, never an exception
+    assert gone.ready() is False  # a warning in the log, never an exception
 
 
 def test_journal_lines_have_a_priority_per_line() -> None:
     f = daemon.JournalFormatter("%(name)s: %(message)s")
     rec = logging.LogRecord("kjumpd", logging.WARNING, __file__, 1, "two\nlines", (), None)
     assert f.format(rec) == "<4>kjumpd: two\n<4>lines"
-    assert [daemon.journal_priority(l) for l in (logging.DEBUG, logging.INFO, logging.WARNING,
-                                                  logging.ERROR, logging.CRITICAL)] == [7, 6, 4, 3, 2]
+    assert [
+        daemon.journal_priority(ln)
+        for ln in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+    ] == [7, 6, 4, 3, 2]
 
 
 def test_journal_stream_must_name_our_stderr(tmp_path: Path) -> None:
@@ -100,7 +113,7 @@ def test_a_receiver_that_does_not_read_never_blocks_the_daemon(tmp_path: Path) -
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(str(path))
     n = sdnotify.Notifier({"NOTIFY_SOCKET": str(path)})
-    sent = [n.status(f"state {i}") for i in range(2000)]   # far beyond the queue length
+    sent = [n.status(f"state {i}") for i in range(2000)]  # far beyond the queue length
     assert sent[0] is True and sent[-1] is False
     n.close()
     rx.close()

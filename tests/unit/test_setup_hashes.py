@@ -15,8 +15,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kjumpd.cli", *args], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kjumpd.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
 
 
 def tree(tmp_path: Path) -> tuple[Path, Path, str, str]:
@@ -27,10 +32,15 @@ def tree(tmp_path: Path) -> tuple[Path, Path, str, str]:
     k.write_bytes(b"MZ save kernel" * 1000)
     i.write_bytes(b"\x1f\x8b save initramfs" * 1000)
     conf = tmp_path / "kjumpd.toml"
-    conf.write_text('[save_kernel]\nkernel = "/boot/kjump/bzImage"\n'
-                    'initramfs = "/boot/kjump/initramfs.img"\n')
-    return root, conf, hashlib.sha256(k.read_bytes()).hexdigest(), \
-        hashlib.sha256(i.read_bytes()).hexdigest()
+    conf.write_text(
+        '[save_kernel]\nkernel = "/boot/kjump/bzImage"\ninitramfs = "/boot/kjump/initramfs.img"\n'
+    )
+    return (
+        root,
+        conf,
+        hashlib.sha256(k.read_bytes()).hexdigest(),
+        hashlib.sha256(i.read_bytes()).hexdigest(),
+    )
 
 
 def test_prints_the_lines_that_make_the_config_match(tmp_path: Path) -> None:
@@ -40,7 +50,8 @@ def test_prints_the_lines_that_make_the_config_match(tmp_path: Path) -> None:
     assert f'kernel_sha256 = "{kh}"' in r.stdout and f'initramfs_sha256 = "{ih}"' in r.stdout
     # pasting the printed lines into the [save_kernel] table gives a config preflight accepts
     pasted = conf.read_text() + "".join(
-        line.strip() + "\n" for line in r.stdout.splitlines() if line.startswith("  "))
+        line.strip() + "\n" for line in r.stdout.splitlines() if line.startswith("  ")
+    )
     cfg = config.loads(pasted)
     assert (cfg.save_kernel_sha256, cfg.save_initramfs_sha256) == (kh, ih)
     conf.write_text(pasted)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.vm import rootfs, scenarios, workload
 
@@ -17,14 +18,15 @@ def test_workload_data_is_deterministic_distinct_and_sized():
     c = b"".join(workload.expected_chunks(8, (3 << 20) + 4096))
     assert a == b and a != c
     assert len(a) == (3 << 20) + 4096
-    pages = {a[i:i + 4096] for i in range(0, len(a), 4096)}
-    assert len(pages) == len(a) // 4096           # no two pages alike: zero elision/dedup can't cheat
+    pages = {a[i : i + 4096] for i in range(0, len(a), 4096)}
+    assert len(pages) == len(a) // 4096  # no two pages alike: zero elision/dedup can't cheat
     assert workload.expected_digest(7, len(a)) == hashlib.sha256(a).hexdigest()
 
 
 def _status(counter: int, digest: str, pid: int = 10, start: float = 1.0) -> workload.Status:
-    return workload.Status(pid=pid, start_time=start, counter=counter, size=4096, seed=1,
-                           mlocked=True, sha256=digest)
+    return workload.Status(
+        pid=pid, start_time=start, counter=counter, size=4096, seed=1, mlocked=True, sha256=digest
+    )
 
 
 def test_verdict_passes_only_for_same_process_same_data_counter_moving():
@@ -41,14 +43,24 @@ def test_verdict_passes_only_for_same_process_same_data_counter_moving():
     assert not ok and "not reachable" in line
 
 
-_word = st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters='"='),
-                min_size=1, max_size=20)
+_word = st.text(
+    st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters='"='),
+    min_size=1,
+    max_size=20,
+)
 
 
-@given(extra=st.dictionaries(st.from_regex(r"[a-z_]{1,10}", fullmatch=True), _word, max_size=5),
-       problems=st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=126,
-                                               blacklist_characters='"'), min_size=1,
-                                 max_size=30), max_size=3))
+@given(
+    extra=st.dictionaries(st.from_regex(r"[a-z_]{1,10}", fullmatch=True), _word, max_size=5),
+    problems=st.lists(
+        st.text(
+            st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters='"'),
+            min_size=1,
+            max_size=30,
+        ),
+        max_size=3,
+    ),
+)
 def test_verdict_line_round_trips(extra, problems):
     extra.pop("scenario", None)
     extra.pop("reason", None)
@@ -84,8 +96,10 @@ menuentry 'kjumpd: resume from hibernation' --class kjumpd --id kjumpd-restore {
 
 def test_grub_entry_reader_takes_the_restore_entry_not_the_first():
     assert scenarios.parse_grub_entry(GRUB_CFG) == (
-        "/boot/kjumpd/vmlinuz-restore", "/boot/kjumpd/initrd-restore.img",
-        "kjump.target=0b7c kjump.offset=276824064")
+        "/boot/kjumpd/vmlinuz-restore",
+        "/boot/kjumpd/initrd-restore.img",
+        "kjump.target=0b7c kjump.offset=276824064",
+    )
     assert scenarios.parse_grub_entry(GRUB_CFG, "nope") is None
     assert scenarios.parse_grub_entry("menuentry 'x' --id kjumpd-restore {\n linux /k\n}\n") is None
 
@@ -100,7 +114,7 @@ def test_guest_image_key_follows_every_payload_byte(tmp_path: Path):
     assert p.digest() == first
     (pkg / "__pycache__").mkdir()
     (pkg / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
-    assert p.digest() == first                      # caches do not rebuild the image
+    assert p.digest() == first  # caches do not rebuild the image
     (pkg / "a.py").write_text("x = 2\n")
     assert p.digest() != first
 
@@ -113,6 +127,7 @@ def test_tree_key_changes_with_the_package_list(monkeypatch):
 
 def _aged(path: Path, hours_ago: float, now: float, size: int = 1) -> Path:
     import os
+
     path.write_bytes(b"x" * size)
     os.utime(path, (now - hours_ago * 3600, now - hours_ago * 3600))
     return path
@@ -121,6 +136,7 @@ def _aged(path: Path, hours_ago: float, now: float, size: int = 1) -> Path:
 def test_old_guest_images_are_pruned_with_their_prepared_layers(tmp_path: Path):
     """A day of changes under kjumpd/ made dozens of 2.5 GiB images and filled the disk."""
     from tests.vm import rootfs
+
     now = 1_000_000.0
     ages = {"a": 0.1, "b": 0.2, "c": 0.5, "d": 1.0, "e": 3.0, "f": 5.0}  # hours since last use
     for key, h in ages.items():
@@ -131,8 +147,9 @@ def test_old_guest_images_are_pruned_with_their_prepared_layers(tmp_path: Path):
     # the four newest stay (all used within PRUNE_AGE); the two old ones go, with their layers
     assert sorted(p.name for p in gone) == ["image-e.raw", "image-f.raw"]
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(f"image-{k}{ext}" for k in "abcd"
-                          for ext in (".raw", ".prepared.qcow2", ".prepare"))
+    assert left == sorted(
+        f"image-{k}{ext}" for k in "abcd" for ext in (".raw", ".prepared.qcow2", ".prepare")
+    )
     # never more than MAX_IMAGES, even when all are in use: the oldest go first
     for key in "ghi":
         _aged(tmp_path / f"image-{key}.raw", 0.01, now)
@@ -148,15 +165,24 @@ def test_old_guest_images_are_pruned_with_their_prepared_layers(tmp_path: Path):
 
 def test_old_initramfs_archives_are_pruned_per_name(tmp_path: Path):
     from savekernel import initramfs
+
     now = 1_000_000.0
     for i, h in enumerate([0.1, 0.5, 3, 4, 5]):
         _aged(tmp_path / f"save-{i:04x}abcd.cpio.lz4", h, now)
         _aged(tmp_path / f"save-{i:04x}abcd.json", h, now)
-    _aged(tmp_path / "save-extra-0000aaaa.cpio.lz4", 9, now)     # another name: not touched
+    _aged(tmp_path / "save-extra-0000aaaa.cpio.lz4", 9, now)  # another name: not touched
     _aged(tmp_path / "restore-0000bbbb.cpio.lz4", 9, now)
     gone = initramfs.prune_cache(tmp_path, "save", now=now)
-    assert sorted(p.name for p in gone) == ["save-0002abcd.cpio.lz4", "save-0003abcd.cpio.lz4",
-                                            "save-0004abcd.cpio.lz4"]
+    assert sorted(p.name for p in gone) == [
+        "save-0002abcd.cpio.lz4",
+        "save-0003abcd.cpio.lz4",
+        "save-0004abcd.cpio.lz4",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "restore-0000bbbb.cpio.lz4", "save-0000abcd.cpio.lz4", "save-0000abcd.json",
-        "save-0001abcd.cpio.lz4", "save-0001abcd.json", "save-extra-0000aaaa.cpio.lz4"]
+        "restore-0000bbbb.cpio.lz4",
+        "save-0000abcd.cpio.lz4",
+        "save-0000abcd.json",
+        "save-0001abcd.cpio.lz4",
+        "save-0001abcd.json",
+        "save-extra-0000aaaa.cpio.lz4",
+    ]

@@ -5,7 +5,8 @@ tests/sysroot/test_initramfs.py)."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kjumpd import zstdframe
 from kjumpd.errors import ImageFormatError
@@ -16,7 +17,7 @@ def make_frame(blocks: list[tuple[int, bytes]], size: int | None, checksum: bool
     if size is None:
         desc, fcs = 0x00, b""
     elif size < 256:
-        desc, fcs = 0x20, size.to_bytes(1, "little")          # single segment, 1-byte size
+        desc, fcs = 0x20, size.to_bytes(1, "little")  # single segment, 1-byte size
     elif size < 65536 + 256:
         desc, fcs = 0x40, (size - 256).to_bytes(2, "little")
     else:
@@ -32,9 +33,16 @@ def make_frame(blocks: list[tuple[int, bytes]], size: int | None, checksum: bool
     return out + (b"\xaa\xbb\xcc\xdd" if checksum else b"")
 
 
-@given(st.lists(st.tuples(st.sampled_from([0, 1]), st.binary(min_size=1, max_size=300)),
-                min_size=1, max_size=6),
-       st.booleans(), st.booleans(), st.binary(max_size=20))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0, 1]), st.binary(min_size=1, max_size=300)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.booleans(),
+    st.booleans(),
+    st.binary(max_size=20),
+)
 def test_frame_length_and_content_size(blocks, with_size, checksum, trailer):
     total = sum(len(b) for _, b in blocks)
     blob = make_frame(blocks, total if with_size else None, checksum)
@@ -50,14 +58,22 @@ def test_every_content_size_field_width(size):
     assert zstdframe.frame(blob).content_size == size
 
 
-@pytest.mark.parametrize("blob,what", [
-    (b"\x1f\x8b\x08\x00", "not a zstd frame"),
-    (zstdframe.MAGIC, "truncated"),
-    (make_frame([(0, b"abc")], 3, False)[:-2], "truncated"),
-    (make_frame([(0, b"abc")], 3, True)[:-1], "truncated"),
-    (zstdframe.MAGIC + b"\x20\x03" + (1 | (3 << 1) | (3 << 3)).to_bytes(3, "little") + b"abc",
-     "reserved block type"),
-])
+@pytest.mark.parametrize(
+    "blob,what",
+    [
+        (b"\x1f\x8b\x08\x00", "not a zstd frame"),
+        (zstdframe.MAGIC, "truncated"),
+        (make_frame([(0, b"abc")], 3, False)[:-2], "truncated"),
+        (make_frame([(0, b"abc")], 3, True)[:-1], "truncated"),
+        (
+            zstdframe.MAGIC
+            + b"\x20\x03"
+            + (1 | (3 << 1) | (3 << 3)).to_bytes(3, "little")
+            + b"abc",
+            "reserved block type",
+        ),
+    ],
+)
 def test_bad_frames_are_named(blob, what):
     with pytest.raises(ImageFormatError) as ei:
         zstdframe.frame(blob)

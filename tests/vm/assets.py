@@ -1,4 +1,5 @@
-"""Everything the VM tier boots, built when missing and cached under ${KJUMPD_CACHE:-~/.cache/kjumpd}.
+"""Everything the VM tier boots, built when missing and cached under
+${KJUMPD_CACHE:-~/.cache/kjumpd}.
 
 ``python -m tests.vm.assets`` (run by `make vm-assets`, `make test`, `make demo`):
   - the CONFIG_KEXEC_JUMP kernel (savekernel/build-kernel.sh; one bzImage serves as A, B and R),
@@ -57,11 +58,17 @@ class Assets:
 
     def require(self, *names: str) -> None:
         """Raise AssetError naming every requested piece that is missing."""
-        gone = [f"{n}: {self.missing.get(n, 'not built')}" for n in names
-                if not getattr(self, n) or not Path(getattr(self, n)).exists()]
+        gone = [
+            f"{n}: {self.missing.get(n, 'not built')}"
+            for n in names
+            if not getattr(self, n) or not Path(getattr(self, n)).exists()
+        ]
         if gone:
-            raise AssetError("VM assets missing", why="; ".join(gone),
-                             fix="run `make vm-assets` and read its output")
+            raise AssetError(
+                "VM assets missing",
+                why="; ".join(gone),
+                fix="run `make vm-assets` and read its output",
+            )
 
 
 def manifest_path() -> Path:
@@ -86,8 +93,11 @@ def build_kernel() -> Path:
         proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not out or not Path(out[-1]).is_file():
-        raise AssetError("kernel build failed", why=f"{script} exited {proc.returncode}",
-                         fix="read its output above")
+        raise AssetError(
+            "kernel build failed",
+            why=f"{script} exited {proc.returncode}",
+            fix="read its output above",
+        )
     return Path(out[-1])
 
 
@@ -95,24 +105,29 @@ def build_save_initramfs() -> Path:
     try:
         mod = importlib.import_module("savekernel.initramfs")
     except ImportError as err:
-        raise AssetError("B's initramfs builder is missing", why=str(err),
-                         fix="see savekernel/initramfs.py") from err
+        raise AssetError(
+            "B's initramfs builder is missing", why=str(err), fix="see savekernel/initramfs.py"
+        ) from err
     return Path(mod.build_save_initramfs().path)
 
 
 def build_restore_initramfs() -> Path:
     """R's initramfs, from bootloader/."""
-    for name, fn in (("bootloader.initramfs", "build_restore_initramfs"),
-                     ("savekernel.initramfs", "build_restore_initramfs")):
+    for name, fn in (
+        ("bootloader.initramfs", "build_restore_initramfs"),
+        ("savekernel.initramfs", "build_restore_initramfs"),
+    ):
         try:
             mod = importlib.import_module(name)
         except ImportError:
             continue
         if hasattr(mod, fn):
             return Path(getattr(mod, fn)().path)
-    raise AssetError("the restore-first initramfs builder is missing",
-                     why="neither bootloader.initramfs nor savekernel.initramfs has "
-                         "build_restore_initramfs()", fix="see bootloader/initramfs.py")
+    raise AssetError(
+        "the restore-first initramfs builder is missing",
+        why="neither bootloader.initramfs nor savekernel.initramfs has build_restore_initramfs()",
+        fix="see bootloader/initramfs.py",
+    )
 
 
 PREPARE_TIMEOUT = 900.0
@@ -135,7 +150,8 @@ def guest_config(kernel: Path | None, save: Path | None) -> Path:
         lines.append(f'kernel_sha256 = "{_sha256(kernel)}"')
     if save is not None:
         lines.append(f'initramfs_sha256 = "{_sha256(save)}"')
-    text = text.replace("[save_kernel]\n", "[save_kernel]\n" + "".join(l + "\n" for l in lines), 1)
+    table = "".join(ln + "\n" for ln in lines)
+    text = text.replace("[save_kernel]\n", "[save_kernel]\n" + table, 1)
     out = rootfs.cache_dir() / "rootfs" / "guest-kjumpd.toml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -147,6 +163,7 @@ def prepare_disk(image: Path, kernel: Path) -> Path:
     (target file + restore-first entry), as an administrator would once. Cached next to the
     image (its key covers every payload byte, the guest scenarios included)."""
     from tests.vm import harness, scenarios
+
     out = image.with_suffix(".prepared.qcow2")
     if out.exists():
         return out
@@ -157,9 +174,14 @@ def prepare_disk(image: Path, kernel: Path) -> Path:
     # name it by path, so a published image is never replaced)
     me = f"prepare-{os.getpid()}"
     tmp = scenarios.make_overlay(image, logs, f"{me}.qcow2")
-    cfg = harness.VMConfig(kernel=kernel, disks=[tmp], disk_format="qcow2",
-                           append=f"{scenarios.A_APPEND} kjumpvm.scenario=prepare",
-                           memory_mb=scenarios.MEM_MIB, smp=scenarios.SMP)
+    cfg = harness.VMConfig(
+        kernel=kernel,
+        disks=[tmp],
+        disk_format="qcow2",
+        append=f"{scenarios.A_APPEND} kjumpvm.scenario=prepare",
+        memory_mb=scenarios.MEM_MIB,
+        smp=scenarios.SMP,
+    )
     log.info("preparing the shared disk: `kjumpctl setup` in the guest (console: %s)", logs)
     with harness.VM(cfg, artifacts=logs, name=me) as vm:
         try:
@@ -170,10 +192,13 @@ def prepare_disk(image: Path, kernel: Path) -> Path:
         verdict = vm.find(r"KJUMP-VERDICT: .*")
     if not done:
         why = verdict[0].group(0) if verdict else f"no 'prepared' event (see {logs})"
-        raise AssetError("`kjumpctl setup` did not complete in the guest", why=why,
-                         fix=f"read {logs}/{me}-console-1.log")
+        raise AssetError(
+            "`kjumpctl setup` did not complete in the guest",
+            why=why,
+            fix=f"read {logs}/{me}-console-1.log",
+        )
     try:
-        os.link(tmp, out)               # fails when another run published it first
+        os.link(tmp, out)  # fails when another run published it first
     except FileExistsError:
         log.info("another run prepared %s first; using it", out)
     tmp.unlink()
@@ -211,8 +236,11 @@ def build_all() -> Assets:
         return rootfs.build_image(payload)
 
     image = attempt("rootfs", make_rootfs)
-    prepared = attempt("prepared", lambda: prepare_disk(image, kernel)) \
-        if image is not None and kernel is not None else None
+    prepared = (
+        attempt("prepared", lambda: prepare_disk(image, kernel))
+        if image is not None and kernel is not None
+        else None
+    )
     a.kernel = str(kernel) if kernel else None
     a.save_initramfs = str(save) if save else None
     a.restore_initramfs = str(restore) if restore else None
@@ -234,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(a, name)
         print(f"{name:18} {value or 'MISSING: ' + a.missing.get(name, '?')}")
     if a.missing:
-        print(f"vm-assets: {len(a.missing)} piece(s) missing; VM scenarios needing them will FAIL",
-              file=sys.stderr)
+        print(
+            f"vm-assets: {len(a.missing)} piece(s) missing; VM scenarios needing them will FAIL",
+            file=sys.stderr,
+        )
         return 1 if "--strict" in args else 0
     return 0
 

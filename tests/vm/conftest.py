@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 def unavailable(reason: str) -> None:
     """Skip, or fail when the VM tier is required (CI): the harness' rule."""
     from tests.vm.harness import missing_prereq
+
     missing_prereq(reason)
 
 

@@ -72,10 +72,14 @@ def timeline(out: scenarios.Outcome) -> list[str]:
     if t_on is not None and t_back is not None:
         resume = t_back - t_on
     lines.append("")
-    lines.append(f"  hibernate latency (request -> powered off): "
-                 f"{f'{hib:.2f} s' if hib is not None else 'n/a'}")
-    lines.append(f"  resume latency (power on -> workload running): "
-                 f"{f'{resume:.2f} s' if resume is not None else 'n/a'}")
+    lines.append(
+        f"  hibernate latency (request -> powered off): "
+        f"{f'{hib:.2f} s' if hib is not None else 'n/a'}"
+    )
+    lines.append(
+        f"  resume latency (power on -> workload running): "
+        f"{f'{resume:.2f} s' if resume is not None else 'n/a'}"
+    )
     return lines
 
 
@@ -84,8 +88,11 @@ def agent_stats(out: scenarios.Outcome) -> list[str]:
     saved = out.mark("B-saved")
     restored = out.mark("B-restored")
     if saved:
-        m = re.search(r"SAVED: (\d+) MiB of memory, (\d+) MiB written, (\d+) zero pages skipped, "
-                      r"in ([\d.]+) s \((\d+) MB/s", saved.fields["line"])
+        m = re.search(
+            r"SAVED: (\d+) MiB of memory, (\d+) MiB written, (\d+) zero pages skipped, "
+            r"in ([\d.]+) s \((\d+) MB/s",
+            saved.fields["line"],
+        )
         if m:
             raw, stored = int(m.group(1)), int(m.group(2))
             lines.append(f"  memory saved:    {raw} MiB ({int(m.group(3))} zero pages skipped)")
@@ -114,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     for old in run_dir.glob("*"):
         if old.is_file():
             old.unlink()
-    print("kjumpd demo: hibernate a VM running a 200 MiB workload (mode shutdown), power it "
-          "off, boot it through the restore-first entry, check the workload", flush=True)
+    print(
+        "kjumpd demo: hibernate a VM running a 200 MiB workload (mode shutdown), power it "
+        "off, boot it through the restore-first entry, check the workload",
+        flush=True,
+    )
     out = scenarios.run("shutdown", a, run_dir)
     for line in timeline(out) + agent_stats(out):
         print(line)
@@ -125,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         d.unlink()
     v = out.verdict
     if out.passed and v.get("data") == "byte-exact" and v.get("image") == "CONSUMED":
-        print(f"VERDICT: PASS - the workload's {int(v.get('size', 0)) >> 20} MiB survived "
-              f"byte-exact in the same process (counter {v.get('counter')}), image CONSUMED")
+        print(
+            f"VERDICT: PASS - the workload's {int(v.get('size', 0)) >> 20} MiB survived "
+            f"byte-exact in the same process (counter {v.get('counter')}), image CONSUMED"
+        )
         return 0
     print(f"VERDICT: FAIL - {out.summary()}")
     return 1

@@ -1,4 +1,4 @@
-"""Guest side of the VM scenarios (runs inside the guest as ``python3 -m kjumpvm.guest_scenarios NAME``).
+"""Guest side of the VM scenarios (inside the guest: ``python3 -m kjumpvm.guest_scenarios NAME``).
 
 Each scenario drives the real product (kjumpctl → D-Bus → kjumpd) the way a user would, and
 ends with exactly one ``KJUMP-VERDICT:`` line (see workload.py) that the host asserts on.
@@ -9,7 +9,8 @@ missing (never a skip, never a pass).
 
 Scenarios (the host side, test_scenarios.py, boots QEMU accordingly):
   test            a.  hibernate --mode test; workload intact, image written
-  shutdown        b.  hibernate --mode shutdown; host restarts QEMU with R; workload continues, CONSUMED
+  shutdown        b.  hibernate --mode shutdown; host restarts QEMU with R; workload continues,
+                      CONSUMED
   platform        c.  hibernate --mode platform (ACPI S4); same as b
   suspend-wake    d1. hibernate --mode suspend; host wakes the guest from S3; image invalidated
   suspend-lost    d2. hibernate --mode suspend; host pulls the power in S3; restore from the image
@@ -61,8 +62,9 @@ def kjumpctl(*args: str, timeout: float = 900.0) -> subprocess.CompletedProcess:
         raise Missing("kjumpctl is not installed in the guest")
     cmd = [KJUMPCTL, *args]
     say("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
     for line in proc.stdout.splitlines():
         print(f"kjumpctl| {line}", flush=True)
     return proc
@@ -96,7 +98,7 @@ def daemon_status() -> dict:
     if proc.returncode != 0:
         raise Missing(f"`kjumpctl status --json` failed (rc {proc.returncode})")
     try:
-        return json.loads(proc.stdout[proc.stdout.index("{"):])
+        return json.loads(proc.stdout[proc.stdout.index("{") :])
     except ValueError as err:
         raise Missing(f"`kjumpctl status --json` printed no JSON: {err}") from err
 
@@ -117,7 +119,7 @@ def daemon_alive() -> bool:
     return False
 
 
-TARGET_SIZE = "1G"   # a 1 GiB guest: room for every page even uncompressed
+TARGET_SIZE = "1G"  # a 1 GiB guest: room for every page even uncompressed
 RESTORE_KERNEL = "/usr/lib/kjumpd/restore/vmlinuz"
 RESTORE_INITRD = "/usr/lib/kjumpd/restore/initrd.img"
 
@@ -128,13 +130,26 @@ def setup_target() -> None:
     require_command("setup")
     proc = kjumpctl("setup", "--size", TARGET_SIZE, "--yes", timeout=900)
     if proc.returncode != 0:
-        raise Missing(f"`kjumpctl setup --size {TARGET_SIZE}` failed (rc {proc.returncode}): "
-                      + (proc.stdout.strip().splitlines() or [""])[-1])
-    proc = kjumpctl("setup", "--bootloader", "restore-first", "--restore-kernel", RESTORE_KERNEL,
-                    "--restore-initrd", RESTORE_INITRD, "--yes", timeout=600)
+        raise Missing(
+            f"`kjumpctl setup --size {TARGET_SIZE}` failed (rc {proc.returncode}): "
+            + (proc.stdout.strip().splitlines() or [""])[-1]
+        )
+    proc = kjumpctl(
+        "setup",
+        "--bootloader",
+        "restore-first",
+        "--restore-kernel",
+        RESTORE_KERNEL,
+        "--restore-initrd",
+        RESTORE_INITRD,
+        "--yes",
+        timeout=600,
+    )
     if proc.returncode != 0:
-        raise Missing(f"`kjumpctl setup --bootloader restore-first` failed (rc "
-                      f"{proc.returncode}): " + (proc.stdout.strip().splitlines() or [""])[-1])
+        raise Missing(
+            f"`kjumpctl setup --bootloader restore-first` failed (rc "
+            f"{proc.returncode}): " + (proc.stdout.strip().splitlines() or [""])[-1]
+        )
     update_grub()
     os.sync()
     event("setup-done")
@@ -167,8 +182,11 @@ def log_meminfo(label: str) -> None:
     except OSError as err:
         say(f"meminfo {label}: {err}")
         return
-    print(f"KJUMP-MEMINFO: {label} " + " ".join(f"{f[0].rstrip(':')}={f[1]}" for f in fields
-                                                if len(f) == 2), flush=True)
+    print(
+        f"KJUMP-MEMINFO: {label} "
+        + " ".join(f"{f[0].rstrip(':')}={f[1]}" for f in fields if len(f) == 2),
+        flush=True,
+    )
 
 
 def start_workload(size_mib: int = 200) -> tuple[subprocess.Popen, wl.Status]:
@@ -181,7 +199,7 @@ def start_workload(size_mib: int = 200) -> tuple[subprocess.Popen, wl.Status]:
 def last_result(text: str) -> dict:
     """The LastResult record `kjumpctl hibernate --json` printed ({} when none)."""
     try:
-        return json.loads(text[text.index("{"):text.rindex("}") + 1])
+        return json.loads(text[text.index("{") : text.rindex("}") + 1])
     except ValueError:
         return {}
 
@@ -195,9 +213,15 @@ def image_fields(record: dict) -> dict[str, str]:
     return out
 
 
-def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
-                        inject: str | None = None, want_rc_ok: bool = True,
-                        want_written: bool = False, disk_writers: bool = False) -> int:
+def hibernate_and_check(
+    name: str,
+    mode: str,
+    want_states: tuple[str, ...],
+    inject: str | None = None,
+    want_rc_ok: bool = True,
+    want_written: bool = False,
+    disk_writers: bool = False,
+) -> int:
     problems: list[str] = []
     wbefore: dict = {}
     before = after = None
@@ -210,8 +234,10 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
         if marker.exists():
             # The normal kernel booted again with this scenario's command line: R (or the
             # power cycle) did not restore the image. Say what the image says, do not loop.
-            raise Failure(f"the normal kernel booted again instead of a restore "
-                          f"(image {image_state()}; see the restore-first lines above)")
+            raise Failure(
+                f"the normal kernel booted again instead of a restore "
+                f"(image {image_state()}; see the restore-first lines above)"
+            )
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(time.time()))
         os.sync()
@@ -227,7 +253,7 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
             inject_kexec_refusal()
         log_meminfo(mode)
         if disk_writers:
-            wbefore = writers.snapshot()     # what was committed when the user asked
+            wbefore = writers.snapshot()  # what was committed when the user asked
         event("hibernate-start", mode=mode)
         proc = kjumpctl("hibernate", "--mode", mode, "--json")
         event("hibernate-returned", rc=proc.returncode)
@@ -235,8 +261,10 @@ def hibernate_and_check(name: str, mode: str, want_states: tuple[str, ...],
         print(f"{RESULT_PREFIX} {json.dumps(record, sort_keys=True)}", flush=True)
         extra["rc"] = str(proc.returncode)
         if want_rc_ok and proc.returncode != 0:
-            problems.append(f"kjumpctl hibernate --mode {mode} failed (rc {proc.returncode}): "
-                            + (proc.stdout.strip().splitlines() or [""])[-1])
+            problems.append(
+                f"kjumpctl hibernate --mode {mode} failed (rc {proc.returncode}): "
+                + (proc.stdout.strip().splitlines() or [""])[-1]
+            )
         if not want_rc_ok and proc.returncode == 0:
             problems.append("kjumpctl hibernate succeeded although a failure was injected")
         after = wl.query()
@@ -288,10 +316,14 @@ def scenario_killed() -> int:
         killed = KILLED_MARK.read_text().strip() if KILLED_MARK.exists() else ""
         extra["killed"] = killed.split()[0] if killed else "no"
         if not killed.startswith("frozen"):
-            problems.append(f"PID 1 did not kill kjumpd inside the frozen window ({killed or 'no'})")
+            problems.append(
+                f"PID 1 did not kill kjumpd inside the frozen window ({killed or 'no'})"
+            )
         if proc.returncode not in (1, 4):
-            problems.append(f"kjumpctl hibernate: rc {proc.returncode}, expected the daemon's "
-                            "death to be reported (4)")
+            problems.append(
+                f"kjumpctl hibernate: rc {proc.returncode}, expected the daemon's "
+                "death to be reported (4)"
+            )
         problems += check_writable_filesystems(timeout=60)
         for path in (Path("/run/kjumpd/frozen.json"),):
             if path.exists():
@@ -299,8 +331,11 @@ def scenario_killed() -> int:
         left = [str(p) for p in Path("/sys/fs/cgroup").rglob("kjumpd.freeze")]
         if left:
             problems.append(f"parking cgroups left behind: {left}")
-        frozen = [str(p.parent) for p in Path("/sys/fs/cgroup").rglob("cgroup.freeze")
-                  if p.read_text().strip() == "1"]
+        frozen = [
+            str(p.parent)
+            for p in Path("/sys/fs/cgroup").rglob("cgroup.freeze")
+            if p.read_text().strip() == "1"
+        ]
         if frozen:
             problems.append(f"cgroups still frozen: {frozen}")
         after = wl.query()
@@ -347,13 +382,20 @@ def check_writable_filesystems(timeout: float = 60.0) -> list[str]:
     """After a rollback every filesystem must accept writes again (thawed): a write and an
     fsync in a child process, which a frozen filesystem would block until ``timeout``."""
     probe = "/var/lib/kjumpvm/writable-probe"
-    code = (f"import os; os.makedirs(os.path.dirname({probe!r}), exist_ok=True); "
-            f"fd = os.open({probe!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC); "
-            "os.write(fd, b'probe'); os.fsync(fd); os.close(fd); "
-            f"os.unlink({probe!r})")
+    code = (
+        f"import os; os.makedirs(os.path.dirname({probe!r}), exist_ok=True); "
+        f"fd = os.open({probe!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC); "
+        "os.write(fd, b'probe'); os.fsync(fd); os.close(fd); "
+        f"os.unlink({probe!r})"
+    )
     try:
-        r = subprocess.run([sys.executable, "-c", code], timeout=timeout,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     except subprocess.TimeoutExpired:
         return [f"root filesystem still frozen {timeout:g} s later (a write did not return)"]
     if r.returncode != 0:
@@ -363,8 +405,9 @@ def check_writable_filesystems(timeout: float = 60.0) -> list[str]:
 
 def require_prepared() -> None:
     if not PREPARED.exists():
-        raise Missing("this disk was not prepared (`kjumpctl setup` did not run: see "
-                      "vm-assets' prepare log)")
+        raise Missing(
+            "this disk was not prepared (`kjumpctl setup` did not run: see vm-assets' prepare log)"
+        )
 
 
 def scenario_prepare() -> int:
@@ -410,19 +453,27 @@ def scenario_noimage() -> int:
         problems.append(f"missing: {err}")
     except OSError as err:
         problems.append(f"{type(err).__name__}: {err}")
-    print(("KJUMP-VERDICT: PASS scenario=noimage " if not problems else
-           "KJUMP-VERDICT: FAIL scenario=noimage ")
-          + " ".join(f"{k}={v}" for k, v in extra.items())
-          + ("" if not problems else ' reason="' + "; ".join(problems).replace('"', "'") + '"'),
-          flush=True)
+    print(
+        (
+            "KJUMP-VERDICT: PASS scenario=noimage "
+            if not problems
+            else "KJUMP-VERDICT: FAIL scenario=noimage "
+        )
+        + " ".join(f"{k}={v}" for k, v in extra.items())
+        + ("" if not problems else ' reason="' + "; ".join(problems).replace('"', "'") + '"'),
+        flush=True,
+    )
     return 0 if not problems else 1
 
 
 def swapon_from_cmdline() -> None:
     """bench: ``kjumpvm.swap=DEV`` on the command line makes DEV swap before the workload
     starts, as in swsusp's run (the same VM: a swap disk the kernel may reclaim to)."""
-    dev = [w.split("=", 1)[1] for w in open("/proc/cmdline").read().split()
-           if w.startswith("kjumpvm.swap=")]
+    dev = [
+        w.split("=", 1)[1]
+        for w in open("/proc/cmdline").read().split()
+        if w.startswith("kjumpvm.swap=")
+    ]
     if not dev:
         return
     if subprocess.run(["mkswap", dev[0]], stdout=subprocess.DEVNULL).returncode != 0:
@@ -444,7 +495,7 @@ def scenario_swsusp() -> int:
             raise Missing("swapon /dev/vdb failed")
         _proc, before = start_workload()
         expected = wl.expected_digest(before.seed, before.size)
-        writers.start()              # the same busy machine as kjumpd's runs
+        writers.start()  # the same busy machine as kjumpd's runs
         os.sync()
         log_meminfo("swsusp")
         event("hibernate-start", mode="swsusp")
@@ -462,21 +513,29 @@ def scenario_swsusp() -> int:
 
 
 SCENARIOS = {
-    "test": lambda: hibernate_and_check("test", "test", ("INVALID",), want_written=True,
-                                        disk_writers=True),
-    "shutdown": lambda: hibernate_and_check("shutdown", "shutdown", ("CONSUMED",),
-                                            disk_writers=True),
-    "platform": lambda: hibernate_and_check("platform", "platform", ("CONSUMED",),
-                                            disk_writers=True),
-    "checkpoint": lambda: hibernate_and_check("checkpoint", "checkpoint", ("SAVED",),
-                                              want_written=True, disk_writers=True),
+    "test": lambda: hibernate_and_check(
+        "test", "test", ("INVALID",), want_written=True, disk_writers=True
+    ),
+    "shutdown": lambda: hibernate_and_check(
+        "shutdown", "shutdown", ("CONSUMED",), disk_writers=True
+    ),
+    "platform": lambda: hibernate_and_check(
+        "platform", "platform", ("CONSUMED",), disk_writers=True
+    ),
+    "checkpoint": lambda: hibernate_and_check(
+        "checkpoint", "checkpoint", ("SAVED",), want_written=True, disk_writers=True
+    ),
     "killed": scenario_killed,
     "suspend-wake": lambda: hibernate_and_check("suspend-wake", "suspend", ("INVALID",)),
     "suspend-lost": lambda: hibernate_and_check("suspend-lost", "suspend", ("CONSUMED",)),
-    "rollback": lambda: hibernate_and_check("rollback", "test",
-                                            ("EMPTY", "ABORTED", "INVALID"),
-                                            inject="kexec-refused", want_rc_ok=False,
-                                            disk_writers=True),
+    "rollback": lambda: hibernate_and_check(
+        "rollback",
+        "test",
+        ("EMPTY", "ABORTED", "INVALID"),
+        inject="kexec-refused",
+        want_rc_ok=False,
+        disk_writers=True,
+    ),
     "prepare": scenario_prepare,
     "noimage": scenario_noimage,
     "swsusp": scenario_swsusp,

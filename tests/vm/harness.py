@@ -32,9 +32,10 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = "qemu-system-x86_64"
@@ -43,8 +44,10 @@ ARTIFACTS = Path(os.environ.get("KJUMPD_ARTIFACTS") or REPO / "artifacts") / "vm
 #: the jump area every VM-tier guest reserves
 JUMP_AREA_START = 0x20000000
 JUMP_AREA_SIZE = 128 << 20
-MAIN_APPEND = (f"console=ttyS0 nokaslr panic=1 no_console_suspend "
-               f"crashkernel={JUMP_AREA_SIZE >> 20}M@{JUMP_AREA_START:#x}")
+MAIN_APPEND = (
+    f"console=ttyS0 nokaslr panic=1 no_console_suspend "
+    f"crashkernel={JUMP_AREA_SIZE >> 20}M@{JUMP_AREA_START:#x}"
+)
 
 
 class VMError(Exception):
@@ -62,6 +65,7 @@ def require_vm() -> bool:
 def missing_prereq(why: str) -> None:
     """Skip the calling test, or fail it when KJUMPD_REQUIRE_VM=1 (tests/prereq.py's rule)."""
     from tests import prereq
+
     prereq.need(False, f"VM: {why}")
 
 
@@ -77,6 +81,7 @@ def kernel_image(series: str = "6.12", build: bool | None = None) -> Path:
     cache = Path(os.environ.get("KJUMPD_CACHE") or Path.home() / ".cache" / "kjumpd") / "kernel"
     frag = REPO / "savekernel" / "kernel.fragment"
     import hashlib
+
     frag_hash = hashlib.sha256(frag.read_bytes()).hexdigest()[:12]
     found = sorted(cache.glob(f"{series}*-{frag_hash}/bzImage"))
     if found:
@@ -84,10 +89,16 @@ def kernel_image(series: str = "6.12", build: bool | None = None) -> Path:
     if build is None:
         build = require_vm()
     if not build:
-        missing_prereq(f"no kjump kernel for {series} with this fragment in {cache} "
-                       "(run savekernel/build-kernel.sh)")
-    out = subprocess.run([str(REPO / "savekernel" / "build-kernel.sh"), series],
-                         stdout=subprocess.PIPE, text=True, check=False)
+        missing_prereq(
+            f"no kjump kernel for {series} with this fragment in {cache} "
+            "(run savekernel/build-kernel.sh)"
+        )
+    out = subprocess.run(
+        [str(REPO / "savekernel" / "build-kernel.sh"), series],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines or not Path(lines[-1]).is_file():
         missing_prereq(f"savekernel/build-kernel.sh {series} failed (status {out.returncode})")
@@ -123,7 +134,7 @@ class VMConfig:
 
 @dataclass
 class ConsoleLine:
-    t: float          # seconds since this QEMU start (host monotonic clock)
+    t: float  # seconds since this QEMU start (host monotonic clock)
     text: str
 
 
@@ -139,7 +150,7 @@ class VM:
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[ConsoleLine] = []
         self._partial = b""
-        self._cursor = 0              # index into self.lines for wait_for
+        self._cursor = 0  # index into self.lines for wait_for
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self._log = None
@@ -154,11 +165,32 @@ class VM:
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
         c = self.cfg
-        cmd = [QEMU, "-accel", "tcg", "-cpu", "qemu64,+pdpe1gb", "-m", str(c.memory_mb),
-               "-smp", str(c.smp), "-display", "none", "-vga", "none", "-no-reboot",
-               "-serial", "stdio", "-monitor", "none",
-               "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-               "-kernel", str(c.kernel), "-append", c.append]
+        cmd = [
+            QEMU,
+            "-accel",
+            "tcg",
+            "-cpu",
+            "qemu64,+pdpe1gb",
+            "-m",
+            str(c.memory_mb),
+            "-smp",
+            str(c.smp),
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            "-kernel",
+            str(c.kernel),
+            "-append",
+            c.append,
+        ]
         if c.initrd is not None:
             cmd += ["-initrd", str(c.initrd)]
         for d in c.disks:
@@ -170,12 +202,12 @@ class VM:
     def log_path(self) -> Path:
         return self.artifacts / f"{self.name}-console-{self.run}.log"
 
-    def start(self) -> "VM":
+    def start(self) -> VM:
         if self.proc is not None and self.proc.poll() is None:
             raise VMError("VM already running")
         self.run += 1
         # unix socket paths are limited to ~108 bytes: keep it short
-        self.qmp_path = Path(f"/tmp/kjt-qmp-{os.getpid()}-{id(self) & 0xffff:x}-{self.run}.sock")
+        self.qmp_path = Path(f"/tmp/kjt-qmp-{os.getpid()}-{id(self) & 0xFFFF:x}-{self.run}.sock")
         self.qmp_path.unlink(missing_ok=True)
         cmd = self.command()
         (self.artifacts / f"{self.name}-qemu-{self.run}.cmdline").write_text(" ".join(cmd) + "\n")
@@ -185,13 +217,14 @@ class VM:
         self._log = open(self.log_path, "w", buffering=1)
         self.ended = None
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
 
-    def restart(self, **changes: Any) -> "VM":
+    def restart(self, **changes: Any) -> VM:
         """Stop (if running) and boot again on the same disks; VMConfig fields may change."""
         self.stop()
         if changes:
@@ -225,7 +258,7 @@ class VM:
             self._log = None
         self.qmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "VM":
+    def __enter__(self) -> VM:
         if self.proc is None:
             self.start()
         return self
@@ -271,8 +304,7 @@ class VM:
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
 
-    def wait_for(self, pattern: str, timeout: float, *, fail: str | None = None
-                 ) -> re.Match[str]:
+    def wait_for(self, pattern: str, timeout: float, *, fail: str | None = None) -> re.Match[str]:
         """The first console line (after the previous match) matching pattern.
 
         Raises VMTimeout after ``timeout`` seconds, VMError if QEMU exits first or a line
@@ -294,12 +326,16 @@ class VM:
                     if frx is not None and frx.search(line.text):
                         raise VMError(f"console line {line.text!r} (see {self.log_path})")
                 if self.proc is None or self.ended is not None:
-                    raise VMError(f"QEMU exited (status {self.proc.returncode if self.proc else '?'}) "
-                                  f"before a line matched {pattern!r} (see {self.log_path})")
+                    raise VMError(
+                        f"QEMU exited (status {self.proc.returncode if self.proc else '?'}) "
+                        f"before a line matched {pattern!r} (see {self.log_path})"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise VMTimeout(f"no console line matched {pattern!r} within {timeout:.0f} s "
-                                    f"(see {self.log_path})")
+                    raise VMTimeout(
+                        f"no console line matched {pattern!r} within {timeout:.0f} s "
+                        f"(see {self.log_path})"
+                    )
                 self._cond.wait(min(left, 1.0))
 
     def find(self, pattern: str) -> list[re.Match[str]]:
@@ -323,7 +359,9 @@ class VM:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise VMTimeout(f"QEMU still running after {timeout:.0f} s (see {self.log_path})") from None
+            raise VMTimeout(
+                f"QEMU still running after {timeout:.0f} s (see {self.log_path})"
+            ) from None
         self._finish()
         return rc
 
@@ -345,7 +383,7 @@ class VM:
         s.settimeout(30)
         self._qmp = s
         self._qmp_buf = b""
-        self._qmp_recv()                              # greeting
+        self._qmp_recv()  # greeting
         self._qmp_send({"execute": "qmp_capabilities"})
         self._qmp_reply()
         return s

@@ -35,8 +35,10 @@ MNT = "/mnt"
 B_KERNEL = "/boot/bzImage"
 B_INITRD = "/boot/b.cpio.gz"
 JUMP_START, JUMP_SIZE = 0x20000000, 128 << 20
-B_APPEND = ("console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K "
-            f"memmap={JUMP_SIZE >> 20}M@{JUMP_START >> 20}M")
+B_APPEND = (
+    "console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K "
+    f"memmap={JUMP_SIZE >> 20}M@{JUMP_START >> 20}M"
+)
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 MIB = 1 << 20
 
@@ -60,7 +62,7 @@ def fill(mib: int, seed: int) -> mmap.mmap:
     m = mmap.mmap(-1, mib * MIB)
     for i in range(mib):
         r = (i * 4099 * 8) % MIB
-        m[i * MIB:(i + 1) * MIB] = base[r:] + base[:r]
+        m[i * MIB : (i + 1) * MIB] = base[r:] + base[:r]
     return m
 
 
@@ -106,26 +108,47 @@ def step_save(args: dict[str, str]) -> None:
     mfd = os.open(MNT, os.O_RDONLY)
     fcntl.ioctl(mfd, FIFREEZE, 0)
     stamp = read_stamp(FS_DEV)
-    say(f"{MNT} frozen; stamp {stamp.fstype} {stamp.uuid} mount_count="
-        f"{stamp.fields.get('mount_count')}")
+    say(
+        f"{MNT} frozen; stamp {stamp.fstype} {stamp.uuid} mount_count="
+        f"{stamp.fields.get('mount_count')}"
+    )
     dev, sb = store.open_target(TARGET, writable=False, offset=0)
     dev.close()
     b_hash = save_kernel_hash(sha256_file(B_KERNEL), sha256_file(B_INITRD))
     with open(B_INITRD, "rb") as f:
         b_initrd = f.read()
-    job = Job(target_uuid=sb.uuid_str, superblock_device_offset=0,
-              device_hint={"devno": "253:0", "name": "vda"},
-              blockmap=[(e.logical, e.device_offset, e.length) for e in sb.blockmap],
-              ranges=ram_ranges(), mode="shutdown", compression="lz4", chunk_size=4 * MIB,
-              main_kernel={"release": os.uname().release, "build_id": ""},
-              save_kernel_hash=b_hash, jump_area=(JUMP_START, JUMP_SIZE),
-              fs_stamps=[stamp.to_dict()], created=int(time.time()), cancel_key=False)
+    job = Job(
+        target_uuid=sb.uuid_str,
+        superblock_device_offset=0,
+        device_hint={"devno": "253:0", "name": "vda"},
+        blockmap=[(e.logical, e.device_offset, e.length) for e in sb.blockmap],
+        ranges=ram_ranges(),
+        mode="shutdown",
+        compression="lz4",
+        chunk_size=4 * MIB,
+        main_kernel={"release": os.uname().release, "build_id": ""},
+        save_kernel_hash=b_hash,
+        jump_area=(JUMP_START, JUMP_SIZE),
+        fs_stamps=[stamp.to_dict()],
+        created=int(time.time()),
+        cancel_key=False,
+    )
     with open("/run/b-initrd", "wb") as f:
         # as the daemon does (kjumpd.kexec.write_initrd): the job archive on a 512-byte boundary
         f.write(b_initrd + b"\0" * (-len(b_initrd) % 512) + job.to_cpio())
-    rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",
-              f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
-              "--initrd=/run/b-initrd", f"--append={B_APPEND} kjump.role=save"])
+    rc = run(
+        [
+            "kexec",
+            "-c",
+            "--load-preserve-context",
+            f"--mem-min={JUMP_START:#x}",
+            f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}",
+            "--no-checks",
+            B_KERNEL,
+            "--initrd=/run/b-initrd",
+            f"--append={B_APPEND} kjump.role=save",
+        ]
+    )
     if rc != 0:
         print(f"KJR-VERDICT: FAIL kexec load failed ({rc})", flush=True)
         return
@@ -137,8 +160,10 @@ def step_save(args: dict[str, str]) -> None:
         h = store.read_header(dev)
         say(f"header {h.state_text}")
         if h.state == ImageState.SAVED:
-            say(f"image SAVED ({h.raw_bytes >> 20} MiB raw, {h.stored_bytes >> 20} MiB stored); "
-                "powering off with the filesystem frozen")
+            say(
+                f"image SAVED ({h.raw_bytes >> 20} MiB raw, {h.stored_bytes >> 20} MiB stored); "
+                "powering off with the filesystem frozen"
+            )
             run(["poweroff", "-f"])
             time.sleep(120)
             return
@@ -151,9 +176,11 @@ def step_save(args: dict[str, str]) -> None:
         f.write("written by A after the resume\n")
     run(["umount", MNT])
     ok = h.state == ImageState.RESTORING and intact
-    print(f"KJR-VERDICT: {'PASS' if ok else 'FAIL'} restored state={h.state_text} "
-          f"attempt={h.attempt} data={'intact' if intact else 'CHANGED'} now={header_text()}",
-          flush=True)
+    print(
+        f"KJR-VERDICT: {'PASS' if ok else 'FAIL'} restored state={h.state_text} "
+        f"attempt={h.attempt} data={'intact' if intact else 'CHANGED'} now={header_text()}",
+        flush=True,
+    )
 
 
 def step_normal(args: dict[str, str]) -> None:
@@ -175,6 +202,7 @@ def main() -> None:
             step_normal(args)
     except Exception as e:  # noqa: BLE001 - the test reads the verdict, not a traceback
         import traceback
+
         traceback.print_exc()
         print(f"KJR-VERDICT: FAIL guest error {type(e).__name__}: {e}", flush=True)
 

@@ -31,8 +31,19 @@ log = logging.getLogger("kjumpd.vm.rootfs")
 
 SUITE = "bookworm"
 PACKAGES = (
-    "python3", "python3-pydbus", "python3-gi", "python3-pyudev", "python3-lz4", "python3-psutil",
-    "dbus", "kexec-tools", "e2fsprogs", "util-linux", "procps", "cpio", "kmod",
+    "python3",
+    "python3-pydbus",
+    "python3-gi",
+    "python3-pyudev",
+    "python3-lz4",
+    "python3-psutil",
+    "dbus",
+    "kexec-tools",
+    "e2fsprogs",
+    "util-linux",
+    "procps",
+    "cpio",
+    "kmod",
 )
 #: Bump when the way the tree is made changes (not for payload changes).
 TREE_RECIPE = "tree-v1"
@@ -80,6 +91,7 @@ def tree_key(mirror: str) -> str:
 @dataclass
 class Payload:
     """Files copied into the tree before mkfs: guest path -> host path (file or dir)."""
+
     files: dict[str, Path] = field(default_factory=dict)
     modes: dict[str, int] = field(default_factory=dict)
 
@@ -106,13 +118,18 @@ class Payload:
 def _run(cmd: list[str], what: str, **kw) -> None:
     log.info("$ %s", " ".join(cmd))
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+        )
     except OSError as err:
         raise RootfsError(what, why=str(err), fix=f"install {cmd[0]} (tools/setup.sh)") from err
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-15:])
-        raise RootfsError(what, why=f"{cmd[0]} exited {proc.returncode}: {tail}",
-                          fix="read the output above; rerun `make vm-assets`")
+        raise RootfsError(
+            what,
+            why=f"{cmd[0]} exited {proc.returncode}: {tail}",
+            fix="read the output above; rerun `make vm-assets`",
+        )
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -129,8 +146,11 @@ def _safe_rmtree(path: Path) -> None:
         subprocess.run(["umount", "-l", point], check=False)
     left = _mounts_under(path)
     if left:
-        raise RootfsError(f"cannot remove {path}", why=f"still mounted: {', '.join(left)}",
-                          fix="unmount them by hand")
+        raise RootfsError(
+            f"cannot remove {path}",
+            why=f"still mounted: {', '.join(left)}",
+            fix="unmount them by hand",
+        )
     shutil.rmtree(path)
 
 
@@ -142,18 +162,33 @@ def build_tree(cache: Path | None = None) -> Path:
     if (tree / ".kjumpd-complete").exists():
         return tree
     if os.geteuid() != 0:
-        raise RootfsError("cannot build the guest root filesystem", why="debootstrap needs root",
-                          fix="run `make vm-assets` as root")
+        raise RootfsError(
+            "cannot build the guest root filesystem",
+            why="debootstrap needs root",
+            fix="run `make vm-assets` as root",
+        )
     if shutil.which("debootstrap") is None:
-        raise RootfsError("cannot build the guest root filesystem", why="debootstrap is not installed",
-                          fix="apt-get install debootstrap (tools/setup.sh does it)")
+        raise RootfsError(
+            "cannot build the guest root filesystem",
+            why="debootstrap is not installed",
+            fix="apt-get install debootstrap (tools/setup.sh does it)",
+        )
     partial = tree.with_name(tree.name + ".partial")
     if partial.exists():
         _safe_rmtree(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
     log.info("debootstrap %s into %s (minutes, once)", SUITE, partial)
-    _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-          SUITE, str(partial), mirror], "debootstrap failed")
+    _run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(PACKAGES),
+            SUITE,
+            str(partial),
+            mirror,
+        ],
+        "debootstrap failed",
+    )
     # Trim what the guest never uses: apt caches and docs (keeps the image small).
     for sub in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale"):
         p = partial / sub
@@ -167,8 +202,11 @@ def build_tree(cache: Path | None = None) -> Path:
     (partial / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
     (partial / ".kjumpd-complete").write_text(mirror + "\n")
     if _mounts_under(partial):
-        raise RootfsError("debootstrap left mounts in the tree", why=", ".join(_mounts_under(partial)),
-                          fix="unmount them and rerun `make vm-assets`")
+        raise RootfsError(
+            "debootstrap left mounts in the tree",
+            why=", ".join(_mounts_under(partial)),
+            fix="unmount them and rerun `make vm-assets`",
+        )
     if tree.exists():
         _safe_rmtree(tree)
     partial.rename(tree)
@@ -221,8 +259,9 @@ def _install_payload(tree: Path, payload: Payload) -> None:
     bindir.mkdir(parents=True, exist_ok=True)
     for name, module in ENTRY_POINTS.items():
         script = bindir / name
-        script.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {module} import main\n"
-                          f"sys.exit(main())\n")
+        script.write_text(
+            f"#!/usr/bin/python3\nimport sys\nfrom {module} import main\nsys.exit(main())\n"
+        )
         script.chmod(0o755)
 
 
@@ -241,8 +280,21 @@ def build_image(payload: Payload, cache: Path | None = None) -> Path:
         tmp.unlink()
     with open(tmp, "wb") as f:
         f.truncate(IMAGE_SIZE)
-    _run(["mkfs.ext4", "-q", "-F", "-L", "kjumpvm-root", "-E", "root_owner=0:0",
-          "-d", str(tree), str(tmp)], "mkfs.ext4 -d failed for the guest image")
+    _run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "kjumpvm-root",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(tree),
+            str(tmp),
+        ],
+        "mkfs.ext4 -d failed for the guest image",
+    )
     tmp.rename(image)
     prune_images(cache / "rootfs")
     return image
@@ -256,8 +308,11 @@ def prune_images(rootfs: Path, now: float | None = None) -> list[Path]:
     never more than MAX_IMAGES in all: the oldest go first."""
     now = time.time() if now is None else now
     olds = sorted(rootfs.glob("image-*.raw"), key=lambda p: p.stat().st_mtime, reverse=True)
-    gone = [old for i, old in enumerate(olds)
-            if i >= MAX_IMAGES or (i >= 2 and now - old.stat().st_mtime >= PRUNE_AGE)]
+    gone = [
+        old
+        for i, old in enumerate(olds)
+        if i >= MAX_IMAGES or (i >= 2 and now - old.stat().st_mtime >= PRUNE_AGE)
+    ]
     for old in gone:
         old.unlink()
         # and what tests/vm/assets.py derived from it (the prepared layer, its logs)

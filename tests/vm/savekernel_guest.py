@@ -6,8 +6,9 @@ restore-first stand-in (R), inside a busybox + python initramfs (savekernel.init
 - ``jump``    fill ``kjt.mib`` MiB with known data, make /dev/vda a kjumpd target, write a job
               (mode ``kjt.mode``, default test; A's /sys/kernel/vmcoreinfo in it so B skips
               A's free pages; ``kjt.freecheck=1``: B also checks each free page reads as zero,
-              for an A booted with init_on_free=1), load B with kexec -c --load-preserve-context into
-              the jump area, ``kexec -e``. Back in A: read the header, check the data, print
+              for an A booted with init_on_free=1), load B with kexec -c
+              --load-preserve-context into the jump area, ``kexec -e``. Back in A: read the
+              header, check the data, print
               ``KJT-VERDICT: PASS|FAIL ...``. With mode shutdown and a SAVED header: power off
               (the restore continues this very process, after ``kexec -e`` returns again).
 - ``bootrounds`` B without a job (``kjt.variants``: gz, plain initramfs, quiet = gz with
@@ -41,8 +42,10 @@ B_KERNEL = "/boot/bzImage"
 B_INITRD = "/boot/b.cpio.gz"
 B_INITRD_PLAIN = "/boot/b.cpio"
 JUMP_START, JUMP_SIZE = 0x20000000, 128 << 20
-B_APPEND = ("console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K "
-            f"memmap={JUMP_SIZE >> 20}M@{JUMP_START >> 20}M")
+B_APPEND = (
+    "console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K "
+    f"memmap={JUMP_SIZE >> 20}M@{JUMP_START >> 20}M"
+)
 MIB = 1 << 20
 
 
@@ -65,7 +68,7 @@ def fill(mib: int, seed: int) -> mmap.mmap:
     m = mmap.mmap(-1, mib * MIB)
     for i in range(mib):
         r = (i * 4099 * 8) % MIB
-        m[i * MIB:(i + 1) * MIB] = base[r:] + base[:r]
+        m[i * MIB : (i + 1) * MIB] = base[r:] + base[:r]
     return m
 
 
@@ -104,7 +107,7 @@ def make_target() -> tuple[str, list[tuple[int, int, int]]]:
     return sb.uuid_str, [(0, 0, size)]
 
 
-def header() -> "store.Header":
+def header() -> store.Header:
     dev, _ = store.open_target(DISK, writable=False, offset=0)
     with dev:
         return store.read_header(dev)
@@ -139,28 +142,47 @@ def step_jump(args: dict[str, str]) -> None:
     say(f"target {uuid} on {DISK}; ranges {[(hex(a), hex(b)) for a, b in ranges]}")
     with open(B_INITRD if args.get("kjt.plain") != "1" else B_INITRD_PLAIN, "rb") as f:
         b_initrd = f.read()
-    job = Job(target_uuid=uuid, superblock_device_offset=0,
-              device_hint={"devno": "253:0", "name": "vda"}, blockmap=bm, ranges=ranges,
-              mode=mode, compression=args.get("kjt.compression", "lz4"),
-              chunk_size=int(args.get("kjt.chunk", str(4 * MIB))),
-              main_kernel={"release": os.uname().release, "build_id": ""},
-              save_kernel_hash="sha256:" + hashlib.sha256(b_initrd).hexdigest(),
-              jump_area=(JUMP_START, JUMP_SIZE), fs_stamps=[], created=int(time.time()),
-              cancel_key=args.get("kjt.cancel", "1") == "1", vmcoreinfo=vmcoreinfo(),
-              free_page_check=args.get("kjt.freecheck") == "1")
+    job = Job(
+        target_uuid=uuid,
+        superblock_device_offset=0,
+        device_hint={"devno": "253:0", "name": "vda"},
+        blockmap=bm,
+        ranges=ranges,
+        mode=mode,
+        compression=args.get("kjt.compression", "lz4"),
+        chunk_size=int(args.get("kjt.chunk", str(4 * MIB))),
+        main_kernel={"release": os.uname().release, "build_id": ""},
+        save_kernel_hash="sha256:" + hashlib.sha256(b_initrd).hexdigest(),
+        jump_area=(JUMP_START, JUMP_SIZE),
+        fs_stamps=[],
+        created=int(time.time()),
+        cancel_key=args.get("kjt.cancel", "1") == "1",
+        vmcoreinfo=vmcoreinfo(),
+        free_page_check=args.get("kjt.freecheck") == "1",
+    )
     with open("/run/b-initrd", "wb") as f:
         # as the daemon does (kjumpd.kexec.write_initrd): the job archive starts on a
         # 512-byte boundary after B's compressed initramfs (zstd leaves no padding of its own)
         pad = b"\0" * (-len(b_initrd) % 512)
         f.write(b_initrd + (pad + job.to_cpio() if args.get("kjt.nojob") != "1" else b""))
-    rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",
-              f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
-              "--initrd=/run/b-initrd", f"--append={B_APPEND} kjump.role=save"])
+    rc = run(
+        [
+            "kexec",
+            "-c",
+            "--load-preserve-context",
+            f"--mem-min={JUMP_START:#x}",
+            f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}",
+            "--no-checks",
+            B_KERNEL,
+            "--initrd=/run/b-initrd",
+            f"--append={B_APPEND} kjump.role=save",
+        ]
+    )
     if rc != 0:
         verdict(False, f"kexec load failed with status {rc}")
         return
     say("jumping to the save kernel")
-    run(["kexec", "-e"])   # returns 255 "Bad file descriptor" after a jump back: harmless
+    run(["kexec", "-e"])  # returns 255 "Bad file descriptor" after a jump back: harmless
     say("back in the main kernel")
     if args.get("kjt.again") == "1":
         # B is still loaded and resumes inside its own jump back: it must come straight back
@@ -172,8 +194,10 @@ def step_jump(args: dict[str, str]) -> None:
     intact = after == before
     say(f"header {h.state_text}; data {'intact' if intact else 'CHANGED'}")
     if h.state == ImageState.SAVED and mode == "shutdown":
-        say(f"image SAVED ({h.raw_bytes >> 20} MiB raw, {h.stored_bytes >> 20} MiB stored); "
-            "powering off")
+        say(
+            f"image SAVED ({h.raw_bytes >> 20} MiB raw, {h.stored_bytes >> 20} MiB stored); "
+            "powering off"
+        )
         os.sync()
         run(["poweroff", "-f"])
         time.sleep(60)
@@ -183,13 +207,19 @@ def step_jump(args: dict[str, str]) -> None:
             dev, _ = store.open_target(DISK, writable=True, offset=0)
             with dev:
                 store.set_state(dev, ImageState.CONSUMED)
-        verdict(intact, f"restored state={h.state_text} data={'intact' if intact else 'CHANGED'}"
-                f" mib={mib} consumed={'yes' if intact else 'no'}")
+        verdict(
+            intact,
+            f"restored state={h.state_text} data={'intact' if intact else 'CHANGED'}"
+            f" mib={mib} consumed={'yes' if intact else 'no'}",
+        )
         return
     expect = args.get("kjt.expect", "SAVED")
     ok = intact and h.state_text.startswith(expect)
-    verdict(ok, f"jumped back state={h.state_text} data={'intact' if intact else 'CHANGED'} "
-                f"mib={mib} raw={h.raw_bytes} stored={h.stored_bytes} zero_pages={h.zero_pages}")
+    verdict(
+        ok,
+        f"jumped back state={h.state_text} data={'intact' if intact else 'CHANGED'} "
+        f"mib={mib} raw={h.raw_bytes} stored={h.stored_bytes} zero_pages={h.zero_pages}",
+    )
 
 
 def step_bootrounds(args: dict[str, str]) -> None:
@@ -204,15 +234,27 @@ def step_bootrounds(args: dict[str, str]) -> None:
     for r in range(1, rounds + 1):
         for variant in args.get("kjt.variants", "gz,plain,quiet").split(","):
             path, extra = variants[variant]
-            rc = run(["kexec", "-c", "--load-preserve-context", f"--mem-min={JUMP_START:#x}",
-                      f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
-                      f"--initrd={path}", f"--append={B_APPEND}{extra} kjump.role=save"])
+            rc = run(
+                [
+                    "kexec",
+                    "-c",
+                    "--load-preserve-context",
+                    f"--mem-min={JUMP_START:#x}",
+                    f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}",
+                    "--no-checks",
+                    B_KERNEL,
+                    f"--initrd={path}",
+                    f"--append={B_APPEND}{extra} kjump.role=save",
+                ]
+            )
             say(f"jumping to the save kernel ({variant}, round {r})")
             run(["kexec", "-e"])
             h = header()
             intact = digest(data) == before
-            say(f"back in the main kernel ({variant}, round {r}): load rc {rc}, header "
-                f"{h.state_text}, data {'intact' if intact else 'CHANGED'}")
+            say(
+                f"back in the main kernel ({variant}, round {r}): load rc {rc}, header "
+                f"{h.state_text}, data {'intact' if intact else 'CHANGED'}"
+            )
             ok = ok and rc == 0 and intact and h.state == ImageState.EMPTY
     verdict(ok, f"bootrounds rounds={rounds} state={header().state_text}")
 
@@ -225,11 +267,21 @@ def step_restore(args: dict[str, str]) -> None:
             verdict(False, f"restore-first: image is {h.state_text}, not SAVED")
             return
         store.set_state(dev, ImageState.RESTORING, attempt=h.attempt + 1)
-    say(f"restore-first: image SAVED, marked RESTORING({h.attempt + 1}); loading the restore kernel")
-    rc = run(["kexec", "-l", f"--mem-min={JUMP_START:#x}",
-              f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}", "--no-checks", B_KERNEL,
-              f"--initrd={B_INITRD}",
-              f"--append={B_APPEND} kjump.role=restore kjump.target={sb.uuid_str} kjump.offset=0"])
+    say(
+        f"restore-first: image SAVED, marked RESTORING({h.attempt + 1}); loading the restore kernel"
+    )
+    rc = run(
+        [
+            "kexec",
+            "-l",
+            f"--mem-min={JUMP_START:#x}",
+            f"--mem-max={JUMP_START + JUMP_SIZE - 1:#x}",
+            "--no-checks",
+            B_KERNEL,
+            f"--initrd={B_INITRD}",
+            f"--append={B_APPEND} kjump.role=restore kjump.target={sb.uuid_str} kjump.offset=0",
+        ]
+    )
     if rc != 0:
         verdict(False, f"restore-first: kexec load failed with status {rc}")
         return
@@ -253,6 +305,7 @@ def main() -> None:
             verdict(False, f"unknown kjt.step={step}")
     except Exception as e:  # noqa: BLE001 - the test reads the verdict, not a traceback
         import traceback
+
         traceback.print_exc()
         verdict(False, f"guest error {type(e).__name__}: {e}")
 

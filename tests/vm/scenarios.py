@@ -29,8 +29,10 @@ STUCK_RE = r"kjumpd-rf: nothing could be started|Kernel panic - not syncing"
 EVENT_RE = re.compile(r"KJUMP-EVENT: (\S+)(.*)")
 
 #: main kernel (A) command line; the jump area is reserved at a fixed offset (KJUMP-FACTS.md)
-A_APPEND = ("console=ttyS0 nokaslr panic=1 no_console_suspend crashkernel=128M@0x20000000 "
-            "root=/dev/vda rw rootfstype=ext4 init=/sbin/kjump-vm-init")
+A_APPEND = (
+    "console=ttyS0 nokaslr panic=1 no_console_suspend crashkernel=128M@0x20000000 "
+    "root=/dev/vda rw rootfstype=ext4 init=/sbin/kjump-vm-init"
+)
 #: A's extra command line per scenario. Without init_on_free (the kernel's default, and
 #: Debian's) a wholly free chunk is a free record that B's restore leaves as it finds it;
 #: scenario c keeps init_on_free=1, so that path (free chunks restored as zeros) is proven too.
@@ -65,10 +67,10 @@ class ScenarioError(KjumpError):
 
 @dataclass
 class Event:
-    t: float          # host monotonic time the line reached the serial log
+    t: float  # host monotonic time the line reached the serial log
     name: str
     fields: dict[str, str]
-    boot: int         # which QEMU run (0, 1, ...) printed it
+    boot: int  # which QEMU run (0, 1, ...) printed it
 
 
 @dataclass
@@ -80,9 +82,9 @@ class Outcome:
     verdict_line: str = ""
     events: list[Event] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
-    boots: list[dict] = field(default_factory=list)    # per QEMU run: start, end, how it ended
+    boots: list[dict] = field(default_factory=list)  # per QEMU run: start, end, how it ended
     problems: list[str] = field(default_factory=list)
-    marks: list[Event] = field(default_factory=list)   # MARKS seen, with their console line
+    marks: list[Event] = field(default_factory=list)  # MARKS seen, with their console line
     results: list[dict] = field(default_factory=list)  # kjumpctl's result records (KJUMP-RESULT)
 
     def summary(self) -> str:
@@ -96,13 +98,15 @@ class Outcome:
 
     def mark(self, name: str, boot: int | None = None) -> Event | None:
         """The first console line of MARKS[name] (in QEMU run ``boot`` when given)."""
-        return next((e for e in self.marks if e.name == name
-                     and (boot is None or e.boot == boot)), None)
+        return next(
+            (e for e in self.marks if e.name == name and (boot is None or e.boot == boot)), None
+        )
 
     def boot_span(self, boot: int) -> tuple[float | None, float | None]:
         """(start, end) host times of QEMU run ``boot``."""
-        start = next((b["start"] for b in self.boots if b.get("boot") == boot and "start" in b),
-                     None)
+        start = next(
+            (b["start"] for b in self.boots if b.get("boot") == boot and "start" in b), None
+        )
         end = next((b["end"] for b in self.boots if b.get("boot") == boot and "end" in b), None)
         return start, end
 
@@ -123,25 +127,36 @@ def make_overlay(base: Path, run_dir: Path, name: str = "disk.qcow2") -> Path:
     if overlay.exists():
         overlay.unlink()
     fmt = "qcow2" if base.suffix == ".qcow2" else "raw"
-    proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt,
-                           str(overlay)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+    proc = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt, str(overlay)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise ScenarioError("cannot create the disk overlay", why=proc.stdout.strip(),
-                            fix="install qemu-utils (tools/setup.sh)")
+        raise ScenarioError(
+            "cannot create the disk overlay",
+            why=proc.stdout.strip(),
+            fix="install qemu-utils (tools/setup.sh)",
+        )
     return overlay
 
 
 def fsck_overlay(overlay: Path, run_dir: Path) -> tuple[bool, str]:
     """e2fsck -fn on the guest's root filesystem as the overlay now holds it."""
     raw = run_dir / "fsck.raw"
-    conv = subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    conv = subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if conv.returncode != 0:
         return False, f"qemu-img convert failed: {conv.stdout.strip()}"
     try:
-        proc = subprocess.run(["e2fsck", "-fn", str(raw)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            ["e2fsck", "-fn", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         (run_dir / "fsck.log").write_text(proc.stdout)
         return proc.returncode == 0, proc.stdout.strip().splitlines()[-1] if proc.stdout else ""
     finally:
@@ -151,8 +166,12 @@ def fsck_overlay(overlay: Path, run_dir: Path) -> tuple[bool, str]:
 def read_guest_files(overlay: Path, paths: list[str], run_dir: Path) -> dict[str, Path]:
     """Copy files out of the guest's root filesystem (as a boot loader reads /boot)."""
     raw = run_dir / "extract.raw"
-    conv = subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    conv = subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if conv.returncode != 0:
         raise ScenarioError("cannot read the guest disk", why=conv.stdout.strip())
     out: dict[str, Path] = {}
@@ -160,14 +179,24 @@ def read_guest_files(overlay: Path, paths: list[str], run_dir: Path) -> dict[str
         for path in paths:
             dst = run_dir / ("guest" + path.replace("/", "_"))
             dst.unlink(missing_ok=True)
-            proc = subprocess.run(["debugfs", "-R", f"dump -p {path} {dst}", str(raw)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if proc.returncode != 0 or not dst.exists() or (dst.stat().st_size == 0
-                                                             and "not found" in proc.stdout):
-                raise ScenarioError(f"{path} is not on the guest disk",
-                                    why=proc.stdout.strip().splitlines()[-1:] and
-                                    proc.stdout.strip().splitlines()[-1] or "debugfs failed",
-                                    fix="did `kjumpctl setup` run in the guest?")
+            proc = subprocess.run(
+                ["debugfs", "-R", f"dump -p {path} {dst}", str(raw)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            if (
+                proc.returncode != 0
+                or not dst.exists()
+                or (dst.stat().st_size == 0 and "not found" in proc.stdout)
+            ):
+                raise ScenarioError(
+                    f"{path} is not on the guest disk",
+                    why=proc.stdout.strip().splitlines()[-1:]
+                    and proc.stdout.strip().splitlines()[-1]
+                    or "debugfs failed",
+                    fix="did `kjumpctl setup` run in the guest?",
+                )
             out[path] = dst
     finally:
         raw.unlink(missing_ok=True)
@@ -177,6 +206,7 @@ def read_guest_files(overlay: Path, paths: list[str], run_dir: Path) -> dict[str
 @dataclass
 class RestoreEntry:
     """The restore-first boot entry as the guest's `kjumpctl setup` installed it."""
+
     kernel: Path
     initrd: Path
     cmdline: str
@@ -215,8 +245,10 @@ def restore_entry(overlay: Path, run_dir: Path) -> RestoreEntry:
     files = read_guest_files(overlay, [GRUB_CFG], run_dir)
     entry = parse_grub_entry(files[GRUB_CFG].read_text(errors="replace"))
     if entry is None:
-        raise ScenarioError(f"{GRUB_CFG} in the guest has no '{RESTORE_ENTRY_ID}' menu entry",
-                            fix="kjumpctl setup --bootloader restore-first, then update-grub")
+        raise ScenarioError(
+            f"{GRUB_CFG} in the guest has no '{RESTORE_ENTRY_ID}' menu entry",
+            fix="kjumpctl setup --bootloader restore-first, then update-grub",
+        )
     kernel, initrd, cmdline = entry
     got = read_guest_files(overlay, [kernel, initrd], run_dir)
     return RestoreEntry(got[kernel], got[initrd], " ".join(cmdline.split()))
@@ -233,9 +265,16 @@ def _harness():
 class Runner:
     """Boots one scenario's QEMU runs on one overlay and gathers what the guest printed."""
 
-    def __init__(self, name: str, guest_scenario: str, assets: vm_assets.Assets, run_dir: Path,
-                 extra_qemu: tuple[str, ...] = (), extra_disks: tuple[Path, ...] = (),
-                 append_extra: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        guest_scenario: str,
+        assets: vm_assets.Assets,
+        run_dir: Path,
+        extra_qemu: tuple[str, ...] = (),
+        extra_disks: tuple[Path, ...] = (),
+        append_extra: str = "",
+    ) -> None:
         assets.require("kernel", "save_initramfs", "restore_initramfs", "rootfs", "prepared")
         self.h = _harness()
         self.assets = assets
@@ -243,10 +282,15 @@ class Runner:
         self.outcome = Outcome(name=name, run_dir=run_dir)
         self.overlay = make_overlay(Path(assets.prepared), run_dir)
         self.append = f"{A_APPEND} kjumpvm.scenario={guest_scenario} {append_extra}".strip()
-        self.cfg = self.h.VMConfig(kernel=Path(assets.kernel), append=self.append,
-                                   disks=[self.overlay, *extra_disks], disk_format="qcow2",
-                                   memory_mb=MEM_MIB, smp=SMP,
-                                   extra=tuple(ACPI_SLEEP) + tuple(extra_qemu))
+        self.cfg = self.h.VMConfig(
+            kernel=Path(assets.kernel),
+            append=self.append,
+            disks=[self.overlay, *extra_disks],
+            disk_format="qcow2",
+            memory_mb=MEM_MIB,
+            smp=SMP,
+            extra=tuple(ACPI_SLEEP) + tuple(extra_qemu),
+        )
         self.vm = self.h.VM(self.cfg, artifacts=run_dir, name=name)
         self.t0 = time.monotonic()
         self._collected = 0
@@ -287,14 +331,20 @@ class Runner:
         if self.vm.proc is None:
             if changes:
                 from dataclasses import replace
+
                 self.vm.cfg = replace(self.vm.cfg, **changes)
             self.vm.start()
         else:
             self.vm.restart(**changes)
-        self.outcome.boots.append({"boot": self.vm.run, "kernel": str(self.vm.cfg.kernel),
-                                   "initrd": str(self.vm.cfg.initrd or ""),
-                                   "append": self.vm.cfg.append,
-                                   "start": self.vm.started - self.t0})
+        self.outcome.boots.append(
+            {
+                "boot": self.vm.run,
+                "kernel": str(self.vm.cfg.kernel),
+                "initrd": str(self.vm.cfg.initrd or ""),
+                "append": self.vm.cfg.append,
+                "start": self.vm.started - self.t0,
+            }
+        )
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for this QEMU run to end (the guest powers off after its verdict). A console
@@ -302,14 +352,15 @@ class Runner:
         rc = -1
         try:
             self.vm.wait_for(STUCK_RE, timeout)
-            self.outcome.problems.append(f"stuck: {self.vm.last_line.text.strip()} "
-                                         f"(see {self.vm.log_path})")
+            self.outcome.problems.append(
+                f"stuck: {self.vm.last_line.text.strip()} (see {self.vm.log_path})"
+            )
             self.vm.stop()
         except self.h.VMTimeout as err:
             self.outcome.problems.append(str(err))
             self.vm.stop()
         except self.h.VMError:
-            rc = self.vm.wait_exit(30)      # it exited: the normal end
+            rc = self.vm.wait_exit(30)  # it exited: the normal end
         # the moment QEMU exited (the console reader saw it), not when this thread woke up
         end = self.vm.ended if self.vm.ended is not None else time.monotonic()
         self.outcome.boots.append({"boot": self.vm.run, "end": end - self.t0, "rc": rc})
@@ -327,8 +378,9 @@ class Runner:
             except self.h.VMError:
                 return False
             if status.get("status") == "suspended":
-                self.outcome.events.append(Event(time.monotonic() - self.t0, "host-saw-s3", {},
-                                                 self.vm.run))
+                self.outcome.events.append(
+                    Event(time.monotonic() - self.t0, "host-saw-s3", {}, self.vm.run)
+                )
                 return True
             time.sleep(1)
         self.outcome.problems.append(f"the guest did not reach S3 within {timeout:.0f} s")
@@ -341,13 +393,13 @@ class Runner:
         except ScenarioError as err:
             self.outcome.problems.append(f"missing: restore-first entry: {err.message}")
             return
-        self.outcome.events.append(Event(time.monotonic() - self.t0, "host-boots-R", {},
-                                         self.vm.run))
+        self.outcome.events.append(
+            Event(time.monotonic() - self.t0, "host-boots-R", {}, self.vm.run)
+        )
         # The entry's own line (kjump.target=, kjump.offset=) plus the VM's serial console,
         # as GRUB_CMDLINE_LINUX would add it; without it R's lines never reach the log.
         # NOTE (reported): `kjumpctl setup` writes the entry without the system's console=.
-        append = entry.cmdline if "console=" in entry.cmdline else \
-            f"console=ttyS0 {entry.cmdline}"
+        append = entry.cmdline if "console=" in entry.cmdline else f"console=ttyS0 {entry.cmdline}"
         self.boot(kernel=entry.kernel, initrd=entry.initrd, append=append)
         self.wait_exit(timeout)
 
@@ -355,8 +407,13 @@ class Runner:
         running = self.vm.proc is not None and self.vm.proc.poll() is None
         self.vm.stop()
         if running:
-            self.outcome.boots.append({"boot": self.vm.run, "end": time.monotonic() - self.t0,
-                                       "rc": "stopped by the host"})
+            self.outcome.boots.append(
+                {
+                    "boot": self.vm.run,
+                    "end": time.monotonic() - self.t0,
+                    "rc": "stopped by the host",
+                }
+            )
         self.collect()
 
     def finish(self) -> Outcome:
@@ -366,8 +423,10 @@ class Runner:
             self.outcome.problems.append("the guest printed no verdict")
         said = self.outcome.verdict.get("scenario")
         if self.outcome.verdict_line and said != self.outcome.name:
-            self.outcome.problems.append(f"the verdict is scenario {said}'s, not {self.outcome.name}'s "
-                                         "(the normal kernel booted instead?)")
+            self.outcome.problems.append(
+                f"the verdict is scenario {said}'s, not {self.outcome.name}'s "
+                "(the normal kernel booted instead?)"
+            )
         if self.outcome.problems:
             self.outcome.passed = False
         return self.outcome
@@ -387,8 +446,13 @@ def _swap_disk(run_dir: Path) -> Path:
     return swap
 
 
-def run(name: str, assets: vm_assets.Assets, run_dir: Path,
-        timeout: float = BOOT_TIMEOUT, swap: bool = False) -> Outcome:
+def run(
+    name: str,
+    assets: vm_assets.Assets,
+    run_dir: Path,
+    timeout: float = BOOT_TIMEOUT,
+    swap: bool = False,
+) -> Outcome:
     """Run scenario ``name`` (a..h, see test_scenarios.py) to a verdict.
 
     ``swap``: attach a blank 2 GiB swap disk as /dev/vdb and have the guest swapon it before
@@ -405,7 +469,7 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
         "rollback": ("rollback", "single"),
         "checkpoint": ("checkpoint", "single"),
         "killed": ("killed", "single"),
-        "swsusp": ("swsusp", "swsusp"),   # bench/vm.py: the kernel's own hibernation
+        "swsusp": ("swsusp", "swsusp"),  # bench/vm.py: the kernel's own hibernation
     }
     extra = {"killed": "kjumpvm.kill_daemon=frozen"}.get(name, "")
     if name not in flows:
@@ -413,14 +477,31 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
     guest, flow = flows[name]
     try:
         if flow == "swsusp":
-            r = Runner(name, guest, assets, run_dir, extra_disks=(_swap_disk(run_dir),),
-                       append_extra="resume=/dev/vdb")
+            r = Runner(
+                name,
+                guest,
+                assets,
+                run_dir,
+                extra_disks=(_swap_disk(run_dir),),
+                append_extra="resume=/dev/vdb",
+            )
         elif swap:
-            r = Runner(name, guest, assets, run_dir, extra_disks=(_swap_disk(run_dir),),
-                       append_extra=f"kjumpvm.swap=/dev/vdb {A_APPEND_EXTRA.get(name, '')}")
+            r = Runner(
+                name,
+                guest,
+                assets,
+                run_dir,
+                extra_disks=(_swap_disk(run_dir),),
+                append_extra=f"kjumpvm.swap=/dev/vdb {A_APPEND_EXTRA.get(name, '')}",
+            )
         else:
-            r = Runner(name, guest, assets, run_dir,
-                       append_extra=f"{A_APPEND_EXTRA.get(name, '')} {extra}".strip())
+            r = Runner(
+                name,
+                guest,
+                assets,
+                run_dir,
+                append_extra=f"{A_APPEND_EXTRA.get(name, '')} {extra}".strip(),
+            )
     except (KjumpError, OSError, subprocess.CalledProcessError) as err:
         out = Outcome(name=name, run_dir=run_dir)
         out.problems.append(f"missing: {err.message}")
@@ -432,28 +513,30 @@ def run(name: str, assets: vm_assets.Assets, run_dir: Path,
             r.wait_exit(timeout)
         elif flow == "power-cycle":
             r.wait_exit(timeout)
-            if not r.has_verdict():          # it powered off with an image: boot R
+            if not r.has_verdict():  # it powered off with an image: boot R
                 r.boot_restore_first(timeout)
         elif flow in ("suspend-wake", "suspend-lost"):
             if r.wait_suspended(timeout):
                 if flow == "suspend-wake":
                     time.sleep(2)
                     r.vm.qmp("system_wakeup")
-                    r.outcome.events.append(Event(time.monotonic() - r.t0, "host-wakeup", {},
-                                                  r.vm.run))
+                    r.outcome.events.append(
+                        Event(time.monotonic() - r.t0, "host-wakeup", {}, r.vm.run)
+                    )
                     r.wait_exit(timeout)
                 else:
-                    r.stop()                 # power lost while in S3
-                    r.outcome.events.append(Event(time.monotonic() - r.t0, "host-power-lost",
-                                                  {}, r.vm.run))
+                    r.stop()  # power lost while in S3
+                    r.outcome.events.append(
+                        Event(time.monotonic() - r.t0, "host-power-lost", {}, r.vm.run)
+                    )
                     r.boot_restore_first(timeout)
             else:
                 r.wait_exit(timeout)
         elif flow == "noimage":
-            r.boot_restore_first(timeout)       # the prepared disk: a target, no image
+            r.boot_restore_first(timeout)  # the prepared disk: a target, no image
         elif flow == "swsusp":
             r.wait_exit(timeout)
-            if not r.has_verdict():             # hibernated to swap: power on, same kernel
+            if not r.has_verdict():  # hibernated to swap: power on, same kernel
                 r.boot()
                 r.wait_exit(timeout)
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:

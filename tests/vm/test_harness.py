@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from savekernel.initramfs import build_initramfs
-from tests.vm.harness import VM, VMConfig, VMTimeout, artifacts_dir, kernel_image, require_vm_prereqs
+from tests.vm.harness import (
+    VM,
+    VMConfig,
+    VMTimeout,
+    artifacts_dir,
+    kernel_image,
+    require_vm_prereqs,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -26,15 +33,20 @@ def test_console_keys_qmp_exit_and_restart(request: pytest.FixtureRequest, tmp_p
     require_vm_prereqs()
     kernel = kernel_image()
     initrd = build_initramfs(None, INIT, name="harness-test")
-    cfg = VMConfig(kernel=kernel, initrd=initrd.path, append="console=ttyS0 panic=1 harness.run=1",
-                   memory_mb=256, smp=1)
+    cfg = VMConfig(
+        kernel=kernel,
+        initrd=initrd.path,
+        append="console=ttyS0 panic=1 harness.run=1",
+        memory_mb=256,
+        smp=1,
+    )
     art = artifacts_dir(request.node.name)
     with VM(cfg, artifacts=art, name="h") as vm:
         m = vm.wait_for(r"HARNESS: ready harness\.run=(\d)", timeout=300)
         assert m.group(1) == "1"
         assert vm.qmp("query-status")["status"] == "running"
         with pytest.raises(VMTimeout):
-            vm.wait_for(r"HARNESS: got", timeout=2)      # nothing typed yet
+            vm.wait_for(r"HARNESS: got", timeout=2)  # nothing typed yet
         vm.send("kjump 42\n")
         assert vm.wait_for(r"HARNESS: got <(.*)>", timeout=120).group(1) == "kjump 42"
         assert vm.wait_exit(timeout=120) == 0

@@ -34,13 +34,22 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bootloader.initramfs import build_restore_initramfs, make_restore_initrd, restore_config  # noqa: E402
-from kjumpd.image import store  # noqa: E402
-from kjumpd.image.device import ImageDevice  # noqa: E402
-from kjumpd.image.format import BlockExtent  # noqa: E402
-from savekernel.initramfs import InitramfsImage, build_initramfs, build_save_initramfs  # noqa: E402
-from tests.vm.harness import (JUMP_AREA_SIZE, JUMP_AREA_START, MAIN_APPEND, VM, VMConfig,  # noqa: E402
-                              artifacts_dir, kernel_image, missing_prereq, require_vm_prereqs)
+from bootloader.initramfs import build_restore_initramfs, make_restore_initrd, restore_config
+from kjumpd.image import store
+from kjumpd.image.device import ImageDevice
+from kjumpd.image.format import BlockExtent
+from savekernel.initramfs import InitramfsImage, build_initramfs, build_save_initramfs
+from tests.vm.harness import (
+    JUMP_AREA_SIZE,
+    JUMP_AREA_START,
+    MAIN_APPEND,
+    VM,
+    VMConfig,
+    artifacts_dir,
+    kernel_image,
+    missing_prereq,
+    require_vm_prereqs,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -55,9 +64,20 @@ echo "KJR: guest script ended; powering off"
 sync
 poweroff -f
 """
-GUEST_MODULES = ("kjumpd.image.store", "kjumpd.image.device", "kjumpd.job", "kjumpd.fsstamp",
-                 "kjumpd.restorefirst", "hashlib", "mmap", "random", "subprocess", "uuid",
-                 "traceback", "fcntl")
+GUEST_MODULES = (
+    "kjumpd.image.store",
+    "kjumpd.image.device",
+    "kjumpd.job",
+    "kjumpd.fsstamp",
+    "kjumpd.restorefirst",
+    "hashlib",
+    "mmap",
+    "random",
+    "subprocess",
+    "uuid",
+    "traceback",
+    "fcntl",
+)
 PANIC = r"Kernel panic|general protection fault|BUG: unable to handle"
 TARGET_SIZE = 1 << 30
 FS_SIZE = 64 << 20
@@ -84,11 +104,15 @@ def b_initramfs(kernel: Path) -> InitramfsImage:
 
 @pytest.fixture(scope="module")
 def a_initramfs(kernel: Path, b_initramfs: InitramfsImage) -> InitramfsImage:
-    return build_initramfs(None, A_INIT, {"boot/bzImage": kernel,
-                                          "boot/b.cpio.gz": b_initramfs.path,
-                                          "kjr/guest.py": GUEST},
-                           name="kjr-guest", python_modules=GUEST_MODULES,
-                           python_packages=("kjumpd", "lz4"), host_binaries=("/usr/sbin/kexec",))
+    return build_initramfs(
+        None,
+        A_INIT,
+        {"boot/bzImage": kernel, "boot/b.cpio.gz": b_initramfs.path, "kjr/guest.py": GUEST},
+        name="kjr-guest",
+        python_modules=GUEST_MODULES,
+        python_packages=("kjumpd", "lz4"),
+        host_binaries=("/usr/sbin/kexec",),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +152,40 @@ def header(target: Path):
         return store.read_header(dev)
 
 
-def r_initrd(out: Path, kernel: Path, a: InitramfsImage, b: InitramfsImage, r: InitramfsImage,
-             uuid: str, max_attempts: int = 3, save_cmdline: str = R_BASE_APPEND) -> Path:
+def r_initrd(
+    out: Path,
+    kernel: Path,
+    a: InitramfsImage,
+    b: InitramfsImage,
+    r: InitramfsImage,
+    uuid: str,
+    max_attempts: int = 3,
+    save_cmdline: str = R_BASE_APPEND,
+) -> Path:
     cfg, files = restore_config(
-        target_uuid=uuid, target_offset=0, normal_kernel=kernel, normal_initrd=a.path,
-        normal_cmdline=f"{MAIN_APPEND} kjr.step=normal", save_kernel=kernel,
-        save_initrd=b.path, save_cmdline=save_cmdline,
-        jump_area=(JUMP_AREA_START, JUMP_AREA_SIZE), max_attempts=max_attempts)
+        target_uuid=uuid,
+        target_offset=0,
+        normal_kernel=kernel,
+        normal_initrd=a.path,
+        normal_cmdline=f"{MAIN_APPEND} kjr.step=normal",
+        save_kernel=kernel,
+        save_initrd=b.path,
+        save_cmdline=save_cmdline,
+        jump_area=(JUMP_AREA_START, JUMP_AREA_SIZE),
+        max_attempts=max_attempts,
+    )
     return make_restore_initrd(out, cfg, files, base=r.path)
 
 
 def r_config(kernel: Path, initrd: Path, uuid: str, disks: tuple[Path, Path]) -> VMConfig:
-    return VMConfig(kernel=kernel, initrd=initrd,
-                    append=f"{R_BASE_APPEND} kjump.target={uuid} kjump.offset=0",
-                    disks=list(disks), memory_mb=1024, smp=2)
+    return VMConfig(
+        kernel=kernel,
+        initrd=initrd,
+        append=f"{R_BASE_APPEND} kjump.target={uuid} kjump.offset=0",
+        disks=list(disks),
+        memory_mb=1024,
+        smp=2,
+    )
 
 
 def figures(name: str, **values: object) -> None:
@@ -154,9 +198,14 @@ def saved(kernel: Path, a_initramfs: InitramfsImage, tmp_path_factory) -> tuple[
     """Disks holding a SAVED image of A (mode shutdown) with the data filesystem frozen."""
     d = tmp_path_factory.mktemp("rf-saved")
     target, data, uuid = make_disks(d)
-    cfg = VMConfig(kernel=kernel, initrd=a_initramfs.path,
-                   append=f"{MAIN_APPEND} kjr.step=save kjr.mib=32", disks=[target, data],
-                   memory_mb=1024, smp=2)
+    cfg = VMConfig(
+        kernel=kernel,
+        initrd=a_initramfs.path,
+        append=f"{MAIN_APPEND} kjr.step=save kjr.mib=32",
+        disks=[target, data],
+        memory_mb=1024,
+        smp=2,
+    )
     with VM(cfg, artifacts_dir("restorefirst_save"), name="save") as vm:
         vm.wait_for(r"KJR: image SAVED|KJR-VERDICT: FAIL.*", timeout=T, fail=PANIC)
         line = vm.last_line.text if vm.last_line else ""
@@ -164,30 +213,41 @@ def saved(kernel: Path, a_initramfs: InitramfsImage, tmp_path_factory) -> tuple[
         vm.wait_exit(timeout=120)
         t_jump = vm.line_time(r"KJR: jumping to the save kernel")
         t_saved = vm.line_time(r"kjump-agent: SAVED")
-        figures("restorefirst_save", jump_to_saved_s=(round(t_saved - t_jump, 2)
-                                                      if t_jump and t_saved else None),
-                agent=[m.group(0) for m in vm.find(r"kjump-agent: SAVED.*")])
+        figures(
+            "restorefirst_save",
+            jump_to_saved_s=(round(t_saved - t_jump, 2) if t_jump and t_saved else None),
+            agent=[m.group(0) for m in vm.find(r"kjump-agent: SAVED.*")],
+        )
     assert header(target).state_text == "SAVED"
     return target, data, uuid
 
 
-def test_restore_through_the_restore_first_entry(request, kernel, a_initramfs, b_initramfs,
-                                                 r_base, saved, tmp_path) -> None:
+def test_restore_through_the_restore_first_entry(
+    request, kernel, a_initramfs, b_initramfs, r_base, saved, tmp_path
+) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
     rimg = r_initrd(tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, saved[2])
-    with VM(r_config(kernel, rimg, saved[2], (target, data)), artifacts_dir(request.node.name),
-            name="r") as vm:
+    with VM(
+        r_config(kernel, rimg, saved[2], (target, data)), artifacts_dir(request.node.name), name="r"
+    ) as vm:
         m = vm.wait_for(r"KJR-VERDICT: (PASS|FAIL) (.*)|KJR-NORMAL.*", timeout=T, fail=PANIC)
         assert vm.find(r"kjumpd-rf: image marked RESTORING\(1\)"), "R did not choose to restore"
         assert vm.find(r"kjump-agent: save kernel up: role restore"), "B never ran in restore role"
-        t = {k: vm.line_time(p) for k, p in (
-            ("r_up", r"kjumpd-rf: restore-first environment up"),
-            ("r_decided", r"kjumpd-rf: decision"),
-            ("b_up", r"kjump-agent: save kernel up"),
-            ("restored", r"kjump-agent: RESTORED"),
-            ("a_back", r"KJR: back in the main kernel"))}
-        figures(request.node.name, host_seconds_since_qemu_start=t,
-                agent=[x.group(0) for x in vm.find(r"kjump-agent: RESTORED.*")])
+        t = {
+            k: vm.line_time(p)
+            for k, p in (
+                ("r_up", r"kjumpd-rf: restore-first environment up"),
+                ("r_decided", r"kjumpd-rf: decision"),
+                ("b_up", r"kjump-agent: save kernel up"),
+                ("restored", r"kjump-agent: RESTORED"),
+                ("a_back", r"KJR: back in the main kernel"),
+            )
+        }
+        figures(
+            request.node.name,
+            host_seconds_since_qemu_start=t,
+            agent=[x.group(0) for x in vm.find(r"kjump-agent: RESTORED.*")],
+        )
         assert m.group(1) == "PASS", m.group(0)
         assert "state=RESTORING(1)" in m.group(2) and "data=intact" in m.group(2)
         assert "now=CONSUMED" in m.group(2)
@@ -195,17 +255,25 @@ def test_restore_through_the_restore_first_entry(request, kernel, a_initramfs, b
 
 
 def test_no_image_boots_the_normal_kernel_and_costs_one_short_boot(
-        request, kernel, a_initramfs, b_initramfs, r_base, tmp_path) -> None:
+    request, kernel, a_initramfs, b_initramfs, r_base, tmp_path
+) -> None:
     target, data, uuid = make_disks(tmp_path / "disks")
     art = artifacts_dir(request.node.name)
     # the normal kernel booted directly, as a boot loader would without R
-    direct = VMConfig(kernel=kernel, initrd=a_initramfs.path,
-                      append=f"{MAIN_APPEND} kjr.step=normal", disks=[target, data])
+    direct = VMConfig(
+        kernel=kernel,
+        initrd=a_initramfs.path,
+        append=f"{MAIN_APPEND} kjr.step=normal",
+        disks=[target, data],
+    )
     with VM(direct, art, name="direct") as vm:
         vm.wait_for(NORMAL, timeout=T, fail=PANIC)
         t_direct = vm.last_line.t
-        d_unpack = [ln.t for ln in vm.lines if "Unpacking initramfs" in ln.text or
-                    "Freeing initrd memory" in ln.text]
+        d_unpack = [
+            ln.t
+            for ln in vm.lines
+            if "Unpacking initramfs" in ln.text or "Freeing initrd memory" in ln.text
+        ]
     rimg = r_initrd(tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, uuid)
     with VM(r_config(kernel, rimg, uuid, (target, data)), art, name="r") as vm:
         m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
@@ -213,26 +281,34 @@ def test_no_image_boots_the_normal_kernel_and_costs_one_short_boot(
         r_up = vm.line_time(r"kjumpd-rf: restore-first environment up")
         r_kexec = vm.line_time(r"kjumpd-rf: booting the normal kernel")
         up = vm.find(r"kjumpd-rf: booting the normal kernel at uptime ([\d.]+) s")
-        unpack = [ln.t for ln in vm.lines if "Unpacking initramfs" in ln.text or
-                  "Freeing initrd memory" in ln.text]
+        unpack = [
+            ln.t
+            for ln in vm.lines
+            if "Unpacking initramfs" in ln.text or "Freeing initrd memory" in ln.text
+        ]
         assert vm.find(r"kjumpd-rf: image state EMPTY")
         assert not vm.find(r"kjump-agent"), "B must not run without an image"
     assert m.group(1) == "" and m.group(2) == "EMPTY", m.group(0)
-    figures(request.node.name, direct_boot_to_normal_userspace_s=round(t_direct, 2),
-            via_r_to_normal_userspace_s=round(t_via_r, 2),
-            extra_cost_of_r_s=round(t_via_r - t_direct, 2),
-            r_userspace_up_s=r_up and round(r_up, 2),
-            r_up_to_normal_kexec_s=(round(r_kexec - r_up, 2) if r_up and r_kexec else None),
-            r_kernel_uptime_at_normal_kexec_s=float(up[0].group(1)) if up else None,
-            initramfs_unpack_s_direct=[round(b - a, 2) for a, b in
-                                       zip(d_unpack[0::2], d_unpack[1::2])],
-            initramfs_unpack_s_r_then_normal=[round(b - a, 2) for a, b in
-                                              zip(unpack[0::2], unpack[1::2])],
-            r_initrd_bytes=rimg.stat().st_size, r_base_gzip_bytes=r_base.compressed_size)
+    figures(
+        request.node.name,
+        direct_boot_to_normal_userspace_s=round(t_direct, 2),
+        via_r_to_normal_userspace_s=round(t_via_r, 2),
+        extra_cost_of_r_s=round(t_via_r - t_direct, 2),
+        r_userspace_up_s=r_up and round(r_up, 2),
+        r_up_to_normal_kexec_s=(round(r_kexec - r_up, 2) if r_up and r_kexec else None),
+        r_kernel_uptime_at_normal_kexec_s=float(up[0].group(1)) if up else None,
+        initramfs_unpack_s_direct=[round(b - a, 2) for a, b in zip(d_unpack[0::2], d_unpack[1::2])],
+        initramfs_unpack_s_r_then_normal=[
+            round(b - a, 2) for a, b in zip(unpack[0::2], unpack[1::2])
+        ],
+        r_initrd_bytes=rimg.stat().st_size,
+        r_base_gzip_bytes=r_base.compressed_size,
+    )
 
 
 def test_stale_image_is_refused_and_the_normal_kernel_boots(
-        request, kernel, a_initramfs, b_initramfs, r_base, saved, tmp_path) -> None:
+    request, kernel, a_initramfs, b_initramfs, r_base, saved, tmp_path
+) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -243,8 +319,9 @@ def test_stale_image_is_refused_and_the_normal_kernel_boots(
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     rimg = r_initrd(tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, saved[2])
-    with VM(r_config(kernel, rimg, saved[2], (target, data)), artifacts_dir(request.node.name),
-            name="r") as vm:
+    with VM(
+        r_config(kernel, rimg, saved[2], (target, data)), artifacts_dir(request.node.name), name="r"
+    ) as vm:
         m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
         assert not vm.find(r"kjump-agent"), "B ran although the image is stale"
     assert m.group(1) == "invalid:stale", m.group(0)
@@ -253,18 +330,20 @@ def test_stale_image_is_refused_and_the_normal_kernel_boots(
     assert header(target).state_text.startswith("INVALID(stale:")
 
 
-def test_corrupted_image_is_refused(request, kernel, a_initramfs, b_initramfs, r_base, saved,
-                                    tmp_path) -> None:
+def test_corrupted_image_is_refused(
+    request, kernel, a_initramfs, b_initramfs, r_base, saved, tmp_path
+) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
     h = header(target)
-    with open(target, "r+b") as f:            # the first chunk record's physical address
+    with open(target, "r+b") as f:  # the first chunk record's physical address
         f.seek(h.data_offset + 12)
         b = f.read(1)
         f.seek(h.data_offset + 12)
         f.write(bytes([b[0] ^ 0x40]))
     rimg = r_initrd(tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, saved[2])
-    with VM(r_config(kernel, rimg, saved[2], (target, data)), artifacts_dir(request.node.name),
-            name="r") as vm:
+    with VM(
+        r_config(kernel, rimg, saved[2], (target, data)), artifacts_dir(request.node.name), name="r"
+    ) as vm:
         m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
         assert not vm.find(r"kjump-agent"), "B ran although the image is corrupt"
     assert m.group(1) == "invalid:corrupt", m.group(0)
@@ -272,16 +351,25 @@ def test_corrupted_image_is_refused(request, kernel, a_initramfs, b_initramfs, r
 
 
 def test_a_restore_that_keeps_failing_stops_at_the_maximum(
-        request, kernel, a_initramfs, b_initramfs, r_base, saved, tmp_path) -> None:
+    request, kernel, a_initramfs, b_initramfs, r_base, saved, tmp_path
+) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
     # B crashes at every restore before touching A's memory: its init does not exist
-    rimg = r_initrd(tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, saved[2],
-                    max_attempts=2, save_cmdline=f"{R_BASE_APPEND} rdinit=/kjump-no-such-init")
+    rimg = r_initrd(
+        tmp_path / "r.img",
+        kernel,
+        a_initramfs,
+        b_initramfs,
+        r_base,
+        saved[2],
+        max_attempts=2,
+        save_cmdline=f"{R_BASE_APPEND} rdinit=/kjump-no-such-init",
+    )
     art = artifacts_dir(request.node.name)
     vm = VM(r_config(kernel, rimg, saved[2], (target, data)), art, name="r")
     seen = []
     try:
-        for attempt in (1, 2):          # each boot: R restores, B dies, the machine resets
+        for attempt in (1, 2):  # each boot: R restores, B dies, the machine resets
             vm.start() if attempt == 1 else vm.restart()
             vm.wait_for(rf"kjumpd-rf: image marked RESTORING\({attempt}\)", timeout=T)
             vm.wait_exit(timeout=T)

@@ -18,8 +18,14 @@ from pathlib import Path
 import pytest
 
 from savekernel.initramfs import InitramfsImage, build_initramfs, build_save_initramfs
-from tests.vm.harness import (MAIN_APPEND, VM, VMConfig, artifacts_dir, kernel_image,
-                              require_vm_prereqs)
+from tests.vm.harness import (
+    MAIN_APPEND,
+    VM,
+    VMConfig,
+    artifacts_dir,
+    kernel_image,
+    require_vm_prereqs,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -34,8 +40,18 @@ echo "KJT: guest script ended; powering off"
 sync
 poweroff -f
 """
-GUEST_MODULES = ("kjumpd.image.store", "kjumpd.image.device", "kjumpd.job", "hashlib", "mmap",
-                 "random", "subprocess", "uuid", "traceback", "runpy")
+GUEST_MODULES = (
+    "kjumpd.image.store",
+    "kjumpd.image.device",
+    "kjumpd.job",
+    "hashlib",
+    "mmap",
+    "random",
+    "subprocess",
+    "uuid",
+    "traceback",
+    "runpy",
+)
 PANIC = r"Kernel panic|Attempted to kill init|general protection fault|BUG: unable to handle"
 DISK_SIZE = 1536 << 20
 MIB = 192
@@ -58,14 +74,23 @@ def b_plain() -> InitramfsImage:
 
 
 @pytest.fixture(scope="module")
-def a_initramfs(kernel: Path, b_initramfs: InitramfsImage, b_plain: InitramfsImage
-                ) -> InitramfsImage:
-    return build_initramfs(None, A_INIT, {"boot/bzImage": kernel,
-                                          "boot/b.cpio.gz": b_initramfs.path,
-                                          "boot/b.cpio": b_plain.path,
-                                          "kjt/guest.py": GUEST},
-                           name="kjt-guest", python_modules=GUEST_MODULES,
-                           python_packages=("kjumpd", "lz4"), host_binaries=("/usr/sbin/kexec",))
+def a_initramfs(
+    kernel: Path, b_initramfs: InitramfsImage, b_plain: InitramfsImage
+) -> InitramfsImage:
+    return build_initramfs(
+        None,
+        A_INIT,
+        {
+            "boot/bzImage": kernel,
+            "boot/b.cpio.gz": b_initramfs.path,
+            "boot/b.cpio": b_plain.path,
+            "kjt/guest.py": GUEST,
+        },
+        name="kjt-guest",
+        python_modules=GUEST_MODULES,
+        python_packages=("kjumpd", "lz4"),
+        host_binaries=("/usr/sbin/kexec",),
+    )
 
 
 @pytest.fixture
@@ -76,20 +101,30 @@ def disk(tmp_path: Path) -> Path:
     return p
 
 
-def _vm(request: pytest.FixtureRequest, kernel: Path, initrd: InitramfsImage, disk: Path,
-        append: str) -> VM:
-    cfg = VMConfig(kernel=kernel, initrd=initrd.path, append=f"{MAIN_APPEND} {append}",
-                   disks=[disk], memory_mb=1024, smp=2)
+def _vm(
+    request: pytest.FixtureRequest, kernel: Path, initrd: InitramfsImage, disk: Path, append: str
+) -> VM:
+    cfg = VMConfig(
+        kernel=kernel,
+        initrd=initrd.path,
+        append=f"{MAIN_APPEND} {append}",
+        disks=[disk],
+        memory_mb=1024,
+        smp=2,
+    )
     return VM(cfg, artifacts_dir(request.node.name), name="guest")
 
 
 def _figures(request: pytest.FixtureRequest, vm: VM, b: InitramfsImage, **more: object) -> dict:
     """Console-derived figures for the report (host clock; never asserted)."""
+
     def t(pattern: str) -> float | None:
         return vm.line_time(pattern)
 
-    fig: dict[str, object] = {"b_initramfs_gzip_bytes": b.compressed_size,
-                              "b_initramfs_uncompressed_bytes": b.uncompressed_size}
+    fig: dict[str, object] = {
+        "b_initramfs_gzip_bytes": b.compressed_size,
+        "b_initramfs_uncompressed_bytes": b.uncompressed_size,
+    }
     jump = t(r"KJT: jumping to the save kernel")
     up = t(r"kjump-agent: save kernel up")
     back = t(r"KJT: back in the main kernel")
@@ -99,8 +134,10 @@ def _figures(request: pytest.FixtureRequest, vm: VM, b: InitramfsImage, **more: 
         fig["agent_first_line_to_back_in_A_s"] = round(back - up, 2)
     if jump is not None:  # where the time from the jump to the agent's first line goes
         after = [ln for ln in vm.lines if ln.t >= jump]
+
         def first(rx: str) -> float | None:
             return next((ln.t for ln in after if re.search(rx, ln.text)), None)
+
         banner, init = first(r"\] Linux version"), first(r"\] Run /init as init process")
         if banner is not None and init is not None:
             fig["jump_to_B_banner_s"] = round(banner - jump, 2)
@@ -116,12 +153,18 @@ def _figures(request: pytest.FixtureRequest, vm: VM, b: InitramfsImage, **more: 
     return fig
 
 
-def test_save_then_jump_back_keeps_memory_and_writes_saved(request, kernel, a_initramfs,
-                                                           b_initramfs, disk) -> None:
+def test_save_then_jump_back_keeps_memory_and_writes_saved(
+    request, kernel, a_initramfs, b_initramfs, disk
+) -> None:
     # init_on_free=1: A zeroes every page it frees, so every page B calls free (A's buddy
     # allocator, read through A's VMCOREINFO) must read as zero; B checks each one
-    with _vm(request, kernel, a_initramfs, disk,
-             f"init_on_free=1 kjt.step=jump kjt.mib={MIB} kjt.cancel=0 kjt.freecheck=1") as vm:
+    with _vm(
+        request,
+        kernel,
+        a_initramfs,
+        disk,
+        f"init_on_free=1 kjt.step=jump kjt.mib={MIB} kjt.cancel=0 kjt.freecheck=1",
+    ) as vm:
         m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=1200, fail=PANIC)
         _figures(request, vm, b_initramfs)
         assert vm.find(r"kjump-agent: save kernel up: role save"), "B's agent never ran"
@@ -135,12 +178,19 @@ def test_save_then_jump_back_keeps_memory_and_writes_saved(request, kernel, a_in
         assert check and check[0].group(1) == "PASS", check[0].group(0) if check else "no check"
 
 
-def test_a_key_on_the_save_kernel_console_cancels_and_jumps_back(request, kernel, a_initramfs,
-                                                                  b_initramfs, disk) -> None:
-    with _vm(request, kernel, a_initramfs, disk,
-             f"kjt.step=jump kjt.mib={MIB} kjt.cancel=1 kjt.expect=ABORTED") as vm:
-        vm.wait_for(r"kjump-agent: press any key on this console to cancel", timeout=900,
-                    fail=PANIC)
+def test_a_key_on_the_save_kernel_console_cancels_and_jumps_back(
+    request, kernel, a_initramfs, b_initramfs, disk
+) -> None:
+    with _vm(
+        request,
+        kernel,
+        a_initramfs,
+        disk,
+        f"kjt.step=jump kjt.mib={MIB} kjt.cancel=1 kjt.expect=ABORTED",
+    ) as vm:
+        vm.wait_for(
+            r"kjump-agent: press any key on this console to cancel", timeout=900, fail=PANIC
+        )
         vm.send("c")
         m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=900, fail=PANIC)
         _figures(request, vm, b_initramfs)
@@ -148,10 +198,16 @@ def test_a_key_on_the_save_kernel_console_cancels_and_jumps_back(request, kernel
         assert "state=ABORTED" in m.group(2) and "data=intact" in m.group(2)
 
 
-def test_power_cycle_restore_continues_the_same_process(request, kernel, a_initramfs,
-                                                        b_initramfs, disk) -> None:
-    with _vm(request, kernel, a_initramfs, disk,
-             f"kjt.step=jump kjt.mib={MIB} kjt.cancel=0 kjt.mode=shutdown") as vm:
+def test_power_cycle_restore_continues_the_same_process(
+    request, kernel, a_initramfs, b_initramfs, disk
+) -> None:
+    with _vm(
+        request,
+        kernel,
+        a_initramfs,
+        disk,
+        f"kjt.step=jump kjt.mib={MIB} kjt.cancel=0 kjt.mode=shutdown",
+    ) as vm:
         vm.wait_for(r"KJT: image SAVED .* powering off", timeout=1200, fail=PANIC)
         vm.wait_exit(timeout=300)
         save_fig = _figures(request, vm, b_initramfs)
@@ -161,25 +217,30 @@ def test_power_cycle_restore_continues_the_same_process(request, kernel, a_initr
         vm.wait_for(r"kjump-agent: save kernel up: role restore", timeout=600, fail=PANIC)
         m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=1200, fail=PANIC)
         restored_at = vm.last_line.t if vm.last_line else None
-        _figures(request, vm, b_initramfs, save=save_fig,
-                 qemu_start_to_A_verdict_s=restored_at)
+        _figures(request, vm, b_initramfs, save=save_fig, qemu_start_to_A_verdict_s=restored_at)
         assert m.group(1) == "PASS", m.group(0)
         assert re.search(r"restored state=RESTORING\(1\) data=intact .* consumed=yes", m.group(2))
 
 
-def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(request, kernel, a_initramfs,
-                                                                      b_initramfs, disk) -> None:
+def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(
+    request, kernel, a_initramfs, b_initramfs, disk
+) -> None:
     """B stays loaded after its jump back; A's next kexec -e resumes B inside its reboot(2);
     B reads the target's header (its disk works after the resume) and, having no job for a
     warm save kernel yet, jumps straight back; the image stays SAVED."""
-    with _vm(request, kernel, a_initramfs, disk,
-             "kjt.step=jump kjt.mib=32 kjt.cancel=0 kjt.again=1") as vm:
+    with _vm(
+        request, kernel, a_initramfs, disk, "kjt.step=jump kjt.mib=32 kjt.cancel=0 kjt.again=1"
+    ) as vm:
         m = vm.wait_for(r"KJT-VERDICT: (PASS|FAIL) (.*)", timeout=1200, fail=PANIC)
         again = vm.line_time(r"KJT: jumping to the save kernel again")
         resumed = vm.line_time(r"kjump-agent: the main kernel jumped here again")
         back = vm.line_time(r"KJT: back in the main kernel again")
-        _figures(request, vm, b_initramfs,
-                 second_jump_round_trip_s=round(back - again, 2) if back and again else None)
+        _figures(
+            request,
+            vm,
+            b_initramfs,
+            second_jump_round_trip_s=round(back - again, 2) if back and again else None,
+        )
         assert resumed is not None, "B did not resume after the second jump"
         # B's virtio disk works after A resumed it (the warm save kernel's precondition)
         assert vm.find(r"kjump-agent: after the resume: /dev/vd\w+ readable, image SAVED")
@@ -188,9 +249,9 @@ def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(request, ke
         assert "state=SAVED" in m.group(2) and "data=intact" in m.group(2)
 
 
-def test_without_a_job_the_save_kernel_jumps_back_and_no_image_appears(request, kernel, a_initramfs,
-                                                                        b_initramfs, b_plain,
-                                                                        disk) -> None:
+def test_without_a_job_the_save_kernel_jumps_back_and_no_image_appears(
+    request, kernel, a_initramfs, b_initramfs, b_plain, disk
+) -> None:
     """Also measures B's boot side by side in one VM: gzip'd initramfs, plain initramfs, and
     gzip'd with ``quiet`` on B's command line (less console output)."""
     rounds = 2
@@ -204,10 +265,15 @@ def test_without_a_job_the_save_kernel_jumps_back_and_no_image_appears(request, 
                 up = next((x.t for x in lines[i:] if "kjump-agent: save kernel up" in x.text), None)
                 if up is not None:
                     times[j.group(1)].append(round(up - ln.t, 2))
-        _figures(request, vm, b_initramfs, b_plain_bytes=b_plain.compressed_size,
-                 jump_to_agent_first_line_gz_s=times["gz"],
-                 jump_to_agent_first_line_plain_s=times["plain"],
-                 jump_to_agent_first_line_quiet_s=times["quiet"])
+        _figures(
+            request,
+            vm,
+            b_initramfs,
+            b_plain_bytes=b_plain.compressed_size,
+            jump_to_agent_first_line_gz_s=times["gz"],
+            jump_to_agent_first_line_plain_s=times["plain"],
+            jump_to_agent_first_line_quiet_s=times["quiet"],
+        )
         assert len(vm.find(r"kjump-agent: save kernel up")) == 3 * rounds
         assert m.group(1) == "PASS", m.group(0)
         assert "state=EMPTY" in m.group(2)

@@ -32,9 +32,11 @@ def _run(name: str, assets: vm_assets.Assets, run_dir: Path) -> scenarios.Outcom
 def _console_matches(out: scenarios.Outcome, pattern: str) -> list:
     """Every line of the scenario's serial logs that matches ``pattern``."""
     import re
+
     rx = re.compile(pattern)
-    lines = [ln for p in out.logs if p.exists()
-             for ln in p.read_text(errors="replace").splitlines()]
+    lines = [
+        ln for p in out.logs if p.exists() for ln in p.read_text(errors="replace").splitlines()
+    ]
     return [m for m in (rx.search(ln) for ln in lines) if m]
 
 
@@ -57,13 +59,13 @@ def test_a_test_mode_jumps_back_with_workload_intact(vm_assets_built, run_dir):
     out = _run("test", vm_assets_built, run_dir)
     assert out.verdict.get("data") == "byte-exact", out.summary()
     assert out.verdict.get("image", "").startswith("INVALID"), out.summary()  # test: invalidated
-    assert int(out.verdict.get("stored_bytes", "0")) > 0, out.summary()      # written first
+    assert int(out.verdict.get("stored_bytes", "0")) > 0, out.summary()  # written first
     _writers_intact(out)
 
 
 def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, run_dir):
     out = _run("shutdown", vm_assets_built, run_dir)
-    assert _booted_restore_first(out), out.summary()         # the VM really powered off
+    assert _booted_restore_first(out), out.summary()  # the VM really powered off
     # the first run ended in a plain power-off (mode shutdown), not in ACPI S4
     assert out.mark("power-down", boot=1) and not out.mark("acpi-s4", boot=1), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
@@ -73,43 +75,58 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
     _writers_intact(out)
     # user space was stopped by the cgroup freezer before the filesystems (everything in
     # this guest's root cgroup is parked: it has no service manager)
-    parked = _console_matches(out, r"user space stopped: \d+ cgroup\(s\) frozen, (\d+) "
-                                   r"process\(es\) parked")
+    parked = _console_matches(
+        out,
+        r"user space stopped: \d+ cgroup\(s\) frozen, (\d+) "
+        r"process\(es\) parked",
+    )
     assert parked and int(parked[0].group(1)) >= 4, out.summary()
     # the save left A's free pages out (they came back as zeros) and the workload is intact
-    free = _console_matches(out, r"kjump-agent: free pages: (\d+) \(\d+ MiB\) of A's memory "
-                                 r"skipped")
+    free = _console_matches(
+        out,
+        r"kjump-agent: free pages: (\d+) \(\d+ MiB\) of A's memory "
+        r"skipped",
+    )
     assert free and int(free[0].group(1)) > 0, out.summary()
     # A runs without init_on_free: B's restore left the free memory alone (not even read)
-    assert _console_matches(out, r"kjump-agent: free chunks: free records, left as they are "
-                                 r"found"), out.summary()
+    assert _console_matches(
+        out,
+        r"kjump-agent: free chunks: free records, left as they are "
+        r"found",
+    ), out.summary()
     left = _console_matches(out, r"kjump-agent: RESTORED .* (\d+) MiB of free memory left")
     assert left and int(left[0].group(1)) > 0, out.summary()
     # right before the jump the daemon drained the per-CPU free lists on the real kernel
     # (stat_refresh + /proc/zoneinfo): kexec's exit leaves ~20 MiB there, B would save them;
     # drained, the lists hold 2 MiB (their minimum here is under 4)
-    drained = _console_matches(out, r"per-CPU free lists (\d+) -> (\d+) MiB \((\d+) pages to "
-                                    r"the buddy allocator; high marks")
+    drained = _console_matches(
+        out,
+        r"per-CPU free lists (\d+) -> (\d+) MiB \((\d+) pages to "
+        r"the buddy allocator; high marks",
+    )
     assert drained and int(drained[0].group(2)) <= 4, out.summary()
 
 
 def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
     out = _run("platform", vm_assets_built, run_dir)
-    assert out.mark("acpi-s4", boot=1), out.summary()        # entered ACPI S4, not a plain off
+    assert out.mark("acpi-s4", boot=1), out.summary()  # entered ACPI S4, not a plain off
     assert _booted_restore_first(out), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
     _writers_intact(out)
     # A runs with init_on_free=1 here: its free pages came back as zeros, none left as found
-    assert _console_matches(out, r"kjump-agent: free chunks: all-zero records, restored as "
-                                 r"zeros"), out.summary()
+    assert _console_matches(
+        out,
+        r"kjump-agent: free chunks: all-zero records, restored as "
+        r"zeros",
+    ), out.summary()
     left = _console_matches(out, r"kjump-agent: RESTORED .* (\d+) MiB of free memory left")
     assert left and int(left[0].group(1)) == 0, out.summary()
 
 
 def test_d1_suspend_to_both_woken_from_ram_invalidates_image(vm_assets_built, run_dir):
     out = _run("suspend-wake", vm_assets_built, run_dir)
-    assert out.event("host-saw-s3") is not None, out.summary()   # QEMU reported "suspended"
+    assert out.event("host-saw-s3") is not None, out.summary()  # QEMU reported "suspended"
     assert not _booted_restore_first(out), out.summary()
     assert out.verdict.get("image", "").startswith("INVALID"), out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
@@ -126,7 +143,7 @@ def test_d2_suspend_to_both_power_lost_restores_from_image(vm_assets_built, run_
 def test_e_no_image_restore_first_boots_normal_kernel(vm_assets_built, run_dir):
     out = _run("noimage", vm_assets_built, run_dir)
     assert _booted_restore_first(out), out.summary()
-    assert out.verdict.get("stage") == "2", out.summary()    # the normal kernel's init ran
+    assert out.verdict.get("stage") == "2", out.summary()  # the normal kernel's init ran
 
 
 def test_f_failure_before_jump_rolls_back_everything(vm_assets_built, run_dir):
@@ -136,7 +153,9 @@ def test_f_failure_before_jump_rolls_back_everything(vm_assets_built, run_dir):
     # the refusal hit the load step, with the filesystems already frozen: a full rollback
     rec = out.results[0] if out.results else {}
     assert rec.get("result") == "failed" and rec.get("error_class") == "KexecError", out.summary()
-    assert {"freeze tasks", "freeze filesystems", "load"} <= set(rec.get("durations", {})), out.summary()
+    assert {"freeze tasks", "freeze filesystems", "load"} <= set(rec.get("durations", {})), (
+        out.summary()
+    )
     assert not rec.get("undo_errors"), rec.get("undo_errors")
     # the writers kept going through the rollback and lost nothing; the disk is clean
     _writers_intact(out)
@@ -151,14 +170,12 @@ def test_g_checkpoint_keeps_the_image_and_the_writers_go_on(vm_assets_built, run
     _writers_intact(out)
 
 
-def test_h_daemon_killed_inside_the_frozen_window_leaves_nothing_frozen(vm_assets_built,
-                                                                        run_dir):
+def test_h_daemon_killed_inside_the_frozen_window_leaves_nothing_frozen(vm_assets_built, run_dir):
     out = _run("killed", vm_assets_built, run_dir)
     # PID 1 killed kjumpd with user space and the root filesystem frozen, while it loaded
     # the save kernel; its freeze guard thawed everything
     assert out.verdict.get("killed") == "frozen", out.summary()
     assert out.event("daemon-killed") is not None, out.summary()
-    assert _console_matches(out, r"freeze guard: thawed after the death of kjumpd"), \
-        out.summary()
+    assert _console_matches(out, r"freeze guard: thawed after the death of kjumpd"), out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
     _writers_intact(out)

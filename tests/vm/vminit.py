@@ -123,7 +123,7 @@ def _children(pid: int) -> list[tuple[int, str]]:
                 stat = open(f"/proc/{name}/stat").read()
             except OSError:
                 continue
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
             if stat.rsplit(")", 1)[1].split()[1] == str(pid):
                 out.append((int(name), comm))
     return out
@@ -135,6 +135,7 @@ def kill_daemon_when_frozen(daemon: subprocess.Popen) -> None:
     The window is recognised without timing: kjumpd's record says user space and the root
     filesystem are frozen, and kjumpd runs `kexec` to load the save kernel, which it does
     only after both. Writes KILLED_MARK ("frozen ..." or "missed ...")."""
+
     def watch() -> None:
         while daemon.poll() is None:
             try:
@@ -145,9 +146,11 @@ def kill_daemon_when_frozen(daemon: subprocess.Popen) -> None:
                 kexec = [p for p, comm in _children(daemon.pid) if comm == "kexec"]
                 if kexec:
                     os.kill(daemon.pid, signal.SIGKILL)
-                    note = (f"frozen pid={daemon.pid} mounts={len(rec['mounts'])} "
-                            f"parks={sum(len(p) for _, p in rec.get('parks', []))} "
-                            f"during=kexec-load")
+                    note = (
+                        f"frozen pid={daemon.pid} mounts={len(rec['mounts'])} "
+                        f"parks={sum(len(p) for _, p in rec.get('parks', []))} "
+                        f"during=kexec-load"
+                    )
                     KILLED_MARK.parent.mkdir(parents=True, exist_ok=True)
                     KILLED_MARK.write_text(note + "\n")
                     event("daemon-killed", window="frozen")
@@ -156,6 +159,7 @@ def kill_daemon_when_frozen(daemon: subprocess.Popen) -> None:
             time.sleep(0.003)
         KILLED_MARK.parent.mkdir(parents=True, exist_ok=True)
         KILLED_MARK.write_text("missed: kjumpd exited by itself\n")
+
     threading.Thread(target=watch, name="daemon-killer", daemon=True).start()
 
 

@@ -82,7 +82,7 @@ class Workload:
         self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         off = 0
         for chunk in expected_chunks(seed, size):
-            self.buf[off:off + len(chunk)] = chunk
+            self.buf[off : off + len(chunk)] = chunk
             off += len(chunk)
         self.mlocked = self._mlock()
         self.counter = 0
@@ -109,8 +109,9 @@ class Workload:
         with self._lock:
             counter = self.counter
         digest = hashlib.sha256(self.buf).hexdigest()
-        return Status(os.getpid(), self.start_time, counter, self.size, self.seed, self.mlocked,
-                      digest)
+        return Status(
+            os.getpid(), self.start_time, counter, self.size, self.seed, self.mlocked, digest
+        )
 
 
 def serve(size: int = DEFAULT_SIZE, seed: int = DEFAULT_SEED, sock_path: Path = SOCKET) -> None:
@@ -159,8 +160,14 @@ def wait_ready(sock_path: Path = SOCKET, timeout: float = 300.0) -> Status:
             time.sleep(0.5)
 
 
-def verdict(scenario: str, before: Status | None, after: Status | None, expected: str,
-            extra: dict[str, str] | None = None, problems: list[str] | None = None) -> tuple[bool, str]:
+def verdict(
+    scenario: str,
+    before: Status | None,
+    after: Status | None,
+    expected: str,
+    extra: dict[str, str] | None = None,
+    problems: list[str] | None = None,
+) -> tuple[bool, str]:
     """Compare the workload after the event with its baseline; return (ok, verdict line)."""
     problems = list(problems or [])
     fields = {"scenario": scenario}
@@ -168,8 +175,9 @@ def verdict(scenario: str, before: Status | None, after: Status | None, expected
         problems.append("workload not reachable after the event")
     else:
         if after.sha256 != expected:
-            problems.append(f"data differs from the seed (sha256 {after.sha256[:16]} != "
-                            f"{expected[:16]})")
+            problems.append(
+                f"data differs from the seed (sha256 {after.sha256[:16]} != {expected[:16]})"
+            )
         else:
             fields["data"] = "byte-exact"
         fields["size"] = str(after.size)
@@ -178,7 +186,9 @@ def verdict(scenario: str, before: Status | None, after: Status | None, expected
             fields["counter"] = f"{before.counter}->{after.counter}"
             fields["pid"] = str(after.pid)
             if after.pid != before.pid or after.start_time != before.start_time:
-                problems.append(f"workload is a different process (pid {before.pid} -> {after.pid})")
+                problems.append(
+                    f"workload is a different process (pid {before.pid} -> {after.pid})"
+                )
             elif after.counter <= before.counter:
                 problems.append(f"counter did not continue ({before.counter} -> {after.counter})")
     fields.update(extra or {})
@@ -195,7 +205,7 @@ def parse_verdict(line: str) -> tuple[bool, dict[str, str]] | None:
     idx = line.find(VERDICT_PREFIX)
     if idx < 0:
         return None
-    rest = line[idx + len(VERDICT_PREFIX):].strip()
+    rest = line[idx + len(VERDICT_PREFIX) :].strip()
     word, _, rest = rest.partition(" ")
     fields: dict[str, str] = {}
     while rest:

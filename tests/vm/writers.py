@@ -148,17 +148,20 @@ def check_append(path: Path, committed: int) -> tuple[list[str], str]:
     data = path.read_bytes()
     whole = len(data) // RECORD
     for i in range(whole):
-        if data[i * RECORD:(i + 1) * RECORD] != record(i + 1):
-            problems.append(f"append.log record {i + 1} is torn or out of order: "
-                            f"{data[i * RECORD:(i + 1) * RECORD]!r}")
+        if data[i * RECORD : (i + 1) * RECORD] != record(i + 1):
+            problems.append(
+                f"append.log record {i + 1} is torn or out of order: "
+                f"{data[i * RECORD : (i + 1) * RECORD]!r}"
+            )
             break
     if whole < committed:
         problems.append(f"append.log lost committed records: {whole} whole, {committed} fsync'd")
     return problems, f"{whole}"
 
 
-def check(before: dict[str, WriterStatus], directory: Path = DATA_DIR,
-          timeout: float = 120.0) -> tuple[list[str], dict[str, str]]:
+def check(
+    before: dict[str, WriterStatus], directory: Path = DATA_DIR, timeout: float = 120.0
+) -> tuple[list[str], dict[str, str]]:
     """(problems, verdict fields) after an event: same writers, going on, nothing lost."""
     problems: list[str] = []
     fields: dict[str, str] = {}
@@ -182,14 +185,16 @@ def check(before: dict[str, WriterStatus], directory: Path = DATA_DIR,
     deadline = time.monotonic() + timeout
     while True:
         later = snapshot()
-        going = all(later[k] is not None and later[k].committed > now[k].committed + 2   # type: ignore[union-attr]
-                    for k in KINDS)
+        going = all(
+            later[k] is not None and later[k].committed > now[k].committed + 2  # type: ignore[union-attr]
+            for k in KINDS
+        )
         if going or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     if not going:
         problems.append(f"the writers did not go on within {timeout:g} s: {now} -> {later}")
-    committed = {k: later[k].committed for k in KINDS if later[k] is not None}   # type: ignore[union-attr]
+    committed = {k: later[k].committed for k in KINDS if later[k] is not None}  # type: ignore[union-attr]
     _drop_caches()
     p, rows = check_sqlite(directory / "db.sqlite", committed.get("sqlite", 0))
     problems += p
