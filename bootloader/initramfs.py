@@ -1,5 +1,5 @@
 """R's initramfs: a generic base (busybox, kexec-tools, a trimmed python3, kjumpd, /init =
-bootloader/restore_init.py) plus a machine payload appended as a second cpio archive (the
+kjumpd/restore/init.py) plus a machine payload appended as a second cpio archive (the
 kernel unpacks concatenated archives): /etc/kjumpd/boot.json and the four files it names (the
 normal kernel and initrd, the save kernel and its initramfs).
 
@@ -23,12 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from kjumpd.bootconfig import BootConfig
 from kjumpd.errors import KjumpError
-from kjumpd.restorefirst import BootConfig
 
 log = logging.getLogger("kjumpd.bootloader.initramfs")
 
-INIT = REPO / "bootloader" / "restore_init.py"
+INIT = REPO / "kjumpd" / "restore" / "init.py"
 #: /init: python cannot be PID 1 before /dev exists. PYTHONHASHSEED=0: a fixed str hash
 #: seed, so python reads no random bytes at start-up. R is booted by the boot loader, often
 #: without an RNG seed; the first read of /dev/urandom then makes the kernel generate jitter
@@ -55,12 +55,12 @@ poweroff -f
 KEXEC = Path("/usr/sbin/kexec")
 #: modules R imports (some lazily, inside functions: a trace of the entry cannot see them)
 R_MODULES = (
-    "kjumpd.restorefirst",
+    "kjumpd.restore.decision",
+    "kjumpd.bootconfig",
     "kjumpd.fsstamp",
     "kjumpd.image.store",
     "kjumpd.image.device",
     "kjumpd.image.format",
-    "kjumpd.agent.kernel_role",
     "kjumpd.sysroot",
     "kjumpd.linux.cmdline",
     "kjumpd.hashing",
@@ -82,8 +82,8 @@ R_MODULES = (
     "encodings.utf_8",
     "encodings.aliases",
 )
-#: archive paths of the payload files (kjumpd.bootentry owns the payload format)
-from kjumpd.bootentry import (
+#: archive paths of the payload files (kjumpd.daemon.bootentry owns the payload format)
+from kjumpd.daemon.bootentry import (
     boot_config_for,
     restore_payload,
 )
@@ -105,7 +105,7 @@ def build_restore_initramfs(out: Path | None = None):  # -> savekernel.initramfs
 
 
 def restore_config(**kw) -> tuple[BootConfig, dict[str, Path]]:
-    """boot.json for host files, and the payload: see kjumpd.bootentry.boot_config_for."""
+    """boot.json for host files, and the payload: see kjumpd.daemon.bootentry.boot_config_for."""
     return boot_config_for(**kw)
 
 
@@ -135,9 +135,9 @@ def build_for_machine(
 ) -> tuple[Path, str]:
     """R's complete initrd for this machine (the target, jump area and save kernel from
     kjumpd's config); returns it and the command line R must boot with."""
-    from kjumpd import blockmap
-    from kjumpd import config as cfgmod
-    from kjumpd.bootentry import machine_boot_config
+    from kjumpd.daemon import blockmap
+    from kjumpd.daemon import config as cfgmod
+    from kjumpd.daemon.bootentry import machine_boot_config
     from kjumpd.sysroot import Sysroot
 
     sr = Sysroot(Path(sysroot_dir))
@@ -152,7 +152,7 @@ def build_for_machine(
         max_attempts=max_attempts,
     )
     make_restore_initrd(out, bcfg, files)
-    from kjumpd.restorefirst import QUICK_BOOT_PARAMS
+    from kjumpd.bootconfig import QUICK_BOOT_PARAMS
 
     return out, f"kjump.target={uuid} kjump.offset={target.superblock_offset} {QUICK_BOOT_PARAMS}"
 

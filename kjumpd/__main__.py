@@ -2,6 +2,6 @@
 
 import sys
 
-from kjumpd.daemon import main
+from kjumpd.daemon.main import main
 
 sys.exit(main())

@@ -50,10 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python savekernel/initramfs.py` as well as `-m`
     sys.path.insert(0, str(REPO))
 
-from kjumpd import (
-    cpio,
-    zstdframe,
-)
+from kjumpd import cpio, zstdframe
 from kjumpd.errors import KjumpError
 
 log = logging.getLogger("kjumpd.savekernel.initramfs")

@@ -26,7 +26,7 @@ stderr (the same console here).
 
 from __future__ import annotations
 
-# Start-up cost: this module is what B's /init runs and what R imports (find_target), under
+# Start-up cost: this module is what B's /init runs, under
 # TCG where every imported module costs tens of milliseconds. Modules only some paths need
 # are imported where they are used (argparse only for a command line other than /init's,
 # threading/select for the cancel key, the job for the save role).
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kjumpd.errors import AgentError, CancelledError, KjumpError, TargetError
+from kjumpd.image.store import find_target
 from kjumpd.linux import cmdline
 from kjumpd.sysroot import Sysroot
 
@@ -190,60 +191,6 @@ def check_restore_fits(
 
 
 # ------------------------------------------------------------------------------ target
-
-
-def find_target(sysroot: Sysroot, uuid: str, offset: int) -> str:
-    """The /dev path of the one whole disk whose bytes at ``offset`` are the target with
-    ``uuid`` (magic + UUID); device names are not trusted."""
-    from kjumpd.image.device import ImageDevice
-    from kjumpd.image.format import SUPERBLOCK_MAGIC, SUPERBLOCK_SIZE, TargetSuperblock
-
-    found: list[str] = []
-    looked: list[str] = []
-    for name in sysroot.listdir("/sys/block"):
-        try:
-            size = int(sysroot.read_text(f"/sys/block/{name}/size", "0").strip() or 0) * 512
-        except ValueError:
-            continue
-        dev = f"/dev/{name}"
-        if size < offset + PAGE or not sysroot.exists(dev):
-            continue
-        looked.append(name)
-        try:
-            with ImageDevice(sysroot.path(dev), writable=False) as d:
-                head = d.read(offset, min(SUPERBLOCK_SIZE, d.size - offset))
-        except (KjumpError, OSError) as e:
-            log.info("%s: not readable (%s)", dev, e)
-            continue
-        if head[:8] != SUPERBLOCK_MAGIC:
-            continue
-        try:
-            sb = TargetSuperblock.unpack(head, base=offset)
-        except KjumpError as e:
-            log.info("%s: target superblock at %d does not parse (%s)", dev, offset, e)
-            continue
-        if sb.uuid_str == uuid:
-            found.append(dev)
-    if not found:
-        raise TargetError(
-            f"the image target {uuid} is on none of this kernel's disks",
-            why=f"no kjumpd superblock with that UUID at byte {offset} of "
-            f"{', '.join(looked) or 'any disk'}",
-            fix="the save kernel needs the driver for the target's disk "
-            "(kernel.fragment), and the target must be on a whole disk's "
-            "block map",
-            uuid=uuid,
-            offset=offset,
-        )
-    if len(found) > 1:
-        raise TargetError(
-            f"the image target {uuid} is on more than one disk",
-            why=f"{', '.join(found)} carry the same superblock (a cloned disk?)",
-            fix="give one of them a new target with `kjumpctl setup`",
-            uuid=uuid,
-            devices=",".join(found),
-        )
-    return found[0]
 
 
 # ----------------------------------------------------------------------------- console

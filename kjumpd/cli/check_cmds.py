@@ -23,14 +23,14 @@ from kjumpd.errors import ConfigError
 from kjumpd.modes import MODES
 
 if TYPE_CHECKING:  # imported where used: kjumpctl's start-up (every command) stays light
-    from kjumpd import config as cfgmod
+    from kjumpd.daemon import config as cfgmod
     from kjumpd.sysroot import Sysroot
 
 
 def _load(args: argparse.Namespace) -> tuple[Sysroot, cfgmod.Config]:
     from pathlib import Path
 
-    from kjumpd import config as cfgmod
+    from kjumpd.daemon import config as cfgmod
     from kjumpd.sysroot import Sysroot
 
     sr = Sysroot(Path(args.sysroot))
@@ -48,7 +48,7 @@ def _load(args: argparse.Namespace) -> tuple[Sysroot, cfgmod.Config]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from kjumpd import preflight
+    from kjumpd.daemon import preflight
 
     sr, cfg = _load(args)
     rep = preflight.run(sr, cfg, args.mode)
@@ -61,15 +61,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kjumpd import fsfreeze, kexec, preflight, quiesce
+    from kjumpd.daemon import fsfreeze, kexec, preflight, quiesce
+    from kjumpd.linux import mountinfo
 
     sr, cfg = _load(args)
     mode = args.mode or cfg.mode
     rep = preflight.run(sr, cfg, mode)
     q = quiesce.plan(sr, cfg, mode)
-    mounts = fsfreeze.freezable(
-        fsfreeze.parse_mountinfo(sr.read_text("/proc/self/mountinfo", default=""))
-    )
+    mounts = fsfreeze.freezable(mountinfo.parse(sr.read_text("/proc/self/mountinfo", default="")))
     plan: dict[str, Any] = {
         "mode": mode,
         "preflight_ok": rep.ok,
@@ -120,7 +119,7 @@ def _confirm(args: argparse.Namespace, question: str) -> bool:
 def save_kernel_hash_advice(sr: Sysroot, cfg: cfgmod.Config) -> tuple[bool, list[str]]:
     """(all recorded and matching, lines for the user). The lines name the exact config keys
     and values preflight compares the installed save kernel and initramfs with."""
-    from kjumpd import config as cfgmod
+    from kjumpd.daemon import config as cfgmod
     from kjumpd.hashing import sha256_file
 
     lines: list[str] = []
@@ -151,8 +150,8 @@ def save_kernel_hash_advice(sr: Sysroot, cfg: cfgmod.Config) -> tuple[bool, list
 def cmd_setup(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kjumpd import blockmap, jumparea
-    from kjumpd import config as cfgmod
+    from kjumpd.daemon import blockmap, jumparea
+    from kjumpd.daemon import config as cfgmod
 
     sr, cfg = _load(args)
     did = False
@@ -182,8 +181,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
             print("written; run update-grub if you use GRUB, then reboot")
         did = True
     if args.bootloader:
-        from kjumpd import bootentry
-        from kjumpd.restorefirst import QUICK_BOOT_PARAMS
+        from kjumpd.bootconfig import QUICK_BOOT_PARAMS
+        from kjumpd.daemon import bootentry
 
         target, uuid = blockmap.current(sr, cfg.target, restamp=False)
         rec = bootentry.install(

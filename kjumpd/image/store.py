@@ -17,13 +17,20 @@ import time
 import uuid as uuidlib
 from typing import Any
 
-from kjumpd.errors import ImageCorruptError, ImageFormatError, ImageStateError, TargetError
+from kjumpd.errors import (
+    ImageCorruptError,
+    ImageFormatError,
+    ImageStateError,
+    KjumpError,
+    TargetError,
+)
 from kjumpd.image.device import ALIGN, ImageDevice
 from kjumpd.image.format import (
     DATA_ALIGN,
     HEADER_SLOT_OFFSETS,
     HEADER_SLOT_SIZE,
     METADATA_OFFSET,
+    SUPERBLOCK_MAGIC,
     SUPERBLOCK_SIZE,
     BlockExtent,
     Header,
@@ -33,6 +40,7 @@ from kjumpd.image.format import (
     crc32,
     pick_header,
 )
+from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
 
@@ -279,3 +287,54 @@ __all__ = [
     "DATA_ALIGN",
     "MIN_TARGET_SIZE",
 ]
+
+
+def find_target(sysroot: Sysroot, uuid: str, offset: int) -> str:
+    """The /dev path of the one whole disk whose bytes at ``offset`` are the target with
+    ``uuid`` (magic + UUID); device names are not trusted."""
+    found: list[str] = []
+    looked: list[str] = []
+    for name in sysroot.listdir("/sys/block"):
+        try:
+            size = int(sysroot.read_text(f"/sys/block/{name}/size", "0").strip() or 0) * 512
+        except ValueError:
+            continue
+        dev = f"/dev/{name}"
+        if size < offset + 4096 or not sysroot.exists(dev):
+            continue
+        looked.append(name)
+        try:
+            with ImageDevice(sysroot.path(dev), writable=False) as d:
+                head = d.read(offset, min(SUPERBLOCK_SIZE, d.size - offset))
+        except (KjumpError, OSError) as e:
+            log.info("%s: not readable (%s)", dev, e)
+            continue
+        if head[:8] != SUPERBLOCK_MAGIC:
+            continue
+        try:
+            sb = TargetSuperblock.unpack(head, base=offset)
+        except KjumpError as e:
+            log.info("%s: target superblock at %d does not parse (%s)", dev, offset, e)
+            continue
+        if sb.uuid_str == uuid:
+            found.append(dev)
+    if not found:
+        raise TargetError(
+            f"the image target {uuid} is on none of this kernel's disks",
+            why=f"no kjumpd superblock with that UUID at byte {offset} of "
+            f"{', '.join(looked) or 'any disk'}",
+            fix="the save kernel needs the driver for the target's disk "
+            "(kernel.fragment), and the target must be on a whole disk's "
+            "block map",
+            uuid=uuid,
+            offset=offset,
+        )
+    if len(found) > 1:
+        raise TargetError(
+            f"the image target {uuid} is on more than one disk",
+            why=f"{', '.join(found)} carry the same superblock (a cloned disk?)",
+            fix="give one of them a new target with `kjumpctl setup`",
+            uuid=uuid,
+            devices=",".join(found),
+        )
+    return found[0]

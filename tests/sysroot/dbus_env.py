@@ -140,7 +140,7 @@ class Kjumpd:
             self.sock.bind(str(self.notify_path))
             full_env["NOTIFY_SOCKET"] = str(self.notify_path)
         full_env.update(env or {})
-        cmd = [PYTHON, "-m", "kjumpd.daemon", "--sysroot", str(sysroot), "--bus", bus.address]
+        cmd = [PYTHON, "-m", "kjumpd.daemon.main", "--sysroot", str(sysroot), "--bus", bus.address]
         if config is not None:
             cmd += ["--config", str(config)]
         self.stderr = open(self.stderr_path, "wb")

@@ -218,7 +218,7 @@ def grub_machine(root: Path) -> Path:
 
 def setup_target_and_bootentry(root: Path, hostfiles: Path) -> str:
     """kjumpctl setup --target /dev/vda1 --bootloader bls, through the real code."""
-    from kjumpd import blockmap, bootentry
+    from kjumpd.daemon import blockmap, bootentry
     from kjumpd.sysroot import Sysroot
 
     sr = Sysroot(root)

@@ -1,6 +1,6 @@
 """FIEMAP, extent validation and device translation for real, on loop devices (root).
 
-Each test makes a filesystem on a loop device, creates a target through kjumpd.blockmap
+Each test makes a filesystem on a loop device, creates a target through kjumpd.daemon.blockmap
 and checks what it claims against a raw O_DIRECT read of the device. Without root (or
 mkfs) the tests skip, unless KJUMPD_REQUIRE_VM=1, where they fail.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kjumpd import blockmap
+from kjumpd.daemon import blockmap
 from kjumpd.errors import BlockMapError, TargetError
 from kjumpd.image import store
 from kjumpd.image.device import ImageDevice
@@ -269,7 +269,7 @@ def test_btrfs_subvolume_mounts_are_frozen_and_thawed(tmp_path):
     """btrfs shows the filesystem's device in mountinfo and the subvolume's in st_dev:
     freezing must still find it, and a fake btrfs entry on a plain directory is refused."""
     need("mkfs.btrfs", "losetup", "btrfs")
-    from kjumpd import fsfreeze
+    from kjumpd.daemon import fsfreeze
     from kjumpd.errors import FreezeError
 
     img = sparse(tmp_path / "disk.img", 256 * MiB)

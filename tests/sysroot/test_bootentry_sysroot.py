@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from kjump_faketree import grub_machine
 
-from kjumpd import bootentry
-from kjumpd.bootentry import (
+from kjumpd.daemon import bootentry
+from kjumpd.daemon.bootentry import (
     BLS_ENTRY_ID,
     ENTRY_ID,
     GRUB_SNIPPET,
@@ -246,7 +246,7 @@ def test_install_appends_this_machines_boot_json_and_files(
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from kjumpd import cpio
-    from kjumpd.restorefirst import BootConfig
+    from kjumpd.bootconfig import BootConfig
 
     root = grub_root.root
     (root / "proc/cmdline").write_text(
@@ -321,7 +321,7 @@ def test_install_without_a_jump_area_says_what_to_do(grub_root: Sysroot, r_files
 def test_the_normal_kernel_is_the_one_this_system_booted(
     tmp_path: Path, files, cmdline, want
 ) -> None:
-    from kjumpd.bootentry import find_normal_kernel
+    from kjumpd.daemon.bootentry import find_normal_kernel
 
     for d in ("boot", "proc"):
         (tmp_path / d).mkdir()
@@ -332,7 +332,7 @@ def test_the_normal_kernel_is_the_one_this_system_booted(
 
 
 def test_no_normal_kernel_is_a_clear_error(tmp_path: Path) -> None:
-    from kjumpd.bootentry import find_normal_kernel
+    from kjumpd.daemon.bootentry import find_normal_kernel
 
     (tmp_path / "boot").mkdir()
     with pytest.raises(BootEntryError) as e:

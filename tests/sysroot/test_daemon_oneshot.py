@@ -10,8 +10,8 @@ import pytest
 from dbus_env import Kjumpd, PrivateBus, require_tools
 from kjump_faketree import grub_machine
 
-from kjumpd import bootentry
-from kjumpd.bootentry import ENTRY_ID
+from kjumpd.daemon import bootentry
+from kjumpd.daemon.bootentry import ENTRY_ID
 from kjumpd.sysroot import Sysroot
 from tests.prereq import need
 
@@ -89,6 +89,6 @@ def test_an_unreadable_image_keeps_the_one_shot(bus, armed_root: Path) -> None:
     ],
 )
 def test_which_image_states_make_the_one_shot_stale(state: str, stale: bool) -> None:
-    from kjumpd.daemon import oneshot_is_stale
+    from kjumpd.daemon.main import oneshot_is_stale
 
     assert oneshot_is_stale(state) is stale

@@ -136,7 +136,7 @@ def test_an_unreachable_bus_is_one_line(sysroot, tmp_path) -> None:
         [
             PYTHON,
             "-m",
-            "kjumpd.daemon",
+            "kjumpd.daemon.main",
             "--sysroot",
             str(sysroot),
             "--bus",
@@ -248,6 +248,6 @@ def test_the_shipped_policy_files_are_well_formed() -> None:
     actions = ET.parse(CONTRIB / "org.kjump.policy").getroot()
     ids = {a.get("id") for a in actions.iter("action")}
     assert ids == {"org.kjump.hibernate", "org.kjump.checkpoint", "org.kjump.manage"}
-    from kjumpd import authz
+    from kjumpd.daemon import authz
 
     assert ids == set(authz.ACTIONS)

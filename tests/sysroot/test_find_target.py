@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from kjumpd.agent.kernel_role import find_target
 from kjumpd.errors import TargetError
 from kjumpd.image import store
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import BlockExtent
+from kjumpd.image.store import find_target
 from kjumpd.sysroot import Sysroot
 
 OFFSET = 1 << 20

@@ -207,8 +207,8 @@ def test_restore_first_init_is_compiled_and_starts_without_the_daemons_libraries
     mods = loaded_modules(
         root,
         f"import {RF_MODULE}\n"
-        "from kjumpd import fsstamp, restorefirst\n"
-        "from kjumpd.agent.kernel_role import find_target\n"
+        "from kjumpd import fsstamp\nfrom kjumpd.restore import decision\n"
+        "from kjumpd.image.store import find_target\n"
         "from kjumpd.image import store",
     )
     assert not mods & set(NOT_AT_BOOT)

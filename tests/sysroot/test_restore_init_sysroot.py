@@ -1,4 +1,4 @@
-"""R's /init logic (bootloader/restore_init.py) against a fake system tree.
+"""R's /init logic (kjumpd/restore/init.py) against a fake system tree.
 
 The target is a real kjumpd target file holding a real saved image (kjumpd.image.save), the
 recorded filesystem is a real ext4 image made with mkfs; the only fake is the `kexec`
@@ -22,11 +22,11 @@ if str(Path(__file__).resolve().parents[2]) not in sys.path:  # bootloader/ is n
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bootloader.initramfs import restore_config
-from bootloader.restore_init import restore_first
 from kjumpd.fsstamp import read_stamp
 from kjumpd.image import store
 from kjumpd.image.format import ImageState
 from kjumpd.image.save import save_image
+from kjumpd.restore.init import restore_first
 from kjumpd.sysroot import Sysroot
 from tests.prereq import need
 

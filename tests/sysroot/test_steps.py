@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from kjump_faketree import MiB, build, setup_target_and_bootentry, tree_hash, w
 
-from kjumpd import (
+from kjumpd.daemon import (
     battery,
     hooks,
     jumparea,
@@ -24,9 +24,7 @@ from kjumpd import (
     quiesce,
     shrink,
 )
-from kjumpd import (
-    config as cfgmod,
-)
+from kjumpd.daemon import config as cfgmod
 from kjumpd.errors import (
     HookError,
     JumpAreaError,
@@ -545,7 +543,7 @@ def test_kjumpctl_setup_errors_are_one_line(tree):
 
 
 def test_kjumpctl_setup_bootloader_installs_the_entry(tree, tmp_path):
-    from kjumpd import blockmap
+    from kjumpd.daemon import blockmap
 
     blockmap.setup(Sysroot(tree), "/dev/vda1", 0)
     r = kjumpctl(
@@ -567,7 +565,7 @@ def test_kjumpctl_setup_bootloader_installs_the_entry(tree, tmp_path):
 def test_held_logs_without_any_handler_do_not_reach_stderr_until_released(capsys):
     import logging
 
-    from kjumpd.fsfreeze import HeldLogs
+    from kjumpd.daemon.fsfreeze import HeldLogs
 
     root = logging.getLogger()
     saved = root.handlers[:]
@@ -601,7 +599,7 @@ def _blockdev(tree: Path, name: str, devno: str, parent: str = "", **attrs: str)
 
 
 def test_lvm_linear_is_translated_through_its_table(tree):
-    from kjumpd import blockmap
+    from kjumpd.daemon import blockmap
 
     _blockdev(tree, "sdb", "8:16", size="4194304")
     _blockdev(tree, "sdb2", "8:18", parent="sdb", partition="2", start="4096", size="2097152")
@@ -631,7 +629,7 @@ def test_lvm_linear_is_translated_through_its_table(tree):
     ],
 )
 def test_encrypted_and_raid_devices_are_refused(tree, attrs, word):
-    from kjumpd import blockmap
+    from kjumpd.daemon import blockmap
     from kjumpd.errors import BlockMapError
 
     _blockdev(tree, "dm-1", "253:1", **attrs)
@@ -647,7 +645,7 @@ def test_encrypted_and_raid_devices_are_refused(tree, attrs, word):
 
 
 def test_an_active_swap_partition_is_refused(tree):
-    from kjumpd import blockmap
+    from kjumpd.daemon import blockmap
     from kjumpd.errors import BlockMapError
 
     w(tree, "/proc/swaps", "Filename Type Size Used Priority\n/dev/vda1 partition 32764 0 -2\n")
@@ -668,7 +666,7 @@ def test_jump_area_sized_from_an_lz4_legacy_initramfs(tree):
         blob += len(block).to_bytes(4, "little") + block
     blob += bytes(4) + b"070701" + bytes(100)  # end marker, then another archive
     w(tree, "/usr/lib/kjumpd/save/initramfs.cpio.gz", bytes(blob))
-    from kjumpd.jumparea import _lz4_legacy_size
+    from kjumpd.daemon.jumparea import _lz4_legacy_size
 
     assert _lz4_legacy_size(tree / "usr/lib/kjumpd/save/initramfs.cpio.gz") == len(raw)
     need = jumparea.required_size(Sysroot(tree), cfg(tree))
@@ -775,7 +773,7 @@ def test_image_size_above_the_estimate_or_off_writes_nothing(tree):
 def test_image_size_counts_the_kexec_load_window_not_the_whole_jump_area(tree):
     import struct as _struct
 
-    from kjumpd.jumparea import JumpArea
+    from kjumpd.daemon.jumparea import JumpArea
 
     head = bytearray(0x270)
     head[0x202:0x206] = b"HdrS"
@@ -802,6 +800,6 @@ def test_image_size_counts_the_kexec_load_window_not_the_whole_jump_area(tree):
 
 
 def kexec_window_slack() -> int:
-    from kjumpd import kexec
+    from kjumpd.daemon import kexec
 
     return kexec.WINDOW_SLACK

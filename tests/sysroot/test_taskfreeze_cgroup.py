@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kjumpd import taskfreeze
+from kjumpd.daemon import taskfreeze
 from kjumpd.errors import TaskFreezeError
 from kjumpd.sysroot import Sysroot
 from tests import prereq
@@ -254,7 +254,8 @@ def test_a_task_stuck_in_the_kernel_is_named_and_nothing_stays_frozen(cg, tmp_pa
 
 DAEMON_SCRIPT = """
 import os, sys, time
-from kjumpd import freezeguard, fsfreeze, taskfreeze
+from kjumpd.daemon import freezeguard, fsfreeze, taskfreeze
+from kjumpd.linux import mountinfo
 from kjumpd.sysroot import Sysroot
 sr = Sysroot(sys.argv[1])
 state = taskfreeze.FrozenState(pid=os.getpid())
@@ -263,7 +264,7 @@ print("guard", guard.pid, flush=True)
 sys.stdin.readline()                      # the test shows the guard in the fake /proc first
 tf = taskfreeze.TaskFreezer(sr, state)
 tf.freeze(timeout=10)
-mounts = fsfreeze.parse_mountinfo(sr.read_text("/proc/self/mountinfo"))
+mounts = mountinfo.parse(sr.read_text("/proc/self/mountinfo"))
 
 def before(m):
     state.mounts.append((m.mountpoint, m.devno, m.fstype))

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from kjump_faketree import build, install_fake_kexec, setup_target_and_bootentry, tree_hash, w
 
-from kjumpd import config as cfgmod
+from kjumpd.daemon import config as cfgmod
+from kjumpd.daemon.transaction import Hibernation, Outcome
 from kjumpd.errors import (
     CancelledError,
     FreezeError,
@@ -43,7 +44,6 @@ from kjumpd.errors import (
 from kjumpd.image import store
 from kjumpd.job import Job
 from kjumpd.sysroot import Sysroot
-from kjumpd.transaction import Hibernation, Outcome
 from tests import prereq
 
 REQUIRE = os.environ.get("KJUMPD_REQUIRE_VM") == "1"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kjumpd.blockmap import Extent, parse_dm_table, validate_extents
+from kjumpd.daemon.blockmap import Extent, parse_dm_table, validate_extents
 from kjumpd.errors import BlockMapError
 
 K4 = 4096

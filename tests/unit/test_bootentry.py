@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kjumpd.bootentry import (
+from kjumpd.daemon.bootentry import (
     BLS_KEYS,
     ENTRY_ID,
     GRUBENV_SIZE,
@@ -187,7 +187,7 @@ def test_r_payload_archive_is_newc_the_other_reader_understands(files: dict) -> 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from kjumpd import cpio
-    from kjumpd.bootentry import newc
+    from kjumpd.daemon.bootentry import newc
 
     # a name cannot be both a file and a directory
     names = sorted(files)

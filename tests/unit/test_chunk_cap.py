@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kjumpd import config
+from kjumpd.daemon import config
 from kjumpd.errors import ConfigError
 from kjumpd.job import MAX_CHUNK_SIZE
 

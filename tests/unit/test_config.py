@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kjumpd import config as cfgmod
+from kjumpd.daemon import config as cfgmod
 from kjumpd.errors import ConfigError
 
 EXAMPLE = """

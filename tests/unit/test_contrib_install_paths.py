@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from kjumpd import config
+from kjumpd.daemon import config
 from tests import prereq
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"

@@ -12,6 +12,17 @@ from hypothesis import strategies as st
 
 from kjumpd.cli import daemon_cmds as dc  # noqa: E402
 from kjumpd.cli import exit_code_for  # noqa: E402
+from kjumpd.daemon.preflight import PreflightItem, PreflightReport  # noqa: E402
+from kjumpd.daemon.service import (
+    as_dbus_error,
+    is_resume,
+    is_success,
+    outcome_record,  # noqa: E402
+    preflight_reasons,
+    to_vardict,
+    to_variant,
+)
+from kjumpd.daemon.transaction import Outcome  # noqa: E402
 from kjumpd.errors import (
     BusyError,
     CancelledError,
@@ -21,17 +32,6 @@ from kjumpd.errors import (
     NotAuthorizedError,
     UnsupportedError,
 )
-from kjumpd.preflight import PreflightItem, PreflightReport  # noqa: E402
-from kjumpd.service import (
-    as_dbus_error,
-    is_resume,
-    is_success,
-    outcome_record,  # noqa: E402
-    preflight_reasons,
-    to_vardict,
-    to_variant,
-)
-from kjumpd.transaction import Outcome  # noqa: E402
 
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=20)
 scalar = st.one_of(

@@ -445,7 +445,7 @@ def test_job_carries_vmcoreinfo_and_the_switches_and_older_jobs_still_read() -> 
 
 
 def test_daemon_reads_the_note_location_from_sysfs(tmp_path) -> None:
-    from kjumpd.kexec import vmcoreinfo_location
+    from kjumpd.daemon.kexec import vmcoreinfo_location
     from kjumpd.sysroot import Sysroot
 
     sr = Sysroot(str(tmp_path))
@@ -458,7 +458,7 @@ def test_daemon_reads_the_note_location_from_sysfs(tmp_path) -> None:
 
 
 def test_config_switches_default_to_exclusion_without_the_check(tmp_path) -> None:
-    from kjumpd import config
+    from kjumpd.daemon import config
     from kjumpd.sysroot import Sysroot
 
     assert config.Config().free_page_exclusion and not config.Config().free_page_check
@@ -516,7 +516,7 @@ def test_masked_source_says_which_ranges_are_wholly_free() -> None:
 
 
 def test_a_kernel_that_poisons_free_pages_keeps_them_in_the_image(tmp_path) -> None:
-    from kjumpd.kexec import free_pages_restore_as_zeros
+    from kjumpd.daemon.kexec import free_pages_restore_as_zeros
     from kjumpd.sysroot import Sysroot
 
     sr = Sysroot(str(tmp_path))
@@ -552,7 +552,7 @@ def test_whether_free_pages_must_come_back_as_zeros(
 ) -> None:
     import gzip
 
-    from kjumpd.kexec import free_pages_zeroed
+    from kjumpd.daemon.kexec import free_pages_zeroed
     from kjumpd.sysroot import Sysroot
 
     (tmp_path / "proc/sys/kernel").mkdir(parents=True)

@@ -1,6 +1,7 @@
 """Which filesystems are frozen, in which order (pure: mountinfo text in, list out)."""
 
-from kjumpd.fsfreeze import freezable, parse_mountinfo
+from kjumpd.daemon.fsfreeze import freezable
+from kjumpd.linux.mountinfo import parse as parse_mountinfo
 
 MOUNTINFO = r"""21 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
 22 21 0:5 / /dev rw,nosuid shared:2 - devtmpfs udev rw

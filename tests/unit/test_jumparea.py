@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kjumpd.jumparea import (
+from kjumpd.daemon.jumparea import (
     JumpArea,
     edit_bls_entry,
     edit_default_grub,

@@ -1,12 +1,12 @@
-"""Where the save kernel's segments go inside the jump area (kjumpd.kexec.segment_window)."""
+"""Where the save kernel's segments go inside the jump area (kjumpd.daemon.kexec.segment_window)."""
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
 
-from kjumpd import kexec
-from kjumpd.jumparea import JumpArea
+from kjumpd.daemon import kexec
+from kjumpd.daemon.jumparea import JumpArea
 
 MiB = 1 << 20
 AREA = JumpArea(0x20000000, 128 * MiB)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kjumpd import kexec, preflight
-from kjumpd.config import Config
+from kjumpd.daemon import kexec, preflight
+from kjumpd.daemon.config import Config
 from kjumpd.linux import cmdline, kconfig
 from kjumpd.sysroot import Sysroot
 

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kjumpd.daemon.jumparea import JumpArea
+from kjumpd.daemon.memory import parse_system_ram, plan
 from kjumpd.errors import MemoryMapError
-from kjumpd.jumparea import JumpArea
-from kjumpd.memory import parse_system_ram, plan
 
 IOMEM = """\
 00000000-00000fff : Reserved

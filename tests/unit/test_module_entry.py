@@ -48,11 +48,11 @@ def test_python_m_kjumpd_is_the_daemon() -> None:
 
 def test_kjumpctl_starts_without_the_config_module() -> None:
     # kjumpctl hibernate is on the hibernate latency path: building the parser (every
-    # command) must not pull kjumpd.config (tomllib, dataclasses, inspect): ~0.5 s in a TCG
+    # command) must not pull kjumpd.daemon.config (tomllib, dataclasses, inspect): ~0.5 s in a TCG
     # guest. The modes it offers are still the config's.
     code = (
         "import sys, kjumpd.cli as c; c.build_parser(); "
-        "print(sorted(m for m in ('kjumpd.config', 'dataclasses', 'tomllib', 'pathlib') "
+        "print(sorted(m for m in ('kjumpd.daemon.config', 'dataclasses', 'tomllib', 'pathlib') "
         "if m in sys.modules))"
     )
     r = subprocess.run(
@@ -65,7 +65,7 @@ def test_kjumpctl_starts_without_the_config_module() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
-    from kjumpd.config import MODES
+    from kjumpd.daemon.config import MODES
 
     r = py_m("kjumpd.cli", "hibernate", "--help")
     assert "{" + ",".join(MODES) + "}" in r.stdout.replace("\n", "").replace(" ", "")

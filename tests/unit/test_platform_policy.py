@@ -2,8 +2,8 @@
 
 import pytest
 
-from kjumpd.battery import Battery
-from kjumpd.platform import decide
+from kjumpd.daemon.battery import Battery
+from kjumpd.daemon.platform import decide
 
 NOW = 1_764_000_000
 

@@ -10,18 +10,17 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from kjumpd.bootconfig import BootConfig, KernelSpec
 from kjumpd.errors import ConfigError
 from kjumpd.fsstamp import FsStamp
 from kjumpd.linux import cmdline
-from kjumpd.restorefirst import (
+from kjumpd.restore.decision import (
     CODES,
-    BootConfig,
     BootNormal,
     Evidence,
     Expected,
     HeaderView,
     Invalidate,
-    KernelSpec,
     Restore,
     check_stamps,
     decide,
@@ -391,7 +390,7 @@ def test_the_normal_command_line_drops_per_boot_words() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from kjumpd.bootentry import normal_cmdline
+    from kjumpd.daemon.bootentry import normal_cmdline
 
     assert (
         normal_cmdline(

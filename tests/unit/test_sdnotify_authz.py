@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kjumpd import authz, daemon, sdnotify
+from kjumpd.daemon import authz, sdnotify
+from kjumpd.daemon import main as daemon
 from kjumpd.errors import ConfigError
 
 

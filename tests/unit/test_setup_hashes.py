@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kjumpd import config
+from kjumpd.daemon import config
 
 REPO = Path(__file__).resolve().parents[2]
 

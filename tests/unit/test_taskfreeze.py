@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kjumpd.daemon.taskfreeze import PARK, FrozenState, Level, ancestors, join, plan
 from kjumpd.errors import KjumpError
-from kjumpd.taskfreeze import PARK, FrozenState, Level, ancestors, join, plan
 
 DAEMON, SHELL = 700, 701
 

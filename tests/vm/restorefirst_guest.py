@@ -23,11 +23,11 @@ import subprocess
 import sys
 import time
 
+from kjumpd.bootconfig import save_kernel_hash
 from kjumpd.fsstamp import read_stamp
 from kjumpd.image import store
 from kjumpd.image.format import ImageState
 from kjumpd.job import Job
-from kjumpd.restorefirst import save_kernel_hash
 
 TARGET = "/dev/vda"
 FS_DEV = "/dev/vdb"
@@ -134,7 +134,8 @@ def step_save(args: dict[str, str]) -> None:
         cancel_key=False,
     )
     with open("/run/b-initrd", "wb") as f:
-        # as the daemon does (kjumpd.kexec.write_initrd): the job archive on a 512-byte boundary
+        # as the daemon does (kjumpd.daemon.kexec.write_initrd): the job archive on a
+        # 512-byte boundary
         f.write(b_initrd + b"\0" * (-len(b_initrd) % 512) + job.to_cpio())
     rc = run(
         [

@@ -231,7 +231,7 @@ def default_payload() -> Payload:
 
 
 ENTRY_POINTS = {
-    "kjumpd": "kjumpd.daemon",
+    "kjumpd": "kjumpd.daemon.main",
     "kjumpctl": "kjumpd.cli",
     "kjump-agent": "kjumpd.agent.cli",
 }

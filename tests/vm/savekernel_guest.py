@@ -161,7 +161,7 @@ def step_jump(args: dict[str, str]) -> None:
         free_page_check=args.get("kjt.freecheck") == "1",
     )
     with open("/run/b-initrd", "wb") as f:
-        # as the daemon does (kjumpd.kexec.write_initrd): the job archive starts on a
+        # as the daemon does (kjumpd.daemon.kexec.write_initrd): the job archive starts on a
         # 512-byte boundary after B's compressed initramfs (zstd leaves no padding of its own)
         pad = b"\0" * (-len(b_initrd) % 512)
         f.write(b_initrd + (pad + job.to_cpio() if args.get("kjt.nojob") != "1" else b""))

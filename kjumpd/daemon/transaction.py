@@ -5,9 +5,9 @@ Steps:
   boot one-shot -> freeze tasks [hold logs, fork the freeze guard, cgroup v2 freezer] ->
   freeze filesystems [sync, FIFREEZE, stamps] -> load [job + initrd in /run, kexec load] ->
   jump (kexec -e) -> return point: read the header with O_DIRECT on the whole disk.
-User space is stopped before the filesystems (kjumpd.taskfreeze says why), and everything
+User space is stopped before the filesystems (kjumpd.daemon.taskfreeze says why), and everything
 frozen is recorded first in /run/kjumpd/frozen.json, which the freeze guard
-(kjumpd.freezeguard) thaws from if this process dies inside the frozen window.
+(kjumpd.daemon.freezeguard) thaws from if this process dies inside the frozen window.
 A header whose sequence number did not change across ``kexec -e`` means the save kernel
 never wrote: the error is the jump's (JumpError), or the kernel freezer's
 (TaskFreezeError, naming the tasks it logged), never the image's.
@@ -45,14 +45,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# Everything the frozen window needs is imported here, up front: an import while the root
-# filesystem is frozen would block writing its __pycache__ entry.
-from kjumpd import (
+from kjumpd import fsstamp
+from kjumpd.daemon import (
     blockmap,
     bootentry,
     freezeguard,
     fsfreeze,
-    fsstamp,
     hooks,
     kexec,
     kmsg,
@@ -63,7 +61,7 @@ from kjumpd import (
     shrink,
     taskfreeze,
 )
-from kjumpd.config import Config
+from kjumpd.daemon.config import Config
 from kjumpd.errors import (
     BusyError,
     CancelledError,
@@ -77,6 +75,10 @@ from kjumpd.errors import (
 from kjumpd.image import store
 from kjumpd.image.format import ImageState
 from kjumpd.job import Job
+
+# Everything the frozen window needs is imported here, up front: an import while the root
+# filesystem is frozen would block writing its __pycache__ entry.
+from kjumpd.linux import mountinfo
 from kjumpd.modes import MODES
 from kjumpd.sysroot import Sysroot
 
@@ -359,9 +361,7 @@ class Hibernation:
             # kernel's freezer at the jump would give up. Logs are held from here on
             # (journald is stopped too), bytecode is not written (an import would block).
             phase("freeze tasks", 28)
-            mounts = fsfreeze.freezable(
-                fsfreeze.parse_mountinfo(sr.read_text("/proc/self/mountinfo"))
-            )
+            mounts = fsfreeze.freezable(mountinfo.parse(sr.read_text("/proc/self/mountinfo")))
             held.hold()
             undo.push("logs", held.release)
             pyc = sys.dont_write_bytecode

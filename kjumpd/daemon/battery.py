@@ -2,7 +2,7 @@
 
 The same figures psutil.sensors_battery() derives (energy_now/power_now, or
 charge_now/current_now), read through the Sysroot so tests can give a battery to a fake
-tree. Used by the suspend-to-both policy in kjumpd.platform.
+tree. Used by the suspend-to-both policy in kjumpd.daemon.platform.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kjumpd import zstdframe
-from kjumpd.config import Config, format_size, parse_size
+from kjumpd.daemon.config import Config, format_size, parse_size
 from kjumpd.errors import ConfigError, JumpAreaError, KjumpError
 from kjumpd.sysroot import Sysroot
 

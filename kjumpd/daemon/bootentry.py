@@ -53,6 +53,7 @@ from kjumpd import cpio
 from kjumpd.errors import BootEntryError, ConfigError, FsStampError
 from kjumpd.hashing import sha256_file
 from kjumpd.linux import cmdline as kernel_cmdline
+from kjumpd.linux import mountinfo
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def _template(name: str) -> str:
     candidates = []
     if os.environ.get("KJUMPD_BOOTLOADER_DIR"):
         candidates.append(Path(os.environ["KJUMPD_BOOTLOADER_DIR"]) / "templates" / name)
-    candidates.append(Path(__file__).resolve().parents[1] / "bootloader" / "templates" / name)
+    candidates.append(Path(__file__).resolve().parents[2] / "bootloader" / "templates" / name)
     candidates.append(Path("/usr/share/kjumpd/bootloader/templates") / name)
     for c in candidates:
         if c.is_file():
@@ -355,7 +356,7 @@ def boot_config_for(
     max_attempts: int = 3,
 ) -> tuple[Any, dict[str, Path]]:
     """boot.json for these host files, and R's payload (archive path -> host file)."""
-    from kjumpd.restorefirst import BootConfig, KernelSpec, save_kernel_hash
+    from kjumpd.bootconfig import BootConfig, KernelSpec, save_kernel_hash
 
     try:
         ks, is_ = sha256_file(save_kernel), sha256_file(save_initrd)
@@ -391,7 +392,7 @@ def boot_config_for(
 
 def restore_payload(cfg: Any, files: Mapping[str, Path | bytes]) -> bytes:
     """The archive appended to R's generic initramfs: boot.json and the files it names."""
-    from kjumpd.restorefirst import BOOT_CONFIG_PATH
+    from kjumpd.bootconfig import BOOT_CONFIG_PATH
 
     entries = {BOOT_CONFIG_PATH: cfg.to_json().encode()}
     try:
@@ -461,8 +462,8 @@ def machine_boot_config(
 ) -> tuple[Any, dict[str, Path]]:
     """boot.json + payload for this machine: the save kernel and jump area from kjumpd's
     config and the reserved area, the normal kernel and this boot's command line."""
-    from kjumpd import config as cfgmod
-    from kjumpd import jumparea
+    from kjumpd.daemon import config as cfgmod
+    from kjumpd.daemon import jumparea
 
     cfg = cfgmod.load(sysroot)
     area = jumparea.find(sysroot, cfg)
@@ -492,33 +493,16 @@ def machine_boot_config(
 # ------------------------------------------------------------------ system edge
 
 
-def _mountinfo(sysroot: Sysroot) -> list[tuple[str, str, str, str, str]]:
-    """(mount point, root inside the fs, fstype, source, MAJ:MIN) of every mount, in order."""
-    out = []
-    for line in sysroot.read_text("/proc/self/mountinfo", default="").splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        lf, rf = left.split(), right.split()
-        if len(lf) < 5 or len(rf) < 2:
-            continue
-
-        def unesc(s: str) -> str:
-            return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-        out.append((unesc(lf[4]), unesc(lf[3]), rf[0], unesc(rf[1]), lf[2]))
-    return out
-
-
 def locate(sysroot: Sysroot, path: str) -> tuple[str, str, str]:
     """(fstype, fs UUID, path as the boot loader sees it) of a system path under /boot."""
     from kjumpd.fsstamp import read_stamp
 
     best = None
-    for mnt, root, fstype, source, devno in _mountinfo(sysroot):
+    for m in mountinfo.parse(sysroot.read_text("/proc/self/mountinfo", default="")):
+        mnt = m.mountpoint
         if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
             if best is None or len(mnt) >= len(best[0]):
-                best = (mnt, root, fstype, source, devno)
+                best = (mnt, m.root, m.fstype, m.source, m.devno)
     if best is None:
         raise BootEntryError(
             f"cannot tell which filesystem holds {path}",

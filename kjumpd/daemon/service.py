@@ -42,7 +42,7 @@ Errors are named D-Bus errors ``org.kjump.Error.<Name>`` (KjumpError.dbus_name) 
 the one-line "what: why (fix: ...)" of the error; e.g. org.kjump.Error.Busy for a request while
 a transition runs, org.kjump.Error.NotAuthorized, org.kjump.Error.InvalidArgs for a bad mode.
 
-Authorization (kjumpd.authz): Hibernate/SuspendToBoth need org.kjump.hibernate, Checkpoint
+Authorization (kjumpd.daemon.authz): Hibernate/SuspendToBoth need org.kjump.hibernate, Checkpoint
 (and Hibernate("checkpoint")) org.kjump.checkpoint, Cancel of another user's transition
 org.kjump.manage; reading properties, Check and CanHibernate need nothing. Callers are checked
 before the Busy test, so a caller who may not act learns nothing about the state.
@@ -67,7 +67,7 @@ from gi.repository import GLib
 from pydbus.generic import signal
 from pydbus.registration import ObjectRegistration, ObjectWrapper
 
-from kjumpd import authz
+from kjumpd.daemon import authz
 from kjumpd.errors import BusyError, CancelledError, ConfigError, KjumpError, UnsupportedError
 from kjumpd.modes import MODES
 
@@ -111,7 +111,7 @@ INTROSPECTION = f"""
 
 # --------------------------------------------------------------------------- contracts
 class HibernationLike(Protocol):
-    """kjumpd.transaction.Hibernation as the service uses it."""
+    """kjumpd.daemon.transaction.Hibernation as the service uses it."""
 
     def check(self) -> Any: ...  # PreflightReport: .ok, .items
     def run(self, mode: str, cancel: threading.Event) -> Any: ...  # Outcome

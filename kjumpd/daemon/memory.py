@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kjumpd.daemon.jumparea import JumpArea
 from kjumpd.errors import MemoryMapError
-from kjumpd.jumparea import JumpArea
 from kjumpd.sysroot import Sysroot
 
 PAGE = 4096

@@ -3,7 +3,7 @@
 Before it stops user space, the transaction forks a *guard*: a child process that only
 waits on a pipe. The daemon keeps the write end; the kernel closes it when the daemon dies
 for any reason (SIGKILL, a crash, the OOM killer), and the guard then thaws everything the
-record (kjumpd.taskfreeze.STATE_FILE) names and exits. It also thaws when the frozen window
+record (kjumpd.daemon.taskfreeze.STATE_FILE) names and exits. It also thaws when the frozen window
 has lasted longer than its bound (CLOCK_MONOTONIC, which stands still while the save kernel
 runs and while the machine sleeps), and on SIGTERM/SIGINT/SIGHUP (a service manager
 stopping the unit). The daemon ends it once everything is thawed (``stop``).
@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 
-from kjumpd import taskfreeze
+from kjumpd.daemon import taskfreeze
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)

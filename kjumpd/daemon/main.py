@@ -4,20 +4,20 @@
 
 Defaults: sysroot "/", the system bus (or the bus that activated it: DBUS_STARTER_ADDRESS),
 /etc/kjumpd/kjumpd.toml (read through the sysroot).
-Runs a GLib main loop; the transition runs in a worker thread (kjumpd.service).
+Runs a GLib main loop; the transition runs in a worker thread (kjumpd.daemon.service).
 
 - systemd: Type=notify. READY=1 once the name is owned, STATUS= on every state change,
-  WATCHDOG=1 at half of WatchdogSec, STOPPING=1 on SIGTERM (kjumpd.sdnotify; all optional:
+  WATCHDOG=1 at half of WatchdogSec, STOPPING=1 on SIGTERM (kjumpd.daemon.sdnotify; all optional:
   without NOTIFY_SOCKET nothing is sent, as under the VM tier's plain init).
 - Logs: to stderr. Under journald (JOURNAL_STREAM names our stderr) each line carries an
   sd-daemon "<N>" priority prefix and no timestamp; otherwise a timestamped line.
   While filesystems are frozen the transaction holds every record in memory
-  (kjumpd.fsfreeze.HeldLogs swaps the root logger's handlers): journald writes to a frozen
+  (kjumpd.daemon.fsfreeze.HeldLogs swaps the root logger's handlers): journald writes to a frozen
   filesystem, and a blocked stderr must never block the thread that thaws it.
 - SIGTERM/SIGINT: with no transition, release the name and exit 0. During one, cancel it (the
   transaction rolls back) and exit once it has finished (bounded by --stop-timeout).
 - ``--recover``: thaw what a kjumpd that died inside the frozen window left frozen
-  (kjumpd.freezeguard; systemd's ExecStopPost). The daemon does the same at start.
+  (kjumpd.daemon.freezeguard; systemd's ExecStopPost). The daemon does the same at start.
 - Exit codes: 0 clean stop; 1 failed to start (one line on stderr saying what, why and the fix).
 """
 
@@ -86,7 +86,7 @@ def setup_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # pydbus logs every exception a method raises with a traceback; ours are expected
-    # (named D-Bus errors, logged by kjumpd.service in one line).
+    # (named D-Bus errors, logged by kjumpd.daemon.service in one line).
     logging.getLogger("pydbus.registration").setLevel(logging.CRITICAL)
     return handler
 
@@ -132,7 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_config(sysroot: Any, path: str | None) -> Any:
-    from kjumpd import config as cfgmod
+    from kjumpd.daemon import config as cfgmod
 
     if path is None:
         return cfgmod.load(sysroot)
@@ -154,7 +154,7 @@ def load_config(sysroot: Any, path: str | None) -> Any:
 def read_image_state(sysroot: Any, cfg: Any) -> str:
     """The image header's state on the configured target, as text (EMPTY, SAVED, ...),
     read as the transaction reads it: through the block map, on the whole disk."""
-    from kjumpd import blockmap
+    from kjumpd.daemon import blockmap
     from kjumpd.image import store
 
     if not sysroot.path(cfg.target).exists():
@@ -188,7 +188,7 @@ def clear_stale_oneshot(sysroot: Any, image_state: str) -> bool:
     (e.g. the restore environment invalidated it). True when one was removed; never raises."""
     if not oneshot_is_stale(image_state):
         return False
-    from kjumpd import bootentry
+    from kjumpd.daemon import bootentry
 
     try:
         removed = bootentry.clear_oneshot(sysroot)
@@ -215,7 +215,7 @@ class Daemon:
         import pydbus
         from gi.repository import GLib
 
-        from kjumpd import authz, sdnotify, service
+        from kjumpd.daemon import authz, sdnotify, service
         from kjumpd.sysroot import Sysroot
 
         self.GLib = GLib
@@ -224,7 +224,7 @@ class Daemon:
         self.sysroot = Sysroot(Path(args.sysroot))
         self.config = load_config(self.sysroot, args.config)
         # a kjumpd that died inside the frozen window, with nothing else to thaw after it
-        from kjumpd import taskfreeze
+        from kjumpd.daemon import taskfreeze
 
         try:
             taskfreeze.recover(self.sysroot, "an earlier kjumpd stopped inside the frozen window")
@@ -233,7 +233,7 @@ class Daemon:
         clear_stale_oneshot(self.sysroot, _startup_image_state(self.sysroot, self.config))
         # hash the save kernel's files now, not in the first hibernation's preflight (which
         # then only compares their stat)
-        from kjumpd import preflight
+        from kjumpd.daemon import preflight
 
         threading.Thread(
             target=preflight.warm_hashes,
@@ -260,7 +260,7 @@ class Daemon:
         authorizer = authz.Authorizer(self.bus.con, group)
 
         def make_hibernation(events: Any) -> Any:
-            from kjumpd.transaction import Hibernation
+            from kjumpd.daemon.transaction import Hibernation
 
             return Hibernation(self.sysroot, self.config, events)
 
@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     if args.recover:
-        from kjumpd.freezeguard import recover_main
+        from kjumpd.daemon.freezeguard import recover_main
 
         return recover_main(args.sysroot)
     try:

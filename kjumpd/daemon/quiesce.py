@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from kjumpd.config import Config
+from kjumpd.daemon.config import Config
 from kjumpd.errors import KjumpError, QuiesceError
 from kjumpd.sysroot import Sysroot
 

@@ -7,7 +7,7 @@ into this initramfs), finds the image target *by content* (magic + UUID at ``kju
 on this kernel's command line, scanning every /sys/block disk; device names are not trusted),
 gathers the evidence the guards need (header, metadata, chunk table, the stamps of every
 filesystem on every block device, its own copies of the save kernel) and lets
-:func:`kjumpd.restorefirst.decide` choose:
+:func:`kjumpd.restore.decision.decide` choose:
 
 - Restore(n): write RESTORING(n) durably, ``kexec -l`` the save kernel B into the jump area
   in restore role (a plain load), ``kexec -e``;
@@ -155,7 +155,7 @@ def _short(e: KjumpError) -> str:
 
 @dataclass
 class Gathered:
-    evidence: Any  # restorefirst.Evidence
+    evidence: Any  # decision.Evidence
     dev: Any = None  # the open target (writable) or None
     device: str = ""
 
@@ -164,9 +164,9 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
     """Read everything the guards need. Never raises for what it reads: errors become
     evidence (``*_error``)."""
     from kjumpd import fsstamp
-    from kjumpd.agent.kernel_role import find_target
     from kjumpd.image import store
-    from kjumpd.restorefirst import Evidence, HeaderView
+    from kjumpd.image.store import find_target
+    from kjumpd.restore.decision import Evidence, HeaderView
 
     t0 = time.monotonic()
     try:
@@ -298,7 +298,7 @@ def localize(cfg: Any, sysroot: Sysroot) -> Any:
 
 
 def boot_normal(cfg: Any, note: str, run: Runner, kexec: str, sysroot: Sysroot) -> None:
-    from kjumpd.restorefirst import normal_kexec_args
+    from kjumpd.restore.decision import normal_kexec_args
 
     args = normal_kexec_args(localize(cfg, sysroot), note)
     say(
@@ -316,14 +316,15 @@ def restore_first(
 ) -> str:
     """One pass of R; returns what it did ("restore", "normal", "invalid:<code>") when the
     kexec did not take over (always in tests with a fake kexec)."""
+    from kjumpd.bootconfig import BootConfig
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
-    from kjumpd.restorefirst import (
-        BootConfig,
+    from kjumpd.restore.decision import (
         BootNormal,
         Invalidate,
         Restore,
         decide,
+        expected_of,
         restore_kexec_args,
     )
 
@@ -336,7 +337,7 @@ def restore_first(
     except ValueError:
         offset = cfg.target_offset
     g = gather(sysroot, cfg, uuid, offset)
-    decision = decide(g.evidence, cfg.expected)
+    decision = decide(g.evidence, expected_of(cfg))
     say(f"decision: {decision} ({time.monotonic() - t0:.2f} s)")
     try:
         if isinstance(decision, Restore):
@@ -379,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KjumpError as e:
         say(f"error: {e.message}")
         try:
-            from kjumpd.restorefirst import BootConfig
+            from kjumpd.bootconfig import BootConfig
 
             cfg = BootConfig.from_json(sysroot.path("/etc/kjumpd/boot.json").read_bytes())
             boot_normal(cfg, "rf-error", run_cmd, "kexec", sysroot)

@@ -28,7 +28,7 @@ space is not stopped before the filesystems are frozen: ``kjumpctl check`` warns
 writing at that moment makes the jump fail (rolled back, the error naming the task).
 
 The record of what is frozen (``/run/kjumpd/frozen.json``, tmpfs, never frozen) is written
-*before* each freeze, so that an independent path (:mod:`kjumpd.freezeguard`, ``kjumpd
+*before* each freeze, so that an independent path (:mod:`kjumpd.daemon.freezeguard`, ``kjumpd
 --recover``) can thaw a machine whose daemon died inside the frozen window. Format (JSON,
 ``"version": 1``): ``cgroup_root`` (system path of the cgroup2 mount), ``cgroups`` (paths
 relative to it that kjumpd froze), ``parks`` (list of ``[cgroup, [pids]]``: processes moved
@@ -171,11 +171,11 @@ class FrozenState:
 def cgroup2_root(sr: Sysroot) -> str | None:
     """The system path of the cgroup2 mount (unified: /sys/fs/cgroup; hybrid:
     /sys/fs/cgroup/unified), or None without cgroup v2."""
-    from kjumpd.fsfreeze import parse_mountinfo
+    from kjumpd.linux import mountinfo
 
     found = [
         m.mountpoint
-        for m in parse_mountinfo(sr.read_text("/proc/self/mountinfo", ""))
+        for m in mountinfo.parse(sr.read_text("/proc/self/mountinfo", ""))
         if m.fstype == "cgroup2"
     ]
     if not found:
@@ -544,7 +544,7 @@ def recover(sr: Sysroot, reason: str, force: bool = False) -> list[str]:
     may still live), ``kjumpd --recover`` (systemd's ExecStopPost) and the daemon's start,
     which leave a record alone while the kjumpd that wrote it still runs. Returns what could
     not be thawed."""
-    from kjumpd import fsfreeze
+    from kjumpd.daemon import fsfreeze
 
     state = read_state(sr)
     if state is None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kjumpd import battery as batterymod
+from kjumpd.daemon import battery as batterymod
 from kjumpd.errors import KjumpError, PlatformError
 from kjumpd.sysroot import Sysroot
 

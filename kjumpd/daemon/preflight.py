@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kjumpd import blockmap, bootentry, jumparea, memory, taskfreeze
-from kjumpd.config import Config
+from kjumpd.daemon import blockmap, bootentry, jumparea, memory, taskfreeze
+from kjumpd.daemon.config import Config
 from kjumpd.errors import KjumpError
 from kjumpd.hashing import sha256_file
 from kjumpd.linux import cmdline, kconfig
@@ -275,7 +275,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
 
     step("target", target)
 
-    # boot entry for restore (owned by kjumpd.bootentry)
+    # boot entry for restore (owned by kjumpd.daemon.bootentry)
     problems = bootentry.check(sysroot)
     add(
         PreflightItem(
@@ -286,7 +286,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
         )
     )
 
-    # user space is stopped before the filesystems are frozen (kjumpd.taskfreeze)
+    # user space is stopped before the filesystems are frozen (kjumpd.daemon.taskfreeze)
     usable, said = taskfreeze.support(sysroot)
     add(
         PreflightItem(

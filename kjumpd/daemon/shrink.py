@@ -39,9 +39,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from kjumpd.config import format_size
+from kjumpd.daemon.config import format_size
+from kjumpd.daemon.jumparea import JumpArea
 from kjumpd.errors import KjumpError, ShrinkError, SysrootError
-from kjumpd.jumparea import JumpArea
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def kexec_copy_bytes(sysroot: Sysroot, kernel: str, initramfs: str, area: JumpAr
     """What A allocates for the save kernel's preserve-context load: kexec-tools fills every
     page of --mem-min..--mem-max with a segment or a backup of it, and kjumpd loads into
     kexec.segment_window (the top of the jump area, sized from init_size and the initrd)."""
-    from kjumpd import kexec
+    from kjumpd.daemon import kexec
 
     try:
         initrd = os.stat(sysroot.path(initramfs)).st_size

@@ -21,7 +21,7 @@ The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), in
 appended (finish_initrd) after the filesystems are frozen. The save kernel's command line is
 ``<save_kernel.append> pty.legacy_count=0 memmap=exactmap memmap=512K@0K memmap=SIZE@START
 kjump.role=save``: B's memory is exactly the low 512K and the jump area; no legacy ptys
-(kjumpd.restorefirst.QUICK_BOOT_PARAMS).
+(kjumpd.bootconfig.QUICK_BOOT_PARAMS).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
-from kjumpd.config import Config, format_size
+from kjumpd.bootconfig import QUICK_BOOT_PARAMS
+from kjumpd.daemon.config import Config, format_size
+from kjumpd.daemon.jumparea import JumpArea
 from kjumpd.errors import KexecError
 from kjumpd.job import Job
-from kjumpd.jumparea import JumpArea
 from kjumpd.linux import cmdline, kconfig
-from kjumpd.restorefirst import QUICK_BOOT_PARAMS
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import logging
 import logging.handlers
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kjumpd.errors import FreezeError
+from kjumpd.linux.mountinfo import Mount
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -46,47 +46,6 @@ LOCAL_FS = frozenset(
         "bcachefs",
     }
 )
-
-
-@dataclass(frozen=True)
-class Mount:
-    mount_id: int
-    devno: str  # "MAJ:MIN"
-    mountpoint: str  # system path
-    fstype: str
-    source: str
-    options: str
-
-    @property
-    def depth(self) -> int:
-        return 0 if self.mountpoint == "/" else self.mountpoint.rstrip("/").count("/")
-
-
-def _unescape(s: str) -> str:
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and s[i + 1 : i + 4].isdigit():
-            out.append(chr(int(s[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        lf, rf = left.split(), right.split()
-        if len(lf) < 6 or len(rf) < 3:
-            continue
-        mounts.append(
-            Mount(int(lf[0]), lf[2], _unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5] + "," + rf[2])
-        )
-    return mounts
 
 
 def freezable(mounts: list[Mount]) -> list[Mount]:
