@@ -163,6 +163,25 @@ def kill_daemon_when_frozen(daemon: subprocess.Popen) -> None:
     threading.Thread(target=watch, name="daemon-killer", daemon=True).start()
 
 
+def stop_everything(grace: float = 10.0) -> None:
+    """What an init does before it powers off: SIGTERM to every other process, SIGKILL to
+    what is left after ``grace`` seconds, reaping them, so the root filesystem can be
+    remounted read-only (a process writing to it keeps it busy)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(-1, sig)
+        except OSError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.05)
+
+
 def power_off() -> None:
     os.sync()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -199,8 +218,11 @@ def main() -> int:
             daemon.wait(timeout=10)
         except subprocess.TimeoutExpired:
             daemon.kill()
+    stop_everything()
     event("poweroff")
-    subprocess.run(["mount", "-o", "remount,ro", "/"], check=False)
+    rc = subprocess.run(["mount", "-o", "remount,ro", "/"], check=False).returncode
+    if rc != 0:
+        say(f"remount,ro / failed (rc {rc}): the root filesystem is powered off unclean")
     power_off()
     while True:  # PID 1 must never exit
         time.sleep(60)
