@@ -76,15 +76,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "quiesce_notes": q.notes,
         "freeze": [m.mountpoint for m in mounts],
     }
-    area = rep.context.get("area")
+    area = rep.plan.area
     if area is not None:
         plan["jump_area"] = [area.start, area.size]
         plan["save_cmdline"] = kexec.save_cmdline(cfg, area)
-    mem = rep.context.get("memory")
+    mem = rep.plan.memory
     if mem is not None:
         plan["memory_ranges"] = [[s, e] for s, e in mem.ranges]
         plan["memory_excluded"] = [vars(x) for x in mem.excluded]
-    t = rep.context.get("target")
+    t = rep.plan.target
     if t is not None:
         plan["target"] = {"path": t.path, "disk": t.disk, "blockmap": t.blockmap}
     if args.json:

@@ -37,9 +37,23 @@ class PreflightItem:
 
 
 @dataclass
+class PreflightPlan:
+    """What the checks computed, for the transaction and ``kjumpctl plan``: each field is
+    None when its check did not get that far."""
+
+    kernel_sha256: str | None = None
+    initramfs_sha256: str | None = None
+    need: int | None = None  # bytes the jump area must hold
+    area: jumparea.JumpArea | None = None
+    memory: memory.MemoryPlan | None = None
+    target: blockmap.Target | None = None
+    uuid: str | None = None
+
+
+@dataclass
 class PreflightReport:
     items: list[PreflightItem] = field(default_factory=list)
-    context: dict[str, Any] = field(default_factory=dict)
+    plan: PreflightPlan = field(default_factory=PreflightPlan)
 
     @property
     def ok(self) -> bool:
@@ -220,7 +234,10 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
             )
         else:
             add(PreflightItem(what, True, f"{path} sha256 matches"))
-        rep.context[f"{key}"] = got
+        if what == "save kernel":
+            rep.plan.kernel_sha256 = got
+        else:
+            rep.plan.initramfs_sha256 = got
     kex = shutil.which(config.kexec)
     add(
         PreflightItem(
@@ -238,22 +255,23 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
             need = jumparea.required_size(sysroot, config)
         except KjumpError:
             need = None
-    rep.context["need"] = need
+    rep.plan.need = need
 
     def area() -> str:
         a = jumparea.find(sysroot, config, need)
-        rep.context["area"] = a
+        rep.plan.area = a
         return f"{a.kernel_arg} reserved" + (
             f", save kernel needs {need >> 20} MiB" if need else ""
         )
 
     area_ok = step("jump area", area)
 
-    if area_ok:
+    a = rep.plan.area
+    if area_ok and a is not None:
 
         def mem() -> str:
-            mp = memory.build(sysroot, rep.context["area"])
-            rep.context["memory"] = mp
+            mp = memory.build(sysroot, a)
+            rep.plan.memory = mp
             return f"{mp.total >> 20} MiB of RAM in {len(mp.ranges)} ranges to save" + (
                 "" if mp.firmware_checked else " (no /sys/firmware/memmap to cross-check)"
             )
@@ -267,7 +285,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
             if not e.context.get("moved"):
                 raise
             return f"{config.target}: {e.why}; {e.fix}"
-        rep.context["target"], rep.context["uuid"] = t, uuid
+        rep.plan.target, rep.plan.uuid = t, uuid
         return (
             f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
             f"{t.disk} from {t.superblock_offset}), UUID {uuid}"

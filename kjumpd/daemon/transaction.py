@@ -54,7 +54,6 @@ from kjumpd.daemon import (
     hooks,
     kexec,
     kmsg,
-    memory,
     platform,
     preflight,
     quiesce,
@@ -291,17 +290,15 @@ class Hibernation:
                     why="; ".join(f"{i.name}: {i.detail}" for i in bad),
                     fix=bad[0].fix,
                 )
-            area = rep.context["area"]
-            mem: memory.MemoryPlan = rep.context["memory"]
+            area, mem = rep.plan.area, rep.plan.memory
+            assert area is not None and mem is not None  # rep.ok: both checks passed
             target, uuid = blockmap.current(sr, cfg.target, restamp=True)
             kx = kexec.Kexec.find(cfg)
             # B's initramfs is copied to /run while the daemon announces and quiesces; the
             # job is appended after the freeze. The undo waits for the copy, then removes it.
             stager = _Background(
                 "initrd",
-                lambda: kexec.stage_initrd(
-                    sr, cfg.save_initramfs, rep.context.get("initramfs_sha256", "")
-                ),
+                lambda: kexec.stage_initrd(sr, cfg.save_initramfs, rep.plan.initramfs_sha256 or ""),
             )
             undo.push("initrd", lambda: (stager.wait(), kexec.remove_initrd(sr)))
             check_cancel()
@@ -426,7 +423,7 @@ class Hibernation:
                 compression=cfg.compression,
                 chunk_size=cfg.chunk_size,
                 main_kernel=kexec.main_kernel_identity(sr),
-                save_kernel_hash="sha256:" + rep.context["kernel_sha256"],
+                save_kernel_hash=f"sha256:{rep.plan.kernel_sha256}",
                 jump_area=(area.start, area.size),
                 fs_stamps=stamps,
                 created=int(time.time()),
