@@ -13,6 +13,7 @@ vm-assets: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 test: setup lint vm-assets
 	$(PY) -m pytest -ra tests

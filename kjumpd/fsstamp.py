@@ -188,7 +188,7 @@ class _Reader:
 
 
 def _u(fmt: str, data: bytes, off: int) -> int:
-    return struct.unpack_from(fmt, data, off)[0]
+    return int(struct.unpack_from(fmt, data, off)[0])
 
 
 # ext2/3/4 -----------------------------------------------------------------

@@ -132,14 +132,14 @@ class Job:
                 target_uuid=d["target_uuid"],
                 superblock_device_offset=d["superblock_device_offset"],
                 device_hint=d["device_hint"],
-                blockmap=[tuple(e) for e in _list(d["blockmap"], "blockmap")],  # type: ignore[misc]
-                ranges=[tuple(r) for r in _list(d["ranges"], "ranges")],  # type: ignore[misc]
+                blockmap=[tuple(e) for e in _list(d["blockmap"], "blockmap")],
+                ranges=[tuple(r) for r in _list(d["ranges"], "ranges")],
                 mode=d["mode"],
                 compression=d["compression"],
                 chunk_size=d["chunk_size"],
                 main_kernel=d["main_kernel"],
                 save_kernel_hash=d["save_kernel_hash"],
-                jump_area=tuple(_list(d["jump_area"], "jump_area")),  # type: ignore[arg-type]
+                jump_area=tuple(_list(d["jump_area"], "jump_area")),
                 fs_stamps=d["fs_stamps"],
                 created=d["created"],
                 cancel_key=d["cancel_key"],
@@ -147,7 +147,7 @@ class Job:
                     None
                     if d.get("vmcoreinfo") is None
                     else tuple(_list(d["vmcoreinfo"], "vmcoreinfo"))
-                ),  # type: ignore[arg-type]
+                ),
                 free_page_exclusion=d.get("free_page_exclusion", _OPTIONAL["free_page_exclusion"]),
                 free_page_check=d.get("free_page_check", _OPTIONAL["free_page_check"]),
                 free_pages_zeroed=d.get("free_pages_zeroed", _OPTIONAL["free_pages_zeroed"]),

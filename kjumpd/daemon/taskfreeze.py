@@ -46,6 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kjumpd.errors import KjumpError, TaskFreezeError
+from kjumpd.linux.mountinfo import Mount
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -535,7 +536,7 @@ def thaw_cgroups(sr: Sysroot, state: FrozenState) -> list[str]:
 
 def pid_alive(sr: Sysroot, pid: int) -> bool:
     f = _stat_fields(sr, pid)
-    return bool(f) and f[0] not in ("Z", "X")
+    return f is not None and bool(f) and f[0] not in ("Z", "X")
 
 
 def recover(sr: Sysroot, reason: str, force: bool = False) -> list[str]:
@@ -552,7 +553,7 @@ def recover(sr: Sysroot, reason: str, force: bool = False) -> list[str]:
     if not force and state.pid not in (0, os.getpid()) and pid_alive(sr, state.pid):
         log.info("kjumpd (pid %d) is inside its frozen window: it thaws itself", state.pid)
         return []
-    mounts = [fsfreeze.Mount(0, devno, mp, fstype, "", "") for mp, devno, fstype in state.mounts]
+    mounts = [Mount(0, devno, mp, fstype, "", "") for mp, devno, fstype in state.mounts]
     errors = [e for e in fsfreeze.thaw(sr, mounts) if "Invalid argument" not in e]
     errors += thaw_cgroups(sr, state)
     clear_state(sr)
