@@ -1,6 +1,7 @@
 """The hibernate transaction in the main kernel (A): every step records its undo.
 
-Steps:
+``STEPS`` (at the end of the module) is the transaction up to the jump as a table: phase,
+name, what it does, what undoes it. Steps:
   preflight -> announce (PrepareForSleep(true), hooks "pre") -> shrink -> quiesce ->
   boot one-shot -> freeze tasks [hold logs, fork the freeze guard, cgroup v2 freezer] ->
   freeze filesystems [sync, FIFREEZE, stamps] -> load [job + initrd in /run, kexec load] ->
@@ -43,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from kjumpd import fsstamp
@@ -78,6 +80,7 @@ from kjumpd.job import Job
 # Everything the frozen window needs is imported here, up front: an import while the root
 # filesystem is frozen would block writing its __pycache__ entry.
 from kjumpd.linux import mountinfo
+from kjumpd.linux.mountinfo import Mount
 from kjumpd.modes import MODES
 from kjumpd.sysroot import Sysroot
 
@@ -193,6 +196,75 @@ class _Background:
         return self._value
 
 
+class _Context:
+    """What the steps of one transaction share: the phase being reported, the undo stack,
+    the timings, and what each step hands to the next (set by the steps, in order)."""
+
+    def __init__(self, mode: str, cancel: threading.Event, events: Events) -> None:
+        self.mode, self.cancel, self.events = mode, cancel, events
+        self.out = Outcome(result="rolled-back", mode=mode)
+        self.undo = _Undo()
+        self.held = fsfreeze.HeldLogs()
+        self.steps: dict[str, float] = {}
+        self.out.stats["steps"] = self.steps  # seconds of the steps inside the phases
+        self.phase_name = ""
+        self._phase_start = time.monotonic()
+        # preflight
+        self.plan: preflight.PreflightPlan = preflight.PreflightPlan()
+        self.area: Any = None
+        self.memory: Any = None
+        self.target: Any = None
+        self.uuid = ""
+        self.kx: Any = None
+        self.stager: Any = None
+        # announce, quiesce
+        self.hooks_ran: list[str] = []
+        self.journal: Any = None
+        # freeze
+        self.bytecode_was = sys.dont_write_bytecode
+        self.guard: Any = None
+        self.record = taskfreeze.FrozenState(pid=os.getpid())
+        self.tasks: Any = None
+        self.frozen: list[Mount] = []
+        self.stamps: list[dict[str, Any]] = []
+
+    def phase(self, name: str, percent: float) -> None:
+        now = time.monotonic()
+        if self.phase_name:
+            self.out.durations[self.phase_name] = now - self._phase_start
+        self._phase_start, self.phase_name = now, name
+        if name:
+            log.info("phase %s (%.0f%%)", name, percent)
+            self.events.phase(name, percent)
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise CancelledError("the hibernation was cancelled", fix="")
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self.steps[name] = time.monotonic() - t0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row of the transaction: ``do`` in ``phase``, then ``undo`` pushed under ``name``
+    (unless ``do`` returned False: nothing to undo). ``undo_first``: the undo is pushed
+    before ``do``, for a step that can stop half done and undoes whatever it did.
+    ``then_cancel``: a cancel request is honoured after this step."""
+
+    phase: str
+    percent: float
+    name: str
+    do: Callable[[Any, _Context], Any]
+    undo: Callable[[Any, _Context], Any] | None = None
+    undo_first: bool = False
+    then_cancel: bool = False
+
+
 class Hibernation:
     def __init__(self, sysroot: Sysroot, config: Config, events: Events | None = None) -> None:
         self.sysroot = sysroot
@@ -248,268 +320,37 @@ class Hibernation:
             self._lock.release()
 
     def _run(self, mode: str, cancel: threading.Event) -> Outcome:
-        sr, cfg, ev = self.sysroot, self.config, self.events
-        out = Outcome(result="rolled-back", mode=mode)
-        undo = _Undo()
-        t_phase = [time.monotonic(), ""]
-
-        def phase(name: str, pct: float) -> None:
-            now = time.monotonic()
-            if t_phase[1]:
-                out.durations[str(t_phase[1])] = now - float(t_phase[0])
-            t_phase[0], t_phase[1] = now, name
-            if name:
-                log.info("phase %s (%.0f%%)", name, pct)
-                ev.phase(name, pct)
-
-        def check_cancel() -> None:
-            if cancel.is_set():
-                raise CancelledError("the hibernation was cancelled", fix="")
-
-        held = fsfreeze.HeldLogs()
-        steps: dict[str, float] = {}
-        out.stats["steps"] = steps  # seconds of the steps inside the phases
-
-        def timed(name: str, fn: Callable[[], Any]) -> Any:
-            t0 = time.monotonic()
-            try:
-                return fn()
-            finally:
-                steps[name] = time.monotonic() - t0
-
+        ctx = _Context(mode, cancel, self.events)
+        out, undo = ctx.out, ctx.undo
         try:
-            phase("preflight", 0)
-            if not sr.path(RUN_DIR).exists():
-                sr.path(RUN_DIR).mkdir(mode=0o700, parents=True)
-                undo.push("run dir", lambda: _rmdir_if_empty(sr, RUN_DIR))
-            rep = preflight.run(sr, cfg, mode)
-            if not rep.ok:
-                bad = rep.failed()
-                raise UnsupportedError(
-                    "hibernation is not possible: " + bad[0].name,
-                    why="; ".join(f"{i.name}: {i.detail}" for i in bad),
-                    fix=bad[0].fix,
-                )
-            area, mem = rep.plan.area, rep.plan.memory
-            assert area is not None and mem is not None  # rep.ok: both checks passed
-            target, uuid = blockmap.current(sr, cfg.target, restamp=True)
-            kx = kexec.Kexec.find(cfg)
-            # B's initramfs is copied to /run while the daemon announces and quiesces; the
-            # job is appended after the freeze. The undo waits for the copy, then removes it.
-            stager = _Background(
-                "initrd",
-                lambda: kexec.stage_initrd(sr, cfg.save_initramfs, rep.plan.initramfs_sha256 or ""),
-            )
-            undo.push("initrd", lambda: (stager.wait(), kexec.remove_initrd(sr)))
-            check_cancel()
-
-            phase("announce", 5)
-            ev.prepare_for_sleep(True)
-            undo.push("PrepareForSleep(false)", lambda: ev.prepare_for_sleep(False))
-            ran: list[str] = []
-
-            def post_hooks() -> list[str]:
-                res = hooks.run(sr, cfg.hook_dirs, "post", mode, cfg.timeout_hooks, only=ran)
-                out.hook_failures += [f"post {r.name}: rc {r.returncode}" for r in res if not r.ok]
-                return []
-
-            undo.push("hooks post", post_hooks)
-            res = hooks.run(sr, cfg.hook_dirs, "pre", mode, cfg.timeout_hooks)
-            ran += [r.name for r in res]
-            failed = hooks.check_policy(res, cfg.hook_policy)
-            out.hook_failures += [f"pre {r.name}: rc {r.returncode}" for r in failed]
-            check_cancel()
-
-            phase("shrink", 10)
-            if cfg.image_size:
-                s = shrink.toward_target(
-                    sr,
-                    cfg.image_size,
-                    shrink.kexec_copy_bytes(sr, cfg.save_kernel, cfg.save_initramfs, area),
-                )
-                out.stats.update(
-                    image_target=s.limit,
-                    image_estimate_before=s.before,
-                    image_estimate_after=s.after,
-                )
-            if cfg.image_size_limit:
-                s = shrink.shrink(sr, cfg.image_size_limit, cfg.timeout_shrink)
-                out.stats.update(shrink_before=s.before, shrink_after=s.after)
-            check_cancel()
-
-            phase("quiesce", 20)
-            journal = quiesce.Journal(sr)
-            undo.push("quiesce", lambda: quiesce.undo(sr, journal))
-            t_plan = time.monotonic()
-            # not in a thread during the preflight: the walk holds the GIL most of the time,
-            # and in the VM it stretched preflight and announce by more than it saved
-            qplan = quiesce.plan(sr, cfg, mode)
-            out.stats["quiesce_plan_seconds"] = time.monotonic() - t_plan
-            out.stats.update(quiesce_devices=qplan.devices, quiesce_scan_seconds=qplan.scan_seconds)
-            timed("quiesce apply", lambda: quiesce.apply(sr, qplan, journal))
-            out.stats["quiesce_writes"] = len(qplan.writes)
-            check_cancel()
-
-            phase("boot entry", 25)
-            self._arm_oneshot(undo)
-
-            # Stop user space first, at a clean point, then the filesystems: a task that
-            # writes to a frozen filesystem sleeps where no freezer can stop it, and the
-            # kernel's freezer at the jump would give up. Logs are held from here on
-            # (journald is stopped too), bytecode is not written (an import would block).
-            phase("freeze tasks", 28)
-            mounts = fsfreeze.freezable(mountinfo.parse(sr.read_text("/proc/self/mountinfo")))
-            held.hold()
-            undo.push("logs", held.release)
-            pyc = sys.dont_write_bytecode
-            sys.dont_write_bytecode = True
-            undo.push("bytecode", lambda: setattr(sys, "dont_write_bytecode", pyc))
-            record = taskfreeze.FrozenState(pid=os.getpid())
-            # thaws on its own if this process dies or stays frozen past the bound
-            guard = freezeguard.start(sr, self.frozen_bound())
-            undo.push("freeze guard", lambda: (guard.stop(), taskfreeze.clear_state(sr)))
-            tasks = taskfreeze.TaskFreezer(sr, record)
-            undo.push("thaw tasks", tasks.thaw)
-            frep = timed("cgroup freeze", lambda: tasks.freeze(cfg.timeout_freeze))
-            out.stats.update(tasks_frozen_cgroups=len(frep.frozen), tasks_parked=frep.parked)
-            if frep.left_running:
-                out.stats["tasks_left_running"] = frep.left_running
-            if frep.note:
-                log.warning("%s", frep.note)
-            log.info(
-                "user space stopped: %d cgroup(s) frozen, %d process(es) parked in %s",
-                len(frep.frozen),
-                frep.parked,
-                frep.cgroup_root or "-",
-            )
-
-            phase("freeze filesystems", 30)
-            frozen: list[fsfreeze.Mount] = []
-
-            def thaw_filesystems() -> list[str]:
-                errors = fsfreeze.thaw(sr, frozen)
-                record.mounts.clear()
-                tasks.record()
-                return errors
-
-            def before_fifreeze(m: fsfreeze.Mount) -> None:
-                record.mounts.append((m.mountpoint, m.devno, m.fstype))
-                tasks.record()
-
-            undo.push("thaw", thaw_filesystems)
-            timed(
-                "sync + FIFREEZE",
-                lambda: fsfreeze.freeze(
-                    sr, mounts, on_frozen=frozen.append, before_freeze=before_fifreeze
-                ),
-            )
-            out.stats["frozen"] = [m.mountpoint for m in frozen]
-            stamps = timed("stamps", lambda: [self._stamp(m) for m in frozen])
-
-            phase("load", 40)
-            zeroed, why_zeroed = kexec.free_pages_zeroed(sr)
-            log.info(
-                "free pages %s on restore: %s",
-                "come back as zeros" if zeroed else "are left as they are found",
-                why_zeroed,
-            )
-            job = Job(
-                target_uuid=uuid,
-                superblock_device_offset=target.superblock_offset,
-                device_hint={"devno": target.disk_devno, "name": target.disk.rsplit("/", 1)[-1]},
-                blockmap=[tuple(e) for e in target.blockmap],  # type: ignore[misc]
-                ranges=list(mem.ranges),
-                mode=mode,
-                compression=cfg.compression,
-                chunk_size=cfg.chunk_size,
-                main_kernel=kexec.main_kernel_identity(sr),
-                save_kernel_hash=f"sha256:{rep.plan.kernel_sha256}",
-                jump_area=(area.start, area.size),
-                fs_stamps=stamps,
-                created=int(time.time()),
-                cancel_key=cfg.cancel_key,
-                vmcoreinfo=kexec.vmcoreinfo_location(sr),
-                free_page_exclusion=(
-                    cfg.free_page_exclusion and kexec.free_pages_restore_as_zeros(sr)
-                ),
-                free_page_check=cfg.free_page_check,
-                free_pages_zeroed=zeroed,
-            )
-            timed("initrd copy wait", stager.result)
-            steps["initrd copy (thread)"] = stager.seconds
-            initrd = timed("initrd job", lambda: kexec.finish_initrd(sr, job))
-            window = timed(
-                "kexec load",
-                lambda: kx.load(sr, cfg.save_kernel, initrd, kexec.save_cmdline(cfg, area), area),
-            )
-            out.stats["load_window"] = [window[0], window[1]]
-            undo.push("kexec unload", kx.unload)
-            # the kernel holds its own copy now: what stays in A's memory is saved in the
-            # image, so drop the tmpfs initrd and the page cache of the files just read
-            kexec.remove_initrd(sr)
-            for path in (cfg.save_kernel, cfg.save_initramfs):
-                _drop_page_cache(sr, path)
-            # kexec's exit just freed its copies of the kernel and the initramfs, onto the
-            # per-CPU free lists, which B cannot tell from memory in use: hand them back to
-            # the buddy allocator, so that B leaves them out (shrink.drain_pcp)
-            drained = timed("per-CPU lists", lambda: shrink.drain_pcp(sr))
-            log.info("%s", drained)
-            check_cancel()
-
-            phase("jump", 50)
-            before = self._header_seq(target)
-            klog = kmsg.KernelLog(sr).open()
-            try:
-                rc, said = kx.jump()
-                logged = klog.read()
-            finally:
-                klog.close()
-            out.stats["kexec_rc"] = rc
-            phase("return", 90)
-            header = timed("header read", lambda: self._read_header(target))
-            if before is not None and header.seq == before:
-                raise _jump_failure(rc, said, logged, klog.error)
-            out.image_state = header.state.name
-            out.stats.update(
-                raw_bytes=header.raw_bytes,
-                stored_bytes=header.stored_bytes,
-                zero_pages=header.zero_pages,
-                chunks=header.chunk_count,
-                # B's own clock (WRITING -> SAVED): A's monotonic clock stops
-                # during the jump, so durations["jump"] does not include B's time
-                save_seconds=max(0.0, header.saved - header.created),
-            )
-            name = header.state.name
-            if name == "RESTORING":
-                timed("mark CONSUMED", lambda: self._set_state(target, "CONSUMED", ""))
-                out.image_state = "CONSUMED"
-                out.result, out.resumed = "resumed", True
-            elif name == "SAVED":
-                self._leave(mode, target, out, undo, held)
-            else:
-                raise ImageStateError(
-                    "the save kernel did not save an image",
-                    why=f"it left the image {header.state_text}",
-                    fix="see the save kernel's console; the system was "
-                    "rolled back and keeps running",
-                    state=name,
-                )
-            phase("undo", 95)
+            for step in STEPS:
+                if step.phase != ctx.phase_name:
+                    ctx.phase(step.phase, step.percent)
+                if step.undo is not None and step.undo_first:
+                    undo.push(step.name, partial(step.undo, self, ctx))
+                done = step.do(self, ctx)
+                if step.undo is not None and not step.undo_first and done is not False:
+                    undo.push(step.name, partial(step.undo, self, ctx))
+                if step.then_cancel:
+                    ctx.check_cancel()
+            self._jump_and_return(ctx)
+            ctx.phase("undo", 95)
             later = undo.take(HOUSEKEEPING)
             # in the background, B's unload must not take the CPU from the programs the
             # user got back (TCG VM: kexec -u ran 0.5-2.6 s next to the waiting kjumpctl)
+            kx = ctx.kx
             later.stack = [
                 (n, (lambda: kx.unload(nice=True)) if n == "kexec unload" else f)
                 for n, f in later.stack
             ]
             out.undo_errors = undo.run()
-            steps.update({f"undo {k}": v for k, v in undo.seconds.items()})
+            ctx.steps.update({f"undo {k}": v for k, v in undo.seconds.items()})
             # unloading B and clearing the one-shot boot entry wait until the caller has
             # its answer (start_housekeeping); their failures are logged, not in this Outcome
             self._later = later
-            phase("", 100)
+            ctx.phase("", 100)
             log.info("hibernation %s: %s (image %s)", mode, out.result, out.image_state)
-            ev.log(
+            self.events.log(
                 f"hibernation {mode}: {out.result} (image {out.image_state})"
                 + (f"; undo problems: {'; '.join(out.undo_errors)}" if out.undo_errors else "")
             )
@@ -525,7 +366,7 @@ class Hibernation:
                 )
             )
             out.undo_errors = undo.run()
-            phase("", 100)
+            ctx.phase("", 100)
             out.error = e.to_dict()
             out.result = "rolled-back"
             e.context.setdefault("rolled_back", True)
@@ -533,7 +374,7 @@ class Hibernation:
                 e.context["undo_errors"] = "; ".join(out.undo_errors)
             e.outcome = out  # type: ignore[attr-defined]
             log.error("hibernation %s rolled back: %s", mode, e.message)
-            ev.log(f"hibernation {mode} rolled back: {e.message}")
+            self.events.log(f"hibernation {mode} rolled back: {e.message}")
             if e is exc:
                 raise
             raise e from None
@@ -541,13 +382,262 @@ class Hibernation:
             undo.run()
             raise
 
-    # -- helpers ----------------------------------------------------------------------------
-    def _arm_oneshot(self, undo: _Undo) -> None:
-        if bootentry.read_record(self.sysroot) is None:
-            return
-        if bootentry.set_oneshot(self.sysroot):
-            undo.push("boot one-shot", lambda: bootentry.clear_oneshot(self.sysroot))
+    # -- the steps (STEPS below lists them in order, each with its undo) ----------------------
+    def _make_run_dir(self, ctx: _Context) -> bool:
+        if self.sysroot.path(RUN_DIR).exists():
+            return False
+        self.sysroot.path(RUN_DIR).mkdir(mode=0o700, parents=True)
+        return True
 
+    def _remove_run_dir(self, ctx: _Context) -> None:
+        _rmdir_if_empty(self.sysroot, RUN_DIR)
+
+    def _preflight(self, ctx: _Context) -> None:
+        sr, cfg = self.sysroot, self.config
+        rep = preflight.run(sr, cfg, ctx.mode)
+        if not rep.ok:
+            bad = rep.failed()
+            raise UnsupportedError(
+                "hibernation is not possible: " + bad[0].name,
+                why="; ".join(f"{i.name}: {i.detail}" for i in bad),
+                fix=bad[0].fix,
+            )
+        assert rep.plan.area is not None and rep.plan.memory is not None  # rep.ok
+        ctx.plan, ctx.area, ctx.memory = rep.plan, rep.plan.area, rep.plan.memory
+        ctx.target, ctx.uuid = blockmap.current(sr, cfg.target, restamp=True)
+        ctx.kx = kexec.Kexec.find(cfg)
+
+    def _stage_initrd(self, ctx: _Context) -> None:
+        # B's initramfs is copied to /run while the daemon announces and quiesces; the job
+        # is appended after the freeze
+        sr, cfg, sha = self.sysroot, self.config, ctx.plan.initramfs_sha256 or ""
+        ctx.stager = _Background("initrd", lambda: kexec.stage_initrd(sr, cfg.save_initramfs, sha))
+
+    def _remove_initrd(self, ctx: _Context) -> None:
+        ctx.stager.wait()
+        kexec.remove_initrd(self.sysroot)
+
+    def _announce(self, ctx: _Context) -> None:
+        self.events.prepare_for_sleep(True)
+
+    def _unannounce(self, ctx: _Context) -> None:
+        self.events.prepare_for_sleep(False)
+
+    def _pre_hooks(self, ctx: _Context) -> None:
+        cfg = self.config
+        res = hooks.run(self.sysroot, cfg.hook_dirs, "pre", ctx.mode, cfg.timeout_hooks)
+        ctx.hooks_ran += [r.name for r in res]
+        failed = hooks.check_policy(res, cfg.hook_policy)
+        ctx.out.hook_failures += [f"pre {r.name}: rc {r.returncode}" for r in failed]
+
+    def _post_hooks(self, ctx: _Context) -> list[str]:
+        cfg = self.config
+        res = hooks.run(
+            self.sysroot, cfg.hook_dirs, "post", ctx.mode, cfg.timeout_hooks, only=ctx.hooks_ran
+        )
+        ctx.out.hook_failures += [f"post {r.name}: rc {r.returncode}" for r in res if not r.ok]
+        return []
+
+    def _shrink(self, ctx: _Context) -> None:
+        sr, cfg, out = self.sysroot, self.config, ctx.out
+        if cfg.image_size:
+            copy = shrink.kexec_copy_bytes(sr, cfg.save_kernel, cfg.save_initramfs, ctx.area)
+            s = shrink.toward_target(sr, cfg.image_size, copy)
+            out.stats.update(
+                image_target=s.limit, image_estimate_before=s.before, image_estimate_after=s.after
+            )
+        if cfg.image_size_limit:
+            s = shrink.shrink(sr, cfg.image_size_limit, cfg.timeout_shrink)
+            out.stats.update(shrink_before=s.before, shrink_after=s.after)
+
+    def _quiesce(self, ctx: _Context) -> None:
+        sr, out = self.sysroot, ctx.out
+        ctx.journal = quiesce.Journal(sr)
+        t_plan = time.monotonic()
+        # not in a thread during the preflight: the walk holds the GIL most of the time,
+        # and in the VM it stretched preflight and announce by more than it saved
+        qplan = quiesce.plan(sr, self.config, ctx.mode)
+        out.stats["quiesce_plan_seconds"] = time.monotonic() - t_plan
+        out.stats.update(quiesce_devices=qplan.devices, quiesce_scan_seconds=qplan.scan_seconds)
+        ctx.timed("quiesce apply", lambda: quiesce.apply(sr, qplan, ctx.journal))
+        out.stats["quiesce_writes"] = len(qplan.writes)
+
+    def _unquiesce(self, ctx: _Context) -> Any:
+        if ctx.journal is None:
+            return None
+        return quiesce.undo(self.sysroot, ctx.journal)
+
+    def _arm_oneshot(self, ctx: _Context) -> bool:
+        if bootentry.read_record(self.sysroot) is None:
+            return False
+        return bool(bootentry.set_oneshot(self.sysroot))
+
+    def _disarm_oneshot(self, ctx: _Context) -> Any:
+        return bootentry.clear_oneshot(self.sysroot)
+
+    # Stop user space first, at a clean point, then the filesystems: a task that writes to
+    # a frozen filesystem sleeps where no freezer can stop it, and the kernel's freezer at
+    # the jump would give up. Logs are held from here on (journald is stopped too), and no
+    # bytecode is written (an import would block).
+    def _hold_logs(self, ctx: _Context) -> None:
+        ctx.held.hold()
+
+    def _release_logs(self, ctx: _Context) -> None:
+        ctx.held.release()
+
+    def _no_bytecode(self, ctx: _Context) -> None:
+        ctx.bytecode_was = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True
+
+    def _bytecode(self, ctx: _Context) -> None:
+        sys.dont_write_bytecode = ctx.bytecode_was
+
+    def _start_guard(self, ctx: _Context) -> None:
+        # thaws on its own if this process dies or stays frozen past the bound
+        ctx.guard = freezeguard.start(self.sysroot, self.frozen_bound())
+
+    def _stop_guard(self, ctx: _Context) -> None:
+        ctx.guard.stop()
+        taskfreeze.clear_state(self.sysroot)
+
+    def _freeze_tasks(self, ctx: _Context) -> None:
+        out = ctx.out
+        ctx.tasks = taskfreeze.TaskFreezer(self.sysroot, ctx.record)
+        frep = ctx.timed("cgroup freeze", lambda: ctx.tasks.freeze(self.config.timeout_freeze))
+        out.stats.update(tasks_frozen_cgroups=len(frep.frozen), tasks_parked=frep.parked)
+        if frep.left_running:
+            out.stats["tasks_left_running"] = frep.left_running
+        if frep.note:
+            log.warning("%s", frep.note)
+        log.info(
+            "user space stopped: %d cgroup(s) frozen, %d process(es) parked in %s",
+            len(frep.frozen),
+            frep.parked,
+            frep.cgroup_root or "-",
+        )
+
+    def _thaw_tasks(self, ctx: _Context) -> list[str]:
+        return [] if ctx.tasks is None else ctx.tasks.thaw()
+
+    def _freeze_filesystems(self, ctx: _Context) -> None:
+        sr = self.sysroot
+        mounts = fsfreeze.freezable(mountinfo.parse(sr.read_text("/proc/self/mountinfo")))
+
+        def before_fifreeze(m: Mount) -> None:
+            ctx.record.mounts.append((m.mountpoint, m.devno, m.fstype))
+            taskfreeze.write_state(sr, ctx.record)
+
+        ctx.timed(
+            "sync + FIFREEZE",
+            lambda: fsfreeze.freeze(
+                sr, mounts, on_frozen=ctx.frozen.append, before_freeze=before_fifreeze
+            ),
+        )
+        ctx.out.stats["frozen"] = [m.mountpoint for m in ctx.frozen]
+        ctx.stamps = ctx.timed("stamps", lambda: [self._stamp(m) for m in ctx.frozen])
+
+    def _thaw_filesystems(self, ctx: _Context) -> list[str]:
+        errors = fsfreeze.thaw(self.sysroot, ctx.frozen)
+        ctx.record.mounts.clear()
+        taskfreeze.write_state(self.sysroot, ctx.record)
+        return errors
+
+    def _load(self, ctx: _Context) -> None:
+        sr, cfg, out = self.sysroot, self.config, ctx.out
+        area, target = ctx.area, ctx.target
+        zeroed, why_zeroed = kexec.free_pages_zeroed(sr)
+        log.info(
+            "free pages %s on restore: %s",
+            "come back as zeros" if zeroed else "are left as they are found",
+            why_zeroed,
+        )
+        job = Job(
+            target_uuid=ctx.uuid,
+            superblock_device_offset=target.superblock_offset,
+            device_hint={"devno": target.disk_devno, "name": target.disk.rsplit("/", 1)[-1]},
+            blockmap=[tuple(e) for e in target.blockmap],  # type: ignore[misc]
+            ranges=list(ctx.memory.ranges),
+            mode=ctx.mode,
+            compression=cfg.compression,
+            chunk_size=cfg.chunk_size,
+            main_kernel=kexec.main_kernel_identity(sr),
+            save_kernel_hash=f"sha256:{ctx.plan.kernel_sha256}",
+            jump_area=(area.start, area.size),
+            fs_stamps=ctx.stamps,
+            created=int(time.time()),
+            cancel_key=cfg.cancel_key,
+            vmcoreinfo=kexec.vmcoreinfo_location(sr),
+            free_page_exclusion=(cfg.free_page_exclusion and kexec.free_pages_restore_as_zeros(sr)),
+            free_page_check=cfg.free_page_check,
+            free_pages_zeroed=zeroed,
+        )
+        ctx.timed("initrd copy wait", ctx.stager.result)
+        ctx.steps["initrd copy (thread)"] = ctx.stager.seconds
+        initrd = ctx.timed("initrd job", lambda: kexec.finish_initrd(sr, job))
+        window = ctx.timed(
+            "kexec load",
+            lambda: ctx.kx.load(sr, cfg.save_kernel, initrd, kexec.save_cmdline(cfg, area), area),
+        )
+        out.stats["load_window"] = [window[0], window[1]]
+
+    def _unload(self, ctx: _Context) -> None:
+        ctx.kx.unload()
+
+    def _drop_copies(self, ctx: _Context) -> None:
+        sr, cfg = self.sysroot, self.config
+        # the kernel holds its own copy now: what stays in A's memory is saved in the
+        # image, so drop the tmpfs initrd and the page cache of the files just read
+        kexec.remove_initrd(sr)
+        for path in (cfg.save_kernel, cfg.save_initramfs):
+            _drop_page_cache(sr, path)
+        # kexec's exit just freed its copies of the kernel and the initramfs, onto the
+        # per-CPU free lists, which B cannot tell from memory in use: hand them back to
+        # the buddy allocator, so that B leaves them out (shrink.drain_pcp)
+        drained = ctx.timed("per-CPU lists", lambda: shrink.drain_pcp(sr))
+        log.info("%s", drained)
+
+    def _jump_and_return(self, ctx: _Context) -> None:
+        """The jump, and what the image header says once this kernel runs again."""
+        out, target = ctx.out, ctx.target
+        ctx.phase("jump", 50)
+        before = self._header_seq(target)
+        klog = kmsg.KernelLog(self.sysroot).open()
+        try:
+            rc, said = ctx.kx.jump()
+            logged = klog.read()
+        finally:
+            klog.close()
+        out.stats["kexec_rc"] = rc
+        ctx.phase("return", 90)
+        header = ctx.timed("header read", lambda: self._read_header(target))
+        if before is not None and header.seq == before:
+            raise _jump_failure(rc, said, logged, klog.error)
+        out.image_state = header.state.name
+        out.stats.update(
+            raw_bytes=header.raw_bytes,
+            stored_bytes=header.stored_bytes,
+            zero_pages=header.zero_pages,
+            chunks=header.chunk_count,
+            # B's own clock (WRITING -> SAVED): A's monotonic clock stops
+            # during the jump, so durations["jump"] does not include B's time
+            save_seconds=max(0.0, header.saved - header.created),
+        )
+        name = header.state.name
+        if name == "RESTORING":
+            ctx.timed("mark CONSUMED", lambda: self._set_state(target, "CONSUMED", ""))
+            out.image_state = "CONSUMED"
+            out.result, out.resumed = "resumed", True
+        elif name == "SAVED":
+            self._leave(ctx.mode, target, out)
+        else:
+            raise ImageStateError(
+                "the save kernel did not save an image",
+                why=f"it left the image {header.state_text}",
+                fix="see the save kernel's console; the system was rolled back and keeps running",
+                state=name,
+            )
+
+    # -- helpers ----------------------------------------------------------------------------
     def _stamp(self, m: fsfreeze.Mount) -> dict[str, Any]:
         return fsstamp.read_stamp(
             fsfreeze.device_of(self.sysroot, m), sysroot=self.sysroot
@@ -594,9 +684,7 @@ class Hibernation:
             log.error("cannot invalidate the image after %s: %s", reason, e.message)
             out.undo_errors.append(f"invalidate: {e.message}")
 
-    def _leave(
-        self, mode: str, target: blockmap.Target, out: Outcome, undo: _Undo, held: fsfreeze.HeldLogs
-    ) -> None:
+    def _leave(self, mode: str, target: blockmap.Target, out: Outcome) -> None:
         sr, cfg = self.sysroot, self.config
         if mode == "test":
             self._invalidate(target, out, "test mode")
@@ -622,6 +710,36 @@ class Hibernation:
         except KjumpError:
             self._invalidate(target, out, f"mode {mode} failed")
             raise
+
+
+#: the transaction up to the jump, in order; the undo stack unwinds it in reverse
+H = Hibernation
+STEPS: tuple[Step, ...] = (
+    Step("preflight", 0, "run dir", H._make_run_dir, H._remove_run_dir),
+    Step("preflight", 0, "checks", H._preflight),
+    Step("preflight", 0, "initrd", H._stage_initrd, H._remove_initrd, then_cancel=True),
+    Step("announce", 5, "PrepareForSleep(false)", H._announce, H._unannounce),
+    Step(
+        "announce", 5, "hooks post", H._pre_hooks, H._post_hooks, undo_first=True, then_cancel=True
+    ),
+    Step("shrink", 10, "shrink", H._shrink, then_cancel=True),
+    Step("quiesce", 20, "quiesce", H._quiesce, H._unquiesce, undo_first=True, then_cancel=True),
+    Step("boot entry", 25, "boot one-shot", H._arm_oneshot, H._disarm_oneshot),
+    Step("freeze tasks", 28, "logs", H._hold_logs, H._release_logs),
+    Step("freeze tasks", 28, "bytecode", H._no_bytecode, H._bytecode),
+    Step("freeze tasks", 28, "freeze guard", H._start_guard, H._stop_guard),
+    Step("freeze tasks", 28, "thaw tasks", H._freeze_tasks, H._thaw_tasks, undo_first=True),
+    Step(
+        "freeze filesystems",
+        30,
+        "thaw",
+        H._freeze_filesystems,
+        H._thaw_filesystems,
+        undo_first=True,
+    ),
+    Step("load", 40, "kexec unload", H._load, H._unload),
+    Step("load", 40, "drop copies", H._drop_copies, then_cancel=True),
+)
 
 
 def _jump_failure(rc: int, said: str, logged: list[str], log_error: str) -> KjumpError:
