@@ -59,6 +59,16 @@ class PreflightReport:
     def ok(self) -> bool:
         return all(i.ok for i in self.items if i.fatal)
 
+    def step(self, name: str, fn: Callable[[], str], fatal: bool = True) -> bool:
+        """Run one check: its result is the item's detail; a KjumpError is a failed item."""
+        try:
+            self.items.append(PreflightItem(name, True, fn(), fatal=fatal))
+            return True
+        except KjumpError as e:
+            why = e.what + (f": {e.why}" if e.why else "")
+            self.items.append(PreflightItem(name, False, why, e.fix, fatal=fatal))
+            return False
+
     def failed(self) -> list[PreflightItem]:
         return [i for i in self.items if not i.ok and i.fatal]
 
@@ -127,23 +137,20 @@ def kexec_jump_config(sysroot: Sysroot) -> tuple[bool | None, str]:
 
 
 def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightReport:
-    mode = mode or config.mode
     rep = PreflightReport()
+    _kernel(sysroot, rep)
+    files_ok = _save_kernel_files(sysroot, config, rep)
+    _jump_area_and_memory(sysroot, config, rep, files_ok)
+    rep.step("target", lambda: _target(sysroot, config, rep))
+    _boot_entry(sysroot, rep)
+    _user_space_freeze(sysroot, rep)
+    _way_out(sysroot, config, mode or config.mode, rep)
+    return rep
+
+
+def _kernel(sysroot: Sysroot, rep: PreflightReport) -> None:
+    """A kernel that can jump, and may load a kexec image."""
     add = rep.items.append
-
-    def step(name: str, fn: Callable[[], str], fatal: bool = True) -> bool:
-        try:
-            add(PreflightItem(name, True, fn(), fatal=fatal))
-            return True
-        except KjumpError as e:
-            add(
-                PreflightItem(
-                    name, False, e.what + (f": {e.why}" if e.why else ""), e.fix, fatal=fatal
-                )
-            )
-            return False
-
-    # kernel support
     jump, src = kexec_jump_config(sysroot)
     has_kexec = sysroot.exists("/sys/kernel/kexec_loaded")
     if jump is True:
@@ -190,7 +197,11 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
         )
     )
 
-    # save kernel files and their hashes
+
+def _save_kernel_files(sysroot: Sysroot, config: Config, rep: PreflightReport) -> bool:
+    """The save kernel's files, their recorded hashes, and kexec-tools; False when a file
+    is missing or replaced."""
+    add = rep.items.append
     files_ok = True
     for what, path, want in (
         ("save kernel", config.save_kernel, config.save_kernel_sha256),
@@ -204,7 +215,8 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
                     what,
                     False,
                     f"{path} is missing",
-                    "build it (make -C savekernel) and install it, or set [save_kernel]",
+                    "build it (savekernel/build-kernel.sh, python -m savekernel.initramfs save) "
+                    "and install it, or set [save_kernel] to where it is",
                 )
             )
             continue
@@ -248,7 +260,13 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
         )
     )
 
-    # jump area, sized for the save kernel
+    return files_ok
+
+
+def _jump_area_and_memory(
+    sysroot: Sysroot, config: Config, rep: PreflightReport, files_ok: bool
+) -> None:
+    """The jump area, sized for the save kernel, and the memory to save around it."""
     need = None
     if files_ok:
         try:
@@ -264,7 +282,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
             f", save kernel needs {need >> 20} MiB" if need else ""
         )
 
-    area_ok = step("jump area", area)
+    area_ok = rep.step("jump area", area)
 
     a = rep.plan.area
     if area_ok and a is not None:
@@ -276,24 +294,26 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
                 "" if mp.firmware_checked else " (no /sys/firmware/memmap to cross-check)"
             )
 
-        step("memory map", mem)
+        rep.step("memory map", mem)
 
-    def target() -> str:
-        try:
-            t, uuid = blockmap.current(sysroot, config.target, restamp=False)
-        except KjumpError as e:
-            if not e.context.get("moved"):
-                raise
-            return f"{config.target}: {e.why}; {e.fix}"
-        rep.plan.target, rep.plan.uuid = t, uuid
-        return (
-            f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
-            f"{t.disk} from {t.superblock_offset}), UUID {uuid}"
-        )
 
-    step("target", target)
+def _target(sysroot: Sysroot, config: Config, rep: PreflightReport) -> str:
+    """The image target, prepared and where its superblock says it is."""
+    try:
+        t, uuid = blockmap.current(sysroot, config.target, restamp=False)
+    except KjumpError as e:
+        if not e.context.get("moved"):
+            raise
+        return f"{config.target}: {e.why}; {e.fix}"
+    rep.plan.target, rep.plan.uuid = t, uuid
+    return (
+        f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
+        f"{t.disk} from {t.superblock_offset}), UUID {uuid}"
+    )
 
-    # boot entry for restore (owned by kjumpd.daemon.bootentry)
+
+def _boot_entry(sysroot: Sysroot, rep: PreflightReport) -> None:
+    add = rep.items.append
     problems = bootentry.check(sysroot)
     add(
         PreflightItem(
@@ -304,7 +324,10 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
         )
     )
 
-    # user space is stopped before the filesystems are frozen (kjumpd.daemon.taskfreeze)
+
+def _user_space_freeze(sysroot: Sysroot, rep: PreflightReport) -> None:
+    """User space is stopped before the filesystems are frozen (kjumpd.daemon.taskfreeze)."""
+    add = rep.items.append
     usable, said = taskfreeze.support(sysroot)
     add(
         PreflightItem(
@@ -317,7 +340,10 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
         )
     )
 
-    # the mode's way out
+
+def _way_out(sysroot: Sysroot, config: Config, mode: str, rep: PreflightReport) -> None:
+    """What the mode needs once the image is saved."""
+    add = rep.items.append
     if mode == "platform":
         disk = sysroot.read_text("/sys/power/disk", default="")
         ok = sysroot.exists("/dev/snapshot") and "platform" in disk
@@ -364,4 +390,3 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
                 fatal=False,
             )
         )
-    return rep
