@@ -306,28 +306,9 @@ def save_image(
             fix="make the target larger",
             path=dev.path,
         )
-    now = time.time()
-    ja = identity.get("jump_area") or (0, 0)
-    header = Header(
-        state=ImageState.WRITING,
-        uuid=sb.uuid,
-        created=now,
-        updated=now,
-        jump_area_start=int(ja[0]),
-        jump_area_size=int(ja[1]),
-        jump_back_entry=int(identity.get("jump_back_entry") or 0),
-        flags=FLAG_ZERO_ELISION,
-        chunk_size=chunk_size,
-        metadata_offset=METADATA_OFFSET,
-        metadata_length=len(meta_raw),
-        metadata_crc=crc32(meta_raw),
-        data_offset=data_off,
-        mode=mode,
-        compression=compression,
-        main_kernel=str(identity.get("main_kernel") or ""),
-        save_kernel_hash=str(identity.get("save_kernel_hash") or ""),
+    header = store.write_header(
+        dev, _writing_header(sb.uuid, identity, mode, chunk_size, compression, meta_raw, data_off)
     )
-    header = store.write_header(dev, header)
     tag = image_tag(header.uuid, header.created)
     is_cancelled = _Cancel(cancel)
     total = meta.raw_bytes
@@ -354,21 +335,13 @@ def save_image(
                     if item is not None:
                         break
                     if is_cancelled():
-                        raise CancelledError(
-                            "save cancelled",
-                            why="cancel requested",
-                            fix="nothing was lost; the system keeps running",
-                        )
+                        raise _cancelled()
                     meter(raw_done)
                 stalled += time.monotonic() - ts
                 if isinstance(item, BaseException):
                     raise item
                 if is_cancelled():
-                    raise CancelledError(
-                        "save cancelled",
-                        why="cancel requested",
-                        fix="nothing was lost; the system keeps running",
-                    )
+                    raise _cancelled()
                 rw.append(item.head)
                 rw.append(item.payload)
                 crcs.append(item.crc)
@@ -435,26 +408,70 @@ def save_image(
             "waiting": stalled,
         },
     )
+    _log_stats(stats, workers)
+    return stats
+
+
+def _writing_header(
+    uuid: bytes,
+    identity: dict[str, Any],
+    mode: str,
+    chunk_size: int,
+    compression: str,
+    meta_raw: bytes,
+    data_off: int,
+) -> Header:
+    """The header written first (WRITING): what the image will be, before any of it."""
+    now = time.time()
+    ja = identity.get("jump_area") or (0, 0)
+    return Header(
+        state=ImageState.WRITING,
+        uuid=uuid,
+        created=now,
+        updated=now,
+        jump_area_start=int(ja[0]),
+        jump_area_size=int(ja[1]),
+        jump_back_entry=int(identity.get("jump_back_entry") or 0),
+        flags=FLAG_ZERO_ELISION,
+        chunk_size=chunk_size,
+        metadata_offset=METADATA_OFFSET,
+        metadata_length=len(meta_raw),
+        metadata_crc=crc32(meta_raw),
+        data_offset=data_off,
+        mode=mode,
+        compression=compression,
+        main_kernel=str(identity.get("main_kernel") or ""),
+        save_kernel_hash=str(identity.get("save_kernel_hash") or ""),
+    )
+
+
+def _cancelled() -> CancelledError:
+    return CancelledError(
+        "save cancelled", why="cancel requested", fix="nothing was lost; the system keeps running"
+    )
+
+
+def _log_stats(stats: SaveStats, workers: int) -> None:
+    st = stats.stages
     log.info(
         "saved %d bytes in %d chunks (%d zero pages) as %d bytes in %.2fs (verify %.2fs)",
-        total,
+        stats.raw_bytes,
         stats.chunk_count,
         stats.zero_pages,
         stats.stored_bytes,
         stats.seconds,
-        verify_seconds,
+        stats.verify_seconds,
     )
     log.info(
         "save stages: read %.2fs, encode %.2fs CPU on %d worker(s), write %.2fs, "
         "read-back %.2fs (overlapped), writer waiting for chunks %.2fs",
-        encoders.read_seconds,
-        encode_cpu,
+        st["read"],
+        st["encode_cpu"],
         workers,
-        rw.write_seconds,
-        readback_s,
-        stalled,
+        st["write"],
+        st["readback"],
+        st["waiting"],
     )
-    return stats
 
 
 def _abort(dev: ImageDevice, reason: str) -> None:
