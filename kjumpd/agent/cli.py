@@ -34,6 +34,17 @@ log = logging.getLogger("kjump-agent")
 EXTRA_COMMAND_MODULES = ["kjumpd.agent.kernel_role"]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero (0 or less is a usage error, exit 2)."""
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return n
+
+
 def parse_ranges(text: str) -> list[tuple[int, int]]:
     """ "0x1000-0x9f000,1048576-2097152" -> [(start, end)], END exclusive."""
     out = []
@@ -253,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--workers",
-            type=int,
+            type=positive_int,
             default=None,
             help="worker threads (default: one per CPU to save, four per CPU "
             "and at most 8 to restore)",
@@ -282,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--target-size",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="BYTES",
         help="size of a new target (default: the worst case for the ranges)",
@@ -291,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", default="lz4", choices=["lz4", "none"])
     p.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="BYTES",
         help="chunk size (multiple of 4096, at most 1 MiB; default 1 MiB)",

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from kjumpd.errors import ImageError, KjumpError
+from kjumpd.errors import ImageError, ImageFormatError, KjumpError, TargetError
 
 
 def register(sub: Any) -> None:
@@ -62,7 +62,7 @@ def info(path: str, offset: int = 0) -> dict[str, Any]:
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
 
-    dev, sb = store.open_target(path, writable=False, offset=offset)
+    dev, sb = _open(path, writable=False, offset=offset)
     with dev:
         out: dict[str, Any] = {
             "target": {
@@ -84,6 +84,17 @@ def info(path: str, offset: int = 0) -> dict[str, Any]:
             except ImageError as e:
                 out["metadata_error"] = e.message
     return out
+
+
+def _open(path: str, *, writable: bool, offset: int) -> Any:
+    """The image's target; a file that is not a whole target (cut short, not one at all)
+    is an invalid image for these commands (exit 7), named as it is."""
+    from kjumpd.image import store
+
+    try:
+        return store.open_target(path, writable=writable, offset=offset)
+    except TargetError as e:
+        raise ImageFormatError(e.what, why=e.why, fix=e.fix, **e.context) from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -121,9 +132,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from kjumpd.image import restore, store
+    from kjumpd.image import restore
 
-    dev, _sb = store.open_target(args.file, writable=False, offset=args.offset)
+    dev, _sb = _open(args.file, writable=False, offset=args.offset)
     with dev:
         stats = restore.restore_image(dev, None, verify_only=True)
     h = stats.header
@@ -152,7 +163,7 @@ def cmd_invalidate(args: argparse.Namespace) -> int:
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
 
-    dev, _sb = store.open_target(args.file, writable=True, offset=args.offset)
+    dev, _sb = _open(args.file, writable=True, offset=args.offset)
     with dev:
         before = store.read_header(dev)
         h = store.set_state(dev, ImageState.INVALID, reason=args.reason)

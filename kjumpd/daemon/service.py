@@ -440,8 +440,10 @@ class Manager:
 
     def _start(self, mode: str, action: str, ctx: Any) -> None:
         if mode not in self._modes:
+            # anyone on the bus can send this: echo a bounded part of it, never all of it
+            shown = repr(mode[:40]) + (f"... ({len(mode)} characters)" if len(mode) > 40 else "")
             raise ConfigError(
-                f"unknown mode {mode!r}", fix=f"use one of {', '.join(self._modes)}", mode=mode
+                f"unknown mode {shown}", fix=f"use one of {', '.join(self._modes)}", mode=shown
             )
         uid = None  # authorize first: callers who may not act learn nothing about the state
         if ctx is not None and self._authz is not None:

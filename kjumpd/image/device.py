@@ -239,9 +239,14 @@ class ImageDevice:
             ) from None
 
     def close(self) -> None:
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
+        bounce, self._bounce = self._bounce, None
+        if bounce is not None:
+            try:
+                bounce.close()
+            except BufferError:
+                # a view of it still lives in the traceback of the error being raised: the
+                # mapping goes with that view, and the real error must reach the user
+                pass
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

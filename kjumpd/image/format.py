@@ -670,3 +670,14 @@ def chunk_count(extents: tuple[MemoryExtent, ...] | list[MemoryExtent], chunk_si
 def data_offset_for(metadata_length: int) -> int:
     end = METADATA_OFFSET + metadata_length
     return (end + DATA_ALIGN - 1) // DATA_ALIGN * DATA_ALIGN
+
+
+#: the longest reason a header records (its text fields share one 4 KiB slot)
+MAX_REASON_BYTES = 400
+
+
+def clip_reason(reason: str) -> str:
+    raw = reason.encode("utf-8")
+    if len(raw) <= MAX_REASON_BYTES:
+        return reason
+    return raw[: MAX_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."

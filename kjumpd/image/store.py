@@ -37,6 +37,7 @@ from kjumpd.image.format import (
     ImageState,
     Metadata,
     TargetSuperblock,
+    clip_reason,
     crc32,
     pick_header,
 )
@@ -230,8 +231,9 @@ def update_header(dev: ImageDevice, **changes: Any) -> Header:
 def set_state(
     dev: ImageDevice, state: ImageState, reason: str = "", attempt: int | None = None
 ) -> Header:
-    """Record a new state (reason for ABORTED/INVALID, attempt for RESTORING)."""
-    changes: dict[str, Any] = {"state": ImageState(state), "reason": reason}
+    """Record a new state (reason for ABORTED/INVALID, attempt for RESTORING). A reason
+    longer than the header holds is cut (a state change is never lost to its wording)."""
+    changes: dict[str, Any] = {"state": ImageState(state), "reason": clip_reason(reason)}
     if attempt is not None:
         changes["attempt"] = attempt
     return update_header(dev, **changes)

@@ -32,10 +32,8 @@ from typing import Any
 from kjumpd.bootconfig import DEFAULT_MAX_ATTEMPTS, QUICK_BOOT_PARAMS, BootConfig
 from kjumpd.errors import FsStampError
 from kjumpd.fsstamp import FsStamp
+from kjumpd.image.format import clip_reason
 from kjumpd.linux import cmdline
-
-#: the longest reason written into the header (the header's text fields hold 1024 bytes)
-MAX_REASON = 400
 
 # header states (kjumpd.image.format.ImageState), by name so this module stays pure
 _NO_IMAGE = ("EMPTY", "CONSUMED", "ABORTED", "INVALID")
@@ -79,8 +77,7 @@ class Invalidate:
 
     @property
     def reason(self) -> str:
-        text = f"{self.code}: {self.detail}"
-        return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+        return clip_reason(f"{self.code}: {self.detail}")
 
 
 Decision = Restore | BootNormal | Invalidate

@@ -159,6 +159,21 @@ def test_a_bad_mode_is_a_named_invalid_args_error(bus, daemon) -> None:
     # a wrong argument type is refused by the bus object before any code runs
     r = gdbus_call(bus.address, "Hibernate", "42", "43")
     assert r.returncode != 0 and "InvalidArgs" in r.stderr
+    # anyone on the bus may send a huge mode: a bounded part of it comes back, not all of it
+    huge = "warp" * 25_000
+    r = run(
+        [
+            "dbus-send",
+            f"--bus={bus.address}",
+            "--print-reply",
+            f"--dest={BUS_NAME}",
+            OBJECT_PATH,
+            f"{IFACE}.Hibernate",
+            f"string:{huge}",
+        ]
+    )
+    assert r.returncode != 0 and "org.kjump.Error.InvalidArgs" in r.stderr, r.stderr[:300]
+    assert "(100000 characters)" in r.stderr and len(r.stderr) < 1000, r.stderr[:300]
 
 
 def test_a_failed_hibernation_is_reported_and_the_system_keeps_running(bus, daemon) -> None:

@@ -206,3 +206,67 @@ def test_file_restore_workers_grow_with_cpus_but_stay_bounded(cpus, workers):
     from kjumpd.agent.cli import restore_file_workers
 
     assert restore_file_workers(cpus) == workers
+
+
+# -- hostile or careless input: a named error and its exit code, never a traceback or a hang --
+def test_numbers_that_cannot_be_are_usage_errors(tmp_path):
+    mem = tmp_path / "mem.bin"
+    mem.write_bytes(bytes(1 << 20))
+    for opt in (
+        ["--workers=-1"],
+        ["--workers", "0"],
+        ["--chunk-size", "0"],
+        ["--target-size", "-5"],
+    ):
+        r = agent(
+            "save",
+            "--memory",
+            str(mem),
+            "--ranges",
+            "0-0x100000",
+            "--target",
+            str(tmp_path / "img"),
+            *opt,
+        )
+        assert r.returncode == 2, (opt, r.stderr)
+        assert "must be at least 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "img").exists()
+
+
+def test_a_directory_or_a_truncated_image_is_a_named_image_error(tmp_path):
+    r = ctl("image", "info", str(tmp_path))
+    assert r.returncode == 7, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Is a directory" in lines[0], r.stderr
+    mem, img = tmp_path / "mem.bin", tmp_path / "img"
+    mem.write_bytes(mixed(8 * MiB))
+    assert (
+        agent(
+            "save", "--memory", str(mem), "--ranges", f"0-{8 * MiB}", "--target", str(img)
+        ).returncode
+        == 0
+    )
+    with open(img, "r+b") as f:
+        f.truncate(f.seek(0, 2) // 3)
+    for cmd in (["info"], ["verify"]):
+        r = ctl("image", *cmd, str(img))
+        assert r.returncode == 7, (cmd, r.stderr)
+        assert "Traceback" not in r.stderr and "BufferError" not in r.stderr, r.stderr
+        assert "internal error" not in r.stderr
+
+
+def test_a_long_invalidation_reason_is_cut_and_the_image_invalidated(tmp_path):
+    mem, img = tmp_path / "mem.bin", tmp_path / "img"
+    mem.write_bytes(mixed(4 * MiB))
+    assert (
+        agent(
+            "save", "--memory", str(mem), "--ranges", f"0-{4 * MiB}", "--target", str(img)
+        ).returncode
+        == 0
+    )
+    r = ctl("image", "invalidate", str(img), "--reason", "x" * 2048)
+    assert r.returncode == 0, r.stderr
+    r = ctl("image", "info", str(img), "--json")
+    header = json.loads(r.stdout)["header"]
+    assert header["state"] == "INVALID", header
+    assert len(header["reason"]) == 400 and header["reason"].endswith("..."), header["reason"]
