@@ -17,7 +17,6 @@ goes on with the rest, and every scenario that needs the piece FAILS naming it. 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib
 import json
 import logging
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kjumpd.errors import KjumpError
+from kjumpd.hashing import sha256_file
 from tests.vm import rootfs
 
 log = logging.getLogger("kjumpd.vm.assets")
@@ -133,23 +133,15 @@ def build_restore_initramfs() -> Path:
 PREPARE_TIMEOUT = 900.0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def guest_config(kernel: Path | None, save: Path | None) -> Path:
     """tests/vm/guest-kjumpd.toml plus the save kernel's and initramfs' sha256, as an
     administrator records them after installing the save kernel (preflight checks them)."""
     text = (Path(__file__).resolve().parent / "guest-kjumpd.toml").read_text()
     lines = []
     if kernel is not None:
-        lines.append(f'kernel_sha256 = "{_sha256(kernel)}"')
+        lines.append(f'kernel_sha256 = "{sha256_file(kernel)}"')
     if save is not None:
-        lines.append(f'initramfs_sha256 = "{_sha256(save)}"')
+        lines.append(f'initramfs_sha256 = "{sha256_file(save)}"')
     table = "".join(ln + "\n" for ln in lines)
     text = text.replace("[save_kernel]\n", "[save_kernel]\n" + table, 1)
     out = rootfs.cache_dir() / "rootfs" / "guest-kjumpd.toml"
