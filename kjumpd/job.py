@@ -41,6 +41,11 @@ still reads)::
                              a wholly free chunk is an all-zero record that the restore writes
                              back as zeros. False: it is a free record (format.ENC_FREE) and
                              the restore leaves that memory as it finds it. Default true.
+    ram_map                  {"source": "firmware"|"iomem", "ranges": [[start, end), ...]}: the
+                             RAM A runs on (kjumpd.linux.iomem.RamMap), recorded in the image
+                             so the restore-first environment refuses an image saved on
+                             different RAM. Default null (nothing recorded: R checks only that
+                             the saved ranges are RAM).
 
 The archive is the kernel's cpio "newc" format, written and read by kjumpd/cpio.py.
 """
@@ -54,7 +59,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kjumpd import cpio
-from kjumpd.errors import ImageFormatError, JobError
+from kjumpd.errors import ImageFormatError, JobError, MemoryMapError
+from kjumpd.linux.iomem import RamMap
 from kjumpd.modes import MODES
 
 # Largest chunk a save uses (config, kjump-agent --chunk-size, B's kernel role): 4 MiB chunks
@@ -90,6 +96,7 @@ class Job:
     free_page_exclusion: bool = True
     free_page_check: bool = False
     free_pages_zeroed: bool = True
+    ram_map: dict[str, Any] | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -151,6 +158,7 @@ class Job:
                 free_page_exclusion=d.get("free_page_exclusion", _OPTIONAL["free_page_exclusion"]),
                 free_page_check=d.get("free_page_check", _OPTIONAL["free_page_check"]),
                 free_pages_zeroed=d.get("free_pages_zeroed", _OPTIONAL["free_pages_zeroed"]),
+                ram_map=d.get("ram_map", _OPTIONAL["ram_map"]),
                 version=version,
             )
         except TypeError as e:
@@ -190,6 +198,7 @@ _OPTIONAL: dict[str, Any] = {
     "free_page_exclusion": True,
     "free_page_check": False,
     "free_pages_zeroed": True,
+    "ram_map": None,
 }
 
 
@@ -300,6 +309,11 @@ def validate(job: Job) -> None:
             raise JobError("job field vmcoreinfo must be [phys, size] or null", why=f"got {vc!r}")
         _int(vc[0], "vmcoreinfo")
         _int(vc[1], "vmcoreinfo", 1)
+    if job.ram_map is not None:
+        try:
+            RamMap.from_dict(job.ram_map)
+        except MemoryMapError as e:
+            raise JobError(f"job field ram_map: {e.what}", why=e.why) from None
     for key in ("free_page_exclusion", "free_page_check", "free_pages_zeroed"):
         if not isinstance(getattr(job, key), bool):
             raise JobError(

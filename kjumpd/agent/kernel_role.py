@@ -516,6 +516,7 @@ def _identity(job: Any, entry: int) -> dict[str, Any]:
         "main_kernel_ids": job.main_kernel,
         "created": job.created,
         "target_uuid": job.target_uuid,
+        "ram_map": job.ram_map,
     }
 
 

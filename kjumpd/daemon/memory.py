@@ -9,11 +9,15 @@ The excluded ranges are listed with their reason so what B must not write back i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kjumpd.daemon.jumparea import JumpArea
 from kjumpd.errors import MemoryMapError
+from kjumpd.linux import iomem
+from kjumpd.linux.iomem import RamMap, parse_system_ram
 from kjumpd.sysroot import Sysroot
+
+__all__ = ["Excluded", "MemoryPlan", "build", "parse_system_ram", "plan", "subtract"]
 
 PAGE = 4096
 
@@ -30,46 +34,12 @@ class MemoryPlan:
     ranges: list[tuple[int, int]]  # [start, end) to save, sorted
     excluded: list[Excluded] = field(default_factory=list)
     firmware_checked: bool = False
+    #: the machine's RAM as recorded in the image (the restore-first environment compares it)
+    ram_map: RamMap | None = None
 
     @property
     def total(self) -> int:
         return sum(e - s for s, e in self.ranges)
-
-
-def parse_system_ram(iomem: str) -> list[tuple[int, int]]:
-    """Top-level System RAM ranges as [start, end) (end exclusive, as read)."""
-    out = []
-    for line in iomem.splitlines():
-        if line.startswith(" "):
-            continue  # a child resource (kernel code, Crash kernel, ...)
-        rng, _, name = line.partition(" : ")
-        if name.strip() != "System RAM":
-            continue
-        s, _, e = rng.strip().partition("-")
-        try:
-            out.append((int(s, 16), int(e, 16) + 1))
-        except ValueError:
-            raise MemoryMapError(
-                "/proc/iomem has a line that does not parse",
-                why=repr(line),
-                fix="report this kernel's /proc/iomem",
-            ) from None
-    return sorted(out)
-
-
-def parse_firmware_memmap(sysroot: Sysroot) -> list[tuple[int, int]] | None:
-    base = "/sys/firmware/memmap"
-    if not sysroot.exists(base):
-        return None
-    out = []
-    for n in sysroot.listdir(base):
-        t = sysroot.read_text(f"{base}/{n}/type", default="").strip()
-        if t != "System RAM":
-            continue
-        s = int(sysroot.read_text(f"{base}/{n}/start").strip(), 16)
-        e = int(sysroot.read_text(f"{base}/{n}/end").strip(), 16) + 1
-        out.append((s, e))
-    return sorted(out)
 
 
 def subtract(ranges: list[tuple[int, int]], cut: tuple[int, int]) -> list[tuple[int, int]]:
@@ -136,10 +106,14 @@ def plan(
 
 
 def build(sysroot: Sysroot, area: JumpArea) -> MemoryPlan:
-    iomem = sysroot.read_text("/proc/iomem")
-    ram = parse_system_ram(iomem)
+    ram = parse_system_ram(sysroot.read_text(iomem.IOMEM))
     if ram and all(s == 0 and e == 1 for s, e in ram):
         raise MemoryMapError(
             "/proc/iomem hides its addresses", why="not running as root", fix="run kjumpd as root"
         )
-    return plan(ram, area, parse_firmware_memmap(sysroot))
+    firmware = iomem.read_firmware_memmap(sysroot)
+    out = plan(ram, area, firmware)
+    maps = {"iomem": RamMap.of("iomem", ram)}
+    if firmware is not None:
+        maps["firmware"] = RamMap.of("firmware", firmware)
+    return replace(out, ram_map=iomem.best(maps))

@@ -570,6 +570,7 @@ class Hibernation:
             free_page_exclusion=(cfg.free_page_exclusion and kexec.free_pages_restore_as_zeros(sr)),
             free_page_check=cfg.free_page_check,
             free_pages_zeroed=zeroed,
+            ram_map=ctx.memory.ram_map.to_dict() if ctx.memory.ram_map else None,
         )
         ctx.timed("initrd copy wait", ctx.stager.result)
         ctx.steps["initrd copy (thread)"] = ctx.stager.seconds

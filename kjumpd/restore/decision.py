@@ -14,7 +14,10 @@ Guards (DESIGN.md "Restore", invariant I3), in this order; the first that fails 
 5. attempt < max_attempts (else Invalidate "attempts");
 6. the same save kernel (hash) and the same jump area as R is configured to use (else
    Invalidate "save-kernel" / "jump-area");
-7. every filesystem recorded at save time is found by (fstype, UUID), exactly once, and its
+7. the machine has the RAM the image was saved on: the RAM map recorded at save time equals
+   this boot's (same source, kjumpd/linux/iomem.py); without a recorded map, every saved
+   extent lies in RAM here (else Invalidate "memory");
+8. every filesystem recorded at save time is found by (fstype, UUID), exactly once, and its
    superblock stamp is unchanged (else Invalidate "stale").
 
 All pass → Restore(attempt + 1): R writes RESTORING(attempt + 1) durably, then kexecs B.
@@ -30,10 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kjumpd.bootconfig import DEFAULT_MAX_ATTEMPTS, QUICK_BOOT_PARAMS, BootConfig
-from kjumpd.errors import FsStampError
+from kjumpd.errors import FsStampError, MemoryMapError
 from kjumpd.fsstamp import FsStamp
 from kjumpd.image.format import clip_reason
 from kjumpd.linux import cmdline
+from kjumpd.linux.iomem import RamMap, changed, outside_ram
 
 # header states (kjumpd.image.format.ImageState), by name so this module stays pure
 _NO_IMAGE = ("EMPTY", "CONSUMED", "ABORTED", "INVALID")
@@ -46,6 +50,7 @@ CODES = {
     "attempts": "restoring failed too many times",
     "save-kernel": "the image was saved by another save kernel",
     "jump-area": "the image was saved for another jump area",
+    "memory": "the machine's RAM changed after the image was saved",
     "stale": "a filesystem changed after the image was saved",
     "setup": "the restore-first environment cannot restore (its files are wrong)",
 }
@@ -121,6 +126,9 @@ class Evidence:
     chunks_error: str = ""  # the chunk table walk / data CRC
     current: dict[tuple[str, str], list[FsStamp]] = field(default_factory=dict)
     setup_error: str = ""  # R's own files failed their check
+    extents: list[tuple[int, int]] = field(default_factory=list)  # the image's memory ranges
+    ram_saved: Any = None  # the identity's ram_map (a dict), None when it has none
+    ram_now: dict[str, RamMap] = field(default_factory=dict)  # this boot's RAM maps by source
 
 
 @dataclass(frozen=True)
@@ -196,10 +204,28 @@ def decide(ev: Evidence, exp: Expected) -> Decision:
             "jump-area",
             f"image was saved for {_area(h.jump_area)}, R loads into {_area(exp.jump_area)}",
         )
+    why = check_ram(ev)
+    if why is not None:
+        return Invalidate("memory", why)
     why = check_stamps(ev.fs_stamps, ev.current)
     if why is not None:
         return Invalidate("stale", why)
     return Restore(attempt + 1)
+
+
+def check_ram(ev: Evidence) -> str | None:
+    """None when this machine has the RAM the image was saved on; else why not."""
+    if ev.ram_saved is None:
+        if not ev.ram_now:
+            return None  # an image without a recorded map, on a kernel showing none: no evidence
+        return outside_ram(ev.extents, ev.ram_now)
+    try:
+        saved = RamMap.from_dict(ev.ram_saved)
+    except MemoryMapError as e:
+        return f"the recorded RAM map is unreadable ({e.what})"
+    if not ev.ram_now:
+        return "this boot reports no RAM map to compare with (is /proc mounted?)"
+    return changed(saved, ev.ram_now, ev.extents)
 
 
 def _area(a: tuple[int, int]) -> str:

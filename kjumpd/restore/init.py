@@ -166,6 +166,7 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
     from kjumpd import fsstamp
     from kjumpd.image import store
     from kjumpd.image.store import find_target
+    from kjumpd.linux import iomem
     from kjumpd.restore.decision import Evidence, HeaderView
 
     t0 = time.monotonic()
@@ -217,6 +218,11 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
     clock.step(f"chunk table ({header.chunk_count} records)")
     current = fsstamp.scan(sysroot) if stamps else {}
     clock.step("filesystem stamps")
+    try:
+        ram_now = iomem.read(sysroot)
+    except KjumpError as e:
+        say(f"this boot's RAM map: {e.message}")
+        ram_now = {}
     setup_error = ""
     try:
         got = hashes.result()
@@ -237,6 +243,9 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
         chunks_error=chunks_error,
         current=current,
         setup_error=setup_error,
+        extents=[(e.start, e.end) for e in meta.extents] if meta is not None else [],
+        ram_saved=meta.identity.get("ram_map") if meta is not None else None,
+        ram_now=ram_now,
     )
     return Gathered(ev, dev, device)
 
