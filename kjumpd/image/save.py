@@ -47,10 +47,9 @@ from kjumpd.image.stream import ReadBackVerifier, RecordWriter
 
 log = logging.getLogger(__name__)
 
-#: chosen by measurement (256 MiB of bench memory, 2 shared CPUs, 3 runs each): 256 KiB
-#: chunks cost ~20 % more CPU (more system time) at 28 MiB peak RSS; 1 MiB had the lowest
-#: CPU (0.84-0.87 s) at 36-38 MiB; 4 MiB gave no CPU gain and 64-67 MiB peak RSS (over the
-#: 64 MiB bound). Chunks above 1 MiB are accepted but the RSS bound is only kept up to 1 MiB.
+#: the chunk size with the least CPU per byte within the RSS bound: smaller chunks cost more
+#: CPU (in the kernel), larger ones save none and raise the peak RSS past the 64 MiB bound.
+#: Chunks above 1 MiB are accepted but the RSS bound is only kept up to 1 MiB.
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 
 Progress = Callable[[int, int, float, float], None]
