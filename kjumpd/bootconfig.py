@@ -40,8 +40,9 @@ _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 
 #: Kernel parameters kjumpd adds for its own short-lived kernels (B in both roles, and R's
 #: boot entry): no legacy BSD ptys. CONFIG_LEGACY_PTYS (Debian's kernels and savekernel/'s
-#: have it, 256 pairs) makes pty_init register 512 devices at every boot: 0.79 s of a 3.7 s
-#: TCG boot (initcall_debug), for devices neither B nor R ever opens.
+#: have it, 256 pairs) makes pty_init register 512 devices at every boot, one of the
+#: costliest initcalls of a boot that the user waits for, for devices neither B nor R ever
+#: opens.
 QUICK_BOOT_PARAMS = "pty.legacy_count=0"
 
 

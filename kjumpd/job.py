@@ -63,8 +63,9 @@ from kjumpd.errors import ImageFormatError, JobError, MemoryMapError
 from kjumpd.linux.iomem import RamMap
 from kjumpd.modes import MODES
 
-# Largest chunk a save uses (config, kjump-agent --chunk-size, B's kernel role): 4 MiB chunks
-# measured 64-67 MiB RSS in the agent, past its 64 MiB bound.
+# Largest chunk a save uses (config, kjump-agent --chunk-size, B's kernel role): each worker
+# holds chunk-sized buffers of its own, so the agent's peak RSS grows with the chunk size;
+# 1 MiB keeps it within its 64 MiB bound (docs/PERFORMANCE.md has the targets).
 MAX_CHUNK_SIZE = 1 << 20
 
 VERSION = 1

@@ -227,10 +227,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         restore.check_image(dev)  # refuse before the memory file is even opened
         with FileMemorySink(args.memory) as sink:
             # writing the memory file is I/O-bound: more workers than CPUs keep more O_DIRECT
-            # writes in flight (2 GiB on 2 CPUs, quiet, interleaved: 2.63-2.89 s with 8
-            # workers, 3.04-3.16 s with 4, 3.7-4.3 s with 2; peak RSS 56, 49, 42 MiB). At
-            # most 8: chunks in flight are capped by the save's budget anyway, and each
-            # worker adds its own buffers to the peak RSS
+            # writes in flight, which shortens the restore. At most 8: chunks in flight are
+            # capped by the save's budget anyway, and each worker adds its own buffers to
+            # the peak RSS
             workers = args.workers or restore_file_workers(restore.default_workers())
             stats = restore.restore_image(
                 dev, sink, workers=workers, progress=_Console("restoring", args.progress)

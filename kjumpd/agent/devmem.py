@@ -2,9 +2,9 @@
 
 In B, A's RAM is not B's RAM (B runs in the jump area + the low 512K), so /dev/mem reaches it
 without copies or /proc/vmcore (which does not work there: docs/KERNEL-NOTES.md). Reads and
-writes go through mmap windows of up to ``window`` bytes (16 MiB: 590-730 MB/s under TCG,
-against 300-456 MB/s for pread), clipped to the range that holds the request so a window never
-spans a hole (PCI, BIOS) between A's RAM ranges.
+writes go through mmap windows of up to ``window`` bytes (16 MiB: faster than pread/pwrite,
+which /dev/mem serves a page at a time), clipped to the range that holds the request so a
+window never spans a hole (PCI, BIOS) between A's RAM ranges.
 
 :class:`MemorySource` is what the save pipeline reads, :class:`MemorySink` what the restore
 pipeline writes. A sink *holds back* writes that land in B's own memory (the low 512K): writing
@@ -17,9 +17,8 @@ threads write memory while another one decompresses or the reader parses records
 
 ``MemorySink.zero`` first reads the destination and leaves it alone when it already holds
 only zeros (the result is the same: zeros). Under QEMU the first write to a guest page a
-fresh QEMU process never touched costs ~5x a read of it (the host allocates the page then:
-~200 MB/s against ~1.2 GB/s for the read, measured in a 6.12 TCG guest); after a power cycle
-most of the main kernel's free pages are such pages.
+fresh QEMU process never touched costs several times a read of it (the host allocates the
+page then); after a power cycle most of the main kernel's free pages are such pages.
 """
 
 from __future__ import annotations

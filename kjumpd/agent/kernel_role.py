@@ -26,10 +26,10 @@ stderr (the same console here).
 
 from __future__ import annotations
 
-# Start-up cost: this module is what B's /init runs, under
-# TCG where every imported module costs tens of milliseconds. Modules only some paths need
-# are imported where they are used (argparse only for a command line other than /init's,
-# threading/select for the cancel key, the job for the save role).
+# Start-up cost: this module is what B's /init runs, on the path the user waits on, where
+# every imported module adds to the wait. Modules only some paths need are imported where
+# they are used (argparse only for a command line other than /init's, threading/select for
+# the cancel key, the job for the save role).
 import logging
 import os
 import sys

@@ -1,8 +1,8 @@
 """A small D-Bus client on a plain Unix socket, for kjumpctl's transition commands.
 
 ``kjumpctl hibernate`` is on the path of every hibernation: importing gi (GLib, GObject and
-Gio typelibs) and setting up a GDBus connection cost about half a second of it in the TCG VM,
-before the request even reaches kjumpd. This module speaks the D-Bus wire protocol itself:
+Gio typelibs) and setting up a GDBus connection is a noticeable wait of its own before the
+request even reaches kjumpd. This module speaks the D-Bus wire protocol itself:
 connect (``unix:path=`` or ``unix:abstract=`` addresses), SASL EXTERNAL authentication with
 the caller's uid, Hello, method calls with string arguments, AddMatch, and reading signals.
 

@@ -88,8 +88,9 @@ class PreflightReport:
 
 #: sha256 of the save kernel's files hashed earlier in this process, with the stat fields
 #: any change to a file alters (device, inode, size, mtime, ctime). The daemon hashes them at
-#: start (warm_hashes) and at a hibernation only re-checks the stat (the hashing cost ~0.3 s
-#: of each hibernation under TCG); ``kjumpctl check`` (a new process) always hashes.
+#: start (warm_hashes) and at a hibernation only re-checks the stat (hashing reads every
+#: byte of the files, on the path the user waits on); ``kjumpctl check`` (a new process)
+#: always hashes.
 _HASHED: dict[str, tuple[tuple[int, ...], str]] = {}
 _HASHED_LOCK = threading.Lock()
 #: a file changed less than this long ago is hashed every time: a write in the same clock

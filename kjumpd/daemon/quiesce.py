@@ -15,10 +15,10 @@ Policy (from [quiesce] in the config):
 Devices come from a walk of /sys/devices that keeps what udev enumerates (a uevent file
 and a subsystem link; tests/sysroot/test_steps.py checks it gives pyudev's set on the real
 root). pyudev is not used here and the walk is one scandir per directory: planning is a
-few hundred sysfs reads, which cost ~3 s in the TCG VM through pyudev/pathlib. Attributes
-(paths mapped by the Sysroot) are read only when their power/ directory lists them,
-power/control only where runtime_status is not "unsupported" (one read for most devices),
-by real path (no Path per read). Every write is
+few hundred sysfs reads, and through pyudev/pathlib each costs far more than the read
+itself. Attributes (paths mapped by the Sysroot) are read only when their power/ directory
+lists them, power/control only where runtime_status is not "unsupported" (one read for most
+devices), by real path (no Path per read). Every write is
 recorded (with the value it replaced) before the next one, in memory and in
 /run/kjumpd/quiesce.journal, and undone in reverse.
 """
@@ -123,8 +123,8 @@ def device_dirs(sysroot: Sysroot) -> list[str]:
 
 
 def _read(real: str) -> str:
-    """A sysfs attribute's text by real path, "" when it cannot be read (a plain read: ~4x
-    cheaper than a pathlib one, which counts for ~1000 reads under TCG)."""
+    """A sysfs attribute's text by real path, "" when it cannot be read (a plain read: a
+    fraction of a pathlib one, which counts over the ~1000 reads of a plan)."""
     try:
         fd = os.open(real, os.O_RDONLY)
     except OSError:

@@ -154,7 +154,7 @@ PAGE_SIZE = 4096
 def reclaimable(info: dict[str, int]) -> int:
     """What reclaim can take without the OOM killer: page cache not mapped by a process, and
     anonymous memory that is not locked where swap has room for it. Asking memory.reclaim for
-    more than this makes it retry its scans until it gives up (13 s in the TCG VM)."""
+    more than this makes it retry its scans until it gives up, which can take seconds."""
     file = info.get("Active(file)", 0) + info.get("Inactive(file)", 0)
     cache = max(file - info.get("Mapped", 0), 0)
     anon = max(info.get("AnonPages", 0) - info.get("Mlocked", 0), 0)

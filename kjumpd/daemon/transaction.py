@@ -337,7 +337,7 @@ class Hibernation:
             ctx.phase("undo", 95)
             later = undo.take(HOUSEKEEPING)
             # in the background, B's unload must not take the CPU from the programs the
-            # user got back (TCG VM: kexec -u ran 0.5-2.6 s next to the waiting kjumpctl)
+            # user got back: kexec -u can take long enough to be felt on a slow machine
             kx = ctx.kx
             later.stack = [
                 (n, (lambda: kx.unload(nice=True)) if n == "kexec unload" else f)

@@ -5,9 +5,9 @@ lz4.block and zlib.crc32 release the GIL on large buffers, so a thread pool uses
 
 ``decode_into`` decompresses with liblz4's LZ4_decompress_safe through ctypes when the
 library is there (the save kernel has liblz4.so.1): straight into the caller's buffer, or a
-per-thread scratch one, instead of a fresh bytes object per chunk (fresh memory costs ~50 us
-a page in page faults under TCG) and a copy out of it. Same check: the output must be
-exactly the size the bitmap says. lz4.block is the fallback.
+per-thread scratch one, instead of a fresh bytes object per chunk (fresh memory is paid
+for in page faults, dearly under emulation) and a copy out of it. Same check: the output
+must be exactly the size the bitmap says. lz4.block is the fallback.
 
 Standard library + lz4 only: this runs in the save kernel's initramfs.
 """

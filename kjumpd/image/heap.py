@@ -2,13 +2,12 @@
 
 The pipeline allocates and frees buffers of about a chunk (1 MiB) many times a second. With
 glibc's defaults each of those is a fresh mmap (or a heap top that is trimmed and grown
-again), so every allocation page-faults its memory in anew: measured here, reading 512 MiB
-in 1 MiB ``bytes`` cost 0.53 s of CPU against 0.04 s into reused buffers. Fixing the mmap
-threshold above the chunk size and raising the trim threshold keeps freed buffers in the
-heap for the next chunk; two arenas keep worker threads from each holding their own.
-The peak RSS stays bounded by what is in flight at once (measured by `make bench`). In the
-save kernel under TCG a fresh page costs ~50 us (a first memset of 64 MiB ran at 76 MB/s,
-2.9 GB/s on the same pages again), so this matters there most. Both agent entry points
+again), so every allocation page-faults its memory in anew, which costs many times the CPU
+of reading into reused buffers. Fixing the mmap threshold above the chunk size and raising
+the trim threshold keeps freed buffers in the heap for the next chunk; two arenas keep
+worker threads from each holding their own. The peak RSS stays bounded by what is in flight
+at once (`make bench` reports it). In the save kernel under emulation a fresh page costs far
+more than a page used again, so this matters there most. Both agent entry points
 (kjump-agent, and kjump-agent boot in the save kernel) call it first thing.
 
 Best effort: ctypes may be missing, and the libc may not be glibc.

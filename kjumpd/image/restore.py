@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError
 from kjumpd.image import store
@@ -169,6 +169,12 @@ class _Turns:
 #: worker thread, in chunk order
 Deliver = Callable[[int, "memoryview | None", int], None]
 
+#: one record of the data area, as RecordReader yields it: (header, bitmap, payload, offset)
+_Record = tuple[ChunkHeader, bytes, bytes, int]
+
+#: the stage clocks iter_image keeps (see RestoreStats.stages; free_left counts bytes)
+_STAGES = ("records", "decode_cpu", "waiting", "write", "write_cpu", "turn", "free_left")
+
 
 def iter_image(
     dev: ImageDevice,
@@ -190,38 +196,184 @@ def iter_image(
     yielded.
     """
     workers = workers or default_workers()
-    reader = RecordReader(dev, header.data_offset, header.data_length)
-    plan = chunk_plan(meta.extents, header.chunk_size)
-    Decoded = tuple[mmap.mmap | None, int, float, float, float, float]
-    turns = _Turns(overlap)
-    pending: deque[tuple[ChunkHeader, Future[Decoded], int]] = deque()
     depth = inflight_chunks(workers, header.chunk_size)
-    free: queue.Queue[mmap.mmap] = queue.Queue()
-    ring = [mmap.mmap(-1, header.chunk_size) for _ in range(depth + 1)]
-    for m in ring:
-        free.put(m)
-    # all-zero records are handed out from one page-aligned zero buffer (never written)
-    zero_page_run = mmap.mmap(-1, header.chunk_size)
-    tag = image_tag(header.uuid, header.created)
-    crc = 0
-    count = 0
-    acc = stages if stages is not None else {}
-    for key in ("records", "decode_cpu", "waiting", "write", "write_cpu", "turn", "free_left"):
-        acc.setdefault(key, 0.0)
+    clocks = stages if stages is not None else {}
+    for key in _STAGES:
+        clocks.setdefault(key, 0.0)
+    reader = RecordReader(dev, header.data_offset, header.data_length)
+    # one buffer per chunk in flight, plus the one the consumer is looking at
+    ring = _Ring(depth + 1, header.chunk_size)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-unlz4") as pool:
+            flight = _InFlight(pool, ring, _Turns(overlap), deliver, clocks)
+            try:
+                records = _placed_records(reader, header, meta, clocks)
+                yield from _decode_in_order(records, flight, depth, header)
+            finally:
+                flight.stop()
+    finally:
+        reader.close()
 
-    def work(
-        seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap | None
-    ) -> Decoded:
+
+def _placed_records(
+    reader: RecordReader, header: Header, meta: Metadata, clocks: dict[str, float]
+) -> Iterator[_Record]:
+    """The data area's records, each checked to be this image's next chunk of the plan
+    (ImageCorruptError otherwise); the time spent reading them goes to ``records``."""
+    plan = chunk_plan(meta.extents, header.chunk_size)
+    tag = image_tag(header.uuid, header.created)
+    records = iter(reader)
+    while True:
+        tr = time.monotonic()
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        clocks["records"] += time.monotonic() - tr
+        _check_place(record[0], next(plan, None), record[3], tag)
+        yield record
+
+
+def _decode_in_order(
+    records: Iterator[_Record], flight: _InFlight, depth: int, header: Header
+) -> Iterator[tuple[int, memoryview]]:
+    """Keep up to ``depth`` records decoding, hand out the oldest as each new one goes in,
+    then check the whole: the chunk count and the checksum of the chunk list."""
+    crc = 0
+    while True:
+        try:
+            ch, bitmap, payload, off = next(records)
+        except StopIteration:
+            break
+        except ImageError:
+            # the chunks before the bad record may be good: deliver them in order (a bad one
+            # among them raises first), then stop at the bad record
+            yield from flight.drain()
+            raise
+        crc = crc32(struct.pack("<I", ch.crc), crc)
+        flight.submit(ch, bitmap, payload, off)
+        if len(flight.pending) >= depth:
+            yield from flight.hand_out_oldest()
+    if flight.count != header.chunk_count:
+        raise ImageCorruptError(
+            f"image data ends after {flight.count} of {header.chunk_count} chunks",
+            why="the image is truncated",
+            fix="the image cannot be used",
+            structure="data",
+            offset=header.data_offset + header.data_length,
+        )
+    yield from flight.drain()
+    if crc != header.data_crc:
+        raise ImageCorruptError(
+            "image chunk list does not match the header",
+            why="data checksum mismatch",
+            fix="the image cannot be used",
+            structure="data",
+            offset=header.data_offset,
+        )
+
+
+class _Ring:
+    """The page-aligned buffers chunks are decoded into, reused; all-zero chunks are handed
+    out from one shared zero buffer instead (never written)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(count):
+            self.free.put(mmap.mmap(-1, size))
+        self.zeros = mmap.mmap(-1, size)
+
+    def take(self) -> mmap.mmap:
+        """A free buffer; blocks until the consumer gives one back."""
+        return self.free.get()
+
+    def give_back(self, buf: mmap.mmap, view: memoryview) -> None:
+        try:
+            view.release()
+            self.free.put(buf)
+        except BufferError:  # the consumer kept a view: never reuse this one
+            self.free.put(mmap.mmap(-1, self.size))
+
+
+class _Decoded(NamedTuple):
+    """A worker's result: the buffer holding the chunk (None: all zero), its length, and
+    the seconds it spent (decode CPU; with a deliver: waiting for its turn, writing, and
+    the CPU of that write)."""
+
+    buf: mmap.mmap | None
+    length: int
+    decode_cpu: float
+    turn: float = 0.0
+    write: float = 0.0
+    write_cpu: float = 0.0
+
+
+class _InFlight:
+    """The chunks submitted to the workers and not yet handed out, oldest first. A worker
+    decodes its chunk and, with a deliver, writes it when the turnstile lets it; the
+    consumer's thread hands the results out in order and gives the buffers back."""
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        ring: _Ring,
+        turns: _Turns,
+        deliver: Deliver | None,
+        clocks: dict[str, float],
+    ) -> None:
+        self.pool, self.ring, self.turns = pool, ring, turns
+        self.deliver, self.clocks = deliver, clocks
+        self.pending: deque[tuple[ChunkHeader, Future[_Decoded]]] = deque()
+        self.count = 0  # chunks submitted
+
+    def submit(self, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int) -> None:
+        # an all-zero record is checked on a worker and handed out as the shared zeros
+        buf = None if ch.encoding in EMPTY_ENCODINGS else self.ring.take()
+        fut = self.pool.submit(self._work, self.count, ch, bitmap, payload, off, buf)
+        self.pending.append((ch, fut))
+        self.count += 1
+
+    def hand_out_oldest(self) -> Iterator[tuple[int, memoryview]]:
+        ch, fut = self.pending.popleft()
+        yield from self._hand_out(ch, fut)
+
+    def drain(self) -> Iterator[tuple[int, memoryview]]:
+        while self.pending:
+            yield from self.hand_out_oldest()
+
+    def stop(self) -> None:
+        """Stopped early: nothing more is written, nothing pending is started."""
+        if self.pending:
+            self.turns.fail(self.count - len(self.pending))
+        for _, fut in self.pending:
+            fut.cancel()
+
+    def _work(
+        self,
+        seq: int,
+        ch: ChunkHeader,
+        bitmap: bytes,
+        payload: bytes,
+        off: int,
+        buf: mmap.mmap | None,
+    ) -> _Decoded:
         try:
             out, n, cpu = _decode(ch, bitmap, payload, off, buf)
         except BaseException:
-            turns.fail(seq)
+            self.turns.fail(seq)
             raise
-        if deliver is None:
-            return out, n, cpu, 0.0, 0.0, 0.0
-        turns.check_passed(seq)
+        if self.deliver is None:
+            return _Decoded(out, n, cpu)
+        return _Decoded(out, n, cpu, *self._write_in_turn(self.deliver, seq, ch, out, n))
+
+    def _write_in_turn(
+        self, deliver: Deliver, seq: int, ch: ChunkHeader, out: mmap.mmap | None, n: int
+    ) -> tuple[float, float, float]:
+        """Deliver a checked chunk once the turnstile lets it: (turn, write, write CPU) s."""
+        self.turns.check_passed(seq)
         t0 = time.monotonic()
-        if not turns.wait(seq):
+        if not self.turns.wait(seq):
             raise _Skipped(f"chunk {ch.index} not written: an earlier chunk failed")
         t1, c1 = time.monotonic(), time.thread_time()
         try:
@@ -233,94 +385,35 @@ def iter_image(
                 with memoryview(out) as whole, whole[:n] as mv:
                     deliver(ch.phys, mv, n)
         except BaseException:
-            turns.fail(seq)
+            self.turns.fail(seq)
             raise
-        turns.done(seq)
-        return out, n, cpu, t1 - t0, time.monotonic() - t1, time.thread_time() - c1
+        self.turns.done(seq)
+        return t1 - t0, time.monotonic() - t1, time.thread_time() - c1
 
-    def hand_out(ch0: ChunkHeader, fut: Future[Decoded]) -> Iterator[tuple[int, memoryview]]:
+    def _hand_out(self, ch: ChunkHeader, fut: Future[_Decoded]) -> Iterator[tuple[int, memoryview]]:
         tw = time.monotonic()
         try:
-            buf, n, cpu, turn_s, write_s, write_cpu = fut.result()
+            done = fut.result()
         except BaseException:
             fut.cancel()
             raise
-        acc["waiting"] += time.monotonic() - tw
-        acc["decode_cpu"] += cpu
-        acc["turn"] += turn_s
-        acc["write"] += write_s
-        acc["write_cpu"] += write_cpu
-        if deliver is not None and ch0.encoding == ENC_FREE:
-            acc["free_left"] += n
-        if buf is None:
-            with memoryview(zero_page_run) as z:
-                yield ch0.phys, z[:n]
+        clocks = self.clocks
+        clocks["waiting"] += time.monotonic() - tw
+        clocks["decode_cpu"] += done.decode_cpu
+        clocks["turn"] += done.turn
+        clocks["write"] += done.write
+        clocks["write_cpu"] += done.write_cpu
+        if self.deliver is not None and ch.encoding == ENC_FREE:
+            clocks["free_left"] += done.length
+        if done.buf is None:
+            with memoryview(self.ring.zeros) as z:
+                yield ch.phys, z[: done.length]
             return
-        mv = memoryview(buf)[:n]
+        mv = memoryview(done.buf)[: done.length]
         try:
-            yield ch0.phys, mv
+            yield ch.phys, mv
         finally:
-            try:
-                mv.release()
-                free.put(buf)
-            except BufferError:  # the consumer kept a view: never reuse this one
-                free.put(mmap.mmap(-1, header.chunk_size))
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-unlz4") as pool:
-            try:
-                records = iter(reader)
-                while True:
-                    try:
-                        tr = time.monotonic()
-                        ch, bitmap, payload, off = next(records)
-                        acc["records"] += time.monotonic() - tr
-                        _check_place(ch, next(plan, None), off, tag)
-                    except StopIteration:
-                        break
-                    except ImageError:
-                        # the chunks before the bad record may be good: deliver them in order
-                        # (a bad one among them raises first), then stop at the bad record
-                        while pending:
-                            ch0, fut, _ = pending.popleft()
-                            yield from hand_out(ch0, fut)
-                        raise
-                    crc = crc32(struct.pack("<I", ch.crc), crc)
-                    if ch.encoding in EMPTY_ENCODINGS:  # checked; handed out as shared zeros
-                        fut = pool.submit(work, count, ch, bitmap, payload, off, None)
-                    else:
-                        fut = pool.submit(work, count, ch, bitmap, payload, off, free.get())
-                    pending.append((ch, fut, off))
-                    count += 1
-                    if len(pending) >= depth:
-                        ch0, fut, _ = pending.popleft()
-                        yield from hand_out(ch0, fut)
-                if count != header.chunk_count:
-                    raise ImageCorruptError(
-                        f"image data ends after {count} of {header.chunk_count} chunks",
-                        why="the image is truncated",
-                        fix="the image cannot be used",
-                        structure="data",
-                        offset=header.data_offset + header.data_length,
-                    )
-                while pending:
-                    ch0, fut, _ = pending.popleft()
-                    yield from hand_out(ch0, fut)
-                if crc != header.data_crc:
-                    raise ImageCorruptError(
-                        "image chunk list does not match the header",
-                        why="data checksum mismatch",
-                        fix="the image cannot be used",
-                        structure="data",
-                        offset=header.data_offset,
-                    )
-            finally:
-                if pending:  # stopped early: nothing more is written
-                    turns.fail(count - len(pending))
-                for _, fut, _ in pending:
-                    fut.cancel()
-    finally:
-        reader.close()
+            self.ring.give_back(done.buf, mv)
 
 
 def _decode(

@@ -47,10 +47,9 @@ from kjumpd.image.stream import ReadBackVerifier, RecordWriter
 
 log = logging.getLogger(__name__)
 
-#: chosen by measurement (256 MiB of bench memory, 2 shared CPUs, 3 runs each): 256 KiB
-#: chunks cost ~20 % more CPU (more system time) at 28 MiB peak RSS; 1 MiB had the lowest
-#: CPU (0.84-0.87 s) at 36-38 MiB; 4 MiB gave no CPU gain and 64-67 MiB peak RSS (over the
-#: 64 MiB bound). Chunks above 1 MiB are accepted but the RSS bound is only kept up to 1 MiB.
+#: the chunk size with the least CPU per byte within the RSS bound: smaller chunks cost more
+#: CPU (in the kernel), larger ones save none and raise the peak RSS past the 64 MiB bound.
+#: Chunks above 1 MiB are accepted but the RSS bound is only kept up to 1 MiB.
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 
 Progress = Callable[[int, int, float, float], None]
@@ -318,40 +317,12 @@ def save_image(
     rw = RecordWriter(dev, data_off, verifier=verifier)
     depth = inflight_chunks(workers, chunk_size)
     encoders = _Encoders(source, plan, workers, depth, chunk_size, compression, tag)
-    crcs: list[int] = []
-    zero_pages = stored = raw_done = 0
-    encode_cpu = stalled = readback_s = 0.0
+    readback_s = 0.0
     try:
         if verifier is not None:
             verifier.start()
         dev.write(METADATA_OFFSET, meta_raw)
-        encoders.start()
-        try:
-            # the writer: records in plan order, each as soon as it is encoded
-            for pos in range(len(plan)):
-                ts = time.monotonic()
-                while True:
-                    item = encoders.take(pos, 0.1)
-                    if item is not None:
-                        break
-                    if is_cancelled():
-                        raise _cancelled()
-                    meter(raw_done)
-                stalled += time.monotonic() - ts
-                if isinstance(item, BaseException):
-                    raise item
-                if is_cancelled():
-                    raise _cancelled()
-                rw.append(item.head)
-                rw.append(item.payload)
-                crcs.append(item.crc)
-                zero_pages += item.zero_pages
-                stored += item.record_length
-                raw_done += item.raw_length
-                encode_cpu += item.cpu
-                meter(raw_done)
-        finally:
-            encoders.stop()
+        written = _write_records(encoders, len(plan), rw, is_cancelled, meter)
         data_len = rw.finish()
         dev.flush()
         seconds_write = time.monotonic() - t0
@@ -364,19 +335,9 @@ def save_image(
             v.finish()
             readback_s = v.busy_seconds
         verify_seconds = time.monotonic() - tv
-        saved = header.evolve(
-            state=ImageState.SAVED,
-            saved=time.time(),
-            updated=time.time(),
-            data_length=data_len,
-            raw_bytes=total,
-            zero_pages=zero_pages,
-            stored_bytes=stored,
-            chunk_count=len(crcs),
-            data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)),
-            flags=header.flags | (FLAG_VERIFIED if verify else 0),
+        saved = store.write_header(  # flushes: SAVED is the last write
+            dev, _saved_header(header, written, data_len, total, verify)
         )
-        saved = store.write_header(dev, saved)  # flushes: SAVED is the last write
     except KjumpError as e:
         _abort(dev, e.what if isinstance(e, CancelledError) or not e.why else f"{e.what}: {e.why}")
         raise
@@ -393,23 +354,106 @@ def save_image(
         rw.close()
     stats = SaveStats(
         raw_bytes=total,
-        zero_pages=zero_pages,
-        stored_bytes=stored,
-        chunk_count=len(crcs),
+        zero_pages=written.zero_pages,
+        stored_bytes=written.stored,
+        chunk_count=len(written.crcs),
         data_length=data_len,
         seconds=seconds_write + verify_seconds,
         verify_seconds=verify_seconds,
         header=saved,
         stages={
             "read": encoders.read_seconds,
-            "encode_cpu": encode_cpu,
+            "encode_cpu": written.encode_cpu,
             "write": rw.write_seconds,
             "readback": readback_s,
-            "waiting": stalled,
+            "waiting": written.waiting,
         },
     )
     _log_stats(stats, workers)
     return stats
+
+
+@dataclass
+class _Written:
+    """What the writer put into the data area, and the time it spent waiting for chunks."""
+
+    crcs: list[int] = field(default_factory=list)
+    zero_pages: int = 0
+    stored: int = 0
+    raw: int = 0
+    encode_cpu: float = 0.0
+    waiting: float = 0.0
+
+    def add(self, item: EncodedChunk) -> None:
+        self.crcs.append(item.crc)
+        self.zero_pages += item.zero_pages
+        self.stored += item.record_length
+        self.raw += item.raw_length
+        self.encode_cpu += item.cpu
+
+
+def _write_records(
+    encoders: _Encoders,
+    count: int,
+    rw: RecordWriter,
+    is_cancelled: _Cancel,
+    meter: _Meter,
+) -> _Written:
+    """The writer: the ``count`` records of the plan, in order, each appended to ``rw`` as
+    soon as it is encoded. The encoders run only while it does; a cancel stops it between
+    records."""
+    written = _Written()
+    encoders.start()
+    try:
+        for pos in range(count):
+            ts = time.monotonic()
+            item = _next_encoded(encoders, pos, is_cancelled, meter, written.raw)
+            written.waiting += time.monotonic() - ts
+            if is_cancelled():
+                raise _cancelled()
+            rw.append(item.head)
+            rw.append(item.payload)
+            written.add(item)
+            meter(written.raw)
+    finally:
+        encoders.stop()
+    return written
+
+
+def _next_encoded(
+    encoders: _Encoders, pos: int, is_cancelled: _Cancel, meter: _Meter, raw_done: int
+) -> EncodedChunk:
+    """The encoded chunk at plan position ``pos`` (its worker's error raised here, in plan
+    order); while it is not ready, a cancel is noticed and the progress keeps going."""
+    while True:
+        item = encoders.take(pos, 0.1)
+        if item is not None:
+            break
+        if is_cancelled():
+            raise _cancelled()
+        meter(raw_done)
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+def _saved_header(
+    header: Header, written: _Written, data_len: int, total: int, verify: bool
+) -> Header:
+    """The header that makes the image restorable: SAVED, with what the data area holds."""
+    crcs = written.crcs
+    return header.evolve(
+        state=ImageState.SAVED,
+        saved=time.time(),
+        updated=time.time(),
+        data_length=data_len,
+        raw_bytes=total,
+        zero_pages=written.zero_pages,
+        stored_bytes=written.stored,
+        chunk_count=len(crcs),
+        data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)),
+        flags=header.flags | (FLAG_VERIFIED if verify else 0),
+    )
 
 
 def _writing_header(

@@ -65,8 +65,8 @@ class FileHashes:
     in R) in a separate process while R reads the rest of the evidence.
 
     R's python has no OpenSSL (its builtin SHA-256 holds the GIL): hashing the save kernel
-    and its initramfs (~11 MB) in-process cost about a second of R's decision under TCG; a
-    child process runs it on another CPU. ``result`` waits for it, and hashes in-process
+    and its initramfs in-process would stall R's decision for as long as it takes; a child
+    process runs it on another CPU. ``result`` waits for it, and hashes in-process
     whatever the child did not report (no ``sha256sum``, a failure): the check is the same
     either way, only where it runs changes."""
 
@@ -124,8 +124,8 @@ def chunk_table_error(dev: Any, header: Any, meta: Any) -> str:
     plan = chunk_plan(meta.extents, header.chunk_size)
     crc = 0
     # One read per window, not per record: a read costs about the same for 4 KiB and 64 KiB
-    # (under TCG each is a virtio request of ~1-3 ms), and the records of zero chunks are a
-    # few hundred bytes each, so a window holds many headers. 896 records: 896 reads before.
+    # (in a VM each is a request to the host), and the records of zero chunks are a few
+    # hundred bytes each, so a window holds many headers.
     win, win_start = b"", 0
     for i in range(header.chunk_count):
         if pos + CHUNK_HEADER_SIZE > end:
