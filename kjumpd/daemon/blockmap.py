@@ -458,11 +458,21 @@ def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
                 "setup needs --size for a file target",
                 fix="pass --size, e.g. --size 8G (about your RAM in use)",
             )
+        existed = os.path.lexists(real)
         sb = store.create_target(real, size)
-        os.chmod(real, 0o600)
-        uuid = sb.uuid_str
-        target = translate(sysroot, path)
-        return target, stamp(sysroot, target, uuid)
+        try:
+            os.chmod(real, 0o600)
+            target = translate(sysroot, path)
+            return target, stamp(sysroot, target, sb.uuid_str)
+        except KjumpError as e:
+            # a file the kernel cannot hold the image in (a refused filesystem, an unknown
+            # device) is not left behind as if it were a target; one the user had stays
+            if existed:
+                raise
+            store.discard_new_file(real)
+            removed = f"the new file {path} was removed"
+            fix = f"{e.fix}; {removed}" if e.fix else removed
+            raise type(e)(e.what, why=e.why, fix=fix, **e.context) from None
     target = translate(sysroot, path)
     with ImageDevice(sysroot.path(target.disk), target.block_extents(), writable=True) as dev:
         import uuid as uuidlib
