@@ -31,6 +31,9 @@ PHYS_LIMIT = 1 << 52
 #: the kernel reserves crashkernel=SIZE@OFFSET with this alignment on x86-64 (CRASH_ALIGN):
 #: at an unaligned OFFSET it reserves nothing
 JUMP_AREA_ALIGN = 16 << 20
+#: the jump area must end below 64 TiB, the reach of 4-level paging (the kernel's
+#: CRASH_ADDR_HIGH_MAX on x86-64): a kernel that pages with 4 levels cannot run above it
+JUMP_AREA_END_MAX = 1 << 46
 #: the smallest jump area kjumpd asks for (the save kernel, its initramfs and the agent)
 MIN_JUMP_AREA = 128 << 20
 #: below this the save kernel's Python and the agent's buffers do not fit
@@ -244,7 +247,7 @@ def _convert(kind: str, key: str, v: Any) -> Any:
             )
         return n
     if kind == "jump_area_start":
-        return _size_in(key, v, 0, PHYS_LIMIT, JUMP_AREA_ALIGN, '"0x20000000"')
+        return _size_in(key, v, 0, JUMP_AREA_END_MAX, JUMP_AREA_ALIGN, '"0x20000000"')
     if kind == "jump_area_size":
         return _size_in(key, v, MIN_JUMP_AREA, PHYS_LIMIT, PAGE, '"192M"')
     if kind == "agent_memory":
@@ -401,11 +404,12 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg = Config(**values)
     if cfg.jump_area_start is not None:
         end = cfg.jump_area_start + (cfg.jump_area_size or MIN_JUMP_AREA)
-        if end > PHYS_LIMIT:
+        if end > JUMP_AREA_END_MAX:
             raise ConfigError(
                 "jump_area.start + jump_area.size must be at most "
-                f"{format_size(PHYS_LIMIT)} ({PHYS_LIMIT:#x})",
-                why=f"the area would end at {end:#x}, past any x86-64 physical address",
+                f"{format_size(JUMP_AREA_END_MAX)} ({JUMP_AREA_END_MAX:#x})",
+                why=f"the area would end at {end:#x}, where a kernel with 4-level paging "
+                "(the save kernel's) cannot run",
                 fix=f'in {CONFIG_PATH} write jump_area.start = "0x20000000"',
                 key="jump_area.start",
             )

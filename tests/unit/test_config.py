@@ -129,7 +129,9 @@ OUT_OF_RANGE = [
     ('[jump_area]\nstart = "0x20000001"', "jump_area.start", "a multiple of 16M"),
     ('[jump_area]\nstart = "0x21000000"', "jump_area.start", None),  # aligned: accepted
     ('[jump_area]\nstart = "8192T"', "jump_area.start", "at most"),
-    ('[jump_area]\nstart = "4096T"', "jump_area.start", "past any x86-64"),
+    ('[jump_area]\nstart = "128T"', "jump_area.start", "from 0 to 64T"),
+    ('[jump_area]\nstart = "64T"', "jump_area.start", "4-level paging"),
+    ('[jump_area]\nstart = "%dM"' % ((64 << 20) - 128), "jump_area.start", None),
     ('[jump_area]\nsize = "64M"', "jump_area.size", "from 128M"),
     ('[jump_area]\nsize = "200000001"', "jump_area.size", "a multiple of 4K"),
     ('[jump_area]\nagent_memory = "1M"', "jump_area.agent_memory", "from 16M"),
@@ -188,11 +190,11 @@ def test_any_size_up_to_64_bits_is_either_in_range_or_named(n):
             cfgmod.loads(text)
 
 
-@given(st.integers(0, cfgmod.PHYS_LIMIT >> 12))
-def test_jump_area_start_must_be_16m_aligned(n):
+@given(st.integers(0, cfgmod.JUMP_AREA_END_MAX >> 12))
+def test_jump_area_start_must_be_16m_aligned_and_end_below_64t(n):
     start = n << 12  # any page
     text = f'[jump_area]\nstart = "{start:#x}"\n'
-    if start % (16 << 20) == 0 and start + (128 << 20) <= cfgmod.PHYS_LIMIT:
+    if start % (16 << 20) == 0 and start + (128 << 20) <= cfgmod.JUMP_AREA_END_MAX:
         assert cfgmod.loads(text).jump_area_start == start
     else:
         with pytest.raises(ConfigError, match="jump_area.start"):
