@@ -32,7 +32,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kjumpd.errors import BlockMapError, KjumpError, TargetError
+from kjumpd.errors import BlockMapError, KjumpError, TargetError, UsageError
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -450,14 +450,14 @@ def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
     real = sysroot.path(path)
     is_dev = path.startswith("/dev/")
     if not is_dev:
-        parent = real.parent
-        if not parent.is_dir():
-            parent.mkdir(mode=0o700, parents=True)
         if size <= 0:
-            raise TargetError(
+            raise UsageError(
                 "setup needs --size for a file target",
                 fix="pass --size, e.g. --size 8G (about your RAM in use)",
             )
+        parent = real.parent
+        if not parent.is_dir():
+            parent.mkdir(mode=0o700, parents=True)
         existed = os.path.lexists(real)
         sb = store.create_target(real, size)
         try:

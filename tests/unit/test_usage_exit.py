@@ -34,6 +34,7 @@ KJUMPCTL = [
     ["setup"],
     ["setup", "--size", "eight gigs"],
     ["setup", "--size", "99999T"],
+    ["setup", "--target", "/var/lib/kjumpd/image"],  # a file target needs a size
     ["check", "--config", "/nonexistent-kjump.toml"],
     ["plan", "--config", "/nonexistent-kjump.toml"],
     ["image", "info", "img", "--offset", "-1"],
@@ -50,6 +51,7 @@ def test_kjumpctl_usage_errors_exit_2(root, capsys, argv):
     if "--sysroot" not in argv:
         argv = ["--sysroot", str(root), *argv]
     assert code(kjumpctl_main, argv) == 2
+    assert list(root.iterdir()) == []  # refused before anything was made
     cap = capsys.readouterr()
     assert "usage: kjumpctl" in cap.err + cap.out and "Traceback" not in cap.err
 
