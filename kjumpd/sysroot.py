@@ -62,8 +62,16 @@ class Sysroot:
         return self.root / s.lstrip("/") if not self.is_real else Path(s)
 
     def unmap(self, p: str | os.PathLike[str]) -> str:
-        """The system path ("/sys/...") of a real path under the root."""
-        rel = Path(p).relative_to(self.root)
+        """The system path ("/sys/...") of a real path under the root (one outside it, such as
+        where an absolute link in a fake tree leads, is a SysrootError)."""
+        try:
+            rel = Path(p).relative_to(self.root)
+        except ValueError:
+            raise SysrootError(
+                f"{shown(os.fspath(p), 200)} is outside the system root {self.root}",
+                why="a link in the tree leads out of it",
+                fix="make the link relative, inside the tree",
+            ) from None
         return "/" + str(rel) if str(rel) != "." else "/"
 
     def exists(self, p: str) -> bool:

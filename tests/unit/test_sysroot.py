@@ -84,3 +84,10 @@ def test_mapped_paths_stay_under_the_root_lexically(parts):
     else:
         mapped = os.path.normpath(sr.path(path))
         assert mapped == root or mapped.startswith(root + "/")
+
+
+def test_unmapping_a_path_outside_the_root_is_a_sysroot_error(tmp_path):
+    sr = Sysroot(tmp_path)
+    assert sr.unmap(tmp_path / "sys/x") == "/sys/x"
+    with pytest.raises(SysrootError, match="outside the system root"):
+        sr.unmap("/etc/shadow")
