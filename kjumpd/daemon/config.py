@@ -249,9 +249,11 @@ def _convert(kind: str, key: str, v: Any) -> Any:
     if kind == "jump_area_start":
         return _size_in(key, v, 0, JUMP_AREA_END_MAX, JUMP_AREA_ALIGN, '"0x20000000"')
     if kind == "jump_area_size":
-        return _size_in(key, v, MIN_JUMP_AREA, PHYS_LIMIT, PAGE, '"192M"')
+        # kexec loads whole pages into it
+        return _size_in(key, v, MIN_JUMP_AREA, JUMP_AREA_END_MAX, PAGE, '"192M"')
     if kind == "agent_memory":
-        return _size_in(key, v, MIN_AGENT_MEMORY, PHYS_LIMIT, PAGE, '"64M"')
+        # it lives inside the jump area: a plain amount, no alignment of its own
+        return _size_in(key, v, MIN_AGENT_MEMORY, JUMP_AREA_END_MAX, 1, '"64M"')
     if kind == "image_size":
         if isinstance(v, str) and v.strip().lower() == "auto":
             return -1
