@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kjumpd.errors import ConfigError, shown
+from kjumpd.errors import ECHO_LIMIT, ConfigError, shown
 from kjumpd.job import MAX_CHUNK_SIZE
 from kjumpd.modes import MODES
 from kjumpd.sysroot import Sysroot
@@ -49,8 +49,8 @@ NAME_MAX = 255
 GROUP_MAX = 32
 
 
-def parse_size(value: Any, key: str, limit: int = PHYS_LIMIT) -> int:
-    """123, "123", "128M", "8G", "0x20000000" -> bytes (at most ``limit``); ConfigError
+def parse_size(value: Any, key: str) -> int:
+    """123, "123", "128M", "8G", "0x20000000" -> bytes (at most PHYS_LIMIT); ConfigError
     naming ``key``, the value and the allowed form otherwise."""
     n: int | None = None
     if isinstance(value, bool):
@@ -74,11 +74,11 @@ def parse_size(value: Any, key: str, limit: int = PHYS_LIMIT) -> int:
             fix=f'write {key} = "128M" (bytes, or K/M/G/T suffix, or 0x hex)',
             key=key,
         )
-    if n > limit:
+    if n > PHYS_LIMIT:
         raise ConfigError(
-            f"{key} must be at most {format_size(limit)} ({limit:#x})",
+            f"{key} must be at most {format_size(PHYS_LIMIT)} ({PHYS_LIMIT:#x})",
             why=f"got {shown(value)}, which no x86-64 machine can address",
-            fix=f'write {key} as a size up to {format_size(limit)}, e.g. "8G"',
+            fix=f'write {key} as a size up to {format_size(PHYS_LIMIT)}, e.g. "8G"',
             key=key,
         )
     return n
@@ -263,7 +263,8 @@ def _convert(kind: str, key: str, v: Any) -> Any:
         if n < 4096 or n & (n - 1) or n > MAX_CHUNK_SIZE:
             raise ConfigError(
                 f"{key} must be a power of two between 4K and 1M",
-                why=(f"got {v!r}; larger chunks push the save agent past its 64 MiB memory bound"),
+                why=f"got {shown(v)}; larger chunks push the save agent past its 64 MiB memory "
+                "bound",
                 fix=f'in {CONFIG_PATH} write {key} = "1M"',
                 key=key,
             )
@@ -380,26 +381,34 @@ def _convert(kind: str, key: str, v: Any) -> Any:
     raise AssertionError(kind)
 
 
+def _key_name(name: str) -> str:
+    """A key or section name from the file as an error shows it: quoted and cut short when
+    it is long or not plain (TOML allows any text in a quoted key)."""
+    return name if _plain_text(name, ECHO_LIMIT) else shown(name)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     values: dict[str, Any] = {}
     for section, body in data.items():
         if section not in _SCHEMA:
+            name = _key_name(section)
             raise ConfigError(
-                f"unknown section [{section}]",
+                f"unknown section [{name}]",
                 why="known: " + ", ".join(sorted(_SCHEMA)),
-                fix=f"remove or rename [{section}] in {CONFIG_PATH}",
-                key=section,
+                fix=f"remove or rename [{name}] in {CONFIG_PATH}",
+                key=name,
             )
         if not isinstance(body, dict):
             raise ConfigError(f"{section} must be a table", fix=f"write [{section}]", key=section)
         for k, v in body.items():
             key = f"{section}.{k}"
             if k not in _SCHEMA[section]:
+                name = f"{section}.{_key_name(k)}"
                 raise ConfigError(
-                    f"unknown key {key}",
+                    f"unknown key {name}",
                     why="known: " + ", ".join(sorted(_SCHEMA[section])),
-                    fix=f"remove or rename {key} in {CONFIG_PATH}",
-                    key=key,
+                    fix=f"remove or rename {name} in {CONFIG_PATH}",
+                    key=name,
                 )
             name, kind = _SCHEMA[section][k]
             values[name] = _convert(kind, key, v)

@@ -212,3 +212,11 @@ def test_paths_with_a_dotdot_component_are_refused(parts):
             cfgmod.loads(text)
     else:
         assert cfgmod.loads(text).target == path
+
+
+def test_an_unknown_key_of_any_length_is_named_clipped():
+    text = '[hibernate]\n"%s" = 1\n' % ("k\\n" * 10_000)
+    with pytest.raises(ConfigError) as ei:
+        cfgmod.loads(text)
+    assert ei.value.what.startswith("unknown key hibernate.'k")
+    assert len(ei.value.message) < 400 and "\n" not in ei.value.message
