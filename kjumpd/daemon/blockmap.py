@@ -442,6 +442,27 @@ def verify_on_disk(sysroot: Sysroot, target: Target, uuid: str) -> None:
         )
 
 
+def _refuse_to_overwrite(real: os.PathLike[str], path: str) -> None:
+    """Setup re-creates a target, or fills an empty file; any other file is the user's and
+    is not overwritten."""
+    from kjumpd.image import store
+    from kjumpd.image.device import ImageDevice
+
+    try:
+        st = os.stat(real)
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            return
+        with ImageDevice(real, writable=False) as dev:
+            store.read_superblock(dev)
+    except (OSError, KjumpError) as e:
+        raise TargetError(
+            f"{path} exists and is not a kjumpd target",
+            why=e.strerror or str(e) if isinstance(e, OSError) else e.message,
+            fix=f"choose another path, or remove {path} yourself if nothing in it matters",
+            path=path,
+        ) from None
+
+
 def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
     """Create (file) or claim (partition) a target, stamp and verify it; (Target, UUID)."""
     from kjumpd.image import store
@@ -459,6 +480,8 @@ def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
         if not parent.is_dir():
             parent.mkdir(mode=0o700, parents=True)
         existed = os.path.lexists(real)
+        if existed:
+            _refuse_to_overwrite(real, path)
         sb = store.create_target(real, size)
         try:
             os.chmod(real, 0o600)

@@ -90,8 +90,24 @@ def test_a_target_on_a_refused_device_is_removed_by_setup(tmp_path):
         blockmap.setup(Sysroot(root), "/var/lib/kjumpd/image", 4 * MiB)
     assert "was removed" in ei.value.fix
     assert not (root / "var/lib/kjumpd/image").exists()
-    # a file that was there stays (it was overwritten by the attempt, and says so no more)
-    (root / "var/lib/kjumpd/image").write_bytes(b"x")
+    # an empty file that was there is filled, and stays when the mapping then fails
+    (root / "var/lib/kjumpd/image").write_bytes(b"")
     with pytest.raises(Exception) as ei:
         blockmap.setup(Sysroot(root), "/var/lib/kjumpd/image", 4 * MiB)
     assert (root / "var/lib/kjumpd/image").exists() and "was removed" not in ei.value.fix
+
+
+def test_setup_never_overwrites_a_file_that_is_not_a_target(tmp_path):
+    from kjumpd.daemon import blockmap
+    from kjumpd.sysroot import Sysroot
+
+    (tmp_path / "home").mkdir()
+    precious = tmp_path / "home/thesis.odt"
+    precious.write_bytes(b"four years of work" * 1000)
+    with pytest.raises(TargetError) as ei:
+        blockmap.setup(Sysroot(tmp_path), "/home/thesis.odt", 4 * MiB)
+    assert "is not a kjumpd target" in ei.value.what and "another path" in ei.value.fix
+    assert precious.read_bytes() == b"four years of work" * 1000
+    # a target is made again (setup run twice): that is what setup is for
+    store.create_target(tmp_path / "home/target", 4 * MiB)
+    blockmap._refuse_to_overwrite(tmp_path / "home/target", "/home/target")
