@@ -27,51 +27,52 @@ import sys
 import time
 from pathlib import Path
 
+from savekernel import buildcache
+
 MiB = 1024 * 1024
 PAGE = 4096
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("KJUMPD_CACHE") or os.path.expanduser("~/.cache/kjumpd")
-    d = Path(base) / "bench"
+    d = buildcache.cache_root() / "bench"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def generate(path: Path, size: int, seed: int = 2026) -> None:
     """Mixed memory: zero, text-like and random pages, deterministic."""
-    if path.exists() and path.stat().st_size == size:
-        return
-    rnd = random.Random(seed)
-    words = (
-        b"the of and to in is for task_struct page mm vma inode dentry kmalloc slab "
-        b"0x00000000 0xffffffff81000000 /usr/lib/x86_64-linux-gnu/libc.so.6 GLIBC_2.34 "
-        b"return NULL; static int __init void *ptr = NULL; if (err) goto out; "
-        b"LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin HOME=/root"
-    ).split()
-    corpus = b" ".join(rnd.choice(words) for _ in range(400_000))  # ~4 MB of "text"
-    tmp = path.with_suffix(".tmp")
-    print(f"bench: generating {size >> 20} MiB of mixed memory in {path} ...", file=sys.stderr)
-    zero = bytes(PAGE)
-    with open(tmp, "wb") as f:
-        batch = bytearray()
-        for _ in range(size // PAGE):
-            r = rnd.random()
-            if r < 0.40:
-                batch += zero
-            elif r < 0.75:
-                o = rnd.randrange(len(corpus) - PAGE)
-                batch += corpus[o : o + PAGE]
-            else:
-                batch += rnd.randbytes(PAGE)
-            if len(batch) >= 8 * MiB:
-                f.write(batch)
-                batch = bytearray()
-        f.write(batch)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
+
+    def write(tmp: Path) -> None:
+        rnd = random.Random(seed)
+        words = (
+            b"the of and to in is for task_struct page mm vma inode dentry kmalloc slab "
+            b"0x00000000 0xffffffff81000000 /usr/lib/x86_64-linux-gnu/libc.so.6 GLIBC_2.34 "
+            b"return NULL; static int __init void *ptr = NULL; if (err) goto out; "
+            b"LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin HOME=/root"
+        ).split()
+        corpus = b" ".join(rnd.choice(words) for _ in range(400_000))  # ~4 MB of "text"
+        print(f"bench: generating {size >> 20} MiB of mixed memory in {path} ...", file=sys.stderr)
+        zero = bytes(PAGE)
+        with open(tmp, "wb") as f:
+            batch = bytearray()
+            for _ in range(size // PAGE):
+                r = rnd.random()
+                if r < 0.40:
+                    batch += zero
+                elif r < 0.75:
+                    o = rnd.randrange(len(corpus) - PAGE)
+                    batch += corpus[o : o + PAGE]
+                else:
+                    batch += rnd.randbytes(PAGE)
+                if len(batch) >= 8 * MiB:
+                    f.write(batch)
+                    batch = bytearray()
+            f.write(batch)
+            f.flush()
+            os.fsync(f.fileno())
+
+    buildcache.build_entry(path, write, valid=lambda p: p.exists() and p.stat().st_size == size)
 
 
 def fsync_path(p: Path) -> None:

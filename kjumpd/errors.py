@@ -9,6 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+#: how much of a value from outside (a config value, a D-Bus argument) an error echoes
+ECHO_LIMIT = 40
+
+
+def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, saying how long the whole was:
+    an error echoes what it refused, but never a megabyte of it into a log or a reply."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
+    text = repr(value)
+    if len(text) > limit:
+        return f"{text[:limit]}... ({len(text)} characters)"
+    return text
+
 
 class KjumpError(Exception):
     """Base class: a failure with a reason and a remedy."""
@@ -50,6 +65,10 @@ class ConfigError(KjumpError):
     """The configuration file or an argument is not what it must be (names the key)."""
 
     dbus_name = "InvalidArgs"
+
+
+class UsageError(ConfigError):
+    """A command-line option, argument or combination is wrong: exit code 2, like argparse."""
 
 
 class SysrootError(KjumpError):

@@ -2,6 +2,17 @@
 
 Everything that touches the system takes a :class:`Sysroot`; tests build a fake tree and
 pass its directory as the root, the daemon passes "/" (or ``--sysroot DIR``).
+
+A path never leaves the root by its spelling: a ``..`` that would climb above "/" is refused
+(SysrootError), checked on the text before anything is opened, for a fake root and "/" alike.
+
+Symlinks are the operating system's business, not the mapping's: :meth:`Sysroot.path` does not
+resolve them, so a link is followed as the kernel follows it. In a fake root, a relative link
+(``sys/class/block/sda -> ../../devices/...``) stays inside the tree, while an absolute link
+points at the host: that is how tests splice a real kernel object (a loop device, a cgroup
+directory, a /proc entry) into a fake tree, so it is allowed and is the test's choice. Code
+that turns a link it read into a system path maps that path through the sysroot again (and so
+through the ``..`` check). For the real root "/" nothing of this changes anything.
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kjumpd.errors import SysrootError
+from kjumpd.errors import SysrootError, shown
 
 
 @dataclass(frozen=True)
@@ -33,12 +44,34 @@ class Sysroot:
         """Map an absolute system path into the root."""
         s = os.fspath(p)
         if not s.startswith("/"):
-            raise SysrootError(f"internal: path {s!r} is not absolute")
+            raise SysrootError(f"internal: path {shown(s)} is not absolute")
+        depth = 0
+        for part in s.split("/"):
+            if part == "..":
+                depth -= 1
+                if depth < 0:
+                    raise SysrootError(
+                        f"path {shown(s, 200)} leaves the system root",
+                        why=f"its '..' climbs above / (root {self.root})",
+                        fix="name the file without '..' above the root; if it came from a "
+                        "configuration value or a link, correct that",
+                        path=shown(s, 200),
+                    )
+            elif part not in ("", "."):
+                depth += 1
         return self.root / s.lstrip("/") if not self.is_real else Path(s)
 
     def unmap(self, p: str | os.PathLike[str]) -> str:
-        """The system path ("/sys/...") of a real path under the root."""
-        rel = Path(p).relative_to(self.root)
+        """The system path ("/sys/...") of a real path under the root (one outside it, such as
+        where an absolute link in a fake tree leads, is a SysrootError)."""
+        try:
+            rel = Path(p).relative_to(self.root)
+        except ValueError:
+            raise SysrootError(
+                f"{shown(os.fspath(p), 200)} is outside the system root {self.root}",
+                why="a link in the tree leads out of it",
+                fix="make the link relative, inside the tree",
+            ) from None
         return "/" + str(rel) if str(rel) != "." else "/"
 
     def exists(self, p: str) -> bool:

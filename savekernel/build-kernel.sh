@@ -3,6 +3,10 @@
 # Usage: savekernel/build-kernel.sh [SERIES]   (SERIES defaults to 6.12)
 # Prints the path of the cached bzImage on its last line. The cache lives under
 # ${KJUMPD_CACHE:-~/.cache/kjumpd}/kernel/<source-version>-<fragment-hash>/ and is reused when present.
+# Builds of one series take turns (flock on kernel/.build-SERIES.lock: the download, the
+# unpacked source and the build directory are shared); an entry is built under a temporary
+# name and renamed into place when complete, so one that exists is whole (as
+# savekernel/buildcache.py does for the Python builders).
 set -euo pipefail
 series=${1:-6.12}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,6 +15,8 @@ fragment=$here/kernel.fragment
 frag_hash=$(sha256sum "$fragment" | cut -c1-12)
 aptdir=$cache/apt
 mkdir -p "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$cache/kernel"
+exec 9>>"$cache/kernel/.build-$series.lock"
+flock 9
 
 mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
 mirror=${mirror:-http://deb.debian.org/debian}
@@ -70,7 +76,10 @@ done < "$fragment"
 [ $missing = 0 ] || { echo "kernel: the fragment did not apply; see above" >&2; exit 1; }
 echo "kernel: building $version ($(nproc) jobs)" >&2
 make -s -j"$(nproc)" bzImage >&2
-mkdir -p "$out"
-cp arch/x86/boot/bzImage "$out/bzImage.tmp" && mv "$out/bzImage.tmp" "$out/bzImage"
-cp .config "$out/config"
+partial=$out.partial-$$
+rm -rf "$out.partial-"* "$out"
+mkdir -p "$partial"
+cp arch/x86/boot/bzImage "$partial/bzImage"
+cp .config "$partial/config"
+mv -T "$partial" "$out"
 echo "$out/bzImage"

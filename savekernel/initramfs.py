@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:  # `python savekernel/initramfs.py` as well as `-m
 
 from kjumpd import cpio, zstdframe
 from kjumpd.errors import KjumpError
+from savekernel import buildcache
 
 log = logging.getLogger("kjumpd.savekernel.initramfs")
 
@@ -258,7 +259,7 @@ def _unpack_with(tool: str, args: list[str], data: bytes) -> bytes:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KJUMPD_CACHE") or Path.home() / ".cache" / "kjumpd") / "initramfs"
+    return buildcache.cache_root() / "initramfs"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,13 +670,14 @@ def build_initramfs(
         cdir / f"{name}-{key}.cpio{ {'gzip': '.gz', 'zstd': '.zst', 'lz4': '.lz4'}.get(how, '') }"
     )
     meta = cdir / f"{name}-{key}.json"
-    hit = cached.is_file() and meta.is_file()
-    if not hit:
-        cdir.mkdir(parents=True, exist_ok=True)
+
+    def complete(archive: Path) -> bool:
+        return archive.is_file() and meta.is_file()
+
+    def make(tmp_out: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="kjumpd-initramfs-") as tmp:
             compiled = _compile_all(plan, Path(tmp))
             raw = cpio.write(_entries(plan, init_script, compiled))
-        tmp_out = cached.with_suffix(".tmp")
         packed = _compress(raw, how)
         if how == "lz4":
             # an lz4 legacy stream has no end mark: the kernel's reader stops at a zero block
@@ -686,13 +688,19 @@ def build_initramfs(
         # and skips zeros between archives (its gzip, lz4 and zstd readers stop at the end
         # of their stream).
         packed += bytes(-len(packed) % 4)
+        # the figures first: the archive is renamed into place last, so one that exists
+        # always has them
+        tmp_meta = meta.with_name(f".{meta.name}.partial-{os.getpid()}")
+        tmp_meta.write_text(
+            json.dumps({"uncompressed_size": len(raw), "members": len(cpio.read(raw))})
+        )
+        os.replace(tmp_meta, meta)
         with open(tmp_out, "wb") as f:
             f.write(packed)
-        os.replace(tmp_out, cached)
-        meta.write_text(json.dumps({"uncompressed_size": len(raw), "members": len(cpio.read(raw))}))
-        log.info(
-            "initramfs %s: %d bytes (%d uncompressed)", cached, cached.stat().st_size, len(raw)
-        )
+        log.info("initramfs %s: %d bytes (%d uncompressed)", cached, len(packed), len(raw))
+
+    hit = not buildcache.build_entry(cached, make, valid=complete)
+    if not hit:
         prune_cache(cdir, name)
     else:
         os.utime(cached)  # in use: pruning spares recently used archives

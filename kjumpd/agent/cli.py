@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kjumpd import subcommands
-from kjumpd.errors import ConfigError, KjumpError, TargetError
+from kjumpd.errors import KjumpError, TargetError, UsageError
 from kjumpd.image.heap import tune_heap
 from kjumpd.job import MAX_CHUNK_SIZE
 
@@ -54,28 +54,28 @@ def parse_ranges(text: str) -> list[tuple[int, int]]:
             continue
         a, sep, b = part.partition("-")
         if not sep:
-            raise ConfigError(
+            raise UsageError(
                 f"memory range {part!r} is not START-END",
                 fix="write ranges as START-END[,START-END...], END exclusive",
             )
         try:
             start, end = _num(a), _num(b)
         except ValueError:
-            raise ConfigError(
+            raise UsageError(
                 f"memory range {part!r} has a bad number", fix="use decimal or 0x-prefixed hex"
             ) from None
         if end <= start:
-            raise ConfigError(
+            raise UsageError(
                 f"memory range {part!r} is empty",
                 fix="END must be greater than START (END is exclusive)",
             )
         out.append((start, end))
     if not out:
-        raise ConfigError("no memory ranges given", fix="pass --ranges START-END")
+        raise UsageError("no memory ranges given", fix="pass --ranges START-END")
     out.sort()
     for (a0, b0), (a1, b1) in zip(out, out[1:]):
         if a1 < b0:
-            raise ConfigError(
+            raise UsageError(
                 f"memory ranges {a0:#x}-{b0:#x} and {a1:#x}-{b1:#x} overlap",
                 fix="give ranges that do not overlap",
             )
@@ -150,14 +150,20 @@ def cmd_save(args: argparse.Namespace) -> int:
     ranges = parse_ranges(args.ranges)
     chunk = args.chunk_size or save.DEFAULT_CHUNK_SIZE
     if chunk > MAX_CHUNK_SIZE:
-        raise ConfigError(
+        raise UsageError(
             f"--chunk-size {chunk} is larger than 1 MiB ({MAX_CHUNK_SIZE})",
             why="larger chunks push the agent past its 64 MiB memory bound",
             fix=f"pass --chunk-size {MAX_CHUNK_SIZE} or less",
         )
+    if chunk % 4096:
+        raise UsageError(
+            f"--chunk-size {chunk} is not a multiple of 4096",
+            why="chunks hold whole pages",
+            fix="pass a multiple of 4096, e.g. --chunk-size 1048576",
+        )
     with FileMemorySource(args.memory) as source:
         if ranges[-1][1] > source.size:
-            raise ConfigError(
+            raise UsageError(
                 f"range end {ranges[-1][1]:#x} is past the end of {args.memory}",
                 why=f"the memory file holds {source.size} bytes",
                 fix="give ranges inside the memory file",
@@ -343,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(func(args))
+    except UsageError as err:
+        return subcommands.usage_error(parser, "kjump-agent", err)
     except KjumpError as err:
         print(f"kjump-agent: {err.message}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from kjumpd.errors import (
     KjumpError,
     NotAuthorizedError,
     UnsupportedError,
+    UsageError,
 )
 
 #: modules that contribute commands, in --help order
@@ -35,6 +36,7 @@ COMMAND_MODULES = [
 ]
 
 EXIT_CODES: list[tuple[type[KjumpError], int]] = [
+    (UsageError, 2),
     (DaemonNotRunningError, 4),
     (BusyError, 5),
     (NotAuthorizedError, 6),
@@ -59,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 not supported, 4 daemon not running, "
         "5 busy, 6 not authorized, 7 image invalid",
     )
-    parser.add_argument("--sysroot", default="/", help="system root for local commands (tests)")
+    parser.add_argument(
+        "--sysroot",
+        default="/",
+        type=subcommands.directory,
+        help="system root for local commands (tests)",
+    )
     parser.add_argument(
         "--bus", default=None, help="D-Bus address of kjumpd (default: the system bus)"
     )
@@ -80,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KjumpError as err:
         if getattr(args, "json", False):
             print(json.dumps(err.to_dict()))
+        elif isinstance(err, UsageError):
+            return subcommands.usage_error(parser, "kjumpctl", err)
         else:
             print(f"kjumpctl: {err.message}", file=sys.stderr)
         return exit_code_for(err)

@@ -19,7 +19,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from kjumpd.errors import ConfigError
+from kjumpd.errors import ConfigError, UsageError
 from kjumpd.modes import MODES
 
 if TYPE_CHECKING:  # imported where used: kjumpctl's start-up (every command) stays light
@@ -37,6 +37,10 @@ def _load(args: argparse.Namespace) -> tuple[Sysroot, cfgmod.Config]:
     if getattr(args, "config", None):
         try:
             text = Path(args.config).read_text()
+        except FileNotFoundError:
+            raise UsageError(
+                f"--config {args.config}: no such file", fix="pass an existing file to --config"
+            ) from None
         except OSError as e:
             raise ConfigError(
                 f"cannot read {args.config}",
@@ -158,7 +162,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     did = False
     if args.target or args.size:
         path = args.target or cfg.target
-        size = cfgmod.parse_size(args.size, "--size") if args.size else cfg.target_size
+        size = args.size if args.size is not None else cfg.target_size
         target, uuid = blockmap.setup(sr, path, size)
         print(
             f"target {target.path}: {target.size >> 20} MiB, UUID {uuid}, on {target.disk} "
@@ -202,7 +206,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
         print("\n".join(lines))
         return 1 if any(" is not installed " in line for line in lines) else 0
     if not did:
-        raise ConfigError(
+        raise UsageError(
             "setup needs something to do",
             fix="pass --target/--size, --jump-area, --bootloader or --save-kernel",
         )
@@ -210,6 +214,16 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if not ok:
         print("\n".join(lines))
     return 0
+
+
+def size_arg(text: str) -> int:
+    """An argparse type: a size as the configuration writes it ("8G"); else exit 2."""
+    from kjumpd.daemon import config as cfgmod
+
+    try:
+        return cfgmod.parse_size(text, "--size")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
 
 
 def register(sub: Any) -> None:
@@ -228,7 +242,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("setup", help="prepare the target, the jump area and the boot entry")
     p.add_argument("--config", default=None, help="configuration file to use")
     p.add_argument("--target", default=None, help="image file or partition (default: config)")
-    p.add_argument("--size", default=None, help="image file size, e.g. 8G")
+    p.add_argument("--size", default=None, type=size_arg, help="image file size, e.g. 8G")
     p.add_argument(
         "--jump-area",
         action="store_true",

@@ -20,6 +20,17 @@ from typing import Any
 from kjumpd.errors import ImageError, ImageFormatError, KjumpError, TargetError
 
 
+def offset_arg(text: str) -> int:
+    """An argparse type: a byte offset (decimal or 0x hex, 0 or more); else exit 2."""
+    try:
+        n = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return n
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("image", help="inspect, verify or invalidate an image target")
     isub = p.add_subparsers(dest="image_command", metavar="ACTION")
@@ -29,7 +40,7 @@ def register(sub: Any) -> None:
         q.add_argument("file", metavar="FILE", help="target file, disk or partition")
         q.add_argument(
             "--offset",
-            type=int,
+            type=offset_arg,
             default=0,
             metavar="BYTES",
             help="device offset of the target superblock (default 0)",

@@ -32,7 +32,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kjumpd.errors import BlockMapError, KjumpError, TargetError
+from kjumpd.errors import BlockMapError, KjumpError, TargetError, UsageError
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -442,6 +442,27 @@ def verify_on_disk(sysroot: Sysroot, target: Target, uuid: str) -> None:
         )
 
 
+def _refuse_to_overwrite(real: os.PathLike[str], path: str) -> None:
+    """Setup re-creates a target, or fills an empty file; any other file is the user's and
+    is not overwritten."""
+    from kjumpd.image import store
+    from kjumpd.image.device import ImageDevice
+
+    try:
+        st = os.stat(real)
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            return
+        with ImageDevice(real, writable=False) as dev:
+            store.read_superblock(dev)
+    except (OSError, KjumpError) as e:
+        raise TargetError(
+            f"{path} exists and is not a kjumpd target",
+            why=e.strerror or str(e) if isinstance(e, OSError) else e.message,
+            fix=f"choose another path, or remove {path} yourself if nothing in it matters",
+            path=path,
+        ) from None
+
+
 def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
     """Create (file) or claim (partition) a target, stamp and verify it; (Target, UUID)."""
     from kjumpd.image import store
@@ -450,19 +471,31 @@ def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
     real = sysroot.path(path)
     is_dev = path.startswith("/dev/")
     if not is_dev:
-        parent = real.parent
-        if not parent.is_dir():
-            parent.mkdir(mode=0o700, parents=True)
         if size <= 0:
-            raise TargetError(
+            raise UsageError(
                 "setup needs --size for a file target",
                 fix="pass --size, e.g. --size 8G (about your RAM in use)",
             )
+        parent = real.parent
+        if not parent.is_dir():
+            parent.mkdir(mode=0o700, parents=True)
+        existed = os.path.lexists(real)
+        if existed:
+            _refuse_to_overwrite(real, path)
         sb = store.create_target(real, size)
-        os.chmod(real, 0o600)
-        uuid = sb.uuid_str
-        target = translate(sysroot, path)
-        return target, stamp(sysroot, target, uuid)
+        try:
+            os.chmod(real, 0o600)
+            target = translate(sysroot, path)
+            return target, stamp(sysroot, target, sb.uuid_str)
+        except KjumpError as e:
+            # a file the kernel cannot hold the image in (a refused filesystem, an unknown
+            # device) is not left behind as if it were a target; one the user had stays
+            if existed:
+                raise
+            store.discard_new_file(real)
+            removed = f"the new file {path} was removed"
+            fix = f"{e.fix}; {removed}" if e.fix else removed
+            raise type(e)(e.what, why=e.why, fix=fix, **e.context) from None
     target = translate(sysroot, path)
     with ImageDevice(sysroot.path(target.disk), target.block_extents(), writable=True) as dev:
         import uuid as uuidlib

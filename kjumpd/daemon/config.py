@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kjumpd.errors import ConfigError
+from kjumpd.errors import ECHO_LIMIT, ConfigError, shown
 from kjumpd.job import MAX_CHUNK_SIZE
 from kjumpd.modes import MODES
 from kjumpd.sysroot import Sysroot
@@ -23,29 +23,65 @@ CONFIG_PATH = "/etc/kjumpd/kjumpd.toml"
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
 
+#: The largest size or address a key may hold: 4 PiB. x86-64 physical addresses are at most
+#: 52 bits wide (MAXPHYADDR <= 52, the reach of 5-level paging), so no RAM, no reservation
+#: in it and no image of it can be larger; anything above is a typo, and every value stays
+#: far inside 64 bits when offsets are added to it.
+PHYS_LIMIT = 1 << 52
+#: the kernel reserves crashkernel=SIZE@OFFSET with this alignment on x86-64 (CRASH_ALIGN):
+#: at an unaligned OFFSET it reserves nothing
+JUMP_AREA_ALIGN = 16 << 20
+#: the jump area must end below 64 TiB, the reach of 4-level paging (the kernel's
+#: CRASH_ADDR_HIGH_MAX on x86-64): a kernel that pages with 4 levels cannot run above it
+JUMP_AREA_END_MAX = 1 << 46
+#: the smallest jump area kjumpd asks for (the save kernel, its initramfs and the agent)
+MIN_JUMP_AREA = 128 << 20
+#: below this the save kernel's Python and the agent's buffers do not fit
+MIN_AGENT_MEMORY = 16 << 20
+PAGE = 4096
+#: Linux's PATH_MAX; a longer path cannot be opened
+PATH_MAX = 4096
+#: the x86 kernel command line holds at most 2047 characters (COMMAND_LINE_SIZE 2048)
+CMDLINE_MAX = 2047
+#: the longest file name: a bus, device or driver name is one in sysfs
+NAME_MAX = 255
+#: the longest group name shadow-utils creates
+GROUP_MAX = 32
+
 
 def parse_size(value: Any, key: str) -> int:
-    """123, "123", "128M", "8G", "0x20000000" -> bytes; ConfigError naming ``key`` otherwise."""
+    """123, "123", "128M", "8G", "0x20000000" -> bytes (at most PHYS_LIMIT); ConfigError
+    naming ``key``, the value and the allowed form otherwise."""
+    n: int | None = None
     if isinstance(value, bool):
         pass
     elif isinstance(value, int) and value >= 0:
-        return value
+        n = value
     elif isinstance(value, str):
         v = value.strip()
         if v.lower().startswith("0x"):
             try:
-                return int(v, 16)
+                n = int(v, 16)
             except ValueError:
                 pass
-        m = _SIZE_RE.match(v)
+        m = _SIZE_RE.match(v) if n is None else None
         if m:
-            return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
-    raise ConfigError(
-        f"{key} must be a size",
-        why=f"got {value!r}",
-        fix=f'write {key} = "128M" (bytes, or K/M/G/T suffix, or 0x hex)',
-        key=key,
-    )
+            n = int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    if n is None:
+        raise ConfigError(
+            f"{key} must be a size",
+            why=f"got {shown(value)}",
+            fix=f'write {key} = "128M" (bytes, or K/M/G/T suffix, or 0x hex)',
+            key=key,
+        )
+    if n > PHYS_LIMIT:
+        raise ConfigError(
+            f"{key} must be at most {format_size(PHYS_LIMIT)} ({PHYS_LIMIT:#x})",
+            why=f"got {shown(value)}, which no x86-64 machine can address",
+            fix=f'write {key} as a size up to {format_size(PHYS_LIMIT)}, e.g. "8G"',
+            key=key,
+        )
+    return n
 
 
 def format_size(n: int) -> str:
@@ -114,11 +150,11 @@ class Config:
 
 # TOML key -> (Config field, kind)
 _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
-    "target": {"path": ("target", "abspath"), "size": ("target_size", "size")},
+    "target": {"path": ("target", "abspath"), "size": ("target_size", "target_size")},
     "jump_area": {
-        "start": ("jump_area_start", "size"),
-        "size": ("jump_area_size", "size"),
-        "agent_memory": ("agent_memory", "size"),
+        "start": ("jump_area_start", "jump_area_start"),
+        "size": ("jump_area_size", "jump_area_size"),
+        "agent_memory": ("agent_memory", "agent_memory"),
     },
     "hibernate": {
         "mode": ("mode", "mode"),
@@ -135,8 +171,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "initramfs": ("save_initramfs", "abspath"),
         "kernel_sha256": ("save_kernel_sha256", "sha256"),
         "initramfs_sha256": ("save_initramfs_sha256", "sha256"),
-        "append": ("save_append", "str"),
-        "kexec": ("kexec", "str"),
+        "append": ("save_append", "cmdline"),
+        "kexec": ("kexec", "program"),
     },
     "quiesce": {
         "disable_wakeup": ("disable_wakeup", "bool"),
@@ -157,22 +193,67 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "floor_percent": ("battery_floor_percent", "percent"),
         "rearm_min_seconds": ("battery_rearm_min_seconds", "seconds_int"),
     },
-    "authz": {"group": ("authz_group", "str")},
+    "authz": {"group": ("authz_group", "group")},
 }
 
 
 def _bad(key: str, expected: str, value: Any, example: str) -> ConfigError:
     return ConfigError(
         f"{key} must be {expected}",
-        why=f"got {value!r}",
+        why=f"got {shown(value)}",
         fix=f"in {CONFIG_PATH} write {key} = {example}",
         key=key,
     )
 
 
+def _size_in(key: str, v: Any, low: int, high: int, align: int, example: str) -> int:
+    """A size in [low, high], a multiple of ``align``: what the kernel or the agent needs."""
+    n = parse_size(v, key)
+    if not low <= n <= high or n % align:
+        form = f"a size from {format_size(low)} to {format_size(high)}"
+        if align > 1:
+            form += f", a multiple of {format_size(align)}"
+        raise _bad(key, form, v, example)
+    return n
+
+
+def _path_ok(v: Any) -> bool:
+    """Absolute, openable, and with no ``..``: it names one place, whatever the cwd or links
+    above it, and a reviewer of the file sees where."""
+    return (
+        isinstance(v, str)
+        and v.startswith("/")
+        and len(v) <= PATH_MAX
+        and "\0" not in v
+        and ".." not in v.split("/")
+    )
+
+
+def _plain_text(v: Any, limit: int) -> bool:
+    """One line of printable text: nothing that could end a command line or forge a log line."""
+    return isinstance(v, str) and len(v) <= limit and v.isprintable()
+
+
 def _convert(kind: str, key: str, v: Any) -> Any:
     if kind == "size":
         return parse_size(v, key)
+    if kind == "target_size":
+        from kjumpd.image.store import MIN_TARGET_SIZE
+
+        n = parse_size(v, key)
+        if 0 < n < MIN_TARGET_SIZE:
+            raise _bad(
+                key, f"0 (sized by setup) or at least {format_size(MIN_TARGET_SIZE)}", v, '"8G"'
+            )
+        return n
+    if kind == "jump_area_start":
+        return _size_in(key, v, 0, JUMP_AREA_END_MAX, JUMP_AREA_ALIGN, '"0x20000000"')
+    if kind == "jump_area_size":
+        # kexec loads whole pages into it
+        return _size_in(key, v, MIN_JUMP_AREA, JUMP_AREA_END_MAX, PAGE, '"192M"')
+    if kind == "agent_memory":
+        # it lives inside the jump area: a plain amount, no alignment of its own
+        return _size_in(key, v, MIN_AGENT_MEMORY, JUMP_AREA_END_MAX, 1, '"64M"')
     if kind == "image_size":
         if isinstance(v, str) and v.strip().lower() == "auto":
             return -1
@@ -182,7 +263,8 @@ def _convert(kind: str, key: str, v: Any) -> Any:
         if n < 4096 or n & (n - 1) or n > MAX_CHUNK_SIZE:
             raise ConfigError(
                 f"{key} must be a power of two between 4K and 1M",
-                why=(f"got {v!r}; larger chunks push the save agent past its 64 MiB memory bound"),
+                why=f"got {shown(v)}; larger chunks push the save agent past its 64 MiB memory "
+                "bound",
                 fix=f'in {CONFIG_PATH} write {key} = "1M"',
                 key=key,
             )
@@ -191,13 +273,36 @@ def _convert(kind: str, key: str, v: Any) -> Any:
         if not isinstance(v, bool):
             raise _bad(key, "true or false", v, "true")
         return v
-    if kind == "str":
-        if not isinstance(v, str):
-            raise _bad(key, "a string", v, '"..."')
+    if kind == "cmdline":
+        if not _plain_text(v, CMDLINE_MAX):
+            raise _bad(
+                key, f"one line of at most {CMDLINE_MAX} printable characters", v, '"console=ttyS0"'
+            )
+        return v
+    if kind == "program":
+        if not _plain_text(v, PATH_MAX) or not v or ("/" in v and not _path_ok(v)):
+            raise _bad(
+                key, "a program name or an absolute path without '..'", v, '"/usr/sbin/kexec"'
+            )
+        return v
+    if kind == "group":
+        if (
+            not isinstance(v, str)
+            or not re.fullmatch(r"([A-Za-z0-9_][A-Za-z0-9_.-]*\$?)?", v)
+            or len(v) > GROUP_MAX
+        ):
+            raise _bad(
+                key, f"a group name (letters, digits, _ . -, at most {GROUP_MAX})", v, '"wheel"'
+            )
         return v
     if kind == "abspath":
-        if not isinstance(v, str) or not v.startswith("/"):
-            raise _bad(key, "an absolute path", v, '"/var/lib/kjumpd/image"')
+        if not _path_ok(v):
+            raise _bad(
+                key,
+                f"an absolute path without '..' (at most {PATH_MAX} characters)",
+                v,
+                '"/var/lib/kjumpd/image"',
+            )
         return v
     if kind == "sha256":
         if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
@@ -216,12 +321,15 @@ def _convert(kind: str, key: str, v: Any) -> Any:
             raise _bad(key, '"abort" or "continue"', v, '"abort"')
         return v
     if kind in ("strlist", "pathlist"):
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise _bad(key, "a list of strings", v, '["..."]')
-        if kind == "pathlist" and not all(x.startswith("/") for x in v):
-            raise _bad(key, "a list of absolute paths", v, '["/etc/kjumpd/sleep.d"]')
+        if not isinstance(v, list) or not all(_plain_text(x, PATH_MAX) and x for x in v):
+            raise _bad(
+                key, f"a list of non-empty strings (at most {PATH_MAX} characters)", v, '["..."]'
+            )
+        if kind == "pathlist" and not all(_path_ok(x) for x in v):
+            raise _bad(key, "a list of absolute paths without '..'", v, '["/etc/kjumpd/sleep.d"]')
         return tuple(v)
-    if kind in ("seconds", "seconds_int"):
+    if kind == "seconds":
+        # a day: the longest any one step of a transition may sensibly be waited for
         if (
             isinstance(v, bool)
             or not isinstance(v, (int, float))
@@ -229,10 +337,19 @@ def _convert(kind: str, key: str, v: Any) -> Any:
             or v <= 0
             or v > 86400
         ):
-            raise _bad(key, "a number of seconds in (0, 86400]", v, "30")
-        return int(v) if kind == "seconds_int" else float(v)
+            raise _bad(key, "a number of seconds above 0 and at most 86400", v, "30")
+        return float(v)
+    if kind == "seconds_int":
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 86400:
+            raise _bad(key, "a whole number of seconds from 1 to 86400", v, "300")
+        return v
     if kind == "percent":
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not math.isfinite(v)
+            or not 0 <= v <= 100
+        ):
             raise _bad(key, "a percentage between 0 and 100", v, "10")
         return float(v)
     if kind == "unbind":
@@ -248,7 +365,10 @@ def _convert(kind: str, key: str, v: Any) -> Any:
             if (
                 not isinstance(q, dict)
                 or set(q) != {"bus", "device", "driver"}
-                or not all(isinstance(x, str) and x and "/" not in x for x in q.values())
+                or not all(
+                    _plain_text(x, NAME_MAX) and x and "/" not in x and x not in (".", "..")
+                    for x in q.values()
+                )
             ):
                 raise _bad(
                     f"{key}[{i}]",
@@ -261,32 +381,49 @@ def _convert(kind: str, key: str, v: Any) -> Any:
     raise AssertionError(kind)
 
 
+def _key_name(name: str) -> str:
+    """A key or section name from the file as an error shows it: quoted and cut short when
+    it is long or not plain (TOML allows any text in a quoted key)."""
+    return name if _plain_text(name, ECHO_LIMIT) else shown(name)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     values: dict[str, Any] = {}
     for section, body in data.items():
         if section not in _SCHEMA:
+            name = _key_name(section)
             raise ConfigError(
-                f"unknown section [{section}]",
+                f"unknown section [{name}]",
                 why="known: " + ", ".join(sorted(_SCHEMA)),
-                fix=f"remove or rename [{section}] in {CONFIG_PATH}",
-                key=section,
+                fix=f"remove or rename [{name}] in {CONFIG_PATH}",
+                key=name,
             )
         if not isinstance(body, dict):
             raise ConfigError(f"{section} must be a table", fix=f"write [{section}]", key=section)
         for k, v in body.items():
             key = f"{section}.{k}"
             if k not in _SCHEMA[section]:
+                name = f"{section}.{_key_name(k)}"
                 raise ConfigError(
-                    f"unknown key {key}",
+                    f"unknown key {name}",
                     why="known: " + ", ".join(sorted(_SCHEMA[section])),
-                    fix=f"remove or rename {key} in {CONFIG_PATH}",
-                    key=key,
+                    fix=f"remove or rename {name} in {CONFIG_PATH}",
+                    key=name,
                 )
             name, kind = _SCHEMA[section][k]
             values[name] = _convert(kind, key, v)
     cfg = Config(**values)
-    if cfg.jump_area_start is not None and cfg.jump_area_start % 4096:
-        raise _bad("jump_area.start", "page aligned", hex(cfg.jump_area_start), '"0x20000000"')
+    if cfg.jump_area_start is not None:
+        end = cfg.jump_area_start + (cfg.jump_area_size or MIN_JUMP_AREA)
+        if end > JUMP_AREA_END_MAX:
+            raise ConfigError(
+                "jump_area.start + jump_area.size must be at most "
+                f"{format_size(JUMP_AREA_END_MAX)} ({JUMP_AREA_END_MAX:#x})",
+                why=f"the area would end at {end:#x}, where a kernel with 4-level paging "
+                "(the save kernel's) cannot run",
+                fix=f'in {CONFIG_PATH} write jump_area.start = "0x20000000"',
+                key="jump_area.start",
+            )
     return cfg
 
 

@@ -18,12 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kjumpd import zstdframe
-from kjumpd.daemon.config import Config, format_size, parse_size
+from kjumpd.daemon.config import (
+    JUMP_AREA_ALIGN,
+    MIN_JUMP_AREA,
+    Config,
+    format_size,
+    parse_size,
+)
 from kjumpd.errors import ConfigError, JumpAreaError, KjumpError
 from kjumpd.sysroot import Sysroot
 
 MiB = 1 << 20
-ALIGN = 16 * MiB
+ALIGN = JUMP_AREA_ALIGN
 DEFAULT_START = 0x20000000  # 512 MiB: what the VM tier reserves
 _CK_RE = re.compile(r"(?:^|\s)crashkernel=(\S+)")
 
@@ -200,7 +206,7 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
     d = discover(sysroot)
     want = JumpArea(
         config.jump_area_start if config.jump_area_start is not None else DEFAULT_START,
-        max(need or 0, config.jump_area_size or 0, 128 * MiB),
+        max(need or 0, config.jump_area_size or 0, MIN_JUMP_AREA),
     )
     add = (
         f"add {want.kernel_arg} to the kernel command line (kjumpctl setup --jump-area) and reboot"

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from kjumpd.errors import ConfigError, KjumpError
+from kjumpd import subcommands
+from kjumpd.errors import ConfigError, KjumpError, UsageError
 
 log = logging.getLogger("kjumpd")
 
@@ -91,13 +92,30 @@ def setup_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
     return handler
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def seconds_arg(text: str) -> float:
+    """An argparse type: a finite number of seconds from 0 to a day; else exit 2."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of seconds") from None
+    if not 0 <= v <= 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text[:40]} is not between 0 and 86400 seconds")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kjumpd",
         description="kjumpd: hibernation for Linux built on kexec jump "
         "(serves org.kjump.Manager1 on D-Bus)",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage",
     )
-    p.add_argument("--sysroot", default="/", help="system root (default /; tests use a fake tree)")
+    p.add_argument(
+        "--sysroot",
+        default="/",
+        type=subcommands.directory,
+        help="system root (default /; tests use a fake tree)",
+    )
     p.add_argument(
         "--bus",
         default=None,
@@ -117,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--stop-timeout",
-        type=float,
+        type=seconds_arg,
         default=60.0,
         metavar="SECONDS",
         help="on SIGTERM during a transition, wait this long for its rollback",
@@ -128,7 +146,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="thaw the filesystems and processes a stopped kjumpd left frozen, then "
         "exit (systemd runs this as ExecStopPost; nothing to do exits 0)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def load_config(sysroot: Any, path: str | None) -> Any:
@@ -139,7 +161,7 @@ def load_config(sysroot: Any, path: str | None) -> Any:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise ConfigError(
+        raise UsageError(
             f"configuration file {path} does not exist",
             fix="pass an existing file to --config",
             path=path,
@@ -399,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         daemon = Daemon(args)
         return daemon.run()
+    except UsageError as e:
+        return subcommands.usage_error(build_parser(), "kjumpd", e)
     except KjumpError as e:
         log.error("%s", e.message)
         return 1

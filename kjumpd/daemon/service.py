@@ -42,6 +42,13 @@ Errors are named D-Bus errors ``org.kjump.Error.<Name>`` (KjumpError.dbus_name) 
 the one-line "what: why (fix: ...)" of the error; e.g. org.kjump.Error.Busy for a request while
 a transition runs, org.kjump.Error.NotAuthorized, org.kjump.Error.InvalidArgs for a bad mode.
 
+Anyone on the bus may call: every method argument (the mode) is checked by :func:`bus_string`
+for type, length and content before it is logged, compared or echoed, and a refusal
+(org.kjump.Error.InvalidArgs) quotes at most ECHO_LIMIT characters of it. The interface takes
+no dicts or arrays. The signature of every call and the names in Properties.Get/GetAll/Set are
+checked by GDBus against INTROSPECTION before kjumpd sees them (its own replies quote an
+unknown property name whole; kjumpd neither receives nor logs it).
+
 Authorization (kjumpd.daemon.authz): Hibernate/SuspendToBoth need org.kjump.hibernate, Checkpoint
 (and Hibernate("checkpoint")) org.kjump.checkpoint, Cancel of another user's transition
 org.kjump.manage; reading properties, Check and CanHibernate need nothing. Callers are checked
@@ -68,7 +75,15 @@ from pydbus.generic import signal
 from pydbus.registration import ObjectRegistration, ObjectWrapper
 
 from kjumpd.daemon import authz
-from kjumpd.errors import BusyError, CancelledError, ConfigError, KjumpError, UnsupportedError
+from kjumpd.errors import (
+    ECHO_LIMIT,
+    BusyError,
+    CancelledError,
+    ConfigError,
+    KjumpError,
+    UnsupportedError,
+    shown,
+)
 from kjumpd.modes import MODES
 
 log = logging.getLogger(__name__)
@@ -115,6 +130,47 @@ class HibernationLike(Protocol):
 
     def check(self) -> Any: ...  # PreflightReport: .ok, .items
     def run(self, mode: str, cancel: threading.Event) -> Any: ...  # Outcome
+
+
+# --------------------------------------------------------------------------- arguments
+#: the longest D-Bus name (interface, member) the specification allows
+MAX_NAME = 255
+
+
+def bus_string(name: str, value: Any, *, allowed: Sequence[str], limit: int = MAX_NAME) -> str:
+    """An argument from the bus, checked before anything else sees it: a string of at most
+    ``limit`` printable characters that is one of ``allowed``; ConfigError (InvalidArgs)
+    naming the argument and quoting at most ECHO_LIMIT characters of it otherwise."""
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"argument {name} must be a string",
+            why=f"got {type(value).__name__}",
+            fix="pass a string",
+            argument=name,
+        )
+    choices = ", ".join(a for a in allowed if a) or "(none)"
+    if len(value) > limit:
+        raise ConfigError(
+            f"argument {name} is too long",
+            why=f"{len(value)} characters, at most {limit}: {shown(value)}",
+            fix=f"use one of {choices}",
+            argument=name,
+        )
+    if not value.isprintable():
+        raise ConfigError(
+            f"argument {name} has control characters",
+            why=f"got {shown(value)}",
+            fix=f"use one of {choices}",
+            argument=name,
+        )
+    if value not in allowed:
+        raise ConfigError(
+            f"unknown {name} {shown(value)}",
+            fix=f"use one of {choices}",
+            argument=name,
+            **{name: shown(value)},
+        )
+    return value
 
 
 # --------------------------------------------------------------------------- errors
@@ -367,6 +423,7 @@ class Manager:
     # -- methods ------------------------------------------------------------------------
     @dbus_method
     def Hibernate(self, mode: str, dbus_context: Any = None) -> None:
+        mode = bus_string("mode", mode, allowed=("", *self._modes), limit=ECHO_LIMIT)
         mode = mode or self._default_mode
         action = authz.ACTION_CHECKPOINT if mode == "checkpoint" else authz.ACTION_HIBERNATE
         self._start(mode, action, dbus_context)
@@ -439,12 +496,7 @@ class Manager:
         )
 
     def _start(self, mode: str, action: str, ctx: Any) -> None:
-        if mode not in self._modes:
-            # anyone on the bus can send this: echo a bounded part of it, never all of it
-            shown = repr(mode[:40]) + (f"... ({len(mode)} characters)" if len(mode) > 40 else "")
-            raise ConfigError(
-                f"unknown mode {shown}", fix=f"use one of {', '.join(self._modes)}", mode=shown
-            )
+        bus_string("mode", mode, allowed=self._modes, limit=ECHO_LIMIT)
         uid = None  # authorize first: callers who may not act learn nothing about the state
         if ctx is not None and self._authz is not None:
             uid = self._authz.require(ctx.sender, action, allows_interaction(ctx)).uid

@@ -10,6 +10,7 @@ Standard library only: this runs in the save kernel's initramfs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -54,49 +55,89 @@ def create_target(
 ) -> TargetSuperblock:
     """Create (or overwrite) a fully allocated target file of ``size`` bytes.
 
-    Every byte is written once (zeros), so the file is never sparse and its block map
-    does not change afterwards; then the superblock is stamped and the header is EMPTY.
+    The space is reserved first (posix_fallocate: a full filesystem fails at once, not after
+    gigabytes of writes), then every byte is written once (zeros), so the file is never sparse
+    and its block map does not change afterwards; then the superblock is stamped and the
+    header is EMPTY. If any step fails, a file this call created is removed (a half-made
+    target is never left for a later run to find); a file that was there before is left in
+    place, and the error says so.
     """
     size = -(-int(size) // ALIGN) * ALIGN
+    name = os.fspath(path)
     if size < MIN_TARGET_SIZE:
         raise TargetError(
             f"target size {size} is too small",
             why=f"a target needs at least {MIN_TARGET_SIZE} bytes",
             fix="choose a larger size",
-            path=os.fspath(path),
+            path=name,
         )
+    created = True
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            created = False
+            fd = os.open(path, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
     except OSError as e:
         raise TargetError(
-            f"cannot create target {os.fspath(path)}",
+            f"cannot create target {name}",
             why=e.strerror or str(e),
             fix="check the directory and permissions",
-            path=os.fspath(path),
+            path=name,
         ) from None
     try:
-        block = mmap.mmap(-1, 4 * 1024 * 1024)
         try:
-            done = 0
-            while done < size:
-                n = min(len(block), size - done)
-                done += os.pwrite(fd, memoryview(block)[:n], done)
+            _allocate(fd, size)
         finally:
-            block.close()
-        os.fsync(fd)
-    except OSError as e:
+            os.close(fd)
+        with ImageDevice(path, writable=True) as dev:
+            sb = stamp_superblock(dev, [BlockExtent(0, 0, size)], uuid=uuid)
+            init_header(dev, sb.uuid)
+    except (OSError, KjumpError) as e:
+        why = (e.strerror or str(e)) if isinstance(e, OSError) else e.message
+        if created:
+            discard_new_file(path)
+            left = "the partial file was removed"
+        else:
+            left = "the file that was there is left in place, no longer a target"
         raise TargetError(
-            f"cannot write target {os.fspath(path)}",
-            why=e.strerror or str(e),
-            fix="free disk space or choose a smaller size",
-            path=os.fspath(path),
+            f"cannot write target {name} ({size} bytes)",
+            why=f"{why}; {left}",
+            fix="free disk space or choose a smaller size, on a filesystem that can hold it",
+            path=name,
         ) from None
-    finally:
-        os.close(fd)
-    with ImageDevice(path, writable=True) as dev:
-        sb = stamp_superblock(dev, [BlockExtent(0, 0, size)], uuid=uuid)
-        init_header(dev, sb.uuid)
     return sb
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes, then write them once with zeros and flush."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        # a filesystem without fallocate: the writes below find out whether it fits
+    block = mmap.mmap(-1, 4 * 1024 * 1024)
+    try:
+        done = 0
+        while done < size:
+            n = min(len(block), size - done)
+            # the map itself, or a copy of its head: no buffer export outlives the call, so
+            # the close below cannot fail over one and hide a write error
+            done += os.pwrite(fd, block if n == len(block) else block[:n], done)
+    finally:
+        block.close()
+    os.fsync(fd)
+
+
+def discard_new_file(path: str | os.PathLike[str]) -> None:
+    """Remove a file this run created and could not finish (already gone is fine)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove the partial target %s: %s", os.fspath(path), e)
 
 
 def _uuid_bytes(uuid: bytes | str | None) -> bytes:
@@ -275,6 +316,7 @@ def read_metadata(dev: ImageDevice, header: Header) -> Metadata:
 
 __all__ = [
     "create_target",
+    "discard_new_file",
     "stamp_superblock",
     "read_superblock",
     "open_target",

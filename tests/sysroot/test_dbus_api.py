@@ -264,3 +264,10 @@ def test_without_polkit_members_of_the_configured_group_may_hibernate(
     finally:
         d.stop()
     assert "allowed org.kjump.hibernate to uid 65534" in d.log
+
+
+def test_hostile_arguments_are_refused_before_they_reach_the_log(bus, daemon) -> None:
+    # a mode that would forge a line in the daemon's log
+    r = gdbus_call(bus.address, "Hibernate", "test\nkjumpd: all is well")
+    assert r.returncode != 0 and "org.kjump.Error.InvalidArgs" in r.stderr, r.stderr
+    assert "control characters" in r.stderr

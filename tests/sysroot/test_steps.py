@@ -538,8 +538,10 @@ def test_kjumpctl_setup_errors_are_one_line(tree):
     # the file lands on this machine's filesystem, whose device the fake /sys does not list
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("kjumpctl: ") and "fix:" in r.stderr
+    assert "was removed" in r.stderr and not (tree / "var/lib/kjumpd/image").exists()
     r = kjumpctl(tree, "setup")
-    assert r.returncode == 1 and "needs something to do" in r.stderr
+    assert r.returncode == 2 and "needs something to do" in r.stderr
+    assert r.stderr.startswith("usage: kjumpctl")
 
 
 def test_kjumpctl_setup_bootloader_installs_the_entry(tree, tmp_path):

@@ -66,6 +66,6 @@ def test_agent_cli_refuses_chunk_size_above_1m(tmp_path: Path) -> None:
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         timeout=120,
     )
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     assert "--chunk-size" in r.stderr and "Traceback" not in r.stderr
     assert not target.exists()  # refused before anything was written

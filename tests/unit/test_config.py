@@ -82,7 +82,7 @@ def test_empty_file_gives_defaults():
         ("[timeouts]\nhooks = -1", "timeouts.hooks", "seconds"),
         ("[battery]\nfloor_percent = 120", "battery.floor_percent", "percentage"),
         ('[quiesce]\nunbind = [{bus = "pci"}]', "quiesce.unbind[0]", "bus, device, driver"),
-        ('[jump_area]\nstart = "0x1001"', "jump_area.start", "page aligned"),
+        ('[jump_area]\nstart = "0x1001"', "jump_area.start", "a multiple of 16M"),
         ('[hibernate]\nmood = "x"', "hibernate.mood", "unknown key"),
         ("[sleep]\nx = 1", "sleep", "unknown section"),
     ],
@@ -103,6 +103,8 @@ def test_syntax_error_is_one_line():
 @given(st.integers(0, 1 << 50), st.sampled_from(["", "K", "M", "G", "T"]))
 def test_sizes_round_trip(n, suffix):
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[suffix]
+    if n * mult > cfgmod.PHYS_LIMIT:
+        n = cfgmod.PHYS_LIMIT // mult
     assert cfgmod.parse_size(f"{n}{suffix}", "k") == n * mult
     assert cfgmod.parse_size(cfgmod.format_size(n * mult), "k") == n * mult
 
@@ -113,3 +115,108 @@ def test_image_size_is_auto_by_default_a_size_or_off(value, want):
     assert cfgmod.loads(f"[hibernate]\nimage_size = {value}\n").image_size == want
     with pytest.raises(ConfigError, match="image_size"):
         cfgmod.loads('[hibernate]\nimage_size = "half"\n')
+
+
+# ---------------------------------------------------------------- physical ranges
+OUT_OF_RANGE = [
+    # (text, key, words the message must carry: the allowed range)
+    ('[target]\nsize = "8192T"', "target.size", "at most 4096T"),
+    ("[target]\nsize = 4503599627370497", "target.size", "at most 4096T"),
+    ('[target]\nsize = "0x10000000000000000"', "target.size", "at most 4096T"),
+    ('[target]\nsize = "4K"', "target.size", "at least 1M"),
+    ('[hibernate]\nimage_size_limit = "99999T"', "hibernate.image_size_limit", "at most"),
+    ('[hibernate]\nimage_size = "99999T"', "hibernate.image_size", "at most"),
+    ('[jump_area]\nstart = "0x20000001"', "jump_area.start", "a multiple of 16M"),
+    ('[jump_area]\nstart = "0x21000000"', "jump_area.start", None),  # aligned: accepted
+    ('[jump_area]\nstart = "8192T"', "jump_area.start", "at most"),
+    ('[jump_area]\nstart = "128T"', "jump_area.start", "from 0 to 64T"),
+    ('[jump_area]\nstart = "64T"', "jump_area.start", "4-level paging"),
+    (f'[jump_area]\nstart = "{(64 << 20) - 128}M"', "jump_area.start", None),
+    ('[jump_area]\nsize = "64M"', "jump_area.size", "from 128M"),
+    ('[jump_area]\nsize = "200000001"', "jump_area.size", "a multiple of 4K"),
+    ('[jump_area]\nagent_memory = "1M"', "jump_area.agent_memory", "from 16M"),
+    ('[jump_area]\nagent_memory = "50000000"', "jump_area.agent_memory", None),
+    ('[jump_area]\nsize = "65T"', "jump_area.size", "to 64T"),
+    ("[timeouts]\nkexec = 86401", "timeouts.kexec", "at most 86400"),
+    ("[timeouts]\nkexec = 0", "timeouts.kexec", "above 0"),
+    ("[timeouts]\nkexec = nan", "timeouts.kexec", "at most 86400"),
+    ("[battery]\nrearm_min_seconds = 0.5", "battery.rearm_min_seconds", "from 1 to 86400"),
+    ("[battery]\nrearm_min_seconds = 0", "battery.rearm_min_seconds", "from 1 to 86400"),
+    ("[battery]\nfloor_percent = nan", "battery.floor_percent", "between 0 and 100"),
+    ('[target]\npath = "/var/lib/../../etc/shadow"', "target.path", "without '..'"),
+    ('[target]\npath = "/var/lib/kjumpd/.."', "target.path", "without '..'"),
+    ('[save_kernel]\nkernel = "/boot/../x"', "save_kernel.kernel", "without '..'"),
+    ('[hooks]\ndirs = ["/etc/kjumpd/../sleep.d"]', "hooks.dirs", "without '..'"),
+    ('[save_kernel]\nkexec = "../bin/kexec"', "save_kernel.kexec", "absolute path"),
+    ('[save_kernel]\nkexec = "/usr/../sbin/kexec"', "save_kernel.kexec", "without '..'"),
+    ('[save_kernel]\nappend = "quiet\\nroot=/dev/sda"', "save_kernel.append", "one line"),
+    ('[save_kernel]\nappend = "%s"' % ("x" * 2048), "save_kernel.append", "at most 2047"),
+    ('[authz]\ngroup = "wheel users"', "authz.group", "a group name"),
+    ('[quiesce]\nkeep_wakeup = [""]', "quiesce.keep_wakeup", "non-empty"),
+    (
+        '[quiesce]\nunbind = [{bus = "pci", device = "..", driver = "x"}]',
+        "quiesce.unbind[0]",
+        "plain names",
+    ),
+]
+
+
+@pytest.mark.parametrize("text,key,form", OUT_OF_RANGE)
+def test_values_outside_their_physical_range_are_refused(text, key, form):
+    if form is None:
+        cfgmod.loads(text)
+        return
+    with pytest.raises(ConfigError) as ei:
+        cfgmod.loads(text)
+    err = ei.value
+    assert err.context["key"] == key and key in err.what, err.message
+    assert form in err.message, err.message
+    assert "got " in err.why or "would end" in err.why
+    assert err.fix
+
+
+def test_a_long_value_is_echoed_clipped():
+    text = '[target]\npath = "relative/%s"' % ("a" * 100_000)
+    with pytest.raises(ConfigError) as ei:
+        cfgmod.loads(text)
+    assert len(ei.value.message) < 400 and "100009 characters" in ei.value.why
+
+
+@given(st.integers(0, (1 << 64) - 1))
+def test_any_size_up_to_64_bits_is_either_in_range_or_named(n):
+    text = f'[hibernate]\nimage_size_limit = "{n:#x}"\n'
+    if n <= cfgmod.PHYS_LIMIT:
+        assert cfgmod.loads(text).image_size_limit == n
+    else:
+        with pytest.raises(ConfigError, match="image_size_limit must be at most 4096T"):
+            cfgmod.loads(text)
+
+
+@given(st.integers(0, cfgmod.JUMP_AREA_END_MAX >> 12))
+def test_jump_area_start_must_be_16m_aligned_and_end_below_64t(n):
+    start = n << 12  # any page
+    text = f'[jump_area]\nstart = "{start:#x}"\n'
+    if start % (16 << 20) == 0 and start + (128 << 20) <= cfgmod.JUMP_AREA_END_MAX:
+        assert cfgmod.loads(text).jump_area_start == start
+    else:
+        with pytest.raises(ConfigError, match="jump_area.start"):
+            cfgmod.loads(text)
+
+
+@given(st.lists(st.sampled_from(["a", "b", "..", ".", ""]), min_size=1, max_size=6))
+def test_paths_with_a_dotdot_component_are_refused(parts):
+    path = "/" + "/".join(parts)
+    text = f'[target]\npath = "{path}"\n'
+    if ".." in parts:
+        with pytest.raises(ConfigError, match="without '..'"):
+            cfgmod.loads(text)
+    else:
+        assert cfgmod.loads(text).target == path
+
+
+def test_an_unknown_key_of_any_length_is_named_clipped():
+    text = '[hibernate]\n"%s" = 1\n' % ("k\\n" * 10_000)
+    with pytest.raises(ConfigError) as ei:
+        cfgmod.loads(text)
+    assert ei.value.what.startswith("unknown key hibernate.'k")
+    assert len(ei.value.message) < 400 and "\n" not in ei.value.message

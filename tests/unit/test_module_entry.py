@@ -34,9 +34,9 @@ def test_python_m_kjumpd_cli_reports_errors_like_kjumpctl(tmp_path: Path) -> Non
         str(tmp_path),
         "check",
         "--config",
-        str(tmp_path / "missing.toml"),
+        str(tmp_path),  # a directory: unreadable (a missing file is a usage error, exit 2)
     )
-    assert r.returncode != 0 and r.stderr.startswith("kjumpctl: cannot read")
+    assert r.returncode == 1 and r.stderr.startswith("kjumpctl: cannot read")
     assert "Traceback" not in r.stderr
 
 

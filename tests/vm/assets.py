@@ -16,7 +16,6 @@ goes on with the rest, and every scenario that needs the piece FAILS naming it. 
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import json
 import logging
@@ -86,11 +85,8 @@ def load() -> Assets:
 
 def build_kernel() -> Path:
     script = REPO / "savekernel" / "build-kernel.sh"
-    lock = rootfs.cache_dir() / "kernel" / ".assets.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as lf:
-        fcntl.flock(lf, fcntl.LOCK_EX)
-        proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True)
+    # the script takes the build's lock itself (it is also run by hand)
+    proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not out or not Path(out[-1]).is_file():
         raise AssetError(
@@ -240,7 +236,7 @@ def build_all() -> Assets:
     a.prepared = str(prepared) if prepared else None
     path = manifest_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")  # runs may overlap
     tmp.write_text(json.dumps(asdict(a), indent=2) + "\n")
     os.replace(tmp, path)
     return a

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kjumpd.errors import KjumpError
+from savekernel import buildcache
 
 log = logging.getLogger("kjumpd.vm.rootfs")
 
@@ -66,7 +67,7 @@ class RootfsError(KjumpError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KJUMPD_CACHE") or Path.home() / ".cache" / "kjumpd")
+    return buildcache.cache_root()
 
 
 def debian_mirror(sources: Path = Path("/etc/apt/sources.list.d/debian.sources")) -> str:
@@ -173,43 +174,45 @@ def build_tree(cache: Path | None = None) -> Path:
             why="debootstrap is not installed",
             fix="apt-get install debootstrap (tools/setup.sh does it)",
         )
-    partial = tree.with_name(tree.name + ".partial")
-    if partial.exists():
-        _safe_rmtree(partial)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    log.info("debootstrap %s into %s (minutes, once)", SUITE, partial)
-    _run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            "--include=" + ",".join(PACKAGES),
-            SUITE,
-            str(partial),
-            mirror,
-        ],
-        "debootstrap failed",
-    )
-    # Trim what the guest never uses: apt caches and docs (keeps the image small).
-    for sub in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale"):
-        p = partial / sub
-        if p.is_dir():
-            for child in p.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                elif child.name != "lock":
-                    child.unlink()
-    (partial / "etc/hostname").write_text("kjumpvm\n")
-    (partial / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
-    (partial / ".kjumpd-complete").write_text(mirror + "\n")
-    if _mounts_under(partial):
-        raise RootfsError(
-            "debootstrap left mounts in the tree",
-            why=", ".join(_mounts_under(partial)),
-            fix="unmount them and rerun `make vm-assets`",
+
+    def debootstrap(partial: Path) -> None:
+        log.info("debootstrap %s into %s (minutes, once)", SUITE, partial)
+        _run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=" + ",".join(PACKAGES),
+                SUITE,
+                str(partial),
+                mirror,
+            ],
+            "debootstrap failed",
         )
-    if tree.exists():
-        _safe_rmtree(tree)
-    partial.rename(tree)
+        # Trim what the guest never uses: apt caches and docs (keeps the image small).
+        for sub in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale"):
+            p = partial / sub
+            if p.is_dir():
+                for child in p.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    elif child.name != "lock":
+                        child.unlink()
+        (partial / "etc/hostname").write_text("kjumpvm\n")
+        (partial / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
+        (partial / ".kjumpd-complete").write_text(mirror + "\n")
+        if _mounts_under(partial):
+            raise RootfsError(
+                "debootstrap left mounts in the tree",
+                why=", ".join(_mounts_under(partial)),
+                fix="unmount them and rerun `make vm-assets`",
+            )
+
+    buildcache.build_entry(
+        tree,
+        debootstrap,
+        valid=lambda t: (t / ".kjumpd-complete").exists(),
+        remove=_safe_rmtree,
+    )
     return tree
 
 
@@ -274,29 +277,30 @@ def build_image(payload: Payload, cache: Path | None = None) -> Path:
     if image.exists():
         os.utime(image)  # marks it in use: pruning spares recently used images
         return image
-    _install_payload(tree, payload)
-    tmp = image.with_suffix(".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    with open(tmp, "wb") as f:
-        f.truncate(IMAGE_SIZE)
-    _run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-L",
-            "kjumpvm-root",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-            str(tree),
-            str(tmp),
-        ],
-        "mkfs.ext4 -d failed for the guest image",
-    )
-    tmp.rename(image)
-    prune_images(cache / "rootfs")
+
+    def mkfs(tmp: Path) -> None:
+        with buildcache.locked(tree):  # the one tree holds one payload at a time
+            _install_payload(tree, payload)
+            with open(tmp, "wb") as f:
+                f.truncate(IMAGE_SIZE)
+            _run(
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-L",
+                    "kjumpvm-root",
+                    "-E",
+                    "root_owner=0:0",
+                    "-d",
+                    str(tree),
+                    str(tmp),
+                ],
+                "mkfs.ext4 -d failed for the guest image",
+            )
+
+    if buildcache.build_entry(image, mkfs):
+        prune_images(cache / "rootfs")
     return image
 
 
