@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from kjumpd import cpio
-from kjumpd.errors import BootEntryError, ConfigError, FsStampError
+from kjumpd.errors import BootEntryError, ConfigError, FsStampError, InstallError
 from kjumpd.hashing import sha256_file
 from kjumpd.linux import cmdline as kernel_cmdline
 from kjumpd.linux import mountinfo
@@ -147,20 +147,13 @@ class BootEntry:
 
 
 def _template(name: str) -> str:
-    """A template from bootloader/templates (the checkout, or /usr/share/kjumpd)."""
-    candidates = []
-    if os.environ.get("KJUMPD_BOOTLOADER_DIR"):
-        candidates.append(Path(os.environ["KJUMPD_BOOTLOADER_DIR"]) / "templates" / name)
-    candidates.append(Path(__file__).resolve().parents[2] / "bootloader" / "templates" / name)
-    candidates.append(Path("/usr/share/kjumpd/bootloader/templates") / name)
-    for c in candidates:
-        if c.is_file():
-            return c.read_text()
-    raise BootEntryError(
-        f"template {name} is missing",
-        why=f"looked in {candidates[0].parent}",
-        fix="reinstall kjumpd or set KJUMPD_BOOTLOADER_DIR",
-    )
+    """A template from bootloader/templates (kjumpd.resources finds it)."""
+    from kjumpd import resources
+
+    try:
+        return resources.read_text("bootloader", f"templates/{name}")
+    except InstallError as e:
+        raise BootEntryError(f"template {name} is missing", why=e.why, fix=e.fix) from None
 
 
 def _check_cmdline(cmdline: str) -> None:
