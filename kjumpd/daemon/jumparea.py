@@ -100,16 +100,29 @@ def required_size(sysroot: Sysroot, config: Config) -> int:
     its unpacked size (gzip's ISIZE trailer, zstd's frame content size, lz4 legacy blocks, else
     x3) + the agent's working memory + 16 MiB for the kernel's own allocations, rounded up to
     16 MiB."""
-    kernel = read_init_size(sysroot.path(config.save_kernel))
+    return required_size_for(
+        sysroot.path(config.save_kernel),
+        sysroot.path(config.save_initramfs),
+        config.agent_memory,
+        config.save_initramfs,
+    )
+
+
+def required_size_for(
+    kernel_path: Path, initramfs_path: Path, agent_memory: int, initramfs_name: str = ""
+) -> int:
+    """``required_size`` for these host files (before they are installed)."""
+    initramfs_name = initramfs_name or str(initramfs_path)
+    kernel = read_init_size(kernel_path)
     try:
-        with open(sysroot.path(config.save_initramfs), "rb") as f:
+        with open(initramfs_path, "rb") as f:
             head = f.read(32)
             initrd = f.seek(0, 2)
             f.seek(max(0, initrd - 4))
             tail = f.read(4)
     except OSError as e:
         raise JumpAreaError(
-            f"save kernel initramfs {config.save_initramfs} is missing",
+            f"save kernel initramfs {initramfs_name} is missing",
             why=e.strerror or str(e),
             fix="build it (savekernel/) or set save_kernel.initramfs",
         ) from None
@@ -124,13 +137,12 @@ def required_size(sysroot: Sysroot, config: Config) -> int:
     ):
         unpacked = size
     elif (
-        head.startswith(LZ4_LEGACY_MAGIC)
-        and (size := _lz4_legacy_size(sysroot.path(config.save_initramfs))) is not None
+        head.startswith(LZ4_LEGACY_MAGIC) and (size := _lz4_legacy_size(initramfs_path)) is not None
     ):
         unpacked = size
     else:  # other compressions, or a padded gzip: ISIZE is not last
         unpacked = 3 * initrd
-    need = kernel + initrd + unpacked + config.agent_memory + 16 * MiB
+    need = kernel + initrd + unpacked + agent_memory + 16 * MiB
     return -(-need // ALIGN) * ALIGN
 
 
@@ -320,7 +332,10 @@ class FileEdit:
 
 
 def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
-    """Edits that put area.kernel_arg on the boot loader's kernel command line."""
+    """Edits that put area.kernel_arg on the boot loader's kernel command line (the normal
+    kernel's entries: kjumpd's own restore-first entry boots R, which needs no reservation)."""
+    from kjumpd.daemon.bootentry import BLS_ENTRY_ID
+
     edits: list[FileEdit] = []
     grub = "/etc/default/grub"
     if sysroot.exists(grub):
@@ -328,7 +343,7 @@ def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
         edits.append(FileEdit(grub, old, edit_default_grub(old, area.kernel_arg)))
     for d in ("/boot/loader/entries", "/efi/loader/entries", "/boot/efi/loader/entries"):
         for name in sysroot.listdir(d):
-            if name.endswith(".conf"):
+            if name.endswith(".conf") and name != BLS_ENTRY_ID:
                 p = f"{d}/{name}"
                 old = sysroot.read_text(p)
                 edits.append(FileEdit(p, old, edit_bls_entry(old, area.kernel_arg)))
