@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kjumpd import resources
-from kjumpd.errors import InstallError, KjumpError
+from kjumpd.errors import InstallError, JumpAreaError, KjumpError
 from kjumpd.hashing import sha256_file
 from kjumpd.sysroot import Sysroot
 
@@ -269,7 +269,10 @@ def plan(
             fix="build one (savekernel/build-kernel.sh, or your distribution's kernel with "
             "contrib's kjumpd-kernel-config) and pass --save-kernel FILE",
         )
-    i_src = opts.save_initramfs or build_save()
+    i_src = opts.save_initramfs
+    if i_src is None:
+        i_src = build_save()
+        p.notes.append(f"the save kernel's initramfs was built from this host's python3: {i_src}")
     k_data = _read(k_src, "the save kernel", "pass an existing file to --save-kernel")
     i_data = _read(i_src, "the save initramfs", "pass an existing file to --save-initramfs")
     p.files.append(_file(sysroot, cfg.save_kernel, k_data, "save kernel"))
@@ -298,7 +301,12 @@ def plan(
         if live is not None and live.start == start and live.size >= size:
             size = live.size  # a larger reservation already in place is kept
         area = jumparea.JumpArea(start, size)
-        for e in jumparea.plan_bootloader_edits(sysroot, area):
+        try:
+            edits = jumparea.plan_bootloader_edits(sysroot, area)
+        except JumpAreaError as e:
+            edits = []
+            p.notes.append(f"{e.what}: {e.fix}")
+        for e in edits:
             mode = sysroot.path(e.path).stat().st_mode & 0o777
             p.files.append(
                 FileChange(

@@ -229,7 +229,7 @@ def test_check_fails_when_the_boot_loader_command_line_changed(installed) -> Non
     # install refreshes the entry (the grub file is the user's: kept as it is)
     proc = kjumpctl(sr.root, "install", *given_args(given))
     assert proc.returncode == 0, proc.stderr
-    assert "boot entry install" in proc.stdout or "boot entry installed" in proc.stdout
+    assert "boot entry installed: restore-first (bls)" in proc.stdout
     assert bootentry.check(sr) == []
     assert "nosmt" in sr.read_text("/etc/default/grub")
 

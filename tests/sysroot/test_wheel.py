@@ -144,3 +144,32 @@ def test_installed_kjumpd_renders_the_boot_entries_outside_the_checkout(
     assert out["builder"].startswith(str(venv)) and os.access(out["builder"], os.X_OK)
     assert "ExecStart=kjumpd" in out["unit"]
     assert out["init"].startswith(str(venv)) and Path(out["init"]).is_file()
+
+
+def test_installed_kjumpctl_install_dry_run_on_a_fake_machine(venv: Path, tmp_path: Path) -> None:
+    from kjump_faketree import build, tree_hash
+
+    root = tmp_path / "root"
+    build(root, tmp_path / "host")
+    (root / "etc/default").mkdir(parents=True)
+    (root / "etc/default/grub").write_text('GRUB_CMDLINE_LINUX="quiet"\n')
+    before = tree_hash(root)
+    proc = run_in(
+        venv,
+        tmp_path,
+        [
+            str(venv / "bin" / "kjumpctl"), "--sysroot", str(root), "install", "--dry-run",
+            "--save-initramfs", str(root / "usr/lib/kjumpd/save/initramfs.cpio.gz"),
+            "--restore-initrd", str(tmp_path / "host" / "initrd.img"),
+        ],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert tree_hash(root) == before
+    for dest in (
+        "/usr/lib/systemd/system/kjumpd.service",
+        "/usr/share/polkit-1/actions/org.kjump.policy",
+        "/usr/lib/systemd/system/systemd-logind.service.d/kjumpd.conf",
+        "/etc/kernel/postinst.d/zz-kjumpd",
+    ):
+        assert f"write     {dest}" in proc.stdout
+    assert "replace   /etc/default/grub" in proc.stdout
