@@ -341,6 +341,11 @@ def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
     if sysroot.exists(grub):
         old = sysroot.read_text(grub)
         edits.append(FileEdit(grub, old, edit_default_grub(old, area.kernel_arg)))
+    # kernel-install (Fedora, ...) gives the next kernels /etc/kernel/cmdline: one line
+    ki = "/etc/kernel/cmdline"
+    if sysroot.exists(ki):
+        old = sysroot.read_text(ki)
+        edits.append(FileEdit(ki, old, _set_arg(old.strip(), arg=area.kernel_arg) + "\n"))
     for d in ("/boot/loader/entries", "/efi/loader/entries", "/boot/efi/loader/entries"):
         for name in sysroot.listdir(d):
             if name.endswith(".conf") and name != BLS_ENTRY_ID:
@@ -350,7 +355,7 @@ def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
     if not edits:
         raise JumpAreaError(
             "no boot loader configuration found",
-            why="neither /etc/default/grub nor BLS entries exist",
+            why="neither /etc/default/grub, /etc/kernel/cmdline nor BLS entries exist",
             fix=f"add {area.kernel_arg} to your boot loader's kernel command line",
         )
     return [e for e in edits if e.old != e.new]

@@ -281,3 +281,20 @@ def test_the_kernel_hooks_refresh_the_entry(installed, tmp_path: Path) -> None:
         [str(hook), "7.2.0", "/boot/vmlinuz-7.2.0"], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and "run kjumpctl check" in proc.stderr
+
+
+def test_kernel_install_machines_get_the_jump_area_in_etc_kernel_cmdline(machine) -> None:
+    sr, given = machine
+    sr.path("/etc/default/grub").unlink()
+    w(sr.root, "/etc/kernel/cmdline", "root=UUID=1234 ro rhgb quiet crashkernel=auto\n")
+    install.apply(sr, install.plan(sr, opts(given)), lambda a: 0, lambda s: None)
+    assert sr.read_text("/etc/kernel/cmdline") == (
+        "root=UUID=1234 ro rhgb quiet crashkernel=128M@512M\n"
+    )
+    rec = bootentry.read_record(sr)
+    assert (
+        rec is not None
+        and rec.normal_cmdline == "root=UUID=1234 ro rhgb quiet crashkernel=128M@512M"
+    )
+    install.uninstall(sr, lambda a: 0, lambda s: None)
+    assert sr.read_text("/etc/kernel/cmdline") == "root=UUID=1234 ro rhgb quiet crashkernel=auto\n"
