@@ -38,6 +38,18 @@ def _runner(sysroot_is_real: bool) -> Any:
     return run
 
 
+def _need_root(sr: Any, dry_run: bool) -> None:
+    import os
+
+    from kjumpd.errors import NotAuthorizedError
+
+    if sr.is_real and not dry_run and os.geteuid() != 0:
+        raise NotAuthorizedError(
+            "kjumpctl install and uninstall change system files",
+            fix="run them as root (sudo); --dry-run shows the changes as any user",
+        )
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -45,6 +57,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     from kjumpd.sysroot import Sysroot
 
     sr = Sysroot(Path(args.sysroot))
+    _need_root(sr, args.dry_run)
     if args.refresh_boot_entry:
         # the first --normal-initrd that exists (the kernel-install plugin names its candidates)
         initrd = next((i for i in args.normal_initrd or () if sr.path(i).is_file()), None)
@@ -89,6 +102,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     from kjumpd.sysroot import Sysroot
 
     sr = Sysroot(Path(args.sysroot))
+    _need_root(sr, args.dry_run)
     if args.dry_run:
         man, undos, cmds = install.plan_uninstall(sr)
         if man is None:

@@ -62,21 +62,29 @@ class Shipped:
     dest: str
     what: str
     mode: int = 0o644
+    integration: bool = True  # a systemd drop-in or kernel hook (left out by --no-systemd)
 
 
 SHIPPED = (
-    Shipped("kjumpd.service", f"{SYSTEMD_DIR}/kjumpd.service", "systemd unit"),
+    Shipped("kjumpd.service", f"{SYSTEMD_DIR}/kjumpd.service", "systemd unit", integration=False),
     Shipped(
         "org.kjump.Manager1.conf",
         "/usr/share/dbus-1/system.d/org.kjump.Manager1.conf",
         "D-Bus policy",
+        integration=False,
     ),
     Shipped(
         "org.kjump.Manager1.service",
         "/usr/share/dbus-1/system-services/org.kjump.Manager1.service",
         "D-Bus activation",
+        integration=False,
     ),
-    Shipped("org.kjump.policy", "/usr/share/polkit-1/actions/org.kjump.policy", "polkit actions"),
+    Shipped(
+        "org.kjump.policy",
+        "/usr/share/polkit-1/actions/org.kjump.policy",
+        "polkit actions",
+        integration=False,
+    ),
     Shipped(
         "kjumpd-hibernate.conf",
         f"{SYSTEMD_DIR}/systemd-hibernate.service.d/kjumpd.conf",
@@ -287,7 +295,7 @@ def plan(
     )
     # contrib/
     systemd_changed = False
-    for s in SHIPPED if opts.systemd else SHIPPED[:4]:
+    for s in (s for s in SHIPPED if opts.systemd or not s.integration):
         f = _file(sysroot, s.dest, resources.find("contrib", s.name).read_bytes(), s.what, s.mode)
         p.files.append(f)
         systemd_changed |= f.state != "unchanged" and s.dest.startswith(SYSTEMD_DIR)
