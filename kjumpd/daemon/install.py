@@ -14,13 +14,18 @@ The manifest, /var/lib/kjumpd/install.json, UTF-8 JSON, version 1::
 
     {"version": 1,
      "files": [{"path": "/usr/lib/systemd/system/kjumpd.service", "sha256": "<hex>",
-                "what": "systemd unit", "backup": null | "/var/lib/kjumpd/install-backup/..."}],
+                "what": "systemd unit", "backup": null | "/var/lib/kjumpd/install-backup/...",
+                "mode": 420,
+                # a kernel command line edit only: the word added, the crashkernel= replaced
+                "arg": "crashkernel=128M@512M", "previous_arg": null | "crashkernel=auto"}],
      "boot_entry": true | false,          # install created the restore-first entry
-     "undo": [["systemctl", "disable", "kjumpd.service"], ...]}
+     "undo": [["systemctl", "disable", "kjumpd.service"], ...],
+     "dirs": ["/usr/lib/kjumpd", ...]}     # directories install created (removed when empty)
 
 ``sha256`` is what install wrote; a file changed since is left alone by uninstall (and said
-so). ``backup`` holds the file as it was before install replaced it (restored on uninstall).
-A second install keeps the first backups: uninstall always goes back to before the first.
+so), except a command line edit, whose word alone is taken out (``previous_arg`` put back).
+``backup`` holds the file as it was before install replaced it (restored on uninstall). A
+second install keeps the first backups: uninstall always goes back to before the first.
 """
 
 from __future__ import annotations
@@ -129,6 +134,8 @@ class FileChange:
     what: str
     mode: int = 0o644
     state: str = "new"  # new | replace | unchanged
+    arg: str | None = None  # a kernel command line edit: the word it adds
+    previous_arg: str | None = None  # ... and the crashkernel= it replaced
 
     @property
     def sha256(self) -> str:
@@ -323,6 +330,8 @@ def plan(
                     f"kernel command line: {area.kernel_arg}",
                     mode,
                     "replace",
+                    area.kernel_arg,
+                    jumparea.changed_arg(e.old, e.new),
                 )
             )
             grub_changed |= e.path == "/etc/default/grub"
@@ -549,7 +558,11 @@ def apply(sysroot: Sysroot, p: Plan, runner: Runner, say: Callable[[str], None])
                 backup = BACKUP_DIR + f.path
                 _write(sysroot, backup, real.read_bytes(), real.stat().st_mode & 0o777, man)
             entry = {"path": f.path, "what": f.what, "backup": backup}
+            if f.arg is not None:
+                entry["previous_arg"] = f.previous_arg  # the first install's: never replaced
             man.files.append(entry)
+        if f.arg is not None:
+            entry["arg"] = f.arg
         _write(sysroot, f.path, f.data, f.mode, man)
         entry["sha256"] = f.sha256
         entry["mode"] = f.mode
@@ -666,13 +679,18 @@ def refresh_boot_entry(
 @dataclass(frozen=True)
 class Undo:
     path: str
-    action: str  # remove | restore | keep (changed since install) | gone
+    action: str  # remove | restore | revert | keep (changed since install) | gone
     backup: str | None = None
+    arg: str | None = None  # revert: the word to take out, and what it replaced
+    previous_arg: str | None = None
 
     def describe(self) -> str:
         return {
             "remove": f"remove    {self.path}",
             "restore": f"restore   {self.path}  (as it was before install)",
+            "revert": f"revert    {self.path}  ({self.arg} taken out"
+            + (f", {self.previous_arg} back" if self.previous_arg else "")
+            + "; your later changes kept)",
             "keep": f"keep      {self.path}  (changed since install: left as it is)",
             "gone": f"gone      {self.path}  (already removed)",
         }[self.action]
@@ -688,7 +706,11 @@ def plan_uninstall(sysroot: Sysroot) -> tuple[Manifest | None, list[Undo], list[
         if not real.is_file():
             undos.append(Undo(f["path"], "gone", f.get("backup")))
         elif sha256_file(real) != f.get("sha256"):
-            undos.append(Undo(f["path"], "keep", f.get("backup")))
+            arg = f.get("arg")
+            if isinstance(arg, str) and arg in real.read_text(errors="replace"):
+                undos.append(Undo(f["path"], "revert", f.get("backup"), arg, f.get("previous_arg")))
+            else:
+                undos.append(Undo(f["path"], "keep", f.get("backup")))
         else:
             undos.append(
                 Undo(f["path"], "restore" if f.get("backup") else "remove", f.get("backup"))
@@ -696,7 +718,7 @@ def plan_uninstall(sysroot: Sysroot) -> tuple[Manifest | None, list[Undo], list[
     cmds = list(man.undo)
     if any(u.path.startswith(SYSTEMD_DIR) and u.action != "keep" for u in undos):
         cmds.append(list(DAEMON_RELOAD))
-    if any(u.path == "/etc/default/grub" and u.action == "restore" for u in undos) or (
+    if any(u.path == "/etc/default/grub" and u.action in ("restore", "revert") for u in undos) or (
         man.boot_entry and detect_grub(sysroot, Options(bootloader="detect"))
     ):
         cmds.append(list(grub_update_command(sysroot)))
@@ -717,6 +739,12 @@ def uninstall(sysroot: Sysroot, runner: Runner, say: Callable[[str], None]) -> l
         real = sysroot.path(u.path)
         if u.action == "remove":
             real.unlink()
+        elif u.action == "revert":
+            from kjumpd.daemon.jumparea import revert_arg
+
+            assert u.arg is not None
+            text = revert_arg(real.read_text(), u.arg, u.previous_arg)
+            _write(sysroot, u.path, text.encode(), real.stat().st_mode & 0o777)
         elif u.action == "restore":
             assert u.backup is not None
             b = sysroot.path(u.backup)

@@ -299,6 +299,34 @@ def edit_default_grub(text: str, arg: str) -> str:
     return "".join(out)
 
 
+def revert_arg(text: str, arg: str, previous: str | None) -> str:
+    """Undo ``_set_arg`` in a file it edited (/etc/default/grub, a BLS entry,
+    /etc/kernel/cmdline): the word ``arg`` goes, ``previous`` (the crashkernel= it replaced,
+    if any) comes back in its place; every other word and line stays as it is now."""
+    a = re.escape(arg)
+    end = r"(?=[\s\"']|$)"
+    if previous:
+        return re.sub(r"(?<![^\s\"'])" + a + end, lambda m: previous, text, flags=re.M)
+    out = []
+    for line in text.splitlines(keepends=True):
+        for pattern in (r"[ \t]+" + a + end, r"(?<=[\"'])" + a + r"[ \t]*", r"^" + a + r"[ \t]*"):
+            new = re.sub(pattern, "", line)
+            if new != line:
+                line = new
+                break
+        out.append(line)
+    return "".join(out)
+
+
+def changed_arg(old: str, new: str) -> str | None:
+    """The crashkernel= word ``old`` had that ``new`` lacks (what an edit replaced)."""
+    gone = [w for w in _CK_WORD.findall(old) if w not in _CK_WORD.findall(new)]
+    return gone[0] if gone else None
+
+
+_CK_WORD = re.compile(r"crashkernel=[^\s\"']+")
+
+
 def edit_bls_entry(text: str, arg: str) -> str:
     out, done = [], False
     for line in text.splitlines(keepends=True):

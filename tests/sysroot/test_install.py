@@ -156,12 +156,29 @@ def test_uninstall_leaves_a_file_changed_since_install(machine) -> None:
     install.apply(sr, install.plan(sr, opts(given)), lambda a: 0, lambda s: None)
     unit = sr.path("/usr/lib/systemd/system/kjumpd.service")
     unit.write_text(unit.read_text() + "# the admin's own line\n")
+    grub = sr.read_text("/etc/default/grub").replace('DEFAULT="quiet"', 'DEFAULT="quiet nosmt"')
+    w(sr.root, "/etc/default/grub", grub)
     said: list[str] = []
     install.uninstall(sr, lambda a: 0, said.append)
     assert unit.is_file() and "the admin's own line" in unit.read_text()
     assert any("keep      /usr/lib/systemd/system/kjumpd.service" in s for s in said)
     assert not sr.path("/usr/share/polkit-1/actions/org.kjump.policy").exists()
-    assert sr.read_text("/etc/default/grub") == GRUB
+    # the command line loses kjumpd's word only: the user's later change stays
+    assert sr.read_text("/etc/default/grub") == GRUB.replace('"quiet"', '"quiet nosmt"')
+    assert any(s.startswith("revert    /etc/default/grub  (crashkernel=128M@512M") for s in said)
+
+
+def test_uninstall_puts_back_the_crashkernel_install_replaced(machine) -> None:
+    sr, given = machine
+    w(sr.root, "/etc/default/grub", GRUB.replace("splash", "splash crashkernel=auto"))
+    install.apply(sr, install.plan(sr, opts(given)), lambda a: 0, lambda s: None)
+    assert "crashkernel=auto" not in sr.read_text("/etc/default/grub")
+    w(sr.root, "/etc/default/grub", sr.read_text("/etc/default/grub") + "GRUB_TIMEOUT=3\n")
+    install.uninstall(sr, lambda a: 0, lambda s: None)
+    assert sr.read_text("/etc/default/grub") == (
+        GRUB.replace('"splash mitigations=auto"', '"splash mitigations=auto crashkernel=auto"')
+        + "GRUB_TIMEOUT=3\n"
+    )
 
 
 def test_uninstall_dry_run_changes_nothing(machine) -> None:
