@@ -315,3 +315,22 @@ def test_kernel_install_machines_get_the_jump_area_in_etc_kernel_cmdline(machine
     )
     install.uninstall(sr, lambda a: 0, lambda s: None)
     assert sr.read_text("/etc/kernel/cmdline") == "root=UUID=1234 ro rhgb quiet crashkernel=auto\n"
+
+
+def test_without_a_given_initramfs_it_is_built_from_this_hosts_python(machine) -> None:
+    from savekernel import initramfs
+
+    sr, given = machine
+    o = install.Options(
+        save_kernel=given / "bzImage",
+        restore_kernel=given / "restore-vmlinuz",
+        restore_initrd=given / "restore-initrd.img",
+    )
+    p = install.plan(sr, o)
+    assert any("built from this host's python3" in n for n in p.notes)
+    install.apply(sr, p, lambda a: 0, lambda s: None)
+    installed = sr.path("/usr/lib/kjumpd/save/initramfs.cpio.gz")
+    names = {e.name for e in initramfs.read_archive(installed)}
+    assert any(n.endswith("/kjumpd/agent/kernel_role.py") for n in names)
+    assert "init" in names
+    assert cfgmod.load(sr).save_initramfs_sha256 == install.sha256_file(installed)
