@@ -602,9 +602,10 @@ def apply(sysroot: Sysroot, p: Plan, runner: Runner, say: Callable[[str], None])
     _write(sysroot, MANIFEST_PATH, man.to_json().encode(), 0o644, man)
     for c in p.commands:
         if c == ENABLE and list(DISABLE) not in man.undo:
+            # recorded before it runs: a later command failing must not lose its undo
             man.undo.append(list(DISABLE))
+            _write(sysroot, MANIFEST_PATH, man.to_json().encode(), 0o644)
         run(runner, c, say)
-    _write(sysroot, MANIFEST_PATH, man.to_json().encode(), 0o644)
     return man
 
 
@@ -614,7 +615,8 @@ def run(runner: Runner, argv: Sequence[str], say: Callable[[str], None]) -> None
     if rc != 0:
         raise InstallError(
             f"`{' '.join(argv)}` failed with exit status {rc}",
-            fix="run it by hand to see why; `kjumpctl install` again finishes the rest",
+            fix=f"fix what it reported and run `{' '.join(argv)}` yourself; the changes "
+            "before it are made and recorded",
         )
 
 

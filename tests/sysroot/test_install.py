@@ -334,3 +334,18 @@ def test_without_a_given_initramfs_it_is_built_from_this_hosts_python(machine) -
     assert any(n.endswith("/kjumpd/agent/kernel_role.py") for n in names)
     assert "init" in names
     assert cfgmod.load(sr).save_initramfs_sha256 == install.sha256_file(installed)
+
+
+def test_a_failing_command_is_named_and_what_was_done_stays_recorded(machine) -> None:
+    sr, given = machine
+
+    def runner(argv):
+        return 1 if argv[0] == "grub-mkconfig" else 0
+
+    with pytest.raises(install.InstallError, match="grub-mkconfig -o /boot/grub/grub.cfg"):
+        install.apply(sr, install.plan(sr, opts(given)), runner, lambda s: None)
+    man = install.read_manifest(sr)
+    assert man is not None and ["systemctl", "disable", "kjumpd.service"] in man.undo
+    assert man.entry("/etc/default/grub") is not None
+    install.uninstall(sr, lambda a: 0, lambda s: None)
+    assert sr.read_text("/etc/default/grub") == GRUB
