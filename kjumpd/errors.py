@@ -195,3 +195,8 @@ class DaemonNotRunningError(KjumpError):
 
 class AgentError(KjumpError):
     """The save/restore agent failed."""
+
+
+class InstallError(KjumpError):
+    """kjumpd's own files (templates, contrib/, the save kernel) cannot be found, installed
+    or removed."""

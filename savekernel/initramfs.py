@@ -443,7 +443,9 @@ def _add_python(
     exclude: Sequence[str],
     scripts: Mapping[str, Path] | None = None,
 ) -> None:
-    search = [REPO, DIST_PACKAGES]
+    # beside kjumpd (a checkout, or the site-packages a wheel went to), Debian's packages,
+    # then wherever this python finds them (lz4 from a venv)
+    search = [REPO, DIST_PACKAGES, *(Path(p) for p in sys.path if p)]
     pkg_dirs = [_package_dir(p, search) for p in packages]
     resolve = (
         f"BOOTCACHE_SOURCE = {BOOTCACHE_SOURCE!r}\n"

@@ -136,8 +136,8 @@ def save_kernel_hash_advice(sr: Sysroot, cfg: cfgmod.Config) -> tuple[bool, list
         if not p.is_file():
             lines.append(
                 f"save kernel file {path} is not installed "
-                "(build it with savekernel/build-kernel.sh and python -m savekernel.initramfs "
-                "save, install it, or set [save_kernel] to where it is)"
+                "(kjumpctl install --save-kernel BZIMAGE installs it and builds the "
+                "initramfs, or set [save_kernel] to where it is)"
             )
             continue
         got = sha256_file(p)

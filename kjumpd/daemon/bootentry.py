@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from kjumpd import cpio
-from kjumpd.errors import BootEntryError, ConfigError, FsStampError
+from kjumpd.errors import BootEntryError, ConfigError, FsStampError, InstallError
 from kjumpd.hashing import sha256_file
 from kjumpd.linux import cmdline as kernel_cmdline
 from kjumpd.linux import mountinfo
@@ -121,6 +121,12 @@ class BootEntry:
     esp: str = ""
     entry_id: str = ENTRY_ID
     previous_default: str | None = None  # BLS LoaderEntryDefault before install
+    # what R was told at install: the normal kernel it boots (system path and SHA-256), its
+    # command line and the jump area ([start, size]); ``check`` compares them with the system
+    normal_kernel: str = ""
+    normal_kernel_sha256: str = ""
+    normal_cmdline: str | None = None
+    jump_area: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps({"version": RECORD_VERSION, **asdict(self)}, indent=1) + "\n"
@@ -147,20 +153,13 @@ class BootEntry:
 
 
 def _template(name: str) -> str:
-    """A template from bootloader/templates (the checkout, or /usr/share/kjumpd)."""
-    candidates = []
-    if os.environ.get("KJUMPD_BOOTLOADER_DIR"):
-        candidates.append(Path(os.environ["KJUMPD_BOOTLOADER_DIR"]) / "templates" / name)
-    candidates.append(Path(__file__).resolve().parents[2] / "bootloader" / "templates" / name)
-    candidates.append(Path("/usr/share/kjumpd/bootloader/templates") / name)
-    for c in candidates:
-        if c.is_file():
-            return c.read_text()
-    raise BootEntryError(
-        f"template {name} is missing",
-        why=f"looked in {candidates[0].parent}",
-        fix="reinstall kjumpd or set KJUMPD_BOOTLOADER_DIR",
-    )
+    """A template from bootloader/templates (kjumpd.resources finds it)."""
+    from kjumpd import resources
+
+    try:
+        return resources.read_text("bootloader", f"templates/{name}")
+    except InstallError as e:
+        raise BootEntryError(f"template {name} is missing", why=e.why, fix=e.fix) from None
 
 
 def _check_cmdline(cmdline: str) -> None:
@@ -450,6 +449,82 @@ def find_normal_kernel(sysroot: Sysroot) -> tuple[str, str | None]:
     )
 
 
+def _version_key(v: str) -> list[tuple[int, int | str]]:
+    """Sort key of a kernel release ("6.12.9-amd64" < "6.12.10-amd64"), as sort -V."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.findall(r"\d+|[^\d.~+-]+", v)]
+
+
+def default_normal_kernel(sysroot: Sysroot) -> tuple[str, str | None]:
+    """(kernel, initrd or None) the boot loader boots by default: the newest installed
+    /boot/vmlinuz-VERSION (what Debian's update-grub and grubby put first), else
+    ``find_normal_kernel`` (the running one)."""
+    versions = [n[len("vmlinuz-") :] for n in sysroot.listdir("/boot") if n.startswith("vmlinuz-")]
+    versions = [v for v in versions if sysroot.path(f"/boot/vmlinuz-{v}").is_file()]
+    if not versions:
+        return find_normal_kernel(sysroot)
+    v = max(versions, key=_version_key)
+    return f"/boot/vmlinuz-{v}", initrd_for(sysroot, f"/boot/vmlinuz-{v}")
+
+
+def initrd_for(sysroot: Sysroot, kernel: str) -> str | None:
+    """The initrd installed beside /boot/vmlinuz-VERSION (Debian's initrd.img-VERSION,
+    dracut's initramfs-VERSION.img), or None."""
+    base = kernel.rsplit("/", 1)[-1]
+    if not base.startswith("vmlinuz-"):
+        return None
+    v = base[len("vmlinuz-") :]
+    for initrd in (f"/boot/initrd.img-{v}", f"/boot/initramfs-{v}.img"):
+        if sysroot.path(initrd).is_file():
+            return initrd
+    return None
+
+
+GRUB_DEFAULTS = "/etc/default/grub"
+KERNEL_CMDLINE = "/etc/kernel/cmdline"
+#: words of /proc/cmdline the boot loader computes itself (GRUB's 10_linux: root= and ro)
+_LOADER_WORDS = ("root", "ro", "rw", "rootflags", "rootfstype")
+
+
+def grub_defaults(sysroot: Sysroot) -> dict[str, str]:
+    """GRUB_* variables of /etc/default/grub and /etc/default/grub.d/*.cfg (sourced after
+    it, in order), the last assignment winning as in the shell. Values are unquoted."""
+    import shlex
+
+    out: dict[str, str] = {}
+    names = [GRUB_DEFAULTS] + [
+        f"/etc/default/grub.d/{n}"
+        for n in sysroot.listdir("/etc/default/grub.d")
+        if n.endswith(".cfg")
+    ]
+    for name in names:
+        for line in sysroot.read_text(name, default="").splitlines():
+            m = re.match(r"^\s*(?:export\s+)?(GRUB_[A-Z_]+)=(.*)$", line)
+            if not m:
+                continue
+            try:
+                words = shlex.split(m.group(2), comments=True)
+            except ValueError:
+                continue
+            out[m.group(1)] = " ".join(words)
+    return out
+
+
+def boot_loader_cmdline(sysroot: Sysroot) -> str:
+    """The command line the boot loader now gives the normal kernel, as R must give it too:
+    with GRUB, root=/ro of this boot (GRUB computes them) followed by GRUB_CMDLINE_LINUX and
+    GRUB_CMDLINE_LINUX_DEFAULT; else /etc/kernel/cmdline (kernel-install); else this boot's
+    /proc/cmdline. Without kjumpd's own words and BOOT_IMAGE=/initrd= (``normal_cmdline``)."""
+    proc = sysroot.read_text("/proc/cmdline", default="").strip()
+    if sysroot.exists(GRUB_DEFAULTS):
+        g = grub_defaults(sysroot)
+        loader = [w for w in kernel_cmdline.words(proc) if w.split("=", 1)[0] in _LOADER_WORDS]
+        words = [*loader, g.get("GRUB_CMDLINE_LINUX", ""), g.get("GRUB_CMDLINE_LINUX_DEFAULT", "")]
+        return normal_cmdline(" ".join(w for w in words if w))
+    if sysroot.exists(KERNEL_CMDLINE):
+        return normal_cmdline(sysroot.read_text(KERNEL_CMDLINE).strip())
+    return normal_cmdline(proc)
+
+
 def machine_boot_config(
     sysroot: Sysroot,
     target_uuid: str,
@@ -461,21 +536,18 @@ def machine_boot_config(
     max_attempts: int = 3,
 ) -> tuple[Any, dict[str, Path]]:
     """boot.json + payload for this machine: the save kernel and jump area from kjumpd's
-    config and the reserved area, the normal kernel and this boot's command line."""
+    config and the reserved area, the boot loader's default kernel and its command line
+    (``default_normal_kernel``, ``boot_loader_cmdline``: what ``check`` compares with)."""
     from kjumpd.daemon import config as cfgmod
     from kjumpd.daemon import jumparea
 
     cfg = cfgmod.load(sysroot)
     area = jumparea.find(sysroot, cfg)
     if normal_kernel is None:
-        normal_kernel, found_initrd = find_normal_kernel(sysroot)
+        normal_kernel, found_initrd = default_normal_kernel(sysroot)
         if normal_initrd is None:
             normal_initrd = found_initrd
-    line = (
-        cmdline
-        if cmdline is not None
-        else normal_cmdline(sysroot.read_text("/proc/cmdline", default=""))
-    )
+    line = cmdline if cmdline is not None else boot_loader_cmdline(sysroot)
     return boot_config_for(
         target_uuid=target_uuid,
         target_offset=target_offset,
@@ -555,6 +627,11 @@ def _write_file(sysroot: Sysroot, path: str, data: bytes, mode: int = 0o644) -> 
             fix="check that the filesystem is mounted read-write and has room",
             path=path,
         ) from e
+
+
+def write_file(sysroot: Sysroot, path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write a whole file durably (what install and uninstall write with too)."""
+    _write_file(sysroot, path, data, mode)
 
 
 def _copy(sysroot: Sysroot, src: Path, dest: str) -> None:
@@ -706,7 +783,7 @@ def install(
     followed by the machine payload: /etc/kjumpd/boot.json and the files it names. ``boot``
     gives that payload as (BootConfig, files); by default (``machine``) it is made for this
     machine (``machine_boot_config``: kjumpd's config, the reserved jump area, the normal
-    kernel and this boot's command line). ``machine=False`` installs ``initrd`` as it is.
+    kernel and the boot loader's command line). ``machine=False`` installs ``initrd`` as it is.
 
     ``cmdline`` is R's command line (it names the target: kjump.target= kjump.offset=).
     GRUB users must run update-grub afterwards (``check`` says so until grub.cfg has the
@@ -798,6 +875,17 @@ def install(
                 efivar_read(sysroot, "LoaderEntryDefault") if sysroot.exists(EFIVARS) else None
             )
             efivar_write(sysroot, "LoaderEntryDefault", BLS_ENTRY_ID)
+    told: dict[str, Any] = {}
+    if boot is not None:
+        bcfg, payload = boot
+        src = payload.get(R_NORMAL_KERNEL)
+        told = {
+            "normal_cmdline": bcfg.normal.cmdline,
+            "jump_area": list(bcfg.jump_area),
+        }
+        if isinstance(src, Path):
+            told["normal_kernel"] = _system_path(sysroot, src)
+            told["normal_kernel_sha256"] = sha256_file(src)
     rec = BootEntry(
         kind=kind,
         loader=loader,
@@ -807,10 +895,102 @@ def install(
         files=files,
         esp=esp_used,
         previous_default=previous_default,
+        **told,
     )
     _write_file(sysroot, RECORD_PATH, rec.to_json().encode())
     log.info("installed the %s restore-first entry (%s)", kind, ", ".join(files))
     return rec
+
+
+def _system_path(sysroot: Sysroot, p: Path) -> str:
+    try:
+        return sysroot.unmap(p)
+    except ValueError:
+        return str(p)
+
+
+def installed_initrd(initrd: Path, boot: tuple[Any, Mapping[str, Path | bytes]] | None) -> bytes:
+    """The bytes ``install`` writes as R's initrd: the generic one, then the payload."""
+    data = Path(initrd).read_bytes()
+    return data + restore_payload(*boot) if boot is not None else data
+
+
+def is_current(
+    sysroot: Sysroot,
+    kind: str,
+    *,
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    boot: tuple[Any, Mapping[str, Path | bytes]] | None,
+) -> bool:
+    """True when ``install`` with these arguments would write exactly what is installed."""
+    try:
+        rec = read_record(sysroot)
+    except BootEntryError:
+        return False
+    if rec is None or rec.kind != kind or not rec.cmdline.startswith(cmdline):
+        return False
+    try:
+        return sysroot.path(rec.kernel).read_bytes() == Path(kernel).read_bytes() and (
+            sysroot.path(rec.initrd).read_bytes() == installed_initrd(initrd, boot)
+        )
+    except OSError:
+        return False
+
+
+REFRESH = "kjumpctl install (or kjumpctl setup --bootloader restore-first)"
+
+
+def staleness(sysroot: Sysroot, rec: BootEntry) -> list[str]:
+    """How what R was told at install differs from the system now: the boot loader's
+    default kernel, its command line, the jump area. One line each, with the fix."""
+    from kjumpd.daemon import jumparea
+
+    if not rec.normal_kernel or rec.normal_cmdline is None or rec.jump_area is None:
+        return [
+            f"{RECORD_PATH} does not record the normal kernel, its command line and the jump "
+            f"area R was given (fix: run {REFRESH})"
+        ]
+    out = []
+    try:
+        want, _initrd = default_normal_kernel(sysroot)
+    except BootEntryError:
+        want = rec.normal_kernel
+    same = want == rec.normal_kernel
+    if not same and rec.normal_kernel_sha256 and sysroot.path(want).is_file():
+        # the same kernel under another name (kernel-install's image, a symlink)
+        same = sha256_file(sysroot.path(want)) == rec.normal_kernel_sha256
+    if not same:
+        out.append(
+            f"the restore-first entry boots {rec.normal_kernel}, but the boot loader's "
+            f"default kernel is now {want} (fix: run {REFRESH})"
+        )
+    elif want == rec.normal_kernel:
+        real = sysroot.path(rec.normal_kernel)
+        if not real.is_file():
+            out.append(
+                f"{rec.normal_kernel}, the normal kernel R boots, is gone (fix: run {REFRESH})"
+            )
+        elif rec.normal_kernel_sha256 and sha256_file(real) != rec.normal_kernel_sha256:
+            out.append(
+                f"{rec.normal_kernel} changed since the restore-first entry was installed "
+                f"(fix: run {REFRESH})"
+            )
+    now = boot_loader_cmdline(sysroot)
+    if kernel_cmdline.words(now) != kernel_cmdline.words(rec.normal_cmdline):
+        out.append(
+            f"the restore-first entry would boot the normal kernel with {rec.normal_cmdline!r}, "
+            f"but the boot loader now gives {now!r} (fix: run {REFRESH})"
+        )
+    live = jumparea.discover(sysroot).cmdline_area
+    if live is None or [live.start, live.size] != list(rec.jump_area):
+        said = f"{live.start:#x}+{live.size:#x}" if live else "none"
+        out.append(
+            f"the jump area R was given ({rec.jump_area[0]:#x}+{rec.jump_area[1]:#x}) is not "
+            f"the one reserved now ({said}) (fix: run {REFRESH})"
+        )
+    return out
 
 
 def uninstall(sysroot: Sysroot) -> list[str]:
@@ -907,7 +1087,10 @@ def check(sysroot: Sysroot) -> list[str]:
             "no restore-first boot entry is installed "
             "(fix: run `kjumpctl setup --bootloader grub|bls|restore-first`)"
         ]
-    problems = []
+    # R boots the normal kernel as it was told at install: every boot (restore-first), or
+    # when an image cannot be restored (one-shot kinds). An entry installed without a
+    # machine payload (machine=False) was told nothing to compare.
+    problems = staleness(sysroot, rec) if rec.normal_cmdline is not None else []
     for f in (rec.kernel, rec.initrd):
         p = sysroot.path(f)
         if not p.is_file() or p.stat().st_size == 0:

@@ -106,16 +106,29 @@ def required_size(sysroot: Sysroot, config: Config) -> int:
     its unpacked size (gzip's ISIZE trailer, zstd's frame content size, lz4 legacy blocks, else
     x3) + the agent's working memory + 16 MiB for the kernel's own allocations, rounded up to
     16 MiB."""
-    kernel = read_init_size(sysroot.path(config.save_kernel))
+    return required_size_for(
+        sysroot.path(config.save_kernel),
+        sysroot.path(config.save_initramfs),
+        config.agent_memory,
+        config.save_initramfs,
+    )
+
+
+def required_size_for(
+    kernel_path: Path, initramfs_path: Path, agent_memory: int, initramfs_name: str = ""
+) -> int:
+    """``required_size`` for these host files (before they are installed)."""
+    initramfs_name = initramfs_name or str(initramfs_path)
+    kernel = read_init_size(kernel_path)
     try:
-        with open(sysroot.path(config.save_initramfs), "rb") as f:
+        with open(initramfs_path, "rb") as f:
             head = f.read(32)
             initrd = f.seek(0, 2)
             f.seek(max(0, initrd - 4))
             tail = f.read(4)
     except OSError as e:
         raise JumpAreaError(
-            f"save kernel initramfs {config.save_initramfs} is missing",
+            f"save kernel initramfs {initramfs_name} is missing",
             why=e.strerror or str(e),
             fix="build it (savekernel/) or set save_kernel.initramfs",
         ) from None
@@ -130,13 +143,12 @@ def required_size(sysroot: Sysroot, config: Config) -> int:
     ):
         unpacked = size
     elif (
-        head.startswith(LZ4_LEGACY_MAGIC)
-        and (size := _lz4_legacy_size(sysroot.path(config.save_initramfs))) is not None
+        head.startswith(LZ4_LEGACY_MAGIC) and (size := _lz4_legacy_size(initramfs_path)) is not None
     ):
         unpacked = size
     else:  # other compressions, or a padded gzip: ISIZE is not last
         unpacked = 3 * initrd
-    need = kernel + initrd + unpacked + config.agent_memory + 16 * MiB
+    need = kernel + initrd + unpacked + agent_memory + 16 * MiB
     return -(-need // ALIGN) * ALIGN
 
 
@@ -293,6 +305,34 @@ def edit_default_grub(text: str, arg: str) -> str:
     return "".join(out)
 
 
+def revert_arg(text: str, arg: str, previous: str | None) -> str:
+    """Undo ``_set_arg`` in a file it edited (/etc/default/grub, a BLS entry,
+    /etc/kernel/cmdline): the word ``arg`` goes, ``previous`` (the crashkernel= it replaced,
+    if any) comes back in its place; every other word and line stays as it is now."""
+    a = re.escape(arg)
+    end = r"(?=[\s\"']|$)"
+    if previous:
+        return re.sub(r"(?<![^\s\"'])" + a + end, lambda m: previous, text, flags=re.M)
+    out = []
+    for line in text.splitlines(keepends=True):
+        for pattern in (r"[ \t]+" + a + end, r"(?<=[\"'])" + a + r"[ \t]*", r"^" + a + r"[ \t]*"):
+            new = re.sub(pattern, "", line)
+            if new != line:
+                line = new
+                break
+        out.append(line)
+    return "".join(out)
+
+
+def changed_arg(old: str, new: str) -> str | None:
+    """The crashkernel= word ``old`` had that ``new`` lacks (what an edit replaced)."""
+    gone = [w for w in _CK_WORD.findall(old) if w not in _CK_WORD.findall(new)]
+    return gone[0] if gone else None
+
+
+_CK_WORD = re.compile(r"crashkernel=[^\s\"']+")
+
+
 def edit_bls_entry(text: str, arg: str) -> str:
     out, done = [], False
     for line in text.splitlines(keepends=True):
@@ -326,22 +366,30 @@ class FileEdit:
 
 
 def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
-    """Edits that put area.kernel_arg on the boot loader's kernel command line."""
+    """Edits that put area.kernel_arg on the boot loader's kernel command line (the normal
+    kernel's entries: kjumpd's own restore-first entry boots R, which needs no reservation)."""
+    from kjumpd.daemon.bootentry import BLS_ENTRY_ID
+
     edits: list[FileEdit] = []
     grub = "/etc/default/grub"
     if sysroot.exists(grub):
         old = sysroot.read_text(grub)
         edits.append(FileEdit(grub, old, edit_default_grub(old, area.kernel_arg)))
+    # kernel-install (Fedora, ...) gives the next kernels /etc/kernel/cmdline: one line
+    ki = "/etc/kernel/cmdline"
+    if sysroot.exists(ki):
+        old = sysroot.read_text(ki)
+        edits.append(FileEdit(ki, old, _set_arg(old.strip(), arg=area.kernel_arg) + "\n"))
     for d in ("/boot/loader/entries", "/efi/loader/entries", "/boot/efi/loader/entries"):
         for name in sysroot.listdir(d):
-            if name.endswith(".conf"):
+            if name.endswith(".conf") and name != BLS_ENTRY_ID:
                 p = f"{d}/{name}"
                 old = sysroot.read_text(p)
                 edits.append(FileEdit(p, old, edit_bls_entry(old, area.kernel_arg)))
     if not edits:
         raise JumpAreaError(
             "no boot loader configuration found",
-            why="neither /etc/default/grub nor BLS entries exist",
+            why="neither /etc/default/grub, /etc/kernel/cmdline nor BLS entries exist",
             fix=f"add {area.kernel_arg} to your boot loader's kernel command line",
         )
     return [e for e in edits if e.old != e.new]

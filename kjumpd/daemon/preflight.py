@@ -162,7 +162,8 @@ def _kernel(sysroot: Sysroot, rep: PreflightReport) -> None:
                 "kernel",
                 False,
                 f"CONFIG_KEXEC_JUMP is not set ({src})",
-                "boot a kernel built with CONFIG_KEXEC_JUMP=y (savekernel/build-kernel.sh)",
+                "boot a kernel built with CONFIG_KEXEC_JUMP=y: your distribution's with "
+                "savekernel/kjumpd-kernel-config (README), or savekernel/build-kernel.sh",
             )
         )
     else:
@@ -216,8 +217,8 @@ def _save_kernel_files(sysroot: Sysroot, config: Config, rep: PreflightReport) -
                     what,
                     False,
                     f"{path} is missing",
-                    "build it (savekernel/build-kernel.sh, python -m savekernel.initramfs save) "
-                    "and install it, or set [save_kernel] to where it is",
+                    "kjumpctl install --save-kernel BZIMAGE installs it (and builds the "
+                    "initramfs); or set [save_kernel] to where it is",
                 )
             )
             continue

@@ -72,3 +72,20 @@ def test_grub_edit_keeps_every_other_word(words):
     got = new.split('"')[1].split()
     assert got[-1] == "crashkernel=128M@512M"
     assert got[:-1] == [w for w in words if not w.startswith("crashkernel=")]
+
+
+_WORD = st.from_regex(r"[a-z][a-z0-9_.]{0,8}(=[a-zA-Z0-9@,]{1,6})?", fullmatch=True)
+
+
+@given(st.lists(_WORD, max_size=8), st.sampled_from([None, "crashkernel=auto"]))
+def test_reverting_the_jump_area_gives_back_the_command_line(words, previous) -> None:
+    from kjumpd.daemon.jumparea import _set_arg, changed_arg, revert_arg
+
+    line = " ".join(words + ([previous] if previous else [])) + "\n"
+    arg = "crashkernel=128M@512M"
+    edited = _set_arg(line.strip(), arg) + "\n"
+    assert changed_arg(line, edited) == previous
+    back = revert_arg(edited, arg, previous)
+    assert back.split() == line.split() and back.endswith("\n")
+    grub = edit_default_grub(f'GRUB_CMDLINE_LINUX="{line.strip()}"\n', arg)
+    assert revert_arg(grub, arg, previous) == f'GRUB_CMDLINE_LINUX="{line.strip()}"\n'
