@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export KJUMPD_CACHE ?= $(HOME)/.cache/kjumpd
 
-.PHONY: setup lint test test-unit test-sysroot test-vm vm-assets demo bench bench-vm clean
+.PHONY: setup lint test test-unit test-sysroot test-vm vm-assets demo bench bench-vm soak clean
 
 setup:
 	@tools/setup.sh
@@ -35,6 +35,11 @@ bench: setup
 
 bench-vm: setup vm-assets
 	$(PY) -m bench.vm
+
+# N hibernate/restore cycles of one VM (CYCLES=50); not part of `make test`
+CYCLES ?= 50
+soak: setup vm-assets
+	$(PY) -m tests.vm.soak --cycles $(CYCLES)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -221,6 +221,7 @@ def build_all() -> Assets:
         if restore is not None:
             payload.add(GUEST_RESTORE_INITRAMFS, restore)
         payload.add("/etc/kjumpd/kjumpd.toml", guest_config(kernel, save))
+        payload.add("/etc/default/grub", Path(__file__).resolve().parent / "guest-default-grub")
         return rootfs.build_image(payload)
 
     image = attempt("rootfs", make_rootfs)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -47,6 +48,9 @@ KJUMPCTL = "/usr/local/bin/kjumpctl"
 RESULT_PREFIX = "KJUMP-RESULT:"
 STATE_DIR = Path("/var/lib/kjumpvm")
 PREPARED = STATE_DIR / "prepared"
+#: written (fsync'd) right before a request whose machine the host may switch off: what a
+#: later normal boot must find (the scenario, what the writers had committed, the image state)
+PENDING = STATE_DIR / "pending.json"
 
 
 class Missing(Exception):
@@ -221,6 +225,7 @@ def hibernate_and_check(
     want_rc_ok: bool = True,
     want_written: bool = False,
     disk_writers: bool = False,
+    after_boot: dict | None = None,
 ) -> int:
     problems: list[str] = []
     wbefore: dict = {}
@@ -254,9 +259,13 @@ def hibernate_and_check(
         log_meminfo(mode)
         if disk_writers:
             wbefore = writers.snapshot()  # what was committed when the user asked
+        if after_boot is not None:
+            write_pending(name, wbefore, after_boot)
         event("hibernate-start", mode=mode)
         proc = kjumpctl("hibernate", "--mode", mode, "--json")
         event("hibernate-returned", rc=proc.returncode)
+        extra["path"] = "resumed"
+        PENDING.unlink(missing_ok=True)
         record = last_result(proc.stdout)
         print(f"{RESULT_PREFIX} {json.dumps(record, sort_keys=True)}", flush=True)
         extra["rc"] = str(proc.returncode)
@@ -403,6 +412,148 @@ def check_writable_filesystems(timeout: float = 60.0) -> list[str]:
     return []
 
 
+def daemon_resources() -> tuple[int, int]:
+    """kjumpd's resident memory (KiB) and open file descriptors, as /proc shows them."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if b"/usr/local/bin/kjumpd" not in open(f"/proc/{pid}/cmdline", "rb").read():
+                continue
+            rss = next(
+                int(ln.split()[1]) for ln in open(f"/proc/{pid}/status") if ln.startswith("VmRSS:")
+            )
+            return rss, len(os.listdir(f"/proc/{pid}/fd"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    raise Missing("kjumpd is not running")
+
+
+def scenario_soak() -> int:
+    """`make soak`: N hibernate (mode shutdown) / restore cycles of one machine, the
+    workload and the disk writers carrying on throughout (``kjumpvm.cycles=N`` on the
+    command line). After each cycle: the image CONSUMED, the workload byte-exact, the
+    writers intact and going on, and one ``KJUMP-SOAK:`` line with the cycle's result and
+    the daemon's resident memory and open descriptors. A failed cycle is counted, and the
+    soak goes on."""
+    cycles = int(
+        next(
+            (
+                w.split("=", 1)[1]
+                for w in open("/proc/cmdline").read().split()
+                if w.startswith("kjumpvm.cycles=")
+            ),
+            "50",
+        )
+    )
+    problems: list[str] = []
+    failures = 0
+    before = after = None
+    expected = ""
+    extra: dict[str, str] = {}
+    try:
+        wait_daemon()
+        require_prepared()
+        _proc, before = start_workload()
+        expected = wl.expected_digest(before.seed, before.size)
+        writers.start()
+        rss, fds = daemon_resources()
+        print(f"KJUMP-SOAK: cycle=0 result=start rss_kib={rss} fds={fds}", flush=True)
+        for i in range(1, cycles + 1):
+            cycle: list[str] = []
+            wbefore = writers.snapshot()
+            event("hibernate-start", mode="shutdown", cycle=i)
+            proc = kjumpctl("hibernate", "--mode", "shutdown", "--json")
+            event("hibernate-returned", rc=proc.returncode, cycle=i)
+            if proc.returncode != 0:
+                cycle.append(f"rc {proc.returncode}")
+            state = image_state()
+            if state != "CONSUMED":
+                cycle.append(f"image {state}")
+            now = wl.query()
+            if now.sha256 != expected or now.pid != before.pid:
+                cycle.append("workload changed")
+            wproblems, _f = writers.check(wbefore)
+            cycle += wproblems
+            rss, fds = daemon_resources()
+            failures += bool(cycle)
+            result = "ok" if not cycle else "fail:" + ";".join(cycle).replace(" ", "_")[:200]
+            print(f"KJUMP-SOAK: cycle={i} result={result} rss_kib={rss} fds={fds}", flush=True)
+        after = wl.query()
+        extra.update(cycles=str(cycles), failures=str(failures))
+        if failures:
+            problems.append(f"{failures} of {cycles} cycles failed (KJUMP-SOAK lines above)")
+    except Missing as err:
+        problems.append(f"missing: {err}")
+    except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
+        problems.append(f"{type(err).__name__}: {err}")
+    ok, line = wl.verdict("soak", before, after, expected, extra, problems)
+    print(line, flush=True)
+    return 0 if ok else 1
+
+
+def write_pending(name: str, wbefore: dict, expect: dict) -> None:
+    """Record, durably, what a normal boot after a lost power must find."""
+    committed = {k: (v.committed if v is not None else 0) for k, v in wbefore.items()}
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = PENDING.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"scenario": name, "committed": committed, "expect": expect}))
+    fd = os.open(tmp, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    tmp.rename(PENDING)
+    os.sync()
+
+
+def scenario_after_power_loss() -> int:
+    """The normal boot that follows a scenario whose power was cut (PENDING names it): R
+    booted the normal kernel instead of restoring. What the pending record expects of the
+    image holds (state, reason, R's note), and every record the writers had committed
+    before the request is on the disk, whole and in order."""
+    problems: list[str] = []
+    pending = json.loads(PENDING.read_text())
+    name = pending.get("scenario", "unknown")
+    expect = pending.get("expect", {})
+    extra: dict[str, str] = {"path": "normal-boot"}
+    try:
+        wait_daemon()
+        state = image_state()
+        extra["image"] = state.replace(" ", "_")
+        states = expect.get("states", [])
+        if state.split("(")[0] not in states:
+            problems.append(f"image is {state}, expected {'/'.join(states) or 'a restore'}")
+        reason = expect.get("reason")
+        if reason and f"({reason}" not in state:
+            problems.append(f"image reason is not {reason!r}: {state}")
+        rf = [w for w in open("/proc/cmdline").read().split() if w.startswith("kjump.rf=")]
+        extra["rf"] = rf[0].split("=", 1)[1] if rf else "none"
+        want_rf = expect.get("rf")
+        if want_rf and extra["rf"] != want_rf:
+            problems.append(f"R's note is {extra['rf']}, expected {want_rf}")
+        writers._drop_caches()
+        for kind, check in (("sqlite", writers.check_sqlite), ("append", writers.check_append)):
+            path = writers.DATA_DIR / ("db.sqlite" if kind == "sqlite" else "append.log")
+            before = int(pending["committed"].get(kind, 0))
+            p, got = check(path, before)
+            problems += p
+            extra[kind] = f"{before}->{got}"
+            if before <= 0:
+                problems.append(f"the {kind} writer had committed nothing before the request")
+        extra["writers"] = "intact" if not problems else "damaged"
+    except Missing as err:
+        problems.append(f"missing: {err}")
+    except (OSError, ValueError, RuntimeError, sqlite3.Error) as err:
+        problems.append(f"{type(err).__name__}: {err}")
+    word = "PASS" if not problems else "FAIL"
+    line = f"KJUMP-VERDICT: {word} scenario={name} " + " ".join(
+        f"{k}={v}" for k, v in extra.items()
+    )
+    if problems:
+        line += ' reason="' + "; ".join(problems).replace('"', "'") + '"'
+    print(line, flush=True)
+    return 0 if not problems else 1
+
+
 def require_prepared() -> None:
     if not PREPARED.exists():
         raise Missing(
@@ -417,7 +568,7 @@ def scenario_prepare() -> int:
     When the marker is already there, this boot is the normal kernel started by R (whose
     boot.json carries the preparation boot's command line): scenario e's check runs."""
     if PREPARED.exists():
-        return scenario_noimage()
+        return scenario_after_power_loss() if PENDING.exists() else scenario_noimage()
     try:
         wait_daemon()
         setup_target()
@@ -536,6 +687,49 @@ SCENARIOS = {
         want_rc_ok=False,
         disk_writers=True,
     ),
+    # the fault matrix: power cut during B's save (a normal boot follows, the image refused
+    # as incomplete or never written), during the restore (retried), at every attempt
+    # (given up after max_attempts), RAM changed, I/O errors on the target
+    "lost-save": lambda: hibernate_and_check(
+        "lost-save",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        after_boot={"states": ["INVALID", "EMPTY", "ABORTED", "CONSUMED"]},
+    ),
+    "lost-restore": lambda: hibernate_and_check(
+        "lost-restore", "shutdown", ("CONSUMED",), disk_writers=True, after_boot={}
+    ),
+    "restore-attempts": lambda: hibernate_and_check(
+        "restore-attempts",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        after_boot={"states": ["INVALID"], "reason": "attempts", "rf": "invalid:attempts"},
+    ),
+    "ram-changed": lambda: hibernate_and_check(
+        "ram-changed",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        after_boot={"states": ["INVALID"], "reason": "memory", "rf": "invalid:memory"},
+    ),
+    "io-error-save": lambda: hibernate_and_check(
+        "io-error-save",
+        "test",
+        ("ABORTED",),
+        inject="io-error",
+        want_rc_ok=False,
+        disk_writers=True,
+    ),
+    "io-error-restore": lambda: hibernate_and_check(
+        "io-error-restore",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        after_boot={"states": ["INVALID"]},
+    ),
+    "soak": scenario_soak,
     "prepare": scenario_prepare,
     "noimage": scenario_noimage,
     "swsusp": scenario_swsusp,

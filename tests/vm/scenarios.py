@@ -16,7 +16,7 @@ import json
 import re
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kjumpd.errors import KjumpError
@@ -211,6 +211,68 @@ def read_guest_files(overlay: Path, paths: list[str], run_dir: Path) -> dict[str
     return out
 
 
+GUEST_TARGET = "/var/lib/kjumpd/image"  # tests/vm/guest-kjumpd.toml [target] path
+
+
+def target_sectors(base: Path, run_dir: Path, start: int, length: int) -> list[int]:
+    """The disk sectors (512 bytes) holding bytes [start, start+length) of the guest's image
+    target file, read from its ext4 extent tree with debugfs on a raw copy of ``base``."""
+    raw = run_dir / "bmap.raw"
+    conv = subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(base), str(raw)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if conv.returncode != 0:
+        raise ScenarioError("cannot read the guest disk", why=conv.stdout.strip())
+    try:
+        blocks = range(start // 4096, (start + length + 4095) // 4096)
+        cmds = run_dir / "bmap.cmds"
+        cmds.write_text("".join(f"bmap {GUEST_TARGET} {b}\n" for b in blocks))
+        proc = subprocess.run(
+            ["debugfs", "-f", str(cmds), str(raw)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    finally:
+        raw.unlink(missing_ok=True)
+    phys = [int(w) for w in re.findall(r"^(\d+)$", proc.stdout, re.M)]
+    if len(phys) != len(blocks) or not all(phys):
+        raise ScenarioError(
+            f"debugfs could not map {GUEST_TARGET} on the guest disk",
+            why=proc.stdout.strip()[-300:],
+            fix="was the disk prepared (`kjumpctl setup` in vm-assets)?",
+        )
+    return [p * 8 for p in phys]  # ext4 blocks of 4 KiB: 8 sectors each
+
+
+def blkdebug_disk(overlay: Path, run_dir: Path, iotype: str, sectors: list[int]) -> list[str]:
+    """QEMU arguments for the guest disk (/dev/vda) behind QEMU's blkdebug driver, which
+    fails every ``iotype`` ("read" or "write") request touching one of ``sectors`` with EIO:
+    a disk going bad under the target. Everything else reads and writes normally."""
+    conf = run_dir / f"blkdebug-{iotype}.conf"
+    conf.write_text(
+        "".join(
+            f'[inject-error]\nevent = "{iotype}_aio"\nerrno = "5"\nsector = "{sec}"\n'
+            f'once = "off"\nimmediately = "off"\niotype = "{iotype}"\n\n'
+            for sec in sectors
+        )
+    )
+    node = {
+        "driver": "raw",
+        "node-name": "vda0",
+        "cache": {"no-flush": True},
+        "file": {
+            "driver": "blkdebug",
+            "config": str(conf),
+            "image": {"driver": "qcow2", "file": {"driver": "file", "filename": str(overlay)}},
+        },
+    }
+    return ["-blockdev", json.dumps(node), "-device", "virtio-blk-pci,drive=vda0"]
+
+
 @dataclass
 class RestoreEntry:
     """The restore-first boot entry as the guest's `kjumpctl setup` installed it."""
@@ -338,8 +400,6 @@ class Runner:
     def boot(self, **changes) -> None:
         if self.vm.proc is None:
             if changes:
-                from dataclasses import replace
-
                 self.vm.cfg = replace(self.vm.cfg, **changes)
             self.vm.start()
         else:
@@ -394,8 +454,10 @@ class Runner:
         self.outcome.problems.append(f"the guest did not reach S3 within {timeout:.0f} s")
         return False
 
-    def boot_restore_first(self, timeout: float) -> None:
-        """Power on again the way a boot loader would: R's kernel + initramfs + command line."""
+    def boot_restore_first(self, timeout: float, wait: bool = True, **changes) -> None:
+        """Power on again the way a boot loader would: R's kernel + initramfs + command line
+        (``changes``: other VMConfig fields for this power-on, e.g. another RAM size).
+        ``wait``: wait for this run to end; else return once it is started."""
         try:
             entry = restore_entry(self.overlay, self.outcome.run_dir)
         except ScenarioError as err:
@@ -408,8 +470,25 @@ class Runner:
         # as GRUB_CMDLINE_LINUX would add it; without it R's lines never reach the log.
         # NOTE (reported): `kjumpctl setup` writes the entry without the system's console=.
         append = entry.cmdline if "console=" in entry.cmdline else f"console=ttyS0 {entry.cmdline}"
-        self.boot(kernel=entry.kernel, initrd=entry.initrd, append=append)
-        self.wait_exit(timeout)
+        self.boot(kernel=entry.kernel, initrd=entry.initrd, append=append, **changes)
+        if wait:
+            self.wait_exit(timeout)
+
+    def power_cut_at(self, pattern: str, timeout: float) -> bool:
+        """Cut the power (QEMU quits: every write the guest issued is on the disk, nothing
+        else) as soon as a console line matches ``pattern``. False (a problem noted) when
+        the run ended or timed out before such a line."""
+        try:
+            self.vm.wait_for(pattern, timeout, fail=STUCK_RE)
+        except self.h.VMError as err:
+            self.outcome.problems.append(f"no power cut at {pattern!r}: {err}")
+            self.stop()
+            return False
+        self.stop()
+        self.outcome.events.append(
+            Event(time.monotonic() - self.t0, "host-power-cut", {"at": pattern}, self.vm.run)
+        )
+        return True
 
     def stop(self) -> None:
         running = self.vm.proc is not None and self.vm.proc.poll() is None
@@ -430,9 +509,9 @@ class Runner:
         if not self.outcome.verdict_line and not self.outcome.problems:
             self.outcome.problems.append("the guest printed no verdict")
         said = self.outcome.verdict.get("scenario")
-        if self.outcome.verdict_line and said != self.outcome.name:
+        if self.outcome.verdict_line and said != self.guest_scenario:
             self.outcome.problems.append(
-                f"the verdict is scenario {said}'s, not {self.outcome.name}'s "
+                f"the verdict is scenario {said}'s, not {self.guest_scenario}'s "
                 "(the normal kernel booted instead?)"
             )
         if self.outcome.problems:
@@ -442,7 +521,68 @@ class Runner:
 
 #: scenarios whose guest disk is checked with e2fsck once the guest is off: the ones with
 #: disk writers running through the hibernation
-FSCK_AFTER = frozenset({"test", "shutdown", "platform", "rollback", "checkpoint", "killed"})
+FSCK_AFTER = frozenset(
+    {
+        "test",
+        "shutdown",
+        "platform",
+        "rollback",
+        "checkpoint",
+        "killed",
+        "lost-save-up",
+        "lost-save-start",
+        "lost-save-mid",
+        "lost-restore",
+        "restore-attempts",
+        "ram-changed",
+        "io-error-save",
+        "io-error-restore",
+    }
+)
+#: where the host cuts the power during B's save: B up (nothing written yet), the image
+#: begun (header WRITING), a fifth or more of the memory written; all before the commit
+SAVE_CUTS = {
+    "lost-save-up": r"kjump-agent: save kernel up: role save",
+    "lost-save-start": r"kjump-agent: saving +0%",
+    "lost-save-mid": r"kjump-agent: saving +[1-9]\d%",
+}
+#: where the host cuts the power during B's restore: B up, mid-way through A's memory
+RESTORE_CUTS = (r"kjump-agent: restoring +0%", r"kjump-agent: restoring +[1-9]\d%")
+
+
+def _fault_flow(
+    r: Runner, name: str, flow: str, timeout: float, run_dir: Path, sectors: list[int]
+) -> None:
+    """The host's part of the fault matrix: where the power is cut, what the next power-on
+    is (R, with more RAM, with a failing disk)."""
+    if flow == "lost-save":
+        if r.power_cut_at(SAVE_CUTS[name], timeout):
+            r.boot_restore_first(timeout)  # R must boot the normal system: no image
+        return
+    r.wait_exit(timeout)  # the first run saves (mode shutdown) and powers off
+    if r.has_verdict():
+        return  # the guest could not hibernate: its verdict says why
+    if flow == "io-error-save":
+        return
+    if flow == "lost-restore":
+        for cut in RESTORE_CUTS:
+            r.boot_restore_first(timeout, wait=False)
+            if not r.power_cut_at(cut, timeout):
+                return
+        r.boot_restore_first(timeout)  # the third attempt restores
+    elif flow == "restore-attempts":
+        for _ in range(3):  # the restore-first default max_attempts
+            r.boot_restore_first(timeout, wait=False)
+            if not r.power_cut_at(RESTORE_CUTS[0], timeout):
+                return
+        r.boot_restore_first(timeout)  # R gives up: INVALID(attempts), normal boot
+    elif flow == "ram-changed":
+        r.boot_restore_first(timeout, memory_mb=MEM_MIB + 256)
+    elif flow == "io-error-restore":
+        blk = blkdebug_disk(r.overlay, run_dir, "read", sectors)
+        r.boot_restore_first(timeout, disks=[], extra=(*r.vm.cfg.extra, *blk))
+
+
 #: how long one QEMU run may take (TCG, 2 vCPUs shared with other work)
 BOOT_TIMEOUT = 900.0
 
@@ -478,11 +618,29 @@ def run(
         "checkpoint": ("checkpoint", "single"),
         "killed": ("killed", "single"),
         "swsusp": ("swsusp", "swsusp"),  # bench/vm.py: the kernel's own hibernation
+        # the fault matrix (guest scenarios of the same name without the point's suffix)
+        "lost-save-up": ("lost-save", "lost-save"),
+        "lost-save-start": ("lost-save", "lost-save"),
+        "lost-save-mid": ("lost-save", "lost-save"),
+        "lost-restore": ("lost-restore", "lost-restore"),
+        "restore-attempts": ("restore-attempts", "restore-attempts"),
+        "ram-changed": ("ram-changed", "ram-changed"),
+        "io-error-save": ("io-error-save", "io-error-save"),
+        "io-error-restore": ("io-error-restore", "io-error-restore"),
     }
     extra = {"killed": "kjumpvm.kill_daemon=frozen"}.get(name, "")
     if name not in flows:
         raise ScenarioError(f"unknown scenario {name!r}", fix=f"one of {', '.join(flows)}")
     guest, flow = flows[name]
+    sectors: list[int] = []
+    if flow in ("io-error-save", "io-error-restore"):
+        try:
+            # 1 MiB of the target a quarter of a GiB in: inside the chunk records
+            sectors = target_sectors(Path(assets.prepared), run_dir, 100 << 20, 1 << 20)
+        except (KjumpError, OSError) as err:
+            out = Outcome(name=name, run_dir=run_dir)
+            out.problems.append(f"missing: {err}")
+            return out
     try:
         if flow == "swsusp":
             r = Runner(
@@ -514,6 +672,9 @@ def run(
         out = Outcome(name=name, run_dir=run_dir)
         out.problems.append(f"missing: {err.message}")
         return out
+    if flow == "io-error-save":
+        blk = blkdebug_disk(r.overlay, run_dir, "write", sectors)
+        r.vm.cfg = replace(r.vm.cfg, disks=[], extra=(*r.vm.cfg.extra, *blk))
     try:
         if flow != "noimage":
             r.boot()
@@ -547,6 +708,8 @@ def run(
             if not r.has_verdict():  # hibernated to swap: power on, same kernel
                 r.boot()
                 r.wait_exit(timeout)
+        else:
+            _fault_flow(r, name, flow, timeout, run_dir, sectors)
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:
         r.outcome.problems.append(f"{type(err).__name__}: {err}")
     outcome = r.finish()

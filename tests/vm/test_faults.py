@@ -1,0 +1,110 @@
+"""The VM tier's fault matrix: power cut during the save and during the restore, every
+restore attempt lost, RAM changed between save and restore, a disk failing under the target.
+
+Each case is asserted from inside the guest (its verdict after the next boot: the image
+state and reason as `kjumpctl status` shows them, R's note on the normal kernel's command
+line, every record the disk writers had committed before the request on the disk) and from
+the disk (e2fsck after the last power-off), never by timing.
+
+A power cut is QEMU quitting: every write the guest had issued is on the disk (the overlay
+is cache=unsafe, so the guest's flushes are not what makes them durable), nothing after.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.vm import scenarios
+
+pytestmark = pytest.mark.vm
+
+
+def _console(out: scenarios.Outcome, pattern: str) -> list[re.Match[str]]:
+    rx = re.compile(pattern)
+    lines = [
+        ln for p in out.logs if p.exists() for ln in p.read_text(errors="replace").splitlines()
+    ]
+    return [m for m in (rx.search(ln) for ln in lines) if m]
+
+
+def _normal_boot_after_cut(out: scenarios.Outcome) -> None:
+    """The power cut happened, the next boot was a normal one, nothing committed was lost,
+    the filesystems are clean."""
+    assert out.passed, out.summary()
+    assert out.event("host-power-cut") is not None, out.summary()
+    assert out.verdict.get("path") == "normal-boot", out.summary()  # not a restore
+    assert out.verdict.get("writers") == "intact", out.summary()
+    for kind in ("sqlite", "append"):
+        before, after = (int(x) for x in out.verdict[kind].split("->"))
+        assert after >= before > 0, out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
+
+
+@pytest.mark.parametrize("point", ["up", "start", "mid"])
+def test_power_cut_during_the_save_boots_normally_and_loses_nothing(
+    point: str, vm_assets_built, run_dir
+) -> None:
+    out = scenarios.run(f"lost-save-{point}", vm_assets_built, run_dir)
+    _normal_boot_after_cut(out)
+    # never restored: the header was not committed; once B began writing, R refuses it
+    assert not _console(out, r"kjump-agent: RESTORED"), out.summary()
+    assert not out.verdict.get("image", "").startswith(("SAVED", "RESTORING")), out.summary()
+    if point != "up":
+        assert out.verdict.get("image", "").startswith("INVALID(incomplete"), out.summary()
+        assert out.verdict.get("rf") == "invalid:incomplete", out.summary()
+
+
+def test_power_cut_during_the_restore_is_retried_and_resumes(vm_assets_built, run_dir) -> None:
+    out = scenarios.run("lost-restore", vm_assets_built, run_dir)
+    assert out.passed, out.summary()
+    assert out.verdict.get("path") == "resumed", out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("writers") == "intact", out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
+    # two attempts cut, the third restored
+    assert _console(out, r"image marked RESTORING\(3\)"), out.summary()
+    assert len(_console(out, r"kjump-agent: RESTORED")) == 1, out.summary()
+
+
+def test_every_restore_attempt_lost_gives_up_and_shows_why(vm_assets_built, run_dir) -> None:
+    out = scenarios.run("restore-attempts", vm_assets_built, run_dir)
+    _normal_boot_after_cut(out)
+    assert out.verdict.get("image", "").startswith("INVALID(attempts"), out.summary()
+    assert out.verdict.get("rf") == "invalid:attempts", out.summary()
+
+
+def test_ram_changed_between_save_and_restore_is_refused_with_the_reason(
+    vm_assets_built, run_dir
+) -> None:
+    out = scenarios.run("ram-changed", vm_assets_built, run_dir)
+    assert out.passed, out.summary()
+    assert out.verdict.get("path") == "normal-boot", out.summary()
+    image = out.verdict.get("image", "")
+    assert image.startswith("INVALID(memory"), out.summary()
+    assert "1279_MiB" in image, out.summary()  # the reason says what the machine has now
+    assert out.verdict.get("writers") == "intact", out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
+
+
+def test_write_errors_on_the_target_abort_the_save_and_roll_back(vm_assets_built, run_dir):
+    out = scenarios.run("io-error-save", vm_assets_built, run_dir)
+    assert out.passed, out.summary()
+    assert out.verdict.get("image", "").startswith("ABORTED"), out.summary()
+    assert out.verdict.get("rc") not in (None, "0"), out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()  # the system went on
+    assert out.verdict.get("writers") == "intact", out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
+    assert _console(out, r"kjump-agent: save failed: .*(I/O|Input/output)"), out.summary()
+
+
+def test_read_errors_on_the_target_at_restore_boot_normally(vm_assets_built, run_dir):
+    out = scenarios.run("io-error-restore", vm_assets_built, run_dir)
+    assert out.passed, out.summary()
+    assert out.verdict.get("path") == "normal-boot", out.summary()
+    assert out.verdict.get("image", "").startswith("INVALID"), out.summary()
+    assert not _console(out, r"kjump-agent: RESTORED"), out.summary()  # no wrong memory
+    assert out.verdict.get("writers") == "intact", out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
