@@ -134,12 +134,15 @@ def _thaw(sr: Sysroot, reason: str) -> int:
 
 
 def recover_main(sysroot: str) -> int:
-    """``kjumpd --recover``: thaw what a dead kjumpd left frozen (0 also when nothing was)."""
+    """``kjumpd --recover``: thaw what a dead kjumpd left frozen and undo the device writes
+    it left quiesced (0 also when there was nothing)."""
+    from kjumpd.daemon import quiesce
     from kjumpd.errors import KjumpError
 
     try:
         sr = Sysroot(sysroot)
         errors = taskfreeze.recover(sr, "kjumpd stopped inside the frozen window")
+        errors += quiesce.recover(sr)
     except KjumpError as e:
         print(f"kjumpd --recover: {e.message}", file=sys.stderr)
         return 1

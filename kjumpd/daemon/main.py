@@ -16,8 +16,9 @@ Runs a GLib main loop; the transition runs in a worker thread (kjumpd.daemon.ser
   filesystem, and a blocked stderr must never block the thread that thaws it.
 - SIGTERM/SIGINT: with no transition, release the name and exit 0. During one, cancel it (the
   transaction rolls back) and exit once it has finished (bounded by --stop-timeout).
-- ``--recover``: thaw what a kjumpd that died inside the frozen window left frozen
-  (kjumpd.daemon.freezeguard; systemd's ExecStopPost). The daemon does the same at start.
+- ``--recover``: thaw what a kjumpd that died inside the frozen window left frozen, undo the
+  device writes one that died after quiescing left (kjumpd.daemon.freezeguard, quiesce;
+  systemd's ExecStopPost). The daemon does the same at start.
 - Exit codes: 0 clean stop; 1 failed to start (one line on stderr saying what, why and the fix).
 """
 
@@ -143,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recover",
         action="store_true",
-        help="thaw the filesystems and processes a stopped kjumpd left frozen, then "
-        "exit (systemd runs this as ExecStopPost; nothing to do exits 0)",
+        help="thaw the filesystems and processes a stopped kjumpd left frozen and undo the "
+        "device writes it left, then exit (systemd runs this as ExecStopPost; nothing to "
+        "do exits 0)",
     )
     return p
 
@@ -246,10 +248,11 @@ class Daemon:
         self.sysroot = Sysroot(Path(args.sysroot))
         self.config = load_config(self.sysroot, args.config)
         # a kjumpd that died inside the frozen window, with nothing else to thaw after it
-        from kjumpd.daemon import taskfreeze
+        from kjumpd.daemon import quiesce, taskfreeze
 
         try:
             taskfreeze.recover(self.sysroot, "an earlier kjumpd stopped inside the frozen window")
+            quiesce.recover(self.sysroot)
         except KjumpError as e:
             log.error("%s", e.message)
         clear_stale_oneshot(self.sysroot, _startup_image_state(self.sysroot, self.config))

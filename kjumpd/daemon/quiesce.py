@@ -256,6 +256,9 @@ class Journal:
         self.done.append(w)
         self._file.parent.mkdir(parents=True, exist_ok=True)
         with open(self._file, "a") as f:
+            if not self.done[:-1]:
+                # whose journal it is: a later kjumpd leaves a living owner's writes alone
+                f.write(json.dumps({"owner": os.getpid()}) + "\n")
             f.write(json.dumps(asdict(w)) + "\n")
 
     def clear(self) -> None:
@@ -281,6 +284,40 @@ def apply(sysroot: Sysroot, p: Plan, journal: Journal) -> None:
                 path=w.path,
             ) from None
         journal.record(w)
+
+
+def recover(sysroot: Sysroot) -> list[str]:
+    """Undo the writes a kjumpd that died between quiesce and its undo left in the journal
+    (at start-up and in ``kjumpd --recover``); a journal whose owner still runs is left to
+    it. Lines that do not parse, or that would write outside /sys, are skipped with a log
+    line. Returns what could not be undone."""
+    from kjumpd.daemon.taskfreeze import pid_alive
+
+    text = sysroot.read_text(JOURNAL, default="")
+    if not text:
+        return []
+    journal = Journal(sysroot)
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+            if "owner" in d:
+                owner = int(d["owner"])
+                if owner != os.getpid() and pid_alive(sysroot, owner):
+                    log.info("kjumpd (pid %d) has devices quiesced: it undoes them", owner)
+                    return []
+                continue
+            w = Write(**d)
+        except (ValueError, TypeError) as e:
+            log.warning("quiesce journal: skipped a line that does not parse (%s)", e)
+            continue
+        if not all(isinstance(v, str) for v in asdict(w).values()) or not w.undo_path.startswith(
+            "/sys/"
+        ):
+            log.warning("quiesce journal: skipped a write outside /sys: %r", w.undo_path[:80])
+            continue
+        journal.done.append(w)
+    log.warning("undoing %d device write(s) an earlier kjumpd left", len(journal.done))
+    return undo(sysroot, journal)
 
 
 def undo(sysroot: Sysroot, journal: Journal) -> list[str]:

@@ -360,6 +360,118 @@ def scenario_killed() -> int:
     return 0 if ok else 1
 
 
+#: the steps scenario i kills kjumpd at (its phases whose log line is not held back: from
+#: the frozen window on, scenario h kills it); the words of kjumpvm.kill_daemon=steps:...
+KILL_STEPS = ("preflight", "announce", "shrink", "quiesce", "boot entry", "freeze tasks")
+HOOK_DIR = Path("/etc/kjumpd/sleep.d")
+
+
+def running(cmdline: str) -> bool:
+    """A process whose /proc/PID/cmdline (NUL-separated) contains ``cmdline`` exists."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if cmdline.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def leftovers() -> list[str]:
+    """What a hibernation that did not happen must not leave behind, once kjumpd is back."""
+    problems = check_writable_filesystems(timeout=60)
+    for path in ("/run/kjumpd/frozen.json", "/run/kjumpd/quiesce.journal"):
+        if Path(path).exists():
+            problems.append(f"{path} is still there")
+    if list(Path("/sys/fs/cgroup").rglob("kjumpd.freeze")):
+        problems.append("a parking cgroup kjumpd.freeze is left")
+    frozen = [
+        str(p.parent)
+        for p in Path("/sys/fs/cgroup").rglob("cgroup.freeze")
+        if p.read_text().strip() == "1"
+    ]
+    if frozen:
+        problems.append(f"cgroups still frozen: {frozen}")
+    loaded = Path("/sys/kernel/kexec_loaded")
+    if loaded.exists() and loaded.read_text().strip() != "0":
+        problems.append("a kexec image is still loaded")
+    grubenv = Path("/boot/grub/grubenv")
+    if grubenv.exists() and "next_entry=kjumpd" in grubenv.read_text(errors="replace"):
+        problems.append("the one-shot boot into the restore-first entry is still armed")
+    return problems
+
+
+def scenario_killed_steps() -> int:
+    """i. kjumpd SIGKILLed at each step of the transaction before the frozen window (PID 1
+    supervises it as systemd would: Restart= and ExecStopPost=kjumpd --recover): after
+    each kill nothing is left quiesced, frozen, loaded or armed. Then a sleep hook that
+    fails and one that hangs: each stops the hibernation with its name, and the hung hook
+    is gone. Then a hibernation that works; the workload and the writers went on all along."""
+    problems: list[str] = []
+    before = after = None
+    expected = ""
+    extra: dict[str, str] = {}
+    try:
+        wait_daemon()
+        require_prepared()
+        _proc, before = start_workload()
+        expected = wl.expected_digest(before.seed, before.size)
+        writers.start()
+        wbefore = writers.snapshot()
+        killed = 0
+        for step in KILL_STEPS:
+            proc = kjumpctl("hibernate", "--mode", "test", "--json")
+            marks = KILLED_MARK.read_text() if KILLED_MARK.exists() else ""
+            if f"step={step.replace(' ', '-')} " not in marks:
+                problems.append(f"PID 1 did not kill kjumpd at {step}")
+                continue
+            killed += 1
+            if proc.returncode == 0:
+                problems.append(f"kjumpctl hibernate succeeded although kjumpd died at {step}")
+            wait_daemon()
+            problems += [f"killed at {step}: {p}" for p in leftovers()]
+        extra["killed"] = str(killed)
+        HOOK_DIR.mkdir(parents=True, exist_ok=True)
+        for name, body, want in (
+            ("10-fails", 'test "$1" = pre && exit 3; exit 0', "10-fails"),
+            ("10-hangs", 'test "$1" = pre && exec sleep 3600; exit 0', "10-hangs"),
+        ):
+            hook = HOOK_DIR / name
+            hook.write_text(f"#!/bin/sh\n{body}\n")
+            hook.chmod(0o755)
+            proc = kjumpctl("hibernate", "--mode", "test", "--json")
+            hook.unlink()
+            record = last_result(proc.stdout)
+            if proc.returncode == 0:
+                problems.append(f"hook {name}: the hibernation went on")
+            elif want not in json.dumps(record):
+                problems.append(f"hook {name}: the error does not name it: {record.get('message')}")
+            if name == "10-hangs" and running("sleep\x003600"):
+                problems.append("the hung hook is still running")
+            problems += [f"hook {name}: {p}" for p in leftovers()]
+        extra["hooks"] = "refused"
+        proc = kjumpctl("hibernate", "--mode", "test", "--json")
+        extra["rc"] = str(proc.returncode)
+        if proc.returncode != 0:
+            problems.append(f"the hibernation after the faults failed (rc {proc.returncode})")
+        state = image_state()
+        extra["image"] = state.replace(" ", "_")
+        if not state.startswith("INVALID"):
+            problems.append(f"image is {state} after a test hibernation")
+        after = wl.query()
+        wproblems, wfields = writers.check(wbefore)
+        problems += wproblems
+        extra.update(wfields)
+    except Missing as err:
+        problems.append(f"missing: {err}")
+    except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
+        problems.append(f"{type(err).__name__}: {err}")
+    ok, line = wl.verdict("killed-steps", before, after, expected, extra, problems)
+    print(line, flush=True)
+    return 0 if ok else 1
+
+
 KEXEC_REFUSER = Path("/usr/local/sbin/kexec")
 REFUSER_SCRIPT = """#!/bin/sh
 # kjumpvm fault injection (scenario f): the kernel refuses this kexec_load for real.
@@ -677,6 +789,7 @@ SCENARIOS = {
         "checkpoint", "checkpoint", ("SAVED",), want_written=True, disk_writers=True
     ),
     "killed": scenario_killed,
+    "killed-steps": scenario_killed_steps,
     "suspend-wake": lambda: hibernate_and_check("suspend-wake", "suspend", ("INVALID",)),
     "suspend-lost": lambda: hibernate_and_check("suspend-lost", "suspend", ("CONSUMED",)),
     "rollback": lambda: hibernate_and_check(

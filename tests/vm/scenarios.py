@@ -529,6 +529,7 @@ FSCK_AFTER = frozenset(
         "rollback",
         "checkpoint",
         "killed",
+        "killed-steps",
         "lost-save-up",
         "lost-save-start",
         "lost-save-mid",
@@ -617,6 +618,7 @@ def run(
         "rollback": ("rollback", "single"),
         "checkpoint": ("checkpoint", "single"),
         "killed": ("killed", "single"),
+        "killed-steps": ("killed-steps", "single"),
         "swsusp": ("swsusp", "swsusp"),  # bench/vm.py: the kernel's own hibernation
         # the fault matrix (guest scenarios of the same name without the point's suffix)
         "lost-save-up": ("lost-save", "lost-save"),
@@ -628,7 +630,11 @@ def run(
         "io-error-save": ("io-error-save", "io-error-save"),
         "io-error-restore": ("io-error-restore", "io-error-restore"),
     }
-    extra = {"killed": "kjumpvm.kill_daemon=frozen"}.get(name, "")
+    extra = {
+        "killed": "kjumpvm.kill_daemon=frozen",
+        "killed-steps": "kjumpvm.kill_daemon=steps:"
+        "preflight,announce,shrink,quiesce,boot-entry,freeze-tasks",
+    }.get(name, "")
     if name not in flows:
         raise ScenarioError(f"unknown scenario {name!r}", fix=f"one of {', '.join(flows)}")
     guest, flow = flows[name]

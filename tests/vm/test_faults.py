@@ -108,3 +108,25 @@ def test_read_errors_on_the_target_at_restore_boot_normally(vm_assets_built, run
     assert not _console(out, r"kjump-agent: RESTORED"), out.summary()  # no wrong memory
     assert out.verdict.get("writers") == "intact", out.summary()
     assert out.verdict.get("fsck") == "clean", out.summary()
+
+
+def test_daemon_killed_at_each_step_and_failing_hooks_leave_nothing_behind(
+    vm_assets_built, run_dir
+) -> None:
+    out = scenarios.run("killed-steps", vm_assets_built, run_dir)
+    assert out.passed, out.summary()
+    assert out.verdict.get("killed") == "6", out.summary()  # one kill per step
+    assert out.verdict.get("hooks") == "refused", out.summary()
+    assert out.verdict.get("rc") == "0", out.summary()  # and it still hibernates
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("writers") == "intact", out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
+    kills = _console(out, r"killed kjumpd at the start of its phase '([a-z ]+)'")
+    assert [m.group(1) for m in kills] == [
+        "preflight",
+        "announce",
+        "shrink",
+        "quiesce",
+        "boot entry",
+        "freeze tasks",
+    ], out.summary()

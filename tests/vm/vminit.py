@@ -163,6 +163,46 @@ def kill_daemon_when_frozen(daemon: subprocess.Popen) -> None:
     threading.Thread(target=watch, name="daemon-killer", daemon=True).start()
 
 
+def supervise_and_kill(steps: list[str]) -> None:
+    """``kjumpvm.kill_daemon=steps:preflight,boot-entry,...``: kjumpd supervised as systemd
+    supervises it (Restart=, ExecStopPost=kjumpd --recover), with PID 1 SIGKILLing it the
+    moment its log names the next step's phase, one step per hibernation request. Appends
+    ``killed step=NAME pid=N`` to KILLED_MARK for each kill."""
+
+    def relay_until_step(daemon: subprocess.Popen, step: str | None) -> bool:
+        assert daemon.stderr is not None
+        for raw in daemon.stderr:
+            sys.stderr.buffer.write(raw)
+            sys.stderr.flush()
+            if step is not None and f"phase {step} (" in raw.decode(errors="replace"):
+                os.kill(daemon.pid, signal.SIGKILL)
+                KILLED_MARK.parent.mkdir(parents=True, exist_ok=True)
+                with open(KILLED_MARK, "a") as f:
+                    f.write(f"killed step={step.replace(' ', '-')} pid={daemon.pid}\n")
+                event("daemon-killed", step=step.replace(" ", "-"))
+                say(f"killed kjumpd at the start of its phase {step!r}")
+                return True
+        return False
+
+    def run() -> None:
+        pending = list(steps)
+        while True:
+            daemon = subprocess.Popen(
+                ["/usr/local/bin/kjumpd"], stdout=sys.stdout, stderr=subprocess.PIPE
+            )
+            if not relay_until_step(daemon, pending[0] if pending else None):
+                return  # it stopped by itself (the machine is powering off)
+            pending.pop(0)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            rc = subprocess.run(["/usr/local/bin/kjumpd", "--recover"]).returncode
+            say(f"kjumpd --recover (ExecStopPost) exited {rc}; restarting kjumpd")
+
+    threading.Thread(target=run, name="daemon-supervisor", daemon=True).start()
+
+
 def stop_everything(grace: float = 10.0) -> None:
     """What an init does before it powers off: SIGTERM to every other process, SIGKILL to
     what is left after ``grace`` seconds, reaping them, so the root filesystem can be
@@ -197,8 +237,13 @@ def main() -> int:
     boot_id = open("/proc/sys/kernel/random/boot_id").read().strip()
     event("init", boot_id=boot_id)
     start_dbus()
-    daemon = start_kjumpd()
-    if daemon is not None and cmdline_arg("kjumpvm.kill_daemon") == "frozen":
+    kill = cmdline_arg("kjumpvm.kill_daemon") or ""
+    daemon = None
+    if kill.startswith("steps:"):
+        supervise_and_kill([s.replace("-", " ") for s in kill[len("steps:") :].split(",") if s])
+    else:
+        daemon = start_kjumpd()
+    if daemon is not None and kill == "frozen":
         kill_daemon_when_frozen(daemon)
     scenario = cmdline_arg("kjumpvm.scenario") or "idle"
     event("scenario-start", name=scenario, daemon="yes" if daemon else "no")
