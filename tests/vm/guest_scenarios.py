@@ -842,6 +842,13 @@ SCENARIOS = {
         disk_writers=True,
         after_boot={"states": ["INVALID"]},
     ),
+    "b-panic": lambda: hibernate_and_check(
+        "b-panic",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        after_boot={"states": ["EMPTY", "ABORTED", "INVALID", "CONSUMED"]},
+    ),
     "soak": scenario_soak,
     "prepare": scenario_prepare,
     "noimage": scenario_noimage,

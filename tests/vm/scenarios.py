@@ -538,6 +538,7 @@ FSCK_AFTER = frozenset(
         "ram-changed",
         "io-error-save",
         "io-error-restore",
+        "b-panic",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -559,6 +560,18 @@ def _fault_flow(
     if flow == "lost-save":
         if r.power_cut_at(SAVE_CUTS[name], timeout):
             r.boot_restore_first(timeout)  # R must boot the normal system: no image
+        return
+    if flow == "b-panic":
+        try:
+            r.vm.wait_for(r"Kernel panic - not syncing", timeout)
+            r.vm.wait_exit(120)  # panic=1: the machine resets (QEMU -no-reboot exits)
+        except r.h.VMError as err:
+            r.outcome.problems.append(f"the save kernel did not panic and reset: {err}")
+            r.stop()
+            return
+        r.outcome.events.append(Event(time.monotonic() - r.t0, "host-saw-b-panic", {}, r.vm.run))
+        r.collect()
+        r.boot_restore_first(timeout)  # R: no image was committed, the normal system boots
         return
     r.wait_exit(timeout)  # the first run saves (mode shutdown) and powers off
     if r.has_verdict():
@@ -629,11 +642,14 @@ def run(
         "ram-changed": ("ram-changed", "ram-changed"),
         "io-error-save": ("io-error-save", "io-error-save"),
         "io-error-restore": ("io-error-restore", "io-error-restore"),
+        "b-panic": ("b-panic", "b-panic"),
     }
     extra = {
         "killed": "kjumpvm.kill_daemon=frozen",
         "killed-steps": "kjumpvm.kill_daemon=steps:"
         "preflight,announce,shrink,quiesce,boot-entry,freeze-tasks",
+        # an init that does not exist: the save kernel panics for real (panic=1 reboots it)
+        "b-panic": "kjumpvm.b_append=init=/kjump-no-init,rdinit=/kjump-no-init",
     }.get(name, "")
     if name not in flows:
         raise ScenarioError(f"unknown scenario {name!r}", fix=f"one of {', '.join(flows)}")

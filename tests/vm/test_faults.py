@@ -130,3 +130,13 @@ def test_daemon_killed_at_each_step_and_failing_hooks_leave_nothing_behind(
         "boot entry",
         "freeze tasks",
     ], out.summary()
+
+
+def test_save_kernel_panic_resets_into_the_normal_system_undamaged(vm_assets_built, run_dir):
+    out = scenarios.run("b-panic", vm_assets_built, run_dir)
+    assert out.event("host-saw-b-panic") is not None, out.summary()
+    assert out.passed, out.summary()
+    assert out.verdict.get("path") == "normal-boot", out.summary()
+    assert not out.verdict.get("image", "").startswith(("SAVED", "RESTORING")), out.summary()
+    assert out.verdict.get("writers") == "intact", out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()

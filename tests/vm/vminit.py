@@ -105,6 +105,27 @@ def start_dbus() -> subprocess.Popen | None:
     return proc
 
 
+def add_save_kernel_words() -> None:
+    """``kjumpvm.b_append=W1,W2``: add words to the save kernel's command line in kjumpd's
+    configuration before kjumpd starts (fault injection: e.g. an init that does not exist
+    makes the save kernel panic for real)."""
+    words = (cmdline_arg("kjumpvm.b_append") or "").replace(",", " ").strip()
+    if not words:
+        return
+    conf = Path("/etc/kjumpd/kjumpd.toml")
+    text = conf.read_text()
+    out, section = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped
+        if section == "[save_kernel]" and stripped.startswith("append") and '"' in line:
+            line = line[: line.rindex('"')] + f" {words}" + line[line.rindex('"') :]
+        out.append(line)
+    conf.write_text("\n".join(out) + "\n")
+    say(f"the save kernel's command line gets: {words}")
+
+
 def start_kjumpd() -> subprocess.Popen | None:
     if cmdline_arg("kjumpvm.nodaemon") == "1":
         return None
@@ -237,6 +258,7 @@ def main() -> int:
     boot_id = open("/proc/sys/kernel/random/boot_id").read().strip()
     event("init", boot_id=boot_id)
     start_dbus()
+    add_save_kernel_words()
     kill = cmdline_arg("kjumpvm.kill_daemon") or ""
     daemon = None
     if kill.startswith("steps:"):
