@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export KJUMPD_CACHE ?= $(HOME)/.cache/kjumpd
 
-.PHONY: setup lint test test-unit test-sysroot test-vm vm-assets demo bench bench-vm clean
+.PHONY: setup lint test test-unit test-sysroot test-vm vm-assets demo bench bench-vm fuzz clean
 
 setup:
 	@tools/setup.sh
@@ -35,6 +35,12 @@ bench: setup
 
 bench-vm: setup vm-assets
 	$(PY) -m bench.vm
+
+# every parser of bytes from a disk or from A, FUZZ_RUNS inputs each (atheris: the [fuzz] extra)
+FUZZ_RUNS ?= 100000
+fuzz: setup
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q -e '.[test,fuzz]'
+	$(PY) -m tests.fuzz --runs $(FUZZ_RUNS)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache
