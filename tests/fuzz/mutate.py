@@ -73,7 +73,7 @@ def mutate(rnd: random.Random, data: bytes, seeds: list[bytes], max_len: int) ->
                     b"[[[[[[[[",
                     b"9" * 5000,
                     b"-1",
-                    b"\xb2",
+                    b"\xc2\xb2",
                     b"nan",
                     b"1e999",
                     b"\\",

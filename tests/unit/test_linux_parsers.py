@@ -125,3 +125,8 @@ def test_a_mount_point_that_is_not_utf8_reads_as_the_path_it_is(tmp_path) -> Non
     text = Sysroot(tmp_path).read_text("/proc/self/mountinfo")
     (m,) = [m for m in mountinfo.parse(text) if m.fstype == "vfat"]
     assert os.fsencode(m.mountpoint) == b"/mnt/caf\xe9"
+
+
+def test_a_mount_id_that_only_looks_like_a_number_skips_the_line() -> None:
+    text = "\u00b2 1 254:1 / /x rw - ext4 /dev/vda1 rw\n22 1 254:1 / / rw - ext4 /dev/vda1 rw\n"
+    assert [m.mountpoint for m in mountinfo.parse(text)] == ["/"]
