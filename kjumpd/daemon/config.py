@@ -38,7 +38,7 @@ def parse_size(value: Any, key: str) -> int:
             except ValueError:
                 pass
         m = _SIZE_RE.match(v)
-        if m:
+        if m and len(m.group(1)) <= 30:  # more digits: no size, and past int()'s limit
             return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
     raise ConfigError(
         f"{key} must be a size",
@@ -293,7 +293,8 @@ def from_dict(data: dict[str, Any]) -> Config:
 def loads(text: str, source: str = CONFIG_PATH) -> Config:
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    # ValueError: an integer of more than 4300 digits; RecursionError: nested too deep
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as e:
         raise ConfigError(
             f"{source} is not valid TOML",
             why=str(e),

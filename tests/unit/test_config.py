@@ -113,3 +113,16 @@ def test_image_size_is_auto_by_default_a_size_or_off(value, want):
     assert cfgmod.loads(f"[hibernate]\nimage_size = {value}\n").image_size == want
     with pytest.raises(ConfigError, match="image_size"):
         cfgmod.loads('[hibernate]\nimage_size = "half"\n')
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 100_000,  # nested too deep
+        "[target]\nsize = " + "9" * 5000,  # past int()'s 4300 digits, in TOML
+        '[target]\nsize = "' + "9" * 5000 + '"',  # and as a size string
+    ],
+)
+def test_absurd_toml_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError):
+        cfgmod.loads(text)
