@@ -22,6 +22,7 @@ import stat
 import struct
 import tempfile
 import traceback
+import uuid as uuidlib
 import zlib
 from argparse import Namespace
 from collections.abc import Callable
@@ -416,7 +417,19 @@ def _saved_image() -> _SavedImage:
                 src,
                 _IMG_RANGES,
                 dev,
-                identity={"main_kernel": "6.12 abc", "jump_area": [0x20000000, 1 << 27]},
+                identity={
+                    "main_kernel": "6.12 abc",
+                    "jump_area": [0x20000000, 1 << 27],
+                    "fs_stamps": [
+                        {
+                            "version": 1,
+                            "device": "/dev/vda1",
+                            "fstype": "ext4",
+                            "uuid": "0b5e7c1a-6f6e-4c1e-9a77-3d2f1e0c9b8a",
+                            "fields": {"mount_count": 3, "mtime": 1764095000},
+                        }
+                    ],
+                },
                 mode="test",
                 chunk_size=_IMG_CHUNK,
                 workers=1,
@@ -501,13 +514,49 @@ def _image_run(data: bytes) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         for as_json in (False, True):
             image_cmds.cmd_info(Namespace(file=str(path), offset=0, json=as_json))
-    # the restore itself (R, kjump-agent restore): right bytes, or a named refusal
+    dev, _sb = image_cmds._open(str(path), writable=False, offset=0)
+    with dev:
+        _restore_first_evidence(dev)
+    # the restore itself (B in its restore role, kjump-agent restore): right bytes, or a
+    # named refusal
     dev, _sb = image_cmds._open(str(path), writable=False, offset=0)
     sink = _CheckedMemory(saved.memory)
     with dev:
         restore.restore_image(dev, sink, workers=1)
     if sink.covered() != _IMG_RANGES:
         raise Violation(f"wrong memory: a restore succeeded but wrote only {sink.covered()}")
+
+
+def _restore_first_evidence(dev: ImageDevice) -> None:
+    """What R reads before it decides (restore.init.gather without a machine): the header,
+    the metadata and its recorded filesystem stamps, the chunk-table walk; then the decision.
+    R turns a KjumpError into evidence; anything else would stop its PID 1."""
+    from kjumpd.restore import decision
+    from kjumpd.restore.init import chunk_table_error
+
+    header = store.read_header(dev)
+    hv = decision.HeaderView.of(header)
+    stamps, meta_error, chunks_error = None, "", ""
+    try:
+        meta = store.read_metadata(dev, header)
+    except KjumpError as e:
+        meta_error = e.message
+    else:
+        raw = meta.identity.get("fs_stamps")
+        stamps = raw if isinstance(raw, list) else None
+        try:
+            chunks_error = chunk_table_error(dev, header, meta)
+        except KjumpError as e:
+            chunks_error = e.message
+    ev = decision.Evidence(
+        target_found=True,
+        target_uuid=str(uuidlib.UUID(bytes=header.uuid)),
+        header=hv,
+        fs_stamps=stamps,
+        metadata_error=meta_error,
+        chunks_error=chunks_error,
+    )
+    decision.decide(ev, decision.Expected(header.save_kernel_hash, hv.jump_area))
 
 
 def _image_seeds() -> list[bytes]:
