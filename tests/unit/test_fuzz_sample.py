@@ -25,3 +25,35 @@ def test_seeds_parse_and_mutants_keep_the_contract(name: str) -> None:
         if sig is not None:
             found[sig] = found.get(sig, 0) + 1
     assert found == {}
+
+
+def test_the_image_target_sees_wrong_memory() -> None:
+    """A forged image (a payload byte changed, every CRC recomputed to match) restores other
+    bytes than were saved: the image target must call that a finding, or its "0 findings"
+    would mean nothing."""
+    import struct
+    import zlib
+
+    from kjumpd.image import format as fmt
+
+    t = targets.TARGETS["image"]
+    buf = bytearray(t.seeds()[1])  # saved without compression: raw payloads
+    slots = (targets._SB_KEEP, targets._SB_KEEP + targets._SLOT_KEEP)
+    pos = targets._SB_KEEP + 2 * targets._SLOT_KEEP + targets._META_KEEP
+    data_crc, forged = 0, False
+    while pos + fmt.CHUNK_HEADER_SIZE <= len(buf):
+        ch = fmt.ChunkHeader.unpack(buf[pos : pos + fmt.CHUNK_HEADER_SIZE])
+        body = pos + fmt.CHUNK_HEADER_SIZE
+        if ch.encoding == fmt.ENC_RAW and not forged:
+            buf[body + ch.bitmap_length] ^= 0x5A
+            struct.pack_into("<I", buf, pos + 28, zlib.crc32(buf[body : pos + ch.record_length]))
+            struct.pack_into("<I", buf, pos + 36, zlib.crc32(buf[pos : pos + 36]))
+            forged = True
+        data_crc = zlib.crc32(buf[pos + 28 : pos + 32], data_crc)
+        pos += ch.record_length
+    assert forged
+    for s in slots:
+        struct.pack_into("<I", buf, s + 116, data_crc)
+        targets._header_fix_slot(buf, s, s + targets._SLOT_KEEP)
+    sig = targets.check(t, bytes(buf))
+    assert sig is not None and sig.startswith("Violation: wrong memory: a restore wrote other")
