@@ -448,8 +448,8 @@ def _saved_image() -> _SavedImage:
 
 def _image_fix(buf: bytearray) -> None:
     """Recompute the superblock's, the metadata's and the header slots' own CRCs (and the
-    header's copy of the metadata CRC) and every chunk record header's CRC; never a payload
-    CRC nor the data CRC, which vouch for the memory."""
+    header's copy of the metadata CRC) and the header CRC of every chunk record with a
+    payload; never a payload CRC nor the data CRC, which vouch for the memory."""
     n = len(buf)
     sb = bytearray(buf[:_SB_KEEP])
     _sb_fix(sb)
@@ -467,7 +467,11 @@ def _image_fix(buf: bytearray) -> None:
         _header_fix_slot(buf, s, min(n, s + _SLOT_KEEP))
     pos = m0 + _META_KEEP
     while pos + fmt.CHUNK_HEADER_SIZE <= n and buf[pos : pos + 4] == fmt.CHUNK_MAGIC:
-        _put_crc(buf, pos, pos + 36, pos + 36)
+        # not for a record without payload: an all-zero record turned free with a matching
+        # CRC leaves memory as found instead of zeroing it, and nothing but that record's
+        # header CRC says which it was (a forgery, not a corruption a CRC-32 lets through)
+        if buf[pos + 4] not in fmt.EMPTY_ENCODINGS:
+            _put_crc(buf, pos, pos + 36, pos + 36)
         pages, plen = int.from_bytes(buf[pos + 6 : pos + 8], "little"), _u32(buf, pos + 24)
         pos += fmt.CHUNK_HEADER_SIZE + (pages + 7) // 8 + plen
 
