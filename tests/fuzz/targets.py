@@ -481,6 +481,15 @@ def _target_file() -> _TargetFile:
     return _TargetFile(_scratch() / "image-target")
 
 
+def _chunk_stream_fix(buf: bytearray) -> None:
+    """Every record header's own CRC in a data area (not the payload CRCs)."""
+    pos, n = 0, len(buf)
+    while pos + fmt.CHUNK_HEADER_SIZE <= n and buf[pos : pos + 4] == fmt.CHUNK_MAGIC:
+        _put_crc(buf, pos, pos + 36, pos + 36)
+        pages, plen = int.from_bytes(buf[pos + 6 : pos + 8], "little"), _u32(buf, pos + 24)
+        pos += fmt.CHUNK_HEADER_SIZE + (pages + 7) // 8 + plen
+
+
 class _CheckedMemory:
     """A restore's sink that refuses any byte that is not the byte saved at its address."""
 
@@ -565,6 +574,39 @@ def _restore_first_evidence(dev: ImageDevice) -> None:
 
 def _image_seeds() -> list[bytes]:
     return list(_saved_image().compact)
+
+
+def _records_seeds() -> list[bytes]:
+    head = _SB_KEEP + 2 * _SLOT_KEEP + _META_KEEP
+    return [c[head:] for c in _saved_image().compact]
+
+
+def _read_records(dev: ImageDevice, length: int, window: int) -> tuple[list[object], str]:
+    from kjumpd.image.stream import RecordReader
+
+    got: list[object] = []
+    reader = RecordReader(dev, 0, length, window=window)
+    try:
+        for rec in reader:
+            got.append(rec)
+    except ImageError as e:
+        return got, f"{type(e).__name__}: {e}"
+    finally:
+        reader.close()
+    return got, ""
+
+
+def _records_run(data: bytes) -> None:
+    """The chunk records of a data area as RecordReader cuts them out of its windows: the
+    same records and the same error whatever the window size (a record may span windows)."""
+    size = max(4096, -(-len(data) // 4096) * 4096)
+    path = _file("records", data.ljust(size, b"\0"))
+    with ImageDevice(path, writable=False) as dev:
+        results = [_read_records(dev, len(data), w) for w in (4096, 12288, 1 << 20)]
+    if any(r != results[-1] for r in results):
+        raise Violation("RecordReader hands out other records with another window size")
+    if results[-1][1] and "ImageCorruptError" not in results[-1][1]:
+        raise Violation(f"a bad record is not an ImageCorruptError: {results[-1][1]}")
 
 
 # ------------------------------------------------------------------ job, cpio
@@ -895,6 +937,15 @@ TARGETS: dict[str, Target] = {
             _chunk_seeds,
             _IMAGE,
             _chunk_fix,
+            max_len=64 << 10,
+        ),
+        Target(
+            "records",
+            "stream.RecordReader (windows of 4 KiB, 12 KiB, 1 MiB agree)",
+            _records_run,
+            _records_seeds,
+            _IMAGE,
+            _chunk_stream_fix,
             max_len=64 << 10,
         ),
         Target(

@@ -10,7 +10,14 @@ import pytest
 from tests.fuzz import mutate, targets
 
 #: inputs per target: the slow ones (a file or a restore per input) fewer
-SAMPLE = {"image": 500, "linux": 1000, "config": 1000, "fsstamp": 1500, "freepages": 1000}
+SAMPLE = {
+    "image": 500,
+    "records": 500,
+    "linux": 1000,
+    "config": 1000,
+    "fsstamp": 1500,
+    "freepages": 1000,
+}
 
 
 @pytest.mark.parametrize("name", list(targets.TARGETS))
