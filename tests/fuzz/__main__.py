@@ -109,7 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         runs, found = (_atheris_run if guided else _mutator_run)(name, args.runs, out)
         secs = time.monotonic() - t0
-        rows.append({"target": name, "inputs": runs, "findings": found, "seconds": round(secs)})
+        rows.append(
+            {
+                "target": name,
+                "parser": TARGETS[name].what,
+                "inputs": runs,
+                "findings": found,
+                "seconds": round(secs),
+            }
+        )
         print(f"{name:12s} {runs:>9d} inputs  {len(found):>3d} findings  {secs:7.0f} s", flush=True)
         for f in found:
             print(f"    {f}", flush=True)
