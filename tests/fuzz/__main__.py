@@ -1,6 +1,7 @@
 """``make fuzz``: every target for FUZZ_RUNS inputs, then inputs run, findings and time each.
 
-``python -m tests.fuzz [--runs N] [--out DIR] [TARGET...]``. With atheris (the ``[fuzz]``
+``python -m tests.fuzz [--runs N] [--out DIR] [TARGET...]``; ``--replay FILE TARGET`` runs one
+input again and shows its traceback. With atheris (the ``[fuzz]``
 extra) each target runs under libFuzzer in a process of its own, with coverage guidance;
 without it the seeded mutator (tests.fuzz.mutate) runs the same inputs count, unguided.
 Findings land in DIR/TARGET (default DIR: build/fuzz) as .txt (signature, traceback) + .bin
@@ -91,8 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__)
     p.add_argument("--runs", type=int, default=100_000, help="inputs per target")
     p.add_argument("--out", type=Path, default=ROOT / "build" / "fuzz")
+    p.add_argument("--replay", type=Path, help="run TARGET once on this input, show the error")
     p.add_argument("targets", nargs="*", help=f"default: all of {', '.join(TARGETS)}")
     args = p.parse_args(argv)
+    if args.replay is not None:
+        if len(args.targets) != 1 or args.targets[0] not in TARGETS:
+            p.error("--replay FILE takes one TARGET")
+        TARGETS[args.targets[0]].run(args.replay.read_bytes())  # its traceback, if any
+        print("no exception (a named error would have been shown)")
+        return 0
     names = args.targets or list(TARGETS)
     unknown = sorted(set(names) - set(TARGETS))
     if unknown:
