@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export KJUMPD_CACHE ?= $(HOME)/.cache/kjumpd
 
-.PHONY: setup lint test test-unit test-sysroot test-vm vm-assets demo bench bench-vm soak clean
+.PHONY: setup lint test test-unit test-sysroot test-vm vm-assets demo bench bench-vm soak fuzz clean
 
 setup:
 	@tools/setup.sh
@@ -40,6 +40,12 @@ bench-vm: setup vm-assets
 CYCLES ?= 50
 soak: setup vm-assets
 	$(PY) -m tests.vm.soak --cycles $(CYCLES)
+
+# every parser of bytes from a disk or from A, FUZZ_RUNS inputs each (atheris: the [fuzz] extra)
+FUZZ_RUNS ?= 100000
+fuzz: setup
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q -e '.[test,fuzz]'
+	$(PY) -m tests.fuzz --runs $(FUZZ_RUNS)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -93,7 +93,7 @@ class BootConfig:
     def from_json(cls, text: str | bytes) -> BootConfig:
         try:
             d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested too deep
             raise _cfg("is not JSON", str(e)) from None
         return cls.from_dict(d)
 

@@ -19,6 +19,7 @@ reader of the format: B's and R's initramfs builders, the job, R's per-machine a
 
 from __future__ import annotations
 
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ _FIELDS = (
     "namesize",
     "check",
 )
+_HEX_FIELDS = re.compile(rb"[0-9A-Fa-f]{%d}" % (8 * len(_FIELDS)))
 
 
 @dataclass(frozen=True)
@@ -179,12 +181,10 @@ def _read_one(blob: bytes, pos: int) -> tuple[list[Entry], int]:
                 offset=pos,
                 magic=blob[pos : pos + 6].hex(),
             )
-        try:
-            f = {
-                k: int(blob[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i, k in enumerate(_FIELDS)
-            }
-        except ValueError:
-            raise ImageFormatError("cpio header has a non-hex field", offset=pos) from None
+        # eight hex digits each: int(..., 16) alone would take "-0000070" and walk backwards
+        if not _HEX_FIELDS.fullmatch(blob, pos + 6, pos + HEADER_SIZE):
+            raise ImageFormatError("cpio header has a non-hex field", offset=pos)
+        f = {k: int(blob[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i, k in enumerate(_FIELDS)}
         name_start = pos + HEADER_SIZE
         name_end = name_start + f["namesize"]
         if f["namesize"] < 1 or name_end > len(blob) or blob[name_end - 1] != 0:

@@ -167,6 +167,8 @@ class _Reader:
         return os.lseek(self.fd, 0, os.SEEK_END)
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length <= 0 or offset >= self.size():
+            return b""  # past the end (a superblock field may point anywhere)
         start = offset - offset % _ALIGN
         end = -(-(offset + length) // _ALIGN) * _ALIGN
         buf = mmap.mmap(-1, end - start)

@@ -171,7 +171,7 @@ class Job:
     def from_json(cls, text: str | bytes) -> Job:
         try:
             d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested too deep
             raise JobError("job is not valid JSON", why=str(e), fix="regenerate the job") from None
         return cls.from_dict(d)
 

@@ -78,8 +78,10 @@ class Sysroot:
         return self.path(p).exists()
 
     def read_text(self, p: str, default: str | None = None) -> str:
+        """The file's text; bytes that are not UTF-8 (a mount point named in Latin-1 in
+        /proc/self/mountinfo) decode as surrogates, so ``os.fsencode`` gives them back."""
         try:
-            return self.path(p).read_text()
+            return self.path(p).read_text(errors="surrogateescape")
         except FileNotFoundError:
             if default is not None:
                 return default

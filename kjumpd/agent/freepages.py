@@ -193,7 +193,7 @@ def parse_vmcoreinfo(text: str) -> VmcoreInfo:
         off_private=get("OFFSET(page.private)", _number),
         buddy_value=get("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)", _number) & 0xFFFF_FFFF,
         nr_orders=get("LENGTH(zone.free_area)", _number),
-        sme_mask=_number(kv["NUMBER(sme_mask)"]) if "NUMBER(sme_mask)" in kv else 0,
+        sme_mask=get("NUMBER(sme_mask)", _number) if "NUMBER(sme_mask)" in kv else 0,
         off_flags=_optional(kv, "OFFSET(page.flags)"),
         off_refcount=_optional(kv, "OFFSET(page._refcount)"),
         off_mapping=_optional(kv, "OFFSET(page.mapping)"),

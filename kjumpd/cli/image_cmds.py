@@ -65,7 +65,10 @@ def register(sub: Any) -> None:
 def _when(t: float) -> str:
     if not t:
         return "-"
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):  # NaN, infinite or past year 9999
+        return f"{t!r} (not a time)"
 
 
 def info(path: str, offset: int = 0) -> dict[str, Any]:

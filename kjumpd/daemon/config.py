@@ -65,7 +65,7 @@ def parse_size(value: Any, key: str) -> int:
             except ValueError:
                 pass
         m = _SIZE_RE.match(v) if n is None else None
-        if m:
+        if m and len(m.group(1)) <= 30:  # more digits: no size, and past int()'s limit
             n = int(m.group(1)) * _SUFFIX[m.group(2).upper()]
     if n is None:
         raise ConfigError(
@@ -430,7 +430,8 @@ def from_dict(data: dict[str, Any]) -> Config:
 def loads(text: str, source: str = CONFIG_PATH) -> Config:
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    # ValueError: an integer of more than 4300 digits; RecursionError: nested too deep
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as e:
         raise ConfigError(
             f"{source} is not valid TOML",
             why=str(e),

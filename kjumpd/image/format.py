@@ -546,7 +546,7 @@ class Metadata:
         )
         try:
             ident = json.loads(data[end - jlen : end].decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise _bad(name, base + end - jlen, "identity is not UTF-8 JSON") from None
         if not isinstance(ident, dict):
             raise _bad(name, base + end - jlen, "identity is not a JSON object")

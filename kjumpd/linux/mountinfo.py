@@ -40,7 +40,7 @@ def parse(text: str) -> list[Mount]:
         if not sep:
             continue
         lf, rf = left.split(), right.split()
-        if len(lf) < 6 or len(rf) < 2 or not lf[0].isdigit():
+        if len(lf) < 6 or len(rf) < 2 or not (lf[0].isascii() and lf[0].isdigit()):
             continue
         options = lf[5] + ("," + rf[2] if len(rf) > 2 else "")
         mounts.append(

@@ -167,6 +167,19 @@ def test_kjumpctl_image_info_verify_invalidate(tmp_path, mem):
     assert r.returncode == 1 and "INVALID" in r.stderr
 
 
+def test_kjumpctl_image_info_shows_a_header_time_that_is_no_time(tmp_path):
+    from kjumpd.image import store
+    from kjumpd.image.device import ImageDevice
+
+    img = tmp_path / "img"
+    store.create_target(img, MiB)
+    with ImageDevice(img, writable=True) as dev:
+        store.update_header(dev, created=1e300, updated=float("nan"))
+    r = ctl("image", "info", str(img))
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert "1e+300 (not a time)" in r.stdout and "nan (not a time)" in r.stdout
+
+
 def test_kjumpctl_image_on_a_non_image(tmp_path):
     junk = tmp_path / "junk"
     junk.write_bytes(b"\x01" * MiB)

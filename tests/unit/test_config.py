@@ -220,3 +220,16 @@ def test_an_unknown_key_of_any_length_is_named_clipped():
         cfgmod.loads(text)
     assert ei.value.what.startswith("unknown key hibernate.'k")
     assert len(ei.value.message) < 400 and "\n" not in ei.value.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 100_000,  # nested too deep
+        "[target]\nsize = " + "9" * 5000,  # past int()'s 4300 digits, in TOML
+        '[target]\nsize = "' + "9" * 5000 + '"',  # and as a size string
+    ],
+)
+def test_absurd_toml_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError):
+        cfgmod.loads(text)

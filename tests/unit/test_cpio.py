@@ -93,3 +93,11 @@ def test_gnu_cpio_reads_what_we_write(tmp_path) -> None:
     assert (tmp_path / "dir" / "f").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "dir" / "link").readlink().as_posix() == "f"
     assert (tmp_path / "empty").is_dir()
+
+
+def test_a_negative_file_size_is_refused_not_walked_backwards() -> None:
+    """int("-0000070", 16) is -112: the reader would step back to the same header forever."""
+    head = b"070701" + b"00000001" + b"000081a4" + b"0" * 32 + b"-0000070" + b"0" * 32
+    blob = head + b"00000002" + b"00000000" + b"a\0"
+    with pytest.raises(ImageFormatError, match="non-hex"):
+        cpio.read_concatenated(blob + bytes(-len(blob) % 4) + bytes(200))

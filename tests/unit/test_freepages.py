@@ -211,6 +211,7 @@ def test_vmcoreinfo_note_is_parsed_as_linux_6_12_emits_it() -> None:
         ({"NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": "-129"}, "encoding"),  # pre-6.9 ~PG_buddy
         ({"SIZE(page)": "12"}, "struct page"),
         ({"OFFSET(page.private)": "x"}, "not a number"),
+        ({"NUMBER(sme_mask)": "0x"}, "NUMBER(sme_mask)='0x' is not a number"),
     ],
 )
 def test_vmcoreinfo_this_scan_does_not_understand_is_refused(override: dict, words: str) -> None:

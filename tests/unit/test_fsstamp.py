@@ -246,3 +246,16 @@ def test_corrupted_superblocks_never_crash(noise: bytes, kind: str) -> None:
         parse_stamp(_reader(bytes(img)), "d")
     except KjumpError as e:
         assert isinstance(e, FsStampError)
+
+
+def test_an_xfs_log_past_any_device_end_is_refused_by_name(tmp_path) -> None:
+    """logstart and blocksize put the log at 2**63 and beyond: past the file, not an
+    OverflowError out of preadv."""
+    from kjumpd.fsstamp import read_stamp
+
+    img = bytearray(_xfs(bytes(16), 1, 2, [3] * 16))
+    struct.pack_into(">Q", img, 48, (1 << 63) | 5)
+    struct.pack_into(">I", img, 4, 1 << 31)
+    (tmp_path / "dev").write_bytes(bytes(img))
+    with pytest.raises(FsStampError, match="beyond the end of the device"):
+        read_stamp(tmp_path / "dev")

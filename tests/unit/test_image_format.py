@@ -305,3 +305,15 @@ def test_state_text():
 def test_identity_that_is_not_json_is_refused_cleanly():
     with pytest.raises(ImageFormatError, match="identity is not JSON"):
         Metadata(extents=(MemoryExtent(0, 4096),), identity={"x": object()}).pack()
+
+
+def test_metadata_identity_nested_too_deep_is_refused() -> None:
+    import struct
+    import zlib
+
+    ident = b"[" * 100_000
+    body = struct.pack("<8sHHIII", b"KJUMPMET", 1, 0, 1, 4096, len(ident))
+    body += struct.pack("<QQ", 0, 4096) + ident
+    raw = body + struct.pack("<I", zlib.crc32(body))
+    with pytest.raises(ImageFormatError, match="identity is not UTF-8 JSON"):
+        Metadata.unpack(raw)

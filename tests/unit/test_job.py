@@ -176,3 +176,8 @@ def test_cpio_layout_is_what_the_kernel_unpacks():
     assert blob.startswith(b"070701")
     assert b"kjump\0" in blob and blob.rstrip(b"\0").endswith(b"TRAILER!!!")
     assert json.loads(files[JOB_PATH])["version"] == 1
+
+
+def test_a_job_nested_too_deep_is_a_job_error() -> None:
+    with pytest.raises(JobError, match="not valid JSON"):
+        Job.from_json("[" * 100_000)

@@ -4,6 +4,7 @@ kernel's own: the daemon's checks and its job can never disagree about a paramet
 from __future__ import annotations
 
 import gzip
+import os
 
 import pytest
 from hypothesis import given
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from kjumpd.daemon import kexec, preflight
 from kjumpd.daemon.config import Config
-from kjumpd.linux import cmdline, kconfig
+from kjumpd.linux import cmdline, kconfig, mountinfo
 from kjumpd.sysroot import Sysroot
 
 
@@ -114,3 +115,18 @@ def test_the_kernel_config_is_read_from_proc_then_boot(tmp_path):
     c = kconfig.read(sr)
     assert c is not None and c.source == "/proc/config.gz" and not c.enabled("KEXEC_JUMP")
     assert preflight.kexec_jump_config(sr) == (False, "/proc/config.gz")
+
+
+def test_a_mount_point_that_is_not_utf8_reads_as_the_path_it_is(tmp_path) -> None:
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/mountinfo").write_bytes(
+        b"22 1 254:1 / / rw - ext4 /dev/vda1 rw\n30 22 8:17 / /mnt/caf\xe9 rw - vfat /dev/sdb1 rw\n"
+    )
+    text = Sysroot(tmp_path).read_text("/proc/self/mountinfo")
+    (m,) = [m for m in mountinfo.parse(text) if m.fstype == "vfat"]
+    assert os.fsencode(m.mountpoint) == b"/mnt/caf\xe9"
+
+
+def test_a_mount_id_that_only_looks_like_a_number_skips_the_line() -> None:
+    text = "\u00b2 1 254:1 / /x rw - ext4 /dev/vda1 rw\n22 1 254:1 / / rw - ext4 /dev/vda1 rw\n"
+    assert [m.mountpoint for m in mountinfo.parse(text)] == ["/"]

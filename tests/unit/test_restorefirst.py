@@ -399,3 +399,8 @@ def test_the_normal_command_line_drops_per_boot_words() -> None:
         )
         == "root=UUID=ab ro quiet crashkernel=128M@0x20000000"
     )
+
+
+def test_a_boot_config_nested_too_deep_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not JSON"):
+        BootConfig.from_json("[" * 100_000)
