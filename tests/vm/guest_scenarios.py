@@ -261,11 +261,15 @@ def hibernate_and_check(
             wbefore = writers.snapshot()  # what was committed when the user asked
         if after_boot is not None:
             write_pending(name, wbefore, after_boot)
+        devices = device_state()
         event("hibernate-start", mode=mode)
         proc = kjumpctl("hibernate", "--mode", mode, "--json")
         event("hibernate-returned", rc=proc.returncode)
         extra["path"] = "resumed"
         PENDING.unlink(missing_ok=True)
+        changed_devices = compare_devices(devices, device_state())
+        problems += changed_devices
+        extra["devices"] = f"{len(devices)}-same" if not changed_devices else "changed"
         record = last_result(proc.stdout)
         print(f"{RESULT_PREFIX} {json.dumps(record, sort_keys=True)}", flush=True)
         extra["rc"] = str(proc.returncode)
@@ -602,6 +606,40 @@ def scenario_soak() -> int:
     ok, line = wl.verdict("soak", before, after, expected, extra, problems)
     print(line, flush=True)
     return 0 if ok else 1
+
+
+def device_state() -> dict[str, str]:
+    """What fwts' s4 test compares across a hibernation: each PCI function's configuration
+    header (64 bytes, the status register's sticky error bits masked: they record events,
+    not configuration) and each network link's state, by sysfs name."""
+    out: dict[str, str] = {}
+    for dev in sorted(Path("/sys/bus/pci/devices").glob("*")):
+        try:
+            head = bytearray((dev / "config").read_bytes()[:64])
+        except OSError as err:
+            out[f"pci {dev.name}"] = f"unreadable: {err.strerror}"
+            continue
+        if len(head) >= 8:
+            head[6:8] = b"\0\0"
+        out[f"pci {dev.name}"] = head.hex()
+    for link in sorted(Path("/sys/class/net").glob("*")):
+        state = []
+        for attr in ("operstate", "carrier", "flags", "address"):
+            try:
+                state.append((link / attr).read_text().strip())
+            except OSError:
+                state.append("-")
+        out[f"net {link.name}"] = " ".join(state)
+    return out
+
+
+def compare_devices(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    problems = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key, "absent"), after.get(key, "absent")
+        if a != b:
+            problems.append(f"{key} changed across the hibernation: {a[:80]} -> {b[:80]}")
+    return problems
 
 
 def write_pending(name: str, wbefore: dict, expect: dict) -> None:

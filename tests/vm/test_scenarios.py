@@ -66,6 +66,7 @@ def test_a_test_mode_jumps_back_with_workload_intact(vm_assets_built, run_dir):
 def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, run_dir):
     out = _run("shutdown", vm_assets_built, run_dir)
     assert _booted_restore_first(out), out.summary()  # the VM really powered off
+    assert out.verdict.get("devices", "").endswith("-same"), out.summary()
     # the first run ended in a plain power-off (mode shutdown), not in ACPI S4
     assert out.mark("power-down", boot=1) and not out.mark("acpi-s4", boot=1), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
@@ -110,6 +111,8 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
 def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
     out = _run("platform", vm_assets_built, run_dir)
     assert out.mark("acpi-s4", boot=1), out.summary()  # entered ACPI S4, not a plain off
+    # every PCI function's configuration header and every link as before (fwts s4's check)
+    assert out.verdict.get("devices", "").endswith("-same"), out.summary()
     assert _booted_restore_first(out), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
