@@ -113,6 +113,7 @@ SAVE_ENTRY = (
     "kjumpd.job",
     "kjumpd.agent.freepages",
     "kjumpd.agent.pageclass",
+    "kjumpd.agent.watchdog",
     "kjumpd.image.heap",
 )
 

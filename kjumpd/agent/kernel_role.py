@@ -2,6 +2,9 @@
 
 B's command line says what to do:
 
+- ``kjump.watchdog=SECONDS`` (any role): arm the hardware watchdog (kjumpd.agent.watchdog);
+  SECONDS without progress of the save or restore reset the machine. Stopped before any jump.
+
 - ``kjump.role=save`` (+ ``kexec_jump_back_entry=0x...`` that kexec-tools appends for a
   preserve-context load): read the job (/kjump/job.json, appended to the initramfs by the
   daemon), find the target *by content* (magic + target UUID at the job's superblock device
@@ -64,6 +67,7 @@ class BootParams:
     jump_back_entry: int | None = None
     target_uuid: str | None = None
     target_offset: int | None = None
+    watchdog: int = 0  # seconds without progress before a reset; 0: no watchdog
 
 
 def parse_cmdline(text: str) -> BootParams:
@@ -96,6 +100,7 @@ def parse_cmdline(text: str) -> BootParams:
         jump_back_entry=num("kexec_jump_back_entry"),
         target_uuid=uuid,
         target_offset=num("kjump.offset"),
+        watchdog=num("kjump.watchdog") or 0,
     )
 
 
@@ -259,14 +264,21 @@ class CancelKey:
 
 
 class Progress:
-    """Console progress lines, at most one per ``every`` seconds (and at 100 %)."""
+    """Console progress lines, at most one per ``every`` seconds (and at 100 %); tells the
+    watchdog when ``done`` advanced (a meter called while waiting does not count)."""
 
-    def __init__(self, verb: str, total: int, every: float = 2.0) -> None:
+    def __init__(self, verb: str, total: int, every: float = 2.0, watchdog: Any = None) -> None:
         self.verb, self.total, self.every = verb, max(total, 1), every
         self.t0 = time.monotonic()
         self.last = 0.0
+        self.done = -1
+        self.watchdog = watchdog
 
     def __call__(self, done: int, *_: Any, **__: Any) -> None:
+        if done > self.done:
+            self.done = done
+            if self.watchdog is not None:
+                self.watchdog.progress()
         now = time.monotonic()
         if now - self.last >= self.every or done >= self.total:
             self.last = now
@@ -286,6 +298,7 @@ def jump_back(
     entry: int,
     held: Sequence[Any] = (),
     on_resume: Callable[[], None] | None = None,
+    watchdog: Any = None,
 ) -> None:
     """Load the jump back (entry page + held segments) and jump. If A jumps to B again, B
     resumes here and jumps back with the *same* loaded image: a preserve-context jump swaps
@@ -301,6 +314,9 @@ def jump_back(
         page_bytes = src.read(page, PAGE)
     plan = jumpback.plan_segments(entry, page_bytes, segs)
     jumpback.load(entry, plan)
+    if watchdog is not None:
+        watchdog.disarm()  # A must not inherit a running timer
+        say("watchdog stopped")
     while True:
         say(f"jumping back to the main kernel at {entry:#x} ({len(plan)} segment(s))")
         jumpback.execute()
@@ -322,7 +338,7 @@ def _open_target(sysroot: Sysroot, uuid: str, offset: int) -> Any:
     return dev, sb
 
 
-def run_save(sysroot: Sysroot, params: BootParams) -> int:
+def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
     if not params.jump_back_entry:
         raise AgentError(
             "no kexec_jump_back_entry= on the command line",
@@ -370,6 +386,8 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
         )
         with MemorySource(sysroot, job.ranges) as raw_source:
             freemap = free_pages(job, raw_source, own_memory(sysroot))
+            if watchdog is not None:
+                watchdog.progress()  # the scan is a phase of its own, with no meter
             source: Any = raw_source
             if freemap is not None:
                 from kjumpd.agent.freepages import FreeMaskedSource
@@ -385,7 +403,7 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
                 chunk_size=chunk,
                 workers=workers,
                 compression=job.compression,
-                progress=Progress("saving", total),
+                progress=Progress("saving", total, watchdog=watchdog),
                 cancel=cancel.pressed if cancel is not None else None,
             )
         free = freemap.free_bytes if freemap is not None else 0
@@ -423,7 +441,7 @@ def run_save(sysroot: Sysroot, params: BootParams) -> int:
             cancel.stop()
         if dev is not None:
             dev.close()
-    jump_back(sysroot, entry, on_resume=lambda: _probe_target(sysroot))
+    jump_back(sysroot, entry, on_resume=lambda: _probe_target(sysroot), watchdog=watchdog)
     return 0
 
 
@@ -520,7 +538,7 @@ def _identity(job: Any, entry: int) -> dict[str, Any]:
     }
 
 
-def run_restore(sysroot: Sysroot, params: BootParams) -> int:
+def run_restore(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
     from kjumpd.agent.devmem import MemorySink
     from kjumpd.image import restore, store
     from kjumpd.image.format import ImageState
@@ -551,7 +569,7 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
                 f"restoring {header.raw_bytes >> 20} MiB (attempt {header.attempt}); this kernel "
                 f"runs in {', '.join(f'[{a:#x}, {b:#x})' for a, b in mine)}"
             )
-            progress = Progress("restoring", header.raw_bytes)
+            progress = Progress("restoring", header.raw_bytes, watchdog=watchdog)
             t0 = time.monotonic()
             with MemorySink(sysroot, ranges, hold=mine) as sink:
                 # the sink itself holds back writes into this kernel's own memory
@@ -586,7 +604,7 @@ def run_restore(sysroot: Sysroot, params: BootParams) -> int:
         entry = header.jump_back_entry
     finally:
         dev.close()
-    jump_back(sysroot, entry, held)
+    jump_back(sysroot, entry, held, watchdog=watchdog)
     return 0
 
 
@@ -598,6 +616,9 @@ def rescue(sysroot: Sysroot = Sysroot()) -> int:
         say("rescue: nothing to jump back to")
         return 1
     say("rescue: the agent died; aborting the save and jumping back")
+    from kjumpd.agent import watchdog
+
+    watchdog.stop_any(sysroot)  # the dead agent's timer runs on without its feeder
     dev = None
     try:
         from kjumpd.image import store
@@ -626,9 +647,14 @@ def boot(sysroot: Sysroot = Sysroot()) -> int:
         f"save kernel up: role {params.role}"
         + (f", jump-back entry {params.jump_back_entry:#x}" if params.jump_back_entry else "")
     )
+    wd = None
+    if params.watchdog:
+        from kjumpd.agent import watchdog
+
+        wd = watchdog.start(sysroot, params.watchdog, say)
     if params.role == "save":
-        return run_save(sysroot, params)
-    return run_restore(sysroot, params)
+        return run_save(sysroot, params, wd)
+    return run_restore(sysroot, params, wd)
 
 
 #: the command lines B's /init runs (savekernel/initramfs.py), parsed without argparse

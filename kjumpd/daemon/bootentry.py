@@ -556,7 +556,7 @@ def machine_boot_config(
         normal_cmdline=line,
         save_kernel=sysroot.path(cfg.save_kernel),
         save_initrd=sysroot.path(cfg.save_initramfs),
-        save_cmdline=cfg.save_append,
+        save_cmdline=cfg.save_kernel_append(),
         jump_area=(area.start, area.size),
         max_attempts=max_attempts,
     )

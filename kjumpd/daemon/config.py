@@ -123,6 +123,7 @@ class Config:
     save_initramfs_sha256: str = ""
     save_append: str = "console=ttyS0 nokaslr panic=1"
     kexec: str = "kexec"  # kexec-tools binary (PATH lookup)
+    save_kernel_watchdog: int = 120  # seconds B may make no progress before a reset; 0: off
     # [quiesce]
     disable_wakeup: bool = True
     keep_wakeup: tuple[str, ...] = ()  # device names/paths keeping power/wakeup
@@ -143,6 +144,11 @@ class Config:
     battery_rearm_min_seconds: int = 300
     # [authz] without polkit: members of this group may use the D-Bus API (root always may)
     authz_group: str = ""
+
+    def save_kernel_append(self) -> str:
+        """B's configured command-line words: ``append`` and the watchdog's (kjumpd.agent)."""
+        wd = self.save_kernel_watchdog
+        return f"{self.save_append} kjump.watchdog={wd}" if wd else self.save_append
 
     def sha(self) -> dict[str, str]:
         return {"kernel": self.save_kernel_sha256, "initramfs": self.save_initramfs_sha256}
@@ -173,6 +179,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "initramfs_sha256": ("save_initramfs_sha256", "sha256"),
         "append": ("save_append", "cmdline"),
         "kexec": ("kexec", "program"),
+        "watchdog": ("save_kernel_watchdog", "watchdog"),
     },
     "quiesce": {
         "disable_wakeup": ("disable_wakeup", "bool"),
@@ -339,6 +346,13 @@ def _convert(kind: str, key: str, v: Any) -> Any:
         ):
             raise _bad(key, "a number of seconds above 0 and at most 86400", v, "30")
         return float(v)
+    if kind == "watchdog":
+        # under 10 s an ordinary pause of a disk (a spin-up, a cache flush) would reset it
+        if isinstance(v, bool) or not isinstance(v, int) or not (v == 0 or 10 <= v <= 86400):
+            raise _bad(
+                key, "0 (no watchdog) or a whole number of seconds from 10 to 86400", v, "120"
+            )
+        return v
     if kind == "seconds_int":
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 86400:
             raise _bad(key, "a whole number of seconds from 1 to 86400", v, "300")

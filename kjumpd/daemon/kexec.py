@@ -157,7 +157,7 @@ def segment_window(
 
 def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
     return (
-        f"{config.save_append} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
+        f"{config.save_kernel_append()} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
         f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}"
     ).strip()
 

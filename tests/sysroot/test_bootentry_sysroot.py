@@ -288,7 +288,8 @@ def test_install_appends_this_machines_boot_json_and_files(
     import hashlib
 
     assert cfg.save_hash == "sha256:" + hashlib.sha256(b"save kernel").hexdigest()
-    assert cfg.save.cmdline == "console=ttyS0 nokaslr panic=1"
+    # the restore kernel R starts gets the save kernel's watchdog too (a hung restore resets)
+    assert cfg.save.cmdline == "console=ttyS0 nokaslr panic=1 kjump.watchdog=120"
 
 
 def test_install_without_a_jump_area_says_what_to_do(grub_root: Sysroot, r_files) -> None:
