@@ -40,7 +40,9 @@ HARDWARE_TIMEOUT_MAX = 30
 #: the shortest hardware timeout worth arming; a device that accepts nothing above is unused
 HARDWARE_TIMEOUT_MIN = 2
 
-# linux/watchdog.h: _IOR('W', 4..7, int), _IOWR('W', 6, int)
+# linux/watchdog.h: _IOR('W', 0, struct watchdog_info), _IOR('W', 4..7, int), _IOWR('W', 6, int)
+WDIOC_GETSUPPORT = 0x80285700
+WATCHDOG_INFO = struct.Struct("<II32s")  # options, firmware_version, identity
 WDIOC_SETOPTIONS = 0x80045704
 WDIOC_KEEPALIVE = 0x80045705
 WDIOC_SETTIMEOUT = 0xC0045706
@@ -89,6 +91,16 @@ def should_feed(now: float, last_progress: float, stall: float) -> bool:
 # ---------------------------------------------------------------------------- the edge
 
 
+def identity(fd: int) -> str:
+    """The driver's name for the device (WDIOC_GETSUPPORT: no sysfs attributes needed)."""
+    try:
+        info = fcntl.ioctl(fd, WDIOC_GETSUPPORT, bytes(WATCHDOG_INFO.size))
+    except OSError:
+        return "unknown"
+    name = WATCHDOG_INFO.unpack(info)[2].split(b"\0", 1)[0]
+    return name.decode("ascii", "replace").strip() or "unknown"
+
+
 class LinuxWatchdog:
     """A /dev/watchdog* device: opening it starts the timer."""
 
@@ -105,8 +117,7 @@ class LinuxWatchdog:
             except OSError as e:
                 log.warning("%s: cannot open (%s)", dev, e.strerror or e)
                 continue
-            ident = sysroot.read_text(f"/sys/class/watchdog/{dev.rsplit('/', 1)[1]}/identity", "")
-            return cls(fd, f"{dev} ({ident.strip() or 'unknown'})")
+            return cls(fd, f"{dev} ({identity(fd)})")
         return None
 
     def set_timeout(self, seconds: int) -> int:

@@ -145,6 +145,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
     rep.step("target", lambda: _target(sysroot, config, rep))
     _boot_entry(sysroot, rep)
     _user_space_freeze(sysroot, rep)
+    _watchdog(sysroot, config, rep)
     _way_out(sysroot, config, mode or config.mode, rep)
     return rep
 
@@ -338,6 +339,41 @@ def _user_space_freeze(sysroot: Sysroot, rep: PreflightReport) -> None:
             said,
             "mount cgroup v2 (systemd does: systemd.unified_cgroup_hierarchy=1 on "
             "older systems) on a Linux 5.2 or later kernel",
+            fatal=False,
+        )
+    )
+
+
+def _watchdog(sysroot: Sysroot, config: Config, rep: PreflightReport) -> None:
+    """Whether a hung save kernel resets itself (kjumpd.agent.watchdog). Seen from A: the
+    save kernel has its own drivers, but the hardware is the same."""
+    stall = config.save_kernel_watchdog
+    if not stall:
+        detail, ok = (
+            "off ([save_kernel] watchdog = 0): a hung save kernel needs a power cycle",
+            True,
+        )
+    else:
+        found = [
+            f"{n} ({sysroot.read_text(f'/sys/class/watchdog/{n}/identity', '').strip() or '?'})"
+            for n in sysroot.listdir("/sys/class/watchdog")
+            if n.startswith("watchdog")
+        ]
+        ok = bool(found)
+        detail = (
+            f"{', '.join(found)}: the save kernel resets the machine after {stall} s without "
+            "progress"
+            if found
+            else "this kernel drives no hardware watchdog (/sys/class/watchdog is empty): if "
+            "the save kernel finds none either, a hang of it needs a power cycle"
+        )
+    rep.items.append(
+        PreflightItem(
+            "save kernel watchdog",
+            ok,
+            detail,
+            "load the chipset's watchdog driver (iTCO_wdt, sp5100_tco, ...) to see it here; "
+            "kjumpd's save kernel has those built in",
             fatal=False,
         )
     )

@@ -807,3 +807,22 @@ def kexec_window_slack() -> int:
     from kjumpd.daemon import kexec
 
     return kexec.WINDOW_SLACK
+
+
+def test_check_says_whether_a_hung_save_kernel_resets_itself(full):
+    sr = Sysroot(full)
+
+    def item(config=None):
+        rep = preflight.run(sr, config or cfg(full), "test")
+        return next(i for i in rep.items if i.name == "save kernel watchdog")
+
+    none = item()
+    # no watchdog seen: a warning naming the consequence and the drivers, not a failure
+    assert not none.ok and not none.fatal
+    assert "power cycle" in none.detail and "iTCO_wdt" in none.fix
+    w(full, "/sys/class/watchdog/watchdog0/identity", "iTCO_wdt\n")
+    found = item()
+    assert found.ok and found.detail.startswith("watchdog0 (iTCO_wdt)")
+    assert "after 120 s without progress" in found.detail
+    off = item(dataclasses.replace(cfg(full), save_kernel_watchdog=0))
+    assert off.ok and "off" in off.detail and "power cycle" in off.detail

@@ -219,6 +219,23 @@ def image_fields(record: dict) -> dict[str, str]:
     return out
 
 
+def outlive_save_kernel_watchdog(returned: float) -> dict[str, str]:
+    """With ``kjumpvm.watchdog=SECONDS``: stay up until the save kernel's watchdog, had it
+    been left running, would have reset this machine (two stages of its hardware timeout,
+    kjumpd.agent.watchdog caps that at 30 s), so a verdict at all proves B stopped it."""
+    words = [w for w in open("/proc/cmdline").read().split() if w.startswith("kjumpvm.watchdog=")]
+    if not words:
+        return {}
+    from kjumpd.agent.watchdog import HARDWARE_TIMEOUT_MAX
+
+    hardware = min(int(words[-1].split("=", 1)[1]), HARDWARE_TIMEOUT_MAX)
+    wait = 2 * hardware + 5 - (time.monotonic() - returned)
+    if wait > 0:
+        time.sleep(wait)
+    event("watchdog-outlived", seconds=f"{time.monotonic() - returned:.0f}")
+    return {"watchdog": "stopped"}
+
+
 def hibernate_and_check(
     name: str,
     mode: str,
@@ -267,6 +284,7 @@ def hibernate_and_check(
         event("hibernate-start", mode=mode)
         proc = kjumpctl("hibernate", "--mode", mode, "--json")
         event("hibernate-returned", rc=proc.returncode)
+        returned = time.monotonic()
         extra["path"] = "resumed"
         PENDING.unlink(missing_ok=True)
         changed_devices = compare_devices(devices, device_state())
@@ -296,6 +314,7 @@ def hibernate_and_check(
             wproblems, wfields = writers.check(wbefore)
             problems += wproblems
             extra.update(wfields)
+        extra.update(outlive_save_kernel_watchdog(returned))
     except Missing as err:
         problems.append(f"missing: {err}")
     except Failure as err:
@@ -888,6 +907,13 @@ SCENARIOS = {
         ("CONSUMED",),
         disk_writers=True,
         after_boot={"states": ["EMPTY", "ABORTED", "INVALID", "CONSUMED"]},
+    ),
+    "b-hang": lambda: hibernate_and_check(
+        "b-hang",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        after_boot={"states": ["INVALID"], "reason": "incomplete", "rf": "invalid:incomplete"},
     ),
     "soak": scenario_soak,
     "prepare": scenario_prepare,

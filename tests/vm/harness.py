@@ -160,6 +160,9 @@ class VM:
         self.qmp_path = Path()
         self._qmp: socket.socket | None = None
         self._qmp_buf = b""
+        #: QMP events of this run ({"event": "WATCHDOG", "data": {...}, ...}), in order; QEMU
+        #: sends them only while a QMP client is connected (any qmp() call connects)
+        self.qmp_events: list[dict[str, Any]] = []
         self.last_line: ConsoleLine | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -212,6 +215,7 @@ class VM:
         cmd = self.command()
         (self.artifacts / f"{self.name}-qemu-{self.run}.cmdline").write_text(" ".join(cmd) + "\n")
         self.lines = []
+        self.qmp_events = []
         self._cursor = 0
         self._partial = b""
         self._log = open(self.log_path, "w", buffering=1)
@@ -251,6 +255,7 @@ class VM:
             self._reader.join(5)
             self._reader = None
         if self._qmp is not None:
+            self._qmp_drain()
             self._qmp.close()
             self._qmp = None
         if self._log is not None:
@@ -409,7 +414,19 @@ class VM:
                 return msg["return"]
             if "error" in msg:
                 raise VMError(f"QMP error: {msg['error']}")
-            # events are ignored
+            self.qmp_events.append(msg)
+
+    def _qmp_drain(self) -> None:
+        """Keep the events QEMU sent before it closed the connection (it exited)."""
+        assert self._qmp is not None
+        try:
+            self._qmp.settimeout(2)
+            while True:
+                msg = self._qmp_recv()
+                if "event" in msg:
+                    self.qmp_events.append(msg)
+        except (VMError, OSError, ValueError):
+            pass
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command ("query-status", "system_wakeup", "quit", ...); its return value."""

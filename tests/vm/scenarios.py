@@ -41,6 +41,9 @@ MEM_MIB = 1024
 SMP = 2
 #: QEMU options that make ACPI S3/S4 available to the guest (QEMU's pc machine disables them)
 ACPI_SLEEP = ["-global", "PIIX4_PM.disable_s3=0", "-global", "PIIX4_PM.disable_s4=0"]
+#: a hardware watchdog (QEMU's default action: reset) in every run, as most PCs have one:
+#: each scenario proves the save kernel stops it before jumping (A would be reset otherwise)
+WATCHDOG = ["-device", "i6300esb"]
 
 
 #: console lines that mark a phase boundary (first match per QEMU run), for timelines
@@ -359,7 +362,7 @@ class Runner:
             disk_format="qcow2",
             memory_mb=MEM_MIB,
             smp=SMP,
-            extra=tuple(ACPI_SLEEP) + tuple(extra_qemu),
+            extra=(*ACPI_SLEEP, *WATCHDOG, *extra_qemu),
         )
         self.vm = self.h.VM(self.cfg, artifacts=run_dir, name=name)
         self.t0 = time.monotonic()
@@ -539,6 +542,7 @@ FSCK_AFTER = frozenset(
         "io-error-save",
         "io-error-restore",
         "b-panic",
+        "b-hang",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -560,6 +564,9 @@ def _fault_flow(
     if flow == "lost-save":
         if r.power_cut_at(SAVE_CUTS[name], timeout):
             r.boot_restore_first(timeout)  # R must boot the normal system: no image
+        return
+    if flow == "b-hang":
+        _hang_flow(r, timeout)
         return
     if flow == "b-panic":
         try:
@@ -595,6 +602,51 @@ def _fault_flow(
     elif flow == "io-error-restore":
         blk = blkdebug_disk(r.overlay, run_dir, "read", sectors)
         r.boot_restore_first(timeout, disks=[], extra=(*r.vm.cfg.extra, *blk))
+
+
+#: the stall that resets the hanging save kernel in scenario b-hang (kjumpd's default is 120)
+HANG_WATCHDOG = 20
+
+
+def _hang_flow(r: Runner, timeout: float) -> None:
+    """The save kernel hangs: once it is saving, the host throttles the disk to a trickle
+    (512 bytes/s), so no chunk completes; its watchdog must reset the machine (QEMU reports
+    WATCHDOG, and -no-reboot turns the reset into an exit), and R then boots normally."""
+    try:
+        r.vm.wait_for(SAVE_CUTS["lost-save-start"], timeout, fail=STUCK_RE)
+        disks = [b for b in r.vm.qmp("query-block") if b.get("inserted")]
+        for blk in disks:
+            r.vm.qmp(
+                "block_set_io_throttle",
+                id=blk["qdev"],
+                bps=512,
+                bps_rd=0,
+                bps_wr=0,
+                iops=1,
+                iops_rd=0,
+                iops_wr=0,
+            )
+        r.outcome.events.append(
+            Event(time.monotonic() - r.t0, "host-stalled-disk", {"disks": len(disks)}, r.vm.run)
+        )
+        # the stall, then up to the hardware timeout (at most the stall here), then slack
+        r.vm.wait_exit(4 * HANG_WATCHDOG + 120)
+    except r.h.VMError as err:
+        r.outcome.problems.append(f"the hanging save kernel was not reset: {err}")
+        r.stop()
+        return
+    fired = [e for e in r.vm.qmp_events if e.get("event") == "WATCHDOG"]
+    if not fired:
+        r.outcome.problems.append(
+            "QEMU exited without a WATCHDOG event: something else ended the hanging save kernel"
+        )
+    else:
+        action = fired[0].get("data", {}).get("action", "")
+        r.outcome.events.append(
+            Event(time.monotonic() - r.t0, "host-saw-watchdog", {"action": action}, r.vm.run)
+        )
+    r.collect()
+    r.boot_restore_first(timeout)  # R: the image is incomplete (WRITING), the normal boot
 
 
 #: how long one QEMU run may take (TCG, 2 vCPUs shared with other work)
@@ -643,13 +695,17 @@ def run(
         "io-error-save": ("io-error-save", "io-error-save"),
         "io-error-restore": ("io-error-restore", "io-error-restore"),
         "b-panic": ("b-panic", "b-panic"),
+        "b-hang": ("b-hang", "b-hang"),
     }
     extra = {
+        # a short watchdog that A outlives after the jump back: B stopped it
+        "test": "kjumpvm.watchdog=10",
         "killed": "kjumpvm.kill_daemon=frozen",
         "killed-steps": "kjumpvm.kill_daemon=steps:"
         "preflight,announce,shrink,quiesce,boot-entry,freeze-tasks",
         # an init that does not exist: the save kernel panics for real (panic=1 reboots it)
         "b-panic": "kjumpvm.b_append=init=/kjump-no-init,rdinit=/kjump-no-init",
+        "b-hang": f"kjumpvm.watchdog={HANG_WATCHDOG}",
     }.get(name, "")
     if name not in flows:
         raise ScenarioError(f"unknown scenario {name!r}", fix=f"one of {', '.join(flows)}")

@@ -4,7 +4,8 @@ restore attempt lost, RAM changed between save and restore, a disk failing under
 Each case is asserted from inside the guest (its verdict after the next boot: the image
 state and reason as `kjumpctl status` shows them, R's note on the normal kernel's command
 line, every record the disk writers had committed before the request on the disk) and from
-the disk (e2fsck after the last power-off), never by timing.
+the disk (e2fsck after the last power-off), never by timing. A save kernel that hangs (its disk
+throttled to a trickle by the host) must be reset by its hardware watchdog.
 
 A power cut is QEMU quitting: every write the guest had issued is on the disk (the overlay
 is cache=unsafe, so the guest's flushes are not what makes them durable), nothing after.
@@ -138,5 +139,21 @@ def test_save_kernel_panic_resets_into_the_normal_system_undamaged(vm_assets_bui
     assert out.passed, out.summary()
     assert out.verdict.get("path") == "normal-boot", out.summary()
     assert not out.verdict.get("image", "").startswith(("SAVED", "RESTORING")), out.summary()
+    assert out.verdict.get("writers") == "intact", out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
+
+
+def test_a_hanging_save_kernel_is_reset_by_its_watchdog_and_the_normal_system_boots(
+    vm_assets_built, run_dir
+):
+    out = scenarios.run("b-hang", vm_assets_built, run_dir)
+    assert out.event("host-stalled-disk") is not None, out.summary()
+    assert _console(out, r"kjump-agent: watchdog: /dev/watchdog\d? .*armed"), out.summary()
+    fired = out.event("host-saw-watchdog")
+    assert fired is not None and fired.fields.get("action") == "reset", out.summary()
+    assert out.passed, out.summary()
+    assert out.verdict.get("path") == "normal-boot", out.summary()
+    assert out.verdict.get("image", "").startswith("INVALID"), out.summary()
+    assert out.verdict.get("rf") == "invalid:incomplete", out.summary()
     assert out.verdict.get("writers") == "intact", out.summary()
     assert out.verdict.get("fsck") == "clean", out.summary()

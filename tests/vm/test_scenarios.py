@@ -61,6 +61,10 @@ def test_a_test_mode_jumps_back_with_workload_intact(vm_assets_built, run_dir):
     assert out.verdict.get("image", "").startswith("INVALID"), out.summary()  # test: invalidated
     assert int(out.verdict.get("stored_bytes", "0")) > 0, out.summary()  # written first
     _writers_intact(out)
+    # B armed a 10 s watchdog and stopped it before the jump back: A ran on for two of its
+    # hardware periods and more without being reset
+    assert _console_matches(out, r"kjump-agent: watchdog: /dev/watchdog0 .* armed"), out.summary()
+    assert out.verdict.get("watchdog") == "stopped", out.summary()
 
 
 def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, run_dir):

@@ -105,25 +105,33 @@ def start_dbus() -> subprocess.Popen | None:
     return proc
 
 
-def add_save_kernel_words() -> None:
-    """``kjumpvm.b_append=W1,W2``: add words to the save kernel's command line in kjumpd's
-    configuration before kjumpd starts (fault injection: e.g. an init that does not exist
-    makes the save kernel panic for real)."""
+def configure_save_kernel() -> None:
+    """Fault injection through kjumpd's configuration, before kjumpd starts:
+    ``kjumpvm.b_append=W1,W2`` adds words to the save kernel's command line (e.g. an init
+    that does not exist makes it panic for real); ``kjumpvm.watchdog=SECONDS`` sets
+    ``[save_kernel] watchdog`` (a short one for the hanging save kernel)."""
     words = (cmdline_arg("kjumpvm.b_append") or "").replace(",", " ").strip()
-    if not words:
+    watchdog = cmdline_arg("kjumpvm.watchdog") or ""
+    if not words and not watchdog:
         return
     conf = Path("/etc/kjumpd/kjumpd.toml")
-    text = conf.read_text()
     out, section = [], ""
-    for line in text.splitlines():
+    for line in conf.read_text().splitlines():
         stripped = line.strip()
         if stripped.startswith("["):
             section = stripped
-        if section == "[save_kernel]" and stripped.startswith("append") and '"' in line:
+        if section == "[save_kernel]" and stripped.startswith("append") and '"' in line and words:
             line = line[: line.rindex('"')] + f" {words}" + line[line.rindex('"') :]
+        if section == "[save_kernel]" and stripped.startswith("watchdog") and watchdog:
+            continue
         out.append(line)
+        if stripped == "[save_kernel]" and watchdog:
+            out.append(f"watchdog = {int(watchdog)}")
     conf.write_text("\n".join(out) + "\n")
-    say(f"the save kernel's command line gets: {words}")
+    if words:
+        say(f"the save kernel's command line gets: {words}")
+    if watchdog:
+        say(f"the save kernel's watchdog: {int(watchdog)} s")
 
 
 def start_kjumpd() -> subprocess.Popen | None:
@@ -258,7 +266,7 @@ def main() -> int:
     boot_id = open("/proc/sys/kernel/random/boot_id").read().strip()
     event("init", boot_id=boot_id)
     start_dbus()
-    add_save_kernel_words()
+    configure_save_kernel()
     kill = cmdline_arg("kjumpvm.kill_daemon") or ""
     daemon = None
     if kill.startswith("steps:"):
