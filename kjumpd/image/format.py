@@ -545,7 +545,11 @@ class Metadata:
             MemoryExtent(*_EXTENT2.unpack_from(data, _META_FIXED.size + i * 16)) for i in range(n)
         )
         try:
-            ident = json.loads(data[end - jlen : end].decode("utf-8"))
+            # NaN and Infinity are not JSON: pack() never writes them, and echoed by
+            # `kjumpctl image info --json` they would make its output unparseable
+            ident = json.loads(
+                data[end - jlen : end].decode("utf-8"), parse_constant=_not_json_constant
+            )
         except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise _bad(name, base + end - jlen, "identity is not UTF-8 JSON") from None
         if not isinstance(ident, dict):
@@ -555,6 +559,10 @@ class Metadata:
         except ImageFormatError as e:
             raise _bad(name, base + 24, e.why) from None
         return cls(extents=ext, identity=ident, page_size=page, version=version)
+
+
+def _not_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def validate_extents(extents: tuple[MemoryExtent, ...] | list[MemoryExtent]) -> None:

@@ -307,6 +307,21 @@ def test_identity_that_is_not_json_is_refused_cleanly():
         Metadata(extents=(MemoryExtent(0, 4096),), identity={"x": object()}).pack()
 
 
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_metadata_identity_with_a_non_json_number_is_refused(constant: bytes) -> None:
+    """A damaged or forged image whose identity holds NaN: a named format error (exit 7),
+    never a value that `kjumpctl image info --json` would print as invalid JSON."""
+    import struct
+    import zlib
+
+    ident = b'{"created":' + constant + b"}"
+    body = struct.pack("<8sHHIII", b"KJUMPMET", 1, 0, 1, 4096, len(ident))
+    body += struct.pack("<QQ", 0, 4096) + ident
+    raw = body + struct.pack("<I", zlib.crc32(body))
+    with pytest.raises(ImageFormatError, match="identity is not UTF-8 JSON"):
+        Metadata.unpack(raw)
+
+
 def test_metadata_identity_nested_too_deep_is_refused() -> None:
     import struct
     import zlib
