@@ -14,7 +14,9 @@ JSON, version 1::
      "jump_area": [start, size],
      "max_attempts": 3}
 
-Paths are paths inside R's initramfs. ``save.hash`` is the save kernel hash the daemon records
+``jump_area`` is A's reservation when R was set up, for the record: R loads the save kernel
+into the area the image header names (A's reservation when it saved). Paths are paths inside
+R's initramfs. ``save.hash`` is the save kernel hash the daemon records
 in the image header ("sha256:" + SHA-256 of the save kernel file, see ``save_kernel_hash``;
 compared with the header); ``kernel_sha256``/``initrd_sha256`` are the
 SHA-256 of the two files R will load (R checks its own copies against them before trusting

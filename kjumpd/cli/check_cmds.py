@@ -175,8 +175,16 @@ def cmd_setup(args: argparse.Namespace) -> int:
         need = jumparea.required_size(sr, cfg)
         start = cfg.jump_area_start if cfg.jump_area_start is not None else jumparea.DEFAULT_START
         area = jumparea.JumpArea(start, max(need, cfg.jump_area_size or 0))
-        print(f"the save kernel needs {need >> 20} MiB: {area.kernel_arg}")
-        edits = jumparea.plan_bootloader_edits(sr, area)
+        d = jumparea.discover(sr)
+        if jumparea.keeps_placed_area(d, cfg, area.size):
+            print(f"the save kernel needs {need >> 20} MiB: crashkernel={d.cmdline_value} is kept")
+        else:
+            print(f"the save kernel needs {need >> 20} MiB: {area.kernel_arg}")
+        edits = (
+            []
+            if jumparea.keeps_placed_area(d, cfg, area.size)
+            else jumparea.plan_bootloader_edits(sr, area)
+        )
         if not edits:
             print("the boot loader configuration already has it")
         for e in edits:

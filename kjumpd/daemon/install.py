@@ -316,8 +316,9 @@ def plan(
         if live is not None and live.start == start and live.size >= size:
             size = live.size  # a larger reservation already in place is kept
         area = jumparea.JumpArea(start, size)
+        placed = jumparea.keeps_placed_area(jumparea.discover(sysroot), cfg, size)
         try:
-            edits = jumparea.plan_bootloader_edits(sysroot, area)
+            edits = [] if placed else jumparea.plan_bootloader_edits(sysroot, area)
         except JumpAreaError as e:
             edits = []
             p.notes.append(f"{e.what}: {e.fix}")
@@ -335,7 +336,7 @@ def plan(
                 )
             )
             grub_changed |= e.path == "/etc/default/grub"
-        if live != area:
+        if live != area and not placed:
             p.notes.append(
                 f"reboot to reserve the jump area ({area.kernel_arg}); then run "
                 "`kjumpctl install` again: the restore-first entry needs it"

@@ -1,7 +1,10 @@
 """The jump area: the crashkernel=SIZE@OFFSET reservation the save kernel runs in.
 
-Sources, cross-checked: ``crashkernel=`` on /proc/cmdline (must have a fixed @OFFSET: the
-area must be at the same place at every boot for restore), the "Crash kernel" line of
+Sources, cross-checked: ``crashkernel=`` on /proc/cmdline, either ``SIZE@OFFSET`` (the area
+at a fixed place) or a plain ``SIZE`` (the kernel places it, below 4 GiB when it can: with
+KASLR a fixed offset fails whenever the randomly placed kernel lies there, a plain size never
+does, and the place may differ between boots; the image records where it was and the
+restore-first entry loads the save kernel there), the "Crash kernel" line of
 /proc/iomem (addresses need root), /sys/kernel/kexec_crash_size, and
 /sys/kernel/kexec_crash_loaded (a loaded kdump image occupies the area). Sizing reads the
 save kernel's bzImage header (init_size: the memory the kernel needs to decompress and
@@ -55,6 +58,7 @@ class JumpArea:
 class Discovery:
     cmdline_value: str | None  # what follows crashkernel=
     cmdline_area: JumpArea | None  # parsed SIZE@OFFSET
+    cmdline_size: int | None  # a plain SIZE: the kernel chose the place
     iomem_area: JumpArea | None  # "Crash kernel" in /proc/iomem
     crash_size: int | None  # /sys/kernel/kexec_crash_size
     kdump_loaded: bool  # /sys/kernel/kexec_crash_loaded
@@ -70,6 +74,16 @@ def parse_crashkernel(value: str) -> JumpArea | None:
             start=parse_size(start_s, "crashkernel offset"),
             size=parse_size(size_s, "crashkernel size"),
         )
+    except ConfigError:
+        return None
+
+
+def parse_crashkernel_size(value: str) -> int | None:
+    """'128M' -> its size; any other form (with an offset, ranges, ,high/,low) -> None."""
+    if "@" in value or ":" in value or "," in value:
+        return None
+    try:
+        return parse_size(value, "crashkernel size")
     except ConfigError:
         return None
 
@@ -95,6 +109,7 @@ def discover(sysroot: Sysroot) -> Discovery:
     return Discovery(
         cmdline_value=value,
         cmdline_area=parse_crashkernel(value) if value else None,
+        cmdline_size=parse_crashkernel_size(value) if value else None,
         iomem_area=parse_iomem_crash(sysroot.read_text("/proc/iomem", default="")),
         crash_size=int(size_txt) if size_txt.isdigit() else None,
         kdump_loaded=loaded == "1",
@@ -227,11 +242,11 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
         raise JumpAreaError(
             "no jump area is reserved", why="/proc/cmdline has no crashkernel=", fix=add
         )
-    if d.cmdline_area is None:
+    if d.cmdline_area is None and d.cmdline_size is None:
         raise JumpAreaError(
-            f"crashkernel={d.cmdline_value} has no fixed offset",
-            why="restore needs the area at the same address at every boot",
-            fix=f"replace it with {want.kernel_arg} and reboot",
+            f"crashkernel={d.cmdline_value} is not one jump area",
+            why="ranges and the ,high/,low forms may reserve two pieces or none",
+            fix=f"replace it with crashkernel={format_size(want.size)} and reboot",
         )
     area = d.iomem_area
     if area is None:
@@ -240,19 +255,27 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
                 f"crashkernel={d.cmdline_value} is on the command line but nothing is reserved",
                 why="the kernel could not reserve it "
                 "(occupied or beyond RAM); see dmesg | grep crashkernel",
-                fix=f"choose another offset, e.g. {want.kernel_arg}, and reboot",
+                fix=f"use crashkernel={format_size(want.size)} (no offset: the kernel then "
+                "places it, KASLR or not), or another offset, and reboot",
             )
         raise JumpAreaError(
             "the jump area is not visible in /proc/iomem",
             why="no 'Crash kernel' line (or not running as root)",
             fix="run as root; if it persists, " + add,
         )
-    if area != d.cmdline_area:
+    if d.cmdline_area is not None and area != d.cmdline_area:
         raise JumpAreaError(
             "the reservation differs from the command line",
             why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
             f"{d.cmdline_area.start:#x}+{format_size(d.cmdline_area.size)}",
             fix=f"set {want.kernel_arg} and reboot",
+        )
+    if d.cmdline_size is not None and area.size != d.cmdline_size:
+        raise JumpAreaError(
+            "the reservation differs from the command line",
+            why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
+            f"crashkernel={d.cmdline_value}",
+            fix=f"set crashkernel={format_size(want.size)} and reboot",
         )
     if d.crash_size is not None and d.crash_size != area.size:
         raise JumpAreaError(
@@ -281,6 +304,12 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
             needed=need,
         )
     return area
+
+
+def keeps_placed_area(d: Discovery, config: Config, size: int) -> bool:
+    """A ``crashkernel=SIZE`` the kernel placed, at least ``size``, with no start pinned in
+    the config: what a KASLR kernel needs, left as it is by setup and install."""
+    return config.jump_area_start is None and d.cmdline_size is not None and d.cmdline_size >= size
 
 
 # -- boot loader command line editing (pure) --------------------------------------------------

@@ -12,8 +12,11 @@ Guards (DESIGN.md "Restore", invariant I3), in this order; the first that fails 
 4. the header belongs to this target (its UUID), the metadata (extent table) and the chunk
    table checksums are good (else Invalidate "corrupt");
 5. attempt < max_attempts (else Invalidate "attempts");
-6. the same save kernel (hash) and the same jump area as R is configured to use (else
-   Invalidate "save-kernel" / "jump-area");
+6. the same save kernel (hash) as R carries (else Invalidate "save-kernel"), and a jump area
+   B can run in: the image records where A's area was when it saved (with KASLR, or with
+   ``crashkernel=SIZE`` and no fixed offset, it may differ from boot to boot), and R loads B
+   there; it must be whole pages, RAM on this boot, and hold none of the image's memory
+   (else Invalidate "jump-area");
 7. the machine has the RAM the image was saved on: the RAM map recorded at save time equals
    this boot's (same source, kjumpd/linux/iomem.py); without a recorded map, every saved
    extent lies in RAM here (else Invalidate "memory");
@@ -39,6 +42,8 @@ from kjumpd.image.format import clip_reason
 from kjumpd.linux import cmdline
 from kjumpd.linux.iomem import RamMap, changed, outside_ram
 
+PAGE = 4096
+
 # header states (kjumpd.image.format.ImageState), by name so this module stays pure
 _NO_IMAGE = ("EMPTY", "CONSUMED", "ABORTED", "INVALID")
 
@@ -49,7 +54,7 @@ CODES = {
     "foreign": "the header belongs to another target",
     "attempts": "restoring failed too many times",
     "save-kernel": "the image was saved by another save kernel",
-    "jump-area": "the image was saved for another jump area",
+    "jump-area": "the image's jump area is not one the save kernel can run in",
     "memory": "the machine's RAM changed after the image was saved",
     "stale": "a filesystem changed after the image was saved",
     "setup": "the restore-first environment cannot restore (its files are wrong)",
@@ -61,9 +66,11 @@ CODES = {
 
 @dataclass(frozen=True)
 class Restore:
-    """Write RESTORING(attempt) durably, then kexec the save kernel in restore role."""
+    """Write RESTORING(attempt) durably, then kexec the save kernel in restore role into
+    ``jump_area`` (start, size): the area the image was saved with."""
 
     attempt: int
+    jump_area: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -136,13 +143,12 @@ class Expected:
     """What R is set up to restore with (from boot.json)."""
 
     save_kernel_hash: str
-    jump_area: tuple[int, int]
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
 
 def expected_of(cfg: BootConfig) -> Expected:
     """What an image must match to be restored by the environment ``cfg`` describes."""
-    return Expected(cfg.save_hash, cfg.jump_area, cfg.max_attempts)
+    return Expected(cfg.save_hash, cfg.max_attempts)
 
 
 def check_stamps(
@@ -199,18 +205,32 @@ def decide(ev: Evidence, exp: Expected) -> Decision:
             "save-kernel",
             f"image needs {h.save_kernel_hash or 'none'}, R has {exp.save_kernel_hash}",
         )
-    if tuple(h.jump_area) != tuple(exp.jump_area):
-        return Invalidate(
-            "jump-area",
-            f"image was saved for {_area(h.jump_area)}, R loads into {_area(exp.jump_area)}",
-        )
+    why = check_jump_area(h.jump_area, ev)
+    if why is not None:
+        return Invalidate("jump-area", why)
     why = check_ram(ev)
     if why is not None:
         return Invalidate("memory", why)
     why = check_stamps(ev.fs_stamps, ev.current)
     if why is not None:
         return Invalidate("stale", why)
-    return Restore(attempt + 1)
+    return Restore(attempt + 1, (int(h.jump_area[0]), int(h.jump_area[1])))
+
+
+def check_jump_area(area: tuple[int, int], ev: Evidence) -> str | None:
+    """None when B can be loaded into ``area`` (the image's) on this boot; else why not."""
+    start, size = area
+    if size <= 0 or start < 0 or start % PAGE or size % PAGE:
+        return f"{_area(area)} is not a whole number of pages"
+    inside = [(s, e) for s, e in ev.extents if s < start + size and start < e]
+    if inside:
+        s, e = inside[0]
+        return f"the image holds memory [{s:#x}, {e:#x}) inside its jump area {_area(area)}"
+    if ev.ram_now:
+        why = outside_ram([(start, start + size)], ev.ram_now)
+        if why is not None:
+            return f"{_area(area)} is not RAM on this boot: {why}"
+    return None
 
 
 def check_ram(ev: Evidence) -> str | None:
@@ -261,9 +281,9 @@ def explain(state: str, reason: str, attempt: int = 0) -> dict[str, Any]:
 # ---------------------------------------------------------------- kexec command lines
 
 
-def restore_cmdline(cfg: BootConfig, attempt: int) -> str:
-    """B's command line in restore role (exactmap: B's memory is the low 512K + the area)."""
-    start, size = cfg.jump_area
+def restore_cmdline(cfg: BootConfig, attempt: int, area: tuple[int, int]) -> str:
+    """B's command line in restore role (exactmap: B's memory is the low 512K + ``area``)."""
+    start, size = area
     base = cmdline.without(
         cfg.save.cmdline,
         (
@@ -284,13 +304,14 @@ def restore_cmdline(cfg: BootConfig, attempt: int) -> str:
     ).strip()
 
 
-def restore_kexec_args(cfg: BootConfig, attempt: int) -> list[str]:
-    """kexec-tools arguments that load B into the jump area (a plain load: R is not kept).
+def restore_kexec_args(cfg: BootConfig, attempt: int, area: tuple[int, int]) -> list[str]:
+    """kexec-tools arguments that load B into ``area``, the image's jump area (a plain load:
+    R is not kept).
 
     ``--no-checks`` skips purgatory's SHA-256 pass over the segments (R executes them right
     after loading; B checks every chunk of the image itself): it saves about a second.
     """
-    start, size = cfg.jump_area
+    start, size = area
     args = [
         "kexec",
         "-l",
@@ -301,7 +322,7 @@ def restore_kexec_args(cfg: BootConfig, attempt: int) -> list[str]:
     ]
     if cfg.save.initrd:
         args.append(f"--initrd={cfg.save.initrd}")
-    args.append(f"--append={restore_cmdline(cfg, attempt)}")
+    args.append(f"--append={restore_cmdline(cfg, attempt, area)}")
     return args
 
 

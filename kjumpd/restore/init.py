@@ -354,7 +354,7 @@ def restore_first(
             say(f"image marked RESTORING({decision.attempt}); loading the save kernel")
             g.dev.close()
             g.dev = None
-            args = restore_kexec_args(localize(cfg, sysroot), decision.attempt)
+            args = restore_kexec_args(localize(cfg, sysroot), decision.attempt, decision.jump_area)
             kexec_into(args, run, kexec)
             # B could not be started: the attempt is counted; boot normally
             boot_normal(cfg, "restore-failed", run, kexec, sysroot)

@@ -569,7 +569,7 @@ def _restore_first_evidence(dev: ImageDevice) -> None:
         metadata_error=meta_error,
         chunks_error=chunks_error,
     )
-    decision.decide(ev, decision.Expected(header.save_kernel_hash, hv.jump_area))
+    decision.decide(ev, decision.Expected(header.save_kernel_hash))
 
 
 def _image_seeds() -> list[bytes]:

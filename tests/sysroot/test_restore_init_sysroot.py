@@ -251,9 +251,20 @@ def test_a_tampered_save_kernel_copy_in_r_is_refused(world: World) -> None:
     assert world.run() == "invalid:setup"
 
 
-def test_another_jump_area_is_refused(world: World) -> None:
+def test_b_is_loaded_where_the_image_says_as_jump_area(world: World) -> None:
+    """A's area at the save (KASLR or crashkernel=SIZE may move it between boots), not the
+    one R was given at setup."""
     world.save(jump_area=[0x30000000, 128 << 20])
+    assert world.run() == "restore"
+    load = world.kexec_calls()[0]
+    assert load.startswith("-l --no-checks --mem-min=0x30000000 --mem-max=0x37ffffff ")
+    assert "memmap=131072K@786432K" in load
+
+
+def test_a_jump_area_over_the_saved_memory_is_refused(world: World) -> None:
+    world.save(jump_area=[0x100000, 128 << 20])  # the saved memory is at 1 MiB
     assert world.run() == "invalid:jump-area"
+    assert "inside its jump area" in world.header().reason
 
 
 def test_an_interrupted_save_is_refused(world: World) -> None:

@@ -82,7 +82,8 @@ def test_jump_area_sized_from_a_zstd_initramfs_declared_size(tree):
     "change,expect",
     [
         ({"/proc/cmdline": "quiet\n"}, "add crashkernel=128M@512M"),
-        ({"/proc/cmdline": "crashkernel=128M\n"}, "replace it with crashkernel=128M@512M"),
+        ({"/proc/cmdline": "crashkernel=1G-:128M\n"}, "replace it with crashkernel=128M"),
+        ({"/proc/cmdline": "crashkernel=256M\n"}, "differs from the command line"),
         ({"/sys/kernel/kexec_crash_loaded": "1\n"}, "kdump"),
         ({"/sys/kernel/kexec_crash_size": "67108864\n"}, "shrunk"),
         (
@@ -826,3 +827,35 @@ def test_check_says_whether_a_hung_save_kernel_resets_itself(full):
     assert "after 120 s without progress" in found.detail
     off = item(dataclasses.replace(cfg(full), save_kernel_watchdog=0))
     assert off.ok and "off" in off.detail and "power cycle" in off.detail
+
+
+def test_a_jump_area_the_kernel_placed_is_found_wherever_it_is(tree):
+    """crashkernel=SIZE (no offset): what a KASLR kernel needs, since a fixed offset fails
+    whenever the randomly placed kernel lies there. The area is wherever the kernel put it."""
+    w(tree, "/proc/cmdline", "quiet crashkernel=128M\n")
+    iomem = (tree / "proc/iomem").read_text()
+    w(
+        tree,
+        "/proc/iomem",
+        iomem.replace("20000000-27ffffff : Crash kernel", "30000000-37ffffff : Crash kernel"),
+    )
+    a = jumparea.find(Sysroot(tree), cfg(tree, jump_area_start=None), 112 * MiB)
+    assert (a.start, a.size) == (0x30000000, 128 * MiB)
+    # a config that pins the area still says where it is not
+    with pytest.raises(JumpAreaError, match="not where the config expects it"):
+        jumparea.find(Sysroot(tree), cfg(tree, jump_area_start=0x20000000), 112 * MiB)
+
+
+def test_kjumpctl_setup_keeps_a_jump_area_the_kernel_places(tree):
+    """crashkernel=SIZE (KASLR's form) large enough and no start pinned: setup leaves the
+    boot loader alone instead of pinning the area at an offset KASLR may collide with."""
+    conf = tree / "etc/kjumpd/kjumpd.toml"
+    conf.write_text(conf.read_text().replace('start = "0x20000000"\n', ""))
+    w(tree, "/etc/default/grub", 'GRUB_CMDLINE_LINUX="ro crashkernel=128M"\n')
+    w(tree, "/proc/cmdline", "ro crashkernel=128M\n")
+    r = kjumpctl(tree, "setup", "--jump-area", "--yes")
+    assert r.returncode == 0 and "crashkernel=128M is kept" in r.stdout, r.stdout
+    assert (tree / "etc/default/grub").read_text() == 'GRUB_CMDLINE_LINUX="ro crashkernel=128M"\n'
+    w(tree, "/proc/cmdline", "ro crashkernel=64M\n")  # too small: replaced
+    r = kjumpctl(tree, "setup", "--jump-area", "--yes")
+    assert r.returncode == 0 and "crashkernel=112M@512M" in (tree / "etc/default/grub").read_text()

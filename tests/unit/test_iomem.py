@@ -11,7 +11,7 @@ from kjumpd.errors import MemoryMapError
 from kjumpd.linux.iomem import RamMap, changed, merged, outside_ram, parse_system_ram, read
 from kjumpd.restore.decision import Invalidate, Restore, check_ram, decide
 from kjumpd.sysroot import Sysroot
-from tests.unit.test_restorefirst import EXP, evidence
+from tests.unit.test_restorefirst import AREA, EXP, evidence
 
 IOMEM = """00000000-00000fff : Reserved
 00001000-0009fbff : System RAM
@@ -92,12 +92,14 @@ def test_read_prefers_nothing_and_hides_nothing(tmp_path) -> None:
 def test_r_refuses_an_image_saved_on_other_ram() -> None:
     saved = RamMap.of("iomem", [(0x100000, GIB)])
     now = {"iomem": RamMap.of("iomem", [(0x100000, GIB + GIB // 4)])}
-    ev = evidence(ram_saved=saved.to_dict(), ram_now=now, extents=[(0x100000, GIB)])
+    # A's memory around its jump area (AREA: 128M at 512M), as a saved image has it
+    outside = [(0x100000, 0x20000000), (0x28000000, GIB)]
+    ev = evidence(ram_saved=saved.to_dict(), ram_now=now, extents=outside)
     d = decide(ev, EXP)
     assert isinstance(d, Invalidate) and d.code == "memory"
     assert "1023 MiB" in d.reason and "1279 MiB" in d.reason
-    ok = evidence(ram_saved=saved.to_dict(), ram_now={"iomem": saved}, extents=[(0x100000, GIB)])
-    assert decide(ok, EXP) == Restore(1)
+    ok = evidence(ram_saved=saved.to_dict(), ram_now={"iomem": saved}, extents=outside)
+    assert decide(ok, EXP) == Restore(1, AREA)
 
 
 def test_r_refuses_a_recorded_map_it_cannot_compare_or_read() -> None:

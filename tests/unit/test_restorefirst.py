@@ -14,6 +14,7 @@ from kjumpd.bootconfig import BootConfig, KernelSpec
 from kjumpd.errors import ConfigError
 from kjumpd.fsstamp import FsStamp
 from kjumpd.linux import cmdline
+from kjumpd.linux.iomem import RamMap
 from kjumpd.restore.decision import (
     CODES,
     BootNormal,
@@ -22,6 +23,7 @@ from kjumpd.restore.decision import (
     HeaderView,
     Invalidate,
     Restore,
+    check_jump_area,
     check_stamps,
     decide,
     explain,
@@ -33,7 +35,7 @@ from kjumpd.restore.decision import (
 TARGET = "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e"
 HASH = "sha256:" + "ab" * 32
 AREA = (0x20000000, 128 << 20)
-EXP = Expected(HASH, AREA, 3)
+EXP = Expected(HASH, 3)
 ROOT = FsStamp("/dev/vda", "ext4", str(uuidlib.UUID(int=1)), {"mount_count": 5, "wtime": 100})
 DATA = FsStamp("/dev/vdb", "xfs", str(uuidlib.UUID(int=2)), {"lsn": 7, "log_head": 40})
 
@@ -64,16 +66,16 @@ def evidence(**kw) -> Evidence:
 
 
 def test_a_clean_saved_image_is_restored_as_attempt_one() -> None:
-    assert decide(evidence(), EXP) == Restore(1)
+    assert decide(evidence(), EXP) == Restore(1, AREA)
 
 
 def test_an_unfinished_restore_is_retried_with_the_next_attempt() -> None:
-    assert decide(evidence(header=header("RESTORING", 2)), EXP) == Restore(3)
+    assert decide(evidence(header=header("RESTORING", 2)), EXP) == Restore(3, AREA)
 
 
 def test_the_device_name_may_differ_in_r() -> None:
     renamed = FsStamp("/dev/sda", ROOT.fstype, ROOT.uuid, dict(ROOT.fields))
-    assert decide(evidence(current=current(renamed, DATA)), EXP) == Restore(1)
+    assert decide(evidence(current=current(renamed, DATA)), EXP) == Restore(1, AREA)
 
 
 def test_no_target_boots_normally_without_touching_anything() -> None:
@@ -115,7 +117,7 @@ def test_a_header_of_another_target_is_refused() -> None:
 
 
 def test_attempts_stop_at_the_maximum() -> None:
-    assert decide(evidence(header=header("RESTORING", 2)), EXP) == Restore(3)
+    assert decide(evidence(header=header("RESTORING", 2)), EXP) == Restore(3, AREA)
     d = decide(evidence(header=header("RESTORING", 3)), EXP)
     assert code(d) == "attempts" and "3 restore attempts" in d.detail
 
@@ -125,9 +127,30 @@ def test_another_save_kernel_is_refused() -> None:
     assert code(d) == "save-kernel"
 
 
-def test_another_jump_area_is_refused() -> None:
-    d = decide(evidence(header=header(jump_area=(0x30000000, 128 << 20))), EXP)
-    assert code(d) == "jump-area" and "128M@0x30000000" in d.detail
+def test_b_is_restored_into_the_jump_area_the_image_was_saved_with() -> None:
+    """With KASLR (or crashkernel=SIZE) A's area may sit elsewhere at each boot: R follows
+    the image, not what it was told at setup."""
+    moved = (0x37000000, 128 << 20)
+    assert decide(evidence(header=header(jump_area=moved)), EXP) == Restore(1, moved)
+    args = restore_kexec_args(config(), 1, moved)
+    assert "--mem-min=0x37000000" in args and "--mem-max=0x3effffff" in args
+    assert "memmap=131072K@901120K" in args[-1]
+
+
+@pytest.mark.parametrize(
+    "area, extents, ram, why",
+    [
+        ((0x20000800, 128 << 20), [], None, "whole number of pages"),
+        ((0x20000000, 0), [], None, "whole number of pages"),
+        ((0x20000000, 128 << 20), [(0x27FFF000, 0x28001000)], None, "inside its jump area"),
+        ((0x80000000, 128 << 20), [], (0x100000, 1 << 30), "not RAM on this boot"),
+    ],
+)
+def test_a_jump_area_b_cannot_run_in_is_refused(area, extents, ram, why) -> None:
+    now = {"iomem": RamMap.of("iomem", [ram])} if ram else {}
+    ev = evidence(header=header(jump_area=area), extents=extents, ram_now=now)
+    d = decide(ev, EXP)
+    assert code(d) == "jump-area" and why in d.detail
 
 
 def test_broken_r_setup_is_refused() -> None:
@@ -207,7 +230,7 @@ def any_evidence(draw) -> Evidence:
 @settings(max_examples=600)
 @given(any_evidence(), st.integers(1, 4))
 def test_restore_happens_only_when_every_guard_holds(ev: Evidence, max_attempts: int) -> None:
-    exp = Expected(HASH, AREA, max_attempts)
+    exp = Expected(HASH, max_attempts)
     d = decide(ev, exp)
     assert isinstance(d, (Restore, BootNormal, Invalidate))
     clean = (
@@ -221,7 +244,7 @@ def test_restore_happens_only_when_every_guard_holds(ev: Evidence, max_attempts:
         and not ev.setup_error
         and (ev.header.attempt if ev.header.state == "RESTORING" else 0) < max_attempts
         and ev.header.save_kernel_hash == HASH
-        and ev.header.jump_area == AREA
+        and check_jump_area(ev.header.jump_area, ev) is None
         and check_stamps(ev.fs_stamps, ev.current) is None
     )
     assert isinstance(d, Restore) == clean
@@ -333,7 +356,7 @@ def test_garbage_boot_config_never_crashes(blob: bytes) -> None:
 
 
 def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
-    args = restore_kexec_args(config(), 2)
+    args = restore_kexec_args(config(), 2, AREA)
     assert args[:6] == [
         "kexec",
         "-l",
@@ -346,7 +369,7 @@ def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
     kv = cmdline.params(args[-1].split("=", 1)[1])
     assert kv["kjump.role"] == "restore" and kv["kjump.target"] == TARGET
     assert kv["kjump.offset"] == str(1 << 20) and kv["kjump.attempt"] == "2"
-    line = restore_cmdline(config(), 2)
+    line = restore_cmdline(config(), 2, AREA)
     assert "memmap=exactmap memmap=512K@0K memmap=131072K@524288K" in line
     # B restores without legacy ptys (0.8 s of pty_init under TCG), exactly once
     assert line.split().count("pty.legacy_count=0") == 1
@@ -359,6 +382,7 @@ def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
                 ),
             ),
             2,
+            AREA,
         )
         == line
     )

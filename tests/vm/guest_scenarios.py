@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -234,6 +235,26 @@ def outlive_save_kernel_watchdog(returned: float) -> dict[str, str]:
         time.sleep(wait)
     event("watchdog-outlived", seconds=f"{time.monotonic() - returned:.0f}")
     return {"watchdog": "stopped"}
+
+
+def scenario_kaslr() -> int:
+    """A booted as distributions boot it (KASLR on, crashkernel=SIZE with no offset): the
+    scenario's verdict (after the restore) says where this boot put the kernel and the jump
+    area; the hibernation itself is scenario b's."""
+    cmdline = open("/proc/cmdline").read().split()
+    iomem = open("/proc/iomem").read()
+
+    def start_of(name: str) -> str:
+        m = re.search(rf"^\s*([0-9a-f]+)-[0-9a-f]+ : {name}$", iomem, re.M)
+        return f"{int(m.group(1), 16):#x}" if m else "none"
+
+    event(
+        "kaslr-boot",
+        kaslr="off" if "nokaslr" in cmdline else "on",
+        kernel_code=start_of("Kernel code"),
+        jump_area=start_of("Crash kernel"),
+    )
+    return hibernate_and_check("kaslr", "shutdown", ("CONSUMED",), disk_writers=True)
 
 
 def hibernate_and_check(
@@ -908,6 +929,7 @@ SCENARIOS = {
         disk_writers=True,
         after_boot={"states": ["EMPTY", "ABORTED", "INVALID", "CONSUMED"]},
     ),
+    "kaslr": scenario_kaslr,
     "b-hang": lambda: hibernate_and_check(
         "b-hang",
         "shutdown",

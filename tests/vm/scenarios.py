@@ -37,6 +37,11 @@ A_APPEND = (
 #: Debian's) a wholly free chunk is a free record that B's restore leaves as it finds it;
 #: scenario c keeps init_on_free=1, so that path (free chunks restored as zeros) is proven too.
 A_APPEND_EXTRA = {"platform": "init_on_free=1"}
+#: A as a distribution boots it: KASLR on, and the jump area where the kernel places it
+#: (crashkernel=SIZE: a fixed offset fails whenever the random kernel lies there)
+A_APPEND_KASLR = A_APPEND.replace("nokaslr ", "").replace(
+    "crashkernel=128M@0x20000000", "crashkernel=128M"
+)
 MEM_MIB = 1024
 SMP = 2
 #: QEMU options that make ACPI S3/S4 available to the guest (QEMU's pc machine disables them)
@@ -347,6 +352,7 @@ class Runner:
         extra_qemu: tuple[str, ...] = (),
         extra_disks: tuple[Path, ...] = (),
         append_extra: str = "",
+        a_append: str = A_APPEND,
     ) -> None:
         assets.require("kernel", "save_initramfs", "restore_initramfs", "rootfs", "prepared")
         self.h = _harness()
@@ -354,7 +360,7 @@ class Runner:
         self.guest_scenario = guest_scenario
         self.outcome = Outcome(name=name, run_dir=run_dir)
         self.overlay = make_overlay(Path(assets.prepared), run_dir)
-        self.append = f"{A_APPEND} kjumpvm.scenario={guest_scenario} {append_extra}".strip()
+        self.append = f"{a_append} kjumpvm.scenario={guest_scenario} {append_extra}".strip()
         self.cfg = self.h.VMConfig(
             kernel=Path(assets.kernel),
             append=self.append,
@@ -543,6 +549,7 @@ FSCK_AFTER = frozenset(
         "io-error-restore",
         "b-panic",
         "b-hang",
+        "kaslr",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -696,6 +703,7 @@ def run(
         "io-error-restore": ("io-error-restore", "io-error-restore"),
         "b-panic": ("b-panic", "b-panic"),
         "b-hang": ("b-hang", "b-hang"),
+        "kaslr": ("kaslr", "power-cycle"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -745,6 +753,7 @@ def run(
                 assets,
                 run_dir,
                 append_extra=f"{A_APPEND_EXTRA.get(name, '')} {extra}".strip(),
+                a_append=A_APPEND_KASLR if name == "kaslr" else A_APPEND,
             )
     except (KjumpError, OSError, subprocess.CalledProcessError) as err:
         out = Outcome(name=name, run_dir=run_dir)

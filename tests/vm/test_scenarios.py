@@ -186,3 +186,25 @@ def test_h_daemon_killed_inside_the_frozen_window_leaves_nothing_frozen(vm_asset
     assert _console_matches(out, r"freeze guard: thawed after the death of kjumpd"), out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
     _writers_intact(out)
+
+
+def test_k_kaslr_and_a_jump_area_the_kernel_placed_hibernate_and_restore(vm_assets_built, run_dir):
+    """A as distributions boot it: KASLR on, crashkernel=128M with no offset. The save
+    kernel's free-page scan reads A's randomised page tables and struct pages; R loads the
+    restore kernel where the image says A's area was (not where R was told at setup: the
+    prepared disk's entry was made with the area at 0x20000000)."""
+    out = _run("kaslr", vm_assets_built, run_dir)
+    boot = out.event("kaslr-boot")
+    assert boot is not None and boot.fields.get("kaslr") == "on", out.summary()
+    area = boot.fields.get("jump_area", "none")
+    assert area != "none", out.summary()
+    assert _booted_restore_first(out), out.summary()
+    loads = _console_matches(out, r"kjumpd-rf: \$ kexec -l .*--mem-min=(0x[0-9a-f]+)")
+    assert loads and int(loads[0].group(1), 16) == int(area, 16), out.summary()
+    free = _console_matches(
+        out, r"kjump-agent: free pages: (\d+) \(\d+ MiB\) of A's memory skipped"
+    )
+    assert free and int(free[0].group(1)) > 0, out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    _writers_intact(out)
