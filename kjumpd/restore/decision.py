@@ -205,12 +205,14 @@ def decide(ev: Evidence, exp: Expected) -> Decision:
             "save-kernel",
             f"image needs {h.save_kernel_hash or 'none'}, R has {exp.save_kernel_hash}",
         )
-    why = check_jump_area(h.jump_area, ev)
-    if why is not None:
-        return Invalidate("jump-area", why)
+    # RAM first: on a machine whose memory changed, that is the cause to name, not the
+    # jump area that may have gone with it
     why = check_ram(ev)
     if why is not None:
         return Invalidate("memory", why)
+    why = check_jump_area(h.jump_area, ev)
+    if why is not None:
+        return Invalidate("jump-area", why)
     why = check_stamps(ev.fs_stamps, ev.current)
     if why is not None:
         return Invalidate("stale", why)

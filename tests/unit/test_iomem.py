@@ -11,7 +11,7 @@ from kjumpd.errors import MemoryMapError
 from kjumpd.linux.iomem import RamMap, changed, merged, outside_ram, parse_system_ram, read
 from kjumpd.restore.decision import Invalidate, Restore, check_ram, decide
 from kjumpd.sysroot import Sysroot
-from tests.unit.test_restorefirst import AREA, EXP, evidence
+from tests.unit.test_restorefirst import AREA, EXP, evidence, header
 
 IOMEM = """00000000-00000fff : Reserved
 00001000-0009fbff : System RAM
@@ -113,3 +113,18 @@ def test_an_image_without_a_recorded_map_needs_its_extents_in_ram() -> None:
     assert check_ram(evidence(ram_now=now, extents=[(0x100000, GIB)])) is None
     assert check_ram(evidence(ram_now=now, extents=[(0x100000, 2 * GIB)])) is not None
     assert check_ram(evidence()) is None  # nothing recorded, nothing read
+
+
+def test_less_ram_is_named_as_the_cause_even_when_the_jump_area_went_with_it() -> None:
+    """A KASLR-placed area near the top of RAM is gone on a machine with less memory: the
+    user is told the RAM changed, the cause, not that the jump area is missing."""
+    area = (0x37000000, 128 << 20)
+    saved = RamMap.of("iomem", [(0x100000, GIB)])
+    now = {"iomem": RamMap.of("iomem", [(0x100000, GIB // 2)])}
+    outside = [(0x100000, 0x37000000)]
+    ev = evidence(
+        header=header(jump_area=area), ram_saved=saved.to_dict(), ram_now=now, extents=outside
+    )
+    d = decide(ev, EXP)
+    assert isinstance(d, Invalidate) and d.code == "memory", d
+    assert "1023 MiB" in d.reason and "511 MiB" in d.reason

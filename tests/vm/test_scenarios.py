@@ -115,6 +115,9 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
 def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
     out = _run("platform", vm_assets_built, run_dir)
     assert out.mark("acpi-s4", boot=1), out.summary()  # entered ACPI S4, not a plain off
+    # A ran with nokaslr and crashkernel=128M@0x20000000: R restores into that fixed area
+    loads = _console_matches(out, r"kjumpd-rf: \$ kexec -l .*--mem-min=(0x[0-9a-f]+)")
+    assert loads and int(loads[0].group(1), 16) == 0x20000000, out.summary()
     # every PCI function's configuration header and every link as before (fwts s4's check)
     assert out.verdict.get("devices", "").endswith("-same"), out.summary()
     assert _booted_restore_first(out), out.summary()
@@ -189,10 +192,9 @@ def test_h_daemon_killed_inside_the_frozen_window_leaves_nothing_frozen(vm_asset
 
 
 def test_k_kaslr_and_a_jump_area_the_kernel_placed_hibernate_and_restore(vm_assets_built, run_dir):
-    """A as distributions boot it: KASLR on, crashkernel=128M with no offset. The save
-    kernel's free-page scan reads A's randomised page tables and struct pages; R loads the
-    restore kernel where the image says A's area was (not where R was told at setup: the
-    prepared disk's entry was made with the area at 0x20000000)."""
+    """A as distributions boot it (every scenario but c does): KASLR on, crashkernel=128M
+    with no offset. The save kernel's free-page scan reads A's randomised page tables and
+    struct pages; R loads the restore kernel where the image says A's area was."""
     out = _run("kaslr", vm_assets_built, run_dir)
     boot = out.event("kaslr-boot")
     assert boot is not None and boot.fields.get("kaslr") == "on", out.summary()
