@@ -4,7 +4,8 @@ check [--mode MODE] [--json]   the preflight kjumpd runs before every hibernatio
 plan  [--mode MODE] [--json]   what a hibernation would do: quiesce writes, filesystems
                                to freeze, memory ranges, the save kernel's command line
 setup --target PATH --size SIZE   create (file) or claim (partition) the image target
-      --jump-area [--yes]      put crashkernel=SIZE@OFFSET on the boot loader's command
+      --jump-area [--yes]      put crashkernel=SIZE (@START when [jump_area] start is set)
+                               on the boot loader's command
                                line (shows the diff; writes only with --yes or after "y")
       --bootloader grub|bls|restore-first   install the restore-first boot entry
       --save-kernel            print the [save_kernel] kernel_sha256/initramfs_sha256 lines
@@ -173,18 +174,13 @@ def cmd_setup(args: argparse.Namespace) -> int:
         did = True
     if args.jump_area:
         need = jumparea.required_size(sr, cfg)
-        start = cfg.jump_area_start if cfg.jump_area_start is not None else jumparea.DEFAULT_START
-        area = jumparea.JumpArea(start, max(need, cfg.jump_area_size or 0))
-        d = jumparea.discover(sr)
-        if jumparea.keeps_placed_area(d, cfg, area.size):
-            print(f"the save kernel needs {need >> 20} MiB: crashkernel={d.cmdline_value} is kept")
-        else:
-            print(f"the save kernel needs {need >> 20} MiB: {area.kernel_arg}")
-        edits = (
-            []
-            if jumparea.keeps_placed_area(d, cfg, area.size)
-            else jumparea.plan_bootloader_edits(sr, area)
+        size = max(need, cfg.jump_area_size or 0)
+        arg, kept = jumparea.boot_arg(jumparea.discover(sr), cfg, size)
+        print(
+            f"the save kernel needs {need >> 20} MiB: {arg}"
+            + (" is kept (reserved on this boot)" if kept else "")
         )
+        edits = jumparea.plan_bootloader_edits(sr, arg)
         if not edits:
             print("the boot loader configuration already has it")
         for e in edits:
@@ -254,7 +250,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--jump-area",
         action="store_true",
-        help="add crashkernel=SIZE@OFFSET to the boot loader's kernel command line",
+        help="add crashkernel=SIZE (SIZE@START when [jump_area] start is set) to the boot "
+        "loader's kernel command line; a large enough reservation of this boot is kept",
     )
     p.add_argument(
         "--bootloader",

@@ -310,15 +310,10 @@ def plan(
     grub_changed = False
     if opts.jump_area:
         need = jumparea.required_size_for(Path(k_src), Path(i_src), cfg.agent_memory)
-        start = cfg.jump_area_start if cfg.jump_area_start is not None else jumparea.DEFAULT_START
         size = max(need, cfg.jump_area_size or 0)
-        live = jumparea.discover(sysroot).cmdline_area
-        if live is not None and live.start == start and live.size >= size:
-            size = live.size  # a larger reservation already in place is kept
-        area = jumparea.JumpArea(start, size)
-        placed = jumparea.keeps_placed_area(jumparea.discover(sysroot), cfg, size)
+        arg, kept = jumparea.boot_arg(jumparea.discover(sysroot), cfg, size)
         try:
-            edits = [] if placed else jumparea.plan_bootloader_edits(sysroot, area)
+            edits = jumparea.plan_bootloader_edits(sysroot, arg)
         except JumpAreaError as e:
             edits = []
             p.notes.append(f"{e.what}: {e.fix}")
@@ -328,17 +323,17 @@ def plan(
                 FileChange(
                     e.path,
                     e.new.encode(),
-                    f"kernel command line: {area.kernel_arg}",
+                    f"kernel command line: {arg}",
                     mode,
                     "replace",
-                    area.kernel_arg,
+                    arg,
                     jumparea.changed_arg(e.old, e.new),
                 )
             )
             grub_changed |= e.path == "/etc/default/grub"
-        if live != area and not placed:
+        if not kept:
             p.notes.append(
-                f"reboot to reserve the jump area ({area.kernel_arg}); then run "
+                f"reboot to reserve the jump area ({arg}); then run "
                 "`kjumpctl install` again: the restore-first entry needs it"
             )
     # the restore-first entry

@@ -1,4 +1,4 @@
-"""The jump area: the crashkernel=SIZE@OFFSET reservation the save kernel runs in.
+"""The jump area: the crashkernel= reservation the save kernel runs in.
 
 Sources, cross-checked: ``crashkernel=`` on /proc/cmdline, either ``SIZE@OFFSET`` (the area
 at a fixed place) or a plain ``SIZE`` (the kernel places it, below 4 GiB when it can: with
@@ -8,8 +8,9 @@ restore-first entry loads the save kernel there), the "Crash kernel" line of
 /proc/iomem (addresses need root), /sys/kernel/kexec_crash_size, and
 /sys/kernel/kexec_crash_loaded (a loaded kdump image occupies the area). Sizing reads the
 save kernel's bzImage header (init_size: the memory the kernel needs to decompress and
-run) and the initramfs size. Boot loader editing (GRUB's /etc/default/grub, BLS entries)
-is a pure text transform with a diff the CLI shows before it writes.
+run) and the initramfs size. What setup and install write is a plain size unless the
+config pins ``[jump_area] start``. Boot loader editing (GRUB's /etc/default/grub, BLS
+entries) is a pure text transform with a diff the CLI shows before it writes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from kjumpd.sysroot import Sysroot
 
 MiB = 1 << 20
 ALIGN = JUMP_AREA_ALIGN
-DEFAULT_START = 0x20000000  # 512 MiB: what the VM tier reserves
 _CK_RE = re.compile(r"(?:^|\s)crashkernel=(\S+)")
 
 
@@ -231,13 +231,8 @@ def read_init_size(path: Path) -> int:
 def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
     """The reserved area, cross-checked; JumpAreaError naming the kernel command line to add."""
     d = discover(sysroot)
-    want = JumpArea(
-        config.jump_area_start if config.jump_area_start is not None else DEFAULT_START,
-        max(need or 0, config.jump_area_size or 0, MIN_JUMP_AREA),
-    )
-    add = (
-        f"add {want.kernel_arg} to the kernel command line (kjumpctl setup --jump-area) and reboot"
-    )
+    want = requested_arg(config, max(need or 0, config.jump_area_size or 0, MIN_JUMP_AREA))
+    add = f"add {want} to the kernel command line (kjumpctl setup --jump-area) and reboot"
     if d.cmdline_value is None:
         raise JumpAreaError(
             "no jump area is reserved", why="/proc/cmdline has no crashkernel=", fix=add
@@ -246,7 +241,7 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
         raise JumpAreaError(
             f"crashkernel={d.cmdline_value} is not one jump area",
             why="ranges and the ,high/,low forms may reserve two pieces or none",
-            fix=f"replace it with crashkernel={format_size(want.size)} and reboot",
+            fix=f"replace it with {want} and reboot",
         )
     area = d.iomem_area
     if area is None:
@@ -255,8 +250,8 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
                 f"crashkernel={d.cmdline_value} is on the command line but nothing is reserved",
                 why="the kernel could not reserve it "
                 "(occupied or beyond RAM); see dmesg | grep crashkernel",
-                fix=f"use crashkernel={format_size(want.size)} (no offset: the kernel then "
-                "places it, KASLR or not), or another offset, and reboot",
+                fix=f"use {plain_arg(want)} (no offset: the kernel then places it, KASLR "
+                "or not; unset [jump_area] start), or another offset, and reboot",
             )
         raise JumpAreaError(
             "the jump area is not visible in /proc/iomem",
@@ -268,14 +263,14 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
             "the reservation differs from the command line",
             why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
             f"{d.cmdline_area.start:#x}+{format_size(d.cmdline_area.size)}",
-            fix=f"set {want.kernel_arg} and reboot",
+            fix=f"set {want} and reboot",
         )
     if d.cmdline_size is not None and area.size != d.cmdline_size:
         raise JumpAreaError(
             "the reservation differs from the command line",
             why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
             f"crashkernel={d.cmdline_value}",
-            fix=f"set crashkernel={format_size(want.size)} and reboot",
+            fix=f"set {want} and reboot",
         )
     if d.crash_size is not None and d.crash_size != area.size:
         raise JumpAreaError(
@@ -287,7 +282,7 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
         raise JumpAreaError(
             "the jump area is not where the config expects it",
             why=f"reserved at {area.start:#x}, jump_area.start is {config.jump_area_start:#x}",
-            fix=f"set {want.kernel_arg} or change jump_area.start",
+            fix=f"set {want} or change jump_area.start",
         )
     if d.kdump_loaded:
         raise JumpAreaError(
@@ -299,17 +294,46 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
         raise JumpAreaError(
             "the jump area is too small for the save kernel",
             why=f"reserved {format_size(area.size)}, need {format_size(need)}",
-            fix=f"use crashkernel={format_size(need)}@{format_size(area.start)} and reboot",
+            fix=f"use {requested_arg(config, need)} and reboot",
             reserved=area.size,
             needed=need,
         )
     return area
 
 
-def keeps_placed_area(d: Discovery, config: Config, size: int) -> bool:
-    """A ``crashkernel=SIZE`` the kernel placed, at least ``size``, with no start pinned in
-    the config: what a KASLR kernel needs, left as it is by setup and install."""
-    return config.jump_area_start is None and d.cmdline_size is not None and d.cmdline_size >= size
+def requested_arg(config: Config, size: int) -> str:
+    """The crashkernel= word setup and install write: ``crashkernel=SIZE`` placed by the
+    kernel (what KASLR needs: a fixed offset fails at any boot whose randomly placed kernel
+    lies there), or ``crashkernel=SIZE@START`` when ``[jump_area] start`` pins it."""
+    if config.jump_area_start is None:
+        return f"crashkernel={format_size(size)}"
+    return JumpArea(config.jump_area_start, size).kernel_arg
+
+
+def plain_arg(arg: str) -> str:
+    """``crashkernel=SIZE@START`` -> ``crashkernel=SIZE``."""
+    return arg.split("@", 1)[0]
+
+
+def keeps_reservation(d: Discovery, config: Config, size: int) -> bool:
+    """The running kernel's crashkernel= already serves a save kernel of ``size``: at least
+    that large, and at ``[jump_area] start`` when the config pins one."""
+    if d.cmdline_value is None:
+        return False
+    if config.jump_area_start is None:
+        have = d.cmdline_size if d.cmdline_area is None else d.cmdline_area.size
+        return have is not None and have >= size
+    a = d.cmdline_area
+    return a is not None and a.start == config.jump_area_start and a.size >= size
+
+
+def boot_arg(d: Discovery, config: Config, size: int) -> tuple[str, bool]:
+    """(the crashkernel= word for the boot loader's configuration, whether the running
+    kernel already has it reserved). A reservation that serves is kept as it is, a user's
+    own included; otherwise requested_arg()."""
+    if keeps_reservation(d, config, size):
+        return f"crashkernel={d.cmdline_value}", True
+    return requested_arg(config, size), False
 
 
 # -- boot loader command line editing (pure) --------------------------------------------------
@@ -394,32 +418,33 @@ class FileEdit:
         )
 
 
-def plan_bootloader_edits(sysroot: Sysroot, area: JumpArea) -> list[FileEdit]:
-    """Edits that put area.kernel_arg on the boot loader's kernel command line (the normal
-    kernel's entries: kjumpd's own restore-first entry boots R, which needs no reservation)."""
+def plan_bootloader_edits(sysroot: Sysroot, arg: str) -> list[FileEdit]:
+    """Edits that put ``arg`` (crashkernel=...) on the boot loader's kernel command line (the
+    normal kernel's entries: kjumpd's own restore-first entry boots R, which needs no
+    reservation)."""
     from kjumpd.daemon.bootentry import BLS_ENTRY_ID
 
     edits: list[FileEdit] = []
     grub = "/etc/default/grub"
     if sysroot.exists(grub):
         old = sysroot.read_text(grub)
-        edits.append(FileEdit(grub, old, edit_default_grub(old, area.kernel_arg)))
+        edits.append(FileEdit(grub, old, edit_default_grub(old, arg)))
     # kernel-install (Fedora, ...) gives the next kernels /etc/kernel/cmdline: one line
     ki = "/etc/kernel/cmdline"
     if sysroot.exists(ki):
         old = sysroot.read_text(ki)
-        edits.append(FileEdit(ki, old, _set_arg(old.strip(), arg=area.kernel_arg) + "\n"))
+        edits.append(FileEdit(ki, old, _set_arg(old.strip(), arg=arg) + "\n"))
     for d in ("/boot/loader/entries", "/efi/loader/entries", "/boot/efi/loader/entries"):
         for name in sysroot.listdir(d):
             if name.endswith(".conf") and name != BLS_ENTRY_ID:
                 p = f"{d}/{name}"
                 old = sysroot.read_text(p)
-                edits.append(FileEdit(p, old, edit_bls_entry(old, area.kernel_arg)))
+                edits.append(FileEdit(p, old, edit_bls_entry(old, arg)))
     if not edits:
         raise JumpAreaError(
             "no boot loader configuration found",
             why="neither /etc/default/grub, /etc/kernel/cmdline nor BLS entries exist",
-            fix=f"add {area.kernel_arg} to your boot loader's kernel command line",
+            fix=f"add {arg} to your boot loader's kernel command line",
         )
     return [e for e in edits if e.old != e.new]
 

@@ -354,3 +354,17 @@ def test_a_failing_command_is_named_and_what_was_done_stays_recorded(machine) ->
     assert man.entry("/etc/default/grub") is not None
     install.uninstall(sr, lambda a: 0, lambda s: None)
     assert sr.read_text("/etc/default/grub") == GRUB
+
+
+def test_a_machine_without_a_reservation_gets_a_size_the_kernel_places(machine) -> None:
+    """The shipped configuration pins no start: install writes crashkernel=SIZE (placed by
+    the kernel, KASLR or not), says a reboot must reserve it, and leaves the entry for the
+    run after that reboot."""
+    sr, given = machine
+    w(sr.root, "/etc/kjumpd/kjumpd.toml", '[target]\npath = "/dev/vda1"\n')
+    w(sr.root, "/proc/cmdline", "BOOT_IMAGE=/vmlinuz console=ttyS0 quiet\n")
+    p = install.plan(sr, opts(given))
+    grub = next(f for f in p.files if f.path == "/etc/default/grub")
+    assert 'GRUB_CMDLINE_LINUX="splash mitigations=auto crashkernel=112M"' in grub.data.decode()
+    assert any("reboot to reserve the jump area (crashkernel=112M)" in n for n in p.notes)
+    assert p.boot_entry is not None and p.boot_entry.state == "pending"

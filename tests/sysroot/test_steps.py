@@ -115,13 +115,13 @@ def test_bootloader_edits_show_a_diff_and_write_only_when_applied(tree):
     w(tree, "/etc/default/grub", 'GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX="ro quiet"\n')
     w(tree, "/boot/loader/entries/debian.conf", "title Debian\noptions root=/dev/vda2 ro\n")
     sr = Sysroot(tree)
-    edits = jumparea.plan_bootloader_edits(sr, jumparea.JumpArea(0x20000000, 128 * MiB))
+    edits = jumparea.plan_bootloader_edits(sr, "crashkernel=128M@512M")
     assert [e.path for e in edits] == ["/etc/default/grub", "/boot/loader/entries/debian.conf"]
     assert '+GRUB_CMDLINE_LINUX="ro quiet crashkernel=128M@512M"' in edits[0].diff()
     assert (tree / "etc/default/grub").read_text().count("crashkernel") == 0
     jumparea.apply_edits(sr, edits)
     assert "crashkernel=128M@512M" in (tree / "boot/loader/entries/debian.conf").read_text()
-    assert jumparea.plan_bootloader_edits(sr, jumparea.JumpArea(0x20000000, 128 * MiB)) == []
+    assert jumparea.plan_bootloader_edits(sr, "crashkernel=128M@512M") == []
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -526,14 +526,37 @@ def test_kjumpctl_plan_changes_nothing(full):
 
 
 def test_kjumpctl_setup_jump_area_diff_then_yes(tree):
+    """The running kernel reserves 128M at the pinned start, more than the 112M needed: that
+    reservation is what goes into the boot loader's configuration (not moved, not shrunk)."""
     w(tree, "/etc/default/grub", 'GRUB_CMDLINE_LINUX="ro"\n')
     r = kjumpctl(tree, "setup", "--jump-area")
-    assert r.returncode == 0 and '+GRUB_CMDLINE_LINUX="ro crashkernel=112M@512M"' in r.stdout
+    assert r.returncode == 0 and '+GRUB_CMDLINE_LINUX="ro crashkernel=128M@512M"' in r.stdout
+    assert "is kept (reserved on this boot)" in r.stdout
     assert (
         "not written" in r.stdout and "crashkernel" not in (tree / "etc/default/grub").read_text()
     )
     r = kjumpctl(tree, "setup", "--jump-area", "--yes")
-    assert r.returncode == 0 and "crashkernel=112M@512M" in (tree / "etc/default/grub").read_text()
+    assert r.returncode == 0 and "crashkernel=128M@512M" in (tree / "etc/default/grub").read_text()
+
+
+def test_kjumpctl_setup_writes_a_size_the_kernel_places_unless_a_start_is_pinned(tree):
+    """A machine without crashkernel=: the size the save kernel needs, no offset (a fixed
+    offset fails at the boots of a KASLR kernel that lands there); with [jump_area] start
+    set, at that start."""
+    w(tree, "/etc/default/grub", 'GRUB_CMDLINE_LINUX="ro quiet"\n')
+    w(tree, "/proc/cmdline", "ro quiet\n")
+    r = kjumpctl(tree, "setup", "--jump-area", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "crashkernel=112M@512M" in (tree / "etc/default/grub").read_text()
+    conf = tree / "etc/kjumpd/kjumpd.toml"
+    conf.write_text(conf.read_text().replace('start = "0x20000000"\n', ""))
+    r = kjumpctl(tree, "setup", "--jump-area", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    grub = (tree / "etc/default/grub").read_text()
+    assert grub == 'GRUB_CMDLINE_LINUX="ro quiet crashkernel=112M"\n', grub
+    with pytest.raises(JumpAreaError) as ei:
+        jumparea.find(Sysroot(tree), cfg(tree, jump_area_start=None), 112 * MiB)
+    assert "add crashkernel=128M to the kernel command line" in ei.value.fix
 
 
 def test_kjumpctl_setup_errors_are_one_line(tree):
@@ -856,6 +879,7 @@ def test_kjumpctl_setup_keeps_a_jump_area_the_kernel_places(tree):
     r = kjumpctl(tree, "setup", "--jump-area", "--yes")
     assert r.returncode == 0 and "crashkernel=128M is kept" in r.stdout, r.stdout
     assert (tree / "etc/default/grub").read_text() == 'GRUB_CMDLINE_LINUX="ro crashkernel=128M"\n'
-    w(tree, "/proc/cmdline", "ro crashkernel=64M\n")  # too small: replaced
+    w(tree, "/proc/cmdline", "ro crashkernel=64M\n")  # too small: replaced, still placed
     r = kjumpctl(tree, "setup", "--jump-area", "--yes")
-    assert r.returncode == 0 and "crashkernel=112M@512M" in (tree / "etc/default/grub").read_text()
+    grub = (tree / "etc/default/grub").read_text()
+    assert r.returncode == 0 and grub == 'GRUB_CMDLINE_LINUX="ro crashkernel=112M"\n', grub
