@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -126,6 +127,46 @@ def build_restore_initramfs() -> Path:
     )
 
 
+#: what a user of the systemd scenario downloaded: the wheel and a save kernel
+GUEST_DIST = "/root/kjumpd-dist"
+#: the project's files a wheel is built from
+WHEEL_SOURCES = ("kjumpd", "bootloader", "savekernel", "contrib", "pyproject.toml", "README.md")
+
+
+def build_wheel() -> Path:
+    """The project's wheel (what `pip install .` builds), for the systemd scenario's guest,
+    which has no network to build one. Built offline from a copy of the sources with a fixed
+    SOURCE_DATE_EPOCH, so the same sources give the same bytes (the guest image's cache key
+    covers them) and a change to any of them gives a new wheel."""
+    out = rootfs.cache_dir() / "wheel"
+    work = out / f"build-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    src = work / "src"
+    for name in WHEEL_SOURCES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, src / name)
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(work / "dist"), str(src)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    wheels = sorted((work / "dist").glob("kjumpd-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise AssetError(
+            "cannot build the kjumpd wheel", why=proc.stdout.strip()[-500:], fix="make setup"
+        )
+    dest = out / wheels[0].name
+    os.replace(wheels[0], dest)
+    shutil.rmtree(work)
+    return dest
+
+
 PREPARE_TIMEOUT = 900.0
 
 
@@ -209,6 +250,7 @@ def build_all() -> Assets:
     kernel = attempt("kernel", build_kernel)
     save = attempt("save_initramfs", build_save_initramfs)
     restore = attempt("restore_initramfs", build_restore_initramfs)
+    wheel = attempt("wheel", build_wheel)
 
     def make_rootfs() -> Path:
         payload = rootfs.default_payload()
@@ -222,6 +264,10 @@ def build_all() -> Assets:
             payload.add(GUEST_RESTORE_INITRAMFS, restore)
         payload.add("/etc/kjumpd/kjumpd.toml", guest_config(kernel, save))
         payload.add("/etc/default/grub", Path(__file__).resolve().parent / "guest-default-grub")
+        if wheel is not None:
+            payload.add(f"{GUEST_DIST}/{wheel.name}", wheel)
+        if kernel is not None:
+            payload.add(f"{GUEST_DIST}/bzImage", kernel)
         return rootfs.build_image(payload)
 
     image = attempt("rootfs", make_rootfs)

@@ -45,9 +45,17 @@ PACKAGES = (
     "procps",
     "cpio",
     "kmod",
+    # the systemd scenario (s): Debian's systemd as PID 1 with udev, logind and journald,
+    # and what the README's install needs (pip for the wheel, busybox-static for the
+    # initramfs archives kjumpctl install builds); the fast scenarios boot init= and never
+    # start them
+    "systemd-sysv",
+    "udev",
+    "python3-pip",
+    "busybox-static",
 )
 #: Bump when the way the tree is made changes (not for payload changes).
-TREE_RECIPE = "tree-v1"
+TREE_RECIPE = "tree-v2"
 #: Bump when the way the image is assembled changes.
 IMAGE_RECIPE = "image-v2"
 IMAGE_SIZE = 4 << 30  # sparse; the guest needs room for the image target and the workload
@@ -59,7 +67,15 @@ MAX_IMAGES = 4
 
 REPO = Path(__file__).resolve().parents[2]
 #: tests/vm modules that also run inside the guest (as the package kjumpvm)
-GUEST_MODULES = ("__init__.py", "workload.py", "writers.py", "vminit.py", "guest_scenarios.py")
+GUEST_MODULES = (
+    "__init__.py",
+    "workload.py",
+    "writers.py",
+    "vminit.py",
+    "guest_scenarios.py",
+    "guest_systemd.py",
+    "sleepwatch.py",
+)
 
 
 class RootfsError(KjumpError):
@@ -95,14 +111,20 @@ class Payload:
 
     files: dict[str, Path] = field(default_factory=dict)
     modes: dict[str, int] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)  # guest path -> symlink target
 
     def add(self, guest: str, host: Path, mode: int | None = None) -> None:
         self.files[guest] = host
         if mode is not None:
             self.modes[guest] = mode
 
+    def link(self, guest: str, target: str) -> None:
+        self.links[guest] = target
+
     def digest(self) -> str:
         h = hashlib.sha256(IMAGE_RECIPE.encode())
+        for guest in sorted(self.links):
+            h.update(f"link {guest} -> {self.links[guest]}\0".encode())
         for guest in sorted(self.files):
             host = self.files[guest]
             h.update(guest.encode() + b"\0")
@@ -227,6 +249,10 @@ def default_payload() -> Payload:
     for name in GUEST_MODULES:
         p.add(f"/usr/lib/python3/dist-packages/kjumpvm/{name}", here / name)
     p.add("/sbin/kjump-vm-init", here / "vminit.py", 0o755)
+    # the systemd scenario's driver, started by systemd when the command line names it
+    unit = "/etc/systemd/system/kjumpvm-systemd.service"
+    p.add(unit, here / "kjumpvm-systemd.service")
+    p.link("/etc/systemd/system/multi-user.target.wants/kjumpvm-systemd.service", unit)
     policy = REPO / "contrib" / "org.kjump.Manager1.conf"
     if policy.exists():
         p.add("/usr/share/dbus-1/system.d/org.kjump.Manager1.conf", policy)
@@ -254,6 +280,12 @@ def _install_payload(tree: Path, payload: Payload) -> None:
             shutil.copy2(host, dst)
         if guest in payload.modes:
             dst.chmod(payload.modes[guest])
+    for guest, target in payload.links.items():
+        dst = tree / guest.lstrip("/")
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(target)
     # The host plays the boot loader (it boots what the restore-first entry names); GRUB's
     # configuration directories are where `kjumpctl setup --bootloader` installs that entry.
     for d in ("etc/grub.d", "boot/grub"):

@@ -357,13 +357,16 @@ class Runner:
         extra_disks: tuple[Path, ...] = (),
         append_extra: str = "",
         a_append: str = A_APPEND,
+        base: str = "prepared",
     ) -> None:
-        assets.require("kernel", "save_initramfs", "restore_initramfs", "rootfs", "prepared")
+        """``base``: the disk the overlay covers, "prepared" (kjumpctl setup done) or
+        "rootfs" (a machine kjumpd was never set up on)."""
+        assets.require("kernel", "save_initramfs", "restore_initramfs", "rootfs", base)
         self.h = _harness()
         self.assets = assets
         self.guest_scenario = guest_scenario
         self.outcome = Outcome(name=name, run_dir=run_dir)
-        self.overlay = make_overlay(Path(assets.prepared), run_dir)
+        self.overlay = make_overlay(Path(getattr(assets, base)), run_dir)
         self.append = f"{a_append} kjumpvm.scenario={guest_scenario} {append_extra}".strip()
         self.cfg = self.h.VMConfig(
             kernel=Path(assets.kernel),
@@ -662,6 +665,68 @@ def _hang_flow(r: Runner, timeout: float) -> None:
 
 #: how long one QEMU run may take (TCG, 2 vCPUs shared with other work)
 BOOT_TIMEOUT = 900.0
+
+#: what the host, playing GRUB, puts before /etc/default/grub's two command line variables
+GRUB_ROOT = "root=/dev/vda rw rootfstype=ext4"
+#: the systemd scenario's first boot: a Debian machine with a serial console, KASLR on
+#: (guest_systemd.GRUB_DEFAULT holds the same words for the boots after it)
+SYSTEMD_APPEND = f"{GRUB_ROOT} console=ttyS0 panic=1"
+
+
+def grub_normal_cmdline(overlay: Path, run_dir: Path) -> str:
+    """The normal entry's command line as update-grub builds it from the guest's
+    /etc/default/grub: root, GRUB_CMDLINE_LINUX, GRUB_CMDLINE_LINUX_DEFAULT."""
+    path = "/etc/default/grub"
+    text = read_guest_files(overlay, [path], run_dir)[path].read_text(errors="replace")
+    values = {}
+    for line in text.splitlines():
+        m = re.match(r'^\s*(GRUB_CMDLINE_LINUX(?:_DEFAULT)?)=(["\']?)(.*)\2\s*$', line)
+        if m:
+            values[m.group(1)] = m.group(3)
+    words = [
+        GRUB_ROOT,
+        values.get("GRUB_CMDLINE_LINUX", ""),
+        values.get("GRUB_CMDLINE_LINUX_DEFAULT", ""),
+    ]
+    return " ".join(" ".join(words).split())
+
+
+def run_systemd(assets: vm_assets.Assets, run_dir: Path, timeout: float = BOOT_TIMEOUT) -> Outcome:
+    """Scenario s: a machine booted by Debian's systemd, kjumpd installed on it as the README
+    says (guest_systemd.py). The host is the boot loader: a reboot boots the normal entry
+    (the command line /etc/default/grub gives now), a power-off boots the default entry,
+    the restore-first one once the install made it."""
+    try:
+        r = Runner("systemd", "systemd", assets, run_dir, a_append=SYSTEMD_APPEND, base="rootfs")
+    except (KjumpError, OSError, subprocess.CalledProcessError) as err:
+        out = Outcome(name="systemd", run_dir=run_dir)
+        out.problems.append(f"missing: {err}")
+        return out
+    try:
+        r.boot()
+        for _ in range(8):
+            r.wait_exit(timeout)
+            if r.has_verdict() or r.outcome.problems:
+                break
+            if r.vm.find(r"reboot: Restarting system"):
+                append = grub_normal_cmdline(r.overlay, run_dir)
+                r.outcome.events.append(
+                    Event(time.monotonic() - r.t0, "host-boots-A", {"append": append}, r.vm.run)
+                )
+                r.boot(kernel=Path(assets.kernel), initrd=None, append=append)
+            else:
+                r.boot_restore_first(timeout, wait=False)
+        else:
+            r.outcome.problems.append("no verdict after 8 boots")
+    except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:
+        r.outcome.problems.append(f"{type(err).__name__}: {err}")
+    outcome = r.finish()
+    ok, msg = fsck_overlay(r.overlay, run_dir)
+    outcome.verdict["fsck"] = "clean" if ok else msg
+    if not ok:
+        outcome.problems.append(f"e2fsck -fn after the scenario: {msg}")
+        outcome.passed = False
+    return outcome
 
 
 def _swap_disk(run_dir: Path) -> Path:

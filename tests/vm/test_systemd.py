@@ -1,0 +1,72 @@
+"""Scenario s: the path most users take. Debian's systemd is PID 1 (journald, logind, udev),
+the kernel command line is a distribution's (KASLR on, no crashkernel= until the install
+adds one), and kjumpd is installed the way the README says: pip installs the wheel,
+`kjumpctl setup --target`, `kjumpctl install --save-kernel`, reboot, `kjumpctl install`,
+`kjumpctl check`. Then hibernation is asked of systemd (`systemctl hibernate`) and of logind
+(login1's Hibernate through busctl, what desktops call): each powers the machine off, the
+boot loader's default entry (restore-first) restores it, and the system is running with no
+failed unit, the journal has the hibernation, the workload and disk writers went on, a
+user's system-sleep hook ran once each way and a delay inhibitor was told first. Then a
+kernel package is installed (Debian's postinst.d hooks) and the command line changed:
+`kjumpctl check` follows both, one more hibernation restores, and a boot with no image
+starts the new kernel with the current command line.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.vm import scenarios
+
+pytestmark = pytest.mark.vm
+
+
+def test_s_systemd_machine_installed_by_the_readme_hibernates_through_systemctl_and_logind(
+    vm_assets_built, run_dir
+):
+    out = scenarios.run_systemd(vm_assets_built, run_dir)
+    assert out.passed, out.summary()
+    boots = [e for e in out.events if e.name == "sd-boot"]
+    stages = [e.fields.get("stage") for e in boots]
+    assert stages == ["install", "cycles", "upgraded"], out.summary()
+    assert all(e.fields.get("pid1") == "systemd" for e in boots), out.summary()
+    assert all(e.fields.get("kaslr") == "on" for e in boots), out.summary()
+    # the install put a reservation the kernel places on the boot loader's command line,
+    # and the host booted it as GRUB would
+    installed = out.event("sd-installed")
+    assert installed is not None, out.summary()
+    size = installed.fields.get("grub_crashkernel", "none")
+    assert size != "none" and "@" not in size, out.summary()
+    a = out.event("host-boots-A")
+    assert a is not None and f"crashkernel={size}" in a.fields.get("append", ""), out.summary()
+    # three hibernations restored through the restore-first entry, then one boot with none
+    assert len([e for e in out.events if e.name == "host-boots-R"]) == 4, out.summary()
+    v = out.verdict
+    assert v.get("can_hibernate") == "yes", out.summary()
+    for how in ("systemctl", "login1", "upgraded"):
+        assert v.get(f"image_{how}", "").startswith("CONSUMED"), out.summary()
+        assert v.get(f"system_{how}") == "running", out.summary()
+        assert v.get(f"journal_{how}") == "recorded", out.summary()
+        assert v.get(f"writers_{how}") == "intact", out.summary()
+    assert v.get("data") == "byte-exact", out.summary()
+    assert v.get("kjumpd_restarts") == "0", out.summary()  # Type=notify, watchdog: no restart
+    # the kernel hook pointed the entry at the new kernel; a changed command line made
+    # check fail until the entry was refreshed; R then booted the new kernel with it
+    assert v.get("entry_kernel", "").endswith("-kjumpvm"), out.summary()
+    assert v.get("check_stale_cmdline") not in (None, "rc0"), out.summary()
+    assert v.get("cmdline") == "current", out.summary()
+    upgraded = out.event("sd-upgraded")
+    assert upgraded is not None, out.summary()
+    booted = _console(out, r"kjumpd-rf: \$ kexec -l --no-checks \S+ --append=(.*)")
+    assert booted and "kjumpvm.cmdline=changed" in booted[-1].group(1), out.summary()
+    assert v.get("fsck") == "clean", out.summary()
+
+
+def _console(out: scenarios.Outcome, pattern: str) -> list:
+    rx = re.compile(pattern)
+    lines = [
+        ln for p in out.logs if p.exists() for ln in p.read_text(errors="replace").splitlines()
+    ]
+    return [m for m in (rx.search(ln) for ln in lines) if m]
