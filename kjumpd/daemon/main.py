@@ -38,6 +38,8 @@ from kjumpd import subcommands
 from kjumpd.errors import ConfigError, KjumpError, UsageError
 
 log = logging.getLogger("kjumpd")
+#: seconds between two preflights that keep logind's offer of hibernation true (sleepconf)
+SLEEP_OFFER_RECHECK = 30.0
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -303,6 +305,31 @@ class Daemon:
         self.registration = service.register(self.bus, self.manager)
         self._own_name(service.BUS_NAME)
         self._stopping = False
+        self._recheck_offer = threading.Event()
+        threading.Thread(target=self._keep_sleep_offer, name="sleep-offer", daemon=True).start()
+
+    def _keep_sleep_offer(self) -> None:
+        """logind offers hibernation exactly when the preflight passes (kjumpd.daemon.sleepconf):
+        at start, after each transition, and every SLEEP_OFFER_RECHECK seconds."""
+        from kjumpd.daemon import preflight, service, sleepconf
+
+        self._recheck_offer.set()
+        while True:
+            self._recheck_offer.wait(SLEEP_OFFER_RECHECK)
+            self._recheck_offer.clear()
+            if self.manager.busy or not sleepconf.integrated(self.sysroot):
+                continue
+            try:
+                report = preflight.run(self.sysroot, self.config)
+                reasons = service.preflight_reasons(report)
+                changed = sleepconf.publish(self.sysroot, bool(report.ok), reasons)
+            except (KjumpError, OSError) as e:
+                log.warning("cannot update what logind offers: %s", e)
+                continue
+            if changed == "offered":
+                log.info("logind offers hibernation again: the preflight passes")
+            elif changed == "withheld":
+                log.info("logind withholds hibernation: %s", reasons[0] if reasons else "")
 
     def _own_name(self, name: str) -> None:
         GLib = self.GLib
@@ -344,6 +371,8 @@ class Daemon:
     def _on_props(self, iface: str, changed: dict[str, Any], invalidated: list[str]) -> None:
         if {"State", "Phase"} & set(changed):
             self.notifier.status(self.status_text())
+        if changed.get("State") == "idle":
+            self._recheck_offer.set()
 
     def _on_bus_closed(self, con: Any, remote_peer_vanished: bool, error: Any) -> None:
         log.error("lost the bus connection%s", f": {error.message}" if error else "")

@@ -193,6 +193,21 @@ def login1(method: str, *args: str) -> str:
     return proc.stdout.strip()
 
 
+def can_hibernate_becomes(want: str, problems: list[str], timeout: float = 120.0) -> str:
+    """login1's CanHibernate, once it says ``want`` (kjumpd re-checks every 30 s and after
+    each transition), or what it still says at the timeout (a problem then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = login1("CanHibernate")
+        said = answer.split()[-1].strip('"') if answer else "none"
+        if said == want:
+            return said
+        if time.monotonic() > deadline:
+            problems.append(f"login1 CanHibernate answers {said!r}, expected {want!r}")
+            return said
+        time.sleep(3)
+
+
 def journal_cursor() -> str:
     proc = run("journalctl", "-n", "0", "--show-cursor", "--quiet", check=False)
     for ln in proc.stdout.splitlines():
@@ -375,15 +390,16 @@ def stage_cycles() -> int:
     try:
         event("sd-boot", stage="cycles", pid1=extra["pid1"], kaslr=extra["kaslr"])
         wait_for("kjumpd.service active", lambda: unit_state("kjumpd.service") == "active", 300)
+        # no restore-first entry yet: `kjumpctl check` fails, and logind must not offer it
+        if run("kjumpctl", "check", check=False).returncode == 0:
+            problems.append("kjumpctl check passes before the restore-first entry exists")
+        extra["can_hibernate_before"] = can_hibernate_becomes("na", problems)
         run("kjumpctl", "install")
         again = run("kjumpctl", "install")
         if "nothing to do" not in again.stdout:
             problems.append("a second `kjumpctl install` changed something")
         run("kjumpctl", "check")
-        can = login1("CanHibernate")
-        extra["can_hibernate"] = can.split()[-1].strip('"') if can else "none"
-        if extra["can_hibernate"] != "yes":
-            problems.append(f"login1 CanHibernate answers {can!r}")
+        extra["can_hibernate"] = can_hibernate_becomes("yes", problems)
         service = kjumpd_service()
         write_synced(STAGE, "hibernating")
         _proc, before = gs.start_workload()

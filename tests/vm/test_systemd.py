@@ -2,7 +2,8 @@
 the kernel command line is a distribution's (KASLR on, no crashkernel= until the install
 adds one), and kjumpd is installed the way the README says: pip installs the wheel,
 `kjumpctl setup --target`, `kjumpctl install --save-kernel`, reboot, `kjumpctl install`,
-`kjumpctl check`. Then hibernation is asked of systemd (`systemctl hibernate`) and of logind
+`kjumpctl check`; logind's CanHibernate says "na" while check fails (no restore-first entry
+yet) and "yes" once it passes. Then hibernation is asked of systemd (`systemctl hibernate`) and of logind
 (login1's Hibernate through busctl, what desktops call): each powers the machine off, the
 boot loader's default entry (restore-first) restores it, and the system is running with no
 failed unit, the journal has the hibernation, the workload and disk writers went on, a
@@ -44,6 +45,8 @@ def test_s_systemd_machine_installed_by_the_readme_hibernates_through_systemctl_
     # three hibernations restored through the restore-first entry, then one boot with none
     assert len([e for e in out.events if e.name == "host-boots-R"]) == 4, out.summary()
     v = out.verdict
+    # logind offered hibernation exactly when kjumpctl check passed
+    assert v.get("can_hibernate_before") == "na", out.summary()
     assert v.get("can_hibernate") == "yes", out.summary()
     for how in ("systemctl", "login1", "upgraded"):
         assert v.get(f"image_{how}", "").startswith("CONSUMED"), out.summary()
