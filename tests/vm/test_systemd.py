@@ -4,11 +4,11 @@ adds one), and kjumpd is installed the way the README says: pip installs the whe
 `kjumpctl setup --target`, `kjumpctl install --save-kernel`, reboot, `kjumpctl install`,
 `kjumpctl check`; logind's CanHibernate says "na" while check fails (no restore-first entry
 yet) and "yes" once it passes. Then hibernation is asked of systemd (`systemctl hibernate`)
-and of logind (login1's Hibernate through busctl, what desktops call): each powers the machine off, the
-boot loader's default entry (restore-first) restores it, and the system is running with no
-failed unit, the journal has the hibernation, the workload and disk writers went on, a
-user's system-sleep hook ran once each way and a delay inhibitor was told first. Then a
-kernel package is installed (Debian's postinst.d hooks) and the command line changed:
+and of logind (login1's Hibernate through busctl, what desktops call): each powers the
+machine off, the boot loader's default entry (restore-first) restores it, and the system is
+running with no failed unit, the journal has the hibernation, the workload and disk writers
+went on, a user's system-sleep hook ran once each way and a delay inhibitor was told first.
+Then a kernel package is installed (Debian's postinst.d hooks) and the command line changed:
 `kjumpctl check` follows both, one more hibernation restores, and a boot with no image
 starts the new kernel with the current command line.
 """
