@@ -4,9 +4,9 @@ check [--mode MODE] [--json]   the preflight kjumpd runs before every hibernatio
 plan  [--mode MODE] [--json]   what a hibernation would do: quiesce writes, filesystems
                                to freeze, memory ranges, the save kernel's command line
 setup --target PATH --size SIZE   create (file) or claim (partition) the image target
-      --jump-area [--yes]      put crashkernel=SIZE (@START when [jump_area] start is set)
-                               on the boot loader's command
-                               line (shows the diff; writes only with --yes or after "y")
+      --jump-area [--yes]      put crashkernel=SIZE (SIZE@START when [jump_area] start is
+                               set) on the boot loader's command line (shows the diff;
+                               writes only with --yes or after "y")
       --bootloader grub|bls|restore-first   install the restore-first boot entry
       --save-kernel            print the [save_kernel] kernel_sha256/initramfs_sha256 lines
                                for the installed save kernel (also after any other setup

@@ -684,17 +684,22 @@ def compare_devices(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return problems
 
 
-def write_pending(name: str, wbefore: dict, expect: dict) -> None:
-    """Record, durably, what a normal boot after a lost power must find."""
-    committed = {k: (v.committed if v is not None else 0) for k, v in wbefore.items()}
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = PENDING.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"scenario": name, "committed": committed, "expect": expect}))
+def write_synced(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` durably: a power cut right after leaves one or the other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
     fd = os.open(tmp, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-    tmp.rename(PENDING)
+    tmp.rename(path)
     os.sync()
+
+
+def write_pending(name: str, wbefore: dict, expect: dict) -> None:
+    """Record, durably, what a normal boot after a lost power must find."""
+    committed = {k: (v.committed if v is not None else 0) for k, v in wbefore.items()}
+    write_synced(PENDING, json.dumps({"scenario": name, "committed": committed, "expect": expect}))
 
 
 def scenario_after_power_loss() -> int:

@@ -104,16 +104,6 @@ def run(*cmd: str, timeout: float = 900.0, check: bool = True) -> subprocess.Com
     return proc
 
 
-def write_synced(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    tmp.rename(path)
-    os.sync()
-
-
 def pid1() -> str:
     return Path("/proc/1/comm").read_text().strip()
 
@@ -146,7 +136,7 @@ def stage_install() -> None:
     run("kjumpctl", "install", "--save-kernel", str(DIST / "bzImage"))
     grub = Path("/etc/default/grub").read_text()
     event("sd-installed", grub_crashkernel=_crashkernel(grub))
-    write_synced(STAGE, "cycles")
+    gs.write_synced(STAGE, "cycles")
     run("systemctl", "reboot", check=False)
 
 
@@ -401,7 +391,7 @@ def stage_cycles() -> int:
         run("kjumpctl", "check")
         extra["can_hibernate"] = can_hibernate_becomes("yes", problems)
         service = kjumpd_service()
-        write_synced(STAGE, "hibernating")
+        gs.write_synced(STAGE, "hibernating")
         _proc, before = gs.start_workload()
         expected = wl.expected_digest(before.seed, before.size)
         writers.start()
@@ -433,8 +423,8 @@ def stage_cycles() -> int:
         return 1
     # the last boot: no image, R boots the normal kernel; it must be the new one with the
     # command line the boot loader has now (stage "upgraded" checks, then says the verdict)
-    write_synced(STAGE, "upgraded")
-    write_synced(gs.STATE_DIR / "systemd-verdict", line)
+    gs.write_synced(STAGE, "upgraded")
+    gs.write_synced(gs.STATE_DIR / "systemd-verdict", line)
     event("sd-power-off-without-image")
     return 0
 

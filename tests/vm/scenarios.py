@@ -108,6 +108,14 @@ class Outcome:
     def event(self, name: str) -> Event | None:
         return next((e for e in self.events if e.name == name), None)
 
+    def console(self, pattern: str) -> list[re.Match[str]]:
+        """Every line of the scenario's serial logs that matches ``pattern``."""
+        rx = re.compile(pattern)
+        lines = [
+            ln for p in self.logs if p.exists() for ln in p.read_text(errors="replace").splitlines()
+        ]
+        return [m for m in (rx.search(ln) for ln in lines) if m]
+
     def mark(self, name: str, boot: int | None = None) -> Event | None:
         """The first console line of MARKS[name] (in QEMU run ``boot`` when given)."""
         return next(
@@ -519,7 +527,8 @@ class Runner:
             )
         self.collect()
 
-    def finish(self) -> Outcome:
+    def finish(self, fsck: bool = False) -> Outcome:
+        """The outcome once the last run ended; ``fsck``: e2fsck -fn the guest's disk too."""
         if self.vm.proc is not None and self.vm.proc.poll() is None:
             self.stop()
         if not self.outcome.verdict_line and not self.outcome.problems:
@@ -530,6 +539,11 @@ class Runner:
                 f"the verdict is scenario {said}'s, not {self.guest_scenario}'s "
                 "(the normal kernel booted instead?)"
             )
+        if fsck:
+            ok, msg = fsck_overlay(self.overlay, self.outcome.run_dir)
+            self.outcome.verdict["fsck"] = "clean" if ok else msg
+            if not ok:
+                self.outcome.problems.append(f"e2fsck -fn after the scenario: {msg}")
         if self.outcome.problems:
             self.outcome.passed = False
         return self.outcome
@@ -720,13 +734,7 @@ def run_systemd(assets: vm_assets.Assets, run_dir: Path, timeout: float = BOOT_T
             r.outcome.problems.append("no verdict after 8 boots")
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:
         r.outcome.problems.append(f"{type(err).__name__}: {err}")
-    outcome = r.finish()
-    ok, msg = fsck_overlay(r.overlay, run_dir)
-    outcome.verdict["fsck"] = "clean" if ok else msg
-    if not ok:
-        outcome.problems.append(f"e2fsck -fn after the scenario: {msg}")
-        outcome.passed = False
-    return outcome
+    return r.finish(fsck=True)
 
 
 def _swap_disk(run_dir: Path) -> Path:
@@ -868,11 +876,4 @@ def run(
             _fault_flow(r, name, flow, timeout, run_dir, sectors)
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:
         r.outcome.problems.append(f"{type(err).__name__}: {err}")
-    outcome = r.finish()
-    if name in FSCK_AFTER:
-        ok, msg = fsck_overlay(r.overlay, run_dir)
-        outcome.verdict["fsck"] = "clean" if ok else msg
-        if not ok:
-            outcome.problems.append(f"e2fsck -fn after the scenario: {msg}")
-            outcome.passed = False
-    return outcome
+    return r.finish(fsck=name in FSCK_AFTER)

@@ -23,11 +23,7 @@ pytestmark = pytest.mark.vm
 
 
 def _console(out: scenarios.Outcome, pattern: str) -> list[re.Match[str]]:
-    rx = re.compile(pattern)
-    lines = [
-        ln for p in out.logs if p.exists() for ln in p.read_text(errors="replace").splitlines()
-    ]
-    return [m for m in (rx.search(ln) for ln in lines) if m]
+    return out.console(pattern)
 
 
 def _normal_boot_after_cut(out: scenarios.Outcome) -> None:

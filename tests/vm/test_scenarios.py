@@ -31,13 +31,7 @@ def _run(name: str, assets: vm_assets.Assets, run_dir: Path) -> scenarios.Outcom
 
 def _console_matches(out: scenarios.Outcome, pattern: str) -> list:
     """Every line of the scenario's serial logs that matches ``pattern``."""
-    import re
-
-    rx = re.compile(pattern)
-    lines = [
-        ln for p in out.logs if p.exists() for ln in p.read_text(errors="replace").splitlines()
-    ]
-    return [m for m in (rx.search(ln) for ln in lines) if m]
+    return out.console(pattern)
 
 
 def _booted_restore_first(out: scenarios.Outcome) -> bool:

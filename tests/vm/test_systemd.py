@@ -15,8 +15,6 @@ starts the new kernel with the current command line.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from tests.vm import scenarios
@@ -62,14 +60,6 @@ def test_s_systemd_machine_installed_by_the_readme_hibernates_through_systemctl_
     assert v.get("cmdline") == "current", out.summary()
     upgraded = out.event("sd-upgraded")
     assert upgraded is not None, out.summary()
-    booted = _console(out, r"kjumpd-rf: \$ kexec -l --no-checks \S+ --append=(.*)")
+    booted = out.console(r"kjumpd-rf: \$ kexec -l --no-checks \S+ --append=(.*)")
     assert booted and "kjumpvm.cmdline=changed" in booted[-1].group(1), out.summary()
     assert v.get("fsck") == "clean", out.summary()
-
-
-def _console(out: scenarios.Outcome, pattern: str) -> list:
-    rx = re.compile(pattern)
-    lines = [
-        ln for p in out.logs if p.exists() for ln in p.read_text(errors="replace").splitlines()
-    ]
-    return [m for m in (rx.search(ln) for ln in lines) if m]
