@@ -175,7 +175,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if args.jump_area:
         need = jumparea.required_size(sr, cfg)
         size = max(need, cfg.jump_area_size or 0)
-        arg, kept = jumparea.boot_arg(jumparea.discover(sr), cfg, size)
+        loader, _configured = jumparea.next_boot_value(sr)
+        arg, kept = jumparea.boot_arg(jumparea.discover(sr), cfg, size, loader)
         print(
             f"the save kernel needs {need >> 20} MiB: {arg}"
             + (" is kept (reserved on this boot)" if kept else "")

@@ -485,9 +485,13 @@ KERNEL_CMDLINE = "/etc/kernel/cmdline"
 _LOADER_WORDS = ("root", "ro", "rw", "rootflags", "rootfstype")
 
 
+_GRUB_REF = re.compile(r"\$\{?(GRUB_[A-Z_]+)\}?")
+
+
 def grub_defaults(sysroot: Sysroot) -> dict[str, str]:
     """GRUB_* variables of /etc/default/grub and /etc/default/grub.d/*.cfg (sourced after
-    it, in order), the last assignment winning as in the shell. Values are unquoted."""
+    it, in order), the last assignment winning as in the shell, references to GRUB_*
+    variables assigned before expanded (outside single quotes). Values are unquoted."""
     import shlex
 
     out: dict[str, str] = {}
@@ -501,8 +505,12 @@ def grub_defaults(sysroot: Sysroot) -> dict[str, str]:
             m = re.match(r"^\s*(?:export\s+)?(GRUB_[A-Z_]+)=(.*)$", line)
             if not m:
                 continue
+            raw = m.group(2)
+            if not raw.lstrip().startswith("'"):
+                # grub.d snippets extend a variable ("$GRUB_CMDLINE_LINUX crashkernel=...")
+                raw = _GRUB_REF.sub(lambda r: out.get(r.group(1), ""), raw)
             try:
-                words = shlex.split(m.group(2), comments=True)
+                words = shlex.split(raw, comments=True)
             except ValueError:
                 continue
             out[m.group(1)] = " ".join(words)
@@ -511,18 +519,28 @@ def grub_defaults(sysroot: Sysroot) -> dict[str, str]:
 
 def boot_loader_cmdline(sysroot: Sysroot) -> str:
     """The command line the boot loader now gives the normal kernel, as R must give it too:
-    with GRUB, root=/ro of this boot (GRUB computes them) followed by GRUB_CMDLINE_LINUX and
-    GRUB_CMDLINE_LINUX_DEFAULT; else /etc/kernel/cmdline (kernel-install); else this boot's
-    /proc/cmdline. Without kjumpd's own words and BOOT_IMAGE=/initrd= (``normal_cmdline``)."""
-    proc = sysroot.read_text("/proc/cmdline", default="").strip()
+    ``configured_cmdline``, else this boot's /proc/cmdline. Without kjumpd's own words and
+    BOOT_IMAGE=/initrd= (``normal_cmdline``)."""
+    configured = configured_cmdline(sysroot)
+    if configured is not None:
+        return configured
+    return normal_cmdline(sysroot.read_text("/proc/cmdline", default="").strip())
+
+
+def configured_cmdline(sysroot: Sysroot) -> str | None:
+    """The command line the boot loader's configuration gives the normal kernel: with GRUB,
+    root=/ro of this boot (GRUB computes them) followed by GRUB_CMDLINE_LINUX and
+    GRUB_CMDLINE_LINUX_DEFAULT; else /etc/kernel/cmdline (kernel-install); None without
+    either (``normal_cmdline`` applied)."""
     if sysroot.exists(GRUB_DEFAULTS):
+        proc = sysroot.read_text("/proc/cmdline", default="").strip()
         g = grub_defaults(sysroot)
         loader = [w for w in kernel_cmdline.words(proc) if w.split("=", 1)[0] in _LOADER_WORDS]
         words = [*loader, g.get("GRUB_CMDLINE_LINUX", ""), g.get("GRUB_CMDLINE_LINUX_DEFAULT", "")]
         return normal_cmdline(" ".join(w for w in words if w))
     if sysroot.exists(KERNEL_CMDLINE):
         return normal_cmdline(sysroot.read_text(KERNEL_CMDLINE).strip())
-    return normal_cmdline(proc)
+    return None
 
 
 def machine_boot_config(

@@ -307,11 +307,13 @@ def plan(
         p.files.append(f)
         systemd_changed |= f.state != "unchanged" and s.dest.startswith(SYSTEMD_DIR)
     # the jump area on the boot loader's command line
-    grub_changed = False
+    grub_changed = cmdline_edited = False
     if opts.jump_area:
         need = jumparea.required_size_for(Path(k_src), Path(i_src), cfg.agent_memory)
         size = max(need, cfg.jump_area_size or 0)
-        arg, kept = jumparea.boot_arg(jumparea.discover(sysroot), cfg, size)
+        running = jumparea.discover(sysroot)
+        loader, _configured = jumparea.next_boot_value(sysroot)
+        arg, kept = jumparea.boot_arg(running, cfg, size, loader)
         try:
             edits = jumparea.plan_bootloader_edits(sysroot, arg)
         except JumpAreaError as e:
@@ -331,15 +333,18 @@ def plan(
                 )
             )
             grub_changed |= e.path == "/etc/default/grub"
-        if not kept:
+        cmdline_edited = bool(edits)
+        if not kept and jumparea.keeps_reservation(running, cfg, size):
+            p.notes.append(f"the jump area {arg} takes effect at the next boot")
+        elif not kept:
             p.notes.append(
                 f"reboot to reserve the jump area ({arg}); then run "
                 "`kjumpctl install` again: the restore-first entry needs it"
             )
     # the restore-first entry
-    if any(f.state != "unchanged" for f in p.files[:3]):
-        # R's payload holds the save kernel's files and config hashes: planned once they are
-        # installed (apply plans it again then)
+    if cmdline_edited or any(f.state != "unchanged" for f in p.files[:3]):
+        # R's payload holds the save kernel's files and config hashes, and the command line
+        # the boot loader gives: planned once they are written (apply plans it again then)
         b = plan_boot_entry(sysroot, opts, cfg, k_src, build_restore, check_only=True)
     else:
         b = plan_boot_entry(sysroot, opts, cfg, k_src, build_restore)

@@ -100,10 +100,14 @@ def parse_iomem_crash(iomem: str) -> JumpArea | None:
     return None
 
 
-def discover(sysroot: Sysroot) -> Discovery:
-    cmdline = sysroot.read_text("/proc/cmdline", default="")
+def cmdline_value(cmdline: str) -> str | None:
+    """The value of the last crashkernel= of a command line (the one the kernel obeys)."""
     found = list(_CK_RE.finditer(cmdline))
-    value = found[-1].group(1) if found else None  # the last crashkernel= wins, as in the kernel
+    return found[-1].group(1) if found else None
+
+
+def discover(sysroot: Sysroot) -> Discovery:
+    value = cmdline_value(sysroot.read_text("/proc/cmdline", default=""))
     size_txt = sysroot.read_text("/sys/kernel/kexec_crash_size", default="").strip()
     loaded = sysroot.read_text("/sys/kernel/kexec_crash_loaded", default="0").strip()
     return Discovery(
@@ -315,25 +319,86 @@ def plain_arg(arg: str) -> str:
     return arg.split("@", 1)[0]
 
 
-def keeps_reservation(d: Discovery, config: Config, size: int) -> bool:
-    """The running kernel's crashkernel= already serves a save kernel of ``size``: at least
-    that large, and at ``[jump_area] start`` when the config pins one."""
-    if d.cmdline_value is None:
+def value_serves(value: str | None, config: Config, size: int) -> bool:
+    """crashkernel=``value`` reserves one area for a save kernel of ``size``: at least that
+    large, and at ``[jump_area] start`` when the config pins one."""
+    if value is None:
         return False
+    area = parse_crashkernel(value)
     if config.jump_area_start is None:
-        have = d.cmdline_size if d.cmdline_area is None else d.cmdline_area.size
+        have = parse_crashkernel_size(value) if area is None else area.size
         return have is not None and have >= size
-    a = d.cmdline_area
-    return a is not None and a.start == config.jump_area_start and a.size >= size
+    return area is not None and area.start == config.jump_area_start and area.size >= size
 
 
-def boot_arg(d: Discovery, config: Config, size: int) -> tuple[str, bool]:
+def keeps_reservation(d: Discovery, config: Config, size: int) -> bool:
+    """The running kernel's crashkernel= already serves a save kernel of ``size``."""
+    return value_serves(d.cmdline_value, config, size)
+
+
+def boot_arg(
+    d: Discovery, config: Config, size: int, loader: str | None = None
+) -> tuple[str, bool]:
     """(the crashkernel= word for the boot loader's configuration, whether the running
-    kernel already has it reserved). A reservation that serves is kept as it is, a user's
-    own included; otherwise requested_arg()."""
+    kernel already has it reserved). ``loader``: the crashkernel= value the boot loader's
+    configuration gives the next boot. A value that serves is kept as it is, the user's own
+    included: the boot loader's first (a change the user made for the next boot), then the
+    running kernel's; otherwise requested_arg()."""
+    if value_serves(loader, config, size):
+        return f"crashkernel={loader}", loader == d.cmdline_value
     if keeps_reservation(d, config, size):
         return f"crashkernel={d.cmdline_value}", True
     return requested_arg(config, size), False
+
+
+def next_boot_value(sysroot: Sysroot) -> tuple[str | None, bool]:
+    """(the crashkernel= value the boot loader's configuration gives the next boot of the
+    normal kernel, whether there is such a configuration: without one, this boot's)."""
+    from kjumpd.daemon import bootentry
+
+    configured = bootentry.configured_cmdline(sysroot)
+    if configured is None:
+        return discover(sysroot).cmdline_value, False
+    return cmdline_value(configured), True
+
+
+def check_next_boot(sysroot: Sysroot, config: Config, need: int | None) -> str:
+    """The jump area the next boot reserves serves the save kernel (the running one may,
+    while an edited boot loader configuration no longer asks for one, or for too little);
+    JumpAreaError otherwise, naming the value and the fix."""
+    size = max(need or 0, config.jump_area_size or 0, MIN_JUMP_AREA)
+    value, configured = next_boot_value(sysroot)
+    fix = (
+        "run `kjumpctl install` (it puts a crashkernel= that serves on the boot loader's "
+        f"command line, e.g. {requested_arg(config, size)}, and refreshes the restore-first "
+        "entry), then update-grub if you use GRUB"
+    )
+    where = "the boot loader's kernel command line" if configured else "/proc/cmdline"
+    if value is None:
+        raise JumpAreaError(
+            "the next boot reserves no jump area", why=f"{where} has no crashkernel=", fix=fix
+        )
+    if not value_serves(value, config, size):
+        if parse_crashkernel(value) is None and parse_crashkernel_size(value) is None:
+            why = "ranges and the ,high/,low forms may reserve two pieces or none"
+        elif config.jump_area_start is not None:
+            why = (
+                f"the save kernel needs {format_size(size)} at "
+                f"{format_size(config.jump_area_start)} ([jump_area] start)"
+            )
+        else:
+            why = f"the save kernel needs {format_size(size)}"
+        raise JumpAreaError(
+            f"the next boot's jump area, crashkernel={value}, does not serve the save kernel",
+            why=f"{where} gives it; {why}",
+            fix=fix,
+        )
+    running = discover(sysroot).cmdline_value
+    return f"crashkernel={value}" + (
+        f" (this boot has crashkernel={running}; the change takes effect at the next boot)"
+        if value != running
+        else ""
+    )
 
 
 # -- boot loader command line editing (pure) --------------------------------------------------

@@ -298,6 +298,7 @@ def _jump_area_and_memory(
             )
 
         rep.step("memory map", mem)
+    rep.step("jump area, next boot", lambda: jumparea.check_next_boot(sysroot, config, need))
 
 
 def _target(sysroot: Sysroot, config: Config, rep: PreflightReport) -> str:

@@ -264,6 +264,61 @@ def test_a_jump_area_that_moved_needs_no_new_entry(installed) -> None:
     assert bootentry.check(sr) == []
 
 
+def _grub_crashkernel(sr: Sysroot, value: str | None) -> None:
+    text = "\n".join(
+        ln for ln in sr.read_text("/etc/default/grub").splitlines() if "crashkernel" not in ln
+    )
+    if value is not None:
+        text += f'\nGRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX crashkernel={value}"'
+    w(sr.root, "/etc/default/grub", text + "\n")
+
+
+def _item(proc: subprocess.CompletedProcess[str], name: str) -> str:
+    lines = proc.stdout.splitlines()
+    i = next(i for i, ln in enumerate(lines) if f"] {name}:" in ln)
+    return "\n".join(lines[i : i + 2])
+
+
+def test_a_boot_loader_that_drops_or_shrinks_the_jump_area_fails_check(installed) -> None:
+    """This boot still has its reservation, but the next boot would not: check says so,
+    naming the value and the fix, and one `kjumpctl install` puts it right."""
+    sr, given = installed
+    assert check(sr.root).returncode == 0
+    for value, said in ((None, "has no crashkernel="), ("16M", "crashkernel=16M")):
+        _grub_crashkernel(sr, value)
+        proc = check(sr.root)
+        item = _item(proc, "jump area, next boot")
+        assert proc.returncode == 3 and item.startswith("[FAIL]"), proc.stdout
+        assert said in item and "fix: run `kjumpctl install`" in item, item
+        assert "kjumpctl install" in item and "[ok  ] jump area:" in proc.stdout
+    proc = kjumpctl(sr.root, "install", *given_args(given))
+    assert proc.returncode == 0, proc.stderr
+    assert "crashkernel=128M@512M" in sr.read_text("/etc/default/grub")
+    # the entry was planned after the edit: it boots the command line the boot loader has now
+    proc = check(sr.root)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_a_larger_jump_area_for_the_next_boot_is_followed_not_reverted(installed) -> None:
+    """The user asks the boot loader for more room: the entry is stale until refreshed (the
+    command line changed), install keeps the user's value, check then passes and says when
+    it takes effect."""
+    sr, given = installed
+    _grub_crashkernel(sr, "192M@512M")
+    assert check(sr.root).returncode == 3
+    proc = kjumpctl(sr.root, "install", *given_args(given))
+    assert proc.returncode == 0, proc.stderr
+    assert "crashkernel=192M@512M" in sr.read_text("/etc/default/grub")
+    proc = check(sr.root)
+    assert proc.returncode == 0, proc.stdout
+    item = _item(proc, "jump area, next boot")
+    assert "crashkernel=192M@512M" in item and "takes effect at the next boot" in item, item
+    # a form that reserves no single area is refused for the next boot as for this one
+    _grub_crashkernel(sr, "1G-4G:192M,4G-:256M")
+    proc = check(sr.root)
+    assert proc.returncode == 3 and "two pieces or none" in _item(proc, "jump area, next boot")
+
+
 def test_the_kernel_hooks_refresh_the_entry(installed, tmp_path: Path) -> None:
     """contrib's postinst.d hook and kernel-install plugin, with kjumpctl on PATH working on
     the fake root: the new kernel becomes the one R boots."""
@@ -368,3 +423,19 @@ def test_a_machine_without_a_reservation_gets_a_size_the_kernel_places(machine) 
     assert 'GRUB_CMDLINE_LINUX="splash mitigations=auto crashkernel=112M"' in grub.data.decode()
     assert any("reboot to reserve the jump area (crashkernel=112M)" in n for n in p.notes)
     assert p.boot_entry is not None and p.boot_entry.state == "pending"
+
+
+def test_grub_d_snippets_that_extend_a_variable_keep_what_it_had(machine) -> None:
+    """Ubuntu's kdump-tools and others append to a variable in /etc/default/grub.d:
+    the command line R boots keeps the words before the reference."""
+    sr, _given = machine
+    w(
+        sr.root,
+        "/etc/default/grub.d/kdump-tools.cfg",
+        'GRUB_CMDLINE_LINUX_DEFAULT="${GRUB_CMDLINE_LINUX_DEFAULT} crashkernel=192M"\n'
+        "GRUB_CMDLINE_LINUX='$GRUB_CMDLINE_LINUX'\n",
+    )
+    g = bootentry.grub_defaults(sr)
+    assert g["GRUB_CMDLINE_LINUX_DEFAULT"] == "quiet crashkernel=192M"
+    assert g["GRUB_CMDLINE_LINUX"] == "$GRUB_CMDLINE_LINUX"  # single quotes: as written
+    assert "quiet crashkernel=192M" in bootentry.boot_loader_cmdline(sr)

@@ -550,6 +550,7 @@ def test_kjumpctl_setup_writes_a_size_the_kernel_places_unless_a_start_is_pinned
     assert "crashkernel=112M@512M" in (tree / "etc/default/grub").read_text()
     conf = tree / "etc/kjumpd/kjumpd.toml"
     conf.write_text(conf.read_text().replace('start = "0x20000000"\n', ""))
+    w(tree, "/etc/default/grub", 'GRUB_CMDLINE_LINUX="ro quiet"\n')
     r = kjumpctl(tree, "setup", "--jump-area", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     grub = (tree / "etc/default/grub").read_text()
@@ -879,7 +880,15 @@ def test_kjumpctl_setup_keeps_a_jump_area_the_kernel_places(tree):
     r = kjumpctl(tree, "setup", "--jump-area", "--yes")
     assert r.returncode == 0 and "crashkernel=128M is kept" in r.stdout, r.stdout
     assert (tree / "etc/default/grub").read_text() == 'GRUB_CMDLINE_LINUX="ro crashkernel=128M"\n'
-    w(tree, "/proc/cmdline", "ro crashkernel=64M\n")  # too small: replaced, still placed
+    # the user asked the boot loader for a larger area: kept for the next boot, not reverted
+    w(tree, "/etc/default/grub", 'GRUB_CMDLINE_LINUX="ro crashkernel=160M"\n')
+    r = kjumpctl(tree, "setup", "--jump-area", "--yes")
+    grub = (tree / "etc/default/grub").read_text()
+    assert r.returncode == 0 and grub == 'GRUB_CMDLINE_LINUX="ro crashkernel=160M"\n', grub
+    assert "already has it" in r.stdout, r.stdout
+    # too small, both on this boot and in the boot loader: replaced, still placed
+    w(tree, "/proc/cmdline", "ro crashkernel=64M\n")
+    w(tree, "/etc/default/grub", 'GRUB_CMDLINE_LINUX="ro crashkernel=64M"\n')
     r = kjumpctl(tree, "setup", "--jump-area", "--yes")
     grub = (tree / "etc/default/grub").read_text()
     assert r.returncode == 0 and grub == 'GRUB_CMDLINE_LINUX="ro crashkernel=112M"\n', grub
