@@ -28,7 +28,7 @@ from typing import Any
 from kjumpd.errors import KjumpError
 
 CALL, RETURN, ERROR, SIGNAL = 1, 2, 3, 4
-NO_REPLY_EXPECTED, ALLOW_INTERACTIVE_AUTHORIZATION = 0x1, 0x4
+NO_REPLY_EXPECTED, NO_AUTO_START, ALLOW_INTERACTIVE_AUTHORIZATION = 0x1, 0x2, 0x4
 SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
 DBUS_NAME, DBUS_PATH, DBUS_IFACE = (
     "org.freedesktop.DBus",

@@ -286,6 +286,29 @@ def describe_status(props: dict[str, Any]) -> list[str]:
     return lines
 
 
+def recheck(address: str | None = None, timeout: float = 60.0) -> bool:
+    """Have a running kjumpd run its checks now (Check()), so what logind offers follows a
+    change just made (kjumpctl install, setup) instead of at its next periodic check. A
+    daemon that is not running is not started (NO_AUTO_START). True when it answered."""
+    from kjumpd.cli import busclient
+
+    addr = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or busclient.SYSTEM_BUS
+    try:
+        con = busclient.Connection(addr)
+    except (busclient.BusError, busclient.RemoteError, OSError):
+        return False
+    try:
+        con.call(
+            BUS_NAME, OBJECT_PATH, INTERFACE, "Check", flags=busclient.NO_AUTO_START,
+            timeout=timeout,
+        )  # fmt: skip
+        return True
+    except (busclient.BusError, busclient.RemoteError, OSError, TimeoutError):
+        return False
+    finally:
+        con.close()
+
+
 # --------------------------------------------------------------------------- commands
 class TransitionClient:
     """org.kjump.Manager1 for the transition commands, through kjumpd.cli.busclient (a plain

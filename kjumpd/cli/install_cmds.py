@@ -64,6 +64,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         step = install.refresh_boot_entry(
             sr, normal_kernel=args.normal_kernel, normal_initrd=initrd, say=print
         )
+        _recheck(sr)
         return 0 if step.state != "pending" else 1
     opts = install.Options(
         save_kernel=Path(args.save_kernel) if args.save_kernel else None,
@@ -92,7 +93,17 @@ def cmd_install(args: argparse.Namespace) -> int:
     if plan.boot_entry is not None and plan.boot_entry.state == "pending":
         print(f"boot entry pending: {plan.boot_entry.detail}")
     print(f"installed; recorded in {install.MANIFEST_PATH} (kjumpctl uninstall reverses it)")
+    _recheck(sr)
     return 0
+
+
+def _recheck(sr: Any) -> None:
+    """A running kjumpd checks again now: logind offers hibernation (or withholds it) as the
+    change just made says, not up to 30 s later."""
+    from kjumpd.cli.daemon_cmds import recheck
+
+    if sr.is_real and recheck():
+        print("kjumpd checked again: `kjumpctl check` shows the result")
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:

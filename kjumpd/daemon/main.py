@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -300,18 +301,21 @@ class Daemon:
             modes=MODES,
             default_mode=getattr(self.config, "mode", "platform"),
             flush=lambda: self.bus.con.flush_sync(None),
+            checked=self._publish_offer,
         )
         self.manager.PropertiesChanged.connect(self._on_props)
         self.registration = service.register(self.bus, self.manager)
         self._own_name(service.BUS_NAME)
         self._stopping = False
         self._recheck_offer = threading.Event()
+        self._offer_lock = threading.Lock()
+        self._offer_started = 0.0  # when the report last published was started
         threading.Thread(target=self._keep_sleep_offer, name="sleep-offer", daemon=True).start()
 
     def _keep_sleep_offer(self) -> None:
         """logind offers hibernation exactly when the preflight passes (kjumpd.daemon.sleepconf):
         at start, after each transition, and every SLEEP_OFFER_RECHECK seconds."""
-        from kjumpd.daemon import preflight, service, sleepconf
+        from kjumpd.daemon import preflight, sleepconf
 
         self._recheck_offer.set()
         while True:
@@ -319,17 +323,37 @@ class Daemon:
             self._recheck_offer.clear()
             if self.manager.busy or not sleepconf.integrated(self.sysroot):
                 continue
+            started = time.monotonic()
             try:
                 report = preflight.run(self.sysroot, self.config)
-                reasons = service.preflight_reasons(report)
-                changed = sleepconf.publish(self.sysroot, bool(report.ok), reasons)
             except (KjumpError, OSError) as e:
                 log.warning("cannot update what logind offers: %s", e)
                 continue
-            if changed == "offered":
-                log.info("logind offers hibernation again: the preflight passes")
-            elif changed == "withheld":
-                log.info("logind withholds hibernation: %s", reasons[0] if reasons else "")
+            self._publish_offer(report, started)
+
+    def _publish_offer(self, report: Any, started: float | None = None) -> None:
+        """Offer hibernation to logind, or withhold it, as this preflight report says (the
+        periodic check, and every D-Bus Check(): `kjumpctl install` asks for one). A report
+        started before the one last published is dropped: it may predate the change."""
+        from kjumpd.daemon import service, sleepconf
+
+        if not sleepconf.integrated(self.sysroot):
+            return
+        started = time.monotonic() if started is None else started
+        reasons = service.preflight_reasons(report)
+        with self._offer_lock:
+            if started < self._offer_started:
+                return
+            self._offer_started = started
+            try:
+                changed = sleepconf.publish(self.sysroot, bool(report.ok), reasons)
+            except (KjumpError, OSError) as e:
+                log.warning("cannot update what logind offers: %s", e)
+                return
+        if changed == "offered":
+            log.info("logind offers hibernation again: the preflight passes")
+        elif changed == "withheld":
+            log.info("logind withholds hibernation: %s", reasons[0] if reasons else "")
 
     def _own_name(self, name: str) -> None:
         GLib = self.GLib

@@ -375,6 +375,7 @@ class Manager:
         modes: Sequence[str] = MODES,
         default_mode: str = "platform",
         flush: Callable[[], None] = lambda: None,
+        checked: Callable[[Any], None] = lambda report: None,
         signal_wait: float = 5.0,
     ) -> None:
         self.events = Events(self)
@@ -390,6 +391,7 @@ class Manager:
             )
         self._default_mode = default_mode
         self._flush = flush
+        self._checked = checked
         self._signal_wait = signal_wait
         self._lock = threading.Lock()
         self._run: Run | None = None
@@ -459,6 +461,8 @@ class Manager:
     @dbus_method
     def Check(self) -> tuple[bool, list[tuple[str, bool, bool, str, str]]]:
         report = self._hib.check()
+        if not self.busy:
+            self._checked(report)  # what logind offers follows this report at once
         items = [
             (
                 str(i.name),

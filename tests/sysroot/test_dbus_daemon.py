@@ -251,3 +251,32 @@ def test_the_shipped_policy_files_are_well_formed() -> None:
     from kjumpd.daemon import authz
 
     assert ids == set(authz.ACTIONS)
+
+
+def test_a_check_asked_over_the_bus_updates_what_logind_offers_at_once(bus, sysroot) -> None:
+    """`kjumpctl install` asks a running kjumpd to check again (Check()), so logind's offer
+    follows the change without waiting for the periodic check (30 s); with no kjumpd on the
+    bus the request starts none."""
+    from kjumpd.cli.daemon_cmds import recheck
+    from kjumpd.daemon import sleepconf
+    from kjumpd.daemon.install import SHIPPED
+
+    assert not recheck(bus.address, timeout=5)  # nobody there: nothing started
+    (sysroot / sleepconf.SYSTEMD_RUNNING.lstrip("/")).mkdir(parents=True)
+    hook = sysroot / next(s.dest for s in SHIPPED if s.name == "kjumpd-hibernate.conf").lstrip("/")
+    hook.parent.mkdir(parents=True)
+    hook.write_text("[Service]\nExecStart=\nExecStart=kjumpctl hibernate\n")
+    dropin = sysroot / sleepconf.DROPIN.lstrip("/")
+    d = Kjumpd(bus, sysroot)
+    try:
+        d.wait_for_notification("READY=1")
+        deadline = time.monotonic() + 20
+        while not dropin.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # an empty machine fails the preflight: hibernation is withheld from logind
+        assert "AllowHibernation=no" in dropin.read_text(), d.log
+        dropin.unlink()
+        assert recheck(bus.address)
+        assert dropin.exists(), d.log  # written by the Check() itself, not 30 s later
+    finally:
+        d.stop()
