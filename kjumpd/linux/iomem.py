@@ -170,19 +170,34 @@ def _first_difference(a: tuple[Range, ...], b: tuple[Range, ...]) -> str:
     return f"[{s:#x}, {e:#x}) is new"
 
 
+#: The first MiB is compared by the saved extents alone, not as a map: who booted the kernel
+#: changes how its map describes that MiB (a kernel started by kexec-tools, as the
+#: restore-first environment starts the normal one, is handed a first range from 0x400
+#: where the firmware's starts at 0), and x86 kernels keep it out of their page allocator.
+LOW_MEMORY = 1 << 20
+
+
+def above_low(ranges: tuple[Range, ...]) -> tuple[Range, ...]:
+    """The part of a map above LOW_MEMORY."""
+    return tuple((max(s, LOW_MEMORY), e) for s, e in ranges if e > LOW_MEMORY)
+
+
 def changed(saved: RamMap, now: dict[str, RamMap], extents: list[Range]) -> str | None:
     """None when this machine has the RAM an image was saved on; else why not.
 
-    Compared like with like (the same source). When this kernel lacks the recorded source,
-    the weaker check remains: every saved extent must lie in RAM here."""
+    Compared like with like (the same source), above LOW_MEMORY; the saved extents below it
+    must lie in RAM here. When this kernel lacks the recorded source, the weaker check
+    remains: every saved extent must lie in RAM here."""
     same = now.get(saved.source)
     if same is not None:
-        if same.ranges == saved.ranges:
-            return None
-        return (
-            f"saved with {saved.describe()}, this boot has {same.describe()}: "
-            f"{_first_difference(saved.ranges, same.ranges)}"
-        )
+        high_saved, high_now = above_low(saved.ranges), above_low(same.ranges)
+        if high_saved != high_now:
+            return (
+                f"saved with {saved.describe()}, this boot has {same.describe()}: "
+                f"{_first_difference(high_saved, high_now)}"
+            )
+        low = [(s, min(e, LOW_MEMORY)) for s, e in extents if s < LOW_MEMORY]
+        return outside_ram(low, {same.source: same}) if low else None
     return outside_ram(extents, now)
 
 

@@ -128,3 +128,20 @@ def test_less_ram_is_named_as_the_cause_even_when_the_jump_area_went_with_it() -
     d = decide(ev, EXP)
     assert isinstance(d, Invalidate) and d.code == "memory", d
     assert "1023 MiB" in d.reason and "511 MiB" in d.reason
+
+
+def test_the_first_mib_as_a_kexecd_kernel_sees_it_is_the_same_ram() -> None:
+    """The normal kernel R starts with kexec is handed a map whose first range starts at
+    0x400; R, started by the firmware, sees it from 0. Same machine: the image restores.
+    A change above the first MiB, or a saved low extent that is not RAM here, still refuses."""
+    kexecd = RamMap.of("firmware", [(0x400, 0x9FC00), (0x100000, 0x3FFE0000)])
+    firmware = RamMap.of("firmware", [(0x0, 0x9FC00), (0x100000, 0x3FFE0000)])
+    low_extent = [(0x1000, 0x9F000), (0x100000, 0x3FFE0000)]
+    assert changed(kexecd, {"firmware": firmware}, low_extent) is None
+    assert changed(firmware, {"firmware": kexecd}, low_extent) is None
+    shrunk = RamMap.of("firmware", [(0x0, 0x9FC00), (0x100000, 0x3EFE0000)])
+    why = changed(kexecd, {"firmware": shrunk}, low_extent)
+    assert why is not None and "[0x100000, 0x3ffe0000) is now [0x100000, 0x3efe0000)" in why
+    no_low = RamMap.of("firmware", [(0x80000, 0x9FC00), (0x100000, 0x3FFE0000)])
+    why = changed(kexecd, {"firmware": no_low}, low_extent)
+    assert why is not None and "saved memory [0x1000, 0x9f000) is not RAM here" in why
