@@ -15,17 +15,25 @@ install puts there. Stages, one per boot of the normal kernel:
             `systemctl hibernate`, and login1's Hibernate through busctl: each powers off,
             the host boots the restore-first entry, R restores, this process goes on and
             checks the system (is-system-running, failed units, the journal, the workload,
-            the writers, the image CONSUMED); one verdict, power off.
+            the writers, the image CONSUMED); then a kernel package (postinst.d), a changed
+            command line and a changed crashkernel= (too small: check fails; larger:
+            install keeps it), one more hibernation; power off with no image
+  moved     R booted the new kernel with the current command line and the larger jump area:
+            one more hibernation restores through it, `systemctl hybrid-sleep` (the host
+            wakes the guest from S3) and `systemctl suspend-then-hibernate` (the host cuts
+            the power in S3; R restores); the verdict, power off.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 try:  # in the guest the package is kjumpvm; on the host tests.vm
@@ -161,10 +169,10 @@ def unit_state(unit: str) -> str:
     return run("systemctl", "is-active", unit, check=False).stdout.strip()
 
 
-def sleep_service_done(cursor: str) -> bool:
-    """systemd-hibernate.service ran and ended since ``cursor`` (its journal says so: the
-    unit itself is unloaded once it is inactive, its properties gone)."""
-    log = journal_since(cursor, "-u", "systemd-hibernate.service")
+def sleep_service_done(cursor: str, unit: str) -> bool:
+    """The sleep service ran and ended since ``cursor`` (its journal says so: the unit
+    itself is unloaded once it is inactive, its properties gone)."""
+    log = journal_since(cursor, "-u", unit)
     return "Deactivated successfully" in log or "Failed with result" in log
 
 
@@ -213,31 +221,66 @@ def journal_since(cursor: str, *filters: str) -> str:
     return run(*args, check=False).stdout
 
 
+@dataclass(frozen=True)
+class Cycle:
+    """One way of asking for a sleep, and what a user sees once the machine is back."""
+
+    unit: str  # the sleep service systemd runs (kjumpd's drop-in replaces its ExecStart)
+    image: str  # the image state after it
+    result: str  # what kjumpd's journal says of it
+    verb: str  # what the sleep hooks are told
+    s3: str = ""  # in S3 the host wakes the guest ("wake") or cuts its power ("lose")
+
+
+HIBERNATE = Cycle("systemd-hibernate.service", "CONSUMED", "resumed", "hibernate")
+CYCLES = {
+    "systemctl": HIBERNATE,
+    "login1": HIBERNATE,
+    "upgraded": HIBERNATE,
+    "moved": HIBERNATE,
+    # an image, then S3; woken from RAM the image is discarded
+    "hybrid": Cycle(
+        "systemd-hybrid-sleep.service", "INVALID", "woke-from-ram", "hybrid-sleep", s3="wake"
+    ),
+    # the same, power lost in S3: the next boot restores the image
+    "then-hibernate": Cycle(
+        "systemd-suspend-then-hibernate.service", "CONSUMED", "resumed", "hybrid-sleep", "lose"
+    ),
+}
+
+
+def ask(how: str) -> None:
+    if how == "login1":
+        login1("Hibernate", "b", "false")
+    elif how == "hybrid":
+        run("systemctl", "hybrid-sleep", timeout=120)
+    elif how == "then-hibernate":
+        run("systemctl", "suspend-then-hibernate", timeout=120)
+    else:
+        run("systemctl", "hibernate", timeout=120)
+
+
 def hibernate_cycle(how: str, before: wl.Status, expected: str, extra: dict) -> list[str]:
-    """One hibernation asked the way ``how`` says; the checks after the machine is back."""
+    """One sleep asked the way ``how`` says; the checks after the machine is back."""
+    c = CYCLES[how]
     problems: list[str] = []
     wbefore = writers.snapshot()
     cursor = journal_cursor()
+    if c.s3:
+        event("s3-plan", action=c.s3)  # read by the host when it sees the guest in S3
     event("hibernate-start", via=how)
-    if how == "systemctl":
-        run("systemctl", "hibernate", timeout=120)
-    else:
-        login1("Hibernate", "b", "false")
+    ask(how)
     # logind starts the service once the delay inhibitors let it (up to InhibitDelayMaxSec);
-    # it runs kjumpctl hibernate until the machine is back. This process is frozen
-    # meanwhile and goes on after the resume.
-    wait_for(
-        "systemd-hibernate.service to run and finish",
-        lambda: sleep_service_done(cursor),
-        timeout=900,
-    )
+    # it runs kjumpctl until the machine is back. This process is frozen meanwhile and
+    # goes on after the resume.
+    wait_for(f"{c.unit} to run and finish", lambda: sleep_service_done(cursor, c.unit), 900)
     event("hibernate-returned", via=how)
-    if "Deactivated successfully" not in journal_since(cursor, "-u", "systemd-hibernate.service"):
-        problems.append(f"{how}: systemd-hibernate.service failed (its journal above)")
+    if "Deactivated successfully" not in journal_since(cursor, "-u", c.unit):
+        problems.append(f"{how}: {c.unit} failed (its journal above)")
     state = gs.image_state()
     extra[f"image_{how}"] = state.replace(" ", "_")
-    if not state.startswith("CONSUMED"):
-        problems.append(f"{how}: image is {state}, expected CONSUMED (restored)")
+    if not state.startswith(c.image):
+        problems.append(f"{how}: image is {state}, expected {c.image}")
     running = is_system_running()
     extra[f"system_{how}"] = running
     if running != "running":
@@ -246,10 +289,10 @@ def hibernate_cycle(how: str, before: wl.Status, expected: str, extra: dict) -> 
     if failed:
         problems.append(f"{how}: failed units: {', '.join(failed)}")
     log = journal_since(cursor, "-u", "kjumpd.service")
-    if "resumed" not in log.lower():
-        problems.append(f"{how}: the journal has no kjumpd record of the resume")
-    sleep_log = journal_since(cursor, "-u", "systemd-hibernate.service")
-    extra[f"journal_{how}"] = "recorded" if "resumed" in log.lower() and sleep_log else "missing"
+    if c.result not in log:
+        problems.append(f"{how}: the journal has no kjumpd record saying {c.result!r}")
+    sleep_log = journal_since(cursor, "-u", c.unit)
+    extra[f"journal_{how}"] = "recorded" if c.result in log and sleep_log else "missing"
     after = wl.query()
     if after.sha256 != expected or after.pid != before.pid:
         problems.append(f"{how}: the workload is not the same process with the same bytes")
@@ -297,7 +340,8 @@ def check_sleep_log(how: str) -> list[str]:
     before the pre hook, PrepareForSleep(false) after the post hook."""
     lines = [ln.strip() for ln in SLEEP_LOG.read_text().splitlines() if ln.strip()]
     say(f"sleep log ({how}): {lines}")
-    want_hooks = ["hook pre hibernate hibernate", "hook post hibernate hibernate"]
+    v = CYCLES[how].verb
+    want_hooks = [f"hook pre {v} {v}", f"hook post {v} {v}"]
     problems = []
     hooks = [ln for ln in lines if ln.startswith("hook ")]
     if hooks != want_hooks:
@@ -372,6 +416,59 @@ def upgrade_kernel_and_cmdline(extra: dict) -> list[str]:
     return problems
 
 
+#: the jump area the user asks the boot loader for after the install (more than it wrote)
+BIGGER_AREA = "160M"
+
+
+def set_grub_crashkernel(value: str) -> None:
+    grub = Path("/etc/default/grub")
+    grub.write_text(re.sub(r"crashkernel=[^\s\"']+", f"crashkernel={value}", grub.read_text()))
+    run("update-grub")
+
+
+def change_jump_area(extra: dict) -> list[str]:
+    """The user edits the boot loader's crashkernel=: too small for the save kernel, which
+    check must catch (this boot's reservation still serves; the next would not), then
+    larger, which install must keep and R must follow at the next boot."""
+    problems: list[str] = []
+    grub = Path("/etc/default/grub")
+    running = _crashkernel(Path("/proc/cmdline").read_text())
+    set_grub_crashkernel("16M")
+    small = run("kjumpctl", "check", check=False)
+    extra["check_small_area"] = f"rc{small.returncode}"
+    if small.returncode == 0 or "[FAIL] jump area, next boot" not in small.stdout:
+        problems.append("kjumpctl check does not fail for a boot loader asking for 16M")
+    run("kjumpctl", "install")
+    if _crashkernel(grub.read_text()) != running:
+        problems.append(f"install did not put crashkernel={running} back: {grub.read_text()}")
+    if run("kjumpctl", "check", check=False).returncode != 0:
+        problems.append("kjumpctl check fails after install put the jump area back")
+    set_grub_crashkernel(BIGGER_AREA)
+    stale = run("kjumpctl", "check", check=False)
+    extra["check_bigger_area"] = f"rc{stale.returncode}"
+    if stale.returncode == 0:
+        problems.append("kjumpctl check passes with an entry made for another crashkernel=")
+    run("kjumpctl", "install")
+    extra["grub_crashkernel"] = _crashkernel(grub.read_text())
+    if extra["grub_crashkernel"] != BIGGER_AREA:
+        problems.append(f"install replaced the user's crashkernel={BIGGER_AREA}")
+    ok = run("kjumpctl", "check", check=False)
+    if ok.returncode != 0 or "takes effect at the next boot" not in ok.stdout:
+        problems.append("kjumpctl check does not pass, or not say when the new area applies")
+    event("sd-jump-area-changed", grub_crashkernel=extra["grub_crashkernel"])
+    return problems
+
+
+def crash_area() -> tuple[int, int]:
+    """(start, size) of this boot's jump area, from /proc/iomem."""
+    for line in Path("/proc/iomem").read_text().splitlines():
+        rng, _, name = line.strip().partition(" : ")
+        if name.strip() == "Crash kernel":
+            a, _, b = rng.partition("-")
+            return int(a, 16), int(b, 16) + 1 - int(a, 16)
+    return 0, 0
+
+
 def stage_cycles() -> int:
     problems: list[str] = []
     extra: dict[str, str] = {"pid1": pid1(), "kaslr": kaslr()}
@@ -405,6 +502,8 @@ def stage_cycles() -> int:
         if not problems:
             problems += upgrade_kernel_and_cmdline(extra)
         if not problems:
+            problems += change_jump_area(extra)
+        if not problems:
             problems += hibernate_cycle("upgraded", before, expected, extra)
         now = kjumpd_service()
         extra["kjumpd_restarts"] = now[1]
@@ -421,29 +520,81 @@ def stage_cycles() -> int:
     if not ok:
         print(line, flush=True)
         return 1
-    # the last boot: no image, R boots the normal kernel; it must be the new one with the
-    # command line the boot loader has now (stage "upgraded" checks, then says the verdict)
-    gs.write_synced(STAGE, "upgraded")
+    # no image now: R boots the normal kernel, which must be the new one with the command
+    # line the boot loader has now, the larger jump area included (stage "moved")
+    gs.write_synced(STAGE, "moved")
     gs.write_synced(gs.STATE_DIR / "systemd-verdict", line)
     event("sd-power-off-without-image")
     return 0
 
 
-def stage_upgraded() -> int:
-    """The normal kernel R booted with no image to restore."""
-    line = (gs.STATE_DIR / "systemd-verdict").read_text().strip()
+#: long enough for two of kjumpd's periodic checks (every 30 s)
+IDLE_WINDOW = 61.0
+
+
+def idle_cpu() -> str:
+    """kjumpd.service's CPU use while idle (its periodic checks, watchdog pings), as a share
+    of one CPU over IDLE_WINDOW seconds, from systemd's accounting (CPUUsageNSec)."""
+
+    def used() -> int:
+        out = run("systemctl", "show", "-p", "CPUUsageNSec", "--value", "kjumpd.service")
+        return int(out.stdout.strip() or 0)
+
+    a, t0 = used(), time.monotonic()
+    time.sleep(IDLE_WINDOW)
+    b, t1 = used(), time.monotonic()
+    return f"{100 * (b - a) / 1e9 / (t1 - t0):.2f}%"
+
+
+def stage_moved() -> int:
+    """The normal kernel R booted with no image to restore: the new kernel, the current
+    command line, the jump area the user asked for (placed anew by the kernel). One more
+    hibernation restores through it; then hybrid-sleep (woken from RAM) and
+    suspend-then-hibernate (power lost in RAM, restored from the image)."""
+    _ok, first = wl.parse_verdict((gs.STATE_DIR / "systemd-verdict").read_text()) or (False, {})
+    extra = {k: v for k, v in first.items() if k not in ("scenario", "data", "size", "counter")}
     words = Path("/proc/cmdline").read_text().split()
     rf = [w.split("=", 1)[1] for w in words if w.startswith("kjump.rf=")]
-    event("sd-boot", stage="upgraded", pid1=pid1(), kaslr=kaslr())
-    problems = []
+    start, size = crash_area()
+    extra.update(cmdline="current", rf=rf[-1] if rf else "none")
+    event("sd-boot", stage="moved", pid1=pid1(), kaslr=kaslr(), jump_area=hex(start),
+          jump_size=hex(size))  # fmt: skip
+    problems: list[str] = []
+    before = after = None
+    expected = ""
     if CHANGED_WORD not in words:
         problems.append(f"the normal kernel has not the current command line: {words}")
-    extra = f" cmdline=current rf={rf[-1] if rf else 'none'}"
-    if problems:
-        why = "; ".join(problems).replace('"', "'")
-        line = line.replace("KJUMP-VERDICT: PASS", "KJUMP-VERDICT: FAIL", 1) + f' reason="{why}"'
-    print(line + extra, flush=True)
-    return 0 if not problems else 1
+        extra["cmdline"] = "stale"
+    if f"crashkernel={BIGGER_AREA}" not in words or size != 160 << 20:
+        problems.append(f"this boot's jump area is {size >> 20} MiB, not {BIGGER_AREA}: {words}")
+    try:
+        wait_for("kjumpd.service active", lambda: unit_state("kjumpd.service") == "active", 300)
+        run("kjumpctl", "check")
+        extra["can_hibernate_moved"] = can_hibernate_becomes("yes", problems)
+        _proc, before = gs.start_workload()
+        expected = wl.expected_digest(before.seed, before.size)
+        writers.start()
+        Path(f"{SLEEP_LOG}.watch").unlink(missing_ok=True)  # the last boot's watcher is gone
+        for how in ("moved", "hybrid", "then-hibernate"):
+            if problems:
+                break
+            start_sleep_watchers()
+            problems += hibernate_cycle(how, before, expected, extra)
+            problems += check_sleep_log(how)
+            if how == "moved" and crash_area() != (start, size):
+                problems.append(f"the jump area after the restore is {crash_area()}")
+        after = wl.query()
+        if not problems:
+            extra["kjumpd_idle_cpu"] = idle_cpu()
+    except Failure as err:
+        problems.append(str(err))
+    except gs.Missing as err:
+        problems.append(f"missing: {err}")
+    except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
+        problems.append(f"{type(err).__name__}: {err}")
+    ok, line = wl.verdict(NAME, before, after, expected, extra, problems)
+    print(line, flush=True)
+    return 0 if ok else 1
 
 
 def main() -> int:
@@ -459,8 +610,8 @@ def main() -> int:
         return 0
     if stage == "cycles":
         rc = stage_cycles()
-    elif stage == "upgraded":
-        rc = stage_upgraded()
+    elif stage == "moved":
+        rc = stage_moved()
     else:
         # the normal kernel booted although an image was being taken: say so, do not loop
         print(

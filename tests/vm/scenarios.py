@@ -718,8 +718,12 @@ def run_systemd(assets: vm_assets.Assets, run_dir: Path, timeout: float = BOOT_T
         return out
     try:
         r.boot()
-        for _ in range(8):
-            r.wait_exit(timeout)
+        for _ in range(12):
+            action, left = _sleep_in_ram(r, timeout)
+            if action == "lose":
+                r.boot_restore_first(timeout, wait=False)
+                continue
+            r.wait_exit(left)
             if r.has_verdict() or r.outcome.problems:
                 break
             if r.vm.find(r"reboot: Restarting system"):
@@ -731,10 +735,41 @@ def run_systemd(assets: vm_assets.Assets, run_dir: Path, timeout: float = BOOT_T
             else:
                 r.boot_restore_first(timeout, wait=False)
         else:
-            r.outcome.problems.append("no verdict after 8 boots")
+            r.outcome.problems.append("no verdict after 12 boots")
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:
         r.outcome.problems.append(f"{type(err).__name__}: {err}")
     return r.finish(fsck=True)
+
+
+def _sleep_in_ram(r: Runner, timeout: float) -> tuple[str, float]:
+    """While this run lasts, answer each S3 the way the guest said before asking for it
+    (``s3-plan action=wake|lose``): wake it, or cut the power. Returns ("lose", 0) once
+    the power was cut (the run is over), else ("", the time left of ``timeout``) when the
+    run ends, says its verdict or is stuck."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if r.vm.proc is None or r.vm.proc.poll() is not None or r.has_verdict():
+            break
+        if r.vm.find(STUCK_RE):
+            break
+        try:
+            status = r.vm.qmp("query-status")
+        except r.h.VMError:
+            break
+        if status.get("status") != "suspended":
+            time.sleep(1)
+            continue
+        now = time.monotonic() - r.t0
+        r.outcome.events.append(Event(now, "host-saw-s3", {}, r.vm.run))
+        plans = r.vm.find(r"KJUMP-EVENT: s3-plan action=(\w+)")
+        if plans and plans[-1].group(1) == "lose":
+            r.stop()
+            r.outcome.events.append(Event(now, "host-power-lost", {}, r.vm.run))
+            return "lose", 0.0
+        time.sleep(2)
+        r.vm.qmp("system_wakeup")
+        r.outcome.events.append(Event(time.monotonic() - r.t0, "host-wakeup", {}, r.vm.run))
+    return "", max(30.0, deadline - time.monotonic())
 
 
 def _swap_disk(run_dir: Path) -> Path:
