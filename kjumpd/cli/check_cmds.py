@@ -218,6 +218,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
     ok, lines = save_kernel_hash_advice(sr, cfg)
     if not ok:
         print("\n".join(lines))
+    if sr.is_real:
+        from kjumpd.cli.daemon_cmds import recheck
+
+        recheck()  # what logind offers follows the change at once
     return 0
 
 

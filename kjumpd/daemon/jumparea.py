@@ -370,8 +370,8 @@ def check_next_boot(sysroot: Sysroot, config: Config, need: int | None) -> str:
     value, configured = next_boot_value(sysroot)
     fix = (
         "run `kjumpctl install` (it puts a crashkernel= that serves on the boot loader's "
-        f"command line, e.g. {requested_arg(config, size)}, and refreshes the restore-first "
-        "entry), then update-grub if you use GRUB"
+        f"command line, e.g. {requested_arg(config, size)}, runs update-grub where GRUB is "
+        "used, and refreshes the restore-first entry)"
     )
     where = "the boot loader's kernel command line" if configured else "/proc/cmdline"
     if value is None:
