@@ -64,6 +64,25 @@ def freezable(mounts: list[Mount]) -> list[Mount]:
     return sorted(out, key=lambda m: (not m.source.startswith("/dev/loop"), -m.depth, m.mountpoint))
 
 
+#: what the restore-first environment cannot see: it assembles no stacked block devices, so
+#: a filesystem on one is never found when R compares the frozen filesystems' stamps, and
+#: the image is refused at the restore as stale
+STACKED = (("dm", "device-mapper: LVM or dm-crypt"), ("md", "md RAID"))
+
+
+def hidden_from_restore(sysroot: Sysroot, mounts: list[Mount]) -> list[tuple[Mount, str, str]]:
+    """(mount, kernel device name, what it is) of every freezable filesystem on a stacked
+    block device (/sys/dev/block/MAJ:MIN has dm/ or md/)."""
+    out = []
+    for m in freezable(mounts):
+        link = sysroot.path(f"/sys/dev/block/{m.devno}")
+        for sub, what in STACKED:
+            if (link / sub).is_dir():
+                out.append((m, os.path.basename(os.path.realpath(link)), what))
+                break
+    return out
+
+
 def device_of(sysroot: Sysroot, m: Mount) -> str:
     """The block device path of a mount, for the superblock stamp."""
     if m.source.startswith("/dev/") and m.source != "/dev/root":

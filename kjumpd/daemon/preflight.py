@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kjumpd.daemon import blockmap, bootentry, jumparea, memory, taskfreeze
+from kjumpd.daemon import blockmap, bootentry, fsfreeze, jumparea, memory, taskfreeze
 from kjumpd.daemon.config import Config
-from kjumpd.errors import KjumpError
+from kjumpd.errors import FreezeError, KjumpError
 from kjumpd.hashing import sha256_file
-from kjumpd.linux import cmdline, kconfig
+from kjumpd.linux import cmdline, kconfig, mountinfo
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
     _jump_area_and_memory(sysroot, config, rep, files_ok)
     rep.step("target", lambda: _target(sysroot, config, rep))
     _boot_entry(sysroot, rep)
+    rep.step("filesystems", lambda: _filesystems(sysroot))
     _user_space_freeze(sysroot, rep)
     _watchdog(sysroot, config, rep)
     _way_out(sysroot, config, mode or config.mode, rep)
@@ -314,6 +315,24 @@ def _target(sysroot: Sysroot, config: Config, rep: PreflightReport) -> str:
         f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
         f"{t.disk} from {t.superblock_offset}), UUID {uuid}"
     )
+
+
+def _filesystems(sysroot: Sysroot) -> str:
+    """Every filesystem the hibernation freezes is one the restore-first environment can
+    find again (its stamp is the stale-image guard's evidence)."""
+    mounts = mountinfo.parse(sysroot.read_text("/proc/self/mountinfo", default=""))
+    hidden = fsfreeze.hidden_from_restore(sysroot, mounts)
+    if hidden:
+        where = ", ".join(f"{m.mountpoint} on {name} ({what})" for m, name, what in hidden)
+        raise FreezeError(
+            f"the restore-first environment cannot check {where}",
+            why="R assembles no stacked block devices, so it would not find these "
+            "filesystems and would refuse the image as stale at the next boot",
+            fix="unmount them before hibernating, or keep the filesystems on plain "
+            "partitions: LVM, dm-crypt and RAID are not supported yet",
+        )
+    n = len(fsfreeze.freezable(mounts))
+    return f"{n} filesystem(s) to freeze, each on a disk or partition R can read"
 
 
 def _boot_entry(sysroot: Sysroot, rep: PreflightReport) -> None:

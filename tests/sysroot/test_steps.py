@@ -892,3 +892,30 @@ def test_kjumpctl_setup_keeps_a_jump_area_the_kernel_places(tree):
     r = kjumpctl(tree, "setup", "--jump-area", "--yes")
     grub = (tree / "etc/default/grub").read_text()
     assert r.returncode == 0 and grub == 'GRUB_CMDLINE_LINUX="ro crashkernel=112M"\n', grub
+
+
+def test_a_filesystem_on_lvm_or_raid_fails_check_before_any_jump(full):
+    """R assembles no device-mapper or md device: a frozen filesystem there could never be
+    found again, and the image would be refused as stale after the power-off. check says so
+    first, naming the mount point and the device; plain partitions pass."""
+    ok = kjumpctl(full, "check", "--mode", "test")
+    line = next(ln for ln in ok.stdout.splitlines() if "] filesystems:" in ln)
+    assert line.startswith("[ok  ]") and "R can read" in line, ok.stdout
+    _blockdev(full, "dm-0", "253:0", dm__uuid="LVM-abcdef", dm__name="vg-root")
+    _blockdev(full, "md0", "9:0", md__level="raid1")
+    info = full / "proc/self/mountinfo"
+    (full / "home").mkdir(exist_ok=True)
+    (full / "data").mkdir(exist_ok=True)
+    info.write_text(
+        info.read_text()
+        + "60 22 253:0 / /home rw,relatime shared:9 - ext4 /dev/mapper/vg-root rw\n"
+        + "61 22 9:0 / /data rw,relatime shared:10 - xfs /dev/md0 rw\n"
+    )
+    r = kjumpctl(full, "check", "--mode", "test")
+    assert r.returncode == 3, r.stdout
+    lines = r.stdout.splitlines()
+    i = next(i for i, ln in enumerate(lines) if "] filesystems:" in ln)
+    assert lines[i].startswith("[FAIL]"), r.stdout
+    assert "/home on dm-0 (device-mapper: LVM or dm-crypt)" in lines[i], lines[i]
+    assert "/data on md0 (md RAID)" in lines[i], lines[i]
+    assert "refuse the image as stale" in lines[i] and "unmount them" in lines[i + 1]
