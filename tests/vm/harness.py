@@ -395,12 +395,18 @@ class VM:
 
     def _qmp_send(self, msg: dict[str, Any]) -> None:
         assert self._qmp is not None
-        self._qmp.sendall(json.dumps(msg).encode() + b"\n")
+        try:
+            self._qmp.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as e:  # QEMU exited meanwhile (the guest powered off)
+            raise VMError(f"QMP connection closed: {e}") from None
 
     def _qmp_recv(self) -> dict[str, Any]:
         assert self._qmp is not None
         while b"\n" not in self._qmp_buf:
-            chunk = self._qmp.recv(65536)
+            try:
+                chunk = self._qmp.recv(65536)
+            except ConnectionError as e:
+                raise VMError(f"QMP connection closed: {e}") from None
             if not chunk:
                 raise VMError("QMP connection closed")
             self._qmp_buf += chunk
