@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kjumpd import cpio
 from kjumpd.errors import ImageFormatError
+from tests import prereq
 
 names = st.lists(
     st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=12).filter(
@@ -77,8 +78,8 @@ def test_names_must_stay_inside_the_archive() -> None:
         cpio.write([cpio.Entry.file("a", b""), cpio.Entry.file("a", b"")])
 
 
-@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
 def test_gnu_cpio_reads_what_we_write(tmp_path) -> None:
+    prereq.need(shutil.which("cpio") is not None, "GNU cpio not installed (apt-get install cpio)")
     blob = cpio.write(
         [
             cpio.Entry.file("dir/f", b"hello\n", 0o755),

@@ -33,6 +33,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +277,8 @@ def hibernate_cycle(how: str, before: wl.Status, expected: str, extra: dict) -> 
     # goes on after the resume.
     wait_for(f"{c.unit} to run and finish", lambda: sleep_service_done(cursor, c.unit), 900)
     event("hibernate-returned", via=how)
-    if "Deactivated successfully" not in journal_since(cursor, "-u", c.unit):
+    sleep_log = journal_since(cursor, "-u", c.unit)
+    if "Deactivated successfully" not in sleep_log:
         problems.append(f"{how}: {c.unit} failed (its journal above)")
     state = gs.image_state()
     extra[f"image_{how}"] = state.replace(" ", "_")
@@ -291,7 +294,6 @@ def hibernate_cycle(how: str, before: wl.Status, expected: str, extra: dict) -> 
     log = journal_since(cursor, "-u", "kjumpd.service")
     if c.result not in log:
         problems.append(f"{how}: the journal has no kjumpd record saying {c.result!r}")
-    sleep_log = journal_since(cursor, "-u", c.unit)
     extra[f"journal_{how}"] = "recorded" if c.result in log and sleep_log else "missing"
     after = wl.query()
     if after.sha256 != expected or after.pid != before.pid:
@@ -469,12 +471,25 @@ def crash_area() -> tuple[int, int]:
     return 0, 0
 
 
+@contextmanager
+def noted(problems: list[str]) -> Iterator[None]:
+    """A stage's steps: what stops them is one more problem for the verdict."""
+    try:
+        yield
+    except Failure as err:
+        problems.append(str(err))
+    except gs.Missing as err:
+        problems.append(f"missing: {err}")
+    except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
+        problems.append(f"{type(err).__name__}: {err}")
+
+
 def stage_cycles() -> int:
     problems: list[str] = []
     extra: dict[str, str] = {"pid1": pid1(), "kaslr": kaslr()}
     before = after = None
     expected = ""
-    try:
+    with noted(problems):
         event("sd-boot", stage="cycles", pid1=extra["pid1"], kaslr=extra["kaslr"])
         wait_for("kjumpd.service active", lambda: unit_state("kjumpd.service") == "active", 300)
         # no restore-first entry yet: `kjumpctl check` fails, and logind must not offer it
@@ -510,12 +525,6 @@ def stage_cycles() -> int:
         if now != (service[0], "0"):
             problems.append(f"kjumpd.service was restarted: MainPID/NRestarts {service} -> {now}")
         after = wl.query()
-    except Failure as err:
-        problems.append(str(err))
-    except gs.Missing as err:
-        problems.append(f"missing: {err}")
-    except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
-        problems.append(f"{type(err).__name__}: {err}")
     ok, line = wl.verdict(NAME, before, after, expected, extra, problems)
     if not ok:
         print(line, flush=True)
@@ -567,7 +576,7 @@ def stage_moved() -> int:
         extra["cmdline"] = "stale"
     if f"crashkernel={BIGGER_AREA}" not in words or size != 160 << 20:
         problems.append(f"this boot's jump area is {size >> 20} MiB, not {BIGGER_AREA}: {words}")
-    try:
+    with noted(problems):
         wait_for("kjumpd.service active", lambda: unit_state("kjumpd.service") == "active", 300)
         run("kjumpctl", "check")
         extra["can_hibernate_moved"] = can_hibernate_becomes("yes", problems)
@@ -586,12 +595,6 @@ def stage_moved() -> int:
         after = wl.query()
         if not problems:
             extra["kjumpd_idle_cpu"] = idle_cpu()
-    except Failure as err:
-        problems.append(str(err))
-    except gs.Missing as err:
-        problems.append(f"missing: {err}")
-    except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
-        problems.append(f"{type(err).__name__}: {err}")
     ok, line = wl.verdict(NAME, before, after, expected, extra, problems)
     print(line, flush=True)
     return 0 if ok else 1

@@ -459,11 +459,14 @@ class Runner:
         self.collect()
         return rc
 
-    def wait_suspended(self, timeout: float) -> bool:
-        """Poll QMP until the guest is in S3 (or it printed a verdict / exited)."""
+    def wait_suspended(self, timeout: float, required: bool = True) -> bool:
+        """Poll QMP until the guest is in S3 (or it printed a verdict, is stuck or exited).
+        ``required``: not reaching S3 within ``timeout`` is a problem."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.vm.proc is None or self.vm.proc.poll() is not None or self.has_verdict():
+                return False
+            if self.vm.find(STUCK_RE):
                 return False
             try:
                 status = self.vm.qmp("query-status")
@@ -475,7 +478,8 @@ class Runner:
                 )
                 return True
             time.sleep(1)
-        self.outcome.problems.append(f"the guest did not reach S3 within {timeout:.0f} s")
+        if required:
+            self.outcome.problems.append(f"the guest did not reach S3 within {timeout:.0f} s")
         return False
 
     def boot_restore_first(self, timeout: float, wait: bool = True, **changes) -> None:
@@ -747,24 +751,11 @@ def _sleep_in_ram(r: Runner, timeout: float) -> tuple[str, float]:
     the power was cut (the run is over), else ("", the time left of ``timeout``) when the
     run ends, says its verdict or is stuck."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if r.vm.proc is None or r.vm.proc.poll() is not None or r.has_verdict():
-            break
-        if r.vm.find(STUCK_RE):
-            break
-        try:
-            status = r.vm.qmp("query-status")
-        except r.h.VMError:
-            break
-        if status.get("status") != "suspended":
-            time.sleep(1)
-            continue
-        now = time.monotonic() - r.t0
-        r.outcome.events.append(Event(now, "host-saw-s3", {}, r.vm.run))
+    while r.wait_suspended(max(1.0, deadline - time.monotonic()), required=False):
         plans = r.vm.find(r"KJUMP-EVENT: s3-plan action=(\w+)")
         if plans and plans[-1].group(1) == "lose":
             r.stop()
-            r.outcome.events.append(Event(now, "host-power-lost", {}, r.vm.run))
+            r.outcome.events.append(Event(time.monotonic() - r.t0, "host-power-lost", {}, r.vm.run))
             return "lose", 0.0
         time.sleep(2)
         r.vm.qmp("system_wakeup")
