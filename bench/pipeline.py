@@ -9,6 +9,8 @@ in every round (the order rotated from round to round) and its best time kept:
            vs `lz4 -1` of the same bytes and vs a raw `cat` copy, each followed by fsync
   restore  kjump-agent restore into a memory file (+ fsync) vs `lz4 -d` (+ fsync)
   RSS      peak RSS of the agent (its own VmHWM, printed with --stats)
+  AES      the same save and restore of an encrypted image (AES-256-GCM, --image-key), as
+           the cost of encryption: its time over the plaintext run's, in the same rounds
 
 and prints the ratios against the targets: save <= 0.5x lz4 -1 and <= 1.0x raw copy,
 restore <= 0.67x lz4 -d, RSS <= 64 MiB. The machine may be shared: the load average is
@@ -159,6 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     st = d / "stats.json"
+    key = d / "image.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    img_enc, back_enc = d / "image-aes.kjump", d / "restored-aes.bin"
+    drop(img_enc)
+    timed(
+        agent[:1]
+        + [
+            "-c",
+            "import sys; from kjumpd.image import store; "
+            f"store.create_target({str(img_enc)!r}, {size + 64 * MiB})",
+        ]
+    )
     best: dict[str, float] = {}
     rss_save = rss_rest = stored = 0
     verify_s = 0.0
@@ -224,14 +238,39 @@ def main(argv: list[str] | None = None) -> int:
         if best["restore"] == t:
             r_stages = r_st.get("stages", {})
 
+    def step_save_aes() -> None:
+        t, c, _ = timed(
+            agent
+            + ["save", "--memory", str(mem), "--ranges", f"0-{size}", "--target", str(img_enc)]
+            + ["--image-key", str(key), "--stats"],
+            out=img_enc,
+            stdout_to=st,
+        )
+        keep_best("save_aes", t, c)
+
+    def step_restore_aes() -> None:
+        nonlocal same
+        drop(back_enc)
+        t, c, _ = timed(
+            agent
+            + ["restore", "--target", str(img_enc), "--memory", str(back_enc)]
+            + ["--image-key", str(key), "--stats"],
+            out=back_enc,
+            stdout_to=st,
+        )
+        keep_best("restore_aes", t, c)
+        same = same and subprocess.run(["cmp", "-s", str(mem), str(back_enc)]).returncode == 0
+        drop(back_enc)
+
     # each round runs the contenders in a rotated order, so that none of them always follows
     # the same heavy writer (the disk's and the page cache's state differ after each)
-    saving = [step_lz4, step_cat, step_save]
-    restoring = [step_lz4d, step_restore]
+    saving = [step_lz4, step_cat, step_save, step_save_aes]
+    restoring = [step_lz4d, step_restore, step_restore_aes]
     for rnd in range(args.repeat):
-        for step in saving[rnd % 3 :] + saving[: rnd % 3]:
+        k, j = rnd % len(saving), rnd % len(restoring)
+        for step in saving[k:] + saving[:k]:
             step()
-        for step in restoring[rnd % 2 :] + restoring[: rnd % 2]:
+        for step in restoring[j:] + restoring[:j]:
             step()
         same = same and subprocess.run(["cmp", "-s", str(mem), str(back)]).returncode == 0
         print(
@@ -265,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()
     lz_size = lz.stat().st_size
     if not args.keep:
-        for p in (lz, back, img):
+        for p in (lz, back, img, img_enc):
             drop(p)
 
     def row(name: str, ours: float, base: float, target: float) -> str:
@@ -317,7 +356,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{rss_rest / MiB:.1f} MiB (target <= 64)  "
         f"{'MET' if max(rss_save, rss_rest) <= 64 * MiB else 'MISSED'}"
     )
-    print(f"{'restore byte-exact':<26} {'yes' if same else 'NO'}")
+    print(
+        f"{'AES-256-GCM save':<26} {best['save_aes']:8.2f} s  vs plaintext {t_save:8.2f} s   "
+        f"cost {best['save_aes'] / t_save:5.2f}x  (CPU {cpu['save_aes']:.2f} vs "
+        f"{cpu['save']:.2f} s)"
+    )
+    print(
+        f"{'AES-256-GCM restore':<26} {best['restore_aes']:8.2f} s  vs plaintext {t_rest:8.2f} s"
+        f"   cost {best['restore_aes'] / t_rest:5.2f}x  (CPU {cpu['restore_aes']:.2f} vs "
+        f"{cpu['restore']:.2f} s)"
+    )
+    aes = "aes" in open("/proc/cpuinfo").read().split()
+    print(f"{'CPU offers AES-NI':<26} {'yes' if aes else 'no'}")
+    print(f"{'restore byte-exact':<26} {'yes' if same else 'NO'} (plaintext and AES-256-GCM)")
     for cs, t, r in sweep:
         print(f"chunk {cs >> 10:5d} KiB: save {t:6.2f} s, peak RSS {r / MiB:.1f} MiB")
     return 0 if same else 1

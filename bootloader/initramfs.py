@@ -64,6 +64,9 @@ R_MODULES = (
     "kjumpd.sysroot",
     "kjumpd.linux.cmdline",
     "kjumpd.hashing",
+    "kjumpd.restore.unlock",
+    "kjumpd.cpio",
+    "termios",
     "json",
     "json.decoder",
     "json.encoder",
@@ -89,17 +92,25 @@ from kjumpd.daemon.bootentry import (
 )
 
 
-def build_restore_initramfs(out: Path | None = None):  # -> savekernel.initramfs.InitramfsImage
-    """The generic part of R's initramfs (no boot.json): cached by its inputs."""
-    from savekernel.initramfs import build_initramfs
+def build_restore_initramfs(
+    out: Path | None = None, crypto: bool = False
+):  # -> savekernel.initramfs.InitramfsImage
+    """The generic part of R's initramfs (no boot.json): cached by its inputs. With
+    ``crypto``, R can open encrypted images (python3-cryptography)."""
+    from savekernel.initramfs import (
+        CRYPTO_MODULES,
+        CRYPTO_PACKAGES,
+        build_initramfs,
+        crypto_host_files,
+    )
 
     return build_initramfs(
         out,
         R_INIT,
         name="restore",
-        python_modules=R_MODULES,
-        python_packages=("kjumpd",),
-        host_binaries=(KEXEC,),
+        python_modules=(*R_MODULES, *(CRYPTO_MODULES if crypto else ())),
+        python_packages=("kjumpd", *(CRYPTO_PACKAGES if crypto else ())),
+        host_binaries=(KEXEC, *(crypto_host_files() if crypto else ())),
         python_scripts={RF_MODULE: INIT},
     )
 

@@ -111,6 +111,10 @@ class ImageCorruptError(ImageError):
     """A checksum does not match; context names the structure and the offset."""
 
 
+class ImageKeyError(ImageError):
+    """The image key: missing, unreadable, the wrong passphrase, or an image it cannot open."""
+
+
 class ImageStateError(ImageError):
     """The image is in a state that forbids the requested operation."""
 

@@ -46,6 +46,12 @@ still reads)::
                              so the restore-first environment refuses an image saved on
                              different RAM. Default null (nothing recorded: R checks only that
                              the saved ranges are RAM).
+    image_key                str, 64 hex digits: the image key (kjumpd.image.seal); B encrypts
+                             the image with it. It exists only in memory: this archive lives
+                             in RAM (/run, then the kexec segments). Default null (plaintext).
+    seal                     the image key sealed to the machine's public key (a seal object,
+                             kjumpd.image.seal), recorded in the image. Given with image_key
+                             only. Default null.
 
 The archive is the kernel's cpio "newc" format, written and read by kjumpd/cpio.py.
 """
@@ -59,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kjumpd import cpio
-from kjumpd.errors import ImageFormatError, JobError, MemoryMapError
+from kjumpd.errors import ImageFormatError, ImageKeyError, JobError, MemoryMapError
 from kjumpd.linux.iomem import RamMap
 from kjumpd.modes import MODES
 
@@ -75,6 +81,7 @@ PAGE = 4096
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _DEVNO_RE = re.compile(r"^\d+:\d+$")
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,8 @@ class Job:
     free_page_check: bool = False
     free_pages_zeroed: bool = True
     ram_map: dict[str, Any] | None = None
+    image_key: str | None = field(default=None, repr=False)
+    seal: dict[str, Any] | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -160,6 +169,8 @@ class Job:
                 free_page_check=d.get("free_page_check", _OPTIONAL["free_page_check"]),
                 free_pages_zeroed=d.get("free_pages_zeroed", _OPTIONAL["free_pages_zeroed"]),
                 ram_map=d.get("ram_map", _OPTIONAL["ram_map"]),
+                image_key=d.get("image_key", _OPTIONAL["image_key"]),
+                seal=d.get("seal", _OPTIONAL["seal"]),
                 version=version,
             )
         except TypeError as e:
@@ -200,6 +211,8 @@ _OPTIONAL: dict[str, Any] = {
     "free_page_check": False,
     "free_pages_zeroed": True,
     "ram_map": None,
+    "image_key": None,
+    "seal": None,
 }
 
 
@@ -320,6 +333,22 @@ def validate(job: Job) -> None:
             raise JobError(
                 f"job field {key} must be true or false", why=f"got {getattr(job, key)!r}"
             )
+    if (job.image_key is None) != (job.seal is None):
+        raise JobError("job fields image_key and seal must be given together")
+    if job.image_key is not None:
+        if not isinstance(job.image_key, str) or not _KEY_RE.match(job.image_key):
+            raise JobError("job field image_key must be 64 lower-case hex digits")
+        from kjumpd.image.seal import check_seal
+
+        try:
+            check_seal(job.seal, "job field seal")
+        except ImageKeyError as e:
+            raise JobError(e.what, why=e.why) from None
+
+
+def image_key_bytes(job: Job) -> bytes | None:
+    """The job's image key (None: the image is saved in plaintext)."""
+    return bytes.fromhex(job.image_key) if job.image_key is not None else None
 
 
 def read_cpio(blob: bytes) -> dict[str, bytes]:

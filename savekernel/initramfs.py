@@ -98,6 +98,27 @@ SAVE_EXTRA_MODULES = (
     "lz4.frame",
     "lz4.block",
 )
+#: What encrypted images need (kjumpd.image.seal imports them lazily): Debian's
+#: python3-cryptography and the cffi backend its OpenSSL bindings load.
+CRYPTO_MODULES = (
+    "kjumpd.image.seal",
+    "cryptography.exceptions",
+    "cryptography.hazmat.primitives.hashes",
+    "cryptography.hazmat.primitives.serialization",
+    "cryptography.hazmat.primitives.asymmetric.x25519",
+    "cryptography.hazmat.primitives.ciphers.aead",
+    "cryptography.hazmat.primitives.kdf.hkdf",
+    "cryptography.hazmat.primitives.kdf.scrypt",
+)
+CRYPTO_PACKAGES = ("cryptography", "_cffi_backend")
+
+
+def crypto_host_files() -> tuple[Path, ...]:
+    """OpenSSL 3's legacy provider: cryptography 38 loads it at import and fails without
+    it (libcrypto looks for it where the host's is, so it goes to the same path)."""
+    return tuple(sorted(Path("/usr/lib").glob("*/ossl-modules/legacy.so")))
+
+
 #: Modules left out although an import trace loads them: each has a fallback in the stdlib
 #: (hashlib uses its builtin _sha256/_blake2 without OpenSSL's 4.7 MB libcrypto; shutil and
 #: tarfile treat bz2/lzma as optional).
@@ -425,10 +446,15 @@ for src, out, dfile in json.loads(sys.stdin.read()):
 
 
 def _package_dir(name: str, search: Sequence[Path]) -> Path:
+    """The directory of package ``name``, or the file of a top-level extension module
+    (``_cffi_backend``, which cryptography's OpenSSL bindings load)."""
     top = name.split(".")[0]
     for base in search:
         if (base / top / "__init__.py").is_file():
             return base / top
+        ext = sorted(base.glob(f"{top}.cpython-*.so")) if base.is_dir() else []
+        if ext:
+            return ext[0]
     raise InitramfsError(
         f"python package {top} not found",
         why=f"searched {', '.join(map(str, search))}",
@@ -488,7 +514,7 @@ def _add_python(
     stdlib = Path(info["stdlib"])
     pydir = f"usr/lib/python{info['version']}"
     add_host_binary(plan, python)
-    pkg_roots = {d.name: d for d in pkg_dirs}
+    pkg_roots = {d.name.split(".")[0]: d for d in pkg_dirs}
     for name, f in info["files"].items():
         path = Path(f)
         if name.split(".")[0] in pkg_roots:
@@ -519,6 +545,11 @@ def _add_python(
         # TCG compiling R's ~300-line /init cost as much as importing a dozen modules)
         plan.compile[f"{pydir}/{mod}.pyc"] = Path(src)
     for d in pkg_roots.values():
+        if d.is_file():  # a top-level extension module
+            plan.add_file(f"{pydir}/{d.name}", d)
+            for lib in shared_libraries(d):
+                _add_host_path(plan, lib)
+            continue
         for src in sorted(d.rglob("*")):
             if "__pycache__" in src.parts or not src.is_file():
                 continue
@@ -752,14 +783,18 @@ def prune_cache(cdir: Path, name: str, now: float | None = None) -> list[Path]:
     return gone
 
 
-def build_save_initramfs(out: Path | None = None, compress: bool = True) -> InitramfsImage:
-    """B's initramfs: busybox, trimmed python3, python3-lz4, kjumpd, /init running the agent."""
+def build_save_initramfs(
+    out: Path | None = None, compress: bool = True, crypto: bool = False
+) -> InitramfsImage:
+    """B's initramfs: busybox, trimmed python3, python3-lz4, kjumpd, /init running the agent;
+    with ``crypto`` python3-cryptography for encrypted images."""
     return build_initramfs(
         out,
         SAVE_INIT,
         name="save",
-        python_modules=(*SAVE_ENTRY, *SAVE_EXTRA_MODULES),
-        python_packages=("kjumpd", "lz4"),
+        python_modules=(*SAVE_ENTRY, *SAVE_EXTRA_MODULES, *(CRYPTO_MODULES if crypto else ())),
+        python_packages=("kjumpd", "lz4", *(CRYPTO_PACKAGES if crypto else ())),
+        host_binaries=crypto_host_files() if crypto else (),
         compress=compress,
     )
 

@@ -8,7 +8,7 @@ cd "$here"
 APT_PACKAGES=(
     build-essential bc bison flex libelf-dev libssl-dev xz-utils cpio dpkg-dev
     debian-archive-keyring
-    qemu-system-x86 qemu-utils kexec-tools busybox-static debootstrap python3 python3-lz4
+    qemu-system-x86 qemu-utils kexec-tools busybox-static debootstrap python3 python3-lz4 python3-cryptography
     e2fsprogs xfsprogs btrfs-progs dosfstools util-linux lz4 socat
     dbus libglib2.0-bin
     libgirepository1.0-dev libcairo2-dev pkg-config python3-venv python3-dev

@@ -192,6 +192,7 @@ def cmd_save(args: argparse.Namespace) -> int:
                 compression=args.compression,
                 verify=not args.no_verify,
                 progress=_Console("saving", args.progress),
+                key=_image_key(args.image_key),
             )
     print(
         f"kjump-agent: SAVED {stats.raw_bytes} bytes in {stats.chunk_count} chunks "
@@ -212,6 +213,22 @@ def cmd_save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_key(path: str | None) -> bytes | None:
+    """The 32-byte image key (64 hex digits) in ``path``, for --image-key."""
+    if path is None:
+        return None
+    try:
+        key = bytes.fromhex(open(path, encoding="ascii").read().strip())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read an image key from {path}", why=str(e)) from None
+    if len(key) != 32:
+        raise UsageError(
+            f"{path} holds {len(key)} bytes; an image key is 32",
+            fix="write 64 hex digits (e.g. `head -c32 /dev/urandom | xxd -p -c64`)",
+        )
+    return key
+
+
 #: the most workers `kjump-agent restore` starts on a memory file by default
 MAX_FILE_RESTORE_WORKERS = 8
 
@@ -226,11 +243,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from kjumpd.image.device import ImageDevice
     from kjumpd.image.memfile import FileMemorySink
 
+    key = _image_key(args.image_key)
     with ImageDevice(args.target, writable=False, direct=not args.buffered) as dev:
         if args.verify_first:
-            restore.restore_image(dev, None, verify_only=True, workers=args.workers)
+            restore.restore_image(dev, None, verify_only=True, workers=args.workers, key=key)
         store.read_superblock(dev)
-        restore.check_image(dev)  # refuse before the memory file is even opened
+        restore.check_image(dev, key=key)  # refuse before the memory file is even opened
         with FileMemorySink(args.memory) as sink:
             # writing the memory file is I/O-bound: more workers than CPUs keep more O_DIRECT
             # writes in flight, which shortens the restore. At most 8: chunks in flight are
@@ -238,7 +256,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
             # the peak RSS
             workers = args.workers or restore_file_workers(restore.default_workers())
             stats = restore.restore_image(
-                dev, sink, workers=workers, progress=_Console("restoring", args.progress)
+                dev,
+                sink,
+                workers=workers,
+                progress=_Console("restoring", args.progress),
+                key=key,
             )
             sink.flush()
     print(
@@ -254,6 +276,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         stages={k: round(v, 3) for k, v in stats.stages.items()},
     )
     return 0
+
+
+def image_key(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--image-key", metavar="FILE", default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="chunk size (multiple of 4096, at most 1 MiB; default 1 MiB)",
     )
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verify pass")
+    image_key(p, "encrypt the image with the image key in FILE (64 hex digits)")
     common(p)
     p.set_defaults(func=cmd_save)
 
@@ -327,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify-first", action="store_true", help="check the whole image before writing anything"
     )
+    image_key(p, "the image key of an encrypted image, in FILE (64 hex digits)")
     common(p)
     p.set_defaults(func=cmd_restore)
 

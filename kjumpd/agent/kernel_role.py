@@ -49,6 +49,8 @@ from kjumpd.sysroot import Sysroot
 log = logging.getLogger("kjumpd.agent.kernel_role")
 
 JOB_FILE = "/kjump/job.json"
+#: the image key R hands to the restore role (hex), in an archive appended to the initramfs
+RESTORE_KEY_FILE = "/kjump/restore-key"
 ROLES = ("save", "restore")
 PAGE = 4096
 
@@ -352,7 +354,7 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
     try:
         from kjumpd.agent.devmem import MemorySource
         from kjumpd.image import save
-        from kjumpd.job import Job
+        from kjumpd.job import Job, image_key_bytes
 
         try:
             job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
@@ -381,8 +383,8 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
         chunk = bounded_chunk_size(job.chunk_size, avail, workers) if avail else job.chunk_size
         say(
             f"saving {total >> 20} MiB of the main kernel's memory ({len(job.ranges)} ranges, "
-            f"{job.compression}, {chunk >> 10} KiB chunks, {workers} CPU(s), "
-            f"{avail >> 20} MiB free here)"
+            f"{job.compression}{', AES-256-GCM' if job.image_key else ''}, "
+            f"{chunk >> 10} KiB chunks, {workers} CPU(s), {avail >> 20} MiB free here)"
         )
         with MemorySource(sysroot, job.ranges) as raw_source:
             freemap = free_pages(job, raw_source, own_memory(sysroot))
@@ -405,6 +407,7 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
                 compression=job.compression,
                 progress=Progress("saving", total, watchdog=watchdog),
                 cancel=cancel.pressed if cancel is not None else None,
+                key=image_key_bytes(job),
             )
         free = freemap.free_bytes if freemap is not None else 0
         # "N MiB of memory" is what was read from A (free pages are not read); bench/vm.py
@@ -535,7 +538,24 @@ def _identity(job: Any, entry: int) -> dict[str, Any]:
         "created": job.created,
         "target_uuid": job.target_uuid,
         "ram_map": job.ram_map,
+        **({"seal": job.seal} if job.seal is not None else {}),
     }
+
+
+def restore_key(sysroot: Sysroot) -> bytes:
+    """The image key R unsealed and appended to this initramfs (RESTORE_KEY_FILE)."""
+    try:
+        text = sysroot.path(RESTORE_KEY_FILE).read_text().strip()
+        key = bytes.fromhex(text)
+    except (OSError, ValueError) as e:
+        raise AgentError(
+            "the image is encrypted and no image key came with this kernel",
+            why=f"{RESTORE_KEY_FILE}: {e}",
+            fix="restore through the restore-first environment, which unseals the key",
+        ) from None
+    if len(key) != 32:
+        raise AgentError(f"{RESTORE_KEY_FILE} holds {len(key)} bytes, not an image key")
+    return key
 
 
 def run_restore(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
@@ -574,7 +594,11 @@ def run_restore(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> i
             with MemorySink(sysroot, ranges, hold=mine) as sink:
                 # the sink itself holds back writes into this kernel's own memory
                 rstats = restore.restore_image(
-                    dev, sink, progress=progress, states=(ImageState.RESTORING,)
+                    dev,
+                    sink,
+                    progress=progress,
+                    states=(ImageState.RESTORING,),
+                    key=restore_key(sysroot) if header.encrypted else None,
                 )
                 sink.flush()
                 held = sink.held_segments()

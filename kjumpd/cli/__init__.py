@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "kjumpd.cli.daemon_cmds",  # hibernate, suspend-to-both, checkpoint, status, cancel
     "kjumpd.cli.check_cmds",  # check, plan, setup
     "kjumpd.cli.image_cmds",  # image info/verify/invalidate
+    "kjumpd.cli.key_cmds",  # image-key create/show
     "kjumpd.cli.install_cmds",  # install, uninstall
 ]
 

@@ -1,7 +1,8 @@
 """kjumpctl commands on an image target (local, no daemon needed):
 
   image info FILE [--json]        superblock, header (state, identities, stats), extent table
-  image verify FILE [--json]      check every structure and every chunk (decodes all of them)
+  image verify FILE [--json]      check every structure and every chunk (decodes all of them;
+                                  an encrypted image asks for the image key's passphrase)
   image invalidate FILE           mark the image INVALID so nothing restores it
 
 FILE is a target file, or a disk/partition with ``--offset BYTES`` (where ``kjumpctl setup``
@@ -54,6 +55,17 @@ def register(sub: Any) -> None:
     q = isub.add_parser("verify", help="check every structure and chunk of the image")
     target_args(q)
     q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument(
+        "--key",
+        default="/etc/kjumpd/image-key.json",
+        metavar="FILE",
+        help="the image key, for an encrypted image (default /etc/kjumpd/image-key.json)",
+    )
+    q.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="read the key's passphrase from the first line of FILE instead of asking",
+    )
     q.set_defaults(func=cmd_verify)
 
     q = isub.add_parser("invalidate", help="mark the image INVALID (it will not be restored)")
@@ -137,6 +149,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"jump area   {h['jump_area_start']:#x} +{h['jump_area_size']:#x}   jump-back entry "
             f"{h['jump_back_entry']:#x}",
         ]
+        seal = d.get("identity", {}).get("seal") if isinstance(d.get("identity"), dict) else None
+        key_id = seal.get("key_id") if isinstance(seal, dict) else None
+        lines.append(
+            f"encryption  AES-256-GCM, image key sealed to key {key_id or '?'}"
+            if h["auth"]
+            else "encryption  none (plaintext)"
+        )
     for start, length in d.get("extents", []):
         lines.append(f"extent      {start:#014x}-{start + length:#014x}  ({length} bytes)")
     if "metadata_error" in d:
@@ -145,12 +164,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_key(dev: Any, args: argparse.Namespace) -> bytes | None:
+    """The image key of an encrypted image (None for a plaintext one): the key file opened
+    with its passphrase, the image's seal opened with it."""
+    from kjumpd.cli.key_cmds import read_passphrase
+    from kjumpd.image import seal, store
+
+    header = store.read_header(dev)
+    if not header.encrypted:
+        return None
+    kf = seal.KeyFile.load(args.key)
+    sealed = store.read_metadata(dev, header).identity.get("seal")
+    return seal.unseal_key(kf.unlock(read_passphrase(args.passphrase_file)), kf.public, sealed)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from kjumpd.image import restore
 
     dev, _sb = _open(args.file, writable=False, offset=args.offset)
     with dev:
-        stats = restore.restore_image(dev, None, verify_only=True)
+        stats = restore.restore_image(dev, None, verify_only=True, key=_image_key(dev, args))
     h = stats.header
     assert h is not None
     if args.json:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from kjumpd import cpio
-from kjumpd.errors import BootEntryError, ConfigError, FsStampError, InstallError
+from kjumpd.errors import BootEntryError, ConfigError, FsStampError, InstallError, KjumpError
 from kjumpd.hashing import sha256_file
 from kjumpd.linux import cmdline as kernel_cmdline
 from kjumpd.linux import mountinfo
@@ -121,6 +121,7 @@ class BootEntry:
     esp: str = ""
     entry_id: str = ENTRY_ID
     previous_default: str | None = None  # BLS LoaderEntryDefault before install
+    image_key_id: str = ""  # the image key R's payload holds (kjumpd.image.seal), if any
     # what R was told at install: the normal kernel it boots (system path and SHA-256), its
     # command line and the jump area ([start, size]); ``check`` compares them with the system
     normal_kernel: str = ""
@@ -334,6 +335,9 @@ R_NORMAL_KERNEL = "/kjump/normal/vmlinuz"
 R_NORMAL_INITRD = "/kjump/normal/initrd.img"
 R_SAVE_KERNEL = "/kjump/save/bzImage"
 R_SAVE_INITRD = "/kjump/save/initramfs.cpio.gz"
+#: the machine's image key (public key + passphrase-protected private key) in R's payload:
+#: R opens encrypted images with it (kjumpd.image.seal)
+R_IMAGE_KEY = "/etc/kjumpd/image-key.json"
 
 
 def newc(files: Mapping[str, bytes]) -> bytes:
@@ -566,7 +570,7 @@ def machine_boot_config(
         if normal_initrd is None:
             normal_initrd = found_initrd
     line = cmdline if cmdline is not None else boot_loader_cmdline(sysroot)
-    return boot_config_for(
+    bcfg, files = boot_config_for(
         target_uuid=target_uuid,
         target_offset=target_offset,
         normal_kernel=sysroot.path(normal_kernel),
@@ -578,6 +582,10 @@ def machine_boot_config(
         jump_area=(area.start, area.size),
         max_attempts=max_attempts,
     )
+    key = sysroot.path(cfg.image_key)
+    if cfg.encryption != "off" and key.is_file():
+        files[R_IMAGE_KEY] = key
+    return bcfg, files
 
 
 # ------------------------------------------------------------------ system edge
@@ -845,8 +853,13 @@ def install(
             why=e.strerror or str(e),
             fix="build R's initramfs first (python -m bootloader.initramfs base)",
         ) from None
+    # with the image key inside, R's initrd is root's alone: the key is passphrase-protected,
+    # but a copy anyone may read invites offline guessing
+    initrd_mode = 0o644
     if boot is not None:
         r_initrd += restore_payload(*boot)
+        if R_IMAGE_KEY in boot[1]:
+            initrd_mode = 0o600
     if kind == "grub" or kind == "bls":
         loader = kind
     elif loader is None:
@@ -858,7 +871,7 @@ def install(
     if loader == "grub":
         k_dest, i_dest = f"{BOOT_DIR}/vmlinuz-restore", f"{BOOT_DIR}/initrd-restore.img"
         _copy(sysroot, kernel, k_dest)
-        _write_file(sysroot, i_dest, r_initrd)
+        _write_file(sysroot, i_dest, r_initrd, initrd_mode)
         fstype, uuid, k_rel = locate(sysroot, k_dest)
         _fs2, _u2, i_rel = locate(sysroot, i_dest)
         snippet = render_grub_snippet(
@@ -874,7 +887,7 @@ def install(
             )
         k_dest, i_dest = f"{esp}/kjumpd/vmlinuz-restore", f"{esp}/kjumpd/initrd-restore.img"
         _copy(sysroot, kernel, k_dest)
-        _write_file(sysroot, i_dest, r_initrd)
+        _write_file(sysroot, i_dest, r_initrd, initrd_mode)
         if machine_id is None:
             machine_id = sysroot.read_text("/etc/machine-id", default="").strip()
         entry = render_bls_entry(
@@ -900,6 +913,7 @@ def install(
         told = {
             "normal_cmdline": bcfg.normal.cmdline,
             "jump_area": list(bcfg.jump_area),
+            "image_key_id": _payload_key_id(payload),
         }
         if isinstance(src, Path):
             told["normal_kernel"] = _system_path(sysroot, src)
@@ -918,6 +932,28 @@ def install(
     _write_file(sysroot, RECORD_PATH, rec.to_json().encode())
     log.info("installed the %s restore-first entry (%s)", kind, ", ".join(files))
     return rec
+
+
+def _payload_key_id(payload: Mapping[str, Path | bytes]) -> str:
+    """The key id of the image key in R's payload ("" when there is none)."""
+    from kjumpd.image.seal import KeyFile
+
+    src = payload.get(R_IMAGE_KEY)
+    if src is None:
+        return ""
+    return KeyFile.from_json(src if isinstance(src, bytes) else Path(src).read_bytes()).key_id
+
+
+def current_key_id(sysroot: Sysroot) -> str:
+    """The key id of the image key R should hold now ("" when images are not encrypted)."""
+    from kjumpd.daemon import config as cfgmod
+    from kjumpd.image.seal import KeyFile
+
+    cfg = cfgmod.load(sysroot)
+    path = sysroot.path(cfg.image_key)
+    if cfg.encryption == "off" or not path.is_file():
+        return ""
+    return KeyFile.load(path).key_id
 
 
 def _system_path(sysroot: Sysroot, p: Path) -> str:
@@ -998,6 +1034,24 @@ def staleness(sysroot: Sysroot, rec: BootEntry) -> list[str]:
         out.append(
             f"the restore-first entry would boot the normal kernel with {rec.normal_cmdline!r}, "
             f"but the boot loader now gives {now!r} (fix: run {REFRESH})"
+        )
+    try:
+        key_now = current_key_id(sysroot)
+    except KjumpError as e:
+        key_now = rec.image_key_id
+        out.append(f"{e.message} (fix: {e.fix})" if e.fix else e.message)
+    if key_now != rec.image_key_id:
+        out.append(
+            (
+                f"the restore-first entry holds image key {rec.image_key_id}, images are now "
+                f"sealed to {key_now}"
+                if rec.image_key_id and key_now
+                else f"images are now sealed to image key {key_now}; the restore-first entry "
+                "has no key to open them"
+                if key_now
+                else "the restore-first entry holds an image key that is no longer used"
+            )
+            + " (fix: run `kjumpctl install`: it rebuilds the save kernel's initramfs too)"
         )
     # The jump area is not compared: R loads the save kernel into the area the image header
     # records, wherever A's reservation was (KASLR or crashkernel=SIZE may move it), and a

@@ -145,6 +145,9 @@ class Config:
     # [authz] without polkit: members of this group may use the D-Bus API (root always may)
     authz_group: str = ""
 
+    encryption: str = "auto"  # auto | required | off (kjumpd.daemon.encryption)
+    image_key: str = "/etc/kjumpd/image-key.json"
+
     def save_kernel_append(self) -> str:
         """B's configured command-line words: ``append`` and the watchdog's (kjumpd.agent)."""
         wd = self.save_kernel_watchdog
@@ -201,6 +204,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "rearm_min_seconds": ("battery_rearm_min_seconds", "seconds_int"),
     },
     "authz": {"group": ("authz_group", "group")},
+    "encryption": {"mode": ("encryption", "encryption"), "key": ("image_key", "abspath")},
 }
 
 
@@ -322,6 +326,10 @@ def _convert(kind: str, key: str, v: Any) -> Any:
     if kind == "compression":
         if v not in ("lz4", "none"):
             raise _bad(key, '"lz4" or "none"', v, '"lz4"')
+        return v
+    if kind == "encryption":
+        if v not in ("auto", "required", "off"):
+            raise _bad(key, '"auto", "required" or "off"', v, '"auto"')
         return v
     if kind == "policy":
         if v not in ("abort", "continue"):

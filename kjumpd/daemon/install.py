@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kjumpd import resources
+from kjumpd.daemon import encryption
 from kjumpd.errors import InstallError, JumpAreaError, KjumpError
 from kjumpd.hashing import sha256_file
 from kjumpd.sysroot import Sysroot
@@ -249,26 +250,27 @@ def _read(p: Path, what: str, fix: str) -> bytes:
         raise InstallError(f"cannot read {what} {p}", why=e.strerror or str(e), fix=fix) from None
 
 
-def build_save_initramfs() -> Path:
-    """B's initramfs built from this host's python3 (cached; savekernel/initramfs.py)."""
+def build_save_initramfs(crypto: bool = False) -> Path:
+    """B's initramfs built from this host's python3 (cached; savekernel/initramfs.py); with
+    ``crypto`` it can encrypt images (python3-cryptography, about 4 MB more to load)."""
     from savekernel.initramfs import build_save_initramfs as build
 
-    return build().path
+    return build(crypto=crypto).path
 
 
-def build_restore_initramfs() -> Path:
-    """R's generic initramfs (cached; bootloader/initramfs.py)."""
+def build_restore_initramfs(crypto: bool = False) -> Path:
+    """R's generic initramfs (cached; bootloader/initramfs.py); ``crypto`` as above."""
     from bootloader.initramfs import build_restore_initramfs as build
 
-    return Path(build().path)
+    return Path(build(crypto=crypto).path)
 
 
 def plan(
     sysroot: Sysroot,
     opts: Options,
     *,
-    build_save: Callable[[], Path] = build_save_initramfs,
-    build_restore: Callable[[], Path] = build_restore_initramfs,
+    build_save: Callable[[bool], Path] = build_save_initramfs,
+    build_restore: Callable[[bool], Path] = build_restore_initramfs,
 ) -> Plan:
     """Every change install would make, nothing written (initramfs builds go to the cache)."""
     from kjumpd.daemon import config as cfgmod
@@ -286,8 +288,12 @@ def plan(
         )
     i_src = opts.save_initramfs
     if i_src is None:
-        i_src = build_save()
-        p.notes.append(f"the save kernel's initramfs was built from this host's python3: {i_src}")
+        crypto = encryption.wanted(sysroot, cfg)
+        i_src = build_save(crypto)
+        p.notes.append(
+            f"the save kernel's initramfs was built from this host's python3"
+            f"{' with python3-cryptography (the image key exists)' if crypto else ''}: {i_src}"
+        )
     k_data = _read(k_src, "the save kernel", "pass an existing file to --save-kernel")
     i_data = _read(i_src, "the save initramfs", "pass an existing file to --save-initramfs")
     p.files.append(_file(sysroot, cfg.save_kernel, k_data, "save kernel"))
@@ -400,7 +406,7 @@ def plan_boot_entry(
     opts: Options,
     cfg: Any,
     save_kernel: Path,
-    build_restore: Callable[[], Path],
+    build_restore: Callable[[bool], Path],
     *,
     normal_kernel: str | None = None,
     normal_initrd: str | None = None,
@@ -425,7 +431,7 @@ def plan_boot_entry(
             f"{cfg.target} --size SIZE`, then `kjumpctl install` again",
         )
     r_kernel = opts.restore_kernel or save_kernel
-    r_initrd = opts.restore_initrd or build_restore()
+    r_initrd = opts.restore_initrd or build_restore(encryption.wanted(sysroot, cfg))
     if check_only:
         return BootEntryStep(
             "after-files",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kjumpd.daemon import blockmap, bootentry, fsfreeze, jumparea, memory, taskfreeze
+from kjumpd.daemon import blockmap, bootentry, encryption, fsfreeze, jumparea, memory, taskfreeze
 from kjumpd.daemon.config import Config
 from kjumpd.errors import FreezeError, KjumpError
 from kjumpd.hashing import sha256_file
@@ -48,6 +48,7 @@ class PreflightPlan:
     memory: memory.MemoryPlan | None = None
     target: blockmap.Target | None = None
     uuid: str | None = None
+    encryption: encryption.EncryptionPlan | None = None
 
 
 @dataclass
@@ -145,6 +146,7 @@ def run(sysroot: Sysroot, config: Config, mode: str | None = None) -> PreflightR
     rep.step("target", lambda: _target(sysroot, config, rep))
     _boot_entry(sysroot, rep)
     rep.step("filesystems", lambda: _filesystems(sysroot))
+    rep.step("image encryption", lambda: _encryption(sysroot, config, rep))
     _user_space_freeze(sysroot, rep)
     _watchdog(sysroot, config, rep)
     _way_out(sysroot, config, mode or config.mode, rep)
@@ -333,6 +335,12 @@ def _filesystems(sysroot: Sysroot) -> str:
         )
     n = len(fsfreeze.freezable(mounts))
     return f"{n} filesystem(s) to freeze, each on a disk or partition R can read"
+
+
+def _encryption(sysroot: Sysroot, config: Config, rep: PreflightReport) -> str:
+    """Whether the image is encrypted, by the [encryption] policy."""
+    rep.plan.encryption = encryption.plan(sysroot, config)
+    return rep.plan.encryption.detail
 
 
 def _boot_entry(sysroot: Sysroot, rep: PreflightReport) -> None:

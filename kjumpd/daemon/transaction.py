@@ -571,6 +571,7 @@ class Hibernation:
             free_page_check=cfg.free_page_check,
             free_pages_zeroed=zeroed,
             ram_map=ctx.memory.ram_map.to_dict() if ctx.memory.ram_map else None,
+            **(ctx.plan.encryption.job_fields() if ctx.plan.encryption else {}),
         )
         ctx.timed("initrd copy wait", ctx.stager.result)
         ctx.steps["initrd copy (thread)"] = ctx.stager.seconds

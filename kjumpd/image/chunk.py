@@ -230,7 +230,7 @@ def _load_lz4() -> Callable[..., int] | None:
             continue
         f.argtypes = (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
         f.restype = ctypes.c_int
-        return f  # type: ignore[no-any-return]
+        return f
     return None
 
 

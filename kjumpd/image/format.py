@@ -38,13 +38,17 @@ Header slot (4 KiB; the valid slot with the highest sequence wins)::
     56  8  updated (unix time, float64)
     64  8  jump area start      72 8 jump area size
     80  8  jump-back entry
-    88  4  flags (FLAG_*)       92 4 chunk size
+    88  4  flags (FLAG_*: 1 zero elision, 2 verified, 4 encrypted; a reader refuses others)
+    92  4  chunk size
     96  8  metadata offset     104 8 metadata length    112 4 metadata CRC
     116 4  data CRC (CRC-32 over the little-endian u32 CRCs of every chunk record, in order)
     120 8  data offset         128 8 data length
     136 8  stats: raw bytes    144 8 zero pages        152 8 stored bytes   160 8 chunk count
     168 .  five strings, each u16 length + UTF-8 bytes: mode, compression, main kernel id,
            save kernel hash, reason
+    .  32  only with FLAG_ENCRYPTED (added within version 1): the authentication tag of the
+           header's fixed fields and the metadata (kjumpd.image.seal, which also describes
+           the encrypted records and the key); a reader without it refuses the flag
     .   4  CRC-32 of every byte before it
 
 Metadata (at Header.metadata_offset; its CRC is also in the header)::
@@ -132,6 +136,9 @@ _CRC = struct.Struct("<I")
 
 FLAG_ZERO_ELISION = 1
 FLAG_VERIFIED = 2
+FLAG_ENCRYPTED = 4
+KNOWN_FLAGS = FLAG_ZERO_ELISION | FLAG_VERIFIED | FLAG_ENCRYPTED
+AUTH_SIZE = 32
 
 ENC_LZ4 = 0
 ENC_RAW = 1
@@ -324,7 +331,13 @@ class Header:
     main_kernel: str = ""
     save_kernel_hash: str = ""
     reason: str = ""
+    #: with FLAG_ENCRYPTED: the authentication tag (kjumpd.image.seal), else empty
+    auth: bytes = b""
     version: int = FORMAT_VERSION
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & FLAG_ENCRYPTED)
 
     def evolve(self, **changes: Any) -> Header:
         return replace(self, **changes)
@@ -368,6 +381,15 @@ class Header:
             if len(raw) > _MAX_STR:
                 raise _bad("header", 0, f"text field of {len(raw)} bytes is longer than {_MAX_STR}")
             body += _STR_LEN.pack(len(raw)) + raw
+        if len(self.auth) != (AUTH_SIZE if self.encrypted else 0):
+            raise _bad(
+                "header",
+                0,
+                f"an {'encrypted' if self.encrypted else 'unencrypted'} image's header has an "
+                f"authentication tag of {len(self.auth)} bytes",
+                fix="internal: set auth with FLAG_ENCRYPTED only",
+            )
+        body += self.auth
         body += _CRC.pack(crc32(body))
         if len(body) > HEADER_SLOT_SIZE:
             raise _bad("header", 0, "header does not fit its 4 KiB slot")
@@ -401,9 +423,23 @@ class Header:
                 raise _bad(name, base + pos, f"text field length {n} runs past the slot")
             strings.append(data[pos : pos + n])
             pos += n
+        flags = f[13]
+        auth = b""
+        if flags & FLAG_ENCRYPTED:
+            if pos + AUTH_SIZE > len(data) - 4:
+                raise _bad(name, base + pos, "the authentication tag runs past the slot")
+            auth = data[pos : pos + AUTH_SIZE]
+            pos += AUTH_SIZE
         (stored,) = _CRC.unpack_from(data, pos)
         if crc32(data[:pos]) != stored:
             raise _corrupt(name, base + pos, "checksum mismatch")
+        if flags & ~KNOWN_FLAGS:
+            raise _bad(
+                name,
+                base + 88,
+                f"unknown flags {flags & ~KNOWN_FLAGS:#x}",
+                fix="restore with the kjumpd release that saved it, or boot normally",
+            )
         try:
             state = ImageState(f[2])
         except ValueError:
@@ -440,6 +476,7 @@ class Header:
             main_kernel=text[2],
             save_kernel_hash=text[3],
             reason=text[4],
+            auth=auth,
             version=f[1],
         )
 
@@ -457,6 +494,7 @@ class Header:
         d["state"] = self.state.name
         d["state_text"] = self.state_text
         d["uuid"] = str(uuidlib.UUID(bytes=self.uuid))
+        d["auth"] = self.auth.hex()
         return d
 
 

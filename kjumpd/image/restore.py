@@ -32,9 +32,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError
+from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError, ImageKeyError
 from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, decode_into, zeros
 from kjumpd.image.device import ImageDevice
@@ -81,11 +81,22 @@ class RestoreStats:
 
 
 def check_image(
-    dev: ImageDevice, states: Iterable[ImageState] = RESTORABLE, action: str = "restore"
+    dev: ImageDevice,
+    states: Iterable[ImageState] = RESTORABLE,
+    action: str = "restore",
+    key: bytes | None = None,
 ) -> tuple[Header, Metadata]:
-    """Header + metadata of a restorable image, or a clear error naming what is wrong."""
+    """Header + metadata of a restorable image, or a clear error naming what is wrong.
+    An encrypted image needs its image ``key``: its header and metadata are authenticated
+    here."""
     header = store.read_header(dev)
     store.require_state(header, *states, action=action)
+    if header.encrypted and key is None:
+        raise ImageKeyError(
+            f"the image is encrypted; cannot {action} it without its key",
+            why="the image key is sealed to the machine's image key",
+            fix="restore through the restore-first boot entry, which asks for the passphrase",
+        )
     if header.compression not in COMPRESSIONS:
         raise ImageFormatError(
             f"image compression {header.compression!r} is not supported",
@@ -94,6 +105,10 @@ def check_image(
             offset=0,
         )
     meta = store.read_metadata(dev, header)
+    if header.encrypted and key is not None:
+        cipher(key, header).check_header(
+            header, dev.read(header.metadata_offset, header.metadata_length)
+        )
     want = chunk_count(meta.extents, header.chunk_size) if header.chunk_size else -1
     if (
         header.chunk_count != want
@@ -111,6 +126,13 @@ def check_image(
             offset=0,
         )
     return header, meta
+
+
+def cipher(key: bytes, header: Header) -> Any:
+    """The image's seal.ImageCipher (imported only for an encrypted image)."""
+    from kjumpd.image.seal import ImageCipher
+
+    return ImageCipher.for_header(key, header)
 
 
 class _Skipped(ImageError):
@@ -185,6 +207,7 @@ def iter_image(
     stages: dict[str, float] | None = None,
     deliver: Deliver | None = None,
     overlap: bool = False,
+    key: bytes | None = None,
 ) -> Iterator[tuple[int, memoryview]]:
     """(phys, bytes) of every chunk, in order, each checked before it is yielded.
 
@@ -198,14 +221,17 @@ def iter_image(
     workers = workers or default_workers()
     depth = inflight_chunks(workers, header.chunk_size)
     clocks = stages if stages is not None else {}
-    for key in _STAGES:
-        clocks.setdefault(key, 0.0)
+    for stage in _STAGES:
+        clocks.setdefault(stage, 0.0)
+    if header.encrypted and key is None:
+        raise ImageKeyError("the image is encrypted; its records cannot be read without its key")
     reader = RecordReader(dev, header.data_offset, header.data_length)
     # one buffer per chunk in flight, plus the one the consumer is looking at
     ring = _Ring(depth + 1, header.chunk_size)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-unlz4") as pool:
-            flight = _InFlight(pool, ring, _Turns(overlap), deliver, clocks)
+            opener = cipher(key, header).open if header.encrypted and key is not None else None
+            flight = _InFlight(pool, ring, _Turns(overlap), deliver, clocks, opener)
             try:
                 records = _placed_records(reader, header, meta, clocks)
                 yield from _decode_in_order(records, flight, depth, header)
@@ -321,8 +347,10 @@ class _InFlight:
         turns: _Turns,
         deliver: Deliver | None,
         clocks: dict[str, float],
+        opener: Callable[[ChunkHeader, bytes, bytes, int], tuple[ChunkHeader, bytes]] | None = None,
     ) -> None:
         self.pool, self.ring, self.turns = pool, ring, turns
+        self.opener = opener  # an encrypted image: each record authenticated, then decoded
         self.deliver, self.clocks = deliver, clocks
         self.pending: deque[tuple[ChunkHeader, Future[_Decoded]]] = deque()
         self.count = 0  # chunks submitted
@@ -359,6 +387,8 @@ class _InFlight:
         buf: mmap.mmap | None,
     ) -> _Decoded:
         try:
+            if self.opener is not None:
+                ch, payload = self.opener(ch, bitmap, payload, off)
             out, n, cpu = _decode(ch, bitmap, payload, off, buf)
         except BaseException:
             self.turns.fail(seq)
@@ -438,9 +468,11 @@ def restore_image(
     on_divert: Callable[[int, bytes], None] | None = None,
     workers: int | None = None,
     states: Iterable[ImageState] = RESTORABLE,
+    key: bytes | None = None,
 ) -> RestoreStats:
-    """Write the image's memory into ``sink`` (nothing when ``verify_only``)."""
-    header, meta = check_image(dev, states, action="verify" if verify_only else "restore")
+    """Write the image's memory into ``sink`` (nothing when ``verify_only``); an encrypted
+    image needs its image ``key``."""
+    header, meta = check_image(dev, states, action="verify" if verify_only else "restore", key=key)
     stats = RestoreStats(header=header, metadata=meta)
     prepare = getattr(sink, "prepare", None)
     if prepare is not None and not verify_only:  # a file sink allocates the ranges up front
@@ -478,6 +510,7 @@ def restore_image(
         stages=stats.stages,
         deliver=deliver if writing else None,
         overlap=bool(getattr(sink, "concurrent_writes", False)),
+        key=key,
     ):
         stats.raw_bytes += len(data)
         stats.chunk_count += 1

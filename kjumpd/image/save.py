@@ -30,6 +30,8 @@ from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, EncodedChunk, encode_chunk, zero_chunk
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (
+    AUTH_SIZE,
+    FLAG_ENCRYPTED,
     FLAG_VERIFIED,
     FLAG_ZERO_ELISION,
     METADATA_OFFSET,
@@ -179,8 +181,10 @@ class _Encoders:
         chunk_size: int,
         compression: str,
         tag: int,
+        cipher: Any = None,
     ) -> None:
         self.source, self.plan, self.depth = source, plan, depth
+        self.cipher = cipher  # seal.ImageCipher: records are encrypted
         self.compression, self.tag, self.chunk_size = compression, tag, chunk_size
         self.readinto = getattr(source, "readinto", None)
         self.known_zero = getattr(source, "known_zero", None)
@@ -227,6 +231,8 @@ class _Encoders:
             item: EncodedChunk | BaseException
             try:
                 item = self._encode(index, phys, n, buf)
+                if self.cipher is not None:
+                    item = self.cipher.seal_chunk(item)
             except BaseException as e:  # noqa: B902 - raised by the writer, in plan order
                 item = e
             with self.cond:
@@ -284,8 +290,12 @@ def save_image(
     cancel: Any = None,
     compression: str = "lz4",
     verify: bool = True,
+    key: bytes | None = None,
 ) -> SaveStats:
-    """Save ``ranges`` of ``source`` into the target ``dev``; SAVED is written last."""
+    """Save ``ranges`` of ``source`` into the target ``dev``; SAVED is written last.
+
+    With ``key`` (an image key, kjumpd.image.seal) every record is encrypted and the header
+    and metadata are authenticated; ``identity`` should then hold the key's ``seal``."""
     extents = normalize_ranges(ranges)
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     workers = workers or default_workers()
@@ -305,9 +315,15 @@ def save_image(
             fix="make the target larger",
             path=dev.path,
         )
-    header = store.write_header(
-        dev, _writing_header(sb.uuid, identity, mode, chunk_size, compression, meta_raw, data_off)
-    )
+    first = _writing_header(sb.uuid, identity, mode, chunk_size, compression, meta_raw, data_off)
+    cipher = None
+    if key is not None:
+        from kjumpd.image.seal import ImageCipher
+
+        first = first.evolve(flags=first.flags | FLAG_ENCRYPTED, auth=bytes(AUTH_SIZE))
+        cipher = ImageCipher.for_header(key, first)
+        first = first.evolve(auth=cipher.header_mac(first, meta_raw))
+    header = store.write_header(dev, first)
     tag = image_tag(header.uuid, header.created)
     is_cancelled = _Cancel(cancel)
     total = meta.raw_bytes
@@ -316,7 +332,7 @@ def save_image(
     verifier = ReadBackVerifier(dev) if verify else None
     rw = RecordWriter(dev, data_off, verifier=verifier)
     depth = inflight_chunks(workers, chunk_size)
-    encoders = _Encoders(source, plan, workers, depth, chunk_size, compression, tag)
+    encoders = _Encoders(source, plan, workers, depth, chunk_size, compression, tag, cipher)
     readback_s = 0.0
     try:
         if verifier is not None:

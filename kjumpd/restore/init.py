@@ -158,6 +158,8 @@ class Gathered:
     evidence: Any  # decision.Evidence
     dev: Any = None  # the open target (writable) or None
     device: str = ""
+    header: Any = None  # format.Header of a SAVED/RESTORING image
+    meta: Any = None  # its format.Metadata, when it reads
 
 
 def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
@@ -247,7 +249,7 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
         ram_saved=meta.identity.get("ram_map") if meta is not None else None,
         ram_now=ram_now,
     )
-    return Gathered(ev, dev, device)
+    return Gathered(ev, dev, device, header, meta)
 
 
 class Steps:
@@ -322,9 +324,11 @@ def restore_first(
     *,
     run: Runner = run_cmd,
     kexec: str = "kexec",
+    ask: Callable[[str], str | None] | None = None,
 ) -> str:
-    """One pass of R; returns what it did ("restore", "normal", "invalid:<code>") when the
-    kexec did not take over (always in tests with a fake kexec)."""
+    """One pass of R; returns what it did ("restore", "normal", "invalid:<code>",
+    "kept:<why>") when the kexec did not take over (always in tests with a fake kexec).
+    ``ask`` reads a passphrase for an encrypted image (default: the console)."""
     from kjumpd.bootconfig import BootConfig
     from kjumpd.image import store
     from kjumpd.image.format import ImageState
@@ -350,11 +354,43 @@ def restore_first(
     say(f"decision: {decision} ({time.monotonic() - t0:.2f} s)")
     try:
         if isinstance(decision, Restore):
+            b_cfg = cfg
+            if g.header is not None and g.header.encrypted:
+                from dataclasses import replace
+
+                from kjumpd.restore import unlock
+
+                opened = unlock.open_image(
+                    sysroot,
+                    g.header,
+                    g.meta.identity if g.meta is not None else {},
+                    g.dev.read(g.header.metadata_offset, g.header.metadata_length),
+                    ask or unlock.ask_console,
+                    say,
+                )
+                if isinstance(opened, unlock.Kept):
+                    say(f"image kept ({g.header.state_text}): {opened.why}")
+                    g.dev.close()
+                    g.dev = None
+                    boot_normal(cfg, f"kept:{opened.note}", run, kexec, sysroot)
+                    return f"kept:{opened.note}"
+                if isinstance(opened, unlock.Refused):
+                    store.set_state(g.dev, ImageState.INVALID, reason=opened.reason)
+                    say(f"image refused and marked INVALID({opened.reason})")
+                    g.dev.close()
+                    g.dev = None
+                    boot_normal(cfg, "invalid:altered", run, kexec, sysroot)
+                    return "invalid:altered"
+                say("image key unsealed; header and metadata authenticated")
+                initrd = unlock.b_initrd_with_key(sysroot, cfg.save.initrd or "", opened.key)
+                b_cfg = replace(cfg, save=replace(cfg.save, initrd=initrd))
             store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
             say(f"image marked RESTORING({decision.attempt}); loading the save kernel")
             g.dev.close()
             g.dev = None
-            args = restore_kexec_args(localize(cfg, sysroot), decision.attempt, decision.jump_area)
+            args = restore_kexec_args(
+                localize(b_cfg, sysroot), decision.attempt, decision.jump_area
+            )
             kexec_into(args, run, kexec)
             # B could not be started: the attempt is counted; boot normally
             boot_normal(cfg, "restore-failed", run, kexec, sysroot)

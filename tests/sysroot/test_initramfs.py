@@ -140,6 +140,42 @@ def test_save_initramfs_runs_the_agent_on_its_trimmed_python(tmp_path: Path) -> 
     assert "Traceback" not in out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("which", ["save", "restore"])
+def test_the_crypto_variant_encrypts_with_only_its_own_libraries(tmp_path: Path, which) -> None:
+    """B (save and restore role) and R with python3-cryptography: sealing, unsealing and
+    record encryption work inside the archive alone (libcrypto and the cffi backend are
+    in it); the plain variant stays without them, at its size."""
+    need_root()
+    from bootloader.initramfs import build_restore_initramfs
+
+    build = initramfs.build_save_initramfs if which == "save" else build_restore_initramfs
+    img = build(crypto=True)
+    root = tmp_path / "root"
+    entries = initramfs.read_archive(img.path)
+    extract(entries, root)
+    names = {e.name for e in entries}
+    assert any("libcrypto" in n for n in names)
+    code = (
+        initramfs.BOOTCACHE_INSTALL + "\n"
+        "from kjumpd.image import seal\n"
+        "from kjumpd.image.format import ChunkHeader, Header\n"
+        "kf = seal.KeyFile.create('pw', n=1024)\n"
+        "k = seal.new_image_key()\n"
+        "s = seal.seal_key(kf.public, k)\n"
+        "ok = seal.unseal_key(kf.unlock('pw'), kf.public, s) == k\n"
+        "c = seal.ImageCipher.for_header(k, Header(uuid=bytes(16), created=1.0))\n"
+        "ch = ChunkHeader(encoding=1, pages=1, index=3, phys=4096, raw_length=4096,"
+        " payload_length=4096, crc=0, tag=0)\n"
+        "h, ct = c.seal(ch, b'\\0', b'x' * 4096)\n"
+        "print(ok, c.open(h, b'\\0', ct, 0)[1] == b'x' * 4096)"
+    )
+    out = chroot_python(root, "-c", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+    plain = initramfs.read_archive(build().path)
+    assert not any("libcrypto" in e.name or "cryptography/" in e.name for e in plain)
+
+
 def test_save_agent_creates_its_dataclasses_from_precompiled_code(tmp_path: Path) -> None:
     need_root()
     root = tmp_path / "root"

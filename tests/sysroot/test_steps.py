@@ -919,3 +919,102 @@ def test_a_filesystem_on_lvm_or_raid_fails_check_before_any_jump(full):
     assert "/home on dm-0 (device-mapper: LVM or dm-crypt)" in lines[i], lines[i]
     assert "/data on md0 (md RAID)" in lines[i], lines[i]
     assert "refuse the image as stale" in lines[i] and "unmount them" in lines[i + 1]
+
+
+# -- image encryption ---------------------------------------------------------------------------
+def _check_line(stdout: str, item: str) -> tuple[str, str]:
+    """The `check` line of ``item`` and the line after it (the fix)."""
+    lines = stdout.splitlines()
+    i = next(i for i, ln in enumerate(lines) if f"] {item}:" in ln)
+    return lines[i], lines[i + 1] if i + 1 < len(lines) else ""
+
+
+def test_image_encryption_follows_the_key_and_the_root_filesystem(full, tmp_path):
+    """No key on a plain machine: plaintext, said so. Root on LUKS (under LVM) without a key:
+    refused before anything is frozen, naming the device and the command that fixes it. A
+    key whose save kernel cannot encrypt: refused, naming `kjumpctl install`. Then the job
+    carries a fresh image key sealed to the machine's key, which the passphrase opens."""
+    import gzip
+    import hashlib
+
+    from kjumpd import cpio
+    from kjumpd.daemon import encryption
+    from kjumpd.daemon.install import set_save_kernel_hashes
+    from kjumpd.image import seal
+    from kjumpd.job import Job
+
+    line, _ = _check_line(kjumpctl(full, "check", "--mode", "test").stdout, "image encryption")
+    assert line.startswith("[ok  ]") and "none (no image key at" in line, line
+    # / on an LV inside a LUKS volume (Ubuntu's encrypted install)
+    _blockdev(full, "dm-0", "253:0", dm__uuid="CRYPT-LUKS2-0123-luks", dm__name="luks-0123")
+    _blockdev(full, "dm-1", "253:1", dm__uuid="LVM-abc", dm__name="vgubuntu-root")
+    (full / "sys/devices/virtual/block/dm-1/slaves").mkdir()
+    (full / "sys/devices/virtual/block/dm-1/slaves/dm-0").symlink_to("../../dm-0")
+    info = full / "proc/self/mountinfo"
+    original = info.read_text()
+    info.write_text(
+        original.replace(
+            "22 1 0:21 / / rw,relatime shared:1 - tmpfs rootfs rw",
+            "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/mapper/vgubuntu-root rw",
+        )
+    )
+    r = kjumpctl(full, "check", "--mode", "test")
+    assert r.returncode == 3, r.stdout
+    line, fix = _check_line(r.stdout, "image encryption")
+    assert line.startswith("[FAIL]") and "root filesystem is encrypted" in line, line
+    assert "luks-0123" in line and "kjumpctl image-key create" in fix, (line, fix)
+    info.write_text(original)  # the rest on a plain root again
+    # the key is created; the installed save kernel's initramfs predates it
+    (tmp_path / "pass").write_text("correct horse\n")
+    r = kjumpctl(full, "image-key", "create", "--passphrase-file", str(tmp_path / "pass"))
+    assert r.returncode == 0 and "kjumpctl install" in r.stdout, r.stdout + r.stderr
+    key_path = full / "etc/kjumpd/image-key.json"
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    r = kjumpctl(full, "image-key", "create", "--passphrase-file", str(tmp_path / "pass"))
+    assert r.returncode != 0 and "--force" in r.stderr, r.stderr
+    r = kjumpctl(full, "check", "--mode", "test")
+    line, fix = _check_line(r.stdout, "image encryption")
+    assert line.startswith("[FAIL]") and "cannot encrypt images" in line, line
+    assert "kjumpctl install" in fix, fix
+    entry, entry_fix = _check_line(r.stdout, "boot entry")
+    assert "no key to open them" in entry + entry_fix, r.stdout
+    # a save initramfs that holds the cryptography package (what `install` builds now)
+    initrd = gzip.compress(
+        cpio.write([cpio.Entry.file("usr/lib/python3.11/cryptography/__init__.py", b"", 0o644)])
+    )
+    w(full, "/usr/lib/kjumpd/save/initramfs.cpio.gz", initrd)
+    toml = full / "etc/kjumpd/kjumpd.toml"
+    kernel_sha = hashlib.sha256((full / "usr/lib/kjumpd/save/bzImage").read_bytes()).hexdigest()
+    toml.write_text(
+        set_save_kernel_hashes(toml.read_text(), kernel_sha, hashlib.sha256(initrd).hexdigest())
+    )
+    r = kjumpctl(full, "check", "--mode", "test")
+    line, _ = _check_line(r.stdout, "image encryption")
+    kf = seal.KeyFile.load(key_path)
+    assert line.startswith("[ok  ]") and f"key id {kf.key_id}" in line, line
+    # what the job carries: a fresh key per hibernation, sealed to the machine's key
+    plan = encryption.plan(Sysroot(full), cfg(full))
+    a, b = plan.job_fields(), plan.job_fields()
+    assert a["image_key"] != b["image_key"]
+    job = Job(
+        target_uuid="0b5e7c1a-6f6e-4c1e-9a77-3d2f1e0c9b8a",
+        superblock_device_offset=MiB,
+        device_hint={"devno": "254:0", "name": "vda"},
+        blockmap=[(0, MiB, 32 * MiB)],
+        ranges=[(0x1000, 0x9F000)],
+        mode="test",
+        compression="lz4",
+        chunk_size=MiB,
+        main_kernel={"release": "x", "build_id": ""},
+        save_kernel_hash="sha256:" + "0" * 64,
+        jump_area=(0x20000000, 128 * MiB),
+        created=1,
+        **a,
+    )
+    assert a["image_key"] not in repr(job)  # never in a log line
+    private = kf.unlock("correct horse")
+    assert seal.unseal_key(private, kf.public, job.seal).hex() == a["image_key"]
+    # [encryption] mode = "off": plaintext, whatever the key
+    toml.write_text(toml.read_text() + '\n[encryption]\nmode = "off"\n')
+    line, _ = _check_line(kjumpctl(full, "check", "--mode", "test").stdout, "image encryption")
+    assert line.startswith("[ok  ]") and "off" in line, line

@@ -285,3 +285,52 @@ def test_a_long_invalidation_reason_is_cut_and_the_image_invalidated(tmp_path):
     header = json.loads(r.stdout)["header"]
     assert header["state"] == "INVALID", header
     assert len(header["reason"]) == 400 and header["reason"].endswith("..."), header["reason"]
+
+
+def test_encrypted_images_through_the_agent_and_kjumpctl(tmp_path, mem):
+    """`kjump-agent save/restore --image-key` round-trips; `kjumpctl image info` says the
+    image is encrypted and to which key; `image verify` opens it with the key file and its
+    passphrase, and refuses a wrong passphrase with exit 7 and the reason."""
+    from kjumpd.image import seal, store
+    from kjumpd.image.device import ImageDevice
+    from kjumpd.image.memfile import FileMemorySource
+    from kjumpd.image.save import save_image
+
+    p, data = mem
+    key = seal.new_image_key()
+    (tmp_path / "k").write_text(key.hex() + "\n")
+    img = tmp_path / "img"
+    r = agent(
+        "save", "--memory", str(p), "--ranges", "0-0x300000", "--target", str(img),
+        "--image-key", str(tmp_path / "k"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = agent("restore", "--target", str(img), "--memory", str(tmp_path / "out"))
+    assert r.returncode == 1 and "encrypted" in r.stderr and not (tmp_path / "out").exists()
+    r = agent(
+        "restore", "--target", str(img), "--memory", str(tmp_path / "out"),
+        "--image-key", str(tmp_path / "k"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes()[:0x300000] == data[:0x300000]
+    # an image the daemon would save: the key sealed into the identity
+    kf = seal.KeyFile.create("pw", n=1 << 10)
+    (tmp_path / "key.json").write_text(kf.to_json())
+    (tmp_path / "pw").write_text("pw\n")
+    (tmp_path / "bad").write_text("nope\n")
+    img2 = tmp_path / "img2"
+    store.create_target(img2, 8 * MiB)
+    with ImageDevice(img2, writable=True) as dev, FileMemorySource(p) as src:
+        save_image(
+            src, [(0, 0x100000)], dev, identity={"seal": seal.seal_key(kf.public, key)},
+            mode="test", key=key,
+        )  # fmt: skip
+    r = ctl("image", "info", str(img2))
+    assert f"encryption  AES-256-GCM, image key sealed to key {kf.key_id}" in r.stdout
+    verify = ("image", "verify", str(img2), "--key", str(tmp_path / "key.json"))
+    r = ctl(*verify, "--passphrase-file", str(tmp_path / "pw"))
+    assert r.returncode == 0 and "image OK" in r.stdout, r.stderr
+    r = ctl(*verify, "--passphrase-file", str(tmp_path / "bad"))
+    assert r.returncode == 7 and "passphrase does not open" in r.stderr, r.stderr
+    r = ctl("image", "info", str(img))
+    assert "encryption  AES-256-GCM, image key sealed to key ?" in r.stdout

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from kjumpd.errors import ImageCorruptError, ImageFormatError
 from kjumpd.image.format import (
     CHUNK_HEADER_SIZE,
+    FLAG_ENCRYPTED,
     HEADER_SLOT_SIZE,
+    KNOWN_FLAGS,
     MAX_EXTENTS,
     BlockExtent,
     ChunkHeader,
@@ -53,6 +55,7 @@ def superblocks(draw):
 
 @st.composite
 def headers(draw):
+    flags = draw(st.integers(0, KNOWN_FLAGS))
     return Header(
         state=draw(st.sampled_from(ImageState)),
         seq=draw(u64),
@@ -64,7 +67,7 @@ def headers(draw):
         jump_area_start=draw(u64),
         jump_area_size=draw(u64),
         jump_back_entry=draw(u64),
-        flags=draw(u32),
+        flags=flags,
         chunk_size=draw(u32),
         metadata_offset=draw(u64),
         metadata_length=draw(u64),
@@ -81,6 +84,7 @@ def headers(draw):
         main_kernel=draw(text),
         save_kernel_hash=draw(text),
         reason=draw(text),
+        auth=draw(st.binary(min_size=32, max_size=32)) if flags & FLAG_ENCRYPTED else b"",
     )
 
 
@@ -132,6 +136,27 @@ def test_header_round_trip_fills_exactly_one_slot(h):
     raw = h.pack()
     assert len(raw) == HEADER_SLOT_SIZE
     assert Header.unpack(raw) == h
+
+
+def test_header_with_an_unknown_flag_is_refused():
+    # a reader must not take an image whose flags it does not understand (an encrypted
+    # image read as plaintext would fail later, with a misleading reason)
+    from kjumpd.image.format import _CRC, crc32
+
+    raw = bytearray(Header(flags=1).pack())
+    raw[88] = 8
+    end = len(bytes(raw).rstrip(b"\0")) - 4
+    raw[end : end + 4] = _CRC.pack(crc32(bytes(raw[:end])))
+    with pytest.raises(ImageFormatError) as ei:
+        Header.unpack(bytes(raw))
+    assert "unknown flags 0x8" in ei.value.why
+
+
+def test_header_auth_goes_with_the_encrypted_flag():
+    with pytest.raises(ImageFormatError):
+        Header(flags=FLAG_ENCRYPTED).pack()
+    with pytest.raises(ImageFormatError):
+        Header(auth=bytes(32)).pack()
 
 
 @settings(deadline=None)

@@ -130,6 +130,9 @@ class VMConfig:
     #: extra QEMU arguments, e.g. ("-global", "PIIX4_PM.disable_s4=0")
     extra: Sequence[str] = ()
     disk_format: str = "raw"
+    #: QEMU's CPU model; "+ssse3,+sse4.1,+sse4.2,+aes,+pclmulqdq" offers AES-NI to the
+    #: guest (encrypted images; OpenSSL's AES-NI code also uses SSSE3)
+    cpu: str = "qemu64,+pdpe1gb"
 
 
 @dataclass
@@ -173,7 +176,7 @@ class VM:
             "-accel",
             "tcg",
             "-cpu",
-            "qemu64,+pdpe1gb",
+            c.cpu,
             "-m",
             str(c.memory_mb),
             "-smp",

@@ -8,6 +8,9 @@
              /dev/vda. Back with SAVED: power off with /mnt frozen. When a restore brings A
              back after ``kexec -e`` (header RESTORING): check the data, mark the image
              CONSUMED, thaw /mnt, write to it, print ``KJR-VERDICT: PASS restored ...``.
+             With /kjr/image-key.json in the initramfs the image is encrypted (a fresh image
+             key sealed to that key's public half, as the daemon does); ``kjr.secret=HEX``
+             plants those bytes in A's memory, checked after the restore as the data is.
 - ``normal`` the normal kernel that R boots when it does not restore: print
              ``KJR-NORMAL: rf=<kjump.rf from the command line> state=<image header state>``.
 """
@@ -41,6 +44,7 @@ B_APPEND = (
 )
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 MIB = 1 << 20
+KEY_FILE = "/kjr/image-key.json"
 
 
 def say(text: str) -> None:
@@ -98,6 +102,10 @@ def step_save(args: dict[str, str]) -> None:
     mib = int(args.get("kjr.mib", "32"))
     data = fill(mib, 777)
     before = hashlib.sha256(data).hexdigest()
+    # the secret lives only in A's memory: a page-aligned mapping of its own
+    secret = mmap.mmap(-1, 4096)
+    planted = bytes.fromhex(args.get("kjr.secret", ""))
+    secret[: len(planted)] = planted
     os.makedirs(MNT, exist_ok=True)
     if run(["mount", "-t", "ext4", FS_DEV, MNT]) != 0:
         print("KJR-VERDICT: FAIL cannot mount the data filesystem", flush=True)
@@ -132,6 +140,7 @@ def step_save(args: dict[str, str]) -> None:
         fs_stamps=[stamp.to_dict()],
         created=int(time.time()),
         cancel_key=False,
+        **encryption(),
     )
     with open("/run/b-initrd", "wb") as f:
         # as the daemon does (kjumpd.daemon.kexec.write_initrd): the job archive on a
@@ -168,7 +177,7 @@ def step_save(args: dict[str, str]) -> None:
             run(["poweroff", "-f"])
             time.sleep(120)
             return
-        intact = hashlib.sha256(data).hexdigest() == before
+        intact = hashlib.sha256(data).hexdigest() == before and secret[: len(planted)] == planted
         if h.state == ImageState.RESTORING and intact:
             store.set_state(dev, ImageState.CONSUMED)
     fcntl.ioctl(mfd, FITHAW, 0)
@@ -182,6 +191,19 @@ def step_save(args: dict[str, str]) -> None:
         f"attempt={h.attempt} data={'intact' if intact else 'CHANGED'} now={header_text()}",
         flush=True,
     )
+
+
+def encryption() -> dict[str, object]:
+    """The job's image_key and seal when the host gave A an image key (as the daemon's
+    kjumpd.daemon.encryption does), else nothing."""
+    if not os.path.exists(KEY_FILE):
+        return {}
+    from kjumpd.image import seal
+
+    kf = seal.KeyFile.load(KEY_FILE)
+    key = seal.new_image_key()
+    say(f"image encrypted: a fresh image key sealed to key {kf.key_id}")
+    return {"image_key": key.hex(), "seal": seal.seal_key(kf.public, key)}
 
 
 def step_normal(args: dict[str, str]) -> None:

@@ -1,0 +1,139 @@
+"""Whether a hibernation encrypts its image, and to which key ([encryption] in kjumpd.toml).
+
+- ``auto`` (default): encrypt whenever the image key exists; without one, refuse when the
+  root filesystem lies on dm-crypt (the image would hold what the disk encryption protects,
+  in the clear, on a disk anyone can read).
+- ``required``: refuse without the image key.
+- ``off``: never encrypt.
+
+The daemon needs only the key's public half: hibernation stays unattended. Each image gets
+a fresh random key, sealed to it (kjumpd.image.seal); the key itself goes to the save kernel
+in the job, in memory only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kjumpd.daemon.config import Config
+from kjumpd.errors import ImageKeyError, KjumpError
+from kjumpd.linux import mountinfo
+from kjumpd.sysroot import Sysroot
+
+CREATE = "kjumpctl image-key create"
+
+
+@dataclass(frozen=True)
+class EncryptionPlan:
+    public: bytes | None  # None: the image is saved in plaintext
+    key_id: str
+    detail: str  # what `check` shows
+
+    def job_fields(self) -> dict[str, Any]:
+        """The job's image_key and seal (a fresh image key per call), or nothing."""
+        if self.public is None:
+            return {}
+        from kjumpd.image import seal
+
+        key = seal.new_image_key()
+        return {"image_key": key.hex(), "seal": seal.seal_key(self.public, key)}
+
+
+def wanted(sysroot: Sysroot, config: Config) -> bool:
+    """Images are to be encrypted: the save kernel and R need python3-cryptography."""
+    return config.encryption != "off" and sysroot.path(config.image_key).is_file()
+
+
+_CAN_ENCRYPT: dict[tuple[str, int, int], bool] = {}
+
+
+def save_initramfs_can_encrypt(sysroot: Sysroot, config: Config) -> bool:
+    """B's installed initramfs holds the cryptography package (read once per file
+    version: the preflight runs every 30 s)."""
+    path = sysroot.path(config.save_initramfs)
+    try:
+        st = path.stat()
+    except OSError:
+        return False  # the "save initramfs" item names this
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _CAN_ENCRYPT:
+        from savekernel.initramfs import read_archive
+
+        try:
+            names = [e.name for e in read_archive(path)]
+        except (KjumpError, OSError):
+            names = []
+        _CAN_ENCRYPT.clear()
+        _CAN_ENCRYPT[key] = any(n.endswith("/cryptography/__init__.py") for n in names)
+    return _CAN_ENCRYPT[key]
+
+
+def encrypted_device(sysroot: Sysroot, devno: str, depth: int = 0) -> str | None:
+    """The dm-crypt device (its dm name) that ``devno`` is, or lies on (through LVM or
+    md), or None."""
+    base = sysroot.path(f"/sys/dev/block/{devno}")
+    uuid = sysroot.read_text(f"/sys/dev/block/{devno}/dm/uuid", default="").strip()
+    if uuid.startswith("CRYPT-"):
+        name = sysroot.read_text(f"/sys/dev/block/{devno}/dm/name", default="").strip()
+        return name or os.path.basename(os.path.realpath(base))
+    if depth > 8 or not (base / "slaves").is_dir():
+        return None
+    for slave in sorted(os.listdir(base / "slaves")):
+        dev = sysroot.read_text(f"/sys/class/block/{slave}/dev", default="").strip()
+        if dev:
+            found = encrypted_device(sysroot, dev, depth + 1)
+            if found:
+                return found
+    return None
+
+
+def encrypted_root(sysroot: Sysroot) -> str | None:
+    """The dm-crypt device under the root filesystem, or None."""
+    mounts = mountinfo.parse(sysroot.read_text("/proc/self/mountinfo", default=""))
+    root = [m for m in mounts if m.mountpoint == "/"]
+    return encrypted_device(sysroot, root[-1].devno) if root else None
+
+
+def plan(sysroot: Sysroot, config: Config) -> EncryptionPlan:
+    """What this hibernation does about encryption; ImageKeyError when policy refuses it."""
+    from kjumpd.image import seal
+
+    mode = config.encryption
+    if mode == "off":
+        return EncryptionPlan(None, "", 'off ([encryption] mode = "off"): images in plaintext')
+    path = sysroot.path(config.image_key)
+    if path.exists():
+        kf = seal.KeyFile.load(path)
+        seal._crypto()  # the package must be here before anything is frozen
+        if not save_initramfs_can_encrypt(sysroot, config):
+            raise ImageKeyError(
+                "the save kernel's initramfs cannot encrypt images",
+                why=f"{config.save_initramfs} has no python3-cryptography (it was built "
+                "before the image key existed)",
+                fix="run `kjumpctl install`: it rebuilds the initramfs and the restore-first "
+                "entry with the key",
+            )
+        return EncryptionPlan(
+            kf.public,
+            kf.key_id,
+            f"AES-256-GCM, the image key sealed to {config.image_key} (key id {kf.key_id})",
+        )
+    if mode == "required":
+        raise ImageKeyError(
+            "images must be encrypted and there is no image key",
+            why=f'[encryption] mode = "required" and {config.image_key} does not exist',
+            fix=f"run `{CREATE}`, then `kjumpctl install --refresh-boot-entry`",
+        )
+    crypt = encrypted_root(sysroot)
+    if crypt is not None:
+        raise ImageKeyError(
+            "the root filesystem is encrypted and the image would not be",
+            why=f"/ lies on dm-crypt ({crypt}); without an image key the hibernation image "
+            "would hold its data, and this session's, in plaintext",
+            fix=f"run `{CREATE}` (a passphrase asked for at each restore), then "
+            '`kjumpctl install --refresh-boot-entry`; or set [encryption] mode = "off" '
+            "to accept plaintext images",
+        )
+    return EncryptionPlan(None, "", f"none (no image key at {config.image_key})")

@@ -1,0 +1,160 @@
+"""R's side of an encrypted image: ask for the passphrase on the console, unseal the image
+key, check the header and metadata, and hand the key to the save kernel in memory.
+
+What R does when it cannot open an image (every case boots the normal system):
+
+- no image key in R, or the image was sealed to another key: the image is kept (a refreshed
+  restore-first entry may open it at a later boot);
+- the passphrase is left empty, or is wrong ``TRIES`` times: the image is kept, as an
+  encrypted Ubuntu or Fedora boot keeps its disk closed until the right passphrase comes;
+- the seal, the header or the metadata was altered: the image is refused (INVALID).
+
+The key goes to B as ``kjump/restore-key`` (hex) in an archive appended to B's initramfs, in
+R's RAM: it never reaches a disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kjumpd import cpio
+from kjumpd.errors import ImageCorruptError, ImageKeyError
+from kjumpd.sysroot import Sysroot
+
+TRIES = 3
+KEY_FILE = "/etc/kjumpd/image-key.json"  # bootentry.R_IMAGE_KEY: the payload puts it here
+RESTORE_KEY = "kjump/restore-key"  # agent.kernel_role.RESTORE_KEY_FILE, inside B
+#: where R writes B's initramfs with the key appended (R's root is in RAM)
+B_INITRD = "/run/kjumpd-restore-initrd"
+
+Ask = Callable[[str], "str | None"]
+
+
+@dataclass(frozen=True)
+class Opened:
+    key: bytes
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Not opened this time; the image stays as it is. ``note`` goes on the normal kernel's
+    command line (kjump.rf=kept:NOTE)."""
+
+    note: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str  # the header's INVALID(reason)
+
+
+def open_image(
+    sysroot: Sysroot,
+    header: Any,
+    identity: dict[str, Any],
+    metadata: bytes,
+    ask: Ask,
+    say: Callable[[str], None],
+) -> Opened | Kept | Refused:
+    """Unlock the image key and authenticate the header + metadata."""
+    from kjumpd.image import seal
+
+    path = sysroot.path(KEY_FILE)
+    if not path.is_file():
+        return Kept(
+            "no-key",
+            "the image is encrypted and this restore environment holds no image key "
+            "(run `kjumpctl install --refresh-boot-entry` in the normal system)",
+        )
+    try:
+        kf = seal.KeyFile.load(path)
+        sealed = seal.check_seal(identity.get("seal"), "the image's seal")
+    except ImageKeyError as e:
+        return Refused(f"key: {e.what}")
+    if sealed["key_id"] != kf.key_id:
+        return Kept(
+            "other-key",
+            f"the image was sealed to image key {sealed['key_id']}; this restore environment "
+            f"holds {kf.key_id}",
+        )
+    private = None
+    for attempt in range(1, TRIES + 1):
+        typed = ask(
+            f"kjumpd: passphrase for the hibernation image (key {kf.key_id}, "
+            f"try {attempt} of {TRIES}; empty: boot without restoring): "
+        )
+        if not typed:
+            return Kept("skipped", "no passphrase given; the image is kept for a later boot")
+        try:
+            private = kf.unlock(typed)
+            break
+        except ImageKeyError:
+            say(f"wrong passphrase ({attempt} of {TRIES})")
+    if private is None:
+        return Kept("passphrase", f"wrong passphrase {TRIES} times; the image is kept")
+    try:
+        key = seal.unseal_key(private, kf.public, sealed)
+        seal.ImageCipher.for_header(key, header).check_header(header, metadata)
+    except (ImageKeyError, ImageCorruptError) as e:
+        return Refused(f"altered: {e.what}")
+    return Opened(key)
+
+
+def b_initrd_with_key(sysroot: Sysroot, b_initrd: str, key: bytes) -> str:
+    """B's initramfs with the key archive appended, written to B_INITRD; its path."""
+    data = sysroot.path(b_initrd).read_bytes()
+    archive = cpio.write(
+        [
+            cpio.Entry.directory("kjump"),
+            cpio.Entry.file(RESTORE_KEY, key.hex().encode() + b"\n", 0o600),
+        ]
+    )
+    out = sysroot.path(B_INITRD)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        # the kernel takes an appended archive only at a 4-byte boundary; 512 as A does
+        os.write(fd, data + bytes(-len(data) % 512) + archive)
+    finally:
+        os.close(fd)
+    return B_INITRD
+
+
+def ask_console(prompt: str, console: str = "/dev/console") -> str | None:
+    """One line typed on the console, not echoed; None when there is no console to ask.
+
+    The prompt is a whole line, written once echo is off: a serial console (and a test
+    harness reading it) sees it at once, and nothing typed after it is echoed."""
+    import termios
+
+    try:
+        fd = os.open(console, os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        try:
+            old = termios.tcgetattr(fd)
+        except termios.error:
+            old = None
+        if old is not None:
+            new = list(old)
+            new[3] &= ~termios.ECHO
+            termios.tcsetattr(fd, termios.TCSANOW, new)
+        try:
+            os.write(fd, prompt.rstrip().encode() + b"\n")
+            line = b""
+            while not line.endswith((b"\n", b"\r")):
+                chunk = os.read(fd, 1)
+                if not chunk:
+                    return None if not line else line.decode("utf-8", "replace")
+                line += chunk
+        finally:
+            if old is not None:
+                termios.tcsetattr(fd, termios.TCSANOW, old)
+        return line.decode("utf-8", "replace").rstrip("\r\n")
+    finally:
+        os.close(fd)

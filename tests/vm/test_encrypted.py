@@ -1,0 +1,312 @@
+"""Encrypted images end to end on a real CONFIG_KEXEC_JUMP kernel under QEMU (TCG, with a CPU
+model that offers AES-NI).
+
+One encrypted save, shared: A (tests/vm/restorefirst_guest.py) plants a random 64-byte
+secret in its memory, seals a fresh image key to the machine's image key (as the daemon
+does) and jumps to B, whose initramfs carries python3-cryptography; B encrypts every record
+and A powers off with the image SAVED. Then, each on a copy of the disks, R (whose payload
+holds the passphrase-protected key) boots:
+
+- the secret, and the plaintext of A's memory, appear nowhere on the raw disks (scanned
+  from the host);
+- restore: R asks for the passphrase on the console; the harness types a wrong one, then
+  the right one; B restores and A checks its memory and the secret (``KJR-VERDICT: PASS``);
+- three wrong passphrases: the normal system boots (kjump.rf=kept:passphrase), the image
+  stays SAVED for a later boot;
+- an altered header (the jump-back address, CRCs recomputed): R refuses it after the
+  passphrase, INVALID(altered: ...), before B runs;
+- an altered record (one payload byte, both CRCs recomputed: damage detection cannot see
+  it): B refuses it before it reaches memory, INVALID(restore failed: chunk 0 ... fails
+  authentication).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+from pathlib import Path
+
+import pytest
+
+from bootloader.initramfs import build_restore_initramfs, make_restore_initrd, restore_config
+from kjumpd.daemon.bootentry import R_IMAGE_KEY
+from kjumpd.image import seal, store
+from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader, crc32
+from savekernel.initramfs import (
+    CRYPTO_MODULES,
+    CRYPTO_PACKAGES,
+    InitramfsImage,
+    build_initramfs,
+    build_save_initramfs,
+    crypto_host_files,
+)
+from tests.vm.harness import (
+    JUMP_AREA_SIZE,
+    JUMP_AREA_START,
+    MAIN_APPEND,
+    VM,
+    VMConfig,
+    artifacts_dir,
+)
+from tests.vm.restorefirst_guest import fill
+from tests.vm.test_restorefirst import (
+    A_INIT,
+    GUEST,
+    GUEST_MODULES,
+    NORMAL,
+    PANIC,
+    R_BASE_APPEND,
+    T,
+    copy_disks,
+    header,
+    make_disks,
+)
+from tests.vm.test_restorefirst import kernel as kernel  # noqa: F401 - the shared fixture
+
+pytestmark = pytest.mark.vm
+
+PASSPHRASE = "kjumpd test passphrase"
+AES_CPU = "qemu64,+pdpe1gb,+ssse3,+sse4.1,+sse4.2,+aes,+pclmulqdq"
+PROMPT = r"kjumpd: passphrase for the hibernation image \(key (\w+), try (\d) of 3"
+
+
+@pytest.fixture(scope="module")
+def keyfile(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("key") / "image-key.json"
+    path.write_text(seal.KeyFile.create(PASSPHRASE).to_json())
+    return path
+
+
+@pytest.fixture(scope="module")
+def b_crypto(kernel: Path) -> InitramfsImage:
+    return build_save_initramfs(crypto=True)
+
+
+@pytest.fixture(scope="module")
+def a_crypto(kernel: Path, b_crypto: InitramfsImage, keyfile: Path) -> InitramfsImage:
+    return build_initramfs(
+        None,
+        A_INIT,
+        {
+            "boot/bzImage": kernel,
+            "boot/b.cpio.gz": b_crypto.path,
+            "kjr/guest.py": GUEST,
+            "kjr/image-key.json": keyfile,
+        },
+        name="kjr-guest-crypto",
+        python_modules=(*GUEST_MODULES, *CRYPTO_MODULES),
+        python_packages=("kjumpd", "lz4", *CRYPTO_PACKAGES),
+        host_binaries=("/usr/sbin/kexec", *crypto_host_files()),
+    )
+
+
+@pytest.fixture(scope="module")
+def r_crypto(kernel: Path) -> InitramfsImage:
+    return build_restore_initramfs(crypto=True)
+
+
+def r_initrd(out: Path, kernel, a, b, r, uuid: str, keyfile: Path) -> Path:
+    cfg, files = restore_config(
+        target_uuid=uuid,
+        target_offset=0,
+        normal_kernel=kernel,
+        normal_initrd=a.path,
+        normal_cmdline=f"{MAIN_APPEND} kjr.step=normal",
+        save_kernel=kernel,
+        save_initrd=b.path,
+        save_cmdline=R_BASE_APPEND,
+        jump_area=(JUMP_AREA_START, JUMP_AREA_SIZE),
+        max_attempts=3,
+    )
+    files[R_IMAGE_KEY] = keyfile
+    return make_restore_initrd(out, cfg, files, base=r.path)
+
+
+def r_vm(kernel: Path, initrd: Path, uuid: str, disks, art: Path) -> VM:
+    cfg = VMConfig(
+        kernel=kernel,
+        initrd=initrd,
+        append=f"{R_BASE_APPEND} kjump.target={uuid} kjump.offset=0",
+        disks=list(disks),
+        memory_mb=1024,
+        smp=2,
+        cpu=AES_CPU,
+    )
+    return VM(cfg, art, name="r")
+
+
+@pytest.fixture(scope="module")
+def saved(kernel, a_crypto, tmp_path_factory) -> tuple[Path, Path, str, bytes]:
+    """Disks holding an encrypted SAVED image of A with a secret in its memory."""
+    d = tmp_path_factory.mktemp("enc-saved")
+    target, data, uuid = make_disks(d)
+    secret = secrets.token_bytes(64)
+    cfg = VMConfig(
+        kernel=kernel,
+        initrd=a_crypto.path,
+        append=f"{MAIN_APPEND} kjr.step=save kjr.mib=32 kjr.secret={secret.hex()}",
+        disks=[target, data],
+        memory_mb=1024,
+        smp=2,
+        cpu=AES_CPU,
+    )
+    art = artifacts_dir("encrypted_save")
+    with VM(cfg, art, name="save") as vm:
+        vm.wait_for(r"KJR: image SAVED|KJR-VERDICT: FAIL.*", timeout=T, fail=PANIC)
+        line = vm.last_line.text if vm.last_line else ""
+        assert "image SAVED" in line, line
+        assert vm.find(r"KJR: image encrypted: a fresh image key sealed")
+        assert vm.find(r"kjump-agent: saving .*AES-256-GCM"), "B did not say it encrypts"
+        saved_line = vm.find(r"kjump-agent: SAVED.*")
+        vm.wait_exit(timeout=120)
+    (art / "figures.json").write_text(
+        json.dumps({"agent": [m.group(0) for m in saved_line]}, indent=1) + "\n"
+    )
+    h = header(target)
+    assert h.state_text == "SAVED" and h.encrypted
+    return target, data, uuid, secret
+
+
+def _find_on_disk(path: Path, needles: list[bytes]) -> list[str]:
+    """Which needles occur anywhere in the raw disk file (read in overlapping windows)."""
+    width = max(len(n) for n in needles)
+    found = set()
+    with open(path, "rb") as f:
+        tail = b""
+        while True:
+            block = f.read(8 << 20)
+            if not block:
+                break
+            hay = tail + block
+            for i, n in enumerate(needles):
+                if n in hay:
+                    found.add(i)
+            tail = hay[-width:]
+    return [needles[i][:8].hex() for i in sorted(found)]
+
+
+def test_the_secret_and_the_memory_never_reach_the_disks_in_plaintext(saved) -> None:
+    target, data, _uuid, secret = saved
+    # A's fill pattern (random bytes, incompressible: a plaintext image stores it as is)
+    pattern = bytes(fill(1, 777)[: 1 << 20])
+    needles = [secret, secret.hex().encode(), pattern[4096:8192], pattern[500000:504096]]
+    for disk in (target, data):
+        assert _find_on_disk(disk, needles) == [], f"plaintext found on {disk.name}"
+    # the check can fail: the same scan finds the pattern in a plaintext copy of it
+    probe = target.with_name("probe.raw")
+    probe.write_bytes(os.urandom(4096) + pattern[4096:8192] + os.urandom(4096))
+    assert _find_on_disk(probe, needles[2:3]) != []
+    probe.unlink()
+
+
+def test_restore_asks_the_passphrase_and_brings_the_secret_back(
+    request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved, tmp_path
+) -> None:
+    target, data = copy_disks(saved[:2], tmp_path / "disks")
+    rimg = r_initrd(tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], keyfile)
+    with r_vm(kernel, rimg, saved[2], (target, data), artifacts_dir(request.node.name)) as vm:
+        m = vm.wait_for(PROMPT, timeout=T, fail=PANIC)
+        assert m.group(2) == "1"
+        vm.send("not the passphrase\n")
+        m = vm.wait_for(PROMPT, timeout=T, fail=PANIC)
+        assert m.group(2) == "2"
+        assert vm.find(r"kjumpd-rf: wrong passphrase \(1 of 3\)")
+        vm.send(PASSPHRASE + "\n")
+        m = vm.wait_for(r"KJR-VERDICT: (PASS|FAIL) (.*)|KJR-NORMAL.*", timeout=T, fail=PANIC)
+        assert vm.find(r"kjumpd-rf: image key unsealed; header and metadata authenticated")
+        assert vm.find(r"kjump-agent: save kernel up: role restore")
+        assert not vm.find(PASSPHRASE), "the passphrase was echoed on the console"
+        assert m.group(1) == "PASS", m.group(0)
+        assert "data=intact" in m.group(2) and "now=CONSUMED" in m.group(2), m.group(0)
+    assert header(target).state_text == "CONSUMED"
+
+
+def test_three_wrong_passphrases_boot_normally_and_keep_the_image(
+    request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved, tmp_path
+) -> None:
+    target, data = copy_disks(saved[:2], tmp_path / "disks")
+    rimg = r_initrd(tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], keyfile)
+    with r_vm(kernel, rimg, saved[2], (target, data), artifacts_dir(request.node.name)) as vm:
+        for attempt in (1, 2, 3):
+            m = vm.wait_for(PROMPT, timeout=T, fail=PANIC)
+            assert m.group(2) == str(attempt)
+            vm.send(f"wrong {attempt}\n")
+        m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
+        assert not vm.find(r"kjump-agent"), "B ran without the passphrase"
+    assert m.group(1) == "kept:passphrase" and m.group(2) == "SAVED", m.group(0)
+    assert header(target).state_text == "SAVED"
+
+
+def test_an_altered_header_is_refused_before_the_save_kernel_runs(
+    request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved, tmp_path
+) -> None:
+    target, data = copy_disks(saved[:2], tmp_path / "disks")
+    dev, _ = store.open_target(target, writable=True, offset=0)
+    with dev:  # a crafted jump-back address, every CRC recomputed
+        h = store.read_header(dev)
+        store.update_header(dev, jump_back_entry=h.jump_back_entry + 0x1000)
+    rimg = r_initrd(tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], keyfile)
+    with r_vm(kernel, rimg, saved[2], (target, data), artifacts_dir(request.node.name)) as vm:
+        vm.wait_for(PROMPT, timeout=T, fail=PANIC)
+        vm.send(PASSPHRASE + "\n")
+        m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
+        assert not vm.find(r"kjump-agent"), "B ran for an altered image"
+    assert m.group(1) == "invalid:altered", m.group(0)
+    assert m.group(2).startswith("INVALID(altered: the image header or metadata was altered")
+
+
+def test_an_altered_record_is_refused_before_it_reaches_memory(
+    request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved, tmp_path
+) -> None:
+    target, data = copy_disks(saved[:2], tmp_path / "disks")
+    h = header(target)
+    with open(target, "r+b") as f:  # the first record with a payload: one byte, CRCs redone
+        pos = h.data_offset
+        while True:
+            f.seek(pos)
+            ch = ChunkHeader.unpack(f.read(CHUNK_HEADER_SIZE))
+            bitmap = f.read(ch.bitmap_length)
+            if ch.payload_length > 16:
+                break
+            pos += ch.record_length
+        payload = bytearray(f.read(ch.payload_length))
+        payload[len(payload) // 2] ^= 0x01
+        new = ChunkHeader(
+            encoding=ch.encoding,
+            pages=ch.pages,
+            index=ch.index,
+            phys=ch.phys,
+            raw_length=ch.raw_length,
+            payload_length=len(payload),
+            crc=crc32(bytes(payload), crc32(bitmap)),
+            tag=ch.tag,
+        )
+        f.seek(pos)
+        f.write(new.pack() + bitmap + bytes(payload))
+        # and the header's checksum over every record's CRC, as a forger would
+        crcs, pos = [], h.data_offset
+        for _ in range(h.chunk_count):
+            f.seek(pos)
+            rec = ChunkHeader.unpack(f.read(CHUNK_HEADER_SIZE))
+            crcs.append(rec.crc)
+            pos += rec.record_length
+    dev, _ = store.open_target(target, writable=True, offset=0)
+    with dev:
+        store.update_header(dev, data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)))
+    rimg = r_initrd(tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], keyfile)
+    art = artifacts_dir(request.node.name)
+    vm = r_vm(kernel, rimg, saved[2], (target, data), art)
+    try:
+        vm.start()
+        vm.wait_for(PROMPT, timeout=T, fail=PANIC)
+        vm.send(PASSPHRASE + "\n")
+        vm.wait_for(rf"kjump-agent: restore failed: .*chunk {ch.index} .*fails authentication", T)
+        vm.wait_exit(timeout=T)  # B reboots; QEMU runs with -no-reboot
+        vm.restart()
+        m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
+    finally:
+        vm.stop()
+    assert m.group(2).startswith("INVALID(restore failed: chunk"), m.group(0)
+    assert "fails authentication" in m.group(2), m.group(0)
