@@ -123,6 +123,10 @@ class StaleImageError(ImageError):
     """A filesystem changed after the image was saved; restoring would corrupt it."""
 
 
+class InitrdError(KjumpError):
+    """An initramfs file could not be read (kjumpd.initrd)."""
+
+
 class JobError(KjumpError):
     """The job handed from the daemon to the save kernel is malformed."""
 

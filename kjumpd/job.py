@@ -52,6 +52,10 @@ still reads)::
     seal                     the image key sealed to the machine's public key (a seal object,
                              kjumpd.image.seal), recorded in the image. Given with image_key
                              only. Default null.
+    finish                   what B does once the image is SAVED: "jump-back" (A finishes the
+                             mode), "power-off" or "reboot" (B does it: no jump back, no device
+                             resume in A; a failed power-off falls back to the jump back).
+                             Default "jump-back".
 
 The archive is the kernel's cpio "newc" format, written and read by kjumpd/cpio.py.
 """
@@ -107,6 +111,7 @@ class Job:
     ram_map: dict[str, Any] | None = None
     image_key: str | None = field(default=None, repr=False)
     seal: dict[str, Any] | None = None
+    finish: str = "jump-back"
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -171,6 +176,7 @@ class Job:
                 ram_map=d.get("ram_map", _OPTIONAL["ram_map"]),
                 image_key=d.get("image_key", _OPTIONAL["image_key"]),
                 seal=d.get("seal", _OPTIONAL["seal"]),
+                finish=d.get("finish", _OPTIONAL["finish"]),
                 version=version,
             )
         except TypeError as e:
@@ -213,7 +219,10 @@ _OPTIONAL: dict[str, Any] = {
     "ram_map": None,
     "image_key": None,
     "seal": None,
+    "finish": "jump-back",
 }
+#: what B may do once the image is SAVED (the job's ``finish``)
+FINISHES = ("jump-back", "power-off", "reboot")
 
 
 def _list(v: Any, key: str) -> list[Any]:
@@ -333,6 +342,10 @@ def validate(job: Job) -> None:
             raise JobError(
                 f"job field {key} must be true or false", why=f"got {getattr(job, key)!r}"
             )
+    if job.finish not in FINISHES:
+        raise JobError(
+            f"job field finish must be one of {', '.join(FINISHES)}", why=f"got {job.finish!r}"
+        )
     if (job.image_key is None) != (job.seal is None):
         raise JobError("job fields image_key and seal must be given together")
     if job.image_key is not None:

@@ -50,8 +50,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python savekernel/initramfs.py` as well as `-m`
     sys.path.insert(0, str(REPO))
 
-from kjumpd import cpio, zstdframe
+from kjumpd import cpio
 from kjumpd.errors import KjumpError
+from kjumpd.initrd import (  # noqa: F401 - read_archive and decompress are this module's API too
+    LZ4_LEGACY_MAGIC,
+    decompress,
+    lz4_legacy_length,
+    read_archive,
+)
 from savekernel import buildcache
 
 log = logging.getLogger("kjumpd.savekernel.initramfs")
@@ -212,28 +218,9 @@ class _Plan:
         return set(self.files) | set(self.links) | set(self.compile) | set(self.generated)
 
 
-#: the kernel's initramfs decompressors recognise these magics (lib/decompress.c)
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
-
-
 def codec() -> str:
     """ "lz4" when the host can write it, else "gzip" (always available)."""
     return "lz4" if shutil.which("lz4") else "gzip"
-
-
-def lz4_legacy_length(blob: bytes) -> int:
-    """Bytes of the lz4 legacy stream at the start of blob: magic, then blocks of
-    (u32 little-endian compressed size, data); it ends where no whole block follows (the
-    zero padding or the next archive)."""
-    pos = 4
-    while pos + 4 <= len(blob):
-        size = int.from_bytes(blob[pos : pos + 4], "little")
-        if size == 0 or blob[pos : pos + 4] == LZ4_LEGACY_MAGIC or pos + 4 + size > len(blob):
-            break
-        pos += 4 + size
-    return pos
 
 
 def _compress(raw: bytes, how: str) -> bytes:
@@ -251,33 +238,6 @@ def _compress(raw: bytes, how: str) -> bytes:
             )
         return proc.stdout
     return raw
-
-
-def decompress(blob: bytes) -> bytes:
-    """The first archive of a gzip'd, lz4'd, zstd'd or plain initramfs, uncompressed."""
-    if blob[:2] == GZIP_MAGIC:
-        return gzip.decompress(blob)
-    if blob[:4] == LZ4_LEGACY_MAGIC:
-        return _unpack_with("lz4", ["-d", "-q", "-c"], blob[: lz4_legacy_length(blob)])
-    if blob[:4] == ZSTD_MAGIC:
-        end = zstdframe.frame(blob).length  # the padding / next archive stay out
-        return _unpack_with("zstd", ["-d", "-q", "-c", "-"], blob[:end])
-    return blob
-
-
-def _unpack_with(tool: str, args: list[str], data: bytes) -> bytes:
-    """``data`` decompressed by the host's ``tool`` (lz4, zstd)."""
-    try:
-        proc = subprocess.run([tool, *args], input=data, capture_output=True, check=False)
-    except FileNotFoundError:
-        raise InitramfsError(
-            f"a {tool} archive needs the {tool} tool to be read", fix=f"apt-get install {tool}"
-        ) from None
-    if proc.returncode != 0:
-        raise InitramfsError(
-            f"the {tool} archive cannot be read", why=proc.stderr.decode(errors="replace").strip()
-        )
-    return proc.stdout
 
 
 def cache_dir() -> Path:
@@ -797,11 +757,6 @@ def build_save_initramfs(
         host_binaries=crypto_host_files() if crypto else (),
         compress=compress,
     )
-
-
-def read_archive(path: Path) -> list[cpio.Entry]:
-    """The members of a (gzip'd, lz4'd, zstd'd or plain) archive (the first archive only)."""
-    return cpio.read(decompress(Path(path).read_bytes()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -350,6 +350,7 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
     entry = params.jump_back_entry
     dev = None
     started = False
+    finish = "jump-back"  # the job's, once the image is SAVED
     cancel: CancelKey | None = None
     try:
         from kjumpd.agent.devmem import MemorySource
@@ -409,6 +410,7 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
                 cancel=cancel.pressed if cancel is not None else None,
                 key=image_key_bytes(job),
             )
+            finish = job.finish
         free = freemap.free_bytes if freemap is not None else 0
         # "N MiB of memory" is what was read from A (free pages are not read); bench/vm.py
         # parses "SAVED: N MiB of memory, M MiB written"
@@ -444,8 +446,29 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
             cancel.stop()
         if dev is not None:
             dev.close()
+    if finish != "jump-back":
+        finish_here(finish)  # returns only when the kernel could not do it
     jump_back(sysroot, entry, on_resume=lambda: _probe_target(sysroot), watchdog=watchdog)
     return 0
+
+
+#: reboot(2) commands B may finish a mode with
+_REBOOT_CMDS = {"power-off": 0x4321FEDC, "reboot": 0x01234567}
+
+
+def finish_here(finish: str) -> None:
+    """End the mode in B once the image is SAVED: power off or reboot without the jump back
+    (A's devices stay quiesced, A's filesystems frozen and synced; B's own writes were
+    flushed before SAVED). The watchdog stays armed: a power-off that hangs resets the
+    machine, and R restores the image. Returns only when reboot(2) failed: the caller jumps
+    back and A finishes the mode itself."""
+    import ctypes
+
+    say(f"image SAVED; {finish.replace('-', ' ')} here, without the jump back (job: finish)")
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(ctypes.c_int(_REBOOT_CMDS[finish]))
+    say(f"{finish} failed (errno {ctypes.get_errno()}); jumping back: the main kernel does it")
 
 
 def free_pages(job: Any, source: Any, own: Sequence[tuple[int, int]]) -> Any:

@@ -57,9 +57,9 @@ def register(sub: Any) -> None:
     q.add_argument("--json", action="store_true", help="print JSON")
     q.add_argument(
         "--key",
-        default="/etc/kjumpd/image-key.json",
+        default=None,
         metavar="FILE",
-        help="the image key, for an encrypted image (default /etc/kjumpd/image-key.json)",
+        help="the image key, for an encrypted image (default: [encryption] key in kjumpd.toml)",
     )
     q.add_argument(
         "--passphrase-file",
@@ -173,7 +173,16 @@ def _image_key(dev: Any, args: argparse.Namespace) -> bytes | None:
     header = store.read_header(dev)
     if not header.encrypted:
         return None
-    kf = seal.KeyFile.load(args.key)
+    path = args.key
+    if path is None:
+        from pathlib import Path
+
+        from kjumpd.daemon import config as cfgmod
+        from kjumpd.sysroot import Sysroot
+
+        sr = Sysroot(Path(args.sysroot))
+        path = str(sr.path(cfgmod.load(sr).image_key))
+    kf = seal.KeyFile.load(path)
     sealed = store.read_metadata(dev, header).identity.get("seal")
     return seal.unseal_key(kf.unlock(read_passphrase(args.passphrase_file)), kf.public, sealed)
 

@@ -116,6 +116,9 @@ class Config:
     cancel_key: bool = True
     free_page_exclusion: bool = True  # B leaves A's free pages out of the image
     free_page_check: bool = False  # debug (A with init_on_free=1): B verifies them
+    # modes shutdown and reboot: B powers off / reboots once the image is SAVED, instead of
+    # jumping back for A to do it (kjumpd.job: finish)
+    finish_in_save_kernel: bool = True
     # [save_kernel]
     save_kernel: str = "/usr/lib/kjumpd/save/bzImage"
     save_initramfs: str = "/usr/lib/kjumpd/save/initramfs.cpio.gz"
@@ -174,6 +177,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "cancel_key": ("cancel_key", "bool"),
         "free_page_exclusion": ("free_page_exclusion", "bool"),
         "free_page_check": ("free_page_check", "bool"),
+        "finish_in_save_kernel": ("finish_in_save_kernel", "bool"),
     },
     "save_kernel": {
         "kernel": ("save_kernel", "abspath"),

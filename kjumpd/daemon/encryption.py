@@ -13,14 +13,18 @@ in the job, in memory only.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from kjumpd import initrd
 from kjumpd.daemon.config import Config
-from kjumpd.errors import ImageKeyError, KjumpError
+from kjumpd.errors import ImageKeyError, InitrdError, KjumpError
 from kjumpd.linux import mountinfo
 from kjumpd.sysroot import Sysroot
+
+log = logging.getLogger(__name__)
 
 CREATE = "kjumpctl image-key create"
 
@@ -59,14 +63,18 @@ def save_initramfs_can_encrypt(sysroot: Sysroot, config: Config) -> bool:
         return False  # the "save initramfs" item names this
     key = (str(path), st.st_mtime_ns, st.st_size)
     if key not in _CAN_ENCRYPT:
-        from savekernel.initramfs import read_archive
-
         try:
-            names = [e.name for e in read_archive(path)]
+            names = [e.name for e in initrd.read_archive(path)]
+            can = any(n.endswith("/cryptography/__init__.py") for n in names)
+        except InitrdError as e:
+            # not readable here (a zstd archive without the zstd tool): B's own import of
+            # the package is the check, and a save without it aborts and rolls back
+            log.warning("cannot list %s (%s): assuming it can encrypt", path, e)
+            can = True
         except (KjumpError, OSError):
-            names = []
+            can = False  # not an archive at all: the save kernel could not boot from it
         _CAN_ENCRYPT.clear()
-        _CAN_ENCRYPT[key] = any(n.endswith("/cryptography/__init__.py") for n in names)
+        _CAN_ENCRYPT[key] = can
     return _CAN_ENCRYPT[key]
 
 

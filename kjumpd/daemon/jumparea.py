@@ -30,6 +30,7 @@ from kjumpd.daemon.config import (
     parse_size,
 )
 from kjumpd.errors import ConfigError, JumpAreaError, KjumpError
+from kjumpd.initrd import GZIP_MAGIC, LZ4_LEGACY_BLOCK, LZ4_LEGACY_MAGIC, lz4_legacy_blocks
 from kjumpd.sysroot import Sysroot
 
 MiB = 1 << 20
@@ -153,7 +154,7 @@ def required_size_for(
         ) from None
     if head.startswith(b"070701"):
         unpacked = initrd
-    elif head.startswith(b"\x1f\x8b") and len(tail) == 4 and struct.unpack("<I", tail)[0] > initrd:
+    elif head.startswith(GZIP_MAGIC) and len(tail) == 4 and struct.unpack("<I", tail)[0] > initrd:
         unpacked = struct.unpack("<I", tail)[0]
     elif (
         head.startswith(zstdframe.MAGIC)
@@ -171,15 +172,9 @@ def required_size_for(
     return -(-need // ALIGN) * ALIGN
 
 
-#: the lz4 "legacy" stream the kernel's initramfs unpacker reads (lz4 -l): magic, then blocks
-#: of (u32 little-endian compressed size, lz4 block) of 8 MiB unpacked each but the last
-LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
-LZ4_LEGACY_BLOCK = 8 * MiB
-
-
 def _lz4_legacy_size(path: Path) -> int | None:
-    """The unpacked size of an lz4 legacy stream: 8 MiB per block but the last, whose size
-    comes from unpacking it (None when the stream does not parse)."""
+    """The unpacked size of an lz4 legacy stream: LZ4_LEGACY_BLOCK per block but the last,
+    whose size comes from unpacking it (None when the stream does not parse)."""
     try:
         import lz4.block
 
@@ -187,21 +182,15 @@ def _lz4_legacy_size(path: Path) -> int | None:
             blob = f.read()
     except (ImportError, OSError):
         return None
-    pos, blocks, last = 4, 0, b""
-    while pos + 4 <= len(blob):
-        size = int.from_bytes(blob[pos : pos + 4], "little")
-        if size == 0 or blob[pos : pos + 4] == LZ4_LEGACY_MAGIC or pos + 4 + size > len(blob):
-            break
-        blocks += 1
-        last = blob[pos + 4 : pos + 4 + size]
-        pos += 4 + size
+    blocks = lz4_legacy_blocks(blob)
     if not blocks:
         return None
+    o, n = blocks[-1]
     try:
-        tail = len(lz4.block.decompress(last, uncompressed_size=LZ4_LEGACY_BLOCK))
+        tail = len(lz4.block.decompress(blob[o : o + n], uncompressed_size=LZ4_LEGACY_BLOCK))
     except lz4.block.LZ4BlockError:
         return None
-    return (blocks - 1) * LZ4_LEGACY_BLOCK + tail
+    return (len(blocks) - 1) * LZ4_LEGACY_BLOCK + tail
 
 
 def _zstd_content_size(head: bytes) -> int | None:

@@ -572,6 +572,9 @@ class Hibernation:
             free_pages_zeroed=zeroed,
             ram_map=ctx.memory.ram_map.to_dict() if ctx.memory.ram_map else None,
             **(ctx.plan.encryption.job_fields() if ctx.plan.encryption else {}),
+            finish=FINISH_IN_B.get(ctx.mode, "jump-back")
+            if cfg.finish_in_save_kernel
+            else "jump-back",
         )
         ctx.timed("initrd copy wait", ctx.stager.result)
         ctx.steps["initrd copy (thread)"] = ctx.stager.seconds
@@ -713,6 +716,11 @@ class Hibernation:
             self._invalidate(target, out, f"mode {mode} failed")
             raise
 
+
+#: modes the save kernel ends itself once the image is SAVED (kjumpd.job: finish): A would
+#: only power off or reboot after the jump back, and B's jump back and A's device resume
+#: cost more than they do (docs/PERFORMANCE.md)
+FINISH_IN_B = {"shutdown": "power-off", "reboot": "reboot"}
 
 #: the transaction up to the jump, in order; the undo stack unwinds it in reverse
 H = Hibernation

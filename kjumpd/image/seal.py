@@ -10,13 +10,14 @@ Per image, the daemon draws a random 32-byte *image key* K, seals K to the publi
 hands K to the save kernel in memory only (the job in B's initramfs, which lives in RAM).
 K never reaches a disk in the clear.
 
-Key file (``/etc/kjumpd/image-key.json``, mode 0600; a copy goes into the restore-first
-initramfs), one UTF-8 JSON object::
+Key file (``[encryption] key`` in kjumpd.toml, /etc/kjumpd/image-key.json by default,
+mode 0600; a copy goes into the restore-first initramfs), one UTF-8 JSON object::
 
     version  1
     kind     "kjumpd-image-key"
     public   hex, the X25519 public key (32 bytes)
-    kdf      {"name": "scrypt", "n": int, "r": int, "p": int, "salt": hex (16 bytes)}
+    kdf      {"name": "scrypt", "n": int, "r": int, "p": int}
+    salt     hex (16 bytes), scrypt's salt
     nonce    hex (12 bytes)
     private  hex, AES-256-GCM(scrypt(passphrase), nonce, X25519 private key,
              aad = b"kjumpd image key 1" + public): 48 bytes
@@ -71,10 +72,9 @@ KEY_KIND = "kjumpd-image-key"
 ALGORITHM = "x25519-hkdf-sha256-aes-256-gcm"
 KEY_SIZE = 32
 TAG_SIZE = 16
-DEFAULT_KEY_PATH = "/etc/kjumpd/image-key.json"
 
-#: scrypt cost of the passphrase: 32 MiB and about 0.1 s on a laptop, a few seconds under
-#: emulation; what an offline guess of the passphrase costs an attacker holding the file
+#: scrypt cost of the passphrase: 32 MiB and about 0.1 s on a laptop, about 1 s per try in
+#: the VM tier's emulated R; what an offline guess costs an attacker holding the file
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 
 _KEYFILE_AAD = b"kjumpd image key 1"

@@ -439,3 +439,40 @@ def test_grub_d_snippets_that_extend_a_variable_keep_what_it_had(machine) -> Non
     assert g["GRUB_CMDLINE_LINUX_DEFAULT"] == "quiet crashkernel=192M"
     assert g["GRUB_CMDLINE_LINUX"] == "$GRUB_CMDLINE_LINUX"  # single quotes: as written
     assert "quiet crashkernel=192M" in bootentry.boot_loader_cmdline(sr)
+
+
+def test_install_with_an_image_key_builds_for_encryption_and_gives_r_the_key(machine) -> None:
+    """An image key exists: install builds the save kernel's initramfs with cryptography
+    (it can encrypt), puts the key into R's payload (root-only initrd) and records its id;
+    check then says images are encrypted. A new key makes the entry stale until install."""
+    from kjumpd.image import seal
+    from savekernel import initramfs
+
+    sr, given = machine
+    kf = seal.KeyFile.create("pw", n=1 << 10)
+    w(sr.root, "/etc/kjumpd/image-key.json", kf.to_json())
+    o = install.Options(
+        save_kernel=given / "bzImage",
+        restore_kernel=given / "restore-vmlinuz",
+        restore_initrd=given / "restore-initrd.img",
+    )
+    p = install.plan(sr, o)
+    assert any("with python3-cryptography" in n for n in p.notes), p.notes
+    install.apply(sr, p, lambda a: 0, lambda s: None)
+    names = {
+        e.name for e in initramfs.read_archive(sr.path("/usr/lib/kjumpd/save/initramfs.cpio.gz"))
+    }
+    assert any(n.endswith("/cryptography/__init__.py") for n in names)
+    rec = bootentry.read_record(sr)
+    assert rec is not None and rec.image_key_id == kf.key_id
+    r_initrd = sr.path(rec.initrd)
+    assert kf.to_json().encode() in r_initrd.read_bytes()
+    assert r_initrd.stat().st_mode & 0o777 == 0o600
+    assert bootentry.check(sr) == []
+    line = next(ln for ln in check(sr.root).stdout.splitlines() if "] image encryption:" in ln)
+    assert line.startswith("[ok  ]") and kf.key_id in line, line
+    # a new key: R could not open the images sealed to it
+    other = seal.KeyFile.create("pw2", n=1 << 10)
+    w(sr.root, "/etc/kjumpd/image-key.json", other.to_json())
+    problems = bootentry.check(sr)
+    assert any(kf.key_id in p and other.key_id in p and "kjumpctl install" in p for p in problems)

@@ -255,6 +255,7 @@ def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     assert all(not (s < 0x28000000 and e > 0x20000000) for s, e in job.ranges)
     assert job.main_kernel["release"] == "6.12.117-kjump" and job.main_kernel["build_id"]
     assert len(job.fs_stamps) == len(fx.frozen_expect)
+    assert job.finish == "jump-back"  # mode test: A carries on after the jump back
     # once loaded, the save kernel's initrd (7 MB in tmpfs) is not kept in memory that the
     # image would have to carry: the kernel has its own copy
     assert (fx.host / "job.json.initrd-at-jump").read_text() == "gone"
@@ -555,6 +556,10 @@ def test_failure_rolls_back_byte_for_byte(fx, monkeypatch, case):
         assert "post hibernate" in fx.hook_log(), "hooks that ran get their post call"
     if case.startswith("quiesce"):
         assert fx.trigger("/sys/bus/pci/drivers/snd_hda_intel/bind") == ""
+    if mode in ("shutdown", "reboot"):
+        # B was told to end the mode itself; its power-off "failed" (this fake B jumps
+        # back), so A tried, and its failure rolled everything back
+        assert fx.job().finish == {"shutdown": "power-off", "reboot": "reboot"}[mode]
     if mode == "shutdown":
         assert fx.trigger("/proc/sysrq-trigger") == "o"
     if mode == "reboot":

@@ -40,6 +40,9 @@ GUEST_SAVE_INITRAMFS = "/usr/lib/kjumpd/save/initramfs.cpio.gz"
 GUEST_NORMAL_KERNEL = "/boot/vmlinuz-kjump"
 GUEST_RESTORE_KERNEL = "/usr/lib/kjumpd/restore/vmlinuz"
 GUEST_RESTORE_INITRAMFS = "/usr/lib/kjumpd/restore/initrd.img"
+#: their variants with python3-cryptography (encrypted images; guest_scenarios names them too)
+GUEST_SAVE_INITRAMFS_CRYPTO = "/usr/lib/kjumpd/save/initramfs-crypto.cpio.gz"
+GUEST_RESTORE_INITRAMFS_CRYPTO = "/usr/lib/kjumpd/restore/initrd-crypto.img"
 
 
 class AssetError(KjumpError):
@@ -98,18 +101,22 @@ def build_kernel() -> Path:
     return Path(out[-1])
 
 
-def build_save_initramfs() -> Path:
+def build_save_initramfs(crypto: bool = False) -> Path:
     try:
         mod = importlib.import_module("savekernel.initramfs")
     except ImportError as err:
         raise AssetError(
             "B's initramfs builder is missing", why=str(err), fix="see savekernel/initramfs.py"
         ) from err
-    return Path(mod.build_save_initramfs().path)
+    return Path(mod.build_save_initramfs(crypto=crypto).path)
 
 
-def build_restore_initramfs() -> Path:
+def build_restore_initramfs(crypto: bool = False) -> Path:
     """R's initramfs, from bootloader/."""
+    if crypto:
+        from bootloader.initramfs import build_restore_initramfs as build
+
+        return Path(build(crypto=True).path)
     for name, fn in (
         ("bootloader.initramfs", "build_restore_initramfs"),
         ("savekernel.initramfs", "build_restore_initramfs"),
@@ -250,6 +257,11 @@ def build_all() -> Assets:
     kernel = attempt("kernel", build_kernel)
     save = attempt("save_initramfs", build_save_initramfs)
     restore = attempt("restore_initramfs", build_restore_initramfs)
+    # what `kjumpctl install` builds once an image key exists (the encrypted scenario)
+    save_crypto = attempt("save_initramfs_crypto", lambda: build_save_initramfs(crypto=True))
+    restore_crypto = attempt(
+        "restore_initramfs_crypto", lambda: build_restore_initramfs(crypto=True)
+    )
     wheel = attempt("wheel", build_wheel)
 
     def make_rootfs() -> Path:
@@ -262,6 +274,10 @@ def build_all() -> Assets:
             payload.add(GUEST_SAVE_INITRAMFS, save)
         if restore is not None:
             payload.add(GUEST_RESTORE_INITRAMFS, restore)
+        if save_crypto is not None:
+            payload.add(GUEST_SAVE_INITRAMFS_CRYPTO, save_crypto)
+        if restore_crypto is not None:
+            payload.add(GUEST_RESTORE_INITRAMFS_CRYPTO, restore_crypto)
         payload.add("/etc/kjumpd/kjumpd.toml", guest_config(kernel, save))
         payload.add("/etc/default/grub", Path(__file__).resolve().parent / "guest-default-grub")
         if wheel is not None:

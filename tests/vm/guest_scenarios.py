@@ -27,6 +27,7 @@ Scenarios (the host side, test_scenarios.py, boots QEMU accordingly):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,11 +40,11 @@ from pathlib import Path
 try:  # in the guest the package is kjumpvm; on the host tests.vm
     from kjumpvm import workload as wl
     from kjumpvm import writers
-    from kjumpvm.vminit import KILLED_MARK, event, say
+    from kjumpvm.vminit import KILLED_MARK, cmdline_arg, event, say
 except ImportError:  # pragma: no cover - host-side import for linting/tests
     from tests.vm import workload as wl  # type: ignore[no-redef]
     from tests.vm import writers  # type: ignore[no-redef]
-    from tests.vm.vminit import KILLED_MARK, event, say  # type: ignore[no-redef]
+    from tests.vm.vminit import KILLED_MARK, cmdline_arg, event, say  # type: ignore[no-redef]
 
 KJUMPCTL = "/usr/local/bin/kjumpctl"
 RESULT_PREFIX = "KJUMP-RESULT:"
@@ -141,6 +142,14 @@ def setup_target() -> None:
             f"`kjumpctl setup --size {TARGET_SIZE}` failed (rc {proc.returncode}): "
             + (proc.stdout.strip().splitlines() or [""])[-1]
         )
+    install_restore_entry(RESTORE_INITRD)
+    os.sync()
+    event("setup-done")
+
+
+def install_restore_entry(initrd: str) -> None:
+    """`kjumpctl setup --bootloader restore-first` with R's generic initramfs ``initrd``,
+    then what update-grub does."""
     proc = kjumpctl(
         "setup",
         "--bootloader",
@@ -148,7 +157,7 @@ def setup_target() -> None:
         "--restore-kernel",
         RESTORE_KERNEL,
         "--restore-initrd",
-        RESTORE_INITRD,
+        initrd,
         "--yes",
         timeout=600,
     )
@@ -158,8 +167,6 @@ def setup_target() -> None:
             f"{proc.returncode}): " + (proc.stdout.strip().splitlines() or [""])[-1]
         )
     update_grub()
-    os.sync()
-    event("setup-done")
 
 
 GRUB_CFG = Path("/boot/grub/grub.cfg")
@@ -266,12 +273,14 @@ def hibernate_and_check(
     want_written: bool = False,
     disk_writers: bool = False,
     after_boot: dict | None = None,
+    prior: tuple[list[str], dict[str, str]] = ([], {}),
 ) -> int:
-    problems: list[str] = []
+    """``prior``: problems and verdict fields of what the scenario did before (its set-up)."""
+    problems: list[str] = list(prior[0])
     wbefore: dict = {}
     before = after = None
     expected = ""
-    extra: dict[str, str] = {}
+    extra: dict[str, str] = dict(prior[1])
     record: dict = {}
     marker = STATE_DIR / f"{name}-started"
     try:
@@ -860,7 +869,106 @@ def scenario_swsusp() -> int:
     return 0 if ok else 1
 
 
+#: where the VM image carries the cryptography variants of B's and R's initramfs
+#: (tests/vm/assets.py), which `kjumpctl install` would build on a machine with an image key
+SAVE_INITRAMFS_CRYPTO = "/usr/lib/kjumpd/save/initramfs-crypto.cpio.gz"
+RESTORE_INITRD_CRYPTO = "/usr/lib/kjumpd/restore/initrd-crypto.img"
+ENCRYPT_SETUP = STATE_DIR / "encrypt-setup.json"
+CONFIG = Path("/etc/kjumpd/kjumpd.toml")
+
+
+def check_item(name: str, mode: str = "shutdown") -> str:
+    """`kjumpctl check`'s line for item ``name`` (with its fix line, if any)."""
+    proc = kjumpctl("check", "--mode", mode, timeout=600)
+    lines = proc.stdout.splitlines()
+    for i, line in enumerate(lines):
+        if f"] {name}:" in line:
+            nxt = lines[i + 1] if i + 1 < len(lines) and "fix:" in lines[i + 1] else ""
+            return f"{line.strip()} {nxt.strip()}".strip()
+    return f"(no '{name}' line in kjumpctl check: rc {proc.returncode})"
+
+
+def scenario_encrypt_setup() -> int:
+    """Run by PID 1 before kjumpd starts (``kjumpvm.encrypt=PASSPHRASE``): what an
+    administrator does to encrypt images. `kjumpctl image-key create`; `check` must refuse
+    (the save kernel's initramfs predates the key); then what `kjumpctl install` would do
+    here: the cryptography variant of B's initramfs in the configuration (with its sha256
+    and the larger jump area it needs: crashkernel=160M on this boot's command line and in
+    /etc/default/grub for the next ones) and the restore-first entry again, now holding the
+    key; `check` must pass. The results go to
+    ENCRYPT_SETUP for the scenario's verdict."""
+    if ENCRYPT_SETUP.exists():
+        return 0
+    problems: list[str] = []
+    fields: dict[str, str] = {}
+    passphrase = cmdline_arg("kjumpvm.encrypt") or ""
+    pfile = Path("/run/kjumpvm-passphrase")
+    pfile.write_text(passphrase + "\n")
+    pfile.chmod(0o600)
+    proc = kjumpctl("image-key", "create", "--passphrase-file", str(pfile))
+    pfile.unlink()
+    if proc.returncode != 0:
+        problems.append(f"kjumpctl image-key create failed: {proc.stderr.strip()[-200:]}")
+    line = check_item("image encryption")
+    say(f"before the save kernel has cryptography: {line}")
+    if not (line.startswith("[FAIL]") and "cannot encrypt images" in line):
+        problems.append(f"check did not refuse a save kernel without cryptography: {line}")
+    fields["guard"] = "refused" if line.startswith("[FAIL]") else "missed"
+    text = CONFIG.read_text()
+    digest = hashlib.sha256(Path(SAVE_INITRAMFS_CRYPTO).read_bytes()).hexdigest()
+    out, section = [], ""
+    for ln in text.splitlines():
+        st = ln.strip()
+        if st.startswith("["):
+            section = st
+        if section == "[save_kernel]" and st.startswith(("initramfs ", "initramfs=")):
+            ln = f'initramfs = "{SAVE_INITRAMFS_CRYPTO}"'
+        elif section == "[save_kernel]" and st.startswith("initramfs_sha256"):
+            ln = f'initramfs_sha256 = "{digest}"'
+        elif section == "[jump_area]" and st.startswith("size"):
+            ln = 'size = "160M"'
+        out.append(ln)
+    CONFIG.write_text("\n".join(out) + "\n")
+    grub = Path("/etc/default/grub")  # the next boots reserve the larger area too
+    grub.write_text(grub.read_text().replace("crashkernel=128M", "crashkernel=160M"))
+    try:
+        install_restore_entry(RESTORE_INITRD_CRYPTO)
+    except Missing as err:
+        problems.append(str(err))
+    line = check_item("image encryption")
+    say(f"after: {line}")
+    if not (line.startswith("[ok  ]") and "AES-256-GCM" in line):
+        problems.append(f"check does not encrypt after the set-up: {line}")
+    fields["encryption"] = "AES-256-GCM" if "AES-256-GCM" in line else "none"
+    entry = check_item("boot entry")
+    if not entry.startswith("[ok  ]"):
+        problems.append(f"boot entry after the set-up: {entry}")
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    ENCRYPT_SETUP.write_text(json.dumps({"problems": problems, "fields": fields}))
+    os.sync()
+    event("encrypt-setup", ok="yes" if not problems else "no")
+    return 0
+
+
+def scenario_encrypted() -> int:
+    """The image key set up before kjumpd started (scenario_encrypt_setup); then
+    hibernate --mode shutdown: the host types the passphrase at R's prompt."""
+    try:
+        done = json.loads(ENCRYPT_SETUP.read_text())
+    except (OSError, ValueError) as err:
+        done = {"problems": [f"the encryption set-up left no record: {err}"], "fields": {}}
+    return hibernate_and_check(
+        "encrypted",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        prior=(done["problems"], done["fields"]),
+    )
+
+
 SCENARIOS = {
+    "encrypt-setup": scenario_encrypt_setup,
+    "encrypted": scenario_encrypted,
     "test": lambda: hibernate_and_check(
         "test", "test", ("INVALID",), want_written=True, disk_writers=True
     ),

@@ -38,6 +38,10 @@ PACKAGES = (
     "python3-pyudev",
     "python3-lz4",
     "python3-psutil",
+    "python3-cryptography",
+    # named: python3-cryptography depends on it through virtual packages (the cffi backend's
+    # API range), which debootstrap's resolver does not follow
+    "python3-cffi-backend",
     "dbus",
     "kexec-tools",
     "e2fsprogs",

@@ -44,8 +44,16 @@ A_APPEND_FIXED = A_APPEND.replace("console=ttyS0 ", "console=ttyS0 nokaslr ").re
 #: Debian's) a wholly free chunk is a free record that B's restore leaves as it finds it;
 #: scenario c keeps init_on_free=1, so that path (free chunks restored as zeros) is proven too.
 A_APPEND_EXTRA = {"platform": "init_on_free=1"}
-#: scenarios whose A is not booted with A_APPEND
-A_APPEND_OF = {"platform": A_APPEND_FIXED}
+#: scenarios whose A is not booted with A_APPEND; the save kernel that can encrypt (its
+#: initramfs carries python3-cryptography) needs 144 MiB, and kjumpctl install would reserve
+#: that much
+A_APPEND_OF = {
+    "platform": A_APPEND_FIXED,
+    "encrypted": A_APPEND.replace("crashkernel=128M", "crashkernel=160M"),
+}
+#: the image key's passphrase in the encrypted scenario (typed by the host at R's prompt)
+PASSPHRASE = "kjumpvm-image-key-passphrase"
+PASSPHRASE_PROMPT = r"kjumpd: passphrase for the hibernation image \(key \w+, try (\d) of 3"
 MEM_MIB = 1024
 SMP = 2
 #: QEMU options that make ACPI S3/S4 available to the guest (QEMU's pc machine disables them)
@@ -575,6 +583,7 @@ FSCK_AFTER = frozenset(
         "b-panic",
         "b-hang",
         "kaslr",
+        "encrypted",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -691,6 +700,54 @@ GRUB_ROOT = "root=/dev/vda rw rootfstype=ext4"
 SYSTEMD_APPEND = f"{GRUB_ROOT} console=ttyS0 panic=1"
 
 
+def _encrypted_flow(r: Runner, timeout: float) -> None:
+    """Scenario encrypted: A hibernates (mode shutdown) with an image key. While the VM is
+    off, the host looks for the workload's bytes on the disk (an encrypted image must not
+    hold them); then it powers on through R and types at R's prompt a wrong passphrase,
+    then the right one."""
+    from tests.vm import workload
+
+    r.wait_exit(timeout)
+    if r.has_verdict():
+        return  # it never powered off with an image: the guest's verdict says why
+    page = next(workload.expected_chunks(workload.DEFAULT_SEED, workload.DEFAULT_SIZE))
+    needles = [page[4096:8192], page[300000:304096]]
+    found = _disk_holds(r.overlay, r.outcome.run_dir, needles)
+    r.outcome.events.append(
+        Event(time.monotonic() - r.t0, "host-scanned-disk", {"plaintext": str(found)}, r.vm.run)
+    )
+    if found:
+        r.outcome.problems.append(f"the workload's memory is on the disk in plaintext ({found})")
+    r.boot_restore_first(timeout, wait=False)
+    for answer in ("not-the-passphrase", PASSPHRASE):
+        r.vm.wait_for(PASSPHRASE_PROMPT, timeout, fail=STUCK_RE)
+        r.vm.send(answer + "\n")
+    r.wait_exit(timeout)
+
+
+def _disk_holds(overlay: Path, run_dir: Path, needles: list[bytes]) -> int:
+    """How many of ``needles`` occur on the guest disk (the overlay converted to raw)."""
+    raw = run_dir / "scan.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    found: set[int] = set()
+    width = max(len(n) for n in needles)
+    try:
+        with open(raw, "rb") as f:
+            tail = b""
+            while block := f.read(16 << 20):
+                hay = tail + block
+                found |= {i for i, n in enumerate(needles) if n in hay}
+                tail = hay[-width:]
+    finally:
+        raw.unlink(missing_ok=True)
+    return len(found)
+
+
 def grub_normal_cmdline(overlay: Path, run_dir: Path) -> str:
     """The normal entry's command line as update-grub builds it from the guest's
     /etc/default/grub: root, GRUB_CMDLINE_LINUX, GRUB_CMDLINE_LINUX_DEFAULT."""
@@ -776,8 +833,11 @@ def run(
     run_dir: Path,
     timeout: float = BOOT_TIMEOUT,
     swap: bool = False,
+    append: str = "",
 ) -> Outcome:
     """Run scenario ``name`` (a..h, see test_scenarios.py) to a verdict.
+
+    ``append``: more words for A's command line (e.g. ``kjumpvm.finish=jump-back``).
 
     ``swap``: attach a blank 2 GiB swap disk as /dev/vdb and have the guest swapon it before
     the scenario (bench/vm.py: the same VM as swsusp's run, which needs that disk); it stays
@@ -807,6 +867,7 @@ def run(
         "b-panic": ("b-panic", "b-panic"),
         "b-hang": ("b-hang", "b-hang"),
         "kaslr": ("kaslr", "power-cycle"),
+        "encrypted": ("encrypted", "encrypted"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -817,7 +878,9 @@ def run(
         # an init that does not exist: the save kernel panics for real (panic=1 reboots it)
         "b-panic": "kjumpvm.b_append=init=/kjump-no-init,rdinit=/kjump-no-init",
         "b-hang": f"kjumpvm.watchdog={HANG_WATCHDOG}",
+        "encrypted": f"kjumpvm.encrypt={PASSPHRASE}",
     }.get(name, "")
+    extra = f"{extra} {append}".strip()
     if name not in flows:
         raise ScenarioError(f"unknown scenario {name!r}", fix=f"one of {', '.join(flows)}")
     guest, flow = flows[name]
@@ -847,7 +910,7 @@ def run(
                 assets,
                 run_dir,
                 extra_disks=(_swap_disk(run_dir),),
-                append_extra=f"kjumpvm.swap=/dev/vdb {A_APPEND_EXTRA.get(name, '')}",
+                append_extra=f"kjumpvm.swap=/dev/vdb {A_APPEND_EXTRA.get(name, '')} {extra}",
             )
         else:
             r = Runner(
@@ -898,6 +961,8 @@ def run(
             if not r.has_verdict():  # hibernated to swap: power on, same kernel
                 r.boot()
                 r.wait_exit(timeout)
+        elif flow == "encrypted":
+            _encrypted_flow(r, timeout)
         else:
             _fault_flow(r, name, flow, timeout, run_dir, sectors)
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:

@@ -204,3 +204,26 @@ def test_k_kaslr_and_a_jump_area_the_kernel_placed_hibernate_and_restore(vm_asse
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
     _writers_intact(out)
+
+
+def test_l_encrypted_image_through_the_daemon_and_the_passphrase(vm_assets_built, run_dir):
+    """An administrator's encryption set-up on the real daemon: `kjumpctl image-key create`,
+    `check` refusing the save kernel that cannot encrypt, then the cryptography variants
+    (what `kjumpctl install` builds) and `check` passing. kjumpd hibernates (mode shutdown)
+    with disk writers; the workload's bytes are nowhere on the powered-off disk; R asks for
+    the passphrase, refuses a wrong one, restores with the right one; the workload and the
+    writers go on."""
+    out = _run("encrypted", vm_assets_built, run_dir)
+    assert out.verdict.get("guard") == "refused", out.summary()
+    assert out.verdict.get("encryption") == "AES-256-GCM", out.summary()
+    assert _console_matches(out, r"kjump-agent: saving \d+ MiB .*AES-256-GCM"), out.summary()
+    scan = out.event("host-scanned-disk")
+    assert scan is not None and scan.fields.get("plaintext") == "0", out.summary()
+    assert _console_matches(out, r"kjumpd-rf: wrong passphrase \(1 of 3\)"), out.summary()
+    assert _console_matches(out, r"kjumpd-rf: image key unsealed"), out.summary()
+    # typed at R's console, never echoed there (A's boot line carries it: kjumpvm.encrypt=)
+    assert scenarios.PASSPHRASE not in out.logs[-1].read_text(errors="replace"), out.logs[-1]
+    assert _booted_restore_first(out), out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    _writers_intact(out)

@@ -109,9 +109,15 @@ def configure_save_kernel() -> None:
     """Fault injection through kjumpd's configuration, before kjumpd starts:
     ``kjumpvm.b_append=W1,W2`` adds words to the save kernel's command line (e.g. an init
     that does not exist makes it panic for real); ``kjumpvm.watchdog=SECONDS`` sets
-    ``[save_kernel] watchdog`` (a short one for the hanging save kernel)."""
+    ``[save_kernel] watchdog`` (a short one for the hanging save kernel);
+    ``kjumpvm.finish=jump-back`` sets ``[hibernate] finish_in_save_kernel = false``."""
     words = (cmdline_arg("kjumpvm.b_append") or "").replace(",", " ").strip()
     watchdog = cmdline_arg("kjumpvm.watchdog") or ""
+    if cmdline_arg("kjumpvm.finish") == "jump-back":
+        # bench-vm's comparison: A powers off after the jump back, as before B could
+        conf = Path("/etc/kjumpd/kjumpd.toml")
+        conf.write_text(conf.read_text() + "\n[hibernate]\nfinish_in_save_kernel = false\n")
+        say("the save kernel jumps back; the main kernel powers off")
     if not words and not watchdog:
         return
     conf = Path("/etc/kjumpd/kjumpd.toml")
@@ -267,6 +273,9 @@ def main() -> int:
     event("init", boot_id=boot_id)
     start_dbus()
     configure_save_kernel()
+    if cmdline_arg("kjumpvm.encrypt"):
+        # the administrator's image-key set-up, before kjumpd reads its configuration
+        subprocess.run([sys.executable, "-m", "kjumpvm.guest_scenarios", "encrypt-setup"])
     kill = cmdline_arg("kjumpvm.kill_daemon") or ""
     daemon = None
     if kill.startswith("steps:"):

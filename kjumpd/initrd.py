@@ -1,0 +1,85 @@
+"""Reading an initramfs as the kernel does: its first archive, gzip'd, lz4'd (the "legacy"
+stream of ``lz4 -l``), zstd'd or plain newc cpio (kjumpd.cpio).
+
+The kernel's initramfs unpacker recognises the compressions by these magics
+(lib/decompress.c). An lz4 legacy stream is the magic, then blocks of (u32 little-endian
+compressed size, lz4 block) of LZ4_LEGACY_BLOCK unpacked bytes each but the last; it ends
+where no whole block follows (zero padding, or the next archive). gzip and lz4 are read in
+Python (zlib, python3-lz4); zstd with the host's ``zstd`` tool.
+"""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+from pathlib import Path
+
+from kjumpd import cpio, zstdframe
+from kjumpd.errors import InitrdError
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = zstdframe.MAGIC
+LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+LZ4_LEGACY_BLOCK = 8 << 20
+
+
+def lz4_legacy_blocks(blob: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of each compressed block of the lz4 legacy stream at blob's start."""
+    out = []
+    pos = 4
+    while pos + 4 <= len(blob):
+        size = int.from_bytes(blob[pos : pos + 4], "little")
+        if size == 0 or blob[pos : pos + 4] == LZ4_LEGACY_MAGIC or pos + 4 + size > len(blob):
+            break
+        out.append((pos + 4, size))
+        pos += 4 + size
+    return out
+
+
+def lz4_legacy_length(blob: bytes) -> int:
+    """Bytes of the lz4 legacy stream at the start of blob (magic and whole blocks)."""
+    blocks = lz4_legacy_blocks(blob)
+    return blocks[-1][0] + blocks[-1][1] if blocks else 4
+
+
+def decompress(blob: bytes) -> bytes:
+    """The first archive of a gzip'd, lz4'd, zstd'd or plain initramfs, uncompressed."""
+    if blob[:2] == GZIP_MAGIC:
+        try:
+            return gzip.decompress(blob)
+        except (OSError, EOFError) as e:
+            raise InitrdError("the gzip archive cannot be read", why=str(e)) from None
+    if blob[:4] == LZ4_LEGACY_MAGIC:
+        import lz4.block
+
+        try:
+            return b"".join(
+                lz4.block.decompress(blob[o : o + n], uncompressed_size=LZ4_LEGACY_BLOCK)
+                for o, n in lz4_legacy_blocks(blob)
+            )
+        except lz4.block.LZ4BlockError as e:
+            raise InitrdError("the lz4 archive cannot be read", why=str(e)) from None
+    if blob[:4] == ZSTD_MAGIC:
+        end = zstdframe.frame(blob).length  # the padding / next archive stay out
+        return _unpack_with("zstd", ["-d", "-q", "-c", "-"], blob[:end])
+    return blob
+
+
+def _unpack_with(tool: str, args: list[str], data: bytes) -> bytes:
+    """``data`` decompressed by the host's ``tool``."""
+    try:
+        proc = subprocess.run([tool, *args], input=data, capture_output=True, check=False)
+    except FileNotFoundError:
+        raise InitrdError(
+            f"a {tool} archive needs the {tool} tool to be read", fix=f"apt-get install {tool}"
+        ) from None
+    if proc.returncode != 0:
+        raise InitrdError(
+            f"the {tool} archive cannot be read", why=proc.stderr.decode(errors="replace").strip()
+        )
+    return proc.stdout
+
+
+def read_archive(path: str | Path) -> list[cpio.Entry]:
+    """The members of an initramfs file's first archive."""
+    return cpio.read(decompress(Path(path).read_bytes()))
