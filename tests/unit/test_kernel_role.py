@@ -104,3 +104,27 @@ def test_restore_is_refused_in_another_jump_area_or_with_memory_inside_it() -> N
     scattered = [(0x1000 + i * 0x2000, 0x2000 + i * 0x2000) for i in range(20)]
     with pytest.raises(AgentError, match="too many pieces"):
         check_restore_fits(scattered, OWN, JA)
+
+
+def test_a_failed_power_off_in_b_returns_for_the_jump_back(monkeypatch, capsys):
+    """B powers off itself once SAVED (job finish); when the kernel refuses, finish_here
+    returns and says so: the caller jumps back and A powers off instead."""
+    import ctypes
+
+    from kjumpd.agent import kernel_role
+
+    calls = []
+
+    class Libc:
+        def reboot(self, cmd):
+            calls.append(cmd.value)
+            return -1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: Libc())
+    monkeypatch.setattr(kernel_role.os, "sync", lambda: None)
+    kernel_role.finish_here("power-off")
+    kernel_role.finish_here("reboot")
+    assert calls == [0x4321FEDC, 0x01234567]
+    out = capsys.readouterr().out
+    assert "power off here, without the jump back" in out
+    assert "power-off failed" in out and "jumping back" in out

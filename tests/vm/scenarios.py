@@ -51,6 +51,10 @@ A_APPEND_OF = {
     "platform": A_APPEND_FIXED,
     "encrypted": A_APPEND.replace("crashkernel=128M", "crashkernel=160M"),
 }
+#: a CPU model offering AES-NI (OpenSSL's AES-NI code also uses SSSE3), for the encrypted
+#: scenario: what an encrypting laptop has
+AES_CPU = "qemu64,+pdpe1gb,+ssse3,+sse4.1,+sse4.2,+aes,+pclmulqdq"
+CPU_OF = {"encrypted": AES_CPU}
 #: the image key's passphrase in the encrypted scenario (typed by the host at R's prompt)
 PASSPHRASE = "kjumpvm-image-key-passphrase"
 PASSPHRASE_PROMPT = r"kjumpd: passphrase for the hibernation image \(key \w+, try (\d) of 3"
@@ -392,6 +396,7 @@ class Runner:
             memory_mb=MEM_MIB,
             smp=SMP,
             extra=(*ACPI_SLEEP, *WATCHDOG, *extra_qemu),
+            cpu=CPU_OF.get(name, self.h.VMConfig.cpu),
         )
         self.vm = self.h.VM(self.cfg, artifacts=run_dir, name=name)
         self.t0 = time.monotonic()
@@ -911,6 +916,7 @@ def run(
                 run_dir,
                 extra_disks=(_swap_disk(run_dir),),
                 append_extra=f"kjumpvm.swap=/dev/vdb {A_APPEND_EXTRA.get(name, '')} {extra}",
+                a_append=A_APPEND_OF.get(name, A_APPEND),
             )
         else:
             r = Runner(

@@ -51,6 +51,7 @@ from tests.vm.harness import (
     artifacts_dir,
 )
 from tests.vm.restorefirst_guest import fill
+from tests.vm.scenarios import AES_CPU
 from tests.vm.test_restorefirst import (
     A_INIT,
     GUEST,
@@ -68,7 +69,6 @@ from tests.vm.test_restorefirst import kernel as kernel  # noqa: F401 - the shar
 pytestmark = pytest.mark.vm
 
 PASSPHRASE = "kjumpd test passphrase"
-AES_CPU = "qemu64,+pdpe1gb,+ssse3,+sse4.1,+sse4.2,+aes,+pclmulqdq"
 PROMPT = r"kjumpd: passphrase for the hibernation image \(key (\w+), try (\d) of 3"
 
 

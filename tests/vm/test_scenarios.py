@@ -65,8 +65,12 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
     out = _run("shutdown", vm_assets_built, run_dir)
     assert _booted_restore_first(out), out.summary()  # the VM really powered off
     assert out.verdict.get("devices", "").endswith("-same"), out.summary()
-    # the first run ended in a plain power-off (mode shutdown), not in ACPI S4
+    # the first run ended in a plain power-off (mode shutdown), not in ACPI S4, done by the
+    # save kernel right after SAVED: no jump back to A first
     assert out.mark("power-down", boot=1) and not out.mark("acpi-s4", boot=1), out.summary()
+    assert _console_matches(out, r"kjump-agent: image SAVED; power off here"), out.summary()
+    first = out.logs[0].read_text(errors="replace")
+    assert "kjump-agent: jumping back to the main kernel" not in first, out.logs[0]
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
     before, after = (int(x) for x in out.verdict["counter"].split("->"))
