@@ -3,8 +3,8 @@ key, check the header and metadata, and hand the key to the save kernel in memor
 
 What R does when it cannot open an image (every case boots the normal system):
 
-- no image key in R, or the image was sealed to another key: the image is kept (a refreshed
-  restore-first entry may open it at a later boot);
+- no usable image key in R, or the image was sealed to another key: the image is kept (a
+  refreshed restore-first entry may open it at a later boot);
 - the passphrase is left empty, or is wrong ``TRIES`` times: the image is kept, as an
   encrypted Ubuntu or Fedora boot keeps its disk closed until the right passphrase comes;
 - the seal, the header or the metadata was altered: the image is refused (INVALID).
@@ -72,9 +72,12 @@ def open_image(
         )
     try:
         kf = seal.KeyFile.load(path)
+    except ImageKeyError as e:  # R's own copy is damaged: not the image's fault
+        return Kept("no-key", f"this restore environment's image key is unusable: {e.message}")
+    try:
         sealed = seal.check_seal(identity.get("seal"), "the image's seal")
     except ImageKeyError as e:
-        return Refused(f"key: {e.what}")
+        return Refused(f"altered: {e.what}")
     if sealed["key_id"] != kf.key_id:
         return Kept(
             "other-key",

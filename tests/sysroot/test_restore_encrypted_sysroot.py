@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kjumpd.image import seal, store
-from kjumpd.image.format import ImageState
+from kjumpd.image.format import ImageState, crc32
 from kjumpd.image.save import save_image
 from kjumpd.restore import unlock
 from kjumpd.restore.init import restore_first
@@ -144,6 +144,29 @@ def test_r_without_the_key_file_keeps_the_image(world) -> None:
     (world.root / unlock.KEY_FILE.lstrip("/")).unlink()
     assert world.run_with(Console(PASS)) == "kept:no-key"
     assert world.header().state == ImageState.SAVED
+
+
+def test_a_damaged_key_file_in_r_keeps_the_image(world) -> None:
+    world.save_encrypted()
+    (world.root / unlock.KEY_FILE.lstrip("/")).write_text("{not json")
+    assert world.run_with(Console(PASS)) == "kept:no-key"
+    assert world.header().state == ImageState.SAVED
+
+
+def test_an_image_without_a_usable_seal_is_refused(world) -> None:
+    key = world.save_encrypted()
+    dev, _ = store.open_target(world.target, writable=True)
+    with dev:  # the identity's seal replaced (its CRCs redone): the image cannot be opened
+        h = store.read_header(dev)
+        meta = store.read_metadata(dev, h)
+        ident = dict(meta.identity, seal={"version": 1})
+        raw = type(meta)(extents=meta.extents, identity=ident).pack()
+        assert len(raw) <= h.data_offset - h.metadata_offset
+        dev.write(h.metadata_offset, raw)
+        store.update_header(dev, metadata_length=len(raw), metadata_crc=crc32(raw))
+    assert world.run_with(Console(PASS)) == "invalid:altered"
+    assert world.header().reason.startswith("altered: the image's seal")
+    assert key.hex().encode() not in world.target.read_bytes()
 
 
 @pytest.mark.parametrize("change", [{"jump_back_entry": 0x2000000}, {"mode": "reboot"}])
