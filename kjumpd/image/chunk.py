@@ -260,17 +260,24 @@ def stored_pages(bitmap: bytes, pages: int) -> list[int]:
     return out
 
 
+def chunk_error(
+    ch: ChunkHeader, offset: int, why: str, what: str = "is corrupt"
+) -> ImageCorruptError:
+    """The error for a record that cannot be used (``what`` says how it failed)."""
+    return ImageCorruptError(
+        f"chunk {ch.index} at byte offset {offset} {what}",
+        why=why,
+        fix="the image cannot be used; boot normally and hibernate again",
+        structure="chunk",
+        offset=offset,
+        chunk=ch.index,
+    )
+
+
 def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> None:
     """Raise ImageCorruptError when the bitmap + payload do not match the record's CRC."""
     if crc32(payload, crc32(bitmap)) != ch.crc:
-        raise ImageCorruptError(
-            f"chunk {ch.index} at byte offset {offset} is corrupt",
-            why="payload checksum mismatch",
-            fix="the image cannot be used; boot normally and hibernate again",
-            structure="chunk",
-            offset=offset,
-            chunk=ch.index,
-        )
+        raise chunk_error(ch, offset, "payload checksum mismatch")
 
 
 def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> bytes | bytearray:
@@ -301,14 +308,7 @@ def decode_into(
     expect = nz * PAGE_SIZE - (tail_short if last_stored else 0)
 
     def bad(why: str) -> ImageCorruptError:
-        return ImageCorruptError(
-            f"chunk {ch.index} at byte offset {offset} is corrupt",
-            why=why,
-            fix="the image cannot be used; boot normally and hibernate again",
-            structure="chunk",
-            offset=offset,
-            chunk=ch.index,
-        )
+        return chunk_error(ch, offset, why)
 
     n = ch.raw_length
     if ch.encoding in EMPTY_ENCODINGS:

@@ -452,11 +452,6 @@ def _with_payload(ch: ChunkHeader, length: int, crc: int) -> ChunkHeader:
 
 
 def _unauthentic(ch: ChunkHeader, offset: int, why: str) -> ImageCorruptError:
-    return ImageCorruptError(
-        f"chunk {ch.index} at byte offset {offset} fails authentication",
-        why=why,
-        fix="the image cannot be used; boot normally and hibernate again",
-        structure="chunk",
-        offset=offset,
-        chunk=ch.index,
-    )
+    from kjumpd.image.chunk import chunk_error  # chunk imports lz4, which R does not have
+
+    return chunk_error(ch, offset, why, what="fails authentication")

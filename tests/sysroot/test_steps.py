@@ -196,7 +196,8 @@ def test_quiesce_failure_midway_undoes_what_was_written(tree):
 
 
 def test_sysfs_walk_enumerates_what_pyudev_does_on_this_machine():
-    pyudev = pytest.importorskip("pyudev")
+    import pyudev  # a dependency: never skipped
+
     got = set(quiesce.device_dirs(Sysroot(Path("/"))))
     udev = {
         d.sys_path
@@ -295,7 +296,8 @@ def test_battery_from_sysfs(tree):
 
 
 def test_battery_agrees_with_psutil_on_this_machine():
-    psutil = pytest.importorskip("psutil")
+    import psutil  # a dependency: never skipped
+
     ours = battery.read(Sysroot(Path("/")))
     theirs = psutil.sensors_battery()
     assert (theirs is not None) == ours.present
@@ -339,10 +341,11 @@ def test_power_off_and_reboot_go_through_sysrq(tree):
 
 
 # -- kexec helpers ------------------------------------------------------------------------------
-def test_initrd_is_the_initramfs_then_the_job(tree):
+def small_job(**extra):
+    """A valid job for one small range (``extra``: more fields)."""
     from kjumpd.job import Job
 
-    job = Job(
+    return Job(
         target_uuid="0b5e7c1a-6f6e-4c1e-9a77-3d2f1e0c9b8a",
         superblock_device_offset=MiB,
         device_hint={"devno": "254:0", "name": "vda"},
@@ -355,7 +358,12 @@ def test_initrd_is_the_initramfs_then_the_job(tree):
         save_kernel_hash="sha256:" + "0" * 64,
         jump_area=(0x20000000, 128 * MiB),
         created=1,
+        **extra,
     )
+
+
+def test_initrd_is_the_initramfs_then_the_job(tree):
+    job = small_job()
     sr = Sysroot(tree)
     path = kexec.write_initrd(sr, "/usr/lib/kjumpd/save/initramfs.cpio.gz", job)
     blob = sr.path(path).read_bytes()
@@ -941,7 +949,6 @@ def test_image_encryption_follows_the_key_and_the_root_filesystem(full, tmp_path
     from kjumpd.daemon import encryption
     from kjumpd.daemon.install import set_save_kernel_hashes
     from kjumpd.image import seal
-    from kjumpd.job import Job
 
     line, _ = _check_line(kjumpctl(full, "check", "--mode", "test").stdout, "image encryption")
     assert line.startswith("[ok  ]") and "none (no image key at" in line, line
@@ -996,21 +1003,7 @@ def test_image_encryption_follows_the_key_and_the_root_filesystem(full, tmp_path
     plan = encryption.plan(Sysroot(full), cfg(full))
     a, b = plan.job_fields(), plan.job_fields()
     assert a["image_key"] != b["image_key"]
-    job = Job(
-        target_uuid="0b5e7c1a-6f6e-4c1e-9a77-3d2f1e0c9b8a",
-        superblock_device_offset=MiB,
-        device_hint={"devno": "254:0", "name": "vda"},
-        blockmap=[(0, MiB, 32 * MiB)],
-        ranges=[(0x1000, 0x9F000)],
-        mode="test",
-        compression="lz4",
-        chunk_size=MiB,
-        main_kernel={"release": "x", "build_id": ""},
-        save_kernel_hash="sha256:" + "0" * 64,
-        jump_area=(0x20000000, 128 * MiB),
-        created=1,
-        **a,
-    )
+    job = small_job(**a)
     assert a["image_key"] not in repr(job)  # never in a log line
     private = kf.unlock("correct horse")
     assert seal.unseal_key(private, kf.public, job.seal).hex() == a["image_key"]

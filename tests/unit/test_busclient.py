@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from gi.repository import Gio, GLib  # noqa: E402  (PyGObject is a dependency: no skip)
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kjumpd.cli import busclient
-
-Gio = pytest.importorskip("gi.repository.Gio")
-GLib = pytest.importorskip("gi.repository.GLib")
 
 RECORD = {
     "result": GLib.Variant("s", "resumed"),

@@ -74,7 +74,7 @@ def _restore(tgt, out, key):
         return restore.restore_image(dev, sink, workers=2, key=key)
 
 
-def _records(tgt):
+def records(tgt):
     """(offset, ChunkHeader, bitmap) of every record in the data area."""
     with ImageDevice(tgt, writable=False) as dev:
         h = store.read_header(dev)
@@ -181,7 +181,7 @@ def test_the_wrong_image_key_is_refused_before_any_write(encrypted):
     assert not (tmp / "out").exists() or not (tmp / "out").read_bytes().strip(b"\0")
 
 
-def _rewrite_record(tgt, offset, ch, bitmap, payload):
+def rewrite_record(tgt, offset, ch, bitmap, payload):
     """Replace a record's payload, recomputing both CRCs: damage detection cannot see it."""
     new = ChunkHeader(
         encoding=ch.encoding,
@@ -204,7 +204,7 @@ def _rewrite_record(tgt, offset, ch, bitmap, payload):
 @given(st.data())
 def test_a_crafted_record_with_its_crc_recomputed_is_refused(encrypted, data):
     tmp, _mem, tgt, image_key = encrypted
-    recs = _records(tgt)
+    recs = records(tgt)
     i = data.draw(st.integers(0, len(recs) - 1))
     off, ch, bm = recs[i]
     with ImageDevice(tgt, writable=False) as dev:
@@ -212,7 +212,7 @@ def test_a_crafted_record_with_its_crc_recomputed_is_refused(encrypted, data):
     orig = bytes(payload)
     pos = data.draw(st.integers(0, len(payload) - 1))
     payload[pos] ^= 1 << data.draw(st.integers(0, 7))
-    _rewrite_record(tgt, off, ch, bm, bytes(payload))
+    rewrite_record(tgt, off, ch, bm, bytes(payload))
     out = tmp / f"out{i}-{pos}"
     try:
         with pytest.raises(ImageCorruptError) as ei:
@@ -223,19 +223,19 @@ def test_a_crafted_record_with_its_crc_recomputed_is_refused(encrypted, data):
             got = out.read_bytes()
             assert not got[ch.phys : ch.phys + ch.raw_length].strip(b"\0")
     finally:
-        _rewrite_record(tgt, off, ch, bm, orig)
+        rewrite_record(tgt, off, ch, bm, orig)
 
 
 def test_a_record_from_another_place_is_refused(encrypted):
     """Swapping two records' payloads (each moved with its own CRC) is refused: the
     associated data binds a payload to its index, address and bitmap."""
     tmp, _mem, tgt, image_key = encrypted
-    recs = [r for r in _records(tgt) if r[1].payload_length > 16]
+    recs = [r for r in records(tgt) if r[1].payload_length > 16]
     (o1, c1, b1), (o2, c2, b2) = recs[0], recs[1]
     with ImageDevice(tgt, writable=False) as dev:
         p1 = dev.read(o1 + CHUNK_HEADER_SIZE + len(b1), c1.payload_length)
     moved = p1[: c2.payload_length].ljust(c2.payload_length, b"\0")
-    _rewrite_record(tgt, o2, c2, b2, moved)
+    rewrite_record(tgt, o2, c2, b2, moved)
     with pytest.raises(ImageCorruptError, match="fails authentication"):
         _restore(tgt, tmp / "out", image_key)
 

@@ -739,18 +739,23 @@ def _disk_holds(overlay: Path, run_dir: Path, needles: list[bytes]) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    found: set[int] = set()
-    width = max(len(n) for n in needles)
     try:
-        with open(raw, "rb") as f:
-            tail = b""
-            while block := f.read(16 << 20):
-                hay = tail + block
-                found |= {i for i, n in enumerate(needles) if n in hay}
-                tail = hay[-width:]
+        return len(needles_in_file(raw, needles))
     finally:
         raw.unlink(missing_ok=True)
-    return len(found)
+
+
+def needles_in_file(path: Path, needles: list[bytes]) -> set[int]:
+    """Indices of the ``needles`` found anywhere in the file (read in overlapping windows)."""
+    found: set[int] = set()
+    width = max(len(n) for n in needles)
+    with open(path, "rb") as f:
+        tail = b""
+        while block := f.read(16 << 20):
+            hay = tail + block
+            found |= {i for i, n in enumerate(needles) if n in hay}
+            tail = hay[-width:]
+    return found
 
 
 def grub_normal_cmdline(overlay: Path, run_dir: Path) -> str:

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from bootloader.initramfs import build_restore_initramfs, make_restore_initrd, restore_config
-from kjumpd.daemon.bootentry import R_IMAGE_KEY
+from bootloader.initramfs import build_restore_initramfs
 from kjumpd.image import seal, store
-from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader, crc32
+from kjumpd.image.format import CHUNK_HEADER_SIZE, crc32
 from savekernel.initramfs import (
     CRYPTO_MODULES,
     CRYPTO_PACKAGES,
@@ -42,16 +41,15 @@ from savekernel.initramfs import (
     build_save_initramfs,
     crypto_host_files,
 )
+from tests.unit.test_image_seal import records, rewrite_record
 from tests.vm.harness import (
-    JUMP_AREA_SIZE,
-    JUMP_AREA_START,
     MAIN_APPEND,
     VM,
     VMConfig,
     artifacts_dir,
 )
 from tests.vm.restorefirst_guest import fill
-from tests.vm.scenarios import AES_CPU
+from tests.vm.scenarios import AES_CPU, needles_in_file
 from tests.vm.test_restorefirst import (
     A_INIT,
     GUEST,
@@ -63,6 +61,7 @@ from tests.vm.test_restorefirst import (
     copy_disks,
     header,
     make_disks,
+    r_initrd,
 )
 from tests.vm.test_restorefirst import kernel as kernel  # noqa: F401 - the shared fixture
 
@@ -105,23 +104,6 @@ def a_crypto(kernel: Path, b_crypto: InitramfsImage, keyfile: Path) -> Initramfs
 @pytest.fixture(scope="module")
 def r_crypto(kernel: Path) -> InitramfsImage:
     return build_restore_initramfs(crypto=True)
-
-
-def r_initrd(out: Path, kernel, a, b, r, uuid: str, keyfile: Path) -> Path:
-    cfg, files = restore_config(
-        target_uuid=uuid,
-        target_offset=0,
-        normal_kernel=kernel,
-        normal_initrd=a.path,
-        normal_cmdline=f"{MAIN_APPEND} kjr.step=normal",
-        save_kernel=kernel,
-        save_initrd=b.path,
-        save_cmdline=R_BASE_APPEND,
-        jump_area=(JUMP_AREA_START, JUMP_AREA_SIZE),
-        max_attempts=3,
-    )
-    files[R_IMAGE_KEY] = keyfile
-    return make_restore_initrd(out, cfg, files, base=r.path)
 
 
 def r_vm(kernel: Path, initrd: Path, uuid: str, disks, art: Path) -> VM:
@@ -169,35 +151,17 @@ def saved(kernel, a_crypto, tmp_path_factory) -> tuple[Path, Path, str, bytes]:
     return target, data, uuid, secret
 
 
-def _find_on_disk(path: Path, needles: list[bytes]) -> list[str]:
-    """Which needles occur anywhere in the raw disk file (read in overlapping windows)."""
-    width = max(len(n) for n in needles)
-    found = set()
-    with open(path, "rb") as f:
-        tail = b""
-        while True:
-            block = f.read(8 << 20)
-            if not block:
-                break
-            hay = tail + block
-            for i, n in enumerate(needles):
-                if n in hay:
-                    found.add(i)
-            tail = hay[-width:]
-    return [needles[i][:8].hex() for i in sorted(found)]
-
-
 def test_the_secret_and_the_memory_never_reach_the_disks_in_plaintext(saved) -> None:
     target, data, _uuid, secret = saved
     # A's fill pattern (random bytes, incompressible: a plaintext image stores it as is)
     pattern = bytes(fill(1, 777)[: 1 << 20])
     needles = [secret, secret.hex().encode(), pattern[4096:8192], pattern[500000:504096]]
     for disk in (target, data):
-        assert _find_on_disk(disk, needles) == [], f"plaintext found on {disk.name}"
+        assert needles_in_file(disk, needles) == set(), f"plaintext found on {disk.name}"
     # the check can fail: the same scan finds the pattern in a plaintext copy of it
     probe = target.with_name("probe.raw")
     probe.write_bytes(os.urandom(4096) + pattern[4096:8192] + os.urandom(4096))
-    assert _find_on_disk(probe, needles[2:3]) != []
+    assert needles_in_file(probe, needles[2:3]) == {0}
     probe.unlink()
 
 
@@ -205,7 +169,9 @@ def test_restore_asks_the_passphrase_and_brings_the_secret_back(
     request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved, tmp_path
 ) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
-    rimg = r_initrd(tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], keyfile)
+    rimg = r_initrd(
+        tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], image_key=keyfile
+    )
     with r_vm(kernel, rimg, saved[2], (target, data), artifacts_dir(request.node.name)) as vm:
         m = vm.wait_for(PROMPT, timeout=T, fail=PANIC)
         assert m.group(2) == "1"
@@ -227,7 +193,9 @@ def test_three_wrong_passphrases_boot_normally_and_keep_the_image(
     request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved, tmp_path
 ) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
-    rimg = r_initrd(tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], keyfile)
+    rimg = r_initrd(
+        tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], image_key=keyfile
+    )
     with r_vm(kernel, rimg, saved[2], (target, data), artifacts_dir(request.node.name)) as vm:
         for attempt in (1, 2, 3):
             m = vm.wait_for(PROMPT, timeout=T, fail=PANIC)
@@ -247,7 +215,9 @@ def test_an_altered_header_is_refused_before_the_save_kernel_runs(
     with dev:  # a crafted jump-back address, every CRC recomputed
         h = store.read_header(dev)
         store.update_header(dev, jump_back_entry=h.jump_back_entry + 0x1000)
-    rimg = r_initrd(tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], keyfile)
+    rimg = r_initrd(
+        tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], image_key=keyfile
+    )
     with r_vm(kernel, rimg, saved[2], (target, data), artifacts_dir(request.node.name)) as vm:
         vm.wait_for(PROMPT, timeout=T, fail=PANIC)
         vm.send(PASSPHRASE + "\n")
@@ -261,41 +231,21 @@ def test_an_altered_record_is_refused_before_it_reaches_memory(
     request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved, tmp_path
 ) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
-    h = header(target)
-    with open(target, "r+b") as f:  # the first record with a payload: one byte, CRCs redone
-        pos = h.data_offset
-        while True:
-            f.seek(pos)
-            ch = ChunkHeader.unpack(f.read(CHUNK_HEADER_SIZE))
-            bitmap = f.read(ch.bitmap_length)
-            if ch.payload_length > 16:
-                break
-            pos += ch.record_length
+    # the first record with a payload: one byte, both CRCs redone (damage checks pass)
+    off, ch, bitmap = next(r for r in records(target) if r[1].payload_length > 16)
+    with open(target, "rb") as f:
+        f.seek(off + CHUNK_HEADER_SIZE + len(bitmap))
         payload = bytearray(f.read(ch.payload_length))
-        payload[len(payload) // 2] ^= 0x01
-        new = ChunkHeader(
-            encoding=ch.encoding,
-            pages=ch.pages,
-            index=ch.index,
-            phys=ch.phys,
-            raw_length=ch.raw_length,
-            payload_length=len(payload),
-            crc=crc32(bytes(payload), crc32(bitmap)),
-            tag=ch.tag,
-        )
-        f.seek(pos)
-        f.write(new.pack() + bitmap + bytes(payload))
-        # and the header's checksum over every record's CRC, as a forger would
-        crcs, pos = [], h.data_offset
-        for _ in range(h.chunk_count):
-            f.seek(pos)
-            rec = ChunkHeader.unpack(f.read(CHUNK_HEADER_SIZE))
-            crcs.append(rec.crc)
-            pos += rec.record_length
+    payload[len(payload) // 2] ^= 0x01
+    rewrite_record(target, off, ch, bitmap, bytes(payload))
+    # and the header's checksum over every record's CRC, as a forger would
+    crcs = [rec.crc for _off, rec, _bm in records(target)]
     dev, _ = store.open_target(target, writable=True, offset=0)
     with dev:
         store.update_header(dev, data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)))
-    rimg = r_initrd(tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], keyfile)
+    rimg = r_initrd(
+        tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], image_key=keyfile
+    )
     art = artifacts_dir(request.node.name)
     vm = r_vm(kernel, rimg, saved[2], (target, data), art)
     try:

@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bootloader.initramfs import build_restore_initramfs, make_restore_initrd, restore_config
+from kjumpd.daemon.bootentry import R_IMAGE_KEY
 from kjumpd.image import store
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import BlockExtent
@@ -162,7 +163,10 @@ def r_initrd(
     uuid: str,
     max_attempts: int = 3,
     save_cmdline: str = R_BASE_APPEND,
+    image_key: Path | None = None,
 ) -> Path:
+    """R's initrd for these disks (``image_key``: the key file R opens encrypted images
+    with, where `kjumpctl install` puts it)."""
     cfg, files = restore_config(
         target_uuid=uuid,
         target_offset=0,
@@ -175,6 +179,8 @@ def r_initrd(
         jump_area=(JUMP_AREA_START, JUMP_AREA_SIZE),
         max_attempts=max_attempts,
     )
+    if image_key is not None:
+        files[R_IMAGE_KEY] = image_key
     return make_restore_initrd(out, cfg, files, base=r.path)
 
 
