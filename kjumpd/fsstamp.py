@@ -34,6 +34,20 @@ The record (``to_dict``) is JSON-ready and versioned::
      "fields": {"mount_count": 3, ...}}
 
 ``device`` is only a hint (names differ between kernels): R finds a filesystem by fstype + uuid.
+
+A filesystem on a device-mapper linear device (LVM) is invisible to R, which assembles no
+stacked devices; its record then also carries the device's map onto its whole disk,
+``"extents": [[logical, disk_offset, length], ...]`` (bytes, in logical order), and R reads
+the superblock through that map on each whole disk (:func:`scan` with ``recorded``). The
+map is evidence like the fields: an LV moved since the freeze reads as "not found".
+
+Below dm-crypt R holds no key, so it cannot parse the superblock; but dm-crypt encrypts
+each sector in place and deterministically (same key, sector and plaintext: same
+ciphertext). The record of such a filesystem also carries ``"ciphertext": [[offset,
+length, crc32], ...]``: the raw bytes on the disk, through the map, of every range the
+superblock parser read in A (widened to 4 KiB, dm-crypt's largest sector), and its fields
+gain ``"ciphertext": "as frozen"``. R compares those CRCs: a mount anywhere changes the
+superblock's plaintext, hence its ciphertext.
 """
 
 from __future__ import annotations
@@ -53,6 +67,10 @@ from kjumpd.sysroot import Sysroot
 STAMP_VERSION = 1
 _ALIGN = 4096
 _FAT_CRC_LIMIT = 16 << 20
+#: the largest ciphertext region a record may name (the FAT read is the largest)
+_REGION_LIMIT = _FAT_CRC_LIMIT + _ALIGN
+#: regions a record may name (an xfs log bisection reads about 40 blocks)
+_REGIONS_MAX = 256
 
 FieldValue = int | str
 
@@ -65,15 +83,24 @@ class FsStamp:
     fstype: str
     uuid: str
     fields: dict[str, FieldValue] = field(default_factory=dict)
+    #: the filesystem's device mapped onto its whole disk, for a stacked device (LVM)
+    extents: tuple[tuple[int, int, int], ...] = ()
+    #: below dm-crypt: (offset, length, crc32) of the encrypted bytes the stamp came from
+    ciphertext: tuple[tuple[int, int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "version": STAMP_VERSION,
             "device": self.device,
             "fstype": self.fstype,
             "uuid": self.uuid,
             "fields": dict(sorted(self.fields.items())),
         }
+        if self.extents:
+            d["extents"] = [list(e) for e in self.extents]
+        if self.ciphertext:
+            d["ciphertext"] = [list(r) for r in self.ciphertext]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> FsStamp:
@@ -109,7 +136,14 @@ class FsStamp:
                     f"filesystem stamp field {k!r} is not an integer or string",
                     fix="re-run the hibernation; the record is damaged",
                 )
-        return cls(device=device, fstype=fstype, uuid=uid, fields=dict(fields))
+        return cls(
+            device=device,
+            fstype=fstype,
+            uuid=uid,
+            fields=dict(fields),
+            extents=_extents_of(d.get("extents", [])),
+            ciphertext=_regions_of(d.get("ciphertext", [])),
+        )
 
     @property
     def key(self) -> tuple[str, str]:
@@ -140,6 +174,56 @@ class FsStamp:
             else:
                 parts.append(f"{name} {other.fields.get(name)} -> {self.fields.get(name)}")
         return f"{other.fstype} {other.uuid} on {self.device}: " + (", ".join(parts) or "unchanged")
+
+
+def _extents_of(raw: Any) -> tuple[tuple[int, int, int], ...]:
+    """A record's ``extents``: [logical, disk offset, length] triples covering 0.. in order."""
+    bad = FsStampError(
+        "filesystem stamp record has a bad extent map",
+        why=f"extents {str(raw)[:80]}",
+        fix="re-run the hibernation; the record is damaged",
+    )
+    if not isinstance(raw, list):
+        raise bad
+    out: list[tuple[int, int, int]] = []
+    pos = 0
+    for e in raw:
+        if (
+            not isinstance(e, list)
+            or len(e) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in e)
+            or e[0] != pos
+            or e[2] == 0
+        ):
+            raise bad
+        out.append((e[0], e[1], e[2]))
+        pos += e[2]
+    return tuple(out)
+
+
+def _regions_of(raw: Any) -> tuple[tuple[int, int, int], ...]:
+    """A record's ``ciphertext``: [offset, length, crc32] triples, bounded (R reads them all
+    at every boot that finds an image: a damaged or crafted record must not keep it busy)."""
+    if not isinstance(raw, list) or not all(
+        isinstance(r, list)
+        and len(r) == 3
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r)
+        and 0 < r[1] <= _REGION_LIMIT
+        and r[2] < 1 << 32
+        for r in raw
+    ):
+        raise FsStampError(
+            "filesystem stamp record has bad ciphertext regions",
+            why=f"ciphertext {str(raw)[:80]}",
+            fix="re-run the hibernation; the record is damaged",
+        )
+    if len(raw) > _REGIONS_MAX or sum(r[1] for r in raw) > 2 * _REGION_LIMIT:
+        raise FsStampError(
+            "filesystem stamp record names too much ciphertext",
+            why=f"{len(raw)} regions, {sum(r[1] for r in raw)} bytes",
+            fix="re-run the hibernation; the record is damaged",
+        )
+    return tuple((r[0], r[1], r[2]) for r in raw)
 
 
 # ---------------------------------------------------------------- reading the device
@@ -187,6 +271,28 @@ class _Reader:
         finally:
             buf.close()
         return data[offset - start : offset - start + length]
+
+
+class _MappedReader:
+    """Reads of a stacked device's bytes straight from its whole disk, through its map."""
+
+    def __init__(self, disk: _Reader, extents: tuple[tuple[int, int, int], ...]) -> None:
+        self.disk = disk
+        self.extents = extents
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        while length > 0:
+            ext = next((e for e in self.extents if e[0] <= offset < e[0] + e[2]), None)
+            if ext is None:
+                break  # past the end, as for a device
+            n = min(length, ext[0] + ext[2] - offset)
+            piece = self.disk.read(ext[1] + offset - ext[0], n)
+            out += piece
+            if len(piece) < n:
+                break
+            offset, length = offset + n, length - n
+        return bytes(out)
 
 
 def _u(fmt: str, data: bytes, off: int) -> int:
@@ -431,8 +537,167 @@ def block_devices(sysroot: Sysroot) -> list[str]:
     return out
 
 
-def scan(sysroot: Sysroot) -> dict[tuple[str, str], list[FsStamp]]:
-    """Stamps of every filesystem found on the block devices, keyed by (fstype, uuid)."""
+def read_mapped(
+    disk: str, extents: tuple[tuple[int, int, int], ...], *, sysroot: Sysroot | None = None
+) -> FsStamp:
+    """The stamp of a filesystem on a stacked device, read from ``disk`` through its map."""
+    real = str(sysroot.path(disk)) if sysroot is not None else disk
+    where = f"{disk} (mapped)"
+    try:
+        reader = _Reader(real)
+    except OSError as e:
+        raise FsStampError(
+            f"cannot open {disk} to read a mapped superblock",
+            why=e.strerror or str(e),
+            fix="check that the device exists and you are root",
+            device=disk,
+        ) from e
+    try:
+        st = parse_stamp(_MappedReader(reader, extents).read, where)
+    except OSError as e:
+        raise FsStampError(
+            f"cannot read the mapped superblock on {disk}",
+            why=e.strerror or str(e),
+            fix="check the device (dmesg)",
+            device=disk,
+        ) from e
+    finally:
+        reader.close()
+    return FsStamp(st.device, st.fstype, st.uuid, st.fields, extents)
+
+
+def read_stamp_sealed(
+    device: str,
+    disk: str,
+    extents: tuple[tuple[int, int, int], ...],
+    *,
+    sysroot: Sysroot | None = None,
+) -> FsStamp:
+    """The stamp of a filesystem below dm-crypt: parsed from ``device`` (plaintext), with
+    the CRCs of the ciphertext of what the parser read, from ``disk`` through ``extents``."""
+    real = str(sysroot.path(device)) if sysroot is not None else device
+    reads: list[tuple[int, int]] = []
+    try:
+        reader = _Reader(real)
+    except OSError as e:
+        raise FsStampError(
+            f"cannot open {device} to read its superblock",
+            why=e.strerror or str(e),
+            fix="check that the device exists and you are root",
+            device=device,
+        ) from e
+
+    def read(offset: int, length: int) -> bytes:
+        data = reader.read(offset, length)
+        if data:
+            reads.append((offset, len(data)))
+        return data
+
+    try:
+        st = parse_stamp(read, device)
+    finally:
+        reader.close()
+    ranges = _widen(reads)
+    crcs = ciphertext_crcs(disk, extents, ranges, sysroot=sysroot)
+    regions = []
+    for (off, n), crc in zip(ranges, crcs, strict=True):
+        if crc is None:
+            raise FsStampError(
+                f"the superblock of {device} is not all on {disk} through its map",
+                why=f"bytes {off}..{off + n} are outside the map or the disk",
+                fix="report this device-mapper table (dmsetup table)",
+                device=device,
+            )
+        regions.append((off, n, crc))
+    return FsStamp(
+        st.device,
+        st.fstype,
+        st.uuid,
+        {**st.fields, "ciphertext": "as frozen"},
+        extents,
+        tuple(regions),
+    )
+
+
+def _widen(reads: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges widened to whole 4 KiB blocks, merged, in order."""
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(reads):
+        start = off - off % _ALIGN
+        end = -(-(off + n) // _ALIGN) * _ALIGN
+        if out and start <= out[-1][0] + out[-1][1]:
+            s0 = out[-1][0]
+            out[-1] = (s0, max(out[-1][1], end - s0))
+        else:
+            out.append((start, end - start))
+    return out
+
+
+def ciphertext_crcs(
+    disk: str,
+    extents: tuple[tuple[int, int, int], ...],
+    regions: list[tuple[int, int]],
+    *,
+    sysroot: Sysroot | None = None,
+) -> list[int | None]:
+    """CRC-32 of each (offset, length) of a stacked device, read raw from ``disk`` through
+    ``extents``; None for a region the disk does not hold whole."""
+    real = str(sysroot.path(disk)) if sysroot is not None else disk
+    try:
+        reader = _Reader(real)
+    except OSError as e:
+        raise FsStampError(
+            f"cannot open {disk} to read a mapped superblock",
+            why=e.strerror or str(e),
+            fix="check that the device exists and you are root",
+            device=disk,
+        ) from e
+    try:
+        mapped = _MappedReader(reader, extents)
+        out: list[int | None] = []
+        for off, n in regions:
+            data = mapped.read(off, n)
+            out.append(zlib.crc32(data) if len(data) == n else None)
+        return out
+    except OSError as e:
+        raise FsStampError(
+            f"cannot read the mapped superblock on {disk}",
+            why=e.strerror or str(e),
+            fix="check the device (dmesg)",
+            device=disk,
+        ) from e
+    finally:
+        reader.close()
+
+
+def _sealed_on(disk: str, old: FsStamp, sysroot: Sysroot) -> FsStamp | None:
+    """``old`` (a stamp below dm-crypt) as ``disk`` holds it now: unchanged when every
+    ciphertext region matches, changed when some do, None when none does (not this disk)."""
+    try:
+        crcs = ciphertext_crcs(
+            disk, old.extents, [(o, n) for o, n, _ in old.ciphertext], sysroot=sysroot
+        )
+    except FsStampError:
+        return None
+    same = sum(1 for crc, (_o, _n, want) in zip(crcs, old.ciphertext, strict=True) if crc == want)
+    if same == 0:
+        return None
+    fields = dict(old.fields)
+    if same < len(crcs):
+        fields["ciphertext"] = f"changed in {len(crcs) - same} of {len(crcs)} regions"
+    return FsStamp(
+        f"{disk} (encrypted, mapped)", old.fstype, old.uuid, fields, old.extents, old.ciphertext
+    )
+
+
+def scan(
+    sysroot: Sysroot, recorded: list[dict[str, Any]] | None = None
+) -> dict[tuple[str, str], list[FsStamp]]:
+    """Stamps of every filesystem found on the block devices, keyed by (fstype, uuid).
+
+    ``recorded``: stamp records; a record with a map whose filesystem is on no device this
+    kernel lists is looked for through its map on every whole disk (/sys/block); one below
+    dm-crypt by the CRCs of its ciphertext."""
     found: dict[tuple[str, str], list[FsStamp]] = {}
     for dev in block_devices(sysroot):
         try:
@@ -440,4 +705,23 @@ def scan(sysroot: Sysroot) -> dict[tuple[str, str], list[FsStamp]]:
         except FsStampError:
             continue
         found.setdefault(st.key, []).append(st)
+    for rec in recorded or []:
+        try:
+            old = FsStamp.from_dict(rec)
+        except FsStampError:
+            continue  # the decision names a bad record
+        if not old.extents or old.key in found:
+            continue
+        for name in sysroot.listdir("/sys/block"):
+            if old.ciphertext:
+                got = _sealed_on(f"/dev/{name}", old, sysroot)
+                if got is not None:
+                    found.setdefault(got.key, []).append(got)
+                continue
+            try:
+                st = read_mapped(f"/dev/{name}", old.extents, sysroot=sysroot)
+            except FsStampError:
+                continue
+            if st.key == old.key:
+                found.setdefault(st.key, []).append(st)
     return found

@@ -11,8 +11,10 @@ kernel writes the raw disk, so the daemon turns the target into a list of extent
 * the filesystem's device is translated to the whole disk through sysfs:
   partition -> ``start`` sector; device-mapper "linear" targets (LVM) through their table
   (``dmsetup table``); dm-crypt and md RAID are refused (B cannot see through them);
-  btrfs is refused (its FIEMAP addresses are btrfs logical addresses that need the chunk
-  tree to become device offsets); an active swap area is refused.
+  an active swap area is refused.
+* btrfs: FIEMAP gives btrfs logical addresses; the chunk tree turns them into offsets on
+  the filesystem's one device (kjumpd.linux.btrfs). The file must be nodatacow and in
+  single-profile data chunks, which `kjumpctl setup` makes sure of.
 * partition/disk: one extent at the partition's start.
 
 After translation the superblock (magic + target UUID + this block map) is written at
@@ -33,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kjumpd.errors import BlockMapError, KjumpError, TargetError, UsageError
+from kjumpd.image.format import BlockExtent
+from kjumpd.linux import btrfs
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -55,7 +59,6 @@ BAD_FLAGS = {
     0x800: "unwritten (preallocated, never written)",
     0x2000: "shared (reflinked or snapshotted)",
 }
-BTRFS_SUPER_MAGIC = 0x9123683E
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,7 @@ class Target:
     def superblock_offset(self) -> int:
         return self.blockmap[0][1]
 
-    def block_extents(self) -> list:  # -> list[kjumpd.image.format.BlockExtent]
-        from kjumpd.image.format import BlockExtent
+    def block_extents(self) -> list[BlockExtent]:
 
         return [BlockExtent(lo, dev, ln) for lo, dev, ln in self.blockmap]
 
@@ -203,26 +205,33 @@ def device_by_name(sysroot: Sysroot, name: str) -> BlockDev:
     return BlockDev(name, devno)
 
 
-def parse_dm_table(text: str) -> list[tuple[int, int, str, int]]:
-    """'start len linear MAJ:MIN offset' lines (sectors) -> [(start, len, devno, offset)] bytes."""
+def parse_dm_table(text: str, through_crypt: bool = False) -> list[tuple[int, int, str, int]]:
+    """'start len linear MAJ:MIN offset' lines (sectors) -> [(start, len, devno, offset)] bytes.
+
+    ``through_crypt``: also 'start len crypt CIPHER KEY IV_OFFSET MAJ:MIN offset ...' lines
+    (dm-crypt keeps every sector where it is, so its ciphertext lies at the same offsets on
+    the device below: what R reads, without the key, to see whether it changed)."""
     out = []
     for line in text.splitlines():
         parts = line.split()
         if not parts:
             continue
-        if len(parts) < 5 or parts[2] != "linear":
+        if len(parts) >= 5 and parts[2] == "linear":
+            dev, off = parts[3], parts[4]
+        elif through_crypt and len(parts) >= 8 and parts[2] == "crypt":
+            dev, off = parts[6], parts[7]
+        else:
             kind = parts[2] if len(parts) > 2 else "?"
             raise BlockMapError(
                 f"device-mapper target {kind!r} is not supported",
                 why="only linear mappings (plain LVM) can be written raw by the save kernel",
                 fix="put the target on a plain partition or a linear LV",
             )
-        dev = parts[3]
         if ":" not in dev:
             raise BlockMapError(
                 "device-mapper table names a device by path", why=line, fix="report this table"
             )
-        out.append((int(parts[0]) * SECTOR, int(parts[1]) * SECTOR, dev, int(parts[4]) * SECTOR))
+        out.append((int(parts[0]) * SECTOR, int(parts[1]) * SECTOR, dev, int(off) * SECTOR))
     return out
 
 
@@ -257,9 +266,11 @@ def to_disk(
     extents: list[tuple[int, int, int]],
     depth: int = 0,
     dm_table: Callable[[Sysroot, BlockDev], str] | None = None,
+    through_crypt: bool = False,
 ) -> tuple[BlockDev, list[tuple[int, int, int]]]:
     """(logical, offset on ``dev``, length) -> (whole disk, offsets on it).
-    ``dm_table`` returns a device-mapper table's text (default: ``dmsetup table``)."""
+    ``dm_table`` returns a device-mapper table's text (default: ``dmsetup table``).
+    ``through_crypt``: map through dm-crypt too (to read ciphertext; never to write)."""
     if depth > 8:
         raise BlockMapError("device stack is too deep", fix="use a plain partition")
     base = f"/sys/class/block/{dev.name}"
@@ -272,14 +283,15 @@ def to_disk(
         )
     if sysroot.exists(f"{base}/dm"):
         uuid = sysroot.read_text(f"{base}/dm/uuid", default="").strip()
-        if uuid.startswith("CRYPT-"):
+        if uuid.startswith("CRYPT-") and not through_crypt:
             raise BlockMapError(
                 f"the target is on dm-crypt ({dev.name})",
-                why="the save kernel has no key and would write ciphertext blocks as plaintext",
-                fix="put the target on an unencrypted partition (the image is "
-                "not encrypted by kjumpd)",
+                why="the save kernel holds no volume key and would write the image below "
+                "the encryption, where the filesystem reads it as garbage",
+                fix="put the target on an unencrypted partition or LV; with an image key "
+                "(kjumpctl image-key create) kjumpd encrypts the image itself",
             )
-        table = parse_dm_table((dm_table or _dm_table)(sysroot, dev))
+        table = parse_dm_table((dm_table or _dm_table)(sysroot, dev), through_crypt)
         out: list[tuple[int, int, int]] = []
         lower: BlockDev | None = None
         for lo, off, ln in extents:
@@ -298,13 +310,79 @@ def to_disk(
                 out.append((lo, s_off + off - s_start, n))
                 lo, off, ln = lo + n, off + n, ln - n
         assert lower is not None
-        return to_disk(sysroot, lower, out, depth + 1, dm_table)
+        return to_disk(sysroot, lower, out, depth + 1, dm_table, through_crypt)
     if sysroot.exists(f"{base}/partition"):
         start = int(sysroot.read_text(f"{base}/start").strip()) * SECTOR
         disk_name = os.path.basename(os.path.dirname(os.path.realpath(sysroot.path(base))))
         disk = device_by_name(sysroot, disk_name)
         return disk, [(lo, off + start, ln) for lo, off, ln in extents]
     return dev, list(extents)
+
+
+@dataclass(frozen=True)
+class StackedMap:
+    """A device-mapper device's bytes on its whole disk."""
+
+    disk: str  # "/dev/vdb"
+    extents: tuple[tuple[int, int, int], ...]  # (logical, whole-disk offset, length)
+    #: the dm-crypt device in the stack, if any: the disk holds ciphertext there
+    crypt: str | None = None
+
+
+def stacked_map(
+    sysroot: Sysroot,
+    device: str,
+    dm_table: Callable[[Sysroot, BlockDev], str] | None = None,
+) -> StackedMap | None:
+    """How R, which assembles no stacked devices, reads a device-mapper device: its map onto
+    the whole disk, through linear and dm-crypt layers. None for any other device (R finds
+    partitions and disks itself). Raises BlockMapError for a stack R cannot read through
+    (several physical volumes, targets other than linear and crypt)."""
+    real = sysroot.path(device)
+    try:
+        st = os.stat(real)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        # by number: a node LVM made itself (no udev) is not named as sysfs names it
+        devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        if not sysroot.exists(f"/sys/dev/block/{devno}"):
+            return None  # not a device this tree's sysfs knows: no stack to read through
+        dev = device_by_devno(sysroot, devno)
+    else:  # a fake tree: /dev/NAME stands in for the device
+        dev = BlockDev(os.path.basename(os.path.realpath(real)), "")
+    if not sysroot.exists(f"/sys/class/block/{dev.name}/dm"):
+        return None
+    dev = device_by_name(sysroot, dev.name)
+    sectors = sysroot.read_text(f"/sys/class/block/{dev.name}/size", default="").strip()
+    if not sectors.isdigit():
+        raise BlockMapError(
+            f"the size of {dev.name} is unknown",
+            why=f"/sys/class/block/{dev.name}/size reads {sectors!r}",
+            fix="report this device",
+        )
+    size = int(sectors) * SECTOR
+    disk, ext = to_disk(sysroot, dev, [(0, 0, size)], dm_table=dm_table, through_crypt=True)
+    return StackedMap(f"/dev/{disk.name}", tuple(_merge(ext)), encrypted_device(sysroot, dev.devno))
+
+
+def encrypted_device(sysroot: Sysroot, devno: str, depth: int = 0) -> str | None:
+    """The dm-crypt device (its dm name) that ``devno`` is, or lies on (through LVM or
+    md), or None."""
+    base = sysroot.path(f"/sys/dev/block/{devno}")
+    uuid = sysroot.read_text(f"/sys/dev/block/{devno}/dm/uuid", default="").strip()
+    if uuid.startswith("CRYPT-"):
+        name = sysroot.read_text(f"/sys/dev/block/{devno}/dm/name", default="").strip()
+        return name or os.path.basename(os.path.realpath(base))
+    if depth > 8 or not (base / "slaves").is_dir():
+        return None
+    for slave in sorted(os.listdir(base / "slaves")):
+        dev = sysroot.read_text(f"/sys/class/block/{slave}/dev", default="").strip()
+        if dev:
+            found = encrypted_device(sysroot, dev, depth + 1)
+            if found:
+                return found
+    return None
 
 
 def check_not_swap(sysroot: Sysroot, path: str, devname: str | None) -> None:
@@ -364,19 +442,18 @@ def translate(sysroot: Sysroot, path: str) -> Target:
         )
     fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if os.fstatvfs(fd).f_fsid and _fstype_magic(fd) == BTRFS_SUPER_MAGIC:
-            raise BlockMapError(
-                f"target {path} is on btrfs",
-                why="btrfs FIEMAP returns btrfs logical addresses; kjumpd does "
-                "not translate btrfs chunk maps (a nodatacow file on one "
-                "device would be required, and is not enough)",
-                fix="use a file on ext4/xfs or a raw partition",
-            )
+        on_btrfs = btrfs.is_btrfs(fd)
+        if on_btrfs:
+            _require_nocow(fd, path)
         extents = validate_extents(fiemap(fd, st.st_size), st.st_size, path)
+        triples = [(e.logical, e.physical, e.length) for e in extents]
+        if on_btrfs:
+            dev, triples = _btrfs_to_device(sysroot, fd, path, triples)
+        else:
+            dev = device_by_devno(sysroot, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     finally:
         os.close(fd)
-    dev = device_by_devno(sysroot, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
-    disk, ext = to_disk(sysroot, dev, [(e.logical, e.physical, e.length) for e in extents])
+    disk, ext = to_disk(sysroot, dev, triples)
     return Target(
         path,
         "file",
@@ -387,16 +464,34 @@ def translate(sysroot: Sysroot, path: str) -> Target:
     )
 
 
-def _fstype_magic(fd: int) -> int:
-    """f_type of statfs(2) (os.fstatvfs does not expose it)."""
-    import ctypes
-    import ctypes.util
+def _require_nocow(fd: int, path: str) -> None:
+    if not btrfs.nocow(fd):
+        raise BlockMapError(
+            f"target {path} is a copy-on-write file on btrfs",
+            why="btrfs checksums and relocates such a file's data, so the blocks the save "
+            "kernel writes raw would not be the file's (or would fail their checksums)",
+            fix=f"remove {path} and run `kjumpctl setup` again: it creates the file "
+            "nodatacow (chattr +C) on btrfs",
+        )
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    buf = (ctypes.c_long * 16)()
-    if libc.fstatfs(fd, buf) != 0:
-        return 0
-    return buf[0] & 0xFFFFFFFF
+
+def _btrfs_to_device(
+    sysroot: Sysroot, fd: int, path: str, extents: list[tuple[int, int, int]]
+) -> tuple[BlockDev, list[tuple[int, int, int]]]:
+    """A btrfs file's extents (btrfs logical addresses) as offsets on its one device."""
+    devid, mapped = btrfs.map_extents(btrfs.chunk_map(fd), extents, path)
+    node = btrfs.device_paths(fd).get(devid, "")
+    try:
+        st = os.stat(sysroot.path(node)) if node else None
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISBLK(st.st_mode):
+        raise BlockMapError(
+            f"cannot find btrfs device {devid} of {path}",
+            why=f"btrfs names it {node or 'nothing'}, which is not a block device here",
+            fix="check `btrfs filesystem show`",
+        )
+    return device_by_devno(sysroot, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"), mapped
 
 
 # -- setup and verification --------------------------------------------------------------------

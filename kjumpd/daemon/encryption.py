@@ -14,11 +14,11 @@ in the job, in memory only.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from kjumpd import initrd
+from kjumpd.daemon import blockmap
 from kjumpd.daemon.config import Config
 from kjumpd.errors import ImageKeyError, InitrdError, KjumpError
 from kjumpd.linux import mountinfo
@@ -78,30 +78,11 @@ def save_initramfs_can_encrypt(sysroot: Sysroot, config: Config) -> bool:
     return _CAN_ENCRYPT[key]
 
 
-def encrypted_device(sysroot: Sysroot, devno: str, depth: int = 0) -> str | None:
-    """The dm-crypt device (its dm name) that ``devno`` is, or lies on (through LVM or
-    md), or None."""
-    base = sysroot.path(f"/sys/dev/block/{devno}")
-    uuid = sysroot.read_text(f"/sys/dev/block/{devno}/dm/uuid", default="").strip()
-    if uuid.startswith("CRYPT-"):
-        name = sysroot.read_text(f"/sys/dev/block/{devno}/dm/name", default="").strip()
-        return name or os.path.basename(os.path.realpath(base))
-    if depth > 8 or not (base / "slaves").is_dir():
-        return None
-    for slave in sorted(os.listdir(base / "slaves")):
-        dev = sysroot.read_text(f"/sys/class/block/{slave}/dev", default="").strip()
-        if dev:
-            found = encrypted_device(sysroot, dev, depth + 1)
-            if found:
-                return found
-    return None
-
-
 def encrypted_root(sysroot: Sysroot) -> str | None:
     """The dm-crypt device under the root filesystem, or None."""
     mounts = mountinfo.parse(sysroot.read_text("/proc/self/mountinfo", default=""))
     root = [m for m in mounts if m.mountpoint == "/"]
-    return encrypted_device(sysroot, root[-1].devno) if root else None
+    return blockmap.encrypted_device(sysroot, root[-1].devno) if root else None
 
 
 def plan(sysroot: Sysroot, config: Config) -> EncryptionPlan:

@@ -64,22 +64,26 @@ def freezable(mounts: list[Mount]) -> list[Mount]:
     return sorted(out, key=lambda m: (not m.source.startswith("/dev/loop"), -m.depth, m.mountpoint))
 
 
-#: what the restore-first environment cannot see: it assembles no stacked block devices, so
-#: a filesystem on one is never found when R compares the frozen filesystems' stamps, and
-#: the image is refused at the restore as stale
-STACKED = (("dm", "device-mapper: LVM or dm-crypt"), ("md", "md RAID"))
-
-
 def hidden_from_restore(sysroot: Sysroot, mounts: list[Mount]) -> list[tuple[Mount, str, str]]:
-    """(mount, kernel device name, what it is) of every freezable filesystem on a stacked
-    block device (/sys/dev/block/MAJ:MIN has dm/ or md/)."""
+    """(mount, kernel device name, why) of every freezable filesystem the restore-first
+    environment could not find again to compare its stamp: R assembles no stacked block
+    devices, so one on md RAID or on a device-mapper table it cannot read through
+    (blockmap.stacked_map) would make it refuse the image as stale. Linear LVs on one disk
+    and dm-crypt volumes are read through their maps (below dm-crypt: the ciphertext)."""
+    from kjumpd.daemon import blockmap
+    from kjumpd.errors import BlockMapError
+
     out = []
     for m in freezable(mounts):
         link = sysroot.path(f"/sys/dev/block/{m.devno}")
-        for sub, what in STACKED:
-            if (link / sub).is_dir():
-                out.append((m, os.path.basename(os.path.realpath(link)), what))
-                break
+        name = os.path.basename(os.path.realpath(link))
+        if (link / "md").is_dir():
+            out.append((m, name, "md RAID"))
+        elif (link / "dm").is_dir():
+            try:
+                blockmap.stacked_map(sysroot, f"/dev/{name}")
+            except BlockMapError as e:
+                out.append((m, name, f"device-mapper: {e.what}"))
     return out
 
 

@@ -328,13 +328,15 @@ def _filesystems(sysroot: Sysroot) -> str:
         where = ", ".join(f"{m.mountpoint} on {name} ({what})" for m, name, what in hidden)
         raise FreezeError(
             f"the restore-first environment cannot check {where}",
-            why="R assembles no stacked block devices, so it would not find these "
-            "filesystems and would refuse the image as stale at the next boot",
+            why="R assembles no stacked block devices; it reads through linear and "
+            "dm-crypt maps onto one disk only, so it would not find these filesystems "
+            "and would refuse the image as stale at the next boot",
             fix="unmount them before hibernating, or keep the filesystems on plain "
-            "partitions: LVM, dm-crypt and RAID are not supported yet",
+            "partitions, linear LVs on one disk or dm-crypt volumes: RAID and LVs over "
+            "several disks are not supported yet",
         )
     n = len(fsfreeze.freezable(mounts))
-    return f"{n} filesystem(s) to freeze, each on a disk or partition R can read"
+    return f"{n} filesystem(s) to freeze, each where R can check it"
 
 
 def _encryption(sysroot: Sysroot, config: Config, rep: PreflightReport) -> str:

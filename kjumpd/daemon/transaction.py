@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -522,6 +522,11 @@ class Hibernation:
     def _freeze_filesystems(self, ctx: _Context) -> None:
         sr = self.sysroot
         mounts = fsfreeze.freezable(mountinfo.parse(sr.read_text("/proc/self/mountinfo")))
+        # maps of the filesystems on device-mapper, read (dmsetup) before anything is frozen
+        maps = ctx.timed(
+            "stacked maps",
+            lambda: {m.devno: blockmap.stacked_map(sr, fsfreeze.device_of(sr, m)) for m in mounts},
+        )
 
         def before_fifreeze(m: Mount) -> None:
             ctx.record.mounts.append((m.mountpoint, m.devno, m.fstype))
@@ -534,7 +539,9 @@ class Hibernation:
             ),
         )
         ctx.out.stats["frozen"] = [m.mountpoint for m in ctx.frozen]
-        ctx.stamps = ctx.timed("stamps", lambda: [self._stamp(m) for m in ctx.frozen])
+        ctx.stamps = ctx.timed(
+            "stamps", lambda: [self._stamp(m, maps.get(m.devno)) for m in ctx.frozen]
+        )
 
     def _thaw_filesystems(self, ctx: _Context) -> list[str]:
         errors = fsfreeze.thaw(self.sysroot, ctx.frozen)
@@ -643,10 +650,18 @@ class Hibernation:
             )
 
     # -- helpers ----------------------------------------------------------------------------
-    def _stamp(self, m: fsfreeze.Mount) -> dict[str, Any]:
-        return fsstamp.read_stamp(
-            fsfreeze.device_of(self.sysroot, m), sysroot=self.sysroot
-        ).to_dict()
+    def _stamp(self, m: fsfreeze.Mount, stacked: blockmap.StackedMap | None) -> dict:
+        """A frozen filesystem's stamp; on a stacked device with its map onto the disk, and
+        below dm-crypt with the CRCs of its ciphertext (R reads the disk without a key)."""
+        device = fsfreeze.device_of(self.sysroot, m)
+        if stacked is None:
+            return fsstamp.read_stamp(device, sysroot=self.sysroot).to_dict()
+        if stacked.crypt:
+            return fsstamp.read_stamp_sealed(
+                device, stacked.disk, stacked.extents, sysroot=self.sysroot
+            ).to_dict()
+        st = fsstamp.read_stamp(device, sysroot=self.sysroot)
+        return replace(st, extents=stacked.extents).to_dict()
 
     def _open(self, target: blockmap.Target, writable: bool) -> Any:
         dev, _ = store.open_target(

@@ -73,22 +73,22 @@ class ImageDevice:
                 blockmap = [BlockExtent(0, 0, usable)]
             self.blockmap = sorted(blockmap, key=lambda e: e.logical)
             self.size = 0
-            for e in self.blockmap:
-                if e.logical != self.size:
+            for ext in self.blockmap:
+                if ext.logical != self.size:
                     raise TargetError(
                         f"block map of {self.path} has a hole at logical {self.size}",
                         fix="run `kjumpctl setup` again",
                         path=self.path,
                     )
-                if e.device_offset + e.length > self.device_size:
+                if ext.device_offset + ext.length > self.device_size:
                     raise TargetError(
                         f"block map of {self.path} points past the device end",
-                        why=f"extent at device offset {e.device_offset} + "
-                        f"{e.length} > {self.device_size}",
+                        why=f"extent at device offset {ext.device_offset} + "
+                        f"{ext.length} > {self.device_size}",
                         fix="run `kjumpctl setup` again",
                         path=self.path,
                     )
-                self.size += e.length
+                self.size += ext.length
         except BaseException:
             os.close(self.fd)
             raise

@@ -55,7 +55,8 @@ def create_target(
 ) -> TargetSuperblock:
     """Create (or overwrite) a fully allocated target file of ``size`` bytes.
 
-    The space is reserved first (posix_fallocate: a full filesystem fails at once, not after
+    On btrfs the file is made nodatacow before its first byte. The space is reserved first
+    (posix_fallocate: a full filesystem fails at once, not after
     gigabytes of writes), then every byte is written once (zeros), so the file is never sparse
     and its block map does not change afterwards; then the superblock is stamped and the
     header is EMPTY. If any step fails, a file this call created is removed (a half-made
@@ -87,6 +88,7 @@ def create_target(
         ) from None
     try:
         try:
+            _nocow_on_btrfs(fd)
             _allocate(fd, size)
         finally:
             os.close(fd)
@@ -107,6 +109,17 @@ def create_target(
             path=name,
         ) from None
     return sb
+
+
+def _nocow_on_btrfs(fd: int) -> None:
+    """On btrfs, make the (empty) file nodatacow: the save kernel writes its blocks raw, so
+    btrfs must neither checksum nor relocate them (kjumpd.linux.btrfs)."""
+    from kjumpd.linux import btrfs
+
+    if btrfs.is_btrfs(fd):
+        btrfs.set_nocow(fd)
+        if not btrfs.nocow(fd):
+            raise OSError(errno.EOPNOTSUPP, "btrfs did not keep the nodatacow attribute")
 
 
 def _allocate(fd: int, size: int) -> None:

@@ -161,6 +161,11 @@ def check_stamps(
         except FsStampError as e:
             return f"recorded filesystem stamp unreadable ({e.what})"
         now = current.get(old.key, [])
+        if not now and old.ciphertext:
+            return (
+                f"{old.fstype} {old.uuid} below dm-crypt (was {old.device}): its encrypted "
+                "superblock is not on any disk as it was frozen"
+            )
         if not now:
             return f"{old.fstype} {old.uuid} (was {old.device}) not found"
         if len(now) > 1:

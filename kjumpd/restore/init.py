@@ -218,7 +218,7 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
         except KjumpError as e:
             chunks_error = _short(e)
     clock.step(f"chunk table ({header.chunk_count} records)")
-    current = fsstamp.scan(sysroot) if stamps else {}
+    current = fsstamp.scan(sysroot, stamps) if stamps else {}
     clock.step("filesystem stamps")
     try:
         ram_now = iomem.read(sysroot)
@@ -236,6 +236,15 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
         setup_error = f"cannot read the save kernel files: {e.strerror or e}"
     clock.step("save kernel files (waited for)")
     say(f"evidence read: {clock}")
+    if current:
+        say(
+            "filesystems: "
+            + ", ".join(
+                f"{fstype} {fsuuid} on {' and '.join(st.device for st in found)}"
+                for (fstype, fsuuid), found in sorted(current.items())
+                if any(rec.get("uuid") == fsuuid for rec in stamps or [])
+            )
+        )
     ev = Evidence(
         target_found=True,
         target_uuid=uuid,

@@ -19,6 +19,7 @@ from kjumpd.daemon import blockmap
 from kjumpd.errors import BlockMapError, TargetError
 from kjumpd.image import store
 from kjumpd.image.device import ImageDevice
+from kjumpd.linux import btrfs
 from kjumpd.sysroot import Sysroot
 from tests import prereq
 
@@ -233,16 +234,61 @@ def test_unsafe_files_are_refused(tmp_path, fstype):
                 blockmap.translate(root, str(ref))
 
 
-def test_btrfs_is_refused_with_the_reason(tmp_path):
+def test_a_copy_on_write_btrfs_file_is_refused_with_the_reason(tmp_path):
     need("mkfs.btrfs", "losetup")
-    img = sparse(tmp_path / "disk.img", 256 * MiB)
+    img = sparse(tmp_path / "disk.img", 1536 * MiB)
     with loop(img) as dev, mounted(dev, tmp_path / "mnt", "btrfs") as mp:
         f = mp / "image"
         f.write_bytes(b"\0" * MiB)
         f.chmod(0o600)
-        with pytest.raises(BlockMapError, match="btrfs") as ei:
+        with pytest.raises(BlockMapError, match="copy-on-write file on btrfs") as ei:
             blockmap.translate(Sysroot(Path("/")), str(f))
-        assert "chunk" in ei.value.why and ei.value.fix
+        assert "checksums" in ei.value.why and "kjumpctl setup" in ei.value.fix
+
+
+def test_btrfs_target_is_nodatacow_and_mapped_through_the_chunk_tree(tmp_path):
+    """`setup` on btrfs makes the file nodatacow; its btrfs logical addresses become
+    offsets on the loop device through the chunk tree (the file spans several data chunks,
+    each mapped on its own), proven by reading the raw device where the map says."""
+    need("mkfs.btrfs", "losetup", "lsattr")
+    img = sparse(tmp_path / "disk.img", 1536 * MiB)
+    with loop(img) as dev, mounted(dev, tmp_path / "mnt", "btrfs") as mp:
+        path = mp / "kjumpd" / "image"
+        target, uuid = blockmap.setup(Sysroot(Path("/")), str(path), 400 * MiB)
+        assert "C" in run("lsattr", str(path)).split()[0]
+        assert target.disk == dev and target.size == 400 * MiB
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            logical = [e.physical for e in blockmap.fiemap(fd, target.size)]
+            chunks = btrfs.chunk_map(fd)
+        finally:
+            os.close(fd)
+        data = [c for c in chunks if c.logical <= max(logical) < c.logical + c.length]
+        assert data and all(c.profile == "single" for c in data)
+        spanned = {
+            c.logical for c in chunks for a in logical if c.logical <= a < c.logical + c.length
+        }
+        assert len(spanned) >= 2, "a 400 MiB file on this filesystem spans several chunks"
+        assert min(d for _, d, _ in target.blockmap) != min(logical), "offsets were translated"
+        assert check_against_raw(dev, target, path) == len(target.blockmap)
+        again, uuid2 = blockmap.current(Sysroot(Path("/")), str(path), restamp=False)
+        assert again == target and uuid2 == uuid
+
+
+def test_btrfs_dup_data_is_refused_and_the_new_file_removed(tmp_path):
+    need("mkfs.btrfs", "losetup")
+    img = sparse(tmp_path / "disk.img", 1536 * MiB)
+    run("mkfs.btrfs", "-q", "-f", "-d", "dup", "-m", "dup", str(img))
+    with loop(img) as dev:
+        (tmp_path / "mnt").mkdir()
+        run("mount", dev, str(tmp_path / "mnt"))
+        try:
+            with pytest.raises(BlockMapError, match="DUP profile") as ei:
+                blockmap.setup(Sysroot(Path("/")), str(tmp_path / "mnt/image"), 8 * MiB)
+            assert "dconvert=single" in ei.value.fix and "removed" in ei.value.fix
+            assert not (tmp_path / "mnt/image").exists()
+        finally:
+            subprocess.run(["umount", str(tmp_path / "mnt")], capture_output=True, timeout=60)
 
 
 def test_a_moved_file_is_restamped_before_use(tmp_path):

@@ -10,12 +10,14 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kjumpd.errors import FsStampError
-from kjumpd.fsstamp import read_stamp, scan
+from kjumpd.fsstamp import read_stamp, read_stamp_sealed, scan
+from kjumpd.restore.decision import check_stamps
 from kjumpd.sysroot import Sysroot
 from tests.prereq import need
 
@@ -191,3 +193,114 @@ def test_scan_finds_a_filesystem_by_uuid_whatever_its_device_name(loop_of) -> No
     want = read_stamp(lp.dev)
     found = scan(Sysroot(Path("/")))
     assert [s.device for s in found[want.key]] == [lp.dev]
+
+
+def _scatter(img: Path, disk: Path, pieces: int) -> tuple[tuple[int, int, int], ...]:
+    """Copy ``img`` onto ``disk`` in ``pieces`` pieces, in reverse order with gaps (as an LV
+    in several segments lies on its physical volume); the map (logical, disk, length)."""
+    size = img.stat().st_size
+    step = -(-size // pieces // 4096) * 4096
+    extents = []
+    with open(img, "rb") as src, open(disk, "wb") as dst:
+        dst.truncate(pieces * (step + (1 << 20)) + (1 << 20))
+        for i, lo in enumerate(range(0, size, step)):
+            where = (pieces - i) * (step + (1 << 20)) - step
+            n = min(step, size - lo)
+            src.seek(lo)
+            dst.seek(where)
+            dst.write(src.read(n))
+            extents.append((lo, where, n))
+    return tuple(extents)
+
+
+def _fake_disk(root: Path, name: str, disk: Path) -> Sysroot:
+    (root / "sys/block" / name).mkdir(parents=True)
+    (root / "sys/block" / name / "size").write_text(f"{disk.stat().st_size // 512}\n")
+    (root / "dev").mkdir(exist_ok=True)
+    os.symlink(disk, root / "dev" / name)
+    return Sysroot(root)
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
+def test_a_filesystem_on_a_stacked_device_is_found_through_its_map(
+    tmp_path: Path, fstype: str
+) -> None:
+    """R's view of a filesystem on a linear LV: no device shows it, but its recorded map
+    read on the whole disk gives the same stamp as the LV did (xfs: the log head is found
+    by bisection through the map); a wrong map finds nothing."""
+    img = make(tmp_path, fstype)
+    disk = tmp_path / "disk.img"
+    extents = _scatter(img, disk, 3)
+    sr = _fake_disk(tmp_path / "root", "vdz", disk)
+    assert scan(sr) == {}  # the bare disk holds no filesystem at byte 0
+    want = read_stamp(img)
+    rec = replace(want, device="/dev/dm-3", extents=extents).to_dict()
+    found = scan(sr, [rec])[want.key]
+    assert len(found) == 1 and found[0].fields == want.fields
+    assert found[0].device == "/dev/vdz (mapped)" and not found[0].changed_since(want)
+    wrong = tuple((lo, d + 4096, n) for lo, d, n in extents)
+    assert scan(sr, [replace(want, extents=wrong).to_dict()]) == {}
+
+
+#: per-sector byte substitutions of the stand-in cipher below
+_SUBST = [bytes((b ^ k) for b in range(256)) for k in range(1, 252)]
+
+
+def _sector_cipher(data: bytes, sector: int) -> bytes:
+    """A stand-in for dm-crypt: each 512-byte sector reversed and XORed with a byte drawn
+    from its number, so equal plaintext in a sector gives equal ciphertext, and a change
+    anywhere in a sector changes it, as with XTS."""
+    return b"".join(
+        data[i : i + 512][::-1].translate(_SUBST[(sector + i // 512) % 251])
+        for i in range(0, len(data), 512)
+    )
+
+
+def _encrypt_onto(img: Path, disk: Path, extents: tuple[tuple[int, int, int], ...]) -> None:
+    """Write ``img``'s bytes, encrypted sector by sector, where ``extents`` put them."""
+    with open(img, "rb") as src, open(disk, "r+b") as dst:
+        for lo, where, n in extents:
+            src.seek(lo)
+            dst.seek(where)
+            for off in range(0, n, 1 << 20):
+                chunk = src.read(min(1 << 20, n - off))
+                dst.write(_sector_cipher(chunk, (lo + off) // 512))
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
+def test_a_filesystem_below_dm_crypt_is_checked_by_its_ciphertext(
+    tmp_path: Path, fstype: str
+) -> None:
+    """R holds no volume key: A records the CRCs of the ciphertext of every block the
+    superblock parser read; R finds them unchanged on the disk, or names how many changed
+    after the filesystem's superblock changed (a mount elsewhere)."""
+    img = make(tmp_path, fstype)
+    disk = tmp_path / "disk.img"
+    extents = _scatter(img, disk, 3)
+    _encrypt_onto(img, disk, extents)
+    sr = _fake_disk(tmp_path / "root", "vdz", disk)
+    rec = read_stamp_sealed(str(img), str(disk), extents)
+    assert rec.fields["ciphertext"] == "as frozen" and rec.ciphertext
+    found = scan(sr, [rec.to_dict()])[rec.key]
+    assert len(found) == 1 and not found[0].changed_since(rec)
+    assert found[0].device == "/dev/vdz (encrypted, mapped)"
+    # the filesystem's superblock changes (one byte of its first region), as a mount does
+    off, n, _crc = rec.ciphertext[0]
+    with open(img, "r+b") as f:
+        f.seek(off + n - 1)
+        b = f.read(1)
+        f.seek(off + n - 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    _encrypt_onto(img, disk, extents)
+    now = scan(sr, [rec.to_dict()])
+    if len(rec.ciphertext) == 1:  # nothing left that matches: found nowhere as frozen
+        assert now == {}
+        why = check_stamps([rec.to_dict()], now)
+        assert why is not None and "below dm-crypt" in why and "not on any disk" in why
+    else:
+        changed = now[rec.key][0]
+        assert changed.changed_since(rec) == ["ciphertext"]
+        assert "ciphertext as frozen -> changed in 1 of" in changed.describe_changes(rec)
+        assert check_stamps([rec.to_dict()], now) is not None
+    # another disk, or the wrong map, holds none of it: not found
+    assert scan(sr, [replace(rec, extents=((0, 0, extents[-1][2]),)).to_dict()]) == {}

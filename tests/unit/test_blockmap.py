@@ -92,3 +92,15 @@ def test_dm_linear_table():
 def test_other_dm_targets_are_refused(line, word):
     with pytest.raises(BlockMapError, match=word):
         parse_dm_table(line)
+
+
+def test_a_dm_crypt_table_is_read_only_when_asked_for():
+    """dm-crypt keeps each sector in place: its ciphertext is at the table's offset on the
+    device below (how R reads it without the key); a writer must never pass through it."""
+    line = (
+        "0 2064384 crypt aes-xts-plain64 :64:logon:cryptsetup:3f2a-d0 0 8:3 32768 "
+        "1 sector_size:4096\n"
+    )
+    assert parse_dm_table(line, through_crypt=True) == [(0, 2064384 * 512, "8:3", 32768 * 512)]
+    with pytest.raises(BlockMapError, match="crypt"):
+        parse_dm_table(line)

@@ -35,6 +35,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 try:  # in the guest the package is kjumpvm; on the host tests.vm
@@ -274,8 +275,10 @@ def hibernate_and_check(
     disk_writers: bool = False,
     after_boot: dict | None = None,
     prior: tuple[list[str], dict[str, str]] = ([], {}),
+    post: Callable[[], tuple[list[str], dict[str, str]]] | None = None,
 ) -> int:
-    """``prior``: problems and verdict fields of what the scenario did before (its set-up)."""
+    """``prior``: problems and verdict fields of what the scenario did before (its set-up);
+    ``post``: checks of the scenario's own after the resume (problems, verdict fields)."""
     problems: list[str] = list(prior[0])
     wbefore: dict = {}
     before = after = None
@@ -345,6 +348,10 @@ def hibernate_and_check(
             problems += wproblems
             extra.update(wfields)
         extra.update(outlive_save_kernel_watchdog(returned))
+        if post is not None:
+            pproblems, pfields = post()
+            problems += pproblems
+            extra.update(pfields)
     except Missing as err:
         problems.append(f"missing: {err}")
     except Failure as err:
@@ -966,7 +973,241 @@ def scenario_encrypted() -> int:
     )
 
 
+#: the storage scenarios: a blank disk the host attaches, the stack built on it, the
+#: filesystem holding the image target mounted here
+STORAGE_DISK = "/dev/vdb"
+STORAGE_MOUNT = Path("/srv/kjump")
+STORAGE_TARGET = STORAGE_MOUNT / "image"
+STORAGE_SETUP = STATE_DIR / "storage-setup.json"
+#: PID 1 here is the VM's init, not systemd: no udevd, so LVM makes its device nodes itself
+LVM_CONFIG = (
+    "activation { udev_sync = 0 udev_rules = 0 } "
+    "devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 }"
+)
+
+
+STORAGE_NOTE = "written on the storage stack before the hibernation\n" * 100
+
+
+def run_tool(*cmd: str) -> str:
+    """A system tool of the set-up; its failure is a missing piece, named with its words."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise Missing(
+            f"`{' '.join(cmd)}` failed (rc {proc.returncode}): "
+            + " | ".join(proc.stderr.strip().splitlines()[-2:])
+        )
+    return proc.stdout
+
+
+def set_config_target(path: Path) -> None:
+    """What the administrator does after `kjumpctl setup --target`: [target] path."""
+    out, section = [], ""
+    for ln in CONFIG.read_text().splitlines():
+        st = ln.strip()
+        if st.startswith("["):
+            section = st
+        if section == "[target]" and st.startswith(("path ", "path=")):
+            ln = f'path = "{path}"'
+        out.append(ln)
+    CONFIG.write_text("\n".join(out) + "\n")
+
+
+def storage_target(kind: str) -> dict[str, str]:
+    """`kjumpctl setup --target` on the mounted stack, the configuration's target path and
+    the restore-first entry again (its kjump.target=); verdict fields."""
+    fields: dict[str, str] = {}
+    proc = kjumpctl(
+        "setup", "--target", str(STORAGE_TARGET), "--size", TARGET_SIZE, "--yes", timeout=900
+    )
+    say(f"kjumpctl setup --target {STORAGE_TARGET}: {proc.stdout.strip()[-300:]}")
+    if proc.returncode != 0:
+        raise Missing(
+            f"`kjumpctl setup --target {STORAGE_TARGET}` failed (rc {proc.returncode}): "
+            + (proc.stdout.strip().splitlines() or [""])[-1]
+        )
+    m = re.search(r"on (/dev/\S+) at byte (\d+) \((\d+) extents\)", proc.stdout)
+    if m:
+        fields.update(target_disk=m.group(1), target_extents=m.group(3))
+    if kind == "btrfs":
+        attrs = run_tool("lsattr", str(STORAGE_TARGET)).split()[0]
+        fields["nocow"] = "yes" if "C" in attrs else "no"
+    set_config_target(STORAGE_TARGET)
+    install_restore_entry(RESTORE_INITRD)
+    return fields
+
+
+def scenario_storage_setup() -> int:
+    """Run by PID 1 before kjumpd starts (``kjumpvm.storage=lvm|btrfs|luks``): an
+    administrator puts the image target on the machine's storage stack, on the blank disk
+    the host attached (luks: only a filesystem kjumpd freezes, the target stays).
+
+    lvm: a volume group on the whole disk, an LV "data" in two segments with another LV
+    between them (LVM's map is not one offset), ext4 on it. btrfs: a single-device btrfs
+    (data single, metadata DUP: mkfs's defaults). luks: the same LVM inside LUKS2, as
+    Ubuntu's encrypted install has it. Then `kjumpctl setup --target` on it, the
+    configuration's target path, and the restore-first entry again (its kjump.target=);
+    `check` must pass. Results go to STORAGE_SETUP for the verdict."""
+    if STORAGE_SETUP.exists():
+        return 0
+    kind = cmdline_arg("kjumpvm.storage") or ""
+    problems: list[str] = []
+    fields: dict[str, str] = {"storage": kind}
+    try:
+        if kind == "lvm":
+            lvm = ("lvm",)
+            cfg = ("--config", LVM_CONFIG)
+            run_tool(*lvm, "pvcreate", *cfg, "-ff", "-y", STORAGE_DISK)
+            run_tool(*lvm, "vgcreate", *cfg, "kjvg", STORAGE_DISK)
+            run_tool(*lvm, "lvcreate", *cfg, "-y", "-L", "256M", "-n", "data", "kjvg")
+            run_tool(*lvm, "lvcreate", *cfg, "-y", "-L", "64M", "-n", "pad", "kjvg")
+            run_tool(*lvm, "lvextend", *cfg, "-L", "+1024M", "kjvg/data")
+            segs = run_tool(*lvm, "lvs", *cfg, "--noheadings", "--segments", "kjvg/data")
+            fields["lv_segments"] = str(len(segs.strip().splitlines()))
+            fsdev = "/dev/mapper/kjvg-data"
+            run_tool("mkfs.ext4", "-q", "-F", fsdev)
+        elif kind == "btrfs":
+            fsdev = STORAGE_DISK
+            run_tool("mkfs.btrfs", "-q", "-f", fsdev)
+        elif kind == "luks":
+            # Ubuntu's encrypted layout: LVM inside LUKS2 (a fast PBKDF for the test)
+            key = Path("/run/kjumpvm-luks.key")
+            key.write_bytes(os.urandom(64))
+            key.chmod(0o600)
+            run_tool(
+                "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
+                "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+                "--key-file", str(key), STORAGE_DISK,
+            )  # fmt: skip
+            run_tool("cryptsetup", "open", "--key-file", str(key), STORAGE_DISK, "kjcrypt")
+            pv = "/dev/mapper/kjcrypt"
+            cfg = ("--config", LVM_CONFIG)
+            run_tool("lvm", "pvcreate", *cfg, "-ff", "-y", pv)
+            run_tool("lvm", "vgcreate", *cfg, "kjvg", pv)
+            run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "256M", "-n", "data", "kjvg")
+            run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "64M", "-n", "pad", "kjvg")
+            run_tool("lvm", "lvextend", *cfg, "-L", "+512M", "kjvg/data")
+            fsdev = "/dev/mapper/kjvg-data"
+            run_tool("mkfs.ext4", "-q", "-F", fsdev)
+        else:
+            raise Missing(f"kjumpvm.storage={kind!r}: lvm, btrfs or luks")
+        STORAGE_MOUNT.mkdir(parents=True, exist_ok=True)
+        run_tool("mount", fsdev, str(STORAGE_MOUNT))
+        notes = STORAGE_MOUNT / "notes.txt"
+        notes.write_text(STORAGE_NOTE)
+        if kind != "luks":
+            # luks: the image target stays where the prepared disk has it (on /dev/vda);
+            # the scenario proves R checks a frozen filesystem below dm-crypt without a key
+            fields.update(storage_target(kind))
+        for item in ("filesystems",) if kind == "luks" else ("target", "filesystems"):
+            line = check_item(item)
+            say(f"check {item}: {line}")
+            if not line.startswith("[ok  ]"):
+                problems.append(f"check after the set-up: {line}")
+    except Missing as err:
+        problems.append(f"missing: {err}")
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    STORAGE_SETUP.write_text(json.dumps({"problems": problems, "fields": fields}))
+    os.sync()
+    event("storage-setup", ok="yes" if not problems else "no")
+    return 0
+
+
+def compare_through_mapping(path: Path) -> tuple[list[str], dict[str, str]]:
+    """After the resume: the target file read through the filesystem (and the LV) must be
+    byte for byte what its block map says is on the whole disk, where B wrote it."""
+    from kjumpd.errors import KjumpError
+    from kjumpd.image import store
+    from kjumpd.image.device import ImageDevice
+
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    step = 4 << 20
+    with ImageDevice(path, writable=False) as via_fs:
+        sb = store.read_superblock(via_fs)
+        state = store.read_header(via_fs).state.name
+        head = via_fs.read(0, 4096)
+        for name in sorted(os.listdir("/sys/block")):
+            try:
+                disk = ImageDevice(f"/dev/{name}", sb.blockmap, writable=False)
+            except (KjumpError, OSError):
+                continue  # a disk the map does not fit
+            with disk:
+                if disk.read(0, 4096) != head:
+                    continue
+                differ = sum(
+                    via_fs.read(off, min(step, via_fs.size - off))
+                    != disk.read(off, min(step, via_fs.size - off))
+                    for off in range(0, via_fs.size, step)
+                )
+            fields = {"file_state": state, "mapped_disk": name}
+            if differ:
+                return [
+                    f"{differ} of {-(-via_fs.size // step)} 4 MiB pieces of {path} differ "
+                    f"between the filesystem and its block map on /dev/{name}"
+                ], {**fields, "through_mapping": "differs"}
+            return [], {**fields, "through_mapping": "same"}
+    return [f"no disk holds {path}'s superblock where its block map says"], {}
+
+
+def unmount_and_check(kind: str) -> tuple[list[str], dict[str, str]]:
+    """The filesystem on the stack, its file intact and checked offline after the resume."""
+    problems = []
+    try:
+        same = (STORAGE_MOUNT / "notes.txt").read_text() == STORAGE_NOTE
+    except OSError:
+        same = False
+    if not same:
+        problems.append("the file written on the storage stack before is not intact")
+    run_tool("umount", str(STORAGE_MOUNT))
+    if kind in ("lvm", "luks"):
+        proc = subprocess.run(
+            ["e2fsck", "-fn", "/dev/mapper/kjvg-data"], capture_output=True, text=True
+        )
+    else:
+        proc = subprocess.run(
+            ["btrfs", "check", "--readonly", STORAGE_DISK], capture_output=True, text=True
+        )
+    ok = proc.returncode == 0
+    msg = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-2:])
+    if not ok:
+        problems.append(f"{kind} filesystem check after the resume: {msg}")
+    return problems, {
+        "fs_check": "clean" if ok else "errors",
+        "notes": "intact" if same else "lost",
+    }
+
+
+def scenario_storage() -> int:
+    """The target on LVM or btrfs (scenario_storage_setup); hibernate --mode shutdown, R
+    restores (reading the LV's filesystem stamp through its map); then the file reads back
+    through the mapping and the filesystem checks clean."""
+    try:
+        done = json.loads(STORAGE_SETUP.read_text())
+    except (OSError, ValueError) as err:
+        done = {"problems": [f"the storage set-up left no record: {err}"], "fields": {}}
+    kind = str(done["fields"].get("storage", ""))
+
+    def after() -> tuple[list[str], dict[str, str]]:
+        problems, fields = [], {}
+        if kind != "luks":
+            problems, fields = compare_through_mapping(STORAGE_TARGET)
+        more, mfields = unmount_and_check(kind)
+        return problems + more, {**fields, **mfields}
+
+    return hibernate_and_check(
+        "storage",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        prior=(done["problems"], done["fields"]),
+        post=after,
+    )
+
+
 SCENARIOS = {
+    "storage-setup": scenario_storage_setup,
+    "storage": scenario_storage,
     "encrypt-setup": scenario_encrypt_setup,
     "encrypted": scenario_encrypted,
     "test": lambda: hibernate_and_check(

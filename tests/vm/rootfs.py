@@ -57,6 +57,11 @@ PACKAGES = (
     "udev",
     "python3-pip",
     "busybox-static",
+    # the storage scenarios: an image target and frozen filesystems on LVM and on btrfs,
+    # a frozen filesystem on LVM on LUKS2
+    "lvm2",
+    "btrfs-progs",
+    "cryptsetup-bin",
 )
 #: Bump when the way the tree is made changes (not for payload changes).
 TREE_RECIPE = "tree-v2"

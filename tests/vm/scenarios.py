@@ -589,6 +589,9 @@ FSCK_AFTER = frozenset(
         "b-hang",
         "kaslr",
         "encrypted",
+        "lvm",
+        "btrfs",
+        "luks",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -830,11 +833,20 @@ def _sleep_in_ram(r: Runner, timeout: float) -> tuple[str, float]:
     return "", max(30.0, deadline - time.monotonic())
 
 
+def _blank_disk(run_dir: Path, name: str) -> Path:
+    """A blank 2 GiB qcow2 disk in the run's directory (it stays across the power cycle)."""
+    disk = run_dir / f"{name}.qcow2"
+    disk.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
+    return disk
+
+
 def _swap_disk(run_dir: Path) -> Path:
-    swap = run_dir / "swap.qcow2"
-    swap.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(swap), "2G"], check=True)
-    return swap
+    return _blank_disk(run_dir, "swap")
+
+
+#: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
+STORAGE_DISKS = frozenset({"lvm", "btrfs", "luks"})
 
 
 def run(
@@ -878,6 +890,11 @@ def run(
         "b-hang": ("b-hang", "b-hang"),
         "kaslr": ("kaslr", "power-cycle"),
         "encrypted": ("encrypted", "encrypted"),
+        # the image target on the storage stacks of issue 16: the guest builds them on a
+        # blank second disk (STORAGE_DISKS)
+        "lvm": ("storage", "power-cycle"),
+        "btrfs": ("storage", "power-cycle"),
+        "luks": ("storage", "power-cycle"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -889,6 +906,9 @@ def run(
         "b-panic": "kjumpvm.b_append=init=/kjump-no-init,rdinit=/kjump-no-init",
         "b-hang": f"kjumpvm.watchdog={HANG_WATCHDOG}",
         "encrypted": f"kjumpvm.encrypt={PASSPHRASE}",
+        "lvm": "kjumpvm.storage=lvm",
+        "btrfs": "kjumpvm.storage=btrfs",
+        "luks": "kjumpvm.storage=luks",
     }.get(name, "")
     extra = f"{extra} {append}".strip()
     if name not in flows:
@@ -929,6 +949,7 @@ def run(
                 guest,
                 assets,
                 run_dir,
+                extra_disks=(_blank_disk(run_dir, "storage"),) if name in STORAGE_DISKS else (),
                 append_extra=f"{A_APPEND_EXTRA.get(name, '')} {extra}".strip(),
                 a_append=A_APPEND_OF.get(name, A_APPEND),
             )

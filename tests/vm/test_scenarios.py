@@ -231,3 +231,64 @@ def test_l_encrypted_image_through_the_daemon_and_the_passphrase(vm_assets_built
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
     _writers_intact(out)
+
+
+def _storage_restored(out: scenarios.Outcome) -> None:
+    """What both storage scenarios prove after the power cycle: R found the target on the
+    second disk and restored; the workload and the writers go on; the target file reads
+    back through the filesystem exactly as the block map says B wrote it on the disk, and
+    the filesystem holding it checks clean offline."""
+    assert out.verdict.get("target_disk") == "/dev/vdb", out.summary()
+    assert _booted_restore_first(out), out.summary()
+    assert _console_matches(out, r"kjumpd-rf: target \S+ found on /dev/vdb"), out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("through_mapping") == "same", out.summary()
+    assert out.verdict.get("mapped_disk") == "vdb", out.summary()
+    assert out.verdict.get("file_state") == "CONSUMED", out.summary()
+    assert out.verdict.get("fs_check") == "clean", out.summary()
+    assert out.verdict.get("notes") == "intact", out.summary()
+    _writers_intact(out)
+
+
+def test_m_target_on_a_linear_lv_in_two_segments(vm_assets_built, run_dir):
+    """The image target on ext4 on an LVM logical volume in two segments (another LV
+    between them): the daemon maps the file through the LV onto the disk, B writes there,
+    R reads the frozen LV filesystem's stamp through its recorded map (R assembles no
+    LVM) and restores."""
+    out = _run("lvm", vm_assets_built, run_dir)
+    assert out.verdict.get("lv_segments") == "2", out.summary()
+    assert int(out.verdict.get("target_extents", "0")) >= 2, out.summary()
+    assert _console_matches(out, r"kjumpd-rf: filesystems: .*ext4 \S+ on /dev/vdb \(mapped\)"), (
+        out.summary()
+    )
+    _storage_restored(out)
+
+
+def test_n_target_on_btrfs_nodatacow(vm_assets_built, run_dir):
+    """The image target on a single-device btrfs: `kjumpctl setup` makes it nodatacow, the
+    daemon maps its btrfs logical addresses through the chunk tree onto the disk (the
+    1 GiB file spans several data chunks), B writes there, R restores; btrfs check is
+    clean afterwards."""
+    out = _run("btrfs", vm_assets_built, run_dir)
+    assert out.verdict.get("nocow") == "yes", out.summary()
+    _storage_restored(out)
+
+
+def test_o_a_frozen_filesystem_on_lvm_inside_luks2_is_checked_without_its_key(
+    vm_assets_built, run_dir
+):
+    """Ubuntu's encrypted layout on the second disk: LUKS2, LVM inside, ext4 on an LV in two
+    segments, mounted and frozen by the hibernation. R holds no volume key: it finds the
+    filesystem by the CRCs of its superblock's ciphertext through the recorded map (LV, then
+    dm-crypt, onto the disk), restores, and the filesystem is intact and clean."""
+    out = _run("luks", vm_assets_built, run_dir)
+    assert _console_matches(
+        out, r"kjumpd-rf: filesystems: .*ext4 \S+ on /dev/vdb \(encrypted, mapped\)"
+    ), out.summary()
+    assert _booted_restore_first(out), out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("notes") == "intact", out.summary()
+    assert out.verdict.get("fs_check") == "clean", out.summary()
+    _writers_intact(out)

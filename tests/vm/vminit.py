@@ -276,6 +276,9 @@ def main() -> int:
     if cmdline_arg("kjumpvm.encrypt"):
         # the administrator's image-key set-up, before kjumpd reads its configuration
         subprocess.run([sys.executable, "-m", "kjumpvm.guest_scenarios", "encrypt-setup"])
+    if cmdline_arg("kjumpvm.storage"):
+        # the image target on LVM or btrfs, before kjumpd reads its configuration
+        subprocess.run([sys.executable, "-m", "kjumpvm.guest_scenarios", "storage-setup"])
     kill = cmdline_arg("kjumpvm.kill_daemon") or ""
     daemon = None
     if kill.startswith("steps:"):
