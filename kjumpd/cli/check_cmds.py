@@ -80,7 +80,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "quiesce": [vars(w) for w in q.writes],
         "quiesce_notes": q.notes,
         "freeze": [m.mountpoint for m in mounts],
+        "freeze_checked_by_r": {m.mountpoint: _how_r_checks(sr, m) for m in mounts},
     }
+    if rep.plan.encryption is not None:
+        plan["image_encryption"] = rep.plan.encryption.detail
     area = rep.plan.area
     if area is not None:
         plan["jump_area"] = [area.start, area.size]
@@ -99,6 +102,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("quiesce (in order; undone in reverse):")
     print("  " + q.describe().replace("\n", "\n  "))
     print("freeze (leaves first): " + (", ".join(plan["freeze"]) or "nothing"))
+    for mp, how in plan["freeze_checked_by_r"].items():
+        print(f"  {mp}: {how}")
     if "memory_ranges" in plan:
         print("memory to save:")
         for s, e in plan["memory_ranges"]:
@@ -109,7 +114,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"save kernel command line: {plan['save_cmdline']}")
     if t is not None:
         print(f"target: {t.path} -> {t.disk}, {len(t.blockmap)} extents")
+    if "image_encryption" in plan:
+        print(f"image: {plan['image_encryption']}")
     return 0
+
+
+def _how_r_checks(sr: Sysroot, m: Any) -> str:
+    """How the restore-first environment finds this frozen filesystem's stamp again."""
+    from kjumpd.daemon import blockmap, fsfreeze
+    from kjumpd.errors import KjumpError
+
+    try:
+        hidden = fsfreeze.hidden_from_restore(sr, [m])
+        if hidden:
+            return f"R cannot check it ({hidden[0][2]})"
+        stacked = blockmap.stacked_map(sr, fsfreeze.device_of(sr, m))
+    except KjumpError as e:
+        return f"R cannot check it ({e.what})"
+    if stacked is None:
+        return "R reads its superblock on the disk"
+    if stacked.crypt:
+        return (
+            f"R checks the ciphertext of its superblock on {stacked.disk} "
+            f"(below dm-crypt {stacked.crypt}, {len(stacked.extents)} extents)"
+        )
+    return (
+        f"R reads its superblock through its map on {stacked.disk} ({len(stacked.extents)} extents)"
+    )
 
 
 def _confirm(args: argparse.Namespace, question: str) -> bool:

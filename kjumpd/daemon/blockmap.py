@@ -33,6 +33,7 @@ import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kjumpd.errors import BlockMapError, KjumpError, TargetError, UsageError
 from kjumpd.image.format import BlockExtent
@@ -443,9 +444,11 @@ def translate(sysroot: Sysroot, path: str) -> Target:
     fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
     try:
         on_btrfs = btrfs.is_btrfs(fd)
+        raw_extents = fiemap(fd, st.st_size)
         if on_btrfs:
             _require_nocow(fd, path)
-        extents = validate_extents(fiemap(fd, st.st_size), st.st_size, path)
+            _refuse_snapshotted(raw_extents, path)
+        extents = validate_extents(raw_extents, st.st_size, path)
         triples = [(e.logical, e.physical, e.length) for e in extents]
         if on_btrfs:
             dev, triples = _btrfs_to_device(sysroot, fd, path, triples)
@@ -472,6 +475,19 @@ def _require_nocow(fd: int, path: str) -> None:
             "kernel writes raw would not be the file's (or would fail their checksums)",
             fix=f"remove {path} and run `kjumpctl setup` again: it creates the file "
             "nodatacow (chattr +C) on btrfs",
+        )
+
+
+def _refuse_snapshotted(extents: list[Extent], path: str) -> None:
+    shared = next((e for e in extents if e.flags & 0x2000), None)
+    if shared is not None:
+        raise BlockMapError(
+            f"{path} shares blocks with a btrfs snapshot",
+            why=f"extent at {shared.logical} is shared: the file's next write would move "
+            "it, and a raw write would change the snapshot's copy",
+            fix="delete the snapshots that hold it, or recreate the target with `kjumpctl "
+            "setup` in a new directory (setup makes that a subvolume of its own, which "
+            "snapshots of the subvolume above leave out)",
         )
 
 
@@ -537,6 +553,27 @@ def verify_on_disk(sysroot: Sysroot, target: Target, uuid: str) -> None:
         )
 
 
+def _make_target_dir(path: Path) -> None:
+    """The target's directory, mode 0700. On btrfs a subvolume of its own: a snapshot of
+    the subvolume above (snapper, Timeshift) leaves it out, so it never shares the target's
+    blocks, which the save kernel could then not write raw."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        on_btrfs = btrfs.is_btrfs(fd)
+    finally:
+        os.close(fd)
+    if on_btrfs:
+        try:
+            btrfs.create_subvolume(str(path.parent), path.name)
+            os.chmod(path, 0o700)
+            log.info("created btrfs subvolume %s for the target", path)
+            return
+        except OSError as e:
+            log.warning("cannot create a btrfs subvolume at %s (%s): a plain directory", path, e)
+    path.mkdir(mode=0o700)
+
+
 def _refuse_to_overwrite(real: os.PathLike[str], path: str) -> None:
     """Setup re-creates a target, or fills an empty file; any other file is the user's and
     is not overwritten."""
@@ -573,7 +610,7 @@ def setup(sysroot: Sysroot, path: str, size: int) -> tuple[Target, str]:
             )
         parent = real.parent
         if not parent.is_dir():
-            parent.mkdir(mode=0o700, parents=True)
+            _make_target_dir(parent)
         existed = os.path.lexists(real)
         if existed:
             _refuse_to_overwrite(real, path)

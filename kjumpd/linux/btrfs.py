@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import os
 import struct
 from dataclasses import dataclass
 
@@ -41,8 +42,9 @@ CHUNK_TREE = 3
 FIRST_CHUNK_TREE_OBJECTID = 256
 CHUNK_ITEM_KEY = 228
 
-# _IOWR(0x94, 17, 4096), _IOR(0x94, 31, 1024), _IOWR(0x94, 30, 4096)
+# _IOWR(0x94, 17, 4096), _IOR(0x94, 31, 1024), _IOWR(0x94, 30, 4096), _IOW(0x94, 14, 4096)
 IOC_TREE_SEARCH = 0xD0009411
+IOC_SUBVOL_CREATE = 0x5000940E
 IOC_FS_INFO = 0x8400941F
 IOC_DEV_INFO = 0xD000941E
 # _IOR('f', 1, long), _IOW('f', 2, long): the flags are an int
@@ -274,6 +276,20 @@ def set_nocow(fd: int) -> None:
     fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("<I", flags))
 
 
+def create_subvolume(parent: str, name: str) -> None:
+    """Create subvolume ``name`` in directory ``parent`` (``btrfs subvolume create``).
+    ``btrfs_ioctl_vol_args``: fd (s64, unused here), then the name, NUL-padded to 4096."""
+    raw = name.encode()
+    if not raw or b"/" in raw or len(raw) > 4087:
+        raise ValueError(f"not a subvolume name: {name!r}")
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        args = bytearray(struct.pack("<q", 0) + raw.ljust(4088, b"\0"))  # over ioctl's 1 KiB copy
+        fcntl.ioctl(fd, IOC_SUBVOL_CREATE, args, True)
+    finally:
+        os.close(fd)
+
+
 def fs_magic(fd: int) -> int:
     """f_type of statfs(2) (os.fstatvfs does not expose it); 0 when it cannot be read."""
     import ctypes
@@ -292,6 +308,7 @@ def is_btrfs(fd: int) -> bool:
 
 __all__ = [
     "Chunk",
+    "create_subvolume",
     "Stripe",
     "chunk_map",
     "device_paths",

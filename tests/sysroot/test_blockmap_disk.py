@@ -275,6 +275,28 @@ def test_btrfs_target_is_nodatacow_and_mapped_through_the_chunk_tree(tmp_path):
         assert again == target and uuid2 == uuid
 
 
+def test_a_btrfs_target_lives_in_its_own_subvolume_out_of_snapshots(tmp_path):
+    """setup makes the target's new directory a subvolume: a snapshot of the filesystem's
+    top (what snapper or Timeshift take) leaves the target out, so it keeps its own blocks
+    and stays usable; a target inside a snapshotted subvolume shares its blocks and is
+    refused with that reason."""
+    need("mkfs.btrfs", "losetup", "btrfs")
+    img = sparse(tmp_path / "disk.img", 1536 * MiB)
+    sr = Sysroot(Path("/"))
+    with loop(img) as dev, mounted(dev, tmp_path / "mnt", "btrfs") as mp:
+        target, _uuid = blockmap.setup(sr, str(mp / "kjumpd" / "image"), 16 * MiB)
+        assert os.stat(mp / "kjumpd").st_ino == 256, "the directory is a subvolume's root"
+        assert (mp / "kjumpd").stat().st_mode & 0o777 == 0o700
+        (mp / "plain").mkdir()
+        blockmap.setup(sr, str(mp / "plain" / "image"), 16 * MiB)
+        run("btrfs", "subvolume", "snapshot", str(mp), str(mp / "snap"))
+        again, _ = blockmap.current(sr, str(mp / "kjumpd" / "image"), restamp=False)
+        assert again == target
+        with pytest.raises(BlockMapError, match="shares blocks with a btrfs snapshot") as ei:
+            blockmap.translate(sr, str(mp / "plain" / "image"))
+        assert "subvolume" in ei.value.fix
+
+
 def test_btrfs_dup_data_is_refused_and_the_new_file_removed(tmp_path):
     need("mkfs.btrfs", "losetup")
     img = sparse(tmp_path / "disk.img", 1536 * MiB)

@@ -528,9 +528,26 @@ def test_kjumpctl_plan_changes_nothing(full):
     assert plan["save_cmdline"].endswith("memmap=128M@512M kjump.role=save")
     assert any(q["path"].endswith("/unbind") for q in plan["quiesce"])
     assert plan["target"]["disk"] == "/dev/vda"
+    assert plan["image_encryption"].startswith("none (no image key")
     r = kjumpctl(full, "plan")
     assert "quiesce (in order; undone in reverse)" in r.stdout
+    assert "image: none (no image key" in r.stdout
     assert tree_hash(full) == before
+
+
+def test_kjumpctl_plan_says_how_r_checks_each_frozen_filesystem(full):
+    """plan names, by mount point, how R finds each frozen filesystem again: one on md RAID
+    it cannot check."""
+    _blockdev(full, "md0", "9:0", md__level="raid1")
+    info = full / "proc/self/mountinfo"
+    (full / "data").mkdir(exist_ok=True)
+    info.write_text(
+        info.read_text() + "61 22 9:0 / /data rw,relatime shared:10 - xfs /dev/md0 rw\n"
+    )
+    w(full, "/dev/md0", "")
+    plan = json.loads(kjumpctl(full, "plan", "--json").stdout)
+    assert plan["freeze"] == ["/data"]
+    assert plan["freeze_checked_by_r"]["/data"] == "R cannot check it (md RAID)"
 
 
 def test_kjumpctl_setup_jump_area_diff_then_yes(tree):

@@ -960,17 +960,22 @@ def scenario_encrypt_setup() -> int:
 def scenario_encrypted() -> int:
     """The image key set up before kjumpd started (scenario_encrypt_setup); then
     hibernate --mode shutdown: the host types the passphrase at R's prompt."""
-    try:
-        done = json.loads(ENCRYPT_SETUP.read_text())
-    except (OSError, ValueError) as err:
-        done = {"problems": [f"the encryption set-up left no record: {err}"], "fields": {}}
     return hibernate_and_check(
         "encrypted",
         "shutdown",
         ("CONSUMED",),
         disk_writers=True,
-        prior=(done["problems"], done["fields"]),
+        prior=setup_record(ENCRYPT_SETUP, "encryption"),
     )
+
+
+def setup_record(path: Path, what: str) -> tuple[list[str], dict[str, str]]:
+    """(problems, verdict fields) a set-up run by PID 1 left in ``path``."""
+    try:
+        done = json.loads(path.read_text())
+        return list(done["problems"]), dict(done["fields"])
+    except (OSError, ValueError, KeyError) as err:
+        return [f"the {what} set-up left no record: {err}"], {}
 
 
 #: the storage scenarios: a blank disk the host attaches, the stack built on it, the
@@ -1089,6 +1094,15 @@ def scenario_storage_setup() -> int:
             run_tool("lvm", "lvextend", *cfg, "-L", "+512M", "kjvg/data")
             fsdev = "/dev/mapper/kjvg-data"
             run_tool("mkfs.ext4", "-q", "-F", fsdev)
+            # where the LV's first byte lies on the disk (LUKS2's data offset, then LVM's
+            # first extent): the host changes the encrypted superblock there (scenario
+            # luks-stale)
+            dump = run_tool("cryptsetup", "luksDump", STORAGE_DISK)
+            m = re.search(r"offset:\s+(\d+) \[bytes\]", dump)
+            pe = run_tool("lvm", "pvs", *cfg, "--noheadings", "--units", "b", "-o", "pe_start", pv)
+            fields["lv_disk_offset"] = str(
+                int(m.group(1)) + int(pe.strip().rstrip("B")) if m else ""
+            )
         else:
             raise Missing(f"kjumpvm.storage={kind!r}: lvm, btrfs or luks")
         STORAGE_MOUNT.mkdir(parents=True, exist_ok=True)
@@ -1099,6 +1113,12 @@ def scenario_storage_setup() -> int:
             # luks: the image target stays where the prepared disk has it (on /dev/vda);
             # the scenario proves R checks a frozen filesystem below dm-crypt without a key
             fields.update(storage_target(kind))
+        plan = json.loads(kjumpctl("plan", "--json").stdout or "{}")
+        how = str(plan.get("freeze_checked_by_r", {}).get(str(STORAGE_MOUNT), ""))
+        say(f"kjumpctl plan: {STORAGE_MOUNT}: {how}")
+        fields["r_checks"] = (
+            "ciphertext" if "ciphertext" in how else "map" if "through its map" in how else how
+        ).replace(" ", "_")
         for item in ("filesystems",) if kind == "luks" else ("target", "filesystems"):
             line = check_item(item)
             say(f"check {item}: {line}")
@@ -1109,7 +1129,7 @@ def scenario_storage_setup() -> int:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     STORAGE_SETUP.write_text(json.dumps({"problems": problems, "fields": fields}))
     os.sync()
-    event("storage-setup", ok="yes" if not problems else "no")
+    event("storage-setup", ok="yes" if not problems else "no", **fields)
     return 0
 
 
@@ -1179,14 +1199,14 @@ def unmount_and_check(kind: str) -> tuple[list[str], dict[str, str]]:
 
 
 def scenario_storage() -> int:
-    """The target on LVM or btrfs (scenario_storage_setup); hibernate --mode shutdown, R
-    restores (reading the LV's filesystem stamp through its map); then the file reads back
-    through the mapping and the filesystem checks clean."""
-    try:
-        done = json.loads(STORAGE_SETUP.read_text())
-    except (OSError, ValueError) as err:
-        done = {"problems": [f"the storage set-up left no record: {err}"], "fields": {}}
-    kind = str(done["fields"].get("storage", ""))
+    """The target on LVM or btrfs, or a frozen filesystem on LVM inside LUKS2
+    (scenario_storage_setup); hibernate --mode shutdown, R restores (reading the stacked
+    filesystem's stamp through its map, below dm-crypt its ciphertext); then the target file
+    reads back through the mapping and the filesystem checks clean. With kjumpvm.tamper the
+    host changes the encrypted filesystem while the machine is off: R refuses the image as
+    stale and the normal boot finds it INVALID(stale)."""
+    prior = setup_record(STORAGE_SETUP, "storage")
+    kind = prior[1].get("storage", "")
 
     def after() -> tuple[list[str], dict[str, str]]:
         problems, fields = [], {}
@@ -1195,13 +1215,17 @@ def scenario_storage() -> int:
         more, mfields = unmount_and_check(kind)
         return problems + more, {**fields, **mfields}
 
+    tamper = bool(cmdline_arg("kjumpvm.tamper"))
     return hibernate_and_check(
         "storage",
         "shutdown",
         ("CONSUMED",),
         disk_writers=True,
-        prior=(done["problems"], done["fields"]),
-        post=after,
+        prior=prior,
+        after_boot={"states": ["INVALID"], "reason": "stale", "rf": "invalid:stale"}
+        if tamper
+        else None,
+        post=None if tamper else after,
     )
 
 

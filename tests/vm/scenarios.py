@@ -592,6 +592,7 @@ FSCK_AFTER = frozenset(
         "lvm",
         "btrfs",
         "luks",
+        "luks-stale",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -733,6 +734,37 @@ def _encrypted_flow(r: Runner, timeout: float) -> None:
     r.wait_exit(timeout)
 
 
+def _luks_stale_flow(r: Runner, timeout: float, run_dir: Path) -> None:
+    """Scenario luks-stale: A hibernates with a filesystem on LVM inside LUKS2 frozen. While
+    the machine is off, the host overwrites the sector of that filesystem's superblock on
+    the disk (as a mount elsewhere would change it; without the key the host can only change
+    ciphertext); then it powers on through R, which must refuse the image as stale."""
+    r.wait_exit(timeout)
+    if r.has_verdict():
+        return  # it never powered off with an image: the guest's verdict says why
+    setup = next(
+        (m for p in r.outcome.logs if p.exists() for m in re.finditer(
+            r"KJUMP-EVENT: storage-setup .*lv_disk_offset=(\d+)", p.read_text(errors="replace")
+        )),
+        None,
+    )  # fmt: skip
+    if setup is None:
+        r.outcome.problems.append("the storage set-up printed no lv_disk_offset")
+        return
+    where = int(setup.group(1)) + 1024  # ext4's superblock, in the LV's first extent
+    disk = str(run_dir / "storage.qcow2")
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a {where} 512", disk],
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    r.outcome.events.append(
+        Event(time.monotonic() - r.t0, "host-changed-ciphertext", {"at": str(where)}, r.vm.run)
+    )
+    r.boot_restore_first(timeout)
+
+
 def _disk_holds(overlay: Path, run_dir: Path, needles: list[bytes]) -> int:
     """How many of ``needles`` occur on the guest disk (the overlay converted to raw)."""
     raw = run_dir / "scan.raw"
@@ -846,7 +878,7 @@ def _swap_disk(run_dir: Path) -> Path:
 
 
 #: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
-STORAGE_DISKS = frozenset({"lvm", "btrfs", "luks"})
+STORAGE_DISKS = frozenset({"lvm", "btrfs", "luks", "luks-stale"})
 
 
 def run(
@@ -895,6 +927,7 @@ def run(
         "lvm": ("storage", "power-cycle"),
         "btrfs": ("storage", "power-cycle"),
         "luks": ("storage", "power-cycle"),
+        "luks-stale": ("storage", "luks-stale"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -909,6 +942,7 @@ def run(
         "lvm": "kjumpvm.storage=lvm",
         "btrfs": "kjumpvm.storage=btrfs",
         "luks": "kjumpvm.storage=luks",
+        "luks-stale": "kjumpvm.storage=luks kjumpvm.tamper=1",
     }.get(name, "")
     extra = f"{extra} {append}".strip()
     if name not in flows:
@@ -995,6 +1029,8 @@ def run(
                 r.wait_exit(timeout)
         elif flow == "encrypted":
             _encrypted_flow(r, timeout)
+        elif flow == "luks-stale":
+            _luks_stale_flow(r, timeout, run_dir)
         else:
             _fault_flow(r, name, flow, timeout, run_dir, sectors)
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:

@@ -258,6 +258,7 @@ def test_m_target_on_a_linear_lv_in_two_segments(vm_assets_built, run_dir):
     LVM) and restores."""
     out = _run("lvm", vm_assets_built, run_dir)
     assert out.verdict.get("lv_segments") == "2", out.summary()
+    assert out.verdict.get("r_checks") == "map", out.summary()
     assert int(out.verdict.get("target_extents", "0")) >= 2, out.summary()
     assert _console_matches(out, r"kjumpd-rf: filesystems: .*ext4 \S+ on /dev/vdb \(mapped\)"), (
         out.summary()
@@ -283,6 +284,7 @@ def test_o_a_frozen_filesystem_on_lvm_inside_luks2_is_checked_without_its_key(
     filesystem by the CRCs of its superblock's ciphertext through the recorded map (LV, then
     dm-crypt, onto the disk), restores, and the filesystem is intact and clean."""
     out = _run("luks", vm_assets_built, run_dir)
+    assert out.verdict.get("r_checks") == "ciphertext", out.summary()
     assert _console_matches(
         out, r"kjumpd-rf: filesystems: .*ext4 \S+ on /dev/vdb \(encrypted, mapped\)"
     ), out.summary()
@@ -292,3 +294,20 @@ def test_o_a_frozen_filesystem_on_lvm_inside_luks2_is_checked_without_its_key(
     assert out.verdict.get("notes") == "intact", out.summary()
     assert out.verdict.get("fs_check") == "clean", out.summary()
     _writers_intact(out)
+
+
+def test_p_a_changed_filesystem_below_dm_crypt_makes_the_image_stale(vm_assets_built, run_dir):
+    """Scenario o's machine, but while it is off the host overwrites the encrypted sector of
+    that filesystem's superblock (all one can do without the key, and what a mount
+    elsewhere does to it): R refuses the image as stale, naming the filesystem below
+    dm-crypt, and boots the normal system, which finds the image INVALID(stale) and the
+    writers' data whole."""
+    out = _run("luks-stale", vm_assets_built, run_dir)
+    assert out.event("host-changed-ciphertext") is not None, out.summary()
+    assert _console_matches(
+        out, r"kjumpd-rf: decision: Invalidate\(code='stale', detail='ext4 \S+ below dm-crypt"
+    ), out.summary()
+    assert out.verdict.get("path") == "normal-boot", out.summary()
+    assert out.verdict.get("image", "").startswith("INVALID(stale"), out.summary()
+    assert out.verdict.get("rf") == "invalid:stale", out.summary()
+    assert out.verdict.get("writers") == "intact", out.summary()
