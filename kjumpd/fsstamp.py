@@ -71,6 +71,8 @@ _FAT_CRC_LIMIT = 16 << 20
 _REGION_LIMIT = _FAT_CRC_LIMIT + _ALIGN
 #: regions a record may name (an xfs log bisection reads about 40 blocks)
 _REGIONS_MAX = 256
+#: extents a map may have (an LV has a handful of segments; R searches them on every read)
+_EXTENTS_MAX = 4096
 
 FieldValue = int | str
 
@@ -183,7 +185,7 @@ def _extents_of(raw: Any) -> tuple[tuple[int, int, int], ...]:
         why=f"extents {str(raw)[:80]}",
         fix="re-run the hibernation; the record is damaged",
     )
-    if not isinstance(raw, list):
+    if not isinstance(raw, list) or len(raw) > _EXTENTS_MAX:
         raise bad
     out: list[tuple[int, int, int]] = []
     pos = 0

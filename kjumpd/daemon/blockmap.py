@@ -86,7 +86,6 @@ class Target:
         return self.blockmap[0][1]
 
     def block_extents(self) -> list[BlockExtent]:
-
         return [BlockExtent(lo, dev, ln) for lo, dev, ln in self.blockmap]
 
 

@@ -650,7 +650,7 @@ class Hibernation:
             )
 
     # -- helpers ----------------------------------------------------------------------------
-    def _stamp(self, m: fsfreeze.Mount, stacked: blockmap.StackedMap | None) -> dict:
+    def _stamp(self, m: fsfreeze.Mount, stacked: blockmap.StackedMap | None) -> dict[str, Any]:
         """A frozen filesystem's stamp; on a stacked device with its map onto the disk, and
         below dm-crypt with the CRCs of its ciphertext (R reads the disk without a key)."""
         device = fsfreeze.device_of(self.sysroot, m)

@@ -56,12 +56,11 @@ def create_target(
     """Create (or overwrite) a fully allocated target file of ``size`` bytes.
 
     On btrfs the file is made nodatacow before its first byte. The space is reserved first
-    (posix_fallocate: a full filesystem fails at once, not after
-    gigabytes of writes), then every byte is written once (zeros), so the file is never sparse
-    and its block map does not change afterwards; then the superblock is stamped and the
-    header is EMPTY. If any step fails, a file this call created is removed (a half-made
-    target is never left for a later run to find); a file that was there before is left in
-    place, and the error says so.
+    (posix_fallocate: a full filesystem fails at once, not after gigabytes of writes), then
+    every byte is written once (zeros), so the file is never sparse and its block map does
+    not change afterwards; then the superblock is stamped and the header is EMPTY. If any
+    step fails, a file this call created is removed (a half-made target is never left for a
+    later run to find); a file that was there before is left in place, and the error says so.
     """
     size = -(-int(size) // ALIGN) * ALIGN
     name = os.fspath(path)

@@ -95,6 +95,7 @@ def test_other_filesystem_is_a_change() -> None:
                 [[0, 0, 0]],
                 [[0, 0, True]],
                 [[0, 0, 1.5]],
+                [[i * 4096, i * 4096, 4096] for i in range(4097)],
             )
         ),
         *(

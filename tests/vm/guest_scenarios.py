@@ -1069,6 +1069,15 @@ def scenario_storage_setup() -> int:
             run_tool(*lvm, "lvextend", *cfg, "-L", "+1024M", "kjvg/data")
             segs = run_tool(*lvm, "lvs", *cfg, "--noheadings", "--segments", "kjvg/data")
             fields["lv_segments"] = str(len(segs.strip().splitlines()))
+            # a raw LV as a target too: claimed and stamped where LVM put it on the disk
+            pe = run_tool(*lvm, "pvs", *cfg, "--noheadings", "--units", "b", "-o", "pe_start")
+            want = int(pe.strip().rstrip("B")) + (256 << 20)  # after data's first 256M
+            raw = kjumpctl("setup", "--target", "/dev/mapper/kjvg-pad", "--yes")
+            say(f"kjumpctl setup --target /dev/mapper/kjvg-pad: {raw.stdout.strip()[-200:]}")
+            m = re.search(r"on /dev/vdb at byte (\d+) \(1 extents\)", raw.stdout)
+            fields["raw_lv"] = "at-its-extent" if m and int(m.group(1)) == want else "wrong"
+            if fields["raw_lv"] != "at-its-extent":
+                problems.append(f"raw LV target not at disk byte {want}: {raw.stdout[-200:]}")
             fsdev = "/dev/mapper/kjvg-data"
             run_tool("mkfs.ext4", "-q", "-F", fsdev)
         elif kind == "btrfs":

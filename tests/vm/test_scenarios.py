@@ -255,10 +255,11 @@ def test_m_target_on_a_linear_lv_in_two_segments(vm_assets_built, run_dir):
     """The image target on ext4 on an LVM logical volume in two segments (another LV
     between them): the daemon maps the file through the LV onto the disk, B writes there,
     R reads the frozen LV filesystem's stamp through its recorded map (R assembles no
-    LVM) and restores."""
+    LVM) and restores. A raw LV is claimed as a target at its place on the disk too."""
     out = _run("lvm", vm_assets_built, run_dir)
     assert out.verdict.get("lv_segments") == "2", out.summary()
     assert out.verdict.get("r_checks") == "map", out.summary()
+    assert out.verdict.get("raw_lv") == "at-its-extent", out.summary()
     assert int(out.verdict.get("target_extents", "0")) >= 2, out.summary()
     assert _console_matches(out, r"kjumpd-rf: filesystems: .*ext4 \S+ on /dev/vdb \(mapped\)"), (
         out.summary()
