@@ -17,6 +17,7 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import stat
 from collections.abc import Callable
 
 from kjumpd.errors import FreezeError
@@ -76,6 +77,9 @@ def hidden_from_restore(sysroot: Sysroot, mounts: list[Mount]) -> list[tuple[Mou
     out = []
     for m in freezable(mounts):
         link = sysroot.path(f"/sys/dev/block/{m.devno}")
+        if not link.exists() and m.source.startswith("/dev/"):
+            # btrfs: mountinfo gives its anonymous device number, the source the real one
+            link = sysroot.path(f"/sys/class/block/{_sysfs_name(sysroot, m.source)}")
         name = os.path.basename(os.path.realpath(link))
         if (link / "md").is_dir():
             out.append((m, name, "md RAID"))
@@ -85,6 +89,21 @@ def hidden_from_restore(sysroot: Sysroot, mounts: list[Mount]) -> list[tuple[Mou
             except BlockMapError as e:
                 out.append((m, name, f"device-mapper: {e.what}"))
     return out
+
+
+def _sysfs_name(sysroot: Sysroot, node: str) -> str:
+    """The sysfs name of a device node ("/dev/mapper/vg-lv" -> "dm-3"), by its number when it
+    is a block device, else by the name it resolves to."""
+    real = sysroot.path(node)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return os.path.basename(os.path.realpath(real))
+    if stat.S_ISBLK(st.st_mode):
+        link = sysroot.path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+        if link.exists():
+            return os.path.basename(os.path.realpath(link))
+    return os.path.basename(os.path.realpath(real))
 
 
 def device_of(sysroot: Sysroot, m: Mount) -> str:

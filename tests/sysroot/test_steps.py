@@ -550,6 +550,21 @@ def test_kjumpctl_plan_says_how_r_checks_each_frozen_filesystem(full):
     assert plan["freeze_checked_by_r"]["/data"] == "R cannot check it (md RAID)"
 
 
+def test_a_btrfs_on_md_raid_fails_check_by_its_source_device(full):
+    """btrfs mounts show an anonymous device number in mountinfo (0:N, not in sysfs): the
+    check finds the device by the mount's source, and refuses md RAID there too."""
+    _blockdev(full, "md0", "9:0", md__level="raid1")
+    w(full, "/dev/md0", "")
+    (full / "data").mkdir(exist_ok=True)
+    info = full / "proc/self/mountinfo"
+    info.write_text(
+        info.read_text() + "61 22 0:48 / /data rw,relatime shared:10 - btrfs /dev/md0 rw\n"
+    )
+    r = kjumpctl(full, "check", "--mode", "test")
+    line = next(ln for ln in r.stdout.splitlines() if "] filesystems:" in ln)
+    assert line.startswith("[FAIL]") and "/data on md0 (md RAID)" in line, r.stdout
+
+
 def test_kjumpctl_setup_jump_area_diff_then_yes(tree):
     """The running kernel reserves 128M at the pinned start, more than the 112M needed: that
     reservation is what goes into the boot loader's configuration (not moved, not shrunk)."""

@@ -280,11 +280,13 @@ def test_n_target_on_btrfs_nodatacow(vm_assets_built, run_dir):
 def test_o_a_frozen_filesystem_on_lvm_inside_luks2_is_checked_without_its_key(
     vm_assets_built, run_dir
 ):
-    """Ubuntu's encrypted layout on the second disk: LUKS2, LVM inside, ext4 on an LV in two
-    segments, mounted and frozen by the hibernation. R holds no volume key: it finds the
+    """Ubuntu's encrypted layout on the second disk: LUKS2 (its volume key in the kernel
+    keyring, as cryptsetup puts it on any distribution kernel), LVM inside, ext4 on an LV
+    in two segments, mounted and frozen by the hibernation. R holds no volume key: it finds the
     filesystem by the CRCs of its superblock's ciphertext through the recorded map (LV, then
     dm-crypt, onto the disk), restores, and the filesystem is intact and clean."""
     out = _run("luks", vm_assets_built, run_dir)
+    assert out.verdict.get("volume_key") == "keyring", out.summary()
     assert out.verdict.get("r_checks") == "ciphertext", out.summary()
     assert _console_matches(
         out, r"kjumpd-rf: filesystems: .*ext4 \S+ on /dev/vdb \(encrypted, mapped\)"
