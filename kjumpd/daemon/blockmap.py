@@ -319,6 +319,22 @@ def to_disk(
     return dev, list(extents)
 
 
+def sysfs_name(sysroot: Sysroot, node: str) -> str | None:
+    """The sysfs name of a device node ("/dev/mapper/vg-lv" -> "dm-3"): by its number when
+    it is a block device (a node LVM made itself, without udev, is not named as sysfs names
+    it), else (a fake tree, where /dev/NAME stands in for the device) by the name it
+    resolves to. None for a block device this tree's sysfs does not list."""
+    real = sysroot.path(node)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return os.path.basename(os.path.realpath(real))
+    if stat.S_ISBLK(st.st_mode):
+        link = sysroot.path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+        return os.path.basename(os.path.realpath(link)) if link.exists() else None
+    return os.path.basename(os.path.realpath(real))
+
+
 @dataclass(frozen=True)
 class StackedMap:
     """A device-mapper device's bytes on its whole disk."""
@@ -338,22 +354,10 @@ def stacked_map(
     the whole disk, through linear and dm-crypt layers. None for any other device (R finds
     partitions and disks itself). Raises BlockMapError for a stack R cannot read through
     (several physical volumes, targets other than linear and crypt)."""
-    real = sysroot.path(device)
-    try:
-        st = os.stat(real)
-    except OSError:
-        st = None
-    if st is not None and stat.S_ISBLK(st.st_mode):
-        # by number: a node LVM made itself (no udev) is not named as sysfs names it
-        devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        if not sysroot.exists(f"/sys/dev/block/{devno}"):
-            return None  # not a device this tree's sysfs knows: no stack to read through
-        dev = device_by_devno(sysroot, devno)
-    else:  # a fake tree: /dev/NAME stands in for the device
-        dev = BlockDev(os.path.basename(os.path.realpath(real)), "")
-    if not sysroot.exists(f"/sys/class/block/{dev.name}/dm"):
+    name = sysfs_name(sysroot, device)
+    if name is None or not sysroot.exists(f"/sys/class/block/{name}/dm"):
         return None
-    dev = device_by_name(sysroot, dev.name)
+    dev = device_by_name(sysroot, name)
     sectors = sysroot.read_text(f"/sys/class/block/{dev.name}/size", default="").strip()
     if not sectors.isdigit():
         raise BlockMapError(

@@ -17,7 +17,6 @@ import fcntl
 import logging
 import logging.handlers
 import os
-import stat
 from collections.abc import Callable
 
 from kjumpd.errors import FreezeError
@@ -79,7 +78,10 @@ def hidden_from_restore(sysroot: Sysroot, mounts: list[Mount]) -> list[tuple[Mou
         link = sysroot.path(f"/sys/dev/block/{m.devno}")
         if not link.exists() and m.source.startswith("/dev/"):
             # btrfs: mountinfo gives its anonymous device number, the source the real one
-            link = sysroot.path(f"/sys/class/block/{_sysfs_name(sysroot, m.source)}")
+            name = blockmap.sysfs_name(sysroot, m.source)
+            if name is None:
+                continue  # not a block device sysfs lists: nothing stacked to check
+            link = sysroot.path(f"/sys/class/block/{name}")
         name = os.path.basename(os.path.realpath(link))
         if (link / "md").is_dir():
             out.append((m, name, "md RAID"))
@@ -89,21 +91,6 @@ def hidden_from_restore(sysroot: Sysroot, mounts: list[Mount]) -> list[tuple[Mou
             except BlockMapError as e:
                 out.append((m, name, f"device-mapper: {e.what}"))
     return out
-
-
-def _sysfs_name(sysroot: Sysroot, node: str) -> str:
-    """The sysfs name of a device node ("/dev/mapper/vg-lv" -> "dm-3"), by its number when it
-    is a block device, else by the name it resolves to."""
-    real = sysroot.path(node)
-    try:
-        st = os.stat(real)
-    except OSError:
-        return os.path.basename(os.path.realpath(real))
-    if stat.S_ISBLK(st.st_mode):
-        link = sysroot.path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-        if link.exists():
-            return os.path.basename(os.path.realpath(link))
-    return os.path.basename(os.path.realpath(real))
 
 
 def device_of(sysroot: Sysroot, m: Mount) -> str:
