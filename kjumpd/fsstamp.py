@@ -52,12 +52,13 @@ superblock's plaintext, hence its ciphertext.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 import uuid as uuidlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -495,6 +496,33 @@ def parse_stamp(read: Callable[[int, int], bytes], device: str) -> FsStamp:
     )
 
 
+@contextlib.contextmanager
+def _opened(device: str, sysroot: Sysroot | None) -> Iterator[_Reader]:
+    """A reader of ``device`` (a system path mapped through ``sysroot``); an OSError opening
+    or reading it becomes an FsStampError naming the device."""
+    real = str(sysroot.path(device)) if sysroot is not None else device
+    try:
+        reader = _Reader(real)
+    except OSError as e:
+        raise FsStampError(
+            f"cannot open {device} to read its superblock",
+            why=e.strerror or str(e),
+            fix="check that the device exists and you are root",
+            device=device,
+        ) from e
+    try:
+        yield reader
+    except OSError as e:
+        raise FsStampError(
+            f"cannot read the superblock of {device}",
+            why=e.strerror or str(e),
+            fix="check the device (dmesg)",
+            device=device,
+        ) from e
+    finally:
+        reader.close()
+
+
 def read_stamp(device_path: str | os.PathLike[str], *, sysroot: Sysroot | None = None) -> FsStamp:
     """Read the stamp of the filesystem on ``device_path`` (a block device or an image file).
 
@@ -502,27 +530,8 @@ def read_stamp(device_path: str | os.PathLike[str], *, sysroot: Sysroot | None =
     stamp records the system path either way.
     """
     name = os.fspath(device_path)
-    real = str(sysroot.path(name)) if sysroot is not None else name
-    try:
-        reader = _Reader(real)
-    except OSError as e:
-        raise FsStampError(
-            f"cannot open {name} to read its superblock",
-            why=e.strerror or str(e),
-            fix="check that the device exists and you are root",
-            device=name,
-        ) from e
-    try:
+    with _opened(name, sysroot) as reader:
         return parse_stamp(reader.read, name)
-    except OSError as e:
-        raise FsStampError(
-            f"cannot read the superblock of {name}",
-            why=e.strerror or str(e),
-            fix="check the device (dmesg)",
-            device=name,
-        ) from e
-    finally:
-        reader.close()
 
 
 def block_devices(sysroot: Sysroot) -> list[str]:
@@ -543,28 +552,8 @@ def read_mapped(
     disk: str, extents: tuple[tuple[int, int, int], ...], *, sysroot: Sysroot | None = None
 ) -> FsStamp:
     """The stamp of a filesystem on a stacked device, read from ``disk`` through its map."""
-    real = str(sysroot.path(disk)) if sysroot is not None else disk
-    where = f"{disk} (mapped)"
-    try:
-        reader = _Reader(real)
-    except OSError as e:
-        raise FsStampError(
-            f"cannot open {disk} to read a mapped superblock",
-            why=e.strerror or str(e),
-            fix="check that the device exists and you are root",
-            device=disk,
-        ) from e
-    try:
-        st = parse_stamp(_MappedReader(reader, extents).read, where)
-    except OSError as e:
-        raise FsStampError(
-            f"cannot read the mapped superblock on {disk}",
-            why=e.strerror or str(e),
-            fix="check the device (dmesg)",
-            device=disk,
-        ) from e
-    finally:
-        reader.close()
+    with _opened(disk, sysroot) as reader:
+        st = parse_stamp(_MappedReader(reader, extents).read, f"{disk} (mapped)")
     return FsStamp(st.device, st.fstype, st.uuid, st.fields, extents)
 
 
@@ -577,28 +566,16 @@ def read_stamp_sealed(
 ) -> FsStamp:
     """The stamp of a filesystem below dm-crypt: parsed from ``device`` (plaintext), with
     the CRCs of the ciphertext of what the parser read, from ``disk`` through ``extents``."""
-    real = str(sysroot.path(device)) if sysroot is not None else device
     reads: list[tuple[int, int]] = []
-    try:
-        reader = _Reader(real)
-    except OSError as e:
-        raise FsStampError(
-            f"cannot open {device} to read its superblock",
-            why=e.strerror or str(e),
-            fix="check that the device exists and you are root",
-            device=device,
-        ) from e
+    with _opened(device, sysroot) as reader:
 
-    def read(offset: int, length: int) -> bytes:
-        data = reader.read(offset, length)
-        if data:
-            reads.append((offset, len(data)))
-        return data
+        def read(offset: int, length: int) -> bytes:
+            data = reader.read(offset, length)
+            if data:
+                reads.append((offset, len(data)))
+            return data
 
-    try:
         st = parse_stamp(read, device)
-    finally:
-        reader.close()
     ranges = _widen(reads)
     crcs = ciphertext_crcs(disk, extents, ranges, sysroot=sysroot)
     regions = []
@@ -644,32 +621,13 @@ def ciphertext_crcs(
 ) -> list[int | None]:
     """CRC-32 of each (offset, length) of a stacked device, read raw from ``disk`` through
     ``extents``; None for a region the disk does not hold whole."""
-    real = str(sysroot.path(disk)) if sysroot is not None else disk
-    try:
-        reader = _Reader(real)
-    except OSError as e:
-        raise FsStampError(
-            f"cannot open {disk} to read a mapped superblock",
-            why=e.strerror or str(e),
-            fix="check that the device exists and you are root",
-            device=disk,
-        ) from e
-    try:
+    with _opened(disk, sysroot) as reader:
         mapped = _MappedReader(reader, extents)
         out: list[int | None] = []
         for off, n in regions:
             data = mapped.read(off, n)
             out.append(zlib.crc32(data) if len(data) == n else None)
         return out
-    except OSError as e:
-        raise FsStampError(
-            f"cannot read the mapped superblock on {disk}",
-            why=e.strerror or str(e),
-            fix="check the device (dmesg)",
-            device=disk,
-        ) from e
-    finally:
-        reader.close()
 
 
 def _sealed_on(disk: str, old: FsStamp, sysroot: Sysroot) -> FsStamp | None:
