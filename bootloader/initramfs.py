@@ -65,6 +65,8 @@ R_MODULES = (
     "kjumpd.linux.cmdline",
     "kjumpd.hashing",
     "kjumpd.restore.unlock",
+    "kjumpd.linux.luks",
+    "kjumpd.linux.devmapper",
     "kjumpd.cpio",
     "termios",
     "json",
@@ -96,7 +98,8 @@ def build_restore_initramfs(
     out: Path | None = None, crypto: bool = False
 ):  # -> savekernel.initramfs.InitramfsImage
     """The generic part of R's initramfs (no boot.json): cached by its inputs. With
-    ``crypto``, R can open encrypted images (python3-cryptography)."""
+    ``crypto``, R can open encrypted images (python3-cryptography) and unlock a LUKS volume
+    that holds the target (cryptsetup, from this machine)."""
     from savekernel.initramfs import (
         CRYPTO_MODULES,
         CRYPTO_PACKAGES,
@@ -110,9 +113,18 @@ def build_restore_initramfs(
         name="restore",
         python_modules=(*R_MODULES, *(CRYPTO_MODULES if crypto else ())),
         python_packages=("kjumpd", *(CRYPTO_PACKAGES if crypto else ())),
-        host_binaries=(KEXEC, *(crypto_host_files() if crypto else ())),
+        host_binaries=(KEXEC, *((*crypto_host_files(), *_cryptsetup()) if crypto else ())),
         python_scripts={RF_MODULE: INIT},
     )
+
+
+def _cryptsetup() -> tuple[Path, ...]:
+    """cryptsetup, for a target inside a LUKS volume; a machine without it has no such
+    volume to unlock."""
+    import shutil
+
+    found = shutil.which("cryptsetup", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    return (Path(found),) if found else ()
 
 
 def restore_config(**kw) -> tuple[BootConfig, dict[str, Path]]:

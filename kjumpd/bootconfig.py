@@ -5,7 +5,8 @@ save kernel's command line in both roles starts from QUICK_BOOT_PARAMS. ``BootCo
 JSON, version 1::
 
     {"version": 1,
-     "target": {"uuid": "<uuid>", "offset": <bytes>},
+     "target": {"uuid": "<uuid>", "offset": <bytes>,
+                "volume": {...}},           (only for a target inside a LUKS volume)
      "normal": {"kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img" | null,
                 "cmdline": "root=... ro quiet"},
      "save": {"kernel": "/kjump/save/bzImage", "initrd": "/kjump/save/initrd.cpio.gz",
@@ -13,6 +14,10 @@ JSON, version 1::
               "cmdline": "console=ttyS0 nokaslr panic=1"},
      "jump_area": [start, size],
      "max_attempts": 3}
+
+``target.volume`` (kjumpd.linux.luks.Volume, without its key): R unlocks that volume with
+the user's passphrase, builds its mapping and finds the target inside it (``offset`` is then
+a byte offset in the volume's plaintext).
 
 ``jump_area`` is A's reservation when R was set up, for the record: R loads the save kernel
 into the area the image header names (A's reservation when it saved). Paths are paths inside
@@ -66,11 +71,15 @@ class BootConfig:
     save_initrd_sha256: str
     jump_area: tuple[int, int]
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    target_volume: Any = None  # kjumpd.linux.luks.Volume
 
     def to_dict(self) -> dict[str, Any]:
+        target: dict[str, Any] = {"uuid": self.target_uuid, "offset": self.target_offset}
+        if self.target_volume is not None:
+            target["volume"] = self.target_volume.to_dict()
         return {
             "version": BOOT_CONFIG_VERSION,
-            "target": {"uuid": self.target_uuid, "offset": self.target_offset},
+            "target": target,
             "normal": {
                 "kernel": self.normal.kernel,
                 "initrd": self.normal.initrd,
@@ -135,6 +144,15 @@ class BootConfig:
         if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 100:
             raise _cfg("max_attempts must be an integer 1..100")
         save_initrd = _str(s, "save.initrd")
+        volume = None
+        if t.get("volume") is not None:
+            from kjumpd.errors import VolumeError
+            from kjumpd.linux.luks import Volume
+
+            try:
+                volume = Volume.from_dict(t["volume"])
+            except VolumeError as e:
+                raise _cfg(f"target.volume: {e.what}", e.why) from None
         return cls(
             target_uuid=uid,
             target_offset=offset,
@@ -151,6 +169,7 @@ class BootConfig:
             save_initrd_sha256=isum,
             jump_area=(area[0], area[1]),
             max_attempts=attempts,
+            target_volume=volume,
         )
 
 

@@ -152,6 +152,10 @@ class FsStampError(KjumpError):
     """A filesystem superblock cannot be read or is not a filesystem kjumpd knows."""
 
 
+class VolumeError(KjumpError):
+    """A LUKS volume or the device-mapper device kjumpd builds over it."""
+
+
 class BootEntryError(KjumpError):
     """The restore-first boot loader entry cannot be installed, checked or armed."""
 

@@ -52,6 +52,11 @@ still reads)::
     seal                     the image key sealed to the machine's public key (a seal object,
                              kjumpd.image.seal), recorded in the image. Given with image_key
                              only. Default null.
+    volume                   the LUKS volume the target is inside (kjumpd.linux.luks.Volume
+                             as a dict) plus "key": its volume key, hex. B rebuilds the
+                             volume's mapping with it and finds the target inside;
+                             superblock_device_offset and blockmap are then offsets in the
+                             volume's plaintext. In memory only, as image_key. Default null.
     finish                   what B does once the image is SAVED: "jump-back" (A finishes the
                              mode), "power-off" or "reboot" (B does it: no jump back, no device
                              resume in A; a failed power-off falls back to the jump back).
@@ -112,6 +117,7 @@ class Job:
     image_key: str | None = field(default=None, repr=False)
     seal: dict[str, Any] | None = None
     finish: str = "jump-back"
+    volume: dict[str, Any] | None = field(default=None, repr=False)
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -177,6 +183,7 @@ class Job:
                 image_key=d.get("image_key", _OPTIONAL["image_key"]),
                 seal=d.get("seal", _OPTIONAL["seal"]),
                 finish=d.get("finish", _OPTIONAL["finish"]),
+                volume=d.get("volume", _OPTIONAL["volume"]),
                 version=version,
             )
         except TypeError as e:
@@ -220,6 +227,7 @@ _OPTIONAL: dict[str, Any] = {
     "image_key": None,
     "seal": None,
     "finish": "jump-back",
+    "volume": None,
 }
 #: what B may do once the image is SAVED (the job's ``finish``)
 FINISHES = ("jump-back", "power-off", "reboot")
@@ -346,6 +354,15 @@ def validate(job: Job) -> None:
         raise JobError(
             f"job field finish must be one of {', '.join(FINISHES)}", why=f"got {job.finish!r}"
         )
+    if job.volume is not None:
+        from kjumpd.errors import VolumeError
+
+        if not isinstance(job.volume, dict):
+            raise JobError("job field volume must be an object or null")
+        try:
+            volume_of(job)
+        except VolumeError as e:
+            raise JobError(f"job field volume: {e.what}", why=e.why) from None
     if (job.image_key is None) != (job.seal is None):
         raise JobError("job fields image_key and seal must be given together")
     if job.image_key is not None:
@@ -357,6 +374,15 @@ def validate(job: Job) -> None:
             check_seal(job.seal, "job field seal")
         except ImageKeyError as e:
             raise JobError(e.what, why=e.why) from None
+
+
+def volume_of(job: Job) -> tuple[Any, bytes] | None:
+    """(kjumpd.linux.luks.Volume, its key) of a job whose target is inside a LUKS volume."""
+    if job.volume is None:
+        return None
+    from kjumpd.linux.luks import keyed_from_dict
+
+    return keyed_from_dict(job.volume)
 
 
 def image_key_bytes(job: Job) -> bytes | None:

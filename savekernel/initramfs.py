@@ -142,6 +142,8 @@ SAVE_ENTRY = (
     "kjumpd.agent.pageclass",
     "kjumpd.agent.watchdog",
     "kjumpd.image.heap",
+    "kjumpd.linux.luks",
+    "kjumpd.linux.devmapper",
 )
 
 #: what B's /init runs with python3 -c (and the arguments "boot" or "boot --rescue")

@@ -10,6 +10,8 @@ APT_PACKAGES=(
     debian-archive-keyring
     qemu-system-x86 qemu-utils kexec-tools busybox-static debootstrap python3 python3-lz4 python3-cryptography
     e2fsprogs xfsprogs btrfs-progs dosfstools util-linux lz4 socat
+    # cryptsetup: R unlocks a LUKS volume holding the target (its crypto variant)
+    cryptsetup-bin
     dbus libglib2.0-bin
     libgirepository1.0-dev libcairo2-dev pkg-config python3-venv python3-dev
     grub-common

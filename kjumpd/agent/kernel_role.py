@@ -33,6 +33,7 @@ from __future__ import annotations
 # every imported module adds to the wait. Modules only some paths need are imported where
 # they are used (argparse only for a command line other than /init's, threading/select for
 # the cancel key, the job for the save role).
+import json
 import logging
 import os
 import sys
@@ -51,6 +52,8 @@ log = logging.getLogger("kjumpd.agent.kernel_role")
 JOB_FILE = "/kjump/job.json"
 #: the image key R hands to the restore role (hex), in an archive appended to the initramfs
 RESTORE_KEY_FILE = "/kjump/restore-key"
+#: the LUKS volume the target is inside, with its key (luks.keyed_to_dict), from R
+RESTORE_VOLUME_FILE = "/kjump/restore-volume.json"
 ROLES = ("save", "restore")
 PAGE = 4096
 
@@ -331,10 +334,22 @@ def jump_back(
                 say(f"after the resume: {e}")
 
 
-def _open_target(sysroot: Sysroot, uuid: str, offset: int) -> Any:
+def _find(sysroot: Sysroot, uuid: str, offset: int, volume: Any = None) -> str:
+    """The target's device; inside a LUKS volume ((Volume, key)), in the mapping of it
+    built first."""
+    if volume is not None:
+        from kjumpd.linux import luks
+
+        vol, key = volume
+        node = luks.open_mapping(sysroot, vol, key)
+        say(f"LUKS volume {vol.uuid} mapped at {node}")
+    return find_target(sysroot, uuid, offset)
+
+
+def _open_target(sysroot: Sysroot, uuid: str, offset: int, volume: Any = None) -> Any:
     from kjumpd.image import store
 
-    dev_path = find_target(sysroot, uuid, offset)
+    dev_path = _find(sysroot, uuid, offset, volume)
     dev, sb = store.open_target(sysroot.path(dev_path), writable=True, offset=offset)
     say(f"target {uuid} found on {dev_path} at byte {offset}")
     return dev, sb
@@ -355,7 +370,7 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
     try:
         from kjumpd.agent.devmem import MemorySource
         from kjumpd.image import save
-        from kjumpd.job import Job, image_key_bytes
+        from kjumpd.job import Job, image_key_bytes, volume_of
 
         try:
             job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
@@ -365,7 +380,9 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
                 why=e.strerror or str(e),
                 fix="the daemon appends it to the initramfs at load time",
             ) from None
-        dev, sb = _open_target(sysroot, job.target_uuid, job.superblock_device_offset)
+        dev, sb = _open_target(
+            sysroot, job.target_uuid, job.superblock_device_offset, volume_of(job)
+        )
         recorded = [(e.logical, e.device_offset, e.length) for e in sb.blockmap]
         if recorded != [tuple(e) for e in job.blockmap]:
             raise TargetError(
@@ -523,10 +540,10 @@ def _probe_target(sysroot: Sysroot) -> None:
     """After A resumed B: prove B's disk I/O still works (its drivers got PMSG_RESTORE) by
     finding the target again and reading its header, without writing anything."""
     from kjumpd.image import store
-    from kjumpd.job import Job
+    from kjumpd.job import Job, volume_of
 
     job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
-    path = find_target(sysroot, job.target_uuid, job.superblock_device_offset)
+    path = _find(sysroot, job.target_uuid, job.superblock_device_offset, volume_of(job))
     dev, _sb = store.open_target(
         sysroot.path(path), writable=False, offset=job.superblock_device_offset
     )
@@ -581,25 +598,45 @@ def restore_key(sysroot: Sysroot) -> bytes:
     return key
 
 
+def restore_volume(sysroot: Sysroot) -> Any:
+    """(Volume, key) of the LUKS volume R unlocked and appended to this initramfs
+    (RESTORE_VOLUME_FILE), or None when the target is not inside one."""
+    from kjumpd.linux import luks
+
+    path = sysroot.path(RESTORE_VOLUME_FILE)
+    if not path.exists():
+        return None
+    try:
+        return luks.keyed_from_dict(json.loads(path.read_bytes()))
+    except (OSError, ValueError, KjumpError) as e:
+        raise AgentError(
+            "the LUKS volume R handed over cannot be read",
+            why=f"{RESTORE_VOLUME_FILE}: {e}",
+            fix="restore through the restore-first environment, which unlocks the volume",
+        ) from None
+
+
 def run_restore(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
     from kjumpd.agent.devmem import MemorySink
     from kjumpd.image import restore, store
     from kjumpd.image.format import ImageState
 
     uuid, offset = params.target_uuid, params.target_offset
+    volume = restore_volume(sysroot)
     if uuid is None or offset is None:
         try:
-            from kjumpd.job import Job
+            from kjumpd.job import Job, volume_of
 
             job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
             uuid, offset = job.target_uuid, job.superblock_device_offset
+            volume = volume or volume_of(job)
         except OSError:
             raise AgentError(
                 "the restore role needs the target",
                 why="no kjump.target=/kjump.offset= on the command line and no job",
                 fix="the restore-first environment passes both",
             ) from None
-    dev, _sb = _open_target(sysroot, uuid, offset)
+    dev, _sb = _open_target(sysroot, uuid, offset, volume)
     try:
         header = store.read_header(dev)
         store.require_state(header, ImageState.RESTORING, action="restore")
@@ -669,11 +706,12 @@ def rescue(sysroot: Sysroot = Sysroot()) -> int:
     dev = None
     try:
         from kjumpd.image import store
-        from kjumpd.job import Job
+        from kjumpd.job import Job, volume_of
 
         job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
+        where = _find(sysroot, job.target_uuid, job.superblock_device_offset, volume_of(job))
         dev, _sb = store.open_target(
-            sysroot.path(find_target(sysroot, job.target_uuid, job.superblock_device_offset)),
+            sysroot.path(where),
             writable=True,
             offset=job.superblock_device_offset,
         )

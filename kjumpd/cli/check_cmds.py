@@ -200,6 +200,14 @@ def cmd_setup(args: argparse.Namespace) -> int:
             f"target {target.path}: {target.size >> 20} MiB, UUID {uuid}, on {target.disk} "
             f"at byte {target.superblock_offset} ({len(target.blockmap)} extents)"
         )
+        if target.volume is not None:
+            from kjumpd.daemon import volumekey
+
+            print(
+                f"the target is inside LUKS volume {target.volume.uuid} "
+                f"({target.volume_node}): the save kernel needs its volume key"
+            )
+            print(volumekey.enroll(sr, target, args.luks_key_file))
         if path != cfg.target:
             print(f'set target.path = "{path}" in {cfgmod.CONFIG_PATH}')
         did = True
@@ -234,6 +242,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
             cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}"
             f" {QUICK_BOOT_PARAMS}",
             esp=args.esp,
+            target_volume=target.volume,
         )
         print(f"installed the {rec.kind} entry ({rec.loader}): {', '.join(rec.files)}")
         did = True
@@ -283,6 +292,13 @@ def register(sub: Any) -> None:
     p.add_argument("--config", default=None, help="configuration file to use")
     p.add_argument("--target", default=None, help="image file or partition (default: config)")
     p.add_argument("--size", default=None, type=size_arg, help="image file size, e.g. 8G")
+    p.add_argument(
+        "--luks-key-file",
+        default=None,
+        metavar="FILE",
+        help="a target inside a LUKS volume: an existing key file of the volume, to enroll "
+        "kjumpd's own key file with (default: cryptsetup asks for a passphrase)",
+    )
     p.add_argument(
         "--jump-area",
         action="store_true",

@@ -10,8 +10,11 @@ kernel writes the raw disk, so the daemon turns the target into a list of extent
   to 4 KiB, and together they must cover the file without holes (never sparse).
 * the filesystem's device is translated to the whole disk through sysfs:
   partition -> ``start`` sector; device-mapper "linear" targets (LVM) through their table
-  (``dmsetup table``); dm-crypt and md RAID are refused (B cannot see through them);
-  an active swap area is refused.
+  (``dmsetup table``); md RAID is refused (B writes one disk); an active swap area is
+  refused.
+* a LUKS volume (dm-crypt) ends the walk: the block map is in the volume's plaintext, and
+  the target records the volume (kjumpd.linux.luks.Volume) so that the save kernel
+  rebuilds its mapping over the disk with the volume key and writes through it.
 * btrfs: FIEMAP gives btrfs logical addresses; the chunk tree turns them into offsets on
   the filesystem's one device (kjumpd.linux.btrfs). The file must be nodatacow and in
   single-profile data chunks, which `kjumpctl setup` makes sure of.
@@ -37,7 +40,7 @@ from pathlib import Path
 
 from kjumpd.errors import BlockMapError, KjumpError, TargetError, UsageError
 from kjumpd.image.format import BlockExtent
-from kjumpd.linux import btrfs
+from kjumpd.linux import btrfs, luks
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,10 @@ class Target:
     disk_devno: str  # "254:0"
     size: int
     blockmap: list[tuple[int, int, int]] = field(default_factory=list)  # whole-disk offsets
+    #: the LUKS volume whose mapping ``disk`` is (the block map is in its plaintext), and
+    #: the volume's device here (what cryptsetup unlocks)
+    volume: luks.Volume | None = None
+    volume_node: str = ""
 
     @property
     def superblock_offset(self) -> int:
@@ -267,10 +274,13 @@ def to_disk(
     depth: int = 0,
     dm_table: Callable[[Sysroot, BlockDev], str] | None = None,
     through_crypt: bool = False,
+    stop_at_crypt: bool = False,
 ) -> tuple[BlockDev, list[tuple[int, int, int]]]:
     """(logical, offset on ``dev``, length) -> (whole disk, offsets on it).
     ``dm_table`` returns a device-mapper table's text (default: ``dmsetup table``).
-    ``through_crypt``: map through dm-crypt too (to read ciphertext; never to write)."""
+    ``through_crypt``: map through dm-crypt too (to read ciphertext; never to write).
+    ``stop_at_crypt``: a dm-crypt device ends the walk and stands for the disk (the save
+    kernel rebuilds that mapping and writes plaintext through it)."""
     if depth > 8:
         raise BlockMapError("device stack is too deep", fix="use a plain partition")
     base = f"/sys/class/block/{dev.name}"
@@ -283,6 +293,8 @@ def to_disk(
         )
     if sysroot.exists(f"{base}/dm"):
         uuid = sysroot.read_text(f"{base}/dm/uuid", default="").strip()
+        if uuid.startswith("CRYPT-") and stop_at_crypt:
+            return dev, list(extents)
         if uuid.startswith("CRYPT-") and not through_crypt:
             raise BlockMapError(
                 f"the target is on dm-crypt ({dev.name})",
@@ -310,7 +322,7 @@ def to_disk(
                 out.append((lo, s_off + off - s_start, n))
                 lo, off, ln = lo + n, off + n, ln - n
         assert lower is not None
-        return to_disk(sysroot, lower, out, depth + 1, dm_table, through_crypt)
+        return to_disk(sysroot, lower, out, depth + 1, dm_table, through_crypt, stop_at_crypt)
     if sysroot.exists(f"{base}/partition"):
         start = int(sysroot.read_text(f"{base}/start").strip()) * SECTOR
         disk_name = os.path.basename(os.path.dirname(os.path.realpath(sysroot.path(base))))
@@ -430,8 +442,9 @@ def translate(sysroot: Sysroot, path: str) -> Target:
         sectors = int(sysroot.read_text(f"/sys/class/block/{dev.name}/size").strip())
         size = sectors * SECTOR // BLOCK * BLOCK
         kind = "partition" if sysroot.exists(f"/sys/class/block/{dev.name}/partition") else "disk"
-        disk, ext = to_disk(sysroot, dev, [(0, 0, size)])
-        return Target(path, kind, f"/dev/{disk.name}", disk.devno, size, _merge(ext))
+        disk, ext = to_disk(sysroot, dev, [(0, 0, size)], stop_at_crypt=True)
+        vol, node = _volume_if_crypt(sysroot, disk)
+        return Target(path, kind, f"/dev/{disk.name}", disk.devno, size, _merge(ext), vol, node)
     if not stat.S_ISREG(st.st_mode):
         raise TargetError(
             f"target {path} is neither a file nor a block device",
@@ -459,7 +472,8 @@ def translate(sysroot: Sysroot, path: str) -> Target:
             dev = device_by_devno(sysroot, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     finally:
         os.close(fd)
-    disk, ext = to_disk(sysroot, dev, triples)
+    disk, ext = to_disk(sysroot, dev, triples, stop_at_crypt=True)
+    vol, node = _volume_if_crypt(sysroot, disk)
     return Target(
         path,
         "file",
@@ -467,7 +481,87 @@ def translate(sysroot: Sysroot, path: str) -> Target:
         disk.devno,
         st.st_size // BLOCK * BLOCK,
         _merge([(lo, d, ln) for lo, d, ln in ext if lo < st.st_size // BLOCK * BLOCK]),
+        vol,
+        node,
     )
+
+
+def _volume_if_crypt(
+    sysroot: Sysroot, dev: BlockDev, dm_table: Callable[[Sysroot, BlockDev], str] | None = None
+) -> tuple[luks.Volume | None, str]:
+    if not sysroot.exists(f"/sys/class/block/{dev.name}/dm"):
+        return None, ""
+    return volume_of(sysroot, dev, dm_table)
+
+
+def volume_of(
+    sysroot: Sysroot, dev: BlockDev, dm_table: Callable[[Sysroot, BlockDev], str] | None = None
+) -> tuple[luks.Volume, str]:
+    """The LUKS volume whose dm-crypt mapping ``dev`` is, located on its whole disk, and
+    its device node here. Refused: plain dm-crypt (no header R could unlock), a volume that
+    is not one contiguous piece of one disk."""
+    uuid = sysroot.read_text(f"/sys/class/block/{dev.name}/dm/uuid", default="").strip()
+    kind = uuid.split("-")[1] if uuid.count("-") >= 2 else "PLAIN"
+    if kind not in ("LUKS1", "LUKS2"):
+        raise BlockMapError(
+            f"the target is on {kind.lower()} dm-crypt ({dev.name}), not a LUKS volume",
+            why="without a LUKS header the restore environment has nothing to unlock the "
+            "volume with",
+            fix="put the target in a LUKS volume, or outside the encryption with an image "
+            "key (kjumpctl image-key create)",
+        )
+    lines = [ln for ln in (dm_table or _dm_table)(sysroot, dev).splitlines() if ln.strip()]
+    parts = lines[0].split() if len(lines) == 1 else []
+    if (
+        len(parts) < 8
+        or parts[2] != "crypt"
+        or not all(p.isdigit() for p in parts[5:6] + parts[7:8])
+    ):
+        raise BlockMapError(
+            f"the dm-crypt table of {dev.name} is not one crypt target",
+            why=f"{len(lines)} lines: {lines[0][:80] if lines else ''}",
+            fix="report this table (dmsetup table)",
+        )
+    _s, length, _t, cipher, key, iv_offset, devno, offset, *rest = parts
+    options = tuple(rest[1 : 1 + int(rest[0])]) if rest and rest[0].isdigit() else ()
+    key_size = int(key[1:].split(":", 1)[0]) if key.startswith(":") else len(key) // 2
+    lower = device_by_devno(sysroot, devno)
+    lsize = int(sysroot.read_text(f"/sys/class/block/{lower.name}/size", "0").strip() or 0)
+    disk, ext = to_disk(sysroot, lower, [(0, 0, lsize * SECTOR)], dm_table=dm_table)
+    ext = _merge(ext)
+    if len(ext) != 1:
+        raise BlockMapError(
+            f"LUKS volume {dev.name} is not one contiguous piece of {disk.name}",
+            why=f"its device {lower.name} maps in {len(ext)} pieces",
+            fix="put the target in a LUKS volume on a partition or a whole disk",
+        )
+    header_offset = ext[0][1]
+    try:
+        with open(sysroot.path(f"/dev/{disk.name}"), "rb") as f:
+            f.seek(header_offset)
+            got = luks.header_uuid(f.read(4096))
+    except OSError as e:
+        raise BlockMapError(
+            f"cannot read the LUKS header of {dev.name} on {disk.name}", why=e.strerror or str(e)
+        ) from None
+    if got is None or got[1].replace("-", "") not in uuid.replace("-", ""):
+        raise BlockMapError(
+            f"no LUKS header of {dev.name} at byte {header_offset} of {disk.name}",
+            why=f"device-mapper names it {uuid}",
+            fix="report this device stack (lsblk, dmsetup table)",
+        )
+    try:
+        vol = luks.Volume(
+            got[1], header_offset, cipher, key_size, int(iv_offset), int(offset),
+            int(length), options,
+        )  # fmt: skip
+    except KjumpError as e:
+        raise BlockMapError(
+            f"the dm-crypt mapping of {dev.name} cannot be rebuilt by the save kernel",
+            why=f"{e.what}: {e.why}",
+            fix="report this table (dmsetup table)",
+        ) from None
+    return vol, f"/dev/{lower.name}"
 
 
 def _require_nocow(fd: int, path: str) -> None:

@@ -357,8 +357,10 @@ def boot_config_for(
     save_cmdline: str,
     jump_area: tuple[int, int],
     max_attempts: int = 3,
+    target_volume: Any = None,
 ) -> tuple[Any, dict[str, Path]]:
-    """boot.json for these host files, and R's payload (archive path -> host file)."""
+    """boot.json for these host files, and R's payload (archive path -> host file).
+    ``target_volume``: the LUKS volume (kjumpd.linux.luks.Volume) the target is inside."""
     from kjumpd.bootconfig import BootConfig, KernelSpec, save_kernel_hash
 
     try:
@@ -381,6 +383,7 @@ def boot_config_for(
         save_initrd_sha256=is_,
         jump_area=(int(jump_area[0]), int(jump_area[1])),
         max_attempts=max_attempts,
+        target_volume=target_volume,
     )
     files = {
         R_NORMAL_KERNEL: Path(normal_kernel),
@@ -556,10 +559,12 @@ def machine_boot_config(
     normal_initrd: str | None = None,
     cmdline: str | None = None,
     max_attempts: int = 3,
+    target_volume: Any = None,
 ) -> tuple[Any, dict[str, Path]]:
     """boot.json + payload for this machine: the save kernel and jump area from kjumpd's
     config and the reserved area, the boot loader's default kernel and its command line
-    (``default_normal_kernel``, ``boot_loader_cmdline``: what ``check`` compares with)."""
+    (``default_normal_kernel``, ``boot_loader_cmdline``: what ``check`` compares with).
+    ``target_volume``: the LUKS volume the target is inside (R unlocks it)."""
     from kjumpd.daemon import config as cfgmod
     from kjumpd.daemon import jumparea
 
@@ -581,6 +586,7 @@ def machine_boot_config(
         save_cmdline=cfg.save_kernel_append(),
         jump_area=(area.start, area.size),
         max_attempts=max_attempts,
+        target_volume=target_volume,
     )
     key = sysroot.path(cfg.image_key)
     if cfg.encryption != "off" and key.is_file():
@@ -802,6 +808,7 @@ def install(
     normal_kernel: str | None = None,
     normal_initrd: str | None = None,
     normal_cmdline: str | None = None,
+    target_volume: Any = None,
 ) -> BootEntry:
     """Install R (``kernel``, ``initrd``: host files) as a boot entry of ``kind``.
 
@@ -844,6 +851,7 @@ def install(
             normal_kernel=normal_kernel,
             normal_initrd=normal_initrd,
             cmdline=normal_cmdline,
+            target_volume=target_volume,
         )
     try:
         r_initrd = Path(initrd).read_bytes()
@@ -1140,6 +1148,22 @@ def _require_record(sysroot: Sysroot) -> BootEntry:
             fix="run `kjumpctl setup --bootloader grub|bls|restore-first`",
         )
     return rec
+
+
+def restore_can_unlock(sysroot: Sysroot) -> bool | None:
+    """Whether the installed R has cryptsetup (to unlock a LUKS volume holding the target);
+    None when its initramfs cannot be read here."""
+    from kjumpd import initrd
+
+    rec = read_record(sysroot)
+    if rec is None:
+        return None
+    try:
+        names = [e.name for e in initrd.read_archive(sysroot.path(rec.initrd))]
+    except (KjumpError, OSError) as e:
+        log.warning("cannot list %s (%s)", rec.initrd, e)
+        return None
+    return any(n.rsplit("/", 1)[-1] == "cryptsetup" for n in names)
 
 
 def check(sysroot: Sysroot) -> list[str]:

@@ -85,8 +85,10 @@ def encrypted_root(sysroot: Sysroot) -> str | None:
     return blockmap.encrypted_device(sysroot, root[-1].devno) if root else None
 
 
-def plan(sysroot: Sysroot, config: Config) -> EncryptionPlan:
-    """What this hibernation does about encryption; ImageKeyError when policy refuses it."""
+def plan(sysroot: Sysroot, config: Config, target_volume: Any = None) -> EncryptionPlan:
+    """What this hibernation does about encryption; ImageKeyError when policy refuses it.
+    ``target_volume``: the LUKS volume (kjumpd.linux.luks.Volume) the target is inside; it
+    encrypts the image by itself, so the policy asks no image key then."""
     from kjumpd.image import seal
 
     mode = config.encryption
@@ -114,6 +116,13 @@ def plan(sysroot: Sysroot, config: Config) -> EncryptionPlan:
             "images must be encrypted and there is no image key",
             why=f'[encryption] mode = "required" and {config.image_key} does not exist',
             fix=f"run `{CREATE}`, then `kjumpctl install --refresh-boot-entry`",
+        )
+    if target_volume is not None:
+        return EncryptionPlan(
+            None,
+            "",
+            f"by LUKS volume {target_volume.uuid} that holds the target ({target_volume.cipher}"
+            "; not authenticated: an image key adds that)",
         )
     crypt = encrypted_root(sysroot)
     if crypt is not None:

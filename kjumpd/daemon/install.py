@@ -431,7 +431,10 @@ def plan_boot_entry(
             f"{cfg.target} --size SIZE`, then `kjumpctl install` again",
         )
     r_kernel = opts.restore_kernel or save_kernel
-    r_initrd = opts.restore_initrd or build_restore(encryption.wanted(sysroot, cfg))
+    # a target inside a LUKS volume: R unlocks it with cryptsetup (R's crypto variant)
+    r_initrd = opts.restore_initrd or build_restore(
+        encryption.wanted(sysroot, cfg) or target.volume is not None
+    )
     if check_only:
         return BootEntryStep(
             "after-files",
@@ -453,6 +456,7 @@ def plan_boot_entry(
         normal_kernel=normal_kernel,
         normal_initrd=normal_initrd,
         cmdline=bootentry.boot_loader_cmdline(sysroot),
+        target_volume=target.volume,
     )
     step = BootEntryStep(
         "install",

@@ -313,9 +313,18 @@ def _target(sysroot: Sysroot, config: Config, rep: PreflightReport) -> str:
             raise
         return f"{config.target}: {e.why}; {e.fix}"
     rep.plan.target, rep.plan.uuid = t, uuid
+    inside = ""
+    if t.volume is not None:
+        from kjumpd.daemon import volumekey
+
+        inside = f" inside LUKS volume {t.volume.uuid} ({t.volume_node}"
+        try:
+            inside += f", key file {volumekey.key_file(sysroot, t)})"
+        except KjumpError as e:
+            inside += f"; {e.what})"
     return (
         f"{t.path} ({t.kind}, {t.size >> 20} MiB, {len(t.blockmap)} extents on "
-        f"{t.disk} from {t.superblock_offset}), UUID {uuid}"
+        f"{t.disk}{inside} from {t.superblock_offset}), UUID {uuid}"
     )
 
 
@@ -341,13 +350,24 @@ def _filesystems(sysroot: Sysroot) -> str:
 
 def _encryption(sysroot: Sysroot, config: Config, rep: PreflightReport) -> str:
     """Whether the image is encrypted, by the [encryption] policy."""
-    rep.plan.encryption = encryption.plan(sysroot, config)
+    target = rep.plan.target
+    rep.plan.encryption = encryption.plan(
+        sysroot, config, target.volume if target is not None else None
+    )
     return rep.plan.encryption.detail
 
 
 def _boot_entry(sysroot: Sysroot, rep: PreflightReport) -> None:
     add = rep.items.append
     problems = bootentry.check(sysroot)
+    target = rep.plan.target
+    if target is not None and target.volume is not None and not problems:
+        if bootentry.restore_can_unlock(sysroot) is False:
+            problems.append(
+                f"the target is inside LUKS volume {target.volume.uuid}, and the restore-first "
+                "entry's initramfs has no cryptsetup to unlock it: every restore would boot "
+                "the normal system (fix: install cryptsetup, then run `kjumpctl install`)"
+            )
     add(
         PreflightItem(
             "boot entry",

@@ -61,6 +61,7 @@ from kjumpd.daemon import (
     quiesce,
     shrink,
     taskfreeze,
+    volumekey,
 )
 from kjumpd.daemon.config import Config
 from kjumpd.errors import (
@@ -215,6 +216,8 @@ class _Context:
         self.memory: Any = None
         self.target: Any = None
         self.uuid = ""
+        #: the volume key of the LUKS volume the target is inside (RAM only)
+        self.volume_key = b""
         self.kx: Any = None
         self.stager: Any = None
         # announce, quiesce
@@ -405,6 +408,8 @@ class Hibernation:
         assert rep.plan.area is not None and rep.plan.memory is not None  # rep.ok
         ctx.plan, ctx.area, ctx.memory = rep.plan, rep.plan.area, rep.plan.memory
         ctx.target, ctx.uuid = blockmap.current(sr, cfg.target, restamp=True)
+        if ctx.target.volume is not None:
+            ctx.volume_key = ctx.timed("volume key", lambda: volumekey.derive(sr, ctx.target))
         ctx.kx = kexec.Kexec.find(cfg)
 
     def _stage_initrd(self, ctx: _Context) -> None:
@@ -582,6 +587,9 @@ class Hibernation:
             finish=FINISH_IN_B.get(ctx.mode, "jump-back")
             if cfg.finish_in_save_kernel
             else "jump-back",
+            volume={**target.volume.to_dict(), "key": ctx.volume_key.hex()}
+            if target.volume is not None
+            else None,
         )
         ctx.timed("initrd copy wait", ctx.stager.result)
         ctx.steps["initrd copy (thread)"] = ctx.stager.seconds

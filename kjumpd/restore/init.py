@@ -22,6 +22,7 @@ kernel cannot be started, a shell is offered on the console (nothing else can be
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -358,6 +359,20 @@ def restore_first(
         offset = int(params.get("kjump.offset") or cfg.target_offset, 0)
     except ValueError:
         offset = cfg.target_offset
+    to_b: dict[str, bytes] = {}  # what B's restore role gets with its initramfs
+    if cfg.target_volume is not None:
+        from kjumpd.linux import luks
+        from kjumpd.restore import unlock
+
+        unlocked = unlock.open_volume(sysroot, cfg.target_volume, ask or unlock.ask_console, say)
+        if isinstance(unlocked, unlock.Kept):
+            say(f"the target's LUKS volume is not opened: {unlocked.why}")
+            boot_normal(cfg, f"kept:{unlocked.note}", run, kexec, sysroot)
+            return f"kept:{unlocked.note}"
+        say(f"LUKS volume {cfg.target_volume.uuid} unlocked")
+        to_b[unlock.RESTORE_VOLUME] = json.dumps(
+            luks.keyed_to_dict(cfg.target_volume, unlocked.key)
+        ).encode()
     g = gather(sysroot, cfg, uuid, offset)
     decision = decide(g.evidence, expected_of(cfg))
     say(f"decision: {decision} ({time.monotonic() - t0:.2f} s)")
@@ -391,7 +406,13 @@ def restore_first(
                     boot_normal(cfg, "invalid:altered", run, kexec, sysroot)
                     return "invalid:altered"
                 say("image key unsealed; header and metadata authenticated")
-                initrd = unlock.b_initrd_with_key(sysroot, cfg.save.initrd or "", opened.key)
+                to_b[unlock.RESTORE_KEY] = opened.key.hex().encode() + b"\n"
+            if to_b:
+                from dataclasses import replace
+
+                from kjumpd.restore import unlock
+
+                initrd = unlock.b_initrd_with(sysroot, cfg.save.initrd or "", to_b)
                 b_cfg = replace(cfg, save=replace(cfg.save, initrd=initrd))
             store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
             say(f"image marked RESTORING({decision.attempt}); loading the save kernel")

@@ -1,5 +1,6 @@
-"""R's side of an encrypted image: ask for the passphrase on the console, unseal the image
-key, check the header and metadata, and hand the key to the save kernel in memory.
+"""R's side of an encrypted image, and of a target inside a LUKS volume: ask for the
+passphrase on the console, unseal the image key (check the header and metadata) or unlock
+the volume (build its mapping), and hand the key to the save kernel in memory.
 
 What R does when it cannot open an image (every case boots the normal system):
 
@@ -9,8 +10,12 @@ What R does when it cannot open an image (every case boots the normal system):
   encrypted Ubuntu or Fedora boot keeps its disk closed until the right passphrase comes;
 - the seal, the header or the metadata was altered: the image is refused (INVALID).
 
-The key goes to B as ``kjump/restore-key`` (hex) in an archive appended to B's initramfs, in
-R's RAM: it never reaches a disk.
+A LUKS volume is unlocked as an encrypted Ubuntu or Fedora boot would: its passphrase, up
+to ``TRIES`` times; empty, or wrong every time, boots the normal system with the image kept
+(the normal initramfs then asks for the passphrase itself).
+
+The keys go to B as ``kjump/restore-key`` (hex) and ``kjump/restore-volume.json`` in an
+archive appended to B's initramfs, in R's RAM: they never reach a disk.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from kjumpd.sysroot import Sysroot
 TRIES = 3
 KEY_FILE = "/etc/kjumpd/image-key.json"  # bootentry.R_IMAGE_KEY: the payload puts it here
 RESTORE_KEY = "kjump/restore-key"  # agent.kernel_role.RESTORE_KEY_FILE, inside B
+RESTORE_VOLUME = "kjump/restore-volume.json"  # agent.kernel_role.RESTORE_VOLUME_FILE
 #: where R writes B's initramfs with the key appended (R's root is in RAM)
 B_INITRD = "/run/kjumpd-restore-initrd"
 
@@ -107,14 +113,45 @@ def open_image(
     return Opened(key)
 
 
-def b_initrd_with_key(sysroot: Sysroot, b_initrd: str, key: bytes) -> str:
-    """B's initramfs with the key archive appended, written to B_INITRD; its path."""
+def open_volume(sysroot: Sysroot, vol: Any, ask: Ask, say: Callable[[str], None]) -> Opened | Kept:
+    """Unlock the LUKS volume ``vol`` (kjumpd.linux.luks.Volume) with a passphrase typed on
+    the console and build its mapping, in which R then looks for the target."""
+    from kjumpd.errors import VolumeError
+    from kjumpd.linux import luks
+
+    try:
+        node = luks.node_of(sysroot, luks.find_disk(sysroot, vol), vol.header_offset)
+    except VolumeError as e:
+        return Kept("no-volume", e.message)
+    for attempt in range(1, TRIES + 1):
+        typed = ask(
+            f"kjumpd: passphrase for disk {node} (LUKS {vol.uuid}) to restore the "
+            f"hibernated system (try {attempt} of {TRIES}; empty: boot without restoring): "
+        )
+        if not typed:
+            return Kept("skipped", "no passphrase given; the volume stays locked")
+        try:
+            key = luks.volume_key(str(sysroot.path(node)), passphrase=typed.encode())
+        except VolumeError as e:
+            if e.context.get("wrong"):
+                say(f"wrong passphrase ({attempt} of {TRIES})")
+                continue
+            return Kept("volume", e.message)
+        try:
+            luks.open_mapping(sysroot, vol, key)
+        except VolumeError as e:
+            return Kept("volume", e.message)
+        return Opened(key)
+    return Kept("passphrase", f"wrong passphrase {TRIES} times; the volume stays locked")
+
+
+def b_initrd_with(sysroot: Sysroot, b_initrd: str, files: dict[str, bytes]) -> str:
+    """B's initramfs with an archive of ``files`` (kjump/NAME -> bytes, mode 0600)
+    appended, written to B_INITRD; its path."""
     data = sysroot.path(b_initrd).read_bytes()
     archive = cpio.write(
-        [
-            cpio.Entry.directory("kjump"),
-            cpio.Entry.file(RESTORE_KEY, key.hex().encode() + b"\n", 0o600),
-        ]
+        [cpio.Entry.directory("kjump")]
+        + [cpio.Entry.file(name, content, 0o600) for name, content in sorted(files.items())]
     )
     out = sysroot.path(B_INITRD)
     out.parent.mkdir(parents=True, exist_ok=True)

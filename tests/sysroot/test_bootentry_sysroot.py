@@ -357,3 +357,23 @@ def test_boot_on_dev_root_is_found_by_its_device_number(
     # /boot is not its own filesystem here: GRUB sees the files under /boot
     assert "linux /boot/kjumpd/vmlinuz-restore" in out
     grub_script_check(out, tmp_path)
+
+
+@pytest.mark.parametrize("with_cryptsetup", [True, False])
+def test_whether_r_can_unlock_a_luks_volume_is_read_from_its_initramfs(
+    grub_root: Sysroot, r_files, tmp_path: Path, with_cryptsetup: bool
+) -> None:
+    """A target inside LUKS needs cryptsetup in R (the preflight fails without it, since
+    every restore would boot the normal system): the installed initramfs is looked into."""
+    import gzip
+
+    from kjumpd import cpio
+    from kjumpd.daemon.bootentry import restore_can_unlock
+
+    names = ["usr/sbin/kexec"] + (["usr/sbin/cryptsetup"] if with_cryptsetup else [])
+    base = tmp_path / "r.cpio.gz"
+    base.write_bytes(gzip.compress(cpio.write(cpio.Entry.file(n, b"\x7fELF") for n in names)))
+    assert restore_can_unlock(grub_root) is None  # nothing installed
+    bare = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576"
+    install(grub_root, "grub", kernel=r_files[0], initrd=base, cmdline=bare, machine=False)
+    assert restore_can_unlock(grub_root) is with_cryptsetup

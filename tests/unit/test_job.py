@@ -35,6 +35,20 @@ def make_job(**kw) -> Job:
     return Job(**base)
 
 
+#: a target inside LUKS: the volume and its key, as the daemon puts them in the job
+VOLUME = {
+    "uuid": "3f2a0c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b",
+    "header_offset": 1 << 20,
+    "cipher": "aes-xts-plain64",
+    "key_size": 64,
+    "iv_offset": 0,
+    "data_offset": 32768,
+    "sectors": 4161536,
+    "options": ["sector_size:4096"],
+    "key": "ab" * 64,
+}
+
+
 @st.composite
 def jobs(draw):
     n = draw(st.integers(1, 6))
@@ -61,6 +75,7 @@ def jobs(draw):
         created=draw(st.integers(0, 1 << 40)),
         cancel_key=draw(st.booleans()),
         free_pages_zeroed=draw(st.booleans()),
+        volume=draw(st.one_of(st.none(), st.just(VOLUME))),
         superblock_device_offset=draw(st.integers(0, 1 << 50)),
         fs_stamps=draw(
             st.lists(
@@ -181,3 +196,30 @@ def test_cpio_layout_is_what_the_kernel_unpacks():
 def test_a_job_nested_too_deep_is_a_job_error() -> None:
     with pytest.raises(JobError, match="not valid JSON"):
         Job.from_json("[" * 100_000)
+
+
+def test_the_volume_key_reaches_b_with_the_volume_it_opens():
+    from kjumpd.job import volume_of
+    from kjumpd.linux.luks import Volume
+
+    job = Job.from_json(make_job(volume=VOLUME).to_json())
+    vol, key = volume_of(job)
+    assert isinstance(vol, Volume) and vol.header_offset == 1 << 20 and key == b"\xab" * 64
+    assert "ab" * 64 not in repr(job)  # never in a log line
+    assert volume_of(make_job()) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"key": "ab" * 32},  # a key the mapping does not use
+        {"key": "AB" * 64},
+        {"key": None},
+        {"cipher": "aes xts"},
+        {"header_offset": 513},
+        {"options": "sector_size:4096"},
+    ],
+)
+def test_a_damaged_volume_in_the_job_is_refused(change):
+    with pytest.raises(JobError, match="volume"):
+        make_job(volume={**VOLUME, **change})

@@ -303,19 +303,38 @@ def config(**kw) -> BootConfig:
     return BootConfig(**d)
 
 
+def _volume():
+    from kjumpd.linux.luks import Volume
+
+    return Volume(
+        "3f2a0c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b", 1 << 20, "aes-xts-plain64", 64, 0, 32768, 8192
+    )
+
+
 @given(
     st.integers(0, 2**40).map(lambda x: x * 4096),
     st.integers(1, 100),
     st.one_of(st.none(), st.text(min_size=1, max_size=20)),
     st.text(max_size=60),
+    st.booleans(),
 )
-def test_boot_config_round_trips(offset: int, attempts: int, initrd, cmdline: str) -> None:
+def test_boot_config_round_trips(
+    offset: int, attempts: int, initrd, cmdline: str, in_luks: bool
+) -> None:
     c = config(
         target_offset=offset,
         max_attempts=attempts,
         normal=KernelSpec("/boot/vmlinuz", initrd, cmdline),
+        target_volume=_volume() if in_luks else None,
     )
     assert BootConfig.from_json(c.to_json()) == c
+
+
+def test_a_target_in_luks_tells_r_the_volume_and_never_its_key() -> None:
+    text = config(target_volume=_volume()).to_json()
+    vol = json.loads(text)["target"]["volume"]
+    assert vol["uuid"] == "3f2a0c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b" and "key" not in vol
+    assert "volume" not in json.loads(config().to_json())["target"]
 
 
 @pytest.mark.parametrize(
@@ -334,10 +353,13 @@ def test_boot_config_round_trips(offset: int, attempts: int, initrd, cmdline: st
         (("normal", "initrd"), 5),
         (("normal",), None),
         (("save", "kernel"), None),
+        (("target", "volume", "header_offset"), 7),
+        (("target", "volume", "cipher"), "aes xts 0 8:0"),
+        (("target", "volume", "key"), "ab" * 32),  # R's copy never holds a key
     ],
 )
 def test_a_damaged_boot_config_is_a_clear_error(path, value) -> None:
-    d = json.loads(config().to_json())
+    d = json.loads(config(target_volume=_volume()).to_json())
     node = d
     for k in path[:-1]:
         node = node[k]

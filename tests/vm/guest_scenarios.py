@@ -992,6 +992,12 @@ LVM_CONFIG = (
 
 
 STORAGE_NOTE = "written on the storage stack before the hibernation\n" * 100
+#: luks-target: the LUKS2 volume on a partition of the storage disk, and its passphrase
+#: (scenarios.LUKS_PASSPHRASE: the host types it at R's prompt)
+LUKS_START_SECTOR = 2048
+LUKS_PARTITION = STORAGE_DISK + "1"
+LUKS_PASSPHRASE = "kjumpvm-luks-passphrase"
+LUKS_PASSFILE = Path("/run/kjumpvm-luks.pass")
 
 
 def run_tool(*cmd: str) -> str:
@@ -1020,11 +1026,15 @@ def set_config_target(path: Path) -> None:
 
 def storage_target(kind: str) -> dict[str, str]:
     """`kjumpctl setup --target` on the mounted stack, the configuration's target path and
-    the restore-first entry again (its kjump.target=); verdict fields."""
+    the restore-first entry again (its kjump.target=); verdict fields. Inside LUKS
+    (luks-target) setup enrolls its key file with the passphrase's key file, and R is the
+    variant with cryptsetup."""
     fields: dict[str, str] = {}
+    luks_arg = ("--luks-key-file", str(LUKS_PASSFILE)) if kind == "luks-target" else ()
     proc = kjumpctl(
-        "setup", "--target", str(STORAGE_TARGET), "--size", TARGET_SIZE, "--yes", timeout=900
-    )
+        "setup", "--target", str(STORAGE_TARGET), "--size", TARGET_SIZE, *luks_arg, "--yes",
+        timeout=900,
+    )  # fmt: skip
     say(f"kjumpctl setup --target {STORAGE_TARGET}: {proc.stdout.strip()[-300:]}")
     if proc.returncode != 0:
         raise Missing(
@@ -1037,9 +1047,36 @@ def storage_target(kind: str) -> dict[str, str]:
     if kind == "btrfs":
         attrs = run_tool("lsattr", str(STORAGE_TARGET)).split()[0]
         fields["nocow"] = "yes" if "C" in attrs else "no"
+    if kind == "luks-target":
+        m = re.search(r"(enrolled key file|key file) (\S+) ", proc.stdout)
+        fields["luks_key"] = "enrolled" if m and m.group(1).startswith("enrolled") else "none"
+        slots = run_tool("cryptsetup", "luksDump", LUKS_PARTITION)
+        fields["keyslots"] = str(len(re.findall(r"^\s+\d+: luks2$", slots, re.M)))
     set_config_target(STORAGE_TARGET)
-    install_restore_entry(RESTORE_INITRD)
+    install_restore_entry(RESTORE_INITRD_CRYPTO if kind == "luks-target" else RESTORE_INITRD)
     return fields
+
+
+def write_mbr(disk: str, start: int) -> None:
+    """One Linux partition from sector ``start`` to the end of ``disk`` (the guest has no
+    fdisk), then the kernel re-reads the table (BLKRRPART)."""
+    import fcntl
+    import struct
+
+    sectors = int(Path(f"/sys/block/{os.path.basename(disk)}/size").read_text())
+    entry = struct.pack(
+        "<B3sB3sII", 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", start, sectors - start
+    )
+    mbr = bytearray(512)
+    mbr[446 : 446 + 16] = entry
+    mbr[510:512] = b"\x55\xaa"
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(mbr), 0)
+        os.fsync(fd)
+        fcntl.ioctl(fd, 0x125F)  # BLKRRPART
+    finally:
+        os.close(fd)
 
 
 def scenario_storage_setup() -> int:
@@ -1083,17 +1120,24 @@ def scenario_storage_setup() -> int:
         elif kind == "btrfs":
             fsdev = STORAGE_DISK
             run_tool("mkfs.btrfs", "-q", "-f", fsdev)
-        elif kind == "luks":
-            # Ubuntu's encrypted layout: LVM inside LUKS2 (a fast PBKDF for the test)
-            key = Path("/run/kjumpvm-luks.key")
-            key.write_bytes(os.urandom(64))
+        elif kind in ("luks", "luks-target"):
+            # Ubuntu's encrypted layout: LVM inside LUKS2 (a fast PBKDF for the test).
+            # luks-target: on a partition from 1 MiB, unlocked by a passphrase (the host
+            # types it at R's prompt), with the image target inside
+            if kind == "luks-target":
+                write_mbr(STORAGE_DISK, LUKS_START_SECTOR)
+                luks_dev, key = LUKS_PARTITION, LUKS_PASSFILE
+                key.write_bytes(LUKS_PASSPHRASE.encode())
+            else:
+                luks_dev, key = STORAGE_DISK, Path("/run/kjumpvm-luks.key")
+                key.write_bytes(os.urandom(64))
             key.chmod(0o600)
             run_tool(
                 "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
                 "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                "--key-file", str(key), STORAGE_DISK,
+                "--key-file", str(key), luks_dev,
             )  # fmt: skip
-            run_tool("cryptsetup", "open", "--key-file", str(key), STORAGE_DISK, "kjcrypt")
+            run_tool("cryptsetup", "open", "--key-file", str(key), luks_dev, "kjcrypt")
             # as on a distribution kernel: the table names the key in the kernel keyring,
             # which nobody can read back (R checks the filesystem without it)
             table = run_tool("dmsetup", "table", "--showkeys", "kjcrypt").split()
@@ -1104,20 +1148,22 @@ def scenario_storage_setup() -> int:
             run_tool("lvm", "vgcreate", *cfg, "kjvg", pv)
             run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "256M", "-n", "data", "kjvg")
             run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "64M", "-n", "pad", "kjvg")
-            run_tool("lvm", "lvextend", *cfg, "-L", "+512M", "kjvg/data")
+            # luks-target: room for the 1 GiB target
+            more = "+1280M" if kind == "luks-target" else "+512M"
+            run_tool("lvm", "lvextend", *cfg, "-L", more, "kjvg/data")
             fsdev = "/dev/mapper/kjvg-data"
             run_tool("mkfs.ext4", "-q", "-F", fsdev)
             # where the LV's first byte lies on the disk (LUKS2's data offset, then LVM's
             # first extent): the host changes the encrypted superblock there (scenario
             # luks-stale)
-            dump = run_tool("cryptsetup", "luksDump", STORAGE_DISK)
+            dump = run_tool("cryptsetup", "luksDump", luks_dev)
             m = re.search(r"offset:\s+(\d+) \[bytes\]", dump)
             pe = run_tool("lvm", "pvs", *cfg, "--noheadings", "--units", "b", "-o", "pe_start", pv)
             fields["lv_disk_offset"] = str(
                 int(m.group(1)) + int(pe.strip().rstrip("B")) if m else ""
             )
         else:
-            raise Missing(f"kjumpvm.storage={kind!r}: lvm, btrfs or luks")
+            raise Missing(f"kjumpvm.storage={kind!r}: lvm, btrfs, luks or luks-target")
         STORAGE_MOUNT.mkdir(parents=True, exist_ok=True)
         run_tool("mount", fsdev, str(STORAGE_MOUNT))
         notes = STORAGE_MOUNT / "notes.txt"
@@ -1132,6 +1178,10 @@ def scenario_storage_setup() -> int:
         fields["r_checks"] = (
             "ciphertext" if "ciphertext" in how else "map" if "through its map" in how else how
         ).replace(" ", "_")
+        enc = str(plan.get("image_encryption", ""))
+        fields["image_encrypted_by"] = (
+            "luks" if "LUKS volume" in enc else "image-key" if "AES-256-GCM" in enc else "none"
+        )
         for item in ("filesystems",) if kind == "luks" else ("target", "filesystems"):
             line = check_item(item)
             say(f"check {item}: {line}")
@@ -1193,7 +1243,7 @@ def unmount_and_check(kind: str) -> tuple[list[str], dict[str, str]]:
     if not same:
         problems.append("the file written on the storage stack before is not intact")
     run_tool("umount", str(STORAGE_MOUNT))
-    if kind in ("lvm", "luks"):
+    if kind in ("lvm", "luks", "luks-target"):
         proc = subprocess.run(
             ["e2fsck", "-fn", "/dev/mapper/kjvg-data"], capture_output=True, text=True
         )

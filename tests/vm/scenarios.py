@@ -593,6 +593,7 @@ FSCK_AFTER = frozenset(
         "btrfs",
         "luks",
         "luks-stale",
+        "luks-target",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -730,6 +731,41 @@ def _encrypted_flow(r: Runner, timeout: float) -> None:
     r.boot_restore_first(timeout, wait=False)
     for answer in ("not-the-passphrase", PASSPHRASE):
         r.vm.wait_for(PASSPHRASE_PROMPT, timeout, fail=STUCK_RE)
+        r.vm.send(answer + "\n")
+    r.wait_exit(timeout)
+
+
+#: the LUKS passphrase of scenario luks-target (guest_scenarios.LUKS_PASSPHRASE)
+LUKS_PASSPHRASE = "kjumpvm-luks-passphrase"
+LUKS_PROMPT = (
+    r"kjumpd: passphrase for disk (/dev/\S+) \(LUKS [0-9a-f-]+\) to restore the hibernated "
+    r"system \(try (\d) of 3"
+)
+
+
+def _luks_target_flow(r: Runner, timeout: float, run_dir: Path) -> None:
+    """Scenario luks-target: A hibernates (mode shutdown) to a target inside LUKS2. While the
+    machine is off the host looks for the workload's bytes on both disks (the image is
+    inside the volume: none may be there in plaintext); then it powers on through R and
+    types at R's prompt for the volume's passphrase a wrong one, then the right one."""
+    from tests.vm import workload
+
+    r.wait_exit(timeout)
+    if r.has_verdict():
+        return  # it never powered off with an image: the guest's verdict says why
+    page = next(workload.expected_chunks(workload.DEFAULT_SEED, workload.DEFAULT_SIZE))
+    needles = [page[4096:8192], page[300000:304096]]
+    found = _disk_holds(r.overlay, run_dir, needles) + _disk_holds(
+        run_dir / "storage.qcow2", run_dir, needles
+    )
+    r.outcome.events.append(
+        Event(time.monotonic() - r.t0, "host-scanned-disk", {"plaintext": str(found)}, r.vm.run)
+    )
+    if found:
+        r.outcome.problems.append(f"the workload's memory is on a disk in plaintext ({found})")
+    r.boot_restore_first(timeout, wait=False)
+    for answer in ("not-the-passphrase", LUKS_PASSPHRASE):
+        r.vm.wait_for(LUKS_PROMPT, timeout, fail=STUCK_RE)
         r.vm.send(answer + "\n")
     r.wait_exit(timeout)
 
@@ -878,7 +914,7 @@ def _swap_disk(run_dir: Path) -> Path:
 
 
 #: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
-STORAGE_DISKS = frozenset({"lvm", "btrfs", "luks", "luks-stale"})
+STORAGE_DISKS = frozenset({"lvm", "btrfs", "luks", "luks-stale", "luks-target"})
 
 
 def run(
@@ -928,6 +964,7 @@ def run(
         "btrfs": ("storage", "power-cycle"),
         "luks": ("storage", "power-cycle"),
         "luks-stale": ("storage", "luks-stale"),
+        "luks-target": ("storage", "luks-target"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -943,6 +980,7 @@ def run(
         "btrfs": "kjumpvm.storage=btrfs",
         "luks": "kjumpvm.storage=luks",
         "luks-stale": "kjumpvm.storage=luks kjumpvm.tamper=1",
+        "luks-target": "kjumpvm.storage=luks-target",
     }.get(name, "")
     extra = f"{extra} {append}".strip()
     if name not in flows:
@@ -1031,6 +1069,8 @@ def run(
             _encrypted_flow(r, timeout)
         elif flow == "luks-stale":
             _luks_stale_flow(r, timeout, run_dir)
+        elif flow == "luks-target":
+            _luks_target_flow(r, timeout, run_dir)
         else:
             _fault_flow(r, name, flow, timeout, run_dir, sectors)
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:

@@ -1,0 +1,131 @@
+"""R and a target inside a LUKS volume (kjumpd/restore/unlock.py open_volume), against a fake
+system tree holding a real LUKS2 volume (cryptsetup luksFormat on a file) and a real image.
+The passphrase comes from a scripted console; cryptsetup is the real one. The mapping the
+kernel would build is the one stand-in: device-mapper is not on this machine, so
+``open_mapping`` records the key it was given and "maps" the volume to the plaintext target.
+
+What a user of an encrypted laptop expects: R asks for the disk's passphrase; the right one
+restores, with the volume key handed to B in RAM only; a wrong one three times, or none,
+boots the normal system with the image kept (its initramfs asks again)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kjumpd.image.format import ImageState
+from kjumpd.linux import luks
+from kjumpd.restore import unlock
+from tests.prereq import need
+from tests.sysroot.test_restore_encrypted_sysroot import Console
+from tests.sysroot.test_restore_init_sysroot import MIB, World
+
+PASS = "correct horse battery"
+
+
+class LuksWorld(World):
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        need(shutil.which("cryptsetup") is not None, "cryptsetup is not installed")
+        super().__init__(tmp, monkeypatch)
+        disk = self.root / "dev/vdc"
+        with open(disk, "wb") as f:
+            f.truncate(24 * MIB)
+        pw = tmp / "pw"
+        pw.write_bytes(PASS.encode())
+        subprocess.run(
+            ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
+             "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+             "--key-file", str(pw), str(disk)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        (self.root / "sys/block/vdc").mkdir(parents=True)
+        (self.root / "sys/block/vdc/size").write_text(str(24 * MIB // 512) + "\n")
+        (self.root / "sys/block/vdc/dev").write_text("252:32\n")
+        version, uuid = luks.header_uuid(disk.read_bytes()[:4096]) or (0, "")
+        assert version == 2
+        self.volume = luks.Volume(uuid, 0, "aes-xts-plain64", 64, 0, 32768, 8192)
+        self.cfg = replace(self.cfg, target_volume=self.volume)
+        self.write_config()
+        dump = subprocess.run(
+            ["cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode", "--key-file",
+             str(pw), str(disk)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        self.volume_key = luks.parse_key_dump(dump.stdout)
+        self.mapped: list[bytes] = []
+
+        def open_mapping(sysroot, vol, key, name=luks.MAPPING):
+            assert vol == self.volume
+            self.mapped.append(key)
+            return "/dev/vda"
+
+        monkeypatch.setattr(luks, "open_mapping", open_mapping)
+
+    def run_with(self, console: Console) -> str:
+        from kjumpd.restore.init import restore_first
+
+        return restore_first(self.sysroot, ask=console)
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LuksWorld:
+    return LuksWorld(tmp_path, monkeypatch)
+
+
+def test_the_disks_passphrase_unlocks_the_volume_and_b_gets_its_key_in_ram(world) -> None:
+    world.save()
+    console = Console(PASS)
+    assert world.run_with(console) == "restore"
+    assert len(console.prompts) == 1
+    assert re.search(r"passphrase for disk /dev/vdc \(LUKS [0-9a-f-]{36}\)", console.prompts[0])
+    assert world.mapped == [world.volume_key]
+    assert world.header().state == ImageState.RESTORING
+    load = world.kexec_calls()[0]
+    m = re.search(r"--initrd=(\S+)", load)
+    assert m and m.group(1) == f"{world.root}{unlock.B_INITRD}"
+    blob = Path(m.group(1)).read_bytes()
+    base = (world.root / "kjump/save/initramfs.cpio.gz").read_bytes()
+    handed = blob[len(base) :]
+    assert b"kjump/restore-volume.json" in handed
+    at = handed.index(b'{"')
+    record = json.loads(handed[at : handed.index(b"}", at) + 1])
+    assert luks.keyed_from_dict(record) == (world.volume, world.volume_key)
+    assert world.volume_key not in world.target.read_bytes()
+
+
+def test_a_wrong_passphrase_is_asked_again(world) -> None:
+    world.save()
+    console = Console("wrong", PASS)
+    assert world.run_with(console) == "restore"
+    assert "try 2 of 3" in console.prompts[1]
+
+
+def test_three_wrong_passphrases_boot_normally_and_keep_the_image(world) -> None:
+    world.save()
+    before = world.target.read_bytes()
+    assert world.run_with(Console("a", "b", "c", PASS)) == "kept:passphrase"
+    assert world.mapped == [] and world.target.read_bytes() == before
+    assert world.header().state == ImageState.SAVED
+    calls = world.kexec_calls()
+    assert "kjump.rf=kept:passphrase" in calls[0] and "kjump/normal/vmlinuz" in calls[0]
+
+
+def test_no_passphrase_boots_normally_and_keeps_the_image(world) -> None:
+    world.save()
+    assert world.run_with(Console("")) == "kept:skipped"
+    assert world.header().state == ImageState.SAVED
+
+
+def test_a_volume_on_none_of_the_disks_boots_normally(world) -> None:
+    world.save()
+    (world.root / "dev/vdc").unlink()
+    console = Console(PASS)
+    assert world.run_with(console) == "kept:no-volume"
+    assert console.prompts == []  # nothing to ask for
+    assert "kjump.rf=kept:no-volume" in world.kexec_calls()[0]

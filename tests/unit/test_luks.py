@@ -1,0 +1,183 @@
+"""A target inside LUKS: the volume record, its dm-crypt table, the LUKS header fields read,
+cryptsetup's key dump, the device-mapper ioctl buffer (pure)."""
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kjumpd.errors import VolumeError
+from kjumpd.linux import devmapper, luks
+
+UUID = "3f2a0c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b"
+
+
+def _vol(**kw):
+    d = dict(
+        uuid=UUID,
+        header_offset=1 << 20,
+        cipher="aes-xts-plain64",
+        key_size=64,
+        iv_offset=0,
+        data_offset=32768,
+        sectors=4161536,
+        options=("sector_size:4096",),
+    )
+    d.update(kw)
+    return luks.Volume(**d)
+
+
+def test_the_save_kernel_maps_the_volume_where_its_data_is_on_the_disk():
+    """The table B loads: the volume's cipher and key, its data starting after the header
+    (header's place on the disk + LUKS's data offset), its options as dm-crypt counts them."""
+    key = bytes(range(64))
+    t = _vol().table(key, (252, 16))
+    assert (t.start, t.length, t.target_type) == (0, 4161536, "crypt")
+    assert t.params == (f"aes-xts-plain64 {key.hex()} 0 252:16 {2048 + 32768} 1 sector_size:4096")
+    assert _vol(options=()).table(key, (8, 0)).params.endswith("8:0 34816")
+
+
+def test_a_key_that_does_not_fit_the_volume_is_refused():
+    with pytest.raises(VolumeError, match="32 bytes") as ei:
+        _vol().table(bytes(32), (8, 0))
+    assert ei.value.fix
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("uuid", "not-a-uuid"),
+        ("header_offset", 1000),  # not a sector boundary
+        ("key_size", 8),
+        ("sectors", 0),
+        ("cipher", "aes xts"),  # a space would smuggle table words
+        ("options", ("sector_size:4096 allow_discards",)),
+        ("options", ("x" * 40,)),
+        ("iv_offset", -1),
+        ("data_offset", True),
+    ],
+)
+def test_a_damaged_volume_record_is_refused(field, value):
+    with pytest.raises(VolumeError):
+        _vol(**{field: value})
+
+
+volumes = st.builds(
+    luks.Volume,
+    uuid=st.uuids().map(str),
+    header_offset=st.integers(0, 1 << 40).map(lambda x: x * 512),
+    cipher=st.sampled_from(["aes-xts-plain64", "aes-cbc-essiv:sha256", "capi:xts(aes)-plain64"]),
+    key_size=st.sampled_from([32, 64]),
+    iv_offset=st.integers(0, 1 << 40),
+    data_offset=st.integers(0, 1 << 30),
+    sectors=st.integers(1, 1 << 40),
+    options=st.lists(
+        st.sampled_from(["sector_size:4096", "iv_large_sectors", "allow_discards"]), max_size=3
+    ).map(tuple),
+)
+
+
+@given(volumes, st.data())
+def test_the_volume_with_its_key_round_trips(vol, data):
+    key = data.draw(st.binary(min_size=vol.key_size, max_size=vol.key_size))
+    assert luks.Volume.from_dict(vol.to_dict()) == vol
+    assert luks.keyed_from_dict(luks.keyed_to_dict(vol, key)) == (vol, key)
+
+
+@given(volumes, st.sampled_from(["uuid", "cipher", "key", "sectors", "options"]), st.data())
+def test_a_changed_or_missing_field_is_refused_or_still_valid(vol, name, data):
+    d = luks.keyed_to_dict(vol, bytes(vol.key_size))
+    if data.draw(st.booleans()):
+        del d[name]
+        with pytest.raises(VolumeError):
+            luks.keyed_from_dict(d)
+    else:
+        d[name] = data.draw(st.one_of(st.none(), st.integers(), st.text(max_size=8)))
+        try:
+            got, key = luks.keyed_from_dict(d)
+        except VolumeError:
+            return
+        # what parses is a volume whose table is still one well-formed line
+        assert "\n" not in got.table(key, (8, 0)).params
+
+
+def test_the_luks_header_gives_version_and_uuid():
+    head = bytearray(4096)
+    head[:6] = luks.MAGIC
+    head[6:8] = (2).to_bytes(2, "big")
+    head[168 : 168 + 36] = UUID.upper().encode()
+    assert luks.header_uuid(bytes(head)) == (2, UUID)
+    assert luks.header_uuid(b"SKUL\xba\xbe" + bytes(4090)) is None
+    assert luks.header_uuid(luks.MAGIC) is None
+
+
+DUMP = (
+    "LUKS header information for /dev/vdb1\n"
+    "Cipher name:   \taes\n"
+    "Cipher mode:   \txts-plain64\n"
+    "Payload offset:\t32768\n"
+    "UUID:          \t3f2a0c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b\n"
+    "MK bits:       \t256\n"
+    "MK dump:\t42 0f b6 7c 49 4e 66 8e b5 71 33 f3 3b 19 d8 b5 \n"
+    "\t\t8b 62 15 c2 1d b3 bd a4 ee e5 18 65 b4 77 0d b5 \n"
+)
+
+
+def test_the_volume_key_is_read_from_cryptsetups_dump():
+    key = luks.parse_key_dump(DUMP)
+    assert key[:4] == bytes.fromhex("420fb67c") and len(key) == 32
+
+
+@pytest.mark.parametrize(
+    "text", [DUMP.replace("MK bits:       \t256", "MK bits:       \t512"), "nothing", ""]
+)
+def test_a_key_dump_that_does_not_add_up_is_refused(text):
+    with pytest.raises(VolumeError):
+        luks.parse_key_dump(text)
+
+
+def test_a_wrong_passphrase_is_told_from_other_failures():
+    """cryptsetup exits 2 when no keyslot opens: R asks again; anything else ends the
+    asking (the reason is shown)."""
+
+    class Done:
+        def __init__(self, rc, err=b""):
+            self.returncode, self.stdout, self.stderr = rc, b"", err
+
+    with pytest.raises(VolumeError) as ei:
+        luks.volume_key("/dev/vdb1", passphrase=b"x", run=lambda *a, **k: Done(2, b"No key"))
+    assert ei.value.context["wrong"] is True
+    with pytest.raises(VolumeError) as ei:
+        luks.volume_key("/dev/vdb1", passphrase=b"x", run=lambda *a, **k: Done(4, b"no device"))
+    assert ei.value.context["wrong"] is False and "no device" in ei.value.why
+
+
+def test_the_ioctl_buffer_carries_the_table_after_the_header():
+    """dm-ioctl.h's layout: a 312-byte struct dm_ioctl, then 8-aligned target specs, each
+    with its NUL-terminated parameters; data_size covers it all."""
+    buf = devmapper.pack(
+        "kjumpd-target",
+        devmapper.DM_SECURE_DATA_FLAG,
+        [devmapper.TableLine(0, 2048, "crypt", "abc")],
+    )
+    v0, v1, v2, size, start, count, _open, flags = struct.unpack_from("=3I I I I i I", buf)
+    assert (v0, size, start, count) == (4, len(buf), 312, 1)
+    assert flags & devmapper.DM_SECURE_DATA_FLAG
+    assert buf[48:61] == b"kjumpd-target" and buf[61] == 0
+    sector, length, _status, nxt, kind = devmapper.SPEC.unpack_from(buf, 312)
+    assert (sector, length, kind.rstrip(b"\0")) == (0, 2048, b"crypt")
+    assert nxt % 8 == 0 and 312 + nxt == len(buf)
+    assert buf[352:356] == b"abc\0"
+
+
+def test_the_device_number_is_decoded_as_the_kernel_encodes_it():
+    buf = bytearray(devmapper.HEADER.size)
+    struct.pack_into("=Q", buf, 40, (253 << 8) | 3 | (0x1 << 20))  # minor 259
+    assert devmapper.unpack_dev(bytes(buf)) == (253, 259)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "x" * 128])
+def test_a_bad_mapping_name_is_refused(name):
+    with pytest.raises(VolumeError):
+        devmapper.pack(name)
