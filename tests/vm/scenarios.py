@@ -52,9 +52,9 @@ A_APPEND_OF = {
     "encrypted": A_APPEND.replace("crashkernel=128M", "crashkernel=160M"),
 }
 #: a CPU model offering AES-NI (OpenSSL's AES-NI code also uses SSSE3), for the encrypted
-#: scenario: what an encrypting laptop has
+#: scenarios: what an encrypting laptop has (dm-crypt then uses the kernel's aesni code)
 AES_CPU = "qemu64,+pdpe1gb,+ssse3,+sse4.1,+sse4.2,+aes,+pclmulqdq"
-CPU_OF = {"encrypted": AES_CPU}
+CPU_OF = {"encrypted": AES_CPU, "luks-target": AES_CPU}
 #: the image key's passphrase in the encrypted scenario (typed by the host at R's prompt)
 PASSPHRASE = "kjumpvm-image-key-passphrase"
 PASSPHRASE_PROMPT = r"kjumpd: passphrase for the hibernation image \(key \w+, try (\d) of 3"
