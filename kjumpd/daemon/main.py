@@ -230,6 +230,33 @@ def clear_stale_oneshot(sysroot: Any, image_state: str) -> bool:
     return removed
 
 
+def clear_stale_volume_mark(sysroot: Any, cfg: Any, image_state: str) -> bool:
+    """At start-up: remove kjumpd's token from the LUKS volume holding the target when the
+    image is not restorable (R would ask for a passphrase for nothing). Never raises."""
+    if image_state.startswith("unknown") or not oneshot_is_stale(image_state):
+        return False
+    from kjumpd.daemon import blockmap, volumekey
+
+    try:
+        target = blockmap.translate(sysroot, cfg.target)
+        if target.volume is None:
+            return False
+        removed = volumekey.unmark_image(sysroot, target)
+    except (KjumpError, OSError) as e:
+        log.warning(
+            "cannot clear kjumpd's token from the target's LUKS volume: %s",
+            e.message if isinstance(e, KjumpError) else e,
+        )
+        return False
+    if removed:
+        log.info(
+            "image is %s: removed kjumpd's token from LUKS volume %s",
+            image_state,
+            target.volume.uuid,
+        )
+    return removed
+
+
 def _startup_image_state(sysroot: Any, cfg: Any) -> str:
     try:
         return read_image_state(sysroot, cfg)
@@ -258,7 +285,9 @@ class Daemon:
             quiesce.recover(self.sysroot)
         except KjumpError as e:
             log.error("%s", e.message)
-        clear_stale_oneshot(self.sysroot, _startup_image_state(self.sysroot, self.config))
+        state = _startup_image_state(self.sysroot, self.config)
+        clear_stale_oneshot(self.sysroot, state)
+        clear_stale_volume_mark(self.sysroot, self.config, state)
         # hash the save kernel's files now, not in the first hibernation's preflight (which
         # then only compares their stat)
         from kjumpd.daemon import preflight

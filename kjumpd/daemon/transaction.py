@@ -480,6 +480,16 @@ class Hibernation:
     def _disarm_oneshot(self, ctx: _Context) -> Any:
         return bootentry.clear_oneshot(self.sysroot)
 
+    def _mark_volume(self, ctx: _Context) -> bool:
+        if ctx.target.volume is None:
+            return False
+        return volumekey.mark_image(self.sysroot, ctx.target, ctx.uuid)
+
+    def _unmark_volume(self, ctx: _Context) -> Any:
+        if ctx.target.volume is None:
+            return False
+        return volumekey.unmark_image(self.sysroot, ctx.target)
+
     # Stop user space first, at a clean point, then the filesystems: a task that writes to
     # a frozen filesystem sleeps where no freezer can stop it, and the kernel's freezer at
     # the jump would give up. Logs are held from here on (journald is stopped too), and no
@@ -758,6 +768,7 @@ STEPS: tuple[Step, ...] = (
     Step("shrink", 10, "shrink", H._shrink, then_cancel=True),
     Step("quiesce", 20, "quiesce", H._quiesce, H._unquiesce, undo_first=True, then_cancel=True),
     Step("boot entry", 25, "boot one-shot", H._arm_oneshot, H._disarm_oneshot),
+    Step("boot entry", 25, "LUKS token", H._mark_volume, H._unmark_volume),
     Step("freeze tasks", 28, "logs", H._hold_logs, H._release_logs),
     Step("freeze tasks", 28, "bytecode", H._no_bytecode, H._bytecode),
     Step("freeze tasks", 28, "freeze guard", H._start_guard, H._stop_guard),

@@ -135,3 +135,44 @@ def enroll(
         )
     derive(sysroot, target, run)
     return f"enrolled key file {path} in a new keyslot of LUKS volume {vol.uuid}"
+
+
+def mark_image(sysroot: Sysroot, target: Any, uuid: str, run: Any = subprocess.run) -> bool:
+    """Put kjumpd's token in the volume's LUKS2 header: R asks for the passphrase only while
+    it is there. Before anything is frozen (it writes the header); undone by
+    ``unmark_image``. False for a LUKS1 volume, which has no tokens (R then always asks)."""
+    import json
+
+    node = str(sysroot.path(target.volume_node))
+    if luks.read_header_json(node) is None:
+        return False
+    unmark_image(sysroot, target, run)
+    token = json.dumps({"type": luks.TOKEN_TYPE, "keyslots": [], "target": uuid})
+    _cryptsetup(run, ["token", "import", "--json-file", "-", node], token.encode(), "mark")
+    return True
+
+
+def unmark_image(sysroot: Sysroot, target: Any, run: Any = subprocess.run) -> bool:
+    """Remove kjumpd's tokens from the volume's header; True when there was one."""
+    node = str(sysroot.path(target.volume_node))
+    meta = luks.read_header_json(node)
+    ids = luks.tokens_of(meta) if meta is not None else []
+    for i in ids:
+        _cryptsetup(run, ["token", "remove", "--token-id", str(i), node], b"", "unmark")
+    return bool(ids)
+
+
+def _cryptsetup(run: Any, args: list[str], stdin: bytes, what: str) -> None:
+    try:
+        proc = run(["cryptsetup", *args], input=stdin, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise VolumeError(
+            f"cannot {what} the LUKS volume for the restore", why=str(e), fix="install cryptsetup"
+        ) from None
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise VolumeError(
+            f"cannot {what} the LUKS volume's header for the restore",
+            why=err[-1] if err else f"cryptsetup exited {proc.returncode}",
+            fix="check the volume with `cryptsetup luksDump`",
+        )

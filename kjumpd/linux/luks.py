@@ -14,6 +14,14 @@ LUKS binary header (both versions, big-endian), the fields read here::
     6    u16    version (1 or 2)
     168  char   uuid[40], NUL-padded
 
+LUKS2 keeps a JSON area after its binary header (``hdr_size`` at byte 8, u64: the header
+and JSON together; a second copy follows at that offset). Its ``tokens`` object holds
+kjumpd's hint: a token of type ``kjumpd-image`` ({"type": "kjumpd-image", "keyslots": [],
+"target": "<target UUID>"}) is there from just before a hibernation until the image is
+consumed or found unrestorable. R asks for the volume's passphrase only when it is there
+(or when the JSON cannot be read): a restore-first entry booted at every boot does not ask
+twice at a boot with no image.
+
 ``Volume`` as a dict (job key ``volume``, boot.json ``target.volume``), version 1::
 
     {"uuid": "<LUKS UUID>", "header_offset": <bytes on the whole disk, 512-aligned>,
@@ -115,6 +123,70 @@ class Volume:
         opts = f" {len(self.options)} {' '.join(self.options)}" if self.options else ""
         params = f"{self.cipher} {key.hex()} {self.iv_offset} {disk[0]}:{disk[1]} {start}{opts}"
         return devmapper.TableLine(0, self.sectors, "crypt", params)
+
+
+TOKEN_TYPE = "kjumpd-image"
+#: bounds on the JSON area read (LUKS2 allows 12 KiB to 4 MiB of header)
+_HDR_MIN, _HDR_MAX = 16384, 4 << 20
+
+
+def header_json(read: Callable[[int, int], bytes]) -> dict[str, Any] | None:
+    """The LUKS2 JSON metadata through ``read(offset, size)`` on the volume's device: the
+    primary copy, else the secondary (where the primary says, else at the offsets LUKS2
+    allows for it); None when none reads."""
+    import json
+
+    first = read(0, 4096)
+    offsets = [0]
+    if len(first) >= 16 and _HDR_MIN <= int.from_bytes(first[8:16], "big") <= _HDR_MAX:
+        offsets.append(int.from_bytes(first[8:16], "big"))
+    offsets += [_HDR_MIN << k for k in range(9) if _HDR_MIN << k not in offsets]
+    for at in offsets:
+        head = first if at == 0 else read(at, 4096)
+        if len(head) < 4096 or head[:6] not in (MAGIC, b"SKUL\xba\xbe"):
+            continue
+        size = int.from_bytes(head[8:16], "big")
+        if int.from_bytes(head[6:8], "big") != 2 or not _HDR_MIN <= size <= _HDR_MAX:
+            continue
+        try:
+            meta = json.loads(read(at + 4096, size - 4096).split(b"\0", 1)[0])
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(meta, dict):
+            return meta
+    return None
+
+
+def read_header_json(path: str) -> dict[str, Any] | None:
+    """``header_json`` of the device or file at ``path``; None when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return header_json(lambda off, n: os.pread(fd, n, off))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def tokens_of(meta: dict[str, Any], kind: str = TOKEN_TYPE) -> list[int]:
+    """The ids of the tokens of ``kind`` in LUKS2 metadata."""
+    tokens = meta.get("tokens")
+    if not isinstance(tokens, dict):
+        return []
+    return sorted(
+        int(k)
+        for k, t in tokens.items()
+        if k.isdigit() and isinstance(t, dict) and t.get("type") == kind
+    )
+
+
+def image_marked(meta: dict[str, Any] | None) -> bool:
+    """Whether R should ask for the passphrase: kjumpd's token is there, or the metadata
+    could not be read (asking costs a prompt; not asking could lose the session)."""
+    return meta is None or bool(tokens_of(meta))
 
 
 def keyed_to_dict(vol: Volume, key: bytes) -> dict[str, Any]:

@@ -365,6 +365,10 @@ def restore_first(
         from kjumpd.restore import unlock
 
         unlocked = unlock.open_volume(sysroot, cfg.target_volume, ask or unlock.ask_console, say)
+        if isinstance(unlocked, unlock.Unmarked):
+            say(unlocked.why)
+            boot_normal(cfg, "", run, kexec, sysroot)
+            return "normal"
         if isinstance(unlocked, unlock.Kept):
             say(f"the target's LUKS volume is not opened: {unlocked.why}")
             boot_normal(cfg, f"kept:{unlocked.note}", run, kexec, sysroot)

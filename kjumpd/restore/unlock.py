@@ -54,6 +54,13 @@ class Kept:
 
 
 @dataclass(frozen=True)
+class Unmarked:
+    """The volume's header says no image waits in it: boot normally without asking."""
+
+    why: str
+
+
+@dataclass(frozen=True)
 class Refused:
     reason: str  # the header's INVALID(reason)
 
@@ -113,9 +120,12 @@ def open_image(
     return Opened(key)
 
 
-def open_volume(sysroot: Sysroot, vol: Any, ask: Ask, say: Callable[[str], None]) -> Opened | Kept:
+def open_volume(
+    sysroot: Sysroot, vol: Any, ask: Ask, say: Callable[[str], None]
+) -> Opened | Kept | Unmarked:
     """Unlock the LUKS volume ``vol`` (kjumpd.linux.luks.Volume) with a passphrase typed on
-    the console and build its mapping, in which R then looks for the target."""
+    the console and build its mapping, in which R then looks for the target. Nothing is
+    asked when the volume's LUKS2 header carries no kjumpd token (no image waits)."""
     from kjumpd.errors import VolumeError
     from kjumpd.linux import luks
 
@@ -123,6 +133,8 @@ def open_volume(sysroot: Sysroot, vol: Any, ask: Ask, say: Callable[[str], None]
         node = luks.node_of(sysroot, luks.find_disk(sysroot, vol), vol.header_offset)
     except VolumeError as e:
         return Kept("no-volume", e.message)
+    if not luks.image_marked(luks.read_header_json(str(sysroot.path(node)))):
+        return Unmarked(f"LUKS volume {vol.uuid} holds no hibernation image (no kjumpd token)")
     for attempt in range(1, TRIES + 1):
         typed = ask(
             f"kjumpd: passphrase for disk {node} (LUKS {vol.uuid}) to restore the "

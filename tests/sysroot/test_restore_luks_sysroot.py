@@ -29,6 +29,14 @@ from tests.sysroot.test_restore_init_sysroot import MIB, World
 PASS = "correct horse battery"
 
 
+def mark(disk: Path, uuid: str) -> None:
+    token = json.dumps({"type": luks.TOKEN_TYPE, "keyslots": [], "target": uuid})
+    subprocess.run(
+        ["cryptsetup", "token", "import", "--json-file", "-", str(disk)],
+        input=token.encode(), check=True, capture_output=True,
+    )  # fmt: skip
+
+
 class LuksWorld(World):
     def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         need(shutil.which("cryptsetup") is not None, "cryptsetup is not installed")
@@ -66,6 +74,11 @@ class LuksWorld(World):
             return "/dev/vda"
 
         monkeypatch.setattr(luks, "open_mapping", open_mapping)
+
+    def save(self, *a, **kw) -> None:
+        """What A does: the image, and kjumpd's token in the volume's header first."""
+        mark(self.root / "dev/vdc", self.sb.uuid_str)
+        super().save(*a, **kw)
 
     def run_with(self, console: Console) -> str:
         from kjumpd.restore.init import restore_first
@@ -129,3 +142,29 @@ def test_a_volume_on_none_of_the_disks_boots_normally(world) -> None:
     assert world.run_with(console) == "kept:no-volume"
     assert console.prompts == []  # nothing to ask for
     assert "kjump.rf=kept:no-volume" in world.kexec_calls()[0]
+
+
+def test_a_volume_without_kjumpds_token_boots_normally_without_asking(world) -> None:
+    """The restore-first entry boots at every boot: with no hibernation marked in the
+    volume's header, R asks nothing (the normal initramfs asks for the passphrase once)."""
+    World.save(world)  # an image, but A's token never written (or since removed)
+    console = Console(PASS)
+    assert world.run_with(console) == "normal"
+    assert console.prompts == [] and world.mapped == []
+    assert world.header().state == ImageState.SAVED
+    assert world.kexec_calls()[0].endswith("--append=root=/dev/vda2 ro quiet")
+
+
+def test_the_token_is_found_in_the_secondary_header_when_the_primary_is_damaged(world) -> None:
+    mark(world.root / "dev/vdc", world.sb.uuid_str)
+    disk = world.root / "dev/vdc"
+    assert luks.image_marked(luks.read_header_json(str(disk)))
+    with open(disk, "r+b") as f:
+        f.seek(4096)
+        f.write(b"{ damaged" + bytes(100))
+    meta = luks.read_header_json(str(disk))
+    assert meta is not None and luks.tokens_of(meta) == [0]
+    with open(disk, "r+b") as f:
+        f.write(bytes(64 << 10))  # both copies gone: R asks rather than lose a session
+    assert luks.read_header_json(str(disk)) is None
+    assert luks.image_marked(None)

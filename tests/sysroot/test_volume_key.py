@@ -192,3 +192,44 @@ def test_no_key_file_for_a_raw_device_on_an_unencrypted_etc(tmp_path):
     with pytest.raises(VolumeError, match="no safe place") as ei:
         volumekey.key_file(Sysroot(root), target)
     assert "file on a filesystem inside the volume" in ei.value.fix
+
+
+def test_a_hibernation_marks_the_volume_and_its_end_unmarks_it(tmp_path):
+    """kjumpd's token in the LUKS2 header, what R looks for before asking: written before
+    the freeze, replaced (never doubled) by the next hibernation, removed by the undo."""
+    from kjumpd.daemon import volumekey
+
+    root = tmp_path / "root"
+    target, _key = _target(root, tmp_path)
+    sr = Sysroot(root)
+    node = str(root / "dev/vdc1")
+    assert not luks.image_marked(luks.read_header_json(node))
+    assert volumekey.mark_image(sr, target, "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e")
+    assert volumekey.mark_image(sr, target, "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e")
+    meta = luks.read_header_json(node)
+    assert len(luks.tokens_of(meta)) == 1 and luks.image_marked(meta)
+    token = meta["tokens"][str(luks.tokens_of(meta)[0])]
+    assert token["target"] == "0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e"
+    assert volumekey.unmark_image(sr, target)
+    assert not luks.image_marked(luks.read_header_json(node))
+    assert not volumekey.unmark_image(sr, target)
+    # the volume still opens with its passphrase: only the token changed
+    assert luks.volume_key(node, passphrase=PASS) == _key
+
+
+def test_a_luks1_volume_is_not_marked_and_r_always_asks(tmp_path):
+    from kjumpd.daemon import volumekey
+
+    need(shutil.which("cryptsetup") is not None, "cryptsetup is not installed")
+    root = tmp_path / "root"
+    target, _key = _target(root, tmp_path)
+    node = root / "dev/vdc1"
+    pw = tmp_path / "pass"
+    subprocess.run(
+        ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks1", "--pbkdf-force-iterations",
+         "1000", "--key-file", str(pw), str(node)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert luks.read_header_json(str(node)) is None
+    assert volumekey.mark_image(Sysroot(root), target, "x") is False
+    assert luks.image_marked(None)

@@ -181,3 +181,46 @@ def test_the_device_number_is_decoded_as_the_kernel_encodes_it():
 def test_a_bad_mapping_name_is_refused(name):
     with pytest.raises(VolumeError):
         devmapper.pack(name)
+
+
+def _luks2(meta: dict, size: int = 16384) -> bytearray:
+    """A LUKS2 header area as cryptsetup lays it out: two copies of binary header + JSON."""
+    import json
+
+    one = bytearray(size)
+    one[:6] = luks.MAGIC
+    one[6:8] = (2).to_bytes(2, "big")
+    one[8:16] = size.to_bytes(8, "big")
+    text = json.dumps(meta).encode()
+    one[4096 : 4096 + len(text)] = text
+    two = bytearray(one)
+    two[:6] = b"SKUL\xba\xbe"
+    return one + two
+
+
+def _reader(blob: bytes):
+    return lambda off, n: bytes(blob[off : off + n])
+
+
+def test_kjumpds_token_is_found_in_the_header_json():
+    meta = {
+        "keyslots": {},
+        "tokens": {"0": {"type": "systemd-tpm2"}, "3": {"type": luks.TOKEN_TYPE}},
+    }
+    got = luks.header_json(_reader(_luks2(meta)))
+    assert got == meta and luks.tokens_of(got) == [3] and luks.image_marked(got)
+    assert not luks.image_marked({"tokens": {"0": {"type": "systemd-tpm2"}}})
+
+
+@given(st.binary(min_size=1, max_size=64), st.integers(0, 2 * 16384 - 1))
+def test_a_damaged_header_is_read_from_its_copy_or_makes_r_ask(junk, at):
+    """Never an exception: a damaged primary falls back to the secondary; a header that
+    reads as nothing counts as marked (R asks rather than lose the session)."""
+    meta = {"tokens": {"0": {"type": luks.TOKEN_TYPE}}}
+    blob = _luks2(meta)
+    blob[at : at + len(junk)] = junk
+    got = luks.header_json(_reader(blob))
+    assert got is None or isinstance(got, dict)
+    if at >= 16384 + 4096 + 100 or at + len(junk) <= 8:  # only unused bytes changed
+        assert got == meta
+    assert luks.image_marked(got) or luks.tokens_of(got) == []

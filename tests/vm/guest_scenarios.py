@@ -1275,6 +1275,11 @@ def scenario_storage() -> int:
         problems, fields = [], {}
         if kind != "luks":
             problems, fields = compare_through_mapping(STORAGE_TARGET)
+        if kind == "luks-target":
+            # kjumpd's token (R asked for the passphrase because of it) is gone once the
+            # image is consumed: the next boots through R ask nothing
+            dump = run_tool("cryptsetup", "luksDump", LUKS_PARTITION)
+            fields["luks_token"] = "present" if "kjumpd-image" in dump else "removed"
         more, mfields = unmount_and_check(kind)
         return problems + more, {**fields, **mfields}
 

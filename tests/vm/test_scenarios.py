@@ -325,15 +325,21 @@ def test_q_the_image_target_inside_luks2_is_written_through_the_volume_and_resto
     plan says the image is encrypted by the volume. The hibernation hands the volume key
     to the save kernel in memory, which rebuilds the mapping over the disk and writes
     through it: with the machine off the host finds none of the workload's bytes on either
-    disk. R asks for the volume's passphrase (the host types a wrong one, then the right
-    one), unlocks, finds the target inside and restores; after the resume the file read
-    through the filesystem is what its block map says is in the volume, the filesystem's
-    file intact and fsck clean."""
+    disk. R, seeing kjumpd's token in the LUKS2 header, asks for the volume's passphrase
+    (the host types a wrong one, then the right one), unlocks, finds the target inside and
+    restores; after the resume the file read through the filesystem is what its block map
+    says is in the volume, the token is gone, the filesystem's file intact and fsck
+    clean."""
     out = _run("luks-target", vm_assets_built, run_dir)
     assert out.verdict.get("volume_key") == "keyring", out.summary()
     assert out.verdict.get("luks_key") == "enrolled", out.summary()
     assert out.verdict.get("keyslots") == "2", out.summary()
     assert out.verdict.get("image_encrypted_by") == "luks", out.summary()
+    assert _console_matches(
+        out,
+        r"\[ok  \] target: \S+ \(file, .* on /dev/dm-\d+ inside LUKS volume \S+ "
+        r"\(/dev/vdb1, key file /srv/kjump/luks-\S+\.key\)",
+    ), out.summary()
     scanned = out.event("host-scanned-disk")
     assert scanned is not None and scanned.fields.get("plaintext") == "0", out.summary()
     assert _console_matches(out, r"LUKS volume \S+ mapped at /dev/dm-\d+"), out.summary()
@@ -344,6 +350,7 @@ def test_q_the_image_target_inside_luks2_is_written_through_the_volume_and_resto
     assert out.verdict.get("data") == "byte-exact", out.summary()
     assert out.verdict.get("through_mapping") == "same", out.summary()
     assert out.verdict.get("mapped_disk", "").startswith("dm-"), out.summary()
+    assert out.verdict.get("luks_token") == "removed", out.summary()
     assert out.verdict.get("notes") == "intact", out.summary()
     assert out.verdict.get("fs_check") == "clean", out.summary()
     _writers_intact(out)
