@@ -32,6 +32,7 @@ twice at a boot with no image.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -304,10 +305,6 @@ def open_mapping(sysroot: Sysroot, vol: Volume, key: bytes, name: str = MAPPING)
     return f"/dev/{dm}"
 
 
-def close_mapping(sysroot: Sysroot, name: str = MAPPING) -> None:
-    devmapper.remove(name, str(sysroot.path(devmapper.CONTROL)))
-
-
 Run = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 
@@ -318,7 +315,11 @@ def parse_key_dump(text: str) -> bytes:
     at = text.find("MK dump:")
     if m is None or at < 0:
         raise VolumeError("cryptsetup printed no volume key", why="no 'MK bits:'/'MK dump:' lines")
-    key = bytes.fromhex("".join(re.findall(r"\b[0-9a-fA-F]{2}\b", text[at + 8 :])))
+    lines = text[at + len("MK dump:") :].split("\n")
+    # the dump's first line, then its continuation lines (indented)
+    more = itertools.takewhile(lambda ln: ln[:1] in ("\t", " ") and ln.strip(), lines[1:])
+    hexdump = " ".join([lines[0], *more])
+    key = bytes.fromhex("".join(re.findall(r"\b[0-9a-fA-F]{2}\b", hexdump)))
     if len(key) * 8 != int(m.group(1)):
         raise VolumeError(
             "cryptsetup's volume key dump does not parse",
