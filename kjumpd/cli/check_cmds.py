@@ -242,7 +242,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
             cmdline=f"kjump.target={uuid} kjump.offset={target.superblock_offset}"
             f" {QUICK_BOOT_PARAMS}",
             esp=args.esp,
-            target_volume=target.volume,
+            target=target,
         )
         print(f"installed the {rec.kind} entry ({rec.loader}): {', '.join(rec.files)}")
         did = True

@@ -338,6 +338,9 @@ R_SAVE_INITRD = "/kjump/save/initramfs.cpio.gz"
 #: the machine's image key (public key + passphrase-protected private key) in R's payload:
 #: R opens encrypted images with it (kjumpd.image.seal)
 R_IMAGE_KEY = "/etc/kjumpd/image-key.json"
+#: the key file this system's initramfs unlocks the target's LUKS volume with (crypttab,
+#: KEYFILE_PATTERN): R unlocks it the same way, without asking (restore.unlock)
+R_LUKS_KEY = "/etc/kjumpd/luks-volume.key"
 
 
 def newc(files: Mapping[str, bytes]) -> bytes:
@@ -559,12 +562,14 @@ def machine_boot_config(
     normal_initrd: str | None = None,
     cmdline: str | None = None,
     max_attempts: int = 3,
-    target_volume: Any = None,
+    target: Any = None,
 ) -> tuple[Any, dict[str, Path]]:
     """boot.json + payload for this machine: the save kernel and jump area from kjumpd's
     config and the reserved area, the boot loader's default kernel and its command line
     (``default_normal_kernel``, ``boot_loader_cmdline``: what ``check`` compares with).
-    ``target_volume``: the LUKS volume the target is inside (R unlocks it)."""
+    ``target`` (blockmap.Target): when it is inside a LUKS volume, R is told the volume,
+    and given the key file this system's initramfs unlocks it with, if any."""
+    target_volume = target.volume if target is not None else None
     from kjumpd.daemon import config as cfgmod
     from kjumpd.daemon import jumparea
 
@@ -591,6 +596,12 @@ def machine_boot_config(
     key = sysroot.path(cfg.image_key)
     if cfg.encryption != "off" and key.is_file():
         files[R_IMAGE_KEY] = key
+    if target_volume is not None:
+        from kjumpd.daemon import volumekey
+
+        found = volumekey.initramfs_key_file(sysroot, target)
+        if found is not None:
+            files[R_LUKS_KEY] = sysroot.path(found)
     return bcfg, files
 
 
@@ -808,7 +819,7 @@ def install(
     normal_kernel: str | None = None,
     normal_initrd: str | None = None,
     normal_cmdline: str | None = None,
-    target_volume: Any = None,
+    target: Any = None,
 ) -> BootEntry:
     """Install R (``kernel``, ``initrd``: host files) as a boot entry of ``kind``.
 
@@ -819,6 +830,7 @@ def install(
     kernel and the boot loader's command line). ``machine=False`` installs ``initrd`` as it is.
 
     ``cmdline`` is R's command line (it names the target: kjump.target= kjump.offset=).
+    ``target`` (blockmap.Target) tells the machine payload about a LUKS volume holding it.
     GRUB users must run update-grub afterwards (``check`` says so until grub.cfg has the
     entry).
     """
@@ -851,7 +863,7 @@ def install(
             normal_kernel=normal_kernel,
             normal_initrd=normal_initrd,
             cmdline=normal_cmdline,
-            target_volume=target_volume,
+            target=target,
         )
     try:
         r_initrd = Path(initrd).read_bytes()
@@ -862,11 +874,12 @@ def install(
             fix="build R's initramfs first (python -m bootloader.initramfs base)",
         ) from None
     # with the image key inside, R's initrd is root's alone: the key is passphrase-protected,
-    # but a copy anyone may read invites offline guessing
+    # but a copy anyone may read invites offline guessing; a LUKS key file, as in the
+    # normal initramfs, is root's alone too
     initrd_mode = 0o644
     if boot is not None:
         r_initrd += restore_payload(*boot)
-        if R_IMAGE_KEY in boot[1]:
+        if R_IMAGE_KEY in boot[1] or R_LUKS_KEY in boot[1]:
             initrd_mode = 0o600
     if kind == "grub" or kind == "bls":
         loader = kind

@@ -456,7 +456,7 @@ def plan_boot_entry(
         normal_kernel=normal_kernel,
         normal_initrd=normal_initrd,
         cmdline=bootentry.boot_loader_cmdline(sysroot),
-        target_volume=target.volume,
+        target=target,
     )
     step = BootEntryStep(
         "install",

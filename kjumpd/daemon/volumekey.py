@@ -176,3 +176,30 @@ def _cryptsetup(run: Any, args: list[str], stdin: bytes, what: str) -> None:
             why=err[-1] if err else f"cryptsetup exited {proc.returncode}",
             fix="check the volume with `cryptsetup luksDump`",
         )
+
+
+def initramfs_key_file(sysroot: Sysroot, target: Any) -> str | None:
+    """The key file that unlocks ``target``'s volume in this system's own initramfs
+    (crypttab names it and Debian's KEYFILE_PATTERN puts it there), for R to unlock the
+    volume the same way: without a passphrase. None when the volume is asked for."""
+    from kjumpd.linux import crypttab
+
+    vol = target.volume
+    if vol is None:
+        return None
+    pattern = crypttab.keyfile_pattern(sysroot.read_text(crypttab.CONF_HOOK, default=""))
+    node = os.path.realpath(sysroot.path(target.volume_node))
+    for entry in crypttab.parse(sysroot.read_text(crypttab.CRYPTTAB, default="")):
+        dev = entry.device
+        if dev.upper().startswith("UUID="):
+            same = dev[5:].strip("\"'").lower() == vol.uuid
+        elif dev.startswith("/"):
+            same = os.path.realpath(sysroot.path(dev)) == node
+        else:
+            same = False  # PARTUUID=, LABEL=: not the LUKS header's own name
+        if not same:
+            continue
+        path = crypttab.initramfs_key_file(entry, pattern)
+        if path is not None and sysroot.path(path).is_file():
+            return path
+    return None

@@ -10,9 +10,10 @@ What R does when it cannot open an image (every case boots the normal system):
   encrypted Ubuntu or Fedora boot keeps its disk closed until the right passphrase comes;
 - the seal, the header or the metadata was altered: the image is refused (INVALID).
 
-A LUKS volume is unlocked as an encrypted Ubuntu or Fedora boot would: its passphrase, up
-to ``TRIES`` times; empty, or wrong every time, boots the normal system with the image kept
-(the normal initramfs then asks for the passphrase itself).
+A LUKS volume is unlocked as an encrypted Ubuntu or Fedora boot would: with the key file
+the system's own initramfs holds for it (Debian's crypttab + KEYFILE_PATTERN), else its
+passphrase, up to ``TRIES`` times; empty, or wrong every time, boots the normal system with
+the image kept (the normal initramfs then asks for the passphrase itself).
 
 The keys go to B as ``kjump/restore-key`` (hex) and ``kjump/restore-volume.json`` in an
 archive appended to B's initramfs, in R's RAM: they never reach a disk.
@@ -31,6 +32,7 @@ from kjumpd.sysroot import Sysroot
 
 TRIES = 3
 KEY_FILE = "/etc/kjumpd/image-key.json"  # bootentry.R_IMAGE_KEY: the payload puts it here
+LUKS_KEY_FILE = "/etc/kjumpd/luks-volume.key"  # bootentry.R_LUKS_KEY
 RESTORE_KEY = "kjump/restore-key"  # agent.kernel_role.RESTORE_KEY_FILE, inside B
 RESTORE_VOLUME = "kjump/restore-volume.json"  # agent.kernel_role.RESTORE_VOLUME_FILE
 #: where R writes B's initramfs with the key appended (R's root is in RAM)
@@ -135,6 +137,16 @@ def open_volume(
         return Kept("no-volume", e.message)
     if not luks.image_marked(luks.read_header_json(str(sysroot.path(node)))):
         return Unmarked(f"LUKS volume {vol.uuid} holds no hibernation image (no kjumpd token)")
+    keyfile = sysroot.path(LUKS_KEY_FILE)
+    if keyfile.is_file():
+        # the key file the normal initramfs holds (crypttab, KEYFILE_PATTERN): no prompt
+        try:
+            key = luks.volume_key(str(sysroot.path(node)), key_file=str(keyfile))
+            luks.open_mapping(sysroot, vol, key)
+            say(f"{node} unlocked with the key file this system's initramfs holds")
+            return Opened(key)
+        except VolumeError as e:
+            say(f"the initramfs's key file does not open {node} ({e.why or e.what}): asking")
     for attempt in range(1, TRIES + 1):
         typed = ask(
             f"kjumpd: passphrase for disk {node} (LUKS {vol.uuid}) to restore the "

@@ -168,3 +168,22 @@ def test_the_token_is_found_in_the_secondary_header_when_the_primary_is_damaged(
         f.write(bytes(64 << 10))  # both copies gone: R asks rather than lose a session
     assert luks.read_header_json(str(disk)) is None
     assert luks.image_marked(None)
+
+
+def test_the_key_file_of_the_normal_initramfs_unlocks_without_asking(world, tmp_path) -> None:
+    """This system's initramfs unlocks the volume with a key file (crypttab +
+    KEYFILE_PATTERN): R holds the same file and asks nothing."""
+    world.save()
+    keyfile = world.root / unlock.LUKS_KEY_FILE.lstrip("/")
+    keyfile.write_bytes(PASS.encode())
+    console = Console()
+    assert world.run_with(console) == "restore"
+    assert console.prompts == [] and world.mapped == [world.volume_key]
+
+
+def test_a_key_file_that_no_longer_opens_falls_back_to_the_passphrase(world) -> None:
+    world.save()
+    (world.root / unlock.LUKS_KEY_FILE.lstrip("/")).write_bytes(b"an old key")
+    console = Console(PASS)
+    assert world.run_with(console) == "restore"
+    assert len(console.prompts) == 1 and world.mapped == [world.volume_key]

@@ -233,3 +233,30 @@ def test_a_luks1_volume_is_not_marked_and_r_always_asks(tmp_path):
     assert luks.read_header_json(str(node)) is None
     assert volumekey.mark_image(Sysroot(root), target, "x") is False
     assert luks.image_marked(None)
+
+
+@pytest.mark.parametrize(
+    "device,pattern,found",
+    [
+        ("UUID={uuid}", '"/etc/keys/*.key"', True),
+        ("/dev/vdc1", "/etc/keys/*", True),
+        ("UUID={uuid}", None, False),  # the initramfs holds no key file: R asks
+        ("UUID=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e", '"/etc/keys/*.key"', False),
+    ],
+)
+def test_r_gets_the_key_file_the_normal_initramfs_unlocks_the_volume_with(
+    tmp_path, device, pattern, found
+):
+    from kjumpd.daemon import volumekey
+
+    root = tmp_path / "root"
+    target, _key = _target(root, tmp_path)
+    (root / "etc/keys").mkdir(parents=True)
+    (root / "etc/keys/vol.key").write_bytes(b"k" * 64)
+    dev = device.format(uuid=target.volume.uuid)
+    (root / "etc/crypttab").write_text(f"vol_crypt {dev} /etc/keys/vol.key luks\n")
+    if pattern:
+        (root / "etc/cryptsetup-initramfs").mkdir(parents=True)
+        (root / "etc/cryptsetup-initramfs/conf-hook").write_text(f"KEYFILE_PATTERN={pattern}\n")
+    got = volumekey.initramfs_key_file(Sysroot(root), target)
+    assert got == ("/etc/keys/vol.key" if found else None)

@@ -998,6 +998,9 @@ LUKS_START_SECTOR = 2048
 LUKS_PARTITION = STORAGE_DISK + "1"
 LUKS_PASSPHRASE = "kjumpvm-luks-passphrase"
 LUKS_PASSFILE = Path("/run/kjumpvm-luks.pass")
+#: the image target inside that volume: R asks for its passphrase (luks-target) or unlocks
+#: it with the key file the system's initramfs holds (luks-keyfile)
+LUKS_TARGETS = ("luks-target", "luks-keyfile")
 
 
 def run_tool(*cmd: str) -> str:
@@ -1030,7 +1033,7 @@ def storage_target(kind: str) -> dict[str, str]:
     (luks-target) setup enrolls its key file with the passphrase's key file, and R is the
     variant with cryptsetup."""
     fields: dict[str, str] = {}
-    luks_arg = ("--luks-key-file", str(LUKS_PASSFILE)) if kind == "luks-target" else ()
+    luks_arg = ("--luks-key-file", str(LUKS_PASSFILE)) if kind in LUKS_TARGETS else ()
     proc = kjumpctl(
         "setup", "--target", str(STORAGE_TARGET), "--size", TARGET_SIZE, *luks_arg, "--yes",
         timeout=900,
@@ -1047,13 +1050,33 @@ def storage_target(kind: str) -> dict[str, str]:
     if kind == "btrfs":
         attrs = run_tool("lsattr", str(STORAGE_TARGET)).split()[0]
         fields["nocow"] = "yes" if "C" in attrs else "no"
-    if kind == "luks-target":
+    if kind == "luks-keyfile":
+        # as Debian's encrypted-/boot set-up has it: crypttab names a key file of the
+        # volume and cryptsetup-initramfs copies it into the initramfs (KEYFILE_PATTERN)
+        keys = Path("/etc/keys")
+        keys.mkdir(mode=0o700, exist_ok=True)
+        (keys / "kjcrypt.key").write_bytes(os.urandom(64))
+        (keys / "kjcrypt.key").chmod(0o400)
+        run_tool(
+            "cryptsetup", "luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2",
+            "--pbkdf-force-iterations", "1000", "--key-file", str(LUKS_PASSFILE),
+            LUKS_PARTITION, str(keys / "kjcrypt.key"),
+        )  # fmt: skip
+        uuid = run_tool("cryptsetup", "luksUUID", LUKS_PARTITION).strip()
+        Path("/etc/crypttab").write_text(f"kjcrypt UUID={uuid} /etc/keys/kjcrypt.key luks\n")
+        hook = Path("/etc/cryptsetup-initramfs/conf-hook")
+        hook.parent.mkdir(parents=True, exist_ok=True)
+        hook.write_text('KEYFILE_PATTERN="/etc/keys/*.key"\nUMASK=0077\n')
+    if kind in LUKS_TARGETS:
         m = re.search(r"(enrolled key file|key file) (\S+) ", proc.stdout)
         fields["luks_key"] = "enrolled" if m and m.group(1).startswith("enrolled") else "none"
         slots = run_tool("cryptsetup", "luksDump", LUKS_PARTITION)
         fields["keyslots"] = str(len(re.findall(r"^\s+\d+: luks2$", slots, re.M)))
     set_config_target(STORAGE_TARGET)
-    install_restore_entry(RESTORE_INITRD_CRYPTO if kind == "luks-target" else RESTORE_INITRD)
+    install_restore_entry(RESTORE_INITRD_CRYPTO if kind in LUKS_TARGETS else RESTORE_INITRD)
+    if kind == "luks-keyfile":
+        mode = os.stat("/boot/kjumpd/initrd-restore.img").st_mode & 0o777
+        fields["r_initrd_mode"] = f"{mode:o}"
     return fields
 
 
@@ -1120,11 +1143,11 @@ def scenario_storage_setup() -> int:
         elif kind == "btrfs":
             fsdev = STORAGE_DISK
             run_tool("mkfs.btrfs", "-q", "-f", fsdev)
-        elif kind in ("luks", "luks-target"):
+        elif kind in ("luks", *LUKS_TARGETS):
             # Ubuntu's encrypted layout: LVM inside LUKS2 (a fast PBKDF for the test).
             # luks-target: on a partition from 1 MiB, unlocked by a passphrase (the host
             # types it at R's prompt), with the image target inside
-            if kind == "luks-target":
+            if kind in LUKS_TARGETS:
                 write_mbr(STORAGE_DISK, LUKS_START_SECTOR)
                 luks_dev, key = LUKS_PARTITION, LUKS_PASSFILE
                 key.write_bytes(LUKS_PASSPHRASE.encode())
@@ -1149,7 +1172,7 @@ def scenario_storage_setup() -> int:
             run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "256M", "-n", "data", "kjvg")
             run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "64M", "-n", "pad", "kjvg")
             # luks-target: room for the 1 GiB target
-            more = "+1280M" if kind == "luks-target" else "+512M"
+            more = "+1280M" if kind in LUKS_TARGETS else "+512M"
             run_tool("lvm", "lvextend", *cfg, "-L", more, "kjvg/data")
             fsdev = "/dev/mapper/kjvg-data"
             run_tool("mkfs.ext4", "-q", "-F", fsdev)
@@ -1243,7 +1266,7 @@ def unmount_and_check(kind: str) -> tuple[list[str], dict[str, str]]:
     if not same:
         problems.append("the file written on the storage stack before is not intact")
     run_tool("umount", str(STORAGE_MOUNT))
-    if kind in ("lvm", "luks", "luks-target"):
+    if kind in ("lvm", "luks", *LUKS_TARGETS):
         proc = subprocess.run(
             ["e2fsck", "-fn", "/dev/mapper/kjvg-data"], capture_output=True, text=True
         )
@@ -1275,7 +1298,7 @@ def scenario_storage() -> int:
         problems, fields = [], {}
         if kind != "luks":
             problems, fields = compare_through_mapping(STORAGE_TARGET)
-        if kind == "luks-target":
+        if kind in LUKS_TARGETS:
             # kjumpd's token (R asked for the passphrase because of it) is gone once the
             # image is consumed: the next boots through R ask nothing
             dump = run_tool("cryptsetup", "luksDump", LUKS_PARTITION)

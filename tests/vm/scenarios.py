@@ -54,7 +54,7 @@ A_APPEND_OF = {
 #: a CPU model offering AES-NI (OpenSSL's AES-NI code also uses SSSE3), for the encrypted
 #: scenarios: what an encrypting laptop has (dm-crypt then uses the kernel's aesni code)
 AES_CPU = "qemu64,+pdpe1gb,+ssse3,+sse4.1,+sse4.2,+aes,+pclmulqdq"
-CPU_OF = {"encrypted": AES_CPU, "luks-target": AES_CPU}
+CPU_OF = {"encrypted": AES_CPU, "luks-target": AES_CPU, "luks-keyfile": AES_CPU}
 #: the image key's passphrase in the encrypted scenario (typed by the host at R's prompt)
 PASSPHRASE = "kjumpvm-image-key-passphrase"
 PASSPHRASE_PROMPT = r"kjumpd: passphrase for the hibernation image \(key \w+, try (\d) of 3"
@@ -594,6 +594,7 @@ FSCK_AFTER = frozenset(
         "luks",
         "luks-stale",
         "luks-target",
+        "luks-keyfile",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -914,7 +915,7 @@ def _swap_disk(run_dir: Path) -> Path:
 
 
 #: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
-STORAGE_DISKS = frozenset({"lvm", "btrfs", "luks", "luks-stale", "luks-target"})
+STORAGE_DISKS = frozenset({"lvm", "btrfs", "luks", "luks-stale", "luks-target", "luks-keyfile"})
 
 
 def run(
@@ -965,6 +966,7 @@ def run(
         "luks": ("storage", "power-cycle"),
         "luks-stale": ("storage", "luks-stale"),
         "luks-target": ("storage", "luks-target"),
+        "luks-keyfile": ("storage", "luks-keyfile"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -981,6 +983,7 @@ def run(
         "luks": "kjumpvm.storage=luks",
         "luks-stale": "kjumpvm.storage=luks kjumpvm.tamper=1",
         "luks-target": "kjumpvm.storage=luks-target",
+        "luks-keyfile": "kjumpvm.storage=luks-keyfile",
     }.get(name, "")
     extra = f"{extra} {append}".strip()
     if name not in flows:
@@ -1071,6 +1074,12 @@ def run(
             _luks_stale_flow(r, timeout, run_dir)
         elif flow == "luks-target":
             _luks_target_flow(r, timeout, run_dir)
+        elif flow == "luks-keyfile":
+            r.wait_exit(timeout)
+            if not r.has_verdict():  # it powered off with an image: R must not ask
+                r.boot_restore_first(timeout, wait=False)
+                r.vm.wait_for(r"kjumpd-rf: decision:", timeout, fail=f"{LUKS_PROMPT}|{STUCK_RE}")
+                r.wait_exit(timeout)
         else:
             _fault_flow(r, name, flow, timeout, run_dir, sectors)
     except (KjumpError, r.h.VMError, OSError, subprocess.CalledProcessError) as err:

@@ -354,3 +354,25 @@ def test_q_the_image_target_inside_luks2_is_written_through_the_volume_and_resto
     assert out.verdict.get("notes") == "intact", out.summary()
     assert out.verdict.get("fs_check") == "clean", out.summary()
     _writers_intact(out)
+
+
+def test_r_unlocks_the_targets_luks2_volume_with_the_key_file_the_initramfs_holds(
+    vm_assets_built, run_dir
+):
+    """Scenario q's machine set up as Debian's encrypted-/boot guide does: crypttab names a
+    key file of the volume and cryptsetup-initramfs's KEYFILE_PATTERN puts it in the
+    initramfs. The restore-first entry holds the same file (its initramfs root's alone, as
+    the normal one is), so R unlocks the volume without a prompt and restores."""
+    out = _run("luks-keyfile", vm_assets_built, run_dir)
+    assert out.verdict.get("keyslots") == "3", out.summary()
+    assert out.verdict.get("r_initrd_mode") == "600", out.summary()
+    assert _console_matches(
+        out, r"kjumpd-rf: /dev/vdb1 unlocked with the key file this system's initramfs holds"
+    ), out.summary()
+    assert not _console_matches(out, r"kjumpd: passphrase for disk"), out.summary()
+    assert _console_matches(out, r"kjumpd-rf: decision: Restore"), out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("through_mapping") == "same", out.summary()
+    assert out.verdict.get("luks_token") == "removed", out.summary()
+    _writers_intact(out)
