@@ -187,3 +187,25 @@ def test_a_key_file_that_no_longer_opens_falls_back_to_the_passphrase(world) -> 
     console = Console(PASS)
     assert world.run_with(console) == "restore"
     assert len(console.prompts) == 1 and world.mapped == [world.volume_key]
+
+
+def test_an_encrypted_image_inside_luks_asks_for_the_disk_then_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both layers: R unlocks the volume first (the image is inside it), then the image key;
+    B gets the volume and the image key, in RAM."""
+    from tests.sysroot.test_restore_encrypted_sysroot import EncryptedWorld
+
+    class Both(LuksWorld, EncryptedWorld):
+        pass
+
+    world = Both(tmp_path, monkeypatch)
+    mark(world.root / "dev/vdc", world.sb.uuid_str)
+    key = world.save_encrypted()
+    console = Console(PASS, PASS)
+    assert world.run_with(console) == "restore"
+    assert "passphrase for disk /dev/vdc" in console.prompts[0]
+    assert "passphrase for the hibernation image" in console.prompts[1]
+    blob = Path(re.search(r"--initrd=(\S+)", world.kexec_calls()[0]).group(1)).read_bytes()
+    assert b"kjump/restore-volume.json" in blob and b"kjump/restore-key" in blob
+    assert key.hex().encode() in blob and world.volume_key.hex().encode() in blob
