@@ -7,9 +7,9 @@ user's passphrase, asked once by cryptsetup, authorises it). At each hibernation
 unlocks that keyslot with ``cryptsetup luksDump --dump-volume-key``, which prints the key on
 a pipe, and puts it in the job, in RAM only.
 
-The key file lies inside the volume it opens: next to a file target (its directory is
-root's, 0700), or in /etc/kjumpd when the target is a raw device and /etc/kjumpd is itself
-on an encrypted device. With the machine off it is ciphertext like everything else there.
+The key file (root's alone, 0400) lies inside the volume it opens: next to a file target,
+or in /etc/kjumpd when the target is a raw device and /etc/kjumpd is itself on an encrypted
+device. With the machine off it is ciphertext like everything else there.
 Its keyslot uses PBKDF2 at the minimum count: the key file has full entropy, and a memory-hard
 KDF would only slow every hibernation.
 """
