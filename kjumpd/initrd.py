@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from kjumpd import cpio, zstdframe
-from kjumpd.errors import InitrdError
+from kjumpd.errors import InitrdError, KjumpError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = zstdframe.MAGIC
@@ -83,3 +83,25 @@ def _unpack_with(tool: str, args: list[str], data: bytes) -> bytes:
 def read_archive(path: str | Path) -> list[cpio.Entry]:
     """The members of an initramfs file's first archive."""
     return cpio.read(decompress(Path(path).read_bytes()))
+
+
+_NAMES: dict[str, tuple[tuple[int, int], frozenset[str] | KjumpError]] = {}
+
+
+def member_names(path: str | Path) -> frozenset[str]:
+    """The member names of ``read_archive(path)``, read once per version of the file (the
+    preflight asks every 30 s what the installed archives hold); an archive that does not
+    read raises the same error each time without being read again."""
+    st = Path(path).stat()
+    version = (st.st_mtime_ns, st.st_size)
+    cached = _NAMES.get(str(path))
+    if cached is None or cached[0] != version:
+        try:
+            got: frozenset[str] | KjumpError = frozenset(e.name for e in read_archive(path))
+        except KjumpError as e:
+            got = e
+        cached = (version, got)
+        _NAMES[str(path)] = cached
+    if isinstance(cached[1], KjumpError):
+        raise cached[1]
+    return cached[1]

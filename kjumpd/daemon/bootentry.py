@@ -1172,7 +1172,7 @@ def restore_can_unlock(sysroot: Sysroot) -> bool | None:
     if rec is None:
         return None
     try:
-        names = [e.name for e in initrd.read_archive(sysroot.path(rec.initrd))]
+        names = initrd.member_names(sysroot.path(rec.initrd))
     except (KjumpError, OSError) as e:
         log.warning("cannot list %s (%s)", rec.initrd, e)
         return None

@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -181,17 +181,22 @@ def load_config(sysroot: Any, path: str | None) -> Any:
 def read_image_state(sysroot: Any, cfg: Any) -> str:
     """The image header's state on the configured target, as text (EMPTY, SAVED, ...),
     read as the transaction reads it: through the block map, on the whole disk."""
+    return _target_and_state(sysroot, cfg)[1]
+
+
+def _target_and_state(sysroot: Any, cfg: Any) -> tuple[Any, str]:
+    """(the translated target or None, read_image_state's text)."""
     from kjumpd.daemon import blockmap
     from kjumpd.image import store
 
     if not sysroot.path(cfg.target).exists():
-        return f"unknown: target {cfg.target} does not exist (fix: run 'kjumpctl setup')"
+        return None, f"unknown: target {cfg.target} does not exist (fix: run 'kjumpctl setup')"
     target, _uuid = blockmap.current(sysroot, cfg.target, restamp=False)
     dev, _sb = store.open_target(
         sysroot.path(target.disk), writable=False, offset=target.superblock_offset
     )
     try:
-        return store.read_header(dev).state_text
+        return target, store.read_header(dev).state_text
     finally:
         dev.close()
 
@@ -210,58 +215,43 @@ def oneshot_is_stale(image_state: str) -> bool:
     return image_state.split("(", 1)[0] not in RESTORABLE_STATES
 
 
-def clear_stale_oneshot(sysroot: Any, image_state: str) -> bool:
-    """At start-up: remove kjumpd's one-shot boot entry when the image is not restorable
-    (e.g. the restore environment invalidated it). True when one was removed; never raises."""
+def clear_stale_oneshot(sysroot: Any, image_state: str, target: Any = None) -> bool:
+    """At start-up: when the image is not restorable (e.g. the restore environment
+    invalidated it), remove kjumpd's one-shot boot entry, and kjumpd's token from the LUKS
+    volume holding ``target`` (R would ask for a passphrase for nothing). True when either
+    was removed; never raises."""
     if not oneshot_is_stale(image_state):
         return False
-    from kjumpd.daemon import bootentry
+    from kjumpd.daemon import bootentry, volumekey
 
-    try:
-        removed = bootentry.clear_oneshot(sysroot)
-    except (KjumpError, OSError) as e:
-        log.warning(
-            "cannot clear the restore one-shot boot entry: %s",
-            e.message if isinstance(e, KjumpError) else e,
+    undo: list[tuple[str, Callable[[], bool]]] = [
+        ("the one-shot boot into the restore environment", lambda: bootentry.clear_oneshot(sysroot))
+    ]
+    if target is not None and target.volume is not None:
+        undo.append(
+            (
+                f"kjumpd's token in LUKS volume {target.volume.uuid}",
+                lambda: volumekey.unmark_image(sysroot, target),
+            )
         )
-        return False
-    if removed:
-        log.info("image is %s: cleared the one-shot boot into the restore environment", image_state)
-    return removed
+    removed_any = False
+    for what, clear in undo:
+        try:
+            removed = clear()
+        except (KjumpError, OSError) as e:
+            log.warning("cannot clear %s: %s", what, e.message if isinstance(e, KjumpError) else e)
+            continue
+        if removed:
+            log.info("image is %s: cleared %s", image_state, what)
+        removed_any = removed_any or removed
+    return removed_any
 
 
-def clear_stale_volume_mark(sysroot: Any, cfg: Any, image_state: str) -> bool:
-    """At start-up: remove kjumpd's token from the LUKS volume holding the target when the
-    image is not restorable (R would ask for a passphrase for nothing). Never raises."""
-    if image_state.startswith("unknown") or not oneshot_is_stale(image_state):
-        return False
-    from kjumpd.daemon import blockmap, volumekey
-
+def _startup_image_state(sysroot: Any, cfg: Any) -> tuple[Any, str]:
     try:
-        target = blockmap.translate(sysroot, cfg.target)
-        if target.volume is None:
-            return False
-        removed = volumekey.unmark_image(sysroot, target)
+        return _target_and_state(sysroot, cfg)
     except (KjumpError, OSError) as e:
-        log.warning(
-            "cannot clear kjumpd's token from the target's LUKS volume: %s",
-            e.message if isinstance(e, KjumpError) else e,
-        )
-        return False
-    if removed:
-        log.info(
-            "image is %s: removed kjumpd's token from LUKS volume %s",
-            image_state,
-            target.volume.uuid,
-        )
-    return removed
-
-
-def _startup_image_state(sysroot: Any, cfg: Any) -> str:
-    try:
-        return read_image_state(sysroot, cfg)
-    except (KjumpError, OSError) as e:
-        return f"unreadable: {e.message if isinstance(e, KjumpError) else e}"
+        return None, f"unreadable: {e.message if isinstance(e, KjumpError) else e}"
 
 
 class Daemon:
@@ -285,9 +275,8 @@ class Daemon:
             quiesce.recover(self.sysroot)
         except KjumpError as e:
             log.error("%s", e.message)
-        state = _startup_image_state(self.sysroot, self.config)
-        clear_stale_oneshot(self.sysroot, state)
-        clear_stale_volume_mark(self.sysroot, self.config, state)
+        target, state = _startup_image_state(self.sysroot, self.config)
+        clear_stale_oneshot(self.sysroot, state, target)
         # hash the save kernel's files now, not in the first hibernation's preflight (which
         # then only compares their stat)
         from kjumpd.daemon import preflight

@@ -289,13 +289,8 @@ def open_mapping(sysroot: Sysroot, vol: Volume, key: bytes, name: str = MAPPING)
     got = devmapper.create(
         name, [vol.table(key, (major, minor))], str(sysroot.path(devmapper.CONTROL))
     )
-    dm = f"dm-{got[1]}" if sysroot.exists(f"/sys/block/dm-{got[1]}") else None
-    if dm is None:
-        dm = next(
-            (n for n in sysroot.listdir("/sys/block")
-             if sysroot.read_text(f"/sys/block/{n}/dev", "").strip() == f"{got[0]}:{got[1]}"),
-            "",
-        )  # fmt: skip
+    link = sysroot.path(f"/sys/dev/block/{got[0]}:{got[1]}")
+    dm = os.path.basename(os.path.realpath(link)) if link.exists() else ""
     if not dm or not sysroot.exists(f"/dev/{dm}"):
         raise VolumeError(
             f"the mapping of LUKS volume {vol.uuid} has no device node",

@@ -99,21 +99,26 @@ def open_image(
             f"the image was sealed to image key {sealed['key_id']}; this restore environment "
             f"holds {kf.key_id}",
         )
-    private = None
-    for attempt in range(1, TRIES + 1):
-        typed = ask(
+
+    def unlock_private(typed: str) -> Any:
+        try:
+            return kf.unlock(typed)
+        except ImageKeyError:
+            return None
+
+    private = _ask_passphrase(
+        ask,
+        say,
+        lambda attempt: (
             f"kjumpd: passphrase for the hibernation image (key {kf.key_id}, "
             f"try {attempt} of {TRIES}; empty: boot without restoring): "
-        )
-        if not typed:
-            return Kept("skipped", "no passphrase given; the image is kept for a later boot")
-        try:
-            private = kf.unlock(typed)
-            break
-        except ImageKeyError:
-            say(f"wrong passphrase ({attempt} of {TRIES})")
-    if private is None:
-        return Kept("passphrase", f"wrong passphrase {TRIES} times; the image is kept")
+        ),
+        unlock_private,
+        skipped="the image is kept for a later boot",
+        wrong="the image is kept",
+    )
+    if isinstance(private, Kept):
+        return private
     try:
         key = seal.unseal_key(private, kf.public, sealed)
         seal.ImageCipher.for_header(key, header).check_header(header, metadata)
@@ -147,26 +152,52 @@ def open_volume(
             return Opened(key)
         except VolumeError as e:
             say(f"the initramfs's key file does not open {node} ({e.why or e.what}): asking")
-    for attempt in range(1, TRIES + 1):
-        typed = ask(
-            f"kjumpd: passphrase for disk {node} (LUKS {vol.uuid}) to restore the "
-            f"hibernated system (try {attempt} of {TRIES}; empty: boot without restoring): "
-        )
-        if not typed:
-            return Kept("skipped", "no passphrase given; the volume stays locked")
+
+    def unlock_volume(typed: str) -> Opened | Kept | None:
         try:
             key = luks.volume_key(str(sysroot.path(node)), passphrase=typed.encode())
         except VolumeError as e:
-            if e.context.get("wrong"):
-                say(f"wrong passphrase ({attempt} of {TRIES})")
-                continue
-            return Kept("volume", e.message)
+            return None if e.context.get("wrong") else Kept("volume", e.message)
         try:
             luks.open_mapping(sysroot, vol, key)
         except VolumeError as e:
             return Kept("volume", e.message)
         return Opened(key)
-    return Kept("passphrase", f"wrong passphrase {TRIES} times; the volume stays locked")
+
+    return _ask_passphrase(
+        ask,
+        say,
+        lambda attempt: (
+            f"kjumpd: passphrase for disk {node} (LUKS {vol.uuid}) to restore the "
+            f"hibernated system (try {attempt} of {TRIES}; empty: boot without restoring): "
+        ),
+        unlock_volume,
+        skipped="the volume stays locked",
+        wrong="the volume stays locked",
+    )
+
+
+def _ask_passphrase(
+    ask: Ask,
+    say: Callable[[str], None],
+    prompt: Callable[[int], str],
+    unlock: Callable[[str], Any],
+    *,
+    skipped: str,
+    wrong: str,
+) -> Any:
+    """Up to TRIES passphrases, each given to ``unlock``, which returns what it opened, or
+    None for a wrong passphrase. Kept when none is typed (``skipped`` says what stays) or
+    every one is wrong (``wrong``)."""
+    for attempt in range(1, TRIES + 1):
+        typed = ask(prompt(attempt))
+        if not typed:
+            return Kept("skipped", f"no passphrase given; {skipped}")
+        got = unlock(typed)
+        if got is not None:
+            return got
+        say(f"wrong passphrase ({attempt} of {TRIES})")
+    return Kept("passphrase", f"wrong passphrase {TRIES} times; {wrong}")
 
 
 def b_initrd_with(sysroot: Sysroot, b_initrd: str, files: dict[str, bytes]) -> str:

@@ -716,6 +716,15 @@ def _encrypted_flow(r: Runner, timeout: float) -> None:
     off, the host looks for the workload's bytes on the disk (an encrypted image must not
     hold them); then it powers on through R and types at R's prompt a wrong passphrase,
     then the right one."""
+    _scan_then_passphrase(r, timeout, [r.overlay], PASSPHRASE_PROMPT, PASSPHRASE)
+
+
+def _scan_then_passphrase(
+    r: Runner, timeout: float, disks: list[Path], prompt: str, passphrase: str
+) -> None:
+    """Once A powered off with an image: look for the workload's bytes on ``disks`` (none
+    may be there in plaintext), power on through R and type at its ``prompt`` a wrong
+    passphrase, then the right one."""
     from tests.vm import workload
 
     r.wait_exit(timeout)
@@ -723,15 +732,15 @@ def _encrypted_flow(r: Runner, timeout: float) -> None:
         return  # it never powered off with an image: the guest's verdict says why
     page = next(workload.expected_chunks(workload.DEFAULT_SEED, workload.DEFAULT_SIZE))
     needles = [page[4096:8192], page[300000:304096]]
-    found = _disk_holds(r.overlay, r.outcome.run_dir, needles)
+    found = sum(_disk_holds(d, r.outcome.run_dir, needles) for d in disks)
     r.outcome.events.append(
         Event(time.monotonic() - r.t0, "host-scanned-disk", {"plaintext": str(found)}, r.vm.run)
     )
     if found:
-        r.outcome.problems.append(f"the workload's memory is on the disk in plaintext ({found})")
+        r.outcome.problems.append(f"the workload's memory is on a disk in plaintext ({found})")
     r.boot_restore_first(timeout, wait=False)
-    for answer in ("not-the-passphrase", PASSPHRASE):
-        r.vm.wait_for(PASSPHRASE_PROMPT, timeout, fail=STUCK_RE)
+    for answer in ("not-the-passphrase", passphrase):
+        r.vm.wait_for(prompt, timeout, fail=STUCK_RE)
         r.vm.send(answer + "\n")
     r.wait_exit(timeout)
 
@@ -745,30 +754,11 @@ LUKS_PROMPT = (
 
 
 def _luks_target_flow(r: Runner, timeout: float, run_dir: Path) -> None:
-    """Scenario luks-target: A hibernates (mode shutdown) to a target inside LUKS2. While the
-    machine is off the host looks for the workload's bytes on both disks (the image is
-    inside the volume: none may be there in plaintext); then it powers on through R and
-    types at R's prompt for the volume's passphrase a wrong one, then the right one."""
-    from tests.vm import workload
-
-    r.wait_exit(timeout)
-    if r.has_verdict():
-        return  # it never powered off with an image: the guest's verdict says why
-    page = next(workload.expected_chunks(workload.DEFAULT_SEED, workload.DEFAULT_SIZE))
-    needles = [page[4096:8192], page[300000:304096]]
-    found = _disk_holds(r.overlay, run_dir, needles) + _disk_holds(
-        run_dir / "storage.qcow2", run_dir, needles
-    )
-    r.outcome.events.append(
-        Event(time.monotonic() - r.t0, "host-scanned-disk", {"plaintext": str(found)}, r.vm.run)
-    )
-    if found:
-        r.outcome.problems.append(f"the workload's memory is on a disk in plaintext ({found})")
-    r.boot_restore_first(timeout, wait=False)
-    for answer in ("not-the-passphrase", LUKS_PASSPHRASE):
-        r.vm.wait_for(LUKS_PROMPT, timeout, fail=STUCK_RE)
-        r.vm.send(answer + "\n")
-    r.wait_exit(timeout)
+    """Scenario luks-target: A hibernates (mode shutdown) to a target inside LUKS2; with the
+    machine off the host scans both disks (the image is inside the volume), then types at
+    R's prompt for the volume's passphrase a wrong one, then the right one."""
+    disks = [r.overlay, run_dir / "storage.qcow2"]
+    _scan_then_passphrase(r, timeout, disks, LUKS_PROMPT, LUKS_PASSPHRASE)
 
 
 def _luks_stale_flow(r: Runner, timeout: float, run_dir: Path) -> None:
