@@ -118,13 +118,43 @@ def build_restore_initramfs(
     )
 
 
+#: cryptsetup's token plugins R carries when this machine has them, with the libraries
+#: each loads with dlopen (ldd does not list them): systemd's TPM2 plugin and the tpm2-tss
+#: libraries it and ESYS load (the device TCTI, /dev/tpmrm0)
+TOKEN_PLUGINS = {
+    "systemd-tpm2": (
+        "libtss2-esys.so.0",
+        "libtss2-rc.so.0",
+        "libtss2-mu.so.0",
+        "libtss2-tctildr.so.0",
+        "libtss2-tcti-device.so.0",
+    ),
+}
+
+
 def _cryptsetup() -> tuple[Path, ...]:
-    """cryptsetup, for a target inside a LUKS volume; a machine without it has no such
-    volume to unlock."""
+    """cryptsetup, for a target inside a LUKS volume (a machine without it has no such
+    volume to unlock), and the token plugins of TOKEN_PLUGINS this machine has, whole (a
+    plugin without its libraries would fail in R; R then asks for the passphrase)."""
     import shutil
 
     found = shutil.which("cryptsetup", path="/usr/sbin:/sbin:/usr/bin:/bin")
-    return (Path(found),) if found else ()
+    if not found:
+        return ()
+    files = [Path(found)]
+    for kind, libs in TOKEN_PLUGINS.items():
+        for plugin in sorted(Path("/usr/lib").glob(f"*/cryptsetup/libcryptsetup-token-{kind}.so")):
+            needed = [plugin.parent.parent / lib for lib in libs]
+            if all(p.exists() for p in needed):
+                files += [plugin, *needed]
+            else:
+                log.warning(
+                    "R cannot use cryptsetup's %s plugin: %s missing (Debian and Ubuntu: "
+                    "apt install libtss2-dev, which pulls in every tpm2-tss library)",
+                    kind,
+                    ", ".join(p.name for p in needed if not p.exists()),
+                )
+    return tuple(files)
 
 
 def restore_config(**kw) -> tuple[BootConfig, dict[str, Path]]:

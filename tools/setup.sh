@@ -12,6 +12,9 @@ APT_PACKAGES=(
     e2fsprogs xfsprogs btrfs-progs dosfstools util-linux lz4 socat
     # cryptsetup: R unlocks a LUKS volume holding the target (its crypto variant)
     cryptsetup-bin
+    # the TPM2 token: R carries systemd's cryptsetup plugin with the tpm2-tss libraries
+    # (libtss2-dev names them on every release); the VM tier's TPM is swtpm
+    libtss2-dev swtpm
     dbus libglib2.0-bin
     libgirepository1.0-dev libcairo2-dev pkg-config python3-venv python3-dev
     grub-common

@@ -1,6 +1,6 @@
 """Device-mapper through its ioctls (/dev/mapper/control), for the save kernel and the
 restore-first environment, which have no dmsetup: create a device from a one-line table,
-remove it.
+read a device's table back, remove it.
 
 The ioctl buffer (include/uapi/linux/dm-ioctl.h, interface version 4), native endian::
 
@@ -24,6 +24,11 @@ The ioctl buffer (include/uapi/linux/dm-ioctl.h, interface version 4), native en
 A device is created (DM_DEV_CREATE), given its table (DM_TABLE_LOAD) and activated
 (DM_DEV_SUSPEND without the suspend flag, which is how dmsetup resumes). devtmpfs makes its
 node, /dev/dm-N.
+
+DM_TABLE_STATUS with DM_STATUS_TABLE_FLAG answers with the live table: target_count specs
+from data_start, each ``next`` counted from data_start, parameters as dmsetup's ``table
+--showkeys`` prints them (a dm-crypt key in hex unless it sits in the kernel keyring). A
+buffer too small for the answer comes back with DM_BUFFER_FULL_FLAG set.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ DM_DEV_CREATE = _IOWR | (HEADER.size << 16) | (0xFD << 8) | 3
 DM_DEV_REMOVE = _IOWR | (HEADER.size << 16) | (0xFD << 8) | 4
 DM_DEV_SUSPEND = _IOWR | (HEADER.size << 16) | (0xFD << 8) | 6
 DM_TABLE_LOAD = _IOWR | (HEADER.size << 16) | (0xFD << 8) | 9
+DM_TABLE_STATUS = _IOWR | (HEADER.size << 16) | (0xFD << 8) | 12
+DM_STATUS_TABLE_FLAG = 1 << 4
+DM_BUFFER_FULL_FLAG = 1 << 8
 DM_SECURE_DATA_FLAG = 1 << 15
 VERSION = (4, 0, 0)
 
@@ -65,8 +73,11 @@ class TableLine:
             raise VolumeError(f"device-mapper target type {self.target_type!r}")
 
 
-def pack(name: str, flags: int = 0, table: list[TableLine] | None = None) -> bytearray:
-    """The ioctl buffer for device ``name`` with ``table`` (for DM_TABLE_LOAD)."""
+def pack(
+    name: str, flags: int = 0, table: list[TableLine] | None = None, room: int = 0
+) -> bytearray:
+    """The ioctl buffer for device ``name`` with ``table`` (for DM_TABLE_LOAD), and ``room``
+    bytes more for the kernel's answer."""
     raw = name.encode()
     if not raw or len(raw) >= 128 or "/" in name:
         raise VolumeError(f"device-mapper name {name!r}", why="1 to 127 bytes, no '/'")
@@ -77,7 +88,7 @@ def pack(name: str, flags: int = 0, table: list[TableLine] | None = None) -> byt
         size += -size % 8
         spec = SPEC.pack(t.start, t.length, 0, size, t.target_type.encode())
         payload += (spec + params).ljust(size, b"\0")
-    total = HEADER.size + len(payload)
+    total = HEADER.size + len(payload) + room
     head = HEADER.pack(
         *VERSION,
         total,
@@ -92,13 +103,36 @@ def pack(name: str, flags: int = 0, table: list[TableLine] | None = None) -> byt
         b"",
         b"",
     )
-    return bytearray(head + payload)
+    return bytearray(head + payload + bytes(room))
 
 
 def unpack_dev(buf: bytes | bytearray) -> tuple[int, int]:
     """(major, minor) from a buffer the kernel filled (huge_encode_dev)."""
     dev = HEADER.unpack_from(buf)[10]
     return (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+
+
+def unpack_table(buf: bytes | bytearray) -> list[TableLine]:
+    """The targets of a DM_TABLE_STATUS answer."""
+    fields = HEADER.unpack_from(buf)
+    size, start, count = fields[3], fields[4], fields[5]
+    if size > len(buf) or start > size:
+        raise VolumeError("device-mapper's answer does not fit its buffer")
+    data = bytes(buf[start:size])
+    lines, at = [], 0
+    for _ in range(count):
+        if at + SPEC.size > len(data):
+            raise VolumeError("device-mapper's table answer is cut short")
+        sector, length, _status, nxt, kind = SPEC.unpack_from(data, at)
+        end = data.find(b"\0", at + SPEC.size)
+        if end < 0:
+            raise VolumeError("device-mapper's table answer is cut short")
+        params = data[at + SPEC.size : end].decode("ascii", "replace")
+        lines.append(TableLine(sector, length, kind.split(b"\0", 1)[0].decode(), params))
+        if nxt <= at:
+            break
+        at = nxt
+    return lines
 
 
 def _ioctl(request: int, buf: bytearray, what: str, control: str) -> bytearray:
@@ -140,6 +174,26 @@ def create(name: str, table: list[TableLine], control: str = CONTROL) -> tuple[i
     finally:
         loaded[:] = bytes(len(loaded))
     return devno
+
+
+def table(name: str, control: str = CONTROL) -> list[TableLine]:
+    """The live table of device ``name`` (with its keys: the caller wipes what it keeps)."""
+    room = 16384
+    while True:
+        buf = _ioctl(
+            DM_TABLE_STATUS,
+            pack(name, DM_STATUS_TABLE_FLAG | DM_SECURE_DATA_FLAG, room=room),
+            f"show the table of {name}",
+            control,
+        )
+        try:
+            if not HEADER.unpack_from(buf)[7] & DM_BUFFER_FULL_FLAG:
+                return unpack_table(buf)
+        finally:
+            buf[:] = bytes(len(buf))
+        if room >= 1 << 20:
+            raise VolumeError(f"the table of {name} is over 1 MiB")
+        room *= 4
 
 
 def remove(name: str, control: str = CONTROL) -> None:

@@ -22,6 +22,12 @@ consumed or found unrestorable. R asks for the volume's passphrase only when it 
 (or when the JSON cannot be read): a restore-first entry booted at every boot does not ask
 twice at a boot with no image.
 
+A token systemd-cryptenroll wrote (``systemd-tpm2`` without a PIN: ``"tpm2-pin": false`` or
+absent) lets R unlock without asking: cryptsetup's plugin for it maps the volume
+(``cryptsetup open --token-only --disable-keyring``), R reads the key back from that
+mapping's table (DM_TABLE_STATUS) and removes it. ``luksDump --dump-volume-key`` uses
+passphrases and key files only.
+
 ``Volume`` as a dict (job key ``volume``, boot.json ``target.volume``), version 1::
 
     {"uuid": "<LUKS UUID>", "header_offset": <bytes on the whole disk, 512-aligned>,
@@ -182,6 +188,82 @@ def tokens_of(meta: dict[str, Any], kind: str = TOKEN_TYPE) -> list[int]:
         for k, t in tokens.items()
         if k.isdigit() and isinstance(t, dict) and t.get("type") == kind
     )
+
+
+#: token types R tries before asking, when it holds cryptsetup's plugin for them
+UNATTENDED_TOKENS = ("systemd-tpm2",)
+#: the short-lived mapping a token opens, for its key to be read back
+TOKEN_MAPPING = "kjumpd-token"
+
+
+def unattended_tokens(meta: dict[str, Any] | None) -> list[str]:
+    """The token types of UNATTENDED_TOKENS this volume's LUKS2 metadata holds, in that
+    order; a token that needs a PIN is left out (the passphrase prompt comes instead)."""
+    tokens = meta.get("tokens") if isinstance(meta, dict) else None
+    if not isinstance(tokens, dict):
+        return []
+    found = {
+        t.get("type")
+        for t in tokens.values()
+        if isinstance(t, dict) and t.get("tpm2-pin") is not True
+    }
+    return [kind for kind in UNATTENDED_TOKENS if kind in found]
+
+
+def token_plugin(sysroot: Sysroot, kind: str) -> str | None:
+    """cryptsetup's plugin for tokens of ``kind`` on this system, or None."""
+    for top in ("/usr/lib", "/lib"):
+        for found in sorted(sysroot.path(top).glob(f"*/cryptsetup/libcryptsetup-token-{kind}.so")):
+            return str(found)
+    return None
+
+
+def key_from_table(lines: list[devmapper.TableLine]) -> bytes:
+    """The key of a one-target dm-crypt table: ``cipher key iv_offset device offset ...``,
+    the key in hex (a key held in the kernel keyring, ``:size:logon:desc``, cannot be read)."""
+    if len(lines) != 1 or lines[0].target_type != "crypt":
+        raise VolumeError(
+            "the mapping a token opened is not one dm-crypt target",
+            why=", ".join(t.target_type for t in lines) or "no target",
+        )
+    words = lines[0].params.split()
+    key = words[1] if len(words) >= 5 else ""
+    if key.startswith(":"):
+        raise VolumeError(
+            "the volume key is in the kernel keyring, where it cannot be read back",
+            fix="cryptsetup must open the volume with --disable-keyring",
+        )
+    if not re.fullmatch(r"(?:[0-9a-fA-F]{2}){16,128}", key):
+        raise VolumeError("the dm-crypt table holds no hex key", why=f"{len(words)} fields")
+    return bytes.fromhex(key)
+
+
+def token_volume_key(sysroot: Sysroot, node: str, kind: str, *, run: Run = subprocess.run) -> bytes:
+    """The volume key of the LUKS volume at ``node`` unlocked by its ``kind`` token through
+    cryptsetup's plugin, with nothing to type (stdin is /dev/null): cryptsetup maps the
+    volume read-only with the key in the table, the key is read back, the mapping removed."""
+    control = str(sysroot.path(devmapper.CONTROL))
+    argv = [
+        "cryptsetup", "open", "--type", "luks2", "--token-only", "--token-type", kind,
+        "--disable-keyring", "--readonly", "--batch-mode", str(sysroot.path(node)),
+        TOKEN_MAPPING,
+    ]  # fmt: skip
+    try:
+        proc = run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise VolumeError(f"cannot run cryptsetup with the {kind} token", why=str(e)) from None
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise VolumeError(
+            f"the {kind} token does not unlock LUKS volume {node}",
+            why=err[-1] if err else f"cryptsetup exited {proc.returncode}",
+            fix="a TPM2 token sealed to PCRs opens only while they hold the values it was "
+            "enrolled with (systemd-cryptenroll --tpm2-device=auto enrolls it again)",
+        )
+    try:
+        return key_from_table(devmapper.table(TOKEN_MAPPING, control))
+    finally:
+        devmapper.remove(TOKEN_MAPPING, control)
 
 
 def image_marked(meta: dict[str, Any] | None) -> bool:

@@ -11,8 +11,9 @@ What R does when it cannot open an image (every case boots the normal system):
 - the seal, the header or the metadata was altered: the image is refused (INVALID).
 
 A LUKS volume is unlocked as an encrypted Ubuntu or Fedora boot would: with the key file
-the system's own initramfs holds for it (Debian's crypttab + KEYFILE_PATTERN), else its
-passphrase, up to ``TRIES`` times; empty, or wrong every time, boots the normal system with
+the system's own initramfs holds for it (Debian's crypttab + KEYFILE_PATTERN), else the
+TPM2 token systemd-cryptenroll enrolled (without a PIN), else its passphrase, up to
+``TRIES`` times; empty, or wrong every time, boots the normal system with
 the image kept (the normal initramfs then asks for the passphrase itself).
 
 The keys go to B as ``kjump/restore-key`` (hex) and ``kjump/restore-volume.json`` in an
@@ -140,7 +141,8 @@ def open_volume(
         node = luks.node_of(sysroot, luks.find_disk(sysroot, vol), vol.header_offset)
     except VolumeError as e:
         return Kept("no-volume", e.message)
-    if not luks.image_marked(luks.read_header_json(str(sysroot.path(node)))):
+    meta = luks.read_header_json(str(sysroot.path(node)))
+    if not luks.image_marked(meta):
         return Unmarked(f"LUKS volume {vol.uuid} holds no hibernation image (no kjumpd token)")
     keyfile = sysroot.path(LUKS_KEY_FILE)
     if keyfile.is_file():
@@ -151,7 +153,23 @@ def open_volume(
             say(f"{node} unlocked with the key file this system's initramfs holds")
             return Opened(key)
         except VolumeError as e:
-            say(f"the initramfs's key file does not open {node} ({e.why or e.what}): asking")
+            say(f"the initramfs's key file does not open {node} ({e.why or e.what})")
+    for kind in luks.unattended_tokens(meta):
+        # what systemd-cryptenroll enrolled (TPM2): no prompt when it opens
+        if luks.token_plugin(sysroot, kind) is None:
+            say(
+                f"{node} has a {kind} token and this restore environment no cryptsetup plugin "
+                "for it (`kjumpctl install --refresh-boot-entry` on a system with systemd's "
+                "cryptsetup plugins adds it)"
+            )
+            continue
+        try:
+            key = luks.token_volume_key(sysroot, node, kind)
+            luks.open_mapping(sysroot, vol, key)
+            say(f"{node} unlocked with its {kind} token")
+            return Opened(key)
+        except VolumeError as e:
+            say(f"the {kind} token does not open {node} ({e.why or e.what})")
 
     def unlock_volume(typed: str) -> Opened | Kept | None:
         try:

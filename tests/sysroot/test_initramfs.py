@@ -176,6 +176,61 @@ def test_the_crypto_variant_encrypts_with_only_its_own_libraries(tmp_path: Path,
     assert not any("libcrypto" in e.name or "cryptography/" in e.name for e in plain)
 
 
+def test_rs_crypto_variant_carries_cryptsetup_and_the_tpm2_plugin_with_its_libraries(
+    tmp_path: Path,
+) -> None:
+    """R unlocks a LUKS volume with systemd-cryptenroll's TPM2 token: cryptsetup inside the
+    archive loads systemd's plugin (its luksDump shows the token's TPM2 fields, which only the
+    plugin prints), and every tpm2-tss library the plugin loads at unlock resolves inside
+    the archive alone."""
+    import json
+    import shutil
+
+    need_root()
+    from bootloader.initramfs import TOKEN_PLUGINS, build_restore_initramfs
+
+    plugins = sorted(Path("/usr/lib").glob("*/cryptsetup/libcryptsetup-token-systemd-tpm2.so"))
+    prereq.need(
+        shutil.which("cryptsetup") is not None and bool(plugins),
+        "cryptsetup and systemd's TPM2 plugin are not installed (tools/setup.sh installs them)",
+    )
+    root = tmp_path / "root"
+    extract(initramfs.read_archive(build_restore_initramfs(crypto=True).path), root)
+    # what devtmpfs gives R: libgcrypt's RNG opens them
+    for name, minor in (("random", 8), ("urandom", 9)):
+        os.mknod(root / "dev" / name, stat.S_IFCHR | 0o666, os.makedev(1, minor))
+    disk, pw = root / "luks.img", tmp_path / "pw"
+    pw.write_bytes(b"pw")
+    with open(disk, "wb") as f:
+        f.truncate(24 << 20)
+    subprocess.run(
+        ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+         "--pbkdf-force-iterations", "1000", "--key-file", str(pw), str(disk)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    token = {"type": "systemd-tpm2", "keyslots": ["0"], "tpm2-blob": "AAAA", "tpm2-pcrs": [7],
+             "tpm2-pcr-bank": "sha256", "tpm2-primary-alg": "ecc", "tpm2-policy-hash": "00",
+             "tpm2-pin": False}  # fmt: skip
+    subprocess.run(
+        ["cryptsetup", "token", "import", "--json-file", "-", str(disk)],
+        input=json.dumps(token).encode(), check=True, capture_output=True,
+    )  # fmt: skip
+    out = subprocess.run(
+        ["chroot", str(root), "/usr/sbin/cryptsetup", "luksDump", "/luks.img"],
+        capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "tpm2-pcr-bank:    sha256" in out.stdout
+    triplet = plugins[0].parent.parent.name
+    for lib in TOKEN_PLUGINS["systemd-tpm2"]:
+        listed = subprocess.run(
+            ["chroot", str(root), "/lib64/ld-linux-x86-64.so.2", "--list",
+             f"/usr/lib/{triplet}/{lib}"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert listed.returncode == 0 and "not found" not in listed.stdout, (lib, listed)
+
+
 def test_save_agent_creates_its_dataclasses_from_precompiled_code(tmp_path: Path) -> None:
     need_root()
     root = tmp_path / "root"

@@ -189,6 +189,66 @@ def test_a_key_file_that_no_longer_opens_falls_back_to_the_passphrase(world) -> 
     assert len(console.prompts) == 1 and world.mapped == [world.volume_key]
 
 
+#: what systemd-cryptenroll --tpm2-device=auto writes (the sealed blob shortened)
+TPM2_TOKEN = {
+    "type": "systemd-tpm2", "keyslots": ["0"], "tpm2-blob": "AAAA", "tpm2-pcrs": [7],
+    "tpm2-pcr-bank": "sha256", "tpm2-primary-alg": "ecc", "tpm2-policy-hash": "00",
+    "tpm2-pin": False,
+}  # fmt: skip
+PLUGIN = "usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so"
+
+
+def enroll_tpm2(world: LuksWorld, plugin: bool = True) -> None:
+    subprocess.run(
+        ["cryptsetup", "token", "import", "--json-file", "-", str(world.root / "dev/vdc")],
+        input=json.dumps(TPM2_TOKEN).encode(), check=True, capture_output=True,
+    )  # fmt: skip
+    if plugin:
+        (world.root / PLUGIN).parent.mkdir(parents=True, exist_ok=True)
+        (world.root / PLUGIN).write_bytes(b"")
+
+
+def test_the_tpm2_token_systemd_enrolled_unlocks_without_asking(world, monkeypatch) -> None:
+    """The user enrolled the TPM (systemd-cryptenroll) and R carries cryptsetup's plugin:
+    nobody is asked. The TPM is stood in (this machine has none; the VM tier's scenario
+    luks-tpm2 unseals with swtpm)."""
+    world.save()
+    enroll_tpm2(world)
+    asked: list[tuple[str, str]] = []
+
+    def unsealed(sysroot, node, kind, **kw):
+        asked.append((node, kind))
+        return world.volume_key
+
+    monkeypatch.setattr(luks, "token_volume_key", unsealed)
+    console = Console()
+    assert world.run_with(console) == "restore"
+    assert console.prompts == [] and world.mapped == [world.volume_key]
+    assert asked == [("/dev/vdc", "systemd-tpm2")]
+
+
+def test_a_tpm2_token_that_does_not_open_falls_back_to_the_passphrase(world, capsys) -> None:
+    """PCR 7 changed (Secure Boot toggled), the TPM cleared, or no TPM at all: cryptsetup
+    (the real one) fails, R says why and asks for the passphrase."""
+    world.save()
+    enroll_tpm2(world)
+    console = Console(PASS)
+    assert world.run_with(console) == "restore"
+    assert len(console.prompts) == 1 and world.mapped == [world.volume_key]
+    assert "the systemd-tpm2 token does not open /dev/vdc" in capsys.readouterr().out
+
+
+def test_a_tpm2_token_r_has_no_plugin_for_is_named_and_the_passphrase_asked(world, capsys) -> None:
+    world.save()
+    enroll_tpm2(world, plugin=False)
+    console = Console(PASS)
+    assert world.run_with(console) == "restore"
+    assert len(console.prompts) == 1
+    out = capsys.readouterr().out
+    assert "has a systemd-tpm2 token and this restore environment no cryptsetup plugin" in out
+    assert "--refresh-boot-entry" in out
+
+
 def test_an_encrypted_image_inside_luks_asks_for_the_disk_then_the_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -226,3 +226,85 @@ def test_a_damaged_header_is_read_from_its_copy_or_makes_r_ask(junk, at):
     if at >= 16384 + 4096 + 100 or at + len(junk) <= 8:  # only unused bytes changed
         assert got == meta
     assert luks.image_marked(got) or luks.tokens_of(got) == []
+
+
+def _status_answer(lines, flags=0):
+    """A DM_TABLE_STATUS answer as dm-ioctl.c's retrieve_status writes it: specs from
+    data_start, each ``next`` counted from data_start, parameters NUL-terminated, 8-aligned."""
+    data = b""
+    for t in lines:
+        params = t.params.encode() + b"\0"
+        size = devmapper.SPEC.size + len(params)
+        size += -size % 8
+        spec = devmapper.SPEC.pack(t.start, t.length, 0, len(data) + size, t.target_type.encode())
+        data += (spec + params).ljust(size, b"\0")
+    head = devmapper.HEADER.pack(
+        4, 48, 0, 312 + len(data) + 64, 312, len(lines), 0, flags, 0, 0, 0, b"x", b"", b""
+    )
+    return bytearray(head + data + bytes(64))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 1 << 40),
+            st.integers(1, 1 << 40),
+            st.sampled_from(["crypt", "linear", "striped"]),
+            st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=300),
+        ),
+        max_size=4,
+    )
+)
+def test_the_live_table_is_read_back_from_the_kernels_answer(targets):
+    lines = [devmapper.TableLine(*t) for t in targets]
+    assert devmapper.unpack_table(_status_answer(lines)) == lines
+
+
+def test_a_table_answer_cut_short_is_refused():
+    buf = _status_answer([devmapper.TableLine(0, 8, "crypt", "aes 00 0 8:0 0")])
+    struct.pack_into("=I", buf, 12, 312 + 20)  # data_size ends inside the spec
+    with pytest.raises(VolumeError):
+        devmapper.unpack_table(buf)
+
+
+def test_the_key_is_read_from_the_mapping_a_token_opened():
+    """cryptsetup opened with --disable-keyring: the key is the table's second field; a key
+    in the kernel keyring cannot be read and says how to avoid it."""
+    key = bytes(range(64))
+    line = devmapper.TableLine(0, 8, "crypt", f"aes-xts-plain64 {key.hex()} 0 254:17 32768")
+    assert luks.key_from_table([line]) == key
+    keyring = devmapper.TableLine(0, 8, "crypt", "aes-xts-plain64 :64:logon:cryptsetup:x 0 8:1 0")
+    with pytest.raises(VolumeError, match="keyring") as ei:
+        luks.key_from_table([keyring])
+    assert "--disable-keyring" in ei.value.fix
+    with pytest.raises(VolumeError):
+        luks.key_from_table([devmapper.TableLine(0, 8, "linear", "8:1 0")])
+    with pytest.raises(VolumeError):
+        luks.key_from_table([line, line])
+
+
+def test_r_tries_a_tpm2_token_only_when_it_needs_no_pin():
+    """systemd-cryptenroll's TPM2 token opens without anyone at the keyboard unless it was
+    enrolled with a PIN; FIDO2 and PKCS#11 tokens need a person, so R asks instead."""
+    tpm2 = {"type": "systemd-tpm2", "keyslots": ["2"], "tpm2-pcrs": [7]}
+    assert luks.unattended_tokens({"tokens": {"1": tpm2}}) == ["systemd-tpm2"]
+    assert luks.unattended_tokens({"tokens": {"1": {**tpm2, "tpm2-pin": False}}}) == [
+        "systemd-tpm2"
+    ]
+    assert luks.unattended_tokens({"tokens": {"1": {**tpm2, "tpm2-pin": True}}}) == []
+    assert luks.unattended_tokens({"tokens": {"0": {"type": "systemd-fido2"}}}) == []
+    assert luks.unattended_tokens({"tokens": "junk"}) == []
+    assert luks.unattended_tokens(None) == []
+
+
+def test_a_token_that_does_not_open_names_cryptsetups_reason(tmp_path):
+    from kjumpd.sysroot import Sysroot
+
+    class Done:
+        returncode, stdout, stderr = 1, b"", b"No usable token is available.\n"
+
+    with pytest.raises(VolumeError, match="systemd-tpm2 token does not unlock") as ei:
+        luks.token_volume_key(
+            Sysroot(tmp_path), "/dev/vdb1", "systemd-tpm2", run=lambda *a, **k: Done()
+        )
+    assert ei.value.why == "No usable token is available."

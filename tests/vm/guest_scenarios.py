@@ -998,9 +998,10 @@ LUKS_START_SECTOR = 2048
 LUKS_PARTITION = STORAGE_DISK + "1"
 LUKS_PASSPHRASE = "kjumpvm-luks-passphrase"
 LUKS_PASSFILE = Path("/run/kjumpvm-luks.pass")
-#: the image target inside that volume: R asks for its passphrase (luks-target) or unlocks
-#: it with the key file the system's initramfs holds (luks-keyfile)
-LUKS_TARGETS = ("luks-target", "luks-keyfile")
+#: the image target inside that volume: R asks for its passphrase (luks-target), unlocks
+#: it with the key file the system's initramfs holds (luks-keyfile) or with the TPM2 token
+#: systemd-cryptenroll enrolled (luks-tpm2)
+LUKS_TARGETS = ("luks-target", "luks-keyfile", "luks-tpm2")
 
 
 def run_tool(*cmd: str) -> str:
@@ -1067,6 +1068,16 @@ def storage_target(kind: str) -> dict[str, str]:
         hook = Path("/etc/cryptsetup-initramfs/conf-hook")
         hook.parent.mkdir(parents=True, exist_ok=True)
         hook.write_text('KEYFILE_PATTERN="/etc/keys/*.key"\nUMASK=0077\n')
+    if kind == "luks-tpm2":
+        # as an Ubuntu or Fedora user enrolls the machine's TPM (sealed to PCR 7, no PIN)
+        if not Path("/dev/tpmrm0").exists():
+            raise Missing("the machine has no TPM (/dev/tpmrm0)")
+        run_tool(
+            "systemd-cryptenroll", "--tpm2-device=auto", "--tpm2-pcrs=7",
+            f"--unlock-key-file={LUKS_PASSFILE}", LUKS_PARTITION,
+        )  # fmt: skip
+        dump = run_tool("cryptsetup", "luksDump", LUKS_PARTITION)
+        fields["tpm2_token"] = "enrolled" if "systemd-tpm2" in dump else "none"
     if kind in LUKS_TARGETS:
         m = re.search(r"(enrolled key file|key file) (\S+) ", proc.stdout)
         fields["luks_key"] = "enrolled" if m and m.group(1).startswith("enrolled") else "none"

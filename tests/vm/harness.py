@@ -133,6 +133,9 @@ class VMConfig:
     #: QEMU's CPU model; "+ssse3,+sse4.1,+sse4.2,+aes,+pclmulqdq" offers AES-NI to the
     #: guest (encrypted images; OpenSSL's AES-NI code also uses SSSE3)
     cpu: str = "qemu64,+pdpe1gb"
+    #: a TPM 2.0 (QEMU's tpm-tis over swtpm) whose state lives in this directory, kept
+    #: across power cycles as a machine's TPM is; None: no TPM
+    tpm_state: Path | None = None
 
 
 @dataclass
@@ -167,6 +170,7 @@ class VM:
         #: sends them only while a QMP client is connected (any qmp() call connects)
         self.qmp_events: list[dict[str, Any]] = []
         self.last_line: ConsoleLine | None = None
+        self._tpm: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
@@ -201,8 +205,53 @@ class VM:
             cmd += ["-initrd", str(c.initrd)]
         for d in c.disks:
             cmd += ["-drive", f"file={d},format={c.disk_format},if=virtio,cache=unsafe"]
+        if c.tpm_state is not None:
+            cmd += [
+                "-chardev", f"socket,id=chrtpm,path={self._tpm_socket}",
+                "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                "-device", "tpm-tis,tpmdev=tpm0",
+            ]  # fmt: skip
         cmd += list(c.extra)
         return cmd
+
+    @property
+    def _tpm_socket(self) -> Path:
+        return Path(f"/tmp/kjt-tpm-{os.getpid()}-{id(self) & 0xFFFF:x}.sock")
+
+    def _start_tpm(self) -> None:
+        """swtpm for this power-on (it ends when QEMU closes its socket)."""
+        state = self.cfg.tpm_state
+        assert state is not None
+        if shutil.which("swtpm") is None:
+            missing_prereq("swtpm is not installed (apt-get install swtpm)")
+        state.mkdir(parents=True, exist_ok=True)
+        sock = self._tpm_socket
+        sock.unlink(missing_ok=True)
+        log = open(self.artifacts / f"{self.name}-swtpm-{self.run}.log", "w")
+        self._tpm = subprocess.Popen(
+            [
+                "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
+                "--ctrl", f"type=unixio,path={sock}", "--terminate",
+            ],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if self._tpm.poll() is not None or time.monotonic() > deadline:
+                raise VMError(f"swtpm did not start (see {self.artifacts})")
+            time.sleep(0.05)
+
+    def _stop_tpm(self) -> None:
+        if self._tpm is None:
+            return
+        try:
+            self._tpm.wait(5)
+        except subprocess.TimeoutExpired:
+            self._tpm.kill()
+            self._tpm.wait()
+        self._tpm = None
+        self._tpm_socket.unlink(missing_ok=True)
 
     @property
     def log_path(self) -> Path:
@@ -215,6 +264,8 @@ class VM:
         # unix socket paths are limited to ~108 bytes: keep it short
         self.qmp_path = Path(f"/tmp/kjt-qmp-{os.getpid()}-{id(self) & 0xFFFF:x}-{self.run}.sock")
         self.qmp_path.unlink(missing_ok=True)
+        if self.cfg.tpm_state is not None:
+            self._start_tpm()
         cmd = self.command()
         (self.artifacts / f"{self.name}-qemu-{self.run}.cmdline").write_text(" ".join(cmd) + "\n")
         self.lines = []
@@ -265,6 +316,7 @@ class VM:
             self._log.close()
             self._log = None
         self.qmp_path.unlink(missing_ok=True)
+        self._stop_tpm()
 
     def __enter__(self) -> VM:
         if self.proc is None:

@@ -62,6 +62,11 @@ PACKAGES = (
     "lvm2",
     "btrfs-progs",
     "cryptsetup-bin",
+    # the TPM2 scenario: systemd-cryptenroll (in systemd) loads these with dlopen
+    "libtss2-esys-3.0.2-0",
+    "libtss2-rc0",
+    "libtss2-mu0",
+    "libtss2-tcti-device0",
 )
 #: Bump when the way the tree is made changes (not for payload changes).
 TREE_RECIPE = "tree-v2"

@@ -54,7 +54,15 @@ A_APPEND_OF = {
 #: a CPU model offering AES-NI (OpenSSL's AES-NI code also uses SSSE3), for the encrypted
 #: scenarios: what an encrypting laptop has (dm-crypt then uses the kernel's aesni code)
 AES_CPU = "qemu64,+pdpe1gb,+ssse3,+sse4.1,+sse4.2,+aes,+pclmulqdq"
-CPU_OF = {"encrypted": AES_CPU, "luks-target": AES_CPU, "luks-keyfile": AES_CPU}
+CPU_OF = {
+    "encrypted": AES_CPU,
+    "luks-target": AES_CPU,
+    "luks-keyfile": AES_CPU,
+    "luks-tpm2": AES_CPU,
+}
+#: scenarios whose machine has a TPM 2.0 (swtpm; its state in the run directory, kept
+#: across the power cycle)
+TPM = frozenset({"luks-tpm2"})
 #: the image key's passphrase in the encrypted scenario (typed by the host at R's prompt)
 PASSPHRASE = "kjumpvm-image-key-passphrase"
 PASSPHRASE_PROMPT = r"kjumpd: passphrase for the hibernation image \(key \w+, try (\d) of 3"
@@ -397,6 +405,7 @@ class Runner:
             smp=SMP,
             extra=(*ACPI_SLEEP, *WATCHDOG, *extra_qemu),
             cpu=CPU_OF.get(name, self.h.VMConfig.cpu),
+            tpm_state=run_dir / "tpm" if name in TPM else None,
         )
         self.vm = self.h.VM(self.cfg, artifacts=run_dir, name=name)
         self.t0 = time.monotonic()
@@ -595,6 +604,7 @@ FSCK_AFTER = frozenset(
         "luks-stale",
         "luks-target",
         "luks-keyfile",
+        "luks-tpm2",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -905,7 +915,9 @@ def _swap_disk(run_dir: Path) -> Path:
 
 
 #: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
-STORAGE_DISKS = frozenset({"lvm", "btrfs", "luks", "luks-stale", "luks-target", "luks-keyfile"})
+STORAGE_DISKS = frozenset(
+    {"lvm", "btrfs", "luks", "luks-stale", "luks-target", "luks-keyfile", "luks-tpm2"}
+)
 
 
 def run(
@@ -956,7 +968,8 @@ def run(
         "luks": ("storage", "power-cycle"),
         "luks-stale": ("storage", "luks-stale"),
         "luks-target": ("storage", "luks-target"),
-        "luks-keyfile": ("storage", "luks-keyfile"),
+        "luks-keyfile": ("storage", "unattended"),
+        "luks-tpm2": ("storage", "unattended"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -974,6 +987,7 @@ def run(
         "luks-stale": "kjumpvm.storage=luks kjumpvm.tamper=1",
         "luks-target": "kjumpvm.storage=luks-target",
         "luks-keyfile": "kjumpvm.storage=luks-keyfile",
+        "luks-tpm2": "kjumpvm.storage=luks-tpm2",
     }.get(name, "")
     extra = f"{extra} {append}".strip()
     if name not in flows:
@@ -1064,7 +1078,7 @@ def run(
             _luks_stale_flow(r, timeout, run_dir)
         elif flow == "luks-target":
             _luks_target_flow(r, timeout, run_dir)
-        elif flow == "luks-keyfile":
+        elif flow == "unattended":
             r.wait_exit(timeout)
             if not r.has_verdict():  # it powered off with an image: R must not ask
                 r.boot_restore_first(timeout, wait=False)

@@ -376,3 +376,25 @@ def test_r_unlocks_the_targets_luks2_volume_with_the_key_file_the_initramfs_hold
     assert out.verdict.get("through_mapping") == "same", out.summary()
     assert out.verdict.get("luks_token") == "removed", out.summary()
     _writers_intact(out)
+
+
+def test_t_unlocks_the_targets_luks2_volume_with_the_tpm2_token_systemd_enrolled(
+    vm_assets_built, run_dir
+):
+    """Scenario q's machine with a TPM 2.0 (swtpm, its state kept across the power cycle):
+    the user enrolled the volume to the TPM with systemd-cryptenroll (PCR 7, no PIN). R
+    carries cryptsetup's systemd-tpm2 plugin, unlocks the volume with the token without a
+    prompt, hands the key to B and restores."""
+    out = _run("luks-tpm2", vm_assets_built, run_dir)
+    assert out.verdict.get("tpm2_token") == "enrolled", out.summary()
+    assert out.verdict.get("keyslots") == "3", out.summary()
+    assert _console_matches(out, r"kjumpd-rf: /dev/vdb1 unlocked with its systemd-tpm2 token"), (
+        out.summary()
+    )
+    assert not _console_matches(out, r"kjumpd: passphrase for disk"), out.summary()
+    assert _console_matches(out, r"kjumpd-rf: decision: Restore"), out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("through_mapping") == "same", out.summary()
+    assert out.verdict.get("luks_token") == "removed", out.summary()
+    _writers_intact(out)
