@@ -1314,6 +1314,16 @@ def scenario_storage() -> int:
             # image is consumed: the next boots through R ask nothing
             dump = run_tool("cryptsetup", "luksDump", LUKS_PARTITION)
             fields["luks_token"] = "present" if "kjumpd-image" in dump else "removed"
+        if kind == "luks-tpm2":
+            # the TPM went through the save kernel, a power cycle, R and B: A still unseals
+            # with it (what systemd-cryptsetup does at A's next boot)
+            proc = subprocess.run(
+                ["cryptsetup", "open", "--test-passphrase", "--token-only", LUKS_PARTITION],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            fields["tpm_after_resume"] = "unseals" if proc.returncode == 0 else "fails"
+            if proc.returncode != 0:
+                problems.append(f"A's TPM does not unseal after the resume: {proc.stderr[-200:]}")
         more, mfields = unmount_and_check(kind)
         return problems + more, {**fields, **mfields}
 

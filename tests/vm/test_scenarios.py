@@ -384,7 +384,7 @@ def test_t_unlocks_the_targets_luks2_volume_with_the_tpm2_token_systemd_enrolled
     """Scenario q's machine with a TPM 2.0 (swtpm, its state kept across the power cycle):
     the user enrolled the volume to the TPM with systemd-cryptenroll (PCR 7, no PIN). R
     carries cryptsetup's systemd-tpm2 plugin, unlocks the volume with the token without a
-    prompt, hands the key to B and restores."""
+    prompt, hands the key to B and restores; A's TPM still unseals after the resume."""
     out = _run("luks-tpm2", vm_assets_built, run_dir)
     assert out.verdict.get("tpm2_token") == "enrolled", out.summary()
     assert out.verdict.get("keyslots") == "3", out.summary()
@@ -397,4 +397,5 @@ def test_t_unlocks_the_targets_luks2_volume_with_the_tpm2_token_systemd_enrolled
     assert out.verdict.get("data") == "byte-exact", out.summary()
     assert out.verdict.get("through_mapping") == "same", out.summary()
     assert out.verdict.get("luks_token") == "removed", out.summary()
+    assert out.verdict.get("tpm_after_resume") == "unseals", out.summary()
     _writers_intact(out)
