@@ -339,7 +339,8 @@ R_SAVE_INITRD = "/kjump/save/initramfs.cpio.gz"
 #: R opens encrypted images with it (kjumpd.image.seal)
 R_IMAGE_KEY = "/etc/kjumpd/image-key.json"
 #: the key file this system's initramfs unlocks the target's LUKS volume with (crypttab,
-#: KEYFILE_PATTERN): R unlocks it the same way, without asking (restore.unlock)
+#: KEYFILE_PATTERN or dracut's install_items): R unlocks it the same way, without asking
+#: (restore.unlock)
 R_LUKS_KEY = "/etc/kjumpd/luks-volume.key"
 
 
@@ -1163,9 +1164,10 @@ def _require_record(sysroot: Sysroot) -> BootEntry:
     return rec
 
 
-def restore_can_unlock(sysroot: Sysroot) -> bool | None:
-    """Whether the installed R has cryptsetup (to unlock a LUKS volume holding the target);
-    None when its initramfs cannot be read here."""
+def restore_unlockers(sysroot: Sysroot) -> frozenset[str] | None:
+    """What the installed R can unlock a LUKS volume holding the target with: "cryptsetup"
+    (passphrase, key file) and the token types whose cryptsetup plugin it carries (e.g.
+    "systemd-tpm2"); None when its initramfs cannot be read here."""
     from kjumpd import initrd
 
     rec = read_record(sysroot)
@@ -1176,7 +1178,15 @@ def restore_can_unlock(sysroot: Sysroot) -> bool | None:
     except (KjumpError, OSError) as e:
         log.warning("cannot list %s (%s)", rec.initrd, e)
         return None
-    return any(n.rsplit("/", 1)[-1] == "cryptsetup" for n in names)
+    found = set()
+    for n in names:
+        base = n.rsplit("/", 1)[-1]
+        if base == "cryptsetup":
+            found.add("cryptsetup")
+        m = re.fullmatch(r"libcryptsetup-token-(.+)\.so", base)
+        if m:
+            found.add(m.group(1))
+    return frozenset(found)
 
 
 def check(sysroot: Sysroot) -> list[str]:

@@ -361,8 +361,10 @@ def _boot_entry(sysroot: Sysroot, rep: PreflightReport) -> None:
     add = rep.items.append
     problems = bootentry.check(sysroot)
     target = rep.plan.target
+    unlockers = None
     if target is not None and target.volume is not None and not problems:
-        if bootentry.restore_can_unlock(sysroot) is False:
+        unlockers = bootentry.restore_unlockers(sysroot)
+        if unlockers is not None and "cryptsetup" not in unlockers:
             problems.append(
                 f"the target is inside LUKS volume {target.volume.uuid}, and the restore-first "
                 "entry's initramfs has no cryptsetup to unlock it: every restore would boot "
@@ -374,6 +376,37 @@ def _boot_entry(sysroot: Sysroot, rep: PreflightReport) -> None:
             not problems,
             "; ".join(problems) if problems else "restore-first entry installed",
             "kjumpctl setup --bootloader grub|bls|restore-first",
+        )
+    )
+    if unlockers is not None and not problems and target is not None:
+        _volume_tokens(sysroot, target, unlockers, rep)
+
+
+def _volume_tokens(
+    sysroot: Sysroot, target: Any, unlockers: frozenset[str], rep: PreflightReport
+) -> None:
+    """A TPM2 token the user enrolled opens the volume in R only when R carries its plugin;
+    without it R asks for the passphrase (not fatal: someone may be there to type it)."""
+    from kjumpd.linux import luks
+
+    kinds = luks.unattended_tokens(luks.read_header_json(str(sysroot.path(target.volume_node))))
+    if not kinds:
+        return
+    missing = [k for k in kinds if k not in unlockers]
+    rep.items.append(
+        PreflightItem(
+            "volume token",
+            not missing,
+            f"LUKS volume {target.volume.uuid} has a {', '.join(missing)} token and the "
+            "restore-first entry no cryptsetup plugin for it: the restore will ask for the "
+            "volume's passphrase"
+            if missing
+            else f"the restore-first entry unlocks LUKS volume {target.volume.uuid} with its "
+            f"{', '.join(kinds)} token",
+            "install systemd's cryptsetup plugins and the tpm2-tss libraries (Debian and "
+            "Ubuntu: libtss2-dev; systemd-cryptsetup where it is a package of its own), then "
+            "run `kjumpctl install --refresh-boot-entry`",
+            fatal=False,
         )
     )
 

@@ -178,28 +178,42 @@ def _cryptsetup(run: Any, args: list[str], stdin: bytes, what: str) -> None:
         )
 
 
+def _dracut_confs(sysroot: Sysroot) -> list[str]:
+    """dracut's configuration files' contents, in the order dracut reads them."""
+    from kjumpd.linux import crypttab
+
+    confs = [sysroot.read_text(crypttab.DRACUT_CONF, default="")]
+    by_name: dict[str, str] = {}
+    for d in crypttab.DRACUT_CONF_DIRS:
+        for name in sysroot.listdir(d):
+            if name.endswith(".conf"):
+                by_name[name] = f"{d}/{name}"
+    return confs + [sysroot.read_text(by_name[n], default="") for n in sorted(by_name)]
+
+
 def initramfs_key_file(sysroot: Sysroot, target: Any) -> str | None:
     """The key file that unlocks ``target``'s volume in this system's own initramfs
-    (crypttab names it and Debian's KEYFILE_PATTERN puts it there), for R to unlock the
-    volume the same way: without a passphrase. None when the volume is asked for."""
+    (crypttab names it; Debian's KEYFILE_PATTERN or dracut's install_items puts it there),
+    for R to unlock the volume the same way: without a passphrase. None when the volume is
+    asked for."""
     from kjumpd.linux import crypttab
 
     vol = target.volume
     if vol is None:
         return None
     pattern = crypttab.keyfile_pattern(sysroot.read_text(crypttab.CONF_HOOK, default=""))
+    items = crypttab.dracut_install_items(_dracut_confs(sysroot))
     node = os.path.realpath(sysroot.path(target.volume_node))
     for entry in crypttab.parse(sysroot.read_text(crypttab.CRYPTTAB, default="")):
         dev = entry.device
-        if dev.upper().startswith("UUID="):
-            same = dev[5:].strip("\"'").lower() == vol.uuid
-        elif dev.startswith("/"):
-            same = os.path.realpath(sysroot.path(dev)) == node
+        if dev.upper().startswith("UUID=") and dev[5:].strip("\"'").lower() == vol.uuid:
+            same = True  # the LUKS header's own UUID, with or without udev's link
         else:
-            same = False  # PARTUUID=, LABEL=: not the LUKS header's own name
+            path = crypttab.device_path(dev)
+            same = path is not None and os.path.realpath(sysroot.path(path)) == node
         if not same:
             continue
-        path = crypttab.initramfs_key_file(entry, pattern)
+        path = crypttab.initramfs_key_file(entry, pattern, items)
         if path is not None and sysroot.path(path).is_file():
             return path
     return None

@@ -11,7 +11,8 @@ What R does when it cannot open an image (every case boots the normal system):
 - the seal, the header or the metadata was altered: the image is refused (INVALID).
 
 A LUKS volume is unlocked as an encrypted Ubuntu or Fedora boot would: with the key file
-the system's own initramfs holds for it (Debian's crypttab + KEYFILE_PATTERN), else the
+the system's own initramfs holds for it (crypttab + Debian's KEYFILE_PATTERN or dracut's
+install_items), else the
 TPM2 token systemd-cryptenroll enrolled (without a PIN), else its passphrase, up to
 ``TRIES`` times; empty, or wrong every time, boots the normal system with
 the image kept (the normal initramfs then asks for the passphrase itself).

@@ -368,12 +368,15 @@ def test_whether_r_can_unlock_a_luks_volume_is_read_from_its_initramfs(
     import gzip
 
     from kjumpd import cpio
-    from kjumpd.daemon.bootentry import restore_can_unlock
+    from kjumpd.daemon.bootentry import restore_unlockers
 
-    names = ["usr/sbin/kexec"] + (["usr/sbin/cryptsetup"] if with_cryptsetup else [])
+    plugin = "usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so"
+    names = ["usr/sbin/kexec"] + (["usr/sbin/cryptsetup", plugin] if with_cryptsetup else [])
     base = tmp_path / "r.cpio.gz"
     base.write_bytes(gzip.compress(cpio.write(cpio.Entry.file(n, b"\x7fELF") for n in names)))
-    assert restore_can_unlock(grub_root) is None  # nothing installed
+    assert restore_unlockers(grub_root) is None  # nothing installed
     bare = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576"
     install(grub_root, "grub", kernel=r_files[0], initrd=base, cmdline=bare, machine=False)
-    assert restore_can_unlock(grub_root) is with_cryptsetup
+    assert restore_unlockers(grub_root) == (
+        {"cryptsetup", "systemd-tpm2"} if with_cryptsetup else frozenset()
+    )

@@ -242,6 +242,10 @@ def test_a_luks1_volume_is_not_marked_and_r_always_asks(tmp_path):
         ("/dev/vdc1", "/etc/keys/*", True),
         ("UUID={uuid}", None, False),  # the initramfs holds no key file: R asks
         ("UUID=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e", '"/etc/keys/*.key"', False),
+        # Ubuntu's installer names the partition; udev links it
+        ("PARTUUID=6f1c9a2e-01", '"/etc/keys/*.key"', True),
+        ("LABEL=cryptroot", '"/etc/keys/*.key"', True),
+        ("PARTUUID=0000aaaa-02", '"/etc/keys/*.key"', False),  # another partition
     ],
 )
 def test_r_gets_the_key_file_the_normal_initramfs_unlocks_the_volume_with(
@@ -251,6 +255,12 @@ def test_r_gets_the_key_file_the_normal_initramfs_unlocks_the_volume_with(
 
     root = tmp_path / "root"
     target, _key = _target(root, tmp_path)
+    for link in ("by-partuuid/6f1c9a2e-01", "by-label/cryptroot", "by-partuuid/0000aaaa-02"):
+        (root / "dev/disk" / link).parent.mkdir(parents=True, exist_ok=True)
+    (root / "dev/disk/by-partuuid/6f1c9a2e-01").symlink_to("../../vdc1")
+    (root / "dev/disk/by-label/cryptroot").symlink_to("../../vdc1")
+    (root / "dev/vdd2").write_bytes(b"")
+    (root / "dev/disk/by-partuuid/0000aaaa-02").symlink_to("../../vdd2")
     (root / "etc/keys").mkdir(parents=True)
     (root / "etc/keys/vol.key").write_bytes(b"k" * 64)
     dev = device.format(uuid=target.volume.uuid)
@@ -260,3 +270,60 @@ def test_r_gets_the_key_file_the_normal_initramfs_unlocks_the_volume_with(
         (root / "etc/cryptsetup-initramfs/conf-hook").write_text(f"KEYFILE_PATTERN={pattern}\n")
     got = volumekey.initramfs_key_file(Sysroot(root), target)
     assert got == ("/etc/keys/vol.key" if found else None)
+
+
+@pytest.mark.parametrize("r_has_plugin", [True, False])
+def test_the_preflight_says_whether_r_unlocks_with_the_tpm2_token(tmp_path, r_has_plugin):
+    """The user enrolled the volume to the TPM (systemd-cryptenroll): `kjumpctl check` says R
+    unlocks with it, or warns (not fatal: someone can still type the passphrase) that R will
+    ask, and how to give R the plugin."""
+    import json
+
+    from kjumpd.daemon import preflight
+
+    root = tmp_path / "root"
+    target, _key = _target(root, tmp_path)
+    token = {"type": "systemd-tpm2", "keyslots": ["0"], "tpm2-blob": "AAAA", "tpm2-pcrs": [7],
+             "tpm2-pcr-bank": "sha256", "tpm2-primary-alg": "ecc", "tpm2-policy-hash": "00",
+             "tpm2-pin": False}  # fmt: skip
+    subprocess.run(
+        ["cryptsetup", "token", "import", "--json-file", "-", str(root / "dev/vdc1")],
+        input=json.dumps(token).encode(), check=True, capture_output=True,
+    )  # fmt: skip
+    rep = SimpleNamespace(items=[])
+    got = frozenset({"cryptsetup", "systemd-tpm2"} if r_has_plugin else {"cryptsetup"})
+    preflight._volume_tokens(Sysroot(root), target, got, rep)
+    [item] = rep.items
+    assert item.name == "volume token" and item.ok is r_has_plugin and not item.fatal
+    if r_has_plugin:
+        assert "unlocks LUKS volume" in item.detail and "systemd-tpm2 token" in item.detail
+    else:
+        assert "will ask for the volume's passphrase" in item.detail
+        assert "--refresh-boot-entry" in item.fix
+    rep = SimpleNamespace(items=[])
+    subprocess.run(["cryptsetup", "token", "remove", "--token-id", "0", str(root / "dev/vdc1")])
+    preflight._volume_tokens(Sysroot(root), target, got, rep)
+    assert rep.items == []  # no token: nothing to say
+
+
+def test_r_gets_the_key_file_fedoras_dracut_puts_in_the_initramfs(tmp_path):
+    """Fedora's way: crypttab names the key file and a dracut configuration file lists it in
+    install_items; one in /etc/dracut.conf.d hides the same name in /usr/lib."""
+    from kjumpd.daemon import volumekey
+
+    root = tmp_path / "root"
+    target, _key = _target(root, tmp_path)
+    (root / "etc/keys").mkdir(parents=True)
+    (root / "etc/keys/vol.key").write_bytes(b"k" * 64)
+    (root / "etc/crypttab").write_text(
+        f"luks-{target.volume.uuid} UUID={target.volume.uuid} /etc/keys/vol.key discard\n"
+    )
+    assert volumekey.initramfs_key_file(Sysroot(root), target) is None
+    (root / "usr/lib/dracut/dracut.conf.d").mkdir(parents=True)
+    (root / "usr/lib/dracut/dracut.conf.d/50-keys.conf").write_text(
+        'install_items+=" /etc/keys/vol.key "\n'
+    )
+    assert volumekey.initramfs_key_file(Sysroot(root), target) == "/etc/keys/vol.key"
+    (root / "etc/dracut.conf.d").mkdir(parents=True)
+    (root / "etc/dracut.conf.d/50-keys.conf").write_text("# no key files in the initramfs\n")
+    assert volumekey.initramfs_key_file(Sysroot(root), target) is None

@@ -44,3 +44,40 @@ def test_only_a_key_file_the_initramfs_holds_unlocks_without_a_passphrase():
     assert crypttab.initramfs_key_file(home, "*") is None
     assert crypttab.initramfs_key_file(swap, "*") is None
     assert crypttab.initramfs_key_file(usb, "/etc/keys/*.key") is None
+
+
+@pytest.mark.parametrize(
+    "device,path",
+    [
+        ("/dev/nvme0n1p3", "/dev/nvme0n1p3"),
+        ("PARTUUID=6f1c9a2e-01", "/dev/disk/by-partuuid/6f1c9a2e-01"),
+        ('LABEL="cryptroot"', "/dev/disk/by-label/cryptroot"),
+        ("partlabel=root", "/dev/disk/by-partlabel/root"),
+        ("ID=nvme-Samsung_SSD-part3", "/dev/disk/by-id/nvme-Samsung_SSD-part3"),
+        (
+            "UUID=3f2a0c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b",
+            "/dev/disk/by-uuid/3f2a0c1e-5b6d-4e7f-8a9b-0c1d2e3f4a5b",
+        ),
+        ("LABEL=../../etc", None),
+        ("SERIAL=x", None),
+        ("none", None),
+    ],
+)
+def test_a_crypttab_device_is_found_where_udev_links_it(device, path):
+    assert crypttab.device_path(device) == path
+
+
+def test_dracuts_install_items_add_up_in_reading_order():
+    confs = [
+        'install_items+=" /etc/keys/root.key "\n',
+        "install_optional_items+=' /etc/keys/usb.key ' # optional\n",
+        '# install_items+=" /etc/keys/old.key "\n',
+        'install_items="/etc/keys/home.key"\n',
+    ]
+    assert crypttab.dracut_install_items(confs) == {"/etc/keys/home.key", "/etc/keys/usb.key"}
+    assert crypttab.dracut_install_items(confs[:1]) == {"/etc/keys/root.key"}
+    root = crypttab.parse(TAB)[0]
+    assert crypttab.initramfs_key_file(root, None, frozenset({"/etc/keys/root.key"})) == (
+        "/etc/keys/root.key"
+    )
+    assert crypttab.initramfs_key_file(root, None, frozenset({"/etc/keys/usb.key"})) is None

@@ -1085,6 +1085,11 @@ def storage_target(kind: str) -> dict[str, str]:
         fields["keyslots"] = str(len(re.findall(r"^\s+\d+: luks2$", slots, re.M)))
     set_config_target(STORAGE_TARGET)
     install_restore_entry(RESTORE_INITRD_CRYPTO if kind in LUKS_TARGETS else RESTORE_INITRD)
+    if kind == "luks-tpm2":
+        # the preflight looked into the installed R for the token's plugin
+        check = kjumpctl("check").stdout
+        m = re.search(r"^\[(ok  |warn)\] volume token: ", check, re.M)
+        fields["r_token_check"] = m.group(1).strip() if m else "absent"
     if kind == "luks-keyfile":
         mode = os.stat("/boot/kjumpd/initrd-restore.img").st_mode & 0o777
         fields["r_initrd_mode"] = f"{mode:o}"

@@ -387,6 +387,7 @@ def test_t_unlocks_the_targets_luks2_volume_with_the_tpm2_token_systemd_enrolled
     prompt, hands the key to B and restores; A's TPM still unseals after the resume."""
     out = _run("luks-tpm2", vm_assets_built, run_dir)
     assert out.verdict.get("tpm2_token") == "enrolled", out.summary()
+    assert out.verdict.get("r_token_check") == "ok", out.summary()
     assert out.verdict.get("keyslots") == "3", out.summary()
     assert _console_matches(out, r"kjumpd-rf: /dev/vdb1 unlocked with its systemd-tpm2 token"), (
         out.summary()
