@@ -1002,6 +1002,9 @@ LUKS_PASSFILE = Path("/run/kjumpvm-luks.pass")
 #: it with the key file the system's initramfs holds (luks-keyfile) or with the TPM2 token
 #: systemd-cryptenroll enrolled (luks-tpm2)
 LUKS_TARGETS = ("luks-target", "luks-keyfile", "luks-tpm2")
+#: lvm-raw: the image target is a raw LV (no filesystem), in two segments, its PV on a
+#: partition of the storage disk
+RAW_LV = Path("/dev/mapper/kjvg-image")
 
 
 def run_tool(*cmd: str) -> str:
@@ -1035,14 +1038,13 @@ def storage_target(kind: str) -> dict[str, str]:
     variant with cryptsetup."""
     fields: dict[str, str] = {}
     luks_arg = ("--luks-key-file", str(LUKS_PASSFILE)) if kind in LUKS_TARGETS else ()
-    proc = kjumpctl(
-        "setup", "--target", str(STORAGE_TARGET), "--size", TARGET_SIZE, *luks_arg, "--yes",
-        timeout=900,
-    )  # fmt: skip
-    say(f"kjumpctl setup --target {STORAGE_TARGET}: {proc.stdout.strip()[-300:]}")
+    target = RAW_LV if kind == "lvm-raw" else STORAGE_TARGET
+    size = () if kind == "lvm-raw" else ("--size", TARGET_SIZE)  # a device is its own size
+    proc = kjumpctl("setup", "--target", str(target), *size, *luks_arg, "--yes", timeout=900)
+    say(f"kjumpctl setup --target {target}: {proc.stdout.strip()[-300:]}")
     if proc.returncode != 0:
         raise Missing(
-            f"`kjumpctl setup --target {STORAGE_TARGET}` failed (rc {proc.returncode}): "
+            f"`kjumpctl setup --target {target}` failed (rc {proc.returncode}): "
             + (proc.stdout.strip().splitlines() or [""])[-1]
         )
     m = re.search(r"on (/dev/\S+) at byte (\d+) \((\d+) extents\)", proc.stdout)
@@ -1083,7 +1085,7 @@ def storage_target(kind: str) -> dict[str, str]:
         fields["luks_key"] = "enrolled" if m and m.group(1).startswith("enrolled") else "none"
         slots = run_tool("cryptsetup", "luksDump", LUKS_PARTITION)
         fields["keyslots"] = str(len(re.findall(r"^\s+\d+: luks2$", slots, re.M)))
-    set_config_target(STORAGE_TARGET)
+    set_config_target(target)
     install_restore_entry(RESTORE_INITRD_CRYPTO if kind in LUKS_TARGETS else RESTORE_INITRD)
     if kind == "luks-tpm2":
         # the preflight looked into the installed R for the token's plugin
@@ -1156,6 +1158,21 @@ def scenario_storage_setup() -> int:
                 problems.append(f"raw LV target not at disk byte {want}: {raw.stdout[-200:]}")
             fsdev = "/dev/mapper/kjvg-data"
             run_tool("mkfs.ext4", "-q", "-F", fsdev)
+        elif kind == "lvm-raw":
+            # the target a raw LV in two segments (another LV between them), its PV on a
+            # partition from 1 MiB; a filesystem on a third LV is frozen beside it
+            write_mbr(STORAGE_DISK, LUKS_START_SECTOR)
+            cfg = ("--config", LVM_CONFIG)
+            run_tool("lvm", "pvcreate", *cfg, "-ff", "-y", LUKS_PARTITION)
+            run_tool("lvm", "vgcreate", *cfg, "kjvg", LUKS_PARTITION)
+            run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "512M", "-n", "image", "kjvg")
+            run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "64M", "-n", "pad", "kjvg")
+            run_tool("lvm", "lvextend", *cfg, "-L", "+640M", "kjvg/image")
+            run_tool("lvm", "lvcreate", *cfg, "-y", "-L", "256M", "-n", "data", "kjvg")
+            segs = run_tool("lvm", "lvs", *cfg, "--noheadings", "--segments", "kjvg/image")
+            fields["lv_segments"] = str(len(segs.strip().splitlines()))
+            fsdev = "/dev/mapper/kjvg-data"
+            run_tool("mkfs.ext4", "-q", "-F", fsdev)
         elif kind == "btrfs":
             fsdev = STORAGE_DISK
             run_tool("mkfs.btrfs", "-q", "-f", fsdev)
@@ -1202,7 +1219,7 @@ def scenario_storage_setup() -> int:
                 int(m.group(1)) + int(pe.strip().rstrip("B")) if m else ""
             )
         else:
-            raise Missing(f"kjumpvm.storage={kind!r}: lvm, btrfs, luks or luks-target")
+            raise Missing(f"kjumpvm.storage={kind!r}: lvm, lvm-raw, btrfs, luks or luks-target")
         STORAGE_MOUNT.mkdir(parents=True, exist_ok=True)
         run_tool("mount", fsdev, str(STORAGE_MOUNT))
         notes = STORAGE_MOUNT / "notes.txt"
@@ -1282,7 +1299,7 @@ def unmount_and_check(kind: str) -> tuple[list[str], dict[str, str]]:
     if not same:
         problems.append("the file written on the storage stack before is not intact")
     run_tool("umount", str(STORAGE_MOUNT))
-    if kind in ("lvm", "luks", *LUKS_TARGETS):
+    if kind in ("lvm", "lvm-raw", "luks", *LUKS_TARGETS):
         proc = subprocess.run(
             ["e2fsck", "-fn", "/dev/mapper/kjvg-data"], capture_output=True, text=True
         )
@@ -1313,7 +1330,9 @@ def scenario_storage() -> int:
     def after() -> tuple[list[str], dict[str, str]]:
         problems, fields = [], {}
         if kind != "luks":
-            problems, fields = compare_through_mapping(STORAGE_TARGET)
+            problems, fields = compare_through_mapping(
+                RAW_LV if kind == "lvm-raw" else STORAGE_TARGET
+            )
         if kind in LUKS_TARGETS:
             # kjumpd's token (R asked for the passphrase because of it) is gone once the
             # image is consumed: the next boots through R ask nothing

@@ -599,6 +599,7 @@ FSCK_AFTER = frozenset(
         "kaslr",
         "encrypted",
         "lvm",
+        "lvm-raw",
         "btrfs",
         "luks",
         "luks-stale",
@@ -916,7 +917,7 @@ def _swap_disk(run_dir: Path) -> Path:
 
 #: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
 STORAGE_DISKS = frozenset(
-    {"lvm", "btrfs", "luks", "luks-stale", "luks-target", "luks-keyfile", "luks-tpm2"}
+    {"lvm", "lvm-raw", "btrfs", "luks", "luks-stale", "luks-target", "luks-keyfile", "luks-tpm2"}
 )
 
 
@@ -964,6 +965,7 @@ def run(
         # the image target on the storage stacks of issue 16: the guest builds them on a
         # blank second disk (STORAGE_DISKS)
         "lvm": ("storage", "power-cycle"),
+        "lvm-raw": ("storage", "power-cycle"),
         "btrfs": ("storage", "power-cycle"),
         "luks": ("storage", "power-cycle"),
         "luks-stale": ("storage", "luks-stale"),
@@ -982,6 +984,7 @@ def run(
         "b-hang": f"kjumpvm.watchdog={HANG_WATCHDOG}",
         "encrypted": f"kjumpvm.encrypt={PASSPHRASE}",
         "lvm": "kjumpvm.storage=lvm",
+        "lvm-raw": "kjumpvm.storage=lvm-raw",
         "btrfs": "kjumpvm.storage=btrfs",
         "luks": "kjumpvm.storage=luks",
         "luks-stale": "kjumpvm.storage=luks kjumpvm.tamper=1",

@@ -267,6 +267,19 @@ def test_m_target_on_a_linear_lv_in_two_segments(vm_assets_built, run_dir):
     _storage_restored(out)
 
 
+def test_u_target_on_a_raw_lv_in_two_segments_on_a_partition(vm_assets_built, run_dir):
+    """The image target is a raw LV (no filesystem; `kjumpctl setup --target /dev/mapper/...`),
+    in two segments with another LV between them, its PV on a partition from 1 MiB: the
+    daemon maps the device through LVM and the partition onto the disk, B writes there, R
+    finds it through the recorded map and restores; the LV reads back exactly as the map says
+    B wrote it on the disk, and a filesystem frozen on the same volume group checks clean."""
+    out = _run("lvm-raw", vm_assets_built, run_dir)
+    assert out.verdict.get("lv_segments") == "2", out.summary()
+    assert int(out.verdict.get("target_extents", "0")) >= 2, out.summary()
+    assert out.verdict.get("r_checks") == "map", out.summary()
+    _storage_restored(out)
+
+
 def test_n_target_on_btrfs_nodatacow(vm_assets_built, run_dir):
     """The image target on a single-device btrfs: `kjumpctl setup` makes it nodatacow, the
     daemon maps its btrfs logical addresses through the chunk tree onto the disk (the
