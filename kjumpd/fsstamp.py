@@ -157,13 +157,17 @@ class FsStamp:
         """Names of what differs between ``other`` (the older stamp) and this one.
 
         Empty when the filesystem is unchanged. The device name is not compared (it is a hint).
+        A stamp below dm-crypt read in plaintext (R unlocked the volume holding it) is
+        compared by its superblock's fields alone: "ciphertext" only says how the other
+        stamp was read, and the fields it stands in for are there to compare.
         """
         changed: list[str] = []
         if self.fstype != other.fstype:
             changed.append("fstype")
         if self.uuid != other.uuid:
             changed.append("uuid")
-        for name in sorted(set(self.fields) | set(other.fields)):
+        how = {"ciphertext"} if not (self.ciphertext and other.ciphertext) else set()
+        for name in sorted((set(self.fields) | set(other.fields)) - how):
             if self.fields.get(name) != other.fields.get(name):
                 changed.append(name)
         return changed

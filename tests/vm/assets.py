@@ -43,6 +43,30 @@ GUEST_RESTORE_INITRAMFS = "/usr/lib/kjumpd/restore/initrd.img"
 #: their variants with python3-cryptography (encrypted images; guest_scenarios names them too)
 GUEST_SAVE_INITRAMFS_CRYPTO = "/usr/lib/kjumpd/save/initramfs-crypto.cpio.gz"
 GUEST_RESTORE_INITRAMFS_CRYPTO = "/usr/lib/kjumpd/restore/initrd-crypto.img"
+#: scenario luks-root's normal initramfs (guest_scenarios.LUKSROOT_INITRD)
+GUEST_LUKSROOT_INITRD = "/usr/lib/kjumpvm/initrd-luksroot.img"
+#: the key file it unlocks the root's LUKS volume with: guest_scenarios.LUKS_PASSPHRASE
+LUKSROOT_KEY = b"kjumpvm-luks-passphrase"
+#: its /init: what Debian's cryptsetup-initramfs does with a crypttab key file, reduced to
+#: the guest's one volume (the first partition of the second disk)
+LUKSROOT_INIT = """#!/bin/sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /run/cryptsetup /newroot
+i=0
+while [ ! -b /dev/vdb1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if cryptsetup open --key-file /etc/keys/root.key /dev/vdb1 cryptroot &&
+   mount -t ext4 -o rw /dev/mapper/cryptroot /newroot; then
+    echo "kjumpvm-initramfs: root unlocked with its key file"
+    umount /proc /sys
+    mount --move /dev /newroot/dev
+    exec switch_root /newroot /sbin/kjump-vm-init
+fi
+echo "kjumpvm-initramfs: cannot unlock or mount the root filesystem"
+poweroff -f
+"""
 
 
 class AssetError(KjumpError):
@@ -57,6 +81,8 @@ class Assets:
     rootfs: str | None = None
     #: rootfs + `kjumpctl setup` done in the guest (qcow2 on top of rootfs): every scenario's base
     prepared: str | None = None
+    #: scenario luks-root's normal initramfs (the guest image holds it too)
+    luksroot_initramfs: str | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
     def require(self, *names: str) -> None:
@@ -241,6 +267,23 @@ def prepare_disk(image: Path, kernel: Path) -> Path:
     return out
 
 
+def build_luksroot_initramfs() -> Path:
+    """Scenario luks-root's normal initramfs: busybox, cryptsetup and the root's key file."""
+    from savekernel.initramfs import build_initramfs
+
+    found = shutil.which("cryptsetup", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if found is None:
+        raise AssetError("cryptsetup is not installed", fix="apt-get install cryptsetup-bin")
+    img = build_initramfs(
+        None,
+        LUKSROOT_INIT,
+        {"etc/keys/root.key": LUKSROOT_KEY},
+        name="luksroot",
+        host_binaries=(found,),
+    )
+    return Path(img.path)
+
+
 def build_all() -> Assets:
     a = Assets()
 
@@ -263,6 +306,7 @@ def build_all() -> Assets:
         "restore_initramfs_crypto", lambda: build_restore_initramfs(crypto=True)
     )
     wheel = attempt("wheel", build_wheel)
+    luksroot = attempt("luksroot_initramfs", build_luksroot_initramfs)
 
     def make_rootfs() -> Path:
         payload = rootfs.default_payload()
@@ -278,6 +322,8 @@ def build_all() -> Assets:
             payload.add(GUEST_SAVE_INITRAMFS_CRYPTO, save_crypto)
         if restore_crypto is not None:
             payload.add(GUEST_RESTORE_INITRAMFS_CRYPTO, restore_crypto)
+        if luksroot is not None:
+            payload.add(GUEST_LUKSROOT_INITRD, luksroot)
         payload.add("/etc/kjumpd/kjumpd.toml", guest_config(kernel, save))
         payload.add("/etc/default/grub", Path(__file__).resolve().parent / "guest-default-grub")
         if wheel is not None:
@@ -297,6 +343,7 @@ def build_all() -> Assets:
     a.restore_initramfs = str(restore) if restore else None
     a.rootfs = str(image) if image else None
     a.prepared = str(prepared) if prepared else None
+    a.luksroot_initramfs = str(luksroot) if luksroot else None
     path = manifest_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")  # runs may overlap

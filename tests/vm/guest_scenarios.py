@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -1001,10 +1002,19 @@ LUKS_PASSFILE = Path("/run/kjumpvm-luks.pass")
 #: the image target inside that volume: R asks for its passphrase (luks-target), unlocks
 #: it with the key file the system's initramfs holds (luks-keyfile) or with the TPM2 token
 #: systemd-cryptenroll enrolled (luks-tpm2)
-LUKS_TARGETS = ("luks-target", "luks-keyfile", "luks-tpm2")
+LUKS_TARGETS = ("luks-target", "luks-keyfile", "luks-tpm2", "luks-root")
 #: lvm-raw: the image target is a raw LV (no filesystem), in two segments, its PV on a
 #: partition of the storage disk
 RAW_LV = Path("/dev/mapper/kjvg-image")
+#: luks-root: the root filesystem inside LUKS2 on the storage disk's partition, unlocked at
+#: boot by the key file the normal initramfs holds (tests/vm/assets.py builds that
+#: initramfs with the same key, LUKS_PASSPHRASE's bytes); the plaintext disk is /boot
+ROOT_KEY = Path("/etc/keys/root.key")
+ROOT_TARGET = Path("/var/lib/kjumpd/image")
+ROOT_MAPPING = "cryptroot"
+BOOT_DISK_MOUNT = Path("/mnt/bootdisk")
+#: the unlocking initramfs in the guest image (assets.GUEST_LUKSROOT_INITRD)
+LUKSROOT_INITRD = Path("/usr/lib/kjumpvm/initrd-luksroot.img")
 
 
 def run_tool(*cmd: str) -> str:
@@ -1037,8 +1047,12 @@ def storage_target(kind: str) -> dict[str, str]:
     (luks-target) setup enrolls its key file with the passphrase's key file, and R is the
     variant with cryptsetup."""
     fields: dict[str, str] = {}
-    luks_arg = ("--luks-key-file", str(LUKS_PASSFILE)) if kind in LUKS_TARGETS else ()
-    target = RAW_LV if kind == "lvm-raw" else STORAGE_TARGET
+    luks_arg = (
+        ("--luks-key-file", str(ROOT_KEY if kind == "luks-root" else LUKS_PASSFILE))
+        if kind in LUKS_TARGETS
+        else ()
+    )
+    target = {"lvm-raw": RAW_LV, "luks-root": ROOT_TARGET}.get(kind, STORAGE_TARGET)
     size = () if kind == "lvm-raw" else ("--size", TARGET_SIZE)  # a device is its own size
     proc = kjumpctl("setup", "--target", str(target), *size, *luks_arg, "--yes", timeout=900)
     say(f"kjumpctl setup --target {target}: {proc.stdout.strip()[-300:]}")
@@ -1092,10 +1106,77 @@ def storage_target(kind: str) -> dict[str, str]:
         check = kjumpctl("check").stdout
         m = re.search(r"^\[(ok  |warn)\] volume token: ", check, re.M)
         fields["r_token_check"] = m.group(1).strip() if m else "absent"
-    if kind == "luks-keyfile":
+    if kind in ("luks-keyfile", "luks-root"):
         mode = os.stat("/boot/kjumpd/initrd-restore.img").st_mode & 0o777
         fields["r_initrd_mode"] = f"{mode:o}"
     return fields
+
+
+def scenario_root_luks_prepare() -> int:
+    """The first boot of scenario luks-root (PID 1 runs it, then powers off): what an
+    encrypted install leaves. The storage disk gets a partition from 1 MiB with LUKS2
+    (passphrase LUKS_PASSPHRASE, which is also the key file's content) and ext4 on it; this
+    root filesystem is copied in (its old image target left out); the copy gets the crypttab,
+    key file and KEYFILE_PATTERN with which its initramfs unlocks it; this disk keeps /boot,
+    with that initramfs as the normal kernel's initrd."""
+    fields: dict[str, str] = {}
+    problems: list[str] = []
+    newroot = Path("/mnt/newroot")
+    try:
+        write_mbr(STORAGE_DISK, LUKS_START_SECTOR)
+        LUKS_PASSFILE.write_bytes(LUKS_PASSPHRASE.encode())
+        LUKS_PASSFILE.chmod(0o600)
+        run_tool(
+            "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
+            "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+            "--key-file", str(LUKS_PASSFILE), LUKS_PARTITION,
+        )  # fmt: skip
+        run_tool(
+            "cryptsetup", "open", "--key-file", str(LUKS_PASSFILE), LUKS_PARTITION, ROOT_MAPPING
+        )
+        run_tool("mkfs.ext4", "-q", "-F", f"/dev/mapper/{ROOT_MAPPING}")
+        newroot.mkdir(parents=True, exist_ok=True)
+        run_tool("mount", f"/dev/mapper/{ROOT_MAPPING}", str(newroot))
+        t0 = time.monotonic()
+        copy = subprocess.run(
+            "tar -C / --one-file-system --exclude=./var/lib/kjumpd/image -cf - . "
+            f"| tar -C {newroot} -xpf -",
+            shell=True, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+        if copy.returncode != 0:
+            raise Missing(f"copying the root filesystem into LUKS failed: {copy.stderr[-300:]}")
+        fields["copy_s"] = f"{time.monotonic() - t0:.1f}"
+        uuid = run_tool("cryptsetup", "luksUUID", LUKS_PARTITION).strip()
+        keys = newroot / ROOT_KEY.relative_to("/")
+        keys.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys.write_bytes(LUKS_PASSPHRASE.encode())
+        keys.chmod(0o400)
+        (newroot / "etc/crypttab").write_text(
+            f"{ROOT_MAPPING} UUID={uuid} {ROOT_KEY} luks,discard\n"
+        )
+        hook = newroot / "etc/cryptsetup-initramfs/conf-hook"
+        hook.parent.mkdir(parents=True, exist_ok=True)
+        hook.write_text('KEYFILE_PATTERN="/etc/keys/*.key"\nUMASK=0077\n')
+        # the normal kernel's initrd, on the disk that becomes /boot
+        shutil.copy(LUKSROOT_INITRD, "/boot/initrd.img-kjump")
+        run_tool("umount", str(newroot))
+        run_tool("cryptsetup", "close", ROOT_MAPPING)
+        fields["luks_uuid"] = uuid
+    except (Missing, OSError) as err:
+        problems.append(f"missing: {err}")
+    os.sync()
+    event("root-luks-prepared", ok="yes" if not problems else "no", **fields)
+    for p in problems:
+        say(p)
+    return 0
+
+
+def mount_boot_disk() -> None:
+    """luks-root: the plaintext disk (the root of the first boot) holds /boot, as an
+    encrypted install's unencrypted /boot partition does."""
+    BOOT_DISK_MOUNT.mkdir(parents=True, exist_ok=True)
+    run_tool("mount", "/dev/vda", str(BOOT_DISK_MOUNT))
+    run_tool("mount", "--bind", str(BOOT_DISK_MOUNT / "boot"), "/boot")
 
 
 def write_mbr(disk: str, start: int) -> None:
@@ -1176,6 +1257,16 @@ def scenario_storage_setup() -> int:
         elif kind == "btrfs":
             fsdev = STORAGE_DISK
             run_tool("mkfs.btrfs", "-q", "-f", fsdev)
+        elif kind == "luks-root":
+            # the root filesystem itself is inside LUKS (scenario_root_luks_prepare)
+            mount_boot_disk()
+            root = next(
+                (ln.split()[0] for ln in Path("/proc/mounts").read_text().splitlines()
+                 if ln.split()[1] == "/"),
+                "",
+            )  # fmt: skip
+            fields["root_on"] = "luks" if root == f"/dev/mapper/{ROOT_MAPPING}" else root
+            fsdev = None
         elif kind in ("luks", *LUKS_TARGETS):
             # Ubuntu's encrypted layout: LVM inside LUKS2 (a fast PBKDF for the test).
             # luks-target: on a partition from 1 MiB, unlocked by a passphrase (the host
@@ -1221,7 +1312,8 @@ def scenario_storage_setup() -> int:
         else:
             raise Missing(f"kjumpvm.storage={kind!r}: lvm, lvm-raw, btrfs, luks or luks-target")
         STORAGE_MOUNT.mkdir(parents=True, exist_ok=True)
-        run_tool("mount", fsdev, str(STORAGE_MOUNT))
+        if fsdev is not None:
+            run_tool("mount", fsdev, str(STORAGE_MOUNT))
         notes = STORAGE_MOUNT / "notes.txt"
         notes.write_text(STORAGE_NOTE)
         if kind != "luks":
@@ -1229,8 +1321,9 @@ def scenario_storage_setup() -> int:
             # the scenario proves R checks a frozen filesystem below dm-crypt without a key
             fields.update(storage_target(kind))
         plan = json.loads(kjumpctl("plan", "--json").stdout or "{}")
-        how = str(plan.get("freeze_checked_by_r", {}).get(str(STORAGE_MOUNT), ""))
-        say(f"kjumpctl plan: {STORAGE_MOUNT}: {how}")
+        checked = "/" if kind == "luks-root" else str(STORAGE_MOUNT)
+        how = str(plan.get("freeze_checked_by_r", {}).get(checked, ""))
+        say(f"kjumpctl plan: {checked}: {how}")
         fields["r_checks"] = (
             "ciphertext" if "ciphertext" in how else "map" if "through its map" in how else how
         ).replace(" ", "_")
@@ -1298,6 +1391,8 @@ def unmount_and_check(kind: str) -> tuple[list[str], dict[str, str]]:
         same = False
     if not same:
         problems.append("the file written on the storage stack before is not intact")
+    if kind == "luks-root":  # the running root: checked by nobody while mounted
+        return problems, {"notes": "intact" if same else "lost"}
     run_tool("umount", str(STORAGE_MOUNT))
     if kind in ("lvm", "lvm-raw", "luks", *LUKS_TARGETS):
         proc = subprocess.run(
@@ -1331,7 +1426,7 @@ def scenario_storage() -> int:
         problems, fields = [], {}
         if kind != "luks":
             problems, fields = compare_through_mapping(
-                RAW_LV if kind == "lvm-raw" else STORAGE_TARGET
+                {"lvm-raw": RAW_LV, "luks-root": ROOT_TARGET}.get(kind, STORAGE_TARGET)
             )
         if kind in LUKS_TARGETS:
             # kjumpd's token (R asked for the passphrase because of it) is gone once the
@@ -1366,6 +1461,7 @@ def scenario_storage() -> int:
 
 
 SCENARIOS = {
+    "root-luks-prepare": scenario_root_luks_prepare,
     "storage-setup": scenario_storage_setup,
     "storage": scenario_storage,
     "encrypt-setup": scenario_encrypt_setup,

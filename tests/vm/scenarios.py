@@ -606,6 +606,7 @@ FSCK_AFTER = frozenset(
         "luks-target",
         "luks-keyfile",
         "luks-tpm2",
+        "luks-root",
     }
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
@@ -772,6 +773,26 @@ def _luks_target_flow(r: Runner, timeout: float, run_dir: Path) -> None:
     _scan_then_passphrase(r, timeout, disks, LUKS_PROMPT, LUKS_PASSPHRASE)
 
 
+def _luks_root_flow(r: Runner, timeout: float) -> None:
+    """Scenario luks-root: the first boot copies A's root filesystem into LUKS2 on the second
+    disk and powers off (the plaintext disk then holds only /boot); A boots from LUKS through
+    the normal initramfs, which unlocks it with its key file, sets the target up on that root
+    and hibernates (mode shutdown); R unlocks the volume with the same key file and restores."""
+    r.wait_exit(timeout)
+    if not r.vm.find(r"KJUMP-EVENT: root-luks-prepared ok=yes"):
+        r.outcome.problems.append("the first boot did not copy the root into LUKS")
+        return
+    if not r.assets.luksroot_initramfs:
+        r.outcome.problems.append("missing: the luks-root initramfs asset")
+        return
+    append = r.append.replace("kjumpvm.root_luks=prepare", "kjumpvm.storage=luks-root")
+    append = append.replace("root=/dev/vda", "root=/dev/mapper/cryptroot")
+    r.boot(initrd=Path(r.assets.luksroot_initramfs), append=append)
+    r.wait_exit(timeout)
+    if not r.has_verdict():  # it powered off with an image: boot R
+        r.boot_restore_first(timeout)
+
+
 def _luks_stale_flow(r: Runner, timeout: float, run_dir: Path) -> None:
     """Scenario luks-stale: A hibernates with a filesystem on LVM inside LUKS2 frozen. While
     the machine is off, the host overwrites the sector of that filesystem's superblock on
@@ -903,11 +924,11 @@ def _sleep_in_ram(r: Runner, timeout: float) -> tuple[str, float]:
     return "", max(30.0, deadline - time.monotonic())
 
 
-def _blank_disk(run_dir: Path, name: str) -> Path:
-    """A blank 2 GiB qcow2 disk in the run's directory (it stays across the power cycle)."""
+def _blank_disk(run_dir: Path, name: str, size: str = "2G") -> Path:
+    """A blank qcow2 disk in the run's directory (it stays across the power cycle)."""
     disk = run_dir / f"{name}.qcow2"
     disk.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), size], check=True)
     return disk
 
 
@@ -917,8 +938,20 @@ def _swap_disk(run_dir: Path) -> Path:
 
 #: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
 STORAGE_DISKS = frozenset(
-    {"lvm", "lvm-raw", "btrfs", "luks", "luks-stale", "luks-target", "luks-keyfile", "luks-tpm2"}
+    {
+        "lvm",
+        "lvm-raw",
+        "btrfs",
+        "luks",
+        "luks-stale",
+        "luks-target",
+        "luks-keyfile",
+        "luks-tpm2",
+        "luks-root",
+    }
 )
+#: luks-root's disk holds the whole root filesystem and the target
+STORAGE_SIZE = {"luks-root": "3G"}
 
 
 def run(
@@ -972,6 +1005,7 @@ def run(
         "luks-target": ("storage", "luks-target"),
         "luks-keyfile": ("storage", "unattended"),
         "luks-tpm2": ("storage", "unattended"),
+        "luks-root": ("storage", "luks-root"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -991,6 +1025,7 @@ def run(
         "luks-target": "kjumpvm.storage=luks-target",
         "luks-keyfile": "kjumpvm.storage=luks-keyfile",
         "luks-tpm2": "kjumpvm.storage=luks-tpm2",
+        "luks-root": "kjumpvm.root_luks=prepare",
     }.get(name, "")
     extra = f"{extra} {append}".strip()
     if name not in flows:
@@ -1031,7 +1066,9 @@ def run(
                 guest,
                 assets,
                 run_dir,
-                extra_disks=(_blank_disk(run_dir, "storage"),) if name in STORAGE_DISKS else (),
+                extra_disks=(_blank_disk(run_dir, "storage", STORAGE_SIZE.get(name, "2G")),)
+                if name in STORAGE_DISKS
+                else (),
                 append_extra=f"{A_APPEND_EXTRA.get(name, '')} {extra}".strip(),
                 a_append=A_APPEND_OF.get(name, A_APPEND),
             )
@@ -1081,6 +1118,8 @@ def run(
             _luks_stale_flow(r, timeout, run_dir)
         elif flow == "luks-target":
             _luks_target_flow(r, timeout, run_dir)
+        elif flow == "luks-root":
+            _luks_root_flow(r, timeout)
         elif flow == "unattended":
             r.wait_exit(timeout)
             if not r.has_verdict():  # it powered off with an image: R must not ask

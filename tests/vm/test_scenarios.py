@@ -413,3 +413,32 @@ def test_t_unlocks_the_targets_luks2_volume_with_the_tpm2_token_systemd_enrolled
     assert out.verdict.get("luks_token") == "removed", out.summary()
     assert out.verdict.get("tpm_after_resume") == "unseals", out.summary()
     _writers_intact(out)
+
+
+def test_v_the_root_filesystem_inside_luks2_holds_the_target_and_is_restored(
+    vm_assets_built, run_dir
+):
+    """An encrypted install's layout: the root filesystem inside LUKS2 on a partition, /boot
+    on a plaintext disk, the normal initramfs unlocking the root with its key file (crypttab
+    + KEYFILE_PATTERN). The image target is a file on that root. kjumpd hibernates with the
+    writers going on the root; R unlocks the volume with the same key file, without a prompt,
+    finds the target inside it and restores; the target reads back through the filesystem
+    as B wrote it, and the token is gone."""
+    out = _run("luks-root", vm_assets_built, run_dir)
+    assert out.verdict.get("root_on") == "luks", out.summary()
+    assert out.verdict.get("luks_key") == "enrolled", out.summary()
+    assert out.verdict.get("image_encrypted_by") == "luks", out.summary()
+    assert out.verdict.get("r_initrd_mode") == "600", out.summary()
+    assert _console_matches(
+        out, r"kjumpd-rf: /dev/vdb1 unlocked with the key file this system's initramfs holds"
+    ), out.summary()
+    assert not _console_matches(out, r"kjumpd: passphrase for disk"), out.summary()
+    # the frozen root, recorded below dm-crypt, checked in plaintext through R's mapping
+    assert _console_matches(out, r"kjumpd-rf: filesystems: .*ext4 \S+ on /dev/dm-0"), out.summary()
+    assert _booted_restore_first(out), out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("through_mapping") == "same", out.summary()
+    assert out.verdict.get("luks_token") == "removed", out.summary()
+    assert out.verdict.get("notes") == "intact", out.summary()
+    _writers_intact(out)

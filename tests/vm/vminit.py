@@ -276,6 +276,11 @@ def main() -> int:
     if cmdline_arg("kjumpvm.encrypt"):
         # the administrator's image-key set-up, before kjumpd reads its configuration
         subprocess.run([sys.executable, "-m", "kjumpvm.guest_scenarios", "encrypt-setup"])
+    if cmdline_arg("kjumpvm.root_luks") == "prepare":
+        # scenario luks-root's first boot: copy this root into LUKS, then power off
+        subprocess.run([sys.executable, "-m", "kjumpvm.guest_scenarios", "root-luks-prepare"])
+        power_off()
+        return 0
     if cmdline_arg("kjumpvm.storage"):
         # the image target on LVM or btrfs, before kjumpd reads its configuration
         subprocess.run([sys.executable, "-m", "kjumpvm.guest_scenarios", "storage-setup"])
