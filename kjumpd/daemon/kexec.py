@@ -16,9 +16,10 @@
            descriptor" on real kernels: its status says nothing; the caller reads the header.
 * unload: ``kexec -u``.
 
-The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), in /run/kjumpd
-(tmpfs): the initramfs is copied there (stage_initrd) while the daemon quiesces, the job is
-appended (finish_initrd) after the filesystems are frozen. The save kernel's command line is
+The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), in
+/run/kjumpd/ram (a ramfs on the real system, never swapped out: the job may carry a key): the
+initramfs is copied there (stage_initrd) while the daemon quiesces, the job is appended
+(finish_initrd) after the filesystems are frozen. The save kernel's command line is
 ``<save_kernel.append> pty.legacy_count=0 memmap=exactmap memmap=512K@0K memmap=SIZE@START
 kjump.role=save``: B's memory is exactly the low 512K and the jump area; no legacy ptys
 (kjumpd.bootconfig.QUICK_BOOT_PARAMS).
@@ -33,8 +34,10 @@ import shutil
 import struct
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from kjumpd.bootconfig import QUICK_BOOT_PARAMS
+from kjumpd.daemon import keymem
 from kjumpd.daemon.config import Config, format_size
 from kjumpd.daemon.jumparea import JumpArea
 from kjumpd.errors import KexecError
@@ -44,7 +47,9 @@ from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
 
-INITRD = "/run/kjumpd/save-initrd.img"
+#: the job may carry a key: the initrd lives on a ramfs of its own (kjumpd.daemon.keymem)
+INITRD_DIR = "/run/kjumpd/ram"
+INITRD = f"{INITRD_DIR}/save-initrd.img"
 
 
 def build_id_from_notes(data: bytes) -> str:
@@ -167,6 +172,9 @@ def stage_initrd(sysroot: Sysroot, base: str, expect_sha256: str = "") -> str:
     ahead of the freeze; returns that system path. With ``expect_sha256`` the copy must
     still have the hash preflight checked. finish_initrd appends the job once it is known."""
     out = sysroot.path(INITRD)
+    if sysroot.root == Path("/"):
+        if keymem.mount_ramfs(INITRD_DIR):
+            log.info("the save kernel's initrd is written to a ramfs (%s)", INITRD_DIR)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".new")
     try:
@@ -235,11 +243,18 @@ def _unlink(p: os.PathLike[str]) -> None:
 
 
 def remove_initrd(sysroot: Sysroot) -> None:
-    """Remove the initrd and a staged one (stage_initrd)."""
+    """Remove the initrd and a staged one (stage_initrd), and their ramfs."""
     for p in (INITRD, INITRD + ".new"):
         try:
             sysroot.path(p).unlink()
         except FileNotFoundError:
+            pass
+    if sysroot.root == Path("/"):
+        keymem.unmount_ramfs(INITRD_DIR)
+    else:
+        try:
+            sysroot.path(INITRD_DIR).rmdir()
+        except OSError:
             pass
 
 

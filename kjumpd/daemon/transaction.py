@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 from kjumpd import fsstamp
@@ -55,6 +56,7 @@ from kjumpd.daemon import (
     fsfreeze,
     hooks,
     kexec,
+    keymem,
     kmsg,
     platform,
     preflight,
@@ -394,6 +396,16 @@ class Hibernation:
 
     def _remove_run_dir(self, ctx: _Context) -> None:
         _rmdir_if_empty(self.sysroot, RUN_DIR)
+
+    def _lock_memory(self, ctx: _Context) -> bool:
+        # the preflight derives the volume key into this process's heap, and the shrink
+        # step pushes memory to swap next: kjumpd.daemon.keymem
+        if self.sysroot.root != Path("/"):
+            return False  # a system tree that is not this process's machine
+        return keymem.lock()
+
+    def _unlock_memory(self, ctx: _Context) -> None:
+        keymem.unlock()
 
     def _preflight(self, ctx: _Context) -> None:
         sr, cfg = self.sysroot, self.config
@@ -759,6 +771,7 @@ FINISH_IN_B = {"shutdown": "power-off", "reboot": "reboot"}
 H = Hibernation
 STEPS: tuple[Step, ...] = (
     Step("preflight", 0, "run dir", H._make_run_dir, H._remove_run_dir),
+    Step("preflight", 0, "memory lock", H._lock_memory, H._unlock_memory),
     Step("preflight", 0, "checks", H._preflight),
     Step("preflight", 0, "initrd", H._stage_initrd, H._remove_initrd, then_cancel=True),
     Step("announce", 5, "PrepareForSleep(false)", H._announce, H._unannounce),

@@ -502,11 +502,14 @@ def _add_bad_mount(fx: Fx):
 
 
 def _block_initrd(fx: Fx):
-    d = fx.root / "run/kjumpd/save-initrd.img.new"
+    from kjumpd.daemon import kexec
+
+    d = fx.root / (kexec.INITRD + ".new").lstrip("/")
     d.mkdir(parents=True)
 
     def undo():
         d.rmdir()
+        (fx.root / kexec.INITRD_DIR.lstrip("/")).rmdir()
         (fx.root / "run/kjumpd").rmdir()
 
     return undo

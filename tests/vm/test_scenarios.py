@@ -344,6 +344,11 @@ def test_q_the_image_target_inside_luks2_is_written_through_the_volume_and_resto
     says is in the volume, the token is gone, the filesystem's file intact and fsck
     clean."""
     out = _run("luks-target", vm_assets_built, run_dir)
+    # the volume key passes through the daemon and the job: neither can reach swap
+    assert _console_matches(out, r"kjumpd's memory is locked until the hibernation is over"), (
+        out.summary()
+    )
+    assert _console_matches(out, r"the save kernel's initrd is written to a ramfs"), out.summary()
     assert out.verdict.get("volume_key") == "keyring", out.summary()
     assert out.verdict.get("luks_key") == "enrolled", out.summary()
     assert out.verdict.get("keyslots") == "2", out.summary()
