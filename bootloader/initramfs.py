@@ -138,12 +138,16 @@ def _cryptsetup() -> tuple[Path, ...]:
     plugin without its libraries would fail in R; R then asks for the passphrase)."""
     import shutil
 
+    from kjumpd.linux.luks import PLUGIN_FILE
+
     found = shutil.which("cryptsetup", path="/usr/sbin:/sbin:/usr/bin:/bin")
     if not found:
         return ()
     files = [Path(found)]
     for kind, libs in TOKEN_PLUGINS.items():
-        for plugin in sorted(Path("/usr/lib").glob(f"*/cryptsetup/libcryptsetup-token-{kind}.so")):
+        for plugin in sorted(
+            Path("/usr/lib").glob(f"*/cryptsetup/{PLUGIN_FILE.format(kind=kind)}")
+        ):
             needed = [plugin.parent.parent / lib for lib in libs]
             if all(p.exists() for p in needed):
                 files += [plugin, *needed]

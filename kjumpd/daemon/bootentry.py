@@ -1178,14 +1178,14 @@ def restore_unlockers(sysroot: Sysroot) -> frozenset[str] | None:
     except (KjumpError, OSError) as e:
         log.warning("cannot list %s (%s)", rec.initrd, e)
         return None
+    from kjumpd.linux import luks
+
     found = set()
     for n in names:
         base = n.rsplit("/", 1)[-1]
-        if base == "cryptsetup":
-            found.add("cryptsetup")
-        m = re.fullmatch(r"libcryptsetup-token-(.+)\.so", base)
-        if m:
-            found.add(m.group(1))
+        kind = "cryptsetup" if base == "cryptsetup" else luks.plugin_kind(base)
+        if kind is not None:
+            found.add(kind)
     return frozenset(found)
 
 

@@ -34,7 +34,6 @@ import shutil
 import struct
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 from kjumpd.bootconfig import QUICK_BOOT_PARAMS
 from kjumpd.daemon import keymem
@@ -172,7 +171,7 @@ def stage_initrd(sysroot: Sysroot, base: str, expect_sha256: str = "") -> str:
     ahead of the freeze; returns that system path. With ``expect_sha256`` the copy must
     still have the hash preflight checked. finish_initrd appends the job once it is known."""
     out = sysroot.path(INITRD)
-    if sysroot.root == Path("/"):
+    if sysroot.is_real:
         if keymem.mount_ramfs(INITRD_DIR):
             log.info("the save kernel's initrd is written to a ramfs (%s)", INITRD_DIR)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +248,7 @@ def remove_initrd(sysroot: Sysroot) -> None:
             sysroot.path(p).unlink()
         except FileNotFoundError:
             pass
-    if sysroot.root == Path("/"):
+    if sysroot.is_real:
         keymem.unmount_ramfs(INITRD_DIR)
     else:
         try:

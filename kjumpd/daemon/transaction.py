@@ -45,7 +45,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from pathlib import Path
 from typing import Any, Protocol
 
 from kjumpd import fsstamp
@@ -400,7 +399,7 @@ class Hibernation:
     def _lock_memory(self, ctx: _Context) -> bool:
         # the preflight derives the volume key into this process's heap, and the shrink
         # step pushes memory to swap next: kjumpd.daemon.keymem
-        if self.sysroot.root != Path("/"):
+        if not self.sysroot.is_real:
             return False  # a system tree that is not this process's machine
         return keymem.lock()
 

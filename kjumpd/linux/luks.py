@@ -194,6 +194,15 @@ def tokens_of(meta: dict[str, Any], kind: str = TOKEN_TYPE) -> list[int]:
 UNATTENDED_TOKENS = ("systemd-tpm2",)
 #: the short-lived mapping a token opens, for its key to be read back
 TOKEN_MAPPING = "kjumpd-token"
+#: cryptsetup's plugin for tokens of a kind, in LIBDIR/cryptsetup/
+PLUGIN_FILE = "libcryptsetup-token-{kind}.so"
+_PLUGIN_RE = re.compile(r"libcryptsetup-token-(.+)\.so")
+
+
+def plugin_kind(file_name: str) -> str | None:
+    """The token kind a plugin file (PLUGIN_FILE) serves, or None for another file."""
+    m = _PLUGIN_RE.fullmatch(file_name)
+    return m.group(1) if m else None
 
 
 def unattended_tokens(meta: dict[str, Any] | None) -> list[str]:
@@ -213,8 +222,9 @@ def unattended_tokens(meta: dict[str, Any] | None) -> list[str]:
 def token_plugin(sysroot: Sysroot, kind: str) -> str | None:
     """cryptsetup's plugin for tokens of ``kind`` on this system, or None."""
     for top in ("/usr/lib", "/lib"):
-        for found in sorted(sysroot.path(top).glob(f"*/cryptsetup/libcryptsetup-token-{kind}.so")):
-            return str(found)
+        found = sorted(sysroot.path(top).glob(f"*/cryptsetup/{PLUGIN_FILE.format(kind=kind)}"))
+        if found:
+            return str(found[0])
     return None
 
 
