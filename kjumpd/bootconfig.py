@@ -1,8 +1,8 @@
 """boot.json: what the restore-first environment (R) is told about this machine.
 
 Written by ``kjumpctl setup`` (A) into R's initramfs as /etc/kjumpd/boot.json, read by R; the
-save kernel's command line in both roles starts from QUICK_BOOT_PARAMS. ``BootConfig``, UTF-8
-JSON, version 1::
+save kernel's command line in both roles starts from QUICK_BOOT_PARAMS and B_ONLY_PARAMS.
+``BootConfig``, UTF-8 JSON, version 1::
 
     {"version": 1,
      "target": {"uuid": "<uuid>", "offset": <bytes>,
@@ -51,6 +51,11 @@ _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 #: costliest initcalls of a boot that the user waits for, for devices neither B nor R ever
 #: opens.
 QUICK_BOOT_PARAMS = "pty.legacy_count=0"
+#: Kernel parameters for B alone, in both roles: its TPM drivers (TIS, CRB) are not started.
+#: B never uses the TPM; a driver's probe would start and self-test it at every hibernation
+#: (up to a second on a discrete chip) while A's driver holds it suspended. R keeps them: it
+#: unseals a LUKS volume's TPM2 token.
+B_ONLY_PARAMS = "initcall_blacklist=init_tis,crb_acpi_driver_init"
 
 
 @dataclass(frozen=True)

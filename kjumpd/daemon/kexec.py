@@ -35,7 +35,7 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
-from kjumpd.bootconfig import QUICK_BOOT_PARAMS
+from kjumpd.bootconfig import B_ONLY_PARAMS, QUICK_BOOT_PARAMS
 from kjumpd.daemon import keymem
 from kjumpd.daemon.config import Config, format_size
 from kjumpd.daemon.jumparea import JumpArea
@@ -161,7 +161,8 @@ def segment_window(
 
 def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
     return (
-        f"{config.save_kernel_append()} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
+        f"{config.save_kernel_append()} {QUICK_BOOT_PARAMS} {B_ONLY_PARAMS} "
+        "memmap=exactmap memmap=512K@0K "
         f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}"
     ).strip()
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kjumpd.bootconfig import DEFAULT_MAX_ATTEMPTS, QUICK_BOOT_PARAMS, BootConfig
+from kjumpd.bootconfig import B_ONLY_PARAMS, DEFAULT_MAX_ATTEMPTS, QUICK_BOOT_PARAMS, BootConfig
 from kjumpd.errors import FsStampError, MemoryMapError
 from kjumpd.fsstamp import FsStamp
 from kjumpd.image.format import clip_reason
@@ -301,10 +301,11 @@ def restore_cmdline(cfg: BootConfig, attempt: int, area: tuple[int, int]) -> str
             "kjump.attempt",
             "crashkernel",
             "pty.legacy_count",
+            "initcall_blacklist",
         ),
     )
     return (
-        f"{base} {QUICK_BOOT_PARAMS} memmap=exactmap memmap=512K@0K "
+        f"{base} {QUICK_BOOT_PARAMS} {B_ONLY_PARAMS} memmap=exactmap memmap=512K@0K "
         f"memmap={size >> 10}K@{start >> 10}K "
         f"kjump.role=restore kjump.target={cfg.target_uuid} kjump.offset={cfg.target_offset} "
         f"kjump.attempt={attempt}"

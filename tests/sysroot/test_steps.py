@@ -386,7 +386,8 @@ def test_save_kernel_command_line(tree):
     # no legacy ptys in B: their 512 devices cost ~0.8 s of a TCG boot (pty_init); the
     # watchdog's stall from the config (default 120 s)
     assert line == (
-        "console=ttyS0 nokaslr panic=1 kjump.watchdog=120 pty.legacy_count=0 memmap=exactmap "
+        "console=ttyS0 nokaslr panic=1 kjump.watchdog=120 pty.legacy_count=0 "
+        "initcall_blacklist=init_tis,crb_acpi_driver_init memmap=exactmap "
         "memmap=512K@0K memmap=128M@512M kjump.role=save"
     )
 

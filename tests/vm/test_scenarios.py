@@ -13,6 +13,7 @@ are kept in artifacts/vm/<test>/.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -417,6 +418,10 @@ def test_t_unlocks_the_targets_luks2_volume_with_the_tpm2_token_systemd_enrolled
     assert out.verdict.get("through_mapping") == "same", out.summary()
     assert out.verdict.get("luks_token") == "removed", out.summary()
     assert out.verdict.get("tpm_after_resume") == "unseals", out.summary()
+    # the TPM started once a power-on (A, then R), never by the save kernel in either role
+    for log in out.logs:
+        text = log.read_text(errors="replace")
+        assert len(re.findall(r"tpm_tis MSFT0101:00: 2\.0 TPM", text)) == 1, log
     _writers_intact(out)
 
 
