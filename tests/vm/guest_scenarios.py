@@ -1126,14 +1126,7 @@ def scenario_root_luks_prepare() -> int:
         write_mbr(STORAGE_DISK, LUKS_START_SECTOR)
         LUKS_PASSFILE.write_bytes(LUKS_PASSPHRASE.encode())
         LUKS_PASSFILE.chmod(0o600)
-        run_tool(
-            "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
-            "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-            "--key-file", str(LUKS_PASSFILE), LUKS_PARTITION,
-        )  # fmt: skip
-        run_tool(
-            "cryptsetup", "open", "--key-file", str(LUKS_PASSFILE), LUKS_PARTITION, ROOT_MAPPING
-        )
+        luks_format_and_open(LUKS_PARTITION, LUKS_PASSFILE, ROOT_MAPPING)
         run_tool("mkfs.ext4", "-q", "-F", f"/dev/mapper/{ROOT_MAPPING}")
         newroot.mkdir(parents=True, exist_ok=True)
         run_tool("mount", f"/dev/mapper/{ROOT_MAPPING}", str(newroot))
@@ -1169,6 +1162,17 @@ def scenario_root_luks_prepare() -> int:
     for p in problems:
         say(p)
     return 0
+
+
+def luks_format_and_open(device: str, key: Path, name: str) -> None:
+    """LUKS2 on ``device`` unlocked by ``key`` (a fast PBKDF for the test), opened as
+    /dev/mapper/``name``."""
+    run_tool(
+        "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
+        "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+        "--key-file", str(key), device,
+    )  # fmt: skip
+    run_tool("cryptsetup", "open", "--key-file", str(key), device, name)
 
 
 def mount_boot_disk() -> None:
@@ -1279,12 +1283,7 @@ def scenario_storage_setup() -> int:
                 luks_dev, key = STORAGE_DISK, Path("/run/kjumpvm-luks.key")
                 key.write_bytes(os.urandom(64))
             key.chmod(0o600)
-            run_tool(
-                "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
-                "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                "--key-file", str(key), luks_dev,
-            )  # fmt: skip
-            run_tool("cryptsetup", "open", "--key-file", str(key), luks_dev, "kjcrypt")
+            luks_format_and_open(luks_dev, key, "kjcrypt")
             # as on a distribution kernel: the table names the key in the kernel keyring,
             # which nobody can read back (R checks the filesystem without it)
             table = run_tool("dmsetup", "table", "--showkeys", "kjcrypt").split()

@@ -575,29 +575,9 @@ class Runner:
         return self.outcome
 
 
-#: scenarios whose guest disk is checked with e2fsck once the guest is off: the ones with
-#: disk writers running through the hibernation
-FSCK_AFTER = frozenset(
+#: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
+STORAGE_DISKS = frozenset(
     {
-        "test",
-        "shutdown",
-        "platform",
-        "rollback",
-        "checkpoint",
-        "killed",
-        "killed-steps",
-        "lost-save-up",
-        "lost-save-start",
-        "lost-save-mid",
-        "lost-restore",
-        "restore-attempts",
-        "ram-changed",
-        "io-error-save",
-        "io-error-restore",
-        "b-panic",
-        "b-hang",
-        "kaslr",
-        "encrypted",
         "lvm",
         "lvm-raw",
         "btrfs",
@@ -608,6 +588,36 @@ FSCK_AFTER = frozenset(
         "luks-tpm2",
         "luks-root",
     }
+)
+#: luks-root's disk holds the whole root filesystem and the target
+STORAGE_SIZE = {"luks-root": "3G"}
+#: scenarios whose guest disk is checked with e2fsck once the guest is off: the ones with
+#: disk writers running through the hibernation, the storage scenarios among them
+FSCK_AFTER = (
+    frozenset(
+        {
+            "test",
+            "shutdown",
+            "platform",
+            "rollback",
+            "checkpoint",
+            "killed",
+            "killed-steps",
+            "lost-save-up",
+            "lost-save-start",
+            "lost-save-mid",
+            "lost-restore",
+            "restore-attempts",
+            "ram-changed",
+            "io-error-save",
+            "io-error-restore",
+            "b-panic",
+            "b-hang",
+            "kaslr",
+            "encrypted",
+        }
+    )
+    | STORAGE_DISKS
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
 #: begun (header WRITING), a fifth or more of the memory written; all before the commit
@@ -934,24 +944,6 @@ def _blank_disk(run_dir: Path, name: str, size: str = "2G") -> Path:
 
 def _swap_disk(run_dir: Path) -> Path:
     return _blank_disk(run_dir, "swap")
-
-
-#: scenarios whose guest builds a storage stack on a blank second disk (/dev/vdb)
-STORAGE_DISKS = frozenset(
-    {
-        "lvm",
-        "lvm-raw",
-        "btrfs",
-        "luks",
-        "luks-stale",
-        "luks-target",
-        "luks-keyfile",
-        "luks-tpm2",
-        "luks-root",
-    }
-)
-#: luks-root's disk holds the whole root filesystem and the target
-STORAGE_SIZE = {"luks-root": "3G"}
 
 
 def run(

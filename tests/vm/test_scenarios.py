@@ -375,6 +375,23 @@ def test_q_the_image_target_inside_luks2_is_written_through_the_volume_and_resto
     _writers_intact(out)
 
 
+#: R's line when the key file the system's initramfs holds opened the target's volume
+KEY_FILE_UNLOCKED = r"kjumpd-rf: /dev/vdb1 unlocked with the key file this system's initramfs holds"
+
+
+def _restored_without_a_prompt(out: scenarios.Outcome, unlocked: str) -> None:
+    """R unlocked the target's LUKS volume without asking (``unlocked``: its console line)
+    and restored: the data whole, the target read back through its mapping, kjumpd's token
+    gone from the header, the writers going on."""
+    assert _console_matches(out, unlocked), out.summary()
+    assert not _console_matches(out, r"kjumpd: passphrase for disk"), out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("through_mapping") == "same", out.summary()
+    assert out.verdict.get("luks_token") == "removed", out.summary()
+    _writers_intact(out)
+
+
 def test_r_unlocks_the_targets_luks2_volume_with_the_key_file_the_initramfs_holds(
     vm_assets_built, run_dir
 ):
@@ -385,16 +402,8 @@ def test_r_unlocks_the_targets_luks2_volume_with_the_key_file_the_initramfs_hold
     out = _run("luks-keyfile", vm_assets_built, run_dir)
     assert out.verdict.get("keyslots") == "3", out.summary()
     assert out.verdict.get("r_initrd_mode") == "600", out.summary()
-    assert _console_matches(
-        out, r"kjumpd-rf: /dev/vdb1 unlocked with the key file this system's initramfs holds"
-    ), out.summary()
-    assert not _console_matches(out, r"kjumpd: passphrase for disk"), out.summary()
     assert _console_matches(out, r"kjumpd-rf: decision: Restore"), out.summary()
-    assert out.verdict.get("image") == "CONSUMED", out.summary()
-    assert out.verdict.get("data") == "byte-exact", out.summary()
-    assert out.verdict.get("through_mapping") == "same", out.summary()
-    assert out.verdict.get("luks_token") == "removed", out.summary()
-    _writers_intact(out)
+    _restored_without_a_prompt(out, KEY_FILE_UNLOCKED)
 
 
 def test_t_unlocks_the_targets_luks2_volume_with_the_tpm2_token_systemd_enrolled(
@@ -408,21 +417,13 @@ def test_t_unlocks_the_targets_luks2_volume_with_the_tpm2_token_systemd_enrolled
     assert out.verdict.get("tpm2_token") == "enrolled", out.summary()
     assert out.verdict.get("r_token_check") == "ok", out.summary()
     assert out.verdict.get("keyslots") == "3", out.summary()
-    assert _console_matches(out, r"kjumpd-rf: /dev/vdb1 unlocked with its systemd-tpm2 token"), (
-        out.summary()
-    )
-    assert not _console_matches(out, r"kjumpd: passphrase for disk"), out.summary()
     assert _console_matches(out, r"kjumpd-rf: decision: Restore"), out.summary()
-    assert out.verdict.get("image") == "CONSUMED", out.summary()
-    assert out.verdict.get("data") == "byte-exact", out.summary()
-    assert out.verdict.get("through_mapping") == "same", out.summary()
-    assert out.verdict.get("luks_token") == "removed", out.summary()
+    _restored_without_a_prompt(out, r"kjumpd-rf: /dev/vdb1 unlocked with its systemd-tpm2 token")
     assert out.verdict.get("tpm_after_resume") == "unseals", out.summary()
     # the TPM started once a power-on (A, then R), never by the save kernel in either role
     for log in out.logs:
         text = log.read_text(errors="replace")
         assert len(re.findall(r"tpm_tis MSFT0101:00: 2\.0 TPM", text)) == 1, log
-    _writers_intact(out)
 
 
 def test_v_the_root_filesystem_inside_luks2_holds_the_target_and_is_restored(
@@ -439,16 +440,8 @@ def test_v_the_root_filesystem_inside_luks2_holds_the_target_and_is_restored(
     assert out.verdict.get("luks_key") == "enrolled", out.summary()
     assert out.verdict.get("image_encrypted_by") == "luks", out.summary()
     assert out.verdict.get("r_initrd_mode") == "600", out.summary()
-    assert _console_matches(
-        out, r"kjumpd-rf: /dev/vdb1 unlocked with the key file this system's initramfs holds"
-    ), out.summary()
-    assert not _console_matches(out, r"kjumpd: passphrase for disk"), out.summary()
     # the frozen root, recorded below dm-crypt, checked in plaintext through R's mapping
     assert _console_matches(out, r"kjumpd-rf: filesystems: .*ext4 \S+ on /dev/dm-0"), out.summary()
     assert _booted_restore_first(out), out.summary()
-    assert out.verdict.get("image") == "CONSUMED", out.summary()
-    assert out.verdict.get("data") == "byte-exact", out.summary()
-    assert out.verdict.get("through_mapping") == "same", out.summary()
-    assert out.verdict.get("luks_token") == "removed", out.summary()
     assert out.verdict.get("notes") == "intact", out.summary()
-    _writers_intact(out)
+    _restored_without_a_prompt(out, KEY_FILE_UNLOCKED)
