@@ -1,0 +1,70 @@
+"""A new target leaves no page cache behind. Afterwards it is read and written only with
+O_DIRECT, and pages of it still cached are memory the next hibernation saves: a 2.5 GiB
+target made in the same boot put 619 MiB of zero file pages into the image of the 3 GiB
+bench VM. Measured with mincore(2) on this machine's own filesystem."""
+
+import ctypes
+import errno
+import mmap
+import os
+from pathlib import Path
+
+from kjumpd.image import store
+from tests.prereq import need
+
+MiB = 1 << 20
+TMPFS_MAGIC = 0x01021994
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of ``path`` is in the page cache (mincore of a shared map, nothing faulted)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    size = path.stat().st_size
+    vec = (ctypes.c_ubyte * (size // mmap.PAGESIZE))()
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as m:
+        anchor = ctypes.c_char.from_buffer(m)
+        try:
+            rc = libc.mincore(ctypes.addressof(anchor), size, vec)
+        finally:
+            del anchor
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(b & 1 for b in vec) * mmap.PAGESIZE
+
+
+def on_disk(path: Path) -> bool:
+    """tmpfs keeps a file's pages as the file itself: nothing to drop there."""
+    out = os.popen(f"stat -f -c %t {path}").read().strip()
+    return out != "" and int(out, 16) != TMPFS_MAGIC
+
+
+def test_a_new_target_is_not_left_in_the_page_cache(tmp_path):
+    need(on_disk(tmp_path), f"{tmp_path} is on tmpfs, which has no page cache to drop")
+    size = 64 * MiB
+    written = tmp_path / "plain"
+    with open(written, "wb") as f:  # the same writes without the drop: the control
+        f.write(bytes(size))
+        f.flush()
+        os.fsync(f.fileno())
+    assert resident_bytes(written) > size // 2, "this filesystem caches what is written"
+
+    target = tmp_path / "image"
+    made = store.create_target(target, size)
+    assert resident_bytes(target) < MiB
+    dev, sb = store.open_target(target, writable=False)
+    dev.close()
+    assert (sb.uuid, sb.size) == (made.uuid, size)
+
+
+def test_a_kernel_without_fadvise_still_gets_its_target(tmp_path, monkeypatch):
+    """CONFIG_ADVISE_SYSCALLS=n answers ENOSYS: the advice is dropped, the target is made."""
+
+    def enosys(*args):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "posix_fadvise", enosys)
+    made = store.create_target(tmp_path / "image", 8 * MiB)
+    dev, sb = store.open_target(tmp_path / "image", writable=False)
+    dev.close()
+    assert sb.uuid == made.uuid
