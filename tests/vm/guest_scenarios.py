@@ -27,9 +27,11 @@ Scenarios (the host side, test_scenarios.py, boots QEMU accordingly):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import sqlite3
@@ -130,18 +132,19 @@ def daemon_alive() -> bool:
 
 
 TARGET_SIZE = "1G"  # a 1 GiB guest: room for every page even uncompressed
+GUEST_TARGET = "/var/lib/kjumpd/image"  # guest-kjumpd.toml [target] path
 RESTORE_KERNEL = "/usr/lib/kjumpd/restore/vmlinuz"
 RESTORE_INITRD = "/usr/lib/kjumpd/restore/initrd.img"
 
 
-def setup_target() -> None:
+def setup_target(size: str = TARGET_SIZE) -> None:
     """`kjumpctl setup` as an administrator runs it once: the image target, then the
     restore-first boot entry (the host boots every time what that entry names)."""
     require_command("setup")
-    proc = kjumpctl("setup", "--size", TARGET_SIZE, "--yes", timeout=900)
+    proc = kjumpctl("setup", "--size", size, "--yes", timeout=900)
     if proc.returncode != 0:
         raise Missing(
-            f"`kjumpctl setup --size {TARGET_SIZE}` failed (rc {proc.returncode}): "
+            f"`kjumpctl setup --size {size}` failed (rc {proc.returncode}): "
             + (proc.stdout.strip().splitlines() or [""])[-1]
         )
     install_restore_entry(RESTORE_INITRD)
@@ -302,8 +305,11 @@ def hibernate_and_check(
         require_command("hibernate")
         require_prepared()
         swapon_from_cmdline()
-        _proc, before = start_workload()
+        bench_target()
+        anon, cache = bench_load()
+        _proc, before = start_workload(anon)
         expected = wl.expected_digest(before.seed, before.size)
+        fill_page_cache(cache)
         if disk_writers:
             writers.start()
             event("writers-ready")
@@ -349,6 +355,7 @@ def hibernate_and_check(
             problems += wproblems
             extra.update(wfields)
         extra.update(outlive_save_kernel_watchdog(returned))
+        extra.update(time_to_warm())
         if post is not None:
             pproblems, pfields = post()
             problems += pproblems
@@ -834,17 +841,86 @@ def scenario_noimage() -> int:
 def swapon_from_cmdline() -> None:
     """bench: ``kjumpvm.swap=DEV`` on the command line makes DEV swap before the workload
     starts, as in swsusp's run (the same VM: a swap disk the kernel may reclaim to)."""
-    dev = [
-        w.split("=", 1)[1]
-        for w in open("/proc/cmdline").read().split()
-        if w.startswith("kjumpvm.swap=")
-    ]
-    if not dev:
+    dev = cmdline_arg("kjumpvm.swap")
+    if dev:
+        swapon(dev)
+
+
+def swapon(dev: str) -> None:
+    if subprocess.run(["mkswap", dev], stdout=subprocess.DEVNULL).returncode != 0:
+        raise Missing(f"mkswap {dev} failed (the bench attaches a swap disk)")
+    if subprocess.run(["swapon", dev]).returncode != 0:
+        raise Missing(f"swapon {dev} failed")
+
+
+#: bench-vm's file set: the files a machine had open, in the page cache at the hibernation
+FILESET = STATE_DIR / "fileset"
+FILESET_FILE = 16 << 20
+
+
+def bench_load() -> tuple[int, int]:
+    """bench-vm's load, ``kjumpvm.load=ANON:CACHE`` (MiB; default 200:0): the workload's
+    anonymous memory (incompressible, mlock'd) and a file set read into the page cache
+    beside it."""
+    word = cmdline_arg("kjumpvm.load") or "200:0"
+    anon, _, cache = word.partition(":")
+    try:
+        return int(anon), int(cache or 0)
+    except ValueError:
+        raise Missing(f"kjumpvm.load={word!r}: ANON:CACHE in MiB, e.g. 1024:512") from None
+
+
+def bench_target() -> None:
+    """bench-vm: ``kjumpvm.target_size=SIZE`` sets the image target up again at that size
+    (a bigger VM than the prepared disk's needs a bigger target), with its boot entry."""
+    size = cmdline_arg("kjumpvm.target_size")
+    if size:
+        Path(GUEST_TARGET).unlink(missing_ok=True)
+        setup_target(size)
+
+
+def fill_page_cache(mib: int) -> None:
+    """Write the file set, MiB of text-like pages (lz4 halves them, as it does program files
+    and documents; every page distinct), synced: clean page cache the kernel may drop."""
+    if mib <= 0:
         return
-    if subprocess.run(["mkswap", dev[0]], stdout=subprocess.DEVNULL).returncode != 0:
-        raise Missing(f"mkswap {dev[0]} failed (the bench attaches a swap disk)")
-    if subprocess.run(["swapon", dev[0]]).returncode != 0:
-        raise Missing(f"swapon {dev[0]} failed")
+    rnd = random.Random(2026)
+    words = (
+        b"the of and to in is for page inode dentry return NULL static int void if err "
+        b"goto out /usr/lib/x86_64-linux-gnu libc.so.6 GLIBC_2.34 LANG=C.UTF-8 0x7fff"
+    ).split()
+    corpus = b" ".join(rnd.choice(words) for _ in range(200_000))[: wl.CHUNK]
+    FILESET.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    for i in range(-(-(mib << 20) // FILESET_FILE)):
+        with open(FILESET / f"f{i:03d}", "wb") as f:
+            for j in range(FILESET_FILE // wl.CHUNK):
+                k = ((i * 16 + j) * 4099) % len(corpus)
+                f.write((corpus[k:] + corpus[:k])[: wl.CHUNK])
+    os.sync()
+    event("fileset-ready", mib=mib, seconds=f"{time.monotonic() - t0:.1f}")
+
+
+def _read_fileset() -> float:
+    t0 = time.monotonic()
+    for p in sorted(FILESET.iterdir()):
+        with open(p, "rb", buffering=0) as f:
+            while f.read(wl.CHUNK):
+                pass
+    return time.monotonic() - t0
+
+
+def time_to_warm() -> dict[str, str]:
+    """After the resume: the seconds to read the file set again (what the page cache kept
+    through the hibernation comes from RAM, the rest from disk), then the same read with the
+    cache dropped, for scale. Verdict fields warm= and cold=; a ``warm`` event."""
+    if not FILESET.is_dir():
+        return {}
+    warm = _read_fileset()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    cold = _read_fileset()
+    event("warm", seconds=f"{warm:.2f}", cold=f"{cold:.2f}")
+    return {"warm": f"{warm:.2f}s", "cold": f"{cold:.2f}s"}
 
 
 def scenario_swsusp() -> int:
@@ -853,26 +929,33 @@ def scenario_swsusp() -> int:
     problems: list[str] = []
     before = after = None
     expected = ""
+    extra: dict[str, str] = {}
     try:
-        if subprocess.run(["mkswap", "/dev/vdb"], stdout=subprocess.DEVNULL).returncode != 0:
-            raise Missing("mkswap /dev/vdb failed (the bench attaches a swap disk as vdb)")
-        if subprocess.run(["swapon", "/dev/vdb"]).returncode != 0:
-            raise Missing("swapon /dev/vdb failed")
-        _proc, before = start_workload()
+        swapon("/dev/vdb")
+        anon, cache = bench_load()
+        _proc, before = start_workload(anon)
         expected = wl.expected_digest(before.seed, before.size)
+        fill_page_cache(cache)
         writers.start()  # the same busy machine as kjumpd's runs
         os.sync()
         log_meminfo("swsusp")
         event("hibernate-start", mode="swsusp")
-        with open("/sys/power/state", "w") as f:
-            f.write("disk\n")
-        event("hibernate-returned", rc=0)
+        try:
+            with open("/sys/power/state", "w") as f:
+                f.write("disk\n")
+            extra["swsusp"] = "resumed"
+        except OSError as err:
+            # the kernel's refusal (ENOMEM: the snapshot needs half of RAM free) is a
+            # figure of the bench; the workload must still be intact
+            extra["swsusp"] = f"refused:{errno.errorcode.get(err.errno or 0, err.errno)}"
+        event("hibernate-returned", rc=0 if extra["swsusp"] == "resumed" else 1)
         after = wl.query()
+        extra.update(time_to_warm())
     except Missing as err:
         problems.append(f"missing: {err}")
     except OSError as err:
         problems.append(f"{type(err).__name__}: {err}")
-    ok, line = wl.verdict("swsusp", before, after, expected, {}, problems)
+    ok, line = wl.verdict("swsusp", before, after, expected, extra, problems)
     print(line, flush=True)
     return 0 if ok else 1
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kjumpd.errors import KjumpError
 from tests.vm import assets as vm_assets
+from tests.vm.guest_scenarios import GUEST_TARGET
 from tests.vm.workload import parse_verdict
 
 VERDICT_RE = re.compile(r"KJUMP-VERDICT:.*")
@@ -89,7 +90,7 @@ MARKS = {
     "acpi-s4": r"ACPI: PM: Preparing to enter system sleep state S4",
     "power-down": r"reboot: Power down",
     "swsusp-snapshot": r"PM: hibernation: Creating image|PM: Creating hibernation image",
-    "swsusp-restore": r"PM: hibernation: Loading|PM: Loading hibernation image|PM: Image loading",
+    "swsusp-restore": r"PM: hibernation: Loading|PM: Loading|PM: Image loading",
 }
 
 
@@ -251,9 +252,6 @@ def read_guest_files(overlay: Path, paths: list[str], run_dir: Path) -> dict[str
     return out
 
 
-GUEST_TARGET = "/var/lib/kjumpd/image"  # tests/vm/guest-kjumpd.toml [target] path
-
-
 def target_sectors(base: Path, run_dir: Path, start: int, length: int) -> list[int]:
     """The disk sectors (512 bytes) holding bytes [start, start+length) of the guest's image
     target file, read from its ext4 extent tree with debugfs on a raw copy of ``base``."""
@@ -386,6 +384,7 @@ class Runner:
         append_extra: str = "",
         a_append: str = A_APPEND,
         base: str = "prepared",
+        memory_mb: int = MEM_MIB,
     ) -> None:
         """``base``: the disk the overlay covers, "prepared" (kjumpctl setup done) or
         "rootfs" (a machine kjumpd was never set up on)."""
@@ -401,7 +400,7 @@ class Runner:
             append=self.append,
             disks=[self.overlay, *extra_disks],
             disk_format="qcow2",
-            memory_mb=MEM_MIB,
+            memory_mb=memory_mb,
             smp=SMP,
             extra=(*ACPI_SLEEP, *WATCHDOG, *extra_qemu),
             cpu=CPU_OF.get(name, self.h.VMConfig.cpu),
@@ -942,8 +941,8 @@ def _blank_disk(run_dir: Path, name: str, size: str = "2G") -> Path:
     return disk
 
 
-def _swap_disk(run_dir: Path) -> Path:
-    return _blank_disk(run_dir, "swap")
+def _swap_disk(run_dir: Path, size: str = "2G") -> Path:
+    return _blank_disk(run_dir, "swap", size)
 
 
 def run(
@@ -953,14 +952,18 @@ def run(
     timeout: float = BOOT_TIMEOUT,
     swap: bool = False,
     append: str = "",
+    memory_mb: int = MEM_MIB,
+    swap_size: str = "2G",
 ) -> Outcome:
     """Run scenario ``name`` (a..h, see test_scenarios.py) to a verdict.
 
     ``append``: more words for A's command line (e.g. ``kjumpvm.finish=jump-back``).
 
-    ``swap``: attach a blank 2 GiB swap disk as /dev/vdb and have the guest swapon it before
-    the scenario (bench/vm.py: the same VM as swsusp's run, which needs that disk); it stays
-    attached across the power cycle. The swsusp scenario always has it.
+    ``swap``: attach a blank swap disk (``swap_size``) as /dev/vdb and have the guest swapon
+    it before the scenario (bench/vm.py: the same VM as swsusp's run, which needs that disk);
+    it stays attached across the power cycle. The swsusp scenario always has it.
+
+    ``memory_mb``: the VM's RAM, the same at every power-on of the run.
     """
     flows = {
         "test": ("test", "single"),
@@ -1039,8 +1042,9 @@ def run(
                 guest,
                 assets,
                 run_dir,
-                extra_disks=(_swap_disk(run_dir),),
-                append_extra="resume=/dev/vdb",
+                extra_disks=(_swap_disk(run_dir, swap_size),),
+                append_extra=f"resume=/dev/vdb {extra}".strip(),
+                memory_mb=memory_mb,
             )
         elif swap:
             r = Runner(
@@ -1048,9 +1052,10 @@ def run(
                 guest,
                 assets,
                 run_dir,
-                extra_disks=(_swap_disk(run_dir),),
+                extra_disks=(_swap_disk(run_dir, swap_size),),
                 append_extra=f"kjumpvm.swap=/dev/vdb {A_APPEND_EXTRA.get(name, '')} {extra}",
                 a_append=A_APPEND_OF.get(name, A_APPEND),
+                memory_mb=memory_mb,
             )
         else:
             r = Runner(
@@ -1063,6 +1068,7 @@ def run(
                 else (),
                 append_extra=f"{A_APPEND_EXTRA.get(name, '')} {extra}".strip(),
                 a_append=A_APPEND_OF.get(name, A_APPEND),
+                memory_mb=memory_mb,
             )
     except (KjumpError, OSError, subprocess.CalledProcessError) as err:
         out = Outcome(name=name, run_dir=run_dir)
