@@ -1,0 +1,80 @@
+"""bench-vm's arithmetic and picture: the fixed cost and cost per GiB it reports, the phases
+it draws, and a refused swsusp run reported as refused, not as a time."""
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from bench import vm
+from tests.vm.scenarios import Event, Outcome
+
+
+def test_the_line_through_two_loads_gives_fixed_cost_and_cost_per_gib():
+    fixed, slope = vm.line_fit([(0.2, 10.0), (1.5, 15.2)])
+    assert slope == pytest.approx(4.0)
+    assert fixed == pytest.approx(9.2)
+    assert vm.line_fit([(0.2, None), (1.5, 15.2)]) == (None, None)
+
+
+def outcome(tmp_path: Path, verdict: dict[str, str], marks=(), boots=()) -> Outcome:
+    out = Outcome(name="x", run_dir=tmp_path, verdict=verdict)
+    out.events = [
+        Event(10.0, "hibernate-start", {}, 1),
+        Event(40.0, "hibernate-returned", {}, 2),
+        Event(45.0, "warm", {"seconds": "2.50", "cold": "1.00"}, 2),
+    ]
+    out.boots = list(boots) or [{"boot": 1, "start": 0.0, "end": 20.0}, {"boot": 2, "start": 25.0}]
+    out.marks = [Event(t, name, {"line": ""}, 1) for name, t in marks]
+    return out
+
+
+def test_a_run_reports_its_latencies_and_phases(tmp_path):
+    f = vm.figures(
+        outcome(
+            tmp_path,
+            {"swsusp": ""},
+            marks=[
+                ("B-save-up", 14.0),
+                ("B-saved", 19.0),
+                ("R-decision", 28.0),
+                ("B-restore-up", 31.0),
+                ("B-restored", 37.0),
+            ],
+        )
+    )
+    assert (f["hibernate_s"], f["resume_s"]) == (10.0, 15.0)
+    assert (f["warm_s"], f["cold_s"]) == (2.5, 1.0)
+    hib = vm.phases("kjumpd", "hibernate", f)
+    res = vm.phases("kjumpd", "resume", f)
+    assert [s for _, s in hib] == [4.0, 5.0, 1.0]
+    assert [s for _, s in res] == [3.0, 3.0, 6.0, 3.0]
+    assert sum(s for _, s in hib) == f["hibernate_s"]
+    assert sum(s for _, s in res) == f["resume_s"]
+
+
+def test_a_refused_swsusp_has_no_latency(tmp_path):
+    f = vm.figures(outcome(tmp_path, {"swsusp": "refused:ENOMEM"}))
+    assert f["hibernate_s"] is None and f["resume_s"] is None
+    assert f["swsusp"] == "refused:ENOMEM"
+
+
+def test_the_picture_draws_each_phase_to_scale(tmp_path):
+    path = tmp_path / "phases.svg"
+    vm.svg(
+        [
+            ("kjumpd small", "hibernate", [("a", 2.0), ("b", 6.0)]),
+            ("swsusp", "resume", [("c", 4.0)]),
+        ],
+        path,
+    )
+    rects = [
+        r
+        for r in ET.parse(path).getroot().iter("{http://www.w3.org/2000/svg}rect")
+        if r.find("{http://www.w3.org/2000/svg}title") is not None
+    ]
+    widths = {
+        r.find("{http://www.w3.org/2000/svg}title").text: float(r.get("width")) for r in rects
+    }
+    assert widths["b: 6.00 s"] == pytest.approx(3 * widths["a: 2.00 s"])
+    assert widths["c: 4.00 s"] == pytest.approx(2 * widths["a: 2.00 s"])
