@@ -14,7 +14,7 @@ must come back from the image) and a file set of CACHE MiB read into the page ca
   on the restore-first entry. kjumpd's own image-size target (hibernate.image_size, 2/5 of RAM
   by default) reclaims the same way.
 
-The loads: small (about 0.2 GiB: 150 MiB anonymous, 50 MiB of files), large (about 1.5 GiB:
+The loads: small (about 0.2 GiB: 150 MiB anonymous, 64 MiB of files), large (about 1.5 GiB:
 1 GiB anonymous, 512 MiB of files), and above half of RAM (1.75 GiB anonymous, none of it
 swappable): the kernel must refuse that one (its snapshot is a copy in free RAM), kjumpd must
 hibernate and restore it.
@@ -85,7 +85,7 @@ class Load:
 
 
 LOADS = (
-    Load("small", 150, 50, 1.0),
+    Load("small", 150, 64, 1.0),
     Load("large", 1024, 512, 0.7),
     Load("over-half", 1792, 0, None),
 )

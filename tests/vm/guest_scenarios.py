@@ -880,8 +880,9 @@ def bench_target() -> None:
 
 
 def fill_page_cache(mib: int) -> None:
-    """Write the file set, MiB of text-like pages (lz4 halves them, as it does program files
-    and documents; every page distinct), synced: clean page cache the kernel may drop."""
+    """Write the file set, ``mib`` MiB of text-like pages (lz4 -1 keeps about a third of
+    them; every page distinct) in files of FILESET_FILE bytes, synced: clean page cache the
+    kernel may drop."""
     if mib <= 0:
         return
     rnd = random.Random(2026)
@@ -892,11 +893,12 @@ def fill_page_cache(mib: int) -> None:
     corpus = b" ".join(rnd.choice(words) for _ in range(200_000))[: wl.CHUNK]
     FILESET.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    for i in range(-(-(mib << 20) // FILESET_FILE)):
-        with open(FILESET / f"f{i:03d}", "wb") as f:
-            for j in range(FILESET_FILE // wl.CHUNK):
-                k = ((i * 16 + j) * 4099) % len(corpus)
-                f.write((corpus[k:] + corpus[:k])[: wl.CHUNK])
+    per_file = FILESET_FILE // wl.CHUNK
+    for n in range(mib * (1 << 20) // wl.CHUNK):
+        i, j = divmod(n, per_file)
+        with open(FILESET / f"f{i:03d}", "ab" if j else "wb") as f:
+            k = (n * 4099) % len(corpus)
+            f.write((corpus[k:] + corpus[:k])[: wl.CHUNK])
     os.sync()
     event("fileset-ready", mib=mib, seconds=f"{time.monotonic() - t0:.1f}")
 
