@@ -311,9 +311,10 @@ def scale(a: vm_assets.Assets, base: Path, only: set[str]) -> int:
         )
         print(f"  {'':20} {'swsusp':>14} {'kjumpd':>12} {'kjumpd/swsusp':>14}  goal")
         entry: dict = {}
+        refused = str(sw["swsusp"]).startswith("refused")
         for label, key, unit in rows:
             r = ratio(kj[key], sw[key])  # type: ignore[arg-type]
-            if r is None and sw["swsusp"] != "resumed":
+            if refused:
                 goal = "-"  # nothing to compare with: the kernel refused the load
             elif key in ("hibernate_s", "resume_s") and load.goal is not None:
                 met = r is not None and r <= load.goal
@@ -322,7 +323,7 @@ def scale(a: vm_assets.Assets, base: Path, only: set[str]) -> int:
                 goal = f"<= 1.0x: {'met' if r is not None and r <= 1.0 else 'NOT met'}"
             else:
                 goal = "-"
-            swv = sw[key] if sw[key] is not None or not sw["swsusp"] else sw["swsusp"]
+            swv = sw["swsusp"] if sw[key] is None and refused else sw[key]
             entry[key] = {"swsusp": sw[key], "kjumpd": kj[key], "ratio": r}
             print(
                 f"  {label:20} {fmt(swv, unit):>14} {fmt(kj[key], unit):>12} "

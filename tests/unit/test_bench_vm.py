@@ -1,6 +1,8 @@
 """bench-vm's arithmetic and picture: the fixed cost and cost per GiB it reports, the phases
 it draws, and a refused swsusp run reported as refused, not as a time."""
 
+import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -78,3 +80,30 @@ def test_the_picture_draws_each_phase_to_scale(tmp_path):
     }
     assert widths["b: 6.00 s"] == pytest.approx(3 * widths["a: 2.00 s"])
     assert widths["c: 4.00 s"] == pytest.approx(2 * widths["a: 2.00 s"])
+
+
+def test_the_report_compares_each_load_and_says_when_the_kernel_refused(
+    tmp_path, monkeypatch, capsys
+):
+    marks = [("B-save-up", 14.0), ("B-saved", 19.0), ("R-decision", 28.0)]
+
+    def run(a, base, key, who, name, **kw):
+        system, load = key.split("-", 1)
+        if system == "swsusp" and load == "over-half":
+            out = outcome(tmp_path, {"swsusp": "refused:ENOMEM"}, boots=[{"boot": 1, "end": 30.0}])
+        else:
+            out = outcome(tmp_path, {"swsusp": "resumed"} if system == "swsusp" else {}, marks)
+        out.passed = True
+        return out
+
+    monkeypatch.setattr(vm, "_run", run)
+    assert vm.scale(None, tmp_path, set()) == 0  # type: ignore[arg-type]
+    text = capsys.readouterr().out
+    over = text[text.index("load over-half") :]
+    assert "refused:ENOMEM" in over.splitlines()[2] and "NOT met" not in over.split("straight")[0]
+    assert "swsusp refused:ENOMEM (it must refuse), kjumpd restored it intact" in text
+    assert re.search(r"hibernate latency +10\.00 s +10\.00 s +1\.00x  <= 1\.0x: met", text)
+    assert re.search(r"hibernate latency +10\.00 s +10\.00 s +1\.00x  <= 0\.7x: NOT met", text)
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["fits"]["kjumpd.hibernate_s"]["per_gib_s"] == pytest.approx(0.0)
+    assert (tmp_path / "phases.svg").exists()
