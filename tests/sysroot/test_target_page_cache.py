@@ -7,6 +7,7 @@ import ctypes
 import errno
 import mmap
 import os
+import subprocess
 from pathlib import Path
 
 from kjumpd.image import store
@@ -35,7 +36,9 @@ def resident_bytes(path: Path) -> int:
 
 def on_disk(path: Path) -> bool:
     """tmpfs keeps a file's pages as the file itself: nothing to drop there."""
-    out = os.popen(f"stat -f -c %t {path}").read().strip()
+    out = subprocess.run(
+        ["stat", "-f", "-c", "%t", str(path)], capture_output=True, text=True
+    ).stdout.strip()
     return out != "" and int(out, 16) != TMPFS_MAGIC
 
 
