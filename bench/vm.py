@@ -117,6 +117,15 @@ PHASES = {
         ),
     },
 }
+#: (label, figure, unit) of each line of a comparison
+ROWS = (
+    ("hibernate latency", "hibernate_s", "s"),
+    ("resume latency", "resume_s", "s"),
+    ("image size", "image_bytes", "MiB"),
+    ("memory saved", "memory_bytes", "MiB"),
+    ("time to warm", "warm_s", "s"),
+    ("same read, cold", "cold_s", "s"),
+)
 COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2")
 
 
@@ -141,14 +150,12 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
         except OSError:
             continue
         # swsusp with compression prints the pages it wrote, then the compressed size
-        m = re.search(r"PM: Image size after compression: (\d+) kbytes", text) or re.search(
-            r"PM: (?:hibernation: )?Wrote (\d+) kbytes in", text
-        )
+        wrote = re.search(r"PM: (?:hibernation: )?Wrote (\d+) kbytes in", text)
+        m = re.search(r"PM: Image size after compression: (\d+) kbytes", text) or wrote
         if m:
             size = int(m.group(1)) << 10
-        m = re.search(r"PM: (?:hibernation: )?Wrote (\d+) kbytes in", text)
-        if m:
-            memory = int(m.group(1)) << 10
+        if wrote:
+            memory = int(wrote.group(1)) << 10
     warm = out.event("warm")
     edges: dict[str, float | None] = {
         "request": start.t if start else None,
@@ -292,14 +299,7 @@ def scale(a: vm_assets.Assets, base: Path, only: set[str]) -> int:
     report: dict = {"vm_mib": SCALE_MEM_MIB, "loads": {}}
     print("")
     print(f"bench-vm at scale: {SCALE_MEM_MIB} MiB VM, 2 vCPUs, TCG; swsusp with {SWSUSP_BEST}")
-    rows = [
-        ("hibernate latency", "hibernate_s", "s"),
-        ("resume latency", "resume_s", "s"),
-        ("image size", "image_bytes", "MiB"),
-        ("memory saved", "memory_bytes", "MiB"),
-        ("time to warm", "warm_s", "s"),
-        ("same read, cold", "cold_s", "s"),
-    ]
+    rows = ROWS
     for load in LOADS:
         sw, kj = figs.get(("swsusp", load.key)), figs.get(("kjumpd", load.key))
         if sw is None or kj is None:
@@ -390,12 +390,7 @@ def classic(a: vm_assets.Assets, base: Path, swap: bool) -> int:
     ):
         runs[key] = _run(a, base, key, who, name, swap=swap, append=append)
     sw, kj = figures(runs["swsusp"]), figures(runs["shutdown"])
-    rows = [
-        ("hibernate latency", "hibernate_s", "s"),
-        ("resume latency", "resume_s", "s"),
-        ("image size", "image_bytes", "MiB"),
-        ("memory saved", "memory_bytes", "MiB"),
-    ]
+    rows = ROWS[:4]  # no file set in these runs
     print("")
     print(f"{'':20} {'swsusp':>12} {'kjumpd':>12} {'kjumpd/swsusp':>14}")
     report: dict = {}

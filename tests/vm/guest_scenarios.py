@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -893,12 +894,10 @@ def fill_page_cache(mib: int) -> None:
     corpus = b" ".join(rnd.choice(words) for _ in range(200_000))[: wl.CHUNK]
     FILESET.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    per_file = FILESET_FILE // wl.CHUNK
-    for n in range(mib * (1 << 20) // wl.CHUNK):
-        i, j = divmod(n, per_file)
-        with open(FILESET / f"f{i:03d}", "ab" if j else "wb") as f:
-            k = (n * 4099) % len(corpus)
-            f.write((corpus[k:] + corpus[:k])[: wl.CHUNK])
+    chunks = wl.rotated_chunks(corpus, mib << 20)
+    for i in range(-(-(mib << 20) // FILESET_FILE)):
+        with open(FILESET / f"f{i:03d}", "wb") as f:
+            f.writelines(itertools.islice(chunks, FILESET_FILE // wl.CHUNK))
     os.sync()
     event("fileset-ready", mib=mib, seconds=f"{time.monotonic() - t0:.1f}")
 

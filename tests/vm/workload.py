@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,14 +40,18 @@ CHUNK = 1 << 20
 VERDICT_PREFIX = "KJUMP-VERDICT:"
 
 
-def expected_chunks(seed: int, size: int):
+def expected_chunks(seed: int, size: int) -> Iterator[bytes]:
     """The workload's data, CHUNK by CHUNK: deterministic for (seed, size).
 
     One CHUNK of seeded pseudo-random bytes, rotated by a different amount (i * 4099 bytes, not
     a page multiple) for each chunk i: every 4 KiB page of the data is distinct and
     incompressible, and generating it costs slicing, not a random draw per byte (this runs
     under TCG)."""
-    base = random.Random(seed).randbytes(CHUNK)
+    return rotated_chunks(random.Random(seed).randbytes(CHUNK), size)
+
+
+def rotated_chunks(base: bytes, size: int) -> Iterator[bytes]:
+    """``size`` bytes as rotations of ``base`` (CHUNK bytes): chunk i rotated by i * 4099."""
     left, i = size, 0
     while left > 0:
         k = (i * 4099) % CHUNK
