@@ -11,6 +11,9 @@ Target layout::
     68 KiB    4 KiB  header slot 1 (Header)
     72 KiB   ...     image metadata (Metadata), then, at Header.data_offset, chunk records
 
+The superblock's 64 KiB end with a 4 KiB job slot (kjumpd.image.jobslot) when its block
+map leaves them free.
+
 Target superblock (at logical 0, at most 64 KiB)::
 
     0   8  magic b"KJUMPTGT"
@@ -121,6 +124,12 @@ CHUNK_MAGIC = b"KJCH"
 _SB_FIXED = struct.Struct("<8sHHI16sQII")  # 48 bytes
 _EXTENT3 = struct.Struct("<QQQ")
 MAX_EXTENTS = (SUPERBLOCK_SIZE - _SB_FIXED.size - 4) // _EXTENT3.size
+
+
+def superblock_length(extents: int) -> int:
+    """Bytes a superblock with ``extents`` block-map extents takes, its CRC included."""
+    return _SB_FIXED.size + extents * _EXTENT3.size + 4
+
 
 _HDR_FIXED = struct.Struct("<8sHBBIQ16sdddQQQIIQQIIQQQQQQ")  # 168 bytes
 _STR_LEN = struct.Struct("<H")
