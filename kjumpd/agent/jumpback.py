@@ -7,15 +7,26 @@ is our own kexec_load(2) (x86_64 syscall 246) with
 - entry = A's jump-back entry (``kexec_jump_back_entry=`` on B's command line for a save;
   the image header's jump-back entry for a restore),
 - flags = KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_DEFAULT,
-- one 4096-byte segment whose destination is the entry's page and whose bytes are that
-  page's current contents read from /dev/mem (A is frozen, the copy is content-neutral; the
-  segment is what puts the entry page in the identity map of the jump),
+- segments that put A's entry page in the identity map of the jump, which x86's kexec
+  builds from B's RAM, every segment's range and the ACPI data regions:
+  - for a save, when B's memory map shows A's RAM as ACPI data (kjumpd.daemon.kexec:
+    main_memory_words), one *anchor* page of B's own memory (:func:`anchor`) and nothing of
+    A's. A preserve-context jump swaps each segment page with its copy on the way out and
+    back again on the way in, so a page A writes while B is parked (its entry page: the
+    stack pointer and registers of each jump) would show B its content of the jump before,
+    and an image saved by a save kernel A jumped into again would hold that stale page:
+    the restore would return into A on a dead stack. B's own page is neutral: nothing
+    writes it while B is away.
+  - otherwise (a restore, or a command line without A's RAM), one 4096-byte segment whose
+    destination is the entry's page and whose bytes are that page's current contents read
+    from /dev/mem (content-neutral for the first jump back; a save kernel loaded this way
+    takes no second job: kjumpd.agent.kernel_role),
 - plus, on restore, A's pages that lie in B's own memory (the low 512K) as extra segments:
   the kernel copies segments after B has stopped. At most KEXEC_SEGMENT_MAX (16) in all.
 
 then reboot(2) with LINUX_REBOOT_CMD_KEXEC. If A later jumps to B again, reboot(2) returns.
-:func:`plan_segments` is pure (tested in tests/unit); :func:`load` and :func:`execute` are
-the system calls.
+:func:`plan_segments` is pure (tested in tests/unit); :func:`load`, :func:`anchor` and
+:func:`execute` are the system calls.
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,9 +78,13 @@ def entry_page(entry: int) -> int:
 
 
 def plan_segments(
-    entry: int, entry_page_bytes: bytes | None, held: Sequence[Segment] = ()
+    entry: int,
+    entry_page_bytes: bytes | None,
+    held: Sequence[Segment] = (),
+    entry_mapped: bool = False,
 ) -> list[Segment]:
-    """The segments of the jump-back load: held pages, plus the entry page unless they hold it.
+    """The segments of the jump-back load: held pages, plus the entry page unless they hold
+    it or ``entry_mapped`` (the kernel maps it anyway: an ACPI data region of B's map).
 
     Raises KexecError when a segment is not page aligned, segments overlap, the entry page is
     missing, or there are more than KEXEC_SEGMENT_MAX of them.
@@ -93,7 +110,9 @@ def plan_segments(
                 fix="this is a bug in the agent",
             )
     page = entry_page(entry)
-    if not any(s.mem <= page < s.end for s in segs):
+    if not segs and entry_mapped:
+        raise KexecError("the jump back needs one segment", fix="this is a bug in the agent")
+    if not entry_mapped and not any(s.mem <= page < s.end for s in segs):
         if entry_page_bytes is None or len(entry_page_bytes) != PAGE:
             raise KexecError(
                 "the jump-back entry page was not read", why=f"need {PAGE} bytes of page {page:#x}"
@@ -112,6 +131,38 @@ def plan_segments(
 
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+#: the anchor page's mapping and segment: they live as long as the agent (B may be resumed
+#: any time, and the loaded jump back swaps that page)
+_anchor: dict[str, tuple[mmap.mmap, Segment]] = {}
+
+
+def anchor(pagemap: str = "/proc/self/pagemap") -> Segment:
+    """A locked page of this process, as a segment onto its own physical page: what makes
+    the jump-back load a preserve-context image without a segment on A's memory (the
+    module's docstring says why). KexecError when the page cannot be locked or located."""
+    if "page" in _anchor:
+        return _anchor["page"][1]
+    mm = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm[:] = (b"kjumpd jump-back anchor\n" * (PAGE // 24 + 1))[:PAGE]
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    if _libc().mlock(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE)) != 0:
+        err = ctypes.get_errno()
+        raise KexecError("cannot lock the jump back's anchor page", why=os.strerror(err))
+    try:
+        with open(pagemap, "rb", buffering=0) as f:
+            (entry,) = struct.unpack("<Q", os.pread(f.fileno(), 8, addr // PAGE * 8))
+    except (OSError, struct.error) as e:
+        raise KexecError("cannot locate the jump back's anchor page", why=str(e)) from None
+    pfn = entry & ((1 << 55) - 1)
+    if not entry >> 63 or pfn == 0:
+        raise KexecError(
+            "cannot locate the jump back's anchor page", why="pagemap shows no page frame"
+        )
+    seg = Segment(pfn * PAGE, bytes(mm))
+    _anchor["page"] = (mm, seg)
+    return seg
 
 
 def load(entry: int, segments: Sequence[Segment]) -> None:

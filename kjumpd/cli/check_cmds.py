@@ -87,7 +87,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     area = rep.plan.area
     if area is not None:
         plan["jump_area"] = [area.start, area.size]
-        plan["save_cmdline"] = kexec.save_cmdline(cfg, area)
+        ram = rep.plan.memory.ranges if rep.plan.memory is not None else ()
+        plan["save_cmdline"] = kexec.save_cmdline(cfg, area, main_ram=ram)
     mem = rep.plan.memory
     if mem is not None:
         plan["memory_ranges"] = [[s, e] for s, e in mem.ranges]

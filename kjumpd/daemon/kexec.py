@@ -20,8 +20,9 @@ The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), in
 /run/kjumpd/ram (a ramfs on the real system, never swapped out: the job may carry a key): the
 initramfs is copied there (stage_initrd) while the daemon quiesces, the job is appended
 (finish_initrd) after the filesystems are frozen. The save kernel's command line is
-``<save_kernel.append> pty.legacy_count=0 memmap=exactmap memmap=512K@0K memmap=SIZE@START
-kjump.role=save``: B's memory is exactly the low 512K and the jump area; no legacy ptys
+``<save_kernel.append> pty.legacy_count=0 memmap=exactmap memmap=512K@0K [memmap=N#S...]
+memmap=SIZE@START kjump.role=save``: B's memory is exactly the low 512K and the jump area;
+A's RAM is ACPI data to it (main_memory_words); no legacy ptys
 (kjumpd.bootconfig.QUICK_BOOT_PARAMS).
 """
 
@@ -33,6 +34,7 @@ import os
 import shutil
 import struct
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kjumpd.bootconfig import B_ONLY_PARAMS, QUICK_BOOT_PARAMS
@@ -159,12 +161,44 @@ def segment_window(
     return (start, area.end)
 
 
-def save_cmdline(config: Config, area: JumpArea, role: str = "save") -> str:
-    return (
+#: the kernel's command line is at most 2048 bytes on x86 (COMMAND_LINE_SIZE)
+CMDLINE_MAX = 2048
+
+
+def main_memory_words(area: JumpArea, main_ram: Sequence[tuple[int, int]]) -> list[str]:
+    """``memmap=SIZE#START`` for A's RAM above the first MiB outside the jump area: to B it
+    is ACPI data, never its own RAM, and x86's kexec maps ACPI data into the identity map of
+    every jump, so B's jump back reaches A's entry page without a segment on it
+    (kjumpd.agent.jumpback says why that matters)."""
+    out = []
+    for s, e in main_ram:
+        s = max(s, 1 << 20)
+        for a, b in ((s, min(e, area.start)), (max(s, area.end), e)):
+            a, b = -(-a // 4096) * 4096, b // 4096 * 4096
+            if b > a:
+                out.append(f"memmap={format_size(b - a)}#{format_size(a)}")
+    return out
+
+
+def save_cmdline(
+    config: Config,
+    area: JumpArea,
+    role: str = "save",
+    main_ram: Sequence[tuple[int, int]] = (),
+) -> str:
+    """B's command line; with ``main_ram`` (A's RAM) it also maps A's memory for the jump
+    back (main_memory_words), unless the line would grow past the kernel's limit."""
+    head = (
         f"{config.save_kernel_append()} {QUICK_BOOT_PARAMS} {B_ONLY_PARAMS} "
-        "memmap=exactmap memmap=512K@0K "
-        f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}"
+        "memmap=exactmap memmap=512K@0K"
     ).strip()
+    tail = f"memmap={format_size(area.size)}@{format_size(area.start)} kjump.role={role}"
+    words = main_memory_words(area, main_ram)
+    line = " ".join([head, *words, tail])
+    if len(line) >= CMDLINE_MAX - 256:  # room for kexec-tools' kexec_jump_back_entry=
+        log.warning("A's RAM map does not fit B's command line; its entry page is a segment")
+        line = f"{head} {tail}"
+    return line
 
 
 def stage_initrd(sysroot: Sysroot, base: str, expect_sha256: str = "") -> str:

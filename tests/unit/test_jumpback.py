@@ -54,3 +54,23 @@ def test_plan_is_sorted_disjoint_and_contains_the_entry(pages: set[int], entry_p
     assert all(a.end <= b.mem for a, b in zip(segs, segs[1:]))
     assert any(s.mem <= entry < s.end for s in segs)
     assert {s.mem for s in held} <= {s.mem for s in segs}
+
+
+def test_with_the_entry_page_mapped_the_save_jumps_back_on_its_anchor_alone() -> None:
+    anchor = Segment(0x3700_5000, b"k" * PAGE)
+    assert plan_segments(0x0A5A_30F2, None, [anchor], entry_mapped=True) == [anchor]
+    with pytest.raises(KexecError, match="needs one segment"):
+        plan_segments(0x0A5A_30F2, None, [], entry_mapped=True)
+
+
+def test_an_anchor_that_cannot_be_located_is_refused(tmp_path) -> None:
+    from kjumpd.agent import jumpback
+
+    jumpback._anchor.clear()
+    empty = tmp_path / "pagemap"
+    empty.write_bytes(b"")
+    try:
+        with pytest.raises(KexecError, match="cannot locate"):
+            jumpback.anchor(str(empty))
+    finally:
+        jumpback._anchor.clear()

@@ -40,3 +40,26 @@ def test_the_whole_area_when_the_kernel_cannot_say(tmp_path):
     assert kexec.segment_window(old, MiB, AREA) == whole
     big = bzimage(tmp_path / "big", init_size=100 * MiB)  # does not fit
     assert kexec.segment_window(big, 30 * MiB, AREA) == whole
+
+
+def test_the_main_kernels_ram_is_acpi_data_to_the_save_kernel_outside_its_own():
+    area = JumpArea(0x2000_0000, 128 << 20)
+    ram = [(0x1000, 0x9F000), (0x10_0000, 0x3FFE_0000), (0x1_0000_0000, 0x1_4000_0000)]
+    assert kexec.main_memory_words(area, ram) == [
+        "memmap=511M#1M",
+        "memmap=393088K#640M",
+        "memmap=1G#4G",
+    ]
+
+
+def test_a_ram_map_too_long_for_the_command_line_is_left_out(caplog):
+    from kjumpd.daemon.config import Config
+
+    area = JumpArea(0x2000_0000, 128 << 20)
+    many = [
+        (0x1_0000_0000 + i * 0x20_0000, 0x1_0000_0000 + i * 0x20_0000 + 0x10_0000)
+        for i in range(200)
+    ]
+    line = kexec.save_cmdline(Config(), area, main_ram=many)
+    assert "#" not in line and line.endswith("memmap=128M@512M kjump.role=save")
+    assert len(kexec.save_cmdline(Config(), area, main_ram=many[:3])) < kexec.CMDLINE_MAX
