@@ -61,6 +61,11 @@ still reads)::
                              mode), "power-off" or "reboot" (B does it: no jump back, no device
                              resume in A; a failed power-off falls back to the jump back).
                              Default "jump-back".
+    park                     int: the generation of a warm-up (kjumpd.daemon.warm). B only
+                             finds the target, answers PARKED(park) in the job slot
+                             (kjumpd.image.jobslot) and jumps back, saving nothing; its
+                             later jobs come through that slot, each with a higher
+                             generation. Default 0: a save.
 
 The archive is the kernel's cpio "newc" format, written and read by kjumpd/cpio.py.
 """
@@ -118,6 +123,7 @@ class Job:
     seal: dict[str, Any] | None = None
     finish: str = "jump-back"
     volume: dict[str, Any] | None = field(default=None, repr=False)
+    park: int = 0
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -184,6 +190,7 @@ class Job:
                 seal=d.get("seal", _OPTIONAL["seal"]),
                 finish=d.get("finish", _OPTIONAL["finish"]),
                 volume=d.get("volume", _OPTIONAL["volume"]),
+                park=d.get("park", _OPTIONAL["park"]),
                 version=version,
             )
         except TypeError as e:
@@ -228,6 +235,7 @@ _OPTIONAL: dict[str, Any] = {
     "seal": None,
     "finish": "jump-back",
     "volume": None,
+    "park": 0,
 }
 #: what B may do once the image is SAVED (the job's ``finish``)
 FINISHES = ("jump-back", "power-off", "reboot")
@@ -350,6 +358,7 @@ def validate(job: Job) -> None:
             raise JobError(
                 f"job field {key} must be true or false", why=f"got {getattr(job, key)!r}"
             )
+    _int(job.park, "park")
     if job.finish not in FINISHES:
         raise JobError(
             f"job field finish must be one of {', '.join(FINISHES)}", why=f"got {job.finish!r}"

@@ -111,12 +111,21 @@ def parse_cmdline(text: str) -> BootParams:
 
 def parse_iomem_ram(text: str) -> list[tuple[int, int]]:
     """Top-level "System RAM" ranges of /proc/iomem as [start, end) (end exclusive)."""
+    return parse_iomem_top(text, ("System RAM",))
+
+
+#: iomem names of what x86's kexec maps into the identity map of every jump (ACPI data)
+IDENTITY_MAPPED = ("ACPI Tables", "ACPI Non-volatile Storage")
+
+
+def parse_iomem_top(text: str, names: Sequence[str]) -> list[tuple[int, int]]:
+    """Top-level /proc/iomem ranges with one of ``names``, as [start, end)."""
     out = []
     for line in text.splitlines():
         if line.startswith(" ") or ":" not in line:
             continue
         span, name = line.split(":", 1)
-        if name.strip() != "System RAM":
+        if name.strip() not in names:
             continue
         try:
             a, b = (int(x, 16) for x in span.strip().split("-"))
@@ -124,6 +133,14 @@ def parse_iomem_ram(text: str) -> list[tuple[int, int]]:
             continue
         out.append((a, b + 1))
     return out
+
+
+def entry_mapped(sysroot: Sysroot, entry: int) -> bool:
+    """Whether A's entry page lies in this kernel's ACPI data (kjumpd.daemon.kexec:
+    main_memory_words), which the kernel maps for the jump without a segment."""
+    page = entry - entry % PAGE
+    ranges = parse_iomem_top(sysroot.read_text("/proc/iomem", ""), IDENTITY_MAPPED)
+    return any(a <= page and page + PAGE <= b for a, b in ranges)
 
 
 def own_memory(sysroot: Sysroot) -> list[tuple[int, int]]:
@@ -305,19 +322,26 @@ def jump_back(
     on_resume: Callable[[], None] | None = None,
     watchdog: Any = None,
 ) -> None:
-    """Load the jump back (entry page + held segments) and jump. If A jumps to B again, B
-    resumes here and jumps back with the *same* loaded image: a preserve-context jump swaps
-    each segment's source page with its destination, and B's return path swapped A's entry
-    page with our copy; executing the same image again swaps them back (reloading from
-    /dev/mem would hand A a stale entry page: proven by a triple fault in the VM)."""
+    """Load the jump back and jump. If A jumps to B again, B resumes here and jumps back
+    with the *same* loaded image: a preserve-context jump swaps each segment's source page
+    with its destination, and B's return path swapped them back. For a save, the segment
+    is B's anchor page when A's entry page is mapped anyway (kjumpd.agent.jumpback: a
+    segment on A's entry page would show this kernel a stale page after a resume);
+    otherwise, and for a restore, it is A's entry page as read now."""
     from kjumpd.agent import jumpback
     from kjumpd.agent.devmem import MemorySource
 
     segs = [jumpback.Segment(h.mem, h.data) for h in held]
-    page = jumpback.entry_page(entry)
-    with MemorySource(sysroot) as src:
-        page_bytes = src.read(page, PAGE)
-    plan = jumpback.plan_segments(entry, page_bytes, segs)
+    plan = None
+    if not segs and entry_mapped(sysroot, entry):
+        try:
+            plan = jumpback.plan_segments(entry, None, [jumpback.anchor()], entry_mapped=True)
+        except KjumpError as e:
+            say(f"jump back without the anchor page ({e.message})")
+    if plan is None:
+        with MemorySource(sysroot) as src:
+            page_bytes = src.read(jumpback.entry_page(entry), PAGE)
+        plan = jumpback.plan_segments(entry, page_bytes, segs)
     jumpback.load(entry, plan)
     if watchdog is not None:
         watchdog.disarm()  # A must not inherit a running timer
@@ -325,13 +349,17 @@ def jump_back(
     while True:
         say(f"jumping back to the main kernel at {entry:#x} ({len(plan)} segment(s))")
         jumpback.execute()
-        # A jumped to B again (a warm save kernel); nothing is prepared for that yet: return.
-        say("the main kernel jumped here again; no job for a warm save kernel, jumping back")
-        if on_resume is not None:
-            try:
-                on_resume()
-            except (KjumpError, OSError) as e:
-                say(f"after the resume: {e}")
+        # A jumped here again: a parked save kernel (Parked.on_resume takes its next job)
+        if on_resume is None:
+            say("the main kernel jumped here again; jumping back")
+            continue
+        try:
+            on_resume()
+        except (KjumpError, OSError) as e:
+            say(f"after the resume: {e}")
+        except Exception as e:  # noqa: BLE001 - any bug must still end in the jump back
+            log.debug("resume handler crashed", exc_info=True)
+            say(f"after the resume: crashed: {type(e).__name__}: {e}")
 
 
 def _find(sysroot: Sysroot, uuid: str, offset: int, volume: Any = None) -> str:
@@ -363,6 +391,36 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
             fix="let kjumpd load the save kernel",
         )
     entry = params.jump_back_entry
+    parked = Parked(sysroot, params, entry)
+    job = None
+    try:
+        from kjumpd.job import Job
+
+        job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
+    except OSError as e:
+        say(
+            f"save failed: cannot read the job {JOB_FILE}: {e.strerror or e} (the daemon "
+            "appends it to the initramfs at load time)"
+        )
+        _abort(None, "")
+    except KjumpError as e:
+        say(f"save failed: {e.message}")
+        _abort(None, "")
+    if job is not None and job.park:
+        parked.park(job)
+    elif job is not None:
+        finish = save_job(sysroot, job, entry, watchdog)
+        parked.base = job
+        if finish != "jump-back":
+            finish_here(finish)  # returns only when the kernel could not do it
+    jump_back(sysroot, entry, on_resume=parked.on_resume, watchdog=watchdog)
+    return 0
+
+
+def save_job(sysroot: Sysroot, job: Any, entry: int, watchdog: Any = None) -> str:
+    """Save A's memory as ``job`` says; returns what to do once SAVED (the job's finish, or
+    "jump-back" when the save did not complete: the image is then ABORTED when the target
+    was found, and A rolls back)."""
     dev = None
     started = False
     finish = "jump-back"  # the job's, once the image is SAVED
@@ -370,16 +428,8 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
     try:
         from kjumpd.agent.devmem import MemorySource
         from kjumpd.image import save
-        from kjumpd.job import Job, image_key_bytes, volume_of
+        from kjumpd.job import image_key_bytes, volume_of
 
-        try:
-            job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
-        except OSError as e:
-            raise AgentError(
-                f"cannot read the job {JOB_FILE}",
-                why=e.strerror or str(e),
-                fix="the daemon appends it to the initramfs at load time",
-            ) from None
         dev, sb = _open_target(
             sysroot, job.target_uuid, job.superblock_device_offset, volume_of(job)
         )
@@ -463,10 +513,149 @@ def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
             cancel.stop()
         if dev is not None:
             dev.close()
-    if finish != "jump-back":
-        finish_here(finish)  # returns only when the kernel could not do it
-    jump_back(sysroot, entry, on_resume=lambda: _probe_target(sysroot), watchdog=watchdog)
-    return 0
+    return finish
+
+
+class Parked:
+    """What a save kernel keeps between A's jumps: the job it was booted with (the target,
+    the jump area and the save kernel it may serve) and the last job-slot generation it
+    saw. After a jump back, A's next jump resumes it in :meth:`on_resume`, which takes the
+    job A left in its job slot (kjumpd.image.jobslot), or jumps back at once without one."""
+
+    def __init__(self, sysroot: Sysroot, params: BootParams, entry: int) -> None:
+        self.sysroot, self.params, self.entry = sysroot, params, entry
+        self.base: Any = None  # kjumpd.job.Job
+        self.generation = 0
+        #: A's entry page is mapped without a segment: an image saved after a resume holds
+        #: A's live entry page (kjumpd.agent.jumpback)
+        self.fresh_entry = entry_mapped(sysroot, entry)
+
+    def _open(self, writable: bool) -> tuple[Any, Any, str]:
+        from kjumpd.image import store
+        from kjumpd.job import volume_of
+
+        job = self.base
+        path = _find(self.sysroot, job.target_uuid, job.superblock_device_offset, volume_of(job))
+        dev, sb = store.open_target(
+            self.sysroot.path(path), writable=writable, offset=job.superblock_device_offset
+        )
+        return dev, sb, path
+
+    def park(self, job: Any) -> None:
+        """The warm-up: find the target and answer PARKED(job.park) in its job slot."""
+        from kjumpd.image import jobslot
+
+        self.base, self.generation = job, job.park
+        try:
+            if not self.fresh_entry:
+                raise AgentError(
+                    "the main kernel's entry page is not mapped for the jump back",
+                    why="this kernel's memory map does not show the main kernel's RAM as "
+                    "ACPI data: a job taken after a resume would save a stale entry page",
+                    fix="load the save kernel with kjumpd's command line",
+                )
+            dev, sb, path = self._open(writable=True)
+            with dev:
+                if not jobslot.slot_free(len(sb.blockmap)):
+                    raise TargetError(
+                        "the target has no job slot",
+                        why=f"its block map has {len(sb.blockmap)} extents, more than "
+                        f"{jobslot.MAX_SLOT_EXTENTS}",
+                        fix="the save kernel is loaded cold at each hibernation",
+                    )
+                jobslot.write_slot(dev, jobslot.JobSlot(jobslot.SlotKind.PARKED, job.park))
+            say(
+                f"parked: target {job.target_uuid} on {path}; waiting for a job (generation "
+                f"above {job.park})"
+            )
+        except (KjumpError, OSError) as e:
+            self.base = None
+            say(f"warm-up failed: {e}; the main kernel loads the save kernel cold")
+
+    def on_resume(self) -> None:
+        """A jumped here again: run the job in the slot, if it holds a new one."""
+        from kjumpd.image import jobslot, store
+
+        say("the main kernel jumped here again")
+        if self.base is None:
+            say("no target to take a job from; jumping back")
+            return
+        try:
+            dev, sb, path = self._open(writable=True)
+        except (KjumpError, OSError) as e:
+            say(f"target not found after the resume ({e}); jumping back")
+            return
+        job = None
+        with dev:
+            try:
+                slot = jobslot.read_slot(dev) if jobslot.slot_free(len(sb.blockmap)) else None
+            except KjumpError as e:
+                say(f"job slot unreadable ({e.message})")
+                slot = None
+            state = store.read_header(dev).state_text
+            if (
+                slot is None
+                or slot.kind is not jobslot.SlotKind.JOB
+                or slot.generation <= self.generation
+            ):
+                say(
+                    f"after the resume: {path} readable, image {state}; no new job in the job "
+                    f"slot ({slot.describe() if slot else 'empty'}); jumping back"
+                )
+                return
+            self.generation = slot.generation
+            try:
+                job = self._take(slot)
+            except KjumpError as e:
+                say(f"job {slot.generation} refused: {e.message}")
+                jobslot.write_slot(dev, jobslot.JobSlot.refused(slot.generation, e.what))
+                return
+        say(f"taking job {slot.generation} from the job slot: mode {job.mode}")
+        wd = None
+        if self.params.watchdog:
+            from kjumpd.agent import watchdog
+
+            wd = watchdog.start(self.sysroot, self.params.watchdog, say)
+        try:
+            finish = save_job(self.sysroot, job, self.entry, wd)
+        finally:
+            if wd is not None:
+                wd.disarm()
+                say("watchdog stopped")
+        if finish != "jump-back":
+            finish_here(finish)
+
+    def _take(self, slot: Any) -> Any:
+        """The job the slot points at, read from A's memory and checked against what this
+        kernel was booted for (JobError / ImageCorruptError / AgentError)."""
+        from kjumpd.agent.devmem import MemorySource
+        from kjumpd.image import jobslot
+        from kjumpd.job import Job
+
+        if not self.fresh_entry:
+            raise AgentError(
+                "this save kernel jumps back through a segment on the main kernel's entry "
+                "page: an image it saved now would hold a stale copy of that page",
+                fix="nothing to do: the main kernel loads the save kernel again",
+            )
+        with MemorySource(self.sysroot) as src:
+            data = jobslot.job_bytes(slot, src.read)
+        job = Job.from_json(data)
+        base = self.base
+        for name in ("target_uuid", "superblock_device_offset", "jump_area", "save_kernel_hash"):
+            if getattr(job, name) != getattr(base, name):
+                raise AgentError(
+                    f"the job's {name.replace('_', ' ')} is not the one this save kernel "
+                    "was started for",
+                    why=f"{getattr(job, name)!r}, not {getattr(base, name)!r}",
+                    fix="nothing to do: the main kernel loads the save kernel again",
+                )
+        if (job.volume or {}).get("uuid") != (base.volume or {}).get("uuid"):
+            raise AgentError(
+                "the job's LUKS volume is not the one this save kernel was started for",
+                fix="nothing to do: the main kernel loads the save kernel again",
+            )
+        return job
 
 
 #: reboot(2) commands B may finish a mode with
@@ -534,21 +723,6 @@ def free_pages(job: Any, source: Any, own: Sequence[tuple[int, int]]) -> Any:
             return None
         say(f"free-page check: PASS: all {chk.pages} free pages read as zero ({chk.seconds:.2f} s)")
     return fmap
-
-
-def _probe_target(sysroot: Sysroot) -> None:
-    """After A resumed B: prove B's disk I/O still works (its drivers got PMSG_RESTORE) by
-    finding the target again and reading its header, without writing anything."""
-    from kjumpd.image import store
-    from kjumpd.job import Job, volume_of
-
-    job = Job.from_json(sysroot.path(JOB_FILE).read_bytes())
-    path = _find(sysroot, job.target_uuid, job.superblock_device_offset, volume_of(job))
-    dev, _sb = store.open_target(
-        sysroot.path(path), writable=False, offset=job.superblock_device_offset
-    )
-    with dev:
-        say(f"after the resume: {path} readable, image {store.read_header(dev).state_text}")
 
 
 def _abort(dev: Any, reason: str) -> None:

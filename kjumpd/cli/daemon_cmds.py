@@ -282,6 +282,8 @@ def describe_status(props: dict[str, Any]) -> list[str]:
             f"phase:     {props.get('Phase', '')} ({float(props.get('Progress', 0.0)):.0f}%)"
         )
     lines.append(f"image:     {props.get('ImageState', '?')}")
+    if props.get("SaveKernel"):
+        lines.append(f"save kernel: {props['SaveKernel']}")
     lines.extend(describe_result(props.get("LastResult") or {}))
     return lines
 

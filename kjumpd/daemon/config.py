@@ -127,6 +127,8 @@ class Config:
     save_append: str = "console=ttyS0 nokaslr panic=1"
     kexec: str = "kexec"  # kexec-tools binary (PATH lookup)
     save_kernel_watchdog: int = 120  # seconds B may make no progress before a reset; 0: off
+    # boot B ahead of time and park it (kjumpd.daemon.warm): a hibernation is one jump
+    warm_save_kernel: bool = False
     # [quiesce]
     disable_wakeup: bool = True
     keep_wakeup: tuple[str, ...] = ()  # device names/paths keeping power/wakeup
@@ -187,6 +189,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "append": ("save_append", "cmdline"),
         "kexec": ("kexec", "program"),
         "watchdog": ("save_kernel_watchdog", "watchdog"),
+        "warm": ("warm_save_kernel", "bool"),
     },
     "quiesce": {
         "disable_wakeup": ("disable_wakeup", "bool"),

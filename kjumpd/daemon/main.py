@@ -465,6 +465,7 @@ class Daemon:
                 max(1, int(self.notifier.watchdog * 1000)), lambda: self.notifier.ping() or True
             )
         self.notifier.ready(self.status_text())
+        self.manager.start_warm_up()
         log.info(
             "serving org.kjump.Manager1 on %s (sysroot %s)",
             self.args.bus or "the system bus",

@@ -25,6 +25,8 @@ Properties (PropertiesChanged is emitted for every change)
   Phase s        the phase the running transition reports ("" when idle)
   Progress d     percent reported with that phase
   ImageState s   the state of the image header on the target (EMPTY, SAVED, ... or "unknown: why")
+  SaveKernel s   the save kernel between hibernations ([save_kernel] warm): "parked (...)",
+                 "warming up", or "loaded at each hibernation (why)"
   LastResult a{sv}  the outcome of the last transition: mode, result (resumed | continued |
                  woke-from-ram on success; failed | cancelled), error (D-Bus error name),
                  error_class, message, started, finished (unix time), elapsed (seconds,
@@ -115,6 +117,7 @@ INTROSPECTION = f"""
     <property name="Phase" type="s" access="read"/>
     <property name="Progress" type="d" access="read"/>
     <property name="ImageState" type="s" access="read"/>
+    <property name="SaveKernel" type="s" access="read"/>
     <property name="LastResult" type="a{{sv}}" access="read"/>
     <signal name="PrepareForSleep"><arg type="b" name="start"/></signal>
     <signal name="Progress"><arg type="s" name="phase"/><arg type="d" name="percent"/></signal>
@@ -356,6 +359,9 @@ class Events:
     def log(self, msg: str) -> None:
         translog.info("%s", msg)
 
+    def save_kernel(self, state: str) -> None:
+        self._m.in_main_loop(self._m.on_save_kernel, str(state))
+
 
 # --------------------------------------------------------------------------- the object
 class Manager:
@@ -403,6 +409,8 @@ class Manager:
         self._progress = 0.0
         self._image_state = self._read_image_state()
         self._last: dict[str, Any] = {}
+        state = getattr(self._hib, "save_kernel_state", None)
+        self._save_kernel = str(state()) if state is not None else "loaded at each hibernation"
 
     # -- properties ---------------------------------------------------------------------
     # "Progress" is both a property and a signal of the interface; in Python the signal owns
@@ -416,6 +424,7 @@ class Manager:
             "Phase": self._phase,
             "Progress": self._progress,
             "ImageState": self._image_state,
+            "SaveKernel": self._save_kernel,
         }[name]
 
     @property
@@ -607,6 +616,12 @@ class Manager:
         w.join(timeout)
         return not w.is_alive()
 
+    def start_warm_up(self) -> bool:
+        """Boot and park the save kernel in the background, when configured
+        (kjumpd.daemon.warm)."""
+        start = getattr(self._hib, "start_warm_up", None)
+        return False if start is None else bool(start())
+
     def wait_housekeeping(self, timeout: float | None = None) -> bool:
         """For shutdown: wait for what the last transition left to tidy up after it
         answered (the transaction's housekeeping: unloading the save kernel...)."""
@@ -630,6 +645,11 @@ class Manager:
             return False
 
         GLib.idle_add(call)
+
+    def on_save_kernel(self, state: str) -> None:
+        if state != self._save_kernel:
+            self._save_kernel = state
+            self.PropertiesChanged(INTERFACE, {"SaveKernel": state}, [])
 
     def on_phase(self, name: str, percent: float) -> None:
         self._phase, self._progress = name, percent

@@ -63,6 +63,7 @@ from kjumpd.daemon import (
     shrink,
     taskfreeze,
     volumekey,
+    warm,
 )
 from kjumpd.daemon.config import Config
 from kjumpd.errors import (
@@ -75,7 +76,7 @@ from kjumpd.errors import (
     TaskFreezeError,
     UnsupportedError,
 )
-from kjumpd.image import store
+from kjumpd.image import jobslot, store
 from kjumpd.image.format import ImageState
 from kjumpd.job import Job
 
@@ -98,6 +99,7 @@ class Events(Protocol):
     def phase(self, name: str, percent: float) -> None: ...
     def prepare_for_sleep(self, active: bool) -> None: ...
     def log(self, msg: str) -> None: ...
+    def save_kernel(self, state: str) -> None: ...
 
 
 class NullEvents:
@@ -108,6 +110,9 @@ class NullEvents:
         pass
 
     def log(self, msg: str) -> None:
+        pass
+
+    def save_kernel(self, state: str) -> None:
         pass
 
 
@@ -220,7 +225,13 @@ class _Context:
         #: the volume key of the LUKS volume the target is inside (RAM only)
         self.volume_key = b""
         self.kx: Any = None
+        self.b_cmdline = ""  # the save kernel's command line
         self.stager: Any = None
+        # the save kernel: parked (warm) or loaded now (cold, and why)
+        self.fingerprint: warm.Fingerprint | None = None
+        self.cold_reason = ""
+        self.mailbox: warm.Mailbox | None = None
+        self.slot: jobslot.JobSlot | None = None
         # announce, quiesce
         self.hooks_ran: list[str] = []
         self.journal: Any = None
@@ -280,6 +291,9 @@ class Hibernation:
         self._hk_lock = threading.Lock()
         #: seconds the machine may stay up after a power-off/reboot/S4 request
         self.settle = 20.0
+        #: the parked save kernel (kjumpd.daemon.warm), under self._lock
+        self.warm = warm.WarmState()
+        self._rewarm = False  # warm up again once the housekeeping is done
 
     def start_housekeeping(self) -> None:
         """Start the undo steps a successful transaction left (HOUSEKEEPING) in a thread.
@@ -287,8 +301,46 @@ class Hibernation:
         start them when nobody did."""
         with self._hk_lock:
             later, self._later = self._later, None
-            if later is not None:
-                self._housekeeping = _Background("housekeeping", later.run)
+            rewarm, self._rewarm = self._rewarm, False
+            if later is not None or rewarm:
+
+                def housekeeping() -> None:
+                    if later is not None:
+                        later.run()
+                    if rewarm:
+                        self.warm_up()
+
+                self._housekeeping = _Background("housekeeping", housekeeping)
+
+    def save_kernel_state(self) -> str:
+        """The SaveKernel property: parked, warming up, or loaded at each hibernation."""
+        if not self.config.warm_save_kernel:
+            return "loaded at each hibernation ([save_kernel] warm is off)"
+        return self.warm.describe()
+
+    def _tell_save_kernel(self) -> None:
+        tell = getattr(self.events, "save_kernel", None)  # an Events of before the property
+        if tell is not None:
+            tell(self.save_kernel_state())
+
+    def start_warm_up(self) -> bool:
+        """Warm the save kernel up in the background (kjumpd.daemon.warm), as housekeeping
+        (a hibernation waits for it); False when the option is off, or once after a warm-up
+        that never came back (its marker is removed: the next start tries again)."""
+        if not self.config.warm_save_kernel or not self.sysroot.is_real:
+            return False
+        if warm.left_marker(self.sysroot):
+            why = (
+                "the last warm-up never came back (the save kernel hung and the watchdog "
+                "reset the machine, or the power failed)"
+            )
+            self.warm.drop(why)
+            log.error("save kernel not warmed up now: %s; the next start tries again", why)
+            return False
+        self.wait_housekeeping()
+        with self._hk_lock:
+            self._housekeeping = _Background("warm-up", self.warm_up)
+        return True
 
     def wait_housekeeping(self, timeout: float | None = None) -> bool:
         """Start (if needed) and wait for the housekeeping; False when it is still running
@@ -315,6 +367,7 @@ class Hibernation:
             raise ConfigError(
                 f"unknown mode {mode!r}", fix=f"use one of {', '.join(MODES)}", key="mode"
             )
+        self.wait_housekeeping()  # a warm-up in progress: the hibernation waits for it
         if not self._lock.acquire(blocking=False):
             raise BusyError("a hibernation is already running", fix="wait for it or cancel it")
         try:
@@ -322,6 +375,7 @@ class Hibernation:
             return self._run(mode, cancel or threading.Event())
         finally:
             self._lock.release()
+            self._tell_save_kernel()
 
     def _run(self, mode: str, cancel: threading.Event) -> Outcome:
         ctx = _Context(mode, cancel, self.events)
@@ -338,6 +392,7 @@ class Hibernation:
                 if step.then_cancel:
                     ctx.check_cancel()
             self._jump_and_return(ctx)
+            self._keep_or_drop_parked(ctx)
             ctx.phase("undo", 95)
             later = undo.take(HOUSEKEEPING)
             # in the background, B's unload must not take the CPU from the programs the
@@ -422,12 +477,38 @@ class Hibernation:
         if ctx.target.volume is not None:
             ctx.volume_key = ctx.timed("volume key", lambda: volumekey.derive(sr, ctx.target))
         ctx.kx = kexec.Kexec.find(cfg)
+        ctx.b_cmdline = kexec.save_cmdline(cfg, ctx.area, main_ram=ctx.memory.ranges)
+        ctx.fingerprint = warm.Fingerprint(
+            jump_area=(ctx.area.start, ctx.area.size),
+            target_uuid=ctx.uuid,
+            superblock_offset=ctx.target.superblock_offset,
+            save_kernel_sha256=ctx.plan.kernel_sha256 or "",
+            save_initramfs_sha256=ctx.plan.initramfs_sha256 or "",
+            cmdline=ctx.b_cmdline,
+            volume_uuid=ctx.target.volume.uuid if ctx.target.volume is not None else "",
+        )
+        if not cfg.warm_save_kernel:
+            ctx.cold_reason = "[save_kernel] warm is off"
+        elif not jobslot.slot_free(len(ctx.target.blockmap)):
+            ctx.cold_reason = (
+                f"the target's block map has {len(ctx.target.blockmap)} extents: no room "
+                "for its job slot"
+            )
+        else:
+            ctx.cold_reason = self.warm.unusable(ctx.fingerprint, sr)
+        log.info(
+            "save kernel: %s",
+            f"cold ({ctx.cold_reason})" if ctx.cold_reason else "warm (parked)",
+        )
 
-    def _stage_initrd(self, ctx: _Context) -> None:
+    def _stage_initrd(self, ctx: _Context) -> bool:
         # B's initramfs is copied to /run while the daemon announces and quiesces; the job
-        # is appended after the freeze
+        # is appended after the freeze. A parked save kernel needs none of it.
+        if not ctx.cold_reason:
+            return False
         sr, cfg, sha = self.sysroot, self.config, ctx.plan.initramfs_sha256 or ""
         ctx.stager = _Background("initrd", lambda: kexec.stage_initrd(sr, cfg.save_initramfs, sha))
+        return True
 
     def _remove_initrd(self, ctx: _Context) -> None:
         ctx.stager.wait()
@@ -457,7 +538,11 @@ class Hibernation:
     def _shrink(self, ctx: _Context) -> None:
         sr, cfg, out = self.sysroot, self.config, ctx.out
         if cfg.image_size:
-            copy = shrink.kexec_copy_bytes(sr, cfg.save_kernel, cfg.save_initramfs, ctx.area)
+            copy = (
+                shrink.kexec_copy_bytes(sr, cfg.save_kernel, cfg.save_initramfs, ctx.area)
+                if ctx.cold_reason
+                else 0  # a parked save kernel: nothing is loaded inside the frozen window
+            )
             s = shrink.toward_target(sr, cfg.image_size, copy)
             out.stats.update(
                 image_target=s.limit, image_estimate_before=s.before, image_estimate_after=s.after
@@ -575,8 +660,8 @@ class Hibernation:
         taskfreeze.write_state(self.sysroot, ctx.record)
         return errors
 
-    def _load(self, ctx: _Context) -> None:
-        sr, cfg, out = self.sysroot, self.config, ctx.out
+    def _make_job(self, ctx: _Context, park: int = 0) -> Job:
+        sr, cfg = self.sysroot, self.config
         area, target = ctx.area, ctx.target
         zeroed, why_zeroed = kexec.free_pages_zeroed(sr)
         log.info(
@@ -584,7 +669,7 @@ class Hibernation:
             "come back as zeros" if zeroed else "are left as they are found",
             why_zeroed,
         )
-        job = Job(
+        return Job(
             target_uuid=ctx.uuid,
             superblock_device_offset=target.superblock_offset,
             device_hint={"devno": target.disk_devno, "name": target.disk.rsplit("/", 1)[-1]},
@@ -608,18 +693,49 @@ class Hibernation:
             finish=FINISH_IN_B.get(ctx.mode, "jump-back")
             if cfg.finish_in_save_kernel
             else "jump-back",
+            park=park,
             volume={**target.volume.to_dict(), "key": ctx.volume_key.hex()}
             if target.volume is not None
             else None,
         )
+
+    def _load(self, ctx: _Context) -> bool:
+        job = self._make_job(ctx)
+        if not ctx.cold_reason:
+            try:
+                self._hand_over(ctx, job)
+                return False  # B stays loaded and parked whatever happens next
+            except KjumpError as e:
+                ctx.cold_reason = f"the job could not be handed over: {e.message}"
+                self.warm.drop(ctx.cold_reason)
+                log.warning("save kernel: cold (%s)", ctx.cold_reason)
+                self._stage_initrd(ctx)
+                ctx.undo.push("initrd", partial(self._remove_initrd, ctx))
+        self._load_cold(ctx, job)
+        return True
+
+    def _load_cold(self, ctx: _Context, job: Job) -> None:
+        sr, cfg, out, area = self.sysroot, self.config, ctx.out, ctx.area
+        out.stats.update(save_kernel="cold", save_kernel_cold=ctx.cold_reason)
         ctx.timed("initrd copy wait", ctx.stager.result)
         ctx.steps["initrd copy (thread)"] = ctx.stager.seconds
         initrd = ctx.timed("initrd job", lambda: kexec.finish_initrd(sr, job))
         window = ctx.timed(
             "kexec load",
-            lambda: ctx.kx.load(sr, cfg.save_kernel, initrd, kexec.save_cmdline(cfg, area), area),
+            lambda: ctx.kx.load(sr, cfg.save_kernel, initrd, ctx.b_cmdline, area),
         )
         out.stats["load_window"] = [window[0], window[1]]
+
+    def _hand_over(self, ctx: _Context, job: Job) -> None:
+        """The job for the parked save kernel: into locked pages of this process, their
+        place into the target's job slot (kjumpd.daemon.warm)."""
+        data = job.to_json().encode()
+        ctx.mailbox = box = warm.Mailbox(data, self.sysroot)
+        ctx.undo.push("job mailbox", box.close)
+        ctx.slot = slot = jobslot.JobSlot.job(self.warm.next_generation(), data, box.runs())
+        ctx.timed("job slot", lambda: self._write_slot(ctx.target, slot))
+        ctx.out.stats["save_kernel"] = "warm"
+        log.info("job handed to the parked save kernel: %s", ctx.slot.describe())
 
     def _unload(self, ctx: _Context) -> None:
         ctx.kx.unload()
@@ -628,9 +744,10 @@ class Hibernation:
         sr, cfg = self.sysroot, self.config
         # the kernel holds its own copy now: what stays in A's memory is saved in the
         # image, so drop the tmpfs initrd and the page cache of the files just read
-        kexec.remove_initrd(sr)
-        for path in (cfg.save_kernel, cfg.save_initramfs):
-            _drop_page_cache(sr, path)
+        if ctx.cold_reason:
+            kexec.remove_initrd(sr)
+            for path in (cfg.save_kernel, cfg.save_initramfs):
+                _drop_page_cache(sr, path)
         # kexec's exit just freed its copies of the kernel and the initramfs, onto the
         # per-CPU free lists, which B cannot tell from memory in use: hand them back to
         # the buddy allocator, so that B leaves them out (shrink.drain_pcp)
@@ -642,6 +759,9 @@ class Hibernation:
         out, target = ctx.out, ctx.target
         ctx.phase("jump", 50)
         before = self._header_seq(target)
+        warm_jump = ctx.slot is not None and not ctx.cold_reason
+        if warm_jump:
+            self._check_mailbox(ctx)
         klog = kmsg.KernelLog(self.sysroot).open()
         try:
             rc, said = ctx.kx.jump()
@@ -652,6 +772,9 @@ class Hibernation:
         ctx.phase("return", 90)
         header = ctx.timed("header read", lambda: self._read_header(target))
         if before is not None and header.seq == before:
+            if warm_jump and kmsg.freezer_failure(logged) is None:
+                self._cold_retry(ctx, self._why_not_taken(ctx))
+                return
             raise _jump_failure(rc, said, logged, klog.error)
         out.image_state = header.state.name
         out.stats.update(
@@ -677,6 +800,156 @@ class Hibernation:
                 fix="see the save kernel's console; the system was rolled back and keeps running",
                 state=name,
             )
+
+    # -- the parked save kernel (kjumpd.daemon.warm) ------------------------------------------
+    def _check_mailbox(self, ctx: _Context) -> None:
+        """Right before the jump: the job's pages are where the slot says (the kernel may
+        have moved them since), or the slot is written again."""
+        assert ctx.mailbox is not None and ctx.slot is not None
+        runs = tuple(ctx.mailbox.runs())
+        if runs != ctx.slot.runs:
+            log.info("the job's pages moved; writing the job slot again")
+            ctx.slot = replace(ctx.slot, runs=runs)
+            self._write_slot(ctx.target, ctx.slot)
+
+    def _why_not_taken(self, ctx: _Context) -> str:
+        """Why the parked save kernel wrote no header for the job it was handed."""
+        assert ctx.slot is not None
+        try:
+            slot = self._read_slot(ctx.target)
+        except KjumpError as e:
+            return f"its answer is unreadable ({e.message})"
+        if (
+            slot is not None
+            and slot.kind is jobslot.SlotKind.REFUSED
+            and slot.generation == ctx.slot.generation
+        ):
+            return f"it refused the job: {slot.reason}"
+        return "it did not answer (its console says why)"
+
+    def _cold_retry(self, ctx: _Context, why: str) -> None:
+        """The parked save kernel did not take the job: load it cold and jump again."""
+        ctx.cold_reason = f"the parked save kernel did not take the job: {why}"
+        log.warning("save kernel: cold (%s); loading it and jumping again", ctx.cold_reason)
+        self.warm.drop(ctx.cold_reason)
+        ctx.slot = None
+        self._stage_initrd(ctx)
+        ctx.undo.push("initrd", partial(self._remove_initrd, ctx))
+        self._load_cold(ctx, self._make_job(ctx))
+        ctx.undo.push("kexec unload", partial(self._unload, ctx))
+        self._drop_copies(ctx)
+        self._jump_and_return(ctx)
+
+    def _keep_or_drop_parked(self, ctx: _Context) -> None:
+        """After the jump came back: a save kernel that jumped back is parked and stays
+        loaded for the next hibernation, when the system simply continued. After a resume
+        the loaded image is not the one that restored, and after a wake from RAM its devices
+        were powered down under it: it is dropped, and a new one warmed up later."""
+        if not self.config.warm_save_kernel or ctx.fingerprint is None:
+            return
+        if ctx.out.result == "continued":
+            if ctx.cold_reason:
+                self.warm.park(ctx.fingerprint, 0, "after a save")
+                ctx.undo.stack = [(n, f) for n, f in ctx.undo.stack if n != "kexec unload"]
+            log.info("the save kernel stays loaded and parked for the next hibernation")
+            return
+        self.warm.drop(f"the system {ctx.out.result.replace('-', ' ')}")
+        self._rewarm = True
+
+    def _write_slot(self, target: blockmap.Target, slot: jobslot.JobSlot) -> None:
+        dev = self._open(target, writable=True)
+        try:
+            jobslot.write_slot(dev, slot)
+        finally:
+            dev.close()
+
+    def _read_slot(self, target: blockmap.Target) -> jobslot.JobSlot | None:
+        dev = self._open(target, writable=False)
+        try:
+            return jobslot.read_slot(dev)
+        finally:
+            dev.close()
+
+    def warm_up(self) -> str:
+        """Boot the save kernel now and park it (kjumpd.daemon.warm); "" when it parked,
+        else why not (logged). The system pauses for the save kernel's boot."""
+        if not self.config.warm_save_kernel:
+            return "[save_kernel] warm is off"
+        if not self.sysroot.is_real:
+            return "not this machine's system tree"
+        if not self._lock.acquire(blocking=False):
+            return "a hibernation is running"
+        self.warm.warming = True
+        self._tell_save_kernel()
+        try:
+            why = self._warm_up()
+        finally:
+            self.warm.warming = False
+            self._lock.release()
+        if why:
+            self.warm.drop(f"the warm-up failed: {why}")
+            log.warning("save kernel not parked: %s; hibernations load it cold", why)
+            self.events.log(f"save kernel not parked: {why}")
+        self._tell_save_kernel()
+        return why
+
+    def _warm_up(self) -> str:
+        sr, cfg = self.sysroot, self.config
+        ctx = _Context(cfg.mode, threading.Event(), NullEvents())
+        t0 = time.monotonic()
+        loaded = parked = False
+        locked = keymem.lock()  # the volume key passes through the heap and the initrd
+        try:
+            self._preflight(ctx)
+            assert ctx.fingerprint is not None
+            if not jobslot.slot_free(len(ctx.target.blockmap)):
+                return f"the target's block map has {len(ctx.target.blockmap)} extents: no job slot"
+            generation = time.time_ns()
+            job = self._make_job(ctx, park=generation)
+            initrd = kexec.write_initrd(
+                sr, cfg.save_initramfs, job, ctx.plan.initramfs_sha256 or ""
+            )
+            ctx.kx.load(sr, cfg.save_kernel, initrd, ctx.b_cmdline, ctx.area)
+            loaded = True
+            kexec.remove_initrd(sr)
+            self._quiesce(ctx)
+            try:
+                os.sync()  # B has no business with A's filesystems; a hang costs a reset
+                warm.begin_marker(sr)
+                rc, said = ctx.kx.jump()
+                warm.end_marker(sr)
+            finally:
+                errors = self._unquiesce(ctx) or []
+                for e in errors:
+                    log.error("warm-up: quiesce undo: %s", e)
+            slot = self._read_slot(ctx.target)
+            if (
+                slot is None
+                or slot.kind is not jobslot.SlotKind.PARKED
+                or slot.generation != generation
+            ):
+                return (
+                    "the save kernel did not answer PARKED (job slot: "
+                    f"{slot.describe() if slot else 'empty'}; kexec -e: {said or rc}); "
+                    "its console says why"
+                )
+            self.warm.park(ctx.fingerprint, generation, "warm-up")
+            parked = True
+            took = time.monotonic() - t0
+            log.info("save kernel parked in %.1f s (generation %d)", took, generation)
+            self.events.log(f"save kernel parked in {took:.1f} s")
+            return ""
+        except (KjumpError, OSError) as e:
+            return e.message if isinstance(e, KjumpError) else f"{e.strerror or e}"
+        finally:
+            kexec.remove_initrd(sr)
+            if loaded and not parked:
+                try:
+                    ctx.kx.unload()
+                except KjumpError as e:
+                    log.error("warm-up: %s", e.message)
+            if locked:
+                keymem.unlock()
 
     # -- helpers ----------------------------------------------------------------------------
     def _stamp(self, m: fsfreeze.Mount, stacked: blockmap.StackedMap | None) -> dict[str, Any]:

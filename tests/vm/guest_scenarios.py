@@ -105,6 +105,25 @@ def wait_daemon(timeout: float = 180.0, supervised: bool = False) -> None:
     raise Missing(f"kjumpd does not answer on the system bus: {tail}")
 
 
+def wait_parked(timeout: float = 300.0) -> str:
+    """With ``kjumpvm.warm=1``: wait until kjumpd says its save kernel is parked (the
+    SaveKernel property), so that a measured hibernation does not include the warm-up;
+    returns the property ("" without the option). Failure when it never parks."""
+    if cmdline_arg("kjumpvm.warm") != "1":
+        return ""
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = str(daemon_status().get("SaveKernel", ""))
+        if state.startswith("parked"):
+            event("save-kernel-parked", state=state.replace(" ", "_"))
+            return state
+        if state.startswith("loaded at each hibernation") and "not warmed up yet" not in state:
+            raise Failure(f"kjumpd's save kernel did not park: {state}")
+        time.sleep(1)
+    raise Failure(f"kjumpd's save kernel is not parked after {timeout:.0f} s: {state}")
+
+
 def daemon_status() -> dict:
     """kjumpd's D-Bus properties (kjumpctl status --json): ImageState, LastResult, ..."""
     proc = kjumpctl("status", "--json", timeout=120)
@@ -293,6 +312,8 @@ def hibernate_and_check(
     marker = STATE_DIR / f"{name}-started"
     try:
         wait_daemon()
+        if not marker.exists():
+            wait_parked()
         if marker.exists():
             # The normal kernel booted again with this scenario's command line: R (or the
             # power cycle) did not restore the image. Say what the image says, do not loop.
@@ -802,6 +823,66 @@ def scenario_prepare() -> int:
     os.sync()
     event("prepared")
     return 0
+
+
+def _hibernate_test_mode(label: str) -> tuple[str, str]:
+    """One hibernation in mode test; (save_kernel, save_kernel_cold) from its result."""
+    event("hibernate-start", mode="test", step=label)
+    proc = kjumpctl("hibernate", "--mode", "test", "--json")
+    event("hibernate-returned", rc=proc.returncode, step=label)
+    record = last_result(proc.stdout)
+    stats = record.get("stats") or {}
+    if proc.returncode != 0:
+        raise Failure(f"{label}: kjumpctl hibernate --mode test failed (rc {proc.returncode})")
+    return str(stats.get("save_kernel", "")), str(stats.get("save_kernel_cold", ""))
+
+
+def scenario_warm() -> int:
+    """[save_kernel] warm = true: the daemon boots the save kernel at its start and parks
+    it. Test-mode hibernations then jump into the parked kernel; after `kexec -u` the next
+    one loads it cold and says why, and that kernel stays parked; the shutdown hibernation
+    runs warm, R restores it, and after the resume the daemon warms a new save kernel up,
+    which the last test-mode hibernation uses."""
+    problems: list[str] = []
+    fields: dict[str, str] = {}
+    marker = STATE_DIR / "warm-started"
+    if not marker.exists():
+        try:
+            wait_daemon()
+            fields["parked"] = wait_parked().replace(" ", "_")
+            require_prepared()
+            first = _hibernate_test_mode("first")
+            second = _hibernate_test_mode("second")
+            subprocess.run(["kexec", "-u"], check=False)
+            event("kexec-unloaded")
+            unloaded = _hibernate_test_mode("after kexec -u")
+            after_cold = _hibernate_test_mode("after the cold load")
+            fields.update(
+                first=first[0],
+                second=second[0],
+                unloaded=unloaded[0],
+                after_cold=after_cold[0],
+            )
+            if first[0] != "warm" or second[0] != "warm" or after_cold[0] != "warm":
+                problems.append(f"expected warm save kernels, got {first}, {second}, {after_cold}")
+            if unloaded[0] != "cold" or "no kexec image" not in unloaded[1]:
+                problems.append(f"after kexec -u: expected a cold load saying why, got {unloaded}")
+        except (Missing, Failure) as err:
+            problems.append(str(err))
+
+    def after() -> tuple[list[str], dict[str, str]]:
+        kind, why = _hibernate_test_mode("after the resume")
+        bad = [] if kind == "warm" else [f"after the resume: {kind} ({why}), not warm"]
+        return bad, {"after_resume": kind}
+
+    return hibernate_and_check(
+        "warm",
+        "shutdown",
+        ("CONSUMED",),
+        disk_writers=True,
+        prior=(problems, fields),
+        post=after,
+    )
 
 
 def scenario_noimage() -> int:
@@ -1562,6 +1643,7 @@ SCENARIOS = {
         "checkpoint", "checkpoint", ("SAVED",), want_written=True, disk_writers=True
     ),
     "killed": scenario_killed,
+    "warm": scenario_warm,
     "killed-steps": scenario_killed_steps,
     "suspend-wake": lambda: hibernate_and_check("suspend-wake", "suspend", ("INVALID",)),
     "suspend-lost": lambda: hibernate_and_check("suspend-lost", "suspend", ("CONSUMED",)),

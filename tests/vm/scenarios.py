@@ -614,6 +614,7 @@ FSCK_AFTER = (
             "b-hang",
             "kaslr",
             "encrypted",
+            "warm",
         }
     )
     | STORAGE_DISKS
@@ -989,6 +990,7 @@ def run(
         "b-panic": ("b-panic", "b-panic"),
         "b-hang": ("b-hang", "b-hang"),
         "kaslr": ("kaslr", "power-cycle"),
+        "warm": ("warm", "power-cycle"),
         "encrypted": ("encrypted", "encrypted"),
         # the image target on the storage stacks of issue 16: the guest builds them on a
         # blank second disk (STORAGE_DISKS)
@@ -1012,6 +1014,7 @@ def run(
         "b-panic": "kjumpvm.b_append=init=/kjump-no-init,rdinit=/kjump-no-init",
         "b-hang": f"kjumpvm.watchdog={HANG_WATCHDOG}",
         "encrypted": f"kjumpvm.encrypt={PASSPHRASE}",
+        "warm": "kjumpvm.warm=1 kjumpvm.watchdog=30",
         "lvm": "kjumpvm.storage=lvm",
         "lvm-raw": "kjumpvm.storage=lvm-raw",
         "btrfs": "kjumpvm.storage=btrfs",

@@ -226,8 +226,8 @@ def test_a_second_jump_resumes_the_save_kernel_which_returns_at_once(
     request, kernel, a_initramfs, b_initramfs, disk
 ) -> None:
     """B stays loaded after its jump back; A's next kexec -e resumes B inside its reboot(2);
-    B reads the target's header (its disk works after the resume) and, having no job for a
-    warm save kernel yet, jumps straight back; the image stays SAVED."""
+    B reads the target's header (its disk works after the resume) and, finding no new job in
+    the target's job slot, jumps straight back; the image stays SAVED."""
     with _vm(
         request, kernel, a_initramfs, disk, "kjt.step=jump kjt.mib=32 kjt.cancel=0 kjt.again=1"
     ) as vm:

@@ -211,6 +211,35 @@ def test_k_kaslr_and_a_jump_area_the_kernel_placed_hibernate_and_restore(vm_asse
     _writers_intact(out)
 
 
+def test_w_a_warm_save_kernel_takes_each_job_without_a_boot(vm_assets_built, run_dir):
+    """[save_kernel] warm = true: the daemon boots the save kernel once at its start and
+    parks it; each hibernation is then one jump into it, the job handed over through the
+    target's job slot. After `kexec -u` the next hibernation loads it cold and says why;
+    after the resume from a shutdown a new one is warmed up and used."""
+    out = _run("warm", vm_assets_built, run_dir)
+    v = out.verdict
+    assert v.get("parked") == "parked_(warm-up)", out.summary()  # kjumpctl status said so
+    assert (v.get("first"), v.get("second"), v.get("unloaded"), v.get("after_cold")) == (
+        "warm",
+        "warm",
+        "cold",
+        "warm",
+    ), out.summary()
+    assert v.get("after_resume") == "warm", out.summary()
+    # B booted twice in all (at the daemon's start, and after the resume), and parked each
+    # time; the cold load after `kexec -u` booted it once more, with a job
+    parked = _console_matches(out, r"kjump-agent: parked: target ")
+    assert len(parked) == 2, out.summary()
+    booted = _console_matches(out, r"kjump-agent: save kernel up: role save")
+    assert len(booted) == 3, out.summary()
+    taken = _console_matches(out, r"kjump-agent: taking job \d+ from the job slot")
+    # first, second, after the cold load, the shutdown, after the resume
+    assert len(taken) == 5, out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    _writers_intact(out)
+
+
 def test_l_encrypted_image_through_the_daemon_and_the_passphrase(vm_assets_built, run_dir):
     """An administrator's encryption set-up on the real daemon: `kjumpctl image-key create`,
     `check` refusing the save kernel that cannot encrypt, then the cryptography variants

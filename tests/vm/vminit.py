@@ -110,7 +110,8 @@ def configure_save_kernel() -> None:
     ``kjumpvm.b_append=W1,W2`` adds words to the save kernel's command line (e.g. an init
     that does not exist makes it panic for real); ``kjumpvm.watchdog=SECONDS`` sets
     ``[save_kernel] watchdog`` (a short one for the hanging save kernel);
-    ``kjumpvm.finish=jump-back`` sets ``[hibernate] finish_in_save_kernel = false``."""
+    ``kjumpvm.finish=jump-back`` sets ``[hibernate] finish_in_save_kernel = false``;
+    ``kjumpvm.warm=1`` sets ``[save_kernel] warm = true``."""
     words = (cmdline_arg("kjumpvm.b_append") or "").replace(",", " ").strip()
     watchdog = cmdline_arg("kjumpvm.watchdog") or ""
     if cmdline_arg("kjumpvm.finish") == "jump-back":
@@ -118,6 +119,11 @@ def configure_save_kernel() -> None:
         conf = Path("/etc/kjumpd/kjumpd.toml")
         conf.write_text(conf.read_text() + "\n[hibernate]\nfinish_in_save_kernel = false\n")
         say("the save kernel jumps back; the main kernel powers off")
+    if cmdline_arg("kjumpvm.warm") == "1":
+        conf = Path("/etc/kjumpd/kjumpd.toml")
+        text = conf.read_text().replace("[save_kernel]\n", "[save_kernel]\nwarm = true\n", 1)
+        conf.write_text(text)
+        say("the save kernel is warmed up and parked ([save_kernel] warm = true)")
     if not words and not watchdog:
         return
     conf = Path("/etc/kjumpd/kjumpd.toml")
