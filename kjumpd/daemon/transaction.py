@@ -848,6 +848,10 @@ class Hibernation:
         if not self.config.warm_save_kernel or ctx.fingerprint is None:
             return
         if ctx.out.result == "continued":
+            if ctx.cold_reason and "#" not in ctx.b_cmdline:
+                # its jump back swaps A's entry page: it would refuse every job
+                self.warm.drop("the save kernel's command line lacks the main kernel's RAM")
+                return
             if ctx.cold_reason:
                 self.warm.park(ctx.fingerprint, 0, "after a save")
                 ctx.undo.stack = [(n, f) for n, f in ctx.undo.stack if n != "kexec unload"]
