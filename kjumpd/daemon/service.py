@@ -624,9 +624,12 @@ class Manager:
 
     def wait_housekeeping(self, timeout: float | None = None) -> bool:
         """For shutdown: wait for what the last transition left to tidy up after it
-        answered (the transaction's housekeeping: unloading the save kernel...)."""
+        answered (the transaction's housekeeping: unloading the save kernel...), and for
+        a warm-up of the save kernel (none starts from here on)."""
         wait = getattr(self._hib, "wait_housekeeping", None)
-        return True if wait is None else bool(wait(timeout))
+        stop = getattr(self._hib, "stop_warm_up", None)
+        done = True if wait is None else bool(wait(timeout))
+        return (True if stop is None else bool(stop(timeout))) and done
 
     def cancel_all(self) -> bool:
         run = self._run

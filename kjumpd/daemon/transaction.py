@@ -294,6 +294,16 @@ class Hibernation:
         #: the parked save kernel (kjumpd.daemon.warm), under self._lock
         self.warm = warm.WarmState()
         self._rewarm = False  # warm up again once the housekeeping is done
+        self._warm_timer: threading.Timer | None = None
+        self._warm_thread: threading.Thread | None = None
+        self._warm_lock = threading.Lock()
+        #: what the last warm-up was started for: a check that finds the same again does not
+        #: retry a warm-up that failed (each one pauses the system)
+        self._warm_tried: warm.Fingerprint | None = None
+        #: checks start warm-ups only after the daemon's own first one was decided, and not
+        #: at all after a warm-up that never came back, until something changes
+        self._check_warms = False
+        self._skip_unchanged = False
 
     def start_housekeeping(self) -> None:
         """Start the undo steps a successful transaction left (HOUSEKEEPING) in a thread.
@@ -302,15 +312,11 @@ class Hibernation:
         with self._hk_lock:
             later, self._later = self._later, None
             rewarm, self._rewarm = self._rewarm, False
-            if later is not None or rewarm:
-
-                def housekeeping() -> None:
-                    if later is not None:
-                        later.run()
-                    if rewarm:
-                        self.warm_up()
-
-                self._housekeeping = _Background("housekeeping", housekeeping)
+            if later is not None:
+                self._housekeeping = _Background("housekeeping", later.run)
+        if rewarm:
+            # not at once: the pause of a warm-up right after a resume is felt
+            self.schedule_warm_up(REWARM_DELAY)
 
     def save_kernel_state(self) -> str:
         """The SaveKernel property: parked, warming up, or loaded at each hibernation."""
@@ -336,11 +342,82 @@ class Hibernation:
             )
             self.warm.drop(why)
             log.error("save kernel not warmed up now: %s; the next start tries again", why)
+            self._skip_unchanged = True
+            self._check_warms = True
             return False
-        self.wait_housekeeping()
-        with self._hk_lock:
-            self._housekeeping = _Background("warm-up", self.warm_up)
+        self._check_warms = True
+        self.schedule_warm_up(0.0)
         return True
+
+    def schedule_warm_up(self, delay: float) -> None:
+        """Warm the save kernel up ``delay`` seconds from now, in a thread (a hibernation
+        that starts first cancels it; one that starts during it waits for it)."""
+        with self._warm_lock:
+            if self._warm_timer is not None:
+                self._warm_timer.cancel()
+            timer = threading.Timer(delay, self._warm_up_thread)
+            timer.daemon = True
+            timer.name = "warm-up"
+            self._warm_timer = timer
+            timer.start()
+
+    def _warm_up_thread(self) -> None:
+        with self._warm_lock:
+            self._warm_timer = None
+            self._warm_thread = threading.current_thread()
+        try:
+            self.warm_up()
+        finally:
+            with self._warm_lock:
+                self._warm_thread = None
+
+    def cancel_or_wait_warm_up(self, timeout: float | None = None) -> bool:
+        """Cancel a warm-up not started yet, wait for one running; False when it still
+        runs after ``timeout``."""
+        with self._warm_lock:
+            if self._warm_timer is not None:
+                self._warm_timer.cancel()
+                self._warm_timer = None
+            running = self._warm_thread
+        if running is not None and running is not threading.current_thread():
+            running.join(timeout)
+            return not running.is_alive()
+        return True
+
+    def _rewarm_if_changed(self, rep: preflight.PreflightReport) -> None:
+        """After a check: a save kernel parked for something else (`kjumpctl setup` made a
+        new target, the save kernel's files changed) is warmed up again, once per change."""
+        if not self.config.warm_save_kernel or not self.sysroot.is_real or not rep.ok:
+            return
+        if not self._check_warms:
+            return
+        fp = self._fingerprint(rep.plan)
+        if self._skip_unchanged and fp is not None:
+            self._skip_unchanged, self._warm_tried = False, fp
+        p = self.warm.parked
+        if fp is None or (p is not None and p.fingerprint == fp) or fp == self._warm_tried:
+            return
+        with self._warm_lock:
+            busy = self._warm_timer is not None or self._warm_thread is not None
+        if not busy and not self._lock.locked():
+            if p is not None:
+                diff = ", ".join(warm.changed(p.fingerprint, fp))
+                self.warm.drop(f"it was started for another {diff}")
+            log.info("what the save kernel is parked for changed: warming a new one up")
+            self.schedule_warm_up(0.0)
+
+    def _fingerprint(self, plan: preflight.PreflightPlan) -> warm.Fingerprint | None:
+        if plan.area is None or plan.memory is None or plan.target is None or not plan.uuid:
+            return None
+        return warm.Fingerprint(
+            jump_area=(plan.area.start, plan.area.size),
+            target_uuid=plan.uuid,
+            superblock_offset=plan.target.superblock_offset,
+            save_kernel_sha256=plan.kernel_sha256 or "",
+            save_initramfs_sha256=plan.initramfs_sha256 or "",
+            cmdline=kexec.save_cmdline(self.config, plan.area, main_ram=plan.memory.ranges),
+            volume_uuid=plan.target.volume.uuid if plan.target.volume is not None else "",
+        )
 
     def wait_housekeeping(self, timeout: float | None = None) -> bool:
         """Start (if needed) and wait for the housekeeping; False when it is still running
@@ -348,6 +425,10 @@ class Hibernation:
         self.start_housekeeping()
         hk = self._housekeeping
         return hk is None or hk.join(timeout)
+
+    def stop_warm_up(self, timeout: float | None = None) -> bool:
+        """For the daemon's stop: no new warm-up, and the running one finished."""
+        return self.cancel_or_wait_warm_up(timeout)
 
     def frozen_bound(self) -> float:
         """How long (CLOCK_MONOTONIC: the save kernel's time and sleep do not count) the
@@ -358,7 +439,9 @@ class Hibernation:
 
     # -- preflight --------------------------------------------------------------------------
     def check(self, mode: str | None = None) -> preflight.PreflightReport:
-        return preflight.run(self.sysroot, self.config, mode)
+        rep = preflight.run(self.sysroot, self.config, mode)
+        self._rewarm_if_changed(rep)
+        return rep
 
     # -- the transaction ------------------------------------------------------------------------
     def run(self, mode: str | None = None, cancel: threading.Event | None = None) -> Outcome:
@@ -367,7 +450,7 @@ class Hibernation:
             raise ConfigError(
                 f"unknown mode {mode!r}", fix=f"use one of {', '.join(MODES)}", key="mode"
             )
-        self.wait_housekeeping()  # a warm-up in progress: the hibernation waits for it
+        self.cancel_or_wait_warm_up()  # one in progress: the hibernation waits for it
         if not self._lock.acquire(blocking=False):
             raise BusyError("a hibernation is already running", fix="wait for it or cancel it")
         try:
@@ -486,7 +569,7 @@ class Hibernation:
             save_initramfs_sha256=ctx.plan.initramfs_sha256 or "",
             cmdline=ctx.b_cmdline,
             volume_uuid=ctx.target.volume.uuid if ctx.target.volume is not None else "",
-        )
+        )  # as _fingerprint(plan), with the target this transaction translated
         if not cfg.warm_save_kernel:
             ctx.cold_reason = "[save_kernel] warm is off"
         elif not jobslot.slot_free(len(ctx.target.blockmap)):
@@ -906,6 +989,7 @@ class Hibernation:
         try:
             self._preflight(ctx)
             assert ctx.fingerprint is not None
+            self._warm_tried = ctx.fingerprint
             if not jobslot.slot_free(len(ctx.target.blockmap)):
                 return f"the target's block map has {len(ctx.target.blockmap)} extents: no job slot"
             generation = time.time_ns()
@@ -1037,6 +1121,10 @@ class Hibernation:
             self._invalidate(target, out, f"mode {mode} failed")
             raise
 
+
+#: seconds after a resume before a new save kernel is warmed up: the system pauses for its
+#: boot, which the user would feel right at the resume
+REWARM_DELAY = 30.0
 
 #: modes the save kernel ends itself once the image is SAVED (kjumpd.job: finish): A would
 #: only power off or reboot after the jump back, and B's jump back and A's device resume

@@ -128,3 +128,25 @@ def test_a_failed_power_off_in_b_returns_for_the_jump_back(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "power off here, without the jump back" in out
     assert "power-off failed" in out and "jumping back" in out
+
+
+def test_the_main_kernels_entry_page_is_mapped_when_it_lies_in_acpi_data(tmp_path) -> None:
+    """B's jump back needs no segment on A's memory when its map shows A's RAM as ACPI
+    data (the kernel maps those regions for every jump); a page only partly inside, or in
+    a region of another kind, is not mapped that way."""
+    from kjumpd.agent.kernel_role import entry_mapped
+    from kjumpd.sysroot import Sysroot
+
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/iomem").write_text(
+        "00001000-0007ffff : System RAM\n"
+        "00100000-1fffffff : ACPI Tables\n"
+        "  00100000-001fffff : not top level\n"
+        "28000000-3ffdffff : ACPI Tables\n"
+        "3ffe0000-3fffffff : Reserved\n"
+    )
+    root = Sysroot(tmp_path)
+    assert entry_mapped(root, 0x0A5A30F2)
+    assert entry_mapped(root, 0x3FFDF0F2)
+    assert not entry_mapped(root, 0x3FFE00F2)  # reserved, not mapped by kexec
+    assert not entry_mapped(root, 0x200000F2)  # B's jump area

@@ -225,7 +225,9 @@ def test_w_a_warm_save_kernel_takes_each_job_without_a_boot(vm_assets_built, run
         "cold",
         "warm",
     ), out.summary()
+    # kjumpd warmed a new save kernel up after the resume (after a delay) and said so
     assert v.get("after_resume") == "warm", out.summary()
+    assert v.get("parked_again") == "parked_(warm-up)", out.summary()
     # B booted twice in all (at the daemon's start, and after the resume), and parked each
     # time; the cold load after `kexec -u` booted it once more, with a job
     parked = _console_matches(out, r"kjump-agent: parked: target ")
