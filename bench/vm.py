@@ -99,8 +99,8 @@ LOADS = (
 PHASES = {
     "kjumpd": {
         "hibernate": (
-            ("A prepares, B boots", "request", "B-save-up"),
-            ("B saves", "B-save-up", "B-saved"),
+            ("A prepares, B boots or resumes", "request", "B-start"),
+            ("B saves", "B-start", "B-saved"),
             ("power-off", "B-saved", "off"),
         ),
         "resume": (
@@ -169,6 +169,16 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
     }
     for m in out.marks:
         edges.setdefault(m.name, m.t)
+    # B starts its save when it boots for it (cold) or takes the job (a warm save kernel,
+    # which booted before the request)
+    edges["B-start"] = next(
+        (
+            m.t
+            for m in out.marks
+            if m.name in ("B-save-up", "B-job") and start is not None and m.t >= start.t
+        ),
+        None,
+    )
     return {
         "hibernate_s": hib,
         "resume_s": res,

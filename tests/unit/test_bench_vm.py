@@ -55,6 +55,18 @@ def test_a_run_reports_its_latencies_and_phases(tmp_path):
     assert sum(s for _, s in res) == f["resume_s"]
 
 
+def test_a_warm_save_kernel_starts_its_save_when_it_takes_the_job(tmp_path):
+    """B booted (and parked) before the request: the save starts at the job, not the boot."""
+    f = vm.figures(
+        outcome(
+            tmp_path,
+            {"swsusp": ""},
+            marks=[("B-save-up", 3.0), ("B-job", 12.5), ("B-saved", 19.0)],
+        )
+    )
+    assert [s for _, s in vm.phases("kjumpd", "hibernate", f)] == [2.5, 6.5, 1.0]
+
+
 def test_a_refused_swsusp_has_no_latency(tmp_path):
     f = vm.figures(outcome(tmp_path, {"swsusp": "refused:ENOMEM"}))
     assert f["hibernate_s"] is None and f["resume_s"] is None

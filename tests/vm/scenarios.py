@@ -80,6 +80,7 @@ WATCHDOG = ["-device", "i6300esb"]
 MARKS = {
     "kernel-up": r"Run /sbin/kjump-vm-init as init process|kjumpd-rf: restore-first environment up",
     "B-save-up": r"kjump-agent: save kernel up: role save",
+    "B-job": r"kjump-agent: taking job \d+ from the job slot",
     "B-saving": r"kjump-agent: saving \d+ MiB",
     "B-saved": r"kjump-agent: SAVED:",
     "R-up": r"kjumpd-rf: restore-first environment up",
