@@ -20,8 +20,12 @@ B's command line says what to do:
   An image not in state RESTORING is left alone; any failure after that check (metadata, a
   jump area or segment plan this kernel cannot honour, a bad chunk, an I/O error) marks it
   INVALID(reason), and /init reboots: R then boots the normal system.
-- If A jumps to B again after a jump back, B resumes, re-reads the target's header (its
-  disk works after the resume) and jumps back with the same loaded image.
+- A job with ``park`` (kjumpd.daemon.warm: the warm-up): find the target, answer PARKED in
+  its job slot (kjumpd.image.jobslot) and jump back without saving.
+- If A jumps to B again after a jump back, B resumes (:class:`Parked`): it finds the target
+  again (its disk works after the resume), and runs the job A left in the job slot, read from
+  A's memory and checked against what B was started for; without a new job it jumps straight
+  back, and a job it cannot run it answers REFUSED(reason) (A then loads B cold).
 
 Every line for the user goes to the console (stdout) prefixed ``kjump-agent:``; logs go to
 stderr (the same console here).

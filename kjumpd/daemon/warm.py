@@ -70,7 +70,6 @@ def changed(parked: Fingerprint, now: Fingerprint) -> list[str]:
 class ParkedKernel:
     fingerprint: Fingerprint
     generation: int  # the highest job-slot generation B has seen
-    since: float  # CLOCK_MONOTONIC of the park
     how: str  # "warm-up" | "after a save"
 
 
@@ -92,7 +91,7 @@ class WarmState:
         return f"loaded at each hibernation ({self.reason})"
 
     def park(self, fp: Fingerprint, generation: int, how: str) -> None:
-        self.parked = ParkedKernel(fp, generation, time.monotonic(), how)
+        self.parked = ParkedKernel(fp, generation, how)
         self.reason = ""
 
     def drop(self, reason: str) -> None:

@@ -52,7 +52,7 @@ def test_an_unloaded_kexec_image_means_a_cold_load(tmp_path):
     assert "no kexec image is loaded" in state.unusable(FP, _root(tmp_path, "0"))
 
 
-def test_generations_only_go_up(monkeypatch):
+def test_generations_only_go_up():
     state = warm.WarmState()
     state.park(FP, 10**30, "warm-up")  # a generation above the clock
     a = state.next_generation()
