@@ -999,7 +999,10 @@ class Hibernation:
             )
             ctx.kx.load(sr, cfg.save_kernel, initrd, ctx.b_cmdline, ctx.area)
             loaded = True
+            # the kernel holds its copy: the files' page cache would only end up in images
             kexec.remove_initrd(sr)
+            for path in (cfg.save_kernel, cfg.save_initramfs):
+                _drop_page_cache(sr, path)
             self._quiesce(ctx)
             try:
                 os.sync()  # B has no business with A's filesystems; a hang costs a reset
