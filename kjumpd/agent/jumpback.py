@@ -34,13 +34,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import mmap
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kjumpd.errors import KexecError
+from kjumpd.linux.pagemap import PAGEMAP, LockedPages
 
 log = logging.getLogger("kjumpd.agent.jumpback")
 
@@ -133,35 +132,29 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-#: the anchor page's mapping and segment: they live as long as the agent (B may be resumed
-#: any time, and the loaded jump back swaps that page)
-_anchor: dict[str, tuple[mmap.mmap, Segment]] = {}
+#: the anchor page and its segment: they live as long as the agent (B may be resumed any
+#: time, and the loaded jump back swaps that page)
+_anchor: dict[str, tuple[LockedPages, Segment]] = {}
 
 
-def anchor(pagemap: str = "/proc/self/pagemap") -> Segment:
+def anchor(pagemap: str = PAGEMAP) -> Segment:
     """A locked page of this process, as a segment onto its own physical page: what makes
     the jump-back load a preserve-context image without a segment on A's memory (the
     module's docstring says why). KexecError when the page cannot be locked or located."""
     if "page" in _anchor:
         return _anchor["page"][1]
-    mm = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm[:] = (b"kjumpd jump-back anchor\n" * (PAGE // 24 + 1))[:PAGE]
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    if _libc().mlock(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE)) != 0:
-        err = ctypes.get_errno()
-        raise KexecError("cannot lock the jump back's anchor page", why=os.strerror(err))
+    page = LockedPages(
+        (b"kjumpd jump-back anchor\n" * (PAGE // 24 + 1))[:PAGE],
+        "the jump back's anchor page",
+        pagemap=pagemap,
+    )
     try:
-        with open(pagemap, "rb", buffering=0) as f:
-            (entry,) = struct.unpack("<Q", os.pread(f.fileno(), 8, addr // PAGE * 8))
-    except (OSError, struct.error) as e:
-        raise KexecError("cannot locate the jump back's anchor page", why=str(e)) from None
-    pfn = entry & ((1 << 55) - 1)
-    if not entry >> 63 or pfn == 0:
-        raise KexecError(
-            "cannot locate the jump back's anchor page", why="pagemap shows no page frame"
-        )
-    seg = Segment(pfn * PAGE, bytes(mm))
-    _anchor["page"] = (mm, seg)
+        (frame,) = page.frames()
+    except KexecError:
+        page.close()
+        raise
+    seg = Segment(frame * PAGE, bytes(page.map))
+    _anchor["page"] = (page, seg)
     return seg
 
 

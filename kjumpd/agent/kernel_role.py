@@ -113,43 +113,25 @@ def parse_cmdline(text: str) -> BootParams:
     )
 
 
-def parse_iomem_ram(text: str) -> list[tuple[int, int]]:
-    """Top-level "System RAM" ranges of /proc/iomem as [start, end) (end exclusive)."""
-    return parse_iomem_top(text, ("System RAM",))
-
-
 #: iomem names of what x86's kexec maps into the identity map of every jump (ACPI data)
 IDENTITY_MAPPED = ("ACPI Tables", "ACPI Non-volatile Storage")
-
-
-def parse_iomem_top(text: str, names: Sequence[str]) -> list[tuple[int, int]]:
-    """Top-level /proc/iomem ranges with one of ``names``, as [start, end)."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith(" ") or ":" not in line:
-            continue
-        span, name = line.split(":", 1)
-        if name.strip() not in names:
-            continue
-        try:
-            a, b = (int(x, 16) for x in span.strip().split("-"))
-        except ValueError:
-            continue
-        out.append((a, b + 1))
-    return out
 
 
 def entry_mapped(sysroot: Sysroot, entry: int) -> bool:
     """Whether A's entry page lies in this kernel's ACPI data (kjumpd.daemon.kexec:
     main_memory_words), which the kernel maps for the jump without a segment."""
+    from kjumpd.linux import iomem
+
     page = entry - entry % PAGE
-    ranges = parse_iomem_top(sysroot.read_text("/proc/iomem", ""), IDENTITY_MAPPED)
+    ranges = iomem.top_level(sysroot.read_text(iomem.IOMEM, ""), IDENTITY_MAPPED)
     return any(a <= page and page + PAGE <= b for a, b in ranges)
 
 
 def own_memory(sysroot: Sysroot) -> list[tuple[int, int]]:
     """B's own RAM, page aligned outward: where A's pages must not be written directly."""
-    ram = parse_iomem_ram(sysroot.read_text("/proc/iomem"))
+    from kjumpd.linux import iomem
+
+    ram = iomem.parse_system_ram(sysroot.read_text(iomem.IOMEM))
     if not ram or all(a == 0 and b == 1 for a, b in ram):
         raise AgentError(
             "cannot read this kernel's memory map",
@@ -378,13 +360,17 @@ def _find(sysroot: Sysroot, uuid: str, offset: int, volume: Any = None) -> str:
     return find_target(sysroot, uuid, offset)
 
 
-def _open_target(sysroot: Sysroot, uuid: str, offset: int, volume: Any = None) -> Any:
+def _open_target(
+    sysroot: Sysroot, uuid: str, offset: int, volume: Any = None, announce: bool = True
+) -> tuple[Any, Any, str]:
+    """(device, superblock, device path) of the target, open for writing."""
     from kjumpd.image import store
 
     dev_path = _find(sysroot, uuid, offset, volume)
     dev, sb = store.open_target(sysroot.path(dev_path), writable=True, offset=offset)
-    say(f"target {uuid} found on {dev_path} at byte {offset}")
-    return dev, sb
+    if announce:
+        say(f"target {uuid} found on {dev_path} at byte {offset}")
+    return dev, sb, dev_path
 
 
 def run_save(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
@@ -434,7 +420,7 @@ def save_job(sysroot: Sysroot, job: Any, entry: int, watchdog: Any = None) -> st
         from kjumpd.image import save
         from kjumpd.job import image_key_bytes, volume_of
 
-        dev, sb = _open_target(
+        dev, sb, _path = _open_target(
             sysroot, job.target_uuid, job.superblock_device_offset, volume_of(job)
         )
         recorded = [(e.logical, e.device_offset, e.length) for e in sb.blockmap]
@@ -534,16 +520,17 @@ class Parked:
         #: A's live entry page (kjumpd.agent.jumpback)
         self.fresh_entry = entry_mapped(sysroot, entry)
 
-    def _open(self, writable: bool) -> tuple[Any, Any, str]:
-        from kjumpd.image import store
+    def _open(self) -> tuple[Any, Any, str]:
         from kjumpd.job import volume_of
 
         job = self.base
-        path = _find(self.sysroot, job.target_uuid, job.superblock_device_offset, volume_of(job))
-        dev, sb = store.open_target(
-            self.sysroot.path(path), writable=writable, offset=job.superblock_device_offset
+        return _open_target(
+            self.sysroot,
+            job.target_uuid,
+            job.superblock_device_offset,
+            volume_of(job),
+            announce=False,
         )
-        return dev, sb, path
 
     def park(self, job: Any) -> None:
         """The warm-up: find the target and answer PARKED(job.park) in its job slot."""
@@ -558,7 +545,7 @@ class Parked:
                     "ACPI data: a job taken after a resume would save a stale entry page",
                     fix="load the save kernel with kjumpd's command line",
                 )
-            dev, sb, path = self._open(writable=True)
+            dev, sb, path = self._open()
             with dev:
                 if not jobslot.slot_free(len(sb.blockmap)):
                     raise TargetError(
@@ -585,7 +572,7 @@ class Parked:
             say("no target to take a job from; jumping back")
             return
         try:
-            dev, sb, path = self._open(writable=True)
+            dev, sb, path = self._open()
         except (KjumpError, OSError) as e:
             say(f"target not found after the resume ({e}); jumping back")
             return
@@ -814,7 +801,7 @@ def run_restore(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> i
                 why="no kjump.target=/kjump.offset= on the command line and no job",
                 fix="the restore-first environment passes both",
             ) from None
-    dev, _sb = _open_target(sysroot, uuid, offset, volume)
+    dev, _sb, _path = _open_target(sysroot, uuid, offset, volume)
     try:
         header = store.read_header(dev)
         store.require_state(header, ImageState.RESTORING, action="restore")

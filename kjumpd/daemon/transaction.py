@@ -391,11 +391,14 @@ class Hibernation:
             return
         if not self._check_warms:
             return
-        fp = self._fingerprint(rep.plan)
-        if self._skip_unchanged and fp is not None:
+        plan = rep.plan
+        if plan.target is None or not plan.uuid:
+            return
+        fp = self._fingerprint(plan, plan.target, plan.uuid)
+        if self._skip_unchanged:
             self._skip_unchanged, self._warm_tried = False, fp
         p = self.warm.parked
-        if fp is None or (p is not None and p.fingerprint == fp) or fp == self._warm_tried:
+        if (p is not None and p.fingerprint == fp) or fp == self._warm_tried:
             return
         with self._warm_lock:
             busy = self._warm_timer is not None or self._warm_thread is not None
@@ -406,17 +409,20 @@ class Hibernation:
             log.info("what the save kernel is parked for changed: warming a new one up")
             self.schedule_warm_up(0.0)
 
-    def _fingerprint(self, plan: preflight.PreflightPlan) -> warm.Fingerprint | None:
-        if plan.area is None or plan.memory is None or plan.target is None or not plan.uuid:
-            return None
+    def _fingerprint(
+        self, plan: preflight.PreflightPlan, target: blockmap.Target, uuid: str
+    ) -> warm.Fingerprint:
+        """What a save kernel loaded now is started for, B's command line included (a
+        passed preflight: the plan has its jump area and memory)."""
+        assert plan.area is not None and plan.memory is not None
         return warm.Fingerprint(
             jump_area=(plan.area.start, plan.area.size),
-            target_uuid=plan.uuid,
-            superblock_offset=plan.target.superblock_offset,
+            target_uuid=uuid,
+            superblock_offset=target.superblock_offset,
             save_kernel_sha256=plan.kernel_sha256 or "",
             save_initramfs_sha256=plan.initramfs_sha256 or "",
             cmdline=kexec.save_cmdline(self.config, plan.area, main_ram=plan.memory.ranges),
-            volume_uuid=plan.target.volume.uuid if plan.target.volume is not None else "",
+            volume_uuid=target.volume.uuid if target.volume is not None else "",
         )
 
     def wait_housekeeping(self, timeout: float | None = None) -> bool:
@@ -560,16 +566,8 @@ class Hibernation:
         if ctx.target.volume is not None:
             ctx.volume_key = ctx.timed("volume key", lambda: volumekey.derive(sr, ctx.target))
         ctx.kx = kexec.Kexec.find(cfg)
-        ctx.b_cmdline = kexec.save_cmdline(cfg, ctx.area, main_ram=ctx.memory.ranges)
-        ctx.fingerprint = warm.Fingerprint(
-            jump_area=(ctx.area.start, ctx.area.size),
-            target_uuid=ctx.uuid,
-            superblock_offset=ctx.target.superblock_offset,
-            save_kernel_sha256=ctx.plan.kernel_sha256 or "",
-            save_initramfs_sha256=ctx.plan.initramfs_sha256 or "",
-            cmdline=ctx.b_cmdline,
-            volume_uuid=ctx.target.volume.uuid if ctx.target.volume is not None else "",
-        )  # as _fingerprint(plan), with the target this transaction translated
+        ctx.fingerprint = self._fingerprint(ctx.plan, ctx.target, ctx.uuid)
+        ctx.b_cmdline = ctx.fingerprint.cmdline
         if not cfg.warm_save_kernel:
             ctx.cold_reason = "[save_kernel] warm is off"
         elif not jobslot.slot_free(len(ctx.target.blockmap)):
@@ -592,6 +590,12 @@ class Hibernation:
         sr, cfg, sha = self.sysroot, self.config, ctx.plan.initramfs_sha256 or ""
         ctx.stager = _Background("initrd", lambda: kexec.stage_initrd(sr, cfg.save_initramfs, sha))
         return True
+
+    def _stage_initrd_now(self, ctx: _Context) -> None:
+        """The initrd step for a cold load decided after that step (the parked save kernel
+        could not take the job)."""
+        self._stage_initrd(ctx)
+        ctx.undo.push("initrd", partial(self._remove_initrd, ctx))
 
     def _remove_initrd(self, ctx: _Context) -> None:
         ctx.stager.wait()
@@ -792,8 +796,7 @@ class Hibernation:
                 ctx.cold_reason = f"the job could not be handed over: {e.message}"
                 self.warm.drop(ctx.cold_reason)
                 log.warning("save kernel: cold (%s)", ctx.cold_reason)
-                self._stage_initrd(ctx)
-                ctx.undo.push("initrd", partial(self._remove_initrd, ctx))
+                self._stage_initrd_now(ctx)
         self._load_cold(ctx, job)
         return True
 
@@ -820,17 +823,20 @@ class Hibernation:
         ctx.out.stats["save_kernel"] = "warm"
         log.info("job handed to the parked save kernel: %s", ctx.slot.describe())
 
+    def _forget_save_kernel_files(self) -> None:
+        """Once the kernel holds its copy of B: drop the initrd in /run and the page cache
+        of B's files (what stays in A's memory is saved in the image)."""
+        kexec.remove_initrd(self.sysroot)
+        for path in (self.config.save_kernel, self.config.save_initramfs):
+            _drop_page_cache(self.sysroot, path)
+
     def _unload(self, ctx: _Context) -> None:
         ctx.kx.unload()
 
     def _drop_copies(self, ctx: _Context) -> None:
-        sr, cfg = self.sysroot, self.config
-        # the kernel holds its own copy now: what stays in A's memory is saved in the
-        # image, so drop the tmpfs initrd and the page cache of the files just read
-        if ctx.cold_reason:
-            kexec.remove_initrd(sr)
-            for path in (cfg.save_kernel, cfg.save_initramfs):
-                _drop_page_cache(sr, path)
+        sr = self.sysroot
+        if ctx.cold_reason:  # a parked save kernel: nothing was read or copied
+            self._forget_save_kernel_files()
         # kexec's exit just freed its copies of the kernel and the initramfs, onto the
         # per-CPU free lists, which B cannot tell from memory in use: hand them back to
         # the buddy allocator, so that B leaves them out (shrink.drain_pcp)
@@ -916,8 +922,7 @@ class Hibernation:
         log.warning("save kernel: cold (%s); loading it and jumping again", ctx.cold_reason)
         self.warm.drop(ctx.cold_reason)
         ctx.slot = None
-        self._stage_initrd(ctx)
-        ctx.undo.push("initrd", partial(self._remove_initrd, ctx))
+        self._stage_initrd_now(ctx)
         self._load_cold(ctx, self._make_job(ctx))
         ctx.undo.push("kexec unload", partial(self._unload, ctx))
         self._drop_copies(ctx)
@@ -999,10 +1004,7 @@ class Hibernation:
             )
             ctx.kx.load(sr, cfg.save_kernel, initrd, ctx.b_cmdline, ctx.area)
             loaded = True
-            # the kernel holds its copy: the files' page cache would only end up in images
-            kexec.remove_initrd(sr)
-            for path in (cfg.save_kernel, cfg.save_initramfs):
-                _drop_page_cache(sr, path)
+            self._forget_save_kernel_files()  # they would only end up in images
             self._quiesce(ctx)
             try:
                 os.sync()  # B has no business with A's filesystems; a hang costs a reset

@@ -23,16 +23,13 @@ so that a save kernel that cannot boot here never costs a reset at every boot.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
-import struct
 import time
 from dataclasses import dataclass, fields
 
-from kjumpd.errors import KexecError
 from kjumpd.image import jobslot
+from kjumpd.linux.pagemap import PAGEMAP, LockedPages
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -40,8 +37,6 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 #: written before a warm-up jump, removed once B is back
 MARKER = "/var/lib/kjumpd/warm-up.started"
-_PFN_MASK = (1 << 55) - 1
-_PRESENT = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -122,67 +117,21 @@ def kexec_loaded(sysroot: Sysroot) -> bool:
     return sysroot.read_text("/sys/kernel/kexec_loaded", "0").strip() == "1"
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-class Mailbox:
-    """A job in locked, page-aligned memory of this process, and the physical runs its
-    pages occupy (/proc/self/pagemap: needs CAP_SYS_ADMIN, as the daemon has). The pages
-    are zeroed and unlocked at :meth:`close`."""
+class Mailbox(LockedPages):
+    """A job in locked pages of this process, and the physical runs they occupy (the
+    daemon has the CAP_SYS_ADMIN pagemap needs). The pages are zeroed and unlocked at
+    :meth:`close`."""
 
     def __init__(self, data: bytes, sysroot: Sysroot) -> None:
-        self.sysroot = sysroot
-        self.length = len(data)
-        size = max(PAGE, -(-len(data) // PAGE) * PAGE)
-        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.map[: len(data)] = data
-        self._view = ctypes.c_char.from_buffer(self.map)  # released before the unmap
-        self.address = ctypes.addressof(self._view)
-        if _libc().mlock(ctypes.c_void_p(self.address), ctypes.c_size_t(size)) != 0:
-            err = ctypes.get_errno()
-            self.close()
-            raise KexecError(
-                "cannot lock the job's pages in memory",
-                why=os.strerror(err),
-                fix="kjumpd needs CAP_IPC_LOCK; the save kernel is loaded cold",
-            )
-
-    def frames(self) -> list[int]:
-        """The page frame number of each page, in order (KexecError when one is unknown)."""
-        n = len(self.map) // PAGE
-        try:
-            with open(self.sysroot.path("/proc/self/pagemap"), "rb", buffering=0) as f:
-                raw = os.pread(f.fileno(), 8 * n, self.address // PAGE * 8)
-        except OSError as e:
-            raise KexecError(
-                "cannot read where the job's pages are",
-                why=f"/proc/self/pagemap: {e.strerror or e}",
-                fix="the save kernel is loaded cold",
-            ) from None
-        out = []
-        for (entry,) in struct.iter_unpack("<Q", raw):
-            pfn = entry & _PFN_MASK
-            if not entry & _PRESENT or pfn == 0:
-                raise KexecError(
-                    "cannot read where the job's pages are",
-                    why="/proc/self/pagemap shows no page frame (not CAP_SYS_ADMIN?)",
-                    fix="the save kernel is loaded cold",
-                )
-            out.append(pfn)
-        return out
+        super().__init__(
+            data,
+            "the job's pages",
+            fix="kjumpd needs CAP_IPC_LOCK and CAP_SYS_ADMIN; the save kernel is loaded cold",
+            pagemap=str(sysroot.path(PAGEMAP)),
+        )
 
     def runs(self) -> list[tuple[int, int]]:
         return jobslot.runs_of_frames(self.frames())
-
-    def close(self) -> None:
-        if self.map.closed:
-            return
-        self.map[:] = bytes(len(self.map))
-        _libc().munlock(ctypes.c_void_p(self.address), ctypes.c_size_t(len(self.map)))
-        self.address = 0
-        del self._view
-        self.map.close()
 
 
 def begin_marker(sysroot: Sysroot) -> None:

@@ -34,14 +34,15 @@ MAX_RANGES = 4096
 Range = tuple[int, int]
 
 
-def parse_system_ram(iomem: str) -> list[Range]:
-    """Top-level System RAM ranges of an /proc/iomem text as [start, end), sorted."""
+def top_level(iomem: str, names: tuple[str, ...]) -> list[Range]:
+    """Top-level ranges of an /proc/iomem text named one of ``names``, as [start, end),
+    sorted."""
     out = []
     for line in iomem.splitlines():
         if line.startswith(" "):
             continue  # a child resource (kernel code, Crash kernel, ...)
         rng, _, name = line.partition(" : ")
-        if name.strip() != "System RAM":
+        if name.strip() not in names:
             continue
         s, _, e = rng.strip().partition("-")
         try:
@@ -53,6 +54,11 @@ def parse_system_ram(iomem: str) -> list[Range]:
                 fix="report this kernel's /proc/iomem",
             ) from None
     return sorted(out)
+
+
+def parse_system_ram(iomem: str) -> list[Range]:
+    """Top-level System RAM ranges of an /proc/iomem text as [start, end), sorted."""
+    return top_level(iomem, ("System RAM",))
 
 
 def read_firmware_memmap(sysroot: Sysroot) -> list[Range] | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kjumpd.agent.kernel_role import BootParams, parse_cmdline, parse_iomem_ram
+from kjumpd.agent.kernel_role import BootParams, parse_cmdline
 from kjumpd.errors import AgentError
+from kjumpd.linux.iomem import parse_system_ram as parse_iomem_ram
 
 B_CMDLINE = (
     "console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K memmap=128M@512M "
