@@ -105,8 +105,8 @@ PHASES = {
         ),
         "resume": (
             ("R boots, decides", "on", "R-decision"),
-            ("B boots", "R-decision", "B-restore-up"),
-            ("B restores", "B-restore-up", "B-restored"),
+            ("restore starts (in R, or B boots)", "R-decision", "restore-start"),
+            ("restore", "restore-start", "B-restored"),
             ("A resumes", "B-restored", "answers"),
         ),
     },

@@ -68,6 +68,14 @@ R_MODULES = (
     "kjumpd.linux.luks",
     "kjumpd.linux.devmapper",
     "kjumpd.cpio",
+    "kjumpd.confine",
+    "kjumpd.agent.kernel_role",
+    "kjumpd.agent.devmem",
+    "kjumpd.agent.jumpback",
+    "kjumpd.agent.watchdog",
+    "kjumpd.image.restore",
+    "kjumpd.image.chunk",
+    "kjumpd.image.stream",
     "termios",
     "json",
     "json.decoder",
@@ -103,16 +111,19 @@ def build_restore_initramfs(
     from savekernel.initramfs import (
         CRYPTO_MODULES,
         CRYPTO_PACKAGES,
+        SAVE_EXTRA_MODULES,
         build_initramfs,
         crypto_host_files,
     )
 
+    # R confined to the jump area restores by itself (kjumpd.confine): it carries
+    # what B's restore role imports
     return build_initramfs(
         out,
         R_INIT,
         name="restore",
-        python_modules=(*R_MODULES, *(CRYPTO_MODULES if crypto else ())),
-        python_packages=("kjumpd", *(CRYPTO_PACKAGES if crypto else ())),
+        python_modules=(*R_MODULES, *SAVE_EXTRA_MODULES, *(CRYPTO_MODULES if crypto else ())),
+        python_packages=("kjumpd", "lz4", *(CRYPTO_PACKAGES if crypto else ())),
         host_binaries=(KEXEC, *((*crypto_host_files(), *_cryptsetup()) if crypto else ())),
         python_scripts={RF_MODULE: INIT},
     )

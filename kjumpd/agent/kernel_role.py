@@ -782,8 +782,7 @@ def restore_volume(sysroot: Sysroot) -> Any:
 
 
 def run_restore(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> int:
-    from kjumpd.agent.devmem import MemorySink
-    from kjumpd.image import restore, store
+    from kjumpd.image import store
     from kjumpd.image.format import ImageState
 
     uuid, offset = params.target_uuid, params.target_offset
@@ -805,56 +804,68 @@ def run_restore(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> i
     try:
         header = store.read_header(dev)
         store.require_state(header, ImageState.RESTORING, action="restore")
-        try:
-            meta = store.read_metadata(dev, header)
-            ranges = [(e.start, e.end) for e in meta.extents]
-            mine = own_memory(sysroot)
-            check_restore_fits(ranges, mine, (header.jump_area_start, header.jump_area_size))
-            say(
-                f"restoring {header.raw_bytes >> 20} MiB (attempt {header.attempt}); this kernel "
-                f"runs in {', '.join(f'[{a:#x}, {b:#x})' for a, b in mine)}"
-            )
-            progress = Progress("restoring", header.raw_bytes, watchdog=watchdog)
-            t0 = time.monotonic()
-            with MemorySink(sysroot, ranges, hold=mine) as sink:
-                # the sink itself holds back writes into this kernel's own memory
-                rstats = restore.restore_image(
-                    dev,
-                    sink,
-                    progress=progress,
-                    states=(ImageState.RESTORING,),
-                    key=restore_key(sysroot) if header.encrypted else None,
-                )
-                sink.flush()
-                held = sink.held_segments()
-            dt = time.monotonic() - t0
-        except (KjumpError, OSError) as e:
-            # A's memory may be partly overwritten: it cannot be resumed from here on
-            what = e.what if isinstance(e, KjumpError) else f"{type(e).__name__}: {e}"
-            say(f"restore failed: {e.message if isinstance(e, KjumpError) else what}")
-            try:
-                store.set_state(dev, ImageState.INVALID, reason=f"restore failed: {what}"[:200])
-                say("image marked INVALID; rebooting into the normal system")
-            except KjumpError as e2:
-                say(f"could not mark the image INVALID: {e2.message}")
-            if isinstance(e, KjumpError):
-                raise
-            raise AgentError(
-                "restore failed",
-                why=what,
-                fix="the image is marked INVALID; the normal system boots",
-            ) from None
-        say(
-            f"RESTORED {header.raw_bytes >> 20} MiB in {dt:.2f} s "
-            f"({header.raw_bytes / max(dt, 1e-6) / 1e6:.0f} MB/s); "
-            f"{int(rstats.stages.get('free_left', 0)) >> 20} MiB of free memory left as it was; "
-            f"{sum(len(h.data) for h in held) >> 10} KiB held for the jump back"
+        held = restore_memory(
+            sysroot, dev, header, restore_key(sysroot) if header.encrypted else None, watchdog
         )
         entry = header.jump_back_entry
     finally:
         dev.close()
     jump_back(sysroot, entry, held, watchdog=watchdog)
     return 0
+
+
+def restore_memory(
+    sysroot: Sysroot, dev: Any, header: Any, key: bytes | None, watchdog: Any = None
+) -> list[Any]:
+    """Write the image in state RESTORING on ``dev`` back into A's memory from this kernel,
+    which must run in the image's jump area (check_restore_fits); returns A's pages held
+    back for the jump (this kernel's own memory). Any failure marks the image INVALID and
+    raises: A's memory may be partly overwritten, it cannot be resumed from here on. Run by
+    B in restore role, and by the restore-first environment when it is confined to the area
+    (kjumpd.confine)."""
+    from kjumpd.agent.devmem import MemorySink
+    from kjumpd.image import restore, store
+    from kjumpd.image.format import ImageState
+
+    try:
+        meta = store.read_metadata(dev, header)
+        ranges = [(e.start, e.end) for e in meta.extents]
+        mine = own_memory(sysroot)
+        check_restore_fits(ranges, mine, (header.jump_area_start, header.jump_area_size))
+        say(
+            f"restoring {header.raw_bytes >> 20} MiB (attempt {header.attempt}); this kernel "
+            f"runs in {', '.join(f'[{a:#x}, {b:#x})' for a, b in mine)}"
+        )
+        progress = Progress("restoring", header.raw_bytes, watchdog=watchdog)
+        t0 = time.monotonic()
+        with MemorySink(sysroot, ranges, hold=mine) as sink:
+            # the sink itself holds back writes into this kernel's own memory
+            rstats = restore.restore_image(
+                dev, sink, progress=progress, states=(ImageState.RESTORING,), key=key
+            )
+            sink.flush()
+            held = sink.held_segments()
+        dt = time.monotonic() - t0
+    except (KjumpError, OSError) as e:
+        what = e.what if isinstance(e, KjumpError) else f"{type(e).__name__}: {e}"
+        say(f"restore failed: {e.message if isinstance(e, KjumpError) else what}")
+        try:
+            store.set_state(dev, ImageState.INVALID, reason=f"restore failed: {what}"[:200])
+            say("image marked INVALID; rebooting into the normal system")
+        except KjumpError as e2:
+            say(f"could not mark the image INVALID: {e2.message}")
+        if isinstance(e, KjumpError):
+            raise
+        raise AgentError(
+            "restore failed", why=what, fix="the image is marked INVALID; the normal system boots"
+        ) from None
+    say(
+        f"RESTORED {header.raw_bytes >> 20} MiB in {dt:.2f} s "
+        f"({header.raw_bytes / max(dt, 1e-6) / 1e6:.0f} MB/s); "
+        f"{int(rstats.stages.get('free_left', 0)) >> 20} MiB of free memory left as it was; "
+        f"{sum(len(h.data) for h in held) >> 10} KiB held for the jump back"
+    )
+    return held
 
 
 def rescue(sysroot: Sysroot = Sysroot()) -> int:

@@ -246,6 +246,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
             target=target,
         )
         print(f"installed the {rec.kind} entry ({rec.loader}): {', '.join(rec.files)}")
+        print(bootentry.restore_boots_line(rec))
         did = True
     if args.save_kernel:
         ok, lines = save_kernel_hash_advice(sr, cfg)

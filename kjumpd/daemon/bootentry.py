@@ -122,6 +122,8 @@ class BootEntry:
     entry_id: str = ENTRY_ID
     previous_default: str | None = None  # BLS LoaderEntryDefault before install
     image_key_id: str = ""  # the image key R's payload holds (kjumpd.image.seal), if any
+    # why R is not confined to the jump area (restores then take two boots); "" when it is
+    two_boots: str = "the entry was written by a kjumpd that did not confine R"
     # what R was told at install: the normal kernel it boots (system path and SHA-256), its
     # command line and the jump area ([start, size]); ``check`` compares them with the system
     normal_kernel: str = ""
@@ -163,8 +165,13 @@ def _template(name: str) -> str:
         raise BootEntryError(f"template {name} is missing", why=e.why, fix=e.fix) from None
 
 
+#: the one word form with a "$" an entry carries: R's confinement (kjumpd.confine)
+_MEMMAP_RESERVED = re.compile(r"^memmap=0x[0-9a-f]+\$0x[0-9a-f]+$")
+
+
 def _check_cmdline(cmdline: str) -> None:
-    if not _SAFE_CMDLINE.match(cmdline) or "\n" in cmdline:
+    plain = " ".join(w for w in cmdline.split(" ") if not _MEMMAP_RESERVED.match(w))
+    if not _SAFE_CMDLINE.match(plain) or "\n" in cmdline:
         raise ConfigError(
             f"restore-first command line {cmdline!r} has characters a boot "
             "loader entry cannot carry safely",
@@ -191,6 +198,8 @@ def render_grub_snippet(
 ) -> str:
     """The /etc/grub.d/42_kjumpd script; ``kernel``/``initrd`` are paths as GRUB sees them."""
     _check_cmdline(cmdline)
+    # GRUB expands "$" in a word; quoted, the kernel gets it as written
+    cmdline = " ".join(f"'{w}'" if "$" in w else w for w in cmdline.split())
     for p in (kernel, initrd):
         _check_path(p)
     if fstype not in GRUB_MODULES:
@@ -398,6 +407,45 @@ def boot_config_for(
         files[R_NORMAL_INITRD] = Path(normal_initrd)
     BootConfig.from_dict(cfg.to_dict())  # validates
     return cfg, files
+
+
+def confinement_problem(
+    sysroot: Sysroot,
+    boot: tuple[Any, Mapping[str, Path | bytes]],
+    initrd_len: int,
+    base_len: int,
+    payload_len: int,
+) -> str:
+    """"" when R can be confined to a jump area like boot.json's (kjumpd.confine): the
+    firmware's map allows it and R fits; else why not (restores then take two boots). The
+    words themselves are written at each hibernation, for that hibernation's area
+    (``set_oneshot``): A's reservation may move from boot to boot."""
+    from kjumpd import confine
+
+    cfg, files = boot
+    start, size = cfg.jump_area
+    try:
+        confine_words(sysroot, (start, size))
+    except ConfigError as e:
+        return e.message
+    normal = 0
+    for arc in (R_NORMAL_KERNEL, R_NORMAL_INITRD):
+        src = files.get(arc)
+        normal += len(src) if isinstance(src, bytes) else Path(src).stat().st_size if src else 0
+    unpacked = int(base_len * confine.UNPACK_FACTOR) + payload_len
+    return confine.fit_problem(size, initrd_len, unpacked, normal)
+
+
+def confine_words(sysroot: Sysroot, area: tuple[int, int]) -> list[str]:
+    """The ``memmap=`` words that confine R to ``area`` (start, size) on this machine;
+    ConfigError when it cannot be confined."""
+    from kjumpd import confine
+    from kjumpd.linux import iomem
+
+    entries = iomem.read_firmware_entries(sysroot)
+    if not entries:
+        raise ConfigError(f"this kernel has no {iomem.FIRMWARE_MEMMAP} to place R by")
+    return confine.memmap_words(confine.confine(entries, (area[0], area[0] + area[1])))
 
 
 def restore_payload(cfg: Any, files: Mapping[str, Path | bytes]) -> bytes:
@@ -878,10 +926,14 @@ def install(
     # but a copy anyone may read invites offline guessing; a LUKS key file, as in the
     # normal initramfs, is root's alone too
     initrd_mode = 0o644
+    two_boots = "R's initramfs has no machine payload"
     if boot is not None:
-        r_initrd += restore_payload(*boot)
+        base_len = len(r_initrd)
+        payload = restore_payload(*boot)
+        r_initrd += payload
         if R_IMAGE_KEY in boot[1] or R_LUKS_KEY in boot[1]:
             initrd_mode = 0o600
+        two_boots = confinement_problem(sysroot, boot, len(r_initrd), base_len, len(payload))
     if kind == "grub" or kind == "bls":
         loader = kind
     elif loader is None:
@@ -949,11 +1001,22 @@ def install(
         files=files,
         esp=esp_used,
         previous_default=previous_default,
+        two_boots=two_boots,
         **told,
     )
     _write_file(sysroot, RECORD_PATH, rec.to_json().encode())
     log.info("installed the %s restore-first entry (%s)", kind, ", ".join(files))
     return rec
+
+
+def restore_boots_line(rec: BootEntry) -> str:
+    """What ``kjumpctl setup`` and ``kjumpctl status`` say of the restore's boots."""
+    if not rec.two_boots:
+        return (
+            "restore: one boot (R is confined to each hibernation's jump area and restores by "
+            "itself when its kernel lands there)"
+        )
+    return f"restore: two boots (R, then the save kernel): {rec.two_boots}"
 
 
 def _payload_key_id(payload: Mapping[str, Path | bytes]) -> str:
@@ -1076,8 +1139,8 @@ def staleness(sysroot: Sysroot, rec: BootEntry) -> list[str]:
             + " (fix: run `kjumpctl install`: it rebuilds the save kernel's initramfs too)"
         )
     # The jump area is not compared: R loads the save kernel into the area the image header
-    # records, wherever A's reservation was (KASLR or crashkernel=SIZE may move it), and a
-    # changed crashkernel= is a changed command line above.
+    # records, wherever A's reservation was (KASLR or crashkernel=SIZE may move it), and
+    # ``set_oneshot`` confines R to that hibernation's area.
     return out
 
 
@@ -1099,41 +1162,88 @@ def uninstall(sysroot: Sysroot) -> list[str]:
     return removed
 
 
-def set_oneshot(sysroot: Sysroot) -> bool:
-    """Make the next boot (only) start R. Call BEFORE freezing filesystems (it writes /boot).
+#: the grubenv variable the GRUB entry appends to R's command line: R's confinement to the
+#: jump area of the hibernation that armed it (Debian's, Ubuntu's and Fedora's 00_header
+#: load grubenv before the menu)
+CONFINE_VAR = "kjumpd_confine"
 
-    Returns False when there is nothing to do (restore-first boots R anyway). Idempotent.
-    """
+
+def set_oneshot(sysroot: Sysroot, area: tuple[int, int] | None = None) -> bool:
+    """Make the next boot (only) start R, confined to ``area`` (the jump area, start and
+    size, of the image about to be saved) when R can be (kjumpd.confine): one boot to
+    restore. Call BEFORE freezing filesystems (it writes /boot or the ESP). Idempotent.
+
+    Returns False when there is nothing to do (restore-first boots R anyway, unconfined)."""
     rec = _require_record(sysroot)
-    if rec.kind == "restore-first":
-        return False
+    words: list[str] = []
+    if area is not None and not rec.two_boots:
+        try:
+            words = confine_words(sysroot, area)
+        except ConfigError as e:
+            log.info("restore in two boots: %s", e.message)
+    oneshot = rec.kind != "restore-first"
     if rec.loader == "grub":
         env = grubenv_read(sysroot, rec.grubenv)
-        env["next_entry"] = rec.entry_id
-        grubenv_write(sysroot, env, rec.grubenv)
+        want = dict(env)
+        if oneshot:
+            want["next_entry"] = rec.entry_id
+        if words:
+            want[CONFINE_VAR] = " ".join(words)
+        else:
+            want.pop(CONFINE_VAR, None)
+        if want != env:
+            grubenv_write(sysroot, want, rec.grubenv)
     else:
-        efivar_write(sysroot, "LoaderEntryOneShot", BLS_ENTRY_ID)
-    return True
+        _bls_confine(sysroot, rec, words)
+        if oneshot:
+            efivar_write(sysroot, "LoaderEntryOneShot", BLS_ENTRY_ID)
+    return oneshot or bool(words)
 
 
 def clear_oneshot(sysroot: Sysroot) -> bool:
-    """Undo ``set_oneshot`` (on resume, on rollback, at daemon start with no saved image).
+    """Undo ``set_oneshot`` (on resume, on rollback, at daemon start with no saved image):
+    R boots unconfined again, and only where it boots anyway.
 
-    Only kjumpd's own one-shot is removed; returns True when one was.
-    """
+    Only kjumpd's own one-shot is removed; returns True when something was."""
     rec = read_record(sysroot)
-    if rec is None or rec.kind == "restore-first":
+    if rec is None:
         return False
     if rec.loader == "grub":
         env = grubenv_read(sysroot, rec.grubenv)
-        if env.get("next_entry") != rec.entry_id:
+        want = dict(env)
+        want.pop(CONFINE_VAR, None)
+        if rec.kind != "restore-first" and env.get("next_entry") == rec.entry_id:
+            want.pop("next_entry")
+        if want == env:
             return False
-        env.pop("next_entry")
-        grubenv_write(sysroot, env, rec.grubenv)
+        grubenv_write(sysroot, want, rec.grubenv)
         return True
+    done = _bls_confine(sysroot, rec, [])
+    if rec.kind == "restore-first":
+        return done
     if not sysroot.exists(EFIVARS) or efivar_read(sysroot, "LoaderEntryOneShot") != BLS_ENTRY_ID:
-        return False
+        return done
     efivar_write(sysroot, "LoaderEntryOneShot", None)
+    return True
+
+
+def _bls_confine(sysroot: Sysroot, rec: BootEntry, words: list[str]) -> bool:
+    """Rewrite the BLS entry's ``options`` as R's command line plus ``words``; True when the
+    file changed."""
+    path = f"{rec.esp}/loader/entries/{BLS_ENTRY_ID}"
+    old = sysroot.read_text(path, default="")
+    if not old:
+        return False
+    options = " ".join([rec.cmdline, *words])
+    _check_cmdline(options)
+    lines = []
+    for line in old.splitlines():
+        key = re.match(r"^options\s+", line)
+        lines.append(key.group(0) + options if key else line)
+    new = "\n".join(lines) + "\n"
+    if new == old:
+        return False
+    _write_file(sysroot, path, new.encode())
     return True
 
 

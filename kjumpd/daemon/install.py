@@ -610,6 +610,7 @@ def apply(sysroot: Sysroot, p: Plan, runner: Runner, say: Callable[[str], None])
         man.boot_entry = man.boot_entry or not had
         man.dirs += [d for d in absent if sysroot.exists(d) and d not in man.dirs]
         say(f"boot entry installed: {rec.kind} ({rec.loader}): {', '.join(rec.files)}")
+        say(bootentry.restore_boots_line(rec))
     _write(sysroot, MANIFEST_PATH, man.to_json().encode(), 0o644, man)
     for c in p.commands:
         if c == ENABLE and list(DISABLE) not in man.undo:
@@ -671,7 +672,7 @@ def refresh_boot_entry(
     )
     if step.state == "install":
         assert step.kernel is not None and step.initrd is not None
-        bootentry.install(
+        rec = bootentry.install(
             sysroot,
             step.kind,
             kernel=step.kernel,
@@ -682,6 +683,7 @@ def refresh_boot_entry(
             normal_kernel=step.normal_kernel,
             normal_initrd=step.normal_initrd,
         )
+        say(bootentry.restore_boots_line(rec))
     say(f"boot entry {step.state}: {step.detail}")
     return step
 

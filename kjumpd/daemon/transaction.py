@@ -658,7 +658,8 @@ class Hibernation:
     def _arm_oneshot(self, ctx: _Context) -> bool:
         if bootentry.read_record(self.sysroot) is None:
             return False
-        return bool(bootentry.set_oneshot(self.sysroot))
+        area = (ctx.area.start, ctx.area.size) if ctx.area is not None else None
+        return bool(bootentry.set_oneshot(self.sysroot, area))
 
     def _disarm_oneshot(self, ctx: _Context) -> Any:
         return bootentry.clear_oneshot(self.sysroot)

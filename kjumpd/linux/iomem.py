@@ -61,15 +61,14 @@ def parse_system_ram(iomem: str) -> list[Range]:
     return top_level(iomem, ("System RAM",))
 
 
-def read_firmware_memmap(sysroot: Sysroot) -> list[Range] | None:
-    """The firmware's System RAM entries as [start, end), or None without the directory."""
+def read_firmware_entries(sysroot: Sysroot) -> list[tuple[int, int, str]] | None:
+    """Every entry of the firmware's memory map as (start, end, type), end exclusive,
+    sorted; None without the directory."""
     if not sysroot.exists(FIRMWARE_MEMMAP):
         return None
     out = []
     for n in sysroot.listdir(FIRMWARE_MEMMAP):
         t = sysroot.read_text(f"{FIRMWARE_MEMMAP}/{n}/type", default="").strip()
-        if t != "System RAM":
-            continue
         try:
             s = int(sysroot.read_text(f"{FIRMWARE_MEMMAP}/{n}/start").strip(), 16)
             e = int(sysroot.read_text(f"{FIRMWARE_MEMMAP}/{n}/end").strip(), 16) + 1
@@ -78,8 +77,16 @@ def read_firmware_memmap(sysroot: Sysroot) -> list[Range] | None:
                 f"{FIRMWARE_MEMMAP}/{n} does not parse",
                 fix="report this kernel's firmware memory map",
             ) from None
-        out.append((s, e))
+        out.append((s, e, t))
     return sorted(out)
+
+
+def read_firmware_memmap(sysroot: Sysroot) -> list[Range] | None:
+    """The firmware's System RAM entries as [start, end), or None without the directory."""
+    entries = read_firmware_entries(sysroot)
+    if entries is None:
+        return None
+    return [(s, e) for s, e, t in entries if t == "System RAM"]
 
 
 def merged(ranges: list[Range]) -> list[Range]:

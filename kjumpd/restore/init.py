@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kjumpd import confine
 from kjumpd.errors import KjumpError
 from kjumpd.linux import cmdline
 from kjumpd.sysroot import Sysroot
@@ -226,6 +227,10 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
     except KjumpError as e:
         say(f"this boot's RAM map: {e.message}")
         ram_now = {}
+    if confine.requested(sysroot.read_text("/proc/cmdline", default="")):
+        # confined, this kernel's own RAM is not the machine's: only the firmware's map
+        # describes it
+        ram_now.pop("iomem", None)
     setup_error = ""
     try:
         got = hashes.result()
@@ -328,6 +333,26 @@ def boot_normal(cfg: Any, note: str, run: Runner, kexec: str, sysroot: Sysroot) 
     kexec_into(args, run, kexec)
 
 
+def restore_here(sysroot: Sysroot, cfg: Any, dev: Any, header: Any, key: bytes | None) -> None:
+    """Restore the image in state RESTORING on ``dev`` from this kernel and jump into A, as
+    B's restore role does (kjumpd.agent.kernel_role.restore_memory): R runs in the image's
+    jump area. Closes ``dev``; returns only by raising (the image is then INVALID, or A's
+    entry could not be jumped to)."""
+    from kjumpd.agent import kernel_role
+
+    seconds = cmdline.params(cfg.save.cmdline).get("kjump.watchdog", "0")
+    wd = None
+    if seconds.isdigit() and int(seconds):
+        from kjumpd.agent import watchdog
+
+        wd = watchdog.start(sysroot, int(seconds), say)
+    try:
+        held = kernel_role.restore_memory(sysroot, dev, header, key, wd)
+    finally:
+        dev.close()
+    kernel_role.jump_back(sysroot, header.jump_back_entry, held, watchdog=wd)
+
+
 def restore_first(
     sysroot: Sysroot,
     cfg_path: str = "/etc/kjumpd/boot.json",
@@ -383,6 +408,7 @@ def restore_first(
     try:
         if isinstance(decision, Restore):
             b_cfg = cfg
+            image_key: bytes | None = None
             if g.header is not None and g.header.encrypted:
                 from dataclasses import replace
 
@@ -410,6 +436,7 @@ def restore_first(
                     boot_normal(cfg, "invalid:altered", run, kexec, sysroot)
                     return "invalid:altered"
                 say("image key unsealed; header and metadata authenticated")
+                image_key = opened.key
                 to_b[unlock.RESTORE_KEY] = opened.key.hex().encode() + b"\n"
             if to_b:
                 from dataclasses import replace
@@ -419,7 +446,22 @@ def restore_first(
                 initrd = unlock.b_initrd_with(sysroot, cfg.save.initrd or "", to_b)
                 b_cfg = replace(cfg, save=replace(cfg.save, initrd=initrd))
             store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
-            say(f"image marked RESTORING({decision.attempt}); loading the save kernel")
+            start, size = decision.jump_area
+            elsewhere = confine.outside_area(
+                sysroot.read_text("/proc/iomem", default=""), (start, start + size)
+            )
+            if not elsewhere:
+                say(
+                    f"image marked RESTORING({decision.attempt}); restoring it in this kernel "
+                    "(it runs in the image's jump area: one boot)"
+                )
+                restore_here(sysroot, cfg, g.dev, store.read_header(g.dev), image_key)
+                g.dev = None  # restore_here closed it; it returns only by raising
+                return "restore"
+            say(
+                f"image marked RESTORING({decision.attempt}); loading the save kernel (two "
+                f"boots: this kernel does not run in the image's jump area, {elsewhere})"
+            )
             g.dev.close()
             g.dev = None
             args = restore_kexec_args(

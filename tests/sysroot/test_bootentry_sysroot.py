@@ -269,6 +269,8 @@ def test_install_appends_this_machines_boot_json_and_files(
     rec = install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=bare)
     # R's messages go where this system's console is
     assert rec.cmdline == bare + " console=tty0 console=ttyS0,115200"
+    # without the firmware's map R is not confined: restores take two boots, and why is kept
+    assert "no /sys/firmware/memmap" in rec.two_boots
     assert f"linux /kjumpd/vmlinuz-restore {rec.cmdline}" in snippet_output(grub_root)
     installed = grub_root.path("/boot/kjumpd/initrd-restore.img").read_bytes()
     assert installed.startswith(base)
@@ -290,6 +292,114 @@ def test_install_appends_this_machines_boot_json_and_files(
     assert cfg.save_hash == "sha256:" + hashlib.sha256(b"save kernel").hexdigest()
     # the restore kernel R starts gets the save kernel's watchdog too (a hung restore resets)
     assert cfg.save.cmdline == "console=ttyS0 nokaslr panic=1 kjump.watchdog=120"
+
+
+def firmware_memmap(root: Path, entries: list[tuple[int, int, str]]) -> None:
+    for n, (start, end, kind) in enumerate(entries):
+        d = root / f"sys/firmware/memmap/{n}"
+        d.mkdir(parents=True)
+        (d / "start").write_text(f"{start:#x}\n")
+        (d / "end").write_text(f"{end - 1:#x}\n")
+        (d / "type").write_text(kind + "\n")
+
+
+PC_MAP = [
+    (0, 0x9FC00, "System RAM"),
+    (0x9FC00, 0xA0000, "Reserved"),
+    (0xF0000, 0x100000, "Reserved"),
+    (0x100000, 0x3FFE0000, "System RAM"),
+    (0x3FFE0000, 0x40000000, "Reserved"),
+]
+BARE = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576"
+
+
+def machine_files(root: Path) -> None:
+    for d in ("proc", "boot", "etc/kjumpd"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "proc/cmdline").write_text("root=/dev/vda1 ro crashkernel=128M@0x20000000\n")
+    (root / "proc/iomem").write_text(
+        "00100000-3ffdffff : System RAM\n  20000000-27ffffff : Crash kernel\n"
+    )
+    (root / "boot/vmlinuz-6.12-kjump").write_bytes(b"normal kernel")
+    (root / "usr/lib/kjumpd/save").mkdir(parents=True)
+    (root / "usr/lib/kjumpd/save/bzImage").write_bytes(b"save kernel")
+    (root / "usr/lib/kjumpd/save/initramfs.cpio.gz").write_bytes(b"save initramfs")
+
+
+def test_each_hibernation_confines_r_to_its_jump_area_through_grubenv(
+    grub_root: Sysroot, r_files, tmp_path: Path
+) -> None:
+    """One boot to restore: the GRUB entry appends $kjumpd_confine, which set_oneshot sets
+    in grubenv to memmap= words reserving all RAM outside that hibernation's jump area;
+    clear_oneshot takes it out again (R then boots unconfined)."""
+    root = grub_root.root
+    machine_files(root)
+    firmware_memmap(root, PC_MAP)
+    rec = install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=BARE)
+    assert rec.two_boots == "" and "memmap" not in rec.cmdline
+    assert "one boot" in bootentry.restore_boots_line(rec)
+    out = snippet_output(grub_root)
+    assert f"linux /kjumpd/vmlinuz-restore {BARE} $kjumpd_confine" in out
+    grub_script_check(out, tmp_path)
+    # the area this hibernation's kernel reserved, elsewhere than at install
+    assert set_oneshot(grub_root, (0x30000000, 128 << 20))
+    env = bootentry.grubenv_read(grub_root)
+    # [0x9fc00, 0xa0000) is reserved, but [0xa0000, 0xf0000) is a hole: not joined
+    assert env["kjumpd_confine"] == (
+        "memmap=0x1fc00$0x80000 memmap=0x2ff00000$0x100000 memmap=0x7fe0000$0x38000000"
+    )
+    assert "next_entry" not in env  # restore-first: R boots anyway
+    if shutil.which("grub-editenv"):
+        listed = subprocess.run(
+            ["grub-editenv", str(grub_root.path("/boot/grub/grubenv")), "list"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert "kjumpd_confine=memmap=0x1fc00$0x80000 memmap=" in listed
+    assert clear_oneshot(grub_root)
+    assert "kjumpd_confine" not in bootentry.grubenv_read(grub_root)
+
+
+def test_bls_options_carry_the_confinement_until_it_is_cleared(bls_root: Sysroot, r_files):
+    root = bls_root.root
+    machine_files(root)
+    firmware_memmap(root, PC_MAP)
+    rec = install(bls_root, "bls", kernel=r_files[0], initrd=r_files[1], cmdline=BARE)
+    entry = bls_root.path(f"/boot/efi/loader/entries/{BLS_ENTRY_ID}")
+    plain = entry.read_text()
+    assert set_oneshot(bls_root, (0x20000000, 128 << 20))
+    options = bootentry.parse_bls_entry(entry.read_text())["options"][0]
+    assert options == f"{rec.cmdline} memmap=0x1fc00$0x80000 memmap=0x1ff00000$0x100000 " + (
+        "memmap=0x17fe0000$0x28000000"
+    )
+    assert clear_oneshot(bls_root)
+    assert entry.read_text() == plain
+
+
+def test_an_r_too_big_for_the_jump_area_is_not_confined_and_says_why(
+    grub_root: Sysroot, r_files, tmp_path: Path
+) -> None:
+    """A distribution's initrd in R would not fit a 128 MiB area: the entry is written
+    unconfined, the record says why, and no hibernation confines R."""
+    root = grub_root.root
+    (root / "proc/cmdline").write_text("root=/dev/vda1 ro crashkernel=128M@0x20000000\n")
+    (root / "proc/iomem").write_text(
+        "00100000-3ffdffff : System RAM\n  20000000-27ffffff : Crash kernel\n"
+    )
+    firmware_memmap(root, [(0, 0x9FC00, "System RAM"), (0x100000, 0x40000000, "System RAM")])
+    (root / "boot/vmlinuz-6.12-kjump").write_bytes(b"normal kernel")
+    (root / "boot/initrd.img-6.12-kjump").write_bytes(bytes(70 << 20))  # a distribution's
+    (root / "usr/lib/kjumpd/save").mkdir(parents=True)
+    (root / "usr/lib/kjumpd/save/bzImage").write_bytes(b"save kernel")
+    (root / "usr/lib/kjumpd/save/initramfs.cpio.gz").write_bytes(b"save initramfs")
+    bare = "kjump.target=0b7f6f4e-8c1a-4c53-9d1e-2f3a4b5c6d7e kjump.offset=1048576"
+    rec = install(grub_root, "restore-first", kernel=r_files[0], initrd=r_files[1], cmdline=bare)
+    assert "memmap" not in rec.cmdline
+    assert "half of the jump area (128 MiB)" in rec.two_boots
+    assert "two boots" in bootentry.restore_boots_line(rec)
+    assert not set_oneshot(grub_root, (0x20000000, 128 << 20))
+    assert "kjumpd_confine" not in bootentry.grubenv_read(grub_root)
 
 
 def test_install_without_a_jump_area_says_what_to_do(grub_root: Sysroot, r_files) -> None:

@@ -107,7 +107,7 @@ class World:
     def save(self, stamps: list | None = None, **identity) -> None:
         if stamps is None:
             stamps = [read_stamp(self.fs).to_dict()]
-        mem = Memory(2 * MIB)
+        mem = self.mem = Memory(2 * MIB)
         ident = {
             "jump_area": list(AREA),
             "jump_back_entry": 0x1000000,
@@ -277,3 +277,74 @@ def test_boot_json_is_what_setup_wrote(world: World) -> None:
     d = json.loads((world.root / "etc/kjumpd/boot.json").read_text())
     assert d["version"] == 1 and d["target"] == {"uuid": world.sb.uuid_str, "offset": 0}
     assert d["save"]["hash"].startswith("sha256:") and d["jump_area"] == list(AREA)
+
+
+#: /proc/iomem of R confined to AREA by its entry's memmap= words, its kernel inside
+CONFINED_IOMEM = """\
+00000000-00000fff : Reserved
+00001000-0007ffff : System RAM
+00080000-1fffffff : Reserved
+20000000-27ffffff : System RAM
+  21000000-21bfffff : Kernel code
+  21c00000-21ffffff : Kernel data
+28000000-3fffffff : Reserved
+"""
+
+
+def confined(world: World, monkeypatch: pytest.MonkeyPatch, iomem: str) -> list:
+    """R as its confined entry boots it: /proc/iomem, and A's memory as /dev/mem (a file
+    of the physical address space). The jump into A (kexec_load + reboot) is recorded."""
+    (world.root / "proc/iomem").write_text(iomem)
+    (world.root / "proc/cmdline").write_text(
+        f"kjump.target={world.sb.uuid_str} kjump.offset=0 "
+        "memmap=0x1ff80000$0x80000 memmap=0x18000000$0x28000000\n"
+    )
+    for n, (start, end) in enumerate([(0, 0x9FC00), (0x100000, 0x40000000)]):
+        d = world.root / f"sys/firmware/memmap/{n}"
+        d.mkdir(parents=True)
+        (d / "start").write_text(f"{start:#x}\n")
+        (d / "end").write_text(f"{end - 1:#x}\n")
+        (d / "type").write_text("System RAM\n")
+    with open(world.root / "dev/mem", "wb") as f:
+        f.truncate(4 * MIB)
+    jumps: list = []
+    from kjumpd.agent import kernel_role
+
+    monkeypatch.setattr(
+        kernel_role, "jump_back", lambda _s, entry, held, **_kw: jumps.append((entry, held))
+    )
+    return jumps
+
+
+def test_r_in_the_jump_area_restores_by_itself_in_one_boot(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    world.save()
+    jumps = confined(world, monkeypatch, CONFINED_IOMEM)
+    assert world.run() == "restore"
+    assert "restoring it in this kernel" in capsys.readouterr().out
+    # A's memory is back, byte for byte, and R jumps to A's saved entry without kexec
+    dev, _ = store.open_target(world.target, writable=False)
+    with dev:
+        header = store.read_header(dev)
+    assert header.state == ImageState.RESTORING and header.attempt == 1
+    written = (world.root / "dev/mem").read_bytes()[0x100000 : 0x100000 + 2 * MIB]
+    assert written == bytes(world.mem.data)
+    assert world.kexec_calls() == []
+    assert jumps == [(0x1000000, [])]
+
+
+def test_r_whose_kernel_landed_outside_the_area_restores_in_two_boots(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    world.save()
+    outside = CONFINED_IOMEM.replace(
+        "21000000-21bfffff : Kernel code", "01000000-01bfffff : Kernel code"
+    )
+    jumps = confined(world, monkeypatch, outside)
+    assert world.run() == "restore"
+    out = capsys.readouterr().out
+    assert "two boots: this kernel does not run in the image's jump area" in out
+    assert "kernel image lies at [0x1000000, 0x1c00000)" in out
+    assert jumps == [] and world.kexec_calls()[0].startswith("-l --no-checks --mem-min=0x20000000")
+    assert (world.root / "dev/mem").read_bytes() == bytes(4 * MIB)

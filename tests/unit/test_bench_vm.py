@@ -40,7 +40,8 @@ def test_a_run_reports_its_latencies_and_phases(tmp_path):
                 ("B-save-up", 14.0),
                 ("B-saved", 19.0),
                 ("R-decision", 28.0),
-                ("B-restore-up", 31.0),
+                ("B-restore-up", 30.5),
+                ("restore-start", 31.0),
                 ("B-restored", 37.0),
             ],
         )

@@ -88,7 +88,7 @@ menuentry 'Debian' --id debian {
 menuentry 'kjumpd: resume from hibernation' --class kjumpd --id kjumpd-restore {
 \tinsmod ext2
 \tsearch --no-floppy --fs-uuid --set=root 1234
-\tlinux /boot/kjumpd/vmlinuz-restore kjump.target=0b7c kjump.offset=276824064
+\tlinux /boot/kjumpd/vmlinuz-restore kjump.target=0b7c kjump.offset=2768 'memmap=0x1000$0x80000'
 \tinitrd /boot/kjumpd/initrd-restore.img
 }
 """
@@ -98,9 +98,19 @@ def test_grub_entry_reader_takes_the_restore_entry_not_the_first():
     assert scenarios.parse_grub_entry(GRUB_CFG) == (
         "/boot/kjumpd/vmlinuz-restore",
         "/boot/kjumpd/initrd-restore.img",
-        "kjump.target=0b7c kjump.offset=276824064",
+        # the quotes are GRUB's (a "$" in a word), not the kernel's
+        "kjump.target=0b7c kjump.offset=2768 memmap=0x1000$0x80000",
     )
     assert scenarios.parse_grub_entry(GRUB_CFG, "nope") is None
+    # what GRUB does with the entry's $kjumpd_confine, set in grubenv or not
+    confined = GRUB_CFG.replace("'memmap=0x1000$0x80000'", "$kjumpd_confine")
+    env = scenarios.parse_grubenv(
+        "# GRUB Environment Block\nkjumpd_confine=memmap=0x1$0x2 memmap=0x3$0x4\n####\n"
+    )
+    assert scenarios.parse_grub_entry(confined, env=env)[2].endswith(
+        "kjump.offset=2768 memmap=0x1$0x2 memmap=0x3$0x4"
+    )
+    assert scenarios.parse_grub_entry(confined)[2].endswith("kjump.offset=2768")
     assert scenarios.parse_grub_entry("menuentry 'x' --id kjumpd-restore {\n linux /k\n}\n") is None
 
 

@@ -33,8 +33,8 @@ TIMELINE = [
     ("back in A and power off", "B-saved@1", "boot-1-end"),
     ("(powered off; the host reads the boot entry)", "boot-1-end", "boot-2-start"),
     ("restore-first R: boot and decide", "boot-2-start", "R-decision@2"),
-    ("R: kexec the save kernel in restore role", "R-decision@2", "B-restore-up@2"),
-    ("B: restore the image into memory", "B-restore-up@2", "B-restored@2"),
+    ("R: start the restore (in R, or kexec the save kernel)", "R-decision@2", "restore-start@2"),
+    ("restore the image into memory", "restore-start@2", "B-restored@2"),
     ("jump to A; kjumpd marks CONSUMED, thaws, resumes", "B-restored@2", "hibernate-returned"),
     ("checker verifies the workload", "hibernate-returned", "verdict"),
 ]

@@ -191,6 +191,9 @@ def install_restore_entry(initrd: str) -> None:
             f"`kjumpctl setup --bootloader restore-first` failed (rc "
             f"{proc.returncode}): " + (proc.stdout.strip().splitlines() or [""])[-1]
         )
+    for line in proc.stdout.splitlines():
+        if line.startswith("restore: "):
+            say(f"kjumpctl setup: {line}")
     update_grub()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
@@ -86,6 +87,7 @@ MARKS = {
     "R-up": r"kjumpd-rf: restore-first environment up",
     "R-decision": r"kjumpd-rf: decision",
     "B-restore-up": r"kjump-agent: save kernel up: role restore",
+    "restore-start": r"kjump-agent: restoring \d+ MiB",
     "B-restored": r"kjump-agent: RESTORED",
     "acpi-s3": r"ACPI: PM: Preparing to enter system sleep state S3",
     "acpi-s4": r"ACPI: PM: Preparing to enter system sleep state S4",
@@ -325,8 +327,33 @@ GRUB_CFG = "/boot/grub/grub.cfg"
 RESTORE_ENTRY_ID = "kjumpd-restore"
 
 
-def parse_grub_entry(cfg: str, entry_id: str = RESTORE_ENTRY_ID) -> tuple[str, str, str] | None:
-    """(kernel, initrd, cmdline) of the menuentry ``--id entry_id`` in a grub.cfg text."""
+GRUBENV = "/boot/grub/grubenv"
+
+
+def parse_grubenv(text: str) -> dict[str, str]:
+    """The variables of a grubenv block (what 00_header's load_env sets)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        out[name] = value
+    return out
+
+
+def _expand(word: str, env: dict[str, str]) -> list[str]:
+    """GRUB's expansion of an unquoted ``$name``/``${name}`` word: its value's words."""
+    m = re.fullmatch(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", word)
+    if m is None:
+        return [word]
+    return env.get(m.group(1), "").split()
+
+
+def parse_grub_entry(
+    cfg: str, entry_id: str = RESTORE_ENTRY_ID, env: dict[str, str] | None = None
+) -> tuple[str, str, str] | None:
+    """(kernel, initrd, cmdline) of the menuentry ``--id entry_id`` in a grub.cfg text, with
+    whole-word variables expanded from ``env`` (grubenv), as GRUB boots it."""
     inside = False
     kernel = initrd = cmdline = None
     for raw in cfg.splitlines():
@@ -338,7 +365,9 @@ def parse_grub_entry(cfg: str, entry_id: str = RESTORE_ENTRY_ID) -> tuple[str, s
             continue
         if line.startswith("}"):
             break
-        words = line.split()
+        raw = shlex.split(line, posix=False)  # GRUB's quoting: "$" quoted is literal
+        words = [w for r in raw for w in _expand(r, env or {})]
+        words = [w[1:-1] if len(w) > 1 and w[0] == w[-1] == "'" else w for w in words]
         if words and words[0] in ("linux", "linux16", "linuxefi") and len(words) > 1:
             kernel, cmdline = words[1], " ".join(words[2:])
         elif words and words[0] in ("initrd", "initrd16", "initrdefi") and len(words) > 1:
@@ -352,7 +381,13 @@ def restore_entry(overlay: Path, run_dir: Path) -> RestoreEntry:
     """What GRUB boots for the kjumpd-restore entry: read /boot/grub/grub.cfg from the guest
     disk, then the kernel and initramfs its linux/initrd lines name (all on the root fs)."""
     files = read_guest_files(overlay, [GRUB_CFG], run_dir)
-    entry = parse_grub_entry(files[GRUB_CFG].read_text(errors="replace"))
+    try:
+        env = parse_grubenv(
+            read_guest_files(overlay, [GRUBENV], run_dir)[GRUBENV].read_text(errors="replace")
+        )
+    except ScenarioError:
+        env = {}  # no grubenv: GRUB's variables are unset
+    entry = parse_grub_entry(files[GRUB_CFG].read_text(errors="replace"), env=env)
     if entry is None:
         raise ScenarioError(
             f"{GRUB_CFG} in the guest has no '{RESTORE_ENTRY_ID}' menu entry",

@@ -74,6 +74,16 @@ def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, 
     assert "kjump-agent: jumping back to the main kernel" not in first, out.logs[0]
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
+    # one boot to restore: the hibernation confined R to its jump area (grubenv's
+    # kjumpd_confine on the entry's line), KASLR put R's kernel there, and R restored the
+    # image itself, with no save kernel booted after it
+    assert _console_matches(
+        out, r"Command line: kjump\.target=\S+ .*memmap=0x[0-9a-f]+\$0x"
+    ), out.summary()
+    assert _console_matches(
+        out, r"kjumpd-rf: image marked RESTORING\(1\); restoring it in this kernel"
+    ), out.summary()
+    assert not out.mark("B-restore-up"), out.summary()
     before, after = (int(x) for x in out.verdict["counter"].split("->"))
     assert after > before, out.summary()
     _writers_intact(out)
