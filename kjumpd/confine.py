@@ -18,12 +18,19 @@ So the confinement is a request, and R checks at run time where it landed
 (B loaded into the area by kexec). Without an image, R starts the normal kernel by kexec as
 always; that kernel gets the firmware's whole map from kexec-tools.
 
+The words also carry ``rootfstype=ramfs``: without ``root=`` the kernel unpacks the
+initramfs into a tmpfs capped at half of its RAM (init/do_mounts.c, ``init_rootfs``), and R's
+files (the normal kernel and initramfs among them) can be more than half of a jump area
+("Initramfs unpacking failed: write error", then an R whose files are cut short). ramfs has
+no cap; what R holds is counted by :func:`fit_problem`.
+
 Two limits are checked when the entry is written (:func:`fit_problem`), because a boot
 that cannot even start R would be a boot that fails:
 
 - the kernel refuses (panics on) an initrd of half or more of its RAM;
 - R's files unpacked, plus the normal kernel and initrd staged for kexec (or the restore's
-  own working memory), plus the kernel itself must fit in the area.
+  own working memory), plus the kernel itself must fit in the area, and so must the
+  compressed initrd beside the files unpacked from it.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ MAX_RANGES = 4
 #: the low memory R keeps as RAM (real-mode trampolines and the like live there; B runs
 #: the same way, kjumpd.daemon.kexec)
 LOW_KEEP = 512 * 1024
-#: what R's kernel itself takes of the area (measured: 19-28 MiB of a 128 MiB area for
-#: the kjumpd kernel under QEMU), with room to spare
+#: what R's kernel itself takes of the area (measured: 22 MiB of a 128 and of a 160 MiB
+#: area for the kjumpd kernel under QEMU, its own allocations at start-up included), with
+#: room to spare
 KERNEL_FOOTPRINT = 40 << 20
 #: python and the restore pipeline's buffers while R restores (B restores in a 128 MiB area)
 RESTORE_WORKING = 48 << 20
@@ -115,9 +123,14 @@ def _join(pieces: Sequence[Range], entries: Sequence[Entry], area: Range) -> lis
     return out
 
 
-def memmap_words(ranges: Sequence[Range]) -> list[str]:
-    """``memmap=SIZE$START`` words for ``ranges``."""
-    return [f"memmap={e - s:#x}${s:#x}" for s, e in ranges]
+#: the root filesystem R unpacks its initramfs into when confined (see above)
+ROOTFS_WORD = "rootfstype=ramfs"
+
+
+def boot_words(ranges: Sequence[Range]) -> list[str]:
+    """R's command line words for a confinement: ``memmap=SIZE$START`` for ``ranges``,
+    and ROOTFS_WORD."""
+    return [*(f"memmap={e - s:#x}${s:#x}" for s, e in ranges), ROOTFS_WORD]
 
 
 def fit_problem(area_size: int, initrd_bytes: int, unpacked_bytes: int, normal_bytes: int) -> str:

@@ -437,15 +437,15 @@ def confinement_problem(
 
 
 def confine_words(sysroot: Sysroot, area: tuple[int, int]) -> list[str]:
-    """The ``memmap=`` words that confine R to ``area`` (start, size) on this machine;
-    ConfigError when it cannot be confined."""
+    """The words that confine R to ``area`` (start, size) on this machine
+    (kjumpd.confine.boot_words); ConfigError when it cannot be confined."""
     from kjumpd import confine
     from kjumpd.linux import iomem
 
     entries = iomem.read_firmware_entries(sysroot)
     if not entries:
         raise ConfigError(f"this kernel has no {iomem.FIRMWARE_MEMMAP} to place R by")
-    return confine.memmap_words(confine.confine(entries, (area[0], area[0] + area[1])))
+    return confine.boot_words(confine.confine(entries, (area[0], area[0] + area[1])))
 
 
 def restore_payload(cfg: Any, files: Mapping[str, Path | bytes]) -> bytes:

@@ -346,7 +346,8 @@ def test_each_hibernation_confines_r_to_its_jump_area_through_grubenv(
     env = bootentry.grubenv_read(grub_root)
     # [0x9fc00, 0xa0000) is reserved, but [0xa0000, 0xf0000) is a hole: not joined
     assert env["kjumpd_confine"] == (
-        "memmap=0x1fc00$0x80000 memmap=0x2ff00000$0x100000 memmap=0x7fe0000$0x38000000"
+        "memmap=0x1fc00$0x80000 memmap=0x2ff00000$0x100000 memmap=0x7fe0000$0x38000000 "
+        "rootfstype=ramfs"
     )
     assert "next_entry" not in env  # restore-first: R boots anyway
     if shutil.which("grub-editenv"):
@@ -371,7 +372,7 @@ def test_bls_options_carry_the_confinement_until_it_is_cleared(bls_root: Sysroot
     assert set_oneshot(bls_root, (0x20000000, 128 << 20))
     options = bootentry.parse_bls_entry(entry.read_text())["options"][0]
     assert options == f"{rec.cmdline} memmap=0x1fc00$0x80000 memmap=0x1ff00000$0x100000 " + (
-        "memmap=0x17fe0000$0x28000000"
+        "memmap=0x17fe0000$0x28000000 rootfstype=ramfs"
     )
     assert clear_oneshot(bls_root)
     assert entry.read_text() == plain

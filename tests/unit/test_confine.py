@@ -30,10 +30,11 @@ AREA = (0x20000000, 0x30000000)  # 256 MiB at 512 MiB
 def test_a_pc_is_confined_in_three_ranges_that_skip_the_area_and_the_pci_hole() -> None:
     got = confine.confine(PC, AREA)
     assert got == [(0x80000, 0x20000000), (0x30000000, 0x7FF00000), (0x100000000, 0x480000000)]
-    assert confine.memmap_words(got) == [
+    assert confine.boot_words(got) == [
         "memmap=0x1ff80000$0x80000",
         "memmap=0x4ff00000$0x30000000",
         "memmap=0x380000000$0x100000000",
+        "rootfstype=ramfs",  # no tmpfs cap at half of R's RAM
     ]
 
 
@@ -139,3 +140,8 @@ def test_ram_outside_the_area_means_not_confined() -> None:
 def test_no_kernel_image_in_iomem_is_not_taken_as_inside() -> None:
     text = "00001000-0007ffff : System RAM\n20000000-2fffffff : System RAM\n"
     assert "does not show where its kernel image is" in confine.outside_area(text, AREA)
+
+
+def test_only_reserving_memmap_words_count_as_a_confinement() -> None:
+    assert confine.requested("kjump.target=x memmap=0x1000$0x80000 console=ttyS0")
+    assert not confine.requested("memmap=exactmap memmap=512K@0K memmap=815M#1M kjump.role=save")
