@@ -447,8 +447,12 @@ def restore_first(
                 b_cfg = replace(cfg, save=replace(cfg.save, initrd=initrd))
             store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
             start, size = decision.jump_area
-            elsewhere = confine.outside_area(
-                sysroot.read_text("/proc/iomem", default=""), (start, start + size)
+            elsewhere = (
+                confine.outside_area(
+                    sysroot.read_text("/proc/iomem", default=""), (start, start + size)
+                )
+                if confine.requested(sysroot.read_text("/proc/cmdline", default=""))
+                else "it was not confined to it (`kjumpctl setup --bootloader` says why)"
             )
             if not elsewhere:
                 say(

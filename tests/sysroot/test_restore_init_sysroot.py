@@ -348,3 +348,13 @@ def test_r_whose_kernel_landed_outside_the_area_restores_in_two_boots(
     assert "kernel image lies at [0x1000000, 0x1c00000)" in out
     assert jumps == [] and world.kexec_calls()[0].startswith("-l --no-checks --mem-min=0x20000000")
     assert (world.root / "dev/mem").read_bytes() == bytes(4 * MIB)
+
+
+def test_r_booted_without_confinement_says_so_and_restores_in_two_boots(
+    world: World, capsys
+) -> None:
+    world.save()
+    assert world.run() == "restore"
+    assert "two boots: this kernel does not run in the image's jump area, it was not confined" in (
+        capsys.readouterr().out
+    )
