@@ -438,14 +438,6 @@ def restore_first(
                 say("image key unsealed; header and metadata authenticated")
                 image_key = opened.key
                 to_b[unlock.RESTORE_KEY] = opened.key.hex().encode() + b"\n"
-            if to_b:
-                from dataclasses import replace
-
-                from kjumpd.restore import unlock
-
-                initrd = unlock.b_initrd_with(sysroot, cfg.save.initrd or "", to_b)
-                b_cfg = replace(cfg, save=replace(cfg.save, initrd=initrd))
-            store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
             start, size = decision.jump_area
             elsewhere = (
                 confine.outside_area(
@@ -455,13 +447,22 @@ def restore_first(
                 else "it was not confined to it (`kjumpctl setup --bootloader` says why)"
             )
             if not elsewhere:
+                store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
                 say(
                     f"image marked RESTORING({decision.attempt}); restoring it in this kernel "
                     "(it runs in the image's jump area: one boot)"
                 )
-                restore_here(sysroot, cfg, g.dev, store.read_header(g.dev), image_key)
-                g.dev = None  # restore_here closed it; it returns only by raising
-                return "restore"
+                dev, g.dev = g.dev, None  # restore_here closes it
+                restore_here(sysroot, cfg, dev, store.read_header(dev), image_key)
+                return "restore"  # only where the jump into A is not a real one (tests)
+            if to_b:
+                from dataclasses import replace
+
+                from kjumpd.restore import unlock
+
+                initrd = unlock.b_initrd_with(sysroot, cfg.save.initrd or "", to_b)
+                b_cfg = replace(cfg, save=replace(cfg.save, initrd=initrd))
+            store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
             say(
                 f"image marked RESTORING({decision.attempt}); loading the save kernel (two "
                 f"boots: this kernel does not run in the image's jump area, {elsewhere})"
