@@ -1010,7 +1010,7 @@ def install(
 
 
 def restore_boots_line(rec: BootEntry) -> str:
-    """What ``kjumpctl setup`` and ``kjumpctl status`` say of the restore's boots."""
+    """What ``kjumpctl setup --bootloader`` and ``kjumpctl install`` say of the restore's boots."""
     if not rec.two_boots:
         return (
             "restore: one boot (R is confined to each hibernation's jump area and restores by "

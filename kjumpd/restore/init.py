@@ -9,8 +9,10 @@ gathers the evidence the guards need (header, metadata, chunk table, the stamps 
 filesystem on every block device, its own copies of the save kernel) and lets
 :func:`kjumpd.restore.decision.decide` choose:
 
-- Restore(n): write RESTORING(n) durably, ``kexec -l`` the save kernel B into the jump area
-  in restore role (a plain load), ``kexec -e``;
+- Restore(n): write RESTORING(n) durably; when R runs inside the image's jump area (the
+  hibernation confined it there, kjumpd.confine), restore the image itself with B's restore
+  code and jump into A (one boot); else ``kexec -l`` the save kernel B into the jump area in
+  restore role (a plain load), ``kexec -e``;
 - Invalidate(reason): write INVALID(reason) durably, then boot the normal kernel;
 - BootNormal: boot the normal kernel (``kexec -l`` with its own command line and initrd from
   boot.json, ``kexec -e``).
