@@ -134,7 +134,7 @@ def boot_words(ranges: Sequence[Range]) -> list[str]:
 
 
 def fit_problem(area_size: int, initrd_bytes: int, unpacked_bytes: int, normal_bytes: int) -> str:
-    """ "" when R fits a jump area of ``area_size`` bytes, else why not. ``initrd_bytes``: the
+    """Empty when R fits a jump area of ``area_size`` bytes, else why not. ``initrd_bytes``: the
     initrd the boot loader loads; ``unpacked_bytes``: its files once unpacked;
     ``normal_bytes``: the normal kernel and initrd, which R stages for kexec."""
     if 2 * initrd_bytes >= area_size:
@@ -166,7 +166,7 @@ KERNEL_PARTS = ("Kernel code", "Kernel rodata", "Kernel data", "Kernel bss")
 
 
 def outside_area(iomem_text: str, area: Range) -> str:
-    """ "" when this kernel runs inside ``area``: its System RAM above 1 MiB and its image
+    """Empty when this kernel runs inside ``area``: its System RAM above 1 MiB and its image
     lie there; else where it runs instead."""
     from kjumpd.linux import iomem
 

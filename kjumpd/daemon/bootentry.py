@@ -416,7 +416,7 @@ def confinement_problem(
     base_len: int,
     payload_len: int,
 ) -> str:
-    """"" when R can be confined to a jump area like boot.json's (kjumpd.confine): the
+    """Empty when R can be confined to a jump area like boot.json's (kjumpd.confine): the
     firmware's map allows it and R fits; else why not (restores then take two boots). The
     words themselves are written at each hibernation, for that hibernation's area
     (``set_oneshot``): A's reservation may move from boot to boot."""
