@@ -335,6 +335,39 @@ def boot_normal(cfg: Any, note: str, run: Runner, kexec: str, sysroot: Sysroot) 
     kexec_into(args, run, kexec)
 
 
+#: the kernel's words when it could not unpack all of an initramfs (init/initramfs.c)
+UNPACK_FAILED = "Initramfs unpacking failed"
+KMSG = "/dev/kmsg"
+
+
+def unpack_failure(sysroot: Sysroot) -> str:
+    """The kernel log's line saying R's initramfs was not unpacked whole (e.g. out of
+    memory), or "" (also when the log cannot be read)."""
+    try:
+        fd = os.open(sysroot.path(KMSG), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        for _ in range(100_000):  # one record per read; a plain file in tests: all at once
+            try:
+                chunk = os.read(fd, 8192)
+            except BlockingIOError:
+                break  # the end of the log
+            except BrokenPipeError:
+                continue  # a record overwritten while reading: go on with the next
+            except OSError:
+                break
+            if not chunk:
+                break
+            text = chunk.decode(errors="replace")
+            if UNPACK_FAILED in text:
+                line = next(x for x in text.splitlines() if UNPACK_FAILED in x)
+                return line.split(";", 1)[-1].strip()
+    finally:
+        os.close(fd)
+    return ""
+
+
 def restore_here(sysroot: Sysroot, cfg: Any, dev: Any, header: Any, key: bytes | None) -> None:
     """Restore the image in state RESTORING on ``dev`` from this kernel and jump into A, as
     B's restore role does (kjumpd.agent.kernel_role.restore_memory): R runs in the image's
@@ -380,6 +413,12 @@ def restore_first(
 
     t0 = time.monotonic()
     cfg = BootConfig.from_json(sysroot.path(cfg_path).read_bytes())
+    cut = unpack_failure(sysroot)
+    if cut:
+        # R's files may be cut short: its checks of them would judge the image wrongly
+        say(f"this environment is incomplete ({cut}); the image is left as it is")
+        boot_normal(cfg, "kept:initramfs", run, kexec, sysroot)
+        return "kept:initramfs"
     params = cmdline.params(sysroot.read_text("/proc/cmdline", default=""))
     uuid = params.get("kjump.target") or cfg.target_uuid
     try:

@@ -358,3 +358,16 @@ def test_r_booted_without_confinement_says_so_and_restores_in_two_boots(
     assert "two boots: this kernel does not run in the image's jump area, it was not confined" in (
         capsys.readouterr().out
     )
+
+
+def test_an_r_whose_initramfs_was_cut_short_leaves_the_image_alone(world: World) -> None:
+    """The kernel could not unpack all of R's files (out of memory): R's checks of them
+    would refuse a good image; it boots the normal kernel and the image stays SAVED."""
+    world.save()
+    (world.root / "dev/kmsg").write_text(
+        "6,101,805457,-;Unpacking initramfs...\n"
+        "3,102,1265411,-;Initramfs unpacking failed: write error\n"
+    )
+    assert world.run() == "kept:initramfs"
+    assert world.header().state == ImageState.SAVED
+    assert world.kexec_calls()[0].endswith("kjump.rf=kept:initramfs")
