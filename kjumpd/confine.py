@@ -37,7 +37,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kjumpd.errors import ConfigError
+from kjumpd.errors import ConfigError, MemoryMapError
+from kjumpd.linux import iomem
 
 #: arch/x86/boot/compressed/kaslr.c: MAX_MEMMAP_REGIONS
 MAX_RANGES = 4
@@ -56,19 +57,6 @@ UNPACK_FACTOR = 5 / 2
 
 Range = tuple[int, int]
 Entry = tuple[int, int, str]
-
-
-def _subtract(ranges: Sequence[Range], cut: Range) -> list[Range]:
-    out = []
-    for s, e in ranges:
-        if e <= cut[0] or s >= cut[1]:
-            out.append((s, e))
-            continue
-        if s < cut[0]:
-            out.append((s, cut[0]))
-        if e > cut[1]:
-            out.append((cut[1], e))
-    return out
 
 
 def _described(entries: Sequence[Entry], gap: Range) -> bool:
@@ -92,13 +80,11 @@ def confine(entries: Sequence[Entry], area: Range) -> list[Range]:
     if area[0] >= area[1] or area[0] < LOW_KEEP:
         raise ConfigError(f"the jump area [{area[0]:#x}, {area[1]:#x}) cannot hold R")
     ram = sorted((s, e) for s, e, t in entries if t == "System RAM" and e > s)
-    from kjumpd.linux.iomem import merged
-
-    if not any(s <= area[0] and area[1] <= e for s, e in merged(ram)):
+    if not any(s <= area[0] and area[1] <= e for s, e in iomem.merged(ram)):
         raise ConfigError(
             f"the jump area [{area[0]:#x}, {area[1]:#x}) is not RAM in the firmware's map"
         )
-    pieces = _subtract(_subtract(ram, (0, LOW_KEEP)), area)
+    pieces = iomem.subtract(iomem.subtract(ram, (0, LOW_KEEP)), area)
     out = _join(pieces, entries, area)
     if len(out) > MAX_RANGES:
         raise ConfigError(
@@ -168,8 +154,6 @@ KERNEL_PARTS = ("Kernel code", "Kernel rodata", "Kernel data", "Kernel bss")
 def outside_area(iomem_text: str, area: Range) -> str:
     """Empty when this kernel runs inside ``area``: its System RAM above 1 MiB and its image
     lie there; else where it runs instead."""
-    from kjumpd.linux import iomem
-
     stray = [
         (s, e)
         for s, e in iomem.parse_system_ram(iomem_text)
@@ -177,15 +161,10 @@ def outside_area(iomem_text: str, area: Range) -> str:
     ]
     if stray:
         return "its RAM includes " + ", ".join(f"[{s:#x}, {e:#x})" for s, e in stray[:4])
-    image = []
-    for line in iomem_text.splitlines():
-        rng, _, name = line.strip().partition(" : ")
-        if name.strip() in KERNEL_PARTS:
-            a, _, b = rng.partition("-")
-            try:
-                image.append((int(a, 16), int(b, 16) + 1))
-            except ValueError:
-                return f"/proc/iomem line {line.strip()!r} does not parse"
+    try:
+        image = iomem.top_level(iomem_text, KERNEL_PARTS, nested=True)
+    except MemoryMapError as e:
+        return e.message
     if not image:
         return "/proc/iomem does not show where its kernel image is"
     out = [(s, e) for s, e in image if not (area[0] <= s and e <= area[1])]

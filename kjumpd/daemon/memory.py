@@ -17,7 +17,7 @@ from kjumpd.linux import iomem
 from kjumpd.linux.iomem import RamMap, parse_system_ram
 from kjumpd.sysroot import Sysroot
 
-__all__ = ["Excluded", "MemoryPlan", "build", "parse_system_ram", "plan", "subtract"]
+__all__ = ["Excluded", "MemoryPlan", "build", "parse_system_ram", "plan"]
 
 PAGE = 4096
 
@@ -40,20 +40,6 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return sum(e - s for s, e in self.ranges)
-
-
-def subtract(ranges: list[tuple[int, int]], cut: tuple[int, int]) -> list[tuple[int, int]]:
-    out = []
-    cs, ce = cut
-    for s, e in ranges:
-        if e <= cs or ce <= s:
-            out.append((s, e))
-            continue
-        if s < cs:
-            out.append((s, cs))
-        if ce < e:
-            out.append((ce, e))
-    return out
 
 
 def plan(
@@ -82,7 +68,7 @@ def plan(
             why=f"[{area.start:#x}, {area.end:#x}) is not in any RAM range",
             fix="check the crashkernel= reservation",
         )
-    ranges = subtract(aligned, (area.start, area.end))
+    ranges = iomem.subtract(aligned, (area.start, area.end))
     excluded.append(
         Excluded(
             area.start,

@@ -34,14 +34,14 @@ MAX_RANGES = 4096
 Range = tuple[int, int]
 
 
-def top_level(iomem: str, names: tuple[str, ...]) -> list[Range]:
+def top_level(iomem: str, names: tuple[str, ...], nested: bool = False) -> list[Range]:
     """Top-level ranges of an /proc/iomem text named one of ``names``, as [start, end),
-    sorted."""
+    sorted; with ``nested``, child resources (kernel code, Crash kernel, ...) too."""
     out = []
     for line in iomem.splitlines():
-        if line.startswith(" "):
-            continue  # a child resource (kernel code, Crash kernel, ...)
-        rng, _, name = line.partition(" : ")
+        if line.startswith(" ") and not nested:
+            continue  # a child resource
+        rng, _, name = line.strip().partition(" : ")
         if name.strip() not in names:
             continue
         s, _, e = rng.strip().partition("-")
@@ -87,6 +87,21 @@ def read_firmware_memmap(sysroot: Sysroot) -> list[Range] | None:
     if entries is None:
         return None
     return [(s, e) for s, e, t in entries if t == "System RAM"]
+
+
+def subtract(ranges: list[Range], cut: Range) -> list[Range]:
+    """``ranges`` without the range ``cut`` (all [start, end))."""
+    out = []
+    cs, ce = cut
+    for s, e in ranges:
+        if e <= cs or ce <= s:
+            out.append((s, e))
+            continue
+        if s < cs:
+            out.append((s, cs))
+        if ce < e:
+            out.append((ce, e))
+    return out
 
 
 def merged(ranges: list[Range]) -> list[Range]:

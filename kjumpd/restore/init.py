@@ -166,9 +166,10 @@ class Gathered:
     meta: Any = None  # its format.Metadata, when it reads
 
 
-def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
+def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = False) -> Gathered:
     """Read everything the guards need. Never raises for what it reads: errors become
-    evidence (``*_error``)."""
+    evidence (``*_error``). ``confined``: this kernel's command line confines it
+    (kjumpd.confine.requested)."""
     from kjumpd import fsstamp
     from kjumpd.image import store
     from kjumpd.image.store import find_target
@@ -229,7 +230,7 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int) -> Gathered:
     except KjumpError as e:
         say(f"this boot's RAM map: {e.message}")
         ram_now = {}
-    if confine.requested(sysroot.read_text("/proc/cmdline", default="")):
+    if confined:
         # confined, this kernel's own RAM is not the machine's: only the firmware's map
         # describes it
         ram_now.pop("iomem", None)
@@ -419,7 +420,9 @@ def restore_first(
         say(f"this environment is incomplete ({cut}); the image is left as it is")
         boot_normal(cfg, "kept:initramfs", run, kexec, sysroot)
         return "kept:initramfs"
-    params = cmdline.params(sysroot.read_text("/proc/cmdline", default=""))
+    own_cmdline = sysroot.read_text("/proc/cmdline", default="")
+    params = cmdline.params(own_cmdline)
+    confined = confine.requested(own_cmdline)
     uuid = params.get("kjump.target") or cfg.target_uuid
     try:
         offset = int(params.get("kjump.offset") or cfg.target_offset, 0)
@@ -443,7 +446,7 @@ def restore_first(
         to_b[unlock.RESTORE_VOLUME] = json.dumps(
             luks.keyed_to_dict(cfg.target_volume, unlocked.key)
         ).encode()
-    g = gather(sysroot, cfg, uuid, offset)
+    g = gather(sysroot, cfg, uuid, offset, confined)
     decision = decide(g.evidence, expected_of(cfg))
     say(f"decision: {decision} ({time.monotonic() - t0:.2f} s)")
     try:
@@ -484,7 +487,7 @@ def restore_first(
                 confine.outside_area(
                     sysroot.read_text("/proc/iomem", default=""), (start, start + size)
                 )
-                if confine.requested(sysroot.read_text("/proc/cmdline", default=""))
+                if confined
                 else "it was not confined to it (`kjumpctl setup --bootloader` says why)"
             )
             if not elsewhere:

@@ -9,6 +9,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kjumpd.daemon.bootentry import grubenv_format, grubenv_parse
 from tests.vm import rootfs, scenarios, workload
 
 
@@ -104,9 +105,7 @@ def test_grub_entry_reader_takes_the_restore_entry_not_the_first():
     assert scenarios.parse_grub_entry(GRUB_CFG, "nope") is None
     # what GRUB does with the entry's $kjumpd_confine, set in grubenv or not
     confined = GRUB_CFG.replace("'memmap=0x1000$0x80000'", "$kjumpd_confine")
-    env = scenarios.parse_grubenv(
-        "# GRUB Environment Block\nkjumpd_confine=memmap=0x1$0x2 memmap=0x3$0x4\n####\n"
-    )
+    env = grubenv_parse(grubenv_format({"kjumpd_confine": "memmap=0x1$0x2 memmap=0x3$0x4"}))
     assert scenarios.parse_grub_entry(confined, env=env)[2].endswith(
         "kjump.offset=2768 memmap=0x1$0x2 memmap=0x3$0x4"
     )

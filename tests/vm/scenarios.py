@@ -330,17 +330,6 @@ RESTORE_ENTRY_ID = "kjumpd-restore"
 GRUBENV = "/boot/grub/grubenv"
 
 
-def parse_grubenv(text: str) -> dict[str, str]:
-    """The variables of a grubenv block (what 00_header's load_env sets)."""
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("#") or "=" not in line:
-            continue
-        name, _, value = line.partition("=")
-        out[name] = value
-    return out
-
-
 def _expand(word: str, env: dict[str, str]) -> list[str]:
     """GRUB's expansion of an unquoted ``$name``/``${name}`` word: its value's words."""
     m = re.fullmatch(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", word)
@@ -381,10 +370,10 @@ def restore_entry(overlay: Path, run_dir: Path) -> RestoreEntry:
     """What GRUB boots for the kjumpd-restore entry: read /boot/grub/grub.cfg from the guest
     disk, then the kernel and initramfs its linux/initrd lines name (all on the root fs)."""
     files = read_guest_files(overlay, [GRUB_CFG], run_dir)
+    from kjumpd.daemon.bootentry import grubenv_parse
+
     try:
-        env = parse_grubenv(
-            read_guest_files(overlay, [GRUBENV], run_dir)[GRUBENV].read_text(errors="replace")
-        )
+        env = grubenv_parse(read_guest_files(overlay, [GRUBENV], run_dir)[GRUBENV].read_bytes())
     except ScenarioError:
         env = {}  # no grubenv: GRUB's variables are unset
     entry = parse_grub_entry(files[GRUB_CFG].read_text(errors="replace"), env=env)
