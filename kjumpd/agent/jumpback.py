@@ -39,15 +39,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kjumpd.errors import KexecError
+from kjumpd.linux.kexecload import (
+    KEXEC_ARCH_DEFAULT,
+    KEXEC_PRESERVE_CONTEXT,
+    KEXEC_SEGMENT_MAX,
+    LoadSegment,
+    kexec_load,
+)
 from kjumpd.linux.pagemap import PAGEMAP, LockedPages
 
 log = logging.getLogger("kjumpd.agent.jumpback")
 
 PAGE = 4096
-SYS_KEXEC_LOAD = 246  # x86_64
-KEXEC_PRESERVE_CONTEXT = 0x2
-KEXEC_ARCH_DEFAULT = 0
-KEXEC_SEGMENT_MAX = 16
 LINUX_REBOOT_CMD_KEXEC = 0x45584543
 
 
@@ -61,15 +64,6 @@ class Segment:
     @property
     def end(self) -> int:
         return self.mem + len(self.data)
-
-
-class _KexecSegment(ctypes.Structure):
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("bufsz", ctypes.c_size_t),
-        ("mem", ctypes.c_void_p),
-        ("memsz", ctypes.c_size_t),
-    ]
 
 
 def entry_page(entry: int) -> int:
@@ -160,24 +154,12 @@ def anchor(pagemap: str = PAGEMAP) -> Segment:
 
 def load(entry: int, segments: Sequence[Segment]) -> None:
     """kexec_load(entry, segments, KEXEC_PRESERVE_CONTEXT): replaces any loaded image."""
-    libc = _libc()
-    libc.syscall.restype = ctypes.c_long
-    bufs = [ctypes.create_string_buffer(s.data, len(s.data)) for s in segments]
-    arr = (_KexecSegment * len(segments))()
-    for i, (s, b) in enumerate(zip(segments, bufs)):
-        arr[i].buf = ctypes.cast(b, ctypes.c_void_p).value
-        arr[i].bufsz = len(s.data)
-        arr[i].mem = s.mem
-        arr[i].memsz = len(s.data)
-    rc = libc.syscall(
-        ctypes.c_long(SYS_KEXEC_LOAD),
-        ctypes.c_ulong(entry),
-        ctypes.c_ulong(len(segments)),
-        arr,
-        ctypes.c_ulong(KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_DEFAULT),
+    err = kexec_load(
+        entry,
+        [LoadSegment(s.mem, len(s.data), s.data) for s in segments],
+        KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_DEFAULT,
     )
-    if rc != 0:
-        err = ctypes.get_errno()
+    if err:
         hint = {
             errno.EPERM: "kexec_load is not allowed (root? lockdown? kexec_load_disabled?)",
             errno.EBUSY: "another kexec image is being loaded",
