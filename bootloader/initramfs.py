@@ -63,6 +63,7 @@ R_MODULES = (
     "kjumpd.image.format",
     "kjumpd.sysroot",
     "kjumpd.linux.cmdline",
+    "kjumpd.linux.kmsg",
     "kjumpd.hashing",
     "kjumpd.restore.unlock",
     "kjumpd.linux.luks",

@@ -56,7 +56,6 @@ from kjumpd.daemon import (
     hooks,
     kexec,
     keymem,
-    kmsg,
     platform,
     preflight,
     quiesce,
@@ -82,7 +81,7 @@ from kjumpd.job import Job
 
 # Everything the frozen window needs is imported here, up front: an import while the root
 # filesystem is frozen would block writing its __pycache__ entry.
-from kjumpd.linux import mountinfo
+from kjumpd.linux import kmsg, mountinfo
 from kjumpd.linux.mountinfo import Mount
 from kjumpd.modes import MODES
 from kjumpd.sysroot import Sysroot

@@ -338,35 +338,19 @@ def boot_normal(cfg: Any, note: str, run: Runner, kexec: str, sysroot: Sysroot) 
 
 #: the kernel's words when it could not unpack all of an initramfs (init/initramfs.c)
 UNPACK_FAILED = "Initramfs unpacking failed"
-KMSG = "/dev/kmsg"
 
 
 def unpack_failure(sysroot: Sysroot) -> str:
     """The kernel log's line saying R's initramfs was not unpacked whole (e.g. out of
     memory), or "" (also when the log cannot be read)."""
+    from kjumpd.linux.kmsg import KernelLog, text_of
+
+    log = KernelLog(sysroot).open(at_end=False)
     try:
-        fd = os.open(sysroot.path(KMSG), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        for _ in range(100_000):  # one record per read; a plain file in tests: all at once
-            try:
-                chunk = os.read(fd, 8192)
-            except BlockingIOError:
-                break  # the end of the log
-            except BrokenPipeError:
-                continue  # a record overwritten while reading: go on with the next
-            except OSError:
-                break
-            if not chunk:
-                break
-            text = chunk.decode(errors="replace")
-            if UNPACK_FAILED in text:
-                line = next(x for x in text.splitlines() if UNPACK_FAILED in x)
-                return line.split(";", 1)[-1].strip()
+        lines = log.read(limit=100_000)
     finally:
-        os.close(fd)
-    return ""
+        log.close()
+    return next((text_of(x).strip() for x in lines if UNPACK_FAILED in x), "")
 
 
 def restore_here(sysroot: Sysroot, cfg: Any, dev: Any, header: Any, key: bytes | None) -> None:

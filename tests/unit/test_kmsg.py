@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from kjumpd.daemon.kmsg import KernelLog, freezer_failure, text_of
+from kjumpd.linux.kmsg import KernelLog, freezer_failure, text_of
 from kjumpd.sysroot import Sysroot
 
 # /dev/kmsg records as Linux 6.12 prints them when kexec -e cannot freeze two writers blocked

@@ -1,7 +1,8 @@
-"""The kernel's log around the jump: what ``kexec -e`` does not say when it fails.
+"""The kernel's log: what ``kexec -e`` does not say when it fails, and what R's kernel said
+as it booted.
 
-``KernelLog`` opens /dev/kmsg positioned at its end before the jump and reads what the
-kernel logged since (each read returns one record ``PRI,SEQ,USEC,FLAGS;text``, and
+``KernelLog`` opens /dev/kmsg positioned at its end before the jump (or at its start) and
+reads what the kernel logged since (each read returns one record ``PRI,SEQ,USEC,FLAGS;text``, and
 continuation lines start with a space; a regular file, as a fake tree has, is read line by
 line the same way).
 
@@ -132,10 +133,12 @@ class KernelLog:
         self.fd: int | None = None
         self.error = ""
 
-    def open(self) -> KernelLog:
+    def open(self, at_end: bool = True) -> KernelLog:
+        """Open the log at its end (what is logged from now on), or at its oldest record."""
         try:
             self.fd = os.open(self.sr.path(KMSG), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.lseek(self.fd, 0, os.SEEK_END)
+            if at_end:
+                os.lseek(self.fd, 0, os.SEEK_END)
         except OSError as e:
             self.error = f"{KMSG}: {e.strerror or e}"
             self.close()
