@@ -9,7 +9,8 @@
            zeroes at the load, the jump swaps in and out, and B reads; the rest of the area
            is reserved and unused by A, so there is nothing there to keep. B still gets the
            whole area as RAM (memmap=). A load refused in the window is retried on the whole
-           area.
+           area. Before each load the window is cleared (kjumpd.daemon.areaclear): the jump
+           swaps its old contents into A's backup pages, which B would save.
 * jump:   ``kexec -e -x -y``: no ifdown (kexec-tools would leave the links down after the
            jump back; quiesce handles links with an undo) and no sync (the daemon synced
            and froze the filesystems already). After a jump back it returns rc 255 "Bad file
@@ -38,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kjumpd.bootconfig import B_ONLY_PARAMS, QUICK_BOOT_PARAMS
-from kjumpd.daemon import keymem
+from kjumpd.daemon import areaclear, keymem
 from kjumpd.daemon.config import Config, format_size
 from kjumpd.daemon.jumparea import JumpArea
 from kjumpd.errors import KexecError
@@ -306,6 +307,8 @@ def _why(r: subprocess.CompletedProcess[str]) -> str:
 class Kexec:
     binary: str
     timeout: float = 120.0
+    #: what the last load's clearing of its window did (kjumpd.daemon.areaclear)
+    cleared: areaclear.Cleared | None = None
 
     @classmethod
     def find(cls, config: Config) -> Kexec:
@@ -353,6 +356,8 @@ class Kexec:
         window = segment_window(sysroot.path(kernel), initrd_size, area)
         while True:
             start, end = window
+            self.cleared = areaclear.clear(sysroot, area, window)
+            log.info("%s", self.cleared.describe())
             r = self._run(
                 [
                     "-c",

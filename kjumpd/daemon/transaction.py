@@ -811,6 +811,8 @@ class Hibernation:
             lambda: ctx.kx.load(sr, cfg.save_kernel, initrd, ctx.b_cmdline, area),
         )
         out.stats["load_window"] = [window[0], window[1]]
+        if ctx.kx.cleared is not None:
+            out.stats["area_cleared"] = ctx.kx.cleared.describe()
 
     def _hand_over(self, ctx: _Context, job: Job) -> None:
         """The job for the parked save kernel: into locked pages of this process, their

@@ -13,6 +13,7 @@ reads ``KJUMP-EVENT:`` lines with the time each reached the serial log to build 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -37,10 +38,12 @@ A_APPEND = (
     "console=ttyS0 panic=1 no_console_suspend crashkernel=128M "
     "root=/dev/vda rw rootfstype=ext4 init=/sbin/kjump-vm-init"
 )
+#: the fixed jump area of scenario c: 128 MiB at 512 MiB
+FIXED_AREA = (0x2000_0000, 128 << 20)
 #: A with KASLR off and the jump area at a fixed offset, the other form kjumpd supports
 #: (`kjumpctl setup --jump-area` writes it); scenario c keeps it proven
 A_APPEND_FIXED = A_APPEND.replace("console=ttyS0 ", "console=ttyS0 nokaslr ").replace(
-    "crashkernel=128M", "crashkernel=128M@0x20000000"
+    "crashkernel=128M", f"crashkernel={FIXED_AREA[1] >> 20}M@{FIXED_AREA[0]:#x}"
 )
 #: A's extra command line per scenario. Without init_on_free (the kernel's default, and
 #: Debian's) a wholly free chunk is a free record that B's restore leaves as it finds it;
@@ -967,6 +970,18 @@ def _blank_disk(run_dir: Path, name: str, size: str = "2G") -> Path:
     return disk
 
 
+def _random_area(run_dir: Path) -> tuple[str, ...]:
+    """QEMU words that fill scenario c's fixed jump area with random bytes at every
+    power-on, as a real machine's DRAM holds whatever it held (QEMU's RAM starts zeroed,
+    which would hide what the area's old contents cost an image)."""
+    junk = run_dir / "area-at-power-on.bin"
+    if not junk.exists():
+        with open(junk, "wb") as f:
+            for _ in range(FIXED_AREA[1] >> 20):
+                f.write(os.urandom(1 << 20))
+    return ("-device", f"loader,file={junk},addr={FIXED_AREA[0]:#x},force-raw=on")
+
+
 def _swap_disk(run_dir: Path, size: str = "2G") -> Path:
     return _blank_disk(run_dir, "swap", size)
 
@@ -1091,6 +1106,7 @@ def run(
                 guest,
                 assets,
                 run_dir,
+                extra_qemu=_random_area(run_dir) if name == "platform" else (),
                 extra_disks=(_blank_disk(run_dir, "storage", STORAGE_SIZE.get(name, "2G")),)
                 if name in STORAGE_DISKS
                 else (),

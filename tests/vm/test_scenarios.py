@@ -146,6 +146,20 @@ def test_c_platform_s4_then_restore(vm_assets_built, run_dir):
     ), out.summary()
     left = _console_matches(out, r"kjump-agent: RESTORED .* (\d+) MiB of free memory left")
     assert left and int(left[0].group(1)) == 0, out.summary()
+    # the jump area held random bytes at power-on, as DRAM does; the load's window was
+    # cleared first, so the pages the jump swapped into A hold zeros and the image skips
+    # them instead of carrying the window's size of random bytes
+    cleared = _console_matches(
+        out, r"jump area 0x([0-9a-f]+)-0x([0-9a-f]+) cleared before the load"
+    )
+    assert cleared, out.summary()
+    window = int(cleared[0].group(2), 16) + 1 - int(cleared[0].group(1), 16)
+    saved = _console_matches(
+        out, r"kjump-agent: SAVED: .* (\d+) zero pages skipped \((\d+) of them free"
+    )
+    assert saved, out.summary()
+    zero_in_use = (int(saved[0].group(1)) - int(saved[0].group(2))) * 4096
+    assert zero_in_use >= window, (zero_in_use, window, out.summary())
 
 
 def test_d1_suspend_to_both_woken_from_ram_invalidates_image(vm_assets_built, run_dir):
