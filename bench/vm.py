@@ -24,6 +24,8 @@ Measured on the host clock from the serial console (never asserted in tests):
   resume latency     QEMU starts again -> the guest's workload answers again
   image size         swsusp: "PM: Image size after compression: N kbytes" (else "Wrote N kbytes");
                      kjumpd: the agent's "SAVED: ... MiB written"
+  memory saved       the pages that are not zero and not free: swsusp's "Wrote N kbytes";
+                     kjumpd's "SAVED: N MiB of memory" less its zero pages that were not free
   time to warm       after the resume, re-reading the file set that was in the page cache at
                      the request (and, for scale, the same read with the cache dropped)
   phases             the console lines of tests/vm/scenarios.py MARKS, drawn side by side in
@@ -66,6 +68,7 @@ MiB = 1 << 20
 
 #: the VM and its target for the runs at scale
 SCALE_MEM_MIB = 3072
+PAGE = 4096
 SCALE_SWAP = "4G"
 SCALE_TARGET = "2560M"
 SWSUSP_BEST = "hibernate.compressor=lz4"
@@ -145,9 +148,16 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
     size = memory = None
     for mark in out.marks:
         text = mark.fields.get("line", "")
-        m = re.search(r"SAVED: (\d+) MiB of memory, (\d+) MiB written", text)
+        m = re.search(
+            r"SAVED: (\d+) MiB of memory, (\d+) MiB written, (\d+) zero pages skipped "
+            r"\((\d+) of them free",
+            text,
+        )
         if m:
-            memory, size = int(m.group(1)) << 20, int(m.group(2)) << 20
+            # counted as swsusp counts what it wrote: the pages that are not zero (its
+            # "Wrote" leaves zero pages out too); "N MiB of memory" includes zero pages
+            zero_in_use = (int(m.group(3)) - int(m.group(4))) * PAGE
+            memory, size = (int(m.group(1)) << 20) - zero_in_use, int(m.group(2)) << 20
     for log in out.logs:
         try:
             text = log.read_text(errors="replace")

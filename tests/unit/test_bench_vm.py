@@ -68,6 +68,20 @@ def test_a_warm_save_kernel_starts_its_save_when_it_takes_the_job(tmp_path):
     assert [s for _, s in vm.phases("kjumpd", "hibernate", f)] == [2.5, 6.5, 1.0]
 
 
+def test_memory_saved_counts_the_pages_that_are_not_zero_as_swsusp_does(tmp_path):
+    """swsusp's "Wrote N kbytes" leaves zero pages out; kjumpd's "N MiB of memory" has the
+    zero pages that were not free in it, so the bench takes those out again."""
+    out = outcome(tmp_path, {"swsusp": ""})
+    line = (
+        "kjump-agent: SAVED: 380 MiB of memory, 253 MiB written, 143401 zero pages skipped "
+        "(131482 of them free in the main kernel, not read), in 2.76 s"
+    )
+    out.marks = [Event(20.0, "B-saved", {"line": line}, 1)]
+    f = vm.figures(out)
+    assert f["image_bytes"] == 253 << 20
+    assert f["memory_bytes"] == (380 << 20) - (143401 - 131482) * 4096
+
+
 def test_a_refused_swsusp_has_no_latency(tmp_path):
     f = vm.figures(outcome(tmp_path, {"swsusp": "refused:ENOMEM"}))
     assert f["hibernate_s"] is None and f["resume_s"] is None
