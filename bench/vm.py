@@ -190,6 +190,7 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
         None,
     )
     return {
+        "a_phases": a_phases(out),
         "hibernate_s": hib,
         "resume_s": res,
         "image_bytes": size,
@@ -199,6 +200,20 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
         "swsusp": out.verdict.get("swsusp", ""),
         "edges": edges,  # type: ignore[dict-item]
     }
+
+
+def a_phases(out: scenarios.Outcome) -> dict[str, float]:
+    """The daemon's phase durations (s) of the run's last hibernation, in the order they ran,
+    then its timed steps as "step: NAME": where "A prepares" goes. A's clock stops during
+    the jump, so its "jump" phase does not hold B's time."""
+    for record in reversed(out.results):
+        durations = record.get("durations")
+        if isinstance(durations, dict) and durations:
+            steps = (record.get("stats") or {}).get("steps") or {}
+            return {str(k): float(v) for k, v in durations.items()} | {
+                f"step: {k}": float(v) for k, v in steps.items()
+            }
+    return {}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -357,6 +372,12 @@ def scale(a: vm_assets.Assets, base: Path, only: set[str], warm: bool = False) -
                 f"  {label:20} {fmt(swv, unit):>14} {fmt(kj[key], unit):>12} "
                 f"{(f'{r:.2f}x' if r is not None else 'n/a'):>14}  {goal}"
             )
+        if kj["a_phases"]:
+            print(
+                "  kjumpd's phases in A: "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in kj["a_phases"].items())  # type: ignore[union-attr]
+            )
+            entry["a_phases"] = kj["a_phases"]
         entry["swsusp_outcome"] = sw["swsusp"]
         entry["passed"] = {
             "swsusp": runs[("swsusp", load.key)].passed,

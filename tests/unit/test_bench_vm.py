@@ -134,3 +134,24 @@ def test_the_report_compares_each_load_and_says_when_the_kernel_refused(
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["fits"]["kjumpd.hibernate_s"]["per_gib_s"] == pytest.approx(0.0)
     assert (tmp_path / "phases.svg").exists()
+
+
+def test_a_run_reports_the_daemons_own_phases_and_steps(tmp_path):
+    """Where "A prepares" goes: the phases and steps of the daemon's result record."""
+    out = outcome(tmp_path, {"swsusp": ""})
+    out.results = [
+        {"result": "rolled-back", "durations": {"preflight": 9.0}},
+        {
+            "result": "resumed",
+            "durations": {"preflight": 0.25, "freeze tasks": 0.5, "jump": 0.1},
+            "stats": {"steps": {"cgroup freeze": 0.4}},
+        },
+    ]
+    got = vm.figures(out)["a_phases"]
+    assert list(got.items()) == [
+        ("preflight", 0.25),
+        ("freeze tasks", 0.5),
+        ("jump", 0.1),
+        ("step: cgroup freeze", 0.4),
+    ]
+    assert vm.figures(outcome(tmp_path, {"swsusp": ""}))["a_phases"] == {}
