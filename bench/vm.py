@@ -59,6 +59,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kjumpd.daemon.transaction import STEPS
 from tests.vm import assets as vm_assets
 from tests.vm import scenarios
 
@@ -202,16 +203,22 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
     }
 
 
+#: the daemon's phases in the order they run (its result record keeps no order)
+A_PHASES = (*dict.fromkeys(step.phase for step in STEPS), "jump", "return", "undo")
+
+
 def a_phases(out: scenarios.Outcome) -> dict[str, float]:
-    """The daemon's phase durations (s) of the run's last hibernation, in the order they ran,
-    then its timed steps as "step: NAME": where "A prepares" goes. A's clock stops during
-    the jump, so its "jump" phase does not hold B's time."""
+    """The daemon's phase durations (s) of the run's last hibernation, in the order they
+    run, then its timed steps by name as "step: NAME": where "A prepares" goes. A's clock
+    stops during the jump, so its "jump" phase does not hold B's time."""
     for record in reversed(out.results):
         durations = record.get("durations")
         if isinstance(durations, dict) and durations:
+            order = {name: i for i, name in enumerate(A_PHASES)}
+            ranked = sorted(durations.items(), key=lambda kv: order.get(kv[0], len(order)))
             steps = (record.get("stats") or {}).get("steps") or {}
-            return {str(k): float(v) for k, v in durations.items()} | {
-                f"step: {k}": float(v) for k, v in steps.items()
+            return {str(k): float(v) for k, v in ranked} | {
+                f"step: {k}": float(v) for k, v in sorted(steps.items())
             }
     return {}
 

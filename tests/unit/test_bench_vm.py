@@ -143,8 +143,9 @@ def test_a_run_reports_the_daemons_own_phases_and_steps(tmp_path):
         {"result": "rolled-back", "durations": {"preflight": 9.0}},
         {
             "result": "resumed",
-            "durations": {"preflight": 0.25, "freeze tasks": 0.5, "jump": 0.1},
-            "stats": {"steps": {"cgroup freeze": 0.4}},
+            # as the guest prints it: keys sorted by name
+            "durations": {"freeze tasks": 0.5, "jump": 0.1, "preflight": 0.25, "undo": 0.2},
+            "stats": {"steps": {"undo thaw": 0.1, "cgroup freeze": 0.4}},
         },
     ]
     got = vm.figures(out)["a_phases"]
@@ -152,6 +153,8 @@ def test_a_run_reports_the_daemons_own_phases_and_steps(tmp_path):
         ("preflight", 0.25),
         ("freeze tasks", 0.5),
         ("jump", 0.1),
+        ("undo", 0.2),
         ("step: cgroup freeze", 0.4),
+        ("step: undo thaw", 0.1),
     ]
     assert vm.figures(outcome(tmp_path, {"swsusp": ""}))["a_phases"] == {}
