@@ -30,6 +30,8 @@ Measured on the host clock from the serial console (never asserted in tests):
                      the request (and, for scale, the same read with the cache dropped)
   phases             the console lines of tests/vm/scenarios.py MARKS, drawn side by side in
                      phases.svg
+  phases in A        kjumpd's own phase durations and timed steps, from the result record
+                     of `kjumpctl hibernate --json` (where "A prepares" and "A resumes" go)
 From the small and the large load: each system's fixed cost and its cost per GiB of load
 (a straight line through the two points). All runs must end with the guest's checker verdict
 PASS (data byte-exact) for their figures to count.
