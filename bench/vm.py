@@ -205,6 +205,8 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
     }
 
 
+#: the prefix of a timed step's name among the phases (a_phases)
+STEP = "step: "
 #: the daemon's phases in the order they run (its result record keeps no order)
 A_PHASES = (*dict.fromkeys(step.phase for step in STEPS), "jump", "return", "undo")
 
@@ -220,7 +222,7 @@ def a_phases(out: scenarios.Outcome) -> dict[str, float]:
             ranked = sorted(durations.items(), key=lambda kv: order.get(kv[0], len(order)))
             steps = (record.get("stats") or {}).get("steps") or {}
             return {str(k): float(v) for k, v in ranked} | {
-                f"step: {k}": float(v) for k, v in sorted(steps.items())
+                f"{STEP}{k}": float(v) for k, v in sorted(steps.items())
             }
     return {}
 
@@ -382,11 +384,20 @@ def scale(a: vm_assets.Assets, base: Path, only: set[str], warm: bool = False) -
                 f"{(f'{r:.2f}x' if r is not None else 'n/a'):>14}  {goal}"
             )
         if kj["a_phases"]:
-            print(
-                "  kjumpd's phases in A: "
-                + ", ".join(f"{k} {v:.2f} s" for k, v in kj["a_phases"].items())  # type: ignore[union-attr]
-            )
-            entry["a_phases"] = kj["a_phases"]
+            in_a: dict[str, float] = kj["a_phases"]  # type: ignore[assignment]
+            for title, items in (
+                (
+                    "kjumpd's phases in A",
+                    [(k, v) for k, v in in_a.items() if not k.startswith(STEP)],
+                ),
+                (
+                    "its timed steps",
+                    [(k.removeprefix(STEP), v) for k, v in in_a.items() if k.startswith(STEP)],
+                ),
+            ):
+                if items:
+                    print(f"  {title}: " + ", ".join(f"{k} {v:.2f} s" for k, v in items))
+            entry["a_phases"] = in_a
         entry["swsusp_outcome"] = sw["swsusp"]
         entry["passed"] = {
             "swsusp": runs[("swsusp", load.key)].passed,

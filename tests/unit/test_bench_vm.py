@@ -120,6 +120,13 @@ def test_the_report_compares_each_load_and_says_when_the_kernel_refused(
             out = outcome(tmp_path, {"swsusp": "refused:ENOMEM"}, boots=[{"boot": 1, "end": 30.0}])
         else:
             out = outcome(tmp_path, {"swsusp": "resumed"} if system == "swsusp" else {}, marks)
+            if system == "kjumpd":
+                out.results = [
+                    {
+                        "durations": {"jump": 0.25, "preflight": 0.5},
+                        "stats": {"steps": {"kexec load": 0.125}},
+                    }
+                ]
         out.passed = True
         return out
 
@@ -131,7 +138,10 @@ def test_the_report_compares_each_load_and_says_when_the_kernel_refused(
     assert "swsusp refused:ENOMEM (it must refuse), kjumpd restored it intact" in text
     assert re.search(r"hibernate latency +10\.00 s +10\.00 s +1\.00x  <= 1\.0x: met", text)
     assert re.search(r"hibernate latency +10\.00 s +10\.00 s +1\.00x  <= 0\.7x: NOT met", text)
+    assert "  kjumpd's phases in A: preflight 0.50 s, jump 0.25 s\n" in text
+    assert "  its timed steps: kexec load 0.12 s\n" in text
     report = json.loads((tmp_path / "results.json").read_text())
+    assert report["loads"]["small"]["a_phases"]["preflight"] == 0.5
     assert report["fits"]["kjumpd.hibernate_s"]["per_gib_s"] == pytest.approx(0.0)
     assert (tmp_path / "phases.svg").exists()
 
