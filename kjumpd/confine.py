@@ -28,9 +28,9 @@ Two limits are checked when the entry is written (:func:`fit_problem`), because 
 that cannot even start R would be a boot that fails:
 
 - the kernel refuses (panics on) an initrd of half or more of its RAM;
-- R's files unpacked, plus the normal kernel and initrd staged for kexec (or the restore's
-  own working memory), plus the kernel itself must fit in the area, and so must the
-  compressed initrd beside the files unpacked from it.
+- R's files unpacked, plus the normal kernel and initrd staged for kexec (twice: kexec-tools'
+  copy and the kernel's; or the restore's own working memory), plus the kernel itself must
+  fit in the area, and so must the compressed initrd beside the files unpacked from it.
 """
 
 from __future__ import annotations
@@ -128,13 +128,15 @@ def fit_problem(area_size: int, initrd_bytes: int, unpacked_bytes: int, normal_b
             f"R's initrd ({initrd_bytes >> 20} MiB) is half of the jump area "
             f"({area_size >> 20} MiB) or more: the kernel refuses such an initrd"
         )
-    need = KERNEL_FOOTPRINT + unpacked_bytes + max(normal_bytes, RESTORE_WORKING)
+    # kexec-tools reads the normal kernel and initrd into its own memory, and kexec_load(2)
+    # copies them into the kernel's pages while that memory is still held: twice at once
+    need = KERNEL_FOOTPRINT + unpacked_bytes + max(2 * normal_bytes, RESTORE_WORKING)
     unpacking = KERNEL_FOOTPRINT + unpacked_bytes + initrd_bytes
     if max(need, unpacking) > area_size:
         return (
             f"R needs about {max(need, unpacking) >> 20} MiB (its files unpacked, "
-            f"{unpacked_bytes >> 20} MiB, and the normal kernel staged for kexec, "
-            f"{normal_bytes >> 20} MiB), the jump area has {area_size >> 20} MiB"
+            f"{unpacked_bytes >> 20} MiB, and the normal kernel and initrd staged for kexec, "
+            f"twice {normal_bytes >> 20} MiB), the jump area has {area_size >> 20} MiB"
         )
     return ""
 
