@@ -46,7 +46,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kjumpd.errors import AgentError, CancelledError, KjumpError, TargetError
+from kjumpd.errors import (
+    AgentError,
+    CancelledError,
+    ImageCorruptError,
+    ImageFormatError,
+    KjumpError,
+    TargetError,
+)
 from kjumpd.image.store import find_target
 from kjumpd.linux import cmdline
 from kjumpd.sysroot import Sysroot
@@ -815,14 +822,21 @@ def run_restore(sysroot: Sysroot, params: BootParams, watchdog: Any = None) -> i
 
 
 def restore_memory(
-    sysroot: Sysroot, dev: Any, header: Any, key: bytes | None, watchdog: Any = None
+    sysroot: Sysroot,
+    dev: Any,
+    header: Any,
+    key: bytes | None,
+    watchdog: Any = None,
+    refused_as: str = "restore failed",
 ) -> list[Any]:
     """Write the image in state RESTORING on ``dev`` back into A's memory from this kernel,
     which must run in the image's jump area (check_restore_fits); returns A's pages held
     back for the jump (this kernel's own memory). Any failure marks the image INVALID and
     raises: A's memory may be partly overwritten, it cannot be resumed from here on. Run by
     B in restore role, and by the restore-first environment when it is confined to the area
-    (kjumpd.confine)."""
+    (kjumpd.confine). ``refused_as`` begins the INVALID reason of an image found corrupt
+    (a record or the checksum over them): the restore-first environment, which skipped its
+    walk of the records to restore them itself, says "corrupt" as that walk would have."""
     from kjumpd.agent.devmem import MemorySink
     from kjumpd.image import restore, store
     from kjumpd.image.format import ImageState
@@ -850,7 +864,12 @@ def restore_memory(
         what = e.what if isinstance(e, KjumpError) else f"{type(e).__name__}: {e}"
         say(f"restore failed: {e.message if isinstance(e, KjumpError) else what}")
         try:
-            store.set_state(dev, ImageState.INVALID, reason=f"restore failed: {what}"[:200])
+            prefix = (
+                refused_as
+                if isinstance(e, (ImageCorruptError, ImageFormatError))
+                else "restore failed"
+            )
+            store.set_state(dev, ImageState.INVALID, reason=f"{prefix}: {what}"[:200])
             say("image marked INVALID; rebooting into the normal system")
         except KjumpError as e2:
             say(f"could not mark the image INVALID: {e2.message}")

@@ -239,6 +239,7 @@ def iter_image(
                 flight.stop()
     finally:
         reader.close()
+        ring.close()
 
 
 def _placed_records(
@@ -320,6 +321,18 @@ class _Ring:
             self.free.put(buf)
         except BufferError:  # the consumer kept a view: never reuse this one
             self.free.put(mmap.mmap(-1, self.size))
+
+    def close(self) -> None:
+        """Unmap the buffers now, not when the last reference goes: after a failed restore
+        the restore-first environment needs that memory to start the normal kernel."""
+        bufs = [self.zeros]
+        while not self.free.empty():
+            bufs.append(self.free.get_nowait())
+        for buf in bufs:
+            try:
+                buf.close()
+            except BufferError:  # a view of it is still held: it goes with that view
+                pass
 
 
 class _Decoded(NamedTuple):

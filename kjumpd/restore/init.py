@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kjumpd import confine
-from kjumpd.errors import KjumpError
+from kjumpd.errors import ImageCorruptError, ImageFormatError, KjumpError
 from kjumpd.linux import cmdline
 from kjumpd.sysroot import Sysroot
 
@@ -152,6 +152,15 @@ def chunk_table_error(dev: Any, header: Any, meta: Any) -> str:
     return ""
 
 
+def restores_elsewhere(sysroot: Sysroot, confined: bool, area: tuple[int, int]) -> str:
+    """Empty when this kernel runs inside the image's jump area ``area`` (start, size) and so
+    restores the image itself (one boot); else why it must load the save kernel there."""
+    if not confined:
+        return "it was not confined to it (`kjumpctl setup --bootloader` says why)"
+    start, size = area
+    return confine.outside_area(sysroot.read_text("/proc/iomem", default=""), (start, start + size))
+
+
 def _short(e: KjumpError) -> str:
     """An error for a header reason: what and why, without the fix."""
     return f"{e.what}: {e.why}" if e.why else e.what
@@ -217,12 +226,20 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = 
     except KjumpError as e:
         meta_error = _short(e)
     clock.step("metadata")
-    if meta is not None:
-        try:
-            chunks_error = chunk_table_error(dev, header, meta)
-        except KjumpError as e:
-            chunks_error = _short(e)
-    clock.step(f"chunk table ({header.chunk_count} records)")
+    here = not restores_elsewhere(
+        sysroot, confined, (int(header.jump_area_start), int(header.jump_area_size))
+    )
+    if here:
+        # restoring here checks every record before it is written and the checksum over all
+        # of them before the jump (kjumpd.image.restore): a walk now would read them twice
+        clock.step("chunk table (checked while restoring)")
+    else:
+        if meta is not None:
+            try:
+                chunks_error = chunk_table_error(dev, header, meta)
+            except KjumpError as e:
+                chunks_error = _short(e)
+        clock.step(f"chunk table ({header.chunk_count} records)")
     current = fsstamp.scan(sysroot, stamps) if stamps else {}
     clock.step("filesystem stamps")
     try:
@@ -353,6 +370,16 @@ def unpack_failure(sysroot: Sysroot) -> str:
     return next((text_of(x).strip() for x in lines if UNPACK_FAILED in x), "")
 
 
+def release_restore_memory() -> None:
+    """After a restore that failed in this kernel: free what it still holds (objects in
+    reference cycles with its frames), so that the normal kernel and its initrd fit in the
+    jump area's memory when kexec copies them (kjumpd.confine.fit_problem counts either the
+    restore or that copy, not both)."""
+    import gc
+
+    gc.collect()
+
+
 def restore_here(sysroot: Sysroot, cfg: Any, dev: Any, header: Any, key: bytes | None) -> None:
     """Restore the image in state RESTORING on ``dev`` from this kernel and jump into A, as
     B's restore role does (kjumpd.agent.kernel_role.restore_memory): R runs in the image's
@@ -367,7 +394,7 @@ def restore_here(sysroot: Sysroot, cfg: Any, dev: Any, header: Any, key: bytes |
 
         wd = watchdog.start(sysroot, int(seconds), say)
     try:
-        held = kernel_role.restore_memory(sysroot, dev, header, key, wd)
+        held = kernel_role.restore_memory(sysroot, dev, header, key, wd, refused_as="corrupt")
     finally:
         dev.close()
     kernel_role.jump_back(sysroot, header.jump_back_entry, held, watchdog=wd)
@@ -466,14 +493,7 @@ def restore_first(
                 say("image key unsealed; header and metadata authenticated")
                 image_key = opened.key
                 to_b[unlock.RESTORE_KEY] = opened.key.hex().encode() + b"\n"
-            start, size = decision.jump_area
-            elsewhere = (
-                confine.outside_area(
-                    sysroot.read_text("/proc/iomem", default=""), (start, start + size)
-                )
-                if confined
-                else "it was not confined to it (`kjumpctl setup --bootloader` says why)"
-            )
+            elsewhere = restores_elsewhere(sysroot, confined, decision.jump_area)
             if not elsewhere:
                 store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
                 say(
@@ -481,8 +501,16 @@ def restore_first(
                     "(it runs in the image's jump area: one boot)"
                 )
                 dev, g.dev = g.dev, None  # restore_here closes it
-                restore_here(sysroot, cfg, dev, store.read_header(dev), image_key)
-                return "restore"  # only where the jump into A is not a real one (tests)
+                try:
+                    restore_here(sysroot, cfg, dev, store.read_header(dev), image_key)
+                    return "restore"  # only where the jump into A is not a real one (tests)
+                except (ImageCorruptError, ImageFormatError):
+                    # what the chunk-table guard refuses in two boots, found while restoring
+                    # (the image is marked INVALID(corrupt: ...)); A's memory was not live
+                    pass
+                release_restore_memory()
+                boot_normal(cfg, "invalid:corrupt", run, kexec, sysroot)
+                return "invalid:corrupt"
             if to_b:
                 from dataclasses import replace
 
@@ -529,10 +557,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         mount_kernel_filesystems()
     sysroot = Sysroot()
     say(f"restore-first environment up at uptime {uptime(sysroot):.2f} s")
+    failed = False
     try:
         restore_first(sysroot)
     except KjumpError as e:
         say(f"error: {e.message}")
+        failed = True
+    except Exception as e:  # noqa: BLE001 - PID 1 must not die with a traceback
+        say(f"internal error: {type(e).__name__}: {e}")
+    if failed:  # out of the except clause: its traceback no longer holds the restore's memory
+        release_restore_memory()
         try:
             from kjumpd.bootconfig import BootConfig
 
@@ -540,8 +574,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             boot_normal(cfg, "rf-error", run_cmd, "kexec", sysroot)
         except (KjumpError, OSError) as e2:
             say(f"cannot boot the normal kernel either: {e2}")
-    except Exception as e:  # noqa: BLE001 - PID 1 must not die with a traceback
-        say(f"internal error: {type(e).__name__}: {e}")
     if os.getpid() != 1:
         return 1  # R's /init (a shell script) offers the rescue shell
     say("nothing could be started; a shell follows (exit powers off)")

@@ -334,6 +334,38 @@ def test_r_in_the_jump_area_restores_by_itself_in_one_boot(
     assert jumps == [(0x1000000, [])]
 
 
+def test_r_in_the_jump_area_refuses_a_damaged_chunk_record_as_corrupt_without_jumping(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    world.save()
+    h = world.header()
+    with open(world.target, "r+b") as f:
+        f.seek(h.data_offset + 12)  # the first record's physical address
+        f.write(b"\xff\xff\xff\xff")
+    jumps = confined(world, monkeypatch, CONFINED_IOMEM)
+    assert world.run() == "invalid:corrupt"
+    assert "chunk table (checked while restoring)" in capsys.readouterr().out
+    reason = world.header().reason
+    assert reason.startswith("corrupt: chunk record header at byte offset"), reason
+    assert jumps == []
+    calls = world.kexec_calls()
+    assert len(calls) == 2 and "kjump.rf=invalid:corrupt" in calls[0], calls
+    assert not any("kjump.role=restore" in c for c in calls)
+
+
+def test_r_in_the_jump_area_refuses_a_wrong_checksum_over_the_records_before_the_jump(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.save()
+    dev, _ = store.open_target(world.target, writable=True)
+    with dev:
+        store.update_header(dev, data_crc=store.read_header(dev).data_crc ^ 1)
+    jumps = confined(world, monkeypatch, CONFINED_IOMEM)
+    assert world.run() == "invalid:corrupt"
+    assert world.header().reason.startswith("corrupt: image chunk list does not match")
+    assert jumps == []
+
+
 def test_r_whose_kernel_landed_outside_the_area_restores_in_two_boots(
     world: World, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

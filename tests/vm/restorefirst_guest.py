@@ -37,7 +37,23 @@ FS_DEV = "/dev/vdb"
 MNT = "/mnt"
 B_KERNEL = "/boot/bzImage"
 B_INITRD = "/boot/b.cpio.gz"
-JUMP_START, JUMP_SIZE = 0x20000000, 128 << 20
+
+
+def crash_area(default: tuple[int, int] = (0x20000000, 128 << 20)) -> tuple[int, int]:
+    """The jump area: this kernel's crashkernel= reservation ("Crash kernel" in /proc/iomem;
+    the test that boots it chooses its size), else ``default``."""
+    try:
+        with open("/proc/iomem") as f:
+            for line in f:
+                if line.rstrip().endswith(": Crash kernel"):
+                    a, b = (int(x, 16) for x in line.split(":")[0].strip().split("-"))
+                    return a, b + 1 - a
+    except OSError:
+        pass
+    return default
+
+
+JUMP_START, JUMP_SIZE = crash_area()
 B_APPEND = (
     "console=ttyS0 nokaslr panic=1 memmap=exactmap memmap=512K@0K "
     f"memmap={JUMP_SIZE >> 20}M@{JUMP_START >> 20}M"

@@ -13,6 +13,7 @@ happened on the consoles:
 - stale: the data filesystem is mounted read-write on the host between save and restore; R
   refuses (INVALID(stale: ...)) and boots the normal kernel with kjump.rf=invalid:stale;
 - corrupt: one byte of the first chunk record is flipped; R refuses (INVALID(corrupt: ...));
+  R confined to the jump area restores by itself and refuses the record as it reads it;
 - keeps failing: R's save kernel crashes at every restore (rdinit=/usr/bin/false on its
   command line); after max_attempts R stops (INVALID(attempts: ...)) and boots normally.
 
@@ -26,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bootloader.initramfs import build_restore_initramfs, make_restore_initrd, restore_config
+from kjumpd import confine
 from kjumpd.daemon.bootentry import R_IMAGE_KEY
 from kjumpd.image import store
 from kjumpd.image.device import ImageDevice
@@ -148,6 +151,16 @@ def copy_disks(src: tuple[Path, Path], d: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
+def damage_first_record(target: Path) -> None:
+    """Flip one bit of the physical address in the image's first chunk record."""
+    h = header(target)
+    with open(target, "r+b") as f:
+        f.seek(h.data_offset + 12)
+        b = f.read(1)
+        f.seek(h.data_offset + 12)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
 def header(target: Path):
     dev, _ = store.open_target(target, writable=False, offset=0)
     with dev:
@@ -164,6 +177,7 @@ def r_initrd(
     max_attempts: int = 3,
     save_cmdline: str = R_BASE_APPEND,
     image_key: Path | None = None,
+    jump_area: tuple[int, int] = (JUMP_AREA_START, JUMP_AREA_SIZE),
 ) -> Path:
     """R's initrd for these disks (``image_key``: the key file R opens encrypted images
     with, where `kjumpctl install` puts it)."""
@@ -176,7 +190,7 @@ def r_initrd(
         save_kernel=kernel,
         save_initrd=b.path,
         save_cmdline=save_cmdline,
-        jump_area=(JUMP_AREA_START, JUMP_AREA_SIZE),
+        jump_area=jump_area,
         max_attempts=max_attempts,
     )
     if image_key is not None:
@@ -204,16 +218,40 @@ def figures(name: str, **values: object) -> None:
 def saved(kernel: Path, a_initramfs: InitramfsImage, tmp_path_factory) -> tuple[Path, Path, str]:
     """Disks holding a SAVED image of A (mode shutdown) with the data filesystem frozen."""
     d = tmp_path_factory.mktemp("rf-saved")
+    return save_image(kernel, a_initramfs, d, MAIN_APPEND, "restorefirst_save")
+
+
+#: a jump area R confined to it fits in with this test's files (kjumpd.confine.fit_problem:
+#: the guest's normal initrd, staged twice by kexec, does not fit beside R in 128 MiB)
+WIDE_AREA_SIZE = 256 << 20
+
+
+@pytest.fixture(scope="module")
+def saved_wide(
+    kernel: Path, a_initramfs: InitramfsImage, tmp_path_factory
+) -> tuple[Path, Path, str]:
+    """As ``saved``, by an A whose jump area is WIDE_AREA_SIZE at the same start."""
+    wide = MAIN_APPEND.replace(
+        f"crashkernel={JUMP_AREA_SIZE >> 20}M@", f"crashkernel={WIDE_AREA_SIZE >> 20}M@"
+    )
+    assert wide != MAIN_APPEND
+    d = tmp_path_factory.mktemp("rf-saved-wide")
+    return save_image(kernel, a_initramfs, d, wide, "restorefirst_save_wide")
+
+
+def save_image(
+    kernel: Path, a_initramfs: InitramfsImage, d: Path, append: str, name: str
+) -> tuple[Path, Path, str]:
     target, data, uuid = make_disks(d)
     cfg = VMConfig(
         kernel=kernel,
         initrd=a_initramfs.path,
-        append=f"{MAIN_APPEND} kjr.step=save kjr.mib=32",
+        append=f"{append} kjr.step=save kjr.mib=32",
         disks=[target, data],
         memory_mb=1024,
         smp=2,
     )
-    with VM(cfg, artifacts_dir("restorefirst_save"), name="save") as vm:
+    with VM(cfg, artifacts_dir(name), name="save") as vm:
         vm.wait_for(r"KJR: image SAVED|KJR-VERDICT: FAIL.*", timeout=T, fail=PANIC)
         line = vm.last_line.text if vm.last_line else ""
         assert "image SAVED" in line, line
@@ -221,7 +259,7 @@ def saved(kernel: Path, a_initramfs: InitramfsImage, tmp_path_factory) -> tuple[
         t_jump = vm.line_time(r"KJR: jumping to the save kernel")
         t_saved = vm.line_time(r"kjump-agent: SAVED")
         figures(
-            "restorefirst_save",
+            name,
             jump_to_saved_s=(round(t_saved - t_jump, 2) if t_jump and t_saved else None),
             agent=[m.group(0) for m in vm.find(r"kjump-agent: SAVED.*")],
         )
@@ -341,12 +379,7 @@ def test_corrupted_image_is_refused(
     request, kernel, a_initramfs, b_initramfs, r_base, saved, tmp_path
 ) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
-    h = header(target)
-    with open(target, "r+b") as f:  # the first chunk record's physical address
-        f.seek(h.data_offset + 12)
-        b = f.read(1)
-        f.seek(h.data_offset + 12)
-        f.write(bytes([b[0] ^ 0x40]))
+    damage_first_record(target)
     rimg = r_initrd(tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, saved[2])
     with VM(
         r_config(kernel, rimg, saved[2], (target, data)), artifacts_dir(request.node.name), name="r"
@@ -355,6 +388,41 @@ def test_corrupted_image_is_refused(
         assert not vm.find(r"kjump-agent"), "B ran although the image is corrupt"
     assert m.group(1) == "invalid:corrupt", m.group(0)
     assert m.group(2).startswith("INVALID(corrupt: chunk table"), m.group(0)
+
+
+def test_corrupted_image_is_refused_by_r_restoring_in_one_boot(
+    request, kernel, a_initramfs, b_initramfs, r_base, saved_wide, tmp_path
+) -> None:
+    """R confined to the jump area (KASLR on, the rest of RAM reserved, as the boot entry
+    boots it) restores by itself and checks the records as it goes: the damaged record is
+    refused before it is written, the image is INVALID(corrupt: ...), A is not jumped to,
+    and R starts the normal kernel in what the failed restore left of the area."""
+    saved = saved_wide
+    target, data = copy_disks(saved[:2], tmp_path / "disks")
+    damage_first_record(target)
+    area = (JUMP_AREA_START, WIDE_AREA_SIZE)
+    rimg = r_initrd(
+        tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, saved[2], jump_area=area
+    )
+    # the product confines R only when it fits (kjumpd.daemon.bootentry.confinement_problem)
+    payload = rimg.stat().st_size - r_base.path.stat().st_size
+    normal = kernel.stat().st_size + a_initramfs.path.stat().st_size
+    unpacked = int(r_base.path.stat().st_size * confine.UNPACK_FACTOR) + payload
+    assert confine.fit_problem(area[1], rimg.stat().st_size, unpacked, normal) == ""
+    ram = [(0, 0x9FC00, "System RAM"), (0x100000, 0x3FFE0000, "System RAM")]  # QEMU, 1 GiB
+    words = " ".join(confine.boot_words(confine.confine(ram, (area[0], area[0] + area[1]))))
+    cfg = r_config(kernel, rimg, saved[2], (target, data))
+    cfg = replace(cfg, append=cfg.append.replace("nokaslr ", "") + " " + words)
+    with VM(cfg, artifacts_dir(request.node.name), name="r") as vm:
+        m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
+        here = vm.find(r"kjumpd-rf: image marked RESTORING\(1\); restoring it in this kernel")
+        walked = vm.find(r"kjumpd-rf: evidence read: .*chunk table \(checked while restoring\)")
+        agent = vm.find(r"kjump-agent: save kernel up")
+    assert here and walked, "R did not restore in one boot (where did KASLR put it?)"
+    assert not agent, "B ran although R restores in one boot"
+    assert not vm.find(r"KJR-VERDICT"), "A was jumped into from a corrupt image"
+    assert m.group(1) == "invalid:corrupt", m.group(0)
+    assert m.group(2).startswith("INVALID(corrupt: chunk record header at byte offset"), m.group(0)
 
 
 def test_a_restore_that_keeps_failing_stops_at_the_maximum(
