@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ if str(REPO) not in sys.path:
 
 from kjumpd.bootconfig import BootConfig
 from kjumpd.errors import KjumpError
+from kjumpd.linux import pagecache
 
 log = logging.getLogger("kjumpd.bootloader.initramfs")
 
@@ -65,6 +67,7 @@ R_MODULES = (
     "kjumpd.linux.cmdline",
     "kjumpd.linux.kmsg",
     "kjumpd.hashing",
+    "kjumpd.linux.pagecache",
     "kjumpd.restore.unlock",
     "kjumpd.linux.luks",
     "kjumpd.linux.devmapper",
@@ -189,6 +192,10 @@ def make_restore_initrd(
     with open(tmp, "wb") as f:
         f.write(Path(base).read_bytes())
         f.write(restore_payload(cfg, files))
+        f.flush()
+        os.fsync(f.fileno())  # the boot loader reads it from the disk, maybe after a crash
+        pagecache.forget_fd(f.fileno())  # kept cached, the next image would save it
+    pagecache.forget(base)
     tmp.replace(out)
     return out
 

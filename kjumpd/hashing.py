@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 
+from kjumpd.linux.pagecache import forget_fd
+
 
 def sha256_file(path: os.PathLike[str] | str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-        try:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:  # a pipe or a file system without it: the hash is what matters
-            pass
+        forget_fd(f.fileno())
     return h.hexdigest()

@@ -53,7 +53,7 @@ from kjumpd import cpio
 from kjumpd.errors import BootEntryError, ConfigError, FsStampError, InstallError, KjumpError
 from kjumpd.hashing import sha256_file
 from kjumpd.linux import cmdline as kernel_cmdline
-from kjumpd.linux import mountinfo
+from kjumpd.linux import mountinfo, pagecache
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -455,7 +455,11 @@ def restore_payload(cfg: Any, files: Mapping[str, Path | bytes]) -> bytes:
     entries = {BOOT_CONFIG_PATH: cfg.to_json().encode()}
     try:
         for arc, src in files.items():
-            entries[arc] = src if isinstance(src, bytes) else Path(src).read_bytes()
+            if isinstance(src, bytes):
+                entries[arc] = src
+            else:
+                entries[arc] = Path(src).read_bytes()
+                pagecache.forget(src)  # kernels and initrds: only the boot loader reads them
     except OSError as e:
         raise BootEntryError(
             f"cannot read {e.filename} for the restore-first initramfs",
@@ -704,6 +708,9 @@ def _write_file(sysroot: Sysroot, path: str, data: bytes, mode: int = 0o644) -> 
             os.write(fd, data)
             os.fchmod(fd, mode)
             os.fsync(fd)
+            # only the boot loader reads these files (R's kernel and initrd: tens of MiB);
+            # left in the page cache, the next hibernation would save them
+            pagecache.forget_fd(fd)
         finally:
             os.close(fd)
         os.replace(tmp, real)
@@ -729,6 +736,7 @@ def write_file(sysroot: Sysroot, path: str, data: bytes, mode: int = 0o644) -> N
 def _copy(sysroot: Sysroot, src: Path, dest: str) -> None:
     try:
         data = Path(src).read_bytes()
+        pagecache.forget(src)
     except OSError as e:
         raise BootEntryError(
             f"cannot read {src}",
@@ -916,6 +924,7 @@ def install(
         )
     try:
         r_initrd = Path(initrd).read_bytes()
+        pagecache.forget(initrd)
     except OSError as e:
         raise BootEntryError(
             f"cannot read {initrd}",

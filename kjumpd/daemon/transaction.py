@@ -81,7 +81,7 @@ from kjumpd.job import Job
 
 # Everything the frozen window needs is imported here, up front: an import while the root
 # filesystem is frozen would block writing its __pycache__ entry.
-from kjumpd.linux import kmsg, mountinfo
+from kjumpd.linux import kmsg, mountinfo, pagecache
 from kjumpd.linux.mountinfo import Mount
 from kjumpd.modes import MODES
 from kjumpd.sysroot import Sysroot
@@ -830,7 +830,7 @@ class Hibernation:
         of B's files (what stays in A's memory is saved in the image)."""
         kexec.remove_initrd(self.sysroot)
         for path in (self.config.save_kernel, self.config.save_initramfs):
-            _drop_page_cache(self.sysroot, path)
+            pagecache.forget(self.sysroot.path(path))
 
     def _unload(self, ctx: _Context) -> None:
         ctx.kx.unload()
@@ -1207,18 +1207,3 @@ def _rmdir_if_empty(sr: Sysroot, p: str) -> None:
         sr.path(p).rmdir()
     except OSError:
         pass
-
-
-def _drop_page_cache(sr: Sysroot, path: str) -> None:
-    """Forget the clean page cache of a file (nothing is written: the filesystems are
-    frozen, and these files were only read). Best effort."""
-    try:
-        fd = os.open(sr.path(path), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError as e:
-        log.debug("fadvise(DONTNEED) of %s: %s", path, e)
-    finally:
-        os.close(fd)

@@ -194,7 +194,27 @@ def install_restore_entry(initrd: str) -> None:
     for line in proc.stdout.splitlines():
         if line.startswith("restore: "):
             say(f"kjumpctl setup: {line}")
+    report_cached(
+        [RESTORE_KERNEL, initrd, "/boot/kjumpd/vmlinuz-restore", "/boot/kjumpd/initrd-restore.img"]
+    )
     update_grub()
+
+
+def report_cached(paths: list[str]) -> None:
+    """How much of ``paths`` is in the page cache (``fincore``), on one console line: files
+    kjumpd read or wrote for the boot loader that the next image would save."""
+    present = [p for p in paths if Path(p).exists()]
+    proc = subprocess.run(
+        ["fincore", "-b", "-n", "-r", "-o", "RES,SIZE", *present],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        say(f"fincore: {proc.stderr.strip()}")
+        return
+    rows = [ln.split() for ln in proc.stdout.splitlines() if len(ln.split()) == 2]
+    cached, size = sum(int(r[0]) for r in rows), sum(int(r[1]) for r in rows)
+    print(f"KJUMP-CACHED: {cached} of {size} bytes in {len(rows)} boot files", flush=True)
 
 
 GRUB_CFG = Path("/boot/grub/grub.cfg")

@@ -329,6 +329,11 @@ def test_m_target_on_a_linear_lv_in_two_segments(vm_assets_built, run_dir):
         out.summary()
     )
     _storage_restored(out)
+    # `kjumpctl setup --bootloader` read R's files and wrote its boot files (tens of MiB)
+    # and left none of them in the page cache, where the next image would save them
+    cached = _console_matches(out, r"KJUMP-CACHED: (\d+) of (\d+) bytes in 4 boot files")
+    assert cached and int(cached[0].group(2)) > 10 << 20, out.summary()
+    assert int(cached[0].group(1)) < 1 << 20, cached[0].group(0)
 
 
 def test_u_target_on_a_raw_lv_in_two_segments_on_a_partition(vm_assets_built, run_dir):
