@@ -6,7 +6,8 @@ It mounts the kernel filesystems, reads /etc/kjumpd/boot.json (written by ``kjum
 into this initramfs), finds the image target *by content* (magic + UUID at ``kjump.offset=``
 on this kernel's command line, scanning every /sys/block disk; device names are not trusted),
 gathers the evidence the guards need (header, metadata, chunk table, the stamps of every
-filesystem on every block device, its own copies of the save kernel) and lets
+filesystem on every block device, its own copies of the save kernel; the chunk table and the
+save kernel only when it will start the save kernel, see restore_here) and lets
 :func:`kjumpd.restore.decision.decide` choose:
 
 - Restore(n): write RESTORING(n) durably; when R runs inside the image's jump area (the
@@ -207,9 +208,18 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = 
     say(f"image state {header.state_text}")
     if hv.state not in ("SAVED", "RESTORING"):
         return Gathered(Evidence(target_found=True, target_uuid=uuid, header=hv), dev, device)
+    # inside the image's jump area R restores by itself (one boot): its copies of the save
+    # kernel are not started, and the chunk records are checked as they are restored
+    here = not restores_elsewhere(
+        sysroot, confined, (int(header.jump_area_start), int(header.jump_area_size))
+    )
     checks = (
-        ("save kernel", cfg.save.kernel, cfg.save_kernel_sha256),
-        ("save initramfs", cfg.save.initrd, cfg.save_initrd_sha256),
+        ()
+        if here
+        else (
+            ("save kernel", cfg.save.kernel, cfg.save_kernel_sha256),
+            ("save initramfs", cfg.save.initrd, cfg.save_initrd_sha256),
+        )
     )
     local = {path: str(sysroot.path(path)) for _w, path, _h in checks if path}
     hashes = FileHashes(list(local.values()))  # runs while the image is read
@@ -226,9 +236,6 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = 
     except KjumpError as e:
         meta_error = _short(e)
     clock.step("metadata")
-    here = not restores_elsewhere(
-        sysroot, confined, (int(header.jump_area_start), int(header.jump_area_size))
-    )
     if here:
         # restoring here checks every record before it is written and the checksum over all
         # of them before the jump (kjumpd.image.restore): a walk now would read them twice
@@ -260,7 +267,7 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = 
                 break
     except OSError as e:
         setup_error = f"cannot read the save kernel files: {e.strerror or e}"
-    clock.step("save kernel files (waited for)")
+    clock.step("save kernel files (waited for)" if checks else "save kernel files (not used)")
     say(f"evidence read: {clock}")
     if current:
         say(
