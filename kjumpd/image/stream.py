@@ -269,7 +269,13 @@ class _Prefetch(threading.Thread):
         self.free.put(-1)
         self.join()
         for b in self.bufs:
-            b.close()
+            try:
+                b.close()
+            except BufferError:
+                # a read that failed into it left a view in the traceback of the error being
+                # raised: the buffer goes with that view, and the read error must reach the
+                # user (not this one)
+                pass
 
 
 class RecordReader:

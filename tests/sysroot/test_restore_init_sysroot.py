@@ -22,8 +22,10 @@ if str(Path(__file__).resolve().parents[2]) not in sys.path:  # bootloader/ is n
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bootloader.initramfs import restore_config
+from kjumpd.errors import ImageError, KjumpError
 from kjumpd.fsstamp import read_stamp
 from kjumpd.image import store
+from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import ImageState
 from kjumpd.image.save import save_image
 from kjumpd.restore.init import restore_first
@@ -367,6 +369,30 @@ def test_r_in_the_jump_area_refuses_a_wrong_checksum_over_the_records_before_the
     jumps = confined(world, monkeypatch, CONFINED_IOMEM)
     assert world.run() == "invalid:corrupt"
     assert world.header().reason.startswith("corrupt: image chunk list does not match")
+    assert jumps == []
+
+
+def test_r_in_the_jump_area_hit_by_a_read_error_marks_the_image_invalid_and_says_why(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fails under the records R restores (it did not read them beforehand): the
+    read error reaches the caller, which boots the normal kernel, and the image is INVALID."""
+    world.save()
+    data_offset = world.header().data_offset
+    jumps = confined(world, monkeypatch, CONFINED_IOMEM)
+    real = ImageDevice._preadv_full
+
+    def failing(self, mv, dev_off, logical):  # noqa: ANN001 - the method's own signature
+        if logical >= data_offset:  # as the real one words a failed preadv
+            raise ImageError(f"read error on {self.path}", why="Input/output error")
+        return real(self, mv, dev_off, logical)
+
+    monkeypatch.setattr(ImageDevice, "_preadv_full", failing)
+    with pytest.raises(KjumpError) as err:
+        world.run()
+    assert "read error" in err.value.message and "Input/output error" in err.value.message
+    monkeypatch.setattr(ImageDevice, "_preadv_full", real)
+    assert world.header().reason.startswith("restore failed: "), world.header().reason
     assert jumps == []
 
 
