@@ -323,8 +323,9 @@ class _Ring:
             self.free.put(mmap.mmap(-1, self.size))
 
     def close(self) -> None:
-        """Unmap the buffers now, not when the last reference goes: after a failed restore
-        the restore-first environment needs that memory to start the normal kernel."""
+        """Unmap the buffers now, not when the last reference goes (the traceback of a failed
+        restore may hold it for a while): after a failed restore the restore-first
+        environment starts the normal kernel in the memory they leave."""
         bufs = [self.zeros]
         while not self.free.empty():
             bufs.append(self.free.get_nowait())
