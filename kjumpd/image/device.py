@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 ALIGN = 4096
 
 
+def close_buffer(buf: mmap.mmap) -> None:
+    """Unmap ``buf`` unless a view of it is still held (BufferError): after a failed read or
+    write the traceback of the error being raised may hold one; the mapping then goes with
+    that view, and the real error must reach the user, not this one."""
+    try:
+        buf.close()
+    except BufferError:
+        pass
+
+
 class ImageDevice:
     def __init__(
         self,
@@ -241,12 +251,7 @@ class ImageDevice:
     def close(self) -> None:
         bounce, self._bounce = self._bounce, None
         if bounce is not None:
-            try:
-                bounce.close()
-            except BufferError:
-                # a view of it still lives in the traceback of the error being raised: the
-                # mapping goes with that view, and the real error must reach the user
-                pass
+            close_buffer(bounce)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

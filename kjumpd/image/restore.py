@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, Protocol
 from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError, ImageKeyError
 from kjumpd.image import store
 from kjumpd.image.chunk import COMPRESSIONS, decode_into, zeros
-from kjumpd.image.device import ImageDevice
+from kjumpd.image.device import ImageDevice, close_buffer
 from kjumpd.image.format import (
     EMPTY_ENCODINGS,
     ENC_FREE,
@@ -326,14 +326,9 @@ class _Ring:
         """Unmap the buffers now, not when the last reference goes (the traceback of a failed
         restore may hold it for a while): after a failed restore the restore-first
         environment starts the normal kernel in the memory they leave."""
-        bufs = [self.zeros]
+        close_buffer(self.zeros)
         while not self.free.empty():
-            bufs.append(self.free.get_nowait())
-        for buf in bufs:
-            try:
-                buf.close()
-            except BufferError:  # a view of it is still held: it goes with that view
-                pass
+            close_buffer(self.free.get_nowait())
 
 
 class _Decoded(NamedTuple):

@@ -42,6 +42,7 @@ from kjumpd.image.format import (
     crc32,
     pick_header,
 )
+from kjumpd.linux import pagecache
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger(__name__)
@@ -142,11 +143,9 @@ def _allocate(fd: int, size: int) -> None:
     os.fsync(fd)
     # The target is only ever read and written with O_DIRECT: its zeros left in the page
     # cache would be memory the next hibernation saves (gigabytes after `kjumpctl setup`).
-    # Advice only: a kernel built without CONFIG_ADVISE_SYSCALLS answers ENOSYS.
-    try:
-        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
-    except OSError as e:
-        log.info("the new target stays in the page cache until reclaimed (fadvise: %s)", e)
+    refused = pagecache.forget_fd(fd)
+    if refused:
+        log.info("the new target stays in the page cache until reclaimed (fadvise: %s)", refused)
 
 
 def discard_new_file(path: str | os.PathLike[str]) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from kjumpd.errors import ImageCorruptError, TargetError
-from kjumpd.image.device import ALIGN, ImageDevice
+from kjumpd.image.device import ALIGN, ImageDevice, close_buffer
 from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader
 
 WINDOW = 2 * 1024 * 1024
@@ -119,10 +119,7 @@ class RecordWriter:
 
     def close(self) -> None:
         for m in self._all:
-            try:
-                m.close()
-            except BufferError:  # pragma: no cover - a view still held by a failed read
-                pass
+            close_buffer(m)
 
 
 def _memeq(a: mmap.mmap, b: mmap.mmap, n: int) -> bool:
@@ -226,10 +223,7 @@ class ReadBackVerifier(threading.Thread):
         if self.is_alive():
             self.q.put(None)
             self.join()
-        try:
-            self.buf.close()
-        except BufferError:  # pragma: no cover
-            pass
+        close_buffer(self.buf)
 
 
 class _Prefetch(threading.Thread):
@@ -269,13 +263,7 @@ class _Prefetch(threading.Thread):
         self.free.put(-1)
         self.join()
         for b in self.bufs:
-            try:
-                b.close()
-            except BufferError:
-                # a read that failed into it left a view in the traceback of the error being
-                # raised: the buffer goes with that view, and the read error must reach the
-                # user (not this one)
-                pass
+            close_buffer(b)  # a failed read's traceback may still hold a view of one
 
 
 class RecordReader:

@@ -15,12 +15,15 @@ import os
 log = logging.getLogger(__name__)
 
 
-def forget_fd(fd: int) -> None:
-    """Drop the clean cached pages of the open file ``fd``. Best effort."""
+def forget_fd(fd: int) -> str:
+    """Drop the clean cached pages of the open file ``fd``. Best effort: "" when the advice
+    was taken, else why not (a pipe, a kernel without fadvise: nothing is lost)."""
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError as e:  # a pipe, or a kernel without fadvise: nothing is lost
+    except OSError as e:
         log.debug("fadvise(DONTNEED) of fd %d: %s", fd, e)
+        return str(e)
+    return ""
 
 
 def forget(path: os.PathLike[str] | str) -> None:

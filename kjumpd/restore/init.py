@@ -174,6 +174,9 @@ class Gathered:
     device: str = ""
     header: Any = None  # format.Header of a SAVED/RESTORING image
     meta: Any = None  # its format.Metadata, when it reads
+    #: "" when this kernel runs in the header's jump area (it restores by itself), else
+    #: why it must start the save kernel (restores_elsewhere)
+    elsewhere: str = "the image was not read"
 
 
 def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = False) -> Gathered:
@@ -210,12 +213,12 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = 
         return Gathered(Evidence(target_found=True, target_uuid=uuid, header=hv), dev, device)
     # inside the image's jump area R restores by itself (one boot): its copies of the save
     # kernel are not started, and the chunk records are checked as they are restored
-    here = not restores_elsewhere(
+    elsewhere = restores_elsewhere(
         sysroot, confined, (int(header.jump_area_start), int(header.jump_area_size))
     )
     checks = (
         ()
-        if here
+        if not elsewhere
         else (
             ("save kernel", cfg.save.kernel, cfg.save_kernel_sha256),
             ("save initramfs", cfg.save.initrd, cfg.save_initrd_sha256),
@@ -236,7 +239,7 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = 
     except KjumpError as e:
         meta_error = _short(e)
     clock.step("metadata")
-    if here:
+    if not elsewhere:
         # restoring here checks every record before it is written and the checksum over all
         # of them before the jump (kjumpd.image.restore): a walk now would read them twice
         clock.step("chunk table (checked while restoring)")
@@ -291,7 +294,7 @@ def gather(sysroot: Sysroot, cfg: Any, uuid: str, offset: int, confined: bool = 
         ram_saved=meta.identity.get("ram_map") if meta is not None else None,
         ram_now=ram_now,
     )
-    return Gathered(ev, dev, device, header, meta)
+    return Gathered(ev, dev, device, header, meta, elsewhere)
 
 
 class Steps:
@@ -500,7 +503,7 @@ def restore_first(
                 say("image key unsealed; header and metadata authenticated")
                 image_key = opened.key
                 to_b[unlock.RESTORE_KEY] = opened.key.hex().encode() + b"\n"
-            elsewhere = restores_elsewhere(sysroot, confined, decision.jump_area)
+            elsewhere = g.elsewhere  # decision.jump_area is the header's, which gather judged
             if not elsewhere:
                 store.set_state(g.dev, ImageState.RESTORING, attempt=decision.attempt)
                 say(
