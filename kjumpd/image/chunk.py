@@ -1,5 +1,8 @@
 """Chunk codec: zero-page elision + lz4 block compression + CRC (record layout in format.py).
 
+In a run of memory that lz4 cannot shrink, a payload that a sample shows to be
+incompressible is stored raw without compressing it (see PROBE_PAGES).
+
 ``encode_chunk`` and ``decode_chunk`` are pure functions called on worker threads;
 lz4.block and zlib.crc32 release the GIL on large buffers, so a thread pool uses every core.
 
@@ -108,6 +111,41 @@ def _scratch_buffer(n: int) -> bytearray:
     return buf
 
 
+#: Memory that lz4 cannot shrink (encrypted or already compressed data, keys, media) costs
+#: a full compression pass for nothing. Such memory comes in runs, so after a payload that
+#: lz4 shrank by less than 1/PROBE_MIN_GAIN, the thread's next payload of at least
+#: PROBE_MIN_PAGES pages is judged by a sample first: PROBE_PAGES of its pages, compressed
+#: together (a sixteenth of the work). If the sample does not shrink either, the payload is
+#: stored raw uncompressed. Memory that compresses never pays for a sample.
+PROBE_PAGES = 16
+PROBE_MIN_PAGES = 2 * PROBE_PAGES
+PROBE_MIN_GAIN = 32
+
+
+def _poor_gain(packed: int, raw: int) -> bool:
+    return packed * PROBE_MIN_GAIN > raw * (PROBE_MIN_GAIN - 1)
+
+
+def _skip_lz4(payload: bytes | bytearray | memoryview) -> bool:
+    """True in a run of memory that lz4 does not shrink, when the payload's sample agrees."""
+    return bool(getattr(_scratch, "poor", False)) and incompressible(payload)
+
+
+def incompressible(payload: bytes | bytearray | memoryview) -> bool:
+    """True when lz4 would not shrink ``payload`` usefully, judged by a sample of its pages
+    (False for payloads too small to sample)."""
+    pages = len(payload) // PAGE_SIZE
+    if pages < PROBE_MIN_PAGES:
+        return False
+    step = pages // PROBE_PAGES
+    # one page from each sixteenth, at a position that moves, so that memory laid out with
+    # a period (every other page, every 16th) cannot hide from the sample
+    at = [i * step + (i * 7) % step for i in range(PROBE_PAGES)]
+    mv = memoryview(payload)
+    sample = b"".join(mv[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] for p in at)
+    return _poor_gain(len(lz4.block.compress(sample, store_size=False)), len(sample))
+
+
 def encode_chunk(
     index: int,
     phys: int,
@@ -161,9 +199,10 @@ def encode_chunk(
     payload: bytes
     if zero == pages:
         enc, payload = ENC_ZERO, b""
-    elif compression == "lz4":
+    elif compression == "lz4" and not _skip_lz4(payload_raw):
         payload = lz4.block.compress(payload_raw, store_size=False)
         enc = ENC_LZ4
+        _scratch.poor = _poor_gain(len(payload), len(payload_raw))
         if len(payload) >= len(payload_raw):
             enc, payload = ENC_RAW, bytes(payload_raw)
     else:

@@ -214,3 +214,49 @@ def test_zero_pages_are_found_whatever_single_bytes_spoil_them(spoilers, cut):
     ]
     assert find_zero_pages(bytes(data)) == want
     assert find_zero_pages(data + b"\x01" * 100, len(data)) == want
+
+
+def _incompressible_run(pages: int = 256) -> None:
+    """Encode a chunk of random pages on this thread: the next payload gets sampled first."""
+    encode_chunk(0, 0, random.Random(99).randbytes(pages * PAGE_SIZE))
+
+
+def test_in_a_run_of_incompressible_memory_only_a_sample_is_compressed(monkeypatch):
+    import lz4.block
+
+    from kjumpd.image import chunk
+
+    _incompressible_run()
+    compressed: list[int] = []
+    real = lz4.block.compress
+    monkeypatch.setattr(
+        chunk.lz4.block,
+        "compress",
+        lambda data, **kw: compressed.append(len(data)) or real(data, **kw),
+    )
+    data = random.Random(7).randbytes(1 << 20)
+    ch, _, payload = parse(encode_chunk(1, 0, data))
+    assert ch.encoding == ENC_RAW and payload == data
+    assert compressed == [chunk.PROBE_PAGES * PAGE_SIZE]  # the sample, not the megabyte
+
+
+def test_compressible_memory_after_an_incompressible_run_is_still_compressed():
+    _incompressible_run()
+    text = b"".join(page("text", i) for i in range(256))
+    ch, _, payload = parse(encode_chunk(0, 0, text))
+    assert ch.encoding == ENC_LZ4 and len(payload) < len(text) // 4
+    _incompressible_run()
+    # every other page compressible: the sample sees them and the chunk is compressed
+    mixed = b"".join(page("text" if i % 2 else "random", i) for i in range(256))
+    ch, _, payload = parse(encode_chunk(0, 0, mixed))
+    assert ch.encoding == ENC_LZ4 and len(payload) < len(mixed) * 3 // 4
+
+
+@settings(deadline=None)
+@given(chunks(), st.booleans())
+def test_round_trip_is_byte_exact_after_an_incompressible_run(data, after_run):
+    if after_run:
+        _incompressible_run()
+    enc = encode_chunk(3, 0, data)
+    ch, bitmap, payload = parse(enc)
+    assert decode_chunk(ch, bitmap, payload, 0) == data
