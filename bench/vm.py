@@ -510,7 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="bench-vm: %(message)s", stream=sys.stderr)
     a = vm_assets.load()
-    if a.missing:
+    changed = vm_assets.newer_sources()
+    if changed:
+        # a bench of assets built from other sources would measure other code
+        where = changed[0].relative_to(REPO)
+        print(
+            f"bench-vm: {len(changed)} source file(s) changed since the VM assets were built "
+            f"({where}, ...): building them again",
+            file=sys.stderr,
+        )
+    if a.missing or changed:
         a = vm_assets.build_all()
     if a.missing:
         print(f"bench-vm: VM assets missing: {', '.join(a.missing)}; see above", file=sys.stderr)

@@ -168,3 +168,20 @@ def test_a_run_reports_the_daemons_own_phases_and_steps(tmp_path):
         ("step: undo thaw", 0.1),
     ]
     assert vm.figures(outcome(tmp_path, {"swsusp": ""}))["a_phases"] == {}
+
+
+def test_assets_older_than_a_changed_source_are_reported_stale(tmp_path, monkeypatch):
+    """A bench of VM assets built before a source changed would measure the old code."""
+    import os
+
+    from tests.vm import assets
+
+    manifest = tmp_path / "vm-assets.json"
+    manifest.write_text("{}")
+    monkeypatch.setattr(assets, "manifest_path", lambda: manifest)
+    source = assets.REPO / "kjumpd" / "image" / "chunk.py"
+    built = source.stat().st_mtime + 10
+    os.utime(manifest, (built, built))
+    assert source not in assets.newer_sources()
+    os.utime(manifest, (built - 3600 * 24 * 365 * 30, built - 3600 * 24 * 365 * 30))
+    assert source in assets.newer_sources()

@@ -104,6 +104,25 @@ def manifest_path() -> Path:
     return rootfs.cache_dir() / "vm-assets.json"
 
 
+def newer_sources() -> list[Path]:
+    """Files of the checkout that the guest's assets are made from and that changed after
+    the manifest was written: the assets may not be this checkout's (empty when fresh)."""
+    try:
+        built = manifest_path().stat().st_mtime
+    except OSError:
+        return []
+    roots = [REPO / name for name in WHEEL_SOURCES] + [Path(__file__).resolve().parent]
+    out = []
+    for root in roots:
+        files = [root] if root.is_file() else root.rglob("*")
+        out += [
+            f
+            for f in files
+            if f.is_file() and "__pycache__" not in f.parts and f.stat().st_mtime > built
+        ]
+    return sorted(out)
+
+
 def load() -> Assets:
     """The manifest written by the last `make vm-assets` (empty when never built)."""
     try:
