@@ -47,10 +47,13 @@ class EncodedChunk:
     phys: int
     raw_length: int
     head: bytes  # record header + zero-page bitmap
-    payload: bytes  # stored bytes
+    payload: bytes | memoryview  # stored bytes (a view only of ``lent``)
     crc: int  # CRC of bitmap + payload (also in the record header)
     zero_pages: int
     cpu: float = 0.0  # CPU seconds this thread spent encoding it
+    #: the caller's buffer the payload is a view of (encode_chunk with ``lend``): it must
+    #: not be refilled before the record is written
+    lent: bytearray | None = None
 
     @property
     def record_length(self) -> int:
@@ -153,11 +156,14 @@ def encode_chunk(
     compression: str = "lz4",
     tag: int = 0,
     length: int | None = None,
+    lend: bool = False,
 ) -> EncodedChunk:
     """Encode the first ``length`` bytes of ``data`` (the memory at ``phys``) as one record.
 
     ``data`` is not kept: the record holds its own copies, so the caller may reuse a
     bytes/bytearray/mmap buffer for the next chunk at once (a memoryview is copied first).
+    With ``lend`` and a bytearray ``data``, a record stored raw without zero pages keeps a
+    view of ``data`` instead of a copy, and names it in ``lent``.
     """
     cpu0 = time.thread_time()
     if isinstance(data, memoryview):
@@ -196,7 +202,8 @@ def encode_chunk(
                 dst[fill : fill + n - pos] = src[pos:n]
                 fill += n - pos
             payload_raw = dst[:fill]
-    payload: bytes
+    payload: bytes | memoryview
+    lent = data if lend and zero == 0 and isinstance(data, bytearray) else None
     if zero == pages:
         enc, payload = ENC_ZERO, b""
     elif compression == "lz4" and not _skip_lz4(payload_raw):
@@ -204,9 +211,11 @@ def encode_chunk(
         enc = ENC_LZ4
         _scratch.poor = _poor_gain(len(payload), len(payload_raw))
         if len(payload) >= len(payload_raw):
-            enc, payload = ENC_RAW, bytes(payload_raw)
+            enc, payload = ENC_RAW, _raw_payload(payload_raw, lent)
     else:
-        enc, payload = ENC_RAW, bytes(payload_raw)
+        enc, payload = ENC_RAW, _raw_payload(payload_raw, lent)
+    if enc != ENC_RAW:
+        lent = None
     bm = bytes(bitmap)
     body_crc = crc32(payload, crc32(bm))
     head = (
@@ -231,7 +240,13 @@ def encode_chunk(
         crc=body_crc,
         zero_pages=zero,
         cpu=time.thread_time() - cpu0,
+        lent=lent,
     )
+
+
+def _raw_payload(payload_raw: bytes | memoryview, lent: bytearray | None) -> bytes | memoryview:
+    """The stored bytes of a raw record: a view of the lent buffer, else a copy of its own."""
+    return payload_raw if lent is not None else bytes(payload_raw)
 
 
 def zero_chunk(index: int, phys: int, n: int, tag: int = 0, free: bool = False) -> EncodedChunk:

@@ -167,9 +167,11 @@ class _Meter:
 class _Encoders:
     """Worker threads that each claim the next chunk of the plan, read it into their own
     reused buffer and encode it; results are handed to the writer (the caller's thread) in
-    plan order. A worker never runs more than ``depth`` chunks ahead of the writer, so the
-    memory in use does not depend on the size of the input. Reads from the source are
-    serialised (a /dev/mem source maps one window at a time).
+    plan order. A raw record keeps its worker's buffer (no copy) until the writer has its
+    bytes, and the worker goes on with a spare one. A worker never runs more than ``depth``
+    chunks ahead of the writer, so the memory in use does not depend on the size of the
+    input. Reads from the source are serialised (a /dev/mem source maps one window at a
+    time).
     """
 
     def __init__(
@@ -197,6 +199,9 @@ class _Encoders:
         self.taken = 0  # plan positions the writer has taken
         self.stopped = False
         self.read_seconds = 0.0  # wall time in source reads, all workers
+        # read buffers lent to raw records (no copy of incompressible memory) come back
+        # here once the writer has them in its window; a worker takes one before a new one
+        self.spare: list[bytearray] = []
         self.threads = [
             threading.Thread(target=self._work, name=f"kjump-lz4-{i}", daemon=True)
             for i in range(workers)
@@ -235,9 +240,25 @@ class _Encoders:
                     item = self.cipher.seal_chunk(item)
             except BaseException as e:  # noqa: B902 - raised by the writer, in plan order
                 item = e
+            else:
+                if item.lent is not None:
+                    buf = self._spare_buffer()
             with self.cond:
                 self.results[pos] = item
                 self.cond.notify_all()
+
+    def _spare_buffer(self) -> bytearray:
+        with self.cond:
+            if self.spare:
+                return self.spare.pop()
+        return bytearray(self.chunk_size)
+
+    def give_back(self, item: EncodedChunk) -> None:
+        """The writer has ``item``'s bytes: a read buffer it held may be filled again."""
+        if item.lent is not None:
+            with self.cond:
+                self.spare.append(item.lent)
+            item.lent = None
 
     def _encode(self, index: int, phys: int, n: int, buf: bytearray | None) -> EncodedChunk:
         if self.known_zero is not None:
@@ -263,7 +284,9 @@ class _Encoders:
                 fix="check the ranges",
                 phys=phys,
             )
-        return encode_chunk(index, phys, data, self.compression, self.tag, length=n)
+        # encrypted records are new bytes: nothing to lend
+        lend = buf is not None and self.cipher is None
+        return encode_chunk(index, phys, data, self.compression, self.tag, length=n, lend=lend)
 
     def take(self, pos: int, timeout: float) -> EncodedChunk | BaseException | None:
         """The result for plan position ``pos`` (None on timeout); lets workers go on."""
@@ -429,6 +452,7 @@ def _write_records(
                 raise _cancelled()
             rw.append(item.head)
             rw.append(item.payload)
+            encoders.give_back(item)
             written.add(item)
             meter(written.raw)
     finally:

@@ -411,7 +411,9 @@ class ImageCipher:
                 offset=0,
             )
 
-    def seal(self, ch: ChunkHeader, bitmap: bytes, payload: bytes) -> tuple[ChunkHeader, bytes]:
+    def seal(
+        self, ch: ChunkHeader, bitmap: bytes, payload: bytes | memoryview
+    ) -> tuple[ChunkHeader, bytes]:
         """(record header, bitmap, plain payload) -> (record header, stored payload)."""
         ct = self._aead.encrypt(_NONCE.pack(0, ch.index), bytes(payload), _aad(ch, bitmap))
         return _with_payload(ch, len(ct), crc32(ct, crc32(bitmap))), ct

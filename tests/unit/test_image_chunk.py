@@ -260,3 +260,18 @@ def test_round_trip_is_byte_exact_after_an_incompressible_run(data, after_run):
     enc = encode_chunk(3, 0, data)
     ch, bitmap, payload = parse(enc)
     assert decode_chunk(ch, bitmap, payload, 0) == data
+
+
+def test_a_raw_record_lends_the_read_buffer_only_when_asked_and_only_when_raw():
+    buf = bytearray(random.Random(3).randbytes(64 * PAGE_SIZE))
+    lent = encode_chunk(0, 0, buf, lend=True)
+    assert lent.lent is buf and bytes(lent.payload) == bytes(buf)
+    assert encode_chunk(0, 0, buf).lent is None  # not asked: a copy of its own
+    text = bytearray(b"".join(page("text", i) for i in range(64)))
+    assert encode_chunk(0, 0, text, lend=True).lent is None  # compressed: new bytes
+    holed = bytearray(bytes(buf[: 32 * PAGE_SIZE]) + bytes(PAGE_SIZE) + bytes(buf[PAGE_SIZE:]))
+    rec = encode_chunk(0, 0, holed, lend=True)  # a zero page: packed into scratch, copied
+    assert rec.lent is None
+    payload = bytes(rec.payload)
+    holed[:] = b"\xee" * len(holed)
+    assert bytes(rec.payload) == payload
