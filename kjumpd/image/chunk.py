@@ -1,10 +1,11 @@
 """Chunk codec: zero-page elision + lz4 block compression + CRC (record layout in format.py).
 
-In a run of memory that lz4 cannot shrink, a payload that a sample shows to be
-incompressible is stored raw without compressing it (see PROBE_PAGES).
-
-``encode_chunk`` and ``decode_chunk`` are pure functions called on worker threads;
-lz4.block and zlib.crc32 release the GIL on large buffers, so a thread pool uses every core.
+``encode_chunk`` and ``decode_chunk`` are called on worker threads; lz4.block and
+zlib.crc32 release the GIL on large buffers, so a thread pool uses every core. Their only
+state is per thread: scratch buffers, and whether the thread's last payload compressed. In
+a run of memory that lz4 cannot shrink, a payload that a sample shows to be incompressible
+is stored raw without compressing it (see PROBE_PAGES); the bytes decoded are the same
+either way.
 
 ``decode_into`` decompresses with liblz4's LZ4_decompress_safe through ctypes when the
 library is there (the save kernel has liblz4.so.1): straight into the caller's buffer, or a
