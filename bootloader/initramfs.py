@@ -190,12 +190,11 @@ def make_restore_initrd(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(Path(base).read_bytes())
+        f.write(pagecache.read_once(base))
         f.write(restore_payload(cfg, files))
         f.flush()
         os.fsync(f.fileno())  # the boot loader reads it from the disk, maybe after a crash
         pagecache.forget_fd(f.fileno())  # kept cached, the next image would save it
-    pagecache.forget(base)
     tmp.replace(out)
     return out
 

@@ -455,11 +455,8 @@ def restore_payload(cfg: Any, files: Mapping[str, Path | bytes]) -> bytes:
     entries = {BOOT_CONFIG_PATH: cfg.to_json().encode()}
     try:
         for arc, src in files.items():
-            if isinstance(src, bytes):
-                entries[arc] = src
-            else:
-                entries[arc] = Path(src).read_bytes()
-                pagecache.forget(src)  # kernels and initrds: only the boot loader reads them
+            # kernels and initrds: only the boot loader reads them again
+            entries[arc] = src if isinstance(src, bytes) else pagecache.read_once(src)
     except OSError as e:
         raise BootEntryError(
             f"cannot read {e.filename} for the restore-first initramfs",
@@ -735,8 +732,7 @@ def write_file(sysroot: Sysroot, path: str, data: bytes, mode: int = 0o644) -> N
 
 def _copy(sysroot: Sysroot, src: Path, dest: str) -> None:
     try:
-        data = Path(src).read_bytes()
-        pagecache.forget(src)
+        data = pagecache.read_once(src)
     except OSError as e:
         raise BootEntryError(
             f"cannot read {src}",
@@ -923,8 +919,7 @@ def install(
             target=target,
         )
     try:
-        r_initrd = Path(initrd).read_bytes()
-        pagecache.forget(initrd)
+        r_initrd = pagecache.read_once(initrd)
     except OSError as e:
         raise BootEntryError(
             f"cannot read {initrd}",
@@ -1059,7 +1054,7 @@ def _system_path(sysroot: Sysroot, p: Path) -> str:
 
 def installed_initrd(initrd: Path, boot: tuple[Any, Mapping[str, Path | bytes]] | None) -> bytes:
     """The bytes ``install`` writes as R's initrd: the generic one, then the payload."""
-    data = Path(initrd).read_bytes()
+    data = pagecache.read_once(initrd)
     return data + restore_payload(*boot) if boot is not None else data
 
 
@@ -1080,8 +1075,9 @@ def is_current(
     if rec is None or rec.kind != kind or not rec.cmdline.startswith(cmdline):
         return False
     try:
-        return sysroot.path(rec.kernel).read_bytes() == Path(kernel).read_bytes() and (
-            sysroot.path(rec.initrd).read_bytes() == installed_initrd(initrd, boot)
+        read = pagecache.read_once  # the comparison must not leave them cached either
+        return read(sysroot.path(rec.kernel)) == read(kernel) and (
+            read(sysroot.path(rec.initrd)) == installed_initrd(initrd, boot)
         )
     except OSError:
         return False

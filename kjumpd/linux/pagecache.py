@@ -37,3 +37,13 @@ def forget(path: os.PathLike[str] | str) -> None:
         forget_fd(fd)
     finally:
         os.close(fd)
+
+
+def read_once(path: os.PathLike[str] | str) -> bytes:
+    """The bytes of the file at ``path``, its pages dropped from the cache after reading: for
+    files kjumpd reads once and only the boot loader or kexec reads again. OSError as
+    ``Path.read_bytes``."""
+    with open(path, "rb") as f:
+        data = f.read()
+        forget_fd(f.fileno())
+    return data

@@ -518,6 +518,7 @@ def restore_first(
                     # what the chunk-table guard refuses in two boots, found while restoring
                     # (the image is marked INVALID(corrupt: ...)); A's memory was not live
                     pass
+                # out of the except clause: its traceback no longer holds the restore's memory
                 release_restore_memory()
                 boot_normal(cfg, "invalid:corrupt", run, kexec, sysroot)
                 return "invalid:corrupt"
