@@ -279,13 +279,15 @@ class CancelKey:
 
 
 class Progress:
-    """Console progress lines, at most one per ``every`` seconds (and at 100 %); tells the
-    watchdog when ``done`` advanced (a meter called while waiting does not count)."""
+    """Console progress lines: the first call, then at most one per ``every`` seconds, and
+    100 %; tells the watchdog when ``done`` advanced (a meter called while waiting does not
+    count). The first line does not wait on the clock: a kernel booted less than ``every``
+    seconds ago would otherwise start its meter silently."""
 
     def __init__(self, verb: str, total: int, every: float = 2.0, watchdog: Any = None) -> None:
         self.verb, self.total, self.every = verb, max(total, 1), every
         self.t0 = time.monotonic()
-        self.last = 0.0
+        self.last: float | None = None
         self.done = -1
         self.watchdog = watchdog
 
@@ -295,7 +297,7 @@ class Progress:
             if self.watchdog is not None:
                 self.watchdog.progress()
         now = time.monotonic()
-        if now - self.last >= self.every or done >= self.total:
+        if self.last is None or now - self.last >= self.every or done >= self.total:
             self.last = now
             dt = max(now - self.t0, 1e-6)
             say(

@@ -151,3 +151,21 @@ def test_the_main_kernels_entry_page_is_mapped_when_it_lies_in_acpi_data(tmp_pat
     assert entry_mapped(root, 0x3FFDF0F2)
     assert not entry_mapped(root, 0x3FFE00F2)  # reserved, not mapped by kexec
     assert not entry_mapped(root, 0x200000F2)  # B's jump area
+
+
+def test_progress_shows_its_first_line_in_a_kernel_just_booted(monkeypatch, capsys) -> None:
+    """A kernel up for less than the meter's interval still shows where its work begins
+    (the first line, 0 %), then one line per interval, and 100 % at the end."""
+    from kjumpd.agent import kernel_role
+
+    now = [0.4]  # CLOCK_MONOTONIC of a save or restore-first kernel 0.4 s after boot
+    monkeypatch.setattr(kernel_role.time, "monotonic", lambda: now[0])
+    p = kernel_role.Progress("restoring", 100 << 20, every=2.0)
+    p(0)
+    now[0] = 1.0
+    p(10 << 20)  # within the interval: no line
+    now[0] = 2.5
+    p(40 << 20)
+    p(100 << 20)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "restoring" in ln]
+    assert [ln.split("restoring")[1].split("%")[0].strip() for ln in lines] == ["0", "40", "100"]
