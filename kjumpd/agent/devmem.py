@@ -340,6 +340,23 @@ class MemorySink(_DevMem):
                 self._direct(at, n, data[pos : pos + n] if data is not None else None)
             pos += n
 
+    def place(self, phys: int, length: int, fill: Callable[[memoryview], None]) -> bool:
+        """Let ``fill`` write [phys, phys+length) in place: it gets a view of A's memory
+        (this thread's window), so a chunk is decoded there without a buffer and a copy.
+        False, with nothing written, when the range touches a held page or does not lie in
+        one window: write() it then."""
+        self._bounds(phys, length)
+        if any(s < phys + length and e > phys for s, e in self.hold):
+            return False
+        m, off = self._view(phys, length)
+        if len(m) - off < length:
+            return False
+        with memoryview(m) as whole, whole[off : off + length] as dst:
+            fill(dst)
+        with self._lock:
+            self.bytes_written += length
+        return True
+
     def _held_range(self, at: int) -> Range | None:
         for s, e in self.hold:
             if s <= at < e:

@@ -347,14 +347,20 @@ def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) ->
 
 
 def decode_into(
-    ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int, out: memoryview | None
+    ch: ChunkHeader,
+    bitmap: bytes,
+    payload: bytes,
+    offset: int,
+    out: memoryview | None,
+    checked: bool = False,
 ) -> None:
     """Check a record and decode its ``raw_length`` bytes into ``out`` (zero pages written as
     zeros). ``out`` may be a reused buffer: every byte of ``out[:raw_length]`` is written.
     ``out`` may be None only for an all-zero or free record (ENC_ZERO, ENC_FREE), which is
-    checked, not written.
+    checked, not written. ``checked``: the caller has run check_chunk on this record.
     """
-    check_chunk(ch, bitmap, payload, offset)
+    if not checked:
+        check_chunk(ch, bitmap, payload, offset)
     stored = stored_pages(bitmap, ch.pages)
     nz = len(stored)
     # the last page may be partial; it is stored short when it is not a zero page

@@ -12,6 +12,11 @@ Writing: the worker that decoded a chunk also writes it (a turnstile: chunk i is
 only once chunks 0..i-1 passed their checks, and never once an earlier chunk failed), so the
 reader thread only parses records. A sink with ``concurrent_writes`` (the /dev/mem sink) is
 written by several workers at once; any other sink one chunk at a time, in chunk order.
+A sink that can ``place`` a chunk (the /dev/mem sink: a view of A's memory) has it decoded
+straight into place, without a buffer and a copy, once the record's checksum and those of
+the records before it passed: such a sink is A's memory, which a failed restore abandons
+whole, so a payload that then fails to decode (only an encoder fault gets past the
+checksum) may leave its own range half written.
 All-zero chunks go to ``sink.zero`` when the sink has it (a memset into the target, no zero
 buffer read), else ``sink.write`` of zeros. Free chunks (format.ENC_FREE: free in the main
 kernel, which never looks at a free page's contents) are checked and not written at all: the
@@ -36,7 +41,7 @@ from typing import Any, NamedTuple, Protocol
 
 from kjumpd.errors import ImageCorruptError, ImageError, ImageFormatError, ImageKeyError
 from kjumpd.image import store
-from kjumpd.image.chunk import COMPRESSIONS, decode_into, zeros
+from kjumpd.image.chunk import COMPRESSIONS, check_chunk, decode_into, zeros
 from kjumpd.image.device import ImageDevice, close_buffer
 from kjumpd.image.format import (
     EMPTY_ENCODINGS,
@@ -191,11 +196,25 @@ class _Turns:
 #: worker thread, in chunk order
 Deliver = Callable[[int, "memoryview | None", int], None]
 
+#: decodes a checked chunk straight into the sink: (phys, length, fill) calls fill(view of
+#: the destination) and returns True, or returns False (the chunk is then decoded and
+#: delivered as usual)
+Place = Callable[[int, int, Callable[[memoryview], None]], bool]
+
 #: one record of the data area, as RecordReader yields it: (header, bitmap, payload, offset)
 _Record = tuple[ChunkHeader, bytes, bytes, int]
 
 #: the stage clocks iter_image keeps (see RestoreStats.stages; free_left counts bytes)
-_STAGES = ("records", "decode_cpu", "waiting", "write", "write_cpu", "turn", "free_left")
+_STAGES = (
+    "records",
+    "decode_cpu",
+    "waiting",
+    "write",
+    "write_cpu",
+    "turn",
+    "free_left",
+    "placed",
+)
 
 
 def iter_image(
@@ -208,15 +227,17 @@ def iter_image(
     deliver: Deliver | None = None,
     overlap: bool = False,
     key: bytes | None = None,
-) -> Iterator[tuple[int, memoryview]]:
-    """(phys, bytes) of every chunk, in order, each checked before it is yielded.
+    place: Place | None = None,
+) -> Iterator[tuple[int, int, memoryview | None]]:
+    """(phys, length, bytes) of every chunk, in order, each checked before it is yielded.
 
     The bytes are a view of a reused, page-aligned buffer (chunks are decoded into a small
     ring of them on the worker threads): it is valid until the next item is requested.
     With ``deliver``, each chunk is also handed to it on the worker that decoded it, in chunk
     order (``overlap``: once every earlier chunk passed its checks, so deliveries may run at
     the same time), before it is yielded; a chunk after a bad one is neither delivered nor
-    yielded.
+    yielded. With ``place`` too (and ``overlap``), a stored chunk is decoded straight into the
+    sink when place accepts it, and yielded with None for its bytes.
     """
     workers = workers or default_workers()
     depth = inflight_chunks(workers, header.chunk_size)
@@ -231,7 +252,15 @@ def iter_image(
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kjump-unlz4") as pool:
             opener = cipher(key, header).open if header.encrypted and key is not None else None
-            flight = _InFlight(pool, ring, _Turns(overlap), deliver, clocks, opener)
+            flight = _InFlight(
+                pool,
+                ring,
+                _Turns(overlap),
+                deliver,
+                clocks,
+                opener,
+                place=place if deliver is not None and overlap else None,
+            )
             try:
                 records = _placed_records(reader, header, meta, clocks)
                 yield from _decode_in_order(records, flight, depth, header)
@@ -263,7 +292,7 @@ def _placed_records(
 
 def _decode_in_order(
     records: Iterator[_Record], flight: _InFlight, depth: int, header: Header
-) -> Iterator[tuple[int, memoryview]]:
+) -> Iterator[tuple[int, int, memoryview | None]]:
     """Keep up to ``depth`` records decoding, hand out the oldest as each new one goes in,
     then check the whole: the chunk count and the checksum of the chunk list."""
     crc = 0
@@ -332,9 +361,9 @@ class _Ring:
 
 
 class _Decoded(NamedTuple):
-    """A worker's result: the buffer holding the chunk (None: all zero), its length, and
-    the seconds it spent (decode CPU; with a deliver: waiting for its turn, writing, and
-    the CPU of that write)."""
+    """A worker's result: the buffer holding the chunk (None: all zero, or placed), its
+    length, and the seconds it spent (decode CPU; with a deliver: waiting for its turn,
+    writing, and the CPU of that write; a placed chunk's decode counts as its write)."""
 
     buf: mmap.mmap | None
     length: int
@@ -342,6 +371,7 @@ class _Decoded(NamedTuple):
     turn: float = 0.0
     write: float = 0.0
     write_cpu: float = 0.0
+    placed: bool = False
 
 
 class _InFlight:
@@ -357,25 +387,29 @@ class _InFlight:
         deliver: Deliver | None,
         clocks: dict[str, float],
         opener: Callable[[ChunkHeader, bytes, bytes, int], tuple[ChunkHeader, bytes]] | None = None,
+        place: Place | None = None,
     ) -> None:
         self.pool, self.ring, self.turns = pool, ring, turns
         self.opener = opener  # an encrypted image: each record authenticated, then decoded
         self.deliver, self.clocks = deliver, clocks
+        self.place = place
         self.pending: deque[tuple[ChunkHeader, Future[_Decoded]]] = deque()
         self.count = 0  # chunks submitted
 
     def submit(self, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int) -> None:
-        # an all-zero record is checked on a worker and handed out as the shared zeros
-        buf = None if ch.encoding in EMPTY_ENCODINGS else self.ring.take()
+        # an all-zero record is checked on a worker and handed out as the shared zeros; a
+        # chunk that may be placed takes a buffer only if the sink refuses it
+        empty = ch.encoding in EMPTY_ENCODINGS
+        buf = None if empty or self.place is not None else self.ring.take()
         fut = self.pool.submit(self._work, self.count, ch, bitmap, payload, off, buf)
         self.pending.append((ch, fut))
         self.count += 1
 
-    def hand_out_oldest(self) -> Iterator[tuple[int, memoryview]]:
+    def hand_out_oldest(self) -> Iterator[tuple[int, int, memoryview | None]]:
         ch, fut = self.pending.popleft()
         yield from self._hand_out(ch, fut)
 
-    def drain(self) -> Iterator[tuple[int, memoryview]]:
+    def drain(self) -> Iterator[tuple[int, int, memoryview | None]]:
         while self.pending:
             yield from self.hand_out_oldest()
 
@@ -398,6 +432,8 @@ class _InFlight:
         try:
             if self.opener is not None:
                 ch, payload = self.opener(ch, bitmap, payload, off)
+            if self.place is not None and ch.encoding not in EMPTY_ENCODINGS:
+                return self._place_in_turn(seq, ch, bitmap, payload, off)
             out, n, cpu = _decode(ch, bitmap, payload, off, buf)
         except BaseException:
             self.turns.fail(seq)
@@ -405,6 +441,44 @@ class _InFlight:
         if self.deliver is None:
             return _Decoded(out, n, cpu)
         return _Decoded(out, n, cpu, *self._write_in_turn(self.deliver, seq, ch, out, n))
+
+    def _place_in_turn(
+        self, seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int
+    ) -> _Decoded:
+        """Check the record, wait for its turn, then decode it straight into the sink; into
+        a ring buffer and through deliver when the sink does not take it there."""
+        assert self.place is not None and self.deliver is not None
+        c0 = time.thread_time()
+        check_chunk(ch, bitmap, payload, off)
+        cpu = time.thread_time() - c0
+        self.turns.check_passed(seq)
+        t0 = time.monotonic()
+        if not self.turns.wait(seq):
+            raise _Skipped(f"chunk {ch.index} not written: an earlier chunk failed")
+        t1, c1 = time.monotonic(), time.thread_time()
+        n = ch.raw_length
+        try:
+            placed = self.place(
+                ch.phys, n, lambda view: decode_into(ch, bitmap, payload, off, view, checked=True)
+            )
+            if placed:
+                return _Decoded(
+                    None, n, cpu, t1 - t0, time.monotonic() - t1, time.thread_time() - c1, True
+                )
+        except BaseException:
+            self.turns.fail(seq)
+            raise
+        buf = self.ring.take()
+        try:
+            with memoryview(buf) as out:
+                decode_into(ch, bitmap, payload, off, out, checked=True)
+            with memoryview(buf) as whole, whole[:n] as mv:
+                self.deliver(ch.phys, mv, n)
+        except BaseException:
+            self.turns.fail(seq)
+            self.ring.free.put(buf)
+            raise
+        return _Decoded(buf, n, cpu, t1 - t0, time.monotonic() - t1, time.thread_time() - c1)
 
     def _write_in_turn(
         self, deliver: Deliver, seq: int, ch: ChunkHeader, out: mmap.mmap | None, n: int
@@ -429,7 +503,9 @@ class _InFlight:
         self.turns.done(seq)
         return t1 - t0, time.monotonic() - t1, time.thread_time() - c1
 
-    def _hand_out(self, ch: ChunkHeader, fut: Future[_Decoded]) -> Iterator[tuple[int, memoryview]]:
+    def _hand_out(
+        self, ch: ChunkHeader, fut: Future[_Decoded]
+    ) -> Iterator[tuple[int, int, memoryview | None]]:
         tw = time.monotonic()
         try:
             done = fut.result()
@@ -444,13 +520,17 @@ class _InFlight:
         clocks["write_cpu"] += done.write_cpu
         if self.deliver is not None and ch.encoding == ENC_FREE:
             clocks["free_left"] += done.length
+        if done.placed:
+            clocks["placed"] += done.length
+            yield ch.phys, done.length, None
+            return
         if done.buf is None:
             with memoryview(self.ring.zeros) as z:
-                yield ch.phys, z[: done.length]
+                yield ch.phys, done.length, z[: done.length]
             return
         mv = memoryview(done.buf)[: done.length]
         try:
-            yield ch.phys, mv
+            yield ch.phys, done.length, mv
         finally:
             self.ring.give_back(done.buf, mv)
 
@@ -510,8 +590,15 @@ def restore_image(
         else:
             sink.write(phys, memoryview(zeros(n)))  # type: ignore[union-attr]
 
+    sink_place = getattr(sink, "place", None)
+
+    def place(phys: int, n: int, fill: Callable[[memoryview], None]) -> bool:
+        if sink_place is None or any(a < phys + n and b > phys for a, b in held):
+            return False
+        return bool(sink_place(phys, n, fill))
+
     writing = not verify_only and sink is not None
-    for _phys, data in iter_image(
+    for _phys, length, _data in iter_image(
         dev,
         header,
         meta,
@@ -520,8 +607,9 @@ def restore_image(
         deliver=deliver if writing else None,
         overlap=bool(getattr(sink, "concurrent_writes", False)),
         key=key,
+        place=place if sink_place is not None else None,
     ):
-        stats.raw_bytes += len(data)
+        stats.raw_bytes += length
         stats.chunk_count += 1
         meter(stats.raw_bytes)
     stats.zero_pages = header.zero_pages
@@ -538,8 +626,9 @@ def restore_image(
     log.info(
         "restore stages: reading records %.2fs, decode %.2fs CPU on the workers, "
         "waiting for decodes %.2fs, writing memory %.2fs (%.2fs CPU, on the workers%s), "
-        "chunks waiting for their turn to write %.2fs; %d MiB of zero chunks were zero "
-        "already (read, not written); %d MiB of free memory left as it was",
+        "chunks waiting for their turn to write %.2fs; %d MiB decoded straight into place; "
+        "%d MiB of zero chunks were zero already (read, not written); %d MiB of free memory "
+        "left as it was",
         st["records"],
         st["decode_cpu"],
         st["waiting"],
@@ -547,6 +636,7 @@ def restore_image(
         st["write_cpu"],
         ", overlapped" if getattr(sink, "concurrent_writes", False) else "",
         st["turn"],
+        int(st["placed"]) >> 20,
         getattr(sink, "zero_already", 0) >> 20,
         int(st["free_left"]) >> 20,
     )

@@ -26,6 +26,7 @@ kernel cannot be started, a shell is offered on the console (nothing else can be
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -566,6 +567,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if as_init:
         os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         mount_kernel_filesystems()
+        # the restore's own lines (its stages, what it left as found) reach the console as
+        # the save kernel's do
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="kjumpd-rf[%(levelname)s] %(name)s: %(message)s",
+        )
     sysroot = Sysroot()
     say(f"restore-first environment up at uptime {uptime(sysroot):.2f} s")
     failed = False

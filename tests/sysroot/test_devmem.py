@@ -189,3 +189,33 @@ def test_threads_writing_at_once_each_land_byte_exact(mem) -> None:
         else:
             assert now[a:0x80000] == data[a:0x80000]
             assert held[a][: 0x80000 - a] == want[: 0x80000 - a]
+
+
+def test_place_writes_in_place_only_clear_of_held_pages_and_within_a_window(mem) -> None:
+    """The restore decodes a chunk straight into A's memory when the sink can place it;
+    a held page or a window boundary refuses the place (nothing written) and the chunk
+    goes through write() instead."""
+    root, data = mem
+    hold = [(0, 0x80000)]
+
+    def fill_with(byte: int):
+        def fill(view: memoryview) -> None:
+            view[:] = bytes([byte]) * len(view)
+
+        return fill
+
+    with MemorySink(root, RANGES, hold=hold, window=WINDOW) as sink:
+        assert sink.place(0x200000, 0x10000, fill_with(0x42))
+        assert not sink.place(0x78000, 0x10000, fill_with(0x43))  # half held
+        assert not sink.place(3 * WINDOW - 0x1000, 0x2000, fill_with(0x44))  # two windows
+        sink.flush()
+        assert sink.bytes_written == 0x10000
+        assert sink.held_segments() == []
+    now = (root.root / "dev" / "mem").read_bytes()
+    assert now[0x200000:0x210000] == b"\x42" * 0x10000
+    assert now[0x78000:0x88000] == data[0x78000:0x88000]
+    assert (
+        now[3 * WINDOW - 0x1000 : 3 * WINDOW + 0x1000]
+        == data[3 * WINDOW - 0x1000 : 3 * WINDOW + 0x1000]
+    )
+    assert now[:0x200000] == data[:0x200000] and now[0x210000:] == data[0x210000:]

@@ -773,6 +773,9 @@ def test_devmem_sink_restore_is_byte_exact_and_zero_chunks_come_back_as_zeros(sa
             else:
                 assert got[p : p + PAGE_SIZE] == want, hex(p)
     assert rs.stages["write"] > 0 and rs.chunk_count == len(_chunk_offsets(tgt)[1])
+    # chunks clear of the held pages were decoded straight into memory, the rest copied
+    stored = sum(c.raw_length for c, _ in _chunk_offsets(tgt)[1] if c.payload_length)
+    assert 0 < rs.stages["placed"] < stored
 
 
 @pytest.mark.parametrize("workers", [2, 5])
