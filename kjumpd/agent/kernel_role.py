@@ -284,7 +284,7 @@ class Progress:
     count). The first line does not wait on the clock: a kernel booted less than ``every``
     seconds ago would otherwise start its meter silently."""
 
-    def __init__(self, verb: str, total: int, every: float = 2.0, watchdog: Any = None) -> None:
+    def __init__(self, verb: str, total: int, every: float = 1.0, watchdog: Any = None) -> None:
         self.verb, self.total, self.every = verb, max(total, 1), every
         self.t0 = time.monotonic()
         self.last: float | None = None
