@@ -448,48 +448,40 @@ class _InFlight:
         """Check the record, wait for its turn, then decode it straight into the sink; into
         a ring buffer and through deliver when the sink does not take it there."""
         assert self.place is not None and self.deliver is not None
+        place, deliver = self.place, self.deliver
         c0 = time.thread_time()
         check_chunk(ch, bitmap, payload, off)
         cpu = time.thread_time() - c0
-        self.turns.check_passed(seq)
-        t0 = time.monotonic()
-        if not self.turns.wait(seq):
-            raise _Skipped(f"chunk {ch.index} not written: an earlier chunk failed")
-        t1, c1 = time.monotonic(), time.thread_time()
         n = ch.raw_length
+        taken: list[mmap.mmap] = []  # the ring buffer of a chunk the sink did not place
+
+        def decode(out: memoryview) -> None:
+            decode_into(ch, bitmap, payload, off, out, checked=True)
+
+        def write() -> None:
+            if place(ch.phys, n, decode):
+                return
+            taken.append(self.ring.take())
+            with memoryview(taken[0]) as whole:
+                decode(whole)
+                with whole[:n] as mv:
+                    deliver(ch.phys, mv, n)
+
         try:
-            placed = self.place(
-                ch.phys, n, lambda view: decode_into(ch, bitmap, payload, off, view, checked=True)
-            )
-            if placed:
-                return _Decoded(
-                    None, n, cpu, t1 - t0, time.monotonic() - t1, time.thread_time() - c1, True
-                )
+            times = self._in_turn(seq, ch, write)
         except BaseException:
-            self.turns.fail(seq)
+            if taken:
+                self.ring.free.put(taken[0])
             raise
-        buf = self.ring.take()
-        try:
-            with memoryview(buf) as out:
-                decode_into(ch, bitmap, payload, off, out, checked=True)
-            with memoryview(buf) as whole, whole[:n] as mv:
-                self.deliver(ch.phys, mv, n)
-        except BaseException:
-            self.turns.fail(seq)
-            self.ring.free.put(buf)
-            raise
-        return _Decoded(buf, n, cpu, t1 - t0, time.monotonic() - t1, time.thread_time() - c1)
+        buf = taken[0] if taken else None
+        return _Decoded(buf, n, cpu, *times, placed=buf is None)
 
     def _write_in_turn(
         self, deliver: Deliver, seq: int, ch: ChunkHeader, out: mmap.mmap | None, n: int
     ) -> tuple[float, float, float]:
         """Deliver a checked chunk once the turnstile lets it: (turn, write, write CPU) s."""
-        self.turns.check_passed(seq)
-        t0 = time.monotonic()
-        if not self.turns.wait(seq):
-            raise _Skipped(f"chunk {ch.index} not written: an earlier chunk failed")
-        t1, c1 = time.monotonic(), time.thread_time()
-        try:
+
+        def write() -> None:
             if ch.encoding == ENC_FREE:
                 pass  # free in A, its contents never looked at: left as found
             elif out is None:
@@ -497,6 +489,21 @@ class _InFlight:
             else:
                 with memoryview(out) as whole, whole[:n] as mv:
                     deliver(ch.phys, mv, n)
+
+        return self._in_turn(seq, ch, write)
+
+    def _in_turn(
+        self, seq: int, ch: ChunkHeader, write: Callable[[], None]
+    ) -> tuple[float, float, float]:
+        """Run ``write`` for a chunk that passed its checks once the turnstile lets it:
+        (turn, write, write CPU) s."""
+        self.turns.check_passed(seq)
+        t0 = time.monotonic()
+        if not self.turns.wait(seq):
+            raise _Skipped(f"chunk {ch.index} not written: an earlier chunk failed")
+        t1, c1 = time.monotonic(), time.thread_time()
+        try:
+            write()
         except BaseException:
             self.turns.fail(seq)
             raise
@@ -572,8 +579,11 @@ def restore_image(
 
     divert_lock = threading.Lock()
 
+    def diverted(phys: int, n: int) -> bool:
+        return any(a < phys + n and b > phys for a, b in held)
+
     def deliver(phys: int, data: memoryview | None, n: int) -> None:
-        if any(a < phys + n and b > phys for a, b in held):
+        if diverted(phys, n):
             with divert_lock:  # stats.diverted* are shared
                 _deliver(
                     sink,
@@ -590,12 +600,11 @@ def restore_image(
         else:
             sink.write(phys, memoryview(zeros(n)))  # type: ignore[union-attr]
 
-    sink_place = getattr(sink, "place", None)
+    sink_place: Place | None = getattr(sink, "place", None)
 
     def place(phys: int, n: int, fill: Callable[[memoryview], None]) -> bool:
-        if sink_place is None or any(a < phys + n and b > phys for a, b in held):
-            return False
-        return bool(sink_place(phys, n, fill))
+        assert sink_place is not None  # passed on only when the sink has it
+        return not diverted(phys, n) and sink_place(phys, n, fill)
 
     writing = not verify_only and sink is not None
     for _phys, length, _data in iter_image(

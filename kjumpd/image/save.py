@@ -235,13 +235,14 @@ class _Encoders:
             index, phys, n = self.plan[pos]
             item: EncodedChunk | BaseException
             try:
-                item = self._encode(index, phys, n, buf)
+                encoded = self._encode(index, phys, n, buf)
                 if self.cipher is not None:
-                    item = self.cipher.seal_chunk(item)
+                    encoded = self.cipher.seal_chunk(encoded)
             except BaseException as e:  # noqa: B902 - raised by the writer, in plan order
                 item = e
             else:
-                if item.lent is not None:
+                item = encoded
+                if encoded.lent is not None:
                     buf = self._spare_buffer()
             with self.cond:
                 self.results[pos] = item
