@@ -1,10 +1,14 @@
 """Make the image smaller before the jump by reclaiming memory, never with the OOM killer.
 
+The transaction runs it once user space is frozen and before the filesystems are: a running
+task would fault what reclaim took straight back in, and reclaim's writeback still needs the
+filesystems.
+
 Two settings, both in ``[hibernate]``:
 
 * ``image_size`` (default ``"auto"``): a target, best effort, as the kernel's own
   /sys/power/image_size (whose default is 2/5 of RAM): when the pages the save kernel will
-  read exceed it, the excess is reclaimed once through the root cgroup's memory.reclaim
+  read exceed it, the excess is reclaimed through the root cgroup's memory.reclaim, in rounds
   (cgroup v2: clean page cache, and anonymous memory only where there is swap; it returns
   EAGAIN instead of killing anything). Never refuses. ``"auto"`` is 2/5 of MemTotal, ``0``
   switches it off. The pages B reads are counted as swsusp counts the pages it saves: the
@@ -149,6 +153,13 @@ def target_bytes(sysroot: Sysroot, image_size: int) -> int:
 
 
 PAGE_SIZE = 4096
+#: one request can leave the target unmet while memory that reclaim could take remains (it is
+#: sized from figures read before it, and the kernel takes it from the lists it scans first),
+#: so a new round asks again from fresh figures, as the kernel's own preallocation keeps
+#: reclaiming until the image fits
+TARGET_ROUNDS = 3
+#: a round that brought the estimate down by less than this ends the rounds
+ROUND_MIN_GAIN = 4 << 20
 
 
 def reclaimable(info: dict[str, int]) -> int:
@@ -157,8 +168,31 @@ def reclaimable(info: dict[str, int]) -> int:
     more than this makes it retry its scans until it gives up, which can take seconds."""
     file = info.get("Active(file)", 0) + info.get("Inactive(file)", 0)
     cache = max(file - info.get("Mapped", 0), 0)
-    anon = max(info.get("AnonPages", 0) - info.get("Mlocked", 0), 0)
-    return cache + min(anon, info.get("SwapFree", 0))
+    return cache + min(_evictable_anon(info), info.get("SwapFree", 0) + info.get("SwapCached", 0))
+
+
+def _evictable_anon(info: dict[str, int]) -> int:
+    """Anonymous memory reclaim may swap: the anon LRU lists (locked pages are on the
+    unevictable list). They also hold pages already written to swap and unmapped, which
+    AnonPages no longer counts but which stay in memory until reclaim frees them."""
+    if "Inactive(anon)" in info or "Active(anon)" in info:
+        return info.get("Active(anon)", 0) + info.get("Inactive(anon)", 0)
+    return max(info.get("AnonPages", 0) - info.get("Mlocked", 0), 0)
+
+
+def _left(sysroot: Sysroot) -> str:
+    """What stays in memory that reclaim could have taken, for the log."""
+    try:
+        info = meminfo(sysroot)
+    except KjumpError:
+        return "left: unknown"
+    file = info.get("Active(file)", 0) + info.get("Inactive(file)", 0)
+    return (
+        f"left: page cache {file >> 20} MiB ({info.get('Mapped', 0) >> 20} MiB mapped), "
+        f"evictable anonymous {_evictable_anon(info) >> 20} MiB "
+        f"({info.get('SwapCached', 0) >> 20} MiB in the swap cache), "
+        f"swap free {info.get('SwapFree', 0) >> 20} MiB"
+    )
 
 
 def trim_own_heap() -> str:
@@ -176,8 +210,9 @@ def trim_own_heap() -> str:
 
 
 def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = None) -> ShrinkResult:
-    """Best effort (image_size): reclaim what the save kernel would read beyond the target,
-    once; never refuses. Memory figures in the result are the estimate's totals."""
+    """Best effort (image_size): reclaim what the save kernel would read beyond the target, in
+    up to TARGET_ROUNDS rounds; never refuses. Memory figures in the result are the
+    estimate's totals."""
     start = time.monotonic()
     steps = [trim_own_heap()]
     try:
@@ -186,25 +221,23 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
     except KjumpError as e:  # a target is a wish: never a reason to refuse
         log.warning("image size target skipped: %s", e.message)
         return ShrinkResult(0, 0, 0, steps + [f"no estimate: {e.what}"], time.monotonic() - start)
-    before = est.total
+    before = after = est.total
     if target <= 0 or before <= target:
         return ShrinkResult(before, before, target, steps, time.monotonic() - start)
-    excess = before - target
-    ask = min(excess, reclaimable(meminfo(sysroot)))
-    if ask < PAGE_SIZE:
-        steps.append("nothing reclaimable")
-    elif sysroot.exists(RECLAIM):
-        try:
-            sysroot.write_text(RECLAIM, str(ask))
-            steps.append(f"memory.reclaim {ask >> 20} MiB")
-        except KjumpError as e:  # EAGAIN: reclaimed less than asked
-            steps.append(f"memory.reclaim {ask >> 20} MiB: {e.why}")
-    else:
+    if not sysroot.exists(RECLAIM):
         steps.append("no cgroup v2 memory.reclaim")
-    try:
-        after = estimate(sysroot, kexec_copy).total
-    except KjumpError:
-        after = before
+    for _ in range(TARGET_ROUNDS):
+        if after <= target or not _reclaim_round(sysroot, after - target, steps):
+            break
+        try:
+            now = estimate(sysroot, kexec_copy).total
+        except KjumpError:
+            break
+        gained, after = after - now, now
+        if gained < ROUND_MIN_GAIN:
+            break
+    if after > target:
+        steps.append(_left(sysroot))
     took = time.monotonic() - start
     log.info(
         "image size target %s: the save kernel would read %s (in use %s, kernel-reserved "
@@ -219,6 +252,24 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
         "; ".join(steps),
     )
     return ShrinkResult(before, after, target, steps, took)
+
+
+def _reclaim_round(sysroot: Sysroot, excess: int, steps: list[str]) -> bool:
+    """Ask memory.reclaim for the excess, at most what it can take; False when no further
+    round can do better (nothing reclaimable, no memory.reclaim, or it gave up)."""
+    ask = min(excess, reclaimable(meminfo(sysroot)))
+    if ask < PAGE_SIZE:
+        steps.append("nothing reclaimable")
+        return False
+    if not sysroot.exists(RECLAIM):
+        return False
+    try:
+        sysroot.write_text(RECLAIM, str(ask))
+    except KjumpError as e:  # EAGAIN: reclaimed less than asked
+        steps.append(f"memory.reclaim {ask >> 20} MiB: {e.why}")
+        return False
+    steps.append(f"memory.reclaim {ask >> 20} MiB")
+    return True
 
 
 def pcp_pages(sysroot: Sysroot) -> tuple[int, int] | None:

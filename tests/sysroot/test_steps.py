@@ -772,6 +772,115 @@ def test_image_size_auto_reclaims_what_the_save_kernel_would_read_beyond_two_fif
     assert (tree / "proc/sys/vm/drop_caches").read_text() == "", "a target never drops caches"
 
 
+class _ReclaimKernel(Sysroot):
+    """A fake kernel's memory.reclaim: it takes the request from the page cache first, mapped
+    pages too (it can unmap clean ones), then unlocked anonymous memory into swap; it frees
+    what it took and answers EAGAIN (OSError) when it took less than asked."""
+
+    def __init__(self, root, *, total, free, file, mapped, anon, locked, swap):
+        super().__init__(root)
+        self.m = dict(total=total, free=free, file=file, mapped=mapped, anon=anon)
+        self.locked, self.swap, self.asks = locked, swap, []
+        self._meminfo()
+
+    def _meminfo(self):
+        m = self.m
+        (self.root / "proc/meminfo").write_text(
+            "".join(
+                f"{k}: {v // 1024} kB\n"
+                for k, v in [
+                    ("MemTotal", m["total"]),
+                    ("MemFree", m["free"]),
+                    ("Inactive(file)", m["file"]),
+                    ("Mapped", min(m["mapped"], m["file"])),
+                    ("AnonPages", m["anon"]),
+                    ("Inactive(anon)", m["anon"] - self.locked),
+                    ("Unevictable", self.locked),
+                    ("Mlocked", self.locked),
+                    ("SwapFree", self.swap),
+                ]
+            )
+        )
+
+    def write_text(self, p, value):
+        if p != shrink.RECLAIM:
+            return super().write_text(p, value)
+        ask = int(value)
+        self.asks.append(ask)
+        m = self.m
+        cache = min(ask, m["file"])
+        anon = min(ask - cache, m["anon"] - self.locked, self.swap)
+        m["file"] -= cache
+        m["anon"] -= anon
+        self.swap -= anon
+        m["free"] += cache + anon
+        self._meminfo()
+        if cache + anon < ask:
+            raise OSError(11, "Resource temporarily unavailable")
+
+
+def test_image_size_reclaims_again_while_the_target_is_unmet_and_reclaim_still_takes(tree):
+    """memory.reclaim filled its first request from page cache the estimate did not count
+    (mapped pages); the unlocked anonymous memory it left goes to swap in a second round,
+    as the kernel's own hibernation keeps reclaiming until its image fits."""
+    from pathlib import Path
+
+    sr = _ReclaimKernel(
+        Path(tree),
+        total=1024 * MiB,
+        free=100 * MiB,
+        file=300 * MiB,
+        mapped=100 * MiB,
+        anon=300 * MiB,
+        locked=200 * MiB,
+        swap=1024 * MiB,
+    )
+    r = shrink.toward_target(sr, shrink.AUTO, 0)
+    # 924 MiB in use against a target of 2/5 of 1 GiB; the first ask is what the estimate
+    # counts as reclaimable (200 MiB of unmapped cache + 100 MiB of unlocked anon), which the
+    # kernel fills from the cache alone; the second takes the anonymous 100 MiB
+    assert sr.asks == [300 * MiB, 100 * MiB], r.steps
+    assert sr.m["anon"] == 200 * MiB, "only locked anonymous memory is left"
+    assert r.before - r.after == 400 * MiB and r.after > r.limit, "best effort, no refusal"
+    assert r.steps[-2] == "nothing reclaimable", r.steps
+    assert r.steps[-1].startswith("left: page cache 0 MiB"), "the log says what stayed"
+    # nothing left to take: the rounds end, best effort, without refusing
+    sr2 = _ReclaimKernel(
+        Path(tree),
+        total=1024 * MiB,
+        free=100 * MiB,
+        file=0,
+        mapped=0,
+        anon=900 * MiB,
+        locked=880 * MiB,
+        swap=1024 * MiB,
+    )
+    r2 = shrink.toward_target(sr2, shrink.AUTO, 0)
+    assert r2.after > r2.limit and len(sr2.asks) == 1 and sr2.asks[0] == 20 * MiB, r2.steps
+    assert r2.steps[-2] == "nothing reclaimable", r2.steps
+
+
+def test_reclaimable_anon_counts_pages_already_in_the_swap_cache():
+    """After a reclaim pass, anonymous pages written to swap and unmapped leave AnonPages but
+    stay in memory on the anon lists until freed: they are still reclaimable, without new
+    swap space."""
+    kb = 1024
+    info = {
+        "Inactive(file)": 0,
+        "AnonPages": 1030 * MiB,
+        "Mlocked": 1024 * MiB,
+        "Unevictable": 1024 * MiB,
+        "Inactive(anon)": 58 * MiB,  # 6 MiB mapped + 52 MiB in the swap cache
+        "SwapCached": 52 * MiB,
+        "SwapFree": 4 * kb,
+    }
+    assert shrink.reclaimable(info) == 52 * MiB + 4 * kb
+    info["SwapFree"] = 4096 * MiB
+    assert shrink.reclaimable(info) == 58 * MiB
+    del info["Inactive(anon)"]  # a kernel without the LRU lines: mapped anon beyond the locked
+    assert shrink.reclaimable(info) == 6 * MiB
+
+
 class _PcpKernel(Sysroot):
     """A fake kernel's per-CPU free lists (Linux 6.7+, decay_pcp_high): each stat_refresh
     write lowers a list's high mark by an eighth, not below its minimum, and frees what the
