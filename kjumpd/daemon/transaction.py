@@ -440,7 +440,7 @@ class Hibernation:
         machine may stay frozen before the freeze guard thaws it: every bounded step of the
         frozen window, with room to spare."""
         cfg = self.config
-        return cfg.timeout_freeze + cfg.timeout_kexec + 2 * self.settle + 120.0
+        return cfg.timeout_freeze + cfg.timeout_shrink + cfg.timeout_kexec + 2 * self.settle + 120.0
 
     # -- preflight --------------------------------------------------------------------------
     def check(self, mode: str | None = None) -> preflight.PreflightReport:
@@ -1149,7 +1149,6 @@ STEPS: tuple[Step, ...] = (
     Step(
         "announce", 5, "hooks post", H._pre_hooks, H._post_hooks, undo_first=True, then_cancel=True
     ),
-    Step("shrink", 10, "shrink", H._shrink, then_cancel=True),
     Step("quiesce", 20, "quiesce", H._quiesce, H._unquiesce, undo_first=True, then_cancel=True),
     Step("boot entry", 25, "boot one-shot", H._arm_oneshot, H._disarm_oneshot),
     Step("boot entry", 25, "LUKS token", H._mark_volume, H._unmark_volume),
@@ -1157,6 +1156,10 @@ STEPS: tuple[Step, ...] = (
     Step("freeze tasks", 28, "bytecode", H._no_bytecode, H._bytecode),
     Step("freeze tasks", 28, "freeze guard", H._start_guard, H._stop_guard),
     Step("freeze tasks", 28, "thaw tasks", H._freeze_tasks, H._thaw_tasks, undo_first=True),
+    # with user space frozen, what reclaim takes stays out of memory (a running task faults
+    # its pages back in), as in the kernel's hibernation; filesystems are not frozen yet, so
+    # reclaim and the hard limit's sync still write
+    Step("shrink", 29, "shrink", H._shrink, then_cancel=True),
     Step(
         "freeze filesystems",
         30,

@@ -225,6 +225,29 @@ def assert_next_request_works(fx: Fx) -> None:
 
 
 # -- success paths ----------------------------------------------------------------------------
+def test_memory_is_reclaimed_with_user_space_frozen_and_filesystems_not(fx, monkeypatch):
+    """A running task faults back in what reclaim took from it; a frozen filesystem cannot
+    take reclaim's writeback. The shrink comes between the two freezes, as in the kernel's
+    hibernation (tasks frozen, then memory preallocated)."""
+    from kjumpd.daemon import shrink, taskfreeze
+
+    seen = []
+    real = shrink.toward_target
+
+    def recording(sr, *args):
+        state = taskfreeze.read_state(sr)  # none in this tree without cgroup v2
+        seen.append(state is None or not state.mounts)
+        return real(sr, *args)
+
+    monkeypatch.setattr(shrink, "toward_target", recording)
+    ev = Rec()
+    out = settled(fx.hib(ev), "test")
+    assert out.result == "continued" and seen == [True], "no filesystem frozen yet"
+    phases = [c[1] for c in ev.calls if c[0] == "phase"]
+    assert phases.index("freeze tasks") < phases.index("shrink")
+    assert phases.index("shrink") < phases.index("freeze filesystems")
+
+
 def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     before = tree_hash(fx.root, exclude={"dev/vda"})
     ev = Rec()

@@ -479,7 +479,7 @@ def scenario_killed() -> int:
 
 #: the steps scenario i kills kjumpd at (its phases whose log line is not held back: from
 #: the frozen window on, scenario h kills it); the words of kjumpvm.kill_daemon=steps:...
-KILL_STEPS = ("preflight", "announce", "shrink", "quiesce", "boot entry", "freeze tasks")
+KILL_STEPS = ("preflight", "announce", "quiesce", "boot entry", "freeze tasks")
 HOOK_DIR = Path("/etc/kjumpd/sleep.d")
 
 

@@ -1049,7 +1049,7 @@ def run(
         "test": "kjumpvm.watchdog=10",
         "killed": "kjumpvm.kill_daemon=frozen",
         "killed-steps": "kjumpvm.kill_daemon=steps:"
-        "preflight,announce,shrink,quiesce,boot-entry,freeze-tasks",
+        "preflight,announce,quiesce,boot-entry,freeze-tasks",
         # an init that does not exist: the save kernel panics for real (panic=1 reboots it)
         "b-panic": "kjumpvm.b_append=init=/kjump-no-init,rdinit=/kjump-no-init",
         "b-hang": f"kjumpvm.watchdog={HANG_WATCHDOG}",
