@@ -227,14 +227,15 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
     if not sysroot.exists(RECLAIM):
         steps.append("no cgroup v2 memory.reclaim")
     for _ in range(TARGET_ROUNDS):
-        if after <= target or not _reclaim_round(sysroot, after - target, steps):
+        if after <= target:
             break
-        try:
+        go_on = _reclaim_round(sysroot, after - target, steps)
+        try:  # a refused request may still have freed part of it
             now = estimate(sysroot, kexec_copy).total
         except KjumpError:
             break
         gained, after = after - now, now
-        if gained < ROUND_MIN_GAIN:
+        if not go_on or gained < ROUND_MIN_GAIN:
             break
     if after > target:
         steps.append(_left(sysroot))

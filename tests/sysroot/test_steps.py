@@ -32,6 +32,7 @@ from kjumpd.errors import (
     PlatformError,
     QuiesceError,
     ShrinkError,
+    SysrootError,
 )
 from kjumpd.job import job_from_cpio
 from kjumpd.sysroot import Sysroot
@@ -777,10 +778,10 @@ class _ReclaimKernel(Sysroot):
     pages too (it can unmap clean ones), then unlocked anonymous memory into swap; it frees
     what it took and answers EAGAIN (OSError) when it took less than asked."""
 
-    def __init__(self, root, *, total, free, file, mapped, anon, locked, swap):
+    def __init__(self, root, *, total, free, file, mapped, anon, locked, swap, cap=None):
         super().__init__(root)
         self.m = dict(total=total, free=free, file=file, mapped=mapped, anon=anon)
-        self.locked, self.swap, self.asks = locked, swap, []
+        self.locked, self.swap, self.asks, self.cap = locked, swap, [], cap
         self._meminfo()
 
     def _meminfo(self):
@@ -808,15 +809,18 @@ class _ReclaimKernel(Sysroot):
         ask = int(value)
         self.asks.append(ask)
         m = self.m
-        cache = min(ask, m["file"])
-        anon = min(ask - cache, m["anon"] - self.locked, self.swap)
+        can = ask if self.cap is None else min(ask, self.cap)
+        cache = min(can, m["file"])
+        anon = min(can - cache, m["anon"] - self.locked, self.swap)
         m["file"] -= cache
         m["anon"] -= anon
         self.swap -= anon
         m["free"] += cache + anon
         self._meminfo()
-        if cache + anon < ask:
-            raise OSError(11, "Resource temporarily unavailable")
+        if cache + anon < ask:  # as Sysroot.write_text reports the kernel's EAGAIN
+            raise SysrootError(
+                f"cannot write {value!r} to {p}", why="Resource temporarily unavailable", path=p
+            )
 
 
 def test_image_size_reclaims_again_while_the_target_is_unmet_and_reclaim_still_takes(tree):
@@ -858,6 +862,21 @@ def test_image_size_reclaims_again_while_the_target_is_unmet_and_reclaim_still_t
     r2 = shrink.toward_target(sr2, shrink.AUTO, 0)
     assert r2.after > r2.limit and len(sr2.asks) == 1 and sr2.asks[0] == 20 * MiB, r2.steps
     assert r2.steps[-2] == "nothing reclaimable", r2.steps
+    # the kernel gives up short of the request (EAGAIN): no further round, no refusal
+    sr3 = _ReclaimKernel(
+        Path(tree),
+        total=1024 * MiB,
+        free=100 * MiB,
+        file=300 * MiB,
+        mapped=0,
+        anon=300 * MiB,
+        locked=300 * MiB,
+        swap=0,
+        cap=50 * MiB,
+    )
+    r3 = shrink.toward_target(sr3, shrink.AUTO, 0)
+    assert sr3.asks == [300 * MiB] and r3.before - r3.after == 50 * MiB, r3.steps
+    assert r3.steps[-2] == "memory.reclaim 300 MiB: Resource temporarily unavailable"
 
 
 def test_reclaimable_anon_counts_pages_already_in_the_swap_cache():
