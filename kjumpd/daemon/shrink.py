@@ -224,9 +224,10 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
     before = after = est.total
     if target <= 0 or before <= target:
         return ShrinkResult(before, before, target, steps, time.monotonic() - start)
-    if not sysroot.exists(RECLAIM):
+    rounds = TARGET_ROUNDS if sysroot.exists(RECLAIM) else 0
+    if not rounds:
         steps.append("no cgroup v2 memory.reclaim")
-    for _ in range(TARGET_ROUNDS):
+    for _ in range(rounds):
         if after <= target:
             break
         go_on = _reclaim_round(sysroot, after - target, steps)
@@ -257,12 +258,10 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
 
 def _reclaim_round(sysroot: Sysroot, excess: int, steps: list[str]) -> bool:
     """Ask memory.reclaim for the excess, at most what it can take; False when no further
-    round can do better (nothing reclaimable, no memory.reclaim, or it gave up)."""
+    round can do better (nothing reclaimable, or it gave up)."""
     ask = min(excess, reclaimable(meminfo(sysroot)))
     if ask < PAGE_SIZE:
         steps.append("nothing reclaimable")
-        return False
-    if not sysroot.exists(RECLAIM):
         return False
     try:
         sysroot.write_text(RECLAIM, str(ask))
