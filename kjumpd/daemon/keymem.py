@@ -2,10 +2,12 @@
 image's key) pass through the daemon's heap and through the save kernel's initrd, which
 carries the job. Swap must never see them.
 
-- The daemon's memory is locked (mlockall with MCL_ONFAULT: what is resident and what is
-  touched later; nothing is faulted in for it) from the preflight, which derives the volume
-  key, until the transaction is over. The shrink step's memory.reclaim pushes anonymous
-  memory to swap; locked pages stay.
+- When the hibernation carries a key (``needed``), the daemon's memory is locked (mlockall
+  with MCL_ONFAULT: what is resident and what is touched later; nothing is faulted in for
+  it) from right after the preflight, before the volume key is derived, until the
+  transaction is over. The shrink step's memory.reclaim pushes anonymous memory to swap;
+  locked pages stay. Without a key nothing is locked: the daemon's idle pages are
+  reclaimed like any process's and stay out of the image.
 - The initrd with the job is written to a ramfs of its own (kjumpd.daemon.kexec): tmpfs pages
   can be swapped out, ramfs pages cannot.
 
@@ -19,6 +21,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kjumpd.daemon.encryption import EncryptionPlan
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,15 @@ MNT_DETACH = 2
 
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+def needed(target: Any, encryption: EncryptionPlan | None) -> bool:
+    """A key passes through the daemon in this hibernation: the volume key of the LUKS
+    volume that holds the target (``target.volume``), or an image key (the image encrypted
+    by kjumpd: ``encryption.public``)."""
+    if target is not None and target.volume is not None:
+        return True
+    return encryption is not None and encryption.public is not None
 
 
 def lock() -> bool:

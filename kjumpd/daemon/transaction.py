@@ -540,8 +540,11 @@ class Hibernation:
         _rmdir_if_empty(self.sysroot, RUN_DIR)
 
     def _lock_memory(self, ctx: _Context) -> bool:
-        # the preflight derives the volume key into this process's heap, and the shrink
-        # step pushes memory to swap next: kjumpd.daemon.keymem
+        # a key is about to pass through this process's heap and the shrink step pushes
+        # memory to swap: kjumpd.daemon.keymem. Without a key the daemon's idle pages are
+        # left to the shrink like any process's, so that they are not saved.
+        if not keymem.needed(ctx.target, ctx.plan.encryption):
+            return False
         if not self.sysroot.is_real:
             return False  # a system tree that is not this process's machine
         return keymem.lock()
@@ -562,8 +565,6 @@ class Hibernation:
         assert rep.plan.area is not None and rep.plan.memory is not None  # rep.ok
         ctx.plan, ctx.area, ctx.memory = rep.plan, rep.plan.area, rep.plan.memory
         ctx.target, ctx.uuid = blockmap.current(sr, cfg.target, restamp=True)
-        if ctx.target.volume is not None:
-            ctx.volume_key = ctx.timed("volume key", lambda: volumekey.derive(sr, ctx.target))
         ctx.kx = kexec.Kexec.find(cfg)
         ctx.fingerprint = self._fingerprint(ctx.plan, ctx.target, ctx.uuid)
         ctx.b_cmdline = ctx.fingerprint.cmdline
@@ -580,6 +581,12 @@ class Hibernation:
             "save kernel: %s",
             f"cold ({ctx.cold_reason})" if ctx.cold_reason else "warm (parked)",
         )
+
+    def _derive_volume_key(self, ctx: _Context) -> None:
+        # after the memory lock: the key must never reach swap
+        sr = self.sysroot
+        if ctx.target.volume is not None:
+            ctx.volume_key = ctx.timed("volume key", lambda: volumekey.derive(sr, ctx.target))
 
     def _stage_initrd(self, ctx: _Context) -> bool:
         # B's initramfs is copied to /run while the daemon announces and quiesces; the job
@@ -1142,8 +1149,9 @@ FINISH_IN_B = {"shutdown": "power-off", "reboot": "reboot"}
 H = Hibernation
 STEPS: tuple[Step, ...] = (
     Step("preflight", 0, "run dir", H._make_run_dir, H._remove_run_dir),
-    Step("preflight", 0, "memory lock", H._lock_memory, H._unlock_memory),
     Step("preflight", 0, "checks", H._preflight),
+    Step("preflight", 0, "memory lock", H._lock_memory, H._unlock_memory),
+    Step("preflight", 0, "volume key", H._derive_volume_key),
     Step("preflight", 0, "initrd", H._stage_initrd, H._remove_initrd, then_cancel=True),
     Step("announce", 5, "PrepareForSleep(false)", H._announce, H._unannounce),
     Step(

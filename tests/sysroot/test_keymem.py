@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 
 from kjumpd.daemon import keymem
+from kjumpd.daemon.blockmap import Target
+from kjumpd.daemon.encryption import EncryptionPlan
+from kjumpd.linux.luks import Volume
 from tests.prereq import need
 
 
@@ -29,6 +32,20 @@ def test_the_daemons_memory_is_locked_while_it_holds_a_key_and_released_after() 
     finally:
         keymem.unlock()
     assert _locked_kib() == 0
+
+
+def test_only_a_hibernation_that_carries_a_key_locks_the_daemons_memory() -> None:
+    """The lock keeps the daemon's pages out of the shrink's reach, and so in the image:
+    only a key (the target's LUKS volume key, an image key) is worth that."""
+    plain = Target("/var/lib/kjumpd/image", "file", "/dev/vda", "254:0", 1 << 30)
+    volume = Volume("0b3a5c7e-1d2f-4a6b-8c9d-0e1f2a3b4c5d", 0, "aes-xts-plain64", 64, 0, 32768, 8)
+    in_luks = Target("/srv/image", "file", "/dev/dm-0", "253:0", 1 << 30, volume=volume)
+    off = EncryptionPlan(None, "", "off")
+    sealed = EncryptionPlan(b"\x04" + bytes(64), "k1", "AES-256-GCM")
+    assert not keymem.needed(plain, off)
+    assert not keymem.needed(plain, None)
+    assert keymem.needed(in_luks, off)
+    assert keymem.needed(plain, sealed)
 
 
 def test_the_initrd_directory_is_a_ramfs_and_goes_away_with_its_files(tmp_path: Path) -> None:

@@ -65,6 +65,10 @@ def test_a_test_mode_jumps_back_with_workload_intact(vm_assets_built, run_dir):
     # hardware periods and more without being reset
     assert _console_matches(out, r"kjump-agent: watchdog: /dev/watchdog0 .* armed"), out.summary()
     assert out.verdict.get("watchdog") == "stopped", out.summary()
+    # no key in this hibernation: the daemon's memory is not locked, so that the shrink can
+    # take its idle pages out of the image
+    assert _console_matches(out, r"kjumpd\.daemon\.transaction: save kernel: "), out.summary()
+    assert not _console_matches(out, r"kjumpd's memory is locked"), out.summary()
 
 
 def test_b_shutdown_then_restore_first_boot_continues_workload(vm_assets_built, run_dir):
@@ -285,6 +289,10 @@ def test_l_encrypted_image_through_the_daemon_and_the_passphrase(vm_assets_built
     assert out.verdict.get("guard") == "refused", out.summary()
     assert out.verdict.get("encryption") == "AES-256-GCM", out.summary()
     assert _console_matches(out, r"kjump-agent: saving \d+ MiB .*AES-256-GCM"), out.summary()
+    # the image key passes through the daemon: its memory stays out of swap
+    assert _console_matches(out, r"kjumpd's memory is locked until the hibernation is over"), (
+        out.summary()
+    )
     scan = out.event("host-scanned-disk")
     assert scan is not None and scan.fields.get("plaintext") == "0", out.summary()
     assert _console_matches(out, r"kjumpd-rf: wrong passphrase \(1 of 3\)"), out.summary()
