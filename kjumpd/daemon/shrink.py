@@ -119,10 +119,14 @@ def _iomem_sizes(iomem: str) -> tuple[int, int]:
     return ram, crash
 
 
-def estimate(sysroot: Sysroot, kexec_copy: int | None = None) -> SaveEstimate:
+def estimate(
+    sysroot: Sysroot, kexec_copy: int | None = None, info: dict[str, int] | None = None
+) -> SaveEstimate:
     """``kexec_copy``: the bytes A will hold for the save kernel's load (kexec_copy_bytes);
-    None: the whole jump area, the most a preserve-context load into it can take."""
-    info = meminfo(sysroot)
+    None: the whole jump area, the most a preserve-context load into it can take. ``info``:
+    /proc/meminfo as ``meminfo`` read it, when the caller has it."""
+    if info is None:
+        info = meminfo(sysroot)
     ram, area = _iomem_sizes(sysroot.read_text("/proc/iomem", default=""))
     reserved = max(ram - area - info["MemTotal"], 0) if ram else 0
     return SaveEstimate(
@@ -144,11 +148,11 @@ def kexec_copy_bytes(sysroot: Sysroot, kernel: str, initramfs: str, area: JumpAr
     return end - start
 
 
-def target_bytes(sysroot: Sysroot, image_size: int) -> int:
-    """The image size target in bytes (0: none)."""
+def target_bytes(info: dict[str, int], image_size: int) -> int:
+    """The image size target in bytes (0: none); ``info``: /proc/meminfo (``meminfo``)."""
     if image_size == AUTO:
         num, den = AUTO_FRACTION
-        return meminfo(sysroot)["MemTotal"] * num // den
+        return info["MemTotal"] * num // den
     return max(image_size, 0)
 
 
@@ -180,12 +184,8 @@ def _evictable_anon(info: dict[str, int]) -> int:
     return max(info.get("AnonPages", 0) - info.get("Mlocked", 0), 0)
 
 
-def _left(sysroot: Sysroot) -> str:
+def _left(info: dict[str, int]) -> str:
     """What stays in memory that reclaim could have taken, for the log."""
-    try:
-        info = meminfo(sysroot)
-    except KjumpError:
-        return "left: unknown"
     file = info.get("Active(file)", 0) + info.get("Inactive(file)", 0)
     return (
         f"left: page cache {file >> 20} MiB ({info.get('Mapped', 0) >> 20} MiB mapped), "
@@ -216,8 +216,9 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
     start = time.monotonic()
     steps = [trim_own_heap()]
     try:
-        target = target_bytes(sysroot, image_size)
-        est = estimate(sysroot, kexec_copy)
+        info = meminfo(sysroot)
+        target = target_bytes(info, image_size)
+        est = estimate(sysroot, kexec_copy, info)
     except KjumpError as e:  # a target is a wish: never a reason to refuse
         log.warning("image size target skipped: %s", e.message)
         return ShrinkResult(0, 0, 0, steps + [f"no estimate: {e.what}"], time.monotonic() - start)
@@ -230,16 +231,18 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
     for _ in range(rounds):
         if after <= target:
             break
-        go_on = _reclaim_round(sysroot, after - target, steps)
+        go_on = _reclaim_round(sysroot, after - target, reclaimable(info), steps)
         try:  # a refused request may still have freed part of it
-            now = estimate(sysroot, kexec_copy).total
+            info = meminfo(sysroot)
         except KjumpError:
             break
+        # only memory in use changes: the reserved RAM and kexec's copy stay as they are
+        now = info["MemTotal"] - info["MemFree"] + est.reserved + est.kexec_backup
         gained, after = after - now, now
         if not go_on or gained < ROUND_MIN_GAIN:
             break
     if after > target:
-        steps.append(_left(sysroot))
+        steps.append(_left(info))
     took = time.monotonic() - start
     log.info(
         "image size target %s: the save kernel would read %s (in use %s, kernel-reserved "
@@ -256,10 +259,10 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
     return ShrinkResult(before, after, target, steps, took)
 
 
-def _reclaim_round(sysroot: Sysroot, excess: int, steps: list[str]) -> bool:
-    """Ask memory.reclaim for the excess, at most what it can take; False when no further
-    round can do better (nothing reclaimable, or it gave up)."""
-    ask = min(excess, reclaimable(meminfo(sysroot)))
+def _reclaim_round(sysroot: Sysroot, excess: int, can_take: int, steps: list[str]) -> bool:
+    """Ask memory.reclaim for the excess, at most what it can take (``reclaimable``); False
+    when no further round can do better (nothing reclaimable, or it gave up)."""
+    ask = min(excess, can_take)
     if ask < PAGE_SIZE:
         steps.append("nothing reclaimable")
         return False
