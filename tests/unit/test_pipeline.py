@@ -900,3 +900,75 @@ def test_incompressible_memory_round_trips_byte_exact(tmp_path, chunk, workers, 
     assert stats.stored_bytes > 6 * MiB  # the random runs are stored as they are
     _, out = restore_into(tmp_path, tgt, size=len(mem))
     assert out.read_bytes() == mem
+
+
+class _OneAtATimeSink:
+    """A sink without concurrent writes: the restore hands it one chunk at a time, in chunk
+    order. It records where each write went."""
+
+    def __init__(self, path):
+        self.inner = FileMemorySink(path)
+        self.writes: list[int] = []
+
+    def write(self, phys, data):
+        self.writes.append(phys)
+        self.inner.write(phys, data)
+
+
+def _every_other_chunk_free(tmp_path, size=2 * MiB):
+    mem = make_memory(tmp_path / "mem", size)
+    free = [(p, p + CHUNK) for p in range(0, size, 2 * CHUNK)]
+    tgt = tmp_path / "target"
+    store.create_target(tgt, 2 * size)
+    with ImageDevice(tgt, writable=True) as dev, _KnowsItsFreeMemory(tmp_path / "mem", free) as src:
+        save.save_image(
+            src, [(0, size)], dev, identity={}, mode="test", chunk_size=CHUNK, workers=2
+        )
+    return mem, free, tgt
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_free_records_between_stored_ones_keep_a_one_at_a_time_sink_in_chunk_order(
+    tmp_path, workers
+):
+    size = 2 * MiB
+    mem, free, tgt = _every_other_chunk_free(tmp_path, size)
+    out = tmp_path / "restored"
+    out.write_bytes(b"\xaa" * size)
+    sink = _OneAtATimeSink(out)
+    with ImageDevice(tgt, writable=False) as dev:
+        rs = restore.restore_image(dev, sink, workers=workers)
+    sink.inner.flush()
+    assert sink.writes == sorted(sink.writes) == [p + CHUNK for p, _ in free]
+    got = out.read_bytes()
+    for p, e in free:
+        assert got[p:e] == b"\xaa" * CHUNK
+        assert got[e : e + CHUNK] == mem[e : e + CHUNK]
+    assert rs.stages["free_left"] == size // 2
+
+
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_a_corrupt_free_record_stops_the_restore_there(tmp_path, one_at_a_time):
+    size = 2 * MiB
+    mem, free, tgt = _every_other_chunk_free(tmp_path, size)
+    h, recs = _chunk_offsets(tgt)
+    k = next(i for i, (c, _) in enumerate(recs) if c.encoding == ENC_FREE and i >= len(recs) // 2)
+    ch, off = recs[k]
+    _poke(tgt, off + ch.record_length - 1, b"\x01")  # a page of the free record "stored"
+    out = tmp_path / "restored"
+    out.write_bytes(b"\xaa" * size)
+    sink = _OneAtATimeSink(out) if one_at_a_time else FileMemorySink(out)
+    with ImageDevice(tgt, writable=False) as dev, pytest.raises(ImageCorruptError) as ei:
+        restore.restore_image(dev, sink, workers=3)
+    (sink.inner if one_at_a_time else sink).flush()
+    assert f"chunk {ch.index} at byte offset {off}" in str(ei.value)
+    got = out.read_bytes()
+    for c, _ in recs[:k]:
+        want = (
+            b"\xaa" * c.raw_length
+            if c.encoding == ENC_FREE
+            else mem[c.phys : c.phys + c.raw_length]
+        )
+        assert got[c.phys : c.phys + c.raw_length] == want
+    for c, _ in recs[k:]:
+        assert got[c.phys : c.phys + c.raw_length] == b"\xaa" * c.raw_length
