@@ -395,7 +395,12 @@ class Kexec:
         cases (after a round trip the errno is stale): the image header says what happened."""
         r = self._run(["-e", "-x", "-y"], "jump", None)
         said = (r.stderr or r.stdout).strip()[-400:]
-        log.info("kexec -e returned %d: %s", r.returncode, said)
+        log.info(
+            "kexec -e came back, exit status %d (%s): kexec-tools reports a return from the "
+            "jump as a failure too; the image header tells what happened",
+            r.returncode,
+            said or "no message",
+        )
         return r.returncode, said
 
     def unload(self, nice: bool = False) -> None:
