@@ -166,10 +166,7 @@ class _Turns:
             return
         with self.cv:
             self.checked.add(seq)
-            while self.next in self.checked:
-                self.checked.discard(self.next)
-                self.next += 1
-            self.cv.notify_all()
+            self._advance()
 
     def wait(self, seq: int) -> bool:
         """Block until ``seq`` may write (True) or an earlier chunk failed (False)."""
@@ -187,22 +184,21 @@ class _Turns:
             return
         with self.cv:
             self.next = seq + 1
-            while self.next in self.checked:
-                self.checked.discard(self.next)
-                self.next += 1
-            self.cv.notify_all()
+            self._advance()
+
+    def _advance(self) -> None:
+        """Move ``next`` past the chunks already counted in ``checked`` (lock held)."""
+        while self.next in self.checked:
+            self.checked.discard(self.next)
+            self.next += 1
+        self.cv.notify_all()
 
     def nothing_to_write(self, seq: int) -> None:
         """``seq`` passed its checks and writes nothing: it counts as checked (overlapped)
         and, serially, as written once its turn comes."""
-        if self.overlap:
-            self.check_passed(seq)
-            return
         with self.cv:
-            if self.next == seq:
-                self.done(seq)
-            else:
-                self.checked.add(seq)
+            self.checked.add(seq)
+            self._advance()
 
     def fail(self, seq: int) -> None:
         with self.cv:
@@ -467,14 +463,13 @@ class _InFlight:
         """A free record is checked here, not on a worker: it writes nothing, and under
         emulation handing a chunk to a worker and back costs far more than its check (most
         of a lightly used machine's chunks are free)."""
-        c0 = time.thread_time()
         try:
-            decode_into(ch, bitmap, payload, off, None)
+            out, n, cpu = _decode(ch, bitmap, payload, off, None)
         except ImageError as e:
             self.turns.fail(seq)
             return _Ready(error=e)
         self.turns.nothing_to_write(seq)
-        return _Ready(_Decoded(None, ch.raw_length, time.thread_time() - c0))
+        return _Ready(_Decoded(out, n, cpu))
 
     def _work(
         self,
