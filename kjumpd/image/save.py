@@ -168,10 +168,16 @@ class _Encoders:
     """Worker threads that each claim the next chunk of the plan, read it into their own
     reused buffer and encode it; results are handed to the writer (the caller's thread) in
     plan order. A raw record keeps its worker's buffer (no copy) until the writer has its
-    bytes, and the worker goes on with a spare one. A worker never runs more than ``depth``
-    chunks ahead of the writer, so the memory in use does not depend on the size of the
-    input. Reads from the source are serialised (a /dev/mem source maps one window at a
+    bytes, and the worker goes on with a spare one. At most ``depth`` chunks are claimed
+    and not yet taken by the writer, so the memory in use does not depend on the size of
+    the input. Reads from the source are serialised (a /dev/mem source maps one window at a
     time).
+
+    A chunk the source knows is zero (free memory, most of an idle machine) has nothing to
+    read or encode: the writer makes its record itself and the workers pass over it. Handing
+    each such chunk to a worker and back costs a thread switch both ways, which under
+    emulation is about a millisecond a chunk. Encrypted records are sealed on a worker, so
+    there every chunk goes through the workers.
     """
 
     def __init__(
@@ -192,11 +198,16 @@ class _Encoders:
         self.known_zero = getattr(source, "known_zero", None)
         # a source whose known-zero ranges are free memory that need not come back as zeros
         self.free_records = not getattr(source, "restore_zeros", True)
+        # the source's answer for each plan position, asked once (sources count what they
+        # skip); None until asked
+        self.zero_at: list[bool | None] = [None] * len(plan)
+        self.writer_makes_zero = self.known_zero is not None and cipher is None
         self.cond = threading.Condition()
         self.read_lock = threading.Lock()
         self.results: dict[int, EncodedChunk | BaseException] = {}
         self.claimed = 0  # next plan position to hand out
-        self.taken = 0  # plan positions the writer has taken
+        # chunks claimed by a worker and not yet taken by the writer (the memory in use)
+        self.in_flight = 0
         self.stopped = False
         self.read_seconds = 0.0  # wall time in source reads, all workers
         # read buffers lent to raw records (no copy of incompressible memory) come back
@@ -225,17 +236,23 @@ class _Encoders:
                 while (
                     not self.stopped
                     and self.claimed < len(self.plan)
-                    and self.claimed >= self.taken + self.depth
+                    and self.in_flight >= self.depth
                 ):
                     self.cond.wait()
                 if self.stopped or self.claimed >= len(self.plan):
                     return
                 pos = self.claimed
                 self.claimed += 1
-            index, phys, n = self.plan[pos]
+                self.in_flight += 1
             item: EncodedChunk | BaseException
             try:
-                encoded = self._encode(index, phys, n, buf)
+                if self.writer_makes_zero and self._is_zero(pos):
+                    # the writer makes this record; this worker claims the next at once,
+                    # so no other needs waking for the place it gives back
+                    with self.cond:
+                        self.in_flight -= 1
+                    continue
+                encoded = self._encode(pos, buf)
                 if self.cipher is not None:
                     encoded = self.cipher.seal_chunk(encoded)
             except BaseException as e:  # noqa: B902 - raised by the writer, in plan order
@@ -261,13 +278,26 @@ class _Encoders:
                 self.spare.append(item.lent)
             item.lent = None
 
-    def _encode(self, index: int, phys: int, n: int, buf: bytearray | None) -> EncodedChunk:
-        if self.known_zero is not None:
+    def _is_zero(self, pos: int) -> bool:
+        """Whether the source knows plan position ``pos`` is all zero (asked at most once)."""
+        zero = self.zero_at[pos]
+        if zero is None:
             with self.read_lock:  # sources keep counters: one caller at a time
-                zero = self.known_zero(phys, n)
-            if zero:
-                # zero by the source's account (free: left as found on restore)
-                return zero_chunk(index, phys, n, self.tag, free=self.free_records)
+                zero = self.zero_at[pos]
+                if zero is None:
+                    _index, phys, n = self.plan[pos]
+                    zero = self.zero_at[pos] = bool(self.known_zero(phys, n))  # type: ignore[misc]
+        return zero
+
+    def _zero_record(self, pos: int) -> EncodedChunk:
+        # zero by the source's account (free: left as found on restore)
+        index, phys, n = self.plan[pos]
+        return zero_chunk(index, phys, n, self.tag, free=self.free_records)
+
+    def _encode(self, pos: int, buf: bytearray | None) -> EncodedChunk:
+        index, phys, n = self.plan[pos]
+        if self.known_zero is not None and self._is_zero(pos):
+            return self._zero_record(pos)
         data: Any
         with self.read_lock:
             t0 = time.monotonic()
@@ -291,12 +321,14 @@ class _Encoders:
 
     def take(self, pos: int, timeout: float) -> EncodedChunk | BaseException | None:
         """The result for plan position ``pos`` (None on timeout); lets workers go on."""
+        if self.writer_makes_zero and self._is_zero(pos):
+            return self._zero_record(pos)
         with self.cond:
             if pos not in self.results:
                 self.cond.wait(timeout)
                 if pos not in self.results:
                     return None
-            self.taken = pos + 1
+            self.in_flight -= 1
             self.cond.notify_all()
             return self.results.pop(pos)
 

@@ -15,6 +15,7 @@ from kjumpd.errors import (
     AgentError,
     CancelledError,
     ImageCorruptError,
+    ImageError,
     ImageFormatError,
     ImageStateError,
     TargetError,
@@ -972,3 +973,70 @@ def test_a_corrupt_free_record_stops_the_restore_there(tmp_path, one_at_a_time):
         assert got[c.phys : c.phys + c.raw_length] == want
     for c, _ in recs[k:]:
         assert got[c.phys : c.phys + c.raw_length] == b"\xaa" * c.raw_length
+
+
+class _CountsItsAnswers(_KnowsItsFreeMemory):
+    """Counts what it is asked, as the save kernel's source counts the memory it skips."""
+
+    def __init__(self, path, zero_ranges, fail_at=None):
+        super().__init__(path, zero_ranges)
+        self.asked: list[int] = []
+        self.fail_at = fail_at
+
+    def known_zero(self, phys, length):
+        self.asked.append(phys)
+        if phys == self.fail_at:
+            raise ImageError("the free page list changed under the save", fix="hibernate again")
+        return super().known_zero(phys, length)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    free_flags=st.lists(st.booleans(), min_size=1, max_size=40),
+    workers=st.integers(min_value=1, max_value=3),
+)
+def test_any_mix_of_free_and_stored_chunks_saves_in_order_and_restores(
+    tmp_path_factory, free_flags, workers
+):
+    d = tmp_path_factory.mktemp("mix")
+    size = len(free_flags) * CHUNK
+    mem = make_memory(d / "mem", size)
+    free = [(i * CHUNK, (i + 1) * CHUNK) for i, f in enumerate(free_flags) if f]
+    tgt = d / "target"
+    store.create_target(tgt, 2 * size + MiB)
+    with ImageDevice(tgt, writable=True) as dev, _CountsItsAnswers(d / "mem", free) as src:
+        save.save_image(
+            src, [(0, size)], dev, identity={}, mode="test", chunk_size=CHUNK, workers=workers
+        )
+    # each chunk is judged once: the source's count of skipped memory stays true
+    assert sorted(src.asked) == [i * CHUNK for i in range(len(free_flags))]
+    assert not [p for p, _n in src.read_at if any(a <= p < b for a, b in free)]
+    _h, recs = _chunk_offsets(tgt)
+    assert [c.index for c, _ in recs] == list(range(len(free_flags)))
+    assert [c.encoding == ENC_FREE for c, _ in recs] == free_flags
+    _rs, out = restore_into(d, tgt, size=size)
+    got = out.read_bytes()
+    for i, f in enumerate(free_flags):
+        a = i * CHUNK
+        assert got[a : a + CHUNK] == (b"\xaa" * CHUNK if f else mem[a : a + CHUNK])
+
+
+def test_a_source_failing_to_judge_a_chunk_aborts_the_save_with_its_reason(tmp_path):
+    size = 2 * MiB
+    make_memory(tmp_path / "mem", size)
+    free = [(p, p + CHUNK) for p in range(0, size, 2 * CHUNK)]
+    tgt = tmp_path / "target"
+    store.create_target(tgt, 2 * size)
+    with (
+        ImageDevice(tgt, writable=True) as dev,
+        _CountsItsAnswers(tmp_path / "mem", free, fail_at=20 * CHUNK) as src,
+        pytest.raises(ImageError, match="free page list changed"),
+    ):
+        save.save_image(
+            src, [(0, size)], dev, identity={}, mode="test", chunk_size=CHUNK, workers=2
+        )
+    with ImageDevice(tgt, writable=False) as dev:
+        h = store.read_header(dev)
+    assert h.state_text.startswith("ABORTED") and "free page list changed" in h.reason
