@@ -111,6 +111,11 @@ class ImageCorruptError(ImageError):
     """A checksum does not match; context names the structure and the offset."""
 
 
+class ImageAlteredError(ImageCorruptError):
+    """An encrypted image's header, metadata or record does not authenticate: its bytes
+    were changed after the save (checksums recomputed or not), or are not this image's."""
+
+
 class ImageKeyError(ImageError):
     """The image key: missing, unreadable, the wrong passphrase, or an image it cannot open."""
 

@@ -49,6 +49,7 @@ from typing import Any
 from kjumpd.errors import (
     AgentError,
     CancelledError,
+    ImageAlteredError,
     ImageCorruptError,
     ImageFormatError,
     KjumpError,
@@ -838,7 +839,9 @@ def restore_memory(
     B in restore role, and by the restore-first environment when it is confined to the area
     (kjumpd.confine). ``refused_as`` begins the INVALID reason of an image found corrupt
     (a record or the checksum over them): the restore-first environment, which skipped its
-    walk of the records to restore them itself, says "corrupt" as that walk would have."""
+    walk of the records to restore them itself, says "corrupt" as that walk would have. An
+    encrypted record that does not authenticate is "altered" in either role, as R calls an
+    altered header."""
     from kjumpd.agent.devmem import MemorySink
     from kjumpd.image import restore, store
     from kjumpd.image.format import ImageState
@@ -866,11 +869,12 @@ def restore_memory(
         what = e.what if isinstance(e, KjumpError) else f"{type(e).__name__}: {e}"
         say(f"restore failed: {e.message if isinstance(e, KjumpError) else what}")
         try:
-            prefix = (
-                refused_as
-                if isinstance(e, (ImageCorruptError, ImageFormatError))
-                else "restore failed"
-            )
+            if isinstance(e, ImageAlteredError):
+                prefix = "altered"
+            elif isinstance(e, (ImageCorruptError, ImageFormatError)):
+                prefix = refused_as
+            else:
+                prefix = "restore failed"
             store.set_state(dev, ImageState.INVALID, reason=f"{prefix}: {what}"[:200])
             say("image marked INVALID; rebooting into the normal system")
         except KjumpError as e2:

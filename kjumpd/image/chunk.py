@@ -316,10 +316,14 @@ def stored_pages(bitmap: bytes, pages: int) -> list[int]:
 
 
 def chunk_error(
-    ch: ChunkHeader, offset: int, why: str, what: str = "is corrupt"
+    ch: ChunkHeader,
+    offset: int,
+    why: str,
+    what: str = "is corrupt",
+    error: type[ImageCorruptError] = ImageCorruptError,
 ) -> ImageCorruptError:
     """The error for a record that cannot be used (``what`` says how it failed)."""
-    return ImageCorruptError(
+    return error(
         f"chunk {ch.index} at byte offset {offset} {what}",
         why=why,
         fix="the image cannot be used; boot normally and hibernate again",

@@ -64,7 +64,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from kjumpd.errors import ImageCorruptError, ImageKeyError
+from kjumpd.errors import ImageAlteredError, ImageCorruptError, ImageKeyError
 from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader, Header, crc32
 
 SEAL_VERSION = 1
@@ -399,10 +399,10 @@ class ImageCipher:
         return hmac.new(self._header_key, auth_bytes(header) + metadata, "sha256").digest()
 
     def check_header(self, header: Header, metadata: bytes) -> None:
-        """ImageCorruptError unless the header's fixed fields and the metadata are the ones
+        """ImageAlteredError unless the header's fixed fields and the metadata are the ones
         the save wrote."""
         if not hmac.compare_digest(self.header_mac(header, metadata), header.auth):
-            raise ImageCorruptError(
+            raise ImageAlteredError(
                 "the image header or metadata was altered",
                 why="their authentication tag does not match (the jump-back address, the "
                 "memory map or the identity differ from what the save wrote)",
@@ -429,7 +429,7 @@ class ImageCipher:
         self, ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
     ) -> tuple[ChunkHeader, bytes]:
         """(record header, bitmap, stored payload, offset) -> (the record header as if it
-        were stored in the clear, plain payload); ImageCorruptError when the record does
+        were stored in the clear, plain payload); ImageAlteredError when the record does
         not authenticate."""
         if len(payload) < TAG_SIZE:
             raise _unauthentic(ch, offset, f"its payload of {len(payload)} bytes has no tag")
@@ -456,4 +456,4 @@ def _with_payload(ch: ChunkHeader, length: int, crc: int) -> ChunkHeader:
 def _unauthentic(ch: ChunkHeader, offset: int, why: str) -> ImageCorruptError:
     from kjumpd.image.chunk import chunk_error  # chunk imports lz4, which R does not have
 
-    return chunk_error(ch, offset, why, what="fails authentication")
+    return chunk_error(ch, offset, why, what="fails authentication", error=ImageAlteredError)

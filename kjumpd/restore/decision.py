@@ -50,6 +50,7 @@ _NO_IMAGE = ("EMPTY", "CONSUMED", "ABORTED", "INVALID")
 #: refusal codes (the part of INVALID(reason) before the colon)
 CODES = {
     "corrupt": "the image or its header is damaged",
+    "altered": "the encrypted image was changed after it was saved (it does not authenticate)",
     "incomplete": "the save did not finish (power lost while saving)",
     "foreign": "the header belongs to another target",
     "attempts": "restoring failed too many times",

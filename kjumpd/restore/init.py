@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kjumpd import confine
-from kjumpd.errors import ImageCorruptError, ImageFormatError, KjumpError
+from kjumpd.errors import ImageAlteredError, ImageCorruptError, ImageFormatError, KjumpError
 from kjumpd.linux import cmdline
 from kjumpd.sysroot import Sysroot
 
@@ -512,17 +512,22 @@ def restore_first(
                     "(it runs in the image's jump area: one boot)"
                 )
                 dev, g.dev = g.dev, None  # restore_here closes it
+                refused = "invalid:corrupt"
                 try:
                     restore_here(sysroot, cfg, dev, store.read_header(dev), image_key)
                     return "restore"  # only where the jump into A is not a real one (tests)
+                except ImageAlteredError:
+                    # a record of the encrypted image does not authenticate (INVALID(altered:
+                    # ...)); it was refused before it reached memory
+                    refused = "invalid:altered"
                 except (ImageCorruptError, ImageFormatError):
                     # what the chunk-table guard refuses in two boots, found while restoring
                     # (the image is marked INVALID(corrupt: ...)); A's memory was not live
                     pass
                 # out of the except clause: its traceback no longer holds the restore's memory
                 release_restore_memory()
-                boot_normal(cfg, "invalid:corrupt", run, kexec, sysroot)
-                return "invalid:corrupt"
+                boot_normal(cfg, refused, run, kexec, sysroot)
+                return refused
             if to_b:
                 from dataclasses import replace
 

@@ -189,3 +189,41 @@ def test_an_unencrypted_image_asks_nothing(world) -> None:
     console = Console(PASS)
     assert world.run_with(console) == "restore"
     assert console.prompts == []
+
+
+def test_r_in_the_jump_area_refuses_an_altered_record_as_altered_before_it_reaches_memory(
+    world, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One boot: R restores the records itself. A record changed with both checksums redone
+    passes every damage check but not authentication: the image is INVALID(altered: ...) as
+    an altered header is, the normal system is told so, and no byte of it reaches A's memory."""
+    import struct
+
+    from kjumpd.restore.decision import explain
+    from tests.sysroot.test_restore_init_sysroot import CONFINED_IOMEM, confined
+    from tests.unit.test_image_seal import records, rewrite_record
+
+    world.save_encrypted()
+    off, ch, bitmap = next(r for r in records(world.target) if r[1].payload_length > 16)
+    with open(world.target, "rb") as f:
+        f.seek(off + len(ch.pack()) + len(bitmap))
+        payload = bytearray(f.read(ch.payload_length))
+    payload[len(payload) // 2] ^= 0x01
+    rewrite_record(world.target, off, ch, bitmap, bytes(payload))
+    crcs = [rec.crc for _off, rec, _bm in records(world.target)]
+    dev, _ = store.open_target(world.target, writable=True)
+    with dev:
+        store.update_header(dev, data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)))
+    jumps = confined(world, monkeypatch, CONFINED_IOMEM)
+    assert world.run_with(Console(PASS)) == "invalid:altered"
+    h = world.header()
+    assert h.state == ImageState.INVALID
+    assert h.reason.startswith(f"altered: chunk {ch.index} at byte offset {off} fails auth")
+    assert jumps == []
+    calls = world.kexec_calls()
+    assert "kjump.rf=invalid:altered" in calls[0] and "kjump.role=restore" not in calls[0]
+    lo, hi = ch.phys, ch.phys + ch.raw_length
+    assert (world.root / "dev/mem").read_bytes()[lo:hi] == bytes(hi - lo)
+    seen = explain(h.state_text.split("(")[0], h.reason)
+    assert seen["refused"] and seen["code"] == "altered"
+    assert "changed after it was saved" in seen["summary"]

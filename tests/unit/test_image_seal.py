@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kjumpd.errors import ImageCorruptError, ImageKeyError
+from kjumpd.errors import ImageAlteredError, ImageKeyError
 from kjumpd.image import restore, save, seal, store
 from kjumpd.image.device import ImageDevice
 from kjumpd.image.format import (
@@ -176,7 +176,7 @@ def test_the_header_says_encrypted_and_restore_needs_the_key(encrypted):
 
 def test_the_wrong_image_key_is_refused_before_any_write(encrypted):
     tmp, _mem, tgt, _key = encrypted
-    with pytest.raises(ImageCorruptError, match="altered"):
+    with pytest.raises(ImageAlteredError, match="altered"):
         _restore(tgt, tmp / "out", seal.new_image_key())
     assert not (tmp / "out").exists() or not (tmp / "out").read_bytes().strip(b"\0")
 
@@ -215,7 +215,7 @@ def test_a_crafted_record_with_its_crc_recomputed_is_refused(encrypted, data):
     rewrite_record(tgt, off, ch, bm, bytes(payload))
     out = tmp / f"out{i}-{pos}"
     try:
-        with pytest.raises(ImageCorruptError) as ei:
+        with pytest.raises(ImageAlteredError) as ei:
             _restore(tgt, out, image_key)
         assert "fails authentication" in ei.value.what and f"chunk {ch.index}" in ei.value.what
         # nothing of the altered chunk (or after it) reached memory
@@ -236,7 +236,7 @@ def test_a_record_from_another_place_is_refused(encrypted):
         p1 = dev.read(o1 + CHUNK_HEADER_SIZE + len(b1), c1.payload_length)
     moved = p1[: c2.payload_length].ljust(c2.payload_length, b"\0")
     rewrite_record(tgt, o2, c2, b2, moved)
-    with pytest.raises(ImageCorruptError, match="fails authentication"):
+    with pytest.raises(ImageAlteredError, match="fails authentication"):
         _restore(tgt, tmp / "out", image_key)
 
 
@@ -253,7 +253,7 @@ def test_an_altered_header_is_refused_with_the_reason(encrypted, change):
     tmp, _mem, tgt, image_key = encrypted
     with ImageDevice(tgt, writable=True) as dev:
         store.update_header(dev, **change)
-    with pytest.raises(ImageCorruptError) as ei:
+    with pytest.raises(ImageAlteredError) as ei:
         _restore(tgt, tmp / "out", image_key)
     assert "header or metadata was altered" in ei.value.what
     assert not (tmp / "out").exists() or not (tmp / "out").read_bytes().strip(b"\0")
@@ -269,7 +269,7 @@ def test_altered_metadata_is_refused(encrypted):
         meta[-4:] = struct.pack("<I", crc32(bytes(meta[:-4])))
         dev.write(h.metadata_offset, bytes(meta))
         store.update_header(dev, metadata_crc=crc32(bytes(meta)))
-    with pytest.raises(ImageCorruptError, match="header or metadata was altered"):
+    with pytest.raises(ImageAlteredError, match="header or metadata was altered"):
         _restore(tgt, tmp / "out", image_key)
 
 

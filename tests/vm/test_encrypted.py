@@ -16,7 +16,7 @@ holds the passphrase-protected key) boots:
 - an altered header (the jump-back address, CRCs recomputed): R refuses it after the
   passphrase, INVALID(altered: ...), before B runs;
 - an altered record (one payload byte, both CRCs recomputed: damage detection cannot see
-  it): B refuses it before it reaches memory, INVALID(restore failed: chunk 0 ... fails
+  it): B refuses it before it reaches memory, INVALID(altered: chunk 0 ... fails
   authentication).
 """
 
@@ -258,5 +258,5 @@ def test_an_altered_record_is_refused_before_it_reaches_memory(
         m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
     finally:
         vm.stop()
-    assert m.group(2).startswith("INVALID(restore failed: chunk"), m.group(0)
+    assert m.group(2).startswith("INVALID(altered: chunk"), m.group(0)
     assert "fails authentication" in m.group(2), m.group(0)
