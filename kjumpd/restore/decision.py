@@ -24,8 +24,8 @@ Guards (DESIGN.md "Restore", invariant I3), in this order; the first that fails 
    superblock stamp is unchanged (else Invalidate "stale").
 
 All pass → Restore(attempt + 1): R writes RESTORING(attempt + 1) durably, then kexecs B.
-A refused image is marked INVALID("<code>: <detail>") and stays on disk; ``explain`` turns a
-header into what ``kjumpctl status`` shows.
+A refused image is marked INVALID("<code>: <detail>") and stays on disk; ``explain`` says
+in words what a header's state and reason mean (the daemon's status shows the state as is).
 
 The boot.json R reads is kjumpd/bootconfig.py.
 """
