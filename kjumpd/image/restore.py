@@ -389,24 +389,6 @@ class _Decoded(NamedTuple):
     placed: bool = False
 
 
-class _Ready:
-    """The outcome of a record checked without a worker, in the place of its Future."""
-
-    __slots__ = ("error", "value")
-
-    def __init__(self, value: _Decoded | None = None, error: ImageError | None = None) -> None:
-        self.value, self.error = value, error
-
-    def result(self) -> _Decoded:
-        if self.error is not None:
-            raise self.error
-        assert self.value is not None
-        return self.value
-
-    def cancel(self) -> bool:
-        return False
-
-
 class _InFlight:
     """The chunks submitted to the workers and not yet handed out, oldest first. A worker
     decodes its chunk and, with a deliver, writes it when the turnstile lets it; the
@@ -426,7 +408,7 @@ class _InFlight:
         self.opener = opener  # an encrypted image: each record authenticated, then decoded
         self.deliver, self.clocks = deliver, clocks
         self.place = place
-        self.pending: deque[tuple[ChunkHeader, Future[_Decoded] | _Ready]] = deque()
+        self.pending: deque[tuple[ChunkHeader, Future[_Decoded]]] = deque()
         self.count = 0  # chunks submitted
 
     def submit(self, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int) -> None:
@@ -459,17 +441,20 @@ class _InFlight:
 
     def _check_free(
         self, seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int
-    ) -> _Ready:
+    ) -> Future[_Decoded]:
         """A free record is checked here, not on a worker: it writes nothing, and under
         emulation handing a chunk to a worker and back costs far more than its check (most
-        of a lightly used machine's chunks are free)."""
+        of a lightly used machine's chunks are free). Its outcome is a Future already done."""
+        done: Future[_Decoded] = Future()
         try:
             out, n, cpu = _decode(ch, bitmap, payload, off, None)
         except ImageError as e:
             self.turns.fail(seq)
-            return _Ready(error=e)
+            done.set_exception(e)
+            return done
         self.turns.nothing_to_write(seq)
-        return _Ready(_Decoded(out, n, cpu))
+        done.set_result(_Decoded(out, n, cpu))
+        return done
 
     def _work(
         self,
@@ -562,7 +547,7 @@ class _InFlight:
         return t1 - t0, time.monotonic() - t1, time.thread_time() - c1
 
     def _hand_out(
-        self, ch: ChunkHeader, fut: Future[_Decoded] | _Ready
+        self, ch: ChunkHeader, fut: Future[_Decoded]
     ) -> Iterator[tuple[int, int, memoryview | None]]:
         tw = time.monotonic()
         try:
