@@ -18,6 +18,11 @@ holds the passphrase-protected key) boots:
 - an altered record (one payload byte, both CRCs recomputed: damage detection cannot see
   it): B refuses it before it reaches memory, INVALID(altered: chunk 0 ... fails
   authentication).
+
+A second encrypted save, by an A with a jump area wide enough to confine R to it (as the
+boot entry boots R after such a hibernation: KASLR on, the rest of RAM reserved): R itself
+decrypts and restores in one boot, with no save kernel after it, and refuses an altered
+record as altered (kjump.rf=invalid:altered) before it reaches memory.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from savekernel.initramfs import (
 )
 from tests.unit.test_image_seal import records, rewrite_record
 from tests.vm.harness import (
+    JUMP_AREA_SIZE,
+    JUMP_AREA_START,
     MAIN_APPEND,
     VM,
     VMConfig,
@@ -57,7 +64,9 @@ from tests.vm.test_restorefirst import (
     NORMAL,
     PANIC,
     R_BASE_APPEND,
+    WIDE_AREA_SIZE,
     T,
+    confined,
     copy_disks,
     header,
     make_disks,
@@ -106,8 +115,8 @@ def r_crypto(kernel: Path) -> InitramfsImage:
     return build_restore_initramfs(crypto=True)
 
 
-def r_vm(kernel: Path, initrd: Path, uuid: str, disks, art: Path) -> VM:
-    cfg = VMConfig(
+def r_cfg(kernel: Path, initrd: Path, uuid: str, disks) -> VMConfig:
+    return VMConfig(
         kernel=kernel,
         initrd=initrd,
         append=f"{R_BASE_APPEND} kjump.target={uuid} kjump.offset=0",
@@ -116,25 +125,45 @@ def r_vm(kernel: Path, initrd: Path, uuid: str, disks, art: Path) -> VM:
         smp=2,
         cpu=AES_CPU,
     )
-    return VM(cfg, art, name="r")
+
+
+def r_vm(kernel: Path, initrd: Path, uuid: str, disks, art: Path) -> VM:
+    return VM(r_cfg(kernel, initrd, uuid, disks), art, name="r")
 
 
 @pytest.fixture(scope="module")
 def saved(kernel, a_crypto, tmp_path_factory) -> tuple[Path, Path, str, bytes]:
     """Disks holding an encrypted SAVED image of A with a secret in its memory."""
-    d = tmp_path_factory.mktemp("enc-saved")
+    return save_encrypted(kernel, a_crypto, tmp_path_factory.mktemp("enc-saved"), MAIN_APPEND)
+
+
+@pytest.fixture(scope="module")
+def saved_wide(kernel, a_crypto, tmp_path_factory) -> tuple[Path, Path, str, bytes]:
+    """As ``saved``, by an A whose jump area is WIDE_AREA_SIZE at the same start: R can be
+    confined to it and restore in one boot."""
+    wide = MAIN_APPEND.replace(
+        f"crashkernel={JUMP_AREA_SIZE >> 20}M@", f"crashkernel={WIDE_AREA_SIZE >> 20}M@"
+    )
+    assert wide != MAIN_APPEND
+    d = tmp_path_factory.mktemp("enc-saved-wide")
+    return save_encrypted(kernel, a_crypto, d, wide, "_wide")
+
+
+def save_encrypted(
+    kernel: Path, a_crypto: InitramfsImage, d: Path, append: str, suffix: str = ""
+) -> tuple[Path, Path, str, bytes]:
     target, data, uuid = make_disks(d)
     secret = secrets.token_bytes(64)
     cfg = VMConfig(
         kernel=kernel,
         initrd=a_crypto.path,
-        append=f"{MAIN_APPEND} kjr.step=save kjr.mib=32 kjr.secret={secret.hex()}",
+        append=f"{append} kjr.step=save kjr.mib=32 kjr.secret={secret.hex()}",
         disks=[target, data],
         memory_mb=1024,
         smp=2,
         cpu=AES_CPU,
     )
-    art = artifacts_dir("encrypted_save")
+    art = artifacts_dir(f"encrypted_save{suffix}")
     with VM(cfg, art, name="save") as vm:
         vm.wait_for(r"KJR: image SAVED|KJR-VERDICT: FAIL.*", timeout=T, fail=PANIC)
         line = vm.last_line.text if vm.last_line else ""
@@ -231,18 +260,7 @@ def test_an_altered_record_is_refused_before_it_reaches_memory(
     request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved, tmp_path
 ) -> None:
     target, data = copy_disks(saved[:2], tmp_path / "disks")
-    # the first record with a payload: one byte, both CRCs redone (damage checks pass)
-    off, ch, bitmap = next(r for r in records(target) if r[1].payload_length > 16)
-    with open(target, "rb") as f:
-        f.seek(off + CHUNK_HEADER_SIZE + len(bitmap))
-        payload = bytearray(f.read(ch.payload_length))
-    payload[len(payload) // 2] ^= 0x01
-    rewrite_record(target, off, ch, bitmap, bytes(payload))
-    # and the header's checksum over every record's CRC, as a forger would
-    crcs = [rec.crc for _off, rec, _bm in records(target)]
-    dev, _ = store.open_target(target, writable=True, offset=0)
-    with dev:
-        store.update_header(dev, data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)))
+    index = alter_a_record(target)
     rimg = r_initrd(
         tmp_path / "r.img", kernel, a_crypto, b_crypto, r_crypto, saved[2], image_key=keyfile
     )
@@ -252,7 +270,7 @@ def test_an_altered_record_is_refused_before_it_reaches_memory(
         vm.start()
         vm.wait_for(PROMPT, timeout=T, fail=PANIC)
         vm.send(PASSPHRASE + "\n")
-        vm.wait_for(rf"kjump-agent: restore failed: .*chunk {ch.index} .*fails authentication", T)
+        vm.wait_for(rf"kjump-agent: restore failed: .*chunk {index} .*fails authentication", T)
         vm.wait_exit(timeout=T)  # B reboots; QEMU runs with -no-reboot
         vm.restart()
         m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
@@ -260,3 +278,95 @@ def test_an_altered_record_is_refused_before_it_reaches_memory(
         vm.stop()
     assert m.group(2).startswith("INVALID(altered: chunk"), m.group(0)
     assert "fails authentication" in m.group(2), m.group(0)
+
+
+def alter_a_record(target: Path) -> int:
+    """Change one payload byte of the first record that has a payload, with both CRCs and
+    the header's checksum over every record's CRC redone, as a forger would (every damage
+    check passes; only the authentication tag can see it). Returns the record's index."""
+    off, ch, bitmap = next(r for r in records(target) if r[1].payload_length > 16)
+    with open(target, "rb") as f:
+        f.seek(off + CHUNK_HEADER_SIZE + len(bitmap))
+        payload = bytearray(f.read(ch.payload_length))
+    payload[len(payload) // 2] ^= 0x01
+    rewrite_record(target, off, ch, bitmap, bytes(payload))
+    crcs = [rec.crc for _off, rec, _bm in records(target)]
+    dev, _ = store.open_target(target, writable=True, offset=0)
+    with dev:
+        store.update_header(dev, data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)))
+    return ch.index
+
+
+ONE_BOOT = r"kjumpd-rf: image marked RESTORING\(1\); restoring it in this kernel"
+
+
+def confined_r(
+    kernel: Path, a_crypto, b_crypto, r_crypto, keyfile: Path, uuid: str, disks, out: Path
+) -> VMConfig:
+    """R booted as the boot entry boots it after a hibernation in a wide jump area: confined
+    to the area, with the image key in its payload."""
+    area = (JUMP_AREA_START, WIDE_AREA_SIZE)
+    rimg = r_initrd(
+        out, kernel, a_crypto, b_crypto, r_crypto, uuid, image_key=keyfile, jump_area=area
+    )
+    return confined(r_cfg(kernel, rimg, uuid, disks), rimg, r_crypto, a_crypto, kernel, area)
+
+
+def test_r_confined_to_the_jump_area_decrypts_the_image_and_restores_it_in_one_boot(
+    request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved_wide, tmp_path
+) -> None:
+    target, data = copy_disks(saved_wide[:2], tmp_path / "disks")
+    cfg = confined_r(
+        kernel,
+        a_crypto,
+        b_crypto,
+        r_crypto,
+        keyfile,
+        saved_wide[2],
+        (target, data),
+        tmp_path / "r.img",
+    )
+    with VM(cfg, artifacts_dir(request.node.name), name="r") as vm:
+        vm.wait_for(PROMPT, timeout=T, fail=PANIC)
+        vm.send(PASSPHRASE + "\n")
+        m = vm.wait_for(r"KJR-VERDICT: (PASS|FAIL) (.*)|KJR-NORMAL.*", timeout=T, fail=PANIC)
+        here = vm.find(ONE_BOOT)
+        agent = vm.find(r"kjump-agent: save kernel up")
+    assert here, "R did not restore in one boot (where did KASLR put it?)"
+    assert not agent, "B ran although R restores in one boot"
+    assert m.group(1) == "PASS", m.group(0)
+    assert "data=intact" in m.group(2) and "now=CONSUMED" in m.group(2), m.group(0)
+    assert header(target).state_text == "CONSUMED"
+
+
+def test_r_confined_to_the_jump_area_refuses_an_altered_record_as_altered(
+    request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved_wide, tmp_path
+) -> None:
+    """R restoring by itself checks each record's tag as it reads it: the altered record is
+    refused before it reaches memory, the image is INVALID(altered: ...), A is not jumped
+    to, and the normal system boots with kjump.rf=invalid:altered."""
+    target, data = copy_disks(saved_wide[:2], tmp_path / "disks")
+    index = alter_a_record(target)
+    cfg = confined_r(
+        kernel,
+        a_crypto,
+        b_crypto,
+        r_crypto,
+        keyfile,
+        saved_wide[2],
+        (target, data),
+        tmp_path / "r.img",
+    )
+    with VM(cfg, artifacts_dir(request.node.name), name="r") as vm:
+        vm.wait_for(PROMPT, timeout=T, fail=PANIC)
+        vm.send(PASSPHRASE + "\n")
+        m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
+        here = vm.find(ONE_BOOT)
+        agent = vm.find(r"kjump-agent: save kernel up")
+    assert here, "R did not restore in one boot (where did KASLR put it?)"
+    assert not agent, "B ran although R restores in one boot"
+    assert not vm.find(r"KJR-VERDICT"), "A was jumped into from an altered image"
+    assert m.group(1) == "invalid:altered", m.group(0)
+    assert m.group(2).startswith(f"INVALID(altered: chunk {index} "), m.group(0)
+    assert "fails authentication" in m.group(2), m.group(0)
+    assert header(target).state_text.startswith("INVALID(altered:")

@@ -209,6 +209,28 @@ def r_config(kernel: Path, initrd: Path, uuid: str, disks: tuple[Path, Path]) ->
     )
 
 
+def confined(
+    cfg: VMConfig,
+    rimg: Path,
+    r_base: InitramfsImage,
+    normal_initrd: InitramfsImage,
+    kernel: Path,
+    area: tuple[int, int],
+) -> VMConfig:
+    """``cfg`` (R's VM, 1 GiB) booting R confined to the jump area ``area`` (start, size) as
+    the boot entry boots it: KASLR on, the rest of RAM reserved. Asserts first that R fits
+    there, which the product checks before it confines R
+    (kjumpd.daemon.bootentry.confinement_problem)."""
+    payload = rimg.stat().st_size - r_base.path.stat().st_size
+    normal = kernel.stat().st_size + normal_initrd.path.stat().st_size
+    unpacked = int(r_base.path.stat().st_size * confine.UNPACK_FACTOR) + payload
+    assert confine.fit_problem(area[1], rimg.stat().st_size, unpacked, normal) == ""
+    assert cfg.memory_mb == 1024
+    ram = [(0, 0x9FC00, "System RAM"), (0x100000, 0x3FFE0000, "System RAM")]  # QEMU, 1 GiB
+    words = " ".join(confine.boot_words(confine.confine(ram, (area[0], area[0] + area[1]))))
+    return replace(cfg, append=cfg.append.replace("nokaslr ", "") + " " + words)
+
+
 def figures(name: str, **values: object) -> None:
     out = artifacts_dir(name) / "figures.json"
     out.write_text(json.dumps(values, indent=1) + "\n")
@@ -404,15 +426,9 @@ def test_corrupted_image_is_refused_by_r_restoring_in_one_boot(
     rimg = r_initrd(
         tmp_path / "r.img", kernel, a_initramfs, b_initramfs, r_base, saved[2], jump_area=area
     )
-    # the product confines R only when it fits (kjumpd.daemon.bootentry.confinement_problem)
-    payload = rimg.stat().st_size - r_base.path.stat().st_size
-    normal = kernel.stat().st_size + a_initramfs.path.stat().st_size
-    unpacked = int(r_base.path.stat().st_size * confine.UNPACK_FACTOR) + payload
-    assert confine.fit_problem(area[1], rimg.stat().st_size, unpacked, normal) == ""
-    ram = [(0, 0x9FC00, "System RAM"), (0x100000, 0x3FFE0000, "System RAM")]  # QEMU, 1 GiB
-    words = " ".join(confine.boot_words(confine.confine(ram, (area[0], area[0] + area[1]))))
-    cfg = r_config(kernel, rimg, saved[2], (target, data))
-    cfg = replace(cfg, append=cfg.append.replace("nokaslr ", "") + " " + words)
+    cfg = confined(
+        r_config(kernel, rimg, saved[2], (target, data)), rimg, r_base, a_initramfs, kernel, area
+    )
     with VM(cfg, artifacts_dir(request.node.name), name="r") as vm:
         m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
         here = vm.find(r"kjumpd-rf: image marked RESTORING\(1\); restoring it in this kernel")
