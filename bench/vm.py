@@ -26,8 +26,13 @@ Measured on the host clock from the serial console (never asserted in tests):
                      kjumpd: the agent's "SAVED: ... MiB written"
   memory saved       the pages that are not zero and not free: swsusp's "Wrote N kbytes";
                      kjumpd's "SAVED: N MiB of memory" less its zero pages that were not free
+  file set kept      after the resume, how much of the file set (in the page cache at the
+                     request) is still cached (fincore)
   time to warm       after the resume, re-reading the file set that was in the page cache at
                      the request (and, for scale, the same read with the cache dropped)
+  daemon's anon      kjumpd's daemon's anonymous memory (RssAnon) when the guest asks,
+                     from the guest's KJUMP-PROCS line: it runs idle in swsusp's runs, and
+                     what it holds is saved by both systems
   phases             the console lines of tests/vm/scenarios.py MARKS, drawn side by side in
                      phases.svg
   phases in A        kjumpd's own phase durations and timed steps, from the result record
@@ -133,8 +138,10 @@ ROWS = (
     ("resume latency", "resume_s", "s"),
     ("image size", "image_bytes", "MiB"),
     ("memory saved", "memory_bytes", "MiB"),
+    ("file set kept", "kept_bytes", "MiB"),
     ("time to warm", "warm_s", "s"),
     ("same read, cold", "cold_s", "s"),
+    ("daemon's anon memory", "daemon_anon_bytes", "MiB"),
 )
 COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2")
 
@@ -174,6 +181,10 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
         if wrote:
             memory = int(wrote.group(1)) << 10
     warm = out.event("warm")
+    # kjumpd's daemon at the request (the guest's KJUMP-PROCS line: name:pid:anon+file kB):
+    # it runs in both systems' runs, idle in swsusp's
+    procs = out.console(r"KJUMP-PROCS: \S+ .*?\bkjumpd:\d+:(\d+)\+\d+")
+    daemon_anon = int(procs[0].group(1)) << 10 if procs else None
     edges: dict[str, float | None] = {
         "request": start.t if start else None,
         "off": off,
@@ -200,9 +211,18 @@ def figures(out: scenarios.Outcome) -> dict[str, float | str | None]:
         "memory_bytes": memory,
         "warm_s": float(warm.fields["seconds"]) if warm else None,
         "cold_s": float(warm.fields["cold"]) if warm else None,
+        "kept_bytes": _mib(warm.fields.get("cached_mib")) if warm else None,
+        "daemon_anon_bytes": daemon_anon,
         "swsusp": out.verdict.get("swsusp", ""),
         "edges": edges,  # type: ignore[dict-item]
     }
+
+
+def _mib(text: str | None) -> int | None:
+    try:
+        return int(float(text) * MiB) if text is not None else None
+    except ValueError:  # "?": the guest could not tell
+        return None
 
 
 #: the prefix of a timed step's name among the phases (a_phases)

@@ -24,7 +24,7 @@ def outcome(tmp_path: Path, verdict: dict[str, str], marks=(), boots=()) -> Outc
     out.events = [
         Event(10.0, "hibernate-start", {}, 1),
         Event(40.0, "hibernate-returned", {}, 2),
-        Event(45.0, "warm", {"seconds": "2.50", "cold": "1.00"}, 2),
+        Event(45.0, "warm", {"seconds": "2.50", "cold": "1.00", "cached_mib": "63.5"}, 2),
     ]
     out.boots = list(boots) or [{"boot": 1, "start": 0.0, "end": 20.0}, {"boot": 2, "start": 25.0}]
     out.marks = [Event(t, name, {"line": ""}, 1) for name, t in marks]
@@ -47,7 +47,7 @@ def test_a_run_reports_its_latencies_and_phases(tmp_path):
         )
     )
     assert (f["hibernate_s"], f["resume_s"]) == (10.0, 15.0)
-    assert (f["warm_s"], f["cold_s"]) == (2.5, 1.0)
+    assert (f["warm_s"], f["cold_s"], f["kept_bytes"]) == (2.5, 1.0, int(63.5 * (1 << 20)))
     hib = vm.phases("kjumpd", "hibernate", f)
     res = vm.phases("kjumpd", "resume", f)
     assert [s for _, s in hib] == [4.0, 5.0, 1.0]
@@ -80,6 +80,19 @@ def test_memory_saved_counts_the_pages_that_are_not_zero_as_swsusp_does(tmp_path
     f = vm.figures(out)
     assert f["image_bytes"] == 253 << 20
     assert f["memory_bytes"] == (380 << 20) - (143401 - 131482) * 4096
+
+
+def test_the_daemons_anonymous_memory_is_read_from_the_guests_process_line(tmp_path):
+    log = tmp_path / "console-1.log"
+    log.write_text(
+        "[   46.571] KJUMP-PROCS: shutdown python3:97:161408+8996 kjumpd:53:34524+14344 "
+        "dbus-daemon:52:492+3488\n"
+    )
+    out = outcome(tmp_path, {"swsusp": ""})
+    out.logs = [log]
+    assert vm.figures(out)["daemon_anon_bytes"] == 34524 << 10
+    log.write_text("[   46.571] KJUMP-PROCS: swsusp python3:97:161408+8996\n")
+    assert vm.figures(out)["daemon_anon_bytes"] is None
 
 
 def test_a_refused_swsusp_has_no_latency(tmp_path):

@@ -200,9 +200,9 @@ def install_restore_entry(initrd: str) -> None:
     update_grub()
 
 
-def report_cached(paths: list[str]) -> None:
-    """How much of ``paths`` is in the page cache (``fincore``), on one console line: files
-    kjumpd read or wrote for the boot loader that the next image would save."""
+def cached(paths: list[str]) -> tuple[int, int, int] | None:
+    """How much of ``paths`` is in the page cache (``fincore``): bytes cached, bytes, files
+    found; None (said on the console) when fincore fails."""
     present = [p for p in paths if Path(p).exists()]
     proc = subprocess.run(
         ["fincore", "-b", "-n", "-r", "-o", "RES,SIZE", *present],
@@ -211,10 +211,17 @@ def report_cached(paths: list[str]) -> None:
     )
     if proc.returncode != 0:
         say(f"fincore: {proc.stderr.strip()}")
-        return
+        return None
     rows = [ln.split() for ln in proc.stdout.splitlines() if len(ln.split()) == 2]
-    cached, size = sum(int(r[0]) for r in rows), sum(int(r[1]) for r in rows)
-    print(f"KJUMP-CACHED: {cached} of {size} bytes in {len(rows)} boot files", flush=True)
+    return sum(int(r[0]) for r in rows), sum(int(r[1]) for r in rows), len(rows)
+
+
+def report_cached(paths: list[str]) -> None:
+    """How much of ``paths`` is in the page cache, on one console line: files kjumpd read or
+    wrote for the boot loader that the next image would save."""
+    found = cached(paths)
+    if found is not None:
+        print(f"KJUMP-CACHED: {found[0]} of {found[1]} bytes in {found[2]} boot files", flush=True)
 
 
 GRUB_CFG = Path("/boot/grub/grub.cfg")
@@ -249,6 +256,23 @@ def log_meminfo(label: str) -> None:
         + " ".join(f"{f[0].rstrip(':')}={f[1]}" for f in fields if len(f) == 2),
         flush=True,
     )
+    print(f"KJUMP-PROCS: {label} {top_processes()}", flush=True)
+
+
+def top_processes(count: int = 8) -> str:
+    """The processes holding the most memory, ``name:pid:anon+file`` (kB), largest first."""
+    rows = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        st = {ln.split(":")[0]: ln.split(":", 1)[1].split() for ln in lines if ":" in ln}
+        anon = int(st.get("RssAnon", ["0"])[0])
+        file = int(st.get("RssFile", ["0"])[0])
+        name = (st.get("Name") or ["?"])[0]
+        rows.append((anon + file, f"{name}:{pid}:{anon}+{file}"))
+    return " ".join(r for _n, r in sorted(rows, reverse=True)[:count])
 
 
 def start_workload(size_mib: int = 200) -> tuple[subprocess.Popen, wl.Status]:
@@ -368,6 +392,8 @@ def hibernate_and_check(
         if parked:
             extra["save_kernel"] = parked.replace(" ", "_")
         devices = device_state()
+        if cache:
+            say(f"file set in the page cache at the request: {fileset_cached_mib()} MiB")
         event("hibernate-start", mode=mode)
         proc = kjumpctl("hibernate", "--mode", mode, "--json")
         event("hibernate-returned", rc=proc.returncode)
@@ -388,6 +414,8 @@ def hibernate_and_check(
         if not want_rc_ok and proc.returncode == 0:
             problems.append("kjumpctl hibernate succeeded although a failure was injected")
         after = wl.query()
+        # first, as swsusp's flow does: the writers' check below drops the page cache
+        extra.update(time_to_warm())
         state = image_state()
         extra["image"] = state.replace(" ", "_")
         extra.update(image_fields(record))
@@ -402,7 +430,6 @@ def hibernate_and_check(
             problems += wproblems
             extra.update(wfields)
         extra.update(outlive_save_kernel_watchdog(returned))
-        extra.update(time_to_warm())
         if post is not None:
             pproblems, pfields = post()
             problems += pproblems
@@ -1019,17 +1046,25 @@ def _read_fileset() -> float:
     return time.monotonic() - t0
 
 
+def fileset_cached_mib() -> str:
+    """MiB of the file set in the page cache ("?" when fincore cannot tell)."""
+    kept = cached([str(p) for p in sorted(FILESET.iterdir())]) if FILESET.is_dir() else None
+    return f"{kept[0] / (1 << 20):.1f}" if kept else "?"
+
+
 def time_to_warm() -> dict[str, str]:
-    """After the resume: the seconds to read the file set again (what the page cache kept
-    through the hibernation comes from RAM, the rest from disk), then the same read with the
-    cache dropped, for scale. Verdict fields warm= and cold=; a ``warm`` event."""
+    """After the resume: how much of the file set the page cache kept through the
+    hibernation, the seconds to read it again (what was kept comes from RAM, the rest from
+    disk), then the same read with the cache dropped, for scale. Verdict fields warm=, cold=
+    and cached=; a ``warm`` event."""
     if not FILESET.is_dir():
         return {}
+    kept_mib = fileset_cached_mib()
     warm = _read_fileset()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
     cold = _read_fileset()
-    event("warm", seconds=f"{warm:.2f}", cold=f"{cold:.2f}")
-    return {"warm": f"{warm:.2f}s", "cold": f"{cold:.2f}s"}
+    event("warm", seconds=f"{warm:.2f}", cold=f"{cold:.2f}", cached_mib=kept_mib)
+    return {"warm": f"{warm:.2f}s", "cold": f"{cold:.2f}s", "cached": f"{kept_mib}MiB"}
 
 
 def scenario_swsusp() -> int:
