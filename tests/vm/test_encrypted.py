@@ -301,7 +301,14 @@ ONE_BOOT = r"kjumpd-rf: image marked RESTORING\(1\); restoring it in this kernel
 
 
 def confined_r(
-    kernel: Path, a_crypto, b_crypto, r_crypto, keyfile: Path, uuid: str, disks, out: Path
+    kernel: Path,
+    a_crypto: InitramfsImage,
+    b_crypto: InitramfsImage,
+    r_crypto: InitramfsImage,
+    keyfile: Path,
+    uuid: str,
+    disks: tuple[Path, Path],
+    out: Path,
 ) -> VMConfig:
     """R booted as the boot entry boots it after a hibernation in a wide jump area: confined
     to the area, with the image key in its payload."""
