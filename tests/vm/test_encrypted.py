@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import struct
 from pathlib import Path
@@ -48,7 +49,6 @@ from savekernel.initramfs import (
 )
 from tests.unit.test_image_seal import records, rewrite_record
 from tests.vm.harness import (
-    JUMP_AREA_SIZE,
     JUMP_AREA_START,
     MAIN_APPEND,
     VM,
@@ -71,6 +71,7 @@ from tests.vm.test_restorefirst import (
     header,
     make_disks,
     r_initrd,
+    wide_append,
 )
 from tests.vm.test_restorefirst import kernel as kernel  # noqa: F401 - the shared fixture
 
@@ -141,12 +142,8 @@ def saved(kernel, a_crypto, tmp_path_factory) -> tuple[Path, Path, str, bytes]:
 def saved_wide(kernel, a_crypto, tmp_path_factory) -> tuple[Path, Path, str, bytes]:
     """As ``saved``, by an A whose jump area is WIDE_AREA_SIZE at the same start: R can be
     confined to it and restore in one boot."""
-    wide = MAIN_APPEND.replace(
-        f"crashkernel={JUMP_AREA_SIZE >> 20}M@", f"crashkernel={WIDE_AREA_SIZE >> 20}M@"
-    )
-    assert wide != MAIN_APPEND
     d = tmp_path_factory.mktemp("enc-saved-wide")
-    return save_encrypted(kernel, a_crypto, d, wide, "_wide")
+    return save_encrypted(kernel, a_crypto, d, wide_append(), "_wide")
 
 
 def save_encrypted(
@@ -300,47 +297,50 @@ def alter_a_record(target: Path) -> int:
 ONE_BOOT = r"kjumpd-rf: image marked RESTORING\(1\); restoring it in this kernel"
 
 
-def confined_r(
+def one_boot(
+    request: pytest.FixtureRequest,
     kernel: Path,
-    a_crypto: InitramfsImage,
-    b_crypto: InitramfsImage,
-    r_crypto: InitramfsImage,
+    images: tuple[InitramfsImage, InitramfsImage, InitramfsImage],
     keyfile: Path,
     uuid: str,
     disks: tuple[Path, Path],
+    until: str,
     out: Path,
-) -> VMConfig:
-    """R booted as the boot entry boots it after a hibernation in a wide jump area: confined
-    to the area, with the image key in its payload."""
+) -> tuple[re.Match[str], VM]:
+    """R booted as the boot entry boots it after a hibernation in a wide jump area (confined
+    to the area, the image key in its payload; ``images``: A's, B's and R's initramfs), the
+    passphrase typed, run until ``until``; asserts that R restored by itself (one boot)."""
+    a_crypto, b_crypto, r_crypto = images
     area = (JUMP_AREA_START, WIDE_AREA_SIZE)
     rimg = r_initrd(
         out, kernel, a_crypto, b_crypto, r_crypto, uuid, image_key=keyfile, jump_area=area
     )
-    return confined(r_cfg(kernel, rimg, uuid, disks), rimg, r_crypto, a_crypto, kernel, area)
+    cfg = confined(r_cfg(kernel, rimg, uuid, disks), rimg, r_crypto, a_crypto, kernel, area)
+    with VM(cfg, artifacts_dir(request.node.name), name="r") as vm:
+        vm.wait_for(PROMPT, timeout=T, fail=PANIC)
+        vm.send(PASSPHRASE + "\n")
+        m = vm.wait_for(until, timeout=T, fail=PANIC)
+        here = vm.find(ONE_BOOT)
+        agent = vm.find(r"kjump-agent: save kernel up")
+    assert here, "R did not restore in one boot (where did KASLR put it?)"
+    assert not agent, "B ran although R restores in one boot"
+    return m, vm
 
 
 def test_r_confined_to_the_jump_area_decrypts_the_image_and_restores_it_in_one_boot(
     request, kernel, a_crypto, b_crypto, r_crypto, keyfile, saved_wide, tmp_path
 ) -> None:
     target, data = copy_disks(saved_wide[:2], tmp_path / "disks")
-    cfg = confined_r(
+    m, _vm = one_boot(
+        request,
         kernel,
-        a_crypto,
-        b_crypto,
-        r_crypto,
+        (a_crypto, b_crypto, r_crypto),
         keyfile,
         saved_wide[2],
         (target, data),
+        r"KJR-VERDICT: (PASS|FAIL) (.*)|KJR-NORMAL.*",
         tmp_path / "r.img",
     )
-    with VM(cfg, artifacts_dir(request.node.name), name="r") as vm:
-        vm.wait_for(PROMPT, timeout=T, fail=PANIC)
-        vm.send(PASSPHRASE + "\n")
-        m = vm.wait_for(r"KJR-VERDICT: (PASS|FAIL) (.*)|KJR-NORMAL.*", timeout=T, fail=PANIC)
-        here = vm.find(ONE_BOOT)
-        agent = vm.find(r"kjump-agent: save kernel up")
-    assert here, "R did not restore in one boot (where did KASLR put it?)"
-    assert not agent, "B ran although R restores in one boot"
     assert m.group(1) == "PASS", m.group(0)
     assert "data=intact" in m.group(2) and "now=CONSUMED" in m.group(2), m.group(0)
     assert header(target).state_text == "CONSUMED"
@@ -354,24 +354,16 @@ def test_r_confined_to_the_jump_area_refuses_an_altered_record_as_altered(
     to, and the normal system boots with kjump.rf=invalid:altered."""
     target, data = copy_disks(saved_wide[:2], tmp_path / "disks")
     index = alter_a_record(target)
-    cfg = confined_r(
+    m, vm = one_boot(
+        request,
         kernel,
-        a_crypto,
-        b_crypto,
-        r_crypto,
+        (a_crypto, b_crypto, r_crypto),
         keyfile,
         saved_wide[2],
         (target, data),
+        NORMAL,
         tmp_path / "r.img",
     )
-    with VM(cfg, artifacts_dir(request.node.name), name="r") as vm:
-        vm.wait_for(PROMPT, timeout=T, fail=PANIC)
-        vm.send(PASSPHRASE + "\n")
-        m = vm.wait_for(NORMAL, timeout=T, fail=PANIC)
-        here = vm.find(ONE_BOOT)
-        agent = vm.find(r"kjump-agent: save kernel up")
-    assert here, "R did not restore in one boot (where did KASLR put it?)"
-    assert not agent, "B ran although R restores in one boot"
     assert not vm.find(r"KJR-VERDICT"), "A was jumped into from an altered image"
     assert m.group(1) == "invalid:altered", m.group(0)
     assert m.group(2).startswith(f"INVALID(altered: chunk {index} "), m.group(0)

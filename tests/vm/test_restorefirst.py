@@ -253,12 +253,17 @@ def saved_wide(
     kernel: Path, a_initramfs: InitramfsImage, tmp_path_factory
 ) -> tuple[Path, Path, str]:
     """As ``saved``, by an A whose jump area is WIDE_AREA_SIZE at the same start."""
+    d = tmp_path_factory.mktemp("rf-saved-wide")
+    return save_image(kernel, a_initramfs, d, wide_append(), "restorefirst_save_wide")
+
+
+def wide_append() -> str:
+    """A's command line with its jump area WIDE_AREA_SIZE at the usual start."""
     wide = MAIN_APPEND.replace(
         f"crashkernel={JUMP_AREA_SIZE >> 20}M@", f"crashkernel={WIDE_AREA_SIZE >> 20}M@"
     )
     assert wide != MAIN_APPEND
-    d = tmp_path_factory.mktemp("rf-saved-wide")
-    return save_image(kernel, a_initramfs, d, wide, "restorefirst_save_wide")
+    return wide
 
 
 def save_image(
