@@ -52,13 +52,14 @@ except ImportError:  # pragma: no cover - host-side import for linting/tests
 NAME = "systemd"
 STAGE = gs.STATE_DIR / "systemd-stage"
 DIST = Path("/root/kjumpd-dist")  # what a user downloaded: the wheel and a save kernel
-#: the normal entry's command line, as a Debian machine with a serial console has it; the
-#: host boots the first run with the same words
+#: the normal entry's command line, as a Debian machine with a serial console has it
+#: (no_console_suspend: a hang on the way into S3 shows on the console); the host boots
+#: the first run with the same words
 GRUB_DEFAULT = (
     "# /etc/default/grub of the systemd scenario's guest (the host plays GRUB: it boots\n"
     "# root=/dev/vda plus these two lines, and the restore-first entry from grub.cfg)\n"
     'GRUB_CMDLINE_LINUX_DEFAULT=""\n'
-    'GRUB_CMDLINE_LINUX="console=ttyS0 panic=1 kjumpvm.scenario=systemd"\n'
+    'GRUB_CMDLINE_LINUX="console=ttyS0 panic=1 no_console_suspend kjumpvm.scenario=systemd"\n'
 )
 #: update-grub for a guest without GRUB: grub.cfg from the /etc/grub.d snippets (the host
 #: reads the restore-first entry from it; the normal entry comes from /etc/default/grub)

@@ -404,6 +404,24 @@ class VM:
         with self._cond:
             return [m for m in (rx.search(ln.text) for ln in self.lines) if m]
 
+    def quiet_for(self) -> float:
+        """Seconds since the console's last line (since QEMU started when it printed none)."""
+        with self._cond:
+            last = self.lines[-1].t if self.lines else 0.0
+        return time.monotonic() - self.started - last
+
+    def dump_registers(self) -> Path | None:
+        """Every vCPU's registers (HMP ``info registers -a``) into the run's artifacts, for
+        a guest that stopped printing: its instruction pointers say where it hangs. None when
+        QEMU does not answer."""
+        try:
+            text = self.qmp("human-monitor-command", **{"command-line": "info registers -a"})
+        except VMError:
+            return None
+        path = self.artifacts / f"{self.name}-registers-{self.run}.txt"
+        path.write_text(str(text))
+        return path
+
     def line_time(self, pattern: str) -> float | None:
         """Host time (s since start) of the first line matching pattern, this run."""
         rx = re.compile(pattern)

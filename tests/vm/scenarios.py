@@ -29,6 +29,9 @@ from tests.vm.workload import parse_verdict
 VERDICT_RE = re.compile(r"KJUMP-VERDICT:.*")
 #: console lines after which a QEMU run will never end by itself
 STUCK_RE = r"kjumpd-rf: nothing could be started|Kernel panic - not syncing"
+#: a guest on its way to S3 that prints nothing for this long is hung, not slow: the
+#: longest quiet stretch in a passing run of the whole VM tier lasts about a minute
+QUIET_S = 240.0
 EVENT_RE = re.compile(r"KJUMP-EVENT: (\S+)(.*)")
 
 #: main kernel (A) command line, as a distribution boots it: KASLR on, and the jump area
@@ -510,7 +513,9 @@ class Runner:
 
     def wait_suspended(self, timeout: float, required: bool = True) -> bool:
         """Poll QMP until the guest is in S3 (or it printed a verdict, is stuck or exited).
-        ``required``: not reaching S3 within ``timeout`` is a problem."""
+        ``required``: not reaching S3 within ``timeout`` is a problem. A guest that is
+        neither in S3 nor printing for QUIET_S is hung (a problem, whatever ``required``):
+        its registers are saved beside the console log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.vm.proc is None or self.vm.proc.poll() is not None or self.has_verdict():
@@ -526,10 +531,24 @@ class Runner:
                     Event(time.monotonic() - self.t0, "host-saw-s3", {}, self.vm.run)
                 )
                 return True
+            if self.vm.quiet_for() > QUIET_S:
+                self._hung(status.get("status", "?"))
+                return False
             time.sleep(1)
         if required:
             self.outcome.problems.append(f"the guest did not reach S3 within {timeout:.0f} s")
         return False
+
+    def _hung(self, status: str) -> None:
+        last = self.vm.lines[-1].text.strip() if self.vm.lines else "(none)"
+        regs = self.vm.dump_registers()
+        self.outcome.problems.append(
+            f"hung: the guest printed nothing for {self.vm.quiet_for():.0f} s and is not in "
+            f"S3 (QEMU status {status}); its last line: {last!r} (see {self.vm.log_path}"
+            + (f", registers in {regs}" if regs else "")
+            + ")"
+        )
+        self.stop()
 
     def boot_restore_first(self, timeout: float, wait: bool = True, **changes) -> None:
         """Power on again the way a boot loader would: R's kernel + initramfs + command line
@@ -758,7 +777,7 @@ BOOT_TIMEOUT = 900.0
 GRUB_ROOT = "root=/dev/vda rw rootfstype=ext4"
 #: the systemd scenario's first boot: a Debian machine with a serial console, KASLR on
 #: (guest_systemd.GRUB_DEFAULT holds the same words for the boots after it)
-SYSTEMD_APPEND = f"{GRUB_ROOT} console=ttyS0 panic=1"
+SYSTEMD_APPEND = f"{GRUB_ROOT} console=ttyS0 panic=1 no_console_suspend"
 
 
 def _encrypted_flow(r: Runner, timeout: float) -> None:
@@ -926,6 +945,8 @@ def run_systemd(assets: vm_assets.Assets, run_dir: Path, timeout: float = BOOT_T
             if action == "lose":
                 r.boot_restore_first(timeout, wait=False)
                 continue
+            if r.outcome.problems:  # hung on its way to S3: stopped already
+                break
             r.wait_exit(left)
             if r.has_verdict() or r.outcome.problems:
                 break
@@ -1145,7 +1166,7 @@ def run(
                         Event(time.monotonic() - r.t0, "host-power-lost", {}, r.vm.run)
                     )
                     r.boot_restore_first(timeout)
-            else:
+            elif not r.outcome.problems:  # it ended or said its verdict without S3
                 r.wait_exit(timeout)
         elif flow == "noimage":
             r.boot_restore_first(timeout)  # the prepared disk: a target, no image

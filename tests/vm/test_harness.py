@@ -1,8 +1,10 @@
 """The QEMU harness itself, on the real kernel with a busybox-only initramfs: console lines,
-typing on the console, QMP, power-off detection, restart with a new log."""
+typing on the console, QMP, a quiet guest's registers, power-off detection, restart with a
+new log."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -48,8 +50,15 @@ def test_console_keys_qmp_exit_and_restart(request: pytest.FixtureRequest, tmp_p
         assert vm.qmp("query-status")["status"] == "running"
         with pytest.raises(VMTimeout):
             vm.wait_for(r"HARNESS: got", timeout=2)  # nothing typed yet
+        # the guest waits for a key: its silence grows until the kernel prints again
+        printed, quiet = len(vm.lines), vm.quiet_for()
+        time.sleep(1.5)
+        assert vm.quiet_for() >= quiet + 1.5 or len(vm.lines) > printed
+        regs = vm.dump_registers()  # where its vCPU is
+        assert regs is not None and "RIP=" in regs.read_text()
         vm.send("kjump 42\n")
         assert vm.wait_for(r"HARNESS: got <(.*)>", timeout=120).group(1) == "kjump 42"
+        assert vm.quiet_for() < 30  # the line just came
         # QEMU exits while the host still holds its QMP connection (the guest powered off
         # between two polls): asking it then is a VMError, not a broken pipe
         assert vm.proc is not None
