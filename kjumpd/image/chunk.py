@@ -283,7 +283,7 @@ def _load_lz4() -> Callable[..., int] | None:
             f = ctypes.CDLL(name).LZ4_decompress_safe
         except (OSError, AttributeError):
             continue
-        f.argtypes = (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+        f.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
         f.restype = ctypes.c_int
         return f
     return None
@@ -292,15 +292,31 @@ def _load_lz4() -> Callable[..., int] | None:
 _LZ4_SAFE = _load_lz4()
 
 
-def _lz4_into(payload: bytes, out: memoryview, expect: int) -> int:
-    """Decompress ``payload`` into ``out[:expect]`` (a writable buffer); the byte count
-    liblz4 produced, negative when the payload is not valid lz4 for that size."""
+def _lz4_source(payload: bytes | memoryview) -> bool:
+    """Whether liblz4 can read ``payload`` where it lies: bytes, or a writable contiguous
+    view (ctypes reaches no other buffer's address)."""
+    if isinstance(payload, bytes):
+        return True
+    return (
+        isinstance(payload, memoryview)
+        and not payload.readonly
+        and payload.c_contiguous
+        and len(payload) > 0
+    )
+
+
+def _lz4_into(payload: bytes | memoryview, out: memoryview, expect: int) -> int:
+    """Decompress ``payload`` (``_lz4_source``) into ``out[:expect]`` (a writable buffer);
+    the byte count liblz4 produced, negative when the payload is not valid lz4 for that
+    size."""
     assert _LZ4_SAFE is not None
     d = ctypes.c_char.from_buffer(out)
+    s = None if isinstance(payload, bytes) else ctypes.c_char.from_buffer(payload)
     try:
-        return int(_LZ4_SAFE(payload, ctypes.addressof(d), len(payload), expect))
+        src = payload if s is None else ctypes.addressof(s)
+        return int(_LZ4_SAFE(src, ctypes.addressof(d), len(payload), expect))
     finally:
-        del d
+        del d, s
 
 
 #: for every bitmap byte value: the bit positions of its stored (non-zero) pages
@@ -333,7 +349,7 @@ def chunk_error(
     )
 
 
-def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) -> None:
+def check_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes | memoryview, offset: int) -> None:
     """Raise ImageCorruptError when the bitmap + payload do not match the record's CRC."""
     if crc32(payload, crc32(bitmap)) != ch.crc:
         raise chunk_error(ch, offset, "payload checksum mismatch")
@@ -353,7 +369,7 @@ def decode_chunk(ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int) ->
 def decode_into(
     ch: ChunkHeader,
     bitmap: bytes,
-    payload: bytes,
+    payload: bytes | memoryview,
     offset: int,
     out: memoryview | None,
     checked: bool = False,
@@ -399,7 +415,7 @@ def decode_into(
         ch.encoding == ENC_LZ4
         and _LZ4_SAFE is not None
         and 0 < expect < (1 << 31)
-        and isinstance(payload, bytes)
+        and _lz4_source(payload)
         and not out.readonly
         and out.c_contiguous
         and len(out) >= n

@@ -216,8 +216,9 @@ Deliver = Callable[[int, "memoryview | None", int], None]
 #: delivered as usual)
 Place = Callable[[int, int, Callable[[memoryview], None]], bool]
 
-#: one record of the data area, as RecordReader yields it: (header, bitmap, payload, offset)
-_Record = tuple[ChunkHeader, bytes, bytes, int]
+#: one record of the data area, as RecordReader.held_records yields it: (header, bitmap,
+#: payload, offset, the function that gives the payload's window back)
+_Record = tuple[ChunkHeader, bytes, bytes | memoryview, int, Callable[[], None]]
 
 #: the stage clocks iter_image keeps (see RestoreStats.stages; free_left counts bytes)
 _STAGES = (
@@ -261,7 +262,8 @@ def iter_image(
         clocks.setdefault(stage, 0.0)
     if header.encrypted and key is None:
         raise ImageKeyError("the image is encrypted; its records cannot be read without its key")
-    reader = RecordReader(dev, header.data_offset, header.data_length)
+    # the consumer's record and every one in flight hold a view of their window
+    reader = RecordReader(dev, header.data_offset, header.data_length, held=depth + 1)
     # one buffer per chunk in flight, plus the one the consumer is looking at
     ring = _Ring(depth + 1, header.chunk_size)
     try:
@@ -293,7 +295,7 @@ def _placed_records(
     (ImageCorruptError otherwise); the time spent reading them goes to ``records``."""
     plan = chunk_plan(meta.extents, header.chunk_size)
     tag = image_tag(header.uuid, header.created)
-    records = iter(reader)
+    records = reader.held_records()
     while True:
         tr = time.monotonic()
         try:
@@ -301,7 +303,11 @@ def _placed_records(
         except StopIteration:
             return
         clocks["records"] += time.monotonic() - tr
-        _check_place(record[0], next(plan, None), record[3], tag)
+        try:
+            _check_place(record[0], next(plan, None), record[3], tag)
+        except ImageError:
+            record[4]()
+            raise
         yield record
 
 
@@ -313,7 +319,7 @@ def _decode_in_order(
     crc = 0
     while True:
         try:
-            ch, bitmap, payload, off = next(records)
+            ch, bitmap, payload, off, give_back = next(records)
         except StopIteration:
             break
         except ImageError:
@@ -322,7 +328,7 @@ def _decode_in_order(
             yield from flight.drain()
             raise
         crc = crc32(struct.pack("<I", ch.crc), crc)
-        flight.submit(ch, bitmap, payload, off)
+        flight.submit(ch, bitmap, payload, off, give_back)
         if len(flight.pending) >= depth:
             yield from flight.hand_out_oldest()
     if flight.count != header.chunk_count:
@@ -401,7 +407,8 @@ class _InFlight:
         turns: _Turns,
         deliver: Deliver | None,
         clocks: dict[str, float],
-        opener: Callable[[ChunkHeader, bytes, bytes, int], tuple[ChunkHeader, bytes]] | None = None,
+        opener: Callable[[ChunkHeader, bytes, bytes | memoryview, int], tuple[ChunkHeader, bytes]]
+        | None = None,
         place: Place | None = None,
     ) -> None:
         self.pool, self.ring, self.turns = pool, ring, turns
@@ -411,16 +418,32 @@ class _InFlight:
         self.pending: deque[tuple[ChunkHeader, Future[_Decoded]]] = deque()
         self.count = 0  # chunks submitted
 
-    def submit(self, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int) -> None:
+    def submit(
+        self,
+        ch: ChunkHeader,
+        bitmap: bytes,
+        payload: bytes | memoryview,
+        off: int,
+        give_back: Callable[[], None],
+    ) -> None:
+        """Decode a record on a worker; ``give_back`` is called once its payload is used."""
         if ch.encoding == ENC_FREE and self.opener is None:
-            self.pending.append((ch, self._check_free(self.count, ch, bitmap, payload, off)))
+            try:
+                done = self._check_free(self.count, ch, bitmap, payload, off)
+            finally:
+                give_back()
+            self.pending.append((ch, done))
             self.count += 1
             return
         # an all-zero record is checked on a worker and handed out as the shared zeros; a
         # chunk that may be placed takes a buffer only if the sink refuses it
         empty = ch.encoding in EMPTY_ENCODINGS
-        buf = None if empty or self.place is not None else self.ring.take()
-        fut = self.pool.submit(self._work, self.count, ch, bitmap, payload, off, buf)
+        try:
+            buf = None if empty or self.place is not None else self.ring.take()
+            fut = self.pool.submit(self._work, self.count, ch, bitmap, payload, off, buf, give_back)
+        except BaseException:
+            give_back()
+            raise
         self.pending.append((ch, fut))
         self.count += 1
 
@@ -440,7 +463,7 @@ class _InFlight:
             fut.cancel()
 
     def _check_free(
-        self, seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int
+        self, seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes | memoryview, off: int
     ) -> Future[_Decoded]:
         """A free record is checked here, not on a worker: it writes nothing, and under
         emulation handing a chunk to a worker and back costs far more than its check (most
@@ -461,9 +484,10 @@ class _InFlight:
         seq: int,
         ch: ChunkHeader,
         bitmap: bytes,
-        payload: bytes,
+        payload: bytes | memoryview,
         off: int,
         buf: mmap.mmap | None,
+        give_back: Callable[[], None],
     ) -> _Decoded:
         try:
             if self.opener is not None:
@@ -474,12 +498,14 @@ class _InFlight:
         except BaseException:
             self.turns.fail(seq)
             raise
+        finally:
+            give_back()
         if self.deliver is None:
             return _Decoded(out, n, cpu)
         return _Decoded(out, n, cpu, *self._write_in_turn(self.deliver, seq, ch, out, n))
 
     def _place_in_turn(
-        self, seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int
+        self, seq: int, ch: ChunkHeader, bitmap: bytes, payload: bytes | memoryview, off: int
     ) -> _Decoded:
         """Check the record, wait for its turn, then decode it straight into the sink; into
         a ring buffer and through deliver when the sink does not take it there."""
@@ -579,7 +605,11 @@ class _InFlight:
 
 
 def _decode(
-    ch: ChunkHeader, bitmap: bytes, payload: bytes, off: int, buf: mmap.mmap | None
+    ch: ChunkHeader,
+    bitmap: bytes,
+    payload: bytes | memoryview,
+    off: int,
+    buf: mmap.mmap | None,
 ) -> tuple[mmap.mmap | None, int, float]:
     c0 = time.thread_time()
     if buf is None:  # an all-zero record: checked, nothing to decode

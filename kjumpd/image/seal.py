@@ -426,7 +426,7 @@ class ImageCipher:
         return replace(item, head=sealed.pack() + bitmap, payload=ct, crc=sealed.crc)
 
     def open(
-        self, ch: ChunkHeader, bitmap: bytes, payload: bytes, offset: int
+        self, ch: ChunkHeader, bitmap: bytes, payload: bytes | memoryview, offset: int
     ) -> tuple[ChunkHeader, bytes]:
         """(record header, bitmap, stored payload, offset) -> (the record header as if it
         were stored in the clear, plain payload); ImageAlteredError when the record does

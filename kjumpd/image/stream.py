@@ -266,14 +266,26 @@ class _Prefetch(threading.Thread):
             close_buffer(b)  # a failed read's traceback may still hold a view of one
 
 
+def _nothing() -> None:
+    pass
+
+
 class RecordReader:
     """Yield (ChunkHeader, bitmap, payload, logical_offset) from [start, start+length).
 
     Records are cut straight out of the prefetched windows (one copy: the bytes handed out);
     only a record that spans two windows is pieced together from both.
+
+    ``held_records()`` hands each payload out as a view of its window instead, with the
+    function that gives it back: under emulation the copy costs the reading thread as much
+    as the read. A window is read into again only once every payload cut out of it was given
+    back. ``held``: how many records may hold a view at once (the windows are sized for
+    them; more only slow the reading down).
     """
 
-    def __init__(self, dev: ImageDevice, start: int, length: int, window: int = WINDOW) -> None:
+    def __init__(
+        self, dev: ImageDevice, start: int, length: int, window: int = WINDOW, held: int = 0
+    ) -> None:
         self.dev = dev
         self.start = start
         self.end = start + length
@@ -282,7 +294,13 @@ class RecordReader:
         self._win_i = -1
         self._pos = 0  # position in the current window
         self.offset = start  # logical offset of the next byte handed out
-        self._pf = _Prefetch(dev, start, self.end, window)
+        # a spare window per four held records: enough to keep the reading ahead of the
+        # workers (fewer held records per window only make it wait for one to be given
+        # back), while the windows stay within the agent's memory budget
+        self._pf = _Prefetch(dev, start, self.end, window, depth=2 + (held + 3) // 4)
+        #: per window: the views of it handed out and not given back, plus 1 while current
+        self._refs = [0] * len(self._pf.bufs)
+        self._lock = threading.Lock()
         self._pf.start()
 
     def _next_window(self, what: str, offset: int) -> None:
@@ -302,13 +320,53 @@ class RecordReader:
             )
         i, _pos, keep = item
         self._win_i, self._pos = i, 0
+        with self._lock:
+            self._refs[i] = 1
         self._win = memoryview(self._pf.bufs[i])[:keep]
 
     def _drop_window(self) -> None:
         if self._win is not None:
             self._win.release()
             self._win = None
-            self._pf.free.put(self._win_i)
+            self._unref(self._win_i)
+
+    def _unref(self, i: int) -> None:
+        with self._lock:
+            self._refs[i] -= 1
+            last = self._refs[i] == 0
+        if last:
+            self._pf.free.put(i)
+
+    def _take_held(
+        self, n: int, what: str, offset: int
+    ) -> tuple[bytes | memoryview, Callable[[], None]]:
+        """The next ``n`` bytes as a view of their window and the function that gives it
+        back (a copy and a function that does nothing when they span two windows)."""
+        if n and (self._win is None or self._pos == len(self._win)):
+            self._next_window(what, offset)
+        win = self._win
+        if n == 0 or win is None or self._pos + n > len(win):
+            return self._take(n, what, offset), _nothing
+        view = win[self._pos : self._pos + n]
+        self._pos += n
+        self.offset += n
+        i = self._win_i
+        with self._lock:
+            self._refs[i] += 1
+        out = [view]  # emptied by the first give_back
+
+        def give_back() -> None:
+            with self._lock:
+                if not out:
+                    return
+                given = out.pop()
+            try:
+                given.release()
+            except BufferError:
+                pass  # a traceback still holds a view of it: the window is reused all the same
+            self._unref(i)
+
+        return view, give_back
 
     def _take(self, n: int, what: str, offset: int) -> bytes:
         """The next ``n`` bytes of the data area (copied out of the window(s))."""
@@ -347,6 +405,20 @@ class RecordReader:
         bitmap = self._take(ch.bitmap_length, f"chunk {ch.index}", off)
         payload = self._take(ch.payload_length, f"chunk {ch.index}", off)
         return ch, bitmap, payload, off
+
+    def held_records(
+        self,
+    ) -> Iterator[tuple[ChunkHeader, bytes, bytes | memoryview, int, Callable[[], None]]]:
+        """(ChunkHeader, bitmap, payload, logical_offset, give_back) of each record: the
+        payload is valid until give_back() is called, which must be called (once is enough;
+        more calls do nothing) for its window to be read into again."""
+        while self.offset < self.end:
+            off = self.offset
+            head = self._take(CHUNK_HEADER_SIZE, "chunk record header", off)
+            ch = ChunkHeader.unpack(head, base=off)
+            bitmap = self._take(ch.bitmap_length, f"chunk {ch.index}", off)
+            payload, give_back = self._take_held(ch.payload_length, f"chunk {ch.index}", off)
+            yield ch, bitmap, payload, off, give_back
 
     def close(self) -> None:
         if self._win is not None:

@@ -581,14 +581,23 @@ def _records_seeds() -> list[bytes]:
     return [c[head:] for c in _saved_image().compact]
 
 
-def _read_records(dev: ImageDevice, length: int, window: int) -> tuple[list[object], str]:
+def _read_records(
+    dev: ImageDevice, length: int, window: int, held: bool = False
+) -> tuple[list[object], str]:
+    """The records RecordReader hands out, and its error; ``held``: through held_records
+    (each payload copied, then given back)."""
     from kjumpd.image.stream import RecordReader
 
     got: list[object] = []
-    reader = RecordReader(dev, 0, length, window=window)
+    reader = RecordReader(dev, 0, length, window=window, held=2 if held else 0)
     try:
-        for rec in reader:
-            got.append(rec)
+        if held:
+            for ch, bitmap, payload, off, give_back in reader.held_records():
+                got.append((ch, bitmap, bytes(payload), off))
+                give_back()
+        else:
+            for rec in reader:
+                got.append(rec)
     except ImageError as e:
         return got, f"{type(e).__name__}: {e}"
     finally:
@@ -598,13 +607,17 @@ def _read_records(dev: ImageDevice, length: int, window: int) -> tuple[list[obje
 
 def _records_run(data: bytes) -> None:
     """The chunk records of a data area as RecordReader cuts them out of its windows: the
-    same records and the same error whatever the window size (a record may span windows)."""
+    same records and the same error whatever the window size (a record may span windows),
+    copied or held as views of the windows."""
     size = max(4096, -(-len(data) // 4096) * 4096)
     path = _file("records", data.ljust(size, b"\0"))
     with ImageDevice(path, writable=False) as dev:
         results = [_read_records(dev, len(data), w) for w in (4096, 12288, 1 << 20)]
+        held = [_read_records(dev, len(data), w, held=True) for w in (4096, 1 << 20)]
     if any(r != results[-1] for r in results):
         raise Violation("RecordReader hands out other records with another window size")
+    if any(r != results[-1] for r in held):
+        raise Violation("RecordReader's held records differ from its copied ones")
     if results[-1][1] and "ImageCorruptError" not in results[-1][1]:
         raise Violation(f"a bad record is not an ImageCorruptError: {results[-1][1]}")
 
@@ -941,7 +954,7 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             "records",
-            "stream.RecordReader (windows of 4 KiB, 12 KiB, 1 MiB agree)",
+            "stream.RecordReader (windows of 4 KiB, 12 KiB, 1 MiB agree, copied or held)",
             _records_run,
             _records_seeds,
             _IMAGE,

@@ -156,6 +156,38 @@ def _chunk_offsets(tgt):
     return h, recs
 
 
+def test_held_payloads_stay_intact_until_given_back_and_match_the_copies(saved):
+    """held_records hands payloads out as views of the windows read: a window is not read
+    into again while a payload cut out of it is held, however far the reader goes on."""
+    from kjumpd.image.stream import RecordReader
+
+    _, _, tgt, _ = saved
+    window = 64 * 1024
+    with ImageDevice(tgt, writable=False) as dev:
+        h = store.read_header(dev)
+        assert h.data_length > 8 * window  # the reader goes round its windows
+        r = RecordReader(dev, h.data_offset, h.data_length, window=window)
+        copies = [(ch.index, bitmap, payload) for ch, bitmap, payload, _ in r]
+        r.close()
+        r = RecordReader(dev, h.data_offset, h.data_length, window=window, held=2)
+        got, kept, views = {}, [], 0
+        for ch, bitmap, payload, _, give_back in r.held_records():
+            if isinstance(payload, memoryview):
+                views += 1
+                if len(kept) < 2:  # the first two views are held to the end
+                    kept.append((ch.index, bitmap, payload, give_back))
+                    continue
+            got[ch.index] = (ch.index, bitmap, bytes(payload))
+            give_back()
+            give_back()  # a second call does nothing
+        for i, b, p, back in kept:
+            got[i] = (i, b, bytes(p))
+            back()
+        r.close()
+    assert [got[i] for i in sorted(got)] == copies
+    assert views > len(copies) // 2  # most records fit in one window: no copy
+
+
 def _poke(tgt, offset, data):
     with open(tgt, "r+b") as f:
         f.seek(offset)
