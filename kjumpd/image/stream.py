@@ -277,10 +277,10 @@ class RecordReader:
     only a record that spans two windows is pieced together from both.
 
     ``held_records()`` hands each payload out as a view of its window instead, with the
-    function that gives it back: under emulation the copy costs the reading thread as much
-    as the read. A window is read into again only once every payload cut out of it was given
-    back. ``held``: how many records may hold a view at once (the windows are sized for
-    them; more only slow the reading down).
+    function that gives it back: the copy would be made by the one reading thread every
+    chunk waits for. A window is read into again only once every payload cut out of it was
+    given back. ``held``: how many records may hold a view at once (the windows are sized
+    for them; more only slow the reading down).
     """
 
     def __init__(
