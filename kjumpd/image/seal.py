@@ -434,7 +434,8 @@ class ImageCipher:
         if len(payload) < TAG_SIZE:
             raise _unauthentic(ch, offset, f"its payload of {len(payload)} bytes has no tag")
         try:
-            plain = self._aead.decrypt(_NONCE.pack(0, ch.index), payload, _aad(ch, bitmap))
+            # bytes: Debian 12's cryptography (38) refuses any other buffer, a view included
+            plain = self._aead.decrypt(_NONCE.pack(0, ch.index), bytes(payload), _aad(ch, bitmap))
         except self._c.InvalidTag:
             raise _unauthentic(
                 ch,

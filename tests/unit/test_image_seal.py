@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -158,6 +159,32 @@ def test_encrypted_round_trip_and_no_plaintext_on_the_target(encrypted):
     assert SECRET[:32] not in raw
     # the text-like pages of make_memory are not on the target either
     assert b"/usr/lib/x\nline" not in raw
+    _restore(tgt, tmp / "out", image_key)
+    out = (tmp / "out").read_bytes()
+    for a, b in RANGES:
+        assert out[a:b] == mem[a:b]
+
+
+def test_restore_with_a_cryptography_that_takes_only_bytes(encrypted, monkeypatch):
+    """Debian 12's cryptography (38) refuses a payload handed over as a view of the read
+    window ("data must be bytes"): the restore must pass it bytes."""
+    tmp, mem, tgt, image_key = encrypted
+    real = seal._crypto()
+
+    class BytesOnlyAESGCM:
+        def __init__(self, key):
+            self.aead = real.AESGCM(key)
+
+        def encrypt(self, nonce, data, associated_data):
+            return self.aead.encrypt(nonce, data, associated_data)
+
+        def decrypt(self, nonce, data, associated_data):
+            if not isinstance(data, bytes):
+                raise TypeError("data must be bytes")
+            return self.aead.decrypt(nonce, data, associated_data)
+
+    bytes_only = SimpleNamespace(**{**vars(real), "AESGCM": BytesOnlyAESGCM})
+    monkeypatch.setattr(seal, "_crypto", lambda: bytes_only)
     _restore(tgt, tmp / "out", image_key)
     out = (tmp / "out").read_bytes()
     for a, b in RANGES:
