@@ -395,16 +395,10 @@ class RecordReader:
         return b"".join(parts)
 
     def __iter__(self) -> Iterator[tuple[ChunkHeader, bytes, bytes, int]]:
-        return self
-
-    def __next__(self) -> tuple[ChunkHeader, bytes, bytes, int]:
-        off = self.offset
-        if off >= self.end:
-            raise StopIteration
-        ch = ChunkHeader.unpack(self._take(CHUNK_HEADER_SIZE, "chunk record header", off), base=off)
-        bitmap = self._take(ch.bitmap_length, f"chunk {ch.index}", off)
-        payload = self._take(ch.payload_length, f"chunk {ch.index}", off)
-        return ch, bitmap, payload, off
+        for ch, bitmap, payload, off, give_back in self.held_records():
+            copy = bytes(payload)
+            give_back()
+            yield ch, bitmap, copy, off
 
     def held_records(
         self,
