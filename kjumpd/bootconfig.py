@@ -45,12 +45,18 @@ _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 
-#: Kernel parameters kjumpd adds for its own short-lived kernels (B in both roles, and R's
-#: boot entry): no legacy BSD ptys. CONFIG_LEGACY_PTYS (Debian's kernels and savekernel/'s
-#: have it, 256 pairs) makes pty_init register 512 devices at every boot, one of the
-#: costliest initcalls of a boot that the user waits for, for devices neither B nor R ever
-#: opens.
-QUICK_BOOT_PARAMS = "pty.legacy_count=0"
+#: Kernel parameters kjumpd adds for its own short-lived kernels, which run inside the jump
+#: area (B in both roles, and R's boot entry):
+#: - no legacy BSD ptys. CONFIG_LEGACY_PTYS (Debian's kernels and savekernel/'s have it, 256
+#:   pairs) makes pty_init register 512 devices at every boot, one of the costliest
+#:   initcalls of a boot that the user waits for, for devices neither B nor R ever opens;
+#: - a 4 MiB bounce buffer pool in one area instead of the default 64 MiB. x86 sets up
+#:   swiotlb whenever the kernel's memory map reaches above 4 GiB, which B's does on every
+#:   machine with more than about 3.5 GiB of RAM (A's RAM is ACPI data to it); 64 MiB out
+#:   of a 128 MiB jump area leaves B too little to unpack its own initramfs. The pool only
+#:   serves devices that cannot reach a buffer's address; B's own buffers lie in the jump
+#:   area.
+QUICK_BOOT_PARAMS = "pty.legacy_count=0 swiotlb=2048,1"
 #: Kernel parameters for B alone, in both roles: its TPM drivers (TIS, CRB) are not started.
 #: B never uses the TPM; a driver's probe would start and self-test it at every hibernation
 #: (up to a second on a discrete chip) while A's driver holds it suspended. R keeps them: it

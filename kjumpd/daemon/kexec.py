@@ -21,10 +21,10 @@ The initrd given to B is B's initramfs followed by the job cpio (kjumpd.job), in
 /run/kjumpd/ram (a ramfs on the real system, never swapped out: the job may carry a key): the
 initramfs is copied there (stage_initrd) while the daemon quiesces, the job is appended
 (finish_initrd) after the filesystems are frozen. The save kernel's command line is
-``<save_kernel.append> pty.legacy_count=0 memmap=exactmap memmap=512K@0K [memmap=N#S...]
-memmap=SIZE@START kjump.role=save``: B's memory is exactly the low 512K and the jump area;
-A's RAM is ACPI data to it (main_memory_words); no legacy ptys
-(kjumpd.bootconfig.QUICK_BOOT_PARAMS).
+``<save_kernel.append> <QUICK_BOOT_PARAMS> <B_ONLY_PARAMS> memmap=exactmap memmap=512K@0K
+[memmap=N#S...] memmap=SIZE@START kjump.role=save``: B's memory is exactly the low 512K and
+the jump area; A's RAM is ACPI data to it (main_memory_words); no legacy ptys and a small
+bounce buffer pool (kjumpd.bootconfig.QUICK_BOOT_PARAMS says why).
 """
 
 from __future__ import annotations

@@ -301,8 +301,7 @@ def restore_cmdline(cfg: BootConfig, attempt: int, area: tuple[int, int]) -> str
             "kjump.offset",
             "kjump.attempt",
             "crashkernel",
-            "pty.legacy_count",
-            "initcall_blacklist",
+            *(w.split("=", 1)[0] for w in f"{QUICK_BOOT_PARAMS} {B_ONLY_PARAMS}".split()),
         ),
     )
     return (

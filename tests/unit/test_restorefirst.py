@@ -393,14 +393,17 @@ def test_b_is_loaded_into_the_jump_area_in_restore_role() -> None:
     assert kv["kjump.offset"] == str(1 << 20) and kv["kjump.attempt"] == "2"
     line = restore_cmdline(config(), 2, AREA)
     assert "memmap=exactmap memmap=512K@0K memmap=131072K@524288K" in line
-    # B restores without legacy ptys (0.8 s of pty_init under TCG), exactly once
+    # B restores without legacy ptys (0.8 s of pty_init under TCG) and with a small bounce
+    # buffer pool, each exactly once, even when boot.json's save command line has them
     assert line.split().count("pty.legacy_count=0") == 1
+    assert line.split().count("swiotlb=2048,1") == 1
     assert (
         restore_cmdline(
             dataclasses.replace(
                 config(),
                 save=dataclasses.replace(
-                    config().save, cmdline=config().save.cmdline + " pty.legacy_count=0"
+                    config().save,
+                    cmdline=config().save.cmdline + " pty.legacy_count=0 swiotlb=65536",
                 ),
             ),
             2,

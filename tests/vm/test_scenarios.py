@@ -247,6 +247,25 @@ def test_k_kaslr_and_a_jump_area_the_kernel_placed_hibernate_and_restore(vm_asse
     _writers_intact(out)
 
 
+def test_x_a_machine_with_ram_above_4_gib_hibernates_and_restores(vm_assets_built, run_dir):
+    """4 GiB of RAM, 1 GiB of it above the 4 GiB line, as on almost every real machine. The
+    save kernel's memory map then reaches above 4 GiB (A's RAM is ACPI data to it), which
+    makes x86 set up swiotlb: its default 64 MiB pool, taken from a 128 MiB jump area, left
+    B unable to unpack its initramfs, and the machine rebooted without an image."""
+    out = scenarios.run("shutdown", vm_assets_built, run_dir, memory_mb=4096)
+    assert out.passed, out.summary()
+    assert _console_matches(out, r"BIOS-e820: \[mem 0x0000000100000000-0x000000013fffffff\] usable")
+    b_map = _console_matches(out, r"Command line: .*memmap=1G#4G .*kjump\.role=save")
+    assert b_map, out.summary()
+    assert _console_matches(out, r"software IO TLB: mapped \[mem 0x[0-9a-f]+-0x[0-9a-f]+\] \(4MB\)")
+    assert not _console_matches(out, r"Initramfs unpacking failed"), out.summary()
+    assert _booted_restore_first(out), out.summary()
+    assert _console_matches(out, r"kjump-agent: restoring \d+ MiB"), out.summary()
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    _writers_intact(out)
+
+
 def test_w_a_warm_save_kernel_takes_each_job_without_a_boot(vm_assets_built, run_dir):
     """[save_kernel] warm = true: the daemon boots the save kernel once at its start and
     parks it; each hibernation is then one jump into it, the job handed over through the
