@@ -558,7 +558,7 @@ class Hibernation:
         if not rep.ok:
             bad = rep.failed()
             raise UnsupportedError(
-                "hibernation is not possible: " + bad[0].name,
+                "hibernation is not possible",
                 why="; ".join(f"{i.name}: {i.detail}" for i in bad),
                 fix=bad[0].fix,
             )

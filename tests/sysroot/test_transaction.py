@@ -558,6 +558,11 @@ def test_failure_rolls_back_byte_for_byte(fx, monkeypatch, case):
     assert "\n" not in e.message, "errors are one line"
     if case.startswith("kexec load"):
         assert e.why == "kexec_load failed: Operation not permitted"
+    if case == "preflight: kdump loaded":
+        # the failed check is named once, with its cause and its own fix
+        assert e.message.startswith("hibernation is not possible: jump area: a kdump kernel")
+        assert e.message.count("jump area") == 2, e.message  # the check's name and the cause
+        assert "kexec -p -u" in e.fix
     if case in ("kexec -e does not jump", "kernel freezer refuses the jump"):
         # the real cause, never "the image is invalid"
         assert "image" not in e.what and "image state" not in e.why, e.message
