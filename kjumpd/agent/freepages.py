@@ -41,7 +41,8 @@ import bisect
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kjumpd.agent.devmem import subtract
@@ -57,6 +58,9 @@ PTE_PSE = 1 << 7
 PTE_ADDR = 0x000F_FFFF_FFFF_F000  # physical address bits 12..51
 MAX_FREE_FRACTION = 0.98  # more free than this is not believed
 BATCH_PAGES = 16384  # struct pages read per batch (1 MiB at 64 B)
+#: the page class histogram (pageclass) keeps a byte per page of A: not above 32 GiB, where
+#: it would take B's memory that the save needs
+CLASS_PAGES_MAX = 8 << 20
 VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
 VMCOREINFO_MAX = 1 << 16
 
@@ -247,15 +251,20 @@ def read_vmcoreinfo(read: Reader, phys: int, size: int) -> VmcoreInfo:
 
 
 def _merge(ranges: Iterable[Range]) -> list[Range]:
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
+    """Sorted, merged ranges. A range that needs no merging is kept as the same tuple: a
+    fragmented machine hands the scan hundreds of thousands of free blocks, and B's memory
+    is the jump area's."""
+    out: list[Range] = []
+    for r in sorted(ranges):
+        a, b = r
         if a >= b:
             continue
         if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
         else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
+            out.append(r if type(r) is tuple else (a, b))
+    return out
 
 
 class _RangeSet:
@@ -274,25 +283,84 @@ class _RangeSet:
         return i >= 0 and self.ranges[i][1] > phys
 
 
+class Runs(Sequence[Range]):
+    """Sorted, disjoint, non-touching [start, end) ranges in two arrays of u64.
+
+    A fragmented machine's free memory is hundreds of thousands of blocks; as tuples of
+    Python ints they would take ~160 bytes each out of B's jump area, here 16."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: array[int] = array("Q")
+        self.ends: array[int] = array("Q")
+
+    @classmethod
+    def merged(cls, ranges: Iterable[Range]) -> Runs:
+        out = cls()
+        for a, b in sorted(ranges):
+            out.add(a, b)
+        return out
+
+    def add(self, a: int, b: int) -> None:
+        """Append [a, b), which must not start before the last range does."""
+        if a >= b:
+            return
+        if self.ends and a <= self.ends[-1]:
+            if a < self.starts[-1]:
+                raise ValueError(f"range {a:#x} added after {self.starts[-1]:#x}")
+            self.ends[-1] = max(self.ends[-1], b)
+        else:
+            self.starts.append(a)
+            self.ends.append(b)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> Range:  # type: ignore[override]
+        return (self.starts[i], self.ends[i])
+
+    def __iter__(self) -> Iterator[Range]:
+        return zip(self.starts, self.ends)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Runs):
+            return self.starts == other.starts and self.ends == other.ends
+        if isinstance(other, Sequence):
+            return len(other) == len(self) and all(tuple(o) == r for o, r in zip(other, self))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((bytes(self.starts), bytes(self.ends)))
+
+    def __repr__(self) -> str:
+        return f"Runs({list(self)!r})"
+
+
 @dataclass(frozen=True)
 class FreePageMap:
-    """A's free memory: sorted, merged, page-aligned [start, end) ranges."""
+    """A's free memory: sorted, merged, page-aligned [start, end) ranges (``ranges``, a
+    Sequence of (start, end) kept in two arrays of u64: 16 bytes a range)."""
 
-    ranges: tuple[Range, ...] = ()
+    ranges: Sequence[Range] = ()
     scanned_bytes: int = 0  # memory whose struct pages were examined
     seconds: float = 0.0
     blocks: int = 0  # buddy heads accepted
     classes: PageClasses | None = field(default=None, repr=False, compare=False)
-    _starts: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        merged = tuple(_merge(self.ranges))
-        object.__setattr__(self, "ranges", merged)
-        object.__setattr__(self, "_starts", tuple(a for a, _ in merged))
+        runs = self.ranges if isinstance(self.ranges, Runs) else Runs.merged(self.ranges)
+        object.__setattr__(self, "ranges", runs)
+
+    @property
+    def _starts(self) -> array[int]:
+        assert isinstance(self.ranges, Runs)
+        return self.ranges.starts
 
     @property
     def free_bytes(self) -> int:
-        return sum(b - a for a, b in self.ranges)
+        assert isinstance(self.ranges, Runs)
+        return sum(self.ranges.ends) - sum(self.ranges.starts)
 
     @property
     def free_pages(self) -> int:
@@ -398,22 +466,25 @@ def scan(
     top_at = info.off_mapcount + 3  # little-endian top byte of page_type
     top_byte = bytes([info.buddy_value >> 24])
     want = struct.pack("<I", info.buddy_value)
-    free: list[Range] = []
-    read_pages: set[int] = set(tables.touched)
+    free = Runs()
+    read_runs: list[Range] = []  # where A's struct pages were read (one run per leaf)
     blocks = 0
     layout = page_layout(info)
+    span = scanned[-1][1] // PAGE - scanned[0][0] // PAGE if scanned else 0
     classes = (
         PageClasses(layout, scanned[0][0] // PAGE, scanned[-1][1] // PAGE)
-        if layout is not None and scanned
+        if layout is not None and 0 < span <= CLASS_PAGES_MAX
         else None
     )
+    if span > CLASS_PAGES_MAX:
+        log.info("pages by class: not kept for %d GiB of A's memory", span * PAGE >> 30)
     for start, end in scanned:
         pfn = start // PAGE
         last_pfn = end // PAGE
         while pfn < last_pfn:
             n = min(BATCH_PAGES, last_pfn - pfn)
             buf = _read_struct_pages(
-                tables, read, info.vmemmap + pfn * sz, n * sz, allowed, read_pages
+                tables, read, info.vmemmap + pfn * sz, n * sz, allowed, read_runs
             )
             if classes is not None:
                 classes = _classify(classes, pfn, buf, n)
@@ -427,33 +498,32 @@ def scan(
                     if order < info.nr_orders and head % (1 << order) == 0:
                         a, b = head * PAGE, (head + (1 << order)) * PAGE
                         if inside.contains(a, b - a):
-                            if free and a < free[-1][1]:
+                            if free and a < free.ends[-1]:
                                 raise FreePageError(
                                     "a free block of A starts inside another one",
                                     why=f"pfn {head:#x} (order {order}) within "
-                                    f"[{free[-1][0]:#x}, {free[-1][1]:#x})",
+                                    f"[{free.starts[-1]:#x}, {free.ends[-1]:#x})",
                                 )
-                            free.append((a, b))
+                            free.add(a, b)
                             blocks += 1
                 i = tops.find(top_byte, i + 1)
             pfn += n
-    tables_touched = tables.touched | read_pages
     fmap = FreePageMap(
-        tuple(free),
+        free,
         scanned_bytes=sum(b - a for a, b in scanned),
         seconds=time.monotonic() - t0,
         blocks=blocks,
         classes=classes,
     )
-    used = sorted(tables_touched)
+    used = [(p, p + PAGE) for p in tables.touched] + read_runs
     if note is not None:
-        used += list(range(note[0] - note[0] % PAGE, note[0] + note[1], PAGE))
-    claimed = [p for p in used if fmap.is_free(p)]
+        used.append((note[0] - note[0] % PAGE, -(-(note[0] + note[1]) // PAGE) * PAGE))
+    claimed = [r for a, b in _merge(used) for r in fmap.free_in(a, b - a)]
     if claimed:
         raise FreePageError(
             "A's allocator calls pages free that the scan just read as in use",
-            why=f"{len(claimed)} page(s), first {claimed[0]:#x} (a page "
-            "table, a struct page or the VMCOREINFO note)",
+            why=f"{sum(b - a for a, b in claimed) // PAGE} page(s), first {claimed[0][0]:#x} "
+            "(a page table, a struct page or the VMCOREINFO note)",
         )
     if fmap.scanned_bytes and fmap.free_bytes > MAX_FREE_FRACTION * fmap.scanned_bytes:
         raise FreePageError(
@@ -476,7 +546,7 @@ def _classify(classes: PageClasses, pfn: int, buf: bytes, n: int) -> PageClasses
 
 
 def _read_struct_pages(
-    tables: PageTables, read: Reader, va: int, length: int, allowed: _RangeSet, read_pages: set[int]
+    tables: PageTables, read: Reader, va: int, length: int, allowed: _RangeSet, runs: list[Range]
 ) -> bytes:
     """The struct pages at [va, va + length); unmapped parts read as zeros (no page type)."""
     buf = bytearray(length)
@@ -496,8 +566,7 @@ def _read_struct_pages(
         if len(data) != n:
             raise FreePageError(f"short read of A's struct pages at {phys:#x}")
         buf[pos : pos + n] = data
-        for p in range(phys - phys % PAGE, phys + n, PAGE):
-            read_pages.add(p)
+        runs.append((phys - phys % PAGE, -(-(phys + n) // PAGE) * PAGE))
         pos += n
     return bytes(buf)
 

@@ -377,6 +377,7 @@ def hibernate_and_check(
         _proc, before = start_workload(anon)
         expected = wl.expected_digest(before.seed, before.size)
         fill_page_cache(cache)
+        fragment_memory()
         if disk_writers:
             writers.start()
             event("writers-ready")
@@ -1004,6 +1005,45 @@ def bench_load() -> tuple[int, int]:
         return int(anon), int(cache or 0)
     except ValueError:
         raise Missing(f"kjumpvm.load={word!r}: ANON:CACHE in MiB, e.g. 1024:512") from None
+
+
+#: the fragmenter (kjumpvm.fragment=MIB): MIB of anonymous memory touched page by page, then
+#: every other page handed back, so that A's free memory is that many order-0 blocks, as on
+#: a machine that has run for weeks; it keeps the rest until it is killed
+FRAGMENTER = """
+import mmap, sys, time
+n = int(sys.argv[1]) << 20
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+try:
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+except OSError:
+    pass  # a kernel without transparent huge pages
+for o in range(0, n, 4096):
+    m[o] = 1
+for o in range(0, n, 8192):
+    m.madvise(mmap.MADV_DONTNEED, o, 4096)
+print("fragmented", flush=True)
+time.sleep(1e9)
+"""
+
+
+def fragment_memory() -> subprocess.Popen | None:
+    """With ``kjumpvm.fragment=MIB``: start the fragmenter and wait until it has freed every
+    other page of its memory."""
+    word = cmdline_arg("kjumpvm.fragment")
+    if not word:
+        return None
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FRAGMENTER, word], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "fragmented":
+        raise Failure(f"the fragmenter ({word} MiB) did not start: {line!r}")
+    say(f"fragmenter: {word} MiB touched, every other page freed")
+    with open("/proc/buddyinfo") as f:
+        say("buddyinfo: " + " | ".join(x.strip() for x in f))
+    return proc
 
 
 def bench_target() -> None:

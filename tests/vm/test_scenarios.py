@@ -266,6 +266,25 @@ def test_x_a_machine_with_ram_above_4_gib_hibernates_and_restores(vm_assets_buil
     _writers_intact(out)
 
 
+def test_y_a_machine_whose_free_memory_is_fragmented_hibernates(vm_assets_built, run_dir):
+    """A's free memory in hundreds of thousands of order-0 blocks (every other page of 2 GiB
+    freed, as after weeks of uptime): the save kernel's map of them fits its jump area, the
+    free pages are still left out, and the workload comes back byte-exact."""
+    out = scenarios.run(
+        "test", vm_assets_built, run_dir, memory_mb=3072, append="kjumpvm.fragment=2048"
+    )
+    assert out.passed, out.summary()
+    assert _console_matches(out, r"fragmenter: 2048 MiB touched, every other page freed")
+    free = _console_matches(
+        out, r"kjump-agent: free pages: (\d+) \(\d+ MiB\) of A's memory skipped \((\d+) free blocks"
+    )
+    assert free and int(free[0].group(2)) >= 200_000, out.summary()
+    assert int(free[0].group(1)) >= 256 * 1024, out.summary()  # the fragmenter's 1 GiB at least
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    assert out.verdict.get("image", "").startswith("INVALID"), out.summary()
+    _writers_intact(out)
+
+
 def test_w_a_warm_save_kernel_takes_each_job_without_a_boot(vm_assets_built, run_dir):
     """[save_kernel] warm = true: the daemon boots the save kernel once at its start and
     parks it; each hibernation is then one jump into it, the job handed over through the
