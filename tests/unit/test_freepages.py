@@ -665,6 +665,16 @@ def test_a_note_without_the_class_fields_leaves_the_histogram_out_not_the_scan()
     assert fmap.classes is None and fmap.ranges == tuple(EXPECTED)
 
 
+def test_memory_too_large_for_the_histogram_leaves_it_out_not_the_scan(monkeypatch) -> None:
+    # a byte per page of A: above the cap (32 GiB), B's memory goes to the save instead
+    monkeypatch.setattr(fp, "CLASS_PAGES_MAX", (RAM[0][1] - RAM[0][0]) // PAGE - 1)
+    a = build()
+    fmap = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048))
+    assert fmap.classes is None and fmap.ranges == tuple(EXPECTED)
+    monkeypatch.setattr(fp, "CLASS_PAGES_MAX", (RAM[0][1] - RAM[0][0]) // PAGE)
+    assert fp.scan(a.info, a.read, RAM, note=(NOTE, 2048)).classes is not None
+
+
 @settings(max_examples=60, deadline=None)
 @given(pages=st.integers(1, 12), spoiled=st.lists(st.integers(0, 12 * PAGE - 1), max_size=4))
 def test_page_class_zero_count_sees_any_single_non_zero_byte(pages: int, spoiled: list) -> None:
