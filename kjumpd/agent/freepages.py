@@ -251,9 +251,7 @@ def read_vmcoreinfo(read: Reader, phys: int, size: int) -> VmcoreInfo:
 
 
 def _merge(ranges: Iterable[Range]) -> list[Range]:
-    """Sorted, merged ranges. A range that needs no merging is kept as the same tuple: a
-    fragmented machine hands the scan hundreds of thousands of free blocks, and B's memory
-    is the jump area's."""
+    """Sorted, merged ranges (a range that needs no merging stays the same tuple)."""
     out: list[Range] = []
     for r in sorted(ranges):
         a, b = r
