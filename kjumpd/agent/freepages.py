@@ -45,7 +45,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from kjumpd.agent.devmem import subtract
+from kjumpd.agent.devmem import normalize, subtract
 from kjumpd.agent.pageclass import Layout, PageClasses
 from kjumpd.errors import KjumpError
 
@@ -250,26 +250,11 @@ def read_vmcoreinfo(read: Reader, phys: int, size: int) -> VmcoreInfo:
 # ---------------------------------------------------------------------------- ranges
 
 
-def _merge(ranges: Iterable[Range]) -> list[Range]:
-    """Sorted, merged ranges (a range that needs no merging stays the same tuple)."""
-    out: list[Range] = []
-    for r in sorted(ranges):
-        a, b = r
-        if a >= b:
-            continue
-        if out and a <= out[-1][1]:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append(r if type(r) is tuple else (a, b))
-    return out
-
-
 class _RangeSet:
     """Sorted, merged [start, end) ranges with a containment test."""
 
     def __init__(self, ranges: Iterable[Range]) -> None:
-        self.ranges = _merge(ranges)
+        self.ranges = normalize(list(ranges))
         self._starts = [a for a, _ in self.ranges]
 
     def contains(self, phys: int, length: int) -> bool:
@@ -351,14 +336,13 @@ class FreePageMap:
         object.__setattr__(self, "ranges", runs)
 
     @property
-    def _starts(self) -> array[int]:
-        assert isinstance(self.ranges, Runs)
-        return self.ranges.starts
+    def _runs(self) -> Runs:
+        assert isinstance(self.ranges, Runs)  # __post_init__
+        return self.ranges
 
     @property
     def free_bytes(self) -> int:
-        assert isinstance(self.ranges, Runs)
-        return sum(self.ranges.ends) - sum(self.ranges.starts)
+        return sum(self._runs.ends) - sum(self._runs.starts)
 
     @property
     def free_pages(self) -> int:
@@ -368,7 +352,7 @@ class FreePageMap:
         """The free parts of [phys, phys + length), clipped, in order."""
         end = phys + length
         out: list[Range] = []
-        i = max(bisect.bisect_right(self._starts, phys) - 1, 0)
+        i = max(bisect.bisect_right(self._runs.starts, phys) - 1, 0)
         while i < len(self.ranges):
             a, b = self.ranges[i]
             if a >= end:
@@ -516,7 +500,7 @@ def scan(
     used = [(p, p + PAGE) for p in tables.touched] + read_runs
     if note is not None:
         used.append((note[0] - note[0] % PAGE, -(-(note[0] + note[1]) // PAGE) * PAGE))
-    claimed = [r for a, b in _merge(used) for r in fmap.free_in(a, b - a)]
+    claimed = [r for a, b in normalize(used) for r in fmap.free_in(a, b - a)]
     if claimed:
         raise FreePageError(
             "A's allocator calls pages free that the scan just read as in use",
