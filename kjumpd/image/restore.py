@@ -293,7 +293,7 @@ def _placed_records(
 ) -> Iterator[_Record]:
     """The data area's records, each checked to be this image's next chunk of the plan
     (ImageCorruptError otherwise); the time spent reading them goes to ``records``."""
-    plan = chunk_plan(meta.extents, header.chunk_size)
+    plan = iter(chunk_plan(meta.extents, header.chunk_size))
     tag = image_tag(header.uuid, header.created)
     records = reader.held_records()
     while True:

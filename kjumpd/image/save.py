@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
+import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from kjumpd.image.format import (
     FLAG_VERIFIED,
     FLAG_ZERO_ELISION,
     METADATA_OFFSET,
+    ChunkPlan,
     Header,
     ImageState,
     MemoryExtent,
@@ -164,6 +166,10 @@ class _Meter:
         self.progress(done, self.total, rate / 1e6, eta)
 
 
+#: what _Encoders.zero_at holds for a plan position
+_UNASKED, _ZERO, _DATA = 0, 1, 2
+
+
 class _Encoders:
     """Worker threads that each claim the next chunk of the plan, read it into their own
     reused buffer and encode it; results are handed to the writer (the caller's thread) in
@@ -183,7 +189,7 @@ class _Encoders:
     def __init__(
         self,
         source: Any,
-        plan: list[tuple[int, int, int]],
+        plan: ChunkPlan,
         workers: int,
         depth: int,
         chunk_size: int,
@@ -199,8 +205,8 @@ class _Encoders:
         # a source whose known-zero ranges are free memory that need not come back as zeros
         self.free_records = not getattr(source, "restore_zeros", True)
         # the source's answer for each plan position, asked once (sources count what they
-        # skip); None until asked
-        self.zero_at: list[bool | None] = [None] * len(plan)
+        # skip): _UNASKED until asked, then _ZERO or _DATA; a byte a chunk, as the plan
+        self.zero_at = bytearray(len(plan))
         self.writer_makes_zero = self.known_zero is not None and cipher is None
         self.cond = threading.Condition()
         self.read_lock = threading.Lock()
@@ -280,14 +286,15 @@ class _Encoders:
 
     def _is_zero(self, pos: int) -> bool:
         """Whether the source knows plan position ``pos`` is all zero (asked at most once)."""
-        zero = self.zero_at[pos]
-        if zero is None:
+        answer = self.zero_at[pos]
+        if answer == _UNASKED:
             with self.read_lock:  # sources keep counters: one caller at a time
-                zero = self.zero_at[pos]
-                if zero is None:
+                answer = self.zero_at[pos]
+                if answer == _UNASKED:
                     _index, phys, n = self.plan[pos]
-                    zero = self.zero_at[pos] = bool(self.known_zero(phys, n))  # type: ignore[misc]
-        return zero
+                    zero = bool(self.known_zero(phys, n))  # type: ignore[misc]
+                    answer = self.zero_at[pos] = _ZERO if zero else _DATA
+        return answer == _ZERO
 
     def _zero_record(self, pos: int) -> EncodedChunk:
         # zero by the source's account (free: left as found on restore)
@@ -360,7 +367,7 @@ def save_image(
             f"compression {compression!r} is not supported",
             fix=f"use one of {', '.join(COMPRESSIONS)}",
         )
-    plan = list(chunk_plan(extents, chunk_size))  # validates chunk_size
+    plan = chunk_plan(extents, chunk_size)  # validates chunk_size
     sb = store.read_superblock(dev)
     meta = Metadata(extents=extents, identity=identity)
     meta_raw = meta.pack()
@@ -449,7 +456,8 @@ def save_image(
 class _Written:
     """What the writer put into the data area, and the time it spent waiting for chunks."""
 
-    crcs: list[int] = field(default_factory=list)
+    #: each record's CRC, 4 bytes a chunk (the data CRC is taken over them at the end)
+    crcs: array[int] = field(default_factory=lambda: array("I"))
     zero_pages: int = 0
     stored: int = 0
     raw: int = 0
@@ -515,6 +523,9 @@ def _saved_header(
 ) -> Header:
     """The header that makes the image restorable: SAVED, with what the data area holds."""
     crcs = written.crcs
+    packed = crcs if sys.byteorder == "little" else array("I", crcs)
+    if packed is not crcs:
+        packed.byteswap()
     return header.evolve(
         state=ImageState.SAVED,
         saved=time.time(),
@@ -524,7 +535,7 @@ def _saved_header(
         zero_pages=written.zero_pages,
         stored_bytes=written.stored,
         chunk_count=len(crcs),
-        data_crc=crc32(struct.pack(f"<{len(crcs)}I", *crcs)),
+        data_crc=crc32(packed),  # over the u32 CRCs, little-endian
         flags=header.flags | (FLAG_VERIFIED if verify else 0),
     )
 

@@ -127,7 +127,7 @@ def chunk_table_error(dev: Any, header: Any, meta: Any) -> str:
     pos, end = header.data_offset, header.data_offset + header.data_length
     if header.data_offset < header.metadata_offset + header.metadata_length or end > dev.size:
         return f"data area [{pos}, {end}) is outside the target"
-    plan = chunk_plan(meta.extents, header.chunk_size)
+    plan = iter(chunk_plan(meta.extents, header.chunk_size))
     crc = 0
     # One read per window, not per record: a read costs about the same for 4 KiB and 64 KiB
     # (in a VM each is a request to the host), and the records of zero chunks are a few

@@ -322,6 +322,34 @@ def test_chunk_plan_covers_every_byte_once(lengths, cs):
     assert all(0 < n <= cs for _, _, n in plan)
 
 
+@settings(deadline=None)
+@given(
+    st.lists(st.integers(0, 5 << 20), min_size=0, max_size=8),
+    st.sampled_from([4096, 65536, 1 << 20]),
+    st.data(),
+)
+def test_chunk_plan_by_position_is_the_plan_in_order(lengths, cs, data):
+    # a save reads its plan by position; a restore walks it
+    extents, pos = [], 0x100000
+    for ln in lengths:
+        extents.append(MemoryExtent(pos, ln - ln % 4096))
+        pos += ln + 4096
+    plan = chunk_plan(extents, cs)
+    walked = list(plan)
+    assert len(plan) == len(walked)
+    if walked:
+        i = data.draw(st.integers(-len(walked), len(walked) - 1))
+        assert plan[i] == walked[i]
+        assert plan[1::2] == walked[1::2]
+    with pytest.raises(IndexError):
+        plan[len(walked)]
+
+
+def test_a_chunk_plan_with_a_bad_chunk_size_is_refused_when_made():
+    with pytest.raises(ImageFormatError, match="chunk size 1000 is not valid"):
+        chunk_plan([MemoryExtent(0, 4096)], 1000)
+
+
 def test_state_text():
     assert Header(state=ImageState.RESTORING, attempt=2).state_text == "RESTORING(2)"
     assert Header(state=ImageState.ABORTED, reason="cancelled").state_text == "ABORTED(cancelled)"
