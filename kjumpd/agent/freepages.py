@@ -61,6 +61,12 @@ BATCH_PAGES = 16384  # struct pages read per batch (1 MiB at 64 B)
 #: the page class histogram (pageclass) keeps a byte per page of A: not above 32 GiB, where
 #: it would take B's memory that the save needs
 CLASS_PAGES_MAX = 8 << 20
+#: bytes a range of the free page map takes (Runs: two u64)
+RUN_BYTES = 16
+#: the share of B's free memory the free page map may take (1/MAP_SHARE): the save's own
+#: working memory must fit beside it. Past it free blocks are left out of the map and saved
+#: as data: a larger image instead of a save kernel killed for lack of memory
+MAP_SHARE = 8
 VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
 VMCOREINFO_MAX = 1 << 16
 
@@ -297,6 +303,21 @@ class Runs(Sequence[Range]):
             self.starts.append(a)
             self.ends.append(b)
 
+    def add_within(self, a: int, b: int, most: int) -> int:
+        """``add`` [a, b) while holding at most ``most`` ranges: when full, the last range
+        gives way to a longer one; else [a, b) is not kept. Returns the bytes left out (the
+        range that gave way, or [a, b)); a range that extends the last one always fits."""
+        if a >= b or (self.ends and a <= self.ends[-1]):
+            self.add(a, b)
+            return 0
+        dropped = 0
+        if len(self.starts) >= most and self.starts and self.ends[-1] - self.starts[-1] < b - a:
+            dropped = self.ends.pop() - self.starts.pop()
+        if len(self.starts) >= most:
+            return b - a
+        self.add(a, b)
+        return dropped
+
     def __len__(self) -> int:
         return len(self.starts)
 
@@ -329,6 +350,8 @@ class FreePageMap:
     scanned_bytes: int = 0  # memory whose struct pages were examined
     seconds: float = 0.0
     blocks: int = 0  # buddy heads accepted
+    #: free memory the map had no room for (``scan``'s ``max_runs``): saved as data
+    unmapped_bytes: int = 0
     classes: PageClasses | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -427,6 +450,12 @@ class PageTables:
 # ------------------------------------------------------------------------------ scan
 
 
+def max_runs_for(mem_available: int) -> int | None:
+    """The most ranges the free page map may hold in a save kernel with ``mem_available``
+    bytes free (None: unknown, no bound)."""
+    return max(2, mem_available // MAP_SHARE // RUN_BYTES) if mem_available > 0 else None
+
+
 def scan(
     info: VmcoreInfo,
     read: Reader,
@@ -434,11 +463,19 @@ def scan(
     exclude: Sequence[Range] = (),
     trusted: Sequence[Range] | None = None,
     note: Range | None = None,
+    max_runs: int | None = None,
+    advanced: Callable[[], None] | None = None,
 ) -> FreePageMap:
     """A's free pages within ``ranges`` minus ``exclude`` (e.g. B's own memory).
 
     ``trusted`` is where A's page tables and struct pages may lie (default: ``ranges`` minus
-    ``exclude``). Raises FreePageError when anything is inconsistent."""
+    ``exclude``). Raises FreePageError when anything is inconsistent.
+
+    With ``max_runs``, the map never holds more ranges than that: once full, a free block
+    is kept only in place of a shorter last range (``Runs.add_within``), so the map keeps
+    the blocks found first and the longer ones after. What it leaves out is counted in
+    ``unmapped_bytes``. ``advanced`` is called after each batch of struct pages (a
+    watchdog's progress: a large machine's scan takes many seconds)."""
     t0 = time.monotonic()
     scanned = subtract([(a - a % PAGE, b - b % PAGE) for a, b in ranges], exclude)
     allowed = _RangeSet(trusted if trusted is not None else scanned)
@@ -449,6 +486,9 @@ def scan(
     top_byte = bytes([info.buddy_value >> 24])
     want = struct.pack("<I", info.buddy_value)
     free = Runs()
+    most = max_runs if max_runs is not None else 1 << 62
+    unmapped = 0
+    last = (0, 0)  # the last free block found, kept in the map or not
     read_runs: list[Range] = []  # where A's struct pages were read (one run per leaf)
     blocks = 0
     layout = page_layout(info)
@@ -480,21 +520,28 @@ def scan(
                     if order < info.nr_orders and head % (1 << order) == 0:
                         a, b = head * PAGE, (head + (1 << order)) * PAGE
                         if inside.contains(a, b - a):
-                            if free and a < free.ends[-1]:
+                            if a < last[1]:
                                 raise FreePageError(
                                     "a free block of A starts inside another one",
                                     why=f"pfn {head:#x} (order {order}) within "
-                                    f"[{free.starts[-1]:#x}, {free.ends[-1]:#x})",
+                                    f"[{last[0]:#x}, {last[1]:#x})",
                                 )
-                            free.add(a, b)
+                            last = (a, b)
+                            left_out = free.add_within(a, b, most)
+                            if left_out and not unmapped:
+                                log.info("free page map full at %d ranges", most)
+                            unmapped += left_out
                             blocks += 1
                 i = tops.find(top_byte, i + 1)
             pfn += n
+            if advanced is not None:
+                advanced()
     fmap = FreePageMap(
         free,
         scanned_bytes=sum(b - a for a, b in scanned),
         seconds=time.monotonic() - t0,
         blocks=blocks,
+        unmapped_bytes=unmapped,
         classes=classes,
     )
     used = [(p, p + PAGE) for p in tables.touched] + read_runs

@@ -455,7 +455,7 @@ def save_job(sysroot: Sysroot, job: Any, entry: int, watchdog: Any = None) -> st
             f"{chunk >> 10} KiB chunks, {workers} CPU(s), {avail >> 20} MiB free here)"
         )
         with MemorySource(sysroot, job.ranges) as raw_source:
-            freemap = free_pages(job, raw_source, own_memory(sysroot))
+            freemap = free_pages(job, raw_source, own_memory(sysroot), avail, watchdog)
             if watchdog is not None:
                 watchdog.progress()  # the scan is a phase of its own, with no meter
             source: Any = raw_source
@@ -678,11 +678,19 @@ def finish_here(finish: str) -> None:
     say(f"{finish} failed (errno {ctypes.get_errno()}); jumping back: the main kernel does it")
 
 
-def free_pages(job: Any, source: Any, own: Sequence[tuple[int, int]]) -> Any:
+def free_pages(
+    job: Any,
+    source: Any,
+    own: Sequence[tuple[int, int]],
+    mem_available: int = 0,
+    watchdog: Any = None,
+) -> Any:
     """A's free pages (kjumpd.agent.freepages.FreePageMap) to leave out of the image, or None
     to save every page: exclusion switched off, no vmcoreinfo in the job, anything the scan
     does not trust, or (when the job asks for the debug check) a free page that is not zero.
-    B's own memory (``own``) is never called free: /dev/mem shows B's bytes there, not A's."""
+    B's own memory (``own``) is never called free: /dev/mem shows B's bytes there, not A's.
+    The map takes a bounded share of the ``mem_available`` bytes free in B; each batch of
+    struct pages scanned is progress for the ``watchdog``."""
     from kjumpd.agent import freepages
 
     if not job.free_page_exclusion:
@@ -692,6 +700,7 @@ def free_pages(job: Any, source: Any, own: Sequence[tuple[int, int]]) -> Any:
         say("free pages: the job has no vmcoreinfo address; saving every page")
         return None
     t0 = time.monotonic()
+    max_runs = freepages.max_runs_for(mem_available)
     try:
         phys, size = job.vmcoreinfo
         info = freepages.read_vmcoreinfo(source.read, phys, size)
@@ -701,7 +710,15 @@ def free_pages(job: Any, source: Any, own: Sequence[tuple[int, int]]) -> Any:
                 "A's VMCOREINFO is not the main kernel's",
                 why=f"OSRELEASE {info.osrelease!r}, the job says {release!r}",
             )
-        fmap = freepages.scan(info, source.read, job.ranges, exclude=own, note=(phys, size))
+        fmap = freepages.scan(
+            info,
+            source.read,
+            job.ranges,
+            exclude=own,
+            note=(phys, size),
+            max_runs=max_runs,
+            advanced=watchdog.progress if watchdog is not None else None,
+        )
     except KjumpError as e:
         say(f"free pages: not excluded ({e.message}); saving every page")
         return None
@@ -714,6 +731,13 @@ def free_pages(job: Any, source: Any, own: Sequence[tuple[int, int]]) -> Any:
         f"free pages: {fmap.free_pages} ({fmap.free_bytes >> 20} MiB) of A's memory skipped "
         f"({fmap.blocks} free blocks, scan {dt:.2f} s)"
     )
+    if fmap.unmapped_bytes:
+        room = (max_runs or 0) * freepages.RUN_BYTES >> 20
+        say(
+            f"free pages: {fmap.unmapped_bytes // 4096} more ({fmap.unmapped_bytes >> 20} MiB) "
+            f"saved as data: the map of A's free memory is kept within {room} MiB, "
+            f"1/{freepages.MAP_SHARE} of the memory free here"
+        )
     if job.free_page_check:
         chk = freepages.check_free_pages_zero(source.read, fmap)
         if not chk.passed:

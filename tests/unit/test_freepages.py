@@ -294,6 +294,56 @@ def test_a_fragmented_machine_s_free_blocks_take_little_of_b_s_memory() -> None:
     assert fragmented - whole < 24 * len(pfns), (fragmented - whole) / len(pfns)
 
 
+def test_a_map_with_no_room_for_every_block_keeps_what_fits_and_saves_the_rest() -> None:
+    """More free blocks than the save kernel has room to map: the map stays within its
+    bound, keeps the blocks found first and a longer block found later, and counts what it
+    leaves out, so those pages are saved as data (a larger image) rather than the save
+    kernel running out of memory."""
+    a = FakeA()
+    singles = range(0x2200, 0x2600, 2)  # 512 order-0 blocks
+    for pfn in singles:
+        a.free_block(pfn, 0)
+    a.free_block(0x2A00, 9)  # then one block of 512 pages
+    unbounded = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048))
+    assert len(unbounded.ranges) == 513 and not unbounded.unmapped_bytes
+
+    fmap = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048), max_runs=100)
+    kept = list(fmap.ranges)
+    assert len(kept) == 100
+    assert kept[:99] == list(unbounded.ranges)[:99]  # found first
+    assert kept[-1] == (0x2A00 * PAGE, 0x2C00 * PAGE)  # the long block took the last place
+    assert fmap.free_bytes + fmap.unmapped_bytes == unbounded.free_bytes
+    assert fmap.unmapped_bytes == (512 - 99) * PAGE
+
+
+def test_a_full_map_takes_a_block_only_in_place_of_a_shorter_last_range() -> None:
+    runs = fp.Runs()
+    assert runs.add_within(0, 4096, 2) == 0
+    assert runs.add_within(8192, 16384, 2) == 0
+    assert runs.add_within(20480, 24576, 2) == 4096  # full, not longer: left out
+    assert runs.add_within(16384, 20480, 2) == 0  # extends the last range: always fits
+    assert runs.add_within(1 << 20, (1 << 20) + 65536, 2) == 12288  # the last gave way
+    assert list(runs) == [(0, 4096), (1 << 20, (1 << 20) + 65536)]
+
+
+def test_the_scan_tells_the_watchdog_it_advances_batch_by_batch(monkeypatch) -> None:
+    # a large machine's scan takes longer than a short watchdog's stall: each batch of
+    # struct pages is progress
+    monkeypatch.setattr(fp, "BATCH_PAGES", 256)
+    a = build()
+    ticks: list[int] = []
+    fmap = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048), advanced=lambda: ticks.append(1))
+    assert list(fmap.ranges) == EXPECTED
+    pages = sum(-(-(e - s) // PAGE // 256) for s, e in RAM)
+    assert len(ticks) == pages
+
+
+def test_the_map_s_bound_is_a_share_of_the_save_kernel_s_free_memory() -> None:
+    assert fp.max_runs_for(64 << 20) * fp.RUN_BYTES == (64 << 20) // fp.MAP_SHARE
+    assert fp.max_runs_for(0) is None  # unknown: no bound
+    assert fp.max_runs_for(1) == 2
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -507,6 +557,20 @@ def test_save_role_skips_free_pages_or_says_why_it_saves_everything(capsys) -> N
     assert fmap is not None and list(fmap.ranges) == EXPECTED
     out = capsys.readouterr().out
     assert "kjump-agent: free pages: 1033 (4 MiB) of A's memory skipped" in out
+
+    class Watchdog:
+        fed = 0
+
+        def progress(self) -> None:
+            self.fed += 1
+
+    wd = Watchdog()
+    tight = free_pages(
+        _job(), src, own=[], mem_available=2 * fp.MAP_SHARE * fp.RUN_BYTES, watchdog=wd
+    )
+    assert tight is not None and len(tight.ranges) <= 2
+    assert wd.fed >= 1  # the scan was progress
+    assert "free pages: 8 more (0 MiB) saved as data: the map" in capsys.readouterr().out
 
     assert free_pages(_job(free_page_exclusion=False), src, own=[]) is None
     assert "exclusion switched off" in capsys.readouterr().out
