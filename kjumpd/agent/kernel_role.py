@@ -733,8 +733,9 @@ def free_pages(
     )
     if fmap.unmapped_bytes:
         room = (max_runs or 0) * freepages.RUN_BYTES >> 20
+        left = fmap.unmapped_bytes
         say(
-            f"free pages: {fmap.unmapped_bytes // 4096} more ({fmap.unmapped_bytes >> 20} MiB) "
+            f"free pages: {left // freepages.PAGE} more ({left >> 20} MiB) "
             f"saved as data: the map of A's free memory is kept within {room} MiB, "
             f"1/{freepages.MAP_SHARE} of the memory free here"
         )
