@@ -721,7 +721,7 @@ class ChunkPlan(Sequence[tuple[int, int, int]]):
         # the plan position of each extent's first chunk, and one past the last chunk
         self._first = array("Q", [0])
         for e in self.extents:
-            self._first.append(self._first[-1] + -(-e.length // chunk_size))
+            self._first.append(self._first[-1] + _chunks_in(e, chunk_size))
 
     def __len__(self) -> int:
         return self._first[-1]
@@ -758,7 +758,11 @@ def chunk_plan(
 
 
 def chunk_count(extents: tuple[MemoryExtent, ...] | list[MemoryExtent], chunk_size: int) -> int:
-    return sum((e.length + chunk_size - 1) // chunk_size for e in extents)
+    return sum(_chunks_in(e, chunk_size) for e in extents)
+
+
+def _chunks_in(extent: MemoryExtent, chunk_size: int) -> int:
+    return -(-extent.length // chunk_size)
 
 
 def data_offset_for(metadata_length: int) -> int:

@@ -523,9 +523,9 @@ def _saved_header(
 ) -> Header:
     """The header that makes the image restorable: SAVED, with what the data area holds."""
     crcs = written.crcs
-    packed = crcs if sys.byteorder == "little" else array("I", crcs)
-    if packed is not crcs:
-        packed.byteswap()
+    if sys.byteorder != "little":  # the data CRC is over the u32 CRCs, little-endian
+        crcs = array("I", crcs)
+        crcs.byteswap()
     return header.evolve(
         state=ImageState.SAVED,
         saved=time.time(),
@@ -535,7 +535,7 @@ def _saved_header(
         zero_pages=written.zero_pages,
         stored_bytes=written.stored,
         chunk_count=len(crcs),
-        data_crc=crc32(packed),  # over the u32 CRCs, little-endian
+        data_crc=crc32(crcs),
         flags=header.flags | (FLAG_VERIFIED if verify else 0),
     )
 
