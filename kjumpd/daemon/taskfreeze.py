@@ -55,6 +55,9 @@ PARK = "kjumpd.freeze"
 STATE_FILE = "/run/kjumpd/frozen.json"
 STATE_VERSION = 1
 PF_KTHREAD = 0x00200000
+#: rounds of moving processes into a park, or back out of it: each round catches those
+#: forked meanwhile by processes not moved yet
+PARK_ROUNDS = 8
 #: where a task stopped by the cgroup v2 freezer sleeps (do_freezer_trap is inlined into
 #: get_signal on some builds); a job-control stop is as good
 STOPPED_WCHAN = frozenset({"do_freezer_trap", "get_signal", "do_signal_stop", "do_jobctl_trap"})
@@ -452,8 +455,7 @@ class TaskFreezer:
         cg.set_freeze(park, True)  # frozen while empty: each process stops as it arrives
         refused: dict[int, str] = {}
         todo = list(pids)
-        # processes forked meanwhile by those not moved yet show up in a second read
-        for _ in range(8):
+        for _ in range(PARK_ROUNDS):
             for pid in todo:
                 moved.append(pid)
                 self.record()
@@ -524,14 +526,36 @@ def thaw_cgroups(sr: Sysroot, state: FrozenState) -> list[str]:
         park = join(parent, PARK)
         if not sr.path(cg.p(park)).exists():
             continue
+        errors += _empty_park(cg, park, parent)
         errors += [e for e in (cg.unfreeze(park),) if e]
-        for pid in cg.procs(park):
-            why = cg.move(pid, parent)
-            if why is not None and pid in cg.procs(park):
-                errors.append(f"move pid {pid} back to {cg.p(parent)}: {why}")
         errors += [e for e in (cg.rmdir(park),) if e]
     errors += [e for e in (cg.unfreeze(c) for c in reversed(state.cgroups)) if e]
     return errors
+
+
+def _empty_park(cg: Cgroups, park: str, parent: str) -> list[str]:
+    """Move every process of ``park`` back into ``parent`` while the park is still frozen.
+
+    A frozen task cannot fork, so nothing new lands in the park while it is emptied (a
+    thawed shell loop forks into it faster than a read of cgroup.procs can be acted on,
+    and the park then cannot be removed); the move itself thaws each task, since it takes
+    on the state of the unfrozen parent. A park someone thawed meanwhile can still gain a
+    process between two reads, hence a few rounds."""
+    why: dict[int, str] = {}
+    for _ in range(PARK_ROUNDS):
+        pids = cg.procs(park)
+        if not pids:
+            return []
+        why = {}
+        for pid in pids:
+            reason = cg.move(pid, parent)
+            if reason is not None:
+                why[pid] = reason
+    left = cg.procs(park)
+    return [
+        f"move pid {pid} back to {cg.p(parent)}: {why.get(pid, 'still in the park')}"
+        for pid in left
+    ]
 
 
 def pid_alive(sr: Sysroot, pid: int) -> bool:

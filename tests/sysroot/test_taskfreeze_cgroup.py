@@ -9,6 +9,7 @@ real stat, comm and wchan and a cgroup file relative to that subtree.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -63,13 +64,17 @@ def cg(tmp_path):
         yield fx
     finally:
         for p in procs:
-            p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # with the children it forked
         for p in procs:
             p.wait()
         for d in sorted((p for p in real.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             (d / "cgroup.freeze").write_text("0")
             d.rmdir()
         (real / "cgroup.freeze").write_text("0")
+        deadline = time.monotonic() + 10
+        while (real / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)  # killed children not reaped yet
         real.rmdir()
 
 
@@ -185,6 +190,37 @@ def test_everything_but_the_daemon_stops_and_comes_back_where_it_was(cg, tmp_pat
         assert cg.real_cgroup(p.pid) == where[p.pid]
     assert not any(p.name == taskfreeze.PARK for p in cg.real.rglob("*"))
     assert (cg.real / "admin/cgroup.freeze").read_text().strip() == "1"  # still theirs
+
+
+FORKER = """
+    import os, time
+    fd = os.open({path!r}, os.O_RDWR | os.O_CREAT)
+    n = 0
+    while True:                            # a shell loop: a short-lived child every ms or so
+        n += 1
+        if os.fork() == 0:
+            time.sleep(0.05)
+            os._exit(0)
+        os.pwrite(fd, b"%20d" % n, 0)
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+        time.sleep(0.001)
+"""
+
+
+def test_a_parked_process_that_keeps_forking_comes_back_and_leaves_no_park(cg, tmp_path):
+    cg.mkcg("svc/daemon")
+    daemon = counter(cg, "svc/daemon", tmp_path / "daemon")
+    forker = cg.spawn("", FORKER.format(path=str(tmp_path / "forker")))
+    wait_for(tmp_path / "forker")
+    for _ in range(5):  # the children forked while the park is emptied are the race
+        tf = taskfreeze.TaskFreezer(cg.sr, taskfreeze.FrozenState(), pid=daemon.pid)
+        rep = tf.freeze(timeout=10)
+        assert rep.parked >= 1 and not moving(tmp_path / "forker")
+        assert tf.thaw() == []
+        assert not (cg.real / taskfreeze.PARK).exists()
+        assert moving(tmp_path / "forker", wait=0.1)
+        assert cg.real_cgroup(forker.pid) == cg.real_cgroup(daemon.pid).rsplit("/svc/", 1)[0]
 
 
 @pytest.fixture
