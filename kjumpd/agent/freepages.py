@@ -700,8 +700,15 @@ class ZeroCheck:
         return self.nonzero_pages == 0
 
 
-def check_free_pages_zero(read: Reader, freemap: FreePageMap, step: int = 1 << 20) -> ZeroCheck:
-    """Debug check (init_on_free=1 in A): every page called free must read as all zero."""
+def check_free_pages_zero(
+    read: Reader,
+    freemap: FreePageMap,
+    step: int = 1 << 20,
+    advanced: Callable[[], None] | None = None,
+) -> ZeroCheck:
+    """Debug check (init_on_free=1 in A): every page called free must read as all zero.
+    ``advanced`` is called after each ``step`` bytes read: on a large machine the check
+    reads gigabytes, longer than the save kernel's watchdog waits for progress."""
     t0 = time.monotonic()
     zeros = bytes(step)
     zpage = bytes(PAGE)
@@ -719,4 +726,6 @@ def check_free_pages_zero(read: Reader, freemap: FreePageMap, step: int = 1 << 2
                         if first is None:
                             first = at + off
             at += n
+            if advanced is not None:
+                advanced()
     return ZeroCheck(freemap.free_pages, bad, first, time.monotonic() - t0)

@@ -740,7 +740,9 @@ def free_pages(
             f"1/{freepages.MAP_SHARE} of the memory free here"
         )
     if job.free_page_check:
-        chk = freepages.check_free_pages_zero(source.read, fmap)
+        chk = freepages.check_free_pages_zero(
+            source.read, fmap, advanced=watchdog.progress if watchdog is not None else None
+        )
         if not chk.passed:
             say(
                 f"free-page check: FAIL: {chk.nonzero_pages} of {chk.pages} free pages hold "

@@ -491,6 +491,15 @@ def test_zero_check_finds_a_free_page_holding_data() -> None:
     assert fp.check_free_pages_zero(clean.read, fmap).passed
 
 
+def test_the_zero_check_reports_progress_as_it_reads() -> None:
+    fmap = fp.FreePageMap(tuple(EXPECTED))
+    ticks: list[int] = []
+    fp.check_free_pages_zero(
+        FakeA(leaf=2 << 20).read, fmap, step=PAGE, advanced=lambda: ticks.append(1)
+    )
+    assert len(ticks) == fmap.free_pages  # one per page read: the watchdog sees it advance
+
+
 # ------------------------------------------------- the job, the daemon side, B's save role
 
 
