@@ -20,6 +20,9 @@ arch/x86/kernel/vmcore_info_64.c; the note's physical address and size are in A'
     SIZE(page)=64   OFFSET(page._mapcount)=48  OFFSET(page.private)=40
     LENGTH(zone.free_area)=11                  (NR_PAGE_ORDERS: orders 0..10)
     NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=4026531840  (PGTY_buddy << 24)
+    NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)=4093640704  (PGTY_hugetlb << 24; optional, as are:)
+    OFFSET(page.flags)=0  OFFSET(page._refcount)=52  OFFSET(page.compound_head)=8
+    NUMBER(PG_head_mask)=64
 
 A free block in 6.12: its first page's ``page_type`` (a union with ``_mapcount``) has
 ``PGTY_buddy`` (0xf0) in its top byte (include/linux/page-flags.h, PageBuddy) and its order in
@@ -27,6 +30,15 @@ A free block in 6.12: its first page's ``page_type`` (a union with ``_mapcount``
 word must equal PAGE_BUDDY_MAPCOUNT_VALUE (6.12 sets exactly that), the order must be below
 LENGTH(zone.free_area), the block naturally aligned and inside the scanned memory. Pages on the
 per-CPU lists, pages whose struct page cannot be read, and anything else count as NOT free.
+
+The free folios of the huge page pool (vm.nr_hugepages; NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE),
+``PGTY_hugetlb`` << 24) are free too: the folio's head has exactly that page_type, PG_head
+in its flags (NUMBER(PG_head_mask)) and a refcount of 0 (OFFSET(page._refcount)); its first
+tail's ``compound_head`` (OFFSET(page.compound_head)) is the head's struct page address + 1
+and the low byte of that tail's flags is the folio's order (folio_order). A folio mapped by
+a process or held in a hugetlbfs file has a reference and is saved. Such a free page holds
+whatever its last user left (nothing zeroes the pool), and the kernel clears a huge page
+when it hands it out again; the save kernel gives zeros for it like any free page.
 
 The virtual addresses of the struct page array are translated by walking A's page tables from
 init_top_pgt (4 or 5 levels; 1 GiB, 2 MiB and 4 KiB leaves). A table outside the memory the
@@ -103,6 +115,8 @@ class VmcoreInfo:
     off_mapping: int = -1
     off_compound_head: int = -1
     head_mask: int = -1
+    #: NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE) as an unsigned 32-bit word; -1 when absent
+    hugetlb_value: int = -1
 
     @property
     def top_table_phys(self) -> int:
@@ -139,6 +153,15 @@ def _number(text: str) -> int:
 def _optional(kv: dict[str, str], key: str) -> int:
     try:
         return _number(kv[key]) if key in kv else -1
+    except ValueError:
+        return -1
+
+
+def _u32_or_absent(kv: dict[str, str], key: str) -> int:
+    """A 32-bit word the kernel prints with %ld (PGTY_hugetlb << 24 comes out negative), as
+    unsigned; -1 when absent or not a number."""
+    try:
+        return _number(kv[key]) & 0xFFFF_FFFF if key in kv else -1
     except ValueError:
         return -1
 
@@ -209,6 +232,7 @@ def parse_vmcoreinfo(text: str) -> VmcoreInfo:
         off_mapping=_optional(kv, "OFFSET(page.mapping)"),
         off_compound_head=_optional(kv, "OFFSET(page.compound_head)"),
         head_mask=_optional(kv, "NUMBER(PG_head_mask)"),
+        hugetlb_value=_u32_or_absent(kv, "NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)"),
     )
     check_info(info)
     return info
@@ -352,6 +376,8 @@ class FreePageMap:
     blocks: int = 0  # buddy heads accepted
     #: free memory the map had no room for (``scan``'s ``max_runs``): saved as data
     unmapped_bytes: int = 0
+    #: of the free memory, the free folios of the huge page pool
+    hugetlb_bytes: int = 0
     classes: PageClasses | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -449,6 +475,45 @@ class PageTables:
 
 # ------------------------------------------------------------------------------ scan
 
+#: a huge page folio is 2^1 .. 2^18 pages (x86_64: 2 MiB and 1 GiB pools)
+HUGETLB_ORDERS = range(1, 19)
+
+
+def _hugetlb_word(info: VmcoreInfo) -> bytes | None:
+    """The page_type word of a huge page folio's head, when the scan can tell its free ones
+    (the note has the value and the struct page fields a folio's order is read from)."""
+    v = info.hugetlb_value
+    if v < 0 or v & 0x00FF_FFFF or v >> 24 < 0x80 or v == info.buddy_value:
+        return None
+    if page_layout(info) is None:
+        return None
+    return struct.pack("<I", v)
+
+
+def _free_hugetlb_order(info: VmcoreInfo, buf: bytes, i: int, head: int, nxt: bytes) -> int:
+    """The order of the free huge page folio whose head is struct page ``i`` of ``buf``
+    (pfn ``head``), or -1. ``nxt`` is the struct page after it (its first tail).
+
+    A folio in the pool is free when nothing holds a reference (6.12 keeps the pool's free
+    folios at refcount 0; a folio mapped or in a hugetlbfs file's page cache holds one).
+    The tail must name this head (its compound_head is the head's address + 1), which also
+    refuses the copies of a head that the vmemmap optimisation maps over the tails'
+    struct pages; its flags' low byte is the order (folio_order)."""
+    sz = info.page_struct_size
+    o = i * sz
+    if struct.unpack_from("<I", buf, o + info.off_refcount)[0] != 0:
+        return -1
+    if not struct.unpack_from("<Q", buf, o + info.off_flags)[0] & info.head_mask:
+        return -1
+    tail_flags = struct.unpack_from("<Q", nxt, info.off_flags)[0]
+    tail_head = struct.unpack_from("<Q", nxt, info.off_compound_head)[0]
+    if tail_head != info.vmemmap + head * sz + 1:
+        return -1
+    order = tail_flags & 0xFF
+    if order not in HUGETLB_ORDERS or head % (1 << order):
+        return -1
+    return order
+
 
 def max_runs_for(mem_available: int) -> int | None:
     """The most ranges the free page map may hold in a save kernel with ``mem_available``
@@ -465,6 +530,7 @@ def scan(
     note: Range | None = None,
     max_runs: int | None = None,
     advanced: Callable[[], None] | None = None,
+    hugetlb: bool = True,
 ) -> FreePageMap:
     """A's free pages within ``ranges`` minus ``exclude`` (e.g. B's own memory).
 
@@ -475,7 +541,11 @@ def scan(
     is kept only in place of a shorter last range (``Runs.add_within``), so the map keeps
     the blocks found first and the longer ones after. What it leaves out is counted in
     ``unmapped_bytes``. ``advanced`` is called after each batch of struct pages (a
-    watchdog's progress: a large machine's scan takes many seconds)."""
+    watchdog's progress: a large machine's scan takes many seconds).
+
+    With ``hugetlb``, the free folios of A's huge page pool (vm.nr_hugepages) count as free
+    too (``hugetlb_bytes``): they hold whatever their last user left, and the kernel clears
+    a huge page when it next hands it out."""
     t0 = time.monotonic()
     scanned = subtract([(a - a % PAGE, b - b % PAGE) for a, b in ranges], exclude)
     allowed = _RangeSet(trusted if trusted is not None else scanned)
@@ -485,6 +555,9 @@ def scan(
     top_at = info.off_mapcount + 3  # little-endian top byte of page_type
     top_byte = bytes([info.buddy_value >> 24])
     want = struct.pack("<I", info.buddy_value)
+    huge_word = _hugetlb_word(info) if hugetlb else None
+    huge_top = huge_word[3:] if huge_word is not None else None
+    huge_bytes = 0
     free = Runs()
     most = max_runs if max_runs is not None else 1 << 62
     unmapped = 0
@@ -511,28 +584,50 @@ def scan(
             if classes is not None:
                 classes = _classify(classes, pfn, buf, n)
             tops = buf[top_at::sz]
-            i = tops.find(top_byte)
-            while i >= 0:
+            # free buddy heads and huge page folio heads, in the order of their pfns
+            bi = tops.find(top_byte)
+            hi = tops.find(huge_top) if huge_top is not None else -1
+            while bi >= 0 or hi >= 0:
+                huge = hi >= 0 and (bi < 0 or hi < bi)
+                i = hi if huge else bi
                 o = i * sz
-                if buf[o + info.off_mapcount : o + info.off_mapcount + 4] == want:
+                word = buf[o + info.off_mapcount : o + info.off_mapcount + 4]
+                head = pfn + i
+                if huge:
+                    hi = tops.find(huge_top, i + 1)  # type: ignore[arg-type]
+                    if word != huge_word or head * PAGE < last[1]:
+                        continue  # in a folio already taken: the copies of its head
+                    if head + 1 >= last_pfn:
+                        continue  # its tail lies outside the memory scanned
+                    nxt = buf[o + sz : o + 2 * sz] or _read_struct_pages(
+                        tables, read, info.vmemmap + (head + 1) * sz, sz, allowed, read_runs
+                    )
+                    order = _free_hugetlb_order(info, buf, i, head, nxt)
+                    if order < 0:
+                        continue
+                else:
+                    bi = tops.find(top_byte, i + 1)
+                    if word != want:
+                        continue
                     order = struct.unpack_from("<Q", buf, o + info.off_private)[0]
-                    head = pfn + i
-                    if order < info.nr_orders and head % (1 << order) == 0:
-                        a, b = head * PAGE, (head + (1 << order)) * PAGE
-                        if inside.contains(a, b - a):
-                            if a < last[1]:
-                                raise FreePageError(
-                                    "a free block of A starts inside another one",
-                                    why=f"pfn {head:#x} (order {order}) within "
-                                    f"[{last[0]:#x}, {last[1]:#x})",
-                                )
-                            last = (a, b)
-                            left_out = free.add_within(a, b, most)
-                            if left_out and not unmapped:
-                                log.info("free page map full at %d ranges", most)
-                            unmapped += left_out
-                            blocks += 1
-                i = tops.find(top_byte, i + 1)
+                    if order >= info.nr_orders or head % (1 << order):
+                        continue
+                a, b = head * PAGE, (head + (1 << order)) * PAGE
+                if not inside.contains(a, b - a):
+                    continue
+                if a < last[1]:
+                    raise FreePageError(
+                        "a free block of A starts inside another one",
+                        why=f"pfn {head:#x} (order {order}) within [{last[0]:#x}, {last[1]:#x})",
+                    )
+                last = (a, b)
+                left_out = free.add_within(a, b, most)
+                if left_out and not unmapped:
+                    log.info("free page map full at %d ranges", most)
+                unmapped += left_out
+                blocks += 1
+                if huge:
+                    huge_bytes += b - a - left_out
             pfn += n
             if advanced is not None:
                 advanced()
@@ -542,6 +637,7 @@ def scan(
         seconds=time.monotonic() - t0,
         blocks=blocks,
         unmapped_bytes=unmapped,
+        hugetlb_bytes=huge_bytes,
         classes=classes,
     )
     used = [(p, p + PAGE) for p in tables.touched] + read_runs

@@ -718,6 +718,9 @@ def free_pages(
             note=(phys, size),
             max_runs=max_runs,
             advanced=watchdog.progress if watchdog is not None else None,
+            # the pool's free huge pages are not zeroed by init_on_free: the check would
+            # call them a failure
+            hugetlb=not job.free_page_check,
         )
     except KjumpError as e:
         say(f"free pages: not excluded ({e.message}); saving every page")
@@ -731,6 +734,11 @@ def free_pages(
         f"free pages: {fmap.free_pages} ({fmap.free_bytes >> 20} MiB) of A's memory skipped "
         f"({fmap.blocks} free blocks, scan {dt:.2f} s)"
     )
+    if fmap.hugetlb_bytes:
+        say(
+            f"free pages: {fmap.hugetlb_bytes >> 20} MiB of them are free huge pages "
+            "of A's pool (vm.nr_hugepages)"
+        )
     if fmap.unmapped_bytes:
         room = (max_runs or 0) * freepages.RUN_BYTES >> 20
         left = fmap.unmapped_bytes

@@ -24,6 +24,8 @@ SZ, OFF_PRIVATE, OFF_MAPCOUNT = 64, 40, 48
 BUDDY = 0xF0 << 24
 NR_ORDERS = 11
 ALLOCATED = 0xFFFF_FFFF  # page_type/_mapcount of an ordinary page (-1)
+HUGETLB = 0xF4 << 24
+OFF_FLAGS, OFF_HEAD, OFF_REFCOUNT, PG_HEAD = 0, 8, 52, 64
 
 
 class FakeA:
@@ -128,6 +130,21 @@ class FakeA:
     def free_block(self, pfn: int, order: int) -> None:
         self.set_page(pfn, BUDDY, order)
 
+    def field(self, pfn: int, off: int, fmt: str, value: int) -> None:
+        phys = self.v2p(self.vmemmap + pfn * SZ)
+        struct.pack_into(
+            fmt, self.mem.setdefault(phys - phys % PAGE, bytearray(PAGE)), phys % PAGE + off, value
+        )
+
+    def huge_folio(self, pfn: int, order: int = 9, refcount: int = 0) -> None:
+        """A huge page pool folio as 6.12 lays it out: the head typed hugetlb with PG_head,
+        its first tail naming the head and holding the order."""
+        self.set_page(pfn, HUGETLB, 0)
+        self.field(pfn, OFF_FLAGS, "<Q", PG_HEAD)
+        self.field(pfn, OFF_REFCOUNT, "<I", refcount)
+        self.field(pfn + 1, OFF_FLAGS, "<Q", order)
+        self.field(pfn + 1, OFF_HEAD, "<Q", self.vmemmap + pfn * SZ + 1)
+
     @property
     def info(self) -> fp.VmcoreInfo:
         return fp.read_vmcoreinfo(self.read, NOTE, 2048)
@@ -147,6 +164,7 @@ def vmcoreinfo_text(a: FakeA, **override: str) -> str:
         "OFFSET(page.private)": str(OFF_PRIVATE),
         "LENGTH(zone.free_area)": str(NR_ORDERS),
         "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": str(BUDDY),
+        "NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)": str(HUGETLB - (1 << 32)),  # %ld of an int
         "NUMBER(sme_mask)": "0",
         "KERNELOFFSET": "0",
         "NUMBER(VMALLOC_START)": "0xffffc90000000000",
@@ -265,6 +283,49 @@ def test_free_pages_are_never_read_by_the_scan() -> None:
     fp.scan(a.info, a.read, RAM)
     fmap = fp.FreePageMap(tuple(EXPECTED))
     assert not any(fmap.free_in(p, n) for p, n in a.reads)
+
+
+def test_free_huge_page_folios_are_free_and_those_in_use_are_not() -> None:
+    a = build()
+    a.huge_folio(0x3000)  # free, 2 MiB
+    a.huge_folio(0x3200, refcount=1)  # mapped by a process or in a hugetlbfs file
+    a.huge_folio(0x3400)
+    a.field(0x3401, OFF_HEAD, "<Q", a.vmemmap + 0x3200 * SZ + 1)  # its tail names another head
+    a.huge_folio(0x3600, order=9)
+    a.field(0x3600, OFF_FLAGS, "<Q", 0)  # no PG_head
+    a.huge_folio(0x3A01, order=0)  # an order no folio has
+    a.huge_folio(0x3E00, order=10)  # misaligned for its order
+    fmap = fp.scan(a.info, a.read, RAM)
+    assert fmap.ranges == fp.FreePageMap(tuple(EXPECTED) + ((0x3000000, 0x3200000),)).ranges
+    assert fmap.hugetlb_bytes == 2 << 20
+    # asked not to (the debug zero check), or told nothing of the type: saved as data
+    assert list(fp.scan(a.info, a.read, RAM, hugetlb=False).ranges) == EXPECTED
+    old = FakeA()
+    old.write(NOTE, note_bytes(vmcoreinfo_text(old, **{"NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)": ""})))
+    old.huge_folio(0x3000)
+    assert not old.info.hugetlb_value + 1 and not fp.scan(old.info, old.read, RAM).ranges
+
+
+def test_the_copies_of_a_huge_page_head_over_its_tails_are_not_folios() -> None:
+    """The vmemmap optimisation maps one page of struct pages over a folio's tails: every
+    64th struct page inside a free folio reads as its head. One folio, not eight."""
+    a = build()
+    a.huge_folio(0x3000)
+    for k in range(64, 512, 64):
+        a.huge_folio(0x3000 + k)
+        a.field(0x3000 + k + 1, OFF_HEAD, "<Q", a.vmemmap + 0x3000 * SZ + 1)
+    fmap = fp.scan(a.info, a.read, RAM)
+    assert fmap.free_in(0x3000000, 4 << 20) == [(0x3000000, 0x3200000)]
+    assert fmap.hugetlb_bytes == 2 << 20 and fmap.blocks == len(EXPECTED) + 1
+
+
+def test_a_huge_page_head_last_in_a_batch_reads_its_tail_from_the_next(monkeypatch) -> None:
+    a = build()
+    a.huge_folio(0x600)
+    monkeypatch.setattr(fp, "BATCH_PAGES", 0x600 + 1 - RAM[0][0] // PAGE)  # head ends batch 1
+    fmap = fp.scan(a.info, a.read, RAM)
+    assert fmap.free_in(0x600000, 2 << 20) == [(0x600000, 0x800000)]
+    assert fmap.hugetlb_bytes == 2 << 20
 
 
 def test_a_fragmented_machine_s_free_blocks_take_little_of_b_s_memory() -> None:
@@ -603,6 +664,24 @@ def test_save_role_debug_check_passes_on_zeroed_free_pages_and_falls_back_otherw
         "free-page check: FAIL: 1 of 1033 free pages hold data (first at 0x2c05000)"
         in capsys.readouterr().out
     )
+
+
+def test_save_role_names_the_free_huge_pages_and_the_debug_check_saves_them(capsys) -> None:
+    """The pool's free huge pages hold what their last user left (init_on_free does not
+    clear them): skipped, and said so; under the debug zero check they are saved instead
+    of failing it."""
+    from kjumpd.agent.kernel_role import free_pages
+
+    a = build()
+    a.huge_folio(0x3200)
+    a.write(0x3200000 + 7 * PAGE, b"left by a database")
+    fmap = free_pages(_job(), ReadOnly(a), own=[])
+    assert fmap is not None and fmap.is_free(0x3200000 + 7 * PAGE)
+    out = capsys.readouterr().out
+    assert "free pages: 2 MiB of them are free huge pages of A's pool (vm.nr_hugepages)" in out
+    checked = free_pages(_job(free_page_check=True), ReadOnly(a), own=[])
+    assert checked is not None and not checked.is_free(0x3200000)
+    assert "free-page check: PASS: all 1033 free pages" in capsys.readouterr().out
 
 
 def test_masked_source_says_which_ranges_are_wholly_free() -> None:

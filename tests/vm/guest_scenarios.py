@@ -378,6 +378,7 @@ def hibernate_and_check(
         expected = wl.expected_digest(before.seed, before.size)
         fill_page_cache(cache)
         fragment_memory()
+        huge = huge_pages()
         if disk_writers:
             writers.start()
             event("writers-ready")
@@ -431,6 +432,10 @@ def hibernate_and_check(
             problems += wproblems
             extra.update(wfields)
         extra.update(outlive_save_kernel_watchdog(returned))
+        if huge is not None:
+            hproblems, hfields = huge()
+            problems += hproblems
+            extra.update(hfields)
         if post is not None:
             pproblems, pfields = post()
             problems += pproblems
@@ -1044,6 +1049,73 @@ def fragment_memory() -> subprocess.Popen | None:
     with open("/proc/buddyinfo") as f:
         say("buddyinfo: " + " | ".join(x.strip() for x in f))
     return proc
+
+
+HUGE_MOUNT = Path("/run/kjumpvm-huge")
+HUGE_PAGE = 2 << 20
+
+
+def _huge_file(path: Path, size: int, fill: bool) -> str:
+    """Map a hugetlbfs file of ``size`` bytes (hugetlbfs has no write(2)); with ``fill``,
+    fill it with random bytes. Returns the sha256 of its contents."""
+    import mmap
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as m:
+            h = hashlib.sha256()
+            for o in range(0, size, HUGE_PAGE):
+                if fill:
+                    m[o : o + HUGE_PAGE] = os.urandom(HUGE_PAGE)
+                h.update(m[o : o + HUGE_PAGE])
+            return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _pool(name: str) -> int:
+    return int(Path(f"/sys/kernel/mm/hugepages/hugepages-2048kB/{name}").read_text())
+
+
+def huge_pages() -> Callable[[], tuple[list[str], dict[str, str]]] | None:
+    """With ``kjumpvm.hugepages=USED:FREE`` (MiB): a huge page pool of USED + FREE MiB, as a
+    database server reserves one. USED MiB are held in a hugetlbfs file of random bytes
+    (they must come back byte-exact); FREE MiB were filled with random bytes by a file
+    since deleted, so the pool's free pages hold data, as after a process that used them
+    exited. Returns the check to run after the resume."""
+    word = cmdline_arg("kjumpvm.hugepages")
+    if not word:
+        return None
+    used_mib, _, free_mib = word.partition(":")
+    used, free = int(used_mib) << 20, int(free_mib or 0) << 20
+    want = (used + free) // HUGE_PAGE
+    Path("/proc/sys/vm/nr_hugepages").write_text(f"{want}\n")
+    if _pool("nr_hugepages") < want:
+        raise Failure(f"the huge page pool has {_pool('nr_hugepages')} pages, not {want}")
+    HUGE_MOUNT.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "hugetlbfs", "none", str(HUGE_MOUNT)], check=True)
+    junk = HUGE_MOUNT / "junk"
+    _huge_file(junk, free, fill=True)
+    junk.unlink()
+    kept = HUGE_MOUNT / "kept"
+    digest = _huge_file(kept, used, fill=True)
+    free_before = _pool("free_hugepages")
+    say(f"huge pages: {used >> 20} MiB held in hugetlbfs, {free_before * 2} MiB free holding data")
+
+    def check() -> tuple[list[str], dict[str, str]]:
+        problems: list[str] = []
+        if _huge_file(kept, used, fill=False) != digest:
+            problems.append("the hugetlbfs file's huge pages changed across the hibernation")
+        if _pool("free_hugepages") != free_before:
+            problems.append(f"free huge pages {free_before} -> {_pool('free_hugepages')}")
+        fresh = HUGE_MOUNT / "fresh"
+        if _huge_file(fresh, HUGE_PAGE, fill=False) != hashlib.sha256(bytes(HUGE_PAGE)).hexdigest():
+            problems.append("a huge page handed out after the resume is not zero")
+        fresh.unlink()
+        return problems, {"hugetlb": "intact" if not problems else "changed"}
+
+    return check
 
 
 def bench_target() -> None:
