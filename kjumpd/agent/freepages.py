@@ -19,8 +19,9 @@ arch/x86/kernel/vmcore_info_64.c; the note's physical address and size are in A'
                                                vmemmap + N * SIZE(page))
     SIZE(page)=64   OFFSET(page._mapcount)=48  OFFSET(page.private)=40
     LENGTH(zone.free_area)=11                  (NR_PAGE_ORDERS: orders 0..10)
-    NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=4026531840  (PGTY_buddy << 24)
-    NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)=4093640704  (PGTY_hugetlb << 24; optional, as are:)
+    NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-268435456   (PGTY_buddy << 24, an int printed with %ld)
+    and, optional (for huge pages and the page-class histogram only):
+    NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)=-201326592  (PGTY_hugetlb << 24)
     OFFSET(page.flags)=0  OFFSET(page._refcount)=52  OFFSET(page.compound_head)=8
     NUMBER(PG_head_mask)=64
 
@@ -373,7 +374,7 @@ class FreePageMap:
     ranges: Sequence[Range] = ()
     scanned_bytes: int = 0  # memory whose struct pages were examined
     seconds: float = 0.0
-    blocks: int = 0  # buddy heads accepted
+    blocks: int = 0  # free blocks accepted: buddy heads and huge page folios
     #: free memory the map had no room for (``scan``'s ``max_runs``): saved as data
     unmapped_bytes: int = 0
     #: of the free memory, the free folios of the huge page pool
@@ -594,7 +595,8 @@ def scan(
                 word = buf[o + info.off_mapcount : o + info.off_mapcount + 4]
                 head = pfn + i
                 if huge:
-                    hi = tops.find(huge_top, i + 1)  # type: ignore[arg-type]
+                    assert huge_top is not None  # hi >= 0
+                    hi = tops.find(huge_top, i + 1)
                     if word != huge_word or head * PAGE < last[1]:
                         continue  # in a folio already taken: the copies of its head
                     if head + 1 >= last_pfn:
