@@ -19,14 +19,19 @@ Two settings, both in ``[hibernate]``:
   window, kexec.segment_window).
   The daemon's own freed heap is also handed back to the kernel (gc + malloc_trim), so
   that it is free, not saved.
-* ``image_size_limit`` (default 0: none): a hard limit on MemTotal - MemFree. Steps, bounded
+* ``image_size_limit`` (default 0: none): a hard limit on memory in use. Steps, bounded
   by ``timeouts.shrink``: memory.reclaim of the excess, then ``sync`` + drop_caches=3; if
   memory is still above the limit, refuse with the figures.
 
 Free pages are left out of the image by the save kernel (kjumpd/agent/freepages.py), so
-what is reclaimed here is not saved. But B only knows the free pages of the buddy allocator:
-a page freed onto a per-CPU list is read and saved, junk and all without init_on_free (in the
-VM, 17-27 MiB freed by kexec-tools' exit after the load). swsusp drains those lists when it
+what is reclaimed here is not saved. The free pages of the huge page pools are left out too,
+but MemFree does not count them (the pool is taken out of it whole): with the exclusion on,
+both settings count memory in use as MemTotal - MemFree - the pools' free pages
+(/sys/kernel/mm/hugepages/hugepages-<size>kB/free_hugepages), so that a pool reserved and
+not used is neither reclaimed against nor refused. But B only knows the free pages of the
+buddy allocator and the pools: a page freed onto a per-CPU list is read and saved, junk
+and all without init_on_free (in the VM, 17-27 MiB freed by kexec-tools' exit after the
+load). swsusp drains those lists when it
 snapshots; from user space ``drain_pcp`` (called by the transaction right before the jump)
 writes /proc/sys/vm/stat_refresh, which runs the vmstat refresh on every CPU (Linux 6.7 and
 later: decay_pcp_high lowers each list's high mark by an eighth, toward its minimum, and
@@ -56,6 +61,7 @@ ZONEINFO = "/proc/zoneinfo"
 #: stat_refresh rounds at most (each lowers a list's high mark by at most an eighth)
 PCP_ROUNDS = 32
 DROP_CACHES = "/proc/sys/vm/drop_caches"
+HUGEPAGES = "/sys/kernel/mm/hugepages"
 AUTO = -1  # image_size = "auto": 2/5 of MemTotal, as the kernel's default
 AUTO_FRACTION = (2, 5)
 
@@ -84,16 +90,33 @@ def meminfo(sysroot: Sysroot) -> dict[str, int]:
     return info
 
 
-def used_bytes(sysroot: Sysroot) -> int:
-    info = meminfo(sysroot)
-    return info["MemTotal"] - info["MemFree"]
+def free_huge_bytes(sysroot: Sysroot) -> int:
+    """The free pages of every huge page pool (0 without hugetlb)."""
+    total = 0
+    for name in sysroot.listdir(HUGEPAGES):
+        size = name.removeprefix("hugepages-").removesuffix("kB")
+        count = sysroot.read_text(f"{HUGEPAGES}/{name}/free_hugepages", default="").strip()
+        if size.isdigit() and count.isdigit():
+            total += int(size) * 1024 * int(count)
+    return total
+
+
+def in_use(sysroot: Sysroot, info: dict[str, int], free_huge_out: bool) -> int:
+    """Memory in use as the save kernel reads it: MemTotal - MemFree, less the huge page
+    pools' free pages when the save kernel leaves them out (``free_huge_out``)."""
+    used = info["MemTotal"] - info["MemFree"]
+    return max(used - free_huge_bytes(sysroot), 0) if free_huge_out else used
+
+
+def used_bytes(sysroot: Sysroot, free_huge_out: bool = False) -> int:
+    return in_use(sysroot, meminfo(sysroot), free_huge_out)
 
 
 @dataclass(frozen=True)
 class SaveEstimate:
     """What the save kernel will read of A (bytes), counted as swsusp counts its pages."""
 
-    used: int  # MemTotal - MemFree
+    used: int  # MemTotal - MemFree (less the huge page pools' free pages: ``in_use``)
     reserved: int  # System RAM outside the jump area that MemTotal does not count
     kexec_backup: int  # kexec-tools' copy of the jump area in A's memory
 
@@ -120,17 +143,23 @@ def _iomem_sizes(iomem: str) -> tuple[int, int]:
 
 
 def estimate(
-    sysroot: Sysroot, kexec_copy: int | None = None, info: dict[str, int] | None = None
+    sysroot: Sysroot,
+    kexec_copy: int | None = None,
+    info: dict[str, int] | None = None,
+    free_huge_out: bool = False,
 ) -> SaveEstimate:
     """``kexec_copy``: the bytes A will hold for the save kernel's load (kexec_copy_bytes);
     None: the whole jump area, the most a preserve-context load into it can take. ``info``:
-    /proc/meminfo as ``meminfo`` read it, when the caller has it."""
+    /proc/meminfo as ``meminfo`` read it, when the caller has it. ``free_huge_out``: the
+    save kernel leaves the huge page pools' free pages out (``in_use``)."""
     if info is None:
         info = meminfo(sysroot)
     ram, area = _iomem_sizes(sysroot.read_text("/proc/iomem", default=""))
     reserved = max(ram - area - info["MemTotal"], 0) if ram else 0
     return SaveEstimate(
-        info["MemTotal"] - info["MemFree"], reserved, area if kexec_copy is None else kexec_copy
+        in_use(sysroot, info, free_huge_out),
+        reserved,
+        area if kexec_copy is None else kexec_copy,
     )
 
 
@@ -209,16 +238,18 @@ def trim_own_heap() -> str:
     return "gc + malloc_trim" if trim(0) else "gc"
 
 
-def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = None) -> ShrinkResult:
+def toward_target(
+    sysroot: Sysroot, image_size: int, kexec_copy: int | None = None, free_huge_out: bool = False
+) -> ShrinkResult:
     """Best effort (image_size): reclaim what the save kernel would read beyond the target, in
     up to TARGET_ROUNDS rounds; never refuses. Memory figures in the result are the
-    estimate's totals."""
+    estimate's totals. ``free_huge_out``: as ``in_use``."""
     start = time.monotonic()
     steps = [trim_own_heap()]
     try:
         info = meminfo(sysroot)
         target = target_bytes(info, image_size)
-        est = estimate(sysroot, kexec_copy, info)
+        est = estimate(sysroot, kexec_copy, info, free_huge_out)
     except KjumpError as e:  # a target is a wish: never a reason to refuse
         log.warning("image size target skipped: %s", e.message)
         return ShrinkResult(0, 0, 0, steps + [f"no estimate: {e.what}"], time.monotonic() - start)
@@ -237,7 +268,7 @@ def toward_target(sysroot: Sysroot, image_size: int, kexec_copy: int | None = No
         except KjumpError:
             break
         # only memory in use changes: the reserved RAM and kexec's copy stay as they are
-        now = info["MemTotal"] - info["MemFree"] + est.reserved + est.kexec_backup
+        now = in_use(sysroot, info, free_huge_out) + est.reserved + est.kexec_backup
         gained, after = after - now, now
         if not go_on or gained < ROUND_MIN_GAIN:
             break
@@ -317,9 +348,13 @@ def drain_pcp(sysroot: Sysroot, rounds: int = PCP_ROUNDS) -> str:
     )
 
 
-def shrink(sysroot: Sysroot, limit: int, timeout: float) -> ShrinkResult:
+def shrink(
+    sysroot: Sysroot, limit: int, timeout: float, free_huge_out: bool = False
+) -> ShrinkResult:
+    """The hard limit (image_size_limit) on memory in use (``in_use``); ShrinkError when
+    reclaim and drop_caches cannot bring it below."""
     start = time.monotonic()
-    before = used_bytes(sysroot)
+    before = used_bytes(sysroot, free_huge_out)
     steps: list[str] = []
     if limit <= 0 or before <= limit:
         return ShrinkResult(before, before, limit, steps, 0.0)
@@ -333,12 +368,12 @@ def shrink(sysroot: Sysroot, limit: int, timeout: float) -> ShrinkResult:
                 steps.append(f"memory.reclaim {format_size(excess)}")
             except KjumpError as e:
                 steps.append(f"memory.reclaim {format_size(excess)}: {e.why}")
-                new = used_bytes(sysroot)
+                new = used_bytes(sysroot, free_huge_out)
                 if new >= cur:
                     break
                 cur = new
                 continue
-            new = used_bytes(sysroot)
+            new = used_bytes(sysroot, free_huge_out)
             if new >= cur:
                 break
             cur = new
@@ -351,7 +386,7 @@ def shrink(sysroot: Sysroot, limit: int, timeout: float) -> ShrinkResult:
             steps.append("drop_caches 3")
         except KjumpError as e:
             steps.append(f"drop_caches: {e.why}")
-        cur = used_bytes(sysroot)
+        cur = used_bytes(sysroot, free_huge_out)
     took = time.monotonic() - start
     log.info(
         "shrink: %s -> %s (limit %s) in %.1f s: %s",
@@ -362,10 +397,13 @@ def shrink(sysroot: Sysroot, limit: int, timeout: float) -> ShrinkResult:
         "; ".join(steps),
     )
     if cur > limit:
+        info = meminfo(sysroot)
+        pool = info.get("Hugetlb", 0) - (free_huge_bytes(sysroot) if free_huge_out else 0)
+        held = f"; {pool >> 20} MiB of it huge pages, which reclaim cannot take" if pool > 0 else ""
         raise ShrinkError(
             "memory in use stays above the image size limit",
             why=f"{cur >> 20} MiB in use after reclaim and drop_caches "
-            f"({before >> 20} MiB before), limit {limit >> 20} MiB",
+            f"({before >> 20} MiB before), limit {limit >> 20} MiB{held}",
             fix="close programs, add swap, or raise hibernate.image_size_limit",
             before=before,
             after=cur,

@@ -628,20 +628,31 @@ class Hibernation:
         ctx.out.hook_failures += [f"post {r.name}: rc {r.returncode}" for r in res if not r.ok]
         return []
 
+    def _free_pages_out(self) -> bool:
+        """Whether the job asks B to leave A's free pages out (off with page_poison)."""
+        return self.config.free_page_exclusion and kexec.free_pages_restore_as_zeros(self.sysroot)
+
     def _shrink(self, ctx: _Context) -> None:
         sr, cfg, out = self.sysroot, self.config, ctx.out
+        # the huge page pools' free pages are not in MemFree, and B leaves them out unless
+        # the debug zero check keeps them
+        huge_out = (
+            self._free_pages_out()
+            and not cfg.free_page_check
+            and kexec.vmcoreinfo_location(sr) is not None
+        )
         if cfg.image_size:
             copy = (
                 shrink.kexec_copy_bytes(sr, cfg.save_kernel, cfg.save_initramfs, ctx.area)
                 if ctx.cold_reason
                 else 0  # a parked save kernel: nothing is loaded inside the frozen window
             )
-            s = shrink.toward_target(sr, cfg.image_size, copy)
+            s = shrink.toward_target(sr, cfg.image_size, copy, huge_out)
             out.stats.update(
                 image_target=s.limit, image_estimate_before=s.before, image_estimate_after=s.after
             )
         if cfg.image_size_limit:
-            s = shrink.shrink(sr, cfg.image_size_limit, cfg.timeout_shrink)
+            s = shrink.shrink(sr, cfg.image_size_limit, cfg.timeout_shrink, huge_out)
             out.stats.update(shrink_before=s.before, shrink_after=s.after)
 
     def _quiesce(self, ctx: _Context) -> None:
@@ -779,7 +790,7 @@ class Hibernation:
             created=int(time.time()),
             cancel_key=cfg.cancel_key,
             vmcoreinfo=kexec.vmcoreinfo_location(sr),
-            free_page_exclusion=(cfg.free_page_exclusion and kexec.free_pages_restore_as_zeros(sr)),
+            free_page_exclusion=self._free_pages_out(),
             free_page_check=cfg.free_page_check,
             free_pages_zeroed=zeroed,
             ram_map=ctx.memory.ram_map.to_dict() if ctx.memory.ram_map else None,

@@ -276,6 +276,36 @@ def test_shrink_refuses_with_figures_and_never_more(tree):
     assert (tree / "proc/sys/vm/drop_caches").read_text() == "3"
 
 
+def _huge_pool(tree, free_2m: int, total_2m: int, free_1g: int = 0) -> None:
+    """Huge page pools in sysfs and in /proc/meminfo's Hugetlb (MemFree leaves them out)."""
+    for name, free in (("hugepages-2048kB", free_2m), ("hugepages-1048576kB", free_1g)):
+        d = tree / "sys/kernel/mm/hugepages" / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "free_hugepages").write_text(f"{free}\n")
+    with open(tree / "proc/meminfo", "a") as f:
+        f.write(f"Hugetlb: {(total_2m * 2048) + free_1g * 1048576} kB\n")
+
+
+def test_a_huge_page_pool_s_free_pages_are_not_counted_as_memory_the_image_holds(tree):
+    # 512 MiB in use by MemFree's count, of which 50 of the pool's 100 pages of 2 MiB are free
+    _huge_pool(tree, free_2m=50, total_2m=100, free_1g=0)
+    sr = Sysroot(tree)
+    assert shrink.free_huge_bytes(sr) == 100 * MiB
+    assert shrink.estimate(sr, free_huge_out=True).used == 412 * MiB
+    assert shrink.estimate(sr).used == 512 * MiB  # the save kernel keeps them: counted
+    # the hard limit: below it once the free huge pages are not counted, nothing reclaimed
+    r = shrink.shrink(sr, 450 * MiB, 5, free_huge_out=True)
+    assert r.before == 412 * MiB and r.steps == []
+    assert (tree / "sys/fs/cgroup/memory.reclaim").read_text() == ""
+
+
+def test_a_limit_that_huge_pages_in_use_keep_out_of_reach_says_so(tree):
+    _huge_pool(tree, free_2m=0, total_2m=100)
+    with pytest.raises(ShrinkError) as ei:
+        shrink.shrink(Sysroot(tree), 256 * MiB, 5, free_huge_out=True)
+    assert "200 MiB of it huge pages, which reclaim cannot take" in ei.value.why
+
+
 # -- battery ----------------------------------------------------------------------------------
 def test_battery_from_sysfs(tree):
     ps = "/sys/class/power_supply"

@@ -248,6 +248,24 @@ def test_memory_is_reclaimed_with_user_space_frozen_and_filesystems_not(fx, monk
     assert phases.index("shrink") < phases.index("freeze filesystems")
 
 
+def test_a_reserved_huge_page_pool_is_not_memory_the_size_limit_counts(fx):
+    """A database host's pool of 2 MiB pages, 400 MiB of it free: MemFree leaves the pool
+    out, but the save kernel leaves its free pages out of the image, so a 200 MiB limit
+    holds without reclaiming anything. With the debug zero check B saves them: counted."""
+    (fx.root / "sys/kernel/vmcoreinfo").write_text("1e0a000 1024\n")
+    pool = fx.root / "sys/kernel/mm/hugepages/hugepages-2048kB"
+    pool.mkdir(parents=True)
+    (pool / "free_hugepages").write_text("200\n")
+    with open(fx.root / "proc/meminfo", "a") as f:
+        f.write(f"Hugetlb: {200 * 2048} kB\n")
+    out = settled(fx.hib(Rec(), image_size_limit=200 * MiB), "test")
+    assert out.result == "continued"
+    assert fx.trigger("/sys/fs/cgroup/memory.reclaim") == ""
+    with pytest.raises(ShrinkError) as ei:
+        fx.hib(Rec(), image_size_limit=200 * MiB, free_page_check=True).run("test")
+    assert "400 MiB of it huge pages, which reclaim cannot take" in ei.value.why
+
+
 def test_test_mode_saves_then_invalidates_and_restores_everything(fx):
     before = tree_hash(fx.root, exclude={"dev/vda"})
     ev = Rec()
