@@ -31,11 +31,11 @@ both settings count memory in use as MemTotal - MemFree - the pools' free pages
 not used is neither reclaimed against nor refused. But B only knows the free pages of the
 buddy allocator and the pools: a page freed onto a per-CPU list is read and saved, junk
 and all without init_on_free (in the VM, 17-27 MiB freed by kexec-tools' exit after the
-load). swsusp drains those lists when it
-snapshots; from user space ``drain_pcp`` (called by the transaction right before the jump)
-writes /proc/sys/vm/stat_refresh, which runs the vmstat refresh on every CPU (Linux 6.7 and
-later: decay_pcp_high lowers each list's high mark by an eighth, toward its minimum, and
-frees what lies above it), while the lists keep shrinking.
+load). swsusp drains those lists when it snapshots; from user space ``drain_pcp`` (called by
+the transaction right before the jump) writes /proc/sys/vm/stat_refresh, which runs the
+vmstat refresh on every CPU (Linux 6.7 and later: decay_pcp_high lowers each list's high
+mark by an eighth, toward its minimum, and frees what lies above it), while the lists keep
+shrinking.
 Nothing here needs an undo: reclaimed memory is free, and the lists grow back by themselves.
 """
 
