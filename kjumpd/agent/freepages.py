@@ -151,20 +151,16 @@ def _number(text: str) -> int:
     return int(t, 16) if t.lower().startswith(("0x", "-0x")) else int(t, 10)
 
 
-def _optional(kv: dict[str, str], key: str) -> int:
+def _optional(kv: dict[str, str], key: str, u32: bool = False) -> int:
+    """The number under ``key``, or -1 when absent or not a number. ``u32``: a 32-bit word
+    the kernel prints with %ld (PGTY_hugetlb << 24 comes out negative), as unsigned."""
     try:
-        return _number(kv[key]) if key in kv else -1
+        value = _number(kv[key]) if key in kv else None
     except ValueError:
         return -1
-
-
-def _u32_or_absent(kv: dict[str, str], key: str) -> int:
-    """A 32-bit word the kernel prints with %ld (PGTY_hugetlb << 24 comes out negative), as
-    unsigned; -1 when absent or not a number."""
-    try:
-        return _number(kv[key]) & 0xFFFF_FFFF if key in kv else -1
-    except ValueError:
+    if value is None:
         return -1
+    return value & 0xFFFF_FFFF if u32 else value
 
 
 def page_layout(info: VmcoreInfo) -> Layout | None:
@@ -233,7 +229,7 @@ def parse_vmcoreinfo(text: str) -> VmcoreInfo:
         off_mapping=_optional(kv, "OFFSET(page.mapping)"),
         off_compound_head=_optional(kv, "OFFSET(page.compound_head)"),
         head_mask=_optional(kv, "NUMBER(PG_head_mask)"),
-        hugetlb_value=_u32_or_absent(kv, "NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)"),
+        hugetlb_value=_optional(kv, "NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)", u32=True),
     )
     check_info(info)
     return info

@@ -701,6 +701,7 @@ def free_pages(
         return None
     t0 = time.monotonic()
     max_runs = freepages.max_runs_for(mem_available)
+    progress = watchdog.progress if watchdog is not None else None
     try:
         phys, size = job.vmcoreinfo
         info = freepages.read_vmcoreinfo(source.read, phys, size)
@@ -717,7 +718,7 @@ def free_pages(
             exclude=own,
             note=(phys, size),
             max_runs=max_runs,
-            advanced=watchdog.progress if watchdog is not None else None,
+            advanced=progress,
             # the pool's free huge pages are not zeroed by init_on_free: the check would
             # call them a failure
             hugetlb=not job.free_page_check,
@@ -748,9 +749,7 @@ def free_pages(
             f"1/{freepages.MAP_SHARE} of the memory free here"
         )
     if job.free_page_check:
-        chk = freepages.check_free_pages_zero(
-            source.read, fmap, advanced=watchdog.progress if watchdog is not None else None
-        )
+        chk = freepages.check_free_pages_zero(source.read, fmap, advanced=progress)
         if not chk.passed:
             say(
                 f"free-page check: FAIL: {chk.nonzero_pages} of {chk.pages} free pages hold "

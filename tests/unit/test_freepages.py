@@ -121,11 +121,8 @@ class FakeA:
 
     # -- struct pages
     def set_page(self, pfn: int, page_type: int, private: int) -> None:
-        phys = self.v2p(self.vmemmap + pfn * SZ)
-        page = self.mem.setdefault(phys - phys % PAGE, bytearray(PAGE))
-        o = phys % PAGE
-        struct.pack_into("<Q", page, o + OFF_PRIVATE, private)
-        struct.pack_into("<I", page, o + OFF_MAPCOUNT, page_type)
+        self.field(pfn, OFF_PRIVATE, "<Q", private)
+        self.field(pfn, OFF_MAPCOUNT, "<I", page_type)
 
     def free_block(self, pfn: int, order: int) -> None:
         self.set_page(pfn, BUDDY, order)
