@@ -4,8 +4,12 @@ Sources, cross-checked: ``crashkernel=`` on /proc/cmdline, either ``SIZE@OFFSET`
 at a fixed place) or a plain ``SIZE`` (the kernel places it, below 4 GiB when it can: with
 KASLR a fixed offset fails whenever the randomly placed kernel lies there, a plain size never
 does, and the place may differ between boots; the image records where it was and the
-restore-first entry loads the save kernel there), the "Crash kernel" line of
-/proc/iomem (addresses need root), /sys/kernel/kexec_crash_size, and
+restore-first entry loads the save kernel there), or the ranges form kdump setups write,
+``START-[END]:SIZE[,...][@OFFSET]`` (one area whose size depends on the machine's RAM, which
+the kernel rounds up to 128 MiB before it picks the first range holding it). The kernel
+obeys the last ``crashkernel=`` without a ``,high``/``,low`` suffix; those suffixed forms put
+the area above 4 GiB with a second piece below, which is not one jump area. Also read: the
+"Crash kernel" line of /proc/iomem (addresses need root), /sys/kernel/kexec_crash_size, and
 /sys/kernel/kexec_crash_loaded (a loaded kdump image occupies the area). Sizing reads the
 save kernel's bzImage header (init_size: the memory the kernel needs to decompress and
 run) and the initramfs size. What setup and install write is a plain size unless the
@@ -29,13 +33,20 @@ from kjumpd.daemon.config import (
     format_size,
     parse_size,
 )
-from kjumpd.errors import ConfigError, JumpAreaError, KjumpError
+from kjumpd.errors import ConfigError, JumpAreaError, KjumpError, MemoryMapError
 from kjumpd.initrd import GZIP_MAGIC, LZ4_LEGACY_BLOCK, LZ4_LEGACY_MAGIC, lz4_legacy_blocks
+from kjumpd.linux import iomem as iomem_mod
 from kjumpd.sysroot import Sysroot
 
 MiB = 1 << 20
 ALIGN = JUMP_AREA_ALIGN
 _CK_RE = re.compile(r"(?:^|\s)crashkernel=(\S+)")
+#: crashkernel= values with these endings are skipped while a plain one exists (and then
+#: reserve above 4 GiB)
+_SPLIT_SUFFIXES = (",high", ",low")
+#: the kernel rounds the machine's RAM up to this before it picks a range (firmware keeps
+#: some RAM back, so a "4 GiB" machine reports a little less)
+RANGE_RAM_ROUND = 128 * MiB
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,43 @@ class JumpArea:
 
 
 @dataclass(frozen=True)
+class RamRange:
+    """One entry of the ranges form: reserve ``size`` on a machine whose RAM (rounded up to
+    128 MiB) is at least ``start`` and below ``end`` (None: no upper bound)."""
+
+    start: int
+    end: int | None
+    size: int
+
+    def holds(self, ram: int) -> bool:
+        return self.start <= ram and (self.end is None or ram < self.end)
+
+
+@dataclass(frozen=True)
+class CrashRanges:
+    """``crashkernel=START-[END]:SIZE[,...][@OFFSET]``."""
+
+    entries: tuple[RamRange, ...]
+    offset: int | None
+
+    def size_for(self, system_ram: int) -> int:
+        """What the kernel reserves on a machine with ``system_ram`` bytes of RAM: the size
+        of the first range holding it rounded up to 128 MiB; 0 (nothing) when none does."""
+        ram = -(-system_ram // RANGE_RAM_ROUND) * RANGE_RAM_ROUND
+        return next((e.size for e in self.entries if e.holds(ram)), 0)
+
+    @property
+    def sizes(self) -> frozenset[int]:
+        return frozenset(e.size for e in self.entries)
+
+
+@dataclass(frozen=True)
 class Discovery:
     cmdline_value: str | None  # what follows crashkernel=
     cmdline_area: JumpArea | None  # parsed SIZE@OFFSET
     cmdline_size: int | None  # a plain SIZE: the kernel chose the place
+    cmdline_ranges: CrashRanges | None  # the ranges form
+    system_ram: int | None  # System RAM in /proc/iomem (None: addresses hidden)
     iomem_area: JumpArea | None  # "Crash kernel" in /proc/iomem
     crash_size: int | None  # /sys/kernel/kexec_crash_size
     kdump_loaded: bool  # /sys/kernel/kexec_crash_loaded
@@ -89,6 +133,34 @@ def parse_crashkernel_size(value: str) -> int | None:
         return None
 
 
+def parse_crashkernel_ranges(value: str) -> CrashRanges | None:
+    """'512M-2G:64M,2G-:128M[@16M]' -> CrashRanges; None for the other forms or a value the
+    kernel would refuse (no range, END not above START, a part that is not a size)."""
+    if ":" not in value or value.endswith(_SPLIT_SUFFIXES):
+        return None
+    body, at, off = value.partition("@")
+    entries = []
+    try:
+        for item in body.split(","):
+            rng, colon, size_s = item.partition(":")
+            start_s, dash, end_s = rng.partition("-")
+            if not colon or not dash:
+                return None
+            start = parse_size(start_s, "crashkernel range")
+            end = parse_size(end_s, "crashkernel range") if end_s else None
+            if end is not None and end <= start:
+                return None
+            entries.append(RamRange(start, end, parse_size(size_s, "crashkernel size")))
+        offset = parse_size(off, "crashkernel offset") if at else None
+    except ConfigError:
+        return None
+    return CrashRanges(tuple(entries), offset)
+
+
+def _ram_words(n: int) -> str:
+    return f"{n >> 20} MiB of RAM"
+
+
 def parse_iomem_crash(iomem: str) -> JumpArea | None:
     for line in iomem.splitlines():
         rng, _, name = line.strip().partition(" : ")
@@ -102,20 +174,33 @@ def parse_iomem_crash(iomem: str) -> JumpArea | None:
 
 
 def cmdline_value(cmdline: str) -> str | None:
-    """The value of the last crashkernel= of a command line (the one the kernel obeys)."""
-    found = list(_CK_RE.finditer(cmdline))
-    return found[-1].group(1) if found else None
+    """The crashkernel= value of a command line the kernel obeys: the last one without a
+    ,high/,low suffix, else the last one."""
+    found = [m.group(1) for m in _CK_RE.finditer(cmdline)]
+    plain = [v for v in found if not v.endswith(_SPLIT_SUFFIXES)]
+    return (plain or found or [None])[-1]
+
+
+def _system_ram(iomem: str) -> int | None:
+    try:
+        total = sum(e - s for s, e in iomem_mod.parse_system_ram(iomem))
+    except MemoryMapError:
+        return None
+    return total or None  # 0: not root, every address reads as 0
 
 
 def discover(sysroot: Sysroot) -> Discovery:
     value = cmdline_value(sysroot.read_text("/proc/cmdline", default=""))
     size_txt = sysroot.read_text("/sys/kernel/kexec_crash_size", default="").strip()
     loaded = sysroot.read_text("/sys/kernel/kexec_crash_loaded", default="0").strip()
+    iomem = sysroot.read_text("/proc/iomem", default="")
     return Discovery(
         cmdline_value=value,
         cmdline_area=parse_crashkernel(value) if value else None,
         cmdline_size=parse_crashkernel_size(value) if value else None,
-        iomem_area=parse_iomem_crash(sysroot.read_text("/proc/iomem", default="")),
+        cmdline_ranges=parse_crashkernel_ranges(value) if value else None,
+        system_ram=_system_ram(iomem),
+        iomem_area=parse_iomem_crash(iomem),
         crash_size=int(size_txt) if size_txt.isdigit() else None,
         kdump_loaded=loaded == "1",
     )
@@ -230,19 +315,25 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
         raise JumpAreaError(
             "no jump area is reserved", why="/proc/cmdline has no crashkernel=", fix=add
         )
-    if d.cmdline_area is None and d.cmdline_size is None:
+    ranges = d.cmdline_ranges
+    if d.cmdline_area is None and d.cmdline_size is None and ranges is None:
         raise JumpAreaError(
             f"crashkernel={d.cmdline_value} is not one jump area",
-            why="ranges and the ,high/,low forms may reserve two pieces or none",
+            why=unusable_why(d.cmdline_value),
             fix=f"replace it with {want} and reboot",
         )
     area = d.iomem_area
     if area is None:
         if d.crash_size == 0:
+            why = (
+                "the kernel could not reserve it "
+                "(occupied or beyond RAM); see dmesg | grep crashkernel"
+            )
+            if ranges is not None and d.system_ram and not ranges.size_for(d.system_ram):
+                why = f"none of its ranges holds this machine's {_ram_words(d.system_ram)}"
             raise JumpAreaError(
                 f"crashkernel={d.cmdline_value} is on the command line but nothing is reserved",
-                why="the kernel could not reserve it "
-                "(occupied or beyond RAM); see dmesg | grep crashkernel",
+                why=why,
                 fix=f"use {plain_arg(want)} (no offset: the kernel then places it, KASLR "
                 "or not; unset [jump_area] start), or another offset, and reboot",
             )
@@ -259,6 +350,15 @@ def find(sysroot: Sysroot, config: Config, need: int | None = None) -> JumpArea:
             fix=f"set {want} and reboot",
         )
     if d.cmdline_size is not None and area.size != d.cmdline_size:
+        raise JumpAreaError(
+            "the reservation differs from the command line",
+            why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
+            f"crashkernel={d.cmdline_value}",
+            fix=f"set {want} and reboot",
+        )
+    if ranges is not None and (
+        area.size not in ranges.sizes or ranges.offset not in (None, area.start)
+    ):
         raise JumpAreaError(
             "the reservation differs from the command line",
             why=f"iomem {area.start:#x}+{format_size(area.size)}, command line "
@@ -308,11 +408,29 @@ def plain_arg(arg: str) -> str:
     return arg.split("@", 1)[0]
 
 
-def value_serves(value: str | None, config: Config, size: int) -> bool:
+def unusable_why(value: str) -> str:
+    """Why crashkernel=``value`` (none of the forms find() takes) is no jump area."""
+    if value.endswith(_SPLIT_SUFFIXES):
+        return (
+            "the ,high/,low forms reserve the area above 4 GiB and a second piece below it, "
+            "and the save kernel runs in one area"
+        )
+    return "it is not SIZE, SIZE@OFFSET or START-[END]:SIZE[,...][@OFFSET]"
+
+
+def value_serves(
+    value: str | None, config: Config, size: int, system_ram: int | None = None
+) -> bool:
     """crashkernel=``value`` reserves one area for a save kernel of ``size``: at least that
-    large, and at ``[jump_area] start`` when the config pins one."""
+    large, and at ``[jump_area] start`` when the config pins one. A ranges value is judged
+    by the size it gives ``system_ram`` (unknown: by its smallest)."""
     if value is None:
         return False
+    ranges = parse_crashkernel_ranges(value)
+    if ranges is not None:
+        have = ranges.size_for(system_ram) if system_ram else min(ranges.sizes)
+        start = config.jump_area_start
+        return have >= size and (start is None or ranges.offset == start)
     area = parse_crashkernel(value)
     if config.jump_area_start is None:
         have = parse_crashkernel_size(value) if area is None else area.size
@@ -322,7 +440,7 @@ def value_serves(value: str | None, config: Config, size: int) -> bool:
 
 def keeps_reservation(d: Discovery, config: Config, size: int) -> bool:
     """The running kernel's crashkernel= already serves a save kernel of ``size``."""
-    return value_serves(d.cmdline_value, config, size)
+    return value_serves(d.cmdline_value, config, size, d.system_ram)
 
 
 def boot_arg(
@@ -333,7 +451,7 @@ def boot_arg(
     configuration gives the next boot. A value that serves is kept as it is, the user's own
     included: the boot loader's first (a change the user made for the next boot), then the
     running kernel's; otherwise requested_arg()."""
-    if value_serves(loader, config, size):
+    if value_serves(loader, config, size, d.system_ram):
         return f"crashkernel={loader}", loader == d.cmdline_value
     if keeps_reservation(d, config, size):
         return f"crashkernel={d.cmdline_value}", True
@@ -367,9 +485,20 @@ def check_next_boot(sysroot: Sysroot, config: Config, need: int | None) -> str:
         raise JumpAreaError(
             "the next boot reserves no jump area", why=f"{where} has no crashkernel=", fix=fix
         )
-    if not value_serves(value, config, size):
-        if parse_crashkernel(value) is None and parse_crashkernel_size(value) is None:
-            why = "ranges and the ,high/,low forms may reserve two pieces or none"
+    running = discover(sysroot)
+    ram = running.system_ram
+    if not value_serves(value, config, size, ram):
+        ranges = parse_crashkernel_ranges(value)
+        simple = parse_crashkernel(value) is not None or parse_crashkernel_size(value) is not None
+        if ranges is None and not simple:
+            why = unusable_why(value)
+        elif ranges is not None and ram and not ranges.size_for(ram):
+            why = f"none of its ranges holds this machine's {_ram_words(ram)}"
+        elif ranges is not None and ram and config.jump_area_start is None:
+            why = (
+                f"on this machine's {_ram_words(ram)} it reserves "
+                f"{format_size(ranges.size_for(ram))}; the save kernel needs {format_size(size)}"
+            )
         elif config.jump_area_start is not None:
             why = (
                 f"the save kernel needs {format_size(size)} at "
@@ -382,10 +511,10 @@ def check_next_boot(sysroot: Sysroot, config: Config, need: int | None) -> str:
             why=f"{where} gives it; {why}",
             fix=fix,
         )
-    running = discover(sysroot).cmdline_value
     return f"crashkernel={value}" + (
-        f" (this boot has crashkernel={running}; the change takes effect at the next boot)"
-        if value != running
+        f" (this boot has crashkernel={running.cmdline_value}; the change takes effect at the "
+        "next boot)"
+        if value != running.cmdline_value
         else ""
     )
 

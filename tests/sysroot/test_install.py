@@ -314,9 +314,35 @@ def test_a_larger_jump_area_for_the_next_boot_is_followed_not_reverted(installed
     item = _item(proc, "jump area, next boot")
     assert "crashkernel=192M@512M" in item and "takes effect at the next boot" in item, item
     # a form that reserves no single area is refused for the next boot as for this one
-    _grub_crashkernel(sr, "1G-4G:192M,4G-:256M")
+    _grub_crashkernel(sr, "256M,high")
     proc = check(sr.root)
-    assert proc.returncode == 3 and "two pieces or none" in _item(proc, "jump area, next boot")
+    assert proc.returncode == 3 and "above 4 GiB" in _item(proc, "jump area, next boot")
+
+
+def test_the_ranges_form_of_a_kdump_setup_is_judged_by_this_machine_s_ram(installed) -> None:
+    """crashkernel=START-[END]:SIZE,... (what kdump packages write) reserves the size of the
+    range holding this machine's RAM (1 GiB here): that size must serve the save kernel,
+    at [jump_area] start when the config pins one."""
+    sr, given = installed
+    for value, said in (
+        ("512M-4G:192M,4G-:256M", "needs 128M at 512M"),  # no offset, the config pins one
+        ("2G-:256M@512M", "none of its ranges holds this machine's 1023 MiB of RAM"),
+        ("512M-4G:64M,4G-:256M@512M", "needs 128M at 512M"),
+    ):
+        _grub_crashkernel(sr, value)
+        proc = check(sr.root)
+        item = _item(proc, "jump area, next boot")
+        assert proc.returncode == 3 and said in item, item
+    _grub_crashkernel(sr, "512M-4G:192M,4G-:256M@512M")
+    proc = check(sr.root)
+    item = _item(proc, "jump area, next boot")
+    assert item.startswith("[ok  ]") and "crashkernel=512M-4G:192M,4G-:256M@512M" in item, item
+    # install keeps a value that serves (the entry is refreshed for the new command line)
+    proc = kjumpctl(sr.root, "install", *given_args(given))
+    assert proc.returncode == 0, proc.stderr
+    assert "crashkernel=512M-4G:192M,4G-:256M@512M" in sr.read_text("/etc/default/grub")
+    proc = check(sr.root)
+    assert proc.returncode == 0, proc.stdout
 
 
 def test_the_kernel_hooks_refresh_the_entry(installed, tmp_path: Path) -> None:

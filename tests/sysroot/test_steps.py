@@ -83,8 +83,19 @@ def test_jump_area_sized_from_a_zstd_initramfs_declared_size(tree):
     "change,expect",
     [
         ({"/proc/cmdline": "quiet\n"}, "add crashkernel=128M@512M"),
-        ({"/proc/cmdline": "crashkernel=1G-:128M\n"}, "replace it with crashkernel=128M"),
+        ({"/proc/cmdline": "crashkernel=256M,high\n"}, "above 4 GiB"),
+        ({"/proc/cmdline": "crashkernel=256M,high\n"}, "replace it with crashkernel=128M"),
         ({"/proc/cmdline": "crashkernel=256M\n"}, "differs from the command line"),
+        ({"/proc/cmdline": "crashkernel=512M-:256M\n"}, "differs from the command line"),
+        ({"/proc/cmdline": "crashkernel=512M-:128M@256M\n"}, "differs from the command line"),
+        (
+            {
+                "/proc/cmdline": "crashkernel=2G-64G:256M,64G-:512M\n",
+                "/proc/iomem": "00100000-3ffdffff : System RAM\n",
+                "/sys/kernel/kexec_crash_size": "0\n",
+            },
+            "none of its ranges holds this machine's 1022 MiB of RAM",
+        ),
         ({"/sys/kernel/kexec_crash_loaded": "1\n"}, "kdump"),
         ({"/sys/kernel/kexec_crash_size": "67108864\n"}, "shrunk"),
         (
@@ -102,6 +113,20 @@ def test_jump_area_errors_say_which_command_line_to_add(tree, change, expect):
     with pytest.raises(JumpAreaError) as ei:
         jumparea.find(Sysroot(tree), cfg(tree), 112 * MiB)
     assert expect in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "cmdline",
+    [
+        "crashkernel=512M-2G:128M,2G-64G:256M,64G-:512M",  # a kdump package's ranges
+        "crashkernel=512M-:128M@512M",
+        "crashkernel=128M@512M crashkernel=256M,high",  # the plain one is obeyed
+    ],
+)
+def test_the_ranges_form_and_a_plain_value_beside_a_high_one_are_one_jump_area(tree, cmdline):
+    w(tree, "/proc/cmdline", f"ro {cmdline} quiet\n")
+    a = jumparea.find(Sysroot(tree), cfg(tree), 112 * MiB)
+    assert (a.start, a.size) == (0x20000000, 128 * MiB)
 
 
 def test_jump_area_too_small_names_the_size_needed(tree):

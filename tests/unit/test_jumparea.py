@@ -4,12 +4,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kjumpd.daemon.config import Config
 from kjumpd.daemon.jumparea import (
+    CrashRanges,
     JumpArea,
+    RamRange,
+    cmdline_value,
     edit_bls_entry,
     edit_default_grub,
     parse_crashkernel,
+    parse_crashkernel_ranges,
     parse_iomem_crash,
+    value_serves,
 )
 
 MiB = 1 << 20
@@ -28,6 +34,107 @@ MiB = 1 << 20
 )
 def test_parse_crashkernel(value, area):
     assert parse_crashkernel(value) == area
+
+
+GiB = 1 << 30
+#: what Fedora's kdump setup writes
+FEDORA = "1G-4G:192M,4G-64G:256M,64G-:512M"
+
+
+@pytest.mark.parametrize(
+    "value,ranges",
+    [
+        (
+            FEDORA,
+            CrashRanges(
+                (
+                    RamRange(GiB, 4 * GiB, 192 * MiB),
+                    RamRange(4 * GiB, 64 * GiB, 256 * MiB),
+                    RamRange(64 * GiB, None, 512 * MiB),
+                ),
+                None,
+            ),
+        ),
+        ("512M-:128M@16M", CrashRanges((RamRange(512 * MiB, None, 128 * MiB),), 16 * MiB)),
+        ("0x20000000-:64M", CrashRanges((RamRange(512 * MiB, None, 64 * MiB),), None)),
+        ("256M", None),  # the simple forms
+        ("128M@512M", None),
+        ("1G-:256M,high", None),
+        ("2G-1G:64M", None),  # the kernel refuses END <= START
+        ("1G:64M", None),  # no '-'
+        ("1G-2G", None),  # no size
+        ("x-:64M", None),
+        ("1G-:64M@", None),
+    ],
+)
+def test_parse_crashkernel_ranges(value, ranges):
+    assert parse_crashkernel_ranges(value) == ranges
+
+
+@pytest.mark.parametrize(
+    "ram,size",
+    [
+        (GiB - 2 * MiB, 192 * MiB),  # firmware keeps some back: rounded up to 1 GiB
+        (GiB - 130 * MiB, 0),  # below every range: nothing is reserved
+        (4 * GiB - 1, 256 * MiB),  # rounds up to 4 GiB, the second range's start
+        (16 * GiB, 256 * MiB),
+        (64 * GiB, 512 * MiB),
+        (1 << 42, 512 * MiB),
+    ],
+)
+def test_the_range_holding_the_machine_s_ram_gives_the_size(ram, size):
+    r = parse_crashkernel_ranges(FEDORA)
+    assert r is not None and r.size_for(ram) == size
+
+
+_SIZE_M = st.integers(min_value=1, max_value=1 << 16)
+
+
+@given(
+    st.lists(st.tuples(_SIZE_M, _SIZE_M), min_size=1, max_size=5),
+    st.booleans(),
+    st.one_of(st.none(), _SIZE_M),
+)
+def test_ranges_written_as_the_kernel_reads_them_parse_back(steps, open_end, offset):
+    bounds, entries, start = [], [], 0
+    for gap, size in steps:
+        bounds.append((start, start + gap, size))
+        start += gap
+    for i, (lo, hi, size) in enumerate(bounds):
+        end = None if open_end and i == len(bounds) - 1 else hi
+        entries.append(RamRange(lo * MiB, None if end is None else end * MiB, size * MiB))
+    text = ",".join(
+        f"{lo}M-{'' if open_end and i == len(bounds) - 1 else f'{hi}M'}:{size}M"
+        for i, (lo, hi, size) in enumerate(bounds)
+    ) + (f"@{offset}M" if offset is not None else "")
+    assert parse_crashkernel_ranges(text) == CrashRanges(
+        tuple(entries), None if offset is None else offset * MiB
+    )
+
+
+@pytest.mark.parametrize(
+    "cmdline,value",
+    [
+        ("ro crashkernel=128M quiet", "128M"),
+        ("crashkernel=64M crashkernel=128M@512M", "128M@512M"),  # the last one
+        ("crashkernel=128M crashkernel=512M,high crashkernel=72M,low", "128M"),
+        ("crashkernel=512M,high crashkernel=72M,low", "72M,low"),  # only suffixed ones
+        ("ro quiet", None),
+    ],
+)
+def test_the_crashkernel_value_the_kernel_obeys(cmdline, value):
+    assert cmdline_value(cmdline) == value
+
+
+def test_a_ranges_value_serves_by_the_size_this_machine_s_ram_gives():
+    free, pinned = Config(), Config(jump_area_start=512 * MiB)
+    assert value_serves(FEDORA, free, 192 * MiB, system_ram=2 * GiB)
+    assert not value_serves(FEDORA, free, 200 * MiB, system_ram=2 * GiB)
+    assert value_serves(FEDORA, free, 200 * MiB, system_ram=8 * GiB)
+    assert not value_serves(FEDORA, free, 64 * MiB, system_ram=512 * MiB)  # nothing reserved
+    assert not value_serves(FEDORA, free, 200 * MiB)  # RAM unknown: the smallest must serve
+    assert not value_serves(FEDORA, pinned, 128 * MiB, system_ram=2 * GiB)  # not at the start
+    assert value_serves(FEDORA + "@512M", pinned, 128 * MiB, system_ram=2 * GiB)
 
 
 def test_iomem_crash_kernel_line_and_hidden_addresses():

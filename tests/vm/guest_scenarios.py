@@ -317,21 +317,28 @@ def outlive_save_kernel_watchdog(returned: float) -> dict[str, str]:
 
 
 def scenario_kaslr() -> int:
-    """A booted as distributions boot it (KASLR on, crashkernel=SIZE with no offset): the
-    scenario's verdict (after the restore) says where this boot put the kernel and the jump
-    area; the hibernation itself is scenario b's."""
+    """A booted as distributions boot it (KASLR on, a crashkernel= with no offset: the
+    ranges form a kdump package writes): the scenario's verdict (after the restore) says
+    where this boot put the kernel and the jump area; the hibernation itself is scenario b's."""
     cmdline = open("/proc/cmdline").read().split()
     iomem = open("/proc/iomem").read()
 
-    def start_of(name: str) -> str:
-        m = re.search(rf"^\s*([0-9a-f]+)-[0-9a-f]+ : {name}$", iomem, re.M)
-        return f"{int(m.group(1), 16):#x}" if m else "none"
+    def range_of(name: str) -> tuple[int, int] | None:
+        m = re.search(rf"^\s*([0-9a-f]+)-([0-9a-f]+) : {name}$", iomem, re.M)
+        return (int(m.group(1), 16), int(m.group(2), 16) + 1) if m else None
 
+    def start_of(name: str) -> str:
+        r = range_of(name)
+        return f"{r[0]:#x}" if r else "none"
+
+    area = range_of("Crash kernel")
     event(
         "kaslr-boot",
         kaslr="off" if "nokaslr" in cmdline else "on",
         kernel_code=start_of("Kernel code"),
         jump_area=start_of("Crash kernel"),
+        jump_area_mib=(area[1] - area[0]) >> 20 if area else 0,
+        crashkernel=next((w.split("=", 1)[1] for w in cmdline if w.startswith("crashkernel=")), ""),
     )
     return hibernate_and_check("kaslr", "shutdown", ("CONSUMED",), disk_writers=True)
 

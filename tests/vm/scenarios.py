@@ -41,6 +41,9 @@ A_APPEND = (
     "console=ttyS0 panic=1 no_console_suspend crashkernel=128M "
     "root=/dev/vda rw rootfstype=ext4 init=/sbin/kjump-vm-init"
 )
+#: scenario k's crashkernel=: the ranges form kdump packages write (the size by the machine's
+#: RAM), 128 MiB on this VM's 1 GiB
+KDUMP_RANGES = "512M-4G:128M,4G-64G:256M,64G-:512M"
 #: the fixed jump area of scenario c: 128 MiB at 512 MiB
 FIXED_AREA = (0x2000_0000, 128 << 20)
 #: A with KASLR off and the jump area at a fixed offset, the other form kjumpd supports
@@ -58,6 +61,7 @@ A_APPEND_EXTRA = {"platform": "init_on_free=1"}
 A_APPEND_OF = {
     "platform": A_APPEND_FIXED,
     "encrypted": A_APPEND.replace("crashkernel=128M", "crashkernel=160M"),
+    "kaslr": A_APPEND.replace("crashkernel=128M", f"crashkernel={KDUMP_RANGES}"),
 }
 #: a CPU model offering AES-NI (OpenSSL's AES-NI code also uses SSSE3), for the encrypted
 #: scenarios: what an encrypting laptop has (dm-crypt then uses the kernel's aesni code)

@@ -224,13 +224,16 @@ def test_h_daemon_killed_inside_the_frozen_window_leaves_nothing_frozen(vm_asset
 
 
 def test_k_kaslr_and_a_jump_area_the_kernel_placed_hibernate_and_restore(vm_assets_built, run_dir):
-    """A as distributions boot it (every scenario but c does): KASLR on, crashkernel=128M
-    with no offset. The save kernel's free-page scan reads A's randomised page tables and
-    struct pages; R restores from where the image says A's area was, confined there by the
-    hibernation (one boot)."""
+    """A as distributions boot it (every scenario but c does): KASLR on, a jump area with no
+    offset, here in the ranges form a kdump package writes (crashkernel=START-END:SIZE,...,
+    the size by the machine's RAM). The save kernel's free-page scan reads A's randomised
+    page tables and struct pages; R restores from where the image says A's area was,
+    confined there by the hibernation (one boot)."""
     out = _run("kaslr", vm_assets_built, run_dir)
     boot = out.event("kaslr-boot")
     assert boot is not None and boot.fields.get("kaslr") == "on", out.summary()
+    assert boot.fields.get("crashkernel") == scenarios.KDUMP_RANGES, out.summary()
+    assert boot.fields.get("jump_area_mib") == "128", out.summary()
     area = boot.fields.get("jump_area", "none")
     assert area != "none", out.summary()
     assert _booted_restore_first(out), out.summary()
