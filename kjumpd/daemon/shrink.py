@@ -224,18 +224,39 @@ def _left(info: dict[str, int]) -> str:
     )
 
 
+def _own_anon_kib() -> int | None:
+    """This process's RssAnon (kB), None where /proc/self/status does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def trim_own_heap() -> str:
     """Hand this process's freed memory back to the kernel: Python's garbage, then glibc's
-    free heap pages (malloc_trim). Freed pages are free in A, so B leaves them out."""
+    free heap pages (malloc_trim). Freed pages are free in A, so B leaves them out. Says
+    what it did and this process's anonymous memory before and after."""
+    before = _own_anon_kib()
     gc.collect()
+    how = "gc"
     try:
         libc = ctypes.CDLL(None)
         trim = libc.malloc_trim
     except (OSError, AttributeError):
-        return "gc"  # not glibc
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return "gc + malloc_trim" if trim(0) else "gc"
+        trim = None  # not glibc
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+        if trim(0):
+            how = "gc + malloc_trim"
+    after = _own_anon_kib()
+    if before is None or after is None:
+        return how
+    return f"{how}: the daemon's anonymous memory {before >> 10} -> {after >> 10} MiB"
 
 
 def toward_target(
@@ -255,6 +276,12 @@ def toward_target(
         return ShrinkResult(0, 0, 0, steps + [f"no estimate: {e.what}"], time.monotonic() - start)
     before = after = est.total
     if target <= 0 or before <= target:
+        log.info(
+            "image size target %s: the save kernel would read %s, within it: %s",
+            format_size(target),
+            format_size(before),
+            "; ".join(steps),
+        )
         return ShrinkResult(before, before, target, steps, time.monotonic() - start)
     rounds = TARGET_ROUNDS if sysroot.exists(RECLAIM) else 0
     if not rounds:
