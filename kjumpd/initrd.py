@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kjumpd import cpio, zstdframe
 from kjumpd.errors import InitrdError, KjumpError
+from kjumpd.linux import pagecache
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = zstdframe.MAGIC
@@ -81,8 +82,10 @@ def _unpack_with(tool: str, args: list[str], data: bytes) -> bytes:
 
 
 def read_archive(path: str | Path) -> list[cpio.Entry]:
-    """The members of an initramfs file's first archive."""
-    return cpio.read(decompress(Path(path).read_bytes()))
+    """The members of an initramfs file's first archive (its pages dropped from the page
+    cache after reading: kernels and the boot loader read these files, not kjumpd, and a
+    cached copy would be saved in the next image)."""
+    return cpio.read(decompress(pagecache.read_once(path)))
 
 
 _NAMES: dict[str, tuple[tuple[int, int], frozenset[str] | KjumpError]] = {}

@@ -36,6 +36,7 @@ from kjumpd.daemon.config import (
 from kjumpd.errors import ConfigError, JumpAreaError, KjumpError, MemoryMapError
 from kjumpd.initrd import GZIP_MAGIC, LZ4_LEGACY_BLOCK, LZ4_LEGACY_MAGIC, lz4_legacy_blocks
 from kjumpd.linux import iomem as iomem_mod
+from kjumpd.linux import pagecache
 from kjumpd.sysroot import Sysroot
 
 MiB = 1 << 20
@@ -231,6 +232,7 @@ def required_size_for(
             initrd = f.seek(0, 2)
             f.seek(max(0, initrd - 4))
             tail = f.read(4)
+            pagecache.forget_fd(f.fileno())  # readahead brought more than the 36 bytes
     except OSError as e:
         raise JumpAreaError(
             f"save kernel initramfs {initramfs_name} is missing",
@@ -257,14 +259,35 @@ def required_size_for(
     return -(-need // ALIGN) * ALIGN
 
 
+#: _lz4_legacy_size per file version: the preflight (every 30 s while the daemon runs)
+#: sizes the jump area, and the answer only changes with the file
+_LZ4_SIZES: dict[str, tuple[tuple[int, ...], int | None]] = {}
+
+
 def _lz4_legacy_size(path: Path) -> int | None:
     """The unpacked size of an lz4 legacy stream: LZ4_LEGACY_BLOCK per block but the last,
-    whose size comes from unpacking it (None when the stream does not parse)."""
+    whose size comes from unpacking it (None when the stream does not parse). Read once
+    per version of the file and dropped from the page cache after reading: the image would
+    save it (our own save initramfs is such a stream)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _LZ4_SIZES.get(str(path))
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    size = _lz4_legacy_size_of(path)
+    _LZ4_SIZES.clear()
+    _LZ4_SIZES[str(path)] = (version, size)
+    return size
+
+
+def _lz4_legacy_size_of(path: Path) -> int | None:
     try:
         import lz4.block
 
-        with open(path, "rb") as f:
-            blob = f.read()
+        blob = pagecache.read_once(path)
     except (ImportError, OSError):
         return None
     blocks = lz4_legacy_blocks(blob)

@@ -10,6 +10,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from kjumpd import cpio, initrd
+from kjumpd.daemon import jumparea
 from kjumpd.image import store
 from tests.prereq import need
 
@@ -71,3 +73,37 @@ def test_a_kernel_without_fadvise_still_gets_its_target(tmp_path, monkeypatch):
     dev, sb = store.open_target(tmp_path / "image", writable=False)
     dev.close()
     assert sb.uuid == made.uuid
+
+
+def _written(path: Path, data: bytes) -> Path:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def test_sizing_the_jump_area_and_listing_an_initramfs_leave_it_uncached(tmp_path):
+    """The preflight (every 30 s while the daemon runs) sizes the jump area from the save
+    initramfs, which for an lz4 stream (how ours is built) means unpacking its last block;
+    it left the whole file in the page cache, and every image saved it (8.5 MiB in the
+    bench VM). Listing an archive's members (the restore-first entry's unlockers, the save
+    initramfs's cryptography) read whole files the same way."""
+    need(on_disk(tmp_path), f"{tmp_path} is on tmpfs, which has no page cache to drop")
+    import lz4.block
+
+    # incompressible members, so that the file is megabytes of pages
+    members = [cpio.Entry(f"lib/m{i}.so", 0o100644, os.urandom(MiB)) for i in range(6)]
+    raw = cpio.write(members)
+    blob = bytearray(initrd.LZ4_LEGACY_MAGIC)
+    for o in range(0, len(raw), initrd.LZ4_LEGACY_BLOCK):
+        block = lz4.block.compress(raw[o : o + initrd.LZ4_LEGACY_BLOCK], store_size=False)
+        blob += len(block).to_bytes(4, "little") + block
+    archive = _written(tmp_path / "initramfs.cpio.gz", bytes(blob))
+    assert resident_bytes(archive) > 4 * MiB, "this filesystem caches what is written"
+    kernel = _written(tmp_path / "vmlinuz", bytes(0x202) + b"HdrS" + bytes(0x6A) + bytes(16))
+    need_bytes = jumparea.required_size_for(kernel, archive, 64 * MiB)
+    assert need_bytes >= len(raw) + 64 * MiB
+    assert resident_bytes(archive) == 0
+    assert {e.name for e in initrd.read_archive(archive)} >= {f"lib/m{i}.so" for i in range(6)}
+    assert resident_bytes(archive) == 0

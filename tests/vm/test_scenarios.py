@@ -349,6 +349,10 @@ def test_w_a_warm_save_kernel_takes_each_job_without_a_boot(vm_assets_built, run
         "cold",
         "warm",
     ), out.summary()
+    # two warm hibernations later the save kernel's files (megabytes) are not in the page
+    # cache, where every image would save them
+    assert int(v.get("save_files_size", "0")) > 8 << 20, out.summary()
+    assert int(v.get("save_files_cached", "-1")) < 256 << 10, out.summary()
     # kjumpd warmed a new save kernel up after the resume (after a delay) and said so
     assert v.get("after_resume") == "warm", out.summary()
     assert v.get("parked_again") == "parked_(warm-up)", out.summary()
