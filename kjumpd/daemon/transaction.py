@@ -1003,6 +1003,9 @@ class Hibernation:
             log.warning("save kernel not parked: %s; hibernations load it cold", why)
             self.events.log(f"save kernel not parked: {why}")
         self._tell_save_kernel()
+        # the warm-up's work (the plan, the job, kexec's output) is freed now; the daemon
+        # idles until the next request, which trims again before anything is saved
+        log.info("after the warm-up, %s", shrink.trim_own_heap())
         return why
 
     def _warm_up(self) -> str:
