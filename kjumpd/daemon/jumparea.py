@@ -187,7 +187,8 @@ def _system_ram(iomem: str) -> int | None:
         total = sum(e - s for s, e in iomem_mod.parse_system_ram(iomem))
     except MemoryMapError:
         return None
-    return total or None  # 0: not root, every address reads as 0
+    # not root: every address reads as 0, and each range as one byte
+    return total if total >= MiB else None
 
 
 def discover(sysroot: Sysroot) -> Discovery:

@@ -137,6 +137,15 @@ def test_a_ranges_value_serves_by_the_size_this_machine_s_ram_gives():
     assert value_serves(FEDORA + "@512M", pinned, 128 * MiB, system_ram=2 * GiB)
 
 
+def test_system_ram_is_unknown_when_iomem_hides_its_addresses():
+    from kjumpd.daemon.jumparea import _system_ram
+
+    shown = "00001000-0009fbff : System RAM\n00100000-3ffdffff : System RAM\n"
+    assert _system_ram(shown) == 0x9EC00 + 0x3FEE0000
+    hidden = "00000000-00000000 : System RAM\n00000000-00000000 : System RAM\n"
+    assert _system_ram(hidden) is None
+
+
 def test_iomem_crash_kernel_line_and_hidden_addresses():
     text = "00100000-3ffdffff : System RAM\n  20000000-27ffffff : Crash kernel\n"
     assert parse_iomem_crash(text) == JumpArea(0x20000000, 128 * MiB)
