@@ -1338,6 +1338,12 @@ def setup_record(path: Path, what: str) -> tuple[list[str], dict[str, str]]:
 #: the storage scenarios: a blank disk the host attaches, the stack built on it, the
 #: filesystem holding the image target mounted here
 STORAGE_DISK = "/dev/vdb"
+#: kjumpvm.storage=nvme|sata: the blank disk is on that bus (scenarios.STORAGE_BUS), and
+#: the filesystem holding the target on its first partition
+BUS_DISKS = {
+    "nvme": ("/dev/nvme0n1", "/dev/nvme0n1p1"),
+    "sata": ("/dev/sda", "/dev/sda1"),
+}
 STORAGE_MOUNT = Path("/srv/kjump")
 STORAGE_TARGET = STORAGE_MOUNT / "image"
 STORAGE_SETUP = STATE_DIR / "storage-setup.json"
@@ -1617,6 +1623,12 @@ def scenario_storage_setup() -> int:
         elif kind == "btrfs":
             fsdev = STORAGE_DISK
             run_tool("mkfs.btrfs", "-q", "-f", fsdev)
+        elif kind in BUS_DISKS:
+            # a laptop's or a desktop's disk: ext4 on a partition from 1 MiB (NVMe names
+            # it with a "p" before the number)
+            disk, fsdev = BUS_DISKS[kind]
+            write_mbr(disk, LUKS_START_SECTOR)
+            run_tool("mkfs.ext4", "-q", "-F", fsdev)
         elif kind == "luks-root":
             # the root filesystem itself is inside LUKS (scenario_root_luks_prepare)
             mount_boot_disk()
@@ -1665,7 +1677,9 @@ def scenario_storage_setup() -> int:
                 int(m.group(1)) + int(pe.strip().rstrip("B")) if m else ""
             )
         else:
-            raise Missing(f"kjumpvm.storage={kind!r}: lvm, lvm-raw, btrfs, luks or luks-target")
+            raise Missing(
+                f"kjumpvm.storage={kind!r}: lvm, lvm-raw, btrfs, luks, luks-target, nvme or sata"
+            )
         STORAGE_MOUNT.mkdir(parents=True, exist_ok=True)
         if fsdev is not None:
             run_tool("mount", fsdev, str(STORAGE_MOUNT))
@@ -1749,10 +1763,9 @@ def unmount_and_check(kind: str) -> tuple[list[str], dict[str, str]]:
     if kind == "luks-root":  # the running root: checked by nobody while mounted
         return problems, {"notes": "intact" if same else "lost"}
     run_tool("umount", str(STORAGE_MOUNT))
-    if kind in ("lvm", "lvm-raw", "luks", *LUKS_TARGETS):
-        proc = subprocess.run(
-            ["e2fsck", "-fn", "/dev/mapper/kjvg-data"], capture_output=True, text=True
-        )
+    if kind in ("lvm", "lvm-raw", "luks", *LUKS_TARGETS, *BUS_DISKS):
+        fsdev = BUS_DISKS[kind][1] if kind in BUS_DISKS else "/dev/mapper/kjvg-data"
+        proc = subprocess.run(["e2fsck", "-fn", fsdev], capture_output=True, text=True)
     else:
         proc = subprocess.run(
             ["btrfs", "check", "--readonly", STORAGE_DISK], capture_output=True, text=True

@@ -136,6 +136,9 @@ class VMConfig:
     #: a TPM 2.0 (QEMU's tpm-tis over swtpm) whose state lives in this directory, kept
     #: across power cycles as a machine's TPM is; None: no TPM
     tpm_state: Path | None = None
+    #: more disks on the buses real machines have, after the virtio ones: ("nvme", path)
+    #: is an NVMe controller with that namespace, ("sata", path) a disk on an AHCI port
+    bus_disks: Sequence[tuple[str, Path]] = ()
 
 
 @dataclass
@@ -205,6 +208,18 @@ class VM:
             cmd += ["-initrd", str(c.initrd)]
         for d in c.disks:
             cmd += ["-drive", f"file={d},format={c.disk_format},if=virtio,cache=unsafe"]
+        for i, (bus, d) in enumerate(c.bus_disks):
+            drive = f"file={d},format={c.disk_format},if=none,id=bus{i},cache=unsafe"
+            if bus == "nvme":
+                cmd += ["-drive", drive, "-device", f"nvme,serial=kjump{i},drive=bus{i}"]
+            elif bus == "sata":
+                cmd += [
+                    "-drive", drive,
+                    "-device", f"ahci,id=ahci{i}",
+                    "-device", f"ide-hd,drive=bus{i},bus=ahci{i}.0",
+                ]  # fmt: skip
+            else:
+                raise ValueError(f"bus {bus!r}: nvme or sata")
         if c.tpm_state is not None:
             cmd += [
                 "-chardev", f"socket,id=chrtpm,path={self._tpm_socket}",

@@ -416,6 +416,7 @@ class Runner:
         run_dir: Path,
         extra_qemu: tuple[str, ...] = (),
         extra_disks: tuple[Path, ...] = (),
+        bus_disks: tuple[tuple[str, Path], ...] = (),
         append_extra: str = "",
         a_append: str = A_APPEND,
         base: str = "prepared",
@@ -440,6 +441,7 @@ class Runner:
             extra=(*ACPI_SLEEP, *WATCHDOG, *extra_qemu),
             cpu=CPU_OF.get(name, self.h.VMConfig.cpu),
             tpm_state=run_dir / "tpm" if name in TPM else None,
+            bus_disks=bus_disks,
         )
         self.vm = self.h.VM(self.cfg, artifacts=run_dir, name=name)
         self.t0 = time.monotonic()
@@ -639,6 +641,9 @@ STORAGE_DISKS = frozenset(
         "luks-root",
     }
 )
+#: scenarios whose blank second disk is on the bus real machines boot from instead of
+#: virtio: the target on a partition of an NVMe namespace or of a SATA disk behind AHCI
+STORAGE_BUS = {"nvme": "nvme", "sata": "sata"}
 #: luks-root's disk holds the whole root filesystem and the target
 STORAGE_SIZE = {"luks-root": "3G"}
 #: scenarios whose guest disk is checked with e2fsck once the guest is off: the ones with
@@ -669,6 +674,7 @@ FSCK_AFTER = (
         }
     )
     | STORAGE_DISKS
+    | frozenset(STORAGE_BUS)
 )
 #: where the host cuts the power during B's save: B up (nothing written yet), the image
 #: begun (header WRITING), a fifth or more of the memory written; all before the commit
@@ -1068,6 +1074,8 @@ def run(
         "luks-keyfile": ("storage", "unattended"),
         "luks-tpm2": ("storage", "unattended"),
         "luks-root": ("storage", "luks-root"),
+        "nvme": ("storage", "power-cycle"),
+        "sata": ("storage", "power-cycle"),
     }
     extra = {
         # a short watchdog that A outlives after the jump back: B stopped it
@@ -1080,6 +1088,8 @@ def run(
         "b-hang": f"kjumpvm.watchdog={HANG_WATCHDOG}",
         "encrypted": f"kjumpvm.encrypt={PASSPHRASE}",
         "warm": "kjumpvm.warm=1 kjumpvm.watchdog=30",
+        "nvme": "kjumpvm.storage=nvme",
+        "sata": "kjumpvm.storage=sata",
         "lvm": "kjumpvm.storage=lvm",
         "lvm-raw": "kjumpvm.storage=lvm-raw",
         "btrfs": "kjumpvm.storage=btrfs",
@@ -1134,6 +1144,9 @@ def run(
                 extra_qemu=_random_area(run_dir) if name == "platform" else (),
                 extra_disks=(_blank_disk(run_dir, "storage", STORAGE_SIZE.get(name, "2G")),)
                 if name in STORAGE_DISKS
+                else (),
+                bus_disks=((STORAGE_BUS[name], _blank_disk(run_dir, "storage")),)
+                if name in STORAGE_BUS
                 else (),
                 append_extra=f"{A_APPEND_EXTRA.get(name, '')} {extra}".strip(),
                 a_append=A_APPEND_OF.get(name, A_APPEND),

@@ -397,22 +397,35 @@ def test_l_encrypted_image_through_the_daemon_and_the_passphrase(vm_assets_built
     _writers_intact(out)
 
 
-def _storage_restored(out: scenarios.Outcome) -> None:
-    """What both storage scenarios prove after the power cycle: R found the target on the
-    second disk and restored; the workload and the writers go on; the target file reads
-    back through the filesystem exactly as the block map says B wrote it on the disk, and
-    the filesystem holding it checks clean offline."""
-    assert out.verdict.get("target_disk") == "/dev/vdb", out.summary()
+def _storage_restored(out: scenarios.Outcome, disk: str = "vdb") -> None:
+    """What the storage scenarios prove after the power cycle: R found the target on the
+    second disk (``disk``) and restored; the workload and the writers go on; the target
+    file reads back through the filesystem exactly as the block map says B wrote it on the
+    disk, and the filesystem holding it checks clean offline."""
+    assert out.verdict.get("target_disk") == f"/dev/{disk}", out.summary()
     assert _booted_restore_first(out), out.summary()
-    assert _console_matches(out, r"kjumpd-rf: target \S+ found on /dev/vdb"), out.summary()
+    assert _console_matches(out, rf"kjumpd-rf: target \S+ found on /dev/{disk}\b"), out.summary()
     assert out.verdict.get("image") == "CONSUMED", out.summary()
     assert out.verdict.get("data") == "byte-exact", out.summary()
     assert out.verdict.get("through_mapping") == "same", out.summary()
-    assert out.verdict.get("mapped_disk") == "vdb", out.summary()
+    assert out.verdict.get("mapped_disk") == disk, out.summary()
     assert out.verdict.get("file_state") == "CONSUMED", out.summary()
     assert out.verdict.get("fs_check") == "clean", out.summary()
     assert out.verdict.get("notes") == "intact", out.summary()
     _writers_intact(out)
+
+
+@pytest.mark.parametrize("bus,disk", [("nvme", "nvme0n1"), ("sata", "sda")])
+def test_n_target_on_a_partition_of_an_nvme_or_a_sata_disk(bus, disk, vm_assets_built, run_dir):
+    """The image target in ext4 on the first partition of the disks real machines have: an
+    NVMe namespace (partitions named nvme0n1p1) or a SATA disk behind AHCI. The save kernel
+    writes the image there and the restore-first environment reads it back, each with its
+    own driver for the disk; the daemon maps the partition onto the whole disk."""
+    out = _run(bus, vm_assets_built, run_dir)
+    assert _console_matches(out, rf"kjump-agent: target \S+ found on /dev/{disk} at byte"), (
+        out.summary()
+    )
+    _storage_restored(out, disk)
 
 
 def test_m_target_on_a_linear_lv_in_two_segments(vm_assets_built, run_dir):
