@@ -11,8 +11,11 @@ Python (zlib, python3-lz4); zstd with the host's ``zstd`` tool.
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from kjumpd import cpio, zstdframe
 from kjumpd.errors import InitrdError, KjumpError
@@ -88,23 +91,64 @@ def read_archive(path: str | Path) -> list[cpio.Entry]:
     return cpio.read(decompress(pagecache.read_once(path)))
 
 
-_NAMES: dict[str, tuple[tuple[int, int], frozenset[str] | KjumpError]] = {}
+T = TypeVar("T")
+#: (what, path) -> (the file's version, the answer): see per_version
+_ANSWERS: dict[tuple[str, str], tuple[tuple[int, ...], Any]] = {}
+
+
+def per_version(what: str, path: str | Path, compute: Callable[[], T]) -> T:
+    """``compute()``'s answer about the file at ``path``, computed again only once the file
+    changed: the preflight asks every 30 s about the installed archives. OSError when the
+    file is not there."""
+    st = os.stat(path)
+    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _ANSWERS.get((what, str(path)))
+    if hit is None or hit[0] != version:
+        hit = _ANSWERS[(what, str(path))] = (version, compute())
+    answer: T = hit[1]
+    return answer
+
+
+def _names_or_error(path: str | Path) -> frozenset[str] | KjumpError:
+    try:
+        return frozenset(e.name for e in read_archive(path))
+    except KjumpError as e:
+        return e
 
 
 def member_names(path: str | Path) -> frozenset[str]:
-    """The member names of ``read_archive(path)``, read once per version of the file (the
-    preflight asks every 30 s what the installed archives hold); an archive that does not
-    read raises the same error each time without being read again."""
-    st = Path(path).stat()
-    version = (st.st_mtime_ns, st.st_size)
-    cached = _NAMES.get(str(path))
-    if cached is None or cached[0] != version:
-        try:
-            got: frozenset[str] | KjumpError = frozenset(e.name for e in read_archive(path))
-        except KjumpError as e:
-            got = e
-        cached = (version, got)
-        _NAMES[str(path)] = cached
-    if isinstance(cached[1], KjumpError):
-        raise cached[1]
-    return cached[1]
+    """The member names of ``read_archive(path)``, read once per version of the file; an
+    archive that does not read raises the same error each time without being read again."""
+    got = per_version("names", path, lambda: _names_or_error(path))
+    if isinstance(got, KjumpError):
+        raise got
+    return got
+
+
+def lz4_legacy_size(path: str | Path) -> int | None:
+    """The unpacked size of the lz4 legacy stream in the file at ``path``: LZ4_LEGACY_BLOCK
+    per block but the last, whose size comes from unpacking it (None when the stream does
+    not parse or the file cannot be read). Read once per version of the file, and dropped
+    from the page cache after reading (the next image would save it)."""
+    try:
+        return per_version("lz4 size", path, lambda: _lz4_legacy_size_of(path))
+    except OSError:
+        return None
+
+
+def _lz4_legacy_size_of(path: str | Path) -> int | None:
+    try:
+        import lz4.block
+
+        blob = pagecache.read_once(path)
+    except (ImportError, OSError):
+        return None
+    blocks = lz4_legacy_blocks(blob)
+    if not blocks:
+        return None
+    o, n = blocks[-1]
+    try:
+        tail = len(lz4.block.decompress(blob[o : o + n], uncompressed_size=LZ4_LEGACY_BLOCK))
+    except lz4.block.LZ4BlockError:
+        return None
+    return (len(blocks) - 1) * LZ4_LEGACY_BLOCK + tail

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kjumpd import initrd
@@ -50,32 +51,27 @@ def wanted(sysroot: Sysroot, config: Config) -> bool:
     return config.encryption != "off" and sysroot.path(config.image_key).is_file()
 
 
-_CAN_ENCRYPT: dict[tuple[str, int, int], bool] = {}
-
-
 def save_initramfs_can_encrypt(sysroot: Sysroot, config: Config) -> bool:
     """B's installed initramfs holds the cryptography package (read once per file
     version: the preflight runs every 30 s)."""
     path = sysroot.path(config.save_initramfs)
     try:
-        st = path.stat()
+        return initrd.per_version("can encrypt", path, lambda: _can_encrypt(path))
     except OSError:
         return False  # the "save initramfs" item names this
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    if key not in _CAN_ENCRYPT:
-        try:
-            names = [e.name for e in initrd.read_archive(path)]
-            can = any(n.endswith("/cryptography/__init__.py") for n in names)
-        except InitrdError as e:
-            # not readable here (a zstd archive without the zstd tool): B's own import of
-            # the package is the check, and a save without it aborts and rolls back
-            log.warning("cannot list %s (%s): assuming it can encrypt", path, e)
-            can = True
-        except (KjumpError, OSError):
-            can = False  # not an archive at all: the save kernel could not boot from it
-        _CAN_ENCRYPT.clear()
-        _CAN_ENCRYPT[key] = can
-    return _CAN_ENCRYPT[key]
+
+
+def _can_encrypt(path: Path) -> bool:
+    try:
+        names = [e.name for e in initrd.read_archive(path)]
+    except InitrdError as e:
+        # not readable here (a zstd archive without the zstd tool): B's own import of
+        # the package is the check, and a save without it aborts and rolls back
+        log.warning("cannot list %s (%s): assuming it can encrypt", path, e)
+        return True
+    except (KjumpError, OSError):
+        return False  # not an archive at all: the save kernel could not boot from it
+    return any(n.endswith("/cryptography/__init__.py") for n in names)
 
 
 def encrypted_root(sysroot: Sysroot) -> str | None:

@@ -34,7 +34,7 @@ from kjumpd.daemon.config import (
     parse_size,
 )
 from kjumpd.errors import ConfigError, JumpAreaError, KjumpError, MemoryMapError
-from kjumpd.initrd import GZIP_MAGIC, LZ4_LEGACY_BLOCK, LZ4_LEGACY_MAGIC, lz4_legacy_blocks
+from kjumpd.initrd import GZIP_MAGIC, LZ4_LEGACY_MAGIC, lz4_legacy_size
 from kjumpd.linux import iomem as iomem_mod
 from kjumpd.linux import pagecache
 from kjumpd.sysroot import Sysroot
@@ -251,55 +251,13 @@ def required_size_for(
     ):
         unpacked = size
     elif (
-        head.startswith(LZ4_LEGACY_MAGIC) and (size := _lz4_legacy_size(initramfs_path)) is not None
+        head.startswith(LZ4_LEGACY_MAGIC) and (size := lz4_legacy_size(initramfs_path)) is not None
     ):
         unpacked = size
     else:  # other compressions, or a padded gzip: ISIZE is not last
         unpacked = 3 * initrd
     need = kernel + initrd + unpacked + agent_memory + 16 * MiB
     return -(-need // ALIGN) * ALIGN
-
-
-#: _lz4_legacy_size per file version: the preflight (every 30 s while the daemon runs)
-#: sizes the jump area, and the answer only changes with the file
-_LZ4_SIZES: dict[str, tuple[tuple[int, ...], int | None]] = {}
-
-
-def _lz4_legacy_size(path: Path) -> int | None:
-    """The unpacked size of an lz4 legacy stream: LZ4_LEGACY_BLOCK per block but the last,
-    whose size comes from unpacking it (None when the stream does not parse). Read once
-    per version of the file and dropped from the page cache after reading: the image would
-    save it (our own save initramfs is such a stream)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    hit = _LZ4_SIZES.get(str(path))
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    size = _lz4_legacy_size_of(path)
-    _LZ4_SIZES.clear()
-    _LZ4_SIZES[str(path)] = (version, size)
-    return size
-
-
-def _lz4_legacy_size_of(path: Path) -> int | None:
-    try:
-        import lz4.block
-
-        blob = pagecache.read_once(path)
-    except (ImportError, OSError):
-        return None
-    blocks = lz4_legacy_blocks(blob)
-    if not blocks:
-        return None
-    o, n = blocks[-1]
-    try:
-        tail = len(lz4.block.decompress(blob[o : o + n], uncompressed_size=LZ4_LEGACY_BLOCK))
-    except lz4.block.LZ4BlockError:
-        return None
-    return (len(blocks) - 1) * LZ4_LEGACY_BLOCK + tail
 
 
 def _zstd_content_size(head: bytes) -> int | None:

@@ -793,9 +793,9 @@ def test_jump_area_sized_from_an_lz4_legacy_initramfs(tree):
         blob += len(block).to_bytes(4, "little") + block
     blob += bytes(4) + b"070701" + bytes(100)  # end marker, then another archive
     w(tree, "/usr/lib/kjumpd/save/initramfs.cpio.gz", bytes(blob))
-    from kjumpd.daemon.jumparea import _lz4_legacy_size
+    from kjumpd.initrd import lz4_legacy_size
 
-    assert _lz4_legacy_size(tree / "usr/lib/kjumpd/save/initramfs.cpio.gz") == len(raw)
+    assert lz4_legacy_size(tree / "usr/lib/kjumpd/save/initramfs.cpio.gz") == len(raw)
     need = jumparea.required_size(Sysroot(tree), cfg(tree))
     # 24M init_size + the small archive + 17.25M unpacked + 64M + 16M -> 128M (x3 would be
     # the same here only because the archive compresses so well)
