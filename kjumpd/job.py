@@ -66,6 +66,10 @@ still reads)::
                              (kjumpd.image.jobslot) and jumps back, saving nothing; its
                              later jobs come through that slot, each with a higher
                              generation. Default 0: a save.
+    answer                   [phys, nonce] or null: a page of A's memory at physical address
+                             ``phys`` (page aligned) holding A's blank answer record with
+                             ``nonce`` (32 hex digits), where B says why it could not save
+                             (kjumpd.answer). Default null: no answer.
 
 The archive is the kernel's cpio "newc" format, written and read by kjumpd/cpio.py.
 """
@@ -96,6 +100,7 @@ _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _DEVNO_RE = re.compile(r"^\d+:\d+$")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ class Job:
     finish: str = "jump-back"
     volume: dict[str, Any] | None = field(default=None, repr=False)
     park: int = 0
+    answer: tuple[int, str] | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -136,6 +142,7 @@ class Job:
         d["ranges"] = [list(r) for r in self.ranges]
         d["jump_area"] = list(self.jump_area)
         d["vmcoreinfo"] = list(self.vmcoreinfo) if self.vmcoreinfo is not None else None
+        d["answer"] = list(self.answer) if self.answer is not None else None
         return d
 
     def to_json(self) -> str:
@@ -191,6 +198,7 @@ class Job:
                 finish=d.get("finish", _OPTIONAL["finish"]),
                 volume=d.get("volume", _OPTIONAL["volume"]),
                 park=d.get("park", _OPTIONAL["park"]),
+                answer=(None if d.get("answer") is None else tuple(_list(d["answer"], "answer"))),
                 version=version,
             )
         except TypeError as e:
@@ -236,6 +244,7 @@ _OPTIONAL: dict[str, Any] = {
     "finish": "jump-back",
     "volume": None,
     "park": 0,
+    "answer": None,
 }
 #: what B may do once the image is SAVED (the job's ``finish``)
 FINISHES = ("jump-back", "power-off", "reboot")
@@ -359,6 +368,15 @@ def validate(job: Job) -> None:
                 f"job field {key} must be true or false", why=f"got {getattr(job, key)!r}"
             )
     _int(job.park, "park")
+    if job.answer is not None:
+        if len(job.answer) != 2:
+            raise JobError("job field answer must be [phys, nonce]", why=f"got {job.answer!r}")
+        phys, nonce = job.answer
+        _int(phys, "answer address")
+        if phys % PAGE:
+            raise JobError("job field answer: the address is not page aligned", why=f"{phys:#x}")
+        if not isinstance(nonce, str) or not _NONCE_RE.match(nonce):
+            raise JobError("job field answer: the nonce is not 32 hex digits", why=f"{nonce!r}")
     if job.finish not in FINISHES:
         raise JobError(
             f"job field finish must be one of {', '.join(FINISHES)}", why=f"got {job.finish!r}"

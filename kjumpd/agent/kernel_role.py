@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kjumpd.answer import Answer
 from kjumpd.errors import (
     AgentError,
     CancelledError,
@@ -504,10 +505,16 @@ def save_job(sysroot: Sysroot, job: Any, entry: int, watchdog: Any = None) -> st
         say(f"save {'cancelled' if isinstance(e, CancelledError) else 'failed'}: {e.message}")
         if not started:
             _abort(dev, e.what[:200])
+        leave_answer(sysroot, job, Answer(e.what, e.why, e.fix))
     except Exception as e:  # noqa: BLE001 - any bug must still end in the jump back
         log.debug("save crashed", exc_info=True)
         say(f"save crashed: {type(e).__name__}: {e}")
         _abort(dev, f"agent crashed: {type(e).__name__}")
+        leave_answer(
+            sysroot,
+            job,
+            Answer(f"the save agent crashed: {type(e).__name__}", str(e), "report this bug"),
+        )
     finally:
         if cancel is not None:
             cancel.stop()
@@ -758,6 +765,33 @@ def free_pages(
             return None
         say(f"free-page check: PASS: all {chk.pages} free pages read as zero ({chk.seconds:.2f} s)")
     return fmap
+
+
+def leave_answer(sysroot: Sysroot, job: Any, said: Answer) -> None:
+    """Write ``said`` into the answer page the job names (kjumpd.answer), only over A's
+    blank record of this job's nonce, and never into this kernel's own memory. Best effort:
+    the console has the same words."""
+    if job is None or job.answer is None:
+        return
+    from kjumpd import answer
+    from kjumpd.agent.devmem import MemorySink, MemorySource
+
+    phys, nonce_hex = job.answer
+    nonce = bytes.fromhex(nonce_hex)
+    if any(s < phys + answer.PAGE and phys < e for s, e in own_memory(sysroot)):
+        say(f"the answer page {phys:#x} lies in this kernel's memory: not written")
+        return
+    try:
+        with MemorySource(sysroot, job.ranges) as src:
+            found = src.read(phys, answer.PAGE)
+        if not answer.is_blank(found, nonce):
+            say(f"the answer page {phys:#x} no longer holds this job's blank record: not written")
+            return
+        with MemorySink(sysroot, job.ranges) as sink:
+            sink.write(phys, answer.answered(nonce, said))
+        say(f"the main kernel's answer page {phys:#x} says why")
+    except (KjumpError, OSError) as e:
+        say(f"could not leave the main kernel an answer: {e}")
 
 
 def _abort(dev: Any, reason: str) -> None:

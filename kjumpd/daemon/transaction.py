@@ -64,8 +64,10 @@ from kjumpd.daemon import (
     volumekey,
     warm,
 )
+from kjumpd.daemon.answerpage import AnswerPage
 from kjumpd.daemon.config import Config
 from kjumpd.errors import (
+    AgentError,
     BusyError,
     CancelledError,
     ConfigError,
@@ -231,6 +233,8 @@ class _Context:
         self.cold_reason = ""
         self.mailbox: warm.Mailbox | None = None
         self.slot: jobslot.JobSlot | None = None
+        #: where B says why it could not save, when it cannot write the image header
+        self.answer: AnswerPage | None = None
         # announce, quiesce
         self.hooks_ran: list[str] = []
         self.journal: Any = None
@@ -769,6 +773,12 @@ class Hibernation:
         sr, cfg = self.sysroot, self.config
         area, target = ctx.area, ctx.target
         zeroed, why_zeroed = kexec.free_pages_zeroed(sr)
+        if not park and ctx.answer is None:
+            try:
+                ctx.answer = AnswerPage(sr)
+                ctx.undo.push("answer page", ctx.answer.close)
+            except KjumpError as e:
+                log.info("%s", e.message)
         log.info(
             "free pages %s on restore: %s",
             "come back as zeros" if zeroed else "are left as they are found",
@@ -799,6 +809,7 @@ class Hibernation:
             if cfg.finish_in_save_kernel
             else "jump-back",
             park=park,
+            answer=ctx.answer.job_field() if ctx.answer is not None and not park else None,
             volume={**target.volume.to_dict(), "key": ctx.volume_key.hex()}
             if target.volume is not None
             else None,
@@ -871,6 +882,8 @@ class Hibernation:
         warm_jump = ctx.slot is not None and not ctx.cold_reason
         if warm_jump:
             self._check_mailbox(ctx)
+        if ctx.answer is not None:
+            ctx.answer.reset()
         klog = kmsg.KernelLog(self.sysroot).open()
         try:
             rc, said = ctx.kx.jump()
@@ -884,6 +897,14 @@ class Hibernation:
             if warm_jump and kmsg.freezer_failure(logged) is None:
                 self._cold_retry(ctx, self._why_not_taken(ctx))
                 return
+            said_b = ctx.answer.read() if ctx.answer is not None else None
+            if said_b is not None:  # B ran, and could not even write the image header
+                raise AgentError(
+                    f"the save kernel could not save: {said_b.what}",
+                    why=said_b.why,
+                    fix=(f"{said_b.fix}; " if said_b.fix else "")
+                    + "the image was not touched, the system was rolled back and keeps running",
+                )
             raise _jump_failure(rc, said, logged, klog.error)
         out.image_state = header.state.name
         out.stats.update(
@@ -903,10 +924,21 @@ class Hibernation:
         elif name == "SAVED":
             self._leave(ctx.mode, target, out)
         else:
+            said_b = ctx.answer.read() if ctx.answer is not None else None
             raise ImageStateError(
                 "the save kernel did not save an image",
-                why=f"it left the image {header.state_text}",
-                fix="see the save kernel's console; the system was rolled back and keeps running",
+                why=f"it left the image {header.state_text}"
+                + (
+                    f": {said_b.what}" + (f" ({said_b.why})" if said_b.why else "")
+                    if said_b
+                    else ""
+                ),
+                fix=(
+                    f"{said_b.fix}; "
+                    if said_b and said_b.fix
+                    else "see the save kernel's console; "
+                )
+                + "the system was rolled back and keeps running",
                 state=name,
             )
 

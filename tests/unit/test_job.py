@@ -76,6 +76,15 @@ def jobs(draw):
         cancel_key=draw(st.booleans()),
         free_pages_zeroed=draw(st.booleans()),
         volume=draw(st.one_of(st.none(), st.just(VOLUME))),
+        answer=draw(
+            st.one_of(
+                st.none(),
+                st.tuples(
+                    st.integers(0, 1 << 40).map(lambda n: n * PAGE),
+                    st.binary(min_size=16, max_size=16).map(bytes.hex),
+                ),
+            )
+        ),
         superblock_device_offset=draw(st.integers(0, 1 << 50)),
         fs_stamps=draw(
             st.lists(
@@ -158,6 +167,10 @@ def test_version_mismatch_is_refused_with_a_fix():
         ("cancel_key", "yes", "cancel_key"),
         ("created", -1, "created"),
         ("free_pages_zeroed", 0, "free_pages_zeroed"),
+        ("answer", (0x1001, "00" * 16), "aligned"),
+        ("answer", (0x1000, "xyz"), "nonce"),
+        ("answer", (-4096, "00" * 16), "answer address"),
+        ("answer", (0x1000,), "[phys, nonce]"),
     ],
 )
 def test_invalid_fields_are_named(field, value, word):

@@ -358,9 +358,11 @@ def hibernate_and_check(
     after_boot: dict | None = None,
     prior: tuple[list[str], dict[str, str]] = ([], {}),
     post: Callable[[], tuple[list[str], dict[str, str]]] | None = None,
+    want_error: str = "",
 ) -> int:
     """``prior``: problems and verdict fields of what the scenario did before (its set-up);
-    ``post``: checks of the scenario's own after the resume (problems, verdict fields)."""
+    ``post``: checks of the scenario's own after the resume (problems, verdict fields);
+    ``want_error``: words the failed hibernation's error must hold (its real cause)."""
     problems: list[str] = list(prior[0])
     wbefore: dict = {}
     before = after = None
@@ -426,6 +428,8 @@ def hibernate_and_check(
             )
         if not want_rc_ok and proc.returncode == 0:
             problems.append("kjumpctl hibernate succeeded although a failure was injected")
+        if want_error and want_error not in str(record.get("message", "")):
+            problems.append(f"the error does not say {want_error!r}: {record.get('message', '')!r}")
         after = wl.query()
         # first, as swsusp's flow does: the writers' check below drops the page cache
         extra.update(time_to_warm())
@@ -1907,6 +1911,16 @@ SCENARIOS = {
         ("CONSUMED",),
         disk_writers=True,
         after_boot={"states": ["EMPTY", "ABORTED", "INVALID", "CONSUMED"]},
+    ),
+    # the save kernel cannot reach the target's disk: A rolls back and names that cause
+    "b-no-disk": lambda: hibernate_and_check(
+        "b-no-disk",
+        "test",
+        ("EMPTY", "INVALID", "CONSUMED"),
+        want_rc_ok=False,
+        disk_writers=True,
+        inject="b-no-disk",
+        want_error="is on none of this kernel's disks",
     ),
     "kaslr": scenario_kaslr,
     "b-hang": lambda: hibernate_and_check(

@@ -668,6 +668,7 @@ FSCK_AFTER = (
             "io-error-restore",
             "b-panic",
             "b-hang",
+            "b-no-disk",
             "kaslr",
             "encrypted",
             "warm",
@@ -1059,6 +1060,7 @@ def run(
         "io-error-save": ("io-error-save", "io-error-save"),
         "io-error-restore": ("io-error-restore", "io-error-restore"),
         "b-panic": ("b-panic", "b-panic"),
+        "b-no-disk": ("b-no-disk", "single"),
         "b-hang": ("b-hang", "b-hang"),
         "kaslr": ("kaslr", "power-cycle"),
         "warm": ("warm", "power-cycle"),
@@ -1086,6 +1088,9 @@ def run(
         # an init that does not exist: the save kernel panics for real (panic=1 reboots it)
         "b-panic": "kjumpvm.b_append=init=/kjump-no-init,rdinit=/kjump-no-init",
         "b-hang": f"kjumpvm.watchdog={HANG_WATCHDOG}",
+        # the save kernel without its disk driver, as one built without the target disk's
+        # controller: it finds no target, so it cannot write the image header
+        "b-no-disk": "kjumpvm.b_append=initcall_blacklist=virtio_blk_init",
         "encrypted": f"kjumpvm.encrypt={PASSPHRASE}",
         "warm": "kjumpvm.warm=1 kjumpvm.watchdog=30",
         "nvme": "kjumpvm.storage=nvme",

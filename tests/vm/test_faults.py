@@ -97,6 +97,30 @@ def test_write_errors_on_the_target_abort_the_save_and_roll_back(vm_assets_built
     assert _console(out, r"kjump-agent: save failed: .*(I/O|Input/output)"), out.summary()
 
 
+def test_a_save_kernel_that_cannot_reach_the_target_says_why_and_a_rolls_back(
+    vm_assets_built, run_dir
+):
+    """B boots without its disk driver (initcall_blacklist=virtio_blk_init), as a save
+    kernel built without the target disk's controller: it cannot write the image header,
+    so it says why in the answer page A lent it. A's error is B's, not a jump that failed."""
+    out = scenarios.run("b-no-disk", vm_assets_built, run_dir)
+    assert out.passed, out.summary()
+    assert out.verdict.get("rc") not in (None, "0"), out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()  # the system went on
+    assert out.verdict.get("writers") == "intact", out.summary()
+    assert out.verdict.get("fsck") == "clean", out.summary()
+    assert _console(out, r"kjump-agent: save failed: the image target .* is on none of"), (
+        out.summary()
+    )
+    assert _console(out, r"kjump-agent: the main kernel's answer page 0x[0-9a-f]+ says why"), (
+        out.summary()
+    )
+    [result] = [r for r in out.results if r.get("result") == "failed"]
+    assert result["message"].startswith("the save kernel could not save: the image target")
+    assert "did not happen" not in result["message"]
+    assert "driver for the target's disk" in result["message"]
+
+
 def test_read_errors_on_the_target_at_restore_boot_normally(vm_assets_built, run_dir):
     out = scenarios.run("io-error-restore", vm_assets_built, run_dir)
     assert out.passed, out.summary()
