@@ -51,6 +51,9 @@ FIXED_AREA = (0x2000_0000, 128 << 20)
 A_APPEND_FIXED = A_APPEND.replace("console=ttyS0 ", "console=ttyS0 nokaslr ").replace(
     "crashkernel=128M", f"crashkernel={FIXED_AREA[1] >> 20}M@{FIXED_AREA[0]:#x}"
 )
+#: scenario high-area's jump area: 128 MiB at 4.5 GiB, above the 4 GiB line (a 4 GiB VM has
+#: RAM up to 5 GiB), where `crashkernel=SIZE@OFFSET` may put it on a machine with more RAM
+HIGH_AREA = (0x1_2000_0000, 128 << 20)
 #: A's extra command line per scenario. Without init_on_free (the kernel's default, and
 #: Debian's) a wholly free chunk is a free record that B's restore leaves as it finds it;
 #: scenario c keeps init_on_free=1, so that path (free chunks restored as zeros) is proven too.
@@ -62,6 +65,10 @@ A_APPEND_OF = {
     "platform": A_APPEND_FIXED,
     "encrypted": A_APPEND.replace("crashkernel=128M", "crashkernel=160M"),
     "kaslr": A_APPEND.replace("crashkernel=128M", f"crashkernel={KDUMP_RANGES}"),
+    "high-area": A_APPEND_FIXED.replace(
+        f"crashkernel={FIXED_AREA[1] >> 20}M@{FIXED_AREA[0]:#x}",
+        f"crashkernel={HIGH_AREA[1] >> 20}M@{HIGH_AREA[0]:#x}",
+    ),
 }
 #: a CPU model offering AES-NI (OpenSSL's AES-NI code also uses SSSE3), for the encrypted
 #: scenarios: what an encrypting laptop has (dm-crypt then uses the kernel's aesni code)
@@ -669,6 +676,7 @@ FSCK_AFTER = (
             "b-panic",
             "b-hang",
             "b-no-disk",
+            "high-area",
             "kaslr",
             "encrypted",
             "warm",
@@ -1061,6 +1069,7 @@ def run(
         "io-error-restore": ("io-error-restore", "io-error-restore"),
         "b-panic": ("b-panic", "b-panic"),
         "b-no-disk": ("b-no-disk", "single"),
+        "high-area": ("shutdown", "power-cycle"),
         "b-hang": ("b-hang", "b-hang"),
         "kaslr": ("kaslr", "power-cycle"),
         "warm": ("warm", "power-cycle"),

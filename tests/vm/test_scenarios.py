@@ -269,6 +269,26 @@ def test_x_a_machine_with_ram_above_4_gib_hibernates_and_restores(vm_assets_buil
     _writers_intact(out)
 
 
+def test_x_a_jump_area_above_4_gib_saves_and_restores_in_one_boot(vm_assets_built, run_dir):
+    """crashkernel=128M@4.5G on a 4 GiB machine (RAM up to 5 GiB): the save kernel and the
+    restore-first environment run above the 4 GiB line, with only the low 512 KiB below it;
+    the image is saved there and restored in one boot."""
+    out = scenarios.run("high-area", vm_assets_built, run_dir, memory_mb=4096)
+    assert out.passed, out.summary()
+    start, size = scenarios.HIGH_AREA
+    assert _console_matches(
+        out, rf"crashkernel reserved: 0x0*{start:x} - 0x0*{start + size:x} \(128 MB\)"
+    ), out.summary()
+    runs_in = rf"\[0x1000, 0x80000\), \[{start:#x}, {start + size:#x}\)"
+    assert _console_matches(out, r"kjumpd-rf: .*restoring it in this kernel"), out.summary()
+    assert _console_matches(out, rf"kjump-agent: restoring \d+ MiB .*runs in {runs_in}"), (
+        out.summary()
+    )
+    assert out.verdict.get("image") == "CONSUMED", out.summary()
+    assert out.verdict.get("data") == "byte-exact", out.summary()
+    _writers_intact(out)
+
+
 def test_y_a_machine_whose_free_memory_is_fragmented_hibernates(vm_assets_built, run_dir):
     """A's free memory in more single pages than the save kernel has room to map (every
     other page of 5 GiB freed, as after weeks of uptime): the map stays within its share of
