@@ -809,7 +809,7 @@ class Hibernation:
             if cfg.finish_in_save_kernel
             else "jump-back",
             park=park,
-            answer=ctx.answer.job_field() if ctx.answer is not None and not park else None,
+            answer=ctx.answer.job_field() if ctx.answer is not None else None,
             volume={**target.volume.to_dict(), "key": ctx.volume_key.hex()}
             if target.volume is not None
             else None,
@@ -925,20 +925,14 @@ class Hibernation:
             self._leave(ctx.mode, target, out)
         else:
             said_b = ctx.answer.read() if ctx.answer is not None else None
+            why, fix = f"it left the image {header.state_text}", "see the save kernel's console"
+            if said_b is not None:
+                why += f": {said_b.what}" + (f" ({said_b.why})" if said_b.why else "")
+                fix = said_b.fix or fix
             raise ImageStateError(
                 "the save kernel did not save an image",
-                why=f"it left the image {header.state_text}"
-                + (
-                    f": {said_b.what}" + (f" ({said_b.why})" if said_b.why else "")
-                    if said_b
-                    else ""
-                ),
-                fix=(
-                    f"{said_b.fix}; "
-                    if said_b and said_b.fix
-                    else "see the save kernel's console; "
-                )
-                + "the system was rolled back and keeps running",
+                why=why,
+                fix=f"{fix}; the system was rolled back and keeps running",
                 state=name,
             )
 
