@@ -12,8 +12,8 @@ them now would overwrite the running save kernel; they become extra segments of 
 kexec_load (kjumpd.agent.jumpback), which the kernel copies after B has stopped.
 
 Large copies into a window and zero fills (``MemorySink.zero``: memset, no source to read)
-go through libc memmove/memset via ctypes, which release the GIL: the restore's worker
-threads write memory while another one decompresses or the reader parses records.
+go through kjumpd.image.memops, which releases the GIL: the restore's worker threads write
+memory while another one decompresses or the reader parses records.
 
 ``MemorySink.zero`` first reads the destination and leaves it alone when it already holds
 only zeros (the result is the same: zeros). Under QEMU the first write to a guest page a
@@ -24,7 +24,6 @@ page then); after a power cycle most of the main kernel's free pages are such pa
 from __future__ import annotations
 
 import bisect
-import ctypes
 import logging
 import mmap
 import os
@@ -33,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kjumpd.errors import AgentError
+from kjumpd.image.memops import copy_into, is_zero, zero_fill
 from kjumpd.sysroot import Sysroot
 
 log = logging.getLogger("kjumpd.agent.devmem")
@@ -40,76 +40,6 @@ log = logging.getLogger("kjumpd.agent.devmem")
 PAGE = 4096
 DEFAULT_WINDOW = 16 << 20
 Range = tuple[int, int]  # [start, end) physical byte addresses
-#: below this many bytes a slice assignment is cheaper than a ctypes call
-_LIBC_MIN = 64 << 10
-
-
-def _load_libc() -> tuple[Callable[..., int], Callable[..., int], Callable[..., int]] | None:
-    try:
-        libc = ctypes.CDLL(None)
-        memmove, memset, memcmp = libc.memmove, libc.memset, libc.memcmp
-        memmove.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-        memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
-        memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-        memmove.restype = memset.restype = ctypes.c_void_p
-        memcmp.restype = ctypes.c_int
-        return memmove, memset, memcmp
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
-
-
-def copy_into(dst: memoryview, src: memoryview) -> None:
-    """``dst[:] = src`` (same length); big copies by libc memmove with the GIL released."""
-    n = len(src)
-    if _LIBC is None or n < _LIBC_MIN or src.readonly:
-        dst[:n] = src
-        return
-    d = ctypes.c_char.from_buffer(dst)
-    s = ctypes.c_char.from_buffer(src)
-    try:
-        _LIBC[0](ctypes.addressof(d), ctypes.addressof(s), n)
-    finally:
-        del d, s
-
-
-def zero_fill(dst: memoryview) -> None:
-    """Write zeros over all of ``dst``: memset (stores only) with the GIL released."""
-    n = len(dst)
-    if _LIBC is None or n < _LIBC_MIN:
-        dst[:] = bytes(n)
-        return
-    d = ctypes.c_char.from_buffer(dst)
-    try:
-        _LIBC[1](ctypes.addressof(d), 0, n)
-    finally:
-        del d
-
-
-_ZERO_STEP = 1 << 20
-_zero_src: mmap.mmap | None = None  # never written: reads as zeros
-
-
-def is_zero(buf: memoryview) -> bool:
-    """Whether every byte of ``buf`` is zero (memcmp against zeros, GIL released)."""
-    global _zero_src
-    n = len(buf)
-    if _LIBC is None or n < _LIBC_MIN:
-        return bytes(buf) == bytes(n)
-    if _zero_src is None:
-        _zero_src = mmap.mmap(-1, _ZERO_STEP)
-    d = ctypes.c_char.from_buffer(buf)
-    z = ctypes.c_char.from_buffer(_zero_src)
-    try:
-        a, za = ctypes.addressof(d), ctypes.addressof(z)
-        for o in range(0, n, _ZERO_STEP):
-            if _LIBC[2](a + o, za, min(_ZERO_STEP, n - o)):
-                return False
-        return True
-    finally:
-        del d, z
 
 
 def normalize(ranges: Sequence[Sequence[int]]) -> list[Range]:

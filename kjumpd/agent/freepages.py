@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from kjumpd.agent.devmem import normalize, subtract
 from kjumpd.agent.pageclass import Layout, PageClasses
 from kjumpd.errors import KjumpError
+from kjumpd.image.memops import zero_fill
 
 log = logging.getLogger("kjumpd.agent.freepages")
 
@@ -710,7 +711,6 @@ class FreeMaskedSource:
         self.restore_zeros = restore_zeros
         self.classes = freemap.classes  # counts what is read, by class (a diagnostic)
         self.skipped_bytes = 0
-        self._zeros = bytes(1 << 20)
 
     def _pieces(self, phys: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, free) pieces covering the request."""
@@ -750,9 +750,7 @@ class FreeMaskedSource:
         for off, n, is_free in self._pieces(phys, len(view)):
             part = view[off : off + n]
             if is_free:
-                if len(self._zeros) < n:
-                    self._zeros = bytes(n)
-                part[:] = memoryview(self._zeros)[:n]
+                zero_fill(part)
                 self.skipped_bytes += n
             else:
                 if sub_readinto is not None:

@@ -11,7 +11,10 @@ either way.
 library is there (the save kernel has liblz4.so.1): straight into the caller's buffer, or a
 per-thread scratch one, instead of a fresh bytes object per chunk (fresh memory is paid
 for in page faults, dearly under emulation) and a copy out of it. Same check: the output
-must be exactly the size the bitmap says. lz4.block is the fallback.
+must be exactly the size the bitmap says. lz4.block is the fallback. Stored pages are copied
+and zero pages filled through kjumpd.image.memops, with the GIL released: under emulation a
+1 MiB copy into A's memory takes milliseconds, which the other threads of the restore (the
+record reader, the other workers) should not spend waiting.
 
 Standard library + lz4 only: this runs in the save kernel's initramfs.
 """
@@ -37,6 +40,7 @@ from kjumpd.image.format import (
     ChunkHeader,
     crc32,
 )
+from kjumpd.image.memops import copy_into, zero_fill
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 COMPRESSIONS = ("lz4", "none")
@@ -404,7 +408,7 @@ def decode_into(
                 f"{ch.payload_length} payload bytes"
             )
         if out is not None:
-            out[:n] = zeros(n)
+            zero_fill(out[:n])
         return
     if out is None:
         raise ValueError("decode_into needs an output buffer for a stored chunk")
@@ -451,7 +455,7 @@ def decode_into(
         raise bad(f"payload holds {len(raw)} bytes, the bitmap says {expect}")
     src = memoryview(raw)
     if nz == ch.pages:
-        out[:n] = src
+        copy_into(out[:n], src)
         return
     # runs of consecutive stored pages are contiguous in the payload: one copy per run,
     # one zero fill per run of zero pages
@@ -464,12 +468,12 @@ def decode_into(
         while j + 1 < nz and stored[j + 1] == stored[j] + 1:
             j += 1
         if first > pos:
-            out[pos * PAGE_SIZE : first * PAGE_SIZE] = zeros((first - pos) * PAGE_SIZE)
+            zero_fill(out[pos * PAGE_SIZE : first * PAGE_SIZE])
         o = first * PAGE_SIZE
         end = min((stored[j] + 1) * PAGE_SIZE, n)
-        out[o:end] = src[sp : sp + end - o]
+        copy_into(out[o:end], src[sp : sp + end - o])
         sp += end - o
         pos = stored[j] + 1
         i = j + 1
     if pos < ch.pages:
-        out[pos * PAGE_SIZE : n] = zeros(n - pos * PAGE_SIZE)
+        zero_fill(out[pos * PAGE_SIZE : n])

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from kjumpd.errors import ImageCorruptError, TargetError
+from kjumpd.image import memops
 from kjumpd.image.device import ALIGN, ImageDevice, close_buffer
 from kjumpd.image.format import CHUNK_HEADER_SIZE, ChunkHeader
 
@@ -122,35 +123,6 @@ class RecordWriter:
             close_buffer(m)
 
 
-def _memeq(a: mmap.mmap, b: mmap.mmap, n: int) -> bool:
-    """``a[:n] == b[:n]`` without copying either (memcmp through ctypes, GIL released)."""
-    if _MEMCMP is not None:
-        import ctypes
-
-        pa = ctypes.c_char.from_buffer(a)
-        pb = ctypes.c_char.from_buffer(b)
-        try:
-            return _MEMCMP(ctypes.addressof(pa), ctypes.addressof(pb), n) == 0
-        finally:
-            del pa, pb
-    return a[:n] == b[:n]
-
-
-def _load_memcmp() -> Callable[[int, int, int], int] | None:
-    try:
-        import ctypes
-
-        f = ctypes.CDLL(None).memcmp
-        f.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-        f.restype = ctypes.c_int
-        return f  # type: ignore[no-any-return]
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-_MEMCMP = _load_memcmp()
-
-
 class ReadBackVerifier(threading.Thread):
     """The verify pass, overlapped with the save: each window a RecordWriter wrote is read
     back from the device (O_DIRECT when the device has it) as soon as its write returned and
@@ -198,7 +170,14 @@ class ReadBackVerifier(threading.Thread):
             self.buf = mmap.mmap(-1, length)
         with memoryview(self.buf) as whole:
             self.dev.readinto(off, whole[:length])
-        if not _memeq(self.buf, sent, length):
+        with (
+            memoryview(self.buf) as whole,
+            whole[:length] as got,
+            memoryview(sent) as sent_view,
+            sent_view[:length] as want,
+        ):
+            same = memops.equal(got, want)
+        if not same:
             raise ImageCorruptError(
                 f"image data at byte offset {off} reads back differently from what was written",
                 why="read-back mismatch",
