@@ -22,8 +22,7 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from kjumpd.errors import KjumpError
 
@@ -83,8 +82,9 @@ class RemoteError(KjumpError):
         self.name, self.text = name, text
 
 
-@dataclass
-class Message:
+class Message(NamedTuple):
+    """One D-Bus message as read: its type, serial, header fields by code, and body."""
+
     type: int
     serial: int
     fields: dict[int, Any]
@@ -297,18 +297,16 @@ def socket_addresses(address: str) -> list[str]:
     return out
 
 
-@dataclass
 class Connection:
     """A connection to a message bus (blocking; one thread)."""
 
-    address: str
-    sock: socket.socket | None = None
-    serial: int = 0
-    unique_name: str = ""
-    pending: list[Message] = field(default_factory=list)
-    _buf: bytes = b""
-
-    def __post_init__(self) -> None:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock: socket.socket | None = None
+        self.serial = 0
+        self.unique_name = ""
+        self.pending: list[Message] = []
+        self._buf = b""
         errors = []
         for addr in socket_addresses(self.address):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -17,10 +17,10 @@ When kjumpd is not on the bus: a one-line message and exit code 4.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -242,8 +242,8 @@ def plain_json(value: Any) -> Any:
 
 def _when(ts: Any) -> str:
     try:
-        return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (TypeError, ValueError, OverflowError):
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
+    except (TypeError, ValueError, OverflowError, OSError):
         return "?"
 
 

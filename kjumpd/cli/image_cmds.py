@@ -13,9 +13,9 @@ whose every chunk checks out; a bad image exits 7 with what is wrong and where.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
+import time
 from typing import Any
 
 from kjumpd.errors import ImageError, ImageFormatError, KjumpError, TargetError
@@ -78,7 +78,7 @@ def _when(t: float) -> str:
     if not t:
         return "-"
     try:
-        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
     except (OverflowError, ValueError, OSError):  # NaN, infinite or past year 9999
         return f"{t!r} (not a time)"
 
