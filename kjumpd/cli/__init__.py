@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from kjumpd import subcommands
@@ -47,6 +48,12 @@ EXIT_CODES: list[tuple[type[KjumpError], int]] = [
     (JumpAreaError, 3),
     (KjumpError, 1),
 ]
+
+
+def utc_text(t: float) -> str:
+    """A time stamp (seconds since the epoch) as kjumpctl prints it; OverflowError,
+    ValueError or OSError for one that is no time (NaN, infinite, past year 9999)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def exit_code_for(err: KjumpError) -> int:

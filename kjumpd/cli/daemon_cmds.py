@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 from kjumpd import errors
+from kjumpd.cli import utc_text
 from kjumpd.errors import (
     BusyError,
     CancelledError,
@@ -242,7 +242,7 @@ def plain_json(value: Any) -> Any:
 
 def _when(ts: Any) -> str:
     try:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
+        return utc_text(float(ts))
     except (TypeError, ValueError, OverflowError, OSError):
         return "?"
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
+from kjumpd.cli import utc_text
 from kjumpd.errors import ImageError, ImageFormatError, KjumpError, TargetError
 
 
@@ -78,7 +78,7 @@ def _when(t: float) -> str:
     if not t:
         return "-"
     try:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+        return utc_text(t)
     except (OverflowError, ValueError, OSError):  # NaN, infinite or past year 9999
         return f"{t!r} (not a time)"
 

@@ -168,14 +168,13 @@ class ReadBackVerifier(threading.Thread):
         if length > len(self.buf):
             self.buf.close()
             self.buf = mmap.mmap(-1, length)
-        with memoryview(self.buf) as whole:
-            self.dev.readinto(off, whole[:length])
         with (
             memoryview(self.buf) as whole,
             whole[:length] as got,
             memoryview(sent) as sent_view,
             sent_view[:length] as want,
         ):
+            self.dev.readinto(off, got)
             same = memops.equal(got, want)
         if not same:
             raise ImageCorruptError(
