@@ -153,7 +153,7 @@ class _DevMem:
             loc.map = None
             with self._lock:
                 self._windows.pop(threading.get_ident(), None)
-            m.close()
+            _unmap(m)
         try:
             m = mmap.mmap(self._fd, end - start, mmap.MAP_SHARED, self._prot, offset=start)
         except (OSError, ValueError) as e:
@@ -173,12 +173,35 @@ class _DevMem:
         with self._lock:
             maps, self._windows = list(self._windows.values()), {}
         for m in maps:
-            m.close()
+            _unmap(m)
         self._local = threading.local()
 
 
+def _unmap(m: mmap.mmap) -> None:
+    """Unmap a window now, or once the last view a record still holds of it is gone."""
+    try:
+        m.close()
+    except BufferError:
+        pass  # the mmap object unmaps itself when its last export is released
+
+
 class MemorySource(_DevMem):
-    """Reads A's physical memory: ``read(phys, length) -> bytes``."""
+    """Reads A's physical memory: ``read(phys, length) -> bytes``.
+
+    Each thread reads through its own window and keeps no counters, so the save's workers
+    copy at the same time (``concurrent_reads``)."""
+
+    concurrent_reads = True
+
+    def view(self, phys: int, length: int) -> memoryview | None:
+        """A read-only view of [phys, phys+length) in this thread's window, valid as long as
+        it is referenced (None when the range crosses a window's end). The save reads A's
+        frozen memory through it without a copy."""
+        self._bounds(phys, length)
+        m, off = self._view(phys, length)
+        if off + length > len(m):
+            return None
+        return memoryview(m)[off : off + length]
 
     def __init__(
         self,
@@ -211,7 +234,7 @@ class MemorySource(_DevMem):
             m, off = self._view(phys + done, length - done)
             n = min(length - done, len(m) - off)
             with memoryview(m) as src:
-                out[done : done + n] = src[off : off + n]
+                copy_into(out[done : done + n], src[off : off + n])
             done += n
 
 

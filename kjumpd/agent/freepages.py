@@ -53,6 +53,7 @@ from __future__ import annotations
 import bisect
 import logging
 import struct
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -711,6 +712,10 @@ class FreeMaskedSource:
         self.restore_zeros = restore_zeros
         self.classes = freemap.classes  # counts what is read, by class (a diagnostic)
         self.skipped_bytes = 0
+        # the copies run in several workers at once when the source allows it; the
+        # counters above are taken one caller at a time
+        self.concurrent_reads = bool(getattr(source, "concurrent_reads", False))
+        self._counting = threading.Lock()
 
     def _pieces(self, phys: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, free) pieces covering the request."""
@@ -730,7 +735,8 @@ class FreeMaskedSource:
         chunk without reading (or zero-filling and scanning) anything."""
         pieces = self._pieces(phys, length)
         if len(pieces) == 1 and pieces[0][2]:
-            self.skipped_bytes += length
+            with self._counting:
+                self.skipped_bytes += length
             return True
         return False
 
@@ -744,6 +750,18 @@ class FreeMaskedSource:
         self.readinto(phys, memoryview(buf))
         return bytes(buf)
 
+    def view(self, phys: int, length: int) -> memoryview | None:
+        """The source's view of a range without free pages (None otherwise, or when the
+        source has no views): the save encodes it in place."""
+        inner = getattr(self.source, "view", None)
+        pieces = self._pieces(phys, length)
+        if inner is None or len(pieces) != 1 or pieces[0][2]:
+            return None
+        got: memoryview | None = inner(phys, length)
+        if got is not None:
+            self._note(phys, got)
+        return got
+
     def readinto(self, phys: int, buf: memoryview | bytearray) -> None:
         view = memoryview(buf).cast("B")
         sub_readinto = getattr(self.source, "readinto", None)
@@ -751,7 +769,8 @@ class FreeMaskedSource:
             part = view[off : off + n]
             if is_free:
                 zero_fill(part)
-                self.skipped_bytes += n
+                with self._counting:
+                    self.skipped_bytes += n
             else:
                 if sub_readinto is not None:
                     sub_readinto(phys + off, part)
@@ -760,13 +779,14 @@ class FreeMaskedSource:
                 self._note(phys + off, part)
 
     def _note(self, phys: int, data: object) -> None:
-        if self.classes is None:
-            return
-        try:
-            self.classes.note_read(phys, data)  # type: ignore[arg-type]
-        except Exception as e:  # noqa: BLE001 - a diagnostic must never stop the save
-            log.warning("page classes left out: %s: %s", type(e).__name__, e)
-            self.classes = None
+        with self._counting:
+            if self.classes is None:
+                return
+            try:
+                self.classes.note_read(phys, data)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - a diagnostic must never stop the save
+                log.warning("page classes left out: %s: %s", type(e).__name__, e)
+                self.classes = None
 
     def close(self) -> None:
         close = getattr(self.source, "close", None)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kjumpd.image.chunk import find_zero_pages
+
 PAGE = 4096
 PG_RESERVED = 13  # 6.12 enum pageflags (not exported in VMCOREINFO)
 
@@ -113,43 +115,10 @@ class ClassRow:
     zero_pages: int  # of them, all zero
 
 
-_SAMPLES = (0, 8, 1032, 2056, 3080, 4088)
-_ZERO_PAGE = bytes(PAGE)
-
-
-_ZEROS: dict[int, bytes] = {}
-
-
-def _zeros(n: int) -> bytes:
-    z = _ZEROS.get(n)
-    if z is None:
-        if len(_ZEROS) > 8:
-            _ZEROS.clear()
-        z = _ZEROS[n] = bytes(n)
-    return z
-
-
 def zero_pages(data: memoryview | bytes | bytearray) -> list[int]:
-    """Indices of the all-zero whole pages of ``data`` (a few bytes of every page are picked
-    out by strided slices first; only candidates are compared in full)."""
+    """Indices of the all-zero whole pages of ``data``."""
     mv = memoryview(data).cast("B")
-    full = len(mv) // PAGE
-    if not full:
-        return []
-    end = full * PAGE
-    acc = 0
-    for k in _SAMPLES:
-        acc |= int.from_bytes(mv[k:end:PAGE].tobytes(), "little")
-    if acc == 0 and mv[:end].tobytes() == _zeros(end):  # wholly zero: one comparison
-        return list(range(full))
-    cand = acc.to_bytes(full, "little")
-    out = []
-    i = cand.find(0)
-    while i >= 0:
-        if mv[i * PAGE : (i + 1) * PAGE].tobytes() == _ZERO_PAGE:
-            out.append(i)
-        i = cand.find(0, i + 1)
-    return out
+    return find_zero_pages(mv, len(mv) - len(mv) % PAGE)
 
 
 class PageClasses:

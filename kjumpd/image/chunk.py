@@ -40,7 +40,7 @@ from kjumpd.image.format import (
     ChunkHeader,
     crc32,
 )
-from kjumpd.image.memops import copy_into, zero_fill
+from kjumpd.image.memops import copy_into, is_zero, zero_fill
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 COMPRESSIONS = ("lz4", "none")
@@ -52,7 +52,7 @@ class EncodedChunk:
     phys: int
     raw_length: int
     head: bytes  # record header + zero-page bitmap
-    payload: bytes | memoryview  # stored bytes (a view only of ``lent``)
+    payload: bytes | memoryview  # stored bytes (a view only of ``lent`` or a borrowed view)
     crc: int  # CRC of bitmap + payload (also in the record header)
     zero_pages: int
     cpu: float = 0.0  # CPU seconds this thread spent encoding it
@@ -69,31 +69,42 @@ class EncodedChunk:
 _SAMPLES = (0, 8, 1032, 2056, 3080, 4088)
 
 
-def find_zero_pages(data: bytes | bytearray, length: int | None = None) -> list[int]:
+def find_zero_pages(data: bytes | bytearray | memoryview, length: int | None = None) -> list[int]:
     """Indices of the all-zero pages of the first ``length`` bytes of ``data`` (default: all
-    of it; the last page may be partial).
+    of it; the last page may be partial). ``data`` is any byte buffer, read in place.
 
     Strided slices pick a few bytes of every page in C (``data[k:end:4096]``); only the pages
     where all of them are zero are compared in full, so Python never scans the other pages.
     """
-    n = len(data) if length is None else length
+    mv = memoryview(data).cast("B")
+    n = len(mv) if length is None else length
     full = n // PAGE_SIZE
     end = full * PAGE_SIZE
     out = []
     if full:
         acc = 0
         for k in _SAMPLES:
-            acc |= int.from_bytes(data[k:end:PAGE_SIZE], "little")
-        candidates = acc.to_bytes(full, "little")  # byte i is 0: page i may be zero
-        i = candidates.find(0)
-        while i >= 0:
-            o = i * PAGE_SIZE
-            if data.startswith(ZERO_PAGE, o, o + PAGE_SIZE):
-                out.append(i)
-            i = candidates.find(0, i + 1)
-    if n > end and data.startswith(ZERO_PAGE[: n - end], end, n):
+            acc |= int.from_bytes(mv[k:end:PAGE_SIZE].tobytes(), "little")
+        if acc == 0 and is_zero(mv[:end]):  # wholly zero: one comparison
+            out = list(range(full))
+        else:
+            candidates = acc.to_bytes(full, "little")  # byte i is 0: page i may be zero
+            i = candidates.find(0)
+            while i >= 0:
+                o = i * PAGE_SIZE
+                if mv[o : o + PAGE_SIZE].tobytes() == ZERO_PAGE:
+                    out.append(i)
+                i = candidates.find(0, i + 1)
+    if n > end and mv[end:n].tobytes() == ZERO_PAGE[: n - end]:
         out.append(full)
     return out
+
+
+def all_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether every byte of ``data`` is zero (its first page looked at before the rest)."""
+    mv = memoryview(data).cast("B")
+    head = mv[:PAGE_SIZE].tobytes()
+    return head == ZERO_PAGE[: len(head)] and (len(mv) <= PAGE_SIZE or is_zero(mv))
 
 
 #: all-zero buffers by length (a chunk size and the odd tail): compared against, never copied
@@ -162,38 +173,39 @@ def encode_chunk(
     tag: int = 0,
     length: int | None = None,
     lend: bool = False,
+    borrowed: bool = False,
 ) -> EncodedChunk:
     """Encode the first ``length`` bytes of ``data`` (the memory at ``phys``) as one record.
 
-    ``data`` is not kept: the record holds its own copies, so the caller may reuse a
-    bytes/bytearray/mmap buffer for the next chunk at once (a memoryview is copied first).
-    With ``lend`` and a bytearray ``data``, a record stored raw without zero pages keeps a
-    view of ``data`` instead of a copy, and names it in ``lent``.
+    ``data`` (any byte buffer, read in place) is not kept: the record holds its own copies,
+    so the caller may reuse the buffer for the next chunk at once. Two exceptions, for a
+    record stored raw without zero pages: with ``lend`` and a bytearray ``data``, the record
+    keeps a view of ``data`` instead of a copy, and names it in ``lent``; with ``borrowed``
+    (``data`` is a view of memory that nothing changes while the record lives, as the save
+    kernel's mapping of the frozen main kernel's memory), it keeps that view.
     """
     cpu0 = time.thread_time()
-    if isinstance(data, memoryview):
-        data = bytes(data)  # find()/startswith() need bytes-like methods
-    n = len(data) if length is None else length
-    if n > len(data):
-        raise ValueError(f"chunk length {n} exceeds the buffer ({len(data)} bytes)")
+    src = memoryview(data).cast("B")
+    n = len(src) if length is None else length
+    if n > len(src):
+        raise ValueError(f"chunk length {n} exceeds the buffer ({len(src)} bytes)")
     pages = (n + PAGE_SIZE - 1) // PAGE_SIZE
     bitmap = bytearray((pages + 7) // 8)
     payload_raw: bytes | memoryview
-    if data.startswith(ZERO_PAGE[: min(n, PAGE_SIZE)]) and data.startswith(zeros(n)):
+    if all_zero(src[:n]):
         zero = pages
         for i in range(pages):
             bitmap[i >> 3] |= 1 << (i & 7)
         payload_raw = b""
     else:
-        zero_at = find_zero_pages(data, n)
+        zero_at = find_zero_pages(src, n)
         zero = len(zero_at)
         for i in zero_at:
             bitmap[i >> 3] |= 1 << (i & 7)
         if zero == 0:
-            payload_raw = memoryview(data)[:n]
+            payload_raw = src[:n]
         else:
             # the stored pages are the runs between zero pages, packed into a scratch buffer
-            src = memoryview(data)
             scratch = _scratch_buffer(n)
             dst = memoryview(scratch)
             fill = pos = 0
@@ -209,6 +221,7 @@ def encode_chunk(
             payload_raw = dst[:fill]
     payload: bytes | memoryview
     lent = data if lend and zero == 0 and isinstance(data, bytearray) else None
+    keep = lent is not None or (borrowed and zero == 0)
     if zero == pages:
         enc, payload = ENC_ZERO, b""
     elif compression == "lz4" and not _skip_lz4(payload_raw):
@@ -216,9 +229,9 @@ def encode_chunk(
         enc = ENC_LZ4
         _scratch.poor = _poor_gain(len(payload), len(payload_raw))
         if len(payload) >= len(payload_raw):
-            enc, payload = ENC_RAW, _raw_payload(payload_raw, lent)
+            enc, payload = ENC_RAW, _raw_payload(payload_raw, keep)
     else:
-        enc, payload = ENC_RAW, _raw_payload(payload_raw, lent)
+        enc, payload = ENC_RAW, _raw_payload(payload_raw, keep)
     if enc != ENC_RAW:
         lent = None
     bm = bytes(bitmap)
@@ -249,9 +262,10 @@ def encode_chunk(
     )
 
 
-def _raw_payload(payload_raw: bytes | memoryview, lent: bytearray | None) -> bytes | memoryview:
-    """The stored bytes of a raw record: a view of the lent buffer, else a copy of its own."""
-    return payload_raw if lent is not None else bytes(payload_raw)
+def _raw_payload(payload_raw: bytes | memoryview, keep: bool) -> bytes | memoryview:
+    """The stored bytes of a raw record: a view of a lent or borrowed buffer, else a copy of
+    its own."""
+    return payload_raw if keep else bytes(payload_raw)
 
 
 def zero_chunk(index: int, phys: int, n: int, tag: int = 0, free: bool = False) -> EncodedChunk:

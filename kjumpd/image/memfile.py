@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class FileMemorySource:
-    """read(phys, length): the bytes at offset ``phys`` of a file."""
+    """read(phys, length): the bytes at offset ``phys`` of a file (positioned reads: any
+    number of threads at once)."""
+
+    concurrent_reads = True
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)

@@ -3,12 +3,13 @@ writer -> verify (every written window re-read from the device and compared byte
 flush -> SAVED header, written last after a flush.
 (The record-level check, with decompression, is restore_image(verify_only=True).)
 
-Threads: each worker claims the next chunk of the plan, reads it into its own reused buffer
-and encodes it; the caller's thread is the writer, taking encoded chunks *in order* and
-packing them into aligned windows; a verifier thread reads each window back as soon as its
-write returned, so the verify pass overlaps the save instead of following it (SAVED still
-waits for its last window). Workers stay at most a few chunks ahead of the writer, so memory
-use does not depend on the size of the input.
+Threads: each worker claims the next chunk of the plan and encodes it, in place when the
+source lends a view of memory that cannot change (the save kernel's mapping of the stopped
+main kernel), else read into its own reused buffer; the caller's thread is the writer,
+taking encoded chunks *in order* and packing them into aligned windows; a verifier thread
+reads each window back as soon as its write returned, so the verify pass overlaps the save
+instead of following it (SAVED still waits for its last window). Workers stay at most a few
+chunks ahead of the writer, so memory use does not depend on the size of the input.
 On a cancel or an error the header becomes ABORTED(reason) and a KjumpError is raised.
 
 Standard library + lz4 only: this runs in the save kernel's initramfs.
@@ -23,6 +24,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,7 +66,11 @@ class MemorySource(Protocol):
     per chunk) and ``known_zero(phys, length) -> bool`` (True: the range is zero by the
     source's own account, e.g. free pages of the main kernel, and is not read at all), and
     ``restore_zeros`` (default True; False: such ranges are free memory whose contents nobody
-    looks at, stored as free records that a restore leaves as it finds them)."""
+    looks at, stored as free records that a restore leaves as it finds them), and
+    ``concurrent_reads`` (default False; True: ``readinto`` may run in several workers at
+    once, so their copies overlap; otherwise the workers read one at a time), and
+    ``view(phys, length) -> memoryview | None`` (a view of memory that stays unchanged while
+    referenced, encoded in place instead of copied first; None: read it)."""
 
     def read(self, phys: int, length: int) -> bytes | bytearray | memoryview: ...
 
@@ -171,13 +177,13 @@ _UNASKED, _ZERO, _DATA = 0, 1, 2
 
 
 class _Encoders:
-    """Worker threads that each claim the next chunk of the plan, read it into their own
-    reused buffer and encode it; results are handed to the writer (the caller's thread) in
-    plan order. A raw record keeps its worker's buffer (no copy) until the writer has its
-    bytes, and the worker goes on with a spare one. At most ``depth`` chunks are claimed
-    and not yet taken by the writer, so the memory in use does not depend on the size of
-    the input. Reads from the source are serialised (a /dev/mem source maps one window at a
-    time).
+    """Worker threads that each claim the next chunk of the plan, take a view of it from
+    the source or read it into their own reused buffer, and encode it; results are handed
+    to the writer (the caller's thread) in plan order. A raw record keeps its view, or its
+    worker's buffer (the worker goes on with a spare one), until the writer has its bytes:
+    no copy before the writer's. At most ``depth`` chunks are claimed and not yet taken by
+    the writer, so the memory in use does not depend on the size of the input. Reads from
+    the source are serialised unless it takes concurrent ones (``concurrent_reads``).
 
     A chunk the source knows is zero (free memory, most of an idle machine) has nothing to
     read or encode: the writer makes its record itself and the workers pass over it. Handing
@@ -201,6 +207,7 @@ class _Encoders:
         self.cipher = cipher  # seal.ImageCipher: records are encrypted
         self.compression, self.tag, self.chunk_size = compression, tag, chunk_size
         self.readinto = getattr(source, "readinto", None)
+        self.view = getattr(source, "view", None)
         self.known_zero = getattr(source, "known_zero", None)
         # a source whose known-zero ranges are free memory that need not come back as zeros
         self.free_records = not getattr(source, "restore_zeros", True)
@@ -210,6 +217,13 @@ class _Encoders:
         self.writer_makes_zero = self.known_zero is not None and cipher is None
         self.cond = threading.Condition()
         self.read_lock = threading.Lock()
+        # the lock each read is taken under: the source's own counters need one caller at
+        # a time, unless it says otherwise
+        self.copy_lock: AbstractContextManager[object] = (
+            nullcontext()
+            if self.readinto is not None and getattr(source, "concurrent_reads", False)
+            else self.read_lock
+        )
         self.results: dict[int, EncodedChunk | BaseException] = {}
         self.claimed = 0  # next plan position to hand out
         # chunks claimed by a worker and not yet taken by the writer (the memory in use)
@@ -306,16 +320,23 @@ class _Encoders:
         if self.known_zero is not None and self._is_zero(pos):
             return self._zero_record(pos)
         data: Any
-        with self.read_lock:
+        with self.copy_lock:
             t0 = time.monotonic()
-            if buf is not None:
-                with memoryview(buf) as whole:
-                    self.readinto(phys, whole[:n])  # type: ignore[misc]
-                data = buf
-            else:
-                data = self.source.read(phys, n)
-            self.read_seconds += time.monotonic() - t0
-        if buf is None and len(data) != n:
+            # a view of memory that stays as it is (A's, frozen) is encoded in place, and a
+            # raw record keeps it instead of a copy
+            data = self.view(phys, n) if self.view is not None else None
+            borrowed = data is not None
+            if not borrowed:
+                if buf is not None:
+                    with memoryview(buf) as whole:
+                        self.readinto(phys, whole[:n])  # type: ignore[misc]
+                    data = buf
+                else:
+                    data = self.source.read(phys, n)
+            took = time.monotonic() - t0
+        with self.cond:
+            self.read_seconds += took
+        if data is not buf and len(data) != n:
             raise ImageError(
                 f"memory source returned {len(data)} bytes at {phys:#x}, expected {n}",
                 why="the range lies beyond the end of the memory",
@@ -323,8 +344,10 @@ class _Encoders:
                 phys=phys,
             )
         # encrypted records are new bytes: nothing to lend
-        lend = buf is not None and self.cipher is None
-        return encode_chunk(index, phys, data, self.compression, self.tag, length=n, lend=lend)
+        lend = data is buf and self.cipher is None
+        return encode_chunk(
+            index, phys, data, self.compression, self.tag, length=n, lend=lend, borrowed=borrowed
+        )
 
     def take(self, pos: int, timeout: float) -> EncodedChunk | BaseException | None:
         """The result for plan position ``pos`` (None on timeout); lets workers go on."""

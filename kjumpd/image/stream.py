@@ -77,7 +77,9 @@ class RecordWriter:
         done = 0
         while done < n:
             take = min(n - done, len(self.buf) - self.fill)
-            self.buf[self.fill : self.fill + take] = mv[done : done + take]
+            with memoryview(self.buf) as window:
+                # a record's 1 MiB payload: with the GIL released the workers go on encoding
+                memops.copy_into(window[self.fill : self.fill + take], mv[done : done + take])
             self.fill += take
             done += take
             if self.fill == len(self.buf):

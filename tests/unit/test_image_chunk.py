@@ -214,6 +214,7 @@ def test_zero_pages_are_found_whatever_single_bytes_spoil_them(spoilers, cut):
     ]
     assert find_zero_pages(bytes(data)) == want
     assert find_zero_pages(data + b"\x01" * 100, len(data)) == want
+    assert find_zero_pages(memoryview(bytes(data)).toreadonly()) == want  # A's mapping
 
 
 def _incompressible_run(pages: int = 256) -> None:
@@ -275,3 +276,27 @@ def test_a_raw_record_lends_the_read_buffer_only_when_asked_and_only_when_raw():
     payload = bytes(rec.payload)
     holed[:] = b"\xee" * len(holed)
     assert bytes(rec.payload) == payload
+
+
+@settings(deadline=None)
+@given(chunks(), st.sampled_from(["lz4", "none"]), st.booleans())
+def test_a_read_only_view_encodes_as_its_bytes_do(data, compression, borrowed):
+    """The save kernel encodes A's memory in place, through a read-only view of its
+    mapping: the record is the one the same bytes give."""
+    import mmap
+
+    m = mmap.mmap(-1, len(data) + PAGE_SIZE)
+    m[: len(data)] = data
+    with memoryview(m) as whole:
+        view = whole[: len(data)].toreadonly()
+        rec = encode_chunk(3, 0x5000, view, compression, borrowed=borrowed)
+        del view
+    want = encode_chunk(3, 0x5000, data, compression)
+    assert rec.head == want.head and bytes(rec.payload) == bytes(want.payload)
+    raw_whole = len(rec.payload) == len(data) and rec.zero_pages == 0
+    if borrowed and raw_whole:
+        assert isinstance(rec.payload, memoryview), "raw: the record keeps the view"
+        del rec
+    else:
+        assert not isinstance(rec.payload, memoryview), "otherwise bytes of its own"
+    m.close()  # no view left behind in either case

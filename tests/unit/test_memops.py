@@ -41,7 +41,7 @@ def test_copy_into_writes_exactly_the_source_and_nothing_past_it(path: str, n: i
 
 
 def test_copy_into_takes_a_read_only_source(path: str) -> None:
-    src = _pattern(BIG, 7)  # bytes: ctypes cannot reach it, the slice copy does
+    src = _pattern(BIG, 7)  # bytes, as lz4's output: read through the buffer protocol
     dst = bytearray(BIG)
     with memoryview(dst) as d, memoryview(src) as s:
         memops.copy_into(d, s)
