@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from kjumpd.agent.devmem import normalize, subtract
 from kjumpd.agent.pageclass import Layout, PageClasses
 from kjumpd.errors import KjumpError
-from kjumpd.image.memops import zero_fill
+from kjumpd.image.memops import copy_into, zero_fill
 
 log = logging.getLogger("kjumpd.agent.freepages")
 
@@ -399,15 +399,15 @@ class FreePageMap:
     def free_in(self, phys: int, length: int) -> list[Range]:
         """The free parts of [phys, phys + length), clipped, in order."""
         end = phys + length
-        out: list[Range] = []
-        i = max(bisect.bisect_right(self._runs.starts, phys) - 1, 0)
-        while i < len(self.ranges):
-            a, b = self.ranges[i]
-            if a >= end:
-                break
-            if b > phys:
-                out.append((max(a, phys), min(b, end)))
-            i += 1
+        starts, ends = self._runs.starts, self._runs.ends
+        lo = max(bisect.bisect_right(starts, phys) - 1, 0)
+        hi = bisect.bisect_left(starts, end, lo)  # the runs that start before the end
+        out = list(zip(starts[lo:hi], ends[lo:hi]))
+        if out and out[0][1] <= phys:  # the run before ends before the range
+            del out[0]
+        if out:  # clipped to the range
+            out[0] = (max(out[0][0], phys), out[0][1])
+            out[-1] = (out[-1][0], min(out[-1][1], end))
         return out
 
     def is_free(self, phys: int) -> bool:
@@ -716,6 +716,7 @@ class FreeMaskedSource:
         # counters above are taken one caller at a time
         self.concurrent_reads = bool(getattr(source, "concurrent_reads", False))
         self._counting = threading.Lock()
+        self._zeros = memoryview(b"")  # read-only zeros the free pieces are sliced from
 
     def _pieces(self, phys: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, free) pieces covering the request."""
@@ -754,8 +755,10 @@ class FreeMaskedSource:
         """The source's view of a range without free pages (None otherwise, or when the
         source has no views): the save encodes it in place."""
         inner = getattr(self.source, "view", None)
+        if inner is None:
+            return None
         pieces = self._pieces(phys, length)
-        if inner is None or len(pieces) != 1 or pieces[0][2]:
+        if len(pieces) != 1 or pieces[0][2]:
             return None
         got: memoryview | None = inner(phys, length)
         if got is not None:
@@ -764,6 +767,11 @@ class FreeMaskedSource:
 
     def readinto(self, phys: int, buf: memoryview | bytearray) -> None:
         view = memoryview(buf).cast("B")
+        inner = getattr(self.source, "view", None)
+        whole = inner(phys, len(view)) if inner is not None else None
+        if whole is not None:
+            self._assemble(phys, view, whole)
+            return
         sub_readinto = getattr(self.source, "readinto", None)
         for off, n, is_free in self._pieces(phys, len(view)):
             part = view[off : off + n]
@@ -777,6 +785,31 @@ class FreeMaskedSource:
                 else:
                     part[:] = self.source.read(phys + off, n)  # type: ignore[attr-defined]
                 self._note(phys + off, part)
+
+    def _assemble(self, phys: int, out: memoryview, whole: memoryview) -> None:
+        """``out`` = the used pages of ``whole`` (a view of A's range at ``phys``) with zeros
+        for the free ones. A's free memory fragmented into single pages (weeks of uptime)
+        makes hundreds of pieces a chunk: each costs one slice here, not a read, a copy
+        and a histogram note."""
+        length = len(out)
+        if len(self._zeros) < length:
+            self._zeros = memoryview(bytes(length))
+        zeros = self._zeros
+        parts: list[memoryview] = []
+        cur = skipped = 0
+        for a, b in self.freemap.free_in(phys, length):
+            a, b = a - phys, b - phys
+            if a > cur:
+                parts.append(whole[cur:a])
+            parts.append(zeros[: b - a])
+            skipped += b - a
+            cur = b
+        if cur < length:
+            parts.append(whole[cur:length])
+        copy_into(out, memoryview(b"".join(parts)))
+        with self._counting:
+            self.skipped_bytes += skipped
+        self._note(phys, out)  # the histogram leaves the free pages out
 
     def _note(self, phys: int, data: object) -> None:
         with self._counting:

@@ -198,18 +198,22 @@ class PageClasses:
 
     # ---------------------------------------------------------------- pages read
     def note_read(self, phys: int, data: memoryview | bytes | bytearray) -> None:
-        """The save read ``data`` at ``phys``: count its pages and zero pages by class."""
+        """The save read ``data`` at ``phys``: count its pages and zero pages by class.
+        Free pages in ``data`` (zeros the save put there, not A's bytes) are left out."""
         first = phys // PAGE - self.base
         npages = -(-len(data) // PAGE)
         view = self.cls[first : first + npages] if first >= 0 else b""
         if len(view) < npages:  # outside the classified span
             view = bytes(view) + bytes([UNSCANNED]) * (npages - len(view))
         for c in set(view):
-            self.read[c] += view.count(c)
+            if c != FREE:
+                self.read[c] += view.count(c)
         pfn0 = phys // PAGE
         runs = self.zero_runs
         for i in zero_pages(data):
             c = view[i]
+            if c == FREE:
+                continue
             self.zero[c] += 1
             if runs and runs[-1][0] == c and runs[-1][2] == pfn0 + i:
                 runs[-1][2] += 1

@@ -503,6 +503,18 @@ class WithReadinto(ReadOnly):
         buf[:] = self.a.read(phys, len(buf))
 
 
+class Lending(ReadOnly):
+    """A source that lends views, as B's /dev/mem windows do. Its view holds A's bytes,
+    free pages' garbage included, and looking at it is not recorded as a read: what the
+    masked source hands out shows whether it copied a free page."""
+
+    def view(self, phys: int, length: int) -> memoryview:
+        seen = len(self.a.reads)
+        data = self.a.read(phys, length)
+        del self.a.reads[seen:]
+        return memoryview(data)
+
+
 def _filled() -> FakeA:
     a = FakeA(leaf=2 << 20)
     for base in (0x800000, 0x80C000, 0x2C00000):  # garbage in pages that will be free
@@ -528,6 +540,62 @@ def test_masked_source_hands_zeros_for_free_pages_and_never_reads_them(
     src.readinto(phys, memoryview(buf))
     assert buf == want
     assert not any(fmap.free_in(p, n) for p, n in a.reads)
+
+
+def _alternating(a: FakeA, start: int, pages: int) -> fp.FreePageMap:
+    """Every other page of [start, start + pages) free, each holding garbage."""
+    for i in range(pages):
+        a.write(start + i * PAGE, (b"\xaa" if i % 2 else bytes([i % 251 + 1])) * 16)
+    return fp.FreePageMap(
+        tuple((start + i * PAGE, start + (i + 1) * PAGE) for i in range(1, pages, 2))
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(first=st.integers(0, 40), count=st.integers(1, 64))
+def test_a_fragmented_range_comes_out_of_one_view_with_zeros_for_its_free_pages(
+    first: int, count: int
+) -> None:
+    a = FakeA(leaf=2 << 20)
+    start = 0x800000
+    fmap = _alternating(a, start, 128)
+    src = fp.FreeMaskedSource(Lending(a), fmap)
+    phys, length = start + first * PAGE, count * PAGE
+    want = bytearray(_peek(a, phys, length))
+    free = 0
+    for s, e in fmap.free_in(phys, length):
+        want[s - phys : e - phys] = bytes(e - s)
+        free += e - s
+    buf = bytearray(b"\x55" * length)  # a reused buffer holds the last chunk's bytes
+    src.readinto(phys, memoryview(buf))
+    assert buf == want
+    assert src.skipped_bytes == free
+    assert a.reads == []  # nothing read a piece at a time
+
+
+def _peek(a: FakeA, phys: int, length: int) -> bytes:
+    seen = len(a.reads)
+    data = a.read(phys, length)
+    del a.reads[seen:]
+    return data
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pages=st.lists(st.integers(0, 63), max_size=40),
+    phys=st.integers(0, 70 * PAGE),
+    length=st.integers(1, 40 * PAGE),
+)
+def test_the_free_parts_of_a_range_are_exactly_its_free_bytes(
+    pages: list[int], phys: int, length: int
+) -> None:
+    fmap = fp.FreePageMap(tuple((p * PAGE, (p + 1) * PAGE) for p in pages))
+    got = fmap.free_in(phys, length)
+    assert all(a < b for a, b in got) and all(b < c for (_, b), (c, _) in zip(got, got[1:]))
+    free = {p * PAGE + o for p in set(pages) for o in range(0, PAGE, 512)}
+    want = {x for x in range(phys - phys % 512, phys + length, 512) if x in free}
+    assert {x for a, b in got for x in range(a - a % 512, b, 512)} == want
+    assert all(phys <= a and b <= phys + length for a, b in got)
 
 
 def test_free_map_records_are_sorted_merged_and_clipped() -> None:
@@ -767,7 +835,8 @@ def _set_fields(
     struct.pack_into("<I", page, o + 52, refcount)
 
 
-def test_pages_read_are_counted_by_class_zero_and_non_zero() -> None:
+@pytest.mark.parametrize("lends_views", [False, True], ids=["reads", "views"])
+def test_pages_read_are_counted_by_class_zero_and_non_zero(lends_views: bool) -> None:
     a = build()
     anon, file_, res, kern, table = 0x3100, 0x3101, 0x3102, 0x3103, 0x3104
     _set_fields(a, anon, mapping=0xFFFF_8880_0000_1001)
@@ -790,7 +859,7 @@ def test_pages_read_are_counted_by_class_zero_and_non_zero() -> None:
     fmap = fp.scan(a.info, a.read, RAM, note=(NOTE, 2048))
     classes = fmap.classes
     assert classes is not None
-    src = fp.FreeMaskedSource(ReadOnly(a), fmap)
+    src = fp.FreeMaskedSource(Lending(a) if lends_views else ReadOnly(a), fmap)
     for start, end in RAM:
         for at in range(start, end, 1 << 20):
             src.read(at, min(1 << 20, end - at))
