@@ -1,11 +1,12 @@
 """Reading an initramfs as the kernel does: its first archive, gzip'd, lz4'd (the "legacy"
-stream of ``lz4 -l``), zstd'd or plain newc cpio (kjumpd.cpio).
+stream of ``lz4 -l``), zstd'd or plain newc cpio (kjumpd.cpio); and writing the lz4 one.
 
 The kernel's initramfs unpacker recognises the compressions by these magics
 (lib/decompress.c). An lz4 legacy stream is the magic, then blocks of (u32 little-endian
 compressed size, lz4 block) of LZ4_LEGACY_BLOCK unpacked bytes each but the last; it ends
 where no whole block follows (zero padding, or the next archive). gzip and lz4 are read in
-Python (zlib, python3-lz4); zstd with the host's ``zstd`` tool.
+Python (zlib, python3-lz4), and lz4 is written there too; zstd is read with the host's
+``zstd`` tool.
 """
 
 from __future__ import annotations
@@ -25,6 +26,29 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = zstdframe.MAGIC
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 LZ4_LEGACY_BLOCK = 8 << 20
+
+
+#: lz4's high-compression level for written streams: what ``lz4 -l -9`` writes
+LZ4_LEGACY_LEVEL = 9
+
+
+def lz4_legacy_compress(raw: bytes) -> bytes:
+    """``raw`` as an lz4 legacy stream, the one ``lz4 -l -9`` writes (python3-lz4: no lz4
+    tool needed). It has no end mark: what follows it must start with a zero size or
+    another archive's magic."""
+    import lz4.block
+
+    out = [LZ4_LEGACY_MAGIC]
+    view = memoryview(raw)
+    for at in range(0, len(raw), LZ4_LEGACY_BLOCK):
+        block = lz4.block.compress(
+            view[at : at + LZ4_LEGACY_BLOCK],
+            mode="high_compression",
+            compression=LZ4_LEGACY_LEVEL,
+            store_size=False,
+        )
+        out += (len(block).to_bytes(4, "little"), block)
+    return b"".join(out)
 
 
 def lz4_legacy_blocks(blob: bytes) -> list[tuple[int, int]]:

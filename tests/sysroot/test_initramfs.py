@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,22 +78,33 @@ def test_plain_archive_is_uncompressed_cpio_with_its_own_key() -> None:
     ]
 
 
-def test_compressed_with_lz4_when_the_host_has_it_else_gzip() -> None:
-    import shutil
+def test_compressed_with_lz4_without_the_lz4_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a host without the lz4 tool (Debian installs it only on request) still writes lz4:
+    # python3-lz4, which kjumpd needs anyway, writes the stream
+    real_run = subprocess.run
 
-    a = initramfs.build_initramfs(None, INIT, {"etc/motd": b"one" * 1000}, name="t")
+    def run(cmd, *a, **kw):  # type: ignore[no-untyped-def]
+        assert Path(str(cmd[0])).name != "lz4", "the lz4 tool was run"
+        return real_run(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    a = initramfs.build_initramfs(None, INIT, {"etc/motd": b"one" * 1000}, name="t-nolz4")
     blob = a.path.read_bytes()
-    if shutil.which("lz4"):
-        # the kernel's lz4 "legacy" stream (what CONFIG_RD_LZ4 reads), then zeros only: at
-        # least a zero block size, which ends the stream for the kernel before an archive
-        # appended after it (R's payload, B's job)
-        assert a.path.suffix == ".lz4" and blob[:4] == initramfs.LZ4_LEGACY_MAGIC
-        end = initramfs.lz4_legacy_length(blob)
-        assert blob[end:] == bytes(len(blob) - end) and 4 <= len(blob) - end < 8
-        # an archive appended after it (the job) is not taken for part of the stream
-        assert initramfs.lz4_legacy_length(blob + b"070701" + bytes(200)) == end
-    else:
-        assert a.path.suffix == ".gz" and blob[:2] == b"\x1f\x8b"
+    # the kernel's lz4 "legacy" stream (what CONFIG_RD_LZ4 reads), then zeros only: at
+    # least a zero block size, which ends the stream for the kernel before an archive
+    # appended after it (R's payload, B's job)
+    assert a.path.suffix == ".lz4" and blob[:4] == initramfs.LZ4_LEGACY_MAGIC
+    end = initramfs.lz4_legacy_length(blob)
+    assert blob[end:] == bytes(len(blob) - end) and 4 <= len(blob) - end < 8
+    # an archive appended after it (the job) is not taken for part of the stream
+    assert initramfs.lz4_legacy_length(blob + b"070701" + bytes(200)) == end
+    assert {e.name for e in initramfs.read_archive(a.path)} >= {"init", "etc/motd"}
+
+
+def test_gzip_when_python3_lz4_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "lz4.block", None)  # import fails as when not installed
+    a = initramfs.build_initramfs(None, INIT, {"etc/motd": b"two" * 1000}, name="t-nolz4")
+    assert a.path.suffix == ".gz" and a.path.read_bytes()[:2] == b"\x1f\x8b"
     assert {e.name for e in initramfs.read_archive(a.path)} >= {"init", "etc/motd"}
 
 
