@@ -3,7 +3,6 @@ reader the host uses as the VM's boot loader, the guest image cache key."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from hypothesis import given
@@ -21,12 +20,16 @@ def test_workload_data_is_deterministic_distinct_and_sized():
     assert len(a) == (3 << 20) + 4096
     pages = {a[i : i + 4096] for i in range(0, len(a), 4096)}
     assert len(pages) == len(a) // 4096  # no two pages alike: zero elision/dedup can't cheat
-    assert workload.expected_digest(7, len(a)) == hashlib.sha256(a).hexdigest()
+    digest = workload.expected_digest(7, len(a))
+    assert digest == workload.digest_of(a) and len(digest) == 4 * 8  # a CRC for each MiB
+    # one changed byte is named by the MiB it is in
+    changed = a[: (2 << 20) + 5] + bytes([a[(2 << 20) + 5] ^ 1]) + a[(2 << 20) + 6 :]
+    assert workload.differing_mib(workload.digest_of(changed), digest) == [2]
 
 
 def _status(counter: int, digest: str, pid: int = 10, start: float = 1.0) -> workload.Status:
     return workload.Status(
-        pid=pid, start_time=start, counter=counter, size=4096, seed=1, mlocked=True, sha256=digest
+        pid=pid, start_time=start, counter=counter, size=4096, seed=1, mlocked=True, digest=digest
     )
 
 
@@ -34,8 +37,8 @@ def test_verdict_passes_only_for_same_process_same_data_counter_moving():
     good = "ab" * 32
     ok, line = workload.verdict("b", _status(5, good), _status(9, good), good)
     assert ok and line.startswith("KJUMP-VERDICT: PASS")
-    ok, line = workload.verdict("b", _status(5, good), _status(9, "cd" * 32), good)
-    assert not ok and "data differs" in line
+    ok, line = workload.verdict("b", _status(5, good), _status(9, good[:8] + "cdcdcdcd" + good[16:]), good)
+    assert not ok and "data differs from the seed in 1 of 8 MiB (the first at MiB 1)" in line
     ok, line = workload.verdict("b", _status(5, good), _status(5, good), good)
     assert not ok and "counter did not continue" in line
     ok, line = workload.verdict("b", _status(5, good), _status(9, good, pid=11), good)

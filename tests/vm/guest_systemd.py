@@ -297,7 +297,7 @@ def hibernate_cycle(how: str, before: wl.Status, expected: str, extra: dict) -> 
         problems.append(f"{how}: the journal has no kjumpd record saying {c.result!r}")
     extra[f"journal_{how}"] = "recorded" if c.result in log and sleep_log else "missing"
     after = wl.query()
-    if after.sha256 != expected or after.pid != before.pid:
+    if after.digest != expected or after.pid != before.pid:
         problems.append(f"{how}: the workload is not the same process with the same bytes")
     wproblems, wfields = writers.check(wbefore)
     problems += [f"{how}: {p}" for p in wproblems]

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
+import zlib
 
 from kjumpd.image import store
 from kjumpd.image.device import ImageDevice
@@ -73,7 +74,9 @@ def fill(mib: int, seed: int) -> mmap.mmap:
 
 
 def digest(m: mmap.mmap) -> str:
-    return hashlib.sha256(m).hexdigest()
+    """The CRC-32 of each MiB (a SHA-256 of this much takes seconds under TCG)."""
+    with memoryview(m) as view:
+        return "".join(f"{zlib.crc32(view[o : o + MIB]):08x}" for o in range(0, len(view), MIB))
 
 
 def ram_ranges() -> list[tuple[int, int]]:
@@ -136,7 +139,7 @@ def step_jump(args: dict[str, str]) -> None:
     t = time.monotonic()
     data = fill(mib, seed)
     before = digest(data)
-    say(f"filled {mib} MiB in {time.monotonic() - t:.1f} s, sha256 {before[:16]}")
+    say(f"filled {mib} MiB in {time.monotonic() - t:.1f} s, CRCs {before[:16]}")
     uuid, bm = make_target()
     ranges = ram_ranges()
     say(f"target {uuid} on {DISK}; ranges {[(hex(a), hex(b)) for a, b in ranges]}")

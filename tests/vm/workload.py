@@ -5,7 +5,11 @@ where allowed, so the data must come back from the image, never from swap or dis
 a thread keeps incrementing. It answers on a unix socket (/run/kjumpvm/workload.sock), one JSON
 line per request:
 
-  {"cmd": "status"}  -> {"pid", "start_time", "counter", "size", "seed", "mlocked", "sha256"}
+  {"cmd": "status"}  -> {"pid", "start_time", "counter", "size", "seed", "mlocked", "digest"}
+
+``digest``: the CRC-32 of each MiB of the data, in hex. It names the MiB that changed, and
+it costs a tenth of a SHA-256 of the same bytes under TCG (55 MiB/s there: seconds for
+200 MiB, three times a scenario).
 
 ``check``: a separate process that regenerates the expected bytes from the seed, asks the
 workload for its digest and counter, compares them with a baseline taken before the hibernation,
@@ -20,7 +24,6 @@ The host reads that line from the serial log; nothing about the verdict is decid
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import mmap
 import os
@@ -29,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,11 +66,20 @@ def rotated_chunks(base: bytes, size: int) -> Iterator[bytes]:
         i += 1
 
 
+def digest_of(data: mmap.mmap | bytes) -> str:
+    """The CRC-32 of each CHUNK of ``data``, 8 hex digits each."""
+    with memoryview(data) as view:
+        return "".join(f"{zlib.crc32(view[o : o + CHUNK]):08x}" for o in range(0, len(view), CHUNK))
+
+
 def expected_digest(seed: int, size: int) -> str:
-    h = hashlib.sha256()
-    for chunk in expected_chunks(seed, size):
-        h.update(chunk)
-    return h.hexdigest()
+    return "".join(f"{zlib.crc32(chunk):08x}" for chunk in expected_chunks(seed, size))
+
+
+def differing_mib(digest: str, expected: str) -> list[int]:
+    """The chunks (MiB) whose CRCs differ, the missing or extra ones included."""
+    n = max(len(digest), len(expected)) // 8
+    return [i for i in range(n) if digest[i * 8 : i * 8 + 8] != expected[i * 8 : i * 8 + 8]]
 
 
 @dataclass
@@ -77,7 +90,7 @@ class Status:
     size: int
     seed: int
     mlocked: bool
-    sha256: str
+    digest: str
 
 
 class Workload:
@@ -113,7 +126,7 @@ class Workload:
     def status(self) -> Status:
         with self._lock:
             counter = self.counter
-        digest = hashlib.sha256(self.buf).hexdigest()
+        digest = digest_of(self.buf)
         return Status(
             os.getpid(), self.start_time, counter, self.size, self.seed, self.mlocked, digest
         )
@@ -179,9 +192,11 @@ def verdict(
     if after is None:
         problems.append("workload not reachable after the event")
     else:
-        if after.sha256 != expected:
+        if after.digest != expected:
+            bad = differing_mib(after.digest, expected)
             problems.append(
-                f"data differs from the seed (sha256 {after.sha256[:16]} != {expected[:16]})"
+                f"data differs from the seed in {len(bad)} of {len(expected) // 8} MiB "
+                f"(the first at MiB {bad[0] if bad else '?'})"
             )
         else:
             fields["data"] = "byte-exact"
