@@ -16,7 +16,7 @@ lint: setup
 	$(PY) -m mypy
 
 test: setup lint vm-assets
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra --durations=30 tests
 
 test-unit: setup
 	$(PY) -m pytest -ra tests/unit
@@ -25,7 +25,7 @@ test-sysroot: setup
 	$(PY) -m pytest -ra tests/sysroot
 
 test-vm: setup vm-assets
-	$(PY) -m pytest -ra tests/vm
+	$(PY) -m pytest -ra --durations=30 tests/vm
 
 demo: setup vm-assets
 	$(PY) -m tests.vm.demo

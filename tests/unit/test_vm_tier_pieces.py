@@ -37,7 +37,9 @@ def test_verdict_passes_only_for_same_process_same_data_counter_moving():
     good = "ab" * 32
     ok, line = workload.verdict("b", _status(5, good), _status(9, good), good)
     assert ok and line.startswith("KJUMP-VERDICT: PASS")
-    ok, line = workload.verdict("b", _status(5, good), _status(9, good[:8] + "cdcdcdcd" + good[16:]), good)
+    ok, line = workload.verdict(
+        "b", _status(5, good), _status(9, good[:8] + "cdcdcdcd" + good[16:]), good
+    )
     assert not ok and "data differs from the seed in 1 of 8 MiB (the first at MiB 1)" in line
     ok, line = workload.verdict("b", _status(5, good), _status(5, good), good)
     assert not ok and "counter did not continue" in line
