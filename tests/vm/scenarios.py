@@ -18,6 +18,8 @@ import re
 import shlex
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -207,84 +209,99 @@ def fsck_overlay(overlay: Path, run_dir: Path) -> tuple[bool, str]:
     """The guest's root filesystem as the overlay now holds it, checked as the next boot
     would find it: its journal replayed first (on a scratch copy), as the kernel replays it
     at mount after a power cut, then ``e2fsck -fn``, which must find nothing."""
-    raw = run_dir / "fsck.raw"
+    try:
+        with guest_disk(overlay, run_dir) as raw:
+            replay = subprocess.run(
+                ["e2fsck", "-E", "journal_only", "-y", str(raw)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            proc = subprocess.run(
+                ["e2fsck", "-fn", str(raw)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+    except ScenarioError as err:
+        return False, f"{err.message}: {err.why}"
+    (run_dir / "fsck.log").write_text(replay.stdout + "\n" + proc.stdout)
+    return proc.returncode == 0, proc.stdout.strip().splitlines()[-1] if proc.stdout else ""
+
+
+@contextmanager
+def guest_disk(disk: Path, run_dir: Path) -> Iterator[Path]:
+    """A raw scratch copy of a guest disk (qcow2) as it is now, for debugfs and e2fsck;
+    deleted at the end of the block. It is made in /dev/shm when that has room for the
+    whole disk: writing a GiB to the host's disk between two boots takes seconds there."""
+    scratch = run_dir
+    try:
+        size = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", str(disk)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )["virtual-size"]
+        shm = os.statvfs("/dev/shm")
+        if shm.f_bavail * shm.f_frsize > 2 * size:
+            scratch = Path("/dev/shm")
+    except (OSError, ValueError, KeyError, subprocess.CalledProcessError):
+        pass
+    raw = scratch / f"kjt-{os.getpid()}-{disk.stem}.raw"
     conv = subprocess.run(
-        ["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
+        ["qemu-img", "convert", "-O", "raw", str(disk), str(raw)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    if conv.returncode != 0:
-        return False, f"qemu-img convert failed: {conv.stdout.strip()}"
     try:
-        replay = subprocess.run(
-            ["e2fsck", "-E", "journal_only", "-y", str(raw)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        proc = subprocess.run(
-            ["e2fsck", "-fn", str(raw)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        (run_dir / "fsck.log").write_text(replay.stdout + "\n" + proc.stdout)
-        return proc.returncode == 0, proc.stdout.strip().splitlines()[-1] if proc.stdout else ""
+        if conv.returncode != 0:
+            raise ScenarioError("cannot read the guest disk", why=conv.stdout.strip())
+        yield raw
     finally:
         raw.unlink(missing_ok=True)
 
 
 def read_guest_files(overlay: Path, paths: list[str], run_dir: Path) -> dict[str, Path]:
     """Copy files out of the guest's root filesystem (as a boot loader reads /boot)."""
-    raw = run_dir / "extract.raw"
-    conv = subprocess.run(
-        ["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if conv.returncode != 0:
-        raise ScenarioError("cannot read the guest disk", why=conv.stdout.strip())
+    with guest_disk(overlay, run_dir) as raw:
+        return dump_guest_files(raw, paths, run_dir)
+
+
+def dump_guest_files(raw: Path, paths: list[str], run_dir: Path) -> dict[str, Path]:
+    """``read_guest_files`` from a raw copy (``guest_disk``) already made."""
     out: dict[str, Path] = {}
-    try:
-        for path in paths:
-            dst = run_dir / ("guest" + path.replace("/", "_"))
-            dst.unlink(missing_ok=True)
-            proc = subprocess.run(
-                ["debugfs", "-R", f"dump -p {path} {dst}", str(raw)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+    for path in paths:
+        dst = run_dir / ("guest" + path.replace("/", "_"))
+        dst.unlink(missing_ok=True)
+        proc = subprocess.run(
+            ["debugfs", "-R", f"dump -p {path} {dst}", str(raw)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if (
+            proc.returncode != 0
+            or not dst.exists()
+            or (dst.stat().st_size == 0 and "not found" in proc.stdout)
+        ):
+            raise ScenarioError(
+                f"{path} is not on the guest disk",
+                why=proc.stdout.strip().splitlines()[-1:]
+                and proc.stdout.strip().splitlines()[-1]
+                or "debugfs failed",
+                fix="did `kjumpctl setup` run in the guest?",
             )
-            if (
-                proc.returncode != 0
-                or not dst.exists()
-                or (dst.stat().st_size == 0 and "not found" in proc.stdout)
-            ):
-                raise ScenarioError(
-                    f"{path} is not on the guest disk",
-                    why=proc.stdout.strip().splitlines()[-1:]
-                    and proc.stdout.strip().splitlines()[-1]
-                    or "debugfs failed",
-                    fix="did `kjumpctl setup` run in the guest?",
-                )
-            out[path] = dst
-    finally:
-        raw.unlink(missing_ok=True)
+        out[path] = dst
     return out
 
 
 def target_sectors(base: Path, run_dir: Path, start: int, length: int) -> list[int]:
     """The disk sectors (512 bytes) holding bytes [start, start+length) of the guest's image
     target file, read from its ext4 extent tree with debugfs on a raw copy of ``base``."""
-    raw = run_dir / "bmap.raw"
-    conv = subprocess.run(
-        ["qemu-img", "convert", "-O", "raw", str(base), str(raw)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if conv.returncode != 0:
-        raise ScenarioError("cannot read the guest disk", why=conv.stdout.strip())
-    try:
+    with guest_disk(base, run_dir) as raw:
         blocks = range(start // 4096, (start + length + 4095) // 4096)
         cmds = run_dir / "bmap.cmds"
         cmds.write_text("".join(f"bmap {GUEST_TARGET} {b}\n" for b in blocks))
@@ -294,8 +311,6 @@ def target_sectors(base: Path, run_dir: Path, start: int, length: int) -> list[i
             stderr=subprocess.STDOUT,
             text=True,
         )
-    finally:
-        raw.unlink(missing_ok=True)
     phys = [int(w) for w in re.findall(r"^(\d+)$", proc.stdout, re.M)]
     if len(phys) != len(blocks) or not all(phys):
         raise ScenarioError(
@@ -386,21 +401,22 @@ def parse_grub_entry(
 def restore_entry(overlay: Path, run_dir: Path) -> RestoreEntry:
     """What GRUB boots for the kjumpd-restore entry: read /boot/grub/grub.cfg from the guest
     disk, then the kernel and initramfs its linux/initrd lines name (all on the root fs)."""
-    files = read_guest_files(overlay, [GRUB_CFG], run_dir)
     from kjumpd.daemon.bootentry import grubenv_parse
 
-    try:
-        env = grubenv_parse(read_guest_files(overlay, [GRUBENV], run_dir)[GRUBENV].read_bytes())
-    except ScenarioError:
-        env = {}  # no grubenv: GRUB's variables are unset
-    entry = parse_grub_entry(files[GRUB_CFG].read_text(errors="replace"), env=env)
-    if entry is None:
-        raise ScenarioError(
-            f"{GRUB_CFG} in the guest has no '{RESTORE_ENTRY_ID}' menu entry",
-            fix="kjumpctl setup --bootloader restore-first, then update-grub",
-        )
-    kernel, initrd, cmdline = entry
-    got = read_guest_files(overlay, [kernel, initrd], run_dir)
+    with guest_disk(overlay, run_dir) as raw:
+        files = dump_guest_files(raw, [GRUB_CFG], run_dir)
+        try:
+            env = grubenv_parse(dump_guest_files(raw, [GRUBENV], run_dir)[GRUBENV].read_bytes())
+        except ScenarioError:
+            env = {}  # no grubenv: GRUB's variables are unset
+        entry = parse_grub_entry(files[GRUB_CFG].read_text(errors="replace"), env=env)
+        if entry is None:
+            raise ScenarioError(
+                f"{GRUB_CFG} in the guest has no '{RESTORE_ENTRY_ID}' menu entry",
+                fix="kjumpctl setup --bootloader restore-first, then update-grub",
+            )
+        kernel, initrd, cmdline = entry
+        got = dump_guest_files(raw, [kernel, initrd], run_dir)
     return RestoreEntry(got[kernel], got[initrd], " ".join(cmdline.split()))
 
 
