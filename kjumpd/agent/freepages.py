@@ -734,8 +734,7 @@ class FreeMaskedSource:
     def known_zero(self, phys: int, length: int) -> bool:
         """True when all of [phys, phys+length) is free: the pipeline then stores an all-zero
         chunk without reading (or zero-filling and scanning) anything."""
-        pieces = self._pieces(phys, length)
-        if len(pieces) == 1 and pieces[0][2]:
+        if self.freemap.free_in(phys, length) == [(phys, phys + length)]:
             with self._counting:
                 self.skipped_bytes += length
             return True
@@ -757,8 +756,7 @@ class FreeMaskedSource:
         inner = getattr(self.source, "view", None)
         if inner is None:
             return None
-        pieces = self._pieces(phys, length)
-        if len(pieces) != 1 or pieces[0][2]:
+        if self.freemap.free_in(phys, length):
             return None
         got: memoryview | None = inner(phys, length)
         if got is not None:
