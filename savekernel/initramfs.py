@@ -277,19 +277,32 @@ def _add_host_path(plan: _Plan, path: Path, mode: int | None = None) -> None:
 
 _LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)")
 
+#: what ldd resolved, by (path, mtime, size): one install builds two or more archives that
+#: share the interpreter and its extension modules, and each ldd run starts a shell (under
+#: an emulator, most of the cost of an archive whose inputs did not change)
+_LDD_CACHE: dict[tuple[str, int, int], list[Path]] = {}
 
-def shared_libraries(binary: Path) -> list[Path]:
-    """The shared objects ``ldd`` resolves for binary (empty for a static binary)."""
+
+def _ldd_key(binary: Path) -> tuple[str, int, int] | None:
     try:
-        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+        st = binary.stat()
+    except OSError:
+        return None
+    return (str(binary), st.st_mtime_ns, st.st_size)
+
+
+def _run_ldd(binaries: Sequence[Path]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            ["ldd", *map(str, binaries)], capture_output=True, text=True, check=False
+        )
     except FileNotFoundError:
         raise InitramfsError("ldd is missing", fix="apt-get install libc-bin") from None
-    if out.returncode != 0:
-        if "not a dynamic executable" in out.stdout + out.stderr:
-            return []
-        raise InitramfsError(f"ldd {binary} failed", why=(out.stderr or out.stdout).strip())
+
+
+def _parse_ldd(binary: Path, lines: Iterable[str]) -> list[Path]:
     libs = []
-    for line in out.stdout.splitlines():
+    for line in lines:
         if "not found" in line:
             raise InitramfsError(
                 f"{binary} needs a library that is not installed",
@@ -300,6 +313,43 @@ def shared_libraries(binary: Path) -> list[Path]:
         if m:
             libs.append(Path(m.group(1)))
     return libs
+
+
+def prefetch_shared_libraries(binaries: Iterable[Path]) -> None:
+    """Resolve the shared objects of several files with one ``ldd`` run; shared_libraries()
+    then answers from memory. A file ldd lists nothing for (static, unreadable) is left
+    to shared_libraries(), which asks about it alone and says what is wrong."""
+    todo = list(dict.fromkeys(b for b in binaries if (k := _ldd_key(b)) and k not in _LDD_CACHE))
+    if len(todo) < 2:
+        return
+    out = _run_ldd(todo)
+    names = set(map(str, todo))
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.stdout.splitlines():
+        if not line.startswith(("\t", " ")) and line.endswith(":") and line[:-1] in names:
+            current = sections.setdefault(line[:-1], [])
+        elif current is not None:
+            current.append(line)
+    for b in todo:
+        lines = sections.get(str(b))
+        key = _ldd_key(b)
+        if lines and key is not None and not any("not found" in ln for ln in lines):
+            _LDD_CACHE[key] = _parse_ldd(b, lines)
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared objects ``ldd`` resolves for binary (empty for a static binary)."""
+    key = _ldd_key(binary)
+    if key is not None and key in _LDD_CACHE:
+        return list(_LDD_CACHE[key])
+    out = _run_ldd([binary])
+    if out.returncode != 0 and "not a dynamic executable" not in out.stdout + out.stderr:
+        raise InitramfsError(f"ldd {binary} failed", why=(out.stderr or out.stdout).strip())
+    libs = _parse_ldd(binary, out.stdout.splitlines()) if out.returncode == 0 else []
+    if key is not None:
+        _LDD_CACHE[key] = libs
+    return list(libs)
 
 
 def add_host_binary(plan: _Plan, binary: Path) -> None:
@@ -473,6 +523,10 @@ def _add_python(
         )
     stdlib = Path(info["stdlib"])
     pydir = f"usr/lib/python{info['version']}"
+    objects = [python, *(Path(f) for f in info["files"].values() if f.endswith(".so"))]
+    for d in pkg_dirs:
+        objects += [d] if d.is_file() else sorted(p for p in d.rglob("*.so") if p.is_file())
+    prefetch_shared_libraries(objects)
     add_host_binary(plan, python)
     pkg_roots = {d.name.split(".")[0]: d for d in pkg_dirs}
     for name, f in info["files"].items():
@@ -640,6 +694,7 @@ def build_initramfs(
     plan = _Plan()
     if busybox:
         _add_busybox(plan)
+    prefetch_shared_libraries(Path(b) for b in host_binaries)
     for b in host_binaries:
         add_host_binary(plan, Path(b))
     if python_modules or python_packages:

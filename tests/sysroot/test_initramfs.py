@@ -113,6 +113,47 @@ def test_a_missing_extra_file_is_named(tmp_path: Path) -> None:
         initramfs.build_initramfs(None, INIT, {"boot/bzImage": tmp_path / "nope"}, name="t")
 
 
+def test_shared_libraries_of_several_files_come_from_one_ldd_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python = Path(os.path.realpath(sys.executable))
+    kexec = Path("/usr/sbin/kexec")
+    prereq.need(kexec.is_file(), "needs kexec-tools")
+    monkeypatch.setattr(initramfs, "_LDD_CACHE", {})
+    alone = {b: initramfs.shared_libraries(b) for b in (python, kexec)}
+    assert all(any(lib.name.startswith("libc.so") for lib in libs) for libs in alone.values())
+    monkeypatch.setattr(initramfs, "_LDD_CACHE", {})
+    runs: list[list[str]] = []
+    real = initramfs._run_ldd
+
+    def counted(binaries):  # type: ignore[no-untyped-def]
+        runs.append([str(b) for b in binaries])
+        return real(binaries)
+
+    monkeypatch.setattr(initramfs, "_run_ldd", counted)
+    initramfs.prefetch_shared_libraries([python, kexec, python])
+    assert runs == [[str(python), str(kexec)]]
+    assert {b: initramfs.shared_libraries(b) for b in (python, kexec)} == alone
+    assert len(runs) == 1
+    # a static binary in the batch is asked about alone, and still has no libraries
+    busybox = initramfs.BUSYBOX
+    if busybox.is_file():
+        initramfs.prefetch_shared_libraries([busybox, python])
+        assert initramfs.shared_libraries(busybox) == []
+    # a file that is not there is named, as without the batch
+    initramfs.prefetch_shared_libraries([tmp_path / "gone", kexec])
+    with pytest.raises(initramfs.InitramfsError, match="gone"):
+        initramfs.shared_libraries(tmp_path / "gone")
+    # a changed file is asked about again
+    copy = tmp_path / "python-copy"
+    copy.write_bytes(python.read_bytes())
+    initramfs.prefetch_shared_libraries([copy, kexec])
+    before = len(runs)
+    copy.write_bytes(kexec.read_bytes())
+    assert initramfs.shared_libraries(copy) == alone[kexec]
+    assert len(runs) == before + 1
+
+
 def test_host_binary_runs_with_only_the_archives_libraries(tmp_path: Path) -> None:
     need_root()
     img = initramfs.build_initramfs(None, INIT, name="kexec", host_binaries=("/usr/sbin/kexec",))
