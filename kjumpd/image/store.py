@@ -11,6 +11,7 @@ Standard library only: this runs in the save kernel's initramfs.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -123,21 +124,37 @@ def _nocow_on_btrfs(fd: int) -> None:
 
 
 def _allocate(fd: int, size: int) -> None:
-    """Reserve ``size`` bytes, then write them once with zeros and flush."""
+    """Reserve ``size`` bytes, then write them once with zeros and flush.
+
+    The zeros go around the page cache (O_DIRECT) where the filesystem allows it: written
+    through it, a target of several GiB would first push the machine's cached files out for
+    pages nobody reads, and copy every byte once more on the way (under an emulator, most
+    of `kjumpctl setup`'s time). Where O_DIRECT is refused (tmpfs) they are written
+    through the cache, then dropped from it."""
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
         # a filesystem without fallocate: the writes below find out whether it fits
-    block = mmap.mmap(-1, 4 * 1024 * 1024)
+    direct = _set_direct(fd, True)
+    block = mmap.mmap(-1, ZERO_BLOCK)  # page-aligned zeros, as O_DIRECT needs
     try:
-        done = 0
-        while done < size:
-            n = min(len(block), size - done)
-            # the map itself, or a copy of its head: no buffer export outlives the call, so
-            # the close below cannot fail over one and hide a write error
-            done += os.pwrite(fd, block if n == len(block) else block[:n], done)
+        # every view is released before the close below, so it cannot fail over an export
+        # and hide a write error
+        with memoryview(block) as zeros:
+            done = 0
+            while done < size:
+                with zeros[: min(ZERO_BLOCK, size - done)] as part:
+                    try:
+                        done += os.pwrite(fd, part, done)
+                    except OSError as e:
+                        if not (direct and e.errno == errno.EINVAL):
+                            raise
+                        # the device's alignment is coarser than a page: through the cache
+                        direct = _set_direct(fd, True)
+                if direct and done % ALIGN:
+                    direct = _set_direct(fd, False)  # a short write: the rest through the cache
     finally:
         block.close()
     os.fsync(fd)
@@ -146,6 +163,23 @@ def _allocate(fd: int, size: int) -> None:
     refused = pagecache.forget_fd(fd)
     if refused:
         log.info("the new target stays in the page cache until reclaimed (fadvise: %s)", refused)
+
+
+#: the zeros written at a time when a target is created
+ZERO_BLOCK = 4 * 1024 * 1024
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for ``fd``; whether it is on now (False where refused)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, want)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    return on
 
 
 def discard_new_file(path: str | os.PathLike[str]) -> None:

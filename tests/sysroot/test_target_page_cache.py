@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from kjumpd import cpio, initrd
-from kjumpd.daemon import jumparea
+from kjumpd.daemon import blockmap, jumparea
 from kjumpd.image import store
 from tests.prereq import need
 
@@ -60,6 +60,38 @@ def test_a_new_target_is_not_left_in_the_page_cache(tmp_path):
     dev, sb = store.open_target(target, writable=False)
     dev.close()
     assert (sb.uuid, sb.size) == (made.uuid, size)
+
+
+def test_a_new_targets_zeros_go_around_the_page_cache_as_written_extents(tmp_path, monkeypatch):
+    """Without the advice to drop them afterwards, the zeros never entered the cache (they
+    would have pushed the machine's cached files out first); and every extent is written,
+    not merely reserved, so the block map B writes through stays valid."""
+    need(on_disk(tmp_path), f"{tmp_path} is on tmpfs, which has no O_DIRECT")
+    monkeypatch.setattr(store.pagecache, "forget_fd", lambda fd: "not asked in this test")
+    size = 64 * MiB + 8192  # not a whole number of the writer's blocks
+    target = tmp_path / "image"
+    store.create_target(target, size)
+    assert resident_bytes(target) < MiB
+    with open(target, "rb") as f:
+        extents = blockmap.fiemap(f.fileno(), size)
+        assert blockmap.validate_extents(extents, size, str(target))
+        f.seek(2 * MiB)
+        assert f.read() == bytes(size - 2 * MiB)  # past the superblock and headers: zeros
+
+
+def test_a_target_on_tmpfs_is_written_through_the_cache(monkeypatch):
+    """tmpfs refuses O_DIRECT: the zeros are written through the cache instead."""
+    shm = Path("/dev/shm")
+    need(shm.is_dir() and not on_disk(shm), "needs /dev/shm on tmpfs")
+    target = shm / f"kjumpd-test-target-{os.getpid()}"
+    try:
+        made = store.create_target(target, 8 * MiB)
+        assert target.stat().st_blocks * 512 >= 8 * MiB
+        dev, sb = store.open_target(target, writable=False)
+        dev.close()
+        assert sb.uuid == made.uuid
+    finally:
+        target.unlink(missing_ok=True)
 
 
 def test_a_kernel_without_fadvise_still_gets_its_target(tmp_path, monkeypatch):
