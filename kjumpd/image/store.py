@@ -152,7 +152,7 @@ def _allocate(fd: int, size: int) -> None:
                         if not (direct and e.errno == errno.EINVAL):
                             raise
                         # the device's alignment is coarser than a page: through the cache
-                        direct = _set_direct(fd, True)
+                        direct = _set_direct(fd, False)
                 if direct and done % ALIGN:
                     direct = _set_direct(fd, False)  # a short write: the rest through the cache
     finally:

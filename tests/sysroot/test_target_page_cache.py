@@ -5,6 +5,7 @@ bench VM. Measured with mincore(2) on this machine's own filesystem."""
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import subprocess
@@ -77,6 +78,31 @@ def test_a_new_targets_zeros_go_around_the_page_cache_as_written_extents(tmp_pat
         assert blockmap.validate_extents(extents, size, str(target))
         f.seek(2 * MiB)
         assert f.read() == bytes(size - 2 * MiB)  # past the superblock and headers: zeros
+
+
+def test_a_device_refusing_the_page_aligned_direct_writes_gets_them_through_the_cache(
+    tmp_path, monkeypatch
+):
+    """A disk whose alignment is coarser than a page answers EINVAL to O_DIRECT writes:
+    the rest of the zeros go through the cache and the target is made."""
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            assert len(refused) < 10, "the same write is retried with O_DIRECT"
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(store.os, "pwrite", pwrite)
+    made = store.create_target(tmp_path / "image", 16 * MiB)
+    monkeypatch.setattr(store.os, "pwrite", real)
+    dev, sb = store.open_target(tmp_path / "image", writable=False)
+    dev.close()
+    assert sb.uuid == made.uuid
+    if on_disk(tmp_path):
+        assert refused == [0]
 
 
 def test_a_target_on_tmpfs_is_written_through_the_cache(monkeypatch):
