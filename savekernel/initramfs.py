@@ -319,22 +319,20 @@ def prefetch_shared_libraries(binaries: Iterable[Path]) -> None:
     """Resolve the shared objects of several files with one ``ldd`` run; shared_libraries()
     then answers from memory. A file ldd lists nothing for (static, unreadable) is left
     to shared_libraries(), which asks about it alone and says what is wrong."""
-    todo = list(dict.fromkeys(b for b in binaries if (k := _ldd_key(b)) and k not in _LDD_CACHE))
+    todo = {k: b for b in binaries if (k := _ldd_key(b)) is not None and k not in _LDD_CACHE}
     if len(todo) < 2:
         return
-    out = _run_ldd(todo)
-    names = set(map(str, todo))
+    out = _run_ldd(list(todo.values()))
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in out.stdout.splitlines():
-        if not line.startswith(("\t", " ")) and line.endswith(":") and line[:-1] in names:
+        if not line.startswith(("\t", " ")) and line.endswith(":"):
             current = sections.setdefault(line[:-1], [])
         elif current is not None:
             current.append(line)
-    for b in todo:
+    for key, b in todo.items():
         lines = sections.get(str(b))
-        key = _ldd_key(b)
-        if lines and key is not None and not any("not found" in ln for ln in lines):
+        if lines and not any("not found" in ln for ln in lines):
             _LDD_CACHE[key] = _parse_ldd(b, lines)
 
 
